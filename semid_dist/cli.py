@@ -1,0 +1,105 @@
+"""`semid` command line. No engine is imported at module top: `semid validate` and
+`semid versions` work without Ray or Spark.
+
+Exit status 0 on success; on failure a one-line reason on stderr and a non-zero status
+(2 for bad config / input / store errors, 1 for anything unexpected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from semid_dist.errors import SemidError
+
+
+def _print(obj: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(obj, indent=2, default=str) if as_json else text)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from semid_dist.config import load_config
+    from semid_dist.pipeline import build, make_logger
+    from semid_dist.summary import format_summary
+
+    cfg = load_config(args.config, args.overrides)
+    log = make_logger()
+    log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+    result = build(cfg, log=log)
+    _print({"version_id": result.version_id, "path": result.path, "metrics": result.metrics},
+           args.json, format_summary(result.version_id, result.path, result.metrics))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from semid_dist.config import load_config
+
+    for path in args.files:
+        load_config(path)
+        print(f"ok  {path}")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from semid_dist.io.store import TableStore
+
+    store = TableStore(args.root, args.table)
+    if args.action == "list":
+        latest = store.latest()
+        rows = []
+        for vid in store.versions():
+            m = store.manifest(vid)
+            rows.append({"version_id": vid, "latest": vid == latest, "parent": m.get("parent"),
+                         "created_at": m.get("created_at"), "rows": m.get("rows")})
+        text = "\n".join(f"{'*' if r['latest'] else ' '} {r['version_id']}  {r['created_at']}  "
+                         f"encoded {r['rows']['encoded']}  rejected {r['rows']['rejected']}"
+                         for r in rows) or "(no committed versions)"
+        _print(rows, args.json, text)
+    else:  # show
+        manifest = store.manifest(args.version)
+        metrics = store.read_json(manifest["version_id"], "metrics.json")
+        from semid_dist.summary import format_summary
+
+        _print({"manifest": manifest, "metrics": metrics}, args.json,
+               format_summary(manifest["version_id"], store.version_url(manifest["version_id"]),
+                              metrics))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="fit -> encode -> reduce -> commit a new version")
+    b.add_argument("--config", required=True)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*", metavar="key=value")
+    b.set_defaults(func=cmd_build)
+    v = sub.add_parser("validate", help="check config files without running anything")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    vs = sub.add_parser("versions", help="list / show committed versions of a table")
+    vs.add_argument("action", choices=["list", "show"])
+    vs.add_argument("--root", required=True)
+    vs.add_argument("--table", required=True)
+    vs.add_argument("--version", default="latest")
+    vs.add_argument("--json", action="store_true")
+    vs.set_defaults(func=cmd_versions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SemidError as exc:
+        print(f"semid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"semid {args.command}: interrupted; nothing was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Metrics of a SID assignment, computed from a merged `Partial`.
+
+Definitions (DESIGN.md): entropy in nats over a layer's token frequencies; entropy_norm =
+entropy / ln(size); perplexity = exp(entropy); gini over the counts of all `size` tokens
+(unused ones count as 0); utilization = used / size; std = population std of the `size`
+counts; top_share = largest count / N; sparsity = distinct prefixes / min(N, prod of sizes
+up to that depth); unique_sid_rate = items whose SID is shared with no other item / N;
+items-per-SID quantile q = smallest c such that at least a share q of SIDs hold <= c items.
+Semantic cohesion (paper 003 eq. 8-9) averages, over clusters of >= 2 items, the mean
+pairwise cosine (|s|^2 - n) / (n (n - 1)) with s the sum of unit vectors; preference
+discrimination (eq. 10) is log of the mean over cluster pairs of exp(-t (1 - cos)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from semid_dist.codes.partials import Partial
+
+QUANTILES = ("0.8", "0.9", "0.99", "0.999")
+
+
+def gini(counts: np.ndarray) -> float:
+    """Gini coefficient of non-negative counts (0 = perfectly even)."""
+    c = np.sort(np.asarray(counts, dtype=np.float64))
+    total, k = c.sum(), len(c)
+    if total == 0 or k == 0:
+        return 0.0
+    ranks = np.arange(1, k + 1)
+    return float(((2 * ranks - k - 1) * c).sum() / (k * total))
+
+
+def layer_stats(counts: np.ndarray) -> dict[str, float]:
+    """Distribution figures of one layer's token counts (k,) int."""
+    c = np.asarray(counts, dtype=np.float64)
+    n, size = c.sum(), len(c)
+    p = c[c > 0] / n if n > 0 else np.zeros(0)
+    entropy = float(-(p * np.log(p)).sum())
+    used = int((c > 0).sum())
+    return {"size": size, "used": used, "utilization": used / size, "entropy": entropy,
+            "entropy_norm": entropy / math.log(size) if size > 1 else 0.0,
+            "perplexity": math.exp(entropy), "gini": gini(c), "std": float(c.std()),
+            "top_share": float(c.max() / n) if n > 0 else 0.0}
+
+
+def quantile_from_sizes(sizes: np.ndarray, q: float) -> int:
+    """Smallest c with share(SIDs holding <= c items) >= q."""
+    s = np.sort(sizes)
+    idx = max(0, math.ceil(q * len(s)) - 1)
+    return int(s[min(idx, len(s) - 1)])
+
+
+def collision_stats(sid_counts: np.ndarray, n: int) -> dict[str, Any]:
+    return {
+        "distinct_sids": int(len(sid_counts)),
+        "unique_sid_rate": float((sid_counts == 1).sum() / n) if n else 0.0,
+        "mean_items_per_sid": float(n / len(sid_counts)) if len(sid_counts) else 0.0,
+        "max_items_per_sid": int(sid_counts.max()) if len(sid_counts) else 0,
+        "items_per_sid_quantiles": {q: quantile_from_sizes(sid_counts, float(q))
+                                    for q in QUANTILES} if len(sid_counts) else {},
+    }
+
+
+def prefix_stats(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: list[int],
+                 n: int) -> list[dict[str, Any]]:
+    out = []
+    for depth in range(1, len(sizes) + 1):
+        tail = int(np.prod(sizes[depth:], dtype=np.int64)) if depth < len(sizes) else 1
+        distinct = int(len(np.unique(sid_keys // tail)))
+        capacity = min(n, math.prod(sizes[:depth]))
+        out.append({"depth": depth, "distinct": distinct,
+                    "sparsity": distinct / capacity if capacity else 0.0})
+    return out
+
+
+def semantic_cohesion(q_counts: np.ndarray, q_sums: np.ndarray) -> float | None:
+    multi = q_counts >= 2
+    if not multi.any():
+        return None
+    n = q_counts[multi].astype(np.float64)
+    sq = (q_sums[multi] ** 2).sum(axis=1)
+    return float(((sq - n) / (n * (n - 1))).mean())
+
+
+def preference_discrimination(q_keys: np.ndarray, q_counts: np.ndarray, q_sums: np.ndarray,
+                              *, t: float, max_clusters: int, seed: int) -> float | None:
+    norms = np.linalg.norm(q_sums, axis=1)
+    keep = np.flatnonzero(norms > 0)
+    if len(keep) < 2:
+        return None
+    if len(keep) > max_clusters:  # seeded subset over keys sorted ascending: deterministic
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_clusters, replace=False))
+    u = q_sums[keep] / norms[keep, None]
+    m = len(u)
+    total = 0.0
+    for start in range(0, m, 1024):
+        cos = u[start:start + 1024] @ u.T
+        rows = np.arange(start, min(start + 1024, m))[:, None]
+        upper = np.arange(m)[None, :] > rows
+        total += float(np.exp(-t * (1.0 - cos))[upper].sum())
+    return float(math.log(total / (m * (m - 1) / 2)))
+
+
+def finalize_metrics(p: Partial, sizes: list[int], *, quality_depth: int, pd_t: float = 2.0,
+                     pd_max_clusters: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """metrics.json sections layers / prefixes / collisions / reconstruction / quality."""
+    n = p.n
+    layers = [{"layer": i, **layer_stats(c)} for i, c in enumerate(p.layer_counts)]
+    mse = float(p.sq_res_sum[-1] / n) if n else 0.0
+    return {
+        "layers": layers,
+        "prefixes": prefix_stats(p.sid_keys, p.sid_counts, list(sizes), n),
+        "collisions": collision_stats(p.sid_counts, n),
+        "reconstruction": {
+            "mse": mse,
+            "relative_error": float(p.sq_res_sum[-1] / p.x_sq_sum) if p.x_sq_sum else 0.0,
+            "residual_norm_by_layer": [float(v / n) if n else 0.0 for v in p.res_norm_sum],
+            "residual_sq_norm_by_layer": [float(v / n) if n else 0.0 for v in p.sq_res_sum],
+        },
+        "quality": {
+            "depth": quality_depth,
+            "clusters": int(len(p.q_keys)),
+            "semantic_cohesion": semantic_cohesion(p.q_counts, p.q_sums),
+            "preference_discrimination": preference_discrimination(
+                p.q_keys, p.q_counts, p.q_sums, t=pd_t, max_clusters=pd_max_clusters,
+                seed=seed),
+        },
+    }

@@ -1,0 +1,127 @@
+"""Mergeable partial statistics of encoded batches.
+
+A `Partial` holds counts and sums only, so partials from any split of the catalog merge
+(`merge`) into exactly the statistics of one pass over everything (sums of floats up to
+summation order). Engines produce one per shard and merge them in shard order.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+def radix(sizes: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Place values of the mixed-radix SID key: key = sum(code_l * radix[l])."""
+    out = np.ones(len(sizes), dtype=np.int64)
+    for i in range(len(sizes) - 2, -1, -1):
+        out[i] = out[i + 1] * sizes[i + 1]
+    return out
+
+
+def sid_keys(codes: np.ndarray, sizes: tuple[int, ...] | list[int],
+             depth: int | None = None) -> np.ndarray:
+    """codes: (n, L) int -> (n,) int64 key of the first `depth` layers (all by default)."""
+    depth = codes.shape[1] if depth is None else depth
+    return codes[:, :depth].astype(np.int64) @ radix(list(sizes)[:depth])
+
+
+def _group_sum(keys: np.ndarray, values: np.ndarray | None = None):
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    if values is None:
+        return uniq, counts.astype(np.int64), None
+    sums = np.zeros((len(uniq),) + values.shape[1:], dtype=np.float64)
+    np.add.at(sums, inverse, values)
+    return uniq, counts.astype(np.int64), sums
+
+
+@dataclass
+class Partial:
+    """Sufficient statistics of a set of encoded items.
+
+    layer_counts: per layer (k_l,) int64 token counts. sid_keys/sid_counts: items per full
+    SID. sq_res_sum / res_norm_sum: (L,) sums of ||r_l||^2 and ||r_l||. x_sq_sum: sum ||x||^2.
+    q_keys/q_counts/q_sums: per prefix at the quality depth, item count and the sum of unit
+    vectors (m, d) float64 (semantic cohesion and preference discrimination come from these).
+    """
+
+    n: int
+    layer_counts: list[np.ndarray]
+    sid_keys: np.ndarray
+    sid_counts: np.ndarray
+    sq_res_sum: np.ndarray
+    res_norm_sum: np.ndarray
+    x_sq_sum: float
+    q_keys: np.ndarray
+    q_counts: np.ndarray
+    q_sums: np.ndarray
+
+    def to_bytes(self) -> bytes:
+        arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)
+                  if f.name != "layer_counts"}
+        for i, c in enumerate(self.layer_counts):
+            arrays[f"layer_counts_{i}"] = c
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Partial:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        n_layers = sum(1 for k in z.files if k.startswith("layer_counts_"))
+        return cls(n=int(z["n"]), layer_counts=[z[f"layer_counts_{i}"] for i in range(n_layers)],
+                   sid_keys=z["sid_keys"], sid_counts=z["sid_counts"], sq_res_sum=z["sq_res_sum"],
+                   res_norm_sum=z["res_norm_sum"], x_sq_sum=float(z["x_sq_sum"]),
+                   q_keys=z["q_keys"], q_counts=z["q_counts"], q_sums=z["q_sums"])
+
+
+def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray,
+                       sizes: tuple[int, ...] | list[int], *, quality_depth: int) -> Partial:
+    """codes: (n, L) int32, sq_residual: (n, L) float32, x: (n, d) float32 -> Partial."""
+    n, d = x.shape
+    layer_counts = [np.bincount(codes[:, i], minlength=k).astype(np.int64)
+                    for i, k in enumerate(sizes)]
+    keys, counts, _ = _group_sum(sid_keys(codes, sizes))
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    unit = x / np.where(norms > 0, norms, 1.0)[:, None]
+    q_keys, q_counts, q_sums = _group_sum(sid_keys(codes, sizes, quality_depth), unit)
+    sq64 = sq_residual.astype(np.float64)
+    return Partial(n=n, layer_counts=layer_counts, sid_keys=keys, sid_counts=counts,
+                   sq_res_sum=sq64.sum(axis=0), res_norm_sum=np.sqrt(sq64).sum(axis=0),
+                   x_sq_sum=float((norms ** 2).sum()), q_keys=q_keys, q_counts=q_counts,
+                   q_sums=q_sums if q_sums is not None else np.zeros((0, d)))
+
+
+def _merge_keyed(ka, ca, kb, cb, sa=None, sb=None):
+    keys = np.concatenate([ka, kb])
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    counts = np.zeros(len(uniq), dtype=np.int64)
+    np.add.at(counts, inverse, np.concatenate([ca, cb]))
+    if sa is None:
+        return uniq, counts, None
+    sums = np.zeros((len(uniq), sa.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, np.concatenate([sa, sb]))
+    return uniq, counts, sums
+
+
+def merge(a: Partial, b: Partial) -> Partial:
+    """Statistics of the union of the item sets behind `a` and `b`."""
+    sid_k, sid_c, _ = _merge_keyed(a.sid_keys, a.sid_counts, b.sid_keys, b.sid_counts)
+    q_k, q_c, q_s = _merge_keyed(a.q_keys, a.q_counts, b.q_keys, b.q_counts, a.q_sums, b.q_sums)
+    return Partial(n=a.n + b.n,
+                   layer_counts=[x + y for x, y in zip(a.layer_counts, b.layer_counts)],
+                   sid_keys=sid_k, sid_counts=sid_c, sq_res_sum=a.sq_res_sum + b.sq_res_sum,
+                   res_norm_sum=a.res_norm_sum + b.res_norm_sum, x_sq_sum=a.x_sq_sum + b.x_sq_sum,
+                   q_keys=q_k, q_counts=q_c, q_sums=q_s)
+
+
+def merge_all(parts: list[Partial]) -> Partial:
+    """Merge in the given order (pairwise tree, so long lists stay O(n log n))."""
+    if not parts:
+        raise ValueError("merge_all needs at least one partial")
+    while len(parts) > 1:
+        parts = [merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]

@@ -1,0 +1,276 @@
+"""Typed, frozen job configuration.
+
+A config is YAML (or a dict) validated into frozen dataclasses. Unknown keys, missing
+required keys, wrong types and out-of-range values raise `ConfigError` naming the dotted
+key. `key=value` overrides use dotted paths and YAML scalars (`fit.sample_size=50000`,
+`quantizer.layers=[256,512]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from semid_dist.errors import ConfigError
+
+Engine = Literal["local", "ray", "spark"]
+Method = Literal["rq_kmeans"]
+PruneStrategy = Literal["none"]
+BadRowPolicy = Literal["reject", "fail"]
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str
+    id_column: str = "item_id"
+    embedding_column: str = "embedding"
+    popularity_column: Optional[str] = None
+    on_bad_rows: BadRowPolicy = "reject"
+    max_reject_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    root: str
+    table: str = "sids"
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    method: Method = "rq_kmeans"
+    layers: tuple[int, ...] = (256, 256, 256)
+    niter: int = 20
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    sample_size: int = 100_000
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    from_version: Optional[str] = None
+    num_actors: int = 2
+    chunk_rows: int = 8192
+    shard_rows: int = 65536
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    strategy: PruneStrategy = "none"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    quality_depth: Optional[int] = None
+    pd_max_clusters: int = 4096
+    pd_t: float = 2.0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    object_store_memory_mb: int = 512
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    input: InputConfig
+    output: OutputConfig
+    engine: Engine = "ray"
+    seed: int = 0
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @property
+    def quality_depth(self) -> int:
+        """Prefix depth at which SC / PD group items (default: min(2, L))."""
+        depth = self.metrics.quality_depth
+        return min(2, len(self.quantizer.layers)) if depth is None else depth
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**63 - 1),
+    "input.max_reject_fraction": (0.0, 1.0),
+    "quantizer.niter": (1, 10_000),
+    "fit.sample_size": (1, 10**10),
+    "fit.num_workers": (1, 4096),
+    "fit.cpus_per_worker": (0.01, 1024),
+    "encode.num_actors": (1, 4096),
+    "encode.chunk_rows": (1, 10**7),
+    "encode.shard_rows": (1, 10**9),
+    "metrics.quality_depth": (1, 64),
+    "metrics.pd_max_clusters": (2, 10**6),
+    "metrics.pd_t": (0.0, 1e6),
+    "ray.num_cpus": (1, 100_000),
+    "ray.object_store_memory_mb": (64, 10**7),
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {name!r} (known keys here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            no_default = (f.default is dataclasses.MISSING
+                          and f.default_factory is dataclasses.MISSING)
+            if no_default:
+                raise ConfigError(f"missing required config key {key!r}")
+            continue
+        value = _coerce(key, hints[name], data[name])
+        lo_hi = _RANGES.get(key)
+        if lo_hi is not None and value is not None and not lo_hi[0] <= value <= lo_hi[1]:
+            raise ConfigError(f"{key}: {value!r} is out of range [{lo_hi[0]}, {lo_hi[1]}]")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_consistency(cfg: BuildConfig) -> None:
+    layers = cfg.quantizer.layers
+    for i, size in enumerate(layers):
+        if not 2 <= size <= 1 << 20:
+            raise ConfigError(f"quantizer.layers[{i}]: {size} is out of range [2, 1048576]")
+    if sum(math.log2(s) for s in layers) > 62:
+        raise ConfigError(
+            f"quantizer.layers={list(layers)}: the product of layer sizes exceeds 2^62, "
+            "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
+    depth = cfg.quality_depth
+    if depth > len(layers):
+        raise ConfigError(
+            f"metrics.quality_depth: {depth} > number of layers {len(layers)}; "
+            f"set it to at most {len(layers)} or leave it unset")
+    if cfg.engine == "spark":
+        raise ConfigError("engine: 'spark' is not available in this version; use local or ray")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with `key=value` overrides (dotted keys, YAML values)."""
+    out = _plain(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. fit.sample_size=50000)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> BuildConfig:
+    """Validate a plain dict (plus overrides) into a frozen `BuildConfig`."""
+    merged = apply_overrides(data or {}, overrides or [])
+    cfg = _build(BuildConfig, merged, "")
+    _check_consistency(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
+    """Read a YAML config file and validate it. Relative input/output paths stay as written."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    try:
+        return parse_config(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else str(Path(url).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
+    """Local paths made absolute, so workers that run elsewhere (another cwd) find them."""
+    return dataclasses.replace(
+        cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
+        output=dataclasses.replace(cfg.output, root=_absolute(cfg.output.root)))

@@ -1,0 +1,110 @@
+"""Ray engine: shard tasks and Ray Data encode actors; the fit runs on Ray Train.
+
+Submit to a cluster with `ray job submit --working-dir . -- semid build --config conf/x.yaml
+engine=ray ray.address=auto`. Locally the engine starts an embedded Ray (no dashboard, small
+object store) and shuts it down when done; it leaves an already running Ray alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from semid_dist.config import BuildConfig
+from semid_dist.errors import ConfigError
+from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
+from semid_dist.stages import EncodeWorker, JobContext
+
+
+def ray_init(cfg: BuildConfig) -> bool:
+    """Connect to / start Ray. Returns True when this call started it (so it must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+                 configure_logging=False, log_to_driver=True)
+    return True
+
+
+def _run_item(fn: Callable[..., Any], item: tuple) -> Any:
+    return fn(*item)
+
+
+class _EncodeActor:
+    """Ray Data callable class: one `EncodeWorker` (codebooks loaded once) per actor."""
+
+    def __init__(self, ctx: JobContext, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.worker = EncodeWorker(ctx)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"index": [], "result": []}
+        for shard in batch["shard"]:
+            result = self.worker(shard_from_dict(shard))
+            out["index"].append(result["index"])
+            out["result"].append(result)
+        return out
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
+        if cfg.output.root.startswith("memory://") or cfg.input.path.startswith("memory://"):
+            raise ConfigError("engine: ray needs input.path and output.root on storage every "
+                              "worker can reach (file://, s3://, gs://, hdfs://), not memory://")
+        self.cfg, self.log = cfg, log
+        self._started = ray_init(cfg)
+
+    def __enter__(self) -> RayEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
+        import ray
+
+        task = ray.remote(num_cpus=1)(_run_item)
+        return ray.get([task.remote(fn, item) for item in items])
+
+    def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
+        import ray
+        import ray.data
+
+        cpus = 1.0
+        ds = ray.data.from_items([{"shard": shard_to_dict(s)} for s in shards],
+                                 override_num_blocks=len(shards))
+        ds = ds.map_batches(
+            _EncodeActor, fn_constructor_kwargs={"ctx": ctx, "threads": int(cpus)},
+            batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.cfg.encode.num_actors),
+            num_cpus=cpus, num_gpus=1 if self.cfg.encode.use_gpu else 0)
+        for row in ds.iter_rows():
+            yield row["result"]
+
+    def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
+            log: Callable[[str], None], staging_url: str,
+            ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+        from semid_dist.engines.ray_train import fit_on_ray_train
+
+        return fit_on_ray_train(sample, init_points, cfg, log, staging_url)

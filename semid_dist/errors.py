@@ -1,0 +1,23 @@
+"""Named errors. Each message says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class SemidError(Exception):
+    """Base class for every error semid_dist raises on purpose."""
+
+
+class ConfigError(SemidError):
+    """A config key is unknown, missing, of the wrong type or out of range."""
+
+
+class InputError(SemidError):
+    """The catalog cannot be used as given (missing columns, no rows, bad rows under `fail`)."""
+
+
+class ArtifactError(SemidError):
+    """A codebook artifact is missing, corrupt or does not match its checksums."""
+
+
+class StoreError(SemidError):
+    """The versioned table store refused an operation (unknown version, unreconciled counts)."""

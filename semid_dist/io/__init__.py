@@ -1,0 +1,1 @@
+"""Schemas, batch validation, fsspec helpers and the versioned table store."""

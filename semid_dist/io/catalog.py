@@ -1,0 +1,108 @@
+"""The catalog: Parquet files at an fsspec URL, split into shards of whole row groups.
+
+A shard is plain data (file, row groups, row offset), so every engine splits a catalog
+identically and every per-shard output (data part, rejects, statistics) has a stable name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from semid_dist.errors import InputError
+from semid_dist.io import fs as fsio
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    path: str
+    row_groups: tuple[int, ...]
+    row_offset: int  # first row's index inside its file
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class CatalogPlan:
+    url: str
+    shards: tuple[Shard, ...]
+    schema: pa.Schema
+    fingerprint: str
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+
+def list_files(url: str) -> list[str]:
+    fs, path = fsio.resolve(url)
+    if not fs.exists(path):
+        raise InputError(f"input.path {url!r} does not exist; point it at a Parquet file or "
+                         "a directory of Parquet files")
+    if fs.isfile(path):
+        return [path]
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                   and not any(part.startswith(("_", ".")) for part in p.split("/")))
+    if not files:
+        raise InputError(f"input.path {url!r} holds no *.parquet files")
+    return files
+
+
+def _footer(fs, path: str) -> pq.FileMetaData:
+    if fs.size(path) == 0:
+        raise InputError(f"catalog file {path!r} is empty (0 bytes); remove it or re-export it")
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"catalog file {path!r} is not readable Parquet ({exc}); "
+                         "remove or repair it, then re-run") from None
+
+
+def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
+    """Read the Parquet footers and cut the catalog into shards of ~target_rows rows."""
+    fs, _ = fsio.resolve(url)
+    shards: list[Shard] = []
+    schema = None
+    digest = hashlib.sha256()
+    for path in list_files(url):
+        meta = _footer(fs, path)
+        file_schema = meta.schema.to_arrow_schema()
+        schema = schema or file_schema
+        digest.update(json.dumps([path, meta.num_rows, fs.size(path)]).encode())
+        groups: list[int] = []
+        rows, offset = 0, 0
+        for rg in range(meta.num_row_groups):
+            groups.append(rg)
+            rows += meta.row_group(rg).num_rows
+            if rows >= target_rows or rg == meta.num_row_groups - 1:
+                shards.append(Shard(len(shards), path, tuple(groups), offset, rows))
+                offset += rows
+                groups, rows = [], 0
+    if schema is None:
+        raise InputError(f"input.path {url!r} holds no Parquet files")
+    return CatalogPlan(url, tuple(shards), schema, digest.hexdigest())
+
+
+def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
+    """Read the shard's row groups (only `columns`)."""
+    fs, _ = fsio.resolve(url)
+    try:
+        with fs.open(shard.path, "rb") as f:
+            return pq.ParquetFile(f).read_row_groups(list(shard.row_groups), columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"catalog file {shard.path!r}: cannot read row groups "
+                         f"{list(shard.row_groups)} ({exc}); repair or remove the file") from None
+
+
+def shard_to_dict(shard: Shard) -> dict:
+    return asdict(shard)
+
+
+def shard_from_dict(data: dict) -> Shard:
+    return Shard(int(data["index"]), str(data["path"]), tuple(int(g) for g in data["row_groups"]),
+                 int(data["row_offset"]), int(data["num_rows"]))

@@ -1,0 +1,221 @@
+"""`semid build`: plan -> check ids -> sample -> fit -> encode -> reduce -> finalize -> commit.
+
+Engine-agnostic: the engine only runs the stage functions of `semid_dist.stages`. Until the
+manifest is written the new version is invisible, so any failure leaves `_latest` and every
+committed version untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import semid_dist
+from semid_dist.codes.collisions import colliding_keys
+from semid_dist.codes.metrics import finalize_metrics
+from semid_dist.codes.partials import Partial, merge_all
+from semid_dist.config import BuildConfig, with_absolute_paths
+from semid_dist.engines import make_engine
+from semid_dist.errors import InputError
+from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
+from semid_dist.io.store import FileEntry, TableStore, new_version_id
+from semid_dist.io.validate import check_columns, infer_dim
+from semid_dist.quantize.artifact import artifact_files
+from semid_dist.quantize.residual import init_subset
+from semid_dist.stages import (STAGING, JobContext, colliding_rows, finalize_shard,
+                               find_duplicates, sample_rows, scan_ids, suffix_table)
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    version_id: str
+    path: str
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def make_logger(prefix: str = "semid") -> Log:
+    start = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{prefix} {time.monotonic() - start:7.1f}s] {msg}", flush=True)
+
+    return log
+
+
+def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, np.ndarray]:
+    """Seeded uniform sample of catalog rows -> {shard index: row indices inside the shard}.
+    Depends only on the catalog's shard layout, the size and the seed."""
+    total = plan.num_rows
+    rows = (np.arange(total) if sample_size >= total else
+            np.sort(np.random.default_rng([seed, 3]).choice(total, sample_size, replace=False)))
+    out: dict[int, np.ndarray] = {}
+    start = 0
+    for shard in plan.shards:
+        lo, hi = np.searchsorted(rows, [start, start + shard.num_rows])
+        if hi > lo:
+            out[shard.index] = rows[lo:hi] - start
+        start += shard.num_rows
+    return out
+
+
+def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
+    col = cfg.input.embedding_column
+    field = plan.schema.field(col)
+    if pa.types.is_fixed_size_list(field.type):
+        return field.type.list_size
+    for shard in plan.shards:
+        dim = infer_dim(read_shard(plan.url, shard, [col]).column(0).combine_chunks())
+        if dim:
+            return dim
+    raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")
+
+
+def _check_duplicates(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+                      log: Log) -> pa.Array:
+    dups, rows = find_duplicates(engine.map(scan_ids, [(ctx, s) for s in plan.shards]))
+    if len(dups):
+        examples = ", ".join(str(v) for v in dups[:5].to_pylist())
+        if cfg.input.on_bad_rows == "fail":
+            raise InputError(f"{len(dups)} item ids occur more than once ({rows} rows; e.g. "
+                             f"{examples}); deduplicate the catalog or set "
+                             "input.on_bad_rows=reject to reject every copy")
+        log(f"check: {len(dups)} duplicated item ids ({rows} rows) will be rejected, "
+            f"e.g. {examples}")
+    return dups
+
+
+def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, log: Log) -> np.ndarray:
+    picks = choose_sample(plan, cfg.fit.sample_size, cfg.seed)
+    parts = engine.map(sample_rows, [(ctx, plan.shards[i], rows) for i, rows in picks.items()])
+    sample = np.concatenate(parts) if parts else np.zeros((0, ctx.dim), np.float32)
+    k_max = max(cfg.quantizer.layers)
+    if len(sample) < k_max:
+        raise InputError(f"the fit sample holds {len(sample)} valid rows, fewer than the largest "
+                         f"codebook ({k_max}); use smaller quantizer.layers or a larger catalog "
+                         "/ fit.sample_size")
+    log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
+    return sample
+
+
+def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
+    partials: dict[int, Partial] = {}
+    counts = {"input": 0, "encoded": 0, "rejected": 0}
+    rejects: list[FileEntry] = []
+    for i, res in enumerate(engine.encode(ctx, list(plan.shards)), 1):
+        partials[res["index"]] = Partial.from_bytes(res["partial"])
+        counts["input"] += res["rows"]
+        counts["encoded"] += res["encoded"]
+        counts["rejected"] += res["rejected"]
+        if res["rejects_file"] is not None:
+            rejects.append(res["rejects_file"])
+        if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
+            log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
+                f"{counts['rejected']} rejected")
+    return [partials[i] for i in sorted(partials)], counts, sorted(rejects, key=lambda e: e.path)
+
+
+def _check_rejects(counts: dict[str, int], cfg: BuildConfig) -> None:
+    if counts["rejected"] and cfg.input.on_bad_rows == "fail":
+        raise InputError(f"{counts['rejected']} bad rows (see reasons above); fix the catalog or "
+                         "set input.on_bad_rows=reject")
+    share = counts["rejected"] / max(counts["input"], 1)
+    if share > cfg.input.max_reject_fraction:
+        raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}) "
+                         f"> input.max_reject_fraction={cfg.input.max_reject_fraction}; "
+                         "nothing was committed. Fix the catalog or raise the limit")
+    if counts["encoded"] == 0:
+        raise InputError("no valid rows to encode; nothing was committed")
+
+
+def _finalize(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial) -> list[FileEntry]:
+    keys = colliding_keys(merged.sid_keys, merged.sid_counts)
+    rows = engine.map(colliding_rows, [(ctx, s, keys) for s in plan.shards]) if len(keys) else []
+    suffixes = suffix_table(rows)
+    return engine.map(finalize_shard, [(ctx, s, suffixes) for s in plan.shards])
+
+
+def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
+    """Run the whole job and commit a new version; returns its id, path and metrics."""
+    log = log or make_logger()
+    t0 = time.monotonic()
+    cfg = with_absolute_paths(cfg)
+    store = TableStore(cfg.output.root, cfg.output.table)
+    parent = store.latest()
+    plan = plan_catalog(cfg.input.path, target_rows=cfg.encode.shard_rows)
+    check_columns(plan.schema, cfg.input.id_column, cfg.input.embedding_column,
+                  cfg.input.popularity_column)
+    vid = new_version_id()
+    log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; new version {vid} of "
+        f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
+    timings: dict[str, float] = {}
+    with make_engine(cfg, log=log) as engine:
+        ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
+                         embedding_column=cfg.input.embedding_column,
+                         popularity_column=cfg.input.popularity_column,
+                         dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
+                         root=cfg.output.root, table=cfg.output.table, version_id=vid,
+                         quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows)
+        ctx = replace(ctx, duplicate_ids=_check_duplicates(engine, ctx, plan, cfg, log))
+        t = time.monotonic()
+        sample = _sample(engine, ctx, plan, cfg, log)
+        seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
+        codebooks, fit_stats = engine.fit(sample, seeds, cfg, log,
+                                          f"{store.version_url(vid)}/{STAGING}")
+        timings["fit_s"] = time.monotonic() - t
+        files = [store.write_file(vid, f"codebooks/{name}", data) for name, data in
+                 artifact_files(codebooks, {"method": cfg.quantizer.method,
+                                            "layers": list(cfg.quantizer.layers),
+                                            "config": cfg.to_dict()["quantizer"],
+                                            "training": fit_stats}).items()]
+        t = time.monotonic()
+        partials, counts, reject_files = _encode(engine, ctx, plan, log)
+        _check_rejects(counts, cfg)
+        timings["encode_s"] = time.monotonic() - t
+        t = time.monotonic()
+        merged = merge_all(partials)
+        metrics = finalize_metrics(merged, list(cfg.quantizer.layers),
+                                   quality_depth=cfg.quality_depth, pd_t=cfg.metrics.pd_t,
+                                   pd_max_clusters=cfg.metrics.pd_max_clusters, seed=cfg.seed)
+        data_files = _finalize(engine, ctx, plan, merged)
+        timings["reduce_s"] = time.monotonic() - t
+    metrics = {"rows": counts, **metrics,
+               "pruning": {"strategy": cfg.prune.strategy, "pruned_tokens": 0,
+                           "layers_before": metrics["layers"], "layers_after": metrics["layers"]},
+               "fit": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
+                        "n": s["n"]} for s in fit_stats],
+               "timings": {k: round(v, 3) for k, v in timings.items()}}
+    files += [store.write_file(vid, "metrics.json", _json(metrics))]
+    files += sorted(data_files, key=lambda e: e.path) + reject_files
+    manifest = {
+        "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "package_version": semid_dist.__version__, "engine": cfg.engine,
+        "config": cfg.to_dict(), "input": {"url": plan.url, "fingerprint": plan.fingerprint,
+                                           "rows": plan.num_rows, "dim": ctx.dim},
+        "rows": counts,
+    }
+    store.commit(vid, manifest, files)
+    _remove_staging(store, vid)
+    log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s")
+    return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid))
+
+
+def _json(data: Any) -> bytes:
+    import json
+
+    return json.dumps(data, indent=2, default=float).encode()
+
+
+def _remove_staging(store: TableStore, vid: str) -> None:
+    """Staged per-shard codes are not part of the version once it is committed."""
+    path = f"{store.version_dir(vid)}/{STAGING}"
+    if store.fs.exists(path):
+        store.fs.rm(path, recursive=True)

@@ -1,0 +1,113 @@
+"""k-means over mergeable statistics.
+
+Each Lloyd iteration computes per-centroid sums and counts on the local shard, hands them
+to `all_reduce` (element-wise sum over workers; identity when running alone), and every
+worker applies the same update. So an N-worker run is exact data-parallel k-means: it
+differs from the 1-worker run only by floating-point summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from semid_dist.quantize.encode import nearest
+
+AllReduce = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def lloyd_stats(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
+                device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
+    """Sufficient statistics of one assignment pass.
+
+    x: (n, d) float32, centroids: (k, d) float32 ->
+    (sums (k, d) float64, counts (k,) float64, inertia = sum of squared distances).
+    """
+    k, d = centroids.shape
+    labels, dists = nearest(x, centroids, chunk_rows=chunk_rows, device=device)
+    sums = np.zeros((k, d), dtype=np.float64)
+    np.add.at(sums, labels, x.astype(np.float64, copy=False))
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    return sums, counts, float(dists.astype(np.float64).sum())
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling). x: (n, d) float32 with n >= k -> (k, d) float32."""
+    n = len(x)
+    if n < k:
+        raise ValueError(f"k-means++ needs at least k={k} points, got {n}")
+    rng = np.random.default_rng(seed)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    x_sq = (x32.astype(np.float64) ** 2).sum(axis=1)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(n)
+
+    def d2(i: int) -> np.ndarray:
+        return np.maximum(x_sq + x_sq[i] - 2.0 * (x32 @ x32[i]).astype(np.float64), 0.0)
+
+    min_d2 = d2(int(chosen[0]))
+    for j in range(1, k):
+        total = min_d2.sum()
+        if total <= 0.0:  # fewer distinct points than k: take unchosen points in order
+            pick = int(np.flatnonzero(~np.isin(np.arange(n), chosen[:j]))[0])
+        else:
+            pick = int(np.searchsorted(np.cumsum(min_d2), rng.random() * total, side="right"))
+            pick = min(pick, n - 1)
+        chosen[j] = pick
+        np.minimum(min_d2, d2(pick), out=min_d2)
+        min_d2[pick] = 0.0
+    return x32[chosen].copy()
+
+
+def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """Re-seed empty clusters by splitting the largest one (in place). Returns how many."""
+    empty = np.flatnonzero(counts == 0)
+    d = centroids.shape[1]
+    for j in empty:
+        i = int(np.argmax(counts))
+        if counts[i] <= 1:
+            break
+        eps = (rng.random(d) - 0.5) * 1e-4 * (np.abs(centroids[i]).mean() + 1e-12)
+        centroids[j] = centroids[i] + eps
+        centroids[i] = centroids[i] - eps
+        counts[j] = counts[i] / 2
+        counts[i] -= counts[j]
+    return len(empty)
+
+
+def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
+           init_points: np.ndarray | None = None, all_reduce: AllReduce | None = None,
+           chunk_rows: int = 8192, device: str = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+    """Lloyd k-means with k-means++ init.
+
+    x: (n_local, d) float32, this worker's shard. init_points: points every worker holds
+    identically, seeded by k-means++ (defaults to x: only right when running alone).
+    all_reduce: sums an array over workers. Returns (centroids (k, d) float32, stats) where
+    stats["iterations"] holds per-iteration mean squared distance and empty-cluster splits.
+    """
+    reduce = all_reduce or _identity
+    seeds = x if init_points is None else init_points
+    centroids = kmeans_plusplus(seeds, k, seed=seed).astype(np.float64)
+    rng = np.random.default_rng([seed, 1])
+    history = []
+    for it in range(niter):
+        sums, counts, inertia = lloyd_stats(x, centroids.astype(np.float32),
+                                            chunk_rows=chunk_rows, device=device)
+        packed = reduce(np.concatenate([sums.ravel(), counts, [inertia, len(x)]]))
+        sums = packed[: k * x.shape[1]].reshape(k, -1)
+        counts = packed[k * x.shape[1]: -2].copy()
+        inertia, n_total = packed[-2], packed[-1]
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
+        n_split = _split_empty(centroids, counts, rng)
+        history.append({"iteration": it, "mse": float(inertia / max(n_total, 1)),
+                        "empty_split": n_split})
+    stats = {"k": k, "n": int(n_total), "iterations": history,
+             "final_mse": history[-1]["mse"] if history else None}
+    return centroids.astype(np.float32), stats

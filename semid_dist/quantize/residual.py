@@ -1,0 +1,54 @@
+"""Residual k-means (RQ-KMeans): per layer, k-means on the residual of the layers before."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from semid_dist.quantize.encode import nearest
+from semid_dist.quantize.kmeans import AllReduce, kmeans
+
+Progress = Callable[[str], None]
+
+
+def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, niter: int = 20,
+                        seed: int = 0, init_points: np.ndarray | None = None,
+                        all_reduce: AllReduce | None = None, chunk_rows: int = 8192,
+                        device: str = "cpu", progress: Progress | None = None,
+                        ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Fit one codebook per layer on the residuals.
+
+    x: (n_local, d) float32, this worker's shard of the sample. init_points: (m, d) float32
+    held identically by every worker (k-means++ seeding); defaults to x. Layer sizes may
+    differ. Returns (codebooks: L arrays (k_l, d) float32, per-layer k-means stats).
+    """
+    residual = np.array(x, dtype=np.float32, copy=True)
+    seeds = residual if init_points is None else np.array(init_points, np.float32, copy=True)
+    codebooks: list[np.ndarray] = []
+    stats: list[dict[str, Any]] = []
+    for layer, k in enumerate(layers):
+        cb, st = kmeans(residual, k, niter=niter, seed=seed + 1000 * layer, init_points=seeds,
+                        all_reduce=all_reduce, chunk_rows=chunk_rows, device=device)
+        labels, _ = nearest(residual, cb, chunk_rows=chunk_rows, device=device)
+        residual -= cb[labels]
+        if seeds is not residual:
+            seed_labels, _ = nearest(seeds, cb, chunk_rows=chunk_rows, device=device)
+            seeds -= cb[seed_labels]
+        codebooks.append(cb)
+        stats.append({"layer": layer, **st})
+        if progress is not None:
+            progress(f"layer {layer}: k={k} mse={st['final_mse']:.6g} "
+                     f"empty_splits={sum(h['empty_split'] for h in st['iterations'])}")
+    return codebooks, stats
+
+
+def init_subset(sample: np.ndarray, k_max: int, *, seed: int, per_centroid: int = 8) -> np.ndarray:
+    """The k-means++ seeding points every worker holds: a seeded subset of the whole sample
+    (at most `per_centroid * k_max + 1024` rows, in sample order)."""
+    m = min(len(sample), per_centroid * k_max + 1024)
+    if m == len(sample):
+        return sample
+    idx = np.sort(np.random.default_rng([seed, 2]).choice(len(sample), m, replace=False))
+    return sample[idx]

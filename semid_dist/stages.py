@@ -1,0 +1,174 @@
+"""Shard-level stage functions: the one batch function per step that every engine wraps.
+
+Engines only decide *where* these run (in-process, Ray tasks / Ray Data actors, Spark).
+Every function takes plain, picklable data (a `JobContext` and a `Shard`) and returns
+plain data, so any engine gives identical outputs for the same shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from semid_dist.codes.collisions import assign_suffixes
+from semid_dist.codes.partials import partial_from_batch, sid_keys
+from semid_dist.io.catalog import Shard, read_shard
+from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.validate import validate_batch
+from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
+from semid_dist.quantize.encode import encode_batch
+
+STAGING = "_staging"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything a worker needs, as plain values."""
+
+    catalog_url: str
+    id_column: str
+    embedding_column: str
+    popularity_column: str | None
+    dim: int
+    sizes: tuple[int, ...]
+    root: str
+    table: str
+    version_id: str
+    quality_depth: int
+    chunk_rows: int = 8192
+    device: str = "cpu"
+    codebooks_version: str | None = None  # read codebooks from this version (default: own)
+    duplicate_ids: pa.Array | None = field(default=None, compare=False)
+
+    def store(self) -> TableStore:
+        return TableStore(self.root, self.table)
+
+
+def _validated(ctx: JobContext, shard: Shard):
+    cols = [ctx.id_column, ctx.embedding_column]
+    if ctx.popularity_column:
+        cols.append(ctx.popularity_column)
+    raw = read_shard(ctx.catalog_url, shard, cols)
+    return validate_batch(raw, id_column=ctx.id_column, embedding_column=ctx.embedding_column,
+                          dim=ctx.dim, source_file=shard.path, row_offset=shard.row_offset,
+                          popularity_column=ctx.popularity_column,
+                          duplicate_ids=ctx.duplicate_ids)
+
+
+def scan_ids(ctx: JobContext, shard: Shard) -> pa.Array:
+    """The shard's item ids (nulls included), for the duplicate check."""
+    return read_shard(ctx.catalog_url, shard, [ctx.id_column]).column(0).combine_chunks()
+
+
+def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:
+    """-> (distinct ids that occur more than once, number of rows holding them)."""
+    ids = pa.chunked_array([a for a in id_arrays if len(a)] or [pa.array([], pa.int64())])
+    counts = pc.value_counts(pc.drop_null(ids))
+    values, n = counts.field("values"), counts.field("counts")
+    dup = pc.greater(n, 1)
+    return pc.filter(values, dup), int(pc.sum(pc.filter(n, dup)).as_py() or 0)
+
+
+def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray) -> np.ndarray:
+    """Valid embeddings (m, d) float32 at `local_rows` (indices inside the shard)."""
+    batch = _validated(ctx, shard)
+    wanted = np.isin(batch.rows - shard.row_offset, local_rows)
+    return batch.x[wanted]
+
+
+def load_codebooks(ctx: JobContext) -> list[np.ndarray]:
+    store = ctx.store()
+    vid = ctx.codebooks_version or ctx.version_id
+    files = {name: store.read_bytes(vid, f"codebooks/{name}") for name in (ARRAYS_FILE, META_FILE)}
+    codebooks, _ = load_artifact(files, where=f"codebooks of version {vid}")
+    return codebooks
+
+
+class EncodeWorker:
+    """Loads the codebooks once, then encodes whole shards: validate -> encode -> stage codes,
+    write rejects, return counts and the shard's mergeable statistics."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.codebooks = load_codebooks(ctx)
+        self.store = ctx.store()
+
+    def __call__(self, shard: Shard) -> dict[str, Any]:
+        ctx = self.ctx
+        batch = _validated(ctx, shard)
+        enc = encode_batch(self.codebooks, batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device)
+        staged = pa.table({
+            "item_id": batch.ids,
+            "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), len(ctx.sizes)),
+            "qerr": enc.qerr,
+        })
+        self.store.write_table(ctx.version_id, f"{STAGING}/codes-{shard.index:06d}.parquet",
+                               staged)
+        rejects = None
+        if batch.rejects.num_rows:
+            rejects = self.store.write_table(
+                ctx.version_id, f"rejects/part-{ctx.version_id}-{shard.index:06d}.parquet",
+                batch.rejects)
+        partial = partial_from_batch(enc.codes, enc.sq_residual, batch.x, ctx.sizes,
+                                     quality_depth=ctx.quality_depth)
+        return {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
+                "rejected": batch.rejects.num_rows, "rejects_file": rejects,
+                "partial": partial.to_bytes()}
+
+
+def _read_staged(ctx: JobContext, shard: Shard) -> tuple[pa.Table, np.ndarray]:
+    from semid_dist.io import fs as fsio
+
+    store = ctx.store()
+    path = fsio.join(store.version_dir(ctx.version_id), f"{STAGING}/codes-{shard.index:06d}.parquet")
+    t = fsio.read_parquet(store.fs, path)
+    codes = t.column("codes").combine_chunks().flatten().to_numpy().reshape(-1, len(ctx.sizes))
+    return t, codes
+
+
+def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray) -> pa.Table:
+    """Staged rows whose SID key is in `keys` (sorted int64): key, qerr, item_id."""
+    t, codes = _read_staged(ctx, shard)
+    k = sid_keys(codes, ctx.sizes)
+    hit = np.isin(k, keys)
+    return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
+                     "item_id": pc.filter(t.column("item_id"), pa.array(hit))})
+
+
+def suffix_table(rows: list[pa.Table]) -> pa.Table:
+    """Collision suffixes for the gathered colliding rows: item_id -> suffix."""
+    t = pa.concat_tables(rows) if rows else None
+    if t is None or t.num_rows == 0:
+        return pa.table({"item_id": pa.array([], pa.int64()), "suffix": pa.array([], pa.int32())})
+    suffix = assign_suffixes(t.column("key").to_numpy(), t.column("qerr").to_numpy(),
+                             t.column("item_id").combine_chunks())
+    return pa.table({"item_id": t.column("item_id"), "suffix": suffix})
+
+
+def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table) -> FileEntry:
+    """Write the shard's data part: item_id, codes, sid, sid_layers, suffix, qerr."""
+    t, codes = _read_staged(ctx, shard)
+    n, n_layers = codes.shape
+    suffix = np.zeros(n, dtype=np.int32)
+    if suffixes.num_rows:
+        ids = t.column("item_id").combine_chunks()
+        pos = pc.index_in(ids, value_set=suffixes.column("item_id").combine_chunks().cast(ids.type))
+        hit = pos.is_valid().to_numpy(zero_copy_only=False)
+        found = pc.drop_null(pos).to_numpy()
+        suffix[hit] = suffixes.column("suffix").to_numpy()[found]
+    layers = np.tile(np.arange(n_layers, dtype=np.int8), n)
+    offsets = pa.array(np.arange(0, n * n_layers + 1, n_layers, dtype=np.int32))
+    out = pa.table({
+        "item_id": t.column("item_id"),
+        "codes": t.column("codes"),
+        "sid": pa.ListArray.from_arrays(offsets, pa.array(codes.ravel(), pa.int32())),
+        "sid_layers": pa.ListArray.from_arrays(offsets, pa.array(layers, pa.int8())),
+        "suffix": suffix,
+        "qerr": t.column("qerr"),
+    })
+    return ctx.store().write_table(ctx.version_id,
+                                   f"data/part-{ctx.version_id}-{shard.index:06d}.parquet", out)

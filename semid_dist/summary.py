@@ -1,0 +1,35 @@
+"""Human-readable summary of a committed version (printed at the end of a build)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def format_summary(version_id: str, path: str, metrics: dict[str, Any]) -> str:
+    rows = metrics["rows"]
+    col = metrics["collisions"]
+    rec = metrics["reconstruction"]
+    q = metrics["quality"]
+    lines = [
+        f"version   {version_id}",
+        f"path      {path}",
+        f"rows      input {rows['input']}  encoded {rows['encoded']}  "
+        f"rejected {rows['rejected']}",
+        "layer  size  used  util    H_norm  gini    top_share",
+    ]
+    for layer in metrics["layers"]:
+        lines.append(f"{layer['layer']:>5}  {layer['size']:>4}  {layer['used']:>4}  "
+                     f"{layer['utilization']:.4f}  {layer['entropy_norm']:.4f}  "
+                     f"{layer['gini']:.4f}  {layer['top_share']:.4f}")
+    lines += [
+        f"SIDs      distinct {col['distinct_sids']}  unique-SID rate "
+        f"{col['unique_sid_rate']:.4f}  max items/SID {col['max_items_per_sid']}",
+        f"recon     mse {rec['mse']:.6f}  relative error {rec['relative_error']:.4f}",
+        f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"
+        f"  (depth {q['depth']})",
+    ]
+    return "\n".join(lines)
