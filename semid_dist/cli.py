@@ -33,6 +33,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    """`semid encode`: like build, but reuse the codebooks of encode.from_version (default
+    latest) instead of fitting."""
+    overrides = list(args.overrides)
+    if not any(o.startswith("encode.from_version=") for o in overrides):
+        overrides.append("encode.from_version=latest")
+    args.overrides = overrides
+    return cmd_build(args)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from semid_dist.config import load_config
 
@@ -76,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(func=cmd_build)
+    e = sub.add_parser("encode", help="encode with the codebooks of an existing version")
+    e.add_argument("--config", required=True)
+    e.add_argument("--json", action="store_true")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.set_defaults(func=cmd_encode)
     v = sub.add_parser("validate", help="check config files without running anything")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate)

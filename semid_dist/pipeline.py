@@ -22,14 +22,22 @@ from semid_dist.codes.metrics import finalize_metrics
 from semid_dist.codes.partials import Partial, merge_all
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.engines import make_engine
-from semid_dist.errors import InputError
+from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_columns, infer_dim
-from semid_dist.quantize.artifact import artifact_files
+from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, artifact_files, load_artifact
 from semid_dist.quantize.residual import init_subset
-from semid_dist.stages import (STAGING, JobContext, colliding_rows, finalize_shard,
-                               find_duplicates, sample_rows, scan_ids, suffix_table)
+from semid_dist.stages import (
+    STAGING,
+    JobContext,
+    colliding_rows,
+    finalize_shard,
+    find_duplicates,
+    sample_rows,
+    scan_ids,
+    suffix_table,
+)
 
 Log = Callable[[str], None]
 
@@ -106,6 +114,35 @@ def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, log: L
     return sample
 
 
+def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
+               vid: str, log: Log) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
+    """Fit new codebooks, or (encode.from_version) reuse a committed version's artifact.
+    Writes the artifact into the new version; returns (files, fit stats, source)."""
+    if cfg.encode.from_version:
+        src = store.resolve(cfg.encode.from_version)
+        blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
+        codebooks, meta = load_artifact(blobs, where=f"codebooks of version {src}")
+        sizes = [len(cb) for cb in codebooks]
+        if codebooks[0].shape[1] != ctx.dim:
+            raise InputError(f"embedding dim {ctx.dim} != codebook dim {codebooks[0].shape[1]} "
+                             f"(codebooks of version {src}); re-fit with `semid build`")
+        if sizes != list(cfg.quantizer.layers):
+            raise ConfigError(f"quantizer.layers={list(cfg.quantizer.layers)} but version {src} "
+                              f"has layers {sizes}; set quantizer.layers={sizes}")
+        log(f"codebooks: reusing version {src} ({sizes})")
+        files = [store.write_file(vid, f"codebooks/{n}", b) for n, b in blobs.items()]
+        return files, meta.get("training", []), src
+    sample = _sample(engine, ctx, plan, cfg, log)
+    seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
+    codebooks, fit_stats = engine.fit(sample, seeds, cfg, log,
+                                      f"{store.version_url(vid)}/{STAGING}")
+    meta = {"method": cfg.quantizer.method, "layers": list(cfg.quantizer.layers),
+            "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats}
+    files = [store.write_file(vid, f"codebooks/{n}", b)
+             for n, b in artifact_files(codebooks, meta).items()]
+    return files, fit_stats, "fit"
+
+
 def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
     partials: dict[int, Partial] = {}
     counts = {"input": 0, "encoded": 0, "rejected": 0}
@@ -166,16 +203,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows)
         ctx = replace(ctx, duplicate_ids=_check_duplicates(engine, ctx, plan, cfg, log))
         t = time.monotonic()
-        sample = _sample(engine, ctx, plan, cfg, log)
-        seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
-        codebooks, fit_stats = engine.fit(sample, seeds, cfg, log,
-                                          f"{store.version_url(vid)}/{STAGING}")
+        files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log)
         timings["fit_s"] = time.monotonic() - t
-        files = [store.write_file(vid, f"codebooks/{name}", data) for name, data in
-                 artifact_files(codebooks, {"method": cfg.quantizer.method,
-                                            "layers": list(cfg.quantizer.layers),
-                                            "config": cfg.to_dict()["quantizer"],
-                                            "training": fit_stats}).items()]
         t = time.monotonic()
         partials, counts, reject_files = _encode(engine, ctx, plan, log)
         _check_rejects(counts, cfg)
@@ -190,8 +219,9 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     metrics = {"rows": counts, **metrics,
                "pruning": {"strategy": cfg.prune.strategy, "pruned_tokens": 0,
                            "layers_before": metrics["layers"], "layers_after": metrics["layers"]},
-               "fit": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
-                        "n": s["n"]} for s in fit_stats],
+               "fit": {"codebooks_from": source,
+                       "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
+                                   "n": s["n"]} for s in fit_stats]},
                "timings": {k: round(v, 3) for k, v in timings.items()}}
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
     files += sorted(data_files, key=lambda e: e.path) + reject_files

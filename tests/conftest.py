@@ -1,0 +1,82 @@
+"""Shared fixtures: small real catalogs on disk, one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo_catalog.parquet"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+def clustered(n: int, d: int, *, clusters: int = 24, seed: int = 0) -> np.ndarray:
+    """(n, d) float32 points around `clusters` random centres, unequal cluster sizes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)) * 3
+    weights = rng.pareto(1.5, clusters) + 0.1
+    labels = rng.choice(clusters, n, p=weights / weights.sum())
+    return (centres[labels] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def write_catalog(path: Path, x: np.ndarray, *, ids=None, row_group_rows: int = 500,
+                  files: int = 1) -> str:
+    """Write x as a Parquet catalog (item_id, embedding fixed_size_list, popularity)."""
+    n, d = x.shape
+    ids = np.arange(n, dtype=np.int64) if ids is None else ids
+    path.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for f in range(files):
+        lo, hi = bounds[f], bounds[f + 1]
+        table = pa.table({
+            "item_id": pa.array(ids[lo:hi]),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(x[lo:hi].ravel(), pa.float32()), d),
+            "popularity": pa.array(np.arange(lo, hi, dtype=np.int64) % 97),
+        })
+        pq.write_table(table, path / f"part-{f:03d}.parquet", row_group_size=row_group_rows)
+    return str(path)
+
+
+def small_config(catalog: str, root: str, **over):
+    data = {
+        "engine": "local", "seed": 7,
+        "input": {"path": catalog},
+        "output": {"root": root, "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 8},
+        "fit": {"sample_size": 1500, "num_workers": 2},
+        "encode": {"shard_rows": 500, "num_actors": 2},
+    }
+    for key, value in over.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_config(data)
+
+
+@pytest.fixture(scope="session")
+def small_catalog(tmp_path_factory) -> tuple[str, np.ndarray]:
+    x = clustered(2400, 12, seed=1)
+    path = write_catalog(tmp_path_factory.mktemp("cat") / "catalog", x, files=2)
+    return path, x
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every engine test (small object store, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
+             configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,274 @@
+"""End-to-end builds on the local engine: commit, determinism, metrics, bad input, failure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.cli import main
+from semid_dist.errors import ConfigError, InputError
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build, choose_sample
+from semid_dist.quantize import decode
+from semid_dist.stages import load_codebooks, JobContext
+from tests.conftest import REPO, clustered, small_config, write_catalog
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def sorted_table(store: TableStore, version: str) -> pa.Table:
+    t = store.read_data(version)
+    return t.sort_by("item_id")
+
+
+@pytest.fixture()
+def root(tmp_path) -> str:
+    return str(tmp_path / "out")
+
+
+def test_build_commits_a_reconciled_version(small_catalog, root):
+    catalog, x = small_catalog
+    res = build(small_config(catalog, root), log=quiet)
+    store = TableStore(root, "sids")
+    assert store.latest() == res.version_id == store.versions()[-1]
+    m = store.manifest()
+    assert m["rows"] == {"input": len(x), "encoded": len(x), "rejected": 0}
+    assert m["parent"] is None and m["input"]["dim"] == x.shape[1]
+    vdir = Path(store.version_dir(res.version_id))
+    for entry in m["files"]:  # every listed file exists with the recorded checksum
+        data = (vdir / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+    assert not (vdir / "_staging").exists()
+    t = store.read_data()
+    assert t.num_rows == len(x)
+    assert set(t.column_names) >= {"item_id", "codes", "sid", "sid_layers", "suffix", "qerr"}
+    assert sorted(t.column("item_id").to_pylist()) == list(range(len(x)))
+    # second build records its parent
+    res2 = build(small_config(catalog, root), log=quiet)
+    assert store.manifest(res2.version_id)["parent"] == res.version_id
+
+
+def test_same_seed_gives_identical_sid_tables(small_catalog, root):
+    catalog, _ = small_catalog
+    a = build(small_config(catalog, root), log=quiet)
+    b = build(small_config(catalog, root), log=quiet)
+    store = TableStore(root, "sids")
+    assert a.version_id != b.version_id
+    assert sorted_table(store, a.version_id).equals(sorted_table(store, b.version_id))
+    c = build(small_config(catalog, root, seed=8), log=quiet)
+    assert not sorted_table(store, a.version_id).equals(sorted_table(store, c.version_id))
+
+
+def _brute_metrics(codes: np.ndarray, x: np.ndarray, sizes: list[int]) -> dict:
+    n = len(codes)
+    out = {"layers": []}
+    for layer, size in enumerate(sizes):
+        cnt = Counter(codes[:, layer].tolist())
+        c = np.array([cnt.get(t, 0) for t in range(size)], dtype=float)
+        p = c[c > 0] / n
+        ent = -sum(pi * math.log(pi) for pi in p)
+        mad = np.abs(c[:, None] - c[None, :]).sum()
+        out["layers"].append({"used": int((c > 0).sum()), "entropy": ent,
+                              "entropy_norm": ent / math.log(size),
+                              "gini": mad / (2 * size * size * c.mean()),
+                              "top_share": c.max() / n})
+    sids = Counter(map(tuple, codes.tolist()))
+    out["unique_sid_rate"] = sum(1 for s in map(tuple, codes.tolist()) if sids[s] == 1) / n
+    out["max_items_per_sid"] = max(sids.values())
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(codes[:, :2].tolist()):
+        groups.setdefault(tuple(row), []).append(i)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sc = []
+    for members in groups.values():
+        if len(members) >= 2:
+            g = u[members]
+            cos = g @ g.T
+            m = len(members)
+            sc.append((cos.sum() - np.trace(cos)) / (m * m - m))
+    out["sc"] = float(np.mean(sc))
+    return out
+
+
+def test_metrics_match_brute_force_from_written_table(small_catalog, root):
+    catalog, x = small_catalog
+    cfg = small_config(catalog, root)
+    res = build(cfg, log=quiet)
+    store = TableStore(root, "sids")
+    t = sorted_table(store, res.version_id)
+    codes = np.array(t.column("codes").to_pylist())
+    metrics = store.read_json(None, "metrics.json")
+    sizes = list(cfg.quantizer.layers)
+    brute = _brute_metrics(codes, x, sizes)
+    for got, want in zip(metrics["layers"], brute["layers"]):
+        assert got["used"] == want["used"]
+        for key in ("entropy", "entropy_norm", "gini", "top_share"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert metrics["collisions"]["unique_sid_rate"] == pytest.approx(brute["unique_sid_rate"])
+    assert metrics["collisions"]["max_items_per_sid"] == brute["max_items_per_sid"]
+    assert metrics["quality"]["semantic_cohesion"] == pytest.approx(brute["sc"], rel=1e-6)
+    ctx = JobContext(catalog_url=catalog, id_column="item_id", embedding_column="embedding",
+                     popularity_column=None, dim=x.shape[1], sizes=tuple(sizes), root=root,
+                     table="sids", version_id=res.version_id, quality_depth=2)
+    recon = decode(load_codebooks(ctx), codes)
+    err = ((x.astype(np.float64) - recon) ** 2).sum(1)
+    assert metrics["reconstruction"]["mse"] == pytest.approx(err.mean(), rel=1e-4)
+    np.testing.assert_allclose(t.column("qerr").to_numpy(), err, rtol=1e-3, atol=1e-4)
+    assert set(metrics) >= {"rows", "layers", "prefixes", "collisions", "reconstruction",
+                            "quality", "pruning"}
+    assert set(metrics["collisions"]["items_per_sid_quantiles"]) == {"0.8", "0.9", "0.99",
+                                                                     "0.999"}
+
+
+def test_collision_suffixes_are_unique_and_ordered(small_catalog, root):
+    catalog, _ = small_catalog
+    res = build(small_config(catalog, root, quantizer__layers=[4, 4]), log=quiet)
+    t = TableStore(root, "sids").read_data(res.version_id).to_pandas()
+    t["key"] = t["sid"].map(tuple)
+    assert not t.duplicated(["key", "suffix"]).any()
+    assert (t.groupby("key").size() > 1).any()  # there are collisions to resolve
+    for _, g in t.groupby("key"):
+        g = g.sort_values("suffix")
+        assert list(g["suffix"]) == list(range(len(g)))
+        order = g.sort_values(["qerr", "item_id"])
+        assert list(order["suffix"]) == list(range(len(g)))
+
+
+def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(tmp_path, root):
+    x = clustered(600, 6, seed=2)
+    rows = [list(map(float, r)) for r in x]
+    ids: list = list(range(600))
+    rows[3][1] = float("nan")
+    rows[4][0] = float("inf")
+    rows[5] = None
+    rows[6] = rows[6][:4]
+    ids[7] = None
+    ids[9] = 8  # duplicate id: both copies rejected
+    path = tmp_path / "bad"
+    path.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array(ids, pa.int64()),
+                             "embedding": pa.array(rows, pa.list_(pa.float32()))}),
+                   path / "part-0.parquet", row_group_size=200)
+    cfg = small_config(str(path), root, input__max_reject_fraction=0.05,
+                       quantizer__layers=[8, 4], fit__sample_size=600)
+    res = build(cfg, log=quiet)
+    m = TableStore(root, "sids").manifest()
+    assert m["rows"] == {"input": 600, "encoded": 593, "rejected": 7}
+    rej = TableStore(root, "sids").read_data(res.version_id, kind="rejects").sort_by("row")
+    assert rej.column("row").to_pylist() == [3, 4, 5, 6, 7, 8, 9]
+    reasons = rej.column("reason").to_pylist()
+    assert "NaN" in reasons[0] and "NaN/Inf" in reasons[1] and reasons[2] == "null embedding"
+    assert "dim 4 != 6" in reasons[3] and reasons[4] == "null item_id"
+    assert reasons[5] == reasons[6] == "duplicate item_id"
+    assert all(f.endswith("part-0.parquet") for f in rej.column("source_file").to_pylist())
+    with pytest.raises(InputError, match="item ids occur more than once"):
+        build(small_config(str(path), root, input__on_bad_rows="fail",
+                           quantizer__layers=[8, 4]), log=quiet)
+
+
+def test_failed_build_leaves_previous_version_untouched(small_catalog, tmp_path, root):
+    catalog, _ = small_catalog
+    first = build(small_config(catalog, root), log=quiet)
+    store = TableStore(root, "sids")
+    before = sorted_table(store, first.version_id)
+    x = clustered(600, 12, seed=3)
+    x[::3, 0] = np.nan  # a third of the rows are bad: over max_reject_fraction
+    bad = write_catalog(tmp_path / "mostly_bad", x)
+    with pytest.raises(InputError, match="max_reject_fraction"):
+        build(small_config(bad, root, quantizer__layers=[8, 4]), log=quiet)
+    assert store.latest() == first.version_id
+    assert store.versions() == [first.version_id]
+    assert sorted_table(store, first.version_id).equals(before)
+
+
+def test_catalog_smaller_than_codebook_is_a_clear_error(tmp_path, root):
+    cat = write_catalog(tmp_path / "tiny", clustered(10, 4, seed=0))
+    with pytest.raises(InputError, match="fewer than the largest codebook"):
+        build(small_config(cat, root), log=quiet)
+    assert TableStore(root, "sids").latest() is None
+
+
+def test_sample_is_seeded_and_bounded(small_catalog):
+    from semid_dist.io.catalog import plan_catalog
+
+    plan = plan_catalog(small_catalog[0], target_rows=500)
+    a = choose_sample(plan, 700, 1)
+    assert sum(len(v) for v in a.values()) == 700
+    b = choose_sample(plan, 700, 1)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for idx, rows in a.items():
+        assert rows.max() < plan.shards[idx].num_rows
+    assert sum(len(v) for v in choose_sample(plan, 10**9, 1).values()) == plan.num_rows
+
+
+def test_encode_reuses_codebooks_and_checks_dimension(small_catalog, tmp_path, root):
+    catalog, x = small_catalog
+    first = build(small_config(catalog, root), log=quiet)
+    second = build(small_config(catalog, root, encode__from_version="latest"), log=quiet)
+    store = TableStore(root, "sids")
+    assert sorted_table(store, first.version_id).equals(sorted_table(store, second.version_id))
+    assert second.metrics["fit"]["codebooks_from"] == first.version_id
+    other = write_catalog(tmp_path / "d5", clustered(300, 5, seed=0))
+    with pytest.raises(InputError, match="embedding dim 5 != codebook dim 12"):
+        build(small_config(other, root, encode__from_version=first.version_id), log=quiet)
+    with pytest.raises(ConfigError, match="quantizer.layers"):
+        build(small_config(catalog, root, encode__from_version="latest",
+                           quantizer__layers=[8, 8]), log=quiet)
+
+
+def test_cli_build_versions_and_errors(small_catalog, tmp_path, capsys):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "cli")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "local", "input": {"path": catalog},
+                               "output": {"root": root, "table": "t"},
+                               "quantizer": {"layers": [8, 8], "niter": 4},
+                               "fit": {"sample_size": 1000}}))
+    assert main(["build", "--config", str(cfg), "--json", "seed=3"]) == 0
+    out = json.loads(_json_output(capsys))
+    assert out["metrics"]["rows"]["encoded"] == 2400
+    assert main(["versions", "list", "--root", root, "--table", "t", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [v["version_id"] for v in listed] == [out["version_id"]] and listed[0]["latest"]
+    assert main(["versions", "show", "--root", root, "--table", "t"]) == 0
+    assert out["version_id"] in capsys.readouterr().out
+    assert main(["build", "--config", str(cfg), "fit.sampel_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "fit.sampel_size" in err and err.count("\n") == 1
+    assert main(["validate", *map(str, sorted((REPO / "conf").glob("*.yaml")))]) == 0
+
+
+def _json_output(capsys) -> str:
+    """The --json document printed after the progress lines."""
+    text = capsys.readouterr().out
+    return text[text.index("{\n"):]
+
+
+def test_local_build_runs_with_ray_unimportable(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None\n"
+        "sys.modules['pyspark'] = None\n"
+        "from semid_dist.config import parse_config\n"
+        "from semid_dist.pipeline import build\n"
+        f"cfg = parse_config({{'engine': 'local', 'input': {{'path': {catalog!r}}},"
+        f" 'output': {{'root': {str(tmp_path / 'noray')!r}}},"
+        " 'quantizer': {'layers': [8, 8], 'niter': 3}, 'fit': {'sample_size': 500}})\n"
+        "print(build(cfg, log=lambda m: None).manifest['rows']['encoded'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "2400"

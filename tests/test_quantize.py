@@ -1,0 +1,182 @@
+"""Numeric core: k-means statistics, residual k-means, encode kernel, quality vs faiss."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from semid_dist.quantize import decode, encode_batch, fit_residual_kmeans, kmeans, nearest
+from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
+from semid_dist.quantize.residual import init_subset
+from tests.conftest import DEMO, clustered
+
+
+def test_core_imports_without_ray_or_pyspark():
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None\n"
+        "sys.modules['pyspark'] = None\n"
+        "import semid_dist, semid_dist.quantize, semid_dist.codes, semid_dist.io.store\n"
+        "import semid_dist.pipeline, semid_dist.cli, semid_dist.stages\n"
+        "import semid_dist.quantize.artifact, semid_dist.engines.local\n"
+        "assert 'ray' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_nearest_matches_brute_force_and_is_chunk_independent():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 9)).astype(np.float32)
+    c = rng.normal(size=(37, 9)).astype(np.float32)
+    brute = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    labels, dist = nearest(x, c, chunk_rows=64)
+    assert (labels == brute.argmin(1)).all()
+    np.testing.assert_allclose(dist, brute.min(1), rtol=1e-4, atol=1e-4)
+    labels_big, _ = nearest(x, c, chunk_rows=100_000)
+    assert (labels == labels_big).all()
+
+
+def test_encode_decode_consistency_and_residuals():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 8)).astype(np.float32)
+    books = [rng.normal(size=(k, 8)).astype(np.float32) for k in (16, 4, 9)]
+    enc = encode_batch(books, x, chunk_rows=77)
+    assert enc.codes.shape == (500, 3) and enc.codes.dtype == np.int32
+    # greedy: each layer's code is the nearest codeword to the residual so far
+    r = x.copy()
+    for layer, cb in enumerate(books):
+        expect, _ = nearest(r, cb)
+        assert (enc.codes[:, layer] == expect).all()
+        r = r - cb[expect]
+    recon = decode(books, enc.codes)
+    np.testing.assert_allclose(enc.qerr, ((x - recon) ** 2).sum(1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(enc.sq_residual[:, 0], ((x - books[0][enc.codes[:, 0]]) ** 2).sum(1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_lloyd_stats_are_sums_and_counts():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 5)).astype(np.float32)
+    c = x[:6].copy()
+    sums, counts, inertia = lloyd_stats(x, c)
+    labels, dist = nearest(x, c)
+    for j in range(6):
+        np.testing.assert_allclose(sums[j], x[labels == j].astype(np.float64).sum(0), rtol=1e-6)
+        assert counts[j] == (labels == j).sum()
+    assert inertia == pytest.approx(float(dist.sum()), rel=1e-5)
+
+
+def test_kmeans_plusplus_picks_distinct_points_and_is_seeded():
+    x = clustered(400, 6, seed=3)
+    a = kmeans_plusplus(x, 20, seed=5)
+    b = kmeans_plusplus(x, 20, seed=5)
+    assert np.array_equal(a, b)
+    assert len(np.unique(a, axis=0)) == 20
+    assert not np.array_equal(a, kmeans_plusplus(x, 20, seed=6))
+
+
+def test_kmeans_decreases_mse_and_is_deterministic():
+    x = clustered(2000, 8, seed=4)
+    c1, s1 = kmeans(x, 16, niter=10, seed=0)
+    c2, _ = kmeans(x, 16, niter=10, seed=0)
+    assert np.array_equal(c1, c2)
+    mses = [h["mse"] for h in s1["iterations"]]
+    assert mses[-1] < mses[0]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(mses, mses[1:]))
+
+
+class ThreadAllReduce:
+    """A real in-process collective: `world` threads each contribute, all get the sum."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world)
+        self.lock = threading.Lock()
+        self.parts: list[np.ndarray] = []
+        self.result: np.ndarray | None = None
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.parts.append(np.array(a))
+        if self.barrier.wait() == 0:
+            self.result = np.sum(self.parts, axis=0)
+            self.parts = []
+        self.barrier.wait()
+        return self.result.copy()
+
+
+def test_two_workers_with_all_reduce_equal_one_worker():
+    """Exact data-parallel k-means: 2 shards + summed statistics == 1 worker on everything."""
+    x = clustered(1200, 6, seed=5)
+    single, _ = fit_residual_kmeans(x, [12, 6], niter=6, seed=1, init_points=x)
+    collective = ThreadAllReduce(2)
+    out: dict[int, list[np.ndarray]] = {}
+
+    def worker(rank: int) -> None:
+        out[rank], _ = fit_residual_kmeans(x[rank::2], [12, 6], niter=6, seed=1, init_points=x,
+                                           all_reduce=collective)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for layer in range(2):
+        assert np.array_equal(out[0][layer], out[1][layer])  # every worker, same update
+        np.testing.assert_allclose(out[0][layer], single[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_clusters_are_reseeded():
+    # 30 identical points and 3 far ones: most seeds coincide, Lloyd empties clusters
+    x = np.vstack([np.zeros((30, 2)), [[10, 10], [10, 11], [11, 10]]]).astype(np.float32)
+    c, stats = kmeans(x, 6, niter=3, seed=0)
+    assert np.isfinite(c).all()
+    labels, _ = nearest(x, c)
+    assert len(np.unique(labels)) >= 2
+
+
+def test_residual_kmeans_layers_reduce_error():
+    x = clustered(3000, 10, seed=6)
+    books, stats = fit_residual_kmeans(x, [32, 16, 8], niter=8, seed=0)
+    assert [b.shape for b in books] == [(32, 10), (16, 10), (8, 10)]
+    enc = encode_batch(books, x)
+    per_layer = enc.sq_residual.mean(0)
+    assert per_layer[0] > per_layer[1] > per_layer[2]
+    assert per_layer[2] < 0.5 * (x.astype(np.float64) ** 2).sum(1).mean()
+
+
+def test_init_subset_is_seeded_and_bounded():
+    x = clustered(5000, 4, seed=7)
+    a = init_subset(x, 16, seed=3)
+    assert len(a) == 8 * 16 + 1024
+    assert np.array_equal(a, init_subset(x, 16, seed=3))
+    assert init_subset(x[:100], 16, seed=3) is not None and len(init_subset(x[:100], 16, seed=3)) == 100
+
+
+def _demo_embeddings() -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(DEMO, columns=["embedding"]).column(0).combine_chunks()
+    return col.flatten().to_numpy().astype(np.float32).reshape(len(col), -1)
+
+
+def test_residual_kmeans_mse_within_5pct_of_faiss_rq_on_demo():
+    faiss = pytest.importorskip("faiss")
+    x = _demo_embeddings()
+    layers = [256, 256, 256]
+    books, _ = fit_residual_kmeans(x, layers, niter=20, seed=0,
+                                   init_points=init_subset(x, 256, seed=0))
+    ours = float(encode_batch(books, x).qerr.astype(np.float64).mean())
+    rq = faiss.ResidualQuantizer(x.shape[1], len(layers), 8)
+    rq.train_type = 0  # plain greedy residual k-means (no progressive-dim training)
+    rq.max_beam_size = 1
+    rq.train(x)
+    recon = rq.decode(rq.compute_codes(x))
+    theirs = float(((x.astype(np.float64) - recon) ** 2).sum(1).mean())
+    assert ours <= 1.05 * theirs, (ours, theirs)
