@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= cpu,dev
+EXTRAS  ?= cpu,spark,dev
 TORCH   ?= torch==2.13.0
 
 export RAY_AUTH_MODE ?= disabled

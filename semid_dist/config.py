@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -31,7 +31,7 @@ class InputConfig:
     path: str
     id_column: str = "item_id"
     embedding_column: str = "embedding"
-    popularity_column: Optional[str] = None
+    popularity_column: str | None = None
     on_bad_rows: BadRowPolicy = "reject"
     max_reject_fraction: float = 0.01
 
@@ -59,7 +59,7 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    from_version: Optional[str] = None
+    from_version: str | None = None
     num_actors: int = 2
     chunk_rows: int = 8192
     shard_rows: int = 65536
@@ -73,16 +73,25 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    quality_depth: Optional[int] = None
+    quality_depth: int | None = None
     pd_max_clusters: int = 4096
     pd_t: float = 2.0
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
+    address: str | None = None
+    num_cpus: int | None = None
     object_store_memory_mb: int = 512
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str | None = None  # None: keep spark-submit's master, or local[*] when run alone
+    app_name: str = "semid"
+    driver_memory: str = "2g"
+    arrow_batch_rows: int = 10000
+    shuffle_partitions: int = 8
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class BuildConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -123,6 +133,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "metrics.pd_t": (0.0, 1e6),
     "ray.num_cpus": (1, 100_000),
     "ray.object_store_memory_mb": (64, 10**7),
+    "spark.arrow_batch_rows": (1, 10**8),
+    "spark.shuffle_partitions": (1, 100_000),
 }
 
 
@@ -216,8 +228,6 @@ def _check_consistency(cfg: BuildConfig) -> None:
         raise ConfigError(
             f"metrics.quality_depth: {depth} > number of layers {len(layers)}; "
             f"set it to at most {len(layers)} or leave it unset")
-    if cfg.engine == "spark":
-        raise ConfigError("engine: 'spark' is not available in this version; use local or ray")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -124,7 +124,8 @@ def _read_staged(ctx: JobContext, shard: Shard) -> tuple[pa.Table, np.ndarray]:
     from semid_dist.io import fs as fsio
 
     store = ctx.store()
-    path = fsio.join(store.version_dir(ctx.version_id), f"{STAGING}/codes-{shard.index:06d}.parquet")
+    rel = f"{STAGING}/codes-{shard.index:06d}.parquet"
+    path = fsio.join(store.version_dir(ctx.version_id), rel)
     t = fsio.read_parquet(store.fs, path)
     codes = t.column("codes").combine_chunks().flatten().to_numpy().reshape(-1, len(ctx.sizes))
     return t, codes

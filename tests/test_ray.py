@@ -49,7 +49,7 @@ def test_train_one_vs_two_workers(ray_session, tmp_path):
                            fit__num_workers=workers, fit__cpus_per_worker=0.5)
         results[workers] = fit_on_ray_train(x, seeds, cfg, quiet,
                                             f"file://{tmp_path}/staging-{workers}")
-    (one, s1), (two, s2) = results[1], results[2]
+    (one, _), (two, s2) = results[1], results[2]
     for a, b in zip(one, two):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     mse = [float(encode_batch(books, x).qerr.astype(np.float64).mean()) for books in (one, two)]

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 def make_engine(cfg: BuildConfig, log=print) -> LocalEngine:
     """Engine named by `cfg.engine` (imports Ray only when it is asked for)."""
+    if cfg.engine == "spark":
+        from semid_dist.engines.spark import SparkEngine
+
+        return SparkEngine(cfg, log=log)
     if cfg.engine == "ray":
         from semid_dist.engines.ray_data import RayEngine
 
