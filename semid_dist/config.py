@@ -22,7 +22,7 @@ from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
 Method = Literal["rq_kmeans"]
-PruneStrategy = Literal["none"]
+PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
 
 
@@ -69,6 +69,10 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     strategy: PruneStrategy = "none"
+    layer: int = 1  # drop_layer / top_k / mass: the layer pruned (0-based; 1 = the 2nd layer)
+    k: int = 0  # top_k: how many of the most frequent tokens
+    p: float = 0.0  # mass: prune the most frequent tokens until their item share reaches p
+    tau: float = 0.0  # sarq: stop at the first prefix holding <= tau of the catalog
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class MetricsConfig:
     quality_depth: int | None = None
     pd_max_clusters: int = 4096
     pd_t: float = 2.0
+    head_share: float = 0.8  # head = most popular items holding this share of popularity
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "metrics.quality_depth": (1, 64),
     "metrics.pd_max_clusters": (2, 10**6),
     "metrics.pd_t": (0.0, 1e6),
+    "metrics.head_share": (0.0, 1.0),
+    "prune.layer": (0, 63),
+    "prune.k": (0, 10**7),
+    "prune.p": (0.0, 1.0),
+    "prune.tau": (0.0, 1.0),
     "ray.num_cpus": (1, 100_000),
     "ray.object_store_memory_mb": (64, 10**7),
     "spark.arrow_batch_rows": (1, 10**8),
@@ -219,15 +229,29 @@ def _check_consistency(cfg: BuildConfig) -> None:
     for i, size in enumerate(layers):
         if not 2 <= size <= 1 << 20:
             raise ConfigError(f"quantizer.layers[{i}]: {size} is out of range [2, 1048576]")
-    if sum(math.log2(s) for s in layers) > 62:
+    if sum(math.log2(s + 1) for s in layers) > 62:
         raise ConfigError(
-            f"quantizer.layers={list(layers)}: the product of layer sizes exceeds 2^62, "
+            f"quantizer.layers={list(layers)}: the product of (layer size + 1) exceeds 2^62, "
             "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
+    _check_prune(cfg.prune, len(layers))
     depth = cfg.quality_depth
     if depth > len(layers):
         raise ConfigError(
             f"metrics.quality_depth: {depth} > number of layers {len(layers)}; "
             f"set it to at most {len(layers)} or leave it unset")
+
+
+def _check_prune(prune: PruneConfig, n_layers: int) -> None:
+    s = prune.strategy
+    if s in ("drop_layer", "top_k", "mass") and prune.layer >= n_layers:
+        raise ConfigError(f"prune.layer: {prune.layer} but there are only {n_layers} layers "
+                          f"(0..{n_layers - 1})")
+    if s == "drop_layer" and n_layers < 2:
+        raise ConfigError("prune.strategy=drop_layer needs at least 2 layers")
+    if s == "mass" and prune.p <= 0:
+        raise ConfigError("prune.strategy=mass needs prune.p in (0, 1], e.g. prune.p=0.3")
+    if s == "sarq" and not 0 < prune.tau < 1:
+        raise ConfigError("prune.strategy=sarq needs prune.tau in (0, 1), e.g. prune.tau=0.001")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import pyarrow as pa
 
 import semid_dist
 from semid_dist.codes.collisions import colliding_keys
-from semid_dist.codes.metrics import finalize_metrics
+from semid_dist.codes.lookups import prefix_table, vocabulary_table
+from semid_dist.codes.metrics import final_sid_counts, finalize_metrics, head_threshold
 from semid_dist.codes.partials import Partial, merge_all
+from semid_dist.codes.pruning import PruneDecision, decide
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError
@@ -35,7 +37,7 @@ from semid_dist.stages import (
     finalize_shard,
     find_duplicates,
     sample_rows,
-    scan_ids,
+    scan_keys,
     suffix_table,
 )
 
@@ -87,9 +89,22 @@ def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
     raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")
 
 
-def _check_duplicates(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
-                      log: Log) -> pa.Array:
-    dups, rows = find_duplicates(engine.map(scan_ids, [(ctx, s) for s in plan.shards]))
+def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+          log: Log) -> JobContext:
+    """Pre-pass over ids (+ popularity): duplicates and the head/tail popularity threshold."""
+    scanned = engine.map(scan_keys, [(ctx, s) for s in plan.shards])
+    dups = _check_duplicates([ids for ids, _ in scanned], cfg, log)
+    threshold = None
+    if cfg.input.popularity_column:
+        threshold = head_threshold(np.concatenate([p for _, p in scanned]),
+                                   cfg.metrics.head_share)
+        log(f"scan: head = popularity >= {threshold:g} "
+            f"(items holding {cfg.metrics.head_share:.0%} of popularity)")
+    return replace(ctx, duplicate_ids=dups, head_threshold=threshold)
+
+
+def _check_duplicates(id_arrays: list[pa.Array], cfg: BuildConfig, log: Log) -> pa.Array:
+    dups, rows = find_duplicates(id_arrays)
     if len(dups):
         examples = ", ".join(str(v) for v in dups[:5].to_pylist())
         if cfg.input.on_bad_rows == "fail":
@@ -144,11 +159,15 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
 
 
 def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
-    partials: dict[int, Partial] = {}
+    """Run the encode stage; returns ({"all"|"head"|"tail": partials in shard order}, counts,
+    reject files)."""
+    partials: dict[str, dict[int, Partial]] = {"all": {}, "head": {}, "tail": {}}
     counts = {"input": 0, "encoded": 0, "rejected": 0}
     rejects: list[FileEntry] = []
     for i, res in enumerate(engine.encode(ctx, list(plan.shards)), 1):
-        partials[res["index"]] = Partial.from_bytes(res["partial"])
+        for part, key in (("all", "partial"), ("head", "partial_head"), ("tail", "partial_tail")):
+            if key in res:
+                partials[part][res["index"]] = Partial.from_bytes(res[key])
         counts["input"] += res["rows"]
         counts["encoded"] += res["encoded"]
         counts["rejected"] += res["rejected"]
@@ -157,7 +176,8 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
             log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
                 f"{counts['rejected']} rejected")
-    return [partials[i] for i in sorted(partials)], counts, sorted(rejects, key=lambda e: e.path)
+    ordered = {part: [p[i] for i in sorted(p)] for part, p in partials.items() if p}
+    return ordered, counts, sorted(rejects, key=lambda e: e.path)
 
 
 def _check_rejects(counts: dict[str, int], cfg: BuildConfig) -> None:
@@ -173,11 +193,36 @@ def _check_rejects(counts: dict[str, int], cfg: BuildConfig) -> None:
         raise InputError("no valid rows to encode; nothing was committed")
 
 
-def _finalize(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial) -> list[FileEntry]:
-    keys = colliding_keys(merged.sid_keys, merged.sid_counts)
-    rows = engine.map(colliding_rows, [(ctx, s, keys) for s in plan.shards]) if len(keys) else []
+def _finalize(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
+              decision: PruneDecision) -> list[FileEntry]:
+    keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
+    hot = colliding_keys(keys, counts)
+    rows = (engine.map(colliding_rows, [(ctx, s, hot, decision) for s in plan.shards])
+            if len(hot) else [])
     suffixes = suffix_table(rows)
-    return engine.map(finalize_shard, [(ctx, s, suffixes) for s in plan.shards])
+    return engine.map(finalize_shard, [(ctx, s, suffixes, decision) for s in plan.shards])
+
+
+def _reduce(partials: dict[str, list[Partial]], cfg: BuildConfig) -> tuple[
+        Partial, PruneDecision, dict[str, Any]]:
+    """Merge the shard statistics, decide the pruning, compute every figure."""
+    sizes = tuple(cfg.quantizer.layers)
+    merged = merge_all(partials["all"])
+    pr = cfg.prune
+    decision = decide(pr.strategy, sizes, merged.layer_counts, merged.sid_keys,
+                      merged.sid_counts, layer=pr.layer, k=pr.k, p=pr.p, tau=pr.tau)
+
+    def figures(p: Partial) -> dict[str, Any]:
+        return finalize_metrics(p, list(sizes), quality_depth=cfg.quality_depth,
+                                pd_t=cfg.metrics.pd_t, pd_max_clusters=cfg.metrics.pd_max_clusters,
+                                seed=cfg.seed, decision=decision)
+
+    metrics = figures(merged)
+    for part in ("head", "tail"):
+        if part in partials:
+            sub = merge_all(partials[part])
+            metrics[part] = {"items": sub.n, **figures(sub)} if sub.n else {"items": 0}
+    return merged, decision, metrics
 
 
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
@@ -201,7 +246,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows)
-        ctx = replace(ctx, duplicate_ids=_check_duplicates(engine, ctx, plan, cfg, log))
+        ctx = _scan(engine, ctx, plan, cfg, log)
         t = time.monotonic()
         files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log)
         timings["fit_s"] = time.monotonic() - t
@@ -210,20 +255,17 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         _check_rejects(counts, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
-        merged = merge_all(partials)
-        metrics = finalize_metrics(merged, list(cfg.quantizer.layers),
-                                   quality_depth=cfg.quality_depth, pd_t=cfg.metrics.pd_t,
-                                   pd_max_clusters=cfg.metrics.pd_max_clusters, seed=cfg.seed)
-        data_files = _finalize(engine, ctx, plan, merged)
+        merged, decision, metrics = _reduce(partials, cfg)
+        log(f"reduce: {metrics['hourglass']['verdict']}")
+        data_files = _finalize(engine, ctx, plan, merged, decision)
         timings["reduce_s"] = time.monotonic() - t
     metrics = {"rows": counts, **metrics,
-               "pruning": {"strategy": cfg.prune.strategy, "pruned_tokens": 0,
-                           "layers_before": metrics["layers"], "layers_after": metrics["layers"]},
                "fit": {"codebooks_from": source,
                        "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
                                    "n": s["n"]} for s in fit_stats]},
                "timings": {k: round(v, 3) for k, v in timings.items()}}
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
+    files += write_lookups(store, vid, merged, decision, metrics)
     files += sorted(data_files, key=lambda e: e.path) + reject_files
     manifest = {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -236,6 +278,18 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     _remove_staging(store, vid)
     log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s")
     return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid))
+
+
+def write_lookups(store: TableStore, vid: str, merged: Partial, decision: PruneDecision,
+                  metrics: dict[str, Any]) -> list[FileEntry]:
+    """vocab.parquet (tokens for a language model) and lookup/prefixes.parquet (valid SID
+    prefixes for constrained decoding), from the distinct SIDs."""
+    sizes = decision.sizes
+    max_suffix = metrics["collisions"]["max_items_per_sid"] - 1
+    return [store.write_table(vid, "vocab.parquet", vocabulary_table(
+                merged.sid_keys, merged.sid_counts, sizes, decision, max_suffix)),
+            store.write_table(vid, "lookup/prefixes.parquet", prefix_table(
+                merged.sid_keys, merged.sid_counts, sizes, decision))]
 
 
 def _json(data: Any) -> bytes:

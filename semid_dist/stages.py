@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist.codes.collisions import assign_suffixes
-from semid_dist.codes.partials import partial_from_batch, sid_keys
+from semid_dist.codes.partials import partial_from_batch
+from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import validate_batch
@@ -43,6 +44,7 @@ class JobContext:
     device: str = "cpu"
     codebooks_version: str | None = None  # read codebooks from this version (default: own)
     duplicate_ids: pa.Array | None = field(default=None, compare=False)
+    head_threshold: float | None = None  # popularity >= this is "head" (None: no split)
 
     def store(self) -> TableStore:
         return TableStore(self.root, self.table)
@@ -59,9 +61,14 @@ def _validated(ctx: JobContext, shard: Shard):
                           duplicate_ids=ctx.duplicate_ids)
 
 
-def scan_ids(ctx: JobContext, shard: Shard) -> pa.Array:
-    """The shard's item ids (nulls included), for the duplicate check."""
-    return read_shard(ctx.catalog_url, shard, [ctx.id_column]).column(0).combine_chunks()
+def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | None]:
+    """The shard's item ids (nulls included; for the duplicate check) and popularity."""
+    cols = [ctx.id_column] + ([ctx.popularity_column] if ctx.popularity_column else [])
+    t = read_shard(ctx.catalog_url, shard, cols)
+    pop = None
+    if ctx.popularity_column:
+        pop = pc.fill_null(pc.cast(t.column(1), pa.float64()), 0.0).to_numpy()
+    return t.column(0).combine_chunks(), pop
 
 
 def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:
@@ -113,11 +120,18 @@ class EncodeWorker:
             rejects = self.store.write_table(
                 ctx.version_id, f"rejects/part-{ctx.version_id}-{shard.index:06d}.parquet",
                 batch.rejects)
-        partial = partial_from_batch(enc.codes, enc.sq_residual, batch.x, ctx.sizes,
-                                     quality_depth=ctx.quality_depth)
-        return {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
-                "rejected": batch.rejects.num_rows, "rejects_file": rejects,
-                "partial": partial.to_bytes()}
+        result = {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
+                  "rejected": batch.rejects.num_rows, "rejects_file": rejects,
+                  "partial": self._partial(enc, batch.x, slice(None))}
+        if ctx.head_threshold is not None and batch.popularity is not None:
+            head = batch.popularity >= ctx.head_threshold
+            result["partial_head"] = self._partial(enc, batch.x, head)
+            result["partial_tail"] = self._partial(enc, batch.x, ~head)
+        return result
+
+    def _partial(self, enc, x: np.ndarray, rows) -> bytes:
+        return partial_from_batch(enc.codes[rows], enc.sq_residual[rows], x[rows], self.ctx.sizes,
+                                  quality_depth=self.ctx.quality_depth).to_bytes()
 
 
 def _read_staged(ctx: JobContext, shard: Shard) -> tuple[pa.Table, np.ndarray]:
@@ -131,10 +145,11 @@ def _read_staged(ctx: JobContext, shard: Shard) -> tuple[pa.Table, np.ndarray]:
     return t, codes
 
 
-def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray) -> pa.Table:
-    """Staged rows whose SID key is in `keys` (sorted int64): key, qerr, item_id."""
+def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
+                   decision: PruneDecision) -> pa.Table:
+    """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id."""
     t, codes = _read_staged(ctx, shard)
-    k = sid_keys(codes, ctx.sizes)
+    k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = np.isin(k, keys)
     return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
                      "item_id": pc.filter(t.column("item_id"), pa.array(hit))})
@@ -150,10 +165,13 @@ def suffix_table(rows: list[pa.Table]) -> pa.Table:
     return pa.table({"item_id": t.column("item_id"), "suffix": suffix})
 
 
-def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table) -> FileEntry:
-    """Write the shard's data part: item_id, codes, sid, sid_layers, suffix, qerr."""
+def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table,
+                   decision: PruneDecision) -> FileEntry:
+    """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
+    sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr."""
     t, codes = _read_staged(ctx, shard)
     n, n_layers = codes.shape
+    kept = kept_layers(codes, decision)
     suffix = np.zeros(n, dtype=np.int32)
     if suffixes.num_rows:
         ids = t.column("item_id").combine_chunks()
@@ -161,13 +179,21 @@ def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table) -> FileEnt
         hit = pos.is_valid().to_numpy(zero_copy_only=False)
         found = pc.drop_null(pos).to_numpy()
         suffix[hit] = suffixes.column("suffix").to_numpy()[found]
-    layers = np.tile(np.arange(n_layers, dtype=np.int8), n)
-    offsets = pa.array(np.arange(0, n * n_layers + 1, n_layers, dtype=np.int32))
+    flat = kept.ravel()
+    layers = np.tile(np.arange(n_layers, dtype=np.int8), n)[flat]
+    kept_codes = codes.ravel()[flat].astype(np.int32)
+    tokens = kept_codes + token_offsets(ctx.sizes)[layers]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(kept.sum(axis=1))]).astype(np.int32))
+
+    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(values, typ))
+
     out = pa.table({
         "item_id": t.column("item_id"),
         "codes": t.column("codes"),
-        "sid": pa.ListArray.from_arrays(offsets, pa.array(codes.ravel(), pa.int32())),
-        "sid_layers": pa.ListArray.from_arrays(offsets, pa.array(layers, pa.int8())),
+        "sid": lists(kept_codes, pa.int32()),
+        "sid_layers": lists(layers, pa.int8()),
+        "sid_tokens": lists(tokens, pa.int64()),
         "suffix": suffix,
         "qerr": t.column("qerr"),
     })

@@ -25,6 +25,13 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any]) -> str:
         lines.append(f"{layer['layer']:>5}  {layer['size']:>4}  {layer['used']:>4}  "
                      f"{layer['utilization']:.4f}  {layer['entropy_norm']:.4f}  "
                      f"{layer['gini']:.4f}  {layer['top_share']:.4f}")
+    pr = metrics.get("pruning", {})
+    if pr.get("strategy", "none") != "none":
+        before = metrics["collisions_before"]
+        lines.append(f"pruning   {pr['strategy']}: {pr['pruned_tokens']} tokens, "
+                     f"{pr['items_pruned']} items shortened, mean SID length "
+                     f"{pr['mean_sid_length']:.3f} (unique-SID rate before "
+                     f"{before['unique_sid_rate']:.4f})")
     lines += [
         f"SIDs      distinct {col['distinct_sids']}  unique-SID rate "
         f"{col['unique_sid_rate']:.4f}  max items/SID {col['max_items_per_sid']}",
@@ -32,4 +39,13 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any]) -> str:
         f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"
         f"  (depth {q['depth']})",
     ]
+    for part in ("head", "tail"):
+        sub = metrics.get(part)
+        if sub and sub.get("items"):
+            lines.append(f"{part:<9} {sub['items']} items  unique-SID rate "
+                         f"{sub['collisions']['unique_sid_rate']:.4f}  mse "
+                         f"{sub['reconstruction']['mse']:.6f}  L1 gini "
+                         f"{sub['layers'][min(1, len(sub['layers']) - 1)]['gini']:.4f}")
+    if "hourglass" in metrics:
+        lines.append(f"hourglass {metrics['hourglass']['verdict']}")
     return "\n".join(lines)

@@ -18,9 +18,28 @@ from typing import Any
 
 import numpy as np
 
+from semid_dist.codes.hourglass import conditional_stats, hourglass_verdict
 from semid_dist.codes.partials import Partial
+from semid_dist.codes.pruning import (
+    PruneDecision,
+    codes_of_keys,
+    final_keys,
+    kept_layers,
+    layer_counts_after,
+)
 
 QUANTILES = ("0.8", "0.9", "0.99", "0.999")
+
+
+def head_threshold(popularity: np.ndarray, share: float) -> float:
+    """Popularity at or above which items are "head": the most popular items that together
+    hold `share` of total popularity (ties at the threshold are head too)."""
+    pop = np.sort(np.asarray(popularity, dtype=np.float64))[::-1]
+    total = pop.sum()
+    if len(pop) == 0 or total <= 0:
+        return float("inf")
+    idx = int(np.searchsorted(np.cumsum(pop) / total, share, side="left"))
+    return float(pop[min(idx, len(pop) - 1)])
 
 
 def gini(counts: np.ndarray) -> float:
@@ -104,18 +123,56 @@ def preference_discrimination(q_keys: np.ndarray, q_counts: np.ndarray, q_sums: 
     return float(math.log(total / (m * (m - 1) / 2)))
 
 
+def _final_sids(p: Partial, sizes: list[int], decision: PruneDecision):
+    """The distinct full SIDs with their items, pruned: (codes, kept, final keys, counts)."""
+    codes = codes_of_keys(p.sid_keys, sizes)
+    kept = kept_layers(codes, decision)
+    return codes, kept, final_keys(codes, kept, tuple(sizes)), p.sid_counts
+
+
+def final_sid_counts(p: Partial, sizes: list[int], decision: PruneDecision) -> tuple[
+        np.ndarray, np.ndarray]:
+    """(final SID keys, items per final SID), sorted by key."""
+    _, _, fk, counts = _final_sids(p, sizes, decision)
+    uniq, inv = np.unique(fk, return_inverse=True)
+    return uniq, np.bincount(inv, weights=counts).astype(np.int64)
+
+
+def pruning_stats(p: Partial, sizes: list[int], decision: PruneDecision,
+                  layers_before: list[dict[str, Any]]) -> dict[str, Any]:
+    codes, kept, _, counts = _final_sids(p, sizes, decision)
+    after = layer_counts_after(codes, counts, kept, tuple(sizes))
+    lengths = kept.sum(axis=1)
+    n = max(p.n, 1)
+    return {
+        "strategy": decision.strategy, "layer": decision.layer if decision.strategy in (
+            "drop_layer", "top_k", "mass") else None,
+        "pruned_tokens": decision.pruned_tokens,
+        "items_pruned": int(counts[lengths < len(sizes)].sum()),
+        "mean_sid_length": float((lengths * counts).sum() / n),
+        "layers_before": layers_before,
+        "layers_after": [{"layer": i, **layer_stats(c)} for i, c in enumerate(after)],
+    }
+
+
 def finalize_metrics(p: Partial, sizes: list[int], *, quality_depth: int, pd_t: float = 2.0,
-                     pd_max_clusters: int = 4096, seed: int = 0) -> dict[str, Any]:
-    """metrics.json sections layers / prefixes / collisions / reconstruction / quality."""
+                     pd_max_clusters: int = 4096, seed: int = 0,
+                     decision: PruneDecision | None = None) -> dict[str, Any]:
+    """metrics.json sections: layers, prefixes, conditional, hourglass, collisions (of the final,
+    pruned SIDs; collisions_before of the full codes), reconstruction, quality, pruning."""
     n = p.n
+    decision = decision or PruneDecision("none", tuple(sizes))
     layers = [{"layer": i, **layer_stats(c)} for i, c in enumerate(p.layer_counts)]
-    mse = float(p.sq_res_sum[-1] / n) if n else 0.0
+    _, final_counts = final_sid_counts(p, sizes, decision)
     return {
         "layers": layers,
         "prefixes": prefix_stats(p.sid_keys, p.sid_counts, list(sizes), n),
-        "collisions": collision_stats(p.sid_counts, n),
+        "conditional": conditional_stats(p.trans_keys, p.trans_counts, list(sizes)),
+        "hourglass": hourglass_verdict(layers),
+        "collisions": collision_stats(final_counts, n),
+        "collisions_before": collision_stats(p.sid_counts, n),
         "reconstruction": {
-            "mse": mse,
+            "mse": float(p.sq_res_sum[-1] / n) if n else 0.0,
             "relative_error": float(p.sq_res_sum[-1] / p.x_sq_sum) if p.x_sq_sum else 0.0,
             "residual_norm_by_layer": [float(v / n) if n else 0.0 for v in p.res_norm_sum],
             "residual_sq_norm_by_layer": [float(v / n) if n else 0.0 for v in p.sq_res_sum],
@@ -128,4 +185,5 @@ def finalize_metrics(p: Partial, sizes: list[int], *, quality_depth: int, pd_t: 
                 p.q_keys, p.q_counts, p.q_sums, t=pd_t, max_clusters=pd_max_clusters,
                 seed=seed),
         },
+        "pruning": pruning_stats(p, sizes, decision, layers),
     }

@@ -42,7 +42,9 @@ class Partial:
     """Sufficient statistics of a set of encoded items.
 
     layer_counts: per layer (k_l,) int64 token counts. sid_keys/sid_counts: items per full
-    SID. sq_res_sum / res_norm_sum: (L,) sums of ||r_l||^2 and ||r_l||. x_sq_sum: sum ||x||^2.
+    SID. trans_keys/trans_counts: per layer l >= 1, items per (token at l-1, token at l)
+    pair, keyed parent * k_l + child. sq_res_sum / res_norm_sum: (L,) sums of ||r_l||^2 and
+    ||r_l||. x_sq_sum: sum ||x||^2.
     q_keys/q_counts/q_sums: per prefix at the quality depth, item count and the sum of unit
     vectors (m, d) float64 (semantic cohesion and preference discrimination come from these).
     """
@@ -57,12 +59,16 @@ class Partial:
     q_keys: np.ndarray
     q_counts: np.ndarray
     q_sums: np.ndarray
+    trans_keys: list[np.ndarray]
+    trans_counts: list[np.ndarray]
 
     def to_bytes(self) -> bytes:
+        lists = ("layer_counts", "trans_keys", "trans_counts")
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)
-                  if f.name != "layer_counts"}
-        for i, c in enumerate(self.layer_counts):
-            arrays[f"layer_counts_{i}"] = c
+                  if f.name not in lists}
+        for name in lists:
+            for i, c in enumerate(getattr(self, name)):
+                arrays[f"{name}_{i}"] = c
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
@@ -71,7 +77,13 @@ class Partial:
     def from_bytes(cls, data: bytes) -> Partial:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         n_layers = sum(1 for k in z.files if k.startswith("layer_counts_"))
-        return cls(n=int(z["n"]), layer_counts=[z[f"layer_counts_{i}"] for i in range(n_layers)],
+
+        def seq(name: str, count: int) -> list[np.ndarray]:
+            return [z[f"{name}_{i}"] for i in range(count)]
+
+        return cls(n=int(z["n"]), layer_counts=seq("layer_counts", n_layers),
+                   trans_keys=seq("trans_keys", n_layers - 1),
+                   trans_counts=seq("trans_counts", n_layers - 1),
                    sid_keys=z["sid_keys"], sid_counts=z["sid_counts"], sq_res_sum=z["sq_res_sum"],
                    res_norm_sum=z["res_norm_sum"], x_sq_sum=float(z["x_sq_sum"]),
                    q_keys=z["q_keys"], q_counts=z["q_counts"], q_sums=z["q_sums"])
@@ -88,7 +100,10 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
     unit = x / np.where(norms > 0, norms, 1.0)[:, None]
     q_keys, q_counts, q_sums = _group_sum(sid_keys(codes, sizes, quality_depth), unit)
     sq64 = sq_residual.astype(np.float64)
-    return Partial(n=n, layer_counts=layer_counts, sid_keys=keys, sid_counts=counts,
+    trans = [_group_sum(codes[:, i - 1].astype(np.int64) * sizes[i] + codes[:, i])
+             for i in range(1, len(sizes))]
+    return Partial(trans_keys=[t[0] for t in trans], trans_counts=[t[1] for t in trans],
+                   n=n, layer_counts=layer_counts, sid_keys=keys, sid_counts=counts,
                    sq_res_sum=sq64.sum(axis=0), res_norm_sum=np.sqrt(sq64).sum(axis=0),
                    x_sq_sum=float((norms ** 2).sum()), q_keys=q_keys, q_counts=q_counts,
                    q_sums=q_sums if q_sums is not None else np.zeros((0, d)))
@@ -110,11 +125,21 @@ def merge(a: Partial, b: Partial) -> Partial:
     """Statistics of the union of the item sets behind `a` and `b`."""
     sid_k, sid_c, _ = _merge_keyed(a.sid_keys, a.sid_counts, b.sid_keys, b.sid_counts)
     q_k, q_c, q_s = _merge_keyed(a.q_keys, a.q_counts, b.q_keys, b.q_counts, a.q_sums, b.q_sums)
-    return Partial(n=a.n + b.n,
+    trans = [_merge_keyed(ka, ca, kb, cb)[:2] for ka, ca, kb, cb in
+             zip(a.trans_keys, a.trans_counts, b.trans_keys, b.trans_counts)]
+    return Partial(n=a.n + b.n, trans_keys=[t[0] for t in trans],
+                   trans_counts=[t[1] for t in trans],
                    layer_counts=[x + y for x, y in zip(a.layer_counts, b.layer_counts)],
                    sid_keys=sid_k, sid_counts=sid_c, sq_res_sum=a.sq_res_sum + b.sq_res_sum,
                    res_norm_sum=a.res_norm_sum + b.res_norm_sum, x_sq_sum=a.x_sq_sum + b.x_sq_sum,
                    q_keys=q_k, q_counts=q_c, q_sums=q_s)
+
+
+def empty_partial(sizes: tuple[int, ...] | list[int], dim: int) -> Partial:
+    """Statistics of no items (the identity of `merge`)."""
+    z = np.zeros((0, len(sizes)), dtype=np.int32)
+    return partial_from_batch(z, np.zeros((0, len(sizes)), np.float32),
+                              np.zeros((0, dim), np.float32), sizes, quality_depth=1)
 
 
 def merge_all(parts: list[Partial]) -> Partial:

@@ -1,0 +1,164 @@
+"""Spark engine: shard tasks on RDD partitions, encode with `mapInArrow`, fit on the driver.
+
+Submit with `spark-submit --master local[2] jobs/spark_build.py --config conf/spark.yaml`
+(spark-submit's session and settings are used), or run `semid build ... engine=spark` alone: the
+engine then starts a session from the `spark:` settings (`local[*]` unless `spark.master` is
+set) and stops it when done; an already active session is used and left running.
+
+Nothing numeric lives here. Every task runs a stage function of `semid_dist.stages` on one
+shard; encode gives each shard its own partition and calls the `EncodeWorker` that the local
+and Ray engines call, so every engine writes identical codes, tables and partial statistics.
+The sample is drawn with `map` and the codebooks are fitted on the driver with the local
+engine's code. pyspark is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from semid_dist import errors
+from semid_dist.config import BuildConfig
+from semid_dist.engines.local import LocalEngine
+from semid_dist.errors import ConfigError, SemidError
+from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
+from semid_dist.io.store import FileEntry
+from semid_dist.stages import EncodeWorker, JobContext
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
+    from pyspark.sql import SparkSession
+
+RESULT_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("rows", pa.int64()), ("encoded", pa.int64()),
+    ("rejected", pa.int64()), ("rejects_file", pa.string()), ("partial", pa.binary()),
+])
+_SPARK_SCHEMA = ("index long, rows long, encoded long, rejected long, rejects_file string, "
+                 "partial binary")
+_TASK_ERROR = re.compile(r"semid_dist\.errors\.(\w+): (.+)")
+
+
+def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
+    """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active, False
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit launched this driver
+    master = cfg.spark.master or (None if submitted else "local[*]")
+    builder = (SparkSession.builder.appName(cfg.spark.app_name)
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", cfg.spark.arrow_batch_rows)
+               .config("spark.sql.shuffle.partitions", cfg.spark.shuffle_partitions))
+    if master is not None:
+        builder = builder.master(master)
+    if master is not None and master.startswith("local"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if not submitted:  # under spark-submit the driver JVM already runs with its memory
+        builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    return builder.getOrCreate(), True
+
+
+@contextmanager
+def task_errors() -> Iterator[None]:
+    """Re-raise a named semid error from a Spark task as itself, so the CLI prints its
+    one-line reason; any other task failure propagates unchanged."""
+    try:
+        yield
+    except SemidError:
+        raise
+    except Exception as exc:
+        match = _TASK_ERROR.search(str(exc))
+        cls = getattr(errors, match.group(1), None) if match else None
+        if not (isinstance(cls, type) and issubclass(cls, SemidError)):
+            raise
+        raise cls(f"{match.group(2)} (raised in a Spark task)") from exc
+
+
+_WORKER: dict[str, EncodeWorker] = {}  # encode job token -> worker, kept by a reused process
+
+
+def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
+                      batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: (index, shard JSON) rows in, one result row per shard out. The
+    `EncodeWorker` (codebooks) is built once per Python worker process and encode job."""
+    import torch
+    from pyspark import TaskContext
+
+    torch.set_num_threads(max(1, TaskContext.get().cpus()))
+    if job not in _WORKER:
+        _WORKER.clear()
+        _WORKER[job] = EncodeWorker(ctx_bc.value)
+    worker = _WORKER[job]
+    for batch in batches:
+        for shard in batch.column("shard").to_pylist():
+            res = worker(shard_from_dict(json.loads(shard)))
+            entry = res["rejects_file"]
+            row = {**res, "rejects_file": None if entry is None else json.dumps(asdict(entry))}
+            yield pa.RecordBatch.from_pylist([row], schema=RESULT_SCHEMA)
+
+
+def _result(row: dict[str, Any]) -> dict[str, Any]:
+    """A collected result row -> the dict `EncodeWorker.__call__` returns."""
+    entry = row["rejects_file"]
+    return {**row, "rejects_file": None if entry is None else FileEntry(**json.loads(entry)),
+            "partial": bytes(row["partial"])}
+
+
+class SparkEngine(LocalEngine):
+    """`map` runs one Spark task per item; `encode` one `mapInArrow` task per shard; `fit`
+    is the local engine's (the sample is already on the driver)."""
+
+    name = "spark"
+
+    def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
+        if cfg.output.root.startswith("memory://") or cfg.input.path.startswith("memory://"):
+            raise ConfigError("engine: spark needs input.path and output.root on storage every "
+                              "executor can reach (file://, s3://, gs://, hdfs://), not memory://")
+        super().__init__(cfg, log)
+        self.spark, self._started = spark_session(cfg)
+        sc = self.spark.sparkContext
+        log(f"spark: master {sc.master}, {sc.defaultParallelism} task slots, "
+            f"{'new' if self._started else 'existing'} session {sc.applicationId}")
+
+    def close(self) -> None:
+        if self._started:
+            self.spark.stop()
+            self._started = False
+
+    def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
+        items = list(items)
+        if not items:
+            return []
+        rdd = self.spark.sparkContext.parallelize(items, len(items))
+        with task_errors():
+            return rdd.map(lambda item: fn(*item)).collect()
+
+    def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
+        if not shards:
+            return
+        sc = self.spark.sparkContext
+        ctx_bc, job = sc.broadcast(ctx), uuid.uuid4().hex
+        rows = [(s.index, json.dumps(shard_to_dict(s))) for s in shards]
+        # parallelize with one slice per row: each shard is its own partition (no shuffle)
+        df = self.spark.createDataFrame(sc.parallelize(rows, len(rows)), "index long, shard string")
+        try:
+            with task_errors():
+                table = df.mapInArrow(partial(_encode_partition, job, ctx_bc), _SPARK_SCHEMA).toArrow()
+        finally:
+            ctx_bc.unpersist()
+        for row in table.to_pylist():
+            yield _result(row)
