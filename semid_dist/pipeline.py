@@ -18,10 +18,22 @@ import pyarrow as pa
 
 import semid_dist
 from semid_dist.codes.collisions import colliding_keys
-from semid_dist.codes.lookups import prefix_table, vocabulary_table
+from semid_dist.codes.lookups import (
+    flows_table,
+    prefix_table,
+    sid_size_table,
+    token_counts_table,
+    vocabulary_table,
+)
 from semid_dist.codes.metrics import final_sid_counts, finalize_metrics, head_threshold
 from semid_dist.codes.partials import Partial, merge_all
-from semid_dist.codes.pruning import PruneDecision, decide
+from semid_dist.codes.pruning import (
+    PruneDecision,
+    codes_of_keys,
+    decide,
+    kept_layers,
+    layer_counts_after,
+)
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError
@@ -256,6 +268,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
         merged, decision, metrics = _reduce(partials, cfg)
+        merged_parts = {"all": merged, **{part: merge_all(partials[part])
+                                          for part in ("head", "tail") if part in partials}}
         log(f"reduce: {metrics['hourglass']['verdict']}")
         data_files = _finalize(engine, ctx, plan, merged, decision)
         timings["reduce_s"] = time.monotonic() - t
@@ -265,7 +279,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                                    "n": s["n"]} for s in fit_stats]},
                "timings": {k: round(v, 3) for k, v in timings.items()}}
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
-    files += write_lookups(store, vid, merged, decision, metrics)
+    files += write_lookups(store, vid, merged_parts, decision, metrics)
     files += sorted(data_files, key=lambda e: e.path) + reject_files
     manifest = {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -280,16 +294,28 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid))
 
 
-def write_lookups(store: TableStore, vid: str, merged: Partial, decision: PruneDecision,
-                  metrics: dict[str, Any]) -> list[FileEntry]:
-    """vocab.parquet (tokens for a language model) and lookup/prefixes.parquet (valid SID
-    prefixes for constrained decoding), from the distinct SIDs."""
-    sizes = decision.sizes
+def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
+                  decision: PruneDecision, metrics: dict[str, Any]) -> list[FileEntry]:
+    """vocab.parquet (tokens for a language model), lookup/prefixes.parquet (valid SID
+    prefixes for constrained decoding) and the analytics/ tables behind the report's figures,
+    all from the distinct SIDs and pair counts (never from per-item rows)."""
+    sizes, merged = decision.sizes, partials["all"]
     max_suffix = metrics["collisions"]["max_items_per_sid"] - 1
-    return [store.write_table(vid, "vocab.parquet", vocabulary_table(
-                merged.sid_keys, merged.sid_counts, sizes, decision, max_suffix)),
-            store.write_table(vid, "lookup/prefixes.parquet", prefix_table(
-                merged.sid_keys, merged.sid_counts, sizes, decision))]
+    codes = codes_of_keys(merged.sid_keys, sizes)
+    after = layer_counts_after(codes, merged.sid_counts, kept_layers(codes, decision), sizes)
+    split = ([partials["head"].layer_counts, partials["tail"].layer_counts]
+             if "head" in partials else [None, None])
+    _, final_counts = final_sid_counts(merged, list(sizes), decision)
+    tables = {
+        "vocab.parquet": vocabulary_table(merged.sid_keys, merged.sid_counts, sizes, decision,
+                                          max_suffix),
+        "lookup/prefixes.parquet": prefix_table(merged.sid_keys, merged.sid_counts, sizes,
+                                                decision),
+        "analytics/token_counts.parquet": token_counts_table(merged.layer_counts, after, *split),
+        "analytics/flows.parquet": flows_table(merged.trans_keys, merged.trans_counts, sizes),
+        "analytics/sid_sizes.parquet": sid_size_table(merged.sid_counts, final_counts),
+    }
+    return [store.write_table(vid, rel, t) for rel, t in tables.items()]
 
 
 def _json(data: Any) -> bytes:

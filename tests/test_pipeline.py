@@ -20,7 +20,7 @@ from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build, choose_sample
 from semid_dist.quantize import decode
-from semid_dist.stages import load_codebooks, JobContext
+from semid_dist.stages import JobContext, load_codebooks
 from tests.conftest import REPO, clustered, small_config, write_catalog
 
 

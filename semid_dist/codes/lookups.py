@@ -74,3 +74,38 @@ def prefix_table(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: tuple[int,
         "items": np.concatenate(items),
         "complete": np.concatenate(complete),
     })
+
+
+def token_counts_table(merged_layer_counts: list[np.ndarray], after: list[np.ndarray],
+                       head: list[np.ndarray] | None = None,
+                       tail: list[np.ndarray] | None = None) -> pa.Table:
+    """Items per (layer, token) before and after pruning (+ head / tail when split)."""
+    layer = np.concatenate([np.full(len(c), i) for i, c in enumerate(merged_layer_counts)])
+    cols = {"layer": layer.astype(np.int16),
+            "token": np.concatenate([np.arange(len(c)) for c in merged_layer_counts]),
+            "items": np.concatenate(merged_layer_counts),
+            "items_after_pruning": np.concatenate(after)}
+    if head is not None and tail is not None:
+        cols["items_head"] = np.concatenate(head)
+        cols["items_tail"] = np.concatenate(tail)
+    return pa.table(cols)
+
+
+def flows_table(trans_keys: list[np.ndarray], trans_counts: list[np.ndarray],
+                sizes: tuple[int, ...]) -> pa.Table:
+    """Items routed from token `parent` at layer l-1 to token `child` at layer l."""
+    parts = [(np.full(len(k), i + 1), k // sizes[i + 1], k % sizes[i + 1], c)
+             for i, (k, c) in enumerate(zip(trans_keys, trans_counts))]
+    return pa.table({"to_layer": np.concatenate([p[0] for p in parts]).astype(np.int16),
+                     "parent": np.concatenate([p[1] for p in parts]),
+                     "child": np.concatenate([p[2] for p in parts]),
+                     "items": np.concatenate([p[3] for p in parts])})
+
+
+def sid_size_table(before: np.ndarray, after: np.ndarray) -> pa.Table:
+    """Histogram: how many SIDs hold `items_per_sid` items, before and after pruning."""
+    size = np.arange(1, max(before.max(initial=0), after.max(initial=0)) + 1)
+    hb = np.bincount(before, minlength=len(size) + 1)[1:]
+    ha = np.bincount(after, minlength=len(size) + 1)[1:]
+    keep = (hb > 0) | (ha > 0)
+    return pa.table({"items_per_sid": size[keep], "sids_before": hb[keep], "sids_after": ha[keep]})

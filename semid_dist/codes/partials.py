@@ -45,8 +45,8 @@ class Partial:
     SID. trans_keys/trans_counts: per layer l >= 1, items per (token at l-1, token at l)
     pair, keyed parent * k_l + child. sq_res_sum / res_norm_sum: (L,) sums of ||r_l||^2 and
     ||r_l||. x_sq_sum: sum ||x||^2.
-    q_keys/q_counts/q_sums: per prefix at the quality depth, item count and the sum of unit
-    vectors (m, d) float64 (semantic cohesion and preference discrimination come from these).
+    q_keys/q_counts/q_sums: per prefix at the quality depth, the count of items with a
+    direction (non-zero embedding) and the sum of their unit vectors (m, d) float64 (semantic cohesion and preference discrimination come from these).
     """
 
     n: int
@@ -98,7 +98,9 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
     keys, counts, _ = _group_sum(sid_keys(codes, sizes))
     norms = np.linalg.norm(x.astype(np.float64), axis=1)
     unit = x / np.where(norms > 0, norms, 1.0)[:, None]
-    q_keys, q_counts, q_sums = _group_sum(sid_keys(codes, sizes, quality_depth), unit)
+    has_dir = norms > 0
+    q_keys, q_counts, q_sums = _group_sum(sid_keys(codes[has_dir], sizes, quality_depth),
+                                          unit[has_dir])
     sq64 = sq_residual.astype(np.float64)
     trans = [_group_sum(codes[:, i - 1].astype(np.int64) * sizes[i] + codes[:, i])
              for i in range(1, len(sizes))]

@@ -153,11 +153,16 @@ class SparkEngine(LocalEngine):
         sc = self.spark.sparkContext
         ctx_bc, job = sc.broadcast(ctx), uuid.uuid4().hex
         rows = [(s.index, json.dumps(shard_to_dict(s))) for s in shards]
-        # parallelize with one slice per row: each shard is its own partition (no shuffle)
-        df = self.spark.createDataFrame(sc.parallelize(rows, len(rows)), "index long, shard string")
         try:
-            with task_errors():
-                table = df.mapInArrow(partial(_encode_partition, job, ctx_bc), _SPARK_SCHEMA).toArrow()
+            with task_errors(), warnings.catch_warnings():
+                # mapInArrow goes through pandas_udf, which warns about pandas 3; no pandas here
+                warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
+                                        FutureWarning)
+                # one slice per row: each shard is its own partition (no shuffle)
+                df = self.spark.createDataFrame(sc.parallelize(rows, len(rows)),
+                                                "index long, shard string")
+                encode = partial(_encode_partition, job, ctx_bc)
+                table = df.mapInArrow(encode, _SPARK_SCHEMA).toArrow()
         finally:
             ctx_bc.unpersist()
         for row in table.to_pylist():

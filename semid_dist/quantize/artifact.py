@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -39,15 +40,20 @@ def artifact_files(codebooks: list[np.ndarray], meta: dict[str, Any]) -> dict[st
 def load_artifact(files: dict[str, bytes], *, where: str = "artifact") -> tuple[
         list[np.ndarray], dict[str, Any]]:
     """Inverse of `artifact_files`, verifying every array against its checksum."""
+    for name in (META_FILE, ARRAYS_FILE):
+        if name not in files:
+            raise ArtifactError(f"{where}: missing {name}")
     try:
         meta = json.loads(files[META_FILE])
         arrays = st_load(files[ARRAYS_FILE])
-    except KeyError as exc:
-        raise ArtifactError(f"{where}: missing {exc.args[0]}") from None
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{where}: unreadable codebook artifact ({exc})") from None
+        num_layers = int(meta["num_layers"])
+        recorded = dict(meta["arrays"])
+    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise ArtifactError(f"{where}: unreadable codebook artifact ({exc!r}); rebuild that "
+                            "version") from None
+    meta["arrays"] = recorded
     codebooks = []
-    for i in range(int(meta["num_layers"])):
+    for i in range(num_layers):
         name = f"layer_{i}"
         if name not in arrays or name not in meta["arrays"]:
             raise ArtifactError(f"{where}: codebook {name} is missing")

@@ -1,0 +1,547 @@
+"""codes/: mergeable partials, metrics and collision suffixes against brute-force references.
+
+Every expected value here is recomputed from the raw (codes, x, sq_residual) with plain
+Python loops, collections.Counter and itertools.combinations, never taken from the
+implementation's own output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+from collections import Counter, defaultdict
+from fractions import Fraction
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from semid_dist.codes.collisions import assign_suffixes, colliding_keys
+from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
+from semid_dist.codes.partials import (
+    Partial,
+    merge,
+    merge_all,
+    partial_from_batch,
+    radix,
+    sid_keys,
+)
+
+SIZES = [8, 5, 7]
+D = 6
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def random_batch(n: int = 500, sizes=SIZES, d: int = D, seed: int = 0):
+    """Skewed random codes (the last layer never uses its last token), x, sq_residual."""
+    rng = np.random.default_rng(seed)
+    cols = []
+    for i, k in enumerate(sizes):
+        hi = k - 1 if i == len(sizes) - 1 else k  # leave one token of the last layer unused
+        w = rng.pareto(1.2, hi) + 0.05
+        cols.append(rng.choice(hi, n, p=w / w.sum()))
+    codes = np.stack(cols, axis=1).astype(np.int32)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    # decreasing residuals per layer, as in residual quantization
+    sq = (rng.random((n, len(sizes))) * np.array([3.0, 2.0, 1.0][: len(sizes)])).astype(
+        np.float32)
+    return codes, x, sq
+
+
+# ------------------------------------------------------------------ brute-force reference
+
+
+def _dot(a, b) -> float:
+    return sum(float(u) * float(v) for u, v in zip(a, b))
+
+
+def _norm(a) -> float:
+    return math.sqrt(_dot(a, a))
+
+
+def _cos(a, b) -> float:
+    return _dot(a, b) / (_norm(a) * _norm(b))
+
+
+def brute_gini(counts) -> float:
+    c = [float(v) for v in counts]
+    k = len(c)
+    mean = sum(c) / k
+    if mean == 0:
+        return 0.0
+    return sum(abs(a - b) for a in c for b in c) / (2 * k * k * mean)
+
+
+def brute_layer(column, size: int) -> dict:
+    counter = Counter(int(v) for v in column)
+    c = [counter.get(t, 0) for t in range(size)]
+    n = sum(c)
+    used = sum(1 for v in c if v > 0)
+    entropy = -sum(v / n * math.log(v / n) for v in c if v > 0)
+    mean = n / size
+    return {
+        "size": size, "used": used, "utilization": used / size, "entropy": entropy,
+        "entropy_norm": entropy / math.log(size) if size > 1 else 0.0,
+        "perplexity": math.exp(entropy), "gini": brute_gini(c),
+        "std": math.sqrt(sum((v - mean) ** 2 for v in c) / size), "top_share": max(c) / n,
+    }
+
+
+def brute_quantile(sizes_per_sid, q: str) -> int:
+    """Smallest c such that at least a share q of SIDs hold <= c items (exact arithmetic)."""
+    values = sorted(sizes_per_sid)
+    share = Fraction(q)
+    for c in values:
+        if Fraction(sum(1 for v in values if v <= c), len(values)) >= share:
+            return c
+    raise AssertionError("unreachable")
+
+
+def brute_metrics(codes, x, sq, sizes, *, depth: int, t: float = 2.0) -> dict:
+    rows = [tuple(int(v) for v in r) for r in codes]
+    n = len(rows)
+    layers = [brute_layer([r[i] for r in rows], k) for i, k in enumerate(sizes)]
+    prefixes = []
+    for dep in range(1, len(sizes) + 1):
+        distinct = len({r[:dep] for r in rows})
+        prefixes.append({"depth": dep, "distinct": distinct,
+                         "sparsity": distinct / min(n, math.prod(sizes[:dep]))})
+    per_sid = Counter(rows)
+    collisions = {
+        "distinct_sids": len(per_sid),
+        "unique_sid_rate": sum(1 for r in rows if per_sid[r] == 1) / n,
+        "mean_items_per_sid": n / len(per_sid),
+        "max_items_per_sid": max(per_sid.values()),
+        "items_per_sid_quantiles": {q: brute_quantile(per_sid.values(), q) for q in QUANTILES},
+    }
+    last = [float(v) for v in sq[:, -1]]
+    x_sq = sum(_dot(v, v) for v in x)
+    recon = {
+        "mse": sum(last) / n,
+        "relative_error": sum(last) / x_sq,
+        "residual_norm_by_layer": [sum(math.sqrt(float(v)) for v in sq[:, i]) / n
+                                   for i in range(len(sizes))],
+        "residual_sq_norm_by_layer": [sum(float(v) for v in sq[:, i]) / n
+                                      for i in range(len(sizes))],
+    }
+    clusters = defaultdict(list)
+    for r, v in zip(rows, x):
+        clusters[r[:depth]].append(v)
+    # semantic cohesion: mean over clusters (>= 2 items) of mean pairwise cosine, i != j
+    per_cluster = []
+    for members in clusters.values():
+        m = len(members)
+        if m < 2:
+            continue
+        # cos is symmetric: the ordered pairs i != j are each unordered pair twice
+        total = 2 * sum(_cos(members[i], members[j])
+                        for i, j in itertools.combinations(range(m), 2))
+        per_cluster.append(total / (m * (m - 1)))
+    sc = sum(per_cluster) / len(per_cluster) if per_cluster else None
+    # preference discrimination: centroids = mean of unit vectors, all cluster pairs
+    centroids = []
+    for members in clusters.values():
+        units = [[float(a) / _norm(v) for a in v] for v in members]
+        centroids.append([sum(col) / len(units) for col in zip(*units)])
+    pairs = [math.exp(-t * (1 - _cos(a, b))) for a, b in itertools.combinations(centroids, 2)]
+    pd = math.log(sum(pairs) / len(pairs)) if pairs else None
+    return {"layers": layers, "prefixes": prefixes, "collisions": collisions,
+            "reconstruction": recon,
+            "quality": {"depth": depth, "clusters": len(clusters), "semantic_cohesion": sc,
+                        "preference_discrimination": pd}}
+
+
+def assert_metrics_match(got: dict, want: dict) -> None:
+    assert len(got["layers"]) == len(want["layers"])
+    for i, (g, w) in enumerate(zip(got["layers"], want["layers"])):
+        assert g["layer"] == i
+        for key in ("size", "used"):
+            assert g[key] == w[key], (i, key)
+        for key in ("utilization", "entropy", "entropy_norm", "perplexity", "gini", "std",
+                    "top_share"):
+            assert g[key] == pytest.approx(w[key], rel=1e-9, abs=1e-12), (i, key)
+    assert [p["depth"] for p in got["prefixes"]] == [p["depth"] for p in want["prefixes"]]
+    for g, w in zip(got["prefixes"], want["prefixes"]):
+        assert g["distinct"] == w["distinct"]
+        assert g["sparsity"] == pytest.approx(w["sparsity"], rel=1e-12)
+    gc, wc = got["collisions"], want["collisions"]
+    assert gc["distinct_sids"] == wc["distinct_sids"]
+    assert gc["max_items_per_sid"] == wc["max_items_per_sid"]
+    assert gc["items_per_sid_quantiles"] == wc["items_per_sid_quantiles"]
+    assert gc["unique_sid_rate"] == pytest.approx(wc["unique_sid_rate"], rel=1e-12)
+    assert gc["mean_items_per_sid"] == pytest.approx(wc["mean_items_per_sid"], rel=1e-12)
+    gr, wr = got["reconstruction"], want["reconstruction"]
+    assert gr["mse"] == pytest.approx(wr["mse"], rel=1e-9)
+    assert gr["relative_error"] == pytest.approx(wr["relative_error"], rel=1e-6)
+    assert gr["residual_norm_by_layer"] == pytest.approx(wr["residual_norm_by_layer"], rel=1e-9)
+    assert gr["residual_sq_norm_by_layer"] == pytest.approx(wr["residual_sq_norm_by_layer"],
+                                                            rel=1e-9)
+    gq, wq = got["quality"], want["quality"]
+    assert gq["depth"] == wq["depth"]
+    assert gq["clusters"] == wq["clusters"]
+    for key in ("semantic_cohesion", "preference_discrimination"):
+        if wq[key] is None:
+            assert gq[key] is None, key
+        else:
+            assert gq[key] == pytest.approx(wq[key], rel=1e-6, abs=1e-9), key
+
+
+def metrics_of(codes, x, sq, sizes, depth):
+    p = partial_from_batch(codes, sq, x, sizes, quality_depth=depth)
+    return finalize_metrics(p, list(sizes), quality_depth=depth, pd_t=2.0)
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_brute_force(seed, depth):
+    codes, x, sq = random_batch(seed=seed)
+    got = metrics_of(codes, x, sq, SIZES, depth)
+    want = brute_metrics(codes, x, sq, SIZES, depth=depth)
+    assert_metrics_match(got, want)
+    # the data really exercises the interesting cases
+    assert got["layers"][2]["used"] < SIZES[2]
+    assert 0 < got["collisions"]["unique_sid_rate"] < 1
+
+
+def test_sid_keys_are_mixed_radix_and_injective():
+    codes, _, _ = random_batch(n=300, seed=5)
+    keys = sid_keys(codes, SIZES)
+    for row, key in zip(codes.tolist(), keys.tolist()):
+        assert key == (row[0] * SIZES[1] + row[1]) * SIZES[2] + row[2]
+    for depth in (1, 2, 3):
+        pk = sid_keys(codes, SIZES, depth)
+        by_key = defaultdict(set)
+        for row, key in zip(codes.tolist(), pk.tolist()):
+            by_key[key].add(tuple(row[:depth]))
+        assert all(len(v) == 1 for v in by_key.values())
+        assert len(by_key) == len({tuple(r[:depth]) for r in codes.tolist()})
+    assert radix([8, 5, 7]).tolist() == [35, 7, 1]
+
+
+def test_one_item():
+    codes = np.array([[3, 1, 4]], dtype=np.int32)
+    x = np.array([[1, 2, 3, 4, 5, 6]], dtype=np.float32)
+    sq = np.array([[2.0, 1.0, 0.5]], dtype=np.float32)
+    got = metrics_of(codes, x, sq, SIZES, 2)
+    assert_metrics_match(got, brute_metrics(codes, x, sq, SIZES, depth=2))
+    for layer, k in zip(got["layers"], SIZES):
+        assert layer["used"] == 1
+        assert layer["utilization"] == pytest.approx(1 / k)
+        assert layer["entropy"] == 0.0
+        assert layer["perplexity"] == 1.0
+        assert layer["top_share"] == 1.0
+        assert layer["gini"] == pytest.approx((k - 1) / k)
+    assert [p["distinct"] for p in got["prefixes"]] == [1, 1, 1]
+    assert [p["sparsity"] for p in got["prefixes"]] == [1.0, 1.0, 1.0]
+    col = got["collisions"]
+    assert col["unique_sid_rate"] == 1.0
+    assert col["max_items_per_sid"] == 1
+    assert set(col["items_per_sid_quantiles"].values()) == {1}
+    assert got["reconstruction"]["mse"] == pytest.approx(0.5)
+    assert got["quality"]["semantic_cohesion"] is None
+    assert got["quality"]["preference_discrimination"] is None
+
+
+def test_all_items_in_one_token():
+    n = 40
+    codes = np.zeros((n, 3), dtype=np.int32)
+    codes[:, 1] = 2
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    sq = rng.random((n, 3)).astype(np.float32)
+    got = metrics_of(codes, x, sq, SIZES, 2)
+    assert_metrics_match(got, brute_metrics(codes, x, sq, SIZES, depth=2))
+    for layer, k in zip(got["layers"], SIZES):
+        assert layer["used"] == 1
+        assert layer["utilization"] == pytest.approx(1 / k)
+        assert layer["entropy"] == 0.0
+        assert layer["entropy_norm"] == 0.0
+        assert layer["gini"] == pytest.approx((k - 1) / k)
+        assert layer["top_share"] == 1.0
+    assert got["collisions"]["unique_sid_rate"] == 0.0
+    assert got["collisions"]["max_items_per_sid"] == n
+    assert got["quality"]["clusters"] == 1
+    assert got["quality"]["preference_discrimination"] is None  # a single cluster has no pair
+
+
+def test_unused_tokens_count_as_zero_in_gini_and_std():
+    # 2 of 4 tokens used, evenly: gini over the used tokens alone would be 0
+    codes = np.array([[0, 0, 0]] * 3 + [[1, 0, 0]] * 3, dtype=np.int32)
+    sizes = [4, 2, 3]
+    x = np.ones((6, 2), dtype=np.float32)
+    sq = np.ones((6, 3), dtype=np.float32)
+    got = metrics_of(codes, x, sq, sizes, 2)
+    assert_metrics_match(got, brute_metrics(codes, x, sq, sizes, depth=2))
+    layer0 = got["layers"][0]
+    assert layer0["used"] == 2 and layer0["utilization"] == 0.5
+    assert layer0["gini"] == pytest.approx(brute_gini([3, 3, 0, 0]))
+    assert layer0["gini"] > 0.4
+    assert layer0["std"] == pytest.approx(1.5)  # counts [3,3,0,0], mean 1.5
+    assert layer0["entropy_norm"] == pytest.approx(math.log(2) / math.log(4))
+
+
+def test_hourglass_middle_layer_is_most_concentrated():
+    rng = np.random.default_rng(11)
+    n, sizes = 2000, [16, 16, 16]
+    c0 = rng.integers(0, 16, n)
+    c1 = np.where(rng.random(n) < 0.85, 0, rng.integers(0, 16, n))
+    c2 = rng.integers(0, 16, n)
+    codes = np.stack([c0, c1, c2], axis=1).astype(np.int32)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    sq = rng.random((n, 3)).astype(np.float32)
+    layers = metrics_of(codes, x, sq, sizes, 2)["layers"]
+    for key in ("gini", "top_share"):
+        assert layers[1][key] > layers[0][key], key
+        assert layers[1][key] > layers[2][key], key
+    assert layers[1]["entropy"] < min(layers[0]["entropy"], layers[2]["entropy"])
+    for i in range(3):
+        want = brute_layer(codes[:, i], 16)
+        assert layers[i]["gini"] == pytest.approx(want["gini"])
+        assert layers[i]["top_share"] == pytest.approx(want["top_share"])
+
+
+def test_quantile_definition_over_many_sid_counts():
+    rng = np.random.default_rng(4)
+    for m in list(range(1, 60)) + [99, 100, 101, 999, 1000, 1001]:
+        counts = rng.integers(1, 9, m)
+        n = int(counts.sum())
+        got = collision_stats(counts.astype(np.int64), n)["items_per_sid_quantiles"]
+        assert got == {q: brute_quantile(counts.tolist(), q) for q in QUANTILES}, m
+
+
+def test_preference_discrimination_cluster_cap_is_deterministic_and_bounded():
+    codes, x, sq = random_batch(seed=9)
+    p = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    a = finalize_metrics(p, SIZES, quality_depth=2, pd_max_clusters=5, seed=3)
+    b = finalize_metrics(p, SIZES, quality_depth=2, pd_max_clusters=5, seed=3)
+    pd = a["quality"]["preference_discrimination"]
+    assert pd == b["quality"]["preference_discrimination"]
+    assert -2 * 2.0 <= pd <= 0.0  # exp(-t (1 - cos)) lies in [e^{-2t}, 1]
+    full = finalize_metrics(p, SIZES, quality_depth=2, pd_max_clusters=len(p.q_keys))
+    want = brute_metrics(codes, x, sq, SIZES, depth=2)["quality"]["preference_discrimination"]
+    assert full["quality"]["preference_discrimination"] == pytest.approx(want, rel=1e-6)
+
+
+def test_zero_embeddings_do_not_distort_semantic_cohesion():
+    # cluster 0: two zero vectors (no direction, left out as preference_discrimination does);
+    # cluster 1: two identical vectors (cosine 1). Cohesion over items with a direction: 1.
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.int32)
+    x = np.array([[0, 0, 0], [0, 0, 0], [1, 2, 3], [1, 2, 3]], dtype=np.float32)
+    sq = np.zeros((4, 2), dtype=np.float32)
+    got = metrics_of(codes, x, sq, [2, 2], 1)["quality"]
+    assert got["semantic_cohesion"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------ partials
+
+
+def _assert_array_equal(name, x, y, exact_floats):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape, name
+    if x.dtype.kind == "f" and not exact_floats:
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10, err_msg=name)
+    else:
+        assert x.dtype == y.dtype, name
+        assert np.array_equal(x, y), name
+
+
+def assert_partials_equal(a: Partial, b: Partial, *, exact_floats: bool = False) -> None:
+    """Every field: integer arrays exactly, float sums allclose (or exactly)."""
+    for f in dataclasses.fields(Partial):
+        ga, gb = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(ga, list):
+            assert isinstance(gb, list) and len(ga) == len(gb), f.name
+            for i, (x, y) in enumerate(zip(ga, gb)):
+                _assert_array_equal(f"{f.name}[{i}]", x, y, exact_floats)
+        elif isinstance(ga, float) and not exact_floats:
+            assert ga == pytest.approx(gb, rel=1e-10), f.name
+        else:
+            _assert_array_equal(f.name, ga, gb, exact_floats)
+    assert a.n == b.n
+    assert a.layer_counts[0].dtype.kind == "i"
+
+
+def split_partials(codes, x, sq, bounds, depth=2):
+    return [partial_from_batch(codes[lo:hi], sq[lo:hi], x[lo:hi], SIZES, quality_depth=depth)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_merge_of_any_split_equals_single_pass(seed):
+    codes, x, sq = random_batch(seed=100 + seed)
+    n = len(codes)
+    whole = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    rng = random.Random(seed)
+    pieces = rng.randint(1, 5)
+    cuts = sorted(rng.sample(range(1, n), pieces - 1))
+    parts = split_partials(codes, x, sq, [0, *cuts, n])
+    assert sum(p.n for p in parts) == n
+    orders = [list(range(pieces)), list(range(pieces))[::-1]]
+    shuffled = list(range(pieces))
+    rng.shuffle(shuffled)
+    orders.append(shuffled)
+    for order in orders:
+        merged = merge_all([parts[i] for i in order])
+        assert_partials_equal(merged, whole)
+    # left fold with the binary merge gives the same as the tree merge
+    folded = parts[0]
+    for p in parts[1:]:
+        folded = merge(folded, p)
+    assert_partials_equal(folded, whole)
+    got = finalize_metrics(merge_all(parts), SIZES, quality_depth=2)
+    assert_metrics_match(got, brute_metrics(codes, x, sq, SIZES, depth=2))
+
+
+def test_merge_with_an_empty_partial_is_identity():
+    codes, x, sq = random_batch(n=120, seed=21)
+    whole = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    empty = partial_from_batch(codes[:0], sq[:0], x[:0], SIZES, quality_depth=2)
+    assert empty.n == 0 and all(int(c.sum()) == 0 for c in empty.layer_counts)
+    assert_partials_equal(merge(empty, whole), whole)
+    assert_partials_equal(merge_all([whole, empty]), whole)
+
+
+def test_merge_all_needs_at_least_one_partial():
+    with pytest.raises(ValueError):
+        merge_all([])
+
+
+def test_partial_counts_match_counter():
+    codes, x, sq = random_batch(seed=31)
+    p = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    for i, k in enumerate(SIZES):
+        counter = Counter(codes[:, i].tolist())
+        assert p.layer_counts[i].tolist() == [counter.get(t, 0) for t in range(k)]
+    per_sid = Counter(tuple(r) for r in codes.tolist())
+    got = dict(zip(p.sid_keys.tolist(), p.sid_counts.tolist()))
+    want = {(a * SIZES[1] + b) * SIZES[2] + c: v for (a, b, c), v in per_sid.items()}
+    assert got == want
+    assert p.sid_keys.tolist() == sorted(want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 500])
+def test_partial_bytes_round_trip(n):
+    codes, x, sq = random_batch(n=max(n, 1), seed=41)
+    codes, x, sq = codes[:n], x[:n], sq[:n]
+    p = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    data = p.to_bytes()
+    assert isinstance(data, bytes)
+    q = Partial.from_bytes(data)
+    assert_partials_equal(q, p, exact_floats=True)
+    for name in ("sid_keys", "sid_counts", "q_keys", "q_counts", "q_sums", "sq_res_sum"):
+        assert getattr(q, name).dtype == getattr(p, name).dtype, name
+    assert q.q_sums.shape == (len(p.q_keys), D)
+
+
+def test_partial_bytes_round_trip_many_layers():
+    sizes = [3] * 12  # > 10 layers: layer_counts_10 must not sort before layer_counts_2
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, 3, 50) for _ in sizes], axis=1).astype(np.int32)
+    codes[:, 11] = 0  # a distinct distribution for one late layer
+    x = rng.normal(size=(50, 3)).astype(np.float32)
+    sq = rng.random((50, 12)).astype(np.float32)
+    p = partial_from_batch(codes, sq, x, sizes, quality_depth=2)
+    assert_partials_equal(Partial.from_bytes(p.to_bytes()), p, exact_floats=True)
+
+
+# ------------------------------------------------------------------------ gini
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 64])
+def test_gini_even_counts_is_zero(k):
+    assert gini(np.full(k, 5)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 64])
+def test_gini_one_hot_is_k_minus_one_over_k(k):
+    counts = np.zeros(k)
+    counts[k // 2] = 9
+    assert gini(counts) == pytest.approx((k - 1) / k)
+
+
+def test_gini_matches_mean_absolute_difference():
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        counts = rng.integers(0, 50, rng.integers(1, 30))
+        assert gini(counts) == pytest.approx(brute_gini(counts.tolist()), abs=1e-12)
+    assert gini(np.zeros(5)) == 0.0
+
+
+# ------------------------------------------------------------------------ suffixes
+
+
+def brute_suffixes(keys, qerr, ids):
+    groups = defaultdict(list)
+    for i, (k, e, item) in enumerate(zip(keys, qerr, ids)):
+        groups[int(k)].append((float(e), item, i))
+    out = [None] * len(keys)
+    for members in groups.values():
+        for rank, (_, _, i) in enumerate(sorted(members)):
+            out[i] = rank
+    return out
+
+
+def suffix_case(n=400, seed=0, string_ids=False):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 40, n).astype(np.int64)
+    qerr = rng.choice(np.array([0.25, 0.5, 0.75, 1.0], dtype=np.float32), n)  # many ties
+    if string_ids:
+        ids = [f"item-{v}" for v in rng.permutation(10 * n)[:n]]  # "item-10" < "item-9"
+        arr = pa.array(ids, pa.string())
+    else:
+        ids = rng.permutation(10 * n)[:n].tolist()
+        arr = pa.array(ids, pa.int64())
+    return keys, qerr, ids, arr
+
+
+@pytest.mark.parametrize("string_ids", [False, True])
+def test_assign_suffixes_matches_brute_force(string_ids):
+    keys, qerr, ids, arr = suffix_case(seed=1, string_ids=string_ids)
+    got = assign_suffixes(keys, qerr, arr)
+    assert got.dtype == np.int32
+    assert got.tolist() == brute_suffixes(keys, qerr, ids)
+    pairs = list(zip(keys.tolist(), got.tolist()))
+    assert len(set(pairs)) == len(pairs)
+    per_key = defaultdict(list)
+    for k, s in pairs:
+        per_key[k].append(s)
+    for k, suffixes in per_key.items():
+        assert sorted(suffixes) == list(range(len(suffixes))), k
+
+
+def test_assign_suffixes_ties_broken_by_item_id():
+    keys = np.array([7, 7, 7, 7, 3], dtype=np.int64)
+    qerr = np.array([0.5, 0.5, 0.1, 0.5, 0.9], dtype=np.float32)
+    ids = pa.array(["b", "c", "z", "a", "q"])
+    got = assign_suffixes(keys, qerr, ids).tolist()
+    # key 7: z (lowest qerr) first, then a < b < c among the tied 0.5 errors
+    assert got == [2, 3, 0, 1, 0]
+
+
+@pytest.mark.parametrize("string_ids", [False, True])
+def test_assign_suffixes_independent_of_row_order(string_ids):
+    keys, qerr, ids, arr = suffix_case(seed=2, string_ids=string_ids)
+    base = dict(zip(ids, assign_suffixes(keys, qerr, arr).tolist()))
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        perm = rng.permutation(len(keys))
+        shuffled_ids = [ids[i] for i in perm]
+        got = assign_suffixes(keys[perm], qerr[perm], arr.take(pa.array(perm)))
+        assert dict(zip(shuffled_ids, got.tolist())) == base
+
+
+def test_assign_suffixes_empty_and_colliding_keys():
+    out = assign_suffixes(np.zeros(0, np.int64), np.zeros(0, np.float32), pa.array([], pa.int64()))
+    assert out.shape == (0,)
+    codes, x, sq = random_batch(seed=6)
+    p = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    per_key = Counter(sid_keys(codes, SIZES).tolist())
+    assert colliding_keys(p.sid_keys, p.sid_counts).tolist() == sorted(
+        k for k, v in per_key.items() if v > 1)

@@ -1,0 +1,251 @@
+"""config.py: defaults, strict validation with dotted key names, overrides, shipped configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semid_dist.config import (
+    BuildConfig,
+    FitConfig,
+    InputConfig,
+    MetricsConfig,
+    QuantizerConfig,
+    apply_overrides,
+    load_config,
+    parse_config,
+)
+from semid_dist.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_FILES = sorted(CONF_DIR.glob("*.yaml"))
+MINIMAL = {"input": {"path": "x"}, "output": {"root": "y"}}
+
+
+def with_keys(**dotted):
+    """MINIMAL plus `a__b=value` entries as nested dicts."""
+    data = {"input": dict(MINIMAL["input"]), "output": dict(MINIMAL["output"])}
+    for key, value in dotted.items():
+        node = data
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return data
+
+
+def dataclass_defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def test_minimal_config_gets_defaults():
+    cfg = parse_config(MINIMAL)
+    assert isinstance(cfg, BuildConfig)
+    assert cfg.input.path == "x" and cfg.output.root == "y"
+    # every omitted field equals the dataclass default
+    for section, cls in (("input", InputConfig), ("fit", FitConfig),
+                         ("quantizer", QuantizerConfig), ("metrics", MetricsConfig)):
+        for name, default in dataclass_defaults(cls).items():
+            assert getattr(getattr(cfg, section), name) == default, f"{section}.{name}"
+    assert cfg.output.table == "sids"
+    assert cfg.engine == "ray" and cfg.seed == 0
+    assert isinstance(cfg.quantizer.layers, tuple)
+    assert cfg.quality_depth == min(2, len(cfg.quantizer.layers))
+    round_trip = parse_config(cfg.to_dict())
+    assert round_trip == cfg
+
+
+@pytest.mark.parametrize("data, key", [
+    ({**MINIMAL, "sed": 1}, "sed"),
+    (with_keys(fit__sampel_size=10), "fit.sampel_size"),
+    (with_keys(input__paths="z"), "input.paths"),
+    (with_keys(quantizer__layer=[4, 4]), "quantizer.layer"),
+])
+def test_unknown_keys_raise_naming_the_dotted_key(data, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert repr(key) in str(exc.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("fit.num_workers", "2"),
+    ("fit.num_workers", True),
+    ("fit.num_workers", 2.5),
+    ("seed", "0"),
+    ("fit.use_gpu", "yes"),
+    ("fit.use_gpu", 1),
+    ("fit.cpus_per_worker", False),
+    ("fit.cpus_per_worker", float("nan")),
+    ("input.path", 3),
+    ("input.path", ""),
+    ("quantizer.layers", 64),
+    ("quantizer.layers", []),
+    ("fit", 5),
+])
+def test_wrong_types_raise_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(**{key.replace(".", "__"): value}))
+    assert key in str(exc.value)
+
+
+def test_wrong_type_inside_list_names_the_element():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(quantizer__layers=[64, True, 8]))
+    assert "quantizer.layers[1]" in str(exc.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("fit.num_workers", 0),
+    ("fit.num_workers", -1),
+    ("input.max_reject_fraction", 2),
+    ("input.max_reject_fraction", -0.1),
+    ("metrics.quality_depth", 0),
+    ("seed", -1),
+    ("encode.chunk_rows", 0),
+])
+def test_out_of_range_raises_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(**{key.replace(".", "__"): value}))
+    assert key in str(exc.value)
+    assert "range" in str(exc.value)
+
+
+def test_range_bounds_are_inclusive():
+    cfg = parse_config(with_keys(fit__num_workers=1, input__max_reject_fraction=1))
+    assert cfg.fit.num_workers == 1
+    assert cfg.input.max_reject_fraction == 1.0
+    assert isinstance(cfg.input.max_reject_fraction, float)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("engine", "flink"),
+    ("quantizer.method", "foo"),
+    ("input.on_bad_rows", "skip"),
+    ("prune.strategy", "sometimes"),
+])
+def test_bad_literal_raises_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(**{key.replace(".", "__"): value}))
+    msg = str(exc.value)
+    assert key in msg and repr(value) in msg
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"output": {"root": "y"}}, "input"),
+    ({"input": {}, "output": {"root": "y"}}, "input.path"),
+    ({"input": {"path": "x"}, "output": {}}, "output.root"),
+])
+def test_missing_required_keys(data, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert repr(key) in str(exc.value)
+
+
+def test_top_level_must_be_a_mapping():
+    with pytest.raises(ConfigError):
+        parse_config(["input"])  # type: ignore[arg-type]
+
+
+def test_apply_overrides_dotted_keys_and_yaml_values():
+    original = with_keys(fit__num_workers=3)
+    out = apply_overrides(original, ["quantizer.layers=[64,32]", "fit.use_gpu=true",
+                                     "fit.sample_size=50000", "input.popularity_column=pop",
+                                     "metrics.pd_t=0.5"])
+    assert out["quantizer"]["layers"] == [64, 32]
+    assert out["fit"] == {"num_workers": 3, "use_gpu": True, "sample_size": 50000}
+    assert out["input"]["popularity_column"] == "pop"
+    assert out["metrics"]["pd_t"] == 0.5
+    assert "quantizer" not in original and "use_gpu" not in original["fit"]  # copy, not mutated
+    cfg = parse_config(original, ["quantizer.layers=[64,32]", "fit.use_gpu=true"])
+    assert cfg.quantizer.layers == (64, 32)
+    assert cfg.fit.use_gpu is True
+    assert cfg.fit.num_workers == 3
+
+
+def test_override_values_are_validated_like_yaml():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(MINIMAL, ["fit.num_workers=two"])
+    assert "fit.num_workers" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(MINIMAL, ["fit.sampel_size=3"])
+    assert "fit.sampel_size" in str(exc.value)
+
+
+def test_override_without_equals_raises():
+    with pytest.raises(ConfigError) as exc:
+        apply_overrides(MINIMAL, ["fit.use_gpu"])
+    assert "fit.use_gpu" in str(exc.value)
+
+
+def test_override_into_a_scalar_raises():
+    with pytest.raises(ConfigError):
+        apply_overrides(MINIMAL, ["input.path.deeper=1"])
+
+
+def test_quality_depth_larger_than_layers_raises():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(quantizer__layers=[8, 8], metrics__quality_depth=3))
+    assert "metrics.quality_depth" in str(exc.value)
+    ok = parse_config(with_keys(quantizer__layers=[8, 8], metrics__quality_depth=2))
+    assert ok.quality_depth == 2
+    assert parse_config(with_keys(quantizer__layers=[8])).quality_depth == 1
+
+
+def test_layer_sizes_are_checked():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(quantizer__layers=[8, 1]))
+    assert "quantizer.layers[1]" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(quantizer__layers=[1 << 20] * 4))  # 2^80 > 2^62
+    assert "quantizer.layers" in str(exc.value)
+
+
+def test_config_is_frozen():
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.fit.num_workers = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.input.path = "z"  # type: ignore[misc]
+
+
+def test_shipped_configs_exist():
+    assert CONF_FILES, f"no YAML configs under {CONF_DIR}"
+
+
+@pytest.mark.parametrize("path", CONF_FILES, ids=[p.name for p in CONF_FILES])
+def test_shipped_config_validates(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.input.path == raw["input"]["path"]
+    assert cfg.output.root == raw["output"]["root"]
+    assert list(cfg.quantizer.layers) == raw.get("quantizer", {}).get(
+        "layers", list(QuantizerConfig().layers))
+
+
+def test_load_config_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_keys(fit__sampel_size=3)))
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    assert str(bad) in str(exc.value) and "fit.sampel_size" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(exc.value)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError):
+        load_config(broken)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(MINIMAL))
+    assert load_config(good, ["engine=local"]).engine == "local"

@@ -1,0 +1,197 @@
+"""io/store.py: versioned table store on real fsspec filesystems (memory:// and local)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.errors import StoreError
+from semid_dist.io.store import LATEST, MANIFEST, TableStore, new_version_id
+
+T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture(autouse=True)
+def clean_memory_fs():
+    fsspec.filesystem("memory").store.clear()
+    yield
+    fsspec.filesystem("memory").store.clear()
+
+
+@pytest.fixture(params=["memory", "local"])
+def root(request, tmp_path):
+    if request.param == "memory":
+        return "memory://store-root"
+    return str(tmp_path / "store-root")
+
+
+def data_table(start: int, n: int) -> pa.Table:
+    return pa.table({"item_id": pa.array(range(start, start + n), pa.int64()),
+                     "codes": pa.array([[i % 7, i % 3] for i in range(start, start + n)],
+                                       pa.list_(pa.int32()))})
+
+
+def rejects_table(n: int) -> pa.Table:
+    return pa.table({"item_id": pa.array([f"r{i}" for i in range(n)]),
+                     "source_file": pa.array(["f.parquet"] * n),
+                     "row": pa.array(range(n), pa.int64()),
+                     "reason": pa.array(["null embedding"] * n)})
+
+
+def write_version(store: TableStore, vid: str, sizes=(30, 20), rejects: int = 2):
+    files, start = [], 0
+    for i, n in enumerate(sizes):
+        files.append(store.write_table(vid, f"data/part-{i:05d}.parquet", data_table(start, n)))
+        start += n
+    if rejects:
+        files.append(store.write_table(vid, "rejects/part-00000.parquet", rejects_table(rejects)))
+    rows = {"input": sum(sizes) + rejects, "encoded": sum(sizes), "rejected": rejects}
+    return files, {"rows": rows, "parent": None, "created_at": "now"}
+
+
+def vid_at(seconds: int) -> str:
+    return new_version_id(T0 + dt.timedelta(seconds=seconds))
+
+
+def test_uncommitted_version_is_invisible(root):
+    store = TableStore(root, "sids")
+    assert store.versions() == [] and store.latest() is None
+    vid = vid_at(0)
+    write_version(store, vid)
+    assert store.fs.exists(store.version_dir(vid))  # the files really are there
+    assert store.versions() == []
+    assert store.latest() is None
+    with pytest.raises(StoreError):
+        store.resolve("latest")
+    with pytest.raises(StoreError):
+        store.resolve(vid)
+    with pytest.raises(StoreError):
+        store.read_data(vid)
+
+
+def test_commit_writes_manifest_and_moves_latest(root):
+    store = TableStore(root, "sids")
+    v1, v2, v3 = vid_at(0), vid_at(60), vid_at(120)
+    files1, man1 = write_version(store, v1)
+    store.commit(v1, man1, files1)
+    assert store.versions() == [v1] and store.latest() == v1
+    files2, man2 = write_version(store, v2, sizes=(5,), rejects=0)
+    write_version(store, v3)  # staged, never committed
+    store.commit(v2, dict(man2, parent=v1), files2)
+    assert store.versions() == [v1, v2]
+    assert store.latest() == v2 == store.resolve("latest") == store.resolve(None)
+    assert store.resolve(v1) == v1
+    raw = store.fs.cat_file(f"{store.base}/{LATEST}").decode().strip()
+    assert raw == v2
+    m = store.manifest(v2)
+    assert m["version_id"] == v2 and m["parent"] == v1 and m["rows"] == man2["rows"]
+    assert [f["path"] for f in m["files"]] == [f.path for f in files2]
+    for entry in store.manifest(v1)["files"]:
+        data = store.read_bytes(v1, entry["path"])
+        assert len(data) == entry["bytes"]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert pq.read_table(io.BytesIO(data)).num_rows == entry["rows"]
+    assert json.loads(store.read_bytes(v2, MANIFEST)) == m
+    # the older version is untouched by the newer commit
+    assert store.read_data(v1).num_rows == 50
+
+
+@pytest.mark.parametrize("rows_patch, files_patch", [
+    ({"input": 53}, None),                      # input != encoded + rejected
+    ({"encoded": 49, "input": 51}, None),       # reconciles, but data files hold 50
+    ({"rejected": 3, "input": 53}, None),       # reject files hold 2
+    (None, "drop_rejects"),                     # a reject file missing from the list
+    (None, "drop_data"),                        # a data file missing from the list
+])
+def test_unreconciled_commit_is_refused_and_latest_stays(root, rows_patch, files_patch):
+    store = TableStore(root, "sids")
+    v1, v2 = vid_at(0), vid_at(1)
+    files1, man1 = write_version(store, v1)
+    store.commit(v1, man1, files1)
+    files2, man2 = write_version(store, v2)
+    if rows_patch:
+        man2 = dict(man2, rows=dict(man2["rows"], **rows_patch))
+    if files_patch == "drop_rejects":
+        files2 = [f for f in files2 if not f.path.startswith("rejects/")]
+    if files_patch == "drop_data":
+        files2 = files2[1:]
+    with pytest.raises(StoreError) as exc:
+        store.commit(v2, man2, files2)
+    assert v2 in str(exc.value)
+    assert store.latest() == v1
+    assert store.versions() == [v1]
+    assert not store.fs.exists(f"{store.version_dir(v2)}/{MANIFEST}")
+
+
+def test_resolve_error_messages(root):
+    store = TableStore(root, "sids")
+    with pytest.raises(StoreError) as exc:
+        store.resolve("latest")
+    assert "no committed version" in str(exc.value) and store.url in str(exc.value)
+    v1 = vid_at(0)
+    files, man = write_version(store, v1)
+    store.commit(v1, man, files)
+    with pytest.raises(StoreError) as exc:
+        store.resolve("20990101T000000Z-abcdef")
+    msg = str(exc.value)
+    assert "20990101T000000Z-abcdef" in msg and "not committed" in msg and v1 in msg
+
+
+def test_read_data_returns_the_manifest_files_only(root):
+    store = TableStore(root, "sids")
+    vid = vid_at(0)
+    files, man = write_version(store, vid, sizes=(7, 11, 4), rejects=3)
+    # a leftover file from a failed attempt, not in the manifest
+    store.write_table(vid, "data/part-99999.parquet", data_table(1000, 9))
+    store.commit(vid, man, files)
+    got = store.read_data("latest")
+    assert got.num_rows == 22
+    assert got.column("item_id").to_pylist() == list(range(22))
+    assert got.to_pylist() == data_table(0, 22).to_pylist()
+    rej = store.read_data(vid, kind="rejects")
+    assert rej.to_pylist() == rejects_table(3).to_pylist()
+
+
+def test_tables_are_separate(root):
+    a, b = TableStore(root, "a"), TableStore(root, "b")
+    vid = vid_at(0)
+    files, man = write_version(a, vid)
+    a.commit(vid, man, files)
+    assert a.versions() == [vid] and b.versions() == [] and b.latest() is None
+    assert TableStore(root, "a").latest() == vid  # a fresh handle sees the committed state
+
+
+def test_write_file_entry_matches_bytes(root):
+    store = TableStore(root, "sids")
+    entry = store.write_file("v", "codebooks/codebooks.json", b'{"a": 1}', rows=0)
+    assert entry.bytes == 8 and entry.sha256 == hashlib.sha256(b'{"a": 1}').hexdigest()
+    assert store.read_bytes("v", "codebooks/codebooks.json") == b'{"a": 1}'
+
+
+def test_local_writes_leave_no_temporary_files(tmp_path):
+    store = TableStore(str(tmp_path / "r"), "sids")
+    vid = vid_at(0)
+    files, man = write_version(store, vid)
+    store.commit(vid, man, files)
+    names = [p.name for p in (tmp_path / "r").rglob("*") if p.is_file()]
+    assert not [n for n in names if ".tmp" in n]
+    assert sorted(names) == sorted([MANIFEST, LATEST] + [f.path.split("/")[-1] for f in files])
+
+
+def test_new_version_ids_sort_by_time():
+    times = [T0 + dt.timedelta(seconds=s) for s in (0, 1, 59, 3600, 86400 * 40, 86400 * 400)]
+    ids = [new_version_id(t) for t in times]
+    assert sorted(ids) == ids
+    assert len(set(ids)) == len(ids)
+    for t, vid in zip(times, ids):
+        assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", vid)
+        assert vid.startswith(t.strftime("%Y%m%dT%H%M%SZ"))
+    assert new_version_id(T0) != new_version_id(T0)  # random part separates same-second ids

@@ -1,0 +1,319 @@
+"""io/validate.py: valid rows, float32 casting and one reject row per bad row, on real Arrow
+tables (and one real Parquet round trip)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.errors import InputError
+from semid_dist.io.validate import (
+    REJECTS_SCHEMA_FIELDS,
+    check_columns,
+    empty_rejects,
+    infer_dim,
+    validate_batch,
+)
+
+D = 4
+SOURCE = "s3://bucket/catalog/part-007.parquet"
+NAN, INF = float("nan"), float("inf")
+F32, I64, LIST_F32 = pa.float32(), pa.int64(), pa.list_(pa.float32())
+
+# (item_id, embedding) with the problem each row has; None = valid
+ROWS = [
+    (10, [0.5, 1.0, -2.0, 3.25], None),
+    (11, [0.5, NAN, -2.0, 3.0], "nonfinite"),
+    (12, [1.0, 2.0, 3.0, 4.0], None),
+    (13, [INF, 1.0, 1.0, 1.0], "nonfinite"),
+    (14, [1.0, 1.0, 1.0, -INF], "nonfinite"),
+    (15, None, "null_embedding"),
+    (16, [1.0, 2.0, 3.0], "dim"),
+    (None, [1.0, 1.0, 2.0, 2.0], "null_id"),
+    (18, [4.0, 3.0, 2.0, 1.0], "duplicate"),
+    (19, [1.0, 2.0, 3.0, 4.0, 5.0], "dim"),
+    (20, [-1.5, 0.0, 0.25, 8.0], None),
+    (21, [1.0, None, 3.0, 4.0], "nonfinite"),  # a null inside the vector is not a number
+    (22, [], "dim"),
+    (23, [7.0, 6.0, 5.0, 4.0], None),
+    (None, None, "null_id"),  # two problems, still exactly one reject row
+]
+
+
+def reason_ok(problem: str, reason: str, emb) -> bool:
+    r = reason.lower()
+    if problem == "nonfinite":
+        return "nan" in r or "inf" in r or "finite" in r
+    if problem == "null_embedding":
+        return "null" in r and "embedding" in r
+    if problem == "dim":
+        return "dim" in r and str(len(emb)) in r and str(D) in r
+    if problem == "null_id":
+        return "null" in r and "item_id" in r
+    if problem == "duplicate":
+        return "duplicate" in r
+    raise AssertionError(problem)
+
+
+def list_column(rows, value_type=F32, kind="list", d=D):
+    """Arrow list column of `kind` with numpy-built values of `value_type` (nulls kept)."""
+    np_type = value_type.to_pandas_dtype()
+    mask = [r is None for r in rows]
+    flat, offsets = [], [0]
+    for r in rows:
+        flat.extend([] if r is None else r)
+        offsets.append(len(flat))
+    if pa.types.is_integer(value_type):
+        values = pa.array(np.array(flat, dtype=np_type), type=value_type)
+    else:
+        nulls = [v is None for v in flat]
+        arr = np.array([0.0 if v is None else v for v in flat], dtype=np.float64).astype(np_type)
+        values = pa.array(arr, type=value_type, mask=np.array(nulls, dtype=bool))
+    if kind == "fixed":
+        filled = [([0] * d if r is None else r) for r in rows]
+        assert all(len(r) == d for r in filled)
+        flat = [v for r in filled for v in r]
+        nulls = [v is None for v in flat]
+        arr = np.array([0.0 if v is None else v for v in flat], dtype=np.float64).astype(np_type)
+        values = pa.array(arr, type=value_type, mask=np.array(nulls, dtype=bool))
+        return pa.FixedSizeListArray.from_arrays(values, d, mask=pa.array(mask))
+    cls = pa.LargeListArray if kind == "large_list" else pa.ListArray
+    off_type = pa.int64() if kind == "large_list" else pa.int32()
+    return cls.from_arrays(pa.array(offsets, off_type), values, mask=pa.array(mask))
+
+
+def make_table(rows, ids, **kw):
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "embedding": list_column(rows, **kw)})
+
+
+def run(table, *, offset=1000, dup=None, popularity_column=None):
+    return validate_batch(table, id_column="item_id", embedding_column="embedding", dim=D,
+                          source_file=SOURCE, row_offset=offset,
+                          popularity_column=popularity_column, duplicate_ids=dup)
+
+
+def check_against_rows(vb, rows, ids, problems, offset):
+    """Brute-force expectations for every row of the batch."""
+    n = len(rows)
+    good = [i for i in range(n) if problems[i] is None]
+    bad = [i for i in range(n) if problems[i] is not None]
+    assert vb.ids.to_pylist() == [ids[i] for i in good]
+    assert vb.rows.tolist() == [offset + i for i in good]
+    assert vb.x.dtype == np.float32 and vb.x.shape == (len(good), D)
+    want = np.array([[np.float32(v) for v in rows[i]] for i in good], dtype=np.float32)
+    assert np.array_equal(vb.x, want.reshape(len(good), D))
+    rej = vb.rejects
+    assert tuple(rej.column_names) == REJECTS_SCHEMA_FIELDS
+    assert rej.num_rows == len(bad)
+    assert len(good) + rej.num_rows == n
+    assert rej.column("row").to_pylist() == [offset + i for i in bad]
+    assert set(rej.column("source_file").to_pylist()) <= {SOURCE}
+    assert rej.column("item_id").to_pylist() == [None if ids[i] is None else str(ids[i])
+                                                 for i in bad]
+    for i, reason in zip(bad, rej.column("reason").to_pylist()):
+        assert reason_ok(problems[i], reason, rows[i]), (i, problems[i], reason)
+    assert set(vb.rows.tolist()).isdisjoint(rej.column("row").to_pylist())
+
+
+def test_bad_rows_are_rejected_with_reasons():
+    ids = [r[0] for r in ROWS]
+    rows = [r[1] for r in ROWS]
+    problems = [r[2] for r in ROWS]
+    table = make_table(rows, ids)
+    vb = run(table, dup=pa.array([18, 999], pa.int64()))
+    check_against_rows(vb, rows, ids, problems, 1000)
+
+
+def test_duplicate_ids_only_when_passed():
+    ids, rows = [1, 2, 3], [[1.0] * D, [2.0] * D, [3.0] * D]
+    table = make_table(rows, ids)
+    assert run(table).rejects.num_rows == 0
+    vb = run(table, dup=pa.array([3, 1], pa.int64()))
+    assert vb.ids.to_pylist() == [2]
+    assert vb.rejects.column("item_id").to_pylist() == ["1", "3"]
+    assert all("duplicate" in r for r in vb.rejects.column("reason").to_pylist())
+    assert run(table, dup=pa.array([], pa.int64())).rejects.num_rows == 0
+
+
+def test_string_ids_and_string_duplicates():
+    ids = ["a", "b", None, "d"]
+    rows = [[1.0] * D, [2.0] * D, [3.0] * D, [NAN] * D]
+    table = pa.table({"item_id": pa.array(ids, pa.string()), "embedding": list_column(rows)})
+    vb = run(table, offset=0, dup=pa.array(["b"]))
+    check_against_rows(vb, rows, ids, [None, "duplicate", "null_id", "nonfinite"], 0)
+
+
+@pytest.mark.parametrize("value_type", [pa.float64(), pa.float16(), pa.int32(), pa.int64(),
+                                        pa.int8()])
+def test_value_types_cast_to_identical_float32(value_type):
+    rng = np.random.default_rng(0)
+    data = rng.integers(-100, 100, size=(30, D)).astype(float).tolist()  # exact in every type
+    ids = list(range(30))
+    ref = run(make_table(data, ids, value_type=pa.float32()))
+    got = run(make_table(data, ids, value_type=value_type))
+    assert got.x.dtype == np.float32
+    assert np.array_equal(got.x, np.array(data, dtype=np.float32))
+    assert np.array_equal(got.x, ref.x)
+    assert got.ids.equals(ref.ids) and np.array_equal(got.rows, ref.rows)
+
+
+def test_float64_and_float16_values_round_like_numpy():
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(20, D))
+    ids = list(range(20))
+    got64 = run(make_table(data.tolist(), ids, value_type=pa.float64()))
+    assert np.array_equal(got64.x, data.astype(np.float32))
+    half = data.astype(np.float16)
+    got16 = run(make_table(half.astype(np.float64).tolist(), ids, value_type=pa.float16()))
+    assert np.array_equal(got16.x, half.astype(np.float32))
+
+
+def test_float64_out_of_float32_range_is_rejected_as_non_finite():
+    rows = [[1e300, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]
+    vb = run(make_table(rows, [1, 2], value_type=pa.float64()))
+    assert vb.ids.to_pylist() == [2]
+    assert vb.rejects.num_rows == 1
+    assert reason_ok("nonfinite", vb.rejects.column("reason")[0].as_py(), rows[0])
+
+
+@pytest.mark.parametrize("value_type", [pa.float32(), pa.float64(), pa.float16()])
+def test_list_kinds_give_the_same_matrix(value_type):
+    ids = [r[0] for r in ROWS if r[2] != "dim"]
+    rows = [r[1] for r in ROWS if r[2] != "dim"]
+    problems = [r[2] for r in ROWS if r[2] != "dim"]
+    results = {kind: run(make_table(rows, ids, value_type=value_type, kind=kind),
+                         dup=pa.array([18], pa.int64()))
+               for kind in ("list", "large_list", "fixed")}
+    ref = results["list"]
+    check_against_rows(ref, rows, ids, problems, 1000)
+    for kind, vb in results.items():
+        assert np.array_equal(vb.x, ref.x), kind
+        assert vb.ids.equals(ref.ids), kind
+        assert np.array_equal(vb.rows, ref.rows), kind
+        assert vb.rejects.equals(ref.rejects), kind
+
+
+def test_null_embedding_backed_by_hidden_values_does_not_shift_later_rows():
+    # offsets give the null entry two real values; they must not leak into row 2
+    values = pa.array([1, 2, 3, 4, 90, 91, 92, 93, 5, 6, 7, 8], pa.float32())
+    emb = pa.ListArray.from_arrays(pa.array([0, 4, 8, 12], pa.int32()), values,
+                                   mask=pa.array([False, True, False]))
+    table = pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "embedding": emb})
+    vb = run(table, offset=0)
+    assert vb.ids.to_pylist() == [1, 3]
+    assert vb.x.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert vb.rejects.column("row").to_pylist() == [1]
+
+
+@pytest.mark.parametrize("kind", ["list", "fixed"])
+def test_sliced_and_chunked_tables(kind):
+    rng = np.random.default_rng(2)
+    n = 40
+    data = rng.normal(size=(n, D)).tolist()
+    for i in (3, 17, 31):
+        data[i][i % D] = NAN
+    ids = list(range(100, 100 + n))
+    problems = [("nonfinite" if i in (3, 17, 31) else None) for i in range(n)]
+    t1 = make_table(data[:25], ids[:25], kind=kind)
+    t2 = make_table(data[25:], ids[25:], kind=kind)
+    chunked = pa.concat_tables([t1, t2])
+    assert chunked.column("embedding").num_chunks == 2
+    check_against_rows(run(chunked, offset=500), data, ids, problems, 500)
+    sliced = chunked.slice(5, 30)
+    check_against_rows(run(sliced, offset=5), data[5:35], ids[5:35], problems[5:35], 5)
+
+
+def test_parquet_round_trip(tmp_path):
+    ids = [r[0] for r in ROWS]
+    rows = [r[1] for r in ROWS]
+    problems = [r[2] for r in ROWS]
+    path = tmp_path / "part.parquet"
+    pq.write_table(make_table(rows, ids), path, row_group_size=4)
+    pf = pq.ParquetFile(path)
+    offset = 0
+    valid_rows, reject_rows = [], []
+    for batch in pf.iter_batches(batch_size=4):
+        vb = run(pa.Table.from_batches([batch]), offset=offset, dup=pa.array([18], pa.int64()))
+        valid_rows += vb.rows.tolist()
+        reject_rows += vb.rejects.column("row").to_pylist()
+        offset += batch.num_rows
+    assert sorted(valid_rows + reject_rows) == list(range(len(ROWS)))
+    assert valid_rows == [i for i, p in enumerate(problems) if p is None]
+    assert reject_rows == [i for i, p in enumerate(problems) if p is not None]
+
+
+def test_popularity_is_aligned_with_valid_rows_and_nulls_are_zero():
+    rows = [[1.0] * D, [NAN] * D, [2.0] * D, [3.0] * D]
+    table = pa.table({"item_id": pa.array([1, 2, 3, 4], pa.int64()),
+                      "embedding": list_column(rows),
+                      "popularity": pa.array([5, 6, None, 8], pa.int64())})
+    vb = run(table, popularity_column="popularity")
+    assert vb.popularity.tolist() == [5.0, 0.0, 8.0]
+    assert run(table).popularity is None
+
+
+def test_all_rows_valid_gives_empty_rejects_with_schema():
+    rows = [[float(i)] * D for i in range(5)]
+    vb = run(make_table(rows, list(range(5))))
+    assert vb.rejects.num_rows == 0
+    assert vb.rejects.schema.equals(empty_rejects().schema)
+
+
+def schema(emb_type=LIST_F32, id_type=I64, extra=()):
+    return pa.schema([("item_id", id_type), ("embedding", emb_type), *extra])
+
+
+def test_check_columns_accepts_supported_types():
+    for emb in (pa.list_(pa.float32()), pa.large_list(pa.float64()), pa.list_(pa.float16(), 8),
+                pa.list_(pa.int32())):
+        for id_type in (pa.int64(), pa.int32(), pa.string(), pa.large_string()):
+            check_columns(schema(emb, id_type), "item_id", "embedding", None)
+    check_columns(schema(extra=[("pop", pa.int64())]), "item_id", "embedding", "pop")
+
+
+@pytest.mark.parametrize("missing, key", [("vec", "input.embedding_column"),
+                                          ("id", "input.id_column"),
+                                          ("pop", "input.popularity_column")])
+def test_check_columns_missing_column_names_it_and_lists_available(missing, key):
+    s = schema(extra=[("title", pa.string())])
+    args = {"id_column": "item_id", "embedding_column": "embedding", "popularity_column": None}
+    args[key.split(".")[1]] = missing
+    with pytest.raises(InputError) as exc:
+        check_columns(s, **args)
+    msg = str(exc.value)
+    assert repr(missing) in msg and key in msg
+    for name in s.names:
+        assert name in msg
+
+
+@pytest.mark.parametrize("emb_type", [pa.string(), pa.list_(pa.string()), pa.float32(),
+                                      pa.binary()])
+def test_check_columns_rejects_unusable_embedding_types(emb_type):
+    with pytest.raises(InputError) as exc:
+        check_columns(schema(emb_type), "item_id", "embedding", None)
+    assert "embedding" in str(exc.value)
+
+
+def test_check_columns_rejects_float_ids():
+    with pytest.raises(InputError) as exc:
+        check_columns(schema(id_type=pa.float64()), "item_id", "embedding", None)
+    assert "item_id" in str(exc.value)
+
+
+def test_infer_dim():
+    assert infer_dim(pa.array([None, [1.0, 2.0]], pa.list_(pa.float32(), 2))) == 2
+    assert infer_dim(pa.chunked_array([pa.array([None, [1.0, 2.0, 3.0], [1.0]],
+                                                pa.list_(pa.float32()))])) == 3
+    assert infer_dim(pa.array([None, None], pa.list_(pa.float32()))) is None
+
+
+def test_all_null_embeddings_are_all_rejected():
+    table = pa.table({"item_id": pa.array([1, 2, 3], pa.int64()),
+                      "embedding": pa.array([None, None, None], pa.list_(pa.float32()))})
+    vb = run(table, offset=7)
+    assert len(vb.ids) == 0 and vb.x.shape == (0, D)
+    assert vb.rejects.column("row").to_pylist() == [7, 8, 9]
+    assert all(reason_ok("null_embedding", r, None)
+               for r in vb.rejects.column("reason").to_pylist())
