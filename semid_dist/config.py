@@ -76,6 +76,12 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class CollisionsConfig:
+    max_per_sid: int | None = None  # capacity: overflow items move to a next-best last code
+    candidates: int = 8  # last-layer codes kept per item for those moves
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     quality_depth: int | None = None
     pd_max_clusters: int = 4096
@@ -109,6 +115,7 @@ class BuildConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    collisions: CollisionsConfig = field(default_factory=CollisionsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -138,6 +145,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "metrics.pd_t": (0.0, 1e6),
     "metrics.head_share": (0.0, 1.0),
     "prune.layer": (0, 63),
+    "collisions.max_per_sid": (1, 10**9),
+    "collisions.candidates": (2, 256),
     "prune.k": (0, 10**7),
     "prune.p": (0.0, 1.0),
     "prune.tau": (0.0, 1.0),

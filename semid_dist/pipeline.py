@@ -17,23 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 import semid_dist
-from semid_dist.codes.collisions import colliding_keys
-from semid_dist.codes.lookups import (
-    flows_table,
-    prefix_table,
-    sid_size_table,
-    token_counts_table,
-    vocabulary_table,
-)
-from semid_dist.codes.metrics import final_sid_counts, finalize_metrics, head_threshold
-from semid_dist.codes.partials import Partial, merge_all
-from semid_dist.codes.pruning import (
-    PruneDecision,
-    codes_of_keys,
-    decide,
-    kept_layers,
-    layer_counts_after,
-)
+from semid_dist.codes.metrics import head_threshold
+from semid_dist.codes.partials import Partial
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError
@@ -42,15 +27,14 @@ from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_columns, infer_dim
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, artifact_files, load_artifact
 from semid_dist.quantize.residual import init_subset
+from semid_dist.report import write_report
+from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.stages import (
     STAGING,
     JobContext,
-    colliding_rows,
-    finalize_shard,
     find_duplicates,
     sample_rows,
     scan_keys,
-    suffix_table,
 )
 
 Log = Callable[[str], None]
@@ -205,38 +189,6 @@ def _check_rejects(counts: dict[str, int], cfg: BuildConfig) -> None:
         raise InputError("no valid rows to encode; nothing was committed")
 
 
-def _finalize(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
-              decision: PruneDecision) -> list[FileEntry]:
-    keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
-    hot = colliding_keys(keys, counts)
-    rows = (engine.map(colliding_rows, [(ctx, s, hot, decision) for s in plan.shards])
-            if len(hot) else [])
-    suffixes = suffix_table(rows)
-    return engine.map(finalize_shard, [(ctx, s, suffixes, decision) for s in plan.shards])
-
-
-def _reduce(partials: dict[str, list[Partial]], cfg: BuildConfig) -> tuple[
-        Partial, PruneDecision, dict[str, Any]]:
-    """Merge the shard statistics, decide the pruning, compute every figure."""
-    sizes = tuple(cfg.quantizer.layers)
-    merged = merge_all(partials["all"])
-    pr = cfg.prune
-    decision = decide(pr.strategy, sizes, merged.layer_counts, merged.sid_keys,
-                      merged.sid_counts, layer=pr.layer, k=pr.k, p=pr.p, tau=pr.tau)
-
-    def figures(p: Partial) -> dict[str, Any]:
-        return finalize_metrics(p, list(sizes), quality_depth=cfg.quality_depth,
-                                pd_t=cfg.metrics.pd_t, pd_max_clusters=cfg.metrics.pd_max_clusters,
-                                seed=cfg.seed, decision=decision)
-
-    metrics = figures(merged)
-    for part in ("head", "tail"):
-        if part in partials:
-            sub = merge_all(partials[part])
-            metrics[part] = {"items": sub.n, **figures(sub)} if sub.n else {"items": 0}
-    return merged, decision, metrics
-
-
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     """Run the whole job and commit a new version; returns its id, path and metrics."""
     log = log or make_logger()
@@ -259,6 +211,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows)
         ctx = _scan(engine, ctx, plan, cfg, log)
+        if cfg.collisions.max_per_sid is not None:
+            ctx = replace(ctx, candidates=cfg.collisions.candidates)
         t = time.monotonic()
         files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log)
         timings["fit_s"] = time.monotonic() - t
@@ -267,11 +221,9 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         _check_rejects(counts, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
-        merged, decision, metrics = _reduce(partials, cfg)
-        merged_parts = {"all": merged, **{part: merge_all(partials[part])
-                                          for part in ("head", "tail") if part in partials}}
-        log(f"reduce: {metrics['hourglass']['verdict']}")
-        data_files = _finalize(engine, ctx, plan, merged, decision)
+        merged_parts, decision, moves, metrics = reduce_partials(engine, ctx, plan, partials,
+                                                                  cfg, log)
+        data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
         timings["reduce_s"] = time.monotonic() - t
     metrics = {"rows": counts, **metrics,
                "fit": {"codebooks_from": source,
@@ -280,6 +232,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                "timings": {k: round(v, 3) for k, v in timings.items()}}
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
     files += write_lookups(store, vid, merged_parts, decision, metrics)
+    files += write_report(store, vid)
     files += sorted(data_files, key=lambda e: e.path) + reject_files
     manifest = {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -292,30 +245,6 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     _remove_staging(store, vid)
     log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s")
     return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid))
-
-
-def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
-                  decision: PruneDecision, metrics: dict[str, Any]) -> list[FileEntry]:
-    """vocab.parquet (tokens for a language model), lookup/prefixes.parquet (valid SID
-    prefixes for constrained decoding) and the analytics/ tables behind the report's figures,
-    all from the distinct SIDs and pair counts (never from per-item rows)."""
-    sizes, merged = decision.sizes, partials["all"]
-    max_suffix = metrics["collisions"]["max_items_per_sid"] - 1
-    codes = codes_of_keys(merged.sid_keys, sizes)
-    after = layer_counts_after(codes, merged.sid_counts, kept_layers(codes, decision), sizes)
-    split = ([partials["head"].layer_counts, partials["tail"].layer_counts]
-             if "head" in partials else [None, None])
-    _, final_counts = final_sid_counts(merged, list(sizes), decision)
-    tables = {
-        "vocab.parquet": vocabulary_table(merged.sid_keys, merged.sid_counts, sizes, decision,
-                                          max_suffix),
-        "lookup/prefixes.parquet": prefix_table(merged.sid_keys, merged.sid_counts, sizes,
-                                                decision),
-        "analytics/token_counts.parquet": token_counts_table(merged.layer_counts, after, *split),
-        "analytics/flows.parquet": flows_table(merged.trans_keys, merged.trans_counts, sizes),
-        "analytics/sid_sizes.parquet": sid_size_table(merged.sid_counts, final_counts),
-    }
-    return [store.write_table(vid, rel, t) for rel, t in tables.items()]
 
 
 def _json(data: Any) -> bytes:

@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semid_dist.codes.collisions import assign_suffixes
+from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
 from semid_dist.codes.partials import partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
+from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import validate_batch
@@ -45,6 +46,7 @@ class JobContext:
     codebooks_version: str | None = None  # read codebooks from this version (default: own)
     duplicate_ids: pa.Array | None = field(default=None, compare=False)
     head_threshold: float | None = None  # popularity >= this is "head" (None: no split)
+    candidates: int = 1  # last-layer candidate codes staged per item (capacity-bounded SIDs)
 
     def store(self) -> TableStore:
         return TableStore(self.root, self.table)
@@ -107,12 +109,18 @@ class EncodeWorker:
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
         batch = _validated(ctx, shard)
-        enc = encode_batch(self.codebooks, batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device)
+        enc = encode_batch(self.codebooks, batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device,
+                           candidates=ctx.candidates)
         staged = pa.table({
             "item_id": batch.ids,
             "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), len(ctx.sizes)),
             "qerr": enc.qerr,
         })
+        if enc.alt_codes is not None:
+            width = enc.alt_codes.shape[1]
+            staged = staged.append_column("alt_codes", pa.FixedSizeListArray.from_arrays(
+                enc.alt_codes.ravel(), width)).append_column(
+                "alt_err", pa.FixedSizeListArray.from_arrays(enc.alt_err.ravel(), width))
         self.store.write_table(ctx.version_id, f"{STAGING}/codes-{shard.index:06d}.parquet",
                                staged)
         rejects = None
@@ -134,21 +142,64 @@ class EncodeWorker:
                                   quality_depth=self.ctx.quality_depth).to_bytes()
 
 
-def _read_staged(ctx: JobContext, shard: Shard) -> tuple[pa.Table, np.ndarray]:
-    from semid_dist.io import fs as fsio
+def _matrix(col: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:
+    return col.combine_chunks().flatten().to_numpy().astype(dtype).reshape(-1, width)
 
+
+def _read_staged(ctx: JobContext, shard: Shard,
+                 moves: pa.Table | None = None) -> tuple[pa.Table, np.ndarray]:
+    """The shard's staged codes (item_id, codes, qerr[, alt_codes, alt_err]) with the
+    capacity moves (item_id -> new last code, new qerr) applied."""
     store = ctx.store()
     rel = f"{STAGING}/codes-{shard.index:06d}.parquet"
-    path = fsio.join(store.version_dir(ctx.version_id), rel)
-    t = fsio.read_parquet(store.fs, path)
-    codes = t.column("codes").combine_chunks().flatten().to_numpy().reshape(-1, len(ctx.sizes))
+    t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel))
+    codes = _matrix(t.column("codes"), len(ctx.sizes), np.int32)
+    if moves is not None and moves.num_rows:
+        ids = t.column("item_id").combine_chunks()
+        pos = pc.index_in(ids, value_set=moves.column("item_id").combine_chunks().cast(ids.type))
+        hit = pos.is_valid().to_numpy(zero_copy_only=False)
+        found = pc.drop_null(pos).to_numpy()
+        codes[hit, -1] = moves.column("code").to_numpy()[found]
+        qerr = t.column("qerr").to_numpy().copy()
+        qerr[hit] = moves.column("qerr").to_numpy()[found]
+        t = t.set_column(t.schema.get_field_index("qerr"), "qerr", pa.array(qerr))
+        t = t.set_column(t.schema.get_field_index("codes"), "codes",
+                         pa.FixedSizeListArray.from_arrays(codes.ravel(), len(ctx.sizes)))
     return t, codes
 
 
-def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
-                   decision: PruneDecision) -> pa.Table:
-    """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id."""
+def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
+                  decision: PruneDecision) -> pa.Table:
+    """Staged rows of the over-capacity final SIDs `keys` (sorted int64), with candidates."""
     t, codes = _read_staged(ctx, shard)
+    k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
+    hit = pa.array(np.isin(k, keys))
+    return pc.filter(t, hit).append_column("key", pa.array(k[np.isin(k, keys)]))
+
+
+def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndarray,
+             capacity: int) -> pa.Table:
+    """Capacity moves for the rows of some prefix groups -> (item_id, old codes, code, old
+    qerr, qerr) of the items that move."""
+    last = ctx.sizes[-1]
+    prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), last)
+    codes = _matrix(rows.column("codes"), len(ctx.sizes), np.int32)
+    width = rows.schema.field("alt_codes").type.list_size
+    qerr = rows.column("qerr").to_numpy()
+    idx, new_code, new_err = reassign_overflow(
+        prefix, codes[:, -1], qerr, rows.column("item_id").combine_chunks(),
+        _matrix(rows.column("alt_codes"), width, np.int32),
+        _matrix(rows.column("alt_err"), width, np.float32), prefixes, occ, capacity)
+    return pa.table({"item_id": pc.take(rows.column("item_id"), pa.array(idx)),
+                     "old_codes": pa.FixedSizeListArray.from_arrays(codes[idx].ravel(),
+                                                                    len(ctx.sizes)),
+                     "code": new_code, "old_qerr": qerr[idx], "qerr": new_err})
+
+
+def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
+                   decision: PruneDecision, moves: pa.Table | None = None) -> pa.Table:
+    """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id."""
+    t, codes = _read_staged(ctx, shard, moves)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = np.isin(k, keys)
     return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
@@ -166,10 +217,10 @@ def suffix_table(rows: list[pa.Table]) -> pa.Table:
 
 
 def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table,
-                   decision: PruneDecision) -> FileEntry:
+                   decision: PruneDecision, moves: pa.Table | None = None) -> FileEntry:
     """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
     sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr."""
-    t, codes = _read_staged(ctx, shard)
+    t, codes = _read_staged(ctx, shard, moves)
     n, n_layers = codes.shape
     kept = kept_layers(codes, decision)
     suffix = np.zeros(n, dtype=np.int32)

@@ -27,3 +27,58 @@ def assign_suffixes(keys: np.ndarray, qerr: np.ndarray, item_ids: pa.Array) -> n
     suffix = np.empty(len(keys), dtype=np.int32)
     suffix[order] = np.arange(len(order)) - group_start
     return suffix
+
+
+def last_layer_prefix(final_keys: np.ndarray, last_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split final SID keys (radix k_l + 1) into (prefix key, last-layer digit); a digit equal
+    to `last_size` means the SID has no last-layer code."""
+    return final_keys // (last_size + 1), final_keys % (last_size + 1)
+
+
+def occupancy(final_keys: np.ndarray, final_counts: np.ndarray, prefixes: np.ndarray,
+              last_size: int) -> np.ndarray:
+    """(len(prefixes), last_size) items per last-layer code under each given prefix."""
+    pre, digit = last_layer_prefix(final_keys, last_size)
+    pos = np.searchsorted(prefixes, pre)
+    hit = (pos < len(prefixes)) & (digit < last_size)
+    hit[hit] &= prefixes[pos[hit]] == pre[hit]
+    occ = np.zeros((len(prefixes), last_size), dtype=np.int64)
+    np.add.at(occ, (pos[hit], digit[hit]), final_counts[hit])
+    return occ
+
+
+def reassign_overflow(prefix: np.ndarray, code: np.ndarray, qerr: np.ndarray,
+                      item_ids: pa.Array, alt_codes: np.ndarray, alt_err: np.ndarray,
+                      prefixes: np.ndarray, occ: np.ndarray, capacity: int,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Capacity-bounded collisions for the rows of over-full SIDs (all rows of those SIDs).
+
+    Inside each SID the first `capacity` items by (qerr, item_id) stay; each further item, in
+    (prefix, code, qerr, item_id) order, moves to its best alternative last-layer code (in
+    alt_codes order) whose SID under the same prefix still has room. occ: (len(prefixes),
+    k_last) current items per code under each prefix (updated as items move). Returns
+    (row indices that move, their new codes, their new qerr). Deterministic.
+    """
+    if len(prefix) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    t = pa.table({"p": prefix, "c": code, "e": qerr, "i": item_ids})
+    order = pc.sort_indices(t, sort_keys=[("p", "ascending"), ("c", "ascending"),
+                                          ("e", "ascending"), ("i", "ascending")]).to_numpy()
+    grp = prefix[order] * (alt_codes.max(initial=0) + 2 + code.max(initial=0)) + code[order]
+    first = np.r_[True, grp[1:] != grp[:-1]]
+    rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    occ = occ.copy()
+    moved, new_code, new_err = [], [], []
+    for row in order[rank >= capacity]:
+        pidx = int(np.searchsorted(prefixes, prefix[row]))
+        for j in range(1, alt_codes.shape[1]):
+            target = int(alt_codes[row, j])
+            if target != code[row] and occ[pidx, target] < capacity:
+                occ[pidx, target] += 1
+                occ[pidx, code[row]] -= 1
+                moved.append(row)
+                new_code.append(target)
+                new_err.append(alt_err[row, j])
+                break
+    return (np.asarray(moved, np.int64), np.asarray(new_code, np.int32),
+            np.asarray(new_err, np.float32))

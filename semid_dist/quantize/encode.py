@@ -15,10 +15,14 @@ import torch
 
 @dataclass(frozen=True)
 class EncodeResult:
-    """codes: (n, L) int32; sq_residual: (n, L) float32, ||r_l||^2 after each layer."""
+    """codes: (n, L) int32; sq_residual: (n, L) float32, ||r_l||^2 after each layer;
+    alt_codes / alt_err: (n, C) the C best last-layer codes (column 0 = the chosen one) and the
+    squared reconstruction error each would give (None unless candidates > 1)."""
 
     codes: np.ndarray
     sq_residual: np.ndarray
+    alt_codes: np.ndarray | None = None
+    alt_err: np.ndarray | None = None
 
     @property
     def qerr(self) -> np.ndarray:
@@ -58,15 +62,19 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
 
 
 def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int = 8192,
-                 device: str = "cpu") -> EncodeResult:
+                 device: str = "cpu", candidates: int = 1) -> EncodeResult:
     """Greedy residual encode.
 
     codebooks: L arrays (k_l, d) float32; x: (n, d) float32 -> EncodeResult with
-    codes (n, L) int32 and squared residual norms (n, L) float32.
+    codes (n, L) int32 and squared residual norms (n, L) float32; with candidates C > 1 also
+    the C best last-layer codes and their errors (for capacity-bounded collisions).
     """
     n, n_layers = len(x), len(codebooks)
     codes = np.empty((n, n_layers), dtype=np.int32)
     sq_res = np.empty((n, n_layers), dtype=np.float32)
+    n_alt = min(candidates, len(codebooks[-1]))
+    alt_codes = np.empty((n, n_alt), dtype=np.int32) if n_alt > 1 else None
+    alt_err = np.empty((n, n_alt), dtype=np.float32) if n_alt > 1 else None
     books = [_as_tensor(cb, device) for cb in codebooks]
     books_sq = [(cb * cb).sum(dim=1) for cb in books]
     with torch.no_grad():
@@ -74,11 +82,25 @@ def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int 
             r = _as_tensor(x[start:start + chunk_rows], device).clone()
             stop = start + len(r)
             for layer, (cb, cb_sq) in enumerate(zip(books, books_sq)):
+                if alt_codes is not None and layer == n_layers - 1:
+                    _top_candidates(r, cb, cb_sq, n_alt, alt_codes[start:stop],
+                                    alt_err[start:stop])
                 idx, dist = _nearest_chunk(r, cb, cb_sq)
                 r -= cb[idx]
                 codes[start:stop, layer] = idx.cpu().numpy()
                 sq_res[start:stop, layer] = (r * r).sum(dim=1).cpu().numpy()
-    return EncodeResult(codes=codes, sq_residual=sq_res)
+    if alt_codes is not None:  # column 0 is exactly the greedy choice, even on ties
+        alt_codes[:, 0] = codes[:, -1]
+        alt_err[:, 0] = sq_res[:, -1]
+    return EncodeResult(codes=codes, sq_residual=sq_res, alt_codes=alt_codes, alt_err=alt_err)
+
+
+def _top_candidates(r: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, k: int,
+                    codes_out: np.ndarray, err_out: np.ndarray) -> None:
+    scores = torch.addmm(c_sq.unsqueeze(0), r, c.T, beta=1.0, alpha=-2.0)
+    vals, idx = torch.topk(scores, k, dim=1, largest=False, sorted=True)
+    codes_out[:] = idx.cpu().numpy()
+    err_out[:] = torch.clamp(vals + (r * r).sum(dim=1, keepdim=True), min=0.0).cpu().numpy()
 
 
 def decode(codebooks: list[np.ndarray], codes: np.ndarray) -> np.ndarray:

@@ -1,0 +1,143 @@
+"""The reduce: merge shard statistics, decide the pruning, bound collisions, compute every
+figure, then finalize the data parts and write the lookup tables.
+
+Only statistics (counts, distinct SIDs, pair counts) meet on the driver; per-item work (the
+overflow rows of over-full SIDs, suffixes, data parts) runs as engine tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from semid_dist.codes.collisions import colliding_keys, last_layer_prefix, occupancy
+from semid_dist.codes.lookups import (
+    flows_table,
+    prefix_table,
+    sid_size_table,
+    token_counts_table,
+    vocabulary_table,
+)
+from semid_dist.codes.metrics import final_sid_counts, finalize_metrics
+from semid_dist.codes.partials import Partial, apply_moves, merge_all
+from semid_dist.codes.pruning import (
+    PruneDecision,
+    codes_of_keys,
+    decide,
+    kept_layers,
+    layer_counts_after,
+)
+from semid_dist.config import BuildConfig
+from semid_dist.io.catalog import CatalogPlan
+from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.stages import (
+    JobContext,
+    colliding_rows,
+    finalize_shard,
+    overflow_rows,
+    reassign,
+    suffix_table,
+)
+
+Log = Callable[[str], None]
+
+
+def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
+                     decision: PruneDecision, capacity: int | None,
+                     ) -> tuple[Partial, pa.Table | None]:
+    """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
+    codes under the same prefix. Returns (statistics after the moves, moves table)."""
+    if capacity is None:
+        return merged, None
+    sizes = ctx.sizes
+    keys, counts = final_sid_counts(merged, list(sizes), decision)
+    prefix, digit = last_layer_prefix(keys, sizes[-1])
+    over = (counts > capacity) & (digit < sizes[-1])
+    if not over.any():
+        return merged, None
+    rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, keys[over], decision)
+                                                       for s in plan.shards]))
+    prefixes = np.unique(prefix[over])
+    occ = occupancy(keys, counts, prefixes, sizes[-1])
+    row_prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), sizes[-1])
+    tasks = []
+    for chunk in np.array_split(np.arange(len(prefixes)), min(len(prefixes), 16)):
+        mask = pa.array(np.isin(row_prefix, prefixes[chunk]))
+        tasks.append((ctx, pc.filter(rows, mask), prefixes[chunk], occ[chunk], capacity))
+    moves = pa.concat_tables(engine.map(reassign, tasks))
+    old = moves.column("old_codes").combine_chunks().flatten().to_numpy().reshape(-1, len(sizes))
+    merged = apply_moves(merged, old, moves.column("code").to_numpy(),
+                         moves.column("old_qerr").to_numpy(), moves.column("qerr").to_numpy(),
+                         sizes)
+    return merged, moves
+
+
+def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
+                    partials: dict[str, list[Partial]], cfg: BuildConfig, log: Log,
+                    ) -> tuple[dict[str, Partial], PruneDecision, pa.Table | None, dict[str, Any]]:
+    """-> ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
+    Head / tail figures are of the codes before capacity moves."""
+    sizes = tuple(cfg.quantizer.layers)
+    merged = {part: merge_all(p) for part, p in partials.items()}
+    pr = cfg.prune
+    decision = decide(pr.strategy, sizes, merged["all"].layer_counts, merged["all"].sid_keys,
+                      merged["all"].sid_counts, layer=pr.layer, k=pr.k, p=pr.p, tau=pr.tau)
+    merged["all"], moves = bound_collisions(engine, ctx, plan, merged["all"], decision,
+                                            cfg.collisions.max_per_sid)
+
+    def figures(p: Partial) -> dict[str, Any]:
+        return finalize_metrics(p, list(sizes), quality_depth=cfg.quality_depth,
+                                pd_t=cfg.metrics.pd_t, pd_max_clusters=cfg.metrics.pd_max_clusters,
+                                seed=cfg.seed, decision=decision)
+
+    metrics = figures(merged["all"])
+    metrics["collisions"]["capacity"] = cfg.collisions.max_per_sid
+    metrics["collisions"]["reassigned"] = 0 if moves is None else moves.num_rows
+    for part in ("head", "tail"):
+        if part in merged:
+            sub = merged[part]
+            metrics[part] = {"items": sub.n, **figures(sub)} if sub.n else {"items": 0}
+    log(f"reduce: {metrics['hourglass']['verdict']}")
+    if moves is not None:
+        log(f"collisions: {moves.num_rows} items moved to a next-best last-layer code "
+            f"(capacity {cfg.collisions.max_per_sid} per SID)")
+    return merged, decision, moves, metrics
+
+
+def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
+                     decision: PruneDecision, moves: pa.Table | None) -> list[FileEntry]:
+    """Collision suffixes on the final SIDs, then one data part per shard."""
+    keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
+    hot = colliding_keys(keys, counts)
+    rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves) for s in plan.shards])
+            if len(hot) else [])
+    suffixes = suffix_table(rows)
+    return engine.map(finalize_shard, [(ctx, s, suffixes, decision, moves) for s in plan.shards])
+
+
+def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
+                  decision: PruneDecision, metrics: dict[str, Any]) -> list[FileEntry]:
+    """vocab.parquet (tokens for a language model), lookup/prefixes.parquet (valid SID
+    prefixes for constrained decoding) and the analytics/ tables behind the report's figures,
+    all from the distinct SIDs and pair counts (never from per-item rows)."""
+    sizes, merged = decision.sizes, partials["all"]
+    max_suffix = metrics["collisions"]["max_items_per_sid"] - 1
+    codes = codes_of_keys(merged.sid_keys, sizes)
+    after = layer_counts_after(codes, merged.sid_counts, kept_layers(codes, decision), sizes)
+    split = ([partials["head"].layer_counts, partials["tail"].layer_counts]
+             if "head" in partials else [None, None])
+    _, final_counts = final_sid_counts(merged, list(sizes), decision)
+    tables = {
+        "vocab.parquet": vocabulary_table(merged.sid_keys, merged.sid_counts, sizes, decision,
+                                          max_suffix),
+        "lookup/prefixes.parquet": prefix_table(merged.sid_keys, merged.sid_counts, sizes,
+                                                decision),
+        "analytics/token_counts.parquet": token_counts_table(merged.layer_counts, after, *split),
+        "analytics/flows.parquet": flows_table(merged.trans_keys, merged.trans_counts, sizes),
+        "analytics/sid_sizes.parquet": sid_size_table(merged.sid_counts, final_counts),
+    }
+    return [store.write_table(vid, rel, t) for rel, t in tables.items()]

@@ -1,0 +1,166 @@
+"""Pruning, collisions and lookups, end to end on the local engine, checked on the written
+tables against brute-force recomputation from the raw codes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.codes.pruning import token_offsets
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
+from semid_dist.quantize import decode
+from semid_dist.stages import JobContext, load_codebooks
+from tests.conftest import small_config
+
+LAYERS = [16, 8, 8]
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def fitted(small_catalog, tmp_path_factory):
+    """One fitted version; every strategy below re-encodes with its codebooks."""
+    catalog, x = small_catalog
+    root = str(tmp_path_factory.mktemp("prune"))
+    res = build(small_config(catalog, root), log=quiet)
+    return catalog, x, root, res.version_id
+
+
+def encode_with(fitted, **over):
+    catalog, _, root, vid = fitted
+    res = build(small_config(catalog, root, encode__from_version=vid, **over), log=quiet)
+    table = TableStore(root, "sids").read_data(res.version_id).sort_by("item_id").to_pandas()
+    return res, table
+
+
+def sids(table) -> list[tuple]:
+    return [tuple(s) for s in table["sid"]]
+
+
+def check_invariants(table, n_items: int) -> None:
+    assert len(table) == n_items and table["item_id"].is_unique  # no item lost
+    keys = [(tuple(layers), tuple(s), suf) for layers, s, suf in
+            zip(table["sid_layers"], table["sid"], table["suffix"])]
+    assert len(set(keys)) == len(keys)  # (sid, suffix) unique
+    for codes, sid, layers in zip(table["codes"], table["sid"], table["sid_layers"]):
+        assert list(sid) == [codes[i] for i in layers]
+
+
+def test_top_k_zero_equals_none(fitted):
+    _, none = encode_with(fitted)
+    _, k0 = encode_with(fitted, prune__strategy="top_k", prune__k=0)
+    assert sids(none) == sids(k0) and list(none["suffix"]) == list(k0["suffix"])
+    check_invariants(none, len(fitted[1]))
+
+
+def test_drop_layer_equals_removing_layer_from_every_sid(fitted):
+    res, t = encode_with(fitted, prune__strategy="drop_layer")
+    check_invariants(t, len(fitted[1]))
+    assert sids(t) == [(c[0], c[2]) for c in t["codes"]]
+    assert all(list(layers) == [0, 2] for layers in t["sid_layers"])
+    assert res.metrics["pruning"]["layers_after"][1]["used"] == 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_k_prunes_the_k_most_frequent_layer_2_tokens(fitted, k):
+    res, t = encode_with(fitted, prune__strategy="top_k", prune__k=k)
+    check_invariants(t, len(fitted[1]))
+    counts = Counter(c[1] for c in t["codes"])
+    ranked = sorted(counts, key=lambda tok: (-counts[tok], tok))[:k]
+    for codes, layers in zip(t["codes"], t["sid_layers"]):
+        assert (1 not in list(layers)) == (codes[1] in ranked)
+    assert res.metrics["pruning"]["pruned_tokens"] == k
+    before = res.metrics["collisions_before"]["unique_sid_rate"]
+    assert res.metrics["collisions"]["unique_sid_rate"] <= before
+
+
+def test_mass_prunes_fewest_tokens_reaching_share(fitted):
+    p = 0.3
+    _, t = encode_with(fitted, prune__strategy="mass", prune__p=p)
+    counts = Counter(c[1] for c in t["codes"])
+    ranked = sorted(counts, key=lambda tok: (-counts[tok], tok))
+    share, want = 0.0, set()
+    for tok in ranked:
+        if share >= p:
+            break
+        want.add(tok)
+        share += counts[tok] / len(t)
+    pruned = {c[1] for c, layers in zip(t["codes"], t["sid_layers"]) if 1 not in list(layers)}
+    assert pruned == want
+
+
+def test_sarq_stops_at_first_small_prefix(fitted):
+    tau = 0.02
+    _, t = encode_with(fitted, prune__strategy="sarq", prune__tau=tau)
+    check_invariants(t, len(fitted[1]))
+    codes = [tuple(c) for c in t["codes"]]
+    n = len(codes)
+    prefix_count = Counter(c[:d] for c in codes for d in range(1, 4))
+    for c, sid in zip(codes, sids(t)):
+        depth = next((d for d in (1, 2) if prefix_count[c[:d]] <= tau * n), 3)
+        assert sid == c[:depth]
+
+
+def test_suffixes_follow_qerr_then_item_id(fitted):
+    _, t = encode_with(fitted, prune__strategy="drop_layer")
+    t["key"] = [tuple(s) for s in t["sid"]]
+    collided = 0
+    for _, g in t.groupby("key"):
+        order = g.sort_values(["qerr", "item_id"])
+        assert list(order["suffix"]) == list(range(len(g)))
+        collided += len(g) > 1
+    assert collided > 0
+
+
+def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
+    catalog, x, root, vid = fitted
+    res, t = encode_with(fitted, collisions__max_per_sid=1, collisions__candidates=8)
+    _, free = encode_with(fitted)
+    check_invariants(t, len(x))
+    counts = Counter(sids(t))
+    moved = res.metrics["collisions"]["reassigned"]
+    assert moved > 0
+    # every SID within capacity unless no candidate had room (then suffixes disambiguate)
+    assert res.metrics["collisions"]["max_items_per_sid"] == max(counts.values())
+    over_before = sum(c - 1 for c in Counter(sids(free)).values() if c > 1)
+    assert sum(c - 1 for c in counts.values() if c > 1) < over_before
+    changed = np.array([tuple(a) != tuple(b) for a, b in zip(t["codes"], free["codes"])])
+    assert changed.sum() == moved
+    for a, b in zip(t["codes"][changed], free["codes"][changed]):
+        assert tuple(a[:-1]) == tuple(b[:-1])  # same prefix, only the last code moves
+    ctx = JobContext(catalog_url=catalog, id_column="item_id", embedding_column="embedding",
+                     popularity_column=None, dim=x.shape[1], sizes=tuple(LAYERS), root=root,
+                     table="sids", version_id=vid, quality_depth=2)
+    recon = decode(load_codebooks(ctx), np.array(t["codes"].tolist()))
+    err = ((x.astype(np.float64) - recon) ** 2).sum(1)
+    np.testing.assert_allclose(t["qerr"], err, rtol=1e-3, atol=1e-4)
+    assert (t["qerr"][changed].values >= free["qerr"][changed].values - 1e-6).all()
+    assert res.metrics["reconstruction"]["mse"] == pytest.approx(err.mean(), rel=1e-4)
+
+
+def test_vocabulary_and_prefix_lookups(fitted):
+    res, t = encode_with(fitted, prune__strategy="top_k", prune__k=2)
+    vdir = TableStore(fitted[2], "sids").version_dir(res.version_id)
+    vocab = pq.read_table(f"{vdir}/vocab.parquet").to_pandas()
+    offsets = token_offsets(LAYERS)
+    for tokens, sid, layers in zip(t["sid_tokens"], t["sid"], t["sid_layers"]):
+        assert list(tokens) == [offsets[lay] + code for lay, code in zip(layers, sid)]
+    codes = vocab[vocab["kind"] == "code"]
+    assert list(codes["token_id"]) == list(range(sum(LAYERS)))
+    usage = Counter(tok for tokens in t["sid_tokens"] for tok in tokens)
+    assert dict(zip(codes["token_id"], codes["items"])) == {i: usage.get(i, 0)
+                                                           for i in range(sum(LAYERS))}
+    assert (vocab["kind"] == "suffix").sum() == t["suffix"].max() + 1
+    prefixes = pq.read_table(f"{vdir}/lookup/prefixes.parquet").to_pandas()
+    got = {tuple(p): (n, c) for p, n, c in zip(prefixes["prefix_tokens"], prefixes["items"],
+                                                prefixes["complete"])}
+    seqs = [tuple(s) for s in t["sid_tokens"]]
+    full = Counter(seqs)
+    want = Counter(s[:d] for s in seqs for d in range(1, len(s) + 1))
+    assert got == {p: (n, p in full) for p, n in want.items()}
