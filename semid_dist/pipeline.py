@@ -27,8 +27,8 @@ from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_columns, infer_dim
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, artifact_files, load_artifact
 from semid_dist.quantize.residual import init_subset
-from semid_dist.report import write_report
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
+from semid_dist.report import write_report
 from semid_dist.stages import (
     STAGING,
     JobContext,
@@ -71,6 +71,20 @@ def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, n
             out[shard.index] = rows[lo:hi] - start
         start += shard.num_rows
     return out
+
+
+def encode_device(cfg: BuildConfig) -> str:
+    """torch device of the encode kernel. Engines that run it in-process check it exists;
+    on Ray the actors ask for a GPU and check there."""
+    if not cfg.encode.use_gpu:
+        return "cpu"
+    if cfg.engine != "ray":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("encode.use_gpu=true but no CUDA device is visible; install a "
+                              "CUDA build of torch or set encode.use_gpu=false")
+    return "cuda"
 
 
 def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
@@ -209,7 +223,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          popularity_column=cfg.input.popularity_column,
                          dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
-                         quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows)
+                         quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
+                         device=encode_device(cfg))
         ctx = _scan(engine, ctx, plan, cfg, log)
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)
