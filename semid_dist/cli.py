@@ -78,6 +78,21 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """`semid report`: re-render the report of a committed version into its report/ folder
+    (derived output; the manifest is left as it is)."""
+    from semid_dist.io.store import TableStore
+    from semid_dist.report import REPORT_HTML, write_report
+
+    store = TableStore(args.root, args.table)
+    vid = store.resolve(args.version)
+    entries = write_report(store, vid)
+    path = f"{store.version_url(vid)}/{REPORT_HTML}"
+    _print({"version_id": vid, "report": path, "files": [e.path for e in entries]},
+           args.json, path)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,11 +116,22 @@ def parser() -> argparse.ArgumentParser:
     vs.add_argument("--version", default="latest")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=cmd_versions)
+    r = sub.add_parser("report", help="re-render the HTML report of a committed version")
+    r.add_argument("--root", required=True)
+    r.add_argument("--table", required=True)
+    r.add_argument("--version", default="latest")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:  # key=value overrides may follow options such as --json
+        if not hasattr(args, "overrides") or any("=" not in e for e in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except SemidError as exc:

@@ -8,6 +8,7 @@ committed version untouched.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,7 +53,7 @@ def make_logger(prefix: str = "semid") -> Log:
     start = time.monotonic()
 
     def log(msg: str) -> None:
-        print(f"[{prefix} {time.monotonic() - start:7.1f}s] {msg}", flush=True)
+        print(f"[{prefix} {time.monotonic() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     return log
 
@@ -211,8 +212,12 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     store = TableStore(cfg.output.root, cfg.output.table)
     parent = store.latest()
     plan = plan_catalog(cfg.input.path, target_rows=cfg.encode.shard_rows)
-    check_columns(plan.schema, cfg.input.id_column, cfg.input.embedding_column,
-                  cfg.input.popularity_column)
+    for path, schema in plan.schemas:
+        try:
+            check_columns(schema, cfg.input.id_column, cfg.input.embedding_column,
+                          cfg.input.popularity_column)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
     vid = new_version_id()
     log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; new version {vid} of "
         f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")

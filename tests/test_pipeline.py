@@ -237,7 +237,7 @@ def test_cli_build_versions_and_errors(small_catalog, tmp_path, capsys):
                                "quantizer": {"layers": [8, 8], "niter": 4},
                                "fit": {"sample_size": 1000}}))
     assert main(["build", "--config", str(cfg), "--json", "seed=3"]) == 0
-    out = json.loads(_json_output(capsys))
+    out = json.loads(capsys.readouterr().out)  # progress goes to stderr: stdout is pure JSON
     assert out["metrics"]["rows"]["encoded"] == 2400
     assert main(["versions", "list", "--root", root, "--table", "t", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -248,12 +248,6 @@ def test_cli_build_versions_and_errors(small_catalog, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fit.sampel_size" in err and err.count("\n") == 1
     assert main(["validate", *map(str, sorted((REPO / "conf").glob("*.yaml")))]) == 0
-
-
-def _json_output(capsys) -> str:
-    """The --json document printed after the progress lines."""
-    text = capsys.readouterr().out
-    return text[text.index("{\n"):]
 
 
 def test_local_build_runs_with_ray_unimportable(small_catalog, tmp_path):
@@ -272,3 +266,17 @@ def test_local_build_runs_with_ray_unimportable(small_catalog, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "2400"
+
+
+def test_every_catalog_file_schema_is_checked_before_running(small_catalog, tmp_path, root):
+    catalog, _ = small_catalog
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in sorted(Path(catalog).glob("*.parquet")):
+        (mixed / f.name).write_bytes(f.read_bytes())
+    pq.write_table(pa.table({"item_id": pa.array([10**6], pa.int64()),
+                             "embedding": pa.array([["a", "b"]], pa.list_(pa.string()))}),
+                   mixed / "part-999.parquet")
+    with pytest.raises(InputError, match=r"part-999\.parquet: column 'embedding' has type"):
+        build(small_config(str(mixed), root), log=quiet)
+    assert not Path(root).exists() or TableStore(root, "sids").latest() is None

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -33,19 +33,14 @@ from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.io.store import FileEntry
 from semid_dist.stages import EncodeWorker, JobContext
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
     from pyspark.sql import SparkSession
 
-RESULT_SCHEMA = pa.schema([
-    ("index", pa.int64()), ("rows", pa.int64()), ("encoded", pa.int64()),
-    ("rejected", pa.int64()), ("rejects_file", pa.string()), ("partial", pa.binary()),
-])
-_SPARK_SCHEMA = ("index long, rows long, encoded long, rejected long, rejects_file string, "
-                 "partial binary")
+_RESULT_SCHEMA = "index long, result binary"
+_ARROW_SCHEMA = pa.schema([("index", pa.int64()), ("result", pa.binary())])
 _TASK_ERROR = re.compile(r"semid_dist\.errors\.(\w+): (.+)")
 
 
@@ -60,6 +55,7 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     master = cfg.spark.master or (None if submitted else "local[*]")
     builder = (SparkSession.builder.appName(cfg.spark.app_name)
                .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")  # the log reports progress
                .config("spark.sql.execution.arrow.maxRecordsPerBatch", cfg.spark.arrow_batch_rows)
                .config("spark.sql.shuffle.partitions", cfg.spark.shuffle_partitions))
     if master is not None:
@@ -70,6 +66,15 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     if not submitted:  # under spark-submit the driver JVM already runs with its memory
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
     return builder.getOrCreate(), True
+
+
+@contextmanager
+def _no_pandas_warning() -> Iterator[None]:
+    """pyspark warns about pandas 3 when it imports its pandas helpers; no pandas is used here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
+                                FutureWarning)
+        yield
 
 
 @contextmanager
@@ -106,16 +111,11 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
     for batch in batches:
         for shard in batch.column("shard").to_pylist():
             res = worker(shard_from_dict(json.loads(shard)))
-            entry = res["rejects_file"]
-            row = {**res, "rejects_file": None if entry is None else json.dumps(asdict(entry))}
-            yield pa.RecordBatch.from_pylist([row], schema=RESULT_SCHEMA)
-
-
-def _result(row: dict[str, Any]) -> dict[str, Any]:
-    """A collected result row -> the dict `EncodeWorker.__call__` returns."""
-    entry = row["rejects_file"]
-    return {**row, "rejects_file": None if entry is None else FileEntry(**json.loads(entry)),
-            "partial": bytes(row["partial"])}
+            # the result dict travels as Spark's own Python results do (pickled), so it
+            # reaches the driver exactly as `EncodeWorker` returned it, whatever keys it has
+            yield pa.RecordBatch.from_pydict(
+                {"index": [res["index"]], "result": [pickle.dumps(res, protocol=5)]},
+                schema=_ARROW_SCHEMA)
 
 
 class SparkEngine(LocalEngine):
@@ -129,7 +129,8 @@ class SparkEngine(LocalEngine):
             raise ConfigError("engine: spark needs input.path and output.root on storage every "
                               "executor can reach (file://, s3://, gs://, hdfs://), not memory://")
         super().__init__(cfg, log)
-        self.spark, self._started = spark_session(cfg)
+        with _no_pandas_warning():
+            self.spark, self._started = spark_session(cfg)
         sc = self.spark.sparkContext
         log(f"spark: master {sc.master}, {sc.defaultParallelism} task slots, "
             f"{'new' if self._started else 'existing'} session {sc.applicationId}")
@@ -154,16 +155,13 @@ class SparkEngine(LocalEngine):
         ctx_bc, job = sc.broadcast(ctx), uuid.uuid4().hex
         rows = [(s.index, json.dumps(shard_to_dict(s))) for s in shards]
         try:
-            with task_errors(), warnings.catch_warnings():
-                # mapInArrow goes through pandas_udf, which warns about pandas 3; no pandas here
-                warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
-                                        FutureWarning)
+            with task_errors(), _no_pandas_warning():
                 # one slice per row: each shard is its own partition (no shuffle)
                 df = self.spark.createDataFrame(sc.parallelize(rows, len(rows)),
                                                 "index long, shard string")
                 encode = partial(_encode_partition, job, ctx_bc)
-                table = df.mapInArrow(encode, _SPARK_SCHEMA).toArrow()
+                table = df.mapInArrow(encode, _RESULT_SCHEMA).toArrow()
         finally:
             ctx_bc.unpersist()
-        for row in table.to_pylist():
-            yield _result(row)
+        for blob in table.column("result").to_pylist():
+            yield pickle.loads(blob)

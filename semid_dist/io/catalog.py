@@ -32,6 +32,7 @@ class CatalogPlan:
     shards: tuple[Shard, ...]
     schema: pa.Schema
     fingerprint: str
+    schemas: tuple[tuple[str, pa.Schema], ...] = ()  # each distinct schema, with a file having it
 
     @property
     def num_rows(self) -> int:
@@ -68,11 +69,14 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     fs, _ = fsio.resolve(url)
     shards: list[Shard] = []
     schema = None
+    distinct: list[tuple[str, pa.Schema]] = []
     digest = hashlib.sha256()
     for path in list_files(url):
         meta = _footer(fs, path)
         file_schema = meta.schema.to_arrow_schema()
         schema = schema or file_schema
+        if not any(file_schema.equals(s) for _, s in distinct):
+            distinct.append((path, file_schema))
         digest.update(json.dumps([path, meta.num_rows, fs.size(path)]).encode())
         groups: list[int] = []
         rows, offset = 0, 0
@@ -85,7 +89,7 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
                 groups, rows = [], 0
     if schema is None:
         raise InputError(f"input.path {url!r} holds no Parquet files")
-    return CatalogPlan(url, tuple(shards), schema, digest.hexdigest())
+    return CatalogPlan(url, tuple(shards), schema, digest.hexdigest(), tuple(distinct))
 
 
 def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:

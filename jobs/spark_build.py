@@ -1,0 +1,48 @@
+"""Build a SID table version on Spark: sample (tasks) -> fit (driver) -> encode (mapInArrow)
+-> reduce -> commit. `engine=spark` is added unless an override names an engine; a first
+argument `encode` re-encodes with the codebooks of `encode.from_version` (default latest).
+
+Laptop (venv active, so driver and Python workers run its python):
+    spark-submit --master local[2] jobs/spark_build.py --config conf/spark.yaml
+Without spark-submit (starts local[*] from the config's `spark:` section):
+    python jobs/spark_build.py --config conf/spark.yaml output.root=/tmp/spark_demo
+Re-encode a new catalog snapshot with the latest version's codebooks:
+    spark-submit --master local[2] jobs/spark_build.py encode --config conf/spark.yaml
+
+On a YARN cluster, input.path and output.root must be on shared storage (s3://, hdfs://) and
+semid_dist with its dependencies (numpy, pyarrow, torch, fsspec) must be importable on every
+executor: ship a packed venv, or a wheel when the dependencies are already there:
+    venv-pack -o semid-env.tar.gz
+    spark-submit --master yarn --deploy-mode client \\
+        --archives semid-env.tar.gz#env --conf spark.pyspark.python=./env/bin/python \\
+        --conf spark.pyspark.driver.python=.venv/bin/python \\
+        --driver-memory 8g --conf spark.executor.memory=8g --conf spark.executor.cores=4 \\
+        --conf spark.executor.instances=16 --conf spark.driver.maxResultSize=4g \\
+        jobs/spark_build.py --config conf/spark.yaml \\
+        input.path=hdfs:///data/catalog/ output.root=hdfs:///semid
+    # or, where the dependencies are installed on every node (a shared venv), ship only the
+    # package: pip wheel --no-deps -w dist . && spark-submit ... --py-files dist/semid_dist-*.whl
+The driver fits the codebooks on the sample (fit.sample_size rows x dim x 4 bytes must fit in
+--driver-memory); each encode task holds one shard (encode.shard_rows) and the codebooks, and
+every shard's statistics are collected on the driver (spark.driver.maxResultSize).
+"""
+
+import sys
+
+from semid_dist.cli import main
+
+
+def spark_argv(argv: list[str]) -> list[str]:
+    """`[build|encode] --config F [k=v ...]` -> the `semid` argv, with engine=spark added next
+    to the other overrides (argparse takes them as one group) unless one names the engine."""
+    command = argv[0] if argv[:1] in (["build"], ["encode"]) else "build"
+    rest = argv[1:] if argv[:1] == [command] else list(argv)
+    if not any(a.startswith("engine=") for a in rest):
+        overrides = [i for i, a in enumerate(rest)
+                     if "=" in a and not a.startswith("-") and rest[i - 1:i] != ["--config"]]
+        rest.insert(overrides[0] if overrides else len(rest), "engine=spark")
+    return [command, *rest]
+
+
+if __name__ == "__main__":
+    sys.exit(main(spark_argv(sys.argv[1:])))

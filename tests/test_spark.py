@@ -1,0 +1,136 @@
+"""Engine tests on one local[2] Spark session (session fixture): mapInArrow encode parity with
+the local engine, a full Spark build, and a failing task that commits nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.errors import ConfigError, InputError
+from semid_dist.io.catalog import Shard, read_shard
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
+from tests.conftest import clustered, small_config, write_catalog
+
+pytestmark = pytest.mark.engine
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def comparable(metrics: dict) -> str:
+    return json.dumps({k: v for k, v in metrics.items() if k not in ("timings", "fit")},
+                      sort_keys=True)
+
+
+@pytest.fixture(scope="session")
+def spark_session():
+    """One local[2] Spark for every Spark test; a failing task fails the job at once."""
+    pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = (SparkSession.builder.master("local[2]").appName("semid-tests")
+               .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")
+               .config("spark.task.maxFailures", "1")
+               .config("spark.driver.memory", "1g")
+               .config("spark.sql.shuffle.partitions", "2"))
+    with warnings.catch_warnings():  # pyspark's own pandas-3 notice; no pandas is used
+        warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
+                                FutureWarning)
+        spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    yield spark
+    spark.stop()
+
+
+def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path):
+    """Same input, same codebooks: Spark's mapInArrow writes exactly the local engine's table
+    and metrics."""
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    fitted = build(small_config(catalog, root), log=quiet)
+    local = build(small_config(catalog, root, encode__from_version=fitted.version_id), log=quiet)
+    spark = build(small_config(catalog, root, engine="spark",
+                               encode__from_version=fitted.version_id), log=quiet)
+    store = TableStore(root, "sids")
+    a = store.read_data(local.version_id).sort_by("item_id")
+    b = store.read_data(spark.version_id).sort_by("item_id")
+    assert a.num_rows == 2400 and a.equals(b)
+    assert comparable(local.metrics) == comparable(spark.metrics)
+    assert store.manifest(spark.version_id)["engine"] == "spark"
+    assert spark_session.range(3).count() == 3  # the engine left the test's session running
+
+
+def test_spark_build_end_to_end(spark_session, tmp_path):
+    """A full engine=spark build (sample via Spark tasks, fit on the driver) with bad rows: a
+    reconciled version whose fit and metrics equal the local engine's."""
+    x = clustered(1800, 10, seed=5)
+    x[[3, 700]] = np.nan
+    catalog = write_catalog(tmp_path / "cat", x, files=2, row_group_rows=300)
+    root = str(tmp_path / "out")
+    res = build(small_config(catalog, root, engine="spark"), log=quiet)
+    store = TableStore(root, "sids")
+    assert store.latest() == res.version_id and store.versions() == [res.version_id]
+    assert res.manifest["rows"] == {"input": 1800, "encoded": 1798, "rejected": 2}
+    data = store.read_data(res.version_id)
+    assert data.num_rows == 1798 and set(data.column("item_id").to_pylist()).isdisjoint({3, 700})
+    local = build(small_config(catalog, root), log=quiet)
+    assert comparable(local.metrics) == comparable(res.metrics)
+    assert store.read_data(local.version_id).sort_by("item_id").equals(data.sort_by("item_id"))
+
+
+def test_spark_failing_task_commits_nothing(spark_session, small_catalog, tmp_path):
+    """A task that raises (a second catalog file whose embeddings are strings: the plan checks
+    only the first file's schema) fails the build; `_latest` and the versions are untouched."""
+    catalog, x = small_catalog
+    root = str(tmp_path / "out")
+    good = build(small_config(catalog, root), log=quiet)
+    bad = write_catalog(tmp_path / "bad", x[:600], files=1)
+    strings = pa.array([["not-a-float"] * x.shape[1]] * 300, pa.list_(pa.string()))
+    pq.write_table(pa.table({"item_id": pa.array(np.arange(600, 900)), "embedding": strings,
+                             "popularity": pa.array(np.zeros(300, np.int64))}),
+                   f"{bad}/part-001.parquet")
+    from pyspark.errors import PythonException
+
+    with pytest.raises(PythonException, match="not-a-float"):
+        build(small_config(bad, root, engine="spark", encode__from_version=good.version_id),
+              log=quiet)
+    store = TableStore(root, "sids")
+    assert store.latest() == good.version_id and store.versions() == [good.version_id]
+    started = [p for p in (tmp_path / "out" / "sids" / "versions").iterdir()
+               if p.name != good.version_id]  # the failed build had begun writing its version
+    assert started and not any((p / "_manifest.json").exists() for p in started)
+    assert build(small_config(catalog, root, engine="spark",  # the session still works
+                              encode__from_version="latest"), log=quiet).manifest["rows"][
+        "encoded"] == 2400
+
+
+def test_spark_task_error_keeps_its_name(spark_session, tmp_path):
+    """A named semid error raised inside a Spark task reaches the driver as itself (the CLI
+    prints its one-line reason), not as a Java stack trace."""
+    from semid_dist.engines.spark import SparkEngine
+
+    missing = Shard(0, str(tmp_path / "gone.parquet"), (0,), 0, 10)
+    with SparkEngine(small_config(str(tmp_path), str(tmp_path), engine="spark"), log=quiet) as eng:
+        assert eng.map(max, [(1, 2), (5, 3)]) == [2, 5]
+        with pytest.raises(InputError, match="gone.parquet.*in a Spark task"):
+            eng.map(read_shard, [(str(tmp_path), missing, ["item_id"])])
+
+
+def test_spark_refuses_memory_urls():
+    """Executors are other processes: an in-memory filesystem is refused before Spark starts."""
+    from semid_dist.engines.spark import SparkEngine
+
+    with pytest.raises(ConfigError, match="memory://"):
+        SparkEngine(small_config("memory://cat", "/tmp/unused", engine="spark"), log=quiet)
