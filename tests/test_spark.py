@@ -90,20 +90,33 @@ def test_spark_build_end_to_end(spark_session, tmp_path):
     assert store.read_data(local.version_id).sort_by("item_id").equals(data.sort_by("item_id"))
 
 
+def corrupt_embedding_pages(path, x: np.ndarray) -> None:
+    """Write x as a catalog file with page checksums, then flip bytes inside the embedding
+    column's pages (the footer and the id column stay valid)."""
+    pq.write_table(pa.table({"item_id": pa.array(np.arange(600, 600 + len(x))),
+                             "embedding": pa.FixedSizeListArray.from_arrays(
+                                 pa.array(x.ravel(), pa.float32()), x.shape[1]),
+                             "popularity": pa.array(np.zeros(len(x), np.int64))}),
+                   path, compression="zstd", write_page_checksum=True)
+    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    start = min(o for o in (col.dictionary_page_offset, col.data_page_offset) if o is not None)
+    data = bytearray(path.read_bytes())
+    middle = start + col.total_compressed_size // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
 def test_spark_failing_task_commits_nothing(spark_session, small_catalog, tmp_path):
-    """A task that raises (a second catalog file whose embeddings are strings: the plan checks
-    only the first file's schema) fails the build; `_latest` and the versions are untouched."""
+    """A task that raises (a second catalog file with a valid footer whose embedding pages are
+    corrupt: planning and the id scan pass, the encode task fails its page checksum) fails
+    the build; `_latest` and the versions are untouched."""
     catalog, x = small_catalog
     root = str(tmp_path / "out")
     good = build(small_config(catalog, root), log=quiet)
     bad = write_catalog(tmp_path / "bad", x[:600], files=1)
-    strings = pa.array([["not-a-float"] * x.shape[1]] * 300, pa.list_(pa.string()))
-    pq.write_table(pa.table({"item_id": pa.array(np.arange(600, 900)), "embedding": strings,
-                             "popularity": pa.array(np.zeros(300, np.int64))}),
-                   f"{bad}/part-001.parquet")
-    from pyspark.errors import PythonException
+    corrupt_embedding_pages(tmp_path / "bad" / "part-001.parquet", x[600:900])
 
-    with pytest.raises(PythonException, match="not-a-float"):
+    with pytest.raises(InputError, match="part-001.parquet.*checksum.*in a Spark task"):
         build(small_config(bad, root, engine="spark", encode__from_version=good.version_id),
               log=quiet)
     store = TableStore(root, "sids")

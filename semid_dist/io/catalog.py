@@ -93,11 +93,13 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
 
 
 def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
-    """Read the shard's row groups (only `columns`)."""
+    """Read the shard's row groups (only `columns`), verifying page checksums where the
+    writer recorded them (corrupt pages then fail loudly instead of decoding to garbage)."""
     fs, _ = fsio.resolve(url)
     try:
         with fs.open(shard.path, "rb") as f:
-            return pq.ParquetFile(f).read_row_groups(list(shard.row_groups), columns=columns)
+            return pq.ParquetFile(f, page_checksum_verification=True).read_row_groups(
+                list(shard.row_groups), columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"catalog file {shard.path!r}: cannot read row groups "
                          f"{list(shard.row_groups)} ({exc}); repair or remove the file") from None

@@ -38,7 +38,8 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 def write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table,
                   *, row_group_rows: int = 65536) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows)
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows,
+                   write_page_checksum=True)
     write_bytes(fs, path, buf.getvalue())
 
 

@@ -62,7 +62,7 @@ class TableStore:
     def write_table(self, version_id: str, rel: str, table: pa.Table) -> FileEntry:
         """Write a Parquet file inside a version; returns its manifest entry."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         return self.write_file(version_id, rel, buf.getvalue(), rows=table.num_rows)
 
     def write_file(self, version_id: str, rel: str, data: bytes, *, rows: int = 0) -> FileEntry:

@@ -1,0 +1,190 @@
+"""Report: figures are valid PNGs on edge-case data, a build writes the page and its figures
+into the version, `semid report` re-renders it, and every figure loads in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semid_dist.cli import main
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
+from semid_dist.report import REPORT_HTML
+from semid_dist.report import figures as F
+from semid_dist.report.html import Figure, render
+from tests.conftest import small_config
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Check the PNG signature and decode the image; returns (width, height)."""
+    from PIL import Image
+
+    assert data[:8] == PNG_SIGNATURE
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        assert img.width > 100 and img.height > 100
+        return img.size
+
+
+def flows(to_layer: list[int], parent: list[int], child: list[int], items: list[int]
+          ) -> dict[str, np.ndarray]:
+    return {"to_layer": np.array(to_layer, np.int64), "parent": np.array(parent, np.int64),
+            "child": np.array(child, np.int64), "items": np.array(items, np.int64)}
+
+
+THREE_LAYERS = [np.array([5, 3, 0, 2]), np.array([9, 0, 1]), np.array([4, 3, 2, 1, 0, 0])]
+THREE_FLOWS = flows([1, 1, 1, 2, 2, 2], [0, 1, 3, 0, 0, 2], [0, 0, 2, 0, 1, 3], [5, 3, 2, 4, 5, 1])
+NO_FLOWS = flows([], [], [], [])
+
+
+@pytest.mark.parametrize("layers, routes", [
+    (THREE_LAYERS, THREE_FLOWS),
+    ([np.array([7, 0, 0, 1])], NO_FLOWS),  # one layer: nothing to route
+    ([np.zeros(4, np.int64), np.zeros(3, np.int64)], NO_FLOWS),  # no items at all
+], ids=["three-layers-unused-tokens", "one-layer", "empty"])
+def test_distribution_figures_are_pngs(layers, routes):
+    pruned = [c > 4 for c in layers]
+    for png in (F.token_flow_figure(layers, routes, pruned=pruned),
+                F.token_flow_figure(layers, routes, max_edges=1, labels=0),
+                F.rank_frequency_figure(layers), F.lorenz_figure(layers),
+                F.pruning_figure(layers, [c // 2 for c in layers], strategy="top_k")):
+        png_size(png)
+
+
+def test_other_figures_are_pngs():
+    png_size(F.residual_norm_figure([0.7, 0.6, 0.5], [0.5, 0.4, 0.3]))
+    png_size(F.residual_norm_figure([0.4]))
+    png_size(F.sid_size_figure(np.array([1, 2, 7]), np.array([90, 4, 0]), np.array([80, 6, 1])))
+    png_size(F.sid_size_figure(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                               np.zeros(0, np.int64)))
+    part = {"items": 10, "gini": [0.2, 0.5], "entropy_norm": [0.9, 0.7]}
+    png_size(F.head_tail_figure(part, dict(part, items=3)))
+
+
+def test_top_edges_keeps_the_heaviest_rows_of_each_transition():
+    rng = np.random.default_rng(0)
+    to_layer = rng.integers(1, 4, 5000)
+    items = rng.permutation(5000)  # distinct, so the top rows are unambiguous
+    rows = F.top_edges(to_layer, items, 7)
+    for layer in (1, 2, 3):
+        expected = np.flatnonzero(to_layer == layer)
+        expected = np.sort(expected[np.argsort(-items[expected])[:7]])
+        assert rows[to_layer[rows] == layer].tolist() == expected.tolist()
+    assert F.top_edges(np.array([1, 1]), np.array([3, 4]), 10).tolist() == [0, 1]
+    assert len(F.top_edges(np.zeros(0, np.int64), np.zeros(0, np.int64), 5)) == 0
+
+
+def _metrics(layers: int = 2) -> dict:
+    layer = {"size": 4, "used": 3, "utilization": 0.75, "entropy": 1.0, "entropy_norm": 0.7,
+             "perplexity": 2.7, "gini": 0.4, "std": 1.0, "top_share": 0.5}
+    col = {"distinct_sids": 5, "unique_sid_rate": 0.5, "mean_items_per_sid": 2.0,
+           "max_items_per_sid": 4, "items_per_sid_quantiles": {"0.8": 2, "0.9": 3}}
+    return {
+        "rows": {"input": 10, "encoded": 10, "rejected": 0},
+        "layers": [dict(layer, layer=i) for i in range(layers)],
+        "prefixes": [{"depth": 1, "distinct": 3, "sparsity": 0.75}],
+        "conditional": [], "hourglass": {"detected": True, "verdict": "hourglass at <layer 1>"},
+        "collisions": col, "collisions_before": col,
+        "reconstruction": {"mse": 0.1, "relative_error": 0.2,
+                           "residual_norm_by_layer": [0.5] * layers},
+        "quality": {"depth": 1, "clusters": 3, "semantic_cohesion": None,
+                    "preference_discrimination": -1.0},
+        "pruning": {"strategy": "none"},
+    }
+
+
+def test_page_without_head_tail_embeds_every_figure_and_escapes_text():
+    figs = [Figure(name, name, "caption <b>", F.residual_norm_figure([1.0, 0.5]))
+            for name in ("token_flow", "residual_norm", "extra")]
+    page = render("v1", _metrics(), figs)
+    assert len(IMG_SRC.findall(page)) == 3
+    assert all(base64.b64decode(s) == figs[0].png for s in IMG_SRC.findall(page))
+    assert "hourglass at &lt;layer 1&gt;" in page and "caption &lt;b&gt;" in page
+    assert "Head vs tail" not in page and "figuresLoaded" in page
+
+
+# ---------------------------------------------------------------- a real build and its page
+
+
+@pytest.fixture(scope="module")
+def built(small_catalog, tmp_path_factory) -> tuple[TableStore, str]:
+    catalog, _ = small_catalog
+    root = str(tmp_path_factory.mktemp("report") / "out")
+    cfg = small_config(catalog, root, input__popularity_column="popularity",
+                       prune__strategy="top_k", prune__k=2)
+    res = build(cfg, log=lambda msg: None)
+    return TableStore(root, "sids"), res.version_id
+
+
+def _report_files(store: TableStore, vid: str) -> dict[str, dict]:
+    return {e["path"]: e for e in store.manifest(vid)["files"] if e["path"].startswith("report/")}
+
+
+def test_build_writes_report_with_figures_equal_to_png_files(built):
+    store, vid = built
+    listed = _report_files(store, vid)
+    pngs = sorted(p for p in listed if p.endswith(".png"))
+    assert REPORT_HTML in listed and len(pngs) == 7  # six figures + head vs tail
+    vdir = Path(store.version_dir(vid))
+    for path, entry in listed.items():
+        assert hashlib.sha256((vdir / path).read_bytes()).hexdigest() == entry["sha256"]
+    page = (vdir / REPORT_HTML).read_text(encoding="utf-8")
+    embedded = [base64.b64decode(s) for s in IMG_SRC.findall(page)]
+    assert len(embedded) == page.count("<img ") == len(pngs)
+    files = {(vdir / p).read_bytes() for p in pngs}
+    assert set(embedded) == files
+    for data in embedded:
+        png_size(data)
+    for needle in ("Hourglass:", "Head vs tail", "Top routing tokens", "rejected",
+                   "before pruning (full codes)", "semantic cohesion"):
+        assert needle in page
+
+
+def test_cli_report_rerenders_the_same_files(built, capsys):
+    store, vid = built
+    vdir = Path(store.version_dir(vid))
+    manifest = (vdir / "_manifest.json").read_bytes()
+    for path in _report_files(store, vid):
+        (vdir / path).unlink()
+    assert main(["report", "--root", store.root, "--table", "sids"]) == 0
+    assert capsys.readouterr().out.strip() == f"{store.version_url(vid)}/{REPORT_HTML}"
+    for path, entry in _report_files(store, vid).items():  # deterministic: same bytes again
+        assert hashlib.sha256((vdir / path).read_bytes()).hexdigest() == entry["sha256"]
+    assert (vdir / "_manifest.json").read_bytes() == manifest
+    assert main(["report", "--root", store.root, "--table", "sids", "--version", "nope"]) == 2
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Path of a headless-capable Chromium; skips (before any build) when there is none."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("headless Chromium not installed (apt-get install chromium); CI installs it")
+
+
+def test_every_figure_loads_in_headless_chromium(chromium, built, tmp_path):
+    store, vid = built
+    page = Path(store.version_dir(vid)) / REPORT_HTML
+    n = sum(p.endswith(".png") for p in _report_files(store, vid))
+    assert n >= 6
+    out = subprocess.run(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+         "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = re.search(r'data-figures-loaded="(\d+)/(\d+)"', out.stdout)
+    assert found, f"page never reported its figures as loaded: {out.stderr[-2000:]}"
+    assert found.groups() == (str(n), str(n))
