@@ -24,6 +24,9 @@ Engine = Literal["local", "ray", "spark"]
 Method = Literal["rq_kmeans"]
 PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
+DuplicatePolicy = Literal["reject", "keep_first", "fail"]
+ZeroVectorPolicy = Literal["keep", "reject"]
+WarmStart = Literal["none", "parent"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class InputConfig:
     popularity_column: str | None = None
     on_bad_rows: BadRowPolicy = "reject"
     max_reject_fraction: float = 0.01
+    on_duplicate: DuplicatePolicy = "reject"  # reject every copy | keep the first (file, row)
+    on_zero_vector: ZeroVectorPolicy = "keep"  # all-zero embeddings: keep or reject
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class FitConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
+    warm_start: WarmStart = "none"  # parent: start Lloyd from the parent version's codebooks
 
 
 @dataclass(frozen=True)
