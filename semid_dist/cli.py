@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import SemidError
+
+if TYPE_CHECKING:
+    from semid_dist.io.store import TableStore
 
 
 def _print(obj: Any, as_json: bool, text: str) -> None:
@@ -28,8 +31,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     log = make_logger()
     log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     result = build(cfg, log=log)
-    _print({"version_id": result.version_id, "path": result.path, "metrics": result.metrics},
-           args.json, format_summary(result.version_id, result.path, result.metrics))
+    _print({"version_id": result.version_id, "path": result.path, "metrics": result.metrics,
+            "drift": result.drift}, args.json,
+           format_summary(result.version_id, result.path, result.metrics, result.drift))
     return 0
 
 
@@ -56,6 +60,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
     from semid_dist.io.store import TableStore
 
     store = TableStore(args.root, args.table)
+    if args.action in ("gc", "diff"):
+        return cmd_versions_gc(args, store) if args.action == "gc" else cmd_versions_diff(
+            args, store)
     if args.action == "list":
         latest = store.latest()
         rows = []
@@ -70,11 +77,46 @@ def cmd_versions(args: argparse.Namespace) -> int:
     else:  # show
         manifest = store.manifest(args.version)
         metrics = store.read_json(manifest["version_id"], "metrics.json")
+        from semid_dist.diff import DRIFT_FILE
         from semid_dist.summary import format_summary
 
-        _print({"manifest": manifest, "metrics": metrics}, args.json,
+        drift = (store.read_json(manifest["version_id"], DRIFT_FILE)
+                 if any(f["path"] == DRIFT_FILE for f in manifest["files"]) else None)
+        _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json,
                format_summary(manifest["version_id"], store.version_url(manifest["version_id"]),
-                              metrics))
+                              metrics, drift))
+    return 0
+
+
+def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
+    """`semid versions gc --keep N`: delete all but the N newest committed versions (and
+    `_latest`, and what they reference), plus uncommitted leftovers older than
+    --min-age-hours."""
+    from semid_dist.errors import ConfigError
+    from semid_dist.summary import format_gc
+
+    if args.keep is None or args.keep < 0:
+        raise ConfigError("semid versions gc needs --keep N (N >= 0: how many of the newest "
+                          "committed versions to keep besides _latest)")
+    report = store.gc(args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run)
+    _print(report, args.json, format_gc(report))
+    return 0
+
+
+def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
+    """`semid versions diff --from V1 --to V2`: share of items whose SID changed (--to
+    defaults to latest, --from to the parent of --to)."""
+    from semid_dist.diff import version_drift
+    from semid_dist.errors import StoreError
+    from semid_dist.summary import format_drift
+
+    to = store.resolve(args.to_version)
+    src = args.from_version or store.manifest(to).get("parent")
+    if src is None:
+        raise StoreError(f"version {to} has no parent; name the version to compare with: "
+                         "--from VERSION")
+    drift = version_drift(store, src, to)
+    _print(drift, args.json, format_drift(drift))
     return 0
 
 
@@ -109,11 +151,17 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check config files without running anything")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate)
-    vs = sub.add_parser("versions", help="list / show committed versions of a table")
-    vs.add_argument("action", choices=["list", "show"])
+    vs = sub.add_parser("versions", help="list / show / gc / diff versions of a table")
+    vs.add_argument("action", choices=["list", "show", "gc", "diff"])
     vs.add_argument("--root", required=True)
     vs.add_argument("--table", required=True)
     vs.add_argument("--version", default="latest")
+    vs.add_argument("--keep", type=int, help="gc: how many newest committed versions to keep")
+    vs.add_argument("--min-age-hours", type=float, default=24.0,
+                    help="gc: remove uncommitted version directories older than this")
+    vs.add_argument("--dry-run", action="store_true", help="gc: only print what would go")
+    vs.add_argument("--from", dest="from_version", help="diff: old version (default: parent)")
+    vs.add_argument("--to", dest="to_version", default="latest", help="diff: new version")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=cmd_versions)
     r = sub.add_parser("report", help="re-render the HTML report of a committed version")

@@ -315,7 +315,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildCo
 
 
 def _absolute(url: str) -> str:
-    return url if "://" in url else str(Path(url).expanduser().resolve())
+    if "://" in url or url.startswith("table:"):
+        return url
+    return str(Path(url).expanduser().resolve())
 
 
 def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,19 +22,22 @@ import semid_dist
 from semid_dist.codes.metrics import head_threshold
 from semid_dist.codes.partials import Partial
 from semid_dist.config import BuildConfig, with_absolute_paths
+from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
+from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
-from semid_dist.io.validate import check_columns, infer_dim
+from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, artifact_files, load_artifact
-from semid_dist.quantize.residual import init_subset
+from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.stages import (
     STAGING,
     JobContext,
     find_duplicates,
+    first_copy_rejects,
     sample_rows,
     scan_keys,
 )
@@ -47,6 +51,7 @@ class BuildResult:
     path: str
     metrics: dict[str, Any]
     manifest: dict[str, Any]
+    drift: dict[str, Any] | None = None  # against the parent version (None without one)
 
 
 def make_logger(prefix: str = "semid") -> Log:
@@ -56,6 +61,11 @@ def make_logger(prefix: str = "semid") -> Log:
         print(f"[{prefix} {time.monotonic() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     return log
+
+
+def _redacting(log: Log) -> Log:
+    """`log` with credentials in URLs (`s3://KEY:SECRET@...`, `?X-Amz-Signature=`) masked."""
+    return lambda msg: log(redact_url(msg))
 
 
 def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, np.ndarray]:
@@ -104,27 +114,43 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
           log: Log) -> JobContext:
     """Pre-pass over ids (+ popularity): duplicates and the head/tail popularity threshold."""
     scanned = engine.map(scan_keys, [(ctx, s) for s in plan.shards])
-    dups = _check_duplicates([ids for ids, _ in scanned], cfg, log)
+    ctx = _check_duplicates(ctx, plan, [ids for ids, _ in scanned], cfg, log)
     threshold = None
     if cfg.input.popularity_column:
         threshold = head_threshold(np.concatenate([p for _, p in scanned]),
                                    cfg.metrics.head_share)
         log(f"scan: head = popularity >= {threshold:g} "
             f"(items holding {cfg.metrics.head_share:.0%} of popularity)")
-    return replace(ctx, duplicate_ids=dups, head_threshold=threshold)
+    return replace(ctx, head_threshold=threshold,
+                   reject_zero_vectors=cfg.input.on_zero_vector == "reject")
 
 
-def _check_duplicates(id_arrays: list[pa.Array], cfg: BuildConfig, log: Log) -> pa.Array:
+def _check_duplicates(ctx: JobContext, plan: CatalogPlan, id_arrays: list[pa.Array],
+                      cfg: BuildConfig, log: Log) -> JobContext:
+    """Apply input.on_duplicate: reject every copy (ctx.duplicate_ids), keep the first copy
+    in (file, row) order and reject the later ones (ctx.duplicate_rows), or fail. Under
+    input.on_bad_rows=fail any duplicate fails, since it would be a rejected row."""
     dups, rows = find_duplicates(id_arrays)
-    if len(dups):
-        examples = ", ".join(str(v) for v in dups[:5].to_pylist())
-        if cfg.input.on_bad_rows == "fail":
-            raise InputError(f"{len(dups)} item ids occur more than once ({rows} rows; e.g. "
-                             f"{examples}); deduplicate the catalog or set "
-                             "input.on_bad_rows=reject to reject every copy")
-        log(f"check: {len(dups)} duplicated item ids ({rows} rows) will be rejected, "
-            f"e.g. {examples}")
-    return dups
+    if not len(dups):
+        return ctx
+    policy = cfg.input.on_duplicate
+    examples = ", ".join(repr(v) for v in dups[:5].to_pylist())
+    found = f"{len(dups)} item ids occur more than once ({rows} rows; e.g. {examples})"
+    if policy == "fail":
+        raise InputError(f"{found}; deduplicate the catalog, or set input.on_duplicate="
+                         "keep_first (keep the first copy) or reject (reject every copy)")
+    if cfg.input.on_bad_rows == "fail":
+        raise InputError(f"{found} and input.on_bad_rows=fail; deduplicate the catalog or "
+                         "set input.on_bad_rows=reject (duplicates then follow "
+                         f"input.on_duplicate={policy})")
+    if policy == "keep_first":
+        later = first_copy_rejects(id_arrays, plan.shards, dups)
+        log(f"check: {len(dups)} duplicated item ids ({rows} rows): the first copy of each "
+            f"is kept, {rows - len(dups)} later copies will be rejected, e.g. {examples}")
+        return replace(ctx, duplicate_rows=later)
+    log(f"check: {len(dups)} duplicated item ids ({rows} rows) will be rejected, "
+        f"e.g. {examples}")
+    return replace(ctx, duplicate_ids=dups)
 
 
 def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, log: Log) -> np.ndarray:
@@ -141,8 +167,10 @@ def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, log: L
 
 
 def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
-               vid: str, log: Log) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
-    """Fit new codebooks, or (encode.from_version) reuse a committed version's artifact.
+               vid: str, log: Log, parent: str | None = None,
+               ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
+    """Fit new codebooks (fit.warm_start=parent: starting from the parent's), or
+    (encode.from_version) reuse a committed version's artifact.
     Writes the artifact into the new version; returns (files, fit stats, source)."""
     if cfg.encode.from_version:
         src = store.resolve(cfg.encode.from_version)
@@ -160,21 +188,41 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
         return files, meta.get("training", []), src
     sample = _sample(engine, ctx, plan, cfg, log)
     seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
+    warm = _warm_start(store, parent, cfg, ctx.dim, log)
     codebooks, fit_stats = engine.fit(sample, seeds, cfg, log,
-                                      f"{store.version_url(vid)}/{STAGING}")
+                                      f"{store.version_url(vid)}/{STAGING}", init_centroids=warm)
     meta = {"method": cfg.quantizer.method, "layers": list(cfg.quantizer.layers),
-            "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats}
+            "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats,
+            "warm_start": parent if warm is not None else None}
     files = [store.write_file(vid, f"codebooks/{n}", b)
              for n, b in artifact_files(codebooks, meta).items()]
     return files, fit_stats, "fit"
 
 
+def _warm_start(store: TableStore, parent: str | None, cfg: BuildConfig, dim: int,
+                log: Log) -> list[np.ndarray] | None:
+    """fit.warm_start=parent: the parent's codebooks (checked against quantizer.layers and
+    the catalog dim) to start Lloyd from; None for a cold fit or the table's first build."""
+    if cfg.fit.warm_start != "parent":
+        return None
+    if parent is None:
+        log("fit: fit.warm_start=parent but the table has no committed version yet; "
+            "k-means++ init")
+        return None
+    blobs = {n: store.read_bytes(parent, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
+    codebooks, _ = load_artifact(blobs, where=f"codebooks of version {parent}")
+    log(f"fit: warm start from the codebooks of version {parent}")
+    return check_warm_start(codebooks, cfg.quantizer.layers, dim,
+                            source=f"parent version {parent}")
+
+
 def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
     """Run the encode stage; returns ({"all"|"head"|"tail": partials in shard order}, counts,
-    reject files)."""
+    reject files, rejected rows per reason)."""
     partials: dict[str, dict[int, Partial]] = {"all": {}, "head": {}, "tail": {}}
     counts = {"input": 0, "encoded": 0, "rejected": 0}
     rejects: list[FileEntry] = []
+    reasons: Counter[str] = Counter()
     for i, res in enumerate(engine.encode(ctx, list(plan.shards)), 1):
         for part, key in (("all", "partial"), ("head", "partial_head"), ("tail", "partial_tail")):
             if key in res:
@@ -182,47 +230,58 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
         counts["input"] += res["rows"]
         counts["encoded"] += res["encoded"]
         counts["rejected"] += res["rejected"]
+        reasons.update(res.get("reasons", {}))
         if res["rejects_file"] is not None:
             rejects.append(res["rejects_file"])
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
             log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
                 f"{counts['rejected']} rejected")
     ordered = {part: [p[i] for i in sorted(p)] for part, p in partials.items() if p}
-    return ordered, counts, sorted(rejects, key=lambda e: e.path)
+    if reasons:
+        log(f"encode: rejected rows by reason: {_reasons_text(reasons)}")
+    return ordered, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
 
 
-def _check_rejects(counts: dict[str, int], cfg: BuildConfig) -> None:
+def _reasons_text(reasons: dict[str, int], top: int = 4) -> str:
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{n} {why}" for why, n in ranked[:top])
+    return text + (f", {len(ranked) - top} more reasons" if len(ranked) > top else "")
+
+
+def _check_rejects(counts: dict[str, int], reasons: dict[str, int], cfg: BuildConfig) -> None:
+    """Fail (nothing committed) on any rejected row under input.on_bad_rows=fail, or above
+    input.max_reject_fraction; the message counts the rejected rows by reason."""
+    why = _reasons_text(reasons)
     if counts["rejected"] and cfg.input.on_bad_rows == "fail":
-        raise InputError(f"{counts['rejected']} bad rows (see reasons above); fix the catalog or "
-                         "set input.on_bad_rows=reject")
+        raise InputError(f"{counts['rejected']} bad rows ({why}) and input.on_bad_rows=fail; "
+                         "nothing was committed. Fix the catalog or set "
+                         "input.on_bad_rows=reject")
     share = counts["rejected"] / max(counts["input"], 1)
     if share > cfg.input.max_reject_fraction:
-        raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}) "
-                         f"> input.max_reject_fraction={cfg.input.max_reject_fraction}; "
-                         "nothing was committed. Fix the catalog or raise the limit")
+        raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}: "
+                         f"{why}) > input.max_reject_fraction="
+                         f"{cfg.input.max_reject_fraction}; nothing was committed. Fix the "
+                         "catalog or raise the limit")
     if counts["encoded"] == 0:
         raise InputError("no valid rows to encode; nothing was committed")
 
 
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     """Run the whole job and commit a new version; returns its id, path and metrics."""
-    log = log or make_logger()
+    log = _redacting(log or make_logger())
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
     parent = store.latest()
-    plan = plan_catalog(cfg.input.path, target_rows=cfg.encode.shard_rows)
-    for path, schema in plan.schemas:
-        try:
-            check_columns(schema, cfg.input.id_column, cfg.input.embedding_column,
-                          cfg.input.popularity_column)
-        except InputError as exc:
-            raise InputError(f"{path}: {exc}") from None
-    vid = new_version_id()
-    log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; new version {vid} of "
-        f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
     timings: dict[str, float] = {}
     with make_engine(cfg, log=log) as engine:
+        plan = plan_catalog(engine.resolve_input(cfg.input.path),
+                            target_rows=cfg.encode.shard_rows)
+        check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
+                      cfg.input.popularity_column)
+        vid = new_version_id()
+        log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; new version {vid} of "
+            f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
         ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                          embedding_column=cfg.input.embedding_column,
                          popularity_column=cfg.input.popularity_column,
@@ -234,22 +293,27 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)
         t = time.monotonic()
-        files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log)
+        files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log, parent)
         timings["fit_s"] = time.monotonic() - t
         t = time.monotonic()
-        partials, counts, reject_files = _encode(engine, ctx, plan, log)
-        _check_rejects(counts, cfg)
+        partials, counts, reject_files, reasons = _encode(engine, ctx, plan, log)
+        _check_rejects(counts, reasons, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
         merged_parts, decision, moves, metrics = reduce_partials(engine, ctx, plan, partials,
                                                                   cfg, log)
         data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
         timings["reduce_s"] = time.monotonic() - t
+        t = time.monotonic()
+        drift = parent_drift(engine, store, parent, vid, data_files, log)
+        timings["drift_s"] = time.monotonic() - t
     metrics = {"rows": counts, **metrics,
                "fit": {"codebooks_from": source,
                        "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
                                    "n": s["n"]} for s in fit_stats]},
                "timings": {k: round(v, 3) for k, v in timings.items()}}
+    if drift is not None:
+        files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
     files += write_lookups(store, vid, merged_parts, decision, metrics)
     files += write_report(store, vid)
@@ -257,14 +321,16 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     manifest = {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "package_version": semid_dist.__version__, "engine": cfg.engine,
-        "config": cfg.to_dict(), "input": {"url": plan.url, "fingerprint": plan.fingerprint,
-                                           "rows": plan.num_rows, "dim": ctx.dim},
+        "config": redact(cfg.to_dict()),
+        "input": {"url": redact_url(plan.url), "fingerprint": plan.fingerprint,
+                  "rows": plan.num_rows, "dim": ctx.dim},
         "rows": counts,
     }
-    store.commit(vid, manifest, files)
+    moved = store.commit(vid, manifest, files)
     _remove_staging(store, vid)
-    log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s")
-    return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid))
+    log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
+        + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
+    return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid), drift)
 
 
 def _json(data: Any) -> bytes:

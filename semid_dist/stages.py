@@ -7,6 +7,7 @@ plain data, so any engine gives identical outputs for the same shards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, tok
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.io.validate import validate_batch
+from semid_dist.io.validate import normalize_ids, reject_reasons, validate_batch
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.encode import encode_batch
 
@@ -47,6 +48,10 @@ class JobContext:
     duplicate_ids: pa.Array | None = field(default=None, compare=False)
     head_threshold: float | None = None  # popularity >= this is "head" (None: no split)
     candidates: int = 1  # last-layer candidate codes staged per item (capacity-bounded SIDs)
+    reject_zero_vectors: bool = False  # input.on_zero_vector=reject
+    # input.on_duplicate=keep_first: shard index -> the later copies to reject there,
+    # table(offset: int64 sorted rows inside the shard, reason: string); see first_copy_rejects
+    duplicate_rows: dict[int, pa.Table] | None = field(default=None, compare=False)
 
     def store(self) -> TableStore:
         return TableStore(self.root, self.table)
@@ -58,19 +63,23 @@ def _validated(ctx: JobContext, shard: Shard):
         cols.append(ctx.popularity_column)
     raw = read_shard(ctx.catalog_url, shard, cols)
     return validate_batch(raw, id_column=ctx.id_column, embedding_column=ctx.embedding_column,
-                          dim=ctx.dim, source_file=shard.path, row_offset=shard.row_offset,
+                          dim=ctx.dim, source_file=fsio.redact_url(shard.path),
+                          row_offset=shard.row_offset,
                           popularity_column=ctx.popularity_column,
-                          duplicate_ids=ctx.duplicate_ids)
+                          duplicate_ids=ctx.duplicate_ids,
+                          duplicate_rows=(ctx.duplicate_rows or {}).get(shard.index),
+                          reject_zero=ctx.reject_zero_vectors)
 
 
 def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | None]:
-    """The shard's item ids (nulls included; for the duplicate check) and popularity."""
+    """The shard's item ids in row order (int64 or string, nulls included; for the
+    duplicate check) and popularity."""
     cols = [ctx.id_column] + ([ctx.popularity_column] if ctx.popularity_column else [])
     t = read_shard(ctx.catalog_url, shard, cols)
     pop = None
     if ctx.popularity_column:
         pop = pc.fill_null(pc.cast(t.column(1), pa.float64()), 0.0).to_numpy()
-    return t.column(0).combine_chunks(), pop
+    return normalize_ids(t.column(0)), pop
 
 
 def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:
@@ -80,6 +89,47 @@ def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:
     values, n = counts.field("values"), counts.field("counts")
     dup = pc.greater(n, 1)
     return pc.filter(values, dup), int(pc.sum(pc.filter(n, dup)).as_py() or 0)
+
+
+def first_copy_rejects(id_arrays: list[pa.Array], shards: Sequence[Shard],
+                       dups: pa.Array) -> dict[int, pa.Table]:
+    """on_duplicate=keep_first: every copy of an id in `dups` after its first one in (shard,
+    row) order -> {shard index: table(offset: int64 sorted rows inside the shard, reason:
+    "duplicate item_id (first at <file>:<row>)")}.
+
+    id_arrays[i]: the ids of shards[i] in row order (as `scan_keys` returns them). Vectorized
+    over the rows holding a duplicated id; the only Python loop is over shards."""
+    sizes = np.array([len(a) for a in id_arrays], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    chunks = [a for a in id_arrays if len(a)] or [pa.array([], dups.type)]
+    group = pc.index_in(pa.chunked_array(chunks).combine_chunks(), value_set=dups)
+    held = group.is_valid().to_numpy(zero_copy_only=False)
+    pos = np.flatnonzero(held)  # global row positions, ascending = (shard, row) order
+    g = pc.drop_null(group).to_numpy().astype(np.int64)
+    order = np.argsort(g, kind="stable")  # by id, then position
+    g, pos = g[order], pos[order]
+    first = np.concatenate([[True], g[1:] != g[:-1]])
+    first_pos = np.empty(len(dups), dtype=np.int64)
+    first_pos[g[first]] = pos[first]
+    later = pos[~first]
+    origin = first_pos[g[~first]]
+    by_pos = np.argsort(later)
+    later, origin = later[by_pos], origin[by_pos]
+    origin_shard = np.searchsorted(starts, origin, side="right") - 1
+    paths = np.array([fsio.redact_url(s.path) for s in shards], dtype=object)
+    file_rows = np.array([s.row_offset for s in shards], dtype=np.int64)
+    reason = pc.binary_join_element_wise(
+        "duplicate item_id (first at ", pa.array(paths[origin_shard], pa.string()), ":",
+        pa.array(file_rows[origin_shard] + origin - starts[origin_shard]).cast(pa.string()),
+        ")", "")
+    cuts = np.searchsorted(later, np.concatenate([starts, [sizes.sum()]]))
+    out: dict[int, pa.Table] = {}
+    for i, shard in enumerate(shards):
+        lo, hi = int(cuts[i]), int(cuts[i + 1])
+        if hi > lo:
+            out[shard.index] = pa.table({"offset": later[lo:hi] - starts[i],
+                                         "reason": reason.slice(lo, hi - lo)})
+    return out
 
 
 def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray) -> np.ndarray:
@@ -130,6 +180,7 @@ class EncodeWorker:
                 batch.rejects)
         result = {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
                   "rejected": batch.rejects.num_rows, "rejects_file": rejects,
+                  "reasons": reject_reasons(batch.rejects),
                   "partial": self._partial(enc, batch.x, slice(None))}
         if ctx.head_threshold is not None and batch.popularity is not None:
             head = batch.popularity >= ctx.head_threshold
@@ -250,3 +301,35 @@ def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table,
     })
     return ctx.store().write_table(ctx.version_id,
                                    f"data/part-{ctx.version_id}-{shard.index:06d}.parquet", out)
+
+
+def _read_projected(fs: Any, path: str, columns: tuple[str, ...]) -> pa.Table:
+    """A Parquet file's `columns` that it has (others are skipped)."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        return pf.read(columns=present)
+
+
+def drift_bucket(root: str, table: str, old_parts: list[str], new_parts: list[str],
+                 bucket: int, buckets: int) -> dict[str, Any]:
+    """Drift counts of one item-id bucket: read every data part of both versions (paths
+    inside the table's filesystem), keep the rows whose `id_buckets(item_id) == bucket`
+    (columns item_id, codes, sid, sid_layers, suffix only), join them on item id ->
+    `semid_dist.codes.drift.drift_counts` (plain, summable counts)."""
+    from semid_dist.codes.drift import DRIFT_COLUMNS, drift_counts, id_buckets
+
+    fs = TableStore(root, table).fs
+
+    def rows(parts: list[str]) -> pa.Table:
+        kept = []
+        for path in parts:
+            t = _read_projected(fs, path, DRIFT_COLUMNS)
+            if buckets > 1:
+                t = t.filter(pa.array(id_buckets(t.column("item_id"), buckets) == bucket))
+            kept.append(t)
+        return pa.concat_tables(kept) if kept else pa.table({})
+
+    return drift_counts(rows(old_parts), rows(new_parts))

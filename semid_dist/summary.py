@@ -9,7 +9,49 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def format_summary(version_id: str, path: str, metrics: dict[str, Any]) -> str:
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2%}"
+
+
+def format_drift_line(drift: dict[str, Any]) -> str:
+    """One line: overall and per-layer share of changed SIDs (over the items in both
+    versions) and the items in only one of them."""
+    layers = " / ".join(_pct(layer["share_changed"]) for layer in drift["layers"])
+    return (f"vs {drift['from_version']}: {_pct(drift['share_changed'])} of "
+            f"{drift['items_common']} common items changed SID (per layer {layers}); "
+            f"{drift['items_only_from']} only in {drift['from_version']}, "
+            f"{drift['items_only_to']} only in {drift['to_version']}")
+
+
+def format_drift(drift: dict[str, Any]) -> str:
+    """`semid versions diff` text output."""
+    lines = [f"from      {drift['from_version']}", f"to        {drift['to_version']}",
+             f"items     common {drift['items_common']}  only in from "
+             f"{drift['items_only_from']}  only in to {drift['items_only_to']}",
+             f"changed   {drift['changed']} SIDs ({_pct(drift['share_changed'])})",
+             "layer  changed  share"]
+    lines += [f"{layer['layer']:>5}  {layer['changed']:>7}  {_pct(layer['share_changed'])}"
+              for layer in drift["layers"]]
+    return "\n".join(lines)
+
+
+def format_gc(report: dict[str, Any]) -> str:
+    """`semid versions gc` text output."""
+    verb = "would delete" if report["dry_run"] else "deleted"
+    young = ", ".join(report["deleted_uncommitted"]) or "-"
+    lines = [f"table     {report['table']}  (_latest {report['latest'] or 'none'})",
+             f"{verb} {len(report['deleted'])} committed version(s): "
+             f"{', '.join(report['deleted']) or '-'}",
+             f"{verb} {len(report['deleted_uncommitted'])} uncommitted director(ies) older "
+             f"than {report['min_age_hours']:g} h: {young}",
+             f"kept      {len(report['kept'])}: {', '.join(report['kept']) or '-'}"]
+    return "\n".join(lines)
+
+
+def format_summary(version_id: str, path: str, metrics: dict[str, Any],
+                   drift: dict[str, Any] | None = None) -> str:
+    """The build / `semid versions show` summary; `drift` (drift.json, against the parent)
+    adds a line."""
     rows = metrics["rows"]
     col = metrics["collisions"]
     rec = metrics["reconstruction"]
@@ -48,4 +90,6 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any]) -> str:
                          f"{sub['layers'][min(1, len(sub['layers']) - 1)]['gini']:.4f}")
     if "hourglass" in metrics:
         lines.append(f"hourglass {metrics['hourglass']['verdict']}")
+    if drift:
+        lines.append(f"drift     {format_drift_line(drift)}")
     return "\n".join(lines)

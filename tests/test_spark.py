@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -44,7 +45,8 @@ def spark_session():
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.task.maxFailures", "1")
                .config("spark.driver.memory", "1g")
-               .config("spark.sql.shuffle.partitions", "2"))
+               .config("spark.sql.shuffle.partitions", "2")
+               .config("spark.sql.warehouse.dir", tempfile.mkdtemp(prefix="semid-wh-")))
     with warnings.catch_warnings():  # pyspark's own pandas-3 notice; no pandas is used
         warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
                                 FutureWarning)
@@ -147,3 +149,29 @@ def test_spark_refuses_memory_urls():
 
     with pytest.raises(ConfigError, match="memory://"):
         SparkEngine(small_config("memory://cat", "/tmp/unused", engine="spark"), log=quiet)
+
+
+def test_spark_reads_a_catalog_table(spark_session, small_catalog, tmp_path):
+    """input.path: table:<name> reads a Parquet table of the session catalog; same SIDs as
+    the Parquet files behind it, read directly."""
+    catalog, x = small_catalog
+    root = str(tmp_path / "out")
+    df = spark_session.read.parquet(catalog).select("item_id", "embedding")
+    df.write.format("parquet").option("path", str(tmp_path / "tbl")).saveAsTable("semid_items")
+    try:
+        fitted = build(small_config(catalog, root), log=quiet)
+        by_table = build(small_config("table:semid_items", root, engine="spark",
+                                      encode__from_version=fitted.version_id), log=quiet)
+        by_path = build(small_config(str(tmp_path / "tbl"), root,
+                                     encode__from_version=fitted.version_id), log=quiet)
+        store = TableStore(root, "sids")
+        a = store.read_data(by_table.version_id).sort_by("item_id")
+        b = store.read_data(by_path.version_id).sort_by("item_id")
+        assert a.num_rows == len(x) and a.equals(b)
+        assert by_table.manifest["input"]["url"].endswith("tbl")
+        with pytest.raises(InputError, match="not in the Spark session catalog"):
+            build(small_config("table:no_such_table", root, engine="spark"), log=quiet)
+        with pytest.raises(ConfigError, match="engine: spark"):
+            build(small_config("table:semid_items", root), log=quiet)
+    finally:
+        spark_session.sql("DROP TABLE IF EXISTS semid_items")

@@ -8,9 +8,12 @@ from typing import Any
 import numpy as np
 
 from semid_dist.config import BuildConfig
+from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard
 from semid_dist.quantize.residual import fit_residual_kmeans
 from semid_dist.stages import EncodeWorker, JobContext
+
+TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalog
 
 
 class LocalEngine:
@@ -28,6 +31,13 @@ class LocalEngine:
     def close(self) -> None:
         pass
 
+    def resolve_input(self, path: str) -> str:
+        """The catalog URL to read; only the Spark engine resolves `table:<name>`."""
+        if path.startswith(TABLE_PREFIX):
+            raise ConfigError(f"input.path={path!r} names a Spark catalog table; use "
+                              "engine: spark, or point input.path at the table's Parquet files")
+        return path
+
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         return [fn(*item) for item in items]
 
@@ -37,9 +47,11 @@ class LocalEngine:
             yield worker(shard)
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
-            log: Callable[[str], None], staging_url: str,
+            log: Callable[[str], None], staging_url: str, *,
+            init_centroids: list[np.ndarray] | None = None,
             ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+        """sample: (n, d) float32; init_centroids: warm start, one (k_l, d) per layer."""
         q = cfg.quantizer
         return fit_residual_kmeans(sample, q.layers, niter=q.niter, seed=cfg.seed,
-                                   init_points=init_points, chunk_rows=cfg.encode.chunk_rows,
-                                   progress=log)
+                                   init_points=init_points, init_centroids=init_centroids,
+                                   chunk_rows=cfg.encode.chunk_rows, progress=log)

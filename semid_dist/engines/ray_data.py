@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from semid_dist.config import BuildConfig
+from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.stages import EncodeWorker, JobContext
@@ -60,6 +61,7 @@ class _EncodeActor:
 
 class RayEngine:
     name = "ray"
+    resolve_input = LocalEngine.resolve_input
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
         if cfg.output.root.startswith("memory://") or cfg.input.path.startswith("memory://"):
@@ -103,8 +105,10 @@ class RayEngine:
             yield row["result"]
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
-            log: Callable[[str], None], staging_url: str,
+            log: Callable[[str], None], staging_url: str, *,
+            init_centroids: list[np.ndarray] | None = None,
             ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         from semid_dist.engines.ray_train import fit_on_ray_train
 
-        return fit_on_ray_train(sample, init_points, cfg, log, staging_url)
+        return fit_on_ray_train(sample, init_points, cfg, log, staging_url,
+                                init_centroids=init_centroids)

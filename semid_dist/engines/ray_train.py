@@ -35,6 +35,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = "cuda" if use_gpu else "cpu"
     sample = ray.get(config["sample"])
     init_points = ray.get(config["init_points"])
+    init_centroids = ray.get(config["init_centroids"])  # warm start (None: k-means++)
 
     def all_reduce(a: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(device)
@@ -43,7 +44,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     codebooks, stats = fit_residual_kmeans(
         sample[rank::world], config["layers"], niter=config["niter"], seed=config["seed"],
-        init_points=init_points, all_reduce=all_reduce if world > 1 else None,
+        init_points=init_points, init_centroids=init_centroids,
+        all_reduce=all_reduce if world > 1 else None,
         chunk_rows=config["chunk_rows"], device=device)
     if rank == 0:
         buf = io.BytesIO()
@@ -55,9 +57,12 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
-                     log: Callable[[str], None], staging_url: str,
+                     log: Callable[[str], None], staging_url: str, *,
+                     init_centroids: list[np.ndarray] | None = None,
                      ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """sample: (n, d) float32 -> (codebooks, per-layer stats) fitted by fit.num_workers."""
+    """sample: (n, d) float32 -> (codebooks, per-layer stats) fitted by fit.num_workers.
+    init_centroids: warm start, one (k_l, d) float32 array per layer (every worker starts
+    Lloyd from them instead of k-means++)."""
     import json
 
     import ray
@@ -71,6 +76,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
             _train_loop,
             train_loop_config={
                 "sample": ray.put(sample), "init_points": ray.put(init_points),
+                "init_centroids": ray.put(init_centroids),
                 "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
                 "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
                 "out": out,

@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from semid_dist import errors
 from semid_dist.config import BuildConfig
-from semid_dist.engines.local import LocalEngine
-from semid_dist.errors import ConfigError, SemidError
+from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
+from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.stages import EncodeWorker, JobContext
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 _RESULT_SCHEMA = "index long, result binary"
 _ARROW_SCHEMA = pa.schema([("index", pa.int64()), ("result", pa.binary())])
 _TASK_ERROR = re.compile(r"semid_dist\.errors\.(\w+): (.+)")
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}")
 
 
 def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
@@ -139,6 +140,34 @@ class SparkEngine(LocalEngine):
         if self._started:
             self.spark.stop()
             self._started = False
+
+    def resolve_input(self, path: str) -> str:
+        """`table:<name>` -> the Parquet location of that table in the session catalog
+        (a Parquet data source table, or a Hive table stored as Parquet)."""
+        if not path.startswith(TABLE_PREFIX):
+            return path
+        name = path[len(TABLE_PREFIX):]
+        if not _TABLE_NAME.fullmatch(name):
+            raise ConfigError(f"input.path: {name!r} is not a table name (db.table)")
+        from pyspark.errors import AnalysisException
+
+        try:
+            rows = self.spark.sql(f"DESCRIBE FORMATTED {name}").collect()
+        except AnalysisException:
+            raise InputError(f"input.path: table {name!r} is not in the Spark session catalog; "
+                             "check the name or use a Parquet path") from None
+        info = {r.col_name.strip(): (r.data_type or "").strip() for r in rows}
+        provider = info.get("Provider", "").lower()
+        serde = info.get("Serde Library", "").lower()
+        if provider != "parquet" and "parquet" not in serde:
+            raise InputError(f"input.path: table {name!r} is stored as "
+                             f"{provider or serde or 'unknown'}, not Parquet; write it as "
+                             "Parquet or point input.path at Parquet files")
+        location = info.get("Location")
+        if not location:
+            raise InputError(f"input.path: table {name!r} has no storage location")
+        self.log(f"input: table {name} -> {location}")
+        return location
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         items = list(items)

@@ -39,28 +39,34 @@ class CatalogPlan:
         return sum(s.num_rows for s in self.shards)
 
 
+def _input_error(message: str) -> InputError:
+    """An InputError whose message holds no credentials (paths of `http://user:pw@...`)."""
+    return InputError(fsio.redact_url(message))
+
+
 def list_files(url: str) -> list[str]:
     fs, path = fsio.resolve(url)
     if not fs.exists(path):
-        raise InputError(f"input.path {url!r} does not exist; point it at a Parquet file or "
+        raise _input_error(f"input.path {url!r} does not exist; point it at a Parquet file or "
                          "a directory of Parquet files")
     if fs.isfile(path):
         return [path]
     files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
                    and not any(part.startswith(("_", ".")) for part in p.split("/")))
     if not files:
-        raise InputError(f"input.path {url!r} holds no *.parquet files")
+        raise _input_error(f"input.path {url!r} holds no *.parquet files (names starting with "
+                         "'_' or '.' are skipped); point it at the catalog's Parquet files")
     return files
 
 
 def _footer(fs, path: str) -> pq.FileMetaData:
     if fs.size(path) == 0:
-        raise InputError(f"catalog file {path!r} is empty (0 bytes); remove it or re-export it")
+        raise _input_error(f"catalog file {path!r} is empty (0 bytes); remove it or re-export it")
     try:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"catalog file {path!r} is not readable Parquet ({exc}); "
+        raise _input_error(f"catalog file {path!r} is not readable Parquet ({exc}); "
                          "remove or repair it, then re-run") from None
 
 
@@ -71,24 +77,28 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     schema = None
     distinct: list[tuple[str, pa.Schema]] = []
     digest = hashlib.sha256()
-    for path in list_files(url):
+    files = list_files(url)
+    for path in files:
         meta = _footer(fs, path)
         file_schema = meta.schema.to_arrow_schema()
         schema = schema or file_schema
         if not any(file_schema.equals(s) for _, s in distinct):
             distinct.append((path, file_schema))
-        digest.update(json.dumps([path, meta.num_rows, fs.size(path)]).encode())
+        digest.update(json.dumps([fsio.redact_url(path), meta.num_rows, fs.size(path)]).encode())
         groups: list[int] = []
         rows, offset = 0, 0
         for rg in range(meta.num_row_groups):
             groups.append(rg)
             rows += meta.row_group(rg).num_rows
-            if rows >= target_rows or rg == meta.num_row_groups - 1:
+            if rows >= target_rows or (rg == meta.num_row_groups - 1 and rows):
                 shards.append(Shard(len(shards), path, tuple(groups), offset, rows))
                 offset += rows
                 groups, rows = [], 0
     if schema is None:
-        raise InputError(f"input.path {url!r} holds no Parquet files")
+        raise _input_error(f"input.path {url!r} holds no Parquet files")
+    if not shards:  # every file has 0 rows: nothing to sample or encode
+        raise _input_error(f"catalog at {url!r} has no rows ({len(files)} Parquet file(s), all "
+                         "empty); export the catalog again or point input.path at a full one")
     return CatalogPlan(url, tuple(shards), schema, digest.hexdigest(), tuple(distinct))
 
 
@@ -101,7 +111,7 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
             return pq.ParquetFile(f, page_checksum_verification=True).read_row_groups(
                 list(shard.row_groups), columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"catalog file {shard.path!r}: cannot read row groups "
+        raise _input_error(f"catalog file {shard.path!r}: cannot read row groups "
                          f"{list(shard.row_groups)} ({exc}); repair or remove the file") from None
 
 

@@ -1,19 +1,61 @@
-"""fsspec helpers: resolve URLs, write files so readers never see a half-written one."""
+"""fsspec helpers: resolve URLs, write files so readers never see a half-written one, and
+keep credentials out of everything written or logged (`redact_url`)."""
 
 from __future__ import annotations
 
 import io
 import posixpath
+import re
 import uuid
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from semid_dist.errors import ConfigError
+
+# `scheme://user:secret@host...` anywhere in a string (a user without ':' is no secret, and
+# `abfs://container@account` names a container); AWS secret keys may hold '/'
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s:]*:[^@\s]*@")
+# query parameters that carry secrets: X-Amz-Signature / -Credential / -Security-Token,
+# Azure SAS `sig`, `token`, `password`, `AWSAccessKeyId` ...
+_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&][^=&#\s]*(?:sig|token|secret|passw|credential|key)[^=&#\s]*=)[^&#\s]*",
+    re.IGNORECASE)
+# fsspec filesystems that do not read credentials from the URL (a `KEY:SECRET@` there
+# becomes part of the bucket name and ends up in error messages)
+_NO_URL_CREDENTIALS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, or a message holding URLs) with credentials replaced by `***`: the
+    user info of `s3://KEY:SECRET@bucket/x` or `ftp://user:pw@host/x` (-> `s3://***@bucket/x`)
+    and the values of secret-bearing query parameters (`?X-Amz-Signature=***`)."""
+    text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    return _SECRET_PARAM.sub(r"\g<name>***", text)
+
+
+def redact(value: Any) -> Any:
+    """`redact_url` on every string inside plain data (dicts, lists, tuples)."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
 
 def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     """URL (file://, s3://, memory://, plain path ...) -> (filesystem, path inside it)."""
+    if _URL_CREDENTIALS.search(url) and fsspec.utils.get_protocol(url) in _NO_URL_CREDENTIALS:
+        raise ConfigError(f"{redact_url(url)}: credentials inside an "
+                          f"{fsspec.utils.get_protocol(url)}:// URL are not supported (they "
+                          "would end up in logs and manifests); remove 'KEY:SECRET@' and give "
+                          "them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile "
+                          "(AWS_PROFILE) or the machine's role")
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/") or path
 

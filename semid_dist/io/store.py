@@ -2,7 +2,9 @@
 
 Layout under `<root>/<table>/`: `versions/<version_id>/...` and `_latest`. A version exists
 for readers only once its `_manifest.json` is written, which happens last; `_latest` is
-replaced atomically after that. Nothing of an older version is touched by a build.
+then moved forward under a lock (compare-and-swap: it only ever names the newest committed
+version, never an older one, even when builds commit concurrently). Nothing of an older
+version is touched by a build; old versions go only by `TableStore.gc` (policy: `gc_plan`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
+import random
+import threading
+import time
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +31,13 @@ from semid_dist.io import fs as fsio
 
 MANIFEST = "_manifest.json"
 LATEST = "_latest"
+LATEST_LOCK = "_latest.lock"
+VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+LOCK_STALE_S = 60.0  # a lock file older than this is left over by a dead process
+LOCK_TIMEOUT_S = 120.0  # give up taking the lock after this long
+
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,72 @@ class FileEntry:
 def new_version_id(now: dt.datetime | None = None) -> str:
     """Sortable id: UTC time to the second plus 6 random hex digits (`20261122T020000Z-ab12cd`)."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+    return f"{now.strftime(VERSION_TIME_FORMAT)}-{uuid.uuid4().hex[:6]}"
+
+
+def version_time(version_id: str) -> dt.datetime | None:
+    """UTC start time encoded in a version id, or None when the id does not start with one."""
+    try:
+        return dt.datetime.strptime(version_id.split("-", 1)[0], VERSION_TIME_FORMAT).replace(
+            tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def referenced_versions(manifest: Mapping[str, Any]) -> set[str]:
+    """Other versions a manifest's files live in (entries with an optional `"version"` key)."""
+    own = manifest.get("version_id")
+    return {str(e["version"]) for e in manifest.get("files", [])
+            if e.get("version") and e["version"] != own}
+
+
+def gc_plan(versions: list[str], latest: str | None,
+            manifests: Mapping[str, Mapping[str, Any] | None], keep: int, now: dt.datetime,
+            min_age_hours: float) -> tuple[list[str], list[str]]:
+    """Retention policy for `TableStore.gc`: which version directories go -> (delete, keep),
+    both sorted.
+
+    versions: every directory under `versions/` (committed or not); latest: what `_latest`
+    names; manifests: {version id: manifest} of the committed versions (a value of None
+    means the manifest exists but cannot be read). Kept: the `keep` newest committed
+    versions, `latest`, and every version a kept manifest references (file entries with a
+    `"version"` key), transitively; uncommitted directories younger than `min_age_hours`
+    (by the UTC time their id starts with) or with an id that holds no time (a build may
+    still be writing them). Everything else is deleted.
+    """
+    if keep < 0:
+        raise StoreError(f"gc: keep={keep} must be >= 0 (the number of newest committed "
+                         "versions to keep)")
+    committed = sorted(v for v in versions if v in manifests)
+    kept = set(committed[len(committed) - keep:] if keep else [])
+    if latest is not None:
+        kept.add(latest)
+    todo = sorted(kept)
+    while todo:  # a kept version keeps every version its files live in
+        vid = todo.pop()
+        if vid not in manifests:
+            continue
+        manifest = manifests[vid]
+        if manifest is None:
+            raise StoreError(f"gc: the manifest of kept version {vid} cannot be read, so the "
+                             "versions it references are unknown; repair or remove "
+                             f"versions/{vid} by hand, then run gc again")
+        for ref in referenced_versions(manifest) - kept:
+            kept.add(ref)
+            todo.append(ref)
+    cutoff = now - dt.timedelta(hours=min_age_hours)
+    delete = []
+    for vid in versions:
+        if vid in kept:
+            continue
+        if vid not in manifests:
+            started = version_time(vid)
+            if started is None or started > cutoff:
+                kept.add(vid)
+                continue
+        delete.append(vid)
+    present = set(versions)
+    return sorted(delete), sorted(v for v in kept if v in present)
 
 
 class TableStore:
@@ -80,11 +160,8 @@ class TableStore:
 
     def versions(self) -> list[str]:
         """Committed versions (those with a manifest), oldest first."""
-        vdir = fsio.join(self.base, "versions")
-        if not self.fs.exists(vdir):
-            return []
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(vdir, detail=False))
-        return [v for v in names if self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
+        return [v for v in self.version_dirs()
+                if self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
 
     def resolve(self, version: str | None) -> str:
         """'latest' / None / an id -> a committed version id, or StoreError."""
@@ -109,15 +186,26 @@ class TableStore:
 
     def read_data(self, version: str | None = None, kind: str = "data") -> pa.Table:
         """Read all `kind` files (data / rejects) of a committed version, as listed in its
-        manifest."""
+        manifest (an entry with a `"version"` key lives in that version's directory)."""
         vid = self.resolve(version)
-        entries = [e for e in self.manifest(vid)["files"] if e["path"].startswith(kind + "/")]
-        tables = [fsio.read_parquet(self.fs, fsio.join(self.version_dir(vid), e["path"]))
-                  for e in entries]
+        tables = [fsio.read_parquet(self.fs, path) for path in self.part_paths(vid, kind)]
         return pa.concat_tables(tables) if tables else pa.table({})
 
-    def commit(self, version_id: str, manifest: dict[str, Any], files: list[FileEntry]) -> None:
-        """Check row reconciliation, write the manifest last, then move `_latest`."""
+    def part_paths(self, version: str | None, kind: str = "data") -> list[str]:
+        """Paths (inside `self.fs`) of the `kind` files of a committed version."""
+        vid = self.resolve(version)
+        return [fsio.join(self.version_dir(e.get("version") or vid), e["path"])
+                for e in self.manifest(vid)["files"] if e["path"].startswith(kind + "/")]
+
+    def commit(self, version_id: str, manifest: dict[str, Any], files: list[FileEntry]) -> bool:
+        """Check row reconciliation, write the manifest last, then move `_latest` forward.
+
+        The version is committed (visible to readers) once its manifest exists. `_latest` is
+        then compare-and-swapped: it moves to `version_id` only if that id sorts after the
+        version `_latest` names now (ids sort by build start time), so when builds commit
+        concurrently `_latest` names the newest committed version and never goes back.
+        Returns whether `_latest` moved (False: a newer version was committed meanwhile).
+        """
         rows = manifest["rows"]
         data_rows = sum(f.rows for f in files if f.path.startswith("data/"))
         reject_rows = sum(f.rows for f in files if f.path.startswith("rejects/"))
@@ -131,4 +219,167 @@ class TableStore:
                              f"{rows['rejected']}")
         body = dict(manifest, version_id=version_id, files=[asdict(f) for f in files])
         self.write_file(version_id, MANIFEST, json.dumps(body, indent=2).encode())
+        try:
+            return self.advance_latest(version_id)
+        except StoreError as exc:
+            raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
+                             f"{exc}") from None
+
+    # -- `_latest`: compare-and-swap under a lock ---------------------------------------
+
+    def advance_latest(self, version_id: str) -> bool:
+        """Point `_latest` at `version_id` unless it already names a version whose id sorts
+        at or after it. Returns whether `_latest` moved.
+
+        Local filesystems: the re-read and the write happen while holding `_latest.lock`,
+        taken by an exclusive create (`O_CREAT | O_EXCL`); a lock older than `LOCK_STALE_S`
+        (its holder died) is broken. So `_latest` never goes backwards, across threads and
+        processes on one machine or a shared POSIX filesystem that honours `O_EXCL`.
+
+        Object stores (any other fsspec filesystem): there is no portable exclusive create,
+        so this re-reads `_latest`, writes only if the new id sorts after it, then re-reads
+        (up to 3 times, 50 ms apart) and repairs an older value that a racing writer put
+        there. This is weaker: two writers in different processes that interleave inside one
+        read-write round trip can leave `_latest` on the older of the two until the next
+        commit. Threads of one process are serialized by a process-wide lock (which makes
+        `memory://`, a per-process filesystem, exact); readers that need certainty use
+        `versions()[-1]`, which lists manifests.
+        """
+        with self._latest_lock():
+            current = self.latest()
+            if current is not None and current >= version_id:
+                return False
+            self._write_latest(version_id)
+            if self._is_local() or "memory" in self._protocols():
+                return True
+        for _ in range(3):  # object stores: repair a racing older write, then give up
+            time.sleep(0.05)
+            current = self.latest()
+            if current is not None and current >= version_id:
+                return current == version_id
+            self._write_latest(version_id)
+        return self.latest() == version_id
+
+    def _write_latest(self, version_id: str) -> None:
         fsio.write_bytes(self.fs, fsio.join(self.base, LATEST), version_id.encode())
+
+    def _protocols(self) -> tuple[str, ...]:
+        protocol = self.fs.protocol
+        return tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
+
+    def _is_local(self) -> bool:
+        return bool({"file", "local"} & set(self._protocols()))
+
+    @contextmanager
+    def _latest_lock(self) -> Iterator[None]:
+        """Exclusive lock on `_latest`: a lock file on local filesystems, a process-wide
+        `threading.Lock` elsewhere (see `advance_latest` for the weaker object-store rule)."""
+        if not self._is_local():
+            key = f"{self.fs.protocol}:{self.base}"
+            with _PROCESS_LOCKS_GUARD:
+                lock = _PROCESS_LOCKS.setdefault(key, threading.Lock())
+            with lock:
+                yield
+            return
+        path = os.path.join(self.base, LATEST_LOCK)
+        os.makedirs(self.base, exist_ok=True)
+        token = f"{os.getpid()}-{uuid.uuid4().hex}".encode()
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                _break_stale_lock(path)
+                if time.monotonic() > deadline:
+                    raise StoreError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: "
+                                     "another build is committing to this table; retry, or "
+                                     "delete the file if no build is running") from None
+                time.sleep(random.uniform(0.002, 0.02))
+                continue
+            try:
+                os.write(fd, token)
+            finally:
+                os.close(fd)
+            break
+        try:
+            yield
+        finally:
+            try:
+                with open(path, "rb") as f:
+                    mine = f.read() == token
+                if mine:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # -- retention -----------------------------------------------------------------------
+
+    def version_dirs(self) -> list[str]:
+        """Every directory under `versions/`, committed or not, sorted."""
+        vdir = fsio.join(self.base, "versions")
+        if not self.fs.exists(vdir):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(vdir, detail=False))
+
+    def gc(self, keep: int, *, min_age_hours: float = 24.0, dry_run: bool = False,
+           now: dt.datetime | None = None) -> dict[str, Any]:
+        """Delete old versions by the `gc_plan` policy; returns what was (or, with
+        `dry_run`, would be) deleted and kept.
+
+        A committed version loses its manifest first (it stops existing for readers at
+        once), then its files. `_latest` is re-read before deleting: if it names a version
+        planned for deletion (it moved meanwhile), nothing is deleted.
+        """
+        now = now or dt.datetime.now(dt.timezone.utc)
+        names = self.version_dirs()
+        manifests: dict[str, dict[str, Any] | None] = {}
+        for vid in names:
+            if self.fs.exists(fsio.join(self.version_dir(vid), MANIFEST)):
+                try:
+                    manifests[vid] = json.loads(self.read_bytes(vid, MANIFEST))
+                except (ValueError, OSError):
+                    manifests[vid] = None
+        latest = self.latest()
+        delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours)
+        if not dry_run and delete:
+            if self.latest() in delete:
+                raise StoreError(f"gc: _latest of {self.url} moved to a version planned for "
+                                 "deletion while planning; nothing was deleted, run gc again")
+            for vid in delete:
+                self._delete_version(vid, committed=vid in manifests)
+        return {"table": self.url, "latest": latest, "keep": keep, "dry_run": dry_run,
+                "min_age_hours": min_age_hours,
+                "deleted": [v for v in delete if v in manifests],
+                "deleted_uncommitted": [v for v in delete if v not in manifests],
+                "kept": kept}
+
+    def _delete_version(self, vid: str, *, committed: bool) -> None:
+        vdir = self.version_dir(vid)
+        if committed:
+            self.fs.rm(fsio.join(vdir, MANIFEST))
+        if self.fs.exists(vdir):
+            self.fs.rm(vdir, recursive=True)
+
+
+def _break_stale_lock(path: str) -> None:
+    """Remove a lock file left by a dead holder (older than `LOCK_STALE_S`).
+
+    The stale file is first renamed to a private name, so two processes cannot both remove
+    it; if what was renamed turns out to be fresh (a live holder re-created the lock between
+    the age check and the rename) it is linked back unless a new lock exists already.
+    """
+    try:
+        if time.time() - os.stat(path).st_mtime < LOCK_STALE_S:
+            return
+        grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return
+    try:
+        if time.time() - os.stat(grave).st_mtime < LOCK_STALE_S:
+            try:
+                os.link(grave, path)
+            except FileExistsError:
+                pass
+    finally:
+        os.unlink(grave)

@@ -7,6 +7,7 @@ fixed_size_list of float16, float32, float64 or integers; all are cast to float3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist.errors import InputError
+from semid_dist.io.fs import redact_url
 
 REJECTS_SCHEMA_FIELDS = ("item_id", "source_file", "row", "reason")
 
@@ -52,18 +54,72 @@ def check_columns(schema: pa.Schema, id_column: str, embedding_column: str,
                          "integers or strings")
 
 
+def _id_kind(id_type: pa.DataType) -> str:
+    return "integer" if pa.types.is_integer(id_type) else "string"
+
+
+def check_schemas(schemas: Sequence[tuple[str, pa.Schema]], id_column: str,
+                  embedding_column: str, popularity_column: str | None) -> None:
+    """`check_columns` on each distinct file schema (the error names the file), then check
+    that the files agree: one kind of item id (integers or strings) and, for
+    fixed_size_list embeddings, one dimension. schemas: (a file having it, schema)."""
+    for path, schema in schemas:
+        try:
+            check_columns(schema, id_column, embedding_column, popularity_column)
+        except InputError as exc:
+            raise InputError(redact_url(f"{path}: {exc}")) from None
+    if not schemas:
+        return
+    path0, schema0 = schemas[0]
+    id0, emb0 = schema0.field(id_column).type, schema0.field(embedding_column).type
+    for path, schema in schemas[1:]:
+        id_type, emb = schema.field(id_column).type, schema.field(embedding_column).type
+        if _id_kind(id_type) != _id_kind(id0):
+            raise InputError(redact_url(
+                f"catalog files mix item id types: {path0!r} has {id_column!r} as {id0}, "
+                f"{path!r} as {id_type}; write every file with one id type (cast the ids to "
+                "string, or to int64, everywhere)"))
+        if (pa.types.is_fixed_size_list(emb) and pa.types.is_fixed_size_list(emb0)
+                and emb.list_size != emb0.list_size):
+            raise InputError(redact_url(
+                f"catalog files disagree on the embedding dimension: {path0!r} has "
+                f"{emb0.list_size}, {path!r} has {emb.list_size}; one catalog holds the "
+                "embeddings of one model (split it into two)"))
+
+
+def normalize_ids(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Item ids with one type per kind, whatever each file used: integers -> int64,
+    strings (string / large_string) -> string."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    target = pa.int64() if pa.types.is_integer(ids.type) else pa.string()
+    if ids.type == target:
+        return ids
+    try:
+        return pc.cast(ids, target)
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"item ids of type {ids.type} do not fit {target} ({exc}); "
+                         "store the ids as strings") from None
+
+
 def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
-    """Embedding dimension: fixed by the type, else the first non-null row's length."""
+    """Embedding dimension: fixed by the type, else the most common length of the non-null
+    rows (ties: the first seen), so a few wrong-length rows are rejected, not the rest."""
     if pa.types.is_fixed_size_list(column.type):
         return column.type.list_size
     lengths = pc.drop_null(pc.list_value_length(column))
-    return int(lengths[0].as_py()) if len(lengths) else None
+    if not len(lengths):
+        return None
+    counts = pc.value_counts(lengths)  # in order of first occurrence
+    best = int(np.argmax(counts.field("counts").to_numpy()))
+    return int(counts.field("values")[best].as_py())
 
 
 def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (x (n, dim) float32 with zeros where invalid, reason code per row).
 
-    reason codes: 0 ok, 1 null embedding, 2 wrong dimension, 3 non-finite values.
+    reason codes: 0 ok, 1 null embedding, 2 wrong dimension, 3 non-finite values
+    (validate_batch adds 4 null item_id, 5 duplicate item_id, 6 all-zero embedding,
+    7 a later copy of an item_id, keep_first).
     """
     n = len(column)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
@@ -92,20 +148,38 @@ def _reason_text(code: int, dim: int, lengths: np.ndarray, row: int) -> str:
         return "non-finite values (NaN/Inf) in embedding"
     if code == 4:
         return "null item_id"
+    if code == 6:
+        return "all-zero embedding"
     return "duplicate item_id"
 
 
 def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, dim: int,
                    source_file: str, row_offset: int, popularity_column: str | None = None,
-                   duplicate_ids: pa.Array | None = None) -> ValidBatch:
-    """Split a raw batch into valid rows and rejects (one reason per row)."""
-    ids = table.column(id_column).combine_chunks()
+                   duplicate_ids: pa.Array | None = None,
+                   duplicate_rows: pa.Table | None = None,
+                   reject_zero: bool = False) -> ValidBatch:
+    """Split a raw batch into valid rows and rejects (one reason per row).
+
+    duplicate_ids: reject every row holding one of these ids (on_duplicate=reject);
+    duplicate_rows: reject these rows, `offset` (int64, row inside the batch) with its
+    `reason` (on_duplicate=keep_first: the later copies); reject_zero: reject all-zero
+    embeddings. A null item_id wins over every other reason, a duplicate over the
+    embedding's problems."""
+    ids = normalize_ids(table.column(id_column))
     emb = table.column(embedding_column).combine_chunks()
     x, reason = _to_matrix(emb, dim)
+    if reject_zero:
+        reason[(reason == 0) & ~x.any(axis=1)] = 6
     reason[ids.is_null().to_numpy(zero_copy_only=False)] = 4
     if duplicate_ids is not None and len(duplicate_ids):
         dup = pc.fill_null(pc.is_in(ids, value_set=duplicate_ids.cast(ids.type)), False)
         reason[dup.to_numpy(zero_copy_only=False) & (reason != 4)] = 5
+    later: dict[int, str] = {}
+    if duplicate_rows is not None and duplicate_rows.num_rows:
+        later = dict(zip(duplicate_rows.column("offset").to_pylist(),
+                         duplicate_rows.column("reason").to_pylist()))
+        offsets = np.fromiter(later, dtype=np.int64, count=len(later))
+        reason[offsets[reason[offsets] != 4]] = 7
     good = np.flatnonzero(reason == 0)
     bad = np.flatnonzero(reason != 0)
     rows = np.arange(row_offset, row_offset + len(table), dtype=np.int64)
@@ -114,7 +188,8 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
         "item_id": pc.take(ids, pa.array(bad)).cast(pa.string()),
         "source_file": pa.array([source_file] * len(bad), pa.string()),
         "row": pa.array(rows[bad], pa.int64()),
-        "reason": pa.array([_reason_text(int(reason[i]), dim, lengths, i) for i in bad],
+        "reason": pa.array([later[i] if reason[i] == 7 else
+                            _reason_text(int(reason[i]), dim, lengths, i) for i in bad],
                            pa.string()),
     })
     popularity = None
@@ -123,6 +198,17 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
         popularity = pc.fill_null(pc.cast(pop, pa.float64()), 0.0).to_numpy()[good]
     return ValidBatch(ids=pc.take(ids, pa.array(good)), x=x[good], rows=rows[good],
                       popularity=popularity, rejects=rejects)
+
+
+def reject_reasons(rejects: pa.Table) -> dict[str, int]:
+    """Rejected rows per reason, with the per-row detail of keep_first duplicates
+    ("(first at <file>:<row>)") left out, so the counts merge across shards."""
+    if not rejects.num_rows:
+        return {}
+    kinds = pc.replace_substring_regex(rejects.column("reason"), pattern=r" \(first at .*\)$",
+                                       replacement="")
+    counts = pc.value_counts(kinds)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
 def empty_rejects() -> pa.Table:

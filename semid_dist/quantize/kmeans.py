@@ -82,18 +82,28 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
-           init_points: np.ndarray | None = None, all_reduce: AllReduce | None = None,
-           chunk_rows: int = 8192, device: str = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
-    """Lloyd k-means with k-means++ init.
+           init_points: np.ndarray | None = None, init_centroids: np.ndarray | None = None,
+           all_reduce: AllReduce | None = None, chunk_rows: int = 8192,
+           device: str = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+    """Lloyd k-means with k-means++ init, or a warm start from given centroids.
 
     x: (n_local, d) float32, this worker's shard. init_points: points every worker holds
     identically, seeded by k-means++ (defaults to x: only right when running alone).
+    init_centroids: (k, d) starting centroids held identically by every worker (e.g. the
+    previous version's codebook); replaces the k-means++ seeding, `init_points` is then unused.
     all_reduce: sums an array over workers. Returns (centroids (k, d) float32, stats) where
-    stats["iterations"] holds per-iteration mean squared distance and empty-cluster splits.
+    stats["iterations"] holds per-iteration mean squared distance and empty-cluster splits
+    and stats["init"] is "kmeans++" or "warm".
     """
     reduce = all_reduce or _identity
-    seeds = x if init_points is None else init_points
-    centroids = kmeans_plusplus(seeds, k, seed=seed).astype(np.float64)
+    if init_centroids is not None:
+        if init_centroids.shape != (k, x.shape[1]):
+            raise ValueError(f"init_centroids has shape {init_centroids.shape}, expected "
+                             f"({k}, {x.shape[1]})")
+        centroids = np.array(init_centroids, dtype=np.float64, copy=True)
+    else:
+        seeds = x if init_points is None else init_points
+        centroids = kmeans_plusplus(seeds, k, seed=seed).astype(np.float64)
     rng = np.random.default_rng([seed, 1])
     history = []
     for it in range(niter):
@@ -109,5 +119,6 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
         history.append({"iteration": it, "mse": float(inertia / max(n_total, 1)),
                         "empty_split": n_split})
     stats = {"k": k, "n": int(n_total), "iterations": history,
+             "init": "kmeans++" if init_centroids is None else "warm",
              "final_mse": history[-1]["mse"] if history else None}
     return centroids.astype(np.float32), stats

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from semid_dist.errors import ConfigError
 from semid_dist.quantize.encode import nearest
 from semid_dist.quantize.kmeans import AllReduce, kmeans
 
@@ -15,33 +16,65 @@ Progress = Callable[[str], None]
 
 def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, niter: int = 20,
                         seed: int = 0, init_points: np.ndarray | None = None,
+                        init_centroids: list[np.ndarray] | None = None,
                         all_reduce: AllReduce | None = None, chunk_rows: int = 8192,
                         device: str = "cpu", progress: Progress | None = None,
                         ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """Fit one codebook per layer on the residuals.
 
     x: (n_local, d) float32, this worker's shard of the sample. init_points: (m, d) float32
-    held identically by every worker (k-means++ seeding); defaults to x. Layer sizes may
-    differ. Returns (codebooks: L arrays (k_l, d) float32, per-layer k-means stats).
+    held identically by every worker (k-means++ seeding); defaults to x. init_centroids:
+    warm start, one (k_l, d) array per layer held identically by every worker (e.g. the
+    parent version's codebooks, see `check_warm_start`); each layer's Lloyd iterations then
+    start from it instead of k-means++. Layer sizes may differ. Returns (codebooks: L arrays
+    (k_l, d) float32, per-layer k-means stats).
     """
+    if init_centroids is not None and len(init_centroids) != len(layers):
+        raise ValueError(f"init_centroids holds {len(init_centroids)} layers, expected "
+                         f"{len(layers)}")
     residual = np.array(x, dtype=np.float32, copy=True)
-    seeds = residual if init_points is None else np.array(init_points, np.float32, copy=True)
+    seeds = None
+    if init_centroids is None:
+        seeds = residual if init_points is None else np.array(init_points, np.float32, copy=True)
     codebooks: list[np.ndarray] = []
     stats: list[dict[str, Any]] = []
     for layer, k in enumerate(layers):
+        warm = None if init_centroids is None else init_centroids[layer]
         cb, st = kmeans(residual, k, niter=niter, seed=seed + 1000 * layer, init_points=seeds,
-                        all_reduce=all_reduce, chunk_rows=chunk_rows, device=device)
+                        init_centroids=warm, all_reduce=all_reduce, chunk_rows=chunk_rows,
+                        device=device)
         labels, _ = nearest(residual, cb, chunk_rows=chunk_rows, device=device)
         residual -= cb[labels]
-        if seeds is not residual:
+        if seeds is not None and seeds is not residual:
             seed_labels, _ = nearest(seeds, cb, chunk_rows=chunk_rows, device=device)
             seeds -= cb[seed_labels]
         codebooks.append(cb)
         stats.append({"layer": layer, **st})
         if progress is not None:
-            progress(f"layer {layer}: k={k} mse={st['final_mse']:.6g} "
+            progress(f"layer {layer}: k={k} init={st['init']} mse={st['final_mse']:.6g} "
                      f"empty_splits={sum(h['empty_split'] for h in st['iterations'])}")
     return codebooks, stats
+
+
+def check_warm_start(codebooks: list[np.ndarray], layers: tuple[int, ...] | list[int], dim: int,
+                     *, source: str) -> list[np.ndarray]:
+    """Validate codebooks to warm-start from against the layer sizes and dimension asked for.
+
+    codebooks: L' arrays (k'_l, d') float32 (e.g. of the parent version); layers: the L sizes
+    k_l of this fit; dim: d of the catalog. Returns the codebooks as float32 or raises
+    `ConfigError` naming both shapes and `source` (where the codebooks come from).
+    """
+    have = [int(len(cb)) for cb in codebooks]
+    want = [int(k) for k in layers]
+    if have != want:
+        raise ConfigError(f"fit.warm_start=parent: quantizer.layers={want} but {source} has "
+                          f"layers {have}; set quantizer.layers={have} or fit.warm_start=none")
+    dims = sorted({int(cb.shape[1]) for cb in codebooks})
+    if dims != [dim]:
+        raise ConfigError(f"fit.warm_start=parent: embedding dim {dim} != codebook dim "
+                          f"{dims[0] if len(dims) == 1 else dims} ({source}); set "
+                          "fit.warm_start=none to fit from scratch")
+    return [np.ascontiguousarray(cb, dtype=np.float32) for cb in codebooks]
 
 
 def init_subset(sample: np.ndarray, k_max: int, *, seed: int, per_centroid: int = 8) -> np.ndarray:

@@ -1,0 +1,183 @@
+"""Retention: the pure `gc_plan` policy, `TableStore.gc` on real filesystems and the
+`semid versions gc` command."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+
+import fsspec
+import pytest
+
+from semid_dist.cli import main
+from semid_dist.errors import StoreError
+from semid_dist.io.store import MANIFEST, TableStore, gc_plan, new_version_id, version_time
+from tests.test_store import write_version
+
+NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def vid(hours_ago: float, tag: str = "aaaaaa") -> str:
+    t = NOW - dt.timedelta(hours=hours_ago)
+    return f"{t.strftime('%Y%m%dT%H%M%SZ')}-{tag}"
+
+
+def manifest(v: str, refs: tuple[str, ...] = ()) -> dict:
+    files = [{"path": "data/part-0.parquet", "rows": 1}]
+    files += [{"path": f"data/part-{r}.parquet", "rows": 1, "version": r} for r in refs]
+    return {"version_id": v, "files": files}
+
+
+# -- gc_plan: pure policy -------------------------------------------------------------------
+
+def test_keeps_the_newest_n_and_latest():
+    vs = [vid(h) for h in (100, 90, 80, 70, 60)]
+    mans = {v: manifest(v) for v in vs}
+    delete, keep = gc_plan(vs, vs[-1], mans, 2, NOW, 24)
+    assert keep == vs[-2:] and delete == vs[:3]
+    # _latest is kept even when it is not among the newest (it never goes backwards in
+    # practice, but gc must not depend on that)
+    delete, keep = gc_plan(vs, vs[0], mans, 2, NOW, 24)
+    assert keep == [vs[0], *vs[-2:]] and delete == vs[1:3]
+    delete, keep = gc_plan(vs, vs[-1], mans, 0, NOW, 24)
+    assert keep == [vs[-1]] and delete == vs[:-1]
+    delete, keep = gc_plan(vs, None, mans, 10, NOW, 24)
+    assert keep == vs and delete == []
+
+
+def test_referenced_versions_are_kept_transitively():
+    a, b, c, d, e = (vid(h) for h in (100, 90, 80, 70, 60))
+    mans = {a: manifest(a), b: manifest(b), c: manifest(c, refs=(b,)), d: manifest(d),
+            e: manifest(e, refs=(c,))}
+    delete, keep = gc_plan([a, b, c, d, e], e, mans, 1, NOW, 24)
+    assert keep == [b, c, e] and delete == [a, d]
+    # an entry naming its own version is no reference
+    mans[e] = manifest(e, refs=(e,))
+    delete, keep = gc_plan([a, b, c, d, e], e, mans, 1, NOW, 24)
+    assert keep == [e] and delete == [a, b, c, d]
+
+
+def test_uncommitted_directories_go_only_when_old():
+    done = vid(200)
+    old, young, future = vid(30, "bbbbbb"), vid(5, "cccccc"), vid(-1, "dddddd")
+    names = sorted([done, old, young, future, "not-a-version-id"])
+    delete, keep = gc_plan(names, done, {done: manifest(done)}, 1, NOW, 24)
+    assert delete == [old]
+    assert keep == sorted([done, young, future, "not-a-version-id"])
+    delete, _ = gc_plan(names, done, {done: manifest(done)}, 1, NOW, 2)
+    assert delete == sorted([old, young])
+    # a kept manifest that references an uncommitted directory keeps it
+    mans = {done: manifest(done, refs=(old,))}
+    delete, keep = gc_plan(names, done, mans, 1, NOW, 24)
+    assert old in keep and delete == []
+
+
+def test_unreadable_kept_manifest_and_bad_keep_are_errors():
+    a, b = vid(50), vid(40)
+    with pytest.raises(StoreError, match=f"manifest of kept version {b} cannot be read"):
+        gc_plan([a, b], b, {a: manifest(a), b: None}, 1, NOW, 24)
+    delete, _ = gc_plan([a, b], b, {a: None, b: manifest(b)}, 1, NOW, 24)
+    assert delete == [a]  # an unreadable manifest of a version that goes is no obstacle
+    with pytest.raises(StoreError, match="keep=-1"):
+        gc_plan([a], a, {a: manifest(a)}, -1, NOW, 24)
+
+
+def test_version_time_parses_ids():
+    assert version_time(vid(3)) == NOW - dt.timedelta(hours=3)
+    assert version_time("garbage") is None
+    assert version_time(new_version_id(NOW)) == NOW
+
+
+# -- TableStore.gc on real filesystems -----------------------------------------------------
+
+@pytest.fixture(params=["memory", "local"])
+def root(request, tmp_path):
+    if request.param == "memory":  # a fresh root: the memory filesystem is process-wide
+        url = f"memory://gc-{uuid.uuid4().hex[:8]}"
+        yield url
+        fsspec.filesystem("memory").rm(url, recursive=True)
+    else:
+        yield str(tmp_path / "gc-root")
+
+
+def committed(store: TableStore, hours_ago: float, tag: str) -> str:
+    v = vid(hours_ago, tag)
+    files, man = write_version(store, v)
+    store.commit(v, man, files)
+    return v
+
+
+def test_store_gc_deletes_old_versions_and_leftovers(root):
+    store = TableStore(root, "sids")
+    vs = [committed(store, h, f"{i:06x}") for i, h in enumerate((100, 90, 80, 70))]
+    leftover, running = vid(48, "eeeeee"), vid(1, "ffffff")
+    write_version(store, leftover)
+    write_version(store, running)
+    plan = store.gc(2, dry_run=True, now=NOW)
+    assert plan["deleted"] == vs[:2] and plan["deleted_uncommitted"] == [leftover]
+    assert store.version_dirs() == sorted([*vs, leftover, running])  # dry run: nothing goes
+    report = store.gc(2, now=NOW)
+    assert report["deleted"] == vs[:2] and report["kept"] == sorted([vs[2], vs[3], running])
+    assert store.versions() == vs[2:] and store.latest() == vs[3]
+    assert store.version_dirs() == sorted([vs[2], vs[3], running])
+    assert store.read_data(vs[2]).num_rows == 50  # kept versions are intact
+    again = store.gc(2, now=NOW)
+    assert again["deleted"] == [] and again["deleted_uncommitted"] == []
+
+
+def test_store_gc_removes_the_manifest_first(tmp_path, monkeypatch):
+    store = TableStore(str(tmp_path / "r"), "sids")
+    old, new = committed(store, 50, "aaaaaa"), committed(store, 40, "bbbbbb")
+    calls = []
+    real_rm = store.fs.rm
+
+    def rm(path, recursive=False, **kw):
+        calls.append((path, recursive))
+        if len(calls) == 1:  # after the manifest is gone the version no longer exists
+            real_rm(path, recursive=recursive, **kw)
+            assert store.versions() == [new]
+            return None
+        return real_rm(path, recursive=recursive, **kw)
+
+    monkeypatch.setattr(store.fs, "rm", rm)
+    store.gc(1, now=NOW)
+    assert calls[0] == (f"{store.version_dir(old)}/{MANIFEST}", False)
+    assert calls[1] == (store.version_dir(old), True)
+    assert store.version_dirs() == [new]
+
+
+def test_store_gc_keeps_versions_that_kept_manifests_reference(root):
+    store = TableStore(root, "sids")
+    base = committed(store, 100, "aaaaaa")
+    middle = committed(store, 90, "bbbbbb")
+    # a newer version whose manifest lists a data part that lives in `base`
+    top = vid(80, "cccccc")
+    files, man = write_version(store, top)
+    store.commit(top, man, files)
+    body = json.loads(store.read_bytes(top, MANIFEST))
+    body["files"].append({"path": "data/part-00000.parquet", "rows": 30, "bytes": 0,
+                          "sha256": "", "version": base})
+    store.write_file(top, MANIFEST, json.dumps(body).encode())
+    report = store.gc(1, now=NOW)
+    assert report["deleted"] == [middle] and report["kept"] == [base, top]
+    paths = store.part_paths(top)
+    assert any(p.startswith(store.version_dir(base)) for p in paths)
+    assert store.read_data(top).num_rows == 80  # its own 50 rows + 30 from `base`
+
+
+def test_cli_gc_and_errors(tmp_path, capsys):
+    root = str(tmp_path / "cli")
+    store = TableStore(root, "t")
+    vs = [committed(store, h, f"{i:06x}") for i, h in enumerate((30, 20, 10))]
+    args = ["versions", "gc", "--root", root, "--table", "t"]
+    assert main([*args, "--keep", "1", "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deleted"] == vs[:2] and out["dry_run"] and store.versions() == vs
+    assert main([*args, "--keep", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "deleted 2 committed version(s)" in text and vs[0] in text
+    assert store.versions() == [vs[2]] and store.latest() == vs[2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--keep N" in err and err.count("\n") == 1
