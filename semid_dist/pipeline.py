@@ -40,6 +40,7 @@ from semid_dist.stages import (
     first_copy_rejects,
     sample_rows,
     scan_keys,
+    sid_items_bucket,
 )
 
 Log = Callable[[str], None]
@@ -58,7 +59,8 @@ def make_logger(prefix: str = "semid") -> Log:
     start = time.monotonic()
 
     def log(msg: str) -> None:
-        print(f"[{prefix} {time.monotonic() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+        print(f"[{prefix} {time.monotonic() - start:7.1f}s] {redact_url(msg)}", file=sys.stderr,
+              flush=True)
 
     return log
 
@@ -82,6 +84,13 @@ def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, n
             out[shard.index] = rows[lo:hi] - start
         start += shard.num_rows
     return out
+
+
+def sid_items_lookup(engine, ctx: JobContext, data_parts: list[str],
+                     counts: dict[str, int]) -> list[FileEntry]:
+    """lookup/sid_items/: SID -> items, one file per hash bucket (about 1M items each)."""
+    buckets = max(1, -(-counts["encoded"] // 1_000_000))
+    return engine.map(sid_items_bucket, [(ctx, data_parts, b, buckets) for b in range(buckets)])
 
 
 def encode_device(cfg: BuildConfig) -> str:
@@ -303,6 +312,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         merged_parts, decision, moves, metrics = reduce_partials(engine, ctx, plan, partials,
                                                                   cfg, log)
         data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
+        data_files += sid_items_lookup(engine, ctx, sorted(f.path for f in data_files), counts)
         timings["reduce_s"] = time.monotonic() - t
         t = time.monotonic()
         drift = parent_drift(engine, store, parent, vid, data_files, log)

@@ -333,3 +333,63 @@ def drift_bucket(root: str, table: str, old_parts: list[str], new_parts: list[st
         return pa.concat_tables(kept) if kept else pa.table({})
 
     return drift_counts(rows(old_parts), rows(new_parts))
+
+
+_SID_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                      0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53],
+                     dtype=np.uint64)
+
+
+def _padded_tokens(col: pa.ChunkedArray, width: int) -> np.ndarray:
+    """list<int64> SID tokens -> (n, width) int64, -1 after the end of each SID."""
+    arr = col.combine_chunks()
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.flatten().to_numpy()
+    out = np.full((len(arr), width), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    cols = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = values
+    return out
+
+
+def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
+    """(n, w) padded SID tokens -> (n,) bucket in [0, buckets), the same in every process."""
+    mult = np.resize(_SID_HASH, tokens.shape[1])
+    with np.errstate(over="ignore"):
+        h = ((tokens + 1).astype(np.uint64) * mult[None, :]).sum(axis=1, dtype=np.uint64)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+def sid_items_bucket(ctx: JobContext, data_parts: list[str], bucket: int,
+                     buckets: int) -> FileEntry:
+    """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
+    (sid_tokens) with its items in suffix order, read from the version's data parts."""
+    store, width = ctx.store(), len(ctx.sizes)
+    pieces = []
+    for rel in data_parts:
+        t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel),
+                              columns=["item_id", "sid_tokens", "suffix"])
+        tokens = _padded_tokens(t.column("sid_tokens"), width)
+        keep = sid_bucket(tokens, buckets) == bucket
+        pieces.append((tokens[keep], pc.filter(t, pa.array(keep))))
+    tokens = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros((0, width), np.int64)
+    rows = pa.concat_tables([p[1] for p in pieces]) if pieces else None
+    if rows is None or rows.num_rows == 0:
+        out = pa.table({"sid_tokens": pa.array([], pa.list_(pa.int64())),
+                        "items": pa.array([], pa.list_(pa.int64())),
+                        "count": pa.array([], pa.int64())})
+    else:
+        uniq, inv = np.unique(tokens, axis=0, return_inverse=True)
+        inv = inv.ravel()
+        order = np.lexsort((rows.column("suffix").to_numpy(), inv))
+        counts = np.bincount(inv, minlength=len(uniq))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        lengths = (uniq >= 0).sum(axis=1)
+        tok_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        out = pa.table({
+            "sid_tokens": pa.ListArray.from_arrays(tok_offsets, pa.array(uniq[uniq >= 0])),
+            "items": pa.ListArray.from_arrays(offsets, pc.take(
+                rows.column("item_id").combine_chunks(), pa.array(order))),
+            "count": counts.astype(np.int64),
+        })
+    return store.write_table(ctx.version_id, f"lookup/sid_items/part-{bucket:05d}.parquet", out)

@@ -12,7 +12,14 @@ import pytest
 
 from semid_dist.cli import main
 from semid_dist.errors import StoreError
-from semid_dist.io.store import MANIFEST, TableStore, gc_plan, new_version_id, version_time
+from semid_dist.io.store import (
+    MANIFEST,
+    VERSION_TIME_FORMAT,
+    TableStore,
+    gc_plan,
+    new_version_id,
+    version_time,
+)
 from tests.test_store import write_version
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -20,7 +27,7 @@ NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
 def vid(hours_ago: float, tag: str = "aaaaaa") -> str:
     t = NOW - dt.timedelta(hours=hours_ago)
-    return f"{t.strftime('%Y%m%dT%H%M%SZ')}-{tag}"
+    return f"{t.strftime(VERSION_TIME_FORMAT)}-{tag}"
 
 
 def manifest(v: str, refs: tuple[str, ...] = ()) -> dict:

@@ -164,3 +164,19 @@ def test_vocabulary_and_prefix_lookups(fitted):
     full = Counter(seqs)
     want = Counter(s[:d] for s in seqs for d in range(1, len(s) + 1))
     assert got == {p: (n, p in full) for p, n in want.items()}
+
+
+def test_sid_to_items_lookup_lists_every_item_in_suffix_order(fitted):
+    res, t = encode_with(fitted, prune__strategy="drop_layer")
+    store = TableStore(fitted[2], "sids")
+    parts = [e["path"] for e in res.manifest["files"]
+             if e["path"].startswith("lookup/sid_items/")]
+    assert parts
+    lookup = pq.read_table([f"{store.version_dir(res.version_id)}/{p}" for p in parts]).to_pandas()
+    got = {tuple(s): list(items) for s, items in zip(lookup["sid_tokens"], lookup["items"])}
+    want: dict[tuple, list] = {}
+    for tokens, item, _ in sorted(zip(map(tuple, t["sid_tokens"]), t["item_id"], t["suffix"]),
+                                  key=lambda r: (r[0], r[2])):
+        want.setdefault(tokens, []).append(item)
+    assert got == want
+    assert list(lookup["count"]) == [len(v) for v in lookup["items"]]

@@ -187,11 +187,12 @@ def test_local_writes_leave_no_temporary_files(tmp_path):
 
 
 def test_new_version_ids_sort_by_time():
-    times = [T0 + dt.timedelta(seconds=s) for s in (0, 1, 59, 3600, 86400 * 40, 86400 * 400)]
+    times = [T0 + dt.timedelta(seconds=s)
+             for s in (0, 0.000001, 0.001, 1, 59, 3600, 86400 * 40, 86400 * 400)]
     ids = [new_version_id(t) for t in times]
     assert sorted(ids) == ids
     assert len(set(ids)) == len(ids)
     for t, vid in zip(times, ids):
-        assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", vid)
-        assert vid.startswith(t.strftime("%Y%m%dT%H%M%SZ"))
+        assert re.fullmatch(r"\d{8}T\d{12}Z-[0-9a-f]{6}", vid)
+        assert vid.startswith(t.strftime("%Y%m%dT%H%M%S%fZ"))
     assert new_version_id(T0) != new_version_id(T0)  # random part separates same-second ids

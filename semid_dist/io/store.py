@@ -32,7 +32,7 @@ from semid_dist.io import fs as fsio
 MANIFEST = "_manifest.json"
 LATEST = "_latest"
 LATEST_LOCK = "_latest.lock"
-VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # microseconds: quick successive builds sort in order
 LOCK_STALE_S = 60.0  # a lock file older than this is left over by a dead process
 LOCK_TIMEOUT_S = 120.0  # give up taking the lock after this long
 
@@ -51,7 +51,8 @@ class FileEntry:
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
-    """Sortable id: UTC time to the second plus 6 random hex digits (`20261122T020000Z-ab12cd`)."""
+    """Sortable id: UTC time to the microsecond plus 6 random hex digits
+    (`20261122T020000123456Z-ab12cd`), so builds started one after another sort in order."""
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"{now.strftime(VERSION_TIME_FORMAT)}-{uuid.uuid4().hex[:6]}"
 
