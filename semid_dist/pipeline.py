@@ -8,6 +8,8 @@ committed version untouched.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import sys
 import time
 from collections import Counter
@@ -25,6 +27,7 @@ from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError
+from semid_dist.faults import maybe_die
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
@@ -38,12 +41,14 @@ from semid_dist.stages import (
     JobContext,
     find_duplicates,
     first_copy_rejects,
+    load_shard_results,
     sample_rows,
     scan_keys,
     sid_items_bucket,
 )
 
 Log = Callable[[str], None]
+RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -195,11 +200,15 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
         log(f"codebooks: reusing version {src} ({sizes})")
         files = [store.write_file(vid, f"codebooks/{n}", b) for n, b in blobs.items()]
         return files, meta.get("training", []), src
+    resumed = _resumed_codebooks(store, vid, log)
+    if resumed is not None:
+        return resumed
     sample = _sample(engine, ctx, plan, cfg, log)
     seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
     warm = _warm_start(store, parent, cfg, ctx.dim, log)
     codebooks, fit_stats = engine.fit(sample, seeds, cfg, log,
                                       f"{store.version_url(vid)}/{STAGING}", init_centroids=warm)
+    maybe_die("fit")
     meta = {"method": cfg.quantizer.method, "layers": list(cfg.quantizer.layers),
             "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats,
             "warm_start": parent if warm is not None else None}
@@ -225,21 +234,67 @@ def _warm_start(store: TableStore, parent: str | None, cfg: BuildConfig, dim: in
                             source=f"parent version {parent}")
 
 
+def _resumed_codebooks(store: TableStore, vid: str, log: Log,
+                       ) -> tuple[list[FileEntry], list[dict[str, Any]], str] | None:
+    """The codebooks a killed run of this version already wrote (verified), or None."""
+    names = (ARRAYS_FILE, META_FILE)
+    if not all(store.fs.exists(f"{store.version_dir(vid)}/codebooks/{n}") for n in names):
+        return None
+    blobs = {n: store.read_bytes(vid, f"codebooks/{n}") for n in names}
+    _, meta = load_artifact(blobs, where=f"codebooks of resumed run {vid}")
+    log("codebooks: reusing the fit of the interrupted run")
+    files = [FileEntry(f"codebooks/{n}", 0, len(b), hashlib.sha256(b).hexdigest())
+             for n, b in blobs.items()]
+    return files, meta.get("training", []), "fit"
+
+
+def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
+    """What makes two runs the same run: the resolved config and the input fingerprint."""
+    body = json.dumps([cfg.to_dict(), plan.fingerprint], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def resumable_version(store: TableStore, key: str) -> str | None:
+    """The newest uncommitted version started by the same run (same `run_key`), when it is
+    newer than `_latest`: re-running a killed build continues it."""
+    latest = store.latest() or ""
+    for vid in reversed(store.uncommitted()):
+        if vid <= latest:
+            break
+        path = f"{store.version_dir(vid)}/{STAGING}/{RUN_FILE}"
+        if store.fs.exists(path) and json.loads(store.fs.cat_file(path)).get("key") == key:
+            return vid
+    return None
+
+
 def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
-    """Run the encode stage; returns ({"all"|"head"|"tail": partials in shard order}, counts,
-    reject files, rejected rows per reason)."""
+    """Run the encode stage over the shards a killed run of this version did not finish;
+    returns ({"all"|"head"|"tail": partials in shard order}, counts, reject files, rejected
+    rows per reason)."""
     partials: dict[str, dict[int, Partial]] = {"all": {}, "head": {}, "tail": {}}
     counts = {"input": 0, "encoded": 0, "rejected": 0}
     rejects: list[FileEntry] = []
     reasons: Counter[str] = Counter()
-    for i, res in enumerate(engine.encode(ctx, list(plan.shards)), 1):
+    done = load_shard_results(ctx.store(), ctx.version_id)
+    todo = [s for s in plan.shards if s.index not in done]
+    if done:
+        log(f"encode: {len(done)} shards done by the interrupted run, {len(todo)} to go")
+
+    def results():
+        yield from (done[i] for i in sorted(done))
+        for n, res in enumerate(engine.encode(ctx, todo)):
+            if n == 1:
+                maybe_die("encode")
+            yield res
+
+    for i, res in enumerate(results(), 1):
         for part, key in (("all", "partial"), ("head", "partial_head"), ("tail", "partial_tail")):
             if key in res:
                 partials[part][res["index"]] = Partial.from_bytes(res[key])
         counts["input"] += res["rows"]
         counts["encoded"] += res["encoded"]
         counts["rejected"] += res["rejected"]
-        reasons.update(res.get("reasons", {}))
+        reasons.update(json.loads(res.get("reasons") or "{}"))
         if res["rejects_file"] is not None:
             rejects.append(res["rejects_file"])
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
@@ -288,8 +343,13 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                             target_rows=cfg.encode.shard_rows)
         check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
                       cfg.input.popularity_column)
-        vid = new_version_id()
-        log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; new version {vid} of "
+        key = run_key(cfg, plan)
+        vid = resumable_version(store, key)
+        if vid is None:
+            vid = new_version_id()
+            store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps({"key": key}).encode())
+        log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
+            f"{'resuming' if vid in store.uncommitted() else 'new'} version {vid} of "
             f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
         ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                          embedding_column=cfg.input.embedding_column,
@@ -311,6 +371,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         t = time.monotonic()
         merged_parts, decision, moves, metrics = reduce_partials(engine, ctx, plan, partials,
                                                                   cfg, log)
+        maybe_die("reduce")
         data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
         data_files += sid_items_lookup(engine, ctx, sorted(f.path for f in data_files), counts)
         timings["reduce_s"] = time.monotonic() - t
@@ -336,6 +397,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                   "rows": plan.num_rows, "dim": ctx.dim},
         "rows": counts,
     }
+    maybe_die("commit")
     moved = store.commit(vid, manifest, files)
     _remove_staging(store, vid)
     log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"

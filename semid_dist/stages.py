@@ -7,8 +7,10 @@ plain data, so any engine gives identical outputs for the same shards.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ import pyarrow.compute as pc
 from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
 from semid_dist.codes.partials import partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
+from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
@@ -158,6 +161,7 @@ class EncodeWorker:
 
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
+        die_once("encode_worker")
         batch = _validated(ctx, shard)
         enc = encode_batch(self.codebooks, batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device,
                            candidates=ctx.candidates)
@@ -180,17 +184,58 @@ class EncodeWorker:
                 batch.rejects)
         result = {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
                   "rejected": batch.rejects.num_rows, "rejects_file": rejects,
-                  "reasons": reject_reasons(batch.rejects),
+                  # {reason: rows} as JSON: one string column in Ray Data's Arrow blocks
+                  "reasons": json.dumps(reject_reasons(batch.rejects), sort_keys=True),
                   "partial": self._partial(enc, batch.x, slice(None))}
         if ctx.head_threshold is not None and batch.popularity is not None:
             head = batch.popularity >= ctx.head_threshold
             result["partial_head"] = self._partial(enc, batch.x, head)
             result["partial_tail"] = self._partial(enc, batch.x, ~head)
+        save_shard_result(self.store, ctx.version_id, result)
         return result
 
     def _partial(self, enc, x: np.ndarray, rows) -> bytes:
         return partial_from_batch(enc.codes[rows], enc.sq_residual[rows], x[rows], self.ctx.sizes,
                                   quality_depth=self.ctx.quality_depth).to_bytes()
+
+
+_BLOBS = ("partial", "partial_head", "partial_tail")
+
+
+def _result_path(index: int) -> str:
+    return f"{STAGING}/result-{index:06d}.npz"
+
+
+def save_shard_result(store: TableStore, version_id: str, result: dict[str, Any]) -> None:
+    """Persist a finished shard's result (written after its codes and rejects, so its presence
+    means the shard is complete): a re-run of a killed build skips the shard."""
+    meta = {k: v for k, v in result.items() if k not in _BLOBS}
+    if meta.get("rejects_file") is not None:
+        meta["rejects_file"] = asdict(meta["rejects_file"])
+    arrays = {k: np.frombuffer(result[k], dtype=np.uint8) for k in _BLOBS if k in result}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.write_file(version_id, _result_path(result["index"]), buf.getvalue())
+
+
+def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:
+    """The persisted results of the shards a (killed) run of this version finished."""
+    folder = fsio.join(store.version_dir(version_id), STAGING)
+    if not store.fs.exists(folder):
+        return {}
+    out = {}
+    for path in store.fs.ls(folder, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if not (name.startswith("result-") and name.endswith(".npz")):
+            continue
+        z = np.load(io.BytesIO(store.fs.cat_file(path)), allow_pickle=False)
+        result = json.loads(z["meta"].tobytes())
+        if result.get("rejects_file") is not None:
+            result["rejects_file"] = FileEntry(**result["rejects_file"])
+        result.update({k: z[k].tobytes() for k in _BLOBS if k in z.files})
+        out[int(result["index"])] = result
+    return out
 
 
 def _matrix(col: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist.errors import StoreError
+from semid_dist.faults import maybe_die
 from semid_dist.io import fs as fsio
 
 MANIFEST = "_manifest.json"
@@ -164,6 +165,12 @@ class TableStore:
         return [v for v in self.version_dirs()
                 if self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
 
+    def uncommitted(self) -> list[str]:
+        """Version directories without a manifest (a build running, failed or killed),
+        oldest first; invisible to readers."""
+        return [v for v in self.version_dirs()
+                if not self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
+
     def resolve(self, version: str | None) -> str:
         """'latest' / None / an id -> a committed version id, or StoreError."""
         if version in (None, "latest"):
@@ -220,6 +227,7 @@ class TableStore:
                              f"{rows['rejected']}")
         body = dict(manifest, version_id=version_id, files=[asdict(f) for f in files])
         self.write_file(version_id, MANIFEST, json.dumps(body, indent=2).encode())
+        maybe_die("latest")
         try:
             return self.advance_latest(version_id)
         except StoreError as exc:

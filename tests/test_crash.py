@@ -1,0 +1,113 @@
+"""Killed builds (SIGKILL via the SEMID_FAULT switch, in a real `semid build` subprocess):
+the previous version stays latest and readable, and re-running resumes to the same table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semid_dist.io.store import TableStore
+from tests.conftest import REPO
+
+
+def run_build(cfg_path: Path, *overrides: str, fault: str | None = None,
+              marker: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("SEMID_FAULT", None)
+    if fault:
+        env["SEMID_FAULT"] = fault
+    if marker:
+        env["SEMID_FAULT_MARKER"] = str(marker)
+    return subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
+                           str(cfg_path), *overrides], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+
+
+@pytest.fixture()
+def setup(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "local", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
+        "encode": {"shard_rows": 500}}))
+    first = run_build(cfg, "seed=4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    store = TableStore(str(tmp_path / "out"), "sids")
+    return cfg, store, store.latest(), store.read_data().sort_by("item_id")
+
+
+@pytest.fixture(scope="module")
+def reference(small_catalog, tmp_path_factory):
+    """The uninterrupted build every resumed run must reproduce."""
+    catalog, _ = small_catalog
+    root = tmp_path_factory.mktemp("ref")
+    cfg = root / "build.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "local", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(root / "out"), "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
+        "encode": {"shard_rows": 500}}))
+    assert run_build(cfg).returncode == 0
+    return TableStore(str(root / "out"), "sids").read_data().sort_by("item_id")
+
+
+@pytest.mark.parametrize("point", ["fit", "encode", "reduce", "commit"])
+def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point):
+    cfg, store, previous, before = setup
+    killed = run_build(cfg, fault=point)
+    assert killed.returncode == -signal.SIGKILL
+    assert store.latest() == previous and store.versions() == [previous]
+    assert store.read_data(previous).sort_by("item_id").equals(before)
+    assert len(store.uncommitted()) == 1
+    resumed = run_build(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming version" in resumed.stderr
+    if point != "fit":
+        assert "reusing the fit of the interrupted run" in resumed.stderr
+    if point in ("reduce", "commit"):
+        assert "6 shards done by the interrupted run, 0 to go" in resumed.stderr
+    if point == "encode":
+        assert "2 shards done by the interrupted run, 4 to go" in resumed.stderr
+    assert store.latest() != previous and store.uncommitted() == []
+    assert store.read_data().sort_by("item_id").equals(reference)
+
+
+def test_killed_between_manifest_and_latest(setup):
+    cfg, store, previous, before = setup
+    killed = run_build(cfg, fault="latest")
+    assert killed.returncode == -signal.SIGKILL
+    assert store.latest() == previous  # _latest never moved
+    assert store.read_data(previous).sort_by("item_id").equals(before)
+    assert len(store.versions()) == 2  # the new version is complete and listed, not latest
+    again = run_build(cfg)
+    assert again.returncode == 0 and store.latest() == store.versions()[-1]
+
+
+@pytest.mark.engine
+def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path):
+    """An encode actor dies (SIGKILL) on its first shard; Ray restarts it, the shard is
+    retried and the table equals the local engine's."""
+    catalog, _ = small_catalog
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "local", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
+        "encode": {"shard_rows": 500}, "ray": {"num_cpus": 2}}))
+    assert run_build(cfg).returncode == 0
+    store = TableStore(str(tmp_path / "out"), "sids")
+    local = store.read_data().sort_by("item_id")
+    marker = tmp_path / "died"
+    res = run_build(cfg, "engine=ray", "encode.from_version=latest", fault="encode_worker",
+                    marker=marker)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert marker.exists()  # a worker really died
+    assert store.read_data().sort_by("item_id").equals(local)
