@@ -83,7 +83,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         drift = (store.read_json(manifest["version_id"], DRIFT_FILE)
                  if any(f["path"] == DRIFT_FILE for f in manifest["files"]) else None)
         _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json,
-               format_summary(manifest["version_id"], store.version_url(manifest["version_id"]),
+               format_summary(manifest["version_id"], store.display_url(manifest["version_id"]),
                               metrics, drift))
     return 0
 
@@ -129,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = TableStore(args.root, args.table)
     vid = store.resolve(args.version)
     entries = write_report(store, vid)
-    path = f"{store.version_url(vid)}/{REPORT_HTML}"
+    path = f"{store.display_url(vid)}/{REPORT_HTML}"
     _print({"version_id": vid, "report": path, "files": [e.path for e in entries]},
            args.json, path)
     return 0

@@ -402,7 +402,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     _remove_staging(store, vid)
     log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
         + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
-    return BuildResult(vid, store.version_url(vid), metrics, store.manifest(vid), drift)
+    return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
 
 
 def _json(data: Any) -> bytes:

@@ -141,6 +141,10 @@ class TableStore:
     def version_url(self, version_id: str) -> str:
         return f"{self.url}/versions/{version_id}"
 
+    def display_url(self, version_id: str) -> str:
+        """`version_url` with any credentials masked: for logs, reports and printed paths."""
+        return fsio.redact_url(self.version_url(version_id))
+
     def write_table(self, version_id: str, rel: str, table: pa.Table) -> FileEntry:
         """Write a Parquet file inside a version; returns its manifest entry."""
         buf = io.BytesIO()

@@ -126,6 +126,6 @@ def write_report(store: TableStore, version_id: str) -> list[FileEntry]:
     (PNG files first, the page last)."""
     data = load_version(store, version_id)
     figs = make_figures(data)
-    page = render(version_id, data.metrics, figs, source=store.version_url(version_id))
+    page = render(version_id, data.metrics, figs, source=store.display_url(version_id))
     entries = [store.write_file(version_id, f"{REPORT_DIR}/{f.file}", f.png) for f in figs]
     return entries + [store.write_file(version_id, REPORT_HTML, page.encode("utf-8"))]

@@ -1,0 +1,184 @@
+"""R^3-VAE (paper 003): reference-vector projection + cosine rating residual quantization.
+
+x: (b, d) -> z = encoder(x): (b, e). The reference vector r: (e,) is learned; each row is
+projected on it, alpha = z.r / ||r||^2 (eq. 1), e0 = z - alpha r (eq. 2). Layer l rates every
+codeword by cosine similarity s_k = e.c_k / (||e|| ||c_k||) (eq. 3), softmax w_k (eq. 4), and
+mixes its top-K codewords, e_hat = sum_top-K w_k c_k (eq. 5; the K weights are renormalised to
+sum to 1 so that e_hat is on the scale of the codewords), e <- e - e_hat (eq. 6). The SID is
+the per-layer argmax of the rating (eq. 7). x_hat = decoder(alpha r + sum_l e_hat_l) (eq. 11:
+the paper applies eq. 1-2 to the input embedding; here they act on the encoder's latent, the
+VAE backbone of its Figure 1). Loss = ||x - x_hat||^2 + lambda (PD - SC) (eq. 12-13), with, per
+layer, SC over the batch items sharing that layer's code (mean pairwise cosine of the residuals
+they were rated on, eq. 8-9) and PD over the layer's codewords (eq. 10, t = 2).
+
+Encoding follows the same soft path, so the last column of `sq_residual` is ||x - x_hat||^2 of
+that path (it uses the item's alpha and rating weights, not only its codes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semid_dist.quantize.kmeans import kmeans
+from semid_dist.quantize.rqvae import (
+    EpochHook,
+    Forward,
+    LearnedParams,
+    Progress,
+    Sync,
+    Wrap,
+    deterministic,
+    mlp,
+    train,
+)
+
+
+def rating(e: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """e: (b, m), cb: (k, m) -> cosine ratings s: (b, k) (eq. 3)."""
+    return F.normalize(e, dim=1, eps=1e-12) @ F.normalize(cb, dim=1, eps=1e-12).T
+
+
+def semantic_cohesion(e: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over clusters of >= 2 rows of the mean pairwise cosine inside the cluster
+    (eq. 8-9). e: (b, m) vectors, codes: (b,) int64 in [0, k) -> scalar (0 without clusters)."""
+    u = F.normalize(e, dim=1, eps=1e-12)
+    sums = torch.zeros(k, u.shape[1], dtype=u.dtype, device=u.device).index_add(0, codes, u)
+    n = torch.bincount(codes, minlength=k).to(u.dtype)
+    keep = n >= 2
+    if not bool(keep.any()):
+        return u.new_zeros(())
+    pair = ((sums[keep] ** 2).sum(dim=1) - n[keep]) / (n[keep] * (n[keep] - 1))
+    return pair.mean()
+
+
+def preference_discrimination(cb: torch.Tensor, t: float) -> torch.Tensor:
+    """log of the mean over codeword pairs a < b of exp(-t (1 - cos(c_a, c_b))) (eq. 10).
+    cb: (k, m) -> scalar."""
+    u = F.normalize(cb, dim=1, eps=1e-12)
+    cos = u @ u.T
+    iu = torch.triu_indices(len(cb), len(cb), offset=1, device=cb.device)
+    return torch.logsumexp(-t * (1.0 - cos[iu[0], iu[1]]), dim=0) - np.log(iu.shape[1])
+
+
+class R3VAE(nn.Module):
+    """Encoder, reference vector, L rating codebooks (k_l, e), decoder."""
+
+    method = "r3vae"
+
+    def __init__(self, input_dim: int, layers: tuple[int, ...] | list[int],
+                 params: LearnedParams) -> None:
+        super().__init__()
+        self.input_dim, self.layers, self.params = input_dim, tuple(layers), params
+        h = list(params.hidden_dims)
+        self.encoder = mlp([input_dim, *h, params.latent_dim])
+        self.decoder = mlp([params.latent_dim, *reversed(h), input_dim])
+        self.reference = nn.Parameter(torch.ones(params.latent_dim))
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter(torch.zeros(k, params.latent_dim)) for k in self.layers])
+
+    def project(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: (b, e) -> (alpha r: (b, e), e0: (b, e)) (eq. 1-2)."""
+        r = self.reference
+        alpha = (z @ r) / (r @ r).clamp_min(1e-12)
+        anchor = alpha.unsqueeze(1) * r.unsqueeze(0)
+        return anchor, z - anchor
+
+    def layer(self, e: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]:
+        """One rating layer: e: (b, m) -> (e_hat (b, m), code (b,) int64, ratings (b, k))."""
+        s = rating(e, cb)
+        w = torch.softmax(s, dim=1)
+        kk = min(self.params.topk, cb.shape[0])
+        top_w, top_i = torch.topk(w, kk, dim=1)  # sorted: column 0 is the argmax
+        top_w = top_w / top_w.sum(dim=1, keepdim=True)
+        e_hat = (top_w.unsqueeze(2) * cb[top_i]).sum(dim=1)
+        return e_hat, top_i[:, 0], s
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
+                                                 torch.Tensor]:
+        """z: (b, e) -> (z_hat = alpha r + sum e_hat (b, e), codes (b, L) int64, the L
+        residuals rated (b, e), the final residual e_L (b, e))."""
+        anchor, e = self.project(z)
+        z_hat = anchor
+        codes, residuals = [], []
+        for cb in self.codebooks:
+            e_hat, code, _ = self.layer(e, cb)
+            residuals.append(e)
+            codes.append(code)
+            z_hat = z_hat + e_hat
+            e = e - e_hat
+        return z_hat, torch.stack(codes, dim=1), residuals, e
+
+    def ratings(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (b, d) -> the L rating matrices (b, k_l) along the soft residual path."""
+        _, e = self.project(self.encoder(x))
+        out = []
+        for cb in self.codebooks:
+            e_hat, _, s = self.layer(e, cb)
+            out.append(s)
+            e = e - e_hat
+        return out
+
+    def forward(self, x: torch.Tensor) -> Forward:
+        z_hat, codes, residuals, _ = self.quantize(self.encoder(x))
+        x_hat = self.decoder(z_hat)
+        recon = ((x - x_hat) ** 2).sum(dim=1)
+        rec_loss = ((x - x_hat) ** 2).mean()
+        sc = torch.stack([semantic_cohesion(e, codes[:, i], k)
+                          for i, (e, k) in enumerate(zip(residuals, self.layers))]).mean()
+        pd = torch.stack([preference_discrimination(cb, self.params.pd_t)
+                          for cb in self.codebooks]).mean()
+        loss = rec_loss + self.params.lam * (pd - sc)
+        return Forward(loss, recon.detach(), codes, residuals,
+                       {"reconstruction_loss": float(rec_loss), "sc": float(sc), "pd": float(pd)})
+
+    @torch.no_grad()
+    def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (b, d) -> (codes (b, L) int64, sq (b, L) float32): sq[:, l] = ||e_{l+1}||^2 in
+        the latent space for l < L-1, sq[:, L-1] = ||x - x_hat||^2 in the input space."""
+        z_hat, codes, residuals, _ = self.quantize(self.encoder(x))
+        sq = torch.empty(len(x), len(self.layers), dtype=torch.float32, device=x.device)
+        for layer in range(len(self.layers) - 1):
+            sq[:, layer] = (residuals[layer + 1] ** 2).sum(dim=1)
+        sq[:, -1] = ((x - self.decoder(z_hat)) ** 2).sum(dim=1)
+        return codes, sq
+
+    @torch.no_grad()
+    def init_codebooks(self, x: torch.Tensor, *, niter: int = 10) -> None:
+        """Reference vector = mean latent of `x` (b, d); C^1 = k-means of e0, C^l = k-means
+        of the residuals left by layer l-1 on the soft path (section 3.3.1)."""
+        z = self.encoder(x)
+        self.reference.copy_(z.mean(dim=0))
+        _, e = self.project(z)
+        for layer, k in enumerate(self.layers):
+            cb, _ = kmeans(e.cpu().numpy().astype(np.float32), k, niter=niter,
+                           seed=self.params.seed + 1000 * layer)
+            self.codebooks[layer].copy_(torch.from_numpy(cb).to(e.device))
+            e_hat, _, _ = self.layer(e, self.codebooks[layer])
+            e = e - e_hat
+
+    def after_step(self, fwd: Forward, idle: list[torch.Tensor], sync: Sync,
+                   gen: torch.Generator) -> list[int]:
+        """No dead-code restart: the rating keeps every codeword in the gradient path."""
+        return [0] * len(self.layers)
+
+
+def fit_r3vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],
+              params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
+              device: str = "cpu", progress: Progress | None = None,
+              on_epoch: EpochHook | None = None) -> tuple[R3VAE, list[dict[str, Any]]]:
+    """Fit an R^3-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
+    float32, m >= max(layers), held identically by every worker. Returns (model on CPU,
+    per-layer stats as `semid_dist.quantize.rqvae.train` gives them)."""
+    with deterministic(params.seed):
+        model = R3VAE(x.shape[1], layers, params)
+        model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
+        model.to(device)
+        stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
+                      on_epoch=on_epoch)
+    return model.cpu().eval(), stats

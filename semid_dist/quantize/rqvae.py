@@ -1,0 +1,324 @@
+"""RQ-VAE (TIGER): MLP encoder / decoder around a residual vector quantizer.
+
+Each layer l picks the nearest codeword of the latent residual r_l (squared Euclidean
+distance, ties to the lowest code) and passes r_{l+1} = r_l - c_l on. Gradients reach the
+encoder through the straight-through estimator (z_q = z + sg(sum_l c_l - z)); codebooks learn
+from the codebook loss ||sg(r_l) - c_l||^2 and the encoder from the commitment loss
+beta * ||r_l - sg(c_l)||^2. Codebooks start from residual k-means on a first batch
+(`semid_dist.quantize.kmeans.kmeans`); a code unused for `dead_code_window` steps is reset
+to a random residual of the current batch.
+
+The training loop (`train`) is shared with R^3-VAE: it runs over a local shard, takes an
+optional `Sync` (sums / broadcasts over data-parallel workers) and an optional `wrap`
+(e.g. Ray Train's `prepare_model`, which wraps the module in DDP), and returns plain
+per-layer statistics with the per-epoch history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from semid_dist.quantize.kmeans import kmeans
+
+Progress = Callable[[str], None]
+EpochHook = Callable[[dict[str, Any]], None]
+Wrap = Callable[[nn.Module], nn.Module]
+
+
+class Sync(Protocol):
+    """Collectives over data-parallel workers (identity when running alone)."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of `t` over workers (returns the summed tensor)."""
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` on every worker."""
+
+
+class LocalSync:
+    """`Sync` for a single process: both collectives are the identity."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+@dataclass(frozen=True)
+class LearnedParams:
+    """Hyper-parameters of a learned quantizer (the resolved values, method defaults applied)."""
+
+    latent_dim: int = 32
+    hidden_dims: tuple[int, ...] = (256, 128)
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta: float = 0.25
+    dead_code_window: int = 2  # epochs a code may stay unused before a restart (0: never)
+    topk: int = 4  # R^3-VAE: codewords mixed per layer
+    lam: float = 0.01  # R^3-VAE: weight of PD - SC
+    pd_t: float = 2.0  # R^3-VAE: temperature t of PD (eq. 10)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LearnedParams:
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "hidden_dims" in kw:
+            kw["hidden_dims"] = tuple(int(h) for h in kw["hidden_dims"])
+        return cls(**kw)
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers of `sizes` with ReLU between them (none after the last)."""
+    mods: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        mods.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+def nearest_code(r: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """r: (b, e), cb: (k, e) -> (b,) int64 index of the nearest codeword (ties: lowest)."""
+    scores = (cb * cb).sum(dim=1).unsqueeze(0) - 2.0 * r @ cb.T
+    return torch.argmin(scores, dim=1)
+
+
+@dataclass
+class Forward:
+    """One forward pass: loss (scalar), recon (b,) squared input-space error per row,
+    codes (b, L) int64, residuals: L latent tensors (b, e) the layers quantized, and
+    the loss terms (floats) for the statistics."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    codes: torch.Tensor
+    residuals: list[torch.Tensor]
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class RQVAE(nn.Module):
+    """x: (b, d) -> z = encoder(x): (b, e) -> residual VQ with L codebooks (k_l, e) ->
+    x_hat = decoder(sum_l c_l): (b, d)."""
+
+    method = "rq_vae"
+
+    def __init__(self, input_dim: int, layers: tuple[int, ...] | list[int],
+                 params: LearnedParams) -> None:
+        super().__init__()
+        self.input_dim, self.layers, self.params = input_dim, tuple(layers), params
+        h = list(params.hidden_dims)
+        self.encoder = mlp([input_dim, *h, params.latent_dim])
+        self.decoder = mlp([params.latent_dim, *reversed(h), input_dim])
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter(torch.zeros(k, params.latent_dim)) for k in self.layers])
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """z: (b, e) -> (sum of chosen codewords (b, e), codes (b, L) int64, the L residuals
+        each layer quantized (b, e))."""
+        r, q_sum = z, torch.zeros_like(z)
+        codes, residuals = [], []
+        for cb in self.codebooks:
+            idx = nearest_code(r.detach(), cb.detach())
+            q = cb[idx]
+            residuals.append(r)
+            codes.append(idx)
+            q_sum = q_sum + q
+            r = r - q
+        return q_sum, torch.stack(codes, dim=1), residuals
+
+    def forward(self, x: torch.Tensor) -> Forward:
+        z = self.encoder(x)
+        q_sum, codes, residuals = self.quantize(z)
+        vq = z.new_zeros(())
+        for layer, r in enumerate(residuals):
+            c = self.codebooks[layer][codes[:, layer]]
+            vq = vq + ((r.detach() - c) ** 2).mean() + self.params.beta * (
+                (r - c.detach()) ** 2).mean()
+        z_q = z + (q_sum - z).detach()  # straight-through
+        x_hat = self.decoder(z_q)
+        recon = ((x - x_hat) ** 2).sum(dim=1)
+        rec_loss = ((x - x_hat) ** 2).mean()
+        loss = rec_loss + vq
+        return Forward(loss, recon.detach(), codes, residuals,
+                       {"reconstruction_loss": float(rec_loss), "vq_loss": float(vq)})
+
+    @torch.no_grad()
+    def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (b, d) -> (codes (b, L) int64, sq (b, L) float32): sq[:, l] = ||r_{l+1}||^2 in
+        the latent space for l < L-1, sq[:, L-1] = ||x - decode(codes)||^2 in input space."""
+        q_sum, codes, residuals = self.quantize(self.encoder(x))
+        sq = torch.empty(len(x), len(self.layers), dtype=torch.float32, device=x.device)
+        for layer in range(len(self.layers) - 1):
+            sq[:, layer] = (residuals[layer + 1] ** 2).sum(dim=1)
+        sq[:, -1] = ((x - self.decoder(q_sum)) ** 2).sum(dim=1)
+        return codes, sq
+
+    @torch.no_grad()
+    def init_codebooks(self, x: torch.Tensor, *, niter: int = 10) -> None:
+        """Residual k-means on the latents of `x` (b, d), b >= max k: every worker holding
+        the same `x` and weights gets the same codebooks."""
+        r = self.encoder(x).cpu().numpy().astype(np.float32)
+        for layer, k in enumerate(self.layers):
+            cb, _ = kmeans(r, k, niter=niter, seed=self.params.seed + 1000 * layer)
+            t = torch.from_numpy(cb)
+            idx = nearest_code(torch.from_numpy(r), t).numpy()
+            r = r - cb[idx]
+            self.codebooks[layer].copy_(t.to(self.codebooks[layer].device))
+
+    def after_step(self, fwd: Forward, idle: list[torch.Tensor], sync: Sync,
+                   gen: torch.Generator) -> list[int]:
+        """Dead-code restart: codes whose idle count (steps since last use, all workers)
+        reached the window get a random residual of rank 0's current batch (plus a tiny
+        jitter). idle: L tensors (k_l,) int64, updated in place. Returns restarts per layer."""
+        window = self.params.dead_code_window * getattr(self, "steps_per_epoch", 1)
+        restarts = []
+        with torch.no_grad():
+            for layer, cb in enumerate(self.codebooks):
+                if window <= 0:
+                    restarts.append(0)
+                    continue
+                dead = idle[layer] >= window
+                n_dead = int(dead.sum())
+                if n_dead:
+                    r = fwd.residuals[layer].detach()
+                    pick = torch.randint(len(r), (n_dead,), generator=gen)
+                    fresh = r[pick.to(r.device)] + 1e-4 * torch.randn(
+                        n_dead, r.shape[1], generator=gen).to(r.device)
+                    fresh = sync.broadcast(fresh.contiguous())
+                    cb.data[dead] = fresh
+                    idle[layer][dead] = 0
+                restarts.append(n_dead)
+        return restarts
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """torch seeded with deterministic algorithms for the block (then restored)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _batches(n_local: int, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n_local, generator=gen)
+    return [b for b in torch.tensor_split(perm, steps) if len(b)]
+
+
+def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync | None = None,
+          wrap: Wrap | None = None, device: str = "cpu", progress: Progress | None = None,
+          on_epoch: EpochHook | None = None) -> list[dict[str, Any]]:
+    """Train `model` (codebooks already initialised) on the local shard x: (n_local, d)
+    float32 with AdamW. Every worker runs the same number of steps per epoch
+    (ceil(n_total / batch_size), each a slice of its shard), so DDP stays in lock step.
+    Returns per-layer statistics: layer, k, n, final_mse (mean ||r_{l+1}||^2 in the
+    latent space, last epoch), utilization, dead_restarts, epochs (per-epoch history with
+    loss, reconstruction (mean ||x - x_hat||^2), utilization and restarts of this layer)."""
+    sync = sync or LocalSync()
+    n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
+    steps = max(1, math.ceil(n_total / params.batch_size))
+    model.steps_per_epoch = steps
+    net = wrap(model) if wrap is not None else model
+    opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    gen = torch.Generator().manual_seed(params.seed + 17)
+    layers = model.layers
+    idle = [torch.zeros(k, dtype=torch.int64) for k in layers]
+    history: list[dict[str, Any]] = []
+    for epoch in range(params.epochs):
+        net.train()
+        used = [torch.zeros(k, dtype=torch.float64) for k in layers]
+        res_sq = torch.zeros(len(layers), dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * rows, recon sum, rows
+        restarts = [0] * len(layers)
+        for idx in _batches(len(x), steps, gen):
+            xb = xt[idx].to(device)
+            fwd: Forward = net(xb)
+            opt.zero_grad(set_to_none=True)
+            fwd.loss.backward()
+            opt.step()
+            counts = [torch.bincount(fwd.codes[:, i].cpu(), minlength=k).to(torch.float64)
+                      for i, k in enumerate(layers)]
+            counts = list(torch.split(sync.all_reduce(torch.cat(counts)), list(layers)))
+            for i in range(len(layers)):
+                used[i] += counts[i]
+                idle[i] = torch.where(counts[i] > 0, 0, idle[i] + 1)
+                nxt = (fwd.residuals[i + 1] if i + 1 < len(layers) else
+                       fwd.residuals[i] - model.codebooks[i][fwd.codes[:, i]])
+                res_sq[i] += float((nxt.detach() ** 2).sum())
+            sums += torch.tensor([float(fwd.loss) * len(xb), float(fwd.recon.sum()), len(xb)],
+                                 dtype=torch.float64)
+            for i, n_r in enumerate(model.after_step(fwd, idle, sync, gen)):
+                restarts[i] += n_r
+        sums = sync.all_reduce(sums)
+        res_sq = sync.all_reduce(res_sq)
+        rows = max(float(sums[2]), 1.0)
+        record = {"epoch": epoch, "loss": float(sums[0]) / rows,
+                  "reconstruction": float(sums[1]) / rows,
+                  "utilization": [float((u > 0).float().mean()) for u in used],
+                  "dead_restarts": restarts,
+                  "residual_mse": [float(v) / rows for v in res_sq]}
+        history.append(record)
+        if progress is not None:
+            progress(f"fit: epoch {epoch}: loss={record['loss']:.5g} "
+                     f"reconstruction={record['reconstruction']:.5g} utilization="
+                     + "/".join(f"{u:.2f}" for u in record["utilization"])
+                     + f" restarts={sum(restarts)}")
+        if on_epoch is not None:
+            on_epoch(record)
+    return layer_stats(history, layers, n_total)
+
+
+def layer_stats(history: list[dict[str, Any]], layers: tuple[int, ...],
+                n_total: int) -> list[dict[str, Any]]:
+    """Per-epoch history -> per-layer statistics (the shape the build's metrics expect)."""
+    out = []
+    for i, k in enumerate(layers):
+        last = history[-1] if history else None
+        out.append({
+            "layer": i, "k": k, "n": n_total, "init": "kmeans",
+            "final_mse": last["residual_mse"][i] if last else None,
+            "utilization": last["utilization"][i] if last else None,
+            "dead_restarts": sum(h["dead_restarts"][i] for h in history),
+            "epochs": [{"epoch": h["epoch"], "loss": h["loss"],
+                        "reconstruction": h["reconstruction"],
+                        "utilization": h["utilization"][i],
+                        "dead_restarts": h["dead_restarts"][i]} for h in history],
+        })
+    return out
+
+
+def fit_rq_vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],
+               params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
+               device: str = "cpu", progress: Progress | None = None,
+               on_epoch: EpochHook | None = None) -> tuple[RQVAE, list[dict[str, Any]]]:
+    """Fit an RQ-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
+    float32 with m >= max(layers), held identically by every worker (codebook k-means init).
+    Deterministic for a fixed `params.seed` on CPU. Returns (model on CPU, per-layer stats)."""
+    with deterministic(params.seed):
+        model = RQVAE(x.shape[1], layers, params)
+        model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
+        model.to(device)
+        stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
+                      on_epoch=on_epoch)
+    return model.cpu().eval(), stats

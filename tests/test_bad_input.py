@@ -1,0 +1,490 @@
+"""Bad input, one class per test: end-to-end `build` on the local engine over small real
+Parquet catalogs. Each class either fails with a named error that says what is wrong and how
+to fix it (nothing committed), or becomes rejected rows with a reason, and the counts
+reconcile (manifest rows: input = encoded + rejected, matching the data / rejects files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist.errors import ConfigError, InputError
+from semid_dist.io.catalog import Shard
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
+from semid_dist.stages import find_duplicates, first_copy_rejects
+from tests.conftest import clustered, small_config, write_catalog
+
+N, D = 600, 6
+LAYERS = [8, 4]
+NON_FINITE = "non-finite values (NaN/Inf) in embedding"
+F32, I64 = pa.float32(), pa.int64()
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def cfg(catalog: str, root: str, **over):
+    """small_config with every valid row in the fit sample (so two catalogs with the same
+    valid rows in the same order fit identical codebooks), shards of 200 rows and up to 5%
+    of the rows rejected."""
+    over.setdefault("quantizer__layers", LAYERS)
+    over.setdefault("fit__sample_size", 10**6)
+    over.setdefault("encode__shard_rows", 200)
+    over.setdefault("input__max_reject_fraction", 0.05)
+    return small_config(catalog, root, **over)
+
+
+def base_x(seed: int = 5) -> np.ndarray:
+    return clustered(N, D, seed=seed)
+
+
+def emb_array(rows: list, value_type: pa.DataType = F32) -> pa.Array:
+    """list<value_type> column; a row of None is a null embedding."""
+    lengths = [0 if r is None else len(r) for r in rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    parts = [np.asarray(r, dtype=np.float64) for r in rows if r is not None and len(r)]
+    flat = np.concatenate(parts) if parts else np.zeros(0)
+    values = pa.array(flat.astype(value_type.to_pandas_dtype()), type=value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), values,
+                                    mask=pa.array([r is None for r in rows]))
+
+
+def write_file(path: Path, ids, rows, *, id_type: pa.DataType = I64,
+               value_type: pa.DataType = F32, row_group_rows: int = 100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"item_id": pa.array(list(ids), id_type),
+                             "embedding": emb_array(list(rows), value_type)}),
+                   path, row_group_size=row_group_rows)
+    return path
+
+
+def as_rows(x: np.ndarray) -> list:
+    return [list(map(float, r)) for r in x]
+
+
+def committed(root: str, res) -> tuple[pa.Table, pa.Table]:
+    """The version's data and rejects, after checking that every count reconciles."""
+    store = TableStore(root, "sids")
+    rows = store.manifest(res.version_id)["rows"]
+    assert rows["input"] == rows["encoded"] + rows["rejected"]
+    assert res.metrics["rows"] == rows
+    data = store.read_data(res.version_id)
+    rejects = store.read_data(res.version_id, kind="rejects")
+    assert data.num_rows == rows["encoded"] and rejects.num_rows == rows["rejected"]
+    if rejects.num_rows:
+        assert rejects.column_names == ["item_id", "source_file", "row", "reason"]
+    return data, rejects.sort_by([("source_file", "ascending"), ("row", "ascending")]) \
+        if rejects.num_rows else rejects
+
+
+def nothing_committed(root: str) -> bool:
+    """No version exists for readers: no `_latest`, no manifest anywhere under the root."""
+    if not Path(root).exists():
+        return True
+    return TableStore(root, "sids").latest() is None and not list(
+        Path(root).rglob("_manifest.json"))
+
+
+def codes_by_id(data: pa.Table) -> pa.Table:
+    return data.select(["item_id", "codes", "sid", "suffix", "qerr"]).sort_by("item_id")
+
+
+@pytest.fixture()
+def root(tmp_path) -> str:
+    return str(tmp_path / "out")
+
+
+# -- NaN / +Inf / -Inf --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")],
+                         ids=["nan", "+inf", "-inf"])
+def test_non_finite_values_are_rejected_with_a_reason(tmp_path, root, value):
+    x = base_x()
+    bad = [0, 17, 250, 599]  # first row, inside, another shard, last row
+    for i in bad:
+        x[i, i % D] = value
+    path = write_file(tmp_path / "cat" / "part-0.parquet", range(N), as_rows(x))
+    data, rej = committed(root, build(cfg(str(path.parent), root), log=quiet))
+    assert rej.column("row").to_pylist() == bad
+    assert rej.column("item_id").to_pylist() == [str(i) for i in bad]
+    assert set(rej.column("reason").to_pylist()) == {NON_FINITE}
+    assert set(rej.column("source_file").to_pylist()) == {str(path)}
+    assert data.num_rows == N - len(bad)
+    assert set(data.column("item_id").to_pylist()).isdisjoint(bad)
+    # on_bad_rows=fail: the same catalog fails, naming the reason; nothing is committed
+    other = str(tmp_path / "fail")
+    with pytest.raises(InputError, match=r"4 bad rows \(4 non-finite.*on_bad_rows=reject"):
+        build(cfg(str(path.parent), other, input__on_bad_rows="fail"), log=quiet)
+    assert nothing_committed(other)
+
+
+def test_over_max_reject_fraction_fails_and_commits_nothing(tmp_path, root):
+    x = base_x()
+    x[::10, 0] = np.nan  # 10% of the rows
+    cat = write_catalog(tmp_path / "cat", x)
+    with pytest.raises(InputError, match=r"60 of 600 rows rejected \(10\.00%: 60 non-finite.*"
+                                         r"max_reject_fraction=0\.05; nothing was committed"):
+        build(cfg(cat, root, input__max_reject_fraction=0.05), log=quiet)
+    assert nothing_committed(root)
+    res = build(cfg(cat, root, input__max_reject_fraction=0.1), log=quiet)  # at the limit: ok
+    data, rej = committed(root, res)
+    assert (data.num_rows, rej.num_rows) == (540, 60)
+
+
+# -- all-zero vectors ---------------------------------------------------------------------
+
+def test_all_zero_vectors_are_kept_or_rejected_by_policy(tmp_path, root):
+    x = base_x()
+    zero = [3, 222, 480]
+    x[zero] = 0.0
+    cat = write_catalog(tmp_path / "cat", x)
+    kept, rej = committed(root, build(cfg(cat, root), log=quiet))  # default: keep
+    assert kept.num_rows == N and rej.num_rows == 0
+    root2 = str(tmp_path / "reject")
+    res = build(cfg(cat, root2, input__on_zero_vector="reject"), log=quiet)
+    data, rej = committed(root2, res)
+    assert rej.column("row").to_pylist() == zero
+    assert set(rej.column("reason").to_pylist()) == {"all-zero embedding"}
+    # identical to a catalog that never had those rows
+    keep = np.setdiff1d(np.arange(N), zero)
+    clean = write_catalog(tmp_path / "clean", x[keep], ids=keep.astype(np.int64))
+    root3 = str(tmp_path / "clean_out")
+    ref, _ = committed(root3, build(cfg(clean, root3), log=quiet))
+    assert codes_by_id(data).equals(codes_by_id(ref))
+
+
+# -- wrong dimension, null embedding, null item id -----------------------------------------
+
+def test_wrong_dimension_is_rejected_even_on_the_first_row(tmp_path, root):
+    rows = as_rows(base_x())
+    rows[0] = rows[0][:4]  # the first row must not decide the dimension
+    rows[9] = rows[9] + [1.0, 2.0]
+    rows[300] = []
+    path = write_file(tmp_path / "cat" / "p.parquet", range(N), rows)
+    res = build(cfg(str(path.parent), root), log=quiet)
+    data, rej = committed(root, res)
+    assert res.manifest["input"]["dim"] == D
+    assert rej.column("row").to_pylist() == [0, 9, 300]
+    assert rej.column("reason").to_pylist() == ["embedding dim 4 != 6", "embedding dim 8 != 6",
+                                                "embedding dim 0 != 6"]
+
+
+def test_null_embedding_and_null_item_id_are_rejected(tmp_path, root):
+    rows = as_rows(base_x())
+    ids: list = list(range(N))
+    rows[5] = None
+    rows[401] = None
+    ids[6] = None
+    ids[402] = None
+    rows[402] = None  # both null: one reject row, for the id
+    path = write_file(tmp_path / "cat" / "p.parquet", ids, rows)
+    data, rej = committed(root, build(cfg(str(path.parent), root), log=quiet))
+    assert rej.column("row").to_pylist() == [5, 6, 401, 402]
+    assert rej.column("reason").to_pylist() == ["null embedding", "null item_id",
+                                                "null embedding", "null item_id"]
+    assert rej.column("item_id").to_pylist() == ["5", None, "401", None]
+    assert data.column("item_id").null_count == 0 and data.num_rows == N - 4
+
+
+# -- duplicate item ids: reject | keep_first | fail ---------------------------------------
+
+def dup_catalog(tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Two files of 300 rows; ids repeat inside a file, across files and across shards.
+    Returns (dir, x (600, D), ids (600,), [(global row of a later copy, of its first)])."""
+    x = base_x()
+    ids = np.arange(N, dtype=np.int64)
+    copies = {10: [150], 20: [21, 350, 599], 320: [330, 480], 5: [300]}  # first -> later
+    later = []
+    for first, rest in copies.items():
+        for r in rest:
+            ids[r] = ids[first]
+            later.append((r, first))
+    d = tmp_path / "dups"
+    for f in range(2):
+        lo = f * 300
+        write_file(d / f"part-{f}.parquet", ids[lo:lo + 300], as_rows(x[lo:lo + 300]))
+    return str(d), x, ids, sorted(later)
+
+
+def test_duplicates_reject_every_copy_by_default(tmp_path, root):
+    cat, x, ids, later = dup_catalog(tmp_path)
+    data, rej = committed(root, build(cfg(cat, root), log=quiet))
+    dup_ids = {int(ids[r]) for r, _ in later}
+    copies = np.flatnonzero(np.isin(ids, list(dup_ids)))
+    assert rej.num_rows == len(copies) == 11
+    assert set(rej.column("reason").to_pylist()) == {"duplicate item_id"}
+    assert set(data.column("item_id").to_pylist()).isdisjoint(dup_ids)
+    keep = np.setdiff1d(np.arange(N), copies)
+    clean = write_catalog(tmp_path / "clean", x[keep], ids=ids[keep])
+    root2 = str(tmp_path / "clean_out")
+    ref, _ = committed(root2, build(cfg(clean, root2), log=quiet))
+    assert codes_by_id(data).equals(codes_by_id(ref))
+
+
+def test_duplicates_keep_first_keeps_the_first_file_row_copy(tmp_path, root):
+    cat, x, ids, later = dup_catalog(tmp_path)
+    res = build(cfg(cat, root, input__on_duplicate="keep_first"), log=quiet)
+    data, rej = committed(root, res)
+    files = sorted(str(p) for p in Path(cat).glob("*.parquet"))
+
+    def where(r: int) -> tuple[str, int]:
+        return files[r // 300], r % 300
+
+    assert [(f, r) for f, r in zip(rej.column("source_file").to_pylist(),
+                                   rej.column("row").to_pylist())] == [where(r) for r, _ in later]
+    want = [f"duplicate item_id (first at {where(first)[0]}:{where(first)[1]})"
+            for _, first in later]
+    assert rej.column("reason").to_pylist() == want
+    assert rej.column("item_id").to_pylist() == [str(ids[r]) for r, _ in later]
+    assert sorted(data.column("item_id").to_pylist()) == sorted(set(ids.tolist()))
+    # identical to the catalog deduplicated by hand, keeping each id's first row
+    keep = np.setdiff1d(np.arange(N), [r for r, _ in later])
+    clean = write_catalog(tmp_path / "clean", x[keep], ids=ids[keep])
+    root2 = str(tmp_path / "clean_out")
+    ref, _ = committed(root2, build(cfg(clean, root2), log=quiet))
+    assert codes_by_id(data).equals(codes_by_id(ref))
+    # deterministic: another shard size, same table
+    root3 = str(tmp_path / "again")
+    res3 = build(cfg(cat, root3, input__on_duplicate="keep_first", encode__shard_rows=100),
+                 log=quiet)
+    again, rej3 = committed(root3, res3)
+    assert codes_by_id(again).equals(codes_by_id(data)) and rej3.equals(rej)
+
+
+def test_duplicates_fail_policy_and_on_bad_rows_fail(tmp_path, root):
+    cat, *_ = dup_catalog(tmp_path)
+    with pytest.raises(InputError, match=r"4 item ids occur more than once \(11 rows; e\.g\. "
+                                         r".*input\.on_duplicate=keep_first") as exc:
+        build(cfg(cat, root, input__on_duplicate="fail"), log=quiet)
+    for i in ("10", "20", "320", "5"):
+        assert i in str(exc.value)
+    for policy in ("reject", "keep_first"):  # any rejected row fails under on_bad_rows=fail
+        with pytest.raises(InputError, match="occur more than once.*on_bad_rows=fail"):
+            build(cfg(cat, root, input__on_duplicate=policy, input__on_bad_rows="fail"),
+                  log=quiet)
+    assert nothing_committed(root)
+
+
+def brute_first_copies(id_lists: list[list], shards: list[Shard]) -> dict[int, list]:
+    seen: dict = {}
+    out: dict[int, list] = {}
+    for shard, ids in zip(shards, id_lists):
+        for off, v in enumerate(ids):
+            if v is None:
+                continue
+            if v in seen:
+                s, r = seen[v]
+                out.setdefault(shard.index, []).append(
+                    (off, f"duplicate item_id (first at {s.path}:{s.row_offset + r})"))
+            else:
+                seen[v] = (shard, off)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_first_copy_rejects_matches_a_brute_force_scan(kind):
+    rng = np.random.default_rng(3)
+    sizes = [0, 7, 30, 1, 0, 25, 12]
+    shards, id_lists, offset = [], [], 0
+    for i, n in enumerate(sizes):
+        path = f"cat/part-{i // 3}.parquet"
+        offset = 0 if i % 3 == 0 else offset
+        vals = rng.integers(0, 40, n).tolist()
+        vals = [None if rng.random() < 0.1 else (v if kind == "int" else f"k{v}") for v in vals]
+        shards.append(Shard(i, path, (0,), offset, n))
+        id_lists.append(vals)
+        offset += n
+    arrays = [pa.array(v, pa.int64() if kind == "int" else pa.string()) for v in id_lists]
+    dups, _ = find_duplicates(arrays)
+    got = first_copy_rejects(arrays, shards, dups)
+    want = brute_first_copies(id_lists, shards)
+    assert sorted(got) == sorted(want)
+    for idx, t in got.items():
+        assert list(zip(t.column("offset").to_pylist(), t.column("reason").to_pylist())) \
+            == want[idx]
+
+
+# -- embedding value types, id types --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def integral(tmp_path_factory):
+    """Integer-valued embeddings (exact in every value type) and the float32 reference."""
+    x = np.round(base_x(seed=9) * 4).astype(np.float32)
+    base = tmp_path_factory.mktemp("types")
+    path = write_file(base / "f32" / "p.parquet", range(N), as_rows(x))
+    root = str(base / "f32_out")
+    data, _ = committed(root, build(cfg(str(path.parent), root), log=quiet))
+    return x, base, codes_by_id(data)
+
+
+@pytest.mark.parametrize("value_type", [pa.float64(), pa.float16(), pa.int32(), pa.int8()],
+                         ids=str)
+def test_other_embedding_types_are_cast_and_give_the_float32_codes(integral, value_type):
+    x, base, ref = integral
+    name = str(value_type)
+    path = write_file(base / name / "p.parquet", range(N), as_rows(x), value_type=value_type)
+    root = str(base / f"{name}_out")
+    data, rej = committed(root, build(cfg(str(path.parent), root), log=quiet))
+    assert rej.num_rows == 0
+    assert codes_by_id(data).equals(ref)
+
+
+def test_string_ids_work_end_to_end(tmp_path, root):
+    x = base_x()
+    ids: list = [f"sku-{i:05d}" for i in range(N)]
+    ids[7] = None
+    ids[100] = ids[40]  # a duplicate string id
+    path = write_file(tmp_path / "cat" / "p.parquet", ids, as_rows(x), id_type=pa.string())
+    res = build(cfg(str(path.parent), root, input__on_duplicate="keep_first"), log=quiet)
+    data, rej = committed(root, res)
+    assert data.schema.field("item_id").type == pa.string()
+    assert rej.column("item_id").to_pylist() == [None, "sku-00040"]
+    assert rej.column("reason").to_pylist() == [
+        "null item_id", f"duplicate item_id (first at {path}:40)"]
+    assert data.num_rows == N - 2 and len(set(data.column("item_id").to_pylist())) == N - 2
+    again = build(cfg(str(path.parent), root, input__on_duplicate="keep_first",
+                      encode__from_version="latest"), log=quiet)
+    data2, _ = committed(root, again)
+    assert codes_by_id(data2).equals(codes_by_id(data))
+
+
+def test_mixing_integer_and_string_id_files_is_a_clear_error(tmp_path, root):
+    x = base_x()
+    d = tmp_path / "mixed"
+    a = write_file(d / "part-0.parquet", range(300), as_rows(x[:300]))
+    b = write_file(d / "part-1.parquet", [f"s{i}" for i in range(300, N)], as_rows(x[300:]),
+                   id_type=pa.string())
+    with pytest.raises(InputError, match="mix item id types") as exc:
+        build(cfg(str(d), root), log=quiet)
+    msg = str(exc.value)
+    assert str(a) in msg and str(b) in msg and "int64" in msg and "string" in msg
+    assert nothing_committed(root)
+
+
+def test_int32_and_int64_id_files_mix_as_int64(tmp_path, root):
+    x = base_x()
+    d = tmp_path / "ints"
+    write_file(d / "part-0.parquet", range(300), as_rows(x[:300]), id_type=pa.int32())
+    write_file(d / "part-1.parquet", range(300, N), as_rows(x[300:]))
+    data, _ = committed(root, build(cfg(str(d), root), log=quiet))
+    assert data.schema.field("item_id").type == pa.int64()
+    assert sorted(data.column("item_id").to_pylist()) == list(range(N))
+
+
+# -- unreadable files, missing columns, empty catalogs ---------------------------------------
+
+def two_files(tmp_path: Path) -> Path:
+    return Path(write_catalog(tmp_path / "cat", base_x(), files=2))
+
+
+def test_empty_zero_byte_file_is_a_named_error(tmp_path, root):
+    d = two_files(tmp_path)
+    (d / "part-zzz.parquet").write_bytes(b"")
+    with pytest.raises(InputError, match=r"part-zzz\.parquet' is empty \(0 bytes\); remove it"):
+        build(cfg(str(d), root), log=quiet)
+    assert nothing_committed(root)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated_footer"])
+def test_corrupt_parquet_file_is_a_named_error(tmp_path, root, damage):
+    d = two_files(tmp_path)
+    victim = d / "part-001.parquet"
+    data = victim.read_bytes()
+    victim.write_bytes(b"this is not parquet at all" * 20 if damage == "garbage"
+                       else data[:-50])
+    with pytest.raises(InputError, match=r"part-001\.parquet' is not readable Parquet.*repair"):
+        build(cfg(str(d), root), log=quiet)
+    assert nothing_committed(root)
+
+
+def test_corrupt_data_page_fails_on_its_checksum(tmp_path, root):
+    d = tmp_path / "cat"
+    d.mkdir()
+    x = base_x()
+    t = pa.table({"item_id": pa.array(np.arange(N)),
+                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), D)})
+    victim = d / "p.parquet"
+    pq.write_table(t, victim, row_group_size=300, write_page_checksum=True, compression="none")
+    raw = bytearray(victim.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(64)  # inside the embedding pages; the footer stays intact
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"p\.parquet': cannot read row groups .*repair or "
+                                         "remove the file"):
+        build(cfg(str(d), root), log=quiet)
+    assert nothing_committed(root)
+
+
+@pytest.mark.parametrize("key, value, column", [
+    ("input__embedding_column", "vector", "vector"),
+    ("input__id_column", "sku", "sku"),
+    ("input__popularity_column", "clicks", "clicks"),
+])
+def test_missing_column_names_it_and_the_columns_there_are(tmp_path, root, key, value, column):
+    d = two_files(tmp_path)
+    with pytest.raises(InputError) as exc:
+        build(cfg(str(d), root, **{key: value}), log=quiet)
+    msg = str(exc.value)
+    assert f"no column {column!r}" in msg and key.replace("__", ".") in msg
+    assert all(c in msg for c in ("item_id", "embedding", "popularity"))
+    assert nothing_committed(root)
+
+
+def test_empty_catalogs_are_named_errors(tmp_path, root):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    (empty_dir / "README.txt").write_text("no parquet here")
+    with pytest.raises(InputError, match=r"holds no \*\.parquet files"):
+        build(cfg(str(empty_dir), root), log=quiet)
+    with pytest.raises(InputError, match="does not exist"):
+        build(cfg(str(tmp_path / "nowhere"), root), log=quiet)
+    zero = tmp_path / "zero_rows"
+    zero.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array([], pa.int64()),
+                             "embedding": pa.array([], pa.list_(pa.float32(), D))}),
+                   zero / "part-0.parquet")
+    with pytest.raises(InputError, match=r"catalog at '.*zero_rows' has no rows"):
+        build(cfg(str(zero), root), log=quiet)
+    assert nothing_committed(root)
+    # a 0-row file next to real ones is just an empty part of the catalog
+    d = two_files(tmp_path)
+    pq.write_table(pa.table({"item_id": pa.array([], pa.int64()),
+                             "embedding": pa.array([], pa.list_(pa.float32(), D)),
+                             "popularity": pa.array([], pa.int64())}), d / "part-009.parquet")
+    data, _ = committed(root, build(cfg(str(d), root), log=quiet))
+    assert data.num_rows == N
+
+
+def test_catalog_smaller_than_the_largest_codebook(tmp_path, root):
+    cat = write_catalog(tmp_path / "tiny", base_x()[:12])
+    with pytest.raises(InputError, match=r"holds 12 valid rows, fewer than the largest "
+                                         r"codebook \(16\); use smaller quantizer\.layers"):
+        build(cfg(cat, root, quantizer__layers=[16, 4]), log=quiet)
+    assert nothing_committed(root)
+    # counted after validation: 20 rows of which 6 are bad leave 14 < 16
+    x = base_x()[:20]
+    x[:6, 0] = np.nan
+    cat2 = write_catalog(tmp_path / "tiny2", x)
+    with pytest.raises(InputError, match="holds 14 valid rows, fewer than the largest"):
+        build(cfg(cat2, root, quantizer__layers=[16, 4], input__max_reject_fraction=0.5),
+              log=quiet)
+    assert nothing_committed(root)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("input__on_duplicate", "drop", r"input\.on_duplicate: 'drop' is not one of reject \| "
+                                    r"keep_first \| fail"),
+    ("input__on_zero_vector", "skip", r"input\.on_zero_vector: 'skip' is not one of keep"),
+    ("input__on_bad_rows", "ignore", r"input\.on_bad_rows: 'ignore' is not one of"),
+    ("input__max_reject_fraction", 1.5, r"input\.max_reject_fraction"),
+    ("input__on_dupes", "reject", r"input\.on_dupes"),
+])
+def test_bad_config_value_is_a_config_error_naming_the_key(tmp_path, key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(str(tmp_path / "cat"), str(tmp_path / "out"), **{key: value})

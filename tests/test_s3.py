@@ -1,0 +1,327 @@
+"""Remote storage for real: an S3-compatible server (moto) on loopback, reached through plain
+`s3://bucket/...` URLs with the endpoint and fake credentials in the environment, as a job
+would get them (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+
+The environment is set when this module is imported (collection time), before any test
+starts Ray: locally started Ray workers inherit the driver's environment as it is when Ray
+starts, and the session's `ray_session` may be started by a module that runs earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+from semid_dist.cli import main  # noqa: E402
+from semid_dist.errors import ConfigError, InputError, StoreError  # noqa: E402
+from semid_dist.io.fs import redact, redact_url  # noqa: E402
+from semid_dist.io.store import MANIFEST, TableStore  # noqa: E402
+from semid_dist.pipeline import build  # noqa: E402
+from tests.conftest import clustered, small_config, write_catalog  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
+ENDPOINT = f"http://127.0.0.1:{PORT}"
+ACCESS_KEY = f"AKIASEMID{uuid.uuid4().hex[:11].upper()}"
+SECRET_KEY = f"semid-secret-{uuid.uuid4().hex}"
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                  AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=ENDPOINT)
+
+REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (/\S*) HTTP')
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@dataclass
+class Moto:
+    fs: s3fs.S3FileSystem
+    log_path: Path
+
+    def requests(self, bucket: str) -> list[tuple[str, str]]:
+        """(method, path) of every request the server answered for `bucket`, in order."""
+        text = self.log_path.read_text(errors="replace")
+        return [(m, p) for m, p in REQUEST.findall(text)
+                if p == f"/{bucket}" or p.startswith((f"/{bucket}/", f"/{bucket}?"))]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server as a subprocess on 127.0.0.1:PORT, stopped at the end of the session;
+    its request log is kept to check what went over the wire."""
+    log_path = tmp_path_factory.mktemp("moto") / "requests.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORT)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited: {log_path.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("moto server did not start within 60 s")
+                time.sleep(0.2)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield Moto(s3fs.S3FileSystem(), log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture()
+def bucket(s3) -> str:
+    name = f"semid-{uuid.uuid4().hex[:12]}"
+    s3.fs.mkdir(name)
+    return name
+
+
+def upload_catalog(s3: Moto, local_dir: str, bucket: str, prefix: str = "catalog") -> str:
+    for f in sorted(Path(local_dir).glob("*.parquet")):
+        s3.fs.pipe_file(f"{bucket}/{prefix}/{f.name}", f.read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
+def by_id(store: TableStore, version: str):
+    return store.read_data(version).sort_by("item_id")
+
+
+def check_commit_order(s3: Moto, bucket: str, table_prefix: str, version: str) -> None:
+    """On the wire: every object of the version was PUT before its manifest, `_latest` after
+    it, and no temporary (`.tmp-`) object was ever written (object stores have no rename)."""
+    reqs = s3.requests(bucket)
+    assert not [p for _, p in reqs if ".tmp-" in p]
+    vdir = f"/{bucket}/{table_prefix}/versions/{version}/"
+    puts = [p for m, p in reqs if m == "PUT" and p.startswith(vdir)]
+    assert puts[-1] == vdir + MANIFEST and puts.count(vdir + MANIFEST) == 1
+    assert len(puts) > 5  # codebooks, staging, data, metrics, report ... then the manifest
+    order = [p for m, p in reqs if m == "PUT"]
+    latest = f"/{bucket}/{table_prefix}/_latest"
+    assert latest in order[order.index(vdir + MANIFEST):]
+
+
+# -- the local engine on S3 -----------------------------------------------------------------
+
+def test_catalog_and_table_on_s3(s3, bucket, small_catalog, tmp_path, capsys):
+    local_catalog, x = small_catalog
+    catalog = upload_catalog(s3, local_catalog, bucket)
+    root = f"s3://{bucket}/tables"
+    first = build(small_config(catalog, root), log=quiet)
+    store = TableStore(root, "sids")
+    assert isinstance(store.fs, s3fs.S3FileSystem)
+    assert store.latest() == first.version_id == store.versions()[-1]
+    assert s3.fs.cat_file(f"{bucket}/tables/sids/_latest").decode() == first.version_id
+    m = store.manifest()
+    assert m["rows"] == {"input": len(x), "encoded": len(x), "rejected": 0}
+    assert m["input"]["url"] == catalog and m["config"]["output"]["root"] == root
+    for entry in m["files"]:  # every listed object exists with its size
+        assert s3.fs.size(f"{bucket}/tables/sids/versions/{first.version_id}/{entry['path']}") \
+            == entry["bytes"]
+    assert not s3.fs.exists(f"{bucket}/tables/sids/versions/{first.version_id}/_staging")
+    check_commit_order(s3, bucket, "tables/sids", first.version_id)
+    # the same table as the same catalog on local disk
+    local_root = str(tmp_path / "local")
+    local = build(small_config(local_catalog, local_root), log=quiet)
+    assert by_id(store, first.version_id).equals(
+        by_id(TableStore(local_root, "sids"), local.version_id))
+    # encode.from_version=latest on S3: reuses the codebooks, records the parent
+    second = build(small_config(catalog, root, encode__from_version="latest"), log=quiet)
+    assert store.latest() == second.version_id
+    assert store.manifest(second.version_id)["parent"] == first.version_id
+    assert second.metrics["fit"]["codebooks_from"] == first.version_id
+    assert by_id(store, second.version_id).equals(by_id(store, first.version_id))
+    check_commit_order(s3, bucket, "tables/sids", second.version_id)
+    # `semid versions list` on the S3 table
+    capsys.readouterr()
+    assert main(["versions", "list", "--root", root, "--table", "sids", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [v["version_id"] for v in listed] == [first.version_id, second.version_id]
+    assert [v["latest"] for v in listed] == [False, True]
+    assert not [o for o in s3.fs.find(bucket) if ".tmp-" in o]
+
+
+def test_failed_build_on_s3_writes_no_manifest(s3, bucket, tmp_path):
+    good = upload_catalog(s3, write_catalog(tmp_path / "good", clustered(900, 8, seed=1)),
+                          bucket, "good")
+    x = clustered(900, 8, seed=2)
+    x[::10, 0] = float("nan")  # 10% bad rows > max_reject_fraction 1%
+    bad = upload_catalog(s3, write_catalog(tmp_path / "bad", x), bucket, "bad")
+    root = f"s3://{bucket}/tables"
+    over = {"quantizer__layers": [8, 4], "fit__sample_size": 900}
+    first = build(small_config(good, root, **over), log=quiet)
+    with pytest.raises(InputError, match="max_reject_fraction"):
+        build(small_config(bad, root, **over), log=quiet)
+    store = TableStore(root, "sids")
+    assert store.versions() == [first.version_id] and store.latest() == first.version_id
+    failed = [v for v in store.version_dirs() if v != first.version_id]
+    assert len(failed) == 1
+    objects = s3.fs.find(f"{bucket}/tables/sids/versions/{failed[0]}")
+    assert any("/codebooks/" in o for o in objects) and any("/rejects/" in o for o in objects)
+    assert not [o for o in objects if o.endswith(MANIFEST)]  # data without a manifest
+    with pytest.raises(StoreError, match="is not committed"):
+        store.resolve(failed[0])
+    assert not [p for _, p in s3.requests(bucket) if ".tmp-" in p]
+
+
+# -- credentials ------------------------------------------------------------------------------
+
+def assert_clean(blobs: dict[str, bytes], markers: list[str]) -> None:
+    for name, data in blobs.items():
+        for marker in markers:
+            assert marker.encode() not in data, f"{marker!r} found in {name}"
+
+
+def table_objects(s3: Moto, prefix: str) -> dict[str, bytes]:
+    objects = s3.fs.find(prefix)
+    assert objects
+    return {o: s3.fs.cat_file(o) for o in objects}
+
+
+def test_credentials_never_reach_outputs_or_logs(s3, bucket, tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO)
+    x = clustered(900, 8, seed=4)
+    x[5, 0] = float("nan")  # one reject row: the rejects table names its source file
+    catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", x), bucket)
+    root = f"s3://{bucket}/tables"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "local", "input": {"path": catalog},
+                               "output": {"root": root},
+                               "quantizer": {"layers": [8, 4], "niter": 4},
+                               "fit": {"sample_size": 900}}))
+    assert main(["build", "--config", str(cfg)]) == 0
+    assert main(["versions", "show", "--root", root, "--table", "sids", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert "version" in out and "[semid" in err
+    markers = [SECRET_KEY, ACCESS_KEY]
+    assert_clean({"stdout": out.encode(), "stderr": err.encode(),
+                  "log records": caplog.text.encode()}, markers)
+    blobs = table_objects(s3, f"{bucket}/tables")
+    assert any(k.endswith(MANIFEST) for k in blobs) and any("/rejects/" in k for k in blobs)
+    assert_clean(blobs, markers)
+
+
+def test_credentials_inside_an_s3_url_are_refused_without_echoing_them(s3, bucket, tmp_path,
+                                                                        capfd):
+    catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", clustered(300, 4)), bucket)
+    leaky = catalog.replace("s3://", f"s3://{ACCESS_KEY}:{SECRET_KEY}@")
+    with pytest.raises(ConfigError, match=r"s3://\*\*\*@semid-.*credentials inside an s3:// "
+                                          r"URL are not supported.*AWS_ACCESS_KEY_ID") as exc:
+        build(small_config(leaky, f"s3://{bucket}/tables"), log=quiet)
+    assert_clean({"error": str(exc.value).encode()}, [SECRET_KEY, ACCESS_KEY])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "local", "input": {"path": catalog},
+                               "output": {"root": f"s3://{ACCESS_KEY}:{SECRET_KEY}@{bucket}/t"}}))
+    assert main(["build", "--config", str(cfg)]) == 2
+    out, err = capfd.readouterr()
+    assert "credentials inside an s3:// URL" in err
+    assert_clean({"stdout": out.encode(), "stderr": err.encode()}, [SECRET_KEY, ACCESS_KEY])
+    assert not s3.fs.exists(f"{bucket}/t")
+
+
+def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):
+    """fsspec's HTTP filesystem takes `user:password@` from the URL: the build works, and the
+    manifest, every object, the rejects' source_file and the logs show `***` instead."""
+    secret = f"url-secret-{uuid.uuid4().hex}"
+    x = clustered(900, 8, seed=6)
+    x[7, 1] = float("inf")
+    upload_catalog(s3, write_catalog(tmp_path / "cat", x), bucket)
+    url = f"http://reader:{secret}@127.0.0.1:{PORT}/{bucket}/catalog/part-000.parquet"
+    root = f"s3://{bucket}/tables"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "local", "input": {"path": url},
+                               "output": {"root": root},
+                               "quantizer": {"layers": [8, 4], "niter": 4},
+                               "fit": {"sample_size": 900}}))
+    assert main(["build", "--config", str(cfg), "--json"]) == 0
+    out, err = capfd.readouterr()
+    store = TableStore(root, "sids")
+    m = store.manifest()
+    shown = f"http://***@127.0.0.1:{PORT}/{bucket}/catalog/part-000.parquet"
+    assert m["input"]["url"] == shown and m["config"]["input"]["path"] == shown
+    assert m["rows"] == {"input": 900, "encoded": 899, "rejected": 1}
+    assert store.read_data(kind="rejects").column("source_file").to_pylist() == [shown]
+    assert_clean({"stdout": out.encode(), "stderr": err.encode(),
+                  **table_objects(s3, f"{bucket}/tables")}, [secret, SECRET_KEY, ACCESS_KEY])
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("s3://AKIAX:wJal/K7+q@bucket/cat", "s3://***@bucket/cat"),
+    ("ftp://user:pw@host:21/a/b.parquet", "ftp://***@host:21/a/b.parquet"),
+    ("simplecache::s3://k:s@b/p", "simplecache::s3://***@b/p"),
+    ("https://h/x?X-Amz-Credential=AKIA%2F1&versionId=3&X-Amz-Signature=ab",
+     "https://h/x?X-Amz-Credential=***&versionId=3&X-Amz-Signature=***"),
+    ("https://acct.blob.core.windows.net/c/x?sv=2020&sig=zz",
+     "https://acct.blob.core.windows.net/c/x?sv=2020&sig=***"),
+    ("abfs://container@account.dfs.core.windows.net/x", None),  # a container, no secret
+    ("s3://bucket/images/a@2x/cat.parquet", None),
+    ("ftp://anonymous@host/x", None),
+    ("/data/catalog", None),
+])
+def test_redact_url(url, shown):
+    assert redact_url(url) == (shown or url)
+    assert redact({"a": [url, {"b": (url,)}], "n": 3}) == {
+        "a": [shown or url, {"b": (shown or url,)}], "n": 3}
+
+
+# -- the Ray engine on S3 ---------------------------------------------------------------------
+
+@pytest.mark.engine
+def test_ray_engine_reads_and_writes_s3(s3, ray_session, bucket, small_catalog):
+    ray = ray_session
+
+    @ray.remote
+    def worker_env() -> tuple[str | None, str | None]:
+        return os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID")
+
+    # local Ray workers inherit the driver's environment (as it was when Ray started)
+    assert ray.get(worker_env.remote()) == (ENDPOINT, ACCESS_KEY)
+    local_catalog, x = small_catalog
+    catalog = upload_catalog(s3, local_catalog, bucket)
+    root = f"s3://{bucket}/tables"
+    fitted = build(small_config(catalog, root, engine="ray"), log=quiet)  # Ray Train fit too
+    store = TableStore(root, "sids")
+    assert store.latest() == fitted.version_id
+    assert fitted.manifest["rows"] == {"input": len(x), "encoded": len(x), "rejected": 0}
+    assert fitted.manifest["engine"] == "ray"
+    check_commit_order(s3, bucket, "tables/sids", fitted.version_id)
+    # same codebooks: the Ray engine writes exactly the local engine's table
+    local = build(small_config(catalog, root, encode__from_version=fitted.version_id),
+                  log=quiet)
+    on_ray = build(small_config(catalog, root, engine="ray",
+                                encode__from_version=fitted.version_id), log=quiet)
+    assert by_id(store, on_ray.version_id).equals(by_id(store, local.version_id))
+    assert store.latest() == on_ray.version_id
+    check_commit_order(s3, bucket, "tables/sids", on_ray.version_id)
+    assert not [o for o in s3.fs.find(bucket) if ".tmp-" in o]
