@@ -21,7 +21,7 @@ import yaml
 from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
-Method = Literal["rq_kmeans"]
+Method = Literal["rq_kmeans", "rq_vae", "r3vae"]
 PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
 DuplicatePolicy = Literal["reject", "keep_first", "fail"]
@@ -52,6 +52,17 @@ class QuantizerConfig:
     method: Method = "rq_kmeans"
     layers: tuple[int, ...] = (256, 256, 256)
     niter: int = 20
+    # learned methods (rq_vae, r3vae) only:
+    latent_dim: int = 32
+    hidden_dims: tuple[int, ...] = (256, 128)
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float | None = None  # None: method default (rq_vae 1e-3, r3vae 5e-4)
+    weight_decay: float | None = None  # None: method default (rq_vae 0, r3vae 1e-5)
+    beta: float = 0.25  # rq_vae commitment weight
+    dead_code_window: int = 2  # epochs unused before a code restarts (0: never)
+    r3_topk: int = 4  # r3vae: codewords mixed per layer
+    r3_lambda: float = 0.01  # r3vae: weight of PD - SC
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,15 @@ _RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**63 - 1),
     "input.max_reject_fraction": (0.0, 1.0),
     "quantizer.niter": (1, 10_000),
+    "quantizer.latent_dim": (1, 65_536),
+    "quantizer.epochs": (1, 100_000),
+    "quantizer.batch_size": (1, 10**7),
+    "quantizer.lr": (1e-8, 10.0),
+    "quantizer.weight_decay": (0.0, 10.0),
+    "quantizer.beta": (0.0, 100.0),
+    "quantizer.dead_code_window": (0, 100_000),
+    "quantizer.r3_topk": (1, 65_536),
+    "quantizer.r3_lambda": (0.0, 1e4),
     "fit.sample_size": (1, 10**10),
     "fit.num_workers": (1, 4096),
     "fit.cpus_per_worker": (0.01, 1024),
@@ -249,11 +269,27 @@ def _check_consistency(cfg: BuildConfig) -> None:
             f"quantizer.layers={list(layers)}: the product of (layer size + 1) exceeds 2^62, "
             "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
     _check_prune(cfg.prune, len(layers))
+    _check_learned(cfg)
     depth = cfg.quality_depth
     if depth > len(layers):
         raise ConfigError(
             f"metrics.quality_depth: {depth} > number of layers {len(layers)}; "
             f"set it to at most {len(layers)} or leave it unset")
+
+
+def _check_learned(cfg: BuildConfig) -> None:
+    q = cfg.quantizer
+    for i, h in enumerate(q.hidden_dims):
+        if not 1 <= h <= 65_536:
+            raise ConfigError(f"quantizer.hidden_dims[{i}]: {h} is out of range [1, 65536]")
+    if q.method == "rq_kmeans":
+        return
+    if cfg.collisions.max_per_sid is not None:
+        raise ConfigError(f"collisions.max_per_sid is supported by quantizer.method=rq_kmeans "
+                          f"only, not {q.method}; unset collisions.max_per_sid")
+    if cfg.fit.warm_start != "none":
+        raise ConfigError(f"fit.warm_start=parent is supported by quantizer.method=rq_kmeans "
+                          f"only, not {q.method}; set fit.warm_start=none")
 
 
 def _check_prune(prune: PruneConfig, n_layers: int) -> None:

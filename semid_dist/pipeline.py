@@ -32,7 +32,8 @@ from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
-from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, artifact_files, load_artifact
+from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
+from semid_dist.quantize.model import load_quantizer, quantizer_files
 from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
@@ -189,11 +190,16 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
     if cfg.encode.from_version:
         src = store.resolve(cfg.encode.from_version)
         blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
-        codebooks, meta = load_artifact(blobs, where=f"codebooks of version {src}")
-        sizes = [len(cb) for cb in codebooks]
-        if codebooks[0].shape[1] != ctx.dim:
-            raise InputError(f"embedding dim {ctx.dim} != codebook dim {codebooks[0].shape[1]} "
+        _, meta = load_artifact(blobs, where=f"codebooks of version {src}")
+        quantizer = load_quantizer(blobs, where=f"codebooks of version {src}")
+        sizes = list(quantizer.sizes)
+        if quantizer.dim != ctx.dim:
+            raise InputError(f"embedding dim {ctx.dim} != codebook dim {quantizer.dim} "
                              f"(codebooks of version {src}); re-fit with `semid build`")
+        if quantizer.method != cfg.quantizer.method:
+            raise ConfigError(f"quantizer.method={cfg.quantizer.method} but version {src} holds "
+                              f"a {quantizer.method} quantizer; set "
+                              f"quantizer.method={quantizer.method}")
         if sizes != list(cfg.quantizer.layers):
             raise ConfigError(f"quantizer.layers={list(cfg.quantizer.layers)} but version {src} "
                               f"has layers {sizes}; set quantizer.layers={sizes}")
@@ -206,14 +212,14 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
     sample = _sample(engine, ctx, plan, cfg, log)
     seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
     warm = _warm_start(store, parent, cfg, ctx.dim, log)
-    codebooks, fit_stats = engine.fit(sample, seeds, cfg, log,
-                                      f"{store.version_url(vid)}/{STAGING}", init_centroids=warm)
+    fitted, fit_stats = engine.fit(sample, seeds, cfg, log,
+                                   f"{store.version_url(vid)}/{STAGING}", init_centroids=warm)
     maybe_die("fit")
     meta = {"method": cfg.quantizer.method, "layers": list(cfg.quantizer.layers),
             "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats,
             "warm_start": parent if warm is not None else None}
     files = [store.write_file(vid, f"codebooks/{n}", b)
-             for n, b in artifact_files(codebooks, meta).items()]
+             for n, b in quantizer_files(fitted, meta).items()]
     return files, fit_stats, "fit"
 
 

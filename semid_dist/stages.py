@@ -25,8 +25,9 @@ from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import normalize_ids, reject_reasons, validate_batch
-from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
-from semid_dist.quantize.encode import encode_batch
+from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
+from semid_dist.quantize.model import KMeansQuantizer, Quantizer
+from semid_dist.quantize.model import load_quantizer as quantizer_from_files
 
 STAGING = "_staging"
 
@@ -142,29 +143,38 @@ def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray) -> np.nda
     return batch.x[wanted]
 
 
-def load_codebooks(ctx: JobContext) -> list[np.ndarray]:
+def load_quantizer(ctx: JobContext) -> Quantizer:
+    """The verified quantizer (any method) of the version holding this job's codebooks."""
     store = ctx.store()
     vid = ctx.codebooks_version or ctx.version_id
     files = {name: store.read_bytes(vid, f"codebooks/{name}") for name in (ARRAYS_FILE, META_FILE)}
-    codebooks, _ = load_artifact(files, where=f"codebooks of version {vid}")
-    return codebooks
+    return quantizer_from_files(files, where=f"codebooks of version {vid}")
+
+
+def load_codebooks(ctx: JobContext) -> list[np.ndarray]:
+    """The rq_kmeans codebooks, L arrays (k_l, d) float32, of this job's version."""
+    q = load_quantizer(ctx)
+    if not isinstance(q, KMeansQuantizer):
+        raise TypeError(f"the codebooks of this job are a {q.method} model, not rq_kmeans "
+                        "codebooks; use load_quantizer")
+    return q.codebooks
 
 
 class EncodeWorker:
-    """Loads the codebooks once, then encodes whole shards: validate -> encode -> stage codes,
+    """Loads the quantizer once, then encodes whole shards: validate -> encode -> stage codes,
     write rejects, return counts and the shard's mergeable statistics."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.codebooks = load_codebooks(ctx)
+        self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()
 
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
         die_once("encode_worker")
         batch = _validated(ctx, shard)
-        enc = encode_batch(self.codebooks, batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device,
-                           candidates=ctx.candidates)
+        enc = self.quantizer.encode(batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device,
+                                    candidates=ctx.candidates)
         staged = pa.table({
             "item_id": batch.ids,
             "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), len(ctx.sizes)),

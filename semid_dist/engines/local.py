@@ -10,10 +10,22 @@ import numpy as np
 from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard
+from semid_dist.quantize.model import Fitted, fit_learned, learned_params
 from semid_dist.quantize.residual import fit_residual_kmeans
+from semid_dist.quantize.rqvae import LearnedParams
 from semid_dist.stages import EncodeWorker, JobContext
 
 TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalog
+
+
+def learned_config(cfg: BuildConfig) -> LearnedParams:
+    """The learned quantizer's hyper-parameters of a build config (method defaults applied)."""
+    q = cfg.quantizer
+    return learned_params(q.method, seed=cfg.seed, lr=q.lr, weight_decay=q.weight_decay,
+                          latent_dim=q.latent_dim, hidden_dims=tuple(q.hidden_dims),
+                          epochs=q.epochs, batch_size=q.batch_size, beta=q.beta,
+                          dead_code_window=q.dead_code_window, topk=q.r3_topk, lam=q.r3_lambda,
+                          pd_t=cfg.metrics.pd_t)
 
 
 class LocalEngine:
@@ -49,9 +61,13 @@ class LocalEngine:
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,
             init_centroids: list[np.ndarray] | None = None,
-            ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-        """sample: (n, d) float32; init_centroids: warm start, one (k_l, d) per layer."""
+            ) -> tuple[Fitted, list[dict[str, Any]]]:
+        """sample: (n, d) float32; init_centroids: warm start, one (k_l, d) per layer
+        (rq_kmeans only). Returns (rq_kmeans codebooks or a learned module, stats)."""
         q = cfg.quantizer
+        if q.method != "rq_kmeans":
+            return fit_learned(q.method, sample, init_points, q.layers, learned_config(cfg),
+                               progress=log)
         return fit_residual_kmeans(sample, q.layers, niter=q.niter, seed=cfg.seed,
                                    init_points=init_points, init_centroids=init_centroids,
                                    chunk_rows=cfg.encode.chunk_rows, progress=log)

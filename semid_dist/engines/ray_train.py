@@ -4,6 +4,10 @@ Every worker holds the same k-means++ seeding points and its own stride of the s
 per-centroid sums and counts are summed with `torch.distributed.all_reduce` (gloo on CPU,
 nccl on GPU) so every worker applies the same update. Rank 0 hands the codebooks back
 through `staging_url`, a file inside the (uncommitted) version that every node can reach.
+
+The learned quantizers (rq_vae, r3vae) train with DDP (`ray.train.torch.prepare_model`):
+every worker starts from the same k-means-initialised model, trains on its stride of the
+sample, reports once per epoch, and rank 0 writes the verified artifact bytes.
 """
 
 from __future__ import annotations
@@ -56,11 +60,71 @@ def _train_loop(config: dict[str, Any]) -> None:
     ray.train.report({"done": 1})
 
 
+class _DistSync:
+    """`semid_dist.quantize.rqvae.Sync` over torch.distributed (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def all_reduce(self, t: Any) -> Any:
+        import torch.distributed as dist
+
+        out = t.to(self.device).contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def broadcast(self, t: Any) -> Any:
+        import torch.distributed as dist
+
+        out = t.to(self.device).contiguous()
+        dist.broadcast(out, src=0)
+        return out.to(t.device)
+
+
+def _learned_loop(config: dict[str, Any]) -> None:
+    """rq_vae / r3vae with DDP: every worker trains on its stride of the sample with the
+    same number of steps per epoch; gradients are averaged by DDP, code usage is summed and
+    dead-code restarts are broadcast from rank 0. One `ray.train.report` per epoch."""
+    import json
+
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from semid_dist.quantize.model import fit_learned, quantizer_files
+    from semid_dist.quantize.rqvae import LearnedParams
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cuda" if config["use_gpu"] else "cpu"
+    sample = ray.get(config["sample"])
+    init_points = ray.get(config["init_points"])
+
+    def report(record: dict[str, Any]) -> None:
+        ray.train.report({"epoch": record["epoch"], "loss": record["loss"],
+                          "reconstruction": record["reconstruction"],
+                          "min_utilization": min(record["utilization"])})
+
+    model, stats = fit_learned(
+        config["method"], sample[rank::world], init_points, config["layers"],
+        LearnedParams.from_dict(config["params"]),
+        sync=_DistSync(device) if world > 1 else None,
+        wrap=ray.train.torch.prepare_model if world > 1 else None, device=device,
+        on_epoch=report)
+    if rank == 0:
+        files = quantizer_files(model, {"method": config["method"], "training": stats})
+        fs, path = fsio.resolve(config["out"])
+        fsio.write_bytes(fs, path + ".json", json.dumps(stats).encode())
+        for name, blob in sorted(files.items()):
+            fsio.write_bytes(fs, f"{path}.{name}", blob)
+
+
 def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
                      log: Callable[[str], None], staging_url: str, *,
                      init_centroids: list[np.ndarray] | None = None,
-                     ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """sample: (n, d) float32 -> (codebooks, per-layer stats) fitted by fit.num_workers.
+                     ) -> tuple[Any, list[dict[str, Any]]]:
+    """sample: (n, d) float32 -> (codebooks, per-layer stats) fitted by fit.num_workers;
+    for quantizer.method rq_vae / r3vae the first item is the trained module (DDP fit).
     init_centroids: warm start, one (k_l, d) float32 array per layer (every worker starts
     Lloyd from them instead of k-means++)."""
     import json
@@ -70,17 +134,23 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     from ray.train.torch import TorchTrainer
 
     fit = cfg.fit
-    out = f"{staging_url}/fit-codebooks.npz"
+    learned = cfg.quantizer.method != "rq_kmeans"
+    out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
+    loop_config = {
+        "sample": ray.put(sample), "init_points": ray.put(init_points),
+        "init_centroids": ray.put(init_centroids),
+        "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
+        "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
+        "out": out,
+    }
+    if learned:
+        from semid_dist.engines.local import learned_config
+
+        loop_config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
     with tempfile.TemporaryDirectory(prefix="semid-fit-") as tmp:
         trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={
-                "sample": ray.put(sample), "init_points": ray.put(init_points),
-                "init_centroids": ray.put(init_centroids),
-                "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
-                "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
-                "out": out,
-            },
+            _learned_loop if learned else _train_loop,
+            train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
                                          resources_per_worker={"CPU": fit.cpus_per_worker}),
             run_config=RunConfig(storage_path=tmp, name="fit"),
@@ -89,6 +159,18 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")
         trainer.fit()
     fs, path = fsio.resolve(out)
+    if learned:
+        from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
+        from semid_dist.quantize.model import load_quantizer
+
+        files = {n: fs.cat_file(f"{path}.{n}") for n in (ARRAYS_FILE, META_FILE)}
+        module = load_quantizer(files, where="fit output of Ray Train").module
+        stats = json.loads(fs.cat_file(path + ".json"))
+        last = stats[0]["epochs"][-1] if stats and stats[0]["epochs"] else {}
+        log(f"fit: {cfg.quantizer.method}: {len(stats[0]['epochs'])} epochs, loss="
+            f"{last.get('loss', float('nan')):.5g} utilization="
+            + "/".join(f"{s['utilization']:.2f}" for s in stats))
+        return module, stats
     with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as z:
         codebooks = [z[f"layer_{i}"] for i in range(len(cfg.quantizer.layers))]
     stats = json.loads(fs.cat_file(path + ".json"))

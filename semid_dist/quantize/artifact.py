@@ -69,9 +69,10 @@ def load_artifact_tensors(files: dict[str, bytes], *, where: str = "artifact") -
         raise ArtifactError(f"{where}: unreadable codebook artifact ({exc!r}); rebuild that "
                             "version") from None
     meta["arrays"] = recorded
-    for name in sorted(set(arrays) - set(recorded)):
-        raise ArtifactError(f"{where}: array {name} has no recorded checksum; the artifact "
-                            "was modified, rebuild that version")
+    unrecorded = sorted(set(arrays) - set(recorded))
+    if unrecorded:
+        raise ArtifactError(f"{where}: array {unrecorded[0]} has no recorded checksum; the "
+                            "artifact was modified, rebuild that version")
     for name in sorted(recorded):
         if name not in arrays:
             raise ArtifactError(f"{where}: {'codebook ' if name.startswith('layer_') else ''}"

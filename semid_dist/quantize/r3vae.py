@@ -7,9 +7,14 @@ mixes its top-K codewords, e_hat = sum_top-K w_k c_k (eq. 5; the K weights are r
 sum to 1 so that e_hat is on the scale of the codewords), e <- e - e_hat (eq. 6). The SID is
 the per-layer argmax of the rating (eq. 7). x_hat = decoder(alpha r + sum_l e_hat_l) (eq. 11:
 the paper applies eq. 1-2 to the input embedding; here they act on the encoder's latent, the
-VAE backbone of its Figure 1). Loss = ||x - x_hat||^2 + lambda (PD - SC) (eq. 12-13), with, per
-layer, SC over the batch items sharing that layer's code (mean pairwise cosine of the residuals
-they were rated on, eq. 8-9) and PD over the layer's codewords (eq. 10, t = 2).
+VAE backbone of its Figure 1). Loss = ||x - x_hat||^2 (per item, eq. 11) + lambda (PD - SC)
+(eq. 12-13), averaged over layers: SC in the form of the prose of section 3.4.1 (cosine
+between each item's rated residual and its code embedding, averaged per code, then over the
+codes of the batch) and PD over the layer's codewords (eq. 10, t = 2). The pairwise form of
+eq. 8 as a loss let a handful of codes take every item on the demo catalog (8 of 256 used at
+layer 0), so it is only used as the evaluation metric (`semid_dist.codes`). Codes unused for
+`dead_code_window` epochs restart as in RQ-VAE: without that the rating alone collapsed to
+about 10 used codes per layer on the demo catalog.
 
 Encoding follows the same soft path, so the last column of `sq_residual` is ||x - x_hat||^2 of
 that path (it uses the item's alpha and rating weights, not only its codes).
@@ -26,6 +31,7 @@ from torch import nn
 
 from semid_dist.quantize.kmeans import kmeans
 from semid_dist.quantize.rqvae import (
+    RQVAE,
     EpochHook,
     Forward,
     LearnedParams,
@@ -43,17 +49,16 @@ def rating(e: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     return F.normalize(e, dim=1, eps=1e-12) @ F.normalize(cb, dim=1, eps=1e-12).T
 
 
-def semantic_cohesion(e: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean over clusters of >= 2 rows of the mean pairwise cosine inside the cluster
-    (eq. 8-9). e: (b, m) vectors, codes: (b,) int64 in [0, k) -> scalar (0 without clusters)."""
-    u = F.normalize(e, dim=1, eps=1e-12)
-    sums = torch.zeros(k, u.shape[1], dtype=u.dtype, device=u.device).index_add(0, codes, u)
-    n = torch.bincount(codes, minlength=k).to(u.dtype)
-    keep = n >= 2
-    if not bool(keep.any()):
-        return u.new_zeros(())
-    pair = ((sums[keep] ** 2).sum(dim=1) - n[keep]) / (n[keep] * (n[keep] - 1))
-    return pair.mean()
+def semantic_cohesion(e: torch.Tensor, codes: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Training form of SC (section 3.4.1: cosine between the items of a cluster and their
+    code embedding): per code present in the batch, the mean cos(e_i, c_code_i), averaged
+    over those codes. e: (b, m) rated residuals, codes: (b,) int64, cb: (k, m) -> scalar."""
+    cos = (F.normalize(e, dim=1, eps=1e-12) * F.normalize(cb[codes], dim=1, eps=1e-12)).sum(1)
+    k = cb.shape[0]
+    sums = torch.zeros(k, dtype=cos.dtype, device=cos.device).index_add(0, codes, cos)
+    n = torch.bincount(codes, minlength=k).to(cos.dtype)
+    keep = n > 0
+    return (sums[keep] / n[keep]).mean()
 
 
 def preference_discrimination(cb: torch.Tensor, t: float) -> torch.Tensor:
@@ -125,17 +130,18 @@ class R3VAE(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> Forward:
-        z_hat, codes, residuals, _ = self.quantize(self.encoder(x))
+        z_hat, codes, residuals, final = self.quantize(self.encoder(x))
         x_hat = self.decoder(z_hat)
         recon = ((x - x_hat) ** 2).sum(dim=1)
-        rec_loss = ((x - x_hat) ** 2).mean()
-        sc = torch.stack([semantic_cohesion(e, codes[:, i], k)
-                          for i, (e, k) in enumerate(zip(residuals, self.layers))]).mean()
+        rec_loss = recon.mean()  # eq. 11: ||x - x_hat||^2 per item, so lambda keeps its scale
+        sc = torch.stack([semantic_cohesion(e, codes[:, i], cb)
+                          for i, (e, cb) in enumerate(zip(residuals, self.codebooks))]).mean()
         pd = torch.stack([preference_discrimination(cb, self.params.pd_t)
                           for cb in self.codebooks]).mean()
         loss = rec_loss + self.params.lam * (pd - sc)
-        return Forward(loss, recon.detach(), codes, residuals,
-                       {"reconstruction_loss": float(rec_loss), "sc": float(sc), "pd": float(pd)})
+        return Forward(loss, recon.detach(), codes, residuals, final.detach(),
+                       {"reconstruction_loss": float(rec_loss.detach()), "sc": float(sc.detach()),
+                        "pd": float(pd.detach())})
 
     @torch.no_grad()
     def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +169,11 @@ class R3VAE(nn.Module):
             e = e - e_hat
 
     def after_step(self, fwd: Forward, idle: list[torch.Tensor], sync: Sync,
-                   gen: torch.Generator) -> list[int]:
-        """No dead-code restart: the rating keeps every codeword in the gradient path."""
-        return [0] * len(self.layers)
+                   gen: torch.Generator, *, window: int) -> list[int]:
+        """Dead-code restart as in RQ-VAE (`RQVAE.after_step`): not in the paper, but the
+        cosine rating alone lets a few codewords win every item (observed on the demo
+        catalog); `dead_code_window=0` turns it off."""
+        return RQVAE.after_step(self, fwd, idle, sync, gen, window=window)
 
 
 def fit_r3vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],

@@ -103,13 +103,14 @@ def nearest_code(r: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Forward:
     """One forward pass: loss (scalar), recon (b,) squared input-space error per row,
-    codes (b, L) int64, residuals: L latent tensors (b, e) the layers quantized, and
-    the loss terms (floats) for the statistics."""
+    codes (b, L) int64, residuals: L latent tensors (b, e) the layers quantized, final: the
+    latent residual (b, e) left after the last layer, and the loss terms (floats)."""
 
     loss: torch.Tensor
     recon: torch.Tensor
     codes: torch.Tensor
     residuals: list[torch.Tensor]
+    final: torch.Tensor
     terms: dict[str, float] = field(default_factory=dict)
 
 
@@ -156,8 +157,10 @@ class RQVAE(nn.Module):
         recon = ((x - x_hat) ** 2).sum(dim=1)
         rec_loss = ((x - x_hat) ** 2).mean()
         loss = rec_loss + vq
-        return Forward(loss, recon.detach(), codes, residuals,
-                       {"reconstruction_loss": float(rec_loss), "vq_loss": float(vq)})
+        final = residuals[-1] - self.codebooks[-1][codes[:, -1]]
+        return Forward(loss, recon.detach(), codes, residuals, final.detach(),
+                       {"reconstruction_loss": float(rec_loss.detach()),
+                        "vq_loss": float(vq.detach())})
 
     @torch.no_grad()
     def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,11 +186,11 @@ class RQVAE(nn.Module):
             self.codebooks[layer].copy_(t.to(self.codebooks[layer].device))
 
     def after_step(self, fwd: Forward, idle: list[torch.Tensor], sync: Sync,
-                   gen: torch.Generator) -> list[int]:
+                   gen: torch.Generator, *, window: int) -> list[int]:
         """Dead-code restart: codes whose idle count (steps since last use, all workers)
-        reached the window get a random residual of rank 0's current batch (plus a tiny
-        jitter). idle: L tensors (k_l,) int64, updated in place. Returns restarts per layer."""
-        window = self.params.dead_code_window * getattr(self, "steps_per_epoch", 1)
+        reached `window` steps get a random residual of rank 0's current batch (plus a tiny
+        jitter). idle: L tensors (k_l,) int64, updated in place; window 0 skips restarts.
+        Returns restarts per layer."""
         restarts = []
         with torch.no_grad():
             for layer, cb in enumerate(self.codebooks):
@@ -202,7 +205,7 @@ class RQVAE(nn.Module):
                     fresh = r[pick.to(r.device)] + 1e-4 * torch.randn(
                         n_dead, r.shape[1], generator=gen).to(r.device)
                     fresh = sync.broadcast(fresh.contiguous())
-                    cb.data[dead] = fresh
+                    cb.data[dead.to(cb.device)] = fresh
                     idle[layer][dead] = 0
                 restarts.append(n_dead)
         return restarts
@@ -237,56 +240,81 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
     sync = sync or LocalSync()
     n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
     steps = max(1, math.ceil(n_total / params.batch_size))
-    model.steps_per_epoch = steps
     net = wrap(model) if wrap is not None else model
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     gen = torch.Generator().manual_seed(params.seed + 17)
-    layers = model.layers
-    idle = [torch.zeros(k, dtype=torch.int64) for k in layers]
+    idle = [torch.zeros(k, dtype=torch.int64) for k in model.layers]
     history: list[dict[str, Any]] = []
     for epoch in range(params.epochs):
         net.train()
-        used = [torch.zeros(k, dtype=torch.float64) for k in layers]
-        res_sq = torch.zeros(len(layers), dtype=torch.float64)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss * rows, recon sum, rows
-        restarts = [0] * len(layers)
+        acc = _EpochStats(model.layers)
+        # no restart in the last epoch, so that the decoder adapts to every restarted code
+        last = epoch == params.epochs - 1 and params.epochs > 1
+        window = 0 if last else params.dead_code_window * steps
         for idx in _batches(len(x), steps, gen):
-            xb = xt[idx].to(device)
-            fwd: Forward = net(xb)
+            fwd: Forward = net(xt[idx].to(device))
             opt.zero_grad(set_to_none=True)
             fwd.loss.backward()
             opt.step()
-            counts = [torch.bincount(fwd.codes[:, i].cpu(), minlength=k).to(torch.float64)
-                      for i, k in enumerate(layers)]
-            counts = list(torch.split(sync.all_reduce(torch.cat(counts)), list(layers)))
-            for i in range(len(layers)):
-                used[i] += counts[i]
-                idle[i] = torch.where(counts[i] > 0, 0, idle[i] + 1)
-                nxt = (fwd.residuals[i + 1] if i + 1 < len(layers) else
-                       fwd.residuals[i] - model.codebooks[i][fwd.codes[:, i]])
-                res_sq[i] += float((nxt.detach() ** 2).sum())
-            sums += torch.tensor([float(fwd.loss) * len(xb), float(fwd.recon.sum()), len(xb)],
-                                 dtype=torch.float64)
-            for i, n_r in enumerate(model.after_step(fwd, idle, sync, gen)):
-                restarts[i] += n_r
-        sums = sync.all_reduce(sums)
-        res_sq = sync.all_reduce(res_sq)
-        rows = max(float(sums[2]), 1.0)
-        record = {"epoch": epoch, "loss": float(sums[0]) / rows,
-                  "reconstruction": float(sums[1]) / rows,
-                  "utilization": [float((u > 0).float().mean()) for u in used],
-                  "dead_restarts": restarts,
-                  "residual_mse": [float(v) / rows for v in res_sq]}
+            acc.add(fwd, idle, sync)
+            acc.restarts += np.array(model.after_step(fwd, idle, sync, gen, window=window))
+        record = acc.record(epoch, sync)
         history.append(record)
         if progress is not None:
             progress(f"fit: epoch {epoch}: loss={record['loss']:.5g} "
                      f"reconstruction={record['reconstruction']:.5g} utilization="
                      + "/".join(f"{u:.2f}" for u in record["utilization"])
-                     + f" restarts={sum(restarts)}")
+                     + f" restarts={sum(record['dead_restarts'])}")
         if on_epoch is not None:
             on_epoch(record)
-    return layer_stats(history, layers, n_total)
+    return layer_stats(history, model.layers, n_total)
+
+
+class _EpochStats:
+    """Sums over one epoch's steps (code counts all-reduced every step for the idle counts;
+    loss / reconstruction / residual sums all-reduced once at the end)."""
+
+    def __init__(self, layers: tuple[int, ...]) -> None:
+        self.layers = layers
+        self.used = [torch.zeros(k, dtype=torch.float64) for k in layers]
+        self.res_sq = torch.zeros(len(layers), dtype=torch.float64)
+        self.sums = torch.zeros(3, dtype=torch.float64)  # loss * rows, recon sum, rows
+        self.restarts = np.zeros(len(layers), dtype=np.int64)
+        self.terms: dict[str, float] = {}  # loss term -> sum of term * rows
+
+    def add(self, fwd: Forward, idle: list[torch.Tensor], sync: Sync) -> None:
+        """Count this step's codes (over all workers) and update `idle` in place."""
+        layers = self.layers
+        counts = [torch.bincount(fwd.codes[:, i].cpu(), minlength=k).to(torch.float64)
+                  for i, k in enumerate(layers)]
+        counts = list(torch.split(sync.all_reduce(torch.cat(counts)), list(layers)))
+        for i in range(len(layers)):
+            self.used[i] += counts[i]
+            idle[i] = torch.where(counts[i] > 0, 0, idle[i] + 1)
+            nxt = fwd.residuals[i + 1] if i + 1 < len(layers) else fwd.final
+            self.res_sq[i] += float((nxt.detach() ** 2).sum())
+        rows = len(fwd.codes)
+        for name, value in fwd.terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + value * rows
+        self.sums += torch.tensor([float(fwd.loss.detach()) * rows, float(fwd.recon.sum()),
+                                   rows], dtype=torch.float64)
+
+    def record(self, epoch: int, sync: Sync) -> dict[str, Any]:
+        sums = sync.all_reduce(self.sums)
+        res_sq = sync.all_reduce(self.res_sq)
+        names = sorted(self.terms)
+        terms = sync.all_reduce(torch.tensor([self.terms[n] for n in names], dtype=torch.float64))
+        rows = max(float(sums[2]), 1.0)
+        return {"epoch": epoch, "loss": float(sums[0]) / rows,
+                **{n: float(v) / rows for n, v in zip(names, terms)},
+                "reconstruction": float(sums[1]) / rows,
+                "utilization": [float((u > 0).double().mean()) for u in self.used],
+                "dead_restarts": [int(r) for r in self.restarts],
+                "residual_mse": [float(v) / rows for v in res_sq]}
+
+
+_PER_LAYER = ("utilization", "dead_restarts", "residual_mse")
 
 
 def layer_stats(history: list[dict[str, Any]], layers: tuple[int, ...],
@@ -300,8 +328,7 @@ def layer_stats(history: list[dict[str, Any]], layers: tuple[int, ...],
             "final_mse": last["residual_mse"][i] if last else None,
             "utilization": last["utilization"][i] if last else None,
             "dead_restarts": sum(h["dead_restarts"][i] for h in history),
-            "epochs": [{"epoch": h["epoch"], "loss": h["loss"],
-                        "reconstruction": h["reconstruction"],
+            "epochs": [{**{k: v for k, v in h.items() if k not in _PER_LAYER},
                         "utilization": h["utilization"][i],
                         "dead_restarts": h["dead_restarts"][i]} for h in history],
         })

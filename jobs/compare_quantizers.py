@@ -1,0 +1,58 @@
+"""Compare rq_kmeans, rq_vae and r3vae on one catalog at equal layer sizes (Markdown table).
+
+Each method runs a full local build (fit -> encode -> reduce -> commit) into --root (default:
+a temporary directory) and the table is read from the committed metrics:
+    python jobs/compare_quantizers.py --config conf/demo.yaml [key=value ...]
+    python jobs/compare_quantizers.py --config conf/demo.yaml quantizer.epochs=40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from semid_dist.config import load_config
+from semid_dist.pipeline import build, make_logger
+
+METHODS = ("rq_kmeans", "rq_vae", "r3vae")
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def row(method: str, m: dict) -> str:
+    """One Markdown table row of a build's metrics.json."""
+    util = "/".join(f"{layer['utilization']:.2f}" for layer in m["layers"])
+    gini = "/".join(f"{layer['gini']:.2f}" for layer in m["layers"])
+    q = m.get("quality") or {}
+    return (f"| {method} | {m['reconstruction']['mse']:.4g} | "
+            f"{m['reconstruction']['relative_error']:.3f} | {util} | "
+            f"{m['collisions']['unique_sid_rate']:.3f} | {gini} | "
+            f"{_num(q.get('semantic_cohesion'))} | {_num(q.get('preference_discrimination'))} |")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--root", help="output root of the three builds (default: a temp dir)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    log = make_logger("compare")
+    with tempfile.TemporaryDirectory(prefix="semid-compare-") as tmp:
+        root = args.root or tmp
+        lines = ["| method | MSE | relative error | utilization per layer | unique-SID rate "
+                 "| Gini per layer | SC | PD |", "|---|---|---|---|---|---|---|---|"]
+        for method in METHODS:
+            cfg = load_config(args.config, [*args.overrides, "engine=local",
+                                            f"output.root={root}", f"output.table={method}",
+                                            f"quantizer.method={method}"])
+            log(f"{method}: layers {list(cfg.quantizer.layers)}")
+            lines.append(row(method, build(cfg, log=log).metrics))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,271 @@
+"""Learned quantizers (rq_vae, r3vae): training, encode seam, artifact, local build, DDP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from semid_dist.errors import ArtifactError, ConfigError
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
+from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
+from semid_dist.quantize.model import (
+    KMeansQuantizer,
+    LearnedQuantizer,
+    as_quantizer,
+    fit_learned,
+    learned_params,
+    load_quantizer,
+    quantizer_files,
+)
+from semid_dist.quantize.r3vae import R3VAE
+from semid_dist.quantize.rqvae import RQVAE, deterministic, train
+from tests.conftest import clustered, small_config
+
+LAYERS = (16, 8, 8)
+SMALL = {"latent_dim": 8, "hidden_dims": (32,), "batch_size": 64}
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return clustered(1500, 12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    """Both learned methods fitted once on the same data (6 epochs)."""
+    out = {}
+    for method in ("rq_vae", "r3vae"):
+        params = learned_params(method, seed=0, epochs=6, **SMALL)
+        out[method] = fit_learned(method, data, data[:400], LAYERS, params)
+    return out
+
+
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_loss_decreases(fitted, method):
+    _, stats = fitted[method]
+    epochs = stats[0]["epochs"]
+    assert len(epochs) == 6 and [s["layer"] for s in stats] == [0, 1, 2]
+    assert epochs[-1]["reconstruction"] < 0.7 * epochs[0]["reconstruction"]
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    assert all(s["n"] == 1500 and s["k"] == k for s, k in zip(stats, LAYERS))
+
+
+def _far_init_fit(x: np.ndarray, window: int) -> list[float]:
+    """RQ-VAE whose first codebook starts far from every latent: without restart, one code
+    takes every item; returns the last epoch's utilization per layer."""
+    params = learned_params("rq_vae", seed=0, epochs=4, dead_code_window=window, **SMALL)
+    with deterministic(0):
+        model = RQVAE(x.shape[1], LAYERS, params)
+        model.init_codebooks(torch.from_numpy(x[:400]))
+        with torch.no_grad():
+            far = torch.randn(LAYERS[0], params.latent_dim) + 50.0
+            model.codebooks[0].copy_(far)
+        stats = train(model, x, params)
+    return [s["utilization"] for s in stats]
+
+
+def test_dead_code_restart_prevents_collapse(data):
+    collapsed = _far_init_fit(data, window=0)
+    restarted = _far_init_fit(data, window=1)
+    assert collapsed[0] <= 2 / LAYERS[0]
+    assert restarted[0] >= 0.75
+
+
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_encode_equals_the_models_forward(fitted, data, method):
+    model, _ = fitted[method]
+    q = as_quantizer(model)
+    assert isinstance(q, LearnedQuantizer) and q.sizes == LAYERS and q.dim == 12
+    enc = q.encode(data, chunk_rows=len(data))
+    with torch.no_grad():
+        fwd = model(torch.from_numpy(data))
+    assert enc.codes.dtype == np.int32 and enc.codes.shape == (len(data), 3)
+    np.testing.assert_array_equal(enc.codes, fwd.codes.numpy())
+    assert enc.sq_residual.dtype == np.float32
+    # last column: reconstruction error in the input space, the model's own
+    np.testing.assert_allclose(enc.qerr, fwd.recon.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_rq_vae_codes_are_nearest_codewords_of_the_latent_residual(fitted, data):
+    model, _ = fitted["rq_vae"]
+    enc = as_quantizer(model).encode(data, chunk_rows=len(data))
+    with torch.no_grad():
+        r = model.encoder(torch.from_numpy(data)).numpy().astype(np.float64)
+    books = [cb.detach().numpy().astype(np.float64) for cb in model.codebooks]
+    for layer, cb in enumerate(books):
+        d2 = ((r[:, None, :] - cb[None]) ** 2).sum(axis=2)
+        best = d2.min(axis=1)
+        chosen = d2[np.arange(len(r)), enc.codes[:, layer]]
+        np.testing.assert_allclose(chosen, best, rtol=1e-4, atol=1e-4)
+        r = r - cb[enc.codes[:, layer]]
+        if layer < len(books) - 1:
+            np.testing.assert_allclose(enc.sq_residual[:, layer], (r ** 2).sum(axis=1),
+                                       rtol=1e-3, atol=1e-3)
+
+
+def test_r3vae_sid_is_the_per_layer_argmax_of_the_rating(fitted, data):
+    model, _ = fitted["r3vae"]
+    enc = as_quantizer(model).encode(data, chunk_rows=len(data))
+    with torch.no_grad():
+        ratings = model.ratings(torch.from_numpy(data))
+    for layer, s in enumerate(ratings):
+        s = s.numpy()
+        top = s[np.arange(len(s)), enc.codes[:, layer]]
+        np.testing.assert_allclose(top, s.max(axis=1), rtol=0, atol=1e-6)
+    assert isinstance(model, R3VAE)
+
+
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_artifact_round_trip_gives_identical_codes(fitted, data, method):
+    model, stats = fitted[method]
+    files = quantizer_files(model, {"method": method, "training": stats})
+    meta = json.loads(files[META_FILE])
+    assert meta["model"]["method"] == method and meta["model"]["input_dim"] == 12
+    assert any(k.startswith("param.encoder") for k in meta["arrays"])
+    assert all(len(v["sha256"]) == 64 for v in meta["arrays"].values())
+    loaded = load_quantizer(files)
+    assert loaded.method == method and loaded.sizes == LAYERS
+    a = as_quantizer(model).encode(data, chunk_rows=500)
+    b = loaded.encode(data, chunk_rows=500)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.sq_residual, b.sq_residual)
+
+
+def test_tampered_weight_is_refused(fitted):
+    files = quantizer_files(fitted["rq_vae"][0], {"method": "rq_vae"})
+    meta = json.loads(files[META_FILE])
+    name = next(k for k in meta["arrays"] if k.startswith("param.decoder"))
+    meta["arrays"][name]["sha256"] = "0" * 64
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load_quantizer({**files, META_FILE: json.dumps(meta).encode()})
+    assert ARRAYS_FILE in files
+
+
+def test_rq_kmeans_artifact_loads_as_kmeans_quantizer():
+    from semid_dist.quantize import encode_batch
+    from semid_dist.quantize.artifact import artifact_files
+
+    rng = np.random.default_rng(0)
+    books = [rng.normal(size=(k, 5)).astype(np.float32) for k in (8, 4)]
+    q = load_quantizer(artifact_files(books, {"method": "rq_kmeans"}))
+    assert isinstance(q, KMeansQuantizer) and q.sizes == (8, 4) and q.dim == 5
+    x = rng.normal(size=(50, 5)).astype(np.float32)
+    np.testing.assert_array_equal(q.encode(x).codes, encode_batch(books, x).codes)
+
+
+def test_same_seed_gives_identical_weights(data):
+    params = learned_params("rq_vae", seed=5, epochs=2, **SMALL)
+    a, _ = fit_learned("rq_vae", data, data[:400], LAYERS, params)
+    b, _ = fit_learned("rq_vae", data, data[:400], LAYERS, params)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_learned_method_refuses_capacity_collisions(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    with pytest.raises(ConfigError, match="rq_kmeans only"):
+        small_config(catalog, str(tmp_path), quantizer__method="rq_vae",
+                     collisions__max_per_sid=2)
+    with pytest.raises(ConfigError, match="fit.warm_start"):
+        small_config(catalog, str(tmp_path), quantizer__method="r3vae", fit__warm_start="parent")
+    with pytest.raises(ConfigError, match="hidden_dims"):
+        small_config(catalog, str(tmp_path), quantizer__method="rq_vae",
+                     quantizer__hidden_dims=[0])
+    cfg = small_config(catalog, str(tmp_path), quantizer__method="r3vae")
+    assert cfg.quantizer.lr is None and cfg.quantizer.hidden_dims == (256, 128)
+    from semid_dist.engines.local import learned_config
+
+    p = learned_config(cfg)
+    assert (p.lr, p.weight_decay, p.lam, p.topk) == (5e-4, 1e-5, 0.01, 4)
+    assert learned_config(small_config(catalog, str(tmp_path), quantizer__method="rq_vae",
+                                       quantizer__lr=0.01)).lr == 0.01
+
+
+def test_local_build_with_rq_vae_commits_a_reconciled_version(small_catalog, tmp_path):
+    catalog, x = small_catalog
+    root = str(tmp_path / "out")
+    cfg = small_config(catalog, root, quantizer__method="rq_vae", quantizer__epochs=3,
+                       quantizer__latent_dim=8, quantizer__hidden_dims=[32],
+                       quantizer__batch_size=128)
+    res = build(cfg, log=quiet)
+    store = TableStore(root, "sids")
+    assert store.latest() == res.version_id
+    assert res.manifest["rows"] == {"input": len(x), "encoded": len(x), "rejected": 0}
+    t = store.read_data().sort_by("item_id")
+    assert t.num_rows == len(x)
+    assert res.metrics["reconstruction"]["mse"] > 0
+    assert [s["k"] for s in res.metrics["fit"]["layers"]] == [16, 8, 8]
+    # the committed artifact rebuilds the model: re-encoding gives the committed codes
+    blobs = {n: store.read_bytes(res.version_id, f"codebooks/{n}")
+             for n in (ARRAYS_FILE, META_FILE)}
+    q = load_quantizer(blobs)
+    codes = np.array(t.column("codes").to_pylist(), dtype=np.int32)
+    np.testing.assert_array_equal(q.encode(x, chunk_rows=cfg.encode.chunk_rows).codes, codes)
+    np.testing.assert_allclose(t.column("qerr").to_numpy(),
+                               q.encode(x, chunk_rows=cfg.encode.chunk_rows).qerr, rtol=1e-5)
+    # encode.from_version reuses the learned artifact
+    again = build(small_config(catalog, root, quantizer__method="rq_vae",
+                               encode__from_version=res.version_id), log=quiet)
+    assert store.read_data(again.version_id).sort_by("item_id").column("codes").equals(
+        t.column("codes"))
+    with pytest.raises(ConfigError, match="quantizer.method=rq_vae"):
+        build(small_config(catalog, root, encode__from_version=res.version_id), log=quiet)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_ddp_two_workers_close_to_one(ray_session, tmp_path, method):
+    """Ray Train DDP on 2 workers vs the same fit in one process (what 1 worker runs)."""
+    from semid_dist.engines.local import learned_config
+    from semid_dist.engines.ray_train import fit_on_ray_train
+
+    x = clustered(2000, 10, seed=11)
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__method=method,
+                       quantizer__layers=[16, 8], quantizer__epochs=4,
+                       quantizer__latent_dim=8, quantizer__hidden_dims=[32],
+                       quantizer__batch_size=64, fit__num_workers=2, fit__cpus_per_worker=0.5)
+    two, stats = fit_on_ray_train(x, x[:400], cfg, quiet, f"file://{tmp_path}/staging")
+    one, _ = fit_learned(method, x, x[:400], (16, 8), learned_config(cfg))
+    assert [s["n"] for s in stats] == [2000, 2000]  # all-reduced over both workers
+    mse, util = {}, {}
+    for name, model in (("one", one), ("two", two)):
+        enc = as_quantizer(model).encode(x)
+        mse[name] = float(enc.qerr.astype(np.float64).mean())
+        util[name] = [len(np.unique(enc.codes[:, i])) / k for i, k in enumerate((16, 8))]
+    assert mse["two"] == pytest.approx(mse["one"], rel=0.1)
+    assert min(util["two"]) >= min(util["one"]) - 0.2
+
+
+@pytest.mark.engine
+def test_ray_data_encode_of_a_learned_version_matches_local(ray_session, small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    learned = {"quantizer__method": "r3vae", "quantizer__epochs": 2, "quantizer__latent_dim": 8,
+               "quantizer__hidden_dims": [32], "quantizer__batch_size": 128}
+    local = build(small_config(catalog, root, **learned), log=quiet)
+    ray = build(small_config(catalog, root, engine="ray", encode__from_version=local.version_id,
+                             **learned), log=quiet)
+    store = TableStore(root, "sids")
+    a = store.read_data(local.version_id).sort_by("item_id")
+    b = store.read_data(ray.version_id).sort_by("item_id")
+    assert a.num_rows == 2400 and a.equals(b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_learned_encode_on_gpu_matches_cpu(fitted, data, method):
+    model, _ = fitted[method]
+    files = quantizer_files(model, {"method": method})
+    cpu = load_quantizer(files).encode(data)
+    gpu = load_quantizer(files).encode(data, device="cuda")
+    assert (cpu.codes == gpu.codes).all(axis=1).mean() >= 0.999  # fp32 ties may flip
+    np.testing.assert_allclose(gpu.qerr, cpu.qerr, rtol=1e-3, atol=1e-3)
