@@ -71,6 +71,7 @@ class FitConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
+    max_failures: int = 2  # Ray Train: worker-group restarts, resuming from the last layer
     warm_start: WarmStart = "none"  # parent: start Lloyd from the parent version's codebooks
 
 
@@ -163,6 +164,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "fit.sample_size": (1, 10**10),
     "fit.num_workers": (1, 4096),
     "fit.cpus_per_worker": (0.01, 1024),
+    "fit.max_failures": (0, 1000),
     "encode.num_actors": (1, 4096),
     "encode.chunk_rows": (1, 10**7),
     "encode.shard_rows": (1, 10**9),

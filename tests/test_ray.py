@@ -68,3 +68,24 @@ def test_ray_build_end_to_end(ray_session, small_catalog, tmp_path):
     # 2-worker fit vs 1-worker fit: same quality
     assert res.metrics["reconstruction"]["mse"] == pytest.approx(
         local.metrics["reconstruction"]["mse"], rel=1e-3)
+
+
+def test_train_worker_failure_resumes_from_last_layer_checkpoint(ray_session, tmp_path,
+                                                                  monkeypatch):
+    """A Train worker killed (SIGKILL) after fitting layer 1, before its checkpoint: the
+    worker group restarts from layer 0's checkpoint, refits layers 1-2, and the codebooks
+    equal an uninterrupted fit."""
+    x = clustered(2000, 8, seed=12)
+    seeds = init_subset(x, 16, seed=0)
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__layers=[16, 8, 8],
+                       fit__num_workers=2, fit__cpus_per_worker=0.5, fit__max_failures=2)
+    clean, _ = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/clean")
+    marker = tmp_path / "worker-died"
+    monkeypatch.setenv("SEMID_FAULT", "train_worker")
+    monkeypatch.setenv("SEMID_FAULT_MARKER", str(marker))
+    resumed, stats = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/resumed")
+    assert marker.exists()  # a worker really died
+    for a, b in zip(clean, resumed):
+        assert np.array_equal(a, b)
+    assert [s["layer"] for s in stats] == [0, 1, 2]
+    assert stats[0].get("from_checkpoint") and not stats[1].get("from_checkpoint")

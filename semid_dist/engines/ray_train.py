@@ -13,6 +13,7 @@ sample, reports once per epoch, and rank 0 writes the verified artifact bytes.
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from semid_dist.config import BuildConfig
+from semid_dist.faults import ENV as FAULT_ENV
+from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
 
 
@@ -40,6 +43,26 @@ def _train_loop(config: dict[str, Any]) -> None:
     sample = ray.get(config["sample"])
     init_points = ray.get(config["init_points"])
     init_centroids = ray.get(config["init_centroids"])  # warm start (None: k-means++)
+    os.environ.update(config["fault_env"])
+    fitted = _load_layers(ray.train.get_checkpoint())
+
+    def checkpoint(layer: int, codebooks: list[np.ndarray], stats: list[dict]) -> None:
+        """Every worker reports after each layer; rank 0 attaches the layers so far, so a
+        restarted worker group resumes with the next layer."""
+        if layer >= 1 and os.environ.get(FAULT_ENV) == "train_worker":
+            # fault switch: die holding a finished, unreported layer, once the previous
+            # layer's checkpoint is registered (as it long is when layers take minutes)
+            ray.train.get_all_reported_checkpoints(timeout_s=60)
+            die_once("train_worker")
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                np.savez(os.path.join(tmp, "layers.npz"),
+                         **{f"layer_{i}": cb for i, cb in enumerate(codebooks)})
+                with open(os.path.join(tmp, "stats.json"), "w") as f:
+                    json.dump(stats, f)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"layer": layer}, checkpoint=ckpt)
 
     def all_reduce(a: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(device)
@@ -50,14 +73,27 @@ def _train_loop(config: dict[str, Any]) -> None:
         sample[rank::world], config["layers"], niter=config["niter"], seed=config["seed"],
         init_points=init_points, init_centroids=init_centroids,
         all_reduce=all_reduce if world > 1 else None,
-        chunk_rows=config["chunk_rows"], device=device)
+        chunk_rows=config["chunk_rows"], device=device, fitted=fitted, on_layer=checkpoint)
     if rank == 0:
         buf = io.BytesIO()
         np.savez(buf, **{f"layer_{i}": cb for i, cb in enumerate(codebooks)})
         fs, path = fsio.resolve(config["out"])
         fsio.write_bytes(fs, path + ".json", json.dumps(stats).encode())
         fsio.write_bytes(fs, path, buf.getvalue())
-    ray.train.report({"done": 1})
+
+
+def _load_layers(ckpt: Any) -> list[tuple[np.ndarray, dict[str, Any]]] | None:
+    """(codebook, stats) of the layers in a Ray Train checkpoint, or None."""
+    if ckpt is None:
+        return None
+    import json
+
+    with ckpt.as_directory() as folder:
+        with np.load(os.path.join(folder, "layers.npz"), allow_pickle=False) as z:
+            books = [z[f"layer_{i}"] for i in range(len(z.files))]
+        with open(os.path.join(folder, "stats.json")) as f:
+            stats = json.load(f)
+    return list(zip(books, stats))
 
 
 class _DistSync:
@@ -130,7 +166,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     import json
 
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fit = cfg.fit
@@ -142,6 +178,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
         "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
         "out": out,
+        "fault_env": {k: v for k, v in os.environ.items() if k in (FAULT_ENV, MARKER_ENV)},
     }
     if learned:
         from semid_dist.engines.local import learned_config
@@ -153,7 +190,8 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
                                          resources_per_worker={"CPU": fit.cpus_per_worker}),
-            run_config=RunConfig(storage_path=tmp, name="fit"),
+            run_config=RunConfig(storage_path=tmp, name="fit",
+                                 failure_config=FailureConfig(max_failures=fit.max_failures)),
         )
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")

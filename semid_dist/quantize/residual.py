@@ -12,6 +12,7 @@ from semid_dist.quantize.encode import nearest
 from semid_dist.quantize.kmeans import AllReduce, kmeans
 
 Progress = Callable[[str], None]
+OnLayer = Callable[[int, list[np.ndarray], list[dict[str, Any]]], None]
 
 
 def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, niter: int = 20,
@@ -19,6 +20,8 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
                         init_centroids: list[np.ndarray] | None = None,
                         all_reduce: AllReduce | None = None, chunk_rows: int = 8192,
                         device: str = "cpu", progress: Progress | None = None,
+                        fitted: list[tuple[np.ndarray, dict[str, Any]]] | None = None,
+                        on_layer: OnLayer | None = None,
                         ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """Fit one codebook per layer on the residuals.
 
@@ -26,7 +29,10 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
     held identically by every worker (k-means++ seeding); defaults to x. init_centroids:
     warm start, one (k_l, d) array per layer held identically by every worker (e.g. the
     parent version's codebooks, see `check_warm_start`); each layer's Lloyd iterations then
-    start from it instead of k-means++. Layer sizes may differ. Returns (codebooks: L arrays
+    start from it instead of k-means++. Layer sizes may differ. fitted: (codebook, stats) of
+    the first layers, already fitted by an interrupted run (a checkpoint): they are applied,
+    not refitted, and the result equals an uninterrupted fit. on_layer(layer, codebooks so
+    far, stats so far) runs after each layer (to checkpoint). Returns (codebooks: L arrays
     (k_l, d) float32, per-layer k-means stats).
     """
     if init_centroids is not None and len(init_centroids) != len(layers):
@@ -40,16 +46,22 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
     stats: list[dict[str, Any]] = []
     for layer, k in enumerate(layers):
         warm = None if init_centroids is None else init_centroids[layer]
-        cb, st = kmeans(residual, k, niter=niter, seed=seed + 1000 * layer, init_points=seeds,
-                        init_centroids=warm, all_reduce=all_reduce, chunk_rows=chunk_rows,
-                        device=device)
+        if fitted is not None and layer < len(fitted):
+            cb, st = fitted[layer][0], {**fitted[layer][1], "from_checkpoint": True}
+        else:
+            cb, st = kmeans(residual, k, niter=niter, seed=seed + 1000 * layer,
+                            init_points=seeds, init_centroids=warm, all_reduce=all_reduce,
+                            chunk_rows=chunk_rows, device=device)
+            st = {"layer": layer, **st}
         labels, _ = nearest(residual, cb, chunk_rows=chunk_rows, device=device)
         residual -= cb[labels]
         if seeds is not None and seeds is not residual:
             seed_labels, _ = nearest(seeds, cb, chunk_rows=chunk_rows, device=device)
             seeds -= cb[seed_labels]
         codebooks.append(cb)
-        stats.append({"layer": layer, **st})
+        stats.append(st)
+        if on_layer is not None and (fitted is None or layer >= len(fitted)):
+            on_layer(layer, codebooks, stats)
         if progress is not None:
             progress(f"layer {layer}: k={k} init={st['init']} mse={st['final_mse']:.6g} "
                      f"empty_splits={sum(h['empty_split'] for h in st['iterations'])}")
