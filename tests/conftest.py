@@ -72,9 +72,13 @@ def small_catalog(tmp_path_factory) -> tuple[str, np.ndarray]:
     return path, x
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One embedded Ray for every engine test (small object store, no dashboard)."""
+    """One embedded Ray per test module that needs it (small object store, no dashboard).
+
+    Module scope, not session: an idle Ray left running while a later module starts Spark's
+    JVM on these 2 cores was seen to abort the test process (a failed internal check in
+    Ray's GCS subscriber, exit status 1, no output), and it frees its workers' memory."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
              configure_logging=False, log_to_driver=False)

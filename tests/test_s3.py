@@ -4,7 +4,7 @@ would get them (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
 
 The environment is set when this module is imported (collection time), before any test
 starts Ray: locally started Ray workers inherit the driver's environment as it is when Ray
-starts, and the session's `ray_session` may be started by a module that runs earlier.
+starts.
 """
 
 from __future__ import annotations
