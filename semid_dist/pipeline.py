@@ -351,11 +351,12 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                       cfg.input.popularity_column)
         key = run_key(cfg, plan)
         vid = resumable_version(store, key)
+        resuming = vid is not None
         if vid is None:
             vid = new_version_id()
             store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps({"key": key}).encode())
         log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
-            f"{'resuming' if vid in store.uncommitted() else 'new'} version {vid} of "
+            f"{'resuming' if resuming else 'new'} version {vid} of "
             f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
         ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                          embedding_column=cfg.input.embedding_column,

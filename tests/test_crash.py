@@ -40,6 +40,7 @@ def setup(small_catalog, tmp_path):
         "encode": {"shard_rows": 500}}))
     first = run_build(cfg, "seed=4")
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "new version" in first.stderr and "resuming version" not in first.stderr
     store = TableStore(str(tmp_path / "out"), "sids")
     return cfg, store, store.latest(), store.read_data().sort_by("item_id")
 
