@@ -135,6 +135,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`semid bench`: kernel / engine / fit / memory benchmark; prints one table and writes it
+    as JSON and Markdown (docs/BENCHMARKS.md)."""
+    from semid_dist.bench.run import bench_options, run_benchmark
+
+    opts = bench_options(quick=args.quick, only=args.only, json_path=args.out_json,
+                         md_path=args.out_md, workdir=args.workdir)
+    results = run_benchmark(opts, echo=not args.json)
+    if args.json:
+        _print(results["table"], True, "")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,6 +183,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--version", default="latest")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
+    bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; write "
+                        "docs/BENCHMARKS.md")
+    bn.add_argument("--quick", action="store_true", help="small sizes (~3 min): check it works")
+    bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss")
+    bn.add_argument("--out-json", default="docs/benchmarks.json")
+    bn.add_argument("--out-md", default="docs/BENCHMARKS.md")
+    bn.add_argument("--workdir", help="keep catalogs and versions here (default: a temporary "
+                    "directory, removed afterwards)")
+    bn.add_argument("--json", action="store_true", help="also print the table as JSON")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,309 @@
+"""In-memory benchmarks: the fp32 GEMM ceiling, the encode kernel against faiss, and the
+residual k-means fit against `faiss.Kmeans`.
+
+Every function returns plain dicts (rates in items/s, times in s). faiss is imported inside
+the functions (it is the `[cpu]` / `[gpu]` extra). Nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from semid_dist.bench.synthetic import CatalogSpec, embeddings
+from semid_dist.quantize.encode import encode_batch, nearest
+from semid_dist.quantize.kmeans import kmeans, kmeans_plusplus
+from semid_dist.quantize.residual import init_subset
+
+Layers = tuple[int, ...]
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int) -> None:
+    """Give torch and faiss's OpenMP exactly `n` threads (oversubscription is up to 2x slower)."""
+    torch.set_num_threads(n)
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is an extra
+        return
+    faiss.omp_set_num_threads(n)
+
+
+def best_time(fn: Callable[[], Any], *, repeats: int = 3,
+              warmup: Callable[[], Any] | None = None) -> float:
+    """Run `warmup` (default: `fn`) once, then `fn` `repeats` times; the best wall time in s."""
+    (warmup or fn)()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_ceiling(*, size: int = 4096, repeats: int = 3) -> dict[str, Any]:
+    """Best fp32 GFLOP/s of a (size x size) @ (size x size) product with torch and numpy."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flop = 2.0 * size ** 3
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out = np.empty((size, size), dtype=np.float32)
+    t_torch = best_time(lambda: torch.mm(ta, tb), repeats=repeats)
+    t_numpy = best_time(lambda: np.matmul(a, b, out=out), repeats=repeats)
+    res = {"size": size, "torch_gflops": flop / t_torch / 1e9,
+           "numpy_gflops": flop / t_numpy / 1e9}
+    res["gflops"] = max(res["torch_gflops"], res["numpy_gflops"])
+    return res
+
+
+def encode_flop(dim: int, layers: Sequence[int]) -> float:
+    """fp32 flop of one greedy residual encode: 2 d M per layer (the distance GEMM)."""
+    return 2.0 * dim * float(sum(layers))
+
+
+def sampled_codebooks(x: np.ndarray, layers: Sequence[int], *, seed: int = 0) -> list[np.ndarray]:
+    """Cheap realistic codebooks: layer l = random rows of the residual after layers < l
+    (k-means without Lloyd). x: (n, d) float32 with n >= max(layers)."""
+    rng = np.random.default_rng(seed)
+    residual = x.copy()
+    books = []
+    for k in layers:
+        cb = residual[rng.choice(len(residual), k, replace=False)].copy()
+        labels, _ = nearest(residual, cb)
+        residual -= cb[labels]
+        books.append(cb)
+    return books
+
+
+def ours_encode(codebooks: list[np.ndarray], x: np.ndarray, *,
+                chunk_rows: int | None = None) -> np.ndarray:
+    """x: (n, d) float32 -> (n, L) int32 with the library kernel (its default chunk_rows,
+    the pipeline's encode.chunk_rows default, unless given)."""
+    if chunk_rows is None:
+        return encode_batch(codebooks, x).codes
+    return encode_batch(codebooks, x, chunk_rows=chunk_rows).codes
+
+
+def faiss_flat_encode(codebooks: list[np.ndarray], x: np.ndarray, *,
+                      chunk_rows: int = 8192) -> np.ndarray:
+    """Greedy residual encode with one `faiss.IndexFlatL2` per layer: search layer 0,
+    subtract the chosen codeword, search layer 1 ... x: (n, d) float32 -> (n, L) int32."""
+    import faiss
+
+    indexes = []
+    for cb in codebooks:
+        index = faiss.IndexFlatL2(cb.shape[1])
+        index.add(cb)
+        indexes.append(index)
+    codes = np.empty((len(x), len(codebooks)), dtype=np.int32)
+    for start in range(0, len(x), chunk_rows):
+        r = np.array(x[start:start + chunk_rows], dtype=np.float32, copy=True)
+        for layer, (index, cb) in enumerate(zip(indexes, codebooks)):
+            _, idx = index.search(r, 1)
+            r -= cb[idx[:, 0]]
+            codes[start:start + len(r), layer] = idx[:, 0]
+    return codes
+
+
+def faiss_rq(codebooks: list[np.ndarray]) -> Any:
+    """A `faiss.ResidualQuantizer` holding our codebooks, beam 1 (plain greedy residual
+    encode). Layer sizes must be powers of two."""
+    import faiss
+
+    nbits = faiss.UInt64Vector()
+    for cb in codebooks:
+        bits = int(len(cb)).bit_length() - 1
+        if 1 << bits != len(cb):
+            raise ValueError(f"faiss.ResidualQuantizer needs power-of-two layer sizes, got "
+                             f"{len(cb)}")
+        nbits.push_back(bits)
+    rq = faiss.ResidualQuantizer(codebooks[0].shape[1], nbits)
+    rq.max_beam_size = 1
+    faiss.copy_array_to_vector(np.concatenate(codebooks).astype(np.float32).ravel(),
+                               rq.codebooks)
+    rq.is_trained = True
+    return rq
+
+
+def unpack_codes(packed: np.ndarray, nbits: Sequence[int]) -> np.ndarray:
+    """faiss packed codes (n, code_size) uint8, LSB first -> (n, L) int32."""
+    bits = np.unpackbits(packed, axis=1, bitorder="little").astype(np.int64)
+    out = np.empty((len(packed), len(nbits)), dtype=np.int32)
+    offset = 0
+    for layer, nb in enumerate(nbits):
+        out[:, layer] = bits[:, offset:offset + nb] @ (1 << np.arange(nb, dtype=np.int64))
+        offset += nb
+    return out
+
+
+def faiss_rq_encode(rq: Any, x: np.ndarray) -> np.ndarray:
+    """x: (n, d) float32 -> packed codes (n, code_size) uint8."""
+    return rq.compute_codes(x)
+
+
+class _Pool:
+    """Synthetic clustered vectors, regenerated larger when more rows are asked for."""
+
+    def __init__(self, spec: CatalogSpec, rows: int) -> None:
+        self.spec, self.x = spec, embeddings(spec, rows)
+
+    def get(self, rows: int) -> np.ndarray:
+        if len(self.x) < rows:
+            self.x = embeddings(self.spec, max(rows, 2 * len(self.x)))
+        return self.x[:rows]
+
+
+def _rows_for(fn: Callable[[np.ndarray], Any], pool: _Pool, *, target_s: float,
+              start_rows: int, max_rows: int) -> int:
+    """How many rows make one run of `fn` last about `target_s`: time runs on 8x more rows
+    until one lasts a quarter of the target, then scale."""
+    n = start_rows
+    fn(pool.get(n))  # warm-up
+    while True:
+        x = pool.get(n)
+        t = time.perf_counter()
+        fn(x)
+        elapsed = max(time.perf_counter() - t, 1e-6)
+        if elapsed >= target_s / 4 or n >= max_rows:
+            return int(min(max_rows, max(start_rows, n * target_s / elapsed)))
+        n = min(max_rows, n * 8)
+
+
+def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed: int = 0,
+                 max_bytes: int = 512 * 2**20, gflops: float | None = None,
+                 alt_chunk_rows: int | None = None) -> dict[str, Any]:
+    """Items/s of our kernel, faiss flat per layer and faiss RQ (beam 1) on the same clustered
+    data and codebooks; each rate is the best of 3 timed runs after one warm-up, on a number
+    of items chosen so one run takes about `target_s`. Code agreement with faiss flat (and RQ)
+    is the share of items whose L codes are all equal. With `alt_chunk_rows`, also our kernel
+    at that chunk_rows ("ours_alt", for information)."""
+    start_rows = max(2 * max(layers), 2048)
+    max_rows = max(start_rows, max_bytes // (4 * dim))
+    books = sampled_codebooks(embeddings(CatalogSpec(dim=dim, seed=seed + 1), 4 * max(layers)),
+                              layers, seed=seed)
+    pool = _Pool(CatalogSpec(dim=dim, seed=seed), start_rows)
+    rq = faiss_rq(books)
+    methods: dict[str, Callable[[np.ndarray], Any]] = {
+        "ours": lambda a: ours_encode(books, a),
+        "faiss_flat": lambda a: faiss_flat_encode(books, a),
+        "faiss_rq": lambda a: faiss_rq_encode(rq, a),
+    }
+    if alt_chunk_rows:
+        methods["ours_alt"] = lambda a: ours_encode(books, a, chunk_rows=alt_chunk_rows)
+    res: dict[str, Any] = {"dim": dim, "layers": list(layers),
+                           "flop_per_item": encode_flop(dim, layers)}
+    for name, fn in methods.items():
+        n = _rows_for(fn, pool, target_s=target_s, start_rows=start_rows, max_rows=max_rows)
+        xs = pool.get(n)
+        t = best_time(lambda fn=fn, xs=xs: fn(xs),
+                      warmup=lambda fn=fn, xs=xs: fn(xs[:16384]))
+        res[name] = {"items": n, "seconds": t, "items_s": n / t}
+    if alt_chunk_rows:
+        res["ours_alt"]["chunk_rows"] = alt_chunk_rows
+    x = pool.get(min(res[name]["items"] for name in methods))
+    ours = ours_encode(books, x)
+    flat = faiss_flat_encode(books, x)
+    nbits = [int(len(cb)).bit_length() - 1 for cb in books]
+    rq_codes = unpack_codes(faiss_rq_encode(rq, x), nbits)
+    res["agreement_flat"] = float((ours == flat).all(axis=1).mean())
+    res["agreement_rq"] = float((ours == rq_codes).all(axis=1).mean())
+    res["agreement_items"] = len(x)
+    ours_rate = res["ours"]["items_s"]
+    res["ratio_flat"] = ours_rate / res["faiss_flat"]["items_s"]
+    res["ratio_rq"] = ours_rate / res["faiss_rq"]["items_s"]
+    if gflops:
+        res["ceiling_items_s"] = gflops * 1e9 / res["flop_per_item"]
+        res["ratio_ceiling"] = ours_rate / res["ceiling_items_s"]
+        if alt_chunk_rows:
+            res["ours_alt"]["ratio_ceiling"] = res["ours_alt"]["items_s"] / res["ceiling_items_s"]
+    return res
+
+
+def layer_mse(codebooks: list[np.ndarray], x: np.ndarray) -> list[float]:
+    """Mean squared residual norm after each layer of a greedy encode of x."""
+    sq = encode_batch(codebooks, x).sq_residual.astype(np.float64)
+    return [float(v) for v in sq.mean(axis=0)]
+
+
+def fit_ours(x: np.ndarray, layers: Sequence[int], *, niter: int,
+             seed: int = 0) -> dict[str, Any]:
+    """Our residual k-means, layer by layer exactly as `fit_residual_kmeans` runs it (k-means++
+    on a seeded init subset, then Lloyd), with the k-means++ init and the Lloyd iterations
+    timed apart. Returns codebooks, the per-layer k-means++ starts and timings."""
+    seeds = init_subset(x, max(layers), seed=seed).copy()
+    residual = x.copy()
+    books, inits, per_layer = [], [], []
+    for layer, k in enumerate(layers):
+        t = time.perf_counter()
+        init = kmeans_plusplus(seeds, k, seed=seed + 1000 * layer)
+        t_init = time.perf_counter() - t
+        t = time.perf_counter()
+        cb, _ = kmeans(residual, k, niter=niter, seed=seed + 1000 * layer, init_centroids=init)
+        t_lloyd = time.perf_counter() - t
+        residual -= cb[nearest(residual, cb)[0]]
+        seeds -= cb[nearest(seeds, cb)[0]]
+        books.append(cb)
+        inits.append(init)
+        per_layer.append({"layer": layer, "k": k, "init_s": t_init,
+                          "s_per_iter": t_lloyd / niter})
+    return {"codebooks": books, "inits": inits, "layers": per_layer}
+
+
+def fit_faiss(x: np.ndarray, layers: Sequence[int], *, niter: int,
+              seed: int = 0) -> dict[str, Any]:
+    """Residual k-means with one `faiss.Kmeans` per layer (no subsampling: max_points_per_
+    centroid above n / k), each on the residual of faiss's own earlier layers."""
+    import faiss
+
+    residual = x.copy()
+    books, per_layer = [], []
+    for layer, k in enumerate(layers):
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed + layer, verbose=False,
+                          max_points_per_centroid=len(x) // k + 2, min_points_per_centroid=1)
+        t = time.perf_counter()
+        km.train(residual)
+        t_train = time.perf_counter() - t
+        cb = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        _, idx = km.index.search(residual, 1)
+        residual -= cb[idx[:, 0]]
+        books.append(cb)
+        per_layer.append({"layer": layer, "k": k, "s_per_iter": t_train / niter})
+    return {"codebooks": books, "layers": per_layer}
+
+
+def bench_fit(x: np.ndarray, layers: Sequence[int], *, niter: int,
+              seed: int = 0) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Ours (local) vs faiss.Kmeans per layer on the same sample x: (n, d) float32 and
+    iteration count: seconds per Lloyd iteration and MSE after each layer (both measured by
+    one greedy encode of the sample with the fitted codebooks). Returns (results, our
+    per-layer k-means++ starts, for runs elsewhere from the same start)."""
+    ours = fit_ours(x, layers, niter=niter, seed=seed)
+    theirs = fit_faiss(x, layers, niter=niter, seed=seed)
+    ours_mse, faiss_mse = layer_mse(ours["codebooks"], x), layer_mse(theirs["codebooks"], x)
+    per_layer = []
+    for o, f, mo, mf in zip(ours["layers"], theirs["layers"], ours_mse, faiss_mse):
+        per_layer.append({**o, "faiss_s_per_iter": f["s_per_iter"],
+                          "time_ratio": o["s_per_iter"] / f["s_per_iter"],
+                          "mse": mo, "faiss_mse": mf, "mse_ratio": mo / mf})
+    t_ours = sum(p["s_per_iter"] for p in per_layer)
+    t_faiss = sum(p["faiss_s_per_iter"] for p in per_layer)
+    res = {"dim": x.shape[1], "layers": list(layers), "rows": len(x), "niter": niter,
+           "per_layer": per_layer, "s_per_iter": t_ours / len(layers),
+           "faiss_s_per_iter": t_faiss / len(layers), "time_ratio": t_ours / t_faiss,
+           "init_s": sum(p["init_s"] for p in per_layer),
+           "mse": ours_mse[-1], "faiss_mse": faiss_mse[-1],
+           "mse_ratio": ours_mse[-1] / faiss_mse[-1]}
+    return res, ours["inits"]

@@ -1,0 +1,176 @@
+"""End-to-end benchmarks: `semid build` / `semid encode` per engine in subprocesses (wall
+time, encode-stage time from metrics.json, peak RSS), the Parquet decode rate of the
+embedding column, and the Ray Train fit.
+
+Each job runs as `python -m semid_dist.cli ...` in its own process, as a scheduler would run
+it, started by a tiny launcher process that reports `getrusage(RUSAGE_CHILDREN).ru_maxrss`:
+the job's own peak RSS. (Waiting on the job straight from this process would not do: a
+forked child's peak RSS includes the pages it shared with this large parent before `exec`.)
+Engines are never imported here at module top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from semid_dist.errors import SemidError
+
+Log = Callable[[str], None]
+
+JOB_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "PYSPARK_PYTHON": sys.executable,
+    "SPARK_LOCAL_IP": "127.0.0.1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class BenchJobError(SemidError):
+    """A benchmarked `semid` job failed; the message holds the tail of its log."""
+
+
+@dataclass(frozen=True)
+class JobRun:
+    wall_s: float
+    maxrss_mb: float
+    output: dict[str, Any]  # the job's --json output
+    log_path: str
+
+
+def job_config(catalog: str, root: str, table: str, *, engine: str, layers: Sequence[int],
+               cores: int, sample_size: int, niter: int, seed: int = 0,
+               shard_rows: int = 65536) -> dict[str, Any]:
+    """A `semid build` config (plain dict) for a synthetic catalog."""
+    return {
+        "engine": engine, "seed": seed,
+        "input": {"path": catalog, "popularity_column": "popularity"},
+        "output": {"root": root, "table": table},
+        "quantizer": {"layers": list(layers), "niter": niter},
+        "fit": {"sample_size": sample_size, "num_workers": 1, "cpus_per_worker": 1.0},
+        "encode": {"num_actors": cores, "shard_rows": shard_rows},
+        "ray": {"num_cpus": cores, "object_store_memory_mb": 512},
+        "spark": {"master": f"local[{cores}]", "driver_memory": "2g"},
+    }
+
+
+def run_job(command: str, config: dict[str, Any], workdir: Path, name: str,
+            overrides: Sequence[str] = ()) -> JobRun:
+    """Run `semid <command> --config <config> --json [overrides]` in a subprocess; returns
+    its wall time, peak RSS (MiB; for Ray / Spark jobs the largest single process among the
+    driver and the helpers it reaped) and JSON output. Raises `BenchJobError` when it
+    fails."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log_path = workdir / f"{name}.log"
+    out_path = workdir / f"{name}.json"
+    rss_path = workdir / f"{name}.maxrss"
+    job = [sys.executable, "-m", "semid_dist.cli", command, "--config", str(cfg_path), "--json",
+           *overrides]
+    env = {**os.environ, **JOB_ENV}
+    with open(out_path, "wb") as out, open(log_path, "wb") as err:
+        t = time.perf_counter()
+        rc = subprocess.call([sys.executable, "-S", "-c", _LAUNCHER, str(rss_path), *job],
+                             stdout=out, stderr=err, env=env)
+        wall = time.perf_counter() - t
+    if rc != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise BenchJobError(f"benchmark job {name!r} (semid {command} --config {cfg_path}) "
+                            f"exited with {rc}; see {log_path}: " + " | ".join(tail))
+    return JobRun(wall, int(rss_path.read_text()) / 1024.0, json.loads(out_path.read_text()),
+                  str(log_path))
+
+
+# argv: RSS_FILE CMD...: run CMD, write its peak RSS (KiB, Linux) to RSS_FILE, exit with its status
+_LAUNCHER = """import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(rc)
+"""
+
+
+def decode_rate(catalog: str, column: str = "embedding", *, repeats: int = 2) -> dict[str, Any]:
+    """Best rate of reading + decoding the catalog's embedding column into one float32
+    matrix per row group (pyarrow, all cores), in items/s and bytes/s of float32 output."""
+    files = sorted(str(p) for p in Path(catalog).glob("*.parquet"))
+    best, rows, width = float("inf"), 0, 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rows = 0
+        for path in files:
+            col = pq.read_table(path, columns=[column]).column(0)
+            for chunk in col.chunks:
+                width = chunk.type.list_size
+                flat = chunk.flatten().to_numpy()
+                rows += len(flat) // max(width, 1)
+        best = min(best, time.perf_counter() - t)
+    return {"rows": rows, "seconds": best, "items_s": rows / best,
+            "bytes_s": rows * width * 4 / best}
+
+
+def e2e_row(engine: str, run: JobRun, rows: int) -> dict[str, Any]:
+    """One engine's `semid encode` run as plain numbers."""
+    timings = run.output["metrics"]["timings"]
+    return {"engine": engine, "rows": rows, "encode_s": timings["encode_s"],
+            "encode_items_s": rows / timings["encode_s"], "wall_s": run.wall_s,
+            "wall_items_s": rows / run.wall_s, "maxrss_mb": run.maxrss_mb,
+            "version_id": run.output["version_id"]}
+
+
+def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[int], *,
+                  niter: int, workers: Sequence[int], cores: int, seed: int = 0,
+                  log: Log = print) -> list[dict[str, Any]]:
+    """Seconds per Lloyd iteration of the fit on `w` Ray Train workers for each w in
+    `workers`: two runs from the same start (`inits`, one (k_l, d) array per layer), with 1
+    and `niter` iterations; (t_niter - t_1) / ((niter - 1) * L) removes the worker start-up.
+    Also returns the codebooks of the `niter` run (for the MSE). s_per_iter is None when the
+    difference drowns in the start-up noise (too few iterations or points)."""
+    from semid_dist.config import parse_config
+    from semid_dist.engines import make_engine
+
+    if niter < 2:
+        raise ValueError(f"ray_train_fit needs niter >= 2 to time iterations, got {niter}")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="semid-bench-ray-") as tmp:
+        def cfg(w: int, n: int):
+            return parse_config({
+                "engine": "ray", "seed": seed, "input": {"path": tmp},
+                "output": {"root": tmp, "table": "fit"},
+                "quantizer": {"layers": list(layers), "niter": n},
+                "fit": {"num_workers": w, "cpus_per_worker": max(1.0, cores / w)},
+                "ray": {"num_cpus": cores},
+            })
+
+        with make_engine(cfg(1, 1), log=lambda msg: None) as engine:
+            for w in workers:
+                times, books = {}, None
+                for n in (1, niter):
+                    staging = f"{tmp}/staging-{w}-{n}"
+                    t = time.perf_counter()
+                    books, _ = engine.fit(sample, sample[:0], cfg(w, n), lambda msg: None,
+                                          staging, init_centroids=inits)
+                    times[n] = time.perf_counter() - t
+                per_iter = (times[niter] - times[1]) / ((niter - 1) * len(layers))
+                log(f"ray train fit: {w} worker(s): {per_iter:.4f} s/iteration "
+                    f"(runs {times[1]:.1f} s, {times[niter]:.1f} s)")
+                if per_iter <= 0:  # iterations shorter than the start-up noise: no figure
+                    per_iter = None
+                out.append({"workers": w, "threads_per_worker": int(max(1, cores // w)),
+                            "s_per_iter": per_iter, "run_1_s": times[1],
+                            f"run_{niter}_s": times[niter], "codebooks": books})
+    return out

@@ -1,0 +1,301 @@
+"""The benchmark run: options (full / quick presets) and `run_benchmark`, which measures every
+section in one process on one machine and writes the table as JSON and Markdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Layers = tuple[int, ...]
+Log = Callable[[str], None]
+SECTIONS = ("kernels", "e2e", "fit", "rss")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Sizes of every section. `full()` is the ~12-minute run on an idle 2-core machine,
+    `quick_preset()` the ~3-minute check that everything works."""
+
+    quick: bool = False
+    seed: int = 0
+    sections: tuple[str, ...] = SECTIONS
+    gemm_size: int = 4096
+    kernel_dims: tuple[int, ...] = (128, 768)
+    kernel_layers: tuple[Layers, ...] = ((256, 256, 256), (4096, 4096, 4096))
+    kernel_target_s: float = 1.5
+    kernel_alt_chunk_rows: int | None = 1024  # also time encode_batch at this chunk_rows (info)
+    e2e_dim: int = 128
+    e2e: tuple[tuple[Layers, int], ...] = (((256, 256, 256), 1_500_000),
+                                           ((4096, 4096, 4096), 400_000))
+    engines: tuple[str, ...] = ("local", "ray", "spark")
+    chunk_rows: int = 65_536  # catalog row group = encode shard
+    build_sample: int = 20_000  # fit sample of the builds that make the e2e codebooks
+    build_niter: int = 4
+    fit_dim: int = 128
+    fit: tuple[tuple[Layers, int], ...] = (((256, 256, 256), 100_000),
+                                           ((4096, 4096, 4096), 50_000))
+    fit_niter: int = 10
+    ray_workers: tuple[int, ...] = (1, 2)  # Ray Train fit on the first `fit` config
+    workdir: str | None = None  # default: a temporary directory, removed afterwards
+    keep_workdir: bool = False
+    json_path: str = "docs/benchmarks.json"
+    md_path: str = "docs/BENCHMARKS.md"
+    command: str = "semid bench"
+
+    @classmethod
+    def full(cls, **over: Any) -> BenchOptions:
+        return cls(**over)
+
+    @classmethod
+    def quick_preset(cls, **over: Any) -> BenchOptions:
+        base = dict(quick=True, gemm_size=2048, kernel_target_s=0.3,
+                    e2e=(((256, 256, 256), 100_000), ((4096, 4096, 4096), 20_000)),
+                    chunk_rows=16_384, build_sample=8_192, build_niter=2,
+                    fit=(((256, 256, 256), 20_000),), fit_niter=4, ray_workers=(2,))
+        return cls(**{**base, **over})
+
+
+def bench_options(*, quick: bool = False, only: str | None = None,
+                  json_path: str = "docs/benchmarks.json", md_path: str = "docs/BENCHMARKS.md",
+                  workdir: str | None = None) -> BenchOptions:
+    """Options of `semid bench [--quick] [--only a,b] ...` (the command is recorded in the
+    report)."""
+    from semid_dist.errors import ConfigError
+
+    sections = SECTIONS
+    if only:
+        sections = tuple(s.strip() for s in only.split(",") if s.strip())
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown or not sections:
+            raise ConfigError(f"--only {only!r}: unknown section(s) {unknown}; choose from "
+                              f"{','.join(SECTIONS)}")
+    command = "semid bench" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
+    preset = BenchOptions.quick_preset if quick else BenchOptions.full
+    return preset(sections=sections, json_path=json_path, md_path=md_path, workdir=workdir,
+                  command=command)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_benchmark(opts: BenchOptions, *, log: Log | None = None,
+                  echo: bool = True) -> dict[str, Any]:
+    """Measure every section of `opts.sections`, print the table, write JSON + Markdown;
+    returns the results (with `table`: the rows)."""
+    from semid_dist.bench import report
+    from semid_dist.bench.kernels import cpu_count, gemm_ceiling, set_threads
+
+    log = log or _stderr_log()
+    t0 = time.monotonic()
+    cores = cpu_count()
+    set_threads(cores)
+    results: dict[str, Any] = {"date": _now(), "command": opts.command, "quick": opts.quick,
+                               "options": _plain_options(opts),
+                               "machine": report.machine_info(),
+                               "load_average": {"start": _load()}}
+    log(f"bench: {cores} cores, load average {results['load_average']['start']}")
+    results["gemm"] = gemm_ceiling(size=opts.gemm_size)
+    log(f"bench: fp32 GEMM ceiling {results['gemm']['gflops']:.1f} GFLOP/s")
+    workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="semid-bench-"))
+    done = False
+    try:
+        loads = results["load_average"]
+        if "kernels" in opts.sections or "e2e" in opts.sections:
+            loads["kernels"] = _load()
+            results["kernels"] = _kernels(opts, results["gemm"]["gflops"], log)
+        if "e2e" in opts.sections or "rss" in opts.sections:
+            loads["e2e"] = _load()
+            results.update(_e2e(opts, workdir, results.get("kernels", []), cores, log))
+        if "fit" in opts.sections:
+            loads["fit"] = _load()
+            results["fit"] = _fit(opts, cores, log)
+        done = True
+    finally:
+        if not done:
+            log(f"bench: failed; catalogs, job configs and logs kept in {workdir}")
+        elif not (opts.keep_workdir or opts.workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["load_average"]["end"] = _load()
+    results["runtime_s"] = time.monotonic() - t0
+    rows = report.all_rows(results)
+    if echo:
+        print(report.format_text(rows), flush=True)
+    report.write_outputs(results, rows, json_path=opts.json_path, md_path=opts.md_path)
+    log(f"bench: wrote {opts.json_path} and {opts.md_path} in {results['runtime_s']:.0f} s")
+    met, missed = report.summary(rows)
+    log(f"bench: targets met {len(met)}, not met {len(missed)}")
+    results["table"] = [dataclasses.asdict(r) | {"status": r.status} for r in rows]
+    return results
+
+
+def _load() -> float:
+    """1-minute load average (other work on the machine skews every rate)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def _stderr_log() -> Log:
+    start = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[bench {time.monotonic() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _plain_options(opts: BenchOptions) -> dict[str, Any]:
+    return dataclasses.asdict(opts)
+
+
+def _kernel_configs(opts: BenchOptions) -> list[tuple[int, Layers]]:
+    configs = [(d, layers) for d in opts.kernel_dims for layers in opts.kernel_layers]
+    if "e2e" in opts.sections:  # every e2e config needs its kernel rate
+        configs += [(opts.e2e_dim, layers) for layers, _ in opts.e2e
+                    if (opts.e2e_dim, layers) not in configs]
+    return configs
+
+
+def _kernels(opts: BenchOptions, gflops: float, log: Log) -> list[dict[str, Any]]:
+    from semid_dist.bench.kernels import bench_encode
+
+    out = []
+    for dim, layers in _kernel_configs(opts):
+        res = bench_encode(dim, layers, target_s=opts.kernel_target_s, seed=opts.seed,
+                           gflops=gflops, alt_chunk_rows=opts.kernel_alt_chunk_rows)
+        log(f"kernel d={dim} {list(layers)}: ours {res['ours']['items_s']:.0f}/s, faiss flat "
+            f"{res['faiss_flat']['items_s']:.0f}/s, faiss RQ {res['faiss_rq']['items_s']:.0f}/s"
+            f", {res.get('ratio_ceiling', 0):.0%} of GEMM ceiling, agreement "
+            f"{res['agreement_flat']:.4%}")
+        out.append(res)
+    return out
+
+
+def _e2e(opts: BenchOptions, workdir: Path, kernels: list[dict[str, Any]], cores: int,
+         log: Log) -> dict[str, Any]:
+    """Per e2e config: a catalog, a build that makes its codebooks, then `semid encode` per
+    engine. The first config's build runs on the whole catalog (4N rows) and on a quarter of
+    it (N rows): the peak RSS pair."""
+    from semid_dist.bench.pipeline import decode_rate
+    from semid_dist.bench.synthetic import CatalogSpec, write_catalog
+
+    spec = CatalogSpec(dim=opts.e2e_dim, seed=opts.seed)
+    run_e2e = "e2e" in opts.sections
+    blocks, rss, decode = [], None, None
+    for i, (layers, rows) in enumerate(opts.e2e if run_e2e else opts.e2e[:1]):
+        name = f"e2e{i}-{len(layers)}x{max(layers)}"
+        catalog = str(workdir / f"{name}-catalog")
+        t = time.perf_counter()
+        info = write_catalog(catalog, spec, rows, chunk_rows=opts.chunk_rows)
+        log(f"{name}: catalog {rows} x {opts.e2e_dim} ({info.files} files, "
+            f"{info.bytes / 2**20:.0f} MiB) written in {time.perf_counter() - t:.1f} s")
+        job = _Jobs(opts, workdir, cores, layers)
+        if i == 0 and "rss" in opts.sections:
+            quarter = str(workdir / f"{name}-catalog-quarter")
+            write_catalog(quarter, spec, rows // 4, chunk_rows=opts.chunk_rows)
+            run_n = job.run("build", quarter, f"{name}-rss-n")
+            built = job.run("build", catalog, name)
+            rss = {"dim": opts.e2e_dim, "layers": list(layers),
+                   "n": {"rows": rows // 4, "maxrss_mb": run_n.maxrss_mb,
+                         "wall_s": run_n.wall_s},
+                   "4n": {"rows": rows, "maxrss_mb": built.maxrss_mb, "wall_s": built.wall_s}}
+            log(f"rss: build at {rows // 4} rows {run_n.maxrss_mb:.0f} MiB, at {rows} rows "
+                f"{built.maxrss_mb:.0f} MiB")
+        else:  # codebooks from a build on a small catalog (only its fit matters)
+            small = str(workdir / f"{name}-catalog-fit")
+            write_catalog(small, spec, max(opts.build_sample, 2 * max(layers)),
+                          chunk_rows=opts.chunk_rows)
+            built = job.run("build", small, name)
+        if not run_e2e:
+            break
+        decode = decode or decode_rate(catalog)
+        kernel = next(k for k in kernels
+                      if k["dim"] == opts.e2e_dim and tuple(k["layers"]) == layers)
+        blocks.append(_engines_block(opts, job, catalog, name, rows, info, kernel, decode,
+                                     built.output["version_id"], log))
+    return {"e2e": blocks, "decode": decode, "rss": rss}
+
+
+class _Jobs:
+    """Runs `semid build` / `semid encode` jobs of one e2e config in subprocesses."""
+
+    def __init__(self, opts: BenchOptions, workdir: Path, cores: int, layers: Layers) -> None:
+        self.opts, self.workdir, self.cores, self.layers = opts, workdir, cores, layers
+
+    def run(self, command: str, catalog: str, table: str, engine: str = "local",
+            overrides: tuple[str, ...] = ()):
+        from semid_dist.bench.pipeline import job_config, run_job
+
+        o = self.opts
+        cfg = job_config(catalog, str(self.workdir / "out"), table, engine=engine,
+                         layers=self.layers, cores=self.cores, sample_size=o.build_sample,
+                         niter=o.build_niter, seed=o.seed, shard_rows=o.chunk_rows)
+        name = f"{table}-{command}-{engine}"
+        return run_job(command, cfg, self.workdir / "jobs", name, overrides)
+
+
+def _engines_block(opts: BenchOptions, job: _Jobs, catalog: str, name: str, rows: int,
+                   info: Any, kernel: dict[str, Any], decode: dict[str, Any], version: str,
+                   log: Log) -> dict[str, Any]:
+    """`semid encode` with `version`'s codebooks on every engine; rates against the kernel
+    and the e2e ceiling 1 / (1 / kernel + 1 / decode)."""
+    from semid_dist.bench.pipeline import e2e_row
+
+    k_rate = kernel["ours"]["items_s"]
+    ceiling = 1.0 / (1.0 / k_rate + 1.0 / decode["items_s"])
+    block = {"dim": opts.e2e_dim, "layers": list(job.layers), "rows": rows,
+             "catalog": {"files": info.files, "row_groups": info.row_groups,
+                         "bytes": info.bytes, "chunk_rows": info.chunk_rows},
+             "kernel_items_s": k_rate, "decode_items_s": decode["items_s"],
+             "ceiling_items_s": ceiling, "engines": []}
+    for engine in opts.engines:
+        if engine == "spark" and not _have("pyspark"):
+            log(f"{name}: spark skipped (pyspark is not installed)")
+            continue
+        run = job.run("encode", catalog, name, engine, (f"encode.from_version={version}",))
+        row = e2e_row(engine, run, rows)
+        row["share_kernel"] = row["encode_items_s"] / k_rate
+        row["share_ceiling"] = row["encode_items_s"] / ceiling
+        log(f"{name}: {engine}: encode stage {row['encode_items_s']:.0f} items/s "
+            f"({row['share_kernel']:.0%} of kernel), whole job {row['wall_s']:.1f} s")
+        block["engines"].append(row)
+    return block
+
+
+def _fit(opts: BenchOptions, cores: int, log: Log) -> list[dict[str, Any]]:
+    from semid_dist.bench.kernels import bench_fit, layer_mse
+    from semid_dist.bench.synthetic import CatalogSpec, embeddings
+
+    out = []
+    for i, (layers, rows) in enumerate(opts.fit):
+        x = embeddings(CatalogSpec(dim=opts.fit_dim, seed=opts.seed + 17), rows)
+        res, inits = bench_fit(x, layers, niter=opts.fit_niter, seed=opts.seed)
+        log(f"fit {list(layers)}: ours {res['s_per_iter'] * 1e3:.1f} ms/it, faiss "
+            f"{res['faiss_s_per_iter'] * 1e3:.1f} ms/it, MSE ratio {res['mse_ratio']:.4f}")
+        if i == 0 and opts.ray_workers and _have("ray"):
+            from semid_dist.bench.pipeline import ray_train_fit
+
+            runs = ray_train_fit(x, inits, layers, niter=opts.fit_niter,
+                                 workers=opts.ray_workers, cores=cores, seed=opts.seed, log=log)
+            for run in runs:
+                mse = layer_mse(run.pop("codebooks"), x)[-1]
+                s_it = run["s_per_iter"]
+                run.update(mse=mse, mse_ratio=mse / res["faiss_mse"],
+                           time_ratio=None if s_it is None else s_it / res["faiss_s_per_iter"])
+            res["ray_train"] = runs
+        out.append(res)
+    return out
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,147 @@
+"""The benchmark: kernels agree with faiss, targets are judged from the numbers as measured,
+and quick mode runs end to end at tiny sizes writing JSON + Markdown. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from semid_dist.bench import report
+from semid_dist.bench.run import BenchOptions, bench_options, run_benchmark
+from semid_dist.cli import cmd_bench, parser
+from semid_dist.errors import ConfigError
+
+
+def tiny_data(n: int = 3000, d: int = 16, layers=(16, 32, 64)):
+    from semid_dist.bench.kernels import sampled_codebooks
+    from semid_dist.bench.synthetic import CatalogSpec, embeddings
+
+    x = embeddings(CatalogSpec(dim=d, clusters=64, groups=8, seed=3), n)
+    return x, sampled_codebooks(x[:1000], layers, seed=1)
+
+
+def test_kernel_codes_equal_faiss_flat_and_rq():
+    pytest.importorskip("faiss")
+    from semid_dist.bench.kernels import (
+        faiss_flat_encode,
+        faiss_rq,
+        faiss_rq_encode,
+        ours_encode,
+        unpack_codes,
+    )
+
+    x, books = tiny_data()
+    ours = ours_encode(books, x)
+    assert (ours == faiss_flat_encode(books, x, chunk_rows=700)).all(axis=1).mean() == 1.0
+    rq_codes = unpack_codes(faiss_rq_encode(faiss_rq(books), x), [4, 5, 6])
+    assert (ours == rq_codes).all(axis=1).mean() == 1.0
+
+
+def test_faiss_rq_needs_power_of_two_layers():
+    pytest.importorskip("faiss")
+    from semid_dist.bench.kernels import faiss_rq
+
+    _, books = tiny_data(layers=(16, 24))
+    with pytest.raises(ValueError, match="power-of-two"):
+        faiss_rq(books)
+
+
+def test_fit_comparison_same_definitions():
+    """Our fit and faiss's on the same sample: MSE from one greedy encode, same scale."""
+    pytest.importorskip("faiss")
+    from semid_dist.bench.kernels import bench_fit, layer_mse
+
+    x, _ = tiny_data(n=2000)
+    res, inits = bench_fit(x, (16, 8), niter=4, seed=0)
+    assert [len(i) for i in inits] == [16, 8]
+    assert res["per_layer"][0]["mse"] > res["per_layer"][1]["mse"] == res["mse"]
+    assert 0.8 < res["mse_ratio"] < 1.25  # both are k-means; neither is broken
+    assert layer_mse([np.zeros((1, 16), np.float32)], x)[0] == pytest.approx(
+        float((x.astype(np.float64) ** 2).sum(axis=1).mean()), rel=1e-5)
+
+
+def fake_results(**over) -> dict:
+    kernel = {"dim": 128, "layers": [4096] * 3, "ours": {"items_s": 70.0},
+              "faiss_flat": {"items_s": 70.0}, "faiss_rq": {"items_s": 36.0},
+              "agreement_flat": 1.0, "ratio_flat": 1.0, "ratio_rq": 70 / 36,
+              "ceiling_items_s": 100.0, "ratio_ceiling": 0.7}
+    fit = {"dim": 128, "layers": [256] * 3, "rows": 1000, "niter": 5, "s_per_iter": 1.25,
+           "faiss_s_per_iter": 1.0, "mse_ratio": 1.0101,
+           "ray_train": [{"workers": 2, "threads_per_worker": 1, "s_per_iter": None,
+                          "mse_ratio": 1.0}]}
+    rss = {"dim": 128, "layers": [256] * 3, "n": {"rows": 10, "maxrss_mb": 100.0},
+           "4n": {"rows": 40, "maxrss_mb": 110.0}}
+    return {"kernels": [kernel], "fit": [fit], "rss": rss, **over}
+
+
+def test_targets_judged_at_their_thresholds():
+    rows = {(r.benchmark, r.status) for r in report.all_rows(fake_results())}
+    assert ("encode kernel vs faiss IndexFlatL2", "met") in rows  # 1.0x >= 1.0x
+    assert ("encode kernel vs faiss RQ (beam 1)", "NOT met") in rows  # 1.94x < 2x
+    assert ("encode kernel vs fp32 GEMM ceiling", "met") in rows  # 70 % >= 70 %
+    assert ("fit local: time per Lloyd iteration", "NOT met") in rows  # MSE 1.0101 > 1.01
+    assert ("fit Ray Train 2w x 1t: time per Lloyd iteration", "n/a") in rows  # not measured
+    assert ("peak RSS at 4N vs N", "met") in rows  # 1.10x
+    text = report.format_text(report.all_rows(fake_results()))
+    assert "NOT met" in text and "n/a" in text
+
+
+def test_bench_imports_without_ray_or_pyspark():
+    code = ("import sys\nsys.modules['ray'] = None\nsys.modules['pyspark'] = None\n"
+            "import semid_dist.bench.kernels, semid_dist.bench.pipeline, semid_dist.bench.report\n"
+            "import semid_dist.bench.run, semid_dist.bench.synthetic, semid_dist.cli\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_parser_and_sections():
+    args = parser().parse_args(["bench", "--quick", "--only", "kernels,fit"])
+    assert args.func is cmd_bench and args.quick and args.only == "kernels,fit"
+    opts = bench_options(quick=True, only="kernels,fit")
+    assert opts.quick and opts.sections == ("kernels", "fit")
+    assert opts.command == "semid bench --quick --only kernels,fit"
+    with pytest.raises(ConfigError, match="unknown section"):
+        bench_options(only="kernels,speed")
+
+
+@pytest.mark.engine
+def test_quick_mode_end_to_end(tmp_path):
+    """Quick mode at tiny sizes through every section and engine (Spark skipped without
+    pyspark): the JSON and Markdown hold what the docs promise."""
+    pytest.importorskip("faiss")
+    try:
+        import pyspark  # noqa: F401
+
+        engines = ("local", "ray", "spark")
+    except ImportError:
+        engines = ("local", "ray")
+    opts = BenchOptions.quick_preset(
+        gemm_size=256, kernel_dims=(16,), kernel_layers=((16, 16, 16),), kernel_target_s=0.02,
+        e2e_dim=16, e2e=(((16, 16, 16), 4000),), engines=engines, chunk_rows=1000,
+        build_sample=1000, build_niter=2, fit_dim=16, fit=(((16, 16), 2000),), fit_niter=3,
+        ray_workers=(), json_path=str(tmp_path / "b.json"), md_path=str(tmp_path / "B.md"))
+    run_benchmark(opts, log=lambda msg: None, echo=False)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["quick"] is True
+    for key in ("date", "command", "machine", "gemm", "kernels", "e2e", "decode", "fit", "rss",
+                "table", "load_average", "runtime_s"):
+        assert key in data, key
+    assert {"cores", "cpu_model", "ram_gib", "versions"} <= set(data["machine"])
+    (kernel,) = data["kernels"]
+    assert kernel["agreement_flat"] == 1.0
+    for key in ("ours", "faiss_flat", "faiss_rq", "ratio_flat", "ratio_rq", "ratio_ceiling"):
+        assert key in kernel, key
+    (block,) = data["e2e"]
+    assert [e["engine"] for e in block["engines"]] == list(engines)
+    for run in block["engines"]:
+        assert run["rows"] == 4000
+        assert {"encode_items_s", "share_kernel", "share_ceiling", "wall_s"} <= set(run)
+    assert data["rss"]["n"]["rows"] == 1000 and data["rss"]["4n"]["rows"] == 4000
+    assert data["fit"][0]["mse_ratio"] > 0
+    assert all({"benchmark", "ratio", "target", "status"} <= set(r) for r in data["table"])
+    md = (tmp_path / "B.md").read_text()
+    assert md.startswith("# Benchmarks") and "| benchmark | config |" in md
+    assert "## Targets:" in md and "quick mode" in md
