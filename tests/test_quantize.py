@@ -8,8 +8,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from semid_dist.quantize import decode, encode_batch, fit_residual_kmeans, kmeans, nearest
+from semid_dist.quantize.encode import CPU_TILE_BYTES, group_sum, tile_rows
 from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import DEMO, clustered
@@ -71,6 +73,33 @@ def test_lloyd_stats_are_sums_and_counts():
         np.testing.assert_allclose(sums[j], x[labels == j].astype(np.float64).sum(0), rtol=1e-6)
         assert counts[j] == (labels == j).sum()
     assert inertia == pytest.approx(float(dist.sum()), rel=1e-5)
+
+
+def test_group_sum_equals_sequential_float64_accumulation():
+    """Bit-identical to adding the rows one by one in float64, in row order, whatever the
+    conversion chunk or thread count: sums stay deterministic on every engine."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5000, 7)).astype(np.float32) * 1e3
+    idx = rng.integers(0, 40, 5000)
+    expect = np.zeros((43, 7))
+    np.add.at(expect, idx, x.astype(np.float64))
+    assert np.array_equal(group_sum(idx, x, 43), expect)
+    assert np.array_equal(group_sum(idx, x, 43, chunk_rows=333), expect)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert np.array_equal(group_sum(idx, x.astype(np.float64), 43), expect)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("k, d, rows", [(256, 128, 8192), (256, 768, 4096), (4096, 128, 896),
+                                        (1 << 20, 64, 128)])
+def test_cpu_tile_keeps_scores_small_and_gpu_takes_chunk_rows(k, d, rows):
+    assert tile_rows(8192, k, d) == rows
+    assert 4 * rows * (k + d) <= CPU_TILE_BYTES or rows == 128
+    assert tile_rows(100, k, d) == min(100, rows)
+    assert tile_rows(8192, k, d, "cuda:0") == 8192
 
 
 def test_kmeans_plusplus_picks_distinct_points_and_is_seeded():

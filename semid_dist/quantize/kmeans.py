@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.quantize.encode import nearest
+from semid_dist.quantize.encode import group_sum, nearest
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
@@ -31,8 +31,7 @@ def lloyd_stats(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
     """
     k, d = centroids.shape
     labels, dists = nearest(x, centroids, chunk_rows=chunk_rows, device=device)
-    sums = np.zeros((k, d), dtype=np.float64)
-    np.add.at(sums, labels, x.astype(np.float64, copy=False))
+    sums = group_sum(labels, x, k)
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     return sums, counts, float(dists.astype(np.float64).sum())
 
