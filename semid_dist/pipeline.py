@@ -22,7 +22,7 @@ import pyarrow as pa
 
 import semid_dist
 from semid_dist.codes.metrics import head_threshold
-from semid_dist.codes.partials import Partial
+from semid_dist.codes.partials import Partial, StreamMerge
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
@@ -50,6 +50,8 @@ from semid_dist.stages import (
 
 Log = Callable[[str], None]
 RUN_FILE = "run.json"
+# Statistics parts of a shard result: all items, and the popularity head / tail.
+PARTS = {"all": "partial", "head": "partial_head", "tail": "partial_tail"}
 
 
 @dataclass(frozen=True)
@@ -275,9 +277,16 @@ def resumable_version(store: TableStore, key: str) -> str | None:
 
 def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
     """Run the encode stage over the shards a killed run of this version did not finish;
-    returns ({"all"|"head"|"tail": partials in shard order}, counts, reject files, rejected
-    rows per reason)."""
-    partials: dict[str, dict[int, Partial]] = {"all": {}, "head": {}, "tail": {}}
+    returns ({"all"|"head"|"tail": merged statistics}, counts, reject files, rejected rows per
+    reason).
+
+    Shard statistics are merged as they arrive, in shard order (results that come early wait
+    for their turn), so memory holds O(log shards) partials rather than one per shard, and
+    the merge is the same on every engine whatever order its shards finish in."""
+    merged = {part: StreamMerge() for part in PARTS}
+    waiting: dict[int, dict[str, Partial]] = {}
+    order = iter(sorted(s.index for s in plan.shards))
+    turn = next(order, None)
     counts = {"input": 0, "encoded": 0, "rejected": 0}
     rejects: list[FileEntry] = []
     reasons: Counter[str] = Counter()
@@ -294,9 +303,12 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
             yield res
 
     for i, res in enumerate(results(), 1):
-        for part, key in (("all", "partial"), ("head", "partial_head"), ("tail", "partial_tail")):
-            if key in res:
-                partials[part][res["index"]] = Partial.from_bytes(res[key])
+        waiting[res["index"]] = {part: Partial.from_bytes(res[key])
+                                 for part, key in PARTS.items() if key in res}
+        while turn in waiting:
+            for part, partial in waiting.pop(turn).items():
+                merged[part].push(partial)
+            turn = next(order, None)
         counts["input"] += res["rows"]
         counts["encoded"] += res["encoded"]
         counts["rejected"] += res["rejected"]
@@ -306,10 +318,12 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
             log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
                 f"{counts['rejected']} rejected")
-    ordered = {part: [p[i] for i in sorted(p)] for part, p in partials.items() if p}
+    if waiting or turn is not None:
+        raise RuntimeError(f"encode: the engine returned no result for shard {turn}")
     if reasons:
         log(f"encode: rejected rows by reason: {_reasons_text(reasons)}")
-    return ordered, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
+    partials = {part: m.result() for part, m in merged.items() if len(m)}
+    return partials, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
 
 
 def _reasons_text(reasons: dict[str, int], top: int = 4) -> str:

@@ -23,7 +23,7 @@ from semid_dist.codes.lookups import (
     vocabulary_table,
 )
 from semid_dist.codes.metrics import final_sid_counts, finalize_metrics
-from semid_dist.codes.partials import Partial, apply_moves, merge_all
+from semid_dist.codes.partials import Partial, apply_moves
 from semid_dist.codes.pruning import (
     PruneDecision,
     codes_of_keys,
@@ -77,12 +77,13 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
 
 def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
-                    partials: dict[str, list[Partial]], cfg: BuildConfig, log: Log,
+                    partials: dict[str, Partial], cfg: BuildConfig, log: Log,
                     ) -> tuple[dict[str, Partial], PruneDecision, pa.Table | None, dict[str, Any]]:
-    """-> ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
+    """partials: {"all"|"head"|"tail": statistics merged over every shard} ->
+    ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
     Head / tail figures are of the codes before capacity moves."""
     sizes = tuple(cfg.quantizer.layers)
-    merged = {part: merge_all(p) for part, p in partials.items()}
+    merged = dict(partials)
     pr = cfg.prune
     decision = decide(pr.strategy, sizes, merged["all"].layer_counts, merged["all"].sid_keys,
                       merged["all"].sid_counts, layer=pr.layer, k=pr.k, p=pr.p, tau=pr.tau)

@@ -22,6 +22,7 @@ from semid_dist.codes.collisions import assign_suffixes, colliding_keys
 from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
 from semid_dist.codes.partials import (
     Partial,
+    StreamMerge,
     merge,
     merge_all,
     partial_from_batch,
@@ -411,6 +412,20 @@ def test_merge_with_an_empty_partial_is_identity():
 def test_merge_all_needs_at_least_one_partial():
     with pytest.raises(ValueError):
         merge_all([])
+    with pytest.raises(ValueError):
+        StreamMerge().result()
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3, 5, 7, 8, 13])
+def test_stream_merge_is_bit_identical_to_merge_all(pieces):
+    """Shard statistics folded as they arrive give the very bytes of the tree merge."""
+    codes, x, sq = random_batch(n=40 * pieces, seed=300 + pieces)
+    parts = split_partials(codes, x, sq, np.linspace(0, len(codes), pieces + 1).astype(int))
+    stream = StreamMerge()
+    for i, p in enumerate(parts, 1):
+        stream.push(p)
+        assert len(stream) == i
+    assert stream.result().to_bytes() == merge_all(parts).to_bytes()
 
 
 def test_partial_counts_match_counter():

@@ -11,6 +11,9 @@ import io
 from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
+
+from semid_dist.quantize.encode import group_sum
 
 
 def radix(sizes: tuple[int, ...] | list[int]) -> np.ndarray:
@@ -28,13 +31,17 @@ def sid_keys(codes: np.ndarray, sizes: tuple[int, ...] | list[int],
     return codes[:, :depth].astype(np.int64) @ radix(list(sizes)[:depth])
 
 
+def _count_sum(index: np.ndarray, counts: np.ndarray, rows: int) -> np.ndarray:
+    """Integer counts (of either sign) summed by index; exact, as float64 holds every
+    integer below 2^53."""
+    return np.bincount(index, weights=counts, minlength=rows).astype(np.int64)
+
+
 def _group_sum(keys: np.ndarray, values: np.ndarray | None = None):
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     if values is None:
         return uniq, counts.astype(np.int64), None
-    sums = np.zeros((len(uniq),) + values.shape[1:], dtype=np.float64)
-    np.add.at(sums, inverse, values)
-    return uniq, counts.astype(np.int64), sums
+    return uniq, counts.astype(np.int64), group_sum(inverse, values, len(uniq))
 
 
 @dataclass
@@ -113,14 +120,21 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
 
 
 def _merge_keyed(ka, ca, kb, cb, sa=None, sb=None):
-    keys = np.concatenate([ka, kb])
-    uniq, inverse = np.unique(keys, return_inverse=True)
+    """Union of two keyed tables (keys sorted and unique in each), counts and sums added.
+
+    Places a's rows, then adds b's in place: no concatenated copy of the two tables, and the
+    same float64 additions (0 + a + b) as adding the rows one by one."""
+    uniq = np.union1d(ka, kb)
+    ia, ib = np.searchsorted(uniq, ka), np.searchsorted(uniq, kb)
     counts = np.zeros(len(uniq), dtype=np.int64)
-    np.add.at(counts, inverse, np.concatenate([ca, cb]))
+    counts[ia] = ca
+    counts[ib] += cb
     if sa is None:
         return uniq, counts, None
     sums = np.zeros((len(uniq), sa.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, np.concatenate([sa, sb]))
+    sums[ia] = sa
+    torch.from_numpy(sums).index_add_(0, torch.from_numpy(ib.astype(np.int64)),
+                                      torch.from_numpy(np.ascontiguousarray(sb, np.float64)))
     return uniq, counts, sums
 
 
@@ -141,8 +155,7 @@ def merge(a: Partial, b: Partial) -> Partial:
 def _add_keyed(keys: np.ndarray, counts: np.ndarray, add_keys: np.ndarray,
                add_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniq, inv = np.unique(np.concatenate([keys, add_keys]), return_inverse=True)
-    total = np.zeros(len(uniq), dtype=np.int64)
-    np.add.at(total, inv, np.concatenate([counts, add_counts]))
+    total = _count_sum(inv, np.concatenate([counts, add_counts]), len(uniq))
     return uniq[total != 0], total[total != 0]
 
 
@@ -197,3 +210,34 @@ def merge_all(parts: list[Partial]) -> Partial:
         parts = [merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
                  for i in range(0, len(parts), 2)]
     return parts[0]
+
+
+class StreamMerge:
+    """`merge_all` over partials that arrive one at a time, holding O(log n) of them.
+
+    Keeps a stack of merged runs of 1, 2, 4, ... partials (a binary counter): pushing a
+    partial merges equal-sized runs on the top, and `result` folds the stack from the top
+    down. That is the same tree `merge_all` builds, so the result is bit-identical to
+    `merge_all` of the same partials in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, Partial]] = []
+
+    def push(self, part: Partial) -> None:
+        size = 1
+        while self._stack and self._stack[-1][0] == size:
+            _, left = self._stack.pop()
+            part, size = merge(left, part), size * 2
+        self._stack.append((size, part))
+
+    def __len__(self) -> int:
+        return sum(size for size, _ in self._stack)
+
+    def result(self) -> Partial:
+        if not self._stack:
+            raise ValueError("no partials were merged")
+        part = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            part = merge(left, part)
+        return part
