@@ -13,10 +13,12 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test lint clean
 
+# The venv's own pip on purpose: pip 26.3 resolves `torch==2.13.0` beside the project's
+# `torch>=2.3` to the CUDA build from the index (several GB) instead of the CPU wheel on disk.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) -e '.[$(EXTRAS)]'
+	$(BIN)/python -c "import torch; print('torch', torch.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
