@@ -24,6 +24,7 @@ Engine = Literal["local", "ray", "spark"]
 Method = Literal["rq_kmeans", "rq_vae", "r3vae"]
 PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
+Precision = Literal["fp32", "bf16"]
 DuplicatePolicy = Literal["reject", "keep_first", "fail"]
 ZeroVectorPolicy = Literal["keep", "reject"]
 WarmStart = Literal["none", "parent"]
@@ -82,6 +83,10 @@ class EncodeConfig:
     chunk_rows: int = 8192
     shard_rows: int = 65536
     use_gpu: bool = False
+    # fp32: exact scores (codes identical on CPU and GPU). bf16: scores by a bf16 GEMM, the
+    # `rerank` best codewords re-scored in fp32 (a GPU fast path; >= 99.9% identical codes).
+    precision: Precision = "fp32"
+    rerank: int = 8
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "encode.num_actors": (1, 4096),
     "encode.chunk_rows": (1, 10**7),
     "encode.shard_rows": (1, 10**9),
+    "encode.rerank": (2, 1024),
     "metrics.quality_depth": (1, 64),
     "metrics.pd_max_clusters": (2, 10**6),
     "metrics.pd_t": (0.0, 1e6),
@@ -286,6 +292,10 @@ def _check_learned(cfg: BuildConfig) -> None:
             raise ConfigError(f"quantizer.hidden_dims[{i}]: {h} is out of range [1, 65536]")
     if q.method == "rq_kmeans":
         return
+    if cfg.encode.precision != "fp32":
+        raise ConfigError(f"encode.precision={cfg.encode.precision} is supported by "
+                          f"quantizer.method=rq_kmeans only, not {q.method}; set "
+                          "encode.precision=fp32")
     if cfg.collisions.max_per_sid is not None:
         raise ConfigError(f"collisions.max_per_sid is supported by quantizer.method=rq_kmeans "
                           f"only, not {q.method}; unset collisions.max_per_sid")

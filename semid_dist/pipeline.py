@@ -378,7 +378,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
-                         device=encode_device(cfg))
+                         device=encode_device(cfg), precision=cfg.encode.precision,
+                         rerank=cfg.encode.rerank)
         ctx = _scan(engine, ctx, plan, cfg, log)
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)

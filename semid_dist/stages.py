@@ -47,6 +47,8 @@ class JobContext:
     version_id: str
     quality_depth: int
     chunk_rows: int = 8192
+    precision: str = "fp32"  # encode.precision
+    rerank: int = 8  # encode.rerank
     device: str = "cpu"
     codebooks_version: str | None = None  # read codebooks from this version (default: own)
     duplicate_ids: pa.Array | None = field(default=None, compare=False)
@@ -174,7 +176,8 @@ class EncodeWorker:
         die_once("encode_worker")
         batch = _validated(ctx, shard)
         enc = self.quantizer.encode(batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device,
-                                    candidates=ctx.candidates)
+                                    candidates=ctx.candidates, precision=ctx.precision,
+                                    rerank=ctx.rerank)
         staged = pa.table({
             "item_id": batch.ids,
             "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), len(ctx.sizes)),

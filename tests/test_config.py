@@ -111,6 +111,7 @@ def test_wrong_type_inside_list_names_the_element():
     ("metrics.quality_depth", 0),
     ("seed", -1),
     ("encode.chunk_rows", 0),
+    ("encode.rerank", 1),
 ])
 def test_out_of_range_raises_naming_the_key(key, value):
     with pytest.raises(ConfigError) as exc:
@@ -249,3 +250,13 @@ def test_load_config_errors_name_file_and_key(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(MINIMAL))
     assert load_config(good, ["engine=local"]).engine == "local"
+
+
+def test_encode_precision_is_checked():
+    assert parse_config(with_keys(encode__precision="bf16")).encode.precision == "bf16"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(encode__precision="fp8"))
+    assert "encode.precision" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(encode__precision="bf16", quantizer__method="rq_vae"))
+    assert "encode.precision=fp32" in str(exc.value)

@@ -1,4 +1,5 @@
-"""GPU path: the exact fp32 kernels give the CPU's codes. Skipped without a CUDA device."""
+"""GPU path: the exact fp32 kernels give the CPU's codes, the bf16 fast path nearly all of them.
+Skipped without a CUDA device."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ def test_kmeans_fit_on_gpu_matches_cpu_quality():
     labels_cpu, _ = nearest(x, cpu[0])
     labels_gpu, _ = nearest(x, cpu[0], device="cuda")
     assert (labels_cpu == labels_gpu).mean() >= 0.9999
+
+
+def test_bf16_fast_path_on_gpu_keeps_nearly_all_codes():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = clustered(20000, 64, seed=3)
+    books = [clustered(k, 64, seed=10 + k) for k in (256, 256, 256)]
+    exact = encode_batch(books, x, chunk_rows=4096)
+    fast = encode_batch(books, x, chunk_rows=4096, device="cuda", precision="bf16")
+    assert (exact.codes == fast.codes).all(axis=1).mean() >= 0.999

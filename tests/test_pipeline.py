@@ -228,6 +228,20 @@ def test_encode_reuses_codebooks_and_checks_dimension(small_catalog, tmp_path, r
                            quantizer__layers=[8, 8]), log=quiet)
 
 
+def test_bf16_encode_of_the_same_codebooks_keeps_nearly_every_code(small_catalog, root):
+    catalog, _ = small_catalog
+    first = build(small_config(catalog, root), log=quiet)
+    fast = build(small_config(catalog, root, encode__from_version=first.version_id,
+                              encode__precision="bf16"), log=quiet)
+    store = TableStore(root, "sids")
+    a, b = sorted_table(store, first.version_id), sorted_table(store, fast.version_id)
+    assert a.column("item_id").equals(b.column("item_id"))
+    codes_a = np.array(a.column("codes").to_pylist())
+    codes_b = np.array(b.column("codes").to_pylist())
+    assert (codes_a == codes_b).all(axis=1).mean() >= 0.999
+    assert store.manifest(fast.version_id)["config"]["encode"]["precision"] == "bf16"
+
+
 def test_cli_build_versions_and_errors(small_catalog, tmp_path, capsys):
     catalog, _ = small_catalog
     root = str(tmp_path / "cli")

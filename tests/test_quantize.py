@@ -209,3 +209,26 @@ def test_residual_kmeans_mse_within_5pct_of_faiss_rq_on_demo():
     recon = rq.decode(rq.compute_codes(x))
     theirs = float(((x.astype(np.float64) - recon) ** 2).sum(1).mean())
     assert ours <= 1.05 * theirs, (ours, theirs)
+
+
+def test_bf16_fast_path_keeps_nearly_all_codes_and_exact_errors():
+    """bf16 ranking + fp32 re-rank of the 8 best: >= 99.9% of items get the exact path's
+    codes, and every reported residual is the fp32 residual of the codes it chose."""
+    x = clustered(20000, 64, clusters=48, seed=5)
+    rng = np.random.default_rng(5)
+    books, r = [], x.copy()
+    for k in (256, 256, 256):
+        cb = r[rng.choice(len(r), k, replace=False)].copy()
+        books.append(cb)
+        r = r - cb[nearest(r, cb)[0]]
+    exact = encode_batch(books, x)
+    fast = encode_batch(books, x, precision="bf16", rerank=8)
+    same = (fast.codes == exact.codes).all(axis=1).mean()
+    assert same >= 0.999, same
+    recon = decode(books, fast.codes)
+    np.testing.assert_allclose(fast.qerr, ((x - recon) ** 2).sum(1), rtol=1e-3, atol=1e-3)
+    # a re-rank as wide as the codebook is the exact search again
+    full = encode_batch(books[:1], x[:2000], precision="bf16", rerank=256)
+    assert (full.codes == encode_batch(books[:1], x[:2000]).codes).mean() >= 0.999
+    with pytest.raises(ValueError, match="precision"):
+        encode_batch(books, x[:10], precision="fp8")

@@ -59,6 +59,22 @@ def _nearest_chunk(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor) -> tupl
     return idx, dist
 
 
+def _nearest_rerank(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, c_low: torch.Tensor,
+                    rerank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast path: rank all codewords by a low-precision GEMM, re-score the `rerank` best in
+    fp32 and keep the nearest of those (ties to the lowest code, as the exact path)."""
+    approx = c_sq.unsqueeze(0) - 2.0 * (x.to(c_low.dtype) @ c_low.T).float()
+    cand = torch.topk(approx, min(rerank, len(c)), dim=1, largest=False).indices
+    cand, _ = torch.sort(cand, dim=1)
+    exact = c_sq[cand] - 2.0 * torch.bmm(c[cand], x.unsqueeze(2)).squeeze(2)
+    best, pos = torch.min(exact, dim=1)
+    dist = torch.clamp_(best + (x * x).sum(dim=1), min=0.0)
+    return cand.gather(1, pos.unsqueeze(1)).squeeze(1), dist
+
+
+LOW_PRECISION = {"bf16": torch.bfloat16}
+
+
 def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
             device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row.
@@ -80,8 +96,12 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
 
 
 def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int = 8192,
-                 device: str = "cpu", candidates: int = 1) -> EncodeResult:
+                 device: str = "cpu", candidates: int = 1, precision: str = "fp32",
+                 rerank: int = 8) -> EncodeResult:
     """Greedy residual encode.
+
+    precision "fp32" scores exactly; "bf16" is the fast path (`_nearest_rerank`): a bf16 GEMM
+    ranks the codewords and the `rerank` best are re-scored in fp32.
 
     codebooks: L arrays (k_l, d) float32; x: (n, d) float32 -> EncodeResult with
     codes (n, L) int32 and squared residual norms (n, L) float32; with candidates C > 1 also
@@ -95,16 +115,24 @@ def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int 
     alt_err = np.empty((n, n_alt), dtype=np.float32) if n_alt > 1 else None
     books = [_as_tensor(cb, device) for cb in codebooks]
     books_sq = [(cb * cb).sum(dim=1) for cb in books]
+    if precision != "fp32" and precision not in LOW_PRECISION:
+        raise ValueError(f"precision must be fp32 or one of {sorted(LOW_PRECISION)}, "
+                         f"not {precision!r}")
+    books_low = ([cb.to(LOW_PRECISION[precision]) for cb in books] if precision != "fp32"
+                 else [None] * len(books))
     chunk_rows = tile_rows(chunk_rows, max(len(cb) for cb in codebooks), x.shape[1], device)
     with torch.no_grad():
         for start in range(0, n, chunk_rows):
             r = _as_tensor(x[start:start + chunk_rows], device).clone()
             stop = start + len(r)
-            for layer, (cb, cb_sq) in enumerate(zip(books, books_sq)):
+            for layer, (cb, cb_sq, cb_low) in enumerate(zip(books, books_sq, books_low)):
                 if alt_codes is not None and layer == n_layers - 1:
                     _top_candidates(r, cb, cb_sq, n_alt, alt_codes[start:stop],
                                     alt_err[start:stop])
-                idx, dist = _nearest_chunk(r, cb, cb_sq)
+                if cb_low is None:
+                    idx, dist = _nearest_chunk(r, cb, cb_sq)
+                else:
+                    idx, dist = _nearest_rerank(r, cb, cb_sq, cb_low, rerank)
                 r -= cb[idx]
                 codes[start:stop, layer] = idx.cpu().numpy()
                 sq_res[start:stop, layer] = (r * r).sum(dim=1).cpu().numpy()

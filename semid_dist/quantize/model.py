@@ -38,7 +38,7 @@ class Quantizer(Protocol):
         """Input embedding dimension d."""
 
     def encode(self, x: np.ndarray, *, chunk_rows: int = 8192, device: str = "cpu",
-               candidates: int = 1) -> EncodeResult:
+               candidates: int = 1, precision: str = "fp32", rerank: int = 8) -> EncodeResult:
         """x: (n, d) float32 -> codes (n, L) int32, sq_residual (n, L) float32."""
 
 
@@ -59,9 +59,9 @@ class KMeansQuantizer:
         return int(self.codebooks[0].shape[1])
 
     def encode(self, x: np.ndarray, *, chunk_rows: int = 8192, device: str = "cpu",
-               candidates: int = 1) -> EncodeResult:
+               candidates: int = 1, precision: str = "fp32", rerank: int = 8) -> EncodeResult:
         return encode_batch(self.codebooks, x, chunk_rows=chunk_rows, device=device,
-                            candidates=candidates)
+                            candidates=candidates, precision=precision, rerank=rerank)
 
 
 class LearnedQuantizer:
@@ -80,10 +80,12 @@ class LearnedQuantizer:
         return int(self.module.input_dim)
 
     def encode(self, x: np.ndarray, *, chunk_rows: int = 8192, device: str = "cpu",
-               candidates: int = 1) -> EncodeResult:
+               candidates: int = 1, precision: str = "fp32", rerank: int = 8) -> EncodeResult:
         if candidates > 1:
             raise ValueError(f"{self.method} has no last-layer candidates (capacity-bounded "
                              "collisions are rq_kmeans only)")
+        if precision != "fp32":
+            raise ValueError(f"{self.method} encodes in fp32 only, not {precision}")
         n, n_layers = len(x), len(self.sizes)
         codes = np.empty((n, n_layers), dtype=np.int32)
         sq = np.empty((n, n_layers), dtype=np.float32)
