@@ -15,6 +15,7 @@ import numpy as np
 
 from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
+from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.stages import EncodeWorker, JobContext
@@ -37,8 +38,8 @@ def ray_init(cfg: BuildConfig) -> bool:
     return True
 
 
-def _run_item(fn: Callable[..., Any], item: tuple) -> Any:
-    return fn(*item)
+def _run_item(fn: Callable[..., Any], item: tuple, *shared: Any) -> Any:
+    return fn(*resolve(item, shared))
 
 
 class _EncodeActor:
@@ -87,7 +88,9 @@ class RayEngine:
         import ray
 
         task = ray.remote(num_cpus=1)(_run_item)
-        return ray.get([task.remote(fn, item) for item in items])
+        shared, items = split_shared(list(items))
+        refs = [ray.put(obj) for obj in shared]  # once, not once per task
+        return ray.get([task.remote(fn, item, *refs) for item in items])
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
         import ray

@@ -31,6 +31,7 @@ import pyarrow as pa
 from semid_dist import errors
 from semid_dist.config import BuildConfig
 from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
+from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.stages import EncodeWorker, JobContext
@@ -170,12 +171,17 @@ class SparkEngine(LocalEngine):
         return location
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
-        items = list(items)
+        shared, items = split_shared(list(items))
         if not items:
             return []
-        rdd = self.spark.sparkContext.parallelize(items, len(items))
-        with task_errors():
-            return rdd.map(lambda item: fn(*item)).collect()
+        sc = self.spark.sparkContext
+        shared_bc = sc.broadcast(shared)  # once, not pickled into every item
+        rdd = sc.parallelize(items, len(items))
+        try:
+            with task_errors():
+                return rdd.map(lambda item: fn(*resolve(item, shared_bc.value))).collect()
+        finally:
+            shared_bc.unpersist()
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
         if not shards:
