@@ -26,7 +26,7 @@ from semid_dist.codes.partials import Partial, StreamMerge
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
-from semid_dist.errors import ConfigError, InputError
+from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.faults import maybe_die
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
@@ -319,7 +319,8 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
             log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
                 f"{counts['rejected']} rejected")
     if waiting or turn is not None:
-        raise RuntimeError(f"encode: the engine returned no result for shard {turn}")
+        raise SemidError(f"encode: the engine returned no result for shard {turn}; nothing "
+                         "was committed. Re-run the build: finished shards are reused")
     if reasons:
         log(f"encode: rejected rows by reason: {_reasons_text(reasons)}")
     partials = {part: m.result() for part, m in merged.items() if len(m)}

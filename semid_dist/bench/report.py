@@ -279,7 +279,9 @@ METHOD = """## How each number is measured
   chosen so a run takes about the configured seconds. torch and faiss OpenMP threads = the
   cores available. Ceiling items/s = GEMM GFLOP/s / (2 d sum(M_l)). "codes agree" = share
   of items whose L codes equal faiss flat's. "(info)" rows time the same kernel at another
-  `chunk_rows` (the `encode.chunk_rows` config key); no target is judged on them.
+  `chunk_rows` (the `encode.chunk_rows` config key); no target is judged on them. On a CPU
+  both are capped by the 16 MiB score tile (`tile_rows`), so with 4096-entry codebooks the
+  two rows run the same 896- or 768-row tiles and their gap is run-to-run noise.
 - **e2e**: `semid encode` (codebooks of an existing version) in a fresh process per engine,
   on a synthetic Parquet catalog (one row group per encode shard, several files). "encode
   stage" = `metrics.json` `timings.encode_s` (read Parquet, validate, encode, write staged

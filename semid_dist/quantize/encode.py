@@ -3,7 +3,9 @@
 Distances use ||c||^2 - 2 x.c (the ||x||^2 term does not change the argmin), computed by
 one GEMM per row chunk so memory stays bounded at `chunk_rows * k` floats (on a CPU the chunk
 is also kept small enough for the score tile to stay in cache, see `tile_rows`). Ties go to the
-lowest code. TF32 is never enabled here, so CPU and GPU give identical codes.
+lowest code. TF32 is never enabled here, so CPU and GPU give identical codes; the opt-in
+`precision="bf16"` fast path ranks in bf16 and re-scores the best few in fp32 (>= 99.9% of
+the exact codes).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class EncodeResult:
 
 # Bytes of one row chunk's score matrix (rows x k) plus its rows (rows x d), fp32, on a CPU.
 # Above a few MiB the scores stop fitting in cache and, past glibc's mmap threshold, are
-# page-faulted in afresh on every call: at k=4096 an 8,192-row chunk is 2.5x slower per row.
+# page-faulted in afresh on every call: at k=4096 an 8,192-row chunk was 1.6-2.5x slower
+# per row than a 16 MiB tile (docs/BENCHMARKS.md).
 CPU_TILE_BYTES = 16 * 2**20
 
 
