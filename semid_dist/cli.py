@@ -39,10 +39,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """`semid encode`: like build, but reuse the codebooks of encode.from_version (default
-    latest) instead of fitting."""
+    latest) instead of fitting; --incremental: the catalog holds new or changed items and the
+    version extends encode.from_version (encode.incremental=true)."""
     overrides = list(args.overrides)
     if not any(o.startswith("encode.from_version=") for o in overrides):
         overrides.append("encode.from_version=latest")
+    if args.incremental:
+        overrides.append("encode.incremental=true")
     args.overrides = overrides
     return cmd_build(args)
 
@@ -72,6 +75,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                          "created_at": m.get("created_at"), "rows": m.get("rows")})
         text = "\n".join(f"{'*' if r['latest'] else ' '} {r['version_id']}  {r['created_at']}  "
                          f"encoded {r['rows']['encoded']}  rejected {r['rows']['rejected']}"
+                         + (f"  carried {r['rows']['carried']}" if "carried" in r["rows"] else "")
                          for r in rows) or "(no committed versions)"
         _print(rows, args.json, text)
     else:  # show
@@ -159,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="encode with the codebooks of an existing version")
     e.add_argument("--config", required=True)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--incremental", action="store_true",
+                   help="the catalog holds new or changed items: carry the other items of "
+                        "encode.from_version, referencing its unchanged data parts")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(func=cmd_encode)
     v = sub.add_parser("validate", help="check config files without running anything")

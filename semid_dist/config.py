@@ -79,6 +79,9 @@ class FitConfig:
 @dataclass(frozen=True)
 class EncodeConfig:
     from_version: str | None = None
+    # true: the catalog holds new or changed items; the version extends encode.from_version
+    # (its rows of other items are carried, its unchanged data parts referenced)
+    incremental: bool = False
     num_actors: int = 2
     chunk_rows: int = 8192
     shard_rows: int = 65536
@@ -278,6 +281,11 @@ def _check_consistency(cfg: BuildConfig) -> None:
             "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
     _check_prune(cfg.prune, len(layers))
     _check_learned(cfg)
+    if cfg.encode.incremental and not cfg.encode.from_version:
+        raise ConfigError("encode.incremental=true extends the version named by "
+                          "encode.from_version, which is unset; run `semid encode "
+                          "--incremental` (from the latest version) or set "
+                          "encode.from_version=<version id>")
     depth = cfg.quality_depth
     if depth > len(layers):
         raise ConfigError(

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
-from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.store import FileEntry, TableStore, table_rows
 from semid_dist.stages import drift_bucket
 from semid_dist.summary import format_drift_line
 
@@ -49,16 +49,15 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     if to_parts is None:
         dst = store.resolve(to_version)
         new_parts = store.part_paths(dst)
-        new_rows = store.manifest(dst)["rows"]["encoded"]
+        new_rows = table_rows(store.manifest(dst)["rows"])
     else:
         dst = to_version
-        new_parts = [f"{store.version_dir(dst)}/{e.path}" for e in to_parts
-                     if e.path.startswith("data/")]
+        new_parts = [store.entry_path(dst, e) for e in to_parts if e.path.startswith("data/")]
         new_rows = sum(e.rows for e in to_parts if e.path.startswith("data/"))
     if not old_parts or not new_parts:
         raise StoreError(f"cannot compare {src} and {dst} of {store.url}: one of them has no "
                          "data parts")
-    n = buckets or drift_buckets(store.manifest(src)["rows"]["encoded"] + new_rows)
+    n = buckets or drift_buckets(table_rows(store.manifest(src)["rows"]) + new_rows)
     tasks = [(store.root, store.table, old_parts, new_parts, b, n) for b in range(n)]
     counts = merge_drift((engine or InProcess()).map(drift_bucket, tasks))
     return drift_figures(counts, from_version=src, to_version=dst, buckets=n)

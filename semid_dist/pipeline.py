@@ -22,12 +22,18 @@ import pyarrow as pa
 
 import semid_dist
 from semid_dist.codes.metrics import head_threshold
-from semid_dist.codes.partials import Partial, StreamMerge
+from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.faults import maybe_die
+from semid_dist.incremental import (
+    carry_parent,
+    finalize_incremental,
+    incremental_rows,
+    write_stats,
+)
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
@@ -94,11 +100,12 @@ def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, n
     return out
 
 
-def sid_items_lookup(engine, ctx: JobContext, data_parts: list[str],
-                     counts: dict[str, int]) -> list[FileEntry]:
+def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry]) -> list[FileEntry]:
     """lookup/sid_items/: SID -> items, one file per hash bucket (about 1M items each)."""
-    buckets = max(1, -(-counts["encoded"] // 1_000_000))
-    return engine.map(sid_items_bucket, [(ctx, data_parts, b, buckets) for b in range(buckets)])
+    store = ctx.store()
+    paths = sorted(store.entry_path(ctx.version_id, f) for f in data_files)
+    buckets = max(1, -(-sum(f.rows for f in data_files) // 1_000_000))
+    return engine.map(sid_items_bucket, [(ctx, paths, b, buckets) for b in range(buckets)])
 
 
 def encode_device(cfg: BuildConfig) -> str:
@@ -133,7 +140,10 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
     scanned = engine.map(scan_keys, [(ctx, s) for s in plan.shards])
     ctx = _check_duplicates(ctx, plan, [ids for ids, _ in scanned], cfg, log)
     threshold = None
-    if cfg.input.popularity_column:
+    if cfg.input.popularity_column and cfg.encode.incremental:
+        log("scan: no head / tail figures for an incremental version (the popularity of the "
+            "carried items is not in this catalog)")
+    elif cfg.input.popularity_column:
         threshold = head_threshold(np.concatenate([p for _, p in scanned]),
                                    cfg.metrics.head_share)
         log(f"scan: head = popularity >= {threshold:g} "
@@ -357,7 +367,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
-    parent = store.latest()
+    parent = (store.resolve(cfg.encode.from_version) if cfg.encode.incremental
+              else store.latest())
     timings: dict[str, float] = {}
     with make_engine(cfg, log=log) as engine:
         plan = plan_catalog(engine.resolve_input(cfg.input.path),
@@ -392,11 +403,23 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         _check_rejects(counts, reasons, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
-        merged_parts, decision, moves, metrics = reduce_partials(engine, ctx, plan, partials,
-                                                                  cfg, log)
+        carried, max_suffix = None, None
+        if cfg.encode.incremental:
+            carried = carry_parent(engine, ctx, plan, store, parent, log)
+            partials = {"all": merge(carried.partial, partials["all"])}
+            counts = incremental_rows(counts, carried)
+        merged_parts, decision, moves, metrics = reduce_partials(
+            engine, ctx, plan, partials, cfg, log,
+            decision=carried.decision if carried else None,
+            held=carried.partial if carried else None)
         maybe_die("reduce")
-        data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
-        data_files += sid_items_lookup(engine, ctx, sorted(f.path for f in data_files), counts)
+        if carried is None:
+            data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
+        else:
+            data_files, max_suffix = finalize_incremental(engine, ctx, plan, carried,
+                                                          merged_parts["all"], decision, moves)
+            metrics["incremental"] = carried.figures()
+        data_files += sid_items_lookup(engine, ctx, data_files)
         timings["reduce_s"] = time.monotonic() - t
         t = time.monotonic()
         drift = parent_drift(engine, store, parent, vid, data_files, log)
@@ -409,7 +432,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     if drift is not None:
         files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
-    files += write_lookups(store, vid, merged_parts, decision, metrics)
+    files += write_lookups(store, vid, merged_parts, decision, metrics, max_suffix)
+    files += write_stats(store, vid, merged_parts["all"], decision)
     files += write_report(store, vid)
     files += sorted(data_files, key=lambda e: e.path) + reject_files
     manifest = {

@@ -47,10 +47,12 @@ Log = Callable[[str], None]
 
 
 def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
-                     decision: PruneDecision, capacity: int | None,
+                     decision: PruneDecision, capacity: int | None, held: Partial | None = None,
                      ) -> tuple[Partial, pa.Table | None]:
     """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
-    codes under the same prefix. Returns (statistics after the moves, moves table)."""
+    codes under the same prefix. Only the rows `plan` encoded move; `held` (the parent's rows
+    an incremental version carries, part of `merged`) keep their SIDs and take the first
+    places. Returns (statistics after the moves, moves table)."""
     if capacity is None:
         return merged, None
     sizes = ctx.sizes
@@ -63,11 +65,15 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                                                        for s in plan.shards]))
     prefixes = np.unique(prefix[over])
     occ = occupancy(keys, counts, prefixes, sizes[-1])
+    fixed = None
+    if held is not None:
+        fixed = occupancy(*final_sid_counts(held, list(sizes), decision), prefixes, sizes[-1])
     row_prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), sizes[-1])
     tasks = []
     for chunk in np.array_split(np.arange(len(prefixes)), min(len(prefixes), 16)):
         mask = pa.array(np.isin(row_prefix, prefixes[chunk]))
-        tasks.append((ctx, pc.filter(rows, mask), prefixes[chunk], occ[chunk], capacity))
+        tasks.append((ctx, pc.filter(rows, mask), prefixes[chunk], occ[chunk], capacity,
+                      None if fixed is None else fixed[chunk]))
     moves = pa.concat_tables(engine.map(reassign, tasks))
     old = moves.column("old_codes").combine_chunks().flatten().to_numpy().reshape(-1, len(sizes))
     merged = apply_moves(merged, old, moves.column("code").to_numpy(),
@@ -77,18 +83,23 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
 
 def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
-                    partials: dict[str, Partial], cfg: BuildConfig, log: Log,
+                    partials: dict[str, Partial], cfg: BuildConfig, log: Log, *,
+                    decision: PruneDecision | None = None, held: Partial | None = None,
                     ) -> tuple[dict[str, Partial], PruneDecision, pa.Table | None, dict[str, Any]]:
     """partials: {"all"|"head"|"tail": statistics merged over every shard} ->
     ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
-    Head / tail figures are of the codes before capacity moves."""
+    Head / tail figures are of the codes before capacity moves. An incremental version
+    passes its parent's `decision` (carried SIDs keep their pruning) and the carried rows'
+    statistics as `held` (see `bound_collisions`)."""
     sizes = tuple(cfg.quantizer.layers)
     merged = dict(partials)
     pr = cfg.prune
-    decision = decide(pr.strategy, sizes, merged["all"].layer_counts, merged["all"].sid_keys,
-                      merged["all"].sid_counts, layer=pr.layer, k=pr.k, p=pr.p, tau=pr.tau)
+    if decision is None:
+        decision = decide(pr.strategy, sizes, merged["all"].layer_counts,
+                          merged["all"].sid_keys, merged["all"].sid_counts, layer=pr.layer,
+                          k=pr.k, p=pr.p, tau=pr.tau)
     merged["all"], moves = bound_collisions(engine, ctx, plan, merged["all"], decision,
-                                            cfg.collisions.max_per_sid)
+                                            cfg.collisions.max_per_sid, held)
 
     def figures(p: Partial) -> dict[str, Any]:
         return finalize_metrics(p, list(sizes), quality_depth=cfg.quality_depth,
@@ -121,12 +132,16 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
 
 def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
-                  decision: PruneDecision, metrics: dict[str, Any]) -> list[FileEntry]:
+                  decision: PruneDecision, metrics: dict[str, Any],
+                  max_suffix: int | None = None) -> list[FileEntry]:
     """vocab.parquet (tokens for a language model), lookup/prefixes.parquet (valid SID
     prefixes for constrained decoding) and the analytics/ tables behind the report's figures,
-    all from the distinct SIDs and pair counts (never from per-item rows)."""
+    all from the distinct SIDs and pair counts (never from per-item rows). max_suffix: the
+    largest collision suffix in the table when it can exceed the largest SID's item count
+    less one (an incremental version whose carried SIDs lost items)."""
     sizes, merged = decision.sizes, partials["all"]
-    max_suffix = metrics["collisions"]["max_items_per_sid"] - 1
+    max_suffix = max(metrics["collisions"]["max_items_per_sid"] - 1,
+                     -1 if max_suffix is None else max_suffix)
     codes = codes_of_keys(merged.sid_keys, sizes)
     after = layer_counts_after(codes, merged.sid_counts, kept_layers(codes, decision), sizes)
     split = ([partials["head"].layer_counts, partials["tail"].layer_counts]

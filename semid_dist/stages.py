@@ -287,9 +287,9 @@ def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
 
 
 def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndarray,
-             capacity: int) -> pa.Table:
+             capacity: int, held: np.ndarray | None = None) -> pa.Table:
     """Capacity moves for the rows of some prefix groups -> (item_id, old codes, code, old
-    qerr, qerr) of the items that move."""
+    qerr, qerr) of the items that move (held: see `reassign_overflow`)."""
     last = ctx.sizes[-1]
     prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), last)
     codes = _matrix(rows.column("codes"), len(ctx.sizes), np.int32)
@@ -298,7 +298,7 @@ def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndar
     idx, new_code, new_err = reassign_overflow(
         prefix, codes[:, -1], qerr, rows.column("item_id").combine_chunks(),
         _matrix(rows.column("alt_codes"), width, np.int32),
-        _matrix(rows.column("alt_err"), width, np.float32), prefixes, occ, capacity)
+        _matrix(rows.column("alt_err"), width, np.float32), prefixes, occ, capacity, held)
     return pa.table({"item_id": pc.take(rows.column("item_id"), pa.array(idx)),
                      "old_codes": pa.FixedSizeListArray.from_arrays(codes[idx].ravel(),
                                                                     len(ctx.sizes)),
@@ -361,6 +361,53 @@ def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table,
                                    f"data/part-{ctx.version_id}-{shard.index:06d}.parquet", out)
 
 
+def staged_ids(ctx: JobContext, shard: Shard) -> pa.Array:
+    """The item ids a shard encoded (from its staged codes)."""
+    store = ctx.store()
+    rel = f"{STAGING}/codes-{shard.index:06d}.parquet"
+    return fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel),
+                             columns=["item_id"]).column(0).combine_chunks()
+
+
+def carry_part(ctx: JobContext, entry: FileEntry, index: int,
+               replaced: pa.Array) -> dict[str, Any]:
+    """A parent data part in an incremental version. `entry.version` names the version
+    holding it; replaced: the ids this version encodes anew. A part holding none of them is
+    referenced as it is; otherwise its other rows are written as a new part of this version.
+    -> {"entry": the part's entry in this version, "codes"/"qerr": the dropped rows' stored
+    codes and qerr, "max_suffix": the largest suffix of the rows kept (-1: none)}."""
+    store = ctx.store()
+    path = store.entry_path(ctx.version_id, entry)
+    ids = fsio.read_parquet(store.fs, path, columns=["item_id"]).column(0).combine_chunks()
+    gone = pc.is_in(ids, value_set=replaced).to_numpy(zero_copy_only=False)
+    width = len(ctx.sizes)
+    if not gone.any():
+        suffix = fsio.read_parquet(store.fs, path, columns=["suffix"]).column(0)
+        return {"entry": entry, "codes": np.zeros((0, width), np.int32),
+                "qerr": np.zeros(0, np.float32),
+                "max_suffix": int(pc.max(suffix).as_py() if len(suffix) else -1)}
+    t = fsio.read_parquet(store.fs, path)
+    kept, dropped = t.filter(pa.array(~gone)), t.filter(pa.array(gone))
+    out = store.write_table(ctx.version_id,
+                            f"data/part-{ctx.version_id}-carried-{index:06d}.parquet", kept)
+    suffix = kept.column("suffix")
+    return {"entry": out, "codes": _matrix(dropped.column("codes"), width, np.int32),
+            "qerr": dropped.column("qerr").to_numpy().astype(np.float32),
+            "max_suffix": int(pc.max(suffix).as_py() if len(suffix) else -1)}
+
+
+def carried_suffixes(ctx: JobContext, entry: FileEntry, keys: np.ndarray,
+                     decision: PruneDecision) -> pa.Table:
+    """(key, suffix) of a carried part's rows whose final SID key is in `keys` (sorted)."""
+    store = ctx.store()
+    t = fsio.read_parquet(store.fs, store.entry_path(ctx.version_id, entry),
+                          columns=["codes", "suffix"])
+    codes = _matrix(t.column("codes"), len(ctx.sizes), np.int32)
+    k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
+    hit = np.isin(k, keys)
+    return pa.table({"key": k[hit], "suffix": t.column("suffix").to_numpy()[hit]})
+
+
 def _read_projected(fs: Any, path: str, columns: tuple[str, ...]) -> pa.Table:
     """A Parquet file's `columns` that it has (others are skipped)."""
     import pyarrow.parquet as pq
@@ -421,12 +468,12 @@ def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
 def sid_items_bucket(ctx: JobContext, data_parts: list[str], bucket: int,
                      buckets: int) -> FileEntry:
     """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
-    (sid_tokens) with its items in suffix order, read from the version's data parts."""
+    (sid_tokens) with its items in suffix order, read from the version's data parts (paths
+    inside the table's filesystem)."""
     store, width = ctx.store(), len(ctx.sizes)
     pieces = []
-    for rel in data_parts:
-        t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel),
-                              columns=["item_id", "sid_tokens", "suffix"])
+    for path in data_parts:
+        t = fsio.read_parquet(store.fs, path, columns=["item_id", "sid_tokens", "suffix"])
         tokens = _padded_tokens(t.column("sid_tokens"), width)
         keep = sid_bucket(tokens, buckets) == bucket
         pieces.append((tokens[keep], pc.filter(t, pa.array(keep))))

@@ -60,7 +60,9 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
         f"version   {version_id}",
         f"path      {path}",
         f"rows      input {rows['input']}  encoded {rows['encoded']}  "
-        f"rejected {rows['rejected']}",
+        f"rejected {rows['rejected']}" + (
+            f"  carried {rows['carried']} from the parent (replaced {rows['replaced']})"
+            if "carried" in rows else ""),
         "layer  size  used  util    H_norm  gini    top_share",
     ]
     for layer in metrics["layers"]:

@@ -84,3 +84,29 @@ def ray_session():
              configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+INC_N, INC_NEW, INC_CHANGED = 2400, 300, 150
+
+
+@pytest.fixture(scope="session")
+def incremental_catalogs(tmp_path_factory):
+    """For incremental versions: the parent catalog (ids 0..INC_N-1, 4 files, so it has
+    several data parts), a delta of INC_NEW new items and INC_CHANGED changed items (ids in
+    the last parent file only), and the union catalog a full re-encode would read."""
+    base = tmp_path_factory.mktemp("inc")
+    x = clustered(INC_N, 12, seed=1)
+    parent = write_catalog(base / "parent", x, files=4)
+    rng = np.random.default_rng(5)
+    changed_ids = np.sort(rng.choice(np.arange(3 * INC_N // 4, INC_N), INC_CHANGED,
+                                     replace=False))
+    new_x = clustered(INC_NEW, 12, seed=9)
+    changed_x = x[changed_ids] + rng.normal(scale=1.5, size=(INC_CHANGED, 12)).astype(np.float32)
+    delta_ids = np.concatenate([np.arange(10_000, 10_000 + INC_NEW), changed_ids])
+    delta_x = np.concatenate([new_x, changed_x]).astype(np.float32)
+    delta = write_catalog(base / "delta", delta_x, ids=delta_ids, files=1)
+    union_x = x.copy()
+    union_x[changed_ids] = changed_x
+    union = write_catalog(base / "union", np.concatenate([union_x, new_x]),
+                          ids=np.concatenate([np.arange(INC_N), delta_ids[:INC_NEW]]), files=2)
+    return {"parent": parent, "delta": delta, "union": union, "changed": changed_ids}

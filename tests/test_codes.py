@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from semid_dist.codes.collisions import assign_suffixes, colliding_keys
+from semid_dist.codes.collisions import assign_suffixes, colliding_keys, free_suffixes
 from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
 from semid_dist.codes.partials import (
     Partial,
@@ -28,7 +28,9 @@ from semid_dist.codes.partials import (
     partial_from_batch,
     radix,
     sid_keys,
+    subtract_rows,
 )
+from semid_dist.codes.pruning import PruneDecision
 
 SIZES = [8, 5, 7]
 D = 6
@@ -560,3 +562,72 @@ def test_assign_suffixes_empty_and_colliding_keys():
     per_key = Counter(sid_keys(codes, SIZES).tolist())
     assert colliding_keys(p.sid_keys, p.sid_counts).tolist() == sorted(
         k for k, v in per_key.items() if v > 1)
+
+
+def test_subtract_rows_is_exact_on_counts_and_last_layer():
+    rng = np.random.default_rng(4)
+    sizes = (6, 4, 5)
+    codes = np.stack([rng.integers(0, k, 900) for k in sizes], axis=1).astype(np.int32)
+    sq = rng.random((900, 3)).astype(np.float32)
+    x = rng.normal(size=(900, 8)).astype(np.float32)
+    drop = rng.random(900) < 0.2
+    whole = partial_from_batch(codes, sq, x, sizes, quality_depth=2)
+    kept = partial_from_batch(codes[~drop], sq[~drop], x[~drop], sizes, quality_depth=2)
+    got = subtract_rows(whole, codes[drop], sq[drop, -1], sizes, quality_depth=2)
+    assert got.n == kept.n
+    for a, b in zip(got.layer_counts, kept.layer_counts):
+        assert np.array_equal(a, b)
+    assert np.array_equal(got.sid_keys, kept.sid_keys)
+    assert np.array_equal(got.sid_counts, kept.sid_counts)
+    for field in ("trans_keys", "trans_counts"):
+        for a, b in zip(getattr(got, field), getattr(kept, field)):
+            assert np.array_equal(a, b)
+    assert got.sq_res_sum[-1] == pytest.approx(kept.sq_res_sum[-1], rel=1e-9)
+    assert got.res_norm_sum[-1] == pytest.approx(kept.res_norm_sum[-1], rel=1e-9)
+    assert np.array_equal(got.q_keys, kept.q_keys)
+    assert np.array_equal(got.q_counts, kept.q_counts)
+    # the estimated parts: the mean of the group stands in for each dropped item
+    assert got.x_sq_sum == pytest.approx(kept.x_sq_sum, rel=0.05)
+    assert got.sq_res_sum[0] == pytest.approx(kept.sq_res_sum[0], rel=0.05)
+    # dropping nothing changes nothing
+    same = subtract_rows(whole, codes[:0], sq[:0, -1], sizes, quality_depth=2)
+    assert same is whole
+
+
+def test_free_suffixes_fill_gaps_then_continue():
+    keys = np.array([5, 5, 5, 7, 9], dtype=np.int64)
+    rank = np.array([0, 1, 2, 0, 1], dtype=np.int32)
+    taken_keys = np.array([5, 5, 7, 9, 9, 9], dtype=np.int64)
+    taken = np.array([0, 2, 3, 0, 1, 2], dtype=np.int32)
+    got = free_suffixes(keys, rank, taken_keys, taken)
+    assert got.tolist() == [1, 3, 4, 0, 4]
+    # random: new suffixes never meet a held one and stay unique per key
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        tk = rng.integers(0, 6, 40)
+        ts = rng.integers(0, 12, 40)
+        pairs = {(int(k), int(s)) for k, s in zip(tk, ts)}
+        tk = np.array([p[0] for p in pairs], np.int64)
+        ts = np.array([p[1] for p in pairs], np.int32)
+        nk = np.sort(rng.integers(0, 8, 30)).astype(np.int64)
+        nr = assign_suffixes(nk, np.zeros(30, np.float32), pa.array(np.arange(30)))
+        out = free_suffixes(nk, nr, tk, ts)
+        new_pairs = [(int(k), int(s)) for k, s in zip(nk, out)]
+        assert len(set(new_pairs)) == 30 and not set(new_pairs) & pairs
+        for k in np.unique(nk):  # the smallest free suffixes of each key are used
+            free = sorted(set(range(60)) - {s for kk, s in pairs if kk == k})
+            assert sorted(s for kk, s in new_pairs if kk == k) == free[:int((nk == k).sum())]
+
+
+def test_prune_decision_round_trip():
+    for decision in (PruneDecision("none", (4, 3)),
+                     PruneDecision("top_k", (8, 6, 4), 1, np.array([2, 5], np.int64)),
+                     PruneDecision("sarq", (8, 6, 4),
+                                   big_prefixes=(np.array([1, 3]), np.array([7, 20, 30])))):
+        back = PruneDecision.from_bytes(decision.to_bytes())
+        assert (back.strategy, back.sizes, back.layer) == (decision.strategy, decision.sizes,
+                                                           decision.layer)
+        assert np.array_equal(back.tokens, decision.tokens)
+        assert len(back.big_prefixes) == len(decision.big_prefixes)
+        for a, b in zip(back.big_prefixes, decision.big_prefixes):
+            assert np.array_equal(a, b)

@@ -40,6 +40,27 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     assert store.manifest(ray.version_id)["engine"] == "ray"
 
 
+def test_ray_incremental_version_identical_to_local(ray_session, incremental_catalogs,
+                                                    tmp_path):
+    """An incremental version on Ray Data: the same carried, rewritten and new parts, SIDs,
+    suffixes and metrics as on the local engine."""
+    cats = incremental_catalogs
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    parent = build(small_config(cats["parent"], root), log=quiet)
+    results = [build(small_config(cats["delta"], root, engine=engine,
+                                  encode__from_version=parent.version_id,
+                                  encode__incremental=True), log=quiet)
+               for engine in ("local", "ray")]
+    a, b = (store.read_data(r.version_id).sort_by("item_id") for r in results)
+    assert a.num_rows == 2700 and a.equals(b)
+    ma, mb = ({k: v for k, v in r.metrics.items() if k not in ("timings", "fit")}
+              for r in results)
+    assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
+    refs = [{e.get("version") for e in store.manifest(r.version_id)["files"]} for r in results]
+    assert parent.version_id in refs[0] and refs[0] == {parent.version_id, None} == refs[1]
+
+
 def test_train_one_vs_two_workers(ray_session, tmp_path):
     x = clustered(3000, 10, seed=11)
     seeds = init_subset(x, 32, seed=0)

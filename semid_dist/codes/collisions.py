@@ -29,6 +29,27 @@ def assign_suffixes(keys: np.ndarray, qerr: np.ndarray, item_ids: pa.Array) -> n
     return suffix
 
 
+def free_suffixes(keys: np.ndarray, rank: np.ndarray, taken_keys: np.ndarray,
+                  taken: np.ndarray) -> np.ndarray:
+    """Suffixes for new items of SIDs that already hold items: the item of `rank` r inside
+    its key gets the r-th smallest suffix no held item of that key has (taken_keys / taken:
+    the held items' keys and suffixes). Keeps (sid, suffix) unique and fills gaps first."""
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int32)
+    uniq, inv = np.unique(np.concatenate([keys, taken_keys]), return_inverse=True)
+    group, held_group = inv[:len(keys)], inv[len(keys):]
+    span = np.int64(max(int(taken.max(initial=0)), int(rank.max(initial=0))) + len(keys) + 2)
+    held = np.unique(held_group.astype(np.int64) * span + taken.astype(np.int64))
+    base = group.astype(np.int64) * span
+    start = np.searchsorted(held, base, side="left")
+    out = rank.astype(np.int64)
+    while True:  # fixed point: f = rank + #(held suffixes <= f) of the same key
+        nxt = rank + np.searchsorted(held, base + out, side="right") - start
+        if np.array_equal(nxt, out):
+            return out.astype(np.int32)
+        out = nxt
+
+
 def last_layer_prefix(final_keys: np.ndarray, last_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Split final SID keys (radix k_l + 1) into (prefix key, last-layer digit); a digit equal
     to `last_size` means the SID has no last-layer code."""
@@ -50,14 +71,17 @@ def occupancy(final_keys: np.ndarray, final_counts: np.ndarray, prefixes: np.nda
 def reassign_overflow(prefix: np.ndarray, code: np.ndarray, qerr: np.ndarray,
                       item_ids: pa.Array, alt_codes: np.ndarray, alt_err: np.ndarray,
                       prefixes: np.ndarray, occ: np.ndarray, capacity: int,
+                      held: np.ndarray | None = None,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Capacity-bounded collisions for the rows of over-full SIDs (all rows of those SIDs).
 
     Inside each SID the first `capacity` items by (qerr, item_id) stay; each further item, in
     (prefix, code, qerr, item_id) order, moves to its best alternative last-layer code (in
     alt_codes order) whose SID under the same prefix still has room. occ: (len(prefixes),
-    k_last) current items per code under each prefix (updated as items move). Returns
-    (row indices that move, their new codes, their new qerr). Deterministic.
+    k_last) current items per code under each prefix (updated as items move). held: like
+    occ, the items of each SID that are not among the rows and never move (the parent's rows
+    in an incremental version); they take the first places. Returns (row indices that move,
+    their new codes, their new qerr). Deterministic.
     """
     if len(prefix) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -67,6 +91,8 @@ def reassign_overflow(prefix: np.ndarray, code: np.ndarray, qerr: np.ndarray,
     grp = prefix[order] * (alt_codes.max(initial=0) + 2 + code.max(initial=0)) + code[order]
     first = np.r_[True, grp[1:] != grp[:-1]]
     rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    if held is not None:
+        rank = rank + held[np.searchsorted(prefixes, prefix[order]), code[order]]
     occ = occ.copy()
     moved, new_code, new_err = [], [], []
     for row in order[rank >= capacity]:

@@ -195,6 +195,46 @@ def apply_moves(p: Partial, old_codes: np.ndarray, new_last: np.ndarray, old_sq:
                    trans_keys=trans_keys, trans_counts=trans_counts)
 
 
+def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
+                  sizes: tuple[int, ...] | list[int], quality_depth: int) -> Partial:
+    """Statistics of `p` without some of its items, known only by their stored codes (n, L)
+    and last-layer squared residual (qerr): an incremental version drops the parent's rows of
+    items it re-encodes, whose old embeddings are gone.
+
+    Exact: the item count, token / SID / pair counts and the last layer's residual sums.
+    Estimated, each removed item counted as the mean item of its group: x_sq_sum and the
+    earlier layers' residual sums (mean over all items), and the per-prefix unit-vector sums
+    (mean of the item's quality-depth prefix group)."""
+    m = len(codes)
+    if m == 0:
+        return p
+    codes = codes.astype(np.int64)
+    minus = -np.ones(m, dtype=np.int64)
+    layer_counts = [c - np.bincount(codes[:, i], minlength=k).astype(np.int64)
+                    for i, (c, k) in enumerate(zip(p.layer_counts, sizes))]
+    sid_k, sid_c = _add_keyed(p.sid_keys, p.sid_counts, sid_keys(codes, sizes), minus)
+    trans = [_add_keyed(p.trans_keys[i - 1], p.trans_counts[i - 1],
+                        codes[:, i - 1] * sizes[i] + codes[:, i], minus)
+             for i in range(1, len(sizes))]
+    keep = (p.n - m) / p.n
+    sq64 = sq_last.astype(np.float64)
+    sq_res, res_norm = p.sq_res_sum * keep, p.res_norm_sum * keep
+    sq_res[-1] = p.sq_res_sum[-1] - sq64.sum()
+    res_norm[-1] = p.res_norm_sum[-1] - np.sqrt(sq64).sum()
+    gone_keys, gone = np.unique(sid_keys(codes, sizes, quality_depth), return_counts=True)
+    pos = np.searchsorted(p.q_keys, gone_keys).clip(0, max(len(p.q_keys) - 1, 0))
+    hit = (pos < len(p.q_keys)) & (p.q_keys[pos] == gone_keys) if len(p.q_keys) else pos < 0
+    q_counts = p.q_counts.copy()
+    q_counts[pos[hit]] -= np.minimum(gone[hit], q_counts[pos[hit]])
+    share = np.divide(q_counts, p.q_counts, out=np.zeros(len(q_counts)), where=p.q_counts > 0)
+    alive = q_counts > 0
+    return Partial(n=p.n - m, layer_counts=layer_counts, sid_keys=sid_k, sid_counts=sid_c,
+                   sq_res_sum=sq_res, res_norm_sum=res_norm, x_sq_sum=p.x_sq_sum * keep,
+                   q_keys=p.q_keys[alive], q_counts=q_counts[alive],
+                   q_sums=p.q_sums[alive] * share[alive, None],
+                   trans_keys=[t[0] for t in trans], trans_counts=[t[1] for t in trans])
+
+
 def empty_partial(sizes: tuple[int, ...] | list[int], dim: int) -> Partial:
     """Statistics of no items (the identity of `merge`)."""
     z = np.zeros((0, len(sizes)), dtype=np.int32)

@@ -12,6 +12,8 @@ SID keys use radix (k_l + 1) with k_l meaning "layer absent".
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +32,24 @@ class PruneDecision:
     @property
     def pruned_tokens(self) -> int:
         return int(len(self.tokens))
+
+    def to_bytes(self) -> bytes:
+        """npz (no pickle): what an incremental version needs to prune carried and new items
+        the same way as its parent."""
+        meta = json.dumps({"strategy": self.strategy, "sizes": list(self.sizes),
+                           "layer": self.layer, "depths": len(self.big_prefixes)})
+        arrays = {f"big_{i}": np.asarray(b, np.int64) for i, b in enumerate(self.big_prefixes)}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8),
+                 tokens=np.asarray(self.tokens, np.int64), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PruneDecision:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = json.loads(z["meta"].tobytes())
+        return cls(meta["strategy"], tuple(meta["sizes"]), meta["layer"], z["tokens"],
+                   tuple(z[f"big_{i}"] for i in range(meta["depths"])))
 
 
 def token_offsets(sizes: tuple[int, ...] | list[int]) -> np.ndarray:

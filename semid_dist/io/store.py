@@ -43,12 +43,27 @@ _PROCESS_LOCKS_GUARD = threading.Lock()
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A written file, relative to its version directory."""
+    """A file of a version, relative to its version directory; `version` names another
+    version whose directory holds it (an incremental version references its parent's
+    unchanged data parts instead of copying them)."""
 
     path: str
     rows: int
     bytes: int
     sha256: str
+    version: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        entry = asdict(self)
+        if entry["version"] is None:
+            del entry["version"]
+        return entry
+
+
+def table_rows(rows: Mapping[str, int]) -> int:
+    """Items a version's table holds: the rows it encoded plus, for an incremental version,
+    the parent's rows it carries over."""
+    return int(rows["encoded"]) + int(rows.get("carried", 0))
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
@@ -203,6 +218,10 @@ class TableStore:
         tables = [fsio.read_parquet(self.fs, path) for path in self.part_paths(vid, kind)]
         return pa.concat_tables(tables) if tables else pa.table({})
 
+    def entry_path(self, version_id: str, entry: FileEntry) -> str:
+        """Path (inside `self.fs`) of a file entry of `version_id`."""
+        return fsio.join(self.version_dir(entry.version or version_id), entry.path)
+
     def part_paths(self, version: str | None, kind: str = "data") -> list[str]:
         """Paths (inside `self.fs`) of the `kind` files of a committed version."""
         vid = self.resolve(version)
@@ -211,6 +230,10 @@ class TableStore:
 
     def commit(self, version_id: str, manifest: dict[str, Any], files: list[FileEntry]) -> bool:
         """Check row reconciliation, write the manifest last, then move `_latest` forward.
+
+        Reconciliation: input = encoded + rejected; the data files hold `table_rows` rows
+        (encoded, plus the parent's rows an incremental version carries) and the reject
+        files the rejected rows.
 
         The version is committed (visible to readers) once its manifest exists. `_latest` is
         then compare-and-swapped: it moves to `version_id` only if that id sorts after the
@@ -225,11 +248,11 @@ class TableStore:
             raise StoreError(f"refusing to commit {version_id}: rows do not reconcile "
                              f"(input {rows['input']} != encoded {rows['encoded']} + "
                              f"rejected {rows['rejected']})")
-        if data_rows != rows["encoded"] or reject_rows != rows["rejected"]:
+        if data_rows != table_rows(rows) or reject_rows != rows["rejected"]:
             raise StoreError(f"refusing to commit {version_id}: files hold {data_rows} data "
-                             f"and {reject_rows} reject rows, expected {rows['encoded']} and "
+                             f"and {reject_rows} reject rows, expected {table_rows(rows)} and "
                              f"{rows['rejected']}")
-        body = dict(manifest, version_id=version_id, files=[asdict(f) for f in files])
+        body = dict(manifest, version_id=version_id, files=[f.as_json() for f in files])
         self.write_file(version_id, MANIFEST, json.dumps(body, indent=2).encode())
         maybe_die("latest")
         try:

@@ -166,7 +166,10 @@ def _overview(m: dict[str, Any]) -> str:
     cards = [
         "<h3>Rows</h3>" + table(["", "rows"], [["input", rows["input"]],
                                               ["encoded", rows["encoded"]],
-                                              ["rejected", rows["rejected"]]]),
+                                              ["rejected", rows["rejected"]]]
+                                          + ([["carried from the parent", rows["carried"]],
+                                              ["replaced in the parent", rows["replaced"]]]
+                                             if "carried" in rows else [])),
         "<h3>Final SIDs</h3>" + table(["", ""], [
             ["distinct SIDs", col["distinct_sids"]], ["unique-SID rate", col["unique_sid_rate"]],
             ["max items per SID", col["max_items_per_sid"]]]),

@@ -1,0 +1,151 @@
+"""Incremental versions (`semid encode --incremental`): a catalog of new or changed items,
+encoded with a parent version's codebooks, extends that parent.
+
+The child version's table is the parent's rows of every item the catalog does not encode
+anew, plus the catalog's items. Parent data parts holding none of the re-encoded items are
+referenced (manifest entries naming the parent's version) instead of copied; a part holding
+some is rewritten without them. Carried items keep their SIDs and suffixes; new items use
+the parent's pruning decision, take the suffixes the carried items leave free, and (with
+`collisions.max_per_sid`) move out of SIDs the carried items fill. Every figure and lookup is
+of the whole table: the parent's statistics (`stats/` of every version) less the dropped
+rows, plus the new rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from semid_dist.codes.collisions import assign_suffixes, colliding_keys, free_suffixes
+from semid_dist.codes.metrics import final_sid_counts
+from semid_dist.codes.partials import Partial, subtract_rows
+from semid_dist.codes.pruning import PruneDecision
+from semid_dist.errors import InputError, StoreError
+from semid_dist.io.catalog import CatalogPlan
+from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.stages import (
+    JobContext,
+    carried_suffixes,
+    carry_part,
+    colliding_rows,
+    finalize_shard,
+    staged_ids,
+)
+
+Log = Callable[[str], None]
+STATS_PARTIAL = "stats/partial_all.npz"
+STATS_DECISION = "stats/prune_decision.npz"
+
+
+def write_stats(store: TableStore, vid: str, partial: Partial,
+                decision: PruneDecision) -> list[FileEntry]:
+    """stats/: the version's whole-table statistics and pruning decision, from which an
+    incremental child derives its own."""
+    return [store.write_file(vid, STATS_PARTIAL, partial.to_bytes()),
+            store.write_file(vid, STATS_DECISION, decision.to_bytes())]
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What an incremental version keeps of its parent."""
+
+    parent: str
+    entries: list[FileEntry]  # data parts of the carried rows (referenced or rewritten)
+    partial: Partial  # statistics of the carried rows
+    decision: PruneDecision  # the parent's pruning
+    rows: int  # carried rows
+    replaced: int  # parent rows dropped for re-encoded items
+    referenced: int  # parent parts referenced as they are
+    max_suffix: int  # largest suffix among the carried rows
+
+    def figures(self) -> dict[str, Any]:
+        return {"parent": self.parent, "carried": self.rows, "replaced": self.replaced,
+                "parts_referenced": self.referenced,
+                "parts_rewritten": len(self.entries) - self.referenced,
+                # figures whose dropped-row share is an estimate (see subtract_rows)
+                "estimated": (["reconstruction.relative_error",
+                               "reconstruction.residual_norm_by_layer[:-1]",
+                               "reconstruction.residual_sq_norm_by_layer[:-1]", "quality"]
+                              if self.replaced else [])}
+
+
+def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, parent: str,
+                 log: Log) -> Carried:
+    """Split the parent's data parts into referenced and rewritten ones (dropping the rows of
+    items this version encoded) and derive the carried rows' statistics."""
+    names = {e["path"] for e in store.manifest(parent)["files"]}
+    if not {STATS_PARTIAL, STATS_DECISION} <= names:
+        raise StoreError(f"version {parent} holds no stats/ files (it was built by an older "
+                         "semid_dist), so an incremental version cannot extend it; run "
+                         "`semid build` or a full `semid encode` once, then encode "
+                         "incrementally from that version")
+    partial = Partial.from_bytes(store.read_bytes(parent, STATS_PARTIAL))
+    decision = PruneDecision.from_bytes(store.read_bytes(parent, STATS_DECISION))
+    if tuple(decision.sizes) != tuple(ctx.sizes):
+        raise StoreError(f"version {parent} prunes layers {list(decision.sizes)}, not "
+                         f"{list(ctx.sizes)}")
+    new_ids = pa.concat_arrays(engine.map(staged_ids, [(ctx, s) for s in plan.shards]))
+    parts = [FileEntry(**{**e, "version": e.get("version") or parent})
+             for e in store.manifest(parent)["files"] if e["path"].startswith("data/")]
+    if parts:
+        with store.fs.open(store.entry_path(parent, parts[0]), "rb") as f:
+            parent_type = pq.ParquetFile(f).schema_arrow.field("item_id").type
+        if parent_type != new_ids.type:
+            raise InputError(f"the catalog's item ids are {new_ids.type} but version {parent} "
+                             f"holds {parent_type} ids; cast input.id_column to {parent_type}")
+    results = engine.map(carry_part, [(ctx, e, i, new_ids) for i, e in enumerate(parts)])
+    dropped = [r for r in results if len(r["qerr"])]
+    codes = (np.concatenate([r["codes"] for r in dropped]) if dropped
+             else np.zeros((0, len(ctx.sizes)), np.int32))
+    qerr = np.concatenate([r["qerr"] for r in dropped]) if dropped else np.zeros(0, np.float32)
+    kept = subtract_rows(partial, codes, qerr, ctx.sizes, ctx.quality_depth)
+    entries = [r["entry"] for r in results]
+    referenced = sum(1 for r in results if r["entry"].version is not None)
+    out = Carried(parent=parent, entries=entries, partial=kept, decision=decision,
+                  rows=sum(e.rows for e in entries), replaced=len(qerr), referenced=referenced,
+                  max_suffix=max((r["max_suffix"] for r in results), default=-1))
+    log(f"incremental: {out.rows} rows of version {parent} carried ({referenced} of "
+        f"{len(parts)} parts referenced, {len(parts) - referenced} rewritten), "
+        f"{out.replaced} replaced by re-encoded items")
+    return out
+
+
+def finalize_incremental(engine, ctx: JobContext, plan: CatalogPlan, carried: Carried,
+                         merged: Partial, decision: PruneDecision,
+                         moves: pa.Table | None) -> tuple[list[FileEntry], int]:
+    """Suffixes for the new rows (around the carried rows' suffixes), then one data part per
+    catalog shard. -> (every data part of the version, the largest suffix in the table)."""
+    keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
+    hot = colliding_keys(keys, counts)
+    rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves) for s in plan.shards])
+            if len(hot) else [])
+    rows = pa.concat_tables(rows) if rows else None
+    if rows is None or rows.num_rows == 0:
+        suffixes = pa.table({"item_id": pa.array([], pa.int64()),
+                             "suffix": pa.array([], pa.int32())})
+    else:
+        new_keys = rows.column("key").to_numpy()
+        need = np.unique(new_keys)
+        taken = pa.concat_tables(engine.map(carried_suffixes,
+                                            [(ctx, e, need, decision) for e in carried.entries]))
+        rank = assign_suffixes(new_keys, rows.column("qerr").to_numpy(),
+                               rows.column("item_id").combine_chunks())
+        suffixes = pa.table({"item_id": rows.column("item_id"),
+                             "suffix": free_suffixes(new_keys, rank,
+                                                     taken.column("key").to_numpy(),
+                                                     taken.column("suffix").to_numpy())})
+    top = int(suffixes.column("suffix").to_numpy().max(initial=-1))
+    parts = engine.map(finalize_shard, [(ctx, s, suffixes, decision, moves)
+                                        for s in plan.shards])
+    return list(carried.entries) + parts, max(top, carried.max_suffix)
+
+
+def incremental_rows(counts: dict[str, int], carried: Carried) -> dict[str, int]:
+    """manifest / metrics `rows` of an incremental version."""
+    return {**counts, "carried": carried.rows, "replaced": carried.replaced}
+

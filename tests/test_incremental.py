@@ -1,0 +1,206 @@
+"""Incremental versions: `semid encode --incremental` with a catalog of new and changed items
+extends its parent (carried rows, referenced parts, collisions around the parent's SIDs)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from semid_dist.cli import main
+from semid_dist.errors import ConfigError, InputError, StoreError
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
+from tests.conftest import INC_CHANGED, INC_N, INC_NEW, clustered, small_config, write_catalog
+
+N, NEW, CHANGED = INC_N, INC_NEW, INC_CHANGED
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture()
+def catalogs(incremental_catalogs):
+    return incremental_catalogs
+
+
+def by_id(t: pa.Table) -> pa.Table:
+    return t.sort_by("item_id")
+
+
+def codes(t: pa.Table) -> np.ndarray:
+    return np.array(t.column("codes").to_pylist())
+
+
+def parent_and_child(catalogs, tmp_path):
+    """A parent built from the parent catalog, then its incremental child from the delta."""
+    root = str(tmp_path / "out")
+    first = build(small_config(catalogs["parent"], root), log=quiet)
+    child = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                               encode__incremental=True), log=quiet)
+    return root, TableStore(root, "sids"), first, child
+
+
+def test_incremental_version_carries_references_and_matches_a_full_encode(catalogs, tmp_path):
+    root, store, first, child = parent_and_child(catalogs, tmp_path)
+    m = store.manifest(child.version_id)
+    assert m["parent"] == first.version_id
+    assert m["rows"] == {"input": NEW + CHANGED, "encoded": NEW + CHANGED, "rejected": 0,
+                         "carried": N - CHANGED, "replaced": CHANGED}
+    # unchanged parent parts are referenced, not copied; the part with changed items is
+    # rewritten in the child's own directory
+    data = [e for e in m["files"] if e["path"].startswith("data/")]
+    referenced = [e for e in data if e.get("version") == first.version_id]
+    parent_data = [e for e in store.manifest(first.version_id)["files"]
+                   if e["path"].startswith("data/")]
+    assert referenced and len(referenced) < len(parent_data)
+    assert {e["sha256"] for e in referenced} <= {e["sha256"] for e in parent_data}
+    inc = child.metrics["incremental"]
+    assert inc["parts_referenced"] == len(referenced)
+    assert inc["parts_rewritten"] == len(parent_data) - len(referenced) >= 1
+
+    t, old = by_id(store.read_data(child.version_id)), by_id(store.read_data(first.version_id))
+    ids = t.column("item_id").to_numpy()
+    assert len(ids) == N + NEW and len(np.unique(ids)) == len(ids)
+    # carried items keep their SID and suffix exactly
+    carried = ~np.isin(ids, catalogs["changed"]) & (ids < N)
+    kept_old = old.filter(pa.array(~np.isin(old.column("item_id").to_numpy(),
+                                            catalogs["changed"])))
+    for col in ("codes", "sid", "suffix"):
+        assert t.filter(pa.array(carried)).column(col).equals(kept_old.column(col))
+    # (SID, suffix) is unique over the whole table
+    pairs = {(tuple(s), x) for s, x in zip(t.column("sid_tokens").to_pylist(),
+                                           t.column("suffix").to_pylist())}
+    assert len(pairs) == t.num_rows
+
+    # a full encode of the union catalog with the same codebooks gives the same codes, and
+    # the incremental version's count figures equal the full version's
+    full = build(small_config(catalogs["union"], root, encode__from_version=first.version_id),
+                 log=quiet)
+    f = by_id(store.read_data(full.version_id))
+    assert f.column("item_id").equals(t.column("item_id"))
+    assert np.array_equal(codes(f), codes(t))
+    for section in ("layers", "prefixes", "conditional", "collisions", "collisions_before"):
+        assert child.metrics[section] == full.metrics[section], section
+    assert child.metrics["reconstruction"]["mse"] == pytest.approx(
+        full.metrics["reconstruction"]["mse"], rel=1e-5)
+    assert child.metrics["quality"]["semantic_cohesion"] == pytest.approx(
+        full.metrics["quality"]["semantic_cohesion"], abs=0.02)
+    assert inc["estimated"]  # replaced rows make some figures estimates, and say so
+    # the SID -> items lookup covers carried and new items
+    lookup = store.read_data(child.version_id, "lookup/sid_items")
+    assert pc.sum(lookup.column("count")).as_py() == N + NEW
+    # the drift against the parent: only the changed items can move
+    assert child.drift["items_common"] == N and child.drift["items_only_to"] == NEW
+    assert 0 < child.drift["changed"] <= CHANGED
+
+
+def test_incremental_chain_and_gc_keep_referenced_parts(catalogs, tmp_path):
+    root, store, first, child = parent_and_child(catalogs, tmp_path)
+    # an incremental version of an incremental version: re-encoding the same delta replaces
+    # exactly the delta's rows and carries the rest, references included
+    grand = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                               encode__incremental=True, seed=8), log=quiet)
+    rows = store.manifest(grand.version_id)["rows"]
+    assert rows["carried"] == N - CHANGED and rows["replaced"] == NEW + CHANGED
+    assert by_id(store.read_data(grand.version_id)).column("codes").equals(
+        by_id(store.read_data(child.version_id)).column("codes"))
+    refs = {e.get("version") for e in store.manifest(grand.version_id)["files"]}
+    assert first.version_id in refs
+    # gc keeping only the newest version keeps the versions whose parts it reads
+    out = store.gc(keep=1, min_age_hours=0)
+    assert first.version_id in out["kept"] and grand.version_id in out["kept"]
+    assert store.read_data(grand.version_id).num_rows == N + NEW
+
+
+def test_incremental_capacity_keeps_carried_sids(catalogs, tmp_path):
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    cap = 6
+    opts = {"collisions__max_per_sid": cap, "collisions__candidates": 8}
+    build(small_config(catalogs["parent"], root, **opts), log=quiet)
+    parent = by_id(store.read_data())
+    child = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                               encode__incremental=True, **opts), log=quiet)
+    t = by_id(store.read_data(child.version_id))
+    keep = ~np.isin(parent.column("item_id").to_numpy(), catalogs["changed"])
+    ids = t.column("item_id").to_numpy()
+    carried = np.isin(ids, parent.column("item_id").to_numpy()[keep])
+    assert t.filter(pa.array(carried)).column("sid").equals(
+        parent.filter(pa.array(keep)).column("sid"))
+    assert child.metrics["collisions"]["reassigned"] > 0
+    # a new item is left in an over-full SID only when every last-layer code under its
+    # prefix is full (there was nowhere to move it); carried items never move
+    sids = [tuple(s) for s in t.column("sid").to_pylist()]
+    count = Counter(sids)
+    with_new = {s for s, c in zip(sids, carried) if not c}
+    checked = 0
+    for sid, n in count.items():
+        if n > cap and sid in with_new:
+            checked += 1
+            assert all(count.get(sid[:-1] + (j,), 0) >= cap for j in range(8)), sid
+    assert checked < len(with_new)
+
+
+def test_incremental_errors(catalogs, tmp_path, capsys):
+    root = str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="encode.from_version"):
+        small_config(catalogs["delta"], root, encode__incremental=True)
+    build(small_config(catalogs["parent"], root), log=quiet)
+    strings = write_catalog(tmp_path / "str", clustered(50, 12, seed=2),
+                            ids=np.array([f"s{i}" for i in range(50)], dtype=object))
+    with pytest.raises(InputError, match="item ids are string but version .* holds int64"):
+        build(small_config(strings, root, encode__from_version="latest",
+                           encode__incremental=True), log=quiet)
+    # a parent built before stats/ existed cannot be extended: a clear error, no commit
+    store = TableStore(root, "sids")
+    latest = store.latest()
+    manifest = store.manifest(latest)
+    manifest["files"] = [e for e in manifest["files"] if not e["path"].startswith("stats/")]
+    import json
+    store.write_file(latest, "_manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(StoreError, match="holds no stats/ files"):
+        build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                           encode__incremental=True), log=quiet)
+    assert store.latest() == latest
+
+
+def test_cli_encode_incremental(catalogs, tmp_path, capsys):
+    root = str(tmp_path / "out")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"engine: local\nseed: 7\ninput: {{path: {catalogs['parent']}}}\n"
+                   f"output: {{root: {root}, table: sids}}\nquantizer: {{layers: [16, 8, 8]}}\n"
+                   "fit: {sample_size: 1500}\nencode: {shard_rows: 500}\n")
+    assert main(["build", "--config", str(cfg)]) == 0
+    assert main(["encode", "--config", str(cfg), "--incremental",
+                 f"input.path={catalogs['delta']}"]) == 0
+    out = capsys.readouterr().out
+    assert f"carried {N - CHANGED} from the parent (replaced {CHANGED})" in out
+    assert main(["versions", "list", "--root", root, "--table", "sids"]) == 0
+    assert f"carried {N - CHANGED}" in capsys.readouterr().out
+
+
+def test_rejected_update_keeps_the_parent_row(catalogs, tmp_path):
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    first = build(small_config(catalogs["parent"], root), log=quiet)
+    x = clustered(40, 12, seed=3)
+    x[0] = np.nan  # the update of item 5 is bad: it is rejected, item 5 keeps its row
+    ids = np.concatenate([[5], np.arange(20_000, 20_039)])
+    delta = write_catalog(tmp_path / "bad", x, ids=ids)
+    child = build(small_config(delta, root, encode__from_version="latest",
+                               encode__incremental=True, input__max_reject_fraction=0.1),
+                  log=quiet)
+    rows = store.manifest(child.version_id)["rows"]
+    assert rows == {"input": 40, "encoded": 39, "rejected": 1, "carried": N, "replaced": 0}
+    t, old = store.read_data(child.version_id), store.read_data(first.version_id)
+    pick = pc.equal(t.column("item_id"), 5)
+    assert t.filter(pick).column("sid").equals(old.filter(pc.equal(old.column("item_id"), 5))
+                                               .column("sid"))
+    assert store.read_data(child.version_id, "rejects").column("item_id").to_pylist() == ["5"]
+    assert child.metrics["incremental"]["estimated"] == []
+    # nothing replaced: every parent part is referenced as it is
+    assert child.metrics["incremental"]["parts_rewritten"] == 0
