@@ -1,4 +1,4 @@
-"""Compare rq_kmeans, rq_vae and r3vae on one catalog at equal layer sizes (Markdown table).
+"""Compare rq_kmeans, rq_vae, r3vae and acrq on one catalog at equal layer sizes (Markdown).
 
 Each method runs a full local build (fit -> encode -> reduce -> commit) into --root (default:
 a temporary directory) and the table is read from the committed metrics:
@@ -15,7 +15,7 @@ import tempfile
 from semid_dist.config import load_config
 from semid_dist.pipeline import build, make_logger
 
-METHODS = ("rq_kmeans", "rq_vae", "r3vae")
+METHODS = ("rq_kmeans", "rq_vae", "r3vae", "acrq")
 
 
 def _num(v: float | None) -> str:
@@ -27,8 +27,11 @@ def row(method: str, m: dict) -> str:
     util = "/".join(f"{layer['utilization']:.2f}" for layer in m["layers"])
     gini = "/".join(f"{layer['gini']:.2f}" for layer in m["layers"])
     q = m.get("quality") or {}
+    head, tail = ((m.get(part) or {}).get("reconstruction", {}).get("mse")
+                  for part in ("head", "tail"))
     return (f"| {method} | {m['reconstruction']['mse']:.4g} | "
-            f"{m['reconstruction']['relative_error']:.3f} | {util} | "
+            f"{m['reconstruction']['relative_error']:.3f} | {_num(head)} | {_num(tail)} | "
+            f"{util} | "
             f"{m['collisions']['unique_sid_rate']:.3f} | {gini} | "
             f"{_num(q.get('semantic_cohesion'))} | {_num(q.get('preference_discrimination'))} |")
 
@@ -42,8 +45,9 @@ def main(argv: list[str]) -> int:
     log = make_logger("compare")
     with tempfile.TemporaryDirectory(prefix="semid-compare-") as tmp:
         root = args.root or tmp
-        lines = ["| method | MSE | relative error | utilization per layer | unique-SID rate "
-                 "| Gini per layer | SC | PD |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| method | MSE | relative error | head MSE | tail MSE | utilization per layer "
+                 "| unique-SID rate | Gini per layer | SC | PD |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for method in METHODS:
             cfg = load_config(args.config, [*args.overrides, "engine=local",
                                             f"output.root={root}", f"output.table={method}",

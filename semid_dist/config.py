@@ -21,7 +21,8 @@ import yaml
 from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
-Method = Literal["rq_kmeans", "rq_vae", "r3vae"]
+Method = Literal["rq_kmeans", "rq_vae", "r3vae", "acrq"]
+KMEANS_METHODS = ("rq_kmeans", "acrq")  # methods whose artifact is residual k-means codebooks
 PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
 Precision = Literal["fp32", "bf16"]
@@ -53,6 +54,9 @@ class QuantizerConfig:
     method: Method = "rq_kmeans"
     layers: tuple[int, ...] = (256, 256, 256)
     niter: int = 20
+    # acrq only: head (anchor) codebook size per layer, each below the layer's size and
+    # non-decreasing over the layers; unset: half the smallest layer's size, for every layer
+    anchor_layers: tuple[int, ...] | None = None
     # learned methods (rq_vae, r3vae) only:
     latent_dim: int = 32
     hidden_dims: tuple[int, ...] = (256, 128)
@@ -154,6 +158,14 @@ class BuildConfig:
         """Prefix depth at which SC / PD group items (default: min(2, L))."""
         depth = self.metrics.quality_depth
         return min(2, len(self.quantizer.layers)) if depth is None else depth
+
+    @property
+    def anchor_sizes(self) -> tuple[int, ...]:
+        """acrq: the anchor codebook size per layer (quantizer.anchor_layers or its default)."""
+        q = self.quantizer
+        if q.anchor_layers:
+            return tuple(q.anchor_layers)
+        return tuple(max(1, min(q.layers) // 2) for _ in q.layers)
 
 
 _RANGES: dict[str, tuple[float, float]] = {
@@ -293,12 +305,40 @@ def _check_consistency(cfg: BuildConfig) -> None:
             f"set it to at most {len(layers)} or leave it unset")
 
 
+def _check_acrq(cfg: BuildConfig) -> None:
+    q = cfg.quantizer
+    if q.method != "acrq":
+        if q.anchor_layers:
+            raise ConfigError(f"quantizer.anchor_layers is for quantizer.method=acrq, not "
+                              f"{q.method}; unset it")
+        return
+    anchors, layers = cfg.anchor_sizes, q.layers
+    if len(anchors) != len(layers):
+        raise ConfigError(f"quantizer.anchor_layers={list(anchors)} has {len(anchors)} sizes "
+                          f"but quantizer.layers has {len(layers)}; give one per layer")
+    for i, (a, k) in enumerate(zip(anchors, layers)):
+        if not 1 <= a < k:
+            raise ConfigError(f"quantizer.anchor_layers[{i}]: {a} must be in [1, {k - 1}] "
+                              f"(below quantizer.layers[{i}]={k}, leaving room for the tail's "
+                              "extension codewords)")
+    if any(b < a for a, b in zip(anchors, anchors[1:])):
+        raise ConfigError(f"quantizer.anchor_layers={list(anchors)} must not decrease over "
+                          "the layers (ACRQ's curriculum: coarse early layers, finer later)")
+    if not cfg.input.popularity_column:
+        raise ConfigError("quantizer.method=acrq splits the fit sample into head and tail "
+                          "items by popularity; set input.popularity_column")
+    if cfg.fit.warm_start != "none":
+        raise ConfigError("fit.warm_start=parent is not supported by quantizer.method=acrq; "
+                          "set fit.warm_start=none")
+
+
 def _check_learned(cfg: BuildConfig) -> None:
     q = cfg.quantizer
     for i, h in enumerate(q.hidden_dims):
         if not 1 <= h <= 65_536:
             raise ConfigError(f"quantizer.hidden_dims[{i}]: {h} is out of range [1, 65536]")
-    if q.method == "rq_kmeans":
+    _check_acrq(cfg)
+    if q.method in KMEANS_METHODS:
         return
     if cfg.encode.precision != "fp32":
         raise ConfigError(f"encode.precision={cfg.encode.precision} is supported by "

@@ -3,8 +3,9 @@ point with SIGKILL (no cleanup, no exception handlers), as a killed driver or wo
 
 Points: `fit` (after the fit, before any codebook is written), `train_worker` (a Ray
 Train worker dies once after fitting its second layer, before checkpointing it), `encode`
-(after the first shard is encoded), `reduce` (after the merge, before any data part is
-written), `commit` (after every file is written, before the manifest), `latest` (after the
+(after the first shard is encoded), `reduce` (after the merge, before any data part of the
+catalog's shards is written; an incremental run has rewritten the parent's parts it carries
+by then), `commit` (after every file is written, before the manifest), `latest` (after the
 manifest, before `_latest` moves), `encode_worker` (a Ray Data / Spark encode worker dies
 once on its first shard). For the `*_worker` points `SEMID_FAULT_MARKER` names the file
 that records that a worker already died.

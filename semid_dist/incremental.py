@@ -25,7 +25,8 @@ from semid_dist.codes.collisions import assign_suffixes, colliding_keys, free_su
 from semid_dist.codes.metrics import final_sid_counts
 from semid_dist.codes.partials import Partial, subtract_rows
 from semid_dist.codes.pruning import PruneDecision
-from semid_dist.errors import InputError, StoreError
+from semid_dist.config import BuildConfig
+from semid_dist.errors import ConfigError, InputError, StoreError
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.stages import (
@@ -62,20 +63,40 @@ class Carried:
     replaced: int  # parent rows dropped for re-encoded items
     referenced: int  # parent parts referenced as they are
     max_suffix: int  # largest suffix among the carried rows
+    inherited_estimates: bool  # the parent's figures were already partly estimated
 
     def figures(self) -> dict[str, Any]:
+        estimated = self.replaced > 0 or self.inherited_estimates
         return {"parent": self.parent, "carried": self.rows, "replaced": self.replaced,
                 "parts_referenced": self.referenced,
                 "parts_rewritten": len(self.entries) - self.referenced,
-                # figures whose dropped-row share is an estimate (see subtract_rows)
-                "estimated": (["reconstruction.relative_error",
-                               "reconstruction.residual_norm_by_layer[:-1]",
-                               "reconstruction.residual_sq_norm_by_layer[:-1]", "quality"]
-                              if self.replaced else [])}
+                # figures that count replaced rows (here or in an ancestor) by their group's
+                # mean (see subtract_rows)
+                "estimated": ESTIMATED if estimated else []}
+
+
+ESTIMATED = ["reconstruction.relative_error", "reconstruction.residual_norm_by_layer[:-1]",
+             "reconstruction.residual_sq_norm_by_layer[:-1]", "quality"]
+
+
+def _check_parent(store: TableStore, parent: str, ctx: JobContext, cfg: BuildConfig,
+                  decision: PruneDecision, log: Log) -> bool:
+    """The parent's statistics must be of the same prefix depth as this version's; its
+    pruning is kept whatever this config says. -> whether its figures hold estimates."""
+    metrics = store.read_json(parent, "metrics.json")
+    depth = metrics["quality"]["depth"]
+    if depth != ctx.quality_depth:
+        raise ConfigError(f"metrics.quality_depth is {ctx.quality_depth} but version {parent} "
+                          f"was built with {depth}; an incremental version extends its "
+                          f"statistics, so set metrics.quality_depth={depth}")
+    if (cfg.prune.strategy, cfg.prune.layer) != (decision.strategy, decision.layer):
+        log(f"incremental: prune.* of this config is not applied: carried and new items are "
+            f"pruned by version {parent}'s decision ({decision.strategy}), so their SIDs agree")
+    return bool((metrics.get("incremental") or {}).get("estimated"))
 
 
 def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, parent: str,
-                 log: Log) -> Carried:
+                 cfg: BuildConfig, log: Log) -> Carried:
     """Split the parent's data parts into referenced and rewritten ones (dropping the rows of
     items this version encoded) and derive the carried rows' statistics."""
     names = {e["path"] for e in store.manifest(parent)["files"]}
@@ -89,6 +110,7 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
     if tuple(decision.sizes) != tuple(ctx.sizes):
         raise StoreError(f"version {parent} prunes layers {list(decision.sizes)}, not "
                          f"{list(ctx.sizes)}")
+    inherited = _check_parent(store, parent, ctx, cfg, decision, log)
     new_ids = pa.concat_arrays(engine.map(staged_ids, [(ctx, s) for s in plan.shards]))
     parts = [FileEntry(**{**e, "version": e.get("version") or parent})
              for e in store.manifest(parent)["files"] if e["path"].startswith("data/")]
@@ -104,13 +126,14 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
              else np.zeros((0, len(ctx.sizes)), np.int32))
     qerr = np.concatenate([r["qerr"] for r in dropped]) if dropped else np.zeros(0, np.float32)
     kept = subtract_rows(partial, codes, qerr, ctx.sizes, ctx.quality_depth)
-    entries = [r["entry"] for r in results]
-    referenced = sum(1 for r in results if r["entry"].version is not None)
+    entries = [r["entry"] for r in results if r["entry"] is not None]  # None: all replaced
+    referenced = sum(1 for e in entries if e.version is not None)
     out = Carried(parent=parent, entries=entries, partial=kept, decision=decision,
                   rows=sum(e.rows for e in entries), replaced=len(qerr), referenced=referenced,
-                  max_suffix=max((r["max_suffix"] for r in results), default=-1))
+                  max_suffix=max((r["max_suffix"] for r in results), default=-1),
+                  inherited_estimates=inherited)
     log(f"incremental: {out.rows} rows of version {parent} carried ({referenced} of "
-        f"{len(parts)} parts referenced, {len(parts) - referenced} rewritten), "
+        f"{len(parts)} parts referenced, {len(entries) - referenced} rewritten), "
         f"{out.replaced} replaced by re-encoded items")
     return out
 

@@ -38,6 +38,7 @@ from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
+from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
 from semid_dist.quantize.residual import check_warm_start, init_subset
@@ -180,17 +181,37 @@ def _check_duplicates(ctx: JobContext, plan: CatalogPlan, id_arrays: list[pa.Arr
     return replace(ctx, duplicate_ids=dups)
 
 
-def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, log: Log) -> np.ndarray:
+def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+            log: Log) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fit sample (n, d) float32 and its popularity (n,) (None without the column)."""
     picks = choose_sample(plan, cfg.fit.sample_size, cfg.seed)
     parts = engine.map(sample_rows, [(ctx, plan.shards[i], rows) for i, rows in picks.items()])
-    sample = np.concatenate(parts) if parts else np.zeros((0, ctx.dim), np.float32)
+    sample = (np.concatenate([x for x, _ in parts]) if parts
+              else np.zeros((0, ctx.dim), np.float32))
+    popularity = (np.concatenate([p for _, p in parts])
+                  if parts and parts[0][1] is not None else None)
     k_max = max(cfg.quantizer.layers)
     if len(sample) < k_max:
         raise InputError(f"the fit sample holds {len(sample)} valid rows, fewer than the largest "
                          f"codebook ({k_max}); use smaller quantizer.layers or a larger catalog "
                          "/ fit.sample_size")
     log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
-    return sample
+    return sample, popularity
+
+
+def _acrq_split(sample: np.ndarray, popularity: np.ndarray | None, ctx: JobContext,
+                cfg: BuildConfig, log: Log) -> AcrqSample | None:
+    """quantizer.method=acrq: the sample's head (popularity >= the scan's head threshold)
+    and tail, with each stage's seeding points; None for other methods."""
+    if cfg.quantizer.method != "acrq":
+        return None
+    if popularity is None or ctx.head_threshold is None:
+        raise ConfigError("quantizer.method=acrq needs input.popularity_column")
+    head = popularity >= ctx.head_threshold
+    log(f"fit: acrq head = {int(head.sum())} sample rows (popularity >= "
+        f"{ctx.head_threshold:g}), tail = {int((~head).sum())}; anchors "
+        f"{list(cfg.anchor_sizes)} of {list(cfg.quantizer.layers)}")
+    return split_sample(sample, head, cfg.quantizer.layers, cfg.anchor_sizes, seed=cfg.seed)
 
 
 def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
@@ -221,13 +242,16 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
     resumed = _resumed_codebooks(store, vid, log)
     if resumed is not None:
         return resumed
-    sample = _sample(engine, ctx, plan, cfg, log)
+    sample, popularity = _sample(engine, ctx, plan, cfg, log)
     seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
     warm = _warm_start(store, parent, cfg, ctx.dim, log)
+    acrq = _acrq_split(sample, popularity, ctx, cfg, log)
     fitted, fit_stats = engine.fit(sample, seeds, cfg, log,
-                                   f"{store.version_url(vid)}/{STAGING}", init_centroids=warm)
+                                   f"{store.version_url(vid)}/{STAGING}", init_centroids=warm,
+                                   acrq=acrq)
     maybe_die("fit")
     meta = {"method": cfg.quantizer.method, "layers": list(cfg.quantizer.layers),
+            **({"anchor_layers": list(cfg.anchor_sizes)} if acrq is not None else {}),
             "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats,
             "warm_start": parent if warm is not None else None}
     files = [store.write_file(vid, f"codebooks/{n}", b)
@@ -367,8 +391,10 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
-    parent = (store.resolve(cfg.encode.from_version) if cfg.encode.incremental
-              else store.latest())
+    if cfg.encode.from_version:  # resolved once: codebooks, parent and run key agree
+        cfg = replace(cfg, encode=replace(cfg.encode,
+                                          from_version=store.resolve(cfg.encode.from_version)))
+    parent = cfg.encode.from_version if cfg.encode.incremental else store.latest()
     timings: dict[str, float] = {}
     with make_engine(cfg, log=log) as engine:
         plan = plan_catalog(engine.resolve_input(cfg.input.path),
@@ -405,7 +431,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         t = time.monotonic()
         carried, max_suffix = None, None
         if cfg.encode.incremental:
-            carried = carry_parent(engine, ctx, plan, store, parent, log)
+            carried = carry_parent(engine, ctx, plan, store, parent, cfg, log)
             partials = {"all": merge(carried.partial, partials["all"])}
             counts = incremental_rows(counts, carried)
         merged_parts, decision, moves, metrics = reduce_partials(

@@ -138,11 +138,13 @@ def first_copy_rejects(id_arrays: list[pa.Array], shards: Sequence[Shard],
     return out
 
 
-def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray) -> np.ndarray:
-    """Valid embeddings (m, d) float32 at `local_rows` (indices inside the shard)."""
+def sample_rows(ctx: JobContext, shard: Shard,
+                local_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Valid embeddings (m, d) float32 at `local_rows` (indices inside the shard), and their
+    popularity (m,) (None without a popularity column)."""
     batch = _validated(ctx, shard)
     wanted = np.isin(batch.rows - shard.row_offset, local_rows)
-    return batch.x[wanted]
+    return batch.x[wanted], None if batch.popularity is None else batch.popularity[wanted]
 
 
 def load_quantizer(ctx: JobContext) -> Quantizer:
@@ -374,8 +376,9 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
     """A parent data part in an incremental version. `entry.version` names the version
     holding it; replaced: the ids this version encodes anew. A part holding none of them is
     referenced as it is; otherwise its other rows are written as a new part of this version.
-    -> {"entry": the part's entry in this version, "codes"/"qerr": the dropped rows' stored
-    codes and qerr, "max_suffix": the largest suffix of the rows kept (-1: none)}."""
+    -> {"entry": the part's entry in this version (None when every row is replaced),
+    "codes"/"qerr": the dropped rows' stored codes and qerr, "max_suffix": the largest suffix
+    of the rows kept (-1: none)}."""
     store = ctx.store()
     path = store.entry_path(ctx.version_id, entry)
     ids = fsio.read_parquet(store.fs, path, columns=["item_id"]).column(0).combine_chunks()
@@ -388,8 +391,9 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
                 "max_suffix": int(pc.max(suffix).as_py() if len(suffix) else -1)}
     t = fsio.read_parquet(store.fs, path)
     kept, dropped = t.filter(pa.array(~gone)), t.filter(pa.array(gone))
-    out = store.write_table(ctx.version_id,
-                            f"data/part-{ctx.version_id}-carried-{index:06d}.parquet", kept)
+    out = (store.write_table(ctx.version_id,
+                             f"data/part-{ctx.version_id}-carried-{index:06d}.parquet", kept)
+           if kept.num_rows else None)
     suffix = kept.column("suffix")
     return {"entry": out, "codes": _matrix(dropped.column("codes"), width, np.int32),
             "qerr": dropped.column("qerr").to_numpy().astype(np.float32),

@@ -12,7 +12,7 @@ import pytest
 
 from semid_dist.cli import main
 from semid_dist.errors import ConfigError, InputError, StoreError
-from semid_dist.io.store import TableStore
+from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.pipeline import build
 from tests.conftest import INC_CHANGED, INC_N, INC_NEW, clustered, small_config, write_catalog
 
@@ -48,6 +48,8 @@ def test_incremental_version_carries_references_and_matches_a_full_encode(catalo
     root, store, first, child = parent_and_child(catalogs, tmp_path)
     m = store.manifest(child.version_id)
     assert m["parent"] == first.version_id
+    # "latest" is resolved once: the codebooks, the parent and the run key name one version
+    assert m["config"]["encode"]["from_version"] == first.version_id
     assert m["rows"] == {"input": NEW + CHANGED, "encoded": NEW + CHANGED, "rejected": 0,
                          "carried": N - CHANGED, "replaced": CHANGED}
     # unchanged parent parts are referenced, not copied; the part with changed items is
@@ -110,10 +112,28 @@ def test_incremental_chain_and_gc_keep_referenced_parts(catalogs, tmp_path):
         by_id(store.read_data(child.version_id)).column("codes"))
     refs = {e.get("version") for e in store.manifest(grand.version_id)["files"]}
     assert first.version_id in refs
+    # a version that replaces nothing still says its figures hold its ancestors' estimates
+    extra = write_catalog(tmp_path / "extra", clustered(30, 12, seed=6),
+                          ids=np.arange(50_000, 50_030))
+    last = build(small_config(extra, root, encode__from_version="latest",
+                              encode__incremental=True), log=quiet)
+    assert last.metrics["incremental"]["replaced"] == 0
+    assert last.metrics["incremental"]["estimated"]
     # gc keeping only the newest version keeps the versions whose parts it reads
     out = store.gc(keep=1, min_age_hours=0)
-    assert first.version_id in out["kept"] and grand.version_id in out["kept"]
-    assert store.read_data(grand.version_id).num_rows == N + NEW
+    # (the child stays too: its rewritten copy of a parent part is carried on)
+    assert {first.version_id, child.version_id, grand.version_id,
+            last.version_id} <= set(out["kept"])
+    # parts whose every row was replaced are dropped, not carried on as empty files
+    assert all(e["rows"] > 0 for e in store.manifest(grand.version_id)["files"]
+               if e["path"].startswith("data/"))
+    assert store.read_data(last.version_id).num_rows == N + NEW + 30
+    # a commit naming files of a version gc removed is refused
+    entry = FileEntry("data/part-x.parquet", 0, 0, "0" * 64, version=child.version_id)
+    store._delete_version(child.version_id, committed=True)
+    with pytest.raises(StoreError, match=f"version {child.version_id}, which is no longer"):
+        store.commit("20991231T000000000000Z-abcdef",
+                     {"rows": {"input": 0, "encoded": 0, "rejected": 0}}, [entry])
 
 
 def test_incremental_capacity_keeps_carried_sids(catalogs, tmp_path):
@@ -137,12 +157,10 @@ def test_incremental_capacity_keeps_carried_sids(catalogs, tmp_path):
     sids = [tuple(s) for s in t.column("sid").to_pylist()]
     count = Counter(sids)
     with_new = {s for s, c in zip(sids, carried) if not c}
-    checked = 0
+    last = 8  # quantizer.layers[-1] of small_config
     for sid, n in count.items():
         if n > cap and sid in with_new:
-            checked += 1
-            assert all(count.get(sid[:-1] + (j,), 0) >= cap for j in range(8)), sid
-    assert checked < len(with_new)
+            assert all(count.get(sid[:-1] + (j,), 0) >= cap for j in range(last)), sid
 
 
 def test_incremental_errors(catalogs, tmp_path, capsys):
@@ -155,6 +173,9 @@ def test_incremental_errors(catalogs, tmp_path, capsys):
     with pytest.raises(InputError, match="item ids are string but version .* holds int64"):
         build(small_config(strings, root, encode__from_version="latest",
                            encode__incremental=True), log=quiet)
+    with pytest.raises(ConfigError, match="set metrics.quality_depth=2"):
+        build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                           encode__incremental=True, metrics__quality_depth=1), log=quiet)
     # a parent built before stats/ existed cannot be extended: a clear error, no commit
     store = TableStore(root, "sids")
     latest = store.latest()

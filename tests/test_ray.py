@@ -11,6 +11,7 @@ from semid_dist.engines.ray_train import fit_on_ray_train
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
+from semid_dist.quantize.acrq import fit_acrq, split_sample
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import clustered, small_config
 
@@ -110,3 +111,32 @@ def test_train_worker_failure_resumes_from_last_layer_checkpoint(ray_session, tm
         assert np.array_equal(a, b)
     assert [s["layer"] for s in stats] == [0, 1, 2]
     assert stats[0].get("from_checkpoint") and not stats[1].get("from_checkpoint")
+
+
+def test_acrq_on_ray_train_matches_local_and_resumes(ray_session, tmp_path, monkeypatch):
+    """ACRQ on 2 Ray Train workers: the codebooks of the local fit (up to summation order),
+    anchors frozen; a worker killed mid-fit resumes from the last of the 2L step checkpoints
+    and ends with exactly the uninterrupted codebooks."""
+    x = clustered(2400, 8, seed=13)
+    head = np.random.default_rng(1).random(len(x)) < 0.5
+    layers, anchors = [16, 8, 8], [4, 6, 6]
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__method="acrq",
+                       quantizer__layers=layers, quantizer__anchor_layers=anchors,
+                       input__popularity_column="popularity", fit__num_workers=2,
+                       fit__cpus_per_worker=0.5, fit__max_failures=2)
+    split = split_sample(x, head, layers, anchors, seed=cfg.seed)
+    local, _ = fit_acrq(x, head, layers, anchors, split, niter=cfg.quantizer.niter,
+                        seed=cfg.seed)
+    seeds = init_subset(x, 16, seed=0)
+    clean, stats = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/clean", acrq=split)
+    for a, b in zip(local, clean):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert [s["anchors"] for s in stats] == anchors
+    marker = tmp_path / "worker-died"
+    monkeypatch.setenv("SEMID_FAULT", "train_worker")
+    monkeypatch.setenv("SEMID_FAULT_MARKER", str(marker))
+    resumed, _ = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/resumed",
+                                  acrq=split)
+    assert marker.exists()
+    for a, b in zip(clean, resumed):
+        assert np.array_equal(a, b)

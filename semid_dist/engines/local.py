@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import BuildConfig
+from semid_dist.config import KMEANS_METHODS, BuildConfig
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard
+from semid_dist.quantize.acrq import AcrqSample, fit_acrq
 from semid_dist.quantize.model import Fitted, fit_learned, learned_params
 from semid_dist.quantize.residual import fit_residual_kmeans
 from semid_dist.quantize.rqvae import LearnedParams
@@ -60,12 +61,16 @@ class LocalEngine:
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,
-            init_centroids: list[np.ndarray] | None = None,
+            init_centroids: list[np.ndarray] | None = None, acrq: AcrqSample | None = None,
             ) -> tuple[Fitted, list[dict[str, Any]]]:
         """sample: (n, d) float32; init_centroids: warm start, one (k_l, d) per layer
-        (rq_kmeans only). Returns (rq_kmeans codebooks or a learned module, stats)."""
+        (rq_kmeans only); acrq: the sample's head / tail split (quantizer.method=acrq).
+        Returns (rq_kmeans / acrq codebooks or a learned module, stats)."""
         q = cfg.quantizer
-        if q.method != "rq_kmeans":
+        if q.method == "acrq":
+            return fit_acrq(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq, niter=q.niter,
+                            seed=cfg.seed, chunk_rows=cfg.encode.chunk_rows, progress=log)
+        if q.method not in KMEANS_METHODS:
             return fit_learned(q.method, sample, init_points, q.layers, learned_config(cfg),
                                progress=log)
         return fit_residual_kmeans(sample, q.layers, niter=q.niter, seed=cfg.seed,

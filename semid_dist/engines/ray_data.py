@@ -109,9 +109,9 @@ class RayEngine:
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,
-            init_centroids: list[np.ndarray] | None = None,
+            init_centroids: list[np.ndarray] | None = None, acrq: Any = None,
             ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         from semid_dist.engines.ray_train import fit_on_ray_train
 
         return fit_on_ray_train(sample, init_points, cfg, log, staging_url,
-                                init_centroids=init_centroids)
+                                init_centroids=init_centroids, acrq=acrq)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import BuildConfig
+from semid_dist.config import KMEANS_METHODS, BuildConfig
 from semid_dist.faults import ENV as FAULT_ENV
 from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
@@ -34,6 +34,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from semid_dist.quantize.acrq import fit_acrq
     from semid_dist.quantize.residual import fit_residual_kmeans
 
     ctx = ray.train.get_context()
@@ -69,11 +70,18 @@ def _train_loop(config: dict[str, Any]) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu().numpy()
 
-    codebooks, stats = fit_residual_kmeans(
-        sample[rank::world], config["layers"], niter=config["niter"], seed=config["seed"],
-        init_points=init_points, init_centroids=init_centroids,
-        all_reduce=all_reduce if world > 1 else None,
-        chunk_rows=config["chunk_rows"], device=device, fitted=fitted, on_layer=checkpoint)
+    acrq = ray.get(config["acrq"])  # AcrqSample for quantizer.method=acrq, else None
+    common = {"niter": config["niter"], "seed": config["seed"],
+              "all_reduce": all_reduce if world > 1 else None,
+              "chunk_rows": config["chunk_rows"], "device": device, "fitted": fitted,
+              "on_layer": checkpoint}
+    if acrq is not None:
+        codebooks, stats = fit_acrq(sample[rank::world], acrq.head[rank::world],
+                                    config["layers"], config["anchors"], acrq, **common)
+    else:
+        codebooks, stats = fit_residual_kmeans(
+            sample[rank::world], config["layers"], init_points=init_points,
+            init_centroids=init_centroids, **common)
     if rank == 0:
         buf = io.BytesIO()
         np.savez(buf, **{f"layer_{i}": cb for i, cb in enumerate(codebooks)})
@@ -157,12 +165,14 @@ def _learned_loop(config: dict[str, Any]) -> None:
 
 def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
                      log: Callable[[str], None], staging_url: str, *,
-                     init_centroids: list[np.ndarray] | None = None,
+                     init_centroids: list[np.ndarray] | None = None, acrq: Any = None,
                      ) -> tuple[Any, list[dict[str, Any]]]:
     """sample: (n, d) float32 -> (codebooks, per-layer stats) fitted by fit.num_workers;
     for quantizer.method rq_vae / r3vae the first item is the trained module (DDP fit).
     init_centroids: warm start, one (k_l, d) float32 array per layer (every worker starts
-    Lloyd from them instead of k-means++)."""
+    Lloyd from them instead of k-means++). acrq: the sample's head / tail split
+    (`semid_dist.quantize.acrq.AcrqSample`) for quantizer.method=acrq; every worker takes
+    its stride of both, and checkpoints count the 2L layers of the two stages."""
     import json
 
     import ray
@@ -170,11 +180,12 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     from ray.train.torch import TorchTrainer
 
     fit = cfg.fit
-    learned = cfg.quantizer.method != "rq_kmeans"
+    learned = cfg.quantizer.method not in KMEANS_METHODS
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
     loop_config = {
         "sample": ray.put(sample), "init_points": ray.put(init_points),
-        "init_centroids": ray.put(init_centroids),
+        "init_centroids": ray.put(init_centroids), "acrq": ray.put(acrq),
+        "anchors": list(cfg.anchor_sizes),
         "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
         "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
         "out": out,

@@ -252,6 +252,7 @@ class TableStore:
             raise StoreError(f"refusing to commit {version_id}: files hold {data_rows} data "
                              f"and {reject_rows} reject rows, expected {table_rows(rows)} and "
                              f"{rows['rejected']}")
+        self._check_references(version_id, files)
         body = dict(manifest, version_id=version_id, files=[f.as_json() for f in files])
         self.write_file(version_id, MANIFEST, json.dumps(body, indent=2).encode())
         maybe_die("latest")
@@ -260,6 +261,18 @@ class TableStore:
         except StoreError as exc:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
                              f"{exc}") from None
+
+    def _check_references(self, version_id: str, files: list[FileEntry]) -> None:
+        """Files of other versions must still be there (a `gc` may have run meanwhile)."""
+        for ref in sorted({f.version for f in files if f.version}):
+            if not self.fs.exists(fsio.join(self.version_dir(ref), MANIFEST)):
+                raise StoreError(f"refusing to commit {version_id}: it references files of "
+                                 f"version {ref}, which is no longer committed (removed by "
+                                 "`semid versions gc`?); re-run the build from a kept version")
+        for f in files:
+            if f.version and not self.fs.exists(self.entry_path(version_id, f)):
+                raise StoreError(f"refusing to commit {version_id}: {f.path} of version "
+                                 f"{f.version} is missing; re-run the build from a kept version")
 
     # -- `_latest`: compare-and-swap under a lock ---------------------------------------
 

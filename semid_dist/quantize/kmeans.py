@@ -36,22 +36,29 @@ def lloyd_stats(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
     return sums, counts, float(dists.astype(np.float64).sum())
 
 
-def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int) -> np.ndarray:
-    """k-means++ seeding (D^2 sampling). x: (n, d) float32 with n >= k -> (k, d) float32."""
+def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int,
+                    start: np.ndarray | None = None) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling). x: (n, d) float32 with n >= k -> (k, d) float32.
+    start: centres already chosen (e.g. frozen anchors): the k new ones are drawn by their
+    squared distance to the nearest centre so far, starting with these."""
     n = len(x)
     if n < k:
         raise ValueError(f"k-means++ needs at least k={k} points, got {n}")
     rng = np.random.default_rng(seed)
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     x_sq = (x32.astype(np.float64) ** 2).sum(axis=1)
-    chosen = np.empty(k, dtype=np.int64)
-    chosen[0] = rng.integers(n)
+    chosen = np.full(k, -1, dtype=np.int64)
 
     def d2(i: int) -> np.ndarray:
         return np.maximum(x_sq + x_sq[i] - 2.0 * (x32 @ x32[i]).astype(np.float64), 0.0)
 
-    min_d2 = d2(int(chosen[0]))
-    for j in range(1, k):
+    if start is None or len(start) == 0:
+        chosen[0] = rng.integers(n)
+        min_d2, first = d2(int(chosen[0])), 1
+    else:
+        min_d2, first = nearest(x32, np.ascontiguousarray(start, np.float32))[1], 0
+        min_d2 = np.maximum(min_d2.astype(np.float64), 0.0)
+    for j in range(first, k):
         total = min_d2.sum()
         if total <= 0.0:  # fewer distinct points than k: take unchosen points in order
             pick = int(np.flatnonzero(~np.isin(np.arange(n), chosen[:j]))[0])
@@ -83,7 +90,8 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
            init_points: np.ndarray | None = None, init_centroids: np.ndarray | None = None,
            all_reduce: AllReduce | None = None, chunk_rows: int = 8192,
-           device: str = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+           device: str = "cpu", frozen: np.ndarray | None = None,
+           ) -> tuple[np.ndarray, dict[str, Any]]:
     """Lloyd k-means with k-means++ init, or a warm start from given centroids.
 
     x: (n_local, d) float32, this worker's shard. init_points: points every worker holds
@@ -93,9 +101,22 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
     all_reduce: sums an array over workers. Returns (centroids (k, d) float32, stats) where
     stats["iterations"] holds per-iteration mean squared distance and empty-cluster splits
     and stats["init"] is "kmeans++" or "warm".
+
+    frozen: (a, d) float32 centroids that stay exactly as given (ACRQ anchors): they are the
+    first a of the k centroids; points are assigned over all k, and only the k - a others
+    are updated (k-means++ continues from the frozen ones; empty ones are re-split among
+    themselves). stats["init"] is then "anchored".
     """
     reduce = all_reduce or _identity
-    if init_centroids is not None:
+    a = 0 if frozen is None else len(frozen)
+    if frozen is not None:
+        if not 0 < a < k or frozen.shape[1] != x.shape[1]:
+            raise ValueError(f"frozen has shape {frozen.shape}, expected (a, {x.shape[1]}) "
+                             f"with 0 < a < k={k}")
+        seeds = x if init_points is None else init_points
+        centroids = np.concatenate([frozen, kmeans_plusplus(seeds, k - a, seed=seed,
+                                                            start=frozen)]).astype(np.float64)
+    elif init_centroids is not None:
         if init_centroids.shape != (k, x.shape[1]):
             raise ValueError(f"init_centroids has shape {init_centroids.shape}, expected "
                              f"({k}, {x.shape[1]})")
@@ -113,11 +134,13 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
         counts = packed[k * x.shape[1]: -2].copy()
         inertia, n_total = packed[-2], packed[-1]
         nonempty = counts > 0
+        nonempty[:a] = False
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
-        n_split = _split_empty(centroids, counts, rng)
+        n_split = _split_empty(centroids[a:], counts[a:], rng)
         history.append({"iteration": it, "mse": float(inertia / max(n_total, 1)),
                         "empty_split": n_split})
     stats = {"k": k, "n": int(n_total), "iterations": history,
-             "init": "kmeans++" if init_centroids is None else "warm",
+             "init": ("anchored" if frozen is not None else
+                      "kmeans++" if init_centroids is None else "warm"),
              "final_mse": history[-1]["mse"] if history else None}
     return centroids.astype(np.float32), stats

@@ -43,12 +43,12 @@ class Quantizer(Protocol):
 
 
 class KMeansQuantizer:
-    """rq_kmeans: greedy residual encode over L codebooks (k_l, d) float32."""
+    """rq_kmeans (and acrq, whose fit yields the same kind of codebooks): greedy residual
+    encode over L codebooks (k_l, d) float32."""
 
-    method = "rq_kmeans"
-
-    def __init__(self, codebooks: list[np.ndarray]) -> None:
+    def __init__(self, codebooks: list[np.ndarray], method: str = "rq_kmeans") -> None:
         self.codebooks = codebooks
+        self.method = method
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -126,7 +126,7 @@ def load_quantizer(files: dict[str, bytes], *, where: str = "artifact") -> Quant
     codebooks, tensors, meta = load_artifact_tensors(files, where=where)
     model_meta = meta.get("model")
     if model_meta is None:
-        return KMeansQuantizer(codebooks)
+        return KMeansQuantizer(codebooks, method=meta.get("method", "rq_kmeans"))
     try:
         cls = LEARNED[model_meta["method"]]
         module = cls(int(model_meta["input_dim"]), [int(k) for k in model_meta["layers"]],

@@ -22,6 +22,7 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
                         device: str = "cpu", progress: Progress | None = None,
                         fitted: list[tuple[np.ndarray, dict[str, Any]]] | None = None,
                         on_layer: OnLayer | None = None,
+                        anchors: list[np.ndarray] | None = None,
                         ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """Fit one codebook per layer on the residuals.
 
@@ -32,8 +33,9 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
     start from it instead of k-means++. Layer sizes may differ. fitted: (codebook, stats) of
     the first layers, already fitted by an interrupted run (a checkpoint): they are applied,
     not refitted, and the result equals an uninterrupted fit. on_layer(layer, codebooks so
-    far, stats so far) runs after each layer (to checkpoint). Returns (codebooks: L arrays
-    (k_l, d) float32, per-layer k-means stats).
+    far, stats so far) runs after each layer (to checkpoint). anchors: one (a_l, d) array
+    per layer, a_l < k_l, kept frozen as the first a_l centroids of the layer (ACRQ stage
+    2, see `kmeans`). Returns (codebooks: L arrays (k_l, d) float32, per-layer k-means stats).
     """
     if init_centroids is not None and len(init_centroids) != len(layers):
         raise ValueError(f"init_centroids holds {len(init_centroids)} layers, expected "
@@ -51,7 +53,8 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
         else:
             cb, st = kmeans(residual, k, niter=niter, seed=seed + 1000 * layer,
                             init_points=seeds, init_centroids=warm, all_reduce=all_reduce,
-                            chunk_rows=chunk_rows, device=device)
+                            chunk_rows=chunk_rows, device=device,
+                            frozen=None if anchors is None else anchors[layer])
             st = {"layer": layer, **st}
         labels, _ = nearest(residual, cb, chunk_rows=chunk_rows, device=device)
         residual -= cb[labels]
