@@ -1,4 +1,4 @@
-"""Compare rq_kmeans, rq_vae, r3vae and acrq on one catalog at equal layer sizes (Markdown).
+"""Compare rq_kmeans, rq_vae, r3vae and acrq (both bases) at equal layer sizes (Markdown).
 
 Each method runs a full local build (fit -> encode -> reduce -> commit) into --root (default:
 a temporary directory) and the table is read from the committed metrics:
@@ -15,7 +15,10 @@ import tempfile
 from semid_dist.config import load_config
 from semid_dist.pipeline import build, make_logger
 
-METHODS = ("rq_kmeans", "rq_vae", "r3vae", "acrq")
+# (row label, overrides): acrq on residual k-means and on rq_vae
+METHODS = (("rq_kmeans", ["quantizer.method=rq_kmeans"]), ("rq_vae", ["quantizer.method=rq_vae"]),
+           ("r3vae", ["quantizer.method=r3vae"]), ("acrq", ["quantizer.method=acrq"]),
+           ("acrq_rq_vae", ["quantizer.method=acrq", "quantizer.acrq_base=rq_vae"]))
 
 
 def _num(v: float | None) -> str:
@@ -39,7 +42,7 @@ def row(method: str, m: dict) -> str:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--root", help="output root of the three builds (default: a temp dir)")
+    ap.add_argument("--root", help="output root of the builds (default: a temp dir)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     log = make_logger("compare")
@@ -48,12 +51,12 @@ def main(argv: list[str]) -> int:
         lines = ["| method | MSE | relative error | head MSE | tail MSE | utilization per layer "
                  "| unique-SID rate | Gini per layer | SC | PD |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for method in METHODS:
+        for label, method in METHODS:
             cfg = load_config(args.config, [*args.overrides, "engine=local",
-                                            f"output.root={root}", f"output.table={method}",
-                                            f"quantizer.method={method}"])
-            log(f"{method}: layers {list(cfg.quantizer.layers)}")
-            lines.append(row(method, build(cfg, log=log).metrics))
+                                            f"output.root={root}", f"output.table={label}",
+                                            *method])
+            log(f"{label}: layers {list(cfg.quantizer.layers)}")
+            lines.append(row(label, build(cfg, log=log).metrics))
     print("\n".join(lines))
     return 0
 

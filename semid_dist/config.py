@@ -22,7 +22,7 @@ from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
 Method = Literal["rq_kmeans", "rq_vae", "r3vae", "acrq"]
-KMEANS_METHODS = ("rq_kmeans", "acrq")  # methods whose artifact is residual k-means codebooks
+AcrqBase = Literal["rq_kmeans", "rq_vae"]
 PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
 Precision = Literal["fp32", "bf16"]
@@ -57,6 +57,7 @@ class QuantizerConfig:
     # acrq only: head (anchor) codebook size per layer, each below the layer's size and
     # non-decreasing over the layers; unset: half the smallest layer's size, for every layer
     anchor_layers: tuple[int, ...] | None = None
+    acrq_base: AcrqBase = "rq_kmeans"  # acrq: residual k-means, or rq_vae (gradient masking)
     # learned methods (rq_vae, r3vae) only:
     latent_dim: int = 32
     hidden_dims: tuple[int, ...] = (256, 128)
@@ -78,6 +79,7 @@ class FitConfig:
     cpus_per_worker: float = 0.5
     max_failures: int = 2  # Ray Train: worker-group restarts, resuming from the last layer
     warm_start: WarmStart = "none"  # parent: start Lloyd from the parent version's codebooks
+    precision: Precision = "fp32"  # learned methods: bf16 = forward pass under bf16 autocast
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,14 @@ class BuildConfig:
         """Prefix depth at which SC / PD group items (default: min(2, L))."""
         depth = self.metrics.quality_depth
         return min(2, len(self.quantizer.layers)) if depth is None else depth
+
+    @property
+    def learned(self) -> bool:
+        """Whether the fit trains a model (rq_vae, r3vae, acrq on rq_vae) rather than
+        residual k-means codebooks (rq_kmeans, acrq on rq_kmeans)."""
+        q = self.quantizer
+        return q.method in ("rq_vae", "r3vae") or (q.method == "acrq" and
+                                                   q.acrq_base == "rq_vae")
 
     @property
     def anchor_sizes(self) -> tuple[int, ...]:
@@ -308,9 +318,9 @@ def _check_consistency(cfg: BuildConfig) -> None:
 def _check_acrq(cfg: BuildConfig) -> None:
     q = cfg.quantizer
     if q.method != "acrq":
-        if q.anchor_layers:
-            raise ConfigError(f"quantizer.anchor_layers is for quantizer.method=acrq, not "
-                              f"{q.method}; unset it")
+        if q.anchor_layers or q.acrq_base != "rq_kmeans":
+            raise ConfigError(f"quantizer.anchor_layers / acrq_base are for "
+                              f"quantizer.method=acrq, not {q.method}; unset them")
         return
     anchors, layers = cfg.anchor_sizes, q.layers
     if len(anchors) != len(layers):
@@ -338,7 +348,11 @@ def _check_learned(cfg: BuildConfig) -> None:
         if not 1 <= h <= 65_536:
             raise ConfigError(f"quantizer.hidden_dims[{i}]: {h} is out of range [1, 65536]")
     _check_acrq(cfg)
-    if q.method in KMEANS_METHODS:
+    if not cfg.learned:
+        if cfg.fit.precision != "fp32":
+            raise ConfigError(f"fit.precision={cfg.fit.precision} is for the learned "
+                              f"quantizers (rq_vae, r3vae, acrq with quantizer.acrq_base="
+                              f"rq_vae), not {q.method}; set fit.precision=fp32")
         return
     if cfg.encode.precision != "fp32":
         raise ConfigError(f"encode.precision={cfg.encode.precision} is supported by "

@@ -135,5 +135,5 @@ def test_acrq_config_errors(over, message, tmp_path):
     default = small_config("cat", str(tmp_path), quantizer__method="acrq",
                            quantizer__layers=[16, 8, 8], input__popularity_column="popularity")
     assert default.anchor_sizes == (4, 4, 4)  # half the smallest layer, valid for any sizes
-    with pytest.raises(ConfigError, match="is for quantizer.method=acrq"):
+    with pytest.raises(ConfigError, match="are for quantizer.method=acrq"):
         small_config("cat", str(tmp_path), quantizer__anchor_layers=[4, 4, 4])

@@ -11,6 +11,7 @@ import torch
 from semid_dist.errors import ArtifactError, ConfigError
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
+from semid_dist.quantize.acrq import fit_acrq_vae, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import (
     KMeansQuantizer,
@@ -22,7 +23,7 @@ from semid_dist.quantize.model import (
     quantizer_files,
 )
 from semid_dist.quantize.r3vae import R3VAE
-from semid_dist.quantize.rqvae import RQVAE, deterministic, train
+from semid_dist.quantize.rqvae import RQVAE, TrainState, deterministic, train
 from tests.conftest import clustered, small_config
 
 LAYERS = (16, 8, 8)
@@ -269,3 +270,117 @@ def test_learned_encode_on_gpu_matches_cpu(fitted, data, method):
     gpu = load_quantizer(files).encode(data, device="cuda")
     assert (cpu.codes == gpu.codes).all(axis=1).mean() >= 0.999  # fp32 ties may flip
     np.testing.assert_allclose(gpu.qerr, cpu.qerr, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_resume_from_an_epoch_checkpoint_is_bit_identical(data, tmp_path, method):
+    """A fit resumed from the checkpoint of epoch 1 (saved to disk and loaded back) ends
+    with exactly the weights and history of the uninterrupted fit."""
+    params = learned_params(method, seed=2, epochs=4, weight_decay=1e-3, **SMALL)
+    saved = tmp_path / "epoch1"
+
+    def keep(record, snapshot):
+        if record["epoch"] == 1:
+            saved.mkdir()
+            snapshot().save(str(saved))
+
+    whole, stats = fit_learned(method, data, data[:400], LAYERS, params, on_epoch=keep)
+    state = TrainState.load(str(saved))
+    assert state.epoch == 1 and len(state.history) == 2
+    resumed, stats2 = fit_learned(method, data, data[:400], LAYERS, params, resume=state)
+    for (ka, va), (kb, vb) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert stats2[0]["epochs"] == stats[0]["epochs"]
+
+
+def test_bf16_mixed_precision_trains_and_codes_in_fp32(data):
+    params = learned_params("rq_vae", seed=0, epochs=4, precision="bf16", **SMALL)
+    model, stats = fit_learned("rq_vae", data, data[:400], LAYERS, params)
+    epochs = stats[0]["epochs"]
+    assert epochs[-1]["reconstruction"] < 0.8 * epochs[0]["reconstruction"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    enc = as_quantizer(model).encode(data)
+    assert min(len(np.unique(enc.codes[:, i])) / k for i, k in enumerate(LAYERS)) > 0.5
+    with pytest.raises(ConfigError, match="fit.precision=bf16 is for the learned"):
+        small_config("cat", "root", fit__precision="bf16")
+
+
+def test_acrq_on_rq_vae_keeps_anchors_and_resumes_in_stage_two(data, tmp_path):
+    """ACRQ with gradient masking: stage 2's first a_l codewords are stage 1's head codebook,
+    bit-identical after training with weight decay; resuming from a stage-2 checkpoint
+    (stage 1 not rerun) ends with the uninterrupted weights."""
+    head = np.random.default_rng(0).random(len(data)) < 0.4
+    anchors = (6, 4, 4)
+    params = learned_params("rq_vae", seed=1, epochs=3, weight_decay=1e-2, **SMALL)
+    split = split_sample(data, head, LAYERS, anchors, seed=1)
+    head_model, _ = fit_learned("rq_vae", data[head], split.head_seeds, anchors, params)
+    saved, stages = tmp_path / "stage2", []
+
+    def keep(record, snapshot):
+        stages.append(record["stage"])
+        if record["stage"] == 2 and record["epoch"] == 0:
+            saved.mkdir()
+            snapshot().save(str(saved))
+
+    model, stats = fit_acrq_vae(data, head, LAYERS, anchors, split, params, on_epoch=keep)
+    assert stages == [1, 1, 1, 2, 2, 2]
+    for layer, a in enumerate(anchors):
+        assert torch.equal(model.codebooks[layer][:a], head_model.codebooks[layer])
+        assert stats[layer]["anchors"] == a and stats[layer]["k"] == LAYERS[layer]
+    tail = as_quantizer(model).encode(data[~head]).codes
+    assert (tail[:, 0] >= anchors[0]).mean() > 0.05  # the tail uses its extensions
+    state = TrainState.load(str(saved))
+    assert state.stage == 2
+    again, _ = fit_acrq_vae(data, head, LAYERS, anchors, split, params, resume=state)
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_acrq_rq_vae_build_and_reuse(small_catalog, tmp_path):
+    catalog, x = small_catalog
+    root = str(tmp_path / "out")
+    opts = {"quantizer__method": "acrq", "quantizer__acrq_base": "rq_vae",
+            "quantizer__anchor_layers": [4, 4, 4], "input__popularity_column": "popularity",
+            "quantizer__epochs": 2, "quantizer__latent_dim": 8, "quantizer__hidden_dims": [32],
+            "quantizer__batch_size": 128}
+    res = build(small_config(catalog, root, **opts), log=quiet)
+    store = TableStore(root, "sids")
+    blobs = {n: store.read_bytes(res.version_id, f"codebooks/{n}")
+             for n in (ARRAYS_FILE, META_FILE)}
+    q = load_quantizer(blobs)
+    assert q.method == "acrq" and isinstance(q.module, RQVAE) and q.sizes == (16, 8, 8)
+    codes = np.array(store.read_data().sort_by("item_id").column("codes").to_pylist())
+    np.testing.assert_array_equal(q.encode(x).codes, codes)
+    again = build(small_config(catalog, root, encode__from_version=res.version_id, **opts),
+                  log=quiet)
+    assert again.metrics["fit"]["codebooks_from"] == res.version_id
+
+
+@pytest.mark.engine
+def test_ray_train_worker_failure_resumes_acrq_rq_vae_from_epoch_checkpoint(
+        ray_session, tmp_path, monkeypatch):
+    """ACRQ on rq_vae with DDP on 2 Ray Train workers: a worker killed (SIGKILL) after an
+    epoch, before reporting it, restarts the group (FailureConfig) from the last epoch
+    checkpoint, and the fit ends with exactly the uninterrupted weights."""
+    from semid_dist.engines.ray_train import fit_on_ray_train
+
+    x = clustered(1600, 10, seed=14)
+    head = np.random.default_rng(3).random(len(x)) < 0.5
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__method="acrq",
+                       quantizer__acrq_base="rq_vae", quantizer__layers=[16, 8],
+                       quantizer__anchor_layers=[4, 4], input__popularity_column="popularity",
+                       quantizer__epochs=3, quantizer__latent_dim=8,
+                       quantizer__hidden_dims=[32], quantizer__batch_size=64,
+                       fit__num_workers=2, fit__cpus_per_worker=0.5, fit__max_failures=2)
+    split = split_sample(x, head, (16, 8), (4, 4), seed=cfg.seed)
+    clean, stats = fit_on_ray_train(x, x[:400], cfg, quiet, f"file://{tmp_path}/clean",
+                                    acrq=split)
+    assert [s["anchors"] for s in stats] == [4, 4]
+    marker = tmp_path / "worker-died"
+    monkeypatch.setenv("SEMID_FAULT", "train_worker")
+    monkeypatch.setenv("SEMID_FAULT_MARKER", str(marker))
+    resumed, _ = fit_on_ray_train(x, x[:400], cfg, quiet, f"file://{tmp_path}/resumed",
+                                  acrq=split)
+    assert marker.exists()  # a worker really died
+    for (ka, va), (kb, vb) in zip(clean.state_dict().items(), resumed.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import KMEANS_METHODS, BuildConfig
+from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard
-from semid_dist.quantize.acrq import AcrqSample, fit_acrq
+from semid_dist.quantize.acrq import AcrqSample, fit_acrq, fit_acrq_vae
 from semid_dist.quantize.model import Fitted, fit_learned, learned_params
 from semid_dist.quantize.residual import fit_residual_kmeans
 from semid_dist.quantize.rqvae import LearnedParams
@@ -22,11 +22,12 @@ TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalo
 def learned_config(cfg: BuildConfig) -> LearnedParams:
     """The learned quantizer's hyper-parameters of a build config (method defaults applied)."""
     q = cfg.quantizer
-    return learned_params(q.method, seed=cfg.seed, lr=q.lr, weight_decay=q.weight_decay,
+    method = q.acrq_base if q.method == "acrq" else q.method  # acrq's model and defaults
+    return learned_params(method, seed=cfg.seed, lr=q.lr, weight_decay=q.weight_decay,
                           latent_dim=q.latent_dim, hidden_dims=tuple(q.hidden_dims),
                           epochs=q.epochs, batch_size=q.batch_size, beta=q.beta,
                           dead_code_window=q.dead_code_window, topk=q.r3_topk, lam=q.r3_lambda,
-                          pd_t=cfg.metrics.pd_t)
+                          pd_t=cfg.metrics.pd_t, precision=cfg.fit.precision)
 
 
 class LocalEngine:
@@ -67,10 +68,13 @@ class LocalEngine:
         (rq_kmeans only); acrq: the sample's head / tail split (quantizer.method=acrq).
         Returns (rq_kmeans / acrq codebooks or a learned module, stats)."""
         q = cfg.quantizer
+        if q.method == "acrq" and cfg.learned:
+            return fit_acrq_vae(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq,
+                                learned_config(cfg), progress=log)
         if q.method == "acrq":
             return fit_acrq(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq, niter=q.niter,
                             seed=cfg.seed, chunk_rows=cfg.encode.chunk_rows, progress=log)
-        if q.method not in KMEANS_METHODS:
+        if cfg.learned:
             return fit_learned(q.method, sample, init_points, q.layers, learned_config(cfg),
                                progress=log)
         return fit_residual_kmeans(sample, q.layers, niter=q.niter, seed=cfg.seed,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import KMEANS_METHODS, BuildConfig
+from semid_dist.config import BuildConfig
 from semid_dist.faults import ENV as FAULT_ENV
 from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
@@ -126,9 +126,11 @@ class _DistSync:
 
 
 def _learned_loop(config: dict[str, Any]) -> None:
-    """rq_vae / r3vae with DDP: every worker trains on its stride of the sample with the
-    same number of steps per epoch; gradients are averaged by DDP, code usage is summed and
-    dead-code restarts are broadcast from rank 0. One `ray.train.report` per epoch."""
+    """rq_vae / r3vae (and acrq on rq_vae) with DDP: every worker trains on its stride of the
+    sample with the same number of steps per epoch; gradients are averaged by DDP, code usage
+    is summed and dead-code restarts are broadcast from rank 0. One `ray.train.report` per
+    epoch, with a checkpoint (weights, optimizer, generator, history) from rank 0, so a
+    restarted worker group resumes after the last finished epoch."""
     import json
 
     import ray
@@ -136,27 +138,49 @@ def _learned_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from semid_dist.quantize.model import fit_learned, quantizer_files
-    from semid_dist.quantize.rqvae import LearnedParams
+    from semid_dist.quantize.rqvae import LearnedParams, TrainState
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if config["use_gpu"] else "cpu"
     sample = ray.get(config["sample"])
     init_points = ray.get(config["init_points"])
+    acrq = ray.get(config["acrq"])
+    os.environ.update(config["fault_env"])
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            resume = TrainState.load(folder)
 
-    def report(record: dict[str, Any]) -> None:
-        ray.train.report({"epoch": record["epoch"], "loss": record["loss"],
-                          "reconstruction": record["reconstruction"],
-                          "min_utilization": min(record["utilization"])})
+    def report(record: dict[str, Any], snapshot: Callable[[], TrainState]) -> None:
+        if record["epoch"] >= 1 and os.environ.get(FAULT_ENV) == "train_worker":
+            ray.train.get_all_reported_checkpoints(timeout_s=60)
+            die_once("train_worker")
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                snapshot().save(tmp)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"epoch": record["epoch"], "loss": record["loss"],
+                              "reconstruction": record["reconstruction"],
+                              "min_utilization": min(record["utilization"])}, checkpoint=ckpt)
 
-    model, stats = fit_learned(
-        config["method"], sample[rank::world], init_points, config["layers"],
-        LearnedParams.from_dict(config["params"]),
-        sync=_DistSync(device) if world > 1 else None,
-        wrap=ray.train.torch.prepare_model if world > 1 else None, device=device,
-        on_epoch=report)
+    method = config["method"]
+    kw = {"sync": _DistSync(device) if world > 1 else None,
+          "wrap": ray.train.torch.prepare_model if world > 1 else None, "device": device,
+          "on_epoch": report, "resume": resume}
+    params = LearnedParams.from_dict(config["params"])
+    if acrq is not None:
+        from semid_dist.quantize.acrq import fit_acrq_vae
+
+        model, stats = fit_acrq_vae(sample[rank::world], acrq.head[rank::world],
+                                    config["layers"], config["anchors"], acrq, params, **kw)
+    else:
+        model, stats = fit_learned(method, sample[rank::world], init_points, config["layers"],
+                                   params, **kw)
     if rank == 0:
-        files = quantizer_files(model, {"method": config["method"], "training": stats})
+        files = quantizer_files(model, {"method": method, "training": stats})
         fs, path = fsio.resolve(config["out"])
         fsio.write_bytes(fs, path + ".json", json.dumps(stats).encode())
         for name, blob in sorted(files.items()):
@@ -180,7 +204,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     from ray.train.torch import TorchTrainer
 
     fit = cfg.fit
-    learned = cfg.quantizer.method not in KMEANS_METHODS
+    learned = cfg.learned
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
     loop_config = {
         "sample": ray.put(sample), "init_points": ray.put(init_points),

@@ -1,5 +1,5 @@
 """ACRQ, anchored curriculum residual quantization (paper 002, section 2.2), on residual
-k-means.
+k-means (`fit_acrq`) and on RQ-VAE (`fit_acrq_vae`).
 
 Stage 1 (curriculum for head items): residual k-means on the head of the sample (the most
 popular items) with the anchor sizes a_l, non-decreasing over the layers, so the early
@@ -8,19 +8,39 @@ k-means on the tail with each layer's codebook = the stage-1 anchors (frozen, bi
 + k_l - a_l extension centroids (trainable; k-means++ continues from the anchors). The
 result is a plain list of L codebooks (k_l, d): it encodes like rq_kmeans, every engine and
 the capacity bound included.
+
+On RQ-VAE, stage 1 trains an RQ-VAE on the head with the anchor sizes; stage 2 starts an
+RQ-VAE of the full sizes from its encoder, decoder and codebooks (anchors first, the
+extensions seeded by k-means on the tail latents, continued from the anchors) and trains it
+on the tail with the anchors' gradient masked (and restored after every step, so they stay
+bit-identical whatever the optimizer's weight decay does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from semid_dist.errors import InputError
-from semid_dist.quantize.kmeans import AllReduce
+from semid_dist.quantize.kmeans import AllReduce, kmeans
 from semid_dist.quantize.residual import OnLayer, fit_residual_kmeans, init_subset
+from semid_dist.quantize.rqvae import (
+    RQVAE,
+    EpochHook,
+    LearnedParams,
+    Sync,
+    TrainState,
+    Wrap,
+    deterministic,
+    fit_rq_vae,
+    nearest_code,
+    train,
+)
 
 Progress = Callable[[str], None]
 
@@ -94,3 +114,60 @@ def fit_acrq(x: np.ndarray, head: np.ndarray, layers: tuple[int, ...] | list[int
               "head": {k: v for k, v in head_st.items() if k != "layer"}}
              for layer, (tail, head_st) in enumerate(zip(tail_stats, anchor_stats))]
     return books, stats
+
+
+def fit_acrq_vae(x: np.ndarray, head: np.ndarray, layers: tuple[int, ...] | list[int],
+                 anchors: tuple[int, ...] | list[int], split: AcrqSample,
+                 params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
+                 device: str = "cpu", progress: Progress | None = None,
+                 on_epoch: EpochHook | None = None, resume: TrainState | None = None,
+                 ) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """ACRQ on RQ-VAE. x / head: this worker's rows of the sample and their head flags.
+    on_epoch / resume as in `semid_dist.quantize.rqvae.train`; each checkpoint names its
+    stage, and a stage-2 checkpoint holds everything stage 2 needs (stage 1 is not rerun).
+    Returns (RQVAE with the full sizes on CPU, per-layer stats of stage 2 with the anchor
+    size and stage 1's stats)."""
+
+    def hook(stage: int) -> EpochHook | None:
+        if on_epoch is None:
+            return None
+        return lambda record, snapshot: on_epoch(
+            {**record, "stage": stage}, lambda: replace(snapshot(), stage=stage))
+
+    def say(stage: str) -> Progress | None:
+        return None if progress is None else (lambda msg: progress(f"acrq {stage}: {msg}"))
+
+    in_stage2 = resume is not None and resume.stage == 2
+    with deterministic(params.seed):
+        model = RQVAE(x.shape[1], layers, params)
+        head_stats: list[dict[str, Any]] = [{"from_checkpoint": True} for _ in layers]
+        if not in_stage2:
+            head_model, head_stats = fit_rq_vae(
+                x[head], split.head_seeds, anchors, params, sync=sync, wrap=wrap,
+                device=device, progress=say("head"), on_epoch=hook(1), resume=resume)
+            _extend(model, head_model, split.tail_seeds, params.seed)
+        model.to(device)
+        tail_stats = train(model, x[~head], params, sync=sync, wrap=wrap, device=device,
+                           progress=say("tail"), on_epoch=hook(2),
+                           resume=resume if in_stage2 else None, frozen_rows=tuple(anchors))
+    stats = [{**tail, "anchors": int(anchors[layer]),
+              "head": {k: v for k, v in head_st.items() if k not in ("layer", "epochs")}}
+             for layer, (tail, head_st) in enumerate(zip(tail_stats, head_stats))]
+    return model.cpu().eval(), stats
+
+
+@torch.no_grad()
+def _extend(model: nn.Module, head_model: nn.Module, tail_seeds: np.ndarray,
+            seed: int) -> None:
+    """Stage 2's start: the head model's encoder / decoder, and per layer its codebook as the
+    anchors followed by extensions from k-means (continued from the anchors) on the tail
+    seeds' latent residuals."""
+    state = {k: v for k, v in head_model.state_dict().items() if not k.startswith("codebooks.")}
+    model.load_state_dict({**model.state_dict(), **state})
+    r = head_model.encoder(torch.from_numpy(np.ascontiguousarray(tail_seeds, np.float32)))
+    r = r.numpy().astype(np.float32)
+    for layer, k in enumerate(model.layers):
+        frozen = head_model.codebooks[layer].detach().numpy().astype(np.float32)
+        cb, _ = kmeans(r, k, niter=10, seed=seed + 1000 * layer, frozen=frozen)
+        r = r - cb[nearest_code(torch.from_numpy(r), torch.from_numpy(cb)).numpy()]
+        model.codebooks[layer].copy_(torch.from_numpy(cb))

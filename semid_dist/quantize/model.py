@@ -65,11 +65,12 @@ class KMeansQuantizer:
 
 
 class LearnedQuantizer:
-    """rq_vae / r3vae: a trained module (`RQVAE` or `R3VAE`) run in eval mode."""
+    """rq_vae / r3vae (and acrq on rq_vae): a trained module (`RQVAE` or `R3VAE`) run in
+    eval mode; `method` is the build's quantizer.method (the module's by default)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, method: str | None = None) -> None:
         self.module = module.eval()
-        self.method = module.method
+        self.method = method or module.method
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -139,7 +140,7 @@ def load_quantizer(files: dict[str, bytes], *, where: str = "artifact") -> Quant
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{where}: cannot rebuild the {model_meta.get('method')} model "
                             f"({exc!r}); rebuild that version") from None
-    return LearnedQuantizer(module)
+    return LearnedQuantizer(module, meta.get("method"))
 
 
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {

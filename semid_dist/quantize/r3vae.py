@@ -37,6 +37,7 @@ from semid_dist.quantize.rqvae import (
     LearnedParams,
     Progress,
     Sync,
+    TrainState,
     Wrap,
     deterministic,
     mlp,
@@ -179,14 +180,16 @@ class R3VAE(nn.Module):
 def fit_r3vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],
               params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
               device: str = "cpu", progress: Progress | None = None,
-              on_epoch: EpochHook | None = None) -> tuple[R3VAE, list[dict[str, Any]]]:
+              on_epoch: EpochHook | None = None, resume: TrainState | None = None,
+              ) -> tuple[R3VAE, list[dict[str, Any]]]:
     """Fit an R^3-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
-    float32, m >= max(layers), held identically by every worker. Returns (model on CPU,
-    per-layer stats as `semid_dist.quantize.rqvae.train` gives them)."""
+    float32, m >= max(layers), held identically by every worker. on_epoch / resume:
+    checkpoints, see `train`. Returns (model on CPU, per-layer stats as
+    `semid_dist.quantize.rqvae.train` gives them)."""
     with deterministic(params.seed):
         model = R3VAE(x.shape[1], layers, params)
         model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
         model.to(device)
         stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, resume=resume)
     return model.cpu().eval(), stats

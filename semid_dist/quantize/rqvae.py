@@ -17,6 +17,7 @@ per-layer statistics with the per-epoch history.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,8 +30,8 @@ from torch import nn
 from semid_dist.quantize.kmeans import kmeans
 
 Progress = Callable[[str], None]
-EpochHook = Callable[[dict[str, Any]], None]
 Wrap = Callable[[nn.Module], nn.Module]
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 
 
 class Sync(Protocol):
@@ -69,6 +70,7 @@ class LearnedParams:
     lam: float = 0.01  # R^3-VAE: weight of PD - SC
     pd_t: float = 2.0  # R^3-VAE: temperature t of PD (eq. 10)
     seed: int = 0
+    precision: str = "fp32"  # bf16: encoder / decoder under bf16 autocast (codes in fp32)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,9 +97,12 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 def nearest_code(r: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """r: (b, e), cb: (k, e) -> (b,) int64 index of the nearest codeword (ties: lowest)."""
-    scores = (cb * cb).sum(dim=1).unsqueeze(0) - 2.0 * r @ cb.T
-    return torch.argmin(scores, dim=1)
+    """r: (b, e), cb: (k, e) -> (b,) int64 index of the nearest codeword (ties: lowest),
+    scored in fp32 even under mixed precision."""
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        r, cb = r.float(), cb.float()
+        scores = (cb * cb).sum(dim=1).unsqueeze(0) - 2.0 * r @ cb.T
+        return torch.argmin(scores, dim=1)
 
 
 @dataclass
@@ -223,6 +228,61 @@ def deterministic(seed: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
+@dataclass
+class TrainState:
+    """Everything `train` needs to go on after a finished epoch, as a checkpoint: weights,
+    optimizer moments, the dead-code restart generator, idle counts and the history so far
+    (the batch order needs no state: each epoch seeds its own).
+    Saved as safetensors + JSON (no pickle); a run resumed from it ends bit-identical to an
+    uninterrupted one on CPU."""
+
+    epoch: int  # the last finished epoch
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    generator: torch.Tensor
+    idle: list[torch.Tensor]
+    history: list[dict[str, Any]]
+    stage: int = 1  # ACRQ: the stage the epoch belongs to (1 head, 2 tail)
+
+    def save(self, folder: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.items()}
+        tensors["generator"] = self.generator.clone()
+        tensors.update({f"idle.{i}": t.clone() for i, t in enumerate(self.idle)})
+        slots = {}
+        for idx, st in self.optimizer["state"].items():
+            slots[str(idx)] = sorted(st)
+            tensors.update({f"opt.{idx}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+                            for k, v in st.items()})
+        save_file(tensors, f"{folder}/{STATE_TENSORS}")
+        meta = {"epoch": self.epoch, "stage": self.stage, "history": self.history,
+                "idle": len(self.idle),
+                "param_groups": self.optimizer["param_groups"], "slots": slots}
+        with open(f"{folder}/{STATE_JSON}", "w") as f:
+            json.dump(meta, f)
+
+    @classmethod
+    def load(cls, folder: str) -> TrainState:
+        from safetensors.torch import load_file
+
+        tensors = load_file(f"{folder}/{STATE_TENSORS}")
+        with open(f"{folder}/{STATE_JSON}") as f:
+            meta = json.load(f)
+        state = {int(idx): {k: tensors[f"opt.{idx}.{k}"] for k in keys}
+                 for idx, keys in meta["slots"].items()}
+        return cls(epoch=meta["epoch"],
+                   model={k[len("model."):]: v for k, v in tensors.items()
+                          if k.startswith("model.")},
+                   optimizer={"state": state, "param_groups": meta["param_groups"]},
+                   generator=tensors["generator"],
+                   idle=[tensors[f"idle.{i}"] for i in range(meta["idle"])],
+                   history=meta["history"], stage=meta["stage"])
+
+
+EpochHook = Callable[[dict[str, Any], Callable[[], TrainState]], None]
+
+
 def _batches(n_local: int, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n_local, generator=gen)
     return [b for b in torch.tensor_split(perm, steps) if len(b)]
@@ -230,34 +290,63 @@ def _batches(n_local: int, steps: int, gen: torch.Generator) -> list[torch.Tenso
 
 def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync | None = None,
           wrap: Wrap | None = None, device: str = "cpu", progress: Progress | None = None,
-          on_epoch: EpochHook | None = None) -> list[dict[str, Any]]:
+          on_epoch: EpochHook | None = None, resume: TrainState | None = None,
+          frozen_rows: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Train `model` (codebooks already initialised) on the local shard x: (n_local, d)
     float32 with AdamW. Every worker runs the same number of steps per epoch
     (ceil(n_total / batch_size), each a slice of its shard), so DDP stays in lock step.
     Returns per-layer statistics: layer, k, n, final_mse (mean ||r_{l+1}||^2 in the
     latent space, last epoch), utilization, dead_restarts, epochs (per-epoch history with
-    loss, reconstruction (mean ||x - x_hat||^2), utilization and restarts of this layer)."""
+    loss, reconstruction (mean ||x - x_hat||^2), utilization and restarts of this layer).
+
+    on_epoch(record, snapshot) runs after each epoch; `snapshot()` gives the `TrainState`
+    to checkpoint. resume: a state to go on from (its epoch is not run again).
+    frozen_rows: per layer, the first codewords that never change (ACRQ anchors): their
+    gradient is masked, they are restored after every step (AdamW's weight decay would
+    move them otherwise) and never restarted. params.precision=bf16 runs the forward pass
+    under bf16 autocast (codes are chosen in fp32)."""
     sync = sync or LocalSync()
     n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
     steps = max(1, math.ceil(n_total / params.batch_size))
-    net = wrap(model) if wrap is not None else model
-    opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     gen = torch.Generator().manual_seed(params.seed + 17)
     idle = [torch.zeros(k, dtype=torch.int64) for k in model.layers]
     history: list[dict[str, Any]] = []
-    for epoch in range(params.epochs):
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        gen.set_state(resume.generator)
+        idle = [t.clone() for t in resume.idle]
+        history = list(resume.history)
+        if progress is not None:
+            progress(f"fit: resuming after epoch {resume.epoch} (checkpoint)")
+    anchors = _freeze(model, frozen_rows)
+    net = wrap(model) if wrap is not None else model
+    opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=params.precision == "bf16")
+    first = 0 if resume is None else resume.epoch + 1
+    for epoch in range(first, params.epochs):
         net.train()
         acc = _EpochStats(model.layers)
         # no restart in the last epoch, so that the decoder adapts to every restarted code
         last = epoch == params.epochs - 1 and params.epochs > 1
         window = 0 if last else params.dead_code_window * steps
-        for idx in _batches(len(x), steps, gen):
-            fwd: Forward = net(xt[idx].to(device))
+        # the batch order comes from a generator of its own per epoch: shards of different
+        # sizes draw different amounts, so a shared one would leave the workers' states
+        # apart, and a checkpoint holds one state (`gen`, the restarts', is drawn alike)
+        order = torch.Generator().manual_seed(params.seed + 17 + 7919 * (epoch + 1))
+        for idx in _batches(len(x), steps, order):
+            with autocast:
+                fwd: Forward = net(xt[idx].to(device))
             opt.zero_grad(set_to_none=True)
             fwd.loss.backward()
             opt.step()
+            _restore(model, anchors)
             acc.add(fwd, idle, sync)
+            for layer, rows in enumerate(frozen_rows or ()):
+                idle[layer][:rows] = 0  # anchors are never restarted
             acc.restarts += np.array(model.after_step(fwd, idle, sync, gen, window=window))
         record = acc.record(epoch, sync)
         history.append(record)
@@ -267,8 +356,31 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
                      + "/".join(f"{u:.2f}" for u in record["utilization"])
                      + f" restarts={sum(record['dead_restarts'])}")
         if on_epoch is not None:
-            on_epoch(record)
+            on_epoch(record, lambda epoch=epoch: TrainState(
+                epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
+                optimizer=opt.state_dict(), generator=gen.get_state(),
+                idle=[t.clone() for t in idle], history=list(history)))
     return layer_stats(history, model.layers, n_total)
+
+
+def _freeze(model: nn.Module, frozen_rows: tuple[int, ...] | None) -> list[torch.Tensor]:
+    """Mask the gradient of each layer's first `frozen_rows[l]` codewords; returns copies of
+    them for `_restore`."""
+    if not frozen_rows:
+        return []
+    kept = []
+    for cb, rows in zip(model.codebooks, frozen_rows):
+        mask = torch.ones(cb.shape[0], 1, dtype=cb.dtype, device=cb.device)
+        mask[:rows] = 0
+        cb.register_hook(lambda grad, mask=mask: grad * mask)
+        kept.append(cb.detach()[:rows].clone())
+    return kept
+
+
+def _restore(model: nn.Module, anchors: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for cb, rows in zip(model.codebooks, anchors):
+            cb[:len(rows)] = rows
 
 
 class _EpochStats:
@@ -338,14 +450,16 @@ def layer_stats(history: list[dict[str, Any]], layers: tuple[int, ...],
 def fit_rq_vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],
                params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
                device: str = "cpu", progress: Progress | None = None,
-               on_epoch: EpochHook | None = None) -> tuple[RQVAE, list[dict[str, Any]]]:
+               on_epoch: EpochHook | None = None, resume: TrainState | None = None,
+               ) -> tuple[RQVAE, list[dict[str, Any]]]:
     """Fit an RQ-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
     float32 with m >= max(layers), held identically by every worker (codebook k-means init).
-    Deterministic for a fixed `params.seed` on CPU. Returns (model on CPU, per-layer stats)."""
+    Deterministic for a fixed `params.seed` on CPU. on_epoch / resume: checkpoints, see
+    `train`. Returns (model on CPU, per-layer stats)."""
     with deterministic(params.seed):
         model = RQVAE(x.shape[1], layers, params)
         model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
         model.to(device)
         stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, resume=resume)
     return model.cpu().eval(), stats
