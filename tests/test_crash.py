@@ -112,3 +112,26 @@ def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker.exists()  # a worker really died
     assert store.read_data().sort_by("item_id").equals(local)
+
+
+def test_killed_incremental_encode_resumes_to_the_same_table(setup, incremental_catalogs):
+    """An incremental encode killed after it rewrote the parent's parts it carries (the
+    `reduce` point): the parent stays latest, and the re-run resumes to exactly the table of
+    an uninterrupted incremental run."""
+    cfg, store, previous, before = setup
+    inc = ("encode.incremental=true", f"encode.from_version={previous}",
+           f"input.path={incremental_catalogs['delta']}")
+    killed = run_build(cfg, *inc, fault="reduce")
+    assert killed.returncode == -signal.SIGKILL
+    assert store.latest() == previous and store.versions() == [previous]
+    assert store.read_data(previous).sort_by("item_id").equals(before)
+    resumed = run_build(cfg, *inc)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming version" in resumed.stderr
+    again = run_build(cfg, *inc)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _, first, second = store.versions()
+    rows = store.manifest(first)["rows"]
+    assert rows["carried"] == 2400 - 150 and rows == store.manifest(second)["rows"]
+    assert store.read_data(first).sort_by("item_id").equals(
+        store.read_data(second).sort_by("item_id"))
