@@ -77,7 +77,7 @@ class FitConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
-    max_failures: int = 2  # Ray Train: worker-group restarts, resuming from the last layer
+    max_failures: int = 2  # Ray Train: worker-group restarts, resuming from the last checkpoint
     warm_start: WarmStart = "none"  # parent: start Lloyd from the parent version's codebooks
     precision: Precision = "fp32"  # learned methods: bf16 = forward pass under bf16 autocast
 
@@ -334,7 +334,7 @@ def _check_acrq(cfg: BuildConfig) -> None:
     if any(b < a for a, b in zip(anchors, anchors[1:])):
         raise ConfigError(f"quantizer.anchor_layers={list(anchors)} must not decrease over "
                           "the layers (ACRQ's curriculum: coarse early layers, finer later)")
-    if not cfg.input.popularity_column:
+    if not cfg.input.popularity_column and not cfg.encode.from_version:
         raise ConfigError("quantizer.method=acrq splits the fit sample into head and tail "
                           "items by popularity; set input.popularity_column")
     if cfg.fit.warm_start != "none":
@@ -356,11 +356,13 @@ def _check_learned(cfg: BuildConfig) -> None:
         return
     if cfg.encode.precision != "fp32":
         raise ConfigError(f"encode.precision={cfg.encode.precision} is supported by "
-                          f"quantizer.method=rq_kmeans only, not {q.method}; set "
+                          f"residual k-means quantizers only (rq_kmeans, acrq with "
+                          f"acrq_base=rq_kmeans), not {q.method}; set "
                           "encode.precision=fp32")
     if cfg.collisions.max_per_sid is not None:
-        raise ConfigError(f"collisions.max_per_sid is supported by quantizer.method=rq_kmeans "
-                          f"only, not {q.method}; unset collisions.max_per_sid")
+        raise ConfigError(f"collisions.max_per_sid is supported by residual k-means "
+                          f"quantizers only (rq_kmeans, acrq with acrq_base=rq_kmeans), not "
+                          f"{q.method}; unset collisions.max_per_sid")
     if cfg.fit.warm_start != "none":
         raise ConfigError(f"fit.warm_start=parent is supported by quantizer.method=rq_kmeans "
                           f"only, not {q.method}; set fit.warm_start=none")

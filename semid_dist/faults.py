@@ -2,7 +2,8 @@
 point with SIGKILL (no cleanup, no exception handlers), as a killed driver or worker would.
 
 Points: `fit` (after the fit, before any codebook is written), `train_worker` (a Ray
-Train worker dies once after fitting its second layer, before checkpointing it), `encode`
+Train worker dies once after its second layer of residual k-means, or second epoch of a
+learned quantizer, before checkpointing it), `encode`
 (after the first shard is encoded), `reduce` (after the merge, before any data part of the
 catalog's shards is written; an incremental run has rewritten the parent's parts it carries
 by then), `commit` (after every file is written, before the manifest), `latest` (after the

@@ -236,6 +236,10 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
         if sizes != list(cfg.quantizer.layers):
             raise ConfigError(f"quantizer.layers={list(cfg.quantizer.layers)} but version {src} "
                               f"has layers {sizes}; set quantizer.layers={sizes}")
+        if quantizer.method == "acrq" and cfg.learned != ("model" in meta):
+            base = "rq_vae" if "model" in meta else "rq_kmeans"
+            raise ConfigError(f"quantizer.acrq_base={cfg.quantizer.acrq_base} but version {src} "
+                              f"holds ACRQ on {base}; set quantizer.acrq_base={base}")
         log(f"codebooks: reusing version {src} ({sizes})")
         files = [store.write_file(vid, f"codebooks/{n}", b) for n, b in blobs.items()]
         return files, meta.get("training", []), src
@@ -270,7 +274,11 @@ def _warm_start(store: TableStore, parent: str | None, cfg: BuildConfig, dim: in
             "k-means++ init")
         return None
     blobs = {n: store.read_bytes(parent, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
-    codebooks, _ = load_artifact(blobs, where=f"codebooks of version {parent}")
+    codebooks, meta = load_artifact(blobs, where=f"codebooks of version {parent}")
+    if "model" in meta:
+        raise ConfigError(f"fit.warm_start=parent but version {parent} holds a learned "
+                          f"{meta.get('method')} model, whose codebooks live in its latent "
+                          "space; set fit.warm_start=none")
     log(f"fit: warm start from the codebooks of version {parent}")
     return check_warm_start(codebooks, cfg.quantizer.layers, dim,
                             source=f"parent version {parent}")

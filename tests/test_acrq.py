@@ -11,7 +11,7 @@ from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
 from semid_dist.quantize.acrq import fit_acrq, split_sample
-from semid_dist.quantize.kmeans import kmeans
+from semid_dist.quantize.kmeans import kmeans, kmeans_plusplus
 from semid_dist.quantize.residual import fit_residual_kmeans
 from semid_dist.stages import JobContext, load_quantizer
 from tests.conftest import clustered, small_config
@@ -40,12 +40,26 @@ def test_kmeans_keeps_frozen_centroids_bit_identical(head_tail):
     assert cb.shape == (14, 10) and st["init"] == "anchored"
     assert np.array_equal(cb[:6], anchors)
     # the extension moved to where the tail is: it serves the tail better than the anchors
-    free, _ = kmeans(x[~head], 6, niter=8, seed=1)
     d_anchor = ((x[~head, None, :] - anchors[None]) ** 2).sum(-1).min(1).mean()
     d_all = ((x[~head, None, :] - cb[None]) ** 2).sum(-1).min(1).mean()
     assert d_all < 0.7 * d_anchor
     with pytest.raises(ValueError, match="0 < a < k"):
         kmeans(x, 6, niter=1, frozen=anchors)
+
+
+def test_kmeans_plusplus_continues_from_the_anchors_and_splits_extensions_only():
+    """Points sitting on the anchors have distance 0, so k-means++ continued from the
+    anchors must pick the far points; extensions left empty are re-split among themselves,
+    never from an anchor."""
+    anchors = np.array([[0.0, 0.0], [10.0, 0.0]], np.float32)
+    far = np.array([[0.0, 50.0], [50.0, 50.0], [-50.0, 50.0]], np.float32)
+    x = np.concatenate([np.repeat(anchors, 40, axis=0), far])
+    picked = kmeans_plusplus(x, 3, seed=0, start=anchors)
+    assert sorted(map(tuple, picked.tolist())) == sorted(map(tuple, far.tolist()))
+    # 6 extensions for 3 far points: 3 stay empty every iteration and are re-split
+    cb, st = kmeans(x, 8, niter=4, seed=0, frozen=anchors)
+    assert np.array_equal(cb[:2], anchors)
+    assert sum(it["empty_split"] for it in st["iterations"]) > 0
 
 
 def test_fit_acrq_anchors_are_the_head_fit_and_stay_frozen(head_tail):
@@ -92,6 +106,8 @@ def test_split_sample_errors(head_tail):
                      seed=0)
     with pytest.raises(InputError, match="tail rows, fewer than the largest extension"):
         split_sample(x, np.arange(len(x)) > 3, LAYERS, ANCHORS, seed=0)
+    with pytest.raises(InputError, match="all null, zero or equal values"):
+        split_sample(x, np.zeros(len(x), bool), LAYERS, ANCHORS, seed=0)
 
 
 def test_acrq_build_encodes_like_residual_kmeans(small_catalog, tmp_path):
@@ -118,6 +134,13 @@ def test_acrq_build_encodes_like_residual_kmeans(small_catalog, tmp_path):
     assert again.metrics["fit"]["codebooks_from"] == res.version_id
     with pytest.raises(ConfigError, match="holds an? acrq quantizer"):
         build(small_config(catalog, root, encode__from_version=res.version_id), log=quiet)
+    # a catalog of new items without popularity can be encoded with ACRQ codebooks
+    plain = small_config(catalog, root, encode__from_version=res.version_id,
+                         **{**opts, "input__popularity_column": None})
+    assert build(plain, log=quiet).manifest["rows"]["encoded"] == len(x)
+    with pytest.raises(ConfigError, match="set quantizer.acrq_base=rq_kmeans"):
+        build(small_config(catalog, root, encode__from_version=res.version_id,
+                           quantizer__acrq_base="rq_vae", **opts), log=quiet)
 
 
 @pytest.mark.parametrize("over, message", [

@@ -23,7 +23,7 @@ from semid_dist.quantize.model import (
     quantizer_files,
 )
 from semid_dist.quantize.r3vae import R3VAE
-from semid_dist.quantize.rqvae import RQVAE, TrainState, deterministic, train
+from semid_dist.quantize.rqvae import RQVAE, TrainState, deterministic, nearest_code, train
 from tests.conftest import clustered, small_config
 
 LAYERS = (16, 8, 8)
@@ -172,7 +172,7 @@ def test_same_seed_gives_identical_weights(data):
 
 def test_learned_method_refuses_capacity_collisions(small_catalog, tmp_path):
     catalog, _ = small_catalog
-    with pytest.raises(ConfigError, match="rq_kmeans only"):
+    with pytest.raises(ConfigError, match="residual k-means quantizers only"):
         small_config(catalog, str(tmp_path), quantizer__method="rq_vae",
                      collisions__max_per_sid=2)
     with pytest.raises(ConfigError, match="fit.warm_start"):
@@ -299,6 +299,17 @@ def test_bf16_mixed_precision_trains_and_codes_in_fp32(data):
     epochs = stats[0]["epochs"]
     assert epochs[-1]["reconstruction"] < 0.8 * epochs[0]["reconstruction"]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    # autocast really ran: the same fit in fp32 ends with other weights
+    exact, _ = fit_learned("rq_vae", data, data[:400], LAYERS,
+                           learned_params("rq_vae", seed=0, epochs=4, **SMALL))
+    assert not torch.equal(exact.encoder[0].weight, model.encoder[0].weight)
+    # the nearest codeword is scored in fp32 under autocast (bf16 scores would tie and flip)
+    r = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    cb = r[:64] + 1e-3 * torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = nearest_code(r, cb)
+    want = torch.cdist(r.double(), cb.double()).argmin(dim=1)
+    assert torch.equal(got, want)
     enc = as_quantizer(model).encode(data)
     assert min(len(np.unique(enc.codes[:, i])) / k for i, k in enumerate(LAYERS)) > 0.5
     with pytest.raises(ConfigError, match="fit.precision=bf16 is for the learned"):
@@ -331,9 +342,10 @@ def test_acrq_on_rq_vae_keeps_anchors_and_resumes_in_stage_two(data, tmp_path):
     assert (tail[:, 0] >= anchors[0]).mean() > 0.05  # the tail uses its extensions
     state = TrainState.load(str(saved))
     assert state.stage == 2
-    again, _ = fit_acrq_vae(data, head, LAYERS, anchors, split, params, resume=state)
+    again, again_stats = fit_acrq_vae(data, head, LAYERS, anchors, split, params, resume=state)
     for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+    assert again_stats == stats  # stage 1's figures travel in the stage-2 checkpoint
 
 
 def test_acrq_rq_vae_build_and_reuse(small_catalog, tmp_path):
@@ -354,6 +366,9 @@ def test_acrq_rq_vae_build_and_reuse(small_catalog, tmp_path):
     again = build(small_config(catalog, root, encode__from_version=res.version_id, **opts),
                   log=quiet)
     assert again.metrics["fit"]["codebooks_from"] == res.version_id
+    # a learned parent's latent codebooks cannot warm-start residual k-means
+    with pytest.raises(ConfigError, match="holds a learned acrq model"):
+        build(small_config(catalog, root, fit__warm_start="parent"), log=quiet)
 
 
 @pytest.mark.engine

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from semid_dist.config import BuildConfig
+from semid_dist.errors import InputError
 from semid_dist.faults import ENV as FAULT_ENV
 from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
@@ -34,7 +35,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from semid_dist.quantize.acrq import fit_acrq
+    from semid_dist.quantize.acrq import fit_acrq, worker_rows
     from semid_dist.quantize.residual import fit_residual_kmeans
 
     ctx = ray.train.get_context()
@@ -76,7 +77,7 @@ def _train_loop(config: dict[str, Any]) -> None:
               "chunk_rows": config["chunk_rows"], "device": device, "fitted": fitted,
               "on_layer": checkpoint}
     if acrq is not None:
-        codebooks, stats = fit_acrq(sample[rank::world], acrq.head[rank::world],
+        codebooks, stats = fit_acrq(*worker_rows(sample, acrq.head, rank, world),
                                     config["layers"], config["anchors"], acrq, **common)
     else:
         codebooks, stats = fit_residual_kmeans(
@@ -172,9 +173,9 @@ def _learned_loop(config: dict[str, Any]) -> None:
           "on_epoch": report, "resume": resume}
     params = LearnedParams.from_dict(config["params"])
     if acrq is not None:
-        from semid_dist.quantize.acrq import fit_acrq_vae
+        from semid_dist.quantize.acrq import fit_acrq_vae, worker_rows
 
-        model, stats = fit_acrq_vae(sample[rank::world], acrq.head[rank::world],
+        model, stats = fit_acrq_vae(*worker_rows(sample, acrq.head, rank, world),
                                     config["layers"], config["anchors"], acrq, params, **kw)
     else:
         model, stats = fit_learned(method, sample[rank::world], init_points, config["layers"],
@@ -200,11 +201,15 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     import json
 
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fit = cfg.fit
     learned = cfg.learned
+    if acrq is not None and min(int(acrq.head.sum()), int((~acrq.head).sum())) < fit.num_workers:
+        raise InputError(f"acrq: the fit sample's head or tail holds fewer rows than "
+                         f"fit.num_workers={fit.num_workers}; use fewer workers or a larger "
+                         "fit.sample_size")
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
     loop_config = {
         "sample": ray.put(sample), "init_points": ray.put(init_points),
@@ -226,7 +231,8 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
             scaling_config=ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
                                          resources_per_worker={"CPU": fit.cpus_per_worker}),
             run_config=RunConfig(storage_path=tmp, name="fit",
-                                 failure_config=FailureConfig(max_failures=fit.max_failures)),
+                                 failure_config=FailureConfig(max_failures=fit.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")

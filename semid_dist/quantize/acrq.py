@@ -45,6 +45,15 @@ from semid_dist.quantize.rqvae import (
 Progress = Callable[[str], None]
 
 
+def worker_rows(sample: np.ndarray, head: np.ndarray, rank: int,
+                world: int) -> tuple[np.ndarray, np.ndarray]:
+    """A data-parallel worker's rows for ACRQ: its stride of the head rows and of the tail
+    rows (so every worker holds a near-equal share of both stages) -> (x, head flags)."""
+    h, t = sample[head][rank::world], sample[~head][rank::world]
+    flags = np.concatenate([np.ones(len(h), bool), np.zeros(len(t), bool)])
+    return np.concatenate([h, t]), flags
+
+
 @dataclass(frozen=True)
 class AcrqSample:
     """The fit sample's head / tail split. head: (n,) bool over the sample rows (popularity
@@ -62,6 +71,11 @@ def split_sample(sample: np.ndarray, head: np.ndarray, layers: tuple[int, ...] |
     n_head, n_tail = int(head.sum()), int((~head).sum())
     need_head = max(anchors)
     need_tail = max(k - a for k, a in zip(layers, anchors))
+    if n_head == 0 or n_tail == 0:
+        raise InputError(f"acrq: the fit sample's popularity puts {n_head} rows in the head "
+                         f"and {n_tail} in the tail; check input.popularity_column (all null, "
+                         "zero or equal values leave nothing to split) and "
+                         "metrics.head_share (strictly between 0 and 1)")
     if n_head < need_head:
         raise InputError(f"acrq: the fit sample holds {n_head} head rows, fewer than the "
                          f"largest anchor codebook ({need_head}); raise metrics.head_share "
@@ -128,11 +142,14 @@ def fit_acrq_vae(x: np.ndarray, head: np.ndarray, layers: tuple[int, ...] | list
     Returns (RQVAE with the full sizes on CPU, per-layer stats of stage 2 with the anchor
     size and stage 1's stats)."""
 
+    head_stats: list[dict[str, Any]] = []
+
     def hook(stage: int) -> EpochHook | None:
         if on_epoch is None:
             return None
         return lambda record, snapshot: on_epoch(
-            {**record, "stage": stage}, lambda: replace(snapshot(), stage=stage))
+            {**record, "stage": stage},
+            lambda: replace(snapshot(), stage=stage, notes={"head_stats": head_stats}))
 
     def say(stage: str) -> Progress | None:
         return None if progress is None else (lambda msg: progress(f"acrq {stage}: {msg}"))
@@ -140,11 +157,13 @@ def fit_acrq_vae(x: np.ndarray, head: np.ndarray, layers: tuple[int, ...] | list
     in_stage2 = resume is not None and resume.stage == 2
     with deterministic(params.seed):
         model = RQVAE(x.shape[1], layers, params)
-        head_stats: list[dict[str, Any]] = [{"from_checkpoint": True} for _ in layers]
-        if not in_stage2:
-            head_model, head_stats = fit_rq_vae(
+        if in_stage2:  # stage 1 finished before the checkpoint: its figures travel with it
+            head_stats.extend(resume.notes["head_stats"])
+        else:
+            head_model, stats1 = fit_rq_vae(
                 x[head], split.head_seeds, anchors, params, sync=sync, wrap=wrap,
                 device=device, progress=say("head"), on_epoch=hook(1), resume=resume)
+            head_stats.extend(stats1)
             _extend(model, head_model, split.tail_seeds, params.seed)
         model.to(device)
         tail_stats = train(model, x[~head], params, sync=sync, wrap=wrap, device=device,

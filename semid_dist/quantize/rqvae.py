@@ -243,6 +243,7 @@ class TrainState:
     idle: list[torch.Tensor]
     history: list[dict[str, Any]]
     stage: int = 1  # ACRQ: the stage the epoch belongs to (1 head, 2 tail)
+    notes: dict[str, Any] = field(default_factory=dict)  # JSON the caller carries along
 
     def save(self, folder: str) -> None:
         from safetensors.torch import save_file
@@ -257,7 +258,7 @@ class TrainState:
                             for k, v in st.items()})
         save_file(tensors, f"{folder}/{STATE_TENSORS}")
         meta = {"epoch": self.epoch, "stage": self.stage, "history": self.history,
-                "idle": len(self.idle),
+                "notes": self.notes, "idle": len(self.idle),
                 "param_groups": self.optimizer["param_groups"], "slots": slots}
         with open(f"{folder}/{STATE_JSON}", "w") as f:
             json.dump(meta, f)
@@ -277,7 +278,7 @@ class TrainState:
                    optimizer={"state": state, "param_groups": meta["param_groups"]},
                    generator=tensors["generator"],
                    idle=[tensors[f"idle.{i}"] for i in range(meta["idle"])],
-                   history=meta["history"], stage=meta["stage"])
+                   history=meta["history"], stage=meta["stage"], notes=meta["notes"])
 
 
 EpochHook = Callable[[dict[str, Any], Callable[[], TrainState]], None]
