@@ -56,6 +56,23 @@ def spark_session():
     spark.stop()
 
 
+def test_spark_incremental_version_identical_to_local(spark_session, incremental_catalogs,
+                                                      tmp_path):
+    """An incremental version on Spark: the same carried, rewritten and new parts, SIDs,
+    suffixes and metrics as on the local engine."""
+    cats = incremental_catalogs
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    parent = build(small_config(cats["parent"], root), log=quiet)
+    results = [build(small_config(cats["delta"], root, engine=engine,
+                                  encode__from_version=parent.version_id,
+                                  encode__incremental=True), log=quiet)
+               for engine in ("local", "spark")]
+    a, b = (store.read_data(r.version_id).sort_by("item_id") for r in results)
+    assert a.num_rows == 2700 and a.equals(b)
+    assert comparable(results[0].metrics) == comparable(results[1].metrics)
+
+
 def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path):
     """Same input, same codebooks: Spark's mapInArrow writes exactly the local engine's table
     and metrics."""
