@@ -41,6 +41,9 @@ from semid_dist.stages import (
 Log = Callable[[str], None]
 STATS_PARTIAL = "stats/partial_all.npz"
 STATS_DECISION = "stats/prune_decision.npz"
+# figures that count replaced rows by their group's mean (see `subtract_rows`)
+ESTIMATED = ["reconstruction.relative_error", "reconstruction.residual_norm_by_layer[:-1]",
+             "reconstruction.residual_sq_norm_by_layer[:-1]", "quality"]
 
 
 def write_stats(store: TableStore, vid: str, partial: Partial,
@@ -70,13 +73,8 @@ class Carried:
         return {"parent": self.parent, "carried": self.rows, "replaced": self.replaced,
                 "parts_referenced": self.referenced,
                 "parts_rewritten": len(self.entries) - self.referenced,
-                # figures that count replaced rows (here or in an ancestor) by their group's
-                # mean (see subtract_rows)
-                "estimated": ESTIMATED if estimated else []}
+                "estimated": ESTIMATED if estimated else []}  # here or in an ancestor
 
-
-ESTIMATED = ["reconstruction.relative_error", "reconstruction.residual_norm_by_layer[:-1]",
-             "reconstruction.residual_sq_norm_by_layer[:-1]", "quality"]
 
 
 def _check_parent(store: TableStore, parent: str, ctx: JobContext, cfg: BuildConfig,

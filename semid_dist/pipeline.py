@@ -23,6 +23,7 @@ import pyarrow as pa
 import semid_dist
 from semid_dist.codes.metrics import head_threshold
 from semid_dist.codes.partials import Partial, StreamMerge, merge
+from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
@@ -393,6 +394,40 @@ def _check_rejects(counts: dict[str, int], reasons: dict[str, int], cfg: BuildCo
         raise InputError("no valid rows to encode; nothing was committed")
 
 
+@dataclass(frozen=True)
+class _Reduced:
+    partials: dict[str, Partial]  # merged statistics after capacity moves
+    decision: PruneDecision
+    metrics: dict[str, Any]
+    data_files: list[FileEntry]  # data parts (carried and new) and the SID -> items lookup
+    counts: dict[str, int]  # rows, with carried / replaced for an incremental version
+    max_suffix: int | None  # largest suffix when it can exceed the SID sizes (incremental)
+
+
+def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Partial],
+            counts: dict[str, int], cfg: BuildConfig, store: TableStore, parent: str | None,
+            log: Log) -> _Reduced:
+    """Reduce -> data parts -> SID lookup; an incremental version first carries its
+    parent's rows and statistics (`semid_dist.incremental`)."""
+    carried, max_suffix = None, None
+    if cfg.encode.incremental:
+        carried = carry_parent(engine, ctx, plan, store, parent, cfg, log)
+        partials = {"all": merge(carried.partial, partials["all"])}
+        counts = incremental_rows(counts, carried)
+    merged, decision, moves, metrics = reduce_partials(
+        engine, ctx, plan, partials, cfg, log, decision=carried.decision if carried else None,
+        held=carried.partial if carried else None)
+    maybe_die("reduce")
+    if carried is None:
+        data_files = finalize_version(engine, ctx, plan, merged["all"], decision, moves)
+    else:
+        data_files, max_suffix = finalize_incremental(engine, ctx, plan, carried,
+                                                      merged["all"], decision, moves)
+        metrics["incremental"] = carried.figures()
+    data_files += sid_items_lookup(engine, ctx, data_files)
+    return _Reduced(merged, decision, metrics, data_files, counts, max_suffix)
+
+
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     """Run the whole job and commit a new version; returns its id, path and metrics."""
     log = _redacting(log or make_logger())
@@ -437,28 +472,12 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         _check_rejects(counts, reasons, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
-        carried, max_suffix = None, None
-        if cfg.encode.incremental:
-            carried = carry_parent(engine, ctx, plan, store, parent, cfg, log)
-            partials = {"all": merge(carried.partial, partials["all"])}
-            counts = incremental_rows(counts, carried)
-        merged_parts, decision, moves, metrics = reduce_partials(
-            engine, ctx, plan, partials, cfg, log,
-            decision=carried.decision if carried else None,
-            held=carried.partial if carried else None)
-        maybe_die("reduce")
-        if carried is None:
-            data_files = finalize_version(engine, ctx, plan, merged_parts["all"], decision, moves)
-        else:
-            data_files, max_suffix = finalize_incremental(engine, ctx, plan, carried,
-                                                          merged_parts["all"], decision, moves)
-            metrics["incremental"] = carried.figures()
-        data_files += sid_items_lookup(engine, ctx, data_files)
+        red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
         timings["reduce_s"] = time.monotonic() - t
         t = time.monotonic()
-        drift = parent_drift(engine, store, parent, vid, data_files, log)
+        drift = parent_drift(engine, store, parent, vid, red.data_files, log)
         timings["drift_s"] = time.monotonic() - t
-    metrics = {"rows": counts, **metrics,
+    metrics = {"rows": red.counts, **red.metrics,
                "fit": {"codebooks_from": source,
                        "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
                                    "n": s["n"]} for s in fit_stats]},
@@ -466,17 +485,17 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     if drift is not None:
         files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
-    files += write_lookups(store, vid, merged_parts, decision, metrics, max_suffix)
-    files += write_stats(store, vid, merged_parts["all"], decision)
+    files += write_lookups(store, vid, red.partials, red.decision, metrics, red.max_suffix)
+    files += write_stats(store, vid, red.partials["all"], red.decision)
     files += write_report(store, vid)
-    files += sorted(data_files, key=lambda e: e.path) + reject_files
+    files += sorted(red.data_files, key=lambda e: e.path) + reject_files
     manifest = {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "package_version": semid_dist.__version__, "engine": cfg.engine,
         "config": redact(cfg.to_dict()),
         "input": {"url": redact_url(plan.url), "fingerprint": plan.fingerprint,
                   "rows": plan.num_rows, "dim": ctx.dim},
-        "rows": counts,
+        "rows": red.counts,
     }
     maybe_die("commit")
     moved = store.commit(vid, manifest, files)

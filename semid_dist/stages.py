@@ -381,23 +381,20 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
     of the rows kept (-1: none)}."""
     store = ctx.store()
     path = store.entry_path(ctx.version_id, entry)
-    ids = fsio.read_parquet(store.fs, path, columns=["item_id"]).column(0).combine_chunks()
-    gone = pc.is_in(ids, value_set=replaced).to_numpy(zero_copy_only=False)
-    width = len(ctx.sizes)
+    keys = fsio.read_parquet(store.fs, path, columns=["item_id", "suffix"])
+    gone = pc.is_in(keys.column("item_id").combine_chunks(),
+                    value_set=replaced).to_numpy(zero_copy_only=False)
+    top = int(keys.column("suffix").to_numpy()[~gone].max(initial=-1))
     if not gone.any():
-        suffix = fsio.read_parquet(store.fs, path, columns=["suffix"]).column(0)
-        return {"entry": entry, "codes": np.zeros((0, width), np.int32),
-                "qerr": np.zeros(0, np.float32),
-                "max_suffix": int(pc.max(suffix).as_py() if len(suffix) else -1)}
+        return {"entry": entry, "codes": np.zeros((0, len(ctx.sizes)), np.int32),
+                "qerr": np.zeros(0, np.float32), "max_suffix": top}
     t = fsio.read_parquet(store.fs, path)
     kept, dropped = t.filter(pa.array(~gone)), t.filter(pa.array(gone))
     out = (store.write_table(ctx.version_id,
                              f"data/part-{ctx.version_id}-carried-{index:06d}.parquet", kept)
            if kept.num_rows else None)
-    suffix = kept.column("suffix")
-    return {"entry": out, "codes": _matrix(dropped.column("codes"), width, np.int32),
-            "qerr": dropped.column("qerr").to_numpy().astype(np.float32),
-            "max_suffix": int(pc.max(suffix).as_py() if len(suffix) else -1)}
+    return {"entry": out, "codes": _matrix(dropped.column("codes"), len(ctx.sizes), np.int32),
+            "qerr": dropped.column("qerr").to_numpy().astype(np.float32), "max_suffix": top}
 
 
 def carried_suffixes(ctx: JobContext, entry: FileEntry, keys: np.ndarray,

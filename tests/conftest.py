@@ -110,3 +110,20 @@ def incremental_catalogs(tmp_path_factory):
     union = write_catalog(base / "union", np.concatenate([union_x, new_x]),
                           ids=np.concatenate([np.arange(INC_N), delta_ids[:INC_NEW]]), files=2)
     return {"parent": parent, "delta": delta, "union": union, "changed": changed_ids}
+
+
+def incremental_on_engines(cats: dict, root: str, engine: str):
+    """A parent built from cats["parent"], then the same incremental child from
+    cats["delta"] on the local engine and on `engine` -> (store, parent, [local, other])."""
+    from semid_dist.io.store import TableStore
+    from semid_dist.pipeline import build
+
+    def quiet(msg: str) -> None:
+        pass
+
+    parent = build(small_config(cats["parent"], root), log=quiet)
+    children = [build(small_config(cats["delta"], root, engine=name,
+                                   encode__from_version=parent.version_id,
+                                   encode__incremental=True), log=quiet)
+                for name in ("local", engine)]
+    return TableStore(root, "sids"), parent, children

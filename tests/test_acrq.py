@@ -155,6 +155,9 @@ def test_acrq_config_errors(over, message, tmp_path):
             "input__popularity_column": "popularity", **over}
     with pytest.raises(ConfigError, match=message):
         small_config("cat", str(tmp_path), **opts)
+
+
+def test_acrq_default_anchors_and_keys_of_other_methods(tmp_path):
     default = small_config("cat", str(tmp_path), quantizer__method="acrq",
                            quantizer__layers=[16, 8, 8], input__popularity_column="popularity")
     assert default.anchor_sizes == (4, 4, 4)  # half the smallest layer, valid for any sizes

@@ -3,6 +3,7 @@ extends its parent (carried rows, referenced parts, collisions around the parent
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -181,7 +182,6 @@ def test_incremental_errors(catalogs, tmp_path, capsys):
     latest = store.latest()
     manifest = store.manifest(latest)
     manifest["files"] = [e for e in manifest["files"] if not e["path"].startswith("stats/")]
-    import json
     store.write_file(latest, "_manifest.json", json.dumps(manifest).encode())
     with pytest.raises(StoreError, match="holds no stats/ files"):
         build(small_config(catalogs["delta"], root, encode__from_version="latest",

@@ -13,7 +13,7 @@ from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
 from semid_dist.quantize.acrq import fit_acrq, split_sample
 from semid_dist.quantize.residual import init_subset
-from tests.conftest import clustered, small_config
+from tests.conftest import clustered, incremental_on_engines, small_config
 
 pytestmark = pytest.mark.engine
 
@@ -45,14 +45,8 @@ def test_ray_incremental_version_identical_to_local(ray_session, incremental_cat
                                                     tmp_path):
     """An incremental version on Ray Data: the same carried, rewritten and new parts, SIDs,
     suffixes and metrics as on the local engine."""
-    cats = incremental_catalogs
-    root = str(tmp_path / "out")
-    store = TableStore(root, "sids")
-    parent = build(small_config(cats["parent"], root), log=quiet)
-    results = [build(small_config(cats["delta"], root, engine=engine,
-                                  encode__from_version=parent.version_id,
-                                  encode__incremental=True), log=quiet)
-               for engine in ("local", "ray")]
+    store, parent, results = incremental_on_engines(incremental_catalogs,
+                                                    str(tmp_path / "out"), "ray")
     a, b = (store.read_data(r.version_id).sort_by("item_id") for r in results)
     assert a.num_rows == 2700 and a.equals(b)
     ma, mb = ({k: v for k, v in r.metrics.items() if k not in ("timings", "fit")}

@@ -18,7 +18,7 @@ from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
-from tests.conftest import clustered, small_config, write_catalog
+from tests.conftest import clustered, incremental_on_engines, small_config, write_catalog
 
 pytestmark = pytest.mark.engine
 
@@ -60,14 +60,8 @@ def test_spark_incremental_version_identical_to_local(spark_session, incremental
                                                       tmp_path):
     """An incremental version on Spark: the same carried, rewritten and new parts, SIDs,
     suffixes and metrics as on the local engine."""
-    cats = incremental_catalogs
-    root = str(tmp_path / "out")
-    store = TableStore(root, "sids")
-    parent = build(small_config(cats["parent"], root), log=quiet)
-    results = [build(small_config(cats["delta"], root, engine=engine,
-                                  encode__from_version=parent.version_id,
-                                  encode__incremental=True), log=quiet)
-               for engine in ("local", "spark")]
+    store, _, results = incremental_on_engines(incremental_catalogs, str(tmp_path / "out"),
+                                               "spark")
     a, b = (store.read_data(r.version_id).sort_by("item_id") for r in results)
     assert a.num_rows == 2700 and a.equals(b)
     assert comparable(results[0].metrics) == comparable(results[1].metrics)
