@@ -39,6 +39,7 @@ from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
+from semid_dist.memory import release_freed_memory
 from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
@@ -318,10 +319,11 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return None
 
 
-def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
+def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[str, float]):
     """Run the encode stage over the shards a killed run of this version did not finish;
     returns ({"all"|"head"|"tail": merged statistics}, counts, reject files, rejected rows per
-    reason).
+    reason). Sets timings["encode_first_shard_s"]: seconds until the engine's first shard
+    result (its start-up plus one shard; the rest of the stage is its steady pace).
 
     Shard statistics are merged as they arrive, in shard order (results that come early wait
     for their turn), so memory holds O(log shards) partials rather than one per shard, and
@@ -340,7 +342,10 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log):
 
     def results():
         yield from (done[i] for i in sorted(done))
+        start = time.monotonic()
         for n, res in enumerate(engine.encode(ctx, todo)):
+            if n == 0:
+                timings["encode_first_shard_s"] = time.monotonic() - start
             if n == 1:
                 maybe_die("encode")
             yield res
@@ -460,7 +465,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
                          device=encode_device(cfg), precision=cfg.encode.precision,
-                         rerank=cfg.encode.rerank)
+                         rerank=cfg.encode.rerank, reuse_memory=cfg.encode.reuse_memory)
         ctx = _scan(engine, ctx, plan, cfg, log)
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)
@@ -468,7 +473,10 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log, parent)
         timings["fit_s"] = time.monotonic() - t
         t = time.monotonic()
-        partials, counts, reject_files, reasons = _encode(engine, ctx, plan, log)
+        try:
+            partials, counts, reject_files, reasons = _encode(engine, ctx, plan, log, timings)
+        finally:
+            release_freed_memory()  # kept by an encode worker in this process (local engine)
         _check_rejects(counts, reasons, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()

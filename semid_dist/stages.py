@@ -25,6 +25,7 @@ from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import normalize_ids, reject_reasons, validate_batch
+from semid_dist.memory import keep_freed_memory
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
@@ -49,6 +50,7 @@ class JobContext:
     chunk_rows: int = 8192
     precision: str = "fp32"  # encode.precision
     rerank: int = 8  # encode.rerank
+    reuse_memory: bool = False  # encode.reuse_memory: workers call memory.keep_freed_memory
     device: str = "cpu"
     codebooks_version: str | None = None  # read codebooks from this version (default: own)
     duplicate_ids: pa.Array | None = field(default=None, compare=False)
@@ -169,6 +171,8 @@ class EncodeWorker:
     write rejects, return counts and the shard's mergeable statistics."""
 
     def __init__(self, ctx: JobContext) -> None:
+        if ctx.reuse_memory:
+            keep_freed_memory()
         self.ctx = ctx
         self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()
@@ -212,6 +216,19 @@ class EncodeWorker:
     def _partial(self, enc, x: np.ndarray, rows) -> bytes:
         return partial_from_batch(enc.codes[rows], enc.sq_residual[rows], x[rows], self.ctx.sizes,
                                   quality_depth=self.ctx.quality_depth).to_bytes()
+
+
+_WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process
+
+
+def job_worker(job: str, ctx: JobContext) -> EncodeWorker:
+    """The `EncodeWorker` of encode job `job` (a token unique per encode run) in this process:
+    built on first use, then reused by the job's later tasks that land on the same process
+    (Ray and Spark reuse their Python workers); a new job replaces it."""
+    if job not in _WORKERS:
+        _WORKERS.clear()
+        _WORKERS[job] = EncodeWorker(ctx)
+    return _WORKERS[job]
 
 
 _BLOBS = ("partial", "partial_head", "partial_tail")

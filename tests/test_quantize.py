@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from semid_dist.quantize import decode, encode_batch, fit_residual_kmeans, kmeans, nearest
-from semid_dist.quantize.encode import CPU_TILE_BYTES, group_sum, tile_rows
+from semid_dist.quantize.encode import CPU_TILE_BYTES, CPU_TILE_MIN_ROWS, group_sum, tile_rows
 from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import DEMO, clustered
@@ -43,6 +43,18 @@ def test_nearest_matches_brute_force_and_is_chunk_independent():
     np.testing.assert_allclose(dist, brute.min(1), rtol=1e-4, atol=1e-4)
     labels_big, _ = nearest(x, c, chunk_rows=100_000)
     assert (labels == labels_big).all()
+
+
+def test_nearest_ties_go_to_the_lowest_code():
+    rng = np.random.default_rng(4)
+    c = rng.normal(size=(6, 5)).astype(np.float32)
+    c = np.concatenate([c, c[::-1]])  # every codeword twice: at j and at 11 - j
+    x = np.concatenate([c[:6], rng.normal(size=(300, 5)).astype(np.float32)])
+    labels, _ = nearest(x, c, chunk_rows=7)
+    assert (labels < 6).all()
+    assert (labels[:6] == np.arange(6)).all()
+    enc = encode_batch([c, c], x, chunk_rows=7)
+    assert (enc.codes < 6).all()
 
 
 def test_encode_decode_consistency_and_residuals():
@@ -93,11 +105,11 @@ def test_group_sum_equals_sequential_float64_accumulation():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("k, d, rows", [(256, 128, 8192), (256, 768, 4096), (4096, 128, 896),
-                                        (1 << 20, 64, 128)])
+@pytest.mark.parametrize("k, d, rows", [(256, 128, 2688), (256, 768, 1024), (64, 16, 8192),
+                                        (4096, 128, 512), (1 << 20, 64, 512)])
 def test_cpu_tile_keeps_scores_small_and_gpu_takes_chunk_rows(k, d, rows):
     assert tile_rows(8192, k, d) == rows
-    assert 4 * rows * (k + d) <= CPU_TILE_BYTES or rows == 128
+    assert 4 * rows * (k + d) <= CPU_TILE_BYTES or rows == CPU_TILE_MIN_ROWS
     assert tile_rows(100, k, d) == min(100, rows)
     assert tile_rows(8192, k, d, "cuda:0") == 8192
 

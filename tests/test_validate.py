@@ -170,6 +170,21 @@ def test_float64_and_float16_values_round_like_numpy():
     assert np.array_equal(got16.x, half.astype(np.float32))
 
 
+@pytest.mark.parametrize("kind", ["list", "fixed"])
+def test_rows_of_the_right_length_with_nan_or_inf_are_rejected(kind):
+    """Every row has `dim` values (the batch's fast path): NaN / Inf rows are still rejected,
+    and the valid rows come back as a writable float32 matrix."""
+    rows = [[1.0, 2.0, 3.0, 4.0], [np.nan, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 8.0],
+            [0.0, 0.0, -np.inf, 0.0], [9.0, 9.5, 10.0, 10.5]]
+    vb = run(make_table(rows, [1, 2, 3, 4, 5], kind=kind))
+    check_against_rows(vb, rows, [1, 2, 3, 4, 5],
+                       [None, "nonfinite", None, "nonfinite", None], 1000)
+    assert vb.x.flags.writeable
+    clean = run(make_table([rows[0], rows[2]], [1, 3], kind=kind))
+    assert clean.x.flags.writeable and np.array_equal(clean.x, np.array([rows[0], rows[2]],
+                                                                        dtype=np.float32))
+
+
 def test_float64_out_of_float32_range_is_rejected_as_non_finite():
     rows = [[1e300, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]
     vb = run(make_table(rows, [1, 2], value_type=pa.float64()))

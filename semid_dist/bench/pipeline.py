@@ -123,11 +123,17 @@ def decode_rate(catalog: str, column: str = "embedding", *, repeats: int = 2) ->
             "bytes_s": rows * width * 4 / best}
 
 
-def e2e_row(engine: str, run: JobRun, rows: int) -> dict[str, Any]:
-    """One engine's `semid encode` run as plain numbers."""
+def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
+    """One engine's `semid encode` run as plain numbers. The steady pace is the stage's rate
+    after its first shard result (engine start-up and one shard left out): rows of the other
+    shards / (encode_s - encode_first_shard_s); None with a single shard."""
     timings = run.output["metrics"]["timings"]
+    first = timings.get("encode_first_shard_s")
+    steady = (rows * (shards - 1) / shards / (timings["encode_s"] - first)
+              if first is not None and shards > 1 and timings["encode_s"] > first else None)
     return {"engine": engine, "rows": rows, "encode_s": timings["encode_s"],
-            "encode_items_s": rows / timings["encode_s"], "wall_s": run.wall_s,
+            "encode_items_s": rows / timings["encode_s"], "first_shard_s": first,
+            "steady_items_s": steady, "wall_s": run.wall_s,
             "wall_items_s": rows / run.wall_s, "maxrss_mb": run.maxrss_mb,
             "version_id": run.output["version_id"]}
 

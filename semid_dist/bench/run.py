@@ -261,7 +261,7 @@ def _engines_block(opts: BenchOptions, job: _Jobs, catalog: str, name: str, rows
             log(f"{name}: spark skipped (pyspark is not installed)")
             continue
         run = job.run("encode", catalog, name, engine, (f"encode.from_version={version}",))
-        row = e2e_row(engine, run, rows)
+        row = e2e_row(engine, run, rows, info.row_groups)
         row["share_kernel"] = row["encode_items_s"] / k_rate
         row["share_ceiling"] = row["encode_items_s"] / ceiling
         log(f"{name}: {engine}: encode stage {row['encode_items_s']:.0f} items/s "

@@ -37,11 +37,12 @@ def _count_sum(index: np.ndarray, counts: np.ndarray, rows: int) -> np.ndarray:
     return np.bincount(index, weights=counts, minlength=rows).astype(np.int64)
 
 
-def _group_sum(keys: np.ndarray, values: np.ndarray | None = None):
+def _group_sum(keys: np.ndarray, values: np.ndarray | None = None,
+               scale: np.ndarray | None = None):
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     if values is None:
         return uniq, counts.astype(np.int64), None
-    return uniq, counts.astype(np.int64), group_sum(inverse, values, len(uniq))
+    return uniq, counts.astype(np.int64), group_sum(inverse, values, len(uniq), scale=scale)
 
 
 @dataclass
@@ -104,18 +105,20 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
     layer_counts = [np.bincount(codes[:, i], minlength=k).astype(np.int64)
                     for i, k in enumerate(sizes)]
     keys, counts, _ = _group_sum(sid_keys(codes, sizes))
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    unit = x / np.where(norms > 0, norms, 1.0)[:, None]
-    has_dir = norms > 0
-    q_keys, q_counts, q_sums = _group_sum(sid_keys(codes[has_dir], sizes, quality_depth),
-                                          unit[has_dir])
+    sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # no float64 copy of x
+    has_dir = sq_norms > 0  # rows with a direction: the quality sums take their unit vectors
+    q_codes, q_x, q_sq = ((codes, x, sq_norms) if has_dir.all() else
+                          (codes[has_dir], x[has_dir], sq_norms[has_dir]))
+    # the unit vectors x / ||x|| are formed chunk by chunk inside the float64 group sum
+    q_keys, q_counts, q_sums = _group_sum(sid_keys(q_codes, sizes, quality_depth), q_x,
+                                          scale=1.0 / np.sqrt(q_sq))
     sq64 = sq_residual.astype(np.float64)
     trans = [_group_sum(codes[:, i - 1].astype(np.int64) * sizes[i] + codes[:, i])
              for i in range(1, len(sizes))]
     return Partial(trans_keys=[t[0] for t in trans], trans_counts=[t[1] for t in trans],
                    n=n, layer_counts=layer_counts, sid_keys=keys, sid_counts=counts,
                    sq_res_sum=sq64.sum(axis=0), res_norm_sum=np.sqrt(sq64).sum(axis=0),
-                   x_sq_sum=float((norms ** 2).sum()), q_keys=q_keys, q_counts=q_counts,
+                   x_sq_sum=float(sq_norms.sum()), q_keys=q_keys, q_counts=q_counts,
                    q_sums=q_sums if q_sums is not None else np.zeros((0, d)))
 
 

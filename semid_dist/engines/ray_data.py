@@ -8,6 +8,7 @@ object store) and shuts it down when done; it leaves an already running Ray alon
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.stages import EncodeWorker, JobContext
+from semid_dist.stages import JobContext, job_worker
 
 
 def ray_init(cfg: BuildConfig) -> bool:
@@ -42,22 +43,21 @@ def _run_item(fn: Callable[..., Any], item: tuple, *shared: Any) -> Any:
     return fn(*resolve(item, shared))
 
 
-class _EncodeActor:
-    """Ray Data callable class: one `EncodeWorker` (codebooks loaded once) per actor."""
+def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,
+                   threads: int) -> dict[str, list]:
+    """Ray Data task body: encode the batch's shards. The `EncodeWorker` (codebooks) is built
+    once per Ray worker process and encode job: tasks reuse the worker processes the scan
+    already started, so the stage pays no actor start-up (about 9 s on 2 cores)."""
+    import torch
 
-    def __init__(self, ctx: JobContext, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        self.worker = EncodeWorker(ctx)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"index": [], "result": []}
-        for shard in batch["shard"]:
-            result = self.worker(shard_from_dict(shard))
-            out["index"].append(result["index"])
-            out["result"].append(result)
-        return out
+    torch.set_num_threads(max(1, threads))
+    worker = job_worker(job, ctx)
+    out: dict[str, list] = {"index": [], "result": []}
+    for shard in batch["shard"]:
+        result = worker(shard_from_dict(shard))
+        out["index"].append(result["index"])
+        out["result"].append(result)
+    return out
 
 
 class RayEngine:
@@ -96,13 +96,16 @@ class RayEngine:
         import ray
         import ray.data
 
-        cpus = 1.0
+        if not shards:
+            return
+        cpus, tasks = 1.0, min(self.cfg.encode.num_actors, len(shards))
         ds = ray.data.from_items([{"shard": shard_to_dict(s)} for s in shards],
                                  override_num_blocks=len(shards))
         ds = ds.map_batches(
-            _EncodeActor, fn_constructor_kwargs={"ctx": ctx, "threads": int(cpus)},
+            _encode_shards, fn_kwargs={"job": uuid.uuid4().hex, "ctx": ctx,
+                                       "threads": int(cpus)},
             batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.cfg.encode.num_actors),
+            compute=ray.data.TaskPoolStrategy(size=tasks),
             num_cpus=cpus, num_gpus=1 if self.cfg.encode.use_gpu else 0)
         for row in ds.iter_rows():
             yield row["result"]

@@ -34,7 +34,7 @@ from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.stages import EncodeWorker, JobContext
+from semid_dist.stages import JobContext, job_worker
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -95,9 +95,6 @@ def task_errors() -> Iterator[None]:
         raise cls(f"{match.group(2)} (raised in a Spark task)") from exc
 
 
-_WORKER: dict[str, EncodeWorker] = {}  # encode job token -> worker, kept by a reused process
-
-
 def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
                       batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: (index, shard JSON) rows in, one result row per shard out. The
@@ -106,10 +103,7 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
     from pyspark import TaskContext
 
     torch.set_num_threads(max(1, TaskContext.get().cpus()))
-    if job not in _WORKER:
-        _WORKER.clear()
-        _WORKER[job] = EncodeWorker(ctx_bc.value)
-    worker = _WORKER[job]
+    worker = job_worker(job, ctx_bc.value)
     for batch in batches:
         for shard in batch.column("shard").to_pylist():
             res = worker(shard_from_dict(json.loads(shard)))

@@ -127,8 +127,14 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.nan_to_num(lengths.astype(np.float64), nan=0).astype(np.int64)
     values = pc.cast(column.flatten(), pa.float32())
     values = pc.fill_null(values, np.float32("nan")).to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     reason = np.where(is_null, 1, np.where(lengths != dim, 2, 0)).astype(np.int8)
+    if not reason.any():  # every row holds `dim` values: the flat values are the matrix
+        x = np.array(values.reshape(n, dim), dtype=np.float32)  # a writable copy
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        reason[bad] = 3
+        x[bad] = 0.0
+        return x, reason
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     x = np.zeros((n, dim), dtype=np.float32)
     good = np.flatnonzero(reason == 0)
     if len(good):
@@ -195,9 +201,11 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     popularity = None
     if popularity_column is not None:
         pop = table.column(popularity_column).combine_chunks()
-        popularity = pc.fill_null(pc.cast(pop, pa.float64()), 0.0).to_numpy()[good]
-    return ValidBatch(ids=pc.take(ids, pa.array(good)), x=x[good], rows=rows[good],
-                      popularity=popularity, rejects=rejects)
+        popularity = pc.fill_null(pc.cast(pop, pa.float64()), 0.0).to_numpy()
+        popularity = popularity[good] if len(bad) else popularity
+    if len(bad):
+        ids, x, rows = pc.take(ids, pa.array(good)), x[good], rows[good]
+    return ValidBatch(ids=ids, x=x, rows=rows, popularity=popularity, rejects=rejects)
 
 
 def reject_reasons(rejects: pa.Table) -> dict[str, int]:

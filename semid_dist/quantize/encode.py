@@ -34,20 +34,23 @@ class EncodeResult:
 
 
 # Bytes of one row chunk's score matrix (rows x k) plus its rows (rows x d), fp32, on a CPU.
-# Above a few MiB the scores stop fitting in cache and, past glibc's mmap threshold, are
+# Past a few MiB the scores stop fitting in cache and, past glibc's mmap threshold, are
 # page-faulted in afresh on every call: at k=4096 an 8,192-row chunk was 1.6-2.5x slower
-# per row than a 16 MiB tile (docs/BENCHMARKS.md).
-CPU_TILE_BYTES = 16 * 2**20
+# per row than a 16 MiB tile; at k=256 a 4 MiB tile (2,688 rows at d=128) beat 16 MiB by
+# 1.0-1.4x, and 512 rows keep the GEMM efficient at k=4096 (docs/BENCHMARKS.md).
+CPU_TILE_BYTES = 4 * 2**20
+CPU_TILE_MIN_ROWS = 512
 
 
 def tile_rows(chunk_rows: int, k: int, d: int, device: str = "cpu") -> int:
     """Rows per GEMM: `chunk_rows`, lowered on a CPU so the fp32 tile of scores and rows
-    stays within CPU_TILE_BYTES (a multiple of 128, at least 128). A GPU takes `chunk_rows`.
-    Depends only on the configuration and the codebook shape, so every engine chunks alike."""
+    stays within CPU_TILE_BYTES (a multiple of 128, at least CPU_TILE_MIN_ROWS). A GPU takes
+    `chunk_rows`. Depends only on the configuration and the codebook shape, so every engine
+    chunks alike."""
     if not str(device).startswith("cpu"):
         return max(1, chunk_rows)
     fit = CPU_TILE_BYTES // (4 * (k + d)) // 128 * 128
-    return max(1, min(chunk_rows, max(128, fit)))
+    return max(1, min(chunk_rows, max(CPU_TILE_MIN_ROWS, fit)))
 
 
 def _as_tensor(a: np.ndarray, device: str) -> torch.Tensor:
@@ -57,7 +60,15 @@ def _as_tensor(a: np.ndarray, device: str) -> torch.Tensor:
 def _nearest_chunk(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor]:
     scores = torch.addmm(c_sq.unsqueeze(0), x, c.T, beta=1.0, alpha=-2.0)
-    best, idx = torch.min(scores, dim=1)
+    if scores.device.type == "cpu":
+        # numpy's SIMD argmin along rows is 5-14x faster than torch.min(dim=1) on a CPU (at
+        # k=4096 the reduction cost half as much as the GEMM); both take the first minimum
+        s = scores.numpy()
+        idx_np = s.argmin(axis=1)
+        best = torch.from_numpy(np.take_along_axis(s, idx_np[:, None], axis=1).ravel())
+        idx = torch.from_numpy(idx_np)
+    else:
+        best, idx = torch.min(scores, dim=1)
     dist = torch.clamp_(best + (x * x).sum(dim=1), min=0.0)
     return idx, dist
 
@@ -154,18 +165,26 @@ def _top_candidates(r: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, k: int
 
 
 def group_sum(index: np.ndarray, values: np.ndarray, rows: int, *,
-              chunk_rows: int = 65536) -> np.ndarray:
+              scale: np.ndarray | None = None, chunk_rows: int = 4096) -> np.ndarray:
     """Row sums grouped by `index`, accumulated in float64 in row order (so deterministic).
 
-    index: (n,) int in [0, rows); values: (n, d) float32/float64 -> (rows, d) float64. Converts
-    `chunk_rows` rows at a time, so no float64 copy of all of `values` is made.
+    index: (n,) int in [0, rows); values: (n, d) float32/float64; scale: optional (n,) float64
+    factor of each row (applied in float64 before the sum) -> (rows, d) float64. Converts
+    `chunk_rows` rows at a time into one reused float64 buffer (small enough to stay in
+    cache), so no float64 copy of all of `values` is made and no fresh pages are touched.
     """
     out = torch.zeros((rows,) + values.shape[1:], dtype=torch.float64)
     idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
     src = torch.from_numpy(np.ascontiguousarray(values))
+    factor = None if scale is None else torch.from_numpy(np.ascontiguousarray(scale, np.float64))
+    buf = torch.empty((min(chunk_rows, len(idx)),) + values.shape[1:], dtype=torch.float64)
     for start in range(0, len(idx), chunk_rows):
-        out.index_add_(0, idx[start:start + chunk_rows],
-                       src[start:start + chunk_rows].to(torch.float64))
+        stop = min(start + chunk_rows, len(idx))
+        block = buf[:stop - start]
+        block.copy_(src[start:stop])
+        if factor is not None:
+            block *= factor[start:stop, None]
+        out.index_add_(0, idx[start:stop], block)
     return out.numpy()
 
 
