@@ -126,11 +126,13 @@ def decode_rate(catalog: str, column: str = "embedding", *, repeats: int = 2) ->
 def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
     """One engine's `semid encode` run as plain numbers. The steady pace is the stage's rate
     after its first shard result (engine start-up and one shard left out): rows of the other
-    shards / (encode_s - encode_first_shard_s); None with a single shard."""
+    shards / (encode_s - encode_first_shard_s); None with a single shard, and for Spark,
+    whose job hands back every shard's result at once when it ends."""
     timings = run.output["metrics"]["timings"]
     first = timings.get("encode_first_shard_s")
+    streams = engine != "spark" and first is not None and shards > 1
     steady = (rows * (shards - 1) / shards / (timings["encode_s"] - first)
-              if first is not None and shards > 1 and timings["encode_s"] > first else None)
+              if streams and timings["encode_s"] > first else None)
     return {"engine": engine, "rows": rows, "encode_s": timings["encode_s"],
             "encode_items_s": rows / timings["encode_s"], "first_shard_s": first,
             "steady_items_s": steady, "wall_s": run.wall_s,
@@ -142,41 +144,33 @@ def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[
                   niter: int, workers: Sequence[int], cores: int, seed: int = 0,
                   log: Log = print) -> list[dict[str, Any]]:
     """Seconds per Lloyd iteration of the fit on `w` Ray Train workers for each w in
-    `workers`: two runs from the same start (`inits`, one (k_l, d) array per layer), with 1
-    and `niter` iterations; (t_niter - t_1) / ((niter - 1) * L) removes the worker start-up.
-    Also returns the codebooks of the `niter` run (for the MSE). s_per_iter is None when the
-    difference drowns in the start-up noise (too few iterations or points)."""
+    `workers`, from the same start (`inits`, one (k_l, d) array per layer): the mean of the
+    iteration times the workers record (`seconds` in each layer's `iterations`; an iteration
+    includes its all-reduce), so the worker start-up is not counted. Also returns the run's
+    wall time and codebooks (for the MSE)."""
     from semid_dist.config import parse_config
     from semid_dist.engines import make_engine
 
-    if niter < 2:
-        raise ValueError(f"ray_train_fit needs niter >= 2 to time iterations, got {niter}")
     out = []
     with tempfile.TemporaryDirectory(prefix="semid-bench-ray-") as tmp:
-        def cfg(w: int, n: int):
+        def cfg(w: int):
             return parse_config({
                 "engine": "ray", "seed": seed, "input": {"path": tmp},
                 "output": {"root": tmp, "table": "fit"},
-                "quantizer": {"layers": list(layers), "niter": n},
+                "quantizer": {"layers": list(layers), "niter": niter},
                 "fit": {"num_workers": w, "cpus_per_worker": max(1.0, cores / w)},
                 "ray": {"num_cpus": cores},
             })
 
-        with make_engine(cfg(1, 1), log=lambda msg: None) as engine:
+        with make_engine(cfg(1), log=lambda msg: None) as engine:
             for w in workers:
-                times, books = {}, None
-                for n in (1, niter):
-                    staging = f"{tmp}/staging-{w}-{n}"
-                    t = time.perf_counter()
-                    books, _ = engine.fit(sample, sample[:0], cfg(w, n), lambda msg: None,
-                                          staging, init_centroids=inits)
-                    times[n] = time.perf_counter() - t
-                per_iter = (times[niter] - times[1]) / ((niter - 1) * len(layers))
-                log(f"ray train fit: {w} worker(s): {per_iter:.4f} s/iteration "
-                    f"(runs {times[1]:.1f} s, {times[niter]:.1f} s)")
-                if per_iter <= 0:  # iterations shorter than the start-up noise: no figure
-                    per_iter = None
+                t = time.perf_counter()
+                books, stats = engine.fit(sample, sample[:0], cfg(w), lambda msg: None,
+                                          f"{tmp}/staging-{w}", init_centroids=inits)
+                wall = time.perf_counter() - t
+                seconds = [it["seconds"] for layer in stats for it in layer["iterations"]]
+                per_iter = sum(seconds) / len(seconds)
+                log(f"ray train fit: {w} worker(s): {per_iter:.4f} s/iteration (run {wall:.1f} s)")
                 out.append({"workers": w, "threads_per_worker": int(max(1, cores // w)),
-                            "s_per_iter": per_iter, "run_1_s": times[1],
-                            f"run_{niter}_s": times[niter], "codebooks": books})
+                            "s_per_iter": per_iter, "run_s": wall, "codebooks": books})
     return out

@@ -287,9 +287,8 @@ def _fit(opts: BenchOptions, cores: int, log: Log) -> list[dict[str, Any]]:
                                  workers=opts.ray_workers, cores=cores, seed=opts.seed, log=log)
             for run in runs:
                 mse = layer_mse(run.pop("codebooks"), x)[-1]
-                s_it = run["s_per_iter"]
                 run.update(mse=mse, mse_ratio=mse / res["faiss_mse"],
-                           time_ratio=None if s_it is None else s_it / res["faiss_s_per_iter"])
+                           time_ratio=run["s_per_iter"] / res["faiss_s_per_iter"])
             res["ray_train"] = runs
         out.append(res)
     return out

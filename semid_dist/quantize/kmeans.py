@@ -8,6 +8,7 @@ differs from the 1-worker run only by floating-point summation order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +128,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
     rng = np.random.default_rng([seed, 1])
     history = []
     for it in range(niter):
+        start = time.perf_counter()
         sums, counts, inertia = lloyd_stats(x, centroids.astype(np.float32),
                                             chunk_rows=chunk_rows, device=device)
         packed = reduce(np.concatenate([sums.ravel(), counts, [inertia, len(x)]]))
@@ -138,7 +140,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
         n_split = _split_empty(centroids[a:], counts[a:], rng)
         history.append({"iteration": it, "mse": float(inertia / max(n_total, 1)),
-                        "empty_split": n_split})
+                        "empty_split": n_split, "seconds": time.perf_counter() - start})
     stats = {"k": k, "n": int(n_total), "iterations": history,
              "init": ("anchored" if frozen is not None else
                       "kmeans++" if init_centroids is None else "warm"),
