@@ -96,8 +96,8 @@ class EncodeConfig:
     # `rerank` best codewords re-scored in fp32 (a GPU fast path; >= 99.9% identical codes).
     precision: Precision = "fp32"
     rerank: int = 8
-    # encode workers keep freed memory for the next shard instead of returning it to the OS
-    # (semid_dist.memory): faster where fresh pages are dear; resident memory stays at peak
+    # encode workers decode Parquet into Arrow's jemalloc pool, which keeps freed pages for
+    # the next shard (semid_dist.memory); false keeps Arrow's default pool
     reuse_memory: bool = True
 
 
