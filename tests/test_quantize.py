@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from semid_dist.quantize import decode, encode_batch, fit_residual_kmeans, kmeans, nearest
-from semid_dist.quantize.encode import CPU_TILE_BYTES, CPU_TILE_MIN_ROWS, group_sum, tile_rows
+from semid_dist.quantize import encode as encode_mod
+from semid_dist.quantize.encode import (
+    CPU_TILE_BYTES,
+    CPU_TILE_MIN_ROWS,
+    group_sum,
+    set_cpu_threads,
+    tile_rows,
+)
 from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import DEMO, clustered
@@ -73,6 +80,48 @@ def test_encode_decode_consistency_and_residuals():
     np.testing.assert_allclose(enc.qerr, ((x - recon) ** 2).sum(1), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(enc.sq_residual[:, 0], ((x - books[0][enc.codes[:, 0]]) ** 2).sum(1),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_numpy_cpu_kernel_matches_the_torch_kernel_and_its_candidates():
+    """The CPU runs the numpy kernel; the torch kernel (what an accelerator runs) on the same
+    input gives the same codes but for fp32 near-ties, and the candidate lists agree."""
+    x = clustered(3000, 16, clusters=12, seed=5)
+    books = [clustered(k, 16, clusters=4, seed=6 + k) * s
+             for k, s in ((64, 1.0), (32, 0.4), (48, 0.2))]
+    cpu = encode_batch(books, x, chunk_rows=500, candidates=4)
+    n, n_layers, n_alt = len(x), len(books), 4
+    ref = {"codes": np.empty((n, n_layers), np.int32), "sq_res": np.empty((n, n_layers),
+           np.float32), "alt_codes": np.empty((n, n_alt), np.int32),
+           "alt_err": np.empty((n, n_alt), np.float32)}
+    encode_mod._encode_torch(books, x, 500, "cpu", "fp32", 8, ref["codes"], ref["sq_res"],
+                             ref["alt_codes"], ref["alt_err"])
+    assert (cpu.codes == ref["codes"]).all(axis=1).mean() >= 0.999
+    np.testing.assert_allclose(cpu.sq_residual, ref["sq_res"], rtol=1e-4, atol=1e-5)
+    # the candidates: column 0 is the greedy code, then ascending error, all distinct codes
+    assert (cpu.alt_codes[:, 0] == cpu.codes[:, -1]).all()
+    assert (np.diff(cpu.alt_err[:, 1:], axis=1) >= 0).all()
+    assert all(len(set(row)) == n_alt for row in cpu.alt_codes[:50])
+    np.testing.assert_allclose(cpu.alt_err[:, 1:], ref["alt_err"][:, 1:], rtol=1e-4, atol=1e-5)
+    # the chunking does not change the codes
+    assert (encode_batch(books, x, chunk_rows=4096).codes == cpu.codes).all()
+
+
+def test_set_cpu_threads_limits_torch_and_numpy_blas():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before_torch, before_blas = torch.get_num_threads(), max(blas_threads())
+    try:
+        set_cpu_threads(1)
+        assert torch.get_num_threads() == 1 and blas_threads() == {1}
+        set_cpu_threads(2)
+        assert torch.get_num_threads() == 2 and blas_threads() == {2}
+    finally:
+        set_cpu_threads(before_torch)
+        set_cpu_threads(before_blas)
+        torch.set_num_threads(before_torch)
 
 
 def test_lloyd_stats_are_sums_and_counts():

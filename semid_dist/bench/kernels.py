@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from semid_dist.bench.synthetic import CatalogSpec, embeddings
-from semid_dist.quantize.encode import encode_batch, nearest
+from semid_dist.quantize.encode import encode_batch, nearest, set_cpu_threads
 from semid_dist.quantize.kmeans import kmeans, kmeans_plusplus
 from semid_dist.quantize.residual import init_subset
 
@@ -32,8 +32,9 @@ def cpu_count() -> int:
 
 
 def set_threads(n: int) -> None:
-    """Give torch and faiss's OpenMP exactly `n` threads (oversubscription is up to 2x slower)."""
-    torch.set_num_threads(n)
+    """Give torch, numpy's BLAS and faiss's OpenMP exactly `n` threads (oversubscription is
+    up to 2x slower)."""
+    set_cpu_threads(n)
     try:
         import faiss
     except ImportError:  # pragma: no cover - faiss is an extra
@@ -50,6 +51,23 @@ def best_time(fn: Callable[[], Any], *, repeats: int = 3,
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+    return best
+
+
+def interleaved_best_times(fns: dict[str, Callable[[], Any]], *,
+                           rounds: int = 4) -> dict[str, float]:
+    """Best wall time in s of each function over `rounds` rounds that run each once in turn,
+    after one warm-up each. On a shared machine the CPU's speed drifts over seconds (steal
+    time reached 20%), so timing the methods in turn, not one after the other, keeps a burst
+    from landing on one side of a ratio only."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
@@ -184,12 +202,13 @@ def _rows_for(fn: Callable[[np.ndarray], Any], pool: _Pool, *, target_s: float,
 
 def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed: int = 0,
                  max_bytes: int = 512 * 2**20, gflops: float | None = None,
-                 alt_chunk_rows: int | None = None) -> dict[str, Any]:
+                 alt_chunk_rows: int | None = None, rounds: int = 4) -> dict[str, Any]:
     """Items/s of our kernel, faiss flat per layer and faiss RQ (beam 1) on the same clustered
-    data and codebooks; each rate is the best of 3 timed runs after one warm-up, on a number
-    of items chosen so one run takes about `target_s`. Code agreement with faiss flat (and RQ)
-    is the share of items whose L codes are all equal. With `alt_chunk_rows`, also our kernel
-    at that chunk_rows ("ours_alt", for information)."""
+    data and codebooks; each rate is the best of `rounds` interleaved timed runs (see
+    `interleaved_best_times`), on a number of items chosen so one run takes about
+    `target_s`. Code agreement with faiss flat (and RQ) is the share of items whose L codes
+    are all equal. With `alt_chunk_rows`, also our kernel at that chunk_rows ("ours_alt", for
+    information)."""
     start_rows = max(2 * max(layers), 2048)
     max_rows = max(start_rows, max_bytes // (4 * dim))
     books = sampled_codebooks(embeddings(CatalogSpec(dim=dim, seed=seed + 1), 4 * max(layers)),
@@ -205,12 +224,15 @@ def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed
         methods["ours_alt"] = lambda a: ours_encode(books, a, chunk_rows=alt_chunk_rows)
     res: dict[str, Any] = {"dim": dim, "layers": list(layers),
                            "flop_per_item": encode_flop(dim, layers)}
-    for name, fn in methods.items():
-        n = _rows_for(fn, pool, target_s=target_s, start_rows=start_rows, max_rows=max_rows)
-        xs = pool.get(n)
-        t = best_time(lambda fn=fn, xs=xs: fn(xs),
-                      warmup=lambda fn=fn, xs=xs: fn(xs[:16384]))
-        res[name] = {"items": n, "seconds": t, "items_s": n / t}
+    sizes = {name: _rows_for(fn, pool, target_s=target_s, start_rows=start_rows,
+                             max_rows=max_rows) for name, fn in methods.items()}
+    pool.get(max(sizes.values()))  # one array: every method reads a prefix of it
+    inputs = {name: pool.get(n) for name, n in sizes.items()}
+    times = interleaved_best_times(
+        {name: (lambda fn=fn, xs=inputs[name]: fn(xs)) for name, fn in methods.items()},
+        rounds=rounds)
+    for name, n in sizes.items():
+        res[name] = {"items": n, "seconds": times[name], "items_s": n / times[name]}
     if alt_chunk_rows:
         res["ours_alt"]["chunk_rows"] = alt_chunk_rows
     x = pool.get(min(res[name]["items"] for name in methods))

@@ -274,14 +274,15 @@ METHOD = """## How each number is measured
   pipeline runs it) on clustered synthetic vectors with codebooks sampled from the data's
   residuals; faiss flat = one `IndexFlatL2` per layer, search k=1, subtract, next layer
   (8,192-row chunks, like ours); faiss RQ = `ResidualQuantizer` with our codebooks and
-  `max_beam_size = 1`, `compute_codes`. Each: one warm-up, best of 3 runs, the item count
-  chosen so a run takes about the configured seconds. torch and faiss OpenMP threads = the
-  cores available. Ceiling items/s = GEMM GFLOP/s / (2 d sum(M_l)). "codes agree" = share
-  of items whose L codes equal faiss flat's. "(info)" rows time the same kernel at another
-  `chunk_rows` (the `encode.chunk_rows` config key); no target is judged on them. On a CPU
-  both are capped by the 4 MiB score tile (`tile_rows`, at least 512 rows), so with
-  4096-entry codebooks the two rows run the same 512-row tiles and their gap is run-to-run
-  noise.
+  `max_beam_size = 1`, `compute_codes`. Each: one warm-up, then the best of 4 rounds that
+  time every method once in turn (so a burst of a neighbour's load or hypervisor steal falls
+  on both sides of a ratio), the item count chosen so a run takes about the configured
+  seconds. Threads of torch, numpy's BLAS and faiss's OpenMP = the cores available. Ceiling
+  items/s = GEMM GFLOP/s / (2 d sum(M_l)). "codes agree" = share of items whose L codes
+  equal faiss flat's. "(info)" rows time the same kernel at another `chunk_rows` (the
+  `encode.chunk_rows` config key); no target is judged on them. On a CPU both are capped by
+  the 4 MiB score tile (`tile_rows`, at least 512 rows), so with 4096-entry codebooks the two
+  rows run the same 512-row tiles and their gap is run-to-run noise.
 - **e2e**: `semid encode` (codebooks of an existing version) in a fresh process per engine,
   on a synthetic Parquet catalog (one row group per encode shard, several files). "encode
   stage" = `metrics.json` `timings.encode_s` (read Parquet, validate, encode, write staged

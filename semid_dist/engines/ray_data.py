@@ -48,9 +48,9 @@ def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,
     """Ray Data task body: encode the batch's shards. The `EncodeWorker` (codebooks) is built
     once per Ray worker process and encode job: tasks reuse the worker processes the scan
     already started, so the stage pays no actor start-up (about 9 s on 2 cores)."""
-    import torch
+    from semid_dist.quantize.encode import set_cpu_threads
 
-    torch.set_num_threads(max(1, threads))
+    set_cpu_threads(threads)
     worker = job_worker(job, ctx)
     out: dict[str, list] = {"index": [], "result": []}
     for shard in batch["shard"]:

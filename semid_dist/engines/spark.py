@@ -99,10 +99,11 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
                       batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: (index, shard JSON) rows in, one result row per shard out. The
     `EncodeWorker` (codebooks) is built once per Python worker process and encode job."""
-    import torch
     from pyspark import TaskContext
 
-    torch.set_num_threads(max(1, TaskContext.get().cpus()))
+    from semid_dist.quantize.encode import set_cpu_threads
+
+    set_cpu_threads(TaskContext.get().cpus())
     worker = job_worker(job, ctx_bc.value)
     for batch in batches:
         for shard in batch.column("shard").to_pylist():
