@@ -106,6 +106,32 @@ def test_numpy_cpu_kernel_matches_the_torch_kernel_and_its_candidates():
     assert (encode_batch(books, x, chunk_rows=4096).codes == cpu.codes).all()
 
 
+def test_cpu_kernel_row_split_across_threads_gives_identical_results():
+    """With several threads the CPU kernel splits the chunks into one block per thread; every
+    output is bit-identical to the one-thread run, and no BLAS limit is left behind."""
+    from threadpoolctl import threadpool_info
+
+    x = clustered(5000, 24, clusters=16, seed=8)
+    books = [clustered(k, 24, clusters=4, seed=9 + k) * s for k, s in ((96, 1.0), (40, 0.3))]
+    blas_before = sorted(lib["num_threads"] for lib in threadpool_info())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = encode_batch(books, x, chunk_rows=300, candidates=3)
+        one_nearest = nearest(x, books[0], chunk_rows=300)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            many = encode_batch(books, x, chunk_rows=300, candidates=3)
+            for name in ("codes", "sq_residual", "alt_codes", "alt_err"):
+                np.testing.assert_array_equal(getattr(many, name), getattr(one, name))
+            labels, dists = nearest(x, books[0], chunk_rows=300)
+            np.testing.assert_array_equal(labels, one_nearest[0])
+            np.testing.assert_array_equal(dists, one_nearest[1])
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(lib["num_threads"] for lib in threadpool_info()) == blas_before
+
+
 def test_set_cpu_threads_limits_torch_and_numpy_blas():
     from threadpoolctl import threadpool_info
 

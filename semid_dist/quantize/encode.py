@@ -4,8 +4,13 @@ Distances use ||c||^2 - 2 x.c (the ||x||^2 term does not change the argmin), com
 one GEMM per row chunk so memory stays bounded at `chunk_rows * k` floats (on a CPU the chunk
 is also kept small enough for the score tile to stay in cache, see `tile_rows`). Ties go to the
 lowest code. On a CPU the kernel runs on numpy: its OpenBLAS sgemm into a reused score tile
-is 1.1-1.4x faster than torch's at k=4096, and its argmin 5-14x faster than torch.min
-(docs/BENCHMARKS.md); `set_cpu_threads` gives both libraries the same thread count. TF32 is
+is 1.1-1.4x faster than torch's at k=4096, and its argmin 5-14x faster than torch.min. With
+several threads (torch's thread count, see `set_cpu_threads`) the chunks are split into one
+block per thread, each running the whole kernel on a one-thread BLAS: the score offsets,
+argmin and residual updates then run in parallel too, and no idle BLAS thread spins against
+torch's threads (1.04-1.36x over one multi-threaded sgemm per chunk, docs/BENCHMARKS.md).
+Every chunk is the same one-thread sgemm whatever the thread count, so the results do not
+depend on it. TF32 is
 never enabled here (a GPU's fp32 codes differ from the CPU's only on fp32 near-ties), and the
 opt-in `precision="bf16"` fast path ranks in bf16 and re-scores the best few in fp32 (>= 99.9%
 of the exact codes).
@@ -13,11 +18,15 @@ of the exact codes).
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,36 @@ def _on_cpu(device: str) -> bool:
     return str(device).startswith("cpu")
 
 
+# (pid, workers, pool): a forked child, or a caller wanting more threads, makes a new one
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+_blas: ThreadpoolController | None = None
+
+
+def _row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads: int) -> None:
+    """Run fn(rows) over up to `threads` contiguous blocks of whole `chunk_rows` chunks of
+    range(n), one per thread (the caller runs the first), with the BLAS that numpy calls at
+    one thread throughout. So every chunk is the same one-thread sgemm on the same rows
+    whatever the thread count, and the results are bit-identical on every engine."""
+    global _pool, _blas
+    chunks = -(-n // chunk_rows)
+    parts = max(1, min(threads, chunks))
+    bounds = [min(n, (chunks * i // parts) * chunk_rows) for i in range(parts + 1)]
+    blocks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    with _pool_lock:
+        if parts > 1 and (_pool is None or _pool[0] != os.getpid() or _pool[1] < parts - 1):
+            _pool = (os.getpid(), parts - 1,
+                     ThreadPoolExecutor(parts - 1, thread_name_prefix="semid-kernel"))
+        pool = _pool[2] if parts > 1 else None
+        if _blas is None:
+            _blas = ThreadpoolController()
+    with _blas.limit(limits=1, user_api="blas"):
+        futures = [pool.submit(fn, block) for block in blocks[1:]] if pool else []
+        fn(blocks[0])
+        for future in futures:
+            future.result()
+
+
 @dataclass(frozen=True)
 class _CpuBook:
     """One codebook ready for the numpy kernel: c (k, d), neg2_ct = -2 c^T (d, k) contiguous
@@ -101,6 +140,22 @@ def _argmin_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> tuple[
     s += book.c_sq
     idx = s.argmin(axis=1)
     return idx, np.take_along_axis(s, idx[:, None], axis=1).ravel()
+
+
+def _top_candidates_cpu(r: np.ndarray, book: _CpuBook, scores: np.ndarray,
+                        codes_out: np.ndarray, err_out: np.ndarray) -> None:
+    """The C = codes_out.shape[1] nearest codewords of each row of r, ascending by squared
+    error (ties to the lower code), and those errors, on the numpy kernel."""
+    m, k, c = len(r), len(book.c), codes_out.shape[1]
+    s = np.matmul(r, book.neg2_ct, out=scores[:m * k].reshape(m, k))
+    s += book.c_sq
+    cand = np.argpartition(s, c - 1, axis=1)[:, :c] if c < k else np.tile(np.arange(k), (m, 1))
+    vals = np.take_along_axis(s, cand, axis=1)
+    order = np.lexsort((cand, vals), axis=-1)
+    codes_out[:] = np.take_along_axis(cand, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    vals += np.einsum("ij,ij->i", r, r)[:, None]
+    np.maximum(vals, 0.0, out=err_out)
 
 
 def _as_tensor(a: np.ndarray, device: str) -> torch.Tensor:
@@ -143,13 +198,19 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
     dists = np.empty(len(x), dtype=np.float32)
     if _on_cpu(device):
         book = _CpuBook.of(centroids)
-        scores = np.empty(min(chunk_rows, len(x)) * len(centroids), dtype=np.float32)
-        for start in range(0, len(x), chunk_rows):
-            xb = np.ascontiguousarray(x[start:start + chunk_rows], dtype=np.float32)
-            idx, best = _argmin_cpu(xb, book, scores)
-            best += np.einsum("ij,ij->i", xb, xb)
-            labels[start:start + len(xb)] = idx
-            dists[start:start + len(xb)] = np.maximum(best, 0.0, out=best)
+
+        def block(rows: slice) -> None:
+            part = x[rows]
+            scores = np.empty(min(chunk_rows, len(part)) * len(centroids), dtype=np.float32)
+            for start in range(0, len(part), chunk_rows):
+                xb = np.ascontiguousarray(part[start:start + chunk_rows], dtype=np.float32)
+                idx, best = _argmin_cpu(xb, book, scores)
+                best += np.einsum("ij,ij->i", xb, xb)
+                at = rows.start + start
+                labels[at:at + len(xb)] = idx
+                dists[at:at + len(xb)] = np.maximum(best, 0.0, out=best)
+
+        _row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
         return labels, dists
     c = _as_tensor(centroids, device)
     c_sq = (c * c).sum(dim=1)
@@ -198,26 +259,29 @@ def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int 
 def _encode_cpu(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int,
                 codes: np.ndarray, sq_res: np.ndarray, alt_codes: np.ndarray | None,
                 alt_err: np.ndarray | None) -> None:
-    """`encode_batch` on numpy, into the given outputs: one residual buffer and one score tile
-    are reused for every chunk, so the loop touches no fresh pages."""
+    """`encode_batch` on numpy, into the given outputs, one row block per thread: each block
+    reuses one residual buffer and one score tile for all its chunks (no fresh pages)."""
     books = [_CpuBook.of(cb) for cb in codebooks]
-    rows = min(chunk_rows, len(x))
-    scores = np.empty(rows * max(len(b.c) for b in books), dtype=np.float32)
-    r_buf = np.empty((rows, x.shape[1]), dtype=np.float32)
     last = len(books) - 1
-    for start in range(0, len(x), chunk_rows):
-        stop = min(start + chunk_rows, len(x))
-        r = r_buf[:stop - start]
-        r[...] = x[start:stop]
-        for layer, book in enumerate(books):
-            if alt_codes is not None and layer == last:
-                _top_candidates(torch.from_numpy(r), torch.from_numpy(book.c),
-                                torch.from_numpy(book.c_sq), alt_codes.shape[1],
-                                alt_codes[start:stop], alt_err[start:stop])
-            idx, _ = _argmin_cpu(r, book, scores)
-            r -= book.c[idx]
-            codes[start:stop, layer] = idx
-            sq_res[start:stop, layer] = np.einsum("ij,ij->i", r, r)
+
+    def block(part: slice) -> None:
+        rows = min(chunk_rows, part.stop - part.start)
+        scores = np.empty(rows * max(len(b.c) for b in books), dtype=np.float32)
+        r_buf = np.empty((rows, x.shape[1]), dtype=np.float32)
+        for start in range(part.start, part.stop, chunk_rows):
+            stop = min(start + chunk_rows, part.stop)
+            r = r_buf[:stop - start]
+            r[...] = x[start:stop]
+            for layer, book in enumerate(books):
+                if alt_codes is not None and layer == last:
+                    _top_candidates_cpu(r, book, scores, alt_codes[start:stop],
+                                        alt_err[start:stop])
+                idx, _ = _argmin_cpu(r, book, scores)
+                r -= book.c[idx]
+                codes[start:stop, layer] = idx
+                sq_res[start:stop, layer] = np.einsum("ij,ij->i", r, r)
+
+    _row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
 
 
 def _encode_torch(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int, device: str,
