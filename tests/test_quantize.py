@@ -132,6 +132,41 @@ def test_cpu_kernel_row_split_across_threads_gives_identical_results():
     assert sorted(lib["num_threads"] for lib in threadpool_info()) == blas_before
 
 
+def test_kernel_holds_numpy_blas_at_one_thread_whatever_thread_set_the_count():
+    """A thread that set the thread count (and still lives) must not keep the kernel's
+    blocks from running on a one-thread BLAS: that is what makes them thread-count free."""
+    from threadpoolctl import threadpool_info
+
+    def numpy_blas() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"
+                and ("numpy" in lib["filepath"] or "scipy_openblas" in lib["filepath"])}
+
+    if not numpy_blas():
+        pytest.skip("threadpoolctl does not see numpy's BLAS here")
+    before = torch.get_num_threads()
+    set_done, release = threading.Event(), threading.Event()
+
+    def setter() -> None:
+        set_cpu_threads(3)
+        set_done.set()
+        release.wait(30)
+
+    other = threading.Thread(target=setter)
+    other.start()
+    seen: list[set[int]] = []
+    try:
+        assert set_done.wait(30)
+        assert numpy_blas() == {3}
+        encode_mod._row_parallel(lambda rows: seen.append(numpy_blas()), 1000, 100, 2)
+        assert numpy_blas() == {3}  # restored after the kernel
+    finally:
+        release.set()
+        other.join()
+        set_cpu_threads(before)
+        torch.set_num_threads(before)
+    assert seen == [{1}, {1}]
+
+
 def test_set_cpu_threads_limits_torch_and_numpy_blas():
     from threadpoolctl import threadpool_info
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
+import threadpoolctl
 import torch
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
@@ -70,13 +71,20 @@ _cpu_threads: int | None = None
 
 
 def set_cpu_threads(n: int) -> None:
-    """Give torch and every BLAS loaded in this process (numpy's, which the CPU kernel calls,
-    and faiss's) exactly `n` threads; oversubscribing 2 cores is up to 2x slower."""
+    """Give torch and the BLAS libraries loaded in this process so far (numpy's, which the
+    CPU kernel calls) exactly `n` threads; oversubscribing 2 cores is up to 2x slower."""
     global _cpu_threads
     n = max(1, int(n))
     torch.set_num_threads(n)
     if n != _cpu_threads:  # threadpoolctl scans the loaded libraries: only when it changes
         threadpool_limits(limits=n, user_api="blas")
+        # threadpoolctl >= 3.8 lets only the thread that last set OpenBLAS's process-wide
+        # limit change it again while that thread lives: hand the control back, so that the
+        # kernel's one-thread limit (`_row_parallel`) holds in whichever thread it runs
+        release = getattr(getattr(threadpoolctl, "OpenBLASController", None),
+                          "clear_controlling_thread", None)
+        if release is not None:
+            release()
         _cpu_threads = n
 
 
@@ -109,7 +117,10 @@ def _row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads:
             _blas = ThreadpoolController()
     with _blas.limit(limits=1, user_api="blas"):
         futures = [pool.submit(fn, block) for block in blocks[1:]] if pool else []
-        fn(blocks[0])
+        try:
+            fn(blocks[0])
+        finally:  # no block may still run (or write outputs) once the limit is lifted
+            wait(futures)
         for future in futures:
             future.result()
 
@@ -145,7 +156,8 @@ def _argmin_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> tuple[
 def _top_candidates_cpu(r: np.ndarray, book: _CpuBook, scores: np.ndarray,
                         codes_out: np.ndarray, err_out: np.ndarray) -> None:
     """The C = codes_out.shape[1] nearest codewords of each row of r, ascending by squared
-    error (ties to the lower code), and those errors, on the numpy kernel."""
+    error (equal errors in code order), and those errors, on the numpy kernel. Which of
+    several codes tied at the C-th place is kept is unspecified but fixed for given input."""
     m, k, c = len(r), len(book.c), codes_out.shape[1]
     s = np.matmul(r, book.neg2_ct, out=scores[:m * k].reshape(m, k))
     s += book.c_sq
@@ -164,7 +176,7 @@ def _as_tensor(a: np.ndarray, device: str) -> torch.Tensor:
 
 def _nearest_chunk(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """The accelerator kernel (a CPU runs `_nearest_cpu`)."""
+    """The accelerator kernel (a CPU runs `_argmin_cpu`)."""
     scores = torch.addmm(c_sq.unsqueeze(0), x, c.T, beta=1.0, alpha=-2.0)
     best, idx = torch.min(scores, dim=1)
     dist = torch.clamp_(best + (x * x).sum(dim=1), min=0.0)
