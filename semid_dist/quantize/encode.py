@@ -8,12 +8,11 @@ is 1.1-1.4x faster than torch's at k=4096, and its argmin 5-14x faster than torc
 several threads (torch's thread count, see `set_cpu_threads`) the chunks are split into one
 block per thread, each running the whole kernel on a one-thread BLAS: the score offsets,
 argmin and residual updates then run in parallel too, and no idle BLAS thread spins against
-torch's threads (1.04-1.36x over one multi-threaded sgemm per chunk, docs/BENCHMARKS.md).
+torch's threads (1.07-1.40x over one multi-threaded sgemm per chunk, docs/BENCHMARKS.md).
 Every chunk is the same one-thread sgemm whatever the thread count, so the results do not
-depend on it. TF32 is
-never enabled here (a GPU's fp32 codes differ from the CPU's only on fp32 near-ties), and the
-opt-in `precision="bf16"` fast path ranks in bf16 and re-scores the best few in fp32 (>= 99.9%
-of the exact codes).
+depend on it. TF32 is never enabled here (a GPU's fp32 codes differ from the CPU's only on
+fp32 near-ties), and the opt-in `precision="bf16"` fast path ranks in bf16 and re-scores the
+best few in fp32 (>= 99.9% of the exact codes).
 """
 
 from __future__ import annotations
@@ -56,12 +55,16 @@ CPU_TILE_BYTES = 4 * 2**20
 CPU_TILE_MIN_ROWS = 512
 
 
+def _on_cpu(device: str) -> bool:
+    return str(device).startswith("cpu")
+
+
 def tile_rows(chunk_rows: int, k: int, d: int, device: str = "cpu") -> int:
     """Rows per GEMM: `chunk_rows`, lowered on a CPU so the fp32 tile of scores and rows
     stays within CPU_TILE_BYTES (a multiple of 128, at least CPU_TILE_MIN_ROWS). A GPU takes
     `chunk_rows`. Depends only on the configuration and the codebook shape, so every engine
     chunks alike."""
-    if not str(device).startswith("cpu"):
+    if not _on_cpu(device):
         return max(1, chunk_rows)
     fit = CPU_TILE_BYTES // (4 * (k + d)) // 128 * 128
     return max(1, min(chunk_rows, max(CPU_TILE_MIN_ROWS, fit)))
@@ -86,10 +89,6 @@ def set_cpu_threads(n: int) -> None:
         if release is not None:
             release()
         _cpu_threads = n
-
-
-def _on_cpu(device: str) -> bool:
-    return str(device).startswith("cpu")
 
 
 # (pid, workers, pool): a forked child, or a caller wanting more threads, makes a new one
@@ -141,14 +140,20 @@ class _CpuBook:
                    c_sq=np.einsum("ij,ij->i", c, c))
 
 
-def _argmin_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> tuple[
-        np.ndarray, np.ndarray]:
+def _scores_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> np.ndarray:
     """x (m, d) C-contiguous float32; scores: a reused flat float32 buffer of >= m * k
-    -> (labels (m,) int64, their scores ||c||^2 - 2 x.c (m,) float32). numpy's argmin takes
-    the first minimum."""
+    -> (m, k) view of it holding ||c||^2 - 2 x.c (one sgemm, then the offsets in place)."""
     m, k = len(x), len(book.c)
     s = np.matmul(x, book.neg2_ct, out=scores[:m * k].reshape(m, k))
     s += book.c_sq
+    return s
+
+
+def _argmin_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> tuple[
+        np.ndarray, np.ndarray]:
+    """-> (labels (m,) int64, their scores ||c||^2 - 2 x.c (m,) float32), see `_scores_cpu`.
+    numpy's argmin takes the first minimum."""
+    s = _scores_cpu(x, book, scores)
     idx = s.argmin(axis=1)
     return idx, np.take_along_axis(s, idx[:, None], axis=1).ravel()
 
@@ -159,8 +164,7 @@ def _top_candidates_cpu(r: np.ndarray, book: _CpuBook, scores: np.ndarray,
     error (equal errors in code order), and those errors, on the numpy kernel. Which of
     several codes tied at the C-th place is kept is unspecified but fixed for given input."""
     m, k, c = len(r), len(book.c), codes_out.shape[1]
-    s = np.matmul(r, book.neg2_ct, out=scores[:m * k].reshape(m, k))
-    s += book.c_sq
+    s = _scores_cpu(r, book, scores)
     cand = np.argpartition(s, c - 1, axis=1)[:, :c] if c < k else np.tile(np.arange(k), (m, 1))
     vals = np.take_along_axis(s, cand, axis=1)
     order = np.lexsort((cand, vals), axis=-1)
