@@ -445,6 +445,7 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     parent = cfg.encode.from_version if cfg.encode.incremental else store.latest()
     timings: dict[str, float] = {}
     with make_engine(cfg, log=log) as engine:
+        engine.warm_up()
         plan = plan_catalog(engine.resolve_input(cfg.input.path),
                             target_rows=cfg.encode.shard_rows)
         check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,

@@ -205,7 +205,7 @@ class EncodeWorker:
                   "rejected": batch.rejects.num_rows, "rejects_file": rejects,
                   # {reason: rows} as JSON: one string column in Ray Data's Arrow blocks
                   "reasons": json.dumps(reject_reasons(batch.rejects), sort_keys=True),
-                  "partial": self._partial(enc, batch.x, slice(None))}
+                  "partial": self._partial(enc, batch.x, None)}
         if ctx.head_threshold is not None and batch.popularity is not None:
             head = batch.popularity >= ctx.head_threshold
             result["partial_head"] = self._partial(enc, batch.x, head)
@@ -213,9 +213,9 @@ class EncodeWorker:
         save_shard_result(self.store, ctx.version_id, result)
         return result
 
-    def _partial(self, enc, x: np.ndarray, rows) -> bytes:
-        return partial_from_batch(enc.codes[rows], enc.sq_residual[rows], x[rows], self.ctx.sizes,
-                                  quality_depth=self.ctx.quality_depth).to_bytes()
+    def _partial(self, enc, x: np.ndarray, rows: np.ndarray | None) -> bytes:
+        return partial_from_batch(enc.codes, enc.sq_residual, x, self.ctx.sizes,
+                                  quality_depth=self.ctx.quality_depth, rows=rows).to_bytes()
 
 
 _WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process

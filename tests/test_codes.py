@@ -402,6 +402,22 @@ def test_merge_of_any_split_equals_single_pass(seed):
     assert_metrics_match(got, brute_metrics(codes, x, sq, SIZES, depth=2))
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_partial_of_a_row_mask_equals_the_partial_of_those_rows(share):
+    """rows=mask (a shard's head or tail, summed without copying x) gives the statistics of
+    the selected rows alone, bit for bit, zero vectors (no direction) included."""
+    codes, x, sq = random_batch(n=3000, seed=31)
+    x[::7] = 0.0
+    mask = np.random.default_rng(32).random(len(codes)) < share
+    got = partial_from_batch(codes, sq, x, SIZES, quality_depth=2, rows=mask)
+    want = partial_from_batch(codes[mask], sq[mask], x[mask].copy(), SIZES, quality_depth=2)
+    assert got.n == int(mask.sum())
+    assert_partials_equal(got, want, exact_floats=True)
+    assert_partials_equal(merge(got, partial_from_batch(codes, sq, x, SIZES, quality_depth=2,
+                                                        rows=~mask)),
+                          partial_from_batch(codes, sq, x, SIZES, quality_depth=2))
+
+
 def test_merge_with_an_empty_partial_is_identity():
     codes, x, sq = random_batch(n=120, seed=21)
     whole = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)

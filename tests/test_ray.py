@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -54,6 +55,27 @@ def test_ray_incremental_version_identical_to_local(ray_session, incremental_cat
     assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
     refs = [{e.get("version") for e in store.manifest(r.version_id)["files"]} for r in results]
     assert parent.version_id in refs[0] and refs[0] == {parent.version_id, None} == refs[1]
+
+
+def test_warm_up_runs_once_per_driver_and_frees_its_cpus(ray_session, tmp_path):
+    """The engine's warm-up (Ray Data's helpers, encode modules imported in the workers) runs
+    once per driver in the background, finishes, and hands every CPU back."""
+    import ray
+
+    from semid_dist.engines.ray_data import RayEngine, warm_up
+
+    engine = RayEngine(small_config(str(tmp_path), str(tmp_path), engine="ray"), log=quiet)
+    engine.warm_up()
+    first = engine._warm
+    assert first is not None and warm_up(2) is first
+    first.join(timeout=120)
+    assert not first.is_alive()
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+    engine.close()
+    assert ray.is_initialized()  # the session fixture's Ray is left alone
 
 
 def test_train_one_vs_two_workers(ray_session, tmp_path):

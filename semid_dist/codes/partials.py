@@ -38,11 +38,12 @@ def _count_sum(index: np.ndarray, counts: np.ndarray, rows: int) -> np.ndarray:
 
 
 def _group_sum(keys: np.ndarray, values: np.ndarray | None = None,
-               scale: np.ndarray | None = None):
+               scale: np.ndarray | None = None, take: np.ndarray | None = None):
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     if values is None:
         return uniq, counts.astype(np.int64), None
-    return uniq, counts.astype(np.int64), group_sum(inverse, values, len(uniq), scale=scale)
+    return uniq, counts.astype(np.int64), group_sum(inverse, values, len(uniq), scale=scale,
+                                                    take=take)
 
 
 @dataclass
@@ -99,19 +100,31 @@ class Partial:
 
 
 def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray,
-                       sizes: tuple[int, ...] | list[int], *, quality_depth: int) -> Partial:
-    """codes: (n, L) int32, sq_residual: (n, L) float32, x: (n, d) float32 -> Partial."""
-    n, d = x.shape
+                       sizes: tuple[int, ...] | list[int], *, quality_depth: int,
+                       rows: np.ndarray | None = None) -> Partial:
+    """codes: (n, L) int32, sq_residual: (n, L) float32, x: (n, d) float32 -> Partial.
+
+    rows: optional boolean mask (n,) of the items to count (a shard's head or tail): the
+    statistics of those rows alone, as if the arrays held only them, with no copy of `x`."""
+    take = None
+    if rows is not None:
+        take = np.flatnonzero(rows)
+        codes, sq_residual = codes[take], sq_residual[take]
+    n, d = len(codes), x.shape[1]
     layer_counts = [np.bincount(codes[:, i], minlength=k).astype(np.int64)
                     for i, k in enumerate(sizes)]
     keys, counts, _ = _group_sum(sid_keys(codes, sizes))
-    sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # no float64 copy of x
+    # per row, so the same whichever rows are taken; no float64 copy of x
+    sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    if take is not None:
+        sq_norms = sq_norms[take]
     has_dir = sq_norms > 0  # rows with a direction: the quality sums take their unit vectors
-    q_codes, q_x, q_sq = ((codes, x, sq_norms) if has_dir.all() else
-                          (codes[has_dir], x[has_dir], sq_norms[has_dir]))
+    if not has_dir.all():
+        take = np.flatnonzero(has_dir) if take is None else take[has_dir]
+    q_codes, q_sq = (codes, sq_norms) if has_dir.all() else (codes[has_dir], sq_norms[has_dir])
     # the unit vectors x / ||x|| are formed chunk by chunk inside the float64 group sum
-    q_keys, q_counts, q_sums = _group_sum(sid_keys(q_codes, sizes, quality_depth), q_x,
-                                          scale=1.0 / np.sqrt(q_sq))
+    q_keys, q_counts, q_sums = _group_sum(sid_keys(q_codes, sizes, quality_depth), x,
+                                          scale=1.0 / np.sqrt(q_sq), take=take)
     sq64 = sq_residual.astype(np.float64)
     trans = [_group_sum(codes[:, i - 1].astype(np.int64) * sizes[i] + codes[:, i])
              for i in range(1, len(sizes))]

@@ -52,6 +52,10 @@ class LocalEngine:
                               "engine: spark, or point input.path at the table's Parquet files")
         return path
 
+    def warm_up(self) -> None:
+        """Get the encode stage's workers ready while the driver plans, scans and fits
+        (the Ray engine starts its worker processes); nothing to do in this process."""
+
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         return [fn(*item) for item in items]
 

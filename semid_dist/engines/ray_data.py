@@ -8,6 +8,7 @@ object store) and shuts it down when done; it leaves an already running Ray alon
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -60,6 +61,55 @@ def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,
     return out
 
 
+def _without_reservation(ds: Any) -> Any:
+    """`ds` with Ray Data's per-operator resource reservation off. Our datasets are one map
+    stage whose concurrency the task pool sets; the reservation would budget a single task
+    until Ray Data's autoscaling actor first reports the cluster's CPUs, seconds into a
+    stage on a small machine."""
+    ds.context.op_resource_reservation_enabled = False
+    return ds
+
+
+def _warm_task(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task body of the warm-up: import what an encode task needs."""
+    import semid_dist.quantize.encode  # noqa: F401  (torch, threadpoolctl)
+    import semid_dist.stages  # noqa: F401  (pyarrow.parquet, the codes and store modules)
+
+    return batch
+
+
+_WARM: dict[tuple[str, str], threading.Thread] = {}  # (namespace, job id) -> its warm-up
+
+
+def warm_up(tasks: int) -> threading.Thread:
+    """Start Ray Data's helper actors and `tasks` worker processes with the encode modules
+    imported, in a background thread, once per Ray driver.
+
+    A driver's first dataset creates Ray Data's stats and autoscaling actors, and its worker
+    processes import torch and pyarrow: seconds on a small machine, which the warm-up
+    overlaps with the driver's own work (the catalog's footers, the fit sample, the
+    codebooks) instead of the encode stage paying them. Best effort: an error here is the
+    encode stage's to report."""
+    import ray
+
+    rt = ray.get_runtime_context()
+    key = (rt.namespace, rt.get_job_id())
+    if key not in _WARM:
+        def run() -> None:
+            import ray.data
+
+            try:
+                _without_reservation(ray.data.range(tasks, override_num_blocks=tasks).map_batches(
+                    _warm_task, batch_size=1, batch_format="numpy",
+                    compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=1)).materialize()
+            except Exception:  # noqa: BLE001
+                pass
+
+        _WARM[key] = threading.Thread(target=run, name="semid-ray-warm-up", daemon=True)
+        _WARM[key].start()
+    return _WARM[key]
+
+
 class RayEngine:
     name = "ray"
     resolve_input = LocalEngine.resolve_input
@@ -70,6 +120,7 @@ class RayEngine:
                               "worker can reach (file://, s3://, gs://, hdfs://), not memory://")
         self.cfg, self.log = cfg, log
         self._started = ray_init(cfg)
+        self._warm: threading.Thread | None = None
 
     def __enter__(self) -> RayEngine:
         return self
@@ -81,8 +132,16 @@ class RayEngine:
         if self._started:
             import ray
 
+            if self._warm is not None:  # Ray is not shut down under a running warm-up
+                self._warm.join(timeout=60)
             ray.shutdown()
             self._started = False
+
+    def warm_up(self) -> None:
+        """Start the encode stage's Ray Data helpers and worker processes in the background
+        (`warm_up`), once per driver."""
+        tasks = min(self.cfg.encode.num_actors, self.cfg.ray.num_cpus or os.cpu_count() or 1)
+        self._warm = warm_up(max(1, tasks))
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         import ray
@@ -98,15 +157,17 @@ class RayEngine:
 
         if not shards:
             return
+        if self._warm is not None:  # one dataset at a time; the warm-up is long done, as a rule
+            self._warm.join()
         cpus, tasks = 1.0, min(self.cfg.encode.num_actors, len(shards))
         ds = ray.data.from_items([{"shard": shard_to_dict(s)} for s in shards],
                                  override_num_blocks=len(shards))
-        ds = ds.map_batches(
+        ds = _without_reservation(ds.map_batches(
             _encode_shards, fn_kwargs={"job": uuid.uuid4().hex, "ctx": ctx,
                                        "threads": int(cpus)},
             batch_size=1, batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=tasks),
-            num_cpus=cpus, num_gpus=1 if self.cfg.encode.use_gpu else 0)
+            num_cpus=cpus, num_gpus=1 if self.cfg.encode.use_gpu else 0))
         for row in ds.iter_rows():
             yield row["result"]
 

@@ -126,7 +126,9 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     is_null = np.isnan(lengths) if lengths.dtype.kind == "f" else np.zeros(n, bool)
     lengths = np.nan_to_num(lengths.astype(np.float64), nan=0).astype(np.int64)
     values = pc.cast(column.flatten(), pa.float32())
-    values = pc.fill_null(values, np.float32("nan")).to_numpy(zero_copy_only=False)
+    if values.null_count:  # null values inside an embedding: NaN, rejected below
+        values = pc.fill_null(values, np.float32("nan"))
+    values = values.to_numpy(zero_copy_only=False)
     reason = np.where(is_null, 1, np.where(lengths != dim, 2, 0)).astype(np.int8)
     if not reason.any():  # every row holds `dim` values: the flat values are the matrix
         x = np.array(values.reshape(n, dim), dtype=np.float32)  # a writable copy

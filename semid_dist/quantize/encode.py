@@ -336,23 +336,34 @@ def _top_candidates(r: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, k: int
 
 
 def group_sum(index: np.ndarray, values: np.ndarray, rows: int, *,
-              scale: np.ndarray | None = None, chunk_rows: int = 4096) -> np.ndarray:
+              scale: np.ndarray | None = None, take: np.ndarray | None = None,
+              chunk_rows: int = 4096) -> np.ndarray:
     """Row sums grouped by `index`, accumulated in float64 in row order (so deterministic).
 
     index: (n,) int in [0, rows); values: (n, d) float32/float64; scale: optional (n,) float64
     factor of each row (applied in float64 before the sum) -> (rows, d) float64. Converts
     `chunk_rows` rows at a time into one reused float64 buffer (small enough to stay in
     cache), so no float64 copy of all of `values` is made and no fresh pages are touched.
+    take: optional (n,) int row numbers into a larger `values`: row i of the sum is
+    values[take[i]], gathered chunk by chunk (a subset of the rows is summed without a copy).
     """
     out = torch.zeros((rows,) + values.shape[1:], dtype=torch.float64)
     idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
     src = torch.from_numpy(np.ascontiguousarray(values))
     factor = None if scale is None else torch.from_numpy(np.ascontiguousarray(scale, np.float64))
-    buf = torch.empty((min(chunk_rows, len(idx)),) + values.shape[1:], dtype=torch.float64)
+    picks = None if take is None else torch.from_numpy(np.ascontiguousarray(take, np.int64))
+    size = (min(chunk_rows, len(idx)),) + values.shape[1:]
+    buf = torch.empty(size, dtype=torch.float64)
+    gathered = None if picks is None else torch.empty(size, dtype=src.dtype)
     for start in range(0, len(idx), chunk_rows):
         stop = min(start + chunk_rows, len(idx))
         block = buf[:stop - start]
-        block.copy_(src[start:stop])
+        if picks is None:
+            block.copy_(src[start:stop])
+        else:
+            part = gathered[:stop - start]
+            torch.index_select(src, 0, picks[start:stop], out=part)
+            block.copy_(part)
         if factor is not None:
             block *= factor[start:stop, None]
         out.index_add_(0, idx[start:stop], block)
