@@ -167,6 +167,43 @@ def test_kernel_holds_numpy_blas_at_one_thread_whatever_thread_set_the_count():
     assert seen == [{1}, {1}]
 
 
+def test_group_sum_is_one_thread_and_the_same_from_any_thread():
+    """The float64 group sum runs torch on one thread (off the main thread, as in a Ray Train
+    worker, multi-threaded torch ran 10x slower): the same bits from the main thread and a
+    worker thread at any thread count, and the caller's thread count is left as it was."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(9000, 16)).astype(np.float32)
+    index = rng.integers(0, 50, len(x))
+    scale = rng.random(len(x))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = group_sum(index, x, 50, scale=scale, chunk_rows=1000)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            np.testing.assert_array_equal(group_sum(index, x, 50, scale=scale, chunk_rows=1000),
+                                          want)
+            assert torch.get_num_threads() == threads
+            got: list = []
+
+            def in_thread(n: int, out: list) -> None:
+                torch.set_num_threads(n)
+                out.append(group_sum(index, x, 50, scale=scale, chunk_rows=1000))
+                out.append(torch.get_num_threads())
+
+            worker = threading.Thread(target=in_thread, args=(threads, got))
+            worker.start()
+            worker.join()
+            np.testing.assert_array_equal(got[0], want)
+            assert got[1] == threads
+    finally:
+        torch.set_num_threads(before)
+    # row by row in float64, as the docstring says
+    ref = np.zeros((50, 16))
+    np.add.at(ref, index, x.astype(np.float64) * scale[:, None])
+    np.testing.assert_allclose(want, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_set_cpu_threads_limits_torch_and_numpy_blas():
     from threadpoolctl import threadpool_info
 

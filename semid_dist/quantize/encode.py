@@ -346,7 +346,23 @@ def group_sum(index: np.ndarray, values: np.ndarray, rows: int, *,
     cache), so no float64 copy of all of `values` is made and no fresh pages are touched.
     take: optional (n,) int row numbers into a larger `values`: row i of the sum is
     values[take[i]], gathered chunk by chunk (a subset of the rows is summed without a copy).
+
+    Runs torch on one thread (the calling thread's count, restored after). The sum is bound
+    by memory, and torch's OpenMP regions are slow off the main thread: once a second thread
+    team exists (a Ray Train worker runs the fit in a training thread), libgomp stops
+    spinning and every region pays futex wake-ups, 10x this sum's time on 2 cores.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _group_sum_one_thread(index, values, rows, scale, take, chunk_rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _group_sum_one_thread(index: np.ndarray, values: np.ndarray, rows: int,
+                          scale: np.ndarray | None, take: np.ndarray | None,
+                          chunk_rows: int) -> np.ndarray:
     out = torch.zeros((rows,) + values.shape[1:], dtype=torch.float64)
     idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
     src = torch.from_numpy(np.ascontiguousarray(values))
