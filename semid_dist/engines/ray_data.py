@@ -158,7 +158,7 @@ class RayEngine:
         if not shards:
             return
         if self._warm is not None:  # one dataset at a time; the warm-up is long done, as a rule
-            self._warm.join()
+            self._warm.join(timeout=120)  # bounded: a cluster short of CPUs delays both alike
         cpus, tasks = 1.0, min(self.cfg.encode.num_actors, len(shards))
         ds = ray.data.from_items([{"shard": shard_to_dict(s)} for s in shards],
                                  override_num_blocks=len(shards))
