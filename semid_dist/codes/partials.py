@@ -119,9 +119,10 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
     if take is not None:
         sq_norms = sq_norms[take]
     has_dir = sq_norms > 0  # rows with a direction: the quality sums take their unit vectors
+    q_codes, q_sq = codes, sq_norms
     if not has_dir.all():
         take = np.flatnonzero(has_dir) if take is None else take[has_dir]
-    q_codes, q_sq = (codes, sq_norms) if has_dir.all() else (codes[has_dir], sq_norms[has_dir])
+        q_codes, q_sq = codes[has_dir], sq_norms[has_dir]
     # the unit vectors x / ||x|| are formed chunk by chunk inside the float64 group sum
     q_keys, q_counts, q_sums = _group_sum(sid_keys(q_codes, sizes, quality_depth), x,
                                           scale=1.0 / np.sqrt(q_sq), take=take)
