@@ -131,7 +131,10 @@ def test_quick_mode_end_to_end(tmp_path):
         assert key in data, key
     assert {"cores", "cpu_model", "ram_gib", "versions"} <= set(data["machine"])
     (kernel,) = data["kernels"]
-    assert kernel["agreement_flat"] == 1.0
+    # the item count follows the timing; on tens of thousands of clustered items faiss's
+    # GEMM and ours may round a near-tie differently (exact equality on fixed data is
+    # test_kernel_codes_equal_faiss_flat_and_rq)
+    assert kernel["agreement_items"] > 0 and kernel["agreement_flat"] >= 0.999
     for key in ("ours", "faiss_flat", "faiss_rq", "ratio_flat", "ratio_rq", "ratio_ceiling"):
         assert key in kernel, key
     (block,) = data["e2e"]
