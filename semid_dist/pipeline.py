@@ -327,7 +327,9 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
 
     Shard statistics are merged as they arrive, in shard order (results that come early wait
     for their turn), so memory holds O(log shards) partials rather than one per shard, and
-    the merge is the same on every engine whatever order its shards finish in."""
+    the merge is the same on every engine whatever order its shards finish in. With a head /
+    tail split a shard sends only those two, and the whole catalog's statistics are the merge
+    of the merged head and the merged tail."""
     merged = {part: StreamMerge() for part in PARTS}
     waiting: dict[int, dict[str, Partial]] = {}
     order = iter(sorted(s.index for s in plan.shards))
@@ -351,8 +353,9 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
             yield res
 
     for i, res in enumerate(results(), 1):
-        waiting[res["index"]] = {part: Partial.from_bytes(res[key])
-                                 for part, key in PARTS.items() if key in res}
+        # a shard split into head and tail sends those two; "all" is their merge (below)
+        parts = ("head", "tail") if PARTS["head"] in res else ("all",)
+        waiting[res["index"]] = {part: Partial.from_bytes(res[PARTS[part]]) for part in parts}
         while turn in waiting:
             for part, partial in waiting.pop(turn).items():
                 merged[part].push(partial)
@@ -372,6 +375,8 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
     if reasons:
         log(f"encode: rejected rows by reason: {_reasons_text(reasons)}")
     partials = {part: m.result() for part, m in merged.items() if len(m)}
+    if "all" not in partials:
+        partials["all"] = merge(partials["head"], partials["tail"])
     return partials, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
 
 

@@ -204,12 +204,14 @@ class EncodeWorker:
         result = {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
                   "rejected": batch.rejects.num_rows, "rejects_file": rejects,
                   # {reason: rows} as JSON: one string column in Ray Data's Arrow blocks
-                  "reasons": json.dumps(reject_reasons(batch.rejects), sort_keys=True),
-                  "partial": self._partial(enc, batch.x, None)}
+                  "reasons": json.dumps(reject_reasons(batch.rejects), sort_keys=True)}
         if ctx.head_threshold is not None and batch.popularity is not None:
+            # head and tail only: the driver merges them into the whole catalog's statistics
             head = batch.popularity >= ctx.head_threshold
             result["partial_head"] = self._partial(enc, batch.x, head)
             result["partial_tail"] = self._partial(enc, batch.x, ~head)
+        else:
+            result["partial"] = self._partial(enc, batch.x, None)
         save_shard_result(self.store, ctx.version_id, result)
         return result
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.cli import main
+from semid_dist.codes.metrics import head_threshold
 from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build, choose_sample
@@ -108,9 +109,12 @@ def _brute_metrics(codes: np.ndarray, x: np.ndarray, sizes: list[int]) -> dict:
     return out
 
 
-def test_metrics_match_brute_force_from_written_table(small_catalog, root):
+@pytest.mark.parametrize("popularity", [None, "popularity"])
+def test_metrics_match_brute_force_from_written_table(small_catalog, root, popularity):
+    """With a popularity column the shards send head and tail statistics only; the whole
+    catalog's figures are their merge and still match the brute force over every row."""
     catalog, x = small_catalog
-    cfg = small_config(catalog, root)
+    cfg = small_config(catalog, root, input__popularity_column=popularity)
     res = build(cfg, log=quiet)
     store = TableStore(root, "sids")
     t = sorted_table(store, res.version_id)
@@ -136,6 +140,19 @@ def test_metrics_match_brute_force_from_written_table(small_catalog, root):
                             "quality", "pruning"}
     assert set(metrics["collisions"]["items_per_sid_quantiles"]) == {"0.8", "0.9", "0.99",
                                                                      "0.999"}
+    if popularity:  # item_id i has popularity i % 97 (conftest.write_catalog)
+        pop = t.column("item_id").to_numpy() % 97
+        head = pop >= head_threshold(pop.astype(np.float64), cfg.metrics.head_share)
+        assert 0 < head.sum() < len(x)
+        for part, rows in (("head", head), ("tail", ~head)):
+            want = _brute_metrics(codes[rows], x[t.column("item_id").to_numpy()[rows]], sizes)
+            assert metrics[part]["items"] == rows.sum()
+            assert [g["used"] for g in metrics[part]["layers"]] == \
+                [w["used"] for w in want["layers"]]
+            assert metrics[part]["quality"]["semantic_cohesion"] == pytest.approx(want["sc"],
+                                                                                rel=1e-6)
+    else:
+        assert "head" not in metrics and "tail" not in metrics
 
 
 def test_collision_suffixes_are_unique_and_ordered(small_catalog, root):
