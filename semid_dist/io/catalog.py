@@ -106,10 +106,14 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
     """Read the shard's row groups (only `columns`), verifying page checksums where the
     writer recorded them (corrupt pages then fail loudly instead of decoding to garbage)."""
     fs, _ = fsio.resolve(url)
+    groups = list(shard.row_groups)
     try:
+        if fsio.is_local(fs):  # Arrow's own reader: no Python file object per page read
+            return pq.ParquetFile(shard.path, page_checksum_verification=True).read_row_groups(
+                groups, columns=columns)
         with fs.open(shard.path, "rb") as f:
             return pq.ParquetFile(f, page_checksum_verification=True).read_row_groups(
-                list(shard.row_groups), columns=columns)
+                groups, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise _input_error(f"catalog file {shard.path!r}: cannot read row groups "
                          f"{list(shard.row_groups)} ({exc}); repair or remove the file") from None

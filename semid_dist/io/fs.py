@@ -69,7 +69,7 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
@@ -90,6 +90,7 @@ def read_parquet(fs: AbstractFileSystem, path: str, columns: list[str] | None = 
         return pq.read_table(f, columns=columns)
 
 
-def _is_local(fs: AbstractFileSystem) -> bool:
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Whether `fs` is the machine's own file system (its paths are OS paths)."""
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol

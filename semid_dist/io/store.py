@@ -317,7 +317,7 @@ class TableStore:
         return tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
 
     def _is_local(self) -> bool:
-        return bool({"file", "local"} & set(self._protocols()))
+        return fsio.is_local(self.fs)
 
     @contextmanager
     def _latest_lock(self) -> Iterator[None]:
