@@ -148,3 +148,26 @@ def test_quick_mode_end_to_end(tmp_path):
     md = (tmp_path / "B.md").read_text()
     assert md.startswith("# Benchmarks") and "| benchmark | config |" in md
     assert "## Targets:" in md and "quick mode" in md
+
+
+@pytest.mark.engine
+def test_ray_train_fit_times_iterations_per_layer(ray_session):
+    """The Ray Train fit figures: the mean iteration time overall and per layer (the layers
+    run the same iteration count, so the overall mean is the mean of the layer means), from
+    the same start on 1 and 2 workers, with codebooks of the asked shapes."""
+    from semid_dist.bench.kernels import bench_fit
+    from semid_dist.bench.pipeline import ray_train_fit
+
+    x, _ = tiny_data(n=2000, d=8)
+    layers = (8, 4)
+    _, inits = bench_fit(x, layers, niter=3, seed=0)
+    runs = ray_train_fit(x, inits, layers, niter=3, workers=(1, 2), cores=2, log=lambda m: None)
+    assert [r["workers"] for r in runs] == [1, 2]
+    for run in runs:
+        assert len(run["s_per_iter_by_layer"]) == len(layers)
+        assert all(v > 0 for v in run["s_per_iter_by_layer"])
+        assert run["s_per_iter"] == pytest.approx(np.mean(run["s_per_iter_by_layer"]))
+        assert [cb.shape for cb in run["codebooks"]] == [(8, 8), (4, 8)]
+    # exact data-parallel Lloyd: 1 and 2 workers reach the same codebooks from the same start
+    for a, b in zip(runs[0]["codebooks"], runs[1]["codebooks"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -146,8 +146,8 @@ def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[
     """Seconds per Lloyd iteration of the fit on `w` Ray Train workers for each w in
     `workers`, from the same start (`inits`, one (k_l, d) array per layer): the mean of the
     iteration times the workers record (`seconds` in each layer's `iterations`; an iteration
-    includes its all-reduce), so the worker start-up is not counted. Also returns the run's
-    wall time and codebooks (for the MSE)."""
+    includes its all-reduce), so the worker start-up is not counted, and that mean per layer.
+    Also returns the run's wall time and codebooks (for the MSE)."""
     from semid_dist.config import parse_config
     from semid_dist.engines import make_engine
 
@@ -170,7 +170,10 @@ def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[
                 wall = time.perf_counter() - t
                 seconds = [it["seconds"] for layer in stats for it in layer["iterations"]]
                 per_iter = sum(seconds) / len(seconds)
+                by_layer = [sum(it["seconds"] for it in layer["iterations"])
+                            / max(len(layer["iterations"]), 1) for layer in stats]
                 log(f"ray train fit: {w} worker(s): {per_iter:.4f} s/iteration (run {wall:.1f} s)")
                 out.append({"workers": w, "threads_per_worker": int(max(1, cores // w)),
-                            "s_per_iter": per_iter, "run_s": wall, "codebooks": books})
+                            "s_per_iter": per_iter, "s_per_iter_by_layer": by_layer,
+                            "run_s": wall, "codebooks": books})
     return out

@@ -248,9 +248,11 @@ def details(results: dict[str, Any]) -> list[str]:
                 f"{p['init_s']:.2f} | {p['mse']:.5f} | {p['faiss_mse']:.5f} | "
                 f"{p['mse_ratio']:.4f} |" for p in f["per_layer"]]
         for r in f.get("ray_train", []):
+            layers = " / ".join(f"{v * 1e3:.1f}" for v in r.get("s_per_iter_by_layer", []))
+            by_layer = f"; ms per iteration by layer {layers}" if layers else ""
             out.append(f"\nRay Train {r['workers']} worker(s) x {r['threads_per_worker']} "
                        f"thread(s): the fit took {r['run_s']:.1f} s in all (worker start-up "
-                       f"included); MSE {r['mse']:.5f}.")
+                       f"included){by_layer}; MSE {r['mse']:.5f}.")
         out.append("")
     for b in results.get("e2e", []):
         cat = b["catalog"]
