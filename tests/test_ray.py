@@ -8,13 +8,14 @@ import time
 import numpy as np
 import pytest
 
+from semid_dist.engines.ray_data import shards_per_task
 from semid_dist.engines.ray_train import fit_on_ray_train
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
 from semid_dist.quantize.acrq import fit_acrq, split_sample
 from semid_dist.quantize.residual import init_subset
-from tests.conftest import clustered, incremental_on_engines, small_config
+from tests.conftest import clustered, incremental_on_engines, small_config, write_catalog
 
 pytestmark = pytest.mark.engine
 
@@ -23,15 +24,23 @@ def quiet(msg: str) -> None:
     pass
 
 
-def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path):
+@pytest.mark.parametrize("group_rows", [500, 100])
+def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path, group_rows):
     """Same input, same codebooks: the Ray Data engine writes exactly the local engine's table
-    and metrics."""
-    catalog, _ = small_catalog
+    and metrics. With 100-row shards (24) each encode task runs 3 shards one after the other,
+    and the shards' head / tail statistics (popularity column) come back per shard."""
+    _, x = small_catalog
+    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=group_rows, files=2)
+    over = {"encode__shard_rows": group_rows}
+    if group_rows == 100:
+        over["input__popularity_column"] = "popularity"
+        assert shards_per_task(24, 2) == 3
     root = str(tmp_path / "out")
-    fitted = build(small_config(catalog, root), log=quiet)
-    local = build(small_config(catalog, root, encode__from_version=fitted.version_id), log=quiet)
+    fitted = build(small_config(catalog, root, **over), log=quiet)
+    local = build(small_config(catalog, root, encode__from_version=fitted.version_id, **over),
+                  log=quiet)
     ray = build(small_config(catalog, root, engine="ray",
-                             encode__from_version=fitted.version_id), log=quiet)
+                             encode__from_version=fitted.version_id, **over), log=quiet)
     store = TableStore(root, "sids")
     a = store.read_data(local.version_id).sort_by("item_id")
     b = store.read_data(ray.version_id).sort_by("item_id")
