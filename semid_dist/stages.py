@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
-from semid_dist.codes.partials import partial_from_batch
+from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
 from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
@@ -206,18 +206,18 @@ class EncodeWorker:
                   # {reason: rows} as JSON: one string column in Ray Data's Arrow blocks
                   "reasons": json.dumps(reject_reasons(batch.rejects), sort_keys=True)}
         if ctx.head_threshold is not None and batch.popularity is not None:
-            # head and tail only: the driver merges them into the whole catalog's statistics
-            head = batch.popularity >= ctx.head_threshold
-            result["partial_head"] = self._partial(enc, batch.x, head)
-            result["partial_tail"] = self._partial(enc, batch.x, ~head)
+            # head and tail only, in one pass over x: the driver merges them into the whole
+            # catalog's statistics
+            head, tail = head_tail_partials(enc.codes, enc.sq_residual, batch.x, ctx.sizes,
+                                            quality_depth=ctx.quality_depth,
+                                            mask=batch.popularity >= ctx.head_threshold)
+            result["partial_head"], result["partial_tail"] = head.to_bytes(), tail.to_bytes()
         else:
-            result["partial"] = self._partial(enc, batch.x, None)
+            result["partial"] = partial_from_batch(
+                enc.codes, enc.sq_residual, batch.x, ctx.sizes,
+                quality_depth=ctx.quality_depth).to_bytes()
         save_shard_result(self.store, ctx.version_id, result)
         return result
-
-    def _partial(self, enc, x: np.ndarray, rows: np.ndarray | None) -> bytes:
-        return partial_from_batch(enc.codes, enc.sq_residual, x, self.ctx.sizes,
-                                  quality_depth=self.ctx.quality_depth, rows=rows).to_bytes()
 
 
 _WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process

@@ -23,6 +23,7 @@ from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metric
 from semid_dist.codes.partials import (
     Partial,
     StreamMerge,
+    head_tail_partials,
     merge,
     merge_all,
     partial_from_batch,
@@ -416,6 +417,23 @@ def test_partial_of_a_row_mask_equals_the_partial_of_those_rows(share):
     assert_partials_equal(merge(got, partial_from_batch(codes, sq, x, SIZES, quality_depth=2,
                                                         rows=~mask)),
                           partial_from_batch(codes, sq, x, SIZES, quality_depth=2))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_head_tail_partials_are_the_row_mask_partials_bit_for_bit(share, zeros):
+    """One pass over x for a shard's head and tail gives exactly the two row-mask partials
+    (and their serialized bytes), with and without zero vectors."""
+    codes, x, sq = random_batch(n=3000, seed=33)
+    if zeros:
+        x[::5] = 0.0
+    mask = np.random.default_rng(34).random(len(codes)) < share
+    head, tail = head_tail_partials(codes, sq, x, SIZES, quality_depth=2, mask=mask)
+    for got, rows in ((head, mask), (tail, ~mask)):
+        want = partial_from_batch(codes, sq, x, SIZES, quality_depth=2, rows=rows)
+        assert got.n == int(rows.sum())
+        assert_partials_equal(got, want, exact_floats=True)
+        assert got.to_bytes() == want.to_bytes()
 
 
 def test_merge_with_an_empty_partial_is_identity():

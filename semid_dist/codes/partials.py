@@ -110,10 +110,6 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
     if rows is not None:
         take = np.flatnonzero(rows)
         codes, sq_residual = codes[take], sq_residual[take]
-    n, d = len(codes), x.shape[1]
-    layer_counts = [np.bincount(codes[:, i], minlength=k).astype(np.int64)
-                    for i, k in enumerate(sizes)]
-    keys, counts, _ = _group_sum(sid_keys(codes, sizes))
     # per row, so the same whichever rows are taken; no float64 copy of x
     sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)
     if take is not None:
@@ -124,13 +120,49 @@ def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
         take = np.flatnonzero(has_dir) if take is None else take[has_dir]
         q_codes, q_sq = codes[has_dir], sq_norms[has_dir]
     # the unit vectors x / ||x|| are formed chunk by chunk inside the float64 group sum
-    q_keys, q_counts, q_sums = _group_sum(sid_keys(q_codes, sizes, quality_depth), x,
-                                          scale=1.0 / np.sqrt(q_sq), take=take)
+    quality = _group_sum(sid_keys(q_codes, sizes, quality_depth), x, scale=1.0 / np.sqrt(q_sq),
+                         take=take)
+    return _assemble(codes, sq_residual, sq_norms, sizes, x.shape[1], quality)
+
+
+def head_tail_partials(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray,
+                       sizes: tuple[int, ...] | list[int], *, quality_depth: int,
+                       mask: np.ndarray) -> tuple[Partial, Partial]:
+    """(statistics of the rows in boolean `mask`, statistics of the others): a shard's head
+    and tail, bit-identical to `partial_from_batch(..., rows=mask)` and `(..., rows=~mask)`
+    but with one pass over x. The per-prefix unit-vector sums of both sides are one float64
+    group sum keyed by (prefix, side): each group still adds its own rows in row order."""
+    sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    keys = sid_keys(codes, sizes, quality_depth) * 2 + (~mask).astype(np.int64)
+    has_dir = sq_norms > 0
+    take = None if has_dir.all() else np.flatnonzero(has_dir)
+    if take is not None:
+        keys = keys[take]
+    q_sq = sq_norms if take is None else sq_norms[take]
+    uniq, counts, sums = _group_sum(keys, x, scale=1.0 / np.sqrt(q_sq), take=take)
+    parts = []
+    for side, rows in ((0, mask), (1, ~mask)):
+        pick = (uniq & 1) == side
+        idx = np.flatnonzero(rows)
+        parts.append(_assemble(codes[idx], sq_residual[idx], sq_norms[idx], sizes, x.shape[1],
+                               (uniq[pick] >> 1, counts[pick], sums[pick])))
+    return parts[0], parts[1]
+
+
+def _assemble(codes: np.ndarray, sq_residual: np.ndarray, sq_norms: np.ndarray,
+              sizes: tuple[int, ...] | list[int], d: int,
+              quality: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> Partial:
+    """The Partial of these rows (codes, sq_residual, ||x||^2 per row) given their quality
+    table (prefix keys, counts of rows with a direction, unit-vector sums)."""
+    q_keys, q_counts, q_sums = quality
+    layer_counts = [np.bincount(codes[:, i], minlength=k).astype(np.int64)
+                    for i, k in enumerate(sizes)]
+    keys, counts, _ = _group_sum(sid_keys(codes, sizes))
     sq64 = sq_residual.astype(np.float64)
     trans = [_group_sum(codes[:, i - 1].astype(np.int64) * sizes[i] + codes[:, i])
              for i in range(1, len(sizes))]
     return Partial(trans_keys=[t[0] for t in trans], trans_counts=[t[1] for t in trans],
-                   n=n, layer_counts=layer_counts, sid_keys=keys, sid_counts=counts,
+                   n=len(codes), layer_counts=layer_counts, sid_keys=keys, sid_counts=counts,
                    sq_res_sum=sq64.sum(axis=0), res_norm_sum=np.sqrt(sq64).sum(axis=0),
                    x_sq_sum=float(sq_norms.sum()), q_keys=q_keys, q_counts=q_counts,
                    q_sums=q_sums if q_sums is not None else np.zeros((0, d)))
