@@ -49,6 +49,8 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     mb = {k: v for k, v in ray.metrics.items() if k not in ("timings", "fit")}
     assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
     assert store.manifest(ray.version_id)["engine"] == "ray"
+    # one data part per shard: 2 files of 1,200 rows in row groups of `group_rows`
+    assert len(store.part_paths(ray.version_id)) == {500: 6, 100: 24}[group_rows]
 
 
 def test_ray_incremental_version_identical_to_local(ray_session, incremental_catalogs,

@@ -7,6 +7,7 @@ object store) and shuts it down when done; it leaves an already running Ray alon
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import uuid
@@ -174,7 +175,7 @@ class RayEngine:
         cpus, tasks = 1.0, min(self.cfg.encode.num_actors, len(shards))
         per_task = shards_per_task(len(shards), tasks)
         ds = ray.data.from_items([{"shard": shard_to_dict(s)} for s in shards],
-                                 override_num_blocks=-(-len(shards) // per_task))
+                                 override_num_blocks=math.ceil(len(shards) / per_task))
         ds = _one_stage(ds.map_batches(
             _encode_shards, fn_kwargs={"job": uuid.uuid4().hex, "ctx": ctx,
                                        "threads": int(cpus)},

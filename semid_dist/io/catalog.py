@@ -116,7 +116,7 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
                 groups, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise _input_error(f"catalog file {shard.path!r}: cannot read row groups "
-                         f"{list(shard.row_groups)} ({exc}); repair or remove the file") from None
+                         f"{groups} ({exc}); repair or remove the file") from None
 
 
 def shard_to_dict(shard: Shard) -> dict:

@@ -92,5 +92,5 @@ def read_parquet(fs: AbstractFileSystem, path: str, columns: list[str] | None = 
 
 def is_local(fs: AbstractFileSystem) -> bool:
     """Whether `fs` is the machine's own file system (its paths are OS paths)."""
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
