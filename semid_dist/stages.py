@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from semid_dist import packing
 from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
@@ -211,11 +212,11 @@ class EncodeWorker:
             head, tail = head_tail_partials(enc.codes, enc.sq_residual, batch.x, ctx.sizes,
                                             quality_depth=ctx.quality_depth,
                                             mask=batch.popularity >= ctx.head_threshold)
-            result["partial_head"], result["partial_tail"] = head.to_bytes(), tail.to_bytes()
+            result["partial_head"], result["partial_tail"] = head.pack(), tail.pack()
         else:
             result["partial"] = partial_from_batch(
                 enc.codes, enc.sq_residual, batch.x, ctx.sizes,
-                quality_depth=ctx.quality_depth).to_bytes()
+                quality_depth=ctx.quality_depth).pack()
         save_shard_result(self.store, ctx.version_id, result)
         return result
 
@@ -237,20 +238,32 @@ _BLOBS = ("partial", "partial_head", "partial_tail")
 
 
 def _result_path(index: int) -> str:
-    return f"{STAGING}/result-{index:06d}.npz"
+    return f"{STAGING}/result-{index:06d}.bin"
 
 
 def save_shard_result(store: TableStore, version_id: str, result: dict[str, Any]) -> None:
     """Persist a finished shard's result (written after its codes and rejects, so its presence
-    means the shard is complete): a re-run of a killed build skips the shard."""
+    means the shard is complete): a re-run of a killed build skips the shard. One array
+    bundle: the counts as its metadata, the statistics as byte arrays."""
     meta = {k: v for k, v in result.items() if k not in _BLOBS}
     if meta.get("rejects_file") is not None:
         meta["rejects_file"] = asdict(meta["rejects_file"])
-    arrays = {k: np.frombuffer(result[k], dtype=np.uint8) for k in _BLOBS if k in result}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    store.write_file(version_id, _result_path(result["index"]), buf.getvalue())
+    blobs = {k: np.frombuffer(result[k], dtype=np.uint8) for k in _BLOBS if k in result}
+    fsio.write_bytes(store.fs, fsio.join(store.version_dir(version_id),
+                                         _result_path(result["index"])), packing.pack(blobs, meta))
+
+
+def _shard_result(data: bytes) -> dict[str, Any]:
+    """A staged result: a bundle, or the npz of a run killed before bundles were written."""
+    if packing.is_bundle(data):
+        result, blobs = packing.unpack(data)
+    else:
+        blobs = dict(np.load(io.BytesIO(data), allow_pickle=False))
+        result = json.loads(blobs.pop("meta").tobytes())
+    if result.get("rejects_file") is not None:
+        result["rejects_file"] = FileEntry(**result["rejects_file"])
+    result.update({k: blobs[k].tobytes() for k in _BLOBS if k in blobs})
+    return result
 
 
 def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:
@@ -261,14 +274,9 @@ def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str
     out = {}
     for path in store.fs.ls(folder, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if not (name.startswith("result-") and name.endswith(".npz")):
-            continue
-        z = np.load(io.BytesIO(store.fs.cat_file(path)), allow_pickle=False)
-        result = json.loads(z["meta"].tobytes())
-        if result.get("rejects_file") is not None:
-            result["rejects_file"] = FileEntry(**result["rejects_file"])
-        result.update({k: z[k].tobytes() for k in _BLOBS if k in z.files})
-        out[int(result["index"])] = result
+        if name.startswith("result-") and name.endswith((".bin", ".npz")):
+            result = _shard_result(store.fs.cat_file(path))
+            out[int(result["index"])] = result
     return out
 
 

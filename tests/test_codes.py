@@ -477,18 +477,23 @@ def test_partial_counts_match_counter():
     assert p.sid_keys.tolist() == sorted(want)
 
 
+@pytest.mark.parametrize("form", ["npz", "bundle"])
 @pytest.mark.parametrize("n", [0, 1, 500])
-def test_partial_bytes_round_trip(n):
+def test_partial_bytes_round_trip(n, form):
     codes, x, sq = random_batch(n=max(n, 1), seed=41)
     codes, x, sq = codes[:n], x[:n], sq[:n]
     p = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
-    data = p.to_bytes()
+    data = p.to_bytes() if form == "npz" else p.pack()
     assert isinstance(data, bytes)
+    assert data.startswith(b"PK") == (form == "npz")  # npz is a zip archive
     q = Partial.from_bytes(data)
     assert_partials_equal(q, p, exact_floats=True)
     for name in ("sid_keys", "sid_counts", "q_keys", "q_counts", "q_sums", "sq_res_sum"):
         assert getattr(q, name).dtype == getattr(p, name).dtype, name
     assert q.q_sums.shape == (len(p.q_keys), D)
+    if n:  # the driver merges into what it unpacked: the arrays must be writable
+        assert q.q_sums.flags.writeable and q.sid_counts.flags.writeable
+        assert_partials_equal(merge(q, q), merge(p, p), exact_floats=True)
 
 
 def test_partial_bytes_round_trip_many_layers():
@@ -500,6 +505,7 @@ def test_partial_bytes_round_trip_many_layers():
     sq = rng.random((50, 12)).astype(np.float32)
     p = partial_from_batch(codes, sq, x, sizes, quality_depth=2)
     assert_partials_equal(Partial.from_bytes(p.to_bytes()), p, exact_floats=True)
+    assert_partials_equal(Partial.from_bytes(p.pack()), p, exact_floats=True)
 
 
 # ------------------------------------------------------------------------ gini

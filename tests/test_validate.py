@@ -276,6 +276,30 @@ def test_all_rows_valid_gives_empty_rejects_with_schema():
     assert vb.rejects.schema.equals(empty_rejects().schema)
 
 
+@pytest.mark.parametrize("with_bad_row", [False, True])
+def test_valid_matrix_is_a_writable_array_in_arrows_pool(with_bad_row):
+    """The matrix lives in Arrow's memory pool (pages the pool reuses for the next shard), is
+    writable like numpy's own arrays, and is freed with the array."""
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(size=64).astype(np.float32).tolist() for _ in range(2000)]
+    if with_bad_row:
+        rows[7] = rows[7][:10]
+    pool = pa.default_memory_pool()
+    table = (make_table(rows, list(range(len(rows))), d=64) if with_bad_row
+             else make_table(rows, list(range(len(rows))), kind="fixed", d=64))
+    before = pool.bytes_allocated()
+    vb = validate_batch(table, id_column="item_id", embedding_column="embedding", dim=64,
+                        source_file=SOURCE, row_offset=0)
+    good = [r for r in rows if len(r) == 64]
+    np.testing.assert_array_equal(vb.x, np.array(good, np.float32))
+    assert vb.rejects.num_rows == int(with_bad_row)
+    assert vb.x.flags.writeable
+    if not with_bad_row:  # (with a bad row the valid rows are numpy's copy)
+        assert pool.bytes_allocated() - before >= vb.x.nbytes
+        del vb
+        assert pool.bytes_allocated() - before < 2000 * 64 * 4
+
+
 def schema(emb_type=LIST_F32, id_type=I64, extra=()):
     return pa.schema([("item_id", id_type), ("embedding", emb_type), *extra])
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from semid_dist import packing
 from semid_dist.quantize.encode import group_sum
 
 
@@ -72,21 +73,36 @@ class Partial:
     trans_keys: list[np.ndarray]
     trans_counts: list[np.ndarray]
 
-    def to_bytes(self) -> bytes:
+    def _arrays(self) -> dict[str, np.ndarray]:
         lists = ("layer_counts", "trans_keys", "trans_counts")
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)
                   if f.name not in lists}
         for name in lists:
             for i, c in enumerate(getattr(self, name)):
                 arrays[f"{name}_{i}"] = c
+        return arrays
+
+    def to_bytes(self) -> bytes:
+        """npz (no pickle): the form a committed version keeps (stats/partial_all.npz)."""
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **self._arrays())
         return buf.getvalue()
+
+    def pack(self) -> bytes:
+        """A raw array bundle (`semid_dist.packing`): the form a shard's statistics take to
+        the driver and to staging, written and read with no zip or CRC pass."""
+        return packing.pack(self._arrays())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Partial:
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-        n_layers = sum(1 for k in z.files if k.startswith("layer_counts_"))
+        """A Partial from `to_bytes` (npz) or `pack` (bundle) output."""
+        if packing.is_bundle(data):
+            z = packing.unpack(data)[1]
+            files = list(z)
+        else:
+            z = np.load(io.BytesIO(data), allow_pickle=False)
+            files = z.files
+        n_layers = sum(1 for k in files if k.startswith("layer_counts_"))
 
         def seq(name: str, count: int) -> list[np.ndarray]:
             return [z[f"{name}_{i}"] for i in range(count)]

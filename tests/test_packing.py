@@ -1,0 +1,100 @@
+"""Array bundles (semid_dist.packing) and the staged shard results written with them."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from semid_dist import packing
+from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.stages import STAGING, load_shard_results, save_shard_result
+
+
+def test_bundle_round_trip_keeps_dtype_shape_and_values():
+    rng = np.random.default_rng(3)
+    arrays = {
+        "f64": rng.normal(size=(7, 5)),
+        "i32": rng.integers(-9, 9, size=(3, 2, 4)).astype(np.int32),
+        "u8_odd": np.arange(13, dtype=np.uint8),  # a length that needs padding after it
+        "scalar": np.asarray(2.5),
+        "empty": np.zeros((0, 4), np.float32),
+        "strided": rng.normal(size=(6, 6))[::2, 1::2],  # not contiguous
+        "big_endian": np.arange(5, dtype=">i8"),
+    }
+    meta = {"index": 4, "note": "x", "nested": [1, None]}
+    data = packing.pack(arrays, meta)
+    assert packing.is_bundle(data)
+    got_meta, got = packing.unpack(data)
+    assert got_meta == meta
+    assert list(got) == list(arrays)
+    for name, arr in arrays.items():
+        assert got[name].dtype == arr.dtype, name
+        assert got[name].shape == arr.shape, name
+        np.testing.assert_array_equal(got[name], arr)
+        assert got[name].flags.writeable, name
+    for name, arr in got.items():  # every array starts 8-byte aligned in the copy
+        if arr.size:
+            assert arr.ctypes.data % 8 == 0, name
+
+
+def test_bundle_arrays_are_independent_of_the_input_bytes():
+    data = bytearray(packing.pack({"a": np.arange(4, dtype=np.int64)}))
+    _, got = packing.unpack(data)
+    got["a"][0] = 99
+    data[-8:] = b"\xff" * 8
+    assert got["a"].tolist() == [99, 1, 2, 3]
+    assert packing.unpack(packing.pack({"a": np.arange(4)}))[1]["a"].tolist() == [0, 1, 2, 3]
+
+
+def test_bundle_rejects_objects_and_bad_data():
+    with pytest.raises(TypeError, match="dtype object"):
+        packing.pack({"o": np.array([object()])})
+    data = packing.pack({"a": np.arange(100, dtype=np.float64)})
+    with pytest.raises(ValueError, match="not an array bundle"):
+        packing.unpack(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ValueError, match="not an array bundle"):
+        packing.unpack(data[:10])
+    with pytest.raises(ValueError, match="array 'a' ends at byte 800"):
+        packing.unpack(data[:-8])
+    with pytest.raises(ValueError, match="header of"):
+        packing.unpack(data[:30])
+
+
+def _result(index: int) -> dict:
+    rng = np.random.default_rng(index)
+    return {"index": index, "rows": 100 + index, "encoded": 98, "rejected": 2,
+            "rejects_file": FileEntry(f"rejects/part-{index}.parquet", 2, 345, "ab" * 32),
+            "reasons": json.dumps({"null embedding": 2}),
+            "partial_head": rng.bytes(1001), "partial_tail": rng.bytes(77)}
+
+
+def test_staged_results_round_trip_on_a_real_filesystem(tmp_path):
+    store = TableStore(str(tmp_path), "t")
+    want = {i: _result(i) for i in (0, 3)}
+    want[5] = {**_result(5), "rejects_file": None}
+    del want[5]["partial_head"], want[5]["partial_tail"]
+    want[5]["partial"] = b"\x00" * 17
+    for result in want.values():
+        save_shard_result(store, "v1", result)
+    assert sorted(p.name for p in (tmp_path / "t/versions/v1" / STAGING).iterdir()) == [
+        "result-000000.bin", "result-000003.bin", "result-000005.bin"]
+    assert load_shard_results(store, "v1") == want
+    assert load_shard_results(store, "v2") == {}
+
+
+def test_staged_npz_result_of_an_earlier_run_is_still_read(tmp_path):
+    """A run killed before results were bundles left npz files; resuming reads them."""
+    store = TableStore(str(tmp_path), "t")
+    old = _result(7)
+    meta = {k: v for k, v in old.items() if not k.startswith("partial")}
+    meta["rejects_file"] = vars(old["rejects_file"])
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+             partial_head=np.frombuffer(old["partial_head"], np.uint8),
+             partial_tail=np.frombuffer(old["partial_tail"], np.uint8))
+    store.write_file("v1", f"{STAGING}/result-000007.npz", buf.getvalue())
+    save_shard_result(store, "v1", _result(8))
+    assert load_shard_results(store, "v1") == {7: old, 8: _result(8)}
