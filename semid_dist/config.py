@@ -96,9 +96,9 @@ class EncodeConfig:
     # `rerank` best codewords re-scored in fp32 (a GPU fast path; >= 99.9% identical codes).
     precision: Precision = "fp32"
     rerank: int = 8
-    # true: encode workers decode Parquet into Arrow's jemalloc pool, set to keep freed pages
-    # for the next shard (semid_dist.memory); false (default) keeps Arrow's default pool
-    reuse_memory: bool = False
+    # encode workers decode Parquet into Arrow's jemalloc pool, set to keep freed pages for
+    # the next shard (semid_dist.memory); false keeps Arrow's default pool
+    reuse_memory: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,22 @@
-"""Allocator setting for encode workers (`encode.reuse_memory`, off by default).
+"""Allocator setting for encode workers (`encode.reuse_memory`, on by default).
 
 An encode worker decodes a shard's Parquet row groups into fresh Arrow buffers (35 MiB for
 65,536 x 128 float32), frees them, and decodes the next shard. On the 2-core VMs of
 docs/BENCHMARKS.md touching fresh pages is dear, so what counts is whether the pool hands
-the freed pages back for the next shard.
+the freed pages back for the next shard, and what that does to peak memory.
 
 With the setting on, Arrow's jemalloc pool is set to keep freed pages for a while
-(`DECAY_MS`). It once made the local encode stage 1.2x faster than Arrow's default pool
-(mimalloc), when shards were read through a Python file object. Since shards are read by
-Arrow's own file reader and the validated matrix lives in Arrow's pool
-(`validate._pool_matrix`), mimalloc reuses its pages and jemalloc does not: in a loop over
-the 23 shards of a 1.5M x 128 catalog, a shard's read page-faulted ~29,000 times (116 MiB)
-under jemalloc against ~600 under mimalloc, and the whole shard 36,000 against 7,000 times,
-with 1.5x the system time. Hence the default pool. Raising glibc's mmap / trim thresholds
-as well (so that numpy's and torch's buffers were kept too) fragmented the heap, and peak
-memory then grew with the catalog (1.22x at 4N against 1.14x).
+(`DECAY_MS`); off, Arrow's default pool (mimalloc) is used. Measured on the local build of
+the benchmarks' peak-memory row (d=128 3 x 256, 23 shards of 65,536 rows):
+- mimalloc reuses more: ~7,000 page faults per shard against ~36,000 (a shard's read alone
+  ~600 against ~29,000), with 1.5x less system time in a one-thread shard loop;
+- jemalloc keeps peak memory flat with the catalog: 836 / 835 MiB at N / 4N items, against
+  720 / 808 MiB (1.12x) under mimalloc, whose resident memory grew over the encode stage.
+Flat memory is the default's promise at hundreds of millions of items, so jemalloc stays
+the default; `encode.reuse_memory=false` trades it for fewer page faults. Raising glibc's
+mmap / trim thresholds as well (so that numpy's and torch's buffers were kept too)
+fragmented the heap, and peak memory then grew with the catalog (1.22x at 4N against
+1.14x).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
 
 def _pool_matrix(rows: int, dim: int) -> np.ndarray:
     """An uninitialised, writable (rows, dim) float32 array in Arrow's memory pool, freed when
-    the array is. The pool hands the pages back for the next shard's matrix, whereas glibc
+    the array is. The pool hands its pages back for the next shard's matrix, whereas glibc
     serves each block over 32 MiB (a 65,536 x 128 shard's) with a new mmap, faulted in page
     by page: on the benchmark VMs that made one shard in ten validate in 0.2-0.45 s instead
     of 0.02 s."""
