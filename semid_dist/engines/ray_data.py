@@ -21,6 +21,7 @@ from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
+from semid_dist.memory import worker_env
 from semid_dist.stages import JobContext, job_worker
 
 
@@ -34,10 +35,12 @@ def ray_init(cfg: BuildConfig) -> bool:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:
+    else:  # its workers start with the encode workers' allocator setting (memory.worker_env)
+        env = worker_env(cfg.encode.reuse_memory)
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                 configure_logging=False, log_to_driver=True)
+                 configure_logging=False, log_to_driver=True,
+                 runtime_env={"env_vars": env} if env else None)
     return True
 
 
