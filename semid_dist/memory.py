@@ -36,9 +36,9 @@ KEEP_PAGES_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def worker_env(reuse_memory: bool) -> dict[str, str]:
-    """Environment variables for the encode worker processes an engine starts itself (an
-    embedded Ray, a local Spark): `KEEP_PAGES_CONF` under `encode.reuse_memory`, unless the
-    user's environment sets Arrow's jemalloc configuration already."""
+    """Environment variables for the encode worker processes an engine starts itself (the
+    embedded Ray): `KEEP_PAGES_CONF` under `encode.reuse_memory`, unless the user's
+    environment sets Arrow's jemalloc configuration already."""
     if not reuse_memory or MALLOC_CONF_VAR in os.environ:
         return {}
     return {MALLOC_CONF_VAR: KEEP_PAGES_CONF}
@@ -48,8 +48,9 @@ _previous_pool = None  # Arrow's pool before keep_freed_memory, while the settin
 
 def keep_freed_memory() -> bool:
     """Switch Arrow to jemalloc, with a `DECAY_MS` decay unless the process started with a
-    jemalloc configuration (`worker_env`), which stays (a second call while on does
-    nothing). Returns False, changing nothing, where pyarrow was built without jemalloc."""
+    jemalloc decay of its own (`worker_env`, or the user's), which stays (a second call while
+    on does nothing). Returns False, changing nothing, where pyarrow was built without
+    jemalloc."""
     global _previous_pool
     import pyarrow as pa
 
@@ -59,7 +60,7 @@ def keep_freed_memory() -> bool:
         pool = pa.jemalloc_memory_pool()
     except NotImplementedError:
         return False
-    if MALLOC_CONF_VAR not in os.environ:
+    if "decay_ms" not in os.environ.get(MALLOC_CONF_VAR, ""):
         pa.jemalloc_set_decay_ms(DECAY_MS)
     _previous_pool = pa.default_memory_pool()
     pa.set_memory_pool(pool)
