@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -267,7 +268,9 @@ def _shard_result(data: bytes) -> dict[str, Any]:
 
 
 def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:
-    """The persisted results of the shards a (killed) run of this version finished."""
+    """The persisted results of the shards a (killed) run of this version finished. A result
+    file that does not parse (damaged after it was written) counts as not finished: its
+    shard is encoded again, which rewrites it."""
     folder = fsio.join(store.version_dir(version_id), STAGING)
     if not store.fs.exists(folder):
         return {}
@@ -275,7 +278,10 @@ def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str
     for path in store.fs.ls(folder, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("result-") and name.endswith((".bin", ".npz")):
-            result = _shard_result(store.fs.cat_file(path))
+            try:
+                result = _shard_result(store.fs.cat_file(path))
+            except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                continue
             out[int(result["index"])] = result
     return out
 

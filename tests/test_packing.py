@@ -98,3 +98,16 @@ def test_staged_npz_result_of_an_earlier_run_is_still_read(tmp_path):
     store.write_file("v1", f"{STAGING}/result-000007.npz", buf.getvalue())
     save_shard_result(store, "v1", _result(8))
     assert load_shard_results(store, "v1") == {7: old, 8: _result(8)}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_staged_result_counts_as_not_finished(tmp_path, damage):
+    """A resumed run encodes the shard of a damaged result file again, keeping the others."""
+    store = TableStore(str(tmp_path), "t")
+    for i in (1, 2):
+        save_shard_result(store, "v1", _result(i))
+    path = tmp_path / "t/versions/v1" / STAGING / "result-000002.bin"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:-40], "garbage": b"PK\x03\x04" + data[4:200],
+                      "empty": b""}[damage])
+    assert load_shard_results(store, "v1") == {1: _result(1)}
