@@ -37,8 +37,9 @@ KEEP_PAGES_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 def worker_env(reuse_memory: bool) -> dict[str, str]:
     """Environment variables for the encode worker processes an engine starts itself (the
-    embedded Ray): `KEEP_PAGES_CONF` under `encode.reuse_memory`, unless the user's
-    environment sets Arrow's jemalloc configuration already."""
+    embedded Ray's, and the Python workers of a Spark session the engine starts):
+    `KEEP_PAGES_CONF` under `encode.reuse_memory`, unless the user's environment sets
+    Arrow's jemalloc configuration already."""
     if not reuse_memory or MALLOC_CONF_VAR in os.environ:
         return {}
     return {MALLOC_CONF_VAR: KEEP_PAGES_CONF}

@@ -80,10 +80,35 @@ from semid_dist.engines.ray_data import ray_init
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
                     "ray": {{"num_cpus": 1, "object_store_memory_mb": 128}}}})
 assert ray_init(cfg)
+print(os.environ.get("{MALLOC_CONF_VAR}"))  # the driver's own environment is left as it was
 print(ray.get(ray.remote(lambda: os.environ.get("{MALLOC_CONF_VAR}")).remote()))
 ray.shutdown()
 """
     env = {k: v for k, v in os.environ.items() if k != MALLOC_CONF_VAR}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                          text=True, timeout=300, check=True)
-    assert out.stdout.strip().splitlines()[-1] == KEEP_PAGES_CONF, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-2:] == ["None", KEEP_PAGES_CONF], out.stderr[-2000:]
+
+
+def test_spark_workers_of_a_started_session_get_worker_env(tmp_path):
+    """A Spark session the engine starts hands the setting to its Python workers."""
+    pytest.importorskip("pyspark")
+    probe = f"""
+import os, pyarrow as pa
+from semid_dist.config import parse_config
+from semid_dist.engines.spark import spark_session
+cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
+                    "spark": {{"master": "local[1]", "driver_memory": "512m"}}}})
+spark, started = spark_session(cfg)
+assert started
+def env(batches):
+    for b in batches:
+        yield pa.RecordBatch.from_pydict({{"v": [str(os.environ.get("{MALLOC_CONF_VAR}"))]}})
+print(os.environ.get("{MALLOC_CONF_VAR}"))
+print(spark.range(1).mapInArrow(env, "v string").collect()[0].v)
+spark.stop()
+"""
+    env = {k: v for k, v in os.environ.items() if k != MALLOC_CONF_VAR}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-2:] == ["None", KEEP_PAGES_CONF], out.stderr[-2000:]

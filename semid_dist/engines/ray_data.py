@@ -7,6 +7,7 @@ object store) and shuts it down when done; it leaves an already running Ray alon
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -35,13 +36,32 @@ def ray_init(cfg: BuildConfig) -> bool:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:  # its workers start with the encode workers' allocator setting (memory.worker_env)
-        env = worker_env(cfg.encode.reuse_memory)
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                 configure_logging=False, log_to_driver=True,
-                 runtime_env={"env_vars": env} if env else None)
+    else:
+        with _started_with(worker_env(cfg.encode.reuse_memory)):
+            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                     object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+                     configure_logging=False, log_to_driver=True)
     return True
+
+
+@contextlib.contextmanager
+def _started_with(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process's environment while the embedded Ray starts: its raylet, and
+    the worker processes the raylet starts, inherit it (the encode workers' allocator
+    setting, `memory.worker_env`); the driver's own environment is restored afterwards. A
+    Ray runtime environment would do the same at a cost: its workers are not the ones the
+    raylet starts ahead (the likely cause), and the demo build's scan began 3-5 s later with
+    one."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_item(fn: Callable[..., Any], item: tuple, *shared: Any) -> Any:

@@ -34,6 +34,7 @@ from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
+from semid_dist.memory import worker_env
 from semid_dist.stages import JobContext, job_worker
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}
 
 def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -67,6 +69,12 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if not submitted:  # under spark-submit the driver JVM already runs with its memory
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    # the encode workers' allocator setting: Spark starts its Python workers with
+    # spark.executorEnv.* in their environment; a value spark-submit's settings give wins
+    defaults = SparkConf()
+    for name, value in worker_env(cfg.encode.reuse_memory).items():
+        if not defaults.contains(f"spark.executorEnv.{name}"):
+            builder = builder.config(f"spark.executorEnv.{name}", value)
     return builder.getOrCreate(), True
 
 
