@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -167,3 +170,34 @@ def test_acrq_on_ray_train_matches_local_and_resumes(ray_session, tmp_path, monk
     assert marker.exists()
     for a, b in zip(clean, resumed):
         assert np.array_equal(a, b)
+
+
+_TRAIN_ACTORS_PROBE = """
+import numpy as np, ray, sys
+from semid_dist.config import parse_config
+from semid_dist.engines import make_engine
+root = sys.argv[1]
+cfg = parse_config({"engine": "ray", "input": {"path": root}, "output": {"root": root},
+                    "quantizer": {"layers": [4, 4], "niter": 2},
+                    "fit": {"num_workers": 1, "cpus_per_worker": 1},
+                    "ray": {"num_cpus": 2, "object_store_memory_mb": 128}})
+x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+with make_engine(cfg, log=lambda msg: None) as engine:
+    engine.fit(x, x, cfg, lambda msg: None, root + "/staging")
+    print(sorted({a["ActorClassName"] for a in ray._private.state.actors().values()}))
+"""
+
+
+@pytest.mark.parametrize("user_value", [None, "1"])
+def test_embedded_ray_fit_starts_no_preemption_watcher(tmp_path, user_value):
+    """On the engine's own Ray (one node: this machine) Ray Train starts no preemption
+    watcher, whose start-up competed with the first layer for the CPUs; a user who sets
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER keeps their choice."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
+    if user_value is not None:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = user_value
+    out = subprocess.run([sys.executable, "-c", _TRAIN_ACTORS_PROBE, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    actors = out.stdout.strip().splitlines()[-1]
+    assert "TrainController" in actors, out.stderr[-2000:]  # the fit ran on Ray Train
+    assert ("PreemptionWatcher" in actors) == (user_value == "1"), actors

@@ -37,6 +37,10 @@ def ray_init(cfg: BuildConfig) -> bool:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
+        # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
+        # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
+        # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         with _started_with(worker_env(cfg.encode.reuse_memory)):
             ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
