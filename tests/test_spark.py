@@ -154,6 +154,31 @@ def test_spark_task_error_keeps_its_name(spark_session, tmp_path):
             eng.map(read_shard, [(str(tmp_path), missing, ["item_id"])])
 
 
+def test_spark_warm_up_runs_one_task_per_slot_in_the_background(spark_session, tmp_path):
+    """The engine's warm-up is one small job in a background thread (a task per slot, whose
+    Python worker imports the encode modules); it succeeds, and closing the engine waits for
+    it and leaves the session it did not start running."""
+    from semid_dist.engines.spark import WARM_UP_GROUP, SparkEngine
+
+    sc = spark_session.sparkContext
+    before = set(sc.statusTracker().getJobIdsForGroup(WARM_UP_GROUP))
+    eng = SparkEngine(small_config(str(tmp_path), str(tmp_path), engine="spark"), log=quiet)
+    eng.warm_up()
+    thread = eng._warm
+    eng.warm_up()  # once per engine
+    assert eng._warm is thread
+    eng.close()
+    assert not thread.is_alive()
+    jobs = set(sc.statusTracker().getJobIdsForGroup(WARM_UP_GROUP)) - before
+    assert len(jobs) == 1
+    job = sc.statusTracker().getJobInfo(jobs.pop())
+    assert job.status == "SUCCEEDED"
+    stages = [sc.statusTracker().getStageInfo(i) for i in job.stageIds]
+    assert sum(st.numCompletedTasks for st in stages) == sc.defaultParallelism
+    assert sum(st.numFailedTasks for st in stages) == 0
+    assert spark_session.range(3).count() == 3  # the session is left running
+
+
 def test_spark_refuses_memory_urls():
     """Executors are other processes: an in-memory filesystem is refused before Spark starts."""
     from semid_dist.engines.spark import SparkEngine
