@@ -136,8 +136,8 @@ def _warm_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatc
 def warm_up(spark: SparkSession) -> threading.Thread:
     """Run one small job in a background thread: a mapInArrow task per slot whose Python
     worker imports the encode modules. The encode stage's first mapInArrow job paid the
-    first SQL job, the start of the Python daemon mapInArrow uses (the scan's RDD tasks run
-    on another) and each worker's imports: 7.5 s on 2 cores before the first encode task.
+    first SQL job, a Python daemon's start (a trace showed one starting after the scan's RDD
+    tasks) and each worker's imports: 7.5 s on 2 cores before the first encode task.
     Spark runs jobs first come, first served, so the warm-up runs after the scan's job,
     beside the fit on the driver; Spark reuses the warmed workers for the encode tasks.
     Best effort: an error here is the encode stage's to report."""
