@@ -24,6 +24,19 @@ def tiny_data(n: int = 3000, d: int = 16, layers=(16, 32, 64)):
     return x, sampled_codebooks(x[:1000], layers, seed=1)
 
 
+def test_sampled_codebooks_have_no_duplicate_codewords():
+    """A row drawn by one layer has a zero residual after it; drawn again by a later layer
+    it would be a duplicate codeword (exact ties, which fitted codebooks do not have)."""
+    from semid_dist.bench.kernels import sampled_codebooks
+
+    x, _ = tiny_data()
+    books = sampled_codebooks(x[:112], (16, 32, 64), seed=1)  # every row drawn once
+    assert [len(np.unique(cb, axis=0)) for cb in books] == [16, 32, 64]
+    assert not any((np.abs(cb).sum(axis=1) == 0).any() for cb in books)
+    with pytest.raises(ValueError, match="111 rows cannot give 112 distinct codewords"):
+        sampled_codebooks(x[:111], (16, 32, 64))
+
+
 def test_kernel_codes_equal_faiss_flat_and_rq():
     pytest.importorskip("faiss")
     from semid_dist.bench.kernels import (
@@ -68,7 +81,9 @@ def fake_results(**over) -> dict:
     kernel = {"dim": 128, "layers": [4096] * 3, "ours": {"items_s": 70.0},
               "faiss_flat": {"items_s": 70.0}, "faiss_rq": {"items_s": 36.0},
               "agreement_flat": 1.0, "ratio_flat": 1.0, "ratio_rq": 70 / 36,
-              "ceiling_items_s": 100.0, "ratio_ceiling": 0.7}
+              "ceiling_items_s": 100.0, "ratio_ceiling": 0.7,
+              "ours_fast": {"items_s": 84.0, "rerank": 8, "identical": 0.9996,
+                            "ratio_rq": 84 / 36, "ratio_ours": 1.2}}
     fit = {"dim": 128, "layers": [256] * 3, "rows": 1000, "niter": 5, "s_per_iter": 1.25,
            "faiss_s_per_iter": 1.0, "mse_ratio": 1.0101,
            "ray_train": [{"workers": 2, "threads_per_worker": 1, "s_per_iter": 1.25,
@@ -86,6 +101,9 @@ def test_targets_judged_at_their_thresholds():
     assert ("fit local: time per Lloyd iteration", "NOT met") in rows  # MSE 1.0101 > 1.01
     assert ("fit Ray Train 2w x 1t: time per Lloyd iteration", "met") in rows  # 1.25x, 1.01
     assert ("peak RSS at 4N vs N", "met") in rows  # 1.10x
+    (fast,) = [r for r in report.all_rows(fake_results()) if "fast path" in r.benchmark]
+    assert fast.status == "" and fast.ratio_text == "2.33x"  # information, judged on nothing
+    assert "1.20x exact" in fast.measured and "identical to exact 99.9600%" in fast.reference
     text = report.format_text(report.all_rows(fake_results()))
     assert "NOT met" in text and "1.25x" in text
 
@@ -122,7 +140,8 @@ def test_quick_mode_end_to_end(tmp_path):
         gemm_size=256, kernel_dims=(16,), kernel_layers=((16, 16, 16),), kernel_target_s=0.02,
         e2e_dim=16, e2e=(((16, 16, 16), 4000),), engines=engines, chunk_rows=1000,
         build_sample=1000, build_niter=2, fit_dim=16, fit=(((16, 16), 2000),), fit_niter=3,
-        ray_workers=(), json_path=str(tmp_path / "b.json"), md_path=str(tmp_path / "B.md"))
+        ray_workers=(), json_path=str(tmp_path / "b.json"), md_path=str(tmp_path / "B.md"),
+        e2e_rounds=2, fit_rounds=2)
     run_benchmark(opts, log=lambda msg: None, echo=False)
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["quick"] is True
@@ -137,17 +156,24 @@ def test_quick_mode_end_to_end(tmp_path):
     assert kernel["agreement_items"] > 0 and kernel["agreement_flat"] >= 0.999
     for key in ("ours", "faiss_flat", "faiss_rq", "ratio_flat", "ratio_rq", "ratio_ceiling"):
         assert key in kernel, key
+    fast = kernel["ours_fast"]  # the bf16 fast path, timed in the same rounds
+    assert fast["rerank"] == 8 and fast["items_s"] > 0 and fast["identical"] >= 0.99
+    assert fast["ratio_rq"] == pytest.approx(fast["items_s"] / kernel["faiss_rq"]["items_s"])
     (block,) = data["e2e"]
     assert [e["engine"] for e in block["engines"]] == list(engines)
     for run in block["engines"]:
         assert run["rows"] == 4000
+        # two runs per engine, in turns; the row is the faster one's
+        assert len(run["encode_items_s_runs"]) == 2
+        assert run["encode_items_s"] == max(run["encode_items_s_runs"])
         assert {"encode_items_s", "share_kernel", "share_ceiling", "wall_s"} <= set(run)
     assert data["rss"]["n"]["rows"] == 1000 and data["rss"]["4n"]["rows"] == 4000
-    assert data["fit"][0]["mse_ratio"] > 0
+    assert data["fit"][0]["mse_ratio"] > 0 and data["fit"][0]["rounds"] == 2
     assert all({"benchmark", "ratio", "target", "status"} <= set(r) for r in data["table"])
     md = (tmp_path / "B.md").read_text()
     assert md.startswith("# Benchmarks") and "| benchmark | config |" in md
     assert "## Targets:" in md and "quick mode" in md
+    assert "encode stage of each run (the best counts): local " in md
 
 
 @pytest.mark.engine
@@ -161,9 +187,12 @@ def test_ray_train_fit_times_iterations_per_layer(ray_session):
     x, _ = tiny_data(n=2000, d=8)
     layers = (8, 4)
     _, inits = bench_fit(x, layers, niter=3, seed=0)
-    runs = ray_train_fit(x, inits, layers, niter=3, workers=(1, 2), cores=2, log=lambda m: None)
+    runs = ray_train_fit(x, inits, layers, niter=3, workers=(1, 2), cores=2, rounds=2,
+                         log=lambda m: None)
     assert [r["workers"] for r in runs] == [1, 2]
     for run in runs:
+        assert len(run["s_per_iter_runs"]) == 2  # each worker count ran twice; the best counts
+        assert run["s_per_iter"] == min(run["s_per_iter_runs"])
         assert len(run["s_per_iter_by_layer"]) == len(layers)
         assert all(v > 0 for v in run["s_per_iter_by_layer"])
         assert run["s_per_iter"] == pytest.approx(np.mean(run["s_per_iter_by_layer"]))

@@ -94,12 +94,17 @@ def encode_flop(dim: int, layers: Sequence[int]) -> float:
 
 def sampled_codebooks(x: np.ndarray, layers: Sequence[int], *, seed: int = 0) -> list[np.ndarray]:
     """Cheap realistic codebooks: layer l = random rows of the residual after layers < l
-    (k-means without Lloyd). x: (n, d) float32 with n >= max(layers)."""
+    (k-means without Lloyd). Each layer draws rows that no earlier layer drew: a drawn row's
+    residual is zero after its layer, and zero rows drawn again are duplicate codewords,
+    exact ties that fitted codebooks do not have. x: (n, d) float32, n >= sum(layers)."""
+    if len(x) < sum(layers):
+        raise ValueError(f"{len(x)} rows cannot give {sum(layers)} distinct codewords")
     rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
     residual = x.copy()
     books = []
-    for k in layers:
-        cb = residual[rng.choice(len(residual), k, replace=False)].copy()
+    for at, k in zip(np.cumsum([0, *layers[:-1]]), layers):
+        cb = residual[order[at:at + k]].copy()
         labels, _ = nearest(residual, cb)
         residual -= cb[labels]
         books.append(cb)
@@ -107,12 +112,13 @@ def sampled_codebooks(x: np.ndarray, layers: Sequence[int], *, seed: int = 0) ->
 
 
 def ours_encode(codebooks: list[np.ndarray], x: np.ndarray, *,
-                chunk_rows: int | None = None) -> np.ndarray:
-    """x: (n, d) float32 -> (n, L) int32 with the library kernel (its default chunk_rows,
-    the pipeline's encode.chunk_rows default, unless given)."""
-    if chunk_rows is None:
+                rerank: int | None = None) -> np.ndarray:
+    """x: (n, d) float32 -> (n, L) int32 with the library kernel at the pipeline's defaults:
+    exact fp32, or with `rerank` the bf16 fast path (`encode.precision=bf16`) re-scoring that
+    many candidates in fp32."""
+    if rerank is None:
         return encode_batch(codebooks, x).codes
-    return encode_batch(codebooks, x, chunk_rows=chunk_rows).codes
+    return encode_batch(codebooks, x, precision="bf16", rerank=rerank).codes
 
 
 def faiss_flat_encode(codebooks: list[np.ndarray], x: np.ndarray, *,
@@ -202,13 +208,13 @@ def _rows_for(fn: Callable[[np.ndarray], Any], pool: _Pool, *, target_s: float,
 
 def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed: int = 0,
                  max_bytes: int = 512 * 2**20, gflops: float | None = None,
-                 alt_chunk_rows: int | None = None, rounds: int = 4) -> dict[str, Any]:
+                 fast_rerank: int | None = None, rounds: int = 4) -> dict[str, Any]:
     """Items/s of our kernel, faiss flat per layer and faiss RQ (beam 1) on the same clustered
     data and codebooks; each rate is the best of `rounds` interleaved timed runs (see
     `interleaved_best_times`), on a number of items chosen so one run takes about
     `target_s`. Code agreement with faiss flat (and RQ) is the share of items whose L codes
-    are all equal. With `alt_chunk_rows`, also our kernel at that chunk_rows ("ours_alt", for
-    information)."""
+    are all equal. With `fast_rerank`, also our bf16 fast path ("ours_fast", for information)
+    and the share of items whose codes it leaves identical to the exact kernel's."""
     start_rows = max(2 * max(layers), 2048)
     max_rows = max(start_rows, max_bytes // (4 * dim))
     books = sampled_codebooks(embeddings(CatalogSpec(dim=dim, seed=seed + 1), 4 * max(layers)),
@@ -220,8 +226,8 @@ def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed
         "faiss_flat": lambda a: faiss_flat_encode(books, a),
         "faiss_rq": lambda a: faiss_rq_encode(rq, a),
     }
-    if alt_chunk_rows:
-        methods["ours_alt"] = lambda a: ours_encode(books, a, chunk_rows=alt_chunk_rows)
+    if fast_rerank:
+        methods["ours_fast"] = lambda a: ours_encode(books, a, rerank=fast_rerank)
     res: dict[str, Any] = {"dim": dim, "layers": list(layers),
                            "flop_per_item": encode_flop(dim, layers)}
     sizes = {name: _rows_for(fn, pool, target_s=target_s, start_rows=start_rows,
@@ -233,8 +239,8 @@ def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed
         rounds=rounds)
     for name, n in sizes.items():
         res[name] = {"items": n, "seconds": times[name], "items_s": n / times[name]}
-    if alt_chunk_rows:
-        res["ours_alt"]["chunk_rows"] = alt_chunk_rows
+    if fast_rerank:
+        res["ours_fast"]["rerank"] = fast_rerank
     x = pool.get(min(res[name]["items"] for name in methods))
     ours = ours_encode(books, x)
     flat = faiss_flat_encode(books, x)
@@ -243,14 +249,17 @@ def bench_encode(dim: int, layers: Sequence[int], *, target_s: float = 1.5, seed
     res["agreement_flat"] = float((ours == flat).all(axis=1).mean())
     res["agreement_rq"] = float((ours == rq_codes).all(axis=1).mean())
     res["agreement_items"] = len(x)
+    if fast_rerank:
+        fast = ours_encode(books, x, rerank=fast_rerank)
+        res["ours_fast"]["identical"] = float((fast == ours).all(axis=1).mean())
+        res["ours_fast"]["ratio_rq"] = res["ours_fast"]["items_s"] / res["faiss_rq"]["items_s"]
+        res["ours_fast"]["ratio_ours"] = res["ours_fast"]["items_s"] / res["ours"]["items_s"]
     ours_rate = res["ours"]["items_s"]
     res["ratio_flat"] = ours_rate / res["faiss_flat"]["items_s"]
     res["ratio_rq"] = ours_rate / res["faiss_rq"]["items_s"]
     if gflops:
         res["ceiling_items_s"] = gflops * 1e9 / res["flop_per_item"]
         res["ratio_ceiling"] = ours_rate / res["ceiling_items_s"]
-        if alt_chunk_rows:
-            res["ours_alt"]["ratio_ceiling"] = res["ours_alt"]["items_s"] / res["ceiling_items_s"]
     return res
 
 
@@ -306,24 +315,31 @@ def fit_faiss(x: np.ndarray, layers: Sequence[int], *, niter: int,
     return {"codebooks": books, "layers": per_layer}
 
 
-def bench_fit(x: np.ndarray, layers: Sequence[int], *, niter: int,
-              seed: int = 0) -> tuple[dict[str, Any], list[np.ndarray]]:
+def bench_fit(x: np.ndarray, layers: Sequence[int], *, niter: int, seed: int = 0,
+              rounds: int = 1) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Ours (local) vs faiss.Kmeans per layer on the same sample x: (n, d) float32 and
     iteration count: seconds per Lloyd iteration and MSE after each layer (both measured by
-    one greedy encode of the sample with the fitted codebooks). Returns (results, our
+    one greedy encode of the sample with the fitted codebooks). With `rounds` > 1 both fits
+    run that many times in turn (ours, faiss, ours, ...) and each layer's time is the best
+    of its rounds, as the kernels' rates are; the MSEs are the first round's (ours is seeded
+    and thread-invariant: every round fits the same codebooks). Returns (results, our
     per-layer k-means++ starts, for runs elsewhere from the same start)."""
-    ours = fit_ours(x, layers, niter=niter, seed=seed)
-    theirs = fit_faiss(x, layers, niter=niter, seed=seed)
+    runs = [(fit_ours(x, layers, niter=niter, seed=seed),
+             fit_faiss(x, layers, niter=niter, seed=seed)) for _ in range(max(1, rounds))]
+    ours, theirs = runs[0]
     ours_mse, faiss_mse = layer_mse(ours["codebooks"], x), layer_mse(theirs["codebooks"], x)
     per_layer = []
-    for o, f, mo, mf in zip(ours["layers"], theirs["layers"], ours_mse, faiss_mse):
+    for i, (o, mo, mf) in enumerate(zip(ours["layers"], ours_mse, faiss_mse)):
+        o = {**o, "init_s": min(r[0]["layers"][i]["init_s"] for r in runs),
+             "s_per_iter": min(r[0]["layers"][i]["s_per_iter"] for r in runs)}
+        f = {"s_per_iter": min(r[1]["layers"][i]["s_per_iter"] for r in runs)}
         per_layer.append({**o, "faiss_s_per_iter": f["s_per_iter"],
                           "time_ratio": o["s_per_iter"] / f["s_per_iter"],
                           "mse": mo, "faiss_mse": mf, "mse_ratio": mo / mf})
     t_ours = sum(p["s_per_iter"] for p in per_layer)
     t_faiss = sum(p["faiss_s_per_iter"] for p in per_layer)
     res = {"dim": x.shape[1], "layers": list(layers), "rows": len(x), "niter": niter,
-           "per_layer": per_layer, "s_per_iter": t_ours / len(layers),
+           "rounds": len(runs), "per_layer": per_layer, "s_per_iter": t_ours / len(layers),
            "faiss_s_per_iter": t_faiss / len(layers), "time_ratio": t_ours / t_faiss,
            "init_s": sum(p["init_s"] for p in per_layer),
            "mse": ours_mse[-1], "faiss_mse": faiss_mse[-1],

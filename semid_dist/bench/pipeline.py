@@ -142,16 +142,17 @@ def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
 
 def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[int], *,
                   niter: int, workers: Sequence[int], cores: int, seed: int = 0,
-                  log: Log = print) -> list[dict[str, Any]]:
+                  rounds: int = 1, log: Log = print) -> list[dict[str, Any]]:
     """Seconds per Lloyd iteration of the fit on `w` Ray Train workers for each w in
     `workers`, from the same start (`inits`, one (k_l, d) array per layer): the mean of the
     iteration times the workers record (`seconds` in each layer's `iterations`; an iteration
     includes its all-reduce), so the worker start-up is not counted, and that mean per layer.
-    Also returns the run's wall time and codebooks (for the MSE)."""
+    Also returns the run's wall time and codebooks (for the MSE). With `rounds` > 1 the
+    worker counts take turns that many times on one Ray, and each keeps its run with the
+    fewest seconds per iteration (`s_per_iter_runs` lists them all)."""
     from semid_dist.config import parse_config
     from semid_dist.engines import make_engine
 
-    out = []
     with tempfile.TemporaryDirectory(prefix="semid-bench-ray-") as tmp:
         def cfg(w: int):
             return parse_config({
@@ -162,18 +163,23 @@ def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[
                 "ray": {"num_cpus": cores},
             })
 
+        best: dict[int, dict[str, Any]] = {}
         with make_engine(cfg(1), log=lambda msg: None) as engine:
-            for w in workers:
+            turns = [(n, w) for n in range(max(1, rounds)) for w in workers]
+            for n, w in turns:
                 t = time.perf_counter()
                 books, stats = engine.fit(sample, sample[:0], cfg(w), lambda msg: None,
-                                          f"{tmp}/staging-{w}", init_centroids=inits)
+                                          f"{tmp}/staging-{w}-{n}", init_centroids=inits)
                 wall = time.perf_counter() - t
                 seconds = [it["seconds"] for layer in stats for it in layer["iterations"]]
                 per_iter = sum(seconds) / len(seconds)
                 by_layer = [sum(it["seconds"] for it in layer["iterations"])
                             / max(len(layer["iterations"]), 1) for layer in stats]
                 log(f"ray train fit: {w} worker(s): {per_iter:.4f} s/iteration (run {wall:.1f} s)")
-                out.append({"workers": w, "threads_per_worker": int(max(1, cores // w)),
-                            "s_per_iter": per_iter, "s_per_iter_by_layer": by_layer,
-                            "run_s": wall, "codebooks": books})
-    return out
+                runs = best.get(w, {}).get("s_per_iter_runs", []) + [per_iter]
+                if w not in best or per_iter < best[w]["s_per_iter"]:
+                    best[w] = {"workers": w, "threads_per_worker": int(max(1, cores // w)),
+                               "s_per_iter": per_iter, "s_per_iter_by_layer": by_layer,
+                               "run_s": wall, "codebooks": books}
+                best[w]["s_per_iter_runs"] = runs
+    return [best[w] for w in workers]

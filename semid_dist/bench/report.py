@@ -74,11 +74,13 @@ def kernel_rows(kernels: list[dict[str, Any]]) -> list[Row]:
             rows.append(_row("encode kernel vs fp32 GEMM ceiling", cfg, rate(ours),
                              rate(k["ceiling_items_s"]), k["ratio_ceiling"], fmt="%",
                              target=(">= 70%", lambda r: r >= 0.7) if big else None))
-        if "ours_alt" in k and "ratio_ceiling" in k["ours_alt"]:
-            alt = k["ours_alt"]
-            rows.append(_row(f"(info) encode kernel at chunk_rows={alt['chunk_rows']} vs "
-                             "ceiling", cfg, rate(alt["items_s"]), rate(k["ceiling_items_s"]),
-                             alt["ratio_ceiling"], fmt="%"))
+        if "ours_fast" in k:
+            fast = k["ours_fast"]
+            rows.append(_row(f"(info) encode fast path (bf16, rerank {fast['rerank']}) vs "
+                             "faiss RQ (beam 1)", cfg,
+                             f"{rate(fast['items_s'])} ({fast['ratio_ours']:.2f}x exact)",
+                             f"{rate(k['faiss_rq']['items_s'])} (codes identical to exact "
+                             f"{fast['identical']:.4%})", fast["ratio_rq"]))
     return rows
 
 
@@ -174,12 +176,13 @@ def machine_info() -> dict[str, Any]:
 
     from semid_dist.bench.kernels import cpu_count
 
-    model = ""
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not model:
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:  # pragma: no cover - not Linux
         pass
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -191,6 +194,7 @@ def machine_info() -> dict[str, Any]:
         except ImportError:
             versions[name] = None
     return {"cores": cpu_count(), "cpu_model": model or platform.processor(),
+            "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
             "ram_gib": round(ram, 1), "platform": platform.platform(), "versions": versions}
 
 
@@ -213,7 +217,8 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
         f"- date: {results['date']}",
         f"- command: `{results['command']}`" + (" (quick mode)" if results["quick"] else ""),
         f"- machine: {m['cores']} cores ({m['cpu_model']}), {m['ram_gib']} GiB RAM, "
-        f"{m['platform']}",
+        f"{m['platform']}; native bf16: "
+        f"{', '.join(m.get('cpu_bf16') or []) or 'none found'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
         "- load average (1 min): " + ", ".join(f"{k} {v}" for k, v in load.items())
         + f"; total runtime {results.get('runtime_s', 0):.0f} s",
@@ -250,9 +255,13 @@ def details(results: dict[str, Any]) -> list[str]:
         for r in f.get("ray_train", []):
             layers = " / ".join(f"{v * 1e3:.1f}" for v in r.get("s_per_iter_by_layer", []))
             by_layer = f"; ms per iteration by layer {layers}" if layers else ""
+            runs = r.get("s_per_iter_runs", [])
+            all_runs = (f" (ms per iteration of each run: "
+                        f"{' / '.join(f'{v * 1e3:.1f}' for v in runs)})" if len(runs) > 1
+                        else "")
             out.append(f"\nRay Train {r['workers']} worker(s) x {r['threads_per_worker']} "
                        f"thread(s): the fit took {r['run_s']:.1f} s in all (worker start-up "
-                       f"included){by_layer}; MSE {r['mse']:.5f}.")
+                       f"included){by_layer}; MSE {r['mse']:.5f}{all_runs}.")
         out.append("")
     for b in results.get("e2e", []):
         cat = b["catalog"]
@@ -261,7 +270,8 @@ def details(results: dict[str, Any]) -> list[str]:
                    f"{cat['chunk_rows']:,} rows ({cat['bytes'] / 2**20:.0f} MiB); kernel "
                    f"{rate(b['kernel_items_s'])}, decode {rate(b['decode_items_s'])}, "
                    f"ceiling {rate(b['ceiling_items_s'])}; whole-job wall times: "
-                   + ", ".join(f"{e['engine']} {e['wall_s']:.1f} s" for e in b["engines"]))
+                   + ", ".join(f"{e['engine']} {e['wall_s']:.1f} s" for e in b["engines"])
+                   + _stage_runs(b["engines"]))
     if results.get("rss"):
         r = results["rss"]
         out.append(f"- peak RSS builds: {r['n']['rows']:,} items {r['n']['maxrss_mb']:.0f} MiB "
@@ -281,12 +291,16 @@ METHOD = """## How each number is measured
   on both sides of a ratio), the item count chosen so a run takes about the configured
   seconds. Threads of torch, numpy's BLAS and faiss's OpenMP = the cores available. Ceiling
   items/s = GEMM GFLOP/s / (2 d sum(M_l)). "codes agree" = share of items whose L codes
-  equal faiss flat's. "(info)" rows time the same kernel at another `chunk_rows` (the
-  `encode.chunk_rows` config key); no target is judged on them. On a CPU both are capped by
-  the 4 MiB score tile (`tile_rows`, at least 512 rows), so with 4096-entry codebooks the two
-  rows run the same 512-row tiles and their gap is run-to-run noise.
+  equal faiss flat's. "(info) encode fast path" rows time the opt-in
+  `encode.precision: bf16` path in the same rounds (a bf16 GEMM ranks the codewords, the
+  `rerank` best are re-scored in fp32), with its rate against the exact kernel's and the
+  share of items whose L codes it leaves identical to the exact kernel's; no target is
+  judged on them. It pays only where the CPU multiplies bf16 natively (AVX512_BF16 or AMX,
+  which torch's oneDNN uses) and the GEMM dominates (large d and codebooks).
 - **e2e**: `semid encode` (codebooks of an existing version) in a fresh process per engine,
-  on a synthetic Parquet catalog (one row group per encode shard, several files). "encode
+  on a synthetic Parquet catalog (one row group per encode shard, several files); the
+  engines take turns, twice by default (`e2e_rounds`), and each engine's rows are from its
+  run with the fastest encode stage (every run's rate is listed below the tables). "encode
   stage" = `metrics.json` `timings.encode_s` (read Parquet, validate, encode, write staged
   codes, per-shard statistics); "whole" = the process's wall time (start-up, scan, reduce,
   report, commit included). "(info) after its first shard" = the stage's steady pace: the
@@ -300,13 +314,24 @@ METHOD = """## How each number is measured
   without the k-means++ init (reported apart in the JSON); faiss: `faiss.Kmeans` with
   `max_points_per_centroid` above n/k (no subsampling), its own random init. MSE = mean
   squared residual after the last layer, by one greedy encode of the sample with each
-  codebook set. Ray Train: the same start on w workers; time per iteration = the mean of
-  the iteration times the workers record (each Lloyd iteration with its all-reduce, the
-  worker start-up left out).
+  codebook set. Both fits run three times in turn (`fit_rounds`), and a layer's time is its
+  best round's, as the kernels' rates are best-of rounds. Ray Train: the same start on w
+  workers; time per iteration = the mean of the iteration times the workers record (each
+  Lloyd iteration with its all-reduce, the worker start-up left out), the best of
+  `fit_rounds` runs per worker count, the worker counts taking turns on one Ray.
 - **peak RSS**: `semid build` (local engine, fixed fit sample) in a subprocess at N and 4N
   items; a tiny launcher process runs it and reports `getrusage(RUSAGE_CHILDREN).ru_maxrss`
   (the job's own peak, not the benchmark process's pages it was forked from).
 """
+
+
+def _stage_runs(engines: list[dict[str, Any]]) -> str:
+    """'; encode stage of each run: local 1.2M / 1.1M, ...' when engines ran more than once."""
+    runs = [(e["engine"], e.get("encode_items_s_runs", [])) for e in engines]
+    if all(len(r) < 2 for _, r in runs):
+        return ""
+    return "; encode stage of each run (the best counts): " + ", ".join(
+        f"{name} {' / '.join(rate(v).removesuffix(' items/s') for v in r)}" for name, r in runs)
 
 
 def to_json(results: dict[str, Any], rows: list[Row]) -> str:
