@@ -326,7 +326,8 @@ METHOD = """## How each number is measured
 
 
 def _stage_runs(engines: list[dict[str, Any]]) -> str:
-    """'; encode stage of each run: local 1.2M / 1.1M, ...' when engines ran more than once."""
+    """'; encode stage of each run (the best counts): local 1.2M / 1.1M, ...' when the
+    engines ran more than once, else ''."""
     runs = [(e["engine"], e.get("encode_items_s_runs", [])) for e in engines]
     if all(len(r) < 2 for _, r in runs):
         return ""
