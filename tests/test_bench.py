@@ -93,6 +93,20 @@ def fake_results(**over) -> dict:
     return {"kernels": [kernel], "fit": [fit], "rss": rss, **over}
 
 
+def test_keep_best_keeps_the_better_run_and_lists_every_run():
+    from semid_dist.bench.pipeline import keep_best
+
+    fast: dict = {}
+    for n, rate in enumerate([200.0, 250.0, 250.0, 190.0]):  # items/s: higher is better
+        keep_best(fast, "ray", {"run": n, "items_s": rate}, "items_s", higher=True)
+    assert fast["ray"]["run"] == 1  # the best, and the earlier of the two equal runs
+    assert fast["ray"]["items_s_runs"] == [200.0, 250.0, 250.0, 190.0]
+    slow: dict = {}
+    for n, sec in enumerate([0.06, 0.05, 0.07]):  # seconds: lower is better
+        keep_best(slow, 2, {"run": n, "s": sec}, "s", higher=False)
+    assert slow[2]["run"] == 1 and slow[2]["s"] == 0.05 and slow[2]["s_runs"] == [0.06, 0.05, 0.07]
+
+
 def test_targets_judged_at_their_thresholds():
     rows = {(r.benchmark, r.status) for r in report.all_rows(fake_results())}
     assert ("encode kernel vs faiss IndexFlatL2", "met") in rows  # 1.0x >= 1.0x

@@ -140,6 +140,18 @@ def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
             "version_id": run.output["version_id"]}
 
 
+def keep_best(best: dict[Any, dict[str, Any]], key: Any, run: dict[str, Any], field: str, *,
+              higher: bool) -> None:
+    """Keep in best[key] whichever of it and `run` has the better run[field] (higher or lower
+    is better; the earlier run on a tie), with every run's value, in run order, in its
+    `<field>_runs`."""
+    kept = best.get(key)
+    runs = (kept[f"{field}_runs"] if kept else []) + [run[field]]
+    if kept is None or (run[field] > kept[field] if higher else run[field] < kept[field]):
+        best[key] = run
+    best[key][f"{field}_runs"] = runs
+
+
 def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[int], *,
                   niter: int, workers: Sequence[int], cores: int, seed: int = 0,
                   rounds: int = 1, log: Log = print) -> list[dict[str, Any]]:
@@ -176,10 +188,8 @@ def ray_train_fit(sample: np.ndarray, inits: list[np.ndarray], layers: Sequence[
                 by_layer = [sum(it["seconds"] for it in layer["iterations"])
                             / max(len(layer["iterations"]), 1) for layer in stats]
                 log(f"ray train fit: {w} worker(s): {per_iter:.4f} s/iteration (run {wall:.1f} s)")
-                runs = best.get(w, {}).get("s_per_iter_runs", []) + [per_iter]
-                if w not in best or per_iter < best[w]["s_per_iter"]:
-                    best[w] = {"workers": w, "threads_per_worker": int(max(1, cores // w)),
-                               "s_per_iter": per_iter, "s_per_iter_by_layer": by_layer,
-                               "run_s": wall, "codebooks": books}
-                best[w]["s_per_iter_runs"] = runs
+                keep_best(best, w, {"workers": w, "threads_per_worker": int(max(1, cores // w)),
+                                    "s_per_iter": per_iter, "s_per_iter_by_layer": by_layer,
+                                    "run_s": wall, "codebooks": books},
+                          "s_per_iter", higher=False)
     return [best[w] for w in workers]

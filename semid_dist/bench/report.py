@@ -314,11 +314,11 @@ METHOD = """## How each number is measured
   without the k-means++ init (reported apart in the JSON); faiss: `faiss.Kmeans` with
   `max_points_per_centroid` above n/k (no subsampling), its own random init. MSE = mean
   squared residual after the last layer, by one greedy encode of the sample with each
-  codebook set. Both fits run three times in turn (`fit_rounds`), and a layer's time is its
-  best round's, as the kernels' rates are best-of rounds. Ray Train: the same start on w
-  workers; time per iteration = the mean of the iteration times the workers record (each
-  Lloyd iteration with its all-reduce, the worker start-up left out), the best of
-  `fit_rounds` runs per worker count, the worker counts taking turns on one Ray.
+  codebook set. Both fits run in turn, three times by default (`fit_rounds`), and a
+  layer's time is its best round's, as the kernels' rates are best-of rounds. Ray Train:
+  the same start on w workers; time per iteration = the mean of the iteration times the
+  workers record (each Lloyd iteration with its all-reduce, the worker start-up left out),
+  the best of `fit_rounds` runs per worker count, the worker counts taking turns on one Ray.
 - **peak RSS**: `semid build` (local engine, fixed fit sample) in a subprocess at N and 4N
   items; a tiny launcher process runs it and reports `getrusage(RUSAGE_CHILDREN).ru_maxrss`
   (the job's own peak, not the benchmark process's pages it was forked from).

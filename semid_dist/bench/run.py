@@ -254,7 +254,7 @@ def _engines_block(opts: BenchOptions, job: _Jobs, catalog: str, name: str, rows
     and the e2e ceiling 1 / (1 / kernel + 1 / decode). The engines take turns
     `opts.e2e_rounds` times and each keeps its run with the fastest encode stage (the kernel
     rate is a best of rounds too); `encode_items_s_runs` lists every run's rate."""
-    from semid_dist.bench.pipeline import e2e_row
+    from semid_dist.bench.pipeline import e2e_row, keep_best
 
     k_rate = kernel["ours"]["items_s"]
     ceiling = 1.0 / (1.0 / k_rate + 1.0 / decode["items_s"])
@@ -274,10 +274,7 @@ def _engines_block(opts: BenchOptions, job: _Jobs, catalog: str, name: str, rows
         row["share_ceiling"] = row["encode_items_s"] / ceiling
         log(f"{name}: {engine}: encode stage {row['encode_items_s']:.0f} items/s "
             f"({row['share_kernel']:.0%} of kernel), whole job {row['wall_s']:.1f} s")
-        runs = best.get(engine, {}).get("encode_items_s_runs", []) + [row["encode_items_s"]]
-        if engine not in best or row["encode_items_s"] > best[engine]["encode_items_s"]:
-            best[engine] = row
-        best[engine]["encode_items_s_runs"] = runs
+        keep_best(best, engine, row, "encode_items_s", higher=True)
     block["engines"] = [best[e] for e in engines]
     return block
 
