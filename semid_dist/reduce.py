@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist.codes.collisions import colliding_keys, last_layer_prefix, occupancy
+from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.lookups import (
     flows_table,
     prefix_table,
@@ -63,7 +64,7 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
         return merged, None
     rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, keys[over], decision)
                                                        for s in plan.shards]))
-    prefixes = np.unique(prefix[over])
+    prefixes = unique_sorted(prefix[over])
     occ = occupancy(keys, counts, prefixes, sizes[-1])
     fixed = None
     if held is not None:

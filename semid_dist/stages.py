@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from semid_dist import packing
 from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
+from semid_dist.codes.keyset import unique_rows
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
 from semid_dist.faults import die_once
@@ -518,8 +519,7 @@ def sid_items_bucket(ctx: JobContext, data_parts: list[str], bucket: int,
                         "items": pa.array([], pa.list_(pa.int64())),
                         "count": pa.array([], pa.int64())})
     else:
-        uniq, inv = np.unique(tokens, axis=0, return_inverse=True)
-        inv = inv.ravel()
+        uniq, inv = unique_rows(tokens)
         order = np.lexsort((rows.column("suffix").to_numpy(), inv))
         counts = np.bincount(inv, minlength=len(uniq))
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))

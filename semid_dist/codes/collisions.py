@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from semid_dist.codes.keyset import unique_sorted
+
 
 def colliding_keys(sid_keys: np.ndarray, sid_counts: np.ndarray) -> np.ndarray:
     """Keys of SIDs held by more than one item (sorted int64)."""
@@ -39,7 +41,7 @@ def free_suffixes(keys: np.ndarray, rank: np.ndarray, taken_keys: np.ndarray,
     uniq, inv = np.unique(np.concatenate([keys, taken_keys]), return_inverse=True)
     group, held_group = inv[:len(keys)], inv[len(keys):]
     span = np.int64(max(int(taken.max(initial=0)), int(rank.max(initial=0))) + len(keys) + 2)
-    held = np.unique(held_group.astype(np.int64) * span + taken.astype(np.int64))
+    held = unique_sorted(held_group.astype(np.int64) * span + taken.astype(np.int64))
     base = group.astype(np.int64) * span
     start = np.searchsorted(held, base, side="left")
     out = rank.astype(np.int64)

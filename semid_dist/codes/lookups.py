@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from semid_dist.codes.keyset import unique_rows
 from semid_dist.codes.pruning import (
     PruneDecision,
     codes_of_keys,
@@ -59,8 +60,7 @@ def prefix_table(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: tuple[int,
         rows = lengths >= depth
         if not rows.any():
             continue
-        uniq, inv = np.unique(packed[rows, :depth], axis=0, return_inverse=True)
-        inv = inv.ravel()
+        uniq, inv = unique_rows(packed[rows, :depth])
         items.append(np.bincount(inv, weights=sid_counts[rows]).astype(np.int64))
         complete.append(np.bincount(inv, weights=(lengths[rows] == depth)) > 0)
         prefixes.append(uniq)

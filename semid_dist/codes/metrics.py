@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from semid_dist.codes.hourglass import conditional_stats, hourglass_verdict
+from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.partials import Partial
 from semid_dist.codes.pruning import (
     PruneDecision,
@@ -88,7 +89,7 @@ def prefix_stats(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: list[int],
     out = []
     for depth in range(1, len(sizes) + 1):
         tail = int(np.prod(sizes[depth:], dtype=np.int64)) if depth < len(sizes) else 1
-        distinct = int(len(np.unique(sid_keys // tail)))
+        distinct = len(unique_sorted(sid_keys // tail))
         capacity = min(n, math.prod(sizes[:depth]))
         out.append({"depth": depth, "distinct": distinct,
                     "sparsity": distinct / capacity if capacity else 0.0})

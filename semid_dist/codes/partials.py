@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from semid_dist import packing
+from semid_dist.codes.keyset import union_sorted
 from semid_dist.quantize.encode import group_sum
 
 
@@ -189,7 +190,7 @@ def _merge_keyed(ka, ca, kb, cb, sa=None, sb=None):
 
     Places a's rows, then adds b's in place: no concatenated copy of the two tables, and the
     same float64 additions (0 + a + b) as adding the rows one by one."""
-    uniq = np.union1d(ka, kb)
+    uniq = union_sorted(ka, kb)
     ia, ib = np.searchsorted(uniq, ka), np.searchsorted(uniq, kb)
     counts = np.zeros(len(uniq), dtype=np.int64)
     counts[ia] = ca
