@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist.codes.collisions import assign_suffixes, colliding_keys, free_suffixes
+from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.metrics import final_sid_counts
 from semid_dist.codes.partials import Partial, subtract_rows
 from semid_dist.codes.pruning import PruneDecision
@@ -35,6 +36,7 @@ from semid_dist.stages import (
     carry_part,
     colliding_rows,
     finalize_shard,
+    shard_suffixes,
     staged_ids,
 )
 
@@ -143,26 +145,23 @@ def finalize_incremental(engine, ctx: JobContext, plan: CatalogPlan, carried: Ca
     catalog shard. -> (every data part of the version, the largest suffix in the table)."""
     keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
     hot = colliding_keys(keys, counts)
-    rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves) for s in plan.shards])
-            if len(hot) else [])
-    rows = pa.concat_tables(rows) if rows else None
-    if rows is None or rows.num_rows == 0:
-        suffixes = pa.table({"item_id": pa.array([], pa.int64()),
-                             "suffix": pa.array([], pa.int32())})
-    else:
+    per_shard = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves)
+                                             for s in plan.shards]) if len(hot) else [])
+    rows = pa.concat_tables(per_shard) if per_shard else None
+    suffix = np.zeros(0, np.int32)
+    if rows is not None and rows.num_rows:
         new_keys = rows.column("key").to_numpy()
-        need = np.unique(new_keys)
+        need = unique_sorted(new_keys)
         taken = pa.concat_tables(engine.map(carried_suffixes,
                                             [(ctx, e, need, decision) for e in carried.entries]))
         rank = assign_suffixes(new_keys, rows.column("qerr").to_numpy(),
                                rows.column("item_id").combine_chunks())
-        suffixes = pa.table({"item_id": rows.column("item_id"),
-                             "suffix": free_suffixes(new_keys, rank,
-                                                     taken.column("key").to_numpy(),
-                                                     taken.column("suffix").to_numpy())})
-    top = int(suffixes.column("suffix").to_numpy().max(initial=-1))
-    parts = engine.map(finalize_shard, [(ctx, s, suffixes, decision, moves)
-                                        for s in plan.shards])
+        suffix = free_suffixes(new_keys, rank, taken.column("key").to_numpy(),
+                               taken.column("suffix").to_numpy())
+    top = int(suffix.max(initial=-1))
+    suffixes = shard_suffixes(per_shard if len(suffix) else [], suffix, len(plan.shards))
+    parts = engine.map(finalize_shard, [(ctx, s, part, decision, moves)
+                                        for s, part in zip(plan.shards, suffixes)])
     return list(carried.entries) + parts, max(top, carried.max_suffix)
 
 

@@ -41,7 +41,7 @@ from semid_dist.stages import (
     finalize_shard,
     overflow_rows,
     reassign,
-    suffix_table,
+    suffix_tables,
 )
 
 Log = Callable[[str], None]
@@ -128,8 +128,9 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
     hot = colliding_keys(keys, counts)
     rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves) for s in plan.shards])
             if len(hot) else [])
-    suffixes = suffix_table(rows)
-    return engine.map(finalize_shard, [(ctx, s, suffixes, decision, moves) for s in plan.shards])
+    suffixes = suffix_tables(rows, len(plan.shards))
+    return engine.map(finalize_shard, [(ctx, s, part, decision, moves)
+                                       for s, part in zip(plan.shards, suffixes)])
 
 
 def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],

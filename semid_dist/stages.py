@@ -343,38 +343,51 @@ def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndar
 
 def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
                    decision: PruneDecision, moves: pa.Table | None = None) -> pa.Table:
-    """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id."""
+    """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id, and
+    row (their row numbers in the shard's staged codes)."""
     t, codes = _read_staged(ctx, shard, moves)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = np.isin(k, keys)
     return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
-                     "item_id": pc.filter(t.column("item_id"), pa.array(hit))})
+                     "item_id": pc.filter(t.column("item_id"), pa.array(hit)),
+                     "row": np.flatnonzero(hit)})
 
 
-def suffix_table(rows: list[pa.Table]) -> pa.Table:
-    """Collision suffixes for the gathered colliding rows: item_id -> suffix."""
+def suffix_tables(rows: list[pa.Table], shards: int) -> list[pa.Table]:
+    """Collision suffixes for the colliding rows gathered from each of `shards` shards (in
+    shard order; none when no SID collides): per shard, row -> suffix."""
     t = pa.concat_tables(rows) if rows else None
     if t is None or t.num_rows == 0:
-        return pa.table({"item_id": pa.array([], pa.int64()), "suffix": pa.array([], pa.int32())})
+        return shard_suffixes([], np.zeros(0, np.int32), shards)
     suffix = assign_suffixes(t.column("key").to_numpy(), t.column("qerr").to_numpy(),
                              t.column("item_id").combine_chunks())
-    return pa.table({"item_id": t.column("item_id"), "suffix": suffix})
+    return shard_suffixes(rows, suffix, shards)
+
+
+def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> list[pa.Table]:
+    """Split `suffix` (n,) int32, the suffixes of the concatenated `rows` (each shard's
+    colliding rows, in shard order), into one table per shard: row (in the shard's staged
+    codes), suffix. A shard then sets its suffixes by row number, with no lookup of its ids
+    in the whole catalog's colliding ids (a hash set of them rebuilt by every shard)."""
+    if not rows:
+        empty = pa.table({"row": pa.array([], pa.int64()), "suffix": pa.array([], pa.int32())})
+        return [empty] * shards
+    ends = np.cumsum([r.num_rows for r in rows])
+    return [pa.table({"row": r.column("row"), "suffix": suffix[end - r.num_rows:end]})
+            for r, end in zip(rows, ends)]
 
 
 def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table,
                    decision: PruneDecision, moves: pa.Table | None = None) -> FileEntry:
     """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
-    sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr."""
+    sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr. suffixes: this
+    shard's collision suffixes (row, suffix; `shard_suffixes`); other rows get suffix 0."""
     t, codes = _read_staged(ctx, shard, moves)
     n, n_layers = codes.shape
     kept = kept_layers(codes, decision)
     suffix = np.zeros(n, dtype=np.int32)
     if suffixes.num_rows:
-        ids = t.column("item_id").combine_chunks()
-        pos = pc.index_in(ids, value_set=suffixes.column("item_id").combine_chunks().cast(ids.type))
-        hit = pos.is_valid().to_numpy(zero_copy_only=False)
-        found = pc.drop_null(pos).to_numpy()
-        suffix[hit] = suffixes.column("suffix").to_numpy()[found]
+        suffix[suffixes.column("row").to_numpy()] = suffixes.column("suffix").to_numpy()
     flat = kept.ravel()
     layers = np.tile(np.arange(n_layers, dtype=np.int8), n)[flat]
     kept_codes = codes.ravel()[flat].astype(np.int32)
