@@ -5,6 +5,7 @@ reconcile (manifest rows: input = encoded + rejected, matching the data / reject
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -301,7 +302,10 @@ def test_first_copy_rejects_matches_a_brute_force_scan(kind):
         id_lists.append(vals)
         offset += n
     arrays = [pa.array(v, pa.int64() if kind == "int" else pa.string()) for v in id_lists]
-    dups, _ = find_duplicates(arrays)
+    dups, rows = find_duplicates(arrays)
+    seen = Counter(v for vals in id_lists for v in vals if v is not None)
+    assert dups.to_pylist() == sorted(v for v, c in seen.items() if c > 1)
+    assert rows == sum(c for c in seen.values() if c > 1)
     got = first_copy_rejects(arrays, shards, dups)
     want = brute_first_copies(id_lists, shards)
     assert sorted(got) == sorted(want)
