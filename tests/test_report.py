@@ -72,6 +72,25 @@ def test_other_figures_are_pngs():
     png_size(F.head_tail_figure(part, dict(part, items=3)))
 
 
+def test_size_bins_sum_the_histogram_into_doubling_bins():
+    rng = np.random.default_rng(4)
+    size = np.unique(rng.integers(1, 3000, 200))
+    before, after = rng.integers(0, 50, len(size)), rng.integers(0, 50, len(size))
+    labels, (got_b, got_a) = F.size_bins(size, before, after)
+    want_labels, want_b, want_a = [], [], []
+    lo, hi = 1, 1
+    while lo <= size.max():
+        want_labels.append(str(lo) if lo == hi else f"{lo}-{hi}")
+        rows = (size >= lo) & (size <= hi)
+        want_b.append(int(before[rows].sum()))
+        want_a.append(int(after[rows].sum()))
+        lo, hi = hi + 1, 2 * hi
+    assert labels == want_labels
+    assert got_b.tolist() == want_b and got_a.tolist() == want_a
+    assert F.size_bins(np.array([1]), np.array([5]))[0] == ["1"]
+    assert F.size_bins(np.array([4]), np.array([5]))[1][0].tolist() == [0, 0, 5]
+
+
 def test_top_edges_keeps_the_heaviest_rows_of_each_transition():
     rng = np.random.default_rng(0)
     to_layer = rng.integers(1, 4, 5000)

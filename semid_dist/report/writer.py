@@ -108,8 +108,8 @@ def make_figures(data: VersionData) -> list[Figure]:
         Figure("pruning", "Before and after pruning", f"Rank-frequency per layer before and "
                f"after pruning (strategy {strategy}).",
                F.pruning_figure(data.items, data.items_after, strategy=strategy)),
-        Figure("sid_sizes", "Items per SID", "How many SIDs hold 1, 2, ... items, before and "
-               "after pruning (collisions are then told apart by the suffix).",
+        Figure("sid_sizes", "Items per SID", "How many SIDs hold 1, 2, 3-4, 5-8, ... items, before "
+               "and after pruning (collisions are then told apart by the suffix).",
                F.sid_size_figure(data.sid_sizes["items_per_sid"],
                                  data.sid_sizes["sids_before"], data.sid_sizes["sids_after"])),
         Figure("residual_norm", "Residual norm per layer", "Mean norm of what is left to "
