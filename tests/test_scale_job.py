@@ -48,6 +48,7 @@ def test_scale_job_builds_and_reports(tmp_path):
     page = md.read_text()
     assert f"`{manifest['version_id']}`" in page
     assert "input 12,000, encoded 12,000, rejected 0" in page
+    assert "| drift against the parent version | none (no parent version) |" in page
     figures = json.loads(md.with_suffix(".json").read_text())
     assert figures["rows"]["input"] == 12000 and figures["catalog"]["row_groups"] == 3
     assert figures["peak_tree_mib"] >= figures["peak_driver_mib"] > 50
