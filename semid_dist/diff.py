@@ -1,23 +1,29 @@
 """Drift between two versions of a SID table as an engine job (`semid versions diff`, and
 every build that has a parent).
 
-Neither table is collected on the driver: item ids are hash-partitioned into B buckets,
-one `stages.drift_bucket` task per bucket reads the data parts of both versions, keeps its
-bucket's rows (five columns), joins them and returns counts; the driver only adds counts.
+Neither table is collected on the driver: item ids are hash-partitioned into B buckets.
+With more than one bucket, one `stages.drift_split` task per data part of either version
+writes its rows (five columns) split by bucket to a scratch folder (`semid_dist.shuffle`),
+so each part is read once; then one `stages.drift_bucket` task per bucket reads its rows of
+both versions, joins them and returns counts; the driver only adds counts.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
+from semid_dist.io import fs as fsio
 from semid_dist.io.store import FileEntry, TableStore, table_rows
-from semid_dist.stages import drift_bucket
+from semid_dist.shuffle import Split
+from semid_dist.stages import STAGING, drift_bucket, drift_split
 from semid_dist.summary import format_drift_line
 
 DRIFT_FILE = "drift.json"
+SCRATCH = "_scratch"  # inside the table's folder: `semid versions diff` splits data parts here
 
 
 class Mapper(Protocol):
@@ -35,14 +41,16 @@ class InProcess:
 
 def version_drift(store: TableStore, from_version: str, to_version: str, *,
                   engine: Mapper | None = None, to_parts: list[FileEntry] | None = None,
-                  buckets: int | None = None) -> dict[str, Any]:
+                  buckets: int | None = None, scratch: str | None = None) -> dict[str, Any]:
     """Share of items whose SID changed from `from_version` to `to_version`, per layer and
     overall, over the items in both; plus the counts of items in only one of them.
 
     from_version: a committed version (or 'latest'). to_version: a committed version, or,
     with `to_parts` (its data parts, as written), a version not committed yet (a build
     computes its drift before the manifest). buckets: id buckets (default: about a million
-    rows of both versions per bucket). engine: runs the bucket tasks (default in-process).
+    rows of both versions per bucket). engine: runs the tasks (default in-process).
+    scratch: a folder (inside the table's filesystem) for the data parts split by bucket
+    (default: a new folder under the table's `_scratch/`); removed when done.
     """
     src = store.resolve(from_version)
     old_parts = store.part_paths(src)
@@ -58,8 +66,23 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
         raise StoreError(f"cannot compare {src} and {dst} of {store.url}: one of them has no "
                          "data parts")
     n = buckets or drift_buckets(table_rows(store.manifest(src)["rows"]) + new_rows)
-    tasks = [(store.root, store.table, old_parts, new_parts, b, n) for b in range(n)]
-    counts = merge_drift((engine or InProcess()).map(drift_bucket, tasks))
+    mapper = engine or InProcess()
+    if n == 1:
+        old, new = [Split(p) for p in old_parts], [Split(p) for p in new_parts]
+        counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, 0)]))
+        return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
+    folder = scratch or fsio.join(store.base, SCRATCH, f"drift-{uuid.uuid4().hex[:12]}")
+    try:
+        splits = mapper.map(drift_split, [
+            (store.root, store.table, p, n, fsio.join(folder, f"{side}-{i:06d}"))
+            for side, paths in (("from", old_parts), ("to", new_parts))
+            for i, p in enumerate(paths)])
+        old, new = splits[:len(old_parts)], splits[len(old_parts):]
+        tasks = [(store.root, store.table, old, new, b) for b in range(n)]
+        counts = merge_drift(mapper.map(drift_bucket, tasks))
+    finally:
+        if store.fs.exists(folder):
+            store.fs.rm(folder, recursive=True)
     return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
 
 
@@ -71,7 +94,8 @@ def parent_drift(engine: Mapper, store: TableStore, parent: str | None, vid: str
     if parent is None:
         return None
     try:
-        drift = version_drift(store, parent, vid, engine=engine, to_parts=data_files)
+        drift = version_drift(store, parent, vid, engine=engine, to_parts=data_files,
+                              scratch=fsio.join(store.version_dir(vid), STAGING, "drift"))
     except (StoreError, FileNotFoundError) as exc:
         log(f"drift: skipped ({exc})")
         return None

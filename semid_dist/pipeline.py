@@ -35,6 +35,7 @@ from semid_dist.incremental import (
     incremental_rows,
     write_stats,
 )
+from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
@@ -46,6 +47,7 @@ from semid_dist.quantize.model import load_quantizer, quantizer_files
 from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
+from semid_dist.shuffle import Split
 from semid_dist.stages import (
     STAGING,
     JobContext,
@@ -55,6 +57,7 @@ from semid_dist.stages import (
     sample_rows,
     scan_keys,
     sid_items_bucket,
+    sid_items_split,
 )
 
 Log = Callable[[str], None]
@@ -103,12 +106,24 @@ def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, n
     return out
 
 
-def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry]) -> list[FileEntry]:
-    """lookup/sid_items/: SID -> items, one file per hash bucket (about 1M items each)."""
+def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
+                     bucket_rows: int = 1_000_000) -> list[FileEntry]:
+    """lookup/sid_items/: SID -> items, one file per hash bucket (about `bucket_rows` items
+    each). With more than one bucket the data parts are first split by bucket
+    (`semid_dist.shuffle`) into the version's staging, each part read once."""
     store = ctx.store()
     paths = sorted(store.entry_path(ctx.version_id, f) for f in data_files)
-    buckets = max(1, -(-sum(f.rows for f in data_files) // 1_000_000))
-    return engine.map(sid_items_bucket, [(ctx, paths, b, buckets) for b in range(buckets)])
+    buckets = max(1, -(-sum(f.rows for f in data_files) // bucket_rows))
+    if buckets == 1:
+        return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
+    scratch = fsio.join(store.version_dir(ctx.version_id), STAGING, "sid_items")
+    try:
+        splits = engine.map(sid_items_split, [(ctx, p, buckets, fsio.join(scratch, f"{i:06d}"))
+                                              for i, p in enumerate(paths)])
+        return engine.map(sid_items_bucket, [(ctx, splits, b) for b in range(buckets)])
+    finally:
+        if store.fs.exists(scratch):
+            store.fs.rm(scratch, recursive=True)
 
 
 def encode_device(cfg: BuildConfig) -> str:

@@ -32,6 +32,7 @@ from semid_dist.memory import keep_freed_memory
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
+from semid_dist.shuffle import Split, read_bucket, split_file
 
 STAGING = "_staging"
 
@@ -466,36 +467,30 @@ def carried_suffixes(ctx: JobContext, entry: FileEntry, keys: np.ndarray,
     return pa.table({"key": k[hit], "suffix": t.column("suffix").to_numpy()[hit]})
 
 
-def _read_projected(fs: Any, path: str, columns: tuple[str, ...]) -> pa.Table:
-    """A Parquet file's `columns` that it has (others are skipped)."""
-    import pyarrow.parquet as pq
+def _item_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
+    from semid_dist.codes.drift import id_buckets
 
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        present = [c for c in columns if c in pf.schema_arrow.names]
-        return pf.read(columns=present)
+    return id_buckets(rows.column("item_id"), buckets)
 
 
-def drift_bucket(root: str, table: str, old_parts: list[str], new_parts: list[str],
-                 bucket: int, buckets: int) -> dict[str, Any]:
-    """Drift counts of one item-id bucket: read every data part of both versions (paths
-    inside the table's filesystem), keep the rows whose `id_buckets(item_id) == bucket`
-    (columns item_id, codes, sid, sid_layers, suffix only), join them on item id ->
-    `semid_dist.codes.drift.drift_counts` (plain, summable counts)."""
-    from semid_dist.codes.drift import DRIFT_COLUMNS, drift_counts, id_buckets
+def drift_split(root: str, table: str, path: str, buckets: int, out_path: str) -> Split:
+    """Split a data part (a path inside the table's filesystem) by item-id bucket into
+    `out_path` (columns item_id, codes, sid, sid_layers, suffix; `shuffle.split_file`)."""
+    from semid_dist.codes.drift import DRIFT_COLUMNS
+
+    return split_file(TableStore(root, table).fs, path, DRIFT_COLUMNS, _item_buckets, buckets,
+                      out_path)
+
+
+def drift_bucket(root: str, table: str, old: list[Split], new: list[Split],
+                 bucket: int) -> dict[str, Any]:
+    """Drift counts of one item-id bucket: its rows of both versions' split data parts,
+    joined on item id -> `semid_dist.codes.drift.drift_counts` (plain, summable counts)."""
+    from semid_dist.codes.drift import DRIFT_COLUMNS, drift_counts
 
     fs = TableStore(root, table).fs
-
-    def rows(parts: list[str]) -> pa.Table:
-        kept = []
-        for path in parts:
-            t = _read_projected(fs, path, DRIFT_COLUMNS)
-            if buckets > 1:
-                t = t.filter(pa.array(id_buckets(t.column("item_id"), buckets) == bucket))
-            kept.append(t)
-        return pa.concat_tables(kept) if kept else pa.table({})
-
-    return drift_counts(rows(old_parts), rows(new_parts))
+    return drift_counts(read_bucket(fs, old, bucket, DRIFT_COLUMNS),
+                        read_bucket(fs, new, bucket, DRIFT_COLUMNS))
 
 
 _SID_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
@@ -523,25 +518,35 @@ def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
     return (h % np.uint64(buckets)).astype(np.int64)
 
 
-def sid_items_bucket(ctx: JobContext, data_parts: list[str], bucket: int,
-                     buckets: int) -> FileEntry:
+SID_ITEMS_COLUMNS = ("item_id", "sid_tokens", "suffix")
+
+
+def _sid_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
+    return sid_bucket(_padded_tokens(rows.column("sid_tokens"), _padded_width(rows)), buckets)
+
+
+def _padded_width(rows: pa.Table) -> int:
+    col = rows.column("sid_tokens")
+    return int(pc.max(pc.list_value_length(col)).as_py() or 0) if len(col) else 0
+
+
+def sid_items_split(ctx: JobContext, path: str, buckets: int, out_path: str) -> Split:
+    """Split a data part (a path inside the table's filesystem) by SID hash bucket into
+    `out_path` (columns item_id, sid_tokens, suffix; `shuffle.split_file`)."""
+    return split_file(ctx.store().fs, path, SID_ITEMS_COLUMNS, _sid_buckets, buckets, out_path)
+
+
+def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:
     """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
-    (sid_tokens) with its items in suffix order, read from the version's data parts (paths
-    inside the table's filesystem)."""
+    (sid_tokens) with its items in suffix order, from the version's split data parts."""
     store, width = ctx.store(), len(ctx.sizes)
-    pieces = []
-    for path in data_parts:
-        t = fsio.read_parquet(store.fs, path, columns=["item_id", "sid_tokens", "suffix"])
-        tokens = _padded_tokens(t.column("sid_tokens"), width)
-        keep = sid_bucket(tokens, buckets) == bucket
-        pieces.append((tokens[keep], pc.filter(t, pa.array(keep))))
-    tokens = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros((0, width), np.int64)
-    rows = pa.concat_tables([p[1] for p in pieces]) if pieces else None
+    rows = read_bucket(store.fs, splits, bucket, SID_ITEMS_COLUMNS)
     if rows is None or rows.num_rows == 0:
         out = pa.table({"sid_tokens": pa.array([], pa.list_(pa.int64())),
                         "items": pa.array([], pa.list_(pa.int64())),
                         "count": pa.array([], pa.int64())})
     else:
+        tokens = _padded_tokens(rows.column("sid_tokens"), width)
         uniq, inv = unique_rows(tokens)
         order = np.lexsort((rows.column("suffix").to_numpy(), inv))
         counts = np.bincount(inv, minlength=len(uniq))

@@ -203,8 +203,11 @@ def test_drift_buckets_run_through_an_engine_map(root):
             return [fn(*item) for item in items]
 
     res = version_drift(store, v1, v2, engine=Recorder(), buckets=4)
-    assert calls == [("drift_bucket", 4)]
+    # each version's one data part is split by bucket once, then 4 bucket tasks
+    assert calls == [("drift_split", 2), ("drift_bucket", 4)]
     assert res == version_drift(store, v1, v2, buckets=1) | {"buckets": 4}
+    scratch = f"{store.base}/_scratch"
+    assert not store.fs.exists(scratch) or store.fs.find(scratch) == []  # split files removed
 
 
 # -- builds and the CLI --------------------------------------------------------------------

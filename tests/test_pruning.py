@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.codes.pruning import token_offsets
-from semid_dist.io.store import TableStore
-from semid_dist.pipeline import build
+from semid_dist.engines.local import LocalEngine
+from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.pipeline import build, sid_items_lookup
 from semid_dist.quantize import decode
 from semid_dist.stages import JobContext, load_codebooks
 from tests.conftest import small_config
@@ -180,3 +181,34 @@ def test_sid_to_items_lookup_lists_every_item_in_suffix_order(fitted):
         want.setdefault(tokens, []).append(item)
     assert got == want
     assert list(lookup["count"]) == [len(v) for v in lookup["items"]]
+
+
+def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
+    """Several buckets (the data parts split by SID bucket through staging first) hold the
+    same SID -> items rows as one bucket, each SID in one bucket; the split files are gone
+    afterwards."""
+    res, t = encode_with(fitted)
+    store = TableStore(fitted[2], "sids")
+    vid = res.version_id
+    ctx = JobContext(catalog_url="unused", id_column="item_id", embedding_column="embedding",
+                     popularity_column=None, dim=fitted[1].shape[1], sizes=tuple(LAYERS),
+                     root=fitted[2], table="sids", version_id=vid, quality_depth=2)
+    data = [FileEntry(**e) for e in res.manifest["files"] if e["path"].startswith("data/")]
+    assert len(data) > 1
+
+    def lookup(entries) -> dict[tuple, tuple[list, int]]:
+        out = {}
+        for e in entries:
+            part = pq.read_table(store.entry_path(vid, e)).to_pylist()
+            out.update({tuple(r["sid_tokens"]): (r["items"], r["count"]) for r in part})
+        return out
+
+    whole = sid_items_lookup(LocalEngine(small_config("unused", fitted[2])), ctx, data)
+    assert len(whole) == 1
+    want = lookup(whole)
+    split = sid_items_lookup(LocalEngine(small_config("unused", fitted[2])), ctx, data,
+                             bucket_rows=len(t) // 3)
+    assert len(split) == 3
+    assert sum(len(pq.read_table(store.entry_path(vid, e))) for e in split) == len(want)
+    assert lookup(split) == want
+    assert not store.fs.exists(f"{store.version_dir(vid)}/_staging/sid_items")

@@ -1,0 +1,78 @@
+"""Hash-partition the rows of many Parquet files into buckets, through storage.
+
+A job that needs every row of one bucket together (drift: an item's rows of two versions;
+the SID -> items lookup: a SID's items) splits the work into B buckets of about a million
+rows. Reading every file once per bucket reads the data B times, so its time grows with the
+square of the table. Here each file is read once (`split_file`, one task per file): its rows
+are sorted by bucket and written to a scratch file as B Arrow IPC streams back to back, and
+the task returns the streams' byte offsets. A bucket's task then reads its stream from every
+split file (`read_bucket`): one ranged read per file, no Parquet footer to parse.
+
+Rows keep their file's order inside a bucket, and a bucket's streams are read in the order
+of the files, so a bucket holds the same rows in the same order as a filter of the files
+read one after the other.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from semid_dist.io import fs as fsio
+
+BucketFn = Callable[[pa.Table, int], np.ndarray]  # (rows, buckets) -> (n,) int64 bucket
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split file: its path (inside the filesystem) and the B + 1 byte offsets of its
+    bucket streams (bucket b is bytes offsets[b]:offsets[b + 1]); offsets None: a Parquet
+    file not split, all of it in bucket 0 (one bucket needs no split)."""
+
+    path: str
+    offsets: tuple[int, ...] | None = None
+
+
+def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
+    """A Parquet file's `columns` that it has (others are skipped)."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        return pf.read(columns=present)
+
+
+def split_file(fs, path: str, columns: Sequence[str], bucket_of: BucketFn, buckets: int,
+               out_path: str) -> Split:
+    """Read `columns` of the Parquet file at `path` and write them to `out_path`, split into
+    `buckets` streams by `bucket_of`. Returns the split's offsets."""
+    t = read_columns(fs, path, columns)
+    which = bucket_of(t, buckets)
+    order = np.argsort(which, kind="stable")
+    t = t.take(pa.array(order))
+    bounds = np.searchsorted(which[order], np.arange(buckets + 1))
+    sink, offsets = io.BytesIO(), [0]
+    for b in range(buckets):
+        with pa.ipc.new_stream(sink, t.schema) as writer:
+            writer.write_table(t.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+        offsets.append(sink.tell())
+    fsio.write_bytes(fs, out_path, sink.getvalue())
+    return Split(out_path, tuple(offsets))
+
+
+def read_bucket(fs, splits: Sequence[Split], bucket: int, columns: Sequence[str]
+                ) -> pa.Table | None:
+    """Bucket `bucket`'s rows of every split, in the splits' order (None without splits);
+    `columns` are read from a file not split."""
+    parts = []
+    for s in splits:
+        if s.offsets is None:
+            parts.append(read_columns(fs, s.path, columns))
+            continue
+        data = fs.cat_file(s.path, start=s.offsets[bucket], end=s.offsets[bucket + 1])
+        parts.append(pa.ipc.open_stream(data).read_all())
+    return pa.concat_tables(parts) if parts else None
