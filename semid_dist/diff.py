@@ -10,20 +10,22 @@ both versions, joins them and returns counts; the driver only adds counts.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from semid_dist import shuffle
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
-from semid_dist.io import fs as fsio
 from semid_dist.io.store import FileEntry, TableStore, table_rows
 from semid_dist.shuffle import Split
 from semid_dist.stages import STAGING, drift_bucket, drift_split
 from semid_dist.summary import format_drift_line
 
 DRIFT_FILE = "drift.json"
-SCRATCH = "_scratch"  # inside the table's folder: `semid versions diff` splits data parts here
+SCRATCH = "_scratch"  # in the table's folder: drift run by an engine splits data parts here
 
 
 class Mapper(Protocol):
@@ -49,8 +51,10 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     with `to_parts` (its data parts, as written), a version not committed yet (a build
     computes its drift before the manifest). buckets: id buckets (default: about a million
     rows of both versions per bucket). engine: runs the tasks (default in-process).
-    scratch: a folder (inside the table's filesystem) for the data parts split by bucket
-    (default: a new folder under the table's `_scratch/`); removed when done.
+    scratch: a folder URL for the data parts split by bucket, which the tasks can reach;
+    by default a local temporary folder when the tasks run in this process (`semid versions
+    diff` writes nothing to the table), else a new folder under the table's `_scratch/`.
+    Removed when done.
     """
     src = store.resolve(from_version)
     old_parts = store.part_paths(src)
@@ -71,18 +75,19 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
         old, new = [Split(p) for p in old_parts], [Split(p) for p in new_parts]
         counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, 0)]))
         return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
-    folder = scratch or fsio.join(store.base, SCRATCH, f"drift-{uuid.uuid4().hex[:12]}")
-    try:
+    with contextlib.ExitStack() as stack:
+        if scratch is None and engine is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="semid-drift-"))
+        else:
+            folder = scratch or f"{store.url}/{SCRATCH}/drift-{uuid.uuid4().hex[:12]}"
+            stack.callback(shuffle.remove, folder)
         splits = mapper.map(drift_split, [
-            (store.root, store.table, p, n, fsio.join(folder, f"{side}-{i:06d}"))
+            (store.root, store.table, p, n, f"{folder}/{side}-{i:06d}")
             for side, paths in (("from", old_parts), ("to", new_parts))
             for i, p in enumerate(paths)])
         old, new = splits[:len(old_parts)], splits[len(old_parts):]
         tasks = [(store.root, store.table, old, new, b) for b in range(n)]
         counts = merge_drift(mapper.map(drift_bucket, tasks))
-    finally:
-        if store.fs.exists(folder):
-            store.fs.rm(folder, recursive=True)
     return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
 
 
@@ -95,7 +100,7 @@ def parent_drift(engine: Mapper, store: TableStore, parent: str | None, vid: str
         return None
     try:
         drift = version_drift(store, parent, vid, engine=engine, to_parts=data_files,
-                              scratch=fsio.join(store.version_dir(vid), STAGING, "drift"))
+                              scratch=f"{store.version_url(vid)}/{STAGING}/drift")
     except (StoreError, FileNotFoundError) as exc:
         log(f"drift: skipped ({exc})")
         return None

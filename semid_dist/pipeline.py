@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 import semid_dist
+from semid_dist import shuffle
 from semid_dist.codes.metrics import head_threshold
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
@@ -35,7 +36,6 @@ from semid_dist.incremental import (
     incremental_rows,
     write_stats,
 )
-from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
@@ -116,14 +116,13 @@ def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
     buckets = max(1, -(-sum(f.rows for f in data_files) // bucket_rows))
     if buckets == 1:
         return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
-    scratch = fsio.join(store.version_dir(ctx.version_id), STAGING, "sid_items")
+    scratch = f"{store.version_url(ctx.version_id)}/{STAGING}/sid_items"
     try:
-        splits = engine.map(sid_items_split, [(ctx, p, buckets, fsio.join(scratch, f"{i:06d}"))
+        splits = engine.map(sid_items_split, [(ctx, p, buckets, f"{scratch}/{i:06d}")
                                               for i, p in enumerate(paths)])
         return engine.map(sid_items_bucket, [(ctx, splits, b) for b in range(buckets)])
     finally:
-        if store.fs.exists(scratch):
-            store.fs.rm(scratch, recursive=True)
+        shuffle.remove(scratch)
 
 
 def encode_device(cfg: BuildConfig) -> str:

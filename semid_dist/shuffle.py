@@ -6,7 +6,8 @@ rows. Reading every file once per bucket reads the data B times, so its time gro
 square of the table. Here each file is read once (`split_file`, one task per file): its rows
 are sorted by bucket and written to a scratch file as B Arrow IPC streams back to back, and
 the task returns the streams' byte offsets. A bucket's task then reads its stream from every
-split file (`read_bucket`): one ranged read per file, no Parquet footer to parse.
+split file (`read_bucket`): one ranged read per file, no Parquet footer to parse. The
+scratch folder is any URL the tasks can reach; it need not be on the data's filesystem.
 
 Rows keep their file's order inside a bucket, and a bucket's streams are read in the order
 of the files, so a bucket holds the same rows in the same order as a filter of the files
@@ -30,9 +31,9 @@ BucketFn = Callable[[pa.Table, int], np.ndarray]  # (rows, buckets) -> (n,) int6
 
 @dataclass(frozen=True)
 class Split:
-    """A split file: its path (inside the filesystem) and the B + 1 byte offsets of its
-    bucket streams (bucket b is bytes offsets[b]:offsets[b + 1]); offsets None: a Parquet
-    file not split, all of it in bucket 0 (one bucket needs no split)."""
+    """A split file: its URL and the B + 1 byte offsets of its bucket streams (bucket b is
+    bytes offsets[b]:offsets[b + 1]). offsets None: a Parquet file not split, all of it in
+    bucket 0 (one bucket needs no split), and `path` is its path in the data's filesystem."""
 
     path: str
     offsets: tuple[int, ...] | None = None
@@ -47,9 +48,9 @@ def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
 
 
 def split_file(fs, path: str, columns: Sequence[str], bucket_of: BucketFn, buckets: int,
-               out_path: str) -> Split:
-    """Read `columns` of the Parquet file at `path` and write them to `out_path`, split into
-    `buckets` streams by `bucket_of`. Returns the split's offsets."""
+               out_url: str) -> Split:
+    """Read `columns` of the Parquet file at `path` (in `fs`) and write them to the URL
+    `out_url`, split into `buckets` streams by `bucket_of`. Returns the split."""
     t = read_columns(fs, path, columns)
     which = bucket_of(t, buckets)
     order = np.argsort(which, kind="stable")
@@ -60,19 +61,29 @@ def split_file(fs, path: str, columns: Sequence[str], bucket_of: BucketFn, bucke
         with pa.ipc.new_stream(sink, t.schema) as writer:
             writer.write_table(t.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
         offsets.append(sink.tell())
-    fsio.write_bytes(fs, out_path, sink.getvalue())
-    return Split(out_path, tuple(offsets))
+    out_fs, out_path = fsio.resolve(out_url)
+    fsio.write_bytes(out_fs, out_path, sink.getvalue())
+    return Split(out_url, tuple(offsets))
+
+
+def remove(url: str) -> None:
+    """Remove a scratch folder and what it holds, if it exists."""
+    fs, path = fsio.resolve(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def read_bucket(fs, splits: Sequence[Split], bucket: int, columns: Sequence[str]
                 ) -> pa.Table | None:
-    """Bucket `bucket`'s rows of every split, in the splits' order (None without splits);
-    `columns` are read from a file not split."""
+    """Bucket `bucket`'s rows of every split, in the splits' order (None without splits).
+    A split stream holds the columns chosen when it was split; `columns` are read from a
+    file not split (in `fs`)."""
     parts = []
     for s in splits:
         if s.offsets is None:
             parts.append(read_columns(fs, s.path, columns))
             continue
-        data = fs.cat_file(s.path, start=s.offsets[bucket], end=s.offsets[bucket + 1])
+        split_fs, path = fsio.resolve(s.path)
+        data = split_fs.cat_file(path, start=s.offsets[bucket], end=s.offsets[bucket + 1])
         parts.append(pa.ipc.open_stream(data).read_all())
     return pa.concat_tables(parts) if parts else None

@@ -384,6 +384,9 @@ def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> lis
         empty = pa.table({"row": pa.array([], pa.int64()), "suffix": pa.array([], pa.int32())})
         return [empty] * shards
     ends = np.cumsum([r.num_rows for r in rows])
+    if len(rows) != shards or ends[-1] != len(suffix):
+        raise ValueError(f"{len(rows)} shards' colliding rows ({ends[-1]} in all) for {shards} "
+                         f"shards and {len(suffix)} suffixes")
     return [pa.table({"row": r.column("row"), "suffix": suffix[end - r.num_rows:end]})
             for r, end in zip(rows, ends)]
 
@@ -473,13 +476,13 @@ def _item_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
     return id_buckets(rows.column("item_id"), buckets)
 
 
-def drift_split(root: str, table: str, path: str, buckets: int, out_path: str) -> Split:
+def drift_split(root: str, table: str, path: str, buckets: int, out_url: str) -> Split:
     """Split a data part (a path inside the table's filesystem) by item-id bucket into
-    `out_path` (columns item_id, codes, sid, sid_layers, suffix; `shuffle.split_file`)."""
+    `out_url` (columns item_id, codes, sid, sid_layers, suffix; `shuffle.split_file`)."""
     from semid_dist.codes.drift import DRIFT_COLUMNS
 
     return split_file(TableStore(root, table).fs, path, DRIFT_COLUMNS, _item_buckets, buckets,
-                      out_path)
+                      out_url)
 
 
 def drift_bucket(root: str, table: str, old: list[Split], new: list[Split],
@@ -522,6 +525,8 @@ SID_ITEMS_COLUMNS = ("item_id", "sid_tokens", "suffix")
 
 
 def _sid_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
+    """A SID's bucket whatever width its tokens are padded to: the -1 padding adds nothing to
+    `sid_bucket`'s hash, and column i's multiplier does not depend on the width."""
     return sid_bucket(_padded_tokens(rows.column("sid_tokens"), _padded_width(rows)), buckets)
 
 
@@ -530,10 +535,10 @@ def _padded_width(rows: pa.Table) -> int:
     return int(pc.max(pc.list_value_length(col)).as_py() or 0) if len(col) else 0
 
 
-def sid_items_split(ctx: JobContext, path: str, buckets: int, out_path: str) -> Split:
+def sid_items_split(ctx: JobContext, path: str, buckets: int, out_url: str) -> Split:
     """Split a data part (a path inside the table's filesystem) by SID hash bucket into
-    `out_path` (columns item_id, sid_tokens, suffix; `shuffle.split_file`)."""
-    return split_file(ctx.store().fs, path, SID_ITEMS_COLUMNS, _sid_buckets, buckets, out_path)
+    `out_url` (columns item_id, sid_tokens, suffix; `shuffle.split_file`)."""
+    return split_file(ctx.store().fs, path, SID_ITEMS_COLUMNS, _sid_buckets, buckets, out_url)
 
 
 def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:

@@ -183,6 +183,7 @@ def test_version_drift_is_the_same_for_any_bucket_count(root):
         assert res["changed"] == want["changed"]
         assert [x["changed"] for x in res["layers"]] == want["layer_changed"]
         assert res["share_changed"] == pytest.approx(want["changed"] / 850)
+    assert not store.fs.exists(f"{store.base}/_scratch")  # in-process: nothing written to the table
     assert version_drift(store, "latest", v2)["from_version"] == v2
     with pytest.raises(StoreError, match="not committed"):
         version_drift(store, "20990101T000000Z-000000", v2)

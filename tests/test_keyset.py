@@ -59,6 +59,19 @@ def test_unique_rows_whose_key_would_overflow_int64_sorts_them_as_rows():
     assert inverse.tolist() == index
 
 
+@pytest.mark.parametrize("rows", [
+    np.array([[-1], [2**63 - 1], [0], [-1]], np.int64),  # a span past int64
+    np.array([[2**64 - 1], [0], [3], [0]], np.uint64),
+    np.array([[2**64 - 1, 5], [2**64 - 2, 1], [2**64 - 1, 5]], np.uint64),  # large, narrow
+    np.array([[-128, 127], [127, -128], [-128, 127]], np.int8),
+], ids=["int64-extremes", "uint64-extremes", "uint64-narrow", "int8-extremes"])
+def test_unique_rows_at_the_ends_of_integer_ranges(rows):
+    uniq, inverse = unique_rows(rows)
+    distinct, index = _reference_rows(rows)
+    assert list(map(tuple, uniq.tolist())) == distinct
+    assert inverse.tolist() == index
+
+
 def test_unique_rows_of_no_rows():
     uniq, inverse = unique_rows(np.zeros((0, 3), np.int64))
     assert uniq.shape == (0, 3) and inverse.shape == (0,)

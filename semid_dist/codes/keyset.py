@@ -10,6 +10,8 @@ functions give the same arrays as those calls, by sorting.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -46,13 +48,15 @@ def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, w = rows.shape
     if n == 0:
         return rows.copy(), np.zeros(0, dtype=np.int64)
-    lo = rows.min(axis=0).astype(np.int64)
-    span = rows.max(axis=0).astype(np.int64) - lo + 1
-    if w and float(np.prod(span.astype(np.float64))) < 2.0**62:
+    lo, hi = rows.min(axis=0), rows.max(axis=0)
+    span = [int(h) - int(low) + 1 for low, h in zip(lo.tolist(), hi.tolist())]  # exact ints
+    if w and math.prod(span) < 2**62:
         place = np.ones(w, dtype=np.int64)
         for i in range(w - 2, -1, -1):
             place[i] = place[i + 1] * span[i + 1]
-        order = np.argsort((rows.astype(np.int64) - lo) @ place, kind="stable")
+        # differences below 2^62, so exact in int64 even where the cast wraps (uint64)
+        offset = rows.astype(np.int64) - lo.astype(np.int64)
+        order = np.argsort(offset @ place, kind="stable")
     else:
         order = np.lexsort(rows.T[::-1]) if w else np.arange(n)
     ordered = rows[order]
