@@ -7,6 +7,7 @@ plain data, so any engine gives identical outputs for the same shards.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -524,21 +525,15 @@ def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
 SID_ITEMS_COLUMNS = ("item_id", "sid_tokens", "suffix")
 
 
-def _sid_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
-    """A SID's bucket whatever width its tokens are padded to: the -1 padding adds nothing to
-    `sid_bucket`'s hash, and column i's multiplier does not depend on the width."""
-    return sid_bucket(_padded_tokens(rows.column("sid_tokens"), _padded_width(rows)), buckets)
-
-
-def _padded_width(rows: pa.Table) -> int:
-    col = rows.column("sid_tokens")
-    return int(pc.max(pc.list_value_length(col)).as_py() or 0) if len(col) else 0
+def _sid_buckets(rows: pa.Table, buckets: int, *, width: int) -> np.ndarray:
+    return sid_bucket(_padded_tokens(rows.column("sid_tokens"), width), buckets)
 
 
 def sid_items_split(ctx: JobContext, path: str, buckets: int, out_url: str) -> Split:
     """Split a data part (a path inside the table's filesystem) by SID hash bucket into
     `out_url` (columns item_id, sid_tokens, suffix; `shuffle.split_file`)."""
-    return split_file(ctx.store().fs, path, SID_ITEMS_COLUMNS, _sid_buckets, buckets, out_url)
+    return split_file(ctx.store().fs, path, SID_ITEMS_COLUMNS,
+                      functools.partial(_sid_buckets, width=len(ctx.sizes)), buckets, out_url)
 
 
 def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:
