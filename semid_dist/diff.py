@@ -2,10 +2,11 @@
 every build that has a parent).
 
 Neither table is collected on the driver: item ids are hash-partitioned into B buckets.
-With more than one bucket, one `stages.drift_split` task per data part of either version
-writes its rows (five columns) split by bucket to a scratch folder (`semid_dist.shuffle`),
-so each part is read once; then one `stages.drift_bucket` task per bucket reads its rows of
-both versions, joins them and returns counts; the driver only adds counts.
+With more than one bucket, one `stages.drift_split` task per group of data parts of either
+version (about a bucket's rows) writes their rows (five columns) split by bucket to a
+scratch folder (`semid_dist.shuffle`), so each part is read once; then one
+`stages.drift_bucket` task per bucket reads its rows of both versions, joins them and
+returns counts; the driver only adds counts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from semid_dist import shuffle
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
-from semid_dist.io.store import FileEntry, TableStore, table_rows
+from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.shuffle import Split
 from semid_dist.stages import STAGING, drift_bucket, drift_split
 from semid_dist.summary import format_drift_line
@@ -57,24 +58,27 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     Removed when done.
     """
     src = store.resolve(from_version)
-    old_parts = store.part_paths(src)
+    old_parts = store.part_rows(src)
     if to_parts is None:
         dst = store.resolve(to_version)
-        new_parts = store.part_paths(dst)
-        new_rows = table_rows(store.manifest(dst)["rows"])
+        new_parts = store.part_rows(dst)
     else:
         dst = to_version
-        new_parts = [store.entry_path(dst, e) for e in to_parts if e.path.startswith("data/")]
-        new_rows = sum(e.rows for e in to_parts if e.path.startswith("data/"))
+        new_parts = [(store.entry_path(dst, e), e.rows) for e in to_parts
+                     if e.path.startswith("data/")]
     if not old_parts or not new_parts:
         raise StoreError(f"cannot compare {src} and {dst} of {store.url}: one of them has no "
                          "data parts")
-    n = buckets or drift_buckets(table_rows(store.manifest(src)["rows"]) + new_rows)
+    n = buckets or drift_buckets(sum(r for _, r in old_parts + new_parts))
     mapper = engine or InProcess()
     if n == 1:
-        old, new = [Split(p) for p in old_parts], [Split(p) for p in new_parts]
+        old, new = ([Split(p) for p, _ in parts] for parts in (old_parts, new_parts))
         counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, 0)]))
         return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
+    # one split task per group of parts of about a bucket's rows (both versions' rows)
+    target = max(1, -(-sum(r for _, r in old_parts + new_parts) // n))
+    old_groups, new_groups = (shuffle.group_files([p for p, _ in parts], [r for _, r in parts],
+                                                  target) for parts in (old_parts, new_parts))
     with contextlib.ExitStack() as stack:
         if scratch is None and engine is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="semid-drift-"))
@@ -82,10 +86,10 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
             folder = scratch or f"{store.url}/{SCRATCH}/drift-{uuid.uuid4().hex[:12]}"
             stack.callback(shuffle.remove, folder)
         splits = mapper.map(drift_split, [
-            (store.root, store.table, p, n, f"{folder}/{side}-{i:06d}")
-            for side, paths in (("from", old_parts), ("to", new_parts))
-            for i, p in enumerate(paths)])
-        old, new = splits[:len(old_parts)], splits[len(old_parts):]
+            (store.root, store.table, g, n, f"{folder}/{side}-{i:06d}")
+            for side, groups in (("from", old_groups), ("to", new_groups))
+            for i, g in enumerate(groups)])
+        old, new = splits[:len(old_groups)], splits[len(old_groups):]
         tasks = [(store.root, store.table, old, new, b) for b in range(n)]
         counts = merge_drift(mapper.map(drift_bucket, tasks))
     return drift_figures(counts, from_version=src, to_version=dst, buckets=n)

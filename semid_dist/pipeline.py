@@ -110,16 +110,19 @@ def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
                      bucket_rows: int = 1_000_000) -> list[FileEntry]:
     """lookup/sid_items/: SID -> items, one file per hash bucket (about `bucket_rows` items
     each). With more than one bucket the data parts are first split by bucket
-    (`semid_dist.shuffle`) into the version's staging, each part read once."""
+    (`semid_dist.shuffle`) into the version's staging, each part read once, by one task per
+    group of parts of about `bucket_rows` rows."""
     store = ctx.store()
-    paths = sorted(store.entry_path(ctx.version_id, f) for f in data_files)
+    parts = sorted((store.entry_path(ctx.version_id, f), f.rows) for f in data_files)
+    paths = [p for p, _ in parts]
     buckets = max(1, -(-sum(f.rows for f in data_files) // bucket_rows))
     if buckets == 1:
         return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
     scratch = f"{store.version_url(ctx.version_id)}/{STAGING}/sid_items"
+    groups = shuffle.group_files(paths, [n for _, n in parts], bucket_rows)
     try:
-        splits = engine.map(sid_items_split, [(ctx, p, buckets, f"{scratch}/{i:06d}")
-                                              for i, p in enumerate(paths)])
+        splits = engine.map(sid_items_split, [(ctx, g, buckets, f"{scratch}/{i:06d}")
+                                              for i, g in enumerate(groups)])
         return engine.map(sid_items_bucket, [(ctx, splits, b) for b in range(buckets)])
     finally:
         shuffle.remove(scratch)

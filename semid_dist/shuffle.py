@@ -3,11 +3,14 @@
 A job that needs every row of one bucket together (drift: an item's rows of two versions;
 the SID -> items lookup: a SID's items) splits the work into B buckets of about a million
 rows. Reading every file once per bucket reads the data B times, so its time grows with the
-square of the table. Here each file is read once (`split_file`, one task per file): its rows
-are sorted by bucket and written to a scratch file as B Arrow IPC streams back to back, and
-the task returns the streams' byte offsets. A bucket's task then reads its stream from every
-split file (`read_bucket`): one ranged read per file, no Parquet footer to parse. The
-scratch folder is any URL the tasks can reach; it need not be on the data's filesystem.
+square of the table. Here each file is read once: the files are grouped (`group_files`,
+consecutive files of about as many rows as a bucket), and one task per group
+(`split_files`) reads its files, sorts their rows by bucket and writes them to a scratch
+file as B Arrow IPC streams back to back, returning the streams' byte offsets. A bucket's
+task then reads its stream from every split file (`read_bucket`): one ranged read per
+group, no Parquet footer to parse. Grouping keeps the reads few and large on an object
+store: G groups make G x B reads, against one per data part and bucket. The scratch folder
+is any URL the tasks can reach; it need not be on the data's filesystem.
 
 Rows keep their file's order inside a bucket, and a bucket's streams are read in the order
 of the files, so a bucket holds the same rows in the same order as a filter of the files
@@ -47,11 +50,27 @@ def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
         return pf.read(columns=present)
 
 
-def split_file(fs, path: str, columns: Sequence[str], bucket_of: BucketFn, buckets: int,
-               out_url: str) -> Split:
-    """Read `columns` of the Parquet file at `path` (in `fs`) and write them to the URL
-    `out_url`, split into `buckets` streams by `bucket_of`. Returns the split."""
-    t = read_columns(fs, path, columns)
+def group_files(paths: Sequence[str], rows: Sequence[int], target_rows: int
+                ) -> list[list[str]]:
+    """Consecutive runs of `paths` (in order) of at most `target_rows` rows together (a file
+    of more rows is a group of its own), for one split task each."""
+    groups: list[list[str]] = []
+    held = target_rows
+    for path, n in zip(paths, rows, strict=True):
+        if not groups or held + n > target_rows:
+            groups.append([])
+            held = 0
+        groups[-1].append(path)
+        held += n
+    return groups
+
+
+def split_files(fs, paths: Sequence[str], columns: Sequence[str], bucket_of: BucketFn,
+                buckets: int, out_url: str) -> Split:
+    """Read `columns` of the Parquet files at `paths` (in `fs`, rows in their order) and
+    write them to the URL `out_url`, split into `buckets` streams by `bucket_of`. Returns
+    the split."""
+    t = pa.concat_tables([read_columns(fs, path, columns) for path in paths])
     which = bucket_of(t, buckets)
     order = np.argsort(which, kind="stable")
     t = t.take(pa.array(order))

@@ -33,7 +33,7 @@ from semid_dist.memory import keep_freed_memory
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
-from semid_dist.shuffle import Split, read_bucket, split_file
+from semid_dist.shuffle import Split, read_bucket, split_files
 
 STAGING = "_staging"
 
@@ -477,13 +477,14 @@ def _item_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
     return id_buckets(rows.column("item_id"), buckets)
 
 
-def drift_split(root: str, table: str, path: str, buckets: int, out_url: str) -> Split:
-    """Split a data part (a path inside the table's filesystem) by item-id bucket into
-    `out_url` (columns item_id, codes, sid, sid_layers, suffix; `shuffle.split_file`)."""
+def drift_split(root: str, table: str, paths: list[str], buckets: int, out_url: str
+                ) -> Split:
+    """Split a group of data parts (paths inside the table's filesystem) by item-id bucket
+    into `out_url` (columns item_id, codes, sid, sid_layers, suffix; `shuffle.split_files`)."""
     from semid_dist.codes.drift import DRIFT_COLUMNS
 
-    return split_file(TableStore(root, table).fs, path, DRIFT_COLUMNS, _item_buckets, buckets,
-                      out_url)
+    return split_files(TableStore(root, table).fs, paths, DRIFT_COLUMNS, _item_buckets,
+                       buckets, out_url)
 
 
 def drift_bucket(root: str, table: str, old: list[Split], new: list[Split],
@@ -529,11 +530,11 @@ def _sid_buckets(rows: pa.Table, buckets: int, *, width: int) -> np.ndarray:
     return sid_bucket(_padded_tokens(rows.column("sid_tokens"), width), buckets)
 
 
-def sid_items_split(ctx: JobContext, path: str, buckets: int, out_url: str) -> Split:
-    """Split a data part (a path inside the table's filesystem) by SID hash bucket into
-    `out_url` (columns item_id, sid_tokens, suffix; `shuffle.split_file`)."""
-    return split_file(ctx.store().fs, path, SID_ITEMS_COLUMNS,
-                      functools.partial(_sid_buckets, width=len(ctx.sizes)), buckets, out_url)
+def sid_items_split(ctx: JobContext, paths: list[str], buckets: int, out_url: str) -> Split:
+    """Split a group of data parts (paths inside the table's filesystem) by SID hash bucket
+    into `out_url` (columns item_id, sid_tokens, suffix; `shuffle.split_files`)."""
+    return split_files(ctx.store().fs, paths, SID_ITEMS_COLUMNS,
+                       functools.partial(_sid_buckets, width=len(ctx.sizes)), buckets, out_url)
 
 
 def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:

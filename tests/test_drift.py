@@ -193,7 +193,7 @@ def test_drift_buckets_run_through_an_engine_map(root):
     rng = np.random.default_rng(3)
     store = TableStore(root, "sids")
     t = random_version(rng, np.arange(300), (4, 4))
-    v1 = commit_parts(store, [t])
+    v1 = commit_parts(store, [t.slice(i, 50) for i in range(0, 300, 50)])
     v2 = commit_parts(store, [random_version(rng, np.arange(300), (4, 4))], parent=v1)
     calls = []
 
@@ -204,8 +204,9 @@ def test_drift_buckets_run_through_an_engine_map(root):
             return [fn(*item) for item in items]
 
     res = version_drift(store, v1, v2, engine=Recorder(), buckets=4)
-    # each version's one data part is split by bucket once, then 4 bucket tasks
-    assert calls == [("drift_split", 2), ("drift_bucket", 4)]
+    # 4 buckets of 150 rows: the first version's six parts of 50 rows are split in two
+    # groups of three, the second version's one part alone; then 4 bucket tasks
+    assert calls == [("drift_split", 3), ("drift_bucket", 4)]
     assert res == version_drift(store, v1, v2, buckets=1) | {"buckets": 4}
     scratch = f"{store.base}/_scratch"
     assert not store.fs.exists(scratch) or store.fs.find(scratch) == []  # split files removed

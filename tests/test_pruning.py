@@ -211,4 +211,10 @@ def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
     assert len(split) == 3
     assert sum(len(pq.read_table(store.entry_path(vid, e))) for e in split) == len(want)
     assert lookup(split) == want
+    # buckets of two parts' rows: each split task reads a group of parts
+    rows = max(e.rows for e in data)
+    grouped = sid_items_lookup(LocalEngine(small_config("unused", fitted[2])), ctx, data,
+                               bucket_rows=2 * rows)
+    assert len(grouped) == -(-len(t) // (2 * rows)) > 1
+    assert lookup(grouped) == want
     assert not store.fs.exists(f"{store.version_dir(vid)}/_staging/sid_items")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.io import fs as fsio
-from semid_dist.shuffle import Split, read_bucket, split_file
+from semid_dist.shuffle import Split, group_files, read_bucket, split_files
 
 
 def _by_key(rows: pa.Table, buckets: int) -> np.ndarray:
@@ -42,17 +42,35 @@ def test_each_bucket_holds_its_rows_in_file_order(folder):
         files.append(path)
         tables.append(t)
     buckets = 4
-    splits = [split_file(fs, p, ("key", "row", "tag", "absent"), _by_key, buckets,
-                         f"{base}/split/{i}") for i, p in enumerate(files)]
-    assert all(len(s.offsets) == buckets + 1 for s in splits)
     whole = pa.concat_tables(tables)
-    for b in range(buckets):
-        got = read_bucket(fs, splits, b, ("key", "row", "tag"))
-        assert got.column_names == ["key", "row", "tag"]  # the columns asked for that exist
-        want = whole.filter(pa.array(whole.column("key").to_numpy() % buckets == b))
-        assert got.column("row").to_pylist() == want.column("row").to_pylist()
-        assert got.column("tag").to_pylist() == want.column("tag").to_pylist()
+    # one split per file, and the files in groups (the first two together)
+    for name, groups in (("each", [[p] for p in files]), ("grouped", [files[:2], files[2:]])):
+        splits = [split_files(fs, g, ("key", "row", "tag", "absent"), _by_key, buckets,
+                              f"{base}/{name}/{i}") for i, g in enumerate(groups)]
+        assert len(splits) == len(groups)
+        assert all(len(s.offsets) == buckets + 1 for s in splits)
+        for b in range(buckets):
+            got = read_bucket(fs, splits, b, ("key", "row", "tag"))
+            assert got.column_names == ["key", "row", "tag"]  # the columns that exist
+            want = whole.filter(pa.array(whole.column("key").to_numpy() % buckets == b))
+            assert got.column("row").to_pylist() == want.column("row").to_pylist()
+            assert got.column("tag").to_pylist() == want.column("tag").to_pylist()
     # a file not split is all of bucket 0, read with the columns asked for
     plain = read_bucket(fs, [Split(p) for p in files], 0, ("row", "key"))
     assert plain.column_names == ["row", "key"] and plain.equals(whole.select(["row", "key"]))
     assert read_bucket(fs, [], 0, ("row",)) is None
+
+
+def test_files_are_grouped_in_order_up_to_the_target_rows():
+    paths = [f"p{i}" for i in range(7)]
+    rows = [300, 300, 500, 1500, 0, 100, 999]
+    groups = group_files(paths, rows, 1000)
+    assert [p for g in groups for p in g] == paths  # every file once, in order
+    assert groups == [["p0", "p1"], ["p2"], ["p3"], ["p4", "p5"], ["p6"]]
+    # no group holds more than the target unless it is one file; no two neighbours fit in one
+    sizes = [sum(rows[paths.index(p)] for p in g) for g in groups]
+    assert all(n <= 1000 or len(g) == 1 for n, g in zip(sizes, groups))
+    assert all(a + b > 1000 for a, b in zip(sizes, sizes[1:]))
+    assert group_files(paths, rows, 10**9) == [paths]
+    assert group_files(paths, rows, 1) == [[p] for p in paths]
+    assert group_files([], [], 10) == []

@@ -228,8 +228,12 @@ class TableStore:
 
     def part_paths(self, version: str | None, kind: str = "data") -> list[str]:
         """Paths (inside `self.fs`) of the `kind` files of a committed version."""
+        return [path for path, _ in self.part_rows(version, kind)]
+
+    def part_rows(self, version: str | None, kind: str = "data") -> list[tuple[str, int]]:
+        """(path inside `self.fs`, rows) of each `kind` file of a committed version."""
         vid = self.resolve(version)
-        return [fsio.join(self.version_dir(e.get("version") or vid), e["path"])
+        return [(fsio.join(self.version_dir(e.get("version") or vid), e["path"]), e["rows"])
                 for e in self.manifest(vid)["files"] if e["path"].startswith(kind + "/")]
 
     def commit(self, version_id: str, manifest: dict[str, Any], files: list[FileEntry]) -> bool:
