@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from semid_dist import shuffle
@@ -72,27 +72,47 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     n = buckets or drift_buckets(sum(r for _, r in old_parts + new_parts))
     mapper = engine or InProcess()
     if n == 1:
-        old, new = ([Split(p) for p, _ in parts] for parts in (old_parts, new_parts))
+        old = [Split(p) for p, _ in old_parts]
+        new = [Split(p) for p, _ in new_parts]
         counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, 0)]))
-        return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
-    # one split task per group of parts of about a bucket's rows (both versions' rows)
-    target = max(1, -(-sum(r for _, r in old_parts + new_parts) // n))
-    old_groups, new_groups = (shuffle.group_files([p for p, _ in parts], [r for _, r in parts],
-                                                  target) for parts in (old_parts, new_parts))
-    with contextlib.ExitStack() as stack:
-        if scratch is None and engine is None:
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="semid-drift-"))
-        else:
-            folder = scratch or f"{store.url}/{SCRATCH}/drift-{uuid.uuid4().hex[:12]}"
-            stack.callback(shuffle.remove, folder)
-        splits = mapper.map(drift_split, [
-            (store.root, store.table, g, n, f"{folder}/{side}-{i:06d}")
-            for side, groups in (("from", old_groups), ("to", new_groups))
-            for i, g in enumerate(groups)])
-        old, new = splits[:len(old_groups)], splits[len(old_groups):]
-        tasks = [(store.root, store.table, old, new, b) for b in range(n)]
-        counts = merge_drift(mapper.map(drift_bucket, tasks))
+    else:
+        with _scratch_folder(store, scratch, in_process=engine is None) as folder:
+            old, new = _split_versions(mapper, store, old_parts, new_parts, n, folder)
+            counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, b)
+                                                           for b in range(n)]))
     return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
+
+
+@contextlib.contextmanager
+def _scratch_folder(store: TableStore, scratch: str | None, *, in_process: bool
+                    ) -> Iterator[str]:
+    """The folder URL for the split files (see `version_drift`), removed when done."""
+    if scratch is None and in_process:
+        with tempfile.TemporaryDirectory(prefix="semid-drift-") as folder:
+            yield folder
+        return
+    folder = scratch or f"{store.url}/{SCRATCH}/drift-{uuid.uuid4().hex[:12]}"
+    try:
+        yield folder
+    finally:
+        shuffle.remove(folder)
+
+
+def _split_versions(mapper: Mapper, store: TableStore, old_parts: list[tuple[str, int]],
+                    new_parts: list[tuple[str, int]], buckets: int, folder: str
+                    ) -> tuple[list[Split], list[Split]]:
+    """Both versions' data parts ((path, rows) each) split by item-id bucket into `folder`:
+    one task per group of consecutive parts of one version holding about a bucket's rows."""
+    target = max(1, -(-sum(r for _, r in old_parts + new_parts) // buckets))
+    old_groups = shuffle.group_files([p for p, _ in old_parts], [r for _, r in old_parts],
+                                     target_rows=target)
+    new_groups = shuffle.group_files([p for p, _ in new_parts], [r for _, r in new_parts],
+                                     target_rows=target)
+    splits = mapper.map(drift_split, [
+        (store.root, store.table, group, buckets, f"{folder}/{side}-{i:06d}")
+        for side, groups in (("from", old_groups), ("to", new_groups))
+        for i, group in enumerate(groups)])
+    return splits[:len(old_groups)], splits[len(old_groups):]
 
 
 def parent_drift(engine: Mapper, store: TableStore, parent: str | None, vid: str,

@@ -119,7 +119,7 @@ def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
     if buckets == 1:
         return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
     scratch = f"{store.version_url(ctx.version_id)}/{STAGING}/sid_items"
-    groups = shuffle.group_files(paths, [n for _, n in parts], bucket_rows)
+    groups = shuffle.group_files(paths, [n for _, n in parts], target_rows=bucket_rows)
     try:
         splits = engine.map(sid_items_split, [(ctx, g, buckets, f"{scratch}/{i:06d}")
                                               for i, g in enumerate(groups)])

@@ -12,9 +12,10 @@ group, no Parquet footer to parse. Grouping keeps the reads few and large on an 
 store: G groups make G x B reads, against one per data part and bucket. The scratch folder
 is any URL the tasks can reach; it need not be on the data's filesystem.
 
-Rows keep their file's order inside a bucket, and a bucket's streams are read in the order
-of the files, so a bucket holds the same rows in the same order as a filter of the files
-read one after the other.
+Rows keep their file's order inside a bucket, a bucket's stream in a split file holds one
+record batch per file in the group's order, and a bucket's streams are read in the order of
+the groups, so a bucket holds the same rows in the same order as a filter of the files read
+one after the other.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
         return pf.read(columns=present)
 
 
-def group_files(paths: Sequence[str], rows: Sequence[int], target_rows: int
+def group_files(paths: Sequence[str], rows: Sequence[int], *, target_rows: int
                 ) -> list[list[str]]:
     """Consecutive runs of `paths` (in order) of at most `target_rows` rows together (a file
-    of more rows is a group of its own), for one split task each."""
+    of more rows is a group of its own; a file of no rows joins the group before it), for
+    one split task each."""
     groups: list[list[str]] = []
-    held = target_rows
+    held = 0
     for path, n in zip(paths, rows, strict=True):
-        if not groups or held + n > target_rows:
+        if not groups or (n > 0 and held + n > target_rows):
             groups.append([])
             held = 0
         groups[-1].append(path)
@@ -72,6 +74,8 @@ def split_files(fs, paths: Sequence[str], columns: Sequence[str], bucket_of: Buc
     the split. Each file is sorted by bucket on its own (a sort and gather of one part stays
     in cache; of a whole group it runs ~1.5x slower), and a bucket's stream holds one record
     batch per file."""
+    if not paths:
+        raise ValueError("split_files needs at least one file")
     sorted_parts = []
     for path in paths:
         t = read_columns(fs, path, columns)

@@ -212,9 +212,21 @@ def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
     assert sum(len(pq.read_table(store.entry_path(vid, e))) for e in split) == len(want)
     assert lookup(split) == want
     # buckets of two parts' rows: each split task reads a group of parts
+    calls = []
+
+    class Recording(LocalEngine):
+        def map(self, fn, items):
+            items = list(items)
+            calls.append((fn.__name__, [len(item[1]) for item in items]))
+            return super().map(fn, items)
+
     rows = max(e.rows for e in data)
-    grouped = sid_items_lookup(LocalEngine(small_config("unused", fitted[2])), ctx, data,
+    grouped = sid_items_lookup(Recording(small_config("unused", fitted[2])), ctx, data,
                                bucket_rows=2 * rows)
     assert len(grouped) == -(-len(t) // (2 * rows)) > 1
+    name, group_sizes = calls[0]
+    assert name == "sid_items_split" and sum(group_sizes) == len(data)
+    assert len(group_sizes) < len(data) and max(group_sizes) > 1
+    assert sum(len(pq.read_table(store.entry_path(vid, e))) for e in grouped) == len(want)
     assert lookup(grouped) == want
     assert not store.fs.exists(f"{store.version_dir(vid)}/_staging/sid_items")

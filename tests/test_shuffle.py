@@ -43,8 +43,10 @@ def test_each_bucket_holds_its_rows_in_file_order(folder):
         tables.append(t)
     buckets = 4
     whole = pa.concat_tables(tables)
-    # one split per file, and the files in groups (the first two together)
-    for name, groups in (("each", [[p] for p in files]), ("grouped", [files[:2], files[2:]])):
+    # one split per file, and the files in groups: the empty file last, first, or in the
+    # middle of a group (a bucket's stream then holds a batch per file, in file order)
+    for name, groups in (("each", [[p] for p in files]), ("first two", [files[:2], files[2:]]),
+                         ("last two", [files[:1], files[1:]]), ("all", [files])):
         splits = [split_files(fs, g, ("key", "row", "tag", "absent"), _by_key, buckets,
                               f"{base}/{name}/{i}") for i, g in enumerate(groups)]
         assert len(splits) == len(groups)
@@ -64,13 +66,23 @@ def test_each_bucket_holds_its_rows_in_file_order(folder):
 def test_files_are_grouped_in_order_up_to_the_target_rows():
     paths = [f"p{i}" for i in range(7)]
     rows = [300, 300, 500, 1500, 0, 100, 999]
-    groups = group_files(paths, rows, 1000)
+    groups = group_files(paths, rows, target_rows=1000)
     assert [p for g in groups for p in g] == paths  # every file once, in order
-    assert groups == [["p0", "p1"], ["p2"], ["p3"], ["p4", "p5"], ["p6"]]
-    # no group holds more than the target unless it is one file; no two neighbours fit in one
+    # p3 is over the target on its own; the empty p4 joins it rather than open a group
+    assert groups == [["p0", "p1"], ["p2"], ["p3", "p4"], ["p5"], ["p6"]]
+    # no group holds more than the target unless one file does; no two neighbours fit in one
     sizes = [sum(rows[paths.index(p)] for p in g) for g in groups]
-    assert all(n <= 1000 or len(g) == 1 for n, g in zip(sizes, groups))
+    assert all(n <= 1000 or sum(rows[paths.index(p)] > 0 for p in g) == 1
+               for n, g in zip(sizes, groups))
     assert all(a + b > 1000 for a, b in zip(sizes, sizes[1:]))
-    assert group_files(paths, rows, 10**9) == [paths]
-    assert group_files(paths, rows, 1) == [[p] for p in paths]
-    assert group_files([], [], 10) == []
+    assert group_files(paths, rows, target_rows=10**9) == [paths]
+    assert group_files(paths, rows, target_rows=1) == [["p0"], ["p1"], ["p2"], ["p3", "p4"],
+                                                       ["p5"], ["p6"]]
+    assert group_files(["e0", "e1"], [0, 0], target_rows=1) == [["e0", "e1"]]
+    assert group_files([], [], target_rows=10) == []
+
+
+def test_split_files_needs_a_file(tmp_path):
+    fs, base = fsio.resolve(str(tmp_path))
+    with pytest.raises(ValueError, match="at least one file"):
+        split_files(fs, [], ("key",), _by_key, 2, f"{base}/split")
