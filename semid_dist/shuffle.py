@@ -71,9 +71,8 @@ def split_files(fs, paths: Sequence[str], columns: Sequence[str], bucket_of: Buc
                 buckets: int, out_url: str) -> Split:
     """Read `columns` of the Parquet files at `paths` (in `fs`, rows in their order) and
     write them to the URL `out_url`, split into `buckets` streams by `bucket_of`. Returns
-    the split. Each file is sorted by bucket on its own (a sort and gather of one part stays
-    in cache; of a whole group it runs ~1.5x slower), and a bucket's stream holds one record
-    batch per file."""
+    the split. Each file is sorted by bucket on its own (the sort and gather work on one
+    part's rows at a time), and a bucket's stream holds one record batch per file."""
     if not paths:
         raise ValueError("split_files needs at least one file")
     sorted_parts = []
