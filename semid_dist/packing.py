@@ -1,5 +1,5 @@
-"""Raw array bundles: a JSON header and the arrays' bytes, for data that workers hand to the
-driver and stage for a resumed run (a shard's result and statistics).
+"""Raw array bundles: a JSON header and the arrays' bytes, for what encode workers stage for
+the driver and for a resumed run (a shard's result and statistics).
 
 An encode shard's statistics hold up to ~10 MB of float64 sums. As npz they were zipped
 twice (the statistics, then the shard result holding them), each a growing in-memory

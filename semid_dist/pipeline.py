@@ -54,6 +54,7 @@ from semid_dist.stages import (
     find_duplicates,
     first_copy_rejects,
     load_shard_results,
+    load_shard_statistics,
     sample_rows,
     scan_keys,
     sid_items_bucket,
@@ -342,19 +343,22 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
     reason). Sets timings["encode_first_shard_s"]: seconds until the engine's first shard
     result (its start-up plus one shard; the rest of the stage is its steady pace).
 
-    Shard statistics are merged as they arrive, in shard order (results that come early wait
-    for their turn), so memory holds O(log shards) partials rather than one per shard, and
-    the merge is the same on every engine whatever order its shards finish in. With a head /
-    tail split a shard sends only those two, and the whole catalog's statistics are the merge
-    of the merged head and the merged tail."""
+    Shard statistics are merged in shard order as results arrive (results that come early
+    wait for their turn), so the merge is the same on every engine whatever order its shards
+    finish in. An engine carries a shard's counts only; its statistics are read from the
+    shard's staged result at its turn, so memory holds O(log shards) partials, however many
+    results wait or however many an engine collects at once. With a head / tail split a
+    shard stages only those two, and the whole catalog's statistics are the merge of the
+    merged head and the merged tail."""
     merged = {part: StreamMerge() for part in PARTS}
-    waiting: dict[int, dict[str, Partial]] = {}
+    waiting: set[int] = set()
     order = iter(sorted(s.index for s in plan.shards))
     turn = next(order, None)
     counts = {"input": 0, "encoded": 0, "rejected": 0}
     rejects: list[FileEntry] = []
     reasons: Counter[str] = Counter()
-    done = load_shard_results(ctx.store(), ctx.version_id)
+    store = ctx.store()
+    done = load_shard_results(store, ctx.version_id)
     todo = [s for s in plan.shards if s.index not in done]
     if done:
         log(f"encode: {len(done)} shards done by the interrupted run, {len(todo)} to go")
@@ -370,12 +374,14 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
             yield res
 
     for i, res in enumerate(results(), 1):
-        # a shard split into head and tail sends those two; "all" is their merge (below)
-        parts = ("head", "tail") if PARTS["head"] in res else ("all",)
-        waiting[res["index"]] = {part: Partial.from_bytes(res[PARTS[part]]) for part in parts}
+        waiting.add(res["index"])
         while turn in waiting:
-            for part, partial in waiting.pop(turn).items():
-                merged[part].push(partial)
+            waiting.remove(turn)
+            # a shard split into head and tail stages those two; "all" is their merge (below)
+            stats = load_shard_statistics(store, ctx.version_id, turn)
+            for part, name in PARTS.items():
+                if name in stats:
+                    merged[part].push(Partial.from_bytes(stats.pop(name)))
             turn = next(order, None)
         counts["input"] += res["rows"]
         counts["encoded"] += res["encoded"]

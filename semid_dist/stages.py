@@ -24,6 +24,7 @@ from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reas
 from semid_dist.codes.keyset import unique_rows
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
+from semid_dist.errors import SemidError
 from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
@@ -183,7 +184,7 @@ def load_codebooks(ctx: JobContext) -> list[np.ndarray]:
 
 class EncodeWorker:
     """Loads the quantizer once, then encodes whole shards: validate -> encode -> stage codes,
-    write rejects, return counts and the shard's mergeable statistics."""
+    write rejects, stage the shard's mergeable statistics with its counts, return the counts."""
 
     def __init__(self, ctx: JobContext) -> None:
         if ctx.reuse_memory:
@@ -232,7 +233,9 @@ class EncodeWorker:
                 enc.codes, enc.sq_residual, batch.x, ctx.sizes,
                 quality_depth=ctx.quality_depth).pack()
         save_shard_result(self.store, ctx.version_id, result)
-        return result
+        # the statistics stay in the staged result (read back by `load_shard_statistics`):
+        # the engine carries counts only, so its blocks and the driver hold no shard's sums
+        return {k: v for k, v in result.items() if k not in _BLOBS}
 
 
 _WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process
@@ -248,7 +251,7 @@ def job_worker(job: str, ctx: JobContext) -> EncodeWorker:
     return _WORKERS[job]
 
 
-_BLOBS = ("partial", "partial_head", "partial_tail")
+_BLOBS = ("partial", "partial_head", "partial_tail")  # a shard result's statistics
 
 
 def _result_path(index: int) -> str:
@@ -280,10 +283,34 @@ def _shard_result(data: bytes) -> dict[str, Any]:
     return result
 
 
+def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dict[str, bytes]:
+    """The statistics of finished shard `index` ({"partial"} or {"partial_head",
+    "partial_tail"}: packed `Partial`s), from its staged result. Raises SemidError naming
+    the file when it is gone or damaged."""
+    folder = fsio.join(store.version_dir(version_id), STAGING)
+    path = fsio.join(store.version_dir(version_id), _result_path(index))
+    # a worker wrote the file after this process listed the folder (s3fs sizes a file from
+    # its cached listing before reading it)
+    store.fs.invalidate_cache(folder)
+    try:
+        try:
+            data = store.fs.cat_file(path)
+        except FileNotFoundError:  # the npz of a run killed before results were bundles
+            path = path.removesuffix(".bin") + ".npz"
+            data = store.fs.cat_file(path)
+        result = _shard_result(data)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise SemidError(f"encode: the staged result of shard {index} ({fsio.redact_url(path)}) "
+                         f"cannot be read ({exc}); nothing was committed. Re-run the build: it "
+                         "encodes that shard again and reuses the others") from None
+    return {k: result[k] for k in _BLOBS if k in result}
+
+
 def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:
-    """The persisted results of the shards a (killed) run of this version finished. A result
-    file that does not parse (damaged after it was written) counts as not finished: its
-    shard is encoded again, which rewrites it."""
+    """The persisted results of the shards a (killed) run of this version finished, counts
+    only (`load_shard_statistics` reads a shard's statistics). A result file that does not
+    parse (damaged after it was written) counts as not finished: its shard is encoded
+    again, which rewrites it."""
     folder = fsio.join(store.version_dir(version_id), STAGING)
     if not store.fs.exists(folder):
         return {}
@@ -295,7 +322,7 @@ def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str
                 result = _shard_result(store.fs.cat_file(path))
             except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 continue
-            out[int(result["index"])] = result
+            out[int(result["index"])] = {k: v for k, v in result.items() if k not in _BLOBS}
     return out
 
 

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from semid_dist import packing
+from semid_dist.errors import SemidError
 from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.stages import STAGING, load_shard_results, save_shard_result
+from semid_dist.stages import (
+    STAGING,
+    load_shard_results,
+    load_shard_statistics,
+    save_shard_result,
+)
 
 
 def test_bundle_round_trip_keeps_dtype_shape_and_values():
@@ -71,6 +77,11 @@ def _result(index: int) -> dict:
             "partial_head": rng.bytes(1001), "partial_tail": rng.bytes(77)}
 
 
+def _counts(result: dict) -> dict:
+    """A staged result as `load_shard_results` gives it: without the statistics."""
+    return {k: v for k, v in result.items() if not k.startswith("partial")}
+
+
 def test_staged_results_round_trip_on_a_real_filesystem(tmp_path):
     store = TableStore(str(tmp_path), "t")
     want = {i: _result(i) for i in (0, 3)}
@@ -81,8 +92,11 @@ def test_staged_results_round_trip_on_a_real_filesystem(tmp_path):
         save_shard_result(store, "v1", result)
     assert sorted(p.name for p in (tmp_path / "t/versions/v1" / STAGING).iterdir()) == [
         "result-000000.bin", "result-000003.bin", "result-000005.bin"]
-    assert load_shard_results(store, "v1") == want
+    assert load_shard_results(store, "v1") == {i: _counts(r) for i, r in want.items()}
     assert load_shard_results(store, "v2") == {}
+    for i, result in want.items():
+        assert load_shard_statistics(store, "v1", i) == {
+            k: v for k, v in result.items() if k.startswith("partial")}
 
 
 def test_staged_npz_result_of_an_earlier_run_is_still_read(tmp_path):
@@ -97,7 +111,9 @@ def test_staged_npz_result_of_an_earlier_run_is_still_read(tmp_path):
              partial_tail=np.frombuffer(old["partial_tail"], np.uint8))
     store.write_file("v1", f"{STAGING}/result-000007.npz", buf.getvalue())
     save_shard_result(store, "v1", _result(8))
-    assert load_shard_results(store, "v1") == {7: old, 8: _result(8)}
+    assert load_shard_results(store, "v1") == {7: _counts(old), 8: _counts(_result(8))}
+    assert load_shard_statistics(store, "v1", 7) == {
+        "partial_head": old["partial_head"], "partial_tail": old["partial_tail"]}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -110,4 +126,10 @@ def test_damaged_staged_result_counts_as_not_finished(tmp_path, damage):
     data = path.read_bytes()
     path.write_bytes({"truncated": data[:-40], "garbage": b"PK\x03\x04" + data[4:200],
                       "empty": b""}[damage])
-    assert load_shard_results(store, "v1") == {1: _result(1)}
+    assert load_shard_results(store, "v1") == {1: _counts(_result(1))}
+    # the driver, reading the shard's statistics at its turn, names the file and the way out
+    with pytest.raises(SemidError, match=r"shard 2 \(.*result-000002.bin\) cannot be read.*"
+                                         r"Re-run the build"):
+        load_shard_statistics(store, "v1", 2)
+    with pytest.raises(SemidError, match="shard 3 .* cannot be read"):
+        load_shard_statistics(store, "v1", 3)

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import pytest
 
 from semid_dist.cli import main
 from semid_dist.codes.metrics import head_threshold
-from semid_dist.errors import ConfigError, InputError
+from semid_dist.engines.local import LocalEngine
+from semid_dist.errors import ConfigError, InputError, SemidError
+from semid_dist.io import fs as fsio
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build, choose_sample
 from semid_dist.quantize import decode
-from semid_dist.stages import JobContext, load_codebooks
+from semid_dist.stages import STAGING, JobContext, load_codebooks
 from tests.conftest import REPO, clustered, small_config, write_catalog
 
 
@@ -317,3 +320,52 @@ def test_every_catalog_file_schema_is_checked_before_running(small_catalog, tmp_
     with pytest.raises(InputError, match=r"part-999\.parquet: column 'embedding' has type"):
         build(small_config(str(mixed), root), log=quiet)
     assert not Path(root).exists() or TableStore(root, "sids").latest() is None
+
+
+class _Carrying(LocalEngine):
+    """The local engine, recording what its encode hands the driver; `lose` deletes a
+    finished shard's staged result before the driver's turn for it comes."""
+
+    def __init__(self, cfg, log=print, *, lose: int | None = None) -> None:
+        super().__init__(cfg, log)
+        self.results: list[dict] = []
+        self.lose = lose
+
+    def encode(self, ctx, shards):
+        for res in super().encode(ctx, shards):
+            self.results.append(res)
+            if res["index"] == self.lose:
+                ctx.store().fs.rm(fsio.join(ctx.store().version_dir(ctx.version_id),
+                                            f"{STAGING}/result-{self.lose:06d}.bin"))
+            yield res
+
+
+def test_engines_carry_shard_counts_and_the_driver_reads_statistics_from_staging(
+        small_catalog, root, monkeypatch):
+    """A shard's statistics do not travel through the engine (Ray Data blocks, a Spark
+    collect): the driver reads them from the shard's staged result at its turn. A result
+    lost before then fails the build with a named error, and `_latest` stays put."""
+    catalog, x = small_catalog
+    cfg = small_config(catalog, root, input__popularity_column="popularity")
+    engines = []
+
+    def make(cfg, log=print, lose=None):
+        engines.append(_Carrying(cfg, log, lose=lose))
+        return engines[-1]
+
+    monkeypatch.setattr("semid_dist.pipeline.make_engine", make)
+    first = build(cfg, log=quiet)
+    results = engines[-1].results
+    assert sorted(r["index"] for r in results) == list(range(6))  # 500, 500, 200 per file
+    assert all(not any(k.startswith("partial") for k in r) for r in results)
+    assert sum(r["encoded"] for r in results) == len(x) == first.metrics["rows"]["encoded"]
+    # the statistics were merged all the same: both halves of the popularity split
+    assert first.metrics["head"]["items"] + first.metrics["tail"]["items"] == len(x)
+
+    monkeypatch.setattr("semid_dist.pipeline.make_engine",
+                        lambda cfg, log=print: make(cfg, log, lose=3))
+    with pytest.raises(SemidError, match=r"staged result of shard 3 .*cannot be read.*"
+                                         r"nothing was committed"):
+        build(replace(cfg, seed=8), log=quiet)
+    store = TableStore(root, "sids")
+    assert store.latest() == first.version_id

@@ -90,8 +90,8 @@ class Partial:
         return buf.getvalue()
 
     def pack(self) -> bytes:
-        """A raw array bundle (`semid_dist.packing`): the form a shard's statistics take to
-        the driver and to staging, written and read with no zip or CRC pass."""
+        """A raw array bundle (`semid_dist.packing`): the form a shard's statistics are
+        staged in for the driver, written and read with no zip or CRC pass."""
         return packing.pack(self._arrays())
 
     @classmethod

@@ -3,7 +3,7 @@
 An engine decides where the stage functions of `semid_dist.stages` run:
 - `map(fn, items)`: run `fn(*item)` for every item, results in item order;
 - `encode(ctx, shards)`: run `EncodeWorker(ctx)` over the shards (codebooks loaded once per
-  worker), yielding per-shard results in any order;
+  worker), yielding per-shard results (counts; the statistics stay staged) in any order;
 - `fit(sample, init_points, cfg, log)`: fit the codebooks on the in-memory sample.
 """
 

@@ -104,7 +104,8 @@ def _one_stage(ds: Any, tasks: int) -> Any:
       small machine;
     - the downstream-capacity rule lets up to 4 results per task wait for the driver (its
       default, 2 in all, launched no task while the driver folded one shard's statistics
-      in; on 2 cores each encode task then sat idle 0.1-1.2 s between shards)."""
+      in; on 2 cores each encode task then sat idle 0.1-1.2 s between shards; measured when
+      the results still carried the statistics)."""
     ds.context.op_resource_reservation_enabled = False
     ds.context.downstream_capacity_backpressure_ratio = float(4 * tasks)
     return ds
