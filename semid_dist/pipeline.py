@@ -64,7 +64,7 @@ from semid_dist.stages import (
 Log = Callable[[str], None]
 RUN_FILE = "run.json"
 # Statistics parts of a shard result: all items, and the popularity head / tail.
-PARTS = {"all": "partial", "head": "partial_head", "tail": "partial_tail"}
+PARTS = ("all", "head", "tail")
 
 
 @dataclass(frozen=True)
@@ -378,10 +378,8 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
         while turn in waiting:
             waiting.remove(turn)
             # a shard split into head and tail stages those two; "all" is their merge (below)
-            stats = load_shard_statistics(store, ctx.version_id, turn)
-            for part, name in PARTS.items():
-                if name in stats:
-                    merged[part].push(Partial.from_bytes(stats.pop(name)))
+            for part, partial in load_shard_statistics(store, ctx.version_id, turn).items():
+                merged[part].push(partial)
             turn = next(order, None)
         counts["input"] += res["rows"]
         counts["encoded"] += res["encoded"]

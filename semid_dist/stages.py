@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from semid_dist import packing
 from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
 from semid_dist.codes.keyset import unique_rows
-from semid_dist.codes.partials import head_tail_partials, partial_from_batch
+from semid_dist.codes.partials import Partial, head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
 from semid_dist.errors import SemidError
 from semid_dist.faults import die_once
@@ -283,10 +283,10 @@ def _shard_result(data: bytes) -> dict[str, Any]:
     return result
 
 
-def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dict[str, bytes]:
-    """The statistics of finished shard `index` ({"partial"} or {"partial_head",
-    "partial_tail"}: packed `Partial`s), from its staged result. Raises SemidError naming
-    the file when it is gone or damaged."""
+def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dict[str, Partial]:
+    """The statistics of finished shard `index` ({"all"} or {"head", "tail"}), from its staged
+    result. Raises SemidError naming the file when it is gone, does not parse, or holds no
+    statistics."""
     folder = fsio.join(store.version_dir(version_id), STAGING)
     path = fsio.join(store.version_dir(version_id), _result_path(index))
     # a worker wrote the file after this process listed the folder (s3fs sizes a file from
@@ -296,14 +296,20 @@ def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dic
         try:
             data = store.fs.cat_file(path)
         except FileNotFoundError:  # the npz of a run killed before results were bundles
-            path = path.removesuffix(".bin") + ".npz"
-            data = store.fs.cat_file(path)
-        result = _shard_result(data)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            legacy = path.removesuffix(".bin") + ".npz"
+            if not store.fs.exists(legacy):
+                raise
+            path, data = legacy, store.fs.cat_file(legacy)
+        blobs = _shard_result(data)
+        if "partial" in blobs:
+            return {"all": Partial.from_bytes(blobs["partial"])}
+        return {"head": Partial.from_bytes(blobs["partial_head"]),
+                "tail": Partial.from_bytes(blobs["partial_tail"])}
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise SemidError(f"encode: the staged result of shard {index} ({fsio.redact_url(path)}) "
-                         f"cannot be read ({exc}); nothing was committed. Re-run the build: it "
-                         "encodes that shard again and reuses the others") from None
-    return {k: result[k] for k in _BLOBS if k in result}
+                         f"cannot be read ({type(exc).__name__}: {exc}); nothing was committed. "
+                         "Re-run the build: it reuses the finished shards and encodes this one "
+                         "again if its file is gone or does not parse") from exc
 
 
 def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from semid_dist import packing
+from semid_dist.codes.partials import partial_from_batch
 from semid_dist.errors import SemidError
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.stages import (
@@ -69,12 +70,25 @@ def test_bundle_rejects_objects_and_bad_data():
         packing.unpack(data[:30])
 
 
+def _packed_partial(rng: np.random.Generator, n: int) -> bytes:
+    """The packed statistics of n random items, 3 x 4 codes, d = 5."""
+    codes = rng.integers(0, 4, size=(n, 3)).astype(np.int32)
+    return partial_from_batch(codes, rng.random((n, 3), dtype=np.float32),
+                              rng.standard_normal((n, 5)).astype(np.float32), (4, 4, 4),
+                              quality_depth=2).pack()
+
+
 def _result(index: int) -> dict:
     rng = np.random.default_rng(index)
     return {"index": index, "rows": 100 + index, "encoded": 98, "rejected": 2,
             "rejects_file": FileEntry(f"rejects/part-{index}.parquet", 2, 345, "ab" * 32),
             "reasons": json.dumps({"null embedding": 2}),
-            "partial_head": rng.bytes(1001), "partial_tail": rng.bytes(77)}
+            "partial_head": _packed_partial(rng, 30), "partial_tail": _packed_partial(rng, 68)}
+
+
+def _statistics(store: TableStore, index: int) -> dict[str, bytes]:
+    """A shard's statistics as the driver reads them, packed again to compare bytes."""
+    return {part: p.pack() for part, p in load_shard_statistics(store, "v1", index).items()}
 
 
 def _counts(result: dict) -> dict:
@@ -87,16 +101,18 @@ def test_staged_results_round_trip_on_a_real_filesystem(tmp_path):
     want = {i: _result(i) for i in (0, 3)}
     want[5] = {**_result(5), "rejects_file": None}
     del want[5]["partial_head"], want[5]["partial_tail"]
-    want[5]["partial"] = b"\x00" * 17
+    want[5]["partial"] = _packed_partial(np.random.default_rng(5), 98)
     for result in want.values():
         save_shard_result(store, "v1", result)
     assert sorted(p.name for p in (tmp_path / "t/versions/v1" / STAGING).iterdir()) == [
         "result-000000.bin", "result-000003.bin", "result-000005.bin"]
     assert load_shard_results(store, "v1") == {i: _counts(r) for i, r in want.items()}
     assert load_shard_results(store, "v2") == {}
-    for i, result in want.items():
-        assert load_shard_statistics(store, "v1", i) == {
-            k: v for k, v in result.items() if k.startswith("partial")}
+    for i in (0, 3):
+        assert _statistics(store, i) == {"head": want[i]["partial_head"],
+                                         "tail": want[i]["partial_tail"]}
+    assert _statistics(store, 5) == {"all": want[5]["partial"]}
+    assert load_shard_statistics(store, "v1", 5)["all"].n == 98
 
 
 def test_staged_npz_result_of_an_earlier_run_is_still_read(tmp_path):
@@ -112,8 +128,7 @@ def test_staged_npz_result_of_an_earlier_run_is_still_read(tmp_path):
     store.write_file("v1", f"{STAGING}/result-000007.npz", buf.getvalue())
     save_shard_result(store, "v1", _result(8))
     assert load_shard_results(store, "v1") == {7: _counts(old), 8: _counts(_result(8))}
-    assert load_shard_statistics(store, "v1", 7) == {
-        "partial_head": old["partial_head"], "partial_tail": old["partial_tail"]}
+    assert _statistics(store, 7) == {"head": old["partial_head"], "tail": old["partial_tail"]}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -131,5 +146,16 @@ def test_damaged_staged_result_counts_as_not_finished(tmp_path, damage):
     with pytest.raises(SemidError, match=r"shard 2 \(.*result-000002.bin\) cannot be read.*"
                                          r"Re-run the build"):
         load_shard_statistics(store, "v1", 2)
-    with pytest.raises(SemidError, match="shard 3 .* cannot be read"):
-        load_shard_statistics(store, "v1", 3)
+    with pytest.raises(SemidError, match=r"shard 3 \(.*result-000003.bin\) cannot be read"):
+        load_shard_statistics(store, "v1", 3)  # never written
+
+
+def test_damaged_statistics_inside_a_readable_result_fail_naming_the_shard(tmp_path):
+    """A result whose bundle parses but whose statistics do not (or that holds none) fails
+    the driver's read with the shard and file named, not a bare error."""
+    store = TableStore(str(tmp_path), "t")
+    save_shard_result(store, "v1", {**_result(1), "partial_tail": b"SIDPACK1" + b"\xff" * 40})
+    save_shard_result(store, "v1", _counts(_result(2)))
+    for index in (1, 2):
+        with pytest.raises(SemidError, match=rf"shard {index} .*result-00000{index}.bin"):
+            load_shard_statistics(store, "v1", index)

@@ -364,7 +364,7 @@ def test_engines_carry_shard_counts_and_the_driver_reads_statistics_from_staging
 
     monkeypatch.setattr("semid_dist.pipeline.make_engine",
                         lambda cfg, log=print: make(cfg, log, lose=3))
-    with pytest.raises(SemidError, match=r"staged result of shard 3 .*cannot be read.*"
+    with pytest.raises(SemidError, match=r"staged result of shard 3 .*result-000003.bin.*"
                                          r"nothing was committed"):
         build(replace(cfg, seed=8), log=quiet)
     store = TableStore(root, "sids")
