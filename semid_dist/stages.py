@@ -7,6 +7,7 @@ plain data, so any engine gives identical outputs for the same shards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -286,7 +287,9 @@ def _shard_result(data: bytes) -> dict[str, Any]:
 def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dict[str, Partial]:
     """The statistics of finished shard `index` ({"all"} or {"head", "tail"}), from its staged
     result. Raises SemidError naming the file when it is gone, does not parse, or holds no
-    statistics."""
+    statistics; such a file is removed first, so a re-run of the build encodes the shard
+    again (a file whose counts parse but whose statistics do not would otherwise count as
+    finished, and every re-run would fail on it)."""
     folder = fsio.join(store.version_dir(version_id), STAGING)
     path = fsio.join(store.version_dir(version_id), _result_path(index))
     # a worker wrote the file after this process listed the folder (s3fs sizes a file from
@@ -306,10 +309,12 @@ def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dic
         return {"head": Partial.from_bytes(blobs["partial_head"]),
                 "tail": Partial.from_bytes(blobs["partial_tail"])}
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        with contextlib.suppress(OSError):  # gone already, or the store is unreachable
+            store.fs.rm(path)
         raise SemidError(f"encode: the staged result of shard {index} ({fsio.redact_url(path)}) "
                          f"cannot be read ({type(exc).__name__}: {exc}); nothing was committed. "
                          "Re-run the build: it reuses the finished shards and encodes this one "
-                         "again if its file is gone or does not parse") from exc
+                         "again") from exc
 
 
 def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:

@@ -369,3 +369,10 @@ def test_engines_carry_shard_counts_and_the_driver_reads_statistics_from_staging
         build(replace(cfg, seed=8), log=quiet)
     store = TableStore(root, "sids")
     assert store.latest() == first.version_id
+    # the re-run resumes that version: it reuses shards 0-2 and encodes shard 3 (its file
+    # was removed) and the two the failed run never reached
+    monkeypatch.setattr("semid_dist.pipeline.make_engine", make)
+    again = build(replace(cfg, seed=8), log=quiet)
+    assert [r["index"] for r in engines[-1].results] == [3, 4, 5]
+    assert store.latest() == again.version_id != first.version_id
+    assert again.metrics["rows"]["encoded"] == len(x)
