@@ -236,7 +236,7 @@ class EncodeWorker:
         save_shard_result(self.store, ctx.version_id, result)
         # the statistics stay in the staged result (read back by `load_shard_statistics`):
         # the engine carries counts only, so its blocks and the driver hold no shard's sums
-        return {k: v for k, v in result.items() if k not in _BLOBS}
+        return _counts(result)
 
 
 _WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process
@@ -255,6 +255,11 @@ def job_worker(job: str, ctx: JobContext) -> EncodeWorker:
 _BLOBS = ("partial", "partial_head", "partial_tail")  # a shard result's statistics
 
 
+def _counts(result: dict[str, Any]) -> dict[str, Any]:
+    """A shard result without its statistics."""
+    return {k: v for k, v in result.items() if k not in _BLOBS}
+
+
 def _result_path(index: int) -> str:
     return f"{STAGING}/result-{index:06d}.bin"
 
@@ -263,7 +268,7 @@ def save_shard_result(store: TableStore, version_id: str, result: dict[str, Any]
     """Persist a finished shard's result (written after its codes and rejects, so its presence
     means the shard is complete): a re-run of a killed build skips the shard. One array
     bundle: the counts as its metadata, the statistics as byte arrays."""
-    meta = {k: v for k, v in result.items() if k not in _BLOBS}
+    meta = _counts(result)
     if meta.get("rejects_file") is not None:
         meta["rejects_file"] = asdict(meta["rejects_file"])
     blobs = {k: np.frombuffer(result[k], dtype=np.uint8) for k in _BLOBS if k in result}
@@ -333,7 +338,7 @@ def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str
                 result = _shard_result(store.fs.cat_file(path))
             except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 continue
-            out[int(result["index"])] = {k: v for k, v in result.items() if k not in _BLOBS}
+            out[int(result["index"])] = _counts(result)
     return out
 
 
