@@ -114,6 +114,7 @@ class PruneConfig:
 class CollisionsConfig:
     max_per_sid: int | None = None  # capacity: overflow items move to a next-best last code
     candidates: int = 8  # last-layer codes kept per item for those moves
+    bucket_rows: int = 1_000_000  # more colliding items are ranked in key ranges this size
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "prune.layer": (0, 63),
     "collisions.max_per_sid": (1, 10**9),
     "collisions.candidates": (2, 256),
+    "collisions.bucket_rows": (1, 10**12),
     "prune.k": (0, 10**7),
     "prune.p": (0.0, 1.0),
     "prune.tau": (0.0, 1.0),

@@ -450,7 +450,8 @@ def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Part
         held=carried.partial if carried else None)
     maybe_die("reduce")
     if carried is None:
-        data_files = finalize_version(engine, ctx, plan, merged["all"], decision, moves)
+        data_files = finalize_version(engine, ctx, plan, merged["all"], decision, moves,
+                                      bucket_rows=cfg.collisions.bucket_rows, log=log)
     else:
         data_files, max_suffix = finalize_incremental(engine, ctx, plan, carried,
                                                       merged["all"], decision, moves)

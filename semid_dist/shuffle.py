@@ -21,8 +21,9 @@ one after the other.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 
 from semid_dist.io import fs as fsio
 
+T = TypeVar("T")
 BucketFn = Callable[[pa.Table, int], np.ndarray]  # (rows, buckets) -> (n,) int64 bucket
 
 
@@ -51,12 +53,12 @@ def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
         return pf.read(columns=present)
 
 
-def group_files(paths: Sequence[str], rows: Sequence[int], *, target_rows: int
-                ) -> list[list[str]]:
-    """Consecutive runs of `paths` (in order) of at most `target_rows` rows together (a file
-    of more rows is a group of its own; a file of no rows joins the group before it), for
-    one split task each."""
-    groups: list[list[str]] = []
+def group_files(paths: Sequence[T], rows: Sequence[int], *, target_rows: int
+                ) -> list[list[T]]:
+    """Consecutive runs of `paths` (in order; files, or any items of `rows` rows each) of at
+    most `target_rows` rows together (a file of more rows is a group of its own; a file of
+    no rows joins the group before it), for one split task each."""
+    groups: list[list[T]] = []
     held = 0
     for path, n in zip(paths, rows, strict=True):
         if not groups or (n > 0 and held + n > target_rows):
@@ -75,13 +77,23 @@ def split_files(fs, paths: Sequence[str], columns: Sequence[str], bucket_of: Buc
     part's rows at a time), and a bucket's stream holds one record batch per file."""
     if not paths:
         raise ValueError("split_files needs at least one file")
+    return split_tables((read_columns(fs, path, columns) for path in paths), bucket_of,
+                        buckets, out_url)
+
+
+def split_tables(tables: Iterable[pa.Table], bucket_of: BucketFn, buckets: int,
+                 out_url: str) -> Split:
+    """`split_files` of tables already in memory (all of one schema, at least one): written
+    to `out_url` as `buckets` streams, a bucket's stream holding one record batch per table
+    in their order."""
     sorted_parts = []
-    for path in paths:
-        t = read_columns(fs, path, columns)
+    for t in tables:
         which = bucket_of(t, buckets)
         order = np.argsort(which, kind="stable")
         sorted_parts.append((t.take(pa.array(order)),
                              np.searchsorted(which[order], np.arange(buckets + 1))))
+    if not sorted_parts:
+        raise ValueError("split_tables needs at least one table")
     schema = sorted_parts[0][0].schema
     sink, offsets = io.BytesIO(), [0]
     for b in range(buckets):
@@ -92,6 +104,12 @@ def split_files(fs, paths: Sequence[str], columns: Sequence[str], bucket_of: Buc
     out_fs, out_path = fsio.resolve(out_url)
     fsio.write_bytes(out_fs, out_path, sink.getvalue())
     return Split(out_url, tuple(offsets))
+
+
+def read_stream(url: str, start: int, end: int) -> pa.Table:
+    """The Arrow IPC stream at bytes start:end of the file at `url` (one bucket of a split)."""
+    fs, path = fsio.resolve(url)
+    return pa.ipc.open_stream(fs.cat_file(path, start=start, end=end)).read_all()
 
 
 def remove(url: str) -> None:
@@ -111,7 +129,5 @@ def read_bucket(fs, splits: Sequence[Split], bucket: int, columns: Sequence[str]
         if s.offsets is None:
             parts.append(read_columns(fs, s.path, columns))
             continue
-        split_fs, path = fsio.resolve(s.path)
-        data = split_fs.cat_file(path, start=s.offsets[bucket], end=s.offsets[bucket + 1])
-        parts.append(pa.ipc.open_stream(data).read_all())
+        parts.append(read_stream(s.path, s.offsets[bucket], s.offsets[bucket + 1]))
     return pa.concat_tables(parts) if parts else None

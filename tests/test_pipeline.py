@@ -172,6 +172,30 @@ def test_collision_suffixes_are_unique_and_ordered(small_catalog, root):
         assert list(order["suffix"]) == list(range(len(g)))
 
 
+@pytest.mark.parametrize("bucket_rows", [30, 1000])
+def test_collisions_ranked_in_key_ranges_match_ranking_on_the_driver(small_catalog, root,
+                                                                     bucket_rows):
+    """More colliding items than collisions.bucket_rows: tasks rank them in key ranges
+    through the version's staging (30: one split task per shard, ranges smaller than some
+    SIDs; 1000: split tasks of two shards) and write the same table."""
+    catalog, _ = small_catalog
+    store = TableStore(root, "sids")
+    whole = build(small_config(catalog, root), log=quiet)
+    t = sorted_table(store, whole.version_id)
+    sids = Counter(map(tuple, t.column("sid").to_pylist()))
+    hot = sum(n for n in sids.values() if n > 1)
+    assert hot > bucket_rows and max(sids.values()) > 30 and max(t["suffix"].to_pylist()) > 0
+    logs: list[str] = []
+    ranged = build(small_config(catalog, root, collisions__bucket_rows=bucket_rows),
+                   log=logs.append)
+    assert sorted_table(store, ranged.version_id).equals(t)
+    ranges = -(-hot // bucket_rows)
+    splits = {30: 6, 1000: 3}[bucket_rows]  # 6 shards: 500 / 500 / 200 rows in each file
+    assert any(f"ranking {hot} colliding items in {ranges} key ranges ({splits} split tasks"
+               in m for m in logs)
+    assert not Path(store.version_dir(ranged.version_id), STAGING).exists()
+
+
 def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(tmp_path, root):
     x = clustered(600, 6, seed=2)
     rows = [list(map(float, r)) for r in x]

@@ -146,7 +146,9 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         "so none is assumed); the fit "
         "uses a fixed-size sample, so its time does not grow with the catalog; the driver's "
         "memory grows linearly with the rows (ids and popularity scanned on the driver, "
-        "distinct SIDs in the reduce; see the README's known limits). Network and object-store "
+        "distinct SIDs in the reduce; see the README's known limits), and the whole measured "
+        "peak is scaled, its fixed part too, so the figure is an upper bound. Network and "
+        "object-store "
         "reads at cluster scale are not modelled.",
         "",
         "| stage | measured here | projected |",
