@@ -114,7 +114,13 @@ class PruneConfig:
 class CollisionsConfig:
     max_per_sid: int | None = None  # capacity: overflow items move to a next-best last code
     candidates: int = 8  # last-layer codes kept per item for those moves
-    bucket_rows: int = 1_000_000  # more colliding items are ranked in key ranges this size
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    # the most rows the driver gathers for one step: more item ids (the duplicate check) or
+    # colliding items (their suffixes) go to engine tasks in buckets of about this many rows
+    gather_rows: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,7 @@ class BuildConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     collisions: CollisionsConfig = field(default_factory=CollisionsConfig)
+    driver: DriverConfig = field(default_factory=DriverConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -210,7 +217,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "prune.layer": (0, 63),
     "collisions.max_per_sid": (1, 10**9),
     "collisions.candidates": (2, 256),
-    "collisions.bucket_rows": (1, 10**12),
+    "driver.gather_rows": (1, 10**12),
     "prune.k": (0, 10**7),
     "prune.p": (0.0, 1.0),
     "prune.tau": (0.0, 1.0),

@@ -1,14 +1,17 @@
-"""Hash-partition the rows of many Parquet files into buckets, through storage.
+"""Partition the rows of many Parquet files (or of tables tasks computed) into buckets,
+through storage.
 
 A job that needs every row of one bucket together (drift: an item's rows of two versions;
-the SID -> items lookup: a SID's items) splits the work into B buckets of about a million
+the SID -> items lookup: a SID's items; the duplicate check: an id's copies; the collision
+suffixes: a SID's colliding items) splits the work into B buckets of about a million
 rows. Reading every file once per bucket reads the data B times, so its time grows with the
 square of the table. Here each file is read once: the files are grouped (`group_files`,
 consecutive files of about as many rows as a bucket), and one task per group
-(`split_files`) reads its files, sorts their rows by bucket and writes them to a scratch
-file as B Arrow IPC streams back to back, returning the streams' byte offsets. A bucket's
-task then reads its stream from every split file (`read_bucket`): one ranged read per
-group, no Parquet footer to parse. Grouping keeps the reads few and large on an object
+(`split_files`; `split_tables` for rows a task computed) reads its files, sorts their rows
+by bucket (a hash, or a key range) and writes them to a scratch file as B Arrow IPC streams
+back to back, returning the streams' byte offsets. A bucket's task then reads its stream
+from every split file (`read_bucket`): one ranged read per group, no Parquet footer to
+parse. Grouping keeps the reads few and large on an object
 store: G groups make G x B reads, against one per data part and bucket. The scratch folder
 is any URL the tasks can reach; it need not be on the data's filesystem.
 

@@ -127,9 +127,21 @@ def first_copy_rejects(id_arrays: list[pa.Array], shards: Sequence[Shard],
     sizes = np.array([len(a) for a in id_arrays], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     chunks = [a for a in id_arrays if len(a)] or [pa.array([], dups.type)]
-    group = pc.index_in(pa.chunked_array(chunks).combine_chunks(), value_set=dups)
+    later, origin = later_copies(pa.chunked_array(chunks).combine_chunks(), dups)
+    later_shard = np.searchsorted(starts, later, side="right") - 1
+    origin_shard = np.searchsorted(starts, origin, side="right") - 1
+    return copy_rejects(shards, later_shard, later - starts[later_shard], origin_shard,
+                        origin - starts[origin_shard])
+
+
+def later_copies(ids: pa.Array, dups: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in `ids` of every copy of an id in `dups` after its first one, ascending,
+    and the position of that id's first copy."""
+    if len(dups) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    group = pc.index_in(ids, value_set=dups)
     held = group.is_valid().to_numpy(zero_copy_only=False)
-    pos = np.flatnonzero(held)  # global row positions, ascending = (shard, row) order
+    pos = np.flatnonzero(held)  # ascending
     g = pc.drop_null(group).to_numpy().astype(np.int64)
     order = np.argsort(g, kind="stable")  # by id, then position
     g, pos = g[order], pos[order]
@@ -139,22 +151,65 @@ def first_copy_rejects(id_arrays: list[pa.Array], shards: Sequence[Shard],
     later = pos[~first]
     origin = first_pos[g[~first]]
     by_pos = np.argsort(later)
-    later, origin = later[by_pos], origin[by_pos]
-    origin_shard = np.searchsorted(starts, origin, side="right") - 1
+    return later[by_pos], origin[by_pos]
+
+
+def copy_rejects(shards: Sequence[Shard], later_shard: np.ndarray, later_row: np.ndarray,
+                 origin_shard: np.ndarray, origin_row: np.ndarray) -> dict[int, pa.Table]:
+    """`first_copy_rejects`' tables from the later copies at (later_shard: position in
+    `shards`, later_row: row inside that shard), in (shard, row) order, whose first copies
+    lie at (origin_shard, origin_row)."""
     paths = np.array([fsio.redact_url(s.path) for s in shards], dtype=object)
     file_rows = np.array([s.row_offset for s in shards], dtype=np.int64)
     reason = pc.binary_join_element_wise(
         "duplicate item_id (first at ", pa.array(paths[origin_shard], pa.string()), ":",
-        pa.array(file_rows[origin_shard] + origin - starts[origin_shard]).cast(pa.string()),
-        ")", "")
-    cuts = np.searchsorted(later, np.concatenate([starts, [sizes.sum()]]))
+        pa.array(file_rows[origin_shard] + origin_row).cast(pa.string()), ")", "")
+    cuts = np.searchsorted(later_shard, np.arange(len(shards) + 1))
     out: dict[int, pa.Table] = {}
     for i, shard in enumerate(shards):
         lo, hi = int(cuts[i]), int(cuts[i + 1])
         if hi > lo:
-            out[shard.index] = pa.table({"offset": later[lo:hi] - starts[i],
+            out[shard.index] = pa.table({"offset": later_row[lo:hi].astype(np.int64),
                                          "reason": reason.slice(lo, hi - lo)})
     return out
+
+
+def _id_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
+    from semid_dist.codes.drift import id_buckets
+
+    return id_buckets(rows.column("id"), buckets)
+
+
+def scan_split(ctx: JobContext, shards: list[tuple[int, Shard]], buckets: int, out_url: str
+               ) -> tuple[Split, np.ndarray | None]:
+    """The scan of a group of shards when the ids are too many for the driver: their
+    non-null ids with shard position `pos` and row inside the shard, written to `out_url`
+    split by id hash bucket (`shuffle.split_tables`). Returns the split and the group's
+    popularity in row order (None without the column)."""
+    tables, popularity = [], []
+    for pos, shard in shards:
+        ids, pop = scan_keys(ctx, shard)
+        valid = ids.is_valid()
+        rows = np.flatnonzero(valid.to_numpy(zero_copy_only=False))
+        tables.append(pa.table({"id": ids.filter(valid),
+                                "pos": np.full(len(rows), pos, dtype=np.int32), "row": rows}))
+        popularity.append(pop)
+    split = split_tables(tables, _id_buckets, buckets, out_url)
+    return split, None if popularity[0] is None else np.concatenate(popularity)
+
+
+def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
+    """Duplicated ids of one hash bucket of the scan (`scan_split`): ids (ascending), rows
+    (how many rows hold them), and every copy after an id's first one in (shard, row) order
+    at (later_shard, later_row) with its first copy at (origin_shard, origin_row)."""
+    rows = pa.concat_tables([read_stream(s.path, s.offsets[bucket], s.offsets[bucket + 1])
+                             for s in splits])
+    ids = rows.column("id").combine_chunks()
+    dups, held = find_duplicates([ids])
+    later, origin = later_copies(ids, dups)  # the rows lie in (shard, row) order
+    pos, row = rows.column("pos").to_numpy(), rows.column("row").to_numpy()
+    return {"ids": dups, "rows": held, "later_shard": pos[later], "later_row": row[later],
+            "origin_shard": pos[origin], "origin_row": row[origin]}
 
 
 def sample_rows(ctx: JobContext, shard: Shard,

@@ -226,6 +226,13 @@ def test_duplicates_reject_every_copy_by_default(tmp_path, root):
     root2 = str(tmp_path / "clean_out")
     ref, _ = committed(root2, build(cfg(clean, root2), log=quiet))
     assert codes_by_id(data).equals(codes_by_id(ref))
+    # more ids than driver.gather_rows: checked by tasks in hash buckets, the same version
+    logs: list[str] = []
+    root3 = str(tmp_path / "bucketed")
+    bucketed, rej3 = committed(root3, build(cfg(cat, root3, driver__gather_rows=100),
+                                            log=logs.append))
+    assert any("checking 600 ids for duplicates in 6 hash buckets" in m for m in logs)
+    assert codes_by_id(bucketed).equals(codes_by_id(data)) and rej3.equals(rej)
 
 
 def test_duplicates_keep_first_keeps_the_first_file_row_copy(tmp_path, root):
@@ -256,6 +263,13 @@ def test_duplicates_keep_first_keeps_the_first_file_row_copy(tmp_path, root):
                  log=quiet)
     again, rej3 = committed(root3, res3)
     assert codes_by_id(again).equals(codes_by_id(data)) and rej3.equals(rej)
+    # ids checked by tasks in 6 hash buckets (split tasks of one 100-row shard or two)
+    for gather in (100, 250):
+        root4 = str(tmp_path / f"bucketed-{gather}")
+        res4 = build(cfg(cat, root4, input__on_duplicate="keep_first", encode__shard_rows=100,
+                         driver__gather_rows=gather), log=quiet)
+        bucketed, rej4 = committed(root4, res4)
+        assert codes_by_id(bucketed).equals(codes_by_id(data)) and rej4.equals(rej)
 
 
 def test_duplicates_fail_policy_and_on_bad_rows_fail(tmp_path, root):
@@ -265,6 +279,9 @@ def test_duplicates_fail_policy_and_on_bad_rows_fail(tmp_path, root):
         build(cfg(cat, root, input__on_duplicate="fail"), log=quiet)
     for i in ("10", "20", "320", "5"):
         assert i in str(exc.value)
+    with pytest.raises(InputError) as bucketed:  # checked in hash buckets: the same error
+        build(cfg(cat, root, input__on_duplicate="fail", driver__gather_rows=100), log=quiet)
+    assert str(bucketed.value) == str(exc.value)
     for policy in ("reject", "keep_first"):  # any rejected row fails under on_bad_rows=fail
         with pytest.raises(InputError, match="occur more than once.*on_bad_rows=fail"):
             build(cfg(cat, root, input__on_duplicate=policy, input__on_bad_rows="fail"),
@@ -356,6 +373,12 @@ def test_string_ids_work_end_to_end(tmp_path, root):
                       encode__from_version="latest"), log=quiet)
     data2, _ = committed(root, again)
     assert codes_by_id(data2).equals(codes_by_id(data))
+    # string ids (one null) checked by tasks in hash buckets: the same rejects
+    root2 = str(tmp_path / "bucketed")
+    res3 = build(cfg(str(path.parent), root2, input__on_duplicate="keep_first",
+                     driver__gather_rows=100), log=quiet)
+    data3, rej3 = committed(root2, res3)
+    assert rej3.equals(rej) and codes_by_id(data3).equals(codes_by_id(data))
 
 
 def test_mixing_integer_and_string_id_files_is_a_clear_error(tmp_path, root):

@@ -175,7 +175,7 @@ def test_collision_suffixes_are_unique_and_ordered(small_catalog, root):
 @pytest.mark.parametrize("bucket_rows", [30, 1000])
 def test_collisions_ranked_in_key_ranges_match_ranking_on_the_driver(small_catalog, root,
                                                                      bucket_rows):
-    """More colliding items than collisions.bucket_rows: tasks rank them in key ranges
+    """More colliding items than driver.gather_rows: tasks rank them in key ranges
     through the version's staging (30: one split task per shard, ranges smaller than some
     SIDs; 1000: split tasks of two shards) and write the same table."""
     catalog, _ = small_catalog
@@ -186,7 +186,7 @@ def test_collisions_ranked_in_key_ranges_match_ranking_on_the_driver(small_catal
     hot = sum(n for n in sids.values() if n > 1)
     assert hot > bucket_rows and max(sids.values()) > 30 and max(t["suffix"].to_pylist()) > 0
     logs: list[str] = []
-    ranged = build(small_config(catalog, root, collisions__bucket_rows=bucket_rows),
+    ranged = build(small_config(catalog, root, driver__gather_rows=bucket_rows),
                    log=logs.append)
     assert sorted_table(store, ranged.version_id).equals(t)
     ranges = -(-hot // bucket_rows)

@@ -31,7 +31,7 @@ def quiet(msg: str) -> None:
 @pytest.mark.parametrize("group_rows", [500, 100])
 def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path, group_rows):
     """Same input, same codebooks: the Ray Data engine writes exactly the local engine's table
-    and metrics, its collision suffixes ranked by Ray tasks in key ranges. With 100-row
+    and metrics, its duplicate check and collision suffixes run by Ray tasks. With 100-row
     shards (24) each encode task runs 3 shards one after the other, and the shards' head /
     tail statistics (popularity column) come back per shard."""
     _, x = small_catalog
@@ -44,11 +44,13 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     fitted = build(small_config(catalog, root, **over), log=quiet)
     local = build(small_config(catalog, root, encode__from_version=fitted.version_id, **over),
                   log=quiet)
-    # Ray ranks the colliding items in key ranges of 700 rows (tasks, through staging)
+    # driver.gather_rows 700: Ray tasks check the ids in hash buckets and rank the colliding
+    # items in key ranges (through staging)
     logs: list[str] = []
-    ray = build(small_config(catalog, root, engine="ray", collisions__bucket_rows=700,
+    ray = build(small_config(catalog, root, engine="ray", driver__gather_rows=700,
                              encode__from_version=fitted.version_id, **over), log=logs.append)
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
+    assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
     store = TableStore(root, "sids")
     a = store.read_data(local.version_id).sort_by("item_id")
     b = store.read_data(ray.version_id).sort_by("item_id")

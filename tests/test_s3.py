@@ -157,11 +157,12 @@ def test_catalog_and_table_on_s3(s3, bucket, small_catalog, tmp_path, capsys):
     assert by_id(store, first.version_id).equals(
         by_id(TableStore(local_root, "sids"), local.version_id))
     # encode.from_version=latest on S3: reuses the codebooks, records the parent; the
-    # collision suffixes ranked in key ranges of 700 rows, through staging on S3
+    # duplicate check and collision suffixes in buckets of 700 rows, through staging on S3
     logs: list[str] = []
     second = build(small_config(catalog, root, encode__from_version="latest",
-                                collisions__bucket_rows=700), log=logs.append)
+                                driver__gather_rows=700), log=logs.append)
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
+    assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
     assert not s3.fs.exists(f"{bucket}/tables/sids/versions/{second.version_id}/_staging")
     assert store.latest() == second.version_id
     assert store.manifest(second.version_id)["parent"] == first.version_id

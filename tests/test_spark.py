@@ -69,15 +69,17 @@ def test_spark_incremental_version_identical_to_local(spark_session, incremental
 
 def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path):
     """Same input, same codebooks: Spark's mapInArrow writes exactly the local engine's table
-    and metrics; Spark tasks rank the collision suffixes in key ranges of 700 rows."""
+    and metrics; Spark tasks check the ids for duplicates in hash buckets and rank the
+    collision suffixes in key ranges (driver.gather_rows 700)."""
     catalog, _ = small_catalog
     root = str(tmp_path / "out")
     fitted = build(small_config(catalog, root), log=quiet)
     local = build(small_config(catalog, root, encode__from_version=fitted.version_id), log=quiet)
     logs: list[str] = []
-    spark = build(small_config(catalog, root, engine="spark", collisions__bucket_rows=700,
+    spark = build(small_config(catalog, root, engine="spark", driver__gather_rows=700,
                                encode__from_version=fitted.version_id), log=logs.append)
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
+    assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
     store = TableStore(root, "sids")
     a = store.read_data(local.version_id).sort_by("item_id")
     b = store.read_data(spark.version_id).sort_by("item_id")
