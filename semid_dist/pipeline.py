@@ -180,6 +180,7 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         dups, held = find_duplicates(id_arrays)
         dup = _Duplicates(dups, held, lambda: first_copy_rejects(id_arrays, plan.shards, dups))
         popularity = [p for _, p in scanned]
+        del scanned
     else:
         dup, popularity = _bucketed_duplicates(engine, ctx, plan, cfg.driver.gather_rows, log)
     ctx = _check_duplicates(ctx, dup, cfg, log)
@@ -188,11 +189,32 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         log("scan: no head / tail figures for an incremental version (the popularity of the "
             "carried items is not in this catalog)")
     elif cfg.input.popularity_column:
-        threshold = head_threshold(np.concatenate(popularity), cfg.metrics.head_share)
+        pop = np.concatenate(popularity)
+        del popularity  # the parts: one copy of the column at a time
+        _check_popularity(pop, plan, cfg.input.popularity_column)
+        threshold = head_threshold(pop, cfg.metrics.head_share, in_place=True)
         log(f"scan: head = popularity >= {threshold:g} "
             f"(items holding {cfg.metrics.head_share:.0%} of popularity)")
     return replace(ctx, head_threshold=threshold,
                    reject_zero_vectors=cfg.input.on_zero_vector == "reject")
+
+
+def _check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str) -> None:
+    """Popularity must be finite and >= 0 (nulls count as 0): the head / tail split is by
+    share of the total. pop: (rows,) float64, the catalog's rows in shard order."""
+    bad = ~(pop >= 0) | np.isinf(pop)  # NaN fails `>= 0`
+    count = int(bad.sum())
+    if not count:
+        return
+    first = int(np.argmax(bad))
+    starts = np.cumsum([0] + [s.num_rows for s in plan.shards])
+    pos = int(np.searchsorted(starts, first, side="right")) - 1
+    shard = plan.shards[pos]
+    where = f"{redact_url(shard.path)}:{shard.row_offset + first - int(starts[pos])}"
+    raise InputError(f"input.popularity_column={column!r} holds {count} NaN, infinite or "
+                     f"negative values (e.g. {float(pop[first])!r} at {where}); popularity must be "
+                     "finite and >= 0 (nulls count as 0): fix those rows, or unset "
+                     "input.popularity_column")
 
 
 LATER = ("later_shard", "later_row", "origin_shard", "origin_row")

@@ -289,6 +289,40 @@ def test_duplicates_fail_policy_and_on_bad_rows_fail(tmp_path, root):
     assert nothing_committed(root)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -2.0, float("inf")])
+def test_popularity_that_is_nan_infinite_or_negative_is_a_clear_error(tmp_path, root, bad):
+    """The head / tail split is by share of total popularity: a NaN, infinite or negative
+    value fails the build, naming the column, the count and the first bad file and row,
+    whether the driver or hash-bucket tasks check the ids. Nulls count as 0."""
+    x = base_x()
+    pop = np.arange(N, dtype=np.float64) % 13
+    pop[[337, 412]] = bad
+    d = tmp_path / "pop"
+    d.mkdir()
+    for f in range(2):
+        lo = f * 300
+        popularity = pa.array(pop[lo:lo + 300].tolist(), pa.float64())
+        if f == 0:  # a null: counts as 0, not an error
+            popularity = pa.array([None] + pop[1:300].tolist(), pa.float64())
+        pq.write_table(pa.table({"item_id": pa.array(np.arange(lo, lo + 300)),
+                                 "embedding": emb_array(as_rows(x[lo:lo + 300])),
+                                 "popularity": popularity}), d / f"part-{f}.parquet")
+    want = (rf"input\.popularity_column='popularity' holds 2 NaN, infinite or negative values "
+            rf"\(e\.g\. {bad!r} at .*part-1\.parquet:37\); popularity must be finite and >= 0 "
+            r"\(nulls count as 0\): fix those rows, or unset input\.popularity_column")
+    for gather in (10**6, 100):
+        with pytest.raises(InputError, match=want):
+            build(cfg(str(d), root, input__popularity_column="popularity",
+                      driver__gather_rows=gather), log=quiet)
+    assert nothing_committed(root)
+    pop[[337, 412]] = 0.0  # the same catalog with valid popularity builds
+    pq.write_table(pa.table({"item_id": pa.array(np.arange(300, 600)),
+                             "embedding": emb_array(as_rows(x[300:])),
+                             "popularity": pa.array(pop[300:])}), d / "part-1.parquet")
+    res = build(cfg(str(d), root, input__popularity_column="popularity"), log=quiet)
+    assert res.metrics["head"]["items"] + res.metrics["tail"]["items"] == N
+
+
 def brute_first_copies(id_lists: list[list], shards: list[Shard]) -> dict[int, list]:
     seen: dict = {}
     out: dict[int, list] = {}
