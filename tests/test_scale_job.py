@@ -54,3 +54,7 @@ def test_scale_job_builds_and_reports(tmp_path):
     assert figures["peak_tree_mib"] >= figures["peak_driver_mib"] > 50
     encode = next(r for r in figures["projection"] if r["stage"] == "encode")
     assert encode["projected_s"] > encode["measured_s"]  # 25,000x the rows on 64x the cores
+    upper, per_row = (next(r for r in figures["projection"] if r["stage"].startswith(name))
+                      for name in ("driver peak RSS, all", "driver peak RSS, per-row"))
+    assert upper["measured_s"] == per_row["measured_s"] == figures["peak_driver_mib"]
+    assert upper["projected_s"] > per_row["projected_s"] > per_row["measured_s"]
