@@ -89,20 +89,19 @@ def split_tables(tables: Iterable[pa.Table], bucket_of: BucketFn, buckets: int,
     """`split_files` of tables already in memory (all of one schema, at least one): written
     to `out_url` as `buckets` streams, a bucket's stream holding one record batch per table
     in their order."""
-    sorted_parts = []
-    for t in tables:
+    parts = []  # each table with its rows' order by bucket (taken one bucket at a time, so
+    for t in tables:  # no sorted copy of the whole table is made)
         which = bucket_of(t, buckets)
         order = np.argsort(which, kind="stable")
-        sorted_parts.append((t.take(pa.array(order)),
-                             np.searchsorted(which[order], np.arange(buckets + 1))))
-    if not sorted_parts:
+        parts.append((t, order, np.searchsorted(which[order], np.arange(buckets + 1))))
+    if not parts:
         raise ValueError("split_tables needs at least one table")
-    schema = sorted_parts[0][0].schema
+    schema = parts[0][0].schema
     sink, offsets = io.BytesIO(), [0]
     for b in range(buckets):
         with pa.ipc.new_stream(sink, schema) as writer:
-            for t, bounds in sorted_parts:
-                writer.write_table(t.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+            for t, order, bounds in parts:
+                writer.write_table(t.take(pa.array(order[bounds[b]:bounds[b + 1]])))
         offsets.append(sink.tell())
     out_fs, out_path = fsio.resolve(out_url)
     fsio.write_bytes(out_fs, out_path, sink.getvalue())
