@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import semid_dist
 from semid_dist import shuffle
+from semid_dist.bucketed import Duplicates, bucketed_duplicates
 from semid_dist.codes.metrics import head_threshold
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
@@ -52,15 +52,12 @@ from semid_dist.shuffle import Split
 from semid_dist.stages import (
     STAGING,
     JobContext,
-    copy_rejects,
-    duplicate_bucket,
     find_duplicates,
     first_copy_rejects,
     load_shard_results,
     load_shard_statistics,
     sample_rows,
     scan_keys,
-    scan_split,
     sid_items_bucket,
     sid_items_split,
 )
@@ -159,30 +156,20 @@ def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
     raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")
 
 
-@dataclass
-class _Duplicates:
-    """What the scan found: duplicated ids (ascending), how many rows hold them, and a way
-    to the keep_first rejects of their later copies (as `first_copy_rejects` gives them)."""
-
-    ids: pa.Array
-    rows: int
-    later: Callable[[], dict[int, pa.Table]]
-
-
 def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
           log: Log) -> JobContext:
     """Pre-pass over ids (+ popularity): duplicates and the head/tail popularity threshold.
     Up to `driver.gather_rows` rows the ids are checked on the driver; more, by engine
-    tasks in hash buckets of about that many ids (`_bucketed_duplicates`)."""
+    tasks in hash buckets of about that many ids (`semid_dist.bucketed`)."""
     if plan.num_rows <= cfg.driver.gather_rows:
         scanned = engine.map(scan_keys, [(ctx, s) for s in plan.shards])
         id_arrays = [ids for ids, _ in scanned]
         dups, held = find_duplicates(id_arrays)
-        dup = _Duplicates(dups, held, lambda: first_copy_rejects(id_arrays, plan.shards, dups))
+        dup = Duplicates(dups, held, lambda: first_copy_rejects(id_arrays, plan.shards, dups))
         popularity = [p for _, p in scanned]
         del scanned
     else:
-        dup, popularity = _bucketed_duplicates(engine, ctx, plan, cfg.driver.gather_rows, log)
+        dup, popularity = bucketed_duplicates(engine, ctx, plan, cfg.driver.gather_rows, log)
     ctx = _check_duplicates(ctx, dup, cfg, log)
     threshold = None
     if cfg.input.popularity_column and cfg.encode.incremental:
@@ -217,43 +204,7 @@ def _check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str) -> None:
                      "input.popularity_column")
 
 
-LATER = ("later_shard", "later_row", "origin_shard", "origin_row")
-
-
-def _bucketed_duplicates(engine, ctx: JobContext, plan: CatalogPlan, bucket_rows: int,
-                         log: Log) -> tuple[_Duplicates, list[np.ndarray | None]]:
-    """The duplicate check in B hash buckets of about `bucket_rows` ids: one task per group
-    of consecutive shards of about `bucket_rows` rows writes their ids split by bucket to
-    the version's staging (`scan_split`); one task per bucket finds its duplicated ids and
-    their later copies (`duplicate_bucket`). The driver holds the duplicates and the
-    popularity column only. The same result as checking every id at once, since all copies
-    of an id share a bucket. Also returns each group's popularity (None without it)."""
-    buckets = -(-plan.num_rows // bucket_rows)
-    shards = list(enumerate(plan.shards))
-    groups = shuffle.group_files(shards, [s.num_rows for s in plan.shards],
-                                 target_rows=bucket_rows)
-    log(f"scan: checking {plan.num_rows} ids for duplicates in {buckets} hash buckets "
-        f"({len(groups)} split tasks, through staging)")
-    scratch = f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/scan"
-    try:
-        scanned = engine.map(scan_split, [(ctx, g, buckets, f"{scratch}/ids-{i:06d}")
-                                          for i, g in enumerate(groups)])
-        splits = [split for split, _ in scanned]
-        found = engine.map(duplicate_bucket, [(splits, b) for b in range(buckets)])
-    finally:
-        shuffle.remove(scratch)
-    ids = pa.concat_arrays([f["ids"] for f in found])
-
-    def later() -> dict[int, pa.Table]:
-        cols = [np.concatenate([f[k] for f in found]) for k in LATER]
-        order = np.lexsort((cols[1], cols[0]))  # (shard, row) order
-        return copy_rejects(plan.shards, *(c[order] for c in cols))
-
-    return (_Duplicates(ids.take(pc.sort_indices(ids)), sum(f["rows"] for f in found), later),
-            [pop for _, pop in scanned])
-
-
-def _check_duplicates(ctx: JobContext, dup: _Duplicates, cfg: BuildConfig,
+def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,
                       log: Log) -> JobContext:
     """Apply input.on_duplicate: reject every copy (ctx.duplicate_ids), keep the first copy
     in (file, row) order and reject the later ones (ctx.duplicate_rows), or fail. Under

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist import shuffle
+from semid_dist.bucketed import bucketed_suffixes
 from semid_dist.codes.collisions import colliding_keys, last_layer_prefix, occupancy
 from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.lookups import (
@@ -36,16 +37,14 @@ from semid_dist.codes.pruning import (
 from semid_dist.config import BuildConfig
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.shuffle import Streams
 from semid_dist.stages import (
     STAGING,
     JobContext,
-    StagedSuffixes,
     colliding_rows,
-    colliding_split,
     finalize_shard,
     overflow_rows,
     reassign,
-    suffix_bucket,
     suffix_tables,
 )
 
@@ -133,13 +132,14 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
     Up to `bucket_rows` colliding rows are ranked on the driver. More are ranked by engine
     tasks in key ranges of about `bucket_rows` rows each, through the version's staging
-    (`bucketed_suffixes`), so the driver holds only their per-file offsets."""
+    (`semid_dist.bucketed.bucketed_suffixes`), so the driver holds only their per-file
+    offsets."""
     keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
     hot = colliding_keys(keys, counts)
     hot_counts = counts[counts > 1]
     hot_rows = int(hot_counts.sum())
 
-    def write_parts(suffixes: list) -> list[FileEntry]:
+    def write_parts(suffixes: list[pa.Table] | list[Streams]) -> list[FileEntry]:
         return engine.map(finalize_shard, [(ctx, s, part, decision, moves)
                                            for s, part in zip(plan.shards, suffixes)])
 
@@ -154,39 +154,6 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                                              log=log))
     finally:
         shuffle.remove(scratch)
-
-
-def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
-                      hot_counts: np.ndarray, decision: PruneDecision,
-                      moves: pa.Table | None, *, bucket_rows: int, scratch: str,
-                      log: Log | None = None) -> list[StagedSuffixes]:
-    """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
-    ranked in B key ranges of about `bucket_rows` items (each SID inside one range, wherever
-    its rows lie). One task per group of consecutive shards of about `bucket_rows` rows
-    writes their colliding rows split by key range (`colliding_split`); one task per range
-    ranks them and writes the non-zero suffixes split by shard (`suffix_bucket`); each
-    shard's data part then reads its streams. The suffixes are those of ranking every row at
-    once, since a SID's ranks depend on its own rows only."""
-    hot_rows = int(hot_counts.sum())
-    buckets = -(-hot_rows // bucket_rows)
-    cum = np.cumsum(hot_counts)
-    # the first key of each range after the first: ranges of about hot_rows / B rows
-    starts = np.searchsorted(cum, np.arange(1, buckets) * (hot_rows / buckets), side="right")
-    bounds = hot[np.minimum(starts, len(hot) - 1)]
-    shards = list(enumerate(plan.shards))
-    groups = shuffle.group_files(shards, [s.num_rows for s in plan.shards],
-                                 target_rows=bucket_rows)
-    if log:
-        log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
-            f"({len(groups)} split tasks, through staging)")
-    splits = engine.map(colliding_split, [(ctx, g, hot, decision, moves, bounds,
-                                           f"{scratch}/rows-{i:06d}")
-                                          for i, g in enumerate(groups)])
-    ranked = engine.map(suffix_bucket, [(splits, b, len(shards), f"{scratch}/ranked-{b:06d}")
-                                        for b in range(buckets)])
-    return [StagedSuffixes(tuple((split.path, split.offsets[pos], split.offsets[pos + 1])
-                                 for split, rows in ranked if rows[pos]))
-            for pos in range(len(shards))]
 
 
 def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],

@@ -35,6 +35,9 @@ import pyarrow.parquet as pq
 from semid_dist.io import fs as fsio
 
 T = TypeVar("T")
+# the most buckets one job splits into: G groups x B buckets ranged reads, so past this the
+# buckets grow instead of multiplying (1,024 buckets of a million rows: a billion rows)
+MAX_BUCKETS = 1024
 BucketFn = Callable[[pa.Table, int], np.ndarray]  # (rows, buckets) -> (n,) int64 bucket
 
 
@@ -108,6 +111,27 @@ def split_tables(tables: Iterable[pa.Table], bucket_of: BucketFn, buckets: int,
     return Split(out_url, tuple(offsets))
 
 
+@dataclass(frozen=True)
+class Streams:
+    """Some streams of split files, read as one table: (url, start, end) byte ranges, each
+    an Arrow IPC stream (e.g. one bucket of every split, or one reader's share of them)."""
+
+    ranges: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def of_bucket(cls, splits: Sequence[Split], bucket: int) -> Streams:
+        """Bucket `bucket`'s stream of every split (split files only), in their order."""
+        return cls(tuple((s.path, s.offsets[bucket], s.offsets[bucket + 1]) for s in splits))
+
+    def read(self, schema: pa.Schema | None = None) -> pa.Table:
+        """The streams' rows in order; `schema`'s empty table when there are none."""
+        if not self.ranges:
+            if schema is None:
+                raise ValueError("no streams to read and no schema for an empty table")
+            return schema.empty_table()
+        return pa.concat_tables([read_stream(*r) for r in self.ranges])
+
+
 def read_stream(url: str, start: int, end: int) -> pa.Table:
     """The Arrow IPC stream at bytes start:end of the file at `url` (one bucket of a split)."""
     fs, path = fsio.resolve(url)
@@ -117,6 +141,7 @@ def read_stream(url: str, start: int, end: int) -> pa.Table:
 def remove(url: str) -> None:
     """Remove a scratch folder and what it holds, if it exists."""
     fs, path = fsio.resolve(url)
+    fs.invalidate_cache(path)  # an object store's cached listing may predate other tasks' files
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

@@ -35,9 +35,10 @@ from semid_dist.memory import keep_freed_memory
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
-from semid_dist.shuffle import Split, read_bucket, read_stream, split_files, split_tables
+from semid_dist.shuffle import Split, Streams, read_bucket, split_files
 
 STAGING = "_staging"
+SUFFIX_SCHEMA = pa.schema([("row", pa.int64()), ("suffix", pa.int32())])  # per shard
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:
 
     Integer ids are sorted with numpy (30 ms for 1.5M ids, against 260-360 ms for Arrow's
     hash-based `value_counts`); string ids are counted by Arrow."""
-    ids = pc.drop_null(pa.chunked_array([a for a in id_arrays if len(a)]
-                                        or [pa.array([], pa.int64())]))
+    empty = pa.array([], id_arrays[0].type if id_arrays else pa.int64())  # keeps the type
+    ids = pc.drop_null(pa.chunked_array([a for a in id_arrays if len(a)] or [empty]))
     if pa.types.is_integer(ids.type):
         s = np.sort(ids.to_numpy())
         same = s[1:] == s[:-1]  # a row equal to the row before it: a later copy
@@ -172,44 +173,6 @@ def copy_rejects(shards: Sequence[Shard], later_shard: np.ndarray, later_row: np
             out[shard.index] = pa.table({"offset": later_row[lo:hi].astype(np.int64),
                                          "reason": reason.slice(lo, hi - lo)})
     return out
-
-
-def _id_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
-    from semid_dist.codes.drift import id_buckets
-
-    return id_buckets(rows.column("id"), buckets)
-
-
-def scan_split(ctx: JobContext, shards: list[tuple[int, Shard]], buckets: int, out_url: str
-               ) -> tuple[Split, np.ndarray | None]:
-    """The scan of a group of shards when the ids are too many for the driver: their
-    non-null ids with shard position `pos` and row inside the shard, written to `out_url`
-    split by id hash bucket (`shuffle.split_tables`). Returns the split and the group's
-    popularity in row order (None without the column)."""
-    tables, popularity = [], []
-    for pos, shard in shards:
-        ids, pop = scan_keys(ctx, shard)
-        valid = ids.is_valid()
-        rows = np.flatnonzero(valid.to_numpy(zero_copy_only=False))
-        tables.append(pa.table({"id": ids.filter(valid),
-                                "pos": np.full(len(rows), pos, dtype=np.int32), "row": rows}))
-        popularity.append(pop)
-    split = split_tables(tables, _id_buckets, buckets, out_url)
-    return split, None if popularity[0] is None else np.concatenate(popularity)
-
-
-def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
-    """Duplicated ids of one hash bucket of the scan (`scan_split`): ids (ascending), rows
-    (how many rows hold them), and every copy after an id's first one in (shard, row) order
-    at (later_shard, later_row) with its first copy at (origin_shard, origin_row)."""
-    rows = pa.concat_tables([read_stream(s.path, s.offsets[bucket], s.offsets[bucket + 1])
-                             for s in splits])
-    ids = rows.column("id").combine_chunks()
-    dups, held = find_duplicates([ids])
-    later, origin = later_copies(ids, dups)  # the rows lie in (shard, row) order
-    pos, row = rows.column("pos").to_numpy(), rows.column("row").to_numpy()
-    return {"ids": dups, "rows": held, "later_shard": pos[later], "later_row": row[later],
-            "origin_shard": pos[origin], "origin_row": row[origin]}
 
 
 def sample_rows(ctx: JobContext, shard: Shard,
@@ -474,53 +437,6 @@ def suffix_tables(rows: list[pa.Table], shards: int) -> list[pa.Table]:
     return shard_suffixes(rows, suffix, shards)
 
 
-@dataclass(frozen=True)
-class StagedSuffixes:
-    """A shard's collision suffixes left in the reduce's bucket files (`suffix_bucket`):
-    (url, start, end) of the Arrow IPC streams (row, suffix) of each bucket holding any."""
-
-    ranges: tuple[tuple[str, int, int], ...]
-
-    def read(self) -> pa.Table:
-        parts = [read_stream(*r) for r in self.ranges]
-        return (pa.concat_tables(parts) if parts else
-                pa.table({"row": pa.array([], pa.int64()), "suffix": pa.array([], pa.int32())}))
-
-
-def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
-                    decision: PruneDecision, moves: pa.Table | None, bounds: np.ndarray,
-                    out_url: str) -> Split:
-    """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
-    `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges: a row of
-    key k goes to bucket searchsorted(bounds, k, "right"), so every row of a SID lands in
-    one bucket (`shuffle.split_tables`)."""
-    def of_key(rows: pa.Table, buckets: int) -> np.ndarray:
-        return np.searchsorted(bounds, rows.column("key").to_numpy(), side="right")
-
-    tables = []
-    for pos, shard in shards:
-        t = colliding_rows(ctx, shard, keys, decision, moves)
-        tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
-    return split_tables(tables, of_key, len(bounds) + 1, out_url)
-
-
-def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str
-                  ) -> tuple[Split, np.ndarray]:
-    """Collision suffixes of one key range: its colliding rows from every split ranked inside
-    their SIDs (`assign_suffixes`; a SID's rows all lie in this range), the rows whose
-    suffix is not 0 written to `out_url` split by shard position (row, suffix). Returns the
-    split and how many rows each of the `shards` streams holds."""
-    rows = pa.concat_tables([read_stream(s.path, s.offsets[bucket], s.offsets[bucket + 1])
-                             for s in splits])
-    suffix = assign_suffixes(rows.column("key").to_numpy(), rows.column("qerr").to_numpy(),
-                             rows.column("item_id").combine_chunks())
-    nonzero = suffix > 0  # every other row of a data part gets suffix 0
-    pos = rows.column("pos").to_numpy()[nonzero]
-    out = pa.table({"row": rows.column("row").to_numpy()[nonzero], "suffix": suffix[nonzero]})
-    split = split_tables([out], lambda t, n: pos, shards, out_url)
-    return split, np.bincount(pos, minlength=shards)
-
-
 def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> list[pa.Table]:
     """Split `suffix` (n,) int32, the suffixes of the concatenated `rows` (each shard's
     colliding rows, in shard order), into one table per shard: row (in the shard's staged
@@ -537,17 +453,18 @@ def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> lis
             for r, end in zip(rows, ends)]
 
 
-def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | StagedSuffixes,
+def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | Streams,
                    decision: PruneDecision, moves: pa.Table | None = None) -> FileEntry:
     """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
     sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr. suffixes: this
-    shard's collision suffixes (row, suffix; `shard_suffixes`, or the reduce's bucket files
-    `StagedSuffixes`); other rows get suffix 0."""
+    shard's collision suffixes (row, suffix; `shard_suffixes`, or its streams in the
+    reduce's bucket files, `semid_dist.bucketed.bucketed_suffixes`); other rows get suffix
+    0."""
     t, codes = _read_staged(ctx, shard, moves)
     n, n_layers = codes.shape
     kept = kept_layers(codes, decision)
-    if isinstance(suffixes, StagedSuffixes):
-        suffixes = suffixes.read()
+    if isinstance(suffixes, Streams):
+        suffixes = suffixes.read(SUFFIX_SCHEMA)
     suffix = np.zeros(n, dtype=np.int32)
     if suffixes.num_rows:
         suffix[suffixes.column("row").to_numpy()] = suffixes.column("suffix").to_numpy()

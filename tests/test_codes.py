@@ -18,7 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from semid_dist.codes.collisions import assign_suffixes, colliding_keys, free_suffixes
+from semid_dist.codes.collisions import (
+    assign_suffixes,
+    colliding_keys,
+    free_suffixes,
+    key_range_bounds,
+)
 from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
 from semid_dist.codes.partials import (
     Partial,
@@ -671,3 +676,24 @@ def test_prune_decision_round_trip():
         assert len(back.big_prefixes) == len(decision.big_prefixes)
         for a, b in zip(back.big_prefixes, decision.big_prefixes):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 5, 40])
+def test_key_range_bounds_keep_each_sid_in_one_range_of_about_equal_items(ranges):
+    """Every key lands in exactly one range (searchsorted right), the ranges are cut in key
+    order, and each holds about total / ranges items: never more than that plus one SID."""
+    rng = np.random.default_rng(4)
+    keys = np.unique(rng.integers(0, 10**9, 300)).astype(np.int64)
+    counts = rng.integers(2, 60, len(keys))
+    counts[17] = 900  # a SID larger than a range's share
+    bounds = key_range_bounds(keys, counts, ranges)
+    assert len(bounds) == ranges - 1 and np.all(np.diff(bounds) >= 0)
+    which = np.searchsorted(bounds, keys, side="right")
+    assert which.min() >= 0 and which.max() < ranges and np.all(np.diff(which) >= 0)
+    held = np.bincount(which, weights=counts, minlength=ranges)
+    assert held.sum() == counts.sum()
+    assert held.max() <= counts.sum() / ranges + counts.max()
+    # the same key always in the same range: a SID's rows from every shard meet
+    rows = rng.choice(keys, 5000)
+    assert np.array_equal(np.searchsorted(bounds, rows, side="right"),
+                          which[np.searchsorted(keys, rows)])

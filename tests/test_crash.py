@@ -81,6 +81,25 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
     assert store.read_data().sort_by("item_id").equals(reference)
 
 
+def test_bucketed_steps_remove_their_scratch_before_the_commit(setup, reference):
+    """driver.gather_rows 300: the duplicate check and the collision suffixes run as tasks
+    through the version's staging. Killed just before the manifest, the version's staging
+    (kept for the resume) holds neither step's scratch files; the resumed run commits the
+    table the driver-side steps give."""
+    cfg, store, previous, _ = setup
+    killed = run_build(cfg, "driver.gather_rows=300", fault="commit")
+    assert killed.returncode == -signal.SIGKILL
+    assert "hash buckets" in killed.stderr and "key ranges" in killed.stderr
+    (vid,) = store.uncommitted()
+    staging = Path(store.version_dir(vid)) / "_staging"
+    assert staging.is_dir() and (staging / "run.json").exists()
+    assert not [p for p in ("scan", "suffixes", "sid_items") if (staging / p).exists()]
+    resumed = run_build(cfg, "driver.gather_rows=300")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming version" in resumed.stderr and store.latest() != previous
+    assert store.read_data().sort_by("item_id").equals(reference)
+
+
 def test_killed_between_manifest_and_latest(setup):
     cfg, store, previous, before = setup
     killed = run_build(cfg, fault="latest")

@@ -117,6 +117,32 @@ def test_head_threshold_brute_force():
     assert head_threshold(np.zeros(5), 0.8) == float("inf")
 
 
+def test_head_threshold_in_blocks_equals_one_running_sum():
+    """The running sum formed a few values at a time (each block continuing from the last
+    one's sum) gives the threshold of one cumulative sum over the sorted column, bit for
+    bit, sorting a copy or the column itself."""
+    rng = np.random.default_rng(11)
+
+    def whole(pop: np.ndarray, share: float) -> float:
+        desc = np.sort(pop)[::-1]
+        idx = int(np.searchsorted(np.cumsum(desc) / desc.sum(), share, side="left"))
+        return float(desc[min(idx, len(desc) - 1)])
+
+    columns = [rng.pareto(1.2, 997), rng.integers(0, 20, 500).astype(np.float64),
+               rng.random(1000) * 1e6, np.where(rng.random(800) < 0.9, 0.0,
+                                                rng.lognormal(0, 3, 800))]
+    for pop in columns:
+        for share in (0.0, 0.3, 0.8, 0.999, 1.0):
+            want = whole(pop, share)
+            for block in (1, 2, 7, 64, 1 << 20):
+                assert head_threshold(pop, share, block=block) == want
+                own = pop.copy()
+                assert head_threshold(own, share, block=block, in_place=True) == want
+                assert np.array_equal(own, np.sort(pop))  # sorted in place
+    with pytest.raises(ValueError, match="block=0"):
+        head_threshold(columns[0], 0.8, block=0)
+
+
 def test_head_and_tail_figures_partition_the_catalog(small_catalog, tmp_path):
     catalog, x = small_catalog
     res = build(small_config(catalog, str(tmp_path), input__popularity_column="popularity",

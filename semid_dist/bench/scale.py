@@ -80,7 +80,8 @@ def run_build(config: Path, catalog: str, root: str, log_path: Path) -> dict:
 
 
 # what the driver holds per catalog row: the popularity column (8 bytes), twice while the
-# scan's parts are joined; past driver.gather_rows no ids or colliding rows come to it
+# scan's parts are joined; past driver.gather_rows no ids or colliding rows come to it (in
+# a full build without collisions.max_per_sid, as the scale run's)
 DRIVER_ROW_BYTES = 16
 
 
@@ -155,7 +156,8 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         "memory is given two ways: the whole measured peak scaled with the rows, its fixed "
         "part too (an upper bound); and the measured peak plus what the driver holds per "
         f"row, {DRIVER_ROW_BYTES} bytes (the popularity column, twice while the scan's parts "
-        "are joined; past `driver.gather_rows` no ids or colliding rows reach the driver; "
+        "are joined; past `driver.gather_rows` no ids or colliding rows reach the driver in a "
+        "full build without `collisions.max_per_sid`; "
         "distinct SIDs, 16 bytes each, are left out: see the README's known limits). "
         "Network and object-store reads at cluster scale are not modelled.",
         "",

@@ -15,6 +15,19 @@ def colliding_keys(sid_keys: np.ndarray, sid_counts: np.ndarray) -> np.ndarray:
     return sid_keys[sid_counts > 1]
 
 
+def key_range_bounds(keys: np.ndarray, counts: np.ndarray, ranges: int) -> np.ndarray:
+    """keys: (m,) sorted int64 SID keys holding counts (m,) items -> (ranges - 1,) sorted
+    bounds cutting them into `ranges` key ranges of about equal items: key k lies in range
+    searchsorted(bounds, k, side="right"), so all of a SID's items share one range. A SID
+    holding more than a range's share makes the ranges around it uneven (some may be
+    empty)."""
+    total = int(counts.sum())
+    cum = np.cumsum(counts)
+    # the first key of each range after the first: the first key past its share of items
+    starts = np.searchsorted(cum, np.arange(1, ranges) * (total / ranges), side="right")
+    return keys[np.minimum(starts, len(keys) - 1)]
+
+
 def assign_suffixes(keys: np.ndarray, qerr: np.ndarray, item_ids: pa.Array) -> np.ndarray:
     """keys: (n,) int64 SID keys, qerr: (n,) float32, item_ids: n ids -> (n,) int32 suffixes,
     the rank of each item inside its key by (qerr, item_id)."""

@@ -41,6 +41,8 @@ def head_threshold(popularity: np.ndarray, share: float, *, in_place: bool = Fal
     formed `block` items at a time (each block's sums continue from the last one's, so they
     are the same additions as one cumulative sum): beside the sorted values, memory stays
     at a block. in_place: sort `popularity` itself (float64) rather than a copy."""
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1")
     pop = np.asarray(popularity, dtype=np.float64)
     if in_place:
         pop.sort()

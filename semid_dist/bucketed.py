@@ -1,0 +1,188 @@
+"""The driver's per-key steps past `driver.gather_rows`, as engine tasks through staging.
+
+Two steps need every row of one key together: the duplicate-id check (every copy of an id)
+and the collision suffixes (every item of a SID). Up to `driver.gather_rows` rows the
+driver gathers them (`semid_dist.pipeline`, `semid_dist.reduce`); past it the functions
+here split the rows by bucket into the version's `_staging/` (`semid_dist.shuffle`): one
+task per group of consecutive shards writes its rows split by bucket, one task per bucket
+does the step for its keys. The results are those of the driver-side steps, since all of
+a key's rows meet in one bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from semid_dist import shuffle
+from semid_dist.codes.collisions import assign_suffixes, key_range_bounds
+from semid_dist.codes.drift import id_buckets
+from semid_dist.codes.pruning import PruneDecision
+from semid_dist.io.catalog import CatalogPlan, Shard
+from semid_dist.shuffle import Split, Streams, split_tables
+from semid_dist.stages import (
+    STAGING,
+    JobContext,
+    colliding_rows,
+    copy_rejects,
+    find_duplicates,
+    later_copies,
+    scan_keys,
+)
+
+Log = Callable[[str], None]
+
+
+# -- the duplicate-id check --------------------------------------------------------------
+
+@dataclass
+class Duplicates:
+    """What the scan found: duplicated ids (ascending), how many rows hold them, and a way
+    to the keep_first rejects of their later copies (as `first_copy_rejects` gives them)."""
+
+    ids: pa.Array
+    rows: int
+    later: Callable[[], dict[int, pa.Table]]
+
+
+LATER = ("later_shard", "later_row", "origin_shard", "origin_row")
+
+
+def bucketed_duplicates(engine, ctx: JobContext, plan: CatalogPlan, bucket_rows: int,
+                         log: Log) -> tuple[Duplicates, list[np.ndarray | None]]:
+    """The duplicate check in B hash buckets of about `bucket_rows` ids (at most
+    `shuffle.MAX_BUCKETS`): one task per group of consecutive shards of about `bucket_rows`
+    rows writes their ids split by bucket to the version's staging (`scan_split`); one task
+    per bucket finds its duplicated ids and their later copies (`duplicate_bucket`). The
+    driver holds the duplicates and the popularity column only. The same result as checking
+    every id at once, since all copies of an id share a bucket. Also returns each group's
+    popularity (None without it)."""
+    buckets = min(shuffle.MAX_BUCKETS, -(-plan.num_rows // bucket_rows))
+    shards = list(enumerate(plan.shards))
+    groups = shuffle.group_files(shards, [s.num_rows for s in plan.shards],
+                                 target_rows=bucket_rows)
+    log(f"scan: checking {plan.num_rows} ids for duplicates in {buckets} hash buckets "
+        f"({len(groups)} split tasks, through staging)")
+    scratch = f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/scan"
+    try:
+        scanned = engine.map(scan_split, [(ctx, g, buckets, f"{scratch}/ids-{i:06d}")
+                                          for i, g in enumerate(groups)])
+        splits = [split for split, _ in scanned]
+        found = engine.map(duplicate_bucket, [(splits, b) for b in range(buckets)])
+    finally:
+        shuffle.remove(scratch)
+    ids = pa.concat_arrays([f["ids"] for f in found])
+
+    def later() -> dict[int, pa.Table]:
+        cols = [np.concatenate([f[k] for f in found]) for k in LATER]
+        order = np.lexsort((cols[1], cols[0]))  # (shard, row) order
+        return copy_rejects(plan.shards, *(c[order] for c in cols))
+
+    return (Duplicates(ids.take(pc.sort_indices(ids)), sum(f["rows"] for f in found), later),
+            [pop for _, pop in scanned])
+
+
+def _id_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
+    return id_buckets(rows.column("id"), buckets)
+
+
+def scan_split(ctx: JobContext, shards: list[tuple[int, Shard]], buckets: int, out_url: str
+               ) -> tuple[Split, np.ndarray | None]:
+    """The scan of a group of shards when the ids are too many for the driver: their
+    non-null ids with shard position `pos` and row inside the shard, written to `out_url`
+    split by id hash bucket (`shuffle.split_tables`). Returns the split and the group's
+    popularity in row order (None without the column)."""
+    tables, popularity = [], []
+    for pos, shard in shards:
+        ids, pop = scan_keys(ctx, shard)
+        valid = ids.is_valid()
+        rows = np.flatnonzero(valid.to_numpy(zero_copy_only=False))
+        tables.append(pa.table({"id": ids.filter(valid),
+                                "pos": np.full(len(rows), pos, dtype=np.int32), "row": rows}))
+        popularity.append(pop)
+    split = split_tables(tables, _id_buckets, buckets, out_url)
+    return split, None if popularity[0] is None else np.concatenate(popularity)
+
+
+def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
+    """Duplicated ids of one hash bucket of the scan (`scan_split`): ids (ascending), rows
+    (how many rows hold them), and every copy after an id's first one in (shard, row) order
+    at (later_shard, later_row) with its first copy at (origin_shard, origin_row)."""
+    rows = Streams.of_bucket(splits, bucket).read()
+    ids = rows.column("id").combine_chunks()
+    dups, held = find_duplicates([ids])
+    later, origin = later_copies(ids, dups)  # the rows lie in (shard, row) order
+    pos, row = rows.column("pos").to_numpy(), rows.column("row").to_numpy()
+    return {"ids": dups, "rows": held, "later_shard": pos[later], "later_row": row[later],
+            "origin_shard": pos[origin], "origin_row": row[origin]}
+
+
+# -- the collision suffixes -------------------------------------------------------------
+
+def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
+                      hot_counts: np.ndarray, decision: PruneDecision,
+                      moves: pa.Table | None, *, bucket_rows: int, scratch: str,
+                      log: Log | None = None) -> list[Streams]:
+    """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
+    ranked in B key ranges of about `bucket_rows` items (at most `shuffle.MAX_BUCKETS`; each
+    SID inside one range, wherever its rows lie). One task per group of consecutive shards
+    of about `bucket_rows` rows writes their colliding rows split by key range
+    (`colliding_split`); one task per range ranks them and writes the non-zero suffixes
+    split by shard (`suffix_bucket`); each shard's data part then reads its streams. The
+    suffixes are those of ranking every row at once, since a SID's ranks depend on its own
+    rows only."""
+    hot_rows = int(hot_counts.sum())
+    buckets = min(shuffle.MAX_BUCKETS, -(-hot_rows // bucket_rows))
+    bounds = key_range_bounds(hot, hot_counts, buckets)
+    shards = list(enumerate(plan.shards))
+    groups = shuffle.group_files(shards, [s.num_rows for s in plan.shards],
+                                 target_rows=bucket_rows)
+    if log:
+        log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
+            f"({len(groups)} split tasks, through staging)")
+    splits = engine.map(colliding_split, [(ctx, g, hot, decision, moves, bounds,
+                                           f"{scratch}/rows-{i:06d}")
+                                          for i, g in enumerate(groups)])
+    ranked = engine.map(suffix_bucket, [(splits, b, len(shards), f"{scratch}/ranked-{b:06d}")
+                                        for b in range(buckets)])
+    return [Streams(tuple((split.path, split.offsets[pos], split.offsets[pos + 1])
+                                 for split, rows in ranked if rows[pos]))
+            for pos in range(len(shards))]
+
+
+def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
+                    decision: PruneDecision, moves: pa.Table | None, bounds: np.ndarray,
+                    out_url: str) -> Split:
+    """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
+    `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges: a row of
+    key k goes to bucket searchsorted(bounds, k, "right"), so every row of a SID lands in
+    one bucket (`shuffle.split_tables`)."""
+    def of_key(rows: pa.Table, buckets: int) -> np.ndarray:
+        return np.searchsorted(bounds, rows.column("key").to_numpy(), side="right")
+
+    tables = []
+    for pos, shard in shards:
+        t = colliding_rows(ctx, shard, keys, decision, moves)
+        tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
+    return split_tables(tables, of_key, len(bounds) + 1, out_url)
+
+
+def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str
+                  ) -> tuple[Split, np.ndarray]:
+    """Collision suffixes of one key range: its colliding rows from every split ranked inside
+    their SIDs (`assign_suffixes`; a SID's rows all lie in this range), the rows whose
+    suffix is not 0 written to `out_url` split by shard position (row, suffix). Returns the
+    split and how many rows each of the `shards` streams holds."""
+    rows = Streams.of_bucket(splits, bucket).read()
+    suffix = assign_suffixes(rows.column("key").to_numpy(), rows.column("qerr").to_numpy(),
+                             rows.column("item_id").combine_chunks())
+    nonzero = suffix > 0  # every other row of a data part gets suffix 0
+    pos = rows.column("pos").to_numpy()[nonzero]
+    out = pa.table({"row": rows.column("row").to_numpy()[nonzero], "suffix": suffix[nonzero]})
+    split = split_tables([out], lambda t, n: pos, shards, out_url)
+    return split, np.bincount(pos, minlength=shards)
