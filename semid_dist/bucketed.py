@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from semid_dist import shuffle
 from semid_dist.codes.collisions import assign_suffixes, key_range_bounds
-from semid_dist.codes.drift import id_buckets
+from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.io.catalog import CatalogPlan, Shard
 from semid_dist.shuffle import Split, Streams, split_tables
@@ -40,7 +40,7 @@ Log = Callable[[str], None]
 
 # -- the duplicate-id check --------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Duplicates:
     """What the scan found: duplicated ids (ascending), how many rows hold them, and a way
     to the keep_first rejects of their later copies (as `first_copy_rejects` gives them)."""
@@ -53,19 +53,24 @@ class Duplicates:
 LATER = ("later_shard", "later_row", "origin_shard", "origin_row")
 
 
+def _groups(plan: CatalogPlan, bucket_rows: int) -> list[list[tuple[int, Shard]]]:
+    """Runs of consecutive shards (with their positions in the plan) of about `bucket_rows`
+    rows: one split task each."""
+    return shuffle.group_files(list(enumerate(plan.shards)),
+                               [s.num_rows for s in plan.shards], target_rows=bucket_rows)
+
+
 def bucketed_duplicates(engine, ctx: JobContext, plan: CatalogPlan, bucket_rows: int,
                          log: Log) -> tuple[Duplicates, list[np.ndarray | None]]:
     """The duplicate check in B hash buckets of about `bucket_rows` ids (at most
-    `shuffle.MAX_BUCKETS`): one task per group of consecutive shards of about `bucket_rows`
+    `codes.drift.MAX_BUCKETS`): one task per group of consecutive shards of about `bucket_rows`
     rows writes their ids split by bucket to the version's staging (`scan_split`); one task
     per bucket finds its duplicated ids and their later copies (`duplicate_bucket`). The
     driver holds the duplicates and the popularity column only. The same result as checking
     every id at once, since all copies of an id share a bucket. Also returns each group's
     popularity (None without it)."""
-    buckets = min(shuffle.MAX_BUCKETS, -(-plan.num_rows // bucket_rows))
-    shards = list(enumerate(plan.shards))
-    groups = shuffle.group_files(shards, [s.num_rows for s in plan.shards],
-                                 target_rows=bucket_rows)
+    buckets = bucket_count(plan.num_rows, bucket_rows=bucket_rows)
+    groups = _groups(plan, bucket_rows)
     log(f"scan: checking {plan.num_rows} ids for duplicates in {buckets} hash buckets "
         f"({len(groups)} split tasks, through staging)")
     scratch = f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/scan"
@@ -129,7 +134,7 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
                       moves: pa.Table | None, *, bucket_rows: int, scratch: str,
                       log: Log | None = None) -> list[Streams]:
     """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
-    ranked in B key ranges of about `bucket_rows` items (at most `shuffle.MAX_BUCKETS`; each
+    ranked in B key ranges of about `bucket_rows` items (at most `codes.drift.MAX_BUCKETS`; each
     SID inside one range, wherever its rows lie). One task per group of consecutive shards
     of about `bucket_rows` rows writes their colliding rows split by key range
     (`colliding_split`); one task per range ranks them and writes the non-zero suffixes
@@ -137,22 +142,21 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     suffixes are those of ranking every row at once, since a SID's ranks depend on its own
     rows only."""
     hot_rows = int(hot_counts.sum())
-    buckets = min(shuffle.MAX_BUCKETS, -(-hot_rows // bucket_rows))
+    buckets = bucket_count(hot_rows, bucket_rows=bucket_rows)
     bounds = key_range_bounds(hot, hot_counts, buckets)
-    shards = list(enumerate(plan.shards))
-    groups = shuffle.group_files(shards, [s.num_rows for s in plan.shards],
-                                 target_rows=bucket_rows)
+    groups = _groups(plan, bucket_rows)
     if log:
         log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
             f"({len(groups)} split tasks, through staging)")
     splits = engine.map(colliding_split, [(ctx, g, hot, decision, moves, bounds,
                                            f"{scratch}/rows-{i:06d}")
                                           for i, g in enumerate(groups)])
-    ranked = engine.map(suffix_bucket, [(splits, b, len(shards), f"{scratch}/ranked-{b:06d}")
+    shards = len(plan.shards)
+    ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}")
                                         for b in range(buckets)])
     return [Streams(tuple((split.path, split.offsets[pos], split.offsets[pos + 1])
-                                 for split, rows in ranked if rows[pos]))
-            for pos in range(len(shards))]
+                          for split, rows in ranked if rows[pos]))
+            for pos in range(shards)]
 
 
 def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,

@@ -10,10 +10,10 @@ consecutive files of about as many rows as a bucket), and one task per group
 (`split_files`; `split_tables` for rows a task computed) reads its files, sorts their rows
 by bucket (a hash, or a key range) and writes them to a scratch file as B Arrow IPC streams
 back to back, returning the streams' byte offsets. A bucket's task then reads its stream
-from every split file (`read_bucket`): one ranged read per group, no Parquet footer to
-parse. Grouping keeps the reads few and large on an object
-store: G groups make G x B reads, against one per data part and bucket. The scratch folder
-is any URL the tasks can reach; it need not be on the data's filesystem.
+from every split file (`read_bucket`, `Streams`): one ranged read per group, no Parquet
+footer to parse. Grouping keeps the reads few and large on an object store: G groups make
+G x B reads, against one per data part and bucket. The scratch folder is any URL the tasks
+can reach; it need not be on the data's filesystem.
 
 Rows keep their file's order inside a bucket, a bucket's stream in a split file holds one
 record batch per file in the group's order, and a bucket's streams are read in the order of
@@ -35,9 +35,6 @@ import pyarrow.parquet as pq
 from semid_dist.io import fs as fsio
 
 T = TypeVar("T")
-# the most buckets one job splits into: G groups x B buckets ranged reads, so past this the
-# buckets grow instead of multiplying (1,024 buckets of a million rows: a billion rows)
-MAX_BUCKETS = 1024
 BucketFn = Callable[[pa.Table, int], np.ndarray]  # (rows, buckets) -> (n,) int64 bucket
 
 
@@ -92,8 +89,10 @@ def split_tables(tables: Iterable[pa.Table], bucket_of: BucketFn, buckets: int,
     """`split_files` of tables already in memory (all of one schema, at least one): written
     to `out_url` as `buckets` streams, a bucket's stream holding one record batch per table
     in their order."""
-    parts = []  # each table with its rows' order by bucket (taken one bucket at a time, so
-    for t in tables:  # no sorted copy of the whole table is made)
+    # each table with its rows' order by bucket; a bucket's rows are taken as it is written,
+    # so no sorted copy of a whole table is made
+    parts = []
+    for t in tables:
         which = bucket_of(t, buckets)
         order = np.argsort(which, kind="stable")
         parts.append((t, order, np.searchsorted(which[order], np.arange(buckets + 1))))

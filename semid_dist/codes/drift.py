@@ -82,10 +82,23 @@ def id_buckets(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     return (h % np.uint64(buckets)).astype(np.int64)
 
 
-def drift_buckets(rows: int, *, bucket_rows: int = 1_000_000, max_buckets: int = 1024) -> int:
+# the most buckets a job splits into: a split makes groups x buckets ranged reads, so past
+# this the buckets grow instead of multiplying (1,024 buckets of a million rows: a billion)
+MAX_BUCKETS = 1024
+
+
+def bucket_count(rows: int, *, bucket_rows: int = 1_000_000,
+                 max_buckets: int = MAX_BUCKETS) -> int:
+    """Buckets of about `bucket_rows` rows each for `rows` rows: at least 1, at most
+    `max_buckets`."""
+    return int(min(max_buckets, max(1, math.ceil(rows / max(bucket_rows, 1)))))
+
+
+def drift_buckets(rows: int, *, bucket_rows: int = 1_000_000,
+                  max_buckets: int = MAX_BUCKETS) -> int:
     """How many id buckets the drift join uses: enough that one bucket of both versions
     together holds about `bucket_rows` rows. rows: rows of both versions together."""
-    return int(min(max_buckets, max(1, math.ceil(rows / max(bucket_rows, 1)))))
+    return bucket_count(rows, bucket_rows=bucket_rows, max_buckets=max_buckets)
 
 
 def _padded(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
