@@ -46,9 +46,11 @@ def pack(arrays: dict[str, np.ndarray], meta: Any = None) -> bytes:
     return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *pieces])
 
 
-def unpack(data: bytes | bytearray | memoryview) -> tuple[Any, dict[str, np.ndarray]]:
+def unpack(data: bytes | bytearray | memoryview, *, copy: bool = True,
+           ) -> tuple[Any, dict[str, np.ndarray]]:
     """(meta, {name: array}) of a bundle. The arrays are writable views of one copy of
-    `data`. Raises ValueError naming the problem when `data` is not a whole bundle."""
+    `data`, or with `copy=False` views of `data` itself (read-only where `data` is bytes).
+    Raises ValueError naming the problem when `data` is not a whole bundle."""
     view = memoryview(data)
     start = len(MAGIC) + 8
     if len(view) < start or not is_bundle(view):
@@ -59,7 +61,7 @@ def unpack(data: bytes | bytearray | memoryview) -> tuple[Any, dict[str, np.ndar
         raise ValueError(f"array bundle truncated: header of {size} bytes, "
                          f"{len(view) - start} present")
     header = json.loads(bytes(view[start:start + size]))
-    body = bytearray(view[start + size:])  # one writable copy for every array
+    body = bytearray(view[start + size:]) if copy else view[start + size:]
     arrays = {}
     for name, dtype, shape, offset, nbytes in header["arrays"]:
         if offset + nbytes > len(body):

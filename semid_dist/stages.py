@@ -297,13 +297,14 @@ def save_shard_result(store: TableStore, version_id: str, result: dict[str, Any]
 def _shard_result(data: bytes) -> dict[str, Any]:
     """A staged result: a bundle, or the npz of a run killed before bundles were written."""
     if packing.is_bundle(data):
-        result, blobs = packing.unpack(data)
+        # the statistics are bundles too, each copied once when `Partial.from_bytes` reads it
+        result, blobs = packing.unpack(data, copy=False)
     else:
         blobs = dict(np.load(io.BytesIO(data), allow_pickle=False))
         result = json.loads(blobs.pop("meta").tobytes())
     if result.get("rejects_file") is not None:
         result["rejects_file"] = FileEntry(**result["rejects_file"])
-    result.update({k: blobs[k].tobytes() for k in _BLOBS if k in blobs})
+    result.update({k: memoryview(blobs[k]) for k in _BLOBS if k in blobs})
     return result
 
 

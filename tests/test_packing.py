@@ -56,6 +56,20 @@ def test_bundle_arrays_are_independent_of_the_input_bytes():
     assert packing.unpack(packing.pack({"a": np.arange(4)}))[1]["a"].tolist() == [0, 1, 2, 3]
 
 
+def test_bundle_unpacked_without_copy_views_the_input():
+    arrays = {"a": np.arange(4, dtype=np.int64), "b": np.linspace(0, 1, 6).reshape(2, 3)}
+    data = packing.pack(arrays, {"k": 1})
+    meta, got = packing.unpack(data, copy=False)
+    assert meta == {"k": 1}
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(got[name], arr)
+        assert not got[name].flags.writeable, name  # views of immutable bytes
+    writable = bytearray(data)
+    got = packing.unpack(writable, copy=False)[1]
+    writable[-8:] = np.float64(7.0).tobytes()  # the last 8 bytes are b's last value
+    assert got["b"][1, 2] == 7.0
+
+
 def test_bundle_rejects_objects_and_bad_data():
     with pytest.raises(TypeError, match="dtype object"):
         packing.pack({"o": np.array([object()])})

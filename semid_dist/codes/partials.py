@@ -11,7 +11,6 @@ import io
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 
 from semid_dist import packing
 from semid_dist.codes.keyset import union_sorted
@@ -95,7 +94,7 @@ class Partial:
         return packing.pack(self._arrays())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Partial:
+    def from_bytes(cls, data: bytes | memoryview) -> Partial:
         """A Partial from `to_bytes` (npz) or `pack` (bundle) output."""
         if packing.is_bundle(data):
             z = packing.unpack(data)[1]
@@ -199,8 +198,7 @@ def _merge_keyed(ka, ca, kb, cb, sa=None, sb=None):
         return uniq, counts, None
     sums = np.zeros((len(uniq), sa.shape[1]), dtype=np.float64)
     sums[ia] = sa
-    torch.from_numpy(sums).index_add_(0, torch.from_numpy(ib.astype(np.int64)),
-                                      torch.from_numpy(np.ascontiguousarray(sb, np.float64)))
+    sums[ib] += sb  # b's keys are unique, so each row is added once
     return uniq, counts, sums
 
 
