@@ -3,6 +3,9 @@ tables (and one real Parquet round trip)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -356,3 +359,35 @@ def test_all_null_embeddings_are_all_rejected():
     assert vb.rejects.column("row").to_pylist() == [7, 8, 9]
     assert all(reason_ok("null_embedding", r, None)
                for r in vb.rejects.column("reason").to_pylist())
+
+
+_FIRST_SHARD_PROBE = """
+import sys
+from semid_dist.io.catalog import Shard, read_shard
+from semid_dist.io.validate import validate_batch
+from semid_dist.stages import warm_worker
+
+warm_worker() if sys.argv[2] == "warm" else None
+before = set(sys.modules)
+path = sys.argv[1]
+raw = read_shard(path, Shard(0, path, (0,), 0, 3), ["item_id", "embedding"])
+batch = validate_batch(raw, id_column="item_id", embedding_column="embedding", dim=4,
+                       source_file=path, row_offset=0)
+assert len(batch.ids) == 3, batch
+print(" ".join(sorted(m for m in set(sys.modules) - before
+                      if m.split(".")[0] in ("pandas", "pyarrow", "numpy", "torch"))))
+"""
+
+
+def test_a_warmed_worker_imports_nothing_more_for_its_first_shard(tmp_path):
+    """The engines' warm-up (`stages.warm_worker`) pays the imports pyarrow's conversions make
+    on first use (its pandas shim), so a fresh worker's first shard does not."""
+    path = str(tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"item_id": pa.array([1, 2, 3], I64), "embedding": pa.array(
+        [[1.0, 2.0, 3.0, 4.0]] * 3, pa.list_(F32, D))}), path)
+    new = {mode: subprocess.run([sys.executable, "-c", _FIRST_SHARD_PROBE, path, mode],
+                                capture_output=True, text=True, check=True).stdout.split()
+           for mode in ("cold", "warm")}
+    assert new["warm"] == []
+    pytest.importorskip("pandas")  # where pandas is installed, pyarrow imports it on first use
+    assert any(m == "pandas" for m in new["cold"]), new["cold"]

@@ -112,10 +112,10 @@ def _one_stage(ds: Any, tasks: int) -> Any:
 
 
 def _warm_task(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task body of the warm-up: import what an encode task needs."""
-    import semid_dist.quantize.encode  # noqa: F401  (torch, threadpoolctl)
-    import semid_dist.stages  # noqa: F401  (pyarrow.parquet, the codes and store modules)
+    """Ray Data task body of the warm-up: pay what an encode task pays first (`warm_worker`)."""
+    from semid_dist.stages import warm_worker
 
+    warm_worker()
     return batch
 
 

@@ -126,10 +126,10 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
 
 
 def _warm_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body of the warm-up: import what an encode task needs."""
-    import semid_dist.quantize.encode  # noqa: F401  (torch, threadpoolctl)
-    import semid_dist.stages  # noqa: F401  (pyarrow.parquet, the codes and store modules)
+    """mapInArrow body of the warm-up: pay what an encode task pays first (`warm_worker`)."""
+    from semid_dist.stages import warm_worker
 
+    warm_worker()
     yield from batches
 
 
