@@ -176,8 +176,7 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         log("scan: no head / tail figures for an incremental version (the popularity of the "
             "carried items is not in this catalog)")
     elif cfg.input.popularity_column:
-        pop = np.concatenate(popularity)
-        del popularity  # the parts: one copy of the column at a time
+        pop = join_consumed(popularity)
         _check_popularity(pop, plan, cfg.input.popularity_column)
         threshold = head_threshold(pop, cfg.metrics.head_share, in_place=True)
         log(f"scan: head = popularity >= {threshold:g} "
@@ -186,14 +185,36 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
                    reject_zero_vectors=cfg.input.on_zero_vector == "reject")
 
 
-def _check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str) -> None:
+def join_consumed(parts: list[np.ndarray]) -> np.ndarray:
+    """One float64 array of `parts` in order, emptying the list as it goes: each part is let
+    go once copied, so the column is held about once, not twice (its parts beside the
+    joined copy), while no other reference keeps the parts."""
+    out = np.empty(sum(len(p) for p in parts), dtype=np.float64)
+    at = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        out[at:at + len(part)] = part
+        at += len(part)
+        del part
+    return out
+
+
+def _check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str, *,
+                      block: int = 1 << 20) -> None:
     """Popularity must be finite and >= 0 (nulls count as 0): the head / tail split is by
-    share of the total. pop: (rows,) float64, the catalog's rows in shard order."""
-    bad = ~(pop >= 0) | np.isinf(pop)  # NaN fails `>= 0`
-    count = int(bad.sum())
+    share of the total. pop: (rows,) float64, the catalog's rows in shard order; checked
+    `block` values at a time (no whole-column masks)."""
+    count, first = 0, -1
+    for start in range(0, len(pop), block):
+        part = pop[start:start + block]
+        bad = ~(part >= 0) | np.isinf(part)  # NaN fails `>= 0`
+        found = int(bad.sum())
+        if found and first < 0:
+            first = start + int(np.argmax(bad))
+        count += found
     if not count:
         return
-    first = int(np.argmax(bad))
     starts = np.cumsum([0] + [s.num_rows for s in plan.shards])
     pos = int(np.searchsorted(starts, first, side="right")) - 1
     shard = plan.shards[pos]

@@ -79,10 +79,10 @@ def run_build(config: Path, catalog: str, root: str, log_path: Path) -> dict:
             "result": result}
 
 
-# what the driver holds per catalog row: the popularity column (8 bytes), twice while the
-# scan's parts are joined; past driver.gather_rows no ids or colliding rows come to it (in
+# what the driver holds per catalog row: the popularity column (8 bytes; the scan's parts are
+# let go as they are joined); past driver.gather_rows no ids or colliding rows come to it (in
 # a full build without collisions.max_per_sid, as the scale run's)
-DRIVER_ROW_BYTES = 16
+DRIVER_ROW_BYTES = 8
 
 
 def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: int) -> list[dict]:
@@ -155,8 +155,9 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         "uses a fixed-size sample, so its time does not grow with the catalog. The driver's "
         "memory is given two ways: the whole measured peak scaled with the rows, its fixed "
         "part too (an upper bound); and the measured peak plus what the driver holds per "
-        f"row, {DRIVER_ROW_BYTES} bytes (the popularity column, twice while the scan's parts "
-        "are joined; past `driver.gather_rows` no ids or colliding rows reach the driver in a "
+        f"row, {DRIVER_ROW_BYTES} bytes (the popularity column, whose parts from the scan are "
+        "let go as they are joined; past `driver.gather_rows` no ids or colliding rows reach "
+        "the driver in a "
         "full build without `collisions.max_per_sid`; "
         "distinct SIDs, 16 bytes each, are left out: see the README's known limits). "
         "Network and object-store reads at cluster scale are not modelled.",
