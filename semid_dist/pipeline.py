@@ -177,7 +177,7 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
             "carried items is not in this catalog)")
     elif cfg.input.popularity_column:
         pop = join_consumed(popularity)
-        _check_popularity(pop, plan, cfg.input.popularity_column)
+        check_popularity(pop, plan, cfg.input.popularity_column)
         threshold = head_threshold(pop, cfg.metrics.head_share, in_place=True)
         log(f"scan: head = popularity >= {threshold:g} "
             f"(items holding {cfg.metrics.head_share:.0%} of popularity)")
@@ -196,11 +196,10 @@ def join_consumed(parts: list[np.ndarray]) -> np.ndarray:
         part = parts.pop()
         out[at:at + len(part)] = part
         at += len(part)
-        del part
     return out
 
 
-def _check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str, *,
+def check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str, *,
                       block: int = 1 << 20) -> None:
     """Popularity must be finite and >= 0 (nulls count as 0): the head / tail split is by
     share of the total. pop: (rows,) float64, the catalog's rows in shard order; checked

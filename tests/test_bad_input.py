@@ -8,7 +8,6 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import ConfigError, InputError
-from semid_dist.io.catalog import Shard
+from semid_dist.io.catalog import CatalogPlan, Shard
 from semid_dist.io.store import TableStore
-from semid_dist.pipeline import _check_popularity, build, join_consumed
+from semid_dist.pipeline import build, check_popularity, join_consumed
 from semid_dist.stages import find_duplicates, first_copy_rejects
 from tests.conftest import clustered, small_config, write_catalog
 
@@ -305,14 +304,14 @@ def test_popularity_parts_are_let_go_as_they_are_joined():
 
 def test_popularity_check_in_blocks_counts_every_bad_value_and_names_the_first():
     shards = tuple(Shard(i, f"/cat/part-{i}.parquet", (0,), 100 * i, 10) for i in range(3))
-    plan = SimpleNamespace(shards=shards)
+    plan = CatalogPlan("/cat", shards, pa.schema([("pop", pa.float64())]), "fp")
     pop = np.arange(30, dtype=np.float64)
-    _check_popularity(pop, plan, "pop", block=4)  # all valid: nothing raised
+    check_popularity(pop, plan, "pop", block=4)  # all valid: nothing raised
     pop[[13, 14, 22, 29]] = [np.nan, -1.0, np.inf, -np.inf]
     for block in (1, 4, 7, 1 << 20):  # the first bad value in any block, across boundaries
         with pytest.raises(InputError, match=r"holds 4 NaN, infinite or negative values "
                                              r"\(e\.g\. nan at /cat/part-1\.parquet:103\)"):
-            _check_popularity(pop, plan, "pop", block=block)
+            check_popularity(pop, plan, "pop", block=block)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -2.0, float("inf")])

@@ -157,8 +157,7 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         "part too (an upper bound); and the measured peak plus what the driver holds per "
         f"row, {DRIVER_ROW_BYTES} bytes (the popularity column, whose parts from the scan are "
         "let go as they are joined; past `driver.gather_rows` no ids or colliding rows reach "
-        "the driver in a "
-        "full build without `collisions.max_per_sid`; "
+        "the driver in a full build without `collisions.max_per_sid`; "
         "distinct SIDs, 16 bytes each, are left out: see the README's known limits). "
         "Network and object-store reads at cluster scale are not modelled.",
         "",
