@@ -24,6 +24,7 @@ from semid_dist.codes.collisions import assign_suffixes, key_range_bounds
 from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.io.catalog import CatalogPlan, Shard
+from semid_dist.popularity import PopularityScan, scan_popularity
 from semid_dist.shuffle import Split, Streams, split_tables
 from semid_dist.stages import (
     STAGING,
@@ -50,6 +51,15 @@ class Duplicates:
     later: Callable[[], dict[int, pa.Table]]
 
 
+@dataclass(frozen=True)
+class ScanGroups:
+    """The scan's groups of consecutive shards (with their positions in the plan), one task
+    each, and the scan of each group's popularity (None without the column)."""
+
+    groups: list[list[tuple[int, Shard]]]
+    popularity: list[PopularityScan | None]
+
+
 LATER = ("later_shard", "later_row", "origin_shard", "origin_row")
 
 
@@ -61,14 +71,14 @@ def _groups(plan: CatalogPlan, bucket_rows: int) -> list[list[tuple[int, Shard]]
 
 
 def bucketed_duplicates(engine, ctx: JobContext, plan: CatalogPlan, bucket_rows: int,
-                         log: Log) -> tuple[Duplicates, list[np.ndarray | None]]:
+                         log: Log) -> tuple[Duplicates, ScanGroups]:
     """The duplicate check in B hash buckets of about `bucket_rows` ids (at most
     `codes.drift.MAX_BUCKETS`): one task per group of consecutive shards of about `bucket_rows`
     rows writes their ids split by bucket to the version's staging (`scan_split`); one task
     per bucket finds its duplicated ids and their later copies (`duplicate_bucket`). The
-    driver holds the duplicates and the popularity column only. The same result as checking
-    every id at once, since all copies of an id share a bucket. Also returns each group's
-    popularity (None without it)."""
+    driver holds the duplicates only. The same result as checking every id at once, since
+    all copies of an id share a bucket. Also returns the groups with their popularity scans
+    (None without the column)."""
     buckets = bucket_count(plan.num_rows, bucket_rows=bucket_rows)
     groups = _groups(plan, bucket_rows)
     log(f"scan: checking {plan.num_rows} ids for duplicates in {buckets} hash buckets "
@@ -89,7 +99,7 @@ def bucketed_duplicates(engine, ctx: JobContext, plan: CatalogPlan, bucket_rows:
         return copy_rejects(plan.shards, *(c[order] for c in cols))
 
     return (Duplicates(ids.take(pc.sort_indices(ids)), sum(f["rows"] for f in found), later),
-            [pop for _, pop in scanned])
+            ScanGroups(groups, [pop for _, pop in scanned]))
 
 
 def _id_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
@@ -97,11 +107,11 @@ def _id_buckets(rows: pa.Table, buckets: int) -> np.ndarray:
 
 
 def scan_split(ctx: JobContext, shards: list[tuple[int, Shard]], buckets: int, out_url: str
-               ) -> tuple[Split, np.ndarray | None]:
+               ) -> tuple[Split, PopularityScan | None]:
     """The scan of a group of shards when the ids are too many for the driver: their
     non-null ids with shard position `pos` and row inside the shard, written to `out_url`
-    split by id hash bucket (`shuffle.split_tables`). Returns the split and the group's
-    popularity in row order (None without the column)."""
+    split by id hash bucket (`shuffle.split_tables`). Returns the split and the scan of the
+    group's popularity (None without the column)."""
     tables, popularity = [], []
     for pos, shard in shards:
         ids, pop = scan_keys(ctx, shard)
@@ -109,9 +119,9 @@ def scan_split(ctx: JobContext, shards: list[tuple[int, Shard]], buckets: int, o
         rows = np.flatnonzero(valid.to_numpy(zero_copy_only=False))
         tables.append(pa.table({"id": ids.filter(valid),
                                 "pos": np.full(len(rows), pos, dtype=np.int32), "row": rows}))
-        popularity.append(pop)
+        popularity.append((pos, pop))
     split = split_tables(tables, _id_buckets, buckets, out_url)
-    return split, None if popularity[0] is None else np.concatenate(popularity)
+    return split, None if popularity[0][1] is None else scan_popularity(popularity)
 
 
 def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import semid_dist
 from semid_dist import shuffle
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
-from semid_dist.codes.metrics import head_threshold
+from semid_dist.codes.headsplit import head_threshold
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, with_absolute_paths
@@ -42,6 +42,7 @@ from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import release_freed_memory
+from semid_dist.popularity import check_popularity, engine_threshold, scan_popularity
 from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
@@ -159,9 +160,11 @@ def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
 def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
           log: Log) -> JobContext:
     """Pre-pass over ids (+ popularity): duplicates and the head/tail popularity threshold.
-    Up to `driver.gather_rows` rows the ids are checked on the driver; more, by engine
-    tasks in hash buckets of about that many ids (`semid_dist.bucketed`)."""
-    if plan.num_rows <= cfg.driver.gather_rows:
+    Up to `driver.gather_rows` rows the ids and popularity are checked on the driver; more,
+    by engine tasks: the ids in hash buckets of about that many (`semid_dist.bucketed`), the
+    popularity in value ranges (`semid_dist.popularity`)."""
+    gathered = plan.num_rows <= cfg.driver.gather_rows
+    if gathered:
         scanned = engine.map(scan_keys, [(ctx, s) for s in plan.shards])
         id_arrays = [ids for ids, _ in scanned]
         dups, held = find_duplicates(id_arrays)
@@ -169,59 +172,24 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         popularity = [p for _, p in scanned]
         del scanned
     else:
-        dup, popularity = bucketed_duplicates(engine, ctx, plan, cfg.driver.gather_rows, log)
+        dup, groups = bucketed_duplicates(engine, ctx, plan, cfg.driver.gather_rows, log)
     ctx = _check_duplicates(ctx, dup, cfg, log)
-    threshold = None
-    if cfg.input.popularity_column and cfg.encode.incremental:
+    column, share, threshold = cfg.input.popularity_column, cfg.metrics.head_share, None
+    if column and cfg.encode.incremental:
         log("scan: no head / tail figures for an incremental version (the popularity of the "
             "carried items is not in this catalog)")
-    elif cfg.input.popularity_column:
-        pop = join_consumed(popularity)
-        check_popularity(pop, plan, cfg.input.popularity_column)
-        threshold = head_threshold(pop, cfg.metrics.head_share, in_place=True)
+    elif column and gathered:
+        check_popularity([scan_popularity([(pos, p)]) for pos, p in enumerate(popularity)],
+                         plan, column)
+        threshold = head_threshold(popularity, share)
+    elif column:
+        check_popularity(groups.popularity, plan, column)
+        threshold = engine_threshold(engine, ctx, groups.groups, groups.popularity, share, log)
+    if threshold is not None:
         log(f"scan: head = popularity >= {threshold:g} "
-            f"(items holding {cfg.metrics.head_share:.0%} of popularity)")
+            f"(items holding {share:.0%} of popularity)")
     return replace(ctx, head_threshold=threshold,
                    reject_zero_vectors=cfg.input.on_zero_vector == "reject")
-
-
-def join_consumed(parts: list[np.ndarray]) -> np.ndarray:
-    """One float64 array of `parts` in order, emptying the list as it goes: each part is let
-    go once copied, so the column is held about once, not twice (its parts beside the
-    joined copy), while no other reference keeps the parts."""
-    out = np.empty(sum(len(p) for p in parts), dtype=np.float64)
-    at = 0
-    parts.reverse()
-    while parts:
-        part = parts.pop()
-        out[at:at + len(part)] = part
-        at += len(part)
-    return out
-
-
-def check_popularity(pop: np.ndarray, plan: CatalogPlan, column: str, *,
-                      block: int = 1 << 20) -> None:
-    """Popularity must be finite and >= 0 (nulls count as 0): the head / tail split is by
-    share of the total. pop: (rows,) float64, the catalog's rows in shard order; checked
-    `block` values at a time (no whole-column masks)."""
-    count, first = 0, -1
-    for start in range(0, len(pop), block):
-        part = pop[start:start + block]
-        bad = ~(part >= 0) | np.isinf(part)  # NaN fails `>= 0`
-        found = int(bad.sum())
-        if found and first < 0:
-            first = start + int(np.argmax(bad))
-        count += found
-    if not count:
-        return
-    starts = np.cumsum([0] + [s.num_rows for s in plan.shards])
-    pos = int(np.searchsorted(starts, first, side="right")) - 1
-    shard = plan.shards[pos]
-    where = f"{redact_url(shard.path)}:{shard.row_offset + first - int(starts[pos])}"
-    raise InputError(f"input.popularity_column={column!r} holds {count} NaN, infinite or "
-                     f"negative values (e.g. {float(pop[first])!r} at {where}); popularity must be "
-                     "finite and >= 0 (nulls count as 0): fix those rows, or unset "
-                     "input.popularity_column")
 
 
 def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,

@@ -103,10 +103,13 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     duplicate check) and popularity."""
     cols = [ctx.id_column] + ([ctx.popularity_column] if ctx.popularity_column else [])
     t = read_shard(ctx.catalog_url, shard, cols)
-    pop = None
-    if ctx.popularity_column:
-        pop = pc.fill_null(pc.cast(t.column(1), pa.float64()), 0.0).to_numpy()
+    pop = popularity_values(t.column(1)) if ctx.popularity_column else None
     return normalize_ids(t.column(0)), pop
+
+
+def popularity_values(column: pa.ChunkedArray) -> np.ndarray:
+    """A popularity column as (rows,) float64, nulls as 0."""
+    return pc.fill_null(pc.cast(column, pa.float64()), 0.0).to_numpy()
 
 
 def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:

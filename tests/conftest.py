@@ -29,10 +29,12 @@ def clustered(n: int, d: int, *, clusters: int = 24, seed: int = 0) -> np.ndarra
 
 
 def write_catalog(path: Path, x: np.ndarray, *, ids=None, row_group_rows: int = 500,
-                  files: int = 1) -> str:
-    """Write x as a Parquet catalog (item_id, embedding fixed_size_list, popularity)."""
+                  files: int = 1, popularity: np.ndarray | None = None) -> str:
+    """Write x as a Parquet catalog (item_id, embedding fixed_size_list, popularity: row
+    number % 97 unless given)."""
     n, d = x.shape
     ids = np.arange(n, dtype=np.int64) if ids is None else ids
+    popularity = np.arange(n, dtype=np.int64) % 97 if popularity is None else popularity
     path.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, n, files + 1).astype(int)
     for f in range(files):
@@ -41,7 +43,7 @@ def write_catalog(path: Path, x: np.ndarray, *, ids=None, row_group_rows: int = 
             "item_id": pa.array(ids[lo:hi]),
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(x[lo:hi].ravel(), pa.float32()), d),
-            "popularity": pa.array(np.arange(lo, hi, dtype=np.int64) % 97),
+            "popularity": pa.array(popularity[lo:hi]),
         })
         pq.write_table(table, path / f"part-{f:03d}.parquet", row_group_size=row_group_rows)
     return str(path)

@@ -5,7 +5,6 @@ reconcile (manifest rows: input = encoded + rejected, matching the data / reject
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import ConfigError, InputError
-from semid_dist.io.catalog import CatalogPlan, Shard
+from semid_dist.io.catalog import Shard
 from semid_dist.io.store import TableStore
-from semid_dist.pipeline import build, check_popularity, join_consumed
+from semid_dist.pipeline import build
 from semid_dist.stages import find_duplicates, first_copy_rejects
 from tests.conftest import clustered, small_config, write_catalog
 
@@ -288,30 +287,6 @@ def test_duplicates_fail_policy_and_on_bad_rows_fail(tmp_path, root):
             build(cfg(cat, root, input__on_duplicate=policy, input__on_bad_rows="fail"),
                   log=quiet)
     assert nothing_committed(root)
-
-
-def test_popularity_parts_are_let_go_as_they_are_joined():
-    parts = [np.arange(5, dtype=np.float64), np.arange(3, dtype=np.float32) + 10,
-             np.zeros(0), np.full(4, 2.5)]
-    want = np.concatenate(parts).astype(np.float64)
-    refs = [weakref.ref(p) for p in parts]
-    joined = join_consumed(parts)
-    assert parts == []
-    assert all(r() is None for r in refs)  # no part outlives the join
-    assert joined.dtype == np.float64 and joined.flags.writeable
-    np.testing.assert_array_equal(joined, want)
-
-
-def test_popularity_check_in_blocks_counts_every_bad_value_and_names_the_first():
-    shards = tuple(Shard(i, f"/cat/part-{i}.parquet", (0,), 100 * i, 10) for i in range(3))
-    plan = CatalogPlan("/cat", shards, pa.schema([("pop", pa.float64())]), "fp")
-    pop = np.arange(30, dtype=np.float64)
-    check_popularity(pop, plan, "pop", block=4)  # all valid: nothing raised
-    pop[[13, 14, 22, 29]] = [np.nan, -1.0, np.inf, -np.inf]
-    for block in (1, 4, 7, 1 << 20):  # the first bad value in any block, across boundaries
-        with pytest.raises(InputError, match=r"holds 4 NaN, infinite or negative values "
-                                             r"\(e\.g\. nan at /cat/part-1\.parquet:103\)"):
-            check_popularity(pop, plan, "pop", block=block)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -2.0, float("inf")])

@@ -8,8 +8,9 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
+from semid_dist.codes.headsplit import head_threshold
 from semid_dist.codes.hourglass import conditional_stats, hourglass_verdict
-from semid_dist.codes.metrics import finalize_metrics, head_threshold, layer_stats
+from semid_dist.codes.metrics import finalize_metrics, layer_stats
 from semid_dist.codes.partials import merge_all, partial_from_batch
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
@@ -102,45 +103,6 @@ def test_routing_neck_has_the_largest_in_degree():
                            np.ones((n, 2), np.float32), SIZES, quality_depth=1)
     top = conditional_stats(p.trans_keys, p.trans_counts, SIZES)[0]["in_degree"]["top"][0]
     assert top["token"] == 3 and top["share"] > 0.5
-
-
-def test_head_threshold_brute_force():
-    rng = np.random.default_rng(6)
-    pop = np.floor(rng.pareto(1.2, 1000) * 10)
-    for share in (0.5, 0.8, 0.95):
-        t = head_threshold(pop, share)
-        head = pop >= t
-        assert pop[head].sum() >= share * pop.sum()
-        # the head is minimal: dropping the least popular head value falls below the share
-        above = pop > t
-        assert pop[above].sum() < share * pop.sum()
-    assert head_threshold(np.zeros(5), 0.8) == float("inf")
-
-
-def test_head_threshold_in_blocks_equals_one_running_sum():
-    """The running sum formed a few values at a time (each block continuing from the last
-    one's sum) gives the threshold of one cumulative sum over the sorted column, bit for
-    bit, sorting a copy or the column itself."""
-    rng = np.random.default_rng(11)
-
-    def whole(pop: np.ndarray, share: float) -> float:
-        desc = np.sort(pop)[::-1]
-        idx = int(np.searchsorted(np.cumsum(desc) / desc.sum(), share, side="left"))
-        return float(desc[min(idx, len(desc) - 1)])
-
-    columns = [rng.pareto(1.2, 997), rng.integers(0, 20, 500).astype(np.float64),
-               rng.random(1000) * 1e6, np.where(rng.random(800) < 0.9, 0.0,
-                                                rng.lognormal(0, 3, 800))]
-    for pop in columns:
-        for share in (0.0, 0.3, 0.8, 0.999, 1.0):
-            want = whole(pop, share)
-            for block in (1, 2, 7, 64, 1 << 20):
-                assert head_threshold(pop, share, block=block) == want
-                own = pop.copy()
-                assert head_threshold(own, share, block=block, in_place=True) == want
-                assert np.array_equal(own, np.sort(pop))  # sorted in place
-    with pytest.raises(ValueError, match="block=0"):
-        head_threshold(columns[0], 0.8, block=0)
 
 
 def test_head_and_tail_figures_partition_the_catalog(small_catalog, tmp_path):

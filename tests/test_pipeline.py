@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.cli import main
-from semid_dist.codes.metrics import head_threshold
+from semid_dist.codes.headsplit import head_threshold
 from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io import fs as fsio

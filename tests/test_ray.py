@@ -35,7 +35,10 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     shards (24) each encode task runs 3 shards one after the other, and the shards' head /
     tail statistics (popularity column) come back per shard."""
     _, x = small_catalog
-    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=group_rows, files=2)
+    # continuous popularity at 100 rows: the head threshold takes Ray passes deeper
+    pop = np.random.default_rng(2).lognormal(0, 2, len(x)) if group_rows == 100 else None
+    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=group_rows, files=2,
+                            popularity=pop)
     over = {"encode__shard_rows": group_rows}
     if group_rows == 100:
         over["input__popularity_column"] = "popularity"
@@ -51,6 +54,9 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
                              encode__from_version=fitted.version_id, **over), log=logs.append)
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
     assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
+    if pop is not None:
+        assert any("more pass(es) over the popularity column" in m and "took 0" not in m
+                   for m in logs)
     store = TableStore(root, "sids")
     a = store.read_data(local.version_id).sort_by("item_id")
     b = store.read_data(ray.version_id).sort_by("item_id")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from semid_dist.bench.scale import tree_rss_mib
 from semid_dist.io.store import TableStore
 from tests.conftest import REPO
@@ -54,7 +56,12 @@ def test_scale_job_builds_and_reports(tmp_path):
     assert figures["peak_tree_mib"] >= figures["peak_driver_mib"] > 50
     encode = next(r for r in figures["projection"] if r["stage"] == "encode")
     assert encode["projected_s"] > encode["measured_s"]  # 25,000x the rows on 64x the cores
-    upper, per_row = (next(r for r in figures["projection"] if r["stage"].startswith(name))
-                      for name in ("driver peak RSS, all", "driver peak RSS, per-row"))
-    assert upper["measured_s"] == per_row["measured_s"] == figures["peak_driver_mib"]
-    assert upper["projected_s"] > per_row["projected_s"] > per_row["measured_s"]
+    upper, per_sid = (next(r for r in figures["projection"] if r["stage"].startswith(name))
+                      for name in ("driver peak RSS, all", "driver peak RSS, per-SID"))
+    assert upper["measured_s"] == per_sid["measured_s"] == figures["peak_driver_mib"]
+    # the distinct SIDs grow with the rows up to the key space (16 x 8 x 8)
+    sids = figures["sids"]
+    assert sids["key_space"] == 1024 and 0 < sids["distinct"] <= 1024
+    assert per_sid["projected_s"] == pytest.approx(
+        per_sid["measured_s"] + 16 * (1024 - sids["distinct"]) / 2**20)
+    assert upper["projected_s"] > per_sid["projected_s"]

@@ -70,16 +70,23 @@ def test_spark_incremental_version_identical_to_local(spark_session, incremental
 def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path):
     """Same input, same codebooks: Spark's mapInArrow writes exactly the local engine's table
     and metrics; Spark tasks check the ids for duplicates in hash buckets and rank the
-    collision suffixes in key ranges (driver.gather_rows 700)."""
-    catalog, _ = small_catalog
+    collision suffixes in key ranges, and make the head threshold's passes over a
+    continuous popularity column (driver.gather_rows 700)."""
+    _, x = small_catalog
+    pop = np.random.default_rng(2).lognormal(0, 2, len(x))
+    catalog = write_catalog(tmp_path / "catalog", x, files=2, popularity=pop)
     root = str(tmp_path / "out")
-    fitted = build(small_config(catalog, root), log=quiet)
-    local = build(small_config(catalog, root, encode__from_version=fitted.version_id), log=quiet)
+    over = {"input__popularity_column": "popularity"}
+    fitted = build(small_config(catalog, root, **over), log=quiet)
+    local = build(small_config(catalog, root, encode__from_version=fitted.version_id, **over),
+                  log=quiet)
     logs: list[str] = []
     spark = build(small_config(catalog, root, engine="spark", driver__gather_rows=700,
-                               encode__from_version=fitted.version_id), log=logs.append)
+                               encode__from_version=fitted.version_id, **over), log=logs.append)
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
     assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
+    assert any("more pass(es) over the popularity column" in m and "took 0" not in m
+               for m in logs)
     store = TableStore(root, "sids")
     a = store.read_data(local.version_id).sort_by("item_id")
     b = store.read_data(spark.version_id).sort_by("item_id")

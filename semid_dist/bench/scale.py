@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -79,10 +80,17 @@ def run_build(config: Path, catalog: str, root: str, log_path: Path) -> dict:
             "result": result}
 
 
-# what the driver holds per catalog row: the popularity column (8 bytes; the scan's parts are
-# let go as they are joined); past driver.gather_rows no ids or colliding rows come to it (in
-# a full build without collisions.max_per_sid, as the scale run's)
-DRIVER_ROW_BYTES = 8
+# what the driver holds per distinct SID in the reduce; past driver.gather_rows it holds
+# nothing per catalog row (the ids, the colliding rows and the popularity stay in tasks, in a
+# full build without collisions.max_per_sid, as the scale run's)
+DRIVER_SID_BYTES = 16
+
+
+def sid_counts(metrics: dict) -> dict[str, int]:
+    """Distinct SIDs of the build (before suffixes) and the SID key space (the product of
+    the layer sizes)."""
+    return {"distinct": metrics["collisions"]["distinct_sids"],
+            "key_space": math.prod(g["size"] for g in metrics["layers"])}
 
 
 def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: int) -> list[dict]:
@@ -102,8 +110,10 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     peak = measured["peak_driver_mib"]
     rows_out.append({"stage": "driver peak RSS, all of it scaled (MiB)", "measured_s": peak,
                      "projected_s": peak * scale})
-    rows_out.append({"stage": "driver peak RSS, per-row part scaled (MiB)", "measured_s": peak,
-                     "projected_s": peak + DRIVER_ROW_BYTES * (target_rows - rows) / 2**20})
+    sids = sid_counts(measured["result"]["metrics"])
+    more = min(sids["distinct"] * scale, sids["key_space"]) - sids["distinct"]
+    rows_out.append({"stage": "driver peak RSS, per-SID part scaled (MiB)", "measured_s": peak,
+                     "projected_s": peak + DRIVER_SID_BYTES * max(more, 0) / 2**20})
     return rows_out
 
 
@@ -154,11 +164,11 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         "so none is assumed); the fit "
         "uses a fixed-size sample, so its time does not grow with the catalog. The driver's "
         "memory is given two ways: the whole measured peak scaled with the rows, its fixed "
-        "part too (an upper bound); and the measured peak plus what the driver holds per "
-        f"row, {DRIVER_ROW_BYTES} bytes (the popularity column, whose parts from the scan are "
-        "let go as they are joined; past `driver.gather_rows` no ids or colliding rows reach "
-        "the driver in a full build without `collisions.max_per_sid`; "
-        "distinct SIDs, 16 bytes each, are left out: see the README's known limits). "
+        "part too (an upper bound); and the measured peak plus what grows with the catalog "
+        "past `driver.gather_rows`: the reduce's distinct SIDs, "
+        f"{DRIVER_SID_BYTES} bytes each, scaled with the rows up to the SID key space (the "
+        "product of the layer sizes). No ids, colliding rows or popularity values reach the "
+        "driver then (in a full build without `collisions.max_per_sid`). "
         "Network and object-store reads at cluster scale are not modelled.",
         "",
         "| stage | measured here | projected |",
@@ -199,7 +209,8 @@ def run_scale(args: argparse.Namespace) -> None:
          "peak_tree_mib": measured["peak_tree_mib"],
          "peak_driver_mib": measured["peak_driver_mib"],
          "timings": measured["result"]["metrics"]["timings"],
-         "rows": measured["result"]["metrics"]["rows"], "projection": proj}, indent=2))
+         "rows": measured["result"]["metrics"]["rows"],
+         "sids": sid_counts(measured["result"]["metrics"]), "projection": proj}, indent=2))
     print(f"scale: done in {measured['wall_s']:.0f} s; peak RSS driver "
           f"{measured['peak_driver_mib']:.0f} MiB, tree {measured['peak_tree_mib']:.0f} MiB; "
           f"wrote {args.out_md}", flush=True)

@@ -32,38 +32,6 @@ from semid_dist.codes.pruning import (
 QUANTILES = ("0.8", "0.9", "0.99", "0.999")
 
 
-def head_threshold(popularity: np.ndarray, share: float, *, in_place: bool = False,
-                   block: int = 1 << 20) -> float:
-    """Popularity at or above which items are "head": the most popular items that together
-    hold `share` of total popularity (ties at the threshold are head too).
-
-    popularity: (n,) finite, >= 0. The running sum from the most popular item down is
-    formed `block` items at a time (each block's sums continue from the last one's, so they
-    are the same additions as one cumulative sum): beside the sorted values, memory stays
-    at a block. in_place: sort `popularity` itself (float64) rather than a copy."""
-    if block < 1:
-        raise ValueError(f"block={block} must be >= 1")
-    pop = np.asarray(popularity, dtype=np.float64)
-    if in_place:
-        pop.sort()
-    else:
-        pop = np.sort(pop)
-    desc = pop[::-1]
-    total = desc.sum()
-    n = len(desc)
-    if n == 0 or total <= 0:
-        return float("inf")
-    carry = 0.0
-    for start in range(0, n, block):
-        part = desc[start:start + block]
-        run = np.cumsum(part) if start == 0 else np.cumsum(np.concatenate([[carry], part]))[1:]
-        idx = int(np.searchsorted(run / total, share, side="left"))
-        if idx < len(part):
-            return float(desc[start + idx])
-        carry = run[-1]
-    return float(desc[n - 1])
-
-
 def gini(counts: np.ndarray) -> float:
     """Gini coefficient of non-negative counts (0 = perfectly even)."""
     c = np.sort(np.asarray(counts, dtype=np.float64))

@@ -1,0 +1,105 @@
+"""The scan's popularity steps: the check (finite and >= 0) and the head / tail threshold.
+
+Up to `driver.gather_rows` rows the driver holds the popularity column, shard by shard, and
+finds the threshold there (`codes.headsplit.head_threshold`). Past it the scan's tasks send
+only each group's value-range histogram, and each pass deeper is one more engine task per
+group over the popularity column (`popularity_ranges`): the driver holds no per-row
+popularity. Both ways give the same threshold, bit for bit: the histograms are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from semid_dist.codes.headsplit import (
+    ValueRanges,
+    find_threshold,
+    merge_ranges,
+    value_ranges,
+)
+from semid_dist.errors import InputError
+from semid_dist.io.catalog import CatalogPlan, Shard, read_shard
+from semid_dist.io.fs import redact_url
+from semid_dist.stages import JobContext, popularity_values
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PopularityScan:
+    """What the scan saw of a run of shards' popularity: the level-0 value ranges (None
+    when a value is bad), and the NaN / infinite / negative values: how many, and the first
+    as (shard position in the plan, row in the shard, value)."""
+
+    ranges: ValueRanges | None
+    bad: int
+    first_bad: tuple[int, int, float] | None
+
+
+def bad_values(pop: np.ndarray) -> tuple[int, int]:
+    """NaN, infinite and negative values of pop (n,) float64: how many, and the first's
+    index (-1: none)."""
+    bad = ~(pop >= 0) | np.isinf(pop)  # NaN fails `>= 0`
+    count = int(bad.sum())
+    return count, int(np.argmax(bad)) if count else -1
+
+
+def scan_popularity(parts: Sequence[tuple[int, np.ndarray]]) -> PopularityScan:
+    """The scan of shards' popularity. parts: (shard position, its popularity (rows,)
+    float64 in row order)."""
+    bad, first = 0, None
+    for pos, pop in parts:
+        count, at = bad_values(pop)
+        if count and first is None:
+            first = (pos, at, float(pop[at]))
+        bad += count
+    ranges = None if bad else merge_ranges([value_ranges(p) for _, p in parts])
+    return PopularityScan(ranges, bad, first)
+
+
+def check_popularity(scans: Sequence[PopularityScan], plan: CatalogPlan, column: str) -> None:
+    """Popularity must be finite and >= 0 (nulls count as 0): the head / tail split is by
+    share of the total. Names how many values are bad and the first in (shard, row) order."""
+    count = sum(s.bad for s in scans)
+    if not count:
+        return
+    pos, row, value = min(s.first_bad for s in scans if s.first_bad is not None)
+    shard = plan.shards[pos]
+    raise InputError(f"input.popularity_column={column!r} holds {count} NaN, infinite or "
+                     f"negative values (e.g. {value!r} at {redact_url(shard.path)}:"
+                     f"{shard.row_offset + row}); popularity must be finite and >= 0 (nulls "
+                     "count as 0): fix those rows, or unset input.popularity_column")
+
+
+def popularity_ranges(ctx: JobContext, shards: Sequence[tuple[int, Shard]], level: int,
+                      prefix: int) -> ValueRanges:
+    """One pass deeper for a group of shards: the value ranges at `level` inside the range
+    `prefix` of the level above, from the shards' popularity column."""
+    return merge_ranges([value_ranges(_read(ctx, shard), level=level, prefix=prefix)
+                         for _, shard in shards])
+
+
+def engine_threshold(engine, ctx: JobContext, groups: Sequence[Sequence[tuple[int, Shard]]],
+                     scans: Sequence[PopularityScan], share: float, log: Log) -> float:
+    """The threshold from the groups' scans, with one engine task per group for each pass
+    deeper into the range where the running sum reaches the share."""
+    passes = 0
+
+    def refine(level: int, prefix: int) -> ValueRanges:
+        nonlocal passes
+        passes += 1
+        return merge_ranges(engine.map(popularity_ranges,
+                                       [(ctx, g, level, prefix) for g in groups]))
+
+    threshold = find_threshold(merge_ranges([s.ranges for s in scans]), share, refine)
+    log(f"scan: the head threshold took {passes} more pass(es) over the popularity column "
+        f"({len(groups)} tasks each)")
+    return threshold
+
+
+def _read(ctx: JobContext, shard: Shard) -> np.ndarray:
+    return popularity_values(read_shard(ctx.catalog_url, shard, [ctx.popularity_column])
+                             .column(0))
