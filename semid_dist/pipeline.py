@@ -23,7 +23,6 @@ import pyarrow as pa
 import semid_dist
 from semid_dist import shuffle
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
-from semid_dist.codes.headsplit import head_threshold
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, with_absolute_paths
@@ -42,7 +41,7 @@ from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import release_freed_memory
-from semid_dist.popularity import check_popularity, engine_threshold, scan_popularity
+from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
@@ -179,12 +178,10 @@ def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         log("scan: no head / tail figures for an incremental version (the popularity of the "
             "carried items is not in this catalog)")
     elif column and gathered:
-        check_popularity([scan_popularity([(pos, p)]) for pos, p in enumerate(popularity)],
-                         plan, column)
-        threshold = head_threshold(popularity, share)
+        threshold = driver_threshold(popularity, plan, column, share)
     elif column:
-        check_popularity(groups.popularity, plan, column)
-        threshold = engine_threshold(engine, ctx, groups.groups, groups.popularity, share, log)
+        threshold = task_threshold(engine, ctx, plan, groups.groups, groups.popularity, column,
+                                   share, log)
     if threshold is not None:
         log(f"scan: head = popularity >= {threshold:g} "
             f"(items holding {share:.0%} of popularity)")

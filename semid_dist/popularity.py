@@ -1,10 +1,11 @@
 """The scan's popularity steps: the check (finite and >= 0) and the head / tail threshold.
 
 Up to `driver.gather_rows` rows the driver holds the popularity column, shard by shard, and
-finds the threshold there (`codes.headsplit.head_threshold`). Past it the scan's tasks send
-only each group's value-range histogram, and each pass deeper is one more engine task per
-group over the popularity column (`popularity_ranges`): the driver holds no per-row
-popularity. Both ways give the same threshold, bit for bit: the histograms are exact.
+finds the threshold there (`driver_threshold`). Past it the scan's tasks send only each
+group's value-range histogram (`codes.headsplit`: at most 2,047 ranges, 40 bytes each), and
+each pass deeper is one engine task per group that holds values in the range being narrowed
+(`task_threshold`, at most 8,192 ranges a group): the driver holds no per-row popularity.
+Both ways give the same threshold, bit for bit: the histograms are exact.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from semid_dist.codes.headsplit import (
     ValueRanges,
     find_threshold,
+    in_memory,
     merge_ranges,
     value_ranges,
 )
@@ -82,22 +84,47 @@ def popularity_ranges(ctx: JobContext, shards: Sequence[tuple[int, Shard]], leve
                          for _, shard in shards])
 
 
-def engine_threshold(engine, ctx: JobContext, groups: Sequence[Sequence[tuple[int, Shard]]],
-                     scans: Sequence[PopularityScan], share: float, log: Log) -> float:
-    """The threshold from the groups' scans, with one engine task per group for each pass
-    deeper into the range where the running sum reaches the share."""
-    passes = 0
+def driver_threshold(popularity: Sequence[np.ndarray], plan: CatalogPlan, column: str,
+                     share: float) -> float:
+    """Check the column the driver holds (one (rows,) float64 part per shard of `plan`) and
+    find its threshold."""
+    scans = [scan_popularity([(pos, p)]) for pos, p in enumerate(popularity)]
+    check_popularity(scans, plan, column)
+    return find_threshold(merge_ranges([s.ranges for s in scans]), share, in_memory(popularity))
+
+
+def task_threshold(engine, ctx: JobContext, plan: CatalogPlan,
+                   groups: Sequence[Sequence[tuple[int, Shard]]],
+                   scans: Sequence[PopularityScan], column: str, share: float,
+                   log: Log) -> float:
+    """Check the groups' scans and find the threshold from them, with one engine task for
+    each pass deeper per group that holds values in the range being narrowed (all of them
+    in a shuffled catalog, few in one sorted by popularity)."""
+    check_popularity(scans, plan, column)
+    last = [s.ranges for s in scans]  # each group's ranges at the level last made
+    passes = tasks = 0
 
     def refine(level: int, prefix: int) -> ValueRanges:
-        nonlocal passes
-        passes += 1
-        return merge_ranges(engine.map(popularity_ranges,
-                                       [(ctx, g, level, prefix) for g in groups]))
+        nonlocal passes, tasks
+        live = [g for g, r in enumerate(last) if r is not None and _holds(r, prefix)]
+        found = engine.map(popularity_ranges, [(ctx, groups[g], level, prefix) for g in live])
+        last[:] = [None] * len(last)
+        for g, r in zip(live, found):
+            last[g] = r
+        passes, tasks = passes + 1, tasks + len(live)
+        return merge_ranges(found)
 
     threshold = find_threshold(merge_ranges([s.ranges for s in scans]), share, refine)
     log(f"scan: the head threshold took {passes} more pass(es) over the popularity column "
-        f"({len(groups)} tasks each)")
+        f"({tasks} task{'' if tasks == 1 else 's'})" if passes else
+        "scan: the head threshold from the scan's value ranges alone (a single value)")
     return threshold
+
+
+def _holds(ranges: ValueRanges, key: int) -> bool:
+    keys = ranges.keys
+    at = int(np.searchsorted(keys, np.uint64(key)))
+    return at < len(keys) and int(keys[at]) == key
 
 
 def _read(ctx: JobContext, shard: Shard) -> np.ndarray:

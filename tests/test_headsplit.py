@@ -3,6 +3,7 @@ driver or in engine passes over value ranges."""
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -10,7 +11,9 @@ import pyarrow as pa
 import pytest
 
 from semid_dist.codes.headsplit import (
+    MAX_ROWS,
     SHIFTS,
+    ValueRanges,
     find_threshold,
     head_threshold,
     merge_ranges,
@@ -96,13 +99,30 @@ def test_each_pass_narrows_to_one_range_and_stops_at_a_single_value():
 
     close = 1.0 + np.arange(300) * np.finfo(np.float64).eps
     assert passes(close, 0.5) == (exact_threshold(close, 0.5), list(range(1, len(SHIFTS))))
-    counts = np.arange(100, dtype=np.float64) % 17
-    assert passes(counts, 0.8) == (exact_threshold(counts, 0.8), [])
+    counts = np.arange(100, dtype=np.float64) % 17  # 4..7 share a binary exponent
+    assert passes(counts, 0.8) == (exact_threshold(counts, 0.8), [1])
+    powers = 2.0 ** (np.arange(100) % 9)  # one value per binary exponent
+    assert passes(powers, 0.8) == (exact_threshold(powers, 0.8), [])
     with pytest.raises(ValueError, match="missed rows"):  # a pass that lost the range's rows
         find_threshold(value_ranges(close), 0.5,
                        lambda level, prefix: value_ranges(close[:0], level=level))
     with pytest.raises(ValueError, match="need one level"):
         merge_ranges([value_ranges(close), value_ranges(close, level=1, prefix=0)])
+
+
+def test_bad_arguments_and_edges_are_clear():
+    pop = np.arange(10, dtype=np.float64)
+    for share in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"share=.* must be in \[0, 1\]"):
+            head_threshold(pop, share)
+    assert head_threshold([], 0.8) == float("inf")  # no values: no head
+    assert head_threshold([pop[:0], pop[:0]], 0.8) == float("inf")
+    one = value_ranges(pop[1:2])
+    big = ValueRanges(level=0, low=one.low, high=one.high, count=one.count + MAX_ROWS // 2,
+                      hi=one.hi, lo=one.lo)
+    merge_ranges([big, one])  # under 2^36 values: exact int64 sums
+    with pytest.raises(ValueError, match="would overflow"):
+        merge_ranges([big, big])
 
 
 def test_popularity_check_counts_every_bad_value_and_names_the_first():
@@ -126,7 +146,9 @@ def test_engine_passes_give_the_drivers_threshold_and_the_same_acrq_sids(tmp_pat
     makes the passes deeper: the same threshold as the driver's, so the same ACRQ fit, SIDs
     and head / tail figures."""
     x = clustered(1200, 8, seed=4)
-    pop = np.random.default_rng(4).lognormal(0, 2, len(x))  # continuous: passes deeper
+    # continuous, so passes deeper; ascending through the files, so only the groups that
+    # hold the range being narrowed get a task
+    pop = np.sort(np.random.default_rng(4).lognormal(0, 2, len(x)))
     catalog = write_catalog(tmp_path / "cat", x, files=3, popularity=pop)
     opts = {"quantizer__method": "acrq", "quantizer__layers": [16, 8],
             "quantizer__anchor_layers": [4, 4], "input__popularity_column": "popularity",
@@ -140,7 +162,11 @@ def test_engine_passes_give_the_drivers_threshold_and_the_same_acrq_sids(tmp_pat
         tables.append(TableStore(root, "sids").read_data().sort_by("item_id"))
     assert any("ids for duplicates in" in m for m in logs)  # the second build was bucketed
     passes = [m for m in logs if "more pass(es) over the popularity column" in m]
-    assert len(passes) == 1 and "took 0 more" not in passes[0]
+    assert len(passes) == 1
+    count, tasks = map(int, re.search(r"took (\d+) more pass\(es\).*\((\d+) tasks?\)",
+                                      passes[0]).groups())
+    groups = 3  # one shard of 400 rows each (gather_rows 250)
+    assert count >= 1 and count <= tasks < count * groups
     assert tables[0].equals(tables[1])
     head = int((pop >= head_threshold(pop, 0.8)).sum())
     for res in results:

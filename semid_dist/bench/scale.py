@@ -168,7 +168,9 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         "past `driver.gather_rows`: the reduce's distinct SIDs, "
         f"{DRIVER_SID_BYTES} bytes each, scaled with the rows up to the SID key space (the "
         "product of the layer sizes). No ids, colliding rows or popularity values reach the "
-        "driver then (in a full build without `collisions.max_per_sid`). "
+        "driver then (in a full build without `collisions.max_per_sid`); the popularity's "
+        "value-range histograms, at most 80-320 KB per group of `driver.gather_rows` rows, "
+        "are left out. "
         "Network and object-store reads at cluster scale are not modelled.",
         "",
         "| stage | measured here | projected |",
