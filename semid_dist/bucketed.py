@@ -1,7 +1,8 @@
 """The driver's per-key steps past `driver.gather_rows`, as engine tasks through staging.
 
-Two steps need every row of one key together: the duplicate-id check (every copy of an id)
-and the collision suffixes (every item of a SID). Up to `driver.gather_rows` rows the
+Three steps need every row of one key together: the duplicate-id check (every copy of an
+id), the capacity bound (every item under a SID prefix, `collisions.max_per_sid`) and the
+collision suffixes (every item of a SID). Up to `driver.gather_rows` rows the
 driver gathers them (`semid_dist.pipeline`, `semid_dist.reduce`); past it the functions
 here split the rows by bucket into the version's `_staging/` (`semid_dist.shuffle`): one
 task per group of consecutive shards writes its rows split by bucket, one task per bucket
@@ -20,20 +21,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist import shuffle
-from semid_dist.codes.collisions import assign_suffixes, key_range_bounds
+from semid_dist.codes.capacity import MoveDelta, merge_deltas, move_delta
+from semid_dist.codes.collisions import (
+    assign_suffixes,
+    key_range_bounds,
+    last_layer_prefix,
+    occupancy,
+)
 from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.io.catalog import CatalogPlan, Shard
 from semid_dist.popularity import PopularityScan, scan_popularity
 from semid_dist.shuffle import Split, Streams, split_tables
 from semid_dist.stages import (
+    MOVE_SCHEMA,
     STAGING,
     JobContext,
+    ShardMoves,
     colliding_rows,
     copy_rejects,
     find_duplicates,
     later_copies,
+    overflow_rows,
+    reassign,
     scan_keys,
+    shard_moves,
 )
 
 Log = Callable[[str], None]
@@ -141,7 +153,8 @@ def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
 
 def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
                       hot_counts: np.ndarray, decision: PruneDecision,
-                      moves: pa.Table | None, *, bucket_rows: int, scratch: str,
+                      moves: pa.Table | list[Streams] | None, *, bucket_rows: int,
+                      scratch: str,
                       log: Log | None = None) -> list[Streams]:
     """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
     ranked in B key ranges of about `bucket_rows` items (at most `codes.drift.MAX_BUCKETS`; each
@@ -158,19 +171,26 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     if log:
         log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
             f"({len(groups)} split tasks, through staging)")
-    splits = engine.map(colliding_split, [(ctx, g, hot, decision, moves, bounds,
+    splits = engine.map(colliding_split, [(ctx, g, hot, decision,
+                                           [shard_moves(moves, pos) for pos, _ in g], bounds,
                                            f"{scratch}/rows-{i:06d}")
                                           for i, g in enumerate(groups)])
     shards = len(plan.shards)
     ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}")
                                         for b in range(buckets)])
+    return _per_shard(ranked, shards)
+
+
+def _per_shard(results: list[tuple[Split, np.ndarray]], shards: int) -> list[Streams]:
+    """Each shard's streams of range tasks' splits by shard position (a split with how many
+    rows each of the `shards` streams holds; empty streams left out)."""
     return [Streams(tuple((split.path, split.offsets[pos], split.offsets[pos + 1])
-                          for split, rows in ranked if rows[pos]))
+                          for split, rows in results if rows[pos]))
             for pos in range(shards)]
 
 
 def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
-                    decision: PruneDecision, moves: pa.Table | None, bounds: np.ndarray,
+                    decision: PruneDecision, moves: list[ShardMoves], bounds: np.ndarray,
                     out_url: str) -> Split:
     """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
     `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges: a row of
@@ -180,8 +200,8 @@ def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.n
         return np.searchsorted(bounds, rows.column("key").to_numpy(), side="right")
 
     tables = []
-    for pos, shard in shards:
-        t = colliding_rows(ctx, shard, keys, decision, moves)
+    for (pos, shard), moved in zip(shards, moves):
+        t = colliding_rows(ctx, shard, keys, decision, moved)
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
     return split_tables(tables, of_key, len(bounds) + 1, out_url)
 
@@ -200,3 +220,81 @@ def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str
     out = pa.table({"row": rows.column("row").to_numpy()[nonzero], "suffix": suffix[nonzero]})
     split = split_tables([out], lambda t, n: pos, shards, out_url)
     return split, np.bincount(pos, minlength=shards)
+
+
+# -- the capacity bound ------------------------------------------------------------------
+
+def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarray,
+                      counts: np.ndarray, over: np.ndarray, decision: PruneDecision,
+                      capacity: int, *, bucket_rows: int, scratch: str,
+                      log: Log | None = None) -> tuple[MoveDelta, list[Streams]]:
+    """Capacity moves for the over-full final SIDs (`over`, a mask of the sorted `keys`
+    holding `counts` items) in P prefix ranges of about `bucket_rows` of their rows (at most
+    `codes.drift.MAX_BUCKETS`; every prefix inside one range). One task per group of
+    consecutive shards writes their rows of those SIDs split by prefix range
+    (`overflow_split`); one task per range moves its items (`reassign_range`) and writes
+    the moves split by shard. The moves are those of moving every row at once, since an
+    item moves only under its own prefix. Returns the statistics' change and each shard's
+    streams of its moves (row, code, qerr)."""
+    last = ctx.sizes[-1]
+    prefix, _ = last_layer_prefix(keys, last)
+    prefixes, first = np.unique(prefix[over], return_index=True)
+    rows_of = np.add.reduceat(counts[over], first)  # over-full rows under each prefix
+    ranges = bucket_count(int(rows_of.sum()), bucket_rows=bucket_rows)
+    bounds = key_range_bounds(prefixes, rows_of, ranges)
+    edges = np.concatenate([[0], np.searchsorted(prefixes, bounds), [len(prefixes)]])
+    occ = occupancy(keys, counts, prefixes, last)
+    groups = _groups(plan, bucket_rows)
+    if log:
+        log(f"collisions: moving the overflow of {int(over.sum())} over-full SIDs "
+            f"({int(rows_of.sum())} items) in {ranges} prefix ranges ({len(groups)} split "
+            "tasks, through staging)")
+    splits = engine.map(overflow_split, [(ctx, g, keys[over], decision, bounds,
+                                          f"{scratch}/over-{i:06d}")
+                                         for i, g in enumerate(groups)])
+    shards = len(plan.shards)
+    moved = engine.map(reassign_range, [
+        (ctx, splits, b, prefixes[edges[b]:edges[b + 1]], occ[edges[b]:edges[b + 1]],
+         capacity, shards, f"{scratch}/moves-{b:06d}") for b in range(ranges)])
+    return (merge_deltas([delta for _, _, delta in moved]),
+            _per_shard([(split, rows) for split, rows, _ in moved], shards))
+
+
+def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
+                   decision: PruneDecision, bounds: np.ndarray, out_url: str) -> Split:
+    """A group of shards' rows of the over-full SIDs `keys` (`overflow_rows`, with each
+    row's shard position `pos`) written to `out_url` split into len(bounds) + 1 prefix
+    ranges: a row under prefix p goes to range searchsorted(bounds, p, "right")."""
+    last = ctx.sizes[-1]
+
+    def of_prefix(rows: pa.Table, buckets: int) -> np.ndarray:
+        prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), last)
+        return np.searchsorted(bounds, prefix, side="right")
+
+    tables = []
+    for pos, shard in shards:
+        t = overflow_rows(ctx, shard, keys, decision)
+        tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
+    return split_tables(tables, of_prefix, len(bounds) + 1, out_url)
+
+
+def reassign_range(ctx: JobContext, splits: list[Split], bucket: int, prefixes: np.ndarray,
+                   occ: np.ndarray, capacity: int, shards: int, out_url: str
+                   ) -> tuple[Split, np.ndarray, MoveDelta]:
+    """Capacity moves of one prefix range: its rows from every split moved as `reassign`
+    moves them (prefixes (p,) sorted, occ (p, k_last): this range's), the moves written to
+    `out_url` split by shard position (row, code, qerr). Returns the split, how many moves
+    each of the `shards` streams holds, and the statistics' change."""
+    moves = reassign(ctx, Streams.of_bucket(splits, bucket).read(), prefixes, occ, capacity)
+    pos = moves.column("pos").to_numpy()
+    out = pa.table({"row": moves.column("row"), "code": moves.column("code"),
+                    "qerr": moves.column("qerr")}, schema=MOVE_SCHEMA)
+    split = split_tables([out], lambda t, n: pos, shards, out_url)
+    old = _codes(moves.column("old_codes"), len(ctx.sizes))
+    delta = move_delta(old, moves.column("code").to_numpy(), moves.column("old_qerr").to_numpy(),
+                       moves.column("qerr").to_numpy(), ctx.sizes)
+    return split, np.bincount(pos, minlength=shards), delta
+
+
+def _codes(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    return column.combine_chunks().flatten().to_numpy().reshape(-1, width)

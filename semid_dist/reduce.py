@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist import shuffle
-from semid_dist.bucketed import bucketed_suffixes
+from semid_dist.bucketed import bucketed_capacity, bucketed_suffixes
+from semid_dist.codes.capacity import apply_delta, move_delta
 from semid_dist.codes.collisions import colliding_keys, last_layer_prefix, occupancy
 from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.lookups import (
@@ -26,7 +27,7 @@ from semid_dist.codes.lookups import (
     vocabulary_table,
 )
 from semid_dist.codes.metrics import final_sid_counts, finalize_metrics
-from semid_dist.codes.partials import Partial, apply_moves
+from semid_dist.codes.partials import Partial
 from semid_dist.codes.pruning import (
     PruneDecision,
     codes_of_keys,
@@ -45,27 +46,41 @@ from semid_dist.stages import (
     finalize_shard,
     overflow_rows,
     reassign,
+    shard_moves,
     suffix_tables,
 )
 
 Log = Callable[[str], None]
 
 
+Moves = pa.Table | list[Streams] | None  # capacity moves (see `stages.shard_moves`)
+
+
 def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, capacity: int | None, held: Partial | None = None,
-                     ) -> tuple[Partial, pa.Table | None]:
+                     *, bucket_rows: int = 1_000_000, log: Log | None = None,
+                     ) -> tuple[Partial, Moves, int]:
     """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
     codes under the same prefix. Only the rows `plan` encoded move; `held` (the parent's rows
     an incremental version carries, part of `merged`) keep their SIDs and take the first
-    places. Returns (statistics after the moves, moves table)."""
+    places. Up to `bucket_rows` rows of over-full SIDs (and always for an incremental
+    version) the driver gathers them and engine tasks move them in 16 prefix chunks; more
+    are moved by engine tasks in prefix ranges through the version's staging
+    (`semid_dist.bucketed.bucketed_capacity`). Returns (statistics after the moves, the
+    moves, how many items moved)."""
     if capacity is None:
-        return merged, None
+        return merged, None, 0
     sizes = ctx.sizes
     keys, counts = final_sid_counts(merged, list(sizes), decision)
     prefix, digit = last_layer_prefix(keys, sizes[-1])
     over = (counts > capacity) & (digit < sizes[-1])
     if not over.any():
-        return merged, None
+        return merged, None, 0
+    if held is None and int(counts[over].sum()) > bucket_rows:
+        delta, streams = bucketed_capacity(engine, ctx, plan, keys, counts, over, decision,
+                                           capacity, bucket_rows=bucket_rows,
+                                           scratch=capacity_scratch(ctx), log=log)
+        return apply_delta(merged, delta), streams, delta.moved
     rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, keys[over], decision)
                                                        for s in plan.shards]))
     prefixes = unique_sorted(prefix[over])
@@ -81,16 +96,20 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                       None if fixed is None else fixed[chunk]))
     moves = pa.concat_tables(engine.map(reassign, tasks))
     old = moves.column("old_codes").combine_chunks().flatten().to_numpy().reshape(-1, len(sizes))
-    merged = apply_moves(merged, old, moves.column("code").to_numpy(),
-                         moves.column("old_qerr").to_numpy(), moves.column("qerr").to_numpy(),
-                         sizes)
-    return merged, moves
+    delta = move_delta(old, moves.column("code").to_numpy(), moves.column("old_qerr").to_numpy(),
+                       moves.column("qerr").to_numpy(), sizes)
+    return apply_delta(merged, delta), moves, delta.moved
+
+
+def capacity_scratch(ctx: JobContext) -> str:
+    """Where the capacity bound's streams lie until the data parts are written."""
+    return f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/capacity"
 
 
 def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
                     partials: dict[str, Partial], cfg: BuildConfig, log: Log, *,
                     decision: PruneDecision | None = None, held: Partial | None = None,
-                    ) -> tuple[dict[str, Partial], PruneDecision, pa.Table | None, dict[str, Any]]:
+                    ) -> tuple[dict[str, Partial], PruneDecision, Moves, dict[str, Any]]:
     """partials: {"all"|"head"|"tail": statistics merged over every shard} ->
     ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
     Head / tail figures are of the codes before capacity moves. An incremental version
@@ -103,8 +122,9 @@ def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
         decision = decide(pr.strategy, sizes, merged["all"].layer_counts,
                           merged["all"].sid_keys, merged["all"].sid_counts, layer=pr.layer,
                           k=pr.k, p=pr.p, tau=pr.tau)
-    merged["all"], moves = bound_collisions(engine, ctx, plan, merged["all"], decision,
-                                            cfg.collisions.max_per_sid, held)
+    merged["all"], moves, moved = bound_collisions(
+        engine, ctx, plan, merged["all"], decision, cfg.collisions.max_per_sid, held,
+        bucket_rows=cfg.driver.gather_rows, log=log)
 
     def figures(p: Partial) -> dict[str, Any]:
         return finalize_metrics(p, list(sizes), quality_depth=cfg.quality_depth,
@@ -113,20 +133,20 @@ def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
 
     metrics = figures(merged["all"])
     metrics["collisions"]["capacity"] = cfg.collisions.max_per_sid
-    metrics["collisions"]["reassigned"] = 0 if moves is None else moves.num_rows
+    metrics["collisions"]["reassigned"] = moved
     for part in ("head", "tail"):
         if part in merged:
             sub = merged[part]
             metrics[part] = {"items": sub.n, **figures(sub)} if sub.n else {"items": 0}
     log(f"reduce: {metrics['hourglass']['verdict']}")
     if moves is not None:
-        log(f"collisions: {moves.num_rows} items moved to a next-best last-layer code "
+        log(f"collisions: {moved} items moved to a next-best last-layer code "
             f"(capacity {cfg.collisions.max_per_sid} per SID)")
     return merged, decision, moves, metrics
 
 
 def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
-                     decision: PruneDecision, moves: pa.Table | None, *,
+                     decision: PruneDecision, moves: Moves, *,
                      bucket_rows: int = 1_000_000, log: Log | None = None) -> list[FileEntry]:
     """Collision suffixes on the final SIDs, then one data part per shard.
 
@@ -140,20 +160,24 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
     hot_rows = int(hot_counts.sum())
 
     def write_parts(suffixes: list[pa.Table] | list[Streams]) -> list[FileEntry]:
-        return engine.map(finalize_shard, [(ctx, s, part, decision, moves)
-                                           for s, part in zip(plan.shards, suffixes)])
+        return engine.map(finalize_shard, [(ctx, s, part, decision, shard_moves(moves, pos))
+                                           for pos, (s, part) in enumerate(zip(plan.shards,
+                                                                               suffixes))])
 
-    if hot_rows <= bucket_rows:
-        rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves)
-                                            for s in plan.shards]) if len(hot) else [])
-        return write_parts(suffix_tables(rows, len(plan.shards)))
     scratch = f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/suffixes"
     try:
+        if hot_rows <= bucket_rows:
+            rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, shard_moves(moves, pos))
+                                                for pos, s in enumerate(plan.shards)])
+                    if len(hot) else [])
+            return write_parts(suffix_tables(rows, len(plan.shards)))
         return write_parts(bucketed_suffixes(engine, ctx, plan, hot, hot_counts, decision,
                                              moves, bucket_rows=bucket_rows, scratch=scratch,
                                              log=log))
     finally:
         shuffle.remove(scratch)
+        if isinstance(moves, list):  # the capacity bound's streams, read by now
+            shuffle.remove(capacity_scratch(ctx))
 
 
 def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],

@@ -379,41 +379,64 @@ def _matrix(col: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:
     return col.combine_chunks().flatten().to_numpy().astype(dtype).reshape(-1, width)
 
 
+# capacity moves: by item id (item_id, code, qerr; the driver's table), or one shard's
+# streams by row in its staged codes (row, code, qerr; `semid_dist.bucketed`)
+ShardMoves = pa.Table | Streams | None
+MOVE_SCHEMA = pa.schema([("row", pa.int64()), ("code", pa.int32()), ("qerr", pa.float32())])
+
+
+def shard_moves(moves: pa.Table | list[Streams] | None, pos: int) -> ShardMoves:
+    """The moves a shard (at position `pos` in the plan) applies: the driver's table, or
+    its own streams of the per-shard list."""
+    return moves[pos] if isinstance(moves, list) else moves
+
+
 def _read_staged(ctx: JobContext, shard: Shard,
-                 moves: pa.Table | None = None) -> tuple[pa.Table, np.ndarray]:
+                 moves: ShardMoves = None) -> tuple[pa.Table, np.ndarray]:
     """The shard's staged codes (item_id, codes, qerr[, alt_codes, alt_err]) with the
-    capacity moves (item_id -> new last code, new qerr) applied."""
+    capacity moves (new last code, new qerr) applied."""
     store = ctx.store()
     rel = f"{STAGING}/codes-{shard.index:06d}.parquet"
     t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel))
     codes = _matrix(t.column("codes"), len(ctx.sizes), np.int32)
-    if moves is not None and moves.num_rows:
+    if isinstance(moves, Streams):
+        moved = moves.read(MOVE_SCHEMA)
+        rows = moved.column("row").to_numpy()
+        new_code, new_qerr = moved.column("code").to_numpy(), moved.column("qerr").to_numpy()
+    elif moves is not None and moves.num_rows:
         ids = t.column("item_id").combine_chunks()
         pos = pc.index_in(ids, value_set=moves.column("item_id").combine_chunks().cast(ids.type))
-        hit = pos.is_valid().to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(pos.is_valid().to_numpy(zero_copy_only=False))
         found = pc.drop_null(pos).to_numpy()
-        codes[hit, -1] = moves.column("code").to_numpy()[found]
-        qerr = t.column("qerr").to_numpy().copy()
-        qerr[hit] = moves.column("qerr").to_numpy()[found]
-        t = t.set_column(t.schema.get_field_index("qerr"), "qerr", pa.array(qerr))
-        t = t.set_column(t.schema.get_field_index("codes"), "codes",
-                         pa.FixedSizeListArray.from_arrays(codes.ravel(), len(ctx.sizes)))
+        new_code = moves.column("code").to_numpy()[found]
+        new_qerr = moves.column("qerr").to_numpy()[found]
+    else:
+        return t, codes
+    codes[rows, -1] = new_code
+    qerr = t.column("qerr").to_numpy().copy()
+    qerr[rows] = new_qerr
+    t = t.set_column(t.schema.get_field_index("qerr"), "qerr", pa.array(qerr))
+    t = t.set_column(t.schema.get_field_index("codes"), "codes",
+                     pa.FixedSizeListArray.from_arrays(codes.ravel(), len(ctx.sizes)))
     return t, codes
 
 
 def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
                   decision: PruneDecision) -> pa.Table:
-    """Staged rows of the over-capacity final SIDs `keys` (sorted int64), with candidates."""
+    """Staged rows of the over-capacity final SIDs `keys` (sorted int64), with candidates,
+    their final SID `key` and `row` (their row numbers in the shard's staged codes)."""
     t, codes = _read_staged(ctx, shard)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
-    hit = pa.array(np.isin(k, keys))
-    return pc.filter(t, hit).append_column("key", pa.array(k[np.isin(k, keys)]))
+    hit = np.isin(k, keys)
+    return (pc.filter(t, pa.array(hit)).append_column("key", pa.array(k[hit]))
+            .append_column("row", pa.array(np.flatnonzero(hit))))
 
 
 def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndarray,
              capacity: int, held: np.ndarray | None = None) -> pa.Table:
     """Capacity moves for the rows of some prefix groups -> (item_id, old codes, code, old
-    qerr, qerr) of the items that move (held: see `reassign_overflow`)."""
+    qerr, qerr, and the rows' `row` and `pos` where they have them) of the items that move
+    (held: see `reassign_overflow`)."""
     last = ctx.sizes[-1]
     prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), last)
     codes = _matrix(rows.column("codes"), len(ctx.sizes), np.int32)
@@ -423,14 +446,19 @@ def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndar
         prefix, codes[:, -1], qerr, rows.column("item_id").combine_chunks(),
         _matrix(rows.column("alt_codes"), width, np.int32),
         _matrix(rows.column("alt_err"), width, np.float32), prefixes, occ, capacity, held)
-    return pa.table({"item_id": pc.take(rows.column("item_id"), pa.array(idx)),
-                     "old_codes": pa.FixedSizeListArray.from_arrays(codes[idx].ravel(),
-                                                                    len(ctx.sizes)),
-                     "code": new_code, "old_qerr": qerr[idx], "qerr": new_err})
+    take = pa.array(idx)
+    out = pa.table({"item_id": pc.take(rows.column("item_id"), take),
+                    "old_codes": pa.FixedSizeListArray.from_arrays(codes[idx].ravel(),
+                                                                   len(ctx.sizes)),
+                    "code": new_code, "old_qerr": qerr[idx], "qerr": new_err})
+    for name in ("row", "pos"):
+        if name in rows.column_names:
+            out = out.append_column(name, pc.take(rows.column(name), take))
+    return out
 
 
 def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
-                   decision: PruneDecision, moves: pa.Table | None = None) -> pa.Table:
+                   decision: PruneDecision, moves: ShardMoves = None) -> pa.Table:
     """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id, and
     row (their row numbers in the shard's staged codes)."""
     t, codes = _read_staged(ctx, shard, moves)
@@ -469,7 +497,7 @@ def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> lis
 
 
 def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | Streams,
-                   decision: PruneDecision, moves: pa.Table | None = None) -> FileEntry:
+                   decision: PruneDecision, moves: ShardMoves = None) -> FileEntry:
     """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
     sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr. suffixes: this
     shard's collision suffixes (row, suffix; `shard_suffixes`, or its streams in the

@@ -129,3 +129,23 @@ def incremental_on_engines(cats: dict, root: str, engine: str):
                                    encode__incremental=True), log=quiet)
                 for name in ("local", engine)]
     return TableStore(root, "sids"), parent, children
+
+
+def capacity_ranges_on_engines(catalog: str, root: str, engine: str) -> tuple:
+    """Fitted codebooks, then the same `collisions.max_per_sid: 1` encode past
+    driver.gather_rows (300: moves in prefix ranges) on the local engine and on `engine`
+    -> (the two tables sorted by item_id, the two results, `engine`'s log)."""
+    from semid_dist.io.store import TableStore
+    from semid_dist.pipeline import build
+
+    fitted = build(small_config(catalog, root), log=lambda m: None)
+    over = {"encode__from_version": fitted.version_id, "driver__gather_rows": 300,
+            "collisions__max_per_sid": 1, "collisions__candidates": 8}
+    logs: list[str] = []
+    results = [build(small_config(catalog, root, engine=name, **over), log=log)
+               for name, log in (("local", lambda m: None), (engine, logs.append))]
+    store = TableStore(root, "sids")
+    tables = [store.read_data(r.version_id).sort_by("item_id") for r in results]
+    assert any("collisions: moving the overflow of" in m and "prefix ranges" in m for m in logs)
+    assert results[0].metrics["collisions"]["reassigned"] > 0
+    return tables, results, logs

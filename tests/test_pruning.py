@@ -4,6 +4,7 @@ tables against brute-force recomputation from the raw codes."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -143,6 +144,32 @@ def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     np.testing.assert_allclose(t["qerr"], err, rtol=1e-3, atol=1e-4)
     assert (t["qerr"][changed].values >= free["qerr"][changed].values - 1e-6).all()
     assert res.metrics["reconstruction"]["mse"] == pytest.approx(err.mean(), rel=1e-4)
+
+
+def test_capacity_bound_past_gather_rows_moves_the_same_items(fitted):
+    """More rows of over-full SIDs than driver.gather_rows: tasks move them in prefix ranges
+    through staging, and each shard reads its own moves by row: the same table and counts as
+    moving them on the driver's rows, the residual sums up to the rounding of adding them
+    range by range, and no scratch left."""
+    catalog, _, root, vid = fitted
+    opts = {"collisions__max_per_sid": 1, "collisions__candidates": 8}
+    store = TableStore(root, "sids")
+    logs: list[str] = []
+    results = [build(small_config(catalog, root, encode__from_version=vid,
+                                  driver__gather_rows=gather, **opts), log=logs.append)
+               for gather in (10**6, 300)]
+    ranged = [m for m in logs if m.startswith("collisions: moving the overflow of")]
+    assert len(ranged) == 1 and "in 1 prefix ranges" not in ranged[0], ranged
+    a, b = (store.read_data(r.version_id).sort_by("item_id") for r in results)
+    assert a.num_rows == 2400 and a.equals(b)
+    ma, mb = (r.metrics for r in results)
+    assert ma["collisions"]["reassigned"] > 0
+    for exact in ("collisions", "layers", "conditional", "pruning"):
+        assert ma.get(exact) == mb.get(exact), exact
+    for name in ("mse", "relative_error"):
+        assert mb["reconstruction"][name] == pytest.approx(ma["reconstruction"][name],
+                                                           rel=1e-12)
+    assert not Path(store.version_dir(results[1].version_id), "_staging").exists()
 
 
 def test_vocabulary_and_prefix_lookups(fitted):

@@ -19,7 +19,13 @@ from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
 from semid_dist.quantize.acrq import fit_acrq, split_sample
 from semid_dist.quantize.residual import init_subset
-from tests.conftest import clustered, incremental_on_engines, small_config, write_catalog
+from tests.conftest import (
+    capacity_ranges_on_engines,
+    clustered,
+    incremental_on_engines,
+    small_config,
+    write_catalog,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -67,6 +73,19 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     assert store.manifest(ray.version_id)["engine"] == "ray"
     # one data part per shard: 2 files of 1,200 rows in row groups of `group_rows`
     assert len(store.part_paths(ray.version_id)) == {500: 6, 100: 24}[group_rows]
+
+
+def test_ray_capacity_bound_in_prefix_ranges_identical_to_local(ray_session, small_catalog,
+                                                              tmp_path):
+    """collisions.max_per_sid past driver.gather_rows: Ray tasks move the overflow of the
+    over-full SIDs in prefix ranges through staging, and each shard reads its own moves:
+    the same table and metrics as the local engine's."""
+    (a, b), (local, ray), _ = capacity_ranges_on_engines(small_catalog[0], str(tmp_path),
+                                                          "ray")
+    assert a.equals(b)
+    ma, mb = ({k: v for k, v in r.metrics.items() if k not in ("timings", "fit")}
+              for r in (local, ray))
+    assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
 
 
 def test_ray_incremental_version_identical_to_local(ray_session, incremental_catalogs,

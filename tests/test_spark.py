@@ -18,7 +18,13 @@ from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
-from tests.conftest import clustered, incremental_on_engines, small_config, write_catalog
+from tests.conftest import (
+    capacity_ranges_on_engines,
+    clustered,
+    incremental_on_engines,
+    small_config,
+    write_catalog,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -94,6 +100,16 @@ def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path)
     assert comparable(local.metrics) == comparable(spark.metrics)
     assert store.manifest(spark.version_id)["engine"] == "spark"
     assert spark_session.range(3).count() == 3  # the engine left the test's session running
+
+
+def test_spark_capacity_bound_in_prefix_ranges_identical_to_local(spark_session,
+                                                                small_catalog, tmp_path):
+    """collisions.max_per_sid past driver.gather_rows: Spark tasks move the overflow in
+    prefix ranges through staging: the same table and metrics as the local engine's."""
+    (a, b), (local, spark), _ = capacity_ranges_on_engines(small_catalog[0], str(tmp_path),
+                                                            "spark")
+    assert a.equals(b)
+    assert comparable(local.metrics) == comparable(spark.metrics)
 
 
 def test_spark_build_end_to_end(spark_session, tmp_path):

@@ -216,47 +216,13 @@ def merge(a: Partial, b: Partial) -> Partial:
                    q_keys=q_k, q_counts=q_c, q_sums=q_s)
 
 
-def _add_keyed(keys: np.ndarray, counts: np.ndarray, add_keys: np.ndarray,
-               add_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def add_keyed(keys: np.ndarray, counts: np.ndarray, add_keys: np.ndarray,
+              add_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A keyed count table (keys sorted, unique) plus changes (any keys, repeats added up);
+    keys whose count ends at 0 are dropped."""
     uniq, inv = np.unique(np.concatenate([keys, add_keys]), return_inverse=True)
     total = _count_sum(inv, np.concatenate([counts, add_counts]), len(uniq))
     return uniq[total != 0], total[total != 0]
-
-
-def apply_moves(p: Partial, old_codes: np.ndarray, new_last: np.ndarray, old_sq: np.ndarray,
-                new_sq: np.ndarray, sizes: tuple[int, ...] | list[int]) -> Partial:
-    """Statistics after some items changed their last-layer code (capacity-bounded
-    collisions): token, SID and pair counts and the last layer's residual sums. The per-prefix
-    unit-vector sums are unchanged when the quality depth is below L (they need no codes of
-    the last layer)."""
-    if len(old_codes) == 0:
-        return p
-    new_codes = old_codes.copy()
-    new_codes[:, -1] = new_last
-    last = len(sizes) - 1
-    ones = np.ones(len(old_codes), dtype=np.int64)
-    layer_counts = [c.copy() for c in p.layer_counts]
-    layer_counts[last] += (np.bincount(new_last, minlength=sizes[last])
-                           - np.bincount(old_codes[:, -1], minlength=sizes[last]))
-    sid_k, sid_c = _add_keyed(p.sid_keys, p.sid_counts,
-                              np.concatenate([sid_keys(old_codes, sizes),
-                                              sid_keys(new_codes, sizes)]),
-                              np.concatenate([-ones, ones]))
-    trans_keys, trans_counts = list(p.trans_keys), list(p.trans_counts)
-    if last >= 1:
-        pair = [c[:, last - 1].astype(np.int64) * sizes[last] + c[:, last]
-                for c in (old_codes, new_codes)]
-        trans_keys[-1], trans_counts[-1] = _add_keyed(p.trans_keys[-1], p.trans_counts[-1],
-                                                      np.concatenate(pair),
-                                                      np.concatenate([-ones, ones]))
-    sq_res, res_norm = p.sq_res_sum.copy(), p.res_norm_sum.copy()
-    sq_res[-1] += float(new_sq.astype(np.float64).sum() - old_sq.astype(np.float64).sum())
-    res_norm[-1] += float(np.sqrt(new_sq.astype(np.float64)).sum()
-                          - np.sqrt(old_sq.astype(np.float64)).sum())
-    return Partial(n=p.n, layer_counts=layer_counts, sid_keys=sid_k, sid_counts=sid_c,
-                   sq_res_sum=sq_res, res_norm_sum=res_norm, x_sq_sum=p.x_sq_sum,
-                   q_keys=p.q_keys, q_counts=p.q_counts, q_sums=p.q_sums,
-                   trans_keys=trans_keys, trans_counts=trans_counts)
 
 
 def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
@@ -276,9 +242,9 @@ def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
     minus = -np.ones(m, dtype=np.int64)
     layer_counts = [c - np.bincount(codes[:, i], minlength=k).astype(np.int64)
                     for i, (c, k) in enumerate(zip(p.layer_counts, sizes))]
-    sid_k, sid_c = _add_keyed(p.sid_keys, p.sid_counts, sid_keys(codes, sizes), minus)
-    trans = [_add_keyed(p.trans_keys[i - 1], p.trans_counts[i - 1],
-                        codes[:, i - 1] * sizes[i] + codes[:, i], minus)
+    sid_k, sid_c = add_keyed(p.sid_keys, p.sid_counts, sid_keys(codes, sizes), minus)
+    trans = [add_keyed(p.trans_keys[i - 1], p.trans_counts[i - 1],
+                       codes[:, i - 1] * sizes[i] + codes[:, i], minus)
              for i in range(1, len(sizes))]
     keep = (p.n - m) / p.n
     sq64 = sq_last.astype(np.float64)

@@ -1,0 +1,64 @@
+"""The statistics' change of capacity moves: applied to a build's statistics it gives those
+of the moved codes computed from scratch, and the deltas of disjoint sets of moves (engine
+tasks' prefix ranges) add up to the delta of all of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semid_dist.codes.capacity import apply_delta, merge_deltas, move_delta
+from semid_dist.codes.partials import partial_from_batch
+
+SIZES = (6, 5, 7)
+
+
+def moved_batch(seed: int) -> tuple[np.ndarray, ...]:
+    """codes (n, 3), sq_residual (n, 3), x (n, 8); the rows that move, their new last codes
+    and new last-layer squared residuals."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    codes = np.stack([rng.integers(0, k, n) for k in SIZES], axis=1).astype(np.int32)
+    sq = rng.random((n, 3)).astype(np.float32)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    rows = np.sort(rng.choice(n, 90, replace=False))
+    new_last = ((codes[rows, -1] + rng.integers(1, SIZES[-1], len(rows))) % SIZES[-1]
+                ).astype(np.int32)
+    new_sq = (sq[rows, -1] + rng.random(len(rows)).astype(np.float32))
+    return codes, sq, x, rows, new_last, new_sq
+
+
+def test_applied_delta_gives_the_statistics_of_the_moved_codes():
+    codes, sq, x, rows, new_last, new_sq = moved_batch(1)
+    before = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    after_codes, after_sq = codes.copy(), sq.copy()
+    after_codes[rows, -1], after_sq[rows, -1] = new_last, new_sq
+    want = partial_from_batch(after_codes, after_sq, x, SIZES, quality_depth=2)
+    delta = move_delta(codes[rows], new_last, sq[rows, -1], new_sq, SIZES)
+    got = apply_delta(before, delta)
+    assert delta.moved == len(rows) and got.n == want.n
+    for a, b in zip(got.layer_counts, want.layer_counts):
+        np.testing.assert_array_equal(a, b)
+    for name in ("sid_keys", "sid_counts", "q_keys", "q_counts", "q_sums"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    for a, b in zip(got.trans_keys + got.trans_counts, want.trans_keys + want.trans_counts):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got.sq_res_sum, want.sq_res_sum, rtol=1e-12)
+    np.testing.assert_allclose(got.res_norm_sum, want.res_norm_sum, rtol=1e-12)
+    assert apply_delta(before, move_delta(codes[:0], new_last[:0], new_sq[:0], new_sq[:0],
+                                          SIZES)) is before  # no moves: unchanged
+
+
+def test_deltas_of_disjoint_moves_add_up_to_the_delta_of_all():
+    codes, sq, _, rows, new_last, new_sq = moved_batch(2)
+    whole = move_delta(codes[rows], new_last, sq[rows, -1], new_sq, SIZES)
+    cuts = [0, 13, 13, 50, len(rows)]  # an empty range too
+    parts = [move_delta(codes[rows[a:b]], new_last[a:b], sq[rows[a:b], -1], new_sq[a:b], SIZES)
+             for a, b in zip(cuts, cuts[1:])]
+    merged = merge_deltas(parts)
+    assert merged.moved == whole.moved == len(rows)
+    for name in ("last_counts", "sid_keys", "sid_counts", "pair_keys", "pair_counts"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name), err_msg=name)
+    assert merged.sq_res == pytest.approx(whole.sq_res, rel=1e-12)
+    assert merged.res_norm == pytest.approx(whole.res_norm, rel=1e-12)
+    assert (whole.sid_counts != 0).all() and whole.last_counts.sum() == 0
