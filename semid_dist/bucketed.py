@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist import shuffle
-from semid_dist.codes.capacity import MoveDelta, merge_deltas, move_delta
+from semid_dist.codes.capacity import MoveDelta, merge_deltas, move_delta, prefix_ranges
 from semid_dist.codes.collisions import (
     assign_suffixes,
     key_range_bounds,
@@ -37,8 +37,9 @@ from semid_dist.stages import (
     MOVE_SCHEMA,
     STAGING,
     JobContext,
-    ShardMoves,
+    Moves,
     colliding_rows,
+    column_matrix,
     copy_rejects,
     find_duplicates,
     later_copies,
@@ -153,8 +154,7 @@ def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
 
 def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
                       hot_counts: np.ndarray, decision: PruneDecision,
-                      moves: pa.Table | list[Streams] | None, *, bucket_rows: int,
-                      scratch: str,
+                      moves: Moves, *, bucket_rows: int, scratch: str,
                       log: Log | None = None) -> list[Streams]:
     """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
     ranked in B key ranges of about `bucket_rows` items (at most `codes.drift.MAX_BUCKETS`; each
@@ -171,9 +171,8 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     if log:
         log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
             f"({len(groups)} split tasks, through staging)")
-    splits = engine.map(colliding_split, [(ctx, g, hot, decision,
-                                           [shard_moves(moves, pos) for pos, _ in g], bounds,
-                                           f"{scratch}/rows-{i:06d}")
+    splits = engine.map(colliding_split, [(ctx, g, hot, decision, _group_moves(moves, g),
+                                           bounds, f"{scratch}/rows-{i:06d}")
                                           for i, g in enumerate(groups)])
     shards = len(plan.shards)
     ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}")
@@ -189,8 +188,14 @@ def _per_shard(results: list[tuple[Split, np.ndarray]], shards: int) -> list[Str
             for pos in range(shards)]
 
 
+def _group_moves(moves: Moves, group: list[tuple[int, Shard]]) -> Moves:
+    """What a group task gets of the moves: the driver's table itself (one object, sent
+    once), or the group's shards' own streams."""
+    return [moves[pos] for pos, _ in group] if isinstance(moves, list) else moves
+
+
 def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
-                    decision: PruneDecision, moves: list[ShardMoves], bounds: np.ndarray,
+                    decision: PruneDecision, moves: Moves, bounds: np.ndarray,
                     out_url: str) -> Split:
     """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
     `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges: a row of
@@ -200,8 +205,8 @@ def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.n
         return np.searchsorted(bounds, rows.column("key").to_numpy(), side="right")
 
     tables = []
-    for (pos, shard), moved in zip(shards, moves):
-        t = colliding_rows(ctx, shard, keys, decision, moved)
+    for i, (pos, shard) in enumerate(shards):
+        t = colliding_rows(ctx, shard, keys, decision, shard_moves(moves, i))
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
     return split_tables(tables, of_key, len(bounds) + 1, out_url)
 
@@ -228,34 +233,33 @@ def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarr
                       counts: np.ndarray, over: np.ndarray, decision: PruneDecision,
                       capacity: int, *, bucket_rows: int, scratch: str,
                       log: Log | None = None) -> tuple[MoveDelta, list[Streams]]:
-    """Capacity moves for the over-full final SIDs (`over`, a mask of the sorted `keys`
-    holding `counts` items) in P prefix ranges of about `bucket_rows` of their rows (at most
-    `codes.drift.MAX_BUCKETS`; every prefix inside one range). One task per group of
-    consecutive shards writes their rows of those SIDs split by prefix range
-    (`overflow_split`); one task per range moves its items (`reassign_range`) and writes
-    the moves split by shard. The moves are those of moving every row at once, since an
-    item moves only under its own prefix. Returns the statistics' change and each shard's
-    streams of its moves (row, code, qerr)."""
-    last = ctx.sizes[-1]
-    prefix, _ = last_layer_prefix(keys, last)
-    prefixes, first = np.unique(prefix[over], return_index=True)
-    rows_of = np.add.reduceat(counts[over], first)  # over-full rows under each prefix
-    ranges = bucket_count(int(rows_of.sum()), bucket_rows=bucket_rows)
-    bounds = key_range_bounds(prefixes, rows_of, ranges)
-    edges = np.concatenate([[0], np.searchsorted(prefixes, bounds), [len(prefixes)]])
-    occ = occupancy(keys, counts, prefixes, last)
+    """Capacity moves for the over-full final SIDs in prefix ranges of about `bucket_rows`
+    of their rows (`codes.capacity.prefix_ranges`; every prefix inside one range). keys
+    (m,) sorted int64 final SID keys holding counts (m,) int64 items; over (m,) bool: those
+    holding more than `capacity`. One task per group of consecutive shards writes their
+    rows of those SIDs split by prefix range (`overflow_split`); one task per range moves
+    its items (`reassign_range`) and writes the moves split by shard. The moves are those of
+    moving every row at once, since an item moves only under its own prefix. Returns the
+    statistics' change and each shard's streams of its moves (row, code, qerr); the scratch
+    is removed on failure, else once the data parts are written."""
+    ranges = prefix_ranges(keys, counts, over, ctx.sizes[-1], bucket_rows=bucket_rows)
     groups = _groups(plan, bucket_rows)
     if log:
         log(f"collisions: moving the overflow of {int(over.sum())} over-full SIDs "
-            f"({int(rows_of.sum())} items) in {ranges} prefix ranges ({len(groups)} split "
+            f"({ranges.rows} items) in {ranges.count} prefix ranges ({len(groups)} split "
             "tasks, through staging)")
-    splits = engine.map(overflow_split, [(ctx, g, keys[over], decision, bounds,
-                                          f"{scratch}/over-{i:06d}")
-                                         for i, g in enumerate(groups)])
-    shards = len(plan.shards)
-    moved = engine.map(reassign_range, [
-        (ctx, splits, b, prefixes[edges[b]:edges[b + 1]], occ[edges[b]:edges[b + 1]],
-         capacity, shards, f"{scratch}/moves-{b:06d}") for b in range(ranges)])
+    over_keys, pe, ke, shards = keys[over], ranges.prefix_edges, ranges.key_edges, len(plan.shards)
+    try:
+        splits = engine.map(overflow_split, [(ctx, g, over_keys, decision, ranges.bounds,
+                                              f"{scratch}/over-{i:06d}")
+                                             for i, g in enumerate(groups)])
+        moved = engine.map(reassign_range, [
+            (ctx, splits, b, ranges.prefixes[pe[b]:pe[b + 1]], keys[ke[b]:ke[b + 1]],
+             counts[ke[b]:ke[b + 1]], capacity, shards, f"{scratch}/moves-{b:06d}")
+            for b in range(ranges.count)])
+    except BaseException:
+        shuffle.remove(scratch)
+        raise
     return (merge_deltas([delta for _, _, delta in moved]),
             _per_shard([(split, rows) for split, rows, _ in moved], shards))
 
@@ -279,22 +283,21 @@ def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.nd
 
 
 def reassign_range(ctx: JobContext, splits: list[Split], bucket: int, prefixes: np.ndarray,
-                   occ: np.ndarray, capacity: int, shards: int, out_url: str
-                   ) -> tuple[Split, np.ndarray, MoveDelta]:
+                   keys: np.ndarray, counts: np.ndarray, capacity: int, shards: int,
+                   out_url: str) -> tuple[Split, np.ndarray, MoveDelta]:
     """Capacity moves of one prefix range: its rows from every split moved as `reassign`
-    moves them (prefixes (p,) sorted, occ (p, k_last): this range's), the moves written to
-    `out_url` split by shard position (row, code, qerr). Returns the split, how many moves
-    each of the `shards` streams holds, and the statistics' change."""
+    moves them. prefixes (p,) sorted int64: the range's over-full prefixes; keys / counts
+    (m,) int64: the final SIDs under them (over-full or not) and their items, whose
+    occupancy the moves start from. The moves are written to `out_url` split by shard
+    position (row, code, qerr). Returns the split, how many moves each of the `shards`
+    streams holds, and the statistics' change."""
+    occ = occupancy(keys, counts, prefixes, ctx.sizes[-1])
     moves = reassign(ctx, Streams.of_bucket(splits, bucket).read(), prefixes, occ, capacity)
     pos = moves.column("pos").to_numpy()
     out = pa.table({"row": moves.column("row"), "code": moves.column("code"),
                     "qerr": moves.column("qerr")}, schema=MOVE_SCHEMA)
     split = split_tables([out], lambda t, n: pos, shards, out_url)
-    old = _codes(moves.column("old_codes"), len(ctx.sizes))
-    delta = move_delta(old, moves.column("code").to_numpy(), moves.column("old_qerr").to_numpy(),
+    delta = move_delta(column_matrix(moves.column("old_codes"), len(ctx.sizes), np.int32),
+                       moves.column("code").to_numpy(), moves.column("old_qerr").to_numpy(),
                        moves.column("qerr").to_numpy(), ctx.sizes)
     return split, np.bincount(pos, minlength=shards), delta
-
-
-def _codes(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    return column.combine_chunks().flatten().to_numpy().reshape(-1, width)

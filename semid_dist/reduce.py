@@ -42,7 +42,9 @@ from semid_dist.shuffle import Streams
 from semid_dist.stages import (
     STAGING,
     JobContext,
+    Moves,
     colliding_rows,
+    column_matrix,
     finalize_shard,
     overflow_rows,
     reassign,
@@ -51,9 +53,6 @@ from semid_dist.stages import (
 )
 
 Log = Callable[[str], None]
-
-
-Moves = pa.Table | list[Streams] | None  # capacity moves (see `stages.shard_moves`)
 
 
 def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
@@ -81,7 +80,8 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                                            capacity, bucket_rows=bucket_rows,
                                            scratch=capacity_scratch(ctx), log=log)
         return apply_delta(merged, delta), streams, delta.moved
-    rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, keys[over], decision)
+    over_keys = keys[over]  # one object: sent to the tasks once
+    rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, over_keys, decision)
                                                        for s in plan.shards]))
     prefixes = unique_sorted(prefix[over])
     occ = occupancy(keys, counts, prefixes, sizes[-1])
@@ -95,8 +95,8 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
         tasks.append((ctx, pc.filter(rows, mask), prefixes[chunk], occ[chunk], capacity,
                       None if fixed is None else fixed[chunk]))
     moves = pa.concat_tables(engine.map(reassign, tasks))
-    old = moves.column("old_codes").combine_chunks().flatten().to_numpy().reshape(-1, len(sizes))
-    delta = move_delta(old, moves.column("code").to_numpy(), moves.column("old_qerr").to_numpy(),
+    delta = move_delta(column_matrix(moves.column("old_codes"), len(sizes), np.int32),
+                       moves.column("code").to_numpy(), moves.column("old_qerr").to_numpy(),
                        moves.column("qerr").to_numpy(), sizes)
     return apply_delta(merged, delta), moves, delta.moved
 

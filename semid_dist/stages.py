@@ -375,17 +375,19 @@ def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str
     return out
 
 
-def _matrix(col: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:
+def column_matrix(col: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:
+    """A fixed-size list column as an (n, width) array of `dtype`."""
     return col.combine_chunks().flatten().to_numpy().astype(dtype).reshape(-1, width)
 
 
 # capacity moves: by item id (item_id, code, qerr; the driver's table), or one shard's
 # streams by row in its staged codes (row, code, qerr; `semid_dist.bucketed`)
 ShardMoves = pa.Table | Streams | None
+Moves = pa.Table | list[Streams] | None  # the driver's table, or each shard's streams
 MOVE_SCHEMA = pa.schema([("row", pa.int64()), ("code", pa.int32()), ("qerr", pa.float32())])
 
 
-def shard_moves(moves: pa.Table | list[Streams] | None, pos: int) -> ShardMoves:
+def shard_moves(moves: Moves, pos: int) -> ShardMoves:
     """The moves a shard (at position `pos` in the plan) applies: the driver's table, or
     its own streams of the per-shard list."""
     return moves[pos] if isinstance(moves, list) else moves
@@ -398,9 +400,11 @@ def _read_staged(ctx: JobContext, shard: Shard,
     store = ctx.store()
     rel = f"{STAGING}/codes-{shard.index:06d}.parquet"
     t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel))
-    codes = _matrix(t.column("codes"), len(ctx.sizes), np.int32)
+    codes = column_matrix(t.column("codes"), len(ctx.sizes), np.int32)
     if isinstance(moves, Streams):
         moved = moves.read(MOVE_SCHEMA)
+        if not moved.num_rows:
+            return t, codes
         rows = moved.column("row").to_numpy()
         new_code, new_qerr = moved.column("code").to_numpy(), moved.column("qerr").to_numpy()
     elif moves is not None and moves.num_rows:
@@ -424,7 +428,8 @@ def _read_staged(ctx: JobContext, shard: Shard,
 def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
                   decision: PruneDecision) -> pa.Table:
     """Staged rows of the over-capacity final SIDs `keys` (sorted int64), with candidates,
-    their final SID `key` and `row` (their row numbers in the shard's staged codes)."""
+    their final SID `key` and `row` (their row numbers in the shard's staged codes, which
+    the moves of `semid_dist.bucketed.bucketed_capacity` are keyed by)."""
     t, codes = _read_staged(ctx, shard)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = np.isin(k, keys)
@@ -439,13 +444,13 @@ def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndar
     (held: see `reassign_overflow`)."""
     last = ctx.sizes[-1]
     prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), last)
-    codes = _matrix(rows.column("codes"), len(ctx.sizes), np.int32)
+    codes = column_matrix(rows.column("codes"), len(ctx.sizes), np.int32)
     width = rows.schema.field("alt_codes").type.list_size
     qerr = rows.column("qerr").to_numpy()
     idx, new_code, new_err = reassign_overflow(
         prefix, codes[:, -1], qerr, rows.column("item_id").combine_chunks(),
-        _matrix(rows.column("alt_codes"), width, np.int32),
-        _matrix(rows.column("alt_err"), width, np.float32), prefixes, occ, capacity, held)
+        column_matrix(rows.column("alt_codes"), width, np.int32),
+        column_matrix(rows.column("alt_err"), width, np.float32), prefixes, occ, capacity, held)
     take = pa.array(idx)
     out = pa.table({"item_id": pc.take(rows.column("item_id"), take),
                     "old_codes": pa.FixedSizeListArray.from_arrays(codes[idx].ravel(),
@@ -563,7 +568,7 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
     out = (store.write_table(ctx.version_id,
                              f"data/part-{ctx.version_id}-carried-{index:06d}.parquet", kept)
            if kept.num_rows else None)
-    return {"entry": out, "codes": _matrix(dropped.column("codes"), len(ctx.sizes), np.int32),
+    return {"entry": out, "codes": column_matrix(dropped.column("codes"), len(ctx.sizes), np.int32),
             "qerr": dropped.column("qerr").to_numpy().astype(np.float32), "max_suffix": top}
 
 
@@ -573,7 +578,7 @@ def carried_suffixes(ctx: JobContext, entry: FileEntry, keys: np.ndarray,
     store = ctx.store()
     t = fsio.read_parquet(store.fs, store.entry_path(ctx.version_id, entry),
                           columns=["codes", "suffix"])
-    codes = _matrix(t.column("codes"), len(ctx.sizes), np.int32)
+    codes = column_matrix(t.column("codes"), len(ctx.sizes), np.int32)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = np.isin(k, keys)
     return pa.table({"key": k[hit], "suffix": t.column("suffix").to_numpy()[hit]})

@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semid_dist.codes.capacity import apply_delta, merge_deltas, move_delta
+from semid_dist.codes.capacity import apply_delta, merge_deltas, move_delta, prefix_ranges
+from semid_dist.codes.collisions import last_layer_prefix, occupancy
+from semid_dist.codes.drift import bucket_count
 from semid_dist.codes.partials import partial_from_batch
 
 SIZES = (6, 5, 7)
@@ -62,3 +64,36 @@ def test_deltas_of_disjoint_moves_add_up_to_the_delta_of_all():
     assert merged.sq_res == pytest.approx(whole.sq_res, rel=1e-12)
     assert merged.res_norm == pytest.approx(whole.res_norm, rel=1e-12)
     assert (whole.sid_counts != 0).all() and whole.last_counts.sum() == 0
+
+
+def test_prefix_ranges_hold_each_prefix_once_with_all_its_sids():
+    """Every over-full prefix in exactly one range, the one its rows are routed to, and each
+    range's key slice holds every SID under its prefixes (over-full or not), so a range task
+    starts from the same occupancy as the driver's whole table."""
+    rng = np.random.default_rng(5)
+    last = 7
+    for _ in range(40):
+        keys = np.unique(rng.integers(0, 60 * (last + 1), rng.integers(1, 200)))
+        counts = rng.integers(1, 30, len(keys)) * (rng.random(len(keys)) < 0.9) + 1
+        over = counts > rng.integers(1, 20)
+        if not over.any():
+            continue
+        bucket_rows = int(rng.integers(1, 200))
+        ranges = prefix_ranges(keys, counts, over, last, bucket_rows=bucket_rows)
+        prefix, _ = last_layer_prefix(keys, last)
+        assert ranges.rows == int(counts[over].sum())
+        assert ranges.count == bucket_count(ranges.rows, bucket_rows=bucket_rows)
+        whole = occupancy(keys, counts, ranges.prefixes, last)
+        seen = []
+        for b in range(ranges.count):
+            pe = slice(ranges.prefix_edges[b], ranges.prefix_edges[b + 1])
+            ke = slice(ranges.key_edges[b], ranges.key_edges[b + 1])
+            mine = ranges.prefixes[pe]
+            routed = np.searchsorted(ranges.bounds, mine, side="right")
+            assert (routed == b).all()
+            inside = np.isin(prefix, mine)
+            assert inside[ke].sum() == inside.sum()  # all their SIDs in the slice
+            np.testing.assert_array_equal(occupancy(keys[ke], counts[ke], mine, last),
+                                          whole[pe])
+            seen.extend(mine.tolist())
+        assert seen == sorted(set(prefix[over].tolist()))

@@ -4,8 +4,8 @@ Capacity-bounded collisions (`collisions.max_per_sid`) move items to another las
 code under the same prefix (`codes.collisions.reassign_overflow`). The statistics change by
 the moved items' old codes out and new codes in: integer counts, and the last layer's
 residual sums. The moves of disjoint prefix ranges (engine tasks past
-`driver.gather_rows`) give deltas that add up: the counts exactly; the float sums, one per
-range, added in range order.
+`driver.gather_rows`, cut by `prefix_ranges`) give deltas that add up: the counts exactly;
+the float sums, one per range, added in range order.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from semid_dist.codes.collisions import key_range_bounds, last_layer_prefix
+from semid_dist.codes.drift import bucket_count
 from semid_dist.codes.partials import Partial, add_keyed, sid_keys
 
 
@@ -102,3 +104,41 @@ def apply_delta(p: Partial, delta: MoveDelta) -> Partial:
                    sq_res_sum=sq_res, res_norm_sum=res_norm, x_sq_sum=p.x_sq_sum,
                    q_keys=p.q_keys, q_counts=p.q_counts, q_sums=p.q_sums,
                    trans_keys=trans_keys, trans_counts=trans_counts)
+
+
+@dataclass(frozen=True)
+class PrefixRanges:
+    """The over-full SIDs' prefixes cut into ranges of about equal rows, every prefix in one
+    range. prefixes (p,) int64: the over-full SIDs' prefixes, sorted; rows: their SIDs'
+    items in all; bounds (r - 1,) int64: a prefix q lies in range searchsorted(bounds, q,
+    "right"); prefix_edges / key_edges (r + 1,) int64: range b's prefixes are
+    prefixes[prefix_edges[b]:prefix_edges[b + 1]], and the SIDs under them (over-full or
+    not) lie in keys[key_edges[b]:key_edges[b + 1]]."""
+
+    prefixes: np.ndarray
+    rows: int
+    bounds: np.ndarray
+    prefix_edges: np.ndarray
+    key_edges: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) + 1
+
+
+def prefix_ranges(keys: np.ndarray, counts: np.ndarray, over: np.ndarray, last_size: int, *,
+                  bucket_rows: int) -> PrefixRanges:
+    """keys (m,) sorted int64 final SID keys holding counts (m,) int64 items; over (m,) bool:
+    the over-full ones -> ranges of about `bucket_rows` of their rows (at most
+    `codes.drift.MAX_BUCKETS`)."""
+    prefix, _ = last_layer_prefix(keys, last_size)  # sorted, as the keys are
+    prefixes, first = np.unique(prefix[over], return_index=True)
+    rows_of = np.add.reduceat(counts[over], first) if len(first) else counts[:0]
+    rows = int(rows_of.sum())
+    bounds = key_range_bounds(prefixes, rows_of, bucket_count(rows, bucket_rows=bucket_rows))
+    return PrefixRanges(
+        prefixes=prefixes, rows=rows, bounds=bounds,
+        prefix_edges=np.concatenate([[0], np.searchsorted(prefixes, bounds), [len(prefixes)]]
+                                    ).astype(np.int64),
+        key_edges=np.concatenate([[0], np.searchsorted(prefix, bounds), [len(keys)]]
+                                 ).astype(np.int64))
