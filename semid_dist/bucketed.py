@@ -248,15 +248,20 @@ def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarr
         log(f"collisions: moving the overflow of {int(over.sum())} over-full SIDs "
             f"({ranges.rows} items) in {ranges.count} prefix ranges ({len(groups)} split "
             "tasks, through staging)")
-    over_keys, pe, ke, shards = keys[over], ranges.prefix_edges, ranges.key_edges, len(plan.shards)
+    over_keys = keys[over]  # one object: sent to the tasks once
+    shards = len(plan.shards)
+
+    def range_task(splits: list[Split], b: int) -> tuple:
+        mine = slice(ranges.prefix_edges[b], ranges.prefix_edges[b + 1])
+        sids = slice(ranges.key_edges[b], ranges.key_edges[b + 1])
+        return (ctx, splits, b, ranges.prefixes[mine], keys[sids], counts[sids], capacity,
+                shards, f"{scratch}/moves-{b:06d}")
+
     try:
         splits = engine.map(overflow_split, [(ctx, g, over_keys, decision, ranges.bounds,
                                               f"{scratch}/over-{i:06d}")
                                              for i, g in enumerate(groups)])
-        moved = engine.map(reassign_range, [
-            (ctx, splits, b, ranges.prefixes[pe[b]:pe[b + 1]], keys[ke[b]:ke[b + 1]],
-             counts[ke[b]:ke[b + 1]], capacity, shards, f"{scratch}/moves-{b:06d}")
-            for b in range(ranges.count)])
+        moved = engine.map(reassign_range, [range_task(splits, b) for b in range(ranges.count)])
     except BaseException:
         shuffle.remove(scratch)
         raise

@@ -25,7 +25,8 @@ from semid_dist.codes.headsplit import (
 from semid_dist.errors import InputError
 from semid_dist.io.catalog import CatalogPlan, Shard, read_shard
 from semid_dist.io.fs import redact_url
-from semid_dist.stages import JobContext, popularity_values
+from semid_dist.io.validate import popularity_values
+from semid_dist.stages import JobContext
 
 Log = Callable[[str], None]
 

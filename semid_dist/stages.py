@@ -30,7 +30,12 @@ from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.io.validate import normalize_ids, reject_reasons, validate_batch
+from semid_dist.io.validate import (
+    normalize_ids,
+    popularity_values,
+    reject_reasons,
+    validate_batch,
+)
 from semid_dist.memory import keep_freed_memory
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
@@ -105,11 +110,6 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     t = read_shard(ctx.catalog_url, shard, cols)
     pop = popularity_values(t.column(1)) if ctx.popularity_column else None
     return normalize_ids(t.column(0)), pop
-
-
-def popularity_values(column: pa.ChunkedArray) -> np.ndarray:
-    """A popularity column as (rows,) float64, nulls as 0."""
-    return pc.fill_null(pc.cast(column, pa.float64()), 0.0).to_numpy()
 
 
 def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:

@@ -76,8 +76,8 @@ def merge_deltas(deltas: Sequence[MoveDelta]) -> MoveDelta:
     for d in deltas:
         sq_res += d.sq_res
         res_norm += d.res_norm
-    (sid_k, sid_c), (pair_k, pair_c) = keyed("sid_keys", "sid_counts"), keyed("pair_keys",
-                                                                            "pair_counts")
+    sid_k, sid_c = keyed("sid_keys", "sid_counts")
+    pair_k, pair_c = keyed("pair_keys", "pair_counts")
     return MoveDelta(moved=sum(d.moved for d in deltas),
                      last_counts=np.sum([d.last_counts for d in deltas], axis=0),
                      sid_keys=sid_k, sid_counts=sid_c, pair_keys=pair_k, pair_counts=pair_c,

@@ -60,7 +60,7 @@ def value_ranges(pop: np.ndarray, *, level: int = 0, prefix: int = 0) -> ValueRa
     bits = np.sort(_bits(pop) if level == 0 else _inside(_bits(pop), level, prefix))
     keys = bits >> np.uint64(SHIFTS[level])
     starts = _starts(keys)
-    ends = np.append(starts[1:], len(bits)).astype(np.int64)[:len(starts)]  # none if empty
+    ends = np.append(starts[1:], len(bits)).astype(np.int64) if len(starts) else starts
     exponent = bits >> np.uint64(52)
     mantissa = ((bits & np.uint64(_FRACTION)) | ((exponent > 0).astype(np.uint64) << np.uint64(52))
                 ).astype(np.int64)

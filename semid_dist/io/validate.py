@@ -214,12 +214,17 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     })
     popularity = None
     if popularity_column is not None:
-        pop = table.column(popularity_column).combine_chunks()
-        popularity = pc.fill_null(pc.cast(pop, pa.float64()), 0.0).to_numpy()
+        popularity = popularity_values(table.column(popularity_column))
         popularity = popularity[good] if len(bad) else popularity
     if len(bad):
         ids, x, rows = pc.take(ids, pa.array(good)), x[good], rows[good]
     return ValidBatch(ids=ids, x=x, rows=rows, popularity=popularity, rejects=rejects)
+
+
+def popularity_values(column: pa.ChunkedArray) -> np.ndarray:
+    """A popularity column as (rows,) float64, nulls as 0 (the scan, its passes and the
+    encode's head / tail split read it alike)."""
+    return pc.fill_null(pc.cast(column, pa.float64()), 0.0).to_numpy()
 
 
 def reject_reasons(rejects: pa.Table) -> dict[str, int]:
