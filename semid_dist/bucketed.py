@@ -24,6 +24,7 @@ from semid_dist import shuffle
 from semid_dist.codes.capacity import MoveDelta, merge_deltas, move_delta, prefix_ranges
 from semid_dist.codes.collisions import (
     assign_suffixes,
+    free_suffixes,
     key_range_bounds,
     last_layer_prefix,
     occupancy,
@@ -31,6 +32,7 @@ from semid_dist.codes.collisions import (
 from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.io.catalog import CatalogPlan, Shard
+from semid_dist.io.store import FileEntry
 from semid_dist.popularity import PopularityScan, scan_popularity
 from semid_dist.shuffle import Split, Streams, split_tables
 from semid_dist.stages import (
@@ -38,6 +40,7 @@ from semid_dist.stages import (
     STAGING,
     JobContext,
     Moves,
+    carried_suffixes,
     colliding_rows,
     column_matrix,
     copy_rejects,
@@ -155,7 +158,8 @@ def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
 def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
                       hot_counts: np.ndarray, decision: PruneDecision,
                       moves: Moves, *, bucket_rows: int, scratch: str,
-                      log: Log | None = None) -> list[Streams]:
+                      carried: list[FileEntry] | None = None,
+                      log: Log | None = None) -> tuple[list[Streams], int]:
     """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
     ranked in B key ranges of about `bucket_rows` items (at most `codes.drift.MAX_BUCKETS`; each
     SID inside one range, wherever its rows lie). One task per group of consecutive shards
@@ -163,21 +167,36 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     (`colliding_split`); one task per range ranks them and writes the non-zero suffixes
     split by shard (`suffix_bucket`); each shard's data part then reads its streams. The
     suffixes are those of ranking every row at once, since a SID's ranks depend on its own
-    rows only."""
+    rows only.
+
+    carried: the data parts an incremental version carries, whose rows keep their suffixes
+    (counted in `hot_counts` too): one task per group of parts of about `bucket_rows` rows
+    writes their (key, suffix) of the SIDs `hot` split by key range (`carried_split`), and
+    the plan's rows take the suffixes they leave free (`free_suffixes`), as
+    `semid_dist.reduce.finalize_version` gives them on the driver. Returns each
+    shard's streams and the largest suffix of the plan's rows (-1: none)."""
     hot_rows = int(hot_counts.sum())
     buckets = bucket_count(hot_rows, bucket_rows=bucket_rows)
     bounds = key_range_bounds(hot, hot_counts, buckets)
     groups = _groups(plan, bucket_rows)
+    parts = shuffle.group_files(carried or [], [e.rows for e in carried or []],
+                                target_rows=bucket_rows)
     if log:
+        held = f" and {len(parts)} of carried parts" if carried is not None else ""
         log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
-            f"({len(groups)} split tasks, through staging)")
+            f"({len(groups)} split tasks of the catalog's rows{held}, through staging)")
     splits = engine.map(colliding_split, [(ctx, g, hot, decision, _group_moves(moves, g),
                                            bounds, f"{scratch}/rows-{i:06d}")
                                           for i, g in enumerate(groups)])
+    taken = (engine.map(carried_split, [(ctx, g, hot, decision, bounds,
+                                         f"{scratch}/carried-{i:06d}")
+                                        for i, g in enumerate(parts)])
+             if carried is not None else None)
     shards = len(plan.shards)
-    ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}")
+    ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}", taken)
                                         for b in range(buckets)])
-    return _per_shard(ranked, shards)
+    return (_per_shard([(split, rows) for split, rows, _ in ranked], shards),
+            max((top for _, _, top in ranked), default=-1))
 
 
 def _per_shard(results: list[tuple[Split, np.ndarray]], shards: int) -> list[Streams]:
@@ -194,37 +213,59 @@ def _group_moves(moves: Moves, group: list[tuple[int, Shard]]) -> Moves:
     return [moves[pos] for pos, _ in group] if isinstance(moves, list) else moves
 
 
+def _key_ranges(bounds: np.ndarray) -> shuffle.BucketFn:
+    """Rows by SID key range: a row of key k goes to bucket searchsorted(bounds, k, "right"),
+    so every row of a SID lands in one bucket."""
+    def of_key(rows: pa.Table, buckets: int) -> np.ndarray:
+        return np.searchsorted(bounds, rows.column("key").to_numpy(), side="right")
+    return of_key
+
+
 def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
                     decision: PruneDecision, moves: Moves, bounds: np.ndarray,
                     out_url: str) -> Split:
     """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
-    `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges: a row of
-    key k goes to bucket searchsorted(bounds, k, "right"), so every row of a SID lands in
-    one bucket (`shuffle.split_tables`)."""
-    def of_key(rows: pa.Table, buckets: int) -> np.ndarray:
-        return np.searchsorted(bounds, rows.column("key").to_numpy(), side="right")
-
+    `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges
+    (`_key_ranges`, `shuffle.split_tables`)."""
     tables = []
     for i, (pos, shard) in enumerate(shards):
         t = colliding_rows(ctx, shard, keys, decision, shard_moves(moves, i))
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
-    return split_tables(tables, of_key, len(bounds) + 1, out_url)
+    return split_tables(tables, _key_ranges(bounds), len(bounds) + 1, out_url)
 
 
-def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str
-                  ) -> tuple[Split, np.ndarray]:
+def carried_split(ctx: JobContext, entries: list[FileEntry], keys: np.ndarray,
+                  decision: PruneDecision, bounds: np.ndarray, out_url: str) -> Split:
+    """A group of carried data parts' (key, suffix) of the SIDs `keys` (`carried_suffixes`)
+    written to `out_url` split into len(bounds) + 1 key ranges (`_key_ranges`)."""
+    return split_tables([carried_suffixes(ctx, e, keys, decision) for e in entries],
+                        _key_ranges(bounds), len(bounds) + 1, out_url)
+
+
+TAKEN_SCHEMA = pa.schema([("key", pa.int64()), ("suffix", pa.int32())])
+
+
+def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str,
+                  taken: list[Split] | None = None) -> tuple[Split, np.ndarray, int]:
     """Collision suffixes of one key range: its colliding rows from every split ranked inside
-    their SIDs (`assign_suffixes`; a SID's rows all lie in this range), the rows whose
-    suffix is not 0 written to `out_url` split by shard position (row, suffix). Returns the
-    split and how many rows each of the `shards` streams holds."""
+    their SIDs (`assign_suffixes`; a SID's rows all lie in this range), or, with the carried
+    rows' splits `taken`, given the suffixes those leave free (`free_suffixes`); the rows
+    whose suffix is not 0 written to `out_url` split by shard position (row, suffix).
+    Returns the split, how many rows each of the `shards` streams holds, and the largest
+    suffix (-1: no rows)."""
     rows = Streams.of_bucket(splits, bucket).read()
-    suffix = assign_suffixes(rows.column("key").to_numpy(), rows.column("qerr").to_numpy(),
+    keys = rows.column("key").to_numpy()
+    suffix = assign_suffixes(keys, rows.column("qerr").to_numpy(),
                              rows.column("item_id").combine_chunks())
+    if taken is not None:
+        held = Streams.of_bucket(taken, bucket).read(TAKEN_SCHEMA)
+        suffix = free_suffixes(keys, suffix, held.column("key").to_numpy(),
+                               held.column("suffix").to_numpy())
     nonzero = suffix > 0  # every other row of a data part gets suffix 0
     pos = rows.column("pos").to_numpy()[nonzero]
     out = pa.table({"row": rows.column("row").to_numpy()[nonzero], "suffix": suffix[nonzero]})
     split = split_tables([out], lambda t, n: pos, shards, out_url)
-    return split, np.bincount(pos, minlength=shards)
+    return split, np.bincount(pos, minlength=shards), int(suffix.max(initial=-1))
 
 
 # -- the capacity bound ------------------------------------------------------------------
@@ -232,14 +273,18 @@ def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str
 def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarray,
                       counts: np.ndarray, over: np.ndarray, decision: PruneDecision,
                       capacity: int, *, bucket_rows: int, scratch: str,
+                      held: tuple[np.ndarray, np.ndarray] | None = None,
                       log: Log | None = None) -> tuple[MoveDelta, list[Streams]]:
     """Capacity moves for the over-full final SIDs in prefix ranges of about `bucket_rows`
     of their rows (`codes.capacity.prefix_ranges`; every prefix inside one range). keys
     (m,) sorted int64 final SID keys holding counts (m,) int64 items; over (m,) bool: those
     holding more than `capacity`. One task per group of consecutive shards writes their
     rows of those SIDs split by prefix range (`overflow_split`); one task per range moves
-    its items (`reassign_range`) and writes the moves split by shard. The moves are those of
-    moving every row at once, since an item moves only under its own prefix. Returns the
+    its items (`reassign_range`) and writes the moves split by shard. held: (final SID keys,
+    items) of rows that take the first places and never move (the parent's rows an
+    incremental version carries; counted in `counts` too); each range task gets the slice
+    under its prefixes. The moves are those of moving every row at once, since an item
+    moves only under its own prefix. Returns the
     statistics' change and each shard's streams of its moves (row, code, qerr); the scratch
     is removed on failure, else once the data parts are written."""
     ranges = prefix_ranges(keys, counts, over, ctx.sizes[-1], bucket_rows=bucket_rows)
@@ -250,12 +295,20 @@ def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarr
             "tasks, through staging)")
     over_keys = keys[over]  # one object: sent to the tasks once
     shards = len(plan.shards)
+    if held is not None:
+        held_prefix, _ = last_layer_prefix(held[0], ctx.sizes[-1])
+        held_edges = np.concatenate([[0], np.searchsorted(held_prefix, ranges.bounds),
+                                     [len(held_prefix)]])
 
     def range_task(splits: list[Split], b: int) -> tuple:
         mine = slice(ranges.prefix_edges[b], ranges.prefix_edges[b + 1])
         sids = slice(ranges.key_edges[b], ranges.key_edges[b + 1])
+        fixed = None
+        if held is not None:
+            under = slice(held_edges[b], held_edges[b + 1])
+            fixed = (held[0][under], held[1][under])
         return (ctx, splits, b, ranges.prefixes[mine], keys[sids], counts[sids], capacity,
-                shards, f"{scratch}/moves-{b:06d}")
+                shards, f"{scratch}/moves-{b:06d}", fixed)
 
     try:
         splits = engine.map(overflow_split, [(ctx, g, over_keys, decision, ranges.bounds,
@@ -289,15 +342,20 @@ def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.nd
 
 def reassign_range(ctx: JobContext, splits: list[Split], bucket: int, prefixes: np.ndarray,
                    keys: np.ndarray, counts: np.ndarray, capacity: int, shards: int,
-                   out_url: str) -> tuple[Split, np.ndarray, MoveDelta]:
+                   out_url: str, held: tuple[np.ndarray, np.ndarray] | None = None,
+                   ) -> tuple[Split, np.ndarray, MoveDelta]:
     """Capacity moves of one prefix range: its rows from every split moved as `reassign`
     moves them. prefixes (p,) sorted int64: the range's over-full prefixes; keys / counts
     (m,) int64: the final SIDs under them (over-full or not) and their items, whose
-    occupancy the moves start from. The moves are written to `out_url` split by shard
-    position (row, code, qerr). Returns the split, how many moves each of the `shards`
-    streams holds, and the statistics' change."""
-    occ = occupancy(keys, counts, prefixes, ctx.sizes[-1])
-    moves = reassign(ctx, Streams.of_bucket(splits, bucket).read(), prefixes, occ, capacity)
+    occupancy the moves start from; held: (keys, items) of the rows among them that never
+    move and take the first places (see `reassign`). The moves are written to `out_url`
+    split by shard position (row, code, qerr). Returns the split, how many moves each of
+    the `shards` streams holds, and the statistics' change."""
+    last = ctx.sizes[-1]
+    occ = occupancy(keys, counts, prefixes, last)
+    fixed = None if held is None else occupancy(*held, prefixes, last)
+    moves = reassign(ctx, Streams.of_bucket(splits, bucket).read(), prefixes, occ, capacity,
+                     fixed)
     pos = moves.column("pos").to_numpy()
     out = pa.table({"row": moves.column("row"), "code": moves.column("code"),
                     "qerr": moves.column("qerr")}, schema=MOVE_SCHEMA)

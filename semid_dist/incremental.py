@@ -6,9 +6,10 @@ anew, plus the catalog's items. Parent data parts holding none of the re-encoded
 referenced (manifest entries naming the parent's version) instead of copied; a part holding
 some is rewritten without them. Carried items keep their SIDs and suffixes; new items use
 the parent's pruning decision, take the suffixes the carried items leave free, and (with
-`collisions.max_per_sid`) move out of SIDs the carried items fill. Every figure and lookup is
-of the whole table: the parent's statistics (`stats/` of every version) less the dropped
-rows, plus the new rows.
+`collisions.max_per_sid`) move out of SIDs the carried items fill (`semid_dist.reduce`, given
+the carried parts and their statistics; past `driver.gather_rows` as engine tasks). Every
+figure and lookup is of the whole table: the parent's statistics (`stats/` of every version)
+less the dropped rows, plus the new rows.
 """
 
 from __future__ import annotations
@@ -21,24 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.codes.collisions import assign_suffixes, colliding_keys, free_suffixes
-from semid_dist.codes.keyset import unique_sorted
-from semid_dist.codes.metrics import final_sid_counts
 from semid_dist.codes.partials import Partial, subtract_rows
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError, InputError, StoreError
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.stages import (
-    JobContext,
-    carried_suffixes,
-    carry_part,
-    colliding_rows,
-    finalize_shard,
-    shard_suffixes,
-    staged_ids,
-)
+from semid_dist.stages import JobContext, carry_part, staged_ids
 
 Log = Callable[[str], None]
 STATS_PARTIAL = "stats/partial_all.npz"
@@ -136,33 +126,6 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
         f"{len(parts)} parts referenced, {len(entries) - referenced} rewritten), "
         f"{out.replaced} replaced by re-encoded items")
     return out
-
-
-def finalize_incremental(engine, ctx: JobContext, plan: CatalogPlan, carried: Carried,
-                         merged: Partial, decision: PruneDecision,
-                         moves: pa.Table | None) -> tuple[list[FileEntry], int]:
-    """Suffixes for the new rows (around the carried rows' suffixes), then one data part per
-    catalog shard. -> (every data part of the version, the largest suffix in the table)."""
-    keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
-    hot = colliding_keys(keys, counts)
-    per_shard = (engine.map(colliding_rows, [(ctx, s, hot, decision, moves)
-                                             for s in plan.shards]) if len(hot) else [])
-    rows = pa.concat_tables(per_shard) if per_shard else None
-    suffix = np.zeros(0, np.int32)
-    if rows is not None and rows.num_rows:
-        new_keys = rows.column("key").to_numpy()
-        need = unique_sorted(new_keys)
-        taken = pa.concat_tables(engine.map(carried_suffixes,
-                                            [(ctx, e, need, decision) for e in carried.entries]))
-        rank = assign_suffixes(new_keys, rows.column("qerr").to_numpy(),
-                               rows.column("item_id").combine_chunks())
-        suffix = free_suffixes(new_keys, rank, taken.column("key").to_numpy(),
-                               taken.column("suffix").to_numpy())
-    top = int(suffix.max(initial=-1))
-    suffixes = shard_suffixes(per_shard if len(suffix) else [], suffix, len(plan.shards))
-    parts = engine.map(finalize_shard, [(ctx, s, part, decision, moves)
-                                        for s, part in zip(plan.shards, suffixes)])
-    return list(carried.entries) + parts, max(top, carried.max_suffix)
 
 
 def incremental_rows(counts: dict[str, int], carried: Carried) -> dict[str, int]:

@@ -30,12 +30,7 @@ from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.faults import maybe_die
-from semid_dist.incremental import (
-    carry_parent,
-    finalize_incremental,
-    incremental_rows,
-    write_stats,
-)
+from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
@@ -465,12 +460,13 @@ def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Part
         engine, ctx, plan, partials, cfg, log, decision=carried.decision if carried else None,
         held=carried.partial if carried else None)
     maybe_die("reduce")
-    if carried is None:
-        data_files = finalize_version(engine, ctx, plan, merged["all"], decision, moves,
-                                      bucket_rows=cfg.driver.gather_rows, log=log)
-    else:
-        data_files, max_suffix = finalize_incremental(engine, ctx, plan, carried,
-                                                      merged["all"], decision, moves)
+    data_files, top = finalize_version(
+        engine, ctx, plan, merged["all"], decision, moves,
+        carried=carried.entries if carried else None, held=carried.partial if carried else None,
+        bucket_rows=cfg.driver.gather_rows, log=log)
+    if carried is not None:
+        data_files = list(carried.entries) + data_files
+        max_suffix = max(top, carried.max_suffix)
         metrics["incremental"] = carried.figures()
     data_files += sid_items_lookup(engine, ctx, data_files)
     return _Reduced(merged, decision, metrics, data_files, counts, max_suffix)

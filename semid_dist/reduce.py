@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from semid_dist import shuffle
 from semid_dist.bucketed import bucketed_capacity, bucketed_suffixes
 from semid_dist.codes.capacity import apply_delta, move_delta
-from semid_dist.codes.collisions import colliding_keys, last_layer_prefix, occupancy
+from semid_dist.codes.collisions import last_layer_prefix, needs_suffixes, occupancy
 from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.lookups import (
     flows_table,
@@ -43,6 +43,7 @@ from semid_dist.stages import (
     STAGING,
     JobContext,
     Moves,
+    carried_suffixes,
     colliding_rows,
     column_matrix,
     finalize_shard,
@@ -62,11 +63,10 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
     """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
     codes under the same prefix. Only the rows `plan` encoded move; `held` (the parent's rows
     an incremental version carries, part of `merged`) keep their SIDs and take the first
-    places. Up to `bucket_rows` rows of over-full SIDs (and always for an incremental
-    version) the driver gathers them and engine tasks move them in 16 prefix chunks; more
-    are moved by engine tasks in prefix ranges through the version's staging
-    (`semid_dist.bucketed.bucketed_capacity`). Returns (statistics after the moves, the
-    moves, how many items moved)."""
+    places. Up to `bucket_rows` rows of over-full SIDs the driver gathers them and engine
+    tasks move them in 16 prefix chunks; more are moved by engine tasks in prefix ranges
+    through the version's staging (`semid_dist.bucketed.bucketed_capacity`). Returns
+    (statistics after the moves, the moves, how many items moved)."""
     if capacity is None:
         return merged, None, 0
     sizes = ctx.sizes
@@ -75,19 +75,19 @@ def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
     over = (counts > capacity) & (digit < sizes[-1])
     if not over.any():
         return merged, None, 0
-    if held is None and int(counts[over].sum()) > bucket_rows:
+    fixed_sids = None if held is None else final_sid_counts(held, list(sizes), decision)
+    if int(counts[over].sum()) > bucket_rows:
         delta, streams = bucketed_capacity(engine, ctx, plan, keys, counts, over, decision,
                                            capacity, bucket_rows=bucket_rows,
-                                           scratch=capacity_scratch(ctx), log=log)
+                                           scratch=capacity_scratch(ctx), held=fixed_sids,
+                                           log=log)
         return apply_delta(merged, delta), streams, delta.moved
     over_keys = keys[over]  # one object: sent to the tasks once
     rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, over_keys, decision)
                                                        for s in plan.shards]))
     prefixes = unique_sorted(prefix[over])
     occ = occupancy(keys, counts, prefixes, sizes[-1])
-    fixed = None
-    if held is not None:
-        fixed = occupancy(*final_sid_counts(held, list(sizes), decision), prefixes, sizes[-1])
+    fixed = None if fixed_sids is None else occupancy(*fixed_sids, prefixes, sizes[-1])
     row_prefix, _ = last_layer_prefix(rows.column("key").to_numpy(), sizes[-1])
     tasks = []
     for chunk in np.array_split(np.arange(len(prefixes)), min(len(prefixes), 16)):
@@ -147,17 +147,26 @@ def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
 
 def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, moves: Moves, *,
-                     bucket_rows: int = 1_000_000, log: Log | None = None) -> list[FileEntry]:
-    """Collision suffixes on the final SIDs, then one data part per shard.
+                     carried: list[FileEntry] | None = None, held: Partial | None = None,
+                     bucket_rows: int = 1_000_000, log: Log | None = None,
+                     ) -> tuple[list[FileEntry], int]:
+    """Collision suffixes on the final SIDs, then one data part per shard of the plan.
+    -> (the data parts, the largest suffix given to a row of the plan; -1: none).
 
-    Up to `bucket_rows` colliding rows are ranked on the driver. More are ranked by engine
-    tasks in key ranges of about `bucket_rows` rows each, through the version's staging
-    (`semid_dist.bucketed.bucketed_suffixes`), so the driver holds only their per-file
-    offsets."""
-    keys, counts = final_sid_counts(merged, list(ctx.sizes), decision)
-    hot = colliding_keys(keys, counts)
-    hot_counts = counts[counts > 1]
-    hot_rows = int(hot_counts.sum())
+    An incremental version passes the parent's data parts it carries and their statistics
+    (`held`, part of `merged`): their rows keep their suffixes, and the plan's rows of a SID
+    they hold take the suffixes they leave free (`codes.collisions.free_suffixes`).
+
+    Up to `bucket_rows` rows of colliding SIDs (with new rows, in an incremental version;
+    the carried rows of those SIDs included) are ranked on the driver. More are ranked by
+    engine tasks in key ranges of about `bucket_rows` rows each, through the version's
+    staging (`semid_dist.bucketed.bucketed_suffixes`), so the driver holds only their
+    per-file offsets."""
+    sizes = list(ctx.sizes)
+    keys, counts = final_sid_counts(merged, sizes, decision)
+    need = needs_suffixes(keys, counts, *(final_sid_counts(held, sizes, decision)
+                                          if held is not None else ()))
+    hot, hot_counts = keys[need], counts[need]
 
     def write_parts(suffixes: list[pa.Table] | list[Streams]) -> list[FileEntry]:
         return engine.map(finalize_shard, [(ctx, s, part, decision, shard_moves(moves, pos))
@@ -166,14 +175,22 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
     scratch = f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/suffixes"
     try:
-        if hot_rows <= bucket_rows:
+        if int(hot_counts.sum()) <= bucket_rows:
             rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, shard_moves(moves, pos))
                                                 for pos, s in enumerate(plan.shards)])
                     if len(hot) else [])
-            return write_parts(suffix_tables(rows, len(plan.shards)))
-        return write_parts(bucketed_suffixes(engine, ctx, plan, hot, hot_counts, decision,
-                                             moves, bucket_rows=bucket_rows, scratch=scratch,
-                                             log=log))
+            taken = None
+            if carried is not None and len(hot):
+                taken = pa.concat_tables(engine.map(carried_suffixes, [(ctx, e, hot, decision)
+                                                                       for e in carried]))
+            suffixes = suffix_tables(rows, len(plan.shards), taken)
+            top = max((int(t.column("suffix").to_numpy().max()) for t in suffixes
+                       if t.num_rows), default=-1)
+            return write_parts(suffixes), top
+        streams, top = bucketed_suffixes(engine, ctx, plan, hot, hot_counts, decision, moves,
+                                         bucket_rows=bucket_rows, scratch=scratch,
+                                         carried=carried, log=log)
+        return write_parts(streams), top
     finally:
         shuffle.remove(scratch)
         if isinstance(moves, list):  # the capacity bound's streams, read by now

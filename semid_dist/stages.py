@@ -21,7 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist import packing
-from semid_dist.codes.collisions import assign_suffixes, last_layer_prefix, reassign_overflow
+from semid_dist.codes.collisions import (
+    assign_suffixes,
+    free_suffixes,
+    last_layer_prefix,
+    reassign_overflow,
+)
 from semid_dist.codes.keyset import unique_rows
 from semid_dist.codes.partials import Partial, head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
@@ -474,14 +479,21 @@ def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
                      "row": np.flatnonzero(hit)})
 
 
-def suffix_tables(rows: list[pa.Table], shards: int) -> list[pa.Table]:
+def suffix_tables(rows: list[pa.Table], shards: int, taken: pa.Table | None = None
+                  ) -> list[pa.Table]:
     """Collision suffixes for the colliding rows gathered from each of `shards` shards (in
-    shard order; none when no SID collides): per shard, row -> suffix."""
+    shard order; none when no SID collides): per shard, row -> suffix. taken: (key,
+    suffix) of rows that keep their suffixes (an incremental version's carried rows of
+    those SIDs); the gathered rows then take the suffixes these leave free."""
     t = pa.concat_tables(rows) if rows else None
     if t is None or t.num_rows == 0:
         return shard_suffixes([], np.zeros(0, np.int32), shards)
-    suffix = assign_suffixes(t.column("key").to_numpy(), t.column("qerr").to_numpy(),
+    keys = t.column("key").to_numpy()
+    suffix = assign_suffixes(keys, t.column("qerr").to_numpy(),
                              t.column("item_id").combine_chunks())
+    if taken is not None:
+        suffix = free_suffixes(keys, suffix, taken.column("key").to_numpy(),
+                               taken.column("suffix").to_numpy())
     return shard_suffixes(rows, suffix, shards)
 
 

@@ -116,7 +116,9 @@ def incremental_catalogs(tmp_path_factory):
 
 def incremental_on_engines(cats: dict, root: str, engine: str):
     """A parent built from cats["parent"], then the same incremental child from
-    cats["delta"] on the local engine and on `engine` -> (store, parent, [local, other])."""
+    cats["delta"] on the local engine (its suffixes ranked on the driver) and on `engine`
+    past driver.gather_rows (200: ranked by tasks in key ranges, around the carried parts'
+    suffixes) -> (store, parent, [local, other])."""
     from semid_dist.io.store import TableStore
     from semid_dist.pipeline import build
 
@@ -124,10 +126,13 @@ def incremental_on_engines(cats: dict, root: str, engine: str):
         pass
 
     parent = build(small_config(cats["parent"], root), log=quiet)
+    logs: list[str] = []
     children = [build(small_config(cats["delta"], root, engine=name,
                                    encode__from_version=parent.version_id,
-                                   encode__incremental=True), log=quiet)
-                for name in ("local", engine)]
+                                   encode__incremental=True, **opts), log=log)
+                for name, opts, log in (("local", {}, quiet),
+                                        (engine, {"driver__gather_rows": 200}, logs.append))]
+    assert any(m.startswith("collisions: ranking") and "of carried parts" in m for m in logs)
     return TableStore(root, "sids"), parent, children
 
 

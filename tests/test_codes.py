@@ -23,6 +23,7 @@ from semid_dist.codes.collisions import (
     colliding_keys,
     free_suffixes,
     key_range_bounds,
+    needs_suffixes,
 )
 from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
 from semid_dist.codes.partials import (
@@ -662,6 +663,30 @@ def test_free_suffixes_fill_gaps_then_continue():
         for k in np.unique(nk):  # the smallest free suffixes of each key are used
             free = sorted(set(range(60)) - {s for kk, s in pairs if kk == k})
             assert sorted(s for kk, s in new_pairs if kk == k) == free[:int((nk == k).sum())]
+
+
+def test_needs_suffixes_are_colliding_sids_holding_an_item_not_held():
+    keys = np.array([2, 4, 6, 8, 10], dtype=np.int64)
+    counts = np.array([1, 3, 2, 4, 0], dtype=np.int64)
+    assert needs_suffixes(keys, counts).tolist() == [False, True, True, True, False]
+    # SID 4 is all held (its suffixes stand); 6 holds one new item beside a held one; 8 is
+    # not held at all; a held key of no items may be missing from the counts
+    held_keys = np.array([2, 4, 6, 7], dtype=np.int64)
+    held_counts = np.array([1, 3, 1, 0], dtype=np.int64)
+    got = needs_suffixes(keys, counts, held_keys, held_counts)
+    assert got.tolist() == [False, False, True, True, False]
+    rng = np.random.default_rng(3)
+    for _ in range(20):  # against counting each SID's held and new items
+        held = Counter(rng.integers(0, 30, 40).tolist())
+        new = Counter(rng.integers(0, 30, 15).tolist())
+        every = held + new
+        k = np.array(sorted(every), np.int64)
+        hk = np.array(sorted(held), np.int64)
+        out = needs_suffixes(k, np.array([every[x] for x in k]), hk,
+                             np.array([held[x] for x in hk]))
+        assert out.tolist() == [every[x] > 1 and new[x] > 0 for x in k]
+    with pytest.raises(ValueError, match="held SIDs"):
+        needs_suffixes(keys, counts, np.array([5], np.int64), np.array([1], np.int64))
 
 
 def test_prune_decision_round_trip():

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.cli import main
@@ -162,6 +164,45 @@ def test_incremental_capacity_keeps_carried_sids(catalogs, tmp_path):
     for sid, n in count.items():
         if n > cap and sid in with_new:
             assert all(count.get(sid[:-1] + (j,), 0) >= cap for j in range(last)), sid
+
+
+@pytest.mark.parametrize("cap", [None, 6])
+def test_incremental_past_gather_rows_matches_the_gathered_version(catalogs, tmp_path, cap):
+    """More rows of colliding (and over-full) SIDs than driver.gather_rows: tasks rank the new
+    items' suffixes around the carried rows' in key ranges (and move their overflow in
+    prefix ranges, the carried rows holding their places) through staging: the same table,
+    figures and vocabulary as gathering them on the driver, and no scratch left."""
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    opts = {} if cap is None else {"collisions__max_per_sid": cap, "collisions__candidates": 8}
+    first = build(small_config(catalogs["parent"], root, **opts), log=quiet)
+    logs: list[str] = []
+    children = [build(small_config(catalogs["delta"], root, encode__from_version=first.version_id,
+                                   encode__incremental=True, driver__gather_rows=gather, **opts),
+                      log=log)
+                for gather, log in ((10**6, quiet), (200, logs.append))]
+    assert any(m.startswith("collisions: ranking") and "of carried parts" in m for m in logs)
+    if cap is not None:
+        assert any(m.startswith("collisions: moving the overflow of") for m in logs), logs
+        assert children[0].metrics["collisions"]["reassigned"] > 0
+    a, b = (by_id(store.read_data(r.version_id)) for r in children)
+    assert a.num_rows == N + NEW and a.equals(b)
+    # new items took suffixes beside carried ones: (SID, suffix) is unique over the table
+    pairs = {(tuple(s), x) for s, x in zip(b.column("sid_tokens").to_pylist(),
+                                           b.column("suffix").to_pylist())}
+    assert len(pairs) == b.num_rows
+    new = ~np.isin(b.column("item_id").to_numpy(), np.arange(N)) | np.isin(
+        b.column("item_id").to_numpy(), catalogs["changed"])
+    assert (b.column("suffix").to_numpy()[new] > 0).any()
+    ma, mb = (r.metrics for r in children)
+    for exact in ("collisions", "layers", "conditional", "pruning", "incremental"):
+        assert ma[exact] == mb[exact], exact
+    for name in ("mse", "relative_error"):
+        assert mb["reconstruction"][name] == pytest.approx(ma["reconstruction"][name],
+                                                           rel=1e-12)
+    vocab = [pq.read_table(f"{store.version_dir(r.version_id)}/vocab.parquet") for r in children]
+    assert vocab[0].equals(vocab[1])
+    assert not Path(store.version_dir(children[1].version_id), "_staging").exists()
 
 
 def test_incremental_errors(catalogs, tmp_path, capsys):
