@@ -32,20 +32,24 @@ def test_tree_rss_counts_children():
 
 
 def test_scale_job_builds_and_reports(tmp_path):
+    """The build, then an incremental version of a 3,000-item delta on top of it (past
+    driver.gather_rows: its suffixes ranked by tasks), both on the page."""
     cfg = tmp_path / "scale.yaml"
     cfg.write_text(json.dumps({
         "engine": "local", "seed": 0, "input": {"path": "unused"},
         "output": {"root": "unused", "table": "sids"},
         "quantizer": {"layers": [16, 8, 8], "niter": 4}, "fit": {"sample_size": 2000},
-        "encode": {"shard_rows": 4096}}))
+        "encode": {"shard_rows": 4096}, "driver": {"gather_rows": 2000}}))
     md = tmp_path / "SCALE.md"
     out = subprocess.run([sys.executable, "jobs/scale_run.py", "--rows", "12000", "--dim", "16",
                           "--config", str(cfg), "--workdir", str(tmp_path / "work"),
-                          "--chunk-rows", "4096", "--out-md", str(md)],
+                          "--chunk-rows", "4096", "--out-md", str(md),
+                          "--delta-rows", "3000"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     store = TableStore(str(tmp_path / "work" / "tables"), "sids")
-    manifest = store.manifest()
+    child = store.manifest()
+    manifest = store.manifest(child["parent"])
     assert manifest["rows"] == {"input": 12000, "encoded": 12000, "rejected": 0}
     page = md.read_text()
     assert f"`{manifest['version_id']}`" in page
@@ -65,3 +69,13 @@ def test_scale_job_builds_and_reports(tmp_path):
     assert per_sid["projected_s"] == pytest.approx(
         per_sid["measured_s"] + 16 * (1024 - sids["distinct"]) / 2**20)
     assert upper["projected_s"] > per_sid["projected_s"]
+    # the delta: its first half replaces the catalog's last 1,500 items, the rest is new
+    rows = {"input": 3000, "encoded": 3000, "rejected": 0, "carried": 10500, "replaced": 1500}
+    assert child["rows"] == figures["incremental"]["rows"] == rows
+    assert store.read_data(child["version_id"]).num_rows == 13500
+    assert "## Incremental version on top of it" in page
+    assert f"`{child['version_id']}`" in page
+    assert "| rows: carried / replaced / encoded | 10,500 / 1,500 / 3,000 |" in page
+    ranked = [m for m in figures["incremental"]["log"] if m.startswith("collisions: ranking")]
+    assert len(ranked) == 1 and "of carried parts" in ranked[0] and ranked[0] in page
+    assert figures["incremental"]["peak_tree_mib"] >= figures["incremental"]["peak_driver_mib"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from pathlib import Path
 
@@ -68,6 +69,23 @@ def test_deterministic_for_a_seed(tmp_path):
     x = embeddings(SPEC, 5000, chunk_rows=2000)  # the in-memory copy is the same data
     assert np.array_equal(x, ta.column("embedding").combine_chunks().flatten().to_numpy()
                           .reshape(-1, 24))
+
+
+def test_a_later_draw_is_new_items_of_the_same_mixture(tmp_path):
+    """A delta catalog for an incremental run: `draw` gives new items around the same
+    centres, `first_id` their ids (overlapping the first catalog's: changed items)."""
+    from semid_dist.bench.synthetic import _Mixture
+
+    later = dataclasses.replace(SPEC, draw=1)
+    a = read(write_catalog(str(tmp_path / "a"), SPEC, 4000, chunk_rows=2000).path)
+    b = read(write_catalog(str(tmp_path / "b"), later, 4000, chunk_rows=2000,
+                           first_id=3000).path)
+    assert np.array_equal(b.column("item_id").to_numpy(), np.arange(3000, 7000))
+    xa, xb = (t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 24)
+              for t in (a, b))
+    assert not np.isclose(xa, xb).all(axis=1).any()  # no item drawn again
+    assert np.array_equal(_Mixture(SPEC).centres, _Mixture(later).centres)
+    assert np.array_equal(embeddings(later, 4000, chunk_rows=2000), xb)
 
 
 def test_long_tailed_popularity_and_norm(catalog):

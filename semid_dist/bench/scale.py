@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,10 +47,10 @@ def tree_rss_mib(root_pid: int) -> float:
     return total / 2**20
 
 
-def run_build(config: Path, catalog: str, root: str, log_path: Path) -> dict:
-    """`semid build` in a subprocess, sampling the process tree's RSS twice a second."""
-    cmd = [sys.executable, "-m", "semid_dist.cli", "build", "--config", str(config), "--json",
-           f"input.path={catalog}", f"output.root={root}"]
+def run_semid(command: list[str], log_path: Path) -> dict:
+    """`semid <command> --json` in a subprocess (build or encode), sampling the process
+    tree's RSS twice a second."""
+    cmd = [sys.executable, "-m", "semid_dist.cli", *command[:1], "--json", *command[1:]]
     peak = {"tree": 0.0, "driver": 0.0}
     with open(log_path, "w") as log:
         t0 = time.monotonic()
@@ -74,7 +75,7 @@ def run_build(config: Path, catalog: str, root: str, log_path: Path) -> dict:
         wall = time.monotonic() - t0
         sampler.join(timeout=2)
     if proc.returncode != 0:
-        raise SystemExit(f"semid build failed ({proc.returncode}); see {log_path}")
+        raise SystemExit(f"semid {command[0]} failed ({proc.returncode}); see {log_path}")
     result = json.loads(out)
     return {"wall_s": wall, "peak_tree_mib": peak["tree"], "peak_driver_mib": peak["driver"],
             "result": result}
@@ -84,6 +85,30 @@ def run_build(config: Path, catalog: str, root: str, log_path: Path) -> dict:
 # nothing per catalog row (the ids, the rows of over-full and of colliding SIDs and the
 # popularity stay in tasks, in a full build, not an incremental one)
 DRIVER_SID_BYTES = 16
+
+
+def run_incremental(args: argparse.Namespace, work: Path, parent: str) -> dict:
+    """A delta catalog of `args.delta_rows` items from a later draw of the same mixture (new
+    embeddings around the same centres): its first half takes the catalog's last ids
+    (changed items), the rest new ids. Then `semid encode --incremental` of it on top of the
+    build's version `parent`, measured as the build is, with the log's lines on what it
+    carried and how it ranked the suffixes."""
+    delta = work / "delta"
+    shutil.rmtree(delta, ignore_errors=True)
+    changed = min(args.delta_rows // 2, args.rows)
+    print(f"scale: writing a delta of {args.delta_rows:,} items ({changed:,} changed) to "
+          f"{delta}; encoding it incrementally", flush=True)
+    write_catalog(str(delta), CatalogSpec(dim=args.dim, draw=1), args.delta_rows,
+                  chunk_rows=args.chunk_rows, chunks_per_file=8, first_id=args.rows - changed)
+    log_path = work / "incremental.log"
+    measured = run_semid(["encode", "--config", str(REPO / args.config), "--incremental",
+                          f"input.path={delta}", f"output.root={work / 'tables'}",
+                          f"encode.from_version={parent}"], log_path)
+    lines = log_path.read_text().splitlines()
+    measured["log"] = [line.split("] ", 1)[-1] for line in lines
+                       if "] incremental:" in line or "] collisions:" in line]
+    measured.update(delta_rows=args.delta_rows, changed=changed)
+    return measured
 
 
 def sid_counts(metrics: dict) -> dict[str, int]:
@@ -117,7 +142,40 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     return rows_out
 
 
-def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) -> None:
+def incremental_lines(inc: dict, args) -> list[str]:
+    """The scale page's section on the incremental version."""
+    m = inc["result"]["metrics"]
+    t, rows = m["timings"], m["rows"]
+    return [
+        "",
+        "## Incremental version on top of it",
+        "",
+        f"`semid encode --incremental` of a delta of {inc['delta_rows']:,} items from a later "
+        f"draw of the same mixture: {inc['changed']:,} changed items (the catalog's last ids) "
+        f"and {inc['delta_rows'] - inc['changed']:,} new ones, on top of the version above: "
+        f"version `{inc['result']['version_id']}`. Log:",
+        "",
+        *[f"    {line}" for line in inc["log"]],
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| whole job (process wall time) | {inc['wall_s']:.0f} s |",
+        f"| encode stage | {t.get('encode_s', 0):.0f} s |",
+        f"| carry + reduce + finalize + lookups | {t.get('reduce_s', 0):.0f} s |",
+        f"| drift against the parent version | {t.get('drift_s', 0):.0f} s |",
+        f"| rows: carried / replaced / encoded | {rows['carried']:,} / {rows['replaced']:,} / "
+        f"{rows['encoded']:,} |",
+        f"| peak RSS, driver process | {inc['peak_driver_mib']:,.0f} MiB |",
+        f"| peak RSS, whole process tree (driver + Ray) | {inc['peak_tree_mib']:,.0f} MiB |",
+        "",
+        "The driver gathers the delta's ids (8 bytes each) and the replaced rows' old codes; "
+        "the suffixes of the SIDs the delta's items join, carried rows included, are ranked "
+        "by engine tasks in key ranges past `driver.gather_rows`.",
+    ]
+
+
+def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
+              inc: dict | None = None) -> None:
     m = measured["result"]["metrics"]
     t = m["timings"]
     rows = m["rows"]
@@ -181,6 +239,8 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args) ->
         unit = "" if "MiB" in r["stage"] else " s"
         lines.append(f"| {r['stage']} | {r['measured_s']:,.0f}{unit} | "
                      f"{r['projected_s']:,.0f}{unit} |")
+    if inc is not None:
+        lines += incremental_lines(inc, args)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -203,17 +263,27 @@ def run_scale(args: argparse.Namespace) -> None:
                 "gen_s": time.monotonic() - t}
     info.update(dim=args.dim, date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     print(f"scale: catalog ready in {time.monotonic() - t:.0f} s; building", flush=True)
-    measured = run_build(REPO / args.config, str(catalog), str(work / "tables"),
+    measured = run_semid(["build", "--config", str(REPO / args.config),
+                          f"input.path={catalog}", f"output.root={work / 'tables'}"],
                          work / "build.log")
     proj = projection(args.rows, measured, args.project_rows, args.nodes, args.cores)
-    write_doc(REPO / args.out_md, info, measured, proj, args)
-    (REPO / args.out_md).with_suffix(".json").write_text(json.dumps(
-        {"catalog": info, "wall_s": measured["wall_s"],
-         "peak_tree_mib": measured["peak_tree_mib"],
-         "peak_driver_mib": measured["peak_driver_mib"],
-         "timings": measured["result"]["metrics"]["timings"],
-         "rows": measured["result"]["metrics"]["rows"],
-         "sids": sid_counts(measured["result"]["metrics"]), "projection": proj}, indent=2))
+    inc = (run_incremental(args, work, measured["result"]["version_id"])
+           if args.delta_rows else None)
+    write_doc(REPO / args.out_md, info, measured, proj, args, inc)
+    summary = {"catalog": info, "wall_s": measured["wall_s"],
+               "peak_tree_mib": measured["peak_tree_mib"],
+               "peak_driver_mib": measured["peak_driver_mib"],
+               "timings": measured["result"]["metrics"]["timings"],
+               "rows": measured["result"]["metrics"]["rows"],
+               "sids": sid_counts(measured["result"]["metrics"]), "projection": proj}
+    if inc is not None:
+        summary["incremental"] = {
+            "delta_rows": inc["delta_rows"], "changed": inc["changed"],
+            "wall_s": inc["wall_s"], "peak_tree_mib": inc["peak_tree_mib"],
+            "peak_driver_mib": inc["peak_driver_mib"],
+            "timings": inc["result"]["metrics"]["timings"],
+            "rows": inc["result"]["metrics"]["rows"], "log": inc["log"]}
+    (REPO / args.out_md).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print(f"scale: done in {measured['wall_s']:.0f} s; peak RSS driver "
           f"{measured['peak_driver_mib']:.0f} MiB, tree {measured['peak_tree_mib']:.0f} MiB; "
           f"wrote {args.out_md}", flush=True)
@@ -231,4 +301,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--project-rows", type=int, default=300_000_000)
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--cores", type=int, default=16)
+    p.add_argument("--delta-rows", type=int, default=0,
+                   help="then encode a delta of this many items (half changed, half new) "
+                        "incrementally on top of the build, measured too")
     return p

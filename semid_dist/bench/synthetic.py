@@ -42,6 +42,7 @@ class CatalogSpec:
     spread: float = 0.6  # fine centres around their coarse centre (relative)
     noise: float = 0.35  # items around their fine centre (relative)
     seed: int = 0
+    draw: int = 0  # which draw of items from the mixture (its centres depend on `seed` only)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class _Mixture:
 
 def _chunk(mix: _Mixture, index: int, start: int, rows: int) -> pa.Table:
     spec, d = mix.spec, mix.spec.dim
-    rng = np.random.default_rng([spec.seed, 1, index])
+    rng = np.random.default_rng([spec.seed, 1, index] + ([spec.draw] if spec.draw else []))
     labels = np.minimum(np.searchsorted(mix.cdf, rng.random(rows), side="right"),
                         spec.clusters - 1)
     u = rng.random(rows)
@@ -93,13 +94,15 @@ def _chunk(mix: _Mixture, index: int, start: int, rows: int) -> pa.Table:
     })
 
 
-def iter_chunks(spec: CatalogSpec, rows: int, *, chunk_rows: int = 262_144) -> Iterator[pa.Table]:
-    """The catalog's rows as tables of at most `chunk_rows` rows, in item_id order."""
+def iter_chunks(spec: CatalogSpec, rows: int, *, chunk_rows: int = 262_144,
+                first_id: int = 0) -> Iterator[pa.Table]:
+    """The catalog's rows as tables of at most `chunk_rows` rows, in item_id order (ids
+    first_id, first_id + 1, ...)."""
     if rows < 0 or chunk_rows < 1:
         raise ValueError(f"rows must be >= 0 and chunk_rows >= 1, got {rows}, {chunk_rows}")
     mix = _Mixture(spec)
     for index, start in enumerate(range(0, rows, chunk_rows)):
-        yield _chunk(mix, index, start, min(chunk_rows, rows - start))
+        yield _chunk(mix, index, first_id + start, min(chunk_rows, rows - start))
 
 
 def embeddings(spec: CatalogSpec, rows: int, *, chunk_rows: int = 262_144) -> np.ndarray:
@@ -115,10 +118,11 @@ def embeddings(spec: CatalogSpec, rows: int, *, chunk_rows: int = 262_144) -> np
 
 
 def write_catalog(url: str, spec: CatalogSpec, rows: int, *, chunk_rows: int = 262_144,
-                  chunks_per_file: int = 4, compression: str = "snappy") -> CatalogInfo:
-    """Write `rows` items as `part-NNNNN.parquet` files under `url` (a directory; fsspec URL
-    or local path), one row group per chunk, `chunks_per_file` chunks per file. Memory stays
-    at about one chunk (chunk_rows x dim float32)."""
+                  chunks_per_file: int = 4, compression: str = "snappy",
+                  first_id: int = 0) -> CatalogInfo:
+    """Write `rows` items (ids from `first_id`) as `part-NNNNN.parquet` files under `url` (a
+    directory; fsspec URL or local path), one row group per chunk, `chunks_per_file` chunks
+    per file. Memory stays at about one chunk (chunk_rows x dim float32)."""
     if chunks_per_file < 1:
         raise ValueError(f"chunks_per_file must be >= 1, got {chunks_per_file}")
     fs, root = fsio.resolve(url)
@@ -127,7 +131,8 @@ def write_catalog(url: str, spec: CatalogSpec, rows: int, *, chunk_rows: int = 2
     writer: pq.ParquetWriter | None = None
     sink = None
     try:
-        for i, table in enumerate(iter_chunks(spec, rows, chunk_rows=chunk_rows)):
+        for i, table in enumerate(iter_chunks(spec, rows, chunk_rows=chunk_rows,
+                                              first_id=first_id)):
             if i % chunks_per_file == 0:
                 if writer is not None:
                     writer.close()
