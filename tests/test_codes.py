@@ -665,6 +665,19 @@ def test_free_suffixes_fill_gaps_then_continue():
             assert sorted(s for kk, s in new_pairs if kk == k) == free[:int((nk == k).sum())]
 
 
+def test_free_suffixes_past_long_runs_of_held_suffixes():
+    """A SID whose carried items hold a long run of suffixes (a large SID of the parent):
+    the new items continue after it, and gaps anywhere in it are filled first."""
+    held = {7: list(range(50_000)), 9: list(range(0, 40_000, 2)),
+            11: [s for s in range(30_000) if s != 12_345]}
+    taken_keys = np.concatenate([np.full(len(v), k, np.int64) for k, v in held.items()])
+    taken = np.concatenate([np.array(v, np.int32) for v in held.values()])
+    keys = np.array([3] * 2 + [7] * 3 + [9] * 4 + [11] * 2, np.int64)
+    rank = np.array([0, 1, 0, 1, 2, 0, 1, 2, 3, 0, 1], np.int32)
+    got = free_suffixes(keys, rank, taken_keys, taken)
+    assert got.tolist() == [0, 1, 50_000, 50_001, 50_002, 1, 3, 5, 7, 12_345, 30_000]
+
+
 def test_needs_suffixes_are_colliding_sids_holding_an_item_not_held():
     keys = np.array([2, 4, 6, 8, 10], dtype=np.int64)
     counts = np.array([1, 3, 2, 4, 0], dtype=np.int64)

@@ -73,16 +73,18 @@ def free_suffixes(keys: np.ndarray, rank: np.ndarray, taken_keys: np.ndarray,
         return np.zeros(0, dtype=np.int32)
     uniq, inv = np.unique(np.concatenate([keys, taken_keys]), return_inverse=True)
     group, held_group = inv[:len(keys)], inv[len(keys):]
-    span = np.int64(max(int(taken.max(initial=0)), int(rank.max(initial=0))) + len(keys) + 2)
+    span = np.int64(max(int(taken.max(initial=0)), int(rank.max(initial=0))) + 2)
     held = unique_sorted(held_group.astype(np.int64) * span + taken.astype(np.int64))
+    held_base = held - held % span
+    first = np.searchsorted(held, held_base, side="left")  # each held suffix's key's first
+    # free suffixes of the key below each held one: its suffix less the held ones before it
+    # (non-decreasing inside a key, so the keyed array stays sorted)
+    gaps = held_base + held % span - (np.arange(len(held)) - first)
     base = group.astype(np.int64) * span
-    start = np.searchsorted(held, base, side="left")
-    out = rank.astype(np.int64)
-    while True:  # fixed point: f = rank + #(held suffixes <= f) of the same key
-        nxt = rank + np.searchsorted(held, base + out, side="right") - start
-        if np.array_equal(nxt, out):
-            return out.astype(np.int32)
-        out = nxt
+    # the r-th free suffix is r plus the held ones below it: those with at most r free below
+    below = (np.searchsorted(gaps, base + rank, side="right")
+             - np.searchsorted(held, base, side="left"))
+    return (rank + below).astype(np.int32)
 
 
 def last_layer_prefix(final_keys: np.ndarray, last_size: int) -> tuple[np.ndarray, np.ndarray]:
