@@ -82,8 +82,8 @@ def run_semid(command: list[str], log_path: Path) -> dict:
 
 
 # what the driver holds per distinct SID in the reduce; past driver.gather_rows it holds
-# nothing per catalog row (the ids, the rows of over-full and of colliding SIDs and the
-# popularity stay in tasks, in a full build, not an incremental one)
+# nothing per catalog row (the rows of over-full and of colliding SIDs and the popularity
+# stay in tasks; the ids too, but for an incremental version's delta)
 DRIVER_SID_BYTES = 16
 
 
@@ -225,9 +225,9 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
         "part too (an upper bound); and the measured peak plus what grows with the catalog "
         "past `driver.gather_rows`: the reduce's distinct SIDs, "
         f"{DRIVER_SID_BYTES} bytes each, scaled with the rows up to the SID key space (the "
-        "product of the layer sizes). No ids, colliding rows, rows of over-full SIDs or "
-        "popularity values reach the driver then (in a full build, not an incremental one); "
-        "the popularity's "
+        "product of the layer sizes). No colliding rows, rows of over-full SIDs or "
+        "popularity values reach the driver then, nor ids in a full build (an incremental "
+        "version gathers its delta's ids); the popularity's "
         "value-range histograms, at most 80-320 KB per group of `driver.gather_rows` rows, "
         "are left out. "
         "Network and object-store reads at cluster scale are not modelled.",
