@@ -1,14 +1,16 @@
-"""The statistics' change of capacity moves: applied to a build's statistics it gives those
+"""Capacity moves: placed all at once they are those of moving the items one at a time; the
+statistics' change of capacity moves: applied to a build's statistics it gives those
 of the moved codes computed from scratch, and the deltas of disjoint sets of moves (engine
 tasks' prefix ranges) add up to the delta of all of them."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from semid_dist.codes.capacity import apply_delta, merge_deltas, move_delta, prefix_ranges
-from semid_dist.codes.collisions import last_layer_prefix, occupancy
+from semid_dist.codes.collisions import last_layer_prefix, occupancy, reassign_overflow
 from semid_dist.codes.drift import bucket_count
 from semid_dist.codes.partials import partial_from_batch
 
@@ -97,3 +99,59 @@ def test_prefix_ranges_hold_each_prefix_once_with_all_its_sids():
                                           whole[pe])
             seen.extend(mine.tolist())
         assert seen == sorted(set(prefix[over].tolist()))
+
+
+def one_at_a_time(prefix, code, qerr, ids, alt, alt_err, prefixes, occ, capacity, held):
+    """The capacity rule as written: the items past each SID's first `capacity` places (by
+    qerr, id; held items first), in (prefix, code, qerr, id) order, each take in turn their
+    first alternative code with fewer than `capacity` items under the same prefix."""
+    occ = occ.copy()
+    seen: dict[tuple[int, int], int] = {}
+    moved, new_code, new_err = [], [], []
+    for row in sorted(range(len(prefix)), key=lambda r: (prefix[r], code[r], qerr[r], ids[r])):
+        p = int(np.searchsorted(prefixes, prefix[row]))
+        place = seen.get((p, code[row]), 0) + (0 if held is None else held[p, code[row]])
+        seen[(p, code[row])] = seen.get((p, code[row]), 0) + 1
+        if place < capacity:
+            continue
+        for j in range(1, alt.shape[1]):
+            target = int(alt[row, j])
+            if target != code[row] and occ[p, target] < capacity:
+                occ[p, target] += 1
+                occ[p, code[row]] -= 1
+                moved.append(row)
+                new_code.append(target)
+                new_err.append(alt_err[row, j])
+                break
+    return moved, new_code, new_err
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_capacity_moves_equal_taking_the_items_one_at_a_time(seed):
+    """`reassign_overflow` places every mover at once (rounds of deferred acceptance); the
+    moves, their order and their errors are those of moving the items one at a time, with
+    and without held items, when codes run out of room and movers chain through codes."""
+    rng = np.random.default_rng(seed)
+    k, n, width = int(rng.integers(3, 9)), int(rng.integers(20, 400)), int(rng.integers(1, 6))
+    capacity = int(rng.integers(1, 6))
+    prefixes = np.sort(rng.choice(50, int(rng.integers(1, 5)), replace=False)).astype(np.int64)
+    prefix = prefixes[rng.integers(0, len(prefixes), n)]
+    code = np.minimum(rng.zipf(1.6, n) - 1, k - 1).astype(np.int32)  # a few crowded codes
+    qerr = rng.integers(0, 5, n).astype(np.float32)  # ties: broken by id
+    ids = rng.permutation(n).astype(np.int64)
+    alt = np.concatenate([code[:, None], rng.integers(0, k, (n, width - 1))], axis=1
+                         ).astype(np.int32)
+    alt_err = np.sort(rng.random((n, width)), axis=1).astype(np.float32)
+    held = (rng.integers(0, 3, (len(prefixes), k)) if seed % 2 else None)
+    occ = np.zeros((len(prefixes), k), np.int64)
+    np.add.at(occ, (np.searchsorted(prefixes, prefix), code), 1)
+    if held is not None:
+        occ += held
+    # the rows of over-full SIDs only, as the reduce gives them
+    keep = occ[np.searchsorted(prefixes, prefix), code] > capacity
+    rows = (prefix[keep], code[keep], qerr[keep], ids[keep], alt[keep], alt_err[keep])
+    got = reassign_overflow(*rows[:3], pa.array(rows[3]), *rows[4:], prefixes, occ,
+                            capacity, held)
+    want = one_at_a_time(*rows, prefixes, occ, capacity, held)
+    assert got[0].tolist() == want[0]
+    assert got[1].tolist() == want[1] and got[2].tolist() == want[2]

@@ -114,8 +114,9 @@ def reassign_overflow(prefix: np.ndarray, code: np.ndarray, qerr: np.ndarray,
 
     Inside each SID the first `capacity` items by (qerr, item_id) stay; each further item, in
     (prefix, code, qerr, item_id) order, moves to its best alternative last-layer code (in
-    alt_codes order) whose SID under the same prefix still has room. occ: (len(prefixes),
-    k_last) current items per code under each prefix (updated as items move). held: like
+    alt_codes order) whose SID under the same prefix still has room (the items before it
+    in that order having moved). occ: (len(prefixes), k_last) items per code under each
+    prefix before any moves. held: like
     occ, the items of each SID that are not among the rows and never move (the parent's rows
     in an incremental version); they take the first places. Returns (row indices that move,
     their new codes, their new qerr). Deterministic.
@@ -130,18 +131,45 @@ def reassign_overflow(prefix: np.ndarray, code: np.ndarray, qerr: np.ndarray,
     rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
     if held is not None:
         rank = rank + held[np.searchsorted(prefixes, prefix[order]), code[order]]
-    occ = occ.copy()
-    moved, new_code, new_err = [], [], []
-    for row in order[rank >= capacity]:
-        pidx = int(np.searchsorted(prefixes, prefix[row]))
-        for j in range(1, alt_codes.shape[1]):
-            target = int(alt_codes[row, j])
-            if target != code[row] and occ[pidx, target] < capacity:
-                occ[pidx, target] += 1
-                occ[pidx, code[row]] -= 1
-                moved.append(row)
-                new_code.append(target)
-                new_err.append(alt_err[row, j])
-                break
-    return (np.asarray(moved, np.int64), np.asarray(new_code, np.int32),
-            np.asarray(new_err, np.float32))
+    movers = order[rank >= capacity]  # in the order they choose
+    pidx = np.searchsorted(prefixes, prefix[movers])
+    return _first_with_room(movers, pidx, code[movers], alt_codes[movers], alt_err[movers],
+                            np.maximum(capacity - occ, 0))
+
+
+def _first_with_room(movers: np.ndarray, pidx: np.ndarray, code: np.ndarray,
+                     alt: np.ndarray, alt_err: np.ndarray, room: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each mover, in turn, takes its first alternative code (alt[:, 1:], in order) with room
+    left under its prefix (room: (prefixes, k_last) free places). The codes the movers leave
+    never get room (they hold more than the capacity until their overflow has left), so the
+    places are fixed and this is deferred acceptance with one priority order for every code,
+    which gives the same assignment as taking the movers one at a time: each round, every
+    mover not yet placed points at its next code with room, and each code keeps the
+    earliest movers up to its room; the others point further next round. -> (movers that
+    move, their new codes, their new errors), in the movers' order."""
+    m, width = alt.shape
+    k = room.shape[1]
+    cand = alt[:, 1:].astype(np.int64)
+    ok = (cand >= 0) & (cand < k) & (cand != code[:, None])
+    ok[ok] = room[np.broadcast_to(pidx[:, None], cand.shape)[ok], cand[ok]] > 0
+    # nxt[:, j]: the first usable choice at or after j (width - 1: none left)
+    nxt = np.where(ok, np.arange(width - 1), width - 1)
+    nxt = np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1]
+    nxt = np.concatenate([nxt, np.full((m, 1), width - 1)], axis=1)
+    ptr = nxt[:, 0].copy()
+    rows = np.arange(m)
+    while True:
+        live = np.flatnonzero(ptr < width - 1)  # ascending: the movers' order
+        target = pidx[live] * k + cand[live, ptr[live]]
+        by = np.argsort(target, kind="stable")
+        t = target[by]
+        first = np.searchsorted(t, t, side="left")
+        out = live[by][np.arange(len(t)) - first >= room.ravel()[t]]
+        if len(out) == 0:
+            break
+        ptr[out] = nxt[out, ptr[out] + 1]
+    moved = rows[ptr < width - 1]
+    choice = ptr[moved]
+    return (movers[moved].astype(np.int64), cand[moved, choice].astype(np.int32),
+            alt_err[moved, choice + 1].astype(np.float32))
