@@ -174,7 +174,7 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     writes their (key, suffix) of the SIDs `hot` split by key range (`carried_split`), and
     the plan's rows take the suffixes they leave free (`free_suffixes`), as
     `semid_dist.reduce.finalize_version` gives them on the driver. Returns each
-    shard's streams and the largest suffix of the plan's rows (-1: none)."""
+    shard's streams and the largest suffix ranked for the plan's rows (-1: none)."""
     hot_rows = int(hot_counts.sum())
     buckets = bucket_count(hot_rows, bucket_rows=bucket_rows)
     bounds = key_range_bounds(hot, hot_counts, buckets)
@@ -295,8 +295,10 @@ def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarr
             "tasks, through staging)")
     over_keys = keys[over]  # one object: sent to the tasks once
     shards = len(plan.shards)
-    if held is not None:
+    if held is not None:  # the held SIDs under over-full prefixes, the only ones a task reads
         held_prefix, _ = last_layer_prefix(held[0], ctx.sizes[-1])
+        under = np.isin(held_prefix, ranges.prefixes)
+        held, held_prefix = (held[0][under], held[1][under]), held_prefix[under]
         held_edges = np.concatenate([[0], np.searchsorted(held_prefix, ranges.bounds),
                                      [len(held_prefix)]])
 

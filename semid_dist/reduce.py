@@ -151,7 +151,8 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                      bucket_rows: int = 1_000_000, log: Log | None = None,
                      ) -> tuple[list[FileEntry], int]:
     """Collision suffixes on the final SIDs, then one data part per shard of the plan.
-    -> (the data parts, the largest suffix given to a row of the plan; -1: none).
+    -> (the data parts, the largest suffix ranked for a row of the plan; -1: none of its
+    rows is in a SID of more than one item, and all take suffix 0).
 
     An incremental version passes the parent's data parts it carries and their statistics
     (`held`, part of `merged`): their rows keep their suffixes, and the plan's rows of a SID
@@ -162,12 +163,6 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
     engine tasks in key ranges of about `bucket_rows` rows each, through the version's
     staging (`semid_dist.bucketed.bucketed_suffixes`), so the driver holds only their
     per-file offsets."""
-    sizes = list(ctx.sizes)
-    keys, counts = final_sid_counts(merged, sizes, decision)
-    need = needs_suffixes(keys, counts, *(final_sid_counts(held, sizes, decision)
-                                          if held is not None else ()))
-    hot, hot_counts = keys[need], counts[need]
-
     def write_parts(suffixes: list[pa.Table] | list[Streams]) -> list[FileEntry]:
         return engine.map(finalize_shard, [(ctx, s, part, decision, shard_moves(moves, pos))
                                            for pos, (s, part) in enumerate(zip(plan.shards,
@@ -175,12 +170,17 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
     scratch = f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/suffixes"
     try:
+        sizes = list(ctx.sizes)
+        keys, counts = final_sid_counts(merged, sizes, decision)
+        need = needs_suffixes(keys, counts, *(final_sid_counts(held, sizes, decision)
+                                              if held is not None else ()))
+        hot, hot_counts = keys[need], counts[need]
         if int(hot_counts.sum()) <= bucket_rows:
             rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, shard_moves(moves, pos))
                                                 for pos, s in enumerate(plan.shards)])
                     if len(hot) else [])
             taken = None
-            if carried is not None and len(hot):
+            if carried and len(hot):  # none when the catalog replaced every parent row
                 taken = pa.concat_tables(engine.map(carried_suffixes, [(ctx, e, hot, decision)
                                                                        for e in carried]))
             suffixes = suffix_tables(rows, len(plan.shards), taken)

@@ -205,6 +205,25 @@ def test_incremental_past_gather_rows_matches_the_gathered_version(catalogs, tmp
     assert not Path(store.version_dir(children[1].version_id), "_staging").exists()
 
 
+def test_incremental_that_replaces_every_parent_row(catalogs, tmp_path):
+    """A delta holding every item of its parent carries no part: the suffixes are ranked
+    among the new rows alone, on the driver and by tasks alike."""
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    first = build(small_config(catalogs["parent"], root), log=quiet)
+    children = [build(small_config(catalogs["parent"], root, encode__from_version=first.version_id,
+                                   encode__incremental=True, driver__gather_rows=gather),
+                      log=quiet)
+                for gather in (10**6, 200)]
+    parent = by_id(store.read_data(first.version_id))
+    for child in children:
+        assert child.metrics["incremental"]["carried"] == 0
+        assert child.metrics["incremental"]["replaced"] == N
+        t = by_id(store.read_data(child.version_id))
+        for col in ("item_id", "codes", "sid", "suffix"):  # as the parent, encoded anew
+            assert t.column(col).equals(parent.column(col)), col
+
+
 def test_incremental_errors(catalogs, tmp_path, capsys):
     root = str(tmp_path / "out")
     with pytest.raises(ConfigError, match="encode.from_version"):

@@ -19,15 +19,14 @@ def needs_suffixes(keys: np.ndarray, counts: np.ndarray, held_keys: np.ndarray |
                    held_counts: np.ndarray | None = None) -> np.ndarray:
     """keys (m,) sorted int64 SID keys holding counts (m,) items -> (m,) bool: the SIDs
     whose items need suffixes ranked: those held by more than one item. With held_keys /
-    held_counts (sorted; items among `counts` that keep the suffixes they have, the rows an
-    incremental version carries), only those of them holding an item that is not held."""
+    held_counts (sorted, each key once; items among `counts` that keep the suffixes they
+    have, the rows an incremental version carries), only those of them holding an item that
+    is not held."""
     need = counts > 1
     if held_keys is None:
         return need
-    if len(keys) == 0:
-        return need
-    pos = np.minimum(np.searchsorted(keys, held_keys), len(keys) - 1)
-    found = keys[pos] == held_keys
+    pos = np.minimum(np.searchsorted(keys, held_keys), max(len(keys) - 1, 0))
+    found = keys[pos] == held_keys if len(keys) else np.zeros(len(held_keys), bool)
     if (held_counts[~found] > 0).any():
         raise ValueError("held SIDs with items that the SID counts lack")
     held = np.zeros(len(keys), np.int64)
