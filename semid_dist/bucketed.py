@@ -284,9 +284,9 @@ def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarr
     items) of rows that take the first places and never move (the parent's rows an
     incremental version carries; counted in `counts` too); each range task gets the slice
     under its prefixes. The moves are those of moving every row at once, since an item
-    moves only under its own prefix. Returns the
-    statistics' change and each shard's streams of its moves (row, code, qerr); the scratch
-    is removed on failure, else once the data parts are written."""
+    moves only under its own prefix. Returns the statistics' change and each shard's
+    streams of its moves (row, code, qerr); the scratch is removed on failure, else once
+    the data parts are written."""
     ranges = prefix_ranges(keys, counts, over, ctx.sizes[-1], bucket_rows=bucket_rows)
     groups = _groups(plan, bucket_rows)
     if log:

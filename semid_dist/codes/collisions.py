@@ -10,11 +10,6 @@ import pyarrow.compute as pc
 from semid_dist.codes.keyset import unique_sorted
 
 
-def colliding_keys(sid_keys: np.ndarray, sid_counts: np.ndarray) -> np.ndarray:
-    """Keys of SIDs held by more than one item (sorted int64)."""
-    return sid_keys[sid_counts > 1]
-
-
 def needs_suffixes(keys: np.ndarray, counts: np.ndarray, held_keys: np.ndarray | None = None,
                    held_counts: np.ndarray | None = None) -> np.ndarray:
     """keys (m,) sorted int64 SID keys holding counts (m,) items -> (m,) bool: the SIDs
@@ -70,7 +65,7 @@ def free_suffixes(keys: np.ndarray, rank: np.ndarray, taken_keys: np.ndarray,
     the held items' keys and suffixes). Keeps (sid, suffix) unique and fills gaps first."""
     if len(keys) == 0:
         return np.zeros(0, dtype=np.int32)
-    uniq, inv = np.unique(np.concatenate([keys, taken_keys]), return_inverse=True)
+    _, inv = np.unique(np.concatenate([keys, taken_keys]), return_inverse=True)
     group, held_group = inv[:len(keys)], inv[len(keys):]
     span = np.int64(max(int(taken.max(initial=0)), int(rank.max(initial=0))) + 2)
     held = unique_sorted(held_group.astype(np.int64) * span + taken.astype(np.int64))
@@ -157,7 +152,6 @@ def _first_with_room(movers: np.ndarray, pidx: np.ndarray, code: np.ndarray,
     nxt = np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1]
     nxt = np.concatenate([nxt, np.full((m, 1), width - 1)], axis=1)
     ptr = nxt[:, 0].copy()
-    rows = np.arange(m)
     while True:
         live = np.flatnonzero(ptr < width - 1)  # ascending: the movers' order
         target = pidx[live] * k + cand[live, ptr[live]]
@@ -168,7 +162,7 @@ def _first_with_room(movers: np.ndarray, pidx: np.ndarray, code: np.ndarray,
         if len(out) == 0:
             break
         ptr[out] = nxt[out, ptr[out] + 1]
-    moved = rows[ptr < width - 1]
+    moved = np.flatnonzero(ptr < width - 1)
     choice = ptr[moved]
     return (movers[moved].astype(np.int64), cand[moved, choice].astype(np.int32),
             alt_err[moved, choice + 1].astype(np.float32))
