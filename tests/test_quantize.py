@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import subprocess
 import sys
 import threading
@@ -165,6 +167,27 @@ def test_kernel_holds_numpy_blas_at_one_thread_whatever_thread_set_the_count():
         set_cpu_threads(before)
         torch.set_num_threads(before)
     assert seen == [{1}, {1}]
+
+
+def test_kernel_runs_mkl_at_one_thread_in_every_block_and_restores_the_callers():
+    """The kernel's sgemm goes through torch's MKL, whose thread count torch sets for the
+    calling thread only: each block (the caller's and the pool's) must run it on one thread,
+    and the caller's own count must be back afterwards."""
+    if encode_mod._mkl_local_threads() is None:
+        pytest.skip("torch has no MKL here: the kernel multiplies on numpy's BLAS")
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    mkl_threads = lib.MKL_Get_Max_Threads
+    mkl_threads.restype = ctypes.c_int
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert mkl_threads() == 3
+        seen: list[int] = []
+        encode_mod._row_parallel(lambda rows: seen.append(mkl_threads()), 1000, 100, 3)
+        assert seen == [1, 1, 1]
+        assert mkl_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_group_sum_is_one_thread_and_the_same_from_any_thread():

@@ -3,20 +3,24 @@
 Distances use ||c||^2 - 2 x.c (the ||x||^2 term does not change the argmin), computed by
 one GEMM per row chunk so memory stays bounded at `chunk_rows * k` floats (on a CPU the chunk
 is also kept small enough for the score tile to stay in cache, see `tile_rows`). Ties go to the
-lowest code. On a CPU the kernel runs on numpy: its OpenBLAS sgemm into a reused score tile
-is 1.1-1.4x faster than torch's at k=4096, and its argmin 5-14x faster than torch.min. With
-several threads (torch's thread count, see `set_cpu_threads`) the chunks are split into one
-block per thread, each running the whole kernel on a one-thread BLAS: the score offsets,
-argmin and residual updates then run in parallel too, and no idle BLAS thread spins against
-torch's threads (1.07-1.40x over one multi-threaded sgemm per chunk, docs/BENCHMARKS.md).
-Every chunk is the same one-thread sgemm whatever the thread count, so the results do not
-depend on it. TF32 is never enabled here (a GPU's fp32 codes differ from the CPU's only on
-fp32 near-ties), and the opt-in `precision="bf16"` fast path ranks in bf16 and re-scores the
-best few in fp32 (>= 99.9% of the exact codes).
+lowest code. On a CPU the sgemm is torch's MKL, with ||c||^2 folded in as one more row of the
+codebook operand against a column of ones on the rows (`_CpuBook`, `_Rows`: no pass over the
+score tile to add it), and the argmin is numpy's (5-14x faster than torch.min). With several
+threads (torch's thread count, see `set_cpu_threads`) the chunks are split into one block per
+thread, each running the whole kernel with MKL at one thread (set per thread: `_row_parallel`):
+the argmin and residual updates then run in parallel too. Against the same blocks on numpy's
+OpenBLAS sgemm with a separate offset pass this is 1.31x at d=128 with 4096-entry codebooks
+and 1.04-1.10x at d=128 3 x 256 and d=768, with the same codes on random data. Every chunk
+is the same one-thread sgemm whatever the thread count, so the results do not depend on it;
+where torch has no MKL, numpy's BLAS multiplies the same operands. TF32 is never enabled
+here (a GPU's fp32 codes differ from the CPU's only on fp32 near-ties), and the opt-in
+`precision="bf16"` fast path ranks in bf16 and re-scores the best few in fp32 (>= 99.9% of
+the exact codes).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Callable
@@ -97,11 +101,37 @@ _pool_lock = threading.Lock()
 _blas: ThreadpoolController | None = None
 
 
+def _mkl_local_threads() -> Callable[[int], int] | None:
+    """MKL's `MKL_Set_Num_Threads_Local` inside torch, or None where torch has no MKL.
+
+    The CPU kernel multiplies through torch's MKL, one thread per row block. torch's own
+    `set_num_threads` is no use there: it sets MKL's count for the calling thread only (so a
+    pool thread's sgemm ran on every core, against the other blocks) and torch's process-wide
+    count as well. This call sets the calling thread's MKL count and nothing else."""
+    global _mkl_local
+    if _mkl_local is None:
+        _mkl_local = False
+        if torch.backends.mkl.is_available():
+            path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+            try:
+                fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+            except (OSError, AttributeError):
+                pass
+            else:
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                _mkl_local = fn
+    return _mkl_local or None
+
+
+_mkl_local: Callable[[int], int] | bool | None = None  # resolved on first use
+
+
 def _row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads: int) -> None:
     """Run fn(rows) over up to `threads` contiguous blocks of whole `chunk_rows` chunks of
-    range(n), one per thread (the caller runs the first), with the BLAS that numpy calls at
-    one thread throughout. So every chunk is the same one-thread sgemm on the same rows
-    whatever the thread count, and the results are bit-identical on every engine."""
+    range(n), one per thread (the caller runs the first), with MKL (torch's sgemm, see
+    `_gemm`) and the BLAS that numpy calls at one thread in each. So every chunk is the same
+    one-thread sgemm on the same rows whatever the thread count, and the results are
+    bit-identical on every engine."""
     global _pool, _blas
     chunks = -(-n // chunk_rows)
     parts = max(1, min(threads, chunks))
@@ -114,57 +144,106 @@ def _row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads:
         pool = _pool[2] if parts > 1 else None
         if _blas is None:
             _blas = ThreadpoolController()
-    with _blas.limit(limits=1, user_api="blas"):
-        futures = [pool.submit(fn, block) for block in blocks[1:]] if pool else []
+    mkl = _mkl_local_threads()
+
+    def one_thread(rows: slice) -> None:
+        before = mkl(1) if mkl else 0
         try:
-            fn(blocks[0])
+            fn(rows)
+        finally:
+            if mkl:
+                mkl(before)
+
+    with _blas.limit(limits=1, user_api="blas"):
+        futures = [pool.submit(one_thread, block) for block in blocks[1:]] if pool else []
+        try:
+            one_thread(blocks[0])
         finally:  # no block may still run (or write outputs) once the limit is lifted
             wait(futures)
         for future in futures:
             future.result()
 
 
+def _aligned(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array on torch's allocator (64-byte aligned), so the sgemm's
+    operands sit alike in every process."""
+    return torch.empty(shape, dtype=torch.float32).numpy()
+
+
 @dataclass(frozen=True)
 class _CpuBook:
-    """One codebook ready for the numpy kernel: c (k, d), neg2_ct = -2 c^T (d, k) contiguous
-    (scaling by -2 is exact, so the sgemm gives exactly -2 x.c) and c_sq = ||c||^2 (k,)."""
+    """One codebook ready for the CPU kernel: c (k, d) and the GEMM operand
+    aug = [-2 c^T; ||c||^2] (d + 1, k). Rows carrying a last column of ones (`_Rows`) times
+    aug give ||c||^2 - 2 x.c in one sgemm, with no pass over the score tile to add the
+    offsets (scaling by -2 is exact). aug_t: the same memory as a torch tensor."""
 
     c: np.ndarray
-    neg2_ct: np.ndarray
-    c_sq: np.ndarray
+    aug: np.ndarray
+    aug_t: torch.Tensor
 
     @classmethod
     def of(cls, c: np.ndarray) -> _CpuBook:
         c = np.ascontiguousarray(c, dtype=np.float32)
-        return cls(c=c, neg2_ct=np.ascontiguousarray(-2.0 * c.T),
-                   c_sq=np.einsum("ij,ij->i", c, c))
+        aug = _aligned((c.shape[1] + 1, len(c)))
+        np.multiply(c.T, -2.0, out=aug[:-1])
+        aug[-1] = np.einsum("ij,ij->i", c, c)
+        return cls(c=c, aug=aug, aug_t=torch.from_numpy(aug))
 
 
-def _scores_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> np.ndarray:
-    """x (m, d) C-contiguous float32; scores: a reused flat float32 buffer of >= m * k
-    -> (m, k) view of it holding ||c||^2 - 2 x.c (one sgemm, then the offsets in place)."""
-    m, k = len(x), len(book.c)
-    s = np.matmul(x, book.neg2_ct, out=scores[:m * k].reshape(m, k))
-    s += book.c_sq
+class _Rows:
+    """A reused (rows, d + 1) float32 buffer whose last column is 1: `rows(m)` is the
+    (m, d) view to fill or update, `augmented(m)` the (m, d + 1) GEMM operand."""
+
+    def __init__(self, rows: int, d: int) -> None:
+        self.buf = _aligned((rows, d + 1))
+        self.buf[:, d] = 1.0
+        self.d = d
+
+    def rows(self, m: int) -> np.ndarray:
+        return self.buf[:m, :self.d]
+
+    def augmented(self, m: int) -> np.ndarray:
+        return self.buf[:m]
+
+
+def _gemm(a: np.ndarray, book: _CpuBook, out: np.ndarray) -> None:
+    """out (m, k) = a (m, d + 1) @ book.aug: torch's MKL sgemm (1.1-1.2x numpy's OpenBLAS at
+    K = d on two busy cores), numpy's BLAS where torch has no MKL."""
+    if _mkl_local_threads():
+        torch.matmul(torch.from_numpy(a), book.aug_t, out=torch.from_numpy(out))
+    else:
+        np.matmul(a, book.aug, out=out)
+
+
+def _scores_cpu(xa: np.ndarray, book: _CpuBook, scores: np.ndarray) -> np.ndarray:
+    """xa (m, d + 1) C-contiguous float32 rows with a last column of ones (`_Rows`); scores:
+    a reused flat float32 buffer of >= m * k -> (m, k) view of it holding
+    ||c||^2 - 2 x.c (one sgemm)."""
+    m, k = len(xa), len(book.c)
+    s = scores[:m * k].reshape(m, k)
+    _gemm(xa, book, s)
     return s
 
 
-def _argmin_cpu(x: np.ndarray, book: _CpuBook, scores: np.ndarray) -> tuple[
+def _argmin_cpu(xa: np.ndarray, book: _CpuBook, scores: np.ndarray) -> tuple[
         np.ndarray, np.ndarray]:
-    """-> (labels (m,) int64, their scores ||c||^2 - 2 x.c (m,) float32), see `_scores_cpu`.
-    numpy's argmin takes the first minimum."""
-    s = _scores_cpu(x, book, scores)
+    """xa: (m, d + 1) rows with a last column of ones -> (labels (m,) int64, their scores
+    ||c||^2 - 2 x.c (m,) float32), see `_scores_cpu`. numpy's argmin takes the first
+    minimum."""
+    s = _scores_cpu(xa, book, scores)
     idx = s.argmin(axis=1)
     return idx, np.take_along_axis(s, idx[:, None], axis=1).ravel()
 
 
-def _top_candidates_cpu(r: np.ndarray, book: _CpuBook, scores: np.ndarray,
+def _top_candidates_cpu(ra: np.ndarray, book: _CpuBook, scores: np.ndarray,
                         codes_out: np.ndarray, err_out: np.ndarray) -> None:
-    """The C = codes_out.shape[1] nearest codewords of each row of r, ascending by squared
-    error (equal errors in code order), and those errors, on the numpy kernel. Which of
-    several codes tied at the C-th place is kept is unspecified but fixed for given input."""
-    m, k, c = len(r), len(book.c), codes_out.shape[1]
-    s = _scores_cpu(r, book, scores)
+    """The C = codes_out.shape[1] nearest codewords of each row r of ra = [r, 1] (m, d + 1),
+    ascending by squared error (equal errors in code order), and those errors, on the CPU
+    kernel. Which of several codes tied at the C-th place is kept is unspecified but fixed
+    for given input."""
+    m, k, c = len(ra), len(book.c), codes_out.shape[1]
+    r = ra[:, :-1]
+    s = _scores_cpu(ra, book, scores)
     cand = np.argpartition(s, c - 1, axis=1)[:, :c] if c < k else np.tile(np.arange(k), (m, 1))
     vals = np.take_along_axis(s, cand, axis=1)
     order = np.lexsort((cand, vals), axis=-1)
@@ -217,10 +296,14 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
 
         def block(rows: slice) -> None:
             part = x[rows]
-            scores = np.empty(min(chunk_rows, len(part)) * len(centroids), dtype=np.float32)
+            tile = min(chunk_rows, len(part))
+            scores = np.empty(tile * len(centroids), dtype=np.float32)
+            buf = _Rows(tile, x.shape[1])
             for start in range(0, len(part), chunk_rows):
-                xb = np.ascontiguousarray(part[start:start + chunk_rows], dtype=np.float32)
-                idx, best = _argmin_cpu(xb, book, scores)
+                m = min(chunk_rows, len(part) - start)
+                xb = buf.rows(m)
+                xb[...] = part[start:start + m]
+                idx, best = _argmin_cpu(buf.augmented(m), book, scores)
                 best += np.einsum("ij,ij->i", xb, xb)
                 at = rows.start + start
                 labels[at:at + len(xb)] = idx
@@ -283,16 +366,16 @@ def _encode_cpu(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int,
     def block(part: slice) -> None:
         rows = min(chunk_rows, part.stop - part.start)
         scores = np.empty(rows * max(len(b.c) for b in books), dtype=np.float32)
-        r_buf = np.empty((rows, x.shape[1]), dtype=np.float32)
+        buf = _Rows(rows, x.shape[1])
         for start in range(part.start, part.stop, chunk_rows):
             stop = min(start + chunk_rows, part.stop)
-            r = r_buf[:stop - start]
+            r, ra = buf.rows(stop - start), buf.augmented(stop - start)
             r[...] = x[start:stop]
             for layer, book in enumerate(books):
                 if alt_codes is not None and layer == last:
-                    _top_candidates_cpu(r, book, scores, alt_codes[start:stop],
+                    _top_candidates_cpu(ra, book, scores, alt_codes[start:stop],
                                         alt_err[start:stop])
-                idx, _ = _argmin_cpu(r, book, scores)
+                idx, _ = _argmin_cpu(ra, book, scores)
                 r -= book.c[idx]
                 codes[start:stop, layer] = idx
                 sq_res[start:stop, layer] = np.einsum("ij,ij->i", r, r)
