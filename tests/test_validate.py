@@ -188,6 +188,23 @@ def test_rows_of_the_right_length_with_nan_or_inf_are_rejected(kind):
                                                                         dtype=np.float32))
 
 
+@pytest.mark.parametrize("short_row", [False, True])
+def test_finite_rows_whose_sum_overflows_are_kept_and_infinities_of_both_signs_rejected(
+        short_row):
+    """The non-finite check sums each row first: finite rows whose sum overflows float32 must
+    still be kept, and a row holding +inf and -inf (its sum NaN) or only a NaN rejected, on
+    the all-rows-valid path and on the path with a wrong-length row beside them."""
+    big = float(np.finfo(np.float32).max)
+    rows = [[big, big, 1.0, 2.0], [-big, -big, -big, 0.0], [INF, -INF, 0.0, 0.0],
+            [1.0, 2.0, NAN, 4.0], [big, -big, big, -big], [0.5, 0.25, 0.0, 1.0]]
+    problems = [None, None, "nonfinite", "nonfinite", None, None]
+    ids = list(range(1, len(rows) + 1))
+    if short_row:
+        rows, problems, ids = rows + [[1.0, 2.0]], problems + ["dim"], ids + [99]
+    vb = run(make_table(rows, ids))
+    check_against_rows(vb, rows, ids, problems, 1000)
+
+
 def test_float64_out_of_float32_range_is_rejected_as_non_finite():
     rows = [[1e300, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]
     vb = run(make_table(rows, [1, 2], value_type=pa.float64()))
