@@ -162,11 +162,14 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def _nonfinite_rows(x: np.ndarray) -> np.ndarray:
     """Row numbers of the float32 matrix x holding a NaN or an infinity. A row's sum is
     non-finite whenever the row is (NaN and infinities carry through a sum; +inf and -inf
-    make NaN), so one matrix-vector product over x finds every candidate, 4-5x faster than an
+    make NaN), so one pass of row sums finds every candidate, 2.5x faster than an
     element-wise test of the whole matrix; only the candidates (rows whose finite values
-    overflowed the sum, besides the bad ones) are tested element by element."""
+    overflowed the sum, besides the bad ones) are tested element by element. The sums are
+    numpy's own loop, not a BLAS product: a multi-threaded BLAS call here left its idle
+    threads spinning against the encode kernel's (1.5x the kernel's time in the local
+    engine)."""
     with np.errstate(over="ignore", invalid="ignore"):  # the sums are only tested
-        sums = x @ np.ones(x.shape[1], dtype=x.dtype)
+        sums = np.einsum("ij->i", x)
     suspect = np.flatnonzero(~np.isfinite(sums))
     return suspect[~np.isfinite(x[suspect]).all(axis=1)]
 
