@@ -190,6 +190,43 @@ def test_kernel_runs_mkl_at_one_thread_in_every_block_and_restores_the_callers()
         torch.set_num_threads(before)
 
 
+def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered():
+    """A process that lowers torch's fp32 matmul precision (training scripts set "medium",
+    which makes torch's CPU matmul round to bf16) must still get the exact kernel's codes
+    and distances: the kernel then multiplies on numpy's BLAS."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(3000, 64)).astype(np.float32)
+    books = [rng.normal(size=(256, 64)).astype(np.float32) * s for s in (1.0, 0.5)]
+    exact = encode_batch(books, x)
+    labels, dists = nearest(x, books[0])
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        lowered = encode_batch(books, x)
+        low_labels, low_dists = nearest(x, books[0])
+    finally:
+        torch.set_float32_matmul_precision(before)
+    np.testing.assert_array_equal(lowered.codes, exact.codes)
+    np.testing.assert_allclose(lowered.sq_residual, exact.sq_residual, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(low_labels, labels)
+    np.testing.assert_allclose(low_dists, dists, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_on_numpy_blas_gives_the_mkl_kernels_codes(monkeypatch):
+    """Where torch has no MKL the same operands go through numpy's BLAS: the same codes (the
+    sums may round differently in the last bit, so distances agree to fp32 precision)."""
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(4000, 32)).astype(np.float32)
+    books = [rng.normal(size=(128, 32)).astype(np.float32) * s for s in (1.0, 0.5, 0.25)]
+    first = encode_batch(books, x, candidates=3)
+    monkeypatch.setattr(encode_mod, "_mkl_local", False)
+    assert encode_mod._mkl_local_threads() is None
+    other = encode_batch(books, x, candidates=3)
+    np.testing.assert_array_equal(other.codes, first.codes)
+    np.testing.assert_array_equal(other.alt_codes, first.alt_codes)
+    np.testing.assert_allclose(other.sq_residual, first.sq_residual, rtol=1e-5, atol=1e-5)
+
+
 def test_group_sum_is_one_thread_and_the_same_from_any_thread():
     """The float64 group sum runs torch on one thread (off the main thread, as in a Ray Train
     worker, multi-threaded torch ran 10x slower): the same bits from the main thread and a

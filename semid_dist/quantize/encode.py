@@ -12,10 +12,10 @@ the argmin and residual updates then run in parallel too. Against the same block
 OpenBLAS sgemm with a separate offset pass this is 1.31x at d=128 with 4096-entry codebooks
 and 1.04-1.10x at d=128 3 x 256 and d=768, with the same codes on random data. Every chunk
 is the same one-thread sgemm whatever the thread count, so the results do not depend on it;
-where torch has no MKL, numpy's BLAS multiplies the same operands. TF32 is never enabled
-here (a GPU's fp32 codes differ from the CPU's only on fp32 near-ties), and the opt-in
-`precision="bf16"` fast path ranks in bf16 and re-scores the best few in fp32 (>= 99.9% of
-the exact codes).
+where torch has no MKL, or its fp32 matmul precision is lowered (`_torch_gemm_is_exact`),
+numpy's BLAS multiplies the same operands. TF32 is never enabled here (a GPU's fp32 codes
+differ from the CPU's only on fp32 near-ties), and the opt-in `precision="bf16"` fast path
+ranks in bf16 and re-scores the best few in fp32 (>= 99.9% of the exact codes).
 """
 
 from __future__ import annotations
@@ -102,28 +102,44 @@ _blas: ThreadpoolController | None = None
 
 
 def _mkl_local_threads() -> Callable[[int], int] | None:
-    """MKL's `MKL_Set_Num_Threads_Local` inside torch, or None where torch has no MKL.
+    """MKL's `MKL_Set_Num_Threads_Local` inside torch, or None where it cannot be found (a
+    torch without MKL, or whose library hides the symbol): the kernel then multiplies on
+    numpy's BLAS.
 
     The CPU kernel multiplies through torch's MKL, one thread per row block. torch's own
     `set_num_threads` is no use there: it sets MKL's count for the calling thread only (so a
     pool thread's sgemm ran on every core, against the other blocks) and torch's process-wide
     count as well. This call sets the calling thread's MKL count and nothing else."""
     global _mkl_local
-    if _mkl_local is None:
-        _mkl_local = False
-        if torch.backends.mkl.is_available():
-            path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-            try:
-                fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
-            except (OSError, AttributeError):
-                pass
-            else:
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                _mkl_local = fn
+    with _mkl_lock:  # resolved once: no caller sees it half-resolved
+        if _mkl_local is None:
+            found: Callable[[int], int] | bool = False
+            if torch.backends.mkl.is_available():
+                path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+                try:
+                    fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+                except (OSError, AttributeError):
+                    pass
+                else:
+                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                    found = fn
+            _mkl_local = found
     return _mkl_local or None
 
 
 _mkl_local: Callable[[int], int] | bool | None = None  # resolved on first use
+_mkl_lock = threading.Lock()
+
+
+def _torch_gemm_is_exact() -> bool:
+    """Whether torch multiplies fp32 in fp32 now: a process that set
+    `torch.set_float32_matmul_precision("medium")` (common in training scripts) or oneDNN's
+    fp32 precision to bf16 / tf32 would have torch's CPU matmul round to bf16, and the kernel
+    then multiplies on numpy's BLAS instead."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
 def _row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads: int) -> None:
@@ -175,11 +191,13 @@ class _CpuBook:
     """One codebook ready for the CPU kernel: c (k, d) and the GEMM operand
     aug = [-2 c^T; ||c||^2] (d + 1, k). Rows carrying a last column of ones (`_Rows`) times
     aug give ||c||^2 - 2 x.c in one sgemm, with no pass over the score tile to add the
-    offsets (scaling by -2 is exact). aug_t: the same memory as a torch tensor."""
+    offsets (scaling by -2 is exact). aug_t: the same memory as a torch tensor when the
+    products go through torch's MKL, None when numpy's BLAS makes them; decided once per
+    book, so every chunk of a call multiplies alike (`_gemm`)."""
 
     c: np.ndarray
     aug: np.ndarray
-    aug_t: torch.Tensor
+    aug_t: torch.Tensor | None
 
     @classmethod
     def of(cls, c: np.ndarray) -> _CpuBook:
@@ -187,7 +205,8 @@ class _CpuBook:
         aug = _aligned((c.shape[1] + 1, len(c)))
         np.multiply(c.T, -2.0, out=aug[:-1])
         aug[-1] = np.einsum("ij,ij->i", c, c)
-        return cls(c=c, aug=aug, aug_t=torch.from_numpy(aug))
+        mkl = _mkl_local_threads() is not None and _torch_gemm_is_exact()
+        return cls(c=c, aug=aug, aug_t=torch.from_numpy(aug) if mkl else None)
 
 
 class _Rows:
@@ -208,8 +227,8 @@ class _Rows:
 
 def _gemm(a: np.ndarray, book: _CpuBook, out: np.ndarray) -> None:
     """out (m, k) = a (m, d + 1) @ book.aug: torch's MKL sgemm (1.1-1.2x numpy's OpenBLAS at
-    K = d on two busy cores), numpy's BLAS where torch has no MKL."""
-    if _mkl_local_threads():
+    K = d on two busy cores), or numpy's BLAS (see `_CpuBook`)."""
+    if book.aug_t is not None:
         torch.matmul(torch.from_numpy(a), book.aug_t, out=torch.from_numpy(out))
     else:
         np.matmul(a, book.aug, out=out)
@@ -286,7 +305,8 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
             device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row.
 
-    x: (n, d) float32; centroids: (k, d) float32 -> (labels (n,) int64, sq_dist (n,) float32).
+    x: (n, d) float32 (other float dtypes are converted chunk by chunk); centroids: (k, d)
+    float32 -> (labels (n,) int64, sq_dist (n,) float32).
     """
     chunk_rows = tile_rows(chunk_rows, *centroids.shape, device)
     labels = np.empty(len(x), dtype=np.int64)
@@ -297,7 +317,7 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
         def block(rows: slice) -> None:
             part = x[rows]
             tile = min(chunk_rows, len(part))
-            scores = np.empty(tile * len(centroids), dtype=np.float32)
+            scores = _aligned((tile * len(centroids),))
             buf = _Rows(tile, x.shape[1])
             for start in range(0, len(part), chunk_rows):
                 m = min(chunk_rows, len(part) - start)
@@ -358,14 +378,15 @@ def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int 
 def _encode_cpu(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int,
                 codes: np.ndarray, sq_res: np.ndarray, alt_codes: np.ndarray | None,
                 alt_err: np.ndarray | None) -> None:
-    """`encode_batch` on numpy, into the given outputs, one row block per thread: each block
-    reuses one residual buffer and one score tile for all its chunks (no fresh pages)."""
+    """`encode_batch` on the CPU kernel, into the given outputs, one row block per thread:
+    each block reuses one residual buffer and one score tile for all its chunks (no fresh
+    pages)."""
     books = [_CpuBook.of(cb) for cb in codebooks]
     last = len(books) - 1
 
     def block(part: slice) -> None:
         rows = min(chunk_rows, part.stop - part.start)
-        scores = np.empty(rows * max(len(b.c) for b in books), dtype=np.float32)
+        scores = _aligned((rows * max(len(b.c) for b in books),))
         buf = _Rows(rows, x.shape[1])
         for start in range(part.start, part.stop, chunk_rows):
             stop = min(start + chunk_rows, part.stop)
