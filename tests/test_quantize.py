@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import subprocess
 import sys
 import threading
@@ -175,7 +174,7 @@ def test_kernel_runs_mkl_at_one_thread_in_every_block_and_restores_the_callers()
     and the caller's own count must be back afterwards."""
     if encode_mod._mkl_local_threads() is None:
         pytest.skip("torch has no MKL here: the kernel multiplies on numpy's BLAS")
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    lib = ctypes.CDLL(encode_mod.torch_cpu_library())
     mkl_threads = lib.MKL_Get_Max_Threads
     mkl_threads.restype = ctypes.c_int
     before = torch.get_num_threads()

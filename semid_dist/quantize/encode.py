@@ -115,9 +115,8 @@ def _mkl_local_threads() -> Callable[[int], int] | None:
         if _mkl_local is None:
             found: Callable[[int], int] | bool = False
             if torch.backends.mkl.is_available():
-                path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
                 try:
-                    fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+                    fn = ctypes.CDLL(torch_cpu_library()).MKL_Set_Num_Threads_Local
                 except (OSError, AttributeError):
                     pass
                 else:
@@ -128,6 +127,11 @@ def _mkl_local_threads() -> Callable[[int], int] | None:
 
 
 _mkl_local: Callable[[int], int] | bool | None = None  # resolved on first use
+
+
+def torch_cpu_library() -> str:
+    """Path of torch's CPU library, which holds its MKL (Linux wheels)."""
+    return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
 _mkl_lock = threading.Lock()
 
 
