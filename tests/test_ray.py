@@ -38,7 +38,7 @@ def quiet(msg: str) -> None:
 def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path, group_rows):
     """Same input, same codebooks: the Ray Data engine writes exactly the local engine's table
     and metrics, its duplicate check and collision suffixes run by Ray tasks. With 100-row
-    shards (24) each encode task runs 3 shards one after the other, and the shards' head /
+    shards (24) each encode task runs 4 shards one after the other, and the shards' head /
     tail statistics (popularity column) come back per shard."""
     _, x = small_catalog
     # continuous popularity at 100 rows: the head threshold takes Ray passes deeper
@@ -48,7 +48,7 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     over = {"encode__shard_rows": group_rows}
     if group_rows == 100:
         over["input__popularity_column"] = "popularity"
-        assert shards_per_task(24, 2) == 3
+        assert shards_per_task(24, 2) == 4
     root = str(tmp_path / "out")
     fitted = build(small_config(catalog, root, **over), log=quiet)
     local = build(small_config(catalog, root, encode__from_version=fitted.version_id, **over),
