@@ -316,7 +316,8 @@ def save_shard_result(store: TableStore, version_id: str, result: dict[str, Any]
 def _shard_result(data: bytes) -> dict[str, Any]:
     """A staged result: a bundle, or the npz of a run killed before bundles were written."""
     if packing.is_bundle(data):
-        # the statistics are bundles too, each copied once when `Partial.from_bytes` reads it
+        # the statistics are bundles too, each copied once when `Partial.from_bytes` reads
+        # it (and its float32 sums converted to float64 once more)
         result, blobs = packing.unpack(data, copy=False)
     else:
         blobs = dict(np.load(io.BytesIO(data), allow_pickle=False))

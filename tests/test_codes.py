@@ -427,19 +427,25 @@ def test_partial_of_a_row_mask_equals_the_partial_of_those_rows(share):
 
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_head_tail_partials_are_the_row_mask_partials_bit_for_bit(share, zeros):
+@pytest.mark.parametrize("depth", [1, 2, len(SIZES)])
+@pytest.mark.parametrize("n", [0, 3000])
+def test_head_tail_partials_are_the_row_mask_partials_bit_for_bit(share, zeros, depth, n):
     """One pass over x for a shard's head and tail gives exactly the two row-mask partials
-    (and their serialized bytes), with and without zero vectors."""
+    (and their serialized bytes), with and without zero vectors, at every quality depth
+    (the head's prefix groups are keyed first, the tail's after them), and for an empty
+    shard."""
     codes, x, sq = random_batch(n=3000, seed=33)
+    codes, x, sq = codes[:n], x[:n], sq[:n]
     if zeros:
         x[::5] = 0.0
     mask = np.random.default_rng(34).random(len(codes)) < share
-    head, tail = head_tail_partials(codes, sq, x, SIZES, quality_depth=2, mask=mask)
+    head, tail = head_tail_partials(codes, sq, x, SIZES, quality_depth=depth, mask=mask)
     for got, rows in ((head, mask), (tail, ~mask)):
-        want = partial_from_batch(codes, sq, x, SIZES, quality_depth=2, rows=rows)
+        want = partial_from_batch(codes, sq, x, SIZES, quality_depth=depth, rows=rows)
         assert got.n == int(rows.sum())
         assert_partials_equal(got, want, exact_floats=True)
         assert got.to_bytes() == want.to_bytes()
+        assert got.pack() == want.pack()
 
 
 def test_merge_with_an_empty_partial_is_identity():

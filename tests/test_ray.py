@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from semid_dist.engines.ray_data import shards_per_task
+from semid_dist.engines.ray_data import _one_stage, shards_per_task
 from semid_dist.engines.ray_train import fit_on_ray_train
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
@@ -32,6 +32,32 @@ pytestmark = pytest.mark.engine
 
 def quiet(msg: str) -> None:
     pass
+
+
+def _one_row_each(batch: dict[str, np.ndarray]):
+    """A map task that yields one row per input row, as the encode tasks yield shard results."""
+    for x in batch["x"]:
+        yield {"x": [int(x)]}
+
+
+def test_encode_stage_sends_each_result_as_a_block_of_its_own(ray_session):
+    """`_one_stage` makes each row a task yields a block of its own (so the driver gets each
+    shard's result as the shard finishes, not when its task ends), on that dataset only:
+    Ray Data's own default, checked alongside, gathers a task's rows into one block."""
+    import ray.data
+
+    default = ray.data.DataContext.get_current().target_max_block_size
+
+    def stage(one_stage: bool):
+        ds = ray.data.from_items([{"x": i} for i in range(6)], override_num_blocks=6)
+        ds = ds.map_batches(_one_row_each, batch_size=3, batch_format="numpy",
+                            compute=ray.data.TaskPoolStrategy(size=2), num_cpus=1)
+        return (_one_stage(ds, 2) if one_stage else ds).materialize()
+
+    ours, plain = stage(True), stage(False)
+    assert ours.num_blocks() == 6 and plain.num_blocks() == 2
+    assert sorted(r["x"] for r in ours.iter_rows()) == list(range(6))
+    assert ray.data.DataContext.get_current().target_max_block_size == default
 
 
 @pytest.mark.parametrize("group_rows", [500, 100])

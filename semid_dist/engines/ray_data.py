@@ -8,7 +8,6 @@ object store) and shuts it down when done; it leaves an already running Ray alon
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import uuid
@@ -105,9 +104,10 @@ def _one_stage(ds: Any, tasks: int) -> Any:
     A task's output rows are gathered into blocks of up to `target_max_block_size` (128
     MiB): a shard's result (a few hundred bytes) then reached the driver only when its task
     ended, and the driver read and merged a task's shards' statistics all at once, the last
-    task's after the stage. With a limit of 1 byte each row is a block, and the driver has
-    a shard's result once its task has yielded the next one (Ray Data emits a task's rows
-    one behind) or has ended. The rules relaxed:
+    task's after the stage. With a limit of 1 byte each row is a block of its own, sent as
+    the task yields it. While results wait unread, a task runs on only until its stream
+    holds 2 of them (Ray Data's limit on a task's unread output), then pauses between
+    shards. The rules relaxed:
 
     - the per-operator resource reservation is off: it would budget a single task until Ray
       Data's autoscaling actor first reports the cluster's CPUs, seconds into a stage on a
@@ -213,16 +213,20 @@ class RayEngine:
             self._warm.join(timeout=120)  # bounded: a cluster short of CPUs delays both alike
         cpus, tasks = 1.0, min(self.cfg.encode.num_actors, len(shards))
         per_task = shards_per_task(len(shards), tasks)
+        # a block per shard: Ray Data bundles blocks until a task has `per_task` rows, so
+        # blocks of several shards could give a task up to 2 * per_task - 2 of them
         ds = ray.data.from_items([{"shard": shard_to_dict(s)} for s in shards],
-                                 override_num_blocks=math.ceil(len(shards) / per_task))
+                                 override_num_blocks=len(shards))
         ds = _one_stage(ds.map_batches(
             _encode_shards, fn_kwargs={"job": uuid.uuid4().hex, "ctx": ctx,
                                        "threads": int(cpus)},
             batch_size=per_task, batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=tasks),
             num_cpus=cpus, num_gpus=1 if self.cfg.encode.use_gpu else 0), tasks)
-        for row in ds.iter_rows():
-            yield row["result"]
+        # no look-ahead: `iter_rows` holds each block back until the next one has arrived
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                     prefetch_batches=0):
+            yield from batch["result"]
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,
