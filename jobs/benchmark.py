@@ -3,7 +3,7 @@
 Prints one table and writes it as docs/benchmarks.json and docs/BENCHMARKS.md (the same as
 `semid bench`). Run it alone on an idle machine: it uses every core.
 
-Full run (~12 min on 2 cores):   python jobs/benchmark.py
+Full run (11-25 min on 2 cores): python jobs/benchmark.py
 Check that it works (~3 min):    python jobs/benchmark.py --quick
 Some sections only:              python jobs/benchmark.py --only kernels,fit
 Elsewhere, not over the docs:    python jobs/benchmark.py --out-json /tmp/b.json --out-md /tmp/b.md

@@ -97,9 +97,9 @@ class Partial:
         and the driver merges in float64). They are most of a shard's statistics: a
         65,536-row shard of the benchmark catalog (3 x 256, d = 128, head and tail) stages
         5.9 MiB instead of 11.0, and every byte is written while the worker waits (on a disk
-        that takes ~100 MB/s, a worker blocked ~115 ms a shard). Each staged sum is within a
-        relative 2^-24 of its float64 value; over that catalog (1.5M items) staging in
-        float32 moved semantic cohesion and preference discrimination by 4e-11."""
+        that takes ~100 MB/s, a Ray worker waited ~105-115 ms a shard). Each staged sum is
+        within a relative 2^-24 of its float64 value; over that catalog (1.5M items) staging
+        in float32 moved semantic cohesion and preference discrimination by 4e-11."""
         arrays = self._arrays()
         arrays["q_sums"] = arrays["q_sums"].astype(np.float32)
         return packing.pack(arrays)
