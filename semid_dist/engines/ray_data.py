@@ -151,9 +151,13 @@ def warm_up(tasks: int) -> threading.Thread:
             import ray.data
 
             try:
-                _one_stage(ray.data.range(tasks, override_num_blocks=tasks).map_batches(
+                ds = _one_stage(ray.data.range(tasks, override_num_blocks=tasks).map_batches(
                     _warm_task, batch_size=1, batch_format="numpy",
-                    compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=1), tasks).materialize()
+                    compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=1), tasks)
+                # iterated, not materialized: `materialize` warns that the job "will hang"
+                # whenever no CPU is free at that moment, as while the scan's tasks run
+                for _ in ds.iter_batches(batch_size=None, prefetch_batches=0):
+                    pass
             except Exception:  # noqa: BLE001
                 pass
 
