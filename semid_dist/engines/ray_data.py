@@ -156,7 +156,8 @@ def warm_up(tasks: int) -> threading.Thread:
                     compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=1), tasks)
                 # iterated, not materialized: `materialize` warns that the job "will hang"
                 # whenever no CPU is free at that moment, as while the scan's tasks run
-                for _ in ds.iter_batches(batch_size=None, prefetch_batches=0):
+                for _ in ds.iter_batches(batch_size=None, batch_format=None,
+                                         prefetch_batches=0):
                     pass
             except Exception:  # noqa: BLE001
                 pass

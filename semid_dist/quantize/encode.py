@@ -99,6 +99,8 @@ def set_cpu_threads(n: int) -> None:
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 _blas: ThreadpoolController | None = None
+_mkl_local: Callable[[int], int] | bool | None = None  # resolved on first use
+_mkl_lock = threading.Lock()
 
 
 def _mkl_local_threads() -> Callable[[int], int] | None:
@@ -111,6 +113,8 @@ def _mkl_local_threads() -> Callable[[int], int] | None:
     pool thread's sgemm ran on every core, against the other blocks) and torch's process-wide
     count as well. This call sets the calling thread's MKL count and nothing else."""
     global _mkl_local
+    if _mkl_local is not None:
+        return _mkl_local or None
     with _mkl_lock:  # resolved once: no caller sees it half-resolved
         if _mkl_local is None:
             found: Callable[[int], int] | bool = False
@@ -126,13 +130,9 @@ def _mkl_local_threads() -> Callable[[int], int] | None:
     return _mkl_local or None
 
 
-_mkl_local: Callable[[int], int] | bool | None = None  # resolved on first use
-
-
 def torch_cpu_library() -> str:
     """Path of torch's CPU library, which holds its MKL (Linux wheels)."""
     return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-_mkl_lock = threading.Lock()
 
 
 def _torch_gemm_is_exact() -> bool:
