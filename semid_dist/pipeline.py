@@ -35,7 +35,7 @@ from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
-from semid_dist.memory import release_freed_memory
+from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
@@ -474,6 +474,11 @@ def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Part
 
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     """Run the whole job and commit a new version; returns its id, path and metrics."""
+    with huge_pages(cfg.encode.huge_pages):  # this process as it was, afterwards
+        return _build(cfg, log=log)
+
+
+def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     log = _redacting(log or make_logger())
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
@@ -505,7 +510,8 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
                          device=encode_device(cfg), precision=cfg.encode.precision,
-                         rerank=cfg.encode.rerank, reuse_memory=cfg.encode.reuse_memory)
+                         rerank=cfg.encode.rerank, reuse_memory=cfg.encode.reuse_memory,
+                         huge_pages=cfg.encode.huge_pages)
         ctx = _scan(engine, ctx, plan, cfg, log)
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)

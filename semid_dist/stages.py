@@ -41,7 +41,7 @@ from semid_dist.io.validate import (
     reject_reasons,
     validate_batch,
 )
-from semid_dist.memory import keep_freed_memory
+from semid_dist.memory import keep_freed_memory, set_huge_pages
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
@@ -69,6 +69,7 @@ class JobContext:
     precision: str = "fp32"  # encode.precision
     rerank: int = 8  # encode.rerank
     reuse_memory: bool = False  # encode.reuse_memory: workers call memory.keep_freed_memory
+    huge_pages: bool | None = None  # encode.huge_pages, for memory.set_huge_pages (None: as is)
     device: str = "cpu"
     codebooks_version: str | None = None  # read codebooks from this version (default: own)
     duplicate_ids: pa.Array | None = field(default=None, compare=False)
@@ -227,6 +228,8 @@ class EncodeWorker:
     def __init__(self, ctx: JobContext) -> None:
         if ctx.reuse_memory:
             keep_freed_memory()
+        if ctx.huge_pages is not None:  # a no-op where worker_env's variable is set
+            set_huge_pages(ctx.huge_pages)
         self.ctx = ctx
         self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()

@@ -40,7 +40,7 @@ def ray_init(cfg: BuildConfig) -> bool:
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
         # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        with _started_with(worker_env(cfg.encode.reuse_memory)):
+        with _started_with(worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages)):
             ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
                      configure_logging=False, log_to_driver=True)
@@ -50,8 +50,8 @@ def ray_init(cfg: BuildConfig) -> bool:
 @contextlib.contextmanager
 def _started_with(env: dict[str, str]) -> Iterator[None]:
     """`env` in this process's environment while the embedded Ray starts: its raylet, and
-    the worker processes the raylet starts, inherit it (the encode workers' allocator
-    setting, `memory.worker_env`); the driver's own environment is restored afterwards. A
+    the worker processes the raylet starts, inherit it (the workers' memory settings,
+    `memory.worker_env`); the driver's own environment is restored afterwards. A
     Ray runtime environment would do the same at a cost: its workers are not the ones the
     raylet starts ahead (the likely cause), and the demo build's scan began 3-5 s later with
     one."""

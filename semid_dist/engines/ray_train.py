@@ -35,6 +35,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from semid_dist.memory import set_huge_pages
     from semid_dist.quantize.acrq import fit_acrq, worker_rows
     from semid_dist.quantize.encode import set_cpu_threads
     from semid_dist.quantize.residual import fit_residual_kmeans
@@ -42,6 +43,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     # the worker's CPUs, for torch and numpy's BLAS alike: a reused Ray worker process may
     # have started torch / OpenBLAS with another task's thread count
     set_cpu_threads(config["threads"])
+    set_huge_pages(config["huge_pages"])  # where the engine did not start this process
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = config["use_gpu"]
@@ -142,11 +144,13 @@ def _learned_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from semid_dist.memory import set_huge_pages
     from semid_dist.quantize.encode import set_cpu_threads
     from semid_dist.quantize.model import fit_learned, quantizer_files
     from semid_dist.quantize.rqvae import LearnedParams, TrainState
 
     set_cpu_threads(config["threads"])
+    set_huge_pages(config["huge_pages"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if config["use_gpu"] else "cpu"
@@ -224,6 +228,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
         "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
         "threads": max(1, int(fit.cpus_per_worker)), "out": out,
+        "huge_pages": cfg.encode.huge_pages,
         "fault_env": {k: v for k, v in os.environ.items() if k in (FAULT_ENV, MARKER_ENV)},
     }
     if learned:

@@ -71,10 +71,10 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if not submitted:  # under spark-submit the driver JVM already runs with its memory
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
-    # the encode workers' allocator setting: Spark starts its Python workers with
+    # the workers' memory settings: Spark starts its Python workers with
     # spark.executorEnv.* in their environment; a value spark-submit's settings give wins
     defaults = SparkConf()
-    for name, value in worker_env(cfg.encode.reuse_memory).items():
+    for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
         if not defaults.contains(f"spark.executorEnv.{name}"):
             builder = builder.config(f"spark.executorEnv.{name}", value)
     return builder.getOrCreate(), True
