@@ -31,8 +31,8 @@ processes an engine starts the variable that keeps numpy from advising huge page
 did not start (`set_huge_pages`). Measured with the benchmark catalogs (Ray engine, d = 128,
 two runs each, alternating): 3 x 4096 from 42.2-45.8k to 56.5-57.5k items/s; 3 x 256 from
 267-280k to 296-347k; the local engine at 3 x 256 from 201-206k to 216-222k. The merges of a
-3 x 4096 catalog's 7 shards took 3.0-3.4 s in a fresh process with the advice and
-0.37-0.38 s without it.
+3 x 4096 catalog's 7 shards took 2.4-3.4 s in a fresh process with the advice and
+0.36-0.39 s without it.
 """
 
 from __future__ import annotations
