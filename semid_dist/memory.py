@@ -19,7 +19,7 @@ mmap / trim thresholds as well (so that numpy's and torch's buffers were kept to
 fragmented the heap, and peak memory then grew with the catalog (1.22x at 4N against
 1.14x).
 
-numpy's huge-page advice (`encode.huge_pages`): numpy asks the kernel to back each array of
+numpy's huge-page advice (`encode.huge_pages`): numpy asks Linux to back each array of
 4 MiB or more with transparent huge pages (`madvise(MADV_HUGEPAGE)`). On the 2-core
 benchmark VM memory faulted in as huge pages cost ~15x as much as in 4 KiB pages: touching a
 fresh 64 MiB array took 0.6-0.7 s with the advice and 35-55 ms without it (~40 against
