@@ -38,7 +38,7 @@ two runs each, alternating): 3 x 4096 from 42.2-45.8k to 56.5-57.5k items/s; 3 x
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 DECAY_MS = 10_000  # jemalloc's dirty / muzzy page decay for the arenas it creates
@@ -70,7 +70,7 @@ def worker_env(reuse_memory: bool, huge_pages_on: bool) -> dict[str, str]:
     return env
 
 
-def _numpy_switch():
+def _numpy_switch() -> Callable[[bool], bool] | None:
     """numpy's run-time switch of its huge-page advice (it returns the previous setting), or
     None where numpy has none."""
     try:

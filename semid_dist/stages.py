@@ -320,7 +320,7 @@ def _shard_result(data: bytes) -> dict[str, Any]:
     """A staged result: a bundle, or the npz of a run killed before bundles were written."""
     if packing.is_bundle(data):
         # the statistics are bundles too, each copied once when `Partial.from_bytes` reads
-        # it (and its float32 sums converted to float64 once more)
+        # it (its float32 sums once more, into float64)
         result, blobs = packing.unpack(data, copy=False)
     else:
         blobs = dict(np.load(io.BytesIO(data), allow_pickle=False))

@@ -14,6 +14,7 @@ from semid_dist.memory import (
     HUGE_PAGES_VAR,
     KEEP_PAGES_CONF,
     MALLOC_CONF_VAR,
+    _numpy_switch,
     huge_pages,
     keep_freed_memory,
     release_freed_memory,
@@ -59,12 +60,9 @@ def test_worker_env_follows_the_settings_and_never_overrides_the_users(monkeypat
 
 def _advice() -> bool:
     """numpy's huge-page advice in this process, read without changing it."""
-    try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:
-        from numpy.core.multiarray import _set_madvise_hugepage
-    before = _set_madvise_hugepage(False)
-    _set_madvise_hugepage(before)
+    switch = _numpy_switch()
+    before = switch(False)
+    switch(before)
     return bool(before)
 
 
