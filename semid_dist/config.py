@@ -99,9 +99,9 @@ class EncodeConfig:
     # encode workers decode Parquet into Arrow's jemalloc pool, set to keep freed pages for
     # the next shard (semid_dist.memory); false keeps Arrow's default pool
     reuse_memory: bool = True
-    # numpy's transparent-huge-page advice for its large arrays, in the driver and the workers
-    # (semid_dist.memory): off by default; on the benchmark VMs memory faulted in as huge
-    # pages cost ~15x as much as in 4 KiB pages
+    # transparent huge pages (numpy's and Arrow's advice, and Linux's own) in the driver and
+    # the workers (semid_dist.memory): off by default; on the benchmark VMs memory faulted in
+    # as huge pages cost ~15x as much as in 4 KiB pages
     huge_pages: bool = False
 
 

@@ -1,5 +1,5 @@
 """Memory settings of the build: Arrow's pool in encode workers (`encode.reuse_memory`, on
-by default) and numpy's huge-page advice (`encode.huge_pages`, off by default).
+by default) and transparent huge pages (`encode.huge_pages`, off by default).
 
 An encode worker decodes a shard's Parquet row groups into fresh Arrow buffers (35 MiB for
 65,536 x 128 float32), frees them, and decodes the next shard. On the 2-core VMs of
@@ -19,25 +19,34 @@ mmap / trim thresholds as well (so that numpy's and torch's buffers were kept to
 fragmented the heap, and peak memory then grew with the catalog (1.22x at 4N against
 1.14x).
 
-numpy's huge-page advice (`encode.huge_pages`): numpy asks Linux to back each array of
-4 MiB or more with transparent huge pages (`madvise(MADV_HUGEPAGE)`). On the 2-core
-benchmark VM memory faulted in as huge pages cost ~15x as much as in 4 KiB pages: touching a
-fresh 64 MiB array took 0.6-0.7 s with the advice and 35-55 ms without it (~40 against
-~2.5 us per 4 KiB), and the encode kernel ran no faster on it once touched. The driver's
-merges of the shard statistics and the workers' per-shard arrays are fresh memory, so the
-build turns the advice off in its own process while it runs (`huge_pages`), gives the worker
-processes an engine starts the variable that keeps numpy from advising huge pages
-(`worker_env`), and turns it off in encode and Ray Train fit workers on a cluster the engine
-did not start (`set_huge_pages`). Measured with the benchmark catalogs (Ray engine, d = 128,
-two runs each, alternating): 3 x 4096 from 42.2-45.8k to 56.5-57.5k items/s; 3 x 256 from
-267-280k to 296-347k; the local engine at 3 x 256 from 201-206k to 216-222k. The merges of a
-3 x 4096 catalog's 7 shards took 2.4-3.4 s in a fresh process with the advice and
-0.36-0.39 s without it.
+Huge pages (`encode.huge_pages`): numpy asks Linux to back each array of 4 MiB or more with
+transparent huge pages (`madvise(MADV_HUGEPAGE)`), and Arrow's default pool (mimalloc) asks
+the same for the arenas it commits. On the 2-core benchmark VM memory faulted in as huge
+pages cost ~15x as much as in 4 KiB pages: touching a fresh 64 MiB array took 0.6-0.7 s with
+the advice and 35-55 ms without it (~40 against ~2.5 us per 4 KiB), and the encode kernel
+ran no faster on it once touched. A fresh process's first read of a 65,536-row shard
+(d = 128) took 0.27-1.24 s with 156-158 MiB of huge pages behind it, and 0.11-0.12 s with
+none. The driver's merges of the shard statistics and the workers' per-shard arrays are
+fresh memory too. So, with the setting off, the build turns transparent huge pages off for
+its whole process while it runs (`huge_pages`: Linux's `PR_SET_THP_DISABLE`, kept by the
+processes it starts meanwhile: an embedded Ray's, a Spark JVM's, and their workers) and
+numpy's advice with them, gives the worker processes an engine starts the variable that
+keeps numpy from advising (`worker_env`), and switches both in encode and Ray Train fit
+workers on a cluster the engine did not start (`set_huge_pages`).
+
+Measured with the benchmark catalogs (d = 128; runs alternating): numpy's advice off took
+the Ray engine at 3 x 4096 from 42.2-45.8k to 56.5-57.5k items/s, at 3 x 256 from 267-280k
+to 296-347k, and the local engine at 3 x 256 from 201-206k to 216-222k (two runs each); the
+merges of a 3 x 4096 catalog's 7 shards took 2.4-3.4 s in a fresh process with the advice
+and 0.36-0.39 s without it. Turning the whole process's huge pages off as well: Ray at
+3 x 256 from 310-355k to 356-394k (three runs each), at 3 x 4096 from 58.6-59.1k to
+60.5-62.3k, local at 3 x 256 from 235-245k to 246-247k (two runs each).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -83,26 +92,87 @@ def _numpy_switch() -> Callable[[bool], bool] | None:
     return _set_madvise_hugepage
 
 
-def set_huge_pages(on: bool) -> bool | None:
-    """Turn numpy's huge-page advice on or off for the arrays this process allocates from now
-    on. Returns the previous setting, or None, changing nothing, where `HUGE_PAGES_VAR` is in
-    the environment (the user's choice, or `worker_env`'s) or numpy has no such switch."""
-    switch = _numpy_switch()
-    if HUGE_PAGES_VAR in os.environ or switch is None:
+# <linux/prctl.h>: transparent huge pages off or not for the whole process, kept across
+# fork and exec. The state read back is 1 when off, with 2 added where only advised regions
+# may still get them (PR_THP_DISABLE_EXCEPT_ADVISED, newer kernels); restored as it was read.
+_PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE, _EXCEPT_ADVISED = 41, 42, 2
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, or None off Linux."""
+    if not sys.platform.startswith("linux"):
         return None
-    return bool(switch(on))
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _thp_state() -> int | None:
+    """The process's switch as Linux reports it, or None where it cannot be asked."""
+    prctl = _prctl()
+    state = prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0) if prctl is not None else -1
+    return None if state < 0 else state
+
+
+def thp_disabled() -> bool | None:
+    """Whether transparent huge pages are off for this whole process, or None where that
+    cannot be asked (not Linux, or a kernel without the switch)."""
+    state = _thp_state()
+    return None if state is None else bool(state)
+
+
+def _set_thp_state(state: int) -> int | None:
+    """Set the process's switch (0: huge pages allowed, 1: off, 1 | `_EXCEPT_ADVISED`).
+    Returns the previous state, or None, changing nothing, where it cannot be set."""
+    before = _thp_state()
+    if before is None or _prctl()(_PR_SET_THP_DISABLE, state & 1, state & _EXCEPT_ADVISED,
+                                  0, 0) != 0:
+        return None
+    return before
+
+
+PageState = tuple[bool | None, int | None]  # numpy's advice, the process's THP switch
+
+
+def set_huge_pages(on: bool) -> PageState | None:
+    """Huge pages on or off for the memory this process touches from now on, and for the
+    processes it starts: numpy's advice, and Linux's transparent huge pages for the whole
+    process (Arrow's mimalloc pool advises them too). Returns the previous state (None in a
+    part not switched), or None where nothing was switched.
+
+    A `HUGE_PAGES_VAR` in the environment (the user's choice, or `worker_env`'s) leaves
+    numpy's advice to it, and the process's switch too unless it says the same: "0" with
+    `on` false turns huge pages off for the whole process as well."""
+    var = os.environ.get(HUGE_PAGES_VAR)
+    if var is None:
+        switch = _numpy_switch()
+        state = (bool(switch(on)) if switch is not None else None), _set_thp_state(int(not on))
+    else:
+        state = None, (_set_thp_state(1) if var == "0" and not on else None)
+    return None if state == (None, None) else state
 
 
 @contextmanager
 def huge_pages(on: bool) -> Iterator[None]:
-    """numpy's huge-page advice on or off in this process for the block (`set_huge_pages`),
-    then as it was: a build leaves the process that called it as it found it."""
+    """Huge pages on or off in this process for the block (`set_huge_pages`), then as they
+    were: a build leaves the process that called it as it found it. Processes started in the
+    block (an embedded Ray, a Spark JVM and their workers) keep the block's setting."""
     before = set_huge_pages(on)
     try:
         yield
     finally:
         if before is not None:
-            _numpy_switch()(before)
+            advice, thp = before
+            if advice is not None:
+                _numpy_switch()(advice)
+            if thp is not None:
+                _set_thp_state(thp)
 
 
 _previous_pool = None  # Arrow's pool before keep_freed_memory, while the setting is on

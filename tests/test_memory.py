@@ -1,5 +1,5 @@
-"""encode.reuse_memory and encode.huge_pages: the encode workers' Arrow pool and numpy's
-huge-page advice (semid_dist.memory)."""
+"""encode.reuse_memory and encode.huge_pages: the encode workers' Arrow pool, and huge pages
+in the build's processes (semid_dist.memory)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from semid_dist.memory import (
     KEEP_PAGES_CONF,
     MALLOC_CONF_VAR,
     _numpy_switch,
+    _set_thp_state,
+    _thp_state,
     huge_pages,
     keep_freed_memory,
     release_freed_memory,
     set_huge_pages,
+    thp_disabled,
     worker_env,
 )
 
@@ -66,24 +69,44 @@ def _advice() -> bool:
     return bool(before)
 
 
-def test_huge_pages_switches_the_advice_for_the_block_and_restores_it(monkeypatch):
+def _thp_switchable() -> bool:
+    """Whether this process may set Linux's huge-page switch (set to what it is)."""
+    state = _thp_state()
+    return state is not None and _set_thp_state(state) is not None
+
+
+def test_huge_pages_switches_them_for_the_block_and_restores_them(monkeypatch):
     monkeypatch.delenv(HUGE_PAGES_VAR, raising=False)
-    first = _advice()
+    first, first_thp = _advice(), thp_disabled()
     for on in (False, True):
         with huge_pages(on):
             assert _advice() is on
-        assert _advice() is first
-    # a variable in the environment is the user's (or the engine's) choice: left alone
-    monkeypatch.setenv(HUGE_PAGES_VAR, "1")
-    assert set_huge_pages(not first) is None
-    with huge_pages(not first):
-        assert _advice() is first
-    assert _advice() is first
+            if _thp_switchable():  # Linux: the whole process's switch too
+                assert thp_disabled() is (not on)
+        assert (_advice(), thp_disabled()) == (first, first_thp)
 
 
-# In a fresh interpreter: the huge pages behind a new, touched 64 MiB numpy array.
+def test_a_variable_in_the_environment_leaves_numpy_to_it(monkeypatch):
+    first, first_thp = _advice(), thp_disabled()
+    # the user's (or the engine's) choice of numpy's advice: left alone, and so are huge
+    # pages unless it says the same as the setting
+    for var, on in (("1", False), ("1", True), ("0", True)):
+        monkeypatch.setenv(HUGE_PAGES_VAR, var)
+        assert set_huge_pages(on) is None
+        with huge_pages(on):
+            assert (_advice(), thp_disabled()) == (first, first_thp)
+    monkeypatch.setenv(HUGE_PAGES_VAR, "0")
+    with huge_pages(False):
+        assert _advice() is first
+        if _thp_switchable():
+            assert thp_disabled() is True
+    assert (_advice(), thp_disabled()) == (first, first_thp)
+
+
+# In a fresh interpreter: the huge pages behind a new, touched 64 MiB numpy array and a
+# 64 MiB buffer of Arrow's mimalloc pool (which advises huge pages for its arenas).
 _HUGE_PROBE = """
-import sys, numpy as np
+import sys, numpy as np, pyarrow as pa
 from semid_dist.memory import set_huge_pages
 def huge_kib():
     text = open("/proc/self/smaps_rollup").read()
@@ -91,30 +114,39 @@ def huge_kib():
 set_huge_pages(sys.argv[1] == "on")
 before = huge_kib()
 a = np.ones(8 * 2**20)
-print(huge_kib() - before)
+after_numpy = huge_kib()
+try:
+    buf = pa.allocate_buffer(64 * 2**20, memory_pool=pa.mimalloc_memory_pool())
+    np.frombuffer(buf, dtype=np.uint8)[::4096] = 1
+except NotImplementedError:  # pyarrow built without mimalloc
+    pass
+print(after_numpy - before, huge_kib() - after_numpy)
 """
 
 
-def _thp_on_advice() -> bool:
+def _thp_available() -> bool:
+    """Linux gives transparent huge pages on advice at least ([always] or [madvise])."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[madvise]" in f.read()
+            return "[never]" not in f.read()
     except OSError:
         return False
 
 
-@pytest.mark.skipif(not _thp_on_advice(), reason="the kernel gives huge pages on advice only "
-                    "where transparent_hugepage/enabled is [madvise]")
-def test_numpy_arrays_get_no_huge_pages_with_the_advice_off():
+@pytest.mark.skipif(not _thp_available(), reason="no transparent huge pages here "
+                    "(transparent_hugepage/enabled is [never], or not Linux)")
+def test_no_huge_pages_with_the_setting_off():
+    if not _thp_switchable():
+        pytest.skip("this process may not set Linux's huge-page switch")
     env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_VAR}
     huge = {}
     for on in ("on", "off"):
         out = subprocess.run([sys.executable, "-c", _HUGE_PROBE, on], env=env,
                              capture_output=True, text=True, timeout=120, check=True)
-        huge[on] = int(out.stdout)
-    if huge["on"] == 0:
-        pytest.skip("the kernel found no free huge page for the advised array")
-    assert huge["off"] == 0, huge  # KiB
+        huge[on] = [int(v) for v in out.stdout.split()]  # KiB: numpy's array, Arrow's buffer
+    if huge["on"] == [0, 0]:
+        pytest.skip("the kernel found no free huge page for the advised memory")
+    assert huge["off"] == [0, 0], huge
 
 
 # In a fresh interpreter: allocate and touch a 64 MiB buffer in the encode pool, free it, do
@@ -142,49 +174,64 @@ def test_worker_started_with_worker_env_reuses_the_pages_it_freed():
     assert int(out.stdout) < 64 * 2**20 // 4096 // 10, out.stdout  # < 10% of the pages
 
 
+# What a process reports of its memory settings: the two variables, then whether
+# transparent huge pages are off for it (None where that cannot be asked).
+_SETTINGS = f"""
+import os
+from semid_dist.memory import thp_disabled
+def settings():
+    return [os.environ.get("{MALLOC_CONF_VAR}"), os.environ.get("{HUGE_PAGES_VAR}"),
+            thp_disabled()]
+print(settings())
+"""
+
+
+def _worker_settings(probe: str) -> None:
+    """The settings of the probe's driver before and after it started an engine, and of one
+    of the engine's workers (`worker_env`, and the huge-page switch the workers inherit)."""
+    env = {k: v for k, v in os.environ.items() if k not in (MALLOC_CONF_VAR, HUGE_PAGES_VAR)}
+    out = subprocess.run([sys.executable, "-c", _SETTINGS + probe], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    lines = out.stdout.strip().splitlines()
+    before = lines[0]
+    assert before.startswith("[None, None, "), out.stdout  # the test's own environment
+    thp = before[len("[None, None, "):-1]
+    # the driver is left as it was; the workers have the variables and THP off
+    assert lines[-2:] == [before, f"['{KEEP_PAGES_CONF}', '0', "
+                          f"{'None' if thp == 'None' else 'True'}]"], out.stderr[-2000:]
+
+
 def test_embedded_ray_workers_start_with_worker_env(tmp_path):
-    """The engine's own Ray hands the setting to its worker processes."""
+    """The engine's own Ray hands the settings to its worker processes."""
     pytest.importorskip("ray")
-    probe = f"""
-import os, ray
+    _worker_settings(f"""
+import ray
 from semid_dist.config import parse_config
 from semid_dist.engines.ray_data import ray_init
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
                     "ray": {{"num_cpus": 1, "object_store_memory_mb": 128}}}})
 assert ray_init(cfg)
-names = ("{MALLOC_CONF_VAR}", "{HUGE_PAGES_VAR}")
-print([os.environ.get(n) for n in names])  # the driver's own environment is left as it was
-print(ray.get(ray.remote(lambda: [os.environ.get(n) for n in names]).remote()))
+print(settings())
+print(ray.get(ray.remote(settings).remote()))
 ray.shutdown()
-"""
-    env = {k: v for k, v in os.environ.items() if k not in (MALLOC_CONF_VAR, HUGE_PAGES_VAR)}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                         text=True, timeout=300, check=True)
-    assert out.stdout.strip().splitlines()[-2:] == [
-        "[None, None]", f"['{KEEP_PAGES_CONF}', '0']"], out.stderr[-2000:]
+""")
 
 
 def test_spark_workers_of_a_started_session_get_worker_env(tmp_path):
-    """A Spark session the engine starts hands the setting to its Python workers."""
+    """A Spark session the engine starts hands the settings to its Python workers."""
     pytest.importorskip("pyspark")
-    probe = f"""
-import os, pyarrow as pa
+    _worker_settings(f"""
+import pyarrow as pa
 from semid_dist.config import parse_config
 from semid_dist.engines.spark import spark_session
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
                     "spark": {{"master": "local[1]", "driver_memory": "512m"}}}})
 spark, started = spark_session(cfg)
 assert started
-names = ("{MALLOC_CONF_VAR}", "{HUGE_PAGES_VAR}")
 def env(batches):
     for b in batches:
-        yield pa.RecordBatch.from_pydict({{"v": [str([os.environ.get(n) for n in names])]}})
-print([os.environ.get(n) for n in names])
+        yield pa.RecordBatch.from_pydict({{"v": [str(settings())]}})
+print(settings())
 print(spark.range(1).mapInArrow(env, "v string").collect()[0].v)
 spark.stop()
-"""
-    env = {k: v for k, v in os.environ.items() if k not in (MALLOC_CONF_VAR, HUGE_PAGES_VAR)}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                         text=True, timeout=300, check=True)
-    assert out.stdout.strip().splitlines()[-2:] == [
-        "[None, None]", f"['{KEEP_PAGES_CONF}', '0']"], out.stderr[-2000:]
+""")

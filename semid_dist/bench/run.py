@@ -98,9 +98,9 @@ def run_benchmark(opts: BenchOptions, *, log: Log | None = None,
     """Measure every section of `opts.sections`, print the table, write JSON + Markdown;
     returns the results (with `table`: the rows).
 
-    This process measures with numpy's huge-page advice as a build sets it (the GEMM
-    ceiling, the kernels, the decode rate, our local fit); the `semid` runs it starts take
-    the same default from their config."""
+    This process measures with huge pages as a build sets them (the GEMM ceiling, the
+    kernels and their references, the decode rate, the fits); the `semid` runs it starts
+    take the same default from their config."""
     from semid_dist.config import EncodeConfig
     from semid_dist.memory import huge_pages
 

@@ -21,7 +21,7 @@ from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.memory import worker_env
+from semid_dist.memory import huge_pages, worker_env
 from semid_dist.stages import JobContext, job_worker
 
 
@@ -40,7 +40,9 @@ def ray_init(cfg: BuildConfig) -> bool:
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
         # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        with _started_with(worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages)):
+        # Ray's processes inherit the huge-page switch (`memory.huge_pages`) and the variables
+        with huge_pages(cfg.encode.huge_pages), _started_with(
+                worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages)):
             ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
                      configure_logging=False, log_to_driver=True)

@@ -35,7 +35,7 @@ from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.memory import worker_env
+from semid_dist.memory import huge_pages, worker_env
 from semid_dist.stages import JobContext, job_worker
 
 if TYPE_CHECKING:
@@ -77,7 +77,8 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
         if not defaults.contains(f"spark.executorEnv.{name}"):
             builder = builder.config(f"spark.executorEnv.{name}", value)
-    return builder.getOrCreate(), True
+    with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
+        return builder.getOrCreate(), True
 
 
 @contextmanager
