@@ -228,7 +228,7 @@ class EncodeWorker:
     def __init__(self, ctx: JobContext) -> None:
         if ctx.reuse_memory:
             keep_freed_memory()
-        if ctx.huge_pages is not None:  # a no-op where worker_env's variable is set
+        if ctx.huge_pages is not None:  # worker_env's variable leaves numpy to it
             set_huge_pages(ctx.huge_pages)
         self.ctx = ctx
         self.quantizer = load_quantizer(ctx)
