@@ -45,6 +45,7 @@ and 0.36-0.39 s without it. Turning the whole process's huge pages off as well: 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -98,8 +99,9 @@ def _numpy_switch() -> Callable[[bool], bool] | None:
 _PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE, _EXCEPT_ADVISED = 41, 42, 2
 
 
+@functools.cache
 def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, or None off Linux."""
+    """libc's prctl (looked up once), or None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
