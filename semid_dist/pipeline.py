@@ -352,7 +352,9 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
     """Run the encode stage over the shards a killed run of this version did not finish;
     returns ({"all"|"head"|"tail": merged statistics}, counts, reject files, rejected rows per
     reason). Sets timings["encode_first_shard_s"]: seconds until the engine's first shard
-    result (its start-up plus one shard; the rest of the stage is its steady pace).
+    result (its start-up plus one shard; the rest of the stage is its steady pace), and
+    timings["encode_worker_<step>_s"]: the workers' seconds in each step of a shard
+    (`EncodeWorker`), summed over the shards this run encoded.
 
     Shard statistics are merged in shard order as results arrive (results that come early
     wait for their turn), so the merge is the same on every engine whatever order its shards
@@ -368,6 +370,7 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
     counts = {"input": 0, "encoded": 0, "rejected": 0}
     rejects: list[FileEntry] = []
     reasons: Counter[str] = Counter()
+    steps: Counter[str] = Counter()  # worker seconds per step, of this run's shards
     store = ctx.store()
     done = load_shard_results(store, ctx.version_id)
     todo = [s for s in plan.shards if s.index not in done]
@@ -396,6 +399,7 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
         counts["encoded"] += res["encoded"]
         counts["rejected"] += res["rejected"]
         reasons.update(json.loads(res.get("reasons") or "{}"))
+        steps.update(json.loads(res.get("seconds") or "{}"))
         if res["rejects_file"] is not None:
             rejects.append(res["rejects_file"])
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
@@ -406,6 +410,9 @@ def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[
                          "was committed. Re-run the build: finished shards are reused")
     if reasons:
         log(f"encode: rejected rows by reason: {_reasons_text(reasons)}")
+    if steps and todo:
+        timings.update({f"encode_worker_{step}_s": s for step, s in steps.items()})
+        log(f"encode: worker time per shard ({len(todo)} shards): {_steps_text(steps, len(todo))}")
     partials = {part: m.result() for part, m in merged.items() if len(m)}
     if "all" not in partials:
         partials["all"] = merge(partials["head"], partials["tail"])
@@ -416,6 +423,13 @@ def _reasons_text(reasons: dict[str, int], top: int = 4) -> str:
     ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
     text = ", ".join(f"{n} {why}" for why, n in ranked[:top])
     return text + (f", {len(ranked) - top} more reasons" if len(ranked) > top else "")
+
+
+def _steps_text(steps: dict[str, float], shards: int) -> str:
+    """'read 62 ms (19%), validate 10 ms (3%), ...': each step's mean per shard and share."""
+    total = sum(steps.values()) or 1.0
+    return ", ".join(f"{step} {s / shards * 1e3:.0f} ms ({s / total:.0%})"
+                     for step, s in steps.items())
 
 
 def _check_rejects(counts: dict[str, int], reasons: dict[str, int], cfg: BuildConfig) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import json
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,10 +97,17 @@ def warm_worker() -> None:
 
 
 def _validated(ctx: JobContext, shard: Shard):
+    return _validate(ctx, shard, _read(ctx, shard))
+
+
+def _read(ctx: JobContext, shard: Shard) -> pa.Table:
     cols = [ctx.id_column, ctx.embedding_column]
     if ctx.popularity_column:
         cols.append(ctx.popularity_column)
-    raw = read_shard(ctx.catalog_url, shard, cols)
+    return read_shard(ctx.catalog_url, shard, cols)
+
+
+def _validate(ctx: JobContext, shard: Shard, raw: pa.Table):
     return validate_batch(raw, id_column=ctx.id_column, embedding_column=ctx.embedding_column,
                           dim=ctx.dim, source_file=fsio.redact_url(shard.path),
                           row_offset=shard.row_offset,
@@ -223,7 +231,9 @@ def load_codebooks(ctx: JobContext) -> list[np.ndarray]:
 
 class EncodeWorker:
     """Loads the quantizer once, then encodes whole shards: validate -> encode -> stage codes,
-    write rejects, stage the shard's mergeable statistics with its counts, return the counts."""
+    write rejects, stage the shard's mergeable statistics with its counts, return the counts
+    and the seconds of each step (read, validate, quantize, write, statistics, result; as
+    JSON, like the reject reasons)."""
 
     def __init__(self, ctx: JobContext) -> None:
         if ctx.reuse_memory:
@@ -237,10 +247,16 @@ class EncodeWorker:
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
         die_once("encode_worker")
-        batch = _validated(ctx, shard)
+        clock = StepClock()
+        raw = _read(ctx, shard)
+        clock.lap("read")
+        batch = _validate(ctx, shard, raw)
+        del raw
+        clock.lap("validate")
         enc = self.quantizer.encode(batch.x, chunk_rows=ctx.chunk_rows, device=ctx.device,
                                     candidates=ctx.candidates, precision=ctx.precision,
                                     rerank=ctx.rerank)
+        clock.lap("quantize")
         staged = pa.table({
             "item_id": batch.ids,
             "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), len(ctx.sizes)),
@@ -258,6 +274,7 @@ class EncodeWorker:
             rejects = self.store.write_table(
                 ctx.version_id, f"rejects/part-{ctx.version_id}-{shard.index:06d}.parquet",
                 batch.rejects)
+        clock.lap("write")
         result = {"index": shard.index, "rows": shard.num_rows, "encoded": len(batch.x),
                   "rejected": batch.rejects.num_rows, "rejects_file": rejects,
                   # {reason: rows} as JSON: one string column in Ray Data's Arrow blocks
@@ -273,10 +290,27 @@ class EncodeWorker:
             result["partial"] = partial_from_batch(
                 enc.codes, enc.sq_residual, batch.x, ctx.sizes,
                 quality_depth=ctx.quality_depth).pack()
+        clock.lap("statistics")
         save_shard_result(self.store, ctx.version_id, result)
+        clock.lap("result")
         # the statistics stay in the staged result (read back by `load_shard_statistics`):
-        # the engine carries counts only, so its blocks and the driver hold no shard's sums
-        return _counts(result)
+        # the engine carries counts only, so its blocks and the driver hold no shard's sums.
+        # The step times ride along (not staged: a resumed run's shards took no time in it)
+        return {**_counts(result), "seconds": json.dumps(clock.seconds)}
+
+
+class StepClock:
+    """Seconds spent in each step of a shard's work, in the order the steps ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        """The time since the last lap (or the start) is `step`'s."""
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
+        self._last = now
 
 
 _WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process

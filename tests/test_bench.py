@@ -181,6 +181,13 @@ def test_quick_mode_end_to_end(tmp_path):
         assert len(run["encode_items_s_runs"]) == 2
         assert run["encode_items_s"] == max(run["encode_items_s_runs"])
         assert {"encode_items_s", "share_kernel", "share_ceiling", "wall_s"} <= set(run)
+        # every shard's steps, timed by the workers of each engine; their time fits in the
+        # stage on its workers (the local engine's one, the others' one per core)
+        ms = run["worker_ms"]
+        assert list(ms) == ["read", "validate", "quantize", "write", "statistics", "result"]
+        assert all(v > 0 for v in ms.values()), ms
+        workers = 1 if run["engine"] == "local" else data["machine"]["cores"]
+        assert sum(ms.values()) * 4 / 1e3 <= run["encode_s"] * workers, (ms, run)
     assert data["rss"]["n"]["rows"] == 1000 and data["rss"]["4n"]["rows"] == 4000
     assert data["fit"][0]["mse_ratio"] > 0 and data["fit"][0]["rounds"] == 2
     assert all({"benchmark", "ratio", "target", "status"} <= set(r) for r in data["table"])
@@ -188,6 +195,9 @@ def test_quick_mode_end_to_end(tmp_path):
     assert md.startswith("# Benchmarks") and "| benchmark | config |" in md
     assert "## Targets:" in md and "quick mode" in md
     assert "encode stage of each run (the best counts): local " in md
+    assert "Encode workers' time per shard, by step" in md
+    for engine in engines:
+        assert f"| d=16 3x16 | {engine} | " in md
 
 
 @pytest.mark.engine

@@ -15,6 +15,9 @@ import pytest
 from semid_dist.io.store import TableStore
 from tests.conftest import REPO
 
+# the encode workers' steps, as metrics.json timings name them (README, Metrics)
+STEPS = ("read", "validate", "quantize", "write", "statistics", "result")
+
 
 def run_build(cfg_path: Path, *overrides: str, fault: str | None = None,
               marker: Path | None = None) -> subprocess.CompletedProcess:
@@ -73,10 +76,17 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
     assert "resuming version" in resumed.stderr
     if point != "fit":
         assert "reusing the fit of the interrupted run" in resumed.stderr
+    timings = store.read_json(store.latest(), "metrics.json")["timings"]
+    steps = [k for k in timings if k.startswith("encode_worker_")]
     if point in ("reduce", "commit"):
         assert "6 shards done by the interrupted run, 0 to go" in resumed.stderr
+        # no shard was encoded by this run: no worker time is counted for the others
+        assert steps == [] and "worker time per shard" not in resumed.stderr
     if point == "encode":
         assert "2 shards done by the interrupted run, 4 to go" in resumed.stderr
+        assert "encode: worker time per shard (4 shards): read " in resumed.stderr
+    if point in ("fit", "encode"):
+        assert steps == [f"encode_worker_{s}_s" for s in STEPS]
     assert store.latest() != previous and store.uncommitted() == []
     assert store.read_data().sort_by("item_id").equals(reference)
 

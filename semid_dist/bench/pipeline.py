@@ -123,12 +123,19 @@ def decode_rate(catalog: str, column: str = "embedding", *, repeats: int = 2) ->
             "bytes_s": rows * width * 4 / best}
 
 
+WORKER_STEP = "encode_worker_"  # metrics.json timings of the encode workers' steps
+
+
 def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
     """One engine's `semid encode` run as plain numbers. The steady pace is the stage's rate
     after its first shard result (engine start-up and one shard left out): rows of the other
     shards / (encode_s - encode_first_shard_s); None with a single shard, and for Spark,
-    whose job hands back every shard's result at once when it ends."""
+    whose job hands back every shard's result at once when it ends. `worker_ms`: the
+    encode workers' mean milliseconds per shard in each step (read, validate, quantize,
+    write, statistics, result)."""
     timings = run.output["metrics"]["timings"]
+    worker_ms = {k.removeprefix(WORKER_STEP).removesuffix("_s"): v / shards * 1e3
+                 for k, v in timings.items() if k.startswith(WORKER_STEP)}
     first = timings.get("encode_first_shard_s")
     streams = engine != "spark" and first is not None and shards > 1
     steady = (rows * (shards - 1) / shards / (timings["encode_s"] - first)
@@ -137,7 +144,7 @@ def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
             "encode_items_s": rows / timings["encode_s"], "first_shard_s": first,
             "steady_items_s": steady, "wall_s": run.wall_s,
             "wall_items_s": rows / run.wall_s, "maxrss_mb": run.maxrss_mb,
-            "version_id": run.output["version_id"]}
+            "worker_ms": worker_ms, "version_id": run.output["version_id"]}
 
 
 def keep_best(best: dict[Any, dict[str, Any]], key: Any, run: dict[str, Any], field: str, *,

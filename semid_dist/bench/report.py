@@ -272,6 +272,7 @@ def details(results: dict[str, Any]) -> list[str]:
                    f"ceiling {rate(b['ceiling_items_s'])}; whole-job wall times: "
                    + ", ".join(f"{e['engine']} {e['wall_s']:.1f} s" for e in b["engines"])
                    + _stage_runs(b["engines"]))
+    out += _worker_steps(results.get("e2e", []))
     if results.get("rss"):
         r = results["rss"]
         out.append(f"- peak RSS builds: {r['n']['rows']:,} items {r['n']['maxrss_mb']:.0f} MiB "
@@ -303,12 +304,15 @@ METHOD = """## How each number is measured
   run with the fastest encode stage (every run's rate is listed below the tables). "encode
   stage" = `metrics.json` `timings.encode_s` (read Parquet, validate, encode, write staged
   codes, per-shard statistics); "whole" = the process's wall time (start-up, scan, reduce,
-  report, commit included). "(info) after its first shard" = the stage's steady pace: the
-  other shards' rows / (encode_s - `timings.encode_first_shard_s`), i.e. without the engine's
-  start-up (worker processes, Ray Data's executor, a Spark job) and its first shard; on a
-  catalog of hundreds of millions of items the stage runs at this pace. Targets are judged
-  on the whole stage. e2e ceiling = 1 / (1 / kernel + 1 / decode), decode = the pyarrow rate
-  of reading the catalog's embedding column into float32 matrices.
+  report, commit included). The encode workers time each step of a shard (read the row
+  groups, validate, quantize = the encode kernel, write the staged codes, statistics,
+  result = stage the statistics); the table of steps gives their mean per shard. "(info)
+  after its first shard" = the stage's steady pace: the other shards' rows / (encode_s -
+  `timings.encode_first_shard_s`), i.e. without the engine's start-up (worker processes,
+  Ray Data's executor, a Spark job) and its first shard; on a catalog of hundreds of
+  millions of items the stage runs at this pace. Targets are judged on the whole stage.
+  e2e ceiling = 1 / (1 / kernel + 1 / decode), decode = the pyarrow rate of reading the
+  catalog's embedding column into float32 matrices.
 - **fit**: residual k-means per layer on the same sample and iteration count. Ours: the
   library's `kmeans` (Lloyd over mergeable statistics) from its k-means++ start, timed
   without the k-means++ init (reported apart in the JSON); faiss: `faiss.Kmeans` with
@@ -323,6 +327,26 @@ METHOD = """## How each number is measured
   items; a tiny launcher process runs it and reports `getrusage(RUSAGE_CHILDREN).ru_maxrss`
   (the job's own peak, not the benchmark process's pages it was forked from).
 """
+
+
+def _worker_steps(e2e: list[dict[str, Any]]) -> list[str]:
+    """A table of the encode workers' mean milliseconds per shard in each step, per e2e
+    config and engine (the kept runs), with the quantize step's share of the workers' time."""
+    runs = [(b, e) for b in e2e for e in b["engines"] if e.get("worker_ms")]
+    if not runs:
+        return []
+    steps = list(dict.fromkeys(step for _, e in runs for step in e["worker_ms"]))
+    out = ["", "Encode workers' time per shard, by step (mean ms; the kept run of each "
+           "engine; `metrics.json` `timings.encode_worker_<step>_s` over the shards):", "",
+           "| config | engine | " + " | ".join(steps) + " | quantize share |",
+           "|---|---|" + "---|" * (len(steps) + 1)]
+    for b, e in runs:
+        ms = e["worker_ms"]
+        total = sum(ms.values()) or 1.0
+        out.append(f"| d={b['dim']} {layers_name(b['layers'])} | {e['engine']} | "
+                   + " | ".join(f"{ms[s]:.0f}" if s in ms else "-" for s in steps)
+                   + f" | {ms.get('quantize', 0.0) / total:.0%} |")
+    return out + [""]
 
 
 def _stage_runs(engines: list[dict[str, Any]]) -> str:
