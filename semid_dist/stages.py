@@ -37,6 +37,7 @@ from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import (
+    ValidBatch,
     normalize_ids,
     popularity_values,
     reject_reasons,
@@ -44,6 +45,7 @@ from semid_dist.io.validate import (
 )
 from semid_dist.memory import keep_freed_memory, set_huge_pages
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
+from semid_dist.quantize.encode import EncodeResult
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
 from semid_dist.shuffle import Split, Streams, read_bucket, split_files
@@ -96,7 +98,7 @@ def warm_worker() -> None:
                    source_file="warm-up", row_offset=0)
 
 
-def _validated(ctx: JobContext, shard: Shard):
+def _validated(ctx: JobContext, shard: Shard) -> ValidBatch:
     return _validate(ctx, shard, _read(ctx, shard))
 
 
@@ -107,7 +109,7 @@ def _read(ctx: JobContext, shard: Shard) -> pa.Table:
     return read_shard(ctx.catalog_url, shard, cols)
 
 
-def _validate(ctx: JobContext, shard: Shard, raw: pa.Table):
+def _validate(ctx: JobContext, shard: Shard, raw: pa.Table) -> ValidBatch:
     return validate_batch(raw, id_column=ctx.id_column, embedding_column=ctx.embedding_column,
                           dim=ctx.dim, source_file=fsio.redact_url(shard.path),
                           row_offset=shard.row_offset,
@@ -257,18 +259,8 @@ class EncodeWorker:
                                     candidates=ctx.candidates, precision=ctx.precision,
                                     rerank=ctx.rerank)
         clock.lap("quantize")
-        staged = pa.table({
-            "item_id": batch.ids,
-            "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), len(ctx.sizes)),
-            "qerr": enc.qerr,
-        })
-        if enc.alt_codes is not None:
-            width = enc.alt_codes.shape[1]
-            staged = staged.append_column("alt_codes", pa.FixedSizeListArray.from_arrays(
-                enc.alt_codes.ravel(), width)).append_column(
-                "alt_err", pa.FixedSizeListArray.from_arrays(enc.alt_err.ravel(), width))
         self.store.write_table(ctx.version_id, f"{STAGING}/codes-{shard.index:06d}.parquet",
-                               staged)
+                               _staged_codes(batch.ids, enc, len(ctx.sizes)))
         rejects = None
         if batch.rejects.num_rows:
             rejects = self.store.write_table(
@@ -297,6 +289,22 @@ class EncodeWorker:
         # the engine carries counts only, so its blocks and the driver hold no shard's sums.
         # The step times ride along (not staged: a resumed run's shards took no time in it)
         return {**_counts(result), "seconds": json.dumps(clock.seconds)}
+
+
+def _staged_codes(ids: pa.Array, enc: EncodeResult, layers: int) -> pa.Table:
+    """A shard's staged codes: item_id, codes (L per row), qerr, and with candidates
+    alt_codes / alt_err."""
+    staged = pa.table({
+        "item_id": ids,
+        "codes": pa.FixedSizeListArray.from_arrays(enc.codes.ravel(), layers),
+        "qerr": enc.qerr,
+    })
+    if enc.alt_codes is not None:
+        width = enc.alt_codes.shape[1]
+        staged = staged.append_column("alt_codes", pa.FixedSizeListArray.from_arrays(
+            enc.alt_codes.ravel(), width)).append_column(
+            "alt_err", pa.FixedSizeListArray.from_arrays(enc.alt_err.ravel(), width))
+    return staged
 
 
 class StepClock:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from semid_dist.io.store import TableStore
+from semid_dist.stages import load_shard_results
 from tests.conftest import REPO
 
 # the encode workers' steps, as metrics.json timings name them (README, Metrics)
@@ -71,6 +72,12 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
     assert store.latest() == previous and store.versions() == [previous]
     assert store.read_data(previous).sort_by("item_id").equals(before)
     assert len(store.uncommitted()) == 1
+    staged = load_shard_results(store, store.uncommitted()[0])
+    assert len(staged) == {"fit": 0, "encode": 2}.get(point, 6)
+    # a finished shard's staged result holds its counts, not its step times: a resumed run
+    # counts only the time of the shards it encodes itself
+    assert all("seconds" not in r and r["encoded"] + r["rejected"] == r["rows"] > 0
+               for r in staged.values()), staged
     resumed = run_build(cfg)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming version" in resumed.stderr

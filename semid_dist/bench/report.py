@@ -305,8 +305,8 @@ METHOD = """## How each number is measured
   stage" = `metrics.json` `timings.encode_s` (read Parquet, validate, encode, write staged
   codes, per-shard statistics); "whole" = the process's wall time (start-up, scan, reduce,
   report, commit included). The encode workers time each step of a shard (read the row
-  groups, validate, quantize = the encode kernel, write the staged codes, statistics,
-  result = stage the statistics); the table of steps gives their mean per shard. "(info)
+  groups, validate, quantize = the encode kernel, write the staged codes and rejects,
+  statistics, result = stage the statistics); the table of steps gives their mean per shard. "(info)
   after its first shard" = the stage's steady pace: the other shards' rows / (encode_s -
   `timings.encode_first_shard_s`), i.e. without the engine's start-up (worker processes,
   Ray Data's executor, a Spark job) and its first shard; on a catalog of hundreds of
