@@ -55,6 +55,16 @@ def test_scale_job_builds_and_reports(tmp_path):
     assert f"`{manifest['version_id']}`" in page
     assert "input 12,000, encoded 12,000, rejected 0" in page
     assert "| drift against the parent version | none (no parent version) |" in page
+    # the encode workers' steps, as shares of their time in the build's own timings
+    timings = store.read_json(manifest["version_id"], "metrics.json")["timings"]
+    steps = {k[len("encode_worker_"):-2]: v for k, v in timings.items()
+             if k.startswith("encode_worker_")}
+    assert list(steps) == ["read", "validate", "quantize", "write", "statistics", "result"]
+    total = sum(steps.values())
+    shares = ", ".join(f"{k} {v / total:.0%}" for k, v in steps.items())
+    assert (f"| encode workers' time by step (share of their {total:.0f} s) | {shares} |"
+            in page)
+    assert f"(quantize: {steps['quantize'] / total:.0%} of the encode workers' time)" in page
     figures = json.loads(md.with_suffix(".json").read_text())
     assert figures["rows"]["input"] == 12000 and figures["catalog"]["row_groups"] == 3
     assert figures["peak_tree_mib"] >= figures["peak_driver_mib"] > 50

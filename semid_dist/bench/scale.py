@@ -174,11 +174,24 @@ def incremental_lines(inc: dict, args) -> list[str]:
     ]
 
 
+def worker_shares(timings: dict) -> tuple[float, dict[str, float]]:
+    """(the encode workers' seconds, {step: its share of them}) from a build's timings
+    (`encode_worker_<step>_s`); (0.0, {}) without step times."""
+    steps = {k.removeprefix("encode_worker_").removesuffix("_s"): v
+             for k, v in timings.items() if k.startswith("encode_worker_")}
+    total = sum(steps.values())
+    return total, ({step: v / total for step, v in steps.items()} if total > 0 else {})
+
+
 def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
               inc: dict | None = None) -> None:
     m = measured["result"]["metrics"]
     t = m["timings"]
     rows = m["rows"]
+    worker_s, shares = worker_shares(t)
+    by_step = ", ".join(f"{step} {share:.0%}" for step, share in shares.items())
+    kernel = (f" (quantize: {shares['quantize']:.0%} of the encode workers' time)"
+              if "quantize" in shares else "")
     lines = [
         "# Scale run",
         "",
@@ -203,6 +216,8 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
         f"| fit (sample, Ray Train) | {t.get('fit_s', 0):.0f} s |",
         f"| encode stage (Ray Data) | {t.get('encode_s', 0):.0f} s "
         f"({rows['input'] / max(t.get('encode_s', 1e-9), 1e-9):,.0f} items/s) |",
+        *([f"| encode workers' time by step (share of their {worker_s:.0f} s) | {by_step} |"]
+          if shares else []),
         f"| reduce + finalize + lookups | {t.get('reduce_s', 0):.0f} s |",
         "| drift against the parent version | "
         + (f"{t['drift_s']:.0f} s |" if t.get("drift_s") else "none (no parent version) |"),
@@ -218,8 +233,8 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
         "",
         "Assumptions: per-core throughput of the encode, reduce and drift stages stays as "
         "measured here (they run shard by shard, or bucket by bucket, on every core; a GPU "
-        "per node would only shorten the kernel part, which is a minority of the stage here, "
-        "so none is assumed); the fit "
+        "per node would only shorten the kernel part, which is a minority of the stage here"
+        + kernel + ", so none is assumed); the fit "
         "uses a fixed-size sample, so its time does not grow with the catalog. The driver's "
         "memory is given two ways: the whole measured peak scaled with the rows, its fixed "
         "part too (an upper bound); and the measured peak plus what grows with the catalog "
