@@ -107,6 +107,35 @@ def test_keep_best_keeps_the_better_run_and_lists_every_run():
     assert slow[2]["run"] == 1 and slow[2]["s"] == 0.05 and slow[2]["s_runs"] == [0.06, 0.05, 0.07]
 
 
+def test_worker_steps_from_a_runs_timings():
+    """The encode workers' step seconds of a run's metrics.json: per shard for the page's
+    table (with the kernel step's share), shares of their total for the scale page."""
+    from semid_dist.bench.pipeline import JobRun, e2e_row, worker_seconds
+    from semid_dist.bench.scale import worker_shares
+
+    timings = {"encode_first_shard_s": 0.5, "encode_worker_read_s": 0.8,
+               "encode_worker_quantize_s": 1.6, "encode_worker_result_s": 0.0,
+               "encode_s": 2.5, "reduce_s": 1.0}
+    assert worker_seconds(timings) == {"read": 0.8, "quantize": 1.6, "result": 0.0}
+    assert worker_seconds({"encode_s": 1.0}) == {}  # a build before step times
+    run = JobRun(3.0, 100.0, {"metrics": {"timings": timings}, "version_id": "v"}, "log")
+    row = e2e_row("ray", run, rows=4000, shards=4)
+    assert row["worker_ms"] == pytest.approx({"read": 200.0, "quantize": 400.0, "result": 0.0})
+    total, shares = worker_shares(timings)
+    assert total == pytest.approx(2.4)
+    assert shares == pytest.approx({"read": 1 / 3, "quantize": 2 / 3, "result": 0.0})
+    assert worker_shares({"encode_s": 1.0}) == (0.0, {})
+    block = {"dim": 16, "layers": [16, 16, 16], "engines": [row, {**row, "engine": "spark",
+                                                               "worker_ms": {}}]}
+    table = report.details({"e2e": [{**block, "rows": 4000, "kernel_items_s": 1.0,
+                                     "decode_items_s": 1.0, "ceiling_items_s": 0.5,
+                                     "catalog": {"files": 1, "row_groups": 4,
+                                                 "chunk_rows": 1000, "bytes": 2**20}}]})
+    assert "| config | engine | read | quantize | result | quantize share |" in table
+    assert "| d=16 3x16 | ray | 200 | 400 | 0 | 67% |" in table
+    assert not any("| spark |" in line for line in table)  # no step times: no row
+
+
 def test_targets_judged_at_their_thresholds():
     rows = {(r.benchmark, r.status) for r in report.all_rows(fake_results())}
     assert ("encode kernel vs faiss IndexFlatL2", "met") in rows  # 1.0x >= 1.0x

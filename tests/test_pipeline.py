@@ -22,9 +22,9 @@ from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io import fs as fsio
 from semid_dist.io.store import TableStore
-from semid_dist.pipeline import build, choose_sample
+from semid_dist.pipeline import _steps_text, build, choose_sample
 from semid_dist.quantize import decode
-from semid_dist.stages import STAGING, JobContext, load_codebooks
+from semid_dist.stages import STAGING, JobContext, StepClock, load_codebooks
 from tests.conftest import REPO, clustered, small_config, write_catalog
 
 
@@ -400,3 +400,20 @@ def test_engines_carry_shard_counts_and_the_driver_reads_statistics_from_staging
     assert [r["index"] for r in engines[-1].results] == [3, 4, 5]
     assert store.latest() == again.version_id != first.version_id
     assert again.metrics["rows"]["encoded"] == len(x)
+
+
+def test_step_clock_laps_and_the_log_line():
+    """Each lap is the time since the one before; a step timed twice adds up; the log line
+    gives each step's mean per shard and share of the workers' time, in the steps' order."""
+    import time
+
+    clock = StepClock()
+    time.sleep(0.02)
+    clock.lap("read")
+    clock.lap("validate")
+    time.sleep(0.01)
+    clock.lap("read")
+    assert list(clock.seconds) == ["read", "validate"]
+    assert clock.seconds["read"] >= 0.03 and 0 <= clock.seconds["validate"] < 0.01
+    text = _steps_text({"read": 0.3, "quantize": 0.9, "result": 0.0}, shards=3)
+    assert text == "read 100 ms (25%), quantize 300 ms (75%), result 0 ms (0%)"

@@ -126,6 +126,13 @@ def decode_rate(catalog: str, column: str = "embedding", *, repeats: int = 2) ->
 WORKER_STEP = "encode_worker_"  # metrics.json timings of the encode workers' steps
 
 
+def worker_seconds(timings: dict[str, float]) -> dict[str, float]:
+    """The encode workers' seconds in each step, {step: s} in the order the steps ran, from
+    a build's `metrics.json` timings (`encode_worker_<step>_s`); {} without step times."""
+    return {k.removeprefix(WORKER_STEP).removesuffix("_s"): v
+            for k, v in timings.items() if k.startswith(WORKER_STEP)}
+
+
 def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
     """One engine's `semid encode` run as plain numbers. The steady pace is the stage's rate
     after its first shard result (engine start-up and one shard left out): rows of the other
@@ -134,8 +141,7 @@ def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
     encode workers' mean milliseconds per shard in each step (read, validate, quantize,
     write, statistics, result)."""
     timings = run.output["metrics"]["timings"]
-    worker_ms = {k.removeprefix(WORKER_STEP).removesuffix("_s"): v / shards * 1e3
-                 for k, v in timings.items() if k.startswith(WORKER_STEP)}
+    worker_ms = {step: s / shards * 1e3 for step, s in worker_seconds(timings).items()}
     first = timings.get("encode_first_shard_s")
     streams = engine != "spark" and first is not None and shards > 1
     steady = (rows * (shards - 1) / shards / (timings["encode_s"] - first)

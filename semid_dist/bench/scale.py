@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from semid_dist.bench.pipeline import worker_seconds
 from semid_dist.bench.synthetic import CatalogSpec, write_catalog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,8 +178,7 @@ def incremental_lines(inc: dict, args) -> list[str]:
 def worker_shares(timings: dict) -> tuple[float, dict[str, float]]:
     """(the encode workers' seconds, {step: its share of them}) from a build's timings
     (`encode_worker_<step>_s`); (0.0, {}) without step times."""
-    steps = {k.removeprefix("encode_worker_").removesuffix("_s"): v
-             for k, v in timings.items() if k.startswith("encode_worker_")}
+    steps = worker_seconds(timings)
     total = sum(steps.values())
     return total, ({step: v / total for step, v in steps.items()} if total > 0 else {})
 
