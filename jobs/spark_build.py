@@ -2,8 +2,10 @@
 -> reduce -> commit. `engine=spark` is added unless an override names an engine; a first
 argument `encode` re-encodes with the codebooks of `encode.from_version` (default latest).
 
-Laptop (venv active, so driver and Python workers run its python):
-    spark-submit --master local[2] jobs/spark_build.py --config conf/spark.yaml
+Laptop (venv active, so driver and Python workers run its python; spark-submit starts the
+driver JVM, so it takes the JVM options `spark.java_options` gives a session the job starts):
+    spark-submit --master local[2] --driver-java-options -XX:TieredStopAtLevel=1 \\
+        jobs/spark_build.py --config conf/spark.yaml
 Without spark-submit (starts local[*] from the config's `spark:` section):
     python jobs/spark_build.py --config conf/spark.yaml output.root=/tmp/spark_demo
 Re-encode a new catalog snapshot with the latest version's codebooks:
@@ -24,7 +26,8 @@ executor: ship a packed venv, or a wheel when the dependencies are already there
     # package: pip wheel --no-deps -w dist . && spark-submit ... --py-files dist/semid_dist-*.whl
 The driver fits the codebooks on the sample (fit.sample_size rows x dim x 4 bytes must fit in
 --driver-memory); each encode task holds one shard (encode.shard_rows) and the codebooks, and
-every shard's statistics are collected on the driver (spark.driver.maxResultSize).
+every shard's statistics are staged on the output storage and merged by the driver (only
+their counts are collected through Spark).
 """
 
 import sys

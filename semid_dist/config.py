@@ -149,6 +149,10 @@ class SparkConfig:
     driver_memory: str = "2g"
     arrow_batch_rows: int = 10000
     shuffle_partitions: int = 8
+    # the JVM options of a session this job starts (driver, and executors off local mode):
+    # its JVM only schedules tasks and ferries small results, and C2's compiler threads took
+    # ~5 core-seconds of a 2-core machine's encode stage; null keeps the JVM's defaults
+    java_options: str | None = "-XX:TieredStopAtLevel=1"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -51,6 +52,7 @@ def spark_session():
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.task.maxFailures", "1")
                .config("spark.driver.memory", "1g")
+               .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1")  # as the engine
                .config("spark.sql.shuffle.partitions", "2")
                .config("spark.sql.warehouse.dir", tempfile.mkdtemp(prefix="semid-wh-")))
     with warnings.catch_warnings():  # pyspark's own pandas-3 notice; no pandas is used
@@ -204,6 +206,38 @@ def test_spark_warm_up_runs_one_task_per_slot_in_the_background(spark_session, t
     assert sum(st.numCompletedTasks for st in stages) == sc.defaultParallelism
     assert sum(st.numFailedTasks for st in stages) == 0
     assert spark_session.range(3).count() == 3  # the session is left running
+
+
+def test_spark_session_started_by_the_engine_runs_its_jvm_with_java_options(tmp_path):
+    """A session the engine starts (a separate process: the tests' own session is active
+    here) runs its driver JVM with `spark.java_options` (C1 only by default) and gives the
+    executors the same."""
+    script = f"""
+from semid_dist.config import parse_config
+from semid_dist.engines.spark import spark_session
+cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
+                    "spark": {{"master": "local[1]", "driver_memory": "512m"}}}})
+spark, started = spark_session(cfg)
+bean = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+print(started, list(bean.getInputArguments()))
+print(spark.sparkContext.getConf().get("spark.executor.extraJavaOptions"))
+spark.stop()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.strip().splitlines()
+    assert out[0].startswith("True [") and "'-XX:TieredStopAtLevel=1'" in out[0]
+    assert "-XX:TieredStopAtLevel=1" in out[1].split()  # after Spark's own defaults
+
+
+def test_spark_java_options_go_to_the_jvms_a_session_starts():
+    from semid_dist.engines.spark import _java_options
+
+    opts = "-XX:TieredStopAtLevel=1 -Dx=1"
+    assert _java_options(opts, submitted=False) == {"spark.driver.extraJavaOptions": opts,
+                                                    "spark.executor.extraJavaOptions": opts}
+    # under spark-submit the driver JVM runs already (--driver-java-options)
+    assert _java_options(opts, submitted=True) == {"spark.executor.extraJavaOptions": opts}
+    assert _java_options(None, submitted=False) == {}
 
 
 def test_spark_refuses_memory_urls():

@@ -71,14 +71,29 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if not submitted:  # under spark-submit the driver JVM already runs with its memory
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
-    # the workers' memory settings: Spark starts its Python workers with
-    # spark.executorEnv.* in their environment; a value spark-submit's settings give wins
+    # the JVMs' options and the workers' memory settings (Spark starts its Python workers
+    # with spark.executorEnv.* in their environment); a value spark-submit's settings give wins
     defaults = SparkConf()
+    settings = _java_options(cfg.spark.java_options, submitted)
     for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
-        if not defaults.contains(f"spark.executorEnv.{name}"):
-            builder = builder.config(f"spark.executorEnv.{name}", value)
+        settings[f"spark.executorEnv.{name}"] = value
+    for name, value in settings.items():
+        if not defaults.contains(name):
+            builder = builder.config(name, value)
     with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
         return builder.getOrCreate(), True
+
+
+def _java_options(options: str | None, submitted: bool) -> dict[str, str]:
+    """The Spark settings that give a new session's JVMs `spark.java_options`: the driver's
+    unless spark-submit started it already (its --driver-java-options then), and the
+    executors' (which are the driver itself in local mode)."""
+    if not options:
+        return {}
+    keys = ["spark.executor.extraJavaOptions"]
+    if not submitted:
+        keys.insert(0, "spark.driver.extraJavaOptions")
+    return {key: options for key in keys}
 
 
 @contextmanager
