@@ -9,13 +9,14 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semid_dist.errors import ConfigError, InputError
+from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
@@ -146,6 +147,88 @@ def corrupt_embedding_pages(path, x: np.ndarray) -> None:
     middle = start + col.total_compressed_size // 2
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     path.write_bytes(bytes(data))
+
+
+def test_spark_encode_hands_results_over_wave_by_wave(spark_session, small_catalog, tmp_path,
+                                                     monkeypatch):
+    """Spark hands a job's results over when all its tasks are done, so the engine encodes
+    in waves of shards, two in flight: the driver has the first wave's results (and merges
+    them, and logs progress) while later waves' shards are still to be encoded, and the
+    table is the local engine's."""
+    from semid_dist.engines.spark import SparkEngine, encode_waves
+    from semid_dist.stages import STAGING
+
+    _, x = small_catalog
+    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=100)  # 24 shards
+    root = str(tmp_path / "out")
+    staged: list[int] = []  # shard results staged when the driver got each result
+
+    class Watching(SparkEngine):
+        def encode(self, ctx, shards):
+            folder = Path(ctx.store().version_dir(ctx.version_id)) / STAGING
+            for res in super().encode(ctx, shards):
+                staged.append(len(list(folder.glob("result-*.bin"))))
+                yield res
+
+    fitted = build(small_config(catalog, root), log=quiet)
+    local = build(small_config(catalog, root, encode__shard_rows=100,
+                               encode__from_version=fitted.version_id), log=quiet)
+    monkeypatch.setattr("semid_dist.pipeline.make_engine", Watching)
+    spark = build(small_config(catalog, root, engine="spark", encode__shard_rows=100,
+                               encode__from_version=fitted.version_id), log=quiet)
+    waves = [len(w) for w in encode_waves(list(range(24)), 2)]
+    assert waves == [4] * 6
+    # the third wave starts when the first is done, the fourth when the driver has taken the
+    # first's results
+    assert len(staged) == 24 and staged[0] <= 12 < 24
+    store = TableStore(root, "sids")
+    assert store.read_data(local.version_id).sort_by("item_id").equals(
+        store.read_data(spark.version_id).sort_by("item_id"))
+    assert comparable(local.metrics) == comparable(spark.metrics)
+
+
+def test_spark_encode_stopped_by_the_driver_cancels_its_waves(spark_session, small_catalog,
+                                                             tmp_path, monkeypatch):
+    """A build that stops while Spark encodes (here: the driver fails on the first result)
+    stops the encode: no later wave starts, the waves in flight are cancelled or done, no job
+    is left running, nothing is committed, and the session goes on working."""
+    from semid_dist.engines.spark import SparkEngine
+    from semid_dist.stages import STAGING
+
+    _, x = small_catalog
+    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=100)
+    root = str(tmp_path / "out")
+    fitted = build(small_config(catalog, root), log=quiet)
+
+    class Stopping(SparkEngine):
+        def encode(self, ctx, shards):
+            for _ in super().encode(ctx, shards):
+                raise SemidError("the driver stops")
+            yield  # a generator, as the engines' encode
+
+    monkeypatch.setattr("semid_dist.pipeline.make_engine", Stopping)
+    with pytest.raises(SemidError, match="the driver stops"):
+        build(small_config(catalog, root, engine="spark", encode__shard_rows=100,
+                           encode__from_version=fitted.version_id), log=quiet)
+    assert spark_session.sparkContext.statusTracker().getActiveJobsIds() == []
+    store = TableStore(root, "sids")
+    assert store.versions() == [fitted.version_id]
+    started = [p for p in (Path(root) / "sids" / "versions").iterdir()
+               if p.name != fitted.version_id]
+    assert len(started) == 1  # at most the three waves of 4 shards started were encoded
+    assert len(list((started[0] / STAGING).glob("result-*.bin"))) <= 12
+    assert spark_session.range(3).count() == 3
+
+
+def test_spark_encode_waves_cover_the_shards_in_order():
+    from semid_dist.engines.spark import encode_waves
+
+    for shards, slots, sizes in ((23, 2, [4] * 5 + [3]), (3, 2, [3]), (1000, 8, [50] * 20),
+                                 (100, 64, [100])):
+        waves = encode_waves(list(range(shards)), slots)
+        assert [len(w) for w in waves] == sizes
+        assert [s for w in waves for s in w] == list(range(shards))
+    assert encode_waves([], 2) == []
 
 
 def test_spark_failing_task_commits_nothing(spark_session, small_catalog, tmp_path):

@@ -137,7 +137,8 @@ def e2e_row(engine: str, run: JobRun, rows: int, shards: int) -> dict[str, Any]:
     """One engine's `semid encode` run as plain numbers. The steady pace is the stage's rate
     after its first shard result (engine start-up and one shard left out): rows of the other
     shards / (encode_s - encode_first_shard_s); None with a single shard, and for Spark,
-    whose job hands back every shard's result at once when it ends. `worker_ms`: the
+    whose first result comes when a whole wave of shards is done (a job hands back its
+    results when all its tasks end). `worker_ms`: the
     encode workers' mean milliseconds per shard in each step (read, validate, quantize,
     write, statistics, result)."""
     timings = run.output["metrics"]["timings"]

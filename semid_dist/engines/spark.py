@@ -1,7 +1,8 @@
 """Spark engine: shard tasks on RDD partitions, encode with `mapInArrow`, fit on the driver.
 
-Submit with `spark-submit --master local[2] jobs/spark_build.py --config conf/spark.yaml`
-(spark-submit's session and settings are used), or run `semid build ... engine=spark` alone: the
+Submit with `spark-submit --master local[2] --driver-java-options -XX:TieredStopAtLevel=1
+jobs/spark_build.py --config conf/spark.yaml` (spark-submit's session and settings are used;
+see `spark.java_options`), or run `semid build ... engine=spark` alone: the
 engine then starts a session from the `spark:` settings (`local[*]` unless `spark.master` is
 set) and stops it when done; an already active session is used and left running.
 
@@ -15,6 +16,7 @@ engine's code. pyspark is imported inside the functions only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -22,9 +24,12 @@ import sys
 import threading
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -141,6 +146,14 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
                 schema=_ARROW_SCHEMA)
 
 
+def encode_waves(shards: list[Shard], slots: int) -> list[list[Shard]]:
+    """The shards in waves of consecutive shards, one Spark job each: at least two tasks a
+    slot per wave (a job's start is paid once per wave) and at most ~20 waves a stage (the
+    driver gets results at least every ~5% of it)."""
+    size = max(2 * slots, math.ceil(len(shards) / 20))
+    return [shards[i:i + size] for i in range(0, len(shards), size)]
+
+
 def _warm_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """mapInArrow body of the warm-up: pay what an encode task pays first (`warm_worker`)."""
     from semid_dist.stages import warm_worker
@@ -246,21 +259,42 @@ class SparkEngine(LocalEngine):
             shared_bc.unpersist()
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
+        """One `mapInArrow` task per shard, in waves (`encode_waves`): a Spark job collects
+        its results only when all its tasks are done, so one job for the whole stage would
+        hand every result over at its end. Two waves are in flight at a time (Spark runs the
+        second's tasks as the first's free their slots), and a wave's results are yielded as
+        it ends: the driver merges statistics and logs progress during the stage. A failed
+        wave cancels the others (their job group) and raises."""
         if not shards:
             return
         if self._warm is not None:  # its workers serve the encode tasks; long done, as a rule
             self._warm.join(timeout=120)
         sc = self.spark.sparkContext
         ctx_bc, job = sc.broadcast(ctx), uuid.uuid4().hex
-        rows = [(s.index, json.dumps(shard_to_dict(s))) for s in shards]
-        try:
-            with task_errors(), _no_pandas_warning():
+        group = f"semid-encode-{job}"
+        encode = partial(_encode_partition, job, ctx_bc)
+
+        def run(wave: list[Shard]) -> pa.Table:
+            sc.setJobGroup(group, "semid: encode shards")  # this thread's jobs only
+            rows = [(s.index, json.dumps(shard_to_dict(s))) for s in wave]
+            with _no_pandas_warning():
                 # one slice per row: each shard is its own partition (no shuffle)
                 df = self.spark.createDataFrame(sc.parallelize(rows, len(rows)),
                                                 "index long, shard string")
-                encode = partial(_encode_partition, job, ctx_bc)
-                table = df.mapInArrow(encode, _RESULT_SCHEMA).toArrow()
+                return df.mapInArrow(encode, _RESULT_SCHEMA).toArrow()
+
+        waves = iter(encode_waves(shards, sc.defaultParallelism))
+        try:
+            with task_errors(), ThreadPoolExecutor(2, "semid-spark-encode") as pool:
+                running = deque(pool.submit(run, w) for w in islice(waves, 2))
+                try:
+                    while running:
+                        table = running.popleft().result()
+                        running.extend(pool.submit(run, w) for w in islice(waves, 1))
+                        for blob in table.column("result").to_pylist():
+                            yield pickle.loads(blob)
+                except BaseException:  # a failed wave, or the caller stopped
+                    sc.cancelJobGroup(group)
+                    raise
         finally:
             ctx_bc.unpersist()
-        for blob in table.column("result").to_pylist():
-            yield pickle.loads(blob)
