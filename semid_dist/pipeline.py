@@ -278,6 +278,8 @@ def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, sto
     if resumed is not None:
         return resumed
     sample, popularity = _sample(engine, ctx, plan, cfg, log)
+    if engine.warm_up_beside_fit:  # the engine's workers are idle while the driver fits
+        engine.warm_up()
     seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
     warm = _warm_start(store, parent, cfg, ctx.dim, log)
     acrq = _acrq_split(sample, popularity, ctx, cfg, log)
@@ -503,7 +505,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     parent = cfg.encode.from_version if cfg.encode.incremental else store.latest()
     timings: dict[str, float] = {}
     with make_engine(cfg, log=log) as engine:
-        engine.warm_up()
+        if not engine.warm_up_beside_fit:
+            engine.warm_up()
         plan = plan_catalog(engine.resolve_input(cfg.input.path),
                             target_rows=cfg.encode.shard_rows)
         check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
@@ -532,6 +535,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         t = time.monotonic()
         files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log, parent)
         timings["fit_s"] = time.monotonic() - t
+        if engine.warm_up_beside_fit:  # nothing was fitted (it runs once per engine)
+            engine.warm_up()
         t = time.monotonic()
         try:
             partials, counts, reject_files, reasons = _encode(engine, ctx, plan, log, timings)

@@ -323,6 +323,45 @@ def test_spark_java_options_go_to_the_jvms_a_session_starts():
     assert _java_options(None, submitted=False) == {}
 
 
+def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(
+        spark_session, small_catalog, tmp_path, monkeypatch):
+    """Spark runs jobs first come, first served: the engine's warm-up job starts once the
+    scan's and the sample's tasks are done (when the driver fits), or, with no fit, before
+    the encode; so none of the build's earlier jobs waits for it."""
+    from semid_dist.engines.spark import SparkEngine
+
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    calls: list[str] = []
+
+    class Recording(SparkEngine):
+        def map(self, fn, items):
+            calls.append(fn.__name__)
+            return super().map(fn, items)
+
+        def warm_up(self):
+            calls.append("warm_up")
+            super().warm_up()
+
+        def fit(self, *args, **kwargs):
+            calls.append("fit")
+            return super().fit(*args, **kwargs)
+
+        def encode(self, ctx, shards):
+            calls.append("encode")
+            return super().encode(ctx, shards)
+
+    monkeypatch.setattr("semid_dist.pipeline.make_engine", Recording)
+    built = build(small_config(catalog, root, engine="spark",
+                               input__popularity_column="popularity"), log=quiet)
+    # (the second warm_up, before the encode, finds it started: once per engine)
+    assert calls[:6] == ["scan_keys", "sample_rows", "warm_up", "fit", "warm_up", "encode"]
+    calls.clear()
+    build(small_config(catalog, root, engine="spark", encode__from_version=built.version_id),
+          log=quiet)
+    assert calls[:3] == ["scan_keys", "warm_up", "encode"]
+
+
 def test_spark_refuses_memory_urls():
     """Executors are other processes: an in-memory filesystem is refused before Spark starts."""
     from semid_dist.engines.spark import SparkEngine

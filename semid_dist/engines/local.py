@@ -32,6 +32,10 @@ def learned_config(cfg: BuildConfig) -> LearnedParams:
 
 class LocalEngine:
     name = "local"
+    # when the pipeline starts `warm_up`: as the job starts, or (an engine that runs jobs
+    # first come, first served, whose warm-up would hold up the scan's and the sample's
+    # tasks) when the driver starts fitting, or before the encode when nothing is fitted
+    warm_up_beside_fit = False
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
         self.cfg, self.log = cfg, log
@@ -53,8 +57,9 @@ class LocalEngine:
         return path
 
     def warm_up(self) -> None:
-        """Get the encode stage's workers ready while the driver plans, scans and fits
-        (the Ray engine starts its worker processes); nothing to do in this process."""
+        """Get the encode stage's workers ready in the background while the driver plans,
+        scans and fits (the Ray engine starts its worker processes), or fits
+        (`warm_up_beside_fit`); nothing to do in this process."""
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         return [fn(*item) for item in items]

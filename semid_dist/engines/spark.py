@@ -167,8 +167,10 @@ def warm_up(spark: SparkSession) -> threading.Thread:
     worker imports the encode modules. The encode stage's first mapInArrow job paid the
     first SQL job, a Python daemon's start (a trace showed one starting after the scan's RDD
     tasks) and each worker's imports: 7.5 s on 2 cores before the first encode task.
-    Spark runs jobs first come, first served, so the warm-up runs after the scan's job,
-    beside the fit on the driver; Spark reuses the warmed workers for the encode tasks.
+    Spark runs jobs first come, first served, so the pipeline starts the warm-up when the
+    driver starts fitting (`SparkEngine.warm_up_beside_fit`): started with the job, it ran
+    between the scan's jobs and held them up for its length. Spark reuses the warmed workers
+    for the encode tasks.
     Best effort: an error here is the encode stage's to report."""
     def run() -> None:
         try:
@@ -191,6 +193,7 @@ class SparkEngine(LocalEngine):
     is the local engine's (the sample is already on the driver)."""
 
     name = "spark"
+    warm_up_beside_fit = True
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
         if cfg.output.root.startswith("memory://") or cfg.input.path.startswith("memory://"):
