@@ -505,7 +505,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     parent = cfg.encode.from_version if cfg.encode.incremental else store.latest()
     timings: dict[str, float] = {}
     with make_engine(cfg, log=log) as engine:
-        if not engine.warm_up_beside_fit:
+        if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
             engine.warm_up()
         plan = plan_catalog(engine.resolve_input(cfg.input.path),
                             target_rows=cfg.encode.shard_rows)
@@ -535,7 +535,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         t = time.monotonic()
         files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log, parent)
         timings["fit_s"] = time.monotonic() - t
-        if engine.warm_up_beside_fit:  # nothing was fitted (it runs once per engine)
+        if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
             engine.warm_up()
         t = time.monotonic()
         try:

@@ -176,11 +176,11 @@ def test_spark_encode_hands_results_over_wave_by_wave(spark_session, small_catal
     monkeypatch.setattr("semid_dist.pipeline.make_engine", Watching)
     spark = build(small_config(catalog, root, engine="spark", encode__shard_rows=100,
                                encode__from_version=fitted.version_id), log=quiet)
-    waves = [len(w) for w in encode_waves(list(range(24)), 2)]
-    assert waves == [4] * 6
+    slots = spark_session.sparkContext.defaultParallelism
+    assert [len(w) for w in encode_waves(list(range(24)), slots)] == [4] * 6
     # the third wave starts when the first is done, the fourth when the driver has taken the
     # first's results
-    assert len(staged) == 24 and staged[0] <= 12 < 24
+    assert len(staged) == 24 and staged[0] <= 12
     store = TableStore(root, "sids")
     assert store.read_data(local.version_id).sort_by("item_id").equals(
         store.read_data(spark.version_id).sort_by("item_id"))
@@ -206,10 +206,15 @@ def test_spark_encode_stopped_by_the_driver_cancels_its_waves(spark_session, sma
                 raise SemidError("the driver stops")
             yield  # a generator, as the engines' encode
 
+    cancelled: list[str] = []
+    cancel = spark_session.sparkContext.cancelJobsWithTag
+    monkeypatch.setattr(spark_session.sparkContext, "cancelJobsWithTag",
+                        lambda tag: (cancelled.append(tag), cancel(tag)))
     monkeypatch.setattr("semid_dist.pipeline.make_engine", Stopping)
     with pytest.raises(SemidError, match="the driver stops"):
         build(small_config(catalog, root, engine="spark", encode__shard_rows=100,
                            encode__from_version=fitted.version_id), log=quiet)
+    assert cancelled and all(t.startswith("semid-encode-") for t in cancelled)
     assert spark_session.sparkContext.statusTracker().getActiveJobsIds() == []
     store = TableStore(root, "sids")
     assert store.versions() == [fitted.version_id]
@@ -325,9 +330,9 @@ def test_spark_java_options_go_to_the_jvms_a_session_starts():
 
 def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(
         spark_session, small_catalog, tmp_path, monkeypatch):
-    """Spark runs jobs first come, first served: the engine's warm-up job starts once the
-    scan's and the sample's tasks are done (when the driver fits), or, with no fit, before
-    the encode; so none of the build's earlier jobs waits for it."""
+    """Spark runs jobs first come, first served: when a build fits, the engine's warm-up job
+    starts once the scan's and the sample's tasks are done (as the driver fits), so neither
+    waits for it; with codebooks from another version it starts with the job."""
     from semid_dist.engines.spark import SparkEngine
 
     catalog, _ = small_catalog
@@ -359,7 +364,8 @@ def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(
     calls.clear()
     build(small_config(catalog, root, engine="spark", encode__from_version=built.version_id),
           log=quiet)
-    assert calls[:3] == ["scan_keys", "warm_up", "encode"]
+    # nothing to fit: it starts with the job (the second call finds it started)
+    assert calls[:4] == ["warm_up", "scan_keys", "warm_up", "encode"]
 
 
 def test_spark_refuses_memory_urls():

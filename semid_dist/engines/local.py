@@ -34,7 +34,8 @@ class LocalEngine:
     name = "local"
     # when the pipeline starts `warm_up`: as the job starts, or (an engine that runs jobs
     # first come, first served, whose warm-up would hold up the scan's and the sample's
-    # tasks) when the driver starts fitting, or before the encode when nothing is fitted
+    # tasks) when the driver starts fitting; as the job starts, too, when the codebooks
+    # come from encode.from_version (nothing is fitted)
     warm_up_beside_fit = False
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
@@ -59,7 +60,8 @@ class LocalEngine:
     def warm_up(self) -> None:
         """Get the encode stage's workers ready in the background while the driver plans,
         scans and fits (the Ray engine starts its worker processes), or fits
-        (`warm_up_beside_fit`); nothing to do in this process."""
+        (`warm_up_beside_fit`); nothing to do in this process. The pipeline may call it
+        more than once: an engine warms up once."""
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         return [fn(*item) for item in items]

@@ -171,6 +171,7 @@ def warm_up(tasks: int) -> threading.Thread:
 
 class RayEngine:
     name = "ray"
+    warm_up_beside_fit = False  # its warm-up runs beside the scan's tasks
     resolve_input = LocalEngine.resolve_input
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:

@@ -26,8 +26,8 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -93,7 +93,7 @@ def _java_options(options: str | None, submitted: bool) -> dict[str, str]:
     """The Spark settings that give a new session's JVMs `spark.java_options`: the driver's
     unless spark-submit started it already (its --driver-java-options then), and the
     executors' (which are the driver itself in local mode)."""
-    if not options:
+    if options is None:
         return {}
     keys = ["spark.executor.extraJavaOptions"]
     if not submitted:
@@ -146,6 +146,18 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext],
                 schema=_ARROW_SCHEMA)
 
 
+def _oldest_wave(running: deque[Future]) -> pa.Table:
+    """The oldest wave's results once it is done (popped); raises as soon as any wave in
+    flight fails, not only when its turn comes."""
+    while True:
+        for f in running:
+            if f.done() and f.exception() is not None:
+                f.result()
+        if running[0].done():
+            return running.popleft().result()
+        wait([f for f in running if not f.done()], return_when=FIRST_COMPLETED)
+
+
 def encode_waves(shards: list[Shard], slots: int) -> list[list[Shard]]:
     """The shards in waves of consecutive shards, one Spark job each: at least two tasks a
     slot per wave (a job's start is paid once per wave) and at most ~20 waves a stage (the
@@ -167,10 +179,11 @@ def warm_up(spark: SparkSession) -> threading.Thread:
     worker imports the encode modules. The encode stage's first mapInArrow job paid the
     first SQL job, a Python daemon's start (a trace showed one starting after the scan's RDD
     tasks) and each worker's imports: 7.5 s on 2 cores before the first encode task.
-    Spark runs jobs first come, first served, so the pipeline starts the warm-up when the
-    driver starts fitting (`SparkEngine.warm_up_beside_fit`): started with the job, it ran
-    between the scan's jobs and held them up for its length. Spark reuses the warmed workers
-    for the encode tasks.
+    Spark runs jobs first come, first served, so when a build fits codebooks the pipeline
+    starts the warm-up as the driver starts fitting (`SparkEngine.warm_up_beside_fit`):
+    started with the job, it ran between the scan's jobs and held them up for its length.
+    With no fit it starts with the job (the scan waits for it instead of the encode). Spark
+    reuses the warmed workers for the encode tasks.
     Best effort: an error here is the encode stage's to report."""
     def run() -> None:
         try:
@@ -267,37 +280,50 @@ class SparkEngine(LocalEngine):
         hand every result over at its end. Two waves are in flight at a time (Spark runs the
         second's tasks as the first's free their slots), and a wave's results are yielded as
         it ends: the driver merges statistics and logs progress during the stage. A failed
-        wave cancels the others (their job group) and raises."""
+        wave, or a caller that stops, cancels the others' jobs (tagged per encode; they keep
+        the caller's job group, scheduler pool and tags) and raises."""
+        from pyspark.util import inheritable_thread_target
+
         if not shards:
             return
         if self._warm is not None:  # its workers serve the encode tasks; long done, as a rule
             self._warm.join(timeout=120)
         sc = self.spark.sparkContext
         ctx_bc, job = sc.broadcast(ctx), uuid.uuid4().hex
-        group = f"semid-encode-{job}"
+        tag, stopped = f"semid-encode-{job}", threading.Event()
         encode = partial(_encode_partition, job, ctx_bc)
 
-        def run(wave: list[Shard]) -> pa.Table:
-            sc.setJobGroup(group, "semid: encode shards")  # this thread's jobs only
+        def frame(wave: list[Shard]):
+            """The wave's job, planned here (not in a pool thread: the warning filter is
+            process-wide state)."""
             rows = [(s.index, json.dumps(shard_to_dict(s))) for s in wave]
             with _no_pandas_warning():
                 # one slice per row: each shard is its own partition (no shuffle)
-                df = self.spark.createDataFrame(sc.parallelize(rows, len(rows)),
-                                                "index long, shard string")
-                return df.mapInArrow(encode, _RESULT_SCHEMA).toArrow()
+                return self.spark.createDataFrame(sc.parallelize(rows, len(rows)),
+                                                  "index long, shard string"
+                                                  ).mapInArrow(encode, _RESULT_SCHEMA)
+
+        @inheritable_thread_target(self.spark)
+        def run(df) -> pa.Table | None:
+            sc.addJobTag(tag)  # this thread's jobs only
+            return None if stopped.is_set() else df.toArrow()
 
         waves = iter(encode_waves(shards, sc.defaultParallelism))
         try:
             with task_errors(), ThreadPoolExecutor(2, "semid-spark-encode") as pool:
-                running = deque(pool.submit(run, w) for w in islice(waves, 2))
+                running = deque(pool.submit(run, frame(w)) for w in islice(waves, 2))
                 try:
                     while running:
-                        table = running.popleft().result()
-                        running.extend(pool.submit(run, w) for w in islice(waves, 1))
+                        table = _oldest_wave(running)
+                        running.extend(pool.submit(run, frame(w)) for w in islice(waves, 1))
                         for blob in table.column("result").to_pylist():
                             yield pickle.loads(blob)
                 except BaseException:  # a failed wave, or the caller stopped
-                    sc.cancelJobGroup(group)
+                    stopped.set()
+                    while not all(f.done() for f in running):  # a job may start after a cancel
+                        with suppress(Exception):  # keep the first error
+                            sc.cancelJobsWithTag(tag)
+                        wait(running, timeout=1.0)
                     raise
         finally:
             ctx_bc.unpersist()
