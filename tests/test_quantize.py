@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import threading
@@ -211,19 +212,37 @@ def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered():
     np.testing.assert_allclose(low_dists, dists, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_on_numpy_blas_gives_the_mkl_kernels_codes(monkeypatch):
-    """Where torch has no MKL the same operands go through numpy's BLAS: the same codes (the
-    sums may round differently in the last bit, so distances agree to fp32 precision)."""
+@pytest.mark.skipif(not encode_mod._mkl_local_threads(), reason="torch has no MKL here")
+@pytest.mark.parametrize("way", ["amd cpu", "no mkl"])
+def test_kernel_on_numpy_blas_gives_the_mkl_kernels_codes(monkeypatch, way):
+    """On an AMD CPU (where MKL is the slower), or where torch has no MKL, the same operands
+    go through numpy's BLAS: the same codes (the sums may round differently in the last bit,
+    so distances agree to fp32 precision)."""
     rng = np.random.default_rng(22)
     x = rng.normal(size=(4000, 32)).astype(np.float32)
     books = [rng.normal(size=(128, 32)).astype(np.float32) * s for s in (1.0, 0.5, 0.25)]
+    monkeypatch.setattr(encode_mod, "_cpu_vendor", "GenuineIntel")
+    assert encode_mod._CpuBook.of(books[0]).aug_t is not None  # MKL multiplies
     first = encode_batch(books, x, candidates=3)
-    monkeypatch.setattr(encode_mod, "_mkl_local", False)
-    assert encode_mod._mkl_local_threads() is None
+    if way == "amd cpu":
+        monkeypatch.setattr(encode_mod, "_cpu_vendor", "AuthenticAMD")
+    else:
+        monkeypatch.setattr(encode_mod, "_mkl_local", False)
+        assert encode_mod._mkl_local_threads() is None
+    assert encode_mod._CpuBook.of(books[0]).aug_t is None  # numpy's BLAS multiplies
     other = encode_batch(books, x, candidates=3)
     np.testing.assert_array_equal(other.codes, first.codes)
     np.testing.assert_array_equal(other.alt_codes, first.alt_codes)
     np.testing.assert_allclose(other.sq_residual, first.sq_residual, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo")
+def test_cpu_vendor_is_read_from_the_machine():
+    """The vendor that picks the kernel's BLAS is this machine's `vendor_id`."""
+    with open("/proc/cpuinfo") as info:
+        want = next((line.split(":", 1)[1].strip() for line in info
+                     if line.startswith("vendor_id")), "")
+    assert encode_mod.cpu_vendor() == want
 
 
 def test_group_sum_is_one_thread_and_the_same_from_any_thread():

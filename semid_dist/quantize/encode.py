@@ -3,7 +3,8 @@
 Distances use ||c||^2 - 2 x.c (the ||x||^2 term does not change the argmin), computed by
 one GEMM per row chunk so memory stays bounded at `chunk_rows * k` floats (on a CPU the chunk
 is also kept small enough for the score tile to stay in cache, see `tile_rows`). Ties go to the
-lowest code. On a CPU the sgemm is torch's MKL, with ||c||^2 folded in as one more row of the
+lowest code. On a CPU the sgemm is torch's MKL (numpy's OpenBLAS on AMD's CPUs, where it is
+the faster: `_mkl_is_faster`), with ||c||^2 folded in as one more row of the
 codebook operand against a column of ones on the rows (`_CpuBook`, `_Rows`: no pass over the
 score tile to add it), and the argmin is numpy's (5-14x faster than torch.min). With several
 threads (torch's thread count, see `set_cpu_threads`) the chunks are split into one block per
@@ -13,7 +14,7 @@ OpenBLAS sgemm with a separate offset pass this is 1.31x at d=128 with 4096-entr
 and 1.04-1.10x at d=128 3 x 256 and d=768, with the same codes on random data. Every chunk
 is the same one-thread sgemm whatever the thread count, so the results do not depend on it;
 where torch has no MKL, or its fp32 matmul precision is lowered (`_torch_gemm_is_exact`),
-numpy's BLAS multiplies the same operands. TF32 is never enabled here (a GPU's fp32 codes
+numpy's BLAS multiplies the same operands too. TF32 is never enabled here (a GPU's fp32 codes
 differ from the CPU's only on fp32 near-ties), and the opt-in `precision="bf16"` fast path
 ranks in bf16 and re-scores the best few in fp32 (>= 99.9% of the exact codes).
 """
@@ -135,6 +136,36 @@ def torch_cpu_library() -> str:
     return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
 
 
+_cpu_vendor: str | None = None
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...) from /proc/cpuinfo, or
+    "" where it cannot be read; read once."""
+    global _cpu_vendor
+    if _cpu_vendor is None:
+        vendor = ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+                for line in info:
+                    if line.startswith("vendor_id"):
+                        vendor = line.split(":", 1)[1].strip()
+                        break
+        except OSError:  # not Linux
+            pass
+        _cpu_vendor = vendor
+    return _cpu_vendor
+
+
+def _mkl_is_faster() -> bool:
+    """Whether torch's MKL sgemm beats numpy's OpenBLAS on this CPU. On Intel's it does
+    (1.1-1.2x at the kernel's shapes on a Xeon); on AMD's it does not (a Zen 4 EPYC: numpy's
+    OpenBLAS 1.03-1.10x MKL on one thread, and the whole kernel 1.06-1.18x on two), so there
+    numpy's BLAS multiplies. Fixed by the CPU, so every process of one machine multiplies
+    alike."""
+    return cpu_vendor() != "AuthenticAMD"
+
+
 def _torch_gemm_is_exact() -> bool:
     """Whether torch multiplies fp32 in fp32 now: a process that set
     `torch.set_float32_matmul_precision("medium")` (common in training scripts) or oneDNN's
@@ -196,7 +227,8 @@ class _CpuBook:
     aug = [-2 c^T; ||c||^2] (d + 1, k). Rows carrying a last column of ones (`_Rows`) times
     aug give ||c||^2 - 2 x.c in one sgemm, with no pass over the score tile to add the
     offsets (scaling by -2 is exact). aug_t: the same memory as a torch tensor when the
-    products go through torch's MKL, None when numpy's BLAS makes them; decided once per
+    products go through torch's MKL, None when numpy's BLAS makes them (no MKL, a lowered
+    torch precision, or a CPU where MKL is the slower: `_mkl_is_faster`); decided once per
     book, so every chunk of a call multiplies alike (`_gemm`)."""
 
     c: np.ndarray
@@ -209,7 +241,8 @@ class _CpuBook:
         aug = _aligned((c.shape[1] + 1, len(c)))
         np.multiply(c.T, -2.0, out=aug[:-1])
         aug[-1] = np.einsum("ij,ij->i", c, c)
-        mkl = _mkl_local_threads() is not None and _torch_gemm_is_exact()
+        mkl = (_mkl_local_threads() is not None and _torch_gemm_is_exact()
+               and _mkl_is_faster())
         return cls(c=c, aug=aug, aug_t=torch.from_numpy(aug) if mkl else None)
 
 
