@@ -27,8 +27,11 @@ from semid_dist.codes.collisions import (
 )
 from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
 from semid_dist.codes.partials import (
+    COUNT_SPAN,
     Partial,
     StreamMerge,
+    _sq_norms,
+    _unique,
     head_tail_partials,
     merge,
     merge_all,
@@ -446,6 +449,32 @@ def test_head_tail_partials_are_the_row_mask_partials_bit_for_bit(share, zeros, 
         assert_partials_equal(got, want, exact_floats=True)
         assert got.to_bytes() == want.to_bytes()
         assert got.pack() == want.pack()
+
+
+@pytest.mark.parametrize("span", [50, COUNT_SPAN, 4 * 3000, 4 * 3000 + 1, 2**40])
+@pytest.mark.parametrize("n", [0, 1, 3000])
+def test_unique_by_counting_or_sorting_is_numpys_unique(span, n):
+    """Keys in a small span are counted and others sorted: either way the very arrays of
+    np.unique (distinct keys, counts, inverse), so a shard's statistics do not depend on the
+    path."""
+    keys = np.random.default_rng(span % 1000 + n).integers(0, min(span, 2**40), n)
+    keys[:n // 3] = keys[n // 3:2 * (n // 3)]  # repeats
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    for want_inverse in (False, True):
+        got_uniq, got_counts, got_inverse = _unique(keys, span, inverse=want_inverse)
+        np.testing.assert_array_equal(got_uniq, uniq)
+        assert got_uniq.dtype == np.int64 and got_counts.dtype == np.int64
+        np.testing.assert_array_equal(got_counts, counts)
+        if want_inverse:
+            np.testing.assert_array_equal(got_inverse, inverse)
+        else:
+            assert got_inverse is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4097, 10000])
+def test_squared_norms_are_einsums_in_float64_bit_for_bit(n):
+    x = np.random.default_rng(n).normal(size=(n, 37)).astype(np.float32) * 1e3
+    np.testing.assert_array_equal(_sq_norms(x), np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
 
 def test_merge_with_an_empty_partial_is_identity():
