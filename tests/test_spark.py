@@ -236,6 +236,29 @@ def test_spark_encode_waves_cover_the_shards_in_order():
     assert encode_waves([], 2) == []
 
 
+def _partition_of(i: int) -> tuple[int, int]:
+    from pyspark import TaskContext
+
+    return i, TaskContext.get().partitionId()
+
+
+def test_spark_map_runs_consecutive_items_a_task_in_order(spark_session, tmp_path):
+    """`SparkEngine.map` of 23 items on 2 slots runs 4 tasks of consecutive items (a PySpark
+    task costs ~55 ms however little it does), in item order, and 2 items still 2 tasks."""
+    from semid_dist.engines.spark import SparkEngine, map_tasks
+
+    slots = spark_session.sparkContext.defaultParallelism
+    with SparkEngine(small_config(str(tmp_path), str(tmp_path), engine="spark"), log=quiet) as eng:
+        got = eng.map(_partition_of, [(i,) for i in range(23)])
+        assert [i for i, _ in got] == list(range(23))
+        parts = [p for _, p in got]
+        assert parts == sorted(parts) and len(set(parts)) == map_tasks(23, slots)
+        assert len({p for _, p in eng.map(_partition_of, [(0,), (1,)])}) == 2
+    for items, slots, tasks in ((23, 2, 4), (2, 2, 2), (1, 2, 1), (0, 2, 1), (100, 2, 13),
+                                (23, 64, 23), (4578, 400, 800), (9, 0, 2)):
+        assert map_tasks(items, slots) == tasks
+
+
 def test_spark_failing_task_commits_nothing(spark_session, small_catalog, tmp_path):
     """A task that raises (a second catalog file with a valid footer whose embedding pages are
     corrupt: planning and the id scan pass, the encode task fails its page checksum) fails
