@@ -190,10 +190,12 @@ def test_kernel_runs_mkl_at_one_thread_in_every_block_and_restores_the_callers()
         torch.set_num_threads(before)
 
 
-def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered():
+def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered(monkeypatch):
     """A process that lowers torch's fp32 matmul precision (training scripts set "medium",
     which makes torch's CPU matmul round to bf16) must still get the exact kernel's codes
-    and distances: the kernel then multiplies on numpy's BLAS."""
+    and distances: the kernel then multiplies on numpy's BLAS (checked as on an Intel CPU,
+    where MKL multiplies otherwise)."""
+    monkeypatch.setattr(encode_mod, "_cpu_vendor", "GenuineIntel")
     rng = np.random.default_rng(21)
     x = rng.normal(size=(3000, 64)).astype(np.float32)
     books = [rng.normal(size=(256, 64)).astype(np.float32) * s for s in (1.0, 0.5)]
@@ -202,6 +204,7 @@ def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered():
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
+        assert encode_mod._CpuBook.of(books[0]).aug_t is None
         lowered = encode_batch(books, x)
         low_labels, low_dists = nearest(x, books[0])
     finally:

@@ -243,20 +243,31 @@ def _partition_of(i: int) -> tuple[int, int]:
 
 
 def test_spark_map_runs_consecutive_items_a_task_in_order(spark_session, tmp_path):
-    """`SparkEngine.map` of 23 items on 2 slots runs 4 tasks of consecutive items (a PySpark
+    """`SparkEngine.map` of 23 items runs the runs of `map_runs` as its tasks (a PySpark
     task costs ~55 ms however little it does), in item order, and 2 items still 2 tasks."""
-    from semid_dist.engines.spark import SparkEngine, map_tasks
+    from semid_dist.engines.spark import SparkEngine, map_runs
 
     slots = spark_session.sparkContext.defaultParallelism
     with SparkEngine(small_config(str(tmp_path), str(tmp_path), engine="spark"), log=quiet) as eng:
         got = eng.map(_partition_of, [(i,) for i in range(23)])
         assert [i for i, _ in got] == list(range(23))
-        parts = [p for _, p in got]
-        assert parts == sorted(parts) and len(set(parts)) == map_tasks(23, slots)
+        tasks = {}
+        for i, part in got:
+            tasks.setdefault(part, []).append(i)
+        assert [(run[0], run[-1] + 1) for _, run in sorted(tasks.items())] == map_runs(23, slots)
         assert len({p for _, p in eng.map(_partition_of, [(0,), (1,)])}) == 2
-    for items, slots, tasks in ((23, 2, 4), (2, 2, 2), (1, 2, 1), (0, 2, 1), (100, 2, 13),
-                                (23, 64, 23), (4578, 400, 800), (9, 0, 2)):
-        assert map_tasks(items, slots) == tasks
+
+
+def test_spark_map_runs_are_consecutive_near_equal_and_few_a_slot():
+    from semid_dist.engines.spark import map_runs
+
+    for items, slots, tasks in ((23, 2, 6), (8, 2, 4), (2, 2, 2), (1, 2, 1), (100, 2, 25),
+                                (23, 64, 23), (4578, 400, 1145), (9, 0, 3)):
+        runs = map_runs(items, slots)
+        assert len(runs) == tasks
+        assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == items
+        sizes = [b - a for a, b in runs]
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 4
 
 
 def test_spark_failing_task_commits_nothing(spark_session, small_catalog, tmp_path):

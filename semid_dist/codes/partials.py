@@ -40,7 +40,7 @@ def _count_sum(index: np.ndarray, counts: np.ndarray, rows: int) -> np.ndarray:
 
 
 # Keys in [0, span) are counted in a table of `span` entries, not sorted, while the span is
-# at most this or 4x the keys: 65,536 keys in [0, 65,536) take 0.5 ms so against 3.7 ms for
+# at most this or 4x the keys: 65,536 keys in [0, 65,536) take 0.5 ms against 3.7 ms for
 # np.unique with the inverse (a shard's pair and prefix keys at 256-entry codebooks)
 COUNT_SPAN = 1 << 16
 
@@ -67,20 +67,24 @@ def _unique(keys: np.ndarray, span: int, *, inverse: bool = False
     return uniq, counts.astype(np.int64), None
 
 
-def _group_sum(keys: np.ndarray, span: int, values: np.ndarray | None = None,
-               scale: np.ndarray | None = None, take: np.ndarray | None = None):
-    """(distinct keys, counts, float64 sums of the values' rows per key or None); keys in
-    [0, span)."""
+def _group_sum(keys: np.ndarray, span: int, values: np.ndarray | None = None, *,
+               scale: np.ndarray | None = None, take: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """keys (n,) int64 in [0, span) -> (distinct keys, their counts, (m, d) float64 sums of
+    the rows of `values` per key, or None without values); scale and take as `group_sum`."""
     uniq, counts, inverse = _unique(keys, span, inverse=values is not None)
     if values is None:
         return uniq, counts, None
     return uniq, counts, group_sum(inverse, values, len(uniq), scale=scale, take=take)
 
 
-def _sq_norms(x: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
-    """(n,) float64 ||x_i||^2 of float32 rows: `chunk_rows` rows at a time converted into one
-    reused float64 buffer and summed there, bit-identical to einsum with dtype=float64 and
-    1.8x faster (its casting loop is the slower)."""
+def _sq_norms(x: np.ndarray, *, buffer_bytes: int = 4 * 2**20) -> np.ndarray:
+    """x (n, d) float32 -> (n,) float64 ||x_i||^2: rows converted a few at a time into one
+    reused float64 buffer of about `buffer_bytes` and summed there, 1.8x faster than einsum
+    with dtype=float64 (its casting loop is the slower) and the same values for C-ordered
+    rows of up to 8,192 values (past that einsum splits a row's sum); both statistics paths
+    (`partial_from_batch`, `head_tail_partials`) use it."""
+    chunk_rows = max(1, buffer_bytes // (8 * max(1, x.shape[1])))
     out = np.empty(len(x), dtype=np.float64)
     buf = np.empty((min(chunk_rows, len(x)), x.shape[1]), dtype=np.float64)
     for start in range(0, len(x), chunk_rows):

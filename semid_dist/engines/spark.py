@@ -159,19 +159,21 @@ def _oldest_wave(running: deque[Future]) -> pa.Table:
 
 
 MAP_TASKS_PER_SLOT = 2
-MAP_ITEMS_PER_TASK = 8
+MAP_ITEMS_PER_TASK = 4
 
 
-def map_tasks(items: int, slots: int) -> int:
-    """Spark tasks for `items` items of `SparkEngine.map`: one each, up to
-    `MAP_TASKS_PER_SLOT` a slot, and past that runs of consecutive items a task, of at most
-    `MAP_ITEMS_PER_TASK` (a session whose executors are still being added counts few
-    slots). A PySpark task costs ~55 ms whatever it does (local[2] on 2 cores: 23 items of
-    a function that returns at once took 0.66-0.72 s as 23 tasks and 0.14 s as 4), as much
-    as a data part takes to write; two tasks a slot keep the slots busy while one ends
-    before another."""
-    return max(1, min(items, max(MAP_TASKS_PER_SLOT * max(1, slots),
-                                 math.ceil(items / MAP_ITEMS_PER_TASK))))
+def map_runs(items: int, slots: int) -> list[tuple[int, int]]:
+    """The Spark tasks of `SparkEngine.map` over `items` items, as (start, stop) runs of
+    consecutive items of near-equal length: an item a task up to `MAP_TASKS_PER_SLOT` tasks a
+    slot, and past that fewer tasks, of at most `MAP_ITEMS_PER_TASK` items (a session whose
+    executors are still being added, or were released, counts few slots: heavy items then
+    keep most of their tasks). A PySpark task costs ~55 ms whatever it does (local[2] on 2
+    cores: 23 items of a function that returns at once took 0.66-0.72 s as 23 tasks and
+    0.14 s as 4), as much as a data part takes to write."""
+    tasks = max(1, min(items, max(MAP_TASKS_PER_SLOT * max(1, slots),
+                                  math.ceil(items / MAP_ITEMS_PER_TASK))))
+    bounds = [items * i // tasks for i in range(tasks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def encode_waves(shards: list[Shard], slots: int) -> list[list[Shard]]:
@@ -283,10 +285,12 @@ class SparkEngine(LocalEngine):
             return []
         sc = self.spark.sparkContext
         shared_bc = sc.broadcast(shared)  # once, not pickled into every item
-        rdd = sc.parallelize(items, map_tasks(len(items), sc.defaultParallelism))
+        runs = [items[a:b] for a, b in map_runs(len(items), sc.defaultParallelism)]
+        rdd = sc.parallelize(runs, len(runs))  # a run a slice: PySpark batches one a slice
         try:
             with task_errors():
-                return rdd.map(lambda item: fn(*resolve(item, shared_bc.value))).collect()
+                return rdd.flatMap(lambda run: [fn(*resolve(item, shared_bc.value))
+                                                for item in run]).collect()
         finally:
             shared_bc.unpersist()
 
