@@ -245,13 +245,26 @@ class EncodeWorker:
         self.ctx = ctx
         self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()
+        self._ahead: dict[int, tuple[pa.Table, float]] = {}  # shard index -> (rows, read s)
+
+    def read_ahead(self, shard: Shard) -> None:
+        """Read the shard's rows now, in any thread, for a later call on it (an engine may
+        read the next shard while this worker encodes one); the call takes them over."""
+        start = time.perf_counter()
+        rows = _read(self.ctx, shard)
+        self._ahead[shard.index] = rows, time.perf_counter() - start
 
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
         die_once("encode_worker")
         clock = StepClock()
-        raw = _read(ctx, shard)
-        clock.lap("read")
+        ahead = self._ahead.pop(shard.index, None)
+        if ahead is None:
+            raw = _read(ctx, shard)
+            clock.lap("read")
+        else:  # read beforehand (`read_ahead`): its own seconds
+            raw, clock.seconds["read"] = ahead
+            del ahead
         batch = _validate(ctx, shard, raw)
         del raw
         clock.lap("validate")

@@ -64,6 +64,46 @@ def test_build_commits_a_reconciled_version(small_catalog, root):
     assert store.manifest(res2.version_id)["parent"] == res.version_id
 
 
+def test_local_engine_reads_each_next_shard_in_a_thread_ahead(small_catalog, root,
+                                                              monkeypatch):
+    """The local engine reads every shard in its reading thread, one shard ahead and in
+    order, the worker takes each read over (nothing is read twice or left behind), and the
+    table is the one a worker reading its own shards writes."""
+    import threading
+
+    from semid_dist.stages import EncodeWorker
+
+    catalog, _ = small_catalog
+    reads: list[tuple[int, str]] = []
+    calls: list[int] = []
+    workers: list[EncodeWorker] = []
+    read_ahead, call = EncodeWorker.read_ahead, EncodeWorker.__call__
+
+    def recorded_read(self, shard):
+        reads.append((shard.index, threading.current_thread().name))
+        read_ahead(self, shard)
+
+    def recorded_call(self, shard):
+        calls.append(shard.index)
+        workers.append(self)
+        return call(self, shard)
+
+    monkeypatch.setattr(EncodeWorker, "read_ahead", recorded_read)
+    monkeypatch.setattr(EncodeWorker, "__call__", recorded_call)
+    ahead = build(small_config(catalog, root), log=quiet)
+    assert calls == list(range(6))  # 2 files of 1,200 rows: shards of 500, 500 and 200 each
+    assert [i for i, _ in reads] == calls
+    assert all(name.startswith("semid-read") for _, name in reads)
+    assert not workers[-1]._ahead
+    monkeypatch.setattr(EncodeWorker, "read_ahead", read_ahead)
+    monkeypatch.setattr(LocalEngine, "encode", lambda self, ctx, shards: map(
+        EncodeWorker(ctx), shards))  # each shard read by the call itself
+    plain = build(small_config(catalog, root), log=quiet)
+    store = TableStore(root, "sids")
+    assert store.read_data(ahead.version_id).equals(store.read_data(plain.version_id))
+    assert len(reads) == 6  # the second build read no shard ahead
+
+
 def test_same_seed_gives_identical_sid_tables(small_catalog, root):
     catalog, _ = small_catalog
     a = build(small_config(catalog, root), log=quiet)
