@@ -254,6 +254,10 @@ class EncodeWorker:
         rows = _read(self.ctx, shard)
         self._ahead[shard.index] = rows, time.perf_counter() - start
 
+    def drop_reads(self) -> None:
+        """Forget the rows read ahead that no call took over (an engine that stops early)."""
+        self._ahead.clear()
+
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
         die_once("encode_worker")

@@ -69,21 +69,26 @@ class LocalEngine:
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
         """Encode the shards in order in this process, reading each next shard in a thread
-        while the current one is encoded (`EncodeWorker.read_ahead`): only the kernel runs
-        on several cores, and the read (Parquet decoding, which releases the GIL) then takes
-        a core the shard's other one-thread steps leave idle. At most one shard is read
-        ahead. On the benchmark's 1.5M x 128 catalog (3 x 256, 2 cores) the stage took
-        4.7-4.8 s instead of 6.3."""
+        while the current one is encoded (`EncodeWorker.read_ahead`, at most one shard
+        ahead): Parquet decoding releases the GIL and runs beside the current shard's steps
+        (mostly its kernel, which then shares the cores with it), and the shard's one-thread
+        steps no longer wait for a read. On the benchmark's 1.5M x 128 catalog (3 x 256,
+        2 cores) the stage took 4.7-5.2 s instead of 6.3."""
         if not shards:
             return
         worker = EncodeWorker(ctx)
         with ThreadPoolExecutor(1, thread_name_prefix="semid-read") as reader:
             ahead = reader.submit(worker.read_ahead, shards[0])
-            for i, shard in enumerate(shards):
-                ahead.result()  # a failed read raises here, at its shard's turn
-                if i + 1 < len(shards):
-                    ahead = reader.submit(worker.read_ahead, shards[i + 1])
-                yield worker(shard)
+            try:
+                for i, shard in enumerate(shards):
+                    ahead.result()  # a failed read raises here, at its shard's turn
+                    if i + 1 < len(shards):
+                        ahead = reader.submit(worker.read_ahead, shards[i + 1])
+                    yield worker(shard)
+            finally:  # stopped or failed: the read in flight ends, and its rows are dropped
+                if not ahead.cancel():
+                    ahead.exception()  # waits for it, raising nothing
+                worker.drop_reads()
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,
