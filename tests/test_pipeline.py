@@ -88,7 +88,9 @@ def test_local_engine_reads_each_next_shard_in_a_thread_ahead(small_catalog, roo
         calls.append(shard.index)
         workers.append(self)
         out = call(self, shard)
-        if shard.index < 5:  # the next shard's read started before this call returns
+        # the next shard's read starts before the engine has this call's result back (a
+        # read after each result would only start once the generator resumes, after this)
+        if shard.index < 5:
             deadline = time.monotonic() + 30
             while shard.index + 1 not in [i for i, _ in reads] and time.monotonic() < deadline:
                 time.sleep(0.001)

@@ -175,16 +175,10 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     from semid_dist.bench.kernels import cpu_count
+    from semid_dist.quantize.encode import cpuinfo
 
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:  # pragma: no cover - not Linux
-        pass
+    info = cpuinfo()
+    model, flags = info.get("model name", ""), set(info.get("flags", "").split())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = {"python": platform.python_version(), "numpy": numpy.__version__,
                 "torch": torch.__version__, "pyarrow": pyarrow.__version__}

@@ -136,24 +136,31 @@ def torch_cpu_library() -> str:
     return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
 
 
+def cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (`vendor_id`, `model name`, `flags`, ...),
+    or {} where it cannot be read (not Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if not line.strip():  # the end of the first CPU's block
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 _cpu_vendor: str | None = None
 
 
 def cpu_vendor() -> str:
-    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...) from /proc/cpuinfo, or
-    "" where it cannot be read; read once."""
+    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...), or "" where it cannot
+    be read; read once."""
     global _cpu_vendor
     if _cpu_vendor is None:
-        vendor = ""
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-                for line in info:
-                    if line.startswith("vendor_id"):
-                        vendor = line.split(":", 1)[1].strip()
-                        break
-        except OSError:  # not Linux
-            pass
-        _cpu_vendor = vendor
+        _cpu_vendor = cpuinfo().get("vendor_id", "")
     return _cpu_vendor
 
 
