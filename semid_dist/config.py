@@ -26,6 +26,7 @@ AcrqBase = Literal["rq_kmeans", "rq_vae"]
 PruneStrategy = Literal["none", "drop_layer", "top_k", "mass", "sarq"]
 BadRowPolicy = Literal["reject", "fail"]
 Precision = Literal["fp32", "bf16"]
+EncodePrecision = Literal["fp32", "tf32", "bf16"]
 DuplicatePolicy = Literal["reject", "keep_first", "fail"]
 ZeroVectorPolicy = Literal["keep", "reject"]
 WarmStart = Literal["none", "parent"]
@@ -92,9 +93,11 @@ class EncodeConfig:
     chunk_rows: int = 8192
     shard_rows: int = 65536
     use_gpu: bool = False
-    # fp32: exact scores (codes identical on CPU and GPU). bf16: scores by a bf16 GEMM, the
-    # `rerank` best codewords re-scored in fp32 (a GPU fast path; >= 99.9% identical codes).
-    precision: Precision = "fp32"
+    # fp32: exact scores (codes identical on CPU and GPU). tf32 (a GPU fast path; a CPU runs
+    # fp32): scores by a TF32 GEMM, rows whose best two codewords are within TF32's error
+    # bound scored again in fp32 (the fp32 codes). bf16: scores by a bf16 GEMM, the `rerank`
+    # best codewords re-scored in fp32 (>= 99.9% identical codes).
+    precision: EncodePrecision = "fp32"
     rerank: int = 8
     # encode workers decode Parquet into Arrow's jemalloc pool, set to keep freed pages for
     # the next shard (semid_dist.memory); false keeps Arrow's default pool

@@ -254,6 +254,7 @@ def test_load_config_errors_name_file_and_key(tmp_path):
 
 def test_encode_precision_is_checked():
     assert parse_config(with_keys(encode__precision="bf16")).encode.precision == "bf16"
+    assert parse_config(with_keys(encode__precision="tf32")).encode.precision == "tf32"
     with pytest.raises(ConfigError) as exc:
         parse_config(with_keys(encode__precision="fp8"))
     assert "encode.precision" in str(exc.value)

@@ -17,6 +17,7 @@ from semid_dist.quantize import encode as encode_mod
 from semid_dist.quantize.encode import (
     CPU_TILE_BYTES,
     CPU_TILE_MIN_ROWS,
+    GPU_TILE_BYTES,
     group_sum,
     set_cpu_threads,
     tile_rows,
@@ -335,11 +336,13 @@ def test_group_sum_equals_sequential_float64_accumulation():
 
 @pytest.mark.parametrize("k, d, rows", [(256, 128, 2688), (256, 768, 1024), (64, 16, 8192),
                                         (4096, 128, 512), (1 << 20, 64, 512)])
-def test_cpu_tile_keeps_scores_small_and_gpu_takes_chunk_rows(k, d, rows):
+def test_cpu_tile_keeps_scores_small_and_gpu_tile_fills_its_bytes(k, d, rows):
     assert tile_rows(8192, k, d) == rows
     assert 4 * rows * (k + d) <= CPU_TILE_BYTES or rows == CPU_TILE_MIN_ROWS
     assert tile_rows(100, k, d) == min(100, rows)
-    assert tile_rows(8192, k, d, "cuda:0") == 8192
+    gpu = tile_rows(8192, k, d, "cuda:0")
+    assert gpu == tile_rows(100, k, d, "cuda") and gpu % 1024 == 0
+    assert (4 * gpu * (k + d) <= GPU_TILE_BYTES < 4 * (gpu + 1024) * (k + d)) or gpu == 1024
 
 
 def test_kmeans_plusplus_picks_distinct_points_and_is_seeded():
@@ -472,3 +475,75 @@ def test_bf16_fast_path_keeps_nearly_all_codes_and_exact_errors():
     assert (full.codes == encode_batch(books[:1], x[:2000]).codes).mean() >= 0.999
     with pytest.raises(ValueError, match="precision"):
         encode_batch(books, x[:10], precision="fp8")
+
+
+def _residual_books(x: np.ndarray, layers, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    books, r = [], x.copy()
+    for k in layers:
+        cb = r[rng.choice(len(r), k, replace=False)].copy()
+        books.append(cb)
+        r = r - cb[nearest(r, cb)[0]]
+    return books
+
+
+def test_checked_argmin_restores_the_exact_codes_from_low_precision_scores():
+    """Scores from bf16-rounded inputs pick another codeword than fp32 for some rows; the
+    error-bound check scores exactly those rows again (and only a part of all rows), so every
+    code is the exact fp32 one."""
+    x = clustered(20000, 64, clusters=48, seed=6)
+    cb = _residual_books(x, (256,), seed=6)[0]
+    r, c = torch.from_numpy(x), torch.from_numpy(cb)
+    c_sq = (c * c).sum(dim=1)
+
+    def bf16_scores(rows: torch.Tensor) -> torch.Tensor:  # inputs rounded to bf16's unit
+        return torch.addmm(c_sq.unsqueeze(0), rows.bfloat16().float(), c.bfloat16().float().T,
+                           beta=1.0, alpha=-2.0)
+
+    exact = encode_mod._argmin_rows(r, c, c_sq).numpy()
+    assert (bf16_scores(r).argmin(dim=1).numpy() != exact).sum() > 10  # the bf16 codes differ
+    idx, again = encode_mod._checked_argmin(r, c, c_sq, float(c_sq.max().sqrt()), bf16_scores,
+                                            2.0 ** -8)
+    assert np.array_equal(idx.numpy(), exact)
+    assert 0 < again < len(x)
+
+
+def test_tf32_precision_gives_the_exact_codes():
+    """precision="tf32": a CPU's encode_batch runs the exact kernel; torch's path (a GPU's)
+    scores from inputs it rounds to TF32 itself (so on a CPU too), which picks other codes
+    for some rows, and re-scores in fp32 the rows within the bound: every code exact."""
+    x = clustered(6000, 32, clusters=24, seed=8)
+    books = _residual_books(x, (128, 64, 64), seed=8)
+    exact = encode_batch(books, x)
+    assert np.array_equal(encode_batch(books, x, precision="tf32").codes, exact.codes)
+    tb = encode_mod.TorchBooks(books, "cpu", "tf32")
+    codes, sq = tb.encode_rows(torch.from_numpy(x))
+    assert (codes.numpy() == exact.codes).all(axis=1).mean() >= 0.9999
+    np.testing.assert_allclose(sq.numpy(), exact.sq_residual, rtol=1e-4, atol=1e-5)
+    assert 0 < tb.rechecked < len(x) * len(books)
+    r, c = torch.from_numpy(x), torch.from_numpy(books[0])
+    c_sq = (c * c).sum(dim=1)
+    rounded = torch.addmm(c_sq, encode_mod.to_tf32(r), encode_mod.to_tf32(c).T, alpha=-2.0)
+    assert (rounded.argmin(dim=1).numpy() != exact.codes[:, 0]).any()  # TF32 alone errs
+
+
+def test_to_tf32_rounds_to_ten_mantissa_bits():
+    v = torch.tensor([1 + 2**-11, 1 + 2**-11 + 2**-13, -(1 + 2**-10 + 2**-12), 3.0, 0.0,
+                      2 - 2**-12], dtype=torch.float32)
+    expect = [1 + 2**-10, 1 + 2**-10, -(1 + 2**-10), 3.0, 0.0, 2.0]  # half away from zero
+    assert encode_mod.to_tf32(v).tolist() == expect
+    x = torch.from_numpy(clustered(1000, 16, seed=2))
+    t = encode_mod.to_tf32(x)
+    assert ((t - x).abs() <= x.abs() * 2**-11).all()
+    assert (t.view(torch.int32) & 0x1FFF == 0).all()
+
+
+def test_tf32_switch_sets_torchs_flag_inside_and_restores_it():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with encode_mod.Tf32Switch(False):
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
