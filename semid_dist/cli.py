@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; write "
                         "docs/BENCHMARKS.md")
     bn.add_argument("--quick", action="store_true", help="small sizes (~3 min): check it works")
-    bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss")
+    bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss,gpu")
     bn.add_argument("--out-json", default="docs/benchmarks.json")
     bn.add_argument("--out-md", default="docs/BENCHMARKS.md")
     bn.add_argument("--workdir", help="keep catalogs and versions here (default: a temporary "

@@ -9,11 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from semid_dist.bench import report
 from semid_dist.bench.run import BenchOptions, bench_options, run_benchmark
 from semid_dist.cli import cmd_bench, parser
 from semid_dist.errors import ConfigError
+from tests.conftest import clustered
 
 
 def tiny_data(n: int = 3000, d: int = 16, layers=(16, 32, 64)):
@@ -151,10 +153,43 @@ def test_targets_judged_at_their_thresholds():
     assert "NOT met" in text and "1.25x" in text
 
 
+def test_gpu_section_measures_on_a_torch_device():
+    """The GPU section's functions on torch's CPU device (a GPU runs the same code): rates
+    and ratios from the same timings, the exact codes equal to the CPU kernel's, the fast
+    path's nearly all, a fit run twice on one device the same, targets judged as measured."""
+    from semid_dist.bench import gpu
+
+    rates = gpu.gemm_rates(size=256, repeats=2, device="cpu")
+    assert all(rates[f"{kind}_tflops"] > 0 for kind in ("fp32", "tf32", "bf16"))
+    res = gpu.bench_gpu_encode(16, (32, 32, 32), rates, rows=6000, rounds=2,
+                               agreement_rows=3000, device="cpu")
+    assert res["rows"] == 6000 and res["agreement_items"] == 3000
+    assert res["agreement_cpu"] >= 0.999 and res["fast"]["identical"] >= 0.99
+    exact, fast = res["exact"], res["fast"]
+    assert exact["items_s"] == pytest.approx(6000 / exact["seconds"])
+    assert exact["ratio_ceiling"] == pytest.approx(
+        exact["items_s"] * res["flop_per_item"] / (rates["fp32_tflops"] * 1e12))
+    assert fast["ratio_exact"] == pytest.approx(fast["items_s"] / exact["items_s"])
+    x = clustered(3000, 16, seed=4)
+    fit = gpu.bench_gpu_fit(x, (16, 8), niter=3, device="cpu")
+    assert fit["mse_ratio"] == 1.0 and fit["gpu"]["mse"] > 0  # seeded: the same codebooks
+    tf32 = res["tf32"]  # a CPU has no TF32: exact scores, every code kept
+    assert tf32["identical"] == 1.0 and 0 < tf32["rechecked"] < 1
+    assert res["gemm"]["items_s"] > 0
+    rows = report.gpu_rows({"device": {}, "gemm": rates, "encode": [res], "fit": [fit]})
+    assert [r.target for r in rows] == [">= 50%", "", ">= 50%", "", "", ""]
+    assert rows[0].met == (exact["ratio_ceiling"] >= 0.5)
+    assert rows[2].met == (tf32["ratio_tf32"] >= 0.5)
+    assert rows[3].ratio == pytest.approx(fast["ratio_bf16"])
+    assert report.gpu_rows({"skipped": "no CUDA device"}) == []
+    assert report._gpu_lines({"skipped": "no CUDA device"}) == ["- GPU: none (no CUDA device)"]
+
+
 def test_bench_imports_without_ray_or_pyspark():
     code = ("import sys\nsys.modules['ray'] = None\nsys.modules['pyspark'] = None\n"
             "import semid_dist.bench.kernels, semid_dist.bench.pipeline, semid_dist.bench.report\n"
-            "import semid_dist.bench.run, semid_dist.bench.synthetic, semid_dist.cli\n")
+            "import semid_dist.bench.run, semid_dist.bench.synthetic, semid_dist.cli\n"
+            "import semid_dist.bench.gpu\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -227,6 +262,10 @@ def test_quick_mode_end_to_end(tmp_path):
     assert data["fit"][0]["mse_ratio"] > 0 and data["fit"][0]["rounds"] == 2
     assert all({"benchmark", "ratio", "target", "status"} <= set(r) for r in data["table"])
     md = (tmp_path / "B.md").read_text()
+    if torch.cuda.is_available():
+        assert data["gpu"]["encode"][0]["agreement_cpu"] >= 0.999 and "- GPU: " in md
+    else:
+        assert data["gpu"] == {"skipped": "no CUDA device"} and "- GPU: none" in md
     assert md.startswith("# Benchmarks") and "| benchmark | config |" in md
     assert "## Targets:" in md and "quick mode" in md
     assert "encode stage of each run (the best counts): local " in md

@@ -7,21 +7,38 @@ import numpy as np
 import pytest
 import torch
 
+from semid_dist.bench import gpu as gpu_bench
+from semid_dist.io.store import TableStore
+from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch, fit_residual_kmeans, nearest
-from tests.conftest import clustered
+from tests.conftest import clustered, small_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
 def test_encode_on_gpu_matches_cpu():
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """Also with torch's TF32 switch left on: the exact path turns it off for its GEMMs."""
     x = clustered(20000, 64, seed=1)
     books = [clustered(k, 64, seed=k) for k in (256, 256, 256)]
     cpu = encode_batch(books, x, chunk_rows=4096)
-    gpu = encode_batch(books, x, chunk_rows=4096, device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        gpu = encode_batch(books, x, chunk_rows=4096, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     assert (cpu.codes == gpu.codes).mean() >= 0.9999
     np.testing.assert_allclose(cpu.qerr, gpu.qerr, rtol=1e-3, atol=1e-3)
+
+
+def test_tf32_fast_path_on_gpu_gives_the_exact_codes():
+    x = clustered(50000, 128, seed=4)
+    books = [clustered(k, 128, seed=20 + k) for k in (1024, 256, 256)]
+    exact = encode_batch(books, x, device="cuda")
+    fast = encode_batch(books, x, device="cuda", precision="tf32")
+    assert (exact.codes == fast.codes).all(axis=1).mean() >= 0.9999
+    np.testing.assert_allclose(exact.qerr, fast.qerr, rtol=1e-4, atol=1e-4)
 
 
 def test_kmeans_fit_on_gpu_matches_cpu_quality():
@@ -42,3 +59,26 @@ def test_bf16_fast_path_on_gpu_keeps_nearly_all_codes():
     exact = encode_batch(books, x, chunk_rows=4096)
     fast = encode_batch(books, x, chunk_rows=4096, device="cuda", precision="bf16")
     assert (exact.codes == fast.codes).all(axis=1).mean() >= 0.999
+
+
+def test_local_build_encoding_on_gpu_writes_the_cpu_builds_sids(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    cpu = build(small_config(catalog, root), log=lambda msg: None)
+    gpu = build(small_config(catalog, root, encode__use_gpu=True,
+                             encode__from_version=cpu.version_id), log=lambda msg: None)
+    store = TableStore(root, "sids")
+    a = store.read_data(cpu.version_id).sort_by("item_id")
+    b = store.read_data(gpu.version_id).sort_by("item_id")
+    assert a.num_rows == b.num_rows == 2400
+    same = np.asarray(a["sid"].to_pylist(), dtype=object) == np.asarray(b["sid"].to_pylist(),
+                                                                           dtype=object)
+    assert same.mean() >= 0.999  # fp32 near-ties may flip
+
+
+def test_gpu_benchmark_section_on_the_card():
+    rates = gpu_bench.gemm_rates(size=2048, repeats=3)
+    assert rates["bf16_tflops"] > rates["fp32_tflops"] > 0
+    res = gpu_bench.bench_gpu_encode(64, (256, 256, 256), rates, rows=200_000, rounds=2)
+    assert res["agreement_cpu"] >= 0.9999 and res["fast"]["identical"] >= 0.999
+    assert res["exact"]["items_s"] > res["host"]["items_s"] > 0

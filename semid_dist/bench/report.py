@@ -140,9 +140,55 @@ def rss_rows(rss: dict[str, Any] | None) -> list[Row]:
                  big["maxrss_mb"] / n["maxrss_mb"], target=("<= 1.1x", lambda r: r <= 1.1))]
 
 
+def gpu_rows(gpu: dict[str, Any] | None) -> list[Row]:
+    """The GPU section's rows (none where the run had no GPU)."""
+    if not gpu or "encode" not in gpu:
+        return []
+    rows = []
+    for k in gpu["encode"]:
+        cfg = f"d={k['dim']} {layers_name(k['layers'])}"
+        exact, fast, host = k["exact"], k["fast"], k["host"]
+        rows.append(_row("GPU encode kernel, exact fp32 (data on the GPU) vs the GPU's fp32 "
+                         "GEMM rate", cfg, rate(exact["items_s"]),
+                         f"{rate(exact['ceiling_items_s'])} (codes agree with the CPU "
+                         f"kernel's {k['agreement_cpu']:.4%})", exact["ratio_ceiling"],
+                         fmt="%", target=(">= 50%", lambda r: r >= 0.5)))
+        if "gemm" in k:
+            rows.append(_row("(info) GPU scoring GEMMs alone (the kernel's shapes) vs the "
+                             "GPU's fp32 GEMM rate", cfg, rate(k["gemm"]["items_s"]),
+                             rate(exact["ceiling_items_s"]), k["gemm"]["ratio_ceiling"],
+                             fmt="%"))
+        per_tf32 = gpu["gemm"]["tf32_tflops"] * 1e12 / k["flop_per_item"]
+        if "tf32" in k:
+            t = k["tf32"]
+            rows.append(_row("GPU encode fast path tf32 (exact codes: rows within TF32's "
+                             "error bound scored again in fp32) vs the GPU's TF32 GEMM rate",
+                             cfg, f"{rate(t['items_s'])} ({t['ratio_exact']:.2f}x exact; "
+                             f"{t['rechecked']:.1%} of rows x layers scored again)",
+                             f"{rate(per_tf32)} (codes identical to exact "
+                             f"{t['identical']:.4%})", t["ratio_tf32"], fmt="%",
+                             target=(">= 50%", lambda r: r >= 0.5)))
+        per_bf16 = gpu["gemm"]["bf16_tflops"] * 1e12 / k["flop_per_item"]
+        rows.append(_row(f"(info) GPU encode fast path bf16 (rerank {fast['rerank']}) vs the "
+                         "GPU's bf16 GEMM rate", cfg,
+                         f"{rate(fast['items_s'])} ({fast['ratio_exact']:.2f}x exact)",
+                         f"{rate(per_bf16)} (codes identical to exact {fast['identical']:.4%})",
+                         fast["ratio_bf16"], fmt="%"))
+        rows.append(_row("(info) GPU encode from host memory (numpy in and out, as engines "
+                         "call it) vs data on the GPU", cfg, rate(host["items_s"]),
+                         rate(exact["items_s"]), host["ratio_exact"], fmt="%"))
+    for f in gpu.get("fit", []):
+        cfg = f"d={f['dim']} {layers_name(f['layers'])}, {f['rows']:,} pts, {f['niter']} it"
+        rows.append(_row("(info) fit (residual k-means) on the GPU vs on this machine's CPUs",
+                         cfg, f"{f['gpu']['seconds']:.2f} s (MSE {f['mse_ratio']:.4f}x CPU)",
+                         f"{f['cpu']['seconds']:.2f} s", f["speedup"]))
+    return rows
+
+
 def all_rows(results: dict[str, Any]) -> list[Row]:
     return (kernel_rows(results.get("kernels", [])) + e2e_rows(results.get("e2e", []))
-            + fit_rows(results.get("fit", [])) + rss_rows(results.get("rss")))
+            + fit_rows(results.get("fit", [])) + rss_rows(results.get("rss"))
+            + gpu_rows(results.get("gpu")))
 
 
 COLUMNS = ("benchmark", "config", "measured", "reference", "ratio", "target", "status")
@@ -220,6 +266,7 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
         f"{results['gemm']['torch_gflops']:.1f}, numpy {results['gemm']['numpy_gflops']:.1f}; "
         f"{results['gemm']['size']}^3 sgemm, best of 3)",
     ]
+    lines += _gpu_lines(results.get("gpu"))
     if results.get("decode"):
         dec = results["decode"]
         lines.append(f"- Parquet decode of the embedding column: {rate(dec['items_s'])} "
@@ -232,6 +279,19 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
               for r in met]
     lines += ["", *details(results), METHOD]
     return "\n".join(lines) + "\n"
+
+
+def _gpu_lines(gpu: dict[str, Any] | None) -> list[str]:
+    if gpu is None:
+        return []
+    if "device" not in gpu:
+        return [f"- GPU: none ({gpu.get('skipped', 'not measured')})"]
+    dev, g = gpu["device"], gpu["gemm"]
+    return [f"- GPU: {dev['name']} ({dev['memory_gib']} GiB, {dev['multiprocessors']} SMs, "
+            f"compute capability {dev['capability']}; torch {dev['torch']}, CUDA "
+            f"{dev['cuda']}); measured GEMM rates fp32 {g['fp32_tflops']:.1f}, TF32 "
+            f"{g['tf32_tflops']:.1f}, bf16 {g['bf16_tflops']:.1f} TFLOP/s ({g['size']}^3, "
+            f"best of 3 rounds of {g.get('repeats', 10)})"]
 
 
 def details(results: dict[str, Any]) -> list[str]:
@@ -317,6 +377,19 @@ METHOD = """## How each number is measured
   the same start on w workers; time per iteration = the mean of the iteration times the
   workers record (each Lloyd iteration with its all-reduce, the worker start-up left out),
   the best of `fit_rounds` runs per worker count, the worker counts taking turns on one Ray.
+- **GPU** (only where torch sees a CUDA device): the card's GEMM rates are 8192^3 products
+  (fp32 with TF32 off, TF32, bf16). The encode kernel runs on vectors already on the GPU, in
+  the chunks a GPU engine uses (256 MiB of scores and rows), passes over 1M items (131,072
+  distinct ones, repeated) timed with the device synchronized, best of 5 interleaved
+  rounds; ceiling items/s = the GEMM rate / (2 d sum(M_l)). "scoring GEMMs alone" = the
+  same passes running only each layer's `addmm` of codebook and chunk (no argmin, no
+  residual update): what the GEMM of these shapes reaches by itself. The exact path's codes
+  are compared with the CPU kernel's on the first 65,536 items, the fast paths' with the
+  exact path's on all; "scored again" = the share of rows x layers the tf32 path re-scored
+  in fp32. "from host memory" =
+  `encode_batch(..., device="cuda")` on a numpy array (copies in and out included), as the
+  engines call it. GPU fit = `fit_residual_kmeans` on the GPU and on the CPUs (every core),
+  same sample, seed and iterations, wall time of the whole fit.
 - **peak RSS**: `semid build` (local engine, fixed fit sample) in a subprocess at N and 4N
   items; a tiny launcher process runs it and reports `getrusage(RUSAGE_CHILDREN).ru_maxrss`
   (the job's own peak, not the benchmark process's pages it was forked from).

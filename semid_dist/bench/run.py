@@ -17,7 +17,7 @@ from typing import Any
 
 Layers = tuple[int, ...]
 Log = Callable[[str], None]
-SECTIONS = ("kernels", "e2e", "fit", "rss")
+SECTIONS = ("kernels", "e2e", "fit", "rss", "gpu")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class BenchOptions:
     fit_niter: int = 10
     fit_rounds: int = 3  # our fit and faiss's in turns; each layer's best time counts
     ray_workers: tuple[int, ...] = (1, 2)  # Ray Train fit on the first `fit` config
+    gpu_rows: int = 1_000_000  # items on the GPU per timed encode pass (skipped without one)
     workdir: str | None = None  # default: a temporary directory, removed afterwards
     keep_workdir: bool = False
     json_path: str = "docs/benchmarks.json"
@@ -65,7 +66,7 @@ class BenchOptions:
                     e2e=(((256, 256, 256), 100_000), ((4096, 4096, 4096), 20_000)),
                     chunk_rows=16_384, build_sample=8_192, build_niter=2,
                     fit=(((256, 256, 256), 20_000),), fit_niter=4, ray_workers=(2,),
-                    e2e_rounds=1, fit_rounds=1)
+                    e2e_rounds=1, fit_rounds=1, gpu_rows=100_000)
         return cls(**{**base, **over})
 
 
@@ -136,6 +137,8 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
         if "fit" in opts.sections:
             loads["fit"] = _load()
             results["fit"] = _fit(opts, cores, log)
+        if "gpu" in opts.sections:
+            results["gpu"] = _gpu(opts, log)
         done = True
     finally:
         if not done:
@@ -314,6 +317,40 @@ def _fit(opts: BenchOptions, cores: int, log: Log) -> list[dict[str, Any]]:
                            time_ratio=run["s_per_iter"] / res["faiss_s_per_iter"])
             res["ray_train"] = runs
         out.append(res)
+    return out
+
+
+def _gpu(opts: BenchOptions, log: Log) -> dict[str, Any]:
+    """The GPU section: the card's GEMM rates, the encode kernel on every kernel config and
+    the fit on every fit config, on the GPU (and the fit on the CPUs too)."""
+    from semid_dist.bench import gpu
+    from semid_dist.bench.synthetic import CatalogSpec, embeddings
+
+    if not gpu.available():
+        log("gpu: no CUDA device, skipped")
+        return {"skipped": "no CUDA device"}
+    out: dict[str, Any] = {"device": gpu.device_info(), "gemm": gpu.gemm_rates()}
+    g = out["gemm"]
+    log(f"gpu: {out['device']['name']}: GEMM fp32 {g['fp32_tflops']:.1f}, TF32 "
+        f"{g['tf32_tflops']:.1f}, bf16 {g['bf16_tflops']:.1f} TFLOP/s")
+    out["encode"] = []
+    for dim in opts.kernel_dims:
+        for layers in opts.kernel_layers:
+            res = gpu.bench_gpu_encode(dim, layers, g, rows=opts.gpu_rows, seed=opts.seed)
+            log(f"gpu encode d={dim} {list(layers)}: exact {res['exact']['items_s']:.3g}/s "
+                f"({res['exact']['ratio_ceiling']:.0%} of fp32 GEMM; its GEMMs alone "
+                f"{res['gemm']['ratio_ceiling']:.0%}), tf32 {res['tf32']['items_s']:.3g}/s "
+                f"({res['tf32']['identical']:.4%} identical), bf16 "
+                f"{res['fast']['items_s']:.3g}/s, from host {res['host']['items_s']:.3g}/s, "
+                f"agreement with CPU {res['agreement_cpu']:.4%}")
+            out["encode"].append(res)
+    out["fit"] = []
+    for layers, rows in opts.fit:
+        x = embeddings(CatalogSpec(dim=opts.fit_dim, seed=opts.seed + 17), rows)
+        res = gpu.bench_gpu_fit(x, layers, niter=opts.fit_niter, seed=opts.seed)
+        log(f"gpu fit {list(layers)}: GPU {res['gpu']['seconds']:.2f} s, CPU "
+            f"{res['cpu']['seconds']:.2f} s, MSE ratio {res['mse_ratio']:.4f}")
+        out["fit"].append(res)
     return out
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks, on a machine with a CUDA GPU and the project's dependencies: the
+# gpu-marked tests, then `semid bench --only gpu`. Logs, JSON and Markdown go to OUTDIR.
+#   jobs/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter)
+set -uo pipefail
+out=${1:?usage: jobs/gpu_check.sh OUTDIR}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi -L
+"$py" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+torch.cuda.get_device_name(0))" || exit 1
+"$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_learned.py \
+    2>&1 | tee "$out/gpu_tests.log"
+tests=$?
+"$py" -m semid_dist.cli bench --only gpu --out-md "$out/BENCHMARKS-gpu.md" \
+    --out-json "$out/benchmarks-gpu.json" 2>&1 | tee "$out/bench.log"
+bench=$?
+echo "gpu tests: exit $tests; bench: exit $bench"
+exit $((tests || bench))
