@@ -93,10 +93,11 @@ class EncodeConfig:
     chunk_rows: int = 8192
     shard_rows: int = 65536
     use_gpu: bool = False
-    # fp32: exact scores (codes identical on CPU and GPU). tf32 (a GPU fast path; a CPU runs
-    # fp32): scores by a TF32 GEMM, rows whose best two codewords are within TF32's error
-    # bound scored again in fp32 (the fp32 codes). bf16: scores by a bf16 GEMM, the `rerank`
-    # best codewords re-scored in fp32 (>= 99.9% identical codes).
+    # fp32: exact scores (codes identical on CPU and GPU). tf32 (GPUs with TF32 tensor
+    # cores; a CPU runs fp32): scores by a TF32 GEMM, rows whose best two codewords are
+    # within TF32's error bound scored again in fp32 (the fp32 codes); it pays where the GEMM
+    # dominates (large d and codebooks). bf16: scores by a bf16 GEMM, the `rerank` best
+    # codewords re-scored in fp32 (>= 99.9% identical codes).
     precision: EncodePrecision = "fp32"
     rerank: int = 8
     # encode workers decode Parquet into Arrow's jemalloc pool, set to keep freed pages for

@@ -164,7 +164,7 @@ def test_gpu_section_measures_on_a_torch_device():
     res = gpu.bench_gpu_encode(16, (32, 32, 32), rates, rows=6000, rounds=2,
                                agreement_rows=3000, device="cpu")
     assert res["rows"] == 6000 and res["agreement_items"] == 3000
-    assert res["agreement_cpu"] >= 0.999 and res["fast"]["identical"] >= 0.99
+    assert res["fast"]["identical"] >= 0.99
     exact, fast = res["exact"], res["fast"]
     assert exact["items_s"] == pytest.approx(6000 / exact["seconds"])
     assert exact["ratio_ceiling"] == pytest.approx(
@@ -173,9 +173,10 @@ def test_gpu_section_measures_on_a_torch_device():
     x = clustered(3000, 16, seed=4)
     fit = gpu.bench_gpu_fit(x, (16, 8), niter=3, device="cpu")
     assert fit["mse_ratio"] == 1.0 and fit["gpu"]["mse"] > 0  # seeded: the same codebooks
-    tf32 = res["tf32"]  # a CPU has no TF32: exact scores, every code kept
-    assert tf32["identical"] == 1.0 and 0 < tf32["rechecked"] < 1
-    assert res["gemm"]["items_s"] > 0
+    tf32 = res["tf32"]  # inputs rounded to TF32 on a CPU too; the re-scored rows keep the codes
+    assert tf32["identical"] >= 0.999 and 0 < tf32["rechecked"] < 1
+    assert res["gemm"]["ratio_ceiling"] == pytest.approx(
+        res["gemm"]["items_s"] / exact["ceiling_items_s"])
     rows = report.gpu_rows({"device": {}, "gemm": rates, "encode": [res], "fit": [fit]})
     assert [r.target for r in rows] == [">= 50%", "", ">= 50%", "", "", ""]
     assert rows[0].met == (exact["ratio_ceiling"] >= 0.5)

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from semid_dist.quantize import decode, encode_batch, fit_residual_kmeans, kmeans, nearest
+from semid_dist.quantize import (
+    decode,
+    encode_batch,
+    fit_residual_kmeans,
+    kmeans,
+    nearest,
+    torch_kernel,
+)
 from semid_dist.quantize import encode as encode_mod
 from semid_dist.quantize.encode import (
     CPU_TILE_BYTES,
@@ -96,7 +103,7 @@ def test_numpy_cpu_kernel_matches_the_torch_kernel_and_its_candidates():
     ref = {"codes": np.empty((n, n_layers), np.int32), "sq_res": np.empty((n, n_layers),
            np.float32), "alt_codes": np.empty((n, n_alt), np.int32),
            "alt_err": np.empty((n, n_alt), np.float32)}
-    encode_mod._encode_torch(books, x, 500, "cpu", "fp32", 8, ref["codes"], ref["sq_res"],
+    torch_kernel.encode_torch(books, x, 500, "cpu", "fp32", 8, ref["codes"], ref["sq_res"],
                              ref["alt_codes"], ref["alt_err"])
     assert (cpu.codes == ref["codes"]).all(axis=1).mean() >= 0.999
     np.testing.assert_allclose(cpu.sq_residual, ref["sq_res"], rtol=1e-4, atol=1e-5)
@@ -500,9 +507,9 @@ def test_checked_argmin_restores_the_exact_codes_from_low_precision_scores():
         return torch.addmm(c_sq.unsqueeze(0), rows.bfloat16().float(), c.bfloat16().float().T,
                            beta=1.0, alpha=-2.0)
 
-    exact = encode_mod._argmin_rows(r, c, c_sq).numpy()
+    exact = torch_kernel.argmin_rows(r, c, c_sq).numpy()
     assert (bf16_scores(r).argmin(dim=1).numpy() != exact).sum() > 10  # the bf16 codes differ
-    idx, again = encode_mod._checked_argmin(r, c, c_sq, float(c_sq.max().sqrt()), bf16_scores,
+    idx, again = torch_kernel.checked_argmin(r, c, c_sq, float(c_sq.max().sqrt()), bf16_scores,
                                             2.0 ** -8)
     assert np.array_equal(idx.numpy(), exact)
     assert 0 < again < len(x)
@@ -516,14 +523,14 @@ def test_tf32_precision_gives_the_exact_codes():
     books = _residual_books(x, (128, 64, 64), seed=8)
     exact = encode_batch(books, x)
     assert np.array_equal(encode_batch(books, x, precision="tf32").codes, exact.codes)
-    tb = encode_mod.TorchBooks(books, "cpu", "tf32")
+    tb = torch_kernel.TorchBooks(books, "cpu", "tf32")
     codes, sq = tb.encode_rows(torch.from_numpy(x))
     assert (codes.numpy() == exact.codes).all(axis=1).mean() >= 0.9999
     np.testing.assert_allclose(sq.numpy(), exact.sq_residual, rtol=1e-4, atol=1e-5)
     assert 0 < tb.rechecked < len(x) * len(books)
     r, c = torch.from_numpy(x), torch.from_numpy(books[0])
     c_sq = (c * c).sum(dim=1)
-    rounded = torch.addmm(c_sq, encode_mod.to_tf32(r), encode_mod.to_tf32(c).T, alpha=-2.0)
+    rounded = torch.addmm(c_sq, torch_kernel.to_tf32(r), torch_kernel.to_tf32(c).T, alpha=-2.0)
     assert (rounded.argmin(dim=1).numpy() != exact.codes[:, 0]).any()  # TF32 alone errs
 
 
@@ -531,19 +538,35 @@ def test_to_tf32_rounds_to_ten_mantissa_bits():
     v = torch.tensor([1 + 2**-11, 1 + 2**-11 + 2**-13, -(1 + 2**-10 + 2**-12), 3.0, 0.0,
                       2 - 2**-12], dtype=torch.float32)
     expect = [1 + 2**-10, 1 + 2**-10, -(1 + 2**-10), 3.0, 0.0, 2.0]  # half away from zero
-    assert encode_mod.to_tf32(v).tolist() == expect
+    assert torch_kernel.to_tf32(v).tolist() == expect
     x = torch.from_numpy(clustered(1000, 16, seed=2))
-    t = encode_mod.to_tf32(x)
+    t = torch_kernel.to_tf32(x)
     assert ((t - x).abs() <= x.abs() * 2**-11).all()
     assert (t.view(torch.int32) & 0x1FFF == 0).all()
 
 
-def test_tf32_switch_sets_torchs_flag_inside_and_restores_it():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+def test_tf32_switch_sets_torchs_flag_inside_and_leaves_it_as_it_was():
+    """Set by either of torch's calls (the fp32 matmul precision, or the CUDA TF32 flag
+    alone, which torch >= 2.9 then refuses to read back as a precision), the state after a
+    block is the state before: the same flag, the same precision where torch gives one."""
+    saved = torch.get_float32_matmul_precision()
+    flag = torch.backends.cuda.matmul.allow_tf32
+
+    def state():
+        return torch.backends.cuda.matmul.allow_tf32, torch_kernel._precision()
+
     try:
-        with encode_mod.Tf32Switch(False):
-            assert torch.backends.cuda.matmul.allow_tf32 is False
-        assert torch.backends.cuda.matmul.allow_tf32 is True
+        setups = [lambda p=p: torch.set_float32_matmul_precision(p)
+                  for p in ("highest", "high", "medium")]
+        setups += [lambda v=v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)
+                   for v in (True, False)]
+        for setup in setups:
+            for on in (False, True):
+                setup()
+                before = state()
+                with torch_kernel.Tf32Switch(on):
+                    assert torch.backends.cuda.matmul.allow_tf32 is on
+                assert state() == before
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
+        torch.backends.cuda.matmul.allow_tf32 = flag

@@ -22,10 +22,9 @@ from semid_dist.bench.kernels import (
     sampled_codebooks,
 )
 from semid_dist.bench.synthetic import CatalogSpec, embeddings
-from semid_dist.quantize.encode import PRECISIONS, Tf32Switch, TorchBooks, encode_batch, tile_rows
+from semid_dist.quantize.encode import encode_batch, tile_rows
 from semid_dist.quantize.residual import fit_residual_kmeans, init_subset
-
-Layers = tuple[int, ...]
+from semid_dist.quantize.torch_kernel import PRECISIONS, Tf32Switch, TorchBooks
 
 
 def available() -> bool:
@@ -65,7 +64,7 @@ def gemm_rates(*, size: int = 8192, repeats: int = 10,
     out: dict[str, Any] = {"size": size, "repeats": repeats}
     for name, (p, q, tf32) in kinds.items():
         with Tf32Switch(tf32):
-            def products(p=p, q=q) -> None:
+            def products(p: torch.Tensor = p, q: torch.Tensor = q) -> None:
                 for _ in range(repeats):
                     torch.mm(p, q)
 
@@ -115,13 +114,12 @@ def bench_gpu_encode(dim: int, layers: Sequence[int], rates: dict[str, Any], *,
     x = torch.from_numpy(x_np).to(device, copy=True)
     chunk = tile_rows(8192, max(layers), dim, device)
     books = {name: TorchBooks(books_np, device, name, rerank) for name in PRECISIONS}
-    with Tf32Switch(False):
-        times = interleaved_best_times({
-            "exact": _device_pass(books["fp32"], x, chunk),
-            "gemm": _gemm_pass(books["fp32"], x, chunk),
-            "tf32": _device_pass(books["tf32"], x, chunk),
-            "fast": _device_pass(books["bf16"], x, chunk),
-            "host": lambda: encode_batch(books_np, x_np, device=device)}, rounds=rounds)
+    times = interleaved_best_times({
+        "exact": _device_pass(books["fp32"], x, chunk),
+        "gemm": _gemm_pass(books["fp32"], x, chunk),
+        "tf32": _device_pass(books["tf32"], x, chunk),
+        "fast": _device_pass(books["bf16"], x, chunk),
+        "host": lambda: encode_batch(books_np, x_np, device=device)}, rounds=rounds)
     flop = encode_flop(dim, layers)
     res: dict[str, Any] = {"dim": dim, "layers": list(layers), "rows": rows,
                            "chunk_rows": chunk, "flop_per_item": flop}

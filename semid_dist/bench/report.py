@@ -379,14 +379,14 @@ METHOD = """## How each number is measured
   the best of `fit_rounds` runs per worker count, the worker counts taking turns on one Ray.
 - **GPU** (only where torch sees a CUDA device): the card's GEMM rates are 8192^3 products
   (fp32 with TF32 off, TF32, bf16). The encode kernel runs on vectors already on the GPU, in
-  the chunks a GPU engine uses (256 MiB of scores and rows), passes over 1M items (131,072
-  distinct ones, repeated) timed with the device synchronized, best of 5 interleaved
-  rounds; ceiling items/s = the GEMM rate / (2 d sum(M_l)). "scoring GEMMs alone" = the
-  same passes running only each layer's `addmm` of codebook and chunk (no argmin, no
-  residual update): what the GEMM of these shapes reaches by itself. The exact path's codes
-  are compared with the CPU kernel's on the first 65,536 items, the fast paths' with the
-  exact path's on all; "scored again" = the share of rows x layers the tf32 path re-scored
-  in fp32. "from host memory" =
+  the chunks a GPU engine uses (256 MiB of scores and rows), passes over `gpu_rows` items
+  (1M; 100k in quick mode; 131,072 distinct ones, repeated) timed with the device
+  synchronized, best of 5 interleaved rounds; ceiling items/s = the GEMM rate /
+  (2 d sum(M_l)). "scoring GEMMs alone" = the same passes running only each layer's `addmm`
+  of codebook and chunk (no argmin, no residual update): what the GEMM of these shapes
+  reaches by itself. The exact path's codes are compared with the CPU kernel's on the first
+  65,536 items, the fast paths' with the exact path's on all; "scored again" = the share of
+  rows x layers the tf32 path re-scored in fp32. "from host memory" =
   `encode_batch(..., device="cuda")` on a numpy array (copies in and out included), as the
   engines call it. GPU fit = `fit_residual_kmeans` on the GPU and on the CPUs (every core),
   same sample, seed and iterations, wall time of the whole fit.

@@ -14,12 +14,10 @@ OpenBLAS sgemm with a separate offset pass this is 1.31x at d=128 with 4096-entr
 and 1.04-1.10x at d=128 3 x 256 and d=768, with the same codes on random data. Every chunk
 is the same one-thread sgemm whatever the thread count, so the results do not depend on it;
 where torch has no MKL, or its fp32 matmul precision is lowered (`_torch_gemm_is_exact`),
-numpy's BLAS multiplies the same operands too. On a GPU (`TorchBooks`) each chunk fills
-GPU_TILE_BYTES and the exact path runs with TF32 off whatever torch's switch says (a GPU's
-fp32 codes differ from the CPU's only on fp32 near-ties). Two opt-in fast paths: "tf32"
-scores with TF32 and scores again in fp32 each row whose best two codewords are within
-TF32's error bound (the exact codes but for fp32 near-ties, `_checked_argmin`); "bf16"
-ranks in bf16 and re-scores the best few in fp32 (>= 99.9% of the exact codes).
+numpy's BLAS multiplies the same operands too. A GPU runs `torch_kernel` (as does a CPU
+for the bf16 fast path), each chunk filling GPU_TILE_BYTES; its exact path runs with TF32
+off whatever torch's switch says (a GPU's fp32 codes differ from the CPU's only on fp32
+near-ties), and its opt-in fast paths are "tf32" (the exact codes, by a check) and "bf16".
 """
 
 from __future__ import annotations
@@ -35,6 +33,14 @@ import numpy as np
 import threadpoolctl
 import torch
 from threadpoolctl import ThreadpoolController, threadpool_limits
+
+from semid_dist.quantize.torch_kernel import (
+    Tf32Switch,
+    as_tensor,
+    check_precision,
+    encode_torch,
+    nearest_chunk,
+)
 
 
 @dataclass(frozen=True)
@@ -186,8 +192,12 @@ def _torch_gemm_is_exact() -> bool:
     """Whether torch multiplies fp32 in fp32 now: a process that set
     `torch.set_float32_matmul_precision("medium")` (common in training scripts) or oneDNN's
     fp32 precision to bf16 / tf32 would have torch's CPU matmul round to bf16, and the kernel
-    then multiplies on numpy's BLAS instead."""
-    if torch.get_float32_matmul_precision() != "highest":
+    then multiplies on numpy's BLAS instead. So it does where torch will not say (it refuses
+    while the backends' settings disagree, as inside another thread's `Tf32Switch` block)."""
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+    except RuntimeError:
         return False
     mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
     return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
@@ -325,104 +335,6 @@ def _top_candidates_cpu(ra: np.ndarray, book: _CpuBook, scores: np.ndarray,
     np.maximum(vals, 0.0, out=err_out)
 
 
-def _as_tensor(a: np.ndarray, device: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-
-
-def _nearest_chunk(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """The accelerator kernel (a CPU runs `_argmin_cpu`)."""
-    scores = torch.addmm(c_sq.unsqueeze(0), x, c.T, beta=1.0, alpha=-2.0)
-    best, idx = torch.min(scores, dim=1)
-    dist = torch.clamp_(best + (x * x).sum(dim=1), min=0.0)
-    return idx, dist
-
-
-def _argmin_rows(r: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
-    """Nearest codeword of each row, exact fp32 (ties to the lowest code), on r's device."""
-    return torch.addmm(c_sq.unsqueeze(0), r, c.T, beta=1.0, alpha=-2.0).argmin(dim=1)
-
-
-def _rerank_argmin(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, c_low: torch.Tensor,
-                   rerank: int) -> torch.Tensor:
-    """Fast path: rank all codewords by a low-precision GEMM, re-score the `rerank` best in
-    fp32 and keep the nearest of those (ties to the lowest code, as the exact path)."""
-    approx = c_sq.unsqueeze(0) - 2.0 * (x.to(c_low.dtype) @ c_low.T).float()
-    cand = torch.topk(approx, min(rerank, len(c)), dim=1, largest=False).indices
-    cand, _ = torch.sort(cand, dim=1)
-    exact = c_sq[cand] - 2.0 * torch.bmm(c[cand], x.unsqueeze(2)).squeeze(2)
-    return cand.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
-
-
-LOW_PRECISION = {"bf16": torch.bfloat16}
-PRECISIONS = ("fp32", "tf32", *LOW_PRECISION)
-# TF32 keeps 10 explicit mantissa bits. The tf32 path rounds its inputs to TF32 itself
-# (`to_tf32`, to nearest: within 2^-11 of each value), so the tensor cores take them exactly
-# however they convert; their fp32 sums err by at most 2^-23 per addition (truncating).
-TF32_UNIT = 2.0 ** -11
-FP32_SUM_UNIT = 2.0 ** -23
-
-
-def to_tf32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 values rounded to the nearest TF32 value (ties away from zero), still fp32:
-    the low 13 mantissa bits cleared after adding half of them. Finite inputs only."""
-    bits = t.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32)
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {precision!r}")
-
-
-_tf32_lock = threading.RLock()
-
-
-class Tf32Switch:
-    """torch's TF32 switch for CUDA matrix products, set for the ops launched inside the
-    block and restored after. The switch is process-wide (read when an op is launched), so
-    the blocks of all threads take turns (and a block may nest in another)."""
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self) -> None:
-        _tf32_lock.acquire()
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
-        _tf32_lock.release()
-
-
-def _checked_argmin(r: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, c_norm_max: float,
-                    approx: Callable[[torch.Tensor], torch.Tensor],
-                    unit: float) -> tuple[torch.Tensor, int]:
-    """The exact fp32 argmin, from cheaper scores checked against their error bound.
-
-    `approx(rows)` scores every codeword, ||c||^2 - 2 r.c, from inputs rounded to within
-    `unit` of themselves (TF32's 2^-11, or bf16's 2^-8) with fp32 sums. Each such score is
-    within e = 2 (2u + u^2 + d 2^-23) ||r|| max||c|| (+ the fp32 additions' share) of the
-    exact one, so where a row's best approximate score beats its second best by more than
-    2e the exact argmin is the same codeword; the other rows are scored again in exact fp32
-    (the rows the exact path itself may tie-break otherwise are fp32 near-ties).
-    Returns (codes (m,) int64, rows scored again)."""
-    scores = approx(r)
-    best, idx = scores.min(dim=1)
-    scores.scatter_(1, idx.unsqueeze(1), float("inf"))
-    second = scores.min(dim=1).values
-    del scores
-    r_norm = torch.linalg.vector_norm(r, dim=1)
-    dot_err = (2.0 * (2.0 * unit + unit * unit + r.shape[1] * FP32_SUM_UNIT)
-               * r_norm * c_norm_max)
-    add_err = 2.0 * FP32_SUM_UNIT * (c_norm_max * c_norm_max + 2.0 * r_norm * c_norm_max)
-    rows = torch.nonzero(second - best <= 2.0 * (dot_err + add_err)).squeeze(1)
-    if len(rows):
-        idx[rows] = _argmin_rows(r[rows], c, c_sq)
-    return idx, len(rows)
-
-
 def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
             device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row.
@@ -453,13 +365,13 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
 
         _row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
         return labels, dists
-    c = _as_tensor(centroids, device)
+    c = as_tensor(centroids, device)
     c_sq = (c * c).sum(dim=1)
     with torch.no_grad():
         for start in range(0, len(x), chunk_rows):
-            xb = _as_tensor(x[start:start + chunk_rows], device)
+            xb = as_tensor(x[start:start + chunk_rows], device)
             with Tf32Switch(False):
-                idx, dist = _nearest_chunk(xb, c, c_sq)
+                idx, dist = nearest_chunk(xb, c, c_sq)
             labels[start:start + len(xb)] = idx.cpu().numpy()
             dists[start:start + len(xb)] = dist.cpu().numpy()
     return labels, dists
@@ -470,11 +382,11 @@ def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int 
                  rerank: int = 8) -> EncodeResult:
     """Greedy residual encode.
 
-    precision "fp32" scores exactly; "tf32" (a GPU's fast path; a CPU runs fp32) scores by a
-    TF32 GEMM and scores again in fp32 every row whose best two codewords are closer than
-    TF32's error bound (`_checked_argmin`): the exact path's codes but for fp32 near-ties;
-    "bf16" is the other fast path (`_rerank_argmin`): a bf16 GEMM ranks the codewords and
-    the `rerank` best are re-scored in fp32.
+    precision "fp32" scores exactly; "tf32" (for a GPU; a CPU runs fp32) scores by a TF32
+    GEMM and scores again in fp32 every row whose best two codewords are closer than TF32's
+    error bound (`torch_kernel.checked_argmin`): the exact path's codes but for fp32
+    near-ties; "bf16" ranks the codewords by a bf16 GEMM and re-scores the `rerank` best in
+    fp32 (`torch_kernel.rerank_argmin`).
 
     codebooks: L arrays (k_l, d) float32; x: (n, d) float32 -> EncodeResult with
     codes (n, L) int32 and squared residual norms (n, L) float32; with candidates C > 1 also
@@ -491,8 +403,8 @@ def encode_batch(codebooks: list[np.ndarray], x: np.ndarray, *, chunk_rows: int 
     if _on_cpu(device) and precision in ("fp32", "tf32"):  # no TF32 on a CPU: tf32 is exact
         _encode_cpu(codebooks, x, chunk_rows, codes, sq_res, alt_codes, alt_err)
     else:
-        _encode_torch(codebooks, x, chunk_rows, device, precision, rerank, codes, sq_res,
-                      alt_codes, alt_err)
+        encode_torch(codebooks, x, chunk_rows, device, precision, rerank, codes, sq_res,
+                     alt_codes, alt_err)
     if alt_codes is not None:  # column 0 is exactly the greedy choice, even on ties
         alt_codes[:, 0] = codes[:, -1]
         alt_err[:, 0] = sq_res[:, -1]
@@ -526,90 +438,6 @@ def _encode_cpu(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int,
                 sq_res[start:stop, layer] = np.einsum("ij,ij->i", r, r)
 
     _row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
-
-
-class TorchBooks:
-    """Codebooks on one torch device, ready for `encode_rows`: fp32, their squared norms,
-    their largest norm and, for the fast paths, a copy rounded to bf16 or to TF32.
-    `rechecked` counts the rows the tf32 path scored again in fp32."""
-
-    def __init__(self, codebooks: list[np.ndarray], device: str, precision: str = "fp32",
-                 rerank: int = 8) -> None:
-        check_precision(precision)
-        self.precision, self.rerank, self.rechecked = precision, rerank, 0
-        self.books = [_as_tensor(cb, device) for cb in codebooks]
-        self.sq = [(cb * cb).sum(dim=1) for cb in self.books]
-        if precision in LOW_PRECISION:
-            self.low = [cb.to(LOW_PRECISION[precision]) for cb in self.books]
-        elif precision == "tf32":
-            self.low = [to_tf32(cb) for cb in self.books]
-        else:
-            self.low = [None] * len(self.books)
-        self.norm_max = [float(torch.sqrt(sq.max())) for sq in self.sq]
-
-    def _codes(self, layer: int, r: torch.Tensor) -> torch.Tensor:
-        cb, cb_sq = self.books[layer], self.sq[layer]
-        if self.precision == "fp32":
-            with Tf32Switch(False):
-                return _argmin_rows(r, cb, cb_sq)
-        if self.precision == "tf32":
-            cb_tf32 = self.low[layer]
-
-            def approx(rows: torch.Tensor) -> torch.Tensor:
-                with Tf32Switch(True):
-                    return torch.addmm(cb_sq.unsqueeze(0), to_tf32(rows), cb_tf32.T, beta=1.0,
-                                       alpha=-2.0)
-
-            with Tf32Switch(False):
-                idx, again = _checked_argmin(r, cb, cb_sq, self.norm_max[layer], approx,
-                                             TF32_UNIT)
-            self.rechecked += again
-            return idx
-        return _rerank_argmin(r, cb, cb_sq, self.low[layer], self.rerank)
-
-    def encode_rows(self, r: torch.Tensor, candidates: int = 0) -> tuple[torch.Tensor, ...]:
-        """Greedy residual encode of one chunk, r: (m, d) float32 on the books' device (left
-        as it is). Returns tensors on that device, with no wait for it (but the tf32 path's,
-        one a layer): codes (m, L) int32, squared residual norms (m, L) float32 and, with
-        `candidates` > 0, the `candidates` best last-layer codes (m, C) and their errors."""
-        n_layers = len(self.books)
-        codes = torch.empty((len(r), n_layers), dtype=torch.int32, device=r.device)
-        sq = torch.empty((len(r), n_layers), dtype=torch.float32, device=r.device)
-        alt: tuple[torch.Tensor, ...] = ()
-        with torch.no_grad():
-            for layer, cb in enumerate(self.books):
-                if candidates and layer == n_layers - 1:
-                    with Tf32Switch(False):
-                        alt = _top_candidates(r, cb, self.sq[layer], candidates)
-                idx = self._codes(layer, r)
-                r = r - cb[idx]
-                codes[:, layer] = idx
-                sq[:, layer] = torch.linalg.vector_norm(r, dim=1).square_()
-        return (codes, sq, *alt)
-
-
-def _encode_torch(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int, device: str,
-                  precision: str, rerank: int, codes: np.ndarray, sq_res: np.ndarray,
-                  alt_codes: np.ndarray | None, alt_err: np.ndarray | None) -> None:
-    """`encode_batch` on torch (an accelerator, or the bf16 fast path), into the outputs:
-    one copy in and one copy back per chunk."""
-    books = TorchBooks(codebooks, device, precision, rerank)
-    n_alt = 0 if alt_codes is None else alt_codes.shape[1]
-    for start in range(0, len(x), chunk_rows):
-        r = _as_tensor(x[start:start + chunk_rows], device)
-        out = [t.cpu().numpy() for t in books.encode_rows(r, n_alt)]
-        stop = start + len(r)
-        codes[start:stop], sq_res[start:stop] = out[0], out[1]
-        if n_alt:
-            alt_codes[start:stop], alt_err[start:stop] = out[2], out[3]
-
-
-def _top_candidates(r: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor,
-                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.addmm(c_sq.unsqueeze(0), r, c.T, beta=1.0, alpha=-2.0)
-    vals, idx = torch.topk(scores, k, dim=1, largest=False, sorted=True)
-    return (idx.to(torch.int32),
-            torch.clamp(vals + (r * r).sum(dim=1, keepdim=True), min=0.0))
 
 
 def group_sum(index: np.ndarray, values: np.ndarray, rows: int, *,
