@@ -461,3 +461,20 @@ def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
     return dataclasses.replace(
         cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
         output=dataclasses.replace(cfg.output, root=_absolute(cfg.output.root)))
+
+
+def torch_device(cfg: BuildConfig, stage: Literal["fit", "encode"]) -> str:
+    """torch device of the fit or of the encode kernel: "cuda" where `fit.use_gpu` /
+    `encode.use_gpu` is on, else "cpu". Where the engine runs the stage from this process
+    (the local engine; Spark fits on its driver) torch must see a GPU here, or a ConfigError
+    names the fix; on Ray every Train worker or encode task asks Ray for a GPU instead."""
+    if not getattr(cfg, stage).use_gpu:
+        return "cpu"
+    if cfg.engine != "ray":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{stage}.use_gpu=true but no CUDA device is visible to torch "
+                              f"here; install a CUDA build of torch or set "
+                              f"{stage}.use_gpu=false")
+    return "cuda"

@@ -25,7 +25,7 @@ from semid_dist import shuffle
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
-from semid_dist.config import BuildConfig, with_absolute_paths
+from semid_dist.config import BuildConfig, torch_device, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError, SemidError
@@ -123,20 +123,6 @@ def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
         return engine.map(sid_items_bucket, [(ctx, splits, b) for b in range(buckets)])
     finally:
         shuffle.remove(scratch)
-
-
-def encode_device(cfg: BuildConfig) -> str:
-    """torch device of the encode kernel. Engines that run it in-process check it exists;
-    on Ray the actors ask for a GPU and check there."""
-    if not cfg.encode.use_gpu:
-        return "cpu"
-    if cfg.engine != "ray":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("encode.use_gpu=true but no CUDA device is visible; install a "
-                              "CUDA build of torch or set encode.use_gpu=false")
-    return "cuda"
 
 
 def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
@@ -520,13 +506,16 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
             f"{'resuming' if resuming else 'new'} version {vid} of "
             f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
+        if not cfg.encode.from_version:  # both checked before the scan and the fit
+            torch_device(cfg, "fit")
         ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                          embedding_column=cfg.input.embedding_column,
                          popularity_column=cfg.input.popularity_column,
                          dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
                          root=cfg.output.root, table=cfg.output.table, version_id=vid,
                          quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
-                         device=encode_device(cfg), precision=cfg.encode.precision,
+                         device=torch_device(cfg, "encode"),
+                         precision=cfg.encode.precision,
                          rerank=cfg.encode.rerank, reuse_memory=cfg.encode.reuse_memory,
                          huge_pages=cfg.encode.huge_pages)
         ctx = _scan(engine, ctx, plan, cfg, log)

@@ -91,3 +91,12 @@ def test_gpu_benchmark_section_on_the_card():
     res = gpu_bench.bench_gpu_encode(64, (256, 256, 256), rates, rows=200_000, rounds=2)
     assert res["agreement_cpu"] >= 0.9999 and res["fast"]["identical"] >= 0.999
     assert res["tf32"]["identical"] >= 0.9999 and 0 < res["tf32"]["rechecked"] < 1
+
+
+def test_local_build_fitting_on_gpu_fits_as_well_as_on_the_cpu(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    cpu = build(small_config(catalog, root), log=lambda msg: None)
+    gpu = build(small_config(catalog, root, fit__use_gpu=True), log=lambda msg: None)
+    assert gpu.metrics["reconstruction"]["mse"] == pytest.approx(
+        cpu.metrics["reconstruction"]["mse"], rel=1e-2)

@@ -299,6 +299,18 @@ def test_catalog_smaller_than_codebook_is_a_clear_error(tmp_path, root):
     assert TableStore(root, "sids").latest() is None
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+@pytest.mark.parametrize("stage", ["fit", "encode"])
+def test_gpu_setting_without_a_gpu_is_a_clear_error_before_any_work(small_catalog, root,
+                                                                        stage):
+    logs: list[str] = []
+    with pytest.raises(ConfigError, match=f"{stage}.use_gpu=true but no CUDA device"):
+        build(small_config(small_catalog[0], root, **{f"{stage}__use_gpu": True}),
+              log=logs.append)
+    assert TableStore(root, "sids").latest() is None
+    assert [line.split(":")[0] for line in logs] == ["plan"], logs  # no sample, fit, encode
+
+
 def test_sample_is_seeded_and_bounded(small_catalog):
     from semid_dist.io.catalog import plan_catalog
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import BuildConfig
+from semid_dist.config import BuildConfig, torch_device
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard
 from semid_dist.quantize.acrq import AcrqSample, fit_acrq, fit_acrq_vae
@@ -95,18 +95,21 @@ class LocalEngine:
             init_centroids: list[np.ndarray] | None = None, acrq: AcrqSample | None = None,
             ) -> tuple[Fitted, list[dict[str, Any]]]:
         """sample: (n, d) float32; init_centroids: warm start, one (k_l, d) per layer
-        (rq_kmeans only); acrq: the sample's head / tail split (quantizer.method=acrq).
+        (rq_kmeans only); acrq: the sample's head / tail split (quantizer.method=acrq). On
+        the GPU with `fit.use_gpu` (this process's; Spark's driver too).
         Returns (rq_kmeans / acrq codebooks or a learned module, stats)."""
-        q = cfg.quantizer
+        q, device = cfg.quantizer, torch_device(cfg, "fit")
         if q.method == "acrq" and cfg.learned:
             return fit_acrq_vae(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq,
-                                learned_config(cfg), progress=log)
+                                learned_config(cfg), device=device, progress=log)
         if q.method == "acrq":
             return fit_acrq(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq, niter=q.niter,
-                            seed=cfg.seed, chunk_rows=cfg.encode.chunk_rows, progress=log)
+                            seed=cfg.seed, chunk_rows=cfg.encode.chunk_rows, device=device,
+                            progress=log)
         if cfg.learned:
             return fit_learned(q.method, sample, init_points, q.layers, learned_config(cfg),
-                               progress=log)
+                               device=device, progress=log)
         return fit_residual_kmeans(sample, q.layers, niter=q.niter, seed=cfg.seed,
                                    init_points=init_points, init_centroids=init_centroids,
-                                   chunk_rows=cfg.encode.chunk_rows, progress=log)
+                                   chunk_rows=cfg.encode.chunk_rows, device=device,
+                                   progress=log)
