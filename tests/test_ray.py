@@ -14,6 +14,7 @@ import pytest
 
 from semid_dist.engines.ray_data import _one_stage, shards_per_task
 from semid_dist.engines.ray_train import fit_on_ray_train
+from semid_dist.errors import ConfigError
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
@@ -127,6 +128,19 @@ def test_ray_incremental_version_identical_to_local(ray_session, incremental_cat
     assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
     refs = [{e.get("version") for e in store.manifest(r.version_id)["files"]} for r in results]
     assert parent.version_id in refs[0] and refs[0] == {parent.version_id, None} == refs[1]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_gpu_settings_on_a_ray_without_gpus_are_a_clear_error(ray_session, small_catalog,
+                                                             tmp_path):
+    """Not a job waiting forever for a GPU: the engine stops before any work, Ray stays up."""
+    root = str(tmp_path / "out")
+    for over, named in (({"encode__use_gpu": True}, "encode.use_gpu=true"),
+                        ({"fit__use_gpu": True, "encode__use_gpu": True},
+                         "fit.use_gpu=true and encode.use_gpu=true")):
+        with pytest.raises(ConfigError, match=f"{named} but the Ray cluster has no GPU"):
+            build(small_config(small_catalog[0], root, engine="ray", **over), log=quiet)
+    assert TableStore(root, "sids").latest() is None and ray_session.is_initialized()
 
 
 def test_warm_up_runs_once_per_driver_and_frees_its_cpus(ray_session, tmp_path):

@@ -181,6 +181,32 @@ class RayEngine:
         self.cfg, self.log = cfg, log
         self._started = ray_init(cfg)
         self._warm: threading.Thread | None = None
+        try:
+            self._check_gpus()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_gpus(self) -> None:
+        """`fit.use_gpu` / `encode.use_gpu` ask Ray for a GPU per Train worker or encode task;
+        on a Ray with none those would wait for one forever. On this machine's own Ray (no
+        `ray.address`) that is an error; a cluster may still add GPU nodes (an autoscaler):
+        there it is a warning."""
+        wanted = [f"{stage}.use_gpu=true" for stage in ("fit", "encode")
+                  if getattr(self.cfg, stage).use_gpu
+                  and not (stage == "fit" and self.cfg.encode.from_version)]
+        if not wanted:
+            return
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return
+        msg = (f"{' and '.join(wanted)} but the Ray cluster has no GPU "
+               "(ray.cluster_resources() lists none)")
+        if not self.cfg.ray.address:
+            raise ConfigError(f"{msg}; run on a machine with a GPU Ray can see, or set "
+                              + " and ".join(w.replace("=true", "=false") for w in wanted))
+        self.log(f"warning: {msg}: its tasks wait until GPU nodes join")
 
     def __enter__(self) -> RayEngine:
         return self
