@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with a CUDA GPU and the project's dependencies: the
 # gpu-marked tests, then `semid bench --only gpu`. Logs, JSON and Markdown go to OUTDIR.
-#   jobs/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter)
+#   jobs/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter, e.g. .venv/bin/python)
+# Runs from the repository root wherever it is called from; the repository is on PYTHONPATH,
+# so the project need not be installed.
 set -uo pipefail
-out=${1:?usage: jobs/gpu_check.sh OUTDIR}
+mkdir -p "${1:?usage: jobs/gpu_check.sh OUTDIR}" || exit 1
+out=$(cd "$1" && pwd)
 py=${PYTHON:-python3}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L
 "$py" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 torch.cuda.get_device_name(0))" || exit 1

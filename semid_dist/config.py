@@ -463,6 +463,13 @@ def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
         output=dataclasses.replace(cfg.output, root=_absolute(cfg.output.root)))
 
 
+def gpu_stages(cfg: BuildConfig) -> list[str]:
+    """The stages whose GPU setting this job uses: "encode" with `encode.use_gpu`, "fit" with
+    `fit.use_gpu` unless the codebooks come from `encode.from_version` (no fit then)."""
+    return [stage for stage in ("fit", "encode") if getattr(cfg, stage).use_gpu
+            and not (stage == "fit" and cfg.encode.from_version)]
+
+
 def torch_device(cfg: BuildConfig, stage: Literal["fit", "encode"]) -> str:
     """torch device of the fit or of the encode kernel: "cuda" where `fit.use_gpu` /
     `encode.use_gpu` is on, else "cpu". Where the engine runs the stage from this process

@@ -25,7 +25,7 @@ from semid_dist import shuffle
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
-from semid_dist.config import BuildConfig, torch_device, with_absolute_paths
+from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
 from semid_dist.errors import ConfigError, InputError, SemidError
@@ -506,8 +506,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
             f"{'resuming' if resuming else 'new'} version {vid} of "
             f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
-        if not cfg.encode.from_version:  # both checked before the scan and the fit
-            torch_device(cfg, "fit")
+        for stage in gpu_stages(cfg):  # checked before the scan and the fit
+            torch_device(cfg, stage)
         ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                          embedding_column=cfg.input.embedding_column,
                          popularity_column=cfg.input.popularity_column,

@@ -461,16 +461,22 @@ def test_residual_kmeans_mse_within_5pct_of_faiss_rq_on_demo():
     assert ours <= 1.05 * theirs, (ours, theirs)
 
 
+def _residual_books(x: np.ndarray, layers, seed: int) -> list[np.ndarray]:
+    """Codebooks of rows drawn (seeded) from the residual after the earlier layers."""
+    rng = np.random.default_rng(seed)
+    books, r = [], x.copy()
+    for k in layers:
+        cb = r[rng.choice(len(r), k, replace=False)].copy()
+        books.append(cb)
+        r = r - cb[nearest(r, cb)[0]]
+    return books
+
+
 def test_bf16_fast_path_keeps_nearly_all_codes_and_exact_errors():
     """bf16 ranking + fp32 re-rank of the 8 best: >= 99.9% of items get the exact path's
     codes, and every reported residual is the fp32 residual of the codes it chose."""
     x = clustered(20000, 64, clusters=48, seed=5)
-    rng = np.random.default_rng(5)
-    books, r = [], x.copy()
-    for k in (256, 256, 256):
-        cb = r[rng.choice(len(r), k, replace=False)].copy()
-        books.append(cb)
-        r = r - cb[nearest(r, cb)[0]]
+    books = _residual_books(x, (256, 256, 256), seed=5)
     exact = encode_batch(books, x)
     fast = encode_batch(books, x, precision="bf16", rerank=8)
     same = (fast.codes == exact.codes).all(axis=1).mean()
@@ -482,16 +488,6 @@ def test_bf16_fast_path_keeps_nearly_all_codes_and_exact_errors():
     assert (full.codes == encode_batch(books[:1], x[:2000]).codes).mean() >= 0.999
     with pytest.raises(ValueError, match="precision"):
         encode_batch(books, x[:10], precision="fp8")
-
-
-def _residual_books(x: np.ndarray, layers, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    books, r = [], x.copy()
-    for k in layers:
-        cb = r[rng.choice(len(r), k, replace=False)].copy()
-        books.append(cb)
-        r = r - cb[nearest(r, cb)[0]]
-    return books
 
 
 def test_checked_argmin_restores_the_exact_codes_from_low_precision_scores():

@@ -1,6 +1,6 @@
-"""GPU benchmarks: the card's measured matrix-multiply rates and the encode kernel (exact fp32
-and the bf16 fast path) against them, and the residual k-means fit on the GPU against the same
-fit on this machine's CPUs.
+"""GPU benchmarks: the card's measured matrix-multiply rates and the encode kernel against
+them (exact fp32, its scoring GEMMs alone, the tf32 and bf16 fast paths, and from host
+memory), and the residual k-means fit on the GPU against the same fit on this machine's CPUs.
 
 Runs only where torch sees a CUDA device; every rate is the best of interleaved timed runs
 with the device synchronized around each. Nothing here asserts on timings.

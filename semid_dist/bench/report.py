@@ -153,21 +153,17 @@ def gpu_rows(gpu: dict[str, Any] | None) -> list[Row]:
                          f"{rate(exact['ceiling_items_s'])} (codes agree with the CPU "
                          f"kernel's {k['agreement_cpu']:.4%})", exact["ratio_ceiling"],
                          fmt="%", target=(">= 50%", lambda r: r >= 0.5)))
-        if "gemm" in k:
-            rows.append(_row("(info) GPU scoring GEMMs alone (the kernel's shapes) vs the "
-                             "GPU's fp32 GEMM rate", cfg, rate(k["gemm"]["items_s"]),
-                             rate(exact["ceiling_items_s"]), k["gemm"]["ratio_ceiling"],
-                             fmt="%"))
+        rows.append(_row("(info) GPU scoring GEMMs alone (the kernel's shapes) vs the GPU's "
+                         "fp32 GEMM rate", cfg, rate(k["gemm"]["items_s"]),
+                         rate(exact["ceiling_items_s"]), k["gemm"]["ratio_ceiling"], fmt="%"))
         per_tf32 = gpu["gemm"]["tf32_tflops"] * 1e12 / k["flop_per_item"]
-        if "tf32" in k:
-            t = k["tf32"]
-            rows.append(_row("GPU encode fast path tf32 (exact codes: rows within TF32's "
-                             "error bound scored again in fp32) vs the GPU's TF32 GEMM rate",
-                             cfg, f"{rate(t['items_s'])} ({t['ratio_exact']:.2f}x exact; "
-                             f"{t['rechecked']:.1%} of rows x layers scored again)",
-                             f"{rate(per_tf32)} (codes identical to exact "
-                             f"{t['identical']:.4%})", t["ratio_tf32"], fmt="%",
-                             target=(">= 50%", lambda r: r >= 0.5)))
+        t = k["tf32"]
+        rows.append(_row("GPU encode fast path tf32 (exact codes: rows within TF32's error "
+                         "bound scored again in fp32) vs the GPU's TF32 GEMM rate", cfg,
+                         f"{rate(t['items_s'])} ({t['ratio_exact']:.2f}x exact; "
+                         f"{t['rechecked']:.1%} of rows x layers scored again)",
+                         f"{rate(per_tf32)} (codes identical to exact {t['identical']:.4%})",
+                         t["ratio_tf32"], fmt="%", target=(">= 50%", lambda r: r >= 0.5)))
         per_bf16 = gpu["gemm"]["bf16_tflops"] * 1e12 / k["flop_per_item"]
         rows.append(_row(f"(info) GPU encode fast path bf16 (rerank {fast['rerank']}) vs the "
                          "GPU's bf16 GEMM rate", cfg,

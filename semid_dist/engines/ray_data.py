@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import BuildConfig
+from semid_dist.config import BuildConfig, gpu_stages
 from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
@@ -192,9 +192,7 @@ class RayEngine:
         on a Ray with none those would wait for one forever. On this machine's own Ray (no
         `ray.address`) that is an error; a cluster may still add GPU nodes (an autoscaler):
         there it is a warning."""
-        wanted = [f"{stage}.use_gpu=true" for stage in ("fit", "encode")
-                  if getattr(self.cfg, stage).use_gpu
-                  and not (stage == "fit" and self.cfg.encode.from_version)]
+        wanted = [f"{stage}.use_gpu=true" for stage in gpu_stages(self.cfg)]
         if not wanted:
             return
         import ray
