@@ -360,8 +360,11 @@ def test_spark_warm_up_runs_one_task_per_slot_in_the_background(spark_session, t
 def test_spark_session_started_by_the_engine_runs_its_jvm_with_java_options(tmp_path):
     """A session the engine starts (a separate process: the tests' own session is active
     here) runs its driver JVM with `spark.java_options` (C1 only by default) and gives the
-    executors the same."""
+    executors the same; its RDD tasks (`map`) and SQL tasks (mapInArrow: encode, warm-up)
+    run in the same Python worker (one slot: one worker of one daemon, `ONE_DAEMON_VAR`)."""
     script = f"""
+import os
+import pyarrow as pa
 from semid_dist.config import parse_config
 from semid_dist.engines.spark import spark_session
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
@@ -370,12 +373,20 @@ spark, started = spark_session(cfg)
 bean = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
 print(started, list(bean.getInputArguments()))
 print(spark.sparkContext.getConf().get("spark.executor.extraJavaOptions"))
+def pids(batches):
+    for b in batches:
+        yield pa.RecordBatch.from_pydict({{"pid": [os.getpid()] * b.num_rows}})
+rdd = spark.sparkContext.parallelize(range(3), 3).map(lambda i: os.getpid()).collect()
+sql = spark.range(3, numPartitions=3).mapInArrow(pids, "pid long").toArrow()
+print(sorted(set(rdd)), sorted(set(sql.column(0).to_pylist())))
 spark.stop()
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, check=True).stdout.strip().splitlines()
     assert out[0].startswith("True [") and "'-XX:TieredStopAtLevel=1'" in out[0]
     assert "-XX:TieredStopAtLevel=1" in out[1].split()  # after Spark's own defaults
+    rdd_pids, sql_pids = out[2].split("] [")
+    assert rdd_pids + "]" == "[" + sql_pids, out[2]
 
 
 def test_spark_java_options_go_to_the_jvms_a_session_starts():

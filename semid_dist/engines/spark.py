@@ -52,6 +52,14 @@ _RESULT_SCHEMA = "index long, result binary"
 _ARROW_SCHEMA = pa.schema([("index", pa.int64()), ("result", pa.binary())])
 WARM_UP_GROUP = "semid-warm-up"
 _TASK_ERROR = re.compile(r"semid_dist\.errors\.(\w+): (.+)")
+# Spark starts the Python workers of SQL tasks (mapInArrow: encode, warm-up) with this
+# variable set, and those of RDD tasks (`map`) without it; a Python worker daemon serves one
+# environment, so an executor ran two daemons, and each of their workers imported torch and
+# the encode modules: the warm-up warmed the encode's workers only. Set for every task
+# (Python tracebacks of the RDD tasks then leave PySpark's own frames out, as SQL tasks'
+# do), one daemon serves both: a Spark `semid encode` of 1.5M x 128 items (3 x 256) took
+# 20.8-23.6 s instead of 26.3-27.4 s on 2 cores (its scan 3.6 s instead of 6.0).
+ONE_DAEMON_VAR = "SPARK_SIMPLIFIED_TRACEBACK"
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}")
 
 
@@ -78,11 +86,13 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     if not submitted:  # under spark-submit the driver JVM already runs with its memory
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
     # the JVMs' options and the workers' memory settings (Spark starts its Python workers
-    # with spark.executorEnv.* in their environment); a value spark-submit's settings give wins
+    # with spark.executorEnv.* in their environment), and `ONE_DAEMON_VAR`; a value
+    # spark-submit's settings give wins
     defaults = SparkConf()
     settings = _java_options(cfg.spark.java_options, submitted)
     for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
         settings[f"spark.executorEnv.{name}"] = value
+    settings[f"spark.executorEnv.{ONE_DAEMON_VAR}"] = "1"
     for name, value in settings.items():
         if not defaults.contains(name):
             builder = builder.config(name, value)
