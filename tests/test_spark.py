@@ -244,7 +244,7 @@ def _partition_of(i: int) -> tuple[int, int]:
 
 def test_spark_map_runs_consecutive_items_a_task_in_order(spark_session, tmp_path):
     """`SparkEngine.map` of 23 items runs the runs of `map_runs` as its tasks (a PySpark
-    task costs ~55 ms however little it does), in item order, and 2 items still 2 tasks."""
+    task costs ~29 ms however little it does), in item order, and 2 items still 2 tasks."""
     from semid_dist.engines.spark import SparkEngine, map_runs
 
     slots = spark_session.sparkContext.defaultParallelism

@@ -192,9 +192,10 @@ def map_runs(items: int, slots: int) -> list[tuple[int, int]]:
     consecutive items of near-equal length: an item a task up to `MAP_TASKS_PER_SLOT` tasks a
     slot, and past that fewer tasks, of at most `MAP_ITEMS_PER_TASK` items (a session whose
     executors are still being added, or were released, counts few slots: heavy items then
-    keep most of their tasks). A PySpark task costs ~55 ms whatever it does (local[2] on 2
-    cores: 23 items of a function that returns at once took 0.66-0.72 s as 23 tasks and
-    0.14 s as 4), as much as a data part takes to write."""
+    keep most of their tasks). A PySpark task costs ~29 ms whatever it does (local[2] on 2
+    cores, workers with the encode modules imported: 23 items of a function that returns at
+    once took 0.66 s as 23 tasks and 0.19 s as 4; 1.24 s and 0.35 s before every task froze
+    its worker's heap, `settle_worker`), about as much as a data part takes to write."""
     tasks = max(1, min(items, max(MAP_TASKS_PER_SLOT * max(1, slots),
                                   math.ceil(items / MAP_ITEMS_PER_TASK))))
     bounds = [items * i // tasks for i in range(tasks + 1)]
