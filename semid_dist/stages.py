@@ -341,6 +341,11 @@ class StepClock:
 _WORKERS: dict[str, EncodeWorker] = {}  # encode job token -> worker, in a reused process
 
 
+def has_job_worker(job: str) -> bool:
+    """Whether this process holds encode job `job`'s `EncodeWorker` already (`job_worker`)."""
+    return job in _WORKERS
+
+
 def job_worker(job: str, ctx: JobContext) -> EncodeWorker:
     """The `EncodeWorker` of encode job `job` (a token unique per encode run) in this process:
     built on first use, then reused by the job's later tasks that land on the same process

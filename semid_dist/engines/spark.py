@@ -42,7 +42,7 @@ from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.memory import huge_pages, worker_env
-from semid_dist.stages import JobContext, job_worker
+from semid_dist.stages import JobContext, has_job_worker, job_worker
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -137,16 +137,29 @@ def task_errors() -> Iterator[None]:
         raise cls(f"{match.group(2)} (raised in a Spark task)") from exc
 
 
-def settle_worker() -> None:
-    """Keep what this Python worker holds now out of the garbage collector's full passes
+RECLAIM_EVERY = 256  # a worker's tasks between two full collections of its whole heap
+_tasks_settled = 0  # tasks of this Python worker so far (`settle_worker`)
+
+
+def settle_worker(*, new_job: bool = False) -> None:
+    """Keep what this Python worker holds out of the garbage collector's full passes
     (`gc.freeze`), as a task starts. PySpark's daemon runs a full `gc.collect()` in a reused
     worker after each of its tasks; once the encode modules are imported (torch, numpy,
-    pyarrow) that walks ~200,000 objects: 95-97 ms a task on the 2-core benchmark VM, a
-    third of a 65,536-row shard's quantize time. Called as a task starts, after the
-    previous task's collection: the imports and the worker's cached state are frozen, each
-    task's own garbage is still collected. A frozen object is still freed when its last
-    reference goes; only cycles among frozen objects are kept."""
-    gc.freeze()
+    pyarrow) that walks ~200,000 objects (203,613 in a process that imported them and
+    validated a batch, `stages.warm_worker`): 95-97 ms a collection on the 2-core benchmark
+    VM, about half a 65,536-row shard's quantize step at 3 x 256. Called as a task starts,
+    after the previous task's collection: the imports and the worker's cached state are
+    frozen, each task's own garbage is still collected. A frozen object is still freed when
+    its last reference goes, but a reference cycle holding one is kept while it stays
+    frozen; so the first task of a new encode job in the worker (`new_job`: the last job's
+    encode worker is dropped) and every `RECLAIM_EVERY`-th task unfreeze instead, and the
+    collection after that task walks the whole heap once and reclaims such cycles."""
+    global _tasks_settled
+    _tasks_settled += 1
+    if new_job or _tasks_settled % RECLAIM_EVERY == 0:
+        gc.unfreeze()
+    else:
+        gc.freeze()
 
 
 def _encode_partition(job: str, ctx_bc: Broadcast[JobContext], shards: list[str],
@@ -158,7 +171,7 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext], shards: list[str]
 
     from semid_dist.quantize.encode import set_cpu_threads
 
-    settle_worker()
+    settle_worker(new_job=not has_job_worker(job))
     set_cpu_threads(TaskContext.get().cpus())
     worker = job_worker(job, ctx_bc.value)
     for batch in batches:
@@ -228,11 +241,13 @@ def warm_up(spark: SparkSession) -> threading.Thread:
     starts the warm-up as the driver starts fitting (`SparkEngine.warm_up_beside_fit`):
     started with the job, it ran between the scan's jobs and held them up for its length.
     With no fit it starts with the job (the scan waits for it instead of the encode). Spark
-    reuses the warmed workers for the encode tasks.
+    reuses the warmed workers for the encode tasks. The job is planned in the calling
+    thread (pyspark's pandas-3 notice is filtered there): the first mapInArrow a process
+    plans imports pandas, 0.26 s on 2 cores, which the encode's first wave paid before.
     Best effort: an error here is the encode stage's to report."""
     sc = spark.sparkContext
-    slots = sc.defaultParallelism
     try:  # planned here, not in the thread: the warning filter is process-wide state
+        slots = sc.defaultParallelism
         with _no_pandas_warning():
             job = spark.range(slots, numPartitions=slots).mapInArrow(_warm_partition, "id long")
     except Exception:  # noqa: BLE001
