@@ -28,6 +28,7 @@ from semid_dist.codes.collisions import (
     last_layer_prefix,
     reassign_overflow,
 )
+from semid_dist.codes.drift import padded_lists
 from semid_dist.codes.keyset import unique_rows
 from semid_dist.codes.partials import Partial, head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
@@ -696,18 +697,6 @@ _SID_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
                      dtype=np.uint64)
 
 
-def _padded_tokens(col: pa.ChunkedArray, width: int) -> np.ndarray:
-    """list<int64> SID tokens -> (n, width) int64, -1 after the end of each SID."""
-    arr = col.combine_chunks()
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = arr.flatten().to_numpy()
-    out = np.full((len(arr), width), -1, dtype=np.int64)
-    rows = np.repeat(np.arange(len(arr)), lengths)
-    cols = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = values
-    return out
-
-
 def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
     """(n, w) padded SID tokens -> (n,) bucket in [0, buckets), the same in every process."""
     mult = np.resize(_SID_HASH, tokens.shape[1])
@@ -720,7 +709,7 @@ SID_ITEMS_COLUMNS = ("item_id", "sid_tokens", "suffix")
 
 
 def _sid_buckets(rows: pa.Table, buckets: int, *, width: int) -> np.ndarray:
-    return sid_bucket(_padded_tokens(rows.column("sid_tokens"), width), buckets)
+    return sid_bucket(padded_lists(rows.column("sid_tokens"), width), buckets)
 
 
 def sid_items_split(ctx: JobContext, paths: list[str], buckets: int, out_url: str) -> Split:
@@ -740,7 +729,7 @@ def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileE
                         "items": pa.array([], pa.list_(pa.int64())),
                         "count": pa.array([], pa.int64())})
     else:
-        tokens = _padded_tokens(rows.column("sid_tokens"), width)
+        tokens = padded_lists(rows.column("sid_tokens"), width)
         uniq, inv = unique_rows(tokens)
         order = np.lexsort((rows.column("suffix").to_numpy(), inv))
         counts = np.bincount(inv, minlength=len(uniq))

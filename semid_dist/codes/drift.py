@@ -101,22 +101,27 @@ def drift_buckets(rows: int, *, bucket_rows: int = 1_000_000,
     return bucket_count(rows, bucket_rows=bucket_rows, max_buckets=max_buckets)
 
 
-def _padded(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+def padded_lists(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     """List / fixed-size-list column of ints -> (n, width) int64, padded with -1 (a value no
-    code, layer or token takes), so equal rows mean equal lists."""
+    code, layer or token takes), so equal rows mean equal lists; a null list is all -1.
+    width: at least the longest list. A fixed-size list's values are the matrix as they
+    lie; a plain list's are gathered one position at a time from its offsets. Scattering
+    every value through repeat / cumsum index arrays took 18-20 ms for 500,000 rows of 3
+    values, against 0.8 ms (fixed size) and 11 ms (plain lists) so; the drift of two
+    1.5M-item versions spent 0.82 s padding (profiled), now 0.21-0.25 s."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n = len(arr)
-    if pa.types.is_fixed_size_list(arr.type):
-        size = arr.type.list_size
-        lengths = np.full(n, size, dtype=np.int64)
-        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
-        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     out = np.full((n, max(width, 1)), -1, dtype=np.int64)
-    rows = np.repeat(np.arange(n), lengths)
-    cols = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = values
+    if pa.types.is_fixed_size_list(arr.type):  # never null here: codes of every row
+        size = arr.type.list_size
+        out[:, :size] = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, size)
+        return out[:, :width]
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    starts = arr.offsets.to_numpy()[:-1]  # into arr.values: nulls and slices included
+    values = arr.values.to_numpy(zero_copy_only=False)
+    for pos in range(int(lengths.max(initial=0))):
+        rows = np.flatnonzero(lengths > pos)
+        out[rows, pos] = values[starts[rows] + pos]
     return out[:, :width]
 
 
@@ -163,16 +168,16 @@ def drift_counts(old: pa.Table, new: pa.Table) -> dict[str, Any]:
     j = pairs.column("_to").to_numpy()
     common = len(i)
     width = _list_width(old.column("codes"), new.column("codes"))
-    codes_old = _padded(old.column("codes"), width)[i]
-    codes_new = _padded(new.column("codes"), width)[j]
+    codes_old = padded_lists(old.column("codes"), width)[i]
+    codes_new = padded_lists(new.column("codes"), width)[j]
     layer_changed = (codes_old != codes_new).sum(axis=0) if common else np.zeros(width, int)
     sid_w = _list_width(old.column("sid"), new.column("sid"))
-    changed = (_padded(old.column("sid"), sid_w)[i] != _padded(new.column("sid"), sid_w)[j]
-               ).any(axis=1)
+    changed = (padded_lists(old.column("sid"), sid_w)[i]
+               != padded_lists(new.column("sid"), sid_w)[j]).any(axis=1)
     if "sid_layers" in old.column_names and "sid_layers" in new.column_names:
         w = _list_width(old.column("sid_layers"), new.column("sid_layers"))
-        changed |= (_padded(old.column("sid_layers"), w)[i]
-                    != _padded(new.column("sid_layers"), w)[j]).any(axis=1)
+        changed |= (padded_lists(old.column("sid_layers"), w)[i]
+                    != padded_lists(new.column("sid_layers"), w)[j]).any(axis=1)
     suffix_old = old.column("suffix").to_numpy()[i]
     changed |= suffix_old != new.column("suffix").to_numpy()[j]
     return {"common": common, "only_from": old.num_rows - common,
