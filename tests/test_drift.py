@@ -21,6 +21,7 @@ from semid_dist.codes.drift import (
     drift_figures,
     id_buckets,
     merge_drift,
+    padded_lists,
 )
 from semid_dist.diff import DRIFT_FILE, version_drift
 from semid_dist.errors import ConfigError, StoreError
@@ -361,3 +362,27 @@ def test_drift_buckets_on_ray_match_in_process(ray_session, tmp_path):
         on_ray = version_drift(store, v1, v2, engine=engine, buckets=3)
     assert on_ray == version_drift(store, v1, v2, buckets=3)
     assert on_ray["items_common"] == 400
+
+
+def test_padded_lists_matches_the_lists_row_by_row():
+    """Plain and large lists with nulls, empty lists, a slice and chunks, and fixed-size
+    lists: each row holds its list's values, then -1 up to the width (nulls: all -1)."""
+    rng = np.random.default_rng(1)
+
+    def expected(col, width: int) -> np.ndarray:
+        out = np.full((len(col), width), -1, np.int64)
+        for r, values in enumerate(col.to_pylist()):
+            out[r, :len(values or [])] = values or []
+        return out
+
+    lists = [None if rng.random() < 0.1 else [int(v) for v in rng.integers(0, 300, n)]
+             for n in rng.integers(0, 4, 2000)]
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(0, 9, 3000), pa.int32()), 3)
+    for arr in (pa.array(lists, pa.list_(pa.int64())), pa.array(lists, pa.large_list(pa.int32())),
+                fixed):
+        for col in (arr, arr.slice(37, 900), pa.chunked_array([arr[:700], arr[700:]])):
+            for width in (3, 5):
+                got = padded_lists(col, width)
+                assert got.dtype == np.int64
+                np.testing.assert_array_equal(got, expected(col, width))
+    assert padded_lists(pa.chunked_array([], pa.list_(pa.int64())), 3).shape == (0, 3)
