@@ -29,7 +29,7 @@ from semid_dist.codes.collisions import (
     reassign_overflow,
 )
 from semid_dist.codes.drift import padded_lists
-from semid_dist.codes.keyset import unique_rows
+from semid_dist.codes.keyset import in_sorted, unique_rows
 from semid_dist.codes.partials import Partial, head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
 from semid_dist.errors import SemidError
@@ -506,7 +506,7 @@ def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
     the moves of `semid_dist.bucketed.bucketed_capacity` are keyed by)."""
     t, codes = _read_staged(ctx, shard)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
-    hit = np.isin(k, keys)
+    hit = in_sorted(k, keys)
     return (pc.filter(t, pa.array(hit)).append_column("key", pa.array(k[hit]))
             .append_column("row", pa.array(np.flatnonzero(hit))))
 
@@ -542,7 +542,7 @@ def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
     row (their row numbers in the shard's staged codes)."""
     t, codes = _read_staged(ctx, shard, moves)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
-    hit = np.isin(k, keys)
+    hit = in_sorted(k, keys)
     return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
                      "item_id": pc.filter(t.column("item_id"), pa.array(hit)),
                      "row": np.flatnonzero(hit)})
@@ -661,7 +661,7 @@ def carried_suffixes(ctx: JobContext, entry: FileEntry, keys: np.ndarray,
                           columns=["codes", "suffix"])
     codes = column_matrix(t.column("codes"), len(ctx.sizes), np.int32)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
-    hit = np.isin(k, keys)
+    hit = in_sorted(k, keys)
     return pa.table({"key": k[hit], "suffix": t.column("suffix").to_numpy()[hit]})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semid_dist.codes.keyset import union_sorted, unique_rows, unique_sorted
+from semid_dist.codes.keyset import in_sorted, union_sorted, unique_rows, unique_sorted
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -75,3 +75,17 @@ def test_unique_rows_at_the_ends_of_integer_ranges(rows):
 def test_unique_rows_of_no_rows():
     uniq, inverse = unique_rows(np.zeros((0, 3), np.int64))
     assert uniq.shape == (0, 3) and inverse.shape == (0,)
+
+
+def test_in_sorted_is_isin_for_sorted_keys():
+    """Membership in ascending keys (distinct or not) by binary search equals np.isin, for
+    values below, between, equal to and above the keys, and with no keys or no values."""
+    rng = np.random.default_rng(3)
+    for n, m, high in ((5000, 300, 1000), (65536, 20000, 256**3), (100, 1, 5), (0, 10, 9)):
+        keys = np.sort(rng.integers(-2, high, m))
+        x = rng.integers(-5, high + 5, n)
+        x[: n // 3] = rng.choice(keys, n // 3)
+        got = in_sorted(x, keys)
+        assert got.dtype == bool
+        np.testing.assert_array_equal(got, np.isin(x, keys))
+    assert not in_sorted(np.arange(4), np.zeros(0, np.int64)).any()

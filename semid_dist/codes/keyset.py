@@ -5,7 +5,8 @@ a hash table. On SID keys it ran 50-100x slower than sorting: 1.2 s against 10 m
 1.5M random keys below 2^24, and 0.69 s against 2.4 ms for the union of 1M and 65,536
 sorted keys (numpy 2.4.6, one core). `np.unique(rows, axis=0, return_inverse=True)` took
 2.5 s for 1.5M rows of 3 tokens, against 0.35 s by one integer key per row. These
-functions give the same arrays as those calls, by sorting.
+functions give the same arrays as those calls, by sorting; `in_sorted` gives np.isin's
+for sorted keys, by binary search.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     s = np.concatenate([a, b])
     s.sort(kind="stable")
     return s[_distinct(s)]
+
+
+def in_sorted(x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """np.isin(x, keys) for ascending `keys`, by binary search: (n,) bool. np.isin sorts
+    both arrays through np.unique each call: 31.7 ms against 8.3 ms for a shard's 65,536
+    final SID keys in 160,000 colliding ones (numpy 2.4.6, one core)."""
+    x, keys = np.asarray(x), np.asarray(keys)
+    if len(keys) == 0:
+        return np.zeros(x.shape, dtype=bool)
+    pos = np.searchsorted(keys, x)
+    np.minimum(pos, len(keys) - 1, out=pos)
+    return keys[pos] == x
 
 
 def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
