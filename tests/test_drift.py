@@ -386,3 +386,7 @@ def test_padded_lists_matches_the_lists_row_by_row():
                 assert got.dtype == np.int64
                 np.testing.assert_array_equal(got, expected(col, width))
     assert padded_lists(pa.chunked_array([], pa.list_(pa.int64())), 3).shape == (0, 3)
+    # a null list whose offsets still span values of the child array
+    masked = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5], pa.int32()), pa.array([7, 8, 9, 6, 5]),
+                                      mask=pa.array([False, True, False]))
+    np.testing.assert_array_equal(padded_lists(masked, 2), [[7, 8], [-1, -1], [5, -1]])
