@@ -8,8 +8,9 @@ learned quantizer, before checkpointing it), `encode`
 catalog's shards is written; an incremental run has rewritten the parent's parts it carries
 by then), `commit` (after every file is written, before the manifest), `latest` (after the
 manifest, before `_latest` moves), `encode_worker` (a Ray Data / Spark encode worker dies
-once on its first shard). For the `*_worker` points `SEMID_FAULT_MARKER` names the file
-that records that a worker already died.
+once on its first shard), `encode_worker_second` (the same on a worker's second shard of a
+job, after the first one's result was sent). For the `*_worker` points `SEMID_FAULT_MARKER`
+names the file that records that a worker already died.
 Unset in production: `maybe_die` then costs one dict lookup.
 """
 

@@ -247,6 +247,7 @@ class EncodeWorker:
         self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()
         self._ahead: dict[int, tuple[pa.Table, float]] = {}  # shard index -> (rows, read s)
+        self._shards = 0  # shards this worker took (for the fault point of the second)
 
     def read_ahead(self, shard: Shard) -> None:
         """Read the shard's rows now, in any thread, for a later call on it (an engine may
@@ -262,6 +263,9 @@ class EncodeWorker:
     def __call__(self, shard: Shard) -> dict[str, Any]:
         ctx = self.ctx
         die_once("encode_worker")
+        self._shards += 1
+        if self._shards == 2:
+            die_once("encode_worker_second")
         clock = StepClock()
         ahead = self._ahead.pop(shard.index, None)
         if ahead is None:

@@ -129,9 +129,11 @@ def test_killed_between_manifest_and_latest(setup):
 
 
 @pytest.mark.engine
-def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path):
-    """An encode actor dies (SIGKILL) on its first shard; Ray restarts it, the shard is
-    retried and the table equals the local engine's."""
+@pytest.mark.parametrize("fault", ["encode_worker", "encode_worker_second"])
+def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path, fault):
+    """An encode worker dies (SIGKILL) on its first shard, or on its second, after its task
+    sent the first shard's result (5 shards, a task per slot: 3 and 2 shards); Ray re-runs
+    the task, and the table equals the local engine's (no shard lost or counted twice)."""
     catalog, _ = small_catalog
     cfg = tmp_path / "ray.yaml"
     cfg.write_text(json.dumps({
@@ -143,10 +145,11 @@ def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path):
     store = TableStore(str(tmp_path / "out"), "sids")
     local = store.read_data().sort_by("item_id")
     marker = tmp_path / "died"
-    res = run_build(cfg, "engine=ray", "encode.from_version=latest", fault="encode_worker",
+    res = run_build(cfg, "engine=ray", "encode.from_version=latest", fault=fault,
                     marker=marker)
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker.exists()  # a worker really died
+    assert "2400 rows encoded" in res.stderr
     assert store.read_data().sort_by("item_id").equals(local)
 
 

@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from semid_dist.engines.ray_data import _one_stage, shards_per_task
+from semid_dist.engines.ray_data import _one_stage, task_shards
 from semid_dist.engines.ray_train import fit_on_ray_train
 from semid_dist.errors import ConfigError
+from semid_dist.io.catalog import Shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import encode_batch
@@ -61,12 +62,27 @@ def test_encode_stage_sends_each_result_as_a_block_of_its_own(ray_session):
     assert ray.data.DataContext.get_current().target_max_block_size == default
 
 
+def test_task_shards_round_robin_on_one_node_consecutive_on_a_cluster():
+    """One node: a task per slot, shards dealt round-robin (results come about in shard
+    order); a cluster: tasks of up to 4 consecutive shards, at least 2 tasks per slot. Each
+    shard in exactly one task either way."""
+    shards = [Shard(i, "part.parquet", (i,), 100 * i, 100) for i in range(23)]
+    one = task_shards(shards, 2, one_node=True)
+    assert [[s.index for s in g] for g in one] == [list(range(0, 23, 2)), list(range(1, 23, 2))]
+    many = task_shards(shards, 2, one_node=False)
+    assert [len(g) for g in many] == [4, 4, 4, 4, 4, 3]
+    assert [s.index for g in many for s in g] == list(range(23))
+    assert [len(g) for g in task_shards(shards, 8, one_node=False)] == [1] * 23
+    assert task_shards(shards[:3], 8, one_node=True) == [[s] for s in shards[:3]]
+    assert [len(g) for g in task_shards(shards, 4, one_node=True)] == [6, 6, 6, 5]
+
+
 @pytest.mark.parametrize("group_rows", [500, 100])
 def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path, group_rows):
     """Same input, same codebooks: the Ray Data engine writes exactly the local engine's table
     and metrics, its duplicate check and collision suffixes run by Ray tasks. With 100-row
-    shards (24) each encode task runs 4 shards one after the other, and the shards' head /
-    tail statistics (popularity column) come back per shard."""
+    shards (24) each of the encode tasks runs its share of them one after the other, and
+    the shards' head / tail statistics (popularity column) come back per shard."""
     _, x = small_catalog
     # continuous popularity at 100 rows: the head threshold takes Ray passes deeper
     pop = np.random.default_rng(2).lognormal(0, 2, len(x)) if group_rows == 100 else None
@@ -75,7 +91,6 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     over = {"encode__shard_rows": group_rows}
     if group_rows == 100:
         over["input__popularity_column"] = "popularity"
-        assert shards_per_task(24, 2) == 4
     root = str(tmp_path / "out")
     fitted = build(small_config(catalog, root, **over), log=quiet)
     local = build(small_config(catalog, root, encode__from_version=fitted.version_id, **over),
