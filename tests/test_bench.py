@@ -109,6 +109,29 @@ def test_keep_best_keeps_the_better_run_and_lists_every_run():
     assert slow[2]["run"] == 1 and slow[2]["s"] == 0.05 and slow[2]["s_runs"] == [0.06, 0.05, 0.07]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_release_memory_hands_back_what_decoding_the_catalog_kept(tmp_path):
+    """`decode_rate` leaves its matrices' memory in Arrow's pool; `release_memory` (run
+    before each benchmark job) hands it back, so that no job starts beside a large
+    benchmark process."""
+    from semid_dist.bench.pipeline import decode_rate, release_memory
+    from semid_dist.bench.synthetic import CatalogSpec, write_catalog
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    catalog = str(tmp_path / "catalog")
+    write_catalog(catalog, CatalogSpec(dim=64, seed=0), 200_000, chunk_rows=65536)
+    release_memory()
+    base = rss_mib()
+    decode_rate(catalog)  # 51 MiB of float32, decoded twice
+    grown = rss_mib() - base
+    assert grown > 40
+    release_memory()
+    assert rss_mib() - base < grown / 2
+
+
 def test_worker_steps_from_a_runs_timings():
     """The encode workers' step seconds of a run's metrics.json: per shard for the page's
     table (with the kernel step's share), shares of their total for the scale page."""

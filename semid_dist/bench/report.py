@@ -349,7 +349,9 @@ METHOD = """## How each number is measured
   judged on them. It pays only where the CPU multiplies bf16 natively (AVX512_BF16 or AMX,
   which torch's oneDNN uses) and the GEMM dominates (large d and codebooks).
 - **e2e**: `semid encode` (codebooks of an existing version) in a fresh process per engine,
-  on a synthetic Parquet catalog (one row group per encode shard, several files); the
+  on a synthetic Parquet catalog (one row group per encode shard, several files), started
+  after the benchmark process has handed the memory it freed back to the system (the
+  kernels' and the decode rate's: 1.6 GiB held slowed the Ray engine's encode stage); the
   engines take turns, twice by default (`e2e_rounds`), and each engine's rows are from its
   run with the fastest encode stage (every run's rate is listed below the tables). "encode
   stage" = `metrics.json` `timings.encode_s` (read Parquet, validate, encode, write staged
