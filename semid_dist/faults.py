@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "SEMID_FAULT"
 MARKER_ENV = "SEMID_FAULT_MARKER"
@@ -29,9 +30,10 @@ def maybe_die(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def die_once(point: str) -> None:
+def die_once(point: str, *, after_s: float = 0.0) -> None:
     """Like `maybe_die`, but only the first time across processes (a worker that is
-    restarted and retried must then succeed): the marker file records the death."""
+    restarted and retried must then succeed): the marker file records the death, which
+    comes `after_s` seconds later (what the process sent meanwhile has then arrived)."""
     marker = os.environ.get(MARKER_ENV)
     if os.environ.get(ENV) != point or not marker:
         return
@@ -40,4 +42,5 @@ def die_once(point: str) -> None:
     except FileExistsError:
         return
     os.close(fd)
+    time.sleep(after_s)
     os.kill(os.getpid(), signal.SIGKILL)

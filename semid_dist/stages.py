@@ -265,7 +265,7 @@ class EncodeWorker:
         die_once("encode_worker")
         self._shards += 1
         if self._shards == 2:
-            die_once("encode_worker_second")
+            die_once("encode_worker_second", after_s=1.0)  # the first result sent
         clock = StepClock()
         ahead = self._ahead.pop(shard.index, None)
         if ahead is None:

@@ -81,9 +81,10 @@ def release_memory() -> None:
 
     gc.collect()
     pa.default_memory_pool().release_unused()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent elsewhere
-    if trim is not None:
-        trim(0)
+    try:  # glibc's; other C libraries have no such call
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError, TypeError):
+        pass
 
 
 def run_job(command: str, config: dict[str, Any], workdir: Path, name: str,

@@ -105,16 +105,16 @@ def shards_per_task(shards: int, tasks: int) -> int:
 def task_shards(shards: list[Shard], tasks: int, *, one_node: bool) -> list[list[Shard]]:
     """The shards of each encode task, in the order the task runs them.
 
-    On a Ray of one node the slots are cores of one machine, alike: one task per slot, the
-    shards dealt round-robin (task t runs shards t, t + tasks, t + 2 tasks, ...), so no
-    slot waits for Ray Data to launch another task, and the results reach the driver about
-    in shard order, the order it merges their statistics in (consecutive shards per task
-    held every later task's results back until the first task ended). The benchmark's 23
-    shards on 2 slots, 6 runs each against tasks of 4 shards, in turn: the stage 3.84-4.68
-    s against 4.06-5.61 s (faster in 5 of the 6 pairs), the stage's seconds beyond its
-    workers' shard seconds per slot 0.21-0.80 (median 0.40) against 0.52-1.01 (0.73). On
-    a cluster, tasks of up to 4 consecutive shards (`shards_per_task`) keep the balance at
-    the end of the stage between nodes of different speeds."""
+    On this machine's Ray (no `ray.address`: the embedded Ray, or one the caller started) the
+    slots are cores of one machine, alike: one task per slot, the shards dealt round-robin (task
+    t runs shards t, t + tasks, t + 2 tasks, ...), so no slot waits for Ray Data to launch
+    another task, and the results reach the driver about in shard order, the order it merges
+    their statistics in (consecutive shards per task held every later task's results back until
+    the first task ended). The benchmark's 23 shards on 2 slots, 6 runs each against tasks of 4
+    shards, in turn: the stage 3.84-4.68 s against 4.06-5.61 s (faster in 5 of the 6 pairs), the
+    stage's seconds beyond its workers' shard seconds per slot 0.21-0.80 (median 0.40) against
+    0.52-1.01 (0.73). On a cluster, tasks of up to 4 consecutive shards (`shards_per_task`) keep
+    the balance at the end of the stage between nodes of different speeds."""
     tasks = max(1, min(tasks, len(shards)))
     if one_node:
         return [shards[t::tasks] for t in range(tasks)]
@@ -267,7 +267,10 @@ class RayEngine:
         if self._warm is not None:  # one dataset at a time; the warm-up is long done, as a rule
             self._warm.join(timeout=120)  # bounded: a cluster short of CPUs delays both alike
         cpus, tasks = 1.0, min(self.cfg.encode.num_actors, len(shards))
-        one_node = sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+        one_node = not self.cfg.ray.address  # this machine's Ray: its slots are alike
+        if one_node:  # a task per slot: a task more would wait for a slot, its shards last
+            kind = "GPU" if self.cfg.encode.use_gpu else "CPU"
+            tasks = max(1, min(tasks, int(ray.cluster_resources().get(kind, 1))))
         # a row and a block per task, so that each task gets exactly its row's shards
         groups = task_shards(shards, tasks, one_node=one_node)
         ds = ray.data.from_items(
