@@ -11,6 +11,8 @@ Engines are never imported here at module top.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -74,11 +77,6 @@ def release_memory() -> None:
     jobs it started: the Ray engine's encode stage took 4.40-5.10 s with 1.6 GiB held in the
     launching process against 4.12-4.45 s without (3 runs each, in turn), its workers' read
     and validate steps most (page faults)."""
-    import ctypes
-    import gc
-
-    import pyarrow as pa
-
     gc.collect()
     pa.default_memory_pool().release_unused()
     try:  # glibc's; other C libraries have no such call

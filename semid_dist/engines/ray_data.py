@@ -98,7 +98,7 @@ def shards_per_task(shards: int, tasks: int) -> int:
     tasks every 0.1 s; 0.01-0.4 s per task measured on 2 cores, 15% of a slot's time at 2
     shards a task); within a task the next shard starts at once. The benchmark's 23 shards
     on 2 slots: 4 shards a task against 2 took the stage from 234-265k to 267-308k items/s
-    (3 runs each, in turn)."""
+    (3 runs each, in turn; measured on one node, before it ran a task per slot)."""
     return max(1, min(4, shards // (2 * max(tasks, 1))))
 
 
