@@ -30,7 +30,6 @@ from semid_dist.codes.partials import (
     COUNT_SPAN,
     Partial,
     StreamMerge,
-    _sq_norms,
     _unique,
     head_tail_partials,
     merge,
@@ -469,15 +468,6 @@ def test_unique_by_counting_or_sorting_is_numpys_unique(span, n):
             np.testing.assert_array_equal(got_inverse, inverse)
         else:
             assert got_inverse is None
-
-
-@pytest.mark.parametrize("n, d", [(0, 37), (1, 37), (4095, 37), (4097, 128), (10000, 37),
-                                  (300, 8192)])
-def test_squared_norms_are_einsums_in_float64_bit_for_bit(n, d):
-    x = np.random.default_rng(n).normal(size=(n, d)).astype(np.float32) * 1e3
-    want = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-    np.testing.assert_array_equal(_sq_norms(x), want)
-    np.testing.assert_array_equal(_sq_norms(x, buffer_bytes=8 * d * 7), want)  # 7-row chunks
 
 
 def test_merge_with_an_empty_partial_is_identity():

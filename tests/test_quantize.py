@@ -28,6 +28,7 @@ from semid_dist.quantize.encode import (
     group_sum,
     set_cpu_threads,
     tile_rows,
+    unit_group_sum,
 )
 from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
@@ -263,21 +264,21 @@ def test_group_sum_is_one_thread_and_the_same_from_any_thread():
     rng = np.random.default_rng(12)
     x = rng.normal(size=(9000, 16)).astype(np.float32)
     index = rng.integers(0, 50, len(x))
-    scale = rng.random(len(x))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        want = group_sum(index, x, 50, scale=scale, chunk_rows=1000)
+        want, want_sq = unit_group_sum(index, x, 50, chunk_rows=1000)
         for threads in (2, 3):
             torch.set_num_threads(threads)
-            np.testing.assert_array_equal(group_sum(index, x, 50, scale=scale, chunk_rows=1000),
-                                          want)
+            got_sums, got_sq = unit_group_sum(index, x, 50, chunk_rows=1000)
+            np.testing.assert_array_equal(got_sums, want)
+            np.testing.assert_array_equal(got_sq, want_sq)
             assert torch.get_num_threads() == threads
             got: list = []
 
             def in_thread(n: int, out: list) -> None:
                 torch.set_num_threads(n)
-                out.append(group_sum(index, x, 50, scale=scale, chunk_rows=1000))
+                out.append(unit_group_sum(index, x, 50, chunk_rows=1000)[0])
                 out.append(torch.get_num_threads())
 
             worker = threading.Thread(target=in_thread, args=(threads, got))
@@ -289,8 +290,36 @@ def test_group_sum_is_one_thread_and_the_same_from_any_thread():
         torch.set_num_threads(before)
     # row by row in float64, as the docstring says
     ref = np.zeros((50, 16))
-    np.add.at(ref, index, x.astype(np.float64) * scale[:, None])
+    x64 = x.astype(np.float64)
+    np.add.at(ref, index, x64 / np.linalg.norm(x64, axis=1, keepdims=True))
     np.testing.assert_allclose(want, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, d", [(0, 37), (1, 37), (4095, 37), (4097, 128), (10000, 37),
+                                  (300, 8192)])
+def test_unit_group_sum_lengths_are_einsums_in_float64_bit_for_bit(n, d):
+    """The squared lengths of the one pass are numpy's float64 einsum of each row, bit for
+    bit, whatever the chunk; the sums are those of `group_sum` of the rows times 1 / their
+    lengths, bit for bit; rows of length 0 add nothing (a group of them alone sums to 0)."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, d)).astype(np.float32) * 1e3
+    x[::6] = 0.0
+    index = rng.integers(0, 5, n)
+    index[::6] = 5  # group 5: zero rows only
+    want_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    x64 = x.astype(np.float64)
+    factor = np.divide(1.0, np.sqrt(want_sq), out=np.zeros(n), where=want_sq > 0)
+    unit = x64 * factor[:, None]
+    want = group_sum(index, unit, 6)
+    for chunk_rows in (4096, 7):
+        sums, sq = unit_group_sum(index, x, 6, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(sq, want_sq)
+        np.testing.assert_array_equal(sums, want)
+        assert not sums[5].any()
+    take = np.arange(n)[::-2].copy()  # a subset of the rows, gathered: their lengths only
+    sums, sq = unit_group_sum(index[take], x, 6, take=take, chunk_rows=7)
+    np.testing.assert_array_equal(sq, want_sq[take])
+    np.testing.assert_array_equal(sums, group_sum(index[take], unit[take], 6))
 
 
 def test_set_cpu_threads_limits_torch_and_numpy_blas():
