@@ -32,6 +32,7 @@ from semid_dist.codes.collisions import (
 from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.io.catalog import CatalogPlan, Shard
+from semid_dist.io.duplicates import copy_rejects, find_duplicates, later_copies
 from semid_dist.io.store import FileEntry
 from semid_dist.popularity import PopularityScan, scan_popularity
 from semid_dist.shuffle import Split, Streams, split_tables
@@ -43,9 +44,6 @@ from semid_dist.stages import (
     carried_suffixes,
     colliding_rows,
     column_matrix,
-    copy_rejects,
-    find_duplicates,
-    later_copies,
     overflow_rows,
     reassign,
     scan_keys,

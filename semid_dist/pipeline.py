@@ -32,6 +32,7 @@ from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
+from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
@@ -43,14 +44,11 @@ from semid_dist.quantize.model import load_quantizer, quantizer_files
 from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
+from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.shuffle import Split
 from semid_dist.stages import (
     STAGING,
     JobContext,
-    find_duplicates,
-    first_copy_rejects,
-    load_shard_results,
-    load_shard_statistics,
     sample_rows,
     scan_keys,
     sid_items_bucket,

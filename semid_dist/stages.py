@@ -7,21 +7,16 @@ plain data, so any engine gives identical outputs for the same shards.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import time
-import zipfile
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semid_dist import packing
 from semid_dist.codes.collisions import (
     assign_suffixes,
     free_suffixes,
@@ -30,13 +25,12 @@ from semid_dist.codes.collisions import (
 )
 from semid_dist.codes.drift import padded_lists
 from semid_dist.codes.keyset import in_sorted, unique_rows
-from semid_dist.codes.partials import Partial, head_tail_partials, partial_from_batch
+from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
-from semid_dist.errors import SemidError
 from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import Shard, read_shard
-from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.store import STAGING, FileEntry, TableStore
 from semid_dist.io.validate import (
     ValidBatch,
     normalize_ids,
@@ -49,9 +43,9 @@ from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.encode import EncodeResult
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
+from semid_dist.shard_results import result_counts, save_shard_result
 from semid_dist.shuffle import Split, Streams, read_bucket, split_files
 
-STAGING = "_staging"
 SUFFIX_SCHEMA = pa.schema([("row", pa.int64()), ("suffix", pa.int32())])  # per shard
 
 
@@ -127,83 +121,6 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     t = read_shard(ctx.catalog_url, shard, cols)
     pop = popularity_values(t.column(1)) if ctx.popularity_column else None
     return normalize_ids(t.column(0)), pop
-
-
-def find_duplicates(id_arrays: list[pa.Array]) -> tuple[pa.Array, int]:
-    """-> (distinct ids that occur more than once, ascending; number of rows holding them).
-
-    Integer ids are sorted with numpy (30 ms for 1.5M ids, against 260-360 ms for Arrow's
-    hash-based `value_counts`); string ids are counted by Arrow."""
-    empty = pa.array([], id_arrays[0].type if id_arrays else pa.int64())  # keeps the type
-    ids = pc.drop_null(pa.chunked_array([a for a in id_arrays if len(a)] or [empty]))
-    if pa.types.is_integer(ids.type):
-        s = np.sort(ids.to_numpy())
-        same = s[1:] == s[:-1]  # a row equal to the row before it: a later copy
-        starts = np.flatnonzero(same & ~np.concatenate([[False], same[:-1]]))
-        return pa.array(s[starts], ids.type), int(same.sum()) + len(starts)
-    counts = pc.value_counts(ids)
-    values, n = counts.field("values"), counts.field("counts")
-    dup = pc.greater(n, 1)
-    values = pc.filter(values, dup)
-    return pc.take(values, pc.sort_indices(values)), int(pc.sum(pc.filter(n, dup)).as_py() or 0)
-
-
-def first_copy_rejects(id_arrays: list[pa.Array], shards: Sequence[Shard],
-                       dups: pa.Array) -> dict[int, pa.Table]:
-    """on_duplicate=keep_first: every copy of an id in `dups` after its first one in (shard,
-    row) order -> {shard index: table(offset: int64 sorted rows inside the shard, reason:
-    "duplicate item_id (first at <file>:<row>)")}.
-
-    id_arrays[i]: the ids of shards[i] in row order (as `scan_keys` returns them). Vectorized
-    over the rows holding a duplicated id; the only Python loop is over shards."""
-    sizes = np.array([len(a) for a in id_arrays], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    chunks = [a for a in id_arrays if len(a)] or [pa.array([], dups.type)]
-    later, origin = later_copies(pa.chunked_array(chunks).combine_chunks(), dups)
-    later_shard = np.searchsorted(starts, later, side="right") - 1
-    origin_shard = np.searchsorted(starts, origin, side="right") - 1
-    return copy_rejects(shards, later_shard, later - starts[later_shard], origin_shard,
-                        origin - starts[origin_shard])
-
-
-def later_copies(ids: pa.Array, dups: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in `ids` of every copy of an id in `dups` after its first one, ascending,
-    and the position of that id's first copy."""
-    if len(dups) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    group = pc.index_in(ids, value_set=dups)
-    held = group.is_valid().to_numpy(zero_copy_only=False)
-    pos = np.flatnonzero(held)  # ascending
-    g = pc.drop_null(group).to_numpy().astype(np.int64)
-    order = np.argsort(g, kind="stable")  # by id, then position
-    g, pos = g[order], pos[order]
-    first = np.concatenate([[True], g[1:] != g[:-1]])
-    first_pos = np.empty(len(dups), dtype=np.int64)
-    first_pos[g[first]] = pos[first]
-    later = pos[~first]
-    origin = first_pos[g[~first]]
-    by_pos = np.argsort(later)
-    return later[by_pos], origin[by_pos]
-
-
-def copy_rejects(shards: Sequence[Shard], later_shard: np.ndarray, later_row: np.ndarray,
-                 origin_shard: np.ndarray, origin_row: np.ndarray) -> dict[int, pa.Table]:
-    """`first_copy_rejects`' tables from the later copies at (later_shard: position in
-    `shards`, later_row: row inside that shard), in (shard, row) order, whose first copies
-    lie at (origin_shard, origin_row)."""
-    paths = np.array([fsio.redact_url(s.path) for s in shards], dtype=object)
-    file_rows = np.array([s.row_offset for s in shards], dtype=np.int64)
-    reason = pc.binary_join_element_wise(
-        "duplicate item_id (first at ", pa.array(paths[origin_shard], pa.string()), ":",
-        pa.array(file_rows[origin_shard] + origin_row).cast(pa.string()), ")", "")
-    cuts = np.searchsorted(later_shard, np.arange(len(shards) + 1))
-    out: dict[int, pa.Table] = {}
-    for i, shard in enumerate(shards):
-        lo, hi = int(cuts[i]), int(cuts[i + 1])
-        if hi > lo:
-            out[shard.index] = pa.table({"offset": later_row[lo:hi].astype(np.int64),
-                                         "reason": reason.slice(lo, hi - lo)})
-    return out
 
 
 def sample_rows(ctx: JobContext, shard: Shard,
@@ -310,7 +227,7 @@ class EncodeWorker:
         # the statistics stay in the staged result (read back by `load_shard_statistics`):
         # the engine carries counts only, so its blocks and the driver hold no shard's sums.
         # The step times ride along (not staged: a resumed run's shards took no time in it)
-        return {**_counts(result), "seconds": json.dumps(clock.seconds)}
+        return {**result_counts(result), "seconds": json.dumps(clock.seconds)}
 
 
 def _staged_codes(ids: pa.Array, enc: EncodeResult, layers: int) -> pa.Table:
@@ -359,98 +276,6 @@ def job_worker(job: str, ctx: JobContext) -> EncodeWorker:
         _WORKERS.clear()
         _WORKERS[job] = EncodeWorker(ctx)
     return _WORKERS[job]
-
-
-_BLOBS = ("partial", "partial_head", "partial_tail")  # a shard result's statistics
-
-
-def _counts(result: dict[str, Any]) -> dict[str, Any]:
-    """A shard result without its statistics."""
-    return {k: v for k, v in result.items() if k not in _BLOBS}
-
-
-def _result_path(index: int) -> str:
-    return f"{STAGING}/result-{index:06d}.bin"
-
-
-def save_shard_result(store: TableStore, version_id: str, result: dict[str, Any]) -> None:
-    """Persist a finished shard's result (written after its codes and rejects, so its presence
-    means the shard is complete): a re-run of a killed build skips the shard. One array
-    bundle: the counts as its metadata, the statistics as byte arrays."""
-    meta = _counts(result)
-    if meta.get("rejects_file") is not None:
-        meta["rejects_file"] = asdict(meta["rejects_file"])
-    blobs = {k: np.frombuffer(result[k], dtype=np.uint8) for k in _BLOBS if k in result}
-    fsio.write_bytes(store.fs, fsio.join(store.version_dir(version_id),
-                                         _result_path(result["index"])), packing.pack(blobs, meta))
-
-
-def _shard_result(data: bytes) -> dict[str, Any]:
-    """A staged result: a bundle, or the npz of a run killed before bundles were written."""
-    if packing.is_bundle(data):
-        # the statistics are bundles too, each copied once when `Partial.from_bytes` reads
-        # it (its float32 sums once more, into float64)
-        result, blobs = packing.unpack(data, copy=False)
-    else:
-        blobs = dict(np.load(io.BytesIO(data), allow_pickle=False))
-        result = json.loads(blobs.pop("meta").tobytes())
-    if result.get("rejects_file") is not None:
-        result["rejects_file"] = FileEntry(**result["rejects_file"])
-    result.update({k: memoryview(blobs[k]) for k in _BLOBS if k in blobs})
-    return result
-
-
-def load_shard_statistics(store: TableStore, version_id: str, index: int) -> dict[str, Partial]:
-    """The statistics of finished shard `index` ({"all"} or {"head", "tail"}), from its staged
-    result. Raises SemidError naming the file when it is gone, does not parse, or holds no
-    statistics; such a file is removed first, so a re-run of the build encodes the shard
-    again (a file whose counts parse but whose statistics do not would otherwise count as
-    finished, and every re-run would fail on it)."""
-    folder = fsio.join(store.version_dir(version_id), STAGING)
-    path = fsio.join(store.version_dir(version_id), _result_path(index))
-    # a worker wrote the file after this process listed the folder (s3fs sizes a file from
-    # its cached listing before reading it)
-    store.fs.invalidate_cache(folder)
-    try:
-        try:
-            data = store.fs.cat_file(path)
-        except FileNotFoundError:  # the npz of a run killed before results were bundles
-            legacy = path.removesuffix(".bin") + ".npz"
-            if not store.fs.exists(legacy):
-                raise
-            path, data = legacy, store.fs.cat_file(legacy)
-        blobs = _shard_result(data)
-        if "partial" in blobs:
-            return {"all": Partial.from_bytes(blobs["partial"])}
-        return {"head": Partial.from_bytes(blobs["partial_head"]),
-                "tail": Partial.from_bytes(blobs["partial_tail"])}
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-        with contextlib.suppress(OSError):  # gone already, or the store is unreachable
-            store.fs.rm(path)
-        raise SemidError(f"encode: the staged result of shard {index} ({fsio.redact_url(path)}) "
-                         f"cannot be read ({type(exc).__name__}: {exc}); nothing was committed. "
-                         "Re-run the build: it reuses the finished shards and encodes this one "
-                         "again") from exc
-
-
-def load_shard_results(store: TableStore, version_id: str) -> dict[int, dict[str, Any]]:
-    """The persisted results of the shards a (killed) run of this version finished, counts
-    only (`load_shard_statistics` reads a shard's statistics). A result file that does not
-    parse (damaged after it was written) counts as not finished: its shard is encoded
-    again, which rewrites it."""
-    folder = fsio.join(store.version_dir(version_id), STAGING)
-    if not store.fs.exists(folder):
-        return {}
-    out = {}
-    for path in store.fs.ls(folder, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("result-") and name.endswith((".bin", ".npz")):
-            try:
-                result = _shard_result(store.fs.cat_file(path))
-            except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                continue
-            out[int(result["index"])] = _counts(result)
-    return out
 
 
 def column_matrix(col: pa.ChunkedArray, width: int, dtype: type) -> np.ndarray:

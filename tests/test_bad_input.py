@@ -15,9 +15,9 @@ import pytest
 
 from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import Shard
+from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
-from semid_dist.stages import find_duplicates, first_copy_rejects
 from tests.conftest import clustered, small_config, write_catalog
 
 N, D = 600, 6

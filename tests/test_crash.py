@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from semid_dist.io.store import TableStore
-from semid_dist.stages import load_shard_results
+from semid_dist.shard_results import load_shard_results
 from tests.conftest import REPO
 
 # the encode workers' steps, as metrics.json timings name them (README, Metrics)

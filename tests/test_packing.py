@@ -11,9 +11,8 @@ import pytest
 from semid_dist import packing
 from semid_dist.codes.partials import partial_from_batch
 from semid_dist.errors import SemidError
-from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.stages import (
-    STAGING,
+from semid_dist.io.store import STAGING, FileEntry, TableStore
+from semid_dist.shard_results import (
     load_shard_results,
     load_shard_statistics,
     save_shard_result,

@@ -33,6 +33,7 @@ from semid_dist.io import fs as fsio
 MANIFEST = "_manifest.json"
 LATEST = "_latest"
 LATEST_LOCK = "_latest.lock"
+STAGING = "_staging"  # a version's work files while it is built, removed when it commits
 VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # microseconds: quick successive builds sort in order
 LOCK_STALE_S = 60.0  # a lock file older than this is left over by a dead process
 LOCK_TIMEOUT_S = 120.0  # give up taking the lock after this long
