@@ -33,12 +33,11 @@ from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.io.catalog import CatalogPlan, Shard
 from semid_dist.io.duplicates import copy_rejects, find_duplicates, later_copies
-from semid_dist.io.store import FileEntry
+from semid_dist.io.store import STAGING, FileEntry
 from semid_dist.popularity import PopularityScan, scan_popularity
 from semid_dist.shuffle import Split, Streams, split_tables
 from semid_dist.stages import (
     MOVE_SCHEMA,
-    STAGING,
     JobContext,
     Moves,
     carried_suffixes,

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 from semid_dist import shuffle
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
-from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.store import STAGING, FileEntry, TableStore
 from semid_dist.shuffle import Split
-from semid_dist.stages import STAGING, drift_bucket, drift_split
+from semid_dist.stages import drift_bucket, drift_split
 from semid_dist.summary import format_drift_line
 
 DRIFT_FILE = "drift.json"

@@ -34,7 +34,7 @@ from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
-from semid_dist.io.store import FileEntry, TableStore, new_version_id
+from semid_dist.io.store import STAGING, FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
@@ -47,7 +47,6 @@ from semid_dist.report import write_report
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.shuffle import Split
 from semid_dist.stages import (
-    STAGING,
     JobContext,
     sample_rows,
     scan_keys,

@@ -37,10 +37,9 @@ from semid_dist.codes.pruning import (
 )
 from semid_dist.config import BuildConfig
 from semid_dist.io.catalog import CatalogPlan
-from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.store import STAGING, FileEntry, TableStore
 from semid_dist.shuffle import Streams
 from semid_dist.stages import (
-    STAGING,
     JobContext,
     Moves,
     carried_suffixes,

@@ -75,7 +75,8 @@ class JobContext:
     candidates: int = 1  # last-layer candidate codes staged per item (capacity-bounded SIDs)
     reject_zero_vectors: bool = False  # input.on_zero_vector=reject
     # input.on_duplicate=keep_first: shard index -> the later copies to reject there,
-    # table(offset: int64 sorted rows inside the shard, reason: string); see first_copy_rejects
+    # table(offset: int64 sorted rows inside the shard, reason: string); see
+    # io.duplicates.first_copy_rejects
     duplicate_rows: dict[int, pa.Table] | None = field(default=None, compare=False)
 
     def store(self) -> TableStore:

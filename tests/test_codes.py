@@ -450,12 +450,34 @@ def test_head_tail_partials_are_the_row_mask_partials_bit_for_bit(share, zeros, 
         assert got.pack() == want.pack()
 
 
-@pytest.mark.parametrize("span", [50, COUNT_SPAN, 4 * 3000, 4 * 3000 + 1, 2**40])
+def test_prefix_groups_of_zero_vectors_alone_are_left_out():
+    """The quality table counts and sums the rows with a direction only: a prefix whose rows
+    are all zero vectors has no entry, and a prefix with some keeps the count of the others
+    (the brute-force table of the non-zero rows, bit for bit: zero rows add nothing)."""
+    codes, x, sq = random_batch(n=2000, seed=41)
+    prefix = sid_keys(codes, SIZES, 2)
+    alone = np.unique(prefix)[::3]  # these prefixes: zero vectors only
+    x[np.isin(prefix, alone)] = 0.0
+    x[::7] = 0.0  # and a few zero rows among the others
+    got = partial_from_batch(codes, sq, x, SIZES, quality_depth=2)
+    live = np.einsum("ij,ij->i", x, x, dtype=np.float64) > 0
+    keys, inverse, counts = np.unique(prefix[live], return_inverse=True, return_counts=True)
+    np.testing.assert_array_equal(got.q_keys, keys)
+    np.testing.assert_array_equal(got.q_counts, counts)
+    assert not np.isin(got.q_keys, alone).any()
+    x64 = x[live].astype(np.float64)
+    want = np.zeros((len(keys), x.shape[1]))
+    np.add.at(want, inverse, x64 * (1.0 / np.sqrt(np.einsum("ij,ij->i", x64, x64)))[:, None])
+    np.testing.assert_array_equal(got.q_sums, want)
+    assert got.n == len(codes)
+
+
+@pytest.mark.parametrize("span", [50, COUNT_SPAN, 4 * 3000, 4 * 3000 + 1, 2**20, 2**31, 2**40])
 @pytest.mark.parametrize("n", [0, 1, 3000])
 def test_unique_by_counting_or_sorting_is_numpys_unique(span, n):
-    """Keys in a small span are counted and others sorted: either way the very arrays of
-    np.unique (distinct keys, counts, inverse), so a shard's statistics do not depend on the
-    path."""
+    """Keys in a small span are counted and others sorted (as int32 up to a span of 2^31):
+    either way the very arrays of np.unique (distinct keys, counts, inverse), so a shard's
+    statistics do not depend on the path."""
     keys = np.random.default_rng(span % 1000 + n).integers(0, min(span, 2**40), n)
     keys[:n // 3] = keys[n // 3:2 * (n // 3)]  # repeats
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)

@@ -22,10 +22,10 @@ from semid_dist.codes.headsplit import head_threshold
 from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io import fs as fsio
-from semid_dist.io.store import TableStore
+from semid_dist.io.store import STAGING, TableStore
 from semid_dist.pipeline import _steps_text, build, choose_sample
 from semid_dist.quantize import decode
-from semid_dist.stages import STAGING, JobContext, StepClock, load_codebooks
+from semid_dist.stages import JobContext, StepClock, load_codebooks
 from tests.conftest import REPO, clustered, small_config, write_catalog
 
 

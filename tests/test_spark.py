@@ -18,7 +18,7 @@ import pytest
 
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, read_shard
-from semid_dist.io.store import TableStore
+from semid_dist.io.store import STAGING, TableStore
 from semid_dist.pipeline import build
 from tests.conftest import (
     capacity_ranges_on_engines,
@@ -156,7 +156,6 @@ def test_spark_encode_hands_results_over_wave_by_wave(spark_session, small_catal
     them, and logs progress) while later waves' shards are still to be encoded, and the
     table is the local engine's."""
     from semid_dist.engines.spark import SparkEngine, encode_waves
-    from semid_dist.stages import STAGING
 
     _, x = small_catalog
     catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=100)  # 24 shards
@@ -193,7 +192,6 @@ def test_spark_encode_stopped_by_the_driver_cancels_its_waves(spark_session, sma
     stops the encode: no later wave starts, the waves in flight are cancelled or done, no job
     is left running, nothing is committed, and the session goes on working."""
     from semid_dist.engines.spark import SparkEngine
-    from semid_dist.stages import STAGING
 
     _, x = small_catalog
     catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=100)

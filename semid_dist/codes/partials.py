@@ -49,8 +49,8 @@ def _unique(keys: np.ndarray, span: int, *, inverse: bool = False
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """np.unique of int64 keys in [0, span): (sorted distinct keys (int64), their counts
     (int64), the index of each key's row in them when `inverse`, else None). The same arrays
-    by counting (`COUNT_SPAN`), or by numpy's sort (without the inverse it sorts the keys
-    alone, no argsort; int32 keys where the span allows, which sort faster)."""
+    by counting (`COUNT_SPAN`), or by numpy's sort (as int32 where the span allows, which
+    sorts faster; without the inverse it sorts the keys alone, no argsort)."""
     if span <= max(COUNT_SPAN, 4 * len(keys)):
         counts = np.bincount(keys, minlength=span)
         uniq = np.flatnonzero(counts)
@@ -75,7 +75,8 @@ def _unit_sums(keys: np.ndarray, span: int, x: np.ndarray, take: np.ndarray | No
     [0, span), one per row) and the rows' squared norms (n,) float64, in one pass over x
     (`unit_group_sum`): (keys, counts of rows with a direction (non-zero), float64 sums of
     their unit vectors), keys without such a row left out. The same arrays as grouping the
-    rows with a direction alone: a row without one adds zeros, and leaves its key's count."""
+    rows with a direction alone: a row without one adds zeros and is taken off its key's
+    count. x is finite (`validate_batch` rejects other rows)."""
     uniq, counts, inverse = _unique(keys, span, inverse=True)
     sums, sq_norms = unit_group_sum(inverse, x, len(uniq), take=take)
     no_dir = sq_norms == 0

@@ -1,1 +1,2 @@
-"""Schemas, batch validation, fsspec helpers and the versioned table store."""
+"""Catalog sharding, schemas, batch validation, duplicate ids, fsspec helpers and the
+versioned table store."""

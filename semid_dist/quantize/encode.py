@@ -463,7 +463,9 @@ def unit_group_sum(index: np.ndarray, values: np.ndarray, rows: int, *,
                    take: np.ndarray | None = None, chunk_rows: int = 4096
                    ) -> tuple[np.ndarray, np.ndarray]:
     """`group_sum` of the rows scaled to unit length, and each row's squared length, in one
-    pass over `values` -> ((rows, d) float64 sums, (n,) float64 ||values[i]||^2).
+    pass over `values` -> ((rows, d) float64 sums, (n,) float64 squared lengths of the rows
+    summed: ||values[i]||^2, or ||values[take[i]]||^2 with `take`). take and chunk_rows, and
+    the one torch thread, as `group_sum`.
 
     A row's squared length is the float64 einsum of its float64 copy (numpy's, bit for bit:
     `np.einsum("ij,ij->i", v, v, dtype=np.float64)` for rows of up to 8,192 values, past
