@@ -200,7 +200,8 @@ def keep_freed_memory() -> bool:
     # encode ends: the local engine's driver has just read every shard for the fit sample
     # (in task threads), and a 1.5M-item build (3 x 256, 23 shards) reached 819-868 MiB in
     # its first shards, its peak, against 572-687 with this memory handed back first (its
-    # peak then falls in the collision and drift passes, 794-878 MiB)
+    # peak then falls later: 782-806 MiB in its collision pass and commit, 794-878 with a
+    # drift pass beside a parent version)
     pa.default_memory_pool().release_unused()
     _previous_pool = pa.default_memory_pool()
     pa.set_memory_pool(pool)

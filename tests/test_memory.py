@@ -174,6 +174,7 @@ print(held, rss() - base)
 
 
 @needs_jemalloc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_switching_to_the_encode_pool_hands_back_what_the_pool_before_held():
     """The memory the default pool holds freed when the encode switches Arrow to jemalloc is
     handed back, not left idle beside the new pool's pages (a driver's fit-sample reads
