@@ -17,18 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 import semid_dist
 from semid_dist import shuffle
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
+from semid_dist.codebooks import build_codebooks
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.engines import make_engine
-from semid_dist.errors import ConfigError, InputError, SemidError
+from semid_dist.errors import InputError, SemidError
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
@@ -38,17 +38,12 @@ from semid_dist.io.store import STAGING, FileEntry, TableStore, new_version_id
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
-from semid_dist.quantize.acrq import AcrqSample, split_sample
-from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
-from semid_dist.quantize.model import load_quantizer, quantizer_files
-from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.shuffle import Split
 from semid_dist.stages import (
     JobContext,
-    sample_rows,
     scan_keys,
     sid_items_bucket,
     sid_items_split,
@@ -82,22 +77,6 @@ def make_logger(prefix: str = "semid") -> Log:
 def _redacting(log: Log) -> Log:
     """`log` with credentials in URLs (`s3://KEY:SECRET@...`, `?X-Amz-Signature=`) masked."""
     return lambda msg: log(redact_url(msg))
-
-
-def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, np.ndarray]:
-    """Seeded uniform sample of catalog rows -> {shard index: row indices inside the shard}.
-    Depends only on the catalog's shard layout, the size and the seed."""
-    total = plan.num_rows
-    rows = (np.arange(total) if sample_size >= total else
-            np.sort(np.random.default_rng([seed, 3]).choice(total, sample_size, replace=False)))
-    out: dict[int, np.ndarray] = {}
-    start = 0
-    for shard in plan.shards:
-        lo, hi = np.searchsorted(rows, [start, start + shard.num_rows])
-        if hi > lo:
-            out[shard.index] = rows[lo:hi] - start
-        start += shard.num_rows
-    return out
 
 
 def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
@@ -193,125 +172,6 @@ def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,
     log(f"check: {len(dups)} duplicated item ids ({rows} rows) will be rejected, "
         f"e.g. {examples}")
     return replace(ctx, duplicate_ids=dups)
-
-
-def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
-            log: Log) -> tuple[np.ndarray, np.ndarray | None]:
-    """The fit sample (n, d) float32 and its popularity (n,) (None without the column)."""
-    picks = choose_sample(plan, cfg.fit.sample_size, cfg.seed)
-    parts = engine.map(sample_rows, [(ctx, plan.shards[i], rows) for i, rows in picks.items()])
-    sample = (np.concatenate([x for x, _ in parts]) if parts
-              else np.zeros((0, ctx.dim), np.float32))
-    popularity = (np.concatenate([p for _, p in parts])
-                  if parts and parts[0][1] is not None else None)
-    k_max = max(cfg.quantizer.layers)
-    if len(sample) < k_max:
-        raise InputError(f"the fit sample holds {len(sample)} valid rows, fewer than the largest "
-                         f"codebook ({k_max}); use smaller quantizer.layers or a larger catalog "
-                         "/ fit.sample_size")
-    log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
-    return sample, popularity
-
-
-def _acrq_split(sample: np.ndarray, popularity: np.ndarray | None, ctx: JobContext,
-                cfg: BuildConfig, log: Log) -> AcrqSample | None:
-    """quantizer.method=acrq: the sample's head (popularity >= the scan's head threshold)
-    and tail, with each stage's seeding points; None for other methods."""
-    if cfg.quantizer.method != "acrq":
-        return None
-    if popularity is None or ctx.head_threshold is None:
-        raise ConfigError("quantizer.method=acrq needs input.popularity_column")
-    head = popularity >= ctx.head_threshold
-    log(f"fit: acrq head = {int(head.sum())} sample rows (popularity >= "
-        f"{ctx.head_threshold:g}), tail = {int((~head).sum())}; anchors "
-        f"{list(cfg.anchor_sizes)} of {list(cfg.quantizer.layers)}")
-    return split_sample(sample, head, cfg.quantizer.layers, cfg.anchor_sizes, seed=cfg.seed)
-
-
-def _codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
-               vid: str, log: Log, parent: str | None = None,
-               ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
-    """Fit new codebooks (fit.warm_start=parent: starting from the parent's), or
-    (encode.from_version) reuse a committed version's artifact.
-    Writes the artifact into the new version; returns (files, fit stats, source)."""
-    if cfg.encode.from_version:
-        src = store.resolve(cfg.encode.from_version)
-        blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
-        _, meta = load_artifact(blobs, where=f"codebooks of version {src}")
-        quantizer = load_quantizer(blobs, where=f"codebooks of version {src}")
-        sizes = list(quantizer.sizes)
-        if quantizer.dim != ctx.dim:
-            raise InputError(f"embedding dim {ctx.dim} != codebook dim {quantizer.dim} "
-                             f"(codebooks of version {src}); re-fit with `semid build`")
-        if quantizer.method != cfg.quantizer.method:
-            raise ConfigError(f"quantizer.method={cfg.quantizer.method} but version {src} holds "
-                              f"a {quantizer.method} quantizer; set "
-                              f"quantizer.method={quantizer.method}")
-        if sizes != list(cfg.quantizer.layers):
-            raise ConfigError(f"quantizer.layers={list(cfg.quantizer.layers)} but version {src} "
-                              f"has layers {sizes}; set quantizer.layers={sizes}")
-        if quantizer.method == "acrq" and cfg.learned != ("model" in meta):
-            base = "rq_vae" if "model" in meta else "rq_kmeans"
-            raise ConfigError(f"quantizer.acrq_base={cfg.quantizer.acrq_base} but version {src} "
-                              f"holds ACRQ on {base}; set quantizer.acrq_base={base}")
-        log(f"codebooks: reusing version {src} ({sizes})")
-        files = [store.write_file(vid, f"codebooks/{n}", b) for n, b in blobs.items()]
-        return files, meta.get("training", []), src
-    resumed = _resumed_codebooks(store, vid, log)
-    if resumed is not None:
-        return resumed
-    sample, popularity = _sample(engine, ctx, plan, cfg, log)
-    if engine.warm_up_beside_fit:  # the engine's workers are idle while the driver fits
-        engine.warm_up()
-    seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
-    warm = _warm_start(store, parent, cfg, ctx.dim, log)
-    acrq = _acrq_split(sample, popularity, ctx, cfg, log)
-    fitted, fit_stats = engine.fit(sample, seeds, cfg, log,
-                                   f"{store.version_url(vid)}/{STAGING}", init_centroids=warm,
-                                   acrq=acrq)
-    maybe_die("fit")
-    meta = {"method": cfg.quantizer.method, "layers": list(cfg.quantizer.layers),
-            **({"anchor_layers": list(cfg.anchor_sizes)} if acrq is not None else {}),
-            "config": cfg.to_dict()["quantizer"], "seed": cfg.seed, "training": fit_stats,
-            "warm_start": parent if warm is not None else None}
-    files = [store.write_file(vid, f"codebooks/{n}", b)
-             for n, b in quantizer_files(fitted, meta).items()]
-    return files, fit_stats, "fit"
-
-
-def _warm_start(store: TableStore, parent: str | None, cfg: BuildConfig, dim: int,
-                log: Log) -> list[np.ndarray] | None:
-    """fit.warm_start=parent: the parent's codebooks (checked against quantizer.layers and
-    the catalog dim) to start Lloyd from; None for a cold fit or the table's first build."""
-    if cfg.fit.warm_start != "parent":
-        return None
-    if parent is None:
-        log("fit: fit.warm_start=parent but the table has no committed version yet; "
-            "k-means++ init")
-        return None
-    blobs = {n: store.read_bytes(parent, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
-    codebooks, meta = load_artifact(blobs, where=f"codebooks of version {parent}")
-    if "model" in meta:
-        raise ConfigError(f"fit.warm_start=parent but version {parent} holds a learned "
-                          f"{meta.get('method')} model, whose codebooks live in its latent "
-                          "space; set fit.warm_start=none")
-    log(f"fit: warm start from the codebooks of version {parent}")
-    return check_warm_start(codebooks, cfg.quantizer.layers, dim,
-                            source=f"parent version {parent}")
-
-
-def _resumed_codebooks(store: TableStore, vid: str, log: Log,
-                       ) -> tuple[list[FileEntry], list[dict[str, Any]], str] | None:
-    """The codebooks a killed run of this version already wrote (verified), or None."""
-    names = (ARRAYS_FILE, META_FILE)
-    if not all(store.fs.exists(f"{store.version_dir(vid)}/codebooks/{n}") for n in names):
-        return None
-    blobs = {n: store.read_bytes(vid, f"codebooks/{n}") for n in names}
-    _, meta = load_artifact(blobs, where=f"codebooks of resumed run {vid}")
-    log("codebooks: reusing the fit of the interrupted run")
-    files = [FileEntry(f"codebooks/{n}", 0, len(b), hashlib.sha256(b).hexdigest())
-             for n, b in blobs.items()]
-    return files, meta.get("training", []), "fit"
 
 
 def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
@@ -519,7 +379,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)
         t = time.monotonic()
-        files, fit_stats, source = _codebooks(engine, ctx, plan, cfg, store, vid, log, parent)
+        files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
+                                                   parent)
         timings["fit_s"] = time.monotonic() - t
         if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
             engine.warm_up()

@@ -18,12 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.cli import main
+from semid_dist.codebooks import choose_sample
 from semid_dist.codes.headsplit import head_threshold
 from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io import fs as fsio
 from semid_dist.io.store import STAGING, TableStore
-from semid_dist.pipeline import _steps_text, build, choose_sample
+from semid_dist.pipeline import _steps_text, build
 from semid_dist.quantize import decode
 from semid_dist.stages import JobContext, StepClock, load_codebooks
 from tests.conftest import REPO, clustered, small_config, write_catalog
