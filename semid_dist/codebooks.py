@@ -76,9 +76,9 @@ def _acrq_split(sample: np.ndarray, popularity: np.ndarray | None, ctx: JobConte
     return split_sample(sample, head, cfg.quantizer.layers, cfg.anchor_sizes, seed=cfg.seed)
 
 
-def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
-               vid: str, log: Log, parent: str | None = None,
-               ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
+def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+                    store: TableStore, vid: str, log: Log, parent: str | None = None,
+                    ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
     """Fit new codebooks (fit.warm_start=parent: starting from the parent's), or
     (encode.from_version) reuse a committed version's artifact.
     Writes the artifact into the new version; returns (files, fit stats, source)."""

@@ -20,21 +20,25 @@ fragmented the heap, and peak memory then grew with the catalog (1.22x at 4N aga
 1.14x).
 
 jemalloc's arenas (measured on the 2-core EPYC VM with a 10 ms RSS sampler, the same two
-local builds, 375,000 and 1,500,000 items): jemalloc gives each thread that allocates one of
-its 8 arenas (4 per core), and each arena keeps the pages freed in it. The local engine's
-driver allocates from its main thread, its read-ahead thread and Arrow's I/O threads, so
-the encode stage's resident memory rises as more arenas hold a shard's pages, and the
-longer build reached 797-849 MiB (in its encode shards, or in the SID -> items lookup's
-750,000-row bucket) against 685-711 for the shorter one. One arena
+local builds, 375,000 and 1,500,000 items): jemalloc gives each thread that allocates one
+of its 8 arenas (4 per core), and each arena keeps the pages freed in it. The local
+engine's driver allocates from its main thread, its read-ahead thread and Arrow's I/O
+threads, so the encode stage's resident memory rises as more arenas hold a shard's pages,
+and the longer build reached 804-849 MiB (in its encode shards, or in the SID -> items
+lookup's 750,000-row bucket) against 685-711 for the shorter one. One arena
 (`JE_ARROW_MALLOC_CONF=narenas:1` in the driver's environment) lowered the peaks to 647-676
-and 599-621 MiB, but that arena hands freed pages back at once: a shard's read took 123 ms
-against 100 and its validation 25 against 10, the stage 5.0-5.2 s against 4.8-5.1. Two
-arenas (797-824 / 679-710 MiB), one arena that keeps its pages (791-800 / 699-735) and one
-Arrow I/O thread (`ARROW_IO_THREADS=1`: 775-806 at 1.5M items) did not lower them; a Ray
-encode worker's peak was the same with one arena (683-691 MiB against 689). So the arenas
-stay jemalloc's default, and one arena is a user's trade for the local engine (its
-variable, set by the user, is also what an embedded Ray's workers get instead of
-`KEEP_PAGES_CONF`).
+and 599-621 MiB, but that arena did not reuse freed pages for the next shard (in a probe of
+32 MiB allocations in 2 threads, every task faulted its pages in afresh: 49,000 faults
+against 7,700 with 8 arenas): a shard's read took 123 ms against 100 and its validation 25
+against 10, the stage 5.0-5.2 s against 4.8-5.1. Two arenas (797-824 / 679-710 MiB), one
+arena that keeps its pages (791-800 / 699-735) and one Arrow I/O thread
+(`ARROW_IO_THREADS=1`: 775-806 at 1.5M items) did not lower them; a Ray encode worker's
+peak was the same with one arena (683-691 MiB against 689). So the arenas stay jemalloc's
+default, and one arena is a user's trade for the local engine (its variable, set by the
+user, is also what an embedded Ray's workers and a Spark session's the engine starts get
+instead of `KEEP_PAGES_CONF`). What the arenas keep should stop growing once all 8 hold a
+shard's pages, whatever the catalog's size (not measured past 1.5M items here); the flat
+836 / 835 MiB above were measured on the Xeon benchmark VM.
 
 Huge pages (`encode.huge_pages`): numpy asks Linux to back each array of 4 MiB or more with
 transparent huge pages (`madvise(MADV_HUGEPAGE)`), and Arrow's default pool (mimalloc) asks
@@ -217,7 +221,7 @@ def keep_freed_memory() -> bool:
     # encode ends: the local engine's driver has just read every shard for the fit sample
     # (in task threads), and a 1.5M-item build (3 x 256, 23 shards) reached 819-868 MiB in
     # its first shards, its peak, against 572-687 with this memory handed back first (its
-    # peak then falls later: 797-849 MiB in its encode shards or its SID -> items lookup,
+    # peak then falls later: 804-849 MiB in its later encode shards or its SID -> items lookup,
     # 794-878 with a drift pass beside a parent version; see the module's note on arenas)
     pa.default_memory_pool().release_unused()
     _previous_pool = pa.default_memory_pool()
@@ -228,7 +232,9 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Undo `keep_freed_memory` once the shards are done (the local engine encodes in the
     driver, whose reduce then runs on the default pool again): Arrow's pool back, and
-    jemalloc's kept pages released."""
+    jemalloc's decay 0 for arenas created later. The pages the encode's arenas keep are not
+    handed back: neither this nor the jemalloc pool's `release_unused` lowered the resident
+    memory of a probe (see the module's note on arenas)."""
     global _previous_pool
     import pyarrow as pa
 
