@@ -22,10 +22,11 @@ fragmented the heap, and peak memory then grew with the catalog (1.22x at 4N aga
 jemalloc's arenas (measured on the 2-core EPYC VM with a 10 ms RSS sampler, the same two
 local builds, 375,000 and 1,500,000 items): jemalloc gives each thread that allocates one
 of its 8 arenas (4 per core), and each arena keeps the pages freed in it. The local
-engine's driver allocates from its main thread, its read-ahead thread and Arrow's I/O
-threads, so the encode stage's resident memory rises as more arenas hold a shard's pages,
-and the longer build reached 804-849 MiB (in its encode shards, or in the SID -> items
-lookup's 750,000-row bucket) against 685-711 for the shorter one. One arena
+engine's driver allocates from several threads (its main thread, its read-ahead thread,
+Arrow's I/O threads), and the encode stage's resident memory rose over the stage, as if
+more arenas came to hold a shard's pages (it rose less with one arena, below): the longer
+build reached 804-849 MiB (in its encode shards, or in the SID -> items lookup's
+750,000-row bucket) against 685-711 for the shorter one. One arena
 (`JE_ARROW_MALLOC_CONF=narenas:1` in the driver's environment) lowered the peaks to 647-676
 and 599-621 MiB, but that arena did not reuse freed pages for the next shard (in a probe of
 32 MiB allocations in 2 threads, every task faulted its pages in afresh: 49,000 faults

@@ -259,9 +259,9 @@ def test_cpu_vendor_is_read_from_the_machine():
 
 def test_group_sum_is_one_thread_and_the_same_from_any_thread():
     """The float64 group sum (here its unit-vector form, which runs the same loop and more)
-    runs torch on one thread (off the main thread, as in a Ray Train
-    worker, multi-threaded torch ran 10x slower): the same bits from the main thread and a
-    worker thread at any thread count, and the caller's thread count is left as it was."""
+    runs torch on one thread (off the main thread, as in a Ray Train worker, multi-threaded
+    torch ran 10x slower): the same bits from the main thread and a worker thread at any
+    thread count, and the caller's thread count is left as it was."""
     rng = np.random.default_rng(12)
     x = rng.normal(size=(9000, 16)).astype(np.float32)
     index = rng.integers(0, 50, len(x))
