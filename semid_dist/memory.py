@@ -23,9 +23,9 @@ jemalloc's arenas (measured on the 2-core EPYC VM with a 10 ms RSS sampler, the 
 local builds, 375,000 and 1,500,000 items): jemalloc gives each thread that allocates one
 of its 8 arenas (4 per core), and each arena keeps the pages freed in it. The local
 engine's driver allocates from several threads (its main thread, its read-ahead thread,
-Arrow's I/O threads), and the encode stage's resident memory rose over the stage, as if
-more arenas came to hold a shard's pages (it rose less with one arena, below): the longer
-build reached 804-849 MiB (in its encode shards, or in the SID -> items lookup's
+Arrow's I/O and CPU threads), and the encode stage's resident memory rose over the stage,
+as if more arenas came to hold a shard's pages (it rose less with one arena, below): the
+longer build reached 804-849 MiB (in its encode shards, or in the SID -> items lookup's
 750,000-row bucket) against 685-711 for the shorter one. One arena
 (`JE_ARROW_MALLOC_CONF=narenas:1` in the driver's environment) lowered the peaks to 647-676
 and 599-621 MiB, but that arena did not reuse freed pages for the next shard (in a probe of
@@ -39,7 +39,12 @@ default, and one arena is a user's trade for the local engine (its variable, set
 user, is also what an embedded Ray's workers and a Spark session's the engine starts get
 instead of `KEEP_PAGES_CONF`). What the arenas keep should stop growing once all 8 hold a
 shard's pages, whatever the catalog's size (not measured past 1.5M items here); the flat
-836 / 835 MiB above were measured on the Xeon benchmark VM.
+836 / 835 MiB above were measured on the Xeon benchmark VM. Arrow's CPU threads were among
+those threads: a shard's columns are now decoded in the thread that reads it
+(`io.catalog.READ_THREADS`), and the longer build's encode stage then peaked at 609-636 MiB
+against 768-797 (the same host and sampler, three runs each, in turns), its read-ahead
+thread's read taking 126-135 ms a shard against 99-113 while the build took as long
+(committed in 12.2-12.7 s either way).
 
 Huge pages (`encode.huge_pages`): numpy asks Linux to back each array of 4 MiB or more with
 transparent huge pages (`madvise(MADV_HUGEPAGE)`), and Arrow's default pool (mimalloc) asks
