@@ -20,7 +20,6 @@ from typing import Any
 import pyarrow as pa
 
 import semid_dist
-from semid_dist import shuffle
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
 from semid_dist.codebooks import build_codebooks
 from semid_dist.codes.partials import Partial, StreamMerge, merge
@@ -41,13 +40,8 @@ from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
-from semid_dist.shuffle import Split
-from semid_dist.stages import (
-    JobContext,
-    scan_keys,
-    sid_items_bucket,
-    sid_items_split,
-)
+from semid_dist.sid_items import sid_items_lookup
+from semid_dist.stages import JobContext, scan_keys
 
 Log = Callable[[str], None]
 RUN_FILE = "run.json"
@@ -77,28 +71,6 @@ def make_logger(prefix: str = "semid") -> Log:
 def _redacting(log: Log) -> Log:
     """`log` with credentials in URLs (`s3://KEY:SECRET@...`, `?X-Amz-Signature=`) masked."""
     return lambda msg: log(redact_url(msg))
-
-
-def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
-                     bucket_rows: int = 1_000_000) -> list[FileEntry]:
-    """lookup/sid_items/: SID -> items, one file per hash bucket (about `bucket_rows` items
-    each). With more than one bucket the data parts are first split by bucket
-    (`semid_dist.shuffle`) into the version's staging, each part read once, by one task per
-    group of parts of about `bucket_rows` rows."""
-    store = ctx.store()
-    parts = sorted((store.entry_path(ctx.version_id, f), f.rows) for f in data_files)
-    paths = [p for p, _ in parts]
-    buckets = max(1, -(-sum(f.rows for f in data_files) // bucket_rows))
-    if buckets == 1:
-        return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
-    scratch = f"{store.version_url(ctx.version_id)}/{STAGING}/sid_items"
-    groups = shuffle.group_files(paths, [n for _, n in parts], target_rows=bucket_rows)
-    try:
-        splits = engine.map(sid_items_split, [(ctx, g, buckets, f"{scratch}/{i:06d}")
-                                              for i, g in enumerate(groups)])
-        return engine.map(sid_items_bucket, [(ctx, splits, b) for b in range(buckets)])
-    finally:
-        shuffle.remove(scratch)
 
 
 def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:

@@ -7,7 +7,6 @@ plain data, so any engine gives identical outputs for the same shards.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,8 +22,7 @@ from semid_dist.codes.collisions import (
     last_layer_prefix,
     reassign_overflow,
 )
-from semid_dist.codes.drift import padded_lists
-from semid_dist.codes.keyset import in_sorted, unique_rows
+from semid_dist.codes.keyset import in_sorted
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
 from semid_dist.faults import die_once
@@ -520,56 +518,3 @@ def drift_bucket(root: str, table: str, old: list[Split], new: list[Split],
     fs = TableStore(root, table).fs
     return drift_counts(read_bucket(fs, old, bucket, DRIFT_COLUMNS),
                         read_bucket(fs, new, bucket, DRIFT_COLUMNS))
-
-
-_SID_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                      0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53],
-                     dtype=np.uint64)
-
-
-def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
-    """(n, w) padded SID tokens -> (n,) bucket in [0, buckets), the same in every process."""
-    mult = np.resize(_SID_HASH, tokens.shape[1])
-    with np.errstate(over="ignore"):
-        h = ((tokens + 1).astype(np.uint64) * mult[None, :]).sum(axis=1, dtype=np.uint64)
-    return (h % np.uint64(buckets)).astype(np.int64)
-
-
-SID_ITEMS_COLUMNS = ("item_id", "sid_tokens", "suffix")
-
-
-def _sid_buckets(rows: pa.Table, buckets: int, *, width: int) -> np.ndarray:
-    return sid_bucket(padded_lists(rows.column("sid_tokens"), width), buckets)
-
-
-def sid_items_split(ctx: JobContext, paths: list[str], buckets: int, out_url: str) -> Split:
-    """Split a group of data parts (paths inside the table's filesystem) by SID hash bucket
-    into `out_url` (columns item_id, sid_tokens, suffix; `shuffle.split_files`)."""
-    return split_files(ctx.store().fs, paths, SID_ITEMS_COLUMNS,
-                       functools.partial(_sid_buckets, width=len(ctx.sizes)), buckets, out_url)
-
-
-def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:
-    """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
-    (sid_tokens) with its items in suffix order, from the version's split data parts."""
-    store, width = ctx.store(), len(ctx.sizes)
-    rows = read_bucket(store.fs, splits, bucket, SID_ITEMS_COLUMNS)
-    if rows is None or rows.num_rows == 0:
-        out = pa.table({"sid_tokens": pa.array([], pa.list_(pa.int64())),
-                        "items": pa.array([], pa.list_(pa.int64())),
-                        "count": pa.array([], pa.int64())})
-    else:
-        tokens = padded_lists(rows.column("sid_tokens"), width)
-        uniq, inv = unique_rows(tokens)
-        order = np.lexsort((rows.column("suffix").to_numpy(), inv))
-        counts = np.bincount(inv, minlength=len(uniq))
-        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-        lengths = (uniq >= 0).sum(axis=1)
-        tok_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        out = pa.table({
-            "sid_tokens": pa.ListArray.from_arrays(tok_offsets, pa.array(uniq[uniq >= 0])),
-            "items": pa.ListArray.from_arrays(offsets, pc.take(
-                rows.column("item_id").combine_chunks(), pa.array(order))),
-            "count": counts.astype(np.int64),
-        })
-    return store.write_table(ctx.version_id, f"lookup/sid_items/part-{bucket:05d}.parquet", out)

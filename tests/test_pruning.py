@@ -13,8 +13,9 @@ import pytest
 from semid_dist.codes.pruning import token_offsets
 from semid_dist.engines.local import LocalEngine
 from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.pipeline import build, sid_items_lookup
+from semid_dist.pipeline import build
 from semid_dist.quantize import decode
+from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, load_codebooks
 from tests.conftest import small_config
 

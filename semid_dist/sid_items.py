@@ -1,0 +1,97 @@
+"""The version's SID -> items lookup (lookup/sid_items/): every final SID with its items in
+suffix order, one Parquet file per SID hash bucket of about a million items.
+
+`sid_items_lookup` runs on the driver; with more than one bucket it splits the data parts by
+bucket through the version's staging (`semid_dist.shuffle`, `sid_items_split` tasks), and a
+`sid_items_bucket` task writes each bucket's file.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from semid_dist import shuffle
+from semid_dist.codes.drift import padded_lists
+from semid_dist.codes.keyset import unique_rows
+from semid_dist.io.store import STAGING, FileEntry
+from semid_dist.shuffle import Split, read_bucket, split_files
+from semid_dist.stages import JobContext
+
+
+def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
+                     bucket_rows: int = 1_000_000) -> list[FileEntry]:
+    """lookup/sid_items/: SID -> items, one file per hash bucket (about `bucket_rows` items
+    each). With more than one bucket the data parts are first split by bucket
+    (`semid_dist.shuffle`) into the version's staging, each part read once, by one task per
+    group of parts of about `bucket_rows` rows."""
+    store = ctx.store()
+    parts = sorted((store.entry_path(ctx.version_id, f), f.rows) for f in data_files)
+    paths = [p for p, _ in parts]
+    buckets = max(1, -(-sum(f.rows for f in data_files) // bucket_rows))
+    if buckets == 1:
+        return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
+    scratch = f"{store.version_url(ctx.version_id)}/{STAGING}/sid_items"
+    groups = shuffle.group_files(paths, [n for _, n in parts], target_rows=bucket_rows)
+    try:
+        splits = engine.map(sid_items_split, [(ctx, g, buckets, f"{scratch}/{i:06d}")
+                                              for i, g in enumerate(groups)])
+        return engine.map(sid_items_bucket, [(ctx, splits, b) for b in range(buckets)])
+    finally:
+        shuffle.remove(scratch)
+
+
+_SID_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                      0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53],
+                     dtype=np.uint64)
+
+
+def sid_bucket(tokens: np.ndarray, buckets: int) -> np.ndarray:
+    """(n, w) padded SID tokens -> (n,) bucket in [0, buckets), the same in every process."""
+    mult = np.resize(_SID_HASH, tokens.shape[1])
+    with np.errstate(over="ignore"):
+        h = ((tokens + 1).astype(np.uint64) * mult[None, :]).sum(axis=1, dtype=np.uint64)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+SID_ITEMS_COLUMNS = ("item_id", "sid_tokens", "suffix")
+
+
+def _sid_buckets(rows: pa.Table, buckets: int, *, width: int) -> np.ndarray:
+    return sid_bucket(padded_lists(rows.column("sid_tokens"), width), buckets)
+
+
+def sid_items_split(ctx: JobContext, paths: list[str], buckets: int, out_url: str) -> Split:
+    """Split a group of data parts (paths inside the table's filesystem) by SID hash bucket
+    into `out_url` (columns item_id, sid_tokens, suffix; `shuffle.split_files`)."""
+    return split_files(ctx.store().fs, paths, SID_ITEMS_COLUMNS,
+                       functools.partial(_sid_buckets, width=len(ctx.sizes)), buckets, out_url)
+
+
+def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:
+    """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
+    (sid_tokens) with its items in suffix order, from the version's split data parts."""
+    store, width = ctx.store(), len(ctx.sizes)
+    rows = read_bucket(store.fs, splits, bucket, SID_ITEMS_COLUMNS)
+    if rows is None or rows.num_rows == 0:
+        out = pa.table({"sid_tokens": pa.array([], pa.list_(pa.int64())),
+                        "items": pa.array([], pa.list_(pa.int64())),
+                        "count": pa.array([], pa.int64())})
+    else:
+        tokens = padded_lists(rows.column("sid_tokens"), width)
+        uniq, inv = unique_rows(tokens)
+        order = np.lexsort((rows.column("suffix").to_numpy(), inv))
+        counts = np.bincount(inv, minlength=len(uniq))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        lengths = (uniq >= 0).sum(axis=1)
+        tok_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        out = pa.table({
+            "sid_tokens": pa.ListArray.from_arrays(tok_offsets, pa.array(uniq[uniq >= 0])),
+            "items": pa.ListArray.from_arrays(offsets, pc.take(
+                rows.column("item_id").combine_chunks(), pa.array(order))),
+            "count": counts.astype(np.int64),
+        })
+    return store.write_table(ctx.version_id, f"lookup/sid_items/part-{bucket:05d}.parquet", out)
