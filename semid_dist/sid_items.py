@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from semid_dist import shuffle
 from semid_dist.codes.drift import padded_lists
-from semid_dist.codes.keyset import unique_rows
+from semid_dist.codes.keyset import run_starts, unique_rows
 from semid_dist.io.store import STAGING, FileEntry
 from semid_dist.shuffle import Split, read_bucket, split_files
 from semid_dist.stages import JobContext
@@ -71,6 +71,62 @@ def sid_items_split(ctx: JobContext, paths: list[str], buckets: int, out_url: st
                        functools.partial(_sid_buckets, width=len(ctx.sizes)), buckets, out_url)
 
 
+def sid_keys(col: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, int] | None:
+    """A list column of SID tokens (ints >= 0, at most `width` a list) -> ((n,) int64 keys,
+    radix): each list read as `width` digits in base radix, its tokens plus 1 and then 0s
+    (a null list is all 0s), so the keys order as `padded_lists`' rows do (-1 below every
+    token) and equal keys are equal lists. None where radix ** width reaches 2^62, a token is
+    negative or null, a list is longer than `width`, or the column is not a plain list."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        return None
+    if arr.values.null_count:
+        return None
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    starts = arr.offsets.to_numpy()[:-1]  # into arr.values: nulls and slices included
+    values = arr.values.to_numpy(zero_copy_only=False)
+    if (len(values) and int(values.min()) < 0) or int(lengths.max(initial=0)) > width:
+        return None
+    radix = int(values.max(initial=-1)) + 2
+    if radix**width >= 2**62:
+        return None
+    keys = np.zeros(len(arr), dtype=np.int64)
+    for pos in range(width):
+        keys *= radix
+        rows = np.flatnonzero(lengths > pos)
+        keys[rows] += values[starts[rows] + pos] + 1
+    return keys, radix
+
+
+def key_rows(keys: np.ndarray, radix: int, width: int) -> np.ndarray:
+    """`sid_keys`' keys back to (m, width) int64 token rows, padded with -1."""
+    out = np.empty((len(keys), width), dtype=np.int64)
+    rest = np.asarray(keys, dtype=np.int64)
+    for pos in range(width - 1, -1, -1):
+        rest, digit = np.divmod(rest, radix)
+        out[:, pos] = digit - 1
+    return out
+
+
+def sid_groups(rows: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bucket's rows (sid_tokens, suffix) -> (its distinct SIDs as token rows padded with -1,
+    in lexicographic order (m, width); each one's count of rows (m,); the rows' order by SID,
+    then suffix, then row (n,)). A SID is one int64 key (`sid_keys`) where it fits: for a
+    750,000-row bucket of 3 tokens that sorts 6 MB of keys instead of 18 MB of padded rows
+    and their copies; wider SIDs are sorted as padded rows (`unique_rows`)."""
+    suffix = rows.column("suffix").to_numpy()
+    packed = sid_keys(rows.column("sid_tokens"), width)
+    if packed is None:
+        uniq, inv = unique_rows(padded_lists(rows.column("sid_tokens"), width))
+        return uniq, np.bincount(inv, minlength=len(uniq)), np.lexsort((suffix, inv))
+    keys, radix = packed
+    order = np.lexsort((suffix, keys))
+    keys = keys[order]
+    first = run_starts(keys)
+    counts = np.diff(np.append(np.flatnonzero(first), len(keys)))
+    return key_rows(keys[first], radix, width), counts, order
+
+
 def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:
     """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
     (sid_tokens) with its items in suffix order, from the version's split data parts."""
@@ -81,10 +137,7 @@ def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileE
                         "items": pa.array([], pa.list_(pa.int64())),
                         "count": pa.array([], pa.int64())})
     else:
-        tokens = padded_lists(rows.column("sid_tokens"), width)
-        uniq, inv = unique_rows(tokens)
-        order = np.lexsort((rows.column("suffix").to_numpy(), inv))
-        counts = np.bincount(inv, minlength=len(uniq))
+        uniq, counts, order = sid_groups(rows, width)
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
         lengths = (uniq >= 0).sum(axis=1)
         tok_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 
-def _distinct(s: np.ndarray) -> np.ndarray:
+def run_starts(s: np.ndarray) -> np.ndarray:
     """s: (n,) sorted -> (n,) bool, True at the first of each run of equal values."""
     first = np.empty(len(s), dtype=bool)
     first[:1] = True
@@ -27,7 +27,7 @@ def _distinct(s: np.ndarray) -> np.ndarray:
 def unique_sorted(x: np.ndarray) -> np.ndarray:
     """np.unique(x) of a 1-D integer array: its distinct values, ascending."""
     s = np.sort(np.asarray(x).ravel())
-    return s[_distinct(s)]
+    return s[run_starts(s)]
 
 
 def union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -35,7 +35,7 @@ def union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     their length: a stable sort (timsort) of the two runs merges them."""
     s = np.concatenate([a, b])
     s.sort(kind="stable")
-    return s[_distinct(s)]
+    return s[run_starts(s)]
 
 
 def in_sorted(x: np.ndarray, keys: np.ndarray) -> np.ndarray:

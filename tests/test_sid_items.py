@@ -1,0 +1,76 @@
+"""The SID -> items lookup's grouping: one int64 key per SID (`sid_keys`), the rows back
+from keys (`key_rows`), and a bucket's SIDs with their items in suffix order (`sid_groups`),
+against padded rows and a brute-force grouping in Python."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from semid_dist.codes.drift import padded_lists
+from semid_dist.sid_items import key_rows, sid_groups, sid_keys
+
+
+def _random_sids(rng: np.random.Generator, n: int, width: int, high: int) -> list:
+    """n SIDs of 0..width tokens below `high`, some of them null, many repeated."""
+    pool = [None, []] + [rng.integers(0, high, rng.integers(1, width + 1)).tolist()
+                         for _ in range(max(n // 4, 1))]
+    return [pool[i] for i in rng.integers(0, len(pool), n)]
+
+
+def test_one_key_per_sid_orders_and_decodes_as_padded_rows():
+    rng = np.random.default_rng(3)
+    sids = _random_sids(rng, 3000, 3, 40)
+    whole = pa.array(sids, pa.list_(pa.int64()))
+    # a plain array, a slice of one (its offsets do not start at 0) and a chunked column
+    for col in (whole, whole.slice(700, 1500),
+                pa.chunked_array([whole.slice(0, 1000), whole.slice(1000)])):
+        rows = padded_lists(col, 3)
+        keys, radix = sid_keys(col, 3)
+        assert keys.dtype == np.int64 and radix == 41  # the largest token + 2
+        np.testing.assert_array_equal(key_rows(keys, radix, 3), rows)
+        # keys sort as the padded rows do (-1 below every token), ties in row order
+        np.testing.assert_array_equal(np.argsort(keys, kind="stable"),
+                                      np.lexsort(rows.T[::-1]))
+        # equal keys exactly where the rows are equal
+        _, key_groups = np.unique(keys, return_inverse=True)
+        _, row_groups = np.unique(rows, axis=0, return_inverse=True)
+        np.testing.assert_array_equal(key_groups, row_groups.ravel())
+
+
+@pytest.mark.parametrize("col, width", [
+    (pa.array([[1, 2, 3], [2**21]], pa.list_(pa.int64())), 3),  # (2^21 + 2)^3 >= 2^62
+    (pa.array([[1, -2]], pa.list_(pa.int64())), 3),  # a negative token
+    (pa.array([[1, 2, 3, 4]], pa.list_(pa.int64())), 3),  # longer than the width
+    (pa.array([[1, None]], pa.list_(pa.int64())), 3),  # a null token
+    (pa.array([[1, 2, 3]], pa.list_(pa.int64(), 3)), 3),  # a fixed-size list
+])
+def test_sids_without_one_key_are_declined(col, width):
+    assert sid_keys(col, width) is None
+
+
+def _brute_force(sids: list, suffix: list, width: int):
+    groups: dict[tuple, list] = {}
+    for row, (sid, s) in enumerate(zip(sids, suffix)):
+        key = tuple((sid or []) + [-1] * (width - len(sid or [])))
+        groups.setdefault(key, []).append((s, row))
+    keys = sorted(groups)
+    return (np.array(keys, dtype=np.int64).reshape(len(keys), width),
+            [len(groups[k]) for k in keys],
+            [row for k in keys for _, row in sorted(groups[k])])
+
+
+@pytest.mark.parametrize("high", [50, 2**40])  # one key per SID; padded rows (too wide)
+def test_a_bucket_groups_its_sids_with_their_items_in_suffix_order(high):
+    rng = np.random.default_rng(5)
+    sids = _random_sids(rng, 2000, 3, high)
+    suffix = rng.integers(0, 4, len(sids)).tolist()  # ties too: then row order
+    rows = pa.table({"sid_tokens": pa.array(sids, pa.list_(pa.int64())),
+                     "suffix": pa.array(suffix, pa.int64())})
+    assert (sid_keys(rows.column("sid_tokens"), 3) is None) == (high > 2**20)
+    uniq, counts, order = sid_groups(rows, 3)
+    want_uniq, want_counts, want_order = _brute_force(sids, suffix, 3)
+    np.testing.assert_array_equal(uniq, want_uniq)
+    assert counts.tolist() == want_counts
+    assert order.tolist() == want_order
