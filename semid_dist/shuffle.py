@@ -23,7 +23,6 @@ one after the other.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -99,14 +98,14 @@ def split_tables(tables: Iterable[pa.Table], bucket_of: BucketFn, buckets: int,
     if not parts:
         raise ValueError("split_tables needs at least one table")
     schema = parts[0][0].schema
-    sink, offsets = io.BytesIO(), [0]
-    for b in range(buckets):
-        with pa.ipc.new_stream(sink, schema) as writer:
-            for t, order, bounds in parts:
-                writer.write_table(t.take(pa.array(order[bounds[b]:bounds[b + 1]])))
-        offsets.append(sink.tell())
     out_fs, out_path = fsio.resolve(out_url)
-    fsio.write_bytes(out_fs, out_path, sink.getvalue())
+    offsets = [0]
+    with fsio.staged_output(out_fs, out_path) as sink:  # not in memory beside the rows
+        for b in range(buckets):
+            with pa.ipc.new_stream(sink, schema) as writer:
+                for t, order, bounds in parts:
+                    writer.write_table(t.take(pa.array(order[bounds[b]:bounds[b + 1]])))
+            offsets.append(sink.tell())
     return Split(out_url, tuple(offsets))
 
 

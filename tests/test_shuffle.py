@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import fsspec
@@ -86,3 +87,27 @@ def test_split_files_needs_a_file(tmp_path):
     fs, base = fsio.resolve(str(tmp_path))
     with pytest.raises(ValueError, match="at least one file"):
         split_files(fs, [], ("key",), _by_key, 2, f"{base}/split")
+
+
+
+def test_staged_output_appears_only_complete(folder):
+    """Split files are written through a local file (`fsio.staged_output`), not held in
+    memory: the name appears only once the block ends, and a block that raises leaves the
+    name as it was (here: an older file) and no local temporary."""
+    fs, base = fsio.resolve(folder)
+    path = f"{base}/out/split"
+    with fsio.staged_output(fs, path) as f:
+        f.write(b"first part, ")
+        f.flush()
+        assert not fs.exists(path)  # nothing under the final name while it is written
+        f.write(b"second part")
+        temporary = f.name
+    assert fs.cat_file(path) == b"first part, second part"
+    assert not os.path.exists(temporary)
+    with pytest.raises(OSError, match="disk full"):
+        with fsio.staged_output(fs, path) as f:
+            f.write(b"half of a new file")
+            temporary = f.name
+            raise OSError("disk full")
+    assert fs.cat_file(path) == b"first part, second part"
+    assert not os.path.exists(temporary)

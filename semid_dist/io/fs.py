@@ -4,10 +4,14 @@ keep credentials out of everything written or logged (`redact_url`)."""
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import re
+import tempfile
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -75,6 +79,28 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.mv(tmp, path)
     else:  # object stores publish a PUT atomically
         fs.pipe_file(path, data)
+
+
+@contextmanager
+def staged_output(fs: AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
+    """A local file to write `path`'s bytes into as they come, instead of holding them in
+    memory: renamed to `path` (local filesystems) or uploaded there (any other) when the
+    block ends, so the name appears only complete; a block that raises leaves nothing."""
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.tmp-",
+                               dir=parent if is_local(fs) else None)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        if is_local(fs):
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table,
