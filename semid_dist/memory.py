@@ -35,7 +35,7 @@ against 10, the stage 5.0-5.2 s against 4.8-5.1. Two arenas (797-824 / 679-710 M
 arena that keeps its pages (791-800 / 699-735) and one Arrow I/O thread
 (`ARROW_IO_THREADS=1`: 775-806 at 1.5M items) did not lower them; a Ray encode worker's
 peak was the same with one arena (683-691 MiB against 689). So the arenas stay jemalloc's
-default, and one arena is a user's trade for the local engine (its variable, set by the
+default, and one arena was a user's trade for the local engine (its variable, set by the
 user, is also what an embedded Ray's workers and a Spark session's the engine starts get
 instead of `KEEP_PAGES_CONF`). What the arenas keep should stop growing once all 8 hold a
 shard's pages, whatever the catalog's size (not measured past 1.5M items here); the flat
@@ -44,7 +44,10 @@ those threads: a shard's columns are now decoded in the thread that reads it
 (`io.catalog.READ_THREADS`), and the longer build's encode stage then peaked at 609-636 MiB
 against 768-797 (the same host and sampler, three runs each, in turns), its read-ahead
 thread's read taking 126-135 ms a shard against 99-113 while the build took as long
-(committed in 12.2-12.7 s either way).
+(committed in 12.2-12.7 s either way). With that (and the SID -> items lookup's leaner
+grouping and split files), the two builds peaked at 634-679 / 576-595 MiB, and one arena no
+longer lowered them (625-633 / 588-592, two builds each) while it doubled a shard's
+validation (25 ms against 12): it is no longer a trade worth making.
 
 Huge pages (`encode.huge_pages`): numpy asks Linux to back each array of 4 MiB or more with
 transparent huge pages (`madvise(MADV_HUGEPAGE)`), and Arrow's default pool (mimalloc) asks
@@ -227,8 +230,9 @@ def keep_freed_memory() -> bool:
     # encode ends: the local engine's driver has just read every shard for the fit sample
     # (in task threads), and a 1.5M-item build (3 x 256, 23 shards) reached 819-868 MiB in
     # its first shards, its peak, against 572-687 with this memory handed back first (its
-    # peak then falls later: 804-849 MiB in its later encode shards or its SID -> items lookup,
-    # 794-878 with a drift pass beside a parent version; see the module's note on arenas)
+    # peak then fell later: 804-849 MiB in its later encode shards or its SID -> items lookup,
+    # 794-878 with a drift pass beside a parent version; 634-679 and 714 since: see the
+    # module's note on arenas)
     pa.default_memory_pool().release_unused()
     _previous_pool = pa.default_memory_pool()
     pa.set_memory_pool(pool)

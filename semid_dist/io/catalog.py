@@ -104,9 +104,12 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
 
 # A shard's reader already runs beside one other per core (the engines' tasks and actors,
 # the local engine's read-ahead thread), so Arrow's threads would only add threads that
-# allocate: on the 2-core EPYC VM the local 1.5M-item build (3 x 256, 23 shards) peaked at
-# 629-636 MiB in its encode stage with one thread a read against 768-797 with Arrow's, in the
-# same 12.2-12.7 s; Ray's encode stage ran at 367-386k items/s against 351-377k.
+# allocate. On the 2-core EPYC VM (3 x 256, 1.5M items in 23 shards, runs in turns) the local
+# build's encode stage peaked at 609-636 MiB with one thread a read against 768-797 with
+# Arrow's (three builds each, committed in 12.2-12.7 s either way); the encode stage ran at
+# 273-316k items/s against 296-337k alone on the local engine (six runs each: its read-ahead
+# read, 125-135 ms a shard against ~100, then about as long as the kernel's step), 350-386k
+# against 342-377k on Ray (six each) and 325-343k against 320-336k on Spark (two each).
 READ_THREADS = False
 
 
