@@ -45,8 +45,8 @@ those threads: a shard's columns are now decoded in the thread that reads it
 against 768-797 (the same host and sampler, three runs each, in turns), its read-ahead
 thread's read taking 126-135 ms a shard against 99-113 while the build took as long
 (committed in 12.2-12.7 s either way). With that (and the SID -> items lookup's leaner
-grouping and split files), the two builds peaked at 634-679 / 576-595 MiB, and one arena no
-longer lowered them (625-633 / 588-592, two builds each) while it doubled a shard's
+grouping and split files), the two builds peaked at 634-679 / 576-595 MiB, and one arena
+barely lowered them (625-633 / 588-592, two builds each) while it doubled a shard's
 validation (25 ms against 12): it is no longer a trade worth making.
 
 Huge pages (`encode.huge_pages`): numpy asks Linux to back each array of 4 MiB or more with

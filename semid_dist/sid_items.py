@@ -76,20 +76,21 @@ def sid_keys(col: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, i
     radix): each list read as `width` digits in base radix, its tokens plus 1 and then 0s
     (a null list is all 0s), so the keys order as `padded_lists`' rows do (-1 below every
     token) and equal keys are equal lists. None where radix ** width reaches 2^62, a token is
-    negative or null, a list is longer than `width`, or the column is not a plain list."""
+    negative or null, a list is longer than `width`, or the column is not a list of
+    integers."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
-        return None
-    if arr.values.null_count:
+    plain = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+    if not plain or not pa.types.is_integer(arr.type.value_type) or arr.values.null_count:
         return None
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
     starts = arr.offsets.to_numpy()[:-1]  # into arr.values: nulls and slices included
     values = arr.values.to_numpy(zero_copy_only=False)
     if (len(values) and int(values.min()) < 0) or int(lengths.max(initial=0)) > width:
         return None
-    radix = int(values.max(initial=-1)) + 2
+    radix = int(values.max()) + 2 if len(values) else 1
     if radix**width >= 2**62:
         return None
+    values = values.astype(np.int64, copy=False)  # tokens + 1 in int64, whatever the type
     keys = np.zeros(len(arr), dtype=np.int64)
     for pos in range(width):
         keys *= radix
@@ -112,8 +113,8 @@ def sid_groups(rows: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.n
     """A bucket's rows (sid_tokens, suffix) -> (its distinct SIDs as token rows padded with -1,
     in lexicographic order (m, width); each one's count of rows (m,); the rows' order by SID,
     then suffix, then row (n,)). A SID is one int64 key (`sid_keys`) where it fits: for a
-    750,000-row bucket of 3 tokens that sorts 6 MB of keys instead of 18 MB of padded rows
-    and their copies; wider SIDs are sorted as padded rows (`unique_rows`)."""
+    750,000-row bucket of 3 tokens no padded rows (18 MB) and none of their copies; wider
+    SIDs are sorted as padded rows (`unique_rows`)."""
     suffix = rows.column("suffix").to_numpy()
     packed = sid_keys(rows.column("sid_tokens"), width)
     if packed is None:

@@ -89,7 +89,6 @@ def test_split_files_needs_a_file(tmp_path):
         split_files(fs, [], ("key",), _by_key, 2, f"{base}/split")
 
 
-
 def test_staged_output_appears_only_complete(folder):
     """Split files are written through a local file (`fsio.staged_output`), not held in
     memory: the name appears only once the block ends, and a block that raises leaves the
@@ -104,6 +103,10 @@ def test_staged_output_appears_only_complete(folder):
         temporary = f.name
     assert fs.cat_file(path) == b"first part, second part"
     assert not os.path.exists(temporary)
+    if fsio.is_local(fs):  # the mode a plain new file gets (the umask's), readable by others
+        with open(f"{base}/plain", "wb"):
+            pass
+        assert os.stat(path).st_mode == os.stat(f"{base}/plain").st_mode
     with pytest.raises(OSError, match="disk full"):
         with fsio.staged_output(fs, path) as f:
             f.write(b"half of a new file")

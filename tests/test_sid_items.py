@@ -45,9 +45,26 @@ def test_one_key_per_sid_orders_and_decodes_as_padded_rows():
     (pa.array([[1, 2, 3, 4]], pa.list_(pa.int64())), 3),  # longer than the width
     (pa.array([[1, None]], pa.list_(pa.int64())), 3),  # a null token
     (pa.array([[1, 2, 3]], pa.list_(pa.int64(), 3)), 3),  # a fixed-size list
+    (pa.array([[1.0, 2.0]], pa.list_(pa.float64())), 3),  # not integers
 ])
 def test_sids_without_one_key_are_declined(col, width):
     assert sid_keys(col, width) is None
+
+
+@pytest.mark.parametrize("list_type", [pa.large_list(pa.int64()), pa.list_(pa.uint8()),
+                                       pa.list_(pa.int32())])
+def test_other_list_and_token_types_give_the_same_keys(list_type):
+    """large_list offsets, and tokens at the top of a narrow type (255 in uint8: + 1 must not
+    wrap to the padding's 0), key and decode as int64 lists do."""
+    high = 255 if list_type.value_type == pa.uint8() else 2**20
+    sids = [[high], [], None, [high, 0], [0, high], [high, high, high], [3]] * 5
+    col = pa.array(sids, list_type)
+    keys, radix = sid_keys(col, 3)
+    want_keys, want_radix = sid_keys(pa.array(sids, pa.list_(pa.int64())), 3)
+    assert radix == want_radix == high + 2
+    np.testing.assert_array_equal(keys, want_keys)
+    np.testing.assert_array_equal(key_rows(keys, radix, 3), padded_lists(col, 3))
+    assert len(np.unique(keys)) == 6  # the null list is the empty one
 
 
 def _brute_force(sids: list, suffix: list, width: int):

@@ -103,13 +103,14 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
 
 
 # A shard's reader already runs beside one other per core (the engines' tasks and actors,
-# the local engine's read-ahead thread), so Arrow's threads would only add threads that
-# allocate. On the 2-core EPYC VM (3 x 256, 1.5M items in 23 shards, runs in turns) the local
-# build's encode stage peaked at 609-636 MiB with one thread a read against 768-797 with
-# Arrow's (three builds each, committed in 12.2-12.7 s either way); the encode stage ran at
-# 273-316k items/s against 296-337k alone on the local engine (six runs each: its read-ahead
-# read, 125-135 ms a shard against ~100, then about as long as the kernel's step), 350-386k
-# against 342-377k on Ray (six each) and 325-343k against 320-336k on Spark (two each).
+# the local engine's read-ahead thread), and Arrow's decoding threads beside it hold pages
+# of their own. On the 2-core EPYC VM (3 x 256, 1.5M items in 23 shards, runs in turns),
+# decoding in the reader's thread took the local build's encode-stage peak to 609-636 MiB
+# from 768-797 (three builds each, committed in 12.2-12.7 s either way). The read-ahead
+# thread's read then takes 126-135 ms a shard against 99-113, about as long as the kernel's
+# step: the local engine's encode stage alone ran at 273-316k items/s against 296-337k
+# (six runs each; medians 309k and 312k). Ray's ran at 350-386k against 342-377k (six
+# each), Spark's at 325-343k against 320-336k (two each).
 READ_THREADS = False
 
 

@@ -10,7 +10,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO
 
 import fsspec
@@ -85,21 +85,25 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 def staged_output(fs: AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
     """A local file to write `path`'s bytes into as they come, instead of holding them in
     memory: renamed to `path` (local filesystems) or uploaded there (any other) when the
-    block ends, so the name appears only complete; a block that raises leaves nothing."""
+    block ends, so the name appears only complete; a block that raises leaves nothing. The
+    file's `name` is its local path."""
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.tmp-",
-                               dir=parent if is_local(fs) else None)
+    # beside `path` on a local filesystem (the rename stays on one device), else in the
+    # system's temporary folder (TMPDIR); opened as a new file, so the umask sets its mode
+    name = f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = posixpath.join(parent, name) if is_local(fs) else os.path.join(
+        tempfile.gettempdir(), name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             yield f
         if is_local(fs):
             os.replace(tmp, path)
         else:
             fs.put_file(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        with suppress(FileNotFoundError):
             os.remove(tmp)
 
 
