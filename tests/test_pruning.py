@@ -3,6 +3,7 @@ tables against brute-force recomputation from the raw codes."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from semid_dist.engines.local import LocalEngine
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import decode
-from semid_dist.sid_items import sid_items_lookup
+from semid_dist.sid_items import key_radix, sid_items_lookup
 from semid_dist.stages import JobContext, load_codebooks
 from tests.conftest import small_config
 
@@ -239,6 +240,12 @@ def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
     assert len(split) == 3
     assert sum(len(pq.read_table(store.entry_path(vid, e))) for e in split) == len(want)
     assert lookup(split) == want
+    # layers whose SIDs do not fit one int64 key split their token lists instead (the data
+    # parts' tokens all lie below these sizes, so the lookup is the same)
+    wide = dataclasses.replace(ctx, sizes=(300,) * 8)
+    assert key_radix(wide.sizes) is None and key_radix(ctx.sizes) == sum(LAYERS) + 1
+    assert lookup(sid_items_lookup(LocalEngine(small_config("unused", fitted[2])), wide, data,
+                                   bucket_rows=len(t) // 3)) == want
     # buckets of two parts' rows: each split task reads a group of parts
     calls = []
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.codes.drift import padded_lists
-from semid_dist.sid_items import key_rows, sid_groups, sid_keys
+from semid_dist.errors import StoreError
+from semid_dist.sid_items import key_radix, key_rows, sid_groups, sid_items_split, sid_keys
+from semid_dist.stages import JobContext
 
 
 def _random_sids(rng: np.random.Generator, n: int, width: int, high: int) -> list:
@@ -91,3 +94,29 @@ def test_a_bucket_groups_its_sids_with_their_items_in_suffix_order(high):
     np.testing.assert_array_equal(uniq, want_uniq)
     assert counts.tolist() == want_counts
     assert order.tolist() == want_order
+
+
+def test_a_given_radix_declines_tokens_not_below_it():
+    col = pa.array([[3, 7], [8]], pa.list_(pa.int64()))
+    keys, radix = sid_keys(col, 2, radix=12)  # tokens + 1 up to 9: below 12
+    assert radix == 12 and keys.tolist() == [4 * 12 + 8, 9 * 12]
+    assert sid_keys(col, 2, radix=10) is not None
+    assert sid_keys(col, 2, radix=9) is None  # 8 + 1 is not below 9
+    assert key_radix((256, 256, 256)) == 769  # global tokens: offset of the layer + code
+    assert key_radix((2**21,) * 3) is None
+
+
+def test_a_damaged_data_part_is_named_when_split(tmp_path):
+    """A data part whose sid_tokens are not codes of the version's layers (here 9 with
+    layers of 4 and 4, so tokens lie below 8) fails its split with the part named."""
+    root = str(tmp_path)
+    ctx = JobContext(catalog_url="unused", id_column="item_id", embedding_column="e",
+                     popularity_column=None, dim=2, sizes=(4, 4), root=root, table="t",
+                     version_id="v", quality_depth=1)
+    part = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"item_id": [1, 2], "sid_tokens": [[0, 4], [1, 9]],
+                             "suffix": [0, 0]}), part)
+    with pytest.raises(StoreError, match=r"part\.parquet.*not codes of layers of sizes "
+                                         r"\[4, 4\].*build it again"):
+        sid_items_split(ctx, [str(part)], 2, str(tmp_path / "split"))
+    assert not (tmp_path / "split").exists()
