@@ -77,7 +77,8 @@ def _keyed(rows: pa.Table, path: str, sizes: tuple[int, ...], radix: int) -> pa.
     packed = sid_keys(rows.column("sid_tokens"), len(sizes), radix=radix)
     if packed is None:
         raise StoreError(f"data part {path!r}: sid_tokens that are not codes of layers of "
-                         f"sizes {list(sizes)}; the version is damaged, build it again")
+                         f"sizes {list(sizes)}; the version holding it is damaged: build the "
+                         "table again with a full build")
     return pa.table({"item_id": rows.column("item_id"), "sid_key": packed[0],
                      "suffix": rows.column("suffix")})
 
@@ -90,7 +91,7 @@ def _key_buckets(rows: pa.Table, buckets: int, *, width: int, radix: int) -> np.
 def sid_items_split(ctx: JobContext, paths: list[str], buckets: int, out_url: str) -> Split:
     """Split a group of data parts (paths inside the table's filesystem) by SID hash bucket
     into `out_url` (`shuffle.split_tables`), with the columns item_id, sid_key (a SID as one
-    int64 in base `key_radix`: a row of 24 bytes, against 44 with 3 tokens as a list) and
+    int64 in base `key_radix`: a row of 20 bytes, against 40 with 3 tokens as a list) and
     suffix; with item_id, sid_tokens and suffix where the layers' SIDs do not fit one key."""
     fs, sizes, width = ctx.store().fs, tuple(ctx.sizes), len(ctx.sizes)
     radix = key_radix(sizes)
@@ -143,7 +144,7 @@ def key_rows(keys: np.ndarray, radix: int, width: int) -> np.ndarray:
     return out
 
 
-def sid_groups(rows: pa.Table, width: int, radix: int | None = None
+def sid_groups(rows: pa.Table, width: int, *, radix: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A bucket's rows (sid_tokens or, from split files, sid_key in base `radix`; suffix) ->
     (its distinct SIDs as token rows padded with -1, in lexicographic order (m, width); each
@@ -153,6 +154,8 @@ def sid_groups(rows: pa.Table, width: int, radix: int | None = None
     (`unique_rows`)."""
     suffix = rows.column("suffix").to_numpy()
     if "sid_key" in rows.column_names:  # split streams (`sid_items_split`)
+        if radix is None:
+            raise ValueError("sid_key rows need the radix they were keyed in (key_radix)")
         packed = rows.column("sid_key").to_numpy(), radix
     else:
         packed = sid_keys(rows.column("sid_tokens"), width)
@@ -177,7 +180,7 @@ def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileE
                         "items": pa.array([], pa.list_(pa.int64())),
                         "count": pa.array([], pa.int64())})
     else:
-        uniq, counts, order = sid_groups(rows, width, key_radix(ctx.sizes))
+        uniq, counts, order = sid_groups(rows, width, radix=key_radix(ctx.sizes))
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
         lengths = (uniq >= 0).sum(axis=1)
         tok_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))

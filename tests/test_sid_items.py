@@ -11,7 +11,16 @@ import pytest
 
 from semid_dist.codes.drift import padded_lists
 from semid_dist.errors import StoreError
-from semid_dist.sid_items import key_radix, key_rows, sid_groups, sid_items_split, sid_keys
+from semid_dist.sid_items import (
+    _key_buckets,
+    _keyed,
+    _sid_buckets,
+    key_radix,
+    key_rows,
+    sid_groups,
+    sid_items_split,
+    sid_keys,
+)
 from semid_dist.stages import JobContext
 
 
@@ -117,6 +126,28 @@ def test_a_damaged_data_part_is_named_when_split(tmp_path):
     pq.write_table(pa.table({"item_id": [1, 2], "sid_tokens": [[0, 4], [1, 9]],
                              "suffix": [0, 0]}), part)
     with pytest.raises(StoreError, match=r"part\.parquet.*not codes of layers of sizes "
-                                         r"\[4, 4\].*build it again"):
+                                         r"\[4, 4\].*holding it is damaged"):
         sid_items_split(ctx, [str(part)], 2, str(tmp_path / "split"))
     assert not (tmp_path / "split").exists()
+
+
+def test_split_keys_route_and_group_as_the_token_lists_do():
+    """A split file's rows (item_id, sid_key, suffix) go to the same hash bucket as their
+    token lists, and a bucket groups them into the same SIDs, counts and order; keys need
+    the radix they were made in."""
+    rng = np.random.default_rng(11)
+    sizes = (8, 4, 4)
+    sids = [None if s is None else [t + off for t, off in zip(s, (0, 8, 12))]
+            for s in _random_sids(rng, 1500, 3, 4)]  # global tokens, some short or null
+    lists = pa.table({"item_id": np.arange(len(sids)),
+                      "sid_tokens": pa.array(sids, pa.list_(pa.int64())),
+                      "suffix": pa.array(rng.integers(0, 3, len(sids)), pa.int32())})
+    radix = key_radix(sizes)
+    keyed = _keyed(lists, "part", sizes, radix)
+    assert keyed.column_names == ["item_id", "sid_key", "suffix"]
+    np.testing.assert_array_equal(_key_buckets(keyed, 7, width=3, radix=radix),
+                                  _sid_buckets(lists, 7, width=3))
+    for got, want in zip(sid_groups(keyed, 3, radix=radix), sid_groups(lists, 3)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="radix"):
+        sid_groups(keyed, 3)
