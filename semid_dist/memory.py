@@ -40,14 +40,16 @@ user, is also what an embedded Ray's workers and a Spark session's the engine st
 instead of `KEEP_PAGES_CONF`). What the arenas keep should stop growing once all 8 hold a
 shard's pages, whatever the catalog's size (not measured past 1.5M items here); the flat
 836 / 835 MiB above were measured on the Xeon benchmark VM. Arrow's CPU threads were among
-those threads: a shard's columns are now decoded in the thread that reads it
-(`io.catalog.READ_THREADS`), and the longer build's encode stage then peaked at 609-636 MiB
-against 768-797 (the same host and sampler, three runs each, in turns), its read-ahead
+the driver's allocating threads: a shard's columns are now decoded in the thread that reads
+it (`io.catalog.READ_THREADS`), and the longer build's encode stage then peaked at 609-636
+MiB against 768-797 (the same host and sampler, three runs each, in turns), its read-ahead
 thread's read taking 126-135 ms a shard against 99-113 while the build took as long
 (committed in 12.2-12.7 s either way). With that (and the SID -> items lookup's leaner
 grouping and split files), the two builds peaked at 634-679 / 576-595 MiB, and one arena
 barely lowered them (625-633 / 588-592, two builds each) while it doubled a shard's
-validation (25 ms against 12): it is no longer a trade worth making.
+validation (25 ms against 12): it is no longer a trade worth making. Since the lookup's
+split files carry one key per SID, the builds peak at 636-647 / 587-604 MiB, the longer one
+in its encode stage or its report (`semid_dist.sid_items`).
 
 Huge pages (`encode.huge_pages`): numpy asks Linux to back each array of 4 MiB or more with
 transparent huge pages (`madvise(MADV_HUGEPAGE)`), and Arrow's default pool (mimalloc) asks
@@ -230,9 +232,9 @@ def keep_freed_memory() -> bool:
     # encode ends: the local engine's driver has just read every shard for the fit sample
     # (in task threads), and a 1.5M-item build (3 x 256, 23 shards) reached 819-868 MiB in
     # its first shards, its peak, against 572-687 with this memory handed back first (its
-    # peak then fell later: 804-849 MiB in its later encode shards or its SID -> items lookup,
-    # 794-878 with a drift pass beside a parent version; 634-679 and 714 since: see the
-    # module's note on arenas)
+    # peak then fell later: 804-849 MiB in its later encode shards or its SID -> items
+    # lookup, 794-878 with a drift pass beside a parent version; 636-647 and 714 since: see
+    # the module's note on arenas)
     pa.default_memory_pool().release_unused()
     _previous_pool = pa.default_memory_pool()
     pa.set_memory_pool(pool)
