@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import math
 import random
+import warnings
 from collections import Counter, defaultdict
 from fractions import Fraction
 
@@ -499,6 +500,42 @@ def test_merge_with_an_empty_partial_is_identity():
     assert empty.n == 0 and all(int(c.sum()) == 0 for c in empty.layer_counts)
     assert_partials_equal(merge(empty, whole), whole)
     assert_partials_equal(merge_all([whole, empty]), whole)
+
+
+def test_merge_adds_the_unit_sums_row_by_row_as_zero_plus_a_plus_b():
+    """The merged unit-vector sums are 0 + a + b per key, bit for bit (keys in one side only
+    included, a -0.0 becoming +0.0 as 0 + -0.0 does), whatever form the inputs come in:
+    read-only arrays (a staged result's views) and float32 (as staged) give the same bytes."""
+    rng = np.random.default_rng(7)
+    ka, kb = np.array([1, 4, 5, 9, 12]), np.array([0, 4, 9, 10, 12, 30])
+    sa, sb = rng.standard_normal((len(ka), 6)), rng.standard_normal((len(kb), 6))
+    sa[2, 3] = sb[0, 1] = -0.0
+    uniq = np.union1d(ka, kb)
+    expect = np.zeros((len(uniq), 6))
+    expect[np.searchsorted(uniq, ka)] = sa
+    expect[np.searchsorted(uniq, kb)] += sb
+
+    def partial(keys, sums):
+        return Partial(n=len(keys), layer_counts=[np.zeros(2, np.int64)],
+                       sid_keys=np.zeros(0, np.int64), sid_counts=np.zeros(0, np.int64),
+                       sq_res_sum=np.zeros(1), res_norm_sum=np.zeros(1), x_sq_sum=0.0,
+                       q_keys=keys, q_counts=np.ones(len(keys), np.int64), q_sums=sums,
+                       trans_keys=[], trans_counts=[])
+
+    for form in (lambda a: a, lambda a: np.frombuffer(a.tobytes()).reshape(a.shape)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns on a read-only array it wraps
+            got = merge(partial(ka, form(sa)), partial(kb, form(sb)))
+        np.testing.assert_array_equal(got.q_keys, uniq)
+        assert got.q_sums.dtype == np.float64
+        assert got.q_sums.tobytes() == expect.tobytes()
+        np.testing.assert_array_equal(got.q_counts, np.isin(uniq, ka).astype(int)
+                                      + np.isin(uniq, kb))
+    low = merge(partial(ka, sa.astype(np.float32)), partial(kb, sb.astype(np.float32)))
+    ref = np.zeros((len(uniq), 6))
+    ref[np.searchsorted(uniq, ka)] = sa.astype(np.float32)
+    ref[np.searchsorted(uniq, kb)] += sb.astype(np.float32)
+    assert low.q_sums.tobytes() == ref.tobytes()
 
 
 def test_merge_all_needs_at_least_one_partial():

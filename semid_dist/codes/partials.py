@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
 
 from semid_dist import packing
 from semid_dist.codes.keyset import union_sorted
-from semid_dist.quantize.encode import unit_group_sum
+from semid_dist.quantize.encode import one_torch_thread, unit_group_sum
 
 
 def radix(sizes: tuple[int, ...] | list[int]) -> np.ndarray:
@@ -237,10 +238,29 @@ def _merge_keyed(ka, ca, kb, cb, sa=None, sb=None):
     counts[ib] += cb
     if sa is None:
         return uniq, counts, None
-    sums = np.zeros((len(uniq), sa.shape[1]), dtype=np.float64)
-    sums[ia] = sa
-    sums[ib] += sb  # b's keys are unique, so each row is added once
-    return uniq, counts, sums
+    return uniq, counts, one_torch_thread(_placed_sum, len(uniq), ia, sa, ib, sb)
+
+
+def _placed_sum(rows: int, ia: np.ndarray, sa: np.ndarray, ib: np.ndarray, sb: np.ndarray
+                ) -> np.ndarray:
+    """(rows, d) float64: zeros, a's rows placed at rows ia, then b's added at rows ib (each
+    index unique, so each row adds once: 0 + a + b, as numpy's `out[ia] = sa; out[ib] += sb`).
+    Torch's index_copy_ / index_add_ work in place, where numpy's `out[ib] += sb` gathers the
+    rows into a temporary, adds into another and scatters them back: fresh pages for each of
+    them. A 1.5M-item build's shard statistics (3 x 256, d = 128: 23 shards, head and tail)
+    merged in ~0.3 s against ~0.8 (sampled), in a driver that shares the cores with the
+    workers: the Ray driver's CPU in the encode stage fell from 0.53-0.55 s to 0.45-0.46."""
+    out = torch.zeros((rows, sa.shape[1]), dtype=torch.float64)
+    out.index_copy_(0, torch.from_numpy(ia), _rows_tensor(sa))
+    out.index_add_(0, torch.from_numpy(ib), _rows_tensor(sb))
+    return out.numpy()
+
+
+def _rows_tensor(a: np.ndarray) -> torch.Tensor:
+    """A float64 tensor over `a`'s rows (copied only where `a` is not float64, contiguous
+    and writable: torch warns on read-only arrays)."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def merge(a: Partial, b: Partial) -> Partial:
