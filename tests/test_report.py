@@ -72,6 +72,45 @@ def test_other_figures_are_pngs():
     png_size(F.head_tail_figure(part, dict(part, items=3)))
 
 
+def test_every_figure_keeps_its_labels_inside_the_picture(monkeypatch):
+    """The figures are placed by fixed margins (no layout engine): with the widest labels a
+    catalog gives (counts to 10^8, 4,096-token layers, eight layers, SIDs of a million items
+    with slanted bin labels) every tick label, axis label, title and legend lies inside the
+    picture, none cut off at its edge or drawn outside it, and axes side by side keep their
+    labels apart."""
+    drawn = []
+
+    def keep(fig):  # each figure as it is saved, for its artists' extents
+        drawn.append(fig)
+        return png(fig)
+
+    png = F._png
+    monkeypatch.setattr(F, "_png", keep)
+    rng = np.random.default_rng(3)
+    wide = [np.sort(rng.integers(0, 10**8, size=4096))[::-1] for _ in range(8)]
+    routes = flows([1] * 4 + [7] * 4, [0, 1, 2, 3] * 2, [3, 2, 1, 0] * 2, [10**8, 5, 4, 3] * 2)
+    sizes = 2 ** np.arange(21)
+    part = {"items": 10**8, "gini": [0.99] * 8, "entropy_norm": [0.01] * 8}
+    F.token_flow_figure(wide, routes, pruned=[c > 10**7 for c in wide])
+    F.rank_frequency_figure(wide)
+    F.lorenz_figure(wide)
+    F.pruning_figure(wide, [c // 3 for c in wide], strategy="top_k")
+    F.sid_size_figure(sizes, 10**8 // sizes, 10**8 // sizes)
+    F.residual_norm_figure([1e3] * 8, [1e6] * 8)
+    F.head_tail_figure(part, dict(part, items=10**7))
+    assert len(drawn) == 7
+    for fig in drawn:
+        renderer = fig.canvas.get_renderer()
+        inside = fig.bbox.padded(-1)  # 1 pixel in from each edge
+        box = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
+        title = fig.axes[0].get_title() or fig.axes[0].title.get_text()
+        assert (box.x0 >= inside.x0 and box.y0 >= inside.y0 and box.x1 <= inside.x1
+                and box.y1 <= inside.y1), f"{title!r}: artists span {box}, picture {fig.bbox}"
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]  # side by side, apart
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 < right.x0, f"{title!r}: the axes' labels overlap"
+
+
 def test_size_bins_sum_the_histogram_into_doubling_bins():
     rng = np.random.default_rng(4)
     size = np.unique(rng.integers(1, 3000, 200))
