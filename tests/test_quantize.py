@@ -25,11 +25,10 @@ from semid_dist.quantize.encode import (
     CPU_TILE_BYTES,
     CPU_TILE_MIN_ROWS,
     GPU_TILE_BYTES,
-    group_sum,
     set_cpu_threads,
     tile_rows,
-    unit_group_sum,
 )
+from semid_dist.quantize.group_sum import group_sum, unit_group_sum
 from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import DEMO, clustered

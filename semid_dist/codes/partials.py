@@ -16,7 +16,7 @@ import torch
 
 from semid_dist import packing
 from semid_dist.codes.keyset import union_sorted
-from semid_dist.quantize.encode import one_torch_thread, unit_group_sum
+from semid_dist.quantize.group_sum import one_torch_thread, unit_group_sum
 
 
 def radix(sizes: tuple[int, ...] | list[int]) -> np.ndarray:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.quantize.encode import group_sum, nearest
+from semid_dist.quantize.encode import nearest
+from semid_dist.quantize.group_sum import group_sum
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
