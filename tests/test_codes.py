@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import math
 import random
-import warnings
 from collections import Counter, defaultdict
 from fractions import Fraction
 
@@ -31,6 +30,7 @@ from semid_dist.codes.partials import (
     COUNT_SPAN,
     Partial,
     StreamMerge,
+    _rows_tensor,
     _unique,
     head_tail_partials,
     merge,
@@ -502,10 +502,12 @@ def test_merge_with_an_empty_partial_is_identity():
     assert_partials_equal(merge_all([whole, empty]), whole)
 
 
-def test_merge_adds_the_unit_sums_row_by_row_as_zero_plus_a_plus_b():
-    """The merged unit-vector sums are 0 + a + b per key, bit for bit (keys in one side only
-    included, a -0.0 becoming +0.0 as 0 + -0.0 does), whatever form the inputs come in:
-    read-only arrays (a staged result's views) and float32 (as staged) give the same bytes."""
+def test_merge_places_a_then_adds_b_as_numpy_fancy_indexing_does():
+    """The merged unit-vector sums are numpy's `out[ia] = sa; out[ib] += sb` bit for bit
+    (keys in one side only included; a -0.0 of a alone stays, one of b alone becomes 0 +
+    -0.0 = +0.0), whatever form the inputs come in: read-only arrays (a staged result's
+    views) and float32 (as staged) give the same bytes, and a read-only input is copied, not
+    wrapped (torch warns on those, once per process)."""
     rng = np.random.default_rng(7)
     ka, kb = np.array([1, 4, 5, 9, 12]), np.array([0, 4, 9, 10, 12, 30])
     sa, sb = rng.standard_normal((len(ka), 6)), rng.standard_normal((len(kb), 6))
@@ -523,14 +525,16 @@ def test_merge_adds_the_unit_sums_row_by_row_as_zero_plus_a_plus_b():
                        trans_keys=[], trans_counts=[])
 
     for form in (lambda a: a, lambda a: np.frombuffer(a.tobytes()).reshape(a.shape)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # torch warns on a read-only array it wraps
-            got = merge(partial(ka, form(sa)), partial(kb, form(sb)))
+        got = merge(partial(ka, form(sa)), partial(kb, form(sb)))
         np.testing.assert_array_equal(got.q_keys, uniq)
         assert got.q_sums.dtype == np.float64
         assert got.q_sums.tobytes() == expect.tobytes()
         np.testing.assert_array_equal(got.q_counts, np.isin(uniq, ka).astype(int)
                                       + np.isin(uniq, kb))
+    read_only = np.frombuffer(sa.tobytes()).reshape(sa.shape)
+    wrapped = _rows_tensor(read_only).numpy()
+    assert wrapped.flags.writeable and not np.shares_memory(wrapped, read_only)
+    assert np.shares_memory(_rows_tensor(sa).numpy(), sa)  # a writable float64 one is not copied
     low = merge(partial(ka, sa.astype(np.float32)), partial(kb, sb.astype(np.float32)))
     ref = np.zeros((len(uniq), 6))
     ref[np.searchsorted(uniq, ka)] = sa.astype(np.float32)

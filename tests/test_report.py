@@ -75,9 +75,10 @@ def test_other_figures_are_pngs():
 def test_every_figure_keeps_its_labels_inside_the_picture(monkeypatch):
     """The figures are placed by fixed margins (no layout engine): with the widest labels a
     catalog gives (counts to 10^8, 4,096-token layers, eight layers, SIDs of a million items
-    with slanted bin labels) every tick label, axis label, title and legend lies inside the
-    picture, none cut off at its edge or drawn outside it, and axes side by side keep their
-    labels apart."""
+    with slanted bin labels), with counts within one decade (a log axis then labels its
+    minor ticks) and with one or two layers, every tick label, axis label, title and legend
+    lies inside the picture, none cut off at its edge or drawn outside it, and axes side by
+    side keep their labels apart."""
     drawn = []
 
     def keep(fig):  # each figure as it is saved, for its artists' extents
@@ -98,12 +99,17 @@ def test_every_figure_keeps_its_labels_inside_the_picture(monkeypatch):
     F.sid_size_figure(sizes, 10**8 // sizes, 10**8 // sizes)
     F.residual_norm_figure([1e3] * 8, [1e6] * 8)
     F.head_tail_figure(part, dict(part, items=10**7))
-    assert len(drawn) == 7
+    balanced = [rng.integers(4_660, 7_060, size=256) for _ in range(3)]  # within a decade
+    F.rank_frequency_figure(balanced)
+    F.pruning_figure(balanced, balanced, strategy="drop_layer")
+    for layers in (1, 2):
+        F.token_flow_figure(balanced[:layers], routes if layers > 1 else NO_FLOWS)
+    assert len(drawn) == 11
     for fig in drawn:
         renderer = fig.canvas.get_renderer()
         inside = fig.bbox.padded(-1)  # 1 pixel in from each edge
         box = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
-        title = fig.axes[0].get_title() or fig.axes[0].title.get_text()
+        title = fig.axes[0].get_title()
         assert (box.x0 >= inside.x0 and box.y0 >= inside.y0 and box.x1 <= inside.x1
                 and box.y1 <= inside.y1), f"{title!r}: artists span {box}, picture {fig.bbox}"
         boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]  # side by side, apart

@@ -21,8 +21,9 @@ _COLUMN_WIDTH = 0.16
 
 
 # Margins in inches (left, right, bottom, top) around the axes: room for tick labels and an
-# axis label at left and bottom, a title at top
-MARGINS = (0.75, 0.15, 0.55, 0.35)
+# axis label at left and bottom, a title at top. At left, a log axis spanning less than a
+# decade labels its minor ticks too ("6x10^3")
+MARGINS = (0.95, 0.15, 0.55, 0.35)
 
 
 def _figure(width: float, height: float, ncols: int = 1, *, share: bool = False,
@@ -32,7 +33,8 @@ def _figure(width: float, height: float, ncols: int = 1, *, share: bool = False,
     placed by fixed margins (inches; `gap`: the space between axes, a share of an axes'
     width). No layout engine: matplotlib's constrained layout measured every label twice
     before drawing; a version's figures (3 x 256 layers) took 0.80-1.0 s against 1.25-1.44
-    with it. The margins hold the widest labels a catalog gives (tests/test_report.py)."""
+    with it. tests/test_report.py checks that the margins hold the labels of wide and narrow
+    count ranges and of one to eight layers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -167,7 +169,8 @@ def token_flow_figure(layer_items: Sequence[np.ndarray], flows: dict[str, np.nda
     (drawn red). Returns PNG bytes.
     """
     n_layers = len(layer_items)
-    fig, (ax,) = _figure(max(6.0, 3.4 * n_layers), 7.0, margins=(0.1, 0.1, 0.1, 0.35))
+    # at least as wide as the title (one or two layers)
+    fig, (ax,) = _figure(max(7.8, 3.4 * n_layers), 7.0, margins=(0.1, 0.1, 0.1, 0.35))
     layouts = [_column_layout(c) for c in layer_items]
     for layer, (order, top, height) in enumerate(layouts):
         _draw_column(ax, layer, order, top, height, None if pruned is None else pruned[layer])
@@ -278,8 +281,11 @@ def sid_size_figure(items_per_sid: np.ndarray, sids_before: np.ndarray,
         pos = np.arange(len(labels))
         ax.bar(pos - 0.2, before, width=0.4, label="before pruning (full codes)")
         ax.bar(pos + 0.2, after, width=0.4, label="after pruning (final SIDs)")
-        ax.set_xticks(pos, labels, rotation=45 if len(labels) > 10 else 0, fontsize=8)
-        if len(labels) > 10:  # room for the slanted labels (8 pt: ~0.05 inch a character)
+        ax.set_xticks(pos, labels, fontsize=8)
+        if len(labels) > 10:  # slanted, each ending at its tick, with room below
+            ax.tick_params(axis="x", labelrotation=45)
+            for label in ax.get_xticklabels():
+                label.set(ha="right", rotation_mode="anchor")
             _set_margins(fig, *MARGINS[:2], 0.45 + 0.05 * max(map(len, labels)), MARGINS[3])
         ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -307,8 +313,9 @@ def pruning_figure(before: Sequence[np.ndarray], after: Sequence[np.ndarray], *,
             ax.legend(fontsize=8)
         else:
             _empty_note(ax, "no items")
-        ax.set(xlabel="token rank", ylabel="items", title=name)
+        ax.set(xlabel="token rank", title=name)
         ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("items")  # the axes share it
     return _png(fig)
 
 
