@@ -35,19 +35,18 @@ from semid_dist.io.catalog import CatalogPlan, Shard
 from semid_dist.io.duplicates import copy_rejects, find_duplicates, later_copies
 from semid_dist.io.store import STAGING, FileEntry
 from semid_dist.popularity import PopularityScan, scan_popularity
-from semid_dist.shuffle import Split, Streams, split_tables
-from semid_dist.stages import (
+from semid_dist.reduce_tasks import (
     MOVE_SCHEMA,
-    JobContext,
     Moves,
     carried_suffixes,
     colliding_rows,
     column_matrix,
     overflow_rows,
     reassign,
-    scan_keys,
     shard_moves,
 )
+from semid_dist.shuffle import Split, Streams, split_tables
+from semid_dist.stages import JobContext, scan_keys
 
 Log = Callable[[str], None]
 

@@ -28,7 +28,8 @@ from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError, InputError, StoreError
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
-from semid_dist.stages import JobContext, carry_part, staged_ids
+from semid_dist.reduce_tasks import carry_part, staged_ids
+from semid_dist.stages import JobContext
 
 Log = Callable[[str], None]
 STATS_PARTIAL = "stats/partial_all.npz"

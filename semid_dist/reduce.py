@@ -38,9 +38,7 @@ from semid_dist.codes.pruning import (
 from semid_dist.config import BuildConfig
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import STAGING, FileEntry, TableStore
-from semid_dist.shuffle import Streams
-from semid_dist.stages import (
-    JobContext,
+from semid_dist.reduce_tasks import (
     Moves,
     carried_suffixes,
     colliding_rows,
@@ -51,6 +49,8 @@ from semid_dist.stages import (
     shard_moves,
     suffix_tables,
 )
+from semid_dist.shuffle import Streams
+from semid_dist.stages import JobContext
 
 Log = Callable[[str], None]
 
