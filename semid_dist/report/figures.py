@@ -32,7 +32,7 @@ def _figure(width: float, height: float, ncols: int = 1, *, share: bool = False,
     """A figure on its own Agg canvas (no pyplot, no global backend switch) and its axes,
     placed by fixed margins (inches; `gap`: the space between axes, a share of an axes'
     width). No layout engine: matplotlib's constrained layout measured every label twice
-    before drawing; a version's figures (3 x 256 layers) took 0.80-1.0 s against 1.25-1.44
+    before drawing; a version's figures (3 x 256 layers) took 0.80-1.06 s against 1.25-1.44
     with it. tests/test_report.py checks that the margins hold the labels of wide and narrow
     count ranges and of one to eight layers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
