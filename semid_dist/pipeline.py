@@ -12,7 +12,6 @@ import hashlib
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,12 +21,13 @@ import pyarrow as pa
 import semid_dist
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
 from semid_dist.codebooks import build_codebooks
-from semid_dist.codes.partials import Partial, StreamMerge, merge
+from semid_dist.codes.partials import Partial, merge
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
+from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import make_engine
-from semid_dist.errors import InputError, SemidError
+from semid_dist.errors import InputError
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
@@ -39,14 +39,11 @@ from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
-from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
 
 Log = Callable[[str], None]
 RUN_FILE = "run.json"
-# Statistics parts of a shard result: all items, and the popularity head / tail.
-PARTS = ("all", "head", "tail")
 
 
 @dataclass(frozen=True)
@@ -165,108 +162,6 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return None
 
 
-def _encode(engine, ctx: JobContext, plan: CatalogPlan, log: Log, timings: dict[str, float]):
-    """Run the encode stage over the shards a killed run of this version did not finish;
-    returns ({"all"|"head"|"tail": merged statistics}, counts, reject files, rejected rows per
-    reason). Sets timings["encode_first_shard_s"]: seconds until the engine's first shard
-    result (its start-up plus one shard; the rest of the stage is its steady pace), and
-    timings["encode_worker_<step>_s"]: the workers' seconds in each step of a shard
-    (`EncodeWorker`), summed over the shards this run encoded.
-
-    Shard statistics are merged in shard order as results arrive (results that come early
-    wait for their turn), so the merge is the same on every engine whatever order its shards
-    finish in. An engine carries a shard's counts only; its statistics are read from the
-    shard's staged result at its turn, so memory holds O(log shards) partials, however many
-    results wait or however many an engine collects at once. With a head / tail split a
-    shard stages only those two, and the whole catalog's statistics are the merge of the
-    merged head and the merged tail."""
-    merged = {part: StreamMerge() for part in PARTS}
-    waiting: set[int] = set()
-    order = iter(sorted(s.index for s in plan.shards))
-    turn = next(order, None)
-    counts = {"input": 0, "encoded": 0, "rejected": 0}
-    rejects: list[FileEntry] = []
-    reasons: Counter[str] = Counter()
-    steps: Counter[str] = Counter()  # worker seconds per step, of this run's shards
-    store = ctx.store()
-    done = load_shard_results(store, ctx.version_id)
-    todo = [s for s in plan.shards if s.index not in done]
-    if done:
-        log(f"encode: {len(done)} shards done by the interrupted run, {len(todo)} to go")
-
-    def results():
-        yield from (done[i] for i in sorted(done))
-        start = time.monotonic()
-        for n, res in enumerate(engine.encode(ctx, todo)):
-            if n == 0:
-                timings["encode_first_shard_s"] = time.monotonic() - start
-            if n == 1:
-                maybe_die("encode")
-            yield res
-
-    for i, res in enumerate(results(), 1):
-        waiting.add(res["index"])
-        while turn in waiting:
-            waiting.remove(turn)
-            # a shard split into head and tail stages those two; "all" is their merge (below)
-            for part, partial in load_shard_statistics(store, ctx.version_id, turn).items():
-                merged[part].push(partial)
-            turn = next(order, None)
-        counts["input"] += res["rows"]
-        counts["encoded"] += res["encoded"]
-        counts["rejected"] += res["rejected"]
-        reasons.update(json.loads(res.get("reasons") or "{}"))
-        steps.update(json.loads(res.get("seconds") or "{}"))
-        if res["rejects_file"] is not None:
-            rejects.append(res["rejects_file"])
-        if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
-            log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
-                f"{counts['rejected']} rejected")
-    if waiting or turn is not None:
-        raise SemidError(f"encode: the engine returned no result for shard {turn}; nothing "
-                         "was committed. Re-run the build: finished shards are reused")
-    if reasons:
-        log(f"encode: rejected rows by reason: {_reasons_text(reasons)}")
-    if steps and todo:
-        timings.update({f"encode_worker_{step}_s": s for step, s in steps.items()})
-        log(f"encode: worker time per shard ({len(todo)} shards): {_steps_text(steps, len(todo))}")
-    partials = {part: m.result() for part, m in merged.items() if len(m)}
-    if "all" not in partials:
-        partials["all"] = merge(partials["head"], partials["tail"])
-    return partials, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
-
-
-def _reasons_text(reasons: dict[str, int], top: int = 4) -> str:
-    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
-    text = ", ".join(f"{n} {why}" for why, n in ranked[:top])
-    return text + (f", {len(ranked) - top} more reasons" if len(ranked) > top else "")
-
-
-def _steps_text(steps: dict[str, float], shards: int) -> str:
-    """'read 62 ms (19%), validate 10 ms (3%), ...': each step's mean per shard and share."""
-    total = sum(steps.values()) or 1.0
-    return ", ".join(f"{step} {s / shards * 1e3:.0f} ms ({s / total:.0%})"
-                     for step, s in steps.items())
-
-
-def _check_rejects(counts: dict[str, int], reasons: dict[str, int], cfg: BuildConfig) -> None:
-    """Fail (nothing committed) on any rejected row under input.on_bad_rows=fail, or above
-    input.max_reject_fraction; the message counts the rejected rows by reason."""
-    why = _reasons_text(reasons)
-    if counts["rejected"] and cfg.input.on_bad_rows == "fail":
-        raise InputError(f"{counts['rejected']} bad rows ({why}) and input.on_bad_rows=fail; "
-                         "nothing was committed. Fix the catalog or set "
-                         "input.on_bad_rows=reject")
-    share = counts["rejected"] / max(counts["input"], 1)
-    if share > cfg.input.max_reject_fraction:
-        raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}: "
-                         f"{why}) > input.max_reject_fraction="
-                         f"{cfg.input.max_reject_fraction}; nothing was committed. Fix the "
-                         "catalog or raise the limit")
-    if counts["encoded"] == 0:
-        raise InputError("no valid rows to encode; nothing was committed")
-
-
 @dataclass(frozen=True)
 class _Reduced:
     partials: dict[str, Partial]  # merged statistics after capacity moves
@@ -326,28 +221,10 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                             target_rows=cfg.encode.shard_rows)
         check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
                       cfg.input.popularity_column)
-        key = run_key(cfg, plan)
-        vid = resumable_version(store, key)
-        resuming = vid is not None
-        if vid is None:
-            vid = new_version_id()
-            store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps({"key": key}).encode())
-        log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
-            f"{'resuming' if resuming else 'new'} version {vid} of "
-            f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
+        vid = _start_version(store, cfg, plan, parent, log)
         for stage in gpu_stages(cfg):  # checked before the scan and the fit
             torch_device(cfg, stage)
-        ctx = JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
-                         embedding_column=cfg.input.embedding_column,
-                         popularity_column=cfg.input.popularity_column,
-                         dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
-                         root=cfg.output.root, table=cfg.output.table, version_id=vid,
-                         quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
-                         device=torch_device(cfg, "encode"),
-                         precision=cfg.encode.precision,
-                         rerank=cfg.encode.rerank, reuse_memory=cfg.encode.reuse_memory,
-                         huge_pages=cfg.encode.huge_pages)
-        ctx = _scan(engine, ctx, plan, cfg, log)
+        ctx = _scan(engine, _job_context(cfg, plan, vid), plan, cfg, log)
         if cfg.collisions.max_per_sid is not None:
             ctx = replace(ctx, candidates=cfg.collisions.candidates)
         t = time.monotonic()
@@ -358,10 +235,11 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             engine.warm_up()
         t = time.monotonic()
         try:
-            partials, counts, reject_files, reasons = _encode(engine, ctx, plan, log, timings)
+            partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
+                                                                    timings)
         finally:
             release_freed_memory()  # kept by an encode worker in this process (local engine)
-        _check_rejects(counts, reasons, cfg)
+        check_rejects(counts, reasons, cfg)
         timings["encode_s"] = time.monotonic() - t
         t = time.monotonic()
         red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
@@ -369,11 +247,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         t = time.monotonic()
         drift = parent_drift(engine, store, parent, vid, red.data_files, log)
         timings["drift_s"] = time.monotonic() - t
-    metrics = {"rows": red.counts, **red.metrics,
-               "fit": {"codebooks_from": source,
-                       "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
-                                   "n": s["n"]} for s in fit_stats]},
-               "timings": {k: round(v, 3) for k, v in timings.items()}}
+    metrics = _metrics(red, fit_stats, source, timings)
     if drift is not None:
         files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
@@ -381,20 +255,65 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     files += write_stats(store, vid, red.partials["all"], red.decision)
     files += write_report(store, vid)
     files += sorted(red.data_files, key=lambda e: e.path) + reject_files
-    manifest = {
+    maybe_die("commit")
+    moved = store.commit(vid, _manifest(cfg, plan, ctx, parent, red.counts), files)
+    _remove_staging(store, vid)
+    log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
+        + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
+    return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
+
+
+def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, parent: str | None,
+                   log: Log) -> str:
+    """The version this run writes: the one a killed run of the same `run_key` left, or a
+    new one whose staging records the key."""
+    key = run_key(cfg, plan)
+    vid = resumable_version(store, key)
+    resuming = vid is not None
+    if vid is None:
+        vid = new_version_id()
+        store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps({"key": key}).encode())
+    log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
+        f"{'resuming' if resuming else 'new'} version {vid} of "
+        f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
+    return vid
+
+
+def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str) -> JobContext:
+    """What the workers of version `vid` need, before the scan adds its findings."""
+    return JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
+                      embedding_column=cfg.input.embedding_column,
+                      popularity_column=cfg.input.popularity_column,
+                      dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
+                      root=cfg.output.root, table=cfg.output.table, version_id=vid,
+                      quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
+                      device=torch_device(cfg, "encode"),
+                      precision=cfg.encode.precision,
+                      rerank=cfg.encode.rerank, reuse_memory=cfg.encode.reuse_memory,
+                      huge_pages=cfg.encode.huge_pages)
+
+
+def _metrics(red: _Reduced, fit_stats: list[dict[str, Any]], source: str,
+             timings: dict[str, float]) -> dict[str, Any]:
+    """The version's metrics.json: rows, the reduce's figures, the fit per layer, timings."""
+    return {"rows": red.counts, **red.metrics,
+            "fit": {"codebooks_from": source,
+                    "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
+                                "n": s["n"]} for s in fit_stats]},
+            "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _manifest(cfg: BuildConfig, plan: CatalogPlan, ctx: JobContext, parent: str | None,
+              rows: dict[str, int]) -> dict[str, Any]:
+    """The version's manifest body (the store adds its files): lineage, config, input."""
+    return {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "package_version": semid_dist.__version__, "engine": cfg.engine,
         "config": redact(cfg.to_dict()),
         "input": {"url": redact_url(plan.url), "fingerprint": plan.fingerprint,
                   "rows": plan.num_rows, "dim": ctx.dim},
-        "rows": red.counts,
+        "rows": rows,
     }
-    maybe_die("commit")
-    moved = store.commit(vid, manifest, files)
-    _remove_staging(store, vid)
-    log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
-        + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
-    return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
 
 
 def _json(data: Any) -> bytes:

@@ -20,11 +20,12 @@ import pytest
 from semid_dist.cli import main
 from semid_dist.codebooks import choose_sample
 from semid_dist.codes.headsplit import head_threshold
+from semid_dist.encode_stage import steps_text
 from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io import fs as fsio
 from semid_dist.io.store import STAGING, TableStore
-from semid_dist.pipeline import _steps_text, build
+from semid_dist.pipeline import build
 from semid_dist.quantize import decode
 from semid_dist.stages import JobContext, StepClock, load_codebooks
 from tests.conftest import REPO, clustered, small_config, write_catalog
@@ -477,5 +478,5 @@ def test_step_clock_laps_and_the_log_line():
     clock.lap("read")
     assert list(clock.seconds) == ["read", "validate"]
     assert clock.seconds["read"] >= 0.03 and 0 <= clock.seconds["validate"] < 0.01
-    text = _steps_text({"read": 0.3, "quantize": 0.9, "result": 0.0}, shards=3)
+    text = steps_text({"read": 0.3, "quantize": 0.9, "result": 0.0}, shards=3)
     assert text == "read 100 ms (25%), quantize 300 ms (75%), result 0 ms (0%)"

@@ -1,0 +1,128 @@
+"""The encode stage of a build: run the engine's encode over the shards a killed run did not
+finish, merge their statistics in shard order as results arrive, and check the rejected rows
+against the config (`semid_dist.pipeline` calls it between the fit and the reduce)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from semid_dist.codes.partials import StreamMerge, merge
+from semid_dist.config import BuildConfig
+from semid_dist.errors import InputError, SemidError
+from semid_dist.faults import maybe_die
+from semid_dist.io.catalog import CatalogPlan
+from semid_dist.io.store import FileEntry
+from semid_dist.shard_results import load_shard_results, load_shard_statistics
+from semid_dist.stages import JobContext
+
+Log = Callable[[str], None]
+# Statistics parts of a shard result: all items, and the popularity head / tail.
+PARTS = ("all", "head", "tail")
+
+
+def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
+                  timings: dict[str, float]):
+    """Run the encode stage over the shards a killed run of this version did not finish;
+    returns ({"all"|"head"|"tail": merged statistics}, counts, reject files, rejected rows per
+    reason). Sets timings["encode_first_shard_s"]: seconds until the engine's first shard
+    result (its start-up plus one shard; the rest of the stage is its steady pace), and
+    timings["encode_worker_<step>_s"]: the workers' seconds in each step of a shard
+    (`EncodeWorker`), summed over the shards this run encoded.
+
+    Shard statistics are merged in shard order as results arrive (results that come early
+    wait for their turn), so the merge is the same on every engine whatever order its shards
+    finish in. An engine carries a shard's counts only; its statistics are read from the
+    shard's staged result at its turn, so memory holds O(log shards) partials, however many
+    results wait or however many an engine collects at once. With a head / tail split a
+    shard stages only those two, and the whole catalog's statistics are the merge of the
+    merged head and the merged tail."""
+    merged = {part: StreamMerge() for part in PARTS}
+    waiting: set[int] = set()
+    order = iter(sorted(s.index for s in plan.shards))
+    turn = next(order, None)
+    counts = {"input": 0, "encoded": 0, "rejected": 0}
+    rejects: list[FileEntry] = []
+    reasons: Counter[str] = Counter()
+    steps: Counter[str] = Counter()  # worker seconds per step, of this run's shards
+    store = ctx.store()
+    done = load_shard_results(store, ctx.version_id)
+    todo = [s for s in plan.shards if s.index not in done]
+    if done:
+        log(f"encode: {len(done)} shards done by the interrupted run, {len(todo)} to go")
+
+    def results():
+        yield from (done[i] for i in sorted(done))
+        start = time.monotonic()
+        for n, res in enumerate(engine.encode(ctx, todo)):
+            if n == 0:
+                timings["encode_first_shard_s"] = time.monotonic() - start
+            if n == 1:
+                maybe_die("encode")
+            yield res
+
+    for i, res in enumerate(results(), 1):
+        waiting.add(res["index"])
+        while turn in waiting:
+            waiting.remove(turn)
+            # a shard split into head and tail stages those two; "all" is their merge (below)
+            for part, partial in load_shard_statistics(store, ctx.version_id, turn).items():
+                merged[part].push(partial)
+            turn = next(order, None)
+        counts["input"] += res["rows"]
+        counts["encoded"] += res["encoded"]
+        counts["rejected"] += res["rejected"]
+        reasons.update(json.loads(res.get("reasons") or "{}"))
+        steps.update(json.loads(res.get("seconds") or "{}"))
+        if res["rejects_file"] is not None:
+            rejects.append(res["rejects_file"])
+        if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
+            log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
+                f"{counts['rejected']} rejected")
+    if waiting or turn is not None:
+        raise SemidError(f"encode: the engine returned no result for shard {turn}; nothing "
+                         "was committed. Re-run the build: finished shards are reused")
+    if reasons:
+        log(f"encode: rejected rows by reason: {reasons_text(reasons)}")
+    if steps and todo:
+        timings.update({f"encode_worker_{step}_s": s for step, s in steps.items()})
+        log(f"encode: worker time per shard ({len(todo)} shards): "
+            f"{steps_text(steps, len(todo))}")
+    partials = {part: m.result() for part, m in merged.items() if len(m)}
+    if "all" not in partials:
+        partials["all"] = merge(partials["head"], partials["tail"])
+    return partials, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
+
+
+def reasons_text(reasons: dict[str, int], top: int = 4) -> str:
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{n} {why}" for why, n in ranked[:top])
+    return text + (f", {len(ranked) - top} more reasons" if len(ranked) > top else "")
+
+
+def steps_text(steps: dict[str, float], shards: int) -> str:
+    """'read 62 ms (19%), validate 10 ms (3%), ...': each step's mean per shard and share."""
+    total = sum(steps.values()) or 1.0
+    return ", ".join(f"{step} {s / shards * 1e3:.0f} ms ({s / total:.0%})"
+                     for step, s in steps.items())
+
+
+def check_rejects(counts: dict[str, int], reasons: dict[str, int],
+                  cfg: BuildConfig) -> None:
+    """Fail (nothing committed) on any rejected row under input.on_bad_rows=fail, or above
+    input.max_reject_fraction; the message counts the rejected rows by reason."""
+    why = reasons_text(reasons)
+    if counts["rejected"] and cfg.input.on_bad_rows == "fail":
+        raise InputError(f"{counts['rejected']} bad rows ({why}) and input.on_bad_rows=fail; "
+                         "nothing was committed. Fix the catalog or set "
+                         "input.on_bad_rows=reject")
+    share = counts["rejected"] / max(counts["input"], 1)
+    if share > cfg.input.max_reject_fraction:
+        raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}: "
+                         f"{why}) > input.max_reject_fraction="
+                         f"{cfg.input.max_reject_fraction}; nothing was committed. Fix the "
+                         "catalog or raise the limit")
+    if counts["encoded"] == 0:
+        raise InputError("no valid rows to encode; nothing was committed")
