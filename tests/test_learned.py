@@ -23,7 +23,8 @@ from semid_dist.quantize.model import (
     quantizer_files,
 )
 from semid_dist.quantize.r3vae import R3VAE
-from semid_dist.quantize.rqvae import RQVAE, TrainState, deterministic, nearest_code, train
+from semid_dist.quantize.rqvae import RQVAE, nearest_code
+from semid_dist.quantize.training import TrainState, deterministic, train
 from tests.conftest import clustered, small_config
 
 LAYERS = (16, 8, 8)

@@ -14,7 +14,7 @@ from semid_dist.io.catalog import Shard
 from semid_dist.quantize.acrq import AcrqSample, fit_acrq, fit_acrq_vae
 from semid_dist.quantize.model import Fitted, fit_learned, learned_params
 from semid_dist.quantize.residual import fit_residual_kmeans
-from semid_dist.quantize.rqvae import LearnedParams
+from semid_dist.quantize.training import LearnedParams
 from semid_dist.stages import EncodeWorker, JobContext
 
 TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalog

@@ -112,7 +112,7 @@ def _load_layers(ckpt: Any) -> list[tuple[np.ndarray, dict[str, Any]]] | None:
 
 
 class _DistSync:
-    """`semid_dist.quantize.rqvae.Sync` over torch.distributed (gloo on CPU, nccl on GPU)."""
+    """`semid_dist.quantize.training.Sync` over torch.distributed (gloo on CPU, nccl on GPU)."""
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -147,7 +147,7 @@ def _learned_loop(config: dict[str, Any]) -> None:
     from semid_dist.memory import set_huge_pages
     from semid_dist.quantize.encode import set_cpu_threads
     from semid_dist.quantize.model import fit_learned, quantizer_files
-    from semid_dist.quantize.rqvae import LearnedParams, TrainState
+    from semid_dist.quantize.training import LearnedParams, TrainState
 
     set_cpu_threads(config["threads"])
     set_huge_pages(config["huge_pages"])

@@ -29,16 +29,14 @@ from torch import nn
 from semid_dist.errors import InputError
 from semid_dist.quantize.kmeans import AllReduce, kmeans
 from semid_dist.quantize.residual import OnLayer, fit_residual_kmeans, init_subset
-from semid_dist.quantize.rqvae import (
-    RQVAE,
+from semid_dist.quantize.rqvae import RQVAE, fit_rq_vae, nearest_code
+from semid_dist.quantize.training import (
     EpochHook,
     LearnedParams,
     Sync,
     TrainState,
     Wrap,
     deterministic,
-    fit_rq_vae,
-    nearest_code,
     train,
 )
 
@@ -137,7 +135,7 @@ def fit_acrq_vae(x: np.ndarray, head: np.ndarray, layers: tuple[int, ...] | list
                  on_epoch: EpochHook | None = None, resume: TrainState | None = None,
                  ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """ACRQ on RQ-VAE. x / head: this worker's rows of the sample and their head flags.
-    on_epoch / resume as in `semid_dist.quantize.rqvae.train`; each checkpoint names its
+    on_epoch / resume as in `semid_dist.quantize.training.train`; each checkpoint names its
     stage, and a stage-2 checkpoint holds everything stage 2 needs (stage 1 is not rerun).
     Returns (RQVAE with the full sizes on CPU, per-layer stats of stage 2 with the anchor
     size and stage 1's stats)."""

@@ -20,7 +20,8 @@ from semid_dist.errors import ArtifactError
 from semid_dist.quantize.artifact import artifact_files, load_artifact_tensors
 from semid_dist.quantize.encode import EncodeResult, encode_batch
 from semid_dist.quantize.r3vae import R3VAE
-from semid_dist.quantize.rqvae import RQVAE, LearnedParams
+from semid_dist.quantize.rqvae import RQVAE
+from semid_dist.quantize.training import LearnedParams
 
 LEARNED: dict[str, type[nn.Module]] = {"rq_vae": RQVAE, "r3vae": R3VAE}
 Fitted = list[np.ndarray] | nn.Module  # what a fit returns: rq_kmeans codebooks or a model

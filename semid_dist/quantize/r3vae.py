@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from semid_dist.quantize.kmeans import kmeans
-from semid_dist.quantize.rqvae import (
-    RQVAE,
+from semid_dist.quantize.rqvae import RQVAE, mlp
+from semid_dist.quantize.training import (
     EpochHook,
     Forward,
     LearnedParams,
@@ -40,7 +40,6 @@ from semid_dist.quantize.rqvae import (
     TrainState,
     Wrap,
     deterministic,
-    mlp,
     train,
 )
 
@@ -185,7 +184,7 @@ def fit_r3vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | 
     """Fit an R^3-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
     float32, m >= max(layers), held identically by every worker. on_epoch / resume:
     checkpoints, see `train`. Returns (model on CPU, per-layer stats as
-    `semid_dist.quantize.rqvae.train` gives them)."""
+    `semid_dist.quantize.training.train` gives them)."""
     with deterministic(params.seed):
         model = R3VAE(x.shape[1], layers, params)
         model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
