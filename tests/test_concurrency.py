@@ -18,7 +18,7 @@ import fsspec
 import pytest
 
 from semid_dist.errors import StoreError
-from semid_dist.io import store as store_mod
+from semid_dist.io import locks
 from semid_dist.io.store import LATEST_LOCK, MANIFEST, TableStore, new_version_id
 from semid_dist.pipeline import build
 from tests.conftest import REPO, small_config
@@ -158,7 +158,7 @@ def test_a_stale_lock_is_broken_and_a_live_one_times_out(tmp_path, monkeypatch):
     lock = Path(store.base) / LATEST_LOCK
     lock.parent.mkdir(parents=True)
     lock.write_text("12345-dead")
-    old = time.time() - store_mod.LOCK_STALE_S - 5
+    old = time.time() - locks.LOCK_STALE_S - 5
     os.utime(lock, (old, old))
     v1 = vid_at(0)
     files, man = write_version(store, v1)
@@ -166,7 +166,7 @@ def test_a_stale_lock_is_broken_and_a_live_one_times_out(tmp_path, monkeypatch):
     assert store.latest() == v1 and not lock.exists()
     assert not [p for p in lock.parent.iterdir() if "stale" in p.name]
     lock.write_text("67890-alive")  # a fresh lock: its holder is still committing
-    monkeypatch.setattr(store_mod, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(locks, "LOCK_TIMEOUT_S", 0.3)
     v2 = vid_at(10)
     files, man = write_version(store, v2)
     with pytest.raises(StoreError, match=rf"{v2} is committed, but _latest was not moved.*"

@@ -14,12 +14,10 @@ import hashlib
 import io
 import json
 import os
-import random
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,17 +27,13 @@ import pyarrow.parquet as pq
 from semid_dist.errors import StoreError
 from semid_dist.faults import maybe_die
 from semid_dist.io import fs as fsio
+from semid_dist.io.locks import file_lock, process_lock
 
 MANIFEST = "_manifest.json"
 LATEST = "_latest"
 LATEST_LOCK = "_latest.lock"
 STAGING = "_staging"  # a version's work files while it is built, removed when it commits
 VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # microseconds: quick successive builds sort in order
-LOCK_STALE_S = 60.0  # a lock file older than this is left over by a dead process
-LOCK_TIMEOUT_S = 120.0  # give up taking the lock after this long
-
-_PROCESS_LOCKS: dict[str, threading.Lock] = {}
-_PROCESS_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -328,47 +322,12 @@ class TableStore:
     def _is_local(self) -> bool:
         return fsio.is_local(self.fs)
 
-    @contextmanager
-    def _latest_lock(self) -> Iterator[None]:
+    def _latest_lock(self) -> AbstractContextManager[None]:
         """Exclusive lock on `_latest`: a lock file on local filesystems, a process-wide
         `threading.Lock` elsewhere (see `advance_latest` for the weaker object-store rule)."""
         if not self._is_local():
-            key = f"{self.fs.protocol}:{self.base}"
-            with _PROCESS_LOCKS_GUARD:
-                lock = _PROCESS_LOCKS.setdefault(key, threading.Lock())
-            with lock:
-                yield
-            return
-        path = os.path.join(self.base, LATEST_LOCK)
-        os.makedirs(self.base, exist_ok=True)
-        token = f"{os.getpid()}-{uuid.uuid4().hex}".encode()
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                _break_stale_lock(path)
-                if time.monotonic() > deadline:
-                    raise StoreError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: "
-                                     "another build is committing to this table; retry, or "
-                                     "delete the file if no build is running") from None
-                time.sleep(random.uniform(0.002, 0.02))
-                continue
-            try:
-                os.write(fd, token)
-            finally:
-                os.close(fd)
-            break
-        try:
-            yield
-        finally:
-            try:
-                with open(path, "rb") as f:
-                    mine = f.read() == token
-                if mine:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+            return process_lock(f"{self.fs.protocol}:{self.base}")
+        return file_lock(os.path.join(self.base, LATEST_LOCK))
 
     # -- retention -----------------------------------------------------------------------
 
@@ -417,27 +376,3 @@ class TableStore:
             self.fs.rm(fsio.join(vdir, MANIFEST))
         if self.fs.exists(vdir):
             self.fs.rm(vdir, recursive=True)
-
-
-def _break_stale_lock(path: str) -> None:
-    """Remove a lock file left by a dead holder (older than `LOCK_STALE_S`).
-
-    The stale file is first renamed to a private name, so two processes cannot both remove
-    it; if what was renamed turns out to be fresh (a live holder re-created the lock between
-    the age check and the rename) it is linked back unless a new lock exists already.
-    """
-    try:
-        if time.time() - os.stat(path).st_mtime < LOCK_STALE_S:
-            return
-        grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
-        os.rename(path, grave)
-    except FileNotFoundError:
-        return
-    try:
-        if time.time() - os.stat(grave).st_mtime < LOCK_STALE_S:
-            try:
-                os.link(grave, path)
-            except FileExistsError:
-                pass
-    finally:
-        os.unlink(grave)

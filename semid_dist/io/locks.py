@@ -1,0 +1,91 @@
+"""Locks for moving a table's `_latest` (`TableStore.advance_latest`): a lock file on a
+local filesystem, shared by every process on the machine, and a process-wide
+`threading.Lock` per key elsewhere (object stores have no exclusive create; see
+`advance_latest` for their weaker rule)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from semid_dist.errors import StoreError
+
+LOCK_STALE_S = 60.0  # a lock file older than this is left over by a dead process
+LOCK_TIMEOUT_S = 120.0  # give up taking the lock after this long
+
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def process_lock(key: str) -> Iterator[None]:
+    """This process's one lock for `key`, held for the block."""
+    with _PROCESS_LOCKS_GUARD:
+        lock = _PROCESS_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
+@contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold the local lock file `path` (created exclusively, holding a token of its own) for
+    the block; a stale one (`LOCK_STALE_S`) is broken, and after `LOCK_TIMEOUT_S` a live
+    one raises StoreError. The file is removed at the end only if it still holds the token."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex}".encode()
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _break_stale_lock(path)
+            if time.monotonic() > deadline:
+                raise StoreError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: "
+                                 "another build is committing to this table; retry, or "
+                                 "delete the file if no build is running") from None
+            time.sleep(random.uniform(0.002, 0.02))
+            continue
+        try:
+            os.write(fd, token)
+        finally:
+            os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        try:
+            with open(path, "rb") as f:
+                mine = f.read() == token
+            if mine:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _break_stale_lock(path: str) -> None:
+    """Remove a lock file left by a dead holder (older than `LOCK_STALE_S`).
+
+    The stale file is first renamed to a private name, so two processes cannot both remove
+    it; if what was renamed turns out to be fresh (a live holder re-created the lock between
+    the age check and the rename) it is linked back unless a new lock exists already.
+    """
+    try:
+        if time.time() - os.stat(path).st_mtime < LOCK_STALE_S:
+            return
+        grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return
+    try:
+        if time.time() - os.stat(grave).st_mtime < LOCK_STALE_S:
+            try:
+                os.link(grave, path)
+            except FileExistsError:
+                pass
+    finally:
+        os.unlink(grave)
