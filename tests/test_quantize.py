@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from semid_dist.quantize import (
+    cpu_blas,
     decode,
     encode_batch,
     fit_residual_kmeans,
@@ -21,11 +22,11 @@ from semid_dist.quantize import (
     torch_kernel,
 )
 from semid_dist.quantize import encode as encode_mod
+from semid_dist.quantize.cpu_blas import set_cpu_threads
 from semid_dist.quantize.encode import (
     CPU_TILE_BYTES,
     CPU_TILE_MIN_ROWS,
     GPU_TILE_BYTES,
-    set_cpu_threads,
     tile_rows,
 )
 from semid_dist.quantize.group_sum import group_sum, unit_group_sum
@@ -167,7 +168,7 @@ def test_kernel_holds_numpy_blas_at_one_thread_whatever_thread_set_the_count():
     try:
         assert set_done.wait(30)
         assert numpy_blas() == {3}
-        encode_mod._row_parallel(lambda rows: seen.append(numpy_blas()), 1000, 100, 2)
+        cpu_blas.row_parallel(lambda rows: seen.append(numpy_blas()), 1000, 100, 2)
         assert numpy_blas() == {3}  # restored after the kernel
     finally:
         release.set()
@@ -181,9 +182,9 @@ def test_kernel_runs_mkl_at_one_thread_in_every_block_and_restores_the_callers()
     """The kernel's sgemm goes through torch's MKL, whose thread count torch sets for the
     calling thread only: each block (the caller's and the pool's) must run it on one thread,
     and the caller's own count must be back afterwards."""
-    if encode_mod._mkl_local_threads() is None:
+    if cpu_blas.mkl_local_threads() is None:
         pytest.skip("torch has no MKL here: the kernel multiplies on numpy's BLAS")
-    lib = ctypes.CDLL(encode_mod.torch_cpu_library())
+    lib = ctypes.CDLL(cpu_blas.torch_cpu_library())
     mkl_threads = lib.MKL_Get_Max_Threads
     mkl_threads.restype = ctypes.c_int
     before = torch.get_num_threads()
@@ -191,7 +192,7 @@ def test_kernel_runs_mkl_at_one_thread_in_every_block_and_restores_the_callers()
         torch.set_num_threads(3)
         assert mkl_threads() == 3
         seen: list[int] = []
-        encode_mod._row_parallel(lambda rows: seen.append(mkl_threads()), 1000, 100, 3)
+        cpu_blas.row_parallel(lambda rows: seen.append(mkl_threads()), 1000, 100, 3)
         assert seen == [1, 1, 1]
         assert mkl_threads() == 3
     finally:
@@ -203,7 +204,7 @@ def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered(monkeypatch):
     which makes torch's CPU matmul round to bf16) must still get the exact kernel's codes
     and distances: the kernel then multiplies on numpy's BLAS (checked as on an Intel CPU,
     where MKL multiplies otherwise)."""
-    monkeypatch.setattr(encode_mod, "_cpu_vendor", "GenuineIntel")
+    monkeypatch.setattr(cpu_blas, "_cpu_vendor", "GenuineIntel")
     rng = np.random.default_rng(21)
     x = rng.normal(size=(3000, 64)).astype(np.float32)
     books = [rng.normal(size=(256, 64)).astype(np.float32) * s for s in (1.0, 0.5)]
@@ -223,7 +224,7 @@ def test_kernel_stays_fp32_when_torch_matmul_precision_is_lowered(monkeypatch):
     np.testing.assert_allclose(low_dists, dists, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not encode_mod._mkl_local_threads(), reason="torch has no MKL here")
+@pytest.mark.skipif(not cpu_blas.mkl_local_threads(), reason="torch has no MKL here")
 @pytest.mark.parametrize("way", ["amd cpu", "no mkl"])
 def test_kernel_on_numpy_blas_gives_the_mkl_kernels_codes(monkeypatch, way):
     """On an AMD CPU (where MKL is the slower), or where torch has no MKL, the same operands
@@ -232,14 +233,14 @@ def test_kernel_on_numpy_blas_gives_the_mkl_kernels_codes(monkeypatch, way):
     rng = np.random.default_rng(22)
     x = rng.normal(size=(4000, 32)).astype(np.float32)
     books = [rng.normal(size=(128, 32)).astype(np.float32) * s for s in (1.0, 0.5, 0.25)]
-    monkeypatch.setattr(encode_mod, "_cpu_vendor", "GenuineIntel")
+    monkeypatch.setattr(cpu_blas, "_cpu_vendor", "GenuineIntel")
     assert encode_mod._CpuBook.of(books[0]).aug_t is not None  # MKL multiplies
     first = encode_batch(books, x, candidates=3)
     if way == "amd cpu":
-        monkeypatch.setattr(encode_mod, "_cpu_vendor", "AuthenticAMD")
+        monkeypatch.setattr(cpu_blas, "_cpu_vendor", "AuthenticAMD")
     else:
-        monkeypatch.setattr(encode_mod, "_mkl_local", False)
-        assert encode_mod._mkl_local_threads() is None
+        monkeypatch.setattr(cpu_blas, "_mkl_local", False)
+        assert cpu_blas.mkl_local_threads() is None
     assert encode_mod._CpuBook.of(books[0]).aug_t is None  # numpy's BLAS multiplies
     other = encode_batch(books, x, candidates=3)
     np.testing.assert_array_equal(other.codes, first.codes)
@@ -253,7 +254,7 @@ def test_cpu_vendor_is_read_from_the_machine():
     with open("/proc/cpuinfo") as info:
         want = next((line.split(":", 1)[1].strip() for line in info
                      if line.startswith("vendor_id")), "")
-    assert encode_mod.cpu_vendor() == want
+    assert cpu_blas.cpu_vendor() == want
 
 
 def test_group_sum_is_one_thread_and_the_same_from_any_thread():

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from semid_dist.bench.synthetic import CatalogSpec, embeddings
-from semid_dist.quantize.encode import encode_batch, nearest, set_cpu_threads
+from semid_dist.quantize.cpu_blas import set_cpu_threads
+from semid_dist.quantize.encode import encode_batch, nearest
 from semid_dist.quantize.kmeans import kmeans, kmeans_plusplus
 from semid_dist.quantize.residual import init_subset
 

@@ -217,7 +217,7 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     from semid_dist.bench.kernels import cpu_count
-    from semid_dist.quantize.encode import cpuinfo
+    from semid_dist.quantize.cpu_blas import cpuinfo
 
     info = cpuinfo()
     model, flags = info.get("model name", ""), set(info.get("flags", "").split())

@@ -81,7 +81,7 @@ def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,
     block per shard, streamed to the driver). The `EncodeWorker` (codebooks) is built once
     per Ray worker process and encode job: tasks reuse the worker processes the scan
     already started, so the stage pays no actor start-up (about 9 s on 2 cores)."""
-    from semid_dist.quantize.encode import set_cpu_threads
+    from semid_dist.quantize.cpu_blas import set_cpu_threads
 
     set_cpu_threads(threads)
     worker = job_worker(job, ctx)

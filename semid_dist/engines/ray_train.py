@@ -37,7 +37,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from semid_dist.memory import set_huge_pages
     from semid_dist.quantize.acrq import fit_acrq, worker_rows
-    from semid_dist.quantize.encode import set_cpu_threads
+    from semid_dist.quantize.cpu_blas import set_cpu_threads
     from semid_dist.quantize.residual import fit_residual_kmeans
 
     # the worker's CPUs, for torch and numpy's BLAS alike: a reused Ray worker process may
@@ -145,7 +145,7 @@ def _learned_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from semid_dist.memory import set_huge_pages
-    from semid_dist.quantize.encode import set_cpu_threads
+    from semid_dist.quantize.cpu_blas import set_cpu_threads
     from semid_dist.quantize.model import fit_learned, quantizer_files
     from semid_dist.quantize.training import LearnedParams, TrainState
 

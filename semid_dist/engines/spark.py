@@ -169,7 +169,7 @@ def _encode_partition(job: str, ctx_bc: Broadcast[JobContext], shards: list[str]
     process and encode job."""
     from pyspark import TaskContext
 
-    from semid_dist.quantize.encode import set_cpu_threads
+    from semid_dist.quantize.cpu_blas import set_cpu_threads
 
     settle_worker(new_job=not has_job_worker(job))
     set_cpu_threads(TaskContext.get().cpus())

@@ -4,36 +4,36 @@ Distances use ||c||^2 - 2 x.c (the ||x||^2 term does not change the argmin), com
 one GEMM per row chunk so memory stays bounded at `chunk_rows * k` floats (on a CPU the chunk
 is also kept small enough for the score tile to stay in cache, see `tile_rows`). Ties go to the
 lowest code. On a CPU the sgemm is torch's MKL (numpy's OpenBLAS on AMD's CPUs, where it is
-the faster: `_mkl_is_faster`), with ||c||^2 folded in as one more row of the
+the faster: `cpu_blas.mkl_is_faster`), with ||c||^2 folded in as one more row of the
 codebook operand against a column of ones on the rows (`_CpuBook`, `_Rows`: no pass over the
 score tile to add it), and the argmin is numpy's (5-14x faster than torch.min). With several
-threads (torch's thread count, see `set_cpu_threads`) the chunks are split into one block per
-thread, each running the whole kernel with MKL at one thread (set per thread: `_row_parallel`):
-the argmin and residual updates then run in parallel too. Against the same blocks on numpy's
-OpenBLAS sgemm with a separate offset pass this is 1.31x at d=128 with 4096-entry codebooks
-and 1.04-1.10x at d=128 3 x 256 and d=768, with the same codes on random data. Every chunk
-is the same one-thread sgemm whatever the thread count, so the results do not depend on it;
-where torch has no MKL, or its fp32 matmul precision is lowered (`_torch_gemm_is_exact`),
-numpy's BLAS multiplies the same operands too. A GPU runs `torch_kernel` (as does a CPU
-for the bf16 fast path), each chunk filling GPU_TILE_BYTES; its exact path runs with TF32
-off whatever torch's switch says (a GPU's fp32 codes differ from the CPU's only on fp32
-near-ties), and its opt-in fast paths are "tf32" (the exact codes, by a check) and "bf16".
+threads (torch's thread count, see `cpu_blas.set_cpu_threads`) the chunks are split into one
+block per thread, each running the whole kernel with MKL at one thread (set per thread:
+`cpu_blas.row_parallel`): the argmin and residual updates then run in parallel too. Against
+the same blocks on numpy's OpenBLAS sgemm with a separate offset pass this is 1.31x at d=128
+with 4096-entry codebooks and 1.04-1.10x at d=128 3 x 256 and d=768, with the same codes on
+random data. Every chunk is the same one-thread sgemm whatever the thread count, so the
+results do not depend on it; where torch has no MKL, or its fp32 matmul precision is lowered
+(`cpu_blas.torch_gemm_is_exact`), numpy's BLAS multiplies the same operands too. A GPU runs
+`torch_kernel` (as does a CPU for the bf16 fast path), each chunk filling GPU_TILE_BYTES; its
+exact path runs with TF32 off whatever torch's switch says (a GPU's fp32 codes differ from
+the CPU's only on fp32 near-ties), and its opt-in fast paths are "tf32" (the exact codes, by
+a check) and "bf16".
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
-import threadpoolctl
 import torch
-from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from semid_dist.quantize.cpu_blas import (
+    mkl_is_faster,
+    mkl_local_threads,
+    row_parallel,
+    torch_gemm_is_exact,
+)
 from semid_dist.quantize.torch_kernel import (
     Tf32Switch,
     as_tensor,
@@ -90,157 +90,6 @@ def tile_rows(chunk_rows: int, k: int, d: int, device: str = "cpu") -> int:
     return max(1, min(chunk_rows, max(CPU_TILE_MIN_ROWS, fit)))
 
 
-_cpu_threads: int | None = None
-
-
-def set_cpu_threads(n: int) -> None:
-    """Give torch and the BLAS libraries loaded in this process so far (numpy's, which the
-    CPU kernel calls) exactly `n` threads; oversubscribing 2 cores is up to 2x slower."""
-    global _cpu_threads
-    n = max(1, int(n))
-    torch.set_num_threads(n)
-    if n != _cpu_threads:  # threadpoolctl scans the loaded libraries: only when it changes
-        threadpool_limits(limits=n, user_api="blas")
-        # threadpoolctl >= 3.8 lets only the thread that last set OpenBLAS's process-wide
-        # limit change it again while that thread lives: hand the control back, so that the
-        # kernel's one-thread limit (`_row_parallel`) holds in whichever thread it runs
-        release = getattr(getattr(threadpoolctl, "OpenBLASController", None),
-                          "clear_controlling_thread", None)
-        if release is not None:
-            release()
-        _cpu_threads = n
-
-
-# (pid, workers, pool): a forked child, or a caller wanting more threads, makes a new one
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
-_blas: ThreadpoolController | None = None
-_mkl_local: Callable[[int], int] | bool | None = None  # resolved on first use
-_mkl_lock = threading.Lock()
-
-
-def _mkl_local_threads() -> Callable[[int], int] | None:
-    """MKL's `MKL_Set_Num_Threads_Local` inside torch, or None where it cannot be found (a
-    torch without MKL, or whose library hides the symbol): the kernel then multiplies on
-    numpy's BLAS.
-
-    The CPU kernel multiplies through torch's MKL, one thread per row block. torch's own
-    `set_num_threads` is no use there: it sets MKL's count for the calling thread only (so a
-    pool thread's sgemm ran on every core, against the other blocks) and torch's process-wide
-    count as well. This call sets the calling thread's MKL count and nothing else."""
-    global _mkl_local
-    if _mkl_local is not None:
-        return _mkl_local or None
-    with _mkl_lock:  # resolved once: no caller sees it half-resolved
-        if _mkl_local is None:
-            found: Callable[[int], int] | bool = False
-            if torch.backends.mkl.is_available():
-                try:
-                    fn = ctypes.CDLL(torch_cpu_library()).MKL_Set_Num_Threads_Local
-                except (OSError, AttributeError):
-                    pass
-                else:
-                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                    found = fn
-            _mkl_local = found
-    return _mkl_local or None
-
-
-def torch_cpu_library() -> str:
-    """Path of torch's CPU library, which holds its MKL (Linux wheels)."""
-    return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-
-
-def cpuinfo() -> dict[str, str]:
-    """The first CPU's fields in /proc/cpuinfo (`vendor_id`, `model name`, `flags`, ...),
-    or {} where it cannot be read (not Linux)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if not line.strip():  # the end of the first CPU's block
-                    break
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-_cpu_vendor: str | None = None
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...), or "" where it cannot
-    be read; read once."""
-    global _cpu_vendor
-    if _cpu_vendor is None:
-        _cpu_vendor = cpuinfo().get("vendor_id", "")
-    return _cpu_vendor
-
-
-def _mkl_is_faster() -> bool:
-    """Whether torch's MKL sgemm beats numpy's OpenBLAS on this CPU. On Intel's it does
-    (1.1-1.2x at the kernel's shapes on a Xeon); on AMD's it does not (a Zen 4 EPYC: numpy's
-    OpenBLAS 1.03-1.10x MKL on one thread, and the whole kernel 1.06-1.18x on two), so there
-    numpy's BLAS multiplies. Fixed by the CPU, so every process of one machine multiplies
-    alike."""
-    return cpu_vendor() != "AuthenticAMD"
-
-
-def _torch_gemm_is_exact() -> bool:
-    """Whether torch multiplies fp32 in fp32 now: a process that set
-    `torch.set_float32_matmul_precision("medium")` (common in training scripts) or oneDNN's
-    fp32 precision to bf16 / tf32 would have torch's CPU matmul round to bf16, and the kernel
-    then multiplies on numpy's BLAS instead. So it does where torch will not say (it refuses
-    while the backends' settings disagree, as inside another thread's `Tf32Switch` block)."""
-    try:
-        if torch.get_float32_matmul_precision() != "highest":
-            return False
-    except RuntimeError:
-        return False
-    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
-
-
-def _row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads: int) -> None:
-    """Run fn(rows) over up to `threads` contiguous blocks of whole `chunk_rows` chunks of
-    range(n), one per thread (the caller runs the first), with MKL (torch's sgemm, see
-    `_gemm`) and the BLAS that numpy calls at one thread in each. So every chunk is the same
-    one-thread sgemm on the same rows whatever the thread count, and the results are
-    bit-identical on every engine."""
-    global _pool, _blas
-    chunks = -(-n // chunk_rows)
-    parts = max(1, min(threads, chunks))
-    bounds = [min(n, (chunks * i // parts) * chunk_rows) for i in range(parts + 1)]
-    blocks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    with _pool_lock:
-        if parts > 1 and (_pool is None or _pool[0] != os.getpid() or _pool[1] < parts - 1):
-            _pool = (os.getpid(), parts - 1,
-                     ThreadPoolExecutor(parts - 1, thread_name_prefix="semid-kernel"))
-        pool = _pool[2] if parts > 1 else None
-        if _blas is None:
-            _blas = ThreadpoolController()
-    mkl = _mkl_local_threads()
-
-    def one_thread(rows: slice) -> None:
-        before = mkl(1) if mkl else 0
-        try:
-            fn(rows)
-        finally:
-            if mkl:
-                mkl(before)
-
-    with _blas.limit(limits=1, user_api="blas"):
-        futures = [pool.submit(one_thread, block) for block in blocks[1:]] if pool else []
-        try:
-            one_thread(blocks[0])
-        finally:  # no block may still run (or write outputs) once the limit is lifted
-            wait(futures)
-        for future in futures:
-            future.result()
-
-
 def _aligned(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialised float32 array on torch's allocator (64-byte aligned), so the sgemm's
     operands sit alike in every process."""
@@ -254,7 +103,7 @@ class _CpuBook:
     aug give ||c||^2 - 2 x.c in one sgemm, with no pass over the score tile to add the
     offsets (scaling by -2 is exact). aug_t: the same memory as a torch tensor when the
     products go through torch's MKL, None when numpy's BLAS makes them (no MKL, a lowered
-    torch precision, or a CPU where MKL is the slower: `_mkl_is_faster`); decided once per
+    torch precision, or a CPU where MKL is the slower: `cpu_blas.mkl_is_faster`); decided once per
     book, so every chunk of a call multiplies alike (`_gemm`)."""
 
     c: np.ndarray
@@ -267,8 +116,8 @@ class _CpuBook:
         aug = _aligned((c.shape[1] + 1, len(c)))
         np.multiply(c.T, -2.0, out=aug[:-1])
         aug[-1] = np.einsum("ij,ij->i", c, c)
-        mkl = (_mkl_local_threads() is not None and _torch_gemm_is_exact()
-               and _mkl_is_faster())
+        mkl = (mkl_local_threads() is not None and torch_gemm_is_exact()
+               and mkl_is_faster())
         return cls(c=c, aug=aug, aug_t=torch.from_numpy(aug) if mkl else None)
 
 
@@ -363,7 +212,7 @@ def nearest(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
                 labels[at:at + len(xb)] = idx
                 dists[at:at + len(xb)] = np.maximum(best, 0.0, out=best)
 
-        _row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
+        row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
         return labels, dists
     c = as_tensor(centroids, device)
     c_sq = (c * c).sum(dim=1)
@@ -437,7 +286,7 @@ def _encode_cpu(codebooks: list[np.ndarray], x: np.ndarray, chunk_rows: int,
                 codes[start:stop, layer] = idx
                 sq_res[start:stop, layer] = np.einsum("ij,ij->i", r, r)
 
-    _row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
+    row_parallel(block, len(x), chunk_rows, torch.get_num_threads())
 
 
 def decode(codebooks: list[np.ndarray], codes: np.ndarray) -> np.ndarray:
