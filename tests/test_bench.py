@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from semid_dist.bench import report
+from semid_dist.bench import page, report
 from semid_dist.bench.run import BenchOptions, bench_options, run_benchmark
 from semid_dist.cli import cmd_bench, parser
 from semid_dist.errors import ConfigError
@@ -158,7 +158,7 @@ def test_worker_steps_from_a_runs_timings():
     assert worker_shares({"encode_s": 1.0}) == (0.0, {})
     block = {"dim": 16, "layers": [16, 16, 16], "engines": [row, {**row, "engine": "spark",
                                                                "worker_ms": {}}]}
-    table = report.details({"e2e": [{**block, "rows": 4000, "kernel_items_s": 1.0,
+    table = page.details({"e2e": [{**block, "rows": 4000, "kernel_items_s": 1.0,
                                      "decode_items_s": 1.0, "ceiling_items_s": 0.5,
                                      "catalog": {"files": 1, "row_groups": 4,
                                                  "chunk_rows": 1000, "bytes": 2**20}}]})
@@ -212,7 +212,7 @@ def test_gpu_section_measures_on_a_torch_device():
     assert rows[2].met == (tf32["ratio_tf32"] >= 0.5)
     assert rows[3].ratio == pytest.approx(fast["ratio_bf16"])
     assert report.gpu_rows({"skipped": "no CUDA device"}) == []
-    assert report._gpu_lines({"skipped": "no CUDA device"}) == ["- GPU: none (no CUDA device)"]
+    assert page._gpu_lines({"skipped": "no CUDA device"}) == ["- GPU: none (no CUDA device)"]
 
 
 def test_bench_imports_without_ray_or_pyspark():

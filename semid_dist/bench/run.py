@@ -110,7 +110,7 @@ def run_benchmark(opts: BenchOptions, *, log: Log | None = None,
 
 
 def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[str, Any]:
-    from semid_dist.bench import report
+    from semid_dist.bench import page, report
     from semid_dist.bench.kernels import cpu_count, gemm_ceiling, set_threads
 
     log = log or _stderr_log()
@@ -119,7 +119,7 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
     set_threads(cores)
     results: dict[str, Any] = {"date": _now(), "command": opts.command, "quick": opts.quick,
                                "options": _plain_options(opts),
-                               "machine": report.machine_info(),
+                               "machine": page.machine_info(),
                                "load_average": {"start": _load()}}
     log(f"bench: {cores} cores, load average {results['load_average']['start']}")
     results["gemm"] = gemm_ceiling(size=opts.gemm_size)
@@ -150,7 +150,7 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
     rows = report.all_rows(results)
     if echo:
         print(report.format_text(rows), flush=True)
-    report.write_outputs(results, rows, json_path=opts.json_path, md_path=opts.md_path)
+    page.write_outputs(results, rows, json_path=opts.json_path, md_path=opts.md_path)
     log(f"bench: wrote {opts.json_path} and {opts.md_path} in {results['runtime_s']:.0f} s")
     met, missed = report.summary(rows)
     log(f"bench: targets met {len(met)}, not met {len(missed)}")
