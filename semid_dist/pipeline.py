@@ -255,8 +255,9 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     files += write_stats(store, vid, red.partials["all"], red.decision)
     files += write_report(store, vid)
     files += sorted(red.data_files, key=lambda e: e.path) + reject_files
+    manifest = _manifest(cfg, plan, ctx, parent, red.counts)
     maybe_die("commit")
-    moved = store.commit(vid, _manifest(cfg, plan, ctx, parent, red.counts), files)
+    moved = store.commit(vid, manifest, files)
     _remove_staging(store, vid)
     log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
         + ("" if moved else f"; _latest stays at the newer {store.latest()}"))

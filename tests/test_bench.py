@@ -219,7 +219,7 @@ def test_bench_imports_without_ray_or_pyspark():
     code = ("import sys\nsys.modules['ray'] = None\nsys.modules['pyspark'] = None\n"
             "import semid_dist.bench.kernels, semid_dist.bench.pipeline, semid_dist.bench.report\n"
             "import semid_dist.bench.run, semid_dist.bench.synthetic, semid_dist.cli\n"
-            "import semid_dist.bench.gpu\n")
+            "import semid_dist.bench.gpu, semid_dist.bench.page\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

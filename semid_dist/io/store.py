@@ -284,9 +284,10 @@ class TableStore:
         at or after it. Returns whether `_latest` moved.
 
         Local filesystems: the re-read and the write happen while holding `_latest.lock`,
-        taken by an exclusive create (`O_CREAT | O_EXCL`); a lock older than `LOCK_STALE_S`
-        (its holder died) is broken. So `_latest` never goes backwards, across threads and
-        processes on one machine or a shared POSIX filesystem that honours `O_EXCL`.
+        taken by an exclusive create (`O_CREAT | O_EXCL`); a lock older than
+        `locks.LOCK_STALE_S` (its holder died) is broken. So `_latest` never goes backwards,
+        across threads and processes on one machine or a shared POSIX filesystem that
+        honours `O_EXCL`.
 
         Object stores (any other fsspec filesystem): there is no portable exclusive create,
         so this re-reads `_latest`, writes only if the new id sorts after it, then re-reads

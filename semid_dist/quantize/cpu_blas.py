@@ -2,7 +2,9 @@
 (`set_cpu_threads`), the row blocks the kernel splits a batch into, one per thread, each
 with MKL and numpy's BLAS at one thread (`row_parallel`), and which sgemm multiplies on this
 machine (torch's MKL, or numpy's BLAS: `mkl_local_threads`, `torch_gemm_is_exact`,
-`mkl_is_faster`). `semid_dist.quantize.encode` runs its chunks through them."""
+`mkl_is_faster`), and the CPU's /proc/cpuinfo fields and torch's CPU library that decide it
+(`cpuinfo`, `cpu_vendor`, `torch_cpu_library`). `semid_dist.quantize.encode` runs its
+chunks through them."""
 
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def torch_gemm_is_exact() -> bool:
 def row_parallel(fn: Callable[[slice], None], n: int, chunk_rows: int, threads: int) -> None:
     """Run fn(rows) over up to `threads` contiguous blocks of whole `chunk_rows` chunks of
     range(n), one per thread (the caller runs the first), with MKL (torch's sgemm, see
-    `_gemm`) and the BLAS that numpy calls at one thread in each. So every chunk is the same
+    `encode._gemm`) and the BLAS that numpy calls at one thread in each. So every chunk is the same
     one-thread sgemm on the same rows whatever the thread count, and the results are
     bit-identical on every engine."""
     global _pool, _blas
