@@ -9,12 +9,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from semid_dist.codes.partials import StreamMerge, merge
+from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.config import BuildConfig
 from semid_dist.errors import InputError, SemidError
 from semid_dist.faults import maybe_die
 from semid_dist.io.catalog import CatalogPlan
-from semid_dist.io.store import FileEntry
+from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.stages import JobContext
 
@@ -39,15 +39,9 @@ def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
     results wait or however many an engine collects at once. With a head / tail split a
     shard stages only those two, and the whole catalog's statistics are the merge of the
     merged head and the merged tail."""
-    merged = {part: StreamMerge() for part in PARTS}
-    waiting: set[int] = set()
-    order = iter(sorted(s.index for s in plan.shards))
-    turn = next(order, None)
-    counts = {"input": 0, "encoded": 0, "rejected": 0}
-    rejects: list[FileEntry] = []
-    reasons: Counter[str] = Counter()
-    steps: Counter[str] = Counter()  # worker seconds per step, of this run's shards
     store = ctx.store()
+    stats = _InShardOrder(store, ctx.version_id, plan)
+    tally = _Tally()
     done = load_shard_results(store, ctx.version_id)
     todo = [s for s in plan.shards if s.index not in done]
     if done:
@@ -64,36 +58,74 @@ def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
             yield res
 
     for i, res in enumerate(results(), 1):
-        waiting.add(res["index"])
-        while turn in waiting:
-            waiting.remove(turn)
-            # a shard split into head and tail stages those two; "all" is their merge (below)
-            for part, partial in load_shard_statistics(store, ctx.version_id, turn).items():
-                merged[part].push(partial)
-            turn = next(order, None)
-        counts["input"] += res["rows"]
-        counts["encoded"] += res["encoded"]
-        counts["rejected"] += res["rejected"]
-        reasons.update(json.loads(res.get("reasons") or "{}"))
-        steps.update(json.loads(res.get("seconds") or "{}"))
-        if res["rejects_file"] is not None:
-            rejects.append(res["rejects_file"])
+        stats.arrived(res["index"])
+        tally.add(res)
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
-            log(f"encode: {i}/{len(plan.shards)} shards, {counts['encoded']} rows encoded, "
-                f"{counts['rejected']} rejected")
-    if waiting or turn is not None:
-        raise SemidError(f"encode: the engine returned no result for shard {turn}; nothing "
-                         "was committed. Re-run the build: finished shards are reused")
-    if reasons:
-        log(f"encode: rejected rows by reason: {reasons_text(reasons)}")
-    if steps and todo:
-        timings.update({f"encode_worker_{step}_s": s for step, s in steps.items()})
+            log(f"encode: {i}/{len(plan.shards)} shards, {tally.counts['encoded']} rows "
+                f"encoded, {tally.counts['rejected']} rejected")
+    partials = stats.result()
+    if tally.reasons:
+        log(f"encode: rejected rows by reason: {reasons_text(tally.reasons)}")
+    if tally.steps and todo:
+        timings.update({f"encode_worker_{step}_s": s for step, s in tally.steps.items()})
         log(f"encode: worker time per shard ({len(todo)} shards): "
-            f"{steps_text(steps, len(todo))}")
-    partials = {part: m.result() for part, m in merged.items() if len(m)}
-    if "all" not in partials:
-        partials["all"] = merge(partials["head"], partials["tail"])
-    return partials, counts, sorted(rejects, key=lambda e: e.path), dict(reasons)
+            f"{steps_text(tally.steps, len(todo))}")
+    return (partials, tally.counts, sorted(tally.rejects, key=lambda e: e.path),
+            dict(tally.reasons))
+
+
+class _InShardOrder:
+    """The shards' statistics merged in shard order: a shard's staged statistics are read
+    and pushed when every shard before it has arrived (`arrived`); `result` raises
+    SemidError when a shard never did."""
+
+    def __init__(self, store: TableStore, version_id: str, plan: CatalogPlan) -> None:
+        self.store, self.version_id = store, version_id
+        self.merged = {part: StreamMerge() for part in PARTS}
+        self.waiting: set[int] = set()
+        self.order = iter(sorted(s.index for s in plan.shards))
+        self.turn = next(self.order, None)
+
+    def arrived(self, index: int) -> None:
+        self.waiting.add(index)
+        while self.turn in self.waiting:
+            self.waiting.remove(self.turn)
+            # a shard split into head and tail stages those two; "all" is their merge (below)
+            for part, partial in load_shard_statistics(self.store, self.version_id,
+                                                       self.turn).items():
+                self.merged[part].push(partial)
+            self.turn = next(self.order, None)
+
+    def result(self) -> dict[str, Partial]:
+        """{"all"|"head"|"tail": merged statistics}."""
+        if self.waiting or self.turn is not None:
+            raise SemidError(f"encode: the engine returned no result for shard {self.turn}; "
+                             "nothing was committed. Re-run the build: finished shards are "
+                             "reused")
+        partials = {part: m.result() for part, m in self.merged.items() if len(m)}
+        if "all" not in partials:
+            partials["all"] = merge(partials["head"], partials["tail"])
+        return partials
+
+
+class _Tally:
+    """The shard results' counts, reject files, rejected rows per reason and worker seconds
+    per step (of this run's shards: a resumed run's staged results carry none)."""
+
+    def __init__(self) -> None:
+        self.counts = {"input": 0, "encoded": 0, "rejected": 0}
+        self.rejects: list[FileEntry] = []
+        self.reasons: Counter[str] = Counter()
+        self.steps: Counter[str] = Counter()
+
+    def add(self, res: dict) -> None:
+        self.counts["input"] += res["rows"]
+        self.counts["encoded"] += res["encoded"]
+        self.counts["rejected"] += res["rejected"]
+        self.reasons.update(json.loads(res.get("reasons") or "{}"))
+        self.steps.update(json.loads(res.get("seconds") or "{}"))
+        if res["rejects_file"] is not None:
+            self.rejects.append(res["rejects_file"])
 
 
 def reasons_text(reasons: dict[str, int], top: int = 4) -> str:

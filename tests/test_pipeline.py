@@ -411,15 +411,19 @@ def test_every_catalog_file_schema_is_checked_before_running(small_catalog, tmp_
 
 class _Carrying(LocalEngine):
     """The local engine, recording what its encode hands the driver; `lose` deletes a
-    finished shard's staged result before the driver's turn for it comes."""
+    finished shard's staged result before the driver's turn for it comes, `drop` leaves a
+    shard's result out of what the encode hands over."""
 
-    def __init__(self, cfg, log=print, *, lose: int | None = None) -> None:
+    def __init__(self, cfg, log=print, *, lose: int | None = None,
+                 drop: int | None = None) -> None:
         super().__init__(cfg, log)
         self.results: list[dict] = []
-        self.lose = lose
+        self.lose, self.drop = lose, drop
 
     def encode(self, ctx, shards):
         for res in super().encode(ctx, shards):
+            if res["index"] == self.drop:
+                continue
             self.results.append(res)
             if res["index"] == self.lose:
                 ctx.store().fs.rm(fsio.join(ctx.store().version_dir(ctx.version_id),
@@ -464,6 +468,21 @@ def test_engines_carry_shard_counts_and_the_driver_reads_statistics_from_staging
     assert store.latest() == again.version_id != first.version_id
     assert again.metrics["rows"]["encoded"] == len(x)
 
+
+
+def test_a_shard_result_the_engine_never_hands_over_fails_the_build(small_catalog, root,
+                                                                    monkeypatch):
+    """The driver merges the statistics in shard order: an engine whose encode ends without
+    one shard's result fails the build, naming the shard, and commits nothing."""
+    catalog, _ = small_catalog
+    cfg = small_config(catalog, root)
+    first = build(cfg, log=quiet)
+    monkeypatch.setattr("semid_dist.pipeline.make_engine",
+                        lambda cfg, log=print: _Carrying(cfg, log, drop=4))
+    with pytest.raises(SemidError, match=r"returned no result for shard 4; nothing was "
+                                         r"committed"):
+        build(replace(cfg, seed=8), log=quiet)
+    assert TableStore(root, "sids").latest() == first.version_id
 
 def test_step_clock_laps_and_the_log_line():
     """Each lap is the time since the one before; a step timed twice adds up; the log line
