@@ -27,6 +27,32 @@ from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
 
 
+def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
+    """Set up a Ray Train worker of the fit -> (rank, world size, torch device)."""
+    import ray.train
+
+    from semid_dist.memory import set_huge_pages
+    from semid_dist.quantize.cpu_blas import set_cpu_threads
+
+    # the worker's CPUs, for torch and numpy's BLAS alike: a reused Ray worker process may
+    # have started torch / OpenBLAS with another task's thread count
+    set_cpu_threads(config["threads"])
+    set_huge_pages(config["huge_pages"])  # where the engine did not start this process
+    os.environ.update(config["fault_env"])
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), "cuda" if config["use_gpu"] else "cpu"
+
+
+def _fault_point(step: int) -> None:
+    """Fault switch (`train_worker`): die holding a finished, unreported layer or epoch, once
+    the previous one's checkpoint is registered (as it long is when one takes minutes)."""
+    if step >= 1 and os.environ.get(FAULT_ENV) == "train_worker":
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=60)
+        die_once("train_worker")
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import json
 
@@ -35,33 +61,19 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from semid_dist.memory import set_huge_pages
     from semid_dist.quantize.acrq import fit_acrq, worker_rows
-    from semid_dist.quantize.cpu_blas import set_cpu_threads
     from semid_dist.quantize.residual import fit_residual_kmeans
 
-    # the worker's CPUs, for torch and numpy's BLAS alike: a reused Ray worker process may
-    # have started torch / OpenBLAS with another task's thread count
-    set_cpu_threads(config["threads"])
-    set_huge_pages(config["huge_pages"])  # where the engine did not start this process
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = config["use_gpu"]
-    device = "cuda" if use_gpu else "cpu"
+    rank, world, device = _start_worker(config)
     sample = ray.get(config["sample"])
     init_points = ray.get(config["init_points"])
     init_centroids = ray.get(config["init_centroids"])  # warm start (None: k-means++)
-    os.environ.update(config["fault_env"])
     fitted = _load_layers(ray.train.get_checkpoint())
 
     def checkpoint(layer: int, codebooks: list[np.ndarray], stats: list[dict]) -> None:
         """Every worker reports after each layer; rank 0 attaches the layers so far, so a
         restarted worker group resumes with the next layer."""
-        if layer >= 1 and os.environ.get(FAULT_ENV) == "train_worker":
-            # fault switch: die holding a finished, unreported layer, once the previous
-            # layer's checkpoint is registered (as it long is when layers take minutes)
-            ray.train.get_all_reported_checkpoints(timeout_s=60)
-            die_once("train_worker")
+        _fault_point(layer)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -144,20 +156,13 @@ def _learned_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from semid_dist.memory import set_huge_pages
-    from semid_dist.quantize.cpu_blas import set_cpu_threads
     from semid_dist.quantize.model import fit_learned, quantizer_files
     from semid_dist.quantize.training import LearnedParams, TrainState
 
-    set_cpu_threads(config["threads"])
-    set_huge_pages(config["huge_pages"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = "cuda" if config["use_gpu"] else "cpu"
+    rank, world, device = _start_worker(config)
     sample = ray.get(config["sample"])
     init_points = ray.get(config["init_points"])
     acrq = ray.get(config["acrq"])
-    os.environ.update(config["fault_env"])
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -165,9 +170,7 @@ def _learned_loop(config: dict[str, Any]) -> None:
             resume = TrainState.load(folder)
 
     def report(record: dict[str, Any], snapshot: Callable[[], TrainState]) -> None:
-        if record["epoch"] >= 1 and os.environ.get(FAULT_ENV) == "train_worker":
-            ray.train.get_all_reported_checkpoints(timeout_s=60)
-            die_once("train_worker")
+        _fault_point(record["epoch"])
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -208,8 +211,6 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     Lloyd from them instead of k-means++). acrq: the sample's head / tail split
     (`semid_dist.quantize.acrq.AcrqSample`) for quantizer.method=acrq; every worker takes
     its stride of both, and checkpoints count the 2L layers of the two stages."""
-    import json
-
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -248,8 +249,16 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")
         trainer.fit()
+    return _fit_output(out, cfg, log)
+
+
+def _fit_output(out: str, cfg: BuildConfig, log: Callable[[str], None],
+                ) -> tuple[Any, list[dict[str, Any]]]:
+    """What rank 0 wrote to `out`: (the trained module or the codebooks, per-layer stats)."""
+    import json
+
     fs, path = fsio.resolve(out)
-    if learned:
+    if cfg.learned:
         from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
         from semid_dist.quantize.model import load_quantizer
 

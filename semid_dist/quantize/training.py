@@ -188,16 +188,7 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
     sync = sync or LocalSync()
     n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
     steps = max(1, math.ceil(n_total / params.batch_size))
-    gen = torch.Generator().manual_seed(params.seed + 17)
-    idle = [torch.zeros(k, dtype=torch.int64) for k in model.layers]
-    history: list[dict[str, Any]] = []
-    if resume is not None:
-        model.load_state_dict(resume.model)
-        gen.set_state(resume.generator)
-        idle = [t.clone() for t in resume.idle]
-        history = list(resume.history)
-        if progress is not None:
-            progress(f"fit: resuming after epoch {resume.epoch} (checkpoint)")
+    gen, idle, history = _start_state(model, params, resume, progress)
     anchors = _freeze(model, frozen_rows)
     net = wrap(model) if wrap is not None else model
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -231,10 +222,7 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
         record = acc.record(epoch, sync)
         history.append(record)
         if progress is not None:
-            progress(f"fit: epoch {epoch}: loss={record['loss']:.5g} "
-                     f"reconstruction={record['reconstruction']:.5g} utilization="
-                     + "/".join(f"{u:.2f}" for u in record["utilization"])
-                     + f" restarts={sum(record['dead_restarts'])}")
+            progress(_epoch_line(record))
         if on_epoch is not None:
             on_epoch(record, lambda epoch=epoch: TrainState(
                 epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -242,6 +230,31 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
                 idle=[t.clone() for t in idle], history=list(history)))
     return layer_stats(history, model.layers, n_total)
 
+
+
+def _start_state(model: nn.Module, params: LearnedParams, resume: TrainState | None,
+                 progress: Progress | None,
+                 ) -> tuple[torch.Generator, list[torch.Tensor], list[dict[str, Any]]]:
+    """(the dead-code restarts' generator, idle counts per layer, history so far) of a new
+    run, or of `resume`'s, whose weights are loaded into `model`."""
+    gen = torch.Generator().manual_seed(params.seed + 17)
+    idle = [torch.zeros(k, dtype=torch.int64) for k in model.layers]
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        gen.set_state(resume.generator)
+        idle = [t.clone() for t in resume.idle]
+        history = list(resume.history)
+        if progress is not None:
+            progress(f"fit: resuming after epoch {resume.epoch} (checkpoint)")
+    return gen, idle, history
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    return (f"fit: epoch {record['epoch']}: loss={record['loss']:.5g} "
+            f"reconstruction={record['reconstruction']:.5g} utilization="
+            + "/".join(f"{u:.2f}" for u in record["utilization"])
+            + f" restarts={sum(record['dead_restarts'])}")
 
 def _freeze(model: nn.Module, frozen_rows: tuple[int, ...] | None) -> list[torch.Tensor]:
     """Mask the gradient of each layer's first `frozen_rows[l]` codewords; returns copies of
