@@ -3,7 +3,8 @@
 A config is YAML (or a dict) validated into frozen dataclasses. Unknown keys, missing
 required keys, wrong types and out-of-range values raise `ConfigError` naming the dotted
 key. `key=value` overrides use dotted paths and YAML scalars (`fit.sample_size=50000`,
-`quantizer.layers=[256,512]`).
+`quantizer.layers=[256,512]`). Values that each parse but do not go together are checked
+by `semid_dist.config_checks.check_consistency`.
 """
 
 from __future__ import annotations

@@ -63,30 +63,38 @@ def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
         if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
             log(f"encode: {i}/{len(plan.shards)} shards, {tally.counts['encoded']} rows "
                 f"encoded, {tally.counts['rejected']} rejected")
-    partials = stats.result()
+    stats.check_complete()
     if tally.reasons:
         log(f"encode: rejected rows by reason: {reasons_text(tally.reasons)}")
     if tally.steps and todo:
         timings.update({f"encode_worker_{step}_s": s for step, s in tally.steps.items()})
         log(f"encode: worker time per shard ({len(todo)} shards): "
             f"{steps_text(tally.steps, len(todo))}")
-    return (partials, tally.counts, sorted(tally.rejects, key=lambda e: e.path),
+    return (stats.result(), tally.counts, sorted(tally.rejects, key=lambda e: e.path),
             dict(tally.reasons))
 
 
 class _InShardOrder:
     """The shards' statistics merged in shard order: a shard's staged statistics are read
-    and pushed when every shard before it has arrived (`arrived`); `result` raises
-    SemidError when a shard never did."""
+    and pushed when every shard before it has arrived (`arrived`, which raises SemidError
+    for a shard that arrives twice or that the plan does not hold: its counts would not
+    reconcile); `check_complete` raises it when a shard never arrived."""
 
     def __init__(self, store: TableStore, version_id: str, plan: CatalogPlan) -> None:
         self.store, self.version_id = store, version_id
         self.merged = {part: StreamMerge() for part in PARTS}
         self.waiting: set[int] = set()
-        self.order = iter(sorted(s.index for s in plan.shards))
+        self.planned = {s.index for s in plan.shards}
+        self.seen: set[int] = set()
+        self.order = iter(sorted(self.planned))
         self.turn = next(self.order, None)
 
     def arrived(self, index: int) -> None:
+        if index in self.seen or index not in self.planned:
+            why = "twice" if index in self.seen else "that the plan does not hold"
+            raise SemidError(f"encode: the engine returned a result for shard {index} {why}; "
+                             "nothing was committed. Re-run the build")
+        self.seen.add(index)
         self.waiting.add(index)
         while self.turn in self.waiting:
             self.waiting.remove(self.turn)
@@ -96,12 +104,14 @@ class _InShardOrder:
                 self.merged[part].push(partial)
             self.turn = next(self.order, None)
 
-    def result(self) -> dict[str, Partial]:
-        """{"all"|"head"|"tail": merged statistics}."""
-        if self.waiting or self.turn is not None:
+    def check_complete(self) -> None:
+        if self.turn is not None:
             raise SemidError(f"encode: the engine returned no result for shard {self.turn}; "
                              "nothing was committed. Re-run the build: finished shards are "
                              "reused")
+
+    def result(self) -> dict[str, Partial]:
+        """{"all"|"head"|"tail": merged statistics}."""
         partials = {part: m.result() for part, m in self.merged.items() if len(m)}
         if "all" not in partials:
             partials["all"] = merge(partials["head"], partials["tail"])

@@ -412,18 +412,20 @@ def test_every_catalog_file_schema_is_checked_before_running(small_catalog, tmp_
 class _Carrying(LocalEngine):
     """The local engine, recording what its encode hands the driver; `lose` deletes a
     finished shard's staged result before the driver's turn for it comes, `drop` leaves a
-    shard's result out of what the encode hands over."""
+    shard's result out of what the encode hands over, `repeat` hands it over twice."""
 
-    def __init__(self, cfg, log=print, *, lose: int | None = None,
-                 drop: int | None = None) -> None:
+    def __init__(self, cfg, log=print, *, lose: int | None = None, drop: int | None = None,
+                 repeat: int | None = None) -> None:
         super().__init__(cfg, log)
         self.results: list[dict] = []
-        self.lose, self.drop = lose, drop
+        self.lose, self.drop, self.repeat = lose, drop, repeat
 
     def encode(self, ctx, shards):
         for res in super().encode(ctx, shards):
             if res["index"] == self.drop:
                 continue
+            if res["index"] == self.repeat:
+                yield dict(res)
             self.results.append(res)
             if res["index"] == self.lose:
                 ctx.store().fs.rm(fsio.join(ctx.store().version_dir(ctx.version_id),
@@ -469,20 +471,24 @@ def test_engines_carry_shard_counts_and_the_driver_reads_statistics_from_staging
     assert again.metrics["rows"]["encoded"] == len(x)
 
 
-
-def test_a_shard_result_the_engine_never_hands_over_fails_the_build(small_catalog, root,
-                                                                    monkeypatch):
-    """The driver merges the statistics in shard order: an engine whose encode ends without
-    one shard's result fails the build, naming the shard, and commits nothing."""
+@pytest.mark.parametrize("fault, message", [
+    ({"drop": 4}, r"returned no result for shard 4; nothing was committed"),
+    ({"repeat": 2}, r"returned a result for shard 2 twice; nothing was committed"),
+])
+def test_a_shard_result_missing_or_twice_fails_the_build(small_catalog, root, monkeypatch,
+                                                         fault, message):
+    """The driver merges the statistics in shard order and counts each shard once: an
+    engine whose encode ends without one shard's result, or hands one over twice, fails the
+    build, naming the shard, and commits nothing."""
     catalog, _ = small_catalog
     cfg = small_config(catalog, root)
     first = build(cfg, log=quiet)
     monkeypatch.setattr("semid_dist.pipeline.make_engine",
-                        lambda cfg, log=print: _Carrying(cfg, log, drop=4))
-    with pytest.raises(SemidError, match=r"returned no result for shard 4; nothing was "
-                                         r"committed"):
+                        lambda cfg, log=print: _Carrying(cfg, log, **fault))
+    with pytest.raises(SemidError, match=message):
         build(replace(cfg, seed=8), log=quiet)
     assert TableStore(root, "sids").latest() == first.version_id
+
 
 def test_step_clock_laps_and_the_log_line():
     """Each lap is the time since the one before; a step timed twice adds up; the log line

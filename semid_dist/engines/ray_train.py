@@ -28,7 +28,8 @@ from semid_dist.io import fs as fsio
 
 
 def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
-    """Set up a Ray Train worker of the fit -> (rank, world size, torch device)."""
+    """Set up a Ray Train worker of the fit (its threads, huge pages and the fault switch's
+    variables) -> (rank, world size, torch device)."""
     import ray.train
 
     from semid_dist.memory import set_huge_pages

@@ -79,7 +79,6 @@ class LearnedParams:
         return cls(**kw)
 
 
-
 @dataclass
 class Forward:
     """One forward pass: loss (scalar), recon (b,) squared input-space error per row,
@@ -92,7 +91,6 @@ class Forward:
     residuals: list[torch.Tensor]
     final: torch.Tensor
     terms: dict[str, float] = field(default_factory=dict)
-
 
 
 @contextlib.contextmanager
@@ -231,7 +229,6 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
     return layer_stats(history, model.layers, n_total)
 
 
-
 def _start_state(model: nn.Module, params: LearnedParams, resume: TrainState | None,
                  progress: Progress | None,
                  ) -> tuple[torch.Generator, list[torch.Tensor], list[dict[str, Any]]]:
@@ -251,10 +248,12 @@ def _start_state(model: nn.Module, params: LearnedParams, resume: TrainState | N
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
+    """The progress line of a finished epoch's record."""
     return (f"fit: epoch {record['epoch']}: loss={record['loss']:.5g} "
             f"reconstruction={record['reconstruction']:.5g} utilization="
             + "/".join(f"{u:.2f}" for u in record["utilization"])
             + f" restarts={sum(record['dead_restarts'])}")
+
 
 def _freeze(model: nn.Module, frozen_rows: tuple[int, ...] | None) -> list[torch.Tensor]:
     """Mask the gradient of each layer's first `frozen_rows[l]` codewords; returns copies of
