@@ -263,7 +263,7 @@ def test_spark_workers_of_a_started_session_get_worker_env(tmp_path):
     _worker_settings(f"""
 import pyarrow as pa
 from semid_dist.config import parse_config
-from semid_dist.engines.spark import spark_session
+from semid_dist.engines.spark_session import spark_session
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
                     "spark": {{"master": "local[1]", "driver_memory": "512m"}}}})
 spark, started = spark_session(cfg)

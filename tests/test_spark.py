@@ -390,7 +390,7 @@ def test_spark_session_started_by_the_engine_runs_its_jvm_with_java_options(tmp_
 import os
 import pyarrow as pa
 from semid_dist.config import parse_config
-from semid_dist.engines.spark import spark_session
+from semid_dist.engines.spark_session import spark_session
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
                     "spark": {{"master": "local[1]", "driver_memory": "512m"}}}})
 spark, started = spark_session(cfg)
@@ -414,7 +414,7 @@ spark.stop()
 
 
 def test_spark_java_options_go_to_the_jvms_a_session_starts():
-    from semid_dist.engines.spark import _java_options
+    from semid_dist.engines.spark_session import _java_options
 
     opts = "-XX:TieredStopAtLevel=1 -Dx=1"
     assert _java_options(opts, submitted=False) == {"spark.driver.extraJavaOptions": opts,

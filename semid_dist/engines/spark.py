@@ -18,13 +18,10 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import pickle
 import re
-import sys
 import threading
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -39,9 +36,9 @@ from semid_dist import errors
 from semid_dist.config import BuildConfig
 from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
+from semid_dist.engines.spark_session import no_pandas_warning, spark_session
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.memory import huge_pages, worker_env
 from semid_dist.stages import JobContext, has_job_worker, job_worker
 
 if TYPE_CHECKING:
@@ -52,73 +49,7 @@ _RESULT_SCHEMA = "index long, result binary"
 _ARROW_SCHEMA = pa.schema([("index", pa.int64()), ("result", pa.binary())])
 WARM_UP_GROUP = "semid-warm-up"
 _TASK_ERROR = re.compile(r"semid_dist\.errors\.(\w+): (.+)")
-# Spark starts the Python workers of SQL tasks (mapInArrow: encode, warm-up) with this
-# variable set, and those of RDD tasks (`map`) without it; a Python worker daemon serves one
-# environment, so an executor ran two daemons, and each of their workers imported torch and
-# the encode modules: the warm-up warmed the encode's workers only. Set for every task
-# (Python tracebacks of the RDD tasks then leave PySpark's own frames out, as SQL tasks'
-# do), one daemon serves both: a Spark `semid encode` of 1.5M x 128 items (3 x 256) took
-# 20.8-23.6 s instead of 26.3-27.4 s on 2 cores (its scan 3.6 s instead of 6.0).
-ONE_DAEMON_VAR = "SPARK_SIMPLIFIED_TRACEBACK"
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}")
-
-
-def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
-    """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
-    from pyspark import SparkConf
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active, False
-    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit launched this driver
-    master = cfg.spark.master or (None if submitted else "local[*]")
-    builder = (SparkSession.builder.appName(cfg.spark.app_name)
-               .config("spark.ui.enabled", "false")
-               .config("spark.ui.showConsoleProgress", "false")  # the log reports progress
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", cfg.spark.arrow_batch_rows)
-               .config("spark.sql.shuffle.partitions", cfg.spark.shuffle_partitions))
-    if master is not None:
-        builder = builder.master(master)
-    if master is not None and master.startswith("local"):
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    if not submitted:  # under spark-submit the driver JVM already runs with its memory
-        builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
-    # the JVMs' options and the workers' memory settings (Spark starts its Python workers
-    # with spark.executorEnv.* in their environment), and `ONE_DAEMON_VAR`; a value
-    # spark-submit's settings give wins
-    defaults = SparkConf()
-    settings = _java_options(cfg.spark.java_options, submitted)
-    for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
-        settings[f"spark.executorEnv.{name}"] = value
-    settings[f"spark.executorEnv.{ONE_DAEMON_VAR}"] = "1"
-    for name, value in settings.items():
-        if not defaults.contains(name):
-            builder = builder.config(name, value)
-    with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
-        return builder.getOrCreate(), True
-
-
-def _java_options(options: str | None, submitted: bool) -> dict[str, str]:
-    """The Spark settings that give a new session's JVMs `spark.java_options`: the driver's
-    unless spark-submit started it already (its --driver-java-options then), and the
-    executors' (which are the driver itself in local mode)."""
-    if options is None:
-        return {}
-    keys = ["spark.executor.extraJavaOptions"]
-    if not submitted:
-        keys.insert(0, "spark.driver.extraJavaOptions")
-    return {key: options for key in keys}
-
-
-@contextmanager
-def _no_pandas_warning() -> Iterator[None]:
-    """pyspark warns about pandas 3 when it imports its pandas helpers; no pandas is used here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
-                                FutureWarning)
-        yield
 
 
 @contextmanager
@@ -248,7 +179,7 @@ def warm_up(spark: SparkSession) -> threading.Thread:
     sc = spark.sparkContext
     try:  # planned here, not in the thread: the warning filter is process-wide state
         slots = sc.defaultParallelism
-        with _no_pandas_warning():
+        with no_pandas_warning():
             job = spark.range(slots, numPartitions=slots).mapInArrow(_warm_partition, "id long")
     except Exception:  # noqa: BLE001
         job = None
@@ -279,7 +210,7 @@ class SparkEngine(LocalEngine):
             raise ConfigError("engine: spark needs input.path and output.root on storage every "
                               "executor can reach (file://, s3://, gs://, hdfs://), not memory://")
         super().__init__(cfg, log)
-        with _no_pandas_warning():
+        with no_pandas_warning():
             self.spark, self._started = spark_session(cfg)
         sc = self.spark.sparkContext
         self._warm: threading.Thread | None = None
@@ -369,7 +300,7 @@ class SparkEngine(LocalEngine):
             """The wave's job, planned here (not in a pool thread: the warning filter is
             process-wide state)."""
             shards_json = [json.dumps(shard_to_dict(s)) for s in wave]
-            with _no_pandas_warning():
+            with no_pandas_warning():
                 # rows 0..n-1, one a partition: each shard its own task, and no Python
                 # worker feeding the rows (as a DataFrame of a Python RDD would need)
                 return (self.spark.range(len(wave), numPartitions=len(wave))

@@ -1,0 +1,87 @@
+"""The Spark session the engine works in: the active one (spark-submit's, or a caller's),
+or one started from the `spark:` settings, with the JVMs' options and the Python workers'
+environment (memory settings, `ONE_DAEMON_VAR`). pyspark is imported inside the functions
+only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from semid_dist.config import BuildConfig
+from semid_dist.memory import huge_pages, worker_env
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+# Spark starts the Python workers of SQL tasks (mapInArrow: encode, warm-up) with this
+# variable set, and those of RDD tasks (`map`) without it; a Python worker daemon serves one
+# environment, so an executor ran two daemons, and each of their workers imported torch and
+# the encode modules: the warm-up warmed the encode's workers only. Set for every task
+# (Python tracebacks of the RDD tasks then leave PySpark's own frames out, as SQL tasks'
+# do), one daemon serves both: a Spark `semid encode` of 1.5M x 128 items (3 x 256) took
+# 20.8-23.6 s instead of 26.3-27.4 s on 2 cores (its scan 3.6 s instead of 6.0).
+ONE_DAEMON_VAR = "SPARK_SIMPLIFIED_TRACEBACK"
+
+
+def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
+    """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active, False
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit launched this driver
+    master = cfg.spark.master or (None if submitted else "local[*]")
+    builder = (SparkSession.builder.appName(cfg.spark.app_name)
+               .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")  # the log reports progress
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", cfg.spark.arrow_batch_rows)
+               .config("spark.sql.shuffle.partitions", cfg.spark.shuffle_partitions))
+    if master is not None:
+        builder = builder.master(master)
+    if master is not None and master.startswith("local"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if not submitted:  # under spark-submit the driver JVM already runs with its memory
+        builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    # the JVMs' options and the workers' memory settings (Spark starts its Python workers
+    # with spark.executorEnv.* in their environment), and `ONE_DAEMON_VAR`; a value
+    # spark-submit's settings give wins
+    defaults = SparkConf()
+    settings = _java_options(cfg.spark.java_options, submitted)
+    for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
+        settings[f"spark.executorEnv.{name}"] = value
+    settings[f"spark.executorEnv.{ONE_DAEMON_VAR}"] = "1"
+    for name, value in settings.items():
+        if not defaults.contains(name):
+            builder = builder.config(name, value)
+    with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
+        return builder.getOrCreate(), True
+
+
+def _java_options(options: str | None, submitted: bool) -> dict[str, str]:
+    """The Spark settings that give a new session's JVMs `spark.java_options`: the driver's
+    unless spark-submit started it already (its --driver-java-options then), and the
+    executors' (which are the driver itself in local mode)."""
+    if options is None:
+        return {}
+    keys = ["spark.executor.extraJavaOptions"]
+    if not submitted:
+        keys.insert(0, "spark.driver.extraJavaOptions")
+    return {key: options for key in keys}
+
+
+@contextmanager
+def no_pandas_warning() -> Iterator[None]:
+    """pyspark warns about pandas 3 when it imports its pandas helpers; no pandas is used here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
+                                FutureWarning)
+        yield
