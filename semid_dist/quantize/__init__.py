@@ -1,4 +1,4 @@
-"""Pure numeric core: numpy / torch / faiss only (never ray or pyspark)."""
+"""Pure numeric core: numpy / torch only (never ray or pyspark)."""
 
 from semid_dist.quantize.encode import decode, encode_batch, nearest
 from semid_dist.quantize.kmeans import kmeans, kmeans_plusplus, lloyd_stats
