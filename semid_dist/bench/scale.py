@@ -233,8 +233,8 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
         "",
         "Assumptions: per-core throughput of the encode, reduce and drift stages stays as "
         "measured here (they run shard by shard, or bucket by bucket, on every core; a GPU "
-        "per node would only shorten the kernel part, which is a minority of the stage here"
-        + kernel + ", so none is assumed); the fit "
+        "per node would shorten the kernel part only" + kernel + ", so none is assumed); "
+        "the fit "
         "uses a fixed-size sample, so its time does not grow with the catalog. The driver's "
         "memory is given two ways: the whole measured peak scaled with the rows, its fixed "
         "part too (an upper bound); and the measured peak plus what grows with the catalog "
