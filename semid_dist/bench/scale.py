@@ -185,14 +185,24 @@ def worker_shares(timings: dict) -> tuple[float, dict[str, float]]:
 
 def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
               inc: dict | None = None) -> None:
+    """The scale page: the build's measures, the projection, the incremental version."""
+    shares = worker_shares(measured["result"]["metrics"]["timings"])[1]
+    kernel = (f" (quantize: {shares['quantize']:.0%} of the encode workers' time)"
+              if "quantize" in shares else "")
+    lines = build_lines(info, measured, args) + projection_lines(proj, args, kernel)
+    if inc is not None:
+        lines += incremental_lines(inc, args)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def build_lines(info: dict, measured: dict, args) -> list[str]:
+    """The page's head and the build's table of measures."""
     m = measured["result"]["metrics"]
     t = m["timings"]
     rows = m["rows"]
     worker_s, shares = worker_shares(t)
     by_step = ", ".join(f"{step} {share:.0%}" for step, share in shares.items())
-    kernel = (f" (quantize: {shares['quantize']:.0%} of the encode workers' time)"
-              if "quantize" in shares else "")
-    lines = [
+    return [
         "# Scale run",
         "",
         f"Written by `jobs/scale_run.py` on {info['date']}: `semid build --config {args.config}` "
@@ -229,6 +239,12 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
         f"| reconstruction MSE (relative error) | {m['reconstruction']['mse']:.4f} "
         f"({m['reconstruction']['relative_error']:.4f}) |",
         "",
+    ]
+
+
+def projection_lines(proj: list[dict], args, kernel: str) -> list[str]:
+    """The projection's assumptions and table; `kernel`: the quantize step's share, said."""
+    lines = [
         f"## Projection: {args.project_rows:,} items on {args.nodes} nodes x {args.cores} cores",
         "",
         "Assumptions: per-core throughput of the encode, reduce and drift stages stays as "
@@ -254,9 +270,7 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
         unit = "" if "MiB" in r["stage"] else " s"
         lines.append(f"| {r['stage']} | {r['measured_s']:,.0f}{unit} | "
                      f"{r['projected_s']:,.0f}{unit} |")
-    if inc is not None:
-        lines += incremental_lines(inc, args)
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def run_scale(args: argparse.Namespace) -> None:
