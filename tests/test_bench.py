@@ -233,6 +233,26 @@ def test_cli_parser_and_sections():
         bench_options(only="kernels,speed")
 
 
+def test_bench_without_faiss_says_so_before_measuring(tmp_path, monkeypatch, capsys):
+    """faiss is an extra: the sections measured against it fail at once, naming the install
+    and the sections that need none; those run without it."""
+    from semid_dist.cli import main
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    work = tmp_path / "work"
+    rc = main(["bench", "--quick", "--only", "rss,fit", "--workdir", str(work),
+               "--out-json", str(tmp_path / "b.json"), "--out-md", str(tmp_path / "b.md")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("semid bench: error: the fit section(s) compare against faiss")
+    assert "pip install 'semid_dist[cpu]'" in err and "--only rss,gpu" in err
+    assert not work.exists() and not (tmp_path / "b.json").exists()  # nothing measured
+    for only in ("kernels", "e2e"):
+        with pytest.raises(ConfigError, match=f"the {only} section"):
+            bench_options(only=only)
+    assert bench_options(only="rss,gpu").sections == ("rss", "gpu")
+
+
 @pytest.mark.engine
 def test_quick_mode_end_to_end(tmp_path):
     """Quick mode at tiny sizes through every section and engine (Spark skipped without

@@ -84,10 +84,34 @@ def bench_options(*, quick: bool = False, only: str | None = None,
         if unknown or not sections:
             raise ConfigError(f"--only {only!r}: unknown section(s) {unknown}; choose from "
                               f"{','.join(SECTIONS)}")
+    _check_faiss(sections)
     command = "semid bench" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
     preset = BenchOptions.quick_preset if quick else BenchOptions.full
     return preset(sections=sections, json_path=json_path, md_path=md_path, workdir=workdir,
                   command=command)
+
+
+FAISS_SECTIONS = ("kernels", "e2e", "fit")  # measured against faiss (e2e: the kernel's rate)
+
+
+def _check_faiss(sections: tuple[str, ...]) -> None:
+    """Fail before measuring anything when a section compares against faiss and this Python
+    cannot import it (an extra: `semid_dist[cpu]`, or `[gpu]`), rather than minutes into the
+    run."""
+    from semid_dist.errors import ConfigError
+
+    need = [s for s in sections if s in FAISS_SECTIONS]
+    if not need:
+        return
+    try:
+        import faiss  # noqa: F401
+    except ImportError as exc:
+        rest = [s for s in SECTIONS if s not in FAISS_SECTIONS]
+        raise ConfigError(
+            f"the {', '.join(need)} section(s) compare against faiss, which this Python cannot "
+            f"import ({exc}); install it with pip install 'semid_dist[cpu]' (or '[gpu]' on a "
+            f"CUDA machine), or run only the sections that need none: --only {','.join(rest)}"
+        ) from None
 
 
 def _now() -> str:
