@@ -21,6 +21,7 @@ from semid_dist.io.catalog import Shard, read_shard
 from semid_dist.io.store import STAGING, TableStore
 from semid_dist.pipeline import build
 from tests.conftest import (
+    REPO,
     capacity_ranges_on_engines,
     clustered,
     incremental_on_engines,
@@ -411,6 +412,31 @@ spark.stop()
     assert "-XX:TieredStopAtLevel=1" in out[1].split()  # after Spark's own defaults
     rdd_pids, sql_pids = out[2].split("] [")
     assert rdd_pids + "]" == "[" + sql_pids, out[2]
+
+
+def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
+    """A build whose engine would start a Spark session, on a machine whose launcher would
+    find no JVM: one line naming Java and how to get it, status 2, nothing written. Run in
+    a process of its own (the tests' session is active here) with no `java` on its PATH."""
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(Path(sys.executable).parent)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    catalog = tmp_path / "catalog.parquet"
+    write_catalog(catalog, clustered(50, 8, seed=0))
+    out = tmp_path / "out"
+    for java_home, where in ((None, "no `java` on the PATH"),
+                             (tmp_path, f"JAVA_HOME={tmp_path} holds no bin/java")):
+        if java_home is not None:
+            env["JAVA_HOME"] = str(java_home)
+        run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
+                              str(REPO / "conf" / "demo.yaml"), "engine=spark",
+                              f"input.path={catalog}", f"output.root={out}"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode == 2, run.stderr[-2000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("semid build: error: engine: spark starts a Spark session, "
+                               f"which needs Java 17 or later ({where}): install a JDK")
+        assert not out.exists()
 
 
 def test_spark_java_options_go_to_the_jvms_a_session_starts():

@@ -7,6 +7,7 @@ only.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from semid_dist.config import BuildConfig
+from semid_dist.errors import ConfigError
 from semid_dist.memory import huge_pages, worker_env
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     if active is not None:
         return active, False
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit launched this driver
+    if not submitted:
+        _check_java()
     master = cfg.spark.master or (None if submitted else "local[*]")
     builder = (SparkSession.builder.appName(cfg.spark.app_name)
                .config("spark.ui.enabled", "false")
@@ -64,6 +68,20 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
             builder = builder.config(name, value)
     with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
         return builder.getOrCreate(), True
+
+
+def _check_java() -> None:
+    """A session started here launches a JVM, as Spark's launcher finds it: `$JAVA_HOME/bin/
+    java`, else `java` on the PATH. Raises ConfigError when there is none (pyspark would
+    fail with "Java gateway process exited before sending its port number")."""
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if java and os.access(java, os.X_OK):
+        return
+    where = f"JAVA_HOME={home} holds no bin/java" if home else "no `java` on the PATH"
+    raise ConfigError(f"engine: spark starts a Spark session, which needs Java 17 or later "
+                      f"({where}): install a JDK (e.g. apt-get install openjdk-17-jre-headless) "
+                      "or set JAVA_HOME, or use engine: ray or local")
 
 
 def _java_options(options: str | None, submitted: bool) -> dict[str, str]:
