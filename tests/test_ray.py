@@ -22,6 +22,7 @@ from semid_dist.quantize import encode_batch
 from semid_dist.quantize.acrq import fit_acrq, split_sample
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import (
+    REPO,
     capacity_ranges_on_engines,
     clustered,
     incremental_on_engines,
@@ -34,6 +35,31 @@ pytestmark = pytest.mark.engine
 
 def quiet(msg: str) -> None:
     pass
+
+
+def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
+    """`ray.address=auto` where no Ray cluster runs: one line naming the address and the
+    ways out, status 2, nothing written. A process of its own, whose Ray looks for a running
+    cluster in an empty temporary folder (not the one this session's Ray may have used)."""
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():  # what `auto` falls back to: any Ray running on this machine
+        pytest.skip("a Ray cluster runs on this machine: ray.address=auto would join it")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path / "ray")
+    catalog = tmp_path / "catalog.parquet"
+    write_catalog(catalog, clustered(50, 8, seed=0))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
+                          str(REPO / "conf" / "demo.yaml"), "ray.address=auto",
+                          f"input.path={catalog}", f"output.root={out}"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("semid build: error: ray.address=auto: no Ray cluster reachable "
+                           "from this machine (")
+    assert "`ray start --head`" in last and "leave ray.address unset" in last
+    assert not out.exists()
 
 
 def _one_row_each(batch: dict[str, np.ndarray]):

@@ -35,7 +35,14 @@ def ray_init(cfg: BuildConfig) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+        try:
+            ray.init(address=cfg.ray.address, log_to_driver=True)
+        except (ConnectionError, TimeoutError) as exc:
+            raise ConfigError(
+                f"ray.address={cfg.ray.address}: no Ray cluster reachable from this machine "
+                f"({exc}); start one (`ray start --head`) or submit the job to a running one "
+                "(`ray job submit`), or leave ray.address unset to run on an embedded local "
+                "Ray") from None
     else:
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
