@@ -5,6 +5,7 @@ reconcile (manifest rows: input = encoded + rejected, matching the data / reject
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -551,3 +552,14 @@ def test_catalog_smaller_than_the_largest_codebook(tmp_path, root):
 def test_bad_config_value_is_a_config_error_naming_the_key(tmp_path, key, value, match):
     with pytest.raises(ConfigError, match=match):
         cfg(str(tmp_path / "cat"), str(tmp_path / "out"), **{key: value})
+
+
+def test_spark_engine_without_pyspark_names_the_extra(tmp_path, root, monkeypatch):
+    """pyspark is the [spark] extra: without it `engine: spark` is a config error naming
+    the install, raised before anything is read or written."""
+    monkeypatch.setitem(sys.modules, "pyspark", None)  # `import pyspark` raises ImportError
+    cat = write_catalog(tmp_path / "cat", base_x()[:300])
+    with pytest.raises(ConfigError, match=r"engine: spark needs pyspark, the \[spark\] extra: "
+                                          r"pip install 'semid_dist\[spark\]'"):
+        build(cfg(cat, root, engine="spark"), log=quiet)
+    assert not Path(root).exists()

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
 def make_engine(cfg: BuildConfig, log=print) -> LocalEngine:
     """Engine named by `cfg.engine` (imports Ray only when it is asked for)."""
     if cfg.engine == "spark":
+        try:
+            import pyspark  # noqa: F401
+        except ImportError:
+            from semid_dist.errors import ConfigError
+
+            raise ConfigError("engine: spark needs pyspark, the [spark] extra: pip install "
+                              "'semid_dist[spark]' (`make` installs it), or use engine: ray "
+                              "or local") from None
         from semid_dist.engines.spark import SparkEngine
 
         return SparkEngine(cfg, log=log)
