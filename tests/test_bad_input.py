@@ -559,7 +559,8 @@ def test_spark_engine_without_pyspark_names_the_extra(tmp_path, root, monkeypatc
     the install, raised before anything is read or written."""
     monkeypatch.setitem(sys.modules, "pyspark", None)  # `import pyspark` raises ImportError
     cat = write_catalog(tmp_path / "cat", base_x()[:300])
-    with pytest.raises(ConfigError, match=r"engine: spark needs pyspark, the \[spark\] extra: "
+    with pytest.raises(ConfigError, match=r"engine: spark needs pyspark, which this Python "
+                                          r"cannot import \(.*\): it is the \[spark\] extra, "
                                           r"pip install 'semid_dist\[spark\]'"):
         build(cfg(cat, root, engine="spark"), log=quiet)
     assert not Path(root).exists()

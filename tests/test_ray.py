@@ -56,9 +56,9 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("semid build: error: ray.address=auto: no Ray cluster reachable "
-                           "from this machine (")
-    assert "`ray start --head`" in last and "leave ray.address unset" in last
+    assert last.startswith("semid build: error: ray.address=auto: could not connect to a Ray "
+                           "cluster from this machine (Could not find any running Ray instance")
+    assert "`ray start --head`" in last and "leave ray.address (and RAY_ADDRESS) unset" in last
     assert not out.exists()
 
 

@@ -417,26 +417,37 @@ spark.stop()
 def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
     """A build whose engine would start a Spark session, on a machine whose launcher would
     find no JVM: one line naming Java and how to get it, status 2, nothing written. Run in
-    a process of its own (the tests' session is active here) with no `java` on its PATH."""
-    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    a process of its own (the tests' session may be active here) with no `java` on its PATH
+    and no Spark conf folder of the machine's."""
+    pytest.importorskip("pyspark")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAVA_HOME", "SPARK_HOME", "SPARK_CONF_DIR")}
     env["PATH"] = str(Path(sys.executable).parent)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(50, 8, seed=0))
     out = tmp_path / "out"
+    command = [sys.executable, "-m", "semid_dist.cli", "build", "--config",
+               str(REPO / "conf" / "demo.yaml"), "engine=spark", f"input.path={catalog}",
+               f"output.root={out}"]
     for java_home, where in ((None, "no `java` on the PATH"),
                              (tmp_path, f"JAVA_HOME={tmp_path} holds no bin/java")):
         if java_home is not None:
             env["JAVA_HOME"] = str(java_home)
-        run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
-                              str(REPO / "conf" / "demo.yaml"), "engine=spark",
-                              f"input.path={catalog}", f"output.root={out}"],
-                             capture_output=True, text=True, timeout=120, env=env)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
         assert run.returncode == 2, run.stderr[-2000:]
         last = run.stderr.strip().splitlines()[-1]
         assert last.startswith("semid build: error: engine: spark starts a Spark session, "
-                               f"which needs Java 17 or later ({where}): install a JDK")
+                               f"which needs Java ({where}): install Java (17 or later")
         assert not out.exists()
+    # a spark-env.sh may give Spark's launcher a JAVA_HOME of its own: the check stands aside
+    # (here the launcher then fails on its own, with no JVM either)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "spark-env.sh").write_text("# JAVA_HOME=... for the launcher\n")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                         env={**env, "SPARK_CONF_DIR": str(conf)})
+    assert run.returncode != 0 and "needs Java" not in run.stderr
 
 
 def test_spark_java_options_go_to_the_jvms_a_session_starts():

@@ -21,12 +21,13 @@ def make_engine(cfg: BuildConfig, log=print) -> LocalEngine:
     if cfg.engine == "spark":
         try:
             import pyspark  # noqa: F401
-        except ImportError:
+        except ImportError as exc:
             from semid_dist.errors import ConfigError
 
-            raise ConfigError("engine: spark needs pyspark, the [spark] extra: pip install "
-                              "'semid_dist[spark]' (`make` installs it), or use engine: ray "
-                              "or local") from None
+            raise ConfigError(f"engine: spark needs pyspark, which this Python cannot import "
+                              f"({exc}): it is the [spark] extra, pip install "
+                              "'semid_dist[spark]' (`make` installs it); or use engine: ray "
+                              "or local") from exc
         from semid_dist.engines.spark import SparkEngine
 
         return SparkEngine(cfg, log=log)

@@ -38,11 +38,7 @@ def ray_init(cfg: BuildConfig) -> bool:
         try:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
-            raise ConfigError(
-                f"ray.address={cfg.ray.address}: no Ray cluster reachable from this machine "
-                f"({exc}); start one (`ray start --head`) or submit the job to a running one "
-                "(`ray job submit`), or leave ray.address unset to run on an embedded local "
-                "Ray") from None
+            raise ConfigError(_connect_error(cfg.ray.address, exc)) from exc
     else:
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
@@ -55,6 +51,17 @@ def ray_init(cfg: BuildConfig) -> bool:
                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
                      configure_logging=False, log_to_driver=True)
     return True
+
+
+def _connect_error(address: str, exc: BaseException) -> str:
+    """What `ray.init(address=...)` failing to connect means, with Ray's own reason (and the
+    one under it: Ray wraps the cause of a failed connection in its ConnectionError)."""
+    env = os.environ.get("RAY_ADDRESS")  # Ray connects to it whatever `address` says
+    named = f"RAY_ADDRESS={env}" if env else f"ray.address={address}"
+    why = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
+    return (f"{named}: could not connect to a Ray cluster from this machine ({why}); start "
+            "one (`ray start --head`) or submit the job to a running one (`ray job submit`), "
+            "or leave ray.address (and RAY_ADDRESS) unset to run on an embedded local Ray")
 
 
 @contextlib.contextmanager

@@ -33,14 +33,14 @@ ONE_DAEMON_VAR = "SPARK_SIMPLIFIED_TRACEBACK"
 
 def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit launched this driver
-    if not submitted:
+    if not submitted and SparkContext._active_spark_context is None:  # a JVM to launch
         _check_java()
     master = cfg.spark.master or (None if submitted else "local[*]")
     builder = (SparkSession.builder.appName(cfg.spark.app_name)
@@ -73,15 +73,23 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
 def _check_java() -> None:
     """A session started here launches a JVM, as Spark's launcher finds it: `$JAVA_HOME/bin/
     java`, else `java` on the PATH. Raises ConfigError when there is none (pyspark would
-    fail with "Java gateway process exited before sending its port number")."""
+    fail with "Java gateway process exited before sending its port number"). A
+    `spark-env.sh` in Spark's conf folder may set JAVA_HOME for the launcher alone: the
+    launcher is then left to find it. Java's version is not checked (Spark 4 needs 17)."""
+    import pyspark
+
+    spark_home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
+    conf = os.environ.get("SPARK_CONF_DIR") or os.path.join(spark_home, "conf")
+    if os.path.exists(os.path.join(conf, "spark-env.sh")):
+        return
     home = os.environ.get("JAVA_HOME")
     java = os.path.join(home, "bin", "java") if home else shutil.which("java")
     if java and os.access(java, os.X_OK):
         return
     where = f"JAVA_HOME={home} holds no bin/java" if home else "no `java` on the PATH"
-    raise ConfigError(f"engine: spark starts a Spark session, which needs Java 17 or later "
-                      f"({where}): install a JDK (e.g. apt-get install openjdk-17-jre-headless) "
-                      "or set JAVA_HOME, or use engine: ray or local")
+    raise ConfigError(f"engine: spark starts a Spark session, which needs Java ({where}): "
+                      "install Java (17 or later for Spark 4, e.g. apt-get install "
+                      "openjdk-17-jre-headless) or set JAVA_HOME, or use engine: ray or local")
 
 
 def _java_options(options: str | None, submitted: bool) -> dict[str, str]:
