@@ -38,9 +38,11 @@ def quiet(msg: str) -> None:
 
 
 def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
-    """`ray.address=auto` where no Ray cluster runs: one line naming the address and the
-    ways out, status 2, nothing written. A process of its own, whose Ray looks for a running
-    cluster in an empty temporary folder (not the one this session's Ray may have used)."""
+    """`ray.address=auto` where no Ray cluster runs, and RAY_ADDRESS set with no
+    ray.address: one line naming the address and the ways out, status 2, nothing written. A
+    process of its own, whose Ray looks for a running cluster in an empty temporary folder
+    (not the one this session's Ray may have used)."""
+    # (no public API says whether `auto` would find a cluster: Ray's own lookup does)
     from ray._private.services import find_gcs_addresses
 
     if find_gcs_addresses():  # what `auto` falls back to: any Ray running on this machine
@@ -50,15 +52,26 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(50, 8, seed=0))
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
-                          str(REPO / "conf" / "demo.yaml"), "ray.address=auto",
-                          f"input.path={catalog}", f"output.root={out}"],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    command = [sys.executable, "-m", "semid_dist.cli", "build", "--config",
+               str(REPO / "conf" / "demo.yaml"), "ray.address=auto", f"input.path={catalog}",
+               f"output.root={out}"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
+                         cwd=REPO)
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("semid build: error: ray.address=auto: could not connect to a Ray "
-                           "cluster from this machine (Could not find any running Ray instance")
+                           "cluster from this machine (")
     assert "`ray start --head`" in last and "leave ray.address (and RAY_ADDRESS) unset" in last
+    assert not out.exists()
+    # RAY_ADDRESS without ray.address: Ray would join that address, not start a Ray here
+    env["RAY_ADDRESS"] = "127.0.0.1:1"
+    run = subprocess.run([arg for arg in command if arg != "ray.address=auto"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "semid build: error: RAY_ADDRESS=127.0.0.1:1 is set (as for a `ray job submit` job) "
+        "but ray.address is not: set ray.address=auto to run on that cluster, or unset "
+        "RAY_ADDRESS to run on an embedded local Ray")
     assert not out.exists()
 
 

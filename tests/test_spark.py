@@ -441,7 +441,7 @@ def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
                                f"which needs Java ({where}): install Java (17 or later")
         assert not out.exists()
     # a spark-env.sh may give Spark's launcher a JAVA_HOME of its own: the check stands aside
-    # (here the launcher then fails on its own, with no JVM either)
+    # (here the launcher then fails on its own: this PATH has neither bash nor a JVM)
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "spark-env.sh").write_text("# JAVA_HOME=... for the launcher\n")

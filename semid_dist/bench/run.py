@@ -18,6 +18,7 @@ from typing import Any
 Layers = tuple[int, ...]
 Log = Callable[[str], None]
 SECTIONS = ("kernels", "e2e", "fit", "rss", "gpu")
+FAISS_SECTIONS = ("kernels", "e2e", "fit")  # measured against faiss (e2e: the kernel's rate)
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,6 @@ def bench_options(*, quick: bool = False, only: str | None = None,
     preset = BenchOptions.quick_preset if quick else BenchOptions.full
     return preset(sections=sections, json_path=json_path, md_path=md_path, workdir=workdir,
                   command=command)
-
-
-FAISS_SECTIONS = ("kernels", "e2e", "fit")  # measured against faiss (e2e: the kernel's rate)
 
 
 def _check_faiss(sections: tuple[str, ...]) -> None:

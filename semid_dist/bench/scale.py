@@ -143,7 +143,7 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     return rows_out
 
 
-def incremental_lines(inc: dict, args) -> list[str]:
+def incremental_lines(inc: dict, args: argparse.Namespace) -> list[str]:
     """The scale page's section on the incremental version."""
     m = inc["result"]["metrics"]
     t, rows = m["timings"], m["rows"]
@@ -183,24 +183,26 @@ def worker_shares(timings: dict) -> tuple[float, dict[str, float]]:
     return total, ({step: v / total for step, v in steps.items()} if total > 0 else {})
 
 
-def write_doc(path: Path, info: dict, measured: dict, proj: list[dict], args,
-              inc: dict | None = None) -> None:
+def write_doc(path: Path, info: dict, measured: dict, proj: list[dict],
+              args: argparse.Namespace, inc: dict | None = None) -> None:
     """The scale page: the build's measures, the projection, the incremental version."""
-    shares = worker_shares(measured["result"]["metrics"]["timings"])[1]
+    worker_s, shares = worker_shares(measured["result"]["metrics"]["timings"])
     kernel = (f" (quantize: {shares['quantize']:.0%} of the encode workers' time)"
               if "quantize" in shares else "")
-    lines = build_lines(info, measured, args) + projection_lines(proj, args, kernel)
+    lines = (build_lines(info, measured, args, worker_s, shares)
+             + projection_lines(proj, args, kernel))
     if inc is not None:
         lines += incremental_lines(inc, args)
     path.write_text("\n".join(lines) + "\n")
 
 
-def build_lines(info: dict, measured: dict, args) -> list[str]:
-    """The page's head and the build's table of measures."""
+def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: float,
+                shares: dict[str, float]) -> list[str]:
+    """The page's head and the build's table of measures; worker_s / shares: the encode
+    workers' seconds and each step's share of them (`worker_shares`)."""
     m = measured["result"]["metrics"]
     t = m["timings"]
     rows = m["rows"]
-    worker_s, shares = worker_shares(t)
     by_step = ", ".join(f"{step} {share:.0%}" for step, share in shares.items())
     return [
         "# Scale run",
@@ -242,8 +244,9 @@ def build_lines(info: dict, measured: dict, args) -> list[str]:
     ]
 
 
-def projection_lines(proj: list[dict], args, kernel: str) -> list[str]:
-    """The projection's assumptions and table; `kernel`: the quantize step's share, said."""
+def projection_lines(proj: list[dict], args: argparse.Namespace, kernel: str) -> list[str]:
+    """The projection's assumptions and table; kernel: the quantize step's share as a
+    parenthesis (" (quantize: 62% of the encode workers' time)"), or ""."""
     lines = [
         f"## Projection: {args.project_rows:,} items on {args.nodes} nodes x {args.cores} cores",
         "",

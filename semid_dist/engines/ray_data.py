@@ -39,6 +39,11 @@ def ray_init(cfg: BuildConfig) -> bool:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
             raise ConfigError(_connect_error(cfg.ray.address, exc)) from exc
+    elif os.environ.get("RAY_ADDRESS"):  # Ray would join it, not start one here
+        raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set (as for a `ray job "
+                          "submit` job) but ray.address is not: set ray.address=auto to run "
+                          "on that cluster, or unset RAY_ADDRESS to run on an embedded local "
+                          "Ray")
     else:
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
@@ -56,8 +61,8 @@ def ray_init(cfg: BuildConfig) -> bool:
 def _connect_error(address: str, exc: BaseException) -> str:
     """What `ray.init(address=...)` failing to connect means, with Ray's own reason (and the
     one under it: Ray wraps the cause of a failed connection in its ConnectionError)."""
-    env = os.environ.get("RAY_ADDRESS")  # Ray connects to it whatever `address` says
-    named = f"RAY_ADDRESS={env}" if env else f"ray.address={address}"
+    env = os.environ.get("RAY_ADDRESS")  # what Ray connects to for `auto`
+    named = f"RAY_ADDRESS={env}" if env and address == "auto" else f"ray.address={address}"
     why = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
     return (f"{named}: could not connect to a Ray cluster from this machine ({why}); start "
             "one (`ray start --head`) or submit the job to a running one (`ray job submit`), "
