@@ -38,8 +38,9 @@ def quiet(msg: str) -> None:
 
 
 def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
-    """`ray.address=auto` where no Ray cluster runs, and RAY_ADDRESS set with no
-    ray.address: one line naming the address and the ways out, status 2, nothing written. A
+    """`ray.address=auto` where no Ray cluster runs, a host:port where nothing listens, and
+    RAY_ADDRESS set with no ray.address: one line naming the address and the ways out,
+    status 2, nothing written. A
     process of its own, whose Ray looks for a running cluster in an empty temporary folder
     (not the one this session's Ray may have used)."""
     # (no public API says whether `auto` would find a cluster: Ray's own lookup does)
@@ -62,6 +63,15 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     assert last.startswith("semid build: error: ray.address=auto: could not connect to a Ray "
                            "cluster from this machine (")
     assert "`ray start --head`" in last and "leave ray.address (and RAY_ADDRESS) unset" in last
+    assert not out.exists()
+    # a host:port where nothing listens: said at once (Ray itself retries it for minutes)
+    run = subprocess.run([arg if arg != "ray.address=auto" else "ray.address=127.0.0.1:1"
+                          for arg in command],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "semid build: error: ray.address=127.0.0.1:1: could not connect to a Ray cluster from "
+        "this machine (")
     assert not out.exists()
     # RAY_ADDRESS without ray.address: Ray would join that address, not start a Ray here
     env["RAY_ADDRESS"] = "127.0.0.1:1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,7 @@ def ray_init(cfg: BuildConfig) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if cfg.ray.address:
+        _check_reachable(cfg.ray.address)
         try:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
@@ -56,6 +58,21 @@ def ray_init(cfg: BuildConfig) -> bool:
                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
                      configure_logging=False, log_to_driver=True)
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ConfigError at once when the cluster's `host:port` (`ray.address`, or
+    RAY_ADDRESS for `auto`) accepts no TCP connection: Ray itself retries such an address for
+    minutes before it gives up. Other forms (`auto` alone, `ray://...`) are left to Ray."""
+    env = os.environ.get("RAY_ADDRESS")
+    target = env if address == "auto" and env else address
+    host, sep, port = target.rpartition(":")
+    if "://" in target or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(_connect_error(address, exc)) from exc
 
 
 def _connect_error(address: str, exc: BaseException) -> str:
