@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,21 @@ DEMO = REPO / "data" / "demo_catalog.parquet"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+def cli_build(cfg_path: Path, *overrides: str, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """`semid build --config cfg_path key=value...` in a process of its own, run from the
+    repository root; env: its environment (this process's by default)."""
+    return subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
+                           str(cfg_path), *overrides], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout)
+
+
+def named_error(run: subprocess.CompletedProcess) -> str:
+    """The one line a `semid` command that stopped on a named error ends with (status 2)."""
+    assert run.returncode == 2, run.stderr[-2000:]
+    return run.stderr.strip().splitlines()[-1]
 
 
 def clustered(n: int, d: int, *, clusters: int = 24, seed: int = 0) -> np.ndarray:

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from semid_dist.io.store import TableStore
 from semid_dist.shard_results import load_shard_results
-from tests.conftest import REPO
+from tests.conftest import cli_build
 
 # the encode workers' steps, as metrics.json timings name them (README, Metrics)
 STEPS = ("read", "validate", "quantize", "write", "statistics", "result")
@@ -28,9 +27,7 @@ def run_build(cfg_path: Path, *overrides: str, fault: str | None = None,
         env["SEMID_FAULT"] = fault
     if marker:
         env["SEMID_FAULT_MARKER"] = str(marker)
-    return subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
-                           str(cfg_path), *overrides], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
+    return cli_build(cfg_path, *overrides, env=env)
 
 
 @pytest.fixture()

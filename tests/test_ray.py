@@ -24,8 +24,10 @@ from semid_dist.quantize.residual import init_subset
 from tests.conftest import (
     REPO,
     capacity_ranges_on_engines,
+    cli_build,
     clustered,
     incremental_on_engines,
+    named_error,
     small_config,
     write_catalog,
 )
@@ -40,9 +42,8 @@ def quiet(msg: str) -> None:
 def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     """`ray.address=auto` where no Ray cluster runs, a host:port where nothing listens, and
     RAY_ADDRESS set with no ray.address: one line naming the address and the ways out,
-    status 2, nothing written. A
-    process of its own, whose Ray looks for a running cluster in an empty temporary folder
-    (not the one this session's Ray may have used)."""
+    status 2, nothing written. A process of its own, whose Ray looks for a running cluster
+    in an empty temporary folder (not the one this session's Ray may have used)."""
     # (no public API says whether `auto` would find a cluster: Ray's own lookup does)
     from ray._private.services import find_gcs_addresses
 
@@ -53,32 +54,22 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(50, 8, seed=0))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "semid_dist.cli", "build", "--config",
-               str(REPO / "conf" / "demo.yaml"), "ray.address=auto", f"input.path={catalog}",
-               f"output.root={out}"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
-                         cwd=REPO)
-    assert run.returncode == 2, run.stderr[-2000:]
-    last = run.stderr.strip().splitlines()[-1]
+    paths = (f"input.path={catalog}", f"output.root={out}")
+    demo = REPO / "conf" / "demo.yaml"
+    last = named_error(cli_build(demo, "ray.address=auto", *paths, env=env, timeout=120))
     assert last.startswith("semid build: error: ray.address=auto: could not connect to a Ray "
                            "cluster from this machine (")
     assert "`ray start --head`" in last and "leave ray.address (and RAY_ADDRESS) unset" in last
     assert not out.exists()
     # a host:port where nothing listens: said at once (Ray itself retries it for minutes)
-    run = subprocess.run([arg if arg != "ray.address=auto" else "ray.address=127.0.0.1:1"
-                          for arg in command],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert run.returncode == 2, run.stderr[-2000:]
-    assert run.stderr.strip().splitlines()[-1].startswith(
+    last = named_error(cli_build(demo, "ray.address=127.0.0.1:1", *paths, env=env, timeout=120))
+    assert last.startswith(
         "semid build: error: ray.address=127.0.0.1:1: could not connect to a Ray cluster from "
         "this machine (")
     assert not out.exists()
     # RAY_ADDRESS without ray.address: Ray would join that address, not start a Ray here
     env["RAY_ADDRESS"] = "127.0.0.1:1"
-    run = subprocess.run([arg for arg in command if arg != "ray.address=auto"],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert run.returncode == 2, run.stderr[-2000:]
-    assert run.stderr.strip().splitlines()[-1] == (
+    assert named_error(cli_build(demo, *paths, env=env, timeout=120)) == (
         "semid build: error: RAY_ADDRESS=127.0.0.1:1 is set (as for a `ray job submit` job) "
         "but ray.address is not: set ray.address=auto to run on that cluster, or unset "
         "RAY_ADDRESS to run on an embedded local Ray")

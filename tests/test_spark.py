@@ -23,8 +23,10 @@ from semid_dist.pipeline import build
 from tests.conftest import (
     REPO,
     capacity_ranges_on_engines,
+    cli_build,
     clustered,
     incremental_on_engines,
+    named_error,
     small_config,
     write_catalog,
 )
@@ -427,16 +429,13 @@ def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(50, 8, seed=0))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "semid_dist.cli", "build", "--config",
-               str(REPO / "conf" / "demo.yaml"), "engine=spark", f"input.path={catalog}",
-               f"output.root={out}"]
+    args = (REPO / "conf" / "demo.yaml", "engine=spark", f"input.path={catalog}",
+            f"output.root={out}")
     for java_home, where in ((None, "no `java` on the PATH"),
                              (tmp_path, f"JAVA_HOME={tmp_path} holds no bin/java")):
         if java_home is not None:
             env["JAVA_HOME"] = str(java_home)
-        run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-        assert run.returncode == 2, run.stderr[-2000:]
-        last = run.stderr.strip().splitlines()[-1]
+        last = named_error(cli_build(*args, env=env, timeout=120))
         assert last.startswith("semid build: error: engine: spark starts a Spark session, "
                                f"which needs Java ({where}): install Java (17 or later")
         assert not out.exists()
@@ -445,8 +444,7 @@ def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "spark-env.sh").write_text("# JAVA_HOME=... for the launcher\n")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                         env={**env, "SPARK_CONF_DIR": str(conf)})
+    run = cli_build(*args, env={**env, "SPARK_CONF_DIR": str(conf)}, timeout=120)
     assert run.returncode != 0 and "needs Java" not in run.stderr
 
 
