@@ -2,13 +2,16 @@
 `semid versions` work without Ray or Spark.
 
 Exit status 0 on success; on failure a one-line reason on stderr and a non-zero status
-(2 for bad config / input / store errors, 1 for anything unexpected).
+(2 for bad config / input / store errors, 1 for anything unexpected, 130 for Ctrl-C); output
+cut short by a closed pipe (`| head`) ends quietly with 141, as if killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +21,20 @@ if TYPE_CHECKING:
     from semid_dist.io.store import TableStore
 
 
+class _StdoutClosed(Exception):
+    """Whoever read this command's output has gone (`semid versions list | head -1`)."""
+
+
+def _out(text: str) -> None:
+    """Print a line of the command's output now (a closed stdout: _StdoutClosed)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
 def _print(obj: Any, as_json: bool, text: str) -> None:
-    print(json.dumps(obj, indent=2, default=str) if as_json else text)
+    _out(json.dumps(obj, indent=2, default=str) if as_json else text)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -31,6 +46,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     log = make_logger()
     log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     result = build(cfg, log=log)
+    args.committed = result.version_id  # an interrupt from here on must not deny it
     _print({"version_id": result.version_id, "path": result.path, "metrics": result.metrics,
             "drift": result.drift}, args.json,
            format_summary(result.version_id, result.path, result.metrics, result.drift))
@@ -51,12 +67,20 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """`semid validate FILE...`: every file is checked; one line per file, `ok` on stdout or
+    the named error on stderr; status 2 when any was bad."""
     from semid_dist.config import load_config
 
+    status = 0
     for path in args.files:
-        load_config(path)
-        print(f"ok  {path}")
-    return 0
+        try:
+            load_config(path)
+        except SemidError as exc:
+            print(f"semid validate: error: {exc}", file=sys.stderr, flush=True)
+            status = 2
+        else:
+            _out(f"ok  {path}")
+    return status
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -102,6 +126,10 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     if args.keep is None or args.keep < 0:
         raise ConfigError("semid versions gc needs --keep N (N >= 0: how many of the newest "
                           "committed versions to keep besides _latest)")
+    if math.isnan(args.min_age_hours) or args.min_age_hours < 0:
+        raise ConfigError(f"--min-age-hours {args.min_age_hours:g} must be >= 0 (how many hours "
+                          "old an uncommitted version directory must be before gc removes it; "
+                          "default 24)")
     report = store.gc(args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run)
     _print(report, args.json, format_gc(report))
     return 0
@@ -215,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     except SemidError as exc:
         print(f"semid {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except _StdoutClosed:  # what coreutils do: no message, the status of a SIGPIPE death
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush at exit)
+        return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:
-        print(f"semid {args.command}: interrupted; nothing was committed", file=sys.stderr)
+        committed = getattr(args, "committed", None)
+        said = (f"interrupted after version {committed} was committed" if committed else
+                "interrupted; nothing was committed")
+        print(f"semid {args.command}: {said}", file=sys.stderr)
         return 130
 
 

@@ -3,8 +3,9 @@
 A config is YAML (or a dict) validated into frozen dataclasses. Unknown keys, missing
 required keys, wrong types and out-of-range values raise `ConfigError` naming the dotted
 key. `key=value` overrides use dotted paths and YAML scalars (`fit.sample_size=50000`,
-`quantizer.layers=[256,512]`). Values that each parse but do not go together are checked
-by `semid_dist.config_checks.check_consistency`.
+`quantizer.layers=[256,512]`). The file is read by `semid_dist.config_checks.read_yaml`
+(UTF-8; one-line syntax errors; duplicate keys and self-referencing aliases refused); values
+that each parse but do not go together are checked by `check_consistency` there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from semid_dist.config_checks import check_consistency
+from semid_dist.config_checks import check_consistency, load_yaml, read_yaml, yaml_problem
 from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
@@ -296,7 +297,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys need not be strings
     if unknown:
         known = ", ".join(sorted(fields))
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
@@ -326,9 +327,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} is not key=value (e.g. fit.sample_size=50000)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = load_yaml(raw) if raw else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: "
+                              f"{yaml_problem(exc)[1]}") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -351,12 +353,7 @@ def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> Bu
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
     """Read a YAML config file and validate it. Relative input/output paths stay as written."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    data = read_yaml(p) or {}
     try:
         return parse_config(data, overrides)
     except ConfigError as exc:

@@ -1,21 +1,144 @@
-"""The config's checks across keys: values that each parse fine (`semid_dist.config`) but do
-not go together raise `ConfigError` naming the keys and the fix."""
+"""The config's checks beyond one key's type and range (`semid_dist.config`): of a config
+file as YAML (`read_yaml`: UTF-8 text, one-line syntax errors, no duplicate keys or
+self-referencing aliases), and across keys (`check_consistency`): values that each parse fine
+but do not go together. Each raises `ConfigError` naming the problem and the fix."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from semid_dist.errors import ConfigError
 
 if TYPE_CHECKING:
     from semid_dist.config import BuildConfig, PruneConfig
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what it would take silently: a key given twice in one
+    mapping (SafeLoader keeps the last) and an alias inside the node it names (a
+    self-referencing structure, which nothing downstream can walk)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._open_anchors: set[str] = set()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self._open_anchors:
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} lies inside the node &{event.anchor} "
+                "names (a self-referencing alias); write the values out instead",
+                event.start_mark)
+        if isinstance(event, yaml.AliasEvent) or event.anchor is None:
+            return super().compose_node(parent, index)
+        self._open_anchors.add(event.anchor)  # until its node is composed
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.discard(event.anchor)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
+    """Raise a marked YAML error at the second of two equal keys of a mapping (merge keys
+    `<<` aside: overriding merged keys is what they are for), naming its dotted key."""
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                _check_duplicate_keys(value, path, seen_nodes)
+                continue
+            dotted = f"{path}.{key.value}" if path else key.value
+            if (key.tag, key.value) in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {dotted!r} (first given on line "
+                    f"{first[key.tag, key.value] + 1}); keep one of them", key.start_mark)
+            first[key.tag, key.value] = key.start_mark.line
+            _check_duplicate_keys(value, dotted, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` parsed as YAML by a SafeLoader that refuses duplicate keys and
+    self-referencing aliases (a `yaml.YAMLError` then)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """(`line:column` of a YAML error, or "", and its problem in one line)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            c = exc.context_mark
+            problem += f" ({exc.context} at {c.line + 1}:{c.column + 1})"
+        where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        return where, " ".join(problem.split())
+    if isinstance(exc, yaml.reader.ReaderError):
+        return "", f"{str(exc).splitlines()[0]} (character offset {exc.position})"
+    return "", " ".join(str(exc).split()) or type(exc).__name__
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of config file `path` (None when empty). A file that is missing, a
+    directory, unreadable, not UTF-8 or not valid YAML raises ConfigError in one line: the
+    file, the line:column and the problem."""
+    if path.is_dir():
+        inside = sorted(path.glob("*.y*ml"))
+        example = f", e.g. {inside[0]}" if inside else ""
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a file; name a YAML "
+                          f"config file{example}")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}; "
+                          "check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}); a config is YAML, saved as UTF-8") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        where, problem = yaml_problem(exc)
+        raise ConfigError(f"{path}:{where + ': ' if where else ' '}not valid YAML: "
+                          f"{problem}") from None
+
+
+def check_table_name(table: str) -> None:
+    """output.table is one directory under output.root: nothing that climbs out of it or
+    nests, nor a hidden or `_`-prefixed name."""
+    if not _TABLE_NAME.fullmatch(table):
+        raise ConfigError(f"output.table: {table!r} is not a table name: give one directory "
+                          "name of letters, digits, '.', '_' and '-' that starts with a letter "
+                          "or digit (the table lives at <output.root>/<output.table>/; put "
+                          "parent directories in output.root), e.g. output.table=sids")
+
 
 def check_consistency(cfg: BuildConfig) -> None:
     """Raise ConfigError naming the keys when values that each parsed fine do not go
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
-    incremental encodes, the quality depth)."""
+    incremental encodes, the quality depth), or output.table is not one directory name."""
+    check_table_name(cfg.output.table)
     layers = cfg.quantizer.layers
     for i, size in enumerate(layers):
         if not 2 <= size <= 1 << 20:

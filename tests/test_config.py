@@ -261,3 +261,63 @@ def test_encode_precision_is_checked():
     with pytest.raises(ConfigError) as exc:
         parse_config(with_keys(encode__precision="bf16", quantizer__method="rq_vae"))
     assert "encode.precision=fp32" in str(exc.value)
+
+
+@pytest.mark.parametrize("table", ["../esc", "a/b", "a\\b", ".", "..", ".hidden", "_latest",
+                                   "/abs", " sids"])
+def test_output_table_must_be_one_directory_name(table):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(with_keys(output__table=table))
+    assert "output.table" in str(exc.value) and "output.table=sids" in str(exc.value)
+    with pytest.raises(ConfigError, match="output.table"):
+        parse_config(with_keys(output__table=""))
+
+
+@pytest.mark.parametrize("table", ["sids", "catalog_sids", "sids-2026.1", "V2"])
+def test_output_table_names_that_stay_under_the_root(table):
+    assert parse_config(with_keys(output__table=table)).output.table == table
+
+
+def test_load_config_refuses_duplicate_keys_naming_the_dotted_key(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("input: {path: x}\noutput: {root: y}\nquantizer:\n  layers: [8, 8]\n"
+                    "  niter: 3\n  layers: [4, 4]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == (f"{path}:6:3: not valid YAML: duplicate key 'quantizer.layers' "
+                              "(first given on line 4); keep one of them")
+
+
+def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("input: {path: x}\noutput: {root: y}\nseed: &s 2\n"
+                    "metrics: {quality_depth: *s}\nencode: &e {num_actors: 3}\n")
+    assert load_config(path).metrics.quality_depth == 2
+    out = apply_overrides(MINIMAL, ["fit={<<: {num_workers: 1}, num_workers: 2}"])
+    assert out["fit"] == {"num_workers": 2}  # overriding a merged key is not a duplicate
+    with pytest.raises(ConfigError) as exc:
+        apply_overrides(MINIMAL, ["fit={<<: {num_workers: 1}, seed: 1, seed: 2}"])
+    assert "duplicate key 'seed'" in str(exc.value)
+
+
+def test_self_referencing_alias_and_bad_encoding_are_config_errors(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("input: &i {path: x, more: *i}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert f"{path}:1:" in str(exc.value) and "self-referencing alias" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        apply_overrides(MINIMAL, ["fit=&f [*f]"])
+    assert "override fit" in str(exc.value) and "self-referencing" in str(exc.value)
+    path.write_bytes("seed: 1\nengine: r\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith(f"{path}: not UTF-8 text (byte 0xe9 at offset 17)")
+    path.write_bytes("\ufeffinput: {path: x}\noutput: {root: y}\n".encode())  # BOM: fine
+    assert load_config(path).input.path == "x"
+
+
+def test_non_string_keys_are_unknown_keys():
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**MINIMAL, 1: "a", "zz": 2})
+    assert "unknown config key 1" in str(exc.value)

@@ -1,0 +1,160 @@
+"""The `semid` command line on bad config files, bad options, a closed stdout and Ctrl-C: each
+ends in one named line on stderr (status 2), never a traceback. Every test runs the real CLI
+in a process of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from semid_dist.io.store import TableStore
+from tests.conftest import REPO, clustered, named_error, write_catalog
+
+GOOD = "input: {path: x}\noutput: {root: y}\n"
+
+
+def semid(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`semid ARGS...` in a process of its own, run from the repository root."""
+    return subprocess.run([sys.executable, "-m", "semid_dist.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, **kwargs)
+
+
+def write(path: Path, body: str | bytes) -> str:
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
+    return str(path)
+
+
+def test_a_config_that_is_not_utf8_is_a_named_error(tmp_path):
+    cfg = write(tmp_path / "c.yaml", b"\xff\xfe garbage")
+    for run in (semid("validate", cfg), semid("build", "--config", cfg)):
+        line = named_error(run)
+        assert cfg in line and "UTF-8" in line and "0xff" in line, line
+        assert "Traceback" not in run.stderr
+
+
+def test_a_self_referencing_alias_is_a_named_error(tmp_path):
+    cfg = write(tmp_path / "r.yaml", "a: &a [*a]\n")
+    line = named_error(semid("validate", cfg))
+    assert line.startswith(f"semid validate: error: {cfg}:1:") and "*a" in line, line
+    assert "self-referencing" in line
+
+
+def test_a_config_directory_is_named_as_a_directory(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    write(tmp_path / "cfg" / "demo.yaml", GOOD)
+    line = named_error(semid("build", "--config", str(tmp_path / "cfg")))
+    assert "is a directory" in line and "does not exist" not in line, line
+    assert "demo.yaml" in line  # the fix: name the file in it
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    cfg = write(tmp_path / "b.yaml", "input: [unclosed\n")
+    run = semid("validate", cfg)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith(f"semid validate: error: {cfg}:2:1: not valid YAML: expected")
+    bad_value = semid("validate", write(tmp_path / "ok.yaml", GOOD))  # overrides: validate has
+    assert bad_value.returncode == 0  # none, so check them through build
+    run = semid("build", "--config", str(tmp_path / "ok.yaml"), "quantizer.layers=[1,")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "override quantizer.layers: cannot parse value" in run.stderr
+
+
+def test_duplicate_keys_name_the_key_and_the_file(tmp_path):
+    cfg = write(tmp_path / "d.yaml", "engine: local\n" + GOOD + "engine: ray\n")
+    line = named_error(semid("validate", cfg))
+    assert f"{cfg}:4:1:" in line and "duplicate key 'engine'" in line and "line 1" in line
+    nested = write(tmp_path / "n.yaml", GOOD + "fit:\n  num_workers: 1\n  num_workers: 2\n")
+    assert "duplicate key 'fit.num_workers'" in named_error(semid("build", "--config", nested))
+
+
+def test_validate_checks_every_file_and_names_each_bad_one(tmp_path):
+    good = write(tmp_path / "a.yaml", GOOD)
+    bad = write(tmp_path / "bad.yaml", GOOD + "sed: 1\n")
+    empty = write(tmp_path / "empty.yaml", "")
+    a_list = write(tmp_path / "list.yaml", "- a\n- b\n")
+    good2 = write(tmp_path / "c.yaml", GOOD)
+    run = semid("validate", good, bad, empty, a_list, good2)
+    assert run.returncode == 2
+    assert run.stdout.splitlines() == [f"ok  {good}", f"ok  {good2}"]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(x.startswith("semid validate: error: ") for x in lines)
+    assert bad in lines[0] and "'sed'" in lines[0]
+    assert empty in lines[1] and "missing required config key 'input'" in lines[1]
+    assert a_list in lines[2] and "expected a mapping, got list" in lines[2]
+    assert semid("validate", good, good2).returncode == 0
+
+
+def test_gc_min_age_hours_must_not_be_negative(tmp_path):
+    for hours in ("-5", "nan"):
+        line = named_error(semid("versions", "gc", "--root", str(tmp_path), "--table", "sids",
+                                 "--keep", "1", "--min-age-hours", hours))
+        assert "--min-age-hours" in line and ">= 0" in line, line
+
+
+def test_a_closed_stdout_ends_quietly_with_the_sigpipe_status(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head -1` having exited
+    try:
+        run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "versions", "list",
+                              "--root", str(tmp_path), "--table", "sids"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120)
+    finally:
+        os.close(write_end)
+    assert run.returncode == 141 and run.stderr == "", run.stderr
+
+
+def _blocked_writing_a_pipe(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "pipe_write" in Path(f"/proc/{pid}/wchan").read_text():  # anon_pipe_write too
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
+    """The summary's write blocks on a full stdout pipe, after `build` committed and
+    returned; Ctrl-C then must not say that nothing was committed."""
+    catalog = write_catalog(tmp_path / "cat", clustered(600, 8, seed=1))
+    cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
+        "engine": "local", "input": {"path": catalog},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [8, 4], "niter": 4}, "fit": {"sample_size": 300}}))
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:  # fill the pipe: the build's first write to stdout blocks
+        while True:
+            os.write(write_end, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    os.close(write_end)
+    try:
+        err = ""
+        for line in proc.stderr:  # the pipeline's log, up to its commit line
+            err += line
+            if " committed in " in line:
+                break
+        assert " committed in " in err, err
+        assert _blocked_writing_a_pipe(proc.pid, 60), "the summary's write did not block"
+        proc.send_signal(signal.SIGINT)
+        with os.fdopen(read_end, "rb") as out:  # drained: the process can flush and exit
+            out.read()
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    versions = TableStore(str(tmp_path / "out"), "sids").versions()
+    assert len(versions) == 1
+    assert proc.returncode == 130, rest
+    lines = rest.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"semid build: interrupted after version {versions[0]} was committed"), rest
