@@ -44,7 +44,9 @@ def format_gc(report: dict[str, Any]) -> str:
              f"{', '.join(report['deleted']) or '-'}",
              f"{verb} {len(report['deleted_uncommitted'])} uncommitted director(ies) older "
              f"than {report['min_age_hours']:g} h: {young}",
-             f"kept      {len(report['kept'])}: {', '.join(report['kept']) or '-'}"]
+             f"kept      {len(report['kept'])} committed: {', '.join(report['kept']) or '-'}",
+             f"kept      {len(report['kept_uncommitted'])} uncommitted (a build may still be "
+             f"writing them): {', '.join(report['kept_uncommitted']) or '-'}"]
     return "\n".join(lines)
 
 

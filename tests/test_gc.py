@@ -12,14 +12,8 @@ import pytest
 
 from semid_dist.cli import main
 from semid_dist.errors import StoreError
-from semid_dist.io.store import (
-    MANIFEST,
-    VERSION_TIME_FORMAT,
-    TableStore,
-    gc_plan,
-    new_version_id,
-    version_time,
-)
+from semid_dist.io.retention import VERSION_TIME_FORMAT, gc_plan, version_time
+from semid_dist.io.store import MANIFEST, TableStore, new_version_id
 from tests.test_store import write_version
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -125,7 +119,8 @@ def test_store_gc_deletes_old_versions_and_leftovers(root):
     assert plan["deleted"] == vs[:2] and plan["deleted_uncommitted"] == [leftover]
     assert store.version_dirs() == sorted([*vs, leftover, running])  # dry run: nothing goes
     report = store.gc(2, now=NOW)
-    assert report["deleted"] == vs[:2] and report["kept"] == sorted([vs[2], vs[3], running])
+    assert report["deleted"] == vs[:2] and report["kept"] == [vs[2], vs[3]]
+    assert report["kept_uncommitted"] == [running]
     assert store.versions() == vs[2:] and store.latest() == vs[3]
     assert store.version_dirs() == sorted([vs[2], vs[3], running])
     assert store.read_data(vs[2]).num_rows == 50  # kept versions are intact
@@ -188,3 +183,20 @@ def test_cli_gc_and_errors(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--keep N" in err and err.count("\n") == 1
+
+
+def test_gc_with_latest_missing_keeps_the_newest_and_with_latest_damaged_deletes_nothing(root):
+    store = TableStore(root, "sids")
+    vs = [committed(store, h, f"{i:06x}") for i, h in enumerate((100, 90, 80))]
+    store.fs.rm(f"{store.base}/_latest")  # stands for the newest committed version
+    report = store.gc(0, now=NOW)
+    assert report["deleted"] == vs[:2] and store.versions() == [vs[2]]
+    more = [committed(store, h, f"{i:06x}") for i, h in enumerate((70, 60), 3)]
+    for content in (b"garbage", vs[0].encode(), b""):  # damaged; empty: as if missing
+        store.fs.pipe(f"{store.base}/_latest", content)
+        if content:
+            for dry_run in (True, False):
+                with pytest.raises(StoreError, match="_latest names .* not a committed version"):
+                    store.gc(0, dry_run=dry_run, now=NOW)
+            assert store.versions() == [vs[2], *more]  # nothing deleted
+    assert store.gc(0, dry_run=True, now=NOW)["kept"] == [more[-1]]

@@ -196,3 +196,55 @@ def test_new_version_ids_sort_by_time():
         assert re.fullmatch(r"\d{8}T\d{12}Z-[0-9a-f]{6}", vid)
         assert vid.startswith(t.strftime("%Y%m%dT%H%M%S%fZ"))
     assert new_version_id(T0) != new_version_id(T0)  # random part separates same-second ids
+
+
+def test_missing_latest_stands_for_the_newest_committed_version(root):
+    store = TableStore(root, "sids")
+    old, new = vid_at(1), vid_at(2)
+    for v in (old, new):
+        files, man = write_version(store, v)
+        store.commit(v, man, files)
+    store.fs.rm(f"{store.base}/{LATEST}")  # as a first build killed before `_latest` leaves it
+    assert store.latest() is None and store.head() == new
+    assert store.resolve(None) == new and store.manifest()["version_id"] == new
+    newer = vid_at(3)
+    files, man = write_version(store, newer)
+    assert store.commit(newer, man, files) and store.latest() == newer  # the next commit sets it
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"20260102T030404000000Z-000000", b"../x",
+                                     b"\xff\xfe"])
+def test_a_latest_naming_no_committed_version_is_a_named_error(root, content):
+    store = TableStore(root, "sids")
+    v = vid_at(1)
+    files, man = write_version(store, v)
+    store.commit(v, man, files)
+    store.fs.pipe(f"{store.base}/{LATEST}", content)
+    for read in (store.head, lambda: store.resolve("latest"), store.manifest):
+        with pytest.raises(StoreError, match=r"_latest names .* not a committed version.*"
+                                             rf"write into it .*newest committed: {v}"):
+            read()
+    newer = vid_at(2)  # a commit does not move a damaged `_latest` (as if its id sorted first)
+    files, man = write_version(store, newer)
+    with pytest.raises(StoreError, match=f"version {newer} is committed, but _latest was not "
+                                         "moved: .*not a committed version"):
+        store.commit(newer, man, files)
+    assert store.versions() == [v, newer]
+
+
+def test_a_damaged_manifest_or_missing_part_is_a_named_error(root):
+    store = TableStore(root, "sids")
+    v = vid_at(1)
+    files, man = write_version(store, v)
+    store.commit(v, man, files)
+    store.check_files(v)  # intact
+    part = f"{store.version_dir(v)}/data/part-00001.parquet"
+    store.fs.rm(part)
+    with pytest.raises(StoreError, match=rf"version {v} is damaged: its manifest lists "
+                                         rf".*data/part-00001.parquet, which is missing"):
+        store.check_files(v)
+    path = f"{store.version_dir(v)}/{MANIFEST}"
+    store.fs.pipe(path, store.fs.cat_file(path)[:40])  # truncated
+    with pytest.raises(StoreError, match=rf"the manifest of version {v} .*{MANIFEST}\) cannot be "
+                                         rf"read .*restore the file, or remove versions/{v}"):
+        store.manifest(v)

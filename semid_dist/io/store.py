@@ -28,12 +28,12 @@ from semid_dist.errors import StoreError
 from semid_dist.faults import maybe_die
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import file_lock, process_lock
+from semid_dist.io.retention import VERSION_TIME_FORMAT, gc_plan
 
 MANIFEST = "_manifest.json"
 LATEST = "_latest"
 LATEST_LOCK = "_latest.lock"
 STAGING = "_staging"  # a version's work files while it is built, removed when it commits
-VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # microseconds: quick successive builds sort in order
 
 
 @dataclass(frozen=True)
@@ -66,71 +66,6 @@ def new_version_id(now: dt.datetime | None = None) -> str:
     (`20261122T020000123456Z-ab12cd`), so builds started one after another sort in order."""
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"{now.strftime(VERSION_TIME_FORMAT)}-{uuid.uuid4().hex[:6]}"
-
-
-def version_time(version_id: str) -> dt.datetime | None:
-    """UTC start time encoded in a version id, or None when the id does not start with one."""
-    try:
-        return dt.datetime.strptime(version_id.split("-", 1)[0], VERSION_TIME_FORMAT).replace(
-            tzinfo=dt.timezone.utc)
-    except ValueError:
-        return None
-
-
-def referenced_versions(manifest: Mapping[str, Any]) -> set[str]:
-    """Other versions a manifest's files live in (entries with an optional `"version"` key)."""
-    own = manifest.get("version_id")
-    return {str(e["version"]) for e in manifest.get("files", [])
-            if e.get("version") and e["version"] != own}
-
-
-def gc_plan(versions: list[str], latest: str | None,
-            manifests: Mapping[str, Mapping[str, Any] | None], keep: int, now: dt.datetime,
-            min_age_hours: float) -> tuple[list[str], list[str]]:
-    """Retention policy for `TableStore.gc`: which version directories go -> (delete, keep),
-    both sorted.
-
-    versions: every directory under `versions/` (committed or not); latest: what `_latest`
-    names; manifests: {version id: manifest} of the committed versions (a value of None
-    means the manifest exists but cannot be read). Kept: the `keep` newest committed
-    versions, `latest`, and every version a kept manifest references (file entries with a
-    `"version"` key), transitively; uncommitted directories younger than `min_age_hours`
-    (by the UTC time their id starts with) or with an id that holds no time (a build may
-    still be writing them). Everything else is deleted.
-    """
-    if keep < 0:
-        raise StoreError(f"gc: keep={keep} must be >= 0 (the number of newest committed "
-                         "versions to keep)")
-    committed = sorted(v for v in versions if v in manifests)
-    kept = set(committed[len(committed) - keep:] if keep else [])
-    if latest is not None:
-        kept.add(latest)
-    todo = sorted(kept)
-    while todo:  # a kept version keeps every version its files live in
-        vid = todo.pop()
-        if vid not in manifests:
-            continue
-        manifest = manifests[vid]
-        if manifest is None:
-            raise StoreError(f"gc: the manifest of kept version {vid} cannot be read, so the "
-                             "versions it references are unknown; repair or remove "
-                             f"versions/{vid} by hand, then run gc again")
-        for ref in referenced_versions(manifest) - kept:
-            kept.add(ref)
-            todo.append(ref)
-    cutoff = now - dt.timedelta(hours=min_age_hours)
-    delete = []
-    for vid in versions:
-        if vid in kept:
-            continue
-        if vid not in manifests:
-            started = version_time(vid)
-            if started is None or started > cutoff:
-                kept.add(vid)
-                continue
-        delete.append(vid)
-    present = set(versions)
-    return sorted(delete), sorted(v for v in kept if v in present)
 
 
 class TableStore:
@@ -173,10 +108,30 @@ class TableStore:
         return self.fs.cat_file(fsio.join(self.version_dir(version_id), rel))
 
     def latest(self) -> str | None:
+        """What `_latest` holds, unchecked (None: no such file, or an empty one); `head` is
+        the version it stands for."""
         path = fsio.join(self.base, LATEST)
         if not self.fs.exists(path):
             return None
-        return self.fs.cat_file(path).decode().strip() or None
+        return self.fs.cat_file(path).decode(errors="replace").strip() or None
+
+    def head(self) -> str | None:
+        """The version `latest` means: the committed version `_latest` names; with no (or an
+        empty) `_latest`, the newest committed version (a table's first build killed between
+        its manifest and `_latest` leaves it so); None when nothing is committed. Raises
+        StoreError when `_latest` names no committed version (a damaged or edited file): no
+        reader or build guesses past it, and `gc` deletes nothing."""
+        named = self.latest()
+        if named is None:
+            committed = self.versions()
+            return committed[-1] if committed else None
+        if "/" in named or not self.fs.exists(fsio.join(self.version_dir(named), MANIFEST)):
+            known = ", ".join(self.versions()[-3:]) or "none"
+            raise StoreError(f"{fsio.redact_url(self.url)}/{LATEST} names {named[:80]!r}, which "
+                             "is not a committed version of the table (the file is damaged or "
+                             "was edited); write into it the id of the version to serve "
+                             f"(newest committed: {known}; `semid versions list` lists them)")
+        return named
 
     def versions(self) -> list[str]:
         """Committed versions (those with a manifest), oldest first."""
@@ -192,11 +147,11 @@ class TableStore:
     def resolve(self, version: str | None) -> str:
         """'latest' / None / an id -> a committed version id, or StoreError."""
         if version in (None, "latest"):
-            latest = self.latest()
-            if latest is None:
+            head = self.head()
+            if head is None:
                 raise StoreError(f"table {self.url!r} has no committed version yet; "
                                  "run `semid build` first")
-            return latest
+            return head
         if not self.fs.exists(fsio.join(self.version_dir(version), MANIFEST)):
             known = ", ".join(self.versions()[-5:]) or "none"
             raise StoreError(f"version {version!r} of table {self.url!r} is not committed "
@@ -205,7 +160,29 @@ class TableStore:
 
     def manifest(self, version: str | None = None) -> dict[str, Any]:
         vid = self.resolve(version)
-        return json.loads(self.read_bytes(vid, MANIFEST))
+        try:
+            body = json.loads(self.read_bytes(vid, MANIFEST))
+            if not isinstance(body, dict) or not isinstance(body.get("files"), list):
+                raise ValueError("not a manifest object with a files list")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"the manifest of version {vid} "
+                             f"({fsio.redact_url(self.version_url(vid))}/{MANIFEST}) cannot be "
+                             f"read ({exc}): the version is damaged; restore the file, or "
+                             f"remove versions/{vid} by hand") from None
+        return body
+
+    def check_files(self, version: str, kind: str = "") -> None:
+        """Raise StoreError naming the first file (of those under `kind`/, or any) that a
+        committed version's manifest lists and that is missing: a damaged version, whose
+        readers would otherwise fail midway."""
+        for entry in self.manifest(version)["files"]:
+            if not entry["path"].startswith(kind):
+                continue
+            path = self.entry_path(version, FileEntry(**entry))
+            if not self.fs.exists(path):
+                raise StoreError(f"version {version} is damaged: its manifest lists "
+                                 f"{fsio.redact_url(path)}, which is missing; restore the "
+                                 "file, or build a new version")
 
     def read_json(self, version: str | None, rel: str) -> dict[str, Any]:
         return json.loads(self.read_bytes(self.resolve(version), rel))
@@ -298,8 +275,10 @@ class TableStore:
         `memory://`, a per-process filesystem, exact); readers that need certainty use
         `versions()[-1]`, which lists manifests.
         """
-        with self._latest_lock():
+        with self.table_lock():
             current = self.latest()
+            if current is not None:
+                self.head()  # raises when `_latest` names no committed version
             if current is not None and current >= version_id:
                 return False
             self._write_latest(version_id)
@@ -323,8 +302,9 @@ class TableStore:
     def _is_local(self) -> bool:
         return fsio.is_local(self.fs)
 
-    def _latest_lock(self) -> AbstractContextManager[None]:
-        """Exclusive lock on `_latest`: a lock file on local filesystems, a process-wide
+    def table_lock(self) -> AbstractContextManager[None]:
+        """The table's exclusive lock, which `_latest` moves under (and a build chooses its
+        version under, `semid_dist.resume`): a lock file on local filesystems, a process-wide
         `threading.Lock` elsewhere (see `advance_latest` for the weaker object-store rule)."""
         if not self._is_local():
             return process_lock(f"{self.fs.protocol}:{self.base}")
@@ -357,10 +337,10 @@ class TableStore:
                     manifests[vid] = json.loads(self.read_bytes(vid, MANIFEST))
                 except (ValueError, OSError):
                     manifests[vid] = None
-        latest = self.latest()
+        latest = self.head()  # a damaged `_latest` raises: nothing is deleted
         delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours)
         if not dry_run and delete:
-            if self.latest() in delete:
+            if self.head() in delete:
                 raise StoreError(f"gc: _latest of {self.url} moved to a version planned for "
                                  "deletion while planning; nothing was deleted, run gc again")
             for vid in delete:
@@ -369,7 +349,8 @@ class TableStore:
                 "min_age_hours": min_age_hours,
                 "deleted": [v for v in delete if v in manifests],
                 "deleted_uncommitted": [v for v in delete if v not in manifests],
-                "kept": kept}
+                "kept": [v for v in kept if v in manifests],
+                "kept_uncommitted": [v for v in kept if v not in manifests]}
 
     def _delete_version(self, vid: str, *, committed: bool) -> None:
         vdir = self.version_dir(vid)

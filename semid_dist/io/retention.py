@@ -1,0 +1,77 @@
+"""Retention policy for `TableStore.gc`: which version directories go (`gc_plan`), from the
+versions' ids (their UTC start time) and manifests (the versions their files live in)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from semid_dist.errors import StoreError
+
+VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # microseconds: quick successive builds sort in order
+
+
+def version_time(version_id: str) -> dt.datetime | None:
+    """UTC start time encoded in a version id, or None when the id does not start with one."""
+    try:
+        return dt.datetime.strptime(version_id.split("-", 1)[0], VERSION_TIME_FORMAT).replace(
+            tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def referenced_versions(manifest: Mapping[str, Any]) -> set[str]:
+    """Other versions a manifest's files live in (entries with an optional `"version"` key)."""
+    own = manifest.get("version_id")
+    return {str(e["version"]) for e in manifest.get("files", [])
+            if e.get("version") and e["version"] != own}
+
+
+def gc_plan(versions: list[str], latest: str | None,
+            manifests: Mapping[str, Mapping[str, Any] | None], keep: int, now: dt.datetime,
+            min_age_hours: float) -> tuple[list[str], list[str]]:
+    """Retention policy for `TableStore.gc`: which version directories go -> (delete, keep),
+    both sorted.
+
+    versions: every directory under `versions/` (committed or not); latest: what `_latest`
+    names; manifests: {version id: manifest} of the committed versions (a value of None
+    means the manifest exists but cannot be read). Kept: the `keep` newest committed
+    versions, `latest`, and every version a kept manifest references (file entries with a
+    `"version"` key), transitively; uncommitted directories younger than `min_age_hours`
+    (by the UTC time their id starts with) or with an id that holds no time (a build may
+    still be writing them). Everything else is deleted.
+    """
+    if keep < 0:
+        raise StoreError(f"gc: keep={keep} must be >= 0 (the number of newest committed "
+                         "versions to keep)")
+    committed = sorted(v for v in versions if v in manifests)
+    kept = set(committed[len(committed) - keep:] if keep else [])
+    if latest is not None:
+        kept.add(latest)
+    todo = sorted(kept)
+    while todo:  # a kept version keeps every version its files live in
+        vid = todo.pop()
+        if vid not in manifests:
+            continue
+        manifest = manifests[vid]
+        if manifest is None:
+            raise StoreError(f"gc: the manifest of kept version {vid} cannot be read, so the "
+                             "versions it references are unknown; repair or remove "
+                             f"versions/{vid} by hand, then run gc again")
+        for ref in referenced_versions(manifest) - kept:
+            kept.add(ref)
+            todo.append(ref)
+    cutoff = now - dt.timedelta(hours=min_age_hours)
+    delete = []
+    for vid in versions:
+        if vid in kept:
+            continue
+        if vid not in manifests:
+            started = version_time(vid)
+            if started is None or started > cutoff:
+                kept.add(vid)
+                continue
+        delete.append(vid)
+    present = set(versions)
+    return sorted(delete), sorted(v for v in kept if v in present)
