@@ -108,8 +108,11 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     duplicate check) and popularity."""
     cols = [ctx.id_column] + ([ctx.popularity_column] if ctx.popularity_column else [])
     t = read_shard(ctx.catalog_url, shard, cols)
-    pop = popularity_values(t.column(1)) if ctx.popularity_column else None
-    return normalize_ids(t.column(0)), pop
+    pop = None
+    if ctx.popularity_column:
+        pop = popularity_values(t.column(ctx.popularity_column), name=ctx.popularity_column,
+                                source=fsio.redact_url(shard.path))
+    return normalize_ids(t.column(ctx.id_column)), pop
 
 
 def sample_rows(ctx: JobContext, shard: Shard,

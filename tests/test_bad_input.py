@@ -5,6 +5,9 @@ reconcile (manifest rows: input = encoded + rejected, matching the data / reject
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import ConfigError, InputError
-from semid_dist.io.catalog import Shard
+from semid_dist.io.catalog import Shard, list_files, plan_catalog
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
-from tests.conftest import clustered, small_config, write_catalog
+from tests.conftest import REPO, cli_build, clustered, named_error, small_config, write_catalog
 
 N, D = 600, 6
 LAYERS = [8, 4]
@@ -124,6 +127,31 @@ def test_non_finite_values_are_rejected_with_a_reason(tmp_path, root, value):
     with pytest.raises(InputError, match=r"4 bad rows \(4 non-finite.*on_bad_rows=reject"):
         build(cfg(str(path.parent), other, input__on_bad_rows="fail"), log=quiet)
     assert nothing_committed(other)
+
+
+def test_values_float32_cannot_square_and_nulls_inside_are_rejected(tmp_path, root):
+    """Finite embeddings whose float32 squared norm overflows (scaled by 1e20) or underflows
+    (scaled by 1e-30) are rejected with their own reasons, so the fit and metrics.json stay
+    finite; a null element inside an embedding is rejected as such, not as NaN."""
+    x = base_x()
+    rows = as_rows(x)
+    rows[17] = as_rows(x[17:18] * 1e20)[0]
+    rows[250] = as_rows(x[250:251] * 1e-30)[0]
+    rows[420][2] = None  # a null element (emb_array would make it NaN)
+    path = tmp_path / "cat" / "part-0.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array(range(N), I64),
+                             "embedding": pa.array(rows, pa.list_(F32))}), path)
+    res = build(cfg(str(path.parent), root), log=quiet)
+    data, rej = committed(root, res)
+    assert rej.column("row").to_pylist() == [17, 250, 420]
+    assert rej.column("reason").to_pylist() == [
+        "embedding too large for float32 arithmetic (squared norm over 8.5e+37)",
+        "embedding too small for float32 arithmetic (squared norm under 1.2e-38)",
+        "null values inside embedding"]
+    metrics = TableStore(root, "sids").read_bytes(res.version_id, "metrics.json").decode()
+    json.loads(metrics, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
+    assert 0 < res.metrics["reconstruction"]["relative_error"] < 1
 
 
 def test_over_max_reject_fraction_fails_and_commits_nothing(tmp_path, root):
@@ -324,6 +352,79 @@ def test_popularity_that_is_nan_infinite_or_negative_is_a_clear_error(tmp_path, 
     assert res.metrics["head"]["items"] + res.metrics["tail"]["items"] == N
 
 
+def pop_catalog(tmp_path: Path, name: str, popularity: list[pa.Array]) -> Path:
+    """Two files of 300 rows of base_x with these popularity columns."""
+    x = base_x()
+    d = tmp_path / name
+    d.mkdir()
+    for f, pop in enumerate(popularity):
+        lo = f * 300
+        pq.write_table(pa.table({"item_id": pa.array(np.arange(lo, lo + 300)),
+                                 "embedding": emb_array(as_rows(x[lo:lo + 300])),
+                                 "popularity": pop}), d / f"part-{f}.parquet")
+    return d
+
+
+def test_popularity_beyond_2_53_ranks_like_the_same_popularity_scaled_down(tmp_path, root):
+    """Integer popularity above 2**53 (not exact in float64) builds: popularity only ranks
+    items, so values k * 2**54 split head and tail like k."""
+    pop = (np.arange(N) * 7 % 13).astype(np.int64)
+    small = pop_catalog(tmp_path, "small", [pa.array(pop[:300]), pa.array(pop[300:])])
+    huge = pop_catalog(tmp_path, "huge", [pa.array(pop[:300] << 54), pa.array(pop[300:] << 54)])
+    ref = build(cfg(str(small), root, input__popularity_column="popularity"), log=quiet)
+    res = build(cfg(str(huge), str(tmp_path / "out2"), input__popularity_column="popularity"),
+                log=quiet)
+    assert res.metrics["head"]["items"] == ref.metrics["head"]["items"] > 0
+    assert res.metrics["tail"]["items"] == ref.metrics["tail"]["items"] > 0
+
+
+@pytest.mark.parametrize("kind", ["not_a_number", "timestamp", "list"])
+def test_popularity_of_an_unusable_type_is_a_named_error(tmp_path, root, kind):
+    """Popularity Arrow cannot read as numbers fails before the fit, naming the key, the
+    column, its type (and the file and the value, for a string that is not a number)."""
+    good = pa.array(np.arange(300) % 7)
+    if kind == "not_a_number":
+        bad = [str(i) for i in range(300)]
+        bad[37] = "abc"
+        d = pop_catalog(tmp_path, kind, [pa.array([str(i) for i in range(300)]), pa.array(bad)])
+        want = (rf"^input\.popularity_column='popularity': the column of {d}/part-1\.parquet "
+                r"\(string\) holds values that are not numbers \(.*'abc'.*\); popularity must "
+                r"be numeric: fix those values, or unset input\.popularity_column$")
+    else:
+        col_type = pa.timestamp("ms") if kind == "timestamp" else pa.list_(pa.int64())
+        bad = good.cast(col_type) if kind == "timestamp" else pa.array(
+            [[i] for i in range(300)], col_type)
+        d = pop_catalog(tmp_path, kind, [bad, bad])
+        read_as = "timestamp[ms]" if kind == "timestamp" else "list<element: int64>"
+        want = (rf"^{d}/part-0\.parquet: column 'popularity' \(set by "
+                rf"input\.popularity_column\) has type {re.escape(read_as)}, not a number; .*its "
+                r"columns are \['item_id', 'embedding', 'popularity'\]: cast the column to a "
+                r"number, or unset input\.popularity_column$")
+    with pytest.raises(InputError, match=want):
+        build(cfg(str(d), root, input__popularity_column="popularity"), log=quiet)
+    assert nothing_committed(root)
+
+
+@pytest.mark.parametrize("column", ["item_id", "embedding"])
+def test_popularity_column_that_is_the_id_or_embedding_column_is_a_config_error(
+        tmp_path, root, column):
+    """input.popularity_column naming the id or the embedding column is a ConfigError (the
+    scan read the ids as popularity), status 2 from the CLI; nothing is written."""
+    d = two_files(tmp_path)
+    key = "input.id_column" if column == "item_id" else "input.embedding_column"
+    want = (f"input.popularity_column={column!r} names the same column as {key}; each needs a "
+            "column of its own: set input.popularity_column to another column, or null for none")
+    with pytest.raises(ConfigError) as exc:
+        build(cfg(str(d), root, input__popularity_column=column), log=quiet)
+    assert str(exc.value) == want
+    assert nothing_committed(root)
+    if column == "item_id":
+        run = cli_build(REPO / "conf" / "demo.yaml", "engine=local", f"input.path={d}",
+                        f"output.root={root}", f"input.popularity_column={column}", timeout=120)
+        assert named_error(run) == f"semid build: error: {want}"
+        assert nothing_committed(root)
+
+
 def brute_first_copies(id_lists: list[list], shards: list[Shard]) -> dict[int, list]:
     seen: dict = {}
     out: dict[int, list] = {}
@@ -418,6 +519,30 @@ def test_string_ids_work_end_to_end(tmp_path, root):
         assert rej3.equals(rej) and codes_by_id(data3).equals(codes_by_id(data))
 
 
+def test_dictionary_encoded_and_string_view_ids_are_string_ids(tmp_path, root):
+    """String ids stored dictionary-encoded (pandas' categoricals) or as string_view build
+    like plain strings, mixed in one catalog; other id types stay an error naming the key
+    and the columns there are."""
+    x = base_x()
+    d = tmp_path / "ids"
+    d.mkdir()
+    names = [f"sku-{i:05d}" for i in range(N)]
+    for f, ids in enumerate((pa.array(names[:300]).dictionary_encode(),
+                             pa.array(names[300:], pa.string_view()))):
+        pq.write_table(pa.table({"item_id": ids, "embedding": emb_array(
+            as_rows(x[f * 300:(f + 1) * 300]))}), d / f"part-{f}.parquet")
+    data, rej = committed(root, build(cfg(str(d), root), log=quiet))
+    assert data.schema.field("item_id").type == pa.string() and rej.num_rows == 0
+    assert sorted(data.column("item_id").to_pylist()) == names
+    path = write_file(tmp_path / "bin" / "part-0.parquet", [b"a"] * N, as_rows(x),
+                      id_type=pa.binary())
+    with pytest.raises(InputError, match=rf"^{path}: column 'item_id' \(set by "
+                                         r"input\.id_column\) has type binary; item ids must "
+                                         r"be integers or strings .*; its columns are "
+                                         r"\['item_id', 'embedding'\]: cast the column"):
+        build(cfg(str(path.parent), str(tmp_path / "bin_out")), log=quiet)
+
+
 def test_mixing_integer_and_string_id_files_is_a_clear_error(tmp_path, root):
     x = base_x()
     d = tmp_path / "mixed"
@@ -498,6 +623,54 @@ def test_missing_column_names_it_and_the_columns_there_are(tmp_path, root, key, 
     assert f"no column {column!r}" in msg and key.replace("__", ".") in msg
     assert all(c in msg for c in ("item_id", "embedding", "popularity"))
     assert nothing_committed(root)
+
+
+def test_duplicate_column_names_name_the_file_and_the_column(tmp_path, root):
+    d = two_files(tmp_path)
+    x = base_x()[:50]
+    victim = d / "part-002.parquet"
+    pq.write_table(pa.Table.from_arrays(
+        [pa.array(np.arange(N, N + 50)), pa.array(np.arange(50)), emb_array(as_rows(x))],
+        names=["item_id", "item_id", "embedding"]), victim)
+    with pytest.raises(InputError, match=rf"^{victim}: column 'item_id' \(set by "
+                                         r"input\.id_column\) appears 2 times; write the file "
+                                         "with one column of each name$"):
+        build(cfg(str(d), root), log=quiet)
+    assert nothing_committed(root)
+
+
+def test_folders_above_the_catalog_may_start_with_underscore_or_dot(tmp_path, root):
+    """Only the parts of a path below input.path are skipped for a leading '_' or '.'
+    (`_SUCCESS`, `.crc`, `_temporary/`): a catalog under /data/_shared or ~/.cache is read."""
+    d = tmp_path / "_under" / ".dot" / "cat"
+    write_catalog(d, base_x(), files=2)
+    for junk in ("_temporary/part-9.parquet", ".part-0.parquet", "_x.parquet", "a/.b/c.parquet"):
+        (d / junk).parent.mkdir(parents=True, exist_ok=True)
+        (d / junk).write_bytes(b"not parquet")
+    assert list_files(str(d)) == [f"{d}/part-000.parquet", f"{d}/part-001.parquet"]
+    assert plan_catalog(str(d)).num_rows == N
+    data, _ = committed(root, build(cfg(str(d), root), log=quiet))
+    assert data.num_rows == N
+
+
+def test_fingerprint_changes_when_a_file_is_rewritten_with_the_same_size(tmp_path):
+    """A file rewritten with the same rows and size (new embeddings) is another input: the
+    fingerprint (and so the run key a re-run resumes by) changes; an untouched one's not."""
+    d = tmp_path / "cat"
+    write_catalog(d, base_x(seed=5), files=2)
+    victim = d / "part-001.parquet"
+    size, first = victim.stat().st_size, plan_catalog(str(d))
+    assert plan_catalog(str(d)).fingerprint == first.fingerprint
+    x2 = base_x(seed=5)
+    x2[:, 0] += 1.0  # other values, the same size once written
+    write_catalog(tmp_path / "other", x2, files=2)
+    victim.write_bytes((tmp_path / "other" / "part-001.parquet").read_bytes())
+    stat = victim.stat()
+    assert stat.st_size == size
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # (coarse clocks)
+    again = plan_catalog(str(d))
+    assert again.num_rows == first.num_rows and again.shards == first.shards
+    assert again.fingerprint != first.fingerprint
 
 
 def test_empty_catalogs_are_named_errors(tmp_path, root):

@@ -404,7 +404,8 @@ def test_every_catalog_file_schema_is_checked_before_running(small_catalog, tmp_
     pq.write_table(pa.table({"item_id": pa.array([10**6], pa.int64()),
                              "embedding": pa.array([["a", "b"]], pa.list_(pa.string()))}),
                    mixed / "part-999.parquet")
-    with pytest.raises(InputError, match=r"part-999\.parquet: column 'embedding' has type"):
+    with pytest.raises(InputError, match=r"part-999\.parquet: column 'embedding' \(set by "
+                                         r"input\.embedding_column\) has type"):
         build(small_config(str(mixed), root), log=quiet)
     assert not Path(root).exists() or TableStore(root, "sids").latest() is None
 

@@ -11,18 +11,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semid_dist.errors import InputError
+from semid_dist.errors import ConfigError, InputError
+from semid_dist.io.catalog import plan_catalog, read_shard
 from semid_dist.io.validate import (
     REJECTS_SCHEMA_FIELDS,
     check_columns,
+    check_schemas,
     empty_rejects,
     infer_dim,
+    normalize_ids,
+    popularity_values,
     validate_batch,
 )
 
 D = 4
 SOURCE = "s3://bucket/catalog/part-007.parquet"
 NAN, INF = float("nan"), float("inf")
+NON_FINITE = "non-finite values (NaN/Inf) in embedding"
 F32, I64, LIST_F32 = pa.float32(), pa.int64(), pa.list_(pa.float32())
 
 # (item_id, embedding) with the problem each row has; None = valid
@@ -38,7 +43,7 @@ ROWS = [
     (18, [4.0, 3.0, 2.0, 1.0], "duplicate"),
     (19, [1.0, 2.0, 3.0, 4.0, 5.0], "dim"),
     (20, [-1.5, 0.0, 0.25, 8.0], None),
-    (21, [1.0, None, 3.0, 4.0], "nonfinite"),  # a null inside the vector is not a number
+    (21, [1.0, None, 3.0, 4.0], "null_inside"),  # a null inside the vector has its own reason
     (22, [], "dim"),
     (23, [7.0, 6.0, 5.0, 4.0], None),
     (None, None, "null_id"),  # two problems, still exactly one reject row
@@ -48,7 +53,13 @@ ROWS = [
 def reason_ok(problem: str, reason: str, emb) -> bool:
     r = reason.lower()
     if problem == "nonfinite":
-        return "nan" in r or "inf" in r or "finite" in r
+        return reason == NON_FINITE
+    if problem == "null_inside":
+        return reason == "null values inside embedding"
+    if problem == "too_large":
+        return reason == "embedding too large for float32 arithmetic (squared norm over 8.5e+37)"
+    if problem == "too_small":
+        return reason == "embedding too small for float32 arithmetic (squared norm under 1.2e-38)"
     if problem == "null_embedding":
         return "null" in r and "embedding" in r
     if problem == "dim":
@@ -188,21 +199,77 @@ def test_rows_of_the_right_length_with_nan_or_inf_are_rejected(kind):
                                                                         dtype=np.float32))
 
 
+def parquet_round_trip(tmp_path, table: pa.Table, name: str = "part.parquet") -> pa.Table:
+    """table written to a Parquet file and read back as a shard is."""
+    path = str(tmp_path / name)
+    pq.write_table(table, path)
+    plan = plan_catalog(path)
+    return pa.concat_tables([read_shard(path, s, table.column_names) for s in plan.shards])
+
+
 @pytest.mark.parametrize("short_row", [False, True])
-def test_finite_rows_whose_sum_overflows_are_kept_and_infinities_of_both_signs_rejected(
-        short_row):
-    """The non-finite check sums each row first: finite rows whose sum overflows float32 must
-    still be kept, and a row holding +inf and -inf (its sum NaN) or only a NaN rejected, on
-    the all-rows-valid path and on the path with a wrong-length row beside them."""
+def test_finite_rows_whose_squared_norm_overflows_are_too_large_not_non_finite(short_row):
+    """The value check sums each row's squares first: finite rows whose squares overflow
+    float32 are rejected as too large (their codes would be NaN, the MSE inf), not as
+    non-finite, and a row holding +inf and -inf or only a NaN as non-finite, on the
+    all-rows-valid path and on the path with a wrong-length row beside them."""
     big = float(np.finfo(np.float32).max)
     rows = [[big, big, 1.0, 2.0], [-big, -big, -big, 0.0], [INF, -INF, 0.0, 0.0],
             [1.0, 2.0, NAN, 4.0], [big, -big, big, -big], [0.5, 0.25, 0.0, 1.0]]
-    problems = [None, None, "nonfinite", "nonfinite", None, None]
+    problems = ["too_large", "too_large", "nonfinite", "nonfinite", "too_large", None]
     ids = list(range(1, len(rows) + 1))
     if short_row:
         rows, problems, ids = rows + [[1.0, 2.0]], problems + ["dim"], ids + [99]
     vb = run(make_table(rows, ids))
     check_against_rows(vb, rows, ids, problems, 1000)
+
+
+@pytest.mark.parametrize("kind", ["list", "fixed"])
+@pytest.mark.parametrize("short_row", [False, True])
+def test_embeddings_too_large_or_too_small_for_float32_are_rejected(tmp_path, kind,
+                                                                    short_row):
+    """Finite rows whose float32 squared norm overflows (1e20 a value, or 5e18 in each of
+    the 4: 1e38 > float32 max / 4) or, non-zero, underflows (1e-30: the squares are 0) get
+    their own reasons; an all-zero row is input.on_zero_vector's, a tiny value beside a
+    normal one and rows just inside the bounds are kept."""
+    rows = [[1e20, 0.0, 0.0, 0.0], [5e18, -5e18, 5e18, 5e18], [1e-30, 0.0, -1e-30, 0.0],
+            [1e-20, 1e-20, 1e-20, 1e-20], [0.0, 0.0, 0.0, 0.0], [1.0, 1e-30, 0.0, 2.0],
+            [4e18, 4e18, 4e18, 4e18], [2e-19, 0.0, 0.0, 0.0], [0.5, 1.5, -2.0, 3.0]]
+    problems = ["too_large", "too_large", "too_small", "too_small", None, None, None, None,
+                None]
+    ids = list(range(len(rows)))
+    if short_row and kind == "list":
+        rows, problems, ids = rows + [[1.0, 2.0]], problems + ["dim"], ids + [99]
+    table = parquet_round_trip(tmp_path, make_table(rows, ids, kind=kind))
+    vb = run(table, offset=0)
+    check_against_rows(vb, rows, ids, problems, 0)
+    assert np.isfinite(np.einsum("ij,ij->i", vb.x, vb.x)).all()
+    zero = validate_batch(table, id_column="item_id", embedding_column="embedding", dim=D,
+                          source_file=SOURCE, row_offset=0, reject_zero=True)
+    assert dict(zip(zero.rejects.column("row").to_pylist(),
+                    zero.rejects.column("reason").to_pylist()))[4] == "all-zero embedding"
+    # float64 values beyond float32's squared-norm range but inside its range: too large
+    vb64 = run(make_table([[1e30, 0.0, 0.0, 0.0], [1.0] * D], [1, 2], value_type=pa.float64()))
+    assert vb64.ids.to_pylist() == [2]
+    assert reason_ok("too_large", vb64.rejects.column("reason")[0].as_py(), None)
+
+
+@pytest.mark.parametrize("kind", ["list", "large_list", "fixed"])
+def test_null_values_inside_an_embedding_have_their_own_reason(tmp_path, kind):
+    """A null element inside an embedding (a list's or a fixed_size_list's values) is
+    `null values inside embedding`, not non-finite; a NaN beside it is the null's reason,
+    a wrong-length row with a null stays a wrong length, a null row a null embedding."""
+    rows = [[1.0, None, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0], [None, None, None, None],
+            [NAN, None, 0.0, 1.0], None, [5.0, 6.0, 7.0, 8.0], [1.0, NAN, 0.0, 0.0]]
+    problems = ["null_inside", None, "null_inside", "null_inside", "null_embedding", None,
+                "nonfinite"]
+    ids = list(range(len(rows)))
+    if kind != "fixed":
+        rows, problems, ids = rows + [[None, 1.0]], problems + ["dim"], ids + [99]
+    table = parquet_round_trip(tmp_path, make_table(rows, ids, kind=kind))
+    check_against_rows(run(table, offset=0), rows, ids, problems, 0)
+    sliced = table.slice(2)  # the rows' positions inside a slice of the values
+    check_against_rows(run(sliced, offset=2), rows[2:], ids[2:], problems[2:], 2)
 
 
 def test_float64_out_of_float32_range_is_rejected_as_non_finite():
@@ -355,10 +422,91 @@ def test_check_columns_rejects_unusable_embedding_types(emb_type):
     assert "embedding" in str(exc.value)
 
 
-def test_check_columns_rejects_float_ids():
+@pytest.mark.parametrize("key, column, col_type", [
+    ("input.id_column", "item_id", pa.float64()),
+    ("input.id_column", "item_id", pa.binary()),
+    ("input.embedding_column", "embedding", pa.list_(pa.string())),
+    ("input.popularity_column", "pop", pa.timestamp("ms")),
+    ("input.popularity_column", "pop", pa.list_(pa.int64())),
+])
+def test_check_columns_wrong_type_names_the_key_and_the_columns_there_are(key, column,
+                                                                         col_type):
+    s = schema(extra=[("pop", pa.int64()), ("title", pa.string())])
+    s = s.set(s.get_field_index(column), pa.field(column, col_type))
     with pytest.raises(InputError) as exc:
-        check_columns(schema(id_type=pa.float64()), "item_id", "embedding", None)
-    assert "item_id" in str(exc.value)
+        check_columns(s, "item_id", "embedding", "pop")
+    msg = str(exc.value)
+    assert f"column {column!r} (set by {key}) has type {col_type}" in msg
+    assert f"its columns are {s.names}" in msg and f"set {key}" in msg
+
+
+def test_dictionary_and_string_view_ids_are_strings(tmp_path):
+    """Dictionary-encoded string ids (as pandas' categoricals write them) and string_view ids
+    pass the check and come back as plain strings, equal to the string file's."""
+    rows = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [1.0, 1.0, 1.0, 1.0]]
+    names = ["a", "b", "a"]
+    tables = {kind: pa.table({"item_id": ids, "embedding": list_column(rows)}) for kind, ids in {
+        "string": pa.array(names), "dictionary": pa.array(names).dictionary_encode(),
+        "string_view": pa.array(names, pa.string_view())}.items()}
+    schemas = []
+    for kind, table in tables.items():
+        raw = parquet_round_trip(tmp_path, table, f"{kind}.parquet")
+        assert raw.schema.field("item_id").type == table.schema.field("item_id").type
+        schemas.append((kind, raw.schema))
+        check_columns(raw.schema, "item_id", "embedding", None)
+        want = pa.array(names)
+        assert normalize_ids(raw.column("item_id")).equals(want), kind
+        vb = validate_batch(raw, id_column="item_id", embedding_column="embedding", dim=D,
+                            source_file=SOURCE, row_offset=0, duplicate_ids=want[:1])
+        assert vb.ids.equals(want[1:2]) and vb.rejects.num_rows == 2, kind
+    check_schemas(schemas, "item_id", "embedding", None)  # one kind of id: strings
+
+
+def test_duplicate_column_names_are_a_named_error(tmp_path):
+    """A file with two columns of one name (Arrow writes them) fails naming the column and
+    the file, instead of Arrow's `Column item_id does not exist in schema`."""
+    emb = list_column([[1.0] * D, [2.0] * D])
+    table = pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4]), emb],
+                                 names=["item_id", "item_id", "embedding"])
+    path = tmp_path / "dup.parquet"
+    pq.write_table(table, path)
+    plan = plan_catalog(str(path))
+    with pytest.raises(InputError, match=rf"^{path}: column 'item_id' \(set by "
+                                         r"input\.id_column\) appears 2 times; write the file "
+                                         "with one column of each name$"):
+        check_schemas(plan.schemas, "item_id", "embedding", None)
+
+
+@pytest.mark.parametrize("same_as", ["item_id", "embedding"])
+def test_popularity_column_naming_the_id_or_embedding_column_is_a_config_error(same_as):
+    key = "input.id_column" if same_as == "item_id" else "input.embedding_column"
+    with pytest.raises(ConfigError, match=rf"^input\.popularity_column='{same_as}' names the "
+                                          rf"same column as {key}; each needs a column of its "
+                                          r"own: set input\.popularity_column to another "
+                                          "column, or null for none$"):
+        check_schemas([("a.parquet", schema())], "item_id", "embedding", same_as)
+    with pytest.raises(ConfigError, match=r"input\.embedding_column='item_id' names the same "
+                                          r"column as input\.id_column"):
+        check_columns(schema(), "item_id", "item_id", None)
+
+
+def test_popularity_beyond_2_53_is_rounded_and_non_numbers_are_named(tmp_path):
+    """Integer popularity above 2**53 (Arrow's exact float64 range) ranks as float64 values;
+    a string that is not a number fails naming the key, the column, the file and the value."""
+    big = [2**62, 2**53 + 1, None, 5]
+    table = pa.table({"pop": pa.array(big, pa.int64()),
+                      "upop": pa.array([2**64 - 1, 0, 1, None], pa.uint64()),
+                      "spop": pa.array(["1.5", "abc", None, "2"])})
+    raw = parquet_round_trip(tmp_path, table)
+    assert popularity_values(raw.column("pop")).tolist() == [2.0**62, 2.0**53, 0.0, 5.0]
+    assert popularity_values(raw.column("upop")).tolist() == [2.0**64, 0.0, 1.0, 0.0]
+    check_columns(schema(extra=[("spop", pa.string())]), "item_id", "embedding", "spop")
+    with pytest.raises(InputError, match=r"^input\.popularity_column='spop': the column of "
+                                         r"s3://b/part-1\.parquet \(string\) holds values that "
+                                         r"are not numbers \(.*'abc'.*\); popularity must be "
+                                         r"numeric: fix those values, or unset "
+                                         r"input\.popularity_column$"):
+        popularity_values(raw.column("spop"), name="spop", source="s3://b/part-1.parquet")
 
 
 def test_infer_dim():

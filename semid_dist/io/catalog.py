@@ -51,16 +51,40 @@ def list_files(url: str) -> list[str]:
                          "a directory of Parquet files")
     if fs.isfile(path):
         return [path]
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
-                   and not any(part.startswith(("_", ".")) for part in p.split("/")))
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
     if not files:
         raise _input_error(f"input.path {url!r} holds no *.parquet files (names starting with "
                          "'_' or '.' are skipped); point it at the catalog's Parquet files")
     return files
 
 
-def _footer(fs, path: str) -> pq.FileMetaData:
-    if fs.size(path) == 0:
+def _hidden(file: str, root: str) -> bool:
+    """Whether a part of `file`'s path below `root` (input.path) starts with '_' or '.'
+    (`_SUCCESS`, `.part-0.parquet.crc`, `_temporary/`); the folders above the catalog, as in
+    `/data/_shared/catalog` or `~/.cache/catalog`, do not count."""
+    base = root.rstrip("/") + "/"
+    below = file[len(base):] if file.startswith(base) else file  # (not below: all of it)
+    return any(part.startswith(("_", ".")) for part in below.split("/"))
+
+
+# Keys of fsspec's `info` that change when an object is rewritten, most specific first:
+# S3's ETag, Azure's etag, GCS's md5Hash and generation, a local file's mtime, S3's and
+# Azure's modification times, GCS's updated.
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified",
+                 "last_modified", "updated")
+
+
+def _file_version(info: dict) -> str | None:
+    """What tells this version of a file from a rewrite of it with the same size (fsspec's
+    `info`; None where the file system gives none of `_VERSION_KEYS`)."""
+    for key in _VERSION_KEYS:
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
+
+
+def _footer(fs, path: str, size: int | None) -> pq.FileMetaData:
+    if size == 0:
         raise _input_error(f"catalog file {path!r} is empty (0 bytes); remove it or re-export it")
     try:
         with fs.open(path, "rb") as f:
@@ -71,7 +95,9 @@ def _footer(fs, path: str) -> pq.FileMetaData:
 
 
 def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
-    """Read the Parquet footers and cut the catalog into shards of ~target_rows rows."""
+    """Read the Parquet footers and cut the catalog into shards of ~target_rows rows. The
+    fingerprint covers each file's path, rows, size and version (ETag, mtime, ...), so a
+    re-run over rewritten files does not resume the killed run's version."""
     fs, _ = fsio.resolve(url)
     shards: list[Shard] = []
     schema = None
@@ -79,12 +105,14 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     digest = hashlib.sha256()
     files = list_files(url)
     for path in files:
-        meta = _footer(fs, path)
+        info = fs.info(path)  # a rewritten file (same rows, same size) is another input
+        meta = _footer(fs, path, info.get("size"))
         file_schema = meta.schema.to_arrow_schema()
         schema = schema or file_schema
         if not any(file_schema.equals(s) for _, s in distinct):
             distinct.append((path, file_schema))
-        digest.update(json.dumps([fsio.redact_url(path), meta.num_rows, fs.size(path)]).encode())
+        digest.update(json.dumps([fsio.redact_url(path), meta.num_rows, info.get("size"),
+                                  _file_version(info)]).encode())
         groups: list[int] = []
         rows, offset = 0, 0
         for rg in range(meta.num_row_groups):

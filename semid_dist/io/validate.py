@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semid_dist.errors import InputError
+from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.fs import redact_url
 
 REJECTS_SCHEMA_FIELDS = ("item_id", "source_file", "row", "reason")
@@ -33,29 +33,70 @@ class ValidBatch:
 
 def check_columns(schema: pa.Schema, id_column: str, embedding_column: str,
                   popularity_column: str | None) -> None:
-    """Raise InputError when a configured column is missing or has an unusable type."""
+    """Raise ConfigError when two keys name one column, InputError when a configured column
+    is missing, appears twice or has an unusable type."""
+    columns = {"input.id_column": id_column, "input.embedding_column": embedding_column,
+               "input.popularity_column": popularity_column}
+    _check_distinct(columns)
     names = schema.names
-    for key, col in (("input.id_column", id_column), ("input.embedding_column", embedding_column),
-                     ("input.popularity_column", popularity_column)):
+    for key, col in columns.items():
         if col is not None and col not in names:
             raise InputError(f"catalog has no column {col!r} (set by {key}); "
                              f"its columns are {names}")
+        if col is not None and names.count(col) > 1:
+            raise InputError(f"column {col!r} (set by {key}) appears {names.count(col)} times; "
+                             "write the file with one column of each name")
     emb = schema.field(embedding_column).type
     ok_list = (pa.types.is_list(emb) or pa.types.is_large_list(emb)
                or pa.types.is_fixed_size_list(emb))
     if not ok_list or not (pa.types.is_floating(emb.value_type)
                            or pa.types.is_integer(emb.value_type)):
-        raise InputError(f"column {embedding_column!r} has type {emb}; expected a list of "
-                         "float32 (float16/float64/integers are cast)")
+        raise InputError(f"column {embedding_column!r} (set by input.embedding_column) has "
+                         f"type {emb}; expected a list of float32 (float16/float64/integers "
+                         f"are cast); its columns are {names}: cast the column, or set "
+                         "input.embedding_column to the embeddings' column")
     id_type = schema.field(id_column).type
-    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type)
-            or pa.types.is_large_string(id_type)):
-        raise InputError(f"column {id_column!r} has type {id_type}; item ids must be "
-                         "integers or strings")
+    if not (_id_kind(id_type) == "integer" or _decoded(id_type) in _STRING_TYPES):
+        raise InputError(f"column {id_column!r} (set by input.id_column) has type {id_type}; "
+                         "item ids must be integers or strings (string, large_string, "
+                         f"string_view, or dictionary-encoded); its columns are {names}: "
+                         "cast the column, or set input.id_column to the ids' column")
+    if popularity_column is not None:
+        pop = schema.field(popularity_column).type
+        try:  # what `popularity_values` does to the column's values
+            pa.array([], pop).cast(pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(f"column {popularity_column!r} (set by input.popularity_column) "
+                             f"has type {pop}, not a number; popularity must be integers, "
+                             "floats, decimals, booleans or strings of numbers; its columns are "
+                             f"{names}: cast the column to a number, or unset "
+                             "input.popularity_column") from None
+
+
+def _check_distinct(columns: dict[str, str | None]) -> None:
+    """ConfigError when two of the input.*_column keys name one column (the popularity
+    column read as the ids, say)."""
+    keys = list(columns)
+    for i, key in enumerate(keys):
+        for other in keys[i + 1:]:
+            col = columns[other]
+            if col is not None and col == columns[key]:
+                unset = ", or null for none" if other == "input.popularity_column" else ""
+                raise ConfigError(f"{other}={col!r} names the same column as {key}; each "
+                                  f"needs a column of its own: set {other} to another "
+                                  f"column{unset}")
+
+
+_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+
+
+def _decoded(type_: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded type's value type; any other type as is."""
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
 
 
 def _id_kind(id_type: pa.DataType) -> str:
-    return "integer" if pa.types.is_integer(id_type) else "string"
+    return "integer" if pa.types.is_integer(_decoded(id_type)) else "string"
 
 
 def check_schemas(schemas: Sequence[tuple[str, pa.Schema]], id_column: str,
@@ -89,16 +130,15 @@ def check_schemas(schemas: Sequence[tuple[str, pa.Schema]], id_column: str,
 
 def normalize_ids(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Item ids with one type per kind, whatever each file used: integers -> int64,
-    strings (string / large_string) -> string."""
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    target = pa.int64() if pa.types.is_integer(ids.type) else pa.string()
-    if ids.type == target:
-        return ids
-    try:
-        return pc.cast(ids, target)
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"item ids of type {ids.type} do not fit {target} ({exc}); "
-                         "store the ids as strings") from None
+    strings (string / large_string / string_view, or dictionary-encoded ids) -> string."""
+    target = pa.int64() if _id_kind(ids.type) == "integer" else pa.string()
+    if ids.type != target:
+        try:
+            ids = pc.cast(ids, target)
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"item ids of type {ids.type} do not fit {target} ({exc}); "
+                             "store the ids as strings") from None
+    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
 
 
 def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
@@ -127,51 +167,65 @@ def _pool_matrix(rows: int, dim: int) -> np.ndarray:
 def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (x (n, dim) float32 with zeros where invalid, reason code per row).
 
-    reason codes: 0 ok, 1 null embedding, 2 wrong dimension, 3 non-finite values
-    (validate_batch adds 4 null item_id, 5 duplicate item_id, 6 all-zero embedding,
-    7 a later copy of an item_id, keep_first).
+    reason codes: 0 ok, 1 null embedding, 2 wrong dimension, 3 non-finite values,
+    8 too large, 9 too small, 10 null values inside (validate_batch adds 4 null item_id,
+    5 duplicate item_id, 6 all-zero embedding, 7 a later copy of an item_id, keep_first).
     """
     n = len(column)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     is_null = np.isnan(lengths) if lengths.dtype.kind == "f" else np.zeros(n, bool)
     lengths = np.nan_to_num(lengths.astype(np.float64), nan=0).astype(np.int64)
     values = pc.cast(column.flatten(), pa.float32())
-    if values.null_count:  # null values inside an embedding: NaN, rejected below
+    null_inside = None
+    if values.null_count:  # null values inside an embedding: NaN until told apart below
+        parents = pc.list_parent_indices(column).to_numpy()
+        null_inside = np.unique(parents[values.is_null().to_numpy(zero_copy_only=False)])
         values = pc.fill_null(values, np.float32("nan"))
     values = values.to_numpy(zero_copy_only=False)
     reason = np.where(is_null, 1, np.where(lengths != dim, 2, 0)).astype(np.int8)
-    if not reason.any():  # every row holds `dim` values: the flat values are the matrix
-        x = _pool_matrix(n, dim)
-        np.copyto(x, values.reshape(n, dim))  # writable, unlike Arrow's read-only view
-        bad = _nonfinite_rows(x)
-        reason[bad] = 3
-        x[bad] = 0.0
-        return x, reason
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     x = _pool_matrix(n, dim)
-    x.fill(0.0)
-    good = np.flatnonzero(reason == 0)
-    if len(good):
+    if not reason.any():  # every row holds `dim` values: the flat values are the matrix
+        np.copyto(x, values.reshape(n, dim))  # writable, unlike Arrow's read-only view
+        bad, codes = _unusable_rows(x)
+    else:
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        x.fill(0.0)
+        good = np.flatnonzero(reason == 0)
         x[good] = values[starts[good, None] + np.arange(dim)]
-        bad = good[_nonfinite_rows(x[good])]
-        reason[bad] = 3
-        x[bad] = 0.0
+        bad, codes = _unusable_rows(x[good])
+        bad = good[bad]
+    reason[bad] = codes
+    x[bad] = 0.0
+    if null_inside is not None:  # (their NaN made them code 3)
+        reason[null_inside[reason[null_inside] == 3]] = 10
     return x, reason
 
 
-def _nonfinite_rows(x: np.ndarray) -> np.ndarray:
-    """Row numbers of the float32 matrix x holding a NaN or an infinity. A row's sum is
-    non-finite whenever the row is (NaN and infinities carry through a sum; +inf and -inf
-    make NaN), so one pass of row sums finds every candidate, 2.5x faster than an
-    element-wise test of the whole matrix; only the candidates (rows whose finite values
-    overflowed the sum, besides the bad ones) are tested element by element. The sums are
-    numpy's own loop, not a BLAS product: a multi-threaded BLAS call here left its idle
-    threads spinning against the encode kernel's (1.5x the kernel's time in the local
-    engine)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # the sums are only tested
-        sums = np.einsum("ij->i", x)
-    suspect = np.flatnonzero(~np.isfinite(sums))
-    return suspect[~np.isfinite(x[suspect]).all(axis=1)]
+# Bounds on a row's float32 squared norm: above _MAX_SQ_NORM a squared distance to a point
+# of like size (|x - c|^2 <= 4 max(|x|^2, |c|^2)) can overflow float32, and below
+# float32's smallest normal number the squares of a non-zero row have underflowed (to 0 for
+# values of 1e-30: every such row would land in one SID).
+_MAX_SQ_NORM = np.float32(np.finfo(np.float32).max / 4)
+_MIN_SQ_NORM = np.finfo(np.float32).tiny
+
+
+def _unusable_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the float32 matrix x (m, d) that float32 arithmetic cannot use, as (row
+    numbers, reason code each): 3 a NaN or an infinity, 8 a squared norm above
+    `_MAX_SQ_NORM`, 9 a non-zero row's below `_MIN_SQ_NORM`. One pass of row sums of
+    squares finds every candidate (NaN and infinities carry through it, 1.5x the time of
+    plain row sums); only the candidates (all-zero rows among them, left to
+    input.on_zero_vector) are looked at again, element by element. The sums are numpy's
+    own loop, not a BLAS product: a multi-threaded BLAS call here left its idle threads
+    spinning against the encode kernel's (1.5x the kernel's time in the local engine)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # only tested
+        sq = np.einsum("ij,ij->i", x, x)
+    large = np.flatnonzero(~(sq <= _MAX_SQ_NORM))  # NaN too
+    small = np.flatnonzero(sq < _MIN_SQ_NORM)
+    small = small[x[small].any(axis=1)]
+    codes = np.concatenate([np.where(np.isfinite(x[large]).all(axis=1), 8, 3),
+                            np.full(len(small), 9)]).astype(np.int8)
+    return np.concatenate([large, small]), codes
 
 
 def _reason_text(code: int, dim: int, lengths: np.ndarray, row: int) -> str:
@@ -185,6 +239,13 @@ def _reason_text(code: int, dim: int, lengths: np.ndarray, row: int) -> str:
         return "null item_id"
     if code == 6:
         return "all-zero embedding"
+    if code == 8:
+        return f"embedding too large for float32 arithmetic (squared norm over {_MAX_SQ_NORM:.2g})"
+    if code == 9:
+        return ("embedding too small for float32 arithmetic (squared norm under "
+                f"{_MIN_SQ_NORM:.2g})")
+    if code == 10:
+        return "null values inside embedding"
     return "duplicate item_id"
 
 
@@ -231,17 +292,31 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     })
     popularity = None
     if popularity_column is not None:
-        popularity = popularity_values(table.column(popularity_column))
+        popularity = popularity_values(table.column(popularity_column),
+                                       name=popularity_column, source=source_file)
         popularity = popularity[good] if len(bad) else popularity
     if len(bad):
         ids, x, rows = pc.take(ids, pa.array(good)), x[good], rows[good]
     return ValidBatch(ids=ids, x=x, rows=rows, popularity=popularity, rejects=rejects)
 
 
-def popularity_values(column: pa.ChunkedArray) -> np.ndarray:
+def popularity_values(column: pa.ChunkedArray, *, name: str | None = None,
+                      source: str | None = None) -> np.ndarray:
     """A popularity column as (rows,) float64, nulls as 0 (the scan, its passes and the
-    encode's head / tail split read it alike)."""
-    return pc.fill_null(pc.cast(column, pa.float64()), 0.0).to_numpy()
+    encode's head / tail split read it alike). Integers beyond 2**53 round to the nearest
+    float64 (popularity only ranks items). name, source: the column and its file, for the
+    error a value that is not a number gives."""
+    integer = pa.types.is_integer(_decoded(column.type))
+    try:
+        values = pc.cast(column, pa.float64(), safe=not integer)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        key = f"input.popularity_column={name!r}" if name else "input.popularity_column"
+        where = f" of {source}" if source else ""
+        raise InputError(redact_url(
+            f"{key}: the column{where} ({column.type}) holds values "
+            f"that are not numbers ({exc}); popularity must be numeric: fix those values, or "
+            "unset input.popularity_column")) from None
+    return pc.fill_null(values, 0.0).to_numpy()
 
 
 def reject_reasons(rejects: pa.Table) -> dict[str, int]:
