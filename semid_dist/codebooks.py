@@ -54,9 +54,12 @@ def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
                   if parts and parts[0][1] is not None else None)
     k_max = max(cfg.quantizer.layers)
     if len(sample) < k_max:
+        drawn = sum(len(rows) for rows in picks.values())
+        bad = (f"; {drawn - len(sample)} of the {drawn} rows it drew are bad (rows the encode "
+               "rejects: see README's Bad input)" if drawn > len(sample) else "")
         raise InputError(f"the fit sample holds {len(sample)} valid rows, fewer than the largest "
-                         f"codebook ({k_max}); use smaller quantizer.layers or a larger catalog "
-                         "/ fit.sample_size")
+                         f"codebook ({k_max}){bad}; fix the catalog's bad rows, or use smaller "
+                         "quantizer.layers or a larger catalog / fit.sample_size")
     log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
     return sample, popularity
 

@@ -7,8 +7,8 @@ committed version untouched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import hashlib
 import json
 import sys
 import time
@@ -33,17 +33,17 @@ from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
-from semid_dist.io.store import STAGING, FileEntry, TableStore, new_version_id
+from semid_dist.io.store import STAGING, FileEntry, TableStore
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
+from semid_dist.resume import claim_version, heartbeat, run_key
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
 
 Log = Callable[[str], None]
-RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -143,25 +143,6 @@ def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,
     return replace(ctx, duplicate_ids=dups)
 
 
-def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
-    """What makes two runs the same run: the resolved config and the input fingerprint."""
-    body = json.dumps([cfg.to_dict(), plan.fingerprint], sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def resumable_version(store: TableStore, key: str) -> str | None:
-    """The newest uncommitted version started by the same run (same `run_key`), when it is
-    newer than `_latest`: re-running a killed build continues it."""
-    latest = store.latest() or ""
-    for vid in reversed(store.uncommitted()):
-        if vid <= latest:
-            break
-        path = f"{store.version_dir(vid)}/{STAGING}/{RUN_FILE}"
-        if store.fs.exists(path) and json.loads(store.fs.cat_file(path)).get("key") == key:
-            return vid
-    return None
-
-
 @dataclass(frozen=True)
 class _Reduced:
     partials: dict[str, Partial]  # merged statistics after capacity moves
@@ -212,52 +193,55 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     if cfg.encode.from_version:  # resolved once: codebooks, parent and run key agree
         cfg = replace(cfg, encode=replace(cfg.encode,
                                           from_version=store.resolve(cfg.encode.from_version)))
-    parent = cfg.encode.from_version if cfg.encode.incremental else store.latest()
+    parent = cfg.encode.from_version if cfg.encode.incremental else store.head()
     timings: dict[str, float] = {}
-    with make_engine(cfg, log=log) as engine:
-        if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
-            engine.warm_up()
-        plan = plan_catalog(engine.resolve_input(cfg.input.path),
-                            target_rows=cfg.encode.shard_rows)
-        check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
-                      cfg.input.popularity_column)
-        vid = _start_version(store, cfg, plan, parent, log)
-        for stage in gpu_stages(cfg):  # checked before the scan and the fit
-            torch_device(cfg, stage)
-        ctx = _scan(engine, _job_context(cfg, plan, vid), plan, cfg, log)
-        if cfg.collisions.max_per_sid is not None:
-            ctx = replace(ctx, candidates=cfg.collisions.candidates)
-        t = time.monotonic()
-        files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
-                                                   parent)
-        timings["fit_s"] = time.monotonic() - t
-        if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
-            engine.warm_up()
-        t = time.monotonic()
-        try:
-            partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
-                                                                    timings)
-        finally:
-            release_freed_memory()  # kept by an encode worker in this process (local engine)
-        check_rejects(counts, reasons, cfg)
-        timings["encode_s"] = time.monotonic() - t
-        t = time.monotonic()
-        red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
-        timings["reduce_s"] = time.monotonic() - t
-        t = time.monotonic()
-        drift = parent_drift(engine, store, parent, vid, red.data_files, log)
-        timings["drift_s"] = time.monotonic() - t
-    metrics = _metrics(red, fit_stats, source, timings)
-    if drift is not None:
-        files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
-    files += [store.write_file(vid, "metrics.json", _json(metrics))]
-    files += write_lookups(store, vid, red.partials, red.decision, metrics, red.max_suffix)
-    files += write_stats(store, vid, red.partials["all"], red.decision)
-    files += write_report(store, vid)
-    files += sorted(red.data_files, key=lambda e: e.path) + reject_files
-    manifest = _manifest(cfg, plan, ctx, parent, red.counts)
-    maybe_die("commit")
-    moved = store.commit(vid, manifest, files)
+    with contextlib.ExitStack() as claimed:  # the heartbeat (below), until the commit
+        with make_engine(cfg, log=log) as engine:
+            if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
+                engine.warm_up()
+            plan = plan_catalog(engine.resolve_input(cfg.input.path),
+                                target_rows=cfg.encode.shard_rows)
+            check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
+                          cfg.input.popularity_column)
+            for stage in gpu_stages(cfg):  # checked before anything is written
+                torch_device(cfg, stage)
+            vid, key = _start_version(store, cfg, plan, parent, log)
+            # renewed until the commit: a build started meanwhile does not take this version
+            claimed.enter_context(heartbeat(store, vid, key))
+            ctx = _scan(engine, _job_context(cfg, plan, vid), plan, cfg, log)
+            if cfg.collisions.max_per_sid is not None:
+                ctx = replace(ctx, candidates=cfg.collisions.candidates)
+            t = time.monotonic()
+            files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
+                                                       parent)
+            timings["fit_s"] = time.monotonic() - t
+            if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
+                engine.warm_up()
+            t = time.monotonic()
+            try:
+                partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
+                                                                        timings)
+            finally:
+                release_freed_memory()  # kept by an encode worker in this process (local engine)
+            check_rejects(counts, reasons, cfg)
+            timings["encode_s"] = time.monotonic() - t
+            t = time.monotonic()
+            red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
+            timings["reduce_s"] = time.monotonic() - t
+            t = time.monotonic()
+            drift = parent_drift(engine, store, parent, vid, red.data_files, log)
+            timings["drift_s"] = time.monotonic() - t
+        metrics = _metrics(red, fit_stats, source, timings)
+        if drift is not None:
+            files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
+        files += [store.write_file(vid, "metrics.json", _json(metrics))]
+        files += write_lookups(store, vid, red.partials, red.decision, metrics, red.max_suffix)
+        files += write_stats(store, vid, red.partials["all"], red.decision)
+        files += write_report(store, vid)
+        files += sorted(red.data_files, key=lambda e: e.path) + reject_files
+        manifest = _manifest(cfg, plan, ctx, parent, red.counts)
+        maybe_die("commit")
+        moved = store.commit(vid, manifest, files)
     _remove_staging(store, vid)
     log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
         + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
@@ -265,19 +249,15 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
 
 
 def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, parent: str | None,
-                   log: Log) -> str:
-    """The version this run writes: the one a killed run of the same `run_key` left, or a
-    new one whose staging records the key."""
+                   log: Log) -> tuple[str, str]:
+    """(the version this run writes, its run key): the one a killed run of the same
+    `run_key` left, or a new one (`resume.claim_version`)."""
     key = run_key(cfg, plan)
-    vid = resumable_version(store, key)
-    resuming = vid is not None
-    if vid is None:
-        vid = new_version_id()
-        store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps({"key": key}).encode())
+    vid, resuming = claim_version(store, key)
     log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
         f"{'resuming' if resuming else 'new'} version {vid} of "
         f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
-    return vid
+    return vid, key
 
 
 def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str) -> JobContext:
@@ -318,8 +298,6 @@ def _manifest(cfg: BuildConfig, plan: CatalogPlan, ctx: JobContext, parent: str 
 
 
 def _json(data: Any) -> bytes:
-    import json
-
     return json.dumps(data, indent=2, default=float).encode()
 
 

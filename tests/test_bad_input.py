@@ -701,14 +701,16 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
 def test_catalog_smaller_than_the_largest_codebook(tmp_path, root):
     cat = write_catalog(tmp_path / "tiny", base_x()[:12])
     with pytest.raises(InputError, match=r"holds 12 valid rows, fewer than the largest "
-                                         r"codebook \(16\); use smaller quantizer\.layers"):
+                                         r"codebook \(16\); fix the catalog's bad rows, or use "
+                                         r"smaller quantizer\.layers"):
         build(cfg(cat, root, quantizer__layers=[16, 4]), log=quiet)
     assert nothing_committed(root)
     # counted after validation: 20 rows of which 6 are bad leave 14 < 16
     x = base_x()[:20]
     x[:6, 0] = np.nan
     cat2 = write_catalog(tmp_path / "tiny2", x)
-    with pytest.raises(InputError, match="holds 14 valid rows, fewer than the largest"):
+    with pytest.raises(InputError, match=r"holds 14 valid rows, fewer than the largest codebook "
+                                         r"\(16\); 6 of the 20 rows it drew are bad"):
         build(cfg(cat2, root, quantizer__layers=[16, 4], input__max_reject_fraction=0.5),
               log=quiet)
     assert nothing_committed(root)

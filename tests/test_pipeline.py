@@ -296,9 +296,16 @@ def test_failed_build_leaves_previous_version_untouched(small_catalog, tmp_path,
 
 def test_catalog_smaller_than_codebook_is_a_clear_error(tmp_path, root):
     cat = write_catalog(tmp_path / "tiny", clustered(10, 4, seed=0))
-    with pytest.raises(InputError, match="fewer than the largest codebook"):
+    with pytest.raises(InputError, match=r"holds 10 valid rows, fewer than the largest "
+                                         r"codebook \(16\); fix"):
         build(small_config(cat, root), log=quiet)
     assert TableStore(root, "sids").latest() is None
+    x = clustered(100, 4, seed=0)
+    x[:, 0] = np.nan  # every row bad: the message counts them instead of blaming the sizes
+    cat = write_catalog(tmp_path / "all_bad", x)
+    with pytest.raises(InputError, match=r"holds 0 valid rows, fewer than the largest codebook "
+                                         r"\(16\); 100 of the 100 rows it drew are bad"):
+        build(small_config(cat, root), log=quiet)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
@@ -309,8 +316,9 @@ def test_gpu_setting_without_a_gpu_is_a_clear_error_before_any_work(small_catalo
     with pytest.raises(ConfigError, match=f"{stage}.use_gpu=true but no CUDA device"):
         build(small_config(small_catalog[0], root, **{f"{stage}__use_gpu": True}),
               log=logs.append)
-    assert TableStore(root, "sids").latest() is None
-    assert [line.split(":")[0] for line in logs] == ["plan"], logs  # no sample, fit, encode
+    store = TableStore(root, "sids")
+    assert store.latest() is None and store.version_dirs() == []  # nothing written
+    assert logs == []  # no plan, sample, fit or encode
 
 
 def test_sample_is_seeded_and_bounded(small_catalog):

@@ -1,0 +1,101 @@
+"""Which version a build writes (`semid_dist.resume`): a killed run's version is continued
+only when its build is gone; a build of the same config started while another runs writes a
+version of its own."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from semid_dist.errors import StoreError
+from semid_dist.io.store import STAGING, TableStore, new_version_id
+from semid_dist.pipeline import build
+from semid_dist.resume import OWNER_STALE_S, RUN_FILE, claim_version, resumable_version
+from tests.conftest import small_config
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def run_file(store: TableStore, vid: str) -> str:
+    return f"{store.version_dir(vid)}/{STAGING}/{RUN_FILE}"
+
+
+def set_owner(store: TableStore, vid: str, **owner) -> None:
+    run = json.loads(store.fs.cat_file(run_file(store, vid)))
+    run["owner"].update(owner)
+    store.fs.pipe(run_file(store, vid), json.dumps(run).encode())
+
+
+def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
+    store = TableStore(str(tmp_path / "out"), "sids")
+    vid, resuming = claim_version(store, "key-a")
+    assert not resuming and store.uncommitted() == [vid]
+    # this process owns it and runs: a build of the same key takes a new version
+    assert resumable_version(store, "key-a") is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    set_owner(store, vid, pid=int(dead.stdout), started=None)  # a process that has exited
+    assert resumable_version(store, "key-a") == vid
+    assert resumable_version(store, "key-b") is None  # another run's
+    again, resuming = claim_version(store, "key-a")
+    assert again == vid and resuming  # and it is now this process's
+    assert resumable_version(store, "key-a") is None
+    # another machine's build: alive while its heartbeat is fresh
+    set_owner(store, vid, machine="elsewhere/boot", beat=time.time() - 5)
+    assert resumable_version(store, "key-a") is None
+    set_owner(store, vid, beat=time.time() - OWNER_STALE_S - 1)
+    assert resumable_version(store, "key-a") == vid
+    # a run file written before owners were recorded: its build is taken as gone
+    store.fs.pipe(run_file(store, vid), json.dumps({"key": "key-a"}).encode())
+    assert resumable_version(store, "key-a") == vid
+    newer = new_version_id()  # the newest of the key is the one continued
+    store.write_file(newer, f"{STAGING}/{RUN_FILE}", json.dumps({"key": "key-a"}).encode())
+    assert resumable_version(store, "key-a") == newer
+
+
+def test_two_builds_of_one_config_at_once_write_two_intact_versions(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            results.append(build(small_config(catalog, root), log=quiet))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store = TableStore(root, "sids")
+    ids = sorted(r.version_id for r in results)
+    assert len(set(ids)) == 2 and store.versions() == ids and store.uncommitted() == []
+    for vid in ids:  # every file as its manifest says
+        for entry in store.manifest(vid)["files"]:
+            data = store.read_bytes(vid, entry["path"])
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], (vid, entry["path"])
+    a, b = (store.read_data(v).sort_by("item_id") for v in ids)
+    assert a.column("sid").equals(b.column("sid"))  # same input, config and seed
+
+
+def test_an_output_root_it_cannot_write_to_is_a_named_error(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    root = tmp_path / "a-file"
+    root.write_text("not a folder")
+    with pytest.raises(StoreError, match=rf"output.root '{root}': cannot write the table "
+                                         r"'sids' there \(.*\); point output.root at a folder"):
+        build(small_config(catalog, str(root)), log=quiet)
+    assert root.read_text() == "not a folder"
