@@ -84,14 +84,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from semid_dist.config_checks import check_table_name
     from semid_dist.io.store import TableStore
 
+    check_table_name(args.table, "--table")
     store = TableStore(args.root, args.table)
     if args.action in ("gc", "diff"):
         return cmd_versions_gc(args, store) if args.action == "gc" else cmd_versions_diff(
             args, store)
     if args.action == "list":
-        latest = store.latest()
+        try:
+            latest = store.head()
+        except SemidError as exc:  # listed all the same: the list is how to mend it
+            print(f"semid versions: warning: {exc}", file=sys.stderr)
+            latest = None
         rows = []
         for vid in store.versions():
             m = store.manifest(vid)
@@ -155,9 +161,11 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`semid report`: re-render the report of a committed version into its report/ folder
     (derived output; the manifest is left as it is)."""
+    from semid_dist.config_checks import check_table_name
     from semid_dist.io.store import TableStore
     from semid_dist.report import REPORT_HTML, write_report
 
+    check_table_name(args.table, "--table")
     store = TableStore(args.root, args.table)
     vid = store.resolve(args.version)
     entries = write_report(store, vid)

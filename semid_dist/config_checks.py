@@ -124,11 +124,11 @@ def read_yaml(path: Path) -> Any:
                           f"{problem}") from None
 
 
-def check_table_name(table: str) -> None:
-    """output.table is one directory under output.root: nothing that climbs out of it or
-    nests, nor a hidden or `_`-prefixed name."""
+def check_table_name(table: str, key: str = "output.table") -> None:
+    """output.table (or the commands' --table) is one directory under the root: nothing that
+    climbs out of it or nests, nor a hidden or `_`-prefixed name."""
     if not _TABLE_NAME.fullmatch(table):
-        raise ConfigError(f"output.table: {table!r} is not a table name: give one directory "
+        raise ConfigError(f"{key}: {table!r} is not a table name: give one directory "
                           "name of letters, digits, '.', '_' and '-' that starts with a letter "
                           "or digit (the table lives at <output.root>/<output.table>/; put "
                           "parent directories in output.root), e.g. output.table=sids")
@@ -139,6 +139,10 @@ def check_consistency(cfg: BuildConfig) -> None:
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
     incremental encodes, the quality depth), or output.table is not one directory name."""
     check_table_name(cfg.output.table)
+    from semid_dist.io.validate import check_distinct_columns
+
+    check_distinct_columns(cfg.input.id_column, cfg.input.embedding_column,
+                           cfg.input.popularity_column)
     layers = cfg.quantizer.layers
     for i, size in enumerate(layers):
         if not 2 <= size <= 1 << 20:

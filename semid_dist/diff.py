@@ -58,11 +58,11 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     Removed when done.
     """
     src = store.resolve(from_version)
-    store.check_files(src, "data/")
+    store.check_files(src, "data")
     old_parts = store.part_rows(src)
     if to_parts is None:
         dst = store.resolve(to_version)
-        store.check_files(dst, "data/")
+        store.check_files(dst, "data")
         new_parts = store.part_rows(dst)
     else:
         dst = to_version

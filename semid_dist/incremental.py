@@ -90,7 +90,7 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
                  cfg: BuildConfig, log: Log) -> Carried:
     """Split the parent's data parts into referenced and rewritten ones (dropping the rows of
     items this version encoded) and derive the carried rows' statistics."""
-    store.check_files(parent, "data/")
+    store.check_files(parent, "data")
     names = {e["path"] for e in store.manifest(parent)["files"]}
     if not {STATS_PARTIAL, STATS_DECISION} <= names:
         raise StoreError(f"version {parent} holds no stats/ files (it was built by an older "

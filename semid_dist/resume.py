@@ -1,16 +1,17 @@
 """Which version a build writes: a new one, or the one a killed run of the same build left.
 
 A build records in its version's staging folder (`run.json`) its run key (the resolved config
-and the input fingerprint) and its owner: the machine (host name and boot id), the process
-id with its start time, and a heartbeat the build renews every `BEAT_S` seconds while it
-runs. A re-run continues the newest uncommitted version of the same key that is newer than
-`_latest` only when that version's owner is gone: its build failed (it gives the version up),
-its process is no longer running (same machine), or its heartbeat is older than
-`OWNER_STALE_S` (another machine). So a build
-started while the same build runs (a nightly job that overlaps the previous night's) writes
-a version of its own instead of the live one's files. Choosing or creating the version
-happens under the table's lock (`TableStore.table_lock`), so two builds started together
-cannot both take the same version.
+and the input fingerprint) and its owner: the machine (host name, boot id and PID namespace),
+the process id with its start time, and a heartbeat the build renews every `BEAT_S` seconds
+while it runs. A re-run continues the newest uncommitted version of the same key that is
+newer than `_latest` only when that version's owner is gone (`owner_alive`): its build
+failed (it gives the version up), its process no longer runs (the same machine, where
+/proc tells), or its heartbeat is older than `OWNER_STALE_S` (another machine, or no
+/proc). So a build started while the same build runs (a nightly job that overlaps the
+previous night's) writes a version of its own instead of the live one's files. Choosing or
+creating the version happens under the table's lock (`TableStore.table_lock`), so two
+builds started together on one machine, or on a shared POSIX filesystem, cannot both take
+the same version; on object stores that lock is per process (see README).
 """
 
 from __future__ import annotations
@@ -23,43 +24,50 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import STAGING, TableStore, new_version_id
+
+if TYPE_CHECKING:
+    from semid_dist.config import BuildConfig
+    from semid_dist.io.catalog import CatalogPlan
 
 RUN_FILE = "run.json"
 BEAT_S = 10.0  # a running build renews its heartbeat this often
-OWNER_STALE_S = 60.0  # a heartbeat older than this, from another machine, is a dead build's
+OWNER_STALE_S = 60.0  # a heartbeat older than this is a dead build's (clocks in sync)
 
 
-def run_key(cfg: Any, plan: CatalogPlan) -> str:
+def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
     """What makes two runs the same run: the resolved config and the input fingerprint."""
     body = json.dumps([cfg.to_dict(), plan.fingerprint], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _machine() -> str:
-    try:
+    """This machine and PID namespace: the host name, the boot id and the namespace of the
+    process ids (containers on one host with one host name see different processes)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
         with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+            parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "/".join(parts)
 
 
 def _started(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot, Linux), "zombie" for one
-    that has exited but was not reaped, None where /proc cannot tell."""
+    """The start time of process `pid` (clock ticks since boot, Linux), "gone" for one that
+    has exited (or exited and was not reaped), None where /proc cannot tell."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return "gone"
     except (OSError, IndexError):
         return None
-    return "zombie" if fields[0] in ("Z", "X") else fields[19]
+    return "gone" if fields[0] in ("Z", "X") else fields[19]
 
 
 def _owner() -> dict[str, Any]:
@@ -67,33 +75,33 @@ def _owner() -> dict[str, Any]:
     return {"machine": _machine(), "pid": pid, "started": _started(pid), "beat": time.time()}
 
 
-def _alive(owner: dict[str, Any] | None, now: float) -> bool:
-    """Whether the build that wrote `owner` may still be running."""
-    if not owner:  # a run of an older semid_dist: no owner recorded
+def owner_alive(owner: Any, now: float) -> bool:
+    """Whether the build that wrote `owner` (a run file's record) may still be running: on
+    this machine, by its process (where /proc tells); elsewhere, by its heartbeat."""
+    if not isinstance(owner, dict):  # given up, or a run of an older semid_dist
         return False
-    if owner.get("machine") != _machine():
-        return now - float(owner.get("beat", 0)) < OWNER_STALE_S
-    pid = int(owner.get("pid", -1))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        beat, pid = float(owner.get("beat", 0)), int(owner.get("pid", 0))
+    except (TypeError, ValueError):
         return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
+    fresh = now - beat < OWNER_STALE_S
+    if owner.get("machine") != _machine() or pid <= 0 or _started(os.getpid()) is None:
+        return fresh
     started = _started(pid)
-    return started != "zombie" and (started is None or owner.get("started") in (None, started))
+    return started != "gone" and owner.get("started") in (None, started)
 
 
 def _run_path(store: TableStore, vid: str) -> str:
-    return f"{store.version_dir(vid)}/{STAGING}/{RUN_FILE}"
+    return fsio.join(store.version_dir(vid), STAGING, RUN_FILE)
 
 
-def _read_run(store: TableStore, vid: str) -> dict[str, Any] | None:
-    path = _run_path(store, vid)
+def read_run(store: TableStore, vid: str) -> dict[str, Any] | None:
+    """A version's run file ({"key", "owner"}), None when it is missing or unreadable."""
     try:
-        return json.loads(store.fs.cat_file(path))
+        run = json.loads(store.fs.cat_file(_run_path(store, vid)))
     except (FileNotFoundError, ValueError):
         return None
+    return run if isinstance(run, dict) else None
 
 
 def resumable_version(store: TableStore, key: str) -> str | None:
@@ -103,26 +111,44 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     for vid in reversed(store.uncommitted()):
         if vid <= latest:
             break
-        run = _read_run(store, vid)
-        if run is not None and run.get("key") == key and not _alive(run.get("owner"), now):
+        run = read_run(store, vid)
+        if run is not None and run.get("key") == key and not owner_alive(run.get("owner"), now):
             return vid
     return None
 
 
 def claim_version(store: TableStore, key: str) -> tuple[str, bool]:
     """(the version this build writes, whether it resumes a killed run's): chosen and
-    recorded as this process's under the table's lock."""
+    recorded as this process's under the table's lock. A root it cannot write to (the
+    build's first write) is a StoreError naming output.root."""
+    step = "write"  # taking the lock writes its file
     try:
         with store.table_lock():
+            step = "read"
             vid = resumable_version(store, key)
             resuming = vid is not None
             vid = vid or new_version_id()
+            step = "write"
             _write_run(store, vid, key)
-    except OSError as exc:  # the build's first write: a root it cannot write to
-        raise StoreError(f"output.root {fsio.redact_url(store.root)!r}: cannot write the "
-                         f"table {store.table!r} there ({exc}); point output.root at a folder "
-                         "or bucket this job can write to") from None
+    except OSError as exc:
+        if step == "read":  # a listing that failed: not a question of writing
+            raise
+        raise _unwritable(store, exc) from None
     return vid, resuming
+
+
+def live_versions(store: TableStore, versions: list[str]) -> set[str]:
+    """Those of the uncommitted `versions` whose build may still be running (`gc` keeps
+    them, however old their ids)."""
+    now = time.time()
+    return {v for v in versions
+            if (run := read_run(store, v)) is not None and owner_alive(run.get("owner"), now)}
+
+
+def _unwritable(store: TableStore, exc: OSError) -> StoreError:
+    return StoreError(f"output.root {fsio.redact_url(store.root)!r}: cannot write the table "
+                      f"{store.table!r} there ({exc}); point output.root at a folder or "
+                      "bucket this job can write to")
 
 
 def _write_run(store: TableStore, vid: str, key: str, *, owned: bool = True) -> None:
@@ -130,18 +156,20 @@ def _write_run(store: TableStore, vid: str, key: str, *, owned: bool = True) -> 
                      json.dumps({"key": key, "owner": _owner() if owned else None}).encode())
 
 
-@contextmanager
+@contextlib.contextmanager
 def heartbeat(store: TableStore, vid: str, key: str) -> Iterator[None]:
     """Renew this build's heartbeat in its run file every `BEAT_S` seconds for the block; a
     block that raises (a failed or interrupted build) gives the version up, so a re-run,
-    in this process too, continues it."""
+    in this process too, continues it. A run file that is gone (the version folder removed
+    by hand) is not written again."""
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(BEAT_S):
             try:
-                _write_run(store, vid, key)
-            except OSError:  # the next beat tries again; a resume waits for a stale one
+                if store.fs.exists(_run_path(store, vid)):
+                    _write_run(store, vid, key)
+            except Exception:  # noqa: BLE001 (any store's error) the next beat tries again
                 pass
 
     thread = threading.Thread(target=beat, name="semid-heartbeat", daemon=True)
@@ -151,7 +179,7 @@ def heartbeat(store: TableStore, vid: str, key: str) -> Iterator[None]:
     except BaseException:
         stop.set()
         thread.join()
-        with contextlib.suppress(OSError):  # unwritable now: a re-run waits for it to go stale
+        with contextlib.suppress(Exception):  # unwritable now: a re-run waits for it to go stale
             _write_run(store, vid, key, owned=False)
         raise
     finally:

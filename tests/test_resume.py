@@ -99,3 +99,17 @@ def test_an_output_root_it_cannot_write_to_is_a_named_error(small_catalog, tmp_p
                                          r"'sids' there \(.*\); point output.root at a folder"):
         build(small_config(catalog, str(root)), log=quiet)
     assert root.read_text() == "not a folder"
+
+
+def test_a_failed_build_gives_its_version_up_and_a_reused_pid_is_not_its_owner(tmp_path):
+    from semid_dist.resume import heartbeat
+
+    store = TableStore(str(tmp_path / "out"), "sids")
+    vid, _ = claim_version(store, "key-a")
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a"):
+        raise RuntimeError("the build failed")
+    assert resumable_version(store, "key-a") == vid  # in this process too
+    vid, resuming = claim_version(store, "key-a")
+    assert resuming and resumable_version(store, "key-a") is None
+    set_owner(store, vid, started="1")  # this pid, but another process's start time
+    assert resumable_version(store, "key-a") == vid

@@ -557,3 +557,27 @@ def test_a_warmed_worker_imports_nothing_more_for_its_first_shard(tmp_path):
     assert new["warm"] == []
     pytest.importorskip("pandas")  # where pandas is installed, pyarrow imports it on first use
     assert "pandas" in new["cold"], new["cold"]
+
+
+def test_a_null_row_with_values_behind_it_and_a_null_inside_are_told_apart():
+    """An in-memory list array whose null row still holds values (Arrow IPC, not Parquet):
+    `flatten` drops them, so the null inside the next row is found at its own row."""
+    values = pa.array([9.0, 9.0, 9.0, 9.0, 1.0, None, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0],
+                      pa.float32())
+    offsets = pa.array([0, 4, 8, 12], pa.int32())
+    emb = pa.ListArray.from_arrays(offsets, values, mask=pa.array([True, False, False]))
+    vb = validate_batch(pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "embedding": emb}),
+                        id_column="item_id", embedding_column="embedding", dim=D,
+                        source_file=SOURCE, row_offset=0)
+    assert vb.ids.to_pylist() == [3]
+    assert vb.rejects.column("reason").to_pylist() == ["null embedding",
+                                                       "null values inside embedding"]
+
+
+def test_two_input_keys_naming_one_column_is_a_config_error_before_any_file_is_read():
+    from semid_dist.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"input.popularity_column='item_id' names the same "
+                                          r"column as input.id_column"):
+        parse_config({"input": {"path": "x", "popularity_column": "item_id"},
+                      "output": {"root": "y"}})

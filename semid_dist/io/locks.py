@@ -1,7 +1,7 @@
-"""Locks for moving a table's `_latest` (`TableStore.advance_latest`): a lock file on a
-local filesystem, shared by every process on the machine, and a process-wide
-`threading.Lock` per key elsewhere (object stores have no exclusive create; see
-`advance_latest` for their weaker rule)."""
+"""Locks for moving a table's `_latest` (`TableStore.advance_latest`) and choosing the
+version a build writes (`semid_dist.resume`): a lock file on a local filesystem, shared by
+every process on the machine, and a process-wide `threading.Lock` per key elsewhere (object
+stores have no exclusive create; see `advance_latest` for their weaker rule)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def file_lock(path: str) -> Iterator[None]:
             _break_stale_lock(path)
             if time.monotonic() > deadline:
                 raise StoreError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: "
-                                 "another build is committing to this table; retry, or "
-                                 "delete the file if no build is running") from None
+                                 "another build is committing to this table (or choosing its "
+                                 "version); retry, or delete the file if no build is "
+                                 "running") from None
             time.sleep(random.uniform(0.002, 0.02))
             continue
         try:

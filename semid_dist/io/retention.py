@@ -30,17 +30,19 @@ def referenced_versions(manifest: Mapping[str, Any]) -> set[str]:
 
 def gc_plan(versions: list[str], latest: str | None,
             manifests: Mapping[str, Mapping[str, Any] | None], keep: int, now: dt.datetime,
-            min_age_hours: float) -> tuple[list[str], list[str]]:
+            min_age_hours: float, live: set[str] = frozenset()) -> tuple[list[str], list[str]]:
     """Retention policy for `TableStore.gc`: which version directories go -> (delete, keep),
     both sorted.
 
-    versions: every directory under `versions/` (committed or not); latest: what `_latest`
-    names; manifests: {version id: manifest} of the committed versions (a value of None
-    means the manifest exists but cannot be read). Kept: the `keep` newest committed
-    versions, `latest`, and every version a kept manifest references (file entries with a
-    `"version"` key), transitively; uncommitted directories younger than `min_age_hours`
-    (by the UTC time their id starts with) or with an id that holds no time (a build may
-    still be writing them). Everything else is deleted.
+    versions: every directory under `versions/` (committed or not); latest: the version
+    `_latest` stands for (`TableStore.head`); manifests: {version id: manifest} of the
+    committed versions (a value of None means the manifest exists but cannot be read).
+    Kept: the `keep` newest committed versions, `latest`, and every version a kept manifest
+    references (file entries with a `"version"` key), transitively; uncommitted directories
+    younger than `min_age_hours` (by the UTC time their id starts with) or with an id that
+    holds no time (a build may still be writing them), and those in `live` (a build is
+    writing them: a resumed run keeps its first run's id). Everything else is deleted. An
+    infinite `min_age_hours` keeps every uncommitted directory.
     """
     if keep < 0:
         raise StoreError(f"gc: keep={keep} must be >= 0 (the number of newest committed "
@@ -62,14 +64,17 @@ def gc_plan(versions: list[str], latest: str | None,
         for ref in referenced_versions(manifest) - kept:
             kept.add(ref)
             todo.append(ref)
-    cutoff = now - dt.timedelta(hours=min_age_hours)
+    if min_age_hours < 0 or min_age_hours != min_age_hours:
+        raise StoreError(f"gc: min_age_hours={min_age_hours} must be >= 0")
+    cutoff = (now - dt.timedelta(hours=min_age_hours) if min_age_hours < 1e6
+              else dt.datetime.min.replace(tzinfo=dt.timezone.utc))  # (over a century: all)
     delete = []
     for vid in versions:
         if vid in kept:
             continue
         if vid not in manifests:
             started = version_time(vid)
-            if started is None or started > cutoff:
+            if started is None or started > cutoff or vid in live:
                 kept.add(vid)
                 continue
         delete.append(vid)

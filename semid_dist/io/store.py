@@ -174,12 +174,19 @@ class TableStore:
     def check_files(self, version: str, kind: str = "") -> None:
         """Raise StoreError naming the first file (of those under `kind`/, or any) that a
         committed version's manifest lists and that is missing: a damaged version, whose
-        readers would otherwise fail midway."""
-        for entry in self.manifest(version)["files"]:
-            if not entry["path"].startswith(kind):
-                continue
-            path = self.entry_path(version, FileEntry(**entry))
-            if not self.fs.exists(path):
+        readers would otherwise fail midway. One listing per version the files live in (not
+        a request per file, on an object store)."""
+        entries = [e for e in self.manifest(version)["files"]
+                   if e["path"].startswith(f"{kind}/" if kind else "")]
+        listed: dict[str, set[str]] = {}  # one listing per version the files live in
+        for entry in entries:
+            vid = entry.get("version") or version
+            if vid not in listed:
+                folder = fsio.join(self.version_dir(vid), kind)
+                listed[vid] = ({p.rstrip("/") for p in self.fs.find(folder)}
+                               if self.fs.exists(folder) else set())
+            path = fsio.join(self.version_dir(vid), entry["path"])
+            if path not in listed[vid] and not self.fs.exists(path):
                 raise StoreError(f"version {version} is damaged: its manifest lists "
                                  f"{fsio.redact_url(path)}, which is missing; restore the "
                                  "file, or build a new version")
@@ -334,17 +341,27 @@ class TableStore:
         for vid in names:
             if self.fs.exists(fsio.join(self.version_dir(vid), MANIFEST)):
                 try:
-                    manifests[vid] = json.loads(self.read_bytes(vid, MANIFEST))
+                    body = json.loads(self.read_bytes(vid, MANIFEST))
+                    manifests[vid] = body if isinstance(body, dict) else None
                 except (ValueError, OSError):
                     manifests[vid] = None
+        from semid_dist.resume import live_versions  # (resume builds on this module)
+
+        live = live_versions(self, [v for v in names if v not in manifests])
         latest = self.head()  # a damaged `_latest` raises: nothing is deleted
-        delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours)
+        delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours, live)
         if not dry_run and delete:
-            if self.head() in delete:
-                raise StoreError(f"gc: _latest of {self.url} moved to a version planned for "
-                                 "deletion while planning; nothing was deleted, run gc again")
+            with self.table_lock():  # no build chooses a version meanwhile (`resume`)
+                if self.head() in delete:
+                    raise StoreError(f"gc: _latest of {self.url} moved to a version planned "
+                                     "for deletion while planning; nothing was deleted, run "
+                                     "gc again")
+                resumed = live_versions(self, [v for v in delete if v not in manifests])
+                delete = [v for v in delete if v not in resumed]  # taken up meanwhile
+                for vid in delete:  # each stops existing for readers and for a re-run
+                    self._unlist(vid, committed=vid in manifests)
             for vid in delete:
-                self._delete_version(vid, committed=vid in manifests)
+                self._delete_version(vid)
         return {"table": self.url, "latest": latest, "keep": keep, "dry_run": dry_run,
                 "min_age_hours": min_age_hours,
                 "deleted": [v for v in delete if v in manifests],
@@ -352,9 +369,15 @@ class TableStore:
                 "kept": [v for v in kept if v in manifests],
                 "kept_uncommitted": [v for v in kept if v not in manifests]}
 
-    def _delete_version(self, vid: str, *, committed: bool) -> None:
+    def _unlist(self, vid: str, *, committed: bool) -> None:
+        """Remove what makes a version visible: a committed one's manifest (to readers), an
+        uncommitted one's run file (to a re-run that would continue it)."""
+        path = (fsio.join(self.version_dir(vid), MANIFEST) if committed
+                else fsio.join(self.version_dir(vid), STAGING, "run.json"))  # resume.RUN_FILE
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def _delete_version(self, vid: str) -> None:
         vdir = self.version_dir(vid)
-        if committed:
-            self.fs.rm(fsio.join(vdir, MANIFEST))
         if self.fs.exists(vdir):
             self.fs.rm(vdir, recursive=True)

@@ -35,9 +35,7 @@ def check_columns(schema: pa.Schema, id_column: str, embedding_column: str,
                   popularity_column: str | None) -> None:
     """Raise ConfigError when two keys name one column, InputError when a configured column
     is missing, appears twice or has an unusable type."""
-    columns = {"input.id_column": id_column, "input.embedding_column": embedding_column,
-               "input.popularity_column": popularity_column}
-    _check_distinct(columns)
+    columns = check_distinct_columns(id_column, embedding_column, popularity_column)
     names = schema.names
     for key, col in columns.items():
         if col is not None and col not in names:
@@ -73,9 +71,12 @@ def check_columns(schema: pa.Schema, id_column: str, embedding_column: str,
                              "input.popularity_column") from None
 
 
-def _check_distinct(columns: dict[str, str | None]) -> None:
-    """ConfigError when two of the input.*_column keys name one column (the popularity
+def check_distinct_columns(id_column: str, embedding_column: str,
+                           popularity_column: str | None) -> dict[str, str | None]:
+    """{input key: column}; ConfigError when two of the keys name one column (the popularity
     column read as the ids, say)."""
+    columns = {"input.id_column": id_column, "input.embedding_column": embedding_column,
+               "input.popularity_column": popularity_column}
     keys = list(columns)
     for i, key in enumerate(keys):
         for other in keys[i + 1:]:
@@ -85,9 +86,12 @@ def _check_distinct(columns: dict[str, str | None]) -> None:
                 raise ConfigError(f"{other}={col!r} names the same column as {key}; each "
                                   f"needs a column of its own: set {other} to another "
                                   f"column{unset}")
+    return columns
 
 
-_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+# string_view: pyarrow 16 and later
+_STRING_TYPES = (pa.string(), pa.large_string(),
+                 *([pa.string_view()] if hasattr(pa, "string_view") else []))
 
 
 def _decoded(type_: pa.DataType) -> pa.DataType:
@@ -178,7 +182,8 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     values = pc.cast(column.flatten(), pa.float32())
     null_inside = None
     if values.null_count:  # null values inside an embedding: NaN until told apart below
-        parents = pc.list_parent_indices(column).to_numpy()
+        # each value's row, as `flatten` lays them out (it drops what a null row holds)
+        parents = np.repeat(np.arange(n), lengths)
         null_inside = np.unique(parents[values.is_null().to_numpy(zero_copy_only=False)])
         values = pc.fill_null(values, np.float32("nan"))
     values = values.to_numpy(zero_copy_only=False)
