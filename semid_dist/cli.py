@@ -161,12 +161,13 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`semid report`: re-render the report of a committed version into its report/ folder
     (derived output; the manifest is left as it is)."""
+    from semid_dist.config import absolute_url
     from semid_dist.config_checks import check_table_name
     from semid_dist.io.store import TableStore
     from semid_dist.report import REPORT_HTML, write_report
 
     check_table_name(args.table, "--table")
-    store = TableStore(args.root, args.table)
+    store = TableStore(absolute_url(args.root), args.table)  # the page names where it is
     vid = store.resolve(args.version)
     entries = write_report(store, vid)
     path = f"{store.display_url(vid)}/{REPORT_HTML}"
@@ -254,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     except _StdoutClosed:  # what coreutils do: no message, the status of a SIGPIPE death
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush at exit)
         return 141  # 128 + SIGPIPE
-    except KeyboardInterrupt:
-        committed = getattr(args, "committed", None)
+    except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
+        committed = getattr(exc, "version_id", None) or getattr(args, "committed", None)
         said = (f"interrupted after version {committed} was committed" if committed else
                 "interrupted; nothing was committed")
         print(f"semid {args.command}: {said}", file=sys.stderr)

@@ -115,7 +115,7 @@ def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
     if engine.warm_up_beside_fit:  # the engine's workers are idle while the driver fits
         engine.warm_up()
     seeds = init_subset(sample, max(cfg.quantizer.layers), seed=cfg.seed)
-    warm = _warm_start(store, parent, cfg, ctx.dim, log)
+    warm = warm_start_codebooks(store, parent, cfg, ctx.dim, log)
     acrq = _acrq_split(sample, popularity, ctx, cfg, log)
     fitted, fit_stats = engine.fit(sample, seeds, cfg, log,
                                    f"{store.version_url(vid)}/{STAGING}", init_centroids=warm,
@@ -130,10 +130,11 @@ def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
     return files, fit_stats, "fit"
 
 
-def _warm_start(store: TableStore, parent: str | None, cfg: BuildConfig, dim: int,
-                log: Log) -> list[np.ndarray] | None:
+def warm_start_codebooks(store: TableStore, parent: str | None, cfg: BuildConfig, dim: int,
+                         log: Log) -> list[np.ndarray] | None:
     """fit.warm_start=parent: the parent's codebooks (checked against quantizer.layers and
-    the catalog dim) to start Lloyd from; None for a cold fit or the table's first build."""
+    the catalog dim) to start Lloyd from; None for a cold fit or the table's first build.
+    The build calls it once before it writes anything, so a mismatch writes nothing."""
     if cfg.fit.warm_start != "parent":
         return None
     if parent is None:

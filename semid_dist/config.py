@@ -360,7 +360,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildCo
         raise ConfigError(f"{p}: {exc}") from None
 
 
-def _absolute(url: str) -> str:
+def absolute_url(url: str) -> str:
+    """A local path made absolute (`~` expanded); URLs as they are."""
     if "://" in url or url.startswith("table:"):
         return url
     return str(Path(url).expanduser().resolve())
@@ -369,8 +370,8 @@ def _absolute(url: str) -> str:
 def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
     """Local paths made absolute, so workers that run elsewhere (another cwd) find them."""
     return dataclasses.replace(
-        cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
-        output=dataclasses.replace(cfg.output, root=_absolute(cfg.output.root)))
+        cfg, input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path)),
+        output=dataclasses.replace(cfg.output, root=absolute_url(cfg.output.root)))
 
 
 def gpu_stages(cfg: BuildConfig) -> list[str]:

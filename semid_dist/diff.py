@@ -17,6 +17,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from semid_dist import shuffle
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
@@ -82,7 +85,16 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
             old, new = _split_versions(mapper, store, old_parts, new_parts, n, folder)
             counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, b)
                                                            for b in range(n)]))
-    return drift_figures(counts, from_version=src, to_version=dst, buckets=n)
+    layers = (_code_layers(store, old_parts[0][0]), _code_layers(store, new_parts[0][0]))
+    return drift_figures(counts, from_version=src, to_version=dst, buckets=n, layers=layers)
+
+
+def _code_layers(store: TableStore, path: str) -> int | None:
+    """The number of code layers of a version, from one data part's schema (None when its
+    codes are plain lists, whose length a schema does not give)."""
+    with store.fs.open(path, "rb") as f:
+        codes = pq.ParquetFile(f).schema_arrow.field("codes").type
+    return codes.list_size if pa.types.is_fixed_size_list(codes) else None
 
 
 @contextlib.contextmanager

@@ -21,3 +21,12 @@ class ArtifactError(SemidError):
 
 class StoreError(SemidError):
     """The versioned table store refused an operation (unknown version, unreconciled counts)."""
+
+
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C after the build's version was committed (while `_latest` moved, the staging
+    was removed or the summary printed): the version stands."""
+
+    def __init__(self, version_id: str) -> None:
+        super().__init__(version_id)
+        self.version_id = version_id

@@ -20,20 +20,20 @@ import pyarrow as pa
 
 import semid_dist
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
-from semid_dist.codebooks import build_codebooks
+from semid_dist.codebooks import build_codebooks, warm_start_codebooks
 from semid_dist.codes.partials import Partial, merge
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolute_paths
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import make_engine
-from semid_dist.errors import InputError
+from semid_dist.errors import InputError, InterruptedAfterCommit
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
-from semid_dist.io.store import STAGING, FileEntry, TableStore
+from semid_dist.io.store import MANIFEST, STAGING, FileEntry, TableStore
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
@@ -201,14 +201,11 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                 engine.warm_up()
             plan = plan_catalog(engine.resolve_input(cfg.input.path),
                                 target_rows=cfg.encode.shard_rows)
-            check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
-                          cfg.input.popularity_column)
-            for stage in gpu_stages(cfg):  # checked before anything is written
-                torch_device(cfg, stage)
+            dim = _check_inputs(plan, cfg, store, parent)
             vid, key = _start_version(store, cfg, plan, parent, log)
             # renewed until the commit: a build started meanwhile does not take this version
             claimed.enter_context(heartbeat(store, vid, key))
-            ctx = _scan(engine, _job_context(cfg, plan, vid), plan, cfg, log)
+            ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
             if cfg.collisions.max_per_sid is not None:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
             t = time.monotonic()
@@ -232,20 +229,60 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             drift = parent_drift(engine, store, parent, vid, red.data_files, log)
             timings["drift_s"] = time.monotonic() - t
         metrics = _metrics(red, fit_stats, source, timings)
-        if drift is not None:
-            files += [store.write_file(vid, DRIFT_FILE, _json(drift))]
-        files += [store.write_file(vid, "metrics.json", _json(metrics))]
-        files += write_lookups(store, vid, red.partials, red.decision, metrics, red.max_suffix)
-        files += write_stats(store, vid, red.partials["all"], red.decision)
-        files += write_report(store, vid)
-        files += sorted(red.data_files, key=lambda e: e.path) + reject_files
-        manifest = _manifest(cfg, plan, ctx, parent, red.counts)
-        maybe_die("commit")
-        moved = store.commit(vid, manifest, files)
-    _remove_staging(store, vid)
-    log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
-        + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
-    return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
+        files += _version_files(store, vid, red, metrics, drift) + reject_files
+        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red.counts), files)
+    try:  # the version stands whatever stops the process from here on
+        _remove_staging(store, vid)
+        log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
+            + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
+        return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
+    except KeyboardInterrupt as exc:
+        raise InterruptedAfterCommit(vid) from exc
+
+
+def _check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
+                  parent: str | None) -> int:
+    """The embedding dimension, once the checks that need no version are passed (every
+    file's schema, the GPU settings, the parent's codebooks to warm-start from), so a build
+    they fail writes nothing."""
+    check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
+                  _popularity_column(cfg))
+    for stage in gpu_stages(cfg):
+        torch_device(cfg, stage)
+    dim = _dimension(plan, cfg)
+    if not cfg.encode.from_version:
+        warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
+    return dim
+
+
+def _popularity_column(cfg: BuildConfig) -> str | None:
+    """input.popularity_column, or None for an incremental version (it uses no popularity:
+    a delta without the column is fine)."""
+    return None if cfg.encode.incremental else cfg.input.popularity_column
+
+
+def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str, Any],
+                   drift: dict[str, Any] | None) -> list[FileEntry]:
+    """Write the version's files besides its codebooks and rejects (drift, metrics, lookups,
+    statistics, report) and return their entries with the data parts'."""
+    files = [store.write_file(vid, DRIFT_FILE, _json(drift))] if drift is not None else []
+    files += [store.write_file(vid, "metrics.json", _json(metrics))]
+    files += write_lookups(store, vid, red.partials, red.decision, metrics, red.max_suffix)
+    files += write_stats(store, vid, red.partials["all"], red.decision)
+    files += write_report(store, vid)
+    return files + sorted(red.data_files, key=lambda e: e.path)
+
+
+def _commit(store: TableStore, vid: str, manifest: dict[str, Any],
+            files: list[FileEntry]) -> bool:
+    """`store.commit`; Ctrl-C once the manifest is written says the version stands."""
+    maybe_die("commit")
+    try:
+        return store.commit(vid, manifest, files)
+    except KeyboardInterrupt as exc:
+        if store.fs.exists(f"{store.version_dir(vid)}/{MANIFEST}"):
+            raise InterruptedAfterCommit(vid) from exc
+        raise
 
 
 def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, parent: str | None,
@@ -253,19 +290,19 @@ def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, paren
     """(the version this run writes, its run key): the one a killed run of the same
     `run_key` left, or a new one (`resume.claim_version`)."""
     key = run_key(cfg, plan)
-    vid, resuming = claim_version(store, key)
+    vid, resuming = claim_version(store, key, log)
     log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
         f"{'resuming' if resuming else 'new'} version {vid} of "
         f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
     return vid, key
 
 
-def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str) -> JobContext:
+def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str, dim: int) -> JobContext:
     """What the workers of version `vid` need, before the scan adds its findings."""
     return JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                       embedding_column=cfg.input.embedding_column,
-                      popularity_column=cfg.input.popularity_column,
-                      dim=_dimension(plan, cfg), sizes=tuple(cfg.quantizer.layers),
+                      popularity_column=_popularity_column(cfg),
+                      dim=dim, sizes=tuple(cfg.quantizer.layers),
                       root=cfg.output.root, table=cfg.output.table, version_id=vid,
                       quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,
                       device=torch_device(cfg, "encode"),

@@ -23,11 +23,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
+from semid_dist.io.locks import LOCK_STALE_S
 from semid_dist.io.store import STAGING, TableStore, new_version_id
 
 if TYPE_CHECKING:
@@ -117,13 +118,19 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return None
 
 
-def claim_version(store: TableStore, key: str) -> tuple[str, bool]:
+def claim_version(store: TableStore, key: str, log: Callable[[str], None] = print,
+                  ) -> tuple[str, bool]:
     """(the version this build writes, whether it resumes a killed run's): chosen and
-    recorded as this process's under the table's lock. A root it cannot write to (the
-    build's first write) is a StoreError naming output.root."""
+    recorded as this process's under the table's lock (a wait for it is logged). A root it
+    cannot write to (the build's first write) is a StoreError naming output.root."""
+    def waiting() -> None:
+        log(f"plan: waiting for the lock of {fsio.redact_url(store.url)} (another build is "
+            f"committing or starting; a lock older than {LOCK_STALE_S:.0f} s is a dead "
+            "build's and is broken)")
+
     step = "write"  # taking the lock writes its file
     try:
-        with store.table_lock():
+        with store.table_lock(waiting):
             step = "read"
             vid = resumable_version(store, key)
             resuming = vid is not None

@@ -303,6 +303,7 @@ def test_warm_start_in_builds(small_catalog, tmp_path):
         build(small_config(catalog, root, fit__warm_start="parent",
                            quantizer__layers=[16, 8]), log=quiet)
     assert store.latest() == second.version_id
+    assert store.uncommitted() == []  # checked before anything is written
 
 
 def perturbed_demo(path, *, std: float = 0.01, seed: int = 0) -> str:
@@ -390,3 +391,22 @@ def test_padded_lists_matches_the_lists_row_by_row():
     masked = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5], pa.int32()), pa.array([7, 8, 9, 6, 5]),
                                       mask=pa.array([False, True, False]))
     np.testing.assert_array_equal(padded_lists(masked, 2), [[7, 8], [-1, -1], [5, -1]])
+
+
+def test_a_layer_only_one_version_has_is_named_not_counted_as_drift(small_catalog, tmp_path,
+                                                                    capsys):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    first = build(small_config(catalog, root), log=quiet)  # layers [16, 8, 8]
+    second = build(small_config(catalog, root, quantizer__layers=[16, 8]), log=quiet)
+    layers = second.drift["layers"]
+    assert (second.drift["layers_from"], second.drift["layers_to"]) == (3, 2)
+    assert [x.get("in_both", True) for x in layers] == [True, True, False]
+    assert layers[2]["share_changed"] is None and layers[2]["changed"] == 2400
+    assert layers[0]["share_changed"] is not None
+    assert main(["versions", "diff", "--root", root, "--table", "sids"]) == 0
+    out = capsys.readouterr().out
+    assert "a layer of one version only: 3 layers in from, 2 in to" in out
+    assert first.version_id in out and "layer 2" not in out
+    assert [line.split()[:3] for line in out.splitlines()[-3:]] == [
+        ["0", "0", "0.00%"], ["1", "0", "0.00%"], ["2", "-", "(a"]]

@@ -286,3 +286,23 @@ def test_rejected_update_keeps_the_parent_row(catalogs, tmp_path):
     assert child.metrics["incremental"]["estimated"] == []
     # nothing replaced: every parent part is referenced as it is
     assert child.metrics["incremental"]["parts_rewritten"] == 0
+
+
+def test_a_delta_without_the_popularity_column_the_config_names(catalogs, tmp_path):
+    """An incremental version uses no popularity: a delta without input.popularity_column's
+    column encodes as if the key were unset."""
+    delta = tmp_path / "delta-no-popularity"
+    delta.mkdir()
+    for f in Path(catalogs["delta"]).glob("*.parquet"):
+        pq.write_table(pq.read_table(f).drop_columns(["popularity"]), delta / f.name)
+    tables = []
+    for name, path in (("with", catalogs["delta"]), ("without", str(delta))):
+        root = str(tmp_path / name)
+        build(small_config(catalogs["parent"], root, input__popularity_column="popularity"),
+              log=quiet)
+        child = build(small_config(path, root, input__popularity_column="popularity",
+                                   encode__from_version="latest", encode__incremental=True),
+                      log=quiet)
+        tables.append(by_id(TableStore(root, "sids").read_data(child.version_id)))
+    assert tables[0].column("sid").equals(tables[1].column("sid"))
+    assert tables[0].column("item_id").equals(tables[1].column("item_id"))

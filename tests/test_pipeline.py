@@ -514,3 +514,32 @@ def test_step_clock_laps_and_the_log_line():
     assert clock.seconds["read"] >= 0.03 and 0 <= clock.seconds["validate"] < 0.01
     text = steps_text({"read": 0.3, "quantize": 0.9, "result": 0.0}, shards=3)
     assert text == "read 100 ms (25%), quantize 300 ms (75%), result 0 ms (0%)"
+
+
+def test_ctrl_c_once_the_manifest_is_written_says_the_version_stands(small_catalog, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A Ctrl-C while `_latest` moves (the manifest written) or while the staging goes: the
+    version is committed, and the CLI says so instead of "nothing was committed"."""
+    root = tmp_path / "out"
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps({"engine": "local", "seed": 7,
+                                    "input": {"path": small_catalog[0]},
+                                    "output": {"root": str(root), "table": "sids"},
+                                    "quantizer": {"layers": [16, 8], "niter": 4},
+                                    "fit": {"sample_size": 1500}}))
+
+    def ctrl_c(self, version_id):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TableStore, "advance_latest", ctrl_c)
+    assert main(["build", "--config", str(cfg_path)]) == 130
+    store = TableStore(str(root), "sids")
+    [vid] = store.versions()  # committed; `_latest` not moved, so "latest" is the newest
+    assert capsys.readouterr().err.strip().endswith(
+        f"semid build: interrupted after version {vid} was committed")
+    monkeypatch.undo()
+    monkeypatch.setattr("semid_dist.pipeline._remove_staging", lambda store, vid: ctrl_c(0, 0))
+    assert main(["build", "--config", str(cfg_path)]) == 130
+    newer = store.versions()[-1]
+    assert newer != vid and store.latest() == newer
+    assert f"interrupted after version {newer} was committed" in capsys.readouterr().err

@@ -113,3 +113,19 @@ def test_a_failed_build_gives_its_version_up_and_a_reused_pid_is_not_its_owner(t
     assert resuming and resumable_version(store, "key-a") is None
     set_owner(store, vid, started="1")  # this pid, but another process's start time
     assert resumable_version(store, "key-a") == vid
+
+
+def test_a_wait_for_the_table_lock_is_logged(tmp_path, monkeypatch):
+    from semid_dist.io import locks
+    from semid_dist.io.store import LATEST_LOCK
+
+    store = TableStore(str(tmp_path / "out"), "sids")
+    lock = tmp_path / "out" / "sids" / LATEST_LOCK
+    lock.parent.mkdir(parents=True)
+    lock.write_text("4242-alive")  # held by a live build
+    monkeypatch.setattr(locks, "WAIT_NOTICE_S", 0.05)
+    threading.Timer(0.4, lock.unlink).start()  # which then lets go
+    lines: list[str] = []
+    vid, resuming = claim_version(store, "key-a", lines.append)
+    assert not resuming and store.uncommitted() == [vid]
+    assert len(lines) == 1 and lines[0].startswith(f"plan: waiting for the lock of {store.url}")

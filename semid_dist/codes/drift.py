@@ -198,20 +198,29 @@ def merge_drift(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def drift_figures(counts: dict[str, Any], *, from_version: str, to_version: str,
-                  buckets: int = 1) -> dict[str, Any]:
+                  buckets: int = 1, layers: tuple[int | None, int | None] = (None, None),
+                  ) -> dict[str, Any]:
     """Merged counts -> the drift figures written to drift.json: shares are over the items
-    present in both versions (None when there are none)."""
+    present in both versions (None when there are none). layers: each version's number of
+    code layers, where known; a layer only one of them has gets `"in_both": false` and no
+    share (every item "changes" there: a count, not a drift)."""
     common = counts["common"]
+    both = min(layers) if None not in layers else None
 
     def share(c: int) -> float | None:
         return c / common if common else None
+
+    def layer_figures(layer: int, c: int) -> dict[str, Any]:
+        if both is not None and layer >= both:
+            return {"layer": layer, "changed": c, "share_changed": None, "in_both": False}
+        return {"layer": layer, "changed": c, "share_changed": share(c)}
 
     return {
         "from_version": from_version, "to_version": to_version,
         "items_common": common, "items_only_from": counts["only_from"],
         "items_only_to": counts["only_to"],
         "changed": counts["changed"], "share_changed": share(counts["changed"]),
-        "layers": [{"layer": layer, "changed": c, "share_changed": share(c)}
-                   for layer, c in enumerate(counts["layer_changed"])],
+        "layers": [layer_figures(layer, c) for layer, c in enumerate(counts["layer_changed"])],
+        "layers_from": layers[0], "layers_to": layers[1],
         "buckets": buckets,
     }

@@ -10,13 +10,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from semid_dist.errors import StoreError
 
 LOCK_STALE_S = 60.0  # a lock file older than this is left over by a dead process
 LOCK_TIMEOUT_S = 120.0  # give up taking the lock after this long
+WAIT_NOTICE_S = 2.0  # a wait this long is said (`file_lock`'s on_wait)
 
 _PROCESS_LOCKS: dict[str, threading.Lock] = {}
 _PROCESS_LOCKS_GUARD = threading.Lock()
@@ -32,18 +33,23 @@ def process_lock(key: str) -> Iterator[None]:
 
 
 @contextmanager
-def file_lock(path: str) -> Iterator[None]:
+def file_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the local lock file `path` (created exclusively, holding a token of its own) for
     the block; a stale one (`LOCK_STALE_S`) is broken, and after `LOCK_TIMEOUT_S` a live
-    one raises StoreError. The file is removed at the end only if it still holds the token."""
+    one raises StoreError. The file is removed at the end only if it still holds the token.
+    on_wait: called once when the lock is still held by another after `WAIT_NOTICE_S`."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     token = f"{os.getpid()}-{uuid.uuid4().hex}".encode()
-    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    start = time.monotonic()
+    deadline = start + LOCK_TIMEOUT_S
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             _break_stale_lock(path)
+            if on_wait is not None and time.monotonic() - start > WAIT_NOTICE_S:
+                on_wait()
+                on_wait = None
             if time.monotonic() > deadline:
                 raise StoreError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: "
                                  "another build is committing to this table (or choosing its "

@@ -16,7 +16,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -309,13 +309,14 @@ class TableStore:
     def _is_local(self) -> bool:
         return fsio.is_local(self.fs)
 
-    def table_lock(self) -> AbstractContextManager[None]:
+    def table_lock(self, on_wait: Callable[[], None] | None = None,
+                   ) -> AbstractContextManager[None]:
         """The table's exclusive lock, which `_latest` moves under (and a build chooses its
         version under, `semid_dist.resume`): a lock file on local filesystems, a process-wide
         `threading.Lock` elsewhere (see `advance_latest` for the weaker object-store rule)."""
         if not self._is_local():
             return process_lock(f"{self.fs.protocol}:{self.base}")
-        return file_lock(os.path.join(self.base, LATEST_LOCK))
+        return file_lock(os.path.join(self.base, LATEST_LOCK), on_wait)
 
     # -- retention -----------------------------------------------------------------------
 
