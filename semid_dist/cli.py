@@ -85,10 +85,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_versions(args: argparse.Namespace) -> int:
     from semid_dist.config_checks import check_table_name
+    from semid_dist.errors import StoreError
+    from semid_dist.io import fs as fsio
     from semid_dist.io.store import TableStore
 
     check_table_name(args.table, "--table")
     store = TableStore(args.root, args.table)
+    if not store.fs.isdir(store.base):  # a mistyped --root or --table lists nothing
+        raise StoreError(f"no table at {fsio.redact_url(store.url)}: check --root and --table")
     if args.action in ("gc", "diff"):
         return cmd_versions_gc(args, store) if args.action == "gc" else cmd_versions_diff(
             args, store)
@@ -110,6 +114,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         _print(rows, args.json, text)
     else:  # show
         manifest = store.manifest(args.version)
+        store.check_files(manifest["version_id"])  # a file gone: the version is damaged
         metrics = store.read_json(manifest["version_id"], "metrics.json")
         from semid_dist.diff import DRIFT_FILE
         from semid_dist.summary import format_summary
@@ -163,14 +168,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     (derived output; the manifest is left as it is)."""
     from semid_dist.config import absolute_url
     from semid_dist.config_checks import check_table_name
+    from semid_dist.errors import StoreError
     from semid_dist.io.store import TableStore
     from semid_dist.report import REPORT_HTML, write_report
 
     check_table_name(args.table, "--table")
     store = TableStore(absolute_url(args.root), args.table)  # the page names where it is
     vid = store.resolve(args.version)
-    entries = write_report(store, vid)
+    store.manifest(vid)  # a damaged manifest: a named error, before anything is written
     path = f"{store.display_url(vid)}/{REPORT_HTML}"
+    try:
+        entries = write_report(store, vid)
+    except OSError as exc:  # a read-only store, say
+        raise StoreError(f"cannot write the report of version {vid} next to {path} ({exc}); "
+                         "run semid report where the table can be written") from None
     _print({"version_id": vid, "report": path, "files": [e.path for e in entries]},
            args.json, path)
     return 0

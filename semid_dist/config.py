@@ -344,7 +344,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> BuildConfig:
     """Validate a plain dict (plus overrides) into a frozen `BuildConfig`."""
-    merged = apply_overrides(data or {}, overrides or [])
+    merged = apply_overrides(data, overrides or []) if isinstance(data, dict) else data or {}
     cfg = _build(BuildConfig, merged, "")
     check_consistency(cfg)
     return cfg

@@ -202,9 +202,11 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             plan = plan_catalog(engine.resolve_input(cfg.input.path),
                                 target_rows=cfg.encode.shard_rows)
             dim = _check_inputs(plan, cfg, store, parent)
-            vid, key = _start_version(store, cfg, plan, parent, log)
-            # renewed until the commit: a build started meanwhile does not take this version
-            claimed.enter_context(heartbeat(store, vid, key))
+            reads = tuple(sorted({v for v in (parent, cfg.encode.from_version) if v}))
+            vid, key = _start_version(store, cfg, plan, parent, log, reads)
+            # renewed until the commit: a build started meanwhile does not take this version,
+            # and gc keeps it and the versions it reads
+            claimed.enter_context(heartbeat(store, vid, key, reads))
             ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
             if cfg.collisions.max_per_sid is not None:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
@@ -243,8 +245,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
 def _check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
                   parent: str | None) -> int:
     """The embedding dimension, once the checks that need no version are passed (every
-    file's schema, the GPU settings, the parent's codebooks to warm-start from), so a build
-    they fail writes nothing."""
+    file's schema, the GPU settings, the parent's codebooks to warm-start from, an
+    incremental parent's data parts), so a build they fail writes nothing."""
     check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
                   _popularity_column(cfg))
     for stage in gpu_stages(cfg):
@@ -252,6 +254,8 @@ def _check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
     dim = _dimension(plan, cfg)
     if not cfg.encode.from_version:
         warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
+    if cfg.encode.incremental and parent is not None:  # the parts it will carry are there
+        store.check_files(parent, "data")
     return dim
 
 
@@ -286,11 +290,11 @@ def _commit(store: TableStore, vid: str, manifest: dict[str, Any],
 
 
 def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, parent: str | None,
-                   log: Log) -> tuple[str, str]:
+                   log: Log, reads: tuple[str, ...]) -> tuple[str, str]:
     """(the version this run writes, its run key): the one a killed run of the same
     `run_key` left, or a new one (`resume.claim_version`)."""
     key = run_key(cfg, plan)
-    vid, resuming = claim_version(store, key, log)
+    vid, resuming = claim_version(store, key, log, reads=reads)
     log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
         f"{'resuming' if resuming else 'new'} version {vid} of "
         f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")

@@ -118,11 +118,13 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return None
 
 
-def claim_version(store: TableStore, key: str, log: Callable[[str], None] = print,
-                  ) -> tuple[str, bool]:
+def claim_version(store: TableStore, key: str, log: Callable[[str], None] = print, *,
+                  reads: tuple[str, ...] = ()) -> tuple[str, bool]:
     """(the version this build writes, whether it resumes a killed run's): chosen and
-    recorded as this process's under the table's lock (a wait for it is logged). A root it
-    cannot write to (the build's first write) is a StoreError naming output.root."""
+    recorded as this process's under the table's lock (a wait for it is logged), with the
+    committed versions it reads (`reads`: its parent, the codebooks' version), which `gc`
+    keeps while it runs. A root it cannot write to (the build's first write) is a
+    StoreError naming output.root."""
     def waiting() -> None:
         log(f"plan: waiting for the lock of {fsio.redact_url(store.url)} (another build is "
             f"committing or starting; a lock older than {LOCK_STALE_S:.0f} s is a dead "
@@ -136,7 +138,7 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] = prin
             resuming = vid is not None
             vid = vid or new_version_id()
             step = "write"
-            _write_run(store, vid, key)
+            _write_run(store, vid, key, reads)
     except OSError as exc:
         if step == "read":  # a listing that failed: not a question of writing
             raise
@@ -144,12 +146,16 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] = prin
     return vid, resuming
 
 
-def live_versions(store: TableStore, versions: list[str]) -> set[str]:
-    """Those of the uncommitted `versions` whose build may still be running (`gc` keeps
-    them, however old their ids)."""
-    now = time.time()
-    return {v for v in versions
-            if (run := read_run(store, v)) is not None and owner_alive(run.get("owner"), now)}
+def live_runs(store: TableStore, versions: list[str]) -> dict[str, set[str]]:
+    """{version: the committed versions its build reads} for those of the uncommitted
+    `versions` whose build may still be running: `gc` keeps both, however old."""
+    now, out = time.time(), {}
+    for vid in versions:
+        run = read_run(store, vid)
+        if run is not None and owner_alive(run.get("owner"), now):
+            reads = run.get("reads")
+            out[vid] = {str(v) for v in reads} if isinstance(reads, list) else set()
+    return out
 
 
 def _unwritable(store: TableStore, exc: OSError) -> StoreError:
@@ -158,13 +164,15 @@ def _unwritable(store: TableStore, exc: OSError) -> StoreError:
                       "bucket this job can write to")
 
 
-def _write_run(store: TableStore, vid: str, key: str, *, owned: bool = True) -> None:
-    store.write_file(vid, f"{STAGING}/{RUN_FILE}",
-                     json.dumps({"key": key, "owner": _owner() if owned else None}).encode())
+def _write_run(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
+               owned: bool = True) -> None:
+    run = {"key": key, "owner": _owner() if owned else None, "reads": list(reads)}
+    store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps(run).encode())
 
 
 @contextlib.contextmanager
-def heartbeat(store: TableStore, vid: str, key: str) -> Iterator[None]:
+def heartbeat(store: TableStore, vid: str, key: str,
+              reads: tuple[str, ...] = ()) -> Iterator[None]:
     """Renew this build's heartbeat in its run file every `BEAT_S` seconds for the block; a
     block that raises (a failed or interrupted build) gives the version up, so a re-run,
     in this process too, continues it. A run file that is gone (the version folder removed
@@ -175,7 +183,7 @@ def heartbeat(store: TableStore, vid: str, key: str) -> Iterator[None]:
         while not stop.wait(BEAT_S):
             try:
                 if store.fs.exists(_run_path(store, vid)):
-                    _write_run(store, vid, key)
+                    _write_run(store, vid, key, reads)
             except Exception:  # noqa: BLE001 (any store's error) the next beat tries again
                 pass
 

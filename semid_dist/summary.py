@@ -16,8 +16,8 @@ def _pct(v: float | None) -> str:
 def format_drift_line(drift: dict[str, Any]) -> str:
     """One line: overall and per-layer share of changed SIDs (over the items in both
     versions) and the items in only one of them."""
-    layers = " / ".join(_pct(layer["share_changed"]) for layer in drift["layers"]
-                        if layer.get("in_both", True))
+    layers = " / ".join(_pct(layer["share_changed"]) if layer.get("in_both", True)
+                        else "- (one version's only)" for layer in drift["layers"])
     return (f"vs {drift['from_version']}: {_pct(drift['share_changed'])} of "
             f"{drift['items_common']} common items changed SID (per layer {layers}); "
             f"{drift['items_only_from']} only in {drift['from_version']}, "
@@ -33,7 +33,7 @@ def format_drift(drift: dict[str, Any]) -> str:
              "layer  changed  share"]
     lines += [f"{layer['layer']:>5}  {layer['changed']:>7}  {_pct(layer['share_changed'])}"
               if layer.get("in_both", True) else
-              f"{layer['layer']:>5}        -  (a layer of one version only: "
+              f"{layer['layer']:>5}        -  -      (a layer of one version only: "
               f"{drift.get('layers_from')} layers in from, {drift.get('layers_to')} in to)"
               for layer in drift["layers"]]
     return "\n".join(lines)

@@ -92,6 +92,7 @@ def test_validate_checks_every_file_and_names_each_bad_one(tmp_path):
 
 
 def test_gc_min_age_hours_must_not_be_negative(tmp_path):
+    (tmp_path / "sids").mkdir()  # an empty table
     for hours in ("-5", "nan"):
         line = named_error(semid("versions", "gc", "--root", str(tmp_path), "--table", "sids",
                                  "--keep", "1", "--min-age-hours", hours))
@@ -99,6 +100,7 @@ def test_gc_min_age_hours_must_not_be_negative(tmp_path):
 
 
 def test_a_closed_stdout_ends_quietly_with_the_sigpipe_status(tmp_path):
+    (tmp_path / "sids").mkdir()  # an empty table: "(no committed versions)"
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head -1` having exited
     try:
@@ -168,3 +170,12 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
     lines = rest.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         f"semid build: interrupted after version {versions[0]} was committed"), rest
+
+
+def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
+    """A mistyped --root or --table: an error, not an empty list (or an empty gc)."""
+    for action in (["list"], ["gc", "--keep", "1"]):
+        line = named_error(semid("versions", *action, "--root", str(tmp_path / "nope"),
+                                 "--table", "sids"))
+        assert line == (f"semid versions: error: no table at {tmp_path / 'nope'}/sids: check "
+                        "--root and --table"), line

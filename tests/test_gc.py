@@ -224,3 +224,39 @@ def test_gc_keeps_an_old_version_whose_build_still_runs(tmp_path, capsys):
     assert main(["versions", "list", "--root", store.root, "--table", "t"]) == 0
     out = capsys.readouterr()
     assert done in out.out and "warning: " in out.err and "not a committed version" in out.err
+
+
+def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
+    from semid_dist.resume import claim_version, heartbeat
+
+    store = TableStore(str(tmp_path / "reads"), "t")
+    parent, newer = committed(store, 100, "000001"), committed(store, 90, "000002")
+    vid, _ = claim_version(store, "k", reads=(parent,))  # an incremental build from `parent`
+    report = store.gc(0, now=NOW)
+    assert report["deleted"] == [] and report["kept"] == [parent, newer]
+    assert report["kept_uncommitted"] == [vid]
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "k", (parent,)):
+        raise RuntimeError("the build failed")  # it gives its version up
+    report = store.gc(0, min_age_hours=float("inf"), now=NOW)
+    assert report["deleted"] == [parent] and report["kept_uncommitted"] == [vid]
+
+
+def test_commands_on_a_damaged_version_name_the_file(tmp_path, capsys):
+    """versions show on a version missing a data part or with an unreadable metrics.json,
+    and report on a manifest of the wrong shape: one named line each, status 2."""
+    store = TableStore(str(tmp_path / "damaged"), "t")
+    v = committed(store, 10, "000001")
+    args = ["--root", store.root, "--table", "t"]
+    store.fs.rm(f"{store.version_dir(v)}/data/part-00001.parquet")
+    assert main(["versions", "show", *args]) == 2
+    assert "data/part-00001.parquet, which is missing" in capsys.readouterr().err
+    v2 = committed(store, 5, "000002")
+    store.write_file(v2, "metrics.json", b'{"rows": ')  # truncated
+    with pytest.raises(StoreError, match=rf"version {v2} is damaged: .*metrics.json cannot be "
+                                         r"read \(JSONDecodeError"):
+        store.read_json(v2, "metrics.json")
+    store.fs.pipe(f"{store.version_dir(v2)}/_manifest.json", b"{}")
+    assert main(["report", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"the manifest of version {v2}" in err and "cannot be read" in err
+    assert not store.fs.exists(f"{store.version_dir(v2)}/report")  # nothing written

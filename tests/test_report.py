@@ -232,6 +232,18 @@ def test_cli_report_rerenders_the_same_files(built, capsys, monkeypatch, relativ
         assert hashlib.sha256((vdir / path).read_bytes()).hexdigest() == entry["sha256"]
     assert (vdir / "_manifest.json").read_bytes() == manifest
     assert main(["report", "--root", store.root, "--table", "sids", "--version", "nope"]) == 2
+    capsys.readouterr()
+    folder = vdir / "report"
+    folder.rename(vdir / "report-aside")
+    folder.write_text("a file where the report folder was")  # unwritable, as a read-only store
+    try:
+        assert main(["report", "--root", root, "--table", "sids"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"semid report: error: cannot write the report of version {vid}")
+        assert len(err.splitlines()) == 1
+    finally:
+        folder.unlink()
+        (vdir / "report-aside").rename(folder)
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def drift_figures(counts: dict[str, Any], *, from_version: str, to_version: str,
 
     def layer_figures(layer: int, c: int) -> dict[str, Any]:
         if both is not None and layer >= both:
-            return {"layer": layer, "changed": c, "share_changed": None, "in_both": False}
+            return {"layer": layer, "changed": None, "share_changed": None, "in_both": False}
         return {"layer": layer, "changed": c, "share_changed": share(c)}
 
     return {

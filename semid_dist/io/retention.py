@@ -30,7 +30,8 @@ def referenced_versions(manifest: Mapping[str, Any]) -> set[str]:
 
 def gc_plan(versions: list[str], latest: str | None,
             manifests: Mapping[str, Mapping[str, Any] | None], keep: int, now: dt.datetime,
-            min_age_hours: float, live: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+            min_age_hours: float, live: Mapping[str, set[str]] | None = None,
+            ) -> tuple[list[str], list[str]]:
     """Retention policy for `TableStore.gc`: which version directories go -> (delete, keep),
     both sorted.
 
@@ -40,15 +41,18 @@ def gc_plan(versions: list[str], latest: str | None,
     Kept: the `keep` newest committed versions, `latest`, and every version a kept manifest
     references (file entries with a `"version"` key), transitively; uncommitted directories
     younger than `min_age_hours` (by the UTC time their id starts with) or with an id that
-    holds no time (a build may still be writing them), and those in `live` (a build is
-    writing them: a resumed run keeps its first run's id). Everything else is deleted. An
+    holds no time (a build may still be writing them), and those in `live` ({version a
+    running build writes: the committed versions it reads}: a resumed run keeps its first
+    run's id) with the versions they read. Everything else is deleted. An
     infinite `min_age_hours` keeps every uncommitted directory.
     """
     if keep < 0:
         raise StoreError(f"gc: keep={keep} must be >= 0 (the number of newest committed "
                          "versions to keep)")
     committed = sorted(v for v in versions if v in manifests)
+    live = live or {}
     kept = set(committed[len(committed) - keep:] if keep else [])
+    kept |= set().union(*live.values()) & set(manifests)  # what running builds read
     if latest is not None:
         kept.add(latest)
     todo = sorted(kept)

@@ -126,7 +126,7 @@ class TableStore:
             committed = self.versions()
             return committed[-1] if committed else None
         if "/" in named or not self.fs.exists(fsio.join(self.version_dir(named), MANIFEST)):
-            known = ", ".join(self.versions()[-3:]) or "none"
+            known = ", ".join(self.versions()[-3:][::-1]) or "none"
             raise StoreError(f"{fsio.redact_url(self.url)}/{LATEST} names {named[:80]!r}, which "
                              "is not a committed version of the table (the file is damaged or "
                              "was edited); write into it the id of the version to serve "
@@ -162,8 +162,9 @@ class TableStore:
         vid = self.resolve(version)
         try:
             body = json.loads(self.read_bytes(vid, MANIFEST))
-            if not isinstance(body, dict) or not isinstance(body.get("files"), list):
-                raise ValueError("not a manifest object with a files list")
+            if not (isinstance(body, dict) and isinstance(body.get("files"), list)
+                    and "version_id" in body):
+                raise ValueError("not a manifest object with a version_id and a files list")
         except (ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"the manifest of version {vid} "
                              f"({fsio.redact_url(self.version_url(vid))}/{MANIFEST}) cannot be "
@@ -192,7 +193,15 @@ class TableStore:
                                  "file, or build a new version")
 
     def read_json(self, version: str | None, rel: str) -> dict[str, Any]:
-        return json.loads(self.read_bytes(self.resolve(version), rel))
+        """A JSON file of a committed version; StoreError naming it when it is missing or
+        does not parse (a damaged version)."""
+        vid = self.resolve(version)
+        try:
+            return json.loads(self.read_bytes(vid, rel))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"version {vid} is damaged: {fsio.redact_url(self.version_url(vid))}"
+                             f"/{rel} cannot be read ({type(exc).__name__}: {exc}); restore "
+                             "the file, or build a new version") from None
 
     def read_data(self, version: str | None = None, kind: str = "data") -> pa.Table:
         """Read all `kind` files (data / rejects) of a committed version, as listed in its
@@ -346,9 +355,9 @@ class TableStore:
                     manifests[vid] = body if isinstance(body, dict) else None
                 except (ValueError, OSError):
                     manifests[vid] = None
-        from semid_dist.resume import live_versions  # (resume builds on this module)
+        from semid_dist.resume import live_runs  # (resume builds on this module)
 
-        live = live_versions(self, [v for v in names if v not in manifests])
+        live = live_runs(self, [v for v in names if v not in manifests])
         latest = self.head()  # a damaged `_latest` raises: nothing is deleted
         delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours, live)
         if not dry_run and delete:
@@ -357,8 +366,11 @@ class TableStore:
                     raise StoreError(f"gc: _latest of {self.url} moved to a version planned "
                                      "for deletion while planning; nothing was deleted, run "
                                      "gc again")
-                resumed = live_versions(self, [v for v in delete if v not in manifests])
-                delete = [v for v in delete if v not in resumed]  # taken up meanwhile
+                # builds that started meanwhile: their versions and what they read stay
+                started = live_runs(self, [v for v in self.version_dirs()
+                                           if v not in manifests])
+                taken = set(started).union(*started.values())
+                delete = [v for v in delete if v not in taken]
                 for vid in delete:  # each stops existing for readers and for a re-run
                     self._unlist(vid, committed=vid in manifests)
             for vid in delete:

@@ -44,8 +44,8 @@ def _read(store: TableStore, vid: str, rel: str) -> bytes:
     try:
         return store.read_bytes(vid, rel)
     except FileNotFoundError as exc:
-        raise StoreError(f"version {vid} of table {store.url!r} has no {rel}; it was built "
-                         "by an older semid_dist: rebuild it to get a report") from exc
+        raise StoreError(f"version {vid} of table {store.url!r} has no {rel} (built by an "
+                         "older semid_dist, or damaged): rebuild it to get a report") from exc
 
 
 def _parquet(store: TableStore, vid: str, rel: str) -> pa.Table:
@@ -59,7 +59,11 @@ def _per_layer(layer: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
 
 def load_version(store: TableStore, vid: str) -> VersionData:
     """Read metrics.json and the analytics tables of version `vid` (committed or not)."""
-    metrics = json.loads(_read(store, vid, "metrics.json"))
+    try:
+        metrics = json.loads(_read(store, vid, "metrics.json"))
+    except ValueError as exc:
+        raise StoreError(f"version {vid} of table {store.url!r}: metrics.json cannot be read "
+                         f"({exc}); the version is damaged: rebuild it") from None
     tokens, flows, sizes = (_parquet(store, vid, rel) for rel in ANALYTICS)
     layer, token = tokens["layer"].to_numpy(), tokens["token"].to_numpy()
     order = np.lexsort((token, layer))
@@ -126,6 +130,8 @@ def write_report(store: TableStore, version_id: str) -> list[FileEntry]:
     (PNG files first, the page last)."""
     data = load_version(store, version_id)
     figs = make_figures(data)
-    page = render(version_id, data.metrics, figs, source=store.display_url(version_id))
+    # the version's place in its table, not the root's: a re-render of a moved or copied
+    # table gives the bytes its manifest holds
+    page = render(version_id, data.metrics, figs, source=f"{store.table}/versions/{version_id}")
     entries = [store.write_file(version_id, f"{REPORT_DIR}/{f.file}", f.png) for f in figs]
     return entries + [store.write_file(version_id, REPORT_HTML, page.encode("utf-8"))]
