@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import socket
 import threading
@@ -83,7 +84,9 @@ def owner_alive(owner: Any, now: float) -> bool:
         return False
     try:
         beat, pid = float(owner.get("beat", 0)), int(owner.get("pid", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a damaged record: not a live build's
+        return False
+    if not math.isfinite(beat):
         return False
     fresh = now - beat < OWNER_STALE_S
     if owner.get("machine") != _machine() or pid <= 0 or _started(os.getpid()) is None:

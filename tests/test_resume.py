@@ -129,3 +129,16 @@ def test_a_wait_for_the_table_lock_is_logged(tmp_path, monkeypatch):
     vid, resuming = claim_version(store, "key-a", lines.append)
     assert not resuming and store.uncommitted() == [vid]
     assert len(lines) == 1 and lines[0].startswith(f"plan: waiting for the lock of {store.url}")
+
+
+def test_a_damaged_owner_record_is_no_live_build(tmp_path):
+    store = TableStore(str(tmp_path / "out"), "sids")
+    vid, _ = claim_version(store, "key-a")
+    for owner in ({"pid": 1e400}, {"pid": float("-inf")}, {"beat": float("inf")},
+                  {"pid": "abc"}, {"beat": [1]}):
+        run = json.loads(store.fs.cat_file(run_file(store, vid)))
+        run["owner"].update(owner, machine="elsewhere/boot")
+        store.fs.pipe(run_file(store, vid), json.dumps(run).encode())
+        assert resumable_version(store, "key-a") == vid, owner
+        assert store.gc(5, min_age_hours=0)["deleted_uncommitted"] == [vid]
+        vid, _ = claim_version(store, "key-a")  # a new one for the next case

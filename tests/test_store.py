@@ -248,3 +248,14 @@ def test_a_damaged_manifest_or_missing_part_is_a_named_error(root):
     with pytest.raises(StoreError, match=rf"the manifest of version {v} .*{MANIFEST}\) cannot be "
                                          rf"read .*restore the file, or remove versions/{v}"):
         store.manifest(v)
+
+
+def test_a_latest_that_is_a_directory_is_the_named_error(tmp_path):
+    store = TableStore(str(tmp_path / "store-root"), "sids")
+    v = vid_at(1)
+    files, man = write_version(store, v)
+    store.commit(v, man, files)
+    (tmp_path / "store-root" / "sids" / LATEST).unlink()
+    (tmp_path / "store-root" / "sids" / LATEST).mkdir()
+    with pytest.raises(StoreError, match=r"_latest names '_latest/ \(a directory\)', which is not"):
+        store.manifest()

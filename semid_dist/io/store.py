@@ -113,6 +113,8 @@ class TableStore:
         path = fsio.join(self.base, LATEST)
         if not self.fs.exists(path):
             return None
+        if self.fs.isdir(path):  # not what any build writes: `head` names it damaged
+            return f"{LATEST}/ (a directory)"
         return self.fs.cat_file(path).decode(errors="replace").strip() or None
 
     def head(self) -> str | None:
