@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from semid_dist.errors import ConfigError
+from semid_dist.io.validate import check_distinct_columns
 
 if TYPE_CHECKING:
     from semid_dist.config import BuildConfig, PruneConfig
@@ -137,10 +138,9 @@ def check_table_name(table: str, key: str = "output.table") -> None:
 def check_consistency(cfg: BuildConfig) -> None:
     """Raise ConfigError naming the keys when values that each parsed fine do not go
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
-    incremental encodes, the quality depth), or output.table is not one directory name."""
+    incremental encodes, the quality depth, two input keys naming one column), or
+    output.table is not one directory name."""
     check_table_name(cfg.output.table)
-    from semid_dist.io.validate import check_distinct_columns
-
     check_distinct_columns(cfg.input.id_column, cfg.input.embedding_column,
                            cfg.input.popularity_column)
     layers = cfg.quantizer.layers

@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Any
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import LOCK_STALE_S
-from semid_dist.io.store import STAGING, TableStore, new_version_id
+from semid_dist.io.store import RUN_FILE, STAGING, TableStore, new_version_id
 
 if TYPE_CHECKING:
     from semid_dist.config import BuildConfig
     from semid_dist.io.catalog import CatalogPlan
 
-RUN_FILE = "run.json"
 BEAT_S = 10.0  # a running build renews its heartbeat this often
 OWNER_STALE_S = 60.0  # a heartbeat older than this is a dead build's (clocks in sync)
 
@@ -121,7 +120,7 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return None
 
 
-def claim_version(store: TableStore, key: str, log: Callable[[str], None] = print, *,
+def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None = None, *,
                   reads: tuple[str, ...] = ()) -> tuple[str, bool]:
     """(the version this build writes, whether it resumes a killed run's): chosen and
     recorded as this process's under the table's lock (a wait for it is logged), with the
@@ -129,9 +128,10 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] = prin
     keeps while it runs. A root it cannot write to (the build's first write) is a
     StoreError naming output.root."""
     def waiting() -> None:
-        log(f"plan: waiting for the lock of {fsio.redact_url(store.url)} (another build is "
-            f"committing or starting; a lock older than {LOCK_STALE_S:.0f} s is a dead "
-            "build's and is broken)")
+        if log is not None:
+            log(f"plan: waiting for the lock of {fsio.redact_url(store.url)} (another build is "
+                f"committing or starting; a lock older than {LOCK_STALE_S:.0f} s is a dead "
+                "build's and is broken)")
 
     step = "write"  # taking the lock writes its file
     try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,13 +24,42 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
+def semid_cli(*args: str, env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """`semid ARGS...` in a process of its own, run from the repository root, its output
+    captured; env: its environment (this process's by default)."""
+    return subprocess.run([sys.executable, "-m", "semid_dist.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=timeout)
+
+
 def cli_build(cfg_path: Path, *overrides: str, env: dict[str, str] | None = None,
               timeout: float = 600) -> subprocess.CompletedProcess:
-    """`semid build --config cfg_path key=value...` in a process of its own, run from the
-    repository root; env: its environment (this process's by default)."""
-    return subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
-                           str(cfg_path), *overrides], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=timeout)
+    """`semid build --config cfg_path key=value...` (`semid_cli`)."""
+    return semid_cli("build", "--config", str(cfg_path), *overrides, env=env, timeout=timeout)
+
+
+def run_together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run each call in a thread of its own, all let go at once (a barrier); returns their
+    results in order, or raises the first error one of them raised."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = calls[i]()
+        except BaseException as exc:  # raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def named_error(run: subprocess.CompletedProcess) -> str:

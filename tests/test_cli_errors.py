@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,14 +17,9 @@ import yaml
 
 from semid_dist.io.store import TableStore
 from tests.conftest import REPO, clustered, named_error, write_catalog
+from tests.conftest import semid_cli as semid
 
 GOOD = "input: {path: x}\noutput: {root: y}\n"
-
-
-def semid(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """`semid ARGS...` in a process of its own, run from the repository root."""
-    return subprocess.run([sys.executable, "-m", "semid_dist.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120, **kwargs)
 
 
 def write(path: Path, body: str | bytes) -> str:
@@ -149,6 +145,8 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg],
                             stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO)
     os.close(write_end)
+    watchdog = threading.Timer(180, proc.kill)  # a hang fails the test, not the suite
+    watchdog.start()
     try:
         err = ""
         for line in proc.stderr:  # the pipeline's log, up to its commit line
@@ -163,6 +161,7 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
         rest = proc.stderr.read()
         proc.wait(timeout=60)
     finally:
+        watchdog.cancel()
         proc.kill()
     versions = TableStore(str(tmp_path / "out"), "sids").versions()
     assert len(versions) == 1

@@ -21,7 +21,7 @@ from semid_dist.errors import StoreError
 from semid_dist.io import locks
 from semid_dist.io.store import LATEST_LOCK, MANIFEST, TableStore, new_version_id
 from semid_dist.pipeline import build
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, run_together, small_config
 from tests.test_store import write_version
 
 T0 = dt.datetime(2026, 5, 1, 0, 0, 0, tzinfo=dt.timezone.utc)
@@ -181,27 +181,13 @@ def test_two_concurrent_builds_both_commit(small_catalog, tmp_path):
     catalog, _ = small_catalog
     root = str(tmp_path / "out")
     first = build(small_config(catalog, root), log=quiet)
-    results, errors = {}, []
-    barrier = threading.Barrier(2)
-
-    def run(seed: int) -> None:
-        try:
-            barrier.wait()
-            results[seed] = build(small_config(catalog, root, seed=seed), log=quiet)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    results = run_together(*(lambda s=seed: build(small_config(catalog, root, seed=s),
+                                                  log=quiet) for seed in (1, 2)))
     store = TableStore(root, "sids")
-    ids = sorted(r.version_id for r in results.values())
+    ids = sorted(r.version_id for r in results)
     assert store.versions() == sorted([first.version_id, *ids])
     assert store.latest() == ids[-1]
-    for r in results.values():
+    for r in results:
         m = store.manifest(r.version_id)
         assert m["parent"] == first.version_id
         assert r.drift is not None and r.drift["from_version"] == first.version_id

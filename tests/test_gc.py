@@ -203,18 +203,19 @@ def test_gc_with_latest_missing_keeps_the_newest_and_with_latest_damaged_deletes
 
 
 def test_gc_keeps_an_old_version_whose_build_still_runs(tmp_path, capsys):
-    from semid_dist.resume import RUN_FILE, claim_version
+    from semid_dist.io.store import RUN_FILE, STAGING
+    from semid_dist.resume import claim_version
 
     store = TableStore(str(tmp_path / "live"), "t")
     done = committed(store, 100, "000001")
     old = vid(48, "00000a")  # a resumed run keeps its first run's id, however old
     write_version(store, old)
-    store.write_file(old, f"_staging/{RUN_FILE}", json.dumps({"key": "k"}).encode())
+    store.write_file(old, f"{STAGING}/{RUN_FILE}", json.dumps({"key": "k"}).encode())
     assert claim_version(store, "k") == (old, True)  # this process's now, and running
     report = store.gc(0, now=NOW)
     assert report["deleted_uncommitted"] == [] and report["kept_uncommitted"] == [old]
     assert store.gc(0, min_age_hours=float("inf"), now=NOW)["kept_uncommitted"] == [old]
-    store.write_file(old, f"_staging/{RUN_FILE}", json.dumps({"key": "k"}).encode())  # gone
+    store.write_file(old, f"{STAGING}/{RUN_FILE}", json.dumps({"key": "k"}).encode())  # gone
     assert store.gc(0, now=NOW)["deleted_uncommitted"] == [old]
     assert store.version_dirs() == [done]
     # the commands' --table is one directory name too; a damaged _latest still lists

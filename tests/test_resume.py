@@ -8,16 +8,15 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from semid_dist.errors import StoreError
-from semid_dist.io.store import STAGING, TableStore, new_version_id
+from semid_dist.io.store import RUN_FILE, STAGING, TableStore, new_version_id
 from semid_dist.pipeline import build
-from semid_dist.resume import OWNER_STALE_S, RUN_FILE, claim_version, resumable_version
-from tests.conftest import small_config
+from semid_dist.resume import OWNER_STALE_S, claim_version, resumable_version
+from tests.conftest import run_together, small_config
 
 
 def quiet(msg: str) -> None:
@@ -64,22 +63,7 @@ def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
 def test_two_builds_of_one_config_at_once_write_two_intact_versions(small_catalog, tmp_path):
     catalog, _ = small_catalog
     root = str(tmp_path / "out")
-    results, errors = [], []
-    barrier = threading.Barrier(2)
-
-    def run() -> None:
-        try:
-            barrier.wait()
-            results.append(build(small_config(catalog, root), log=quiet))
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    results = run_together(*[lambda: build(small_config(catalog, root), log=quiet)] * 2)
     store = TableStore(root, "sids")
     ids = sorted(r.version_id for r in results)
     assert len(set(ids)) == 2 and store.versions() == ids and store.uncommitted() == []
@@ -124,9 +108,13 @@ def test_a_wait_for_the_table_lock_is_logged(tmp_path, monkeypatch):
     lock.parent.mkdir(parents=True)
     lock.write_text("4242-alive")  # held by a live build
     monkeypatch.setattr(locks, "WAIT_NOTICE_S", 0.05)
-    threading.Timer(0.4, lock.unlink).start()  # which then lets go
     lines: list[str] = []
-    vid, resuming = claim_version(store, "key-a", lines.append)
+
+    def log(line: str) -> None:  # told of the wait, the holder lets go
+        lines.append(line)
+        lock.unlink()
+
+    vid, resuming = claim_version(store, "key-a", log)
     assert not resuming and store.uncommitted() == [vid]
     assert len(lines) == 1 and lines[0].startswith(f"plan: waiting for the lock of {store.url}")
 

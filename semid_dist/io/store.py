@@ -34,6 +34,7 @@ MANIFEST = "_manifest.json"
 LATEST = "_latest"
 LATEST_LOCK = "_latest.lock"
 STAGING = "_staging"  # a version's work files while it is built, removed when it commits
+RUN_FILE = "run.json"  # in STAGING: the build's run key and owner (`semid_dist.resume`)
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ class TableStore:
         """Remove what makes a version visible: a committed one's manifest (to readers), an
         uncommitted one's run file (to a re-run that would continue it)."""
         path = (fsio.join(self.version_dir(vid), MANIFEST) if committed
-                else fsio.join(self.version_dir(vid), STAGING, "run.json"))  # resume.RUN_FILE
+                else fsio.join(self.version_dir(vid), STAGING, RUN_FILE))
         if self.fs.exists(path):
             self.fs.rm(path)
 
