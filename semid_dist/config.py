@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from semid_dist.config_checks import check_consistency, load_yaml, read_yaml, yaml_problem
+from semid_dist.config_checks import check_consistency, error_origin, override_value, read_yaml
 from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
@@ -326,11 +324,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. fit.sample_size=50000)")
         key, raw = item.split("=", 1)
-        try:
-            value = load_yaml(raw) if raw else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: "
-                              f"{yaml_problem(exc)[1]}") from None
+        value = override_value(key, raw)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -357,7 +351,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildCo
     try:
         return parse_config(data, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+        raise ConfigError(f"{error_origin(p, str(exc), overrides or [])}: {exc}") from None
 
 
 def absolute_url(url: str) -> str:

@@ -47,38 +47,51 @@ class _StrictLoader(yaml.SafeLoader):
             self._open_anchors.discard(event.anchor)
 
     def construct_document(self, node: yaml.Node) -> Any:
-        _check_duplicate_keys(node, "", set())
+        self._check_duplicate_keys(node, "", set())
         return super().construct_document(node)
 
-
-def _check_duplicate_keys(node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
-    """Raise a marked YAML error at the second of two equal keys of a mapping (merge keys
-    `<<` aside: overriding merged keys is what they are for), naming its dotted key."""
-    if id(node) in seen_nodes:  # an alias: checked where its anchor is
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict[tuple[str, str], int] = {}
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
-                _check_duplicate_keys(value, path, seen_nodes)
-                continue
-            dotted = f"{path}.{key.value}" if path else key.value
-            if (key.tag, key.value) in first:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {dotted!r} (first given on line "
-                    f"{first[key.tag, key.value] + 1}); keep one of them", key.start_mark)
-            first[key.tag, key.value] = key.start_mark.line
-            _check_duplicate_keys(value, dotted, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
+    def _check_duplicate_keys(self, node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
+        """Raise a marked YAML error at the second of two equal keys of a mapping (merge keys
+        `<<` aside: overriding merged keys is what they are for), naming its dotted key. Keys
+        are compared as the values they load as, so keys spelled differently that one dict
+        would merge (`true` / `yes`, `1` / `01` / `0x1`) are duplicates too."""
+        if id(node) in seen_nodes:  # an alias: checked where its anchor is
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, tuple[int, str]] = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    self._check_duplicate_keys(value, path, seen_nodes)
+                    continue
+                dotted = f"{path}.{key.value}" if path else key.value
+                loaded = self.construct_object(key)
+                if loaded in first:
+                    line, spelled = first[loaded]
+                    spelling = "" if spelled == key.value else f" as {spelled!r}"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {dotted!r} (first given on line "
+                        f"{line + 1}{spelling}); keep one of them", key.start_mark)
+                first[loaded] = key.start_mark.line, key.value
+                self._check_duplicate_keys(value, dotted, seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
 
 
 def load_yaml(text: str) -> Any:
     """`text` parsed as YAML by a SafeLoader that refuses duplicate keys and
     self-referencing aliases (a `yaml.YAMLError` then)."""
     return yaml.load(text, Loader=_StrictLoader)
+
+
+def override_value(key: str, raw: str) -> Any:
+    """The value of override `key=raw` (YAML; "" for nothing), or the named ConfigError."""
+    try:
+        return load_yaml(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: "
+                          f"{yaml_problem(exc)[1]}") from None
 
 
 def yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
@@ -123,6 +136,17 @@ def read_yaml(path: Path) -> Any:
         where, problem = yaml_problem(exc)
         raise ConfigError(f"{path}:{where + ': ' if where else ' '}not valid YAML: "
                           f"{problem}") from None
+
+
+def error_origin(path: Path, message: str, overrides: list[str]) -> str:
+    """Where the value a key's error `message` names came from: the last `key=value`
+    override that set that key (or a section above it), else the config file `path`."""
+    key = re.split(r"[:\[ ]", message, maxsplit=1)[0]
+    for item in reversed(overrides):
+        name = item.split("=", 1)[0].strip()
+        if name and (key == name or key.startswith(name + ".")):
+            return f"{path} with override {item}"
+    return str(path)
 
 
 def check_table_name(table: str, key: str = "output.table") -> None:

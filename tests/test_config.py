@@ -321,3 +321,33 @@ def test_non_string_keys_are_unknown_keys():
     with pytest.raises(ConfigError) as exc:
         parse_config({**MINIMAL, 1: "a", "zz": 2})
     assert "unknown config key 1" in str(exc.value)
+
+
+def test_keys_spelled_differently_that_load_as_one_key_are_duplicates(tmp_path):
+    path = tmp_path / "spelled.yaml"
+    path.write_text("input: {path: x}\noutput: {root: y}\nfit:\n  steps:\n    1: a\n"
+                    "    0x1: b\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == (f"{path}:6:5: not valid YAML: duplicate key 'fit.steps.0x1' "
+                              "(first given on line 5 as '1'); keep one of them")
+    with pytest.raises(ConfigError, match=r"duplicate key 'yes' \(first given on line 1 "
+                                          r"as 'true'\)"):
+        apply_overrides(MINIMAL, ["metrics={true: 1, yes: 2}"])
+    assert apply_overrides(MINIMAL, ["metrics={'1': 1, 1: 2}"])["metrics"] == {"1": 1, 1: 2}
+
+
+def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: x}\noutput: {root: y, table: ../z}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ["quantizer.layers=[1]", "output.table=sids"])
+    assert str(exc.value) == (f"{path} with override quantizer.layers=[1]: quantizer.layers[0]: "
+                              "1 is out of range [2, 1048576]")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ["seed=3"])  # the bad value is the file's
+    assert str(exc.value).startswith(f"{path}: output.table: '../z' is not a table name")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ["output={root: y, table: a/b}"])  # a section above the key
+    assert str(exc.value).startswith(f"{path} with override output={{root: y, table: a/b}}: "
+                                     "output.table: 'a/b'")
