@@ -33,7 +33,7 @@ from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
-from semid_dist.io.store import MANIFEST, STAGING, FileEntry, TableStore
+from semid_dist.io.store import MANIFEST, FileEntry, TableStore
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
@@ -234,7 +234,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red.counts), files)
     try:  # the version stands whatever stops the process from here on
-        _remove_staging(store, vid)
+        store.remove_staging(vid)
         log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
             + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
         return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
@@ -340,10 +340,3 @@ def _manifest(cfg: BuildConfig, plan: CatalogPlan, ctx: JobContext, parent: str 
 
 def _json(data: Any) -> bytes:
     return json.dumps(data, indent=2, default=float).encode()
-
-
-def _remove_staging(store: TableStore, vid: str) -> None:
-    """Staged per-shard codes are not part of the version once it is committed."""
-    path = f"{store.version_dir(vid)}/{STAGING}"
-    if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)

@@ -78,7 +78,8 @@ def _owner() -> dict[str, Any]:
 
 def owner_alive(owner: Any, now: float) -> bool:
     """Whether the build that wrote `owner` (a run file's record) may still be running: on
-    this machine, by its process (where /proc tells); elsewhere, by its heartbeat."""
+    this machine, by its process (where /proc tells); elsewhere, by its heartbeat, within
+    `OWNER_STALE_S` of `now` either way (clocks agree within seconds)."""
     if not isinstance(owner, dict):  # given up, or a run of an older semid_dist
         return False
     try:
@@ -87,7 +88,7 @@ def owner_alive(owner: Any, now: float) -> bool:
         return False
     if not math.isfinite(beat):
         return False
-    fresh = now - beat < OWNER_STALE_S
+    fresh = abs(now - beat) < OWNER_STALE_S  # one far in the future is no live build's either
     if owner.get("machine") != _machine() or pid <= 0 or _started(os.getpid()) is None:
         return fresh
     started = _started(pid)
@@ -158,6 +159,19 @@ def live_runs(store: TableStore, versions: list[str]) -> dict[str, set[str]]:
         if run is not None and owner_alive(run.get("owner"), now):
             reads = run.get("reads")
             out[vid] = {str(v) for v in reads} if isinstance(reads, list) else set()
+    return out
+
+
+def leftover_staging(store: TableStore, committed: list[str]) -> list[str]:
+    """Those of the `committed` versions that still hold a `STAGING` folder whose build is
+    gone (killed after writing the manifest, before removing its work files): `gc` removes
+    the folders. One whose build still runs (it is removing them) is left to it."""
+    now, out = time.time(), []
+    for vid in committed:
+        if store.fs.exists(fsio.join(store.version_dir(vid), STAGING)):
+            run = read_run(store, vid)
+            if run is None or not owner_alive(run.get("owner"), now):
+                out.append(vid)
     return out
 
 

@@ -51,6 +51,10 @@ def format_gc(report: dict[str, Any]) -> str:
              f"kept      {len(report['kept'])} committed: {', '.join(report['kept']) or '-'}",
              f"kept      {len(report['kept_uncommitted'])} uncommitted (a build may still be "
              f"writing them): {', '.join(report['kept_uncommitted']) or '-'}"]
+    if report["staging_removed"]:
+        lines.append(f"{'would remove' if report['dry_run'] else 'removed'} the work files "
+                     "(_staging) a killed build left in committed version(s): "
+                     + ", ".join(report["staging_removed"]))
     return "\n".join(lines)
 
 

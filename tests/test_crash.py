@@ -121,6 +121,12 @@ def test_killed_between_manifest_and_latest(setup):
     assert store.latest() == previous  # _latest never moved
     assert store.read_data(previous).sort_by("item_id").equals(before)
     assert len(store.versions()) == 2  # the new version is complete and listed, not latest
+    killed_vid = store.versions()[-1]
+    assert store.fs.exists(f"{store.version_dir(killed_vid)}/_staging")  # its work files
+    report = store.gc(5)  # go with gc: the build that wrote them is gone
+    assert report["staging_removed"] == [killed_vid] and report["deleted"] == []
+    assert store.version_dirs() == sorted([previous, killed_vid])
+    store.check_files(killed_vid)
     again = run_build(cfg)
     assert again.returncode == 0 and store.latest() == store.versions()[-1]
 

@@ -242,6 +242,33 @@ def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
     assert report["deleted"] == [parent] and report["kept_uncommitted"] == [vid]
 
 
+def test_gc_removes_a_committed_versions_work_files_once_its_build_is_gone(tmp_path, capsys):
+    """A build killed after writing its manifest leaves its `_staging` folder in a committed
+    version: gc removes the folder (nothing else) once the build is gone, not while it runs."""
+    from semid_dist.io.store import STAGING
+    from semid_dist.resume import claim_version, heartbeat
+
+    store = TableStore(str(tmp_path / "staging"), "t")
+    vid, _ = claim_version(store, "k")
+    files, man = write_version(store, vid)
+    store.write_file(vid, f"{STAGING}/codes-000000.parquet", b"work file")
+    store.commit(vid, man, files)
+    staging = f"{store.version_dir(vid)}/{STAGING}"
+    report = store.gc(5)  # its build (this process) has not given it up: it removes them
+    assert report["staging_removed"] == [] and store.fs.exists(staging)
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "k"):
+        raise RuntimeError("killed")  # the build is gone
+    assert main(["versions", "gc", "--root", store.root, "--table", "t", "--keep", "5",
+                 "--dry-run"]) == 0
+    assert ("would remove the work files (_staging) a killed build left in committed "
+            f"version(s): {vid}") in capsys.readouterr().out and store.fs.exists(staging)
+    report = store.gc(5)
+    assert report["staging_removed"] == [vid] and report["kept"] == [vid]
+    assert not store.fs.exists(staging)
+    store.check_files(vid)  # every file the manifest lists is there
+    assert store.read_data(vid).num_rows == 50 and store.gc(5)["staging_removed"] == []
+
+
 def test_commands_on_a_damaged_version_name_the_file(tmp_path, capsys):
     """versions show on a version missing a data part or with an unreadable metrics.json,
     and report on a manifest of the wrong shape: one named line each, status 2."""

@@ -538,7 +538,7 @@ def test_ctrl_c_once_the_manifest_is_written_says_the_version_stands(small_catal
     assert capsys.readouterr().err.strip().endswith(
         f"semid build: interrupted after version {vid} was committed")
     monkeypatch.undo()
-    monkeypatch.setattr("semid_dist.pipeline._remove_staging", lambda store, vid: ctrl_c(0, 0))
+    monkeypatch.setattr(TableStore, "remove_staging", ctrl_c)
     assert main(["build", "--config", str(cfg_path)]) == 130
     newer = store.versions()[-1]
     assert newer != vid and store.latest() == newer

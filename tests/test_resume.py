@@ -52,6 +52,10 @@ def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
     assert resumable_version(store, "key-a") is None
     set_owner(store, vid, beat=time.time() - OWNER_STALE_S - 1)
     assert resumable_version(store, "key-a") == vid
+    set_owner(store, vid, beat=time.time() + 20)  # a clock a few seconds ahead: alive
+    assert resumable_version(store, "key-a") is None
+    set_owner(store, vid, beat=time.time() + 86400 * 365)  # far in the future: no build's
+    assert resumable_version(store, "key-a") == vid
     # a run file written before owners were recorded: its build is taken as gone
     store.fs.pipe(run_file(store, vid), json.dumps({"key": "key-a"}).encode())
     assert resumable_version(store, "key-a") == vid

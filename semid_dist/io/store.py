@@ -28,11 +28,11 @@ from semid_dist.errors import StoreError
 from semid_dist.faults import maybe_die
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import file_lock, process_lock
-from semid_dist.io.retention import VERSION_TIME_FORMAT, gc_plan
 
 MANIFEST = "_manifest.json"
 LATEST = "_latest"
 LATEST_LOCK = "_latest.lock"
+VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # microseconds: quick successive builds sort in order
 STAGING = "_staging"  # a version's work files while it is built, removed when it commits
 RUN_FILE = "run.json"  # in STAGING: the build's run key and owner (`semid_dist.resume`)
 
@@ -341,51 +341,19 @@ class TableStore:
 
     def gc(self, keep: int, *, min_age_hours: float = 24.0, dry_run: bool = False,
            now: dt.datetime | None = None) -> dict[str, Any]:
-        """Delete old versions by the `gc_plan` policy; returns what was (or, with
-        `dry_run`, would be) deleted and kept.
+        """Delete old versions by the `gc_plan` policy (`semid_dist.io.retention.collect`);
+        returns what was (or, with `dry_run`, would be) deleted and kept."""
+        from semid_dist.io.retention import collect  # (retention builds on this module)
 
-        A committed version loses its manifest first (it stops existing for readers at
-        once), then its files. `_latest` is re-read before deleting: if it names a version
-        planned for deletion (it moved meanwhile), nothing is deleted.
-        """
-        now = now or dt.datetime.now(dt.timezone.utc)
-        names = self.version_dirs()
-        manifests: dict[str, dict[str, Any] | None] = {}
-        for vid in names:
-            if self.fs.exists(fsio.join(self.version_dir(vid), MANIFEST)):
-                try:
-                    body = json.loads(self.read_bytes(vid, MANIFEST))
-                    manifests[vid] = body if isinstance(body, dict) else None
-                except (ValueError, OSError):
-                    manifests[vid] = None
-        from semid_dist.resume import live_runs  # (resume builds on this module)
+        return collect(self, keep, min_age_hours=min_age_hours, dry_run=dry_run, now=now)
 
-        live = live_runs(self, [v for v in names if v not in manifests])
-        latest = self.head()  # a damaged `_latest` raises: nothing is deleted
-        delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours, live)
-        if not dry_run and delete:
-            with self.table_lock():  # no build chooses a version meanwhile (`resume`)
-                if self.head() in delete:
-                    raise StoreError(f"gc: _latest of {self.url} moved to a version planned "
-                                     "for deletion while planning; nothing was deleted, run "
-                                     "gc again")
-                # builds that started meanwhile: their versions and what they read stay
-                started = live_runs(self, [v for v in self.version_dirs()
-                                           if v not in manifests])
-                taken = set(started).union(*started.values())
-                delete = [v for v in delete if v not in taken]
-                for vid in delete:  # each stops existing for readers and for a re-run
-                    self._unlist(vid, committed=vid in manifests)
-            for vid in delete:
-                self._delete_version(vid)
-        return {"table": self.url, "latest": latest, "keep": keep, "dry_run": dry_run,
-                "min_age_hours": min_age_hours,
-                "deleted": [v for v in delete if v in manifests],
-                "deleted_uncommitted": [v for v in delete if v not in manifests],
-                "kept": [v for v in kept if v in manifests],
-                "kept_uncommitted": [v for v in kept if v not in manifests]}
+    def remove_staging(self, vid: str) -> None:
+        """Remove version `vid`'s work files (`STAGING`): none is part of a committed one."""
+        path = fsio.join(self.version_dir(vid), STAGING)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
 
-    def _unlist(self, vid: str, *, committed: bool) -> None:
+    def unlist(self, vid: str, *, committed: bool) -> None:
         """Remove what makes a version visible: a committed one's manifest (to readers), an
         uncommitted one's run file (to a re-run that would continue it)."""
         path = (fsio.join(self.version_dir(vid), MANIFEST) if committed
@@ -393,7 +361,8 @@ class TableStore:
         if self.fs.exists(path):
             self.fs.rm(path)
 
-    def _delete_version(self, vid: str) -> None:
+    def delete_version(self, vid: str) -> None:
+        """Remove version `vid`'s folder and everything in it (`gc`, after `unlist`)."""
         vdir = self.version_dir(vid)
         if self.fs.exists(vdir):
             self.fs.rm(vdir, recursive=True)
