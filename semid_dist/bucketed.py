@@ -28,6 +28,8 @@ from semid_dist.codes.collisions import (
     key_range_bounds,
     last_layer_prefix,
     occupancy,
+    suffix_counts,
+    sum_suffix_counts,
 )
 from semid_dist.codes.drift import bucket_count, id_buckets
 from semid_dist.codes.pruning import PruneDecision
@@ -155,7 +157,7 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
                       hot_counts: np.ndarray, decision: PruneDecision,
                       moves: Moves, *, bucket_rows: int, scratch: str,
                       carried: list[FileEntry] | None = None,
-                      log: Log | None = None) -> tuple[list[Streams], int]:
+                      log: Log | None = None) -> tuple[list[Streams], np.ndarray]:
     """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
     ranked in B key ranges of about `bucket_rows` items (at most `codes.drift.MAX_BUCKETS`; each
     SID inside one range, wherever its rows lie). One task per group of consecutive shards
@@ -170,7 +172,7 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     writes their (key, suffix) of the SIDs `hot` split by key range (`carried_split`), and
     the plan's rows take the suffixes they leave free (`free_suffixes`), as
     `semid_dist.reduce.finalize_version` gives them on the driver. Returns each
-    shard's streams and the largest suffix ranked for the plan's rows (-1: none)."""
+    shard's streams and how many of the plan's rows hold each non-zero suffix."""
     hot_rows = int(hot_counts.sum())
     buckets = bucket_count(hot_rows, bucket_rows=bucket_rows)
     bounds = key_range_bounds(hot, hot_counts, buckets)
@@ -192,7 +194,7 @@ def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarra
     ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}", taken)
                                         for b in range(buckets)])
     return (_per_shard([(split, rows) for split, rows, _ in ranked], shards),
-            max((top for _, _, top in ranked), default=-1))
+            sum_suffix_counts([counts for _, _, counts in ranked]))
 
 
 def _per_shard(results: list[tuple[Split, np.ndarray]], shards: int) -> list[Streams]:
@@ -242,13 +244,13 @@ TAKEN_SCHEMA = pa.schema([("key", pa.int64()), ("suffix", pa.int32())])
 
 
 def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str,
-                  taken: list[Split] | None = None) -> tuple[Split, np.ndarray, int]:
+                  taken: list[Split] | None = None) -> tuple[Split, np.ndarray, np.ndarray]:
     """Collision suffixes of one key range: its colliding rows from every split ranked inside
     their SIDs (`assign_suffixes`; a SID's rows all lie in this range), or, with the carried
     rows' splits `taken`, given the suffixes those leave free (`free_suffixes`); the rows
     whose suffix is not 0 written to `out_url` split by shard position (row, suffix).
-    Returns the split, how many rows each of the `shards` streams holds, and the largest
-    suffix (-1: no rows)."""
+    Returns the split, how many rows each of the `shards` streams holds, and how many rows
+    hold each non-zero suffix (`suffix_counts`)."""
     rows = Streams.of_bucket(splits, bucket).read()
     keys = rows.column("key").to_numpy()
     suffix = assign_suffixes(keys, rows.column("qerr").to_numpy(),
@@ -261,7 +263,7 @@ def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str,
     pos = rows.column("pos").to_numpy()[nonzero]
     out = pa.table({"row": rows.column("row").to_numpy()[nonzero], "suffix": suffix[nonzero]})
     split = split_tables([out], lambda t, n: pos, shards, out_url)
-    return split, np.bincount(pos, minlength=shards), int(suffix.max(initial=-1))
+    return split, np.bincount(pos, minlength=shards), suffix_counts(suffix)
 
 
 # -- the capacity bound ------------------------------------------------------------------

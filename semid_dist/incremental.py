@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from semid_dist.codes.collisions import sum_suffix_counts
 from semid_dist.codes.partials import Partial, subtract_rows
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig
@@ -58,7 +59,7 @@ class Carried:
     rows: int  # carried rows
     replaced: int  # parent rows dropped for re-encoded items
     referenced: int  # parent parts referenced as they are
-    max_suffix: int  # largest suffix among the carried rows
+    suffixes: np.ndarray  # how many carried rows hold each non-zero suffix
     inherited_estimates: bool  # the parent's figures were already partly estimated
 
     def figures(self) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
     referenced = sum(1 for e in entries if e.version is not None)
     out = Carried(parent=parent, entries=entries, partial=kept, decision=decision,
                   rows=sum(e.rows for e in entries), replaced=len(qerr), referenced=referenced,
-                  max_suffix=max((r["max_suffix"] for r in results), default=-1),
+                  suffixes=sum_suffix_counts([r["suffixes"] for r in results]),
                   inherited_estimates=inherited)
     log(f"incremental: {out.rows} rows of version {parent} carried ({referenced} of "
         f"{len(parts)} parts referenced, {len(entries) - referenced} rewritten), "

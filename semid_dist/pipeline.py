@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 import semid_dist
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
 from semid_dist.codebooks import build_codebooks, warm_start_codebooks
+from semid_dist.codes.collisions import sum_suffix_counts
 from semid_dist.codes.partials import Partial, merge
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolute_paths
@@ -150,7 +152,7 @@ class _Reduced:
     metrics: dict[str, Any]
     data_files: list[FileEntry]  # data parts (carried and new) and the SID -> items lookup
     counts: dict[str, int]  # rows, with carried / replaced for an incremental version
-    max_suffix: int | None  # largest suffix when it can exceed the SID sizes (incremental)
+    suffixes: np.ndarray  # how many rows hold each non-zero suffix (carried and new)
 
 
 def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Partial],
@@ -158,7 +160,7 @@ def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Part
             log: Log) -> _Reduced:
     """Reduce -> data parts -> SID lookup; an incremental version first carries its
     parent's rows and statistics (`semid_dist.incremental`)."""
-    carried, max_suffix = None, None
+    carried = None
     if cfg.encode.incremental:
         carried = carry_parent(engine, ctx, plan, store, parent, cfg, log)
         partials = {"all": merge(carried.partial, partials["all"])}
@@ -167,16 +169,16 @@ def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Part
         engine, ctx, plan, partials, cfg, log, decision=carried.decision if carried else None,
         held=carried.partial if carried else None)
     maybe_die("reduce")
-    data_files, top = finalize_version(
+    data_files, suffixes = finalize_version(
         engine, ctx, plan, merged["all"], decision, moves,
         carried=carried.entries if carried else None, held=carried.partial if carried else None,
         bucket_rows=cfg.driver.gather_rows, log=log)
     if carried is not None:
         data_files = list(carried.entries) + data_files
-        max_suffix = max(top, carried.max_suffix)
+        suffixes = sum_suffix_counts([suffixes, carried.suffixes])
         metrics["incremental"] = carried.figures()
     data_files += sid_items_lookup(engine, ctx, data_files)
-    return _Reduced(merged, decision, metrics, data_files, counts, max_suffix)
+    return _Reduced(merged, decision, metrics, data_files, counts, suffixes)
 
 
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
@@ -271,7 +273,7 @@ def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str
     statistics, report) and return their entries with the data parts'."""
     files = [store.write_file(vid, DRIFT_FILE, _json(drift))] if drift is not None else []
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
-    files += write_lookups(store, vid, red.partials, red.decision, metrics, red.max_suffix)
+    files += write_lookups(store, vid, red.partials, red.decision, metrics, red.suffixes)
     files += write_stats(store, vid, red.partials["all"], red.decision)
     files += write_report(store, vid)
     return files + sorted(red.data_files, key=lambda e: e.path)

@@ -17,7 +17,13 @@ import pyarrow.compute as pc
 from semid_dist import shuffle
 from semid_dist.bucketed import bucketed_capacity, bucketed_suffixes
 from semid_dist.codes.capacity import apply_delta, move_delta
-from semid_dist.codes.collisions import last_layer_prefix, needs_suffixes, occupancy
+from semid_dist.codes.collisions import (
+    last_layer_prefix,
+    needs_suffixes,
+    occupancy,
+    suffix_counts,
+    sum_suffix_counts,
+)
 from semid_dist.codes.keyset import unique_sorted
 from semid_dist.codes.lookups import (
     flows_table,
@@ -148,10 +154,10 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                      decision: PruneDecision, moves: Moves, *,
                      carried: list[FileEntry] | None = None, held: Partial | None = None,
                      bucket_rows: int = 1_000_000, log: Log | None = None,
-                     ) -> tuple[list[FileEntry], int]:
+                     ) -> tuple[list[FileEntry], np.ndarray]:
     """Collision suffixes on the final SIDs, then one data part per shard of the plan.
-    -> (the data parts, the largest suffix ranked for a row of the plan; -1: none of its
-    rows is in a SID of more than one item, and all take suffix 0).
+    -> (the data parts, how many of the plan's rows hold each non-zero suffix: every other
+    row takes suffix 0; `codes.collisions.suffix_counts`).
 
     An incremental version passes the parent's data parts it carries and their statistics
     (`held`, part of `merged`): their rows keep their suffixes, and the plan's rows of a SID
@@ -183,13 +189,13 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
                 taken = pa.concat_tables(engine.map(carried_suffixes, [(ctx, e, hot, decision)
                                                                        for e in carried]))
             suffixes = suffix_tables(rows, len(plan.shards), taken)
-            top = max((int(t.column("suffix").to_numpy().max()) for t in suffixes
-                       if t.num_rows), default=-1)
-            return write_parts(suffixes), top
-        streams, top = bucketed_suffixes(engine, ctx, plan, hot, hot_counts, decision, moves,
-                                         bucket_rows=bucket_rows, scratch=scratch,
-                                         carried=carried, log=log)
-        return write_parts(streams), top
+            held_by = sum_suffix_counts([suffix_counts(t.column("suffix").to_numpy())
+                                         for t in suffixes])
+            return write_parts(suffixes), held_by
+        streams, held_by = bucketed_suffixes(engine, ctx, plan, hot, hot_counts, decision,
+                                             moves, bucket_rows=bucket_rows, scratch=scratch,
+                                             carried=carried, log=log)
+        return write_parts(streams), held_by
     finally:
         shuffle.remove(scratch)
         if isinstance(moves, list):  # the capacity bound's streams, read by now
@@ -198,15 +204,14 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
 def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
                   decision: PruneDecision, metrics: dict[str, Any],
-                  max_suffix: int | None = None) -> list[FileEntry]:
+                  suffixes: np.ndarray) -> list[FileEntry]:
     """vocab.parquet (tokens for a language model), lookup/prefixes.parquet (valid SID
     prefixes for constrained decoding) and the analytics/ tables behind the report's figures,
-    all from the distinct SIDs and pair counts (never from per-item rows). max_suffix: the
-    largest collision suffix in the table when it can exceed the largest SID's item count
-    less one (an incremental version whose carried SIDs lost items)."""
+    all from the distinct SIDs and pair counts (never from per-item rows). suffixes: how many
+    of the table's rows hold each non-zero collision suffix (the rest hold suffix 0)."""
     sizes, merged = decision.sizes, partials["all"]
-    max_suffix = max(metrics["collisions"]["max_items_per_sid"] - 1,
-                     -1 if max_suffix is None else max_suffix)
+    suffixes = suffixes.copy()
+    suffixes[0] = merged.n - suffixes[1:].sum()
     codes = codes_of_keys(merged.sid_keys, sizes)
     after = layer_counts_after(codes, merged.sid_counts, kept_layers(codes, decision), sizes)
     split = ([partials["head"].layer_counts, partials["tail"].layer_counts]
@@ -214,7 +219,7 @@ def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
     _, final_counts = final_sid_counts(merged, list(sizes), decision)
     tables = {
         "vocab.parquet": vocabulary_table(merged.sid_keys, merged.sid_counts, sizes, decision,
-                                          max_suffix),
+                                          suffixes),
         "lookup/prefixes.parquet": prefix_table(merged.sid_keys, merged.sid_counts, sizes,
                                                 decision),
         "analytics/token_counts.parquet": token_counts_table(merged.layer_counts, after, *split),

@@ -15,6 +15,7 @@ from semid_dist.codes.collisions import (
     free_suffixes,
     last_layer_prefix,
     reassign_overflow,
+    suffix_counts,
 )
 from semid_dist.codes.keyset import in_sorted
 from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers, token_offsets
@@ -211,24 +212,25 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
     holding it; replaced: the ids this version encodes anew. A part holding none of them is
     referenced as it is; otherwise its other rows are written as a new part of this version.
     -> {"entry": the part's entry in this version (None when every row is replaced),
-    "codes"/"qerr": the dropped rows' stored codes and qerr, "max_suffix": the largest suffix
-    of the rows kept (-1: none)}."""
+    "codes"/"qerr": the dropped rows' stored codes and qerr, "suffixes": how many rows kept
+    hold each non-zero suffix (`suffix_counts`)}."""
     store = ctx.store()
     path = store.entry_path(ctx.version_id, entry)
     keys = fsio.read_parquet(store.fs, path, columns=["item_id", "suffix"])
     gone = pc.is_in(keys.column("item_id").combine_chunks(),
                     value_set=replaced).to_numpy(zero_copy_only=False)
-    top = int(keys.column("suffix").to_numpy()[~gone].max(initial=-1))
+    held_by = suffix_counts(keys.column("suffix").to_numpy()[~gone])
     if not gone.any():
         return {"entry": entry, "codes": np.zeros((0, len(ctx.sizes)), np.int32),
-                "qerr": np.zeros(0, np.float32), "max_suffix": top}
+                "qerr": np.zeros(0, np.float32), "suffixes": held_by}
     t = fsio.read_parquet(store.fs, path)
     kept, dropped = t.filter(pa.array(~gone)), t.filter(pa.array(gone))
     out = (store.write_table(ctx.version_id,
                              f"data/part-{ctx.version_id}-carried-{index:06d}.parquet", kept)
            if kept.num_rows else None)
     return {"entry": out, "codes": column_matrix(dropped.column("codes"), len(ctx.sizes), np.int32),
-            "qerr": dropped.column("qerr").to_numpy().astype(np.float32), "max_suffix": top}
+            "qerr": dropped.column("qerr").to_numpy().astype(np.float32),
+            "suffixes": held_by}
 
 
 def carried_suffixes(ctx: JobContext, entry: FileEntry, keys: np.ndarray,

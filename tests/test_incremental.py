@@ -203,6 +203,9 @@ def test_incremental_past_gather_rows_matches_the_gathered_version(catalogs, tmp
                                                            rel=1e-12)
     vocab = [pq.read_table(f"{store.version_dir(r.version_id)}/vocab.parquet") for r in children]
     assert vocab[0].equals(vocab[1])
+    suffixes = vocab[1].filter(pc.equal(vocab[1].column("kind"), "suffix"))
+    held = np.bincount(b.column("suffix").to_numpy())  # carried and new rows alike
+    assert suffixes.column("items").to_pylist() == held.tolist()
     assert not Path(store.version_dir(children[1].version_id), "_staging").exists()
 
 

@@ -186,7 +186,12 @@ def test_vocabulary_and_prefix_lookups(fitted):
     usage = Counter(tok for tokens in t["sid_tokens"] for tok in tokens)
     assert dict(zip(codes["token_id"], codes["items"])) == {i: usage.get(i, 0)
                                                            for i in range(sum(LAYERS))}
-    assert (vocab["kind"] == "suffix").sum() == t["suffix"].max() + 1
+    suffixes = vocab[vocab["kind"] == "suffix"]
+    assert list(suffixes["code"]) == list(range(t["suffix"].max() + 1))
+    held = Counter(t["suffix"])  # items holding each suffix token
+    assert dict(zip(suffixes["code"], suffixes["items"])) == {
+        s: held.get(s, 0) for s in range(t["suffix"].max() + 1)}
+    assert held[1] > 0 and suffixes["items"].sum() == len(t)
     prefixes = pq.read_table(f"{vdir}/lookup/prefixes.parquet").to_pandas()
     got = {tuple(p): (n, c) for p, n, c in zip(prefixes["prefix_tokens"], prefixes["items"],
                                                 prefixes["complete"])}

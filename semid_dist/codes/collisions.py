@@ -29,6 +29,21 @@ def needs_suffixes(keys: np.ndarray, counts: np.ndarray, held_keys: np.ndarray |
     return need & (counts > held)
 
 
+def suffix_counts(suffix: np.ndarray) -> np.ndarray:
+    """How many of the rows hold each non-zero collision suffix: (max + 1,) int64, index 0
+    left 0 (the rows of suffix 0 are counted from the table's size, `sum_suffix_counts`)."""
+    out = np.bincount(suffix[suffix > 0].astype(np.int64)).astype(np.int64)
+    return out if len(out) else np.zeros(1, np.int64)
+
+
+def sum_suffix_counts(counts: list[np.ndarray]) -> np.ndarray:
+    """The sum of `suffix_counts` arrays of different lengths."""
+    out = np.zeros(max((len(c) for c in counts), default=1), np.int64)
+    for c in counts:
+        out[:len(c)] += c
+    return out
+
+
 def key_range_bounds(keys: np.ndarray, counts: np.ndarray, ranges: int) -> np.ndarray:
     """keys: (m,) sorted int64 SID keys holding counts (m,) items -> (ranges - 1,) sorted
     bounds cutting them into `ranges` key ranges of about equal items: key k lies in range

@@ -33,13 +33,15 @@ def _token_rows(sid_keys: np.ndarray, sizes: tuple[int, ...], decision: PruneDec
 
 
 def vocabulary_table(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: tuple[int, ...],
-                     decision: PruneDecision, max_suffix: int) -> pa.Table:
+                     decision: PruneDecision, suffixes: np.ndarray) -> pa.Table:
+    """Every token a SID of the table can hold: each layer's codes (with the items holding
+    them after pruning) and the collision suffixes 0..max (`suffixes`: items holding each)."""
     _, _, codes, kept = _token_rows(sid_keys, sizes, decision)
     used = layer_counts_after(codes, sid_counts, kept, sizes)
     offsets = token_offsets(sizes)
     layer = np.repeat(np.arange(len(sizes)), sizes)
     code = np.concatenate([np.arange(s) for s in sizes])
-    n_suffix = max_suffix + 1
+    n_suffix = len(suffixes)
     return pa.table({
         "token_id": np.arange(sum(sizes) + n_suffix, dtype=np.int64),
         "kind": ["code"] * sum(sizes) + ["suffix"] * n_suffix,
@@ -47,7 +49,7 @@ def vocabulary_table(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: tuple[
         "code": np.concatenate([code, np.arange(n_suffix)]).astype(np.int32),
         "token": [f"<L{a}_{b}>" for a, b in zip(layer, code)] + [f"<S{i}>" for i in
                                                                  range(n_suffix)],
-        "items": np.concatenate([np.concatenate(used), np.zeros(n_suffix, np.int64)]),
+        "items": np.concatenate([np.concatenate(used), suffixes]).astype(np.int64),
         "offset_of_layer": np.concatenate([offsets[layer], np.full(n_suffix, sum(sizes))]),
     })
 
