@@ -131,10 +131,10 @@ def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
         engine, ctx, plan, merged["all"], decision, cfg.collisions.max_per_sid, held,
         bucket_rows=cfg.driver.gather_rows, log=log)
 
-    def figures(p: Partial) -> dict[str, Any]:
+    def figures(p: Partial, table: Partial | None = None) -> dict[str, Any]:
         return finalize_metrics(p, list(sizes), quality_depth=cfg.quality_depth,
                                 pd_t=cfg.metrics.pd_t, pd_max_clusters=cfg.metrics.pd_max_clusters,
-                                seed=cfg.seed, decision=decision)
+                                seed=cfg.seed, decision=decision, table=table)
 
     metrics = figures(merged["all"])
     metrics["collisions"]["capacity"] = cfg.collisions.max_per_sid
@@ -142,7 +142,8 @@ def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
     for part in ("head", "tail"):
         if part in merged:
             sub = merged[part]
-            metrics[part] = {"items": sub.n, **figures(sub)} if sub.n else {"items": 0}
+            metrics[part] = ({"items": sub.n, **figures(sub, partials["all"])} if sub.n
+                             else {"items": 0})  # collisions with any item, before moves
     log(f"reduce: {metrics['hourglass']['verdict']}")
     if moves is not None:
         log(f"collisions: {moved} items moved to a next-best last-layer code "

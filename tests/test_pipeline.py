@@ -194,6 +194,8 @@ def test_metrics_match_brute_force_from_written_table(small_catalog, root, popul
                             "quality", "pruning"}
     assert set(metrics["collisions"]["items_per_sid_quantiles"]) == {"0.8", "0.9", "0.99",
                                                                      "0.999"}
+    sids = [tuple(s) for s in t.column("sid_tokens").to_pylist()]
+    table_counts = Counter(sids)
     if popularity:  # item_id i has popularity i % 97 (conftest.write_catalog)
         pop = t.column("item_id").to_numpy() % 97
         head = pop >= head_threshold(pop.astype(np.float64), cfg.metrics.head_share)
@@ -205,6 +207,18 @@ def test_metrics_match_brute_force_from_written_table(small_catalog, root, popul
                 [w["used"] for w in want["layers"]]
             assert metrics[part]["quality"]["semantic_cohesion"] == pytest.approx(want["sc"],
                                                                                 rel=1e-6)
+            # its collisions are with any item of the table, not only with the part's items
+            held = Counter(sids[i] for i in np.flatnonzero(rows))
+            got = metrics[part]["collisions"]
+            assert got["distinct_sids"] == len(held)
+            assert got["unique_sid_rate"] == pytest.approx(
+                np.mean([table_counts[sids[i]] == 1 for i in np.flatnonzero(rows)]))
+            assert got["max_items_per_sid"] == max(table_counts[s] for s in held)
+            assert got["mean_items_per_sid"] == pytest.approx(
+                np.mean([table_counts[s] for s in held]))
+        assert sum(metrics[p]["collisions"]["unique_sid_rate"] * metrics[p]["items"]
+                   for p in ("head", "tail")) == pytest.approx(
+            metrics["collisions"]["unique_sid_rate"] * len(x))
     else:
         assert "head" not in metrics and "tail" not in metrics
 

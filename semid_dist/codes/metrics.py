@@ -62,11 +62,17 @@ def quantile_from_sizes(sizes: np.ndarray, q: float) -> int:
     return int(s[min(idx, len(s) - 1)])
 
 
-def collision_stats(sid_counts: np.ndarray, n: int) -> dict[str, Any]:
+def collision_stats(sid_counts: np.ndarray, n: int,
+                    held: np.ndarray | None = None) -> dict[str, Any]:
+    """Collision figures of `n` items over SIDs holding `sid_counts` items each. held: for a
+    subset of a table's items (the popular head), how many of the `n` hold each SID, whose
+    `sid_counts` are then the whole table's items: a subset item is unique when no item of
+    the table shares its SID."""
+    held = sid_counts if held is None else held
     return {
         "distinct_sids": int(len(sid_counts)),
-        "unique_sid_rate": float((sid_counts == 1).sum() / n) if n else 0.0,
-        "mean_items_per_sid": float(n / len(sid_counts)) if len(sid_counts) else 0.0,
+        "unique_sid_rate": float(held[sid_counts == 1].sum() / n) if n else 0.0,
+        "mean_items_per_sid": float(sid_counts.mean()) if len(sid_counts) else 0.0,
         "max_items_per_sid": int(sid_counts.max()) if len(sid_counts) else 0,
         "items_per_sid_quantiles": {q: quantile_from_sizes(sid_counts, float(q))
                                     for q in QUANTILES} if len(sid_counts) else {},
@@ -151,22 +157,41 @@ def pruning_stats(p: Partial, sizes: list[int], decision: PruneDecision,
     }
 
 
+def _shared(keys: np.ndarray, table_keys: np.ndarray, table_counts: np.ndarray) -> np.ndarray:
+    """The whole table's items of each of a subset's SIDs `keys` (both sorted key arrays)."""
+    at = np.searchsorted(table_keys, keys)
+    if len(keys) and (at.max() >= len(table_keys) or (table_keys[at] != keys).any()):
+        raise ValueError("a subset's SIDs are not all SIDs of its table")
+    return table_counts[at]
+
+
 def finalize_metrics(p: Partial, sizes: list[int], *, quality_depth: int, pd_t: float = 2.0,
                      pd_max_clusters: int = 4096, seed: int = 0,
-                     decision: PruneDecision | None = None) -> dict[str, Any]:
+                     decision: PruneDecision | None = None,
+                     table: Partial | None = None) -> dict[str, Any]:
     """metrics.json sections: layers, prefixes, conditional, hourglass, collisions (of the final,
-    pruned SIDs; collisions_before of the full codes), reconstruction, quality, pruning."""
+    pruned SIDs; collisions_before of the full codes), reconstruction, quality, pruning.
+    table: the whole table's statistics when `p` is a subset of its items (head / tail): the
+    subset's collisions are then with any item of the table."""
     n = p.n
     decision = decision or PruneDecision("none", tuple(sizes))
     layers = [{"layer": i, **layer_stats(c)} for i, c in enumerate(p.layer_counts)]
-    _, final_counts = final_sid_counts(p, sizes, decision)
+    final, final_counts = final_sid_counts(p, sizes, decision)
+    if table is None:
+        collisions = collision_stats(final_counts, n)
+        before = collision_stats(p.sid_counts, n)
+    else:
+        collisions = collision_stats(_shared(final, *final_sid_counts(table, sizes, decision)),
+                                     n, held=final_counts)
+        before = collision_stats(_shared(p.sid_keys, table.sid_keys, table.sid_counts), n,
+                                 held=p.sid_counts)
     return {
         "layers": layers,
         "prefixes": prefix_stats(p.sid_keys, p.sid_counts, list(sizes), n),
         "conditional": conditional_stats(p.trans_keys, p.trans_counts, list(sizes)),
         "hourglass": hourglass_verdict(layers),
-        "collisions": collision_stats(final_counts, n),
-        "collisions_before": collision_stats(p.sid_counts, n),
+        "collisions": collisions,
+        "collisions_before": before,
         "reconstruction": {
             "mse": float(p.sq_res_sum[-1] / n) if n else 0.0,
             "relative_error": float(p.sq_res_sum[-1] / p.x_sq_sum) if p.x_sq_sum else 0.0,
