@@ -234,7 +234,9 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             timings["drift_s"] = time.monotonic() - t
         metrics = _metrics(red, fit_stats, source, timings)
         files += _version_files(store, vid, red, metrics, drift) + reject_files
-        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red.counts), files)
+        body = _manifest(cfg, plan, ctx, parent, red.counts, store if cfg.encode.incremental
+                         else None)
+        moved = _commit(store, vid, body, files)
     try:  # the version stands whatever stops the process from here on
         store.remove_staging(vid)
         log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
@@ -328,12 +330,17 @@ def _metrics(red: _Reduced, fit_stats: list[dict[str, Any]], source: str,
 
 
 def _manifest(cfg: BuildConfig, plan: CatalogPlan, ctx: JobContext, parent: str | None,
-              rows: dict[str, int]) -> dict[str, Any]:
-    """The version's manifest body (the store adds its files): lineage, config, input."""
+              rows: dict[str, int], carried_from: TableStore | None = None) -> dict[str, Any]:
+    """The version's manifest body (the store adds its files): lineage, config, input. An
+    incremental version (`carried_from`: its table) records its parent's `prune` section,
+    the pruning its SIDs have, in place of its own (not applied)."""
+    config = redact(cfg.to_dict())
+    if carried_from is not None and parent is not None:
+        config["prune"] = carried_from.manifest(parent)["config"]["prune"]
     return {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "package_version": semid_dist.__version__, "engine": cfg.engine,
-        "config": redact(cfg.to_dict()),
+        "config": config,
         "input": {"url": redact_url(plan.url), "fingerprint": plan.fingerprint,
                   "rows": plan.num_rows, "dim": ctx.dim},
         "rows": rows,

@@ -309,3 +309,28 @@ def test_a_delta_without_the_popularity_column_the_config_names(catalogs, tmp_pa
         tables.append(by_id(TableStore(root, "sids").read_data(child.version_id)))
     assert tables[0].column("sid").equals(tables[1].column("sid"))
     assert tables[0].column("item_id").equals(tables[1].column("item_id"))
+
+
+def test_an_incremental_version_records_the_pruning_its_sids_have(catalogs, tmp_path):
+    """The child keeps its parent's pruning whatever its own prune.* says: its manifest's
+    config.prune is the parent's (the pruning its SIDs have), down a chain too."""
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    first = build(small_config(catalogs["parent"], root, prune__strategy="top_k",
+                               prune__layer=1, prune__k=2), log=quiet)
+    logs: list[str] = []
+    child = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                               encode__incremental=True), log=logs.append)
+    assert any("prune.* of this config is not applied" in m for m in logs)
+    applied = store.manifest(first.version_id)["config"]["prune"]
+    assert applied["strategy"] == "top_k" and applied["k"] == 2
+    assert store.manifest(child.version_id)["config"]["prune"] == applied
+    assert child.metrics["pruning"]["strategy"] == "top_k"
+    lengths = np.array([len(s) for s in store.read_data(child.version_id)
+                        .column("sid_layers").to_pylist()])
+    assert (lengths < 3).any()  # new and carried items pruned as the parent's were
+    grandchild = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                                    encode__incremental=True, prune__strategy="mass",
+                                    prune__p=0.3),
+                       log=quiet)
+    assert store.manifest(grandchild.version_id)["config"]["prune"] == applied
