@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 
@@ -134,3 +135,13 @@ def test_finalize_metrics_sections_present_for_one_item():
     m = finalize_metrics(p, SIZES, quality_depth=2)
     assert m["conditional"][0]["conditional_entropy"] == 0.0
     assert m["hourglass"]["detected"] is False
+
+
+def test_a_layer_with_one_token_or_none_has_zero_entropy_and_its_perplexity():
+    one = layer_stats(np.array([0, 7, 0, 0]))
+    assert one["entropy"] == 0.0 and math.copysign(1, one["entropy"]) == 1.0  # not -0.0
+    assert one["perplexity"] == 1.0 and one["used"] == 1
+    empty = layer_stats(np.zeros(4, np.int64))  # a layer pruning dropped
+    assert empty["used"] == 0 and empty["perplexity"] == 0.0
+    assert math.copysign(1, empty["entropy"]) == 1.0 and empty["entropy_norm"] == 0.0
+    assert json.dumps(empty).count("-0.0") == 0

@@ -47,11 +47,12 @@ def layer_stats(counts: np.ndarray) -> dict[str, float]:
     c = np.asarray(counts, dtype=np.float64)
     n, size = c.sum(), len(c)
     p = c[c > 0] / n if n > 0 else np.zeros(0)
-    entropy = float(-(p * np.log(p)).sum())
+    entropy = float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one token or none gives 0, not -0
     used = int((c > 0).sum())
     return {"size": size, "used": used, "utilization": used / size, "entropy": entropy,
             "entropy_norm": entropy / math.log(size) if size > 1 else 0.0,
-            "perplexity": math.exp(entropy), "gini": gini(c), "std": float(c.std()),
+            "perplexity": math.exp(entropy) if n > 0 else 0.0,  # no item: no token in use
+            "gini": gini(c), "std": float(c.std()),
             "top_share": float(c.max() / n) if n > 0 else 0.0}
 
 
