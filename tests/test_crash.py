@@ -7,13 +7,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from semid_dist.io.store import TableStore
 from semid_dist.shard_results import load_shard_results
-from tests.conftest import cli_build
+from tests.conftest import REPO, cli_build
 
 # the encode workers' steps, as metrics.json timings name them (README, Metrics)
 STEPS = ("read", "validate", "quantize", "write", "statistics", "result")
@@ -178,3 +181,55 @@ def test_killed_incremental_encode_resumes_to_the_same_table(setup, incremental_
     assert rows["carried"] == 2400 - 150 and rows == store.manifest(second)["rows"]
     assert store.read_data(first).sort_by("item_id").equals(
         store.read_data(second).sort_by("item_id"))
+
+
+def _ray_train_workers() -> bool:
+    """Whether a Ray Train worker process runs on this machine (Ray titles it)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"RayTrainWorker" in cmdline.read_bytes():
+                return True
+        except OSError:  # gone meanwhile
+            pass
+    return False
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_ctrl_c_during_or_after_a_ray_train_fit_stops_the_build(small_catalog, tmp_path, when):
+    """A Ctrl-C while Ray Train fits, or once it has fitted (Ray Train took over the SIGINT
+    handler: the first ended the build with status 1 and no message, the second was ignored
+    and the build committed): status 130, the one line, nothing committed; the re-run
+    resumes the version."""
+    catalog, _ = small_catalog
+    root = tmp_path / "out"
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "ray", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(root), "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
+        "encode": {"shard_rows": 500}, "ray": {"num_cpus": 2}}))
+    env = {k: v for k, v in os.environ.items() if k != "SEMID_FAULT"}
+    proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config",
+                             str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env=env)
+    watchdog = threading.Timer(300, proc.kill)  # a hang fails the test, not the suite
+    watchdog.start()
+    try:
+        err = ""
+        mark = "fit: Ray Train" if when == "during" else "fit: layer 0"
+        for line in proc.stderr:
+            err += line
+            if line.startswith("[semid") and mark in line:
+                break
+        while when == "during" and not _ray_train_workers():  # its workers fit by now
+            assert proc.poll() is None, err
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        err += proc.stderr.read()
+        assert proc.wait() == 130, err[-3000:]
+    finally:
+        watchdog.cancel()
+    assert err.strip().endswith("semid build: interrupted; nothing was committed"), err[-2000:]
+    store = TableStore(str(root), "sids")
+    assert store.versions() == [] and len(store.uncommitted()) == 1

@@ -331,3 +331,61 @@ def test_embedded_ray_fit_starts_no_preemption_watcher(tmp_path, user_value):
     actors = out.stdout.strip().splitlines()[-1]
     assert "TrainController" in actors, out.stderr[-2000:]  # the fit ran on Ray Train
     assert ("PreemptionWatcher" in actors) == (user_value == "1"), actors
+
+
+def test_ray_settings_it_cannot_start_or_fit_with_are_one_line_errors(tmp_path):
+    """An object store larger than the machine, an address Ray cannot use as written, and a
+    fit taking more CPUs than this machine's Ray has (Ray Train waited for them forever, and
+    Ctrl-C hung in its abort): one line each naming the keys, status 2, nothing written."""
+    catalog = tmp_path / "catalog.parquet"
+    write_catalog(catalog, clustered(200, 8, seed=0))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    paths = (f"input.path={catalog}", f"output.root={out}", "quantizer.layers=[8,4]",
+             "fit.sample_size=200", "ray.num_cpus=2")
+    demo = REPO / "conf" / "demo.yaml"
+    last = named_error(cli_build(demo, *paths, "ray.object_store_memory_mb=10000000", env=env,
+                                 timeout=120))
+    assert last.startswith("semid build: error: ray.num_cpus / ray.object_store_memory_mb: Ray "
+                           "cannot start here with 2 CPUs and ray.object_store_memory_mb="
+                           "10000000 (") and last.endswith("; lower them")
+    last = named_error(cli_build(demo, *paths, "ray.address=http://127.0.0.1:8265", env=env,
+                                 timeout=120))
+    assert last.startswith("semid build: error: ray.address=http://127.0.0.1:8265: ")
+    assert "give the cluster's address as `ray start --head` prints it" in last
+    last = named_error(cli_build(demo, *paths, "fit.num_workers=8", env=env, timeout=180))
+    assert last == ("semid build: error: fit.num_workers=8 x fit.cpus_per_worker=0.5 take 4 "
+                    "CPUs but the Ray cluster has 2: Ray Train would wait for them forever; "
+                    "lower fit.num_workers or fit.cpus_per_worker, or raise ray.num_cpus")
+    assert not out.exists()
+
+
+def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tmp_path):
+    """A CLI build on Ray with a rejected row: no Ray Data progress report (a dozen lines
+    every few seconds per dataset), no Ray Train line per worker report, no Arrow
+    conversion warning for the shard results of shards with rejects; the rejects and the
+    data equal the local engine's."""
+    catalog = tmp_path / "cat"
+    x = clustered(1200, 8, seed=3)
+    x[7] = np.nan
+    write_catalog(catalog, x, files=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "ray", "seed": 1, "input": {"path": str(catalog)},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [8, 4], "niter": 4}, "fit": {"sample_size": 600},
+        "encode": {"shard_rows": 300}, "ray": {"num_cpus": 2}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = cli_build(cfg, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for noise in ("logging_progress", "Running Dataset", "Reporting training result",
+                  "ArrowConversionError", "Started training worker group"):
+        assert noise not in run.stderr, noise
+    assert "encode: 4/4 shards" in run.stderr
+    store = TableStore(str(tmp_path / "out"), "sids")
+    assert cli_build(cfg, "engine=local", "encode.from_version=latest").returncode == 0
+    ray_version, local_version = store.versions()
+    for kind in ("data", "rejects"):
+        a, b = (store.read_data(v, kind) for v in (ray_version, local_version))
+        assert a.num_rows == (1199 if kind == "data" else 1)
+        assert a.sort_by("item_id").equals(b.sort_by("item_id")), kind

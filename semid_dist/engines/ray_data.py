@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import pickle
 import socket
 import threading
 import uuid
@@ -41,6 +43,10 @@ def ray_init(cfg: BuildConfig) -> bool:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
             raise ConfigError(_connect_error(cfg.ray.address, exc)) from exc
+        except (ValueError, RuntimeError) as exc:  # an address Ray cannot use as given
+            raise ConfigError(f"ray.address={cfg.ray.address}: {_one_line(exc)}; give the "
+                              "cluster's address as `ray start --head` prints it (host:port), "
+                              "or auto") from exc
     elif os.environ.get("RAY_ADDRESS"):  # Ray would join it, not start one here
         raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set (as for a `ray job "
                           "submit` job) but ray.address is not: set ray.address=auto to run "
@@ -54,10 +60,36 @@ def ray_init(cfg: BuildConfig) -> bool:
         # Ray's processes inherit the huge-page switch (`memory.huge_pages`) and the variables
         with huge_pages(cfg.encode.huge_pages), _started_with(
                 worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages)):
-            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                     object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                     configure_logging=False, log_to_driver=True)
+            try:
+                ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                         object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+                         configure_logging=False, log_to_driver=True)
+            except ValueError as exc:  # settings this machine cannot give Ray
+                raise ConfigError(f"ray.num_cpus / ray.object_store_memory_mb: Ray cannot "
+                                  f"start here with {cfg.ray.num_cpus or os.cpu_count()} CPUs "
+                                  f"and ray.object_store_memory_mb="
+                                  f"{cfg.ray.object_store_memory_mb} ({_one_line(exc)}); lower "
+                                  "them") from exc
+            except OSError as exc:  # e.g. a temporary folder too deep for Ray's sockets
+                raise ConfigError(f"engine: ray could not start a local Ray on this machine "
+                                  f"({_one_line(exc)}); mend what it names, or use engine: "
+                                  "local") from exc
     return True
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+
+
+def _quiet_datasets() -> None:
+    """No Ray Data progress report on this driver's console: off a terminal Ray Data logs
+    one of a dozen lines every few seconds per dataset, which buried the build's own
+    progress lines (`encode: 3/30 shards ...`); its INFO lines go to Ray's log files."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
 
 
 def _check_reachable(address: str) -> None:
@@ -124,7 +156,9 @@ def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,
     for shards in batch["shards"]:
         for shard in json.loads(shards):
             result = worker(shard_from_dict(shard))
-            yield {"index": [result["index"]], "result": [result]}
+            # pickled here: Ray Data turns a column of dicts into Arrow structs, and on a
+            # value it cannot (a shard's rejects file entry) warns and pickles the column
+            yield {"index": [result["index"]], "result": [pickle.dumps(result)]}
 
 
 def shards_per_task(shards: int, tasks: int) -> int:
@@ -239,9 +273,11 @@ class RayEngine:
                               "worker can reach (file://, s3://, gs://, hdfs://), not memory://")
         self.cfg, self.log = cfg, log
         self._started = ray_init(cfg)
+        _quiet_datasets()
         self._warm: threading.Thread | None = None
         try:
             self._check_gpus()
+            self._check_fit_cpus()
         except BaseException:
             self.close()
             raise
@@ -264,6 +300,25 @@ class RayEngine:
             raise ConfigError(f"{msg}; run on a machine with a GPU Ray can see, or set "
                               + " and ".join(w.replace("=true", "=false") for w in wanted))
         self.log(f"warning: {msg}: its tasks wait until GPU nodes join")
+
+    def _check_fit_cpus(self) -> None:
+        """Ray Train starts the fit's workers together, `fit.cpus_per_worker` CPUs each; a Ray
+        with fewer CPUs than they take waits for them forever (and Ctrl-C hung in Ray Train's
+        abort). On this machine's own Ray that is an error; a cluster may add nodes."""
+        fit = self.cfg.fit
+        if self.cfg.encode.from_version:  # the codebooks come from a version: no fit
+            return
+        import ray
+
+        need, have = fit.num_workers * fit.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+        if need <= have:
+            return
+        msg = (f"fit.num_workers={fit.num_workers} x fit.cpus_per_worker="
+               f"{fit.cpus_per_worker:g} take {need:g} CPUs but the Ray cluster has {have:g}")
+        if not self.cfg.ray.address:
+            raise ConfigError(f"{msg}: Ray Train would wait for them forever; lower "
+                              "fit.num_workers or fit.cpus_per_worker, or raise ray.num_cpus")
+        self.log(f"warning: {msg}: the fit waits until nodes join")
 
     def __enter__(self) -> RayEngine:
         return self
@@ -321,7 +376,7 @@ class RayEngine:
         # no look-ahead: `iter_rows` holds each block back until the next one has arrived
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                      prefetch_batches=0):
-            yield from batch["result"]
+            yield from (pickle.loads(blob) for blob in batch["result"])
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,

@@ -13,8 +13,10 @@ sample, reports once per epoch, and rank 0 writes the verified artifact bytes.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +42,31 @@ def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
     set_cpu_threads(config["threads"])
     set_huge_pages(config["huge_pages"])  # where the engine did not start this process
     os.environ.update(config["fault_env"])
+    _quiet_reports()
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), "cuda" if config["use_gpu"] else "cpu"
+
+
+def _train_logging() -> dict[str, Any]:
+    """Ray Train's own logs (`ray.train`) on the console at WARNING and up, where Ray has
+    `ray.train.LoggingConfig`: its INFO lines (resources requested, the worker group
+    started, each checkpoint created) came between the build's progress lines."""
+    import ray.train
+
+    config = getattr(ray.train, "LoggingConfig", None)
+    return {"logging_config": config(log_level="WARNING")} if config is not None else {}
+
+
+def _quiet_reports() -> None:
+    """Ray Train logs every `ray.train.report` at INFO in each worker (`Reporting training
+    result ...`, a line per worker and layer or epoch, sent to the driver's console); the
+    fit logs its layers itself, so those lines go to Ray's log files only. (Ray names that
+    logger by its module's file; a Ray without the module logs them as before.)"""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _fault_point(step: int) -> None:
@@ -245,12 +270,36 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
                                          resources_per_worker={"CPU": fit.cpus_per_worker}),
             run_config=RunConfig(storage_path=tmp, name="fit",
                                  failure_config=FailureConfig(max_failures=fit.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 **_train_logging()),
         )
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")
-        trainer.fit()
+        _fit_beside_main_thread(trainer)
     return _fit_output(out, cfg, log)
+
+
+def _fit_beside_main_thread(trainer: Any) -> None:
+    """`trainer.fit()` in a thread of its own while the main thread waits for it. Called from
+    the main thread, Ray Train replaces the process's SIGINT handler with its own for good:
+    a Ctrl-C during the fit then ended the build with status 1 and no message, and one after
+    it was ignored (the build went on and committed). Here a Ctrl-C is the main thread's
+    KeyboardInterrupt as everywhere else; the engine's Ray session, shut down as the build
+    stops, takes the fit's workers with it."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="semid-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # (a bare join would hold a Ctrl-C back until the fit ends)
+    if failure:
+        raise failure[0]
 
 
 def _fit_output(out: str, cfg: BuildConfig, log: Callable[[str], None],
