@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_JVM_SIZE = re.compile(r"[0-9]+([kmgtp]b?|b)?", re.IGNORECASE)  # as Spark's memory settings
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -162,8 +163,8 @@ def check_table_name(table: str, key: str = "output.table") -> None:
 def check_consistency(cfg: BuildConfig) -> None:
     """Raise ConfigError naming the keys when values that each parsed fine do not go
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
-    incremental encodes, the quality depth, two input keys naming one column), or
-    output.table is not one directory name."""
+    incremental encodes, the quality depth, two input keys naming one column), output.table
+    is not one directory name, or spark.driver_memory no JVM memory size."""
     check_table_name(cfg.output.table)
     check_distinct_columns(cfg.input.id_column, cfg.input.embedding_column,
                            cfg.input.popularity_column)
@@ -182,6 +183,9 @@ def check_consistency(cfg: BuildConfig) -> None:
                           "encode.from_version, which is unset; run `semid encode "
                           "--incremental` (from the latest version) or set "
                           "encode.from_version=<version id>")
+    if not _JVM_SIZE.fullmatch(cfg.spark.driver_memory):
+        raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory!r} is not a JVM "
+                          "memory size: give a number and a unit, e.g. 2g or 512m")
     depth = cfg.quality_depth
     if depth > len(layers):
         raise ConfigError(

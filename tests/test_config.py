@@ -351,3 +351,12 @@ def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
         load_config(path, ["output={root: y, table: a/b}"])  # a section above the key
     assert str(exc.value).startswith(f"{path} with override output={{root: y, table: a/b}}: "
                                      "output.table: 'a/b'")
+
+
+def test_spark_driver_memory_is_a_jvm_memory_size():
+    for good in ("2g", "512m", "4096", "1GB", "64k"):
+        assert parse_config({**MINIMAL, "spark": {"driver_memory": good}})
+    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g"):
+        with pytest.raises(ConfigError, match=r"spark.driver_memory: .* is not a JVM memory "
+                                              r"size: give a number and a unit, e.g. 2g"):
+            parse_config({**MINIMAL, "spark": {"driver_memory": bad}})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import warnings
 from collections.abc import Iterator
@@ -66,8 +67,42 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     for name, value in settings.items():
         if not defaults.contains(name):
             builder = builder.config(name, value)
+    if master is not None and master.startswith("spark://"):
+        _check_master_reachable(master)
     with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
-        return builder.getOrCreate(), True
+        try:
+            return builder.getOrCreate(), True
+        except Exception as exc:  # the JVM or the master refused this session's settings
+            raise ConfigError(_start_error(cfg, master, exc)) from exc
+
+
+def _start_error(cfg: BuildConfig, master: str | None, exc: BaseException) -> str:
+    """One line for a Spark session that did not start, naming the settings it took (the
+    JVM's own reason, where it gave one, is printed above it by the JVM)."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if len(reason) > 300:  # a Java stack trace rides in some of pyspark's errors
+        reason = reason[:300] + " ..."
+    return (f"engine: spark could not start a Spark session with spark.master={master} and "
+            f"spark.driver_memory={cfg.spark.driver_memory} ({type(exc).__name__}: {reason}); "
+            "check those settings and the JVM's output above")
+
+
+def _check_master_reachable(master: str) -> None:
+    """A standalone master (`spark://host:port[,host:port]`) that accepts no TCP connection
+    is a ConfigError at once: Spark retries it for a minute, then fails with a stack trace."""
+    problems = []
+    for address in master[len("spark://"):].split(","):
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():  # a form left to Spark
+            return
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+            return  # one master of a highly available set is enough
+        except OSError as exc:
+            problems.append(f"{address}: {exc}")
+    raise ConfigError(f"spark.master={master}: no Spark master answers there "
+                      f"({'; '.join(problems)}); start it, correct the address, or leave "
+                      "spark.master unset to run on local[*]")
 
 
 def _check_java() -> None:
