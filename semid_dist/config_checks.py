@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_JVM_SIZE = re.compile(r"[0-9]+([kmgtp]b?|b)?", re.IGNORECASE)  # as Spark's memory settings
+_JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -141,8 +141,11 @@ def read_yaml(path: Path) -> Any:
 
 def error_origin(path: Path, message: str, overrides: list[str]) -> str:
     """Where the value a key's error `message` names came from: the last `key=value`
-    override that set that key (or a section above it), else the config file `path`."""
-    key = re.split(r"[:\[ ]", message, maxsplit=1)[0]
+    override that set that key (or a section above it), else the config file `path`. The
+    key is the message's first word (`key: ...`, `key=value ...`, `key[i]: ...`) or the
+    unknown key it names."""
+    unknown = re.match(r"unknown config key '([^']+)'", message)
+    key = unknown.group(1) if unknown else re.split(r"[:=\[ ]", message, maxsplit=1)[0]
     for item in reversed(overrides):
         name = item.split("=", 1)[0].strip()
         if name and (key == name or key.startswith(name + ".")):

@@ -60,6 +60,7 @@ class Carried:
     replaced: int  # parent rows dropped for re-encoded items
     referenced: int  # parent parts referenced as they are
     suffixes: np.ndarray  # how many carried rows hold each non-zero suffix
+    prune: dict[str, Any]  # the prune section of the config its SIDs are pruned by
     inherited_estimates: bool  # the parent's figures were already partly estimated
 
     def figures(self) -> dict[str, Any]:
@@ -87,6 +88,18 @@ def _check_parent(store: TableStore, parent: str, ctx: JobContext, cfg: BuildCon
     return bool((metrics.get("incremental") or {}).get("estimated"))
 
 
+def _applied_prune(manifest: dict[str, Any], decision: PruneDecision) -> dict[str, Any]:
+    """The prune section an incremental version records: its parent's (the pruning that
+    version's decision came from), or, where that section disagrees with the decision (a
+    parent committed incrementally by an older semid_dist recorded its own, unapplied
+    prune.*), the decision's strategy and layer."""
+    prune = (manifest.get("config") or {}).get("prune")
+    if isinstance(prune, dict) and (prune.get("strategy"), prune.get("layer")) == (
+            decision.strategy, decision.layer):
+        return prune
+    return {"strategy": decision.strategy, "layer": decision.layer}
+
+
 def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, parent: str,
                  cfg: BuildConfig, log: Log) -> Carried:
     """Split the parent's data parts into referenced and rewritten ones (dropping the rows of
@@ -104,6 +117,7 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
         raise StoreError(f"version {parent} prunes layers {list(decision.sizes)}, not "
                          f"{list(ctx.sizes)}")
     inherited = _check_parent(store, parent, ctx, cfg, decision, log)
+    prune = _applied_prune(store.manifest(parent), decision)
     new_ids = pa.concat_arrays(engine.map(staged_ids, [(ctx, s) for s in plan.shards]))
     parts = [FileEntry(**{**e, "version": e.get("version") or parent})
              for e in store.manifest(parent)["files"] if e["path"].startswith("data/")]
@@ -123,7 +137,7 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
     referenced = sum(1 for e in entries if e.version is not None)
     out = Carried(parent=parent, entries=entries, partial=kept, decision=decision,
                   rows=sum(e.rows for e in entries), replaced=len(qerr), referenced=referenced,
-                  suffixes=sum_suffix_counts([r["suffixes"] for r in results]),
+                  suffixes=sum_suffix_counts([r["suffixes"] for r in results]), prune=prune,
                   inherited_estimates=inherited)
     log(f"incremental: {out.rows} rows of version {parent} carried ({referenced} of "
         f"{len(parts)} parts referenced, {len(entries) - referenced} rewritten), "

@@ -153,6 +153,7 @@ class _Reduced:
     data_files: list[FileEntry]  # data parts (carried and new) and the SID -> items lookup
     counts: dict[str, int]  # rows, with carried / replaced for an incremental version
     suffixes: np.ndarray  # how many rows hold each non-zero suffix (carried and new)
+    prune: dict[str, Any] | None  # an incremental version's prune section (its parent's)
 
 
 def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Partial],
@@ -178,7 +179,8 @@ def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Part
         suffixes = sum_suffix_counts([suffixes, carried.suffixes])
         metrics["incremental"] = carried.figures()
     data_files += sid_items_lookup(engine, ctx, data_files)
-    return _Reduced(merged, decision, metrics, data_files, counts, suffixes)
+    return _Reduced(merged, decision, metrics, data_files, counts, suffixes,
+                    carried.prune if carried is not None else None)
 
 
 def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
@@ -234,11 +236,13 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             timings["drift_s"] = time.monotonic() - t
         metrics = _metrics(red, fit_stats, source, timings)
         files += _version_files(store, vid, red, metrics, drift) + reject_files
-        body = _manifest(cfg, plan, ctx, parent, red.counts, store if cfg.encode.incremental
-                         else None)
-        moved = _commit(store, vid, body, files)
+        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
     try:  # the version stands whatever stops the process from here on
-        store.remove_staging(vid)
+        try:
+            store.remove_staging(vid)
+        except OSError as exc:  # committed all the same: gc removes them
+            log(f"commit: the work files (_staging) of version {vid} stay ({exc}); `semid "
+                "versions gc` removes them")
         log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
             + ("" if moved else f"; _latest stays at the newer {store.latest()}"))
         return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
@@ -275,7 +279,7 @@ def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str
     statistics, report) and return their entries with the data parts'."""
     files = [store.write_file(vid, DRIFT_FILE, _json(drift))] if drift is not None else []
     files += [store.write_file(vid, "metrics.json", _json(metrics))]
-    files += write_lookups(store, vid, red.partials, red.decision, metrics, red.suffixes)
+    files += write_lookups(store, vid, red.partials, red.decision, red.suffixes)
     files += write_stats(store, vid, red.partials["all"], red.decision)
     files += write_report(store, vid)
     return files + sorted(red.data_files, key=lambda e: e.path)
@@ -330,20 +334,20 @@ def _metrics(red: _Reduced, fit_stats: list[dict[str, Any]], source: str,
 
 
 def _manifest(cfg: BuildConfig, plan: CatalogPlan, ctx: JobContext, parent: str | None,
-              rows: dict[str, int], carried_from: TableStore | None = None) -> dict[str, Any]:
+              red: _Reduced) -> dict[str, Any]:
     """The version's manifest body (the store adds its files): lineage, config, input. An
-    incremental version (`carried_from`: its table) records its parent's `prune` section,
-    the pruning its SIDs have, in place of its own (not applied)."""
+    incremental version records the `prune` section its SIDs are pruned by (its parent's)
+    in place of its own, which it does not apply."""
     config = redact(cfg.to_dict())
-    if carried_from is not None and parent is not None:
-        config["prune"] = carried_from.manifest(parent)["config"]["prune"]
+    if red.prune is not None:
+        config["prune"] = red.prune
     return {
         "parent": parent, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "package_version": semid_dist.__version__, "engine": cfg.engine,
         "config": config,
         "input": {"url": redact_url(plan.url), "fingerprint": plan.fingerprint,
                   "rows": plan.num_rows, "dim": ctx.dim},
-        "rows": rows,
+        "rows": red.counts,
     }
 
 

@@ -204,8 +204,7 @@ def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial
 
 
 def write_lookups(store: TableStore, vid: str, partials: dict[str, Partial],
-                  decision: PruneDecision, metrics: dict[str, Any],
-                  suffixes: np.ndarray) -> list[FileEntry]:
+                  decision: PruneDecision, suffixes: np.ndarray) -> list[FileEntry]:
     """vocab.parquet (tokens for a language model), lookup/prefixes.parquet (valid SID
     prefixes for constrained decoding) and the analytics/ tables behind the report's figures,
     all from the distinct SIDs and pair counts (never from per-item rows). suffixes: how many

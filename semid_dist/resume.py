@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 BEAT_S = 10.0  # a running build renews its heartbeat this often
 OWNER_STALE_S = 60.0  # a heartbeat older than this is a dead build's (clocks in sync)
+# a heartbeat further ahead than this is no build's (garbage): a clock that runs ahead (not
+# in sync, against the rule above) still keeps its live build
+OWNER_AHEAD_S = 3600.0
 
 
 def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
@@ -78,8 +81,8 @@ def _owner() -> dict[str, Any]:
 
 def owner_alive(owner: Any, now: float) -> bool:
     """Whether the build that wrote `owner` (a run file's record) may still be running: on
-    this machine, by its process (where /proc tells); elsewhere, by its heartbeat, within
-    `OWNER_STALE_S` of `now` either way (clocks agree within seconds)."""
+    this machine, by its process (where /proc tells); elsewhere, by its heartbeat: at most
+    `OWNER_STALE_S` old, and not over `OWNER_AHEAD_S` ahead of `now`."""
     if not isinstance(owner, dict):  # given up, or a run of an older semid_dist
         return False
     try:
@@ -88,7 +91,7 @@ def owner_alive(owner: Any, now: float) -> bool:
         return False
     if not math.isfinite(beat):
         return False
-    fresh = abs(now - beat) < OWNER_STALE_S  # one far in the future is no live build's either
+    fresh = -OWNER_AHEAD_S < now - beat < OWNER_STALE_S
     if owner.get("machine") != _machine() or pid <= 0 or _started(os.getpid()) is None:
         return fresh
     started = _started(pid)

@@ -351,12 +351,21 @@ def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
         load_config(path, ["output={root: y, table: a/b}"])  # a section above the key
     assert str(exc.value).startswith(f"{path} with override output={{root: y, table: a/b}}: "
                                      "output.table: 'a/b'")
+    ok = ["output.table=sids"]
+    with pytest.raises(ConfigError) as exc:  # an unknown key
+        load_config(path, [*ok, "fit.smaple_size=5"])
+    assert str(exc.value).startswith(f"{path} with override fit.smaple_size=5: unknown config "
+                                     "key 'fit.smaple_size'")
+    with pytest.raises(ConfigError) as exc:  # a key=value message
+        load_config(path, [*ok, "encode.incremental=true"])
+    assert str(exc.value).startswith(f"{path} with override encode.incremental=true: "
+                                     "encode.incremental=true extends")
 
 
 def test_spark_driver_memory_is_a_jvm_memory_size():
-    for good in ("2g", "512m", "4096", "1GB", "64k"):
+    for good in ("2g", "512m", "1G", "1t"):
         assert parse_config({**MINIMAL, "spark": {"driver_memory": good}})
-    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g"):
+    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g", "1GB", "2gb", "4096"):  # -Xmx refuses
         with pytest.raises(ConfigError, match=r"spark.driver_memory: .* is not a JVM memory "
                                               r"size: give a number and a unit, e.g. 2g"):
             parse_config({**MINIMAL, "spark": {"driver_memory": bad}})

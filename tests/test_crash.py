@@ -183,13 +183,20 @@ def test_killed_incremental_encode_resumes_to_the_same_table(setup, incremental_
         store.read_data(second).sort_by("item_id"))
 
 
-def _ray_train_workers() -> bool:
-    """Whether a Ray Train worker process runs on this machine (Ray titles it)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+def _ray_train_workers(driver: int) -> bool:
+    """Whether a Ray Train worker process (Ray titles it) of the Ray that process `driver`
+    started runs: one of its descendants."""
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"RayTrainWorker" in cmdline.read_bytes():
-                return True
-        except OSError:  # gone meanwhile
+            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+                continue
+            pid = int(proc.name)
+            while pid > 1:  # up its parents (`stat`'s 4th field, after the command's `)`)
+                pid = int((Path("/proc") / str(pid) / "stat").read_text()
+                          .rsplit(")", 1)[1].split()[1])
+                if pid == driver:
+                    return True
+        except (OSError, ValueError, IndexError):  # gone meanwhile
             pass
     return False
 
@@ -222,7 +229,7 @@ def test_ctrl_c_during_or_after_a_ray_train_fit_stops_the_build(small_catalog, t
             err += line
             if line.startswith("[semid") and mark in line:
                 break
-        while when == "during" and not _ray_train_workers():  # its workers fit by now
+        while when == "during" and not _ray_train_workers(proc.pid):  # they fit by now
             assert proc.poll() is None, err
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)

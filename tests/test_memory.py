@@ -247,7 +247,7 @@ def test_embedded_ray_workers_start_with_worker_env(tmp_path):
     _worker_settings(f"""
 import ray
 from semid_dist.config import parse_config
-from semid_dist.engines.ray_data import ray_init
+from semid_dist.engines.ray_session import ray_init
 cfg = parse_config({{"input": {{"path": "{tmp_path}"}}, "output": {{"root": "{tmp_path}"}},
                     "ray": {{"num_cpus": 1, "object_store_memory_mb": 128}}}})
 assert ray_init(cfg)

@@ -530,6 +530,28 @@ def test_step_clock_laps_and_the_log_line():
     assert text == "read 100 ms (25%), quantize 300 ms (75%), result 0 ms (0%)"
 
 
+def test_work_files_that_cannot_be_removed_after_the_commit_leave_it_standing(
+        small_catalog, root, monkeypatch):
+    """A failure to remove the staging once the manifest is written (an object store's error,
+    or a gc that took the build for gone removing it too) is logged; the build returns its
+    committed version (it raised, though committed). Removing a folder that is gone
+    meanwhile is no error."""
+    store = TableStore(root, "sids")
+    first = build(small_config(small_catalog[0], root), log=quiet)
+    store.remove_staging(first.version_id)  # gone already: nothing to do, no error
+
+    def unremovable(self, vid):
+        raise PermissionError(13, "Permission denied", "_staging")
+
+    monkeypatch.setattr(TableStore, "remove_staging", unremovable)
+    logs: list[str] = []
+    res = build(small_config(small_catalog[0], root, seed=8), log=logs.append)
+    assert store.latest() == res.version_id and store.manifest(res.version_id)
+    assert any(m.startswith(f"commit: the work files (_staging) of version {res.version_id} "
+                            "stay (") for m in logs), logs
+    assert logs[-1].startswith(f"commit: version {res.version_id} committed in ")
+
+
 def test_ctrl_c_once_the_manifest_is_written_says_the_version_stands(small_catalog, tmp_path,
                                                                      monkeypatch, capsys):
     """A Ctrl-C while `_latest` moves (the manifest written) or while the staging goes: the

@@ -7,12 +7,9 @@ object store) and shuts it down when done; it leaves an already running Ray alon
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import pickle
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -22,120 +19,11 @@ import numpy as np
 
 from semid_dist.config import BuildConfig, gpu_stages
 from semid_dist.engines.local import LocalEngine
+from semid_dist.engines.ray_session import quiet_datasets, ray_init
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
-from semid_dist.memory import huge_pages, worker_env
 from semid_dist.stages import JobContext, job_worker
-
-
-def ray_init(cfg: BuildConfig) -> bool:
-    """Connect to / start Ray. Returns True when this call started it (so it must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    if cfg.ray.address:
-        _check_reachable(cfg.ray.address)
-        try:
-            ray.init(address=cfg.ray.address, log_to_driver=True)
-        except (ConnectionError, TimeoutError) as exc:
-            raise ConfigError(_connect_error(cfg.ray.address, exc)) from exc
-        except (ValueError, RuntimeError) as exc:  # an address Ray cannot use as given
-            raise ConfigError(f"ray.address={cfg.ray.address}: {_one_line(exc)}; give the "
-                              "cluster's address as `ray start --head` prints it (host:port), "
-                              "or auto") from exc
-    elif os.environ.get("RAY_ADDRESS"):  # Ray would join it, not start one here
-        raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set (as for a `ray job "
-                          "submit` job) but ray.address is not: set ray.address=auto to run "
-                          "on that cluster, or unset RAY_ADDRESS to run on an embedded local "
-                          "Ray")
-    else:
-        # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
-        # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
-        # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray's processes inherit the huge-page switch (`memory.huge_pages`) and the variables
-        with huge_pages(cfg.encode.huge_pages), _started_with(
-                worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages)):
-            try:
-                ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                         object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                         configure_logging=False, log_to_driver=True)
-            except ValueError as exc:  # settings this machine cannot give Ray
-                raise ConfigError(f"ray.num_cpus / ray.object_store_memory_mb: Ray cannot "
-                                  f"start here with {cfg.ray.num_cpus or os.cpu_count()} CPUs "
-                                  f"and ray.object_store_memory_mb="
-                                  f"{cfg.ray.object_store_memory_mb} ({_one_line(exc)}); lower "
-                                  "them") from exc
-            except OSError as exc:  # e.g. a temporary folder too deep for Ray's sockets
-                raise ConfigError(f"engine: ray could not start a local Ray on this machine "
-                                  f"({_one_line(exc)}); mend what it names, or use engine: "
-                                  "local") from exc
-    return True
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-
-
-def _quiet_datasets() -> None:
-    """No Ray Data progress report on this driver's console: off a terminal Ray Data logs
-    one of a dozen lines every few seconds per dataset, which buried the build's own
-    progress lines (`encode: 3/30 shards ...`); its INFO lines go to Ray's log files."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
-
-
-def _check_reachable(address: str) -> None:
-    """Raise ConfigError at once when the cluster's `host:port` (`ray.address`, or
-    RAY_ADDRESS for `auto`) accepts no TCP connection: Ray itself retries such an address for
-    minutes before it gives up. Other forms (`auto` alone, `ray://...`) are left to Ray."""
-    env = os.environ.get("RAY_ADDRESS")
-    target = env if address == "auto" and env else address
-    host, sep, port = target.rpartition(":")
-    if "://" in target or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        raise ConfigError(_connect_error(address, exc)) from exc
-
-
-def _connect_error(address: str, exc: BaseException) -> str:
-    """What `ray.init(address=...)` failing to connect means, with Ray's own reason (and the
-    one under it: Ray wraps the cause of a failed connection in its ConnectionError)."""
-    env = os.environ.get("RAY_ADDRESS")  # what Ray connects to for `auto`
-    named = f"RAY_ADDRESS={env}" if env and address == "auto" else f"ray.address={address}"
-    why = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
-    return (f"{named}: could not connect to a Ray cluster from this machine ({why}); start "
-            "one (`ray start --head`) or submit the job to a running one (`ray job submit`), "
-            "or leave ray.address (and RAY_ADDRESS) unset to run on an embedded local Ray")
-
-
-@contextlib.contextmanager
-def _started_with(env: dict[str, str]) -> Iterator[None]:
-    """`env` in this process's environment while the embedded Ray starts: its raylet, and
-    the worker processes the raylet starts, inherit it (the workers' memory settings,
-    `memory.worker_env`); the driver's own environment is restored afterwards. A
-    Ray runtime environment would do the same at a cost: its workers are not the ones the
-    raylet starts ahead (the likely cause), and the demo build's scan began 3-5 s later with
-    one."""
-    before = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _run_item(fn: Callable[..., Any], item: tuple, *shared: Any) -> Any:
@@ -273,7 +161,7 @@ class RayEngine:
                               "worker can reach (file://, s3://, gs://, hdfs://), not memory://")
         self.cfg, self.log = cfg, log
         self._started = ray_init(cfg)
-        _quiet_datasets()
+        quiet_datasets()
         self._warm: threading.Thread | None = None
         try:
             self._check_gpus()
@@ -309,12 +197,20 @@ class RayEngine:
         if self.cfg.encode.from_version:  # the codebooks come from a version: no fit
             return
         import ray
+        from ray.train import ScalingConfig
 
-        need, have = fit.num_workers * fit.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+        # its total: the workers' CPUs, and the trainer actor's where Ray Train v1 runs one
+        need = ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
+                             resources_per_worker={"CPU": fit.cpus_per_worker}
+                             ).total_resources.get("CPU", 0.0)
+        have = ray.cluster_resources().get("CPU", 0)
         if need <= have:
             return
+        workers = fit.num_workers * fit.cpus_per_worker
+        trainer = " with Ray Train's trainer" if need > workers else ""
         msg = (f"fit.num_workers={fit.num_workers} x fit.cpus_per_worker="
-               f"{fit.cpus_per_worker:g} take {need:g} CPUs but the Ray cluster has {have:g}")
+               f"{fit.cpus_per_worker:g} take {need:g} CPUs{trainer} but the Ray cluster has "
+               f"{have:g}")
         if not self.cfg.ray.address:
             raise ConfigError(f"{msg}: Ray Train would wait for them forever; lower "
                               "fit.num_workers or fit.cpus_per_worker, or raise ray.num_cpus")

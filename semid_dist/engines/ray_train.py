@@ -60,8 +60,8 @@ def _train_logging() -> dict[str, Any]:
 def _quiet_reports() -> None:
     """Ray Train logs every `ray.train.report` at INFO in each worker (`Reporting training
     result ...`, a line per worker and layer or epoch, sent to the driver's console); the
-    fit logs its layers itself, so those lines go to Ray's log files only. (Ray names that
-    logger by its module's file; a Ray without the module logs them as before.)"""
+    fit logs its layers itself, so those lines are dropped. (Ray names that logger by its
+    module's file; a Ray without the module logs them as before.)"""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
@@ -262,7 +262,8 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         from semid_dist.engines.local import learned_config
 
         loop_config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
-    with tempfile.TemporaryDirectory(prefix="semid-fit-") as tmp:
+    # (a Ctrl-C leaves the fit's thread writing checkpoints here while the folder goes)
+    with tempfile.TemporaryDirectory(prefix="semid-fit-", ignore_cleanup_errors=True) as tmp:
         trainer = TorchTrainer(
             _learned_loop if learned else _train_loop,
             train_loop_config=loop_config,

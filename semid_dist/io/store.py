@@ -341,17 +341,23 @@ class TableStore:
 
     def gc(self, keep: int, *, min_age_hours: float = 24.0, dry_run: bool = False,
            now: dt.datetime | None = None) -> dict[str, Any]:
-        """Delete old versions by the `gc_plan` policy (`semid_dist.io.retention.collect`);
-        returns what was (or, with `dry_run`, would be) deleted and kept."""
-        from semid_dist.io.retention import collect  # (retention builds on this module)
+        """Delete old versions by the `gc_plan` policy (`semid_dist.cleanup`); returns what
+        was (or, with `dry_run`, would be) deleted and kept."""
+        from semid_dist.cleanup import collect_garbage  # (it builds on this module)
 
-        return collect(self, keep, min_age_hours=min_age_hours, dry_run=dry_run, now=now)
+        return collect_garbage(self, keep, min_age_hours=min_age_hours, dry_run=dry_run,
+                               now=now)
 
     def remove_staging(self, vid: str) -> None:
-        """Remove version `vid`'s work files (`STAGING`): none is part of a committed one."""
+        """Remove version `vid`'s work files (`STAGING`): none is part of a committed one. A
+        folder that goes meanwhile is no error: a build finishing its commit and a gc that
+        takes it for gone (its heartbeat stopped a minute ago) may remove it together."""
         path = fsio.join(self.version_dir(vid), STAGING)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
 
     def unlist(self, vid: str, *, committed: bool) -> None:
         """Remove what makes a version visible: a committed one's manifest (to readers), an
