@@ -12,7 +12,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import SemidError
@@ -251,6 +254,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_interrupt() -> Callable[[], None]:
+    """From the main thread: a Ctrl-C raises KeyboardInterrupt once, and the ones after it,
+    while the job stops, are ignored, so the engine's clean-up runs to its end (a second
+    Ctrl-C inside Ray's shutdown left its agent processes running, and printed tracebacks).
+    Returns what puts the previous handler back when no Ctrl-C came (an in-process caller
+    keeps its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous, fired = signal.getsignal(signal.SIGINT), []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        fired.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    return lambda: None if fired else signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
@@ -258,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e for e in extra):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    restore = _one_interrupt()
     try:
         return args.func(args)
     except SemidError as exc:
@@ -272,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 "interrupted; nothing was committed")
         print(f"semid {args.command}: {said}", file=sys.stderr)
         return 130
+    finally:
+        restore()
 
 
 if __name__ == "__main__":
