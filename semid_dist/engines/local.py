@@ -99,17 +99,21 @@ class LocalEngine:
         the GPU with `fit.use_gpu` (this process's; Spark's driver too).
         Returns (rq_kmeans / acrq codebooks or a learned module, stats)."""
         q, device = cfg.quantizer, torch_device(cfg, "fit")
+
+        def progress(msg: str) -> None:  # as the Ray Train fit's lines read
+            log(f"fit: {msg}")
+
         if q.method == "acrq" and cfg.learned:
             return fit_acrq_vae(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq,
-                                learned_config(cfg), device=device, progress=log)
+                                learned_config(cfg), device=device, progress=progress)
         if q.method == "acrq":
             return fit_acrq(sample, acrq.head, q.layers, cfg.anchor_sizes, acrq, niter=q.niter,
                             seed=cfg.seed, chunk_rows=cfg.encode.chunk_rows, device=device,
-                            progress=log)
+                            progress=progress)
         if cfg.learned:
             return fit_learned(q.method, sample, init_points, q.layers, learned_config(cfg),
-                               device=device, progress=log)
+                               device=device, progress=progress)
         return fit_residual_kmeans(sample, q.layers, niter=q.niter, seed=cfg.seed,
                                    init_points=init_points, init_centroids=init_centroids,
                                    chunk_rows=cfg.encode.chunk_rows, device=device,
-                                   progress=log)
+                                   progress=progress)
