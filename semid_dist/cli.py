@@ -255,22 +255,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _one_interrupt() -> Callable[[], None]:
-    """From the main thread: a Ctrl-C raises KeyboardInterrupt once, and the ones after it,
+    """While a command runs: a Ctrl-C raises KeyboardInterrupt once, and the ones after it,
     while the job stops, are ignored, so the engine's clean-up runs to its end (a second
     Ctrl-C inside Ray's shutdown left its agent processes running, and printed tracebacks).
-    Returns what puts the previous handler back when no Ctrl-C came (an in-process caller
-    keeps its own)."""
-    if threading.current_thread() is not threading.main_thread():
+    Only where Python's own handler is in place, in the main thread (a SIGINT ignored by
+    the shell that started it stays ignored); returns what puts that handler back."""
+    previous = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread()
+            or previous is not signal.default_int_handler):
         return lambda: None
-    previous, fired = signal.getsignal(signal.SIGINT), []
 
     def interrupt(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        fired.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
-    return lambda: None if fired else signal.signal(signal.SIGINT, previous)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,8 +94,9 @@ def _applied_prune(manifest: dict[str, Any], decision: PruneDecision) -> dict[st
     parent committed incrementally by an older semid_dist recorded its own, unapplied
     prune.*), the decision's strategy and layer."""
     prune = (manifest.get("config") or {}).get("prune")
-    if isinstance(prune, dict) and (prune.get("strategy"), prune.get("layer")) == (
-            decision.strategy, decision.layer):
+    layered = decision.strategy in ("drop_layer", "top_k", "mass")  # (the others: layer 1)
+    if isinstance(prune, dict) and prune.get("strategy") == decision.strategy and (
+            not layered or prune.get("layer") == decision.layer):
         return prune
     return {"strategy": decision.strategy, "layer": decision.layer}
 

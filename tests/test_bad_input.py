@@ -421,9 +421,11 @@ def test_popularity_column_that_is_the_id_or_embedding_column_is_a_config_error(
     if column == "item_id":
         run = cli_build(REPO / "conf" / "demo.yaml", "engine=local", f"input.path={d}",
                         f"output.root={root}", f"input.popularity_column={column}", timeout=120)
-        # found as the config is read (`semid validate` finds it too), so named with its file
+        # found as the config is read (`semid validate` finds it too), so named with its
+        # file and the override that set it
         conf = REPO / "conf" / "demo.yaml"
-        assert named_error(run) == f"semid build: error: {conf}: {want}"
+        assert named_error(run) == (f"semid build: error: {conf} with override "
+                                    f"input.popularity_column={column}: {want}")
         assert nothing_committed(root)
 
 

@@ -178,3 +178,21 @@ def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
                                  "--table", "sids"))
         assert line == (f"semid versions: error: no table at {tmp_path / 'nope'}/sids: check "
                         "--root and --table"), line
+
+
+def test_a_command_keeps_the_callers_sigint_handler(tmp_path):
+    """A command run in-process puts Python's own SIGINT handler back when it returns, and
+    leaves a SIGINT the caller ignores ignored (a job started in the background by a
+    script): its once-only Ctrl-C handler stands only while it runs, over Python's own."""
+    from semid_dist.cli import main
+
+    cfg = write(tmp_path / "ok.yaml", GOOD)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert main(["validate", cfg]) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["validate", cfg]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

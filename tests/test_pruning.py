@@ -194,8 +194,8 @@ def test_vocabulary_and_prefix_lookups(fitted):
     assert held[1] > 0 and suffixes["items"].sum() == len(t)
     # past driver.gather_rows the suffixes are ranked by key-range tasks: the same counts
     ranked, _ = encode_with(fitted, prune__strategy="top_k", prune__k=2, driver__gather_rows=200)
-    vdir = TableStore(fitted[2], "sids").version_dir(ranked.version_id)
-    assert pq.read_table(f"{vdir}/vocab.parquet").to_pandas().equals(vocab)
+    ranked_dir = TableStore(fitted[2], "sids").version_dir(ranked.version_id)
+    assert pq.read_table(f"{ranked_dir}/vocab.parquet").to_pandas().equals(vocab)
     prefixes = pq.read_table(f"{vdir}/lookup/prefixes.parquet").to_pandas()
     got = {tuple(p): (n, c) for p, n, c in zip(prefixes["prefix_tokens"], prefixes["items"],
                                                 prefixes["complete"])}

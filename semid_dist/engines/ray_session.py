@@ -1,7 +1,7 @@
 """The Ray session the engine works in: a running cluster (`ray.address`), or an embedded
 local Ray started from the `ray:` settings, with the workers' environment (memory settings)
 and the driver's console kept to the build's own progress. Ray is imported inside the
-functions only; a failure to start or connect is a one-line ConfigError."""
+functions only; the known start-up and connection failures are one-line ConfigErrors."""
 
 from __future__ import annotations
 

@@ -243,13 +243,13 @@ def _start_state(model: nn.Module, params: LearnedParams, resume: TrainState | N
         idle = [t.clone() for t in resume.idle]
         history = list(resume.history)
         if progress is not None:
-            progress(f"fit: resuming after epoch {resume.epoch} (checkpoint)")
+            progress(f"resuming after epoch {resume.epoch} (checkpoint)")
     return gen, idle, history
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
-    """The progress line of a finished epoch's record."""
-    return (f"fit: epoch {record['epoch']}: loss={record['loss']:.5g} "
+    """The progress line of a finished epoch's record (the engine adds `fit: `)."""
+    return (f"epoch {record['epoch']}: loss={record['loss']:.5g} "
             f"reconstruction={record['reconstruction']:.5g} utilization="
             + "/".join(f"{u:.2f}" for u in record["utilization"])
             + f" restarts={sum(record['dead_restarts'])}")
