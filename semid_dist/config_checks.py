@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from semid_dist.errors import ConfigError
+from semid_dist.errors import ConfigError, one_line
 from semid_dist.io.validate import check_distinct_columns
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
         return where, " ".join(problem.split())
     if isinstance(exc, yaml.reader.ReaderError):
         return "", f"{str(exc).splitlines()[0]} (character offset {exc.position})"
-    return "", " ".join(str(exc).split()) or type(exc).__name__
+    return "", one_line(exc)
 
 
 def read_yaml(path: Path) -> Any:

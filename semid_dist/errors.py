@@ -30,3 +30,9 @@ class InterruptedAfterCommit(KeyboardInterrupt):
     def __init__(self, version_id: str) -> None:
         super().__init__(version_id)
         self.version_id = version_id
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's text on one line (its type's name where it has none), to quote in a
+    named error."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -254,7 +254,7 @@ def test_gc_removes_a_committed_versions_work_files_once_its_build_is_gone(tmp_p
     store.write_file(vid, f"{STAGING}/codes-000000.parquet", b"work file")
     store.commit(vid, man, files)
     staging = f"{store.version_dir(vid)}/{STAGING}"
-    report = store.gc(5)  # its build (this process) has not given it up: it removes them
+    report = store.gc(5)  # its build (this process) has not given it up: gc keeps them
     assert report["staging_removed"] == [] and store.fs.exists(staging)
     with pytest.raises(RuntimeError), heartbeat(store, vid, "k"):
         raise RuntimeError("killed")  # the build is gone

@@ -39,6 +39,11 @@ def quiet(msg: str) -> None:
     pass
 
 
+def without_ray_address() -> dict[str, str]:
+    """This process's environment without RAY_ADDRESS: a `semid` child starts its own Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     """`ray.address=auto` where no Ray cluster runs, a host:port where nothing listens, and
     RAY_ADDRESS set with no ray.address: one line naming the address and the ways out,
@@ -49,7 +54,7 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
 
     if find_gcs_addresses():  # what `auto` falls back to: any Ray running on this machine
         pytest.skip("a Ray cluster runs on this machine: ray.address=auto would join it")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = without_ray_address()
     env["RAY_TMPDIR"] = str(tmp_path / "ray")
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(50, 8, seed=0))
@@ -340,7 +345,7 @@ def test_ray_settings_it_cannot_start_or_fit_with_are_one_line_errors(tmp_path):
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(200, 8, seed=0))
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = without_ray_address()
     paths = (f"input.path={catalog}", f"output.root={out}", "quantizer.layers=[8,4]",
              "fit.sample_size=200", "ray.num_cpus=2")
     demo = REPO / "conf" / "demo.yaml"
@@ -375,7 +380,7 @@ def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tm
         "output": {"root": str(tmp_path / "out"), "table": "sids"},
         "quantizer": {"layers": [8, 4], "niter": 4}, "fit": {"sample_size": 600},
         "encode": {"shard_rows": 300}, "ray": {"num_cpus": 2}}))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = without_ray_address()
     run = cli_build(cfg, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     for noise in ("logging_progress", "Running Dataset", "Reporting training result",

@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 
 from semid_dist.config import BuildConfig
-from semid_dist.errors import ConfigError
+from semid_dist.engines.shared import tcp_refusal
+from semid_dist.errors import ConfigError, one_line
 from semid_dist.memory import huge_pages, worker_env
 
 
@@ -71,7 +71,7 @@ def ray_init(cfg: BuildConfig) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    return one_line(exc).rstrip(".")
 
 
 def quiet_datasets() -> None:
@@ -97,14 +97,9 @@ def _check_reachable(address: str) -> None:
     RAY_ADDRESS for `auto`) accepts no TCP connection: Ray itself retries such an address for
     minutes before it gives up. Other forms (`auto` alone, `ray://...`) are left to Ray."""
     env = os.environ.get("RAY_ADDRESS")
-    target = env if address == "auto" and env else address
-    host, sep, port = target.rpartition(":")
-    if "://" in target or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        raise ConfigError(_connect_error(address, exc)) from exc
+    refusal = tcp_refusal(env if address == "auto" and env else address)
+    if refusal is not None:
+        raise ConfigError(_connect_error(address, refusal)) from refusal
 
 
 def _connect_error(address: str, exc: BaseException) -> str:

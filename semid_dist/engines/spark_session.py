@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import warnings
 from collections.abc import Iterator
@@ -16,7 +15,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from semid_dist.config import BuildConfig
-from semid_dist.errors import ConfigError
+from semid_dist.engines.shared import tcp_refusal
+from semid_dist.errors import ConfigError, one_line
 from semid_dist.memory import huge_pages, worker_env
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
 def _start_error(cfg: BuildConfig, master: str | None, exc: BaseException) -> str:
     """One line for a Spark session that did not start, naming the settings it took (the
     JVM's own reason, where it gave one, is printed above it by the JVM)."""
-    reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = one_line(exc)
     if len(reason) > 300:  # a Java stack trace rides in some of pyspark's errors
         reason = reason[:300] + " ..."
     return (f"engine: spark could not start a Spark session with spark.master={master} and "
@@ -92,14 +92,10 @@ def _check_master_reachable(master: str) -> None:
     is a ConfigError at once: Spark retries it for a minute, then fails with a stack trace."""
     problems = []
     for address in master[len("spark://"):].split(","):
-        host, _, port = address.rpartition(":")
-        if not port.isdigit():  # a form left to Spark
-            return
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-            return  # one master of a highly available set is enough
-        except OSError as exc:
-            problems.append(f"{address}: {exc}")
+        refusal = tcp_refusal(address)
+        if refusal is None:  # one master of a highly available set is enough (or a form
+            return  # left to Spark)
+        problems.append(f"{address}: {refusal}")
     raise ConfigError(f"spark.master={master}: no Spark master answers there "
                       f"({'; '.join(problems)}); start it, correct the address, or leave "
                       "spark.master unset to run on local[*]")
