@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
+_SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes
+    r"yarn|local(\[([0-9]+|\*)(\s*,\s*[0-9]+)?\])?"
+    r"|local-cluster\[\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*\]|(spark|k8s|mesos)://\S+")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -167,7 +170,8 @@ def check_consistency(cfg: BuildConfig) -> None:
     """Raise ConfigError naming the keys when values that each parsed fine do not go
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
     incremental encodes, the quality depth, two input keys naming one column), output.table
-    is not one directory name, or spark.driver_memory no JVM memory size."""
+    is not one directory name, ray.address an HTTP address, spark.master no master URL or
+    spark.driver_memory no JVM memory size."""
     check_table_name(cfg.output.table)
     check_distinct_columns(cfg.input.id_column, cfg.input.embedding_column,
                            cfg.input.popularity_column)
@@ -186,6 +190,16 @@ def check_consistency(cfg: BuildConfig) -> None:
                           "encode.from_version, which is unset; run `semid encode "
                           "--incremental` (from the latest version) or set "
                           "encode.from_version=<version id>")
+    if re.match(r"https?://", cfg.ray.address or ""):
+        raise ConfigError(f"ray.address: {cfg.ray.address!r} is an HTTP address (the Ray "
+                          "dashboard's, which `ray job submit --address` takes): give the "
+                          "cluster's own address as `ray start --head` prints it "
+                          "(HOST:6379), or auto inside a job submitted to it")
+    master = cfg.spark.master
+    if master is not None and not _SPARK_MASTER.fullmatch(master):
+        raise ConfigError(f"spark.master: {master!r} is not a Spark master URL: give local[*], "
+                          "local[N], spark://HOST:PORT, k8s://HOST:PORT or yarn, or leave it "
+                          "unset (spark-submit's master, else local[*])")
     if not _JVM_SIZE.fullmatch(cfg.spark.driver_memory):
         raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory!r} is not a JVM "
                           "memory size: give a number and a unit, e.g. 2g or 512m")

@@ -362,6 +362,44 @@ def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
                                      "encode.incremental=true extends")
 
 
+def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: x}\noutput: {root: y}\nprune: {strategy: top_k, layer: 2}\n")
+    with pytest.raises(ConfigError) as exc:  # the file's prune.layer against the override
+        load_config(path, ["seed=3", "quantizer.layers=[32,16]"])
+    assert str(exc.value) == (f"{path} with override quantizer.layers=[32,16]: prune.layer: 2 "
+                              "but there are only 2 layers (0..1)")
+    path.write_text("input: {path: x}\noutput: {root: y}\nprune: {layer: 1}\n")
+    with pytest.raises(ConfigError) as exc:  # neither override alone is at fault
+        load_config(path, ["prune.strategy=top_k", "seed=3", "quantizer.layers=[32]"])
+    assert str(exc.value).startswith(f"{path} with overrides prune.strategy=top_k, "
+                                     "quantizer.layers=[32]: prune.layer: 1 but")
+    path.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {layers: [8]}\n"
+                    "prune: {strategy: drop_layer}\n")
+    with pytest.raises(ConfigError) as exc:  # the file alone gives it
+        load_config(path, ["seed=3"])
+    assert str(exc.value).startswith(f"{path}: prune.layer: 1 but there are only 1 layers")
+
+
+def test_ray_address_is_no_http_address():
+    for good in ("auto", "10.0.0.1:6379", "ray://head:10001"):
+        assert parse_config({**MINIMAL, "ray": {"address": good}}).ray.address == good
+    for bad in ("http://head:8265", "https://head:8265"):
+        with pytest.raises(ConfigError, match=r"ray.address: .* is an HTTP address \(the Ray "
+                                              r"dashboard's"):
+            parse_config({**MINIMAL, "ray": {"address": bad}})
+
+
+def test_spark_master_is_a_master_url():
+    for good in ("local", "local[*]", "local[2]", "local[4, 2]", "local-cluster[2,1,1024]",
+                 "spark://a:7077", "spark://a:7077,b:7077", "k8s://https://k:443", "yarn"):
+        assert parse_config({**MINIMAL, "spark": {"master": good}}).spark.master == good
+    for bad in ("bogus", "local[x]", "localhost", "spark://", "local[2"):
+        with pytest.raises(ConfigError, match=r"spark.master: .* is not a Spark master URL: "
+                                              r"give local\[\*\]"):
+            parse_config({**MINIMAL, "spark": {"master": bad}})
+
+
 def test_spark_driver_memory_is_a_jvm_memory_size():
     for good in ("2g", "512m", "1G", "1t"):
         assert parse_config({**MINIMAL, "spark": {"driver_memory": good}})

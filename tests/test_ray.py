@@ -354,10 +354,16 @@ def test_ray_settings_it_cannot_start_or_fit_with_are_one_line_errors(tmp_path):
     assert last.startswith("semid build: error: ray.num_cpus / ray.object_store_memory_mb: Ray "
                            "cannot start here with 2 CPUs and ray.object_store_memory_mb="
                            "10000000 (") and last.endswith("; lower them")
-    last = named_error(cli_build(demo, *paths, "ray.address=http://127.0.0.1:8265", env=env,
+    last = named_error(cli_build(demo, *paths, "ray.address=ray://127.0.0.1:1", env=env,
                                  timeout=120))
-    assert last.startswith("semid build: error: ray.address=http://127.0.0.1:8265: ")
+    assert last.startswith("semid build: error: ray.address=ray://127.0.0.1:1: ")
     assert "give the cluster's address as `ray start --head` prints it" in last
+    assert named_error(cli_build(demo, *paths, "ray.address=http://127.0.0.1:8265", env=env,
+                                 timeout=120)) == (
+        f"semid build: error: {demo} with override ray.address=http://127.0.0.1:8265: "
+        "ray.address: 'http://127.0.0.1:8265' is an HTTP address (the Ray dashboard's, which "
+        "`ray job submit --address` takes): give the cluster's own address as `ray start "
+        "--head` prints it (HOST:6379), or auto inside a job submitted to it")
     last = named_error(cli_build(demo, *paths, "fit.num_workers=8", env=env, timeout=180))
     assert last == ("semid build: error: fit.num_workers=8 x fit.cpus_per_worker=0.5 take 4 "
                     "CPUs but the Ray cluster has 2: Ray Train would wait for them forever; "

@@ -534,24 +534,27 @@ def test_spark_reads_a_catalog_table(spark_session, small_catalog, tmp_path):
 
 
 def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path):
-    """A master Spark does not know, a standalone master where nothing listens (Spark
-    retried it for a minute, then failed with a stack trace) and a driver memory too small
-    for a JVM: one line naming the settings, status 2, nothing written, no JVM left. A
-    process of its own (the tests' session may be active here)."""
+    """A master that is no Spark master URL (a config error: the JVM printed its stack trace
+    first), a standalone master where nothing listens (Spark retried it for a minute, then
+    failed with a stack trace) and a driver memory too small for a JVM: one line naming
+    them, status 2, nothing written, no JVM left. A process of its own (the tests' session
+    may be active here)."""
     pytest.importorskip("pyspark")
     catalog = tmp_path / "catalog.parquet"
     write_catalog(catalog, clustered(50, 8, seed=0))
     out = tmp_path / "out"
     args = (REPO / "conf" / "demo.yaml", "engine=spark", f"input.path={catalog}",
             f"output.root={out}")
-    last = named_error(cli_build(*args, "spark.master=bogus", timeout=120))
-    assert last.startswith("semid build: error: engine: spark could not start a Spark session "
-                           "with spark.master=bogus and spark.driver_memory=2g (")
-    assert last.endswith("check those settings and the JVM's output above")
+    assert named_error(cli_build(*args, "spark.master=bogus", timeout=120)) == (
+        f"semid build: error: {args[0]} with override spark.master=bogus: spark.master: 'bogus' "
+        "is not a Spark master URL: give local[*], local[N], spark://HOST:PORT, k8s://HOST:PORT "
+        "or yarn, or leave it unset (spark-submit's master, else local[*])")
     assert named_error(cli_build(*args, "spark.master=spark://127.0.0.1:1", timeout=60)) == (
         "semid build: error: spark.master=spark://127.0.0.1:1: no Spark master answers there "
         "(127.0.0.1:1: [Errno 111] Connection refused); start it, correct the address, or "
         "leave spark.master unset to run on local[*]")
     last = named_error(cli_build(*args, "spark.driver_memory=1k", timeout=120))
-    assert "spark.master=local[*] and spark.driver_memory=1k (" in last
+    assert last.startswith("semid build: error: engine: spark could not start a Spark session "
+                           "with spark.master=local[*] and spark.driver_memory=1k (")
+    assert last.endswith("check those settings and the JVM's output above")
     assert not out.exists()
