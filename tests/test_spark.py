@@ -558,3 +558,36 @@ def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path
                            "with spark.master=local[*] and spark.driver_memory=1k (")
     assert last.endswith("check those settings and the JVM's output above")
     assert not out.exists()
+
+
+def test_ctrl_c_while_the_driver_waits_on_a_spark_job_cancels_it_cleanly(spark_session, caplog):
+    """The engine's SIGINT handler over pyspark's: a Ctrl-C while the driver waits on a job
+    (inside a Py4J call) cancels the job from a thread of its own, and the job's failure is
+    the KeyboardInterrupt. pyspark's own handler cancelled it through the
+    connection the driver waited on ("reentrant call": the job ran on), py4j logged two
+    tracebacks, and its KeyboardInterrupt inside the call could break the connection. The
+    session works on after it, and pyspark's handler is put back."""
+    import signal
+    import threading
+    import time
+
+    from semid_dist.engines.spark import task_errors
+    from semid_dist.engines.spark_session import guard_interrupts
+
+    sc = spark_session.sparkContext
+    pysparks = signal.getsignal(signal.SIGINT)
+    restore = guard_interrupts(sc, signal.default_int_handler, started=False)
+    ctrl_c = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), task_errors():  # as the engine's jobs run
+            sc.parallelize(range(2), 2).foreach(lambda i: time.sleep(60))
+        waited = time.monotonic() - start
+    finally:
+        ctrl_c.cancel()
+        restore(False)
+    assert waited < 45, waited  # cancelled, not waited out (60 s)
+    assert not [r for r in caplog.records if "py4j" in r.pathname], caplog.text
+    assert signal.getsignal(signal.SIGINT) is pysparks
+    assert sc.parallelize(range(10), 2).sum() == 45

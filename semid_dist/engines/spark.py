@@ -20,6 +20,7 @@ import json
 import math
 import pickle
 import re
+import signal
 import threading
 import uuid
 from collections import deque
@@ -34,9 +35,9 @@ import pyarrow as pa
 
 from semid_dist import errors
 from semid_dist.config import BuildConfig
+from semid_dist.engines import spark_session as session
 from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
-from semid_dist.engines.spark_session import no_pandas_warning, spark_session
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.stages import JobContext, has_job_worker, job_worker
@@ -55,12 +56,15 @@ _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}
 @contextmanager
 def task_errors() -> Iterator[None]:
     """Re-raise a named semid error from a Spark task as itself, so the CLI prints its
-    one-line reason; any other task failure propagates unchanged."""
+    one-line reason, and a job's failure after a Ctrl-C as the KeyboardInterrupt; any other
+    task failure propagates unchanged."""
     try:
         yield
     except SemidError:
         raise
     except Exception as exc:
+        if session.claim_interrupt():  # the job failed as the Ctrl-C cancelled it
+            raise KeyboardInterrupt from None
         match = _TASK_ERROR.search(str(exc))
         cls = getattr(errors, match.group(1), None) if match else None
         if not (isinstance(cls, type) and issubclass(cls, SemidError)):
@@ -179,7 +183,7 @@ def warm_up(spark: SparkSession) -> threading.Thread:
     sc = spark.sparkContext
     try:  # planned here, not in the thread: the warning filter is process-wide state
         slots = sc.defaultParallelism
-        with no_pandas_warning():
+        with session.no_pandas_warning():
             job = spark.range(slots, numPartitions=slots).mapInArrow(_warm_partition, "id long")
     except Exception:  # noqa: BLE001
         job = None
@@ -210,9 +214,11 @@ class SparkEngine(LocalEngine):
             raise ConfigError("engine: spark needs input.path and output.root on storage every "
                               "executor can reach (file://, s3://, gs://, hdfs://), not memory://")
         super().__init__(cfg, log)
-        with no_pandas_warning():
-            self.spark, self._started = spark_session(cfg)
+        before = signal.getsignal(signal.SIGINT)
+        with session.no_pandas_warning():
+            self.spark, self._started = session.spark_session(cfg)
         sc = self.spark.sparkContext
+        self._restore_interrupts = session.guard_interrupts(sc, before, self._started)
         self._warm: threading.Thread | None = None
         log(f"spark: master {sc.master}, {sc.defaultParallelism} task slots, "
             f"{'new' if self._started else 'existing'} session {sc.applicationId}")
@@ -220,9 +226,12 @@ class SparkEngine(LocalEngine):
     def close(self) -> None:
         if self._warm is not None:  # the session is not stopped under a running warm-up
             self._warm.join(timeout=60)
+        stopped = self._started
         if self._started:
             self.spark.stop()
             self._started = False
+        self._restore_interrupts(stopped)
+        self._restore_interrupts = lambda stopped: None
 
     def warm_up(self) -> None:
         """Start the session's Python workers with the encode modules imported, in the
@@ -300,7 +309,7 @@ class SparkEngine(LocalEngine):
             """The wave's job, planned here (not in a pool thread: the warning filter is
             process-wide state)."""
             shards_json = [json.dumps(shard_to_dict(s)) for s in wave]
-            with no_pandas_warning():
+            with session.no_pandas_warning():
                 # rows 0..n-1, one a partition: each shard its own task, and no Python
                 # worker feeding the rows (as a DataFrame of a Python RDD would need)
                 return (self.spark.range(len(wave), numPartitions=len(wave))

@@ -6,13 +6,19 @@ only.
 
 from __future__ import annotations
 
+import _thread
+import logging
 import os
 import shutil
+import signal
 import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from semid_dist.config import BuildConfig
 from semid_dist.engines.shared import tcp_refusal
@@ -20,6 +26,7 @@ from semid_dist.errors import ConfigError, one_line
 from semid_dist.memory import huge_pages, worker_env
 
 if TYPE_CHECKING:
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
 # Spark starts the Python workers of SQL tasks (mapInArrow: encode, warm-up) with this
@@ -142,3 +149,120 @@ def no_pandas_warning() -> Iterator[None]:
         warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
                                 FutureWarning)
         yield
+
+
+class _Py4JRecords(logging.Filter):
+    """Drops py4j's records: it logs a command cut short by Ctrl-C on the root logger, with
+    the tracebacks of the broken connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_py4j(record.pathname)
+
+
+def _is_py4j(filename: str) -> bool:
+    return f"{os.sep}py4j{os.sep}" in filename
+
+
+def _in_py4j(frame: FrameType | None) -> bool:
+    """Whether the thread of `frame` is inside a Py4J call (a command to the JVM)."""
+    while frame is not None:
+        if _is_py4j(frame.f_code.co_filename):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class InterruptGuard:
+    """The SIGINT handler while the Spark engine runs, in the main thread. A Ctrl-C cancels
+    the session's running jobs from a thread of its own and stops the build
+    (KeyboardInterrupt) once the driver is out of its Py4J call, if it is in one; later
+    Ctrl-Cs, while it stops, are ignored. pyspark's own handler cancels them from inside the
+    signal, through the Py4J connection the driver waits on: the cancel failed ("reentrant
+    call"), py4j printed two tracebacks, and the KeyboardInterrupt it raised inside that
+    call could break the connection, so the build ended with a Py4J traceback (status 1).
+    In a session the engine started, the JVM's warnings of the tasks the cancel kills are
+    not printed either."""
+
+    def __init__(self, sc: SparkContext, started: bool) -> None:
+        self.sc, self.started = sc, started
+        self.pending = False  # a Ctrl-C came
+        self.raised = False  # its KeyboardInterrupt was raised (or the engine is done)
+        self._lock = threading.Lock()
+        self._quiet = _Py4JRecords()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.raised:
+            return
+        if not self.pending:
+            self.pending = True
+            logging.getLogger().addFilter(self._quiet)
+            threading.Thread(target=self._cancel, name="semid-spark-cancel",
+                             daemon=True).start()
+        if not _in_py4j(frame):
+            self.claim()
+            raise KeyboardInterrupt
+        # else raised once the call returns: `_cancel` interrupts the driver again
+
+    def claim(self) -> bool:
+        """True once, where a Ctrl-C came and no KeyboardInterrupt was raised for it: the
+        caller raises it (a Spark job's failure after the cancel is the cancel's)."""
+        with self._lock:
+            if not self.pending or self.raised:
+                return False
+            self.raised = True
+            return True
+
+    def _cancel(self) -> None:
+        """Cancel the running jobs (the driver's call waiting on one returns), then interrupt
+        the main thread until the handler raises there."""
+        with suppress(Exception):  # the JVM gone already: nothing runs
+            if self.started:
+                self.sc.setLogLevel("ERROR")
+            self.sc.cancelAllJobs()
+        while True:
+            with self._lock:
+                if self.raised:
+                    return
+                _thread.interrupt_main()
+            time.sleep(0.05)
+
+    def forget(self) -> bool:
+        """Once the engine is done: py4j's records are printed again. True where a Ctrl-C
+        came that no KeyboardInterrupt was raised for (the driver was in a Py4J call all
+        along: the session's stop)."""
+        unraised = self.claim()
+        with self._lock:
+            self.raised = True
+        logging.getLogger().removeFilter(self._quiet)
+        return unraised
+
+
+def guard_interrupts(sc: SparkContext, before: Any, started: bool) -> Callable[[bool], None]:
+    """Install an `InterruptGuard` over pyspark's handler, where pyspark installed one (the
+    main thread; a SIGINT ignored by the starting shell stays ignored). Returns what puts
+    back, once the engine is done, the handler from `before` the session where the engine
+    stopped it, else pyspark's (a session that lives on)."""
+    global _GUARD
+    pysparks = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(pysparks):
+        return lambda stopped: None
+    guard = _GUARD = InterruptGuard(sc, started)
+    signal.signal(signal.SIGINT, guard)
+
+    def restore(stopped: bool) -> None:
+        global _GUARD
+        unraised = guard.forget()
+        _GUARD = None
+        signal.signal(signal.SIGINT, before if stopped else pysparks)
+        if unraised:
+            raise KeyboardInterrupt
+    return restore
+
+
+_GUARD: InterruptGuard | None = None
+
+
+def claim_interrupt() -> bool:
+    """True once where a Ctrl-C came while the engine runs and no KeyboardInterrupt was
+    raised for it yet (`InterruptGuard.claim`): the caller raises it."""
+    return _GUARD is not None and _GUARD.claim()
