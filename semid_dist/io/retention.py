@@ -51,7 +51,7 @@ def gc_plan(versions: list[str], latest: str | None,
                          "versions to keep)")
     committed = sorted(v for v in versions if v in manifests)
     live = live or {}
-    kept = set(committed[len(committed) - keep:] if keep else [])
+    kept = set(committed[max(len(committed) - keep, 0):] if keep else [])
     kept |= set().union(*live.values()) & set(manifests)  # what running builds read
     if latest is not None:
         kept.add(latest)
