@@ -145,6 +145,22 @@ def test_resolve_error_messages(root):
     assert "20990101T000000Z-abcdef" in msg and "not committed" in msg and v1 in msg
 
 
+def test_a_version_given_as_a_path_is_refused(root):
+    """`--version ../../other/sids/versions/<id>` read (and `semid report` rewrote) another
+    table's version: a version is one folder name under this table's versions/."""
+    store, other = TableStore(root, "sids"), TableStore(root, "other")
+    v1 = vid_at(0)
+    for s in (store, other):
+        files, man = write_version(s, v1)
+        s.commit(v1, man, files)
+    assert store.resolve(v1) == v1
+    for bad in (f"../../other/versions/{v1}", f"../versions/{v1}", f"./{v1}", "..", ".", "",
+                f"{v1}/"):
+        with pytest.raises(StoreError, match=r"is not a version id: give one as `semid "
+                                             r"versions list` prints it"):
+            store.resolve(bad)
+
+
 def test_read_data_returns_the_manifest_files_only(root):
     store = TableStore(root, "sids")
     vid = vid_at(0)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -67,6 +68,9 @@ def new_version_id(now: dt.datetime | None = None) -> str:
     (`20261122T020000123456Z-ab12cd`), so builds started one after another sort in order."""
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"{now.strftime(VERSION_TIME_FORMAT)}-{uuid.uuid4().hex[:6]}"
+
+
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one folder name under versions/
 
 
 class TableStore:
@@ -155,6 +159,10 @@ class TableStore:
                 raise StoreError(f"table {self.url!r} has no committed version yet; "
                                  "run `semid build` first")
             return head
+        if not _VERSION_NAME.fullmatch(version):  # a path would reach outside versions/
+            raise StoreError(f"version {version!r} is not a version id: give one as `semid "
+                             "versions list` prints it (e.g. 20261122T020000123456Z-ab12cd), "
+                             "or latest")
         if not self.fs.exists(fsio.join(self.version_dir(version), MANIFEST)):
             known = ", ".join(self.versions()[-5:]) or "none"
             raise StoreError(f"version {version!r} of table {self.url!r} is not committed "
