@@ -67,6 +67,21 @@ def test_build_commits_a_reconciled_version(small_catalog, root):
     assert store.manifest(res2.version_id)["parent"] == res.version_id
 
 
+def test_a_one_layer_quantizer_builds(small_catalog, root):
+    """One layer: SIDs of one token, no layer-to-layer flows (the build failed writing
+    analytics/flows.parquet from no transitions)."""
+    catalog, x = small_catalog
+    res = build(small_config(catalog, root, quantizer__layers=[16]), log=quiet)
+    store = TableStore(root, "sids")
+    t = store.read_data(res.version_id)
+    codes = np.array(t.column("codes").to_pylist())
+    assert t.num_rows == len(x) and codes.shape == (len(x), 1) and codes.max() < 16
+    assert np.array_equal(np.array(t.column("sid").to_pylist()), codes)
+    flows = pq.read_table(Path(store.version_dir(res.version_id)) / "analytics" / "flows.parquet")
+    assert flows.num_rows == 0 and flows.column_names == ["to_layer", "parent", "child", "items"]
+    assert res.metrics["layers"][0]["used"] == len(np.unique(codes))
+
+
 def test_local_engine_reads_each_next_shard_in_a_thread_ahead(small_catalog, root,
                                                               monkeypatch):
     """The local engine reads every shard in its reading thread, one shard ahead and in

@@ -95,9 +95,11 @@ def token_counts_table(merged_layer_counts: list[np.ndarray], after: list[np.nda
 
 def flows_table(trans_keys: list[np.ndarray], trans_counts: list[np.ndarray],
                 sizes: tuple[int, ...]) -> pa.Table:
-    """Items routed from token `parent` at layer l-1 to token `child` at layer l."""
+    """Items routed from token `parent` at layer l-1 to token `child` at layer l (no rows
+    for one layer)."""
     parts = [(np.full(len(k), i + 1), k // sizes[i + 1], k % sizes[i + 1], c)
              for i, (k, c) in enumerate(zip(trans_keys, trans_counts))]
+    parts = parts or [(np.zeros(0, np.int16), *(np.zeros(0, np.int64),) * 3)]
     return pa.table({"to_layer": np.concatenate([p[0] for p in parts]).astype(np.int16),
                      "parent": np.concatenate([p[1] for p in parts]),
                      "child": np.concatenate([p[2] for p in parts]),
