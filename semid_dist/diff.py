@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from semid_dist import shuffle
 from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
 from semid_dist.errors import StoreError
+from semid_dist.io import fs as fsio
 from semid_dist.io.store import STAGING, FileEntry, TableStore
 from semid_dist.shuffle import Split
 from semid_dist.stages import drift_bucket, drift_split
@@ -92,7 +93,7 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
 def _code_layers(store: TableStore, path: str) -> int | None:
     """The number of code layers of a version, from one data part's schema (None when its
     codes are plain lists, whose length a schema does not give)."""
-    with store.fs.open(path, "rb") as f:
+    with store.fs.open(path, "rb") as f, fsio.damaged_parquet(path):
         codes = pq.ParquetFile(f).schema_arrow.field("codes").type
     return codes.list_size if pa.types.is_fixed_size_list(codes) else None
 

@@ -27,6 +27,7 @@ from semid_dist.codes.partials import Partial, subtract_rows
 from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError, InputError, StoreError
+from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.reduce_tasks import carry_part, staged_ids
@@ -123,7 +124,8 @@ def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, 
     parts = [FileEntry(**{**e, "version": e.get("version") or parent})
              for e in store.manifest(parent)["files"] if e["path"].startswith("data/")]
     if parts:
-        with store.fs.open(store.entry_path(parent, parts[0]), "rb") as f:
+        first = store.entry_path(parent, parts[0])
+        with store.fs.open(first, "rb") as f, fsio.damaged_parquet(first):
             parent_type = pq.ParquetFile(f).schema_arrow.field("item_id").type
         if parent_type != new_ids.type:
             raise InputError(f"the catalog's item ids are {new_ids.type} but version {parent} "

@@ -242,8 +242,8 @@ def test_credentials_inside_an_s3_url_are_refused_without_echoing_them(s3, bucke
                                                                         capfd):
     catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", clustered(300, 4)), bucket)
     leaky = catalog.replace("s3://", f"s3://{ACCESS_KEY}:{SECRET_KEY}@")
-    with pytest.raises(ConfigError, match=r"s3://\*\*\*@semid-.*credentials inside an s3:// "
-                                          r"URL are not supported.*AWS_ACCESS_KEY_ID") as exc:
+    with pytest.raises(ConfigError, match=r"s3://\*\*\*@semid-.*: s3:// URLs take no "
+                                          r"credentials .*AWS_ACCESS_KEY_ID") as exc:
         build(small_config(leaky, f"s3://{bucket}/tables"), log=quiet)
     assert_clean({"error": str(exc.value).encode()}, [SECRET_KEY, ACCESS_KEY])
     cfg = tmp_path / "c.yaml"
@@ -251,7 +251,7 @@ def test_credentials_inside_an_s3_url_are_refused_without_echoing_them(s3, bucke
                                "output": {"root": f"s3://{ACCESS_KEY}:{SECRET_KEY}@{bucket}/t"}}))
     assert main(["build", "--config", str(cfg)]) == 2
     out, err = capfd.readouterr()
-    assert "credentials inside an s3:// URL" in err
+    assert "s3:// URLs take no credentials" in err
     assert_clean({"stdout": out.encode(), "stderr": err.encode()}, [SECRET_KEY, ACCESS_KEY])
     assert not s3.fs.exists(f"{bucket}/t")
 
@@ -290,6 +290,8 @@ def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_pat
      "https://h/x?X-Amz-Credential=***&versionId=3&X-Amz-Signature=***"),
     ("https://acct.blob.core.windows.net/c/x?sv=2020&sig=zz",
      "https://acct.blob.core.windows.net/c/x?sv=2020&sig=***"),
+    ("'https://h/x?X-Amz-Signature=ab' does not exist", "'https://h/x?X-Amz-Signature=***' "
+     "does not exist"),  # a message quoting the URL keeps its closing quote
     ("abfs://container@account.dfs.core.windows.net/x", None),  # a container, no secret
     ("s3://bucket/images/a@2x/cat.parquet", None),
     ("ftp://anonymous@host/x", None),
@@ -299,6 +301,29 @@ def test_redact_url(url, shown):
     assert redact_url(url) == (shown or url)
     assert redact({"a": [url, {"b": (url,)}], "n": 3}) == {
         "a": [shown or url, {"b": (shown or url,)}], "n": 3}
+
+
+def test_a_catalog_server_that_does_not_answer_is_a_named_error():
+    """An FTP catalog on a port where nothing listens: one line naming input.path without its
+    password (a ConnectionRefusedError traceback)."""
+    from semid_dist.io.catalog import plan_catalog
+
+    with pytest.raises(InputError, match=r"input.path 'ftp://\*\*\*@127.0.0.1:1/cat' cannot be "
+                                         r"reached \(ConnectionRefusedError: .*\); check its "
+                                         r"host and port") as exc:
+        plan_catalog("ftp://reader:pw-secret@127.0.0.1:1/cat")
+    assert "pw-secret" not in str(exc.value)
+
+
+@pytest.mark.parametrize("url, advice", [("gs://k:s@b/c", "GOOGLE_APPLICATION_CREDENTIALS"),
+                                         ("s3://k:s@b/c", "AWS_ACCESS_KEY_ID"),
+                                         ("file://u:p@/tmp/c", "give none: none are needed")])
+def test_credentials_in_a_url_get_the_advice_of_its_file_system(url, advice):
+    from semid_dist.io.fs import resolve
+
+    protocol = url.split(":", 1)[0]
+    with pytest.raises(ConfigError, match=rf"{protocol}:// URLs take no credentials .*{advice}"):
+        resolve(url)
 
 
 # -- the Ray engine on S3 ---------------------------------------------------------------------

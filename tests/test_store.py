@@ -266,6 +266,33 @@ def test_a_damaged_manifest_or_missing_part_is_a_named_error(root):
         store.manifest(v)
 
 
+def test_a_committed_file_that_changed_or_is_gone_is_a_named_error(root):
+    """A committed version's files are read against its manifest's checksums (a report
+    rendered a `{}` metrics.json with a KeyError traceback); a data part that is no Parquet
+    any more is named too (ArrowInvalid traceback)."""
+    store = TableStore(root, "sids")
+    v = vid_at(1)
+    files, man = write_version(store, v)
+    files.append(store.write_file(v, "metrics.json", b'{"rows": 1}'))
+    store.commit(v, man, files)
+    assert store.read_json(v, "metrics.json") == {"rows": 1}
+    store.fs.pipe(f"{store.version_dir(v)}/metrics.json", b"{}")
+    for read in (lambda: store.read_json(v, "metrics.json"),
+                 lambda: store.read_bytes(v, "metrics.json")):
+        with pytest.raises(StoreError, match=rf"version {v} is damaged: .*/metrics.json does not "
+                                             r"match the checksum its manifest records"):
+            read()
+    store.fs.rm(f"{store.version_dir(v)}/metrics.json")
+    with pytest.raises(StoreError, match=r"its manifest lists .*/metrics.json, which is missing"):
+        store.read_bytes(v, "metrics.json")
+    with pytest.raises(FileNotFoundError):  # a file the manifest does not list: the caller's
+        store.read_bytes(v, "stats/partial_all.npz")
+    store.fs.pipe(f"{store.version_dir(v)}/data/part-00001.parquet", b"junk\n")
+    with pytest.raises(StoreError, match=r"data/part-00001.parquet cannot be read as Parquet "
+                                         r"\(.*\): the file is damaged"):
+        store.read_data(v)
+
+
 def test_a_latest_that_is_a_directory_is_the_named_error(tmp_path):
     store = TableStore(str(tmp_path / "store-root"), "sids")
     v = vid_at(1)

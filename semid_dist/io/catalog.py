@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.errors import InputError
+from semid_dist.errors import InputError, one_line
 from semid_dist.io import fs as fsio
 
 
@@ -44,7 +46,23 @@ def _input_error(message: str) -> InputError:
     return InputError(fsio.redact_url(message))
 
 
+@contextmanager
+def _reachable(url: str) -> Iterator[None]:
+    """A catalog whose server does not answer, as an InputError naming input.path."""
+    try:
+        yield
+    except (ConnectionError, TimeoutError) as exc:
+        raise _input_error(f"input.path {url!r} cannot be reached ({type(exc).__name__}: "
+                           f"{one_line(exc)}); check its host and port, the network and the "
+                           "credentials") from None
+
+
 def list_files(url: str) -> list[str]:
+    with _reachable(url):
+        return _list_files(url)
+
+
+def _list_files(url: str) -> list[str]:
     fs, path = fsio.resolve(url)
     if not fs.exists(path):
         raise _input_error(f"input.path {url!r} does not exist; point it at a Parquet file or "
@@ -98,7 +116,8 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     """Read the Parquet footers and cut the catalog into shards of ~target_rows rows. The
     fingerprint covers each file's path, rows, size and version (ETag, mtime, ...), so a
     re-run over rewritten files does not resume the killed run's version."""
-    fs, _ = fsio.resolve(url)
+    with _reachable(url):
+        fs, _ = fsio.resolve(url)
     shards: list[Shard] = []
     schema = None
     distinct: list[tuple[str, pa.Schema]] = []

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from semid_dist.errors import ConfigError
+from semid_dist.errors import ConfigError, StoreError, one_line
 
 # `scheme://user:secret@host...` anywhere in a string (a user without ':' is no secret, and
 # `abfs://container@account` names a container); AWS secret keys may hold '/'
@@ -26,11 +26,16 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s:]*
 # query parameters that carry secrets: X-Amz-Signature / -Credential / -Security-Token,
 # Azure SAS `sig`, `token`, `password`, `AWSAccessKeyId` ...
 _SECRET_PARAM = re.compile(
-    r"(?P<name>[?&][^=&#\s]*(?:sig|token|secret|passw|credential|key)[^=&#\s]*=)[^&#\s]*",
+    r"(?P<name>[?&][^=&#\s]*(?:sig|token|secret|passw|credential|key)[^=&#\s]*=)[^&#\s'\"]*",
     re.IGNORECASE)
 # fsspec filesystems that do not read credentials from the URL (a `KEY:SECRET@` there
 # becomes part of the bucket name and ends up in error messages)
 _NO_URL_CREDENTIALS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
+_AWS = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or "
+        "the machine's role")
+_GCP = ("give them as GOOGLE_APPLICATION_CREDENTIALS (a service account's key file) or the "
+        "machine's service account")
+_CREDENTIALS_ADVICE = {"s3": _AWS, "s3a": _AWS, "gs": _GCP, "gcs": _GCP}
 
 
 def redact_url(text: str) -> str:
@@ -54,12 +59,11 @@ def redact(value: Any) -> Any:
 
 def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     """URL (file://, s3://, memory://, plain path ...) -> (filesystem, path inside it)."""
-    if _URL_CREDENTIALS.search(url) and fsspec.utils.get_protocol(url) in _NO_URL_CREDENTIALS:
-        raise ConfigError(f"{redact_url(url)}: credentials inside an "
-                          f"{fsspec.utils.get_protocol(url)}:// URL are not supported (they "
-                          "would end up in logs and manifests); remove 'KEY:SECRET@' and give "
-                          "them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile "
-                          "(AWS_PROFILE) or the machine's role")
+    protocol = fsspec.utils.get_protocol(url)
+    if _URL_CREDENTIALS.search(url) and protocol in _NO_URL_CREDENTIALS:
+        raise ConfigError(f"{redact_url(url)}: {protocol}:// URLs take no credentials (they "
+                          "would end up in logs and manifests); remove 'KEY:SECRET@' and "
+                          f"{_CREDENTIALS_ADVICE.get(protocol, 'give none: none are needed')}")
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/") or path
 
@@ -116,8 +120,20 @@ def write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table,
 
 
 def read_parquet(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    with fs.open(path, "rb") as f:
+    """A Parquet file the job wrote; StoreError naming it where it is no Parquet file any
+    more (truncated or overwritten)."""
+    with fs.open(path, "rb") as f, damaged_parquet(path):
         return pq.read_table(f, columns=columns)
+
+
+@contextmanager
+def damaged_parquet(path: str) -> Iterator[None]:
+    """Arrow's error on a file that is not (all) Parquet, as a StoreError naming `path`."""
+    try:
+        yield
+    except pa.ArrowInvalid as exc:
+        raise StoreError(f"{redact_url(path)} cannot be read as Parquet ({one_line(exc)}): "
+                         "the file is damaged; restore it, or build a new version") from None
 
 
 def is_local(fs: AbstractFileSystem) -> bool:

@@ -110,7 +110,29 @@ class TableStore:
         return FileEntry(rel, rows, len(data), hashlib.sha256(data).hexdigest())
 
     def read_bytes(self, version_id: str, rel: str) -> bytes:
-        return self.fs.cat_file(fsio.join(self.version_dir(version_id), rel))
+        """A file of a version. Where the version is committed and its manifest lists the
+        file, one missing or whose bytes do not match the manifest's sha256 is a StoreError
+        naming it (a damaged version: a report rendered a `{}` metrics.json with a KeyError
+        traceback, or aborted)."""
+        path = fsio.join(self.version_dir(version_id), rel)
+        entry = None
+        if rel != MANIFEST and self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
+            entry = next((e for e in self.manifest(version_id)["files"]
+                          if e.get("path") == rel and not e.get("version")), None)
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            if entry is None:
+                raise
+            raise StoreError(f"version {version_id} is damaged: its manifest lists "
+                             f"{fsio.redact_url(self.version_url(version_id))}/{rel}, which is "
+                             "missing; restore the file, or build a new version") from None
+        if entry is not None and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise StoreError(f"version {version_id} is damaged: "
+                             f"{fsio.redact_url(self.version_url(version_id))}/{rel} does not "
+                             "match the checksum its manifest records; restore the file, or "
+                             "build a new version")
+        return data
 
     def latest(self) -> str | None:
         """What `_latest` holds, unchecked (None: no such file, or an empty one); `head` is
