@@ -180,6 +180,12 @@ def test_targets_judged_at_their_thresholds():
     assert "1.20x exact" in fast.measured and "identical to exact 99.9600%" in fast.reference
     text = report.format_text(report.all_rows(fake_results()))
     assert "NOT met" in text and "1.25x" in text
+    above = fake_results()  # a ceiling measured low on a busy machine: 172% of it, not "met"
+    above["kernels"][0]["ratio_ceiling"] = 1.72
+    (row,) = [r for r in report.all_rows(above) if "GEMM ceiling" in r.benchmark]
+    assert row.status == "not judged: above its reference" and row.ratio_text == "172%"
+    met, missed = report.summary(report.all_rows(above))
+    assert row not in met and row not in missed
 
 
 def test_gpu_section_measures_on_a_torch_device():
@@ -231,6 +237,29 @@ def test_cli_parser_and_sections():
     assert opts.command == "semid bench --quick --only rss,gpu"
     with pytest.raises(ConfigError, match="unknown section"):
         bench_options(only="kernels,speed")
+    with pytest.raises(ConfigError, match="--only '': no section given"):  # (ran them all)
+        bench_options(only="")
+
+
+def test_bench_output_paths_are_checked_before_measuring(tmp_path):
+    """Paths the run writes at its end, or works in, that cannot be: one line at once (a
+    FileExistsError or IsADirectoryError traceback after the whole run)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad = [({"md_path": str(afile / "x.md")}, r"--out-md .*afile/x.md: cannot be written "
+                                              r"\(.*afile is not a folder\)"),
+           ({"md_path": str(tmp_path)}, r"--out-md .*: is a folder; give a file name"),
+           ({"json_path": str(tmp_path / "a"), "md_path": str(tmp_path / "a")},
+            r"--out-json and --out-md are both .*a: give two files"),
+           ({"workdir": str(afile)}, r"--workdir .*afile: is a file; give a folder"),
+           ({"workdir": str(afile / "w")}, r"--workdir .*: cannot be written")]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            bench_options(only="gpu", **kwargs)
+    work = tmp_path / "new" / "work"
+    opts = bench_options(only="gpu", workdir=str(work), md_path=str(tmp_path / "n" / "b.md"),
+                         json_path=str(tmp_path / "n" / "b.json"))
+    assert opts.workdir == str(work) and work.is_dir()
 
 
 def test_bench_without_faiss_says_so_before_measuring(tmp_path, monkeypatch, capsys):

@@ -72,6 +72,9 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
               for r in missed]
     lines += [f"- met: {r.benchmark}, {r.config}: {r.ratio_text} (target {r.target})"
               for r in met]
+    lines += [f"- not judged: {r.benchmark}, {r.config}: {r.ratio_text}, above its reference, "
+              "which this run measured low (a busy machine?): rerun on an idle one"
+              for r in rows if r.above_reference]
     lines += ["", *details(results), METHOD]
     return "\n".join(lines) + "\n"
 

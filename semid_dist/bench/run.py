@@ -79,17 +79,44 @@ def bench_options(*, quick: bool = False, only: str | None = None,
     from semid_dist.errors import ConfigError
 
     sections = SECTIONS
-    if only:
+    if only is not None:
         sections = tuple(s.strip() for s in only.split(",") if s.strip())
         unknown = sorted(set(sections) - set(SECTIONS))
         if unknown or not sections:
-            raise ConfigError(f"--only {only!r}: unknown section(s) {unknown}; choose from "
-                              f"{','.join(SECTIONS)}")
+            what = f"unknown section(s) {unknown}" if unknown else "no section given"
+            raise ConfigError(f"--only {only!r}: {what}; choose from {','.join(SECTIONS)}")
     _check_faiss(sections)
+    if Path(json_path).resolve() == Path(md_path).resolve():
+        raise ConfigError(f"--out-json and --out-md are both {md_path}: give two files")
+    for option, path in (("--out-json", json_path), ("--out-md", md_path)):
+        _check_writable(option, Path(path), folder=False)
+    if workdir is not None:
+        _check_writable("--workdir", Path(workdir), folder=True)
+        try:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--workdir {workdir}: cannot be made ({exc})") from None
     command = "semid bench" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
     preset = BenchOptions.quick_preset if quick else BenchOptions.full
     return preset(sections=sections, json_path=json_path, md_path=md_path, workdir=workdir,
                   command=command)
+
+
+def _check_writable(option: str, path: Path, *, folder: bool) -> None:
+    """Fail before measuring anything where `path` (a file the run writes at its end, or a
+    folder it works in) cannot be made: a file that is a folder, a folder that is a file, or
+    no writable folder to make it in."""
+    from semid_dist.errors import ConfigError
+
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{option} {path}: is a {'file' if folder else 'folder'}; give "
+                          f"{'a folder' if folder else 'a file name'}")
+    above = path if folder and path.exists() else path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot be written ({above} is "
+                          f"{'not a folder' if not above.is_dir() else 'not writable'})")
 
 
 def _check_faiss(sections: tuple[str, ...]) -> None:
