@@ -17,20 +17,39 @@ import dataclasses
 import json
 import time
 
-from semid_dist.bench.synthetic import CatalogSpec, default_chunk_rows, write_catalog
+from semid_dist.bench.synthetic import (
+    COMPRESSIONS,
+    CatalogSpec,
+    default_chunk_rows,
+    write_catalog,
+)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="directory (local path or fsspec URL)")
-    p.add_argument("--rows", type=int, required=True)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--out", required=True, help="directory (local path or fsspec URL); the "
+                   "part-*.parquet files of an earlier catalog there are replaced")
+    p.add_argument("--rows", type=positive, required=True)
+    p.add_argument("--dim", type=positive, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clusters", type=int, default=CatalogSpec.clusters)
-    p.add_argument("--groups", type=int, default=CatalogSpec.groups)
-    p.add_argument("--chunk-rows", type=int, help="rows per row group (default: <= 256 MiB)")
-    p.add_argument("--chunks-per-file", type=int, default=4)
-    p.add_argument("--compression", default="snappy")
+    p.add_argument("--clusters", type=positive, default=CatalogSpec.clusters)
+    p.add_argument("--groups", type=positive, default=CatalogSpec.groups)
+    p.add_argument("--chunk-rows", type=positive, help="rows per row group (default: <= 256 "
+                   "MiB); each is drawn on its own, so the same seed and chunk rows give the "
+                   "same catalog")
+    p.add_argument("--chunks-per-file", type=positive, default=4)
+    p.add_argument("--compression", default="snappy", choices=COMPRESSIONS)
     a = p.parse_args()
     spec = CatalogSpec(dim=a.dim, clusters=a.clusters, groups=a.groups, seed=a.seed)
     t = time.perf_counter()

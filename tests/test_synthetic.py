@@ -131,3 +131,32 @@ def test_bad_sizes():
         list(iter_chunks(SPEC, 10, chunk_rows=0))
     with pytest.raises(ValueError):
         write_catalog("memory://x", SPEC, 10, chunks_per_file=0)
+    with pytest.raises(ValueError, match="compression 'bogus' is not one of snappy"):
+        write_catalog("memory://bad-codec", SPEC, 10, compression="bogus")
+    import fsspec
+
+    assert not fsspec.filesystem("memory").exists("/bad-codec")  # nothing made first
+
+
+def test_a_catalog_written_over_another_replaces_its_parts(tmp_path):
+    """The earlier catalog's part files go (a 2,000-row catalog written over a 5,000-row one
+    left three of its files: 5,000 rows, 3,000 of another seed)."""
+    out = tmp_path / "cat"
+    write_catalog(str(out), SPEC, 5000, chunk_rows=1000, chunks_per_file=1)
+    (out / "notes.txt").write_text("kept")  # not a part file
+    info = write_catalog(str(out), dataclasses.replace(SPEC, seed=7), 2000, chunk_rows=1000,
+                         chunks_per_file=1)
+    assert info.files == 2 and sorted(p.name for p in out.glob("*.parquet")) == [
+        "part-00000.parquet", "part-00001.parquet"]
+    assert sum(s.num_rows for s in plan_catalog(str(out)).shards) == 2000
+    assert (out / "notes.txt").exists()
+
+
+def test_scale_job_arguments_are_checked_before_any_work(capsys):
+    from semid_dist.bench.scale import parser
+
+    for bad in (["--delta-rows", "-10"], ["--rows", "-1"], ["--rows", "0"], ["--dim", "x"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(bad)
+        assert "error: argument" in capsys.readouterr().err
+    assert parser().parse_args(["--delta-rows", "0"]).delta_rows == 0

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist.bench.pipeline import worker_seconds
@@ -102,7 +104,8 @@ def run_incremental(args: argparse.Namespace, work: Path, parent: str) -> dict:
     write_catalog(str(delta), CatalogSpec(dim=args.dim, draw=1), args.delta_rows,
                   chunk_rows=args.chunk_rows, chunks_per_file=8, first_id=args.rows - changed)
     log_path = work / "incremental.log"
-    measured = run_semid(["encode", "--config", str(REPO / args.config), "--incremental",
+    config = str(Path(args.config).resolve())
+    measured = run_semid(["encode", "--config", config, "--incremental",
                           f"input.path={delta}", f"output.root={work / 'tables'}",
                           f"encode.from_version={parent}"], log_path)
     lines = log_path.read_text().splitlines()
@@ -207,7 +210,8 @@ def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: 
     return [
         "# Scale run",
         "",
-        f"Written by `jobs/scale_run.py` on {info['date']}: `semid build --config {args.config}` "
+        f"Written by `jobs/scale_run.py` on {info['date']}: `semid build --config "
+        f"{_shown(args.config)}` "
         f"(embedded local Ray) on a seeded synthetic catalog of {rows['input']:,} x {info['dim']} "
         "items made by `scripts/gen_synthetic.py` (clustered, Zipf cluster sizes, long-tailed "
         "popularity, norm growing with popularity).",
@@ -276,13 +280,26 @@ def projection_lines(proj: list[dict], args: argparse.Namespace, kernel: str) ->
     return lines
 
 
+def _dim(path: Path) -> int | None:
+    """The embedding size of a synthetic catalog file (None: not a fixed-size list)."""
+    field = pq.ParquetFile(path).schema_arrow.field("embedding").type
+    return field.list_size if pa.types.is_fixed_size_list(field) else None
+
+
+def _shown(path: str) -> str:
+    """A path for the page: relative to the repository where it lies inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else path
+
+
 def run_scale(args: argparse.Namespace) -> None:
     """Generate (or reuse) the catalog, run and measure the build, write the page."""
-    work = (REPO / args.workdir).resolve()
+    work = Path(args.workdir).resolve()
     catalog = work / "catalog"
     t = time.monotonic()
     existing = sorted(catalog.glob("*.parquet")) if catalog.exists() else []
-    if existing and sum(pq.ParquetFile(f).metadata.num_rows for f in existing) == args.rows:
+    if existing and sum(pq.ParquetFile(f).metadata.num_rows for f in existing) == args.rows \
+            and _dim(existing[0]) == args.dim:
         print(f"scale: reusing the catalog at {catalog}", flush=True)
         info = {"files": len(existing),
                 "row_groups": sum(pq.ParquetFile(f).metadata.num_row_groups for f in existing),
@@ -295,13 +312,13 @@ def run_scale(args: argparse.Namespace) -> None:
                 "gen_s": time.monotonic() - t}
     info.update(dim=args.dim, date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     print(f"scale: catalog ready in {time.monotonic() - t:.0f} s; building", flush=True)
-    measured = run_semid(["build", "--config", str(REPO / args.config),
+    measured = run_semid(["build", "--config", str(Path(args.config).resolve()),
                           f"input.path={catalog}", f"output.root={work / 'tables'}"],
                          work / "build.log")
     proj = projection(args.rows, measured, args.project_rows, args.nodes, args.cores)
     inc = (run_incremental(args, work, measured["result"]["version_id"])
            if args.delta_rows else None)
-    write_doc(REPO / args.out_md, info, measured, proj, args, inc)
+    write_doc(Path(args.out_md), info, measured, proj, args, inc)
     summary = {"catalog": info, "wall_s": measured["wall_s"],
                "peak_tree_mib": measured["peak_tree_mib"],
                "peak_driver_mib": measured["peak_driver_mib"],
@@ -315,25 +332,40 @@ def run_scale(args: argparse.Namespace) -> None:
             "peak_driver_mib": inc["peak_driver_mib"],
             "timings": inc["result"]["metrics"]["timings"],
             "rows": inc["result"]["metrics"]["rows"], "log": inc["log"]}
-    (REPO / args.out_md).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    Path(args.out_md).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print(f"scale: done in {measured['wall_s']:.0f} s; peak RSS driver "
           f"{measured['peak_driver_mib']:.0f} MiB, tree {measured['peak_tree_mib']:.0f} MiB; "
           f"wrote {args.out_md}", flush=True)
 
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {least}")
+        return value
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="20M-item build, measured; writes docs/SCALE.md")
-    p.add_argument("--rows", type=int, default=20_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--config", default="conf/scale.yaml")
-    p.add_argument("--workdir", default="out/scale")
-    p.add_argument("--chunk-rows", type=int, default=131_072)
-    p.add_argument("--out-md", default="docs/SCALE.md")
-    p.add_argument("--project-rows", type=int, default=300_000_000)
-    p.add_argument("--nodes", type=int, default=8)
-    p.add_argument("--cores", type=int, default=16)
-    p.add_argument("--delta-rows", type=int, default=0,
+    p = argparse.ArgumentParser(description="20M-item build, measured; writes docs/SCALE.md",
+                                epilog="Relative paths are of the current directory; the "
+                                "defaults are the repository's.")
+    p.add_argument("--rows", type=_count(1), default=20_000_000)
+    p.add_argument("--dim", type=_count(1), default=128)
+    p.add_argument("--config", default=str(REPO / "conf/scale.yaml"))
+    p.add_argument("--workdir", default=str(REPO / "out/scale"))
+    p.add_argument("--chunk-rows", type=_count(1), default=131_072)
+    p.add_argument("--out-md", default=str(REPO / "docs/SCALE.md"))
+    p.add_argument("--project-rows", type=_count(1), default=300_000_000)
+    p.add_argument("--nodes", type=_count(1), default=8)
+    p.add_argument("--cores", type=_count(1), default=16)
+    p.add_argument("--delta-rows", type=_count(0), default=0,
                    help="then encode a delta of this many items (half changed, half new) "
                         "incrementally on top of the build, measured too")
     return p

@@ -45,6 +45,9 @@ class CatalogSpec:
     draw: int = 0  # which draw of items from the mixture (its centres depend on `seed` only)
 
 
+COMPRESSIONS = ("snappy", "zstd", "gzip", "brotli", "lz4", "none")  # Parquet's codecs
+
+
 @dataclass(frozen=True)
 class CatalogInfo:
     path: str
@@ -122,11 +125,18 @@ def write_catalog(url: str, spec: CatalogSpec, rows: int, *, chunk_rows: int = 2
                   first_id: int = 0) -> CatalogInfo:
     """Write `rows` items (ids from `first_id`) as `part-NNNNN.parquet` files under `url` (a
     directory; fsspec URL or local path), one row group per chunk, `chunks_per_file` chunks
-    per file. Memory stays at about one chunk (chunk_rows x dim float32)."""
+    per file. Memory stays at about one chunk (chunk_rows x dim float32). The part files of
+    an earlier catalog there are removed first (a build would read them as this one's). The
+    rows depend on the seed, the draw and `chunk_rows` (each chunk is drawn on its own)."""
     if chunks_per_file < 1:
         raise ValueError(f"chunks_per_file must be >= 1, got {chunks_per_file}")
+    if compression.lower() not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
     fs, root = fsio.resolve(url)
     fs.makedirs(root, exist_ok=True)
+    stale = fs.glob(fsio.join(root, "part-*.parquet"))
+    if stale:
+        fs.rm(stale)
     files = groups = 0
     writer: pq.ParquetWriter | None = None
     sink = None
