@@ -86,16 +86,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_versions(args: argparse.Namespace) -> int:
+def _table(root: str, table: str) -> TableStore:
+    """The table at --root / --table; StoreError where there is none (a mistyped --root or
+    --table would list nothing, or be told to build a first version)."""
     from semid_dist.config_checks import check_table_name
     from semid_dist.errors import StoreError
     from semid_dist.io import fs as fsio
     from semid_dist.io.store import TableStore
 
-    check_table_name(args.table, "--table")
-    store = TableStore(args.root, args.table)
-    if not store.fs.isdir(store.base):  # a mistyped --root or --table lists nothing
+    check_table_name(table, "--table")
+    store = TableStore(root, table)
+    if not store.fs.isdir(store.base):
         raise StoreError(f"no table at {fsio.redact_url(store.url)}: check --root and --table")
+    return store
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    store = _table(args.root, args.table)
     if args.action in ("gc", "diff"):
         return cmd_versions_gc(args, store) if args.action == "gc" else cmd_versions_diff(
             args, store)
@@ -170,13 +177,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     """`semid report`: re-render the report of a committed version into its report/ folder
     (derived output; the manifest is left as it is)."""
     from semid_dist.config import absolute_url
-    from semid_dist.config_checks import check_table_name
     from semid_dist.errors import StoreError
-    from semid_dist.io.store import TableStore
     from semid_dist.report import REPORT_HTML, write_report
 
-    check_table_name(args.table, "--table")
-    store = TableStore(absolute_url(args.root), args.table)  # the page names where it is
+    store = _table(absolute_url(args.root), args.table)  # the page names where it is
     vid = store.resolve(args.version)
     store.manifest(vid)  # a damaged manifest: a named error, before anything is written
     path = f"{store.display_url(vid)}/{REPORT_HTML}"

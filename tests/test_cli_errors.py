@@ -172,12 +172,12 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
 
 
 def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
-    """A mistyped --root or --table: an error, not an empty list (or an empty gc)."""
-    for action in (["list"], ["gc", "--keep", "1"]):
-        line = named_error(semid("versions", *action, "--root", str(tmp_path / "nope"),
-                                 "--table", "sids"))
-        assert line == (f"semid versions: error: no table at {tmp_path / 'nope'}/sids: check "
-                        "--root and --table"), line
+    """A mistyped --root or --table: an error, not an empty list (or an empty gc), nor (for
+    `semid report`) advice to build a first version."""
+    for command in (["versions", "list"], ["versions", "gc", "--keep", "1"], ["report"]):
+        line = named_error(semid(*command, "--root", str(tmp_path / "nope"), "--table", "sids"))
+        assert line == (f"semid {command[0]}: error: no table at {tmp_path / 'nope'}/sids: "
+                        "check --root and --table"), line
 
 
 def test_a_command_keeps_the_callers_sigint_handler(tmp_path):

@@ -192,6 +192,20 @@ def test_write_file_entry_matches_bytes(root):
     assert store.read_bytes("v", "codebooks/codebooks.json") == b'{"a": 1}'
 
 
+def test_a_local_write_onto_a_folder_fails_and_leaves_nothing(tmp_path):
+    """fsspec's mv moved the written file into a folder of the target's name: the write
+    "succeeded" and the file was not where it was meant to be."""
+    from semid_dist.io import fs as fsio
+
+    target = tmp_path / "report.html"
+    target.mkdir()
+    fs, path = fsio.resolve(str(target))
+    with pytest.raises(IsADirectoryError):
+        fsio.write_bytes(fs, path, b"<html>")
+    assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.html"]
+
+
 def test_local_writes_leave_no_temporary_files(tmp_path):
     store = TableStore(str(tmp_path / "r"), "sids")
     vid = vid_at(0)

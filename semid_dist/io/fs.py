@@ -80,7 +80,12 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        try:  # (fsspec's mv, shutil.move, moves the file into a folder named `path`)
+            os.replace(tmp, path)
+        except OSError:
+            with suppress(OSError):
+                os.remove(tmp)
+            raise
     else:  # object stores publish a PUT atomically
         fs.pipe_file(path, data)
 
