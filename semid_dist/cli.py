@@ -119,7 +119,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
                          "created_at": m.get("created_at"), "rows": m.get("rows")})
         text = "\n".join(f"{'*' if r['latest'] else ' '} {r['version_id']}  {r['created_at']}  "
                          f"encoded {r['rows']['encoded']}  rejected {r['rows']['rejected']}"
-                         + (f"  carried {r['rows']['carried']}" if "carried" in r["rows"] else "")
+                         + (f"  carried {r['rows']['carried']}  replaced "
+                            f"{r['rows'].get('replaced', 0)}" if "carried" in r["rows"] else "")
                          for r in rows) or "(no committed versions)"
         _print(rows, args.json, text)
     else:  # show

@@ -265,7 +265,7 @@ def test_cli_encode_incremental(catalogs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"carried {N - CHANGED} from the parent (replaced {CHANGED})" in out
     assert main(["versions", "list", "--root", root, "--table", "sids"]) == 0
-    assert f"carried {N - CHANGED}" in capsys.readouterr().out
+    assert f"carried {N - CHANGED}  replaced {CHANGED}" in capsys.readouterr().out
 
 
 def test_rejected_update_keeps_the_parent_row(catalogs, tmp_path):
