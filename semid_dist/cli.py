@@ -278,14 +278,17 @@ def _one_interrupt() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGINT, previous)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run the command line `argv` (default: the process's); returns its exit status. A
+    caller's SIGINT handler is put back when it returns, unless the command was interrupted
+    and the process is `exiting` with the status (`entry`)."""
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra:  # key=value overrides may follow options such as --json
         if not hasattr(args, "overrides") or any("=" not in e for e in extra):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    restore = _one_interrupt()
+    restore, interrupted = _one_interrupt(), False
     try:
         return args.func(args)
     except SemidError as exc:
@@ -299,10 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         said = (f"interrupted after version {committed} was committed" if committed else
                 "interrupted; nothing was committed")
         print(f"semid {args.command}: {said}", file=sys.stderr)
+        interrupted = True
         return 130
     finally:
-        restore()
+        if not (interrupted and exiting):
+            restore()
+
+
+def entry() -> None:
+    """The `semid` command: `main`, then exit with its status. Once the command was
+    interrupted, the Ctrl-Cs that follow stay ignored until the process exits (one after
+    `main` put Python's handler back killed it by SIGINT, not status 130)."""
+    sys.exit(main(exiting=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

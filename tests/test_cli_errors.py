@@ -171,6 +171,39 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
         f"semid build: interrupted after version {versions[0]} was committed"), rest
 
 
+def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path):
+    """An impatient user's Ctrl-Cs, every 20 ms from the fit until the process is gone: the
+    first stops the build, the others are ignored to the end (one after the command put
+    Python's handler back killed the process by SIGINT, not status 130)."""
+    catalog = write_catalog(tmp_path / "cat", clustered(3000, 8, seed=2))
+    cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
+        "engine": "local", "input": {"path": catalog},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [16, 8], "niter": 4}, "fit": {"sample_size": 2000},
+        "encode": {"shard_rows": 500}}))
+    proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        err = ""
+        for line in proc.stderr:
+            err += line
+            if line.startswith("[semid") and "plan:" in line:
+                break
+        stderr = threading.Thread(target=lambda: proc.stderr.read(), daemon=True)
+        stderr.start()  # (a full pipe would hold the process up)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert TableStore(str(tmp_path / "out"), "sids").versions() == []
+
+
 def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
     """A mistyped --root or --table: an error, not an empty list (or an empty gc), nor (for
     `semid report`) advice to build a first version."""
