@@ -9,9 +9,9 @@ a temporary directory) and the table is read from the committed metrics:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 
+from semid_dist.cli import run_job
 from semid_dist.config import load_config
 from semid_dist.pipeline import build, make_logger
 
@@ -62,4 +62,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_job("compare_quantizers.py", main)

@@ -7,8 +7,8 @@ SIDs, max items per SID and mean SID length; all versions land in `<output.root>
 """
 
 import argparse
-import sys
 
+from semid_dist.cli import run_job
 from semid_dist.config import load_config
 from semid_dist.pipeline import build
 
@@ -42,4 +42,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_job("prune_sweep.py", main)

@@ -165,7 +165,7 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     from semid_dist.summary import format_drift
 
     to = store.resolve(args.to_version)
-    src = args.from_version or store.manifest(to).get("parent")
+    src = store.manifest(to).get("parent") if args.from_version is None else args.from_version
     if src is None:
         raise StoreError(f"version {to} has no parent; name the version to compare with: "
                          "--from VERSION")
@@ -307,6 +307,21 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     finally:
         if not (interrupted and exiting):
             restore()
+
+
+def run_job(name: str, run: Callable[[list[str]], int]) -> None:
+    """A job script's entry (jobs/*.py): `run(sys.argv[1:])`, then exit with its status; a
+    named failure (bad config, input ...) is one line `NAME: error: ...` and status 2, a
+    Ctrl-C status 130, as for `semid`'s commands."""
+    try:
+        status = run(sys.argv[1:])
+    except SemidError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status)
 
 
 def entry() -> None:

@@ -204,6 +204,21 @@ def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path):
     assert TableStore(str(tmp_path / "out"), "sids").versions() == []
 
 
+def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
+    """jobs/prune_sweep.py and jobs/compare_quantizers.py, as `semid` (tracebacks)."""
+    cfg = write(tmp_path / "c.yaml", GOOD)
+    for job, args, message in (
+            ("prune_sweep.py", ["--config", str(tmp_path / "nope.yaml")],
+             f"config file '{tmp_path / 'nope.yaml'}' does not exist"),
+            ("compare_quantizers.py", ["--config", cfg, "fit.smaple=3"],
+             f"{cfg} with override fit.smaple=3: unknown config key 'fit.smaple'")):
+        run = subprocess.run([sys.executable, f"jobs/{job}", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.startswith(f"{job}: error: {message}"), (
+            run.returncode, run.stderr[-2000:])
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
     """A mistyped --root or --table: an error, not an empty list (or an empty gc), nor (for
     `semid report`) advice to build a first version."""

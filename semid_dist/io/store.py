@@ -188,7 +188,7 @@ class TableStore:
         if not self.fs.exists(fsio.join(self.version_dir(version), MANIFEST)):
             known = ", ".join(self.versions()[-5:]) or "none"
             raise StoreError(f"version {version!r} of table {self.url!r} is not committed "
-                             f"(latest committed: {known})")
+                             f"(newest committed: {known})")
         return version
 
     def manifest(self, version: str | None = None) -> dict[str, Any]:
