@@ -48,4 +48,4 @@ def spark_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(spark_argv(sys.argv[1:])))
+    sys.exit(main(spark_argv(sys.argv[1:]), exiting=True))

@@ -274,6 +274,7 @@ def _one_interrupt() -> Callable[[], None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
+    interrupt.ignores_later_interrupts = True  # (the Spark engine's guard reads it)
     signal.signal(signal.SIGINT, interrupt)
     return lambda: signal.signal(signal.SIGINT, previous)
 

@@ -171,13 +171,17 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
         f"semid build: interrupted after version {versions[0]} was committed"), rest
 
 
-def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path):
-    """An impatient user's Ctrl-Cs, every 20 ms from the fit until the process is gone: the
-    first stops the build, the others are ignored to the end (one after the command put
-    Python's handler back killed the process by SIGINT, not status 130)."""
+@pytest.mark.parametrize("engine", ["local", "spark"])
+def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path, engine):
+    """An impatient user's Ctrl-Cs, every 20 ms from the plan until the process is gone:
+    the first stops the build, the others are ignored to the end (one after the command put
+    Python's handler back killed the process by SIGINT, not status 130; on Spark, after
+    the engine put semid's handler back)."""
+    if engine == "spark":
+        pytest.importorskip("pyspark")
     catalog = write_catalog(tmp_path / "cat", clustered(3000, 8, seed=2))
     cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
-        "engine": "local", "input": {"path": catalog},
+        "engine": engine, "input": {"path": catalog}, "spark": {"master": "local[1]"},
         "output": {"root": str(tmp_path / "out"), "table": "sids"},
         "quantizer": {"layers": [16, 8], "niter": 4}, "fit": {"sample_size": 2000},
         "encode": {"shard_rows": 500}}))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -563,20 +566,16 @@ def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path
 def test_ctrl_c_while_the_driver_waits_on_a_spark_job_cancels_it_cleanly(spark_session, caplog):
     """The engine's SIGINT handler over pyspark's: a Ctrl-C while the driver waits on a job
     (inside a Py4J call) cancels the job from a thread of its own, and the job's failure is
-    the KeyboardInterrupt. pyspark's own handler cancelled it through the
-    connection the driver waited on ("reentrant call": the job ran on), py4j logged two
-    tracebacks, and its KeyboardInterrupt inside the call could break the connection. The
-    session works on after it, and pyspark's handler is put back."""
-    import signal
-    import threading
-    import time
-
+    the KeyboardInterrupt. pyspark's own handler cancelled it through the connection the
+    driver waited on ("reentrant call": the job ran on), py4j logged two tracebacks, and
+    its KeyboardInterrupt inside the call could break the connection. The session works on
+    after it, and pyspark's handler is put back."""
     from semid_dist.engines.spark import task_errors
     from semid_dist.engines.spark_session import guard_interrupts
 
     sc = spark_session.sparkContext
     pysparks = signal.getsignal(signal.SIGINT)
-    restore = guard_interrupts(sc, signal.default_int_handler, started=False)
+    guard = guard_interrupts(sc, signal.default_int_handler, started=False)
     ctrl_c = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
     start = time.monotonic()
     ctrl_c.start()
@@ -586,8 +585,60 @@ def test_ctrl_c_while_the_driver_waits_on_a_spark_job_cancels_it_cleanly(spark_s
         waited = time.monotonic() - start
     finally:
         ctrl_c.cancel()
-        restore(False)
+        guard.release(stopped=False)
     assert waited < 45, waited  # cancelled, not waited out (60 s)
     assert not [r for r in caplog.records if "py4j" in r.pathname], caplog.text
     assert signal.getsignal(signal.SIGINT) is pysparks
     assert sc.parallelize(range(10), 2).sum() == 45
+
+
+def _from_py4j(guard) -> None:
+    """Call the SIGINT handler `guard` as a signal would while the driver is inside a Py4J
+    call (a frame of a py4j module)."""
+    code = compile("guard(signal.SIGINT, sys._getframe())", "/site-packages/py4j/call.py",
+                   "exec")
+    exec(code, {"guard": guard, "signal": signal, "sys": sys})
+
+
+def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stops(
+        spark_session):
+    """A Ctrl-C inside a Py4J call is raised once the driver is out of it (the cancel
+    thread interrupts it again), a second one at once (a call no cancel ends); one while
+    the engine closes, after the session has stopped; a SIGINT ignored before a session
+    the engine started stays ignored, and semid's once-only handler is not put back after
+    a Ctrl-C (the next would have raised again in the command's clean-up)."""
+    from semid_dist.engines.spark_session import guard_interrupts
+
+    sc = spark_session.sparkContext
+    pysparks = signal.getsignal(signal.SIGINT)
+    try:
+        guard = guard_interrupts(sc, signal.default_int_handler, started=False)
+        with pytest.raises(KeyboardInterrupt):
+            _from_py4j(guard)  # deferred: returns
+            time.sleep(10)  # out of the call: the cancel thread's interrupt raises here
+        guard.release(stopped=False)
+        assert signal.getsignal(signal.SIGINT) is pysparks
+
+        guard = guard_interrupts(sc, signal.default_int_handler, started=False)
+        guard.hold()
+        guard(signal.SIGINT, None)  # the engine closes: noted only
+        with pytest.raises(KeyboardInterrupt):
+            guard.release(stopped=True)  # raised once the session stopped
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        def once(signum, frame):
+            raise KeyboardInterrupt
+        once.ignores_later_interrupts = True
+        guard = guard_interrupts(sc, once, started=True)
+        guard.hold()
+        guard(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            guard.release(stopped=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+        signal.signal(signal.SIGINT, pysparks)
+        assert guard_interrupts(sc, signal.SIG_IGN, started=True) is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, pysparks)
+        sc.setLogLevel("ERROR")

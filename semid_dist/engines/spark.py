@@ -218,20 +218,25 @@ class SparkEngine(LocalEngine):
         with session.no_pandas_warning():
             self.spark, self._started = session.spark_session(cfg)
         sc = self.spark.sparkContext
-        self._restore_interrupts = session.guard_interrupts(sc, before, self._started)
+        self._guard = session.guard_interrupts(sc, before, self._started)
         self._warm: threading.Thread | None = None
         log(f"spark: master {sc.master}, {sc.defaultParallelism} task slots, "
             f"{'new' if self._started else 'existing'} session {sc.applicationId}")
 
     def close(self) -> None:
-        if self._warm is not None:  # the session is not stopped under a running warm-up
-            self._warm.join(timeout=60)
-        stopped = self._started
-        if self._started:
-            self.spark.stop()
-            self._started = False
-        self._restore_interrupts(stopped)
-        self._restore_interrupts = lambda stopped: None
+        guard, self._guard = self._guard, None
+        if guard is not None:  # a Ctrl-C now is raised once the session has stopped
+            guard.hold()
+        stopped = False
+        try:
+            if self._warm is not None:  # the session is not stopped under a running warm-up
+                self._warm.join(timeout=60)
+            if self._started:
+                self.spark.stop()
+                self._started, stopped = False, True
+        finally:
+            if guard is not None:
+                guard.release(stopped)
 
     def warm_up(self) -> None:
         """Start the session's Python workers with the encode modules imported, in the

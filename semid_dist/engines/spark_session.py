@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -175,33 +175,41 @@ def _in_py4j(frame: FrameType | None) -> bool:
 class InterruptGuard:
     """The SIGINT handler while the Spark engine runs, in the main thread. A Ctrl-C cancels
     the session's running jobs from a thread of its own and stops the build
-    (KeyboardInterrupt) once the driver is out of its Py4J call, if it is in one; later
-    Ctrl-Cs, while it stops, are ignored. pyspark's own handler cancels them from inside the
-    signal, through the Py4J connection the driver waits on: the cancel failed ("reentrant
-    call"), py4j printed two tracebacks, and the KeyboardInterrupt it raised inside that
-    call could break the connection, so the build ended with a Py4J traceback (status 1).
-    In a session the engine started, the JVM's warnings of the tasks the cancel kills are
-    not printed either."""
+    (KeyboardInterrupt) once the driver is out of its Py4J call, if it is in one (a second
+    Ctrl-C while it waits there stops it at once: a call no cancel ends); later Ctrl-Cs,
+    while it stops, are ignored. pyspark's own handler cancels them from inside the signal,
+    through the Py4J connection the driver waits on: the cancel failed ("reentrant call"),
+    py4j printed two tracebacks, and the KeyboardInterrupt it raised inside that call could
+    break the connection, so the build ended with a Py4J traceback (status 1). In a session
+    the engine started, the JVM's warnings of the tasks the cancel kills are not printed
+    either. While the engine closes (`hold`) a Ctrl-C is only noted, and raised once the
+    session has stopped (`release`)."""
 
-    def __init__(self, sc: SparkContext, started: bool) -> None:
+    def __init__(self, sc: SparkContext, started: bool, before: Any, pysparks: Any) -> None:
         self.sc, self.started = sc, started
+        self.before, self.pysparks = before, pysparks  # the handlers to put back
         self.pending = False  # a Ctrl-C came
         self.raised = False  # its KeyboardInterrupt was raised (or the engine is done)
+        self.holding = False  # the engine closes: Ctrl-Cs are noted only
+        self._poked = False  # the next call is `_cancel`'s interrupt, not a Ctrl-C
         self._lock = threading.Lock()
         self._quiet = _Py4JRecords()
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        poked, self._poked = self._poked, False
         if self.raised:
             return
-        if not self.pending:
+        first = not self.pending
+        if first:
             self.pending = True
             logging.getLogger().addFilter(self._quiet)
-            threading.Thread(target=self._cancel, name="semid-spark-cancel",
-                             daemon=True).start()
-        if not _in_py4j(frame):
-            self.claim()
-            raise KeyboardInterrupt
-        # else raised once the call returns: `_cancel` interrupts the driver again
+            if not self.holding:
+                threading.Thread(target=self._cancel, name="semid-spark-cancel",
+                                 daemon=True).start()
+        if self.holding or (_in_py4j(frame) and (first or poked)):
+            return  # raised by `release`, or once the call returns (`_cancel` pokes again)
+        self.claim()
+        raise KeyboardInterrupt
 
     def claim(self) -> bool:
         """True once, where a Ctrl-C came and no KeyboardInterrupt was raised for it: the
@@ -221,42 +229,52 @@ class InterruptGuard:
             self.sc.cancelAllJobs()
         while True:
             with self._lock:
-                if self.raised:
+                if self.raised or self.holding:
                     return
+                self._poked = True
                 _thread.interrupt_main()
             time.sleep(0.05)
 
-    def forget(self) -> bool:
-        """Once the engine is done: py4j's records are printed again. True where a Ctrl-C
-        came that no KeyboardInterrupt was raised for (the driver was in a Py4J call all
-        along: the session's stop)."""
+    def hold(self) -> None:
+        """The engine closes (the session stops): from now on a Ctrl-C is only noted."""
+        with self._lock:
+            self.holding = True
+
+    def release(self, stopped: bool) -> None:
+        """The engine is done: put back the handler from before the session where the
+        engine `stopped` it, else pyspark's (a session that lives on); SIG_IGN instead of a
+        handler that ignores all but the first Ctrl-C (semid's) once one came. py4j's
+        records are printed again. A Ctrl-C that came and was not raised is raised now."""
+        global _GUARD
         unraised = self.claim()
         with self._lock:
             self.raised = True
         logging.getLogger().removeFilter(self._quiet)
-        return unraised
-
-
-def guard_interrupts(sc: SparkContext, before: Any, started: bool) -> Callable[[bool], None]:
-    """Install an `InterruptGuard` over pyspark's handler, where pyspark installed one (the
-    main thread; a SIGINT ignored by the starting shell stays ignored). Returns what puts
-    back, once the engine is done, the handler from `before` the session where the engine
-    stopped it, else pyspark's (a session that lives on)."""
-    global _GUARD
-    pysparks = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(pysparks):
-        return lambda stopped: None
-    guard = _GUARD = InterruptGuard(sc, started)
-    signal.signal(signal.SIGINT, guard)
-
-    def restore(stopped: bool) -> None:
-        global _GUARD
-        unraised = guard.forget()
-        _GUARD = None
-        signal.signal(signal.SIGINT, before if stopped else pysparks)
+        if _GUARD is self:
+            _GUARD = None
+        handler = self.before if stopped else self.pysparks
+        once = getattr(handler, "ignores_later_interrupts", False)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.pending and once else handler)
         if unraised:
             raise KeyboardInterrupt
-    return restore
+
+
+def guard_interrupts(sc: SparkContext, before: Any, started: bool) -> InterruptGuard | None:
+    """Install an `InterruptGuard` over pyspark's handler (pyspark installs its own as a
+    session starts in the main thread, over any other; its `before`). A SIGINT ignored
+    before a session the engine started stays ignored. None where no guard stands."""
+    global _GUARD
+    pysparks = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if started and before is signal.SIG_IGN:  # (as `nohup ... &` starts it)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return None
+    if not callable(pysparks):
+        return None
+    guard = _GUARD = InterruptGuard(sc, started, before, pysparks)
+    signal.signal(signal.SIGINT, guard)
+    return guard
 
 
 _GUARD: InterruptGuard | None = None
