@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from semid_dist.cli import run_job
+from semid_dist.cli import job_entry
 from semid_dist.config import load_config
 from semid_dist.pipeline import build, make_logger
 
@@ -62,4 +62,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_job("compare_quantizers.py", main)
+    job_entry("compare_quantizers.py", main)

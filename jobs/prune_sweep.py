@@ -8,7 +8,7 @@ SIDs, max items per SID and mean SID length; all versions land in `<output.root>
 
 import argparse
 
-from semid_dist.cli import run_job
+from semid_dist.cli import job_entry
 from semid_dist.config import load_config
 from semid_dist.pipeline import build
 
@@ -42,4 +42,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_job("prune_sweep.py", main)
+    job_entry("prune_sweep.py", main)

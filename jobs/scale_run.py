@@ -6,7 +6,8 @@ for a larger catalog on a cluster, with every assumption stated. Writes docs/SCA
     python jobs/scale_run.py --rows 2000000        # a smaller check
 
 The catalog is generated first (scripts/gen_synthetic.py's model, bounded memory) unless it
-is already there with the right row count.
+is already there with the asked row count and dimension. Relative paths are of the current
+directory.
 """
 
 import sys

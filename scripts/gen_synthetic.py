@@ -20,35 +20,25 @@ import time
 from semid_dist.bench.synthetic import (
     COMPRESSIONS,
     CatalogSpec,
+    at_least,
     default_chunk_rows,
     write_catalog,
 )
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory (local path or fsspec URL); the "
                    "part-*.parquet files of an earlier catalog there are replaced")
-    p.add_argument("--rows", type=positive, required=True)
-    p.add_argument("--dim", type=positive, default=128)
+    p.add_argument("--rows", type=at_least(1), required=True)
+    p.add_argument("--dim", type=at_least(1), default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clusters", type=positive, default=CatalogSpec.clusters)
-    p.add_argument("--groups", type=positive, default=CatalogSpec.groups)
-    p.add_argument("--chunk-rows", type=positive, help="rows per row group (default: <= 256 "
+    p.add_argument("--clusters", type=at_least(1), default=CatalogSpec.clusters)
+    p.add_argument("--groups", type=at_least(1), default=CatalogSpec.groups)
+    p.add_argument("--chunk-rows", type=at_least(1), help="rows per row group (default: <= 256 "
                    "MiB); each is drawn on its own, so the same seed and chunk rows give the "
                    "same catalog")
-    p.add_argument("--chunks-per-file", type=positive, default=4)
+    p.add_argument("--chunks-per-file", type=at_least(1), default=4)
     p.add_argument("--compression", default="snappy", choices=COMPRESSIONS)
     a = p.parse_args()
     spec = CatalogSpec(dim=a.dim, clusters=a.clusters, groups=a.groups, seed=a.seed)

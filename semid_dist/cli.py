@@ -119,8 +119,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
                          "created_at": m.get("created_at"), "rows": m.get("rows")})
         text = "\n".join(f"{'*' if r['latest'] else ' '} {r['version_id']}  {r['created_at']}  "
                          f"encoded {r['rows']['encoded']}  rejected {r['rows']['rejected']}"
-                         + (f"  carried {r['rows']['carried']}  replaced "
-                            f"{r['rows'].get('replaced', 0)}" if "carried" in r["rows"] else "")
+                         + (f"  carried {r['rows']['carried']}" if "carried" in r["rows"] else "")
+                         + (f"  replaced {r['rows']['replaced']}" if "replaced" in r["rows"]
+                            else "")
                          for r in rows) or "(no committed versions)"
         _print(rows, args.json, text)
     else:  # show
@@ -289,20 +290,33 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if not hasattr(args, "overrides") or any("=" not in e for e in extra):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return _run(f"semid {args.command}", lambda: args.func(args), exiting=exiting,
+                committed=lambda: getattr(args, "committed", None))
+
+
+def _run(name: str, run: Callable[[], int], *, exiting: bool,
+         committed: Callable[[], str | None] | None = None) -> int:
+    """`run()` with a command's endings: its status; a named failure one line `NAME: error:
+    ...` and status 2; a closed stdout 141; Ctrl-C one line and 130, the Ctrl-Cs after the
+    first ignored (`_one_interrupt`). The line says whether the version was committed where
+    `committed` tells (one build's command), else that the versions committed before stay.
+    The caller's SIGINT handler is put back unless it was interrupted and the process is
+    `exiting` with the status."""
     restore, interrupted = _one_interrupt(), False
     try:
-        return args.func(args)
+        return run()
     except SemidError as exc:
-        print(f"semid {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except _StdoutClosed:  # what coreutils do: no message, the status of a SIGPIPE death
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush at exit)
         return 141  # 128 + SIGPIPE
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
-        committed = getattr(exc, "version_id", None) or getattr(args, "committed", None)
-        said = (f"interrupted after version {committed} was committed" if committed else
-                "interrupted; nothing was committed")
-        print(f"semid {args.command}: {said}", file=sys.stderr)
+        version = getattr(exc, "version_id", None) or (committed and committed())
+        said = (f"interrupted after version {version} was committed" if version else
+                "interrupted; nothing was committed" if committed else
+                "interrupted (the versions it committed before stay)")
+        print(f"{name}: {said}", file=sys.stderr)
         interrupted = True
         return 130
     finally:
@@ -310,19 +324,10 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             restore()
 
 
-def run_job(name: str, run: Callable[[list[str]], int]) -> None:
-    """A job script's entry (jobs/*.py): `run(sys.argv[1:])`, then exit with its status; a
-    named failure (bad config, input ...) is one line `NAME: error: ...` and status 2, a
-    Ctrl-C status 130, as for `semid`'s commands."""
-    try:
-        status = run(sys.argv[1:])
-    except SemidError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        status = 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+def job_entry(name: str, run: Callable[[list[str]], int]) -> None:
+    """A job script's entry (jobs/*.py): `run(sys.argv[1:])`, then exit with its status,
+    ending as `semid`'s commands do (`_run`)."""
+    sys.exit(_run(name, lambda: run(sys.argv[1:]), exiting=True))
 
 
 def entry() -> None:

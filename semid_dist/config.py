@@ -365,7 +365,7 @@ def _overrides_at_fault(data: Any, overrides: list[str], message: str) -> list[s
     file's `prune.layer: 2`): each left out in turn and kept only where the error goes
     without it, so none is named that the error does not need; none where the file alone
     gives it."""
-    def gives_it(items: list[str]) -> bool:
+    def gives_it(items: list[str]) -> bool:  # (the messages hold nothing that varies)
         try:
             parse_config(data, items)
         except ConfigError as exc:

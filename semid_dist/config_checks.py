@@ -13,17 +13,18 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from semid_dist.errors import ConfigError, one_line
+from semid_dist.io.fs import FOLDER_NAME
 from semid_dist.io.validate import check_distinct_columns
 
 if TYPE_CHECKING:
     from semid_dist.config import BuildConfig, PruneConfig
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-_TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
-_SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes
+_SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes (a cluster manager
+    # plugin takes its own scheme://...)
     r"yarn|local(\[([0-9]+|\*)(\s*,\s*[0-9]+)?\])?"
-    r"|local-cluster\[\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*\]|(spark|k8s|mesos)://\S+")
+    r"|local-cluster\[\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*\]|[A-Za-z][A-Za-z0-9+.-]*://\S+")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -159,7 +160,7 @@ def error_origin(path: Path, message: str, overrides: list[str]) -> str:
 def check_table_name(table: str, key: str = "output.table") -> None:
     """output.table (or the commands' --table) is one directory under the root: nothing that
     climbs out of it or nests, nor a hidden or `_`-prefixed name."""
-    if not _TABLE_NAME.fullmatch(table):
+    if not FOLDER_NAME.fullmatch(table):
         raise ConfigError(f"{key}: {table!r} is not a table name: give one directory "
                           "name of letters, digits, '.', '_' and '-' that starts with a letter "
                           "or digit (the table lives at <output.root>/<output.table>/; put "
@@ -190,7 +191,7 @@ def check_consistency(cfg: BuildConfig) -> None:
                           "encode.from_version, which is unset; run `semid encode "
                           "--incremental` (from the latest version) or set "
                           "encode.from_version=<version id>")
-    if re.match(r"https?://", cfg.ray.address or ""):
+    if re.match(r"https?://", cfg.ray.address or "", re.IGNORECASE):
         raise ConfigError(f"ray.address: {cfg.ray.address!r} is an HTTP address (the Ray "
                           "dashboard's, which `ray job submit --address` takes): give the "
                           "cluster's own address as `ray start --head` prints it "
@@ -198,8 +199,8 @@ def check_consistency(cfg: BuildConfig) -> None:
     master = cfg.spark.master
     if master is not None and not _SPARK_MASTER.fullmatch(master):
         raise ConfigError(f"spark.master: {master!r} is not a Spark master URL: give local[*], "
-                          "local[N], spark://HOST:PORT, k8s://HOST:PORT or yarn, or leave it "
-                          "unset (spark-submit's master, else local[*])")
+                          "local[N], spark://HOST:PORT, k8s://https://HOST:PORT or yarn, or "
+                          "leave it unset (spark-submit's master, else local[*])")
     if not _JVM_SIZE.fullmatch(cfg.spark.driver_memory):
         raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory!r} is not a JVM "
                           "memory size: give a number and a unit, e.g. 2g or 512m")

@@ -50,7 +50,7 @@ class Split:
 def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
     """A Parquet file's `columns` that it has (others are skipped)."""
     with fs.open(path, "rb") as f, fsio.damaged_parquet(path):
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
         present = [c for c in columns if c in pf.schema_arrow.names]
         return pf.read(columns=present)
 

@@ -384,7 +384,7 @@ def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
 def test_ray_address_is_no_http_address():
     for good in ("auto", "10.0.0.1:6379", "ray://head:10001"):
         assert parse_config({**MINIMAL, "ray": {"address": good}}).ray.address == good
-    for bad in ("http://head:8265", "https://head:8265"):
+    for bad in ("http://head:8265", "https://head:8265", "HTTP://head:8265"):
         with pytest.raises(ConfigError, match=r"ray.address: .* is an HTTP address \(the Ray "
                                               r"dashboard's"):
             parse_config({**MINIMAL, "ray": {"address": bad}})
@@ -392,7 +392,8 @@ def test_ray_address_is_no_http_address():
 
 def test_spark_master_is_a_master_url():
     for good in ("local", "local[*]", "local[2]", "local[4, 2]", "local-cluster[2,1,1024]",
-                 "spark://a:7077", "spark://a:7077,b:7077", "k8s://https://k:443", "yarn"):
+                 "spark://a:7077", "spark://a:7077,b:7077", "k8s://https://k:443", "yarn",
+                 "nomad://n:4646"):  # (a cluster manager plugin's scheme)
         assert parse_config({**MINIMAL, "spark": {"master": good}}).spark.master == good
     for bad in ("bogus", "local[x]", "localhost", "spark://", "local[2"):
         with pytest.raises(ConfigError, match=r"spark.master: .* is not a Spark master URL: "

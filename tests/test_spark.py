@@ -550,8 +550,9 @@ def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path
             f"output.root={out}")
     assert named_error(cli_build(*args, "spark.master=bogus", timeout=120)) == (
         f"semid build: error: {args[0]} with override spark.master=bogus: spark.master: 'bogus' "
-        "is not a Spark master URL: give local[*], local[N], spark://HOST:PORT, k8s://HOST:PORT "
-        "or yarn, or leave it unset (spark-submit's master, else local[*])")
+        "is not a Spark master URL: give local[*], local[N], spark://HOST:PORT, "
+        "k8s://https://HOST:PORT or yarn, or leave it unset (spark-submit's master, else "
+        "local[*])")
     assert named_error(cli_build(*args, "spark.master=spark://127.0.0.1:1", timeout=60)) == (
         "semid build: error: spark.master=spark://127.0.0.1:1: no Spark master answers there "
         "(127.0.0.1:1: [Errno 111] Connection refused); start it, correct the address, or "

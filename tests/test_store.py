@@ -192,6 +192,27 @@ def test_write_file_entry_matches_bytes(root):
     assert store.read_bytes("v", "codebooks/codebooks.json") == b'{"a": 1}'
 
 
+def test_a_page_that_fails_its_checksum_is_a_named_error(tmp_path):
+    """Files the job writes carry page checksums, verified as they are read back (a
+    damaged page read as other numbers, silently)."""
+    import numpy as np
+
+    from semid_dist import shuffle
+    from semid_dist.io import fs as fsio
+
+    fs, path = fsio.resolve(str(tmp_path / "part.parquet"))
+    fsio.write_parquet(fs, path, pa.table({"a": np.arange(100_000)}))
+    data = bytearray((tmp_path / "part.parquet").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 50] = bytes(50)  # inside a data page
+    (tmp_path / "part.parquet").write_bytes(bytes(data))
+    for read in (lambda: fsio.read_parquet(fs, path),
+                 lambda: shuffle.read_columns(fs, path, ["a"])):
+        with pytest.raises(StoreError, match=r"part.parquet cannot be read as Parquet \(.*CRC "
+                                             r"checksum verification failed.*\): the file is "
+                                             r"damaged"):
+            read()
+
+
 def test_a_local_write_onto_a_folder_fails_and_leaves_nothing(tmp_path):
     """fsspec's mv moved the written file into a folder of the target's name: the write
     "succeeded" and the file was not where it was meant to be."""

@@ -51,11 +51,14 @@ def rate(items_s: float) -> str:
 
 
 def _row(benchmark: str, config: str, measured: str, reference: str, ratio: float,
-         *, fmt: str = "x", target: tuple[str, Callable[[float], bool]] | None = None) -> Row:
+         *, fmt: str = "x", target: tuple[str, Callable[[float], bool]] | None = None,
+         bounded: bool = False) -> Row:
+    """A table row; `bounded`: the ratio is a share of what bounds it (a ceiling, the
+    kernel), so one above 1 says the reference was measured low and is not judged."""
     text = f"{ratio:.0%}" if fmt == "%" else f"{ratio:.2f}x"
     if target is None:
         return Row(benchmark, config, measured, reference, ratio, text)
-    if fmt == "%" and ratio > 1.05:  # a share of what bounds it, well past the bound
+    if bounded and ratio > 1.0:
         return Row(benchmark, config, measured, reference, ratio, text, target[0],
                    above_reference=True)
     return Row(benchmark, config, measured, reference, ratio, text, target[0],
@@ -77,7 +80,7 @@ def kernel_rows(kernels: list[dict[str, Any]]) -> list[Row]:
         if "ratio_ceiling" in k:
             big = max(k["layers"]) >= 4096
             rows.append(_row("encode kernel vs fp32 GEMM ceiling", cfg, rate(ours),
-                             rate(k["ceiling_items_s"]), k["ratio_ceiling"], fmt="%",
+                             rate(k["ceiling_items_s"]), k["ratio_ceiling"], fmt="%", bounded=True,
                              target=(">= 70%", lambda r: r >= 0.7) if big else None))
         if "ours_fast" in k:
             fast = k["ours_fast"]
@@ -100,7 +103,7 @@ def e2e_rows(e2e: list[dict[str, Any]]) -> list[Row]:
                       if run["engine"] == "ray" else None)
             rows.append(_row(f"{name} encode stage vs kernel", cfg, rate(run["encode_items_s"]),
                              rate(block["kernel_items_s"]), run["share_kernel"], fmt="%",
-                             target=target))
+                             target=target, bounded=True))
             if run.get("steady_items_s"):
                 rows.append(_row(f"(info) {name} encode stage after its first shard vs kernel",
                                  cfg, f"{rate(run['steady_items_s'])} (first shard at "
@@ -157,7 +160,7 @@ def gpu_rows(gpu: dict[str, Any] | None) -> list[Row]:
                          "GEMM rate", cfg, rate(exact["items_s"]),
                          f"{rate(exact['ceiling_items_s'])} (codes agree with the CPU "
                          f"kernel's {k['agreement_cpu']:.4%})", exact["ratio_ceiling"],
-                         fmt="%", target=(">= 50%", lambda r: r >= 0.5)))
+                         fmt="%", target=(">= 50%", lambda r: r >= 0.5), bounded=True))
         rows.append(_row("(info) GPU scoring GEMMs alone (the kernel's shapes) vs the GPU's "
                          "fp32 GEMM rate", cfg, rate(k["gemm"]["items_s"]),
                          rate(exact["ceiling_items_s"]), k["gemm"]["ratio_ceiling"], fmt="%"))
@@ -168,7 +171,8 @@ def gpu_rows(gpu: dict[str, Any] | None) -> list[Row]:
                          f"{rate(t['items_s'])} ({t['ratio_exact']:.2f}x exact; "
                          f"{t['rechecked']:.1%} of rows x layers scored again)",
                          f"{rate(per_tf32)} (codes identical to exact {t['identical']:.4%})",
-                         t["ratio_tf32"], fmt="%", target=(">= 50%", lambda r: r >= 0.5)))
+                         t["ratio_tf32"], fmt="%", target=(">= 50%", lambda r: r >= 0.5),
+                         bounded=True))
         per_bf16 = gpu["gemm"]["bf16_tflops"] * 1e12 / k["flop_per_item"]
         rows.append(_row(f"(info) GPU encode fast path bf16 (rerank {fast['rerank']}) vs the "
                          "GPU's bf16 GEMM rate", cfg,

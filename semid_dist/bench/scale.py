@@ -16,14 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist.bench.pipeline import worker_seconds
-from semid_dist.bench.synthetic import CatalogSpec, write_catalog
+from semid_dist.bench.synthetic import CatalogSpec, at_least, write_catalog
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,7 +128,7 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     ids / popularity, reduce over distinct SIDs) grows linearly with the rows on one driver."""
     timings = measured["result"]["metrics"]["timings"]
     scale = target_rows / rows
-    speedup = (nodes * cores) / (os.cpu_count() or 1)
+    speedup = (nodes * cores) / (os.cpuat_least() or 1)
     fit = timings.get("fit_s", 0.0)  # a fixed-size sample: independent of the catalog size
     rows_out = [{"stage": "fit", "measured_s": fit, "projected_s": fit}]
     # shard-parallel: more rows, more cores (drift only when the build had a parent)
@@ -216,7 +215,7 @@ def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: 
         "items made by `scripts/gen_synthetic.py` (clustered, Zipf cluster sizes, long-tailed "
         "popularity, norm growing with popularity).",
         "",
-        f"- machine: {os.cpu_count()} cores, {platform.platform()}, Python "
+        f"- machine: {os.cpuat_least()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}",
         f"- catalog: {info['files']} files, {info['row_groups']} row groups, "
         f"{info['bytes'] / 2**30:.1f} GiB; "
@@ -339,33 +338,20 @@ def run_scale(args: argparse.Namespace) -> None:
 
 
 
-def _count(least: int) -> Callable[[str], int]:
-    """argparse type: an integer >= `least`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is not >= {least}")
-        return value
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="20M-item build, measured; writes docs/SCALE.md",
                                 epilog="Relative paths are of the current directory; the "
                                 "defaults are the repository's.")
-    p.add_argument("--rows", type=_count(1), default=20_000_000)
-    p.add_argument("--dim", type=_count(1), default=128)
+    p.add_argument("--rows", type=at_least(1), default=20_000_000)
+    p.add_argument("--dim", type=at_least(1), default=128)
     p.add_argument("--config", default=str(REPO / "conf/scale.yaml"))
     p.add_argument("--workdir", default=str(REPO / "out/scale"))
-    p.add_argument("--chunk-rows", type=_count(1), default=131_072)
+    p.add_argument("--chunk-rows", type=at_least(1), default=131_072)
     p.add_argument("--out-md", default=str(REPO / "docs/SCALE.md"))
-    p.add_argument("--project-rows", type=_count(1), default=300_000_000)
-    p.add_argument("--nodes", type=_count(1), default=8)
-    p.add_argument("--cores", type=_count(1), default=16)
-    p.add_argument("--delta-rows", type=_count(0), default=0,
+    p.add_argument("--project-rows", type=at_least(1), default=300_000_000)
+    p.add_argument("--nodes", type=at_least(1), default=8)
+    p.add_argument("--cores", type=at_least(1), default=16)
+    p.add_argument("--delta-rows", type=at_least(0), default=0,
                    help="then encode a delta of this many items (half changed, half new) "
                         "incrementally on top of the build, measured too")
     return p

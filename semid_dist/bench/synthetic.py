@@ -18,8 +18,9 @@ embedding fixed_size_list<float32, dim>, popularity int64.
 
 from __future__ import annotations
 
+import argparse
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,19 @@ class CatalogSpec:
 
 
 COMPRESSIONS = ("snappy", "zstd", "gzip", "brotli", "lz4", "none")  # Parquet's codecs
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least` (the generator's and the scale job's sizes)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {least}")
+        return value
+    return parse
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -51,7 +52,7 @@ def _reachable(url: str) -> Iterator[None]:
     """A catalog whose server does not answer, as an InputError naming input.path."""
     try:
         yield
-    except (ConnectionError, TimeoutError) as exc:
+    except (ConnectionError, TimeoutError, socket.gaierror) as exc:  # (gaierror: no such host)
         raise _input_error(f"input.path {url!r} cannot be reached ({type(exc).__name__}: "
                            f"{one_line(exc)}); check its host and port, the network and the "
                            "credentials") from None

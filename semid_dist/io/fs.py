@@ -28,6 +28,9 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s:]*
 _SECRET_PARAM = re.compile(
     r"(?P<name>[?&][^=&#\s]*(?:sig|token|secret|passw|credential|key)[^=&#\s]*=)[^&#\s'\"]*",
     re.IGNORECASE)
+# one folder name that climbs out of nothing and hides nothing: a table under output.root,
+# a version under its table's versions/
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # fsspec filesystems that do not read credentials from the URL (a `KEY:SECRET@` there
 # becomes part of the bucket name and ends up in error messages)
 _NO_URL_CREDENTIALS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
@@ -125,18 +128,23 @@ def write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table,
 
 
 def read_parquet(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file the job wrote; StoreError naming it where it is no Parquet file any
-    more (truncated or overwritten)."""
+    """A Parquet file the job wrote (`write_parquet`: with page checksums, verified here);
+    StoreError naming it where it is no Parquet file any more (truncated, overwritten, a
+    page whose checksum fails)."""
     with fs.open(path, "rb") as f, damaged_parquet(path):
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, page_checksum_verification=True)
 
 
 @contextmanager
 def damaged_parquet(path: str) -> Iterator[None]:
-    """Arrow's error on a file that is not (all) Parquet, as a StoreError naming `path`."""
+    """Arrow's error on a file that is not (all) Parquet (a bad footer: ArrowInvalid; a bad
+    page: OSError), as a StoreError naming `path`; the file system's own errors (a missing
+    file, no access, no connection) pass."""
     try:
         yield
-    except pa.ArrowInvalid as exc:
+    except (FileNotFoundError, PermissionError, ConnectionError, TimeoutError):
+        raise
+    except (pa.ArrowInvalid, OSError) as exc:
         raise StoreError(f"{redact_url(path)} cannot be read as Parquet ({one_line(exc)}): "
                          "the file is damaged; restore it, or build a new version") from None
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -70,9 +69,6 @@ def new_version_id(now: dt.datetime | None = None) -> str:
     return f"{now.strftime(VERSION_TIME_FORMAT)}-{uuid.uuid4().hex[:6]}"
 
 
-_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one folder name under versions/
-
-
 class TableStore:
     """Versions of one table at `<root>/<table>`."""
 
@@ -80,6 +76,7 @@ class TableStore:
         self.root, self.table = root, table
         self.fs, base = fsio.resolve(root)
         self.base = fsio.join(base, table)
+        self._entries: dict[str, dict[str, dict[str, Any]]] = {}  # `_own_files`
 
     @property
     def url(self) -> str:
@@ -115,10 +112,7 @@ class TableStore:
         naming it (a damaged version: a report rendered a `{}` metrics.json with a KeyError
         traceback, or aborted)."""
         path = fsio.join(self.version_dir(version_id), rel)
-        entry = None
-        if rel != MANIFEST and self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
-            entry = next((e for e in self.manifest(version_id)["files"]
-                          if e.get("path") == rel and not e.get("version")), None)
+        entry = None if rel == MANIFEST else self._own_files(version_id).get(rel)
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
@@ -133,6 +127,17 @@ class TableStore:
                              "match the checksum its manifest records; restore the file, or "
                              "build a new version")
         return data
+
+    def _own_files(self, version_id: str) -> dict[str, dict[str, Any]]:
+        """A committed version's manifest entries of its own files (not those it references
+        in a parent), by path; none for a version not committed yet. Read once per version
+        (a committed manifest does not change)."""
+        if version_id not in self._entries:
+            if not self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
+                return {}
+            self._entries[version_id] = {e["path"]: e for e in self.manifest(version_id)["files"]
+                                         if isinstance(e, dict) and not e.get("version")}
+        return self._entries[version_id]
 
     def latest(self) -> str | None:
         """What `_latest` holds, unchecked (None: no such file, or an empty one); `head` is
@@ -181,7 +186,7 @@ class TableStore:
                 raise StoreError(f"table {self.url!r} has no committed version yet; "
                                  "run `semid build` first")
             return head
-        if not _VERSION_NAME.fullmatch(version):  # a path would reach outside versions/
+        if not fsio.FOLDER_NAME.fullmatch(version):  # a path would reach outside versions/
             raise StoreError(f"version {version!r} is not a version id: give one as `semid "
                              "versions list` prints it (e.g. 20261122T020000123456Z-ab12cd), "
                              "or latest")
