@@ -32,7 +32,7 @@ def row(method: str, m: dict) -> str:
     q = m.get("quality") or {}
     head, tail = ((m.get(part) or {}).get("reconstruction", {}).get("mse")
                   for part in ("head", "tail"))
-    return (f"| {method} | {m['reconstruction']['mse']:.4g} | "
+    return (f"| {method} | {m['reconstruction']['mse']:.4f} | "
             f"{m['reconstruction']['relative_error']:.3f} | {_num(head)} | {_num(tail)} | "
             f"{util} | "
             f"{m['collisions']['unique_sid_rate']:.3f} | {gini} | "

@@ -62,7 +62,7 @@ def test_scale_job_builds_and_reports(tmp_path):
     assert list(steps) == ["read", "validate", "quantize", "write", "statistics", "result"]
     total = sum(steps.values())
     shares = ", ".join(f"{k} {v / total:.0%}" for k, v in steps.items())
-    assert (f"| encode workers' time by step (share of their {total:.0f} s) | {shares} |"
+    assert (f"| encode workers' time by step (share of their {total:.1f} s) | {shares} |"
             in page)
     assert f"(quantize: {steps['quantize'] / total:.0%} of the encode workers' time)" in page
     figures = json.loads(md.with_suffix(".json").read_text())

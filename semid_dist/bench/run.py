@@ -306,6 +306,8 @@ class _Jobs:
         from semid_dist.bench.pipeline import job_config, run_job
 
         o = self.opts
+        if command == "build":  # a table's first version (a --workdir used before holds one:
+            shutil.rmtree(self.workdir / "out" / table, ignore_errors=True)  # drift then)
         cfg = job_config(catalog, str(self.workdir / "out"), table, engine=engine,
                          layers=self.layers, cores=self.cores, sample_size=o.build_sample,
                          niter=o.build_niter, seed=o.seed, shard_rows=o.chunk_rows)

@@ -231,7 +231,7 @@ def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: 
         f"| fit (sample, Ray Train) | {t.get('fit_s', 0):.0f} s |",
         f"| encode stage (Ray Data) | {t.get('encode_s', 0):.0f} s "
         f"({rows['input'] / max(t.get('encode_s', 1e-9), 1e-9):,.0f} items/s) |",
-        *([f"| encode workers' time by step (share of their {worker_s:.0f} s) | {by_step} |"]
+        *([f"| encode workers' time by step (share of their {worker_s:.1f} s) | {by_step} |"]
           if shares else []),
         f"| reduce + finalize + lookups | {t.get('reduce_s', 0):.0f} s |",
         "| drift against the parent version | "
