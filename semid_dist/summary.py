@@ -58,6 +58,12 @@ def format_gc(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def estimated_mark(metrics: dict[str, Any]) -> str:
+    """' (estimated)' where an incremental version's relative error, residual norms and
+    quality are estimates (`metrics.incremental.estimated`), else ''."""
+    return " (estimated)" if (metrics.get("incremental") or {}).get("estimated") else ""
+
+
 def format_summary(version_id: str, path: str, metrics: dict[str, Any],
                    drift: dict[str, Any] | None = None) -> str:
     """The build / `semid versions show` summary; `drift` (drift.json, against the parent)
@@ -89,9 +95,10 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
     lines += [
         f"SIDs      distinct {col['distinct_sids']}  unique-SID rate "
         f"{col['unique_sid_rate']:.4f}  max items/SID {col['max_items_per_sid']}",
-        f"recon     mse {rec['mse']:.6f}  relative error {rec['relative_error']:.4f}",
+        f"recon     mse {rec['mse']:.6f}  relative error {rec['relative_error']:.4f}"
+        + estimated_mark(metrics),
         f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"
-        f"  (depth {q['depth']})",
+        f"  (depth {q['depth']})" + estimated_mark(metrics),
     ]
     for part in ("head", "tail"):
         sub = metrics.get(part)

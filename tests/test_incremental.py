@@ -264,6 +264,13 @@ def test_cli_encode_incremental(catalogs, tmp_path, capsys):
                  f"input.path={catalogs['delta']}"]) == 0
     out = capsys.readouterr().out
     assert f"carried {N - CHANGED} from the parent (replaced {CHANGED})" in out
+    # the build's summary, then the incremental one's: with replaced rows, estimates
+    recon = [line for line in out.splitlines() if line.startswith(("recon ", "quality "))]
+    assert len(recon) == 4 and not any("(estimated)" in line for line in recon[:2]), recon
+    assert all(line.endswith("(estimated)") for line in recon[2:]), recon
+    page = TableStore(root, "sids").read_bytes(TableStore(root, "sids").head(),
+                                               "report/report.html").decode()
+    assert "relative error (estimated)" in page and "semantic cohesion (SC) (estimated)" in page
     assert main(["versions", "list", "--root", root, "--table", "sids"]) == 0
     assert f"carried {N - CHANGED}  replaced {CHANGED}" in capsys.readouterr().out
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from semid_dist.summary import estimated_mark
+
 TOP_ROUTING_TOKENS = 10
 
 CSS = """
@@ -163,6 +165,7 @@ def _head_tail_table(head: dict[str, Any], tail: dict[str, Any]) -> str:
 
 def _overview(m: dict[str, Any]) -> str:
     rows, rec, q, col = m["rows"], m["reconstruction"], m["quality"], m["collisions"]
+    est = estimated_mark(m)  # an incremental version's estimates
     cards = [
         "<h3>Rows</h3>" + table(["", "rows"], [["input", rows["input"]],
                                               ["encoded", rows["encoded"]],
@@ -174,9 +177,9 @@ def _overview(m: dict[str, Any]) -> str:
             ["distinct SIDs", col["distinct_sids"]], ["unique-SID rate", col["unique_sid_rate"]],
             ["max items per SID", col["max_items_per_sid"]]]),
         "<h3>Reconstruction and quality</h3>" + table(["", ""], [
-            ["MSE", rec["mse"]], ["relative error", rec["relative_error"]],
-            ["semantic cohesion (SC)", q["semantic_cohesion"]],
-            ["preference discrimination (PD)", q["preference_discrimination"]],
+            ["MSE", rec["mse"]], ["relative error" + est, rec["relative_error"]],
+            ["semantic cohesion (SC)" + est, q["semantic_cohesion"]],
+            ["preference discrimination (PD)" + est, q["preference_discrimination"]],
             ["SC/PD depth, clusters", f"{q['depth']}, {q['clusters']}"]]),
     ]
     return '<div class="cards">' + "".join(f"<div>{c}</div>" for c in cards) + "</div>"
