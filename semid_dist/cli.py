@@ -299,7 +299,7 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
     ...` and status 2; a closed stdout 141; Ctrl-C one line and 130, the Ctrl-Cs after the
     first ignored (`_one_interrupt`). The line says whether the version was committed where
-    `committed` tells (one build's command), else that the versions committed before stay.
+    `committed` tells (one build's command).
     The caller's SIGINT handler is put back unless it was interrupted and the process is
     `exiting` with the status."""
     restore, interrupted = _one_interrupt(), False
@@ -314,8 +314,7 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
         version = getattr(exc, "version_id", None) or (committed and committed())
         said = (f"interrupted after version {version} was committed" if version else
-                "interrupted; nothing was committed" if committed else
-                "interrupted (the versions it committed before stay)")
+                "interrupted; nothing was committed" if committed else "interrupted")
         print(f"{name}: {said}", file=sys.stderr)
         interrupted = True
         return 130

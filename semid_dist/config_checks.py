@@ -197,7 +197,8 @@ def check_consistency(cfg: BuildConfig) -> None:
                           "cluster's own address as `ray start --head` prints it "
                           "(HOST:6379), or auto inside a job submitted to it")
     master = cfg.spark.master
-    if master is not None and not _SPARK_MASTER.fullmatch(master):
+    if master is not None and (not _SPARK_MASTER.fullmatch(master)
+                               or re.match(r"https?://", master, re.IGNORECASE)):  # its web UI
         raise ConfigError(f"spark.master: {master!r} is not a Spark master URL: give local[*], "
                           "local[N], spark://HOST:PORT, k8s://https://HOST:PORT or yarn, or "
                           "leave it unset (spark-submit's master, else local[*])")

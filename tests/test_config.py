@@ -395,7 +395,7 @@ def test_spark_master_is_a_master_url():
                  "spark://a:7077", "spark://a:7077,b:7077", "k8s://https://k:443", "yarn",
                  "nomad://n:4646"):  # (a cluster manager plugin's scheme)
         assert parse_config({**MINIMAL, "spark": {"master": good}}).spark.master == good
-    for bad in ("bogus", "local[x]", "localhost", "spark://", "local[2"):
+    for bad in ("bogus", "local[x]", "localhost", "spark://", "local[2", "http://m:8080"):
         with pytest.raises(ConfigError, match=r"spark.master: .* is not a Spark master URL: "
                                               r"give local\[\*\]"):
             parse_config({**MINIMAL, "spark": {"master": bad}})

@@ -271,6 +271,8 @@ def test_cli_encode_incremental(catalogs, tmp_path, capsys):
     page = TableStore(root, "sids").read_bytes(TableStore(root, "sids").head(),
                                                "report/report.html").decode()
     assert "relative error (estimated)" in page and "semantic cohesion (SC) (estimated)" in page
+    assert '"l">L0 (estimated)</td>' in page and '"l">L1 (estimated)</td>' in page
+    assert '"l">L2</td>' in page  # the last layer's residual norms are exact
     assert main(["versions", "list", "--root", root, "--table", "sids"]) == 0
     assert f"carried {N - CHANGED}  replaced {CHANGED}" in capsys.readouterr().out
 

@@ -586,45 +586,66 @@ def test_ctrl_c_while_the_driver_waits_on_a_spark_job_cancels_it_cleanly(spark_s
         waited = time.monotonic() - start
     finally:
         ctrl_c.cancel()
-        guard.release(stopped=False)
+        guard.release()
     assert waited < 45, waited  # cancelled, not waited out (60 s)
     assert not [r for r in caplog.records if "py4j" in r.pathname], caplog.text
     assert signal.getsignal(signal.SIGINT) is pysparks
     assert sc.parallelize(range(10), 2).sum() == 45
 
 
-def _from_py4j(guard) -> None:
-    """Call the SIGINT handler `guard` as a signal would while the driver is inside a Py4J
-    call (a frame of a py4j module)."""
-    code = compile("guard(signal.SIGINT, sys._getframe())", "/site-packages/py4j/call.py",
-                   "exec")
-    exec(code, {"guard": guard, "signal": signal, "sys": sys})
+def _in_py4j(statement: str, **names) -> None:
+    """Run `statement` as if inside a Py4J call (a frame of a py4j module's file)."""
+    exec(compile(statement, "/site-packages/py4j/call.py", "exec"),
+         {"signal": signal, "sys": sys, "time": time, **names})
 
 
 def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stops(
         spark_session):
     """A Ctrl-C inside a Py4J call is raised once the driver is out of it (the cancel
-    thread interrupts it again), a second one at once (a call no cancel ends); one while
-    the engine closes, after the session has stopped; a SIGINT ignored before a session
-    the engine started stays ignored, and semid's once-only handler is not put back after
-    a Ctrl-C (the next would have raised again in the command's clean-up)."""
+    thread interrupts it again), and a later one stops a call no cancel ends (a Ctrl-C soon
+    after the first is ignored); one while the engine closes, after the session has
+    stopped; a SIGINT ignored before a session the engine started stays ignored, and
+    semid's once-only handler is not put back after a Ctrl-C (the next would have raised
+    again in the command's clean-up)."""
     from semid_dist.engines.spark_session import guard_interrupts
 
     sc = spark_session.sparkContext
     pysparks = signal.getsignal(signal.SIGINT)
     try:
         guard = guard_interrupts(sc, signal.default_int_handler, started=False)
+        returned = False
         with pytest.raises(KeyboardInterrupt):
-            _from_py4j(guard)  # deferred: returns
+            _in_py4j("guard(signal.SIGINT, sys._getframe())", guard=guard)  # deferred
+            returned = True
             time.sleep(10)  # out of the call: the cancel thread's interrupt raises here
-        guard.release(stopped=False)
+        assert returned
+        guard.release()
         assert signal.getsignal(signal.SIGINT) is pysparks
 
         guard = guard_interrupts(sc, signal.default_int_handler, started=False)
+        me = os.getpid()
+        kills = [threading.Timer(t, os.kill, (me, signal.SIGINT)) for t in (0.05, 1.0, 4.0)]
+        start = time.monotonic()
+        for kill in kills:
+            kill.start()
+        with pytest.raises(KeyboardInterrupt):
+            _in_py4j("time.sleep(9)")  # a call no cancel ends
+        stopped_after = time.monotonic() - start
+        for kill in kills:
+            kill.cancel()
+        guard.release()
+        assert 3.0 < stopped_after < 8.0, stopped_after  # by the third Ctrl-C, not the second
+
+        guard = guard_interrupts(sc, signal.default_int_handler, started=True)
         guard.hold()
         guard(signal.SIGINT, None)  # the engine closes: noted only
         with pytest.raises(KeyboardInterrupt):
-            guard.release(stopped=True)  # raised once the session stopped
+            guard.release()  # raised once the session stopped
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        guard = guard_interrupts(sc, signal.default_int_handler, started=True)
+        guard.hold()
+        guard(signal.SIGINT, None)
+        guard.release(raise_pending=False)  # the engine closes on another error: that one
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
         def once(signum, frame):
@@ -634,7 +655,7 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
         guard.hold()
         guard(signal.SIGINT, None)
         with pytest.raises(KeyboardInterrupt):
-            guard.release(stopped=True)
+            guard.release()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
         signal.signal(signal.SIGINT, pysparks)

@@ -205,6 +205,8 @@ def test_a_page_that_fails_its_checksum_is_a_named_error(tmp_path):
     data = bytearray((tmp_path / "part.parquet").read_bytes())
     data[len(data) // 2:len(data) // 2 + 50] = bytes(50)  # inside a data page
     (tmp_path / "part.parquet").write_bytes(bytes(data))
+    with pytest.raises(IsADirectoryError), fsio.damaged_parquet(path):  # the file system's
+        raise IsADirectoryError(21, "Is a directory")  # own errors are not "damaged"
     for read in (lambda: fsio.read_parquet(fs, path),
                  lambda: shuffle.read_columns(fs, path, ["a"])):
         with pytest.raises(StoreError, match=r"part.parquet cannot be read as Parquet \(.*CRC "
@@ -317,6 +319,17 @@ def test_a_committed_file_that_changed_or_is_gone_is_a_named_error(root):
         with pytest.raises(StoreError, match=rf"version {v} is damaged: .*/metrics.json does not "
                                              r"match the checksum its manifest records"):
             read()
+    fresh = TableStore(root, "sids")  # the manifest's checksums: read once per store
+    reads = []
+    cat_file = fresh.fs.cat_file
+    fresh.fs.cat_file = lambda path, *a, **k: reads.append(path) or cat_file(path, *a, **k)
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreError, match="does not match the checksum"):
+                fresh.read_bytes(v, "metrics.json")
+    finally:
+        del fresh.fs.cat_file
+    assert sum(p.endswith(MANIFEST) for p in reads) == 1, reads
     store.fs.rm(f"{store.version_dir(v)}/metrics.json")
     with pytest.raises(StoreError, match=r"its manifest lists .*/metrics.json, which is missing"):
         store.read_bytes(v, "metrics.json")

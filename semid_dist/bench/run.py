@@ -111,8 +111,6 @@ def _check_writable(option: str, path: Path, *, folder: bool) -> None:
     if path.exists() and path.is_dir() != folder:
         raise ConfigError(f"{option} {path}: is a {'file' if folder else 'folder'}; give "
                           f"{'a folder' if folder else 'a file name'}")
-    if path.exists() and not folder and not os.access(path, os.W_OK):
-        raise ConfigError(f"{option} {path}: cannot be written (the file is read-only)")
     above = path if folder and path.exists() else path.parent
     while not above.exists():
         above = above.parent

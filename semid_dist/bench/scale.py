@@ -128,7 +128,7 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     ids / popularity, reduce over distinct SIDs) grows linearly with the rows on one driver."""
     timings = measured["result"]["metrics"]["timings"]
     scale = target_rows / rows
-    speedup = (nodes * cores) / (os.cpuat_least() or 1)
+    speedup = (nodes * cores) / (os.cpu_count() or 1)
     fit = timings.get("fit_s", 0.0)  # a fixed-size sample: independent of the catalog size
     rows_out = [{"stage": "fit", "measured_s": fit, "projected_s": fit}]
     # shard-parallel: more rows, more cores (drift only when the build had a parent)
@@ -215,7 +215,7 @@ def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: 
         "items made by `scripts/gen_synthetic.py` (clustered, Zipf cluster sizes, long-tailed "
         "popularity, norm growing with popularity).",
         "",
-        f"- machine: {os.cpuat_least()} cores, {platform.platform()}, Python "
+        f"- machine: {os.cpu_count()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}",
         f"- catalog: {info['files']} files, {info['row_groups']} row groups, "
         f"{info['bytes'] / 2**30:.1f} GiB; "

@@ -227,16 +227,18 @@ class SparkEngine(LocalEngine):
         guard, self._guard = self._guard, None
         if guard is not None:  # a Ctrl-C now is raised once the session has stopped
             guard.hold()
-        stopped = False
         try:
             if self._warm is not None:  # the session is not stopped under a running warm-up
                 self._warm.join(timeout=60)
             if self._started:
+                self._started = False
                 self.spark.stop()
-                self._started, stopped = False, True
-        finally:
+        except BaseException:
             if guard is not None:
-                guard.release(stopped)
+                guard.release(raise_pending=False)
+            raise
+        if guard is not None:
+            guard.release()
 
     def warm_up(self) -> None:
         """Start the session's Python workers with the encode modules imported, in the

@@ -175,15 +175,18 @@ def _in_py4j(frame: FrameType | None) -> bool:
 class InterruptGuard:
     """The SIGINT handler while the Spark engine runs, in the main thread. A Ctrl-C cancels
     the session's running jobs from a thread of its own and stops the build
-    (KeyboardInterrupt) once the driver is out of its Py4J call, if it is in one (a second
-    Ctrl-C while it waits there stops it at once: a call no cancel ends); later Ctrl-Cs,
-    while it stops, are ignored. pyspark's own handler cancels them from inside the signal,
-    through the Py4J connection the driver waits on: the cancel failed ("reentrant call"),
-    py4j printed two tracebacks, and the KeyboardInterrupt it raised inside that call could
-    break the connection, so the build ended with a Py4J traceback (status 1). In a session
-    the engine started, the JVM's warnings of the tasks the cancel kills are not printed
-    either. While the engine closes (`hold`) a Ctrl-C is only noted, and raised once the
-    session has stopped (`release`)."""
+    (KeyboardInterrupt) once the driver is out of its Py4J call, if it is in one (a Ctrl-C
+    more than `ESCALATE_S` after it, the driver still in its call, stops it there: a call no
+    cancel ends); other Ctrl-Cs, while it stops, are ignored. pyspark's own handler cancels
+    them from inside the signal, through the Py4J connection the driver waits on: the
+    cancel failed ("reentrant call"), py4j printed two tracebacks, and the
+    KeyboardInterrupt it raised inside that call could break the connection, so the build
+    ended with a Py4J traceback (status 1). In a session the engine started, the JVM's
+    warnings of the tasks the cancel kills are not printed either. While the engine closes
+    (`hold`) a Ctrl-C is only noted, and raised once the session has stopped
+    (`release`)."""
+
+    ESCALATE_S = 3.0  # a cancelled job's call returns well within this
 
     def __init__(self, sc: SparkContext, started: bool, before: Any, pysparks: Any) -> None:
         self.sc, self.started = sc, started
@@ -191,6 +194,7 @@ class InterruptGuard:
         self.pending = False  # a Ctrl-C came
         self.raised = False  # its KeyboardInterrupt was raised (or the engine is done)
         self.holding = False  # the engine closes: Ctrl-Cs are noted only
+        self._first_at = 0.0  # when the first Ctrl-C came (time.monotonic)
         self._poked = False  # the next call is `_cancel`'s interrupt, not a Ctrl-C
         self._lock = threading.Lock()
         self._quiet = _Py4JRecords()
@@ -199,15 +203,17 @@ class InterruptGuard:
         poked, self._poked = self._poked, False
         if self.raised:
             return
-        first = not self.pending
-        if first:
-            self.pending = True
+        if not self.pending:
+            self.pending, self._first_at = True, time.monotonic()
             logging.getLogger().addFilter(self._quiet)
             if not self.holding:
                 threading.Thread(target=self._cancel, name="semid-spark-cancel",
                                  daemon=True).start()
-        if self.holding or (_in_py4j(frame) and (first or poked)):
-            return  # raised by `release`, or once the call returns (`_cancel` pokes again)
+            if self.holding or _in_py4j(frame):
+                return  # raised by `release`, or once the call returns (`_cancel` pokes)
+        elif self.holding or (_in_py4j(frame) and (
+                poked or time.monotonic() - self._first_at < self.ESCALATE_S)):
+            return  # (a Ctrl-C soon after the first: the cancel is under way)
         self.claim()
         raise KeyboardInterrupt
 
@@ -227,12 +233,14 @@ class InterruptGuard:
             if self.started:
                 self.sc.setLogLevel("ERROR")
             self.sc.cancelAllJobs()
+        main = threading.main_thread().ident
         while True:
             with self._lock:
                 if self.raised or self.holding:
                     return
-                self._poked = True
-                _thread.interrupt_main()
+                if not _in_py4j(sys._current_frames().get(main)):  # (a poke does not wake
+                    self._poked = True  # a blocked call: it would wait there, stale)
+                    _thread.interrupt_main()
             time.sleep(0.05)
 
     def hold(self) -> None:
@@ -240,11 +248,13 @@ class InterruptGuard:
         with self._lock:
             self.holding = True
 
-    def release(self, stopped: bool) -> None:
+    def release(self, *, raise_pending: bool = True) -> None:
         """The engine is done: put back the handler from before the session where the
-        engine `stopped` it, else pyspark's (a session that lives on); SIG_IGN instead of a
-        handler that ignores all but the first Ctrl-C (semid's) once one came. py4j's
-        records are printed again. A Ctrl-C that came and was not raised is raised now."""
+        engine started it (and so stopped it), else pyspark's (a session that lives on);
+        SIG_IGN instead of a handler that ignores all but the first Ctrl-C (semid's) once
+        one came. py4j's records are printed again. A Ctrl-C that came and was not raised
+        is raised now, unless the engine closes on another exception (`raise_pending`
+        False: that one goes on, not hidden behind an interrupt)."""
         global _GUARD
         unraised = self.claim()
         with self._lock:
@@ -252,10 +262,10 @@ class InterruptGuard:
         logging.getLogger().removeFilter(self._quiet)
         if _GUARD is self:
             _GUARD = None
-        handler = self.before if stopped else self.pysparks
+        handler = self.before if self.started else self.pysparks
         once = getattr(handler, "ignores_later_interrupts", False)
         signal.signal(signal.SIGINT, signal.SIG_IGN if self.pending and once else handler)
-        if unraised:
+        if unraised and raise_pending:
             raise KeyboardInterrupt
 
 

@@ -138,13 +138,17 @@ def read_parquet(fs: AbstractFileSystem, path: str, columns: list[str] | None = 
 @contextmanager
 def damaged_parquet(path: str) -> Iterator[None]:
     """Arrow's error on a file that is not (all) Parquet (a bad footer: ArrowInvalid; a bad
-    page: OSError), as a StoreError naming `path`; the file system's own errors (a missing
-    file, no access, no connection) pass."""
+    page: an OSError of Arrow's, which has no errno), as a StoreError naming `path`; the
+    file system's own errors (a missing file, no access, no connection: with an errno, or
+    a ConnectionError) pass."""
     try:
         yield
-    except (FileNotFoundError, PermissionError, ConnectionError, TimeoutError):
-        raise
-    except (pa.ArrowInvalid, OSError) as exc:
+    except OSError as exc:
+        if exc.errno is not None or isinstance(exc, (ConnectionError, TimeoutError)):
+            raise
+        raise StoreError(f"{redact_url(path)} cannot be read as Parquet ({one_line(exc)}): "
+                         "the file is damaged; restore it, or build a new version") from None
+    except pa.ArrowInvalid as exc:
         raise StoreError(f"{redact_url(path)} cannot be read as Parquet ({one_line(exc)}): "
                          "the file is damaged; restore it, or build a new version") from None
 

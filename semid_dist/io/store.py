@@ -135,8 +135,8 @@ class TableStore:
         if version_id not in self._entries:
             if not self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
                 return {}
-            self._entries[version_id] = {e["path"]: e for e in self.manifest(version_id)["files"]
-                                         if isinstance(e, dict) and not e.get("version")}
+            self._entries[version_id] = {e.get("path"): e for e in self.manifest(version_id)[
+                "files"] if isinstance(e, dict) and not e.get("version")}
         return self._entries[version_id]
 
     def latest(self) -> str | None:

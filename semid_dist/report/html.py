@@ -190,6 +190,7 @@ def render(version_id: str, metrics: dict[str, Any], figures: Sequence[Figure], 
     """The report page of one version. figures: rendered in this order, each placed in the
     section of the same name when there is one (`token_flow`, `pruning`, ...)."""
     m, figs = metrics, {f.name: f for f in figures}
+    n_layers = len(m["reconstruction"]["residual_norm_by_layer"])  # (the last: exact)
     hg = m.get("hourglass", {})
     pr = m.get("pruning", {})
 
@@ -212,7 +213,8 @@ def render(version_id: str, metrics: dict[str, Any], figures: Sequence[Figure], 
               [[p["depth"], p["distinct"], p["sparsity"]] for p in m.get("prefixes", [])]),
         fig("sid_sizes"), "<h2>Reconstruction</h2>",
         table(["after layer", "mean ||r||", "mean ||r||^2"],
-              [[f"L{i}", a, b] for i, (a, b) in enumerate(zip(
+              [[f"L{i}" + (estimated_mark(m) if i < n_layers - 1 else ""), a, b]
+               for i, (a, b) in enumerate(zip(
                   m["reconstruction"]["residual_norm_by_layer"],
                   m["reconstruction"].get("residual_sq_norm_by_layer", [])))]),
         fig("residual_norm"), "<h2>Conditional concentration (routing)</h2>",
