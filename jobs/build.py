@@ -8,7 +8,7 @@ Overrides:                python jobs/build.py --config conf/demo.yaml fit.sampl
 
 import sys
 
-from semid_dist.cli import main
+from semid_dist.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["build", *sys.argv[1:]]))
+    entry(["build", *sys.argv[1:]])

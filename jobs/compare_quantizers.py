@@ -1,7 +1,8 @@
 """Compare rq_kmeans, rq_vae, r3vae and acrq (both bases) at equal layer sizes (Markdown).
 
-Each method runs a full local build (fit -> encode -> reduce -> commit) into --root (default:
-a temporary directory) and the table is read from the committed metrics:
+Each method runs a full build (fit -> encode -> reduce -> commit; on the local engine unless an
+`engine=` override says otherwise) into --root (default: a temporary directory) and the table
+is read from the committed metrics:
     python jobs/compare_quantizers.py --config conf/demo.yaml [key=value ...]
     python jobs/compare_quantizers.py --config conf/demo.yaml quantizer.epochs=40
 """
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
                  "| unique-SID rate | Gini per layer | SC | PD |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, method in METHODS:
-            cfg = load_config(args.config, [*args.overrides, "engine=local",
+            cfg = load_config(args.config, ["engine=local", *args.overrides,
                                             f"output.root={root}", f"output.table={label}",
                                             *method])
             log(f"{label}: layers {list(cfg.quantizer.layers)}")

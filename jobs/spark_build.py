@@ -32,7 +32,7 @@ their counts are collected through Spark).
 
 import sys
 
-from semid_dist.cli import main
+from semid_dist.cli import entry
 
 
 def spark_argv(argv: list[str]) -> list[str]:
@@ -48,4 +48,4 @@ def spark_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(spark_argv(sys.argv[1:]), exiting=True))
+    entry(spark_argv(sys.argv[1:]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 from semid_dist.bench.synthetic import (
@@ -41,6 +42,8 @@ def main() -> None:
     p.add_argument("--chunks-per-file", type=at_least(1), default=4)
     p.add_argument("--compression", default="snappy", choices=COMPRESSIONS)
     a = p.parse_args()
+    if os.path.isfile(a.out):
+        p.error(f"--out {a.out}: is a file; give a folder (new, or of an earlier catalog)")
     spec = CatalogSpec(dim=a.dim, clusters=a.clusters, groups=a.groups, seed=a.seed)
     t = time.perf_counter()
     info = write_catalog(a.out, spec, a.rows, chunk_rows=a.chunk_rows or default_chunk_rows(a.dim),

@@ -282,8 +282,8 @@ def _one_interrupt() -> Callable[[], None]:
 
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     """Run the command line `argv` (default: the process's); returns its exit status. A
-    caller's SIGINT handler is put back when it returns, unless the command was interrupted
-    and the process is `exiting` with the status (`entry`)."""
+    caller's SIGINT handler is put back when it returns, unless the process is `exiting`
+    with the status (`entry`)."""
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra:  # key=value overrides may follow options such as --json
@@ -294,15 +294,20 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                 committed=lambda: getattr(args, "committed", None))
 
 
+# the object stores' "no credentials found" errors (botocore's, google-auth's): raised by
+# the first request, anywhere in a command
+_NO_CREDENTIALS = ("NoCredentialsError", "DefaultCredentialsError")
+
+
 def _run(name: str, run: Callable[[], int], *, exiting: bool,
          committed: Callable[[], str | None] | None = None) -> int:
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
-    ...` and status 2; a closed stdout 141; Ctrl-C one line and 130, the Ctrl-Cs after the
+    ...` and status 2 (an object store's "no credentials" too); a closed stdout 141; Ctrl-C
+    one line and 130, the Ctrl-Cs after the
     first ignored (`_one_interrupt`). The line says whether the version was committed where
-    `committed` tells (one build's command).
-    The caller's SIGINT handler is put back unless it was interrupted and the process is
-    `exiting` with the status."""
-    restore, interrupted = _one_interrupt(), False
+    `committed` tells (one build's command). The caller's SIGINT handler is put back
+    unless the process is `exiting` with the status."""
+    restore = _one_interrupt()
     try:
         return run()
     except SemidError as exc:
@@ -311,29 +316,50 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     except _StdoutClosed:  # what coreutils do: no message, the status of a SIGPIPE death
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush at exit)
         return 141  # 128 + SIGPIPE
+    except Exception as exc:
+        if type(exc).__name__ not in _NO_CREDENTIALS:
+            raise
+        print(f"{name}: error: no credentials for the object store ({type(exc).__name__}: "
+              f"{exc}); give them in the environment (s3://: AWS_ACCESS_KEY_ID / "
+              "AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) "
+              "or run where the machine's role has them", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
         version = getattr(exc, "version_id", None) or (committed and committed())
         said = (f"interrupted after version {version} was committed" if version else
                 "interrupted; nothing was committed" if committed else "interrupted")
         print(f"{name}: {said}", file=sys.stderr)
-        interrupted = True
         return 130
     finally:
-        if not (interrupted and exiting):
+        if not exiting:
             restore()
 
 
 def job_entry(name: str, run: Callable[[list[str]], int]) -> None:
     """A job script's entry (jobs/*.py): `run(sys.argv[1:])`, then exit with its status,
-    ending as `semid`'s commands do (`_run`)."""
-    sys.exit(_run(name, lambda: run(sys.argv[1:]), exiting=True))
+    ending as `semid`'s commands do (`_run`, `_exit`)."""
+    _exit(lambda: _run(name, lambda: run(sys.argv[1:]), exiting=True))
 
 
-def entry() -> None:
-    """The `semid` command: `main`, then exit with its status. Once the command was
-    interrupted, the Ctrl-Cs that follow stay ignored until the process exits (one after
-    `main` put Python's handler back killed it by SIGINT, not status 130)."""
-    sys.exit(main(exiting=True))
+def _exit(run: Callable[[], int]) -> None:
+    """Exit the process with `run()`'s status; from its return on, Ctrl-C is ignored (the
+    process is exiting: one in its exit killed it by SIGINT, its work done, status -2)."""
+    status = 130
+    try:
+        status = run()
+    except KeyboardInterrupt:  # (one in the instant between the command's end and here)
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The `semid` command (`argv`, default the process's): `main`, then exit with its
+    status. The Ctrl-Cs after the first,
+    and any once the command is done, are ignored until the process exits (one after
+    `main` put Python's handler back killed it by SIGINT, not status 130 or 0)."""
+    _exit(lambda: main(argv, exiting=True))
 
 
 if __name__ == "__main__":

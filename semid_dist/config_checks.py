@@ -23,7 +23,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
 _SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes (a cluster manager
     # plugin takes its own scheme://...)
-    r"yarn|local(\[([0-9]+|\*)(\s*,\s*[0-9]+)?\])?"
+    r"yarn|local(\[([1-9][0-9]*|\*)(\s*,\s*[0-9]+)?\])?"
     r"|local-cluster\[\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*\]|[A-Za-z][A-Za-z0-9+.-]*://\S+")
 
 
@@ -186,6 +186,10 @@ def check_consistency(cfg: BuildConfig) -> None:
             "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
     _check_prune(cfg.prune, len(layers))
     _check_learned(cfg)
+    source = cfg.encode.from_version
+    if source is not None and source != "latest" and not FOLDER_NAME.fullmatch(source):
+        raise ConfigError(f"encode.from_version: {source!r} is not a version id: give one as "
+                          "`semid versions list` prints it, or latest")
     if cfg.encode.incremental and not cfg.encode.from_version:
         raise ConfigError("encode.incremental=true extends the version named by "
                           "encode.from_version, which is unset; run `semid encode "

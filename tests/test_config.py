@@ -381,6 +381,14 @@ def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
     assert str(exc.value).startswith(f"{path}: prune.layer: 1 but there are only 1 layers")
 
 
+def test_encode_from_version_is_a_version_id():
+    for good in ("latest", "20261122T020000123456Z-ab12cd"):
+        assert parse_config({**MINIMAL, "encode": {"from_version": good}})
+    for bad in ("../versions/x", "./x", "x/"):  # (semid validate said ok)
+        with pytest.raises(ConfigError, match=r"encode.from_version: .* is not a version id"):
+            parse_config({**MINIMAL, "encode": {"from_version": bad}})
+
+
 def test_ray_address_is_no_http_address():
     for good in ("auto", "10.0.0.1:6379", "ray://head:10001"):
         assert parse_config({**MINIMAL, "ray": {"address": good}}).ray.address == good
@@ -395,7 +403,8 @@ def test_spark_master_is_a_master_url():
                  "spark://a:7077", "spark://a:7077,b:7077", "k8s://https://k:443", "yarn",
                  "nomad://n:4646"):  # (a cluster manager plugin's scheme)
         assert parse_config({**MINIMAL, "spark": {"master": good}}).spark.master == good
-    for bad in ("bogus", "local[x]", "localhost", "spark://", "local[2", "http://m:8080"):
+    for bad in ("bogus", "local[x]", "localhost", "spark://", "local[2", "http://m:8080",
+                "local[0]"):
         with pytest.raises(ConfigError, match=r"spark.master: .* is not a Spark master URL: "
                                               r"give local\[\*\]"):
             parse_config({**MINIMAL, "spark": {"master": bad}})

@@ -114,9 +114,14 @@ def _check_writable(option: str, path: Path, *, folder: bool) -> None:
     above = path if folder and path.exists() else path.parent
     while not above.exists():
         above = above.parent
-    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: cannot be written ({above} is "
-                          f"{'not a folder' if not above.is_dir() else 'not writable'})")
+    if not above.is_dir():
+        raise ConfigError(f"{option} {path}: cannot be written ({above} is not a folder)")
+    try:  # (os.access says yes to root, and to /proc)
+        with tempfile.TemporaryFile(dir=above):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot be written ({above}: {exc.strerror or exc})"
+                          ) from None
 
 
 def _check_faiss(sections: tuple[str, ...]) -> None:

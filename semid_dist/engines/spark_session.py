@@ -159,6 +159,16 @@ class _Py4JRecords(logging.Filter):
         return not _is_py4j(record.pathname)
 
 
+_PY4J_LOGGERS = ("", "py4j.java_gateway", "py4j.clientserver")  # (root: its module-level
+# logging calls; a logger's filter sees only the records logged on it, not its children's)
+
+
+def _filter_py4j(quiet: logging.Filter, *, add: bool) -> None:
+    for name in _PY4J_LOGGERS:
+        logger = logging.getLogger(name)
+        (logger.addFilter if add else logger.removeFilter)(quiet)
+
+
 def _is_py4j(filename: str) -> bool:
     return f"{os.sep}py4j{os.sep}" in filename
 
@@ -205,7 +215,7 @@ class InterruptGuard:
             return
         if not self.pending:
             self.pending, self._first_at = True, time.monotonic()
-            logging.getLogger().addFilter(self._quiet)
+            _filter_py4j(self._quiet, add=True)
             if not self.holding:
                 threading.Thread(target=self._cancel, name="semid-spark-cancel",
                                  daemon=True).start()
@@ -259,7 +269,7 @@ class InterruptGuard:
         unraised = self.claim()
         with self._lock:
             self.raised = True
-        logging.getLogger().removeFilter(self._quiet)
+        _filter_py4j(self._quiet, add=False)
         if _GUARD is self:
             _GUARD = None
         handler = self.before if self.started else self.pysparks

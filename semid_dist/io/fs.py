@@ -7,6 +7,7 @@ import io
 import os
 import posixpath
 import re
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -67,7 +68,18 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
         raise ConfigError(f"{redact_url(url)}: {protocol}:// URLs take no credentials (they "
                           "would end up in logs and manifests); remove 'KEY:SECRET@' and "
                           f"{_CREDENTIALS_ADVICE.get(protocol, 'give none: none are needed')}")
-    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ConnectionError, TimeoutError, socket.gaierror, FileNotFoundError):
+        raise  # a server that does not answer: the caller names the key
+    except (ImportError, OSError) as exc:  # hdfs:// without Java's libjvm / libhdfs, say
+        reason = one_line(exc)
+        reason = reason if len(reason) <= 300 else reason[:300] + " ..."  # (libhdfs: every
+        # folder it looked for libjvm in)
+        raise ConfigError(f"{redact_url(url)}: the {protocol}:// file system cannot be opened "
+                          f"here ({type(exc).__name__}: {reason}); install what it "
+                          "needs on this machine (hdfs://: Java and Hadoop's libhdfs, with "
+                          "JAVA_HOME, HADOOP_HOME and CLASSPATH set)") from None
     return fs, path.rstrip("/") or path
 
 
