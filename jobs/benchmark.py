@@ -14,7 +14,7 @@ machine, not through `ray job submit`.
 
 import sys
 
-from semid_dist.cli import main
+from semid_dist.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    entry(["bench", *sys.argv[1:]])

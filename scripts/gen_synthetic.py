@@ -46,8 +46,12 @@ def main() -> None:
         p.error(f"--out {a.out}: is a file; give a folder (new, or of an earlier catalog)")
     spec = CatalogSpec(dim=a.dim, clusters=a.clusters, groups=a.groups, seed=a.seed)
     t = time.perf_counter()
-    info = write_catalog(a.out, spec, a.rows, chunk_rows=a.chunk_rows or default_chunk_rows(a.dim),
-                         chunks_per_file=a.chunks_per_file, compression=a.compression)
+    try:
+        info = write_catalog(a.out, spec, a.rows,
+                             chunk_rows=a.chunk_rows or default_chunk_rows(a.dim),
+                             chunks_per_file=a.chunks_per_file, compression=a.compression)
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:  # (a file on the way)
+        p.error(f"--out {a.out}: cannot be written ({exc})")
     print(json.dumps({**dataclasses.asdict(info), "seconds": round(time.perf_counter() - t, 2),
                       "spec": dataclasses.asdict(spec)}, indent=2))
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from semid_dist.errors import SemidError
+from semid_dist.errors import SemidError, one_line
 
 if TYPE_CHECKING:
     from semid_dist.io.store import TableStore
@@ -316,11 +316,11 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     except _StdoutClosed:  # what coreutils do: no message, the status of a SIGPIPE death
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush at exit)
         return 141  # 128 + SIGPIPE
-    except Exception as exc:
-        if type(exc).__name__ not in _NO_CREDENTIALS:
+    except Exception as exc:  # (Ray's wrapper of a task's error subclasses it)
+        if not any(c.__name__ in _NO_CREDENTIALS for c in type(exc).__mro__):
             raise
         print(f"{name}: error: no credentials for the object store ({type(exc).__name__}: "
-              f"{exc}); give them in the environment (s3://: AWS_ACCESS_KEY_ID / "
+              f"{one_line(exc)}); give them in the environment (s3://: AWS_ACCESS_KEY_ID / "
               "AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) "
               "or run where the machine's role has them", file=sys.stderr)
         return 2
@@ -333,6 +333,8 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     finally:
         if not exiting:
             restore()
+        elif threading.current_thread() is threading.main_thread():  # (a Ctrl-C from here
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # on would only kill the process)
 
 
 def job_entry(name: str, run: Callable[[list[str]], int]) -> None:

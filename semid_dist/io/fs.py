@@ -7,7 +7,6 @@ import io
 import os
 import posixpath
 import re
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -70,16 +69,18 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
                           f"{_CREDENTIALS_ADVICE.get(protocol, 'give none: none are needed')}")
     try:
         fs, path = fsspec.core.url_to_fs(url)
-    except (ConnectionError, TimeoutError, socket.gaierror, FileNotFoundError):
-        raise  # a server that does not answer: the caller names the key
-    except (ImportError, OSError) as exc:  # hdfs:// without Java's libjvm / libhdfs, say
-        reason = one_line(exc)
-        reason = reason if len(reason) <= 300 else reason[:300] + " ..."  # (libhdfs: every
-        # folder it looked for libjvm in)
+    except ImportError as exc:  # the file system's package (fsspec names it)
+        raise ConfigError(f"{redact_url(url)}: the {protocol}:// file system is not installed "
+                          f"({one_line(exc)})") from None
+    except OSError as exc:
+        if protocol not in ("hdfs", "viewfs") or exc.errno is not None:
+            raise  # (a server that does not answer: the caller names the key)
+        reason = one_line(exc)  # (libjvm: every folder it looked in, ~100 of them)
         raise ConfigError(f"{redact_url(url)}: the {protocol}:// file system cannot be opened "
-                          f"here ({type(exc).__name__}: {reason}); install what it "
-                          "needs on this machine (hdfs://: Java and Hadoop's libhdfs, with "
-                          "JAVA_HOME, HADOOP_HOME and CLASSPATH set)") from None
+                          f"here ({type(exc).__name__}: "
+                          f"{reason if len(reason) <= 300 else reason[:300] + ' ...'}); it "
+                          "needs Java and Hadoop's libhdfs on this machine, with JAVA_HOME, "
+                          "HADOOP_HOME and CLASSPATH set") from None
     return fs, path.rstrip("/") or path
 
 
