@@ -304,8 +304,9 @@ def test_redact_url(url, shown):
 
 
 def test_a_catalog_server_that_does_not_answer_is_a_named_error():
-    """An FTP catalog on a port where nothing listens: one line naming input.path without its
-    password (a ConnectionRefusedError traceback)."""
+    """An FTP or HTTP catalog on a port where nothing listens: one line naming input.path
+    without its password (a ConnectionRefusedError traceback; HTTP's said "does not
+    exist")."""
     from semid_dist.io.catalog import plan_catalog
 
     with pytest.raises(InputError, match=r"input.path 'ftp://\*\*\*@127.0.0.1:1/cat' cannot be "
@@ -313,6 +314,9 @@ def test_a_catalog_server_that_does_not_answer_is_a_named_error():
                                          r"host and port") as exc:
         plan_catalog("ftp://reader:pw-secret@127.0.0.1:1/cat")
     assert "pw-secret" not in str(exc.value)
+    with pytest.raises(InputError, match=r"input.path 'http://\*\*\*@127.0.0.1:1/c.parquet' "
+                                         r"cannot be reached \(ConnectionRefusedError"):
+        plan_catalog("http://reader:pw-secret@127.0.0.1:1/c.parquet")  # ("does not exist")
 
 
 @pytest.mark.parametrize("url, advice", [("gs://k:s@b/c", "GOOGLE_APPLICATION_CREDENTIALS"),

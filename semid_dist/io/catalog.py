@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -66,6 +67,7 @@ def list_files(url: str) -> list[str]:
 def _list_files(url: str) -> list[str]:
     fs, path = fsio.resolve(url)
     if not fs.exists(path):
+        _check_http_host(url)  # (fsspec's HTTP file system says "not there" for both)
         raise _input_error(f"input.path {url!r} does not exist; point it at a Parquet file or "
                          "a directory of Parquet files")
     if fs.isfile(path):
@@ -75,6 +77,22 @@ def _list_files(url: str) -> list[str]:
         raise _input_error(f"input.path {url!r} holds no *.parquet files (names starting with "
                          "'_' or '.' are skipped); point it at the catalog's Parquet files")
     return files
+
+
+def _check_http_host(url: str) -> None:
+    """An http(s):// catalog whose server does not answer (no such host, nothing listening):
+    the InputError of `_reachable`, not "does not exist"."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with _reachable(url):
+        try:
+            socket.create_connection((parts.hostname, port), timeout=10).close()
+        except OSError as exc:  # (no route to host, ...: an errno, no ConnectionError)
+            if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+                raise
+            raise ConnectionError(exc.strerror or str(exc)) from None
 
 
 def _hidden(file: str, root: str) -> bool:
