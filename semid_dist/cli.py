@@ -199,7 +199,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """`semid bench`: kernel / engine / fit / memory benchmark; prints one table and writes it
     as JSON and Markdown (docs/BENCHMARKS.md)."""
-    from semid_dist.bench.run import bench_options, run_benchmark
+    from semid_dist.bench.options import bench_options
+    from semid_dist.bench.run import run_benchmark
 
     opts = bench_options(quick=args.quick, only=args.only, json_path=args.out_json,
                          md_path=args.out_md, workdir=args.workdir)

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from semid_dist.config_checks import check_consistency, error_origin, override_value, read_yaml
+from semid_dist.config_checks import (
+    check_consistency,
+    error_origin,
+    override_value,
+    overrides_at_fault,
+    read_yaml,
+)
 from semid_dist.errors import ConfigError
 
 Engine = Literal["local", "ray", "spark"]
@@ -353,31 +359,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildCo
     except ConfigError as exc:
         origin = error_origin(p, str(exc), overrides or [])
         if origin == str(p) and overrides:
-            at_fault = _overrides_at_fault(data, overrides, str(exc))
+            at_fault = overrides_at_fault(parse_config, data, overrides, str(exc))
             if at_fault:
                 origin = f"{p} with override{'s' * (len(at_fault) > 1)} {', '.join(at_fault)}"
         raise ConfigError(f"{origin}: {exc}") from None
-
-
-def _overrides_at_fault(data: Any, overrides: list[str], message: str) -> list[str]:
-    """The overrides that bring about a config error `message` that names another key than
-    theirs (two keys that do not go together, as `quantizer.layers=[32,16]` against the
-    file's `prune.layer: 2`): each left out in turn and kept only where the error goes
-    without it, so none is named that the error does not need; none where the file alone
-    gives it."""
-    def gives_it(items: list[str]) -> bool:  # (the messages hold nothing that varies)
-        try:
-            parse_config(data, items)
-        except ConfigError as exc:
-            return str(exc) == message
-        return False
-
-    kept = list(range(len(overrides)))
-    for i in range(len(overrides)):
-        without = [j for j in kept if j != i]
-        if gives_it([overrides[j] for j in without]):
-            kept = without
-    return [overrides[j] for j in kept]
 
 
 def absolute_url(url: str) -> str:

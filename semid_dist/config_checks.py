@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +156,28 @@ def error_origin(path: Path, message: str, overrides: list[str]) -> str:
         if name and (key == name or key.startswith(name + ".")):
             return f"{path} with override {item}"
     return str(path)
+
+
+def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overrides: list[str],
+                       message: str) -> list[str]:
+    """The overrides that bring about a config error `message` that names another key than
+    theirs (two keys that do not go together, as `quantizer.layers=[32,16]` against the
+    file's `prune.layer: 2`): each left out in turn and kept only where the error goes
+    without it, so none is named that the error does not need; none where the file alone
+    gives it. `parse`: `config.parse_config` (the file's data and overrides -> the config)."""
+    def gives_it(items: list[str]) -> bool:  # (the messages hold nothing that varies)
+        try:
+            parse(data, items)
+        except ConfigError as exc:
+            return str(exc) == message
+        return False
+
+    kept = list(range(len(overrides)))
+    for i in range(len(overrides)):
+        without = [j for j in kept if j != i]
+        if gives_it([overrides[j] for j in without]):
+            kept = without
+    return [overrides[j] for j in kept]
 
 
 def check_table_name(table: str, key: str = "output.table") -> None:

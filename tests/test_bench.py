@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from semid_dist.bench import page, report
-from semid_dist.bench.run import BenchOptions, bench_options, run_benchmark
+from semid_dist.bench.options import BenchOptions, bench_options
+from semid_dist.bench.run import run_benchmark
 from semid_dist.cli import cmd_bench, parser
 from semid_dist.errors import ConfigError
 from tests.conftest import clustered
@@ -224,7 +225,8 @@ def test_gpu_section_measures_on_a_torch_device():
 def test_bench_imports_without_ray_or_pyspark():
     code = ("import sys\nsys.modules['ray'] = None\nsys.modules['pyspark'] = None\n"
             "import semid_dist.bench.kernels, semid_dist.bench.pipeline, semid_dist.bench.report\n"
-            "import semid_dist.bench.run, semid_dist.bench.synthetic, semid_dist.cli\n"
+            "import semid_dist.bench.run, semid_dist.bench.options, semid_dist.bench.synthetic, "
+            "semid_dist.cli\n"
             "import semid_dist.bench.gpu, semid_dist.bench.page\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

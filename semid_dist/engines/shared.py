@@ -1,12 +1,10 @@
 """Ship an argument that many tasks of one `map` share (the job context, a table every shard
 reads) once, not once per task: `split_shared` swaps each such object for a marker, the
 engine sends the shared objects once (a Ray object / a Spark broadcast), and `resolve` puts
-them back inside the task. And `tcp_refusal`, the check the Ray and Spark sessions make of
-a cluster's address before their own clients retry it for minutes."""
+them back inside the task."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +43,3 @@ def split_shared(items: list[tuple]) -> tuple[list[Any], list[tuple]]:
 def resolve(item: tuple, shared: list[Any] | tuple[Any, ...]) -> tuple:
     """The task's real arguments: markers replaced by the shared objects."""
     return tuple(shared[a.index] if isinstance(a, Shared) else a for a in item)
-
-
-def tcp_refusal(address: str) -> OSError | None:
-    """Why a cluster's `host:port` accepts no TCP connection within 10 s, or None when it
-    does or `address` is no `host:port` (a form left to Ray or Spark)."""
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return None
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        return exc
-    return None

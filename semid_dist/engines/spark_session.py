@@ -21,8 +21,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.config import BuildConfig
-from semid_dist.engines.shared import tcp_refusal
 from semid_dist.errors import ConfigError, one_line
+from semid_dist.io.fs import tcp_refusal
 from semid_dist.memory import huge_pages, worker_env
 
 if TYPE_CHECKING:

@@ -54,9 +54,13 @@ def _reachable(url: str) -> Iterator[None]:
     try:
         yield
     except (ConnectionError, TimeoutError, socket.gaierror) as exc:  # (gaierror: no such host)
-        raise _input_error(f"input.path {url!r} cannot be reached ({type(exc).__name__}: "
-                           f"{one_line(exc)}); check its host and port, the network and the "
-                           "credentials") from None
+        raise _not_reached(url, exc) from None
+
+
+def _not_reached(url: str, exc: BaseException) -> InputError:
+    return _input_error(f"input.path {url!r} cannot be reached ({type(exc).__name__}: "
+                        f"{one_line(exc)}); check its host and port, the network and the "
+                        "credentials")
 
 
 def list_files(url: str) -> list[str]:
@@ -83,16 +87,11 @@ def _check_http_host(url: str) -> None:
     """An http(s):// catalog whose server does not answer (no such host, nothing listening):
     the InputError of `_reachable`, not "does not exist"."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    with _reachable(url):
-        try:
-            socket.create_connection((parts.hostname, port), timeout=10).close()
-        except OSError as exc:  # (no route to host, ...: an errno, no ConnectionError)
-            if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
-                raise
-            raise ConnectionError(exc.strerror or str(exc)) from None
+    if parts.scheme in ("http", "https") and parts.hostname:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        refusal = fsio.tcp_refusal(f"{parts.hostname}:{port}")
+        if refusal is not None:
+            raise _not_reached(url, refusal)
 
 
 def _hidden(file: str, root: str) -> bool:

@@ -7,6 +7,7 @@ import io
 import os
 import posixpath
 import re
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -82,6 +83,20 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
                           "needs Java and Hadoop's libhdfs on this machine, with JAVA_HOME, "
                           "HADOOP_HOME and CLASSPATH set") from None
     return fs, path.rstrip("/") or path
+
+
+def tcp_refusal(address: str) -> OSError | None:
+    """Why a server's `host:port` (a Ray or Spark cluster's, an HTTP catalog's) accepts no
+    TCP connection within 10 s, or None when it does or `address` is no `host:port` (a
+    form left to the client: its own clients retry such an address for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def join(*parts: str) -> str:
