@@ -176,23 +176,35 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """`semid report`: re-render the report of a committed version into its report/ folder
-    (derived output; the manifest is left as it is)."""
+    """`semid report`: render the report of a committed version again, into its report/
+    folder (restoring a missing or damaged file; a committed file is never rewritten with
+    other bytes) or, with --out, into a folder of its own."""
     from semid_dist.config import absolute_url
     from semid_dist.errors import StoreError
-    from semid_dist.report import REPORT_HTML, write_report
+    from semid_dist.io import fs as fsio
+    from semid_dist.report import REPORT_HTML, rerender_report
 
     store = _table(absolute_url(args.root), args.table)  # the page names where it is
     vid = store.resolve(args.version)
     store.manifest(vid)  # a damaged manifest: a named error, before anything is written
-    path = f"{store.display_url(vid)}/{REPORT_HTML}"
+    out = None if args.out is None else absolute_url(args.out)
+    if out is not None:
+        fs, folder = fsio.resolve(out)
+        if type(fs) is type(store.fs) and f"{folder}/".startswith(f"{store.base}/"):
+            raise StoreError(f"--out {args.out} is inside the table {fsio.redact_url(store.url)}"
+                             ", whose files only its builds write: give a folder outside it")
+    where, fix = ((f"--out {fsio.redact_url(args.out)}", "give --out a folder that can be "
+                   "written") if out is not None else (
+        f"{store.display_url(vid)}/report", "run semid report where the table can be written, "
+        "or give --out a folder of its own"))
     try:
-        entries = write_report(store, vid)
-    except OSError as exc:  # a read-only store, say
-        raise StoreError(f"cannot write the report of version {vid} next to {path} ({exc}); "
-                         "run semid report where the table can be written") from None
-    _print({"version_id": vid, "report": path, "files": [e.path for e in entries]},
-           args.json, path)
+        written = rerender_report(store, vid, out)
+    except OSError as exc:  # a read-only store, a file where the folder goes
+        raise StoreError(f"cannot write the report of version {vid} into {where} "
+                         f"({one_line(exc)}); {fix}") from None
+    page = (f"{fsio.redact_url(out.rstrip('/'))}/report.html" if out is not None
+            else f"{store.display_url(vid)}/{REPORT_HTML}")
+    _print({"version_id": vid, "report": page, "written": written}, args.json, page)
     return 0
 
 
@@ -242,10 +254,12 @@ def parser() -> argparse.ArgumentParser:
     vs.add_argument("--to", dest="to_version", default="latest", help="diff: new version")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=cmd_versions)
-    r = sub.add_parser("report", help="re-render the HTML report of a committed version")
+    r = sub.add_parser("report", help="render the HTML report of a committed version again")
     r.add_argument("--root", required=True)
     r.add_argument("--table", required=True)
     r.add_argument("--version", default="latest")
+    r.add_argument("--out", help="a folder to write the report into (default: the version's "
+                   "report/ folder, restoring missing or damaged files)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
     bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; write "

@@ -1,11 +1,14 @@
 """Report: figures are valid PNGs on edge-case data, a build writes the page and its figures
-into the version, `semid report` re-renders it, and every figure loads in headless Chromium."""
+into the version, `semid report` renders it again (restoring missing files, never rewriting
+committed ones with other bytes; `--out` elsewhere), and every figure loads in headless
+Chromium."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -216,20 +219,27 @@ def test_build_writes_report_with_figures_equal_to_png_files(built):
 
 
 @pytest.mark.parametrize("relative", [False, True])
-def test_cli_report_rerenders_the_same_files(built, capsys, monkeypatch, relative):
+def test_cli_report_restores_missing_files_with_the_committed_bytes(built, capsys, monkeypatch,
+                                                                    relative):
     store, vid = built
     vdir = Path(store.version_dir(vid))
     manifest = (vdir / "_manifest.json").read_bytes()
-    for path in _report_files(store, vid):
+    listed = _report_files(store, vid)
+    gone = sorted(listed)[::2]
+    for path in gone:
         (vdir / path).unlink()
+    kept = {p: (vdir / p).stat().st_mtime_ns for p in listed if p not in gone}
     root = store.root
     if relative:  # the page names the table's absolute path however --root is given
         monkeypatch.chdir(Path(root).parent)
         root = Path(root).name
-    assert main(["report", "--root", root, "--table", "sids"]) == 0
-    assert capsys.readouterr().out.strip() == f"{store.version_url(vid)}/{REPORT_HTML}"
+    assert main(["report", "--root", root, "--table", "sids", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["report"] == f"{store.version_url(vid)}/{REPORT_HTML}"
+    assert sorted(out["written"]) == [f"{store.version_url(vid)}/{p}" for p in gone]
     for path, entry in _report_files(store, vid).items():  # deterministic: same bytes again
         assert hashlib.sha256((vdir / path).read_bytes()).hexdigest() == entry["sha256"]
+    assert {p: (vdir / p).stat().st_mtime_ns for p in kept} == kept  # intact: not rewritten
     assert (vdir / "_manifest.json").read_bytes() == manifest
     assert main(["report", "--root", store.root, "--table", "sids", "--version", "nope"]) == 2
     capsys.readouterr()
@@ -240,10 +250,84 @@ def test_cli_report_rerenders_the_same_files(built, capsys, monkeypatch, relativ
         assert main(["report", "--root", root, "--table", "sids"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"semid report: error: cannot write the report of version {vid}")
-        assert len(err.splitlines()) == 1
+        assert "give --out a folder of its own" in err and len(err.splitlines()) == 1
     finally:
         folder.unlink()
         (vdir / "report-aside").rename(folder)
+
+
+@pytest.fixture
+def copied(built, tmp_path) -> tuple[TableStore, str]:
+    """A copy of the built table, for tests that edit its committed files."""
+    store, vid = built
+    shutil.copytree(Path(store.root), tmp_path / "out")
+    return TableStore(str(tmp_path / "out"), "sids"), vid
+
+
+def _recommit(store: TableStore, vid: str, rel: str, data: bytes) -> None:
+    """Replace a committed file and its manifest checksum together: the version as another
+    release (or a hand edit that kept the checksums in step) committed it."""
+    vdir = Path(store.version_dir(vid))
+    (vdir / rel).write_bytes(data)
+    body = json.loads((vdir / "_manifest.json").read_text())
+    for entry in body["files"]:
+        if entry["path"] == rel:
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (vdir / "_manifest.json").write_text(json.dumps(body))
+
+
+def test_cli_report_never_rewrites_a_committed_report_with_other_bytes(copied, capsys,
+                                                                       tmp_path):
+    store, vid = copied
+    vdir = Path(store.version_dir(vid))
+    older = b"<html>a report of another release</html>"
+    _recommit(store, vid, REPORT_HTML, older)
+    args = ["report", "--root", store.root, "--table", "sids"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"semid report: error: version {vid}'s report renders to other bytes than "
+                   "the version was committed with (1 of 8 files: built by another semid_dist "
+                   "release, or with no report); a committed version's files are not "
+                   "rewritten: give --out DIR to write this render to a folder of its own")
+    assert (vdir / REPORT_HTML).read_bytes() == older
+    out = tmp_path / "elsewhere"
+    assert main([*args, "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    pngs = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    assert printed["report"] == f"{out}/report.html" and len(pngs) == 7
+    assert sorted(printed["written"]) == sorted(f"{out}/{n}" for n in [*pngs, "report.html"])
+    for name in pngs:  # the figures render as committed; the page is this release's
+        assert (out / name).read_bytes() == (vdir / "report" / name).read_bytes()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert f"sids/versions/{vid}" in page and "Hourglass:" in page
+    assert (vdir / REPORT_HTML).read_bytes() == older
+    for inside in (vdir / "report", Path(store.root) / "sids"):
+        assert main([*args, "--out", str(inside)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"semid report: error: --out {inside} is inside the table {store.root}/sids, "
+            "whose files only its builds write: give a folder outside it")
+    (tmp_path / "afile").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"semid report: error: cannot write the report of version {vid} "
+                          f"into --out {tmp_path / 'afile'} (") and len(err.splitlines()) == 1
+    assert err.endswith("give --out a folder that can be written")
+
+
+@pytest.mark.parametrize("metrics", [b"[1, 2]", b"{}", b'{"rows": 3}'])
+def test_cli_report_names_a_metrics_file_of_another_form(copied, capsys, tmp_path, metrics):
+    """A metrics.json that passes its checksum (edited along with the manifest) but is not a
+    metrics object of this release: a named error, not a KeyError or TypeError traceback."""
+    store, vid = copied
+    _recommit(store, vid, "metrics.json", metrics)
+    for extra in ([], ["--out", str(tmp_path / "r")]):
+        assert main(["report", "--root", store.root, "--table", "sids", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"semid report: error: version {vid}'s metrics.json is not in "
+                              "the form this semid_dist reads (")
+        assert err.endswith("): it was edited, or written by another release; rebuild the "
+                            "version to get a report") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,13 @@
 
 Reads metrics.json and analytics/*.parquet with `TableStore.read_bytes`, which takes a version
 id directly, so it works on a version that is still being built (before its manifest) as well
-as on a committed one. Writes `report/report.html` and `report/<figure>.png`.
+as on a committed one. A build writes `report/report.html` and `report/<figure>.png` into
+its version; `semid report` renders them again (`rerender_report`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.errors import StoreError
+from semid_dist.errors import StoreError, one_line
+from semid_dist.io import fs as fsio
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.report import figures as F
 from semid_dist.report.html import Figure, render
@@ -124,14 +127,67 @@ def make_figures(data: VersionData) -> list[Figure]:
     return figs + ([head_tail] if head_tail else [])
 
 
-def write_report(store: TableStore, version_id: str) -> list[FileEntry]:
-    """Render the report of `version_id` from its metrics.json and analytics tables and write
-    `report/report.html` plus one `report/<figure>.png` per figure; returns their entries
-    (PNG files first, the page last)."""
+def render_report(store: TableStore, version_id: str) -> dict[str, bytes]:
+    """The report files of `version_id`, rendered from its metrics.json and analytics tables:
+    `report/<figure>.png` per figure, then `report/report.html`, by path in the version."""
     data = load_version(store, version_id)
     figs = make_figures(data)
     # the version's place in its table, not the root's: a re-render of a moved or copied
     # table gives the bytes its manifest holds
     page = render(version_id, data.metrics, figs, source=f"{store.table}/versions/{version_id}")
-    entries = [store.write_file(version_id, f"{REPORT_DIR}/{f.file}", f.png) for f in figs]
-    return entries + [store.write_file(version_id, REPORT_HTML, page.encode("utf-8"))]
+    return {**{f"{REPORT_DIR}/{f.file}": f.png for f in figs}, REPORT_HTML: page.encode("utf-8")}
+
+
+def write_report(store: TableStore, version_id: str) -> list[FileEntry]:
+    """Render the report of the version being built and write its files into it; returns
+    their entries (PNG files first, the page last)."""
+    return [store.write_file(version_id, rel, data)
+            for rel, data in render_report(store, version_id).items()]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rerender_report(store: TableStore, version_id: str, out: str | None = None) -> list[str]:
+    """`semid report`: render the report of committed version `version_id` again; returns the
+    URLs of the files written. With `out` (a folder, any fsspec URL) they go there, as
+    `report.html` and the PNG files. Without it they go into the version, but only where
+    the render gives the bytes its manifest records: a missing or damaged report file is
+    restored, an intact one left as it is. A render that differs (another release of the
+    renderer; a version with no report in its manifest) is a StoreError saying to give
+    `out`: a committed version's files are never rewritten with other bytes."""
+    try:
+        files = render_report(store, version_id)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        # metrics.json passed its checksum but is not in the form this release reads
+        raise StoreError(f"version {version_id}'s metrics.json is not in the form this "
+                         f"semid_dist reads ({type(exc).__name__}: {one_line(exc)}): it was "
+                         "edited, or written by another release; rebuild the version to get "
+                         "a report") from None
+    if out is not None:
+        fs, folder = fsio.resolve(out)
+        names = {rel: rel.removeprefix(f"{REPORT_DIR}/") for rel in files}
+        for rel, data in files.items():
+            fsio.write_bytes(fs, fsio.join(folder, names[rel]), data)
+        return [f"{fsio.redact_url(out.rstrip('/'))}/{name}" for name in names.values()]
+    recorded = {e.get("path"): e.get("sha256") for e in store.manifest(version_id)["files"]
+                if isinstance(e, dict) and str(e.get("path", "")).startswith(f"{REPORT_DIR}/")}
+    differ = {rel for rel, data in files.items() if recorded.get(rel) != _sha256(data)}
+    if differ := differ | (recorded.keys() - files.keys()):
+        raise StoreError(
+            f"version {version_id}'s report renders to other bytes than the version was "
+            f"committed with ({len(differ)} of {len(files)} files: built by another "
+            "semid_dist release, or with no report); "
+            "a committed version's files are not rewritten: give --out DIR to write this "
+            "render to a folder of its own")
+    urls = []
+    for rel, data in files.items():
+        try:
+            store.read_bytes(version_id, rel)  # verified against the manifest's checksum
+            continue
+        except (StoreError, OSError):  # missing or damaged: restore it
+            pass
+        store.write_file(version_id, rel, data)
+        urls.append(f"{store.display_url(version_id)}/{rel}")
+    return urls
