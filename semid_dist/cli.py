@@ -98,7 +98,8 @@ def _table(root: str, table: str) -> TableStore:
     store = TableStore(root, table)
     if not store.fs.isdir(store.base):
         raise StoreError(f"no table at {fsio.redact_url(store.url)}: check --root and --table")
-    return store
+    store.fs.ls(store.base)  # one this user may not read: PermissionError (the store's reads
+    return store  # of it said "no such file", and the table looked empty)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -317,7 +318,8 @@ _NO_CREDENTIALS = ("NoCredentialsError", "DefaultCredentialsError")
 def _run(name: str, run: Callable[[], int], *, exiting: bool,
          committed: Callable[[], str | None] | None = None) -> int:
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
-    ...` and status 2 (an object store's "no credentials" too); a closed stdout 141; Ctrl-C
+    ...` and status 2 (an object store's "no credentials" too, and a storage failure a user
+    mends: a full disk, a read-only mount, a permission denied); a closed stdout 141; Ctrl-C
     one line and 130, the Ctrl-Cs after the
     first ignored (`_one_interrupt`). The line says whether the version was committed where
     `committed` tells (one build's command). The caller's SIGINT handler is put back
@@ -331,6 +333,13 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     except _StdoutClosed:  # what coreutils do: no message, the status of a SIGPIPE death
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush at exit)
         return 141  # 128 + SIGPIPE
+    except OSError as exc:  # a full disk, a read-only mount, a permission denied
+        from semid_dist.io.fs import storage_advice
+
+        if (fix := storage_advice(exc)) is None:
+            raise
+        print(f"{name}: error: {one_line(exc)}: {fix}", file=sys.stderr)
+        return 2
     except Exception as exc:  # (Ray's wrapper of a task's error subclasses it)
         if not any(c.__name__ in _NO_CREDENTIALS for c in type(exc).__mro__):
             raise

@@ -29,9 +29,10 @@ from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolu
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import make_engine
-from semid_dist.errors import InputError, InterruptedAfterCommit
+from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError, one_line
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
+from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
@@ -199,44 +200,52 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                                           from_version=store.resolve(cfg.encode.from_version)))
     parent = cfg.encode.from_version if cfg.encode.incremental else store.head()
     timings: dict[str, float] = {}
-    with contextlib.ExitStack() as claimed:  # the heartbeat (below), until the commit
-        with make_engine(cfg, log=log) as engine:
-            if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
-                engine.warm_up()
-            plan = plan_catalog(engine.resolve_input(cfg.input.path),
-                                target_rows=cfg.encode.shard_rows)
-            dim = _check_inputs(plan, cfg, store, parent)
-            reads = tuple(sorted({v for v in (parent, cfg.encode.from_version) if v}))
-            vid, key = _start_version(store, cfg, plan, parent, log, reads)
-            # renewed until the commit: a build started meanwhile does not take this version,
-            # and gc keeps it and the versions it reads
-            claimed.enter_context(heartbeat(store, vid, key, reads))
-            ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
-            if cfg.collisions.max_per_sid is not None:
-                ctx = replace(ctx, candidates=cfg.collisions.candidates)
-            t = time.monotonic()
-            files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
-                                                       parent)
-            timings["fit_s"] = time.monotonic() - t
-            if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
-                engine.warm_up()
-            t = time.monotonic()
-            try:
-                partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
-                                                                        timings)
-            finally:
-                release_freed_memory()  # kept by an encode worker in this process (local engine)
-            check_rejects(counts, reasons, cfg)
-            timings["encode_s"] = time.monotonic() - t
-            t = time.monotonic()
-            red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
-            timings["reduce_s"] = time.monotonic() - t
-            t = time.monotonic()
-            drift = parent_drift(engine, store, parent, vid, red.data_files, log)
-            timings["drift_s"] = time.monotonic() - t
-        metrics = _metrics(red, fit_stats, source, timings)
-        files += _version_files(store, vid, red, metrics, drift) + reject_files
-        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
+    try:
+        with contextlib.ExitStack() as claimed:  # the heartbeat (below), until the commit
+            with make_engine(cfg, log=log) as engine:
+                if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit beside)
+                    engine.warm_up()
+                plan = plan_catalog(engine.resolve_input(cfg.input.path),
+                                    target_rows=cfg.encode.shard_rows)
+                dim = _check_inputs(plan, cfg, store, parent)
+                reads = tuple(sorted({v for v in (parent, cfg.encode.from_version) if v}))
+                vid, key = _start_version(store, cfg, plan, parent, log, reads)
+                # renewed until the commit: a build started meanwhile does not take this version,
+                # and gc keeps it and the versions it reads
+                claimed.enter_context(heartbeat(store, vid, key, reads))
+                ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
+                if cfg.collisions.max_per_sid is not None:
+                    ctx = replace(ctx, candidates=cfg.collisions.candidates)
+                t = time.monotonic()
+                files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
+                                                           parent)
+                timings["fit_s"] = time.monotonic() - t
+                if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
+                    engine.warm_up()
+                t = time.monotonic()
+                try:
+                    partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
+                                                                            timings)
+                finally:
+                    release_freed_memory()  # kept by a local encode worker in this process
+                check_rejects(counts, reasons, cfg)
+                timings["encode_s"] = time.monotonic() - t
+                t = time.monotonic()
+                red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
+                timings["reduce_s"] = time.monotonic() - t
+                t = time.monotonic()
+                drift = parent_drift(engine, store, parent, vid, red.data_files, log)
+                timings["drift_s"] = time.monotonic() - t
+            metrics = _metrics(red, fit_stats, source, timings)
+            files += _version_files(store, vid, red, metrics, drift) + reject_files
+            moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
+    except OSError as exc:  # a full disk, a read-only mount, a permission denied
+        if (fix := fsio.storage_advice(exc)) is None:
+            raise
+        where = "" if exc.filename else f" (writing the table {redact_url(store.url)})"
+        raise StoreError(f"{one_line(exc)}{where}; nothing was committed (the table's versions "
+                         f"are as they were): {fix}, then run the same command again (it "
+                         "resumes the build)") from None
     try:  # the version stands whatever stops the process from here on
         try:
             store.remove_staging(vid)

@@ -179,9 +179,10 @@ def leftover_staging(store: TableStore, committed: list[str]) -> list[str]:
 
 
 def _unwritable(store: TableStore, exc: OSError) -> StoreError:
+    fix = fsio.storage_advice(exc)
     return StoreError(f"output.root {fsio.redact_url(store.root)!r}: cannot write the table "
-                      f"{store.table!r} there ({exc}); point output.root at a folder or "
-                      "bucket this job can write to")
+                      f"{store.table!r} there ({exc}); "
+                      f"{fix or 'point output.root at a folder or bucket this job can write to'}")
 
 
 def _write_run(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
@@ -215,7 +216,8 @@ def heartbeat(store: TableStore, vid: str, key: str,
         stop.set()
         thread.join()
         with contextlib.suppress(Exception):  # unwritable now: a re-run waits for it to go stale
-            _write_run(store, vid, key, owned=False)
+            if store.fs.exists(_run_path(store, vid)):  # (not where the folder is gone)
+                _write_run(store, vid, key, owned=False)
         raise
     finally:
         stop.set()

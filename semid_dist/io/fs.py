@@ -3,6 +3,7 @@ keep credentials out of everything written or logged (`redact_url`)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -40,6 +41,12 @@ _AWS = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_
 _GCP = ("give them as GOOGLE_APPLICATION_CREDENTIALS (a service account's key file) or the "
         "machine's service account")
 _CREDENTIALS_ADVICE = {"s3": _AWS, "s3a": _AWS, "gs": _GCP, "gcs": _GCP}
+_FREE_SPACE = ("free space on that file system (`semid versions gc` removes old versions and "
+               "the work files of builds that are gone)")
+_PERMISSIONS = "give this user access to that file or folder"
+_STORAGE_ADVICE = {errno.ENOSPC: _FREE_SPACE, errno.EDQUOT: _FREE_SPACE,
+                   errno.EROFS: "that file system is mounted read-only: make it writable",
+                   errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS}
 
 
 def redact_url(text: str) -> str:
@@ -99,6 +106,12 @@ def tcp_refusal(address: str) -> OSError | None:
     return None
 
 
+def storage_advice(exc: BaseException) -> str | None:
+    """What to do about a storage failure a user can mend (a full disk or quota, a read-only
+    mount, a permission denied), or None for any other error."""
+    return _STORAGE_ADVICE.get(exc.errno) if isinstance(exc, OSError) else None
+
+
 def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
@@ -110,10 +123,10 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(tmp, data)
         try:  # (fsspec's mv, shutil.move, moves the file into a folder named `path`)
+            fs.pipe_file(tmp, data)
             os.replace(tmp, path)
-        except OSError:
+        except OSError:  # a full disk, say: no part-written file is left behind
             with suppress(OSError):
                 os.remove(tmp)
             raise

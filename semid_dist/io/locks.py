@@ -5,6 +5,7 @@ stores have no exclusive create; see `advance_latest` for their weaker rule)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -59,8 +60,13 @@ def file_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[
             continue
         try:
             os.write(fd, token)
-        finally:
-            os.close(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                os.close(fd)
+                os.unlink(path)  # (left, it held every later taker for LOCK_STALE_S)
+                raise
+            token = b""  # a full disk: the empty file is the lock (gc frees space under it)
+        os.close(fd)
         break
     try:
         yield

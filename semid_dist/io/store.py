@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.errors import StoreError
+from semid_dist.errors import StoreError, one_line
 from semid_dist.faults import maybe_die
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import file_lock, process_lock
@@ -118,6 +118,9 @@ class TableStore:
         except FileNotFoundError:
             if entry is None:
                 raise
+            if not self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
+                raise StoreError(f"version {version_id} was removed while it was read (by "
+                                 "`semid versions gc`?); run the command again") from None
             raise StoreError(f"version {version_id} is damaged: its manifest lists "
                              f"{fsio.redact_url(self.version_url(version_id))}/{rel}, which is "
                              "missing; restore the file, or build a new version") from None
@@ -295,6 +298,11 @@ class TableStore:
         except StoreError as exc:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
                              f"{exc}") from None
+        except OSError as exc:  # a full disk, a read-only mount
+            raise StoreError(f"version {version_id} is committed, but _latest was not moved "
+                             f"({one_line(exc)}): readers of latest get the version before "
+                             "it until a newer one commits; to serve it now, write its id into "
+                             f"{fsio.redact_url(self.url)}/{LATEST}") from None
 
     def _check_references(self, version_id: str, files: list[FileEntry]) -> None:
         """Files of other versions must still be there (a `gc` may have run meanwhile)."""
