@@ -2,7 +2,8 @@
 `semid versions` work without Ray or Spark.
 
 Exit status 0 on success; on failure a one-line reason on stderr and a non-zero status
-(2 for bad config / input / store errors, 1 for anything unexpected, 130 for Ctrl-C); output
+(2 for bad config / input / store errors, 1 for anything unexpected, 130 for Ctrl-C, 143 for
+SIGTERM); output
 cut short by a closed pipe (`| head`) ends quietly with 141, as if killed by SIGPIPE.
 """
 
@@ -276,24 +277,54 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated:
+    """Whether a SIGTERM stopped this command (`_one_interrupt`): its line and status say so."""
+
+    seen = False
+
+
 def _one_interrupt() -> Callable[[], None]:
     """While a command runs: a Ctrl-C raises KeyboardInterrupt once, and the ones after it,
     while the job stops, are ignored, so the engine's clean-up runs to its end (a second
     Ctrl-C inside Ray's shutdown left its agent processes running, and printed tracebacks).
-    Only where Python's own handler is in place, in the main thread (a SIGINT ignored by
-    the shell that started it stays ignored); returns what puts that handler back."""
-    previous = signal.getsignal(signal.SIGINT)
-    if (threading.current_thread() is not threading.main_thread()
-            or previous is not signal.default_int_handler):
+    A SIGTERM (`ray job stop`, `timeout`, a scheduler's cancel) stops it the same way: it
+    runs the SIGINT handler in place, so the engines' own Ctrl-C handling runs (it was the
+    default death: no line, the version not given up). Only in the main thread, and only
+    over Python's own handlers (a SIGINT ignored by the shell that started it stays
+    ignored: a SIGTERM then raises KeyboardInterrupt itself); returns what puts them back."""
+    _Terminated.seen = False
+    if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    ours = previous is signal.default_int_handler
 
     def interrupt(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):  # ours, or the Spark engine's guard over it
+            _Terminated.seen = True
+            handler(signal.SIGINT, frame)
+        elif not ours:  # (ours is ignored once a Ctrl-C came: the command is stopping)
+            _Terminated.seen = True
+            raise KeyboardInterrupt
+
     interrupt.ignores_later_interrupts = True  # (the Spark engine's guard reads it)
-    signal.signal(signal.SIGINT, interrupt)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    if ours:
+        signal.signal(signal.SIGINT, interrupt)
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
+
+    def restore() -> None:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+        if before is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, before)
+    return restore
 
 
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
@@ -320,8 +351,8 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
     ...` and status 2 (an object store's "no credentials" too, and a storage failure a user
     mends: a full disk, a read-only mount, a permission denied); a closed stdout 141; Ctrl-C
-    one line and 130, the Ctrl-Cs after the
-    first ignored (`_one_interrupt`). The line says whether the version was committed where
+    one line and 130 (SIGTERM 143), the Ctrl-Cs after the first ignored (`_one_interrupt`).
+    The line says whether the version was committed where
     `committed` tells (one build's command). The caller's SIGINT handler is put back
     unless the process is `exiting` with the status."""
     restore = _one_interrupt()
@@ -350,10 +381,11 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
         return 2
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
         version = getattr(exc, "version_id", None) or (committed and committed())
-        said = (f"interrupted after version {version} was committed" if version else
-                "interrupted; nothing was committed" if committed else "interrupted")
+        stop = "terminated (SIGTERM)" if _Terminated.seen else "interrupted"
+        said = (f"{stop} after version {version} was committed" if version else
+                f"{stop}; nothing was committed" if committed else stop)
         print(f"{name}: {said}", file=sys.stderr)
-        return 130
+        return 143 if _Terminated.seen else 130
     finally:
         if not exiting:
             restore()

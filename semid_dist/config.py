@@ -372,11 +372,23 @@ def absolute_url(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
+# where `ray job submit --working-dir` runs a job: a copy Ray removes with its session
+RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
+
+
 def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
-    """Local paths made absolute, so workers that run elsewhere (another cwd) find them."""
+    """Local paths made absolute, so workers that run elsewhere (another cwd) find them. A
+    relative output.root in a Ray job's copy of its working directory is a ConfigError (the
+    table went into the copy, and with it)."""
+    root = absolute_url(cfg.output.root)
+    if RAY_WORKING_DIR in root and RAY_WORKING_DIR not in cfg.output.root:
+        raise ConfigError(f"output.root={cfg.output.root} is relative, and this job runs in "
+                          f"the copy of its working directory Ray made ({Path.cwd()}), which "
+                          "Ray removes: the table would go with it; give output.root as an "
+                          "absolute path or a URL the cluster keeps (s3://...)")
     return dataclasses.replace(
         cfg, input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path)),
-        output=dataclasses.replace(cfg.output, root=absolute_url(cfg.output.root)))
+        output=dataclasses.replace(cfg.output, root=root))
 
 
 def gpu_stages(cfg: BuildConfig) -> list[str]:

@@ -171,6 +171,47 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
         f"semid build: interrupted after version {versions[0]} was committed"), rest
 
 
+@pytest.mark.parametrize("engine", ["local", "spark", "ray"])
+def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, engine):
+    """`ray job stop`, `timeout` and schedulers cancel with SIGTERM: the build stops as on
+    Ctrl-C, says so in one line, status 143, and gives its version up (it was the default
+    death: no line; on Ray, `ray.init`'s own handler: `sys.exit(15)` and a C++ stack dump).
+    Started as a shell's background job is (SIGINT ignored) on one engine."""
+    pytest.importorskip({"spark": "pyspark", "ray": "ray"}.get(engine, "semid_dist"))
+    catalog = write_catalog(tmp_path / "cat", clustered(6000, 8, seed=2))
+    cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
+        "engine": engine, "input": {"path": catalog}, "spark": {"master": "local[1]"},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [16, 8], "niter": 4}, "fit": {"sample_size": 2000},
+        "encode": {"shard_rows": 500}}))
+    command = [sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg]
+    background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if engine == "ray" \
+        else None
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, preexec_fn=background)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        err = ""
+        for line in proc.stderr:
+            err += line
+            if line.startswith("[semid") and "encode:" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 143, (err, rest)
+    assert rest.strip().splitlines()[-1] == ("semid build: terminated (SIGTERM); nothing was "
+                                             "committed")
+    assert "Traceback" not in rest
+    assert TableStore(str(tmp_path / "out"), "sids").versions() == []
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0 and "resuming version" in again.stderr, again.stderr[-2000:]
+
+
 @pytest.mark.parametrize("engine, start", [("local", "plan:"), ("spark", "plan:"),
                                            ("local", "commit:")])
 def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path, engine, start):

@@ -417,3 +417,27 @@ def test_spark_driver_memory_is_a_jvm_memory_size():
         with pytest.raises(ConfigError, match=r"spark.driver_memory: .* is not a JVM memory "
                                               r"size: give a number and a unit, e.g. 2g"):
             parse_config({**MINIMAL, "spark": {"driver_memory": bad}})
+
+
+def test_a_relative_output_root_in_a_ray_jobs_working_dir_copy_is_an_error(
+        small_catalog, tmp_path, monkeypatch, capsys):
+    """`ray job submit --working-dir .` runs the job in a copy Ray removes with its session:
+    a relative output.root (conf/demo.yaml's `out/demo`) committed the table into it."""
+    from semid_dist.cli import main
+
+    catalog, _ = small_catalog
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    cfg = copy / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"engine": "local", "input": {"path": catalog},
+                                   "output": {"root": "out/demo"},
+                                   "quantizer": {"layers": [8, 4], "niter": 2}}))
+    assert main(["build", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "semid build: error: output.root=out/demo is relative, and this job runs in the copy "
+        f"of its working directory Ray made ({copy}), which Ray removes: the table would go "
+        "with it; give output.root as an absolute path or a URL the cluster keeps (s3://...)")
+    assert not (copy / "out").exists()
+    assert main(["build", "--config", str(cfg), f"output.root={tmp_path / 'kept'}"]) == 0
+    assert (tmp_path / "kept" / "sids" / "_latest").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -419,6 +420,32 @@ spark.stop()
     assert rdd_pids + "]" == "[" + sql_pids, out[2]
 
 
+def test_spark_executors_without_the_project_are_one_line(small_catalog, tmp_path):
+    """Executors running a Python that lacks semid_dist (a cluster's workers started without
+    the job's environment): one line naming the setting and this driver's Python, status 2
+    (Spark's task failure: a Py4J traceback, status 1)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    other = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if other is None or subprocess.run([other, "-c", "import semid_dist"], env=env,
+                                       cwd=tmp_path, capture_output=True).returncode == 0:
+        pytest.skip("needs a Python other than this one, without semid_dist")
+    catalog, _ = small_catalog
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "spark", "input": {"path": catalog},
+                               "output": {"root": str(tmp_path / "out"), "table": "sids"},
+                               "quantizer": {"layers": [8, 8], "niter": 2},
+                               "spark": {"master": "local[1]"}}))
+    run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config", str(cfg)],
+                         env={**env, "PYSPARK_PYTHON": other}, cwd=tmp_path, timeout=300,
+                         capture_output=True, text=True)  # (not the repository: no package)
+    assert named_error(run) == (
+        "semid build: error: the Spark executors' Python has no module 'semid_dist' (a task "
+        "failed on its import): point spark.pyspark.python (or PYSPARK_PYTHON where they "
+        f"run) at a Python with semid_dist installed, such as this driver's {sys.executable}, "
+        "or ship one (jobs/spark_build.py)")
+    assert not TableStore(str(tmp_path / "out"), "sids").versions()
+
+
 def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
     """A build whose engine would start a Spark session, on a machine whose launcher would
     find no JVM: one line naming Java and how to get it, status 2, nothing written. Run in
@@ -460,6 +487,39 @@ def test_spark_java_options_go_to_the_jvms_a_session_starts():
     # under spark-submit the driver JVM runs already (--driver-java-options)
     assert _java_options(opts, submitted=True) == {"spark.executor.extraJavaOptions": opts}
     assert _java_options(None, submitted=False) == {}
+
+
+SUBMITTED_SESSION = """
+import json, sys
+from semid_dist.config import parse_config
+from semid_dist.engines.spark_session import spark_session
+cfg = parse_config({"engine": "spark", "input": {"path": "x"}, "output": {"root": "y"}})
+session, started = spark_session(cfg)
+conf = session.sparkContext.getConf()
+print(json.dumps({name: conf.get(name) for name in sys.argv[1:]}))
+session.stop()
+"""
+
+
+def test_spark_submit_settings_win_over_the_engines(tmp_path):
+    """Under spark-submit the engine's settings give way to those `--conf` gives, as README
+    says (they were read before the JVM's gateway was open: none, and every one replaced)."""
+    script = tmp_path / "session.py"
+    script.write_text(SUBMITTED_SESSION)
+    names = ["spark.executorEnv.JE_ARROW_MALLOC_CONF", "spark.executor.extraJavaOptions",
+             "spark.executorEnv.NUMPY_MADVISE_HUGEPAGE"]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]",
+         "--driver-java-options", "-XX:TieredStopAtLevel=1",
+         "--conf", "spark.executorEnv.JE_ARROW_MALLOC_CONF=narenas:2",
+         "--conf", "spark.executor.extraJavaOptions=-Xss4m", str(script), *names],
+        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got[names[0]] == "narenas:2"  # (Spark puts its own JVM options before ours)
+    assert got[names[1]].endswith(" -Xss4m") and "TieredStopAtLevel" not in got[names[1]]
+    assert got[names[2]] is not None  # what spark-submit leaves unset, the engine sets
 
 
 def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from semid_dist.config import BuildConfig
@@ -22,6 +24,25 @@ def ray_init(cfg: BuildConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    with _sigterm_kept():
+        return _ray_init(cfg, ray)
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """`ray.init` sets a SIGTERM handler of its own, in the main thread (`sys.exit`: the
+    process died past the command's clean-up and its line, and Ray's C++ handler printed a
+    stack dump): the one in place before it (the `semid` command's) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if cfg.ray.address:

@@ -21,6 +21,7 @@ import math
 import pickle
 import re
 import signal
+import sys
 import threading
 import uuid
 from collections import deque
@@ -50,14 +51,16 @@ _RESULT_SCHEMA = "index long, result binary"
 _ARROW_SCHEMA = pa.schema([("index", pa.int64()), ("result", pa.binary())])
 WARM_UP_GROUP = "semid-warm-up"
 _TASK_ERROR = re.compile(r"semid_dist\.errors\.(\w+): (.+)")
+_NO_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}")
 
 
 @contextmanager
 def task_errors() -> Iterator[None]:
     """Re-raise a named semid error from a Spark task as itself, so the CLI prints its
-    one-line reason, and a job's failure after a Ctrl-C as the KeyboardInterrupt; any other
-    task failure propagates unchanged."""
+    one-line reason, a task's missing module (executors running a Python without the
+    project) as a ConfigError, and a job's failure after a Ctrl-C as the KeyboardInterrupt;
+    any other task failure propagates unchanged."""
     try:
         yield
     except SemidError:
@@ -65,6 +68,12 @@ def task_errors() -> Iterator[None]:
     except Exception as exc:
         if session.claim_interrupt():  # the job failed as the Ctrl-C cancelled it
             raise KeyboardInterrupt from None
+        if missing := _NO_MODULE.search(str(exc)):  # the executors run another Python
+            raise ConfigError(
+                f"the Spark executors' Python has no module {missing.group(1)!r} (a task "
+                "failed on its import): point spark.pyspark.python (or PYSPARK_PYTHON where "
+                "they run) at a Python with semid_dist installed, such as this driver's "
+                f"{sys.executable}, or ship one (jobs/spark_build.py)") from None
         match = _TASK_ERROR.search(str(exc))
         cls = getattr(errors, match.group(1), None) if match else None
         if not (isinstance(cls, type) and issubclass(cls, SemidError)):

@@ -65,7 +65,10 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
     # the JVMs' options and the workers' memory settings (Spark starts its Python workers
     # with spark.executorEnv.* in their environment), and `ONE_DAEMON_VAR`; a value
-    # spark-submit's settings give wins
+    # spark-submit's settings give wins: they are the running JVM's, so its gateway is
+    # opened first (a SparkConf made before it holds nothing, and every value was replaced)
+    if submitted:
+        SparkContext._ensure_initialized()
     defaults = SparkConf()
     settings = _java_options(cfg.spark.java_options, submitted)
     for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
