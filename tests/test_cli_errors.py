@@ -171,6 +171,28 @@ def test_ctrl_c_after_the_commit_says_the_version_was_committed(tmp_path):
         f"semid build: interrupted after version {versions[0]} was committed"), rest
 
 
+def _small_build(tmp_path: Path, engine: str, rows: int) -> list[str]:
+    """A small build's `semid build` command line, its catalog of `rows` items written (to
+    `tmp_path`/out, table sids; Spark on local[1], 500-row shards)."""
+    catalog = write_catalog(tmp_path / "cat", clustered(rows, 8, seed=2))
+    cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
+        "engine": engine, "input": {"path": catalog}, "spark": {"master": "local[1]"},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [16, 8], "niter": 4}, "fit": {"sample_size": 2000},
+        "encode": {"shard_rows": 500}}))
+    return [sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg]
+
+
+def _log_until(proc: subprocess.Popen, step: str) -> str:
+    """The build's log read up to its first progress line of `step` (e.g. "encode:")."""
+    err = ""
+    for line in proc.stderr:
+        err += line
+        if line.startswith("[semid") and step in line:
+            break
+    return err
+
+
 @pytest.mark.parametrize("engine", ["local", "spark", "ray"])
 def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, engine):
     """`ray job stop`, `timeout` and schedulers cancel with SIGTERM: the build stops as on
@@ -178,13 +200,7 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
     death: no line; on Ray, `ray.init`'s own handler: `sys.exit(15)` and a C++ stack dump).
     Started as a shell's background job is (SIGINT ignored) on one engine."""
     pytest.importorskip({"spark": "pyspark", "ray": "ray"}.get(engine, "semid_dist"))
-    catalog = write_catalog(tmp_path / "cat", clustered(6000, 8, seed=2))
-    cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
-        "engine": engine, "input": {"path": catalog}, "spark": {"master": "local[1]"},
-        "output": {"root": str(tmp_path / "out"), "table": "sids"},
-        "quantizer": {"layers": [16, 8], "niter": 4}, "fit": {"sample_size": 2000},
-        "encode": {"shard_rows": 500}}))
-    command = [sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg]
+    command = _small_build(tmp_path, engine, 6000)
     background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if engine == "ray" \
         else None
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -192,11 +208,7 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
     watchdog = threading.Timer(180, proc.kill)
     watchdog.start()
     try:
-        err = ""
-        for line in proc.stderr:
-            err += line
-            if line.startswith("[semid") and "encode:" in line:
-                break
+        err = _log_until(proc, "encode:")
         proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
         proc.wait(timeout=120)
@@ -222,23 +234,12 @@ def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path, engine
     process exited: its work done, status 0 or 130)."""
     if engine == "spark":
         pytest.importorskip("pyspark")
-    catalog = write_catalog(tmp_path / "cat", clustered(3000, 8, seed=2))
-    cfg = write(tmp_path / "c.yaml", yaml.safe_dump({
-        "engine": engine, "input": {"path": catalog}, "spark": {"master": "local[1]"},
-        "output": {"root": str(tmp_path / "out"), "table": "sids"},
-        "quantizer": {"layers": [16, 8], "niter": 4}, "fit": {"sample_size": 2000},
-        "encode": {"shard_rows": 500}}))
-    proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)
+    proc = subprocess.Popen(_small_build(tmp_path, engine, 3000), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
     watchdog = threading.Timer(180, proc.kill)
     watchdog.start()
     try:
-        err = ""
-        for line in proc.stderr:
-            err += line
-            if line.startswith("[semid") and start in line:
-                break
+        err = _log_until(proc, start)
         stderr = threading.Thread(target=lambda: proc.stderr.read(), daemon=True)
         stderr.start()  # (a full pipe would hold the process up)
         while proc.poll() is None:
