@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from typing import Any
 
 from semid_dist.errors import StoreError
@@ -16,7 +17,8 @@ from semid_dist.resume import leftover_staging, live_runs
 
 
 def collect_garbage(store: TableStore, keep: int, *, min_age_hours: float = 24.0,
-                    dry_run: bool = False, now: dt.datetime | None = None) -> dict[str, Any]:
+                    dry_run: bool = False, now: dt.datetime | None = None,
+                    on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
     """`TableStore.gc`: delete old versions by the `gc_plan` policy; returns what was (or,
     with `dry_run`, would be) deleted and kept.
 
@@ -32,7 +34,7 @@ def collect_garbage(store: TableStore, keep: int, *, min_age_hours: float = 24.0
     latest = store.head()  # a damaged `_latest` raises: nothing is deleted
     delete, kept = gc_plan(names, latest, manifests, keep, now, min_age_hours, live)
     if not dry_run and delete:
-        with store.table_lock():  # no build chooses a version meanwhile (`resume`)
+        with store.table_lock(on_wait):  # no build chooses a version meanwhile (`resume`)
             if store.head() in delete:
                 raise StoreError(f"gc: _latest of {store.url} moved to a version planned "
                                  "for deletion while planning; nothing was deleted, run gc "

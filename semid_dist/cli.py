@@ -146,6 +146,8 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     `_latest`, and what they reference), plus uncommitted leftovers older than
     --min-age-hours."""
     from semid_dist.errors import ConfigError
+    from semid_dist.io import fs as fsio
+    from semid_dist.io.locks import LOCK_STALE_S
     from semid_dist.summary import format_gc
 
     if args.keep is None or args.keep < 0:
@@ -155,7 +157,12 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
         raise ConfigError(f"--min-age-hours {args.min_age_hours:g} must be >= 0 (how many hours "
                           "old an uncommitted version directory must be before gc removes it; "
                           "default 24)")
-    report = store.gc(args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run)
+    report = store.gc(args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run,
+                      on_wait=lambda: print(
+                          "semid versions gc: waiting for the lock of "
+                          f"{fsio.redact_url(store.url)} (a build is committing or starting; "
+                          f"a lock older than {LOCK_STALE_S:.0f} s is a dead build's and is "
+                          "broken)", file=sys.stderr, flush=True))
     _print(report, args.json, format_gc(report))
     return 0
 
@@ -172,7 +179,14 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     if src is None:
         raise StoreError(f"version {to} has no parent; name the version to compare with: "
                          "--from VERSION")
-    drift = version_drift(store, src, to)
+    try:
+        drift = version_drift(store, src, to)
+    except FileNotFoundError:  # a part of a version `versions gc` removed meanwhile?
+        gone = [v for v in (src, to) if v not in store.versions()]
+        if not gone:
+            raise
+        raise StoreError(f"version {gone[0]} was removed while it was read (by `semid "
+                         "versions gc`?); run the command again") from None
     _print(drift, args.json, format_drift(drift))
     return 0
 

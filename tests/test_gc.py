@@ -289,3 +289,55 @@ def test_commands_on_a_damaged_version_name_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the manifest of version {v2}" in err and "cannot be read" in err
     assert not store.fs.exists(f"{store.version_dir(v2)}/report")  # nothing written
+
+
+def test_gc_says_when_it_waits_for_the_tables_lock(tmp_path, capsys, monkeypatch):
+    """A build committing (or a lock a killed one left, broken after a minute): gc waited
+    without a word."""
+    import threading
+
+    from semid_dist.io import locks
+    from semid_dist.io.store import LATEST_LOCK
+
+    store = TableStore(str(tmp_path / "out"), "t")
+    old = committed(store, 10, "000001")
+    new = committed(store, 5, "000002")
+    lock = tmp_path / "out" / "t" / LATEST_LOCK
+    lock.write_text("4242-alive")  # held by a live build, which lets go a moment later
+    monkeypatch.setattr(locks, "WAIT_NOTICE_S", 0.05)
+    release = threading.Timer(0.5, lock.unlink)
+    release.start()
+    try:
+        assert main(["versions", "gc", "--root", store.root, "--table", "t", "--keep", "0"]) == 0
+    finally:
+        release.cancel()
+    assert capsys.readouterr().err.strip() == (
+        f"semid versions gc: waiting for the lock of {store.url} (a build is committing or "
+        "starting; a lock older than 60 s is a dead build's and is broken)")
+    assert store.versions() == [new] and old not in store.version_dirs()
+
+
+def test_a_diff_whose_version_gc_removes_meanwhile_says_so(small_catalog, tmp_path, capsys,
+                                                          monkeypatch):
+    """`versions diff` of latest against its parent while a `versions gc --keep 0` removes the
+    parent: FileNotFoundError traceback."""
+    from semid_dist import diff
+    from semid_dist.pipeline import build
+    from tests.conftest import small_config
+
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    parent = build(small_config(catalog, root), log=lambda m: None).version_id
+    build(small_config(catalog, root, seed=8), log=lambda m: None)
+    store = TableStore(root, "sids")
+    bucket = diff.drift_bucket
+
+    def gc_first(*args):  # the gc runs between the diff's plan and its reads
+        store.gc(0, min_age_hours=0)
+        return bucket(*args)
+
+    monkeypatch.setattr(diff, "drift_bucket", gc_first)
+    assert main(["versions", "diff", "--root", root, "--table", "sids"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"semid versions: error: version {parent} was removed while it was read (by `semid "
+        "versions gc`?); run the command again")

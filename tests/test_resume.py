@@ -103,6 +103,22 @@ def test_a_failed_build_gives_its_version_up_and_a_reused_pid_is_not_its_owner(t
     assert resumable_version(store, "key-a") == vid
 
 
+def test_a_failed_build_whose_version_folder_is_gone_does_not_write_it_again(tmp_path):
+    """The table moved (or the folder removed) under a build: its last write, giving the
+    version up, made a skeleton `_staging/run.json` there that a later build resumed."""
+    import shutil
+
+    from semid_dist.resume import heartbeat
+
+    store = TableStore(str(tmp_path / "out"), "sids")
+    vid, _ = claim_version(store, "key-a")
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a"):
+        shutil.rmtree(store.version_dir(vid))
+        raise RuntimeError("the build failed")
+    assert not (tmp_path / "out" / "sids" / "versions" / vid).exists()
+    assert resumable_version(store, "key-a") is None
+
+
 def test_a_wait_for_the_table_lock_is_logged(tmp_path, monkeypatch):
     from semid_dist.io import locks
     from semid_dist.io.store import LATEST_LOCK

@@ -335,6 +335,12 @@ def test_a_committed_file_that_changed_or_is_gone_is_a_named_error(root):
         store.read_bytes(v, "metrics.json")
     with pytest.raises(FileNotFoundError):  # a file the manifest does not list: the caller's
         store.read_bytes(v, "stats/partial_all.npz")
+    store.fs.rm(store.version_dir(v), recursive=True)  # as `versions gc` does, while it reads
+    with pytest.raises(StoreError, match=rf"^version {v} was removed while it was read \(by "
+                                         r"`semid versions gc`\?\); run the command again$"):
+        store.read_bytes(v, "data/part-00000.parquet")
+    files, man = write_version(store, v)
+    store.commit(v, man, files)
     store.fs.pipe(f"{store.version_dir(v)}/data/part-00001.parquet", b"junk\n")
     with pytest.raises(StoreError, match=r"data/part-00001.parquet cannot be read as Parquet "
                                          r"\(.*\): the file is damaged"):

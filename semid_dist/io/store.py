@@ -383,13 +383,15 @@ class TableStore:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(vdir, detail=False))
 
     def gc(self, keep: int, *, min_age_hours: float = 24.0, dry_run: bool = False,
-           now: dt.datetime | None = None) -> dict[str, Any]:
+           now: dt.datetime | None = None,
+           on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
         """Delete old versions by the `gc_plan` policy (`semid_dist.cleanup`); returns what
-        was (or, with `dry_run`, would be) deleted and kept."""
+        was (or, with `dry_run`, would be) deleted and kept. on_wait: called once when the
+        table's lock is still held by another after a moment."""
         from semid_dist.cleanup import collect_garbage  # (it builds on this module)
 
         return collect_garbage(self, keep, min_age_hours=min_age_hours, dry_run=dry_run,
-                               now=now)
+                               now=now, on_wait=on_wait)
 
     def remove_staging(self, vid: str) -> None:
         """Remove version `vid`'s work files (`STAGING`): none is part of a committed one. A
