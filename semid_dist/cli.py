@@ -13,13 +13,12 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import SemidError, one_line
+from semid_dist.signals import exiting_signals, one_interrupt, terminated
 
 if TYPE_CHECKING:
     from semid_dist.io.store import TableStore
@@ -99,8 +98,10 @@ def _table(root: str, table: str) -> TableStore:
     store = TableStore(root, table)
     if not store.fs.isdir(store.base):
         raise StoreError(f"no table at {fsio.redact_url(store.url)}: check --root and --table")
-    store.fs.ls(store.base)  # one this user may not read: PermissionError (the store's reads
-    return store  # of it said "no such file", and the table looked empty)
+    # a table this user may not read: PermissionError here (the store's existence checks
+    # said "no such file" for its files, and the table looked empty)
+    store.fs.ls(store.base)
+    return store
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -147,7 +148,7 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     --min-age-hours."""
     from semid_dist.errors import ConfigError
     from semid_dist.io import fs as fsio
-    from semid_dist.io.locks import LOCK_STALE_S
+    from semid_dist.io.locks import waiting_line
     from semid_dist.summary import format_gc
 
     if args.keep is None or args.keep < 0:
@@ -158,11 +159,9 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
                           "old an uncommitted version directory must be before gc removes it; "
                           "default 24)")
     report = store.gc(args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run,
-                      on_wait=lambda: print(
-                          "semid versions gc: waiting for the lock of "
-                          f"{fsio.redact_url(store.url)} (a build is committing or starting; "
-                          f"a lock older than {LOCK_STALE_S:.0f} s is a dead build's and is "
-                          "broken)", file=sys.stderr, flush=True))
+                      on_wait=lambda: print("semid versions gc: "
+                                            f"{waiting_line(fsio.redact_url(store.url))}",
+                                            file=sys.stderr, flush=True))
     _print(report, args.json, format_gc(report))
     return 0
 
@@ -172,6 +171,7 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     defaults to latest, --from to the parent of --to)."""
     from semid_dist.diff import version_drift
     from semid_dist.errors import StoreError
+    from semid_dist.io.store import removed_while_read
     from semid_dist.summary import format_drift
 
     to = store.resolve(args.to_version)
@@ -182,11 +182,11 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     try:
         drift = version_drift(store, src, to)
     except FileNotFoundError:  # a part of a version `versions gc` removed meanwhile?
-        gone = [v for v in (src, to) if v not in store.versions()]
+        committed = store.versions()
+        gone = [v for v in (src, to) if v not in committed]
         if not gone:
             raise
-        raise StoreError(f"version {gone[0]} was removed while it was read (by `semid "
-                         "versions gc`?); run the command again") from None
+        raise removed_while_read(gone[0]) from None
     _print(drift, args.json, format_drift(drift))
     return 0
 
@@ -209,15 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if type(fs) is type(store.fs) and f"{folder}/".startswith(f"{store.base}/"):
             raise StoreError(f"--out {args.out} is inside the table {fsio.redact_url(store.url)}"
                              ", whose files only its builds write: give a folder outside it")
-    where, fix = ((f"--out {fsio.redact_url(args.out)}", "give --out a folder that can be "
-                   "written") if out is not None else (
-        f"{store.display_url(vid)}/report", "run semid report where the table can be written, "
-        "or give --out a folder of its own"))
-    try:
-        written = rerender_report(store, vid, out)
-    except OSError as exc:  # a read-only store, a file where the folder goes
-        raise StoreError(f"cannot write the report of version {vid} into {where} "
-                         f"({one_line(exc)}); {fix}") from None
+    written = rerender_report(store, vid, out)
     page = (f"{fsio.redact_url(out.rstrip('/'))}/report.html" if out is not None
             else f"{store.display_url(vid)}/{REPORT_HTML}")
     _print({"version_id": vid, "report": page, "written": written}, args.json, page)
@@ -291,56 +283,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Terminated:
-    """Whether a SIGTERM stopped this command (`_one_interrupt`): its line and status say so."""
-
-    seen = False
-
-
-def _one_interrupt() -> Callable[[], None]:
-    """While a command runs: a Ctrl-C raises KeyboardInterrupt once, and the ones after it,
-    while the job stops, are ignored, so the engine's clean-up runs to its end (a second
-    Ctrl-C inside Ray's shutdown left its agent processes running, and printed tracebacks).
-    A SIGTERM (`ray job stop`, `timeout`, a scheduler's cancel) stops it the same way: it
-    runs the SIGINT handler in place, so the engines' own Ctrl-C handling runs (it was the
-    default death: no line, the version not given up). Only in the main thread, and only
-    over Python's own handlers (a SIGINT ignored by the shell that started it stays
-    ignored: a SIGTERM then raises KeyboardInterrupt itself); returns what puts them back."""
-    _Terminated.seen = False
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
-    ours = previous is signal.default_int_handler
-
-    def interrupt(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    def terminate(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler):  # ours, or the Spark engine's guard over it
-            _Terminated.seen = True
-            handler(signal.SIGINT, frame)
-        elif not ours:  # (ours is ignored once a Ctrl-C came: the command is stopping)
-            _Terminated.seen = True
-            raise KeyboardInterrupt
-
-    interrupt.ignores_later_interrupts = True  # (the Spark engine's guard reads it)
-    if ours:
-        signal.signal(signal.SIGINT, interrupt)
-    before = signal.getsignal(signal.SIGTERM)
-    if before is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, terminate)
-
-    def restore() -> None:
-        if ours:
-            signal.signal(signal.SIGINT, previous)
-        if before is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, before)
-    return restore
-
-
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     """Run the command line `argv` (default: the process's); returns its exit status. A
     caller's SIGINT handler is put back when it returns, unless the process is `exiting`
@@ -365,11 +307,11 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
     ...` and status 2 (an object store's "no credentials" too, and a storage failure a user
     mends: a full disk, a read-only mount, a permission denied); a closed stdout 141; Ctrl-C
-    one line and 130 (SIGTERM 143), the Ctrl-Cs after the first ignored (`_one_interrupt`).
+    one line and 130 (SIGTERM 143), the Ctrl-Cs after the first ignored (`signals.one_interrupt`).
     The line says whether the version was committed where
     `committed` tells (one build's command). The caller's SIGINT handler is put back
     unless the process is `exiting` with the status."""
-    restore = _one_interrupt()
+    restore = one_interrupt()
     try:
         return run()
     except SemidError as exc:
@@ -381,7 +323,7 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     except OSError as exc:  # a full disk, a read-only mount, a permission denied
         from semid_dist.io.fs import storage_advice
 
-        if (fix := storage_advice(exc)) is None:
+        if (fix := storage_advice(exc, table=True)) is None:
             raise
         print(f"{name}: error: {one_line(exc)}: {fix}", file=sys.stderr)
         return 2
@@ -395,16 +337,16 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
         return 2
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
         version = getattr(exc, "version_id", None) or (committed and committed())
-        stop = "terminated (SIGTERM)" if _Terminated.seen else "interrupted"
+        stop = "terminated (SIGTERM)" if terminated() else "interrupted"
         said = (f"{stop} after version {version} was committed" if version else
                 f"{stop}; nothing was committed" if committed else stop)
         print(f"{name}: {said}", file=sys.stderr)
-        return 143 if _Terminated.seen else 130
+        return 143 if terminated() else 130
     finally:
         if not exiting:
             restore()
-        elif threading.current_thread() is threading.main_thread():  # (a Ctrl-C from here
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # on would only kill the process)
+        else:
+            exiting_signals()
 
 
 def job_entry(name: str, run: Callable[[list[str]], int]) -> None:
@@ -420,9 +362,9 @@ def _exit(run: Callable[[], int]) -> None:
     try:
         status = run()
     except KeyboardInterrupt:  # (one in the instant between the command's end and here)
-        pass
+        status = 143 if terminated() else 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        exiting_signals()
     sys.exit(status)
 
 

@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -200,52 +200,46 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                                           from_version=store.resolve(cfg.encode.from_version)))
     parent = cfg.encode.from_version if cfg.encode.incremental else store.head()
     timings: dict[str, float] = {}
-    try:
-        with contextlib.ExitStack() as claimed:  # the heartbeat (below), until the commit
-            with make_engine(cfg, log=log) as engine:
-                if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit beside)
-                    engine.warm_up()
-                plan = plan_catalog(engine.resolve_input(cfg.input.path),
-                                    target_rows=cfg.encode.shard_rows)
-                dim = _check_inputs(plan, cfg, store, parent)
-                reads = tuple(sorted({v for v in (parent, cfg.encode.from_version) if v}))
-                vid, key = _start_version(store, cfg, plan, parent, log, reads)
-                # renewed until the commit: a build started meanwhile does not take this version,
-                # and gc keeps it and the versions it reads
-                claimed.enter_context(heartbeat(store, vid, key, reads))
-                ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
-                if cfg.collisions.max_per_sid is not None:
-                    ctx = replace(ctx, candidates=cfg.collisions.candidates)
-                t = time.monotonic()
-                files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
-                                                           parent)
-                timings["fit_s"] = time.monotonic() - t
-                if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
-                    engine.warm_up()
-                t = time.monotonic()
-                try:
-                    partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
-                                                                            timings)
-                finally:
-                    release_freed_memory()  # kept by a local encode worker in this process
-                check_rejects(counts, reasons, cfg)
-                timings["encode_s"] = time.monotonic() - t
-                t = time.monotonic()
-                red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
-                timings["reduce_s"] = time.monotonic() - t
-                t = time.monotonic()
-                drift = parent_drift(engine, store, parent, vid, red.data_files, log)
-                timings["drift_s"] = time.monotonic() - t
-            metrics = _metrics(red, fit_stats, source, timings)
-            files += _version_files(store, vid, red, metrics, drift) + reject_files
-            moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
-    except OSError as exc:  # a full disk, a read-only mount, a permission denied
-        if (fix := fsio.storage_advice(exc)) is None:
-            raise
-        where = "" if exc.filename else f" (writing the table {redact_url(store.url)})"
-        raise StoreError(f"{one_line(exc)}{where}; nothing was committed (the table's versions "
-                         f"are as they were): {fix}, then run the same command again (it "
-                         "resumes the build)") from None
+    started: list[str] = []  # the version this run writes, once chosen
+    with _storage_failures(store, started), contextlib.ExitStack() as claimed:
+        with make_engine(cfg, log=log) as engine:
+            if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
+                engine.warm_up()
+            plan = plan_catalog(engine.resolve_input(cfg.input.path),
+                                target_rows=cfg.encode.shard_rows)
+            dim = _check_inputs(plan, cfg, store, parent)
+            reads = tuple(sorted({v for v in (parent, cfg.encode.from_version) if v}))
+            vid, key = _start_version(store, cfg, plan, parent, log, reads)
+            started.append(vid)
+            # renewed until the commit: a build started meanwhile does not take this version,
+            # and gc keeps it and the versions it reads
+            claimed.enter_context(heartbeat(store, vid, key, reads))
+            ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
+            if cfg.collisions.max_per_sid is not None:
+                ctx = replace(ctx, candidates=cfg.collisions.candidates)
+            t = time.monotonic()
+            files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
+                                                       parent)
+            timings["fit_s"] = time.monotonic() - t
+            if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
+                engine.warm_up()
+            t = time.monotonic()
+            try:
+                partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
+                                                                        timings)
+            finally:
+                release_freed_memory()  # kept by an encode worker in this process (local engine)
+            check_rejects(counts, reasons, cfg)
+            timings["encode_s"] = time.monotonic() - t
+            t = time.monotonic()
+            red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
+            timings["reduce_s"] = time.monotonic() - t
+            t = time.monotonic()
+            drift = parent_drift(engine, store, parent, vid, red.data_files, log)
+            timings["drift_s"] = time.monotonic() - t
+        metrics = _metrics(red, fit_stats, source, timings)
+        files += _version_files(store, vid, red, metrics, drift) + reject_files
+        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
     try:  # the version stands whatever stops the process from here on
         try:
             store.remove_staging(vid)
@@ -257,6 +251,24 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
     except KeyboardInterrupt as exc:
         raise InterruptedAfterCommit(vid) from exc
+
+
+@contextlib.contextmanager
+def _storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
+    """A full disk, a read-only mount or a permission denied under the build (before its
+    commit: one after its manifest is the commit's own error) as one line: nothing was
+    committed, what to do, and that the same command resumes the version it had started
+    (`started`). The table is named where the system named no file."""
+    try:
+        yield
+    except OSError as exc:
+        if (fix := fsio.storage_advice(exc, table=True)) is None:
+            raise
+        where = "" if exc.filename else f" (writing the table {redact_url(store.url)}?)"
+        again = f" (it resumes version {started[0]})" if started else ""
+        raise StoreError(f"{one_line(exc)}{where}; nothing was committed (the table's versions "
+                         f"are as they were): {fix}, then run the same command again"
+                         f"{again}") from None
 
 
 def _check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,

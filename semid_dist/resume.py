@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
-from semid_dist.io.locks import LOCK_STALE_S
+from semid_dist.io.locks import waiting_line
 from semid_dist.io.store import RUN_FILE, STAGING, TableStore, new_version_id
 
 if TYPE_CHECKING:
@@ -133,9 +133,7 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
     StoreError naming output.root."""
     def waiting() -> None:
         if log is not None:
-            log(f"plan: waiting for the lock of {fsio.redact_url(store.url)} (another build is "
-                f"committing or starting; a lock older than {LOCK_STALE_S:.0f} s is a dead "
-                "build's and is broken)")
+            log(f"plan: {waiting_line(fsio.redact_url(store.url))}")
 
     step = "write"  # taking the lock writes its file
     try:
@@ -179,7 +177,7 @@ def leftover_staging(store: TableStore, committed: list[str]) -> list[str]:
 
 
 def _unwritable(store: TableStore, exc: OSError) -> StoreError:
-    fix = fsio.storage_advice(exc)
+    fix = fsio.storage_advice(exc, table=True)
     return StoreError(f"output.root {fsio.redact_url(store.root)!r}: cannot write the table "
                       f"{store.table!r} there ({exc}); "
                       f"{fix or 'point output.root at a folder or bucket this job can write to'}")

@@ -193,16 +193,18 @@ def _log_until(proc: subprocess.Popen, step: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("engine", ["local", "spark", "ray"])
-def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, engine):
+@pytest.mark.parametrize("engine, background", [("local", False), ("spark", False),
+                                                ("spark", True), ("ray", True)])
+def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, engine,
+                                                                    background):
     """`ray job stop`, `timeout` and schedulers cancel with SIGTERM: the build stops as on
     Ctrl-C, says so in one line, status 143, and gives its version up (it was the default
     death: no line; on Ray, `ray.init`'s own handler: `sys.exit(15)` and a C++ stack dump).
-    Started as a shell's background job is (SIGINT ignored) on one engine."""
+    `background`: started as a shell's background job is, SIGINT ignored (on Spark the
+    engine's guard then stands for the SIGTERM alone: no Py4J traceback)."""
     pytest.importorskip({"spark": "pyspark", "ray": "ray"}.get(engine, "semid_dist"))
     command = _small_build(tmp_path, engine, 6000)
-    background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if engine == "ray" \
-        else None
+    background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, preexec_fn=background)
     watchdog = threading.Timer(180, proc.kill)

@@ -286,9 +286,10 @@ def test_cli_report_never_rewrites_a_committed_report_with_other_bytes(copied, c
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"semid report: error: version {vid}'s report renders to other bytes than "
-                   "the version was committed with (1 of 8 files: built by another semid_dist "
-                   "release, or with no report); a committed version's files are not "
-                   "rewritten: give --out DIR to write this render to a folder of its own")
+                   "the version was committed with (1 of 8 files: built by another release of "
+                   "semid_dist or matplotlib, with other fonts, or with no report); a committed "
+                   "version's files are not rewritten: give --out DIR to write this render to "
+                   "a folder of its own")
     assert (vdir / REPORT_HTML).read_bytes() == older
     out = tmp_path / "elsewhere"
     assert main([*args, "--out", str(out), "--json"]) == 0

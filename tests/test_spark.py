@@ -424,11 +424,14 @@ def test_spark_executors_without_the_project_are_one_line(small_catalog, tmp_pat
     """Executors running a Python that lacks semid_dist (a cluster's workers started without
     the job's environment): one line naming the setting and this driver's Python, status 2
     (Spark's task failure: a Py4J traceback, status 1)."""
+    pytest.importorskip("pyspark")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     other = shutil.which("python3", path="/usr/bin:/usr/local/bin")
-    if other is None or subprocess.run([other, "-c", "import semid_dist"], env=env,
-                                       cwd=tmp_path, capture_output=True).returncode == 0:
-        pytest.skip("needs a Python other than this one, without semid_dist")
+    probe = "import sys; print(sys.version_info[:2]); import semid_dist"
+    found = other and subprocess.run([other, "-c", probe], env=env, cwd=tmp_path,
+                                     capture_output=True, text=True)
+    if not found or found.returncode == 0 or found.stdout.strip() != str(sys.version_info[:2]):
+        pytest.skip("needs another Python of this one's version, without semid_dist")
     catalog, _ = small_catalog
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"engine": "spark", "input": {"path": catalog},
@@ -504,6 +507,7 @@ session.stop()
 def test_spark_submit_settings_win_over_the_engines(tmp_path):
     """Under spark-submit the engine's settings give way to those `--conf` gives, as README
     says (they were read before the JVM's gateway was open: none, and every one replaced)."""
+    pytest.importorskip("pyspark")
     script = tmp_path / "session.py"
     script.write_text(SUBMITTED_SESSION)
     names = ["spark.executorEnv.JE_ARROW_MALLOC_CONF", "spark.executor.extraJavaOptions",
@@ -719,7 +723,10 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
         signal.signal(signal.SIGINT, pysparks)
-        assert guard_interrupts(sc, signal.SIG_IGN, started=True) is None
+        guard = guard_interrupts(sc, signal.SIG_IGN, started=True)  # (`nohup ... &`)
+        guard(signal.SIGINT, None)  # a SIGINT stays ignored: nothing cancelled or raised
+        assert not guard.pending
+        guard.release()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, pysparks)

@@ -32,13 +32,14 @@ def ray_init(cfg: BuildConfig) -> bool:
 def _sigterm_kept() -> Iterator[None]:
     """`ray.init` sets a SIGTERM handler of its own, in the main thread (`sys.exit`: the
     process died past the command's clean-up and its line, and Ray's C++ handler printed a
-    stack dump): the one in place before it (the `semid` command's) is put back."""
+    stack dump): a Python handler in place before it (the `semid` command's) is put back.
+    Where there was none (the library called from a script), Ray's stays."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     try:
         yield
     finally:
-        if before is not None:
+        if callable(before):
             signal.signal(signal.SIGTERM, before)
 
 

@@ -16,6 +16,7 @@ engine's code. pyspark is imported inside the functions only.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 import pickle
@@ -68,17 +69,18 @@ def task_errors() -> Iterator[None]:
     except Exception as exc:
         if session.claim_interrupt():  # the job failed as the Ctrl-C cancelled it
             raise KeyboardInterrupt from None
-        if missing := _NO_MODULE.search(str(exc)):  # the executors run another Python
-            raise ConfigError(
-                f"the Spark executors' Python has no module {missing.group(1)!r} (a task "
-                "failed on its import): point spark.pyspark.python (or PYSPARK_PYTHON where "
-                "they run) at a Python with semid_dist installed, such as this driver's "
-                f"{sys.executable}, or ship one (jobs/spark_build.py)") from None
         match = _TASK_ERROR.search(str(exc))
         cls = getattr(errors, match.group(1), None) if match else None
-        if not (isinstance(cls, type) and issubclass(cls, SemidError)):
-            raise
-        raise cls(f"{match.group(2)} (raised in a Spark task)") from exc
+        if isinstance(cls, type) and issubclass(cls, SemidError):
+            raise cls(f"{match.group(2)} (raised in a Spark task)") from exc
+        missing = _NO_MODULE.search(str(exc))
+        if missing is None or importlib.util.find_spec(missing.group(1).split(".")[0]) is None:
+            raise  # (a module this driver lacks too: not the executors' environment)
+        raise ConfigError(
+            f"the Spark executors' Python has no module {missing.group(1)!r} (a task failed "
+            "on its import): point spark.pyspark.python (or PYSPARK_PYTHON where they run) at "
+            "a Python with semid_dist installed, such as this driver's "
+            f"{sys.executable}, or ship one (jobs/spark_build.py)") from None
 
 
 RECLAIM_EVERY = 256  # a worker's tasks between two full collections of its whole heap

@@ -24,6 +24,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError, one_line
 from semid_dist.io.fs import tcp_refusal
 from semid_dist.memory import huge_pages, worker_env
+from semid_dist.signals import terminated
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
@@ -204,6 +205,9 @@ class InterruptGuard:
     def __init__(self, sc: SparkContext, started: bool, before: Any, pysparks: Any) -> None:
         self.sc, self.started = sc, started
         self.before, self.pysparks = before, pysparks  # the handlers to put back
+        # a SIGINT ignored before a session the engine started (`nohup ... &`) stays
+        # ignored: the guard stands for a SIGTERM only (`signals.one_interrupt`)
+        self.sigint_ignored = started and before is signal.SIG_IGN
         self.pending = False  # a Ctrl-C came
         self.raised = False  # its KeyboardInterrupt was raised (or the engine is done)
         self.holding = False  # the engine closes: Ctrl-Cs are noted only
@@ -214,7 +218,7 @@ class InterruptGuard:
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         poked, self._poked = self._poked, False
-        if self.raised:
+        if self.raised or (self.sigint_ignored and not self.pending and not terminated()):
             return
         if not self.pending:
             self.pending, self._first_at = True, time.monotonic()
@@ -285,15 +289,13 @@ class InterruptGuard:
 def guard_interrupts(sc: SparkContext, before: Any, started: bool) -> InterruptGuard | None:
     """Install an `InterruptGuard` over pyspark's handler (pyspark installs its own as a
     session starts in the main thread, over any other; its `before`). A SIGINT ignored
-    before a session the engine started stays ignored. None where no guard stands."""
+    before a session the engine started stays ignored (the guard then takes a SIGTERM
+    only). None where no guard stands."""
     global _GUARD
     pysparks = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread():
         return None
-    if started and before is signal.SIG_IGN:  # (as `nohup ... &` starts it)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return None
-    if not callable(pysparks):
+    if not callable(pysparks) and not (started and before is signal.SIG_IGN):
         return None
     guard = _GUARD = InterruptGuard(sc, started, before, pysparks)
     signal.signal(signal.SIGINT, guard)

@@ -9,6 +9,7 @@ import os
 import posixpath
 import re
 import socket
+import ssl
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -41,12 +42,9 @@ _AWS = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_
 _GCP = ("give them as GOOGLE_APPLICATION_CREDENTIALS (a service account's key file) or the "
         "machine's service account")
 _CREDENTIALS_ADVICE = {"s3": _AWS, "s3a": _AWS, "gs": _GCP, "gcs": _GCP}
-_FREE_SPACE = ("free space on that file system (`semid versions gc` removes old versions and "
-               "the work files of builds that are gone)")
-_PERMISSIONS = "give this user access to that file or folder"
+_FREE_SPACE = "free space on that file system"
 _STORAGE_ADVICE = {errno.ENOSPC: _FREE_SPACE, errno.EDQUOT: _FREE_SPACE,
-                   errno.EROFS: "that file system is mounted read-only: make it writable",
-                   errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS}
+                   errno.EROFS: "that file system is mounted read-only: make it writable"}
 
 
 def redact_url(text: str) -> str:
@@ -106,10 +104,21 @@ def tcp_refusal(address: str) -> OSError | None:
     return None
 
 
-def storage_advice(exc: BaseException) -> str | None:
+def storage_advice(exc: BaseException, *, table: bool = False) -> str | None:
     """What to do about a storage failure a user can mend (a full disk or quota, a read-only
-    mount, a permission denied), or None for any other error."""
-    return _STORAGE_ADVICE.get(exc.errno) if isinstance(exc, OSError) else None
+    mount, a permission denied: a local file's, or an object store's `Access Denied`, which
+    has no errno), or None for any other error (an SSL or connection error is an OSError
+    whose errno may read as EPERM). `table`: the failure may be the table's file system's
+    (a full one: `semid versions gc` frees it)."""
+    if isinstance(exc, ssl.SSLError | ConnectionError) or not isinstance(exc, OSError):
+        return None
+    if isinstance(exc, PermissionError):
+        return "give this user (or these credentials) access to it"
+    advice = _STORAGE_ADVICE.get(exc.errno)
+    if advice == _FREE_SPACE and table:
+        advice += (" (the table's: `semid versions gc` removes old versions and the work "
+                   "files of builds that are gone)")
+    return advice
 
 
 def join(*parts: str) -> str:

@@ -59,25 +59,36 @@ def file_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[
             time.sleep(random.uniform(0.002, 0.02))
             continue
         try:
+            inode = _inode(os.fstat(fd))
             os.write(fd, token)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                os.close(fd)
                 os.unlink(path)  # (left, it held every later taker for LOCK_STALE_S)
                 raise
             token = b""  # a full disk: the empty file is the lock (gc frees space under it)
-        os.close(fd)
+        finally:
+            os.close(fd)
         break
     try:
         yield
     finally:
         try:
-            with open(path, "rb") as f:
-                mine = f.read() == token
-            if mine:
+            with open(path, "rb") as f:  # still ours: not broken as stale and taken again
+                held, now = f.read(), _inode(os.fstat(f.fileno()))
+            if held == token and (token != b"" or now == inode):
                 os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def waiting_line(url: str) -> str:
+    """What a command waiting for a table's lock (`file_lock`'s on_wait) says."""
+    return (f"waiting for the lock of {url} (a build is committing or starting; a lock older "
+            f"than {LOCK_STALE_S:.0f} s is a dead build's and is broken)")
 
 
 def _break_stale_lock(path: str) -> None:

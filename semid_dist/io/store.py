@@ -62,6 +62,13 @@ def table_rows(rows: Mapping[str, int]) -> int:
     return int(rows["encoded"]) + int(rows.get("carried", 0))
 
 
+def removed_while_read(version_id: str) -> StoreError:
+    """The error of a reader whose committed version `semid versions gc` removed meanwhile
+    (its files gone: not a damaged version)."""
+    return StoreError(f"version {version_id} was removed while it was read (by `semid versions "
+                      "gc`?); run the command again")
+
+
 def new_version_id(now: dt.datetime | None = None) -> str:
     """Sortable id: UTC time to the microsecond plus 6 random hex digits
     (`20261122T020000123456Z-ab12cd`), so builds started one after another sort in order."""
@@ -119,8 +126,7 @@ class TableStore:
             if entry is None:
                 raise
             if not self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
-                raise StoreError(f"version {version_id} was removed while it was read (by "
-                                 "`semid versions gc`?); run the command again") from None
+                raise removed_while_read(version_id) from None
             raise StoreError(f"version {version_id} is damaged: its manifest lists "
                              f"{fsio.redact_url(self.version_url(version_id))}/{rel}, which is "
                              "missing; restore the file, or build a new version") from None
@@ -302,7 +308,8 @@ class TableStore:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved "
                              f"({one_line(exc)}): readers of latest get the version before "
                              "it until a newer one commits; to serve it now, write its id into "
-                             f"{fsio.redact_url(self.url)}/{LATEST}") from None
+                             f"{fsio.redact_url(self.url)}/{LATEST} (unless that names a newer "
+                             "version already)") from None
 
     def _check_references(self, version_id: str, files: list[FileEntry]) -> None:
         """Files of other versions must still be there (a `gc` may have run meanwhile)."""

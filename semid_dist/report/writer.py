@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 
 from semid_dist.errors import StoreError, one_line
 from semid_dist.io import fs as fsio
-from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.store import MANIFEST, FileEntry, TableStore, removed_while_read
 from semid_dist.report import figures as F
 from semid_dist.report.html import Figure, render
 
@@ -60,6 +62,23 @@ def _per_layer(layer: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(np.bincount(layer))[:-1]) if len(layer) else []
 
 
+# the sections of metrics.json the report reads, and their JSON types
+_METRICS_FORM = {"rows": dict, "layers": list, "reconstruction": dict, "quality": dict,
+                 "collisions": dict}
+
+
+def _not_metrics(metrics: Any) -> str | None:
+    """Why `metrics` is not a metrics object the report reads, or None."""
+    if not isinstance(metrics, dict):
+        return f"a JSON {type(metrics).__name__}, not an object"
+    for key, kind in _METRICS_FORM.items():
+        if not isinstance(metrics.get(key), kind):
+            return f"no {key} {'object' if kind is dict else 'list'}"
+    if not isinstance(metrics["reconstruction"].get("residual_norm_by_layer"), list):
+        return "no reconstruction.residual_norm_by_layer list"
+    return None
+
+
 def load_version(store: TableStore, vid: str) -> VersionData:
     """Read metrics.json and the analytics tables of version `vid` (committed or not)."""
     try:
@@ -67,6 +86,10 @@ def load_version(store: TableStore, vid: str) -> VersionData:
     except ValueError as exc:
         raise StoreError(f"version {vid} of table {store.url!r}: metrics.json cannot be read "
                          f"({exc}); the version is damaged: rebuild it") from None
+    if (why := _not_metrics(metrics)) is not None:  # (it passed its checksum: edited with it)
+        raise StoreError(f"version {vid}'s metrics.json is not in the form this semid_dist "
+                         f"reads ({why}): it was edited, or written by another release; "
+                         "rebuild the version to get a report")
     tokens, flows, sizes = (_parquet(store, vid, rel) for rel in ANALYTICS)
     layer, token = tokens["layer"].to_numpy(), tokens["token"].to_numpy()
     order = np.lexsort((token, layer))
@@ -155,21 +178,17 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
     `report.html` and the PNG files. Without it they go into the version, but only where
     the render gives the bytes its manifest records: a missing or damaged report file is
     restored, an intact one left as it is. A render that differs (another release of the
-    renderer; a version with no report in its manifest) is a StoreError saying to give
-    `out`: a committed version's files are never rewritten with other bytes."""
-    try:
-        files = render_report(store, version_id)
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
-        # metrics.json passed its checksum but is not in the form this release reads
-        raise StoreError(f"version {version_id}'s metrics.json is not in the form this "
-                         f"semid_dist reads ({type(exc).__name__}: {one_line(exc)}): it was "
-                         "edited, or written by another release; rebuild the version to get "
-                         "a report") from None
+    renderer or of matplotlib, other fonts; a version with no report in its manifest) is a
+    StoreError saying to give `out`: a committed version's files are never rewritten with
+    other bytes. A file that cannot be written is a StoreError naming where."""
+    files = render_report(store, version_id)
     if out is not None:
         fs, folder = fsio.resolve(out)
         names = {rel: rel.removeprefix(f"{REPORT_DIR}/") for rel in files}
-        for rel, data in files.items():
-            fsio.write_bytes(fs, fsio.join(folder, names[rel]), data)
+        with _writing(version_id, f"--out {fsio.redact_url(out)}", "give --out a folder that "
+                      "can be written"):
+            for rel, data in files.items():
+                fsio.write_bytes(fs, fsio.join(folder, names[rel]), data)
         return [f"{fsio.redact_url(out.rstrip('/'))}/{name}" for name in names.values()]
     recorded = {e.get("path"): e.get("sha256") for e in store.manifest(version_id)["files"]
                 if isinstance(e, dict) and str(e.get("path", "")).startswith(f"{REPORT_DIR}/")}
@@ -177,17 +196,35 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
     if differ := differ | (recorded.keys() - files.keys()):
         raise StoreError(
             f"version {version_id}'s report renders to other bytes than the version was "
-            f"committed with ({len(differ)} of {len(files)} files: built by another "
-            "semid_dist release, or with no report); "
-            "a committed version's files are not rewritten: give --out DIR to write this "
-            "render to a folder of its own")
-    urls = []
-    for rel, data in files.items():
-        try:
-            store.read_bytes(version_id, rel)  # verified against the manifest's checksum
-            continue
-        except (StoreError, OSError):  # missing or damaged: restore it
-            pass
-        store.write_file(version_id, rel, data)
-        urls.append(f"{store.display_url(version_id)}/{rel}")
-    return urls
+            f"committed with ({len(differ)} of {len(recorded.keys() | files.keys())} files: "
+            "built by another release of semid_dist or matplotlib, with other fonts, or with "
+            "no report); a committed version's files are not rewritten: give --out DIR to "
+            "write this render to a folder of its own")
+    missing = [rel for rel, data in files.items() if not _holds(store, version_id, rel, data)]
+    if missing and not store.fs.exists(fsio.join(store.version_dir(version_id), MANIFEST)):
+        raise removed_while_read(version_id)  # (restoring would bring back its folder)
+    with _writing(version_id, f"{store.display_url(version_id)}/{REPORT_DIR}", "run semid "
+                  "report where the table can be written, or give --out a folder of its own"):
+        for rel in missing:
+            store.write_file(version_id, rel, files[rel])
+    return [f"{store.display_url(version_id)}/{rel}" for rel in missing]
+
+
+def _holds(store: TableStore, version_id: str, rel: str, data: bytes) -> bool:
+    """Whether the version's file `rel` holds `data` (missing, or another file where its
+    folder goes: no)."""
+    try:
+        return store.fs.cat_file(fsio.join(store.version_dir(version_id), rel)) == data
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+
+
+@contextmanager
+def _writing(version_id: str, where: str, fix: str) -> Iterator[None]:
+    """A write that fails (a read-only store, a file where the folder goes) as a StoreError
+    naming `where` and `fix`."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"cannot write the report of version {version_id} into {where} "
+                         f"({one_line(exc)}); {fix}") from None

@@ -1,0 +1,80 @@
+"""How a command meets Ctrl-C and SIGTERM while it runs (`one_interrupt`): the first stops it
+as a KeyboardInterrupt the engines clean up after, the Ctrl-Cs after it are ignored; and as
+its process exits (`exiting_signals`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_terminated = False  # a SIGTERM stopped the command running now
+
+
+def terminated() -> bool:
+    """Whether a SIGTERM (not a Ctrl-C) stopped the command running now: its line and
+    status say so, and the Spark engine's guard takes it as a Ctrl-C where SIGINT is
+    ignored."""
+    return _terminated
+
+
+def one_interrupt() -> Callable[[], None]:
+    """While a command runs: a Ctrl-C raises KeyboardInterrupt once, and the ones after it,
+    while the job stops, are ignored, so the engine's clean-up runs to its end (a second
+    Ctrl-C inside Ray's shutdown left its agent processes running, and printed tracebacks).
+    A SIGTERM (`ray job stop`, `timeout`, a scheduler's cancel) stops it the same way: it
+    runs the SIGINT handler in place (semid's, or the Spark engine's guard over it), so the
+    engines' own Ctrl-C handling runs (it was the default death: no line, the version not
+    given up); where a SIGINT the shell ignores left no handler, it raises KeyboardInterrupt
+    itself. A SIGTERM after the command began to stop (a second one, one after a Ctrl-C)
+    ends the process as SIGTERM does. Only in the main thread, and only over Python's own
+    handlers (a SIGINT ignored by the shell that started it stays ignored); returns what
+    puts them back."""
+    global _terminated
+    _terminated = False
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    ours = previous is signal.default_int_handler
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def terminate(signum: int, frame: Any) -> None:
+        global _terminated
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a second one: the default death)
+        handler = signal.getsignal(signal.SIGINT)
+        if _terminated or (ours and not callable(handler)):  # stopping already
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _terminated = True
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    interrupt.ignores_later_interrupts = True  # (the Spark engine's guard reads it)
+    if ours:
+        signal.signal(signal.SIGINT, interrupt)
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
+
+    def restore() -> None:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+        if before is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, before)
+    return restore
+
+
+def exiting_signals() -> None:
+    """The process exits with the command's status: a Ctrl-C from here on is ignored (it
+    would only kill the process, its work done), a SIGTERM has its default action (a
+    handler of the command's would raise into the exit, or swallow it)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
