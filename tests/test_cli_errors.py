@@ -313,3 +313,31 @@ def test_a_command_keeps_the_callers_sigint_handler(tmp_path):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_sigterm_stops_a_command_once_then_has_its_default_action():
+    """The first SIGTERM runs the command's Ctrl-C path (KeyboardInterrupt, said as a
+    SIGTERM); from then on, and once the process exits with the command's status, SIGTERM
+    is SIGTERM (a handler that outlived the command swallowed one, or raised into the exit)."""
+    from semid_dist import signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    restore = signals.one_interrupt()
+    try:
+        assert not signals.terminated()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler runs here)
+        assert signals.terminated()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # stopping: Ctrl-Cs ignored
+    finally:
+        restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    try:
+        signals.exiting_signals()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
