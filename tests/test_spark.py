@@ -449,6 +449,22 @@ def test_spark_executors_without_the_project_are_one_line(small_catalog, tmp_pat
     assert not TableStore(str(tmp_path / "out"), "sids").versions()
 
 
+def test_a_spark_call_that_fails_after_an_interrupt_is_the_interrupt():
+    """A Ctrl-C escalated inside a Py4J call (the cancel slow on a loaded machine) broke the
+    connection, and the next call's Py4JNetworkError ("Answer from Java side is empty")
+    ended the build with a traceback, status 1, in 3 of 10 barrages under load."""
+    pytest.importorskip("pyspark")
+    from semid_dist.engines.spark import task_errors
+
+    with pytest.raises(KeyboardInterrupt), task_errors():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Answer from Java side is empty") from None  # (context kept)
+    with pytest.raises(RuntimeError), task_errors():
+        raise RuntimeError("a task failed")  # no interrupt: as it is
+
+
 def test_spark_build_without_java_fails_naming_the_fix(tmp_path):
     """A build whose engine would start a Spark session, on a machine whose launcher would
     find no JVM: one line naming Java and how to get it, status 2, nothing written. Run in

@@ -67,7 +67,9 @@ def task_errors() -> Iterator[None]:
     except SemidError:
         raise
     except Exception as exc:
-        if session.claim_interrupt():  # the job failed as the Ctrl-C cancelled it
+        # the job failed as the Ctrl-C cancelled it, or the Py4J connection as a Ctrl-C
+        # stopped the driver inside a call (the guard's escalation: the next call fails)
+        if session.claim_interrupt() or _after_interrupt(exc):
             raise KeyboardInterrupt from None
         match = _TASK_ERROR.search(str(exc))
         cls = getattr(errors, match.group(1), None) if match else None
@@ -81,6 +83,18 @@ def task_errors() -> Iterator[None]:
             "on its import): point spark.pyspark.python (or PYSPARK_PYTHON where they run) at "
             "a Python with semid_dist installed, such as this driver's "
             f"{sys.executable}, or ship one (jobs/spark_build.py)") from None
+
+
+def _after_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` was raised while a KeyboardInterrupt was being handled."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 RECLAIM_EVERY = 256  # a worker's tasks between two full collections of its whole heap
