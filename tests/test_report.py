@@ -354,3 +354,28 @@ def test_every_figure_loads_in_headless_chromium(chromium, built, tmp_path):
     found = re.search(r'data-figures-loaded="(\d+)/(\d+)"', out.stdout)
     assert found, f"page never reported its figures as loaded: {out.stderr[-2000:]}"
     assert found.groups() == (str(n), str(n))
+
+
+def test_cli_report_does_not_restore_files_into_a_version_gc_removed(copied, small_catalog,
+                                                                     capsys, monkeypatch):
+    """A `versions gc` that removes the version between the render and the restore: the
+    restore would bring its folder back (report files and nothing else)."""
+    from semid_dist.report import writer
+
+    store, vid = copied
+    catalog, _ = small_catalog
+    build(small_config(catalog, store.root, input__popularity_column="popularity", seed=8),
+          log=lambda msg: None)  # a newer version: gc may remove `vid`
+    (Path(store.version_dir(vid)) / REPORT_HTML).unlink()
+    render = writer.render_report
+
+    def gc_meanwhile(store_, version_id):
+        files = render(store_, version_id)
+        store_.gc(0, min_age_hours=0)
+        return files
+
+    monkeypatch.setattr(writer, "render_report", gc_meanwhile)
+    assert main(["report", "--root", store.root, "--table", "sids", "--version", vid]) == 2
+    err = capsys.readouterr().err.strip()  # (the manifest's read says it: not committed)
+    assert len(err.splitlines()) == 1 and vid in err and "is not committed" in err, err
+    assert not Path(store.version_dir(vid)).exists() and vid not in store.versions()
