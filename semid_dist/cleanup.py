@@ -12,7 +12,7 @@ from typing import Any
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.retention import gc_plan
-from semid_dist.io.store import MANIFEST, TableStore
+from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore
 from semid_dist.resume import leftover_staging, live_runs
 
 
@@ -44,9 +44,9 @@ def collect_garbage(store: TableStore, keep: int, *, min_age_hours: float = 24.0
             taken = set(started).union(*started.values())
             delete = [v for v in delete if v not in taken]
             for vid in delete:  # each stops existing for readers and for a re-run
-                store.unlist(vid, committed=vid in manifests)
+                unlist(store, vid, committed=vid in manifests)
         for vid in delete:
-            store.delete_version(vid)
+            delete_version(store, vid)
     leftovers = leftover_staging(store, [v for v in kept if v in manifests])
     if not dry_run:
         for vid in leftovers:
@@ -71,3 +71,19 @@ def _manifests(store: TableStore, names: list[str]) -> dict[str, dict[str, Any] 
             except (ValueError, OSError):
                 out[vid] = None
     return out
+
+
+def unlist(store: TableStore, vid: str, *, committed: bool) -> None:
+    """Remove what makes a version visible: a committed one's manifest (to readers), an
+    uncommitted one's run file (to a re-run that would continue it)."""
+    path = (fsio.join(store.version_dir(vid), MANIFEST) if committed
+            else fsio.join(store.version_dir(vid), STAGING, RUN_FILE))
+    if store.fs.exists(path):
+        store.fs.rm(path)
+
+
+def delete_version(store: TableStore, vid: str) -> None:
+    """Remove version `vid`'s folder and everything in it (after `unlist`)."""
+    vdir = store.version_dir(vid)
+    if store.fs.exists(vdir):
+        store.fs.rm(vdir, recursive=True)

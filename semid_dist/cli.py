@@ -195,10 +195,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     """`semid report`: render the report of a committed version again, into its report/
     folder (restoring a missing or damaged file; a committed file is never rewritten with
     other bytes) or, with --out, into a folder of its own."""
-    from semid_dist.config import absolute_url
     from semid_dist.errors import StoreError
     from semid_dist.io import fs as fsio
     from semid_dist.report import REPORT_HTML, rerender_report
+    from semid_dist.runtime import absolute_url
 
     store = _table(absolute_url(args.root), args.table)  # the page names where it is
     vid = store.resolve(args.version)

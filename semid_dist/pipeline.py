@@ -25,7 +25,7 @@ from semid_dist.codebooks import build_codebooks, warm_start_codebooks
 from semid_dist.codes.collisions import sum_suffix_counts
 from semid_dist.codes.partials import Partial, merge
 from semid_dist.codes.pruning import PruneDecision
-from semid_dist.config import BuildConfig, gpu_stages, torch_device, with_absolute_paths
+from semid_dist.config import BuildConfig
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import make_engine
@@ -43,6 +43,7 @@ from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import claim_version, heartbeat, run_key
+from semid_dist.runtime import gpu_stages, torch_device, with_absolute_paths
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
 

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from semid_dist.cleanup import delete_version, unlist
 from semid_dist.cli import main
 from semid_dist.errors import ConfigError, InputError, StoreError
 from semid_dist.io.store import FileEntry, TableStore
@@ -133,8 +134,8 @@ def test_incremental_chain_and_gc_keep_referenced_parts(catalogs, tmp_path):
     assert store.read_data(last.version_id).num_rows == N + NEW + 30
     # a commit naming files of a version gc removed is refused
     entry = FileEntry("data/part-x.parquet", 0, 0, "0" * 64, version=child.version_id)
-    store.unlist(child.version_id, committed=True)  # as gc removes a version
-    store.delete_version(child.version_id)
+    unlist(store, child.version_id, committed=True)  # as gc removes a version
+    delete_version(store, child.version_id)
     with pytest.raises(StoreError, match=f"version {child.version_id}, which is no longer"):
         store.commit("20991231T000000000000Z-abcdef",
                      {"rows": {"input": 0, "encoded": 0, "rejected": 0}}, [entry])

@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import BuildConfig, torch_device
+from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard
 from semid_dist.quantize.acrq import AcrqSample, fit_acrq, fit_acrq_vae
 from semid_dist.quantize.model import Fitted, fit_learned, learned_params
 from semid_dist.quantize.residual import fit_residual_kmeans
 from semid_dist.quantize.training import LearnedParams
+from semid_dist.runtime import torch_device
 from semid_dist.stages import EncodeWorker, JobContext
 
 TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalog

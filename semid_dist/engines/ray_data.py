@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from semid_dist.config import BuildConfig, gpu_stages
+from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.ray_session import quiet_datasets, ray_init
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
+from semid_dist.runtime import gpu_stages
 from semid_dist.stages import JobContext, job_worker
 
 

@@ -116,8 +116,7 @@ class TableStore:
     def read_bytes(self, version_id: str, rel: str) -> bytes:
         """A file of a version. Where the version is committed and its manifest lists the
         file, one missing or whose bytes do not match the manifest's sha256 is a StoreError
-        naming it (a damaged version: a report rendered a `{}` metrics.json with a KeyError
-        traceback, or aborted)."""
+        naming it (a damaged version)."""
         path = fsio.join(self.version_dir(version_id), rel)
         entry = None if rel == MANIFEST else self._own_files(version_id).get(rel)
         try:
@@ -139,8 +138,7 @@ class TableStore:
 
     def _own_files(self, version_id: str) -> dict[str, dict[str, Any]]:
         """A committed version's manifest entries of its own files (not those it references
-        in a parent), by path; none for a version not committed yet. Read once per version
-        (a committed manifest does not change)."""
+        in a parent), by path; none for a version not committed yet. Read once per version."""
         if version_id not in self._entries:
             if not self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST)):
                 return {}
@@ -329,20 +327,15 @@ class TableStore:
         """Point `_latest` at `version_id` unless it already names a version whose id sorts
         at or after it. Returns whether `_latest` moved.
 
-        Local filesystems: the re-read and the write happen while holding `_latest.lock`,
-        taken by an exclusive create (`O_CREAT | O_EXCL`); a lock older than
-        `locks.LOCK_STALE_S` (its holder died) is broken. So `_latest` never goes backwards,
-        across threads and processes on one machine or a shared POSIX filesystem that
-        honours `O_EXCL`.
-
-        Object stores (any other fsspec filesystem): there is no portable exclusive create,
-        so this re-reads `_latest`, writes only if the new id sorts after it, then re-reads
-        (up to 3 times, 50 ms apart) and repairs an older value that a racing writer put
-        there. This is weaker: two writers in different processes that interleave inside one
-        read-write round trip can leave `_latest` on the older of the two until the next
-        commit. Threads of one process are serialized by a process-wide lock (which makes
-        `memory://`, a per-process filesystem, exact); readers that need certainty use
-        `versions()[-1]`, which lists manifests.
+        Local filesystems: the re-read and the write happen under `_latest.lock` (an
+        exclusive create; a lock older than `locks.LOCK_STALE_S` is broken), so `_latest`
+        never goes backwards across threads and processes on a filesystem that honours
+        `O_EXCL`. Object stores have no portable exclusive create: the write happens only if
+        the new id sorts after the re-read one, then `_latest` is re-read (up to 3 times, 50
+        ms apart) and an older value a racing writer put there repaired; two processes that
+        interleave inside one round trip can leave the older id until the next commit
+        (threads of one process are serialized, which makes `memory://` exact). Readers that
+        need certainty use `versions()[-1]`, which lists manifests.
         """
         with self.table_lock():
             current = self.latest()
@@ -401,26 +394,11 @@ class TableStore:
                                now=now, on_wait=on_wait)
 
     def remove_staging(self, vid: str) -> None:
-        """Remove version `vid`'s work files (`STAGING`): none is part of a committed one. A
-        folder that goes meanwhile is no error: a build finishing its commit and a gc that
-        takes it for gone (its heartbeat stopped a minute ago) may remove it together."""
+        """Remove version `vid`'s work files (`STAGING`), none part of a committed one; gone
+        meanwhile is no error (a build's commit and a gc may remove them together)."""
         path = fsio.join(self.version_dir(vid), STAGING)
         try:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
-
-    def unlist(self, vid: str, *, committed: bool) -> None:
-        """Remove what makes a version visible: a committed one's manifest (to readers), an
-        uncommitted one's run file (to a re-run that would continue it)."""
-        path = (fsio.join(self.version_dir(vid), MANIFEST) if committed
-                else fsio.join(self.version_dir(vid), STAGING, RUN_FILE))
-        if self.fs.exists(path):
-            self.fs.rm(path)
-
-    def delete_version(self, vid: str) -> None:
-        """Remove version `vid`'s folder and everything in it (`gc`, after `unlist`)."""
-        vdir = self.version_dir(vid)
-        if self.fs.exists(vdir):
-            self.fs.rm(vdir, recursive=True)

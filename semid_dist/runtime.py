@@ -1,0 +1,62 @@
+"""Where a build's stages run: local paths made absolute for workers that run elsewhere
+(`with_absolute_paths`), and the device, CPU or GPU, of the fit and of the encode
+(`gpu_stages`, `torch_device`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from semid_dist.config import BuildConfig
+from semid_dist.errors import ConfigError
+
+
+def absolute_url(url: str) -> str:
+    """A local path made absolute (`~` expanded); URLs as they are."""
+    if "://" in url or url.startswith("table:"):
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
+# where `ray job submit --working-dir` runs a job: a copy Ray removes with its session
+RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
+
+
+def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
+    """Local paths made absolute, so workers that run elsewhere (another cwd) find them. A
+    relative output.root in a Ray job's copy of its working directory is a ConfigError (the
+    table went into the copy, and with it)."""
+    root = absolute_url(cfg.output.root)
+    if RAY_WORKING_DIR in root and RAY_WORKING_DIR not in cfg.output.root:
+        raise ConfigError(f"output.root={cfg.output.root} is relative, and this job runs in "
+                          f"the copy of its working directory Ray made ({Path.cwd()}), which "
+                          "Ray removes: the table would go with it; give output.root as an "
+                          "absolute path or a URL the cluster keeps (s3://...)")
+    return dataclasses.replace(
+        cfg, input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path)),
+        output=dataclasses.replace(cfg.output, root=root))
+
+
+def gpu_stages(cfg: BuildConfig) -> list[str]:
+    """The stages whose GPU setting this job uses: "encode" with `encode.use_gpu`, "fit" with
+    `fit.use_gpu` unless the codebooks come from `encode.from_version` (no fit then)."""
+    return [stage for stage in ("fit", "encode") if getattr(cfg, stage).use_gpu
+            and not (stage == "fit" and cfg.encode.from_version)]
+
+
+def torch_device(cfg: BuildConfig, stage: Literal["fit", "encode"]) -> str:
+    """torch device of the fit or of the encode kernel: "cuda" where `fit.use_gpu` /
+    `encode.use_gpu` is on, else "cpu". Where the engine runs the stage from this process
+    (the local engine; Spark fits on its driver) torch must see a GPU here, or a ConfigError
+    names the fix; on Ray every Train worker or encode task asks Ray for a GPU instead."""
+    if not getattr(cfg, stage).use_gpu:
+        return "cpu"
+    if cfg.engine != "ray":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{stage}.use_gpu=true but no CUDA device is visible to torch "
+                              f"here; install a CUDA build of torch or set "
+                              f"{stage}.use_gpu=false")
+    return "cuda"
