@@ -42,7 +42,7 @@ from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
-from semid_dist.resume import claim_version, heartbeat, run_key
+from semid_dist.resume import Claim, claim_version, heartbeat, run_key
 from semid_dist.runtime import gpu_stages, torch_device, with_absolute_paths
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
@@ -209,12 +209,12 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             plan = plan_catalog(engine.resolve_input(cfg.input.path),
                                 target_rows=cfg.encode.shard_rows)
             dim = _check_inputs(plan, cfg, store, parent)
-            reads = tuple(sorted({v for v in (parent, cfg.encode.from_version) if v}))
-            vid, key = _start_version(store, cfg, plan, parent, log, reads)
+            key = run_key(cfg, plan)
+            vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)
             started.append(vid)
             # renewed until the commit: a build started meanwhile does not take this version,
             # and gc keeps it and the versions it reads
-            claimed.enter_context(heartbeat(store, vid, key, reads))
+            claimed.enter_context(heartbeat(store, vid, key, reads, parent))
             ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
             if cfg.collisions.max_per_sid is not None:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
@@ -319,16 +319,16 @@ def _commit(store: TableStore, vid: str, manifest: dict[str, Any],
         raise
 
 
-def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, parent: str | None,
-                   log: Log, reads: tuple[str, ...]) -> tuple[str, str]:
-    """(the version this run writes, its run key): the one a killed run of the same
-    `run_key` left, or a new one (`resume.claim_version`)."""
-    key = run_key(cfg, plan)
-    vid, resuming = claim_version(store, key, log, reads=reads)
+def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, key: str,
+                   parent: str | None, log: Log) -> Claim:
+    """The version this run writes: the one a killed run of the same `run_key` left (with
+    the parent that run started from), or a new one (`resume.claim_version`)."""
+    from_version = (cfg.encode.from_version,) if cfg.encode.from_version else ()
+    claim = claim_version(store, key, log, parent=parent, reads=from_version)
     log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
-        f"{'resuming' if resuming else 'new'} version {vid} of "
-        f"{store.url} (parent {parent or 'none'}); engine {cfg.engine}")
-    return vid, key
+        f"{'resuming' if claim.resuming else 'new'} version {claim.version} of "
+        f"{store.url} (parent {claim.parent or 'none'}); engine {cfg.engine}")
+    return claim
 
 
 def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str, dim: int) -> JobContext:

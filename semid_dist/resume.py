@@ -25,12 +25,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import waiting_line
-from semid_dist.io.store import RUN_FILE, STAGING, TableStore, new_version_id
+from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore, new_version_id
 
 if TYPE_CHECKING:
     from semid_dist.config import BuildConfig
@@ -124,13 +124,20 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return None
 
 
+class Claim(NamedTuple):
+    version: str  # the version this build writes
+    resuming: bool  # whether it continues a killed run's
+    parent: str | None  # its parent: a resumed version keeps the one its first run started from
+    reads: tuple[str, ...]  # the committed versions it reads (`gc` keeps them while it runs)
+
+
 def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None = None, *,
-                  reads: tuple[str, ...] = ()) -> tuple[str, bool]:
-    """(the version this build writes, whether it resumes a killed run's): chosen and
-    recorded as this process's under the table's lock (a wait for it is logged), with the
-    committed versions it reads (`reads`: its parent, the codebooks' version), which `gc`
-    keeps while it runs. A root it cannot write to (the build's first write) is a
-    StoreError naming output.root."""
+                  parent: str | None = None, reads: tuple[str, ...] = ()) -> Claim:
+    """The version this build writes, chosen and recorded as this process's under the
+    table's lock (a wait for it is logged), with its parent and the other committed versions
+    it reads (`reads`: the codebooks' version), which `gc` keeps while it runs. A resumed
+    version keeps the parent its first run recorded (`_first_parent`). A root it cannot
+    write to (the build's first write) is a StoreError naming output.root."""
     def waiting() -> None:
         if log is not None:
             log(f"plan: {waiting_line(fsio.redact_url(store.url))}")
@@ -141,14 +148,38 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
             step = "read"
             vid = resumable_version(store, key)
             resuming = vid is not None
+            if vid is not None:
+                parent = _first_parent(store, vid, parent, log)
             vid = vid or new_version_id()
+            reads = tuple(sorted({*reads, parent} - {None}))
             step = "write"
-            _write_run(store, vid, key, reads)
+            _write_run(store, vid, key, reads, parent=parent)
     except OSError as exc:
         if step == "read":  # a listing that failed: not a question of writing
             raise
         raise _unwritable(store, exc) from None
-    return vid, resuming
+    return Claim(vid, resuming, parent, reads)
+
+
+def _first_parent(store: TableStore, vid: str, parent: str | None,
+                  log: Callable[[str], None] | None) -> str | None:
+    """The parent of resumed version `vid`: the one its first run started from (its
+    codebooks may be warm-started from it, and its id sorts before `vid`'s), not a version
+    another build committed meanwhile (`parent`, the `_latest` of now), unless `gc` has
+    removed it since (a run file of an older release records none: `parent` too)."""
+    run = read_run(store, vid) or {}
+    first = run.get("parent", parent)
+    if first == parent or not (first is None or isinstance(first, str)):
+        return parent
+    if first is None or store.fs.exists(fsio.join(store.version_dir(first), MANIFEST)):
+        if log is not None:
+            log(f"plan: version {vid} keeps the parent its first run started from, "
+                f"{first or 'none'} (committed since: {parent})")
+        return first
+    if log is not None:
+        log(f"plan: the parent version {vid} started from, {first}, is no longer committed "
+            f"(removed by `semid versions gc`?); its parent is now {parent or 'none'}")
+    return parent
 
 
 def live_runs(store: TableStore, versions: list[str]) -> dict[str, set[str]]:
@@ -184,14 +215,15 @@ def _unwritable(store: TableStore, exc: OSError) -> StoreError:
 
 
 def _write_run(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
-               owned: bool = True) -> None:
-    run = {"key": key, "owner": _owner() if owned else None, "reads": list(reads)}
+               parent: str | None = None, owned: bool = True) -> None:
+    run = {"key": key, "owner": _owner() if owned else None, "reads": list(reads),
+           "parent": parent}
     store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps(run).encode())
 
 
 @contextlib.contextmanager
-def heartbeat(store: TableStore, vid: str, key: str,
-              reads: tuple[str, ...] = ()) -> Iterator[None]:
+def heartbeat(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (),
+              parent: str | None = None) -> Iterator[None]:
     """Renew this build's heartbeat in its run file every `BEAT_S` seconds for the block; a
     block that raises (a failed or interrupted build) gives the version up, so a re-run,
     in this process too, continues it. A run file that is gone (the version folder removed
@@ -202,7 +234,7 @@ def heartbeat(store: TableStore, vid: str, key: str,
         while not stop.wait(BEAT_S):
             try:
                 if store.fs.exists(_run_path(store, vid)):
-                    _write_run(store, vid, key, reads)
+                    _write_run(store, vid, key, reads, parent=parent)
             except Exception:  # noqa: BLE001 (any store's error) the next beat tries again
                 pass
 
@@ -215,7 +247,7 @@ def heartbeat(store: TableStore, vid: str, key: str,
         thread.join()
         with contextlib.suppress(Exception):  # unwritable now: a re-run waits for it to go stale
             if store.fs.exists(_run_path(store, vid)):  # (not where the folder is gone)
-                _write_run(store, vid, key, owned=False)
+                _write_run(store, vid, key, parent=parent, owned=False)
         raise
     finally:
         stop.set()

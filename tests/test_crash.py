@@ -3,6 +3,7 @@ the previous version stays latest and readable, and re-running resumes to the sa
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from semid_dist.io.store import TableStore
+from semid_dist import resume
+from semid_dist.config import load_config
+from semid_dist.io.retention import version_time
+from semid_dist.io.store import TableStore, new_version_id
+from semid_dist.pipeline import build
 from semid_dist.shard_results import load_shard_results
 from tests.conftest import REPO, cli_build
 
@@ -96,6 +101,43 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
         assert steps == [f"encode_worker_{s}_s" for s in STEPS]
     assert store.latest() != previous and store.uncommitted() == []
     assert store.read_data().sort_by("item_id").equals(reference)
+
+
+@pytest.mark.parametrize("gc_between", [False, True])
+def test_a_resumed_version_keeps_the_parent_its_first_run_started_from(setup, monkeypatch,
+                                                                        gc_between):
+    """A build of another config that started before the killed one and committed after it
+    died is not the resumed version's parent: the re-run keeps the parent its first run
+    started from (lineage, drift), unless gc removed that version meanwhile."""
+    cfg, store, previous, _ = setup
+    killed = run_build(cfg, fault="encode")
+    assert killed.returncode == -signal.SIGKILL
+    [vid] = store.uncommitted()
+    started = version_time(vid)
+    assert started is not None
+    # the other build's version id sorts before the killed one's, as its earlier start does
+    earlier = new_version_id(started - dt.timedelta(seconds=1))
+    monkeypatch.setattr(resume, "new_version_id", lambda: earlier)
+    other = build(load_config(cfg, ["seed=6"]), log=lambda line: None)
+    monkeypatch.undo()
+    assert other.version_id == earlier and store.latest() == earlier
+    assert store.manifest(earlier)["parent"] == previous
+    if gc_between:  # the killed run's first parent goes; the killed version, young, stays
+        report = store.gc(1)
+        assert report["deleted"] == [previous] and report["kept_uncommitted"] == [vid]
+    resumed = run_build(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming version {vid}" in resumed.stderr
+    parent = earlier if gc_between else previous
+    assert f"(parent {parent}); engine local" in resumed.stderr
+    if gc_between:
+        assert (f"the parent version {vid} started from, {previous}, is no longer committed"
+                in resumed.stderr)
+    else:
+        assert (f"version {vid} keeps the parent its first run started from, {previous} "
+                f"(committed since: {earlier})" in resumed.stderr)
+    assert store.latest() == vid and store.manifest(vid)["parent"] == parent
+    assert store.read_json(vid, "drift.json")["from_version"] == parent
 
 
 def test_bucketed_steps_remove_their_scratch_before_the_commit(setup, reference):

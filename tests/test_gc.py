@@ -212,7 +212,7 @@ def test_gc_keeps_an_old_version_whose_build_still_runs(tmp_path, capsys):
     old = vid(48, "00000a")  # a resumed run keeps its first run's id, however old
     write_version(store, old)
     store.write_file(old, f"{STAGING}/{RUN_FILE}", json.dumps({"key": "k"}).encode())
-    assert claim_version(store, "k") == (old, True)  # this process's now, and running
+    assert claim_version(store, "k")[:2] == (old, True)  # this process's now, and running
     report = store.gc(0, now=NOW)
     assert report["deleted_uncommitted"] == [] and report["kept_uncommitted"] == [old]
     assert store.gc(0, min_age_hours=float("inf"), now=NOW)["kept_uncommitted"] == [old]
@@ -233,7 +233,7 @@ def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
 
     store = TableStore(str(tmp_path / "reads"), "t")
     parent, newer = committed(store, 100, "000001"), committed(store, 90, "000002")
-    vid, _ = claim_version(store, "k", reads=(parent,))  # an incremental build from `parent`
+    vid = claim_version(store, "k", reads=(parent,)).version  # an incremental build from `parent`
     report = store.gc(0, now=NOW)
     assert report["deleted"] == [] and report["kept"] == [parent, newer]
     assert report["kept_uncommitted"] == [vid]
@@ -250,7 +250,7 @@ def test_gc_removes_a_committed_versions_work_files_once_its_build_is_gone(tmp_p
     from semid_dist.resume import claim_version, heartbeat
 
     store = TableStore(str(tmp_path / "staging"), "t")
-    vid, _ = claim_version(store, "k")
+    vid = claim_version(store, "k").version
     files, man = write_version(store, vid)
     store.write_file(vid, f"{STAGING}/codes-000000.parquet", b"work file")
     store.commit(vid, man, files)

@@ -35,7 +35,7 @@ def set_owner(store: TableStore, vid: str, **owner) -> None:
 
 def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
     store = TableStore(str(tmp_path / "out"), "sids")
-    vid, resuming = claim_version(store, "key-a")
+    vid, resuming, _, _ = claim_version(store, "key-a")
     assert not resuming and store.uncommitted() == [vid]
     # this process owns it and runs: a build of the same key takes a new version
     assert resumable_version(store, "key-a") is None
@@ -44,7 +44,7 @@ def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
     set_owner(store, vid, pid=int(dead.stdout), started=None)  # a process that has exited
     assert resumable_version(store, "key-a") == vid
     assert resumable_version(store, "key-b") is None  # another run's
-    again, resuming = claim_version(store, "key-a")
+    again, resuming, _, _ = claim_version(store, "key-a")
     assert again == vid and resuming  # and it is now this process's
     assert resumable_version(store, "key-a") is None
     # another machine's build: alive while its heartbeat is fresh
@@ -93,11 +93,11 @@ def test_a_failed_build_gives_its_version_up_and_a_reused_pid_is_not_its_owner(t
     from semid_dist.resume import heartbeat
 
     store = TableStore(str(tmp_path / "out"), "sids")
-    vid, _ = claim_version(store, "key-a")
+    vid = claim_version(store, "key-a").version
     with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a"):
         raise RuntimeError("the build failed")
     assert resumable_version(store, "key-a") == vid  # in this process too
-    vid, resuming = claim_version(store, "key-a")
+    vid, resuming, _, _ = claim_version(store, "key-a")
     assert resuming and resumable_version(store, "key-a") is None
     set_owner(store, vid, started="1")  # this pid, but another process's start time
     assert resumable_version(store, "key-a") == vid
@@ -111,7 +111,7 @@ def test_a_failed_build_whose_version_folder_is_gone_does_not_write_it_again(tmp
     from semid_dist.resume import heartbeat
 
     store = TableStore(str(tmp_path / "out"), "sids")
-    vid, _ = claim_version(store, "key-a")
+    vid = claim_version(store, "key-a").version
     with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a"):
         shutil.rmtree(store.version_dir(vid))
         raise RuntimeError("the build failed")
@@ -134,14 +134,14 @@ def test_a_wait_for_the_table_lock_is_logged(tmp_path, monkeypatch):
         lines.append(line)
         lock.unlink()
 
-    vid, resuming = claim_version(store, "key-a", log)
+    vid, resuming, _, _ = claim_version(store, "key-a", log)
     assert not resuming and store.uncommitted() == [vid]
     assert len(lines) == 1 and lines[0].startswith(f"plan: waiting for the lock of {store.url}")
 
 
 def test_a_damaged_owner_record_is_no_live_build(tmp_path):
     store = TableStore(str(tmp_path / "out"), "sids")
-    vid, _ = claim_version(store, "key-a")
+    vid = claim_version(store, "key-a").version
     for owner in ({"pid": 1e400}, {"pid": float("-inf")}, {"beat": float("inf")},
                   {"pid": "abc"}, {"beat": [1]}):
         run = json.loads(store.fs.cat_file(run_file(store, vid)))
@@ -149,4 +149,4 @@ def test_a_damaged_owner_record_is_no_live_build(tmp_path):
         store.fs.pipe(run_file(store, vid), json.dumps(run).encode())
         assert resumable_version(store, "key-a") == vid, owner
         assert store.gc(5, min_age_hours=0)["deleted_uncommitted"] == [vid]
-        vid, _ = claim_version(store, "key-a")  # a new one for the next case
+        vid = claim_version(store, "key-a").version  # a new one for the next case
