@@ -40,6 +40,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.engines import spark_session as session
 from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
+from semid_dist.engines.spark_watch import watch_executors
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.stages import JobContext, has_job_worker, job_worker
@@ -247,12 +248,15 @@ class SparkEngine(LocalEngine):
         self._warm: threading.Thread | None = None
         log(f"spark: master {sc.master}, {sc.defaultParallelism} task slots, "
             f"{'new' if self._started else 'existing'} session {sc.applicationId}")
+        self._watch = watch_executors(sc, log)  # a line when a job waits for executors
 
     def close(self) -> None:
         guard, self._guard = self._guard, None
         if guard is not None:  # a Ctrl-C now is raised once the session has stopped
             guard.hold()
         try:
+            if self._watch is not None:
+                self._watch.stop()
             if self._warm is not None:  # the session is not stopped under a running warm-up
                 self._warm.join(timeout=60)
             if self._started:
