@@ -86,26 +86,10 @@ def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
     (encode.from_version) reuse a committed version's artifact.
     Writes the artifact into the new version; returns (files, fit stats, source)."""
     if cfg.encode.from_version:
-        src = store.resolve(cfg.encode.from_version)
-        blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
-        _, meta = load_artifact(blobs, where=f"codebooks of version {src}")
-        quantizer = load_quantizer(blobs, where=f"codebooks of version {src}")
-        sizes = list(quantizer.sizes)
-        if quantizer.dim != ctx.dim:
-            raise InputError(f"embedding dim {ctx.dim} != codebook dim {quantizer.dim} "
-                             f"(codebooks of version {src}); re-fit with `semid build`")
-        if quantizer.method != cfg.quantizer.method:
-            raise ConfigError(f"quantizer.method={cfg.quantizer.method} but version {src} holds "
-                              f"a {quantizer.method} quantizer; set "
-                              f"quantizer.method={quantizer.method}")
-        if sizes != list(cfg.quantizer.layers):
-            raise ConfigError(f"quantizer.layers={list(cfg.quantizer.layers)} but version {src} "
-                              f"has layers {sizes}; set quantizer.layers={sizes}")
-        if quantizer.method == "acrq" and cfg.learned != ("model" in meta):
-            base = "rq_vae" if "model" in meta else "rq_kmeans"
-            raise ConfigError(f"quantizer.acrq_base={cfg.quantizer.acrq_base} but version {src} "
-                              f"holds ACRQ on {base}; set quantizer.acrq_base={base}")
-        log(f"codebooks: reusing version {src} ({sizes})")
+        src, blobs, meta = reused_codebooks(store, cfg, ctx.dim)
+        log(f"codebooks: reusing version {src} ({list(cfg.quantizer.layers)})"
+            + ("; fit.warm_start=parent has no effect: nothing is fit"
+               if cfg.fit.warm_start == "parent" else ""))
         files = [store.write_file(vid, f"codebooks/{n}", b) for n, b in blobs.items()]
         return files, meta.get("training", []), src
     resumed = _resumed_codebooks(store, vid, log)
@@ -128,6 +112,35 @@ def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
     files = [store.write_file(vid, f"codebooks/{n}", b)
              for n, b in quantizer_files(fitted, meta).items()]
     return files, fit_stats, "fit"
+
+
+def reused_codebooks(store: TableStore, cfg: BuildConfig, dim: int,
+                     ) -> tuple[str, dict[str, bytes], dict[str, Any]]:
+    """encode.from_version: (its version id, its codebook files, their metadata), checked
+    against the catalog's dimension and the quantizer settings. The build calls it once
+    before it writes anything, so a mismatch writes nothing."""
+    src = store.resolve(cfg.encode.from_version)
+    blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
+    _, meta = load_artifact(blobs, where=f"codebooks of version {src}")
+    quantizer = load_quantizer(blobs, where=f"codebooks of version {src}")
+    sizes = list(quantizer.sizes)
+    if quantizer.dim != dim:
+        raise InputError(f"embedding dim {dim} != codebook dim {quantizer.dim} (codebooks of "
+                         f"version {src}, encode.from_version): encode with codebooks fitted "
+                         f"on {dim}-dim embeddings, or fit new ones (`semid build` without "
+                         "encode.from_version)")
+    if quantizer.method != cfg.quantizer.method:
+        raise ConfigError(f"quantizer.method={cfg.quantizer.method} but version {src} holds "
+                          f"a {quantizer.method} quantizer; set "
+                          f"quantizer.method={quantizer.method}")
+    if sizes != list(cfg.quantizer.layers):
+        raise ConfigError(f"quantizer.layers={list(cfg.quantizer.layers)} but version {src} "
+                          f"has layers {sizes}; set quantizer.layers={sizes}")
+    if quantizer.method == "acrq" and cfg.learned != ("model" in meta):
+        base = "rq_vae" if "model" in meta else "rq_kmeans"
+        raise ConfigError(f"quantizer.acrq_base={cfg.quantizer.acrq_base} but version {src} "
+                          f"holds ACRQ on {base}; set quantizer.acrq_base={base}")
+    return src, blobs, meta
 
 
 def warm_start_codebooks(store: TableStore, parent: str | None, cfg: BuildConfig, dim: int,

@@ -132,17 +132,18 @@ def _split_versions(mapper: Mapper, store: TableStore, old_parts: list[tuple[str
 
 def parent_drift(engine: Mapper, store: TableStore, parent: str | None, vid: str,
                  data_files: list[FileEntry], log: Callable[[str], None],
-                 ) -> dict[str, Any] | None:
-    """A build's drift against its parent (None without one). A parent that cannot be
-    compared (removed by gc meanwhile, item ids of another type) is logged and skipped."""
+                 ) -> tuple[dict[str, Any] | None, str | None]:
+    """(a build's drift against its parent, why it was skipped): (None, None) without a
+    parent. A parent that cannot be compared (removed by gc meanwhile, item ids of another
+    type) is logged and skipped, with the reason."""
     if parent is None:
-        return None
+        return None, None
     try:
         drift = version_drift(store, parent, vid, engine=engine, to_parts=data_files,
                               scratch=f"{store.version_url(vid)}/{STAGING}/drift")
     except (StoreError, FileNotFoundError) as exc:
         log(f"drift: skipped ({exc})")
-        return None
+        return None, str(exc)
     log("drift: " + format_drift_line(drift))
-    return drift
+    return drift, None
 

@@ -65,7 +65,8 @@ class Carried:
     inherited_estimates: bool  # the parent's figures were already partly estimated
 
     def figures(self) -> dict[str, Any]:
-        estimated = self.replaced > 0 or self.inherited_estimates
+        # with no row carried the figures are the new rows' own: exact
+        estimated = self.rows > 0 and (self.replaced > 0 or self.inherited_estimates)
         return {"parent": self.parent, "carried": self.rows, "replaced": self.replaced,
                 "parts_referenced": self.referenced,
                 "parts_rewritten": len(self.entries) - self.referenced,

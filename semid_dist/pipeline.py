@@ -17,11 +17,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 import semid_dist
 from semid_dist.bucketed import Duplicates, bucketed_duplicates
-from semid_dist.codebooks import build_codebooks, warm_start_codebooks
+from semid_dist.codebooks import build_codebooks
 from semid_dist.codes.collisions import sum_suffix_counts
 from semid_dist.codes.partials import Partial, merge
 from semid_dist.codes.pruning import PruneDecision
@@ -33,17 +32,17 @@ from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError, on
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import CatalogPlan, plan_catalog, read_shard
+from semid_dist.io.catalog import CatalogPlan, plan_catalog
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore
-from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
+from semid_dist.preflight import check_inputs, parent_notes, popularity_column
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import Claim, claim_version, heartbeat, run_key
-from semid_dist.runtime import gpu_stages, torch_device, with_absolute_paths
+from semid_dist.runtime import torch_device, with_absolute_paths
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
 
@@ -72,18 +71,6 @@ def make_logger(prefix: str = "semid") -> Log:
 def _redacting(log: Log) -> Log:
     """`log` with credentials in URLs (`s3://KEY:SECRET@...`, `?X-Amz-Signature=`) masked."""
     return lambda msg: log(redact_url(msg))
-
-
-def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
-    col = cfg.input.embedding_column
-    field = plan.schema.field(col)
-    if pa.types.is_fixed_size_list(field.type):
-        return field.type.list_size
-    for shard in plan.shards:
-        dim = infer_dim(read_shard(plan.url, shard, [col]).column(0).combine_chunks())
-        if dim:
-            return dim
-    raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")
 
 
 def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
@@ -208,10 +195,11 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                 engine.warm_up()
             plan = plan_catalog(engine.resolve_input(cfg.input.path),
                                 target_rows=cfg.encode.shard_rows)
-            dim = _check_inputs(plan, cfg, store, parent)
+            dim = check_inputs(plan, cfg, store, parent)
             key = run_key(cfg, plan)
             vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)
             started.append(vid)
+            parent_notes(store, cfg, parent, dim, log)
             # renewed until the commit: a build started meanwhile does not take this version,
             # and gc keeps it and the versions it reads
             claimed.enter_context(heartbeat(store, vid, key, reads, parent))
@@ -236,9 +224,11 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
             timings["reduce_s"] = time.monotonic() - t
             t = time.monotonic()
-            drift = parent_drift(engine, store, parent, vid, red.data_files, log)
+            drift, skipped = parent_drift(engine, store, parent, vid, red.data_files, log)
             timings["drift_s"] = time.monotonic() - t
         metrics = _metrics(red, fit_stats, source, timings)
+        if skipped is not None:  # said where drift is looked for (summary, `versions show`)
+            metrics["drift_skipped"] = {"parent": parent, "reason": skipped}
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
     try:  # the version stands whatever stops the process from here on
@@ -270,29 +260,6 @@ def _storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
         raise StoreError(f"{one_line(exc)}{where}; nothing was committed (the table's versions "
                          f"are as they were): {fix}, then run the same command again"
                          f"{again}") from None
-
-
-def _check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
-                  parent: str | None) -> int:
-    """The embedding dimension, once the checks that need no version are passed (every
-    file's schema, the GPU settings, the parent's codebooks to warm-start from, an
-    incremental parent's data parts), so a build they fail writes nothing."""
-    check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
-                  _popularity_column(cfg))
-    for stage in gpu_stages(cfg):
-        torch_device(cfg, stage)
-    dim = _dimension(plan, cfg)
-    if not cfg.encode.from_version:
-        warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
-    if cfg.encode.incremental and parent is not None:  # the parts it will carry are there
-        store.check_files(parent, "data")
-    return dim
-
-
-def _popularity_column(cfg: BuildConfig) -> str | None:
-    """input.popularity_column, or None for an incremental version (it uses no popularity:
-    a delta without the column is fine)."""
-    return None if cfg.encode.incremental else cfg.input.popularity_column
 
 
 def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str, Any],
@@ -335,7 +302,7 @@ def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str, dim: int) -> Job
     """What the workers of version `vid` need, before the scan adds its findings."""
     return JobContext(catalog_url=plan.url, id_column=cfg.input.id_column,
                       embedding_column=cfg.input.embedding_column,
-                      popularity_column=_popularity_column(cfg),
+                      popularity_column=popularity_column(cfg),
                       dim=dim, sizes=tuple(cfg.quantizer.layers),
                       root=cfg.output.root, table=cfg.output.table, version_id=vid,
                       quality_depth=cfg.quality_depth, chunk_rows=cfg.encode.chunk_rows,

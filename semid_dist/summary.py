@@ -111,4 +111,6 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
         lines.append(f"hourglass {metrics['hourglass']['verdict']}")
     if drift:
         lines.append(f"drift     {format_drift_line(drift)}")
+    elif skipped := metrics.get("drift_skipped"):
+        lines.append(f"drift     skipped against {skipped['parent']}: {skipped['reason']}")
     return "\n".join(lines)

@@ -743,6 +743,10 @@ def test_subtract_rows_is_exact_on_counts_and_last_layer():
     # dropping nothing changes nothing
     same = subtract_rows(whole, codes[:0], sq[:0, -1], sizes, quality_depth=2)
     assert same is whole
+    # dropping everything leaves exactly nothing, estimated parts included
+    none = subtract_rows(whole, codes, sq[:, -1], sizes, quality_depth=2)
+    assert none.n == 0 and none.x_sq_sum == 0 and not none.sq_res_sum.any()
+    assert not none.res_norm_sum.any() and len(none.q_keys) == 0
 
 
 def test_free_suffixes_fill_gaps_then_continue():

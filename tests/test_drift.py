@@ -186,7 +186,7 @@ def test_version_drift_is_the_same_for_any_bucket_count(root):
         assert res["share_changed"] == pytest.approx(want["changed"] / 850)
     assert not store.fs.exists(f"{store.base}/_scratch")  # in-process: nothing written to the table
     assert version_drift(store, "latest", v2)["from_version"] == v2
-    with pytest.raises(StoreError, match="not committed"):
+    with pytest.raises(StoreError, match="does not exist"):
         version_drift(store, "20990101T000000Z-000000", v2)
 
 
@@ -282,6 +282,10 @@ def test_check_warm_start_names_both_shapes():
         check_warm_start(cbs, [16, 16], 12, source="parent v1")
     with pytest.raises(ConfigError, match=r"embedding dim 10 != codebook dim 12 \(parent v1\)"):
         check_warm_start(cbs, [16, 8], 10, source="parent v1")
+    # both wrong: the dimension, which only fit.warm_start=none mends (a layers fix would not)
+    with pytest.raises(ConfigError, match=r"embedding dim 10 != codebook dim 12 \(parent v1\); "
+                                          "set fit.warm_start=none"):
+        check_warm_start(cbs, [32, 32], 10, source="parent v1")
 
 
 def test_warm_start_in_builds(small_catalog, tmp_path):
@@ -412,3 +416,48 @@ def test_a_layer_only_one_version_has_is_named_not_counted_as_drift(small_catalo
         ["0", "0", "0.00%"], ["1", "0", "0.00%"], ["2", "-", "-"]]
     assert "per layer 0.00% / 0.00% / - (one version's only)" in format_summary(
         second.version_id, second.path, second.metrics, second.drift)
+
+
+def test_a_drift_the_build_cannot_measure_is_said_in_the_summary(tmp_path, capsys):
+    """A re-index whose item ids changed type (int64 -> string) has a parent it cannot be
+    compared with: no drift.json, and the reason in metrics.json (`drift_skipped`), the
+    build's summary and `semid versions show`, not only in the log."""
+    from tests.conftest import write_catalog
+
+    x = clustered(1200, 12, seed=5)
+    root = str(tmp_path / "out")
+    first = build(small_config(write_catalog(tmp_path / "a", x), root), log=quiet)
+    ids = np.array([f"item-{i}" for i in range(len(x))])
+    child = build(small_config(write_catalog(tmp_path / "b", x, ids=ids), root), log=quiet)
+    skipped = child.metrics["drift_skipped"]
+    assert child.drift is None and skipped["parent"] == first.version_id
+    assert skipped["reason"].startswith("item ids of type int64 and string cannot be")
+    store = TableStore(root, "sids")
+    assert DRIFT_FILE not in {e["path"] for e in store.manifest(child.version_id)["files"]}
+    assert store.read_json(child.version_id, "metrics.json")["drift_skipped"] == skipped
+    line = f"drift     skipped against {first.version_id}: {skipped['reason']}"
+    assert line in format_summary(child.version_id, child.path, child.metrics).splitlines()
+    assert main(["versions", "show", "--root", root, "--table", "sids"]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    assert "drift_skipped" not in first.metrics  # no parent: nothing to skip
+
+
+def test_a_re_index_with_another_embedding_dimension_says_so(tmp_path):
+    """A new embedding model of another dimension under the same table: the build fits new
+    codebooks, says the parent's embeddings had another dimension, and measures drift."""
+    from tests.conftest import write_catalog
+
+    root = str(tmp_path / "out")
+    first = build(small_config(write_catalog(tmp_path / "a", clustered(1200, 12, seed=5)),
+                               root), log=quiet)
+    lines: list[str] = []
+    child = build(small_config(write_catalog(tmp_path / "b", clustered(1200, 8, seed=6)),
+                               root), log=lines.append)
+    assert (f"plan: version {first.version_id} encoded 12-dim embeddings, this catalog holds "
+            "8-dim ones (another embedding model?): new codebooks, and the drift against it "
+            "measures the re-index") in lines, lines
+    assert child.drift is not None and child.drift["items_common"] == 1200
+    lines.clear()  # the same dimension again: no such line
+    build(small_config(write_catalog(tmp_path / "c", clustered(1200, 8, seed=7)), root),
+          log=lines.append)
+    assert not [line for line in lines if "-dim embeddings" in line], lines

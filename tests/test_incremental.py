@@ -227,6 +227,11 @@ def test_incremental_that_replaces_every_parent_row(catalogs, tmp_path):
         t = by_id(store.read_data(child.version_id))
         for col in ("item_id", "codes", "sid", "suffix"):  # as the parent, encoded anew
             assert t.column(col).equals(parent.column(col)), col
+        # no row carried: the figures are the new rows' own, exact, and not marked estimated
+        assert child.metrics["incremental"]["estimated"] == []
+        for key in ("relative_error", "residual_norm_by_layer"):
+            assert child.metrics["reconstruction"][key] == pytest.approx(
+                first.metrics["reconstruction"][key], rel=1e-6), key
 
 
 def test_incremental_errors(catalogs, tmp_path, capsys):
@@ -344,3 +349,33 @@ def test_an_incremental_version_records_the_pruning_its_sids_have(catalogs, tmp_
                                     prune__p=0.3),
                        log=quiet)
     assert store.manifest(grandchild.version_id)["config"]["prune"] == applied
+
+
+def test_an_incremental_version_says_what_it_changes_against_its_parent(catalogs, tmp_path):
+    """Re-indexing footguns the plan line did not show: a delta read from another embedding
+    column than its parent's rows (another model's embeddings mixed into the table), and a
+    parent that is not the latest version (the table's latest moves to this branch)."""
+    root = str(tmp_path / "out")
+    first = build(small_config(catalogs["parent"], root), log=quiet)
+    build(small_config(catalogs["parent"], root, seed=9), log=quiet)
+    lines: list[str] = []  # the usual incremental version, from the latest: no warning
+    newer = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                               encode__incremental=True), log=lines.append)
+    assert not [line for line in lines if line.startswith("warning:")], lines
+    delta = pq.read_table(catalogs["delta"])
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    pq.write_table(delta.rename_columns(["item_id", "emb_v2", "popularity"]),
+                   renamed / "part-000.parquet")
+    lines.clear()
+    child = build(small_config(str(renamed), root, encode__from_version=first.version_id,
+                               encode__incremental=True, input__embedding_column="emb_v2"),
+                  log=lines.append)
+    assert ("warning: input.embedding_column=emb_v2, but the rows this version carries from "
+            f"{first.version_id} were encoded from column embedding: if the two hold another "
+            "model's embeddings, the table mixes them; `semid build` re-indexes every item"
+            in lines), lines
+    assert (f"warning: encode.from_version={first.version_id} is not the latest version "
+            f"({newer.version_id}): this version extends {first.version_id}, not "
+            f"{newer.version_id}, and becomes the latest when it commits" in lines), lines
+    assert TableStore(root, "sids").latest() == child.version_id

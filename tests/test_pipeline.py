@@ -371,11 +371,21 @@ def test_encode_reuses_codebooks_and_checks_dimension(small_catalog, tmp_path, r
     assert sorted_table(store, first.version_id).equals(sorted_table(store, second.version_id))
     assert second.metrics["fit"]["codebooks_from"] == first.version_id
     other = write_catalog(tmp_path / "d5", clustered(300, 5, seed=0))
-    with pytest.raises(InputError, match="embedding dim 5 != codebook dim 12"):
+    with pytest.raises(InputError, match=r"embedding dim 5 != codebook dim 12 \(codebooks of "
+                       rf"version {first.version_id}, encode.from_version\): encode with "
+                       "codebooks fitted on 5-dim embeddings, or fit new ones"):
         build(small_config(other, root, encode__from_version=first.version_id), log=quiet)
     with pytest.raises(ConfigError, match="quantizer.layers"):
         build(small_config(catalog, root, encode__from_version="latest",
                            quantizer__layers=[8, 8]), log=quiet)
+    # checked before the build starts a version: nothing is written
+    assert store.uncommitted() == [] and store.versions() == [first.version_id,
+                                                              second.version_id]
+    lines: list[str] = []  # a warm start asked for beside reused codebooks is said to do nothing
+    build(small_config(catalog, root, encode__from_version="latest", fit__warm_start="parent"),
+          log=lines.append)
+    assert f"codebooks: reusing version {second.version_id} ([16, 8, 8]); fit.warm_start=parent " \
+        "has no effect: nothing is fit" in lines, lines
 
 
 def test_bf16_encode_of_the_same_codebooks_keeps_nearly_every_code(small_catalog, root):

@@ -376,6 +376,7 @@ def test_cli_report_does_not_restore_files_into_a_version_gc_removed(copied, sma
 
     monkeypatch.setattr(writer, "render_report", gc_meanwhile)
     assert main(["report", "--root", store.root, "--table", "sids", "--version", vid]) == 2
-    err = capsys.readouterr().err.strip()  # (the manifest's read says it: not committed)
-    assert len(err.splitlines()) == 1 and vid in err and "is not committed" in err, err
+    err = capsys.readouterr().err.strip()  # (the manifest's read says it)
+    assert len(err.splitlines()) == 1 and vid in err and (
+        "does not exist (never built, or removed by `semid versions gc`)" in err), err
     assert not Path(store.version_dir(vid)).exists() and vid not in store.versions()

@@ -142,7 +142,13 @@ def test_resolve_error_messages(root):
     with pytest.raises(StoreError) as exc:
         store.resolve("20990101T000000Z-abcdef")
     msg = str(exc.value)
-    assert "20990101T000000Z-abcdef" in msg and "not committed" in msg and v1 in msg
+    assert "20990101T000000Z-abcdef" in msg and v1 in msg
+    assert "does not exist (never built, or removed by `semid versions gc`)" in msg
+    v2 = vid_at(1)  # started, not committed
+    store.write_file(v2, "codebooks/x", b"x")
+    with pytest.raises(StoreError, match=f"version '{v2}' of table .* is not committed "
+                       r"\(a build running, failed or killed\) \(newest committed: "):
+        store.resolve(v2)
 
 
 def test_a_version_given_as_a_path_is_refused(root):

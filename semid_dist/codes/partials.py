@@ -297,7 +297,7 @@ def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
     Exact: the item count, token / SID / pair counts and the last layer's residual sums.
     Estimated, each removed item counted as the mean item of its group: x_sq_sum and the
     earlier layers' residual sums (mean over all items), and the per-prefix unit-vector sums
-    (mean of the item's quality-depth prefix group)."""
+    (mean of the item's quality-depth prefix group); exact again when every item goes."""
     m = len(codes)
     if m == 0:
         return p
@@ -312,8 +312,8 @@ def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
     keep = (p.n - m) / p.n
     sq64 = sq_last.astype(np.float64)
     sq_res, res_norm = p.sq_res_sum * keep, p.res_norm_sum * keep
-    sq_res[-1] = p.sq_res_sum[-1] - sq64.sum()
-    res_norm[-1] = p.res_norm_sum[-1] - np.sqrt(sq64).sum()
+    sq_res[-1] = p.sq_res_sum[-1] - sq64.sum() if m < p.n else 0.0  # (all gone: no residue)
+    res_norm[-1] = p.res_norm_sum[-1] - np.sqrt(sq64).sum() if m < p.n else 0.0
     gone_keys, gone = np.unique(sid_keys(codes, sizes, quality_depth), return_counts=True)
     pos = np.searchsorted(p.q_keys, gone_keys).clip(0, max(len(p.q_keys) - 1, 0))
     hit = (pos < len(p.q_keys)) & (p.q_keys[pos] == gone_keys) if len(p.q_keys) else pos < 0

@@ -199,7 +199,10 @@ class TableStore:
                              "or latest")
         if not self.fs.exists(fsio.join(self.version_dir(version), MANIFEST)):
             known = ", ".join(self.versions()[-5:]) or "none"
-            raise StoreError(f"version {version!r} of table {self.url!r} is not committed "
+            state = ("is not committed (a build running, failed or killed)"
+                     if self.fs.exists(self.version_dir(version))
+                     else "does not exist (never built, or removed by `semid versions gc`)")
+            raise StoreError(f"version {version!r} of table {self.url!r} {state} "
                              f"(newest committed: {known})")
         return version
 

@@ -81,14 +81,14 @@ def check_warm_start(codebooks: list[np.ndarray], layers: tuple[int, ...] | list
     """
     have = [int(len(cb)) for cb in codebooks]
     want = [int(k) for k in layers]
-    if have != want:
-        raise ConfigError(f"fit.warm_start=parent: quantizer.layers={want} but {source} has "
-                          f"layers {have}; set quantizer.layers={have} or fit.warm_start=none")
     dims = sorted({int(cb.shape[1]) for cb in codebooks})
-    if dims != [dim]:
+    if dims != [dim]:  # first: no other setting mends it (a new embedding model's catalog)
         raise ConfigError(f"fit.warm_start=parent: embedding dim {dim} != codebook dim "
                           f"{dims[0] if len(dims) == 1 else dims} ({source}); set "
                           "fit.warm_start=none to fit from scratch")
+    if have != want:
+        raise ConfigError(f"fit.warm_start=parent: quantizer.layers={want} but {source} has "
+                          f"layers {have}; set quantizer.layers={have} or fit.warm_start=none")
     return [np.ascontiguousarray(cb, dtype=np.float32) for cb in codebooks]
 
 

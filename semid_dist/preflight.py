@@ -1,0 +1,86 @@
+"""What a build checks before it writes anything (`check_inputs`: the catalog's schema and
+dimension, the GPU settings, the codebooks it warm-starts from or reuses, an incremental
+parent's data parts), and what it says of its parent once its version is chosen
+(`parent_notes`). `semid_dist.pipeline` runs both."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from semid_dist.codebooks import reused_codebooks, warm_start_codebooks
+from semid_dist.config import BuildConfig
+from semid_dist.errors import InputError
+from semid_dist.io.catalog import CatalogPlan, read_shard
+from semid_dist.io.store import TableStore
+from semid_dist.io.validate import check_schemas, infer_dim
+from semid_dist.runtime import gpu_stages, torch_device
+
+Log = Callable[[str], None]
+
+
+def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
+    col = cfg.input.embedding_column
+    field = plan.schema.field(col)
+    if pa.types.is_fixed_size_list(field.type):
+        return field.type.list_size
+    for shard in plan.shards:
+        dim = infer_dim(read_shard(plan.url, shard, [col]).column(0).combine_chunks())
+        if dim:
+            return dim
+    raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")
+
+
+def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
+                 parent: str | None) -> int:
+    """The embedding dimension, once the checks that need no version are passed (every
+    file's schema, the GPU settings, the parent's codebooks to warm-start from or the
+    codebooks to reuse, an incremental parent's data parts), so a build they fail writes
+    nothing."""
+    check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
+                  popularity_column(cfg))
+    for stage in gpu_stages(cfg):
+        torch_device(cfg, stage)
+    dim = _dimension(plan, cfg)
+    if cfg.encode.from_version:
+        reused_codebooks(store, cfg, dim)
+    else:
+        warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
+    if cfg.encode.incremental and parent is not None:  # the parts it will carry are there
+        store.check_files(parent, "data")
+    return dim
+
+
+def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: int,
+                 log: Log) -> None:
+    """Lines on what a re-index changes against its parent that the plan line does not show:
+    another embedding dimension (a new embedding model), and for an incremental version
+    another embedding column than the carried rows were encoded from, or a parent that is
+    not the latest version (the table's latest then moves to this branch)."""
+    if parent is None:
+        return
+    manifest = store.manifest(parent)
+    before = (manifest.get("input") or {}).get("dim")
+    if before is not None and before != dim:
+        log(f"plan: version {parent} encoded {before}-dim embeddings, this catalog holds "
+            f"{dim}-dim ones (another embedding model?): new codebooks, and the drift "
+            "against it measures the re-index")
+    if not cfg.encode.incremental:
+        return
+    column = ((manifest.get("config") or {}).get("input") or {}).get("embedding_column")
+    if column and column != cfg.input.embedding_column:
+        log(f"warning: input.embedding_column={cfg.input.embedding_column}, but the rows this "
+            f"version carries from {parent} were encoded from column {column}: if the two "
+            "hold another model's embeddings, the table mixes them; `semid build` re-indexes "
+            "every item")
+    head = store.head()
+    if head is not None and head != parent:
+        log(f"warning: encode.from_version={parent} is not the latest version ({head}): this "
+            f"version extends {parent}, not {head}, and becomes the latest when it commits")
+
+
+def popularity_column(cfg: BuildConfig) -> str | None:
+    """input.popularity_column, or None for an incremental version (it uses no popularity:
+    a delta without the column is fine)."""
+    return None if cfg.encode.incremental else cfg.input.popularity_column
