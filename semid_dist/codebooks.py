@@ -117,8 +117,8 @@ def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
 def reused_codebooks(store: TableStore, cfg: BuildConfig, dim: int,
                      ) -> tuple[str, dict[str, bytes], dict[str, Any]]:
     """encode.from_version: (its version id, its codebook files, their metadata), checked
-    against the catalog's dimension and the quantizer settings. The build calls it once
-    before it writes anything, so a mismatch writes nothing."""
+    against the catalog's dimension and the quantizer settings. The build calls it before it
+    writes anything (so a mismatch writes nothing), and again to copy them."""
     src = store.resolve(cfg.encode.from_version)
     blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
     _, meta = load_artifact(blobs, where=f"codebooks of version {src}")
@@ -147,7 +147,8 @@ def warm_start_codebooks(store: TableStore, parent: str | None, cfg: BuildConfig
                          log: Log) -> list[np.ndarray] | None:
     """fit.warm_start=parent: the parent's codebooks (checked against quantizer.layers and
     the catalog dim) to start Lloyd from; None for a cold fit or the table's first build.
-    The build calls it once before it writes anything, so a mismatch writes nothing."""
+    The build calls it before it writes anything (so a mismatch writes nothing), and again
+    to fit."""
     if cfg.fit.warm_start != "parent":
         return None
     if parent is None:

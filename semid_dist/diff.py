@@ -143,7 +143,7 @@ def parent_drift(engine: Mapper, store: TableStore, parent: str | None, vid: str
                               scratch=f"{store.version_url(vid)}/{STAGING}/drift")
     except (StoreError, FileNotFoundError) as exc:
         log(f"drift: skipped ({exc})")
-        return None, str(exc)
+        return None, fsio.redact_url(str(exc))  # (it goes into metrics.json)
     log("drift: " + format_drift_line(drift))
     return drift, None
 

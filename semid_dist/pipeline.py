@@ -41,7 +41,7 @@ from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.preflight import check_inputs, parent_notes, popularity_column
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
-from semid_dist.resume import Claim, claim_version, heartbeat, run_key
+from semid_dist.resume import Claim, claim_version, heartbeat, planned_parent, run_key
 from semid_dist.runtime import torch_device, with_absolute_paths
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
@@ -195,14 +195,14 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                 engine.warm_up()
             plan = plan_catalog(engine.resolve_input(cfg.input.path),
                                 target_rows=cfg.encode.shard_rows)
-            dim = check_inputs(plan, cfg, store, parent)
-            key = run_key(cfg, plan)
+            key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
+            dim = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)
             started.append(vid)
             parent_notes(store, cfg, parent, dim, log)
             # renewed until the commit: a build started meanwhile does not take this version,
             # and gc keeps it and the versions it reads
-            claimed.enter_context(heartbeat(store, vid, key, reads, parent))
+            claimed.enter_context(heartbeat(store, vid, key, reads, parent=parent))
             ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
             if cfg.collisions.max_per_sid is not None:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
@@ -226,12 +226,19 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             t = time.monotonic()
             drift, skipped = parent_drift(engine, store, parent, vid, red.data_files, log)
             timings["drift_s"] = time.monotonic() - t
-        metrics = _metrics(red, fit_stats, source, timings)
-        if skipped is not None:  # said where drift is looked for (summary, `versions show`)
-            metrics["drift_skipped"] = {"parent": parent, "reason": skipped}
+        metrics = _metrics(red, fit_stats, source, timings, drift_skipped=skipped and {
+            "parent": parent, "reason": skipped})
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files)
-    try:  # the version stands whatever stops the process from here on
+    return _committed(store, vid, moved, metrics, drift, log, t0)
+
+
+def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any],
+               drift: dict[str, Any] | None, log: Log, t0: float) -> BuildResult:
+    """After version `vid`'s commit (`moved`: whether `_latest` moved to it): its work files
+    removed, the commit said, its result. The version stands whatever stops the process
+    from here on (a Ctrl-C is `InterruptedAfterCommit`)."""
+    try:
         try:
             store.remove_staging(vid)
         except OSError as exc:  # committed all the same: gc removes them
@@ -313,9 +320,13 @@ def _job_context(cfg: BuildConfig, plan: CatalogPlan, vid: str, dim: int) -> Job
 
 
 def _metrics(red: _Reduced, fit_stats: list[dict[str, Any]], source: str,
-             timings: dict[str, float]) -> dict[str, Any]:
-    """The version's metrics.json: rows, the reduce's figures, the fit per layer, timings."""
+             timings: dict[str, float], *, drift_skipped: dict[str, str] | None,
+             ) -> dict[str, Any]:
+    """The version's metrics.json: rows, the reduce's figures, the fit per layer, timings;
+    why the drift against the parent was not measured, where it was not (said where drift is
+    looked for: the summary, `versions show`)."""
     return {"rows": red.counts, **red.metrics,
+            **({"drift_skipped": drift_skipped} if drift_skipped else {}),
             "fit": {"codebooks_from": source,
                     "layers": [{"layer": s["layer"], "k": s["k"], "mse": s["final_mse"],
                                 "n": s["n"]} for s in fit_stats]},

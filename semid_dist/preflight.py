@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from semid_dist.codebooks import reused_codebooks, warm_start_codebooks
 from semid_dist.config import BuildConfig
-from semid_dist.errors import InputError
+from semid_dist.errors import InputError, StoreError
 from semid_dist.io.catalog import CatalogPlan, read_shard
 from semid_dist.io.store import TableStore
 from semid_dist.io.validate import check_schemas, infer_dim
@@ -60,7 +60,10 @@ def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: i
     not the latest version (the table's latest then moves to this branch)."""
     if parent is None:
         return
-    manifest = store.manifest(parent)
+    try:
+        manifest = store.manifest(parent)
+    except (StoreError, FileNotFoundError):  # removed by gc meanwhile: the drift says so
+        return
     before = (manifest.get("input") or {}).get("dim")
     if before is not None and before != dim:
         log(f"plan: version {parent} encoded {before}-dim embeddings, this catalog holds "

@@ -161,12 +161,20 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
     return Claim(vid, resuming, parent, reads)
 
 
+def planned_parent(store: TableStore, key: str, parent: str | None) -> str | None:
+    """The parent a build of run `key` will have, read before it claims its version (the
+    checks before anything is written use it): a resumable version's first parent
+    (`_first_parent`), else `parent`."""
+    vid = resumable_version(store, key)
+    return parent if vid is None else _first_parent(store, vid, parent, None)
+
+
 def _first_parent(store: TableStore, vid: str, parent: str | None,
                   log: Callable[[str], None] | None) -> str | None:
     """The parent of resumed version `vid`: the one its first run started from (its
     codebooks may be warm-started from it, and its id sorts before `vid`'s), not a version
-    another build committed meanwhile (`parent`, the `_latest` of now), unless `gc` has
-    removed it since (a run file of an older release records none: `parent` too)."""
+    another build committed meanwhile (`parent`, the `_latest` of now); `parent` where `gc`
+    has removed that one since, or the run file (of an older release) records none."""
     run = read_run(store, vid) or {}
     first = run.get("parent", parent)
     if first == parent or not (first is None or isinstance(first, str)):
@@ -215,15 +223,15 @@ def _unwritable(store: TableStore, exc: OSError) -> StoreError:
 
 
 def _write_run(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
-               parent: str | None = None, owned: bool = True) -> None:
+               parent: str | None, owned: bool = True) -> None:
     run = {"key": key, "owner": _owner() if owned else None, "reads": list(reads),
            "parent": parent}
     store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps(run).encode())
 
 
 @contextlib.contextmanager
-def heartbeat(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (),
-              parent: str | None = None) -> Iterator[None]:
+def heartbeat(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
+              parent: str | None) -> Iterator[None]:
     """Renew this build's heartbeat in its run file every `BEAT_S` seconds for the block; a
     block that raises (a failed or interrupted build) gives the version up, so a re-run,
     in this process too, continues it. A run file that is gone (the version folder removed

@@ -67,7 +67,7 @@ def estimated_mark(metrics: dict[str, Any]) -> str:
 def format_summary(version_id: str, path: str, metrics: dict[str, Any],
                    drift: dict[str, Any] | None = None) -> str:
     """The build / `semid versions show` summary; `drift` (drift.json, against the parent)
-    adds a line."""
+    adds a line, as does a drift the build could not measure (`metrics.drift_skipped`)."""
     rows = metrics["rows"]
     col = metrics["collisions"]
     rec = metrics["reconstruction"]

@@ -103,14 +103,16 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
     assert store.read_data().sort_by("item_id").equals(reference)
 
 
-@pytest.mark.parametrize("gc_between", [False, True])
+@pytest.mark.parametrize("case", ["meanwhile", "gc", "warm_start"])
 def test_a_resumed_version_keeps_the_parent_its_first_run_started_from(setup, monkeypatch,
-                                                                        gc_between):
+                                                                        case):
     """A build of another config that started before the killed one and committed after it
     died is not the resumed version's parent: the re-run keeps the parent its first run
-    started from (lineage, drift), unless gc removed that version meanwhile."""
+    started from (lineage, drift, the warm start's checks: `warm_start`, where the other
+    build's layers differ), unless gc removed that version meanwhile (`gc`)."""
     cfg, store, previous, _ = setup
-    killed = run_build(cfg, fault="encode")
+    warm = ("fit.warm_start=parent",) if case == "warm_start" else ()
+    killed = run_build(cfg, *warm, fault="encode")
     assert killed.returncode == -signal.SIGKILL
     [vid] = store.uncommitted()
     started = version_time(vid)
@@ -118,19 +120,19 @@ def test_a_resumed_version_keeps_the_parent_its_first_run_started_from(setup, mo
     # the other build's version id sorts before the killed one's, as its earlier start does
     earlier = new_version_id(started - dt.timedelta(seconds=1))
     monkeypatch.setattr(resume, "new_version_id", lambda: earlier)
-    other = build(load_config(cfg, ["seed=6"]), log=lambda line: None)
+    other = ["seed=6", *(["quantizer.layers=[8,8]"] if warm else [])]
+    assert build(load_config(cfg, other), log=lambda line: None).version_id == earlier
     monkeypatch.undo()
-    assert other.version_id == earlier and store.latest() == earlier
-    assert store.manifest(earlier)["parent"] == previous
-    if gc_between:  # the killed run's first parent goes; the killed version, young, stays
+    assert store.latest() == earlier and store.manifest(earlier)["parent"] == previous
+    if case == "gc":  # the killed run's first parent goes; the killed version, young, stays
         report = store.gc(1)
         assert report["deleted"] == [previous] and report["kept_uncommitted"] == [vid]
-    resumed = run_build(cfg)
+    resumed = run_build(cfg, *warm)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming version {vid}" in resumed.stderr
-    parent = earlier if gc_between else previous
+    parent = earlier if case == "gc" else previous
     assert f"(parent {parent}); engine local" in resumed.stderr
-    if gc_between:
+    if case == "gc":
         assert (f"the parent version {vid} started from, {previous}, is no longer committed"
                 in resumed.stderr)
     else:

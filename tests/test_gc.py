@@ -233,11 +233,11 @@ def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
 
     store = TableStore(str(tmp_path / "reads"), "t")
     parent, newer = committed(store, 100, "000001"), committed(store, 90, "000002")
-    vid = claim_version(store, "k", reads=(parent,)).version  # an incremental build from `parent`
+    vid = claim_version(store, "k", parent=parent).version  # an incremental build from `parent`
     report = store.gc(0, now=NOW)
     assert report["deleted"] == [] and report["kept"] == [parent, newer]
     assert report["kept_uncommitted"] == [vid]
-    with pytest.raises(RuntimeError), heartbeat(store, vid, "k", (parent,)):
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "k", (parent,), parent=parent):
         raise RuntimeError("the build failed")  # it gives its version up
     report = store.gc(0, min_age_hours=float("inf"), now=NOW)
     assert report["deleted"] == [parent] and report["kept_uncommitted"] == [vid]
@@ -257,7 +257,7 @@ def test_gc_removes_a_committed_versions_work_files_once_its_build_is_gone(tmp_p
     staging = f"{store.version_dir(vid)}/{STAGING}"
     report = store.gc(5)  # its build (this process) has not given it up: gc keeps them
     assert report["staging_removed"] == [] and store.fs.exists(staging)
-    with pytest.raises(RuntimeError), heartbeat(store, vid, "k"):
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "k", parent=None):
         raise RuntimeError("killed")  # the build is gone
     assert main(["versions", "gc", "--root", store.root, "--table", "t", "--keep", "5",
                  "--dry-run"]) == 0

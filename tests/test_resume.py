@@ -4,6 +4,7 @@ version of its own."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import subprocess
@@ -13,9 +14,15 @@ import time
 import pytest
 
 from semid_dist.errors import StoreError
-from semid_dist.io.store import RUN_FILE, STAGING, TableStore, new_version_id
+from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore, new_version_id
 from semid_dist.pipeline import build
-from semid_dist.resume import OWNER_STALE_S, claim_version, resumable_version
+from semid_dist.resume import (
+    OWNER_STALE_S,
+    Claim,
+    claim_version,
+    planned_parent,
+    resumable_version,
+)
 from tests.conftest import run_together, small_config
 
 
@@ -94,7 +101,7 @@ def test_a_failed_build_gives_its_version_up_and_a_reused_pid_is_not_its_owner(t
 
     store = TableStore(str(tmp_path / "out"), "sids")
     vid = claim_version(store, "key-a").version
-    with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a"):
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a", parent=None):
         raise RuntimeError("the build failed")
     assert resumable_version(store, "key-a") == vid  # in this process too
     vid, resuming, _, _ = claim_version(store, "key-a")
@@ -112,7 +119,7 @@ def test_a_failed_build_whose_version_folder_is_gone_does_not_write_it_again(tmp
 
     store = TableStore(str(tmp_path / "out"), "sids")
     vid = claim_version(store, "key-a").version
-    with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a"):
+    with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a", parent=None):
         shutil.rmtree(store.version_dir(vid))
         raise RuntimeError("the build failed")
     assert not (tmp_path / "out" / "sids" / "versions" / vid).exists()
@@ -150,3 +157,37 @@ def test_a_damaged_owner_record_is_no_live_build(tmp_path):
         assert resumable_version(store, "key-a") == vid, owner
         assert store.gc(5, min_age_hours=0)["deleted_uncommitted"] == [vid]
         vid = claim_version(store, "key-a").version  # a new one for the next case
+
+
+def test_a_resumed_version_keeps_its_first_parent_where_it_can(tmp_path):
+    """The parent a killed run recorded is the resumed version's (not the `_latest` of the
+    re-run), where it is still committed; `_latest` where the run file records none (an
+    older release's), a value that is no version id, or a version gc removed."""
+    store = TableStore(str(tmp_path / "out"), "sids")
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    first, now = new_version_id(start), new_version_id(start + dt.timedelta(seconds=1))
+    for v in (first, now):  # committed: a manifest is what makes a version one
+        store.write_file(v, MANIFEST, b"{}")
+    lines: list[str] = []
+
+    def resumed(run: dict) -> Claim:
+        """Claim `now`'s child after a killed run whose run file is `run` (a given-up one)."""
+        vid = new_version_id()
+        store.write_file(vid, f"{STAGING}/{RUN_FILE}",
+                         json.dumps({"key": "k", "owner": None, **run}).encode())
+        lines.clear()
+        planned = planned_parent(store, "k", now)  # what the checks before the claim use
+        claim = claim_version(store, "k", lines.append, parent=now)
+        assert claim.version == vid and claim.resuming and claim.parent == planned
+        return claim
+
+    kept = resumed({"parent": first})
+    assert kept.parent == first and kept.reads == (first,)
+    assert lines == [f"plan: version {kept.version} keeps the parent its first run started "
+                     f"from, {first} (committed since: {now})"]
+    assert json.loads(store.fs.cat_file(run_file(store, kept.version)))["parent"] == first
+    assert resumed({"parent": None}).parent is None  # the table's first build: none
+    assert resumed({}).parent == now and lines == []  # an older release's run file
+    assert resumed({"parent": 5}).parent == now and lines == []  # garbage
+    gone = resumed({"parent": new_version_id(start - dt.timedelta(seconds=1))})
+    assert gone.parent == now and "is no longer committed" in lines[0]

@@ -147,7 +147,8 @@ def test_resolve_error_messages(root):
     v2 = vid_at(1)  # started, not committed
     store.write_file(v2, "codebooks/x", b"x")
     with pytest.raises(StoreError, match=f"version '{v2}' of table .* is not committed "
-                       r"\(a build running, failed or killed\) \(newest committed: "):
+                       r"\(a build running, failed or killed, or gc removing it\) \(newest "
+                       "committed: "):
         store.resolve(v2)
 
 

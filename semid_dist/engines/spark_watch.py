@@ -1,8 +1,8 @@
 """Says when a Spark job of the build waits for executors: a cluster with no worker (none
 started, or the only one gone mid-build), or with none that has the cores and memory the job
-asks for. Spark waits for one without a line (its "Initial job has not accepted any
-resources" warning comes at most once per application, and not at all once a task ran), so
-the build looked hung. Local masters run their tasks in the driver: nothing to watch there.
+asks for. Spark's own warning ("Initial job has not accepted any resources") repeats only
+until the application's first task has run: a worker lost later, it waits without a word,
+and the build looked hung. Local masters run their tasks in the driver: nothing to watch.
 """
 
 from __future__ import annotations
@@ -15,17 +15,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pyspark import SparkContext
 
-NOTICE_S = 15.0  # as Spark's own starvation warning (spark.starvation.timeout)
+NOTICE_S = 15.0  # a standalone master: as Spark's own starvation warning
+MANAGER_NOTICE_S = 60.0  # YARN, Kubernetes: granting executors takes longer as a rule
 POLL_S = 1.0
 
 
 class ExecutorWatch:
     """A background thread that asks Spark's status tracker, every `POLL_S` seconds, for the
     active stages and the registered executors: a stage active while no executor is there
-    for `NOTICE_S` seconds is one line, and the executors' return another."""
+    for the notice time is one line, and the executors' return another."""
 
     def __init__(self, sc: SparkContext, log: Callable[[str], None]) -> None:
         self.sc, self.log = sc, log
+        self.standalone = sc.master.startswith("spark://")
+        self.notice_s = NOTICE_S if self.standalone else MANAGER_NOTICE_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="semid-spark-executors",
                                         daemon=True)
@@ -39,33 +42,41 @@ class ExecutorWatch:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        try:
-            tracker = self.sc.statusTracker()
-            executors = self.sc._jsc.sc().statusTracker()  # noqa: SLF001 (the JVM's: executors)
-            since, said = None, False  # since when a stage waits with no executor
-            while not self._stop.wait(POLL_S):
-                # the driver is one of the executor infos Spark lists
-                count = len(executors.getExecutorInfos()) - 1
-                if count > 0 or not tracker.getActiveStageIds():
-                    if said and count > 0:
-                        self.log(f"spark: {count} executor{'s' * (count > 1)} registered; "
-                                 "the build goes on")
-                        said = False
-                    since = None
-                    continue
-                since = time.monotonic() if since is None else since
-                if not said and time.monotonic() - since >= NOTICE_S:
-                    said = True
-                    self.log(self._notice())
-        except Exception:  # noqa: BLE001 (a session stopping, a Ctrl-C breaking Py4J)
-            return
+        since, said = None, False  # since when a stage waits with no executor
+        while not self._stop.wait(POLL_S):
+            try:
+                count, active = self._poll()
+            except Exception:  # noqa: BLE001 (a Py4J call broken by a Ctrl-C): asked again
+                if self.sc._jsc is None:  # noqa: SLF001 (the session has stopped)
+                    return
+                continue
+            if count > 0 and said:
+                self.log(f"spark: {count} executor{'s' * (count > 1)} registered; the build "
+                         "goes on")
+            if count > 0 or not active:
+                since, said = None, False
+                continue
+            since = time.monotonic() if since is None else since
+            if not said and time.monotonic() - since >= self.notice_s:
+                said = True
+                self.log(self._notice())
+
+    def _poll(self) -> tuple[int, bool]:
+        """(registered executors, whether a stage is active)."""
+        jvm_tracker = self.sc._jsc.sc().statusTracker()  # noqa: SLF001 (executors: the JVM's)
+        # the driver is one of the executor infos Spark lists
+        return (len(jvm_tracker.getExecutorInfos()) - 1,
+                bool(self.sc.statusTracker().getActiveStageIds()))
 
     def _notice(self) -> str:
+        fix = ("start a worker, or check that the cluster's workers have the cores and memory "
+               if self.standalone else
+               "the cluster manager has granted none yet: check its queue and capacity, and "
+               "that it can grant the cores and memory ")
         return (f"spark: no executor has registered with master {self.sc.master} for "
-                f"{NOTICE_S:.0f} s; the build waits for one (Spark's own wait): start a "
-                "worker, or check that the cluster's workers have the cores and memory this "
-                "job asks for (spark.executor.cores, spark.executor.memory); Ctrl-C stops "
-                "the build")
+                f"{self.notice_s:.0f} s; the build waits for one (Spark's own wait): {fix}"
+                "this job asks for (spark.executor.cores, spark.executor.memory); Ctrl-C "
+                "stops the build")
 
 
 def watch_executors(sc: SparkContext, log: Callable[[str], None]) -> ExecutorWatch | None:

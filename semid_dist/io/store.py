@@ -101,9 +101,8 @@ class TableStore:
 
     def write_table(self, version_id: str, rel: str, table: pa.Table) -> FileEntry:
         """Write a Parquet file inside a version; returns its manifest entry. zstd with no
-        dictionary encoding: on a 65,536-row data part (ids, codes, SID lists, suffix, qerr)
-        that wrote in 21 ms against 28 and took 0.92 MB against 1.06 (zstd packs the few
-        distinct codes as well as a dictionary does); a staged-codes shard in 6 ms against 10."""
+        dictionary encoding: a 65,536-row data part in 21 ms against 28 and 0.92 MB against
+        1.06 (zstd packs the few distinct codes as a dictionary does); staged codes 6 vs 10."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", use_dictionary=False,
                        write_page_checksum=True)
@@ -199,7 +198,7 @@ class TableStore:
                              "or latest")
         if not self.fs.exists(fsio.join(self.version_dir(version), MANIFEST)):
             known = ", ".join(self.versions()[-5:]) or "none"
-            state = ("is not committed (a build running, failed or killed)"
+            state = ("is not committed (a build running, failed or killed, or gc removing it)"
                      if self.fs.exists(self.version_dir(version))
                      else "does not exist (never built, or removed by `semid versions gc`)")
             raise StoreError(f"version {version!r} of table {self.url!r} {state} "
@@ -347,7 +346,7 @@ class TableStore:
             if current is not None and current >= version_id:
                 return False
             self._write_latest(version_id)
-            if self._is_local() or "memory" in self._protocols():
+            if fsio.is_local(self.fs) or "memory" in self._protocols():
                 return True
         for _ in range(3):  # object stores: repair a racing older write, then give up
             time.sleep(0.05)
@@ -364,15 +363,12 @@ class TableStore:
         protocol = self.fs.protocol
         return tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
 
-    def _is_local(self) -> bool:
-        return fsio.is_local(self.fs)
-
     def table_lock(self, on_wait: Callable[[], None] | None = None,
                    ) -> AbstractContextManager[None]:
         """The table's exclusive lock, which `_latest` moves under (and a build chooses its
         version under, `semid_dist.resume`): a lock file on local filesystems, a process-wide
         `threading.Lock` elsewhere (see `advance_latest` for the weaker object-store rule)."""
-        if not self._is_local():
+        if not fsio.is_local(self.fs):
             return process_lock(f"{self.fs.protocol}:{self.base}")
         return file_lock(os.path.join(self.base, LATEST_LOCK), on_wait)
 
