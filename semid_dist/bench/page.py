@@ -35,7 +35,38 @@ def machine_info() -> dict[str, Any]:
             versions[name] = None
     return {"cores": cpu_count(), "cpu_model": model or platform.processor(),
             "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
-            "ram_gib": round(ram, 1), "platform": platform.platform(), "versions": versions}
+            "ram_gib": round(ram, 1), "platform": platform.platform(), "versions": versions,
+            "openblas": openblas_kernels(), "cpu_simd": sorted(flags & {"avx2", "avx512f"})}
+
+
+def openblas_kernels() -> list[dict[str, str]]:
+    """The OpenBLAS libraries loaded here (numpy's; faiss's own, once faiss is imported),
+    each with its version and the kernels it chose for this CPU (`architecture`: an
+    OpenBLAS too old to know the CPU runs its generic `Prescott` ones, several times
+    slower; `OPENBLAS_CORETYPE` overrides the choice)."""
+    from threadpoolctl import threadpool_info
+
+    return [{"file": Path(lib.get("filepath", "")).name, "version": str(lib.get("version")),
+             "architecture": str(lib.get("architecture"))}
+            for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+
+
+def blas_lines(m: dict[str, Any]) -> list[str]:
+    """The page's OpenBLAS line, and a warning where one runs its generic kernels on a CPU
+    with AVX2 or AVX-512 (faiss's then measured below its best: the ratios are of that)."""
+    libs = m.get("openblas") or []
+    if not libs:
+        return []
+    lines = ["- OpenBLAS kernels: " + ", ".join(
+        f"{lib['file']} {lib['version']} {lib['architecture']}" for lib in libs)]
+    simd = m.get("cpu_simd") or []
+    if simd and any(lib["architecture"].lower() == "prescott" for lib in libs):
+        core = "SKYLAKEX" if "avx512f" in simd else "HASWELL"
+        lines.append(f"- **warning**: an OpenBLAS above runs its generic Prescott kernels on a "
+                     f"CPU with {', '.join(simd)} (faiss's, as a rule: it does not know the "
+                     "CPU), so faiss is measured below its best and the ratios against it "
+                     f"are too high; run again with OPENBLAS_CORETYPE={core}")
+    return lines
 
 
 def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
@@ -61,6 +92,7 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
         f"{results['gemm']['torch_gflops']:.1f}, numpy {results['gemm']['numpy_gflops']:.1f}; "
         f"{results['gemm']['size']}^3 sgemm, best of 3)",
     ]
+    lines += blas_lines(m)
     lines += _gpu_lines(results.get("gpu"))
     if results.get("decode"):
         dec = results["decode"]
