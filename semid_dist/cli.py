@@ -223,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from semid_dist.bench.run import run_benchmark
 
     opts = bench_options(quick=args.quick, only=args.only, json_path=args.out_json,
-                         md_path=args.out_md, workdir=args.workdir)
+                         md_path=args.out_md, workdir=args.workdir, blas_as_is=args.blas_as_is)
     results = run_benchmark(opts, echo=not args.json)
     if args.json:
         _print(results["table"], True, "")
@@ -278,6 +278,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--out-md", default="docs/BENCHMARKS.md")
     bn.add_argument("--workdir", help="keep catalogs and versions here (default: a temporary "
                     "directory, removed afterwards)")
+    bn.add_argument("--blas-as-is", action="store_true", help="load faiss's OpenBLAS with the "
+                    "kernels it chooses, generic ones on a CPU it does not know (default: the "
+                    "CPU's, so that faiss is measured at its best)")
     bn.add_argument("--json", action="store_true", help="also print the table as JSON")
     bn.set_defaults(func=cmd_bench)
     return p

@@ -379,26 +379,3 @@ def test_ray_train_fit_times_iterations_per_layer(ray_session):
     # exact data-parallel Lloyd: 1 and 2 workers reach the same codebooks from the same start
     for a, b in zip(runs[0]["codebooks"], runs[1]["codebooks"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_the_page_names_each_openblas_kernel_choice_and_warns_of_generic_ones():
-    """faiss's bundled OpenBLAS runs its generic Prescott kernels on a CPU it does not know
-    (2.4x slower faiss flat search on one Xeon): the page says which kernels each OpenBLAS
-    chose, and warns, naming the override, where a generic choice would inflate the ratios."""
-    from semid_dist.bench.page import blas_lines, machine_info
-
-    found = machine_info()["openblas"]  # this machine's: numpy's at least
-    assert found and all(set(lib) == {"file", "version", "architecture"} for lib in found)
-    faiss = {"file": "libopenblaso.so", "version": "0.3.15", "architecture": "Prescott"}
-    numpy_ = {"file": "libscipy_openblas64_.so", "version": "0.3.31", "architecture": "SkylakeX"}
-    lines = blas_lines({"openblas": [faiss, numpy_], "cpu_simd": ["avx2", "avx512f"]})
-    assert lines[0] == ("- OpenBLAS kernels: libopenblaso.so 0.3.15 Prescott, "
-                        "libscipy_openblas64_.so 0.3.31 SkylakeX")
-    assert len(lines) == 2 and lines[1].endswith("run again with OPENBLAS_CORETYPE=SKYLAKEX")
-    assert blas_lines({"openblas": [faiss], "cpu_simd": ["avx2"]})[1].endswith(
-        "OPENBLAS_CORETYPE=HASWELL")
-    chosen = dict(faiss, architecture="SkylakeX")  # overridden, or a CPU it knows: no warning
-    assert blas_lines({"openblas": [chosen], "cpu_simd": ["avx2", "avx512f"]}) == [
-        "- OpenBLAS kernels: libopenblaso.so 0.3.15 SkylakeX"]
-    assert blas_lines({"openblas": [faiss], "cpu_simd": []})[1:] == []  # a CPU it fits
-    assert blas_lines({}) == []  # a page of an older run

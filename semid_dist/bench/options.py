@@ -48,6 +48,7 @@ class BenchOptions:
     json_path: str = "docs/benchmarks.json"
     md_path: str = "docs/BENCHMARKS.md"
     command: str = "semid bench"
+    blas_as_is: bool = False  # faiss's OpenBLAS with the kernels it chooses (`blas.py`)
 
     @classmethod
     def full(cls, **over: Any) -> BenchOptions:
@@ -65,7 +66,7 @@ class BenchOptions:
 
 def bench_options(*, quick: bool = False, only: str | None = None,
                   json_path: str = "docs/benchmarks.json", md_path: str = "docs/BENCHMARKS.md",
-                  workdir: str | None = None) -> BenchOptions:
+                  workdir: str | None = None, blas_as_is: bool = False) -> BenchOptions:
     """Options of `semid bench [--quick] [--only a,b] ...` (the command is recorded in the
     report)."""
     from semid_dist.errors import ConfigError
@@ -77,7 +78,7 @@ def bench_options(*, quick: bool = False, only: str | None = None,
         if unknown or not sections:
             what = f"unknown section(s) {unknown}" if unknown else "no section given"
             raise ConfigError(f"--only {only!r}: {what}; choose from {','.join(SECTIONS)}")
-    _check_faiss(sections)
+    _check_faiss(sections, fix_blas=not blas_as_is)
     if Path(json_path).resolve() == Path(md_path).resolve():
         raise ConfigError(f"--out-json and --out-md are both {md_path}: give two files")
     for option, path in (("--out-json", json_path), ("--out-md", md_path)):
@@ -88,10 +89,11 @@ def bench_options(*, quick: bool = False, only: str | None = None,
             Path(workdir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--workdir {workdir}: cannot be made ({exc})") from None
-    command = "semid bench" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
+    command = ("semid bench" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
+               + (" --blas-as-is" if blas_as_is else ""))
     preset = BenchOptions.quick_preset if quick else BenchOptions.full
     return preset(sections=sections, json_path=json_path, md_path=md_path, workdir=workdir,
-                  command=command)
+                  command=command, blas_as_is=blas_as_is)
 
 
 def _check_writable(option: str, path: Path, *, folder: bool) -> None:
@@ -116,17 +118,20 @@ def _check_writable(option: str, path: Path, *, folder: bool) -> None:
                           ) from None
 
 
-def _check_faiss(sections: tuple[str, ...]) -> None:
+def _check_faiss(sections: tuple[str, ...], *, fix_blas: bool) -> None:
     """Fail before measuring anything when a section compares against faiss and this Python
     cannot import it (an extra: `semid_dist[cpu]`, or `[gpu]`), rather than minutes into the
-    run."""
+    run; where it can, load it, with its OpenBLAS's best kernels for this CPU (`fix_blas`:
+    `blas.import_faiss`)."""
+    from semid_dist.bench.blas import import_faiss
     from semid_dist.errors import ConfigError
+    from semid_dist.quantize.cpu_blas import cpuinfo
 
     need = [s for s in sections if s in FAISS_SECTIONS]
     if not need:
         return
     try:
-        import faiss  # noqa: F401
+        import_faiss(set(cpuinfo().get("flags", "").split()), fix=fix_blas)
     except ImportError as exc:
         rest = [s for s in SECTIONS if s not in FAISS_SECTIONS]
         raise ConfigError(

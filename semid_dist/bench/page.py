@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from semid_dist.bench.blas import coretype, forced, is_generic, loaded_openblas
 from semid_dist.bench.report import Row, format_markdown_table, layers_name, rate, summary
 
 
@@ -36,36 +37,31 @@ def machine_info() -> dict[str, Any]:
     return {"cores": cpu_count(), "cpu_model": model or platform.processor(),
             "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
             "ram_gib": round(ram, 1), "platform": platform.platform(), "versions": versions,
-            "openblas": openblas_kernels(), "cpu_simd": sorted(flags & {"avx2", "avx512f"})}
-
-
-def openblas_kernels() -> list[dict[str, str]]:
-    """The OpenBLAS libraries loaded here (numpy's; faiss's own, once faiss is imported),
-    each with its version and the kernels it chose for this CPU (`architecture`: an
-    OpenBLAS too old to know the CPU runs its generic `Prescott` ones, several times
-    slower; `OPENBLAS_CORETYPE` overrides the choice)."""
-    from threadpoolctl import threadpool_info
-
-    return [{"file": Path(lib.get("filepath", "")).name, "version": str(lib.get("version")),
-             "architecture": str(lib.get("architecture"))}
-            for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+            "openblas": loaded_openblas(), "openblas_forced": forced(),
+            "cpu_simd": sorted(flags & {"avx2", "avx512f"})}
 
 
 def blas_lines(m: dict[str, Any]) -> list[str]:
-    """The page's OpenBLAS line, and a warning where one runs its generic kernels on a CPU
-    with AVX2 or AVX-512 (faiss's then measured below its best: the ratios are of that)."""
+    """The page's OpenBLAS line; what the bench set where faiss's runs the generic Prescott
+    kernels on this CPU (`blas.import_faiss`), and a warning where one still runs them on a
+    CPU with AVX2 or AVX-512 (faiss's then measured below its best: the ratios are of that)."""
     libs = m.get("openblas") or []
     if not libs:
         return []
     lines = ["- OpenBLAS kernels: " + ", ".join(
         f"{lib['file']} {lib['version']} {lib['architecture']}" for lib in libs)]
+    lines += [f"- {lib['file']} {lib['version']} (faiss's) does not know this CPU and chose its "
+              f"generic {lib['was']} kernels; the bench loaded it with "
+              f"OPENBLAS_CORETYPE={lib['coretype']}, so faiss is measured at its best "
+              "(`--blas-as-is`: as it loads)" for lib in m.get("openblas_forced") or []]
     simd = m.get("cpu_simd") or []
-    if simd and any(lib["architecture"].lower() == "prescott" for lib in libs):
-        core = "SKYLAKEX" if "avx512f" in simd else "HASWELL"
+    core = coretype(simd)
+    if core and any(is_generic(lib) for lib in libs):
         lines.append(f"- **warning**: an OpenBLAS above runs its generic Prescott kernels on a "
                      f"CPU with {', '.join(simd)} (faiss's, as a rule: it does not know the "
                      "CPU), so faiss is measured below its best and the ratios against it "
-                     f"are too high; run again with OPENBLAS_CORETYPE={core}")
+                     f"are too high; run again without `--blas-as-is`, or with "
+                     f"OPENBLAS_CORETYPE={core}")
     return lines
 
 

@@ -52,7 +52,7 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
                                "load_average": {"start": _load()}}
     log(f"bench: {cores} cores, load average {results['load_average']['start']}")
     for warning in page.blas_lines(results["machine"])[1:]:  # before minutes are spent
-        log("bench: " + warning.removeprefix("- **warning**: "))
+        log("bench: " + warning.removeprefix("- ").removeprefix("**warning**: "))
     results["gemm"] = gemm_ceiling(size=opts.gemm_size)
     log(f"bench: fp32 GEMM ceiling {results['gemm']['gflops']:.1f} GFLOP/s")
     workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="semid-bench-"))
