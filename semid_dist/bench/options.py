@@ -78,11 +78,11 @@ def bench_options(*, quick: bool = False, only: str | None = None,
         if unknown or not sections:
             what = f"unknown section(s) {unknown}" if unknown else "no section given"
             raise ConfigError(f"--only {only!r}: {what}; choose from {','.join(SECTIONS)}")
-    _check_faiss(sections, fix_blas=not blas_as_is)
     if Path(json_path).resolve() == Path(md_path).resolve():
         raise ConfigError(f"--out-json and --out-md are both {md_path}: give two files")
     for option, path in (("--out-json", json_path), ("--out-md", md_path)):
         _check_writable(option, Path(path), folder=False)
+    _check_faiss(sections, fix_blas=not blas_as_is)  # (before --workdir is made)
     if workdir is not None:
         _check_writable("--workdir", Path(workdir), folder=True)
         try:
@@ -122,17 +122,17 @@ def _check_faiss(sections: tuple[str, ...], *, fix_blas: bool) -> None:
     """Fail before measuring anything when a section compares against faiss and this Python
     cannot import it (an extra: `semid_dist[cpu]`, or `[gpu]`), rather than minutes into the
     run; where it can, load it, with its OpenBLAS's best kernels for this CPU (`fix_blas`:
-    `blas.import_faiss`)."""
+    `blas.import_faiss`), whichever sections run (the bench gives faiss its threads)."""
     from semid_dist.bench.blas import import_faiss
     from semid_dist.errors import ConfigError
     from semid_dist.quantize.cpu_blas import cpuinfo
 
     need = [s for s in sections if s in FAISS_SECTIONS]
-    if not need:
-        return
     try:
         import_faiss(set(cpuinfo().get("flags", "").split()), fix=fix_blas)
     except ImportError as exc:
+        if not need:
+            return
         rest = [s for s in SECTIONS if s not in FAISS_SECTIONS]
         raise ConfigError(
             f"the {', '.join(need)} section(s) compare against faiss, which this Python cannot "

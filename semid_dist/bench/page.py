@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from semid_dist.bench.blas import coretype, forced, is_generic, loaded_openblas
+from semid_dist.bench.blas import coretype, is_generic, loaded_openblas, record
 from semid_dist.bench.report import Row, format_markdown_table, layers_name, rate, summary
 
 
@@ -37,31 +37,38 @@ def machine_info() -> dict[str, Any]:
     return {"cores": cpu_count(), "cpu_model": model or platform.processor(),
             "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
             "ram_gib": round(ram, 1), "platform": platform.platform(), "versions": versions,
-            "openblas": loaded_openblas(), "openblas_forced": forced(),
+            "openblas": loaded_openblas(paths=False), "openblas_forced": record()["forced"],
+            "openblas_note": record()["note"],
             "cpu_simd": sorted(flags & {"avx2", "avx512f"})}
 
 
 def blas_lines(m: dict[str, Any]) -> list[str]:
-    """The page's OpenBLAS line; what the bench set where faiss's runs the generic Prescott
-    kernels on this CPU (`blas.import_faiss`), and a warning where one still runs them on a
-    CPU with AVX2 or AVX-512 (faiss's then measured below its best: the ratios are of that)."""
+    """The page's OpenBLAS line; what the bench set where faiss's chose its generic Prescott
+    kernels on this CPU (`blas.import_faiss`), and a warning where one runs them on a CPU
+    with AVX2 or AVX-512 (faiss's then measured below its best: the ratios are of that),
+    with why the bench left them (`openblas_note`) and what to run instead."""
     libs = m.get("openblas") or []
     if not libs:
         return []
     lines = ["- OpenBLAS kernels: " + ", ".join(
         f"{lib['file']} {lib['version']} {lib['architecture']}" for lib in libs)]
-    lines += [f"- {lib['file']} {lib['version']} (faiss's) does not know this CPU and chose its "
-              f"generic {lib['was']} kernels; the bench loaded it with "
-              f"OPENBLAS_CORETYPE={lib['coretype']}, so faiss is measured at its best "
-              "(`--blas-as-is`: as it loads)" for lib in m.get("openblas_forced") or []]
+    for lib in m.get("openblas_forced") or []:
+        done = ("so faiss is measured at its best (pass --blas-as-is to measure it with the "
+                "kernels it chooses)" if not is_generic({"architecture": lib["now"]}) else
+                f"but it still runs its {lib['now']} kernels")
+        lines.append(f"- {lib['file']} {lib['version']} (faiss's) does not know this CPU and "
+                     f"chose its generic {lib['was']} kernels; the bench loaded it with "
+                     f"OPENBLAS_CORETYPE={lib['coretype']}, {done}")
     simd = m.get("cpu_simd") or []
-    core = coretype(simd)
+    core, note = coretype(simd), m.get("openblas_note")
     if core and any(is_generic(lib) for lib in libs):
+        why = f" ({note})" if note else ""
+        advice = ("run again without --blas-as-is" if note == "--blas-as-is" else
+                  f"run again with OPENBLAS_CORETYPE={core}")
         lines.append(f"- **warning**: an OpenBLAS above runs its generic Prescott kernels on a "
                      f"CPU with {', '.join(simd)} (faiss's, as a rule: it does not know the "
-                     "CPU), so faiss is measured below its best and the ratios against it "
-                     f"are too high; run again without `--blas-as-is`, or with "
-                     f"OPENBLAS_CORETYPE={core}")
+                     f"CPU), so faiss is measured below its best and the ratios against it "
+                     f"are too high{why}; {advice}")
     return lines
 
 
@@ -170,7 +177,9 @@ METHOD = """## How each number is measured
   `max_beam_size = 1`, `compute_codes`. Each: one warm-up, then the best of 4 rounds that
   time every method once in turn (so a burst of a neighbour's load or hypervisor steal falls
   on both sides of a ratio), the item count chosen so a run takes about the configured
-  seconds. Threads of torch, numpy's BLAS and faiss's OpenMP = the cores available. Ceiling
+  seconds. Threads of torch, numpy's BLAS and faiss's OpenMP = the cores available; faiss's
+  own OpenBLAS runs the kernels of this CPU's SIMD where it would choose its generic ones
+  (the OpenBLAS lines above; `--blas-as-is` keeps its choice). Ceiling
   items/s = GEMM GFLOP/s / (2 d sum(M_l)). "codes agree" = share of items whose L codes
   equal faiss flat's. "(info) encode fast path" rows time the opt-in
   `encode.precision: bf16` path in the same rounds (a bf16 GEMM ranks the codewords, the
