@@ -25,6 +25,7 @@ from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.stages import JobContext, sample_rows
 
 Log = Callable[[str], None]
+Reused = tuple[str, dict[str, bytes], dict[str, Any]]  # (version id, codebook files, metadata)
 
 
 def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, np.ndarray]:
@@ -81,12 +82,14 @@ def _acrq_split(sample: np.ndarray, popularity: np.ndarray | None, ctx: JobConte
 
 def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
                     store: TableStore, vid: str, log: Log, parent: str | None = None,
+                    reused: Reused | None = None,
                     ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
     """Fit new codebooks (fit.warm_start=parent: starting from the parent's), or
-    (encode.from_version) reuse a committed version's artifact.
+    (encode.from_version) reuse a committed version's artifact (`reused`: as the build's
+    checks read it, else read here).
     Writes the artifact into the new version; returns (files, fit stats, source)."""
     if cfg.encode.from_version:
-        src, blobs, meta = reused_codebooks(store, cfg, ctx.dim)
+        src, blobs, meta = reused or reused_codebooks(store, cfg, ctx.dim)
         log(f"codebooks: reusing version {src} ({list(cfg.quantizer.layers)})"
             + ("; fit.warm_start=parent has no effect: nothing is fit"
                if cfg.fit.warm_start == "parent" else ""))
@@ -114,11 +117,11 @@ def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
     return files, fit_stats, "fit"
 
 
-def reused_codebooks(store: TableStore, cfg: BuildConfig, dim: int,
-                     ) -> tuple[str, dict[str, bytes], dict[str, Any]]:
+def reused_codebooks(store: TableStore, cfg: BuildConfig, dim: int) -> Reused:
     """encode.from_version: (its version id, its codebook files, their metadata), checked
-    against the catalog's dimension and the quantizer settings. The build calls it before it
-    writes anything (so a mismatch writes nothing), and again to copy them."""
+    against the catalog's dimension and the quantizer settings. The build reads them once,
+    before it writes anything (so a mismatch writes nothing: `preflight.check_inputs`), and
+    `build_codebooks` copies what it read."""
     src = store.resolve(cfg.encode.from_version)
     blobs = {n: store.read_bytes(src, f"codebooks/{n}") for n in (ARRAYS_FILE, META_FILE)}
     _, meta = load_artifact(blobs, where=f"codebooks of version {src}")

@@ -196,7 +196,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             plan = plan_catalog(engine.resolve_input(cfg.input.path),
                                 target_rows=cfg.encode.shard_rows)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
-            dim = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
+            dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)
             started.append(vid)
             parent_notes(store, cfg, parent, dim, log)
@@ -208,7 +208,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
             t = time.monotonic()
             files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
-                                                       parent)
+                                                       parent, reused)
             timings["fit_s"] = time.monotonic() - t
             if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
                 engine.warm_up()

@@ -6,10 +6,11 @@ parent's data parts), and what it says of its parent once its version is chosen
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pyarrow as pa
 
-from semid_dist.codebooks import reused_codebooks, warm_start_codebooks
+from semid_dist.codebooks import Reused, reused_codebooks, warm_start_codebooks
 from semid_dist.config import BuildConfig
 from semid_dist.errors import InputError, StoreError
 from semid_dist.io.catalog import CatalogPlan, read_shard
@@ -32,24 +33,33 @@ def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
     raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")
 
 
+class Checked(NamedTuple):
+    """What `check_inputs` found: the catalog's embedding dimension, and with
+    encode.from_version the codebooks the build reuses, as read and checked
+    (`build_codebooks` copies them: the artifact is read once)."""
+
+    dim: int
+    reused: Reused | None
+
+
 def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
-                 parent: str | None) -> int:
-    """The embedding dimension, once the checks that need no version are passed (every
-    file's schema, the GPU settings, the parent's codebooks to warm-start from or the
-    codebooks to reuse, an incremental parent's data parts), so a build they fail writes
-    nothing."""
+                 parent: str | None) -> Checked:
+    """The embedding dimension (and the codebooks to reuse), once the checks that need no
+    version are passed (every file's schema, the GPU settings, the parent's codebooks to
+    warm-start from or the codebooks to reuse, an incremental parent's data parts), so a
+    build they fail writes nothing."""
     check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
                   popularity_column(cfg))
     for stage in gpu_stages(cfg):
         torch_device(cfg, stage)
-    dim = _dimension(plan, cfg)
+    dim, reused = _dimension(plan, cfg), None
     if cfg.encode.from_version:
-        reused_codebooks(store, cfg, dim)
+        reused = reused_codebooks(store, cfg, dim)
     else:
         warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
     if cfg.encode.incremental and parent is not None:  # the parts it will carry are there
         store.check_files(parent, "data")
-    return dim
+    return Checked(dim, reused)
 
 
 def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: int,

@@ -159,8 +159,13 @@ def test_catalog_and_table_on_s3(s3, bucket, small_catalog, tmp_path, capsys):
     # encode.from_version=latest on S3: reuses the codebooks, records the parent; the
     # duplicate check and collision suffixes in buckets of 700 rows, through staging on S3
     logs: list[str] = []
+    before = len(s3.requests(bucket))
     second = build(small_config(catalog, root, encode__from_version="latest",
                                 driver__gather_rows=700), log=logs.append)
+    # the reused codebooks are read once: checked before the version starts, then copied
+    books = f"/{bucket}/tables/sids/versions/{first.version_id}/codebooks/"
+    gets = [p for m, p in s3.requests(bucket)[before:] if m == "GET" and p.startswith(books)]
+    assert sorted(gets) == sorted({*gets}) and len(gets) == 2, gets
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
     assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
     assert not s3.fs.exists(f"{bucket}/tables/sids/versions/{second.version_id}/_staging")
