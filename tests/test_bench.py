@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 from semid_dist.bench import page, report
 from semid_dist.bench.options import BenchOptions, bench_options
+from semid_dist.bench.page import code_line
 from semid_dist.bench.run import run_benchmark
 from semid_dist.cli import cmd_bench, parser
 from semid_dist.errors import ConfigError
@@ -305,7 +308,7 @@ def test_quick_mode_end_to_end(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["quick"] is True
     for key in ("date", "command", "machine", "gemm", "kernels", "e2e", "decode", "fit", "rss",
-                "table", "load_average", "runtime_s"):
+                "table", "load_average", "runtime_s", "code"):
         assert key in data, key
     assert {"cores", "cpu_model", "ram_gib", "versions", "openblas"} <= set(data["machine"])
     (kernel,) = data["kernels"]
@@ -349,6 +352,7 @@ def test_quick_mode_end_to_end(tmp_path):
         assert data["gpu"] == {"skipped": "no CUDA device"} and "- GPU: none" in md
     assert md.startswith("# Benchmarks") and "| benchmark | config |" in md
     assert "## Targets:" in md and "quick mode" in md
+    assert code_line(data["code"])[0] in md.splitlines()
     assert "encode stage of each run (the best counts): local " in md
     assert "Encode workers' time per shard, by step" in md
     for engine in engines:
@@ -379,3 +383,39 @@ def test_ray_train_fit_times_iterations_per_layer(ray_session):
     # exact data-parallel Lloyd: 1 and 2 workers reach the same codebooks from the same start
     for a, b in zip(runs[0]["codebooks"], runs[1]["codebooks"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_page_names_the_code_that_ran(tmp_path):
+    """The page and JSON name semid_dist's version and, run from a checkout of its own, the
+    commit and whether tracked files differ; a copy outside one (or inside another
+    repository) names no commit."""
+    from semid_dist.bench.page import code_version
+
+    root = str(Path(page.__file__).resolve().parents[2])  # the checkout this test runs in
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    code = code_version()
+    if os.path.isdir(os.path.join(root, ".git")):
+        assert code["commit"] == git("rev-parse", "--short=7", "HEAD")
+        assert code["changed"] == bool(git("status", "--porcelain", "--untracked-files=no"))
+    other = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    for where in (tmp_path / "plain", other / "lib"):
+        shutil.copytree(os.path.join(root, "semid_dist"), where / "semid_dist",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        seen = subprocess.run(
+            [sys.executable, "-c", "import json; from semid_dist.bench.page import code_version;"
+             " print(json.dumps(code_version()))"], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONPATH": str(where)}, cwd=tmp_path)
+        assert json.loads(seen.stdout) == {"version": code["version"], "commit": None,
+                                           "changed": None}
+    assert code_line({"version": "0.1.0", "commit": "abc1234", "changed": False}) == [
+        "- code: semid_dist 0.1.0, commit abc1234"]
+    assert code_line({"version": "0.1.0", "commit": "abc1234", "changed": True}) == [
+        "- code: semid_dist 0.1.0, commit abc1234, with uncommitted changes"]
+    assert code_line({"version": "0.1.0", "commit": None, "changed": None}) == [
+        "- code: semid_dist 0.1.0, not a git checkout"]
+    assert code_line(None) == []

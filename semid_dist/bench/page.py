@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,42 @@ def machine_info() -> dict[str, Any]:
             "openblas": loaded_openblas(paths=False), "openblas_forced": record()["forced"],
             "openblas_note": record()["note"],
             "cpu_simd": sorted(flags & {"avx2", "avx512f"})}
+
+
+def code_version() -> dict[str, Any]:
+    """The semid_dist that runs the bench: its version, and where it runs from a git
+    checkout of its own (an editable install), the commit and whether tracked files differ
+    from it; `commit` None elsewhere (an installed package)."""
+    import semid_dist
+
+    root = Path(semid_dist.__file__).resolve().parent.parent
+    info: dict[str, Any] = {"version": semid_dist.__version__, "commit": None, "changed": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                 text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")  # (a package inside another repository: none)
+    if top is None or Path(top).resolve() != root:
+        return info
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    info.update(commit=git("rev-parse", "--short=7", "HEAD"),
+                changed=None if changes is None else bool(changes))
+    return info
+
+
+def code_line(code: dict[str, Any] | None) -> list[str]:
+    """The page's line naming the code that ran (none on a page of an older run)."""
+    if not code:
+        return []
+    where = "not a git checkout" if code.get("commit") is None else (
+        f"commit {code['commit']}" + (", with uncommitted changes" if code.get("changed")
+                                      else ""))
+    return [f"- code: semid_dist {code['version']}, {where}"]
 
 
 def blas_lines(m: dict[str, Any]) -> list[str]:
@@ -89,6 +126,7 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
         f"{m['platform']}; native bf16: "
         f"{', '.join(m.get('cpu_bf16') or []) or 'none found'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        *code_line(results.get("code")),
         "- load average (1 min): " + ", ".join(f"{k} {v}" for k, v in load.items())
         + f"; total runtime {results.get('runtime_s', 0):.0f} s",
         f"- fp32 GEMM ceiling: {results['gemm']['gflops']:.1f} GFLOP/s (torch "

@@ -49,6 +49,7 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
     results: dict[str, Any] = {"date": _now(), "command": opts.command, "quick": opts.quick,
                                "options": _plain_options(opts),
                                "machine": page.machine_info(),
+                               "code": page.code_version(),
                                "load_average": {"start": _load()}}
     log(f"bench: {cores} cores, load average {results['load_average']['start']}")
     for warning in page.blas_lines(results["machine"])[1:]:  # before minutes are spent
