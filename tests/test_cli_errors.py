@@ -193,25 +193,31 @@ def _log_until(proc: subprocess.Popen, step: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("engine, background", [("local", False), ("spark", False),
-                                                ("spark", True), ("ray", True)])
+@pytest.mark.parametrize("engine, background, group", [
+    ("local", False, False), ("spark", False, False), ("spark", True, False),
+    ("spark", False, True), ("ray", True, False)])
 def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, engine,
-                                                                    background):
+                                                                    background, group):
     """`ray job stop`, `timeout` and schedulers cancel with SIGTERM: the build stops as on
     Ctrl-C, says so in one line, status 143, and gives its version up (it was the default
     death: no line; on Ray, `ray.init`'s own handler: `sys.exit(15)` and a C++ stack dump).
     `background`: started as a shell's background job is, SIGINT ignored (on Spark the
-    engine's guard then stands for the SIGTERM alone: no Py4J traceback)."""
+    engine's guard then stands for the SIGTERM alone: no Py4J traceback). `group`: the
+    SIGTERM goes to the whole process group, as `timeout` sends it, so Spark's driver JVM
+    dies at once too (the session's stop then failed on the gone JVM: a traceback, status 1)."""
     pytest.importorskip({"spark": "pyspark", "ray": "ray"}.get(engine, "semid_dist"))
     command = _small_build(tmp_path, engine, 6000)
     background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO, preexec_fn=background)
+                            text=True, cwd=REPO, preexec_fn=background, start_new_session=group)
     watchdog = threading.Timer(180, proc.kill)
     watchdog.start()
     try:
         err = _log_until(proc, "encode:")
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
         proc.wait(timeout=120)
     finally:

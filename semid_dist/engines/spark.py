@@ -261,7 +261,8 @@ class SparkEngine(LocalEngine):
                 self._warm.join(timeout=60)
             if self._started:
                 self._started = False
-                self.spark.stop()
+                if not session.stop_session(self.spark):
+                    self.log("spark: the driver JVM was gone before the session stopped")
         except BaseException:
             if guard is not None:
                 guard.release(raise_pending=False)
@@ -320,7 +321,7 @@ class SparkEngine(LocalEngine):
             with task_errors():
                 return rdd.flatMap(run_items).collect()
         finally:
-            shared_bc.unpersist()
+            session.unpersist(shared_bc)
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
         """One `mapInArrow` task per shard, in waves (`encode_waves`): a Spark job collects
@@ -374,4 +375,4 @@ class SparkEngine(LocalEngine):
                         wait(running, timeout=1.0)
                     raise
         finally:
-            ctx_bc.unpersist()
+            session.unpersist(ctx_bc)

@@ -82,9 +82,27 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         _check_master_reachable(master)
     with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
         try:
-            return builder.getOrCreate(), True
+            spark = builder.getOrCreate()
         except Exception as exc:  # the JVM or the master refused this session's settings
             raise ConfigError(_start_error(cfg, master, exc)) from exc
+    _quiet_accumulator_server(spark.sparkContext)
+    return spark, True
+
+
+def _quiet_accumulator_server(sc: SparkContext) -> None:
+    """pyspark's accumulator server prints a traceback of its own (`EOFError`) when the
+    driver JVM it serves dies connected to it (killed with the build's process group); the
+    build says what happened. Its other errors print as before."""
+    server = getattr(sc, "_accumulatorServer", None)
+    if server is None:
+        return
+    default = server.handle_error
+
+    def handle_error(request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (EOFError, ConnectionError)):
+            default(request, client_address)
+
+    server.handle_error = handle_error
 
 
 def _start_error(cfg: BuildConfig, master: str | None, exc: BaseException) -> str:
@@ -309,3 +327,39 @@ def claim_interrupt() -> bool:
     """True once where a Ctrl-C came while the engine runs and no KeyboardInterrupt was
     raised for it yet (`InterruptGuard.claim`): the caller raises it."""
     return _GUARD is not None and _GUARD.claim()
+
+
+def unpersist(broadcast: Any) -> None:
+    """Drop a broadcast's copies on the executors; nothing where the driver JVM is gone
+    already (`stop_session`: the build's own error or interrupt then goes on unhidden)."""
+    from py4j.protocol import Py4JNetworkError
+
+    with suppress(Py4JNetworkError, ConnectionError, EOFError):
+        broadcast.unpersist()
+
+
+def stop_session(spark: SparkSession) -> bool:
+    """Stop a session this engine started; False where its driver JVM could not be reached
+    (gone already: killed with the build's process group, as `timeout` and schedulers send
+    SIGTERM, or crashed), when there is nothing left to stop: pyspark's records of the
+    session are cleared instead (a later session in this process starts a new JVM) and no
+    error is raised, which would hide the build's own (its interrupt: a traceback, status 1)."""
+    from py4j.protocol import Py4JNetworkError
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    try:
+        spark.stop()
+        return True
+    except (Py4JNetworkError, ConnectionError, EOFError):
+        pass
+    sc = spark.sparkContext
+    server, sc._accumulatorServer = getattr(sc, "_accumulatorServer", None), None
+    if server is not None:
+        with suppress(Exception):
+            server.shutdown()
+    with SparkContext._lock:  # (pyspark's own stop clears these once the JVM has answered)
+        SparkContext._active_spark_context = None
+        SparkContext._gateway = SparkContext._jvm = None
+    SparkSession._instantiatedSession = SparkSession._activeSession = None
+    return False

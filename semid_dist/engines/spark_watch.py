@@ -43,6 +43,7 @@ class ExecutorWatch:
 
     def _run(self) -> None:
         since, said = None, False  # since when a stage waits with no executor
+        had = False  # an executor was registered before (the wait is then for a lost one's)
         while not self._stop.wait(POLL_S):
             try:
                 count, active = self._poll()
@@ -53,13 +54,14 @@ class ExecutorWatch:
             if count > 0 and said:
                 self.log(f"spark: {count} executor{'s' * (count > 1)} registered; the build "
                          "goes on")
+            had = had or count > 0
             if count > 0 or not active:
                 since, said = None, False
                 continue
             since = time.monotonic() if since is None else since
             if not said and time.monotonic() - since >= self.notice_s:
                 said = True
-                self.log(self._notice())
+                self.log(notice(self.sc.master, self.notice_s, lost=had))
 
     def _poll(self) -> tuple[int, bool]:
         """(registered executors, whether a stage is active)."""
@@ -68,15 +70,20 @@ class ExecutorWatch:
         return (len(jvm_tracker.getExecutorInfos()) - 1,
                 bool(self.sc.statusTracker().getActiveStageIds()))
 
-    def _notice(self) -> str:
-        fix = ("start a worker, or check that the cluster's workers have the cores and memory "
-               if self.standalone else
-               "the cluster manager has granted none yet: check its queue and capacity, and "
-               "that it can grant the cores and memory ")
-        return (f"spark: no executor has registered with master {self.sc.master} for "
-                f"{self.notice_s:.0f} s; the build waits for one (Spark's own wait): {fix}"
-                "this job asks for (spark.executor.cores, spark.executor.memory); Ctrl-C "
-                "stops the build")
+
+def notice(master: str, wait_s: float, *, lost: bool) -> str:
+    """The line for a job of the build that has waited `wait_s` seconds with no executor;
+    `lost`: the build had executors, and lost the last (its worker gone)."""
+    standalone = master.startswith("spark://")
+    fix = ("start a worker, or check that the cluster's workers have the cores and memory "
+           if standalone else
+           "the cluster manager has granted none yet: check its queue and capacity, and "
+           "that it can grant the cores and memory ")
+    what = (f"the build's last executor was lost and none has registered with master "
+            f"{master} since, for {wait_s:.0f} s" if lost else
+            f"no executor has registered with master {master} for {wait_s:.0f} s")
+    return (f"spark: {what}; the build waits for one (Spark's own wait): {fix}this job asks "
+            "for (spark.executor.cores, spark.executor.memory); Ctrl-C stops the build")
 
 
 def watch_executors(sc: SparkContext, log: Callable[[str], None]) -> ExecutorWatch | None:
