@@ -747,3 +747,38 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
     finally:
         signal.signal(signal.SIGINT, pysparks)
         sc.setLogLevel("ERROR")
+
+
+def test_a_session_whose_driver_jvm_is_gone_stops_and_a_new_one_starts():
+    """The driver JVM killed under a session (the build's process group killed by `timeout`):
+    stopping it raises nothing and no pyspark warning, and a later session in the same
+    Python starts a new JVM and runs; a live session stops as before."""
+    pytest.importorskip("pyspark")
+    script = """
+import json, warnings
+warnings.simplefilter("error")
+from pyspark import SparkContext
+from pyspark.sql import SparkSession
+from semid_dist.engines.spark_session import stop_session
+
+def start():
+    return (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+            .getOrCreate())
+
+spark = start()
+jvm = SparkContext._gateway.proc
+jvm.kill()
+jvm.wait()
+gone = stop_session(spark)
+again = start()
+print(json.dumps({"gone_stopped": gone, "count": again.range(3).count(),
+                  "new_jvm": SparkContext._gateway.proc.pid != jvm.pid,
+                  "live_stopped": stop_session(again)}))
+"""
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+        "gone_stopped": False, "count": 3, "new_jvm": True, "live_stopped": True}
+    assert "Traceback" not in run.stderr and "Warning" not in run.stderr, run.stderr[-3000:]

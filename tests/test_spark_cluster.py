@@ -129,19 +129,3 @@ def test_a_build_waiting_for_executors_says_so_and_goes_on_when_a_worker_joins(t
     reference = TableStore(str(tmp_path / "local"), "sids").read_data().sort_by("item_id")
     columns = ["item_id", "codes", "sid", "suffix"]
     assert ours.num_rows == 3000 and ours.select(columns).equals(reference.select(columns))
-
-
-def test_the_wait_notice_says_whether_the_build_lost_its_executors():
-    """A worker lost mid-build (its executors with it) is not "none has registered": the
-    line says the last one was lost; off standalone clusters the fix is the manager's."""
-    from semid_dist.engines.spark_watch import notice
-
-    lost = notice("spark://10.0.0.5:7077", 15, lost=True)
-    assert lost.startswith("spark: the build's last executor was lost and none has registered "
-                           "with master spark://10.0.0.5:7077 since, for 15 s; the build waits "
-                           "for one (Spark's own wait): start a worker")
-    never = notice("yarn", 60, lost=False)
-    assert never.startswith("spark: no executor has registered with master yarn for 60 s; the "
-                            "build waits for one (Spark's own wait): the cluster manager has "
-                            "granted none yet")
-    assert all(line.endswith("Ctrl-C stops the build") for line in (lost, never))

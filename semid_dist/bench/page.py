@@ -63,7 +63,7 @@ def code_version() -> dict[str, Any]:
     top = git("rev-parse", "--show-toplevel")  # (a package inside another repository: none)
     if top is None or Path(top).resolve() != root:
         return info
-    changes = git("status", "--porcelain", "--untracked-files=no")
+    changes = git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
     info.update(commit=git("rev-parse", "--short=7", "HEAD"),
                 changed=None if changes is None else bool(changes))
     return info

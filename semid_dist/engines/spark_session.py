@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -341,25 +342,54 @@ def unpersist(broadcast: Any) -> None:
 def stop_session(spark: SparkSession) -> bool:
     """Stop a session this engine started; False where its driver JVM could not be reached
     (gone already: killed with the build's process group, as `timeout` and schedulers send
-    SIGTERM, or crashed), when there is nothing left to stop: pyspark's records of the
-    session are cleared instead (a later session in this process starts a new JVM) and no
-    error is raised, which would hide the build's own (its interrupt: a traceback, status 1)."""
+    SIGTERM, or crashed), when there is nothing left to stop: a JVM still in its shutdown
+    is waited for (killed past `JVM_EXIT_S`), pyspark's records of the session are cleared
+    (a later session in this process starts a new JVM), and no error or pyspark warning is
+    raised, which would hide the build's own (its interrupt: a traceback, status 1)."""
     from py4j.protocol import Py4JNetworkError
     from pyspark import SparkContext
-    from pyspark.sql import SparkSession
+    from pyspark.sql import SparkSession, SQLContext
 
-    try:
-        spark.stop()
+    gateway = SparkContext._gateway
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            spark.stop()
+            gone = False
+        except (Py4JNetworkError, ConnectionError, EOFError):
+            gone = True
+    for warning in caught:  # pyspark's own, where its stop of the context found the JVM gone
+        if "Unable to cleanly shutdown Spark JVM" in str(warning.message):
+            gone = True
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+    if not gone:
         return True
-    except (Py4JNetworkError, ConnectionError, EOFError):
-        pass
-    sc = spark.sparkContext
-    server, sc._accumulatorServer = getattr(sc, "_accumulatorServer", None), None
-    if server is not None:
-        with suppress(Exception):
-            server.shutdown()
+    _end_jvm(getattr(gateway, "proc", None))
+    with suppress(Exception):
+        gateway.close()
     with SparkContext._lock:  # (pyspark's own stop clears these once the JVM has answered)
         SparkContext._active_spark_context = None
         SparkContext._gateway = SparkContext._jvm = None
     SparkSession._instantiatedSession = SparkSession._activeSession = None
+    SQLContext._instantiatedContext = None
     return False
+
+
+JVM_EXIT_S = 10.0  # a driver JVM's shutdown hooks after a SIGTERM take ~1 s
+
+
+def _end_jvm(proc: Any) -> None:
+    """The driver JVM this process launched (pyspark's `gateway.proc`) exited: waited for
+    while it runs its shutdown hooks, killed if it is still there past `JVM_EXIT_S`."""
+    if proc is None:  # (a JVM this process did not launch: spark-submit's)
+        return
+    try:
+        proc.wait(timeout=JVM_EXIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdin is not None:  # (the pipe pyspark keeps open to it)
+        with suppress(OSError):
+            proc.stdin.close()

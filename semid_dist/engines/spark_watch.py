@@ -73,13 +73,15 @@ class ExecutorWatch:
 
 def notice(master: str, wait_s: float, *, lost: bool) -> str:
     """The line for a job of the build that has waited `wait_s` seconds with no executor;
-    `lost`: the build had executors, and lost the last (its worker gone)."""
+    `lost`: the build had executors, and lost the last (its worker gone; or, off standalone
+    clusters, dynamic allocation released it)."""
     standalone = master.startswith("spark://")
     fix = ("start a worker, or check that the cluster's workers have the cores and memory "
            if standalone else
            "the cluster manager has granted none yet: check its queue and capacity, and "
            "that it can grant the cores and memory ")
-    what = (f"the build's last executor was lost and none has registered with master "
+    gone = "lost" if standalone else "lost or released"  # (dynamic allocation releases)
+    what = (f"the build's last executor was {gone} and none has registered with master "
             f"{master} since, for {wait_s:.0f} s" if lost else
             f"no executor has registered with master {master} for {wait_s:.0f} s")
     return (f"spark: {what}; the build waits for one (Spark's own wait): {fix}this job asks "
