@@ -28,6 +28,7 @@ def machine_info() -> dict[str, Any]:
     info = cpuinfo()
     model, flags = info.get("model name", ""), set(info.get("flags", "").split())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    blas = record()  # what the bench set when it loaded faiss (`blas.import_faiss`)
     versions = {"python": platform.python_version(), "numpy": numpy.__version__,
                 "torch": torch.__version__, "pyarrow": pyarrow.__version__}
     for name in ("faiss", "ray", "pyspark"):
@@ -38,8 +39,8 @@ def machine_info() -> dict[str, Any]:
     return {"cores": cpu_count(), "cpu_model": model or platform.processor(),
             "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
             "ram_gib": round(ram, 1), "platform": platform.platform(), "versions": versions,
-            "openblas": loaded_openblas(paths=False), "openblas_forced": record()["forced"],
-            "openblas_note": record()["note"],
+            "openblas": loaded_openblas(paths=False), "openblas_forced": blas["forced"],
+            "openblas_note": blas["note"],
             "cpu_simd": sorted(flags & {"avx2", "avx512f"})}
 
 
