@@ -60,7 +60,10 @@ def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
     for i, res in enumerate(results(), 1):
         stats.arrived(res["index"])
         tally.add(res)
-        if i == len(plan.shards) or i % max(1, len(plan.shards) // 10) == 0:
+        # progress at every tenth of the shards this run encodes (the interrupted run's are
+        # counted at once: the line above says how many), and the totals at the end
+        if i == len(plan.shards) or (i > len(done)
+                                     and i % max(1, len(plan.shards) // 10) == 0):
             log(f"encode: {i}/{len(plan.shards)} shards, {tally.counts['encoded']} rows "
                 f"encoded, {tally.counts['rejected']} rejected")
     stats.check_complete()

@@ -92,10 +92,14 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
     steps = [k for k in timings if k.startswith("encode_worker_")]
     if point in ("reduce", "commit"):
         assert "6 shards done by the interrupted run, 0 to go" in resumed.stderr
+        assert "encode: 6/6 shards" in resumed.stderr and "encode: 5/6" not in resumed.stderr
         # no shard was encoded by this run: no worker time is counted for the others
         assert steps == [] and "worker time per shard" not in resumed.stderr
     if point == "encode":
         assert "2 shards done by the interrupted run, 4 to go" in resumed.stderr
+        # progress lines for the shards this run encodes, not the interrupted run's
+        assert "encode: 2/6 shards" not in resumed.stderr
+        assert "encode: 3/6 shards" in resumed.stderr
         assert "encode: worker time per shard (4 shards): read " in resumed.stderr
     if point in ("fit", "encode"):
         assert steps == [f"encode_worker_{s}_s" for s in STEPS]

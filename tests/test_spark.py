@@ -99,6 +99,7 @@ def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path)
     logs: list[str] = []
     spark = build(small_config(catalog, root, engine="spark", driver__gather_rows=700,
                                encode__from_version=fitted.version_id, **over), log=logs.append)
+    assert logs[0].startswith("spark: master local[2], 2 task slots, existing session ")
     assert any("colliding items in" in m and "key ranges" in m for m in logs)
     assert any("ids for duplicates in" in m and "hash buckets" in m for m in logs)
     assert any("more pass(es) over the popularity column" in m and "took 0" not in m

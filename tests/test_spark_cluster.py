@@ -116,6 +116,9 @@ def test_a_build_waiting_for_executors_says_so_and_goes_on_when_a_worker_joins(t
             watchdog.cancel()
             proc.kill()
         assert "spark: 1 executor registered; the build goes on" in err, err[-3000:]
+        # no executor yet when the session starts: a cluster's figure is not task slots
+        assert (f"spark: master spark://127.0.0.1:{port}, default parallelism 2, new session "
+                in err), err[:3000]
         assert err.count("no executor has registered") == 1
     finally:
         for daemon in (worker, master):

@@ -228,6 +228,15 @@ def warm_up(spark: SparkSession) -> threading.Thread:
     return thread
 
 
+def slots_text(master: str, parallelism: int) -> str:
+    """The session's start line's word on its parallelism: a local master's is its task
+    slots; a cluster's default parallelism is its executors' cores registered so far, but at
+    least 2 (a 1-core worker reads "default parallelism 2")."""
+    if master.startswith("local"):
+        return f"{parallelism} task slot{'s' if parallelism != 1 else ''}"
+    return f"default parallelism {parallelism}"
+
+
 class SparkEngine(LocalEngine):
     """`map` runs one Spark task per item; `encode` one `mapInArrow` task per shard; `fit`
     is the local engine's (the sample is already on the driver)."""
@@ -246,7 +255,7 @@ class SparkEngine(LocalEngine):
         sc = self.spark.sparkContext
         self._guard = session.guard_interrupts(sc, before, self._started)
         self._warm: threading.Thread | None = None
-        log(f"spark: master {sc.master}, {sc.defaultParallelism} task slots, "
+        log(f"spark: master {sc.master}, {slots_text(sc.master, sc.defaultParallelism)}, "
             f"{'new' if self._started else 'existing'} session {sc.applicationId}")
         self._watch = watch_executors(sc, log)  # a line when a job waits for executors
 
