@@ -783,3 +783,45 @@ print(json.dumps({"gone_stopped": gone, "count": again.range(3).count(),
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {
         "gone_stopped": False, "count": 3, "new_jvm": True, "live_stopped": True}
     assert "Traceback" not in run.stderr and "Warning" not in run.stderr, run.stderr[-3000:]
+
+
+def test_a_session_stopped_under_running_tasks_lets_them_end_first():
+    """A build stopped by an error or Ctrl-C stops its session while the cancelled tasks of
+    the job it waited on may still run: stopped under them, Spark logged an ERROR with a
+    stack trace as each ended (a dropped broadcast block, or no SparkEnv left). The stop
+    cancels the jobs and waits for the tasks to end first, then stops: no ERROR."""
+    pytest.importorskip("pyspark")
+    script = """
+import json, threading, time
+from pyspark.sql import SparkSession
+from semid_dist.engines.spark_session import stop_session
+
+spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
+         .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+sc = spark.sparkContext
+shared = sc.broadcast(list(range(1000)))
+
+def slow(rows):
+    import time
+    size = len(shared.value)  # the task holds the broadcast's block until it ends
+    time.sleep(3)
+    yield size
+
+def job():
+    try:
+        sc.parallelize(range(2), 2).mapPartitions(slow).collect()
+    except Exception:
+        pass
+
+threading.Thread(target=job, daemon=True).start()
+while not sc.statusTracker().getActiveStageIds():
+    time.sleep(0.05)
+time.sleep(1.0)  # both tasks in their Python workers
+print(json.dumps({"stopped": stop_session(spark)}))
+"""
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"stopped": True}
+    assert " ERROR " not in run.stderr and "Exception" not in run.stderr, run.stderr[-3000:]

@@ -326,11 +326,10 @@ class SparkEngine(LocalEngine):
             settle_worker()
             return [fn(*resolve(item, shared_bc.value)) for item in run]
 
-        try:
-            with task_errors():
-                return rdd.flatMap(run_items).collect()
-        finally:
-            session.unpersist(shared_bc)
+        with task_errors():
+            results = rdd.flatMap(run_items).collect()
+        session.unpersist(shared_bc)  # (a failed job's broadcast: see `session.unpersist`)
+        return results
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
         """One `mapInArrow` task per shard, in waves (`encode_waves`): a Spark job collects
@@ -367,21 +366,19 @@ class SparkEngine(LocalEngine):
             return None if stopped.is_set() else df.toArrow()
 
         waves = iter(encode_waves(shards, sc.defaultParallelism))
-        try:
-            with task_errors(), ThreadPoolExecutor(2, "semid-spark-encode") as pool:
-                running = deque(pool.submit(run, frame(w)) for w in islice(waves, 2))
-                try:
-                    while running:
-                        table = _oldest_wave(running)
-                        running.extend(pool.submit(run, frame(w)) for w in islice(waves, 1))
-                        for blob in table.column("result").to_pylist():
-                            yield pickle.loads(blob)
-                except BaseException:  # a failed wave, or the caller stopped
-                    stopped.set()
-                    while not all(f.done() for f in running):  # a job may start after a cancel
-                        with suppress(Exception):  # keep the first error
-                            sc.cancelJobsWithTag(tag)
-                        wait(running, timeout=1.0)
-                    raise
-        finally:
-            session.unpersist(ctx_bc)
+        with task_errors(), ThreadPoolExecutor(2, "semid-spark-encode") as pool:
+            running = deque(pool.submit(run, frame(w)) for w in islice(waves, 2))
+            try:
+                while running:
+                    table = _oldest_wave(running)
+                    running.extend(pool.submit(run, frame(w)) for w in islice(waves, 1))
+                    for blob in table.column("result").to_pylist():
+                        yield pickle.loads(blob)
+            except BaseException:  # a failed wave, or the caller stopped
+                stopped.set()
+                while not all(f.done() for f in running):  # a job may start after a cancel
+                    with suppress(Exception):  # keep the first error
+                        sc.cancelJobsWithTag(tag)
+                    wait(running, timeout=1.0)
+                raise
+        session.unpersist(ctx_bc)  # (a stopped stage's broadcast: see `session.unpersist`)

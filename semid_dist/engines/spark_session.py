@@ -332,7 +332,14 @@ def claim_interrupt() -> bool:
 
 def unpersist(broadcast: Any) -> None:
     """Drop a broadcast's copies on the executors; nothing where the driver JVM is gone
-    already (`stop_session`: the build's own error or interrupt then goes on unhidden)."""
+    already (`stop_session`: the build's own error or interrupt then goes on unhidden).
+
+    Called once the jobs that read it have ended cleanly only. A failed or stopped job's
+    cancelled tasks may still be running when the driver gets its error, and a task that
+    ends after its broadcast was dropped has Spark log an ERROR with a stack trace ("Block
+    broadcast_N does not exist", seen on every Ctrl-C of a local[2] encode stage); such a
+    broadcast is left to the session's stop, or to Spark's cleaner, which drops the
+    broadcasts the driver no longer refers to."""
     from py4j.protocol import Py4JNetworkError
 
     with suppress(Py4JNetworkError, ConnectionError, EOFError):
@@ -354,6 +361,7 @@ def stop_session(spark: SparkSession) -> bool:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            _end_tasks(spark.sparkContext)
             spark.stop()
             gone = False
         except (Py4JNetworkError, ConnectionError, EOFError):
@@ -378,6 +386,24 @@ def stop_session(spark: SparkSession) -> bool:
 
 
 JVM_EXIT_S = 10.0  # a driver JVM's shutdown hooks after a SIGTERM take ~1 s
+TASKS_END_S = 10.0  # cancelled encode tasks ended within ~2 s (Spark kills a Python worker
+# 2 s after its task was cancelled: spark.python.task.killTimeout)
+
+
+def _end_tasks(sc: SparkContext) -> None:
+    """Cancel the session's jobs and wait (up to `TASKS_END_S`) until its executors run no
+    task. A build stopped by an error or Ctrl-C gets the error while the cancelled tasks of
+    the job it waited on still run; stopped under them, Spark drops the blocks they hold and
+    each logs an ERROR with a stack trace as it ends ("Block broadcast_N does not exist"),
+    seen on a third of the Ctrl-Cs of a local[2] encode stage. A build that ended cleanly has
+    no task running: one call. The count is Spark's status store's (updated as tasks start
+    and forced to the store as an executor's last task ends)."""
+    sc.cancelAllJobs()
+    tracker = sc._jsc.sc().statusTracker()
+    deadline = time.monotonic() + TASKS_END_S
+    while (sum(e.numRunningTasks() for e in tracker.getExecutorInfos())
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
 
 
 def _end_jvm(proc: Any) -> None:
