@@ -1,12 +1,15 @@
 """Compare pruning strategies on one catalog: fit once, re-encode with each strategy.
 
-    python jobs/prune_sweep.py --config conf/demo.yaml [key=value ...]
+    python jobs/prune_sweep.py --config conf/demo.yaml [--root DIR] [key=value ...]
 
 Prints a Markdown table of layer-2 (index 1) Gini after pruning, unique-SID rate, distinct
-SIDs, max items per SID and mean SID length; all versions land in `<output.root>/<table>`.
+SIDs, max items per SID and mean SID length. The builds' versions land under --root (default:
+a temporary directory, removed afterwards), never in the config's own table: a sweep is an
+experiment, and its last version would become that table's `_latest`.
 """
 
 import argparse
+import tempfile
 
 from semid_dist.cli import job_entry
 from semid_dist.config import load_config
@@ -23,21 +26,26 @@ STRATEGIES = [
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
+    p.add_argument("--root", help="output root of the builds (default: a temporary "
+                   "directory, removed afterwards)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     quiet = lambda msg: None  # noqa: E731
-    base = build(load_config(args.config, args.overrides), log=quiet)
-    print("| strategy | layer-2 Gini | layer-2 used | unique-SID rate | distinct SIDs | "
-          "max items/SID | mean SID length |")
-    print("|---|---|---|---|---|---|---|")
-    for name, extra in STRATEGIES:
-        extra = extra or ([f"prune.strategy={name}"] if name != "none" else [])
-        over = [*args.overrides, f"encode.from_version={base.version_id}", *extra]
-        m = build(load_config(args.config, over), log=quiet).metrics
-        l2, col = m["pruning"]["layers_after"][1], m["collisions"]
-        print(f"| {name} | {l2['gini']:.4f} | {l2['used']} | {col['unique_sid_rate']:.4f} | "
-              f"{col['distinct_sids']} | {col['max_items_per_sid']} | "
-              f"{m['pruning']['mean_sid_length']:.3f} |", flush=True)
+    with tempfile.TemporaryDirectory(prefix="semid-prune-sweep-") as tmp:
+        overrides = [*args.overrides, f"output.root={args.root or tmp}"]
+        base = build(load_config(args.config, overrides), log=quiet)
+        print("| strategy | layer-2 Gini | layer-2 used | unique-SID rate | distinct SIDs | "
+              "max items/SID | mean SID length |")
+        print("|---|---|---|---|---|---|---|")
+        for name, extra in STRATEGIES:
+            extra = extra or ([f"prune.strategy={name}"] if name != "none" else [])
+            over = [*overrides, f"encode.from_version={base.version_id}", *extra]
+            m = build(load_config(args.config, over), log=quiet).metrics
+            l2, col = m["pruning"]["layers_after"][1], m["collisions"]
+            print(f"| {name} | {l2['gini']:.4f} | {l2['used']} | "
+                  f"{col['unique_sid_rate']:.4f} | {col['distinct_sids']} | "
+                  f"{col['max_items_per_sid']} | {m['pruning']['mean_sid_length']:.3f} |",
+                  flush=True)
     return 0
 
 

@@ -153,7 +153,7 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
 
     if args.keep is None or args.keep < 0:
         raise ConfigError("semid versions gc needs --keep N (N >= 0: how many of the newest "
-                          "committed versions to keep besides _latest)")
+                          "committed versions to keep; _latest's version is always kept too)")
     if math.isnan(args.min_age_hours) or args.min_age_hours < 0:
         raise ConfigError(f"--min-age-hours {args.min_age_hours:g} must be >= 0 (how many hours "
                           "old an uncommitted version directory must be before gc removes it; "

@@ -58,9 +58,12 @@ def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         drawn = sum(len(rows) for rows in picks.values())
         bad = (f"; {drawn - len(sample)} of the {drawn} rows it drew are bad (rows the encode "
                "rejects: see README's Bad input)" if drawn > len(sample) else "")
+        # the fixes that reach k_max rows: the bad rows only where the drawn rows would
+        more = ("a larger catalog" if drawn == plan.num_rows else "a larger fit.sample_size")
+        fixes = ("fix the catalog's bad rows, or use smaller quantizer.layers" if drawn >= k_max
+                 else f"use smaller quantizer.layers (at most {len(sample)} codes) or {more}")
         raise InputError(f"the fit sample holds {len(sample)} valid rows, fewer than the largest "
-                         f"codebook ({k_max}){bad}; fix the catalog's bad rows, or use smaller "
-                         "quantizer.layers or a larger catalog / fit.sample_size")
+                         f"codebook ({k_max}){bad}; {fixes}")
     log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
     return sample, popularity
 

@@ -301,6 +301,21 @@ def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
+def test_the_gpu_check_on_a_machine_without_a_gpu_says_so_in_one_line(tmp_path):
+    """jobs/gpu_check.sh stops at once without a CUDA GPU, with one line naming why (it ended
+    in `nvidia-smi: command not found` and torch's AssertionError traceback)."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the script runs the GPU checks")
+    run = subprocess.run(["bash", "jobs/gpu_check.sh", str(tmp_path / "out")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable})
+    why = "a CPU build of torch" if torch.version.cuda is None else "sees no CUDA device"
+    assert run.returncode == 1 and run.stdout == "", (run.stdout, run.stderr)
+    assert run.stderr.startswith("gpu_check: no CUDA GPU (") and why in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
     """A mistyped --root or --table: an error, not an empty list (or an empty gc), nor (for
     `semid report`) advice to build a first version."""

@@ -274,3 +274,37 @@ def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
     assert sum(len(pq.read_table(store.entry_path(vid, e))) for e in grouped) == len(want)
     assert lookup(grouped) == want
     assert not store.fs.exists(f"{store.version_dir(vid)}/_staging/sid_items")
+
+
+def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
+    """jobs/prune_sweep.py prints a row per strategy and leaves the config's table alone:
+    its versions go to --root (a temporary directory by default), so the sweep's last
+    version does not become the table's `_latest`."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    catalog, _ = small_catalog
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "local", "seed": 3, "input": {"path": catalog},
+        "output": {"root": str(tmp_path / "table-root"), "table": "sids"},
+        "quantizer": {"layers": LAYERS, "niter": 3}, "fit": {"sample_size": 1000}}))
+    sweep = tmp_path / "sweep-root"
+    run = subprocess.run([sys.executable, "jobs/prune_sweep.py", "--config", str(cfg),
+                          "--root", str(sweep)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in run.stdout.splitlines()[2:]]
+    assert rows == ["none", "drop_layer", "top_k K=4", "top_k K=16", "top_k K=64",
+                    "mass p=0.1", "mass p=0.3", "sarq tau=0.001", "sarq tau=0.0002"]
+    assert not (tmp_path / "table-root").exists()
+    assert len(TableStore(str(sweep), "sids").versions()) == 1 + len(rows)
+    default = subprocess.run([sys.executable, "jobs/prune_sweep.py", "--config", str(cfg),
+                              "quantizer.niter=1"], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert len(default.stdout.splitlines()) == 2 + len(rows)
+    assert not (tmp_path / "table-root").exists()

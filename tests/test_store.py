@@ -150,6 +150,11 @@ def test_resolve_error_messages(root):
                        r"\(a build running, failed or killed, or gc removing it\) \(newest "
                        "committed: "):
         store.resolve(v2)
+    v3 = vid_at(2)
+    files, man = write_version(store, v3)
+    store.commit(v3, man, files)
+    with pytest.raises(StoreError, match=rf"\(newest committed: {v3}, {v1}\)$"):  # newest first
+        store.resolve("20990101T000000Z-abcdef")
 
 
 def test_a_version_given_as_a_path_is_refused(root):

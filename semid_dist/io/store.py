@@ -166,7 +166,7 @@ class TableStore:
             committed = self.versions()
             return committed[-1] if committed else None
         if "/" in named or not self.fs.exists(fsio.join(self.version_dir(named), MANIFEST)):
-            known = ", ".join(self.versions()[-3:][::-1]) or "none"
+            known = ", ".join(self.versions()[-3:][::-1]) or "none"  # newest first
             raise StoreError(f"{fsio.redact_url(self.url)}/{LATEST} names {named[:80]!r}, which "
                              "is not a committed version of the table (the file is damaged or "
                              "was edited); write into it the id of the version to serve "
@@ -197,7 +197,7 @@ class TableStore:
                              "versions list` prints it (e.g. 20261122T020000123456Z-ab12cd), "
                              "or latest")
         if not self.fs.exists(fsio.join(self.version_dir(version), MANIFEST)):
-            known = ", ".join(self.versions()[-5:]) or "none"
+            known = ", ".join(self.versions()[-5:][::-1]) or "none"  # newest first
             state = ("is not committed (a build running, failed or killed, or gc removing it)"
                      if self.fs.exists(self.version_dir(version))
                      else "does not exist (never built, or removed by `semid versions gc`)")
