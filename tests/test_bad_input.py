@@ -702,38 +702,29 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
     assert data.num_rows == N
 
 
-def test_catalog_smaller_than_the_largest_codebook(tmp_path, root):
-    cat = write_catalog(tmp_path / "tiny", base_x()[:12])
-    with pytest.raises(InputError, match=r"holds 12 valid rows, fewer than the largest "
-                                         r"codebook \(16\); use smaller quantizer\.layers \(at "
-                                         r"most 12 codes\) or a larger catalog$"):
-        build(cfg(cat, root, quantizer__layers=[16, 4]), log=quiet)
-    assert nothing_committed(root)
+@pytest.mark.parametrize("rows, bad, over, match", [
+    (12, 0, {}, r"holds 12 valid rows, fewer than the largest codebook \(16\); use smaller "
+                r"quantizer\.layers \(at most 12 codes\) or a larger catalog$"),
     # counted after validation: 20 rows of which 6 are bad leave 14 < 16; fixed, 20 would do
-    x = base_x()[:20]
-    x[:6, 0] = np.nan
-    cat2 = write_catalog(tmp_path / "tiny2", x)
-    with pytest.raises(InputError, match=r"holds 14 valid rows, fewer than the largest codebook "
-                                         r"\(16\); 6 of the 20 rows it drew are bad .*; fix the "
-                                         r"catalog's bad rows, or use smaller quantizer\.layers$"):
-        build(cfg(cat2, root, quantizer__layers=[16, 4], input__max_reject_fraction=0.5),
-              log=quiet)
-    assert nothing_committed(root)
+    (20, 6, {}, r"holds 14 valid rows, fewer than the largest codebook \(16\); 6 of the 20 "
+                r"rows it drew are bad .*; fix the catalog's bad rows, or use smaller "
+                r"quantizer\.layers$"),
     # 12 rows of which 2 are bad: fixing them still leaves 12 < 16, so that is not the fix
-    x = base_x()[:12]
-    x[:2, 0] = np.nan
-    cat3 = write_catalog(tmp_path / "tiny3", x)
-    with pytest.raises(InputError, match=r"holds 10 valid rows, .*2 of the 12 rows it drew are "
-                                         r"bad .*; use smaller quantizer\.layers \(at most 10 "
-                                         r"codes\) or a larger catalog$"):
-        build(cfg(cat3, root, quantizer__layers=[16, 4], input__max_reject_fraction=0.5),
-              log=quiet)
-    assert nothing_committed(root)
+    (12, 2, {}, r"holds 10 valid rows, .*2 of the 12 rows it drew are bad .*; use smaller "
+                r"quantizer\.layers \(at most 10 codes\) or a larger catalog$"),
     # a sample smaller than the codebook, from a catalog that holds enough
-    with pytest.raises(InputError, match=r"holds 10 valid rows, fewer than the largest codebook "
-                                         r"\(16\); use smaller quantizer\.layers \(at most 10 "
-                                         r"codes\) or a larger fit\.sample_size$"):
-        build(cfg(cat, root, quantizer__layers=[16, 4], fit__sample_size=10), log=quiet)
+    (20, 0, {"fit__sample_size": 10}, r"holds 10 valid rows, fewer than the largest codebook "
+                                      r"\(16\); use smaller quantizer\.layers \(at most 10 "
+                                      r"codes\) or a larger fit\.sample_size$")])
+def test_catalog_smaller_than_the_largest_codebook(tmp_path, root, rows, bad, over, match):
+    """The fit sample holds fewer valid rows than the largest codebook: the error names the
+    fixes that would reach it (the bad rows only where fixing them would)."""
+    x = base_x()[:rows]
+    x[:bad, 0] = np.nan
+    cat = write_catalog(tmp_path / "tiny", x)
+    with pytest.raises(InputError, match=match):
+        build(cfg(cat, root, quantizer__layers=[16, 4], input__max_reject_fraction=0.5,
+                  **over), log=quiet)
     assert nothing_committed(root)
 
 
