@@ -17,6 +17,10 @@ from semid_dist.errors import ConfigError, one_line
 from semid_dist.io.fs import tcp_refusal
 from semid_dist.memory import huge_pages, worker_env
 
+# run by each worker process of the embedded Ray as it starts (a module that imports nothing
+# else: Ray's own helper processes run it too)
+WORKER_SETUP = "semid_dist.engines.ray_worker_setup.quiet_state_api_users"
+
 
 def ray_init(cfg: BuildConfig) -> bool:
     """Connect to / start Ray. Returns True when this call started it (so it must stop it)."""
@@ -78,7 +82,8 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
             try:
                 ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                          object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                         configure_logging=False, log_to_driver=True)
+                         configure_logging=False, log_to_driver=True,
+                         runtime_env={"worker_process_setup_hook": WORKER_SETUP})
             except ValueError as exc:  # settings this machine cannot give Ray
                 raise ConfigError(f"ray.num_cpus / ray.object_store_memory_mb: Ray cannot "
                                   f"start here with {cfg.ray.num_cpus or os.cpu_count()} CPUs "
