@@ -10,19 +10,19 @@ out=$(cd "$1" && pwd)
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if command -v nvidia-smi > /dev/null; then nvidia-smi -L; fi
 "$py" - <<'EOF' || exit 1
 import sys
 
 import torch
 
 if not torch.cuda.is_available():
-    why = ("a CPU build of torch" if torch.version.cuda is None else
-           f"torch built for CUDA {torch.version.cuda} sees no CUDA device")
-    sys.exit(f"gpu_check: no CUDA GPU ({why}); run it on a machine with one, with a CUDA "
-             "build of torch")
+    why = ("it is a CPU build" if torch.version.cuda is None else
+           f"built for CUDA {torch.version.cuda}, it finds no CUDA device")
+    sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA GPU ({why}); run it on a "
+             "machine with one, with a CUDA build of torch")
 print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))
 EOF
+if command -v nvidia-smi > /dev/null; then nvidia-smi -L; fi
 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_learned.py \
     2>&1 | tee "$out/gpu_tests.log"
 tests=$?

@@ -5,14 +5,17 @@
 Prints a Markdown table of layer-2 (index 1) Gini after pruning, unique-SID rate, distinct
 SIDs, max items per SID and mean SID length. The builds' versions land under --root (default:
 a temporary directory, removed afterwards), never in the config's own table: a sweep is an
-experiment, and its last version would become that table's `_latest`.
+experiment, and its last version would become that table's `_latest`. Each of the ten
+versions holds a whole SID table (the demo's: ~1 MB each). An engine on a cluster (Ray with
+ray.address, Spark with a master that is not local) needs a --root every worker can reach.
 """
 
 import argparse
 import tempfile
 
 from semid_dist.cli import job_entry
-from semid_dist.config import load_config
+from semid_dist.config import BuildConfig, load_config
+from semid_dist.errors import ConfigError
 from semid_dist.pipeline import build
 
 STRATEGIES = [
@@ -30,6 +33,7 @@ def main(argv: list[str]) -> int:
                    "directory, removed afterwards)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    _check_root(load_config(args.config, args.overrides), args.root, args.overrides)
     quiet = lambda msg: None  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="semid-prune-sweep-") as tmp:
         overrides = [*args.overrides, f"output.root={args.root or tmp}"]
@@ -47,6 +51,20 @@ def main(argv: list[str]) -> int:
                   f"{col['max_items_per_sid']} | {m['pruning']['mean_sid_length']:.3f} |",
                   flush=True)
     return 0
+
+
+def _check_root(cfg: BuildConfig, root: str | None, overrides: list[str]) -> None:
+    """The sweep's output root is --root's: an output.root override would be replaced, and a
+    temporary directory on this machine is no place for a cluster's workers to write."""
+    if any(o.split("=", 1)[0].strip() == "output.root" for o in overrides):
+        raise ConfigError("give the sweep's output root as --root DIR, not "
+                          "output.root= (the config's own table is left alone)")
+    cluster = ((cfg.engine == "ray" and cfg.ray.address) or
+               (cfg.engine == "spark" and not cfg.spark.master.startswith("local")))
+    if cluster and root is None:
+        raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
+                          "--root on storage every worker can reach (s3://..., hdfs://...), "
+                          "not the default temporary directory on this machine")
 
 
 if __name__ == "__main__":

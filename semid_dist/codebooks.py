@@ -58,14 +58,26 @@ def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
         drawn = sum(len(rows) for rows in picks.values())
         bad = (f"; {drawn - len(sample)} of the {drawn} rows it drew are bad (rows the encode "
                "rejects: see README's Bad input)" if drawn > len(sample) else "")
-        # the fixes that reach k_max rows: the bad rows only where the drawn rows would
-        more = ("a larger catalog" if drawn == plan.num_rows else "a larger fit.sample_size")
-        fixes = ("fix the catalog's bad rows, or use smaller quantizer.layers" if drawn >= k_max
-                 else f"use smaller quantizer.layers (at most {len(sample)} codes) or {more}")
-        raise InputError(f"the fit sample holds {len(sample)} valid rows, fewer than the largest "
-                         f"codebook ({k_max}){bad}; {fixes}")
+        rows = f"{len(sample)} valid row{'' if len(sample) == 1 else 's'}"
+        raise InputError(f"the fit sample holds {rows}, fewer than the largest codebook "
+                         f"({k_max}){bad}; "
+                         + ", or ".join(_sample_fixes(len(sample), drawn, plan.num_rows, k_max)))
     log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
     return sample, popularity
+
+
+def _sample_fixes(valid: int, drawn: int, rows: int, k_max: int) -> list[str]:
+    """The fixes that give a fit sample of `valid` rows (of `drawn`, from a catalog of `rows`)
+    a codebook's worth (`k_max`): the bad rows only where the drawn rows would reach it;
+    smaller codebooks where the valid rows make one (a layer has 2 codes or more); a larger
+    sample where the catalog holds enough rows, else a larger catalog."""
+    fixes = ["fix the catalog's bad rows"] if drawn >= k_max else []
+    if valid >= 2:
+        fixes.append(f"use smaller quantizer.layers (at most {valid} codes)")
+    if drawn < k_max:
+        fixes.append("use a larger catalog" if rows < k_max else
+                     f"raise fit.sample_size (to {k_max} or more)")
+    return fixes
 
 
 def _acrq_split(sample: np.ndarray, popularity: np.ndarray | None, ctx: JobContext,

@@ -60,8 +60,8 @@ def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
     for i, res in enumerate(results(), 1):
         stats.arrived(res["index"])
         tally.add(res)
-        # progress at every tenth of the shards this run encodes (the interrupted run's are
-        # counted at once: the line above says how many), and the totals at the end
+        # progress at every tenth of the plan's shards, those the interrupted run did counted
+        # without a line (the line above says how many), and the totals at the end
         if i == len(plan.shards) or (i > len(done)
                                      and i % max(1, len(plan.shards) // 10) == 0):
             log(f"encode: {i}/{len(plan.shards)} shards, {tally.counts['encoded']} rows "

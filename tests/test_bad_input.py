@@ -704,18 +704,24 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
 
 @pytest.mark.parametrize("rows, bad, over, match", [
     (12, 0, {}, r"holds 12 valid rows, fewer than the largest codebook \(16\); use smaller "
-                r"quantizer\.layers \(at most 12 codes\) or a larger catalog$"),
+                r"quantizer\.layers \(at most 12 codes\), or use a larger catalog$"),
     # counted after validation: 20 rows of which 6 are bad leave 14 < 16; fixed, 20 would do
     (20, 6, {}, r"holds 14 valid rows, fewer than the largest codebook \(16\); 6 of the 20 "
                 r"rows it drew are bad .*; fix the catalog's bad rows, or use smaller "
-                r"quantizer\.layers$"),
+                r"quantizer\.layers \(at most 14 codes\)$"),
     # 12 rows of which 2 are bad: fixing them still leaves 12 < 16, so that is not the fix
     (12, 2, {}, r"holds 10 valid rows, .*2 of the 12 rows it drew are bad .*; use smaller "
-                r"quantizer\.layers \(at most 10 codes\) or a larger catalog$"),
+                r"quantizer\.layers \(at most 10 codes\), or use a larger catalog$"),
     # a sample smaller than the codebook, from a catalog that holds enough
     (20, 0, {"fit__sample_size": 10}, r"holds 10 valid rows, fewer than the largest codebook "
                                       r"\(16\); use smaller quantizer\.layers \(at most 10 "
-                                      r"codes\) or a larger fit\.sample_size$")])
+                                      r"codes\), or raise fit\.sample_size \(to 16 or more\)$"),
+    # ... from a catalog that does not: a larger sample would not do
+    (12, 0, {"fit__sample_size": 10}, r"holds 10 valid rows, .*; use smaller quantizer\.layers "
+                                      r"\(at most 10 codes\), or use a larger catalog$"),
+    # one valid row makes no codebook (2 codes at least)
+    (12, 11, {"input__max_reject_fraction": 1.0},
+     r"holds 1 valid row, .*11 of the 12 rows it drew are bad .*; use a larger catalog$")])
 def test_catalog_smaller_than_the_largest_codebook(tmp_path, root, rows, bad, over, match):
     """The fit sample holds fewer valid rows than the largest codebook: the error names the
     fixes that would reach it (the bad rows only where fixing them would)."""
@@ -723,8 +729,8 @@ def test_catalog_smaller_than_the_largest_codebook(tmp_path, root, rows, bad, ov
     x[:bad, 0] = np.nan
     cat = write_catalog(tmp_path / "tiny", x)
     with pytest.raises(InputError, match=match):
-        build(cfg(cat, root, quantizer__layers=[16, 4], input__max_reject_fraction=0.5,
-                  **over), log=quiet)
+        build(cfg(cat, root, **{"quantizer__layers": [16, 4],
+                                "input__max_reject_fraction": 0.5, **over}), log=quiet)
     assert nothing_committed(root)
 
 

@@ -302,17 +302,19 @@ def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
 
 
 def test_the_gpu_check_on_a_machine_without_a_gpu_says_so_in_one_line(tmp_path):
-    """jobs/gpu_check.sh stops at once without a CUDA GPU, with one line naming why (it ended
-    in `nvidia-smi: command not found` and torch's AssertionError traceback)."""
+    """jobs/gpu_check.sh stops at once where torch sees no CUDA GPU (none here, or a CPU build
+    of torch), with one line naming why (it ended in `nvidia-smi: command not found` and
+    torch's AssertionError traceback)."""
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: the script runs the GPU checks")
     run = subprocess.run(["bash", "jobs/gpu_check.sh", str(tmp_path / "out")], cwd=REPO,
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHON": sys.executable})
-    why = "a CPU build of torch" if torch.version.cuda is None else "sees no CUDA device"
+    why = "it is a CPU build" if torch.version.cuda is None else "it finds no CUDA device"
     assert run.returncode == 1 and run.stdout == "", (run.stdout, run.stderr)
-    assert run.stderr.startswith("gpu_check: no CUDA GPU (") and why in run.stderr
+    assert run.stderr.startswith(f"gpu_check: torch {torch.__version__} sees no CUDA GPU (")
+    assert why in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
@@ -332,11 +334,13 @@ def test_a_command_keeps_the_callers_sigint_handler(tmp_path):
     from semid_dist.cli import main
 
     cfg = write(tmp_path / "ok.yaml", GOOD)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert main(["validate", cfg]) == 0
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Python's own handler to start from: a Spark session started earlier in this test
+    # process (tests/test_spark.py's) leaves pyspark's in place
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        assert main(["validate", cfg]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         assert main(["validate", cfg]) == 0
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:

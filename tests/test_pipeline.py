@@ -326,14 +326,15 @@ def test_failed_build_leaves_previous_version_untouched(small_catalog, tmp_path,
 def test_catalog_smaller_than_codebook_is_a_clear_error(tmp_path, root):
     cat = write_catalog(tmp_path / "tiny", clustered(10, 4, seed=0))
     with pytest.raises(InputError, match=r"holds 10 valid rows, fewer than the largest "
-                                         r"codebook \(16\); fix"):
+                                         r"codebook \(16\); use smaller quantizer\.layers"):
         build(small_config(cat, root), log=quiet)
     assert TableStore(root, "sids").latest() is None
     x = clustered(100, 4, seed=0)
     x[:, 0] = np.nan  # every row bad: the message counts them instead of blaming the sizes
     cat = write_catalog(tmp_path / "all_bad", x)
     with pytest.raises(InputError, match=r"holds 0 valid rows, fewer than the largest codebook "
-                                         r"\(16\); 100 of the 100 rows it drew are bad"):
+                                         r"\(16\); 100 of the 100 rows it drew are bad .*; "
+                                         r"fix the catalog's bad rows$"):
         build(small_config(cat, root), log=quiet)
 
 

@@ -4,6 +4,10 @@ tables against brute-force recomputation from the raw codes."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from semid_dist.pipeline import build
 from semid_dist.quantize import decode
 from semid_dist.sid_items import key_radix, sid_items_lookup
 from semid_dist.stages import JobContext, load_codebooks
-from tests.conftest import small_config
+from tests.conftest import REPO, small_config
 
 LAYERS = [16, 8, 8]
 
@@ -278,14 +282,9 @@ def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
 
 def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
     """jobs/prune_sweep.py prints a row per strategy and leaves the config's table alone:
-    its versions go to --root (a temporary directory by default), so the sweep's last
-    version does not become the table's `_latest`."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
+    its versions go to --root (a temporary directory by default, removed after), so the
+    sweep's last version does not become the table's `_latest`; an output.root override, and
+    a cluster engine with no --root, are refused."""
     catalog, _ = small_catalog
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(json.dumps({
@@ -302,9 +301,21 @@ def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
                     "mass p=0.1", "mass p=0.3", "sarq tau=0.001", "sarq tau=0.0002"]
     assert not (tmp_path / "table-root").exists()
     assert len(TableStore(str(sweep), "sids").versions()) == 1 + len(rows)
+    tmp = tmp_path / "tmp"  # the default root: a temporary directory, removed afterwards
+    tmp.mkdir()
     default = subprocess.run([sys.executable, "jobs/prune_sweep.py", "--config", str(cfg),
                               "quantizer.niter=1"], cwd=REPO, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
     assert default.returncode == 0, default.stderr[-3000:]
     assert len(default.stdout.splitlines()) == 2 + len(rows)
-    assert not (tmp_path / "table-root").exists()
+    assert not (tmp_path / "table-root").exists() and list(tmp.iterdir()) == []
+    for over, message in (
+            ("output.root=/elsewhere", "give the sweep's output root as --root DIR, not "
+                                       "output.root="),
+            ("ray.address=auto", "engine ray runs on a cluster here: give --root on storage "
+                                 "every worker can reach")):
+        refused = subprocess.run([sys.executable, "jobs/prune_sweep.py", "--config", str(cfg),
+                                  "engine=ray", over], cwd=REPO, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.startswith(f"prune_sweep.py: error: {message}"), refused.stderr

@@ -789,7 +789,8 @@ def test_a_session_stopped_under_running_tasks_lets_them_end_first():
     """A build stopped by an error or Ctrl-C stops its session while the cancelled tasks of
     the job it waited on may still run: stopped under them, Spark logged an ERROR with a
     stack trace as each ended (a dropped broadcast block, or no SparkEnv left). The stop
-    cancels the jobs and waits for the tasks to end first, then stops: no ERROR."""
+    cancels the jobs and waits for the tasks to end first, then stops: no ERROR. A context
+    Spark stopped already stops without an error."""
     pytest.importorskip("pyspark")
     script = """
 import json, threading, time
@@ -817,11 +818,17 @@ threading.Thread(target=job, daemon=True).start()
 while not sc.statusTracker().getActiveStageIds():
     time.sleep(0.05)
 time.sleep(1.0)  # both tasks in their Python workers
-print(json.dumps({"stopped": stop_session(spark)}))
+stopped = stop_session(spark)
+# a context Spark stopped itself (a master that ended the application): nothing to wait for
+again = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+         .getOrCreate())
+again.sparkContext._jsc.sc().stop()
+print(json.dumps({"stopped": stopped, "stopped_in_the_jvm": stop_session(again)}))
 """
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"stopped": True}
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"stopped": True,
+                                                               "stopped_in_the_jvm": True}
     assert " ERROR " not in run.stderr and "Exception" not in run.stderr, run.stderr[-3000:]

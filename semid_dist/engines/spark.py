@@ -229,10 +229,11 @@ def warm_up(spark: SparkSession) -> threading.Thread:
 
 
 def slots_text(master: str, parallelism: int) -> str:
-    """The session's start line's word on its parallelism: a local master's is its task
-    slots; a cluster's default parallelism is its executors' cores registered so far, but at
-    least 2 (a 1-core worker reads "default parallelism 2")."""
-    if master.startswith("local"):
+    """The session's start line's word on its parallelism: a local master's (local, local[N],
+    local[N, F]) is its task slots; a cluster's default parallelism (local-cluster[...]
+    included) is its executors' cores registered so far, but at least 2 (a 1-core worker
+    reads "default parallelism 2")."""
+    if master == "local" or master.startswith("local["):
         return f"{parallelism} task slot{'s' if parallelism != 1 else ''}"
     return f"default parallelism {parallelism}"
 
@@ -328,7 +329,7 @@ class SparkEngine(LocalEngine):
 
         with task_errors():
             results = rdd.flatMap(run_items).collect()
-        session.unpersist(shared_bc)  # (a failed job's broadcast: see `session.unpersist`)
+        session.unpersist(shared_bc)  # after a clean job only (see `session.unpersist`)
         return results
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
@@ -381,4 +382,4 @@ class SparkEngine(LocalEngine):
                         sc.cancelJobsWithTag(tag)
                     wait(running, timeout=1.0)
                 raise
-        session.unpersist(ctx_bc)  # (a stopped stage's broadcast: see `session.unpersist`)
+        session.unpersist(ctx_bc)  # after a clean stage only (see `session.unpersist`)

@@ -337,9 +337,10 @@ def unpersist(broadcast: Any) -> None:
     Called once the jobs that read it have ended cleanly only. A failed or stopped job's
     cancelled tasks may still be running when the driver gets its error, and a task that
     ends after its broadcast was dropped has Spark log an ERROR with a stack trace ("Block
-    broadcast_N does not exist", seen on every Ctrl-C of a local[2] encode stage); such a
-    broadcast is left to the session's stop, or to Spark's cleaner, which drops the
-    broadcasts the driver no longer refers to."""
+    broadcast_N does not exist", seen on a third of the Ctrl-Cs of a local[2] encode stage);
+    such a broadcast is left to the session's stop where the build started the session, and
+    otherwise to Spark's cleaner, which drops a broadcast once the driver JVM's garbage
+    collector finds it unreferenced (every 30 minutes at least: spark.cleaner.periodicGC)."""
     from py4j.protocol import Py4JNetworkError
 
     with suppress(Py4JNetworkError, ConnectionError, EOFError):
@@ -396,13 +397,40 @@ def _end_tasks(sc: SparkContext) -> None:
     the job it waited on still run; stopped under them, Spark drops the blocks they hold and
     each logs an ERROR with a stack trace as it ends ("Block broadcast_N does not exist"),
     seen on a third of the Ctrl-Cs of a local[2] encode stage. A build that ended cleanly has
-    no task running: one call. The count is Spark's status store's (updated as tasks start
-    and forced to the store as an executor's last task ends)."""
-    sc.cancelAllJobs()
-    tracker = sc._jsc.sc().statusTracker()
+    no task running: one call. A context Spark stopped already (a master that ended the
+    application) has nothing to wait for; a JVM gone raises Py4JNetworkError (the caller's).
+
+    The count is the task scheduler's (its running tasks, each until the executor reports it
+    ended: after its completion listeners), not the status store's: the store writes an
+    executor's count at most every 100 ms as tasks start, so tasks started just after its
+    last one ended read 0 there for up to a heartbeat. Spark's status store stands in where
+    a Spark version lacks the scheduler's count."""
+    from py4j.protocol import Py4JError, Py4JJavaError, Py4JNetworkError
+
+    jsc = sc._jsc.sc()
+    try:
+        if jsc.isStopped():
+            return
+        sc.cancelAllJobs()
+    except Py4JNetworkError:
+        raise
+    except Py4JJavaError:  # stopped meanwhile
+        return
+
+    def running() -> int:
+        try:
+            counts = jsc.taskScheduler().runningTasksByExecutors().valuesIterator()
+            total = 0
+            while counts.hasNext():
+                total += counts.next()
+            return total
+        except Py4JNetworkError:
+            raise
+        except Py4JError:  # (an internal of Spark's: the status store's count instead)
+            return sum(e.numRunningTasks() for e in jsc.statusTracker().getExecutorInfos())
+
     deadline = time.monotonic() + TASKS_END_S
-    while (sum(e.numRunningTasks() for e in tracker.getExecutorInfos())
-           and time.monotonic() < deadline):
+    while running() and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
