@@ -204,8 +204,9 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
     death: no line; on Ray, `ray.init`'s own handler: `sys.exit(15)` and a C++ stack dump).
     `background`: started as a shell's background job is, SIGINT ignored (on Spark the
     engine's guard then stands for the SIGTERM alone: no Py4J traceback). `group`: the
-    SIGTERM goes to the whole process group, as `timeout` sends it, so Spark's driver JVM
-    dies at once too (the session's stop then failed on the gone JVM: a traceback, status 1)."""
+    SIGTERM goes to the whole process group, as `timeout` sends it (it killed Spark's driver
+    JVM with the build, and the session's stop failed on the gone JVM: a traceback, status 1;
+    the JVM now runs in a session of its own, out of the signal's reach)."""
     pytest.importorskip({"spark": "pyspark", "ray": "ray"}.get(engine, "semid_dist"))
     command = _small_build(tmp_path, engine, 6000)
     background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None

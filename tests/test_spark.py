@@ -832,3 +832,37 @@ print(json.dumps({"stopped": stopped, "stopped_in_the_jvm": stop_session(again)}
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"stopped": True,
                                                                "stopped_in_the_jvm": True}
     assert " ERROR " not in run.stderr and "Exception" not in run.stderr, run.stderr[-3000:]
+
+
+def test_the_driver_jvm_runs_in_a_session_of_its_own_with_the_builds_settings():
+    """A Ctrl-C at the terminal reaches the whole foreground process group: the engine's
+    driver JVM, and the Python workers it starts, run in a session of their own (a worker
+    interrupted in a task printed a BrokenPipeError traceback), launched with the session's
+    settings on their command line as pyspark would (the driver memory: the JVM's heap)."""
+    pytest.importorskip("pyspark")
+    script = """
+import json, os
+from pyspark import SparkContext
+from semid_dist.config import parse_config
+from semid_dist.engines.spark_session import spark_session, stop_session
+
+cfg = parse_config({"engine": "spark", "input": {"path": "/unused"},
+                    "output": {"root": "/unused"},
+                    "spark": {"master": "local[1]", "driver_memory": "700m"}})
+spark, started = spark_session(cfg)
+jvm = SparkContext._gateway.proc
+heap = spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory()
+print(json.dumps({"started": started, "own_session": os.getsid(jvm.pid) == jvm.pid,
+                  "driver_session": os.getsid(0) != jvm.pid,
+                  "memory": spark.conf.get("spark.driver.memory"),
+                  "heap_mib": heap // 2**20, "count": spark.range(3).count(),
+                  "stopped": stop_session(spark)}))
+"""
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 500 < out.pop("heap_mib") <= 700, out  # -Xmx700m (the JVM reports a little less)
+    assert out == {"started": True, "own_session": True, "driver_session": True,
+                   "memory": "700m", "count": 3, "stopped": True}

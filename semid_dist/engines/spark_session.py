@@ -83,6 +83,8 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         _check_master_reachable(master)
     with huge_pages(cfg.encode.huge_pages):  # inherited by the JVM it starts and its workers
         try:
+            if not submitted and SparkContext._gateway is None:
+                _launch_jvm(builder)
             spark = builder.getOrCreate()
         except Exception as exc:  # the JVM or the master refused this session's settings
             raise ConfigError(_start_error(cfg, master, exc)) from exc
@@ -90,9 +92,29 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     return spark, True
 
 
+def _launch_jvm(builder: Any) -> None:
+    """Launch the driver JVM as pyspark would for this builder's session (the same settings
+    on its command line), but in a session of its own: a Ctrl-C at the terminal (a SIGINT to
+    the whole foreground process group) no longer reaches its Python workers, whose pyspark
+    daemon puts Python's SIGINT handler back in each (the JVM itself ignores SIGINT): a
+    worker interrupted in a task printed a `BrokenPipeError` traceback as the driver's cancel
+    closed its connection (1 of 10 Ctrl-Cs of a local[2] build). The driver's handler stops
+    the build and its session as before. The JVM still ends with this process (it exits when
+    its standard input, a pipe from here, closes), and a SIGTERM to the process group, which
+    no longer reaches it, stops the build as one to this process does."""
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    conf = SparkConf()
+    for key, value in builder._options.items():  # as `getOrCreate` makes its SparkConf
+        conf.set(key, value)
+    SparkContext._ensure_initialized(
+        gateway=launch_gateway(conf, popen_kwargs={"start_new_session": True}))
+
+
 def _quiet_accumulator_server(sc: SparkContext) -> None:
     """pyspark's accumulator server prints a traceback of its own (`EOFError`) when the
-    driver JVM it serves dies connected to it (killed with the build's process group); the
+    driver JVM it serves dies connected to it (crashed, or killed by hand); the
     build says what happened. Its other errors print as before."""
     server = getattr(sc, "_accumulatorServer", None)
     if server is None:
@@ -349,9 +371,9 @@ def unpersist(broadcast: Any) -> None:
 
 def stop_session(spark: SparkSession) -> bool:
     """Stop a session this engine started; False where its driver JVM could not be reached
-    (gone already: killed with the build's process group, as `timeout` and schedulers send
-    SIGTERM, or crashed), when there is nothing left to stop: a JVM still in its shutdown
-    is waited for (killed past `JVM_EXIT_S`), pyspark's records of the session are cleared
+    (gone already: crashed or killed, or killed with the build's process group where it is
+    in that group: spark-submit's), when there is nothing left to stop: a JVM still in its
+    shutdown is waited for (killed past `JVM_EXIT_S`), pyspark's records of the session are cleared
     (a later session in this process starts a new JVM), and no error or pyspark warning is
     raised, which would hide the build's own (its interrupt: a traceback, status 1)."""
     from py4j.protocol import Py4JNetworkError
