@@ -42,7 +42,7 @@ from semid_dist.preflight import check_inputs, parent_notes, popularity_column
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import Claim, claim_version, heartbeat, planned_parent, run_key
-from semid_dist.runtime import torch_device, with_absolute_paths
+from semid_dist.runtime import check_table_outside_catalog, torch_device, with_absolute_paths
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.stages import JobContext, scan_keys
 
@@ -193,8 +193,9 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         with make_engine(cfg, log=log) as engine:
             if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
                 engine.warm_up()
-            plan = plan_catalog(engine.resolve_input(cfg.input.path),
-                                target_rows=cfg.encode.shard_rows)
+            catalog = engine.resolve_input(cfg.input.path)
+            check_table_outside_catalog(catalog, store)
+            plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)

@@ -1,15 +1,22 @@
 """Where a build's stages run: local paths made absolute for workers that run elsewhere
-(`with_absolute_paths`), and the device, CPU or GPU, of the fit and of the encode
+(`with_absolute_paths`), the table kept out of the catalog (`check_table_outside_catalog`),
+and the device, CPU or GPU, of the fit and of the encode
 (`gpu_stages`, `torch_device`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError
+from semid_dist.io import fs as fsio
+
+if TYPE_CHECKING:
+    from semid_dist.io.store import TableStore
 
 
 def absolute_url(url: str) -> str:
@@ -36,6 +43,28 @@ def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
     return dataclasses.replace(
         cfg, input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path)),
         output=dataclasses.replace(cfg.output, root=root))
+
+
+def check_table_outside_catalog(catalog: str, store: TableStore) -> None:
+    """The table's folder (`<output.root>/<output.table>`) must not be the catalog's folder
+    (`input.path`) or lie inside it: the first build wrote its versions there, and every
+    later one read their Parquet files as catalog files (an error about the catalog's
+    columns, naming a file of the table). A ConfigError naming both keys before anything is
+    read or written. A table whose folder holds the catalog is left alone: the catalog's
+    files are not the table's."""
+    fs, path = fsio.resolve(catalog)
+    if type(fs) is not type(store.fs):
+        return
+    table = store.base
+    if fsio.is_local(fs):
+        path, table = os.path.realpath(path), os.path.realpath(table)
+    path, table = posixpath.normpath(path), posixpath.normpath(table)
+    if table == path or table.startswith(path.rstrip("/") + "/"):
+        raise ConfigError(
+            f"output.root={fsio.redact_url(store.root)} and output.table={store.table} put the "
+            f"table at {fsio.redact_url(store.url)}, inside input.path="
+            f"{fsio.redact_url(catalog)}: the next build would read the table's files as "
+            "catalog files; write the table outside the catalog (another output.root)")
 
 
 def gpu_stages(cfg: BuildConfig) -> list[str]:

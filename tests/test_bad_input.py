@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -574,6 +575,32 @@ def test_int32_and_int64_id_files_mix_as_int64(tmp_path, root):
 
 def two_files(tmp_path: Path) -> Path:
     return Path(write_catalog(tmp_path / "cat", base_x(), files=2))
+
+
+@pytest.mark.parametrize("where", ["catalog", "inside", "symlink"])
+def test_a_table_inside_its_catalog_is_a_config_error_before_anything_is_written(tmp_path,
+                                                                               where):
+    """output.root at input.path (or below it) put the table's files among the catalog's:
+    the first build committed, the next read the table's Parquet files as catalog files (an
+    error about the catalog's columns). Refused before any file is written, naming both
+    keys (also through a symlink to the catalog); a catalog inside the table's folder, whose
+    files are not the table's, builds."""
+    d = two_files(tmp_path)
+    roots = {"catalog": d, "inside": d / "out", "symlink": tmp_path / "link" / "out"}
+    (tmp_path / "link").symlink_to(d)
+    root = roots[where]
+    before = sorted(p.name for p in d.rglob("*"))
+    with pytest.raises(ConfigError, match=r"output\.root=.* and output\.table=sids put the "
+                                          r"table at .*, inside input\.path=.*: the next build "
+                                          r"would read the table's files as catalog files; "
+                                          r"write the table outside the catalog"):
+        build(cfg(str(d), str(root)), log=quiet)
+    assert sorted(p.name for p in d.rglob("*")) == before
+    table = tmp_path / "t"  # the catalog inside the table's folder: a build as any other
+    shutil.copytree(d, table / "sids" / "catalog")
+    data, _ = committed(str(table), build(cfg(str(table / "sids" / "catalog"), str(table)),
+                                          log=quiet))
+    assert data.num_rows == N
 
 
 def test_empty_zero_byte_file_is_a_named_error(tmp_path, root):
