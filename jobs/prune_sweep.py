@@ -11,6 +11,7 @@ ray.address, Spark with a master that is not local) needs a --root every worker 
 """
 
 import argparse
+import os
 import tempfile
 
 from semid_dist.cli import job_entry
@@ -54,17 +55,19 @@ def main(argv: list[str]) -> int:
 
 
 def _check_root(cfg: BuildConfig, root: str | None, overrides: list[str]) -> None:
-    """The sweep's output root is --root's: an output.root override would be replaced, and a
-    temporary directory on this machine is no place for a cluster's workers to write."""
-    if any(o.split("=", 1)[0].strip() == "output.root" for o in overrides):
-        raise ConfigError("give the sweep's output root as --root DIR, not "
-                          "output.root= (the config's own table is left alone)")
+    """The sweep's output root is --root's: a temporary directory on this machine is no place
+    for a cluster's workers to write, and an output.root override would be replaced."""
+    # spark.master unset: local[*], or under spark-submit the master it was given
+    master = cfg.spark.master or ("" if "PYSPARK_GATEWAY_PORT" in os.environ else "local[*]")
     cluster = ((cfg.engine == "ray" and cfg.ray.address) or
-               (cfg.engine == "spark" and not cfg.spark.master.startswith("local")))
+               (cfg.engine == "spark" and not master.startswith("local")))
     if cluster and root is None:
         raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
                           "--root on storage every worker can reach (s3://..., hdfs://...), "
                           "not the default temporary directory on this machine")
+    if any(o.split("=", 1)[0].strip() == "output.root" for o in overrides):
+        raise ConfigError("give the sweep's output root as --root DIR, not "
+                          "output.root= (the config's own table is left alone)")
 
 
 if __name__ == "__main__":

@@ -69,14 +69,17 @@ def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
 def _sample_fixes(valid: int, drawn: int, rows: int, k_max: int) -> list[str]:
     """The fixes that give a fit sample of `valid` rows (of `drawn`, from a catalog of `rows`)
     a codebook's worth (`k_max`): the bad rows only where the drawn rows would reach it;
-    smaller codebooks where the valid rows make one (a layer has 2 codes or more); a larger
-    sample where the catalog holds enough rows, else a larger catalog."""
+    smaller codebooks where the valid rows make one (a layer has 2 codes or more); where
+    fewer than k_max rows were drawn, a sample of k_max rows if the catalog holds them, else a
+    larger catalog; where enough were drawn, a larger sample if the catalog holds more."""
     fixes = ["fix the catalog's bad rows"] if drawn >= k_max else []
     if valid >= 2:
         fixes.append(f"use smaller quantizer.layers (at most {valid} codes)")
     if drawn < k_max:
-        fixes.append("use a larger catalog" if rows < k_max else
-                     f"raise fit.sample_size (to {k_max} or more)")
+        fixes.append(f"raise fit.sample_size (to {k_max} or more)" if rows >= k_max
+                     else "use a larger catalog")
+    elif rows > drawn:  # (more of the catalog's rows: more valid ones)
+        fixes.append("raise fit.sample_size")
     return fixes
 
 

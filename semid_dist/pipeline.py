@@ -28,6 +28,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import make_engine
+from semid_dist.engines.local import TABLE_PREFIX
 from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError, one_line
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
@@ -189,12 +190,15 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     parent = cfg.encode.from_version if cfg.encode.incremental else store.head()
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
+    if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
+        check_table_outside_catalog(cfg.input.path, store)  # before an engine starts
     with _storage_failures(store, started), contextlib.ExitStack() as claimed:
         with make_engine(cfg, log=log) as engine:
             if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
                 engine.warm_up()
             catalog = engine.resolve_input(cfg.input.path)
-            check_table_outside_catalog(catalog, store)
+            if catalog != cfg.input.path:
+                check_table_outside_catalog(catalog, store)
             plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))

@@ -50,16 +50,20 @@ def check_table_outside_catalog(catalog: str, store: TableStore) -> None:
     (`input.path`) or lie inside it: the first build wrote its versions there, and every
     later one read their Parquet files as catalog files (an error about the catalog's
     columns, naming a file of the table). A ConfigError naming both keys before anything is
-    read or written. A table whose folder holds the catalog is left alone: the catalog's
-    files are not the table's."""
+    read or written. Left alone: a table under a folder of the catalog whose name starts
+    with '_' or '.' (the catalog's scan skips those, as Spark's `_temporary`), a table whose
+    folder holds the catalog (the catalog's files are not the table's), and file systems
+    that differ in kind or settings (two HDFS clusters' paths compare alike)."""
     fs, path = fsio.resolve(catalog)
-    if type(fs) is not type(store.fs):
+    if type(fs) is not type(store.fs) or fs.storage_options != store.fs.storage_options:
         return
     table = store.base
     if fsio.is_local(fs):
         path, table = os.path.realpath(path), os.path.realpath(table)
     path, table = posixpath.normpath(path), posixpath.normpath(table)
-    if table == path or table.startswith(path.rstrip("/") + "/"):
+    below = table[len(path.rstrip("/")) + 1:] if table.startswith(path.rstrip("/") + "/") else None
+    if table == path or (below is not None
+                         and not any(p.startswith(("_", ".")) for p in below.split("/"))):
         raise ConfigError(
             f"output.root={fsio.redact_url(store.root)} and output.table={store.table} put the "
             f"table at {fsio.redact_url(store.url)}, inside input.path="

@@ -596,6 +596,10 @@ def test_a_table_inside_its_catalog_is_a_config_error_before_anything_is_written
                                           r"write the table outside the catalog"):
         build(cfg(str(d), str(root)), log=quiet)
     assert sorted(p.name for p in d.rglob("*")) == before
+    hidden = d / "_semid"  # a folder of the catalog its scan skips: the table may go there
+    data, _ = committed(str(hidden), build(cfg(str(d), str(hidden)), log=quiet))
+    assert data.num_rows == N
+    shutil.rmtree(hidden)
     table = tmp_path / "t"  # the catalog inside the table's folder: a build as any other
     shutil.copytree(d, table / "sids" / "catalog")
     data, _ = committed(str(table), build(cfg(str(table / "sids" / "catalog"), str(table)),
@@ -746,6 +750,10 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
     # ... from a catalog that does not: a larger sample would not do
     (12, 0, {"fit__sample_size": 10}, r"holds 10 valid rows, .*; use smaller quantizer\.layers "
                                       r"\(at most 10 codes\), or use a larger catalog$"),
+    # drawn enough but too many bad: a larger sample (more of the catalog) helps too
+    (40, 24, {"fit__sample_size": 20}, r"holds \d+ valid rows, .*; fix the catalog's bad rows, "
+                                       r"or use smaller quantizer\.layers \(at most \d+ "
+                                       r"codes\), or raise fit\.sample_size$"),
     # one valid row makes no codebook (2 codes at least)
     (12, 11, {"input__max_reject_fraction": 1.0},
      r"holds 1 valid row, .*11 of the 12 rows it drew are bad .*; use a larger catalog$")])

@@ -224,7 +224,7 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
         proc.wait(timeout=120)
     finally:
         watchdog.cancel()
-        if group:  # (a timed-out run's JVM, in the group, goes too)
+        if group:  # (whatever a timed-out run left in the group goes too)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()

@@ -309,13 +309,16 @@ def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
     assert default.returncode == 0, default.stderr[-3000:]
     assert len(default.stdout.splitlines()) == 2 + len(rows)
     assert not (tmp_path / "table-root").exists() and list(tmp.iterdir()) == []
-    for over, message in (
-            ("output.root=/elsewhere", "give the sweep's output root as --root DIR, not "
-                                       "output.root="),
-            ("ray.address=auto", "engine ray runs on a cluster here: give --root on storage "
-                                 "every worker can reach")):
+    for engine, over, message in (
+            ("ray", "output.root=/elsewhere", "give the sweep's output root as --root DIR, "
+                                              "not output.root="),
+            ("spark", "output.root=/elsewhere", "give the sweep's output root as --root DIR"),
+            ("ray", "ray.address=auto", "engine ray runs on a cluster here: give --root on "
+                                        "storage every worker can reach"),
+            ("spark", "spark.master=spark://127.0.0.1:7077", "engine spark runs on a cluster "
+                                                             "here: give --root")):
         refused = subprocess.run([sys.executable, "jobs/prune_sweep.py", "--config", str(cfg),
-                                  "engine=ray", over], cwd=REPO, capture_output=True,
+                                  f"engine={engine}", over], cwd=REPO, capture_output=True,
                                  text=True, timeout=120)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert refused.stderr.startswith(f"prune_sweep.py: error: {message}"), refused.stderr

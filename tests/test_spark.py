@@ -853,7 +853,7 @@ spark, started = spark_session(cfg)
 jvm = SparkContext._gateway.proc
 heap = spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory()
 print(json.dumps({"started": started, "own_session": os.getsid(jvm.pid) == jvm.pid,
-                  "driver_session": os.getsid(0) != jvm.pid,
+                  "driver_session": os.getsid(0) != os.getsid(jvm.pid),
                   "memory": spark.conf.get("spark.driver.memory"),
                   "heap_mib": heap // 2**20, "count": spark.range(3).count(),
                   "stopped": stop_session(spark)}))
@@ -866,3 +866,48 @@ print(json.dumps({"started": started, "own_session": os.getsid(jvm.pid) == jvm.p
     assert 500 < out.pop("heap_mib") <= 700, out  # -Xmx700m (the JVM reports a little less)
     assert out == {"started": True, "own_session": True, "driver_session": True,
                    "memory": "700m", "count": 3, "stopped": True}
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (an exited one not yet reaped by whoever adopted it does
+    not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_driver_jvm_ends_with_the_build_killed_out_of_its_reach():
+    """The driver JVM is out of the build's process group (its own session), so `kill -9` of
+    the build's group no longer takes it: it ends as its standard input, a pipe from the
+    build's process, closes."""
+    pytest.importorskip("pyspark")
+    script = """
+import sys, time
+from pyspark import SparkContext
+from semid_dist.config import parse_config
+from semid_dist.engines.spark_session import spark_session
+
+cfg = parse_config({"engine": "spark", "input": {"path": "/unused"},
+                    "output": {"root": "/unused"}, "spark": {"master": "local[1]"}})
+spark, _ = spark_session(cfg)
+print(SparkContext._gateway.proc.pid, flush=True)
+time.sleep(300)
+"""
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    try:
+        jvm = int(proc.stdout.readline())
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _running(jvm):
+            if time.monotonic() > deadline:
+                os.kill(jvm, signal.SIGKILL)
+                pytest.fail(f"the driver JVM {jvm} outlived its build by 30 s")
+            time.sleep(0.2)
+    finally:
+        proc.kill()

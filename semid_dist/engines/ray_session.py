@@ -17,9 +17,12 @@ from semid_dist.errors import ConfigError, one_line
 from semid_dist.io.fs import tcp_refusal
 from semid_dist.memory import huge_pages, worker_env
 
-# run by each worker process of the embedded Ray as it starts (a module that imports nothing
-# else: Ray's own helper processes run it too)
+# run by each worker process of the embedded Ray as it starts, the job's tasks and actors and
+# Ray Data's and Ray Train's own (`ray_worker_setup`: a module that imports nothing else)
 WORKER_SETUP = "semid_dist.engines.ray_worker_setup.quiet_state_api_users"
+# where Ray's workers look for it (what `runtime_env={"worker_process_setup_hook": ...}`
+# sets, without a runtime environment's cost: `_started_with`)
+WORKER_SETUP_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
 def ray_init(cfg: BuildConfig) -> bool:
@@ -77,13 +80,13 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
         # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Ray's processes inherit the huge-page switch (`memory.huge_pages`) and the variables
-        with huge_pages(cfg.encode.huge_pages), _started_with(
-                worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages)):
+        with huge_pages(cfg.encode.huge_pages), _started_with({
+                **worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages),
+                WORKER_SETUP_VAR: WORKER_SETUP}):
             try:
                 ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                          object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                         configure_logging=False, log_to_driver=True,
-                         runtime_env={"worker_process_setup_hook": WORKER_SETUP})
+                         configure_logging=False, log_to_driver=True)
             except ValueError as exc:  # settings this machine cannot give Ray
                 raise ConfigError(f"ray.num_cpus / ray.object_store_memory_mb: Ray cannot "
                                   f"start here with {cfg.ray.num_cpus or os.cpu_count()} CPUs "
