@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError
 from semid_dist.io import fs as fsio
+from semid_dist.io.catalog import hidden
 
 if TYPE_CHECKING:
     from semid_dist.io.store import TableStore
@@ -51,7 +52,7 @@ def check_table_outside_catalog(catalog: str, store: TableStore) -> None:
     later one read their Parquet files as catalog files (an error about the catalog's
     columns, naming a file of the table). A ConfigError naming both keys before anything is
     read or written. Left alone: a table under a folder of the catalog whose name starts
-    with '_' or '.' (the catalog's scan skips those, as Spark's `_temporary`), a table whose
+    with '_' or '.' (the catalog's scan skips those: `catalog.hidden`), a table whose
     folder holds the catalog (the catalog's files are not the table's), and file systems
     that differ in kind or settings (two HDFS clusters' paths compare alike)."""
     fs, path = fsio.resolve(catalog)
@@ -61,9 +62,7 @@ def check_table_outside_catalog(catalog: str, store: TableStore) -> None:
     if fsio.is_local(fs):
         path, table = os.path.realpath(path), os.path.realpath(table)
     path, table = posixpath.normpath(path), posixpath.normpath(table)
-    below = table[len(path.rstrip("/")) + 1:] if table.startswith(path.rstrip("/") + "/") else None
-    if table == path or (below is not None
-                         and not any(p.startswith(("_", ".")) for p in below.split("/"))):
+    if table == path or (table.startswith(path.rstrip("/") + "/") and not hidden(table, path)):
         raise ConfigError(
             f"output.root={fsio.redact_url(store.root)} and output.table={store.table} put the "
             f"table at {fsio.redact_url(store.url)}, inside input.path="

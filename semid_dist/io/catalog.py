@@ -76,7 +76,7 @@ def _list_files(url: str) -> list[str]:
                          "a directory of Parquet files")
     if fs.isfile(path):
         return [path]
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not hidden(p, path))
     if not files:
         raise _input_error(f"input.path {url!r} holds no *.parquet files (names starting with "
                          "'_' or '.' are skipped); point it at the catalog's Parquet files")
@@ -94,7 +94,7 @@ def _check_http_host(url: str) -> None:
             raise _not_reached(url, refusal)
 
 
-def _hidden(file: str, root: str) -> bool:
+def hidden(file: str, root: str) -> bool:
     """Whether a part of `file`'s path below `root` (input.path) starts with '_' or '.'
     (`_SUCCESS`, `.part-0.parquet.crc`, `_temporary/`); the folders above the catalog, as in
     `/data/_shared/catalog` or `~/.cache/catalog`, do not count."""
