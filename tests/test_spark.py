@@ -653,7 +653,7 @@ def test_ctrl_c_while_the_driver_waits_on_a_spark_job_cancels_it_cleanly(spark_s
     its KeyboardInterrupt inside the call could break the connection. The session works on
     after it, and pyspark's handler is put back."""
     from semid_dist.engines.spark import task_errors
-    from semid_dist.engines.spark_session import guard_interrupts
+    from semid_dist.engines.spark_interrupts import guard_interrupts
 
     sc = spark_session.sparkContext
     pysparks = signal.getsignal(signal.SIGINT)
@@ -688,7 +688,7 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
     stopped; a SIGINT ignored before a session the engine started stays ignored, and
     semid's once-only handler is not put back after a Ctrl-C (the next would have raised
     again in the command's clean-up)."""
-    from semid_dist.engines.spark_session import guard_interrupts
+    from semid_dist.engines.spark_interrupts import guard_interrupts
 
     sc = spark_session.sparkContext
     pysparks = signal.getsignal(signal.SIGINT)

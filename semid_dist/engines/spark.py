@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from semid_dist import errors
 from semid_dist.config import BuildConfig
+from semid_dist.engines import spark_interrupts as interrupts
 from semid_dist.engines import spark_session as session
 from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
@@ -70,7 +71,7 @@ def task_errors() -> Iterator[None]:
     except Exception as exc:
         # the job failed as the Ctrl-C cancelled it, or the Py4J connection as a Ctrl-C
         # stopped the driver inside a call (the guard's escalation: the next call fails)
-        if session.claim_interrupt() or _after_interrupt(exc):
+        if interrupts.claim_interrupt() or _after_interrupt(exc):
             raise KeyboardInterrupt from None
         match = _TASK_ERROR.search(str(exc))
         cls = getattr(errors, match.group(1), None) if match else None
@@ -254,7 +255,7 @@ class SparkEngine(LocalEngine):
         with session.no_pandas_warning():
             self.spark, self._started = session.spark_session(cfg)
         sc = self.spark.sparkContext
-        self._guard = session.guard_interrupts(sc, before, self._started)
+        self._guard = interrupts.guard_interrupts(sc, before, self._started)
         self._warm: threading.Thread | None = None
         log(f"spark: master {sc.master}, {slots_text(sc.master, sc.defaultParallelism)}, "
             f"{'new' if self._started else 'existing'} session {sc.applicationId}")
