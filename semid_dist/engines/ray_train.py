@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Callable
@@ -239,7 +240,6 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     its stride of both, and checkpoints count the 2L layers of the two stages."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     fit = cfg.fit
     learned = cfg.learned
@@ -264,7 +264,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         loop_config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
     # (a Ctrl-C leaves the fit's thread writing checkpoints here while the folder goes)
     with tempfile.TemporaryDirectory(prefix="semid-fit-", ignore_cleanup_errors=True) as tmp:
-        trainer = TorchTrainer(
+        trainer = _trainer_class()(
             _learned_loop if learned else _train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
@@ -276,31 +276,55 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         )
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")
-        _fit_beside_main_thread(trainer)
+        _fit(trainer)
     return _fit_output(out, cfg, log)
 
 
-def _fit_beside_main_thread(trainer: Any) -> None:
-    """`trainer.fit()` in a thread of its own while the main thread waits for it. Called from
-    the main thread, Ray Train replaces the process's SIGINT handler with its own for good:
-    a Ctrl-C during the fit then ended the build with status 1 and no message, and one after
-    it was ignored (the build went on and committed). Here a Ctrl-C is the main thread's
-    KeyboardInterrupt as everywhere else; the engine's Ray session, shut down as the build
-    stops, takes the fit's workers with it."""
-    failure: list[BaseException] = []
+def _trainer_class() -> type:
+    """Ray Train's TorchTrainer, leaving the process's SIGINT handler as it is (`_fit`)."""
+    from ray.train.torch import TorchTrainer
 
-    def run() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # handed to the main thread
-            failure.append(exc)
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass  # (Ray Train V2's one place for it)
 
-    thread = threading.Thread(target=run, name="semid-ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)  # (a bare join would hold a Ctrl-C back until the fit ends)
-    if failure:
-        raise failure[0]
+    return Trainer
+
+
+_TUNE_NO_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # Ray Tune's switch, read as a fit starts
+
+
+def _fit(trainer: Any) -> None:
+    """`trainer.fit()` (a `_trainer_class` trainer) with the process's signal handlers left
+    as they are. Called from the main thread, Ray Train replaces the SIGINT handler with its
+    own for good (V2: its `_register_sigint_handler`; V1: Ray Tune's, unless Tune's switch
+    is set): a Ctrl-C during the fit then ended the build with status 1 and no message (V1:
+    a FileNotFoundError traceback, the fit stopped without its codebooks), and one after it
+    was ignored (the build went on and committed). With the handler left alone a Ctrl-C is
+    the main thread's KeyboardInterrupt, raised in its `ray.get` as everywhere else, and the
+    engine's Ray session, shut down as the build stops, takes the fit's controller and
+    workers with it. Any SIGINT, SIGTERM or SIGUSR1 handler the fit sets (V1: Tune's
+    SIGUSR1) is undone as it ends.
+
+    The fit ran from a thread of its own before (Ray Train sets no handler there), but the
+    engine then shut Ray down under that thread's `ray.get`, and the thread going on in Ray
+    ended the process with Ray's fatal "The core worker has already been shutdown" (status
+    1) in one of the test suite's runs."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in signals} if main else {}
+    switch = os.environ.get(_TUNE_NO_SIGINT)
+    os.environ[_TUNE_NO_SIGINT] = "1"
+    try:
+        trainer.fit()
+    finally:
+        if switch is None:
+            os.environ.pop(_TUNE_NO_SIGINT, None)
+        else:
+            os.environ[_TUNE_NO_SIGINT] = switch
+        for sig, handler in handlers.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
 
 
 def _fit_output(out: str, cfg: BuildConfig, log: Callable[[str], None],
