@@ -295,3 +295,59 @@ def test_ctrl_c_during_or_after_a_ray_train_fit_stops_the_build(small_catalog, t
     assert "Traceback" not in err, err[-3000:]
     store = TableStore(str(root), "sids")
     assert store.versions() == [] and len(store.uncommitted()) == 1
+
+
+_CALLERS_RAY = """
+import json, os, signal, sys, threading, time
+import ray
+from semid_dist.config import load_config
+from semid_dist.pipeline import build
+from tests.test_crash import _ray_train_workers
+
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
+         configure_logging=False, log_to_driver=False)
+
+def interrupt():  # a Ctrl-C once the fit's workers run
+    while not _ray_train_workers(os.getpid()):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+def log(line):
+    if "fit: Ray Train" in line:
+        threading.Thread(target=interrupt, daemon=True).start()
+
+try:
+    build(load_config(sys.argv[1]), log=log)
+    outcome = "committed"
+except KeyboardInterrupt:
+    outcome = "interrupted"
+start = time.monotonic()
+while _ray_train_workers(os.getpid()) and time.monotonic() - start < 30:
+    time.sleep(0.1)
+print(json.dumps({"outcome": outcome, "workers": _ray_train_workers(os.getpid()),
+                  "after_s": time.monotonic() - start,
+                  "ray": ray.get(ray.put(7)) if ray.is_initialized() else None}))
+"""
+
+
+@pytest.mark.engine
+def test_ctrl_c_in_a_fit_on_the_callers_ray_stops_the_fit(small_catalog, tmp_path):
+    """The build as a library call on a Ray its caller started (which outlives the build):
+    a Ctrl-C during the Ray Train fit stops the build (KeyboardInterrupt), the fit (of
+    minutes: 10,000 iterations a layer) ends with its workers, and the caller's Ray goes on
+    serving it."""
+    catalog, _ = small_catalog
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text(json.dumps({
+        "engine": "ray", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(tmp_path / "out"), "table": "sids"},
+        "quantizer": {"layers": [64, 64, 64], "niter": 10_000}, "fit": {"sample_size": 2000},
+        "encode": {"shard_rows": 500}}))
+    env = {k: v for k, v in os.environ.items() if k != "SEMID_FAULT"}
+    done = subprocess.run([sys.executable, "-c", _CALLERS_RAY, str(cfg)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "interrupted", result
+    assert not result["workers"], result  # ended within 30 s of the interrupt
+    assert result["ray"] == 7  # the caller's Ray still serves it

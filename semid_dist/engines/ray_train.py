@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -262,7 +263,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         from semid_dist.engines.local import learned_config
 
         loop_config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
-    # (a Ctrl-C leaves the fit's thread writing checkpoints here while the folder goes)
+    # (a fit stopped by a Ctrl-C is aborted before the folder goes: `_fit`)
     with tempfile.TemporaryDirectory(prefix="semid-fit-", ignore_cleanup_errors=True) as tmp:
         trainer = _trainer_class()(
             _learned_loop if learned else _train_loop,
@@ -281,50 +282,73 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
 
 
 def _trainer_class() -> type:
-    """Ray Train's TorchTrainer, leaving the process's SIGINT handler as it is (`_fit`)."""
+    """Ray Train's TorchTrainer, leaving the process's SIGINT handler as it is (`_fit`); a
+    V2 trainer keeps its fit's controller (`controller`) instead."""
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
+        controller: Any = None
+
         def _register_sigint_handler(self, controller: Any) -> None:
-            pass  # (Ray Train V2's one place for it)
+            self.controller = controller  # (Ray Train V2's one place for its handler)
 
     return Trainer
 
 
 _TUNE_NO_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # Ray Tune's switch, read as a fit starts
+ABORT_S = 10.0  # an aborted controller ends its workers and itself within ~1 s
 
 
 def _fit(trainer: Any) -> None:
     """`trainer.fit()` (a `_trainer_class` trainer) with the process's signal handlers left
-    as they are. Called from the main thread, Ray Train replaces the SIGINT handler with its
-    own for good (V2: its `_register_sigint_handler`; V1: Ray Tune's, unless Tune's switch
-    is set): a Ctrl-C during the fit then ended the build with status 1 and no message (V1:
-    a FileNotFoundError traceback, the fit stopped without its codebooks), and one after it
+    as they are. Called from the main thread, Ray Train installs a SIGINT handler of its own
+    (V2: its `_register_sigint_handler`, for good; V1: Ray Tune's, unless Tune's switch is
+    set): a Ctrl-C during the fit then ended the build with status 1 and no message (V1: a
+    FileNotFoundError traceback, the fit stopped without its codebooks), and one after it
     was ignored (the build went on and committed). With the handler left alone a Ctrl-C is
-    the main thread's KeyboardInterrupt, raised in its `ray.get` as everywhere else, and the
-    engine's Ray session, shut down as the build stops, takes the fit's controller and
-    workers with it. Any SIGINT, SIGTERM or SIGUSR1 handler the fit sets (V1: Tune's
-    SIGUSR1) is undone as it ends.
+    the main thread's KeyboardInterrupt, raised where the driver waits on the fit, as
+    everywhere else; a V2 fit stopped so is aborted as Ray Train's handler would
+    (`_abort`). Any SIGINT, SIGTERM or SIGUSR1 handler the fit sets (V1: Tune's SIGUSR1) is
+    undone as it ends.
 
     The fit ran from a thread of its own before (Ray Train sets no handler there), but the
     engine then shut Ray down under that thread's `ray.get`, and the thread going on in Ray
     ended the process with Ray's fatal "The core worker has already been shutdown" (status
     1) in one of the test suite's runs."""
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    main = threading.current_thread() is threading.main_thread()
-    handlers = {sig: signal.getsignal(sig) for sig in signals} if main else {}
+    if threading.current_thread() is not threading.main_thread():
+        trainer.fit()  # (Ray Train and Tune set no handler outside the main thread)
+        return
+    handlers = {sig: signal.getsignal(sig)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     switch = os.environ.get(_TUNE_NO_SIGINT)
     os.environ[_TUNE_NO_SIGINT] = "1"
     try:
         trainer.fit()
+    except BaseException:
+        _abort(trainer.controller)
+        raise
     finally:
         if switch is None:
             os.environ.pop(_TUNE_NO_SIGINT, None)
         else:
             os.environ[_TUNE_NO_SIGINT] = switch
-        for sig, handler in handlers.items():
-            if signal.getsignal(sig) is not handler:
+        for sig, handler in handlers.items():  # (None: a handler not set from Python)
+            if handler is not None and signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+
+
+def _abort(controller: Any) -> None:
+    """Abort a V2 fit's controller (None: none started, or a V1 fit), as Ray Train's own
+    SIGINT handler does: it stops its workers and ends (at once where the fit has ended).
+    Done before the fit's temporary folder is removed: otherwise the fit ended only as the
+    interrupt unwound (the driver's last handle to the controller gone) or as the engine
+    shut Ray down, its workers free to write a checkpoint into the folder meanwhile."""
+    if controller is None:
+        return
+    import ray
+
+    with suppress(Exception):  # (best effort: the build's interrupt or error goes on)
+        ray.get(controller.abort.remote(), timeout=ABORT_S)  # (the actor exits: an error)
 
 
 def _fit_output(out: str, cfg: BuildConfig, log: Callable[[str], None],
