@@ -45,6 +45,7 @@ from semid_dist.report import write_report
 from semid_dist.resume import Claim, claim_version, heartbeat, planned_parent, run_key
 from semid_dist.runtime import check_table_outside_catalog, torch_device, with_absolute_paths
 from semid_dist.sid_items import sid_items_lookup
+from semid_dist.signals import check_interrupted
 from semid_dist.stages import JobContext, scan_keys
 
 Log = Callable[[str], None]
@@ -215,6 +216,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
                                                        parent, reused)
             timings["fit_s"] = time.monotonic() - t
+            check_interrupted()  # (one a finaliser dropped: the fit's are collected here)
             if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
                 engine.warm_up()
             t = time.monotonic()

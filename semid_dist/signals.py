@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 _terminated = False  # a SIGTERM stopped the command running now
+_raised = False  # the command running now raised its KeyboardInterrupt (`raise_interrupt`)
 
 
 def terminated() -> bool:
@@ -18,6 +20,34 @@ def terminated() -> bool:
     status say so, and the Spark engine's guard takes it as a Ctrl-C where SIGINT is
     ignored."""
     return _terminated
+
+
+def raise_interrupt() -> NoReturn:
+    """Raise the command's KeyboardInterrupt for a Ctrl-C or SIGTERM, noted for
+    `check_interrupted`."""
+    global _raised
+    _raised = True
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt again where the command's interrupt was raised but did not
+    stop it: Python drops an exception raised inside an object's finaliser (`__del__`)
+    with an "Exception ignored" note, and a Ctrl-C that came as a Ray actor handle was
+    collected, just after a Ray Train fit, let the build go on and commit (the Ctrl-Cs
+    after it ignored). The build calls it after its fit and before its commit; in the main
+    thread only."""
+    if _raised and threading.current_thread() is threading.main_thread():
+        raise KeyboardInterrupt
+
+
+def _drop_finaliser_interrupts(default: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A `sys.unraisablehook` that drops the command's KeyboardInterrupt raised inside a
+    finaliser (`check_interrupted` raises it again) and hands anything else to `default`."""
+    def hook(unraisable: Any) -> None:
+        if not (_raised and unraisable.exc_type is KeyboardInterrupt):
+            default(unraisable)
+    return hook
 
 
 def one_interrupt() -> Callable[[], None]:
@@ -31,9 +61,10 @@ def one_interrupt() -> Callable[[], None]:
     itself. A SIGTERM after the command began to stop (a second one, one after a Ctrl-C)
     ends the process as SIGTERM does. Only in the main thread, and only over Python's own
     handlers (a SIGINT ignored by the shell that started it stays ignored); returns what
-    puts them back."""
-    global _terminated
-    _terminated = False
+    puts them back. An interrupt raised inside a finaliser, which Python drops, is not
+    printed and is raised again by `check_interrupted`."""
+    global _terminated, _raised
+    _terminated = _raised = False
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGINT)
@@ -41,7 +72,7 @@ def one_interrupt() -> Callable[[], None]:
 
     def interrupt(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        raise_interrupt()
 
     def terminate(signum: int, frame: Any) -> None:
         global _terminated
@@ -54,7 +85,7 @@ def one_interrupt() -> Callable[[], None]:
         if callable(handler):
             handler(signal.SIGINT, frame)
         else:
-            raise KeyboardInterrupt
+            raise_interrupt()
 
     interrupt.ignores_later_interrupts = True  # (the Spark engine's guard reads it)
     if ours:
@@ -62,12 +93,15 @@ def one_interrupt() -> Callable[[], None]:
     before = signal.getsignal(signal.SIGTERM)
     if before is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, terminate)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _drop_finaliser_interrupts(unraisable)
 
     def restore() -> None:
         if ours:
             signal.signal(signal.SIGINT, previous)
         if before is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, before)
+        sys.unraisablehook = unraisable
     return restore
 
 

@@ -348,6 +348,37 @@ def test_a_command_keeps_the_callers_sigint_handler(tmp_path):
         signal.signal(signal.SIGINT, previous)
 
 
+class _RaisesOnCollection:
+    def __del__(self) -> None:  # a Ctrl-C that comes as an object is collected
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # (the handler runs here, inside the finaliser)
+
+
+def test_a_ctrl_c_a_finaliser_drops_is_raised_again_by_the_next_check(capfd):
+    """Python drops an exception raised inside `__del__` (a Ray actor handle collected as
+    a Ctrl-C came, just after a Ray Train fit: the build went on and committed, the Ctrl-Cs
+    after it ignored): the command's interrupt is not printed ("Exception ignored ...
+    KeyboardInterrupt") and `check_interrupted` raises it again; a command that was not
+    interrupted passes the check."""
+    from semid_dist import signals
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a `semid` process starts
+    restore = signals.one_interrupt()
+    try:
+        signals.check_interrupted()  # nothing came
+        _RaisesOnCollection()  # collected at once
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the handler ran
+        with pytest.raises(KeyboardInterrupt):
+            signals.check_interrupted()
+    finally:
+        restore()
+        signal.signal(signal.SIGINT, previous)
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+    signals.one_interrupt()()  # the next command starts clear
+    signals.check_interrupted()
+
+
 def test_a_sigterm_stops_a_command_once_then_has_its_default_action():
     """The first SIGTERM runs the command's Ctrl-C path (KeyboardInterrupt, said as a
     SIGTERM); from then on, and once the process exits with the command's status, SIGTERM

@@ -16,10 +16,11 @@ from contextlib import suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from semid_dist.signals import terminated
+from semid_dist.signals import raise_interrupt, terminated
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
+
 
 class _Py4JRecords(logging.Filter):
     """Drops py4j's records: it logs a command cut short by Ctrl-C on the root logger, with
@@ -98,7 +99,7 @@ class InterruptGuard:
                 poked or time.monotonic() - self._first_at < self.ESCALATE_S)):
             return  # (a Ctrl-C soon after the first: the cancel is under way)
         self.claim()
-        raise KeyboardInterrupt
+        raise_interrupt()
 
     def claim(self) -> bool:
         """True once, where a Ctrl-C came and no KeyboardInterrupt was raised for it: the
