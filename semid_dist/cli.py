@@ -104,7 +104,33 @@ def _table(root: str, table: str) -> TableStore:
     return store
 
 
+# `semid versions` options by action (dest: flag); the others are refused, not ignored
+_VERSIONS_OPTIONS = {"list": {}, "show": {"version": "--version"},
+                     "gc": {"keep": "--keep", "min_age_hours": "--min-age-hours",
+                            "dry_run": "--dry-run"},
+                     "diff": {"from_version": "--from", "to_version": "--to"}}
+
+
+def _versions_options(args: argparse.Namespace) -> None:
+    """Refuse an option of another `semid versions` action (`versions diff --version V`
+    compared latest with its parent, status 0), then fill in the defaults."""
+    from semid_dist.errors import ConfigError
+
+    own = _VERSIONS_OPTIONS[args.action]
+    given = [flag for options in _VERSIONS_OPTIONS.values() for dest, flag in options.items()
+             if dest not in own and getattr(args, dest) is not None]
+    if given:
+        takes = ", ".join(own.values()) or "no option but --json"
+        raise ConfigError(f"{args.action} takes {takes}, not {', '.join(given)} (see "
+                          "semid versions --help)")
+    args.version = args.version or "latest"
+    args.to_version = args.to_version or "latest"
+    args.min_age_hours = 24.0 if args.min_age_hours is None else args.min_age_hours
+    args.dry_run = bool(args.dry_run)
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
+    _versions_options(args)
     store = _table(args.root, args.table)
     if args.action in ("gc", "diff"):
         return cmd_versions_gc(args, store) if args.action == "gc" else cmd_versions_diff(
@@ -253,13 +279,15 @@ def parser() -> argparse.ArgumentParser:
     vs.add_argument("action", choices=["list", "show", "gc", "diff"])
     vs.add_argument("--root", required=True)
     vs.add_argument("--table", required=True)
-    vs.add_argument("--version", default="latest")
+    vs.add_argument("--version", help="show: the version (default: latest)")
     vs.add_argument("--keep", type=int, help="gc: how many newest committed versions to keep")
-    vs.add_argument("--min-age-hours", type=float, default=24.0,
-                    help="gc: remove uncommitted version directories older than this")
-    vs.add_argument("--dry-run", action="store_true", help="gc: only print what would go")
+    vs.add_argument("--min-age-hours", type=float,
+                    help="gc: remove uncommitted version directories older than this "
+                         "(default: 24)")
+    vs.add_argument("--dry-run", action="store_true", default=None,
+                    help="gc: only print what would go")
     vs.add_argument("--from", dest="from_version", help="diff: old version (default: parent)")
-    vs.add_argument("--to", dest="to_version", default="latest", help="diff: new version")
+    vs.add_argument("--to", dest="to_version", help="diff: new version (default: latest)")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=cmd_versions)
     r = sub.add_parser("report", help="render the HTML report of a committed version again")

@@ -49,8 +49,9 @@ def format_gc(report: dict[str, Any]) -> str:
              f"{verb} {len(report['deleted_uncommitted'])} uncommitted director(ies) older "
              f"than {report['min_age_hours']:g} h: {young}",
              f"kept      {len(report['kept'])} committed: {', '.join(report['kept']) or '-'}",
-             f"kept      {len(report['kept_uncommitted'])} uncommitted (a build may still be "
-             f"writing them): {', '.join(report['kept_uncommitted']) or '-'}"]
+             f"kept      {len(report['kept_uncommitted'])} uncommitted (younger than "
+             f"{report['min_age_hours']:g} h, or their build still runs): "
+             f"{', '.join(report['kept_uncommitted']) or '-'}"]
     if report["staging_removed"]:
         lines.append(f"{'would remove' if report['dry_run'] else 'removed'} the work files "
                      "(_staging) a killed build left in committed version(s): "

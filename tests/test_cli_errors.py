@@ -96,6 +96,23 @@ def test_gc_min_age_hours_must_not_be_negative(tmp_path):
         assert "--min-age-hours" in line and ">= 0" in line, line
 
 
+@pytest.mark.parametrize("action, options, named", [
+    ("diff", ["--version", "latest"], "diff takes --from, --to, not --version"),
+    ("show", ["--from", "latest"], "show takes --version, not --from"),
+    ("list", ["--dry-run", "--keep", "0"], "list takes no option but --json, not --keep, "
+                                           "--dry-run"),
+    ("gc", ["--keep", "1", "--to", "latest"], "gc takes --keep, --min-age-hours, --dry-run, "
+                                              "not --to")])
+def test_an_option_of_another_versions_action_is_a_named_error(tmp_path, action, options,
+                                                                named):
+    """`semid versions diff --version V` compared latest with its parent, status 0: an
+    option of another action was ignored."""
+    (tmp_path / "sids").mkdir()  # an empty table
+    line = named_error(semid("versions", action, "--root", str(tmp_path), "--table", "sids",
+                             *options))
+    assert named in line, line
+
+
 def test_a_closed_stdout_ends_quietly_with_the_sigpipe_status(tmp_path):
     (tmp_path / "sids").mkdir()  # an empty table: "(no committed versions)"
     read_end, write_end = os.pipe()

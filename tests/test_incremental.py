@@ -4,6 +4,7 @@ extends its parent (carried rows, referenced parts, collisions around the parent
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -46,6 +47,51 @@ def parent_and_child(catalogs, tmp_path):
     child = build(small_config(catalogs["delta"], root, encode__from_version="latest",
                                encode__incremental=True), log=quiet)
     return root, TableStore(root, "sids"), first, child
+
+
+def test_an_incremental_version_leaves_latest_to_one_committed_while_it_was_built(catalogs,
+                                                                                 tmp_path):
+    """Two incremental encodes of one parent at once, the one started first committing
+    first: it is served; the other is committed, but `_latest` stays at the first (the
+    other extends the parent and holds none of the first's rows: `_latest` moved to it, by
+    its newer id, and dropped them with no word), and a warning names both versions and
+    the fix."""
+    root = str(tmp_path / "out")
+    first = build(small_config(catalogs["parent"], root), log=quiet)
+    extra = write_catalog(tmp_path / "extra", clustered(120, 12, seed=9),
+                          ids=np.arange(10_000, 10_120, dtype=np.int64))
+    encoding, go, early = threading.Event(), threading.Event(), []
+
+    def early_log(line: str) -> None:  # waits in its encode for the other to start encoding
+        if line.startswith("encode:") and not encoding.is_set():
+            encoding.set()
+            go.wait(120)
+
+    thread = threading.Thread(target=lambda: early.append(build(
+        small_config(extra, root, encode__from_version="latest", encode__incremental=True),
+        log=early_log)))
+    thread.start()
+    assert encoding.wait(120)
+    lines = []
+
+    def log(line: str) -> None:  # the first commits while this one encodes
+        lines.append(line)
+        if line.startswith("encode:") and not go.is_set():
+            go.set()
+            thread.join(120)
+
+    late = build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                              encode__incremental=True), log=log)
+    store = TableStore(root, "sids")
+    assert early and store.latest() == early[0].version_id
+    assert store.versions() == [first.version_id, early[0].version_id, late.version_id]
+    assert late.manifest["parent"] == early[0].manifest["parent"] == first.version_id
+    served = pq.read_table(store.part_paths("latest"), columns=["item_id"])
+    assert set(range(10_000, 10_120)) <= set(served.column("item_id").to_pylist())
+    warning = next(line for line in lines if line.startswith("warning: _latest stays"))
+    assert (f"_latest stays at {early[0].version_id}" in warning
+            and f"{late.version_id} extends {first.version_id}" in warning
+            and f"encode.from_version={early[0].version_id}" in warning), warning
 
 
 def test_incremental_version_carries_references_and_matches_a_full_encode(catalogs, tmp_path):

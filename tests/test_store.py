@@ -277,6 +277,27 @@ def test_missing_latest_stands_for_the_newest_committed_version(root):
     assert store.commit(newer, man, files) and store.latest() == newer  # the next commit sets it
 
 
+def test_an_expected_latest_moves_only_from_the_version_latest_still_means(root):
+    """`expect_latest` (an incremental version's commit): `_latest` moves only while latest
+    means the expected version, a missing `_latest` file standing for the newest committed
+    version besides the one committing."""
+    store = TableStore(root, "sids")
+    parent, sibling, late = vid_at(1), vid_at(2), vid_at(3)
+    files, man = write_version(store, parent)
+    store.commit(parent, man, files)
+    files, man = write_version(store, sibling)
+    assert store.commit(sibling, man, files, expect_latest=parent)
+    files, man = write_version(store, late)  # built from `parent` while `sibling` committed
+    assert not store.commit(late, man, files, expect_latest=parent)
+    assert store.latest() == sibling and store.versions() == [parent, sibling, late]
+    store.fs.rm(f"{store.base}/{LATEST}")  # latest means `late` now, the newest committed
+    newer = vid_at(4)
+    files, man = write_version(store, newer)
+    assert not store.commit(newer, man, files, expect_latest=sibling)
+    assert store.latest() is None
+    assert store.advance_latest(newer, expect=late) and store.latest() == newer
+
+
 @pytest.mark.parametrize("content", [b"garbage", b"20260102T030404000000Z-000000", b"../x",
                                      b"\xff\xfe"])
 def test_a_latest_naming_no_committed_version_is_a_named_error(root, content):
