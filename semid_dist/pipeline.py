@@ -205,8 +205,6 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)
             started.append(vid)
-            # an incremental version moves `_latest` only from the version it means now
-            expect = store.head() if cfg.encode.incremental else None
             parent_notes(store, cfg, parent, dim, log)
             # renewed until the commit: a build started meanwhile does not take this version,
             # and gc keeps it and the versions it reads
@@ -227,6 +225,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
                                                                         timings)
             finally:
                 release_freed_memory()  # kept by an encode worker in this process (local engine)
+            check_interrupted()
             check_rejects(counts, reasons, cfg)
             timings["encode_s"] = time.monotonic() - t
             t = time.monotonic()
@@ -238,9 +237,10 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         metrics = _metrics(red, fit_stats, source, timings, drift_skipped=skipped and {
             "parent": parent, "reason": skipped})
         files += _version_files(store, vid, red, metrics, drift) + reject_files
-        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files, expect)
+        moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files,
+                        incremental=cfg.encode.incremental)
     return _committed(store, vid, moved, metrics, drift, log, t0,
-                      sibling=expect is not None and not moved)
+                      sibling=cfg.encode.incremental and not moved)
 
 
 def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any],
@@ -249,7 +249,7 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
     """After version `vid`'s commit (`moved`: whether `_latest` moved to it): its work files
     removed, the commit said, its result. The version stands whatever stops the process
     from here on (a Ctrl-C is `InterruptedAfterCommit`). `sibling`: an incremental version
-    that `_latest` did not move to, another version committed while it was built."""
+    that `_latest` did not move to: another version was committed while it was built."""
     try:
         try:
             store.remove_staging(vid)
@@ -259,7 +259,7 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
         log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
             + ("" if moved or sibling else f"; _latest stays at the newer {store.latest()}"))
         if sibling:
-            now, parent = store.latest(), store.manifest(vid).get("parent")
+            now, parent = store.head(), store.manifest(vid).get("parent")
             log(f"warning: _latest stays at {now}, committed while this incremental version "
                 f"was built: {vid} extends {parent} and holds none of {now}'s changes, so "
                 f"serving it would drop them; re-run this encode with encode.from_version={now} "
@@ -300,12 +300,12 @@ def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str
 
 
 def _commit(store: TableStore, vid: str, manifest: dict[str, Any],
-            files: list[FileEntry], expect: str | None) -> bool:
+            files: list[FileEntry], *, incremental: bool) -> bool:
     """`store.commit`; Ctrl-C once the manifest is written says the version stands."""
     check_interrupted()
     maybe_die("commit")
     try:
-        return store.commit(vid, manifest, files, expect_latest=expect)
+        return store.commit(vid, manifest, files, incremental=incremental)
     except KeyboardInterrupt as exc:
         if store.fs.exists(f"{store.version_dir(vid)}/{MANIFEST}"):
             raise InterruptedAfterCommit(vid) from exc

@@ -90,7 +90,8 @@ def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: i
     head = store.head()
     if head is not None and head != parent:
         log(f"warning: encode.from_version={parent} is not the latest version ({head}): this "
-            f"version extends {parent}, not {head}, and becomes the latest when it commits")
+            f"version extends {parent}, not {head}, and becomes the latest when it commits "
+            "(unless another version is committed meanwhile)")
 
 
 def popularity_column(cfg: BuildConfig) -> str | None:

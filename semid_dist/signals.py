@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 _terminated = False  # a SIGTERM stopped the command running now
 _raised = False  # the command running now raised its KeyboardInterrupt (`raise_interrupt`)
+_active = False  # a command runs under `one_interrupt` (in the main thread)
 
 
 def terminated() -> bool:
@@ -35,9 +36,10 @@ def check_interrupted() -> None:
     stop it: Python drops an exception raised inside an object's finaliser (`__del__`)
     with an "Exception ignored" note, and a Ctrl-C that came as a Ray actor handle was
     collected, just after a Ray Train fit, let the build go on and commit (the Ctrl-Cs
-    after it ignored). The build calls it after its fit and before its commit; in the main
-    thread only."""
-    if _raised and threading.current_thread() is threading.main_thread():
+    after it ignored). The build calls it after its fit and its encode and before its
+    commit; it acts in the main thread of a command only (`one_interrupt`: a library
+    build's interrupt is its caller's)."""
+    if _active and _raised and threading.current_thread() is threading.main_thread():
         raise KeyboardInterrupt
 
 
@@ -45,7 +47,7 @@ def _drop_finaliser_interrupts(default: Callable[[Any], None]) -> Callable[[Any]
     """A `sys.unraisablehook` that drops the command's KeyboardInterrupt raised inside a
     finaliser (`check_interrupted` raises it again) and hands anything else to `default`."""
     def hook(unraisable: Any) -> None:
-        if not (_raised and unraisable.exc_type is KeyboardInterrupt):
+        if not (_active and _raised and unraisable.exc_type is KeyboardInterrupt):
             default(unraisable)
     return hook
 
@@ -63,10 +65,11 @@ def one_interrupt() -> Callable[[], None]:
     handlers (a SIGINT ignored by the shell that started it stays ignored); returns what
     puts them back. An interrupt raised inside a finaliser, which Python drops, is not
     printed and is raised again by `check_interrupted`."""
-    global _terminated, _raised
-    _terminated = _raised = False
+    global _terminated, _raised, _active
+    _terminated = False
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _raised, _active = False, True
     previous = signal.getsignal(signal.SIGINT)
     ours = previous is signal.default_int_handler
 
@@ -97,6 +100,8 @@ def one_interrupt() -> Callable[[], None]:
     sys.unraisablehook = _drop_finaliser_interrupts(unraisable)
 
     def restore() -> None:
+        global _raised, _active
+        _raised = _active = False
         if ours:
             signal.signal(signal.SIGINT, previous)
         if before is signal.SIG_DFL:

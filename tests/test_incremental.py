@@ -423,5 +423,6 @@ def test_an_incremental_version_says_what_it_changes_against_its_parent(catalogs
             in lines), lines
     assert (f"warning: encode.from_version={first.version_id} is not the latest version "
             f"({newer.version_id}): this version extends {first.version_id}, not "
-            f"{newer.version_id}, and becomes the latest when it commits" in lines), lines
+            f"{newer.version_id}, and becomes the latest when it commits (unless another "
+            "version is committed meanwhile)" in lines), lines
     assert TableStore(root, "sids").latest() == child.version_id

@@ -590,7 +590,7 @@ def test_ctrl_c_once_the_manifest_is_written_says_the_version_stands(small_catal
                                     "quantizer": {"layers": [16, 8], "niter": 4},
                                     "fit": {"sample_size": 1500}}))
 
-    def ctrl_c(self, version_id):
+    def ctrl_c(self, version_id, **_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(TableStore, "advance_latest", ctrl_c)

@@ -277,25 +277,31 @@ def test_missing_latest_stands_for_the_newest_committed_version(root):
     assert store.commit(newer, man, files) and store.latest() == newer  # the next commit sets it
 
 
-def test_an_expected_latest_moves_only_from_the_version_latest_still_means(root):
-    """`expect_latest` (an incremental version's commit): `_latest` moves only while latest
-    means the expected version, a missing `_latest` file standing for the newest committed
-    version besides the one committing."""
+def test_an_incremental_version_does_not_move_latest_past_one_committed_since_it_started(
+        root):
+    """An incremental commit moves `_latest` unless that names a version committed after
+    the incremental one started (manifest `created_at` against the time its id starts
+    with; a missing `_latest` standing for the newest committed version besides it); one
+    committed before it started (an older `encode.from_version` extended on purpose) it
+    moves past."""
     store = TableStore(root, "sids")
+
+    def commit(vid: str, committed_s: int, *, incremental: bool = False) -> bool:
+        files, man = write_version(store, vid)
+        at = (T0 + dt.timedelta(seconds=committed_s)).isoformat()
+        return store.commit(vid, dict(man, created_at=at), files, incremental=incremental)
+
     parent, sibling, late = vid_at(1), vid_at(2), vid_at(3)
-    files, man = write_version(store, parent)
-    store.commit(parent, man, files)
-    files, man = write_version(store, sibling)
-    assert store.commit(sibling, man, files, expect_latest=parent)
-    files, man = write_version(store, late)  # built from `parent` while `sibling` committed
-    assert not store.commit(late, man, files, expect_latest=parent)
+    assert commit(parent, 2)
+    assert commit(sibling, 10, incremental=True)  # started at 2 s, committed at 10 s
+    assert not commit(late, 20, incremental=True)  # started at 3 s: sibling came since
     assert store.latest() == sibling and store.versions() == [parent, sibling, late]
-    store.fs.rm(f"{store.base}/{LATEST}")  # latest means `late` now, the newest committed
-    newer = vid_at(4)
-    files, man = write_version(store, newer)
-    assert not store.commit(newer, man, files, expect_latest=sibling)
-    assert store.latest() is None
-    assert store.advance_latest(newer, expect=late) and store.latest() == newer
+    on_purpose = vid_at(30)  # extends `parent`, started after sibling's commit
+    assert commit(on_purpose, 40, incremental=True) and store.latest() == on_purpose
+    store.fs.rm(f"{store.base}/{LATEST}")  # latest means `on_purpose` (committed at 40 s)
+    assert not commit(vid_at(35), 50, incremental=True) and store.latest() is None
+    after = vid_at(55)  # started after that commit
+    assert commit(after, 60, incremental=True) and store.latest() == after
 
 
 @pytest.mark.parametrize("content", [b"garbage", b"20260102T030404000000Z-000000", b"../x",

@@ -343,9 +343,10 @@ def _abort(controller: Any) -> None:
     Done before the fit's temporary folder is removed: otherwise the fit ended only as the
     interrupt unwound (the driver's last handle to the controller gone) or as the engine
     shut Ray down, its workers free to write a checkpoint into the folder meanwhile."""
-    if controller is None:
-        return
     import ray
+
+    if controller is None or not ray.is_initialized():  # (a call would start a new Ray)
+        return
 
     with suppress(Exception):  # (best effort: the build's interrupt or error goes on)
         ray.get(controller.abort.remote(), timeout=ABORT_S)  # (the actor exits: an error)

@@ -272,7 +272,7 @@ class TableStore:
                 for e in self.manifest(vid)["files"] if e["path"].startswith(kind + "/")]
 
     def commit(self, version_id: str, manifest: dict[str, Any], files: list[FileEntry], *,
-               expect_latest: str | None = None) -> bool:
+               incremental: bool = False) -> bool:
         """Check row reconciliation, write the manifest last, then move `_latest` forward.
 
         Reconciliation: input = encoded + rejected; the data files hold `table_rows` rows
@@ -283,8 +283,8 @@ class TableStore:
         then compare-and-swapped: it moves to `version_id` only if that id sorts after the
         version `_latest` names now (ids sort by build start time), so when builds commit
         concurrently `_latest` names the newest committed version and never goes back.
-        `expect_latest` (an incremental version: the version `latest` meant as its build
-        started): `_latest` moves only while `latest` still means it (`advance_latest`).
+        An `incremental` version does not move it past a version committed since it started
+        (`advance_latest`).
         Returns whether `_latest` moved (False: a newer version was committed meanwhile).
         """
         rows = manifest["rows"]
@@ -303,7 +303,7 @@ class TableStore:
         self.write_file(version_id, MANIFEST, json.dumps(body, indent=2).encode())
         maybe_die("latest")
         try:
-            return self.advance_latest(version_id, expect=expect_latest)
+            return self.advance_latest(version_id, incremental=incremental)
         except StoreError as exc:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
                              f"{exc}") from None
@@ -328,12 +328,13 @@ class TableStore:
 
     # -- `_latest`: compare-and-swap under a lock ---------------------------------------
 
-    def advance_latest(self, version_id: str, *, expect: str | None = None) -> bool:
+    def advance_latest(self, version_id: str, *, incremental: bool = False) -> bool:
         """Point `_latest` at `version_id` unless it already names a version whose id sorts
-        at or after it, or, with `expect`, unless `latest` no longer means `expect` (`head`):
-        an incremental version holds its parent's rows and its own delta only, so a version
-        committed while it was built (a sibling's delta, a full re-index) is not replaced by
-        it. Returns whether `_latest` moved.
+        at or after it, or, for an `incremental` version, one committed after `version_id`
+        started (its manifest's `created_at` past the time its id starts with; a resumed
+        run keeps its first run's id): an incremental version holds its parent's rows and
+        its own delta only, so a version committed while it was built (a sibling's delta, a
+        full re-index) is not replaced by it. Returns whether `_latest` moved.
 
         Local filesystems: the re-read and the write happen under `_latest.lock` (an
         exclusive create; a lock older than `locks.LOCK_STALE_S` is broken), so `_latest`
@@ -349,7 +350,8 @@ class TableStore:
             current = self.latest()
             if current is not None:
                 self.head()  # raises when `_latest` names no committed version
-            if expect is not None and expect != (current or self._newest(besides=version_id)):
+            if incremental and self._committed_since(current or self._newest(
+                    besides=version_id), version_id):
                 return False
             if current is not None and current >= version_id:
                 return False
@@ -359,7 +361,7 @@ class TableStore:
         for _ in range(3):  # object stores: repair a racing older write, then give up
             time.sleep(0.05)
             current = self.latest()
-            if current is not None and (current >= version_id or expect is not None):
+            if current is not None and (current >= version_id or incremental):
                 return current == version_id
             self._write_latest(version_id)
         return self.latest() == version_id
@@ -368,6 +370,20 @@ class TableStore:
         """The newest committed version other than `besides`: what `latest` meant before
         that version's manifest was written, where there is no `_latest` file."""
         return next((v for v in reversed(self.versions()) if v != besides), None)
+
+    def _committed_since(self, other: str | None, version_id: str) -> bool:
+        """Whether committed version `other` was committed after `version_id` started (a
+        manifest without a readable `created_at`: no)."""
+        from semid_dist.io.retention import version_time  # (it builds on this module)
+
+        started = version_time(version_id)
+        if other is None or started is None:
+            return False
+        try:
+            committed = dt.datetime.fromisoformat(self.manifest(other)["created_at"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return committed > started
 
     def _write_latest(self, version_id: str) -> None:
         fsio.write_bytes(self.fs, fsio.join(self.base, LATEST), version_id.encode())
