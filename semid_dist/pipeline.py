@@ -189,6 +189,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         cfg = replace(cfg, encode=replace(cfg.encode,
                                           from_version=store.resolve(cfg.encode.from_version)))
     parent = cfg.encode.from_version if cfg.encode.incremental else store.head()
+    # what an incremental version may move `_latest` from (`TableStore.advance_latest`)
+    latest = store.head() if cfg.encode.incremental else None
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
@@ -203,12 +205,14 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
-            vid, _, parent, reads = _start_version(store, cfg, plan, key, parent, log)
+            vid, _, parent, reads, latest = _start_version(store, cfg, plan, key, parent,
+                                                           latest, log)
             started.append(vid)
             parent_notes(store, cfg, parent, dim, log)
             # renewed until the commit: a build started meanwhile does not take this version,
             # and gc keeps it and the versions it reads
-            claimed.enter_context(heartbeat(store, vid, key, reads, parent=parent))
+            claimed.enter_context(heartbeat(store, vid, key, reads, parent=parent,
+                                            latest=latest))
             ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
             if cfg.collisions.max_per_sid is not None:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
@@ -238,7 +242,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             "parent": parent, "reason": skipped})
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files,
-                        incremental=cfg.encode.incremental)
+                        expect=latest)
     return _committed(store, vid, moved, metrics, drift, log, t0,
                       sibling=cfg.encode.incremental and not moved)
 
@@ -300,12 +304,12 @@ def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str
 
 
 def _commit(store: TableStore, vid: str, manifest: dict[str, Any],
-            files: list[FileEntry], *, incremental: bool) -> bool:
+            files: list[FileEntry], *, expect: str | None) -> bool:
     """`store.commit`; Ctrl-C once the manifest is written says the version stands."""
     check_interrupted()
     maybe_die("commit")
     try:
-        return store.commit(vid, manifest, files, incremental=incremental)
+        return store.commit(vid, manifest, files, expect_latest=expect)
     except KeyboardInterrupt as exc:
         if store.fs.exists(f"{store.version_dir(vid)}/{MANIFEST}"):
             raise InterruptedAfterCommit(vid) from exc
@@ -313,11 +317,11 @@ def _commit(store: TableStore, vid: str, manifest: dict[str, Any],
 
 
 def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, key: str,
-                   parent: str | None, log: Log) -> Claim:
+                   parent: str | None, latest: str | None, log: Log) -> Claim:
     """The version this run writes: the one a killed run of the same `run_key` left (with
     the parent that run started from), or a new one (`resume.claim_version`)."""
     from_version = (cfg.encode.from_version,) if cfg.encode.from_version else ()
-    claim = claim_version(store, key, log, parent=parent, reads=from_version)
+    claim = claim_version(store, key, log, parent=parent, reads=from_version, latest=latest)
     log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
         f"{'resuming' if claim.resuming else 'new'} version {claim.version} of "
         f"{store.url} (parent {claim.parent or 'none'}); engine {cfg.engine}")

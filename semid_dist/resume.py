@@ -129,14 +129,17 @@ class Claim(NamedTuple):
     resuming: bool  # whether it continues a killed run's
     parent: str | None  # its parent: a resumed version keeps the one its first run started from
     reads: tuple[str, ...]  # the committed versions it reads (`gc` keeps them while it runs)
+    latest: str | None  # the version `latest` meant as its first run started
 
 
 def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None = None, *,
-                  parent: str | None = None, reads: tuple[str, ...] = ()) -> Claim:
+                  parent: str | None = None, reads: tuple[str, ...] = (),
+                  latest: str | None = None) -> Claim:
     """The version this build writes, chosen and recorded as this process's under the
     table's lock (a wait for it is logged), with its parent and the other committed versions
-    it reads (`reads`: the codebooks' version), which `gc` keeps while it runs. A resumed
-    version keeps the parent its first run recorded (`_first_parent`). A root it cannot
+    it reads (`reads`: the codebooks' version), which `gc` keeps while it runs, and the
+    version `latest` meant as the build started (`latest`). A resumed version keeps the
+    parent (`_first_parent`) and the `latest` its first run recorded. A root it cannot
     write to (the build's first write) is a StoreError naming output.root."""
     def waiting() -> None:
         if log is not None:
@@ -150,15 +153,16 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
             resuming = vid is not None
             if vid is not None:
                 parent = _first_parent(store, vid, parent, log)
+                latest = (read_run(store, vid) or {}).get("latest", latest)
             vid = vid or new_version_id()
             reads = tuple(sorted({*reads, parent} - {None}))
             step = "write"
-            _write_run(store, vid, key, reads, parent=parent)
+            _write_run(store, vid, key, reads, parent=parent, latest=latest)
     except OSError as exc:
         if step == "read":  # a listing that failed: not a question of writing
             raise
         raise _unwritable(store, exc) from None
-    return Claim(vid, resuming, parent, reads)
+    return Claim(vid, resuming, parent, reads, latest)
 
 
 def planned_parent(store: TableStore, key: str, parent: str | None) -> str | None:
@@ -223,15 +227,15 @@ def _unwritable(store: TableStore, exc: OSError) -> StoreError:
 
 
 def _write_run(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
-               parent: str | None, owned: bool = True) -> None:
+               parent: str | None, owned: bool = True, latest: str | None = None) -> None:
     run = {"key": key, "owner": _owner() if owned else None, "reads": list(reads),
-           "parent": parent}
+           "parent": parent, "latest": latest}
     store.write_file(vid, f"{STAGING}/{RUN_FILE}", json.dumps(run).encode())
 
 
 @contextlib.contextmanager
 def heartbeat(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,
-              parent: str | None) -> Iterator[None]:
+              parent: str | None, latest: str | None = None) -> Iterator[None]:
     """Renew this build's heartbeat in its run file every `BEAT_S` seconds for the block; a
     block that raises (a failed or interrupted build) gives the version up, so a re-run,
     in this process too, continues it. A run file that is gone (the version folder removed
@@ -242,7 +246,7 @@ def heartbeat(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = ()
         while not stop.wait(BEAT_S):
             try:
                 if store.fs.exists(_run_path(store, vid)):
-                    _write_run(store, vid, key, reads, parent=parent)
+                    _write_run(store, vid, key, reads, parent=parent, latest=latest)
             except Exception:  # noqa: BLE001 (any store's error) the next beat tries again
                 pass
 
@@ -255,7 +259,7 @@ def heartbeat(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = ()
         thread.join()
         with contextlib.suppress(Exception):  # unwritable now: a re-run waits for it to go stale
             if store.fs.exists(_run_path(store, vid)):  # (not where the folder is gone)
-                _write_run(store, vid, key, parent=parent, owned=False)
+                _write_run(store, vid, key, parent=parent, owned=False, latest=latest)
         raise
     finally:
         stop.set()

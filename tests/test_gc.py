@@ -243,6 +243,23 @@ def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
     assert report["deleted"] == [parent] and report["kept_uncommitted"] == [vid]
 
 
+def test_a_resumed_version_keeps_the_latest_its_first_run_started_from(tmp_path):
+    """The version `latest` meant as a build started is recorded with its version, and a
+    resumed run keeps its first run's: an incremental version then moves `_latest` only from
+    that one, not from one committed between the two runs."""
+    from semid_dist.resume import claim_version, heartbeat
+
+    store = TableStore(str(tmp_path / "resume"), "t")
+    parent = committed(store, 100, "000001")
+    first = claim_version(store, "k", parent=parent, latest=parent)
+    assert first.latest == parent and not first.resuming
+    with pytest.raises(RuntimeError), heartbeat(store, first.version, "k", parent=parent,
+                                                latest=parent):
+        raise RuntimeError("killed")  # the build is gone
+    again = claim_version(store, "k", parent=parent, latest="20990101T000000000000Z-aaaaaa")
+    assert again.resuming and again.version == first.version and again.latest == parent
+
+
 def test_gc_removes_a_committed_versions_work_files_once_its_build_is_gone(tmp_path, capsys):
     """A build killed after writing its manifest leaves its `_staging` folder in a committed
     version: gc removes the folder (nothing else) once the build is gone, not while it runs."""

@@ -42,7 +42,7 @@ def set_owner(store: TableStore, vid: str, **owner) -> None:
 
 def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
     store = TableStore(str(tmp_path / "out"), "sids")
-    vid, resuming, _, _ = claim_version(store, "key-a")
+    vid, resuming, *_ = claim_version(store, "key-a")
     assert not resuming and store.uncommitted() == [vid]
     # this process owns it and runs: a build of the same key takes a new version
     assert resumable_version(store, "key-a") is None
@@ -51,7 +51,7 @@ def test_a_version_is_continued_only_when_its_build_is_gone(tmp_path):
     set_owner(store, vid, pid=int(dead.stdout), started=None)  # a process that has exited
     assert resumable_version(store, "key-a") == vid
     assert resumable_version(store, "key-b") is None  # another run's
-    again, resuming, _, _ = claim_version(store, "key-a")
+    again, resuming, *_ = claim_version(store, "key-a")
     assert again == vid and resuming  # and it is now this process's
     assert resumable_version(store, "key-a") is None
     # another machine's build: alive while its heartbeat is fresh
@@ -104,7 +104,7 @@ def test_a_failed_build_gives_its_version_up_and_a_reused_pid_is_not_its_owner(t
     with pytest.raises(RuntimeError), heartbeat(store, vid, "key-a", parent=None):
         raise RuntimeError("the build failed")
     assert resumable_version(store, "key-a") == vid  # in this process too
-    vid, resuming, _, _ = claim_version(store, "key-a")
+    vid, resuming, *_ = claim_version(store, "key-a")
     assert resuming and resumable_version(store, "key-a") is None
     set_owner(store, vid, started="1")  # this pid, but another process's start time
     assert resumable_version(store, "key-a") == vid
@@ -141,7 +141,7 @@ def test_a_wait_for_the_table_lock_is_logged(tmp_path, monkeypatch):
         lines.append(line)
         lock.unlink()
 
-    vid, resuming, _, _ = claim_version(store, "key-a", log)
+    vid, resuming, *_ = claim_version(store, "key-a", log)
     assert not resuming and store.uncommitted() == [vid]
     assert len(lines) == 1 and lines[0].startswith(f"plan: waiting for the lock of {store.url}")
 

@@ -277,31 +277,32 @@ def test_missing_latest_stands_for_the_newest_committed_version(root):
     assert store.commit(newer, man, files) and store.latest() == newer  # the next commit sets it
 
 
-def test_an_incremental_version_does_not_move_latest_past_one_committed_since_it_started(
-        root):
-    """An incremental commit moves `_latest` unless that names a version committed after
-    the incremental one started (manifest `created_at` against the time its id starts
-    with; a missing `_latest` standing for the newest committed version besides it); one
-    committed before it started (an older `encode.from_version` extended on purpose) it
-    moves past."""
+def test_an_expected_latest_moves_only_from_the_version_latest_still_means(root):
+    """`expect_latest` (an incremental version's commit: what `latest` meant as its build
+    started): `_latest` moves only while latest still means it. Without a `_latest` file
+    latest means the newest committed version besides the one committing, which is then
+    written into `_latest` where it must stay (readers would take the newer id); a full
+    build's commit does not move latest back either."""
     store = TableStore(root, "sids")
 
-    def commit(vid: str, committed_s: int, *, incremental: bool = False) -> bool:
+    def commit(vid: str, **expect) -> bool:
         files, man = write_version(store, vid)
-        at = (T0 + dt.timedelta(seconds=committed_s)).isoformat()
-        return store.commit(vid, dict(man, created_at=at), files, incremental=incremental)
+        return store.commit(vid, man, files, **expect)
 
     parent, sibling, late = vid_at(1), vid_at(2), vid_at(3)
-    assert commit(parent, 2)
-    assert commit(sibling, 10, incremental=True)  # started at 2 s, committed at 10 s
-    assert not commit(late, 20, incremental=True)  # started at 3 s: sibling came since
+    assert commit(parent)
+    assert commit(sibling, expect_latest=parent)
+    assert not commit(late, expect_latest=parent)  # `sibling` committed while it was built
     assert store.latest() == sibling and store.versions() == [parent, sibling, late]
-    on_purpose = vid_at(30)  # extends `parent`, started after sibling's commit
-    assert commit(on_purpose, 40, incremental=True) and store.latest() == on_purpose
-    store.fs.rm(f"{store.base}/{LATEST}")  # latest means `on_purpose` (committed at 40 s)
-    assert not commit(vid_at(35), 50, incremental=True) and store.latest() is None
-    after = vid_at(55)  # started after that commit
-    assert commit(after, 60, incremental=True) and store.latest() == after
+    assert commit(vid_at(4), expect_latest=sibling)  # (an older from_version on purpose)
+    store.fs.rm(f"{store.base}/{LATEST}")
+    newest = store.head()  # (vid_at(4))
+    blocked = vid_at(5)
+    assert not commit(blocked, expect_latest=sibling)
+    assert store.latest() == newest and store.head() == newest  # pinned: not `blocked`
+    store.fs.rm(f"{store.base}/{LATEST}")  # latest means `blocked` now, the newest
+    older = vid_at(0)  # a full build started before every other
+    assert not commit(older) and store.latest() is None and store.head() == blocked
 
 
 @pytest.mark.parametrize("content", [b"garbage", b"20260102T030404000000Z-000000", b"../x",

@@ -272,7 +272,7 @@ class TableStore:
                 for e in self.manifest(vid)["files"] if e["path"].startswith(kind + "/")]
 
     def commit(self, version_id: str, manifest: dict[str, Any], files: list[FileEntry], *,
-               incremental: bool = False) -> bool:
+               expect_latest: str | None = None) -> bool:
         """Check row reconciliation, write the manifest last, then move `_latest` forward.
 
         Reconciliation: input = encoded + rejected; the data files hold `table_rows` rows
@@ -283,8 +283,8 @@ class TableStore:
         then compare-and-swapped: it moves to `version_id` only if that id sorts after the
         version `_latest` names now (ids sort by build start time), so when builds commit
         concurrently `_latest` names the newest committed version and never goes back.
-        An `incremental` version does not move it past a version committed since it started
-        (`advance_latest`).
+        `expect_latest` (an incremental version: the version `latest` meant as its build
+        started): `_latest` moves only while `latest` still means it (`advance_latest`).
         Returns whether `_latest` moved (False: a newer version was committed meanwhile).
         """
         rows = manifest["rows"]
@@ -303,7 +303,7 @@ class TableStore:
         self.write_file(version_id, MANIFEST, json.dumps(body, indent=2).encode())
         maybe_die("latest")
         try:
-            return self.advance_latest(version_id, incremental=incremental)
+            return self.advance_latest(version_id, expect=expect_latest)
         except StoreError as exc:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
                              f"{exc}") from None
@@ -328,13 +328,15 @@ class TableStore:
 
     # -- `_latest`: compare-and-swap under a lock ---------------------------------------
 
-    def advance_latest(self, version_id: str, *, incremental: bool = False) -> bool:
-        """Point `_latest` at `version_id` unless it already names a version whose id sorts
-        at or after it, or, for an `incremental` version, one committed after `version_id`
-        started (its manifest's `created_at` past the time its id starts with; a resumed
-        run keeps its first run's id): an incremental version holds its parent's rows and
-        its own delta only, so a version committed while it was built (a sibling's delta, a
-        full re-index) is not replaced by it. Returns whether `_latest` moved.
+    def advance_latest(self, version_id: str, *, expect: str | None = None) -> bool:
+        """Point `_latest` at `version_id` unless `latest` already means a version whose id
+        sorts at or after it, or, with `expect`, unless `latest` no longer means `expect`
+        (the version it meant as an incremental version's build started: an incremental
+        version holds its parent's rows and its own delta only, so a version committed
+        while it was built, a sibling's delta or a full re-index, is not replaced by it).
+        Without a `_latest` file, `latest` means the newest committed version besides
+        `version_id`; where that must stay, it is written into `_latest` (else readers
+        would take `version_id`, the newest). Returns whether `_latest` moved.
 
         Local filesystems: the re-read and the write happen under `_latest.lock` (an
         exclusive create; a lock older than `locks.LOCK_STALE_S` is broken), so `_latest`
@@ -350,10 +352,10 @@ class TableStore:
             current = self.latest()
             if current is not None:
                 self.head()  # raises when `_latest` names no committed version
-            if incremental and self._committed_since(current or self._newest(
-                    besides=version_id), version_id):
-                return False
-            if current is not None and current >= version_id:
+            now = current or self._newest(besides=version_id)
+            if now is not None and (now >= version_id or expect not in (None, now)):
+                if current is None and expect is not None:  # (an older `now`: the newest)
+                    self._write_latest(now)
                 return False
             self._write_latest(version_id)
             if fsio.is_local(self.fs) or "memory" in self._protocols():
@@ -361,7 +363,7 @@ class TableStore:
         for _ in range(3):  # object stores: repair a racing older write, then give up
             time.sleep(0.05)
             current = self.latest()
-            if current is not None and (current >= version_id or incremental):
+            if current is not None and (current >= version_id or expect is not None):
                 return current == version_id
             self._write_latest(version_id)
         return self.latest() == version_id
@@ -370,20 +372,6 @@ class TableStore:
         """The newest committed version other than `besides`: what `latest` meant before
         that version's manifest was written, where there is no `_latest` file."""
         return next((v for v in reversed(self.versions()) if v != besides), None)
-
-    def _committed_since(self, other: str | None, version_id: str) -> bool:
-        """Whether committed version `other` was committed after `version_id` started (a
-        manifest without a readable `created_at`: no)."""
-        from semid_dist.io.retention import version_time  # (it builds on this module)
-
-        started = version_time(version_id)
-        if other is None or started is None:
-            return False
-        try:
-            committed = dt.datetime.fromisoformat(self.manifest(other)["created_at"])
-        except (KeyError, TypeError, ValueError):
-            return False
-        return committed > started
 
     def _write_latest(self, version_id: str) -> None:
         fsio.write_bytes(self.fs, fsio.join(self.base, LATEST), version_id.encode())
