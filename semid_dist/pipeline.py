@@ -185,12 +185,15 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
+    # what "latest" means now, read once: an incremental version moves `_latest` only while
+    # it still means this (`TableStore.advance_latest`)
+    latest = store.head()
     if cfg.encode.from_version:  # resolved once: codebooks, parent and run key agree
-        cfg = replace(cfg, encode=replace(cfg.encode,
-                                          from_version=store.resolve(cfg.encode.from_version)))
-    parent = cfg.encode.from_version if cfg.encode.incremental else store.head()
-    # what an incremental version may move `_latest` from (`TableStore.advance_latest`)
-    latest = store.head() if cfg.encode.incremental else None
+        cfg = replace(cfg, encode=replace(cfg.encode, from_version=latest if (
+            cfg.encode.from_version == "latest" and latest is not None) else store.resolve(
+            cfg.encode.from_version)))
+    parent = cfg.encode.from_version if cfg.encode.incremental else latest
+    latest = latest if cfg.encode.incremental else None
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
@@ -243,27 +246,29 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files,
                         expect=latest)
-    return _committed(store, vid, moved, metrics, drift, log, t0,
-                      sibling=cfg.encode.incremental and not moved)
+    return _committed(store, vid, moved, metrics, drift, log, t0, expected=latest)
 
 
 def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any],
                drift: dict[str, Any] | None, log: Log, t0: float, *,
-               sibling: bool = False) -> BuildResult:
+               expected: str | None = None) -> BuildResult:
     """After version `vid`'s commit (`moved`: whether `_latest` moved to it): its work files
     removed, the commit said, its result. The version stands whatever stops the process
-    from here on (a Ctrl-C is `InterruptedAfterCommit`). `sibling`: an incremental version
-    that `_latest` did not move to: another version was committed while it was built."""
+    from here on (a Ctrl-C is `InterruptedAfterCommit`). `expected`: for an incremental
+    version, what "latest" meant as its build started (where "latest" means another version
+    now, that one was committed while it was built)."""
     try:
         try:
             store.remove_staging(vid)
         except OSError as exc:  # committed all the same: gc removes them
             log(f"commit: the work files (_staging) of version {vid} stay ({exc}); `semid "
                 "versions gc` removes them")
+        now = None if moved else store.head()
+        sibling = not moved and expected is not None and now != expected
         log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
-            + ("" if moved or sibling else f"; _latest stays at the newer {store.latest()}"))
+            + ("" if moved or sibling else f"; _latest stays at the newer {now}"))
         if sibling:
-            now, parent = store.head(), store.manifest(vid).get("parent")
+            parent = store.manifest(vid).get("parent")
             log(f"warning: _latest stays at {now}, committed while this incremental version "
                 f"was built: {vid} extends {parent} and holds none of {now}'s changes, so "
                 f"serving it would drop them; re-run this encode with encode.from_version={now} "
