@@ -354,7 +354,7 @@ class TableStore:
                 self.head()  # raises when `_latest` names no committed version
             now = current or self._newest(besides=version_id)
             if now is not None and (now >= version_id or expect not in (None, now)):
-                if current is None and expect is not None:  # (an older `now`: the newest)
+                if current is None and expect is not None:  # (else readers take the newest)
                     self._write_latest(now)
                 return False
             self._write_latest(version_id)
