@@ -189,9 +189,8 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     # it still means this (`TableStore.advance_latest`)
     latest = store.head()
     if cfg.encode.from_version:  # resolved once: codebooks, parent and run key agree
-        cfg = replace(cfg, encode=replace(cfg.encode, from_version=latest if (
-            cfg.encode.from_version == "latest" and latest is not None) else store.resolve(
-            cfg.encode.from_version)))
+        cfg = replace(cfg, encode=replace(cfg.encode, from_version=store.resolve(
+            cfg.encode.from_version, head=latest)))
     parent = cfg.encode.from_version if cfg.encode.incremental else latest
     latest = latest if cfg.encode.incremental else None
     timings: dict[str, float] = {}

@@ -89,6 +89,8 @@ def test_commit_writes_manifest_and_moves_latest(root):
     assert store.versions() == [v1, v2]
     assert store.latest() == v2 == store.resolve("latest") == store.resolve(None)
     assert store.resolve(v1) == v1
+    # 'latest' as the caller read it before v2's commit (a build resolving it once)
+    assert store.resolve("latest", head=v1) == v1 and store.resolve(v2, head=v1) == v2
     raw = store.fs.cat_file(f"{store.base}/{LATEST}").decode().strip()
     assert raw == v2
     m = store.manifest(v2)

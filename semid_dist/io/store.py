@@ -184,10 +184,11 @@ class TableStore:
         return [v for v in self.version_dirs()
                 if not self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
 
-    def resolve(self, version: str | None) -> str:
-        """'latest' / None / an id -> a committed version id, or StoreError."""
+    def resolve(self, version: str | None, *, head: str | None = None) -> str:
+        """'latest' / None / an id -> a committed version id, or StoreError. `head`: what
+        'latest' means, where the caller has read it (`head()`) and must not read it again."""
         if version in (None, "latest"):
-            head = self.head()
+            head = head or self.head()
             if head is None:
                 raise StoreError(f"table {self.url!r} has no committed version yet; "
                                  "run `semid build` first")
