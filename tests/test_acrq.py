@@ -96,6 +96,7 @@ def test_fit_acrq_resumes_from_any_step(head_tail):
         _, done_books, done_stats = steps[step]
         again, st = fit_acrq(x, head, LAYERS, ANCHORS, split, niter=4, seed=3,
                              fitted=list(zip(done_books, done_stats)))
+        assert len(again) == len(books), step
         assert all(np.array_equal(a, b) for a, b in zip(again, books)), step
 
 

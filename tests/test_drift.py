@@ -24,6 +24,7 @@ from semid_dist.codes.drift import (
     padded_lists,
 )
 from semid_dist.diff import DRIFT_FILE, version_drift
+from semid_dist.engines.local import LocalEngine
 from semid_dist.errors import ConfigError, StoreError
 from semid_dist.io.store import TableStore, new_version_id
 from semid_dist.pipeline import build
@@ -198,13 +199,14 @@ def test_drift_buckets_run_through_an_engine_map(root):
     v2 = commit_parts(store, [random_version(rng, np.arange(300), (4, 4))], parent=v1)
     calls = []
 
-    class Recorder:
+    class Recording(LocalEngine):
         def map(self, fn, items):
             items = list(items)
             calls.append((fn.__name__, len(items)))
-            return [fn(*item) for item in items]
+            return super().map(fn, items)
 
-    res = version_drift(store, v1, v2, engine=Recorder(), buckets=4)
+    res = version_drift(store, v1, v2, engine=Recording(small_config("unused", root)),
+                        buckets=4)
     # 4 buckets of 150 rows: the first version's six parts of 50 rows are split in two
     # groups of three, the second version's one part alone; then 4 bucket tasks
     assert calls == [("drift_split", 3), ("drift_bucket", 4)]

@@ -120,7 +120,9 @@ def test_bad_arguments_and_edges_are_clear():
     one = value_ranges(pop[1:2])
     big = ValueRanges(level=0, low=one.low, high=one.high, count=one.count + MAX_ROWS // 2,
                       hi=one.hi, lo=one.lo)
-    merge_ranges([big, one])  # under 2^36 values: exact int64 sums
+    merged = merge_ranges([big, one])  # under 2^36 values: exact int64 sums
+    assert merged.count.tolist() == [int(big.count[0]) + int(one.count[0])]
+    assert merged.hi.tolist() == [2 * int(one.hi[0])] and merged.lo.tolist() == [2 * int(one.lo[0])]
     with pytest.raises(ValueError, match="would overflow"):
         merge_ranges([big, big])
 

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -121,13 +122,15 @@ def test_local_engine_reads_each_next_shard_in_a_thread_ahead(small_catalog, roo
     assert [i for i, _ in reads] == calls
     assert all(name.startswith("semid-read") for _, name in reads)
     assert not workers[-1]._ahead
-    monkeypatch.setattr(EncodeWorker, "read_ahead", read_ahead)
+    # the reference: each shard read by the call itself (reads still recorded)
+    monkeypatch.setattr(EncodeWorker, "__call__", call)
     monkeypatch.setattr(LocalEngine, "encode", lambda self, ctx, shards: map(
-        EncodeWorker(ctx), shards))  # each shard read by the call itself
+        EncodeWorker(ctx), shards))
+    reads.clear()
     plain = build(small_config(catalog, root), log=quiet)
+    assert not reads
     store = TableStore(root, "sids")
     assert sorted_table(store, ahead.version_id).equals(sorted_table(store, plain.version_id))
-    assert len(reads) == 6  # the second build read no shard ahead
 
 
 def test_same_seed_gives_identical_sid_tables(small_catalog, root):
@@ -191,6 +194,7 @@ def test_metrics_match_brute_force_from_written_table(small_catalog, root, popul
     metrics = store.read_json(None, "metrics.json")
     sizes = list(cfg.quantizer.layers)
     brute = _brute_metrics(codes, x, sizes)
+    assert len(metrics["layers"]) == len(brute["layers"]) == len(sizes)
     for got, want in zip(metrics["layers"], brute["layers"]):
         assert got["used"] == want["used"]
         for key in ("entropy", "entropy_norm", "gini", "top_share"):
@@ -539,19 +543,17 @@ def test_a_shard_result_missing_or_twice_fails_the_build(small_catalog, root, mo
     assert TableStore(root, "sids").latest() == first.version_id
 
 
-def test_step_clock_laps_and_the_log_line():
+def test_step_clock_laps_and_the_log_line(monkeypatch):
     """Each lap is the time since the one before; a step timed twice adds up; the log line
     gives each step's mean per shard and share of the workers' time, in the steps' order."""
-    import time
-
+    ticks = iter([10.0, 10.5, 10.75, 12.0])  # the clock's start, then each lap's reading
+    monkeypatch.setattr("semid_dist.stages.time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     clock = StepClock()
-    time.sleep(0.02)
     clock.lap("read")
     clock.lap("validate")
-    time.sleep(0.01)
     clock.lap("read")
+    assert clock.seconds == {"read": 0.5 + 1.25, "validate": 0.25}
     assert list(clock.seconds) == ["read", "validate"]
-    assert clock.seconds["read"] >= 0.03 and 0 <= clock.seconds["validate"] < 0.01
     text = steps_text({"read": 0.3, "quantize": 0.9, "result": 0.0}, shards=3)
     assert text == "read 100 ms (25%), quantize 300 ms (75%), result 0 ms (0%)"
 

@@ -60,6 +60,46 @@ def check_invariants(table, n_items: int) -> None:
         assert list(sid) == [codes[i] for i in layers]
 
 
+def layer_figures(tokens: list[int], size: int) -> dict:
+    """A layer's token figures by brute force: its tokens' share of the items holding one."""
+    cnt = Counter(tokens)
+    c = np.array([cnt.get(t, 0) for t in range(size)], dtype=float)
+    p = c[c > 0] / c.sum()
+    return {"used": int((c > 0).sum()), "entropy": float(-(p * np.log(p)).sum()),
+            "gini": float(np.abs(c[:, None] - c[None, :]).sum() / (2 * size * size * c.mean())),
+            "top_share": float(c.max() / c.sum())}
+
+
+def collision_figures(keys: list[tuple]) -> dict:
+    per = Counter(keys)
+    return {"distinct_sids": len(per), "max_items_per_sid": max(per.values()),
+            "unique_sid_rate": sum(per[k] == 1 for k in keys) / len(keys)}
+
+
+def check_pruning_figures(metrics: dict, t) -> None:
+    """metrics.json's pruning and collision figures against the written table: items
+    pruned, mean SID length, each layer's tokens after pruning, and the collisions of the
+    final SIDs (sid_tokens) and of the raw codes (before)."""
+    lengths = [len(layers) for layers in t["sid_layers"]]
+    pruning = metrics["pruning"]
+    assert pruning["items_pruned"] == sum(n < len(LAYERS) for n in lengths)
+    assert pruning["mean_sid_length"] == pytest.approx(np.mean(lengths))
+    assert len(pruning["layers_after"]) == len(LAYERS)
+    for layer, (got, size) in enumerate(zip(pruning["layers_after"], LAYERS)):
+        kept = [c[layer] for c, layers in zip(t["codes"], t["sid_layers"]) if layer in layers]
+        if not kept:
+            assert got["used"] == 0
+            continue
+        want = layer_figures(kept, size)
+        assert got["used"] == want["used"]
+        for key in ("entropy", "gini", "top_share"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (layer, key)
+    for name, keys in (("collisions", [tuple(s) for s in t["sid_tokens"]]),
+                       ("collisions_before", [tuple(c) for c in t["codes"]])):
+        want = collision_figures(keys)
+        assert {k: metrics[name][k] for k in want} == pytest.approx(want), name
+
+
 def test_top_k_zero_equals_none(fitted):
     _, none = encode_with(fitted)
     _, k0 = encode_with(fitted, prune__strategy="top_k", prune__k=0)
@@ -73,6 +113,7 @@ def test_drop_layer_equals_removing_layer_from_every_sid(fitted):
     assert sids(t) == [(c[0], c[2]) for c in t["codes"]]
     assert all(list(layers) == [0, 2] for layers in t["sid_layers"])
     assert res.metrics["pruning"]["layers_after"][1]["used"] == 0
+    check_pruning_figures(res.metrics, t)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -84,13 +125,13 @@ def test_top_k_prunes_the_k_most_frequent_layer_2_tokens(fitted, k):
     for codes, layers in zip(t["codes"], t["sid_layers"]):
         assert (1 not in list(layers)) == (codes[1] in ranked)
     assert res.metrics["pruning"]["pruned_tokens"] == k
-    before = res.metrics["collisions_before"]["unique_sid_rate"]
-    assert res.metrics["collisions"]["unique_sid_rate"] <= before
+    check_pruning_figures(res.metrics, t)
 
 
 def test_mass_prunes_fewest_tokens_reaching_share(fitted):
     p = 0.3
-    _, t = encode_with(fitted, prune__strategy="mass", prune__p=p)
+    res, t = encode_with(fitted, prune__strategy="mass", prune__p=p)
+    check_pruning_figures(res.metrics, t)
     counts = Counter(c[1] for c in t["codes"])
     ranked = sorted(counts, key=lambda tok: (-counts[tok], tok))
     share, want = 0.0, set()
@@ -105,8 +146,9 @@ def test_mass_prunes_fewest_tokens_reaching_share(fitted):
 
 def test_sarq_stops_at_first_small_prefix(fitted):
     tau = 0.02
-    _, t = encode_with(fitted, prune__strategy="sarq", prune__tau=tau)
+    res, t = encode_with(fitted, prune__strategy="sarq", prune__tau=tau)
     check_invariants(t, len(fitted[1]))
+    check_pruning_figures(res.metrics, t)
     codes = [tuple(c) for c in t["codes"]]
     n = len(codes)
     prefix_count = Counter(c[:d] for c in codes for d in range(1, 4))

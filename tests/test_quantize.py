@@ -442,12 +442,19 @@ def test_two_workers_with_all_reduce_equal_one_worker():
 
 
 def test_empty_clusters_are_reseeded():
-    # 30 identical points and 3 far ones: most seeds coincide, Lloyd empties clusters
-    x = np.vstack([np.zeros((30, 2)), [[10, 10], [10, 11], [11, 10]]]).astype(np.float32)
-    c, stats = kmeans(x, 6, niter=3, seed=0)
+    # four tight, far-apart blobs; every centroid starts on one point, so all items go to the
+    # first (ties take the lowest index) and the other three are empty: only re-seeding them
+    # (splitting the largest cluster) lets Lloyd find the blobs
+    rng = np.random.default_rng(3)
+    corners = np.array([[0, 0], [20, 0], [0, 20], [20, 20]], np.float32)
+    x = (np.repeat(corners, 25, axis=0) + rng.normal(0, 0.1, (100, 2))).astype(np.float32)
+    start = np.repeat(x[:1], 4, axis=0)
+    c, stats = kmeans(x, 4, niter=12, seed=0, init_centroids=start)
+    assert stats["iterations"][0]["empty_split"] == 3
     assert np.isfinite(c).all()
     labels, _ = nearest(x, c)
-    assert len(np.unique(labels)) >= 2
+    assert sorted(np.bincount(labels, minlength=4)) == [25, 25, 25, 25]  # one blob each
+    assert stats["final_mse"] < 0.1
 
 
 def test_residual_kmeans_layers_reduce_error():

@@ -269,6 +269,7 @@ def test_train_worker_failure_resumes_from_last_layer_checkpoint(ray_session, tm
     monkeypatch.setenv("SEMID_FAULT_MARKER", str(marker))
     resumed, stats = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/resumed")
     assert marker.exists()  # a worker really died
+    assert len(resumed) == len(clean)
     for a, b in zip(clean, resumed):
         assert np.array_equal(a, b)
     assert [s["layer"] for s in stats] == [0, 1, 2]
@@ -291,6 +292,7 @@ def test_acrq_on_ray_train_matches_local_and_resumes(ray_session, tmp_path, monk
                         seed=cfg.seed)
     seeds = init_subset(x, 16, seed=0)
     clean, stats = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/clean", acrq=split)
+    assert len(clean) == len(local) == len(layers)
     for a, b in zip(local, clean):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert [s["anchors"] for s in stats] == anchors
@@ -300,6 +302,7 @@ def test_acrq_on_ray_train_matches_local_and_resumes(ray_session, tmp_path, monk
     resumed, _ = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/resumed",
                                   acrq=split)
     assert marker.exists()
+    assert len(resumed) == len(clean)
     for a, b in zip(clean, resumed):
         assert np.array_equal(a, b)
 

@@ -172,11 +172,12 @@ def _metrics(layers: int = 2) -> dict:
 
 
 def test_page_without_head_tail_embeds_every_figure_and_escapes_text():
-    figs = [Figure(name, name, "caption <b>", F.residual_norm_figure([1.0, 0.5]))
-            for name in ("token_flow", "residual_norm", "extra")]
+    figs = [Figure(name, name, "caption <b>", F.residual_norm_figure(norms))
+            for name, norms in (("token_flow", [1.0, 0.5]), ("residual_norm", [2.0, 0.1]),
+                                ("extra", [0.3, 0.2, 0.1]))]
+    assert len({f.png for f in figs}) == 3
     page = render("v1", _metrics(), figs)
-    assert len(IMG_SRC.findall(page)) == 3
-    assert all(base64.b64decode(s) == figs[0].png for s in IMG_SRC.findall(page))
+    assert [base64.b64decode(s) for s in IMG_SRC.findall(page)] == [f.png for f in figs]
     assert "hourglass at &lt;layer 1&gt;" in page and "caption &lt;b&gt;" in page
     assert "Head vs tail" not in page and "figuresLoaded" in page
 

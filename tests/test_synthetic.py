@@ -127,9 +127,9 @@ def test_memory_stays_near_one_chunk(tmp_path):
 
 
 def test_bad_sizes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk_rows >= 1, got 10, 0"):
         list(iter_chunks(SPEC, 10, chunk_rows=0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunks_per_file must be >= 1, got 0"):
         write_catalog("memory://x", SPEC, 10, chunks_per_file=0)
     with pytest.raises(ValueError, match="compression 'bogus' is not one of snappy"):
         write_catalog("memory://bad-codec", SPEC, 10, compression="bogus")
