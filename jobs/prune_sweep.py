@@ -11,11 +11,11 @@ ray.address, Spark with a master that is not local) needs a --root every worker 
 """
 
 import argparse
-import os
 import tempfile
 
 from semid_dist.cli import job_entry
 from semid_dist.config import BuildConfig, load_config
+from semid_dist.engines.spark_session import session_master
 from semid_dist.errors import ConfigError
 from semid_dist.pipeline import build
 
@@ -57,10 +57,9 @@ def main(argv: list[str]) -> int:
 def _check_root(cfg: BuildConfig, root: str | None, overrides: list[str]) -> None:
     """The sweep's output root is --root's: a temporary directory on this machine is no place
     for a cluster's workers to write, and an output.root override would be replaced."""
-    # spark.master unset: local[*], or under spark-submit the master it was given
-    master = cfg.spark.master or ("" if "PYSPARK_GATEWAY_PORT" in os.environ else "local[*]")
+    master = session_master(cfg)  # None: spark-submit's, which may be a cluster's
     cluster = ((cfg.engine == "ray" and cfg.ray.address) or
-               (cfg.engine == "spark" and not master.startswith("local")))
+               (cfg.engine == "spark" and not (master or "").startswith("local")))
     if cluster and root is None:
         raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
                           "--root on storage every worker can reach (s3://..., hdfs://...), "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,9 @@ from semid_dist.reduce_tasks import (
 from semid_dist.shuffle import Split, Streams, split_tables
 from semid_dist.stages import JobContext, scan_keys
 
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
+
 Log = Callable[[str], None]
 
 
@@ -84,7 +87,7 @@ def _groups(plan: CatalogPlan, bucket_rows: int) -> list[list[tuple[int, Shard]]
                                [s.num_rows for s in plan.shards], target_rows=bucket_rows)
 
 
-def bucketed_duplicates(engine, ctx: JobContext, plan: CatalogPlan, bucket_rows: int,
+def bucketed_duplicates(engine: Engine, ctx: JobContext, plan: CatalogPlan, bucket_rows: int,
                          log: Log) -> tuple[Duplicates, ScanGroups]:
     """The duplicate check in B hash buckets of about `bucket_rows` ids (at most
     `codes.drift.MAX_BUCKETS`): one task per group of consecutive shards of about `bucket_rows`
@@ -153,7 +156,7 @@ def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
 
 # -- the collision suffixes -------------------------------------------------------------
 
-def bucketed_suffixes(engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
+def bucketed_suffixes(engine: Engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
                       hot_counts: np.ndarray, decision: PruneDecision,
                       moves: Moves, *, bucket_rows: int, scratch: str,
                       carried: list[FileEntry] | None = None,
@@ -268,7 +271,7 @@ def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str,
 
 # -- the capacity bound ------------------------------------------------------------------
 
-def bucketed_capacity(engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarray,
+def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: np.ndarray,
                       counts: np.ndarray, over: np.ndarray, decision: PruneDecision,
                       capacity: int, *, bucket_rows: int, scratch: str,
                       held: tuple[np.ndarray, np.ndarray] | None = None,

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from semid_dist.errors import SemidError, one_line
+from semid_dist.errors import ConfigError, SemidError, one_line
 from semid_dist.signals import exiting_signals, one_interrupt, terminated
 
 if TYPE_CHECKING:
@@ -70,14 +70,25 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """`semid validate FILE...`: every file is checked; one line per file, `ok` on stdout or
-    the named error on stderr; status 2 when any was bad."""
+    """`semid validate FILE...`: every file is checked, as a build checks it before it starts
+    (its keys and values, and a table inside its own catalog); one line per file, `ok` on
+    stdout or the named error on stderr; status 2 when any was bad."""
     from semid_dist.config import load_config
+    from semid_dist.engines.local import TABLE_PREFIX
+    from semid_dist.io.store import TableStore
+    from semid_dist.runtime import check_table_outside_catalog, with_absolute_paths
 
     status = 0
     for path in args.files:
         try:
-            load_config(path)
+            cfg = load_config(path)  # (its errors name the file)
+            try:
+                cfg = with_absolute_paths(cfg)
+                if not cfg.input.path.startswith(TABLE_PREFIX):  # (Spark's: once it runs)
+                    check_table_outside_catalog(cfg.input.path,
+                                                TableStore(cfg.output.root, cfg.output.table))
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
         except SemidError as exc:
             print(f"semid validate: error: {exc}", file=sys.stderr, flush=True)
             status = 2
@@ -325,7 +336,8 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return _run(f"semid {args.command}", lambda: args.func(args), exiting=exiting,
-                committed=lambda: getattr(args, "committed", None))
+                committed=lambda: getattr(args, "committed", None),
+                table=args.command not in ("bench", "validate"))
 
 
 # the object stores' "no credentials found" errors (botocore's, google-auth's): raised by
@@ -334,13 +346,14 @@ _NO_CREDENTIALS = ("NoCredentialsError", "DefaultCredentialsError")
 
 
 def _run(name: str, run: Callable[[], int], *, exiting: bool,
-         committed: Callable[[], str | None] | None = None) -> int:
+         committed: Callable[[], str | None] | None = None, table: bool = True) -> int:
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
     ...` and status 2 (an object store's "no credentials" too, and a storage failure a user
     mends: a full disk, a read-only mount, a permission denied); a closed stdout 141; Ctrl-C
     one line and 130 (SIGTERM 143), the Ctrl-Cs after the first ignored (`signals.one_interrupt`).
     The line says whether the version was committed where
-    `committed` tells (one build's command). The caller's SIGINT handler is put back
+    `committed` tells (one build's command); `table`: the command writes into a table (a
+    full disk's line then names `semid versions gc`). The caller's SIGINT handler is put back
     unless the process is `exiting` with the status."""
     restore = one_interrupt()
     try:
@@ -354,7 +367,7 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     except OSError as exc:  # a full disk, a read-only mount, a permission denied
         from semid_dist.io.fs import storage_advice
 
-        if (fix := storage_advice(exc, table=True)) is None:
+        if (fix := storage_advice(exc, table=table)) is None:
             raise
         print(f"{name}: error: {one_line(exc)}: {fix}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
 from semid_dist.quantize.residual import check_warm_start, init_subset
 from semid_dist.stages import JobContext, sample_rows
+
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
 
 Log = Callable[[str], None]
 Reused = tuple[str, dict[str, bytes], dict[str, Any]]  # (version id, codebook files, metadata)
@@ -44,7 +47,7 @@ def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, n
     return out
 
 
-def _sample(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+def _sample(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
             log: Log) -> tuple[np.ndarray, np.ndarray | None]:
     """The fit sample (n, d) float32 and its popularity (n,) (None without the column)."""
     picks = choose_sample(plan, cfg.fit.sample_size, cfg.seed)
@@ -98,16 +101,16 @@ def _acrq_split(sample: np.ndarray, popularity: np.ndarray | None, ctx: JobConte
     return split_sample(sample, head, cfg.quantizer.layers, cfg.anchor_sizes, seed=cfg.seed)
 
 
-def build_codebooks(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
-                    store: TableStore, vid: str, log: Log, parent: str | None = None,
-                    reused: Reused | None = None,
+def build_codebooks(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+                    store: TableStore, vid: str, log: Log, parent: str | None,
+                    reused: Reused | None,
                     ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
     """Fit new codebooks (fit.warm_start=parent: starting from the parent's), or
     (encode.from_version) reuse a committed version's artifact (`reused`: as the build's
-    checks read it, else read here).
+    checks read it, `preflight.check_inputs`).
     Writes the artifact into the new version; returns (files, fit stats, source)."""
     if cfg.encode.from_version:
-        src, blobs, meta = reused or reused_codebooks(store, cfg, ctx.dim)
+        src, blobs, meta = reused
         log(f"codebooks: reusing version {src} ({list(cfg.quantizer.layers)})"
             + ("; fit.warm_start=parent has no effect: nothing is fit"
                if cfg.fit.warm_start == "parent" else ""))

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from semid_dist.config_checks import (
     check_consistency,
-    error_origin,
     override_value,
     overrides_at_fault,
     read_yaml,
@@ -357,9 +356,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildCo
     try:
         return parse_config(data, overrides)
     except ConfigError as exc:
-        origin = error_origin(p, str(exc), overrides or [])
-        if origin == str(p) and overrides:
-            at_fault = overrides_at_fault(parse_config, data, overrides, str(exc))
-            if at_fault:
-                origin = f"{p} with override{'s' * (len(at_fault) > 1)} {', '.join(at_fault)}"
+        at_fault = overrides_at_fault(parse_config, data, overrides or [], str(exc))
+        origin = (f"{p} with override{'s' * (len(at_fault) > 1)} {', '.join(at_fault)}"
+                  if at_fault else str(p))
         raise ConfigError(f"{origin}: {exc}") from None

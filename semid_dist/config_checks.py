@@ -144,38 +144,39 @@ def read_yaml(path: Path) -> Any:
                           f"{problem}") from None
 
 
-def error_origin(path: Path, message: str, overrides: list[str]) -> str:
-    """Where the value a key's error `message` names came from: the last `key=value`
-    override that set that key (or a section above it), else the config file `path`. The
-    key is the message's first word (`key: ...`, `key=value ...`, `key[i]: ...`) or the
-    unknown key it names."""
+def _error_key(message: str) -> str:
+    """The key a config error names: its first word (`key: ...`, `key=value ...`,
+    `key[i]: ...`), or the unknown key it names."""
     unknown = re.match(r"unknown config key '([^']+)'", message)
-    key = unknown.group(1) if unknown else re.split(r"[:=\[ ]", message, maxsplit=1)[0]
-    for item in reversed(overrides):
-        name = item.split("=", 1)[0].strip()
-        if name and (key == name or key.startswith(name + ".")):
-            return f"{path} with override {item}"
-    return str(path)
+    return unknown.group(1) if unknown else re.split(r"[:=\[ ]", message, maxsplit=1)[0]
 
 
 def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overrides: list[str],
                        message: str) -> list[str]:
-    """The overrides that bring about a config error `message` that names another key than
-    theirs (two keys that do not go together, as `quantizer.layers=[32,16]` against the
-    file's `prune.layer: 2`): each left out in turn and kept only where the error goes
-    without it, so none is named that the error does not need; none where the file alone
-    gives it. `parse`: `config.parse_config` (the file's data and overrides -> the config)."""
-    def gives_it(items: list[str]) -> bool:  # (the messages hold nothing that varies)
+    """The overrides that bring about a config error `message`: the last one that sets the
+    key it names (or a section above it), and the others the error needs, as across keys
+    (`quantizer.layers=[32,16]` against the file's `prune.layer: 2`, or beside
+    `prune.layer=2`); none where the file alone gives it. Another is needed where the config
+    parses without it, or fails on the same key otherwise; not where the error stays, or
+    where another key's error shows instead (an override that mends the file's value of that
+    key, which the error came after). `parse`: `config.parse_config` (the file's data and
+    overrides -> the config)."""
+    key = _error_key(message)
+    names = [item.split("=", 1)[0].strip() for item in overrides]
+    own = next((i for i in reversed(range(len(overrides)))
+                if names[i] and (key == names[i] or key.startswith(names[i] + "."))), None)
+
+    def needed(items: list[str]) -> bool:  # (the messages hold nothing that varies)
         try:
             parse(data, items)
         except ConfigError as exc:
-            return str(exc) == message
-        return False
+            return str(exc) != message and _error_key(str(exc)) == key
+        return True
 
     kept = list(range(len(overrides)))
     for i in range(len(overrides)):
         without = [j for j in kept if j != i]
-        if gives_it([overrides[j] for j in without]):
+        if i != own and not needed([overrides[j] for j in without]):
             kept = without
     return [overrides[j] for j in kept]
 
@@ -194,9 +195,15 @@ def check_consistency(cfg: BuildConfig) -> None:
     """Raise ConfigError naming the keys when values that each parsed fine do not go
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
     incremental encodes, the quality depth, two input keys naming one column), output.table
-    is not one directory name, ray.address an HTTP address, spark.master no master URL or
-    spark.driver_memory no JVM memory size."""
+    is not one directory name, a Ray or Spark build's storage in this process's memory,
+    ray.address an HTTP address, spark.master no master URL or spark.driver_memory no JVM
+    memory size."""
     check_table_name(cfg.output.table)
+    if cfg.engine != "local" and "memory://" in (cfg.input.path[:9], cfg.output.root[:9]):
+        workers = "worker" if cfg.engine == "ray" else "executor"
+        raise ConfigError(f"engine: {cfg.engine} needs input.path and output.root on storage "
+                          f"every {workers} can reach (file://, s3://, gs://, hdfs://), not "
+                          "memory:// (this process's memory); or engine: local")
     check_distinct_columns(cfg.input.id_column, cfg.input.embedding_column,
                            cfg.input.popularity_column)
     layers = cfg.quantizer.layers

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist import shuffle
-from semid_dist.codes.drift import drift_buckets, drift_figures, merge_drift
+from semid_dist.codes.drift import bucket_count, drift_figures, merge_drift
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.store import STAGING, FileEntry, TableStore
@@ -75,7 +75,7 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     if not old_parts or not new_parts:
         raise StoreError(f"cannot compare {src} and {dst} of {store.url}: one of them has no "
                          "data parts")
-    n = buckets or drift_buckets(sum(r for _, r in old_parts + new_parts))
+    n = buckets or bucket_count(sum(r for _, r in old_parts + new_parts))
     mapper = engine or InProcess()
     if n == 1:
         old = [Split(p) for p, _ in old_parts]

@@ -8,6 +8,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from semid_dist.codes.partials import Partial, StreamMerge, merge
 from semid_dist.config import BuildConfig
@@ -18,13 +19,17 @@ from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.stages import JobContext
 
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
+
 Log = Callable[[str], None]
 # Statistics parts of a shard result: all items, and the popularity head / tail.
 PARTS = ("all", "head", "tail")
 
 
-def encode_shards(engine, ctx: JobContext, plan: CatalogPlan, log: Log,
-                  timings: dict[str, float]):
+def encode_shards(engine: Engine, ctx: JobContext, plan: CatalogPlan, log: Log,
+                  timings: dict[str, float],
+                  ) -> tuple[dict[str, Partial], dict[str, int], list[FileEntry], dict[str, int]]:
     """Run the encode stage over the shards a killed run of this version did not finish;
     returns ({"all"|"head"|"tail": merged statistics}, counts, reject files, rejected rows per
     reason). Sets timings["encode_first_shard_s"]: seconds until the engine's first shard

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,9 @@ from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.reduce_tasks import carry_part, staged_ids
 from semid_dist.stages import JobContext
+
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
 
 Log = Callable[[str], None]
 STATS_PARTIAL = "stats/partial_all.npz"
@@ -103,7 +106,7 @@ def _applied_prune(manifest: dict[str, Any], decision: PruneDecision) -> dict[st
     return {"strategy": decision.strategy, "layer": decision.layer}
 
 
-def carry_parent(engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, parent: str,
+def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, parent: str,
                  cfg: BuildConfig, log: Log) -> Carried:
     """Split the parent's data parts into referenced and rewritten ones (dropping the rows of
     items this version encoded) and derive the carried rows' statistics."""

@@ -27,7 +27,7 @@ from semid_dist.codes.pruning import PruneDecision
 from semid_dist.config import BuildConfig
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
-from semid_dist.engines import make_engine
+from semid_dist.engines import Engine, make_engine
 from semid_dist.engines.local import TABLE_PREFIX
 from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError, one_line
 from semid_dist.faults import maybe_die
@@ -75,7 +75,7 @@ def _redacting(log: Log) -> Log:
     return lambda msg: log(redact_url(msg))
 
 
-def _scan(engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+def _scan(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
           log: Log) -> JobContext:
     """Pre-pass over ids (+ popularity): duplicates and the head/tail popularity threshold.
     Up to `driver.gather_rows` rows the ids and popularity are checked on the driver; more,
@@ -147,7 +147,7 @@ class _Reduced:
     prune: dict[str, Any] | None  # an incremental version's prune section (its parent's)
 
 
-def _reduce(engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Partial],
+def _reduce(engine: Engine, ctx: JobContext, plan: CatalogPlan, partials: dict[str, Partial],
             counts: dict[str, int], cfg: BuildConfig, store: TableStore, parent: str | None,
             log: Log) -> _Reduced:
     """Reduce -> data parts -> SID lookup; an incremental version first carries its
@@ -210,7 +210,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             vid, _, parent, reads, latest = _start_version(store, cfg, plan, key, parent,
                                                            latest, log)
             started.append(vid)
-            parent_notes(store, cfg, parent, dim, log)
+            parent_notes(store, cfg, parent, dim, log, latest=latest)
             # renewed until the commit: a build started meanwhile does not take this version,
             # and gc keeps it and the versions it reads
             claimed.enter_context(heartbeat(store, vid, key, reads, parent=parent,

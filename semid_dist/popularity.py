@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from semid_dist.io.catalog import CatalogPlan, Shard, read_shard
 from semid_dist.io.fs import redact_url
 from semid_dist.io.validate import popularity_values
 from semid_dist.stages import JobContext
+
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
 
 Log = Callable[[str], None]
 
@@ -94,7 +98,7 @@ def driver_threshold(popularity: Sequence[np.ndarray], plan: CatalogPlan, column
     return find_threshold(merge_ranges([s.ranges for s in scans]), share, in_memory(popularity))
 
 
-def task_threshold(engine, ctx: JobContext, plan: CatalogPlan,
+def task_threshold(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                    groups: Sequence[Sequence[tuple[int, Shard]]],
                    scans: Sequence[PopularityScan], column: str, share: float,
                    log: Log) -> float:

@@ -63,11 +63,12 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
 
 
 def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: int,
-                 log: Log) -> None:
+                 log: Log, *, latest: str | None = None) -> None:
     """Lines on what a re-index changes against its parent that the plan line does not show:
     another embedding dimension (a new embedding model), and for an incremental version
     another embedding column than the carried rows were encoded from, or a parent that is
-    not the latest version (the table's latest then moves to this branch)."""
+    not `latest` (what "latest" meant as the build started, the one its commit compares
+    with: the table's latest then moves to this branch)."""
     if parent is None:
         return
     try:
@@ -87,11 +88,10 @@ def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: i
             f"version carries from {parent} were encoded from column {column}: if the two "
             "hold another model's embeddings, the table mixes them; `semid build` re-indexes "
             "every item")
-    head = store.head()
-    if head is not None and head != parent:
-        log(f"warning: encode.from_version={parent} is not the latest version ({head}): this "
-            f"version extends {parent}, not {head}, and becomes the latest when it commits "
-            "(unless another version is committed meanwhile)")
+    if latest is not None and latest != parent:
+        log(f"warning: encode.from_version={parent} is not the latest version ({latest}): "
+            f"this version extends {parent}, not {latest}, and becomes the latest when it "
+            "commits (unless another version is committed meanwhile)")
 
 
 def popularity_column(cfg: BuildConfig) -> str | None:

@@ -8,7 +8,7 @@ overflow rows of over-full SIDs, suffixes, data parts) runs as engine tasks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,12 +58,15 @@ from semid_dist.reduce_tasks import (
 from semid_dist.shuffle import Streams
 from semid_dist.stages import JobContext
 
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
+
 Log = Callable[[str], None]
 
 
-def bound_collisions(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
+def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, capacity: int | None, held: Partial | None = None,
-                     *, bucket_rows: int = 1_000_000, log: Log | None = None,
+                     *, bucket_rows: int, log: Log | None = None,
                      ) -> tuple[Partial, Moves, int]:
     """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
     codes under the same prefix. Only the rows `plan` encoded move; `held` (the parent's rows
@@ -111,7 +114,7 @@ def capacity_scratch(ctx: JobContext) -> str:
     return f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/capacity"
 
 
-def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
+def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                     partials: dict[str, Partial], cfg: BuildConfig, log: Log, *,
                     decision: PruneDecision | None = None, held: Partial | None = None,
                     ) -> tuple[dict[str, Partial], PruneDecision, Moves, dict[str, Any]]:
@@ -151,10 +154,10 @@ def reduce_partials(engine, ctx: JobContext, plan: CatalogPlan,
     return merged, decision, moves, metrics
 
 
-def finalize_version(engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
+def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, moves: Moves, *,
                      carried: list[FileEntry] | None = None, held: Partial | None = None,
-                     bucket_rows: int = 1_000_000, log: Log | None = None,
+                     bucket_rows: int, log: Log | None = None,
                      ) -> tuple[list[FileEntry], np.ndarray]:
     """Collision suffixes on the final SIDs, then one data part per shard of the plan.
     -> (the data parts, how many of the plan's rows hold each non-zero suffix: every other

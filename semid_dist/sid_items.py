@@ -9,21 +9,25 @@ bucket through the version's staging (`semid_dist.shuffle`, `sid_items_split` ta
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist import shuffle
-from semid_dist.codes.drift import padded_lists
+from semid_dist.codes.drift import bucket_count, padded_lists
 from semid_dist.codes.keyset import run_starts, unique_rows
 from semid_dist.errors import StoreError
 from semid_dist.io.store import STAGING, FileEntry
 from semid_dist.shuffle import Split, read_bucket, read_columns, split_files, split_tables
 from semid_dist.stages import JobContext
 
+if TYPE_CHECKING:
+    from semid_dist.engines import Engine
 
-def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
+
+def sid_items_lookup(engine: Engine, ctx: JobContext, data_files: list[FileEntry], *,
                      bucket_rows: int = 1_000_000) -> list[FileEntry]:
     """lookup/sid_items/: SID -> items, one file per hash bucket (about `bucket_rows` items
     each). With more than one bucket the data parts are first split by bucket
@@ -32,7 +36,7 @@ def sid_items_lookup(engine, ctx: JobContext, data_files: list[FileEntry], *,
     store = ctx.store()
     parts = sorted((store.entry_path(ctx.version_id, f), f.rows) for f in data_files)
     paths = [p for p, _ in parts]
-    buckets = max(1, -(-sum(f.rows for f in data_files) // bucket_rows))
+    buckets = bucket_count(sum(f.rows for f in data_files), bucket_rows=bucket_rows)
     if buckets == 1:
         return engine.map(sid_items_bucket, [(ctx, [Split(p) for p in paths], 0)])
     scratch = f"{store.version_url(ctx.version_id)}/{STAGING}/sid_items"

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -590,12 +591,19 @@ def test_a_table_inside_its_catalog_is_a_config_error_before_anything_is_written
     (tmp_path / "link").symlink_to(d)
     root = roots[where]
     before = sorted(p.name for p in d.rglob("*"))
-    with pytest.raises(ConfigError, match=r"output\.root=.* and output\.table=sids put the "
-                                          r"table at .*, inside input\.path=.*: the next build "
-                                          r"would read the table's files as catalog files; "
-                                          r"write the table outside the catalog"):
+    message = (r"output\.root=.* and output\.table=sids put the table at .*, inside "
+               r"input\.path=.*: the next build would read the table's files as catalog "
+               r"files; write the table outside the catalog")
+    with pytest.raises(ConfigError, match=message):
         build(cfg(str(d), str(root)), log=quiet)
     assert sorted(p.name for p in d.rglob("*")) == before
+    config = tmp_path / "inside.yaml"  # `semid validate` says so too, naming the file
+    config.write_text(json.dumps(cfg(str(d), str(root)).to_dict()))
+    checked = subprocess.run([sys.executable, "-m", "semid_dist.cli", "validate", str(config)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 2 and not checked.stdout
+    assert re.fullmatch(f"semid validate: error: {re.escape(str(config))}: {message}.*\n",
+                        checked.stderr), checked.stderr
     hidden = d / "_semid"  # a folder of the catalog its scan skips: the table may go there
     data, _ = committed(str(hidden), build(cfg(str(d), str(hidden)), log=quiet))
     assert data.num_rows == N

@@ -379,6 +379,22 @@ def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
     with pytest.raises(ConfigError) as exc:  # the file alone gives it
         load_config(path, ["seed=3"])
     assert str(exc.value).startswith(f"{path}: prune.layer: 1 but there are only 1 layers")
+    path.write_text("input: {path: x, popularity_column: pop}\noutput: {root: y}\n")
+    for overrides, named in (  # the key's own override, and those the error needs beside it
+            (["quantizer.layers=[32,16]", "seed=3", "prune.layer=2", "prune.strategy=top_k"],
+             "quantizer.layers=[32,16], prune.layer=2, prune.strategy=top_k: prune.layer: 2"),
+            (["quantizer.method=rq_vae", "collisions.max_per_sid=3"],
+             "quantizer.method=rq_vae, collisions.max_per_sid=3: collisions.max_per_sid is"),
+            (["input.popularity_column=null", "quantizer.method=acrq"],
+             "input.popularity_column=null, quantizer.method=acrq: quantizer.method=acrq "
+             "splits")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, overrides)
+        assert str(exc.value).startswith(f"{path} with overrides {named}"), str(exc.value)
+    path.write_text("input: {path: x}\noutput: {root: y}\nprune: {strategy: top_k, layer: 5}\n")
+    with pytest.raises(ConfigError) as exc:  # one key set twice: the value it took
+        load_config(path, ["prune.layer=1", "prune.layer=3"])
+    assert str(exc.value).startswith(f"{path} with override prune.layer=3: prune.layer: 3 but")
 
 
 def test_encode_from_version_is_a_version_id():
@@ -441,3 +457,17 @@ def test_a_relative_output_root_in_a_ray_jobs_working_dir_copy_is_an_error(
     assert not (copy / "out").exists()
     assert main(["build", "--config", str(cfg), f"output.root={tmp_path / 'kept'}"]) == 0
     assert (tmp_path / "kept" / "sids" / "_latest").exists()
+
+
+@pytest.mark.parametrize("engine, workers", [("ray", "worker"), ("spark", "executor")])
+@pytest.mark.parametrize("key", ["input__path", "output__root"])
+def test_ray_and_spark_refuse_storage_in_this_process_memory(engine, workers, key):
+    """Their workers are other processes: an in-memory filesystem is a config error (so
+    `semid validate` says it too), before an engine starts; the local engine takes it."""
+    data = with_keys(engine=engine, **{key: "memory://cat"})
+    with pytest.raises(ConfigError, match=f"^engine: {engine} needs input.path and output.root "
+                                          f"on storage every {workers} can reach .* not "
+                                          r"memory:// \(this process's memory\); or engine: "
+                                          "local$"):
+        parse_config(data)
+    assert parse_config(with_keys(engine="local", **{key: "memory://cat"})).engine == "local"

@@ -27,6 +27,17 @@ from tests.conftest import REPO, cli_build
 STEPS = ("read", "validate", "quantize", "write", "statistics", "result")
 
 
+def write_config(path: Path, catalog: str, root: Path, **sections) -> Path:
+    """The crash tests' build config (seed 5, layers 16 x 8 x 8, 5 iterations, a sample of
+    1,500, shards of 500 rows), as JSON at `path`; `sections` replace its top-level ones."""
+    path.write_text(json.dumps({
+        "engine": "local", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(root), "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
+        "encode": {"shard_rows": 500}, **sections}))
+    return path
+
+
 def run_build(cfg_path: Path, *overrides: str, fault: str | None = None,
               marker: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
@@ -41,12 +52,7 @@ def run_build(cfg_path: Path, *overrides: str, fault: str | None = None,
 @pytest.fixture()
 def setup(small_catalog, tmp_path):
     catalog, _ = small_catalog
-    cfg = tmp_path / "build.yaml"
-    cfg.write_text(json.dumps({
-        "engine": "local", "seed": 5, "input": {"path": catalog},
-        "output": {"root": str(tmp_path / "out"), "table": "sids"},
-        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
-        "encode": {"shard_rows": 500}}))
+    cfg = write_config(tmp_path / "build.yaml", catalog, tmp_path / "out")
     first = run_build(cfg, "seed=4")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "new version" in first.stderr and "resuming version" not in first.stderr
@@ -59,12 +65,7 @@ def reference(small_catalog, tmp_path_factory):
     """The uninterrupted build every resumed run must reproduce."""
     catalog, _ = small_catalog
     root = tmp_path_factory.mktemp("ref")
-    cfg = root / "build.yaml"
-    cfg.write_text(json.dumps({
-        "engine": "local", "seed": 5, "input": {"path": catalog},
-        "output": {"root": str(root / "out"), "table": "sids"},
-        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
-        "encode": {"shard_rows": 500}}))
+    cfg = write_config(root / "build.yaml", catalog, root / "out")
     assert run_build(cfg).returncode == 0
     return TableStore(str(root / "out"), "sids").read_data().sort_by("item_id")
 
@@ -189,12 +190,7 @@ def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path, fault):
     its task sent the first shard's result (6 shards, a task per slot: 3 each); Ray re-runs
     the task, and the table equals the local engine's (no shard lost or counted twice)."""
     catalog, _ = small_catalog
-    cfg = tmp_path / "ray.yaml"
-    cfg.write_text(json.dumps({
-        "engine": "local", "seed": 5, "input": {"path": catalog},
-        "output": {"root": str(tmp_path / "out"), "table": "sids"},
-        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
-        "encode": {"shard_rows": 500}, "ray": {"num_cpus": 2}}))
+    cfg = write_config(tmp_path / "ray.yaml", catalog, tmp_path / "out", ray={"num_cpus": 2})
     assert run_build(cfg).returncode == 0
     store = TableStore(str(tmp_path / "out"), "sids")
     local = store.read_data().sort_by("item_id")
@@ -261,12 +257,7 @@ def test_ctrl_c_during_or_after_a_ray_train_fit_stops_the_build(small_catalog, t
     handler stopped the fit, whose codebooks were then missing: a traceback)."""
     catalog, _ = small_catalog
     root = tmp_path / "out"
-    cfg = tmp_path / "ray.yaml"
-    cfg.write_text(json.dumps({
-        "engine": "ray", "seed": 5, "input": {"path": catalog},
-        "output": {"root": str(root), "table": "sids"},
-        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
-        "encode": {"shard_rows": 500}, "ray": {"num_cpus": 2}}))
+    cfg = write_config(tmp_path / "ray.yaml", catalog, root, engine="ray", ray={"num_cpus": 2})
     env = {k: v for k, v in os.environ.items() if k != "SEMID_FAULT"}
     env["RAY_TRAIN_V2_ENABLED"] = train
     proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config",
@@ -353,12 +344,9 @@ def test_ctrl_c_in_a_fit_on_the_callers_ray_stops_the_fit(small_catalog, tmp_pat
     the abort returns (not aborted, they ran 4-5 s more, a fit of minutes ending only as its
     checkpoint folder went)."""
     catalog, _ = small_catalog
-    cfg = tmp_path / "ray.yaml"
-    cfg.write_text(json.dumps({
-        "engine": "ray", "seed": 5, "input": {"path": catalog},
-        "output": {"root": str(tmp_path / "out"), "table": "sids"},
-        "quantizer": {"layers": [64, 64, 64], "niter": 10_000}, "fit": {"sample_size": 2000},
-        "encode": {"shard_rows": 500}}))
+    cfg = write_config(tmp_path / "ray.yaml", catalog, tmp_path / "out", engine="ray",
+                       quantizer={"layers": [64, 64, 64], "niter": 10_000},
+                       fit={"sample_size": 2000})
     env = {k: v for k, v in os.environ.items() if k != "SEMID_FAULT"}
     done = subprocess.run([sys.executable, "-c", _CALLERS_RAY, str(cfg)], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=300)

@@ -16,7 +16,7 @@ import pytest
 
 from semid_dist.cli import main
 from semid_dist.codes.drift import (
-    drift_buckets,
+    bucket_count,
     drift_counts,
     drift_figures,
     id_buckets,
@@ -139,8 +139,8 @@ def test_drift_counts_edge_cases():
     stringy = a.set_column(0, "item_id", pa.array([str(i) for i in range(10)]))
     with pytest.raises(StoreError, match="cannot be matched"):
         drift_counts(stringy, a)
-    assert drift_buckets(0) == 1 and drift_buckets(2_500_000) == 3
-    assert drift_buckets(10**12) == 1024
+    assert bucket_count(0) == 1 and bucket_count(2_500_000) == 3
+    assert bucket_count(10**12) == 1024
     assert merge_drift([]) == {"common": 0, "only_from": 0, "only_to": 0, "changed": 0,
                                "layer_changed": []}
 

@@ -583,14 +583,6 @@ def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(
     assert calls[:4] == ["warm_up", "scan_keys", "warm_up", "encode"]
 
 
-def test_spark_refuses_memory_urls():
-    """Executors are other processes: an in-memory filesystem is refused before Spark starts."""
-    from semid_dist.engines.spark import SparkEngine
-
-    with pytest.raises(ConfigError, match="memory://"):
-        SparkEngine(small_config("memory://cat", "/tmp/unused", engine="spark"), log=quiet)
-
-
 def test_spark_reads_a_catalog_table(spark_session, small_catalog, tmp_path):
     """input.path: table:<name> reads a Parquet table of the session catalog; same SIDs as
     the Parquet files behind it, read directly."""

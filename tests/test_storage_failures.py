@@ -224,3 +224,20 @@ def test_a_storage_failure_that_names_no_file_names_the_table(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f"))
     assert f"'{tmp_path / 'f'}'" in str(err.value) and "writing the table" not in str(err.value)
     assert "it resumes" not in str(err.value)
+
+
+@pytest.mark.parametrize("command, table", [("bench", False), ("validate", False),
+                                            ("versions", True)])
+def test_a_full_disk_names_gc_only_for_a_command_that_writes_a_table(command, table, capsys):
+    """The full-disk line of a command: `semid versions gc` frees a table's file system, so
+    only a command that writes into a table names it (a benchmark's work folder is not)."""
+    from semid_dist.cli import _run
+
+    def full() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/semid-bench/cat.parquet")
+
+    assert _run(f"semid {command}", full, exiting=False, table=table) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"semid {command}: error: [Errno 28] No space left on device: "
+                           "'/data/semid-bench/cat.parquet': free space on that file system")
+    assert ("semid versions gc" in line) == table

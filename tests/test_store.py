@@ -214,11 +214,12 @@ def test_a_page_that_fails_its_checksum_is_a_named_error(tmp_path):
     from semid_dist import shuffle
     from semid_dist.io import fs as fsio
 
-    fs, path = fsio.resolve(str(tmp_path / "part.parquet"))
-    fsio.write_parquet(fs, path, pa.table({"a": np.arange(100_000)}))
-    data = bytearray((tmp_path / "part.parquet").read_bytes())
+    store = TableStore(str(tmp_path), "sids")
+    store.write_table("v", "part.parquet", pa.table({"a": np.arange(100_000)}))
+    fs, path = store.fs, fsio.join(store.version_dir("v"), "part.parquet")
+    data = bytearray(fs.cat_file(path))
     data[len(data) // 2:len(data) // 2 + 50] = bytes(50)  # inside a data page
-    (tmp_path / "part.parquet").write_bytes(bytes(data))
+    fs.pipe_file(path, bytes(data))
     with pytest.raises(IsADirectoryError), fsio.damaged_parquet(path):  # the file system's
         raise IsADirectoryError(21, "Is a directory")  # own errors are not "damaged"
     for read in (lambda: fsio.read_parquet(fs, path),

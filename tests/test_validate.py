@@ -14,10 +14,9 @@ import pytest
 from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import plan_catalog, read_shard
 from semid_dist.io.validate import (
-    REJECTS_SCHEMA_FIELDS,
+    REJECTS_SCHEMA,
     check_columns,
     check_schemas,
-    empty_rejects,
     infer_dim,
     normalize_ids,
     popularity_values,
@@ -119,7 +118,7 @@ def check_against_rows(vb, rows, ids, problems, offset):
     want = np.array([[np.float32(v) for v in rows[i]] for i in good], dtype=np.float32)
     assert np.array_equal(vb.x, want.reshape(len(good), D))
     rej = vb.rejects
-    assert tuple(rej.column_names) == REJECTS_SCHEMA_FIELDS
+    assert rej.schema.equals(REJECTS_SCHEMA)
     assert rej.num_rows == len(bad)
     assert len(good) + rej.num_rows == n
     assert rej.column("row").to_pylist() == [offset + i for i in bad]
@@ -360,7 +359,7 @@ def test_all_rows_valid_gives_empty_rejects_with_schema():
     rows = [[float(i)] * D for i in range(5)]
     vb = run(make_table(rows, list(range(5))))
     assert vb.rejects.num_rows == 0
-    assert vb.rejects.schema.equals(empty_rejects().schema)
+    assert vb.rejects.schema.equals(REJECTS_SCHEMA)
 
 
 @pytest.mark.parametrize("with_bad_row", [False, True])

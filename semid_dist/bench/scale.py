@@ -145,7 +145,7 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     return rows_out
 
 
-def incremental_lines(inc: dict, args: argparse.Namespace) -> list[str]:
+def incremental_lines(inc: dict) -> list[str]:
     """The scale page's section on the incremental version."""
     m = inc["result"]["metrics"]
     t, rows = m["timings"], m["rows"]
@@ -194,7 +194,7 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict],
     lines = (build_lines(info, measured, args, worker_s, shares)
              + projection_lines(proj, args, kernel))
     if inc is not None:
-        lines += incremental_lines(inc, args)
+        lines += incremental_lines(inc)
     path.write_text("\n".join(lines) + "\n")
 
 

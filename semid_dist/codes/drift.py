@@ -87,18 +87,10 @@ def id_buckets(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
 MAX_BUCKETS = 1024
 
 
-def bucket_count(rows: int, *, bucket_rows: int = 1_000_000,
-                 max_buckets: int = MAX_BUCKETS) -> int:
-    """Buckets of about `bucket_rows` rows each for `rows` rows: at least 1, at most
-    `max_buckets`."""
-    return int(min(max_buckets, max(1, math.ceil(rows / max(bucket_rows, 1)))))
-
-
-def drift_buckets(rows: int, *, bucket_rows: int = 1_000_000,
-                  max_buckets: int = MAX_BUCKETS) -> int:
-    """How many id buckets the drift join uses: enough that one bucket of both versions
-    together holds about `bucket_rows` rows. rows: rows of both versions together."""
-    return bucket_count(rows, bucket_rows=bucket_rows, max_buckets=max_buckets)
+def bucket_count(rows: int, *, bucket_rows: int = 1_000_000) -> int:
+    """Buckets of about `bucket_rows` rows each for `rows` rows (the drift join: the rows of
+    both versions together): at least 1, at most MAX_BUCKETS (past that the buckets grow)."""
+    return int(min(MAX_BUCKETS, max(1, math.ceil(rows / max(bucket_rows, 1)))))
 
 
 def padded_lists(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:

@@ -80,8 +80,7 @@ def collision_stats(sid_counts: np.ndarray, n: int,
     }
 
 
-def prefix_stats(sid_keys: np.ndarray, sid_counts: np.ndarray, sizes: list[int],
-                 n: int) -> list[dict[str, Any]]:
+def prefix_stats(sid_keys: np.ndarray, sizes: list[int], n: int) -> list[dict[str, Any]]:
     out = []
     for depth in range(1, len(sizes) + 1):
         tail = int(np.prod(sizes[depth:], dtype=np.int64)) if depth < len(sizes) else 1
@@ -101,8 +100,8 @@ def semantic_cohesion(q_counts: np.ndarray, q_sums: np.ndarray) -> float | None:
     return float(((sq - n) / (n * (n - 1))).mean())
 
 
-def preference_discrimination(q_keys: np.ndarray, q_counts: np.ndarray, q_sums: np.ndarray,
-                              *, t: float, max_clusters: int, seed: int) -> float | None:
+def preference_discrimination(q_sums: np.ndarray, *, t: float, max_clusters: int,
+                              seed: int) -> float | None:
     norms = np.linalg.norm(q_sums, axis=1)
     keep = np.flatnonzero(norms > 0)
     if len(keep) < 2:
@@ -188,7 +187,7 @@ def finalize_metrics(p: Partial, sizes: list[int], *, quality_depth: int, pd_t: 
                                  held=p.sid_counts)
     return {
         "layers": layers,
-        "prefixes": prefix_stats(p.sid_keys, p.sid_counts, list(sizes), n),
+        "prefixes": prefix_stats(p.sid_keys, list(sizes), n),
         "conditional": conditional_stats(p.trans_keys, p.trans_counts, list(sizes)),
         "hourglass": hourglass_verdict(layers),
         "collisions": collisions,
@@ -204,8 +203,7 @@ def finalize_metrics(p: Partial, sizes: list[int], *, quality_depth: int, pd_t: 
             "clusters": int(len(p.q_keys)),
             "semantic_cohesion": semantic_cohesion(p.q_counts, p.q_sums),
             "preference_discrimination": preference_discrimination(
-                p.q_keys, p.q_counts, p.q_sums, t=pd_t, max_clusters=pd_max_clusters,
-                seed=seed),
+                p.q_sums, t=pd_t, max_clusters=pd_max_clusters, seed=seed),
         },
         "pruning": pruning_stats(p, sizes, decision, layers),
     }

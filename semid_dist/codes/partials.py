@@ -328,13 +328,6 @@ def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
                    trans_keys=[t[0] for t in trans], trans_counts=[t[1] for t in trans])
 
 
-def empty_partial(sizes: tuple[int, ...] | list[int], dim: int) -> Partial:
-    """Statistics of no items (the identity of `merge`)."""
-    z = np.zeros((0, len(sizes)), dtype=np.int32)
-    return partial_from_batch(z, np.zeros((0, len(sizes)), np.float32),
-                              np.zeros((0, dim), np.float32), sizes, quality_depth=1)
-
-
 def merge_all(parts: list[Partial]) -> Partial:
     """Merge in the given order (pairwise tree, so long lists stay O(n log n))."""
     if not parts:

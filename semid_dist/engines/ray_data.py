@@ -157,9 +157,6 @@ class RayEngine:
     resolve_input = LocalEngine.resolve_input
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
-        if cfg.output.root.startswith("memory://") or cfg.input.path.startswith("memory://"):
-            raise ConfigError("engine: ray needs input.path and output.root on storage every "
-                              "worker can reach (file://, s3://, gs://, hdfs://), not memory://")
         self.cfg, self.log = cfg, log
         self._started = ray_init(cfg)
         quiet_datasets()

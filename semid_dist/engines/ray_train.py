@@ -234,7 +234,8 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
                      init_centroids: list[np.ndarray] | None = None, acrq: Any = None,
                      ) -> tuple[Any, list[dict[str, Any]]]:
     """sample: (n, d) float32 -> (codebooks, per-layer stats) fitted by fit.num_workers;
-    for quantizer.method rq_vae / r3vae the first item is the trained module (DDP fit).
+    for a learned method (rq_vae, r3vae, acrq on rq_vae: `BuildConfig.learned`) the first
+    item is the trained module (DDP fit).
     init_centroids: warm start, one (k_l, d) float32 array per layer (every worker starts
     Lloyd from them instead of k-means++). acrq: the sample's head / tail split
     (`semid_dist.quantize.acrq.AcrqSample`) for quantizer.method=acrq; every worker takes

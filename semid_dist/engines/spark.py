@@ -247,9 +247,6 @@ class SparkEngine(LocalEngine):
     warm_up_beside_fit = True
 
     def __init__(self, cfg: BuildConfig, log: Callable[[str], None] = print) -> None:
-        if cfg.output.root.startswith("memory://") or cfg.input.path.startswith("memory://"):
-            raise ConfigError("engine: spark needs input.path and output.root on storage every "
-                              "executor can reach (file://, s3://, gs://, hdfs://), not memory://")
         super().__init__(cfg, log)
         before = signal.getsignal(signal.SIGINT)
         with session.no_pandas_warning():

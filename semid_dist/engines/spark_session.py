@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 ONE_DAEMON_VAR = "SPARK_SIMPLIFIED_TRACEBACK"
 
 
+def spark_submitted() -> bool:
+    """Whether spark-submit launched this driver (it passes its gateway to pyspark)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def session_master(cfg: BuildConfig) -> str | None:
+    """The master a session the engine starts gets: spark.master, else local[*]; None under
+    spark-submit without spark.master (the master it was given)."""
+    return cfg.spark.master or (None if spark_submitted() else "local[*]")
+
+
 def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
     from pyspark import SparkConf, SparkContext
@@ -43,10 +54,10 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
-    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # spark-submit launched this driver
+    submitted = spark_submitted()
     if not submitted and SparkContext._active_spark_context is None:  # a JVM to launch
         _check_java()
-    master = cfg.spark.master or (None if submitted else "local[*]")
+    master = session_master(cfg)
     builder = (SparkSession.builder.appName(cfg.spark.app_name)
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")  # the log reports progress

@@ -4,7 +4,6 @@ keep credentials out of everything written or logged (`redact_url`)."""
 from __future__ import annotations
 
 import errno
-import io
 import os
 import posixpath
 import re
@@ -169,18 +168,10 @@ def staged_output(fs: AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
             os.remove(tmp)
 
 
-def write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table,
-                  *, row_group_rows: int = 65536) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows,
-                   write_page_checksum=True)
-    write_bytes(fs, path, buf.getvalue())
-
-
 def read_parquet(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file the job wrote (`write_parquet`: with page checksums, verified here);
-    StoreError naming it where it is no Parquet file any more (truncated, overwritten, a
-    page whose checksum fails)."""
+    """A Parquet file the job wrote (`TableStore.write_table`: with page checksums, verified
+    here); StoreError naming it where it is no Parquet file any more (truncated, overwritten,
+    a page whose checksum fails)."""
     with fs.open(path, "rb") as f, damaged_parquet(path):
         return pq.read_table(f, columns=columns, page_checksum_verification=True)
 

@@ -17,7 +17,9 @@ import pyarrow.compute as pc
 from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.fs import redact_url
 
-REJECTS_SCHEMA_FIELDS = ("item_id", "source_file", "row", "reason")
+# a rejects file's columns: item_id as a string whatever the id type (null for a null id)
+REJECTS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_file", pa.string()),
+                            ("row", pa.int64()), ("reason", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -289,12 +291,11 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     lengths = pc.fill_null(pc.list_value_length(emb), 0).to_numpy(zero_copy_only=False)
     rejects = pa.table({
         "item_id": pc.take(ids, pa.array(bad)).cast(pa.string()),
-        "source_file": pa.array([source_file] * len(bad), pa.string()),
-        "row": pa.array(rows[bad], pa.int64()),
-        "reason": pa.array([later[i] if reason[i] == 7 else
-                            _reason_text(int(reason[i]), dim, lengths, i) for i in bad],
-                           pa.string()),
-    })
+        "source_file": [source_file] * len(bad),
+        "row": rows[bad],
+        "reason": [later[i] if reason[i] == 7 else _reason_text(int(reason[i]), dim, lengths, i)
+                   for i in bad],
+    }, schema=REJECTS_SCHEMA)
     popularity = None
     if popularity_column is not None:
         popularity = popularity_values(table.column(popularity_column),
@@ -334,7 +335,3 @@ def reject_reasons(rejects: pa.Table) -> dict[str, int]:
     counts = pc.value_counts(kinds)
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
-
-def empty_rejects() -> pa.Table:
-    return pa.table({"item_id": pa.array([], pa.string()), "source_file": pa.array([], pa.string()),
-                     "row": pa.array([], pa.int64()), "reason": pa.array([], pa.string())})

@@ -21,7 +21,7 @@ from semid_dist.quantize.artifact import artifact_files, load_artifact_tensors
 from semid_dist.quantize.encode import EncodeResult, encode_batch
 from semid_dist.quantize.r3vae import R3VAE
 from semid_dist.quantize.rqvae import RQVAE
-from semid_dist.quantize.training import LearnedParams
+from semid_dist.quantize.training import LearnedParams, fit_model
 
 LEARNED: dict[str, type[nn.Module]] = {"rq_vae": RQVAE, "r3vae": R3VAE}
 Fitted = list[np.ndarray] | nn.Module  # what a fit returns: rq_kmeans codebooks or a model
@@ -164,11 +164,8 @@ def learned_params(method: str, *, seed: int, lr: float | None = None,
 def fit_learned(method: str, x: np.ndarray, init_points: np.ndarray,
                 layers: tuple[int, ...] | list[int], params: LearnedParams,
                 **kw: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Dispatch to `fit_rq_vae` / `fit_r3vae` (same arguments, see there)."""
-    from semid_dist.quantize.r3vae import fit_r3vae
-    from semid_dist.quantize.rqvae import fit_rq_vae
-
-    fit = {"rq_vae": fit_rq_vae, "r3vae": fit_r3vae}.get(method)
-    if fit is None:
+    """`method`'s model (`LEARNED`) fitted (`semid_dist.quantize.training.fit_model`, the
+    same arguments)."""
+    if method not in LEARNED:
         raise ValueError(f"{method!r} is not a learned quantizer ({' | '.join(LEARNED)})")
-    return fit(x, init_points, layers, params, **kw)
+    return fit_model(LEARNED[method], x, init_points, layers, params, **kw)

@@ -31,17 +31,7 @@ from torch import nn
 
 from semid_dist.quantize.kmeans import kmeans
 from semid_dist.quantize.rqvae import RQVAE, mlp
-from semid_dist.quantize.training import (
-    EpochHook,
-    Forward,
-    LearnedParams,
-    Progress,
-    Sync,
-    TrainState,
-    Wrap,
-    deterministic,
-    train,
-)
+from semid_dist.quantize.training import Forward, LearnedParams, Sync, fit_model
 
 
 def rating(e: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -177,18 +167,6 @@ class R3VAE(nn.Module):
 
 
 def fit_r3vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],
-              params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
-              device: str = "cpu", progress: Progress | None = None,
-              on_epoch: EpochHook | None = None, resume: TrainState | None = None,
-              ) -> tuple[R3VAE, list[dict[str, Any]]]:
-    """Fit an R^3-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
-    float32, m >= max(layers), held identically by every worker. on_epoch / resume:
-    checkpoints, see `train`. Returns (model on CPU, per-layer stats as
-    `semid_dist.quantize.training.train` gives them)."""
-    with deterministic(params.seed):
-        model = R3VAE(x.shape[1], layers, params)
-        model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
-        model.to(device)
-        stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
-                      on_epoch=on_epoch, resume=resume)
-    return model.cpu().eval(), stats
+              params: LearnedParams, **kw: Any) -> tuple[R3VAE, list[dict[str, Any]]]:
+    """Fit an R^3-VAE (`semid_dist.quantize.training.fit_model`, the same arguments)."""
+    return fit_model(R3VAE, x, init_points, layers, params, **kw)

@@ -5,7 +5,7 @@ distance, ties to the lowest code) and passes r_{l+1} = r_l - c_l on. Gradients 
 encoder through the straight-through estimator (z_q = z + sg(sum_l c_l - z)); codebooks learn
 from the codebook loss ||sg(r_l) - c_l||^2 and the encoder from the commitment loss
 beta * ||r_l - sg(c_l)||^2. Codebooks start from residual k-means on a first batch
-(`semid_dist.quantize.kmeans.kmeans`); a code unused for `dead_code_window` steps is reset
+(`semid_dist.quantize.kmeans.kmeans`); a code unused for `dead_code_window` epochs is reset
 to a random residual of the current batch.
 
 The training loop (`semid_dist.quantize.training.train`) is shared with R^3-VAE and ACRQ.
@@ -20,17 +20,7 @@ import torch
 from torch import nn
 
 from semid_dist.quantize.kmeans import kmeans
-from semid_dist.quantize.training import (
-    EpochHook,
-    Forward,
-    LearnedParams,
-    Progress,
-    Sync,
-    TrainState,
-    Wrap,
-    deterministic,
-    train,
-)
+from semid_dist.quantize.training import Forward, LearnedParams, Sync, fit_model
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -150,18 +140,6 @@ class RQVAE(nn.Module):
 
 
 def fit_rq_vae(x: np.ndarray, init_points: np.ndarray, layers: tuple[int, ...] | list[int],
-               params: LearnedParams, *, sync: Sync | None = None, wrap: Wrap | None = None,
-               device: str = "cpu", progress: Progress | None = None,
-               on_epoch: EpochHook | None = None, resume: TrainState | None = None,
-               ) -> tuple[RQVAE, list[dict[str, Any]]]:
-    """Fit an RQ-VAE. x: (n_local, d) float32, this worker's shard; init_points: (m, d)
-    float32 with m >= max(layers), held identically by every worker (codebook k-means init).
-    Deterministic for a fixed `params.seed` on CPU. on_epoch / resume: checkpoints, see
-    `train`. Returns (model on CPU, per-layer stats)."""
-    with deterministic(params.seed):
-        model = RQVAE(x.shape[1], layers, params)
-        model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
-        model.to(device)
-        stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
-                      on_epoch=on_epoch, resume=resume)
-    return model.cpu().eval(), stats
+               params: LearnedParams, **kw: Any) -> tuple[RQVAE, list[dict[str, Any]]]:
+    """Fit an RQ-VAE (`semid_dist.quantize.training.fit_model`, the same arguments)."""
+    return fit_model(RQVAE, x, init_points, layers, params, **kw)

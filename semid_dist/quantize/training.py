@@ -161,6 +161,25 @@ class TrainState:
 EpochHook = Callable[[dict[str, Any], Callable[[], TrainState]], None]
 
 
+def fit_model(cls: Callable[..., nn.Module], x: np.ndarray, init_points: np.ndarray,
+              layers: tuple[int, ...] | list[int], params: LearnedParams, *,
+              sync: Sync | None = None, wrap: Wrap | None = None, device: str = "cpu",
+              progress: Progress | None = None, on_epoch: EpochHook | None = None,
+              resume: TrainState | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Fit a learned quantizer `cls(dim, layers, params)` (RQ-VAE, R^3-VAE). x: (n_local, d)
+    float32, this worker's shard; init_points: (m, d) float32 with m >= max(layers), held
+    identically by every worker (the codebooks' k-means start). Deterministic for a fixed
+    `params.seed` on CPU. on_epoch / resume: checkpoints, see `train`. Returns (the model on
+    CPU, in eval mode, per-layer stats as `train` gives them)."""
+    with deterministic(params.seed):
+        model = cls(x.shape[1], layers, params)
+        model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
+        model.to(device)
+        stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
+                      on_epoch=on_epoch, resume=resume)
+    return model.cpu().eval(), stats
+
+
 def _batches(n_local: int, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n_local, generator=gen)
     return [b for b in torch.tensor_split(perm, steps) if len(b)]

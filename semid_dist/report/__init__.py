@@ -6,12 +6,6 @@ them again for `semid report`, never rewriting a committed file with other bytes
 matplotlib is imported only when a figure is drawn.
 """
 
-from semid_dist.report.writer import (
-    REPORT_HTML,
-    load_version,
-    make_figures,
-    rerender_report,
-    write_report,
-)
+from semid_dist.report.writer import REPORT_HTML, rerender_report, write_report
 
-__all__ = ["REPORT_HTML", "load_version", "make_figures", "rerender_report", "write_report"]
+__all__ = ["REPORT_HTML", "rerender_report", "write_report"]
