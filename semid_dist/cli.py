@@ -71,20 +71,19 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """`semid validate FILE...`: every file is checked, as a build checks it before it starts
-    (its keys and values, and a table inside its own catalog); one line per file, `ok` on
-    stdout or the named error on stderr; status 2 when any was bad."""
+    (its keys and values, and on local paths a table inside its own catalog); one line per
+    file, `ok` on stdout or the named error on stderr; status 2 when any was bad."""
     from semid_dist.config import load_config
-    from semid_dist.engines.local import TABLE_PREFIX
     from semid_dist.io.store import TableStore
-    from semid_dist.runtime import check_table_outside_catalog, with_absolute_paths
+    from semid_dist.runtime import check_table_outside_catalog, is_local_path, with_absolute_paths
 
     status = 0
     for path in args.files:
         try:
             cfg = load_config(path)  # (its errors name the file)
-            try:
+            try:  # on this machine's paths: no file system client is made (s3fs or none)
                 cfg = with_absolute_paths(cfg)
-                if not cfg.input.path.startswith(TABLE_PREFIX):  # (Spark's: once it runs)
+                if is_local_path(cfg.input.path) and is_local_path(cfg.output.root):
                     check_table_outside_catalog(cfg.input.path,
                                                 TableStore(cfg.output.root, cfg.output.table))
             except ConfigError as exc:

@@ -145,32 +145,48 @@ def read_yaml(path: Path) -> Any:
 
 
 def _error_key(message: str) -> str:
-    """The key a config error names: its first word (`key: ...`, `key=value ...`,
-    `key[i]: ...`), or the unknown key it names."""
+    """The key a config error names: the message's first word (`key: ...`, `key=value ...`,
+    `key[i]: ...`), the unknown key it names, or an override's that does not parse."""
     unknown = re.match(r"unknown config key '([^']+)'", message)
-    return unknown.group(1) if unknown else re.split(r"[:=\[ ]", message, maxsplit=1)[0]
+    malformed = re.match(r"override ([^:' ]+):", message)
+    return (unknown.group(1) if unknown else malformed.group(1) if malformed
+            else re.split(r"[:=\[ ]", message, maxsplit=1)[0])
+
+
+def _own_override(message: str, overrides: list[str]) -> int | None:
+    """The index of the override that set the key a config error `message` names (the last
+    one that set it or a section above it; an override that is not key=value itself), or
+    None where no override set it."""
+    quoted = re.match(r"override '(.*)' is not key=value", message)
+    if quoted:
+        return next((i for i in reversed(range(len(overrides)))
+                     if overrides[i] == quoted.group(1)), None)
+    key = _error_key(message)
+    names = [item.split("=", 1)[0].strip() for item in overrides]
+    return next((i for i in reversed(range(len(overrides)))
+                 if names[i] and (key == names[i] or key.startswith(names[i] + "."))), None)
 
 
 def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overrides: list[str],
                        message: str) -> list[str]:
-    """The overrides that bring about a config error `message`: the last one that sets the
-    key it names (or a section above it), and the others the error needs, as across keys
-    (`quantizer.layers=[32,16]` against the file's `prune.layer: 2`, or beside
-    `prune.layer=2`); none where the file alone gives it. Another is needed where the config
-    parses without it, or fails on the same key otherwise; not where the error stays, or
-    where another key's error shows instead (an override that mends the file's value of that
-    key, which the error came after). `parse`: `config.parse_config` (the file's data and
-    overrides -> the config)."""
+    """The overrides that bring about a config error `message`; none where the file alone
+    gives it. `parse`: `config.parse_config` (the file's data and overrides -> the config).
+
+    Where an override set the key the error names (`_own_override`): it, and each other
+    override without which the config parses or fails otherwise on that key (an error
+    across keys: `quantizer.layers=[32,16]` beside `prune.layer=2`); not one that mends the
+    file's value of a key checked first (without it, that key's error shows). Where the
+    file set that key: each override without which the error is not the same (the file's
+    `prune.layer: 2` against `quantizer.layers=[32,16]`)."""
+    own = _own_override(message, overrides)
     key = _error_key(message)
-    names = [item.split("=", 1)[0].strip() for item in overrides]
-    own = next((i for i in reversed(range(len(overrides)))
-                if names[i] and (key == names[i] or key.startswith(names[i] + "."))), None)
 
     def needed(items: list[str]) -> bool:  # (the messages hold nothing that varies)
         try:
             parse(data, items)
         except ConfigError as exc:
-            return str(exc) != message and _error_key(str(exc)) == key
+            got = str(exc)
+            return got != message and (own is None or _error_key(got) == key)
         return True
 
     kept = list(range(len(overrides)))

@@ -28,7 +28,6 @@ from semid_dist.config import BuildConfig
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import Engine, make_engine
-from semid_dist.engines.local import TABLE_PREFIX
 from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError, one_line
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
@@ -43,7 +42,12 @@ from semid_dist.preflight import check_inputs, parent_notes, popularity_column
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import Claim, claim_version, heartbeat, planned_parent, run_key
-from semid_dist.runtime import check_table_outside_catalog, torch_device, with_absolute_paths
+from semid_dist.runtime import (
+    TABLE_PREFIX,
+    check_table_outside_catalog,
+    torch_device,
+    with_absolute_paths,
+)
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.signals import check_interrupted
 from semid_dist.stages import JobContext, scan_keys

@@ -20,9 +20,17 @@ if TYPE_CHECKING:
     from semid_dist.io.store import TableStore
 
 
+TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalog
+
+
+def is_local_path(url: str) -> bool:
+    """Whether `url` is a path of this machine's file system (a plain path or file://)."""
+    return not url.startswith(TABLE_PREFIX) and ("://" not in url or url.startswith("file://"))
+
+
 def absolute_url(url: str) -> str:
     """A local path made absolute (`~` expanded); URLs as they are."""
-    if "://" in url or url.startswith("table:"):
+    if "://" in url or url.startswith(TABLE_PREFIX):
         return url
     return str(Path(url).expanduser().resolve())
 

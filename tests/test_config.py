@@ -340,10 +340,20 @@ def test_keys_spelled_differently_that_load_as_one_key_are_duplicates(tmp_path):
 def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input: {path: x}\noutput: {root: y, table: ../z}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("input: {path: x}\noutput: {root: y}\n")
     with pytest.raises(ConfigError) as exc:
+        load_config(good, ["quantizer.layers=[1]", "seed=3"])
+    assert str(exc.value) == (f"{good} with override quantizer.layers=[1]: quantizer.layers[0]: "
+                              "1 is out of range [2, 1048576]")
+    with pytest.raises(ConfigError) as exc:  # the file's bad table name, mended: not named
         load_config(path, ["quantizer.layers=[1]", "output.table=sids"])
     assert str(exc.value) == (f"{path} with override quantizer.layers=[1]: quantizer.layers[0]: "
                               "1 is out of range [2, 1048576]")
+    for malformed in ("fit.sample_size", "quantizer.layers=[32,16", "seed.x=1"):
+        with pytest.raises(ConfigError) as exc:  # an override that does not parse
+            load_config(path, ["seed=3", malformed])
+        assert str(exc.value).startswith(f"{path} with override {malformed}: override ")
     with pytest.raises(ConfigError) as exc:
         load_config(path, ["seed=3"])  # the bad value is the file's
     assert str(exc.value).startswith(f"{path}: output.table: '../z' is not a table name")
@@ -360,6 +370,13 @@ def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
         load_config(path, [*ok, "encode.incremental=true"])
     assert str(exc.value).startswith(f"{path} with override encode.incremental=true: "
                                      "encode.incremental=true extends")
+    learned = tmp_path / "learned.yaml"
+    learned.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {method: rq_vae}\n"
+                       "fit: {precision: bf16}\nencode: {precision: tf32}\n")
+    with pytest.raises(ConfigError) as exc:  # it mends the file's encode.precision, and
+        load_config(learned, ["quantizer.method=rq_kmeans"])  # makes its fit.precision wrong
+    assert str(exc.value).startswith(f"{learned} with override quantizer.method=rq_kmeans: "
+                                     "fit.precision")
 
 
 def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):

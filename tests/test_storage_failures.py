@@ -226,18 +226,21 @@ def test_a_storage_failure_that_names_no_file_names_the_table(tmp_path):
     assert "it resumes" not in str(err.value)
 
 
-@pytest.mark.parametrize("command, table", [("bench", False), ("validate", False),
-                                            ("versions", True)])
-def test_a_full_disk_names_gc_only_for_a_command_that_writes_a_table(command, table, capsys):
+@pytest.mark.parametrize("argv, table", [(["bench"], False), (["validate", "c.yaml"], False),
+                                         (["report", "--root", "r", "--table", "t"], True)])
+def test_a_full_disk_names_gc_only_for_a_command_that_writes_a_table(argv, table, monkeypatch,
+                                                                     capsys):
     """The full-disk line of a command: `semid versions gc` frees a table's file system, so
-    only a command that writes into a table names it (a benchmark's work folder is not)."""
-    from semid_dist.cli import _run
+    only a command that writes into a table names it (a benchmark's work folder is not).
+    The command's body is replaced by one that meets a full disk (a fault injected)."""
+    from semid_dist import cli
 
-    def full() -> int:
-        raise OSError(errno.ENOSPC, "No space left on device", "/data/semid-bench/cat.parquet")
+    def full(args) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/semid/part.parquet")
 
-    assert _run(f"semid {command}", full, exiting=False, table=table) == 2
+    monkeypatch.setattr(cli, f"cmd_{argv[0]}", full)
+    assert cli.main(argv) == 2
     line = capsys.readouterr().err.strip()
-    assert line.startswith(f"semid {command}: error: [Errno 28] No space left on device: "
-                           "'/data/semid-bench/cat.parquet': free space on that file system")
+    assert line.startswith(f"semid {argv[0]}: error: [Errno 28] No space left on device: "
+                           "'/data/semid/part.parquet': free space on that file system")
     assert ("semid versions gc" in line) == table

@@ -15,10 +15,8 @@ from semid_dist.quantize.acrq import AcrqSample, fit_acrq, fit_acrq_vae
 from semid_dist.quantize.model import Fitted, fit_learned, learned_params
 from semid_dist.quantize.residual import fit_residual_kmeans
 from semid_dist.quantize.training import LearnedParams
-from semid_dist.runtime import torch_device
+from semid_dist.runtime import TABLE_PREFIX, torch_device
 from semid_dist.stages import EncodeWorker, JobContext
-
-TABLE_PREFIX = "table:"  # input.path naming a table of the Spark session catalog
 
 
 def learned_config(cfg: BuildConfig) -> LearnedParams:

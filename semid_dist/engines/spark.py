@@ -39,11 +39,12 @@ from semid_dist import errors
 from semid_dist.config import BuildConfig
 from semid_dist.engines import spark_interrupts as interrupts
 from semid_dist.engines import spark_session as session
-from semid_dist.engines.local import TABLE_PREFIX, LocalEngine
+from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.engines.spark_watch import watch_executors
 from semid_dist.errors import ConfigError, InputError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
+from semid_dist.runtime import TABLE_PREFIX
 from semid_dist.stages import JobContext, has_job_worker, job_worker
 
 if TYPE_CHECKING:

@@ -77,6 +77,12 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     except ImportError as exc:  # the file system's package (fsspec names it)
         raise ConfigError(f"{redact_url(url)}: the {protocol}:// file system is not installed "
                           f"({one_line(exc)})") from None
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):
+            raise
+        raise ConfigError(f"{redact_url(url)}: {protocol}:// is no file system fsspec knows; "
+                          "give a local path or a URL such as file://, s3://, gs://, hdfs:// "
+                          "or memory://") from None
     except OSError as exc:
         if protocol not in ("hdfs", "viewfs") or exc.errno is not None:
             raise  # (a server that does not answer: the caller names the key)

@@ -186,7 +186,7 @@ class TableStore:
 
     def resolve(self, version: str | None, *, head: str | None = None) -> str:
         """'latest' / None / an id -> a committed version id, or StoreError. `head`: what
-        'latest' means, where the caller has read it (`head()`) and must not read it again."""
+        'latest' means, where the caller has read it (`head()`; None: read here)."""
         if version in (None, "latest"):
             head = head or self.head()
             if head is None:
