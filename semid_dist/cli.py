@@ -124,8 +124,6 @@ _VERSIONS_OPTIONS = {"list": {}, "show": {"version": "--version"},
 def _versions_options(args: argparse.Namespace) -> None:
     """Refuse an option of another `semid versions` action (`versions diff --version V`
     compared latest with its parent, status 0), then fill in the defaults."""
-    from semid_dist.errors import ConfigError
-
     own = _VERSIONS_OPTIONS[args.action]
     given = [flag for options in _VERSIONS_OPTIONS.values() for dest, flag in options.items()
              if dest not in own and getattr(args, dest) is not None]
@@ -182,7 +180,6 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     """`semid versions gc --keep N`: delete all but the N newest committed versions (and
     `_latest`, and what they reference), plus uncommitted leftovers older than
     --min-age-hours."""
-    from semid_dist.errors import ConfigError
     from semid_dist.io import fs as fsio
     from semid_dist.io.locks import waiting_line
     from semid_dist.summary import format_gc

@@ -297,7 +297,7 @@ def _trainer_class() -> type:
 
 
 _TUNE_NO_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # Ray Tune's switch, read as a fit starts
-ABORT_S = 10.0  # an aborted controller ends its workers and itself within ~1 s
+ABORT_S = 10.0  # the longest wait for the abort call (its workers ended at once, measured)
 
 
 def _fit(trainer: Any) -> None:
