@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import yaml
 
 from semid_dist.errors import ConfigError, one_line
@@ -211,10 +212,17 @@ def check_consistency(cfg: BuildConfig) -> None:
     """Raise ConfigError naming the keys when values that each parsed fine do not go
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
     incremental encodes, the quality depth, two input keys naming one column), output.table
-    is not one directory name, a Ray or Spark build's storage in this process's memory,
+    is not one directory name, input.path or output.root a URL of no file system fsspec
+    knows, a Ray or Spark build's storage in this process's memory,
     ray.address an HTTP address, spark.master no master URL or spark.driver_memory no JVM
     memory size."""
     check_table_name(cfg.output.table)
+    for key, url in (("input.path", cfg.input.path), ("output.root", cfg.output.root)):
+        protocol = fsspec.utils.get_protocol(url)
+        if protocol not in fsspec.available_protocols():
+            raise ConfigError(f"{key}: {protocol}:// is no file system fsspec knows; give a "
+                              "local path or a URL such as file://, s3://, gs://, hdfs:// or "
+                              "memory://")
     if cfg.engine != "local" and "memory://" in (cfg.input.path[:9], cfg.output.root[:9]):
         workers = "worker" if cfg.engine == "ray" else "executor"
         raise ConfigError(f"engine: {cfg.engine} needs input.path and output.root on storage "

@@ -617,14 +617,18 @@ def test_a_table_inside_its_catalog_is_a_config_error_before_anything_is_written
 
 @pytest.mark.parametrize("key", ["input", "output"])
 def test_a_url_of_no_file_system_fsspec_knows_is_a_config_error(tmp_path, key):
-    """An unknown protocol in input.path or output.root: one line naming the URL (it was
-    fsspec's ValueError traceback), nothing written."""
+    """An unknown protocol in input.path or output.root: one line naming the key (it was
+    fsspec's ValueError traceback), from the config's parse, so nothing is written; the
+    same words from `resolve` for a URL no config key gave (a command's --root)."""
     d = two_files(tmp_path)
     catalog, root = ("foo://cat", str(tmp_path / "out")) if key == "input" else (str(d), "foo://t")
-    with pytest.raises(ConfigError, match=r"^foo://\w+: foo:// is no file system fsspec knows; "
+    named = "input.path" if key == "input" else "output.root"
+    with pytest.raises(ConfigError, match=rf"^{named}: foo:// is no file system fsspec knows; "
                                           r"give a local path or a URL such as file://"):
         build(cfg(catalog, root), log=quiet)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=r"^foo://t: foo:// is no file system fsspec knows"):
+        TableStore("foo://t", "sids")
 
 
 def test_empty_zero_byte_file_is_a_named_error(tmp_path, root):
