@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from semid_dist.errors import ConfigError, SemidError, one_line
+from semid_dist.errors import ConfigError, SemidError, StoreError, one_line
 from semid_dist.signals import exiting_signals, one_interrupt, terminated
 
 if TYPE_CHECKING:
@@ -100,7 +100,6 @@ def _table(root: str, table: str) -> TableStore:
     """The table at --root / --table; StoreError where there is none (a mistyped --root or
     --table would list nothing, or be told to build a first version)."""
     from semid_dist.config_checks import check_table_name
-    from semid_dist.errors import StoreError
     from semid_dist.io import fs as fsio
     from semid_dist.io.store import TableStore
 
@@ -140,39 +139,47 @@ def _versions_options(args: argparse.Namespace) -> None:
 def cmd_versions(args: argparse.Namespace) -> int:
     _versions_options(args)
     store = _table(args.root, args.table)
-    if args.action in ("gc", "diff"):
-        return cmd_versions_gc(args, store) if args.action == "gc" else cmd_versions_diff(
-            args, store)
-    if args.action == "list":
-        try:
-            latest = store.head()
-        except SemidError as exc:  # listed all the same: the list is how to mend it
-            print(f"semid versions: warning: {exc}", file=sys.stderr)
-            latest = None
-        rows = []
-        for vid in store.versions():
-            m = store.manifest(vid)
-            rows.append({"version_id": vid, "latest": vid == latest, "parent": m.get("parent"),
-                         "created_at": m.get("created_at"), "rows": m.get("rows")})
-        text = "\n".join(f"{'*' if r['latest'] else ' '} {r['version_id']}  {r['created_at']}  "
-                         f"encoded {r['rows']['encoded']}  rejected {r['rows']['rejected']}"
-                         + (f"  carried {r['rows']['carried']}" if "carried" in r["rows"] else "")
-                         + (f"  replaced {r['rows']['replaced']}" if "replaced" in r["rows"]
-                            else "")
-                         for r in rows) or "(no committed versions)"
-        _print(rows, args.json, text)
-    else:  # show
-        manifest = store.manifest(args.version)
-        store.check_files(manifest["version_id"])  # a file gone: the version is damaged
-        metrics = store.read_json(manifest["version_id"], "metrics.json")
-        from semid_dist.diff import DRIFT_FILE
-        from semid_dist.summary import format_summary
+    action = {"list": cmd_versions_list, "show": cmd_versions_show, "gc": cmd_versions_gc,
+              "diff": cmd_versions_diff}[args.action]
+    return action(args, store)
 
-        drift = (store.read_json(manifest["version_id"], DRIFT_FILE)
-                 if any(f["path"] == DRIFT_FILE for f in manifest["files"]) else None)
-        _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json,
-               format_summary(manifest["version_id"], store.display_url(manifest["version_id"]),
-                              metrics, drift))
+
+def cmd_versions_list(args: argparse.Namespace, store: TableStore) -> int:
+    """`semid versions list`: every committed version, oldest first, `_latest`'s starred
+    (listed also where `_latest` is damaged: the list is how to mend it)."""
+    try:
+        latest = store.head()
+    except SemidError as exc:
+        print(f"semid versions: warning: {exc}", file=sys.stderr)
+        latest = None
+    rows = []
+    for vid in store.versions():
+        m = store.manifest(vid)
+        rows.append({"version_id": vid, "latest": vid == latest, "parent": m.get("parent"),
+                     "created_at": m.get("created_at"), "rows": m.get("rows")})
+    text = "\n".join(f"{'*' if r['latest'] else ' '} {r['version_id']}  {r['created_at']}  "
+                     f"encoded {r['rows']['encoded']}  rejected {r['rows']['rejected']}"
+                     + (f"  carried {r['rows']['carried']}" if "carried" in r["rows"] else "")
+                     + (f"  replaced {r['rows']['replaced']}" if "replaced" in r["rows"] else "")
+                     for r in rows) or "(no committed versions)"
+    _print(rows, args.json, text)
+    return 0
+
+
+def cmd_versions_show(args: argparse.Namespace, store: TableStore) -> int:
+    """`semid versions show VERSION`: a version's manifest, metrics and drift (a file of
+    it gone: the version is damaged, a named error)."""
+    from semid_dist.diff import DRIFT_FILE
+    from semid_dist.summary import format_summary
+
+    manifest = store.manifest(args.version)
+    vid = manifest["version_id"]
+    store.check_files(vid)
+    metrics = store.read_json(vid, "metrics.json")
+    drift = (store.read_json(vid, DRIFT_FILE)
+             if any(f["path"] == DRIFT_FILE for f in manifest["files"]) else None)
+    _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json,
+           format_summary(vid, store.display_url(vid), metrics, drift))
     return 0
 
 
@@ -203,7 +210,6 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     """`semid versions diff --from V1 --to V2`: share of items whose SID changed (--to
     defaults to latest, --from to the parent of --to)."""
     from semid_dist.diff import version_drift
-    from semid_dist.errors import StoreError
     from semid_dist.io.store import removed_while_read
     from semid_dist.summary import format_drift
 
@@ -228,7 +234,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     """`semid report`: render the report of a committed version again, into its report/
     folder (restoring a missing or damaged file; a committed file is never rewritten with
     other bytes) or, with --out, into a folder of its own."""
-    from semid_dist.errors import StoreError
     from semid_dist.io import fs as fsio
     from semid_dist.report import REPORT_HTML, rerender_report
     from semid_dist.runtime import absolute_url

@@ -189,14 +189,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
-    # what "latest" means now, read once: an incremental version moves `_latest` only while
-    # it still means this (`TableStore.advance_latest`)
-    latest = store.head()
-    if cfg.encode.from_version:  # resolved once: codebooks, parent and run key agree
-        cfg = replace(cfg, encode=replace(cfg.encode, from_version=store.resolve(
-            cfg.encode.from_version, head=latest)))
-    parent = cfg.encode.from_version if cfg.encode.incremental else latest
-    latest = latest if cfg.encode.incremental else None
+    cfg, parent, latest = _lineage(cfg, store)
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
@@ -222,34 +215,53 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             ctx = _scan(engine, _job_context(cfg, plan, vid, dim), plan, cfg, log)
             if cfg.collisions.max_per_sid is not None:
                 ctx = replace(ctx, candidates=cfg.collisions.candidates)
-            t = time.monotonic()
-            files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid, log,
-                                                       parent, reused)
-            timings["fit_s"] = time.monotonic() - t
+            with _timed(timings, "fit_s"):
+                files, fit_stats, source = build_codebooks(engine, ctx, plan, cfg, store, vid,
+                                                           log, parent, reused)
             check_interrupted()  # (one a finaliser dropped: the fit's are collected here)
             if engine.warm_up_beside_fit:  # a resumed run's codebooks (it runs once per engine)
                 engine.warm_up()
-            t = time.monotonic()
-            try:
-                partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan, log,
-                                                                        timings)
-            finally:
-                release_freed_memory()  # kept by an encode worker in this process (local engine)
-            check_interrupted()
-            check_rejects(counts, reasons, cfg)
-            timings["encode_s"] = time.monotonic() - t
-            t = time.monotonic()
-            red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
-            timings["reduce_s"] = time.monotonic() - t
-            t = time.monotonic()
-            drift, skipped = parent_drift(engine, store, parent, vid, red.data_files, log)
-            timings["drift_s"] = time.monotonic() - t
+            with _timed(timings, "encode_s"):
+                try:
+                    partials, counts, reject_files, reasons = encode_shards(engine, ctx, plan,
+                                                                            log, timings)
+                finally:
+                    release_freed_memory()  # kept by an encode worker in this process
+                check_interrupted()
+                check_rejects(counts, reasons, cfg)
+            with _timed(timings, "reduce_s"):
+                red = _reduce(engine, ctx, plan, partials, counts, cfg, store, parent, log)
+            with _timed(timings, "drift_s"):
+                drift, skipped = parent_drift(engine, store, parent, vid, red.data_files, log)
         metrics = _metrics(red, fit_stats, source, timings, drift_skipped=skipped and {
             "parent": parent, "reason": skipped})
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files,
                         expect=latest)
     return _committed(store, vid, moved, metrics, drift, log, t0, expected=latest)
+
+
+def _lineage(cfg: BuildConfig, store: TableStore) -> tuple[BuildConfig, str | None,
+                                                          str | None]:
+    """(cfg with encode.from_version resolved to a version name, the parent, the "latest"
+    an incremental version expects). "latest" is read once: an incremental version moves
+    `_latest` only while it still means this (`TableStore.advance_latest`); the
+    codebooks' source, the parent and the run key agree on the one resolve."""
+    latest = store.head()
+    if cfg.encode.from_version:
+        cfg = replace(cfg, encode=replace(cfg.encode, from_version=store.resolve(
+            cfg.encode.from_version, head=latest)))
+    if cfg.encode.incremental:
+        return cfg, cfg.encode.from_version, latest
+    return cfg, latest, None
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """timings[key] = the seconds the block took (not set when it raises)."""
+    t = time.monotonic()
+    yield
+    timings[key] = time.monotonic() - t
 
 
 def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any],
