@@ -203,3 +203,19 @@ def capacity_ranges_on_engines(catalog: str, root: str, engine: str) -> tuple:
     assert any("collisions: moving the overflow of" in m and "prefix ranges" in m for m in logs)
     assert results[0].metrics["collisions"]["reassigned"] > 0
     return tables, results, logs
+
+
+def corrupt_embedding_pages(path, x: np.ndarray) -> None:
+    """Write x as a catalog file with page checksums, then flip bytes inside the embedding
+    column's pages (the footer and the id column stay valid)."""
+    pq.write_table(pa.table({"item_id": pa.array(np.arange(600, 600 + len(x))),
+                             "embedding": pa.FixedSizeListArray.from_arrays(
+                                 pa.array(x.ravel(), pa.float32()), x.shape[1]),
+                             "popularity": pa.array(np.zeros(len(x), np.int64))}),
+                   path, compression="zstd", write_page_checksum=True)
+    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    start = min(o for o in (col.dictionary_page_offset, col.data_page_offset) if o is not None)
+    data = bytearray(path.read_bytes())
+    middle = start + col.total_compressed_size // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))

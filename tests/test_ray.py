@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from semid_dist.engines.ray_data import _one_stage, task_shards
 from semid_dist.engines.ray_train import fit_on_ray_train
-from semid_dist.errors import ConfigError
+from semid_dist.errors import ConfigError, InputError
 from semid_dist.io.catalog import Shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
@@ -26,6 +27,7 @@ from tests.conftest import (
     capacity_ranges_on_engines,
     cli_build,
     clustered,
+    corrupt_embedding_pages,
     incremental_on_engines,
     named_error,
     small_config,
@@ -191,6 +193,28 @@ def test_ray_incremental_version_identical_to_local(ray_session, incremental_cat
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_a_named_error_in_a_ray_task_is_itself_on_one_line(ray_session, small_catalog,
+                                                         tmp_path):
+    """A catalog file whose embedding pages fail their checksum, met by a Ray task (the fit
+    sample's read) and by a Ray Data encode task (a build encoding with a version's
+    codebooks: no sample read): the build raises the task's InputError itself, its one line
+    (not Ray's wrapper, whose message was the task's traceback and Ray Data's retry note),
+    and commits nothing."""
+    catalog, x = small_catalog
+    root = str(tmp_path / "out")
+    good = build(small_config(catalog, root), log=quiet)
+    bad = write_catalog(tmp_path / "bad", x[:600], files=1)
+    corrupt_embedding_pages(tmp_path / "bad" / "part-001.parquet", x[600:900])
+    for over in ({}, {"encode__from_version": good.version_id}):
+        with pytest.raises(InputError) as err:
+            build(small_config(bad, root, engine="ray", **over), log=quiet)
+        assert type(err.value) is InputError and "\n" not in str(err.value), over
+        assert re.fullmatch(r"catalog file '.*part-001\.parquet': cannot read row groups "
+                            r"\[0\] \(.*checksum.*\); repair or remove the file "
+                            r"\(raised in a Ray task\)", str(err.value)), str(err.value)
+    assert TableStore(root, "sids").versions() == [good.version_id]
+
+
 def test_gpu_settings_on_a_ray_without_gpus_are_a_clear_error(ray_session, small_catalog,
                                                              tmp_path):
     """Not a job waiting forever for a GPU: the engine stops before any work, Ray stays up."""

@@ -16,8 +16,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import ConfigError, InputError, SemidError
@@ -29,6 +27,7 @@ from tests.conftest import (
     capacity_ranges_on_engines,
     cli_build,
     clustered,
+    corrupt_embedding_pages,
     incremental_on_engines,
     named_error,
     small_config,
@@ -139,22 +138,6 @@ def test_spark_build_end_to_end(spark_session, tmp_path):
     local = build(small_config(catalog, root), log=quiet)
     assert comparable(local.metrics) == comparable(res.metrics)
     assert store.read_data(local.version_id).sort_by("item_id").equals(data.sort_by("item_id"))
-
-
-def corrupt_embedding_pages(path, x: np.ndarray) -> None:
-    """Write x as a catalog file with page checksums, then flip bytes inside the embedding
-    column's pages (the footer and the id column stay valid)."""
-    pq.write_table(pa.table({"item_id": pa.array(np.arange(600, 600 + len(x))),
-                             "embedding": pa.FixedSizeListArray.from_arrays(
-                                 pa.array(x.ravel(), pa.float32()), x.shape[1]),
-                             "popularity": pa.array(np.zeros(len(x), np.int64))}),
-                   path, compression="zstd", write_page_checksum=True)
-    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
-    start = min(o for o in (col.dictionary_page_offset, col.data_page_offset) if o is not None)
-    data = bytearray(path.read_bytes())
-    middle = start + col.total_compressed_size // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
-    path.write_bytes(bytes(data))
 
 
 def test_spark_encode_hands_results_over_wave_by_wave(spark_session, small_catalog, tmp_path,

@@ -13,6 +13,7 @@ import pickle
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.ray_session import quiet_datasets, ray_init
 from semid_dist.engines.shared import resolve, split_shared
-from semid_dist.errors import ConfigError
+from semid_dist.errors import ConfigError, SemidError
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.runtime import gpu_stages
 from semid_dist.stages import JobContext, job_worker
@@ -29,6 +30,21 @@ from semid_dist.stages import JobContext, job_worker
 
 def _run_item(fn: Callable[..., Any], item: tuple, *shared: Any) -> Any:
     return fn(*resolve(item, shared))
+
+
+@contextmanager
+def task_errors() -> Iterator[None]:
+    """Re-raise a named semid error from a Ray task as itself, on one line, so the CLI
+    prints its reason: Ray's wrapper of it (an instance of it too) reads as the task's
+    traceback, with ANSI colours, and Ray Data appends its retry note to the message."""
+    try:
+        yield
+    except SemidError as exc:
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, SemidError) or cause is exc:
+            raise
+        reason = str(cause).split("\n", 1)[0]
+        raise type(cause)(f"{reason} (raised in a Ray task)") from None
 
 
 def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,
@@ -241,7 +257,8 @@ class RayEngine:
         task = ray.remote(num_cpus=1)(_run_item)
         shared, items = split_shared(list(items))
         refs = [ray.put(obj) for obj in shared]  # once, not once per task
-        return ray.get([task.remote(fn, item, *refs) for item in items])
+        with task_errors():
+            return ray.get([task.remote(fn, item, *refs) for item in items])
 
     def encode(self, ctx: JobContext, shards: list[Shard]) -> Iterator[dict[str, Any]]:
         import ray
@@ -268,9 +285,10 @@ class RayEngine:
             compute=ray.data.TaskPoolStrategy(size=tasks),
             num_cpus=cpus, num_gpus=1 if self.cfg.encode.use_gpu else 0), tasks)
         # no look-ahead: `iter_rows` holds each block back until the next one has arrived
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
-                                     prefetch_batches=0):
-            yield from (pickle.loads(blob) for blob in batch["result"])
+        with task_errors():
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                         prefetch_batches=0):
+                yield from (pickle.loads(blob) for blob in batch["result"])
 
     def fit(self, sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig,
             log: Callable[[str], None], staging_url: str, *,
