@@ -18,7 +18,7 @@ from semid_dist.resume import leftover_staging, live_runs
 
 def collect_garbage(store: TableStore, keep: int, *, min_age_hours: float = 24.0,
                     dry_run: bool = False, now: dt.datetime | None = None,
-                    on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
+                    on_wait: Callable[[bool], None] | None = None) -> dict[str, Any]:
     """`TableStore.gc`: delete old versions by the `gc_plan` policy; returns what was (or,
     with `dry_run`, would be) deleted and kept.
 

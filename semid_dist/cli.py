@@ -188,7 +188,7 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     `_latest`, and what they reference), plus uncommitted leftovers older than
     --min-age-hours."""
     from semid_dist.io import fs as fsio
-    from semid_dist.io.locks import waiting_line
+    from semid_dist.io.locks import lock_line
     from semid_dist.summary import format_gc
 
     if args.keep is None or args.keep < 0:
@@ -199,9 +199,9 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
                           "old an uncommitted version directory must be before gc removes it; "
                           "default 24)")
     report = store.gc(args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run,
-                      on_wait=lambda: print("semid versions gc: "
-                                            f"{waiting_line(fsio.redact_url(store.url))}",
-                                            file=sys.stderr, flush=True))
+                      on_wait=lambda broken: print(
+                          f"semid versions gc: {lock_line(fsio.redact_url(store.url), broken)}",
+                          file=sys.stderr, flush=True))
     _print(report, args.json, format_gc(report))
     return 0
 

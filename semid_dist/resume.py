@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
-from semid_dist.io.locks import waiting_line
+from semid_dist.io.locks import lock_line
 from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore, new_version_id
 
 if TYPE_CHECKING:
@@ -114,14 +114,19 @@ def read_run(store: TableStore, vid: str) -> dict[str, Any] | None:
 def resumable_version(store: TableStore, key: str) -> str | None:
     """The newest uncommitted version started by the same run (same `run_key`) whose build is
     gone, when it is newer than `_latest`: re-running a killed build continues it."""
+    return killed_runs(store, key)[0]
+
+
+def killed_runs(store: TableStore, key: str) -> tuple[str | None, str | None]:
+    """(`resumable_version`, or None; else the newest uncommitted version of run `key`
+    whose build is gone but that sorts before `_latest`, or None: a version was committed
+    after it started, so it is not continued, and a re-run's log says so)."""
     latest, now = store.head() or "", time.time()
     for vid in reversed(store.uncommitted()):
-        if vid <= latest:
-            break
         run = read_run(store, vid)
         if run is not None and run.get("key") == key and not owner_alive(run.get("owner"), now):
-            return vid
-    return None
+            return (vid, None) if vid > latest else (None, vid)
+    return None, None
 
 
 class Claim(NamedTuple):
@@ -141,19 +146,24 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
     version `latest` meant as the build started (`latest`). A resumed version keeps the
     parent (`_first_parent`) and the `latest` its first run recorded. A root it cannot
     write to (the build's first write) is a StoreError naming output.root."""
-    def waiting() -> None:
+    def waiting(broken: bool) -> None:
         if log is not None:
-            log(f"plan: {waiting_line(fsio.redact_url(store.url))}")
+            log(f"plan: {lock_line(fsio.redact_url(store.url), broken)}")
 
     step = "write"  # taking the lock writes its file
     try:
         with store.table_lock(waiting):
             step = "read"
-            vid = resumable_version(store, key)
+            vid, old = killed_runs(store, key)
             resuming = vid is not None
             if vid is not None:
                 parent = _first_parent(store, vid, parent, log)
                 latest = (read_run(store, vid) or {}).get("latest", latest)
+            elif old is not None and log is not None:
+                log(f"plan: the killed run of this build in version {old} is not continued: "
+                    f"version {store.head()} was committed after it started (a version "
+                    "continued would sort before _latest); a new version starts (gc removes "
+                    f"{old}'s folder after --min-age-hours)")
             vid = vid or new_version_id()
             reads = tuple(sorted({*reads, parent} - {None}))
             step = "write"

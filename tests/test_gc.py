@@ -325,11 +325,11 @@ def test_gc_says_when_it_waits_for_the_tables_lock(tmp_path, capsys, monkeypatch
     tries: list[float] = []
     break_stale = locks._break_stale_lock
 
-    def holder_lets_go(path: str) -> None:  # (each try gc makes while the lock is held)
+    def holder_lets_go(path: str) -> bool:  # (each try gc makes while the lock is held)
         tries.append(time.monotonic())
         if tries[-1] - tries[0] > 0.1:  # past WAIT_NOTICE_S since the first try: said
             lock.unlink(missing_ok=True)
-        break_stale(path)
+        return break_stale(path)
 
     monkeypatch.setattr(locks, "_break_stale_lock", holder_lets_go)
     assert main(["versions", "gc", "--root", store.root, "--table", "t", "--keep", "0"]) == 0
@@ -337,6 +337,29 @@ def test_gc_says_when_it_waits_for_the_tables_lock(tmp_path, capsys, monkeypatch
         f"semid versions gc: waiting for the lock of {store.url} (a build is committing or "
         "starting; a lock older than 60 s is a dead build's and is broken)")
     assert store.versions() == [new] and old not in store.version_dirs()
+
+
+def test_gc_says_when_it_breaks_a_lock_a_dead_process_left(tmp_path, capsys):
+    """A lock file older than LOCK_STALE_S (its holder was killed): gc breaks it and says so
+    (it broke it without a word, after a minute of 'waiting')."""
+    import os
+    import time
+
+    from semid_dist.io import locks
+    from semid_dist.io.store import LATEST_LOCK
+
+    store = TableStore(str(tmp_path / "out"), "t")
+    old = committed(store, 10, "000001")
+    new = committed(store, 5, "000002")
+    lock = tmp_path / "out" / "t" / LATEST_LOCK
+    lock.write_text("4242-dead")
+    then = time.time() - locks.LOCK_STALE_S - 5
+    os.utime(lock, (then, then))
+    assert main(["versions", "gc", "--root", store.root, "--table", "t", "--keep", "0"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"semid versions gc: broke the lock of {store.url}: it was older than 60 s, so left "
+        "by a build or gc that died")
+    assert store.versions() == [new] and old not in store.version_dirs() and not lock.exists()
 
 
 def test_a_diff_whose_version_gc_removes_meanwhile_says_so(small_catalog, tmp_path, capsys,

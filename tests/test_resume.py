@@ -191,3 +191,27 @@ def test_a_resumed_version_keeps_its_first_parent_where_it_can(tmp_path):
     assert resumed({"parent": 5}).parent == now and lines == []  # garbage
     gone = resumed({"parent": new_version_id(start - dt.timedelta(seconds=1))})
     assert gone.parent == now and "is no longer committed" in lines[0]
+
+
+def test_a_killed_run_a_later_commit_passed_is_not_continued_and_the_log_says_so(tmp_path):
+    """A killed run of this build whose version sorts before `_latest` (a version committed
+    after it started) is not continued: the re-run starts a new version, and says why (it
+    started anew without a word); another build's killed run is not named."""
+    store = TableStore(str(tmp_path / "out"), "sids")
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    killed, other, later = (new_version_id(start + dt.timedelta(seconds=s)) for s in (0, 1, 2))
+    for vid, key in ((killed, "k"), (other, "another")):
+        store.write_file(vid, f"{STAGING}/{RUN_FILE}",
+                         json.dumps({"key": key, "owner": None}).encode())
+    store.write_file(later, MANIFEST, b"{}")
+    assert store.head() == later and resumable_version(store, "k") is None
+    lines: list[str] = []
+    claim = claim_version(store, "k", lines.append, parent=later)
+    assert not claim.resuming and claim.version > later
+    assert lines == [f"plan: the killed run of this build in version {killed} is not continued: "
+                     f"version {later} was committed after it started (a version continued "
+                     "would sort before _latest); a new version starts (gc removes "
+                     f"{killed}'s folder after --min-age-hours)"]
+    lines.clear()
+    claim_version(store, "another-key", lines.append, parent=later)
+    assert lines == []

@@ -34,23 +34,26 @@ def process_lock(key: str) -> Iterator[None]:
 
 
 @contextmanager
-def file_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def file_lock(path: str, on_wait: Callable[[bool], None] | None = None) -> Iterator[None]:
     """Hold the local lock file `path` (created exclusively, holding a token of its own) for
     the block; a stale one (`LOCK_STALE_S`) is broken, and after `LOCK_TIMEOUT_S` a live
     one raises StoreError. The file is removed at the end only if it still holds the token.
-    on_wait: called once when the lock is still held by another after `WAIT_NOTICE_S`."""
+    on_wait(broken): called with False once when the lock is still held by another after
+    `WAIT_NOTICE_S`, with True when this process broke a stale one (`lock_line` says each)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     token = f"{os.getpid()}-{uuid.uuid4().hex}".encode()
     start = time.monotonic()
     deadline = start + LOCK_TIMEOUT_S
+    said = False
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            _break_stale_lock(path)
-            if on_wait is not None and time.monotonic() - start > WAIT_NOTICE_S:
-                on_wait()
-                on_wait = None
+            if _break_stale_lock(path) and on_wait is not None:
+                on_wait(True)
+            if on_wait is not None and not said and time.monotonic() - start > WAIT_NOTICE_S:
+                on_wait(False)
+                said = True
             if time.monotonic() > deadline:
                 raise StoreError(f"could not lock {path} within {LOCK_TIMEOUT_S:.0f} s: "
                                  "another build is committing to this table (or choosing its "
@@ -85,14 +88,19 @@ def _inode(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def waiting_line(url: str) -> str:
-    """What a command waiting for a table's lock (`file_lock`'s on_wait) says."""
+def lock_line(url: str, broken: bool) -> str:
+    """What a command waiting for a table's lock says (`file_lock`'s on_wait), and what it
+    says when it broke a stale one."""
+    if broken:
+        return (f"broke the lock of {url}: it was older than {LOCK_STALE_S:.0f} s, so left by "
+                "a build or gc that died")
     return (f"waiting for the lock of {url} (a build is committing or starting; a lock older "
             f"than {LOCK_STALE_S:.0f} s is a dead build's and is broken)")
 
 
-def _break_stale_lock(path: str) -> None:
-    """Remove a lock file left by a dead holder (older than `LOCK_STALE_S`).
+def _break_stale_lock(path: str) -> bool:
+    """Remove a lock file left by a dead holder (older than `LOCK_STALE_S`); whether this
+    call removed it.
 
     The stale file is first renamed to a private name, so two processes cannot both remove
     it; if what was renamed turns out to be fresh (a live holder re-created the lock between
@@ -100,16 +108,18 @@ def _break_stale_lock(path: str) -> None:
     """
     try:
         if time.time() - os.stat(path).st_mtime < LOCK_STALE_S:
-            return
+            return False
         grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
         os.rename(path, grave)
     except FileNotFoundError:
-        return
+        return False
     try:
         if time.time() - os.stat(grave).st_mtime < LOCK_STALE_S:
             try:
                 os.link(grave, path)
             except FileExistsError:
                 pass
+            return False
+        return True
     finally:
         os.unlink(grave)

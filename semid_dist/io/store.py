@@ -381,7 +381,7 @@ class TableStore:
         protocol = self.fs.protocol
         return tuple(protocol) if isinstance(protocol, (tuple, list)) else (protocol,)
 
-    def table_lock(self, on_wait: Callable[[], None] | None = None,
+    def table_lock(self, on_wait: Callable[[bool], None] | None = None,
                    ) -> AbstractContextManager[None]:
         """The table's exclusive lock, which `_latest` moves under (and a build chooses its
         version under, `semid_dist.resume`): a lock file on local filesystems, a process-wide
@@ -401,10 +401,10 @@ class TableStore:
 
     def gc(self, keep: int, *, min_age_hours: float = 24.0, dry_run: bool = False,
            now: dt.datetime | None = None,
-           on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
+           on_wait: Callable[[bool], None] | None = None) -> dict[str, Any]:
         """Delete old versions by the `gc_plan` policy (`semid_dist.cleanup`); returns what
-        was (or, with `dry_run`, would be) deleted and kept. on_wait: called once when the
-        table's lock is still held by another after a moment."""
+        was (or, with `dry_run`, would be) deleted and kept. on_wait: as `file_lock` takes it, for
+        the table's lock."""
         from semid_dist.cleanup import collect_garbage  # (it builds on this module)
 
         return collect_garbage(self, keep, min_age_hours=min_age_hours, dry_run=dry_run,
