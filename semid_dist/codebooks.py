@@ -8,6 +8,7 @@ the encode.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from semid_dist.errors import ConfigError, InputError
 from semid_dist.faults import maybe_die
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import STAGING, FileEntry, TableStore
+from semid_dist.io.validate import reasons_text
 from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
@@ -52,15 +54,19 @@ def _sample(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
     """The fit sample (n, d) float32 and its popularity (n,) (None without the column)."""
     picks = choose_sample(plan, cfg.fit.sample_size, cfg.seed)
     parts = engine.map(sample_rows, [(ctx, plan.shards[i], rows) for i, rows in picks.items()])
-    sample = (np.concatenate([x for x, _ in parts]) if parts
+    sample = (np.concatenate([x for x, _, _ in parts]) if parts
               else np.zeros((0, ctx.dim), np.float32))
-    popularity = (np.concatenate([p for _, p in parts])
+    popularity = (np.concatenate([p for _, p, _ in parts])
                   if parts and parts[0][1] is not None else None)
     k_max = max(cfg.quantizer.layers)
     if len(sample) < k_max:
         drawn = sum(len(rows) for rows in picks.values())
-        bad = (f"; {drawn - len(sample)} of the {drawn} rows it drew are bad (rows the encode "
-               "rejects: see README's Bad input)" if drawn > len(sample) else "")
+        reasons: Counter[str] = Counter()
+        for _, _, part in parts:
+            reasons.update(part)
+        bad = (f"; {drawn - len(sample)} of the {drawn} rows it drew are bad "
+               f"({reasons_text(reasons)}: rows the encode rejects, see README's Bad input)"
+               if drawn > len(sample) else "")
         rows = f"{len(sample)} valid row{'' if len(sample) == 1 else 's'}"
         raise InputError(f"the fit sample holds {rows}, fewer than the largest codebook "
                          f"({k_max}){bad}; "

@@ -93,12 +93,17 @@ def load_yaml(text: str) -> Any:
 
 
 def override_value(key: str, raw: str) -> Any:
-    """The value of override `key=raw` (YAML; "" for nothing), or the named ConfigError."""
+    """The value of override `key=raw` (YAML; "" for nothing), or the named ConfigError. A
+    string keeps a ` #` YAML would read as a comment's start (`input.path=/data/cat #2`: a
+    command line holds no comments; the path was cut at ` #`)."""
     try:
-        return load_yaml(raw) if raw else ""
+        value = load_yaml(raw) if raw else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: "
                           f"{yaml_problem(exc)[1]}") from None
+    if isinstance(value, str) and " #" in raw and raw.strip()[:1] not in ("'", '"'):
+        return raw.strip()
+    return value
 
 
 def yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from semid_dist.errors import InputError, SemidError
 from semid_dist.faults import maybe_die
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.validate import DIMENSION_RULE, reasons_text
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.stages import JobContext
 
@@ -146,12 +147,6 @@ class _Tally:
             self.rejects.append(res["rejects_file"])
 
 
-def reasons_text(reasons: dict[str, int], top: int = 4) -> str:
-    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
-    text = ", ".join(f"{n} {why}" for why, n in ranked[:top])
-    return text + (f", {len(ranked) - top} more reasons" if len(ranked) > top else "")
-
-
 def steps_text(steps: dict[str, float], shards: int) -> str:
     """'read 62 ms (19%), validate 10 ms (3%), ...': each step's mean per shard and share."""
     total = sum(steps.values()) or 1.0
@@ -173,6 +168,8 @@ def check_rejects(counts: dict[str, int], reasons: dict[str, int],
         raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}: "
                          f"{why}) > input.max_reject_fraction="
                          f"{cfg.input.max_reject_fraction}; nothing was committed. Fix the "
-                         "catalog or raise the limit")
+                         "catalog or raise the limit"
+                         + (f" ({DIMENSION_RULE})" if any(r.startswith("embedding dim ")
+                                                          for r in reasons) else ""))
     if counts["encoded"] == 0:
         raise InputError("no valid rows to encode; nothing was committed")

@@ -22,12 +22,19 @@ Log = Callable[[str], None]
 
 
 def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
+    """The embedding dimension: the fixed_size_list type's where every file has it, else
+    (`DIMENSION_RULE`) decided by the first shard holding an embedding, as its file's type
+    says or its most common length (`infer_dim`): a file without rows decides nothing."""
     col = cfg.input.embedding_column
-    field = plan.schema.field(col)
-    if pa.types.is_fixed_size_list(field.type):
-        return field.type.list_size
+    types = {schema.field(col).type for _, schema in plan.schemas} or {
+        plan.schema.field(col).type}
+    if len(types) == 1 and pa.types.is_fixed_size_list(t := next(iter(types))):
+        return t.list_size
     for shard in plan.shards:
-        dim = infer_dim(read_shard(plan.url, shard, [col]).column(0).combine_chunks())
+        column = read_shard(plan.url, shard, [col]).column(0)
+        if pa.types.is_fixed_size_list(column.type) and len(column):
+            return column.type.list_size
+        dim = infer_dim(column.combine_chunks())
         if dim:
             return dim
     raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")

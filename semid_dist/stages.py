@@ -112,16 +112,22 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     if ctx.popularity_column:
         pop = popularity_values(t.column(ctx.popularity_column), name=ctx.popularity_column,
                                 source=fsio.redact_url(shard.path))
-    return normalize_ids(t.column(ctx.id_column)), pop
+    return normalize_ids(t.column(ctx.id_column), fsio.redact_url(shard.path)), pop
 
 
-def sample_rows(ctx: JobContext, shard: Shard,
-                local_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Valid embeddings (m, d) float32 at `local_rows` (indices inside the shard), and their
-    popularity (m,) (None without a popularity column)."""
+def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray | None, dict[str, int]]:
+    """Valid embeddings (m, d) float32 at `local_rows` (indices inside the shard), their
+    popularity (m,) (None without a popularity column), and the rows there rejected, per
+    reason."""
     batch = _validated(ctx, shard)
     wanted = np.isin(batch.rows - shard.row_offset, local_rows)
-    return batch.x[wanted], None if batch.popularity is None else batch.popularity[wanted]
+    rejects = batch.rejects
+    if rejects.num_rows:
+        drawn = np.isin(rejects.column("row").to_numpy() - shard.row_offset, local_rows)
+        rejects = rejects.filter(pa.array(drawn))
+    return (batch.x[wanted], None if batch.popularity is None else batch.popularity[wanted],
+            reject_reasons(rejects))
 
 
 def load_quantizer(ctx: JobContext) -> Quantizer:

@@ -207,6 +207,30 @@ def test_wrong_dimension_is_rejected_even_on_the_first_row(tmp_path, root):
                                                 "embedding dim 0 != 6"]
 
 
+def test_the_first_shard_holding_embeddings_decides_the_dimension(tmp_path, root):
+    """A file without rows decides nothing, whatever its type says (a 0-row
+    fixed_size_list[4] file first, list<float> rows of 6 after it: the dimension is 6; it was
+    4, and every row failed the fit as bad); a first shard of other-length rows decides, and
+    the error of the rows it rejects says how the dimension was decided."""
+    from semid_dist.io.validate import DIMENSION_RULE
+
+    x = as_rows(base_x())
+    d = tmp_path / "cat"
+    d.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array([], I64), "embedding": pa.array(
+        [], pa.list_(F32, 4))}), d / "a-empty.parquet")
+    write_file(d / "b.parquet", range(N), x)
+    res = build(cfg(str(d), root), log=quiet)
+    data, rej = committed(root, res)
+    assert res.manifest["input"]["dim"] == D and data.num_rows == N and rej.num_rows == 0
+    short = tmp_path / "short"
+    write_file(short / "a.parquet", range(N, N + 20), [r[:4] for r in x[:20]])
+    write_file(short / "b.parquet", range(N), x)
+    with pytest.raises(InputError, match=r"^600 of 620 rows rejected \(96\.77%: 600 embedding "
+                                         rf"dim 6 != 4\) .* \({re.escape(DIMENSION_RULE)}\)$"):
+        build(cfg(str(short), str(tmp_path / "out-short")), log=quiet)
+
+
 def test_null_embedding_and_null_item_id_are_rejected(tmp_path, root):
     rows = as_rows(base_x())
     ids: list = list(range(N))
@@ -473,6 +497,50 @@ def test_first_copy_rejects_matches_a_brute_force_scan(kind):
             == want[idx]
 
 
+def test_float64_values_under_float32s_range_are_too_small_not_zero(tmp_path, root):
+    """A float64 embedding of values near 1e-60 is all zero once cast to float32: it is
+    rejected as too small (it was encoded as a zero vector, every such row in one SID), under
+    either input.on_zero_vector; a row of true zeros stays a zero vector."""
+    x = base_x().astype(np.float64)
+    x[[30, 31, 310]] *= 1e-60
+    x[77] = 0.0
+    path = write_file(tmp_path / "cat" / "p.parquet", range(N), as_rows(x),
+                      value_type=pa.float64())
+    too_small = "embedding too small for float32 arithmetic (squared norm under 1.2e-38)"
+    for policy, zero in (("keep", []), ("reject", [(77, "all-zero embedding")])):
+        out = f"{root}-{policy}"
+        data, rej = committed(out, build(cfg(str(path.parent), out,
+                                             input__on_zero_vector=policy), log=quiet))
+        want = sorted([(30, too_small), (31, too_small), (310, too_small)] + zero)
+        assert list(zip(rej.column("row").to_pylist(), rej.column("reason").to_pylist())) == want
+        assert data.num_rows == N - len(want)
+
+
+def test_integer_embeddings_beyond_2_24_round_to_float32(tmp_path, root):
+    """int64 and int32 embeddings whose values float32 cannot hold exactly (above 2**24)
+    round to the nearest float32, as float64 values do (the cast refused them: a traceback):
+    the codes are those of the float32 catalog of the rounded values."""
+    x = base_x(seed=11)
+    big = np.round(x * 2.0**40).astype(np.int64) + 1  # odd: no float32 holds them
+    ref_path = write_file(tmp_path / "f32" / "p.parquet", range(N), as_rows(big.astype(np.float32)))
+    ref_root = str(tmp_path / "f32_out")
+    ref, _ = committed(ref_root, build(cfg(str(ref_path.parent), ref_root), log=quiet))
+    assert np.abs(big).max() > 2**24 and not np.array_equal(big.astype(np.float32), big)
+    path = tmp_path / "i64" / "p.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array(range(N), I64),
+                             "embedding": pa.array(list(big), pa.list_(pa.int64()))}), path)
+    data, rej = committed(root, build(cfg(str(path.parent), root), log=quiet))
+    assert rej.num_rows == 0 and codes_by_id(data).equals(codes_by_id(ref))
+    small = np.round(x * 2.0**22).astype(np.int32)  # int32: one value past 2**24
+    small[3, 0] = 2**24 + 1
+    path32 = write_file(tmp_path / "i32" / "p.parquet", range(N), as_rows(small),
+                        value_type=pa.int32())
+    root32 = str(tmp_path / "i32_out")
+    data32, rej32 = committed(root32, build(cfg(str(path32.parent), root32), log=quiet))
+    assert rej32.num_rows == 0 and data32.num_rows == N
+
+
 # -- embedding value types, id types --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -547,6 +615,29 @@ def test_dictionary_encoded_and_string_view_ids_are_string_ids(tmp_path, root):
                                          r"be integers or strings .*; its columns are "
                                          r"\['item_id', 'embedding'\]: cast the column"):
         build(cfg(str(path.parent), str(tmp_path / "bin_out")), log=quiet)
+
+
+def test_ids_that_are_not_utf8_or_do_not_fit_int64_name_their_file(tmp_path, root):
+    """A string id of bytes that are not UTF-8 (pyarrow writes them unchecked) is an error
+    naming the file (it was committed: a table no reader could take as strings); uint64 ids
+    from 2**63 on do not fit int64: an error naming the file too."""
+    x = as_rows(base_x())
+    raw = [f"id-{i}".encode() for i in range(N)]
+    raw[5] = b"\xff\xfe"
+    path = tmp_path / "utf8" / "p.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array(raw, pa.binary()).view(pa.string()),
+                             "embedding": emb_array(x)}), path)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: an item id is not valid "
+                                         r"UTF-8 \(.*\); write the ids as UTF-8 strings"):
+        build(cfg(str(path.parent), root), log=quiet)
+    assert nothing_committed(root)
+    big = write_file(tmp_path / "u64" / "p.parquet", [2**63 + i for i in range(N)], x,
+                     id_type=pa.uint64())
+    with pytest.raises(InputError, match=rf"^{re.escape(str(big))}: item ids of type uint64 do "
+                                         r"not fit int64 \(.*\); store the ids as strings"):
+        build(cfg(str(big.parent), root), log=quiet)
+    assert nothing_committed(root)
 
 
 def test_mixing_integer_and_string_id_files_is_a_clear_error(tmp_path, root):
@@ -712,6 +803,28 @@ def test_folders_above_the_catalog_may_start_with_underscore_or_dot(tmp_path, ro
     assert data.num_rows == N
 
 
+def test_parquet_files_in_any_case_are_read_and_other_files_named_in_a_warning(tmp_path,
+                                                                               root):
+    """`.PARQUET` is read like `.parquet`; a file of another name (`.parq`, `notes.txt`) is
+    not, and the build's log says so, naming them (it skipped them without a word: rows
+    lost)."""
+    x = base_x()
+    d = tmp_path / "cat"
+    write_file(d / "a.parquet", range(200), as_rows(x[:200]))
+    write_file(d / "b.PARQUET", range(200, 400), as_rows(x[200:400]))
+    write_file(d / "c.parq", range(400, N), as_rows(x[400:]))
+    (d / "notes.txt").write_text("catalog of 2026-12-06")
+    (d / "_SUCCESS").write_bytes(b"")
+    assert list_files(str(d)) == [f"{d}/a.parquet", f"{d}/b.PARQUET"]
+    lines: list[str] = []
+    data, _ = committed(root, build(cfg(str(d), root), log=lines.append))
+    assert sorted(data.column("item_id").to_pylist()) == list(range(400))
+    warned = [line for line in lines if "not named *.parquet" in line]
+    assert warned == ["warning: 2 file(s) below input.path are not named *.parquet and are not "
+                      "read (c.parq, notes.txt); rename the catalog's files to *.parquet, or "
+                      "move the others out"]
+
+
 def test_fingerprint_changes_when_a_file_is_rewritten_with_the_same_size(tmp_path):
     """A file rewritten with the same rows and size (new embeddings) is another input: the
     fingerprint (and so the run key a re-run resumes by) changes; an untouched one's not."""
@@ -762,7 +875,8 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
                 r"quantizer\.layers \(at most 12 codes\), or use a larger catalog$"),
     # counted after validation: 20 rows of which 6 are bad leave 14 < 16; fixed, 20 would do
     (20, 6, {}, r"holds 14 valid rows, fewer than the largest codebook \(16\); 6 of the 20 "
-                r"rows it drew are bad .*; fix the catalog's bad rows, or use smaller "
+                rf"rows it drew are bad \(6 {re.escape(NON_FINITE)}: rows the encode rejects, "
+                r"see README's Bad input\); fix the catalog's bad rows, or use smaller "
                 r"quantizer\.layers \(at most 14 codes\)$"),
     # 12 rows of which 2 are bad: fixing them still leaves 12 < 16, so that is not the fix
     (12, 2, {}, r"holds 10 valid rows, .*2 of the 12 rows it drew are bad .*; use smaller "

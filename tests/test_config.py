@@ -181,6 +181,15 @@ def test_override_values_are_validated_like_yaml():
     assert "fit.sampel_size" in str(exc.value)
 
 
+def test_a_string_override_keeps_a_hash_yaml_would_read_as_a_comment():
+    """`input.path=/data/my cat #2` is the path as typed (YAML cut it at ` #` and the build
+    said the cut path did not exist); quoted, it is the same; other values drop a comment."""
+    out = apply_overrides(MINIMAL, ["input.path=/data/my cat #2", "output.root='/o #1'",
+                                    "quantizer.layers=[8, 8] # two layers", "seed=3 #"])
+    assert out["input"]["path"] == "/data/my cat #2" and out["output"]["root"] == "/o #1"
+    assert out["quantizer"]["layers"] == [8, 8] and out["seed"] == 3
+
+
 def test_override_without_equals_raises():
     with pytest.raises(ConfigError) as exc:
         apply_overrides(MINIMAL, ["fit.use_gpu"])

@@ -337,7 +337,9 @@ def test_catalog_smaller_than_codebook_is_a_clear_error(tmp_path, root):
     x[:, 0] = np.nan  # every row bad: the message counts them instead of blaming the sizes
     cat = write_catalog(tmp_path / "all_bad", x)
     with pytest.raises(InputError, match=r"holds 0 valid rows, fewer than the largest codebook "
-                                         r"\(16\); 100 of the 100 rows it drew are bad .*; "
+                                         r"\(16\); 100 of the 100 rows it drew are bad "
+                                         r"\(100 non-finite values \(NaN/Inf\) in embedding: "
+                                         r"rows the encode rejects, see README's Bad input\); "
                                          r"fix the catalog's bad rows$"):
         build(small_config(cat, root), log=quiet)
 

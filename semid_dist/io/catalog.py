@@ -37,6 +37,8 @@ class CatalogPlan:
     schema: pa.Schema
     fingerprint: str
     schemas: tuple[tuple[str, pa.Schema], ...] = ()  # each distinct schema, with a file having it
+    # files below input.path that are not read: not named *.parquet, nor hidden (`_`, `.`)
+    skipped: tuple[str, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -64,23 +66,31 @@ def _not_reached(url: str, exc: BaseException) -> InputError:
 
 
 def list_files(url: str) -> list[str]:
+    """The catalog's files, in path order: input.path itself when it is a file, else the
+    files below it named *.parquet (in any case: `.PARQUET` too) that are not hidden."""
+    return catalog_files(url)[0]
+
+
+def catalog_files(url: str) -> tuple[list[str], list[str]]:
+    """(`list_files`, the other files below input.path that are not hidden: not read)."""
     with _reachable(url):
-        return _list_files(url)
+        return _catalog_files(url)
 
 
-def _list_files(url: str) -> list[str]:
+def _catalog_files(url: str) -> tuple[list[str], list[str]]:
     fs, path = fsio.resolve(url)
     if not fs.exists(path):
         _check_http_host(url)  # (fsspec's HTTP file system says "not there" for both)
         raise _input_error(f"input.path {url!r} does not exist; point it at a Parquet file or "
                          "a directory of Parquet files")
     if fs.isfile(path):
-        return [path]
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not hidden(p, path))
+        return [path], []
+    visible = sorted(p for p in fs.find(path) if not hidden(p, path))
+    files = [p for p in visible if p.lower().endswith(".parquet")]
     if not files:
         raise _input_error(f"input.path {url!r} holds no *.parquet files (names starting with "
                          "'_' or '.' are skipped); point it at the catalog's Parquet files")
-    return files
+    return files, [p for p in visible if not p.lower().endswith(".parquet")]
 
 
 def _check_http_host(url: str) -> None:
@@ -140,7 +150,7 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     schema = None
     distinct: list[tuple[str, pa.Schema]] = []
     digest = hashlib.sha256()
-    files = list_files(url)
+    files, skipped = catalog_files(url)
     for path in files:
         info = fs.info(path)  # a rewritten file (same rows, same size) is another input
         meta = _footer(fs, path, info.get("size"))
@@ -164,7 +174,8 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     if not shards:  # every file has 0 rows: nothing to sample or encode
         raise _input_error(f"catalog at {url!r} has no rows ({len(files)} Parquet file(s), all "
                          "empty); export the catalog again or point input.path at a full one")
-    return CatalogPlan(url, tuple(shards), schema, digest.hexdigest(), tuple(distinct))
+    return CatalogPlan(url, tuple(shards), schema, digest.hexdigest(), tuple(distinct),
+                       tuple(skipped))
 
 
 # A shard's reader already runs beside one other per core (the engines' tasks and actors,

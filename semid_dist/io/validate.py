@@ -134,17 +134,33 @@ def check_schemas(schemas: Sequence[tuple[str, pa.Schema]], id_column: str,
                 "embeddings of one model (split it into two)"))
 
 
-def normalize_ids(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+def normalize_ids(ids: pa.ChunkedArray | pa.Array, source: str) -> pa.Array:
     """Item ids with one type per kind, whatever each file used: integers -> int64,
-    strings (string / large_string / string_view, or dictionary-encoded ids) -> string."""
+    strings (string / large_string / string_view, or dictionary-encoded ids) -> string,
+    checked to be UTF-8 (a writer may store other bytes; the table written from them could
+    not be read as strings). source: their file, for the error."""
     target = pa.int64() if _id_kind(ids.type) == "integer" else pa.string()
     if ids.type != target:
         try:
             ids = pc.cast(ids, target)
         except pa.ArrowInvalid as exc:
-            raise InputError(f"item ids of type {ids.type} do not fit {target} ({exc}); "
-                             "store the ids as strings") from None
-    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+            raise InputError(redact_url(
+                f"{source}: item ids of type {ids.type} do not fit {target} ({exc}); store "
+                "the ids as strings")) from None
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if target == pa.string():
+        try:
+            ids.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            raise InputError(redact_url(
+                f"{source}: an item id is not valid UTF-8 ({exc}); write the ids as UTF-8 "
+                "strings (or fix that row's bytes)")) from None
+    return ids
+
+
+# how a build decides the embedding dimension (`preflight`), for the errors it explains
+DIMENSION_RULE = ("the embedding dimension is the fixed_size_list type's, else the most common "
+                  "length in the catalog's first shard holding an embedding")
 
 
 def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
@@ -181,7 +197,9 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     is_null = np.isnan(lengths) if lengths.dtype.kind == "f" else np.zeros(n, bool)
     lengths = np.nan_to_num(lengths.astype(np.float64), nan=0).astype(np.int64)
-    values = pc.cast(column.flatten(), pa.float32())
+    flat = column.flatten()
+    # (integers beyond 2**24 round to the nearest float32, as float64 values do)
+    values = pc.cast(flat, pa.float32(), safe=False)
     null_inside = None
     if values.null_count:  # null values inside an embedding: NaN until told apart below
         # each value's row, as `flatten` lays them out (it drops what a null row holds)
@@ -205,7 +223,21 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     x[bad] = 0.0
     if null_inside is not None:  # (their NaN made them code 3)
         reason[null_inside[reason[null_inside] == 3]] = 10
+    if pa.types.is_float64(flat.type):  # values under float32's range: 0 in x
+        reason[_underflowed(flat, lengths, x, reason, dim)] = 9
     return x, reason
+
+
+def _underflowed(flat: pa.Array, lengths: np.ndarray, x: np.ndarray, reason: np.ndarray,
+                 dim: int) -> np.ndarray:
+    """The rows that are all zero in float32 but not in float64 (values of 1e-60, say):
+    each would be a zero vector, all in one SID, without a word; they are too small."""
+    zero = np.flatnonzero((reason == 0) & ~x.any(axis=1))
+    if not len(zero):
+        return zero
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    src = flat.to_numpy(zero_copy_only=False)
+    return zero[src[starts[zero, None] + np.arange(dim)].any(axis=1)]
 
 
 # Bounds on a row's float32 squared norm: above _MAX_SQ_NORM a squared distance to a point
@@ -268,7 +300,7 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     `reason` (on_duplicate=keep_first: the later copies); reject_zero: reject all-zero
     embeddings. A null item_id wins over every other reason, a duplicate over the
     embedding's problems."""
-    ids = normalize_ids(table.column(id_column))
+    ids = normalize_ids(table.column(id_column), source_file)
     emb = table.column(embedding_column)
     # a shard of one row group is one chunk: no combined copy of it
     emb = emb.chunk(0) if emb.num_chunks == 1 else emb.combine_chunks()
@@ -335,3 +367,9 @@ def reject_reasons(rejects: pa.Table) -> dict[str, int]:
     counts = pc.value_counts(kinds)
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
+
+def reasons_text(reasons: dict[str, int], top: int = 4) -> str:
+    """'3 null embedding, 1 null item_id': rejected rows per reason, the most common first."""
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{n} {why}" for why, n in ranked[:top])
+    return text + (f", {len(ranked) - top} more reasons" if len(ranked) > top else "")
