@@ -78,7 +78,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from semid_dist.runtime import check_table_outside_catalog, is_local_path, with_absolute_paths
 
     status = 0
-    for path in args.files:
+    files = args.config + args.files
+    if not files:
+        raise ConfigError("semid validate needs config files: semid validate FILE... (or "
+                          "--config FILE, as semid build takes it)")
+    for path in files:
         try:
             cfg = load_config(path)  # (its errors name the file)
             try:  # on this machine's paths: no file system client is made (s3fs or none)
@@ -285,7 +289,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(func=cmd_encode)
     v = sub.add_parser("validate", help="check config files without running anything")
-    v.add_argument("files", nargs="+")
+    v.add_argument("files", nargs="*", metavar="FILE")
+    v.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="a config file, as `semid build` takes it (may be given again)")
     v.set_defaults(func=cmd_validate)
     vs = sub.add_parser("versions", help="list / show / gc / diff versions of a table")
     vs.add_argument("action", choices=["list", "show", "gc", "diff"])

@@ -86,6 +86,13 @@ def test_validate_checks_every_file_and_names_each_bad_one(tmp_path):
     assert empty in lines[1] and "missing required config key 'input'" in lines[1]
     assert a_list in lines[2] and "expected a mapping, got list" in lines[2]
     assert semid("validate", good, good2).returncode == 0
+    # as `semid build` takes a config (it was a usage error), and with none a named one
+    run = semid("validate", "--config", good, "--config", bad)
+    assert run.returncode == 2 and run.stdout.splitlines() == [f"ok  {good}"]
+    assert bad in run.stderr and "'sed'" in run.stderr
+    assert named_error(semid("validate")) == (
+        "semid validate: error: semid validate needs config files: semid validate FILE... (or "
+        "--config FILE, as semid build takes it)")
 
 
 def test_gc_min_age_hours_must_not_be_negative(tmp_path):
