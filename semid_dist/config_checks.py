@@ -11,11 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import yaml
 
 from semid_dist.errors import ConfigError, one_line
-from semid_dist.io.fs import FOLDER_NAME
+from semid_dist.io.fs import FOLDER_NAME, unknown_protocol
 from semid_dist.io.validate import check_distinct_columns
 
 if TYPE_CHECKING:
@@ -223,11 +222,8 @@ def check_consistency(cfg: BuildConfig) -> None:
     memory size."""
     check_table_name(cfg.output.table)
     for key, url in (("input.path", cfg.input.path), ("output.root", cfg.output.root)):
-        protocol = fsspec.utils.get_protocol(url)
-        if protocol not in fsspec.available_protocols():
-            raise ConfigError(f"{key}: {protocol}:// is no file system fsspec knows; give a "
-                              "local path or a URL such as file://, s3://, gs://, hdfs:// or "
-                              "memory://")
+        if (unknown := unknown_protocol(url)) is not None:
+            raise ConfigError(f"{key}: {unknown}")
     if cfg.engine != "local" and "memory://" in (cfg.input.path[:9], cfg.output.root[:9]):
         workers = "worker" if cfg.engine == "ray" else "executor"
         raise ConfigError(f"engine: {cfg.engine} needs input.path and output.root on storage "

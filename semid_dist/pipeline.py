@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import posixpath
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -347,7 +346,7 @@ def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, key: 
         f"{'resuming' if claim.resuming else 'new'} version {claim.version} of "
         f"{store.url} (parent {claim.parent or 'none'}); engine {cfg.engine}")
     if plan.skipped:
-        names = ", ".join(posixpath.basename(f) for f in plan.skipped[:3])
+        names = ", ".join(plan.skipped[:3])
         log(f"warning: {len(plan.skipped)} file(s) below input.path are not named *.parquet "
             f"and are not read ({names}{', ...' if len(plan.skipped) > 3 else ''}); rename "
             "the catalog's files to *.parquet, or move the others out")

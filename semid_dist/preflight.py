@@ -30,11 +30,8 @@ def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
         plan.schema.field(col).type}
     if len(types) == 1 and pa.types.is_fixed_size_list(t := next(iter(types))):
         return t.list_size
-    for shard in plan.shards:
-        column = read_shard(plan.url, shard, [col]).column(0)
-        if pa.types.is_fixed_size_list(column.type) and len(column):
-            return column.type.list_size
-        dim = infer_dim(column.combine_chunks())
+    for shard in plan.shards:  # (a shard is of a file with rows)
+        dim = infer_dim(read_shard(plan.url, shard, [col]).column(0))
         if dim:
             return dim
     raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")

@@ -117,12 +117,23 @@ def resumable_version(store: TableStore, key: str) -> str | None:
     return killed_runs(store, key)[0]
 
 
+# uncommitted versions before `_latest` whose run files `killed_runs` reads, at most (one
+# read each, under the table's lock, on every build)
+PASSED_LOOKBACK = 4
+
+
 def killed_runs(store: TableStore, key: str) -> tuple[str | None, str | None]:
     """(`resumable_version`, or None; else the newest uncommitted version of run `key`
-    whose build is gone but that sorts before `_latest`, or None: a version was committed
-    after it started, so it is not continued, and a re-run's log says so)."""
+    whose build is gone but that sorts before `_latest`, among the `PASSED_LOOKBACK` newest
+    there, or None: a version was committed after it started, so it is not continued, and
+    a re-run's log says so)."""
     latest, now = store.head() or "", time.time()
+    before = 0
     for vid in reversed(store.uncommitted()):
+        if vid <= latest:
+            if before == PASSED_LOOKBACK:
+                break
+            before += 1
         run = read_run(store, vid)
         if run is not None and run.get("key") == key and not owner_alive(run.get("owner"), now):
             return (vid, None) if vid > latest else (None, vid)
@@ -161,8 +172,8 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
                 latest = (read_run(store, vid) or {}).get("latest", latest)
             elif old is not None and log is not None:
                 log(f"plan: the killed run of this build in version {old} is not continued: "
-                    f"version {store.head()} was committed after it started (a version "
-                    "continued would sort before _latest); a new version starts (gc removes "
+                    "a version was committed after it started (a version continued would "
+                    "sort before _latest); a new version starts (gc removes "
                     f"{old}'s folder after --min-age-hours)")
             vid = vid or new_version_id()
             reads = tuple(sorted({*reads, parent} - {None}))

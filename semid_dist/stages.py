@@ -112,7 +112,8 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     if ctx.popularity_column:
         pop = popularity_values(t.column(ctx.popularity_column), name=ctx.popularity_column,
                                 source=fsio.redact_url(shard.path))
-    return normalize_ids(t.column(ctx.id_column), fsio.redact_url(shard.path)), pop
+    return normalize_ids(t.column(ctx.id_column), fsio.redact_url(shard.path),
+                         shard.row_offset), pop
 
 
 def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray,

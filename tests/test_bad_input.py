@@ -623,13 +623,14 @@ def test_ids_that_are_not_utf8_or_do_not_fit_int64_name_their_file(tmp_path, roo
     from 2**63 on do not fit int64: an error naming the file too."""
     x = as_rows(base_x())
     raw = [f"id-{i}".encode() for i in range(N)]
-    raw[5] = b"\xff\xfe"
+    raw[305] = b"\xff\xfe"  # in the second shard: its row in the file is named
     path = tmp_path / "utf8" / "p.parquet"
     path.parent.mkdir()
     pq.write_table(pa.table({"item_id": pa.array(raw, pa.binary()).view(pa.string()),
-                             "embedding": emb_array(x)}), path)
-    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: an item id is not valid "
-                                         r"UTF-8 \(.*\); write the ids as UTF-8 strings"):
+                             "embedding": emb_array(x)}), path, row_group_size=100)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: the item id at row 305 is "
+                                         r"not valid UTF-8 \(b'\\xff\\xfe'\); write the ids as "
+                                         r"UTF-8 strings$"):
         build(cfg(str(path.parent), root), log=quiet)
     assert nothing_committed(root)
     big = write_file(tmp_path / "u64" / "p.parquet", [2**63 + i for i in range(N)], x,
@@ -813,7 +814,8 @@ def test_parquet_files_in_any_case_are_read_and_other_files_named_in_a_warning(t
     write_file(d / "a.parquet", range(200), as_rows(x[:200]))
     write_file(d / "b.PARQUET", range(200, 400), as_rows(x[200:400]))
     write_file(d / "c.parq", range(400, N), as_rows(x[400:]))
-    (d / "notes.txt").write_text("catalog of 2026-12-06")
+    (d / "docs").mkdir()
+    (d / "docs" / "notes.txt").write_text("catalog of 2026-12-06")
     (d / "_SUCCESS").write_bytes(b"")
     assert list_files(str(d)) == [f"{d}/a.parquet", f"{d}/b.PARQUET"]
     lines: list[str] = []
@@ -821,7 +823,8 @@ def test_parquet_files_in_any_case_are_read_and_other_files_named_in_a_warning(t
     assert sorted(data.column("item_id").to_pylist()) == list(range(400))
     warned = [line for line in lines if "not named *.parquet" in line]
     assert warned == ["warning: 2 file(s) below input.path are not named *.parquet and are not "
-                      "read (c.parq, notes.txt); rename the catalog's files to *.parquet, or "
+                      "read (c.parq, docs/notes.txt); rename the catalog's files to *.parquet, "
+                      "or "
                       "move the others out"]
 
 

@@ -190,6 +190,24 @@ def test_a_string_override_keeps_a_hash_yaml_would_read_as_a_comment():
     assert out["quantizer"]["layers"] == [8, 8] and out["seed"] == 3
 
 
+def test_a_url_protocol_is_known_when_fsspec_has_it_or_a_class_was_registered():
+    """input.path / output.root of an unknown protocol is a config error naming the key; a
+    file system registered in this process with a class (`fsspec.register_implementation`)
+    is known, as fsspec would open it (only fsspec's list of known ones was asked)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    with pytest.raises(ConfigError, match=r"^output\.root: semidnofs:// is no file system "):
+        parse_config(with_keys(output__root="semidnofs://t"))
+
+    class ProbeFileSystem(MemoryFileSystem):
+        protocol = "semidprobefs"
+
+    fsspec.register_implementation("semidprobefs", ProbeFileSystem, clobber=True)
+    cfg = parse_config(with_keys(input__path="semidprobefs://cat", output__root="s3://b/t"))
+    assert cfg.input.path == "semidprobefs://cat"
+
+
 def test_override_without_equals_raises():
     with pytest.raises(ConfigError) as exc:
         apply_overrides(MINIMAL, ["fit.use_gpu"])

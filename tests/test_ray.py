@@ -192,7 +192,6 @@ def test_ray_incremental_version_identical_to_local(ray_session, incremental_cat
     assert parent.version_id in refs[0] and refs[0] == {parent.version_id, None} == refs[1]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
 def test_a_named_error_in_a_ray_task_is_itself_on_one_line(ray_session, small_catalog,
                                                          tmp_path):
     """A catalog file whose embedding pages fail their checksum, met by a Ray task (the fit
@@ -215,6 +214,7 @@ def test_a_named_error_in_a_ray_task_is_itself_on_one_line(ray_session, small_ca
     assert TableStore(root, "sids").versions() == [good.version_id]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
 def test_gpu_settings_on_a_ray_without_gpus_are_a_clear_error(ray_session, small_catalog,
                                                              tmp_path):
     """Not a job waiting forever for a GPU: the engine stops before any work, Ray stays up."""

@@ -18,6 +18,7 @@ from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore, new_ver
 from semid_dist.pipeline import build
 from semid_dist.resume import (
     OWNER_STALE_S,
+    PASSED_LOOKBACK,
     Claim,
     claim_version,
     planned_parent,
@@ -209,9 +210,16 @@ def test_a_killed_run_a_later_commit_passed_is_not_continued_and_the_log_says_so
     claim = claim_version(store, "k", lines.append, parent=later)
     assert not claim.resuming and claim.version > later
     assert lines == [f"plan: the killed run of this build in version {killed} is not continued: "
-                     f"version {later} was committed after it started (a version continued "
-                     "would sort before _latest); a new version starts (gc removes "
+                     "a version was committed after it started (a version continued would "
+                     "sort before _latest); a new version starts (gc removes "
                      f"{killed}'s folder after --min-age-hours)"]
     lines.clear()
     claim_version(store, "another-key", lines.append, parent=later)
     assert lines == []
+    # only the PASSED_LOOKBACK newest uncommitted versions before _latest are read
+    for s in range(PASSED_LOOKBACK):  # killed runs of another build, after `killed`
+        vid = new_version_id(start + dt.timedelta(seconds=1, milliseconds=s + 1))
+        store.write_file(vid, f"{STAGING}/{RUN_FILE}",
+                         json.dumps({"key": "another", "owner": None}).encode())
+    lines.clear()
+    assert not claim_version(store, "k", lines.append, parent=later).resuming and lines == []

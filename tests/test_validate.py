@@ -454,7 +454,7 @@ def test_dictionary_and_string_view_ids_are_strings(tmp_path):
         schemas.append((kind, raw.schema))
         check_columns(raw.schema, "item_id", "embedding", None)
         want = pa.array(names)
-        assert normalize_ids(raw.column("item_id"), SOURCE).equals(want), kind
+        assert normalize_ids(raw.column("item_id"), SOURCE, 0).equals(want), kind
         vb = validate_batch(raw, id_column="item_id", embedding_column="embedding", dim=D,
                             source_file=SOURCE, row_offset=0, duplicate_ids=want[:1])
         assert vb.ids.equals(want[1:2]) and vb.rejects.num_rows == 2, kind

@@ -37,14 +37,32 @@ def task_errors() -> Iterator[None]:
     """Re-raise a named semid error from a Ray task as itself, on one line, so the CLI
     prints its reason: Ray's wrapper of it (an instance of it too) reads as the task's
     traceback, with ANSI colours, and Ray Data appends its retry note to the message."""
+    from ray.exceptions import RayError
+
     try:
         yield
-    except SemidError as exc:
-        cause = getattr(exc, "cause", None)
-        if not isinstance(cause, SemidError) or cause is exc:
+    except RayError as exc:
+        cause = _task_cause(exc)
+        if cause is None:
             raise
         reason = str(cause).split("\n", 1)[0]
-        raise type(cause)(f"{reason} (raised in a Ray task)") from None
+        raise type(cause)(f"{reason} (raised in a Ray task)") from exc
+
+
+def _task_cause(exc: BaseException) -> SemidError | None:
+    """The named error inside Ray's wrappers (`cause` of a task's error; Ray Data may wrap
+    a task body's error once more, as the `__cause__` of a `UserCodeException`)."""
+    from ray.exceptions import RayError
+
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, SemidError) and not isinstance(node, RayError):
+            return node
+        cause = getattr(node, "cause", None)
+        node = cause if isinstance(cause, BaseException) else node.__cause__
+    return None
 
 
 def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,

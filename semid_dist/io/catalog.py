@@ -37,7 +37,8 @@ class CatalogPlan:
     schema: pa.Schema
     fingerprint: str
     schemas: tuple[tuple[str, pa.Schema], ...] = ()  # each distinct schema, with a file having it
-    # files below input.path that are not read: not named *.parquet, nor hidden (`_`, `.`)
+    # files below input.path that are not read: not named *.parquet, nor hidden (`_`, `.`);
+    # relative to input.path
     skipped: tuple[str, ...] = ()
 
     @property
@@ -72,7 +73,8 @@ def list_files(url: str) -> list[str]:
 
 
 def catalog_files(url: str) -> tuple[list[str], list[str]]:
-    """(`list_files`, the other files below input.path that are not hidden: not read)."""
+    """(`list_files`, the other files below input.path that are not hidden, as paths
+    relative to it: not read)."""
     with _reachable(url):
         return _catalog_files(url)
 
@@ -90,7 +92,9 @@ def _catalog_files(url: str) -> tuple[list[str], list[str]]:
     if not files:
         raise _input_error(f"input.path {url!r} holds no *.parquet files (names starting with "
                          "'_' or '.' are skipped); point it at the catalog's Parquet files")
-    return files, [p for p in visible if not p.lower().endswith(".parquet")]
+    base = path.rstrip("/") + "/"
+    return files, [p[len(base):] if p.startswith(base) else p for p in visible
+                   if not p.lower().endswith(".parquet")]
 
 
 def _check_http_host(url: str) -> None:

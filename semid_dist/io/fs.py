@@ -65,6 +65,17 @@ def redact(value: Any) -> Any:
     return value
 
 
+def unknown_protocol(url: str) -> str | None:
+    """What a URL of no file system fsspec knows (neither a known implementation nor one
+    registered in this process) is: `<protocol>:// is no file system ...`; None for others.
+    No file system's package is imported."""
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in fsspec.available_protocols() or protocol in fsspec.registry:
+        return None
+    return (f"{protocol}:// is no file system fsspec knows; give a local path or a URL such "
+            "as file://, s3://, gs://, hdfs:// or memory://")
+
+
 def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     """URL (file://, s3://, memory://, plain path ...) -> (filesystem, path inside it)."""
     protocol = fsspec.utils.get_protocol(url)
@@ -80,9 +91,7 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     except ValueError as exc:
         if not str(exc).startswith("Protocol not known"):
             raise
-        raise ConfigError(f"{redact_url(url)}: {protocol}:// is no file system fsspec knows; "
-                          "give a local path or a URL such as file://, s3://, gs://, hdfs:// "
-                          "or memory://") from None
+        raise ConfigError(f"{redact_url(url)}: {unknown_protocol(url)}") from None
     except OSError as exc:
         if protocol not in ("hdfs", "viewfs") or exc.errno is not None:
             raise  # (a server that does not answer: the caller names the key)

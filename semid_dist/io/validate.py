@@ -134,11 +134,12 @@ def check_schemas(schemas: Sequence[tuple[str, pa.Schema]], id_column: str,
                 "embeddings of one model (split it into two)"))
 
 
-def normalize_ids(ids: pa.ChunkedArray | pa.Array, source: str) -> pa.Array:
+def normalize_ids(ids: pa.ChunkedArray | pa.Array, source: str, row_offset: int) -> pa.Array:
     """Item ids with one type per kind, whatever each file used: integers -> int64,
     strings (string / large_string / string_view, or dictionary-encoded ids) -> string,
     checked to be UTF-8 (a writer may store other bytes; the table written from them could
-    not be read as strings). source: their file, for the error."""
+    not be read as strings). source, row_offset: their file and the first id's row there,
+    for the errors."""
     target = pa.int64() if _id_kind(ids.type) == "integer" else pa.string()
     if ids.type != target:
         try:
@@ -151,11 +152,23 @@ def normalize_ids(ids: pa.ChunkedArray | pa.Array, source: str) -> pa.Array:
     if target == pa.string():
         try:
             ids.validate(full=True)
-        except pa.ArrowInvalid as exc:
+        except pa.ArrowInvalid:
+            row, value = _first_non_utf8(ids)
             raise InputError(redact_url(
-                f"{source}: an item id is not valid UTF-8 ({exc}); write the ids as UTF-8 "
-                "strings (or fix that row's bytes)")) from None
+                f"{source}: the item id at row {row_offset + row} is not valid UTF-8 "
+                f"({value[:40]!r}); write the ids as UTF-8 strings")) from None
     return ids
+
+
+def _first_non_utf8(ids: pa.Array) -> tuple[int, bytes]:
+    """(index, bytes) of the first string in `ids` that is not UTF-8 (one there is)."""
+    for i, value in enumerate(ids.view(pa.binary()).to_pylist()):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return i, value
+    raise AssertionError("no string that is not UTF-8")
 
 
 # how a build decides the embedding dimension (`preflight`), for the errors it explains
@@ -208,12 +221,12 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
         values = pc.fill_null(values, np.float32("nan"))
     values = values.to_numpy(zero_copy_only=False)
     reason = np.where(is_null, 1, np.where(lengths != dim, 2, 0)).astype(np.int8)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # each row's first value in `flat`
     x = _pool_matrix(n, dim)
     if not reason.any():  # every row holds `dim` values: the flat values are the matrix
         np.copyto(x, values.reshape(n, dim))  # writable, unlike Arrow's read-only view
         bad, codes = _unusable_rows(x)
     else:
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         x.fill(0.0)
         good = np.flatnonzero(reason == 0)
         x[good] = values[starts[good, None] + np.arange(dim)]
@@ -224,18 +237,17 @@ def _to_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if null_inside is not None:  # (their NaN made them code 3)
         reason[null_inside[reason[null_inside] == 3]] = 10
     if pa.types.is_float64(flat.type):  # values under float32's range: 0 in x
-        reason[_underflowed(flat, lengths, x, reason, dim)] = 9
+        reason[_underflowed(flat, starts, x, reason, dim)] = 9
     return x, reason
 
 
-def _underflowed(flat: pa.Array, lengths: np.ndarray, x: np.ndarray, reason: np.ndarray,
+def _underflowed(flat: pa.Array, starts: np.ndarray, x: np.ndarray, reason: np.ndarray,
                  dim: int) -> np.ndarray:
     """The rows that are all zero in float32 but not in float64 (values of 1e-60, say):
     each would be a zero vector, all in one SID, without a word; they are too small."""
     zero = np.flatnonzero((reason == 0) & ~x.any(axis=1))
     if not len(zero):
         return zero
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     src = flat.to_numpy(zero_copy_only=False)
     return zero[src[starts[zero, None] + np.arange(dim)].any(axis=1)]
 
@@ -300,7 +312,7 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     `reason` (on_duplicate=keep_first: the later copies); reject_zero: reject all-zero
     embeddings. A null item_id wins over every other reason, a duplicate over the
     embedding's problems."""
-    ids = normalize_ids(table.column(id_column), source_file)
+    ids = normalize_ids(table.column(id_column), source_file, row_offset)
     emb = table.column(embedding_column)
     # a shard of one row group is one chunk: no combined copy of it
     emb = emb.chunk(0) if emb.num_chunks == 1 else emb.combine_chunks()
