@@ -342,8 +342,9 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if not hasattr(args, "overrides") or any("=" not in e for e in extra):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    commits = args.command in ("build", "encode")  # (a line "nothing was committed" fits)
     return _run(f"semid {args.command}", lambda: args.func(args), exiting=exiting,
-                committed=lambda: getattr(args, "committed", None),
+                committed=(lambda: getattr(args, "committed", None)) if commits else None,
                 table=args.command not in ("bench", "validate"))
 
 
@@ -375,16 +376,16 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
         from semid_dist.io.fs import storage_advice
 
         if (fix := storage_advice(exc, table=table)) is None:
-            raise
+            if (line := _object_store_line(exc, committed)) is None:
+                raise
+            print(f"{name}: error: {line}", file=sys.stderr)
+            return 2
         print(f"{name}: error: {one_line(exc)}: {fix}", file=sys.stderr)
         return 2
     except Exception as exc:  # (Ray's wrapper of a task's error subclasses it)
-        if not any(c.__name__ in _NO_CREDENTIALS for c in type(exc).__mro__):
+        if (line := _object_store_line(exc, committed)) is None:
             raise
-        print(f"{name}: error: no credentials for the object store ({type(exc).__name__}: "
-              f"{one_line(exc)}); give them in the environment (s3://: AWS_ACCESS_KEY_ID / "
-              "AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) "
-              "or run where the machine's role has them", file=sys.stderr)
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
         version = getattr(exc, "version_id", None) or (committed and committed())
@@ -398,6 +399,36 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
             restore()
         else:
             exiting_signals()
+
+
+def _object_store_line(exc: BaseException,
+                       committed: Callable[[], str | None] | None) -> str | None:
+    """The one line for what a storage's client raised that a user mends, or None: no
+    credentials found, a server that does not answer (refused, timed out, gone), parameters
+    the client refuses (a bucket name S3 does not allow). Where the command commits
+    (`committed`), the line says whether it did."""
+    from semid_dist.io.fs import no_answer, redact_url
+
+    kind = type(exc).__name__
+    said = f"{kind}: {redact_url(one_line(exc))}"
+    if any(c.__name__ in _NO_CREDENTIALS for c in type(exc).__mro__):
+        line = (f"no credentials for the object store ({said}); give them in the environment "
+                "(s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: "
+                "GOOGLE_APPLICATION_CREDENTIALS) or run where the machine's role has them")
+    elif no_answer(exc):
+        line = (f"the storage does not answer ({said}); check its address (s3://: "
+                "AWS_ENDPOINT_URL, or the bucket's region) and the network, then run the "
+                "command again")
+    elif kind == "ParamValidationError":  # botocore's, before any request
+        line = (f"the object store's client refuses the request ({said}); check the URL "
+                "(S3 bucket names: lowercase letters, digits, '.' and '-')")
+    else:
+        return None
+    version = committed() if committed else None
+    if committed is None:
+        return line
+    return line + (f" (version {version} was committed)" if version
+                   else "; nothing was committed")
 
 
 def job_entry(name: str, run: Callable[[list[str]], int]) -> None:

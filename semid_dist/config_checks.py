@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from semid_dist.errors import ConfigError, one_line
-from semid_dist.io.fs import FOLDER_NAME, unknown_protocol
+from semid_dist.io.fs import FOLDER_NAME, redact_url, url_problem
 from semid_dist.io.validate import check_distinct_columns
 
 if TYPE_CHECKING:
@@ -217,13 +217,13 @@ def check_consistency(cfg: BuildConfig) -> None:
     together (layer sizes and the 64-bit SID key, pruning, the learned quantizers and ACRQ,
     incremental encodes, the quality depth, two input keys naming one column), output.table
     is not one directory name, input.path or output.root a URL of no file system fsspec
-    knows, a Ray or Spark build's storage in this process's memory,
+    knows or with credentials in it, a Ray or Spark build's storage in this process's memory,
     ray.address an HTTP address, spark.master no master URL or spark.driver_memory no JVM
     memory size."""
     check_table_name(cfg.output.table)
     for key, url in (("input.path", cfg.input.path), ("output.root", cfg.output.root)):
-        if (unknown := unknown_protocol(url)) is not None:
-            raise ConfigError(f"{key}: {unknown}")
+        if (problem := url_problem(url)) is not None:
+            raise ConfigError(f"{key}: {redact_url(url)}: {problem}")
     if cfg.engine != "local" and "memory://" in (cfg.input.path[:9], cfg.output.root[:9]):
         workers = "worker" if cfg.engine == "ray" else "executor"
         raise ConfigError(f"engine: {cfg.engine} needs input.path and output.root on storage "

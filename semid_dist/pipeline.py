@@ -295,20 +295,27 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
 
 @contextlib.contextmanager
 def _storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
-    """A full disk, a read-only mount or a permission denied under the build (before its
-    commit: one after its manifest is the commit's own error) as one line: nothing was
+    """A full disk, a read-only mount, a permission denied or storage that does not answer
+    under the build (before its commit: one after its manifest is the commit's own error)
+    as one line: nothing was
     committed, what to do, and that the same command resumes the version it had started
     (`started`). The table is named where the system named no file."""
     try:
         yield
-    except OSError as exc:
-        if (fix := fsio.storage_advice(exc, table=True)) is None:
+    except Exception as exc:
+        fix, doing = fsio.storage_advice(exc, table=True), "writing the table"
+        if fix is None and fsio.no_answer(exc):
+            fix = fsio.no_answer_advice(store.url)
+            doing = "reading the catalog or writing the table"
+        elif fix is None:
             raise
-        where = "" if exc.filename else f" (writing the table {redact_url(store.url)}?)"
+        where = ("" if getattr(exc, "filename", None)
+                 else f" ({doing} {redact_url(store.url)}?)")
+        what = (one_line(exc) if isinstance(exc, OSError)
+                else f"{type(exc).__name__}: {redact_url(one_line(exc))}")
         again = f" (it resumes version {started[0]})" if started else ""
-        raise StoreError(f"{one_line(exc)}{where}; nothing was committed (the table's versions "
-                         f"are as they were): {fix}, then run the same command again"
-                         f"{again}") from None
+        raise StoreError(f"{what}{where}; nothing was committed (the table's versions are as "
+                         f"they were): {fix}, then run the same command again{again}") from None
 
 
 def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str, Any],

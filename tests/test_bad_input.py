@@ -715,8 +715,9 @@ def test_a_url_of_no_file_system_fsspec_knows_is_a_config_error(tmp_path, key):
     d = two_files(tmp_path)
     catalog, root = ("foo://cat", str(tmp_path / "out")) if key == "input" else (str(d), "foo://t")
     named = "input.path" if key == "input" else "output.root"
-    with pytest.raises(ConfigError, match=rf"^{named}: foo:// is no file system fsspec knows; "
-                                          r"give a local path or a URL such as file://"):
+    with pytest.raises(ConfigError, match=rf"^{named}: foo://\w+: foo:// is no file system "
+                                          r"fsspec knows; give a local path or a URL such as "
+                                          r"file://"):
         build(cfg(catalog, root), log=quiet)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match=r"^foo://t: foo:// is no file system fsspec knows"):

@@ -295,6 +295,21 @@ def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path, engine
         assert proc.returncode == 130 and versions == [], said
 
 
+def test_a_command_that_commits_nothing_says_no_word_of_a_commit_when_stopped(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `semid versions list` (a Ctrl-C in place of its listing): `interrupted`,
+    status 130; it said `interrupted; nothing was committed`, as a build does."""
+    from semid_dist import cli
+
+    def stopped(args, store):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_versions_list", stopped)
+    (tmp_path / "sids").mkdir()
+    assert cli.main(["versions", "list", "--root", str(tmp_path), "--table", "sids"]) == 130
+    assert capsys.readouterr().err.strip() == "semid versions: interrupted"
+
+
 def test_an_object_store_without_credentials_is_one_line(tmp_path):
     """s3:// with no credentials anywhere: botocore's NoCredentialsError traceback before."""
     pytest.importorskip("s3fs")

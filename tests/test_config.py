@@ -197,7 +197,8 @@ def test_a_url_protocol_is_known_when_fsspec_has_it_or_a_class_was_registered():
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
-    with pytest.raises(ConfigError, match=r"^output\.root: semidnofs:// is no file system "):
+    with pytest.raises(ConfigError, match=r"^output\.root: semidnofs://t: semidnofs:// is no "
+                                          r"file system "):
         parse_config(with_keys(output__root="semidnofs://t"))
 
     class ProbeFileSystem(MemoryFileSystem):

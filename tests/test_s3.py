@@ -261,6 +261,112 @@ def test_credentials_inside_an_s3_url_are_refused_without_echoing_them(s3, bucke
     assert not s3.fs.exists(f"{bucket}/t")
 
 
+def test_a_user_alone_in_a_bucket_url_is_refused_and_masked(s3, bucket, tmp_path, capfd):
+    """`s3://KEY@bucket/x` (an access key id without its secret): refused as credentials,
+    the key id masked in the error and in `semid validate`'s, as `KEY:SECRET@` is (it was
+    botocore's ParamValidationError traceback, and the config's log line showed the key);
+    `semid validate` refuses both forms, as a build does (it said `ok`)."""
+    for user in (ACCESS_KEY, f"{ACCESS_KEY}:{SECRET_KEY}"):
+        for key in ("input", "output"):
+            url = f"s3://{user}@{bucket}/{key}"
+            cfg = tmp_path / f"{key}.yaml"
+            cfg.write_text(json.dumps({"input": {"path": url if key == "input" else "/c"},
+                                       "output": {"root": url if key == "output" else "/o"}}))
+            for argv in (["build", "--config", str(cfg)], ["validate", str(cfg)]):
+                assert main(argv) == 2, argv
+                out, err = capfd.readouterr()
+                name = "input.path" if key == "input" else "output.root"
+                assert err.strip().splitlines()[-1].endswith(
+                    f"{name}: s3://***@{bucket}/{key}: s3:// URLs take no credentials (they "
+                    "would end up in logs and manifests); remove 'KEY:SECRET@' and give them as "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or the "
+                    "machine's role"), err
+                assert_clean({"stdout": out.encode(), "stderr": err.encode()}, [ACCESS_KEY])
+    assert not s3.fs.exists(f"{bucket}/output")
+
+
+def test_a_bucket_that_is_not_there_is_not_created(s3, bucket, tmp_path):
+    """output.root in a bucket that does not exist: the build's first write fails, naming
+    output.root, and no bucket is made (s3fs' makedirs made one: a typo became a bucket)."""
+    catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", clustered(300, 4)), bucket)
+    missing = f"semid-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(StoreError, match=rf"^output\.root 's3://{missing}/t': cannot write the "
+                                         r"table 'sids' there \(.*\); point output\.root at a "
+                                         r"folder or bucket this job can write to$"):
+        build(small_config(catalog, f"s3://{missing}/t", quantizer__layers=[8, 4]), log=quiet)
+    s3.fs.invalidate_cache()
+    assert missing not in [b.rstrip("/") for b in s3.fs.ls("")]
+
+
+def test_a_bucket_name_s3_does_not_allow_is_one_line(s3, bucket, tmp_path, capfd):
+    """`s3://Bad_Bucket!/t`: the client refuses the request before sending it; one line,
+    status 2, nothing committed (botocore's ParamValidationError traceback, status 1)."""
+    catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", clustered(300, 4)), bucket)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "local", "input": {"path": catalog},
+                               "output": {"root": "s3://Bad_Bucket!/t"},
+                               "quantizer": {"layers": [8, 4]}}))
+    assert main(["build", "--config", str(cfg)]) == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"semid build: error: the object store's client refuses the request "
+                        r"\(ParamValidationError: .*Invalid bucket name.*\); check the URL "
+                        r"\(S3 bucket names: lowercase letters, digits, '\.' and '-'\); "
+                        r"nothing was committed", last), last
+
+
+def test_an_object_store_that_does_not_answer_is_one_line(bucket, tmp_path):
+    """An endpoint where nothing listens (the catalog's, then the table's): one line
+    naming the client's error and what to check, status 2 (botocore's
+    EndpointConnectionError traceback, status 1); on a command that commits nothing, no
+    word of a commit."""
+    port = _free_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}
+    cfg = tmp_path / "c.yaml"
+    for catalog, root in (("s3://b/cat", str(tmp_path / "out")),
+                          (write_catalog(tmp_path / "cat", clustered(300, 4)), "s3://b/t")):
+        cfg.write_text(json.dumps({"engine": "local", "input": {"path": catalog},
+                                   "output": {"root": root}, "quantizer": {"layers": [8, 4]}}))
+        run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "build", "--config",
+                              str(cfg)], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        last = run.stderr.strip().splitlines()[-1]
+        if catalog.startswith("s3://"):
+            assert re.fullmatch(r"semid build: error: input\.path 's3://b/cat' cannot be "
+                                r"reached \(EndpointConnectionError: .*\); check its host "
+                                r"and port, the network and the credentials", last), last
+        else:
+            assert re.fullmatch(r"semid build: error: the storage does not answer "
+                                r"\(EndpointConnectionError: .*\); check its address \(s3://: "
+                                r"AWS_ENDPOINT_URL, or the bucket's region\) and the network, "
+                                r"then run the command again; nothing was committed", last), last
+    run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "versions", "list", "--root",
+                          "s3://b/t", "--table", "sids"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "semid versions: error: the storage does not answer (EndpointConnectionError: ")
+    assert "committed" not in run.stderr
+
+
+def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
+    """The object store's client saying the server went away inside a started build: one
+    line, nothing committed, what to check, and the version the same command resumes."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from semid_dist.pipeline import _storage_failures
+
+    store = TableStore("s3://b/t", "sids")
+    with pytest.raises(StoreError) as err:
+        with _storage_failures(store, ["20261206T000000000000Z-abcdef"]):
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
+    assert str(err.value) == (
+        'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:1/b" '
+        "(reading the catalog or writing the table s3://b/t/sids?); nothing was committed (the "
+        "table's versions are as they were): check the storage's address (AWS_ENDPOINT_URL, or "
+        "the bucket's region) and the network, then run the same command again (it resumes "
+        "version 20261206T000000000000Z-abcdef)")
+
+
 def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):
     """fsspec's HTTP filesystem takes `user:password@` from the URL: the build works, and the
     manifest, every object, the rejects' source_file and the logs show `***` instead."""
@@ -299,6 +405,8 @@ def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_pat
      "does not exist"),  # a message quoting the URL keeps its closing quote
     ("abfs://container@account.dfs.core.windows.net/x", None),  # a container, no secret
     ("s3://bucket/images/a@2x/cat.parquet", None),
+    ("s3://AKIAUSERONLY@bucket/x", "s3://***@bucket/x"),  # a bucket holds no '@': a user
+    ("gs://user@bucket/x and s3a://k@b/y", "gs://***@bucket/x and s3a://***@b/y"),
     ("ftp://anonymous@host/x", None),
     ("/data/catalog", None),
 ])

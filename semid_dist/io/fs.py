@@ -36,6 +36,8 @@ FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # fsspec filesystems that do not read credentials from the URL (a `KEY:SECRET@` there
 # becomes part of the bucket name and ends up in error messages)
 _NO_URL_CREDENTIALS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
+# a bucket's URL with user info (a bucket's name holds no '@'): `s3://KEY@bucket/x`
+_BUCKET_USER = re.compile(r"(?P<scheme>\b(?:s3a?|gs|gcs)://)(?!\*\*\*@)[^/@\s]+@")
 _AWS = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or "
         "the machine's role")
 _GCP = ("give them as GOOGLE_APPLICATION_CREDENTIALS (a service account's key file) or the "
@@ -48,9 +50,11 @@ _STORAGE_ADVICE = {errno.ENOSPC: _FREE_SPACE, errno.EDQUOT: _FREE_SPACE,
 
 def redact_url(text: str) -> str:
     """`text` (a URL, or a message holding URLs) with credentials replaced by `***`: the
-    user info of `s3://KEY:SECRET@bucket/x` or `ftp://user:pw@host/x` (-> `s3://***@bucket/x`)
+    user info of `s3://KEY:SECRET@bucket/x` or `ftp://user:pw@host/x` (-> `s3://***@bucket/x`),
+    any user info of a bucket's URL (`s3://KEY@bucket/x`: a bucket's name holds no `@`)
     and the values of secret-bearing query parameters (`?X-Amz-Signature=***`)."""
     text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    text = _BUCKET_USER.sub(r"\g<scheme>***@", text)
     return _SECRET_PARAM.sub(r"\g<name>***", text)
 
 
@@ -65,24 +69,28 @@ def redact(value: Any) -> Any:
     return value
 
 
-def unknown_protocol(url: str) -> str | None:
-    """What a URL of no file system fsspec knows (neither a known implementation nor one
-    registered in this process) is: `<protocol>:// is no file system ...`; None for others.
-    No file system's package is imported."""
+def url_problem(url: str) -> str | None:
+    """What is wrong with a URL before any file system is asked: credentials in it where
+    the file system takes none from URLs, or a protocol fsspec knows no file system of
+    (neither a known implementation nor one registered in this process); None when nothing
+    is. No file system's package is imported."""
     protocol = fsspec.utils.get_protocol(url)
-    if protocol in fsspec.available_protocols() or protocol in fsspec.registry:
-        return None
-    return (f"{protocol}:// is no file system fsspec knows; give a local path or a URL such "
-            "as file://, s3://, gs://, hdfs:// or memory://")
+    if protocol not in fsspec.available_protocols() and protocol not in fsspec.registry:
+        return (f"{protocol}:// is no file system fsspec knows; give a local path or a URL "
+                "such as file://, s3://, gs://, hdfs:// or memory://")
+    if protocol in _NO_URL_CREDENTIALS and (_URL_CREDENTIALS.search(url)
+                                            or _BUCKET_USER.match(url)):
+        return (f"{protocol}:// URLs take no credentials (they would end up in logs and "
+                "manifests); remove 'KEY:SECRET@' and "
+                f"{_CREDENTIALS_ADVICE.get(protocol, 'give none: none are needed')}")
+    return None
 
 
 def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     """URL (file://, s3://, memory://, plain path ...) -> (filesystem, path inside it)."""
     protocol = fsspec.utils.get_protocol(url)
-    if _URL_CREDENTIALS.search(url) and protocol in _NO_URL_CREDENTIALS:
-        raise ConfigError(f"{redact_url(url)}: {protocol}:// URLs take no credentials (they "
-                          "would end up in logs and manifests); remove 'KEY:SECRET@' and "
-                          f"{_CREDENTIALS_ADVICE.get(protocol, 'give none: none are needed')}")
+    if (problem := url_problem(url)) is not None:
+        raise ConfigError(f"{redact_url(url)}: {problem}")
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:  # the file system's package (fsspec names it)
@@ -91,7 +99,8 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     except ValueError as exc:
         if not str(exc).startswith("Protocol not known"):
             raise
-        raise ConfigError(f"{redact_url(url)}: {unknown_protocol(url)}") from None
+        raise ConfigError(f"{redact_url(url)}: {protocol}:// is no file system fsspec knows "
+                          f"({one_line(exc)})") from None
     except OSError as exc:
         if protocol not in ("hdfs", "viewfs") or exc.errno is not None:
             raise  # (a server that does not answer: the caller names the key)
@@ -135,15 +144,48 @@ def storage_advice(exc: BaseException, *, table: bool = False) -> str | None:
     return advice
 
 
+# the object stores' clients' errors for a server that does not answer (botocore's,
+# aiohttp's), by name: none is a builtin ConnectionError or TimeoutError
+_NO_ANSWER = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+              "ConnectionClosedError", "ClientConnectorError", "ServerTimeoutError",
+              "ServerDisconnectedError")
+
+
+def no_answer(exc: BaseException) -> bool:
+    """Whether `exc` says a storage server does not answer (refused, timed out, no such
+    host, gone in the middle of a request)."""
+    return (isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror))
+            or any(c.__name__ in _NO_ANSWER for c in type(exc).__mro__))
+
+
+def no_answer_advice(url: str) -> str:
+    """What to do when the storage of `url` does not answer."""
+    protocol = fsspec.utils.get_protocol(url)
+    where = {"s3": "AWS_ENDPOINT_URL, or the bucket's region", "s3a": "AWS_ENDPOINT_URL, or "
+             "the bucket's region", "gs": "STORAGE_EMULATOR_HOST, if you use one",
+             "gcs": "STORAGE_EMULATOR_HOST, if you use one"}.get(protocol, "its host and port")
+    return f"check the storage's address ({where}) and the network"
+
+
+# object stores: no folders (an s3fs `makedirs` creates a bucket that is not there)
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss")
+
+
+def _make_parent(fs: AbstractFileSystem, path: str) -> None:
+    """Create `path`'s folder where the file system has folders."""
+    parent = posixpath.dirname(path)
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if parent and not set(protocols) & set(_OBJECT_STORES):
+        fs.makedirs(parent, exist_ok=True)
+
+
 def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
 def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` so the final name appears only complete (tmp + rename where possible)."""
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    _make_parent(fs, path)
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:  # (fsspec's mv, shutil.move, moves the file into a folder named `path`)
@@ -164,8 +206,7 @@ def staged_output(fs: AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
     block ends, so the name appears only complete; a block that raises leaves nothing. The
     file's `name` is its local path."""
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    _make_parent(fs, path)
     # beside `path` on a local filesystem (the rename stays on one device), else in the
     # system's temporary folder (TMPDIR); opened as a new file, so the umask sets its mode
     name = f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:12]}"
