@@ -409,8 +409,9 @@ def _object_store_line(exc: BaseException,
     (`committed`), the line says whether it did."""
     from semid_dist.io.fs import no_answer, redact_url
 
-    kind = type(exc).__name__
-    said = f"{kind}: {redact_url(one_line(exc))}"
+    cause = getattr(exc, "cause", None)  # (a Ray task's error: the one it wraps)
+    shown = cause if isinstance(cause, Exception) else exc
+    said = f"{type(shown).__name__}: {redact_url(one_line(shown))}"
     if any(c.__name__ in _NO_CREDENTIALS for c in type(exc).__mro__):
         line = (f"no credentials for the object store ({said}); give them in the environment "
                 "(s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: "
@@ -419,7 +420,7 @@ def _object_store_line(exc: BaseException,
         line = (f"the storage does not answer ({said}); check its address (s3://: "
                 "AWS_ENDPOINT_URL, or the bucket's region) and the network, then run the "
                 "command again")
-    elif kind == "ParamValidationError":  # botocore's, before any request
+    elif any(c.__name__ == "ParamValidationError" for c in type(exc).__mro__):  # botocore's
         line = (f"the object store's client refuses the request ({said}); check the URL "
                 "(S3 bucket names: lowercase letters, digits, '.' and '-')")
     else:

@@ -28,7 +28,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import Engine, make_engine
-from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError, one_line
+from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io import fs as fsio
@@ -275,7 +275,9 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
     try:
         try:
             store.remove_staging(vid)
-        except OSError as exc:  # committed all the same: gc removes them
+        except Exception as exc:  # committed all the same: gc removes them
+            if not (isinstance(exc, OSError) or fsio.no_answer(exc)):
+                raise
             log(f"commit: the work files (_staging) of version {vid} stay ({exc}); `semid "
                 "versions gc` removes them")
         now = None if moved else store.head()
@@ -291,6 +293,12 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
         return BuildResult(vid, store.display_url(vid), metrics, store.manifest(vid), drift)
     except KeyboardInterrupt as exc:
         raise InterruptedAfterCommit(vid) from exc
+    except Exception as exc:  # reading the committed version back
+        if not (isinstance(exc, OSError) or fsio.no_answer(exc)):
+            raise
+        raise StoreError(f"version {vid} was committed, but the storage failed after it "
+                         f"({fsio.failure_text(exc)}); the version "
+                         f"stands (`semid versions show --version {vid}` reads it)") from None
 
 
 @contextlib.contextmanager
@@ -311,8 +319,7 @@ def _storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
             raise
         where = ("" if getattr(exc, "filename", None)
                  else f" ({doing} {redact_url(store.url)}?)")
-        what = (one_line(exc) if isinstance(exc, OSError)
-                else f"{type(exc).__name__}: {redact_url(one_line(exc))}")
+        what = fsio.failure_text(exc)
         again = f" (it resumes version {started[0]})" if started else ""
         raise StoreError(f"{what}{where}; nothing was committed (the table's versions are as "
                          f"they were): {fix}, then run the same command again{again}") from None

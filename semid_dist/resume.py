@@ -180,7 +180,7 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
             step = "write"
             _write_run(store, vid, key, reads, parent=parent, latest=latest)
     except OSError as exc:
-        if step == "read":  # a listing that failed: not a question of writing
+        if step == "read" or fsio.no_answer(exc):  # not a question of writing
             raise
         raise _unwritable(store, exc) from None
     return Claim(vid, resuming, parent, reads, latest)

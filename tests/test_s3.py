@@ -278,11 +278,15 @@ def test_a_user_alone_in_a_bucket_url_is_refused_and_masked(s3, bucket, tmp_path
                 name = "input.path" if key == "input" else "output.root"
                 assert err.strip().splitlines()[-1].endswith(
                     f"{name}: s3://***@{bucket}/{key}: s3:// URLs take no credentials (they "
-                    "would end up in logs and manifests); remove 'KEY:SECRET@' and give them as "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or the "
-                    "machine's role"), err
+                    "would end up in logs and manifests); remove the user info ('KEY:SECRET@' "
+                    "or 'KEY@') and give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a "
+                    "profile (AWS_PROFILE) or the machine's role"), err
                 assert_clean({"stdout": out.encode(), "stderr": err.encode()}, [ACCESS_KEY])
     assert not s3.fs.exists(f"{bucket}/output")
+    for url in (f"simplecache::s3://{ACCESS_KEY}@{bucket}/c", f"S3://{ACCESS_KEY}@{bucket}/c"):
+        with pytest.raises(ConfigError) as err:  # a chained URL's link; a scheme in capitals
+            build(small_config(url, str(tmp_path / "o")), log=quiet)
+        assert ACCESS_KEY not in str(err.value) and "***@" in str(err.value), str(err.value)
 
 
 def test_a_bucket_that_is_not_there_is_not_created(s3, bucket, tmp_path):
@@ -319,7 +323,9 @@ def test_an_object_store_that_does_not_answer_is_one_line(bucket, tmp_path):
     naming the client's error and what to check, status 2 (botocore's
     EndpointConnectionError traceback, status 1); on a command that commits nothing, no
     word of a commit."""
-    port = _free_port()
+    held = socket.socket()  # bound, not listening: refused for the test's whole length
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}
     cfg = tmp_path / "c.yaml"
     for catalog, root in (("s3://b/cat", str(tmp_path / "out")),
@@ -346,16 +352,21 @@ def test_an_object_store_that_does_not_answer_is_one_line(bucket, tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith(
         "semid versions: error: the storage does not answer (EndpointConnectionError: ")
     assert "committed" not in run.stderr
+    held.close()
 
 
 def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
     """The object store's client saying the server went away inside a started build: one
-    line, nothing committed, what to check, and the version the same command resumes."""
+    line, nothing committed, what to check, and the version the same command resumes; a
+    builtin ConnectionError (a Ray or Spark connection's) is not taken for the storage's."""
     from botocore.exceptions import EndpointConnectionError
 
     from semid_dist.pipeline import _storage_failures
 
     store = TableStore("s3://b/t", "sids")
+    with pytest.raises(ConnectionResetError, match="^the driver went away$"):
+        with _storage_failures(store, ["20261206T000000000000Z-abcdef"]):
+            raise ConnectionResetError("the driver went away")
     with pytest.raises(StoreError) as err:
         with _storage_failures(store, ["20261206T000000000000Z-abcdef"]):
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
@@ -365,6 +376,28 @@ def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
         "table's versions are as they were): check the storage's address (AWS_ENDPOINT_URL, or "
         "the bucket's region) and the network, then run the same command again (it resumes "
         "version 20261206T000000000000Z-abcdef)")
+
+
+def test_storage_gone_after_the_manifest_says_the_version_stands(s3, bucket, tmp_path,
+                                                                 monkeypatch):
+    """The server gone between the manifest and `_latest` (a fault injected in place of
+    `advance_latest`): the version is committed, and the error says so, not that nothing
+    was (what `_storage_failures` said of any such error)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", clustered(300, 4)), bucket)
+    root = f"s3://{bucket}/t"
+
+    def gone(self, version_id, expect=None):
+        raise EndpointConnectionError(endpoint_url=ENDPOINT)
+
+    monkeypatch.setattr(TableStore, "advance_latest", gone)
+    with pytest.raises(StoreError, match=r"^version (\S+) is committed, but _latest was not "
+                                         r"moved \(EndpointConnectionError: ") as err:
+        build(small_config(catalog, root, quantizer__layers=[8, 4]), log=quiet)
+    vid = re.match(r"^version (\S+) ", str(err.value)).group(1)
+    monkeypatch.undo()
+    assert TableStore(root, "sids").versions() == [vid]
 
 
 def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):

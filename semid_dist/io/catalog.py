@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,8 +56,9 @@ def _reachable(url: str) -> Iterator[None]:
     """A catalog whose server does not answer, as an InputError naming input.path."""
     try:
         yield
-    except Exception as exc:  # (an object store's client's errors are its own classes)
-        if not fsio.no_answer(exc):
+    except Exception as exc:  # (gaierror: no such host; an object store's client's own)
+        if not (isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror))
+                or fsio.no_answer(exc)):
             raise
         raise _not_reached(url, exc) from None
 

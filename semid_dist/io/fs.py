@@ -37,7 +37,8 @@ FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # becomes part of the bucket name and ends up in error messages)
 _NO_URL_CREDENTIALS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
 # a bucket's URL with user info (a bucket's name holds no '@'): `s3://KEY@bucket/x`
-_BUCKET_USER = re.compile(r"(?P<scheme>\b(?:s3a?|gs|gcs)://)(?!\*\*\*@)[^/@\s]+@")
+_BUCKET_USER = re.compile(r"(?P<scheme>\b(?:s3a?|gs|gcs)://)(?!\*\*\*@)[^/@\s'\"?#()<>]+@",
+                          re.IGNORECASE)
 _AWS = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or "
         "the machine's role")
 _GCP = ("give them as GOOGLE_APPLICATION_CREDENTIALS (a service account's key file) or the "
@@ -78,11 +79,13 @@ def url_problem(url: str) -> str | None:
     if protocol not in fsspec.available_protocols() and protocol not in fsspec.registry:
         return (f"{protocol}:// is no file system fsspec knows; give a local path or a URL "
                 "such as file://, s3://, gs://, hdfs:// or memory://")
-    if protocol in _NO_URL_CREDENTIALS and (_URL_CREDENTIALS.search(url)
-                                            or _BUCKET_USER.match(url)):
-        return (f"{protocol}:// URLs take no credentials (they would end up in logs and "
-                "manifests); remove 'KEY:SECRET@' and "
-                f"{_CREDENTIALS_ADVICE.get(protocol, 'give none: none are needed')}")
+    for link in url.split("::"):  # (a chained URL's every link: `simplecache::s3://...`)
+        own = fsspec.utils.get_protocol(link)
+        if own in _NO_URL_CREDENTIALS and (_URL_CREDENTIALS.match(link)
+                                           or _BUCKET_USER.match(link)):
+            return (f"{own}:// URLs take no credentials (they would end up in logs and "
+                    "manifests); remove the user info ('KEY:SECRET@' or 'KEY@') and "
+                    f"{_CREDENTIALS_ADVICE.get(own, 'give none: none are needed')}")
     return None
 
 
@@ -144,18 +147,38 @@ def storage_advice(exc: BaseException, *, table: bool = False) -> str | None:
     return advice
 
 
-# the object stores' clients' errors for a server that does not answer (botocore's,
-# aiohttp's), by name: none is a builtin ConnectionError or TimeoutError
+# the object stores' clients' errors for a server that does not answer or went away in the
+# middle of a request (botocore's, aiohttp's), by name; builtin ConnectionErrors and
+# TimeoutErrors are not taken for them (a Ray or Spark connection's, a closed stderr's)
 _NO_ANSWER = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-              "ConnectionClosedError", "ClientConnectorError", "ServerTimeoutError",
-              "ServerDisconnectedError")
+              "ConnectionClosedError", "ProxyConnectionError", "ResponseStreamingError",
+              "IncompleteReadError", "ClientConnectorError", "ClientOSError",
+              "ClientPayloadError", "ServerTimeoutError", "ServerDisconnectedError")
+_NOT_NO_ANSWER = ("ClientSSLError", "SSLError")  # (a certificate refused: it answered)
 
 
 def no_answer(exc: BaseException) -> bool:
-    """Whether `exc` says a storage server does not answer (refused, timed out, no such
-    host, gone in the middle of a request)."""
-    return (isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror))
-            or any(c.__name__ in _NO_ANSWER for c in type(exc).__mro__))
+    """Whether `exc`, or an error it wraps (a Ray task's), is an object store's client
+    saying its server does not answer (refused, timed out, gone in the middle of a request)."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        names = {c.__name__ for c in type(node).__mro__}
+        if names & set(_NOT_NO_ANSWER):
+            return False
+        if names & set(_NO_ANSWER):
+            return True
+        cause = getattr(node, "cause", None)
+        node = cause if isinstance(cause, BaseException) else node.__cause__
+    return False
+
+
+def failure_text(exc: BaseException) -> str:
+    """A storage failure for a one-line message: an OSError's own text (it names its errno
+    and file), another error's with its type (`EndpointConnectionError: Could not ...`)."""
+    text = redact_url(one_line(exc))
+    return text if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
 
 
 def no_answer_advice(url: str) -> str:

@@ -49,8 +49,10 @@ def file_lock(path: str, on_wait: Callable[[bool], None] | None = None) -> Itera
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if _break_stale_lock(path) and on_wait is not None:
-                on_wait(True)
+            if _break_stale_lock(path):
+                if on_wait is not None:
+                    on_wait(True)
+                continue  # (taken at once, as a rule: no wait to tell of)
             if on_wait is not None and not said and time.monotonic() - start > WAIT_NOTICE_S:
                 on_wait(False)
                 said = True

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.errors import StoreError, one_line
+from semid_dist.errors import StoreError
 from semid_dist.faults import maybe_die
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import file_lock, process_lock
@@ -308,9 +308,12 @@ class TableStore:
         except StoreError as exc:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
                              f"{exc}") from None
-        except OSError as exc:  # a full disk, a read-only mount
+        except Exception as exc:  # a full disk, a read-only mount, a server gone
+            if not (isinstance(exc, OSError) or fsio.no_answer(exc)):
+                raise
             raise StoreError(f"version {version_id} is committed, but _latest was not moved "
-                             f"({one_line(exc)}): readers of latest get the version before "
+                             f"({fsio.failure_text(exc)}): "
+                             "readers of latest get the version before "
                              "it until a newer one commits; to serve it now, write its id into "
                              f"{fsio.redact_url(self.url)}/{LATEST} (unless that names a newer "
                              "version already)") from None
