@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from semid_dist.errors import ConfigError, SemidError, StoreError, one_line
+from semid_dist.errors import ConfigError, SemidError, StoreError, one_line, wrapped_errors
 from semid_dist.signals import exiting_signals, one_interrupt, terminated
 
 if TYPE_CHECKING:
@@ -407,27 +407,30 @@ def _object_store_line(exc: BaseException,
     credentials found, a server that does not answer (refused, timed out, gone), parameters
     the client refuses (a bucket name S3 does not allow). Where the command commits
     (`committed`), the line says whether it did."""
-    from semid_dist.io.fs import no_answer, redact_url
+    from semid_dist.io.fs import NO_ANSWER, named, no_answer, no_answer_advice, redact_url
 
-    cause = getattr(exc, "cause", None)  # (a Ray task's error: the one it wraps)
-    shown = cause if isinstance(cause, Exception) else exc
-    said = f"{type(shown).__name__}: {redact_url(one_line(shown))}"
-    if any(c.__name__ in _NO_CREDENTIALS for c in type(exc).__mro__):
-        line = (f"no credentials for the object store ({said}); give them in the environment "
-                "(s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: "
-                "GOOGLE_APPLICATION_CREDENTIALS) or run where the machine's role has them")
+    def said(names: tuple[str, ...]) -> str:  # (the innermost: not a Ray task's wrapper)
+        shown = [e for e in wrapped_errors(exc) if named(e, names)][-1]
+        return f"{type(shown).__name__}: {redact_url(one_line(shown))}"
+
+    errors = list(wrapped_errors(exc))
+    if any(named(e, _NO_CREDENTIALS) for e in errors):
+        line = (f"no credentials for the object store ({said(_NO_CREDENTIALS)}); give them in "
+                "the environment (s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                "AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) or run where the "
+                "machine's role has them")
     elif no_answer(exc):
-        line = (f"the storage does not answer ({said}); check its address (s3://: "
-                "AWS_ENDPOINT_URL, or the bucket's region) and the network, then run the "
-                "command again")
-    elif any(c.__name__ == "ParamValidationError" for c in type(exc).__mro__):  # botocore's
-        line = (f"the object store's client refuses the request ({said}); check the URL "
-                "(S3 bucket names: lowercase letters, digits, '.' and '-')")
+        line = (f"the storage does not answer ({said(NO_ANSWER)}); {no_answer_advice()}, then "
+                "run the command again")
+    elif any(named(e, ("ParamValidationError",)) for e in errors):  # botocore's
+        line = (f"the object store's client refuses the request "
+                f"({said(('ParamValidationError',))}); check the URL (S3 bucket names: "
+                "lowercase letters, digits, '.' and '-')")
     else:
         return None
-    version = committed() if committed else None
     if committed is None:
         return line
+    version = committed()
     return line + (f" (version {version} was committed)" if version
                    else "; nothing was committed")
 

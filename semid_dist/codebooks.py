@@ -113,9 +113,9 @@ def build_codebooks(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: Bui
                     ) -> tuple[list[FileEntry], list[dict[str, Any]], str]:
     """Fit new codebooks (fit.warm_start=parent: starting from the parent's), or
     (encode.from_version) reuse a committed version's artifact (`reused`: as the build's
-    checks read it, `preflight.check_inputs`).
+    checks read it, `preflight.check_inputs`: set exactly when encode.from_version is).
     Writes the artifact into the new version; returns (files, fit stats, source)."""
-    if cfg.encode.from_version:
+    if reused is not None:
         src, blobs, meta = reused
         log(f"codebooks: reusing version {src} ({list(cfg.quantizer.layers)})"
             + ("; fit.warm_start=parent has no effect: nothing is fit"

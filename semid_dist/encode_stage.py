@@ -159,17 +159,17 @@ def check_rejects(counts: dict[str, int], reasons: dict[str, int],
     """Fail (nothing committed) on any rejected row under input.on_bad_rows=fail, or above
     input.max_reject_fraction; the message counts the rejected rows by reason."""
     why = reasons_text(reasons)
+    # (rows of another length: how the dimension they are measured against was decided)
+    rule = f" ({DIMENSION_RULE})" if any(r.startswith("embedding dim ") for r in reasons) else ""
     if counts["rejected"] and cfg.input.on_bad_rows == "fail":
         raise InputError(f"{counts['rejected']} bad rows ({why}) and input.on_bad_rows=fail; "
                          "nothing was committed. Fix the catalog or set "
-                         "input.on_bad_rows=reject")
+                         f"input.on_bad_rows=reject{rule}")
     share = counts["rejected"] / max(counts["input"], 1)
     if share > cfg.input.max_reject_fraction:
         raise InputError(f"{counts['rejected']} of {counts['input']} rows rejected ({share:.2%}: "
                          f"{why}) > input.max_reject_fraction="
                          f"{cfg.input.max_reject_fraction}; nothing was committed. Fix the "
-                         "catalog or raise the limit"
-                         + (f" ({DIMENSION_RULE})" if any(r.startswith("embedding dim ")
-                                                          for r in reasons) else ""))
+                         f"catalog or raise the limit{rule}")
     if counts["encoded"] == 0:
         raise InputError("no valid rows to encode; nothing was committed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class SemidError(Exception):
     """Base class for every error semid_dist raises on purpose."""
@@ -30,6 +32,19 @@ class InterruptedAfterCommit(KeyboardInterrupt):
     def __init__(self, version_id: str) -> None:
         super().__init__(version_id)
         self.version_id = version_id
+
+
+def wrapped_errors(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then each error it wraps, outermost first: a Ray task's error's `cause` (Ray
+    Data may wrap a task body's error once more, as the `__cause__` of its own), else the
+    `__cause__` it was raised from."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        yield node
+        cause = getattr(node, "cause", None)
+        node = cause if isinstance(cause, BaseException) else node.__cause__
 
 
 def one_line(exc: BaseException) -> str:

@@ -276,10 +276,10 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
         try:
             store.remove_staging(vid)
         except Exception as exc:  # committed all the same: gc removes them
-            if not (isinstance(exc, OSError) or fsio.no_answer(exc)):
+            if not fsio.storage_failure(exc):
                 raise
-            log(f"commit: the work files (_staging) of version {vid} stay ({exc}); `semid "
-                "versions gc` removes them")
+            log(f"commit: the work files (_staging) of version {vid} stay "
+                f"({fsio.failure_text(exc)}); `semid versions gc` removes them")
         now = None if moved else store.head()
         sibling = not moved and expected is not None and now != expected
         log(f"commit: version {vid} committed in {time.monotonic() - t0:.1f}s"
@@ -294,7 +294,7 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
     except KeyboardInterrupt as exc:
         raise InterruptedAfterCommit(vid) from exc
     except Exception as exc:  # reading the committed version back
-        if not (isinstance(exc, OSError) or fsio.no_answer(exc)):
+        if not fsio.storage_failure(exc):
             raise
         raise StoreError(f"version {vid} was committed, but the storage failed after it "
                          f"({fsio.failure_text(exc)}); the version "
@@ -305,9 +305,8 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
 def _storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
     """A full disk, a read-only mount, a permission denied or storage that does not answer
     under the build (before its commit: one after its manifest is the commit's own error)
-    as one line: nothing was
-    committed, what to do, and that the same command resumes the version it had started
-    (`started`). The table is named where the system named no file."""
+    as one line: nothing was committed, what to do, and that the same command resumes the
+    version it had started (`started`). The table is named where the system named no file."""
     try:
         yield
     except Exception as exc:

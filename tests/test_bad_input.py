@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import ConfigError, InputError
-from semid_dist.io.catalog import Shard, list_files, plan_catalog
+from semid_dist.io.catalog import Shard, catalog_files, plan_catalog
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
@@ -799,7 +799,7 @@ def test_folders_above_the_catalog_may_start_with_underscore_or_dot(tmp_path, ro
     for junk in ("_temporary/part-9.parquet", ".part-0.parquet", "_x.parquet", "a/.b/c.parquet"):
         (d / junk).parent.mkdir(parents=True, exist_ok=True)
         (d / junk).write_bytes(b"not parquet")
-    assert list_files(str(d)) == [f"{d}/part-000.parquet", f"{d}/part-001.parquet"]
+    assert catalog_files(str(d))[0] == [f"{d}/part-000.parquet", f"{d}/part-001.parquet"]
     assert plan_catalog(str(d)).num_rows == N
     data, _ = committed(root, build(cfg(str(d), root), log=quiet))
     assert data.num_rows == N
@@ -818,7 +818,7 @@ def test_parquet_files_in_any_case_are_read_and_other_files_named_in_a_warning(t
     (d / "docs").mkdir()
     (d / "docs" / "notes.txt").write_text("catalog of 2026-12-06")
     (d / "_SUCCESS").write_bytes(b"")
-    assert list_files(str(d)) == [f"{d}/a.parquet", f"{d}/b.PARQUET"]
+    assert catalog_files(str(d))[0] == [f"{d}/a.parquet", f"{d}/b.PARQUET"]
     lines: list[str] = []
     data, _ = committed(root, build(cfg(str(d), root), log=lines.append))
     assert sorted(data.column("item_id").to_pylist()) == list(range(400))

@@ -200,6 +200,9 @@ def test_a_url_protocol_is_known_when_fsspec_has_it_or_a_class_was_registered():
     with pytest.raises(ConfigError, match=r"^output\.root: semidnofs://t: semidnofs:// is no "
                                           r"file system "):
         parse_config(with_keys(output__root="semidnofs://t"))
+    with pytest.raises(ConfigError, match=r"^input\.path: simplecache::semidnofs://x: semidnofs:// "
+                                          r"is no file system "):  # a chained URL's every link
+        parse_config(with_keys(input__path="simplecache::semidnofs://x"))
 
     class ProbeFileSystem(MemoryFileSystem):
         protocol = "semidprobefs"

@@ -283,8 +283,10 @@ def test_a_user_alone_in_a_bucket_url_is_refused_and_masked(s3, bucket, tmp_path
                     "profile (AWS_PROFILE) or the machine's role"), err
                 assert_clean({"stdout": out.encode(), "stderr": err.encode()}, [ACCESS_KEY])
     assert not s3.fs.exists(f"{bucket}/output")
+    # a chained URL's link (refused as credentials); a scheme in capitals (no file system
+    # fsspec knows: the key is masked in that error too)
     for url in (f"simplecache::s3://{ACCESS_KEY}@{bucket}/c", f"S3://{ACCESS_KEY}@{bucket}/c"):
-        with pytest.raises(ConfigError) as err:  # a chained URL's link; a scheme in capitals
+        with pytest.raises(ConfigError) as err:
             build(small_config(url, str(tmp_path / "o")), log=quiet)
         assert ACCESS_KEY not in str(err.value) and "***@" in str(err.value), str(err.value)
 

@@ -22,7 +22,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.ray_session import quiet_datasets, ray_init
 from semid_dist.engines.shared import resolve, split_shared
-from semid_dist.errors import ConfigError, SemidError
+from semid_dist.errors import ConfigError, SemidError, wrapped_errors
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.runtime import gpu_stages
 from semid_dist.stages import JobContext, job_worker
@@ -50,19 +50,11 @@ def task_errors() -> Iterator[None]:
 
 
 def _task_cause(exc: BaseException) -> SemidError | None:
-    """The named error inside Ray's wrappers (`cause` of a task's error; Ray Data may wrap
-    a task body's error once more, as the `__cause__` of a `UserCodeException`)."""
+    """The named error inside Ray's wrappers (`wrapped_errors`)."""
     from ray.exceptions import RayError
 
-    seen: set[int] = set()
-    node: BaseException | None = exc
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        if isinstance(node, SemidError) and not isinstance(node, RayError):
-            return node
-        cause = getattr(node, "cause", None)
-        node = cause if isinstance(cause, BaseException) else node.__cause__
-    return None
+    return next((node for node in wrapped_errors(exc)
+                 if isinstance(node, SemidError) and not isinstance(node, RayError)), None)
 
 
 def _encode_shards(batch: dict[str, np.ndarray], *, job: str, ctx: JobContext,

@@ -69,15 +69,10 @@ def _not_reached(url: str, exc: BaseException) -> InputError:
                         "credentials")
 
 
-def list_files(url: str) -> list[str]:
-    """The catalog's files, in path order: input.path itself when it is a file, else the
-    files below it named *.parquet (in any case: `.PARQUET` too) that are not hidden."""
-    return catalog_files(url)[0]
-
-
 def catalog_files(url: str) -> tuple[list[str], list[str]]:
-    """(`list_files`, the other files below input.path that are not hidden, as paths
-    relative to it: not read)."""
+    """(the catalog's files, in path order: input.path itself when it is a file, else the
+    files below it named *.parquet (in any case: `.PARQUET` too) that are not hidden; the
+    other files below it that are not hidden, as paths relative to it: not read)."""
     with _reachable(url):
         return _catalog_files(url)
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from semid_dist.errors import ConfigError, StoreError, one_line
+from semid_dist.errors import ConfigError, StoreError, one_line, wrapped_errors
 
 # `scheme://user:secret@host...` anywhere in a string (a user without ':' is no secret, and
 # `abfs://container@account` names a container); AWS secret keys may hold '/'
@@ -75,12 +75,11 @@ def url_problem(url: str) -> str | None:
     the file system takes none from URLs, or a protocol fsspec knows no file system of
     (neither a known implementation nor one registered in this process); None when nothing
     is. No file system's package is imported."""
-    protocol = fsspec.utils.get_protocol(url)
-    if protocol not in fsspec.available_protocols() and protocol not in fsspec.registry:
-        return (f"{protocol}:// is no file system fsspec knows; give a local path or a URL "
-                "such as file://, s3://, gs://, hdfs:// or memory://")
     for link in url.split("::"):  # (a chained URL's every link: `simplecache::s3://...`)
         own = fsspec.utils.get_protocol(link)
+        if own not in fsspec.available_protocols() and own not in fsspec.registry:
+            return (f"{own}:// is no file system fsspec knows; give a local path or a URL "
+                    "such as file://, s3://, gs://, hdfs:// or memory://")
         if own in _NO_URL_CREDENTIALS and (_URL_CREDENTIALS.match(link)
                                            or _BUCKET_USER.match(link)):
             return (f"{own}:// URLs take no credentials (they would end up in logs and "
@@ -98,11 +97,6 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:  # the file system's package (fsspec names it)
         raise ConfigError(f"{redact_url(url)}: the {protocol}:// file system is not installed "
-                          f"({one_line(exc)})") from None
-    except ValueError as exc:
-        if not str(exc).startswith("Protocol not known"):
-            raise
-        raise ConfigError(f"{redact_url(url)}: {protocol}:// is no file system fsspec knows "
                           f"({one_line(exc)})") from None
     except OSError as exc:
         if protocol not in ("hdfs", "viewfs") or exc.errno is not None:
@@ -150,7 +144,7 @@ def storage_advice(exc: BaseException, *, table: bool = False) -> str | None:
 # the object stores' clients' errors for a server that does not answer or went away in the
 # middle of a request (botocore's, aiohttp's), by name; builtin ConnectionErrors and
 # TimeoutErrors are not taken for them (a Ray or Spark connection's, a closed stderr's)
-_NO_ANSWER = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+NO_ANSWER = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
               "ConnectionClosedError", "ProxyConnectionError", "ResponseStreamingError",
               "IncompleteReadError", "ClientConnectorError", "ClientOSError",
               "ClientPayloadError", "ServerTimeoutError", "ServerDisconnectedError")
@@ -160,18 +154,24 @@ _NOT_NO_ANSWER = ("ClientSSLError", "SSLError")  # (a certificate refused: it an
 def no_answer(exc: BaseException) -> bool:
     """Whether `exc`, or an error it wraps (a Ray task's), is an object store's client
     saying its server does not answer (refused, timed out, gone in the middle of a request)."""
-    seen: set[int] = set()
-    node: BaseException | None = exc
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        names = {c.__name__ for c in type(node).__mro__}
-        if names & set(_NOT_NO_ANSWER):
+    for node in wrapped_errors(exc):
+        if named(node, _NOT_NO_ANSWER):
             return False
-        if names & set(_NO_ANSWER):
+        if named(node, NO_ANSWER):
             return True
-        cause = getattr(node, "cause", None)
-        node = cause if isinstance(cause, BaseException) else node.__cause__
     return False
+
+
+def named(exc: BaseException, names: tuple[str, ...]) -> bool:
+    """Whether `exc` is of a class called one of `names` (a client library's error, matched
+    without importing the library)."""
+    return any(c.__name__ in names for c in type(exc).__mro__)
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the storage's failing (an OSError: a full disk, a read-only mount
+    ...; or a server that does not answer, `no_answer`), not a fault of the job's own."""
+    return isinstance(exc, OSError) or no_answer(exc)
 
 
 def failure_text(exc: BaseException) -> str:
@@ -181,8 +181,11 @@ def failure_text(exc: BaseException) -> str:
     return text if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
 
 
-def no_answer_advice(url: str) -> str:
-    """What to do when the storage of `url` does not answer."""
+def no_answer_advice(url: str | None = None) -> str:
+    """What to do when the storage of `url` (None: a storage the caller cannot name) does
+    not answer."""
+    if url is None:
+        return "check its address (s3://: AWS_ENDPOINT_URL, or the bucket's region) and the network"
     protocol = fsspec.utils.get_protocol(url)
     where = {"s3": "AWS_ENDPOINT_URL, or the bucket's region", "s3a": "AWS_ENDPOINT_URL, or "
              "the bucket's region", "gs": "STORAGE_EMULATOR_HOST, if you use one",

@@ -309,7 +309,7 @@ class TableStore:
             raise StoreError(f"version {version_id} is committed, but _latest was not moved: "
                              f"{exc}") from None
         except Exception as exc:  # a full disk, a read-only mount, a server gone
-            if not (isinstance(exc, OSError) or fsio.no_answer(exc)):
+            if not fsio.storage_failure(exc):
                 raise
             raise StoreError(f"version {version_id} is committed, but _latest was not moved "
                              f"({fsio.failure_text(exc)}): "
