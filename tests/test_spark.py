@@ -649,6 +649,50 @@ def test_ctrl_c_while_the_driver_waits_on_a_spark_job_cancels_it_cleanly(spark_s
     assert sc.parallelize(range(10), 2).sum() == 45
 
 
+class _CtrlCAsCollected:
+    def __del__(self) -> None:  # a Ctrl-C that comes as an object is collected
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # (the guard runs here, inside the finaliser)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (dropped)
+def test_a_spark_job_that_fails_after_a_dropped_interrupt_is_the_interrupt(spark_session):
+    """A Ctrl-C (or SIGTERM) that comes while the driver's main thread runs a finaliser: the
+    guard cancels the jobs and raises its KeyboardInterrupt there, which Python drops; the
+    encode's wave, cancelled in its pool thread, then failed with the job's Py4JJavaError,
+    printed as a traceback (status 1) where the build should stop as interrupted: a job's
+    failure after a Ctrl-C is the interrupt, raised or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from semid_dist.engines.spark import task_errors
+    from semid_dist.engines.spark_interrupts import guard_interrupts
+
+    sc = spark_session.sparkContext
+    guard = guard_interrupts(sc, signal.default_int_handler, started=False)
+    started = threading.Event()
+
+    def wave() -> None:  # as an encode wave runs: a job waited on in a pool thread
+        sc.setJobGroup("semid-dropped-interrupt", "a wave")
+        started.set()
+        sc.parallelize(range(2), 2).foreach(lambda i: time.sleep(60))
+
+    start = time.monotonic()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(wave)
+            assert started.wait(30)
+            time.sleep(1.0)  # the job runs
+            _CtrlCAsCollected()  # collected at once: the guard's KeyboardInterrupt dropped
+            assert guard.raised  # (the guard ran, and raised)
+            with pytest.raises(KeyboardInterrupt), task_errors():
+                job.result()  # the cancelled job's failure
+        waited = time.monotonic() - start
+    finally:
+        guard.release(raise_pending=False)
+    assert waited < 45, waited  # cancelled, not waited out (60 s)
+    assert sc.parallelize(range(10), 2).sum() == 45
+
+
 def _in_py4j(statement: str, **names) -> None:
     """Run `statement` as if inside a Py4J call (a frame of a py4j module's file)."""
     exec(compile(statement, "/site-packages/py4j/call.py", "exec"),

@@ -173,6 +173,12 @@ _GUARD: InterruptGuard | None = None
 
 
 def claim_interrupt() -> bool:
-    """True once where a Ctrl-C came while the engine runs and no KeyboardInterrupt was
-    raised for it yet (`InterruptGuard.claim`): the caller raises it."""
-    return _GUARD is not None and _GUARD.claim()
+    """True where a Ctrl-C came while the engine runs (a Spark call's failure from then on
+    is the cancel's): the caller raises KeyboardInterrupt, also where the guard raised one
+    already (Python drops one raised inside a finaliser, `__del__`; the cancelled job's
+    failure came after it, printed as a Py4J traceback, status 1). Noted as raised
+    (`InterruptGuard.claim`): the cancel thread interrupts no more."""
+    if _GUARD is None or not _GUARD.pending:
+        return False
+    _GUARD.claim()
+    return True
