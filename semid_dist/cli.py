@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import ConfigError, SemidError, StoreError, one_line, wrapped_errors
-from semid_dist.signals import exiting_signals, one_interrupt, terminated
+from semid_dist.signals import exiting_signals, interrupt_raised, one_interrupt, terminated
 
 if TYPE_CHECKING:
     from semid_dist.io.store import TableStore
@@ -377,6 +377,8 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
 
         if (fix := storage_advice(exc, table=table)) is None:
             if (line := _object_store_line(exc, committed)) is None:
+                if interrupt_raised():
+                    return _stopped(name, exc, committed)
                 raise
             print(f"{name}: error: {line}", file=sys.stderr)
             return 2
@@ -384,21 +386,33 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
         return 2
     except Exception as exc:  # (Ray's wrapper of a task's error subclasses it)
         if (line := _object_store_line(exc, committed)) is None:
+            if interrupt_raised():
+                return _stopped(name, exc, committed)
             raise
         print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
-        version = getattr(exc, "version_id", None) or (committed and committed())
-        stop = "terminated (SIGTERM)" if terminated() else "interrupted"
-        said = (f"{stop} after version {version} was committed" if version else
-                f"{stop}; nothing was committed" if committed else stop)
-        print(f"{name}: {said}", file=sys.stderr)
-        return 143 if terminated() else 130
+        return _stopped(name, exc, committed)
     finally:
         if not exiting:
             restore()
         else:
             exiting_signals()
+
+
+def _stopped(name: str, exc: BaseException,
+             committed: Callable[[], str | None] | None) -> int:
+    """A command stopped by its Ctrl-C or SIGTERM: one line, whether the version was
+    committed where `committed` tells, status 130 (SIGTERM 143). `exc`: the
+    KeyboardInterrupt, or an error no line names that came after the command's interrupt was
+    raised (`signals.interrupt_raised`: Python drops one raised inside a finaliser, and what
+    the stopping then broke failed with a traceback, status 1)."""
+    version = getattr(exc, "version_id", None) or (committed and committed())
+    stop = "terminated (SIGTERM)" if terminated() else "interrupted"
+    said = (f"{stop} after version {version} was committed" if version else
+            f"{stop}; nothing was committed" if committed else stop)
+    print(f"{name}: {said}", file=sys.stderr)
+    return 143 if terminated() else 130
 
 
 def _object_store_line(exc: BaseException,

@@ -31,6 +31,12 @@ def raise_interrupt() -> NoReturn:
     raise KeyboardInterrupt
 
 
+def interrupt_raised() -> bool:
+    """Whether the command running now (`one_interrupt`) raised its KeyboardInterrupt: an
+    error after it is the stopping's doing, where the interrupt itself was dropped."""
+    return _active and _raised
+
+
 def check_interrupted() -> None:
     """Raise KeyboardInterrupt again where the command's interrupt was raised but did not
     stop it: Python drops an exception raised inside an object's finaliser (`__del__`)
@@ -39,7 +45,7 @@ def check_interrupted() -> None:
     after it ignored). The build calls it after its fit and its encode and before its
     commit; it acts in the main thread of a command only (`one_interrupt`: a library
     build's interrupt is its caller's)."""
-    if _active and _raised and threading.current_thread() is threading.main_thread():
+    if interrupt_raised() and threading.current_thread() is threading.main_thread():
         raise KeyboardInterrupt
 
 

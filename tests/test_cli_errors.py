@@ -421,6 +421,61 @@ def test_a_ctrl_c_a_finaliser_drops_is_raised_again_by_the_next_check(capfd):
     signals.check_interrupted()  # that interrupt is the library caller's
 
 
+@pytest.mark.parametrize("broken", [RuntimeError("An error occurred while calling o91.getResult"),
+                                    ConnectionResetError(104, "Connection reset by peer")])
+def test_an_error_after_a_dropped_ctrl_c_ends_the_command_as_the_ctrl_c(capfd, broken):
+    """A Ctrl-C whose KeyboardInterrupt a finaliser dropped, and then an error of what the
+    stopping broke (a cancelled Spark job's Py4J error, a closed socket): the command's
+    interrupted line and status 130 (it was that error's traceback, status 1); with no
+    Ctrl-C the same error goes on as it is."""
+    from semid_dist.cli import _run
+
+    def run() -> int:
+        _RaisesOnCollection()  # the Ctrl-C, dropped
+        raise broken
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a `semid` process starts
+    try:
+        status = _run("semid build", run, exiting=False, committed=lambda: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 130
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "semid build: interrupted; nothing was committed"]
+
+    def fails() -> int:
+        raise broken
+
+    with pytest.raises(type(broken)):
+        _run("semid build", fails, exiting=False, committed=lambda: None)
+
+def test_a_fits_handlers_are_undone_but_a_fired_ctrl_c_stays_fired():
+    """After a Ray Train fit, the handlers it set are undone (Tune's SIGUSR1 here), but the
+    SIG_IGN that semid's Ctrl-C handler set as it fired during the fit stays: it put semid's
+    handler back, and a second Ctrl-C raised again in the engine's clean-up (Ray's
+    shutdown), which `signals.one_interrupt` exists to prevent."""
+    from semid_dist import signals
+    from semid_dist.engines.ray_train import handlers_back
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a `semid` process starts
+    restore = signals.one_interrupt()
+    try:
+        saved = {sig: signal.getsignal(sig) for sig in sigs}  # as the fit starts
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # the fit's own
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C during the fit
+        handlers_back(saved)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # later ones ignored
+        assert signal.getsignal(signal.SIGUSR1) is saved[signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]
+    finally:
+        restore()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
 def test_a_sigterm_stops_a_command_once_then_has_its_default_action():
     """The first SIGTERM runs the command's Ctrl-C path (KeyboardInterrupt, said as a
     SIGTERM); from then on, and once the process exits with the command's status, SIGTERM

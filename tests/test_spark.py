@@ -669,19 +669,19 @@ def test_a_spark_job_that_fails_after_a_dropped_interrupt_is_the_interrupt(spark
 
     sc = spark_session.sparkContext
     guard = guard_interrupts(sc, signal.default_int_handler, started=False)
-    started = threading.Event()
+    group = "semid-dropped-interrupt"
 
     def wave() -> None:  # as an encode wave runs: a job waited on in a pool thread
-        sc.setJobGroup("semid-dropped-interrupt", "a wave")
-        started.set()
+        sc.setJobGroup(group, "a wave")
         sc.parallelize(range(2), 2).foreach(lambda i: time.sleep(60))
 
     start = time.monotonic()
     try:
         with ThreadPoolExecutor(1) as pool:
             job = pool.submit(wave)
-            assert started.wait(30)
-            time.sleep(1.0)  # the job runs
+            while not sc.statusTracker().getJobIdsForGroup(group):  # the job runs
+                assert not job.done() and time.monotonic() - start < 30, job
+                time.sleep(0.05)
             _CtrlCAsCollected()  # collected at once: the guard's KeyboardInterrupt dropped
             assert guard.raised  # (the guard ran, and raised)
             with pytest.raises(KeyboardInterrupt), task_errors():
@@ -697,6 +697,33 @@ def _in_py4j(statement: str, **names) -> None:
     """Run `statement` as if inside a Py4J call (a frame of a py4j module's file)."""
     exec(compile(statement, "/site-packages/py4j/call.py", "exec"),
          {"signal": signal, "sys": sys, "time": time, **names})
+
+
+def test_a_job_started_after_the_interrupts_cancel_is_cancelled_too(spark_session):
+    """A Ctrl-C while the driver is in a Py4J call that had not started its job yet: the
+    guard's cancel came before the job, so it ran on to its end (60 s here; a later
+    Ctrl-C escalated inside the call, which could break the connection); the guard cancels
+    again while the driver stays in the call, and the job's failure is the interrupt."""
+    from semid_dist.engines.spark import task_errors
+    from semid_dist.engines.spark_interrupts import guard_interrupts
+
+    sc = spark_session.sparkContext
+    guard = guard_interrupts(sc, signal.default_int_handler, started=False)
+
+    def job() -> None:
+        sc.parallelize(range(2), 2).foreach(lambda i: time.sleep(60))
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), task_errors():
+            # one call: the Ctrl-C, its first cancel done (nothing ran), then the job
+            _in_py4j("guard(signal.SIGINT, sys._getframe()); time.sleep(0.5); job()",
+                     guard=guard, job=job)
+        waited = time.monotonic() - start
+    finally:
+        guard.release(raise_pending=False)
+    assert waited < 45, waited  # cancelled, not waited out
+    assert sc.parallelize(range(10), 2).sum() == 45
 
 
 def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stops(
@@ -729,11 +756,11 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
             sent.append(time.monotonic())
             os.kill(me, signal.SIGINT)
 
-        kills = [threading.Timer(t, ctrl_c) for t in (0.05, 1.0, 4.0)]
+        kills = [threading.Timer(t, ctrl_c) for t in (0.05, 1.0, 6.0)]  # (ESCALATE_S: 3 s)
         for kill in kills:
             kill.start()
         with pytest.raises(KeyboardInterrupt):
-            _in_py4j("time.sleep(9)")  # a call no cancel ends
+            _in_py4j("time.sleep(12)")  # a call no cancel ends
         stopped_by = len(sent)
         for kill in kills:
             kill.cancel()

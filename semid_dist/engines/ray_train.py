@@ -333,9 +333,19 @@ def _fit(trainer: Any) -> None:
             os.environ.pop(_TUNE_NO_SIGINT, None)
         else:
             os.environ[_TUNE_NO_SIGINT] = switch
-        for sig, handler in handlers.items():  # (None: a handler not set from Python)
-            if handler is not None and signal.getsignal(sig) is not handler:
-                signal.signal(sig, handler)
+        handlers_back(handlers)
+
+
+def handlers_back(handlers: dict[int, Any]) -> None:
+    """Put back the signal handlers `handlers` (saved before a fit; None: one not set from
+    Python) where the fit set one of its own. Where SIG_IGN or SIG_DFL stands now, semid's
+    handler set it as it fired (a Ctrl-C's: later ones ignored; a SIGTERM's: the next is the
+    default death), and it stays: putting semid's handler back armed a second Ctrl-C, raised
+    in the engine's clean-up, in Ray's shutdown."""
+    for sig, handler in handlers.items():
+        now = signal.getsignal(sig)
+        if handler is not None and callable(now) and now is not handler:
+            signal.signal(sig, handler)
 
 
 def _abort(controller: Any) -> None:

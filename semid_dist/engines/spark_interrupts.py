@@ -68,6 +68,7 @@ class InterruptGuard:
     (`release`)."""
 
     ESCALATE_S = 3.0  # a cancelled job's call returns well within this
+    RECANCEL_S = 0.5  # the cancel again, while the driver stays in its call
 
     def __init__(self, sc: SparkContext, started: bool, before: Any, pysparks: Any) -> None:
         self.sc, self.started = sc, started
@@ -112,19 +113,26 @@ class InterruptGuard:
 
     def _cancel(self) -> None:
         """Cancel the running jobs (the driver's call waiting on one returns), then interrupt
-        the main thread until the handler raises there."""
+        the main thread until the handler raises there; while the driver stays in a Py4J
+        call, cancel again every `RECANCEL_S` (a job the call started after the first
+        cancel ran on to its end: a Ctrl-C in `sc.broadcast`, then the call's job)."""
         with suppress(Exception):  # the JVM gone already: nothing runs
             if self.started:
                 self.sc.setLogLevel("ERROR")
             self.sc.cancelAllJobs()
-        main = threading.main_thread().ident
+        main, cancelled = threading.main_thread().ident, time.monotonic()
         while True:
             with self._lock:
                 if self.raised or self.holding:
                     return
-                if not _in_py4j(sys._current_frames().get(main)):  # (a poke does not wake
-                    self._poked = True  # a blocked call: it would wait there, stale)
+                in_call = _in_py4j(sys._current_frames().get(main))
+                if not in_call:  # (a poke does not wake a blocked call: it would wait
+                    self._poked = True  # there, stale)
                     _thread.interrupt_main()
+            if in_call and time.monotonic() - cancelled >= self.RECANCEL_S:
+                cancelled = time.monotonic()
+                with suppress(Exception):
+                    self.sc.cancelAllJobs()
             time.sleep(0.05)
 
     def hold(self) -> None:
