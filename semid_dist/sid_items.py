@@ -176,22 +176,28 @@ def sid_groups(rows: pa.Table, width: int, *, radix: int | None = None
 
 def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileEntry:
     """Write lookup/sid_items/part-<bucket>.parquet: every final SID of this hash bucket
-    (sid_tokens) with its items in suffix order, from the version's split data parts."""
+    (sid_tokens) with its items in suffix order and each one's suffix (`suffixes`, the k of
+    its `<S k>`: an incremental version's may have gaps), from the version's split data
+    parts."""
     store, width = ctx.store(), len(ctx.sizes)
     rows = read_bucket(store.fs, splits, bucket, SID_ITEMS_COLUMNS)
     if rows is None or rows.num_rows == 0:
         out = pa.table({"sid_tokens": pa.array([], pa.list_(pa.int64())),
                         "items": pa.array([], pa.list_(pa.int64())),
+                        "suffixes": pa.array([], pa.list_(pa.int32())),
                         "count": pa.array([], pa.int64())})
     else:
         uniq, counts, order = sid_groups(rows, width, radix=key_radix(ctx.sizes))
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
         lengths = (uniq >= 0).sum(axis=1)
         tok_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        order = pa.array(order)
         out = pa.table({
             "sid_tokens": pa.ListArray.from_arrays(tok_offsets, pa.array(uniq[uniq >= 0])),
             "items": pa.ListArray.from_arrays(offsets, pc.take(
-                rows.column("item_id").combine_chunks(), pa.array(order))),
+                rows.column("item_id").combine_chunks(), order)),
+            "suffixes": pa.ListArray.from_arrays(offsets, pc.take(
+                rows.column("suffix").combine_chunks(), order).cast(pa.int32())),
             "count": counts.astype(np.int64),
         })
     return store.write_table(ctx.version_id, f"lookup/sid_items/part-{bucket:05d}.parquet", out)

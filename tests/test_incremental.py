@@ -147,6 +147,16 @@ def test_incremental_version_carries_references_and_matches_a_full_encode(catalo
     # the SID -> items lookup covers carried and new items
     lookup = store.read_data(child.version_id, "lookup/sid_items")
     assert pc.sum(lookup.column("count")).as_py() == N + NEW
+    # ... and maps a SID's <S k> to the item whose suffix is k, where replaced items left
+    # gaps (a list position was taken for the suffix: another item than the SID's)
+    held = {(tuple(sid), k): item for sid, item, k in zip(
+        t.column("sid_tokens").to_pylist(), t.column("item_id").to_pylist(),
+        t.column("suffix").to_pylist())}
+    listed = {(tuple(sid), k): item for sid, items, ks in zip(
+        *(lookup.column(c).to_pylist() for c in ("sid_tokens", "items", "suffixes")))
+        for item, k in zip(items, ks)}
+    assert listed == held
+    assert any(ks != list(range(len(ks))) for ks in lookup.column("suffixes").to_pylist())
     # the drift against the parent: only the changed items can move
     assert child.drift["items_common"] == N and child.drift["items_only_to"] == NEW
     assert 0 < child.drift["changed"] <= CHANGED

@@ -265,6 +265,7 @@ def test_sid_to_items_lookup_lists_every_item_in_suffix_order(fitted):
         want.setdefault(tokens, []).append(item)
     assert got == want
     assert list(lookup["count"]) == [len(v) for v in lookup["items"]]
+    assert [list(k) for k in lookup["suffixes"]] == [list(range(len(v))) for v in lookup["items"]]
 
 
 def test_sid_to_items_lookup_split_into_buckets_is_the_same_lookup(fitted):
