@@ -30,6 +30,7 @@ from semid_dist.errors import ConfigError, InputError, StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
+from semid_dist.io.validate import stored_id_type
 from semid_dist.reduce_tasks import carry_part, staged_ids
 from semid_dist.stages import JobContext
 
@@ -77,16 +78,44 @@ class Carried:
 
 
 
-def _check_parent(store: TableStore, parent: str, ctx: JobContext, cfg: BuildConfig,
-                  decision: PruneDecision, log: Log) -> bool:
-    """The parent's statistics must be of the same prefix depth as this version's; its
-    pruning is kept whatever this config says. -> whether its figures hold estimates."""
-    metrics = store.read_json(parent, "metrics.json")
-    depth = metrics["quality"]["depth"]
-    if depth != ctx.quality_depth:
-        raise ConfigError(f"metrics.quality_depth is {ctx.quality_depth} but version {parent} "
+def check_extendable(store: TableStore, parent: str, cfg: BuildConfig,
+                     plan: CatalogPlan) -> None:
+    """What an incremental version needs of its parent, checked before the build writes
+    anything (they failed after the whole delta was encoded, leaving its staged shards): its
+    data parts, its statistics (`stats/`) of the same prefix depth as this config's, and item
+    ids of the catalog's type (as read from its first data part's footer, which is then
+    readable Parquet)."""
+    store.check_files(parent, "data")
+    files = store.manifest(parent)["files"]
+    if not {STATS_PARTIAL, STATS_DECISION} <= {e["path"] for e in files}:
+        raise StoreError(f"version {parent} holds no stats/ files (it was built by an older "
+                         "semid_dist), so an incremental version cannot extend it; run "
+                         "`semid build` or a full `semid encode` once, then encode "
+                         "incrementally from that version")
+    depth = store.read_json(parent, "metrics.json")["quality"]["depth"]
+    if depth != cfg.quality_depth:
+        raise ConfigError(f"metrics.quality_depth is {cfg.quality_depth} but version {parent} "
                           f"was built with {depth}; an incremental version extends its "
                           f"statistics, so set metrics.quality_depth={depth}")
+    parts = [FileEntry(**{**e, "version": e.get("version") or parent})
+             for e in files if e["path"].startswith("data/")]
+    if not parts or not plan.schemas:
+        return
+    first = store.entry_path(parent, parts[0])
+    with store.fs.open(first, "rb") as f, fsio.damaged_parquet(first):
+        held = pq.ParquetFile(f).schema_arrow.field("item_id").type
+    ids = stored_id_type(plan.schemas[0][1].field(cfg.input.id_column).type)
+    if held != ids:
+        raise InputError(f"the catalog's item ids are {ids} but version {parent} holds {held} "
+                         f"ids; write the catalog's {cfg.input.id_column!r} as {held}, as the "
+                         "table's items are")
+
+
+def _check_parent(store: TableStore, parent: str, cfg: BuildConfig,
+                  decision: PruneDecision, log: Log) -> bool:
+    """The parent's pruning is kept whatever this config says. -> whether its figures hold
+    estimates."""
+    metrics = store.read_json(parent, "metrics.json")
     if (cfg.prune.strategy, cfg.prune.layer) != (decision.strategy, decision.layer):
         log(f"incremental: prune.* of this config is not applied: carried and new items are "
             f"pruned by version {parent}'s decision ({decision.strategy}), so their SIDs agree")
@@ -109,31 +138,18 @@ def _applied_prune(manifest: dict[str, Any], decision: PruneDecision) -> dict[st
 def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: TableStore, parent: str,
                  cfg: BuildConfig, log: Log) -> Carried:
     """Split the parent's data parts into referenced and rewritten ones (dropping the rows of
-    items this version encoded) and derive the carried rows' statistics."""
-    store.check_files(parent, "data")
-    names = {e["path"] for e in store.manifest(parent)["files"]}
-    if not {STATS_PARTIAL, STATS_DECISION} <= names:
-        raise StoreError(f"version {parent} holds no stats/ files (it was built by an older "
-                         "semid_dist), so an incremental version cannot extend it; run "
-                         "`semid build` or a full `semid encode` once, then encode "
-                         "incrementally from that version")
+    items this version encoded) and derive the carried rows' statistics (the parent checked
+    by `check_extendable` before the encode)."""
     partial = Partial.from_bytes(store.read_bytes(parent, STATS_PARTIAL))
     decision = PruneDecision.from_bytes(store.read_bytes(parent, STATS_DECISION))
     if tuple(decision.sizes) != tuple(ctx.sizes):
         raise StoreError(f"version {parent} prunes layers {list(decision.sizes)}, not "
                          f"{list(ctx.sizes)}")
-    inherited = _check_parent(store, parent, ctx, cfg, decision, log)
+    inherited = _check_parent(store, parent, cfg, decision, log)
     prune = _applied_prune(store.manifest(parent), decision)
     new_ids = pa.concat_arrays(engine.map(staged_ids, [(ctx, s) for s in plan.shards]))
     parts = [FileEntry(**{**e, "version": e.get("version") or parent})
              for e in store.manifest(parent)["files"] if e["path"].startswith("data/")]
-    if parts:
-        first = store.entry_path(parent, parts[0])
-        with store.fs.open(first, "rb") as f, fsio.damaged_parquet(first):
-            parent_type = pq.ParquetFile(f).schema_arrow.field("item_id").type
-        if parent_type != new_ids.type:
-            raise InputError(f"the catalog's item ids are {new_ids.type} but version {parent} "
-                             f"holds {parent_type} ids; cast input.id_column to {parent_type}")
     results = engine.map(carry_part, [(ctx, e, i, new_ids) for i, e in enumerate(parts)])
     dropped = [r for r in results if len(r["qerr"])]
     codes = (np.concatenate([r["codes"] for r in dropped]) if dropped

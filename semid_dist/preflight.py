@@ -13,6 +13,7 @@ import pyarrow as pa
 from semid_dist.codebooks import Reused, reused_codebooks, warm_start_codebooks
 from semid_dist.config import BuildConfig
 from semid_dist.errors import InputError, StoreError
+from semid_dist.incremental import check_extendable
 from semid_dist.io.catalog import CatalogPlan, read_shard
 from semid_dist.io.store import TableStore
 from semid_dist.io.validate import check_schemas, infer_dim
@@ -50,8 +51,8 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
                  parent: str | None) -> Checked:
     """The embedding dimension (and the codebooks to reuse), once the checks that need no
     version are passed (every file's schema, the GPU settings, the parent's codebooks to
-    warm-start from or the codebooks to reuse, an incremental parent's data parts), so a
-    build they fail writes nothing."""
+    warm-start from or the codebooks to reuse, what an incremental version needs of its
+    parent: `check_extendable`), so a build they fail writes nothing."""
     check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
                   popularity_column(cfg))
     for stage in gpu_stages(cfg):
@@ -61,8 +62,8 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
         reused = reused_codebooks(store, cfg, dim)
     else:
         warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
-    if cfg.encode.incremental and parent is not None:  # the parts it will carry are there
-        store.check_files(parent, "data")
+    if cfg.encode.incremental and parent is not None:  # the parts it will carry, ...
+        check_extendable(store, parent, cfg, plan)
     return Checked(dim, reused)
 
 

@@ -4,6 +4,7 @@ extends its parent (carried rows, referenced parts, collisions around the parent
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import Counter
 from pathlib import Path
@@ -303,20 +304,36 @@ def test_incremental_that_replaces_every_parent_row(catalogs, tmp_path):
 
 
 def test_incremental_errors(catalogs, tmp_path, capsys):
+    """What an incremental version needs of its parent is checked before the build writes
+    anything (these failed after the whole delta was encoded, its staged shards left in an
+    uncommitted version)."""
     root = str(tmp_path / "out")
     with pytest.raises(ConfigError, match="encode.from_version"):
         small_config(catalogs["delta"], root, encode__incremental=True)
     build(small_config(catalogs["parent"], root), log=quiet)
+    store = TableStore(root, "sids")
     strings = write_catalog(tmp_path / "str", clustered(50, 12, seed=2),
                             ids=np.array([f"s{i}" for i in range(50)], dtype=object))
-    with pytest.raises(InputError, match="item ids are string but version .* holds int64"):
+    with pytest.raises(InputError, match="item ids are string but version .* holds int64 "
+                                         "ids; write the catalog's 'item_id' as int64"):
         build(small_config(strings, root, encode__from_version="latest",
                            encode__incremental=True), log=quiet)
+    assert store.uncommitted() == []
     with pytest.raises(ConfigError, match="set metrics.quality_depth=2"):
         build(small_config(catalogs["delta"], root, encode__from_version="latest",
                            encode__incremental=True, metrics__quality_depth=1), log=quiet)
+    assert store.uncommitted() == []
+    first_part = sorted(e["path"] for e in store.manifest(store.latest())["files"]
+                        if e["path"].startswith("data/"))[0]
+    path = Path(store.version_dir(store.latest())) / first_part
+    held = path.read_bytes()
+    path.write_bytes(b"not parquet" * 100)
+    with pytest.raises(StoreError, match=re.escape(first_part)):
+        build(small_config(catalogs["delta"], root, encode__from_version="latest",
+                           encode__incremental=True), log=quiet)
+    assert store.uncommitted() == []
+    path.write_bytes(held)
     # a parent built before stats/ existed cannot be extended: a clear error, no commit
-    store = TableStore(root, "sids")
     latest = store.latest()
     manifest = store.manifest(latest)
     manifest["files"] = [e for e in manifest["files"] if not e["path"].startswith("stats/")]
@@ -324,7 +341,7 @@ def test_incremental_errors(catalogs, tmp_path, capsys):
     with pytest.raises(StoreError, match="holds no stats/ files"):
         build(small_config(catalogs["delta"], root, encode__from_version="latest",
                            encode__incremental=True), log=quiet)
-    assert store.latest() == latest
+    assert store.latest() == latest and store.uncommitted() == []
 
 
 def test_cli_encode_incremental(catalogs, tmp_path, capsys):

@@ -134,13 +134,18 @@ def check_schemas(schemas: Sequence[tuple[str, pa.Schema]], id_column: str,
                 "embeddings of one model (split it into two)"))
 
 
+def stored_id_type(id_type: pa.DataType) -> pa.DataType:
+    """The type item ids of `id_type` are written as (`normalize_ids`): int64 or string."""
+    return pa.int64() if _id_kind(id_type) == "integer" else pa.string()
+
+
 def normalize_ids(ids: pa.ChunkedArray | pa.Array, source: str, row_offset: int) -> pa.Array:
     """Item ids with one type per kind, whatever each file used: integers -> int64,
     strings (string / large_string / string_view, or dictionary-encoded ids) -> string,
     checked to be UTF-8 (a writer may store other bytes; the table written from them could
     not be read as strings). source, row_offset: their file and the first id's row there,
     for the errors."""
-    target = pa.int64() if _id_kind(ids.type) == "integer" else pa.string()
+    target = stored_id_type(ids.type)
     if ids.type != target:
         try:
             ids = pc.cast(ids, target)
