@@ -171,5 +171,6 @@ def check_rejects(counts: dict[str, int], reasons: dict[str, int],
                          f"{why}) > input.max_reject_fraction="
                          f"{cfg.input.max_reject_fraction}; nothing was committed. Fix the "
                          f"catalog or raise the limit{rule}")
-    if counts["encoded"] == 0:
-        raise InputError("no valid rows to encode; nothing was committed")
+    if counts["encoded"] == 0:  # (every row rejected, under max_reject_fraction=1)
+        raise InputError(f"no valid rows to encode: all {counts['input']} rows rejected "
+                         f"({why}); nothing was committed. Fix the catalog{rule}")

@@ -342,6 +342,16 @@ def test_incremental_errors(catalogs, tmp_path, capsys):
         build(small_config(catalogs["delta"], root, encode__from_version="latest",
                            encode__incremental=True), log=quiet)
     assert store.latest() == latest and store.uncommitted() == []
+    # a delta whose every row is rejected (allowed: max_reject_fraction 1) names them
+    other = str(tmp_path / "other")
+    build(small_config(catalogs["parent"], other), log=quiet)
+    bad = clustered(50, 12, seed=3)
+    bad[:, 0] = np.nan
+    with pytest.raises(InputError, match=r"^no valid rows to encode: all 50 rows rejected "
+                                         r"\(50 .*\); nothing was committed\. Fix the catalog$"):
+        build(small_config(write_catalog(tmp_path / "nan", bad), other,
+                           encode__from_version="latest", encode__incremental=True,
+                           input__max_reject_fraction=1.0), log=quiet)
 
 
 def test_cli_encode_incremental(catalogs, tmp_path, capsys):
