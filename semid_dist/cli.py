@@ -10,6 +10,7 @@ cut short by a closed pipe (`| head`) ends quietly with 141, as if killed by SIG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,13 +58,32 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    """`semid encode`: like build, but reuse the codebooks of encode.from_version (default
-    latest) instead of fitting; --incremental: the catalog holds new or changed items and the
-    version extends encode.from_version (encode.incremental=true)."""
+    """`semid encode`: like build, but reuse the codebooks of encode.from_version (the
+    config's or an override's; latest where neither names a version: encode never fits) instead of
+    fitting; --incremental: the catalog holds new or changed items and the version extends
+    encode.from_version (encode.incremental=true; an override of it to false is refused)."""
+    from pathlib import Path
+
+    import yaml
+
+    from semid_dist.config_checks import read_yaml
+
+    def value(override: str) -> Any:  # (one YAML does not parse: the config's error says so)
+        with contextlib.suppress(yaml.YAMLError):
+            return yaml.safe_load(override.split("=", 1)[1])
+        return override
+
     overrides = list(args.overrides)
-    if not any(o.startswith("encode.from_version=") for o in overrides):
+    named = [value(o) for o in overrides if o.startswith("encode.from_version=")]
+    data = read_yaml(Path(args.config))  # (its errors name the file, as the build's would)
+    encode = (data.get("encode") if isinstance(data, dict) else None) or {}
+    if not (named[-1] if named else isinstance(encode, dict) and encode.get("from_version")):
         overrides.append("encode.from_version=latest")
     if args.incremental:
+        said = [o for o in overrides if o.startswith("encode.incremental=")
+                and value(o) is not True]
+        if said:
+            raise ConfigError(f"--incremental and the override {said[-1]} disagree; drop one")
         overrides.append("encode.incremental=true")
     args.overrides = overrides
     return cmd_build(args)

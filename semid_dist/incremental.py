@@ -113,12 +113,20 @@ def check_extendable(store: TableStore, parent: str, cfg: BuildConfig,
 
 def _check_parent(store: TableStore, parent: str, cfg: BuildConfig,
                   decision: PruneDecision, log: Log) -> bool:
-    """The parent's pruning is kept whatever this config says. -> whether its figures hold
-    estimates."""
+    """The parent's pruning is kept whatever this config says; a capacity bound the parent
+    had and this config lacks (or changes) is said. -> whether its figures hold estimates."""
     metrics = store.read_json(parent, "metrics.json")
     if (cfg.prune.strategy, cfg.prune.layer) != (decision.strategy, decision.layer):
         log(f"incremental: prune.* of this config is not applied: carried and new items are "
             f"pruned by version {parent}'s decision ({decision.strategy}), so their SIDs agree")
+    bound = ((store.manifest(parent).get("config") or {}).get("collisions") or {}).get(
+        "max_per_sid")
+    if bound is not None and bound != cfg.collisions.max_per_sid:
+        log(f"warning: version {parent} was built with collisions.max_per_sid={bound}, this "
+            f"version with {cfg.collisions.max_per_sid}: its new items "
+            f"{'are not bounded' if cfg.collisions.max_per_sid is None else 'take that bound'}"
+            f", the carried ones keep their SIDs; set collisions.max_per_sid={bound} to keep "
+            "the table's bound")
     return bool((metrics.get("incremental") or {}).get("estimated"))
 
 

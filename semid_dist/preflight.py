@@ -89,10 +89,10 @@ def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: i
         return
     column = ((manifest.get("config") or {}).get("input") or {}).get("embedding_column")
     if column and column != cfg.input.embedding_column:
-        log(f"warning: input.embedding_column={cfg.input.embedding_column}, but the rows this "
-            f"version carries from {parent} were encoded from column {column}: if the two "
-            "hold another model's embeddings, the table mixes them; `semid build` re-indexes "
-            "every item")
+        log(f"warning: input.embedding_column={cfg.input.embedding_column}, but version "
+            f"{parent}, whose rows this version carries, was encoded from column {column}: if "
+            "the two hold another model's embeddings, the table mixes them; `semid build` "
+            "re-indexes every item")
     if latest is not None and latest != parent:
         log(f"warning: encode.from_version={parent} is not the latest version ({latest}): "
             f"this version extends {parent}, not {latest}, and becomes the latest when it "

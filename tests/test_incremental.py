@@ -235,6 +235,14 @@ def test_incremental_capacity_keeps_carried_sids(catalogs, tmp_path):
     assert full  # (the case this checks arises in this catalog)
     for sid in full:
         assert all(count.get(sid[:-1] + (j,), 0) >= cap for j in range(last)), sid
+    # a child without the parent's bound is built, and says so (it went unsaid)
+    lines: list[str] = []
+    build(small_config(catalogs["delta"], root, encode__from_version=child.version_id,
+                       encode__incremental=True), log=lines.append)
+    assert (f"warning: version {child.version_id} was built with collisions.max_per_sid={cap}, "
+            "this version with None: its new items are not bounded, the carried ones keep "
+            f"their SIDs; set collisions.max_per_sid={cap} to keep the table's bound"
+            in lines), [line for line in lines if "warning" in line]
 
 
 @pytest.mark.parametrize("cap", [None, 6])
@@ -377,6 +385,25 @@ def test_cli_encode_incremental(catalogs, tmp_path, capsys):
     assert main(["versions", "list", "--root", root, "--table", "sids"]) == 0
     assert f"carried {N - CHANGED}  replaced {CHANGED}" in capsys.readouterr().out
 
+    # the config's encode.from_version is the one `semid encode` extends (it was replaced
+    # by latest), and --incremental beside an override of it to false is refused (it was
+    # silently taken as incremental)
+    store = TableStore(root, "sids")
+    first, _ = store.versions()
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text(cfg.read_text().replace(
+        "encode: {shard_rows: 500}", f"encode: {{shard_rows: 500, from_version: {first}}}"))
+    assert main(["encode", "--config", str(pinned), "--incremental",
+                 f"input.path={catalogs['delta']}"]) == 0
+    assert store.manifest(store.versions()[-1])["parent"] == first
+    capsys.readouterr()
+    assert main(["encode", "--config", str(cfg), "--incremental", "encode.incremental=false",
+                 f"input.path={catalogs['delta']}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "semid encode: error: --incremental and the override encode.incremental=false "
+        "disagree; drop one")
+    assert len(store.versions()) == 3
+
 
 def test_rejected_update_keeps_the_parent_row(catalogs, tmp_path):
     root = str(tmp_path / "out")
@@ -466,10 +493,10 @@ def test_an_incremental_version_says_what_it_changes_against_its_parent(catalogs
     child = build(small_config(str(renamed), root, encode__from_version=first.version_id,
                                encode__incremental=True, input__embedding_column="emb_v2"),
                   log=lines.append)
-    assert ("warning: input.embedding_column=emb_v2, but the rows this version carries from "
-            f"{first.version_id} were encoded from column embedding: if the two hold another "
-            "model's embeddings, the table mixes them; `semid build` re-indexes every item"
-            in lines), lines
+    assert (f"warning: input.embedding_column=emb_v2, but version {first.version_id}, whose "
+            "rows this version carries, was encoded from column embedding: if the two hold "
+            "another model's embeddings, the table mixes them; `semid build` re-indexes every "
+            "item" in lines), lines
     assert (f"warning: encode.from_version={first.version_id} is not the latest version "
             f"({newer.version_id}): this version extends {first.version_id}, not "
             f"{newer.version_id}, and becomes the latest when it commits (unless another "
