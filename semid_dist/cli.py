@@ -64,26 +64,28 @@ def cmd_encode(args: argparse.Namespace) -> int:
     encode.from_version (encode.incremental=true; an override of it to false is refused)."""
     from pathlib import Path
 
-    import yaml
-
+    from semid_dist.config import apply_overrides
     from semid_dist.config_checks import read_yaml
 
-    def value(override: str) -> Any:  # (one YAML does not parse: the config's error says so)
-        with contextlib.suppress(yaml.YAMLError):
-            return yaml.safe_load(override.split("=", 1)[1])
-        return override
+    def encode_section(data: Any, overrides: list[str]) -> dict[str, Any]:
+        """The encode section of `data` with `overrides`, as the config reads them (a bad
+        file or override: {}, the build's own reading names it)."""
+        with contextlib.suppress(ConfigError):
+            merged = apply_overrides(data if isinstance(data, dict) else {}, overrides)
+            section = merged.get("encode")
+            return section if isinstance(section, dict) else {}
+        return {}
 
     overrides = list(args.overrides)
-    named = [value(o) for o in overrides if o.startswith("encode.from_version=")]
     data = read_yaml(Path(args.config))  # (its errors name the file, as the build's would)
-    encode = (data.get("encode") if isinstance(data, dict) else None) or {}
-    if not (named[-1] if named else isinstance(encode, dict) and encode.get("from_version")):
+    if not encode_section(data, overrides).get("from_version"):
         overrides.append("encode.from_version=latest")
     if args.incremental:
-        said = [o for o in overrides if o.startswith("encode.incremental=")
-                and value(o) is not True]
-        if said:
-            raise ConfigError(f"--incremental and the override {said[-1]} disagree; drop one")
+        said = encode_section({}, args.overrides).get("incremental", True)
+        if said is not True:
+            raise ConfigError(f"--incremental and the override encode.incremental="
+                              f"{json.dumps(said)} "
+                              "disagree; drop one")
         overrides.append("encode.incremental=true")
     args.overrides = overrides
     return cmd_build(args)
@@ -378,7 +380,8 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:
     ...` and status 2 (an object store's "no credentials" too, and a storage failure a user
     mends: a full disk, a read-only mount, a permission denied); a closed stdout 141; Ctrl-C
-    one line and 130 (SIGTERM 143), the Ctrl-Cs after the first ignored (`signals.one_interrupt`).
+    one line and 130 (SIGTERM 143), the Ctrl-Cs after the first ignored (`signals.one_interrupt`),
+    and so an error no line names once the command's interrupt was raised (`_stopped`).
     The line says whether the version was committed where
     `committed` tells (one build's command); `table`: the command writes into a table (a
     full disk's line then names `semid versions gc`). The caller's SIGINT handler is put back

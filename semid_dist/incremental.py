@@ -78,6 +78,13 @@ class Carried:
 
 
 
+def parent_parts(files: list[dict[str, Any]], parent: str) -> list[FileEntry]:
+    """The data parts of version `parent` (its manifest's `files`), each naming the version
+    that holds it (a part the parent referenced: its own)."""
+    return [FileEntry(**{**e, "version": e.get("version") or parent})
+            for e in files if e["path"].startswith("data/")]
+
+
 def check_extendable(store: TableStore, parent: str, cfg: BuildConfig,
                      plan: CatalogPlan) -> None:
     """What an incremental version needs of its parent, checked before the build writes
@@ -97,8 +104,7 @@ def check_extendable(store: TableStore, parent: str, cfg: BuildConfig,
         raise ConfigError(f"metrics.quality_depth is {cfg.quality_depth} but version {parent} "
                           f"was built with {depth}; an incremental version extends its "
                           f"statistics, so set metrics.quality_depth={depth}")
-    parts = [FileEntry(**{**e, "version": e.get("version") or parent})
-             for e in files if e["path"].startswith("data/")]
+    parts = parent_parts(files, parent)
     if not parts or not plan.schemas:
         return
     first = store.entry_path(parent, parts[0])
@@ -113,20 +119,12 @@ def check_extendable(store: TableStore, parent: str, cfg: BuildConfig,
 
 def _check_parent(store: TableStore, parent: str, cfg: BuildConfig,
                   decision: PruneDecision, log: Log) -> bool:
-    """The parent's pruning is kept whatever this config says; a capacity bound the parent
-    had and this config lacks (or changes) is said. -> whether its figures hold estimates."""
+    """The parent's pruning is kept whatever this config says. -> whether its figures hold
+    estimates."""
     metrics = store.read_json(parent, "metrics.json")
     if (cfg.prune.strategy, cfg.prune.layer) != (decision.strategy, decision.layer):
         log(f"incremental: prune.* of this config is not applied: carried and new items are "
             f"pruned by version {parent}'s decision ({decision.strategy}), so their SIDs agree")
-    bound = ((store.manifest(parent).get("config") or {}).get("collisions") or {}).get(
-        "max_per_sid")
-    if bound is not None and bound != cfg.collisions.max_per_sid:
-        log(f"warning: version {parent} was built with collisions.max_per_sid={bound}, this "
-            f"version with {cfg.collisions.max_per_sid}: its new items "
-            f"{'are not bounded' if cfg.collisions.max_per_sid is None else 'take that bound'}"
-            f", the carried ones keep their SIDs; set collisions.max_per_sid={bound} to keep "
-            "the table's bound")
     return bool((metrics.get("incremental") or {}).get("estimated"))
 
 
@@ -156,8 +154,7 @@ def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: Tabl
     inherited = _check_parent(store, parent, cfg, decision, log)
     prune = _applied_prune(store.manifest(parent), decision)
     new_ids = pa.concat_arrays(engine.map(staged_ids, [(ctx, s) for s in plan.shards]))
-    parts = [FileEntry(**{**e, "version": e.get("version") or parent})
-             for e in store.manifest(parent)["files"] if e["path"].startswith("data/")]
+    parts = parent_parts(store.manifest(parent)["files"], parent)
     results = engine.map(carry_part, [(ctx, e, i, new_ids) for i, e in enumerate(parts)])
     dropped = [r for r in results if len(r["qerr"])]
     codes = (np.concatenate([r["codes"] for r in dropped]) if dropped

@@ -62,7 +62,7 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
         reused = reused_codebooks(store, cfg, dim)
     else:
         warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
-    if cfg.encode.incremental and parent is not None:  # the parts it will carry, ...
+    if cfg.encode.incremental and parent is not None:  # its parts, stats/ and ids
         check_extendable(store, parent, cfg, plan)
     return Checked(dim, reused)
 
@@ -71,7 +71,8 @@ def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: i
                  log: Log, *, latest: str | None = None) -> None:
     """Lines on what a re-index changes against its parent that the plan line does not show:
     another embedding dimension (a new embedding model), and for an incremental version
-    another embedding column than the carried rows were encoded from, or a parent that is
+    another embedding column than its parent's, another capacity bound
+    (`collisions.max_per_sid`), or a parent that is
     not `latest` (what "latest" meant as the build started, the one its commit compares
     with: the table's latest then moves to this branch)."""
     if parent is None:
@@ -93,10 +94,21 @@ def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: i
             f"{parent}, whose rows this version carries, was encoded from column {column}: if "
             "the two hold another model's embeddings, the table mixes them; `semid build` "
             "re-indexes every item")
+    bound = ((manifest.get("config") or {}).get("collisions") or {}).get("max_per_sid")
+    if bound != cfg.collisions.max_per_sid:
+        log(f"warning: version {parent} was built with collisions.max_per_sid="
+            f"{_bound(bound)}, this version with {_bound(cfg.collisions.max_per_sid)}: it "
+            "applies to this version's new items only (the carried items keep their SIDs); "
+            f"set collisions.max_per_sid={'null' if bound is None else bound} to keep the "
+            "table's bound")
     if latest is not None and latest != parent:
         log(f"warning: encode.from_version={parent} is not the latest version ({latest}): "
             f"this version extends {parent}, not {latest}, and becomes the latest when it "
             "commits (unless another version is committed meanwhile)")
+
+
+def _bound(max_per_sid: int | None) -> str:
+    return "none" if max_per_sid is None else str(max_per_sid)
 
 
 def popularity_column(cfg: BuildConfig) -> str | None:

@@ -450,6 +450,7 @@ def test_an_error_after_a_dropped_ctrl_c_ends_the_command_as_the_ctrl_c(capfd, b
     with pytest.raises(type(broken)):
         _run("semid build", fails, exiting=False, committed=lambda: None)
 
+
 def test_a_fits_handlers_are_undone_but_a_fired_ctrl_c_stays_fired():
     """After a Ray Train fit, the handlers it set are undone (Tune's SIGUSR1 here), but the
     SIG_IGN that semid's Ctrl-C handler set as it fired during the fit stays: it put semid's
@@ -475,6 +476,7 @@ def test_a_fits_handlers_are_undone_but_a_fired_ctrl_c_stays_fired():
         restore()
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
 
 def test_a_sigterm_stops_a_command_once_then_has_its_default_action():
     """The first SIGTERM runs the command's Ctrl-C path (KeyboardInterrupt, said as a

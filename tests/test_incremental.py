@@ -240,9 +240,11 @@ def test_incremental_capacity_keeps_carried_sids(catalogs, tmp_path):
     build(small_config(catalogs["delta"], root, encode__from_version=child.version_id,
                        encode__incremental=True), log=lines.append)
     assert (f"warning: version {child.version_id} was built with collisions.max_per_sid={cap}, "
-            "this version with None: its new items are not bounded, the carried ones keep "
-            f"their SIDs; set collisions.max_per_sid={cap} to keep the table's bound"
-            in lines), [line for line in lines if "warning" in line]
+            "this version with none: it applies to this version's new items only (the carried "
+            f"items keep their SIDs); set collisions.max_per_sid={cap} to keep the table's "
+            "bound" in lines), [line for line in lines if "warning" in line]
+    assert lines.index(next(line for line in lines if "max_per_sid" in line)) < lines.index(
+        next(line for line in lines if line.startswith("encode:")))  # (said before the encode)
 
 
 @pytest.mark.parametrize("cap", [None, 6])
@@ -397,12 +399,18 @@ def test_cli_encode_incremental(catalogs, tmp_path, capsys):
                  f"input.path={catalogs['delta']}"]) == 0
     assert store.manifest(store.versions()[-1])["parent"] == first
     capsys.readouterr()
-    assert main(["encode", "--config", str(cfg), "--incremental", "encode.incremental=false",
-                 f"input.path={catalogs['delta']}"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "semid encode: error: --incremental and the override encode.incremental=false "
-        "disagree; drop one")
+    for said in ("encode.incremental=false", "encode={incremental: false}"):
+        assert main(["encode", "--config", str(cfg), "--incremental", said,
+                     f"input.path={catalogs['delta']}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "semid encode: error: --incremental and the override encode.incremental=false "
+            "disagree; drop one")
     assert len(store.versions()) == 3
+    # ... as an override of the section names it too
+    assert main(["encode", "--config", str(cfg), "--incremental",
+                 f"encode={{shard_rows: 500, from_version: {first}}}",
+                 f"input.path={catalogs['delta']}"]) == 0
+    assert store.manifest(store.versions()[-1])["parent"] == first
 
 
 def test_rejected_update_keeps_the_parent_row(catalogs, tmp_path):

@@ -29,6 +29,7 @@ from semid_dist.errors import InputError
 from semid_dist.faults import ENV as FAULT_ENV
 from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
+from semid_dist.signals import interrupt_raised, terminated
 
 
 def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
@@ -338,13 +339,19 @@ def _fit(trainer: Any) -> None:
 
 def handlers_back(handlers: dict[int, Any]) -> None:
     """Put back the signal handlers `handlers` (saved before a fit; None: one not set from
-    Python) where the fit set one of its own. Where SIG_IGN or SIG_DFL stands now, semid's
-    handler set it as it fired (a Ctrl-C's: later ones ignored; a SIGTERM's: the next is the
-    default death), and it stays: putting semid's handler back armed a second Ctrl-C, raised
-    in the engine's clean-up, in Ray's shutdown."""
+    Python) that differ now, but where the command's interrupt was raised during the fit: a
+    Ctrl-C is ignored from then on and a SIGTERM after a SIGTERM is the default death, as
+    semid's handlers left them as they fired (putting semid's handler back armed a second
+    Ctrl-C, raised in the engine's clean-up, in Ray's shutdown)."""
+    stopping = interrupt_raised()
     for sig, handler in handlers.items():
-        now = signal.getsignal(sig)
-        if handler is not None and callable(now) and now is not handler:
+        if handler is None:
+            continue
+        if stopping and sig == signal.SIGINT:
+            handler = signal.SIG_IGN
+        elif stopping and sig == signal.SIGTERM and terminated():
+            handler = signal.SIG_DFL
+        if signal.getsignal(sig) is not handler:
             signal.signal(sig, handler)
 
 

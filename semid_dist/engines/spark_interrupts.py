@@ -114,8 +114,9 @@ class InterruptGuard:
     def _cancel(self) -> None:
         """Cancel the running jobs (the driver's call waiting on one returns), then interrupt
         the main thread until the handler raises there; while the driver stays in a Py4J
-        call, cancel again every `RECANCEL_S` (a job the call started after the first
-        cancel ran on to its end: a Ctrl-C in `sc.broadcast`, then the call's job)."""
+        call, cancel again every `RECANCEL_S` until the next Ctrl-C would stop it there
+        (`ESCALATE_S`): a job the call started after the first cancel ran on to its end (a
+        Ctrl-C in `sc.broadcast`, then the call's job)."""
         with suppress(Exception):  # the JVM gone already: nothing runs
             if self.started:
                 self.sc.setLogLevel("ERROR")
@@ -125,14 +126,14 @@ class InterruptGuard:
             with self._lock:
                 if self.raised or self.holding:
                     return
-                in_call = _in_py4j(sys._current_frames().get(main))
-                if not in_call:  # (a poke does not wake a blocked call: it would wait
-                    self._poked = True  # there, stale)
+                if not _in_py4j(sys._current_frames().get(main)):  # (a poke does not wake
+                    self._poked = True  # a blocked call: it would wait there, stale)
                     _thread.interrupt_main()
-            if in_call and time.monotonic() - cancelled >= self.RECANCEL_S:
-                cancelled = time.monotonic()
-                with suppress(Exception):
-                    self.sc.cancelAllJobs()
+                elif (time.monotonic() - cancelled >= self.RECANCEL_S
+                        and cancelled - self._first_at < self.ESCALATE_S):
+                    cancelled = time.monotonic()  # (under the lock: none after `release`)
+                    with suppress(Exception):
+                        self.sc.cancelAllJobs()
             time.sleep(0.05)
 
     def hold(self) -> None:
