@@ -254,7 +254,7 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
         proc.kill()
     assert proc.returncode == 143, (err, rest)
     assert rest.strip().splitlines()[-1] == ("semid build: terminated (SIGTERM); nothing was "
-                                             "committed")
+                                             "committed"), rest[-4000:]
     assert "Traceback" not in rest and "Warning" not in rest, rest
     assert TableStore(str(tmp_path / "out"), "sids").versions() == []
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
