@@ -58,10 +58,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    """`semid encode`: like build, but reuse the codebooks of encode.from_version (the
-    config's or an override's; latest where neither names a version: encode never fits) instead of
-    fitting; --incremental: the catalog holds new or changed items and the version extends
-    encode.from_version (encode.incremental=true; an override of it to false is refused)."""
+    """`semid encode`: like build, but reuse the codebooks of encode.from_version instead of
+    fitting (the config's or an override's; latest where neither names a version: encode
+    never fits); --incremental: the catalog holds new or changed items and the version
+    extends encode.from_version (encode.incremental=true; an override of it to false is
+    refused)."""
     from pathlib import Path
 
     from semid_dist.config import apply_overrides
@@ -84,8 +85,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         said = encode_section({}, args.overrides).get("incremental", True)
         if said is not True:
             raise ConfigError(f"--incremental and the override encode.incremental="
-                              f"{json.dumps(said)} "
-                              "disagree; drop one")
+                              f"{json.dumps(said)} disagree; drop one")
         overrides.append("encode.incremental=true")
     args.overrides = overrides
     return cmd_build(args)
