@@ -39,7 +39,9 @@ from semid_dist.io.store import STAGING, FileEntry
 from semid_dist.popularity import PopularityScan, scan_popularity
 from semid_dist.reduce_tasks import (
     MOVE_SCHEMA,
+    TAKEN_SCHEMA,
     Moves,
+    Replaced,
     carried_suffixes,
     colliding_rows,
     column_matrix,
@@ -159,7 +161,8 @@ def duplicate_bucket(splits: list[Split], bucket: int) -> dict[str, Any]:
 def bucketed_suffixes(engine: Engine, ctx: JobContext, plan: CatalogPlan, hot: np.ndarray,
                       hot_counts: np.ndarray, decision: PruneDecision,
                       moves: Moves, *, bucket_rows: int, scratch: str,
-                      carried: list[FileEntry] | None = None,
+                      carried: list[FileEntry] | None = None, kept: pa.Table | None = None,
+                      replaced: Replaced = None,
                       log: Log | None = None) -> tuple[list[Streams], np.ndarray]:
     """Collision suffixes of the colliding SIDs `hot` (sorted keys, `hot_counts` items each),
     ranked in B key ranges of about `bucket_rows` items (at most `codes.drift.MAX_BUCKETS`; each
@@ -174,8 +177,11 @@ def bucketed_suffixes(engine: Engine, ctx: JobContext, plan: CatalogPlan, hot: n
     (counted in `hot_counts` too): one task per group of parts of about `bucket_rows` rows
     writes their (key, suffix) of the SIDs `hot` split by key range (`carried_split`), and
     the plan's rows take the suffixes they leave free (`free_suffixes`), as
-    `semid_dist.reduce.finalize_version` gives them on the driver. Returns each
-    shard's streams and how many of the plan's rows hold each non-zero suffix."""
+    `semid_dist.reduce.finalize_version` gives them on the driver. kept: (key, suffix) of the
+    plan's rows of the SIDs `hot` that keep their item's suffix (`reduce_tasks.kept_rows`, of
+    the `replaced` parent rows), held as the carried rows' are and not ranked; the driver
+    writes them split by key range beside the carried parts'. Returns each shard's streams
+    and how many of the plan's ranked rows hold each non-zero suffix."""
     hot_rows = int(hot_counts.sum())
     buckets = bucket_count(hot_rows, bucket_rows=bucket_rows)
     bounds = key_range_bounds(hot, hot_counts, buckets)
@@ -187,12 +193,15 @@ def bucketed_suffixes(engine: Engine, ctx: JobContext, plan: CatalogPlan, hot: n
         log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
             f"({len(groups)} split tasks of the catalog's rows{held}, through staging)")
     splits = engine.map(colliding_split, [(ctx, g, hot, decision, _group_moves(moves, g),
-                                           bounds, f"{scratch}/rows-{i:06d}")
+                                           bounds, f"{scratch}/rows-{i:06d}", replaced)
                                           for i, g in enumerate(groups)])
     taken = (engine.map(carried_split, [(ctx, g, hot, decision, bounds,
                                          f"{scratch}/carried-{i:06d}")
                                         for i, g in enumerate(parts)])
              if carried is not None else None)
+    if kept is not None and kept.num_rows:
+        taken = (taken or []) + [split_tables([kept], _key_ranges(bounds), len(bounds) + 1,
+                                              f"{scratch}/kept")]
     shards = len(plan.shards)
     ranked = engine.map(suffix_bucket, [(splits, b, shards, f"{scratch}/ranked-{b:06d}", taken)
                                         for b in range(buckets)])
@@ -224,13 +233,13 @@ def _key_ranges(bounds: np.ndarray) -> shuffle.BucketFn:
 
 def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
                     decision: PruneDecision, moves: Moves, bounds: np.ndarray,
-                    out_url: str) -> Split:
+                    out_url: str, replaced: Replaced = None) -> Split:
     """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
     `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges
     (`_key_ranges`, `shuffle.split_tables`)."""
     tables = []
     for i, (pos, shard) in enumerate(shards):
-        t = colliding_rows(ctx, shard, keys, decision, shard_moves(moves, i))
+        t = colliding_rows(ctx, shard, keys, decision, shard_moves(moves, i), replaced)
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
     return split_tables(tables, _key_ranges(bounds), len(bounds) + 1, out_url)
 
@@ -241,9 +250,6 @@ def carried_split(ctx: JobContext, entries: list[FileEntry], keys: np.ndarray,
     written to `out_url` split into len(bounds) + 1 key ranges (`_key_ranges`)."""
     return split_tables([carried_suffixes(ctx, e, keys, decision) for e in entries],
                         _key_ranges(bounds), len(bounds) + 1, out_url)
-
-
-TAKEN_SCHEMA = pa.schema([("key", pa.int64()), ("suffix", pa.int32())])
 
 
 def suffix_bucket(splits: list[Split], bucket: int, shards: int, out_url: str,
@@ -275,6 +281,7 @@ def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: 
                       counts: np.ndarray, over: np.ndarray, decision: PruneDecision,
                       capacity: int, *, bucket_rows: int, scratch: str,
                       held: tuple[np.ndarray, np.ndarray] | None = None,
+                      replaced: Replaced = None,
                       log: Log | None = None) -> tuple[MoveDelta, list[Streams]]:
     """Capacity moves for the over-full final SIDs in prefix ranges of about `bucket_rows`
     of their rows (`codes.capacity.prefix_ranges`; every prefix inside one range). keys
@@ -283,11 +290,12 @@ def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: 
     rows of those SIDs split by prefix range (`overflow_split`); one task per range moves
     its items (`reassign_range`) and writes the moves split by shard. held: (final SID keys,
     items) of rows that take the first places and never move (the parent's rows an
-    incremental version carries; counted in `counts` too); each range task gets the slice
-    under its prefixes. The moves are those of moving every row at once, since an item
-    moves only under its own prefix. Returns the statistics' change and each shard's
-    streams of its moves (row, code, qerr); the scratch is removed on failure, else once
-    the data parts are written."""
+    incremental version carries, and its catalog's rows of `replaced` items that stay in the
+    SIDs the items had: `reduce.bound_collisions`; counted in `counts` too); each range
+    task gets the slice under its prefixes, and the split tasks leave those rows out. The
+    moves are those of moving every row at once, since an item moves only under its own
+    prefix. Returns the statistics' change and each shard's streams of its moves (row,
+    code, qerr); the scratch is removed on failure, else once the data parts are written."""
     ranges = prefix_ranges(keys, counts, over, ctx.sizes[-1], bucket_rows=bucket_rows)
     groups = _groups(plan, bucket_rows)
     if log:
@@ -315,7 +323,7 @@ def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: 
 
     try:
         splits = engine.map(overflow_split, [(ctx, g, over_keys, decision, ranges.bounds,
-                                              f"{scratch}/over-{i:06d}")
+                                              f"{scratch}/over-{i:06d}", replaced)
                                              for i, g in enumerate(groups)])
         moved = engine.map(reassign_range, [range_task(splits, b) for b in range(ranges.count)])
     except BaseException:
@@ -326,7 +334,8 @@ def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: 
 
 
 def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
-                   decision: PruneDecision, bounds: np.ndarray, out_url: str) -> Split:
+                   decision: PruneDecision, bounds: np.ndarray, out_url: str,
+                   replaced: Replaced = None) -> Split:
     """A group of shards' rows of the over-full SIDs `keys` (`overflow_rows`, with each
     row's shard position `pos`) written to `out_url` split into len(bounds) + 1 prefix
     ranges: a row under prefix p goes to range searchsorted(bounds, p, "right")."""
@@ -338,7 +347,7 @@ def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.nd
 
     tables = []
     for pos, shard in shards:
-        t = overflow_rows(ctx, shard, keys, decision)
+        t = overflow_rows(ctx, shard, keys, decision, replaced)
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
     return split_tables(tables, of_prefix, len(bounds) + 1, out_url)
 

@@ -4,8 +4,9 @@ encoded with a parent version's codebooks, extends that parent.
 The child version's table is the parent's rows of every item the catalog does not encode
 anew, plus the catalog's items. Parent data parts holding none of the re-encoded items are
 referenced (manifest entries naming the parent's version) instead of copied; a part holding
-some is rewritten without them. Carried items keep their SIDs and suffixes; new items use
-the parent's pruning decision, take the suffixes the carried items leave free, and (with
+some is rewritten without them. Carried items keep their SIDs and suffixes, and so does an
+item sent again that ends in the SID it had; new items use the parent's pruning decision,
+take the suffixes these leave free, and (with
 `collisions.max_per_sid`) move out of SIDs the carried items fill (`semid_dist.reduce`, given
 the carried parts and their statistics; past `driver.gather_rows` as engine tasks). Every
 figure and lookup is of the whole table: the parent's statistics (`stats/` of every version)
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from semid_dist.codes.collisions import sum_suffix_counts
 from semid_dist.codes.partials import Partial, subtract_rows
-from semid_dist.codes.pruning import PruneDecision
+from semid_dist.codes.pruning import PruneDecision, final_keys, kept_layers
 from semid_dist.config import BuildConfig
 from semid_dist.errors import ConfigError, InputError, StoreError
 from semid_dist.io import fs as fsio
@@ -65,6 +66,7 @@ class Carried:
     replaced: int  # parent rows dropped for re-encoded items
     referenced: int  # parent parts referenced as they are
     suffixes: np.ndarray  # how many carried rows hold each non-zero suffix
+    replaced_rows: pa.Table  # the replaced rows' item_id, final SID key and suffix
     prune: dict[str, Any]  # the prune section of the config its SIDs are pruned by
     inherited_estimates: bool  # the parent's figures were already partly estimated
 
@@ -160,12 +162,18 @@ def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: Tabl
     codes = (np.concatenate([r["codes"] for r in dropped]) if dropped
              else np.zeros((0, len(ctx.sizes)), np.int32))
     qerr = np.concatenate([r["qerr"] for r in dropped]) if dropped else np.zeros(0, np.float32)
+    replaced = pa.table({
+        "item_id": (pa.concat_arrays([r["ids"] for r in results]) if results
+                    else new_ids.slice(0, 0)),
+        "key": final_keys(codes, kept_layers(codes, decision), ctx.sizes).astype(np.int64),
+        "suffix": np.concatenate([r["suffix"] for r in results]).astype(np.int32)})
     kept = subtract_rows(partial, codes, qerr, ctx.sizes, ctx.quality_depth)
     entries = [r["entry"] for r in results if r["entry"] is not None]  # None: all replaced
     referenced = sum(1 for e in entries if e.version is not None)
     out = Carried(parent=parent, entries=entries, partial=kept, decision=decision,
                   rows=sum(e.rows for e in entries), replaced=len(qerr), referenced=referenced,
-                  suffixes=sum_suffix_counts([r["suffixes"] for r in results]), prune=prune,
+                  suffixes=sum_suffix_counts([r["suffixes"] for r in results]),
+                  replaced_rows=replaced, prune=prune,
                   inherited_estimates=inherited)
     log(f"incremental: {out.rows} rows of version {parent} carried ({referenced} of "
         f"{len(parts)} parts referenced, {len(entries) - referenced} rewritten), "

@@ -161,14 +161,16 @@ def _reduce(engine: Engine, ctx: JobContext, plan: CatalogPlan, partials: dict[s
         carried = carry_parent(engine, ctx, plan, store, parent, cfg, log)
         partials = {"all": merge(carried.partial, partials["all"])}
         counts = incremental_rows(counts, carried)
+    # the parent rows of re-encoded items: one that stays in its SID keeps place and suffix
+    replaced = carried.replaced_rows if carried is not None and carried.replaced else None
     merged, decision, moves, metrics = reduce_partials(
         engine, ctx, plan, partials, cfg, log, decision=carried.decision if carried else None,
-        held=carried.partial if carried else None)
+        held=carried.partial if carried else None, replaced=replaced)
     maybe_die("reduce")
     data_files, suffixes = finalize_version(
         engine, ctx, plan, merged["all"], decision, moves,
         carried=carried.entries if carried else None, held=carried.partial if carried else None,
-        bucket_rows=cfg.driver.gather_rows, log=log)
+        replaced=replaced, bucket_rows=cfg.driver.gather_rows, log=log)
     if carried is not None:
         data_files = list(carried.entries) + data_files
         suffixes = sum_suffix_counts([suffixes, carried.suffixes])

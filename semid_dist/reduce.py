@@ -18,13 +18,14 @@ from semid_dist import shuffle
 from semid_dist.bucketed import bucketed_capacity, bucketed_suffixes
 from semid_dist.codes.capacity import apply_delta, move_delta
 from semid_dist.codes.collisions import (
+    add_keys,
     last_layer_prefix,
     needs_suffixes,
     occupancy,
     suffix_counts,
     sum_suffix_counts,
 )
-from semid_dist.codes.keyset import unique_sorted
+from semid_dist.codes.keyset import in_sorted, unique_sorted
 from semid_dist.codes.lookups import (
     flows_table,
     prefix_table,
@@ -50,6 +51,7 @@ from semid_dist.reduce_tasks import (
     colliding_rows,
     column_matrix,
     finalize_shard,
+    kept_suffixes,
     overflow_rows,
     reassign,
     shard_moves,
@@ -66,15 +68,17 @@ Log = Callable[[str], None]
 
 def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, capacity: int | None, held: Partial | None = None,
-                     *, bucket_rows: int, log: Log | None = None,
-                     ) -> tuple[Partial, Moves, int]:
+                     replaced: pa.Table | None = None, *, bucket_rows: int,
+                     log: Log | None = None) -> tuple[Partial, Moves, int]:
     """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
     codes under the same prefix. Only the rows `plan` encoded move; `held` (the parent's rows
     an incremental version carries, part of `merged`) keep their SIDs and take the first
-    places. Up to `bucket_rows` rows of over-full SIDs the driver gathers them and engine
-    tasks move them in 16 prefix chunks; more are moved by engine tasks in prefix ranges
-    through the version's staging (`semid_dist.bucketed.bucketed_capacity`). Returns
-    (statistics after the moves, the moves, how many items moved)."""
+    places, as do its catalog's rows of `replaced` items (the parent rows they replace:
+    item_id, final SID key, suffix) whose SID is the one the item had. Up to `bucket_rows`
+    rows of over-full SIDs the driver gathers them and engine tasks move them in 16 prefix
+    chunks; more are moved by engine tasks in prefix ranges through the version's staging
+    (`semid_dist.bucketed.bucketed_capacity`). Returns (statistics after the moves, the
+    moves, how many items moved)."""
     if capacity is None:
         return merged, None, 0
     sizes = ctx.sizes
@@ -84,14 +88,18 @@ def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     if not over.any():
         return merged, None, 0
     fixed_sids = None if held is None else final_sid_counts(held, list(sizes), decision)
+    if fixed_sids is not None and replaced is not None:
+        kept = pa.concat_tables(engine.map(kept_suffixes, [(ctx, s, replaced, decision)
+                                                           for s in plan.shards]))
+        fixed_sids = add_keys(*fixed_sids, kept.column("key").to_numpy())
     if int(counts[over].sum()) > bucket_rows:
         delta, streams = bucketed_capacity(engine, ctx, plan, keys, counts, over, decision,
                                            capacity, bucket_rows=bucket_rows,
                                            scratch=capacity_scratch(ctx), held=fixed_sids,
-                                           log=log)
+                                           replaced=replaced, log=log)
         return apply_delta(merged, delta), streams, delta.moved
     over_keys = keys[over]  # one object: sent to the tasks once
-    rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, over_keys, decision)
+    rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, over_keys, decision, replaced)
                                                        for s in plan.shards]))
     prefixes = unique_sorted(prefix[over])
     occ = occupancy(keys, counts, prefixes, sizes[-1])
@@ -117,12 +125,14 @@ def capacity_scratch(ctx: JobContext) -> str:
 def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                     partials: dict[str, Partial], cfg: BuildConfig, log: Log, *,
                     decision: PruneDecision | None = None, held: Partial | None = None,
+                    replaced: pa.Table | None = None,
                     ) -> tuple[dict[str, Partial], PruneDecision, Moves, dict[str, Any]]:
     """partials: {"all"|"head"|"tail": statistics merged over every shard} ->
     ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
     Head / tail figures are of the codes before capacity moves. An incremental version
     passes its parent's `decision` (carried SIDs keep their pruning) and the carried rows'
-    statistics as `held` (see `bound_collisions`)."""
+    statistics as `held` and the parent rows its catalog replaces as `replaced` (see
+    `bound_collisions`)."""
     sizes = tuple(cfg.quantizer.layers)
     merged = dict(partials)
     pr = cfg.prune
@@ -131,7 +141,7 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                           merged["all"].sid_keys, merged["all"].sid_counts, layer=pr.layer,
                           k=pr.k, p=pr.p, tau=pr.tau)
     merged["all"], moves, moved = bound_collisions(
-        engine, ctx, plan, merged["all"], decision, cfg.collisions.max_per_sid, held,
+        engine, ctx, plan, merged["all"], decision, cfg.collisions.max_per_sid, held, replaced,
         bucket_rows=cfg.driver.gather_rows, log=log)
 
     def figures(p: Partial, table: Partial | None = None) -> dict[str, Any]:
@@ -157,8 +167,8 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
 def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, moves: Moves, *,
                      carried: list[FileEntry] | None = None, held: Partial | None = None,
-                     bucket_rows: int, log: Log | None = None,
-                     ) -> tuple[list[FileEntry], np.ndarray]:
+                     replaced: pa.Table | None = None, bucket_rows: int,
+                     log: Log | None = None) -> tuple[list[FileEntry], np.ndarray]:
     """Collision suffixes on the final SIDs, then one data part per shard of the plan.
     -> (the data parts, how many of the plan's rows hold each non-zero suffix: every other
     row takes suffix 0; `codes.collisions.suffix_counts`).
@@ -166,6 +176,10 @@ def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     An incremental version passes the parent's data parts it carries and their statistics
     (`held`, part of `merged`): their rows keep their suffixes, and the plan's rows of a SID
     they hold take the suffixes they leave free (`codes.collisions.free_suffixes`).
+    replaced: the parent rows of the items the catalog encodes anew (item_id, their final
+    SID key and suffix there); a catalog row of such an item whose final SID is the same
+    keeps its suffix, as a carried row does (`reduce_tasks.kept_rows`), so an item sent
+    again unchanged keeps its whole SID.
 
     Up to `bucket_rows` rows of colliding SIDs (with new rows, in an incremental version;
     the carried rows of those SIDs included) are ranked on the driver. More are ranked by
@@ -173,7 +187,8 @@ def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     staging (`semid_dist.bucketed.bucketed_suffixes`), so the driver holds only their
     per-file offsets."""
     def write_parts(suffixes: list[pa.Table] | list[Streams]) -> list[FileEntry]:
-        return engine.map(finalize_shard, [(ctx, s, part, decision, shard_moves(moves, pos))
+        return engine.map(finalize_shard, [(ctx, s, part, decision, shard_moves(moves, pos),
+                                            replaced)
                                            for pos, (s, part) in enumerate(zip(plan.shards,
                                                                                suffixes))])
 
@@ -181,25 +196,36 @@ def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     try:
         sizes = list(ctx.sizes)
         keys, counts = final_sid_counts(merged, sizes, decision)
-        need = needs_suffixes(keys, counts, *(final_sid_counts(held, sizes, decision)
-                                              if held is not None else ()))
+        kept = (pa.concat_tables(engine.map(kept_suffixes, [
+            (ctx, s, replaced, decision, shard_moves(moves, pos))
+            for pos, s in enumerate(plan.shards)])) if replaced is not None else None)
+        held_sids = final_sid_counts(held, sizes, decision) if held is not None else None
+        if kept is not None:  # rows keeping their suffixes count as held
+            held_sids = add_keys(*held_sids, kept.column("key").to_numpy())
+        need = needs_suffixes(keys, counts, *(held_sids or ()))
         hot, hot_counts = keys[need], counts[need]
+        kept_by = [suffix_counts(kept.column("suffix").to_numpy())] if kept is not None else []
+        if kept is not None:  # those of the SIDs ranked
+            kept = kept.filter(pa.array(in_sorted(kept.column("key").to_numpy(), hot)))
         if int(hot_counts.sum()) <= bucket_rows:
-            rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, shard_moves(moves, pos))
+            rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, shard_moves(moves, pos),
+                                                 replaced)
                                                 for pos, s in enumerate(plan.shards)])
                     if len(hot) else [])
             taken = None
-            if carried and len(hot):  # none when the catalog replaced every parent row
-                taken = pa.concat_tables(engine.map(carried_suffixes, [(ctx, e, hot, decision)
-                                                                       for e in carried]))
+            if (carried or kept is not None) and len(hot):
+                taken = pa.concat_tables(  # no carried part when every parent row is replaced
+                    engine.map(carried_suffixes, [(ctx, e, hot, decision) for e in carried or []])
+                    + ([kept] if kept is not None else []))
             suffixes = suffix_tables(rows, len(plan.shards), taken)
             held_by = sum_suffix_counts([suffix_counts(t.column("suffix").to_numpy())
-                                         for t in suffixes])
+                                         for t in suffixes] + kept_by)
             return write_parts(suffixes), held_by
         streams, held_by = bucketed_suffixes(engine, ctx, plan, hot, hot_counts, decision,
                                              moves, bucket_rows=bucket_rows, scratch=scratch,
-                                             carried=carried, log=log)
-        return write_parts(streams), held_by
+                                             carried=carried, kept=kept, replaced=replaced,
+                                             log=log)
+        return write_parts(streams), sum_suffix_counts([held_by] + kept_by)
     finally:
         shuffle.remove(scratch)
         if isinstance(moves, list):  # the capacity bound's streams, read by now

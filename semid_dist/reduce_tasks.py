@@ -78,14 +78,46 @@ def _read_staged(ctx: JobContext, shard: Shard,
     return t, codes
 
 
+# an incremental version's replaced parent rows: item_id, key (their final SID key in the
+# parent), suffix; a catalog row of such an item that ends in the same SID keeps the suffix
+Replaced = pa.Table | None
+# (key, suffix) of rows that hold their suffixes: carried rows, and rows that keep their item's
+TAKEN_SCHEMA = pa.schema([("key", pa.int64()), ("suffix", pa.int32())])
+
+
+def kept_rows(ids: pa.Array, keys: np.ndarray, replaced: Replaced) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a shard's rows (item ids, final SID keys) keep the suffix their item had in
+    the parent: those of `replaced` items whose final SID is the one the item had there.
+    -> ((n,) bool, the suffixes of those rows in order)."""
+    if replaced is None or not replaced.num_rows or not len(keys):
+        return np.zeros(len(keys), bool), np.zeros(0, np.int32)
+    pos = pc.index_in(ids, value_set=replaced.column("item_id").combine_chunks())
+    found = pos.is_valid().to_numpy(zero_copy_only=False)
+    at = pc.fill_null(pos, 0).to_numpy()
+    hit = found & (replaced.column("key").to_numpy()[at] == keys)
+    return hit, replaced.column("suffix").to_numpy()[at[hit]].astype(np.int32)
+
+
+def kept_suffixes(ctx: JobContext, shard: Shard, replaced: Replaced, decision: PruneDecision,
+                  moves: ShardMoves = None) -> pa.Table:
+    """(key, suffix) of the shard's rows that keep their item's suffix (`kept_rows`)."""
+    t, codes = _read_staged(ctx, shard, moves)
+    k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
+    hit, suffix = kept_rows(t.column("item_id").combine_chunks(), k, replaced)
+    return pa.table({"key": k[hit], "suffix": suffix}, schema=TAKEN_SCHEMA)
+
+
 def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
-                  decision: PruneDecision) -> pa.Table:
-    """Staged rows of the over-capacity final SIDs `keys` (sorted int64), with candidates,
-    their final SID `key` and `row` (their row numbers in the shard's staged codes, which
-    the moves of `semid_dist.bucketed.bucketed_capacity` are keyed by)."""
+                  decision: PruneDecision, replaced: Replaced = None) -> pa.Table:
+    """Staged rows of the over-capacity final SIDs `keys` (sorted int64), but those of
+    replaced items in the SIDs they had (`kept_rows`: they hold their places), with
+    candidates, their final SID `key` and `row` (their row numbers in the shard's staged
+    codes, which the moves of `semid_dist.bucketed.bucketed_capacity` are keyed by)."""
     t, codes = _read_staged(ctx, shard)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = in_sorted(k, keys)
+    if replaced is not None:
+        hit &= ~kept_rows(t.column("item_id").combine_chunks(), k, replaced)[0]
     return (pc.filter(t, pa.array(hit)).append_column("key", pa.array(k[hit]))
             .append_column("row", pa.array(np.flatnonzero(hit))))
 
@@ -116,12 +148,16 @@ def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndar
 
 
 def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
-                   decision: PruneDecision, moves: ShardMoves = None) -> pa.Table:
-    """Staged rows whose final SID key is in `keys` (sorted int64): key, qerr, item_id, and
-    row (their row numbers in the shard's staged codes)."""
+                   decision: PruneDecision, moves: ShardMoves = None,
+                   replaced: Replaced = None) -> pa.Table:
+    """Staged rows whose final SID key is in `keys` (sorted int64), but those that keep
+    their item's suffix (`kept_rows`): key, qerr, item_id, and row (their row numbers in the
+    shard's staged codes)."""
     t, codes = _read_staged(ctx, shard, moves)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = in_sorted(k, keys)
+    if replaced is not None:
+        hit &= ~kept_rows(t.column("item_id").combine_chunks(), k, replaced)[0]
     return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
                      "item_id": pc.filter(t.column("item_id"), pa.array(hit)),
                      "row": np.flatnonzero(hit)})
@@ -162,12 +198,13 @@ def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> lis
 
 
 def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | Streams,
-                   decision: PruneDecision, moves: ShardMoves = None) -> FileEntry:
+                   decision: PruneDecision, moves: ShardMoves = None,
+                   replaced: Replaced = None) -> FileEntry:
     """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
     sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr. suffixes: this
     shard's collision suffixes (row, suffix; `shard_suffixes`, or its streams in the
-    reduce's bucket files, `semid_dist.bucketed.bucketed_suffixes`); other rows get suffix
-    0."""
+    reduce's bucket files, `semid_dist.bucketed.bucketed_suffixes`); the rows of replaced
+    items that keep their suffix (`kept_rows`) get it, and other rows suffix 0."""
     t, codes = _read_staged(ctx, shard, moves)
     n, n_layers = codes.shape
     kept = kept_layers(codes, decision)
@@ -176,6 +213,10 @@ def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | Streams,
     suffix = np.zeros(n, dtype=np.int32)
     if suffixes.num_rows:
         suffix[suffixes.column("row").to_numpy()] = suffixes.column("suffix").to_numpy()
+    if replaced is not None:
+        same, old = kept_rows(t.column("item_id").combine_chunks(),
+                              final_keys(codes, kept, ctx.sizes), replaced)
+        suffix[same] = old
     flat = kept.ravel()
     layers = np.tile(np.arange(n_layers, dtype=np.int8), n)[flat]
     kept_codes = codes.ravel()[flat].astype(np.int32)
@@ -212,17 +253,19 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
     holding it; replaced: the ids this version encodes anew. A part holding none of them is
     referenced as it is; otherwise its other rows are written as a new part of this version.
     -> {"entry": the part's entry in this version (None when every row is replaced),
-    "codes"/"qerr": the dropped rows' stored codes and qerr, "suffixes": how many rows kept
-    hold each non-zero suffix (`suffix_counts`)}."""
+    "codes"/"qerr"/"ids"/"suffix": the dropped rows' stored codes, qerr, item ids and
+    suffixes, "suffixes": how many rows kept hold each non-zero suffix (`suffix_counts`)}."""
     store = ctx.store()
     path = store.entry_path(ctx.version_id, entry)
     keys = fsio.read_parquet(store.fs, path, columns=["item_id", "suffix"])
-    gone = pc.is_in(keys.column("item_id").combine_chunks(),
-                    value_set=replaced).to_numpy(zero_copy_only=False)
-    held_by = suffix_counts(keys.column("suffix").to_numpy()[~gone])
+    ids = keys.column("item_id").combine_chunks()
+    gone = pc.is_in(ids, value_set=replaced).to_numpy(zero_copy_only=False)
+    suffix = keys.column("suffix").to_numpy()
+    held_by = suffix_counts(suffix[~gone])
     if not gone.any():
         return {"entry": entry, "codes": np.zeros((0, len(ctx.sizes)), np.int32),
-                "qerr": np.zeros(0, np.float32), "suffixes": held_by}
+                "qerr": np.zeros(0, np.float32), "ids": ids.slice(0, 0),
+                "suffix": np.zeros(0, np.int32), "suffixes": held_by}
     t = fsio.read_parquet(store.fs, path)
     kept, dropped = t.filter(pa.array(~gone)), t.filter(pa.array(gone))
     out = (store.write_table(ctx.version_id,
@@ -230,6 +273,7 @@ def carry_part(ctx: JobContext, entry: FileEntry, index: int,
            if kept.num_rows else None)
     return {"entry": out, "codes": column_matrix(dropped.column("codes"), len(ctx.sizes), np.int32),
             "qerr": dropped.column("qerr").to_numpy().astype(np.float32),
+            "ids": ids.filter(pa.array(gone)), "suffix": suffix[gone].astype(np.int32),
             "suffixes": held_by}
 
 

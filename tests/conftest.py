@@ -137,14 +137,16 @@ def ray_session():
     ray.shutdown()
 
 
-INC_N, INC_NEW, INC_CHANGED = 2400, 300, 150
+INC_N, INC_NEW, INC_CHANGED, INC_AGAIN = 2400, 300, 150, 300
 
 
 @pytest.fixture(scope="session")
 def incremental_catalogs(tmp_path_factory):
     """For incremental versions: the parent catalog (ids 0..INC_N-1, 4 files, so it has
     several data parts), a delta of INC_NEW new items and INC_CHANGED changed items (ids in
-    the last parent file only), and the union catalog a full re-encode would read."""
+    the last parent file only), the union catalog a full re-encode would read, and that
+    delta with INC_AGAIN unchanged items of that file sent again ("resent"; their ids
+    "again")."""
     base = tmp_path_factory.mktemp("inc")
     x = clustered(INC_N, 12, seed=1)
     parent = write_catalog(base / "parent", x, files=4)
@@ -160,28 +162,37 @@ def incremental_catalogs(tmp_path_factory):
     union_x[changed_ids] = changed_x
     union = write_catalog(base / "union", np.concatenate([union_x, new_x]),
                           ids=np.concatenate([np.arange(INC_N), delta_ids[:INC_NEW]]), files=2)
-    return {"parent": parent, "delta": delta, "union": union, "changed": changed_ids}
+    again = np.sort(np.random.default_rng(11).choice(  # in the last parent file too
+        np.setdiff1d(np.arange(3 * INC_N // 4, INC_N), changed_ids), INC_AGAIN, replace=False))
+    resent = write_catalog(base / "resent", np.concatenate([delta_x, x[again]]),
+                           ids=np.concatenate([delta_ids, again]), files=2)
+    return {"parent": parent, "delta": delta, "union": union, "changed": changed_ids,
+            "resent": resent, "again": again}
 
 
 def incremental_on_engines(cats: dict, root: str, engine: str):
     """A parent built from cats["parent"], then the same incremental child from
-    cats["delta"] on the local engine (its suffixes ranked on the driver) and on `engine`
-    past driver.gather_rows (200: ranked by tasks in key ranges, around the carried parts'
-    suffixes) -> (store, parent, [local, other])."""
+    cats["resent"] (new, changed and unchanged items; `collisions.max_per_sid: 6`) on the
+    local engine (its suffixes ranked and its overflow moved on the driver) and on `engine`
+    past driver.gather_rows (200: by tasks in key and prefix ranges, around the carried
+    parts' suffixes and the re-sent items keeping theirs) -> (store, parent, [local,
+    other])."""
     from semid_dist.io.store import TableStore
     from semid_dist.pipeline import build
 
     def quiet(msg: str) -> None:
         pass
 
-    parent = build(small_config(cats["parent"], root), log=quiet)
+    cap = {"collisions__max_per_sid": 6, "collisions__candidates": 8}
+    parent = build(small_config(cats["parent"], root, **cap), log=quiet)
     logs: list[str] = []
-    children = [build(small_config(cats["delta"], root, engine=name,
+    children = [build(small_config(cats["resent"], root, engine=name,
                                    encode__from_version=parent.version_id,
-                                   encode__incremental=True, **opts), log=log)
+                                   encode__incremental=True, **cap, **opts), log=log)
                 for name, opts, log in (("local", {}, quiet),
                                         (engine, {"driver__gather_rows": 200}, logs.append))]
     assert any(m.startswith("collisions: ranking") and "of carried parts" in m for m in logs)
+    assert any(m.startswith("collisions: moving the overflow of") for m in logs), logs
     return TableStore(root, "sids"), parent, children
 
 

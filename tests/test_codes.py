@@ -20,6 +20,7 @@ import pytest
 
 from semid_dist import packing
 from semid_dist.codes.collisions import (
+    add_keys,
     assign_suffixes,
     free_suffixes,
     key_range_bounds,
@@ -713,6 +714,20 @@ def test_assign_suffixes_empty_and_colliding_keys():
     colliding = p.sid_keys[needs_suffixes(p.sid_keys, p.sid_counts)]
     assert colliding.tolist() == sorted(
         k for k, v in per_key.items() if v > 1)
+
+
+def test_add_keys_counts_each_added_item_beside_the_held_ones():
+    rng = np.random.default_rng(8)
+    held = rng.integers(0, 50, 300)
+    more = rng.integers(20, 90, 120)  # some keys held already, some not, repeats
+    keys, counts = np.unique(held, return_counts=True)
+    got_keys, got_counts = add_keys(keys, counts, more)
+    want = Counter(held.tolist()) + Counter(more.tolist())
+    assert got_keys.tolist() == sorted(want)
+    assert got_counts.tolist() == [want[k] for k in sorted(want)]
+    assert got_counts.dtype == np.int64
+    empty = add_keys(keys, counts, np.zeros(0, np.int64))
+    assert np.array_equal(empty[0], keys) and np.array_equal(empty[1], counts)
 
 
 def test_subtract_rows_is_exact_on_counts_and_last_layer():

@@ -289,6 +289,67 @@ def test_incremental_past_gather_rows_matches_the_gathered_version(catalogs, tmp
     assert not Path(store.version_dir(children[1].version_id), "_staging").exists()
 
 
+@pytest.mark.parametrize("cap", [None, 6])
+def test_an_item_sent_again_keeps_its_suffix_where_its_sid_stays(catalogs, tmp_path, cap):
+    """Parent items sent again in a delta (unchanged, or changed but ending in the same SID)
+    keep their suffixes, as carried items do, beside new items of lower error joining their
+    SIDs (they were ranked among them and moved); the new items take the suffixes left free.
+    Under a capacity bound the unchanged ones keep their places too. The same table on the
+    driver and by tasks past driver.gather_rows."""
+    root = str(tmp_path / "out")
+    store = TableStore(root, "sids")
+    opts = {} if cap is None else {"collisions__max_per_sid": cap, "collisions__candidates": 8}
+    first = build(small_config(catalogs["parent"], root, **opts), log=quiet)
+    parent = by_id(store.read_data(first.version_id))
+    again = catalogs["again"]
+    resent = by_id(pq.read_table(catalogs["resent"]))
+    ids = resent.column("item_id").to_numpy()
+    children = [build(small_config(catalogs["resent"], root,
+                                   encode__from_version=first.version_id,
+                                   encode__incremental=True, driver__gather_rows=gather, **opts),
+                      log=quiet)
+                for gather in (10**6, 200)]
+    a, b = (by_id(store.read_data(r.version_id)) for r in children)
+    assert a.num_rows == N + NEW and a.equals(b)
+    assert children[0].metrics["collisions"] == children[1].metrics["collisions"]
+    before = parent.filter(pa.array(np.isin(parent.column("item_id").to_numpy(), ids)))
+    after = a.filter(pa.array(np.isin(a.column("item_id").to_numpy(), before.column("item_id"))))
+    same_sid = np.array([p == q for p, q in zip(before.column("sid").to_pylist(),
+                                                after.column("sid").to_pylist())])
+    unchanged = np.isin(before.column("item_id").to_numpy(), again)
+    # unchanged embeddings, the same codebooks: the same codes and SIDs, under a capacity
+    # bound too (they hold their places as carried items do; new items of lower error moved
+    # them), but for those the parent's bound had moved off their nearest codes
+    books = {name: store.read_bytes(first.version_id, f"codebooks/{name}")
+             for name in (ARRAYS_FILE, META_FILE)}
+    sent = resent.filter(pa.array(np.isin(ids, again)))  # in id order, as `before`'s
+    nearest = quantizer_from_files(books).encode(
+        np.array(sent.column("embedding").to_pylist(), np.float32)).codes
+    old, now = (codes(t.filter(pa.array(unchanged))) for t in (before, after))
+    stay = (old == nearest).all(axis=1)
+    assert stay.mean() > 0.9 and np.array_equal(old[stay], now[stay])
+    assert same_sid[unchanged][stay].all() and same_sid[~unchanged].any()
+    if cap is None:
+        assert stay.all()
+    else:
+        assert children[0].metrics["collisions"]["reassigned"] > 0
+    kept = before.column("suffix").to_numpy()[same_sid]
+    assert np.array_equal(after.column("suffix").to_numpy()[same_sid], kept)
+    assert (kept > 0).sum() > 20  # (items that held a suffix past 0 were sent again)
+    # new items joined those SIDs and took free suffixes: (SID, suffix) is unique
+    pairs = {(tuple(s), x) for s, x in zip(a.column("sid_tokens").to_pylist(),
+                                           a.column("suffix").to_pylist())}
+    assert len(pairs) == a.num_rows
+    new = ~np.isin(a.column("item_id").to_numpy(), np.arange(N))
+    shared = {tuple(s) for s in after.column("sid").to_pylist()} & {
+        tuple(s) for s in a.filter(pa.array(new)).column("sid").to_pylist()}
+    assert len(shared) > 10
+    vocab = pq.read_table(f"{store.version_dir(children[1].version_id)}/vocab.parquet")
+    suffixes = vocab.filter(pc.equal(vocab.column("kind"), "suffix"))
+    assert suffixes.column("items").to_pylist() == np.bincount(
+        a.column("suffix").to_numpy()).tolist()
+
+
 def test_incremental_that_replaces_every_parent_row(catalogs, tmp_path):
     """A delta holding every item of its parent carries no part: the suffixes are ranked
     among the new rows alone, on the driver and by tasks alike."""

@@ -29,6 +29,16 @@ def needs_suffixes(keys: np.ndarray, counts: np.ndarray, held_keys: np.ndarray |
     return need & (counts > held)
 
 
+def add_keys(keys: np.ndarray, counts: np.ndarray, more: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """SID keys (sorted, each once) holding counts items, with one item more of each key in
+    `more` (any order, repeats counted) -> (keys, counts) alike."""
+    merged, inv = np.unique(np.concatenate([keys, more]), return_inverse=True)
+    out = np.bincount(inv[:len(keys)], weights=counts, minlength=len(merged))
+    out += np.bincount(inv[len(keys):], minlength=len(merged))
+    return merged, out.astype(np.int64)
+
+
 def suffix_counts(suffix: np.ndarray) -> np.ndarray:
     """How many of the rows hold each non-zero collision suffix: (max + 1,) int64, index 0
     left 0 (the rows of suffix 0 are counted from the table's size, `sum_suffix_counts`)."""
