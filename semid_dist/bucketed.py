@@ -42,12 +42,14 @@ from semid_dist.reduce_tasks import (
     TAKEN_SCHEMA,
     Moves,
     Replaced,
+    ShardReplaced,
     carried_suffixes,
     colliding_rows,
     column_matrix,
     overflow_rows,
     reassign,
     shard_moves,
+    shard_replaced,
 )
 from semid_dist.shuffle import Split, Streams, split_tables
 from semid_dist.stages import JobContext, scan_keys
@@ -178,8 +180,9 @@ def bucketed_suffixes(engine: Engine, ctx: JobContext, plan: CatalogPlan, hot: n
     writes their (key, suffix) of the SIDs `hot` split by key range (`carried_split`), and
     the plan's rows take the suffixes they leave free (`free_suffixes`), as
     `semid_dist.reduce.finalize_version` gives them on the driver. kept: (key, suffix) of the
-    plan's rows of the SIDs `hot` that keep their item's suffix (`reduce_tasks.kept_rows`, of
-    the `replaced` parent rows), held as the carried rows' are and not ranked; the driver
+    plan's rows of the SIDs `hot` that keep their item's suffix (`reduce_tasks.kept_rows`;
+    `replaced`: per shard, its rows of items the parent held), held as the carried rows'
+    are and not ranked; the driver
     writes them split by key range beside the carried parts'. Returns each shard's streams
     and how many of the plan's ranked rows hold each non-zero suffix."""
     hot_rows = int(hot_counts.sum())
@@ -193,7 +196,8 @@ def bucketed_suffixes(engine: Engine, ctx: JobContext, plan: CatalogPlan, hot: n
         log(f"collisions: ranking {hot_rows} colliding items in {buckets} key ranges "
             f"({len(groups)} split tasks of the catalog's rows{held}, through staging)")
     splits = engine.map(colliding_split, [(ctx, g, hot, decision, _group_moves(moves, g),
-                                           bounds, f"{scratch}/rows-{i:06d}", replaced)
+                                           bounds, f"{scratch}/rows-{i:06d}",
+                                           _group_replaced(replaced, g))
                                           for i, g in enumerate(groups)])
     taken = (engine.map(carried_split, [(ctx, g, hot, decision, bounds,
                                          f"{scratch}/carried-{i:06d}")
@@ -223,6 +227,12 @@ def _group_moves(moves: Moves, group: list[tuple[int, Shard]]) -> Moves:
     return [moves[pos] for pos, _ in group] if isinstance(moves, list) else moves
 
 
+def _group_replaced(replaced: Replaced, group: list[tuple[int, Shard]]
+                    ) -> list[ShardReplaced] | None:
+    """A group task's share of the replaced rows: its shards' own (see `_group_moves`)."""
+    return [replaced[pos] for pos, _ in group] if replaced is not None else None
+
+
 def _key_ranges(bounds: np.ndarray) -> shuffle.BucketFn:
     """Rows by SID key range: a row of key k goes to bucket searchsorted(bounds, k, "right"),
     so every row of a SID lands in one bucket."""
@@ -233,13 +243,14 @@ def _key_ranges(bounds: np.ndarray) -> shuffle.BucketFn:
 
 def colliding_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
                     decision: PruneDecision, moves: Moves, bounds: np.ndarray,
-                    out_url: str, replaced: Replaced = None) -> Split:
+                    out_url: str, replaced: list[ShardReplaced] | None = None) -> Split:
     """A group of shards' colliding rows (`colliding_rows`, with each row's shard position
     `pos` in the plan) written to `out_url` split into len(bounds) + 1 key ranges
     (`_key_ranges`, `shuffle.split_tables`)."""
     tables = []
     for i, (pos, shard) in enumerate(shards):
-        t = colliding_rows(ctx, shard, keys, decision, shard_moves(moves, i), replaced)
+        t = colliding_rows(ctx, shard, keys, decision, shard_moves(moves, i),
+                           shard_replaced(replaced, i))
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
     return split_tables(tables, _key_ranges(bounds), len(bounds) + 1, out_url)
 
@@ -323,7 +334,8 @@ def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: 
 
     try:
         splits = engine.map(overflow_split, [(ctx, g, over_keys, decision, ranges.bounds,
-                                              f"{scratch}/over-{i:06d}", replaced)
+                                              f"{scratch}/over-{i:06d}",
+                                              _group_replaced(replaced, g))
                                              for i, g in enumerate(groups)])
         moved = engine.map(reassign_range, [range_task(splits, b) for b in range(ranges.count)])
     except BaseException:
@@ -335,7 +347,7 @@ def bucketed_capacity(engine: Engine, ctx: JobContext, plan: CatalogPlan, keys: 
 
 def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.ndarray,
                    decision: PruneDecision, bounds: np.ndarray, out_url: str,
-                   replaced: Replaced = None) -> Split:
+                   replaced: list[ShardReplaced] | None = None) -> Split:
     """A group of shards' rows of the over-full SIDs `keys` (`overflow_rows`, with each
     row's shard position `pos`) written to `out_url` split into len(bounds) + 1 prefix
     ranges: a row under prefix p goes to range searchsorted(bounds, p, "right")."""
@@ -346,8 +358,8 @@ def overflow_split(ctx: JobContext, shards: list[tuple[int, Shard]], keys: np.nd
         return np.searchsorted(bounds, prefix, side="right")
 
     tables = []
-    for pos, shard in shards:
-        t = overflow_rows(ctx, shard, keys, decision, replaced)
+    for i, (pos, shard) in enumerate(shards):
+        t = overflow_rows(ctx, shard, keys, decision, shard_replaced(replaced, i))
         tables.append(t.append_column("pos", pa.array(np.full(t.num_rows, pos, np.int32))))
     return split_tables(tables, of_prefix, len(bounds) + 1, out_url)
 

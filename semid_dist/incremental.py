@@ -32,7 +32,7 @@ from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import stored_id_type
-from semid_dist.reduce_tasks import carry_part, staged_ids
+from semid_dist.reduce_tasks import carry_part, replaced_by_shard, staged_ids
 from semid_dist.stages import JobContext
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ class Carried:
     replaced: int  # parent rows dropped for re-encoded items
     referenced: int  # parent parts referenced as they are
     suffixes: np.ndarray  # how many carried rows hold each non-zero suffix
-    replaced_rows: pa.Table  # the replaced rows' item_id, final SID key and suffix
+    # the replaced rows' final SID keys and suffixes, by the shard and row re-encoding each
+    replaced_by_shard: list[pa.Table]  # (`reduce_tasks.replaced_by_shard`)
     prune: dict[str, Any]  # the prune section of the config its SIDs are pruned by
     inherited_estimates: bool  # the parent's figures were already partly estimated
 
@@ -155,25 +156,25 @@ def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: Tabl
                          f"{list(ctx.sizes)}")
     inherited = _check_parent(store, parent, cfg, decision, log)
     prune = _applied_prune(store.manifest(parent), decision)
-    new_ids = pa.concat_arrays(engine.map(staged_ids, [(ctx, s) for s in plan.shards]))
+    shard_ids = engine.map(staged_ids, [(ctx, s) for s in plan.shards])
+    new_ids = pa.concat_arrays(shard_ids)
     parts = parent_parts(store.manifest(parent)["files"], parent)
     results = engine.map(carry_part, [(ctx, e, i, new_ids) for i, e in enumerate(parts)])
     dropped = [r for r in results if len(r["qerr"])]
     codes = (np.concatenate([r["codes"] for r in dropped]) if dropped
              else np.zeros((0, len(ctx.sizes)), np.int32))
     qerr = np.concatenate([r["qerr"] for r in dropped]) if dropped else np.zeros(0, np.float32)
-    replaced = pa.table({
-        "item_id": (pa.concat_arrays([r["ids"] for r in results]) if results
-                    else new_ids.slice(0, 0)),
-        "key": final_keys(codes, kept_layers(codes, decision), ctx.sizes).astype(np.int64),
-        "suffix": np.concatenate([r["suffix"] for r in results]).astype(np.int32)})
+    replaced = replaced_by_shard(
+        shard_ids, pa.concat_arrays([r["ids"] for r in dropped]) if dropped else new_ids[:0],
+        final_keys(codes, kept_layers(codes, decision), ctx.sizes),
+        np.concatenate([r["suffix"] for r in dropped]) if dropped else np.zeros(0, np.int32))
     kept = subtract_rows(partial, codes, qerr, ctx.sizes, ctx.quality_depth)
     entries = [r["entry"] for r in results if r["entry"] is not None]  # None: all replaced
     referenced = sum(1 for e in entries if e.version is not None)
     out = Carried(parent=parent, entries=entries, partial=kept, decision=decision,
                   rows=sum(e.rows for e in entries), replaced=len(qerr), referenced=referenced,
                   suffixes=sum_suffix_counts([r["suffixes"] for r in results]),
-                  replaced_rows=replaced, prune=prune,
+                  replaced_by_shard=replaced, prune=prune,
                   inherited_estimates=inherited)
     log(f"incremental: {out.rows} rows of version {parent} carried ({referenced} of "
         f"{len(parts)} parts referenced, {len(entries) - referenced} rewritten), "

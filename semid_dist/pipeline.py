@@ -162,7 +162,7 @@ def _reduce(engine: Engine, ctx: JobContext, plan: CatalogPlan, partials: dict[s
         partials = {"all": merge(carried.partial, partials["all"])}
         counts = incremental_rows(counts, carried)
     # the parent rows of re-encoded items: one that stays in its SID keeps place and suffix
-    replaced = carried.replaced_rows if carried is not None and carried.replaced else None
+    replaced = carried.replaced_by_shard if carried is not None and carried.replaced else None
     merged, decision, moves, metrics = reduce_partials(
         engine, ctx, plan, partials, cfg, log, decision=carried.decision if carried else None,
         held=carried.partial if carried else None, replaced=replaced)

@@ -46,7 +46,9 @@ from semid_dist.config import BuildConfig
 from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.store import STAGING, FileEntry, TableStore
 from semid_dist.reduce_tasks import (
+    TAKEN_SCHEMA,
     Moves,
+    Replaced,
     carried_suffixes,
     colliding_rows,
     column_matrix,
@@ -55,6 +57,7 @@ from semid_dist.reduce_tasks import (
     overflow_rows,
     reassign,
     shard_moves,
+    shard_replaced,
     suffix_tables,
 )
 from semid_dist.shuffle import Streams
@@ -68,13 +71,13 @@ Log = Callable[[str], None]
 
 def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, capacity: int | None, held: Partial | None = None,
-                     replaced: pa.Table | None = None, *, bucket_rows: int,
+                     replaced: Replaced = None, *, bucket_rows: int,
                      log: Log | None = None) -> tuple[Partial, Moves, int]:
     """Move the overflow of SIDs holding more than `capacity` items to next-best last-layer
     codes under the same prefix. Only the rows `plan` encoded move; `held` (the parent's rows
     an incremental version carries, part of `merged`) keep their SIDs and take the first
-    places, as do its catalog's rows of `replaced` items (the parent rows they replace:
-    item_id, final SID key, suffix) whose SID is the one the item had. Up to `bucket_rows`
+    places, as do its catalog's rows of items the parent held (`replaced`, per shard:
+    `reduce_tasks.replaced_by_shard`) whose SID is the one the item had. Up to `bucket_rows`
     rows of over-full SIDs the driver gathers them and engine tasks move them in 16 prefix
     chunks; more are moved by engine tasks in prefix ranges through the version's staging
     (`semid_dist.bucketed.bucketed_capacity`). Returns (statistics after the moves, the
@@ -88,9 +91,10 @@ def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     if not over.any():
         return merged, None, 0
     fixed_sids = None if held is None else final_sid_counts(held, list(sizes), decision)
-    if fixed_sids is not None and replaced is not None:
-        kept = pa.concat_tables(engine.map(kept_suffixes, [(ctx, s, replaced, decision)
-                                                           for s in plan.shards]))
+    if replaced is not None:
+        if fixed_sids is None:
+            raise ValueError("replaced rows come with the carried rows' statistics (held)")
+        kept = gather_kept(engine, ctx, plan, replaced, decision, None)
         fixed_sids = add_keys(*fixed_sids, kept.column("key").to_numpy())
     if int(counts[over].sum()) > bucket_rows:
         delta, streams = bucketed_capacity(engine, ctx, plan, keys, counts, over, decision,
@@ -99,8 +103,9 @@ def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
                                            replaced=replaced, log=log)
         return apply_delta(merged, delta), streams, delta.moved
     over_keys = keys[over]  # one object: sent to the tasks once
-    rows = pa.concat_tables(engine.map(overflow_rows, [(ctx, s, over_keys, decision, replaced)
-                                                       for s in plan.shards]))
+    rows = pa.concat_tables(engine.map(overflow_rows, [
+        (ctx, s, over_keys, decision, shard_replaced(replaced, pos))
+        for pos, s in enumerate(plan.shards)]))
     prefixes = unique_sorted(prefix[over])
     occ = occupancy(keys, counts, prefixes, sizes[-1])
     fixed = None if fixed_sids is None else occupancy(*fixed_sids, prefixes, sizes[-1])
@@ -117,6 +122,16 @@ def bound_collisions(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     return apply_delta(merged, delta), moves, delta.moved
 
 
+def gather_kept(engine: Engine, ctx: JobContext, plan: CatalogPlan, replaced: list[pa.Table],
+                decision: PruneDecision, moves: Moves) -> pa.Table:
+    """(key, suffix) of every row that keeps its item's suffix (`reduce_tasks.kept_suffixes`,
+    after `moves`), read from the shards holding replaced items only."""
+    holding = [pos for pos, t in enumerate(replaced) if t.num_rows]
+    return pa.concat_tables([TAKEN_SCHEMA.empty_table()] + engine.map(kept_suffixes, [
+        (ctx, plan.shards[pos], replaced[pos], decision, shard_moves(moves, pos))
+        for pos in holding]))
+
+
 def capacity_scratch(ctx: JobContext) -> str:
     """Where the capacity bound's streams lie until the data parts are written."""
     return f"{ctx.store().version_url(ctx.version_id)}/{STAGING}/capacity"
@@ -125,7 +140,7 @@ def capacity_scratch(ctx: JobContext) -> str:
 def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                     partials: dict[str, Partial], cfg: BuildConfig, log: Log, *,
                     decision: PruneDecision | None = None, held: Partial | None = None,
-                    replaced: pa.Table | None = None,
+                    replaced: Replaced = None,
                     ) -> tuple[dict[str, Partial], PruneDecision, Moves, dict[str, Any]]:
     """partials: {"all"|"head"|"tail": statistics merged over every shard} ->
     ({"all"|"head"|"tail": merged statistics}, pruning decision, capacity moves, metrics).
@@ -167,7 +182,7 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
 def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,
                      decision: PruneDecision, moves: Moves, *,
                      carried: list[FileEntry] | None = None, held: Partial | None = None,
-                     replaced: pa.Table | None = None, bucket_rows: int,
+                     replaced: Replaced = None, bucket_rows: int,
                      log: Log | None = None) -> tuple[list[FileEntry], np.ndarray]:
     """Collision suffixes on the final SIDs, then one data part per shard of the plan.
     -> (the data parts, how many of the plan's rows hold each non-zero suffix: every other
@@ -176,19 +191,21 @@ def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     An incremental version passes the parent's data parts it carries and their statistics
     (`held`, part of `merged`): their rows keep their suffixes, and the plan's rows of a SID
     they hold take the suffixes they leave free (`codes.collisions.free_suffixes`).
-    replaced: the parent rows of the items the catalog encodes anew (item_id, their final
-    SID key and suffix there); a catalog row of such an item whose final SID is the same
-    keeps its suffix, as a carried row does (`reduce_tasks.kept_rows`), so an item sent
-    again unchanged keeps its whole SID.
+    replaced: per shard, its rows of items the parent held, with their final SID keys and
+    suffixes there (`reduce_tasks.replaced_by_shard`); such a row whose final SID is the
+    one its item had keeps that suffix, as a carried row does (`reduce_tasks.kept_rows`), so
+    an item sent again unchanged keeps its suffix (and its SID, but where the parent's
+    capacity bound had moved it off its nearest code: it is placed anew).
 
     Up to `bucket_rows` rows of colliding SIDs (with new rows, in an incremental version;
     the carried rows of those SIDs included) are ranked on the driver. More are ranked by
     engine tasks in key ranges of about `bucket_rows` rows each, through the version's
     staging (`semid_dist.bucketed.bucketed_suffixes`), so the driver holds only their
-    per-file offsets."""
+    per-file offsets, and the (key, suffix) of the rows keeping their items' suffixes (at
+    most one per replaced row, as the replaced rows the driver holds)."""
     def write_parts(suffixes: list[pa.Table] | list[Streams]) -> list[FileEntry]:
         return engine.map(finalize_shard, [(ctx, s, part, decision, shard_moves(moves, pos),
-                                            replaced)
+                                            shard_replaced(replaced, pos))
                                            for pos, (s, part) in enumerate(zip(plan.shards,
                                                                                suffixes))])
 
@@ -196,11 +213,12 @@ def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
     try:
         sizes = list(ctx.sizes)
         keys, counts = final_sid_counts(merged, sizes, decision)
-        kept = (pa.concat_tables(engine.map(kept_suffixes, [
-            (ctx, s, replaced, decision, shard_moves(moves, pos))
-            for pos, s in enumerate(plan.shards)])) if replaced is not None else None)
         held_sids = final_sid_counts(held, sizes, decision) if held is not None else None
-        if kept is not None:  # rows keeping their suffixes count as held
+        kept = None
+        if replaced is not None:  # rows keeping their suffixes count as held
+            if held_sids is None:
+                raise ValueError("replaced rows come with the carried rows' statistics (held)")
+            kept = gather_kept(engine, ctx, plan, replaced, decision, moves)
             held_sids = add_keys(*held_sids, kept.column("key").to_numpy())
         need = needs_suffixes(keys, counts, *(held_sids or ()))
         hot, hot_counts = keys[need], counts[need]
@@ -209,7 +227,7 @@ def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged:
             kept = kept.filter(pa.array(in_sorted(kept.column("key").to_numpy(), hot)))
         if int(hot_counts.sum()) <= bucket_rows:
             rows = (engine.map(colliding_rows, [(ctx, s, hot, decision, shard_moves(moves, pos),
-                                                 replaced)
+                                                 shard_replaced(replaced, pos))
                                                 for pos, s in enumerate(plan.shards)])
                     if len(hot) else [])
             taken = None

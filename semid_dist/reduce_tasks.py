@@ -46,13 +46,15 @@ def shard_moves(moves: Moves, pos: int) -> ShardMoves:
     return moves[pos] if isinstance(moves, list) else moves
 
 
-def _read_staged(ctx: JobContext, shard: Shard,
-                 moves: ShardMoves = None) -> tuple[pa.Table, np.ndarray]:
-    """The shard's staged codes (item_id, codes, qerr[, alt_codes, alt_err]) with the
-    capacity moves (new last code, new qerr) applied."""
+def _read_staged(ctx: JobContext, shard: Shard, moves: ShardMoves = None,
+                 columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """The shard's staged codes (item_id, codes, qerr[, alt_codes, alt_err]; or `columns`
+    of them, item_id, codes and qerr among them) with the capacity moves (new last code,
+    new qerr) applied."""
     store = ctx.store()
     rel = f"{STAGING}/codes-{shard.index:06d}.parquet"
-    t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel))
+    t = fsio.read_parquet(store.fs, fsio.join(store.version_dir(ctx.version_id), rel),
+                          columns=columns)
     codes = column_matrix(t.column("codes"), len(ctx.sizes), np.int32)
     if isinstance(moves, Streams):
         moved = moves.read(MOVE_SCHEMA)
@@ -78,37 +80,68 @@ def _read_staged(ctx: JobContext, shard: Shard,
     return t, codes
 
 
-# an incremental version's replaced parent rows: item_id, key (their final SID key in the
-# parent), suffix; a catalog row of such an item that ends in the same SID keeps the suffix
-Replaced = pa.Table | None
+# a shard's rows of items an incremental version's parent held: row (in the shard's staged
+# codes), key and suffix (the item's final SID key and suffix there); a row whose final SID
+# is the one its item had keeps the suffix (`kept_rows`). Per shard of the plan, or None.
+REPLACED_SCHEMA = pa.schema([("row", pa.int64()), ("key", pa.int64()), ("suffix", pa.int32())])
+ShardReplaced = pa.Table | None
+Replaced = list[pa.Table] | None
 # (key, suffix) of rows that hold their suffixes: carried rows, and rows that keep their item's
 TAKEN_SCHEMA = pa.schema([("key", pa.int64()), ("suffix", pa.int32())])
 
 
-def kept_rows(ids: pa.Array, keys: np.ndarray, replaced: Replaced) -> tuple[np.ndarray, np.ndarray]:
-    """Which of a shard's rows (item ids, final SID keys) keep the suffix their item had in
-    the parent: those of `replaced` items whose final SID is the one the item had there.
-    -> ((n,) bool, the suffixes of those rows in order)."""
-    if replaced is None or not replaced.num_rows or not len(keys):
-        return np.zeros(len(keys), bool), np.zeros(0, np.int32)
-    pos = pc.index_in(ids, value_set=replaced.column("item_id").combine_chunks())
-    found = pos.is_valid().to_numpy(zero_copy_only=False)
-    at = pc.fill_null(pos, 0).to_numpy()
-    hit = found & (replaced.column("key").to_numpy()[at] == keys)
-    return hit, replaced.column("suffix").to_numpy()[at[hit]].astype(np.int32)
+def shard_replaced(replaced: Replaced, pos: int) -> ShardReplaced:
+    """The replaced rows of the shard at position `pos` in the plan (None without any)."""
+    return replaced[pos] if replaced is not None else None
 
 
-def kept_suffixes(ctx: JobContext, shard: Shard, replaced: Replaced, decision: PruneDecision,
-                  moves: ShardMoves = None) -> pa.Table:
-    """(key, suffix) of the shard's rows that keep their item's suffix (`kept_rows`)."""
-    t, codes = _read_staged(ctx, shard, moves)
+def replaced_by_shard(shard_ids: list[pa.Array], ids: pa.Array, keys: np.ndarray,
+                      suffix: np.ndarray) -> list[pa.Table]:
+    """The parent rows an incremental version replaces (their item `ids`, final SID `keys`
+    and `suffix`) by the shard and row encoding each item anew (`shard_ids`: each shard's
+    staged ids in the plan's order, which hold every one of `ids`) -> per shard, a table of
+    REPLACED_SCHEMA in row order. One lookup on the driver, so that no task builds a hash
+    set of the whole catalog's replaced ids."""
+    lengths = np.array([len(a) for a in shard_ids], np.int64)
+    ends = np.cumsum(lengths)
+    at = pc.index_in(ids, value_set=pa.concat_arrays(shard_ids)) if len(ids) else pa.array(
+        [], pa.int32())
+    if at.null_count:
+        raise ValueError(f"{at.null_count} replaced ids are not among the catalog's ids")
+    at = at.to_numpy().astype(np.int64)
+    order = np.argsort(at, kind="stable")  # by shard, then row
+    at, keys, suffix = at[order], np.asarray(keys)[order], np.asarray(suffix)[order]
+    cut = np.searchsorted(at, np.concatenate([[0], ends]))
+    return [pa.table({"row": at[lo:hi] - (end - n), "key": keys[lo:hi],
+                      "suffix": suffix[lo:hi]}, schema=REPLACED_SCHEMA)
+            for lo, hi, end, n in zip(cut[:-1], cut[1:], ends, lengths)]
+
+
+def kept_rows(keys: np.ndarray, replaced: ShardReplaced) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a shard (final SID `keys` of all its rows) that keep the suffix their
+    item had in the parent: its `replaced` rows whose final SID is the one the item had.
+    -> (their row numbers, their suffixes)."""
+    if replaced is None or not replaced.num_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    row = replaced.column("row").to_numpy()
+    same = keys[row] == replaced.column("key").to_numpy()
+    return row[same], replaced.column("suffix").to_numpy()[same]
+
+
+def kept_suffixes(ctx: JobContext, shard: Shard, replaced: ShardReplaced,
+                  decision: PruneDecision, moves: ShardMoves = None) -> pa.Table:
+    """(key, suffix) of the shard's rows that keep their item's suffix (`kept_rows`); a
+    shard with no replaced item is not read."""
+    if replaced is None or not replaced.num_rows:
+        return TAKEN_SCHEMA.empty_table()
+    t, codes = _read_staged(ctx, shard, moves, columns=["item_id", "codes", "qerr"])
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
-    hit, suffix = kept_rows(t.column("item_id").combine_chunks(), k, replaced)
-    return pa.table({"key": k[hit], "suffix": suffix}, schema=TAKEN_SCHEMA)
+    rows, suffix = kept_rows(k, replaced)
+    return pa.table({"key": k[rows], "suffix": suffix}, schema=TAKEN_SCHEMA)
 
 
 def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
-                  decision: PruneDecision, replaced: Replaced = None) -> pa.Table:
+                  decision: PruneDecision, replaced: ShardReplaced = None) -> pa.Table:
     """Staged rows of the over-capacity final SIDs `keys` (sorted int64), but those of
     replaced items in the SIDs they had (`kept_rows`: they hold their places), with
     candidates, their final SID `key` and `row` (their row numbers in the shard's staged
@@ -116,8 +149,7 @@ def overflow_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
     t, codes = _read_staged(ctx, shard)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = in_sorted(k, keys)
-    if replaced is not None:
-        hit &= ~kept_rows(t.column("item_id").combine_chunks(), k, replaced)[0]
+    hit[kept_rows(k, replaced)[0]] = False
     return (pc.filter(t, pa.array(hit)).append_column("key", pa.array(k[hit]))
             .append_column("row", pa.array(np.flatnonzero(hit))))
 
@@ -149,15 +181,14 @@ def reassign(ctx: JobContext, rows: pa.Table, prefixes: np.ndarray, occ: np.ndar
 
 def colliding_rows(ctx: JobContext, shard: Shard, keys: np.ndarray,
                    decision: PruneDecision, moves: ShardMoves = None,
-                   replaced: Replaced = None) -> pa.Table:
+                   replaced: ShardReplaced = None) -> pa.Table:
     """Staged rows whose final SID key is in `keys` (sorted int64), but those that keep
     their item's suffix (`kept_rows`): key, qerr, item_id, and row (their row numbers in the
     shard's staged codes)."""
     t, codes = _read_staged(ctx, shard, moves)
     k = final_keys(codes, kept_layers(codes, decision), ctx.sizes)
     hit = in_sorted(k, keys)
-    if replaced is not None:
-        hit &= ~kept_rows(t.column("item_id").combine_chunks(), k, replaced)[0]
+    hit[kept_rows(k, replaced)[0]] = False
     return pa.table({"key": k[hit], "qerr": t.column("qerr").to_numpy()[hit],
                      "item_id": pc.filter(t.column("item_id"), pa.array(hit)),
                      "row": np.flatnonzero(hit)})
@@ -199,7 +230,7 @@ def shard_suffixes(rows: list[pa.Table], suffix: np.ndarray, shards: int) -> lis
 
 def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | Streams,
                    decision: PruneDecision, moves: ShardMoves = None,
-                   replaced: Replaced = None) -> FileEntry:
+                   replaced: ShardReplaced = None) -> FileEntry:
     """Write the shard's data part: item_id, codes (all L), sid (kept codes), sid_layers,
     sid_tokens (layer-scoped token ids offset[layer] + code), suffix, qerr. suffixes: this
     shard's collision suffixes (row, suffix; `shard_suffixes`, or its streams in the
@@ -213,10 +244,9 @@ def finalize_shard(ctx: JobContext, shard: Shard, suffixes: pa.Table | Streams,
     suffix = np.zeros(n, dtype=np.int32)
     if suffixes.num_rows:
         suffix[suffixes.column("row").to_numpy()] = suffixes.column("suffix").to_numpy()
-    if replaced is not None:
-        same, old = kept_rows(t.column("item_id").combine_chunks(),
-                              final_keys(codes, kept, ctx.sizes), replaced)
-        suffix[same] = old
+    if replaced is not None and replaced.num_rows:
+        rows, old = kept_rows(final_keys(codes, kept, ctx.sizes), replaced)
+        suffix[rows] = old
     flat = kept.ravel()
     layers = np.tile(np.arange(n_layers, dtype=np.int8), n)[flat]
     kept_codes = codes.ravel()[flat].astype(np.int32)
