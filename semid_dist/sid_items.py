@@ -181,9 +181,10 @@ def sid_items_bucket(ctx: JobContext, splits: list[Split], bucket: int) -> FileE
     parts."""
     store, width = ctx.store(), len(ctx.sizes)
     rows = read_bucket(store.fs, splits, bucket, SID_ITEMS_COLUMNS)
-    if rows is None or rows.num_rows == 0:
+    if rows is None or rows.num_rows == 0:  # its items typed as the table's item ids
+        ids = rows.schema.field("item_id").type if rows is not None else pa.int64()
         out = pa.table({"sid_tokens": pa.array([], pa.list_(pa.int64())),
-                        "items": pa.array([], pa.list_(pa.int64())),
+                        "items": pa.array([], pa.list_(ids)),
                         "suffixes": pa.array([], pa.list_(pa.int32())),
                         "count": pa.array([], pa.int64())})
     else:

@@ -151,3 +151,31 @@ def test_split_keys_route_and_group_as_the_token_lists_do():
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="radix"):
         sid_groups(keyed, 3)
+
+
+def test_an_empty_bucket_types_its_items_as_the_tables_ids(tmp_path):
+    """A hash bucket holding no SID (few SIDs, many buckets) writes an empty part whose
+    items are of the table's item id type (it wrote int64 whatever the ids), so the parts
+    read back as one table."""
+    from semid_dist.engines.local import LocalEngine
+    from semid_dist.io.store import FileEntry, TableStore
+    from semid_dist.pipeline import build
+    from semid_dist.sid_items import sid_items_lookup
+    from tests.conftest import clustered, small_config, write_catalog
+
+    ids = np.array([f"sku-{i:03d}" for i in range(80)])
+    catalog = write_catalog(tmp_path / "catalog", clustered(80, 8, seed=4), ids=ids)
+    root = str(tmp_path / "out")
+    cfg = small_config(catalog, root, quantizer__layers=[2, 2, 2])
+    res = build(cfg, log=lambda m: None)
+    store, vid = TableStore(root, "sids"), res.version_id
+    ctx = JobContext(catalog_url=catalog, id_column="item_id", embedding_column="embedding",
+                     popularity_column=None, dim=8, sizes=(2, 2, 2), root=root, table="sids",
+                     version_id=vid, quality_depth=2)
+    data = [FileEntry(**e) for e in res.manifest["files"] if e["path"].startswith("data/")]
+    parts = [pq.read_table(store.entry_path(vid, e))
+             for e in sid_items_lookup(LocalEngine(cfg), ctx, data, bucket_rows=4)]
+    assert len(parts) == 20 and any(t.num_rows == 0 for t in parts)
+    assert {t.schema.field("items").type.value_type for t in parts} == {pa.string()}
+    whole = pa.concat_tables(parts)
+    assert sorted(whole.column("items").combine_chunks().flatten().to_pylist()) == ids.tolist()
