@@ -49,12 +49,42 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     log = make_logger()
     log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+    if args.dry_run:
+        from semid_dist.pipeline import dry_run
+
+        plan = dry_run(cfg, log=log)
+        _print(plan, args.json, _dry_run_text(plan))
+        return 0
     result = build(cfg, log=log)
     args.committed = result.version_id  # an interrupt from here on must not deny it
     _print({"version_id": result.version_id, "path": result.path, "metrics": result.metrics,
             "drift": result.drift}, args.json,
            format_summary(result.version_id, result.path, result.metrics, result.drift))
     return 0
+
+
+def _dry_run_text(plan: dict[str, Any]) -> str:
+    """`semid build --dry-run`'s lines (`pipeline.dry_run`'s findings)."""
+    if plan["codebooks"] == "fit":
+        books = "fit new ones"
+    else:
+        books = f"those of version {plan['codebooks']}"
+    if plan["incremental"]:
+        what = f"an incremental version extending {plan['parent']}"
+    else:
+        what = f"a version with parent {plan['parent'] or 'none'}"
+    if plan["version"] != "new":
+        what += f", resuming version {plan['version']} (a killed run of this command)"
+    skipped = (f"; {len(plan['skipped'])} file(s) not named *.parquet are not read"
+               if plan["skipped"] else "")
+    return "\n".join([
+        f"catalog:   {plan['catalog']}: {plan['rows']:,} rows in {plan['files']} file(s), "
+        f"{plan['shards']} shard(s){skipped}",
+        f"embedding: {plan['dim']}-dim; item ids {plan['item_id_type']}",
+        f"table:     {plan['table']} (latest: {plan['latest'] or 'no version yet'})",
+        f"codebooks: {books}",
+        f"would:     commit {what}, on engine {plan['engine']}",
+        "dry run: every check before the build passed; nothing was written"])
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -300,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="fit -> encode -> reduce -> commit a new version")
     b.add_argument("--config", required=True)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--dry-run", action="store_true",
+                   help="make the checks a build makes before it writes anything, say what "
+                        "it would do, and write nothing")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("encode", help="encode with the codebooks of an existing version")
@@ -308,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--incremental", action="store_true",
                    help="the catalog holds new or changed items: carry the other items of "
                         "encode.from_version, referencing its unchanged data parts")
+    e.add_argument("--dry-run", action="store_true",
+                   help="make the checks the encode makes before it writes anything, say "
+                        "what it would do, and write nothing")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(func=cmd_encode)
     v = sub.add_parser("validate", help="check config files without running anything")

@@ -36,12 +36,20 @@ from semid_dist.io.catalog import CatalogPlan, plan_catalog
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore
+from semid_dist.io.validate import stored_id_type
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.preflight import check_inputs, parent_notes, popularity_column
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
-from semid_dist.resume import Claim, claim_version, heartbeat, planned_parent, run_key
+from semid_dist.resume import (
+    Claim,
+    claim_version,
+    heartbeat,
+    planned_parent,
+    resumable_version,
+    run_key,
+)
 from semid_dist.runtime import (
     TABLE_PREFIX,
     check_table_outside_catalog,
@@ -184,6 +192,41 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     """Run the whole job and commit a new version; returns its id, path and metrics."""
     with huge_pages(cfg.encode.huge_pages):  # this process as it was, afterwards
         return _build(cfg, log=log)
+
+
+def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
+    """What `build(cfg)` would do, after the checks it makes before writing anything (the
+    config, the table's versions and `encode.from_version`, every catalog file's schema, the
+    embedding dimension, the GPU settings, the codebooks to reuse or warm-start from, an
+    incremental parent's parts, statistics and id type), with nothing written and no engine
+    started (but Spark's, to resolve a `table:` input). Its errors are the build's. ->
+    {"catalog", "files", "rows", "shards", "skipped", "dim", "item_id_type", "table",
+    "latest", "codebooks", "version", "parent", "engine"}: "codebooks" is "fit" or the
+    version they come from; "version" is "new" or the killed run's version it resumes."""
+    log = _redacting(log or make_logger())
+    cfg = with_absolute_paths(cfg)
+    store = TableStore(cfg.output.root, cfg.output.table)
+    with _storage_failures(store, []):
+        cfg, parent, latest = _lineage(cfg, store)
+        catalog = cfg.input.path
+        if catalog.startswith(TABLE_PREFIX):  # a Spark catalog table's files
+            with make_engine(cfg, log=log) as engine:
+                catalog = engine.resolve_input(catalog)
+        check_table_outside_catalog(catalog, store)
+        plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
+        key = run_key(cfg, plan)
+        resumes = resumable_version(store, key)
+        parent = planned_parent(store, key, parent)
+        dim, _ = check_inputs(plan, cfg, store, parent)
+        parent_notes(store, cfg, parent, dim, log, latest=latest)
+    ids = plan.schema.field(cfg.input.id_column).type if plan.schemas else None
+    return {"catalog": redact_url(plan.url), "files": len({s.path for s in plan.shards}),
+            "rows": plan.num_rows, "shards": len(plan.shards), "skipped": list(plan.skipped),
+            "dim": dim, "item_id_type": str(stored_id_type(ids)) if ids is not None else None,
+            "table": redact_url(store.url), "latest": latest,
+            "codebooks": cfg.encode.from_version or "fit",
+            "incremental": cfg.encode.incremental, "version": resumes or "new",
+            "parent": parent, "engine": cfg.engine}
 
 
 def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:

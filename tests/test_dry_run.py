@@ -1,0 +1,107 @@
+"""`semid build --dry-run` / `semid encode --dry-run`: the checks a build makes before it
+writes anything, what it would do (rows, dimension, codebooks, parent, a killed run it would
+resume), and nothing written; a check that fails is the build's own error (status 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from semid_dist.io.store import TableStore
+from tests.conftest import cli_build, clustered, semid_cli, write_catalog
+
+
+def write_config(path: Path, catalog: str, root: Path) -> Path:
+    path.write_text(json.dumps({
+        "engine": "local", "seed": 5, "input": {"path": catalog},
+        "output": {"root": str(root), "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 5}, "fit": {"sample_size": 1500},
+        "encode": {"shard_rows": 500}}))
+    return path
+
+
+def files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def dry(*args: str) -> dict:
+    run = semid_cli(*args, "--dry-run", "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def test_a_dry_run_says_what_the_build_would_do_and_writes_nothing(small_catalog, tmp_path):
+    catalog, x = small_catalog
+    root = tmp_path / "out"
+    cfg = write_config(tmp_path / "build.yaml", catalog, root)
+    plan = dry("build", "--config", str(cfg))
+    assert {k: plan[k] for k in ("rows", "files", "shards", "dim", "item_id_type", "latest",
+                                 "codebooks", "incremental", "version", "parent", "engine")} == {
+        "rows": len(x), "files": 2, "shards": 6, "dim": x.shape[1], "item_id_type": "int64",
+        "latest": None, "codebooks": "fit", "incremental": False, "version": "new",
+        "parent": None, "engine": "local"}
+    assert not root.exists()  # not even the table's folder
+    first = cli_build(cfg)
+    assert first.returncode == 0, first.stderr[-2000:]
+    store = TableStore(str(root), "sids")
+    vid = store.latest()
+    before = files(root)
+    text = semid_cli("encode", "--config", str(cfg), "--dry-run")
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert f"codebooks: those of version {vid}" in text.stdout
+    assert f"would:     commit a version with parent {vid}, on engine local" in text.stdout
+    assert text.stdout.rstrip().endswith("nothing was written")
+    delta = write_catalog(tmp_path / "delta", clustered(200, x.shape[1], seed=3),
+                          ids=np.arange(50_000, 50_200))
+    plan = dry("encode", "--config", str(cfg), "--incremental", f"input.path={delta}")
+    assert (plan["rows"], plan["codebooks"], plan["parent"], plan["incremental"]) == (
+        200, vid, vid, True)
+    assert files(root) == before
+
+
+def test_a_dry_run_fails_as_the_build_would_and_writes_nothing(small_catalog, tmp_path):
+    catalog, x = small_catalog
+    root = tmp_path / "out"
+    cfg = write_config(tmp_path / "build.yaml", catalog, root)
+    none_yet = semid_cli("encode", "--config", str(cfg), "--dry-run")
+    assert none_yet.returncode == 2 and not root.exists(), none_yet.stderr
+    last = none_yet.stderr.splitlines()[-1]
+    assert last.startswith("semid encode: error: table ") and last.endswith(
+        "has no committed version yet; run `semid build` first"), none_yet.stderr
+    assert cli_build(cfg).returncode == 0
+    before = files(root)
+    wider = write_catalog(tmp_path / "wider", clustered(100, x.shape[1] + 4, seed=3),
+                          ids=np.arange(50_000, 50_100))
+    strings = write_catalog(tmp_path / "strings", clustered(100, x.shape[1], seed=3),
+                            ids=np.array([f"sku-{i}" for i in range(100)]))
+    for path, said in ((wider, f"embedding dim {x.shape[1] + 4} != codebook dim "
+                               f"{x.shape[1]}"),
+                       (strings, "the catalog's item ids are string but version")):
+        run = semid_cli("encode", "--config", str(cfg), "--incremental", "--dry-run",
+                        f"input.path={path}")
+        assert run.returncode == 2 and said in run.stderr, run.stderr
+    assert files(root) == before
+
+
+def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tmp_path):
+    catalog, _ = small_catalog
+    root = tmp_path / "out"
+    cfg = write_config(tmp_path / "build.yaml", catalog, root)
+    env = {**os.environ, "SEMID_FAULT": "reduce"}
+    assert cli_build(cfg, env=env).returncode == -signal.SIGKILL
+    store = TableStore(str(root), "sids")
+    [killed] = store.uncommitted()
+    before = files(root)
+    plan = dry("build", "--config", str(cfg))
+    assert plan["version"] == killed and plan["latest"] is None
+    text = semid_cli("build", "--config", str(cfg), "--dry-run")
+    assert f"resuming version {killed} (a killed run of this command)" in text.stdout
+    assert files(root) == before
+    # another catalog is another run: a new version
+    assert dry("build", "--config", str(cfg), "seed=6")["version"] == "new"
