@@ -65,10 +65,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _dry_run_text(plan: dict[str, Any]) -> str:
     """`semid build --dry-run`'s lines (`pipeline.dry_run`'s findings)."""
-    if plan["codebooks"] == "fit":
-        books = "fit new ones"
-    else:
+    if plan["codebooks"] != "fit":
         books = f"those of version {plan['codebooks']}"
+    elif plan["warm_start"]:
+        books = f"fit new ones, starting from version {plan['warm_start']}'s (fit.warm_start)"
+    else:
+        books = "fit new ones"
+    if plan["codebooks"] == "fit" and plan["version"] != "new":
+        books += " (or those the killed run wrote)"
     if plan["incremental"]:
         what = f"an incremental version extending {plan['parent']}"
     else:
@@ -78,13 +82,13 @@ def _dry_run_text(plan: dict[str, Any]) -> str:
     skipped = (f"; {len(plan['skipped'])} file(s) not named *.parquet are not read"
                if plan["skipped"] else "")
     return "\n".join([
-        f"catalog:   {plan['catalog']}: {plan['rows']:,} rows in {plan['files']} file(s), "
-        f"{plan['shards']} shard(s){skipped}",
+        f"catalog:   {plan['catalog']}: {plan['rows']:,} rows in {plan['files']} file(s) "
+        f"holding rows, {plan['shards']} shard(s){skipped}",
         f"embedding: {plan['dim']}-dim; item ids {plan['item_id_type']}",
         f"table:     {plan['table']} (latest: {plan['latest'] or 'no version yet'})",
         f"codebooks: {books}",
         f"would:     commit {what}, on engine {plan['engine']}",
-        "dry run: every check before the build passed; nothing was written"])
+        "dry run: the checks before the build's first write passed; nothing was written"])
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

@@ -157,7 +157,8 @@ def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: Tabl
     inherited = _check_parent(store, parent, cfg, decision, log)
     prune = _applied_prune(store.manifest(parent), decision)
     shard_ids = engine.map(staged_ids, [(ctx, s) for s in plan.shards])
-    new_ids = pa.concat_arrays(shard_ids)
+    lengths, new_ids = [len(a) for a in shard_ids], pa.concat_arrays(shard_ids)
+    del shard_ids  # (one copy of the catalog's ids on the driver)
     parts = parent_parts(store.manifest(parent)["files"], parent)
     results = engine.map(carry_part, [(ctx, e, i, new_ids) for i, e in enumerate(parts)])
     dropped = [r for r in results if len(r["qerr"])]
@@ -165,7 +166,7 @@ def carry_parent(engine: Engine, ctx: JobContext, plan: CatalogPlan, store: Tabl
              else np.zeros((0, len(ctx.sizes)), np.int32))
     qerr = np.concatenate([r["qerr"] for r in dropped]) if dropped else np.zeros(0, np.float32)
     replaced = replaced_by_shard(
-        shard_ids, pa.concat_arrays([r["ids"] for r in dropped]) if dropped else new_ids[:0],
+        lengths, new_ids, pa.concat_arrays([r["ids"] for r in dropped]) if dropped else new_ids[:0],
         final_keys(codes, kept_layers(codes, decision), ctx.sizes),
         np.concatenate([r["suffix"] for r in dropped]) if dropped else np.zeros(0, np.int32))
     kept = subtract_rows(partial, codes, qerr, ctx.sizes, ctx.quality_depth)

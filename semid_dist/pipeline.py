@@ -44,9 +44,11 @@ from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import (
     Claim,
+    check_writable,
     claim_version,
     heartbeat,
     planned_parent,
+    read_run,
     resumable_version,
     run_key,
 )
@@ -198,33 +200,46 @@ def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
     """What `build(cfg)` would do, after the checks it makes before writing anything (the
     config, the table's versions and `encode.from_version`, every catalog file's schema, the
     embedding dimension, the GPU settings, the codebooks to reuse or warm-start from, an
-    incremental parent's parts, statistics and id type), with nothing written and no engine
-    started (but Spark's, to resolve a `table:` input). Its errors are the build's. ->
-    {"catalog", "files", "rows", "shards", "skipped", "dim", "item_id_type", "table",
-    "latest", "codebooks", "version", "parent", "engine"}: "codebooks" is "fit" or the
-    version they come from; "version" is "new" or the killed run's version it resumes."""
+    incremental parent's parts, statistics and id type) and those its engine makes before
+    it starts (`engines.check_engine`), a local output.root's folder writable
+    (`resume.check_writable`), with nothing written and no engine started (but Spark's, to
+    resolve a `table:` input). Its errors are the build's. -> {"catalog", "files" (files
+    holding rows), "rows", "shards", "skipped", "dim", "item_id_type", "table", "latest",
+    "codebooks" ("fit" or the version they come from), "warm_start" (the version a fit
+    starts from, or None), "incremental", "version" ("new" or the killed run's version it
+    resumes), "parent", "engine"}."""
     log = _redacting(log or make_logger())
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
+    cfg, parent, latest = _lineage(cfg, store)
+    catalog = cfg.input.path
+    if catalog.startswith(TABLE_PREFIX) and cfg.engine == "spark":  # its files, by Spark
+        with make_engine(cfg, log=log) as engine:
+            catalog = engine.resolve_input(catalog)
+    else:
+        from semid_dist.engines import check_engine
+        from semid_dist.engines.local import LocalEngine
+
+        catalog = LocalEngine(cfg).resolve_input(catalog)  # (no `table:` input: no Spark)
+        check_engine(cfg)
+    check_table_outside_catalog(catalog, store)
     with _storage_failures(store, []):
-        cfg, parent, latest = _lineage(cfg, store)
-        catalog = cfg.input.path
-        if catalog.startswith(TABLE_PREFIX):  # a Spark catalog table's files
-            with make_engine(cfg, log=log) as engine:
-                catalog = engine.resolve_input(catalog)
-        check_table_outside_catalog(catalog, store)
         plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
         key = run_key(cfg, plan)
         resumes = resumable_version(store, key)
         parent = planned_parent(store, key, parent)
         dim, _ = check_inputs(plan, cfg, store, parent)
+        if resumes is not None:  # the latest its first run saw, as the build reads it
+            latest = (read_run(store, resumes) or {}).get("latest", latest)
         parent_notes(store, cfg, parent, dim, log, latest=latest)
+        check_writable(store)
     ids = plan.schema.field(cfg.input.id_column).type if plan.schemas else None
+    warm = parent if cfg.fit.warm_start == "parent" and not cfg.encode.from_version else None
     return {"catalog": redact_url(plan.url), "files": len({s.path for s in plan.shards}),
             "rows": plan.num_rows, "shards": len(plan.shards), "skipped": list(plan.skipped),
             "dim": dim, "item_id_type": str(stored_id_type(ids)) if ids is not None else None,
-            "table": redact_url(store.url), "latest": latest,
-            "codebooks": cfg.encode.from_version or "fit",
+            "table": redact_url(store.url), "latest": store.head(),
+            "codebooks": cfg.encode.from_version or "fit", "warm_start": warm,
             "incremental": cfg.encode.incremental, "version": resumes or "new",
             "parent": parent, "engine": cfg.engine}
 

@@ -95,17 +95,17 @@ def shard_replaced(replaced: Replaced, pos: int) -> ShardReplaced:
     return replaced[pos] if replaced is not None else None
 
 
-def replaced_by_shard(shard_ids: list[pa.Array], ids: pa.Array, keys: np.ndarray,
-                      suffix: np.ndarray) -> list[pa.Table]:
+def replaced_by_shard(lengths: list[int], catalog_ids: pa.Array, ids: pa.Array,
+                      keys: np.ndarray, suffix: np.ndarray) -> list[pa.Table]:
     """The parent rows an incremental version replaces (their item `ids`, final SID `keys`
-    and `suffix`) by the shard and row encoding each item anew (`shard_ids`: each shard's
-    staged ids in the plan's order, which hold every one of `ids`) -> per shard, a table of
-    REPLACED_SCHEMA in row order. One lookup on the driver, so that no task builds a hash
-    set of the whole catalog's replaced ids."""
-    lengths = np.array([len(a) for a in shard_ids], np.int64)
+    and `suffix`) by the shard and row encoding each item anew (`catalog_ids`: every shard's
+    staged ids in the plan's order, `lengths` of them each; every one of `ids` among them)
+    -> per shard, a table of REPLACED_SCHEMA in row order. One lookup on the driver, so that
+    no task builds a hash set of the whole catalog's replaced ids."""
+    lengths = np.asarray(lengths, np.int64)
     ends = np.cumsum(lengths)
-    at = pc.index_in(ids, value_set=pa.concat_arrays(shard_ids)) if len(ids) else pa.array(
-        [], pa.int32())
+    at = (pc.index_in(ids, value_set=catalog_ids) if len(ids)
+          else pa.array([], pa.int32()))
     if at.null_count:
         raise ValueError(f"{at.null_count} replaced ids are not among the catalog's ids")
     at = at.to_numpy().astype(np.int64)

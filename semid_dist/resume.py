@@ -17,6 +17,7 @@ the same version; on object stores that lock is per process (see README).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -238,6 +239,22 @@ def leftover_staging(store: TableStore, committed: list[str]) -> list[str]:
             if run is None or not owner_alive(run.get("owner"), now):
                 out.append(vid)
     return out
+
+
+def check_writable(store: TableStore) -> None:
+    """For a dry run, which writes nothing: on a local file system, the nearest existing
+    folder of the table's must be a folder this process can write to, or the build's first
+    write (`claim_version`) fails, as `_unwritable` says. Object stores are left to it."""
+    if not fsio.is_local(store.fs):
+        return
+    path = store.base
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise _unwritable(store, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                                    path))
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _unwritable(store, PermissionError(errno.EACCES, os.strerror(errno.EACCES), path))
 
 
 def _unwritable(store: TableStore, exc: OSError) -> StoreError:

@@ -25,9 +25,9 @@ def write_config(path: Path, catalog: str, root: Path) -> Path:
 
 
 def files(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `root` with its size and modification time."""
+    """Every file and folder under `root` with its size and modification time."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}
+            for p in root.rglob("*")}
 
 
 def dry(*args: str) -> dict:
@@ -86,7 +86,36 @@ def test_a_dry_run_fails_as_the_build_would_and_writes_nothing(small_catalog, tm
         run = semid_cli("encode", "--config", str(cfg), "--incremental", "--dry-run",
                         f"input.path={path}")
         assert run.returncode == 2 and said in run.stderr, run.stderr
+    # a warm start from the parent is said; a table: input needs Spark, and Ray is not
+    # started to say so; nor to find RAY_ADDRESS set without ray.address; a table under a
+    # file cannot be written
+    text = semid_cli("build", "--config", str(cfg), "--dry-run", "fit.warm_start=parent")
+    assert (f"codebooks: fit new ones, starting from version {store_latest(root)}'s "
+            "(fit.warm_start)") in text.stdout, text.stderr
+    for args, env, said in (
+            (["engine=ray", "input.path=table:items"], None,
+             "input.path='table:items' names a Spark catalog table; use engine: spark"),
+            (["engine=ray"], {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"},
+             "RAY_ADDRESS=127.0.0.1:9 is set (as for a `ray job submit` job) but ray.address "
+             "is not"),
+            ([f"output.root={cfg}/out"], None, f"output.root '{cfg}/out': cannot write the "
+             "table 'sids' there ([Errno 20] Not a directory")):
+        session = ray_session_dir()
+        run = semid_cli("build", "--config", str(cfg), "--dry-run", *args, env=env)
+        assert run.returncode == 2 and said in run.stderr.splitlines()[-1], run.stderr
+        assert ray_session_dir() == session  # no Ray started
     assert files(root) == before
+
+
+def ray_session_dir() -> str | None:
+    """The folder of the newest Ray session started on this machine (Ray's default temp
+    folder), None before any."""
+    latest = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest")
+    return os.path.realpath(latest) if latest.exists() else None
+
+
+def store_latest(root: Path) -> str:
+    return TableStore(str(root), "sids").latest()
 
 
 def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tmp_path):
@@ -103,5 +132,5 @@ def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tm
     text = semid_cli("build", "--config", str(cfg), "--dry-run")
     assert f"resuming version {killed} (a killed run of this command)" in text.stdout
     assert files(root) == before
-    # another catalog is another run: a new version
+    # another config is another run: a new version
     assert dry("build", "--config", str(cfg), "seed=6")["version"] == "new"

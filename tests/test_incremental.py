@@ -359,12 +359,13 @@ def test_replaced_rows_are_found_by_shard_and_row_and_kept_where_the_sid_stays(k
     rng = np.random.default_rng(3)
     order = rng.permutation(60)
     as_ids = (lambda a: pa.array(a.astype(np.int64))) if kind == "int" else (
-        lambda a: pa.array([f"item-{i}" for i in a]))
-    shard_ids = [as_ids(order[lo:hi]) for lo, hi in ((0, 25), (25, 45), (45, 60))]
+        lambda a: pa.array([f"item-{i}" for i in a], pa.string()))
+    shard_ids = [as_ids(order[lo:hi]) for lo, hi in ((0, 25), (25, 25), (25, 45), (45, 60))]
     gone = rng.choice(60, 18, replace=False)
     keys, suffix = rng.integers(0, 1000, 18), rng.integers(0, 5, 18).astype(np.int32)
-    out = replaced_by_shard(shard_ids, as_ids(gone), keys, suffix)
-    assert [t.schema for t in out] == [REPLACED_SCHEMA] * 3
+    lengths, catalog = [len(a) for a in shard_ids], pa.concat_arrays(shard_ids)
+    out = replaced_by_shard(lengths, catalog, as_ids(gone), keys, suffix)
+    assert [t.schema for t in out] == [REPLACED_SCHEMA] * 4 and out[1].num_rows == 0
     assert sum(t.num_rows for t in out) == len(gone)
     old = {i: (k, x) for i, k, x in zip(as_ids(gone).to_pylist(), keys, suffix)}
     for ids, t in zip(shard_ids, out):
@@ -381,10 +382,10 @@ def test_replaced_rows_are_found_by_shard_and_row_and_kept_where_the_sid_stays(k
     assert kept.tolist() == rows[:2].tolist()
     assert kept_suffix.tolist() == t.column("suffix").to_pylist()[:2]
     assert kept_rows(final, None)[0].size == 0
-    assert [t.num_rows for t in replaced_by_shard(shard_ids, as_ids(gone)[:0], keys[:0],
-                                                  suffix[:0])] == [0, 0, 0]
+    assert [t.num_rows for t in replaced_by_shard(lengths, catalog, as_ids(gone)[:0],
+                                                  keys[:0], suffix[:0])] == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="not among the catalog's ids"):
-        replaced_by_shard(shard_ids[:1], as_ids(gone), keys, suffix)
+        replaced_by_shard([25], shard_ids[0], as_ids(gone), keys, suffix)
 
 
 def test_incremental_that_replaces_every_parent_row(catalogs, tmp_path):

@@ -50,18 +50,37 @@ class Engine(Protocol):
         stats; init_centroids: a warm start; acrq: the sample's head / tail split."""
 
 
+def _check_pyspark() -> None:
+    try:
+        import pyspark  # noqa: F401
+    except ImportError as exc:
+        from semid_dist.errors import ConfigError
+
+        raise ConfigError(f"engine: spark needs pyspark, which this Python cannot import "
+                          f"({exc}): it is the [spark] extra, pip install "
+                          "'semid_dist[spark]' (`make` installs it); or use engine: ray "
+                          "or local") from exc
+
+
+def check_engine(cfg: BuildConfig) -> None:
+    """What `make_engine(cfg)`'s engine checks before it starts, with nothing started (a
+    dry run): pyspark, Java and a standalone master's address for Spark; a cluster's
+    address for Ray (`check_startable` of the session modules)."""
+    if cfg.engine == "spark":
+        _check_pyspark()
+        from semid_dist.engines.spark_session import check_startable
+
+        check_startable(cfg)
+    elif cfg.engine == "ray":
+        from semid_dist.engines.ray_session import check_startable
+
+        check_startable(cfg)
+
+
 def make_engine(cfg: BuildConfig, log: Callable[[str], None] = print) -> Engine:
     """Engine named by `cfg.engine` (imports Ray only when it is asked for)."""
     if cfg.engine == "spark":
-        try:
-            import pyspark  # noqa: F401
-        except ImportError as exc:
-            from semid_dist.errors import ConfigError
-
-            raise ConfigError(f"engine: spark needs pyspark, which this Python cannot import "
-                              f"({exc}): it is the [spark] extra, pip install "
-                              "'semid_dist[spark]' (`make` installs it); or use engine: ray "
-                              "or local") from exc
+        _check_pyspark()
         from semid_dist.engines.spark import SparkEngine
 
         return SparkEngine(cfg, log=log)

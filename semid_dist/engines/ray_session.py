@@ -53,8 +53,8 @@ def _sigterm_kept() -> Iterator[None]:
 def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    check_startable(cfg)
     if cfg.ray.address:
-        _check_reachable(cfg.ray.address)
         try:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
@@ -69,11 +69,6 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
             raise ConfigError(f"ray.address={cfg.ray.address}: {_one_line(exc)}; run this "
                               "driver with the cluster's Ray and Python versions, or submit the "
                               "job to it (`ray job submit`)") from exc
-    elif os.environ.get("RAY_ADDRESS"):  # Ray would join it, not start one here
-        raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set (as for a `ray job "
-                          "submit` job) but ray.address is not: set ray.address=auto to run "
-                          "on that cluster, or unset RAY_ADDRESS to run on an embedded local "
-                          "Ray")
     else:
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
@@ -120,6 +115,19 @@ def quiet_datasets() -> None:
         handler.setLevel(logging.WARNING)
     if not consoles:  # a Ray whose Ray Data logs through other handlers
         data.setLevel(logging.WARNING)
+
+
+def check_startable(cfg: BuildConfig) -> None:
+    """What `_ray_init` checks before it starts or joins Ray (also for a dry run, which
+    starts nothing): a cluster's `ray.address` that accepts connections, and no RAY_ADDRESS
+    without it (Ray would join that cluster, not start one here)."""
+    if cfg.ray.address:
+        _check_reachable(cfg.ray.address)
+    elif os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set (as for a `ray job "
+                          "submit` job) but ray.address is not: set ray.address=auto to run "
+                          "on that cluster, or unset RAY_ADDRESS to run on an embedded local "
+                          "Ray")
 
 
 def _check_reachable(address: str) -> None:

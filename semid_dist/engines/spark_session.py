@@ -46,6 +46,17 @@ def session_master(cfg: BuildConfig) -> str | None:
     return cfg.spark.master or (None if spark_submitted() else "local[*]")
 
 
+def check_startable(cfg: BuildConfig) -> None:
+    """What `spark_session` checks before it starts a session, for a dry run (which starts
+    none): a Java to launch the JVM with (but under spark-submit), and a standalone master
+    that accepts connections."""
+    if not spark_submitted():
+        _check_java()
+    master = session_master(cfg)
+    if master is not None and master.startswith("spark://"):
+        _check_master_reachable(master)
+
+
 def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     """The active session, or a new one from `cfg.spark`. Returns (session, started here)."""
     from pyspark import SparkConf, SparkContext
