@@ -298,7 +298,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from semid_dist.report import REPORT_HTML, rerender_report
     from semid_dist.runtime import absolute_url
 
-    store = _table(absolute_url(args.root), args.table)  # the page names where it is
+    store = _table(absolute_url(args.root), args.table)  # (an absolute root: the URLs it prints)
     vid = store.resolve(args.version)
     store.manifest(vid)  # a damaged manifest: a named error, before anything is written
     out = None if args.out is None else absolute_url(args.out)

@@ -165,6 +165,8 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                                 seed=cfg.seed, decision=decision, table=table)
 
     metrics = figures(merged["all"])
+    if cfg.learned:  # its residuals after the other layers are in the model's latent space
+        metrics["reconstruction"]["latent_layers"] = len(sizes) - 1
     metrics["collisions"]["capacity"] = cfg.collisions.max_per_sid
     metrics["collisions"]["reassigned"] = moved
     for part in ("head", "tail"):

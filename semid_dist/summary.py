@@ -19,7 +19,8 @@ def format_drift_line(drift: dict[str, Any]) -> str:
     layers = " / ".join(_pct(layer["share_changed"]) if layer.get("in_both", True)
                         else "- (one version's only)" for layer in drift["layers"])
     return (f"vs {drift['from_version']}: {_pct(drift['share_changed'])} of "
-            f"{drift['items_common']} common items changed SID (per layer {layers}); "
+            f"{drift['items_common']} common items changed SID ({drift['changed']}; per "
+            f"layer {layers}); "
             f"{drift['items_only_from']} only in {drift['from_version']}, "
             f"{drift['items_only_to']} only in {drift['to_version']}")
 
@@ -101,13 +102,15 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
         f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"
         f"  (depth {q['depth']})" + estimated_mark(metrics),
     ]
+    moved = " (before capacity moves)" if col.get("capacity") is not None else ""
     for part in ("head", "tail"):
         sub = metrics.get(part)
         if sub and sub.get("items"):
+            at = min(1, len(sub["layers"]) - 1)  # L1's, or a one-layer quantizer's L0
             lines.append(f"{part:<9} {sub['items']} items  unique-SID rate "
                          f"{sub['collisions']['unique_sid_rate']:.4f}  mse "
-                         f"{sub['reconstruction']['mse']:.6f}  L1 gini "
-                         f"{sub['layers'][min(1, len(sub['layers']) - 1)]['gini']:.4f}")
+                         f"{sub['reconstruction']['mse']:.6f}  L{at} gini "
+                         f"{sub['layers'][at]['gini']:.4f}{moved}")
     if "hourglass" in metrics:
         lines.append(f"hourglass {metrics['hourglass']['verdict']}")
     if drift:

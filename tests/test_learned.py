@@ -205,6 +205,12 @@ def test_local_build_with_rq_vae_commits_a_reconciled_version(small_catalog, tmp
     assert t.num_rows == len(x)
     assert res.metrics["reconstruction"]["mse"] > 0
     assert [s["k"] for s in res.metrics["fit"]["layers"]] == [16, 8, 8]
+    # the residual norms after L0 and L1 are the model's latent ones: said in the metrics
+    # and marked in the report's table
+    assert res.metrics["reconstruction"]["latent_layers"] == 2
+    page = store.read_bytes(res.version_id, "report/report.html").decode("utf-8")
+    assert all(f'<td class="l">L{i}*</td>' in page for i in (0, 1))
+    assert '<td class="l">L2</td>' in page
     # the committed artifact rebuilds the model: re-encoding gives the committed codes
     blobs = {n: store.read_bytes(res.version_id, f"codebooks/{n}")
              for n in (ARRAYS_FILE, META_FILE)}

@@ -23,6 +23,7 @@ from semid_dist.pipeline import build
 from semid_dist.report import REPORT_HTML
 from semid_dist.report import figures as F
 from semid_dist.report.html import Figure, render
+from semid_dist.summary import format_summary
 from tests.conftest import small_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -182,6 +183,35 @@ def test_page_without_head_tail_embeds_every_figure_and_escapes_text():
     assert "Head vs tail" not in page and "figuresLoaded" in page
 
 
+def test_page_and_summary_say_what_their_figures_are_of():
+    """A learned quantizer's latent residual norms are marked, head / tail figures under a
+    capacity bound are said to be of the codes before its moves, a figure below the
+    shown precision is not 0.0000, a one-layer head line names L0's Gini, and the drift
+    line counts the changed SIDs beside the share."""
+    m = _metrics(3)
+    m["reconstruction"].update(latent_layers=2, mse=3e-05,
+                               residual_sq_norm_by_layer=[0.4, 0.2, 3e-05])
+    part = {"items": 5, "layers": m["layers"][:1], "collisions": m["collisions"],
+            "reconstruction": m["reconstruction"], "quality": m["quality"]}
+    m.update(head=part, tail=part, collisions=dict(m["collisions"], capacity=4))
+    figs = [Figure("residual_norm", "Residual norm per layer", "c",
+                   F.residual_norm_figure([0.5] * 3, latent_layers=2))]
+    page = render("v1", m, figs)
+    assert "<td class=\"l\">L0*</td>" in page and "<td class=\"l\">L1*</td>" in page
+    assert "<td class=\"l\">L2</td>" in page and "latent residual" in page
+    assert "3.000e-05" in page and "0.0000<" not in page
+    assert "Of the codes before the capacity moves (collisions.max_per_sid=4)" in page
+    assert F.residual_norm_figure([0.5] * 3, latent_layers=2) != F.residual_norm_figure(
+        [0.5] * 3)
+    text = format_summary("v1", "/p", m, {
+        "from_version": "v0", "to_version": "v1", "share_changed": 0.00003, "changed": 3,
+        "items_common": 100_000, "items_only_from": 0, "items_only_to": 0,
+        "layers": [{"layer": 0, "share_changed": 0.0}]})
+    head = next(line for line in text.splitlines() if line.startswith("head"))
+    assert " L0 gini 0.4000 (before capacity moves)" in head
+    assert "0.00% of 100000 common items changed SID (3; per layer 0.00%)" in text
+
+
 # ---------------------------------------------------------------- a real build and its page
 
 
@@ -284,6 +314,12 @@ def test_cli_report_never_rewrites_a_committed_report_with_other_bytes(copied, c
     older = b"<html>a report of another release</html>"
     _recommit(store, vid, REPORT_HTML, older)
     args = ["report", "--root", store.root, "--table", "sids"]
+    # intact as committed: nothing to restore, and nothing rendered to find that out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == []
+    png = next(p for p in _report_files(store, vid) if p.endswith(".png"))
+    kept = (vdir / png).read_bytes()
+    (vdir / png).unlink()  # a file to restore: this release renders the page otherwise
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"semid report: error: version {vid}'s report renders to other bytes than "
@@ -291,7 +327,8 @@ def test_cli_report_never_rewrites_a_committed_report_with_other_bytes(copied, c
                    "semid_dist or matplotlib, with other fonts, or with no report); a committed "
                    "version's files are not rewritten: give --out DIR to write this render to "
                    "a folder of its own")
-    assert (vdir / REPORT_HTML).read_bytes() == older
+    assert (vdir / REPORT_HTML).read_bytes() == older and not (vdir / png).exists()
+    (vdir / png).write_bytes(kept)
     out = tmp_path / "elsewhere"
     assert main([*args, "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -316,12 +353,15 @@ def test_cli_report_never_rewrites_a_committed_report_with_other_bytes(copied, c
     assert err.endswith("give --out a folder that can be written")
 
 
-@pytest.mark.parametrize("metrics", [b"[1, 2]", b"{}", b'{"rows": 3}'])
+@pytest.mark.parametrize("metrics", [b"[1, 2]", b"{}", b'{"rows": 3}', json.dumps({
+    "rows": {}, "layers": [], "reconstruction": {"residual_norm_by_layer": []}, "quality": {},
+    "collisions": {}}).encode()])
 def test_cli_report_names_a_metrics_file_of_another_form(copied, capsys, tmp_path, metrics):
     """A metrics.json that passes its checksum (edited along with the manifest) but is not a
     metrics object of this release: a named error, not a KeyError or TypeError traceback."""
     store, vid = copied
     _recommit(store, vid, "metrics.json", metrics)
+    (Path(store.version_dir(vid)) / REPORT_HTML).unlink()  # (a file to restore: rendered)
     for extra in ([], ["--out", str(tmp_path / "r")]):
         assert main(["report", "--root", store.root, "--table", "sids", *extra]) == 2
         err = capsys.readouterr().err.strip()

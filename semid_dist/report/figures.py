@@ -190,7 +190,7 @@ def token_flow_figure(layer_items: Sequence[np.ndarray], flows: dict[str, np.nda
     ax.set_ylim(-0.12, 1.02)
     ax.set_axis_off()
     ax.set_title(title or f"Token flow between layers (top {max_edges} routes per transition; "
-                 "height = share of items; red = cut by pruning)", fontsize=10)
+                 "height = share of items; red = mostly pruned)", fontsize=10)
     return _png(fig)
 
 
@@ -237,15 +237,18 @@ def lorenz_figure(layer_items: Sequence[np.ndarray]) -> bytes:
 
 
 def residual_norm_figure(residual_norm: Sequence[float],
-                         residual_sq_norm: Sequence[float] | None = None) -> bytes:
-    """Mean residual norm (and squared norm) after each layer. Inputs: (L,) floats."""
+                         residual_sq_norm: Sequence[float] | None = None, *,
+                         latent_layers: int = 0) -> bytes:
+    """Mean residual norm (and squared norm) after each layer. Inputs: (L,) floats; the
+    first `latent_layers` are of a learned quantizer's latent residual (ticks `L{i}*`)."""
     fig, (ax,) = _figure(6.0, 4.0)
     x = np.arange(len(residual_norm))
     ax.plot(x, residual_norm, marker="o", label="mean ||r||")
     if residual_sq_norm is not None:
-        ax.plot(x, residual_sq_norm, marker="s", label="mean ||r||^2 (MSE)")
-    ax.set_xticks(x, [f"L{i}" for i in x])
-    ax.set(xlabel="after layer", ylabel="residual", title="Residual norm per layer")
+        ax.plot(x, residual_sq_norm, marker="s", label="mean ||r||^2")
+    ax.set_xticks(x, [f"L{i}*" if i < latent_layers else f"L{i}" for i in x])
+    title = "Residual norm per layer" + (" (* latent space)" if latent_layers else "")
+    ax.set(xlabel="after layer", ylabel="residual", title=title)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)

@@ -76,8 +76,22 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        if value != 0 and abs(value) < 0.5 * 10 ** -digits:  # (not shown as 0.0000)
+            return f"{value:.{digits - 1}e}"
         return f"{value:,.{digits}f}"
     return html.escape(str(value))
+
+
+def residual_note(m: dict[str, Any]) -> str:
+    """What the residual norms after each layer are where they are not all alike: a learned
+    quantizer's latent residual (`reconstruction.latent_layers`, marked `*`), an incremental
+    version's estimates."""
+    latent = m["reconstruction"].get("latent_layers", 0)
+    note = ("; after the layers marked * it is the learned quantizer's latent residual, "
+            "after the last the input's" if latent else "")
+    if estimated_mark(m):
+        note += "; but after the last layer, the figures are estimated (replaced rows)"
+    return note
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, digits: int = 4) -> str:
@@ -191,6 +205,7 @@ def render(version_id: str, metrics: dict[str, Any], figures: Sequence[Figure], 
     section of the same name when there is one (`token_flow`, `pruning`, ...)."""
     m, figs = metrics, {f.name: f for f in figures}
     n_layers = len(m["reconstruction"]["residual_norm_by_layer"])  # (the last: exact)
+    latent = m["reconstruction"].get("latent_layers", 0)  # a learned quantizer's
     hg = m.get("hourglass", {})
     pr = m.get("pruning", {})
 
@@ -213,15 +228,21 @@ def render(version_id: str, metrics: dict[str, Any], figures: Sequence[Figure], 
               [[p["depth"], p["distinct"], p["sparsity"]] for p in m.get("prefixes", [])]),
         fig("sid_sizes"), "<h2>Reconstruction</h2>",
         table(["after layer", "mean ||r||", "mean ||r||^2"],
-              [[f"L{i}" + (estimated_mark(m) if i < n_layers - 1 else ""), a, b]
+              [[f"L{i}" + ("*" if i < latent else "")
+                + (estimated_mark(m) if i < n_layers - 1 else ""), a, b]
                for i, (a, b) in enumerate(zip(
                   m["reconstruction"]["residual_norm_by_layer"],
                   m["reconstruction"].get("residual_sq_norm_by_layer", [])))]),
+        f"<p>{html.escape('Mean residual after each layer' + residual_note(m))}.</p>"
+        if residual_note(m) else "",
         fig("residual_norm"), "<h2>Conditional concentration (routing)</h2>",
         _conditional_html(m.get("conditional", [])),
     ]
     if m.get("head", {}).get("items") and m.get("tail", {}).get("items"):
-        body += ["<h2>Head vs tail</h2>", _head_tail_table(m["head"], m["tail"]),
+        moved = ("<p>Of the codes before the capacity moves (collisions.max_per_sid="
+                 f"{_fmt(m['collisions']['capacity'])}).</p>"
+                 if m["collisions"].get("capacity") is not None else "")
+        body += ["<h2>Head vs tail</h2>", moved, _head_tail_table(m["head"], m["tail"]),
                  fig("head_tail")]
     body += [fig(*figs)]  # any figure without a section of its own
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -23,7 +23,7 @@ from semid_dist.errors import StoreError, one_line
 from semid_dist.io import fs as fsio
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore, removed_while_read
 from semid_dist.report import figures as F
-from semid_dist.report.html import Figure, render
+from semid_dist.report.html import Figure, render, residual_note
 
 REPORT_DIR = "report"
 REPORT_HTML = f"{REPORT_DIR}/report.html"
@@ -79,6 +79,12 @@ def _not_metrics(metrics: Any) -> str | None:
     return None
 
 
+def _other_form(vid: str, why: str) -> StoreError:
+    return StoreError(f"version {vid}'s metrics.json is not in the form this semid_dist "
+                      f"reads ({why}): it was edited, or written by another release; "
+                      "rebuild the version to get a report")
+
+
 def load_version(store: TableStore, vid: str) -> VersionData:
     """Read metrics.json and the analytics tables of version `vid` (committed or not)."""
     try:
@@ -87,9 +93,7 @@ def load_version(store: TableStore, vid: str) -> VersionData:
         raise StoreError(f"version {vid} of table {store.url!r}: metrics.json cannot be read "
                          f"({exc}); the version is damaged: rebuild it") from None
     if (why := _not_metrics(metrics)) is not None:  # (it passed its checksum: edited with it)
-        raise StoreError(f"version {vid}'s metrics.json is not in the form this semid_dist "
-                         f"reads ({why}): it was edited, or written by another release; "
-                         "rebuild the version to get a report")
+        raise _other_form(vid, why)
     tokens, flows, sizes = (_parquet(store, vid, rel) for rel in ANALYTICS)
     layer, token = tokens["layer"].to_numpy(), tokens["token"].to_numpy()
     order = np.lexsort((token, layer))
@@ -126,8 +130,8 @@ def make_figures(data: VersionData) -> list[Figure]:
     figs = [
         Figure("token_flow", "Token flow between layers", "Each column is a layer; tokens are "
                "stacked largest first with height = share of items; curves show the heaviest "
-               "parent → child routes, width by items; red tokens lose most of their items to "
-               "pruning.",
+               "parent → child routes, width by items; red tokens lose more than half of "
+               "their items to pruning.",
                F.token_flow_figure(data.items, data.flows, pruned=pruned)),
         Figure("rank_frequency", "Rank-frequency per layer", "Items per token against rank, "
                "log-log; a steep head means a few tokens take most items.",
@@ -143,8 +147,9 @@ def make_figures(data: VersionData) -> list[Figure]:
                F.sid_size_figure(data.sid_sizes["items_per_sid"],
                                  data.sid_sizes["sids_before"], data.sid_sizes["sids_after"])),
         Figure("residual_norm", "Residual norm per layer", "Mean norm of what is left to "
-               "encode after each layer.", F.residual_norm_figure(
-                   rec["residual_norm_by_layer"], rec.get("residual_sq_norm_by_layer"))),
+               "encode after each layer" + residual_note(m) + ".", F.residual_norm_figure(
+                   rec["residual_norm_by_layer"], rec.get("residual_sq_norm_by_layer"),
+                   latent_layers=rec.get("latent_layers", 0))),
     ]
     head_tail = _head_tail(data)
     return figs + ([head_tail] if head_tail else [])
@@ -154,10 +159,14 @@ def render_report(store: TableStore, version_id: str) -> dict[str, bytes]:
     """The report files of `version_id`, rendered from its metrics.json and analytics tables:
     `report/<figure>.png` per figure, then `report/report.html`, by path in the version."""
     data = load_version(store, version_id)
-    figs = make_figures(data)
-    # the version's place in its table, not the root's: a re-render of a moved or copied
-    # table gives the bytes its manifest holds
-    page = render(version_id, data.metrics, figs, source=f"{store.table}/versions/{version_id}")
+    try:
+        figs = make_figures(data)
+        # the version's place in its table, not the root's: a re-render of a moved or copied
+        # table gives the bytes its manifest holds
+        page = render(version_id, data.metrics, figs,
+                      source=f"{store.table}/versions/{version_id}")
+    except (KeyError, TypeError, IndexError) as exc:  # a section of another form inside
+        raise _other_form(version_id, f"{type(exc).__name__}: {exc}") from None
     return {**{f"{REPORT_DIR}/{f.file}": f.png for f in figs}, REPORT_HTML: page.encode("utf-8")}
 
 
@@ -180,7 +189,11 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
     restored, an intact one left as it is. A render that differs (another release of the
     renderer or of matplotlib, other fonts; a version with no report in its manifest) is a
     StoreError saying to give `out`: a committed version's files are never rewritten with
-    other bytes. A file that cannot be written is a StoreError naming where."""
+    other bytes. Where every report file the manifest records is intact, nothing is
+    rendered (nor written: a read-only store, a version of another release). A file that
+    cannot be written is a StoreError naming where."""
+    if out is None and _report_intact(store, version_id):
+        return []
     files = render_report(store, version_id)
     if out is not None:
         fs, folder = fsio.resolve(out)
@@ -208,6 +221,21 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
         for rel in missing:
             store.write_file(version_id, rel, files[rel])
     return [f"{store.display_url(version_id)}/{rel}" for rel in missing]
+
+
+def _report_intact(store: TableStore, version_id: str) -> bool:
+    """Whether the version's manifest records report files and each holds the bytes it
+    records (read, not rendered)."""
+    recorded = [(e.get("path"), e.get("sha256")) for e in store.manifest(version_id)["files"]
+                if isinstance(e, dict) and str(e.get("path", "")).startswith(f"{REPORT_DIR}/")]
+    for rel, sha in recorded:
+        try:
+            held = store.fs.cat_file(fsio.join(store.version_dir(version_id), rel))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False
+        if _sha256(held) != sha:
+            return False
+    return bool(recorded)
 
 
 def _holds(store: TableStore, version_id: str, rel: str, data: bytes) -> bool:
