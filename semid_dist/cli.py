@@ -18,7 +18,14 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from semid_dist.errors import ConfigError, SemidError, StoreError, one_line, wrapped_errors
+from semid_dist.errors import (
+    ConfigError,
+    NothingToEncode,
+    SemidError,
+    StoreError,
+    one_line,
+    wrapped_errors,
+)
 from semid_dist.signals import exiting_signals, interrupt_raised, one_interrupt, terminated
 
 if TYPE_CHECKING:
@@ -49,13 +56,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     log = make_logger()
     log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
-    if args.dry_run:
-        from semid_dist.pipeline import dry_run
+    try:
+        if args.dry_run:
+            from semid_dist.pipeline import dry_run
 
-        plan = dry_run(cfg, log=log)
-        _print(plan, args.json, _dry_run_text(plan))
+            plan = dry_run(cfg, log=log)
+            _print(plan, args.json, _dry_run_text(plan))
+            return 0
+        result = build(cfg, log=log)
+    except NothingToEncode as exc:  # an empty delta under encode.empty_delta: skip
+        _print({"version_id": None, "nothing_to_encode": str(exc)}, args.json, str(exc))
         return 0
-    result = build(cfg, log=log)
     args.committed = result.version_id  # an interrupt from here on must not deny it
     _print({"version_id": result.version_id, "path": result.path, "metrics": result.metrics,
             "drift": result.drift}, args.json,

@@ -36,6 +36,7 @@ EncodePrecision = Literal["fp32", "tf32", "bf16"]
 DuplicatePolicy = Literal["reject", "keep_first", "fail"]
 ZeroVectorPolicy = Literal["keep", "reject"]
 WarmStart = Literal["none", "parent"]
+EmptyDelta = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class EncodeConfig:
     # true: the catalog holds new or changed items; the version extends encode.from_version
     # (its rows of other items are carried, its unchanged data parts referenced)
     incremental: bool = False
+    # an incremental delta whose Parquet files hold no row: error, or skip (commit nothing,
+    # status 0: a nightly delta of a day without changes)
+    empty_delta: EmptyDelta = "error"
     num_actors: int = 2
     chunk_rows: int = 8192
     shard_rows: int = 65536

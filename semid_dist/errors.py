@@ -17,6 +17,19 @@ class InputError(SemidError):
     """The catalog cannot be used as given (missing columns, no rows, bad rows under `fail`)."""
 
 
+class EmptyCatalog(InputError):
+    """The catalog's Parquet files (`files` of them, at `url`) hold no row."""
+
+    def __init__(self, message: str, *, url: str, files: int) -> None:
+        super().__init__(message)
+        self.url, self.files = url, files
+
+
+class NothingToEncode(Exception):
+    """Not a failure: an incremental delta with no row, under `encode.empty_delta: skip`;
+    nothing was written and the table is as it was. The message says so."""
+
+
 class ArtifactError(SemidError):
     """A codebook artifact is missing, corrupt or does not match its checksums."""
 

@@ -28,7 +28,13 @@ from semid_dist.config import BuildConfig
 from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import Engine, make_engine
-from semid_dist.errors import InputError, InterruptedAfterCommit, StoreError
+from semid_dist.errors import (
+    EmptyCatalog,
+    InputError,
+    InterruptedAfterCommit,
+    NothingToEncode,
+    StoreError,
+)
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io import fs as fsio
@@ -196,6 +202,21 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         return _build(cfg, log=log)
 
 
+def _plan(catalog: str, cfg: BuildConfig, store: TableStore) -> CatalogPlan:
+    """The catalog's plan (`plan_catalog`). A catalog with no row is an error (InputError),
+    but for an incremental delta under `encode.empty_delta: skip`: NothingToEncode, before
+    anything is written."""
+    try:
+        return plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
+    except EmptyCatalog as exc:
+        if not (cfg.encode.incremental and cfg.encode.empty_delta == "skip"):
+            raise
+        raise NothingToEncode(
+            f"nothing to encode: the delta at {exc.url!r} has no rows ({exc.files} Parquet "
+            f"file(s), all empty; encode.empty_delta=skip); nothing was written, the table "
+            f"{redact_url(store.url)} is as it was (latest {store.head() or 'none'})") from None
+
+
 def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
     """What `build(cfg)` would do, after the checks it makes before writing anything (the
     config, the table's versions and `encode.from_version`, every catalog file's schema, the
@@ -224,7 +245,7 @@ def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
         check_engine(cfg)
     check_table_outside_catalog(catalog, store)
     with _storage_failures(store, []):
-        plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
+        plan = _plan(catalog, cfg, store)
         key = run_key(cfg, plan)
         resumes = resumable_version(store, key)
         parent = planned_parent(store, key, parent)
@@ -261,7 +282,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             catalog = engine.resolve_input(cfg.input.path)
             if catalog != cfg.input.path:
                 check_table_outside_catalog(catalog, store)
-            plan = plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
+            plan = _plan(catalog, cfg, store)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads, latest = _start_version(store, cfg, plan, key, parent,

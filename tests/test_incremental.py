@@ -628,3 +628,45 @@ def test_an_incremental_version_says_what_it_changes_against_its_parent(catalogs
             f"{newer.version_id}, and becomes the latest when it commits (unless another "
             "version is committed meanwhile)" in lines), lines
     assert TableStore(root, "sids").latest() == child.version_id
+
+
+def test_an_empty_delta_is_an_error_or_under_skip_nothing_to_encode(catalogs, tmp_path,
+                                                                     capsys):
+    """A delta whose files hold no row (a day without changes) fails as any empty catalog
+    (it may be a failed export); with encode.empty_delta=skip the encode and its dry run
+    end with status 0 and one line saying so, writing nothing. A full build of an empty
+    catalog stays an error, and a folder with no Parquet file (a wrong path, as likely)
+    too."""
+    root = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"engine: local\nseed: 7\ninput: {{path: {catalogs['parent']}}}\n"
+                   f"output: {{root: {root}, table: sids}}\nquantizer: {{layers: [16, 8, 8]}}\n"
+                   "fit: {sample_size: 1500}\nencode: {shard_rows: 500}\n")
+    assert main(["build", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    latest = TableStore(str(root), "sids").latest()
+    empty = write_catalog(tmp_path / "empty", np.zeros((0, 12), np.float32),
+                          ids=np.zeros(0, np.int64), files=2)
+    before = {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+    inc = ["encode", "--config", str(cfg), "--incremental", f"input.path={empty}"]
+    assert main(inc) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("semid encode: error: catalog at ") and err.endswith(
+        "has no rows (2 Parquet file(s), all empty); export the catalog again or point "
+        "input.path at a full one")
+    for extra in ([], ["--dry-run"]):
+        assert main([*inc, "encode.empty_delta=skip", *extra]) == 0
+        out = capsys.readouterr().out.strip()
+        assert out == (f"nothing to encode: the delta at {empty!r} has no rows (2 Parquet "
+                       "file(s), all empty; encode.empty_delta=skip); nothing was written, the "
+                       f"table {root}/sids is as it was (latest {latest})"), out
+    assert main([*inc, "encode.empty_delta=skip", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version_id"] is None
+    assert {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    for args in (["build", "--config", str(cfg), f"input.path={empty}",
+                  "encode.empty_delta=skip"],
+                 [*inc[:-1], f"input.path={tmp_path / 'nothing'}", "encode.empty_delta=skip"]):
+        (tmp_path / "nothing").mkdir(exist_ok=True)
+        assert main(args) == 2, args
+        assert "error:" in capsys.readouterr().err
+    assert TableStore(str(root), "sids").versions() == [latest]

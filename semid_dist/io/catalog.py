@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.errors import InputError, one_line
+from semid_dist.errors import EmptyCatalog, InputError, one_line
 from semid_dist.io import fs as fsio
 
 
@@ -174,8 +174,10 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     if schema is None:
         raise _input_error(f"input.path {url!r} holds no Parquet files")
     if not shards:  # every file has 0 rows: nothing to sample or encode
-        raise _input_error(f"catalog at {url!r} has no rows ({len(files)} Parquet file(s), all "
-                         "empty); export the catalog again or point input.path at a full one")
+        raise EmptyCatalog(fsio.redact_url(
+            f"catalog at {url!r} has no rows ({len(files)} Parquet file(s), all empty); export "
+            "the catalog again or point input.path at a full one"),
+            url=fsio.redact_url(url), files=len(files))
     return CatalogPlan(url, tuple(shards), schema, digest.hexdigest(), tuple(distinct),
                        tuple(skipped))
 
