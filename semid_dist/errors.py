@@ -18,11 +18,12 @@ class InputError(SemidError):
 
 
 class EmptyCatalog(InputError):
-    """The catalog's Parquet files (`files` of them, at `url`) hold no row."""
+    """The catalog's Parquet files (`files` of them, at `url`: redacted) hold no row;
+    `schemas`: their distinct schemas, each with a file having it."""
 
-    def __init__(self, message: str, *, url: str, files: int) -> None:
+    def __init__(self, message: str, *, url: str, files: int, schemas: tuple = ()) -> None:
         super().__init__(message)
-        self.url, self.files = url, files
+        self.url, self.files, self.schemas = url, files, schemas
 
 
 class NothingToEncode(Exception):

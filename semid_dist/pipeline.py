@@ -45,7 +45,12 @@ from semid_dist.io.store import MANIFEST, FileEntry, TableStore
 from semid_dist.io.validate import stored_id_type
 from semid_dist.memory import huge_pages, release_freed_memory
 from semid_dist.popularity import driver_threshold, task_threshold
-from semid_dist.preflight import check_inputs, parent_notes, popularity_column
+from semid_dist.preflight import (
+    check_empty_delta,
+    check_inputs,
+    parent_notes,
+    popularity_column,
+)
 from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import (
@@ -202,15 +207,18 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         return _build(cfg, log=log)
 
 
-def _plan(catalog: str, cfg: BuildConfig, store: TableStore) -> CatalogPlan:
+def _plan(catalog: str, cfg: BuildConfig, store: TableStore, parent: str | None) -> CatalogPlan:
     """The catalog's plan (`plan_catalog`). A catalog with no row is an error (InputError),
     but for an incremental delta under `encode.empty_delta: skip`: NothingToEncode, before
-    anything is written."""
+    anything is written, once its files pass the checks a delta's do
+    (`preflight.check_empty_delta`)."""
     try:
         return plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
     except EmptyCatalog as exc:
         if not (cfg.encode.incremental and cfg.encode.empty_delta == "skip"):
             raise
+        check_empty_delta(CatalogPlan(catalog, (), exc.schemas[0][1], "", exc.schemas), cfg,
+                          store, parent)
         raise NothingToEncode(
             f"nothing to encode: the delta at {exc.url!r} has no rows ({exc.files} Parquet "
             f"file(s), all empty; encode.empty_delta=skip); nothing was written, the table "
@@ -245,7 +253,7 @@ def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
         check_engine(cfg)
     check_table_outside_catalog(catalog, store)
     with _storage_failures(store, []):
-        plan = _plan(catalog, cfg, store)
+        plan = _plan(catalog, cfg, store, parent)
         key = run_key(cfg, plan)
         resumes = resumable_version(store, key)
         parent = planned_parent(store, key, parent)
@@ -273,8 +281,12 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     cfg, parent, latest = _lineage(cfg, store)
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
+    early = None  # a delta that may be empty and skipped: planned before an engine starts
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
         check_table_outside_catalog(cfg.input.path, store)  # before an engine starts
+        if cfg.encode.incremental and cfg.encode.empty_delta == "skip":
+            with _storage_failures(store, started):
+                early = _plan(cfg.input.path, cfg, store, parent)
     with _storage_failures(store, started), contextlib.ExitStack() as claimed:
         with make_engine(cfg, log=log) as engine:
             if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
@@ -282,7 +294,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             catalog = engine.resolve_input(cfg.input.path)
             if catalog != cfg.input.path:
                 check_table_outside_catalog(catalog, store)
-            plan = _plan(catalog, cfg, store)
+            plan = early or _plan(catalog, cfg, store, parent)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads, latest = _start_version(store, cfg, plan, key, parent,

@@ -67,6 +67,22 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
     return Checked(dim, reused)
 
 
+def check_empty_delta(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
+                      parent: str | None) -> None:
+    """What `check_inputs` checks of an incremental delta whose files hold no row, before it
+    is skipped (`encode.empty_delta: skip`), so that a failed export (files of another
+    form) is not taken for a day without changes: every file's schema, the dimension where
+    the column's type gives it against the codebooks', and what the parent needs (its
+    parts, stats/ and item id type)."""
+    check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
+                  popularity_column(cfg))
+    kind = plan.schema.field(cfg.input.embedding_column).type
+    if pa.types.is_fixed_size_list(kind) and cfg.encode.from_version:
+        reused_codebooks(store, cfg, kind.list_size)
+    if parent is not None:
+        check_extendable(store, parent, cfg, plan)
+
+
 def parent_notes(store: TableStore, cfg: BuildConfig, parent: str | None, dim: int,
                  log: Log, *, latest: str | None = None) -> None:
     """Lines on what a re-index changes against its parent that the plan line does not show:

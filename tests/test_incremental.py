@@ -24,6 +24,7 @@ from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
 from semid_dist.reduce_tasks import REPLACED_SCHEMA, kept_rows, replaced_by_shard
 from tests.conftest import INC_CHANGED, INC_N, INC_NEW, clustered, small_config, write_catalog
+from tests.test_dry_run import ray_session_dir
 
 N, NEW, CHANGED = INC_N, INC_NEW, INC_CHANGED
 
@@ -662,6 +663,18 @@ def test_an_empty_delta_is_an_error_or_under_skip_nothing_to_encode(catalogs, tm
                        f"table {root}/sids is as it was (latest {latest})"), out
     assert main([*inc, "encode.empty_delta=skip", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version_id"] is None
+    session = ray_session_dir()  # no engine is started to find nothing to encode
+    assert main([*inc, "encode.empty_delta=skip", "engine=ray"]) == 0
+    assert ray_session_dir() == session and "nothing to encode" in capsys.readouterr().out
+    # empty files of another form than the table's (a failed export?) are not skipped
+    wider = write_catalog(tmp_path / "wider", np.zeros((0, 13), np.float32),
+                          ids=np.zeros(0, np.int64))
+    strings = write_catalog(tmp_path / "strings", np.zeros((0, 12), np.float32),
+                            ids=np.array([], dtype=str))
+    for path, said in ((wider, "embedding dim 13 != codebook dim 12"),
+                       (strings, "the catalog's item ids are string but version")):
+        assert main([*inc[:-1], f"input.path={path}", "encode.empty_delta=skip"]) == 2
+        assert said in capsys.readouterr().err
     assert {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} == before
     for args in (["build", "--config", str(cfg), f"input.path={empty}",
                   "encode.empty_delta=skip"],

@@ -177,7 +177,7 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
         raise EmptyCatalog(fsio.redact_url(
             f"catalog at {url!r} has no rows ({len(files)} Parquet file(s), all empty); export "
             "the catalog again or point input.path at a full one"),
-            url=fsio.redact_url(url), files=len(files))
+            url=fsio.redact_url(url), files=len(files), schemas=tuple(distinct))
     return CatalogPlan(url, tuple(shards), schema, digest.hexdigest(), tuple(distinct),
                        tuple(skipped))
 

@@ -90,7 +90,7 @@ def residual_note(m: dict[str, Any]) -> str:
     note = ("; after the layers marked * it is the learned quantizer's latent residual, "
             "after the last the input's" if latent else "")
     if estimated_mark(m):
-        note += "; but after the last layer, the figures are estimated (replaced rows)"
+        note += "; the figures after every layer but the last are estimated"
     return note
 
 
