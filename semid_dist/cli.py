@@ -82,13 +82,13 @@ def _dry_run_text(plan: dict[str, Any]) -> str:
         books = f"fit new ones, starting from version {plan['warm_start']}'s (fit.warm_start)"
     else:
         books = "fit new ones"
-    if plan["codebooks"] == "fit" and plan["version"] != "new":
+    if plan["codebooks"] == "fit" and plan["resuming"]:
         books += " (or those the killed run wrote)"
     if plan["incremental"]:
         what = f"an incremental version extending {plan['parent']}"
     else:
         what = f"a version with parent {plan['parent'] or 'none'}"
-    if plan["version"] != "new":
+    if plan["resuming"]:
         what += f", resuming version {plan['version']} (a killed run of this command)"
     skipped = (f"; {len(plan['skipped'])} file(s) not named *.parquet are not read"
                if plan["skipped"] else "")

@@ -58,9 +58,10 @@ from semid_dist.resume import (
     check_writable,
     claim_version,
     heartbeat,
+    killed_runs,
+    overtaken_line,
     planned_parent,
     read_run,
-    resumable_version,
     run_key,
 )
 from semid_dist.runtime import (
@@ -236,7 +237,8 @@ def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
     holding rows), "rows", "shards", "skipped", "dim", "item_id_type", "table", "latest",
     "codebooks" ("fit" or the version they come from), "warm_start" (the version a fit
     starts from, or None), "incremental", "version" ("new" or the killed run's version it
-    resumes), "parent", "engine"}."""
+    resumes), "resuming", "parent", "engine"}. Its log gets the lines the build would say
+    before it writes: a warm start's, a killed run it will not continue."""
     log = _redacting(log or make_logger())
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
@@ -255,9 +257,11 @@ def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
     with _storage_failures(store, []):
         plan = _plan(catalog, cfg, store, parent)
         key = run_key(cfg, plan)
-        resumes = resumable_version(store, key)
+        resumes, overtaken = killed_runs(store, key)
+        if overtaken is not None:
+            log(overtaken_line(overtaken))
         parent = planned_parent(store, key, parent)
-        dim, _ = check_inputs(plan, cfg, store, parent)
+        dim, _ = check_inputs(plan, cfg, store, parent, log)
         if resumes is not None:  # the latest its first run saw, as the build reads it
             latest = (read_run(store, resumes) or {}).get("latest", latest)
         parent_notes(store, cfg, parent, dim, log, latest=latest)
@@ -270,7 +274,7 @@ def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
             "table": redact_url(store.url), "latest": store.head(),
             "codebooks": cfg.encode.from_version or "fit", "warm_start": warm,
             "incremental": cfg.encode.incremental, "version": resumes or "new",
-            "parent": parent, "engine": cfg.engine}
+            "resuming": resumes is not None, "parent": parent, "engine": cfg.engine}
 
 
 def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:

@@ -48,11 +48,12 @@ class Checked(NamedTuple):
 
 
 def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
-                 parent: str | None) -> Checked:
+                 parent: str | None, log: Log | None = None) -> Checked:
     """The embedding dimension (and the codebooks to reuse), once the checks that need no
     version are passed (every file's schema, the GPU settings, the parent's codebooks to
     warm-start from or the codebooks to reuse, what an incremental version needs of its
-    parent: `check_extendable`), so a build they fail writes nothing."""
+    parent: `check_extendable`), so a build they fail writes nothing. log: where the warm
+    start's lines go (the build says them as it fits; a dry run here)."""
     check_schemas(plan.schemas, cfg.input.id_column, cfg.input.embedding_column,
                   popularity_column(cfg))
     for stage in gpu_stages(cfg):
@@ -61,7 +62,7 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
     if cfg.encode.from_version:
         reused = reused_codebooks(store, cfg, dim)
     else:
-        warm_start_codebooks(store, parent, cfg, dim, log=lambda msg: None)
+        warm_start_codebooks(store, parent, cfg, dim, log=log or (lambda msg: None))
     if cfg.encode.incremental and parent is not None:  # its parts, stats/ and ids
         check_extendable(store, parent, cfg, plan)
     return Checked(dim, reused)

@@ -141,6 +141,14 @@ def killed_runs(store: TableStore, key: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def overtaken_line(old: str) -> str:
+    """What a build says of the killed run of the same command it does not continue."""
+    return (f"plan: the killed run of this build in version {old} is not continued: a "
+            "version was committed after it started (a version continued would sort before "
+            f"_latest); a new version starts (gc removes {old}'s folder after "
+            "--min-age-hours)")
+
+
 class Claim(NamedTuple):
     version: str  # the version this build writes
     resuming: bool  # whether it continues a killed run's
@@ -172,10 +180,7 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
                 parent = _first_parent(store, vid, parent, log)
                 latest = (read_run(store, vid) or {}).get("latest", latest)
             elif old is not None and log is not None:
-                log(f"plan: the killed run of this build in version {old} is not continued: "
-                    "a version was committed after it started (a version continued would "
-                    "sort before _latest); a new version starts (gc removes "
-                    f"{old}'s folder after --min-age-hours)")
+                log(overtaken_line(old))
             vid = vid or new_version_id()
             reads = tuple(sorted({*reads, parent} - {None}))
             step = "write"

@@ -40,6 +40,9 @@ def test_a_dry_run_says_what_the_build_would_do_and_writes_nothing(small_catalog
     catalog, x = small_catalog
     root = tmp_path / "out"
     cfg = write_config(tmp_path / "build.yaml", catalog, root)
+    warm = semid_cli("build", "--config", str(cfg), "--dry-run", "fit.warm_start=parent")
+    assert ("fit: fit.warm_start=parent but the table has no committed version yet; "
+            "k-means++ init") in warm.stderr and "codebooks: fit new ones\n" in warm.stdout
     plan = dry("build", "--config", str(cfg))
     assert {k: plan[k] for k in ("rows", "files", "shards", "dim", "item_id_type", "latest",
                                  "codebooks", "incremental", "version", "parent", "engine")} == {
@@ -92,6 +95,7 @@ def test_a_dry_run_fails_as_the_build_would_and_writes_nothing(small_catalog, tm
     text = semid_cli("build", "--config", str(cfg), "--dry-run", "fit.warm_start=parent")
     assert (f"codebooks: fit new ones, starting from version {store_latest(root)}'s "
             "(fit.warm_start)") in text.stdout, text.stderr
+    assert f"fit: warm start from the codebooks of version {store_latest(root)}" in text.stderr
     for args, env, said in (
             (["engine=ray", "input.path=table:items"], None,
              "input.path='table:items' names a Spark catalog table; use engine: spark"),
@@ -128,9 +132,16 @@ def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tm
     [killed] = store.uncommitted()
     before = files(root)
     plan = dry("build", "--config", str(cfg))
-    assert plan["version"] == killed and plan["latest"] is None
+    assert plan["version"] == killed and plan["resuming"] and plan["latest"] is None
     text = semid_cli("build", "--config", str(cfg), "--dry-run")
     assert f"resuming version {killed} (a killed run of this command)" in text.stdout
     assert files(root) == before
     # another config is another run: a new version
     assert dry("build", "--config", str(cfg), "seed=6")["version"] == "new"
+    # once a version is committed after the killed run started, it is not continued, and
+    # the dry run says so as the build would
+    assert cli_build(cfg, "seed=6").returncode == 0
+    run = semid_cli("build", "--config", str(cfg), "--dry-run", "--json")
+    assert run.returncode == 0 and not json.loads(run.stdout)["resuming"]
+    assert (f"plan: the killed run of this build in version {killed} is not continued"
+            in run.stderr), run.stderr

@@ -503,6 +503,8 @@ def test_cli_encode_incremental(catalogs, tmp_path, capsys):
     assert "relative error (estimated)" in page and "semantic cohesion (SC) (estimated)" in page
     assert '"l">L0 (estimated)</td>' in page and '"l">L1 (estimated)</td>' in page
     assert '"l">L2</td>' in page  # the last layer's residual norms are exact
+    # no pruning: no before / after figure (its two panels were the same)
+    assert 'id="fig-pruning"' not in page and "No pruning (prune.strategy=none)" in page
     assert main(["versions", "list", "--root", root, "--table", "sids"]) == 0
     assert f"carried {N - CHANGED}  replaced {CHANGED}" in capsys.readouterr().out
 

@@ -151,6 +151,8 @@ def make_figures(data: VersionData) -> list[Figure]:
                    rec["residual_norm_by_layer"], rec.get("residual_sq_norm_by_layer"),
                    latent_layers=rec.get("latent_layers", 0))),
     ]
+    if strategy == "none":  # (its two panels would be the same)
+        figs = [f for f in figs if f.name != "pruning"]
     head_tail = _head_tail(data)
     return figs + ([head_tail] if head_tail else [])
 
