@@ -32,6 +32,13 @@ def semid_cli(*args: str, env: dict[str, str] | None = None,
                           text=True, env=env, cwd=REPO, timeout=timeout)
 
 
+def ray_session_dir() -> str | None:
+    """The folder of the newest Ray session started on this machine (Ray's default temp
+    folder), None before any: a command that must start no Ray leaves it as it was."""
+    latest = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest")
+    return os.path.realpath(latest) if latest.exists() else None
+
+
 def cli_build(cfg_path: Path, *overrides: str, env: dict[str, str] | None = None,
               timeout: float = 600) -> subprocess.CompletedProcess:
     """`semid build --config cfg_path key=value...` (`semid_cli`)."""

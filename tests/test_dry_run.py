@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from semid_dist.io.store import TableStore
-from tests.conftest import cli_build, clustered, semid_cli, write_catalog
+from tests.conftest import cli_build, clustered, ray_session_dir, semid_cli, write_catalog
 
 
 def write_config(path: Path, catalog: str, root: Path) -> Path:
@@ -110,12 +110,6 @@ def test_a_dry_run_fails_as_the_build_would_and_writes_nothing(small_catalog, tm
         assert ray_session_dir() == session  # no Ray started
     assert files(root) == before
 
-
-def ray_session_dir() -> str | None:
-    """The folder of the newest Ray session started on this machine (Ray's default temp
-    folder), None before any."""
-    latest = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest")
-    return os.path.realpath(latest) if latest.exists() else None
 
 
 def store_latest(root: Path) -> str:

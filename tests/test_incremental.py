@@ -23,8 +23,15 @@ from semid_dist.pipeline import build
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
 from semid_dist.reduce_tasks import REPLACED_SCHEMA, kept_rows, replaced_by_shard
-from tests.conftest import INC_CHANGED, INC_N, INC_NEW, clustered, small_config, write_catalog
-from tests.test_dry_run import ray_session_dir
+from tests.conftest import (
+    INC_CHANGED,
+    INC_N,
+    INC_NEW,
+    clustered,
+    ray_session_dir,
+    small_config,
+    write_catalog,
+)
 
 N, NEW, CHANGED = INC_N, INC_NEW, INC_CHANGED
 
