@@ -492,10 +492,18 @@ def _stopped(name: str, exc: BaseException,
 def _object_store_line(exc: BaseException,
                        committed: Callable[[], str | None] | None) -> str | None:
     """The one line for what a storage's client raised that a user mends, or None: no
-    credentials found, a server that does not answer (refused, timed out, gone), parameters
-    the client refuses (a bucket name S3 does not allow). Where the command commits
+    credentials found, a server that does not answer (refused, timed out, gone), an option
+    fsspec's configuration gives that the client does not take, parameters the client
+    refuses (a bucket name S3 does not allow). Where the command commits
     (`committed`), the line says whether it did."""
-    from semid_dist.io.fs import NO_ANSWER, named, no_answer, no_answer_advice, redact_url
+    from semid_dist.io.fs import (
+        NO_ANSWER,
+        named,
+        no_answer,
+        no_answer_advice,
+        redact_url,
+        refused_option,
+    )
 
     def said(names: tuple[str, ...]) -> str:  # (the innermost: not a Ray task's wrapper)
         shown = [e for e in wrapped_errors(exc) if named(e, names)][-1]
@@ -510,6 +518,14 @@ def _object_store_line(exc: BaseException,
     elif no_answer(exc):
         line = (f"the storage does not answer ({said(NO_ANSWER)}); {no_answer_advice()}, then "
                 "run the command again")
+    elif (refused := refused_option(exc)) is not None:
+        protocol, option = refused
+        client = {"s3": '; botocore\'s settings go under "config_kwargs", as in '
+                  '{"config_kwargs": {"retries": {"max_attempts": 1}}}'}.get(protocol, "")
+        line = (f"the {protocol}:// file system does not take the option {option!r} that "
+                f"fsspec's configuration gives it ({said(('TypeError',))}); remove it from "
+                f"FSSPEC_{protocol.upper()} (or FSSPEC_{protocol.upper()}_{option.upper()}, or "
+                f"the files in FSSPEC_CONFIG_DIR){client}")
     elif any(named(e, ("ParamValidationError",)) for e in errors):  # botocore's
         line = (f"the object store's client refuses the request "
                 f"({said(('ParamValidationError',))}); check the URL (S3 bucket names: "

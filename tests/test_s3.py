@@ -360,6 +360,32 @@ def test_an_object_store_that_does_not_answer_is_one_line(bucket, tmp_path):
     held.close()
 
 
+def test_an_option_the_s3_client_does_not_take_is_one_line(s3, bucket, tmp_path):
+    """FSSPEC_S3 (or FSSPEC_S3_<KEY>) giving s3fs an option it hands on to a session that
+    refuses it: one line naming the option, where it comes from and where botocore's settings
+    go, status 2, for a table's and a catalog's storage (a TypeError traceback before, raised
+    by the client's first request)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"engine": "local", "input": {"path": f"s3://{bucket}/cat"},
+                               "output": {"root": str(tmp_path / "out")},
+                               "quantizer": {"layers": [8, 4]}}))
+    for env, command in (({"FSSPEC_S3": '{"retries": 1}'},
+                          ["versions", "list", "--root", f"s3://{bucket}/t", "--table", "sids"]),
+                         ({"FSSPEC_S3_RETRIES": "1"}, ["build", "--config", str(cfg)])):
+        run = subprocess.run([sys.executable, "-m", "semid_dist.cli", *command],
+                             env={**os.environ, **env}, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(
+            rf"semid {command[0]}: error: the s3:// file system does not take the option "
+            r"'retries' that fsspec's configuration gives it \(TypeError: .*'retries'\); remove "
+            r"it from FSSPEC_S3 \(or FSSPEC_S3_RETRIES, or the files in FSSPEC_CONFIG_DIR\); "
+            r"botocore's settings go under \"config_kwargs\", as in \{.*\}"
+            + ("; nothing was committed" if command[0] == "build" else ""), last), last
+    assert not (tmp_path / "out").exists()
+
+
 def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
     """The object store's client saying the server went away inside a started build: one
     line, nothing committed, what to check, and the version the same command resumes; a
