@@ -58,7 +58,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     try:
         if args.dry_run:
-            from semid_dist.pipeline import dry_run
+            from semid_dist.plan import dry_run
 
             plan = dry_run(cfg, log=log)
             _print(plan, args.json, _dry_run_text(plan))
@@ -75,7 +75,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _dry_run_text(plan: dict[str, Any]) -> str:
-    """`semid build --dry-run`'s lines (`pipeline.dry_run`'s findings)."""
+    """`semid build --dry-run`'s lines (`plan.dry_run`'s findings)."""
     if plan["codebooks"] != "fit":
         books = f"those of version {plan['codebooks']}"
     elif plan["warm_start"]:

@@ -1,4 +1,5 @@
-"""`semid build`: plan -> check ids -> sample -> fit -> encode -> reduce -> finalize -> commit.
+"""`semid build`: plan -> check ids -> sample -> fit -> encode -> reduce -> finalize -> commit
+(what comes before the first write, and the dry run: `semid_dist.plan`).
 
 Engine-agnostic: the engine only runs the stage functions of `semid_dist.stages`. Until the
 manifest is written the new version is invisible, so any failure leaves `_latest` and every
@@ -29,24 +30,21 @@ from semid_dist.diff import DRIFT_FILE, parent_drift
 from semid_dist.encode_stage import check_rejects, encode_shards
 from semid_dist.engines import Engine, make_engine
 from semid_dist.errors import (
-    EmptyCatalog,
     InputError,
     InterruptedAfterCommit,
-    NothingToEncode,
     StoreError,
 )
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import CatalogPlan, plan_catalog
+from semid_dist.io.catalog import CatalogPlan
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore
-from semid_dist.io.validate import stored_id_type
 from semid_dist.memory import huge_pages, release_freed_memory
+from semid_dist.plan import lineage, plan_input, redacting, storage_failures
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.preflight import (
-    check_empty_delta,
     check_inputs,
     parent_notes,
     popularity_column,
@@ -55,13 +53,9 @@ from semid_dist.reduce import finalize_version, reduce_partials, write_lookups
 from semid_dist.report import write_report
 from semid_dist.resume import (
     Claim,
-    check_writable,
     claim_version,
     heartbeat,
-    killed_runs,
-    overtaken_line,
     planned_parent,
-    read_run,
     run_key,
 )
 from semid_dist.runtime import (
@@ -94,11 +88,6 @@ def make_logger(prefix: str = "semid") -> Log:
               flush=True)
 
     return log
-
-
-def _redacting(log: Log) -> Log:
-    """`log` with credentials in URLs (`s3://KEY:SECRET@...`, `?X-Amz-Signature=`) masked."""
-    return lambda msg: log(redact_url(msg))
 
 
 def _scan(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
@@ -208,97 +197,28 @@ def build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         return _build(cfg, log=log)
 
 
-def _plan(catalog: str, cfg: BuildConfig, store: TableStore, parent: str | None) -> CatalogPlan:
-    """The catalog's plan (`plan_catalog`). A catalog with no row is an error (InputError),
-    but for an incremental delta under `encode.empty_delta: skip`: NothingToEncode, before
-    anything is written, once its files pass the checks a delta's do
-    (`preflight.check_empty_delta`)."""
-    try:
-        return plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
-    except EmptyCatalog as exc:
-        if not (cfg.encode.incremental and cfg.encode.empty_delta == "skip"):
-            raise
-        check_empty_delta(CatalogPlan(catalog, (), exc.schemas[0][1], "", exc.schemas), cfg,
-                          store, parent)
-        raise NothingToEncode(
-            f"nothing to encode: the delta at {exc.url!r} has no rows ({exc.files} Parquet "
-            f"file(s), all empty; encode.empty_delta=skip); nothing was written, the table "
-            f"{redact_url(store.url)} is as it was (latest {store.head() or 'none'})") from None
-
-
-def dry_run(cfg: BuildConfig, *, log: Log | None = None) -> dict[str, Any]:
-    """What `build(cfg)` would do, after the checks it makes before writing anything (the
-    config, the table's versions and `encode.from_version`, every catalog file's schema, the
-    embedding dimension, the GPU settings, the codebooks to reuse or warm-start from, an
-    incremental parent's parts, statistics and id type) and those its engine makes before
-    it starts (`engines.check_engine`), a local output.root's folder writable
-    (`resume.check_writable`), with nothing written and no engine started (but Spark's, to
-    resolve a `table:` input). Its errors are the build's. -> {"catalog", "files" (files
-    holding rows), "rows", "shards", "skipped", "dim", "item_id_type", "table", "latest",
-    "codebooks" ("fit" or the version they come from), "warm_start" (the version a fit
-    starts from, or None), "incremental", "version" ("new" or the killed run's version it
-    resumes), "resuming", "parent", "engine"}. Its log gets the lines the build would say
-    before it writes: a warm start's, a killed run it will not continue."""
-    log = _redacting(log or make_logger())
-    cfg = with_absolute_paths(cfg)
-    store = TableStore(cfg.output.root, cfg.output.table)
-    cfg, parent, latest = _lineage(cfg, store)
-    catalog = cfg.input.path
-    if catalog.startswith(TABLE_PREFIX) and cfg.engine == "spark":  # its files, by Spark
-        with make_engine(cfg, log=log) as engine:
-            catalog = engine.resolve_input(catalog)
-    else:
-        from semid_dist.engines import check_engine
-        from semid_dist.engines.local import LocalEngine
-
-        catalog = LocalEngine(cfg).resolve_input(catalog)  # (no `table:` input: no Spark)
-        check_engine(cfg)
-    check_table_outside_catalog(catalog, store)
-    with _storage_failures(store, []):
-        plan = _plan(catalog, cfg, store, parent)
-        key = run_key(cfg, plan)
-        resumes, overtaken = killed_runs(store, key)
-        if overtaken is not None:
-            log(overtaken_line(overtaken))
-        parent = planned_parent(store, key, parent)
-        dim, _ = check_inputs(plan, cfg, store, parent, log)
-        if resumes is not None:  # the latest its first run saw, as the build reads it
-            latest = (read_run(store, resumes) or {}).get("latest", latest)
-        parent_notes(store, cfg, parent, dim, log, latest=latest)
-        check_writable(store)
-    ids = plan.schema.field(cfg.input.id_column).type if plan.schemas else None
-    warm = parent if cfg.fit.warm_start == "parent" and not cfg.encode.from_version else None
-    return {"catalog": redact_url(plan.url), "files": len({s.path for s in plan.shards}),
-            "rows": plan.num_rows, "shards": len(plan.shards), "skipped": list(plan.skipped),
-            "dim": dim, "item_id_type": str(stored_id_type(ids)) if ids is not None else None,
-            "table": redact_url(store.url), "latest": store.head(),
-            "codebooks": cfg.encode.from_version or "fit", "warm_start": warm,
-            "incremental": cfg.encode.incremental, "version": resumes or "new",
-            "resuming": resumes is not None, "parent": parent, "engine": cfg.engine}
-
-
 def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
-    log = _redacting(log or make_logger())
+    log = redacting(log or make_logger())
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
-    cfg, parent, latest = _lineage(cfg, store)
+    cfg, parent, latest = lineage(cfg, store)
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
     early = None  # a delta that may be empty and skipped: planned before an engine starts
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
         check_table_outside_catalog(cfg.input.path, store)  # before an engine starts
         if cfg.encode.incremental and cfg.encode.empty_delta == "skip":
-            with _storage_failures(store, started):
-                early = _plan(cfg.input.path, cfg, store, parent)
-    with _storage_failures(store, started), contextlib.ExitStack() as claimed:
+            with storage_failures(store, started):
+                early = plan_input(cfg.input.path, cfg, store, parent)
+    with storage_failures(store, started), contextlib.ExitStack() as claimed:
         with make_engine(cfg, log=log) as engine:
             if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
                 engine.warm_up()
             catalog = engine.resolve_input(cfg.input.path)
             if catalog != cfg.input.path:
                 check_table_outside_catalog(catalog, store)
-            plan = early or _plan(catalog, cfg, store, parent)
+            plan = early or plan_input(catalog, cfg, store, parent)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads, latest = _start_version(store, cfg, plan, key, parent,
@@ -336,21 +256,6 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files,
                         expect=latest)
     return _committed(store, vid, moved, metrics, drift, log, t0, expected=latest)
-
-
-def _lineage(cfg: BuildConfig, store: TableStore) -> tuple[BuildConfig, str | None,
-                                                          str | None]:
-    """(cfg with encode.from_version resolved to a version name, the parent, the "latest"
-    an incremental version expects). "latest" is read once: an incremental version moves
-    `_latest` only while it still means this (`TableStore.advance_latest`); the
-    codebooks' source, the parent and the run key agree on the one resolve."""
-    latest = store.head()
-    if cfg.encode.from_version:
-        cfg = replace(cfg, encode=replace(cfg.encode, from_version=store.resolve(
-            cfg.encode.from_version, head=latest)))
-    if cfg.encode.incremental:
-        return cfg, cfg.encode.from_version, latest
-    return cfg, latest, None
 
 
 @contextlib.contextmanager
@@ -396,29 +301,6 @@ def _committed(store: TableStore, vid: str, moved: bool, metrics: dict[str, Any]
         raise StoreError(f"version {vid} was committed, but the storage failed after it "
                          f"({fsio.failure_text(exc)}); the version "
                          f"stands (`semid versions show --version {vid}` reads it)") from None
-
-
-@contextlib.contextmanager
-def _storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
-    """A full disk, a read-only mount, a permission denied or storage that does not answer
-    under the build (before its commit: one after its manifest is the commit's own error)
-    as one line: nothing was committed, what to do, and that the same command resumes the
-    version it had started (`started`). The table is named where the system named no file."""
-    try:
-        yield
-    except Exception as exc:
-        fix, doing = fsio.storage_advice(exc, table=True), "writing the table"
-        if fix is None and fsio.no_answer(exc):
-            fix = fsio.no_answer_advice(store.url)
-            doing = "reading the catalog or writing the table"
-        elif fix is None:
-            raise
-        where = ("" if getattr(exc, "filename", None)
-                 else f" ({doing} {redact_url(store.url)}?)")
-        what = fsio.failure_text(exc)
-        again = f" (it resumes version {started[0]})" if started else ""
-        raise StoreError(f"{what}{where}; nothing was committed (the table's versions are as "
-                         f"they were): {fix}, then run the same command again{again}") from None
 
 
 def _version_files(store: TableStore, vid: str, red: _Reduced, metrics: dict[str, Any],

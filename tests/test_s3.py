@@ -392,14 +392,14 @@ def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
     builtin ConnectionError (a Ray or Spark connection's) is not taken for the storage's."""
     from botocore.exceptions import EndpointConnectionError
 
-    from semid_dist.pipeline import _storage_failures
+    from semid_dist.plan import storage_failures
 
     store = TableStore("s3://b/t", "sids")
     with pytest.raises(ConnectionResetError, match="^the driver went away$"):
-        with _storage_failures(store, ["20261206T000000000000Z-abcdef"]):
+        with storage_failures(store, ["20261206T000000000000Z-abcdef"]):
             raise ConnectionResetError("the driver went away")
     with pytest.raises(StoreError) as err:
-        with _storage_failures(store, ["20261206T000000000000Z-abcdef"]):
+        with storage_failures(store, ["20261206T000000000000Z-abcdef"]):
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
     assert str(err.value) == (
         'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:1/b" '
@@ -413,7 +413,7 @@ def test_storage_gone_after_the_manifest_says_the_version_stands(s3, bucket, tmp
                                                                  monkeypatch):
     """The server gone between the manifest and `_latest` (a fault injected in place of
     `advance_latest`): the version is committed, and the error says so, not that nothing
-    was (what `_storage_failures` said of any such error)."""
+    was (what `plan.storage_failures` said of any such error)."""
     from botocore.exceptions import EndpointConnectionError
 
     catalog = upload_catalog(s3, write_catalog(tmp_path / "cat", clustered(300, 4)), bucket)

@@ -211,16 +211,16 @@ def test_a_storage_failure_that_names_no_file_names_the_table(tmp_path):
     """Some filesystems raise a full disk or a refused write without a file name (object
     stores, pyarrow's writers): the build's line names the table instead, and the version
     the same command resumes."""
-    from semid_dist.pipeline import _storage_failures
+    from semid_dist.plan import storage_failures
 
     store = TableStore(str(tmp_path / "out"), "sids")
-    with pytest.raises(StoreError) as err, _storage_failures(store, ["v1"]):
+    with pytest.raises(StoreError) as err, storage_failures(store, ["v1"]):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert str(err.value).startswith(
         f"[Errno {errno.ENOSPC}] No space left on device (writing the table {store.url}?); "
         "nothing was committed (the table's versions are as they were): ")
     assert str(err.value).endswith("then run the same command again (it resumes version v1)")
-    with pytest.raises(StoreError) as err, _storage_failures(store, []):
+    with pytest.raises(StoreError) as err, storage_failures(store, []):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f"))
     assert f"'{tmp_path / 'f'}'" in str(err.value) and "writing the table" not in str(err.value)
     assert "it resumes" not in str(err.value)
