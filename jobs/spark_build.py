@@ -3,9 +3,12 @@
 argument `encode` re-encodes with the codebooks of `encode.from_version` (default latest).
 
 Laptop (venv active, so driver and Python workers run its python; spark-submit starts the
-driver JVM, so it takes the JVM options `spark.java_options` gives a session the job starts):
+driver JVM, so it takes the JVM options `spark.java_options` gives a session the job starts;
+spark.log.level=WARN keeps Spark's INFO lines, ~400 of them, out of the job's output):
     spark-submit --master local[2] --driver-java-options -XX:TieredStopAtLevel=1 \\
-        jobs/spark_build.py --config conf/spark.yaml
+        --conf spark.log.level=WARN jobs/spark_build.py --config conf/spark.yaml
+spark-submit runs the job with its stderr joined to its stdout (the progress lines, the
+summary and an error's one line all come on stdout).
 Without spark-submit (starts local[*] from the config's `spark:` section):
     python jobs/spark_build.py --config conf/spark.yaml output.root=/tmp/spark_demo
 Re-encode a new catalog snapshot with the latest version's codebooks:

@@ -49,13 +49,13 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from semid_dist.config import load_config
+    from semid_dist.config import changed_settings, load_config
     from semid_dist.pipeline import build, make_logger
     from semid_dist.summary import format_summary
 
     cfg = load_config(args.config, args.overrides)
     log = make_logger()
-    log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+    log(f"config: {changed_settings(cfg)} (the rest default)")
     try:
         if args.dry_run:
             from semid_dist.plan import dry_run
@@ -83,13 +83,14 @@ def _dry_run_text(plan: dict[str, Any]) -> str:
     else:
         books = "fit new ones"
     if plan["codebooks"] == "fit" and plan["resuming"]:
-        books += " (or those the killed run wrote)"
+        books += " (or those the unfinished run wrote)"
     if plan["incremental"]:
         what = f"an incremental version extending {plan['parent']}"
     else:
         what = f"a version with parent {plan['parent'] or 'none'}"
     if plan["resuming"]:
-        what += f", resuming version {plan['version']} (a killed run of this command)"
+        what += (f", resuming version {plan['version']} (an unfinished run of this command: "
+                 "stopped or failed)")
     skipped = (f"; {len(plan['skipped'])} file(s) not named *.parquet are not read"
                if plan["skipped"] else "")
     return "\n".join([
@@ -483,8 +484,10 @@ def _stopped(name: str, exc: BaseException,
     the stopping then broke failed with a traceback, status 1)."""
     version = getattr(exc, "version_id", None) or (committed and committed())
     stop = "terminated (SIGTERM)" if terminated() else "interrupted"
+    resumes = getattr(exc, "resumes", None)  # (InterruptedBuild: the version it had started)
+    again = f" (the same command resumes version {resumes})" if resumes else ""
     said = (f"{stop} after version {version} was committed" if version else
-            f"{stop}; nothing was committed" if committed else stop)
+            f"{stop}; nothing was committed{again}" if committed else stop)
     print(f"{name}: {said}", file=sys.stderr)
     return 143 if terminated() else 130
 

@@ -204,7 +204,7 @@ def _resumed_codebooks(store: TableStore, vid: str, log: Log,
         return None
     blobs = {n: store.read_bytes(vid, f"codebooks/{n}") for n in names}
     _, meta = load_artifact(blobs, where=f"codebooks of resumed run {vid}")
-    log("codebooks: reusing the fit of the interrupted run")
+    log("codebooks: reusing the fit of the unfinished run")
     files = [FileEntry(f"codebooks/{n}", 0, len(b), hashlib.sha256(b).hexdigest())
              for n, b in blobs.items()]
     return files, meta.get("training", []), "fit"

@@ -11,6 +11,7 @@ that each parse but do not go together are checked by `check_consistency` there.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -250,6 +251,29 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def changed_settings(cfg: BuildConfig) -> str:
+    """The settings of `cfg` other than their defaults, as `key=value` with dotted keys
+    (input.path and output.root first), for a build's first log line: its manifest records
+    the whole config."""
+    defaults = _flat(BuildConfig(InputConfig(cfg.input.path),
+                                 OutputConfig(cfg.output.root)).to_dict())
+    flat = _flat(cfg.to_dict())
+    shown = ["input.path", "output.root"] + [k for k, v in flat.items() if v != defaults[k]]
+    return " ".join(f"{k}={flat[k] if isinstance(flat[k], str) else json.dumps(flat[k])}"
+                    for k in shown)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -292,6 +316,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML's or an override's 2026 (a table), 2 (a memory size)
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
         return value

@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
+_SPARK_DRIVER_MIN = 450 * 2**20  # a driver's heap Spark starts on: 1.5 x its 300 MiB reserve
+
+
+def _jvm_bytes(size: str) -> int:
+    """A JVM memory size (`_JVM_SIZE`: 512m, 2g) in bytes."""
+    return int(size[:-1]) * 2 ** (10 * "kmgt".index(size[-1].lower()) + 10)
+
+
 _SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes (a cluster manager
     # plugin takes its own scheme://...)
     r"yarn|local(\[([1-9][0-9]*|\*)(\s*,\s*[0-9]+)?\])?"
@@ -264,6 +272,10 @@ def check_consistency(cfg: BuildConfig) -> None:
     if not _JVM_SIZE.fullmatch(cfg.spark.driver_memory):
         raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory!r} is not a JVM "
                           "memory size: give a number and a unit, e.g. 2g or 512m")
+    if _jvm_bytes(cfg.spark.driver_memory) < _SPARK_DRIVER_MIN:
+        raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory} is less than the "
+                          "450m a Spark driver needs (Spark refuses to start on less); give "
+                          "512m or more (default 2g)")
     depth = cfg.quality_depth
     if depth > len(layers):
         raise ConfigError(

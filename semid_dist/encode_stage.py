@@ -19,6 +19,7 @@ from semid_dist.io.store import FileEntry, TableStore
 from semid_dist.io.validate import DIMENSION_RULE, reasons_text
 from semid_dist.shard_results import load_shard_results, load_shard_statistics
 from semid_dist.stages import JobContext
+from semid_dist.summary import counted
 
 if TYPE_CHECKING:
     from semid_dist.engines import Engine
@@ -51,7 +52,10 @@ def encode_shards(engine: Engine, ctx: JobContext, plan: CatalogPlan, log: Log,
     done = load_shard_results(store, ctx.version_id)
     todo = [s for s in plan.shards if s.index not in done]
     if done:
-        log(f"encode: {len(done)} shards done by the interrupted run, {len(todo)} to go")
+        log(f"encode: {len(done)} shards done by the unfinished run, {len(todo)} to go")
+    else:
+        log(f"encode: {counted(len(todo), 'shard')} of "
+            f"{counted(sum(s.num_rows for s in todo), 'row')} on engine {engine.name}")
 
     def results():
         yield from (done[i] for i in sorted(done))
@@ -77,7 +81,7 @@ def encode_shards(engine: Engine, ctx: JobContext, plan: CatalogPlan, log: Log,
         log(f"encode: rejected rows by reason: {reasons_text(tally.reasons)}")
     if tally.steps and todo:
         timings.update({f"encode_worker_{step}_s": s for step, s in tally.steps.items()})
-        log(f"encode: worker time per shard ({len(todo)} shards): "
+        log(f"encode: worker time per shard ({counted(len(todo), 'shard')}): "
             f"{steps_text(tally.steps, len(todo))}")
     return (stats.result(), tally.counts, sorted(tally.rejects, key=lambda e: e.path),
             dict(tally.reasons))

@@ -48,6 +48,15 @@ class InterruptedAfterCommit(KeyboardInterrupt):
         self.version_id = version_id
 
 
+class InterruptedBuild(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) under a build once it had started its version, before its commit:
+    nothing was committed, and the same command resumes that version."""
+
+    def __init__(self, resumes: str) -> None:
+        super().__init__(resumes)
+        self.resumes = resumes
+
+
 def wrapped_errors(exc: BaseException) -> Iterator[BaseException]:
     """`exc`, then each error it wraps, outermost first: a Ray task's error's `cause` (Ray
     Data may wrap a task body's error once more, as the `__cause__` of its own), else the

@@ -67,6 +67,7 @@ from semid_dist.runtime import (
 from semid_dist.sid_items import sid_items_lookup
 from semid_dist.signals import check_interrupted
 from semid_dist.stages import JobContext, scan_keys
+from semid_dist.summary import counted
 
 Log = Callable[[str], None]
 
@@ -97,6 +98,9 @@ def _scan(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
     by engine tasks: the ids in hash buckets of about that many (`semid_dist.bucketed`), the
     popularity in value ranges (`semid_dist.popularity`)."""
     gathered = plan.num_rows <= cfg.driver.gather_rows
+    looked_for = " and popularity" if cfg.input.popularity_column else ""
+    log(f"scan: the ids{looked_for} of {counted(plan.num_rows, 'row')} "
+        f"({'on the driver' if gathered else 'in hash buckets'})")
     if gathered:
         scanned = engine.map(scan_keys, [(ctx, s) for s in plan.shards])
         id_arrays = [ids for ids, _ in scanned]
@@ -133,7 +137,8 @@ def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,
         return ctx
     policy = cfg.input.on_duplicate
     examples = ", ".join(repr(v) for v in dups[:5].to_pylist())
-    found = f"{len(dups)} item ids occur more than once ({rows} rows; e.g. {examples})"
+    found = (f"{counted(len(dups), 'item id occurs', 'item ids occur')} more than once "
+             f"({rows} rows; e.g. {examples})")
     if policy == "fail":
         raise InputError(f"{found}; deduplicate the catalog, or set input.on_duplicate="
                          "keep_first (keep the first copy) or reject (reject every copy)")
@@ -143,10 +148,10 @@ def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,
                          f"input.on_duplicate={policy})")
     if policy == "keep_first":
         later = dup.later()
-        log(f"check: {len(dups)} duplicated item ids ({rows} rows): the first copy of each "
-            f"is kept, {rows - len(dups)} later copies will be rejected, e.g. {examples}")
+        log(f"check: {counted(len(dups), 'duplicated item id')} ({rows} rows): the first copy "
+            f"of each is kept, {rows - len(dups)} later copies will be rejected, e.g. {examples}")
         return replace(ctx, duplicate_rows=later)
-    log(f"check: {len(dups)} duplicated item ids ({rows} rows) will be rejected, "
+    log(f"check: {counted(len(dups), 'duplicated item id')} ({rows} rows) will be rejected, "
         f"e.g. {examples}")
     return replace(ctx, duplicate_ids=dups)
 
@@ -334,7 +339,7 @@ def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, key: 
     the parent that run started from), or a new one (`resume.claim_version`)."""
     from_version = (cfg.encode.from_version,) if cfg.encode.from_version else ()
     claim = claim_version(store, key, log, parent=parent, reads=from_version, latest=latest)
-    log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; "
+    log(f"plan: {counted(plan.num_rows, 'row')} in {counted(len(plan.shards), 'shard')}; "
         f"{'resuming' if claim.resuming else 'new'} version {claim.version} of "
         f"{store.url} (parent {claim.parent or 'none'}); engine {cfg.engine}")
     if plan.skipped:

@@ -12,7 +12,13 @@ from typing import Any
 
 from semid_dist.config import BuildConfig
 from semid_dist.engines import make_engine
-from semid_dist.errors import EmptyCatalog, NothingToEncode, StoreError
+from semid_dist.errors import (
+    EmptyCatalog,
+    InterruptedAfterCommit,
+    InterruptedBuild,
+    NothingToEncode,
+    StoreError,
+)
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan, plan_catalog
 from semid_dist.io.fs import redact_url
@@ -127,9 +133,14 @@ def storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
     """A full disk, a read-only mount, a permission denied or storage that does not answer
     under the build (before its commit: one after its manifest is the commit's own error)
     as one line: nothing was committed, what to do, and that the same command resumes the
-    version it had started (`started`). The table is named where the system named no file."""
+    version it had started (`started`). The table is named where the system named no file.
+    A Ctrl-C once that version was started is InterruptedBuild (its line names it)."""
     try:
         yield
+    except KeyboardInterrupt as exc:
+        if not started or isinstance(exc, InterruptedAfterCommit | InterruptedBuild):
+            raise
+        raise InterruptedBuild(started[0]) from exc
     except Exception as exc:
         fix, doing = fsio.storage_advice(exc, table=True), "writing the table"
         if fix is None and fsio.no_answer(exc):

@@ -142,8 +142,9 @@ def killed_runs(store: TableStore, key: str) -> tuple[str | None, str | None]:
 
 
 def overtaken_line(old: str) -> str:
-    """What a build says of the killed run of the same command it does not continue."""
-    return (f"plan: the killed run of this build in version {old} is not continued: a "
+    """What a build says of the unfinished run (stopped or failed) of the same command it
+    does not continue."""
+    return (f"plan: the unfinished run of this build in version {old} is not continued: a "
             "version was committed after it started (a version continued would sort before "
             f"_latest); a new version starts (gc removes {old}'s folder after "
             "--min-age-hours)")

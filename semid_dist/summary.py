@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 shard`, `2 shards` (`plural`: where it is not noun + "s")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
@@ -30,7 +35,8 @@ def format_drift(drift: dict[str, Any]) -> str:
     lines = [f"from      {drift['from_version']}", f"to        {drift['to_version']}",
              f"items     common {drift['items_common']}  only in from "
              f"{drift['items_only_from']}  only in to {drift['items_only_to']}",
-             f"changed   {drift['changed']} SIDs ({_pct(drift['share_changed'])})",
+             f"changed   {drift['changed']} of the common items changed SID "
+             f"({_pct(drift['share_changed'])})",
              "layer  changed  share"]
     lines += [f"{layer['layer']:>5}  {layer['changed']:>7}  {_pct(layer['share_changed'])}"
               if layer.get("in_both", True) else

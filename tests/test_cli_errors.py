@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,13 @@ import pytest
 import yaml
 
 from semid_dist.io.store import TableStore
-from tests.conftest import REPO, clustered, named_error, write_catalog
+from tests.conftest import (
+    REPO,
+    clustered,
+    corrupt_embedding_pages,
+    named_error,
+    write_catalog,
+)
 from tests.conftest import semid_cli as semid
 
 GOOD = "input: {path: x}\noutput: {root: y}\n"
@@ -208,6 +215,22 @@ def _small_build(tmp_path: Path, engine: str, rows: int) -> list[str]:
     return [sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg]
 
 
+def test_a_corrupt_file_on_local_spark_is_one_line(tmp_path):
+    """A catalog file whose embedding pages are corrupt, on a Spark session the command starts
+    in local mode: its one-line error, status 2 (the executor's `Exception in task` and the
+    scheduler's `Lost task` printed ~60 lines of Python and Java stacks above it)."""
+    pytest.importorskip("pyspark")
+    command = _small_build(tmp_path, "spark", 600)
+    corrupt_embedding_pages(tmp_path / "cat" / "part-001.parquet", clustered(300, 8, seed=3))
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"semid build: error: catalog file '.*part-001\.parquet': .*checksum.*"
+                        r" \(raised in a Spark task\)", last), last
+    for noise in ("Exception in task", "Lost task", "Traceback", "at org.apache"):
+        assert noise not in run.stderr, run.stderr[-3000:]
+
+
 def _log_until(proc: subprocess.Popen, step: str) -> str:
     """The build's log read up to its first progress line of `step` (e.g. "encode:")."""
     err = ""
@@ -253,12 +276,15 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
     assert proc.returncode == 143, (err, rest)
-    assert rest.strip().splitlines()[-1] == ("semid build: terminated (SIGTERM); nothing was "
-                                             "committed"), rest[-4000:]
+    version = re.search(r"new version (\S+) of", err).group(1)
+    assert rest.strip().splitlines()[-1] == (
+        "semid build: terminated (SIGTERM); nothing was committed (the same command resumes "
+        f"version {version})"), rest[-4000:]
     assert "Traceback" not in rest and "Warning" not in rest, rest
     assert TableStore(str(tmp_path / "out"), "sids").versions() == []
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert again.returncode == 0 and "resuming version" in again.stderr, again.stderr[-2000:]
+    assert again.returncode == 0 and f"resuming version {version}" in again.stderr, (
+        again.stderr[-2000:])
 
 
 @pytest.mark.parametrize("engine, start", [("local", "plan:"), ("spark", "plan:"),

@@ -85,7 +85,7 @@ def test_unknown_keys_raise_naming_the_dotted_key(data, key):
     ("fit.use_gpu", 1),
     ("fit.cpus_per_worker", False),
     ("fit.cpus_per_worker", float("nan")),
-    ("input.path", 3),
+    ("input.path", 3.5),
     ("input.path", ""),
     ("quantizer.layers", 64),
     ("quantizer.layers", []),
@@ -477,10 +477,26 @@ def test_spark_master_is_a_master_url():
 def test_spark_driver_memory_is_a_jvm_memory_size():
     for good in ("2g", "512m", "1G", "1t"):
         assert parse_config({**MINIMAL, "spark": {"driver_memory": good}})
-    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g", "1GB", "2gb", "4096"):  # -Xmx refuses
+    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g", "1GB", "2gb", "4096", 2):  # -Xmx refuses
         with pytest.raises(ConfigError, match=r"spark.driver_memory: .* is not a JVM memory "
                                               r"size: give a number and a unit, e.g. 2g"):
             parse_config({**MINIMAL, "spark": {"driver_memory": bad}})
+    for small in ("8m", "300m", "449m", "460799k"):  # Spark's driver refuses to start on less
+        with pytest.raises(ConfigError, match=rf"spark.driver_memory: {small} is less than the "
+                                              r"450m a Spark driver needs .*; give 512m or more"):
+            parse_config({**MINIMAL, "spark": {"driver_memory": small}})
+    for enough in ("450m", "460800k"):
+        assert parse_config({**MINIMAL, "spark": {"driver_memory": enough}})
+
+
+def test_a_number_where_a_string_goes_is_read_as_its_text():
+    """YAML's (or an override's) `table: 2026` names the table "2026" (it was "expected a
+    non-empty string, got 2026"; `spark.driver_memory: 2` now gets the memory size's error)."""
+    assert parse_config({**MINIMAL, "output": {**MINIMAL["output"], "table": 2026}}
+                        ).output.table == "2026"
+    with pytest.raises(ConfigError, match="input.id_column: expected a non-empty string, got "
+                                          "True"):
+        parse_config({**MINIMAL, "input": {**MINIMAL["input"], "id_column": True}})
 
 
 def test_a_relative_output_root_in_a_ray_jobs_working_dir_copy_is_an_error(

@@ -88,16 +88,16 @@ def test_killed_build_keeps_previous_version_and_resumes(setup, reference, point
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming version" in resumed.stderr
     if point != "fit":
-        assert "reusing the fit of the interrupted run" in resumed.stderr
+        assert "reusing the fit of the unfinished run" in resumed.stderr
     timings = store.read_json(store.latest(), "metrics.json")["timings"]
     steps = [k for k in timings if k.startswith("encode_worker_")]
     if point in ("reduce", "commit"):
-        assert "6 shards done by the interrupted run, 0 to go" in resumed.stderr
+        assert "6 shards done by the unfinished run, 0 to go" in resumed.stderr
         assert "encode: 6/6 shards" in resumed.stderr and "encode: 5/6" not in resumed.stderr
         # no shard was encoded by this run: no worker time is counted for the others
         assert steps == [] and "worker time per shard" not in resumed.stderr
     if point == "encode":
-        assert "2 shards done by the interrupted run, 4 to go" in resumed.stderr
+        assert "2 shards done by the unfinished run, 4 to go" in resumed.stderr
         # progress lines for the shards this run encodes, not the interrupted run's
         assert "encode: 2/6 shards" not in resumed.stderr
         assert "encode: 3/6 shards" in resumed.stderr
@@ -282,10 +282,11 @@ def test_ctrl_c_during_or_after_a_ray_train_fit_stops_the_build(small_catalog, t
         assert proc.wait() == 130, err[-3000:]
     finally:
         watchdog.cancel()
-    assert err.strip().endswith("semid build: interrupted; nothing was committed"), err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
     store = TableStore(str(root), "sids")
     assert store.versions() == [] and len(store.uncommitted()) == 1
+    assert err.strip().endswith("semid build: interrupted; nothing was committed (the same "
+                                f"command resumes version {store.uncommitted()[0]})"), err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
 
 
 _CALLERS_RAY = """

@@ -128,7 +128,8 @@ def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tm
     plan = dry("build", "--config", str(cfg))
     assert plan["version"] == killed and plan["resuming"] and plan["latest"] is None
     text = semid_cli("build", "--config", str(cfg), "--dry-run")
-    assert f"resuming version {killed} (a killed run of this command)" in text.stdout
+    assert (f"resuming version {killed} (an unfinished run of this command: stopped or "
+            "failed)") in text.stdout
     assert files(root) == before
     # another config is another run: a new version
     assert dry("build", "--config", str(cfg), "seed=6")["version"] == "new"
@@ -137,5 +138,5 @@ def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tm
     assert cli_build(cfg, "seed=6").returncode == 0
     run = semid_cli("build", "--config", str(cfg), "--dry-run", "--json")
     assert run.returncode == 0 and not json.loads(run.stdout)["resuming"]
-    assert (f"plan: the killed run of this build in version {killed} is not continued"
+    assert (f"plan: the unfinished run of this build in version {killed} is not continued"
             in run.stderr), run.stderr

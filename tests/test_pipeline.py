@@ -307,7 +307,7 @@ def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(tmp_path, root)
     assert "dim 4 != 6" in reasons[3] and reasons[4] == "null item_id"
     assert reasons[5] == reasons[6] == "duplicate item_id"
     assert all(f.endswith("part-0.parquet") for f in rej.column("source_file").to_pylist())
-    with pytest.raises(InputError, match="item ids occur more than once"):
+    with pytest.raises(InputError, match="1 item id occurs more than once"):
         build(small_config(str(path), root, input__on_bad_rows="fail",
                            quantizer__layers=[8, 4]), log=quiet)
 

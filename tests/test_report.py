@@ -23,7 +23,7 @@ from semid_dist.pipeline import build
 from semid_dist.report import REPORT_HTML
 from semid_dist.report import figures as F
 from semid_dist.report.html import Figure, render
-from semid_dist.summary import format_summary
+from semid_dist.summary import counted, format_summary
 from tests.conftest import small_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -421,3 +421,11 @@ def test_cli_report_does_not_restore_files_into_a_version_gc_removed(copied, sma
     assert len(err.splitlines()) == 1 and vid in err and (
         "does not exist (never built, or removed by `semid versions gc`)" in err), err
     assert not Path(store.version_dir(vid)).exists() and vid not in store.versions()
+
+
+def test_counts_in_lines_take_the_noun_s_number():
+    """`plan: 800 rows in 1 shard`, `1 item id occurs more than once` (it read `1 shards`,
+    `1 item ids occur`)."""
+    assert [counted(n, "shard") for n in (0, 1, 2)] == ["0 shards", "1 shard", "2 shards"]
+    assert counted(1, "item id occurs", "item ids occur") == "1 item id occurs"
+    assert counted(4, "item id occurs", "item ids occur") == "4 item ids occur"

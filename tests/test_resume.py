@@ -209,9 +209,9 @@ def test_a_killed_run_a_later_commit_passed_is_not_continued_and_the_log_says_so
     lines: list[str] = []
     claim = claim_version(store, "k", lines.append, parent=later)
     assert not claim.resuming and claim.version > later
-    assert lines == [f"plan: the killed run of this build in version {killed} is not continued: "
-                     "a version was committed after it started (a version continued would "
-                     "sort before _latest); a new version starts (gc removes "
+    assert lines == [f"plan: the unfinished run of this build in version {killed} is not "
+                     "continued: a version was committed after it started (a version "
+                     "continued would sort before _latest); a new version starts (gc removes "
                      f"{killed}'s folder after --min-age-hours)"]
     lines.clear()
     claim_version(store, "another-key", lines.append, parent=later)

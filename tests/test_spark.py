@@ -595,8 +595,9 @@ def test_spark_reads_a_catalog_table(spark_session, small_catalog, tmp_path):
 def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path):
     """A master that is no Spark master URL (a config error: the JVM printed its stack trace
     first), a standalone master where nothing listens (Spark retried it for a minute, then
-    failed with a stack trace) and a driver memory too small for a JVM: one line naming
-    them, status 2, nothing written, no JVM left. A process of its own (the tests' session
+    failed with a stack trace), a driver memory Spark does not start on (refused before a
+    JVM starts) and JVM options it does not start with: one line naming them, status 2,
+    nothing written, no JVM left. A process of its own (the tests' session
     may be active here)."""
     pytest.importorskip("pyspark")
     catalog = tmp_path / "catalog.parquet"
@@ -613,10 +614,24 @@ def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path
         "semid build: error: spark.master=spark://127.0.0.1:1: no Spark master answers there "
         "(127.0.0.1:1: [Errno 111] Connection refused); start it, correct the address, or "
         "leave spark.master unset to run on local[*]")
-    last = named_error(cli_build(*args, "spark.driver_memory=1k", timeout=120))
+    assert named_error(cli_build(*args, "spark.driver_memory=1k", timeout=60)).endswith(
+        "spark.driver_memory: 1k is less than the 450m a Spark driver needs (Spark refuses to "
+        "start on less); give 512m or more (default 2g)")  # (no JVM started)
+    last = named_error(cli_build(*args, "spark.java_options=-Xss1k", timeout=120))
     assert last.startswith("semid build: error: engine: spark could not start a Spark session "
-                           "with spark.master=local[*] and spark.driver_memory=1k (")
+                           "with spark.master=local[*], spark.driver_memory=2g and "
+                           "spark.java_options=-Xss1k (")
     assert last.endswith("check those settings and the JVM's output above")
+    run = cli_build(REPO / "conf" / "demo.yaml", "engine=spark", "input.path=table:default.cat",
+                    f"output.root={out}", timeout=120)
+    assert named_error(run) == (  # (no failed DESCRIBE logged by Spark at ERROR above it)
+        "semid build: error: input.path: table 'default.cat' is not in the Spark session "
+        "catalog: the session this job started keeps its catalog in memory "
+        "(spark.sql.catalogImplementation=in-memory), which holds no table made elsewhere; run "
+        "jobs/spark_build.py under spark-submit with the catalog that holds it (e.g. --conf "
+        "spark.sql.catalogImplementation=hive, with the metastore's settings), or point "
+        "input.path at the table's Parquet files")
+    assert "TABLE_OR_VIEW_NOT_FOUND" not in run.stderr, run.stderr[-3000:]
     assert not out.exists()
 
 

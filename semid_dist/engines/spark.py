@@ -295,11 +295,12 @@ class SparkEngine(LocalEngine):
             raise ConfigError(f"input.path: {name!r} is not a table name (db.table)")
         from pyspark.errors import AnalysisException
 
-        try:
+        try:  # (asked first: a failed DESCRIBE is also logged by Spark, at ERROR)
+            if not self.spark.catalog.tableExists(name):
+                raise InputError(self._no_table(name))
             rows = self.spark.sql(f"DESCRIBE FORMATTED {name}").collect()
         except AnalysisException:
-            raise InputError(f"input.path: table {name!r} is not in the Spark session catalog; "
-                             "check the name or use a Parquet path") from None
+            raise InputError(self._no_table(name)) from None
         info = {r.col_name.strip(): (r.data_type or "").strip() for r in rows}
         provider = info.get("Provider", "").lower()
         serde = info.get("Serde Library", "").lower()
@@ -312,6 +313,20 @@ class SparkEngine(LocalEngine):
             raise InputError(f"input.path: table {name!r} has no storage location")
         self.log(f"input: table {name} -> {location}")
         return location
+
+    def _no_table(self, name: str) -> str:
+        """The error of a `table:` input the session catalog does not hold; a session started
+        here keeps its catalog in memory (but where its settings say otherwise), which holds
+        no table made elsewhere."""
+        missing = f"input.path: table {name!r} is not in the Spark session catalog"
+        implementation = self.spark.conf.get("spark.sql.catalogImplementation", "in-memory")
+        if not (self._started and implementation == "in-memory"):
+            return f"{missing}; check the name or use a Parquet path"
+        return (f"{missing}: the session this job started keeps its catalog in memory "
+                "(spark.sql.catalogImplementation=in-memory), which holds no table made "
+                "elsewhere; run jobs/spark_build.py under spark-submit with the catalog that "
+                "holds it (e.g. --conf spark.sql.catalogImplementation=hive, with the "
+                "metastore's settings), or point input.path at the table's Parquet files")
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         shared, items = split_shared(list(items))

@@ -105,7 +105,28 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
         except Exception as exc:  # the JVM or the master refused this session's settings
             raise ConfigError(_start_error(cfg, master, exc)) from exc
     _quiet_accumulator_server(spark.sparkContext)
+    _quiet_local_task_failures(spark.sparkContext)
     return spark, True
+
+
+# the loggers that print a failed task's error with its Python and Java stacks (the executor's
+# `Exception in task`, the scheduler's `Lost task` and `aborting job`)
+TASK_FAILURE_LOGGERS = ("org.apache.spark.executor.Executor",
+                        "org.apache.spark.scheduler.TaskSetManager")
+
+
+def _quiet_local_task_failures(sc: SparkContext) -> None:
+    """In local mode the executor is this console's JVM: a task's failure (a corrupt catalog
+    file) printed ~60 lines of Python and Java stacks before the build's one-line error,
+    though the driver gets the same error (with the task's Python traceback) and the
+    build names it. Those loggers are turned off there; a cluster's executors log to their
+    own files, as before. Best effort: a JVM without log4j 2 keeps its logging."""
+    if not sc.master.startswith("local"):
+        return
+    with suppress(Exception):
+        log4j = sc._jvm.org.apache.logging.log4j
+        for name in TASK_FAILURE_LOGGERS:
+            log4j.core.config.Configurator.setLevel(name, log4j.Level.OFF)
 
 
 def _launch_jvm(builder: Any) -> None:
@@ -150,9 +171,12 @@ def _start_error(cfg: BuildConfig, master: str | None, exc: BaseException) -> st
     reason = one_line(exc)
     if len(reason) > 300:  # a Java stack trace rides in some of pyspark's errors
         reason = reason[:300] + " ..."
-    return (f"engine: spark could not start a Spark session with spark.master={master} and "
-            f"spark.driver_memory={cfg.spark.driver_memory} ({type(exc).__name__}: {reason}); "
-            "check those settings and the JVM's output above")
+    options = cfg.spark.java_options
+    settings = (f"spark.master={master}, spark.driver_memory={cfg.spark.driver_memory} and "
+                f"spark.java_options={options}" if options else
+                f"spark.master={master} and spark.driver_memory={cfg.spark.driver_memory}")
+    return (f"engine: spark could not start a Spark session with {settings} "
+            f"({type(exc).__name__}: {reason}); check those settings and the JVM's output above")
 
 
 def _check_master_reachable(master: str) -> None:
