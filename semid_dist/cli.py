@@ -56,6 +56,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     log = make_logger()
     log(f"config: {changed_settings(cfg)} (the rest default)")
+    log("config: resolved " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     try:
         if args.dry_run:
             from semid_dist.plan import dry_run
@@ -522,13 +523,16 @@ def _object_store_line(exc: BaseException,
         line = (f"the storage does not answer ({said(NO_ANSWER)}); {no_answer_advice()}, then "
                 "run the command again")
     elif (refused := refused_option(exc)) is not None:
-        protocol, option = refused
-        client = {"s3": '; botocore\'s settings go under "config_kwargs", as in '
-                  '{"config_kwargs": {"retries": {"max_attempts": 1}}}'}.get(protocol, "")
-        line = (f"the {protocol}:// file system does not take the option {option!r} that "
-                f"fsspec's configuration gives it ({said(('TypeError',))}); remove it from "
-                f"FSSPEC_{protocol.upper()} (or FSSPEC_{protocol.upper()}_{option.upper()}, or "
-                f"the files in FSSPEC_CONFIG_DIR){client}")
+        protocols, option = refused
+        client = ('; botocore\'s settings go under "config_kwargs", as in '
+                  '{"config_kwargs": {"retries": {"max_attempts": 1}}}' if "s3" in protocols
+                  else "")
+        names = " / ".join(f"FSSPEC_{p.upper()} (or FSSPEC_{p.upper()}_{option.upper()})"
+                           for p in protocols)
+        line = (f"the {' or '.join(f'{p}://' for p in protocols)} file system does not take "
+                f"the option {option!r} that fsspec's configuration gives it "
+                f"({said(('TypeError',))}); remove it from {names}, or the files in "
+                f"FSSPEC_CONFIG_DIR{client}")
     elif any(named(e, ("ParamValidationError",)) for e in errors):  # botocore's
         line = (f"the object store's client refuses the request "
                 f"({said(('ParamValidationError',))}); check the URL (S3 bucket names: "

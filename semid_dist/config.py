@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -253,14 +254,21 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 def changed_settings(cfg: BuildConfig) -> str:
     """The settings of `cfg` other than their defaults, as `key=value` with dotted keys
-    (input.path and output.root first), for a build's first log line: its manifest records
-    the whole config."""
+    (input.path and output.root first; text with a space shell-quoted, other values as
+    JSON), for a build's first log line (the next gives the whole resolved config)."""
     defaults = _flat(BuildConfig(InputConfig(cfg.input.path),
                                  OutputConfig(cfg.output.root)).to_dict())
     flat = _flat(cfg.to_dict())
     shown = ["input.path", "output.root"] + [k for k, v in flat.items() if v != defaults[k]]
-    return " ".join(f"{k}={flat[k] if isinstance(flat[k], str) else json.dumps(flat[k])}"
-                    for k in shown)
+    return " ".join(f"{k}={_override_text(flat[k])}" for k in shown)
+
+
+def _override_text(value: Any) -> str:
+    """A setting's value for `changed_settings`: text as it is (shell-quoted where it holds
+    a space), others as JSON (`[64,64]`, `null`, `true`)."""
+    if isinstance(value, str):
+        return shlex.quote(value) if any(c.isspace() for c in value) or not value else value
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -316,8 +324,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)  # YAML's or an override's 2026 (a table), 2 (a memory size)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got the number {value!r} (YAML reads "
+                              f"an unquoted number as one: quote it, as '{value}', or check "
+                              "the value)")
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
         return value

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
-_SPARK_DRIVER_MIN = 450 * 2**20  # a driver's heap Spark starts on: 1.5 x its 300 MiB reserve
+# Spark starts a driver whose JVM heap (Runtime.maxMemory) holds 1.5 x its 300 MiB reserve;
+# under the serial or parallel collector that heap is below -Xmx, so 512m is the floor
+_SPARK_DRIVER_MIN = 512 * 2**20
 
 
 def _jvm_bytes(size: str) -> int:
@@ -273,9 +275,9 @@ def check_consistency(cfg: BuildConfig) -> None:
         raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory!r} is not a JVM "
                           "memory size: give a number and a unit, e.g. 2g or 512m")
     if _jvm_bytes(cfg.spark.driver_memory) < _SPARK_DRIVER_MIN:
-        raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory} is less than the "
-                          "450m a Spark driver needs (Spark refuses to start on less); give "
-                          "512m or more (default 2g)")
+        raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory} is less than 512m: "
+                          "Spark does not start a driver with less than 450 MiB of heap, and "
+                          "the JVM gives it less than its -Xmx; give 512m or more (default 2g)")
     depth = cfg.quality_depth
     if depth > len(layers):
         raise ConfigError(

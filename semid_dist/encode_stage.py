@@ -52,7 +52,8 @@ def encode_shards(engine: Engine, ctx: JobContext, plan: CatalogPlan, log: Log,
     done = load_shard_results(store, ctx.version_id)
     todo = [s for s in plan.shards if s.index not in done]
     if done:
-        log(f"encode: {len(done)} shards done by the unfinished run, {len(todo)} to go")
+        log(f"encode: {counted(len(done), 'shard')} done by the unfinished run, "
+            f"{len(todo)} to go")
     else:
         log(f"encode: {counted(len(todo), 'shard')} of "
             f"{counted(sum(s.num_rows for s in todo), 'row')} on engine {engine.name}")

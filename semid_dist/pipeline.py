@@ -98,7 +98,7 @@ def _scan(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
     by engine tasks: the ids in hash buckets of about that many (`semid_dist.bucketed`), the
     popularity in value ranges (`semid_dist.popularity`)."""
     gathered = plan.num_rows <= cfg.driver.gather_rows
-    looked_for = " and popularity" if cfg.input.popularity_column else ""
+    looked_for = " and popularity" if ctx.popularity_column else ""
     log(f"scan: the ids{looked_for} of {counted(plan.num_rows, 'row')} "
         f"({'on the driver' if gathered else 'in hash buckets'})")
     if gathered:
@@ -149,7 +149,8 @@ def _check_duplicates(ctx: JobContext, dup: Duplicates, cfg: BuildConfig,
     if policy == "keep_first":
         later = dup.later()
         log(f"check: {counted(len(dups), 'duplicated item id')} ({rows} rows): the first copy "
-            f"of each is kept, {rows - len(dups)} later copies will be rejected, e.g. {examples}")
+            f"of each is kept, {counted(rows - len(dups), 'later copy', 'later copies')} will "
+            f"be rejected, e.g. {examples}")
         return replace(ctx, duplicate_rows=later)
     log(f"check: {counted(len(dups), 'duplicated item id')} ({rows} rows) will be rejected, "
         f"e.g. {examples}")

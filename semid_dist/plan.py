@@ -22,7 +22,7 @@ from semid_dist.errors import (
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan, plan_catalog
 from semid_dist.io.fs import redact_url
-from semid_dist.io.store import TableStore
+from semid_dist.io.store import MANIFEST, TableStore
 from semid_dist.io.validate import stored_id_type
 from semid_dist.preflight import check_empty_delta, check_inputs, parent_notes
 from semid_dist.resume import (
@@ -34,6 +34,7 @@ from semid_dist.resume import (
     run_key,
 )
 from semid_dist.runtime import TABLE_PREFIX, check_table_outside_catalog, with_absolute_paths
+from semid_dist.signals import interrupt_raised
 
 Log = Callable[[str], None]
 
@@ -72,9 +73,9 @@ def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     resolve a `table:` input). Its errors are the build's. -> {"catalog", "files" (files
     holding rows), "rows", "shards", "skipped", "dim", "item_id_type", "table", "latest",
     "codebooks" ("fit" or the version they come from), "warm_start" (the version a fit
-    starts from, or None), "incremental", "version" ("new" or the killed run's version it
+    starts from, or None), "incremental", "version" ("new" or the unfinished run's version it
     resumes), "resuming", "parent", "engine"}. Its log gets the lines the build would say
-    before it writes: a warm start's, a killed run it will not continue."""
+    before it writes: a warm start's, an unfinished run it will not continue."""
     log = redacting(log)
     cfg = with_absolute_paths(cfg)
     store = TableStore(cfg.output.root, cfg.output.table)
@@ -134,14 +135,18 @@ def storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
     under the build (before its commit: one after its manifest is the commit's own error)
     as one line: nothing was committed, what to do, and that the same command resumes the
     version it had started (`started`). The table is named where the system named no file.
-    A Ctrl-C once that version was started is InterruptedBuild (its line names it)."""
+    A Ctrl-C once that version was started (or an error after it, where the Ctrl-C itself
+    was dropped: `signals.interrupt_raised`) is InterruptedBuild, whose line names the
+    version, or InterruptedAfterCommit where its commit had returned."""
     try:
         yield
     except KeyboardInterrupt as exc:
         if not started or isinstance(exc, InterruptedAfterCommit | InterruptedBuild):
             raise
-        raise InterruptedBuild(started[0]) from exc
+        raise _interrupted(store, started[0]) from exc
     except Exception as exc:
+        if started and interrupt_raised():  # what the stopping broke
+            raise _interrupted(store, started[0]) from exc
         fix, doing = fsio.storage_advice(exc, table=True), "writing the table"
         if fix is None and fsio.no_answer(exc):
             fix = fsio.no_answer_advice(store.url)
@@ -156,3 +161,10 @@ def storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
                          f"they were): {fix}, then run the same command again{again}") from None
 
 
+def _interrupted(store: TableStore, vid: str) -> KeyboardInterrupt:
+    """A Ctrl-C under the build of version `vid`: InterruptedAfterCommit once its manifest is
+    written (stopped as it left the build, after the commit), else InterruptedBuild."""
+    with contextlib.suppress(Exception):  # (the storage gone: it was not committed by it)
+        if store.fs.exists(f"{store.version_dir(vid)}/{MANIFEST}"):
+            return InterruptedAfterCommit(vid)
+    return InterruptedBuild(vid)

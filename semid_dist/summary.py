@@ -35,7 +35,7 @@ def format_drift(drift: dict[str, Any]) -> str:
     lines = [f"from      {drift['from_version']}", f"to        {drift['to_version']}",
              f"items     common {drift['items_common']}  only in from "
              f"{drift['items_only_from']}  only in to {drift['items_only_to']}",
-             f"changed   {drift['changed']} of the common items changed SID "
+             f"changed   {drift['changed']} of {drift['items_common']} common items' SIDs "
              f"({_pct(drift['share_changed'])})",
              "layer  changed  share"]
     lines += [f"{layer['layer']:>5}  {layer['changed']:>7}  {_pct(layer['share_changed'])}"

@@ -477,6 +477,43 @@ def test_an_error_after_a_dropped_ctrl_c_ends_the_command_as_the_ctrl_c(capfd, b
         _run("semid build", fails, exiting=False, committed=lambda: None)
 
 
+def test_a_ctrl_c_under_a_started_version_names_it_or_its_commit(tmp_path, capfd):
+    """A Ctrl-C under a build once its version was started: the line names the version the
+    same command resumes, also where the Ctrl-C was dropped and what the stopping broke came
+    instead; once the version's manifest is written (a Ctrl-C after the commit, still inside
+    the build) it says the version was committed (it said "nothing was committed")."""
+    from semid_dist.cli import _run
+    from semid_dist.plan import storage_failures
+
+    store = TableStore(str(tmp_path / "out"), "sids")
+    started = [f"20261206T000000000000Z-{'a' * 6}"]
+    store.write_file(started[0], "run.json", b"{}")  # its folder, no manifest
+
+    def stopped(drop: bool) -> int:
+        with storage_failures(store, started):
+            if not drop:
+                raise KeyboardInterrupt
+            _RaisesOnCollection()  # the Ctrl-C, dropped
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a `semid` process starts
+    try:
+        for drop in (False, True):
+            assert _run("semid build", lambda drop=drop: stopped(drop), exiting=False,
+                        committed=lambda: None) == 130
+            assert capfd.readouterr().err.strip().splitlines() == [
+                "semid build: interrupted; nothing was committed (the same command resumes "
+                f"version {started[0]})"]
+        store.write_file(started[0], "_manifest.json", b"{}")  # committed, as the build left
+        assert _run("semid build", lambda: stopped(False), exiting=False,
+                    committed=lambda: None) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert capfd.readouterr().err.strip().splitlines() == [
+        f"semid build: interrupted after version {started[0]} was committed"]
+
+
 def test_a_fits_handlers_are_undone_but_a_fired_ctrl_c_stays_fired():
     """After a Ray Train fit, the handlers it set are undone (Tune's SIGUSR1 here), but the
     SIG_IGN that semid's Ctrl-C handler set as it fired during the fit stays: it put semid's

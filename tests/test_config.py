@@ -15,6 +15,7 @@ from semid_dist.config import (
     MetricsConfig,
     QuantizerConfig,
     apply_overrides,
+    changed_settings,
     load_config,
     parse_config,
 )
@@ -85,7 +86,7 @@ def test_unknown_keys_raise_naming_the_dotted_key(data, key):
     ("fit.use_gpu", 1),
     ("fit.cpus_per_worker", False),
     ("fit.cpus_per_worker", float("nan")),
-    ("input.path", 3.5),
+    ("input.path", 3),
     ("input.path", ""),
     ("quantizer.layers", 64),
     ("quantizer.layers", []),
@@ -477,23 +478,31 @@ def test_spark_master_is_a_master_url():
 def test_spark_driver_memory_is_a_jvm_memory_size():
     for good in ("2g", "512m", "1G", "1t"):
         assert parse_config({**MINIMAL, "spark": {"driver_memory": good}})
-    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g", "1GB", "2gb", "4096", 2):  # -Xmx refuses
+    for bad in ("lots", "2 gigs", "1.5g", "-2g", "g", "1GB", "2gb", "4096"):  # -Xmx refuses
         with pytest.raises(ConfigError, match=r"spark.driver_memory: .* is not a JVM memory "
                                               r"size: give a number and a unit, e.g. 2g"):
             parse_config({**MINIMAL, "spark": {"driver_memory": bad}})
-    for small in ("8m", "300m", "449m", "460799k"):  # Spark's driver refuses to start on less
-        with pytest.raises(ConfigError, match=rf"spark.driver_memory: {small} is less than the "
-                                              r"450m a Spark driver needs .*; give 512m or more"):
+    for small in ("8m", "300m", "450m", "511m", "524287k"):  # a driver Spark does not start
+        with pytest.raises(ConfigError, match=rf"spark.driver_memory: {small} is less than "
+                                              r"512m: Spark does not start a driver with less "
+                                              r"than 450 MiB of heap.*; give 512m or more"):
             parse_config({**MINIMAL, "spark": {"driver_memory": small}})
-    for enough in ("450m", "460800k"):
+    for enough in ("512m", "524288k"):
         assert parse_config({**MINIMAL, "spark": {"driver_memory": enough}})
 
 
-def test_a_number_where_a_string_goes_is_read_as_its_text():
-    """YAML's (or an override's) `table: 2026` names the table "2026" (it was "expected a
-    non-empty string, got 2026"; `spark.driver_memory: 2` now gets the memory size's error)."""
-    assert parse_config({**MINIMAL, "output": {**MINIMAL["output"], "table": 2026}}
-                        ).output.table == "2026"
+def test_a_number_where_a_string_goes_says_to_quote_it():
+    """YAML's (or an override's) unquoted `table: 2026` or `driver_memory: 2` is a number: the
+    error says so and how to give the text (it said "expected a non-empty string, got 2",
+    as if the text were missing; a number is not taken as its text, since YAML reads
+    `010` as 8)."""
+    for key, value in (("output.table", 2026), ("spark.driver_memory", 2),
+                       ("input.id_column", 1.5)):
+        section, name = key.split(".")
+        with pytest.raises(ConfigError, match=rf"^{key}: expected a string, got the number "
+                                              rf"{value} \(YAML reads an unquoted number as "
+                                              rf"one: quote it, as '{value}', or check"):
+            parse_config({**MINIMAL, section: {**MINIMAL.get(section, {}), name: value}})
     with pytest.raises(ConfigError, match="input.id_column: expected a non-empty string, got "
                                           "True"):
         parse_config({**MINIMAL, "input": {**MINIMAL["input"], "id_column": True}})
@@ -535,3 +544,15 @@ def test_ray_and_spark_refuse_storage_in_this_process_memory(engine, workers, ke
                                           "local$"):
         parse_config(data)
     assert parse_config(with_keys(engine="local", **{key: "memory://cat"})).engine == "local"
+
+
+def test_changed_settings_name_what_differs_from_the_defaults():
+    """A build's first log line: input.path and output.root, then every setting other than
+    its default, in the config's order (a default given explicitly is left out)."""
+    cfg = parse_config({**MINIMAL, "engine": "local", "quantizer": {"layers": [64, 64]},
+                        "fit": {"sample_size": 100000, "cpus_per_worker": 1},
+                        "spark": {"app_name": "my app", "java_options": None}})
+    assert changed_settings(cfg) == (
+        "input.path=x output.root=y engine=local quantizer.layers=[64,64] "
+        "fit.cpus_per_worker=1.0 spark.app_name='my app' spark.java_options=null")
+    assert changed_settings(parse_config(MINIMAL)) == "input.path=x output.root=y"

@@ -380,7 +380,7 @@ def test_an_option_the_s3_client_does_not_take_is_one_line(s3, bucket, tmp_path)
         assert re.fullmatch(
             rf"semid {command[0]}: error: the s3:// file system does not take the option "
             r"'retries' that fsspec's configuration gives it \(TypeError: .*'retries'\); remove "
-            r"it from FSSPEC_S3 \(or FSSPEC_S3_RETRIES, or the files in FSSPEC_CONFIG_DIR\); "
+            r"it from FSSPEC_S3 \(or FSSPEC_S3_RETRIES\), or the files in FSSPEC_CONFIG_DIR; "
             r"botocore's settings go under \"config_kwargs\", as in \{.*\}"
             + ("; nothing was committed" if command[0] == "build" else ""), last), last
     assert not (tmp_path / "out").exists()

@@ -615,8 +615,9 @@ def test_spark_settings_a_session_cannot_start_with_are_one_line_errors(tmp_path
         "(127.0.0.1:1: [Errno 111] Connection refused); start it, correct the address, or "
         "leave spark.master unset to run on local[*]")
     assert named_error(cli_build(*args, "spark.driver_memory=1k", timeout=60)).endswith(
-        "spark.driver_memory: 1k is less than the 450m a Spark driver needs (Spark refuses to "
-        "start on less); give 512m or more (default 2g)")  # (no JVM started)
+        "spark.driver_memory: 1k is less than 512m: Spark does not start a driver with less "
+        "than 450 MiB of heap, and the JVM gives it less than its -Xmx; give 512m or more "
+        "(default 2g)")  # (no JVM started)
     last = named_error(cli_build(*args, "spark.java_options=-Xss1k", timeout=120))
     assert last.startswith("semid build: error: engine: spark could not start a Spark session "
                            "with spark.master=local[*], spark.driver_memory=2g and "

@@ -322,11 +322,12 @@ class SparkEngine(LocalEngine):
         implementation = self.spark.conf.get("spark.sql.catalogImplementation", "in-memory")
         if not (self._started and implementation == "in-memory"):
             return f"{missing}; check the name or use a Parquet path"
+        where = ("give spark-submit the catalog that holds it" if session.spark_submitted()
+                 else "run jobs/spark_build.py under spark-submit with the catalog that holds it")
         return (f"{missing}: the session this job started keeps its catalog in memory "
                 "(spark.sql.catalogImplementation=in-memory), which holds no table made "
-                "elsewhere; run jobs/spark_build.py under spark-submit with the catalog that "
-                "holds it (e.g. --conf spark.sql.catalogImplementation=hive, with the "
-                "metastore's settings), or point input.path at the table's Parquet files")
+                f"elsewhere; {where} (e.g. --conf spark.sql.catalogImplementation=hive, with "
+                "the metastore's settings), or point input.path at the table's Parquet files")
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple]) -> list[Any]:
         shared, items = split_shared(list(items))

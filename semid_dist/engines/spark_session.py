@@ -7,6 +7,7 @@ only.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     return spark, True
 
 
+_ONE_JVM = re.compile(r"local(\[([0-9]+|\*)\])?")  # masters whose executor is the driver's JVM
 # the loggers that print a failed task's error with its Python and Java stacks (the executor's
 # `Exception in task`, the scheduler's `Lost task` and `aborting job`)
 TASK_FAILURE_LOGGERS = ("org.apache.spark.executor.Executor",
@@ -121,8 +123,8 @@ def _quiet_local_task_failures(sc: SparkContext) -> None:
     though the driver gets the same error (with the task's Python traceback) and the
     build names it. Those loggers are turned off there; a cluster's executors log to their
     own files, as before. Best effort: a JVM without log4j 2 keeps its logging."""
-    if not sc.master.startswith("local"):
-        return
+    if not _ONE_JVM.fullmatch(sc.master):  # (local-cluster's executors are JVMs of their own;
+        return  # local[N,F] retries a failed task, and the retry may mend it)
     with suppress(Exception):
         log4j = sc._jvm.org.apache.logging.log4j
         for name in TASK_FAILURE_LOGGERS:

@@ -165,18 +165,20 @@ def no_answer(exc: BaseException) -> bool:
 _UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
-def refused_option(exc: BaseException) -> tuple[str, str] | None:
-    """(protocol, option) when `exc`, or an error it wraps, is a file system's client refusing
-    an option fsspec's configuration gives that protocol (`FSSPEC_S3='{"retries": 1}'`,
+def refused_option(exc: BaseException) -> tuple[list[str], str] | None:
+    """(protocols, option) when `exc`, or an error it wraps, is a file system's client
+    refusing an option fsspec's configuration gives (`FSSPEC_S3='{"retries": 1}'`,
     `FSSPEC_S3_RETRIES`, a file in FSSPEC_CONFIG_DIR): a TypeError naming it, raised by the
-    client's first request; else None."""
+    client's first request; the protocols whose configuration gives it (the error does not
+    say whose client it is); else None."""
     for node in wrapped_errors(exc):
         found = _UNEXPECTED_KEYWORD.search(str(node))
         if not isinstance(node, TypeError) or found is None:
             continue
-        for protocol, options in fsspec.config.conf.items():
-            if isinstance(options, dict) and found.group(1) in options:
-                return protocol, found.group(1)
+        protocols = [protocol for protocol, options in fsspec.config.conf.items()
+                     if isinstance(options, dict) and found.group(1) in options]
+        if protocols:
+            return protocols, found.group(1)
     return None
 
 
