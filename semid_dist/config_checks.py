@@ -192,9 +192,19 @@ def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overri
     across keys: `quantizer.layers=[32,16]` beside `prune.layer=2`); not one that mends the
     file's value of a key checked first (without it, that key's error shows). Where the
     file set that key: each override without which the error is not the same (the file's
-    `prune.layer: 2` against `quantizer.layers=[32,16]`)."""
+    `prune.layer: 2` against `quantizer.layers=[32,16]`). And any override of a dotted key
+    the message names (`prune.tau=1.0` in "prune.strategy=sarq needs prune.tau in (0, 1)",
+    whose default gives the same error)."""
     own = _own_override(message, overrides)
     key = _error_key(message)
+
+    def name(i: int) -> str:
+        return overrides[i].split("=", 1)[0].strip()
+
+    def named(i: int) -> bool:  # the value a dotted key the message names took (`prune.tau`
+        later = {name(j) for j in range(i + 1, len(overrides))}  # in "sarq needs prune.tau")
+        return ("." in name(i) and name(i) not in later and re.search(
+            rf"(?<![\w.]){re.escape(name(i))}(?![\w.])", message) is not None)
 
     def needed(items: list[str]) -> bool:  # (the messages hold nothing that varies)
         try:
@@ -207,7 +217,7 @@ def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overri
     kept = list(range(len(overrides)))
     for i in range(len(overrides)):
         without = [j for j in kept if j != i]
-        if i != own and not needed([overrides[j] for j in without]):
+        if i != own and not needed([overrides[j] for j in without]) and not named(i):
             kept = without
     return [overrides[j] for j in kept]
 
@@ -340,11 +350,12 @@ def _check_learned(cfg: BuildConfig) -> None:
 
 def _check_prune(prune: PruneConfig, n_layers: int) -> None:
     s = prune.strategy
-    if s in ("drop_layer", "top_k", "mass") and prune.layer >= n_layers:
-        raise ConfigError(f"prune.layer: {prune.layer} but there are only {n_layers} layers "
-                          f"(0..{n_layers - 1})")
     if s == "drop_layer" and n_layers < 2:
         raise ConfigError("prune.strategy=drop_layer needs at least 2 layers")
+    if s in ("drop_layer", "top_k", "mass") and prune.layer >= n_layers:
+        there = "is only 1 layer (0)" if n_layers == 1 else f"are only {n_layers} layers"
+        raise ConfigError(f"prune.layer: {prune.layer} but there {there}"
+                          + (f" (0..{n_layers - 1})" if n_layers > 1 else ""))
     if s == "mass" and prune.p <= 0:
         raise ConfigError("prune.strategy=mass needs prune.p in (0, 1], e.g. prune.p=0.3")
     if s == "sarq" and not 0 < prune.tau < 1:

@@ -169,6 +169,9 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
         metrics["reconstruction"]["latent_layers"] = len(sizes) - 1
     metrics["collisions"]["capacity"] = cfg.collisions.max_per_sid
     metrics["collisions"]["reassigned"] = moved
+    if cfg.collisions.max_per_sid is not None:
+        over = over_capacity(merged["all"], sizes, decision, cfg.collisions.max_per_sid)
+        metrics["collisions"]["over_capacity"] = over
     for part in ("head", "tail"):
         if part in merged:
             sub = merged[part]
@@ -176,9 +179,25 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                              else {"items": 0})  # collisions with any item, before moves
     log(f"reduce: {metrics['hourglass']['verdict']}")
     if moves is not None:
+        left = metrics["collisions"]["over_capacity"]
         log(f"collisions: {moved} items moved to a next-best last-layer code "
-            f"(capacity {cfg.collisions.max_per_sid} per SID)")
+            f"(capacity {cfg.collisions.max_per_sid} per SID)"
+            + (f"; {left['items']} items in {left['sids']} SIDs stay over it (none of their "
+               f"collisions.candidates={cfg.collisions.candidates} codes had room: more "
+               "candidates, a larger last layer or a larger bound place more)"
+               if left["sids"] else ""))
     return merged, decision, moves, metrics
+
+
+def over_capacity(merged: Partial, sizes: tuple[int, ...], decision: PruneDecision,
+                  capacity: int) -> dict[str, int]:
+    """What the capacity bound left over it, after the moves: {"sids": the full-length SIDs
+    (those it applies to) holding more than `capacity` items, "items": their items past it}
+    (items none of whose candidate codes had room)."""
+    keys, counts = final_sid_counts(merged, list(sizes), decision)
+    _, digit = last_layer_prefix(keys, sizes[-1])
+    over = (counts > capacity) & (digit < sizes[-1])
+    return {"sids": int(over.sum()), "items": int((counts[over] - capacity).sum())}
 
 
 def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,

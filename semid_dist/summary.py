@@ -10,6 +10,19 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def capacity_line(col: dict[str, Any]) -> list[str]:
+    """The capacity bound's line (none without one): the items it moved and those it left
+    over it (a version of an older release: the moves alone)."""
+    if col.get("capacity") is None:
+        return []
+    over = col.get("over_capacity")
+    left = (f", {counted(over['items'], 'item')} in {counted(over['sids'], 'SID')} over it (no "
+            "candidate code had room)" if over and over["sids"] else
+            ", none over it" if over else "")
+    return [f"capacity  at most {col['capacity']} per SID: "
+            f"{counted(col.get('reassigned', 0), 'item')} moved to a next-best code{left}"]
+
+
 def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
@@ -87,7 +100,9 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
         f"rejected {rows['rejected']}" + (
             f"  carried {rows['carried']} from the parent (replaced {rows['replaced']})"
             if "carried" in rows else ""),
-        "layer  size  used  util    H_norm  gini    top_share",
+        "layer  size  used  util    H_norm  gini    top_share"
+        + ("  (of the full codes, before pruning)"
+           if metrics.get("pruning", {}).get("strategy", "none") != "none" else ""),
     ]
     for layer in metrics["layers"]:
         lines.append(f"{layer['layer']:>5}  {layer['size']:>4}  {layer['used']:>4}  "
@@ -96,13 +111,16 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
     pr = metrics.get("pruning", {})
     if pr.get("strategy", "none") != "none":
         before = metrics["collisions_before"]
-        lines.append(f"pruning   {pr['strategy']}: {pr['pruned_tokens']} tokens, "
+        tokens = ("" if pr["strategy"] == "sarq"  # (it cuts prefixes, not a layer's tokens)
+                  else f"{pr['pruned_tokens']} tokens, ")
+        lines.append(f"pruning   {pr['strategy']}: {tokens}"
                      f"{pr['items_pruned']} items shortened, mean SID length "
                      f"{pr['mean_sid_length']:.3f} (unique-SID rate before "
                      f"{before['unique_sid_rate']:.4f})")
     lines += [
         f"SIDs      distinct {col['distinct_sids']}  unique-SID rate "
         f"{col['unique_sid_rate']:.4f}  max items/SID {col['max_items_per_sid']}",
+        *capacity_line(col),
         f"recon     mse {rec['mse']:.6f}  relative error {rec['relative_error']:.4f}"
         + estimated_mark(metrics),
         f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"

@@ -427,7 +427,12 @@ def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
                     "prune: {strategy: drop_layer}\n")
     with pytest.raises(ConfigError) as exc:  # the file alone gives it
         load_config(path, ["seed=3"])
-    assert str(exc.value).startswith(f"{path}: prune.layer: 1 but there are only 1 layers")
+    assert str(exc.value) == f"{path}: prune.strategy=drop_layer needs at least 2 layers"
+    path.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {layers: [8]}\n"
+                    "prune: {strategy: top_k}\n")
+    with pytest.raises(ConfigError) as exc:  # ("there are only 1 layers (0..0)" before)
+        load_config(path, [])
+    assert str(exc.value) == f"{path}: prune.layer: 1 but there is only 1 layer (0)"
     path.write_text("input: {path: x, popularity_column: pop}\noutput: {root: y}\n")
     for overrides, named in (  # the key's own override, and those the error needs beside it
             (["quantizer.layers=[32,16]", "seed=3", "prune.layer=2", "prune.strategy=top_k"],
@@ -436,7 +441,9 @@ def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
              "quantizer.method=rq_vae, collisions.max_per_sid=3: collisions.max_per_sid is"),
             (["input.popularity_column=null", "quantizer.method=acrq"],
              "input.popularity_column=null, quantizer.method=acrq: quantizer.method=acrq "
-             "splits")):
+             "splits"),
+            (["prune.strategy=sarq", "seed=3", "prune.tau=1.0"],  # (the default tau=0 gives
+             "prune.strategy=sarq, prune.tau=1.0: prune.strategy=sarq needs prune.tau")):  # it)
         with pytest.raises(ConfigError) as exc:
             load_config(path, overrides)
         assert str(exc.value).startswith(f"{path} with overrides {named}"), str(exc.value)

@@ -22,6 +22,7 @@ from semid_dist.pipeline import build
 from semid_dist.quantize import decode
 from semid_dist.sid_items import key_radix, sid_items_lookup
 from semid_dist.stages import JobContext, load_codebooks
+from semid_dist.summary import format_summary
 from tests.conftest import REPO, small_config
 
 LAYERS = [16, 8, 8]
@@ -149,6 +150,9 @@ def test_sarq_stops_at_first_small_prefix(fitted):
     res, t = encode_with(fitted, prune__strategy="sarq", prune__tau=tau)
     check_invariants(t, len(fitted[1]))
     check_pruning_figures(res.metrics, t)
+    text = format_summary(res.version_id, res.path, res.metrics, None)  # (no "0 tokens": sarq
+    assert (f"pruning   sarq: {res.metrics['pruning']['items_pruned']} items shortened"  # cuts
+            in text and "top_share  (of the full codes, before pruning)" in text)  # prefixes)
     codes = [tuple(c) for c in t["codes"]]
     n = len(codes)
     prefix_count = Counter(c[:d] for c in codes for d in range(1, 4))
@@ -176,8 +180,15 @@ def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     counts = Counter(sids(t))
     moved = res.metrics["collisions"]["reassigned"]
     assert moved > 0
-    # every SID within capacity unless no candidate had room (then suffixes disambiguate)
+    # every SID within capacity unless no candidate had room (then suffixes disambiguate),
+    # and those said: in metrics, the summary and the report (nothing said it before)
     assert res.metrics["collisions"]["max_items_per_sid"] == max(counts.values())
+    over = {s: c for s, c in counts.items() if c > 1}
+    left = {"sids": len(over), "items": sum(c - 1 for c in over.values())}
+    assert res.metrics["collisions"]["over_capacity"] == left and left["sids"] > 0
+    assert (f"capacity  at most 1 per SID: {moved} items moved to a next-best code, "
+            f"{left['items']} items in {left['sids']} SIDs over it (no candidate code had "
+            "room)") in format_summary(res.version_id, res.path, res.metrics, None)
     over_before = sum(c - 1 for c in Counter(sids(free)).values() if c > 1)
     assert sum(c - 1 for c in counts.values() if c > 1) < over_before
     changed = np.array([tuple(a) != tuple(b) for a, b in zip(t["codes"], free["codes"])])

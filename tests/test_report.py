@@ -193,7 +193,8 @@ def test_page_and_summary_say_what_their_figures_are_of():
                                residual_sq_norm_by_layer=[0.4, 0.2, 3e-05])
     part = {"items": 5, "layers": m["layers"][:1], "collisions": m["collisions"],
             "reconstruction": m["reconstruction"], "quality": m["quality"]}
-    m.update(head=part, tail=part, collisions=dict(m["collisions"], capacity=4))
+    m.update(head=part, tail=part, collisions=dict(m["collisions"], capacity=4, reassigned=7,
+                                                   over_capacity={"sids": 2, "items": 3}))
     figs = [Figure("residual_norm", "Residual norm per layer", "c",
                    F.residual_norm_figure([0.5] * 3, latent_layers=2))]
     page = render("v1", m, figs)
@@ -201,6 +202,8 @@ def test_page_and_summary_say_what_their_figures_are_of():
     assert "<td class=\"l\">L2</td>" in page and "latent residual" in page
     assert "3.000e-05" in page and "0.0000<" not in page
     assert "Of the codes before the capacity moves (collisions.max_per_sid=4)" in page
+    assert "items over it (in SIDs)</td><td class=\"\">3 (2)</td>" in page  # what it left over
+    assert "<td class=\"l\">distinct SIDs</td>" in page  # (its key, distinct_sids, before)
     assert F.residual_norm_figure([0.5] * 3, latent_layers=2) != F.residual_norm_figure(
         [0.5] * 3)
     text = format_summary("v1", "/p", m, {
@@ -208,6 +211,8 @@ def test_page_and_summary_say_what_their_figures_are_of():
         "items_common": 100_000, "items_only_from": 0, "items_only_to": 0,
         "layers": [{"layer": 0, "share_changed": 0.0}]})
     head = next(line for line in text.splitlines() if line.startswith("head"))
+    assert ("capacity  at most 4 per SID: 7 items moved to a next-best code, 3 items in 2 "
+            "SIDs over it (no candidate code had room)") in text
     assert " L0 gini 0.4000 (before capacity moves)" in head
     assert "0.00% of 100000 common items changed SID (3; per layer 0.00%)" in text
 

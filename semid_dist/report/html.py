@@ -124,8 +124,10 @@ def _layers_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> 
 
 
 def _collisions_table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    keys = ("distinct_sids", "unique_sid_rate", "mean_items_per_sid", "max_items_per_sid")
-    rows = [[k, before.get(k), after.get(k)] for k in keys]
+    keys = (("distinct SIDs", "distinct_sids"), ("unique-SID rate", "unique_sid_rate"),
+            ("mean items per SID", "mean_items_per_sid"),
+            ("max items per SID", "max_items_per_sid"))
+    rows = [[label, before.get(k), after.get(k)] for label, k in keys]
     rows += [[f"items per SID, quantile {q}", before["items_per_sid_quantiles"].get(q), v]
              for q, v in after.get("items_per_sid_quantiles", {}).items()]
     return table(["", "before pruning (full codes)", "after pruning (final SIDs)"], rows)
@@ -135,8 +137,10 @@ def _pruning_text(pr: dict[str, Any]) -> str:
     if pr.get("strategy", "none") == "none":
         return "<p>No pruning (prune.strategy=none): final SIDs are the full codes.</p>"
     where = f" at layer {pr['layer']}" if pr.get("layer") is not None else ""
-    return (f"<p>Strategy <b>{_fmt(pr['strategy'])}</b>{where}: {_fmt(pr['pruned_tokens'])} "
-            f"tokens pruned, {_fmt(pr['items_pruned'])} items get a shorter SID, mean SID "
+    tokens = ("" if pr["strategy"] == "sarq"  # (it cuts prefixes, not a layer's tokens)
+              else f"{_fmt(pr['pruned_tokens'])} tokens pruned, ")
+    return (f"<p>Strategy <b>{_fmt(pr['strategy'])}</b>{where}: {tokens}"
+            f"{_fmt(pr['items_pruned'])} items get a shorter SID, mean SID "
             f"length {_fmt(pr['mean_sid_length'], 3)}.</p>")
 
 
@@ -189,7 +193,12 @@ def _overview(m: dict[str, Any]) -> str:
                                              if "carried" in rows else [])),
         "<h3>Final SIDs</h3>" + table(["", ""], [
             ["distinct SIDs", col["distinct_sids"]], ["unique-SID rate", col["unique_sid_rate"]],
-            ["max items per SID", col["max_items_per_sid"]]]),
+            ["max items per SID", col["max_items_per_sid"]]]
+            + ([["capacity (collisions.max_per_sid)", col["capacity"]],
+                ["items moved to a next-best code", col.get("reassigned")]]
+               + ([["items over it (in SIDs)", f"{col['over_capacity']['items']} "
+                    f"({col['over_capacity']['sids']})"]] if "over_capacity" in col else [])
+               if col.get("capacity") is not None else [])),
         "<h3>Reconstruction and quality</h3>" + table(["", ""], [
             ["MSE", rec["mse"]], ["relative error" + est, rec["relative_error"]],
             ["semantic cohesion (SC)" + est, q["semantic_cohesion"]],
