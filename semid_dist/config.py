@@ -264,11 +264,17 @@ def changed_settings(cfg: BuildConfig) -> str:
 
 
 def _override_text(value: Any) -> str:
-    """A setting's value for `changed_settings`: text as it is (shell-quoted where it holds
-    a space), others as JSON (`[64,64]`, `null`, `true`)."""
+    """A setting's value for `changed_settings`, as an override on a shell's command line
+    gives it back: text as it is where YAML reads it so (else in double quotes: `'010'`, a
+    table named "010", not the number 8), others as JSON (`[64,64]`, `null`, `true`); then
+    shell-quoted where the shell would change it (`'local[*]'`)."""
+    text = json.dumps(value, separators=(",", ":"))
     if isinstance(value, str):
-        return shlex.quote(value) if any(c.isspace() for c in value) or not value else value
-    return json.dumps(value, separators=(",", ":"))
+        try:
+            text = value if override_value("", value) == value else text
+        except ConfigError:  # (text YAML cannot read: quoted)
+            pass
+    return shlex.quote(text)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -326,8 +332,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if isinstance(value, int | float) and not isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got the number {value!r} (YAML reads "
-                              f"an unquoted number as one: quote it, as '{value}', or check "
-                              "the value)")
+                              f"an unquoted number as one: quote it, as '{value}' in a file or "
+                              f"{key}=\"'{value}'\" in an override, or check the value)")
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
         return value

@@ -203,7 +203,8 @@ def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overri
 
     def named(i: int) -> bool:  # the value a dotted key the message names took (`prune.tau`
         later = {name(j) for j in range(i + 1, len(overrides))}  # in "sarq needs prune.tau")
-        return ("." in name(i) and name(i) not in later and re.search(
+        replaced = any(name(i) == n or name(i).startswith(n + ".") for n in later)
+        return ("." in name(i) and not replaced and re.search(
             rf"(?<![\w.]){re.escape(name(i))}(?![\w.])", message) is not None)
 
     def needed(items: list[str]) -> bool:  # (the messages hold nothing that varies)

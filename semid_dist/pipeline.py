@@ -211,13 +211,14 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     cfg, parent, latest = lineage(cfg, store)
     timings: dict[str, float] = {}
     started: list[str] = []  # the version this run writes, once chosen
+    committed: list[str] = []  # and once its commit returned
     early = None  # a delta that may be empty and skipped: planned before an engine starts
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
         check_table_outside_catalog(cfg.input.path, store)  # before an engine starts
         if cfg.encode.incremental and cfg.encode.empty_delta == "skip":
             with storage_failures(store, started):
                 early = plan_input(cfg.input.path, cfg, store, parent)
-    with storage_failures(store, started), contextlib.ExitStack() as claimed:
+    with storage_failures(store, started, committed), contextlib.ExitStack() as claimed:
         with make_engine(cfg, log=log) as engine:
             if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
                 engine.warm_up()
@@ -261,6 +262,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         files += _version_files(store, vid, red, metrics, drift) + reject_files
         moved = _commit(store, vid, _manifest(cfg, plan, ctx, parent, red), files,
                         expect=latest)
+        committed.append(vid)  # (a Ctrl-C from here on: InterruptedAfterCommit)
     return _committed(store, vid, moved, metrics, drift, log, t0, expected=latest)
 
 

@@ -22,7 +22,7 @@ from semid_dist.errors import (
 from semid_dist.io import fs as fsio
 from semid_dist.io.catalog import CatalogPlan, plan_catalog
 from semid_dist.io.fs import redact_url
-from semid_dist.io.store import MANIFEST, TableStore
+from semid_dist.io.store import TableStore
 from semid_dist.io.validate import stored_id_type
 from semid_dist.preflight import check_empty_delta, check_inputs, parent_notes
 from semid_dist.resume import (
@@ -130,23 +130,25 @@ def lineage(cfg: BuildConfig, store: TableStore) -> tuple[BuildConfig, str | Non
 
 
 @contextlib.contextmanager
-def storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
+def storage_failures(store: TableStore, started: list[str],
+                     committed: list[str] | None = None) -> Iterator[None]:
     """A full disk, a read-only mount, a permission denied or storage that does not answer
     under the build (before its commit: one after its manifest is the commit's own error)
     as one line: nothing was committed, what to do, and that the same command resumes the
     version it had started (`started`). The table is named where the system named no file.
     A Ctrl-C once that version was started (or an error after it, where the Ctrl-C itself
     was dropped: `signals.interrupt_raised`) is InterruptedBuild, whose line names the
-    version, or InterruptedAfterCommit where its commit had returned."""
+    version, or InterruptedAfterCommit once its commit had returned (`committed` holds it:
+    known without asking the storage, which may be what does not answer)."""
     try:
         yield
     except KeyboardInterrupt as exc:
         if not started or isinstance(exc, InterruptedAfterCommit | InterruptedBuild):
             raise
-        raise _interrupted(store, started[0]) from exc
+        raise _interrupted(started[0], committed) from exc
     except Exception as exc:
         if started and interrupt_raised():  # what the stopping broke
-            raise _interrupted(store, started[0]) from exc
+            raise _interrupted(started[0], committed) from exc
         fix, doing = fsio.storage_advice(exc, table=True), "writing the table"
         if fix is None and fsio.no_answer(exc):
             fix = fsio.no_answer_advice(store.url)
@@ -161,10 +163,7 @@ def storage_failures(store: TableStore, started: list[str]) -> Iterator[None]:
                          f"they were): {fix}, then run the same command again{again}") from None
 
 
-def _interrupted(store: TableStore, vid: str) -> KeyboardInterrupt:
-    """A Ctrl-C under the build of version `vid`: InterruptedAfterCommit once its manifest is
-    written (stopped as it left the build, after the commit), else InterruptedBuild."""
-    with contextlib.suppress(Exception):  # (the storage gone: it was not committed by it)
-        if store.fs.exists(f"{store.version_dir(vid)}/{MANIFEST}"):
-            return InterruptedAfterCommit(vid)
-    return InterruptedBuild(vid)
+def _interrupted(vid: str, committed: list[str] | None) -> KeyboardInterrupt:
+    """A Ctrl-C under the build of version `vid`: InterruptedAfterCommit once its commit
+    returned (stopped as it left the build), else InterruptedBuild."""
+    return InterruptedAfterCommit(vid) if committed else InterruptedBuild(vid)

@@ -182,22 +182,28 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
         left = metrics["collisions"]["over_capacity"]
         log(f"collisions: {moved} items moved to a next-best last-layer code "
             f"(capacity {cfg.collisions.max_per_sid} per SID)"
-            + (f"; {left['items']} items in {left['sids']} SIDs stay over it (none of their "
-               f"collisions.candidates={cfg.collisions.candidates} codes had room: more "
-               "candidates, a larger last layer or a larger bound place more)"
+            + (f"; {left['items']} items in {left['sids']} SIDs stay over it (no room in "
+               f"their collisions.candidates={cfg.collisions.candidates} codes"
+               + (", or carried from the parent" if cfg.encode.incremental else "")
+               + ": more candidates, a larger last layer or a larger bound place more)"
                if left["sids"] else ""))
     return merged, decision, moves, metrics
 
 
 def over_capacity(merged: Partial, sizes: tuple[int, ...], decision: PruneDecision,
                   capacity: int) -> dict[str, int]:
-    """What the capacity bound left over it, after the moves: {"sids": the full-length SIDs
-    (those it applies to) holding more than `capacity` items, "items": their items past it}
-    (items none of whose candidate codes had room)."""
+    """What is over the capacity bound after its moves: {"sids": SIDs that keep a last-layer
+    code (those it applies to) holding more than `capacity` items, "items": their items past
+    it (none of whose candidate codes had room; an incremental version's carried items are
+    never moved), "pruned_sids" / "pruned_items": the same of SIDs that pruning cut before
+    their last layer (the bound does not apply to them)}."""
     keys, counts = final_sid_counts(merged, list(sizes), decision)
     _, digit = last_layer_prefix(keys, sizes[-1])
-    over = (counts > capacity) & (digit < sizes[-1])
-    return {"sids": int(over.sum()), "items": int((counts[over] - capacity).sum())}
+    over, bounded = counts > capacity, digit < sizes[-1]
+    past = counts - capacity
+    return {"sids": int((over & bounded).sum()), "items": int(past[over & bounded].sum()),
+            "pruned_sids": int((over & ~bounded).sum()),
+            "pruned_items": int(past[over & ~bounded].sum())}
 
 
 def finalize_version(engine: Engine, ctx: JobContext, plan: CatalogPlan, merged: Partial,

@@ -10,15 +10,21 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
-def capacity_line(col: dict[str, Any]) -> list[str]:
+def capacity_line(col: dict[str, Any], incremental: bool = False) -> list[str]:
     """The capacity bound's line (none without one): the items it moved and those it left
-    over it (a version of an older release: the moves alone)."""
+    over it (a version of an older release: the moves alone); `incremental`: its carried
+    items, never moved, may be among them."""
     if col.get("capacity") is None:
         return []
     over = col.get("over_capacity")
     left = (f", {counted(over['items'], 'item')} in {counted(over['sids'], 'SID')} over it (no "
-            "candidate code had room)" if over and over["sids"] else
+            f"candidate code had room{', or carried' if incremental else ''})"
+            if over and over["sids"] else
             ", none over it" if over else "")
+    if over and over.get("pruned_sids"):
+        left += (f"; {counted(over['pruned_items'], 'item')} past it in "
+                 f"{counted(over['pruned_sids'], 'SID')} pruning cut before the last layer "
+                 "(not bounded)")
     return [f"capacity  at most {col['capacity']} per SID: "
             f"{counted(col.get('reassigned', 0), 'item')} moved to a next-best code{left}"]
 
@@ -120,7 +126,7 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
     lines += [
         f"SIDs      distinct {col['distinct_sids']}  unique-SID rate "
         f"{col['unique_sid_rate']:.4f}  max items/SID {col['max_items_per_sid']}",
-        *capacity_line(col),
+        *capacity_line(col, incremental="incremental" in metrics),
         f"recon     mse {rec['mse']:.6f}  relative error {rec['relative_error']:.4f}"
         + estimated_mark(metrics),
         f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"

@@ -480,17 +480,17 @@ def test_an_error_after_a_dropped_ctrl_c_ends_the_command_as_the_ctrl_c(capfd, b
 def test_a_ctrl_c_under_a_started_version_names_it_or_its_commit(tmp_path, capfd):
     """A Ctrl-C under a build once its version was started: the line names the version the
     same command resumes, also where the Ctrl-C was dropped and what the stopping broke came
-    instead; once the version's manifest is written (a Ctrl-C after the commit, still inside
-    the build) it says the version was committed (it said "nothing was committed")."""
+    instead; once its commit returned (a Ctrl-C after it, still inside the build: the
+    heartbeat's stop) it says the version was committed (it said "nothing was committed"),
+    known without asking the storage."""
     from semid_dist.cli import _run
     from semid_dist.plan import storage_failures
 
     store = TableStore(str(tmp_path / "out"), "sids")
-    started = [f"20261206T000000000000Z-{'a' * 6}"]
-    store.write_file(started[0], "run.json", b"{}")  # its folder, no manifest
+    started, committed = [f"20261206T000000000000Z-{'a' * 6}"], []
 
     def stopped(drop: bool) -> int:
-        with storage_failures(store, started):
+        with storage_failures(store, started, committed):
             if not drop:
                 raise KeyboardInterrupt
             _RaisesOnCollection()  # the Ctrl-C, dropped
@@ -505,7 +505,7 @@ def test_a_ctrl_c_under_a_started_version_names_it_or_its_commit(tmp_path, capfd
             assert capfd.readouterr().err.strip().splitlines() == [
                 "semid build: interrupted; nothing was committed (the same command resumes "
                 f"version {started[0]})"]
-        store.write_file(started[0], "_manifest.json", b"{}")  # committed, as the build left
+        committed.append(started[0])  # as the build notes its commit's return
         assert _run("semid build", lambda: stopped(False), exiting=False,
                     committed=lambda: None) == 130
     finally:

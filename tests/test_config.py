@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import pytest
@@ -508,7 +509,8 @@ def test_a_number_where_a_string_goes_says_to_quote_it():
         section, name = key.split(".")
         with pytest.raises(ConfigError, match=rf"^{key}: expected a string, got the number "
                                               rf"{value} \(YAML reads an unquoted number as "
-                                              rf"one: quote it, as '{value}', or check"):
+                                              rf"one: quote it, as '{value}' in a file or "
+                                              rf"{key}=\"'{value}'\" in an override, or check"):
             parse_config({**MINIMAL, section: {**MINIMAL.get(section, {}), name: value}})
     with pytest.raises(ConfigError, match="input.id_column: expected a non-empty string, got "
                                           "True"):
@@ -558,8 +560,14 @@ def test_changed_settings_name_what_differs_from_the_defaults():
     its default, in the config's order (a default given explicitly is left out)."""
     cfg = parse_config({**MINIMAL, "engine": "local", "quantizer": {"layers": [64, 64]},
                         "fit": {"sample_size": 100000, "cpus_per_worker": 1},
-                        "spark": {"app_name": "my app", "java_options": None}})
-    assert changed_settings(cfg) == (
-        "input.path=x output.root=y engine=local quantizer.layers=[64,64] "
-        "fit.cpus_per_worker=1.0 spark.app_name='my app' spark.java_options=null")
+                        "output": {"root": "y", "table": "010"},
+                        "spark": {"app_name": "my app", "java_options": None,
+                                  "master": "local[*]"}})
+    line = changed_settings(cfg)
+    assert line == (
+        "input.path=x output.root=y output.table='\"010\"' engine=local "
+        "quantizer.layers='[64,64]' fit.cpus_per_worker=1.0 spark.master='local[*]' "
+        "spark.app_name='my app' spark.java_options=null")
+    # as a shell gives them back, the overrides make the same config
+    assert parse_config({}, shlex.split(line)) == cfg
     assert changed_settings(parse_config(MINIMAL)) == "input.path=x output.root=y"

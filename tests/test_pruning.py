@@ -184,7 +184,8 @@ def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     # and those said: in metrics, the summary and the report (nothing said it before)
     assert res.metrics["collisions"]["max_items_per_sid"] == max(counts.values())
     over = {s: c for s, c in counts.items() if c > 1}
-    left = {"sids": len(over), "items": sum(c - 1 for c in over.values())}
+    left = {"sids": len(over), "items": sum(c - 1 for c in over.values()), "pruned_sids": 0,
+            "pruned_items": 0}
     assert res.metrics["collisions"]["over_capacity"] == left and left["sids"] > 0
     assert (f"capacity  at most 1 per SID: {moved} items moved to a next-best code, "
             f"{left['items']} items in {left['sids']} SIDs over it (no candidate code had "
@@ -203,6 +204,25 @@ def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     np.testing.assert_allclose(t["qerr"], err, rtol=1e-3, atol=1e-4)
     assert (t["qerr"][changed].values >= free["qerr"][changed].values - 1e-6).all()
     assert res.metrics["reconstruction"]["mse"] == pytest.approx(err.mean(), rel=1e-4)
+
+
+def test_sids_pruning_cut_before_the_last_layer_are_counted_apart_from_the_bound(fitted):
+    """drop_layer at the last layer under collisions.max_per_sid=1: no SID keeps a
+    last-layer code, so the bound moves nothing; the SIDs over it are counted as pruned,
+    not bounded (the summary said "none over it" beside max items/SID 40)."""
+    res, t = encode_with(fitted, collisions__max_per_sid=1, prune__strategy="drop_layer",
+                         prune__layer=2)
+    check_invariants(t, len(fitted[1]))
+    over = {s: c for s, c in Counter(sids(t)).items() if c > 1}
+    assert over and all(len(s) == 2 for s in over)
+    col = res.metrics["collisions"]
+    assert col["reassigned"] == 0 and col["over_capacity"] == {
+        "sids": 0, "items": 0, "pruned_sids": len(over),
+        "pruned_items": sum(c - 1 for c in over.values())}
+    assert (f"capacity  at most 1 per SID: 0 items moved to a next-best code, none over it; "
+            f"{col['over_capacity']['pruned_items']} items past it in {len(over)} SIDs pruning "
+            "cut before the last layer (not bounded)") in format_summary(
+                res.version_id, res.path, res.metrics, None)
 
 
 def test_capacity_bound_past_gather_rows_moves_the_same_items(fitted):

@@ -203,7 +203,7 @@ def test_page_and_summary_say_what_their_figures_are_of():
     assert "3.000e-05" in page and "0.0000<" not in page
     assert "Of the codes before the capacity moves (collisions.max_per_sid=4)" in page
     assert "items over it (in SIDs)</td><td class=\"\">3 (2)</td>" in page  # what it left over
-    assert "<td class=\"l\">distinct SIDs</td>" in page  # (its key, distinct_sids, before)
+    assert "<td class=\"l\">mean items per SID</td>" in page  # (its key before)
     assert F.residual_norm_figure([0.5] * 3, latent_layers=2) != F.residual_norm_figure(
         [0.5] * 3)
     text = format_summary("v1", "/p", m, {

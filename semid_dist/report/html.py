@@ -196,8 +196,12 @@ def _overview(m: dict[str, Any]) -> str:
             ["max items per SID", col["max_items_per_sid"]]]
             + ([["capacity (collisions.max_per_sid)", col["capacity"]],
                 ["items moved to a next-best code", col.get("reassigned")]]
-               + ([["items over it (in SIDs)", f"{col['over_capacity']['items']} "
-                    f"({col['over_capacity']['sids']})"]] if "over_capacity" in col else [])
+               + ([["items over it (in SIDs)", f"{_fmt(col['over_capacity']['items'])} "
+                    f"({_fmt(col['over_capacity']['sids'])})"]] if "over_capacity" in col else [])
+               + ([["past it in SIDs pruning cut (not bounded)",
+                    f"{_fmt(col['over_capacity']['pruned_items'])} "
+                    f"({_fmt(col['over_capacity']['pruned_sids'])})"]]
+                  if col.get("over_capacity", {}).get("pruned_sids") else [])
                if col.get("capacity") is not None else [])),
         "<h3>Reconstruction and quality</h3>" + table(["", ""], [
             ["MSE", rec["mse"]], ["relative error" + est, rec["relative_error"]],
