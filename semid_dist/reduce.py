@@ -165,6 +165,9 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
                                 seed=cfg.seed, decision=decision, table=table)
 
     metrics = figures(merged["all"])
+    q = cfg.quantizer
+    metrics["quantizer"] = {"method": q.method, "layers": list(sizes),
+                            **({"base": q.acrq_base} if q.method == "acrq" else {})}
     if cfg.learned:  # its residuals after the other layers are in the model's latent space
         metrics["reconstruction"]["latent_layers"] = len(sizes) - 1
     metrics["collisions"]["capacity"] = cfg.collisions.max_per_sid

@@ -10,6 +10,21 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def quantizer_text(metrics: dict[str, Any]) -> str | None:
+    """`rq_kmeans 256 x 256 x 256` (`acrq on rq_vae ...`), or None for a version of an older
+    release, whose metrics do not say."""
+    q = metrics.get("quantizer")
+    if not q:
+        return None
+    base = f" on {q['base']}" if q.get("base") else ""
+    return f"{q['method']}{base} {' x '.join(str(k) for k in q['layers'])}"
+
+
+def quantizer_line(metrics: dict[str, Any]) -> list[str]:
+    text = quantizer_text(metrics)
+    return [f"quantizer {text}"] if text else []
+
+
 def capacity_line(col: dict[str, Any], incremental: bool = False) -> list[str]:
     """The capacity bound's line (none without one): the items it moved and those it left
     over it (a version of an older release: the moves alone); `incremental`: its carried
@@ -106,6 +121,7 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
         f"rejected {rows['rejected']}" + (
             f"  carried {rows['carried']} from the parent (replaced {rows['replaced']})"
             if "carried" in rows else ""),
+        *quantizer_line(metrics),
         "layer  size  used  util    H_norm  gini    top_share"
         + ("  (of the full codes, before pruning)"
            if metrics.get("pruning", {}).get("strategy", "none") != "none" else ""),

@@ -190,6 +190,9 @@ def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     assert (f"capacity  at most 1 per SID: {moved} items moved to a next-best code, "
             f"{left['items']} items in {left['sids']} SIDs over it (no candidate code had "
             "room)") in format_summary(res.version_id, res.path, res.metrics, None)
+    assert res.metrics["quantizer"] == {"method": "rq_kmeans", "layers": LAYERS}
+    assert "\nquantizer rq_kmeans 16 x 8 x 8\n" in format_summary(res.version_id, res.path,
+                                                                 res.metrics, None)
     over_before = sum(c - 1 for c in Counter(sids(free)).values() if c > 1)
     assert sum(c - 1 for c in counts.values() if c > 1) < over_before
     changed = np.array([tuple(a) != tuple(b) for a, b in zip(t["codes"], free["codes"])])

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from semid_dist.summary import estimated_mark
+from semid_dist.summary import estimated_mark, quantizer_text
 
 TOP_ROUTING_TOKENS = 10
 
@@ -228,7 +228,8 @@ def render(version_id: str, metrics: dict[str, Any], figures: Sequence[Figure], 
 
     body = [
         f"<h1>Semantic ID report — version {html.escape(version_id)}</h1>",
-        f'<p class="sub">{html.escape(source)}</p>' if source else "",
+        f'<p class="sub">{html.escape(" · ".join(filter(None, [source, quantizer_text(m)])))}'
+        "</p>" if source or quantizer_text(m) else "",
         f'<p class="verdict{" alert" if hg.get("detected") else ""}"><b>Hourglass:</b> '
         f"{html.escape(hg.get('verdict', 'n/a'))}</p>",
         _overview(m), "<h2>Token flow</h2>", fig("token_flow"),
