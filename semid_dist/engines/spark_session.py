@@ -267,12 +267,16 @@ def stop_session(spark: SparkSession) -> bool:
     from pyspark.sql import SparkSession, SQLContext
 
     gateway = SparkContext._gateway
+    proc = getattr(gateway, "proc", None)  # (a JVM this process launched; not spark-submit's)
+    # one that exited is sent nothing: a command on its reset connection made py4j log the
+    # error's traceback itself, at ERROR, where the reset came as it read the answer
+    gone = proc is not None and proc.poll() is not None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _end_tasks(spark.sparkContext)
-            spark.stop()
-            gone = False
+            if not gone:
+                _end_tasks(spark.sparkContext)
+                spark.stop()
         except (Py4JNetworkError, ConnectionError, EOFError):
             gone = True
     for warning in caught:  # pyspark's own, where its stop of the context found the JVM gone
@@ -283,7 +287,7 @@ def stop_session(spark: SparkSession) -> bool:
                                    warning.lineno)
     if not gone:
         return True
-    _end_jvm(getattr(gateway, "proc", None))
+    _end_jvm(proc)
     with suppress(Exception):
         gateway.close()
     with SparkContext._lock:  # (pyspark's own stop clears these once the JVM has answered)
