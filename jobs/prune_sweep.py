@@ -5,8 +5,8 @@
 Prints a Markdown table of layer-2 (index 1) Gini after pruning, unique-SID rate, distinct
 SIDs, max items per SID and mean SID length. The builds' versions land under --root (default:
 a temporary directory, removed afterwards), never in the config's own table: a sweep is an
-experiment, and its last version would become that table's `_latest`. Each of the ten
-versions holds a whole SID table (the demo's: ~1 MB each). An engine on a cluster (Ray with
+experiment, and its last version would become that table's `_latest`. Each of the (up to)
+ten versions holds a whole SID table (the demo's: ~1 MB each). An engine on a cluster (Ray with
 ray.address, Spark with a master that is not local) needs a --root every worker can reach.
 """
 
@@ -19,12 +19,21 @@ from semid_dist.engines.spark_session import session_master
 from semid_dist.errors import ConfigError
 from semid_dist.pipeline import build
 
-STRATEGIES = [
-    ("none", []), ("drop_layer", []),
-    *[(f"top_k K={k}", ["prune.strategy=top_k", f"prune.k={k}"]) for k in (4, 16, 64)],
-    *[(f"mass p={p}", ["prune.strategy=mass", f"prune.p={p}"]) for p in (0.1, 0.3)],
-    *[(f"sarq tau={t}", ["prune.strategy=sarq", f"prune.tau={t}"]) for t in (0.001, 0.0002)],
-]
+TOP_K = (4, 16, 64)
+
+
+def strategies(cfg: BuildConfig) -> list[tuple[str, list[str]]]:
+    """The sweep's rows: a name and its overrides. top_k's K values are those of TOP_K below
+    the pruned layer's size (a K of the whole layer prunes every token), else half of it."""
+    size = cfg.quantizer.layers[cfg.prune.layer]
+    ks = [k for k in TOP_K if k < size] or [max(1, size // 2)]
+    return [
+        ("none", ["prune.strategy=none"]), ("drop_layer", ["prune.strategy=drop_layer"]),
+        *[(f"top_k K={k}", ["prune.strategy=top_k", f"prune.k={k}"]) for k in ks],
+        *[(f"mass p={p}", ["prune.strategy=mass", f"prune.p={p}"]) for p in (0.1, 0.3)],
+        *[(f"sarq tau={t}", ["prune.strategy=sarq", f"prune.tau={t}"])
+          for t in (0.001, 0.0002)],
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +43,8 @@ def main(argv: list[str]) -> int:
                    "directory, removed afterwards)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    _check_root(load_config(args.config, args.overrides), args.root, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    _check_root(cfg, args.root, args.overrides)
     quiet = lambda msg: None  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="semid-prune-sweep-") as tmp:
         overrides = [*args.overrides, f"output.root={args.root or tmp}"]
@@ -42,8 +52,7 @@ def main(argv: list[str]) -> int:
         print("| strategy | layer-2 Gini | layer-2 used | unique-SID rate | distinct SIDs | "
               "max items/SID | mean SID length |")
         print("|---|---|---|---|---|---|---|")
-        for name, extra in STRATEGIES:
-            extra = extra or ([f"prune.strategy={name}"] if name != "none" else [])
+        for name, extra in strategies(cfg):
             over = [*overrides, f"encode.from_version={base.version_id}", *extra]
             m = build(load_config(args.config, over), log=quiet).metrics
             l2, col = m["pruning"]["layers_after"][1], m["collisions"]

@@ -260,7 +260,7 @@ def check_consistency(cfg: BuildConfig) -> None:
         raise ConfigError(
             f"quantizer.layers={list(layers)}: the product of (layer size + 1) exceeds 2^62, "
             "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
-    _check_prune(cfg.prune, len(layers))
+    _check_prune(cfg.prune, layers)
     _check_learned(cfg)
     source = cfg.encode.from_version
     if source is not None and source != "latest" and not FOLDER_NAME.fullmatch(source):
@@ -315,6 +315,10 @@ def _check_acrq(cfg: BuildConfig) -> None:
     if any(b < a for a, b in zip(anchors, anchors[1:])):
         raise ConfigError(f"quantizer.anchor_layers={list(anchors)} must not decrease over "
                           "the layers (ACRQ's curriculum: coarse early layers, finer later)")
+    if not 0 < cfg.metrics.head_share < 1 and not cfg.encode.from_version:
+        raise ConfigError(f"metrics.head_share: {cfg.metrics.head_share} leaves ACRQ's head or "
+                          "tail empty (quantizer.method=acrq fits both); give a share strictly "
+                          "between 0 and 1, e.g. 0.8")
     if not cfg.input.popularity_column and not cfg.encode.from_version:
         raise ConfigError("quantizer.method=acrq splits the fit sample into head and tail "
                           "items by popularity; set input.popularity_column")
@@ -349,14 +353,18 @@ def _check_learned(cfg: BuildConfig) -> None:
                           f"only, not {q.method}; set fit.warm_start=none")
 
 
-def _check_prune(prune: PruneConfig, n_layers: int) -> None:
-    s = prune.strategy
-    if s == "drop_layer" and n_layers < 2:
-        raise ConfigError("prune.strategy=drop_layer needs at least 2 layers")
+def _check_prune(prune: PruneConfig, layers: tuple[int, ...] | list[int]) -> None:
+    s, n_layers = prune.strategy, len(layers)
+    if s != "none" and n_layers < 2:  # a pruned SID of one layer would be empty
+        raise ConfigError(f"prune.strategy={s} needs at least 2 layers (one layer's pruned "
+                          "SIDs would be empty); add a layer or set prune.strategy=none")
     if s in ("drop_layer", "top_k", "mass") and prune.layer >= n_layers:
-        there = "is only 1 layer (0)" if n_layers == 1 else f"are only {n_layers} layers"
-        raise ConfigError(f"prune.layer: {prune.layer} but there {there}"
-                          + (f" (0..{n_layers - 1})" if n_layers > 1 else ""))
+        raise ConfigError(f"prune.layer: {prune.layer} but there are only {n_layers} layers "
+                          f"(0..{n_layers - 1})")
+    if s == "top_k" and prune.k > layers[prune.layer]:
+        raise ConfigError(f"prune.k: {prune.k} is more than the {layers[prune.layer]} tokens "
+                          f"of layer {prune.layer} (quantizer.layers[{prune.layer}]); give at "
+                          f"most {layers[prune.layer]}")
     if s == "mass" and prune.p <= 0:
         raise ConfigError("prune.strategy=mass needs prune.p in (0, 1], e.g. prune.p=0.3")
     if s == "sarq" and not 0 < prune.tau < 1:

@@ -150,6 +150,8 @@ def test_acrq_build_encodes_like_residual_kmeans(small_catalog, tmp_path):
     ({"quantizer__anchor_layers": [8, 6, 4]}, "must not decrease"),
     ({"input__popularity_column": None}, "set input.popularity_column"),
     ({"fit__warm_start": "parent"}, "not supported by quantizer.method=acrq"),
+    ({"metrics__head_share": 1.0}, r"1.0 leaves ACRQ's head or tail empty"),
+    ({"metrics__head_share": 0.0}, r"strictly between 0 and 1"),
 ])
 def test_acrq_config_errors(over, message, tmp_path):
     opts = {"quantizer__method": "acrq", "quantizer__layers": [16, 8, 8],

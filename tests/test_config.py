@@ -10,11 +10,13 @@ import pytest
 import yaml
 
 from semid_dist.config import (
+    _RANGES,
     BuildConfig,
     FitConfig,
     InputConfig,
     MetricsConfig,
     QuantizerConfig,
+    _flat,
     apply_overrides,
     changed_settings,
     load_config,
@@ -419,21 +421,32 @@ def test_a_cross_key_error_an_override_brings_about_names_it(tmp_path):
         load_config(path, ["seed=3", "quantizer.layers=[32,16]"])
     assert str(exc.value) == (f"{path} with override quantizer.layers=[32,16]: prune.layer: 2 "
                               "but there are only 2 layers (0..1)")
-    path.write_text("input: {path: x}\noutput: {root: y}\nprune: {layer: 1}\n")
+    path.write_text("input: {path: x}\noutput: {root: y}\nprune: {layer: 2}\n")
     with pytest.raises(ConfigError) as exc:  # neither override alone is at fault
-        load_config(path, ["prune.strategy=top_k", "seed=3", "quantizer.layers=[32]"])
+        load_config(path, ["prune.strategy=top_k", "seed=3", "quantizer.layers=[32,16]"])
     assert str(exc.value).startswith(f"{path} with overrides prune.strategy=top_k, "
-                                     "quantizer.layers=[32]: prune.layer: 1 but")
+                                     "quantizer.layers=[32,16]: prune.layer: 2 but")
     path.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {layers: [8]}\n"
                     "prune: {strategy: drop_layer}\n")
     with pytest.raises(ConfigError) as exc:  # the file alone gives it
         load_config(path, ["seed=3"])
-    assert str(exc.value) == f"{path}: prune.strategy=drop_layer needs at least 2 layers"
-    path.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {layers: [8]}\n"
+    assert str(exc.value) == (f"{path}: prune.strategy=drop_layer needs at least 2 layers "
+                              "(one layer's pruned SIDs would be empty); add a layer or set "
+                              "prune.strategy=none")
+    path.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {layers: [8, 16]}\n"
                     "prune: {strategy: top_k}\n")
-    with pytest.raises(ConfigError) as exc:  # ("there are only 1 layers (0..0)" before)
-        load_config(path, [])
-    assert str(exc.value) == f"{path}: prune.layer: 1 but there is only 1 layer (0)"
+    assert load_config(path, ["prune.k=16"]).prune.k == 16  # every token of layer 1
+    with pytest.raises(ConfigError) as exc:  # (the same as 16 before, silently)
+        load_config(path, ["prune.k=17"])
+    assert str(exc.value) == (f"{path} with override prune.k=17: prune.k: 17 is more than the "
+                              "16 tokens of layer 1 (quantizer.layers[1]); give at most 16")
+    for strategy in ("top_k", "mass", "sarq"):  # each left a pruned item an empty SID
+        path.write_text("input: {path: x}\noutput: {root: y}\nquantizer: {layers: [8]}\n"
+                        f"prune: {{strategy: {strategy}, layer: 0, k: 2, p: 0.5, tau: 0.1}}\n")
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, [])
+        assert str(exc.value).startswith(
+            f"{path}: prune.strategy={strategy} needs at least 2 layers (one layer's")
     path.write_text("input: {path: x, popularity_column: pop}\noutput: {root: y}\n")
     for overrides, named in (  # the key's own override, and those the error needs beside it
             (["quantizer.layers=[32,16]", "seed=3", "prune.layer=2", "prune.strategy=top_k"],
@@ -571,3 +584,17 @@ def test_changed_settings_name_what_differs_from_the_defaults():
     # as a shell gives them back, the overrides make the same config
     assert parse_config({}, shlex.split(line)) == cfg
     assert changed_settings(parse_config(MINIMAL)) == "input.path=x output.root=y"
+
+
+def test_every_config_key_is_in_the_readme():
+    """Each key a config takes is documented: README's tables give it whole (`fit.use_gpu`)
+    or, in a row of several keys of one section, by its last part (`embedding_column`), and
+    each documented range is the one the config enforces."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    keys = list(_flat(parse_config(MINIMAL).to_dict()))
+    assert "collisions.candidates" in keys and "quantizer.r3_lambda" in keys
+    missing = [k for k in keys
+               if f"`{k}`" not in readme and f"`{k.rsplit('.', 1)[1]}`" not in readme]
+    assert missing == []
+    low, high = _RANGES["collisions.candidates"]
+    assert f"last-layer candidates kept per item for the moves, {low} to {high}" in readme
