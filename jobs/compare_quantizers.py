@@ -1,8 +1,10 @@
 """Compare rq_kmeans, rq_vae, r3vae and acrq (both bases) at equal layer sizes (Markdown).
 
 Each method runs a full build (fit -> encode -> reduce -> commit; on the local engine unless an
-`engine=` override says otherwise) into --root (default: a temporary directory) and the table
-is read from the committed metrics:
+`engine=` override says otherwise) into --root (default: a temporary directory, removed
+afterwards; output.root and output.table overrides are refused: a table per method) and its
+row of the table, read from the
+committed metrics, is printed as it finishes:
     python jobs/compare_quantizers.py --config conf/demo.yaml [key=value ...]
     python jobs/compare_quantizers.py --config conf/demo.yaml quantizer.epochs=40
 """
@@ -15,6 +17,7 @@ import tempfile
 from semid_dist.cli import job_entry
 from semid_dist.config import load_config
 from semid_dist.pipeline import build, make_logger
+from semid_dist.runtime import check_experiment_root
 
 # (row label, overrides): acrq on residual k-means and on rq_vae
 METHODS = (("rq_kmeans", ["quantizer.method=rq_kmeans"]), ("rq_vae", ["quantizer.method=rq_vae"]),
@@ -43,22 +46,26 @@ def row(method: str, m: dict) -> str:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--root", help="output root of the builds (default: a temp dir)")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--root", help="output root of the builds (default: a temporary "
+                    "directory, removed afterwards)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for every build (dotted keys, YAML values)")
     args = ap.parse_args(argv)
     log = make_logger("compare")
+    overrides = ["engine=local", *args.overrides]
+    check_experiment_root(load_config(args.config, overrides), args.root, args.overrides,
+                          "comparison", replaced=("output.root", "output.table"))
     with tempfile.TemporaryDirectory(prefix="semid-compare-") as tmp:
         root = args.root or tmp
-        lines = ["| method | MSE | relative error | head MSE | tail MSE | utilization per layer "
-                 "| unique-SID rate | Gini per layer | SC | PD |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, method in METHODS:
-            cfg = load_config(args.config, ["engine=local", *args.overrides,
-                                            f"output.root={root}", f"output.table={label}",
-                                            *method])
+        configs = [(label, load_config(args.config, [*overrides, f"output.root={root}",
+                                                     f"output.table={label}", *method]))
+                   for label, method in METHODS]  # every method's settings, before a build
+        print("| method | MSE | relative error | head MSE | tail MSE | utilization per layer "
+              "| unique-SID rate | Gini per layer | SC | PD |\n"
+              "|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        for label, cfg in configs:
             log(f"{label}: layers {list(cfg.quantizer.layers)}")
-            lines.append(row(label, build(cfg, log=log).metrics))
-    print("\n".join(lines))
+            print(row(label, build(cfg, log=log).metrics), flush=True)
     return 0
 
 

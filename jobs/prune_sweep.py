@@ -7,17 +7,20 @@ SIDs, max items per SID and mean SID length. The builds' versions land under --r
 a temporary directory, removed afterwards), never in the config's own table: a sweep is an
 experiment, and its last version would become that table's `_latest`. Each of the (up to)
 ten versions holds a whole SID table (the demo's: ~1 MB each). An engine on a cluster (Ray with
-ray.address, Spark with a master that is not local) needs a --root every worker can reach.
+ray.address, Spark with a master that is not local) needs a --root every worker can reach;
+an output.root override is refused. Every row's settings are checked before the first build;
+progress goes to stderr.
 """
 
 import argparse
+import sys
 import tempfile
+import time
 
 from semid_dist.cli import job_entry
 from semid_dist.config import BuildConfig, load_config
-from semid_dist.engines.spark_session import session_master
-from semid_dist.errors import ConfigError
 from semid_dist.pipeline import build
+from semid_dist.runtime import check_experiment_root
 
 TOP_K = (4, 16, 64)
 
@@ -25,7 +28,8 @@ TOP_K = (4, 16, 64)
 def strategies(cfg: BuildConfig) -> list[tuple[str, list[str]]]:
     """The sweep's rows: a name and its overrides. top_k's K values are those of TOP_K below
     the pruned layer's size (a K of the whole layer prunes every token), else half of it."""
-    size = cfg.quantizer.layers[cfg.prune.layer]
+    layers, layer = cfg.quantizer.layers, cfg.prune.layer
+    size = layers[layer] if layer < len(layers) else 0  # (each row's config then says why)
     ks = [k for k in TOP_K if k < size] or [max(1, size // 2)]
     return [
         ("none", ["prune.strategy=none"]), ("drop_layer", ["prune.strategy=drop_layer"]),
@@ -36,6 +40,14 @@ def strategies(cfg: BuildConfig) -> list[tuple[str, list[str]]]:
     ]
 
 
+def _quiet(msg: str) -> None:  # the builds' own progress
+    pass
+
+
+def _progress(msg: str) -> None:
+    print(f"sweep: {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -44,38 +56,31 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    _check_root(cfg, args.root, args.overrides)
-    quiet = lambda msg: None  # noqa: E731
+    check_experiment_root(cfg, args.root, args.overrides, "sweep")
+    rows = strategies(cfg)
+    for _, extra in rows:  # each row's settings, before the first build
+        load_config(args.config, [*args.overrides, "encode.from_version=latest", *extra])
     with tempfile.TemporaryDirectory(prefix="semid-prune-sweep-") as tmp:
         overrides = [*args.overrides, f"output.root={args.root or tmp}"]
-        base = build(load_config(args.config, overrides), log=quiet)
+        t0 = time.monotonic()
+        _progress(f"building the base version (fit once) under {args.root or tmp}")
+        base = build(load_config(args.config, overrides), log=_quiet)
+        _progress(f"base version {base.version_id} in {time.monotonic() - t0:.0f} s; "
+                  f"encoding it with each of {len(rows)} strategies")
         print("| strategy | layer-2 Gini | layer-2 used | unique-SID rate | distinct SIDs | "
               "max items/SID | mean SID length |")
         print("|---|---|---|---|---|---|---|")
-        for name, extra in strategies(cfg):
+        for name, extra in rows:
             over = [*overrides, f"encode.from_version={base.version_id}", *extra]
-            m = build(load_config(args.config, over), log=quiet).metrics
+            m = build(load_config(args.config, over), log=_quiet).metrics
             l2, col = m["pruning"]["layers_after"][1], m["collisions"]
-            print(f"| {name} | {l2['gini']:.4f} | {l2['used']} | "
+            gini = f"{l2['gini']:.4f}" if l2["used"] else "-"  # (drop_layer: no item keeps it)
+            print(f"| {name} | {gini} | {l2['used']} | "
                   f"{col['unique_sid_rate']:.4f} | {col['distinct_sids']} | "
                   f"{col['max_items_per_sid']} | {m['pruning']['mean_sid_length']:.3f} |",
                   flush=True)
+        _progress(f"done in {time.monotonic() - t0:.0f} s")
     return 0
-
-
-def _check_root(cfg: BuildConfig, root: str | None, overrides: list[str]) -> None:
-    """The sweep's output root is --root's: a temporary directory on this machine is no place
-    for a cluster's workers to write, and an output.root override would be replaced."""
-    master = session_master(cfg)  # None: spark-submit's, which may be a cluster's
-    cluster = ((cfg.engine == "ray" and cfg.ray.address) or
-               (cfg.engine == "spark" and not (master or "").startswith("local")))
-    if cluster and root is None:
-        raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
-                          "--root on storage every worker can reach (s3://..., hdfs://...), "
-                          "not the default temporary directory on this machine")
-    if any(o.split("=", 1)[0].strip() == "output.root" for o in overrides):
-        raise ConfigError("give the sweep's output root as --root DIR, not "
-                          "output.root= (the config's own table is left alone)")
 
 
 if __name__ == "__main__":

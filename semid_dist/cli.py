@@ -329,7 +329,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`semid bench`: kernel / engine / fit / memory benchmark; prints one table and writes it
-    as JSON and Markdown (docs/BENCHMARKS.md)."""
+    as JSON and Markdown (a full run: docs/BENCHMARKS.md; `bench_options`)."""
     from semid_dist.bench.options import bench_options
     from semid_dist.bench.run import run_benchmark
 
@@ -391,12 +391,14 @@ def parser() -> argparse.ArgumentParser:
                    "report/ folder, restoring missing or damaged files)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
-    bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; write "
-                        "docs/BENCHMARKS.md")
+    bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; a full "
+                        "run writes docs/BENCHMARKS.md")
     bn.add_argument("--quick", action="store_true", help="small sizes (~3 min): check it works")
     bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss,gpu")
-    bn.add_argument("--out-json", default="docs/benchmarks.json")
-    bn.add_argument("--out-md", default="docs/BENCHMARKS.md")
+    bn.add_argument("--out-json", help="write the results as JSON here (a full run given "
+                    "neither --out-json nor --out-md writes docs/benchmarks.json and "
+                    "docs/BENCHMARKS.md; otherwise only what these options name)")
+    bn.add_argument("--out-md", help="write the Markdown page here (see --out-json)")
     bn.add_argument("--workdir", help="keep catalogs and versions here (default: a temporary "
                     "directory, removed afterwards)")
     bn.add_argument("--blas-as-is", action="store_true", help="load faiss's OpenBLAS with the "

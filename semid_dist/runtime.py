@@ -1,7 +1,7 @@
 """Where a build's stages run: local paths made absolute for workers that run elsewhere
 (`with_absolute_paths`), the table kept out of the catalog (`check_table_outside_catalog`),
-and the device, CPU or GPU, of the fit and of the encode
-(`gpu_stages`, `torch_device`)."""
+an experiment job's output root (`check_experiment_root`), and the device, CPU or GPU, of
+the fit and of the encode (`gpu_stages`, `torch_device`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,27 @@ def absolute_url(url: str) -> str:
     if "://" in url or url.startswith(TABLE_PREFIX):
         return url
     return str(Path(url).expanduser().resolve())
+
+
+def check_experiment_root(cfg: BuildConfig, root: str | None, overrides: list[str],
+                          job: str, *, replaced: tuple[str, ...] = ("output.root",)) -> None:
+    """An experiment job's builds (jobs/prune_sweep.py, jobs/compare_quantizers.py) go to
+    --root, by default a temporary directory on this machine: no place for a cluster's
+    workers to write; and an override of a key the job sets (`replaced`) would be lost, so
+    it is refused."""
+    from semid_dist.engines.spark_session import session_master
+
+    master = session_master(cfg)  # None: spark-submit's, which may be a cluster's
+    cluster = ((cfg.engine == "ray" and cfg.ray.address) or
+               (cfg.engine == "spark" and not (master or "").startswith("local")))
+    if cluster and root is None:
+        raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
+                          "--root on storage every worker can reach (s3://..., hdfs://...), "
+                          "not the default temporary directory on this machine")
+    for key in replaced:
+        if any(o.split("=", 1)[0].strip() == key for o in overrides):
+            raise ConfigError(f"{key} is the {job}'s own: give its output root as --root DIR "
+                              "(the config's own table is left alone)")
 
 
 # where `ray job submit --working-dir` runs a job: a copy Ray removes with its session

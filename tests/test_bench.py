@@ -146,7 +146,7 @@ def test_worker_steps_from_a_runs_timings():
     """The encode workers' step seconds of a run's metrics.json: per shard for the page's
     table (with the kernel step's share), shares of their total for the scale page."""
     from semid_dist.bench.pipeline import JobRun, e2e_row, worker_seconds
-    from semid_dist.bench.scale import worker_shares
+    from semid_dist.bench.scale_page import worker_shares
 
     timings = {"encode_first_shard_s": 0.5, "encode_worker_read_s": 0.8,
                "encode_worker_quantize_s": 1.6, "encode_worker_result_s": 0.0,
@@ -423,3 +423,32 @@ def test_the_page_names_the_code_that_ran(tmp_path):
     assert code_line({"version": "0.1.0", "commit": None, "changed": None}) == [
         "- code: semid_dist 0.1.0, not a git checkout"]
     assert code_line(None) == []
+
+
+def test_a_quick_or_partial_bench_leaves_the_full_runs_pages_alone(tmp_path, monkeypatch,
+                                                                    capsys):
+    """docs/BENCHMARKS.md and docs/benchmarks.json hold the full run's figures: a --quick or
+    --only run writes its pages only where --out-md / --out-json say (`--only gpu` on a
+    machine without a GPU replaced the whole page with an empty table)."""
+    from semid_dist.bench.options import DOCS_JSON, DOCS_MD
+    from semid_dist.cli import main
+
+    full = bench_options(only="kernels,e2e,fit,rss,gpu")
+    assert (full.json_path, full.md_path) == (DOCS_JSON, DOCS_MD)
+    for kwargs in ({"quick": True}, {"only": "rss,gpu"}):
+        opts = bench_options(**kwargs)
+        assert (opts.json_path, opts.md_path) == (None, None)
+    only_md = bench_options(quick=True, md_path=str(tmp_path / "q.md"))
+    assert (only_md.json_path, only_md.md_path) == (None, str(tmp_path / "q.md"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--only", "gpu"]) == 0
+    err = capsys.readouterr().err
+    assert not (tmp_path / "docs").exists()
+    assert f"no page written: a --quick or --only run leaves {DOCS_MD}" in err
+    assert main(["bench", "--quick", "--only", "gpu", "--out-md", "q.md"]) == 0
+    err = capsys.readouterr().err
+    assert "wrote q.md" in err
+    judged = "quick mode measures sizes below the targets' own"  # (it judged them as a full run)
+    assert f"targets met 0, not met 0 ({judged}" in err
+    assert f"Quick mode: {judged}" in (tmp_path / "q.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.md"]

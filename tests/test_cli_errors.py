@@ -359,12 +359,26 @@ def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
             ("prune_sweep.py", ["--config", str(tmp_path / "nope.yaml")],
              f"config file '{tmp_path / 'nope.yaml'}' does not exist"),
             ("compare_quantizers.py", ["--config", cfg, "fit.smaple=3"],
-             f"{cfg} with override fit.smaple=3: unknown config key 'fit.smaple'")):
-        run = subprocess.run([sys.executable, f"jobs/{job}", *args], cwd=REPO,
+             f"{cfg} with override fit.smaple=3: unknown config key 'fit.smaple'"),
+            # (its builds went to a temporary folder, removed: the override was lost)
+            ("compare_quantizers.py", ["--config", cfg, f"output.root={tmp_path / 'o'}"],
+             "output.root is the comparison's own: give its output root as --root DIR"),
+            ("compare_quantizers.py", ["--config", cfg, "output.table=t"],
+             "output.table is the comparison's own: give its output root as --root DIR"),
+            # a setting one method refuses: before the first build (after the others before)
+            ("compare_quantizers.py", ["--config", cfg, "collisions.max_per_sid=10"],
+             f"{cfg} with overrides collisions.max_per_sid=10, quantizer.method=rq_vae: "
+             "collisions.max_per_sid is supported by residual k-means quantizers only"),
+            ("prune_sweep.py", ["--config", cfg, "quantizer.layers=[16]"],
+             f"{cfg} with overrides quantizer.layers=[16], prune.strategy=drop_layer: "
+             "prune.strategy=drop_layer needs at least 2 layers")):
+        run = subprocess.run([sys.executable, f"jobs/{job}", *args, "--root",
+                              str(tmp_path / "root")], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.startswith(f"{job}: error: {message}"), (
             run.returncode, run.stderr[-2000:])
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert run.stdout == "" and not (tmp_path / "root").exists()
 
 
 def test_the_gpu_check_on_a_machine_without_a_gpu_says_so_in_one_line(tmp_path):

@@ -377,6 +377,9 @@ def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
     assert LAYERS[1] == 8  # K=16 and K=64 would prune every token of it: not swept
     assert rows == ["none", "drop_layer", "top_k K=4",
                     "mass p=0.1", "mass p=0.3", "sarq tau=0.001", "sarq tau=0.0002"]
+    drop = run.stdout.splitlines()[3].split(" | ")
+    assert drop[1:3] == ["-", "0"]  # drop_layer: no item keeps layer 1, so it has no Gini
+    assert run.stderr.startswith("sweep: building the base version (fit once) under ")
     assert not (tmp_path / "table-root").exists()
     assert len(TableStore(str(sweep), "sids").versions()) == 1 + len(rows)
     tmp = tmp_path / "tmp"  # the default root: a temporary directory, removed afterwards
@@ -388,9 +391,9 @@ def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
     assert len(default.stdout.splitlines()) == 2 + len(rows)
     assert not (tmp_path / "table-root").exists() and list(tmp.iterdir()) == []
     for engine, over, message in (
-            ("ray", "output.root=/elsewhere", "give the sweep's output root as --root DIR, "
-                                              "not output.root="),
-            ("spark", "output.root=/elsewhere", "give the sweep's output root as --root DIR"),
+            ("ray", "output.root=/elsewhere", "output.root is the sweep's own: give its "
+                                              "output root as --root DIR"),
+            ("spark", "output.root=/elsewhere", "output.root is the sweep's own: give"),
             ("ray", "ray.address=auto", "engine ray runs on a cluster here: give --root on "
                                         "storage every worker can reach"),
             ("spark", "spark.master=spark://127.0.0.1:7077", "engine spark runs on a cluster "

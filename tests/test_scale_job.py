@@ -4,15 +4,18 @@ build's own figures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from semid_dist.bench.scale import tree_rss_mib
+from semid_dist.bench.scale import out_md, parser, tree_rss_mib
 from semid_dist.io.store import TableStore
 from tests.conftest import REPO
 
@@ -89,3 +92,99 @@ def test_scale_job_builds_and_reports(tmp_path):
     ranked = [m for m in figures["incremental"]["log"] if m.startswith("collisions: ranking")]
     assert len(ranked) == 1 and "of carried parts" in ranked[0] and ranked[0] in page
     assert figures["incremental"]["peak_tree_mib"] >= figures["incremental"]["peak_driver_mib"]
+    assert "too small to project from" in page  # 12,000 items
+
+
+def _small_config(path, **over):
+    path.write_text(json.dumps({
+        "engine": "local", "seed": 0, "input": {"path": "unused"},
+        "output": {"root": "unused", "table": "sids"},
+        "quantizer": {"layers": [16, 8, 8], "niter": 4}, "fit": {"sample_size": 2000},
+        "encode": {"shard_rows": 4096}, **over}))
+    return path
+
+
+def _scale(*args, **kwargs):
+    return subprocess.run([sys.executable, "jobs/scale_run.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_a_small_scale_run_leaves_the_documented_page_alone(tmp_path):
+    """docs/SCALE.md holds the documented 20M run: a run of other sizes writes its page into
+    its work folder unless --out-md says where; an --out-md or config that cannot work is
+    one line before the catalog is made (after the whole build before, as a traceback)."""
+    cfg = _small_config(tmp_path / "scale.yaml")
+    work = tmp_path / "work"
+    args = parser().parse_args(["--rows", "12000", "--workdir", str(work)])
+    assert out_md(args) == work / "SCALE.md"
+    assert out_md(parser().parse_args([])) == REPO / "docs" / "SCALE.md"
+    capacity = parser().parse_args(["--config", str(REPO / "conf" / "scale_capacity.yaml")])
+    assert out_md(capacity) == REPO / "out" / "scale" / "SCALE.md"
+    assert out_md(parser().parse_args(["--rows", "5", "--out-md", "a.md"])) == Path("a.md")
+    small = ["--rows", "12000", "--dim", "16", "--config", str(cfg), "--workdir", str(work),
+             "--chunk-rows", "4096"]
+    for extra, message in (
+            (["--out-md", str(tmp_path / "p.json")], "give a .md file name (the figures go "
+                                                     "beside it, of the same name ending "
+                                                     ".json)"),
+            (["--out-md", "/proc/nope/SCALE.md"], "--out-md /proc/nope/SCALE.md: cannot be "
+                                                  "written"),
+            (["--config", str(tmp_path / "nope.yaml")], "nope.yaml")):
+        run = _scale(*small, *extra)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert run.stderr.startswith("scale_run.py: error: ") and message in run.stderr
+        assert len(run.stderr.splitlines()) == 1 and not (work / "catalog").exists()
+    before = (REPO / "docs" / "SCALE.md").read_bytes()
+    run = _scale(*small)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"wrote {work / 'SCALE.md'} and SCALE.json" in run.stdout
+    assert "input 12,000, encoded 12,000" in (work / "SCALE.md").read_text()
+    assert (REPO / "docs" / "SCALE.md").read_bytes() == before
+
+
+def _processes_naming(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_scale_run_stops_its_build_and_says_so(tmp_path, sig):
+    """Ctrl-C or SIGTERM of the job alone (`kill -INT`, a scheduler): one line, status 130 /
+    143, and its `semid build` stopped with it, giving up its version (a KeyboardInterrupt
+    traceback before, the build left running without its parent)."""
+    cfg = _small_config(tmp_path / "scale.yaml", quantizer={"layers": [16, 8, 8],
+                                                            "niter": 10_000})
+    work = tmp_path / "work"
+    job = subprocess.Popen([sys.executable, "jobs/scale_run.py", "--rows", "20000", "--dim",
+                            "16", "--config", str(cfg), "--workdir", str(work),
+                            "--chunk-rows", "4096"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for line in job.stdout:
+            if "building" in line:
+                break
+        deadline = time.monotonic() + 60
+        log = work / "build.log"
+        while (not log.exists() or "fit:" not in log.read_text()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)  # the build is fitting 10,000 Lloyd iterations a layer
+        job.send_signal(sig)
+        _, err = job.communicate(timeout=180)
+    finally:
+        job.kill()
+        for pid in _processes_naming(str(work)):  # (the build, where the test failed)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert job.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
+    assert "Traceback" not in err
+    ended = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert f"scale: semid build stopped: semid build: {ended}; nothing was committed" in err
+    assert err.splitlines()[-1].startswith("scale_run.py: ")
+    assert _processes_naming(str(work)) == []  # the build ended with the job
+    assert TableStore(str(work / "tables"), "sids").versions() == []

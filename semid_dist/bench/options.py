@@ -11,6 +11,7 @@ from typing import Any
 Layers = tuple[int, ...]
 SECTIONS = ("kernels", "e2e", "fit", "rss", "gpu")
 FAISS_SECTIONS = ("kernels", "e2e", "fit")  # measured against faiss (e2e: the kernel's rate)
+DOCS_JSON, DOCS_MD = "docs/benchmarks.json", "docs/BENCHMARKS.md"  # the full run's pages
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ class BenchOptions:
     gpu_rows: int = 1_000_000  # items on the GPU per timed encode pass (skipped without one)
     workdir: str | None = None  # default: a temporary directory, removed afterwards
     keep_workdir: bool = False
-    json_path: str = "docs/benchmarks.json"
-    md_path: str = "docs/BENCHMARKS.md"
+    json_path: str | None = None  # None: not written (`full()`: the docs' pages)
+    md_path: str | None = None
     command: str = "semid bench"
     blas_as_is: bool = False  # faiss's OpenBLAS with the kernels it chooses (`blas.py`)
 
     @classmethod
     def full(cls, **over: Any) -> BenchOptions:
-        return cls(**over)
+        return cls(**{"json_path": DOCS_JSON, "md_path": DOCS_MD, **over})
 
     @classmethod
     def quick_preset(cls, **over: Any) -> BenchOptions:
@@ -65,10 +66,12 @@ class BenchOptions:
 
 
 def bench_options(*, quick: bool = False, only: str | None = None,
-                  json_path: str = "docs/benchmarks.json", md_path: str = "docs/BENCHMARKS.md",
+                  json_path: str | None = None, md_path: str | None = None,
                   workdir: str | None = None, blas_as_is: bool = False) -> BenchOptions:
     """Options of `semid bench [--quick] [--only a,b] ...` (the command is recorded in the
-    report)."""
+    report). A full run given neither --out-json nor --out-md writes both pages to docs/;
+    otherwise each is written only where its option says (docs/ holds the full run's
+    figures: a quick or partial run leaves them alone)."""
     from semid_dist.errors import ConfigError
 
     sections = SECTIONS
@@ -78,13 +81,16 @@ def bench_options(*, quick: bool = False, only: str | None = None,
         if unknown or not sections:
             what = f"unknown section(s) {unknown}" if unknown else "no section given"
             raise ConfigError(f"--only {only!r}: {what}; choose from {','.join(SECTIONS)}")
-    if Path(json_path).resolve() == Path(md_path).resolve():
+    if not quick and set(sections) == set(SECTIONS) and json_path is None and md_path is None:
+        json_path, md_path = DOCS_JSON, DOCS_MD
+    if json_path and md_path and Path(json_path).resolve() == Path(md_path).resolve():
         raise ConfigError(f"--out-json and --out-md are both {md_path}: give two files")
     for option, path in (("--out-json", json_path), ("--out-md", md_path)):
-        _check_writable(option, Path(path), folder=False)
+        if path is not None:
+            check_writable(option, Path(path), folder=False)
     _check_faiss(sections, fix_blas=not blas_as_is)  # (before --workdir is made)
     if workdir is not None:
-        _check_writable("--workdir", Path(workdir), folder=True)
+        check_writable("--workdir", Path(workdir), folder=True)
         try:
             Path(workdir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -96,7 +102,7 @@ def bench_options(*, quick: bool = False, only: str | None = None,
                   command=command, blas_as_is=blas_as_is)
 
 
-def _check_writable(option: str, path: Path, *, folder: bool) -> None:
+def check_writable(option: str, path: Path, *, folder: bool) -> None:
     """Fail before measuring anything where `path` (a file the run writes at its end, or a
     folder it works in) cannot be made: a file that is a folder, a folder that is a file, or
     no writable folder to make it in."""

@@ -142,6 +142,8 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
                      f"({dec['bytes_s'] / 1e9:.2f} GB/s of float32)")
     lines += ["", "## Results", "", format_markdown_table(rows), "",
               f"## Targets: {len(met)} met, {len(missed)} not met", ""]
+    if results["quick"]:
+        lines += [f"Quick mode: {QUICK_TARGETS}.", ""]
     lines += [f"- NOT met: {r.benchmark}, {r.config}: {r.ratio_text} (target {r.target})"
               for r in missed]
     lines += [f"- met: {r.benchmark}, {r.config}: {r.ratio_text} (target {r.target})"
@@ -313,12 +315,23 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def write_outputs(results: dict[str, Any], rows: list[Row], *, json_path: str,
-                  md_path: str) -> None:
-    for path, text in ((json_path, to_json(results, rows)),
-                       (md_path, format_markdown(results, rows))):
+QUICK_TARGETS = ("quick mode measures sizes below the targets' own (smaller catalogs, "
+                 "fewer rounds): only a full run judges them")
+
+
+def write_outputs(results: dict[str, Any], rows: list[Row], *, json_path: str | None,
+                  md_path: str | None) -> list[str]:
+    """Write the JSON and the Markdown page where given (None: not written); returns the
+    paths written."""
+    written = []
+    for path, render in ((json_path, to_json), (md_path, format_markdown)):
+        if path is None:
+            continue
+        text = render(results, rows)
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(p)
+        written.append(str(path))
+    return written

@@ -1,5 +1,5 @@
 """The benchmark run: `run_benchmark` measures every section (`semid_dist.bench.options`) in
-one process on one machine and writes the table as JSON and Markdown."""
+one process on one machine and writes the table as JSON and Markdown where its options say."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from semid_dist.bench.options import BenchOptions, Layers
+from semid_dist.bench.options import DOCS_MD, BenchOptions, Layers
+from semid_dist.signals import interrupt_raised
 
 Log = Callable[[str], None]
+BUSY_LOAD = 0.5  # a 1-minute load average per core above which the start line warns
 
 
 def _now() -> str:
@@ -25,8 +28,8 @@ def _now() -> str:
 
 def run_benchmark(opts: BenchOptions, *, log: Log | None = None,
                   echo: bool = True) -> dict[str, Any]:
-    """Measure every section of `opts.sections`, print the table, write JSON + Markdown;
-    returns the results (with `table`: the rows).
+    """Measure every section of `opts.sections`, print the table, write JSON + Markdown
+    where `opts` says; returns the results (with `table`: the rows).
 
     This process measures with huge pages as a build sets them (the GEMM ceiling, the
     kernels and their references, the decode rate, the fits); the `semid` runs it starts
@@ -52,12 +55,16 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
                                "code": page.code_version(),
                                "load_average": {"start": _load()}}
     log(f"bench: {cores} cores, load average {results['load_average']['start']}")
+    if results["load_average"]["start"] >= BUSY_LOAD * cores:
+        log(f"bench: warning: load average {results['load_average']['start']} on {cores} "
+            "cores: other work takes cores from every rate this run measures (the GEMM "
+            "ceiling and faiss too); run it on an idle machine")
     for warning in page.blas_lines(results["machine"])[1:]:  # before minutes are spent
         log("bench: " + warning.removeprefix("- ").removeprefix("**warning**: "))
     results["gemm"] = gemm_ceiling(size=opts.gemm_size)
     log(f"bench: fp32 GEMM ceiling {results['gemm']['gflops']:.1f} GFLOP/s")
     workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="semid-bench-"))
-    done = False
+    done, interrupted = False, False
     try:
         loads = results["load_average"]
         if "kernels" in opts.sections or "e2e" in opts.sections:
@@ -72,20 +79,33 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
         if "gpu" in opts.sections:
             results["gpu"] = _gpu(opts, log)
         done = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        if not done:
-            log(f"bench: failed; catalogs, job configs and logs kept in {workdir}")
-        elif not (opts.keep_workdir or opts.workdir):
+        kept = opts.keep_workdir or opts.workdir
+        interrupted = interrupted or interrupt_raised()  # (surfaced as another error)
+        used = False
+        with suppress(OSError):
+            used = any(workdir.iterdir())
+        if not done and (kept or used):
+            log(f"bench: {'interrupted' if interrupted else 'failed'}; catalogs, job configs "
+                f"and logs kept in {workdir}")
+        elif not kept:
             shutil.rmtree(workdir, ignore_errors=True)
     results["load_average"]["end"] = _load()
     results["runtime_s"] = time.monotonic() - t0
     rows = report.all_rows(results)
     if echo:
         print(report.format_text(rows), flush=True)
-    page.write_outputs(results, rows, json_path=opts.json_path, md_path=opts.md_path)
-    log(f"bench: wrote {opts.json_path} and {opts.md_path} in {results['runtime_s']:.0f} s")
+    written = page.write_outputs(results, rows, json_path=opts.json_path, md_path=opts.md_path)
+    log(f"bench: done in {results['runtime_s']:.0f} s; "
+        + (f"wrote {' and '.join(written)}" if written else
+           f"no page written: a --quick or --only run leaves {DOCS_MD} (the full run's) alone; "
+           "give --out-md FILE and --out-json FILE to write this run's"))
     met, missed = report.summary(rows)
-    log(f"bench: targets met {len(met)}, not met {len(missed)}")
+    log(f"bench: targets met {len(met)}, not met {len(missed)}"
+        + (f" ({page.QUICK_TARGETS})" if opts.quick else ""))
     results["table"] = [dataclasses.asdict(r) | {"status": r.status} for r in rows]
     return results
 

@@ -10,8 +10,8 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,10 +21,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.bench.pipeline import worker_seconds
+from semid_dist.bench.options import check_writable
+from semid_dist.bench.scale_page import DRIVER_SID_BYTES, write_doc
 from semid_dist.bench.synthetic import CatalogSpec, at_least, write_catalog
+from semid_dist.errors import ConfigError, SemidError
+from semid_dist.signals import terminated
 
 REPO = Path(__file__).resolve().parents[2]
+DOCS_MD = REPO / "docs" / "SCALE.md"  # the documented run's page: DEFAULT_ROWS x DEFAULT_DIM
+DEFAULT_ROWS, DEFAULT_DIM, DEFAULT_CONFIG = 20_000_000, 128, REPO / "conf" / "scale.yaml"
 
 
 def tree_rss_mib(root_pid: int) -> float:
@@ -51,42 +56,74 @@ def tree_rss_mib(root_pid: int) -> float:
 
 def run_semid(command: list[str], log_path: Path) -> dict:
     """`semid <command> --json` in a subprocess (build or encode), sampling the process
-    tree's RSS twice a second."""
+    tree's RSS twice a second. A Ctrl-C or SIGTERM of this job is passed on to it, and
+    waited for: it gives up its version as a build does, and says so in its log."""
     cmd = [sys.executable, "-m", "semid_dist.cli", *command[:1], "--json", *command[1:]]
     peak = {"tree": 0.0, "driver": 0.0}
     with open(log_path, "w") as log:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
-
-        def sample() -> None:
-            while proc.poll() is None:
-                driver = 0.0
-                try:
-                    with open(f"/proc/{proc.pid}/status") as f:
-                        driver = next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
-                except (OSError, StopIteration):
-                    pass
-                peak["driver"] = max(peak["driver"], driver)
-                # the tree holds the driver: never below the driver read a moment earlier
-                peak["tree"] = max(peak["tree"], tree_rss_mib(proc.pid), driver)
-                time.sleep(0.5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        out, _ = proc.communicate()
-        wall = time.monotonic() - t0
-        sampler.join(timeout=2)
+        try:
+            out, wall = _measure(proc, peak, t0)
+        except KeyboardInterrupt:
+            _stop(proc, command[0], log_path)
+            raise
     if proc.returncode != 0:
-        raise SystemExit(f"semid {command[0]} failed ({proc.returncode}); see {log_path}")
+        raise SemidError(f"semid {command[0]} failed (status {proc.returncode}): "
+                         f"{_last_line(log_path)} (its log: {log_path})")
     result = json.loads(out)
     return {"wall_s": wall, "peak_tree_mib": peak["tree"], "peak_driver_mib": peak["driver"],
             "result": result}
 
 
-# what the driver holds per distinct SID in the reduce; past driver.gather_rows it holds
-# nothing per catalog row (the rows of over-full and of colliding SIDs and the popularity
-# stay in tasks; the ids too, but for an incremental version's delta)
-DRIVER_SID_BYTES = 16
+def _measure(proc: subprocess.Popen, peak: dict[str, float], t0: float) -> tuple[str, float]:
+    """Wait for `proc`, sampling its RSS into `peak`; (its stdout, the wall seconds since
+    t0)."""
+
+    def sample() -> None:
+        while proc.poll() is None:
+            driver = 0.0
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    driver = next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
+            except (OSError, StopIteration):
+                pass
+            peak["driver"] = max(peak["driver"], driver)
+            # the tree holds the driver: never below the driver read a moment earlier
+            peak["tree"] = max(peak["tree"], tree_rss_mib(proc.pid), driver)
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    wall = time.monotonic() - t0
+    sampler.join(timeout=2)
+    return out, wall
+
+
+def _stop(proc: subprocess.Popen, command: str, log_path: Path) -> None:
+    """Pass this job's Ctrl-C or SIGTERM on to the `semid` subprocess (a terminal's Ctrl-C
+    reached it already; `kill -INT` or a scheduler's SIGTERM of this job did not) and wait
+    for it to give up its version, then say how it ended."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM if terminated() else signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    how = "had ended" if proc.returncode == 0 else "stopped"  # (it committed first)
+    print(f"scale: semid {command} {how}: {_last_line(log_path)}", file=sys.stderr, flush=True)
+
+
+def _last_line(log_path: Path) -> str:
+    """The last line of a `semid` run's log: its error, or how it ended."""
+    if not log_path.exists():
+        return "(no log)"
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(its log is empty)"
+
+
 
 
 def run_incremental(args: argparse.Namespace, work: Path, parent: str) -> dict:
@@ -145,154 +182,42 @@ def projection(rows: int, measured: dict, target_rows: int, nodes: int, cores: i
     return rows_out
 
 
-def incremental_lines(inc: dict) -> list[str]:
-    """The scale page's section on the incremental version."""
-    m = inc["result"]["metrics"]
-    t, rows = m["timings"], m["rows"]
-    return [
-        "",
-        "## Incremental version on top of it",
-        "",
-        f"`semid encode --incremental` of a delta of {inc['delta_rows']:,} items from a later "
-        f"draw of the same mixture: {inc['changed']:,} changed items (the catalog's last ids) "
-        f"and {inc['delta_rows'] - inc['changed']:,} new ones, on top of the version above: "
-        f"version `{inc['result']['version_id']}`. Log:",
-        "",
-        *[f"    {line}" for line in inc["log"]],
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| whole job (process wall time) | {inc['wall_s']:.0f} s |",
-        f"| encode stage | {t.get('encode_s', 0):.0f} s |",
-        f"| carry + reduce + finalize + lookups | {t.get('reduce_s', 0):.0f} s |",
-        f"| drift against the parent version | {t.get('drift_s', 0):.0f} s |",
-        f"| rows: carried / replaced / encoded | {rows['carried']:,} / {rows['replaced']:,} / "
-        f"{rows['encoded']:,} |",
-        f"| peak RSS, driver process | {inc['peak_driver_mib']:,.0f} MiB |",
-        f"| peak RSS, whole process tree (driver + Ray) | {inc['peak_tree_mib']:,.0f} MiB |",
-        "",
-        "The driver gathers the delta's ids (8 bytes each) and the replaced rows' old codes; "
-        "the suffixes of the SIDs the delta's items join, carried rows included, are ranked "
-        "by engine tasks in key ranges past `driver.gather_rows`.",
-    ]
-
-
-def worker_shares(timings: dict) -> tuple[float, dict[str, float]]:
-    """(the encode workers' seconds, {step: its share of them}) from a build's timings
-    (`encode_worker_<step>_s`); (0.0, {}) without step times."""
-    steps = worker_seconds(timings)
-    total = sum(steps.values())
-    return total, ({step: v / total for step, v in steps.items()} if total > 0 else {})
-
-
-def write_doc(path: Path, info: dict, measured: dict, proj: list[dict],
-              args: argparse.Namespace, inc: dict | None = None) -> None:
-    """The scale page: the build's measures, the projection, the incremental version."""
-    worker_s, shares = worker_shares(measured["result"]["metrics"]["timings"])
-    kernel = (f" (quantize: {shares['quantize']:.0%} of the encode workers' time)"
-              if "quantize" in shares else "")
-    lines = (build_lines(info, measured, args, worker_s, shares)
-             + projection_lines(proj, args, kernel))
-    if inc is not None:
-        lines += incremental_lines(inc)
-    path.write_text("\n".join(lines) + "\n")
-
-
-def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: float,
-                shares: dict[str, float]) -> list[str]:
-    """The page's head and the build's table of measures; worker_s / shares: the encode
-    workers' seconds and each step's share of them (`worker_shares`)."""
-    m = measured["result"]["metrics"]
-    t = m["timings"]
-    rows = m["rows"]
-    by_step = ", ".join(f"{step} {share:.0%}" for step, share in shares.items())
-    return [
-        "# Scale run",
-        "",
-        f"Written by `jobs/scale_run.py` on {info['date']}: `semid build --config "
-        f"{_shown(args.config)}` "
-        f"(embedded local Ray) on a seeded synthetic catalog of {rows['input']:,} x {info['dim']} "
-        "items made by `scripts/gen_synthetic.py` (clustered, Zipf cluster sizes, long-tailed "
-        "popularity, norm growing with popularity).",
-        "",
-        f"- machine: {os.cpu_count()} cores, {platform.platform()}, Python "
-        f"{platform.python_version()}",
-        f"- catalog: {info['files']} files, {info['row_groups']} row groups, "
-        f"{info['bytes'] / 2**30:.1f} GiB; "
-        + (f"generated in {info['gen_s']:.0f} s" if info["gen_s"] else
-           "reused from an earlier run of this job"),
-        f"- rows: input {rows['input']:,}, encoded {rows['encoded']:,}, rejected "
-        f"{rows['rejected']:,}",
-        f"- version: `{measured['result']['version_id']}`",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| whole job (process wall time) | {measured['wall_s']:.0f} s |",
-        f"| fit (sample, Ray Train) | {t.get('fit_s', 0):.0f} s |",
-        f"| encode stage (Ray Data) | {t.get('encode_s', 0):.0f} s "
-        f"({rows['input'] / max(t.get('encode_s', 1e-9), 1e-9):,.0f} items/s) |",
-        *([f"| encode workers' time by step (share of their {worker_s:.1f} s) | {by_step} |"]
-          if shares else []),
-        f"| reduce + finalize + lookups | {t.get('reduce_s', 0):.0f} s |",
-        "| drift against the parent version | "
-        + (f"{t['drift_s']:.0f} s |" if t.get("drift_s") else "none (no parent version) |"),
-        f"| throughput, whole job | {rows['input'] / measured['wall_s']:,.0f} items/s |",
-        f"| peak RSS, driver process | {measured['peak_driver_mib']:,.0f} MiB |",
-        f"| peak RSS, whole process tree (driver + Ray) | {measured['peak_tree_mib']:,.0f} MiB |",
-        f"| distinct SIDs (before suffixes) | {m['collisions']['distinct_sids']:,} |",
-        f"| unique-SID rate (before suffixes) | {m['collisions']['unique_sid_rate']:.4f} |",
-        f"| reconstruction MSE (relative error) | {m['reconstruction']['mse']:.4f} "
-        f"({m['reconstruction']['relative_error']:.4f}) |",
-        "",
-    ]
-
-
-def projection_lines(proj: list[dict], args: argparse.Namespace, kernel: str) -> list[str]:
-    """The projection's assumptions and table; kernel: the quantize step's share as a
-    parenthesis (" (quantize: 62% of the encode workers' time)"), or ""."""
-    lines = [
-        f"## Projection: {args.project_rows:,} items on {args.nodes} nodes x {args.cores} cores",
-        "",
-        "Assumptions: per-core throughput of the encode, reduce and drift stages stays as "
-        "measured here (they run shard by shard, or bucket by bucket, on every core; a GPU "
-        "per node would shorten the kernel part only" + kernel + ", so none is assumed); "
-        "the fit "
-        "uses a fixed-size sample, so its time does not grow with the catalog. The driver's "
-        "memory is given two ways: the whole measured peak scaled with the rows, its fixed "
-        "part too (an upper bound); and the measured peak plus what grows with the catalog "
-        "past `driver.gather_rows`: the reduce's distinct SIDs, "
-        f"{DRIVER_SID_BYTES} bytes each, scaled with the rows up to the SID key space (the "
-        "product of the layer sizes). No colliding rows, rows of over-full SIDs or "
-        "popularity values reach the driver then, nor ids in a full build (an incremental "
-        "version gathers its delta's ids); the popularity's "
-        "value-range histograms, at most 80-320 KB per group of `driver.gather_rows` rows, "
-        "are left out. "
-        "Network and object-store reads at cluster scale are not modelled.",
-        "",
-        "| stage | measured here | projected |",
-        "|---|---|---|",
-    ]
-    for r in proj:
-        unit = "" if "MiB" in r["stage"] else " s"
-        lines.append(f"| {r['stage']} | {r['measured_s']:,.0f}{unit} | "
-                     f"{r['projected_s']:,.0f}{unit} |")
-    return lines
-
-
 def _dim(path: Path) -> int | None:
     """The embedding size of a synthetic catalog file (None: not a fixed-size list)."""
     field = pq.ParquetFile(path).schema_arrow.field("embedding").type
     return field.list_size if pa.types.is_fixed_size_list(field) else None
 
 
-def _shown(path: str) -> str:
-    """A path for the page: relative to the repository where it lies inside it."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else path
+def out_md(args: argparse.Namespace) -> Path:
+    """Where the page goes: --out-md; by default docs/SCALE.md for the documented run
+    (DEFAULT_ROWS x DEFAULT_DIM, DEFAULT_CONFIG), the work folder's SCALE.md for any other (a
+    quick try would replace the documented figures)."""
+    if getattr(args, "out_md", None) is not None:
+        return Path(args.out_md)
+    if (args.rows, args.dim, Path(args.config).resolve()) == (DEFAULT_ROWS, DEFAULT_DIM,
+                                                               DEFAULT_CONFIG):
+        return DOCS_MD
+    return Path(args.workdir) / "SCALE.md"
 
 
-def run_scale(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, page: Path) -> None:
+    """What would fail only after the catalog and the build, checked first: the page and
+    its JSON can be written, and the config loads (with the paths the job sets)."""
+    from semid_dist.config import load_config
+
+    if page.suffix != ".md":
+        raise ConfigError(f"--out-md {page}: give a .md file name (the figures go beside it, "
+                          "of the same name ending .json)")
+    check_writable("--out-md", page, folder=False)
+    check_writable("--out-md's figures", page.with_suffix(".json"), folder=False)
+    check_writable("--workdir", Path(args.workdir), folder=True)
+    load_config(args.config, ["input.path=unused", "output.root=unused"])
+
+
+def run_scale(args: argparse.Namespace) -> int:
     """Generate (or reuse) the catalog, run and measure the build, write the page."""
+    page = out_md(args)
+    check_args(args, page)
     work = Path(args.workdir).resolve()
     catalog = work / "catalog"
     t = time.monotonic()
@@ -317,7 +242,7 @@ def run_scale(args: argparse.Namespace) -> None:
     proj = projection(args.rows, measured, args.project_rows, args.nodes, args.cores)
     inc = (run_incremental(args, work, measured["result"]["version_id"])
            if args.delta_rows else None)
-    write_doc(Path(args.out_md), info, measured, proj, args, inc)
+    write_doc(page, info, measured, proj, args, inc)
     summary = {"catalog": info, "wall_s": measured["wall_s"],
                "peak_tree_mib": measured["peak_tree_mib"],
                "peak_driver_mib": measured["peak_driver_mib"],
@@ -331,26 +256,38 @@ def run_scale(args: argparse.Namespace) -> None:
             "peak_driver_mib": inc["peak_driver_mib"],
             "timings": inc["result"]["metrics"]["timings"],
             "rows": inc["result"]["metrics"]["rows"], "log": inc["log"]}
-    Path(args.out_md).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    page.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print(f"scale: done in {measured['wall_s']:.0f} s; peak RSS driver "
           f"{measured['peak_driver_mib']:.0f} MiB, tree {measured['peak_tree_mib']:.0f} MiB; "
-          f"wrote {args.out_md}", flush=True)
+          f"wrote {page} and {page.with_suffix('.json').name}", flush=True)
+    return 0
 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="20M-item build, measured; writes docs/SCALE.md",
-                                epilog="Relative paths are of the current directory; the "
-                                "defaults are the repository's.")
-    p.add_argument("--rows", type=at_least(1), default=20_000_000)
-    p.add_argument("--dim", type=at_least(1), default=128)
-    p.add_argument("--config", default=str(REPO / "conf/scale.yaml"))
-    p.add_argument("--workdir", default=str(REPO / "out/scale"))
-    p.add_argument("--chunk-rows", type=at_least(1), default=131_072)
-    p.add_argument("--out-md", default=str(REPO / "docs/SCALE.md"))
-    p.add_argument("--project-rows", type=at_least(1), default=300_000_000)
-    p.add_argument("--nodes", type=at_least(1), default=8)
-    p.add_argument("--cores", type=at_least(1), default=16)
+    p = argparse.ArgumentParser(
+        prog="scale_run.py", description="A 20M-item build on local Ray, measured, with a "
+        "projection; writes docs/SCALE.md", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Relative paths are of the current directory; the defaults are the "
+        "repository's.")
+    p.add_argument("--rows", type=at_least(1), default=DEFAULT_ROWS,
+                   help="catalog items (generated, or reused from --workdir)")
+    p.add_argument("--dim", type=at_least(1), default=DEFAULT_DIM, help="embedding size")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="the build's config (the job sets input.path and output.root)")
+    p.add_argument("--workdir", default=str(REPO / "out/scale"),
+                   help="the catalog, the tables and the builds' logs")
+    p.add_argument("--chunk-rows", type=at_least(1), default=131_072,
+                   help="rows per Parquet row group of the catalog")
+    p.add_argument("--out-md", default=argparse.SUPPRESS,
+                   help="the page, its figures beside it as .json (default: "
+                   f"{DOCS_MD.relative_to(REPO)} for a run of the default --rows, --dim and "
+                   "--config, else SCALE.md in --workdir)")
+    p.add_argument("--project-rows", type=at_least(1), default=300_000_000,
+                   help="the projection's catalog size")
+    p.add_argument("--nodes", type=at_least(1), default=8, help="the projection's nodes")
+    p.add_argument("--cores", type=at_least(1), default=16,
+                   help="the projection's CPU cores per node")
     p.add_argument("--delta-rows", type=at_least(0), default=0,
                    help="then encode a delta of this many items (half changed, half new) "
                         "incrementally on top of the build, measured too")
