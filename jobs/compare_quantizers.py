@@ -2,9 +2,8 @@
 
 Each method runs a full build (fit -> encode -> reduce -> commit; on the local engine unless an
 `engine=` override says otherwise) into --root (default: a temporary directory, removed
-afterwards; output.root and output.table overrides are refused: a table per method) and its
-row of the table, read from the
-committed metrics, is printed as it finishes:
+afterwards; output.root and output.table overrides are refused: a table per method) and
+its row of the table, read from the committed metrics, is printed as it finishes:
     python jobs/compare_quantizers.py --config conf/demo.yaml [key=value ...]
     python jobs/compare_quantizers.py --config conf/demo.yaml quantizer.epochs=40
 """

@@ -50,10 +50,30 @@ def check_experiment_root(cfg: BuildConfig, root: str | None, overrides: list[st
         raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
                           "--root on storage every worker can reach (s3://..., hdfs://...), "
                           "not the default temporary directory on this machine")
-    for key in replaced:
-        if any(o.split("=", 1)[0].strip() == key for o in overrides):
-            raise ConfigError(f"{key} is the {job}'s own: give its output root as --root DIR "
-                              "(the config's own table is left alone)")
+    for override in overrides:
+        given, _, raw = override.partition("=")
+        for key in replaced:
+            if _sets(given.strip(), raw, key):
+                fix = ("give its output root as --root DIR (the config's own table is left "
+                       "alone)" if key == "output.root" else "drop the override")
+                raise ConfigError(f"{given}: {key} is set by the {job} itself: {fix}")
+
+
+def _sets(given: str, raw: str, key: str) -> bool:
+    """Whether override `given=raw` sets the dotted `key`: itself, or a section holding it
+    (`output={root: /x}`)."""
+    from semid_dist.config_checks import override_value
+
+    if given == key:
+        return True
+    if not key.startswith(given + "."):
+        return False
+    value = override_value(given, raw.strip())
+    for part in key[len(given) + 1:].split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
 
 
 # where `ray job submit --working-dir` runs a job: a copy Ray removes with its session

@@ -362,9 +362,10 @@ def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
              f"{cfg} with override fit.smaple=3: unknown config key 'fit.smaple'"),
             # (its builds went to a temporary folder, removed: the override was lost)
             ("compare_quantizers.py", ["--config", cfg, f"output.root={tmp_path / 'o'}"],
-             "output.root is the comparison's own: give its output root as --root DIR"),
+             "output.root: output.root is set by the comparison itself: give its output root "
+             "as --root DIR"),
             ("compare_quantizers.py", ["--config", cfg, "output.table=t"],
-             "output.table is the comparison's own: give its output root as --root DIR"),
+             "output.table: output.table is set by the comparison itself: drop the override"),
             # a setting one method refuses: before the first build (after the others before)
             ("compare_quantizers.py", ["--config", cfg, "collisions.max_per_sid=10"],
              f"{cfg} with overrides collisions.max_per_sid=10, quantizer.method=rq_vae: "

@@ -595,3 +595,26 @@ def test_every_config_key_is_in_the_readme():
     assert [k for k in keys if f"`{k}`" not in readme] == []
     low, high = _RANGES["collisions.candidates"]
     assert f"last-layer candidates kept per item for the moves, {low} to {high}" in readme
+
+
+def test_an_experiment_jobs_root_and_the_keys_it_sets():
+    """jobs/prune_sweep.py and jobs/compare_quantizers.py write under --root (default a
+    temporary directory here): a cluster's workers need one they reach, and an override of
+    a key the job sets, whole or inside its section, would be lost."""
+    from semid_dist.runtime import check_experiment_root
+
+    local = parse_config(MINIMAL, ["engine=local"])
+    check_experiment_root(local, None, ["seed=3"], "sweep")
+    for over in (["engine=ray", "ray.address=auto"], ["engine=spark", "spark.master=yarn"]):
+        cluster = parse_config(MINIMAL, over)
+        with pytest.raises(ConfigError, match="runs on a cluster here: give --root on stora"):
+            check_experiment_root(cluster, None, [], "sweep")
+        check_experiment_root(cluster, "s3://bucket/sweep", [], "sweep")
+    both = ("output.root", "output.table")
+    for given, key in (("output.root=/x", "output.root"), ("output={table: t}", "output.table"),
+                       (" output.table = t", "output.table")):
+        with pytest.raises(ConfigError) as exc:
+            check_experiment_root(local, None, [given], "comparison", replaced=both)
+        assert str(exc.value).startswith(
+            f"{given.split('=')[0]}: {key} is set by the comparison itself: ")
+    check_experiment_root(local, None, ["output.table=t"], "sweep")  # the sweep keeps it

@@ -391,9 +391,9 @@ def test_prune_sweep_job_builds_under_its_own_root(small_catalog, tmp_path):
     assert len(default.stdout.splitlines()) == 2 + len(rows)
     assert not (tmp_path / "table-root").exists() and list(tmp.iterdir()) == []
     for engine, over, message in (
-            ("ray", "output.root=/elsewhere", "output.root is the sweep's own: give its "
-                                              "output root as --root DIR"),
-            ("spark", "output.root=/elsewhere", "output.root is the sweep's own: give"),
+            ("ray", "output.root=/elsewhere", "output.root: output.root is set by the sweep "
+                                              "itself: give its output root as --root DIR"),
+            ("spark", "output={root: /x}", "output: output.root is set by the sweep itself"),
             ("ray", "ray.address=auto", "engine ray runs on a cluster here: give --root on "
                                         "storage every worker can reach"),
             ("spark", "spark.master=spark://127.0.0.1:7077", "engine spark runs on a cluster "

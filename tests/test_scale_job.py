@@ -153,28 +153,31 @@ def _processes_naming(text):
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stopped_scale_run_stops_its_build_and_says_so(tmp_path, sig):
-    """Ctrl-C or SIGTERM of the job alone (`kill -INT`, a scheduler): one line, status 130 /
-    143, and its `semid build` stopped with it, giving up its version (a KeyboardInterrupt
-    traceback before, the build left running without its parent)."""
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                        (signal.SIGTERM, True)])
+def test_a_stopped_scale_run_stops_its_build_and_says_so(tmp_path, sig, group):
+    """Ctrl-C or SIGTERM of the job alone (`kill -INT`) or of its process group (`timeout`,
+    a scheduler): one line of how its build ended, the job's own, status 130 / 143, and its
+    `semid build` stopped with it, giving up its version (a KeyboardInterrupt traceback
+    before, the build left running without its parent)."""
     cfg = _small_config(tmp_path / "scale.yaml", quantizer={"layers": [16, 8, 8],
                                                             "niter": 10_000})
     work = tmp_path / "work"
     job = subprocess.Popen([sys.executable, "jobs/scale_run.py", "--rows", "20000", "--dim",
                             "16", "--config", str(cfg), "--workdir", str(work),
-                            "--chunk-rows", "4096"], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                            "--chunk-rows", "4096"], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        for line in job.stdout:
-            if "building" in line:
-                break
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         log = work / "build.log"
         while (not log.exists() or "fit:" not in log.read_text()) and \
                 time.monotonic() < deadline:
-            time.sleep(0.2)  # the build is fitting 10,000 Lloyd iterations a layer
-        job.send_signal(sig)
+            time.sleep(0.2)  # until the build fits 10,000 Lloyd iterations a layer
+        assert job.poll() is None
+        if group:
+            os.killpg(job.pid, sig)
+        else:
+            job.send_signal(sig)
         _, err = job.communicate(timeout=180)
     finally:
         job.kill()

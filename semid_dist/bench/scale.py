@@ -22,13 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist.bench.options import check_writable
-from semid_dist.bench.scale_page import DRIVER_SID_BYTES, write_doc
+from semid_dist.bench.scale_page import DRIVER_SID_BYTES, REPO, write_atomically, write_doc
 from semid_dist.bench.synthetic import CatalogSpec, at_least, write_catalog
 from semid_dist.errors import ConfigError, SemidError
 from semid_dist.signals import terminated
 
-REPO = Path(__file__).resolve().parents[2]
-DOCS_MD = REPO / "docs" / "SCALE.md"  # the documented run's page: DEFAULT_ROWS x DEFAULT_DIM
+SCALE_MD = REPO / "docs" / "SCALE.md"  # the documented run's page: DEFAULT_ROWS x DEFAULT_DIM
 DEFAULT_ROWS, DEFAULT_DIM, DEFAULT_CONFIG = 20_000_000, 128, REPO / "conf" / "scale.yaml"
 
 
@@ -62,7 +61,11 @@ def run_semid(command: list[str], log_path: Path) -> dict:
     peak = {"tree": 0.0, "driver": 0.0}
     with open(log_path, "w") as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+        # a session of its own: a signal to this job's process group (`timeout`, a
+        # scheduler, a terminal's Ctrl-C) reaches the build once, from `_stop` (a second
+        # SIGTERM ends a build at once, its version not given up)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
+                                start_new_session=True)
         try:
             out, wall = _measure(proc, peak, t0)
         except KeyboardInterrupt:
@@ -102,16 +105,18 @@ def _measure(proc: subprocess.Popen, peak: dict[str, float], t0: float) -> tuple
 
 
 def _stop(proc: subprocess.Popen, command: str, log_path: Path) -> None:
-    """Pass this job's Ctrl-C or SIGTERM on to the `semid` subprocess (a terminal's Ctrl-C
-    reached it already; `kill -INT` or a scheduler's SIGTERM of this job did not) and wait
-    for it to give up its version, then say how it ended."""
+    """Pass this job's Ctrl-C or SIGTERM on to the `semid` subprocess (in a session of its
+    own, nothing else reached it) and wait for it to give up its version, then say how it
+    ended."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM if terminated() else signal.SIGINT)
     try:
-        proc.wait(timeout=120)
+        proc.communicate(timeout=120)  # (reading its output: a full pipe would block it)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        proc.communicate()
+        print(f"scale: semid {command} did not stop within 120 s and was killed; processes "
+              "of its engine (Ray's) may be left: `ray stop` ends them", file=sys.stderr)
     how = "had ended" if proc.returncode == 0 else "stopped"  # (it committed first)
     print(f"scale: semid {command} {how}: {_last_line(log_path)}", file=sys.stderr, flush=True)
 
@@ -122,8 +127,6 @@ def _last_line(log_path: Path) -> str:
         return "(no log)"
     lines = log_path.read_text(errors="replace").strip().splitlines()
     return lines[-1] if lines else "(its log is empty)"
-
-
 
 
 def run_incremental(args: argparse.Namespace, work: Path, parent: str) -> dict:
@@ -196,7 +199,7 @@ def out_md(args: argparse.Namespace) -> Path:
         return Path(args.out_md)
     if (args.rows, args.dim, Path(args.config).resolve()) == (DEFAULT_ROWS, DEFAULT_DIM,
                                                                DEFAULT_CONFIG):
-        return DOCS_MD
+        return SCALE_MD
     return Path(args.workdir) / "SCALE.md"
 
 
@@ -256,7 +259,7 @@ def run_scale(args: argparse.Namespace) -> int:
             "peak_driver_mib": inc["peak_driver_mib"],
             "timings": inc["result"]["metrics"]["timings"],
             "rows": inc["result"]["metrics"]["rows"], "log": inc["log"]}
-    page.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_atomically(page.with_suffix(".json"), json.dumps(summary, indent=2))
     print(f"scale: done in {measured['wall_s']:.0f} s; peak RSS driver "
           f"{measured['peak_driver_mib']:.0f} MiB, tree {measured['peak_tree_mib']:.0f} MiB; "
           f"wrote {page} and {page.with_suffix('.json').name}", flush=True)
@@ -281,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
                    help="rows per Parquet row group of the catalog")
     p.add_argument("--out-md", default=argparse.SUPPRESS,
                    help="the page, its figures beside it as .json (default: "
-                   f"{DOCS_MD.relative_to(REPO)} for a run of the default --rows, --dim and "
+                   f"{SCALE_MD.relative_to(REPO)} for a run of the default --rows, --dim and "
                    "--config, else SCALE.md in --workdir)")
     p.add_argument("--project-rows", type=at_least(1), default=300_000_000,
                    help="the projection's catalog size")

@@ -68,7 +68,16 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict],
              + projection_lines(proj, args, kernel))
     if inc is not None:
         lines += incremental_lines(inc)
-    path.write_text("\n".join(lines) + "\n")
+    write_atomically(path, "\n".join(lines) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it, renamed into place (the page
+    of an earlier run is never left half-written), its folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: float,
