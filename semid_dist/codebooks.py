@@ -8,6 +8,7 @@ the encode.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from semid_dist.quantize.acrq import AcrqSample, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE, load_artifact
 from semid_dist.quantize.model import load_quantizer, quantizer_files
 from semid_dist.quantize.residual import check_warm_start, init_subset
-from semid_dist.stages import JobContext, sample_rows
+from semid_dist.stages import JobContext, sample_rows, sample_rows_by_id
 
 if TYPE_CHECKING:
     from semid_dist.engines import Engine
@@ -35,7 +36,8 @@ Reused = tuple[str, dict[str, bytes], dict[str, Any]]  # (version id, codebook f
 
 def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, np.ndarray]:
     """Seeded uniform sample of catalog rows -> {shard index: row indices inside the shard}.
-    Depends only on the catalog's shard layout, the size and the seed."""
+    Depends only on the catalog's shard layout, the size and the seed, so on the rows' order
+    and files too (`fit.sample_by: id`, `_drawn_by_id`, does not)."""
     total = plan.num_rows
     rows = (np.arange(total) if sample_size >= total else
             np.sort(np.random.default_rng([seed, 3]).choice(total, sample_size, replace=False)))
@@ -49,29 +51,90 @@ def choose_sample(plan: CatalogPlan, sample_size: int, seed: int) -> dict[int, n
     return out
 
 
-def _sample(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
-            log: Log) -> tuple[np.ndarray, np.ndarray | None]:
-    """The fit sample (n, d) float32 and its popularity (n,) (None without the column)."""
+def hash_bound(sample_size: int, rows: int) -> int:
+    """The seeded id hash (uint64) up to which a row is drawn for a sample of `sample_size`
+    of `rows` (`fit.sample_by: id`): enough for it with a margin of six standard deviations
+    and ten rows (the draws are Bernoulli), the sample then cut to the lowest hashes; every
+    row where the sample is the catalog or near it."""
+    want = sample_size + 6 * math.sqrt(sample_size) + 10
+    if want >= rows:
+        return 2**64 - 1
+    return min(int(want / rows * 2**64), 2**64 - 1)
+
+
+# the fit sample (n, d) float32, its popularity (n,) or None, the reject reasons of the rows
+# it drew (of the whole catalog, drawn by id), and how many rows it set out to draw
+_Drawn = tuple[np.ndarray, "np.ndarray | None", Counter, int]
+
+
+def _drawn_by_position(engine: Engine, ctx: JobContext, plan: CatalogPlan,
+                       cfg: BuildConfig) -> _Drawn:
+    """`fit.sample_by: position`: the valid rows at seeded positions (`choose_sample`)."""
     picks = choose_sample(plan, cfg.fit.sample_size, cfg.seed)
     parts = engine.map(sample_rows, [(ctx, plan.shards[i], rows) for i, rows in picks.items()])
     sample = (np.concatenate([x for x, _, _ in parts]) if parts
               else np.zeros((0, ctx.dim), np.float32))
     popularity = (np.concatenate([p for _, p, _ in parts])
                   if parts and parts[0][1] is not None else None)
+    reasons: Counter[str] = Counter()
+    for *_, part in parts:
+        reasons.update(part)
+    return sample, popularity, reasons, sum(len(rows) for rows in picks.values())
+
+
+def _drawn_by_id(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+                 ) -> _Drawn:
+    """`fit.sample_by: id`: the `fit.sample_size` valid rows of lowest seeded id hash (fewer
+    where the catalog's bad rows, which are never drawn, exceed the draw's margin), in the
+    order of their hashes. Neither the rows' order nor their files change it. The driver
+    holds the shards' draws and the sample, as the position path does."""
+    below = hash_bound(cfg.fit.sample_size, plan.num_rows)
+    parts = engine.map(sample_rows_by_id, [(ctx, s, below, cfg.seed) for s in plan.shards])
+    sizes = [len(h) for _, _, h, _ in parts]
+    order = np.argsort(np.concatenate([h for _, _, h, _ in parts]),
+                       kind="stable")[:cfg.fit.sample_size]
+    slot = np.full(sum(sizes), -1, np.int64)  # each drawn row's place in the sample, or -1
+    slot[order] = np.arange(len(order))
+    sample = np.empty((len(order), ctx.dim), np.float32)
+    popularity = (np.empty(len(order), parts[0][1].dtype) if parts[0][1] is not None
+                  else None)
+    reasons: Counter[str] = Counter()
+    start = 0
+    for i, size in enumerate(sizes):
+        x, pop, _, part = parts[i]
+        parts[i] = None  # (freed as it is placed)
+        at = slot[start:start + size]
+        kept = at >= 0
+        sample[at[kept]] = x[kept]
+        if popularity is not None:
+            popularity[at[kept]] = pop[kept]
+        reasons.update(part)
+        start += size
+    whole = below == 2**64 - 1  # (every row drawn: a larger sample would hold no more)
+    return sample, popularity, reasons, plan.num_rows if whole else cfg.fit.sample_size
+
+
+def _sample(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
+            log: Log) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fit sample (n, d) float32 and its popularity (n,) (None without the column)."""
+    by_id = cfg.fit.sample_by == "id"
+    sample, popularity, reasons, drawn = (_drawn_by_id if by_id else _drawn_by_position)(
+        engine, ctx, plan, cfg)
     k_max = max(cfg.quantizer.layers)
     if len(sample) < k_max:
-        drawn = sum(len(rows) for rows in picks.values())
-        reasons: Counter[str] = Counter()
-        for _, _, part in parts:
-            reasons.update(part)
         bad = (f"; {drawn - len(sample)} of the {drawn} rows it drew are bad "
                f"({reasons_text(reasons)}: rows the encode rejects, see README's Bad input)"
-               if drawn > len(sample) else "")
+               if drawn > len(sample) and not by_id else "")
+        if by_id and reasons:
+            bad = (f"; the catalog holds {sum(reasons.values())} bad rows "
+                   f"({reasons_text(reasons)}: rows the encode rejects, see README's Bad "
+                   "input), which take their share of the draw by item id")
         rows = f"{len(sample)} valid row{'' if len(sample) == 1 else 's'}"
         raise InputError(f"the fit sample holds {rows}, fewer than the largest codebook "
                          f"({k_max}){bad}; "
                          + ", or ".join(_sample_fixes(len(sample), drawn, plan.num_rows, k_max)))
-    log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed})")
+    log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed}"
+        + (", by item id)" if by_id else ")"))
     return sample, popularity
 
 

@@ -38,6 +38,7 @@ EncodePrecision = Literal["fp32", "tf32", "bf16"]
 DuplicatePolicy = Literal["reject", "keep_first", "fail"]
 ZeroVectorPolicy = Literal["keep", "reject"]
 WarmStart = Literal["none", "parent"]
+SampleBy = Literal["position", "id"]
 EmptyDelta = Literal["error", "skip"]
 
 
@@ -90,6 +91,9 @@ class FitConfig:
     max_failures: int = 2  # Ray Train: worker-group restarts, resuming from the last checkpoint
     warm_start: WarmStart = "none"  # parent: start Lloyd from the parent version's codebooks
     precision: Precision = "fp32"  # learned methods: bf16 = forward pass under bf16 autocast
+    # id: the sample is chosen, and ordered, by a seeded hash of the item ids, so it does not
+    # depend on the rows' order or files; position: seeded row positions in the catalog
+    sample_by: SampleBy = "position"
 
 
 @dataclass(frozen=True)

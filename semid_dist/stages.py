@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from semid_dist.codes.drift import seeded_hashes
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
@@ -129,6 +130,19 @@ def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray,
         rejects = rejects.filter(pa.array(drawn))
     return (batch.x[wanted], None if batch.popularity is None else batch.popularity[wanted],
             reject_reasons(rejects))
+
+
+def sample_rows_by_id(ctx: JobContext, shard: Shard, below: int, seed: int,
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, int]]:
+    """The shard's valid rows whose seeded id hash (`seeded_hashes`) is at most `below`:
+    embeddings (m, d) float32, popularity (m,) (None without a popularity column), the
+    hashes (m,) uint64; and the shard's rejected rows per reason (all of them: a rejected
+    row's id may be missing, so it is never drawn)."""
+    batch = _validated(ctx, shard)
+    h = seeded_hashes(batch.ids, seed)
+    drawn = h <= np.uint64(below)
+    return (batch.x[drawn], None if batch.popularity is None else batch.popularity[drawn],
+            h[drawn], reject_reasons(batch.rejects))
 
 
 def load_quantizer(ctx: JobContext) -> Quantizer:

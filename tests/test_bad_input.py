@@ -898,7 +898,14 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
                                        r"codes\), or raise fit\.sample_size$"),
     # one valid row makes no codebook (2 codes at least)
     (12, 11, {"input__max_reject_fraction": 1.0},
-     r"holds 1 valid row, .*11 of the 12 rows it drew are bad .*; use a larger catalog$")])
+     r"holds 1 valid row, .*11 of the 12 rows it drew are bad .*; use a larger catalog$"),
+    # drawn by item id: the bad rows are never drawn, but take their share of the draw
+    (40, 30, {"fit__sample_size": 20, "fit__sample_by": "id",
+              "input__max_reject_fraction": 1.0},
+     r"holds 10 valid rows, fewer than the largest codebook \(16\); the catalog holds 30 "
+     rf"bad rows \(30 {re.escape(NON_FINITE)}: rows the encode rejects, see README's Bad "
+     r"input\), which take their share of the draw by item id; fix the catalog's bad rows, "
+     r"or use smaller quantizer\.layers \(at most 10 codes\)$")])
 def test_catalog_smaller_than_the_largest_codebook(tmp_path, root, rows, bad, over, match):
     """The fit sample holds fewer valid rows than the largest codebook: the error names the
     fixes that would reach it (the bad rows only where fixing them would)."""

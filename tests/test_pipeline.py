@@ -609,3 +609,39 @@ def test_ctrl_c_once_the_manifest_is_written_says_the_version_stands(small_catal
     newer = store.versions()[-1]
     assert newer != vid and store.latest() == newer
     assert f"interrupted after version {newer} was committed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("string_ids", [False, True])
+def test_a_fit_sampled_by_item_id_does_not_depend_on_the_rows_order(tmp_path, string_ids):
+    """fit.sample_by: id draws the fit sample by a seeded hash of the item ids and orders it
+    so: the same items in another order, other files and row groups give the same SIDs, bad
+    rows and a rejected duplicate id included (by row position, the default, every SID
+    changed); another seed, another sample."""
+    from semid_dist.codebooks import hash_bound
+
+    x = clustered(2400, 12, seed=1)
+    x[[5, 900]] = np.nan
+    ids = np.arange(len(x), dtype=np.int64)
+    ids[1700] = 40  # a duplicate id: both copies rejected
+    ids = ids.astype(str).astype(object) if string_ids else ids
+    popularity = np.arange(len(x)) % 97  # each row keeps its own
+    order = np.random.default_rng(5).permutation(len(x))
+    catalog = write_catalog(tmp_path / "catalog", x, ids=ids, popularity=popularity, files=2)
+    shuffled = write_catalog(tmp_path / "shuffled", x[order], ids=ids[order],
+                             popularity=popularity[order], files=3, row_group_rows=300)
+
+    def sids(path, table, **over):
+        res = build(small_config(path, str(tmp_path / "out"), output__table=table, **over),
+                    log=quiet)
+        assert res.manifest["rows"] == {"input": 2400, "encoded": 2396, "rejected": 4}
+        return TableStore(str(tmp_path / "out"), table).read_data(res.version_id).sort_by(
+            "item_id")
+
+    by_id = sids(catalog, "a", fit__sample_by="id")
+    assert sids(shuffled, "b", fit__sample_by="id").equals(by_id)
+    by_position = [sids(path, t) for path, t in ((catalog, "c"), (shuffled, "d"))]
+    assert not by_position[0].column("codes").equals(by_position[1].column("codes"))
+    assert not sids(catalog, "e", fit__sample_by="id", seed=8).column("codes").equals(
+        by_id.column("codes"))
+    assert hash_bound(10**9, 10) == hash_bound(10, 10) == 2**64 - 1  # every row
+    assert hash_bound(1500, 2400) / 2**64 == pytest.approx((1500 + 6 * 1500**0.5 + 10) / 2400)

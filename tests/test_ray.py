@@ -276,6 +276,11 @@ def test_ray_build_end_to_end(ray_session, small_catalog, tmp_path):
     # 2-worker fit vs 1-worker fit: same quality
     assert res.metrics["reconstruction"]["mse"] == pytest.approx(
         local.metrics["reconstruction"]["mse"], rel=1e-3)
+    # the fit sample drawn by item id in every shard's task (fit.sample_by: id)
+    by_id = [build(small_config(catalog, root, engine=engine, fit__sample_by="id"),
+                   log=quiet) for engine in ("ray", "local")]  # (2 Ray Train workers)
+    a, b = (store.read_data(r.version_id).sort_by("item_id") for r in by_id)
+    assert a.equals(b) and a.num_rows == len(x)
 
 
 def test_train_worker_failure_resumes_from_last_layer_checkpoint(ray_session, tmp_path,

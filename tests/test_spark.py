@@ -138,6 +138,12 @@ def test_spark_build_end_to_end(spark_session, tmp_path):
     local = build(small_config(catalog, root), log=quiet)
     assert comparable(local.metrics) == comparable(res.metrics)
     assert store.read_data(local.version_id).sort_by("item_id").equals(data.sort_by("item_id"))
+    # the fit sample drawn by item id in every shard's task (fit.sample_by: id)
+    by_id = [build(small_config(catalog, root, engine=engine, fit__sample_by="id"), log=quiet)
+             for engine in ("spark", "local")]
+    assert by_id[0].manifest["rows"] == res.manifest["rows"]
+    a, b = (store.read_data(r.version_id).sort_by("item_id") for r in by_id)
+    assert a.equals(b) and not a.column("codes").equals(data.sort_by("item_id")["codes"])
 
 
 def test_spark_encode_hands_results_over_wave_by_wave(spark_session, small_catalog, tmp_path,

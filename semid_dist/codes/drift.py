@@ -60,6 +60,27 @@ def _string_hash(arr: pa.Array) -> np.ndarray:
     return _mix(h ^ lengths.astype(np.uint64))
 
 
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each item id, the same in every process and on every machine.
+
+    ids: (n,) integer or string / binary ids, no nulls -> (n,) uint64. Integer ids of any
+    width hash alike (5 as int32 and as int64)."""
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if pa.types.is_integer(arr.type):
+        return _mix(pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False).view(np.uint64))
+    if _is_text(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return _string_hash(arr)
+    raise StoreError(f"item ids of type {arr.type} cannot be hashed; give integer or string "
+                     "ids")
+
+
+def seeded_hashes(ids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """`id_hashes` mixed with `seed`: another seed, another uniform order of the ids.
+    (n,) -> (n,) uint64."""
+    key = _mix(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0]
+    return _mix(id_hashes(ids) ^ key)
+
+
 def id_buckets(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     """Bucket of each item id, the same in every process and on every machine.
 
@@ -71,15 +92,11 @@ def id_buckets(ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     if buckets == 1:
         return np.zeros(len(arr), dtype=np.int64)
-    if pa.types.is_integer(arr.type):
-        h = _mix(pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False).view(np.uint64))
-    elif _is_text(arr.type) or pa.types.is_binary(arr.type) or \
-            pa.types.is_large_binary(arr.type):
-        h = _string_hash(arr)
-    else:
+    if not (pa.types.is_integer(arr.type) or _is_text(arr.type) or pa.types.is_binary(arr.type)
+            or pa.types.is_large_binary(arr.type)):
         raise StoreError(f"item ids of type {arr.type} cannot be compared between versions; "
                          "drift needs integer or string ids")
-    return (h % np.uint64(buckets)).astype(np.int64)
+    return (id_hashes(arr) % np.uint64(buckets)).astype(np.int64)
 
 
 # the most buckets a job splits into: a split makes groups x buckets ranged reads, so past
