@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--root", help="output root of the builds (default: a temporary "
                    "directory, removed afterwards)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every build (dotted keys, YAML values)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_experiment_root(cfg, args.root, args.overrides, "sweep")

@@ -11,7 +11,7 @@ from typing import Any
 
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
-from semid_dist.io.retention import gc_plan
+from semid_dist.io.retention import gc_plan, kept_reasons
 from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore
 from semid_dist.resume import leftover_staging, live_runs
 
@@ -56,6 +56,7 @@ def collect_garbage(store: TableStore, keep: int, *, min_age_hours: float = 24.0
             "deleted": [v for v in delete if v in manifests],
             "deleted_uncommitted": [v for v in delete if v not in manifests],
             "kept": [v for v in kept if v in manifests],
+            "kept_because": kept_reasons(kept, latest, manifests, keep, live),
             "kept_uncommitted": [v for v in kept if v not in manifests],
             "staging_removed": leftovers}
 

@@ -179,7 +179,11 @@ def _table(root: str, table: str) -> TableStore:
     check_table_name(table, "--table")
     store = TableStore(root, table)
     if not store.fs.isdir(store.base):
-        raise StoreError(f"no table at {fsio.redact_url(store.url)}: check --root and --table")
+        nothing = "" if store.fs.exists(fsio.resolve(root)[1]) else (
+            f" (nothing is at --root {fsio.redact_url(root)} either: a bucket or folder that "
+            "does not exist)")
+        raise StoreError(f"no table at {fsio.redact_url(store.url)}{nothing}: check --root "
+                         "and --table")
     # a table this user may not read: PermissionError here (the store's existence checks
     # said "no such file" for its files, and the table looked empty)
     store.fs.ls(store.base)

@@ -90,6 +90,8 @@ def format_gc(report: dict[str, Any]) -> str:
              f"{verb} {len(report['deleted_uncommitted'])} uncommitted director(ies) older "
              f"than {report['min_age_hours']:g} h: {young}",
              f"kept      {len(report['kept'])} committed: {', '.join(report['kept']) or '-'}",
+             *(f"          {vid} beyond --keep {report['keep']}: {why}"
+               for vid, why in report.get("kept_because", {}).items()),
              f"kept      {len(report['kept_uncommitted'])} uncommitted (younger than "
              f"{report['min_age_hours']:g} h, or their build still runs): "
              f"{', '.join(report['kept_uncommitted']) or '-'}"]

@@ -857,6 +857,9 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
         build(cfg(str(empty_dir), root), log=quiet)
     with pytest.raises(InputError, match="does not exist"):
         build(cfg(str(tmp_path / "nowhere"), root), log=quiet)
+    with pytest.raises(InputError, match=r"input.path '.*/\*\.parquet' holds a wildcard, which "
+                                         r"is not expanded: give the directory"):  # (not there)
+        build(cfg(str(empty_dir / "*.parquet"), root), log=quiet)
     zero = tmp_path / "zero_rows"
     zero.mkdir()
     pq.write_table(pa.table({"item_id": pa.array([], pa.int64()),

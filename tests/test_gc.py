@@ -12,8 +12,9 @@ import pytest
 
 from semid_dist.cli import main
 from semid_dist.errors import StoreError
-from semid_dist.io.retention import VERSION_TIME_FORMAT, gc_plan, version_time
+from semid_dist.io.retention import VERSION_TIME_FORMAT, gc_plan, kept_reasons, version_time
 from semid_dist.io.store import MANIFEST, TableStore, new_version_id
+from semid_dist.summary import format_gc
 from tests.test_store import write_version
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -41,6 +42,10 @@ def test_keeps_the_newest_n_and_latest():
     # practice, but gc must not depend on that)
     delete, keep = gc_plan(vs, vs[0], mans, 2, NOW, 24)
     assert keep == [vs[0], *vs[-2:]] and delete == vs[1:3]
+    assert kept_reasons(keep, vs[0], mans, 2) == {vs[0]: "_latest"}
+    assert kept_reasons(keep, vs[0], mans, 2, {"x": {vs[0]}}) == {vs[0]: "_latest"}
+    assert kept_reasons(keep, vs[-1], mans, 2, {"x": {vs[0]}}) == {
+        vs[0]: "read by a running build"}
     delete, keep = gc_plan(vs, vs[-1], mans, 0, NOW, 24)
     assert keep == [vs[-1]] and delete == vs[:-1]
     for n in range(1, 12):  # more than there are keeps them all (6-9 of 5 kept 1-4)
@@ -164,6 +169,8 @@ def test_store_gc_keeps_versions_that_kept_manifests_reference(root):
     store.write_file(top, MANIFEST, json.dumps(body).encode())
     report = store.gc(1, now=NOW)
     assert report["deleted"] == [middle] and report["kept"] == [base, top]
+    assert report["kept_because"] == {base: f"its files serve {top}"}  # (--keep 1: not said)
+    assert f"          {base} beyond --keep 1: its files serve {top}" in format_gc(report)
     paths = store.part_paths(top)
     assert any(p.startswith(store.version_dir(base)) for p in paths)
     assert store.read_data(top).num_rows == 80  # its own 50 rows + 30 from `base`

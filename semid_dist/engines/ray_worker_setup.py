@@ -10,6 +10,8 @@ import logging
 # Ray Train's helper that removes a fit's placement group should its controller die
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
+# s3fs's client, aiobotocore over botocore (their credentials and endpoint lines)
+STORAGE_CLIENT_LOGGERS = ("aiobotocore", "botocore")
 
 
 def _not_the_state_api_warning(record: logging.LogRecord) -> bool:
@@ -20,5 +22,9 @@ def quiet_state_api_users() -> None:
     """No warning from the Ray Train helper that asks Ray's State API, every second of a
     fit, whether the training's controller is alive. The State API is served by the
     dashboard, which the embedded Ray runs without, so each of its questions failed with a
-    warning on the build's console (5-6 lines a build). Its other lines still show."""
+    warning on the build's console (5-6 lines a build). Its other lines still show. Nor the
+    object store client's INFO lines (`Found credentials in environment variables.`, from
+    each Ray Train worker reading s3://): its warnings and errors still show."""
     logging.getLogger(CLEANER_LOGGER).addFilter(_not_the_state_api_warning)
+    for name in STORAGE_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

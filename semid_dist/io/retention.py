@@ -85,3 +85,27 @@ def gc_plan(versions: list[str], latest: str | None,
     present = set(versions)
     return sorted(delete), sorted(v for v in kept if v in present)
 
+
+def kept_reasons(kept: list[str], latest: str | None,
+                 manifests: Mapping[str, Mapping[str, Any] | None], keep: int,
+                 live: Mapping[str, set[str]] | None = None) -> dict[str, str]:
+    """Why `gc_plan` kept each committed version of `kept` that is not among the `keep`
+    newest: `_latest`, read by a running build, or its files serve a kept version (named).
+    {version id: reason}."""
+    committed = sorted(v for v in manifests if v in set(kept))
+    newest = set(committed[max(len(committed) - keep, 0):] if keep else [])
+    reasons: dict[str, str] = {}
+    for vid in committed:
+        if vid in newest:
+            continue
+        if vid == latest:
+            reasons[vid] = "_latest"
+        elif any(vid in reads for reads in (live or {}).values()):
+            reasons[vid] = "read by a running build"
+        else:
+            users = [v for v in committed
+                     if (m := manifests.get(v)) is not None and vid in referenced_versions(m)]
+            reasons[vid] = (f"its files serve {', '.join(users)}" if users
+                            else "read by a running build")
+    return reasons
+
