@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import posixpath
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -179,9 +180,9 @@ def _table(root: str, table: str) -> TableStore:
     check_table_name(table, "--table")
     store = TableStore(root, table)
     if not store.fs.isdir(store.base):
-        nothing = "" if store.fs.exists(fsio.resolve(root)[1]) else (
-            f" (nothing is at --root {fsio.redact_url(root)} either: a bucket or folder that "
-            "does not exist)")
+        nothing = "" if store.fs.exists(posixpath.dirname(store.base.rstrip("/"))) else (
+            f" (nothing is found at --root {fsio.redact_url(root)} either: a bucket or folder "
+            "that does not exist, or one this user may not list)")
         raise StoreError(f"no table at {fsio.redact_url(store.url)}{nothing}: check --root "
                          "and --table")
     # a table this user may not read: PermissionError here (the store's existence checks

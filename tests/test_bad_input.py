@@ -855,10 +855,12 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
     (empty_dir / "README.txt").write_text("no parquet here")
     with pytest.raises(InputError, match=r"holds no \*\.parquet files"):
         build(cfg(str(empty_dir), root), log=quiet)
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist; point it at a Parquet file or a "
+                                         "directory of Parquet files$"):
         build(cfg(str(tmp_path / "nowhere"), root), log=quiet)
-    with pytest.raises(InputError, match=r"input.path '.*/\*\.parquet' holds a wildcard, which "
-                                         r"is not expanded: give the directory"):  # (not there)
+    with pytest.raises(InputError, match=r"input.path '.*/\*\.parquet' does not exist; if it "
+                                         r"is a wildcard, wildcards are not expanded: give the "
+                                         r"directory"):
         build(cfg(str(empty_dir / "*.parquet"), root), log=quiet)
     zero = tmp_path / "zero_rows"
     zero.mkdir()

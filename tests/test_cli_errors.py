@@ -409,8 +409,9 @@ def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
         # a root that is not there either (a bucket that does not exist: said as such)
         line = named_error(semid(*command, "--root", str(tmp_path / "nope"), "--table", "sids"))
         assert line == (f"semid {command[0]}: error: no table at {tmp_path / 'nope'}/sids "
-                        f"(nothing is at --root {tmp_path / 'nope'} either: a bucket or folder "
-                        "that does not exist): check --root and --table"), line
+                        f"(nothing is found at --root {tmp_path / 'nope'} either: a bucket or "
+                        "folder that does not exist, or one this user may not list): check "
+                        "--root and --table"), line
 
 
 def test_a_command_keeps_the_callers_sigint_handler(tmp_path):

@@ -31,3 +31,24 @@ def test_no_sharing_leaves_items_as_they_are():
     items = [(np.arange(3), "a"), (np.arange(3), "b")]
     shared, light = split_shared(items)
     assert shared == [] and light == items
+
+
+def test_embedded_ray_workers_keep_the_storage_clients_info_lines_off_the_console():
+    """Each Ray Train worker reading s3:// logged `Found credentials in environment
+    variables.` and `Found endpoint for s3 via: ...` (aiobotocore's and botocore's INFO
+    lines) among the build's progress; the workers' set-up keeps their warnings only."""
+    import logging
+
+    from semid_dist.engines import ray_worker_setup
+
+    names = ("aiobotocore.credentials", "botocore.credentials", "botocore.endpoint")
+    before = {n: logging.getLogger(n).level
+              for n in ("", *ray_worker_setup.STORAGE_CLIENT_LOGGERS)}
+    try:
+        logging.getLogger().setLevel(logging.INFO)  # as a Ray worker's logging is
+        ray_worker_setup.set_up_worker()
+        assert all(not logging.getLogger(n).isEnabledFor(logging.INFO) for n in names)
+        assert all(logging.getLogger(n).isEnabledFor(logging.WARNING) for n in names)
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)

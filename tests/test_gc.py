@@ -43,9 +43,14 @@ def test_keeps_the_newest_n_and_latest():
     delete, keep = gc_plan(vs, vs[0], mans, 2, NOW, 24)
     assert keep == [vs[0], *vs[-2:]] and delete == vs[1:3]
     assert kept_reasons(keep, vs[0], mans, 2) == {vs[0]: "_latest"}
-    assert kept_reasons(keep, vs[0], mans, 2, {"x": {vs[0]}}) == {vs[0]: "_latest"}
+    assert kept_reasons(keep, vs[0], mans, 2, {"x": {vs[0]}}) == {
+        vs[0]: "_latest; read by a running build"}
     assert kept_reasons(keep, vs[-1], mans, 2, {"x": {vs[0]}}) == {
         vs[0]: "read by a running build"}
+    assert kept_reasons(keep, vs[-1], mans, 2) == {vs[0]: "reason not known"}  # (not gc's)
+    served = {**mans, vs[-1]: manifest(vs[-1], refs=(vs[0],))}  # all that holds, each named
+    assert kept_reasons(keep, vs[0], served, 2, {"x": {vs[0]}}) == {
+        vs[0]: f"_latest; read by a running build; its files serve {vs[-1]}"}
     delete, keep = gc_plan(vs, vs[-1], mans, 0, NOW, 24)
     assert keep == [vs[-1]] and delete == vs[:-1]
     for n in range(1, 12):  # more than there are keeps them all (6-9 of 5 kept 1-4)
@@ -243,6 +248,7 @@ def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
     vid = claim_version(store, "k", parent=parent).version  # an incremental build from `parent`
     report = store.gc(0, now=NOW)
     assert report["deleted"] == [] and report["kept"] == [parent, newer]
+    assert report["kept_because"] == {parent: "read by a running build", newer: "_latest"}
     assert report["kept_uncommitted"] == [vid]
     with pytest.raises(RuntimeError), heartbeat(store, vid, "k", (parent,), parent=parent):
         raise RuntimeError("the build failed")  # it gives its version up

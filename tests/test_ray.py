@@ -436,23 +436,3 @@ def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tm
         assert a.num_rows == (1199 if kind == "data" else 1)
         assert a.sort_by("item_id").equals(b.sort_by("item_id")), kind
 
-
-def test_embedded_ray_workers_keep_the_storage_clients_info_lines_off_the_console():
-    """Each Ray Train worker reading s3:// logged `Found credentials in environment
-    variables.` and `Found endpoint for s3 via: ...` (aiobotocore's and botocore's INFO
-    lines) among the build's progress; the workers' set-up keeps their warnings only."""
-    import logging
-
-    from semid_dist.engines import ray_worker_setup
-
-    names = ("aiobotocore.credentials", "botocore.credentials", "botocore.endpoint")
-    before = {n: logging.getLogger(n).level
-              for n in ("", *ray_worker_setup.STORAGE_CLIENT_LOGGERS)}
-    try:
-        logging.getLogger().setLevel(logging.INFO)  # as a Ray worker's logging is
-        ray_worker_setup.quiet_state_api_users()
-        assert all(not logging.getLogger(n).isEnabledFor(logging.INFO) for n in names)
-        assert all(logging.getLogger(n).isEnabledFor(logging.WARNING) for n in names)
-    finally:
-        for n, level in before.items():
-            logging.getLogger(n).setLevel(level)

@@ -19,7 +19,7 @@ from semid_dist.memory import huge_pages, worker_env
 
 # run by each worker process of the embedded Ray as it starts, the job's tasks and actors and
 # Ray Data's and Ray Train's own (`ray_worker_setup`: a module that imports nothing else)
-WORKER_SETUP = "semid_dist.engines.ray_worker_setup.quiet_state_api_users"
+WORKER_SETUP = "semid_dist.engines.ray_worker_setup.set_up_worker"
 # where Ray's workers look for it (what `runtime_env={"worker_process_setup_hook": ...}`
 # sets, without a runtime environment's cost: `_started_with`)
 WORKER_SETUP_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"

@@ -18,7 +18,7 @@ def _not_the_state_api_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(STATE_API_WARNING)
 
 
-def quiet_state_api_users() -> None:
+def set_up_worker() -> None:
     """No warning from the Ray Train helper that asks Ray's State API, every second of a
     fit, whether the training's controller is alive. The State API is served by the
     dashboard, which the embedded Ray runs without, so each of its questions failed with a

@@ -81,13 +81,13 @@ def _catalog_files(url: str) -> tuple[list[str], list[str]]:
     fs, path = fsio.resolve(url)
     if not fs.exists(path):
         _check_http_host(url)  # (fsspec's HTTP file system says "not there" for both)
-        if any(c in path for c in "*?["):
-            raise _input_error(f"input.path {url!r} holds a wildcard, which is not expanded: "
-                               "give the directory of the Parquet files (every *.parquet "
-                               "below it is read; hidden and _-prefixed files, such as "
-                               "Spark's _SUCCESS and .crc files, are not) or one file")
-        raise _input_error(f"input.path {url!r} does not exist; point it at a Parquet file or "
-                         "a directory of Parquet files")
+        wildcard = any(c in urllib.parse.urlsplit(url).path for c in "*?[")  # (a query aside)
+        raise _input_error(
+            f"input.path {url!r} does not exist; "
+            + ("if it is a wildcard, wildcards are not expanded: give the directory of the "
+               "Parquet files (every *.parquet below it is read; hidden and _-prefixed "
+               "files, such as Spark's _SUCCESS and .crc files, are not) or one file"
+               if wildcard else "point it at a Parquet file or a directory of Parquet files"))
     if fs.isfile(path):
         return [path], []
     visible = sorted(p for p in fs.find(path) if not hidden(p, path))

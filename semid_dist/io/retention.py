@@ -90,22 +90,20 @@ def kept_reasons(kept: list[str], latest: str | None,
                  manifests: Mapping[str, Mapping[str, Any] | None], keep: int,
                  live: Mapping[str, set[str]] | None = None) -> dict[str, str]:
     """Why `gc_plan` kept each committed version of `kept` that is not among the `keep`
-    newest: `_latest`, read by a running build, or its files serve a kept version (named).
-    {version id: reason}."""
+    newest: every reason that holds, `_latest`, read by a running build, its files serve
+    kept versions (named). {version id: reasons, joined by "; "}."""
     committed = sorted(v for v in manifests if v in set(kept))
     newest = set(committed[max(len(committed) - keep, 0):] if keep else [])
     reasons: dict[str, str] = {}
     for vid in committed:
         if vid in newest:
             continue
-        if vid == latest:
-            reasons[vid] = "_latest"
-        elif any(vid in reads for reads in (live or {}).values()):
-            reasons[vid] = "read by a running build"
-        else:
-            users = [v for v in committed
-                     if (m := manifests.get(v)) is not None and vid in referenced_versions(m)]
-            reasons[vid] = (f"its files serve {', '.join(users)}" if users
-                            else "read by a running build")
+        users = [v for v in committed
+                 if (m := manifests.get(v)) is not None and vid in referenced_versions(m)]
+        why = (["_latest"] if vid == latest else []) + (
+            ["read by a running build"]
+            if any(vid in reads for reads in (live or {}).values()) else []) + (
+            [f"its files serve {', '.join(users)}"] if users else [])
+        reasons[vid] = "; ".join(why) or "reason not known"
     return reasons
 
