@@ -2,7 +2,8 @@
 
 Each method runs a full build (fit -> encode -> reduce -> commit; on the local engine unless an
 `engine=` override says otherwise) into --root (default: a temporary directory, removed
-afterwards; output.root and output.table overrides are refused: a table per method) and
+afterwards; overrides of output.root, output.table, quantizer.method and acrq_base, which
+each row sets, are refused) and
 its row of the table, read from the committed metrics, is printed as it finishes:
     python jobs/compare_quantizers.py --config conf/demo.yaml [key=value ...]
     python jobs/compare_quantizers.py --config conf/demo.yaml quantizer.epochs=40
@@ -16,7 +17,7 @@ import tempfile
 from semid_dist.cli import job_entry
 from semid_dist.config import load_config
 from semid_dist.pipeline import build, make_logger
-from semid_dist.runtime import check_experiment_root
+from semid_dist.runtime import check_experiment_root, refuse_overrides
 
 # (row label, overrides): acrq on residual k-means and on rq_vae
 METHODS = (("rq_kmeans", ["quantizer.method=rq_kmeans"]), ("rq_vae", ["quantizer.method=rq_vae"]),
@@ -52,8 +53,9 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     log = make_logger("compare")
     overrides = ["engine=local", *args.overrides]
-    check_experiment_root(load_config(args.config, overrides), args.root, args.overrides,
-                          "comparison", replaced=("output.root", "output.table"))
+    refuse_overrides(args.overrides, "comparison", ("output.root", "output.table",
+                                                    "quantizer.method", "quantizer.acrq_base"))
+    check_experiment_root(load_config(args.config, overrides), args.root)
     with tempfile.TemporaryDirectory(prefix="semid-compare-") as tmp:
         root = args.root or tmp
         configs = [(label, load_config(args.config, [*overrides, f"output.root={root}",

@@ -8,7 +8,8 @@ a temporary directory, removed afterwards), never in the config's own table: a s
 experiment, and its last version would become that table's `_latest`. Each of the (up to)
 ten versions holds a whole SID table (the demo's: ~1 MB each). An engine on a cluster (Ray with
 ray.address, Spark with a master that is not local) needs a --root every worker can reach;
-an output.root override is refused. Every row's settings are checked before the first build;
+overrides of the keys its rows set (output.root, encode.from_version, prune.strategy, k, p,
+tau) are refused. Every row's settings are checked before the first build;
 progress goes to stderr.
 """
 
@@ -20,7 +21,7 @@ import time
 from semid_dist.cli import job_entry
 from semid_dist.config import BuildConfig, load_config
 from semid_dist.pipeline import build
-from semid_dist.runtime import check_experiment_root
+from semid_dist.runtime import check_experiment_root, refuse_overrides
 
 TOP_K = (4, 16, 64)
 
@@ -56,8 +57,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for every build (dotted keys, YAML values)")
     args = p.parse_args(argv)
+    refuse_overrides(args.overrides, "sweep", ("output.root", "encode.from_version",
+                                               "prune.strategy", "prune.k", "prune.p",
+                                               "prune.tau"))
     cfg = load_config(args.config, args.overrides)
-    check_experiment_root(cfg, args.root, args.overrides, "sweep")
+    check_experiment_root(cfg, args.root)
     rows = strategies(cfg)
     for _, extra in rows:  # each row's settings, before the first build
         load_config(args.config, [*args.overrides, "encode.from_version=latest", *extra])

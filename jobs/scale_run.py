@@ -1,7 +1,7 @@
 """A large build end to end on this machine, measured: time per stage, peak memory of the
 whole process tree (driver, Ray's own processes and workers), throughput; then a projection
 for a larger catalog on a cluster, with every assumption stated. Writes docs/SCALE.md
-(another --rows or --dim: SCALE.md in --workdir, unless --out-md says where).
+(another --rows, --dim or --config: SCALE.md in --workdir, unless --out-md says where).
 
     python jobs/scale_run.py                       # 20M x 128, conf/scale.yaml (local Ray)
     python jobs/scale_run.py --rows 2000000        # a smaller check (out/scale/SCALE.md)

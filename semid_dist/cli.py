@@ -180,7 +180,10 @@ def _table(root: str, table: str) -> TableStore:
     check_table_name(table, "--table")
     store = TableStore(root, table)
     if not store.fs.isdir(store.base):
-        nothing = "" if store.fs.exists(posixpath.dirname(store.base.rstrip("/"))) else (
+        found = True
+        with contextlib.suppress(OSError):  # (a store that refuses the question: no hint)
+            found = store.fs.exists(posixpath.dirname(store.base.rstrip("/")))
+        nothing = "" if found else (
             f" (nothing is found at --root {fsio.redact_url(root)} either: a bucket or folder "
             "that does not exist, or one this user may not list)")
         raise StoreError(f"no table at {fsio.redact_url(store.url)}{nothing}: check --root "

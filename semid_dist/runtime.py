@@ -1,6 +1,7 @@
 """Where a build's stages run: local paths made absolute for workers that run elsewhere
 (`with_absolute_paths`), the table kept out of the catalog (`check_table_outside_catalog`),
-an experiment job's output root (`check_experiment_root`), and the device, CPU or GPU, of
+an experiment job's output root and the keys it sets (`check_experiment_root`,
+`refuse_overrides`), and the device, CPU or GPU, of
 the fit and of the encode (`gpu_stages`, `torch_device`)."""
 
 from __future__ import annotations
@@ -35,12 +36,24 @@ def absolute_url(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
-def check_experiment_root(cfg: BuildConfig, root: str | None, overrides: list[str],
-                          job: str, *, replaced: tuple[str, ...] = ("output.root",)) -> None:
-    """An experiment job's builds (jobs/prune_sweep.py, jobs/compare_quantizers.py) go to
-    --root, by default a temporary directory on this machine: no place for a cluster's
-    workers to write; and an override of a key the job sets (`replaced`) would be lost, so
-    it is refused."""
+def refuse_overrides(overrides: list[str], job: str, replaced: tuple[str, ...]) -> None:
+    """An experiment job (jobs/prune_sweep.py, jobs/compare_quantizers.py) sets the keys
+    `replaced` for each of its builds: an override of one, itself or inside its section,
+    would be lost, so it is refused (before the config is read: the job's value may be what
+    makes it valid)."""
+    for override in overrides:
+        given, _, raw = override.partition("=")
+        for key in replaced:
+            if _sets(given.strip(), raw, key):
+                fix = ("give its output root as --root DIR (the config's own table is left "
+                       "alone)" if key == "output.root" else "drop the override (each row "
+                       "sets it)")
+                raise ConfigError(f"{given}: {key} is set by the {job} itself: {fix}")
+
+
+def check_experiment_root(cfg: BuildConfig, root: str | None) -> None:
+    """An experiment job's builds go to --root, by default a temporary directory on this
+    machine: no place for a cluster's workers to write."""
     from semid_dist.engines.spark_session import session_master
 
     master = session_master(cfg)  # None: spark-submit's, which may be a cluster's
@@ -50,13 +63,6 @@ def check_experiment_root(cfg: BuildConfig, root: str | None, overrides: list[st
         raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
                           "--root on storage every worker can reach (s3://..., hdfs://...), "
                           "not the default temporary directory on this machine")
-    for override in overrides:
-        given, _, raw = override.partition("=")
-        for key in replaced:
-            if _sets(given.strip(), raw, key):
-                fix = ("give its output root as --root DIR (the config's own table is left "
-                       "alone)" if key == "output.root" else "drop the override")
-                raise ConfigError(f"{given}: {key} is set by the {job} itself: {fix}")
 
 
 def _sets(given: str, raw: str, key: str) -> bool:

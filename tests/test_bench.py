@@ -446,8 +446,8 @@ def test_a_quick_or_partial_bench_leaves_the_full_runs_pages_alone(tmp_path, mon
     assert main(["bench", "--quick", "--only", "gpu", "--out-md", "q.md"]) == 0
     err = capsys.readouterr().err
     assert "wrote q.md" in err
-    judged = "quick mode measures sizes below the targets' own"  # (it judged them as a full run)
-    assert f"targets met 0, not met 0 ({judged}" in err
+    judged = "it measures sizes below the targets' own"  # (it judged them as a full run)
+    assert f"targets met 0, not met 0 (quick mode: {judged}" in err
     assert f"Quick mode: {judged}" in (tmp_path / "q.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.md"]
     pytest.importorskip("faiss")  # (a full run's kernels, e2e and fit sections need it)

@@ -365,7 +365,12 @@ def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
              "output.root: output.root is set by the comparison itself: give its output root "
              "as --root DIR"),
             ("compare_quantizers.py", ["--config", cfg, "output.table=t"],
-             "output.table: output.table is set by the comparison itself: drop the override"),
+             "output.table: output.table is set by the comparison itself: drop the override "
+             "(each row sets it)"),
+            ("compare_quantizers.py", ["--config", cfg, "quantizer.acrq_base=rq_vae"],
+             "quantizer.acrq_base: quantizer.acrq_base is set by the comparison itself"),
+            ("prune_sweep.py", ["--config", cfg, "prune={strategy: top_k, k: 4}"],
+             "prune: prune.strategy is set by the sweep itself: drop the override"),
             # a setting one method refuses: before the first build (after the others before)
             ("compare_quantizers.py", ["--config", cfg, "collisions.max_per_sid=10"],
              f"{cfg} with overrides collisions.max_per_sid=10, quantizer.method=rq_vae: "

@@ -52,3 +52,14 @@ def test_embedded_ray_workers_keep_the_storage_clients_info_lines_off_the_consol
     finally:
         for n, level in before.items():
             logging.getLogger(n).setLevel(level)
+
+
+def test_the_embedded_rays_worker_hook_names_the_set_up():
+    """The raylet's environment names the set-up by its dotted path (a string: a rename
+    that missed it would leave the workers without it, silently)."""
+    import importlib
+
+    from semid_dist.engines import ray_session, ray_worker_setup
+
+    module, name = ray_session.WORKER_SETUP.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name) is ray_worker_setup.set_up_worker

@@ -143,7 +143,7 @@ def format_markdown(results: dict[str, Any], rows: list[Row]) -> str:
     lines += ["", "## Results", "", format_markdown_table(rows), "",
               f"## Targets: {len(met)} met, {len(missed)} not met", ""]
     if results["quick"]:
-        lines += [f"Quick mode: {QUICK_TARGETS}.", ""]
+        lines += [f"Quick mode: {QUICK_TARGETS}.", ""]  # ("Quick mode: it measures ...")
     lines += [f"- NOT met: {r.benchmark}, {r.config}: {r.ratio_text} (target {r.target})"
               for r in missed]
     lines += [f"- met: {r.benchmark}, {r.config}: {r.ratio_text} (target {r.target})"
@@ -315,8 +315,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-QUICK_TARGETS = ("quick mode measures sizes below the targets' own (smaller catalogs, "
-                 "fewer rounds): only a full run judges them")
+QUICK_TARGETS = ("it measures sizes below the targets' own (smaller catalogs, fewer "
+                 "rounds): only a full run judges them")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it, renamed into place (the page
+    of an earlier run is never left half-written), its folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_outputs(results: dict[str, Any], rows: list[Row], *, json_path: str | None,
@@ -327,11 +336,6 @@ def write_outputs(results: dict[str, Any], rows: list[Row], *, json_path: str | 
     for path, render in ((json_path, to_json), (md_path, format_markdown)):
         if path is None:
             continue
-        text = render(results, rows)
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        write_atomically(Path(path), render(results, rows))
         written.append(str(path))
     return written

@@ -83,16 +83,7 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
         interrupted = True
         raise
     finally:
-        kept = opts.keep_workdir or opts.workdir
-        interrupted = interrupted or interrupt_raised()  # (surfaced as another error)
-        used = False
-        with suppress(OSError):
-            used = any(workdir.iterdir())
-        if not done and (kept or used):
-            log(f"bench: {'interrupted' if interrupted else 'failed'}; catalogs, job configs "
-                f"and logs kept in {workdir}")
-        elif not kept:
-            shutil.rmtree(workdir, ignore_errors=True)
+        _settle_workdir(opts, workdir, done=done, interrupted=interrupted, log=log)
     results["load_average"]["end"] = _load()
     results["runtime_s"] = time.monotonic() - t0
     rows = report.all_rows(results)
@@ -105,9 +96,25 @@ def _run_benchmark(opts: BenchOptions, *, log: Log | None, echo: bool) -> dict[s
            "give --out-md FILE and --out-json FILE to write this run's"))
     met, missed = report.summary(rows)
     log(f"bench: targets met {len(met)}, not met {len(missed)}"
-        + (f" ({page.QUICK_TARGETS})" if opts.quick else ""))
+        + (f" (quick mode: {page.QUICK_TARGETS})" if opts.quick else ""))
     results["table"] = [dataclasses.asdict(r) | {"status": r.status} for r in rows]
     return results
+
+
+def _settle_workdir(opts: BenchOptions, workdir: Path, *, done: bool, interrupted: bool,
+                    log: Log) -> None:
+    """The work folder after the sections: a temporary one removed, unless a run that did
+    not finish left something in it (kept and said, as one --workdir names always is)."""
+    kept = opts.keep_workdir or opts.workdir
+    interrupted = interrupted or interrupt_raised()  # (surfaced as another error)
+    used = False
+    with suppress(OSError):
+        used = any(workdir.iterdir())
+    if not done and (kept or used):
+        log(f"bench: {'interrupted' if interrupted else 'failed'}; catalogs, job configs "
+            f"and logs kept in {workdir}")
+    elif not kept:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _load() -> float:

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist.bench.options import check_writable
-from semid_dist.bench.scale_page import DRIVER_SID_BYTES, REPO, write_atomically, write_doc
+from semid_dist.bench.page import write_atomically
+from semid_dist.bench.scale_page import DRIVER_SID_BYTES, REPO, write_doc
 from semid_dist.bench.synthetic import CatalogSpec, at_least, write_catalog
 from semid_dist.errors import ConfigError, SemidError
 from semid_dist.signals import terminated

@@ -8,6 +8,7 @@ import os
 import platform
 from pathlib import Path
 
+from semid_dist.bench.page import write_atomically
 from semid_dist.bench.pipeline import worker_seconds
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,15 +70,6 @@ def write_doc(path: Path, info: dict, measured: dict, proj: list[dict],
     if inc is not None:
         lines += incremental_lines(inc)
     write_atomically(path, "\n".join(lines) + "\n")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file beside it, renamed into place (the page
-    of an earlier run is never left half-written), its folder made first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def build_lines(info: dict, measured: dict, args: argparse.Namespace, worker_s: float,

@@ -4,7 +4,8 @@ Pure (numpy / pyarrow). The join runs bucket by bucket: `id_buckets` hash-partit
 ids with a hash that is the same in every process, `drift_counts` joins the rows of one
 bucket of both versions on item id and returns plain, summable counts, `merge_drift` adds
 the counts of all buckets and `drift_figures` turns them into shares. Nothing here needs
-both tables in one piece.
+both tables in one piece. The ids' hash (`id_hashes`, and `seeded_hashes` for the fit
+sample of `fit.sample_by: id`) is the same in every process.
 """
 
 from __future__ import annotations

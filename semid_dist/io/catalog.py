@@ -81,7 +81,9 @@ def _catalog_files(url: str) -> tuple[list[str], list[str]]:
     fs, path = fsio.resolve(url)
     if not fs.exists(path):
         _check_http_host(url)  # (fsspec's HTTP file system says "not there" for both)
-        wildcard = any(c in urllib.parse.urlsplit(url).path for c in "*?[")  # (a query aside)
+        where = (urllib.parse.urlsplit(url).path if url.lower().startswith(("http://", "https://"))
+                 else url)  # (an HTTP URL's query aside)
+        wildcard = any(c in where for c in "*?[")
         raise _input_error(
             f"input.path {url!r} does not exist; "
             + ("if it is a wildcard, wildcards are not expanded: give the directory of the "

@@ -51,7 +51,7 @@ def gc_plan(versions: list[str], latest: str | None,
                          "versions to keep)")
     committed = sorted(v for v in versions if v in manifests)
     live = live or {}
-    kept = set(committed[max(len(committed) - keep, 0):] if keep else [])
+    kept = _newest(committed, keep)
     kept |= set().union(*live.values()) & set(manifests)  # what running builds read
     if latest is not None:
         kept.add(latest)
@@ -86,6 +86,11 @@ def gc_plan(versions: list[str], latest: str | None,
     return sorted(delete), sorted(v for v in kept if v in present)
 
 
+def _newest(committed: list[str], keep: int) -> set[str]:
+    """The `keep` newest of `committed` (sorted ids: oldest first)."""
+    return set(committed[max(len(committed) - keep, 0):] if keep else [])
+
+
 def kept_reasons(kept: list[str], latest: str | None,
                  manifests: Mapping[str, Mapping[str, Any] | None], keep: int,
                  live: Mapping[str, set[str]] | None = None) -> dict[str, str]:
@@ -93,7 +98,7 @@ def kept_reasons(kept: list[str], latest: str | None,
     newest: every reason that holds, `_latest`, read by a running build, its files serve
     kept versions (named). {version id: reasons, joined by "; "}."""
     committed = sorted(v for v in manifests if v in set(kept))
-    newest = set(committed[max(len(committed) - keep, 0):] if keep else [])
+    newest = _newest(committed, keep)
     reasons: dict[str, str] = {}
     for vid in committed:
         if vid in newest:
