@@ -245,6 +245,25 @@ def _ray_train_workers(driver: int) -> bool:
     return False
 
 
+def _wait_for_no_other_ray(timeout: float = 180) -> None:
+    """Wait while a Ray of an earlier test runs on this machine (one whose driver was
+    killed outlives it by up to ~2 min): with two, Ray Train's placement-group cleaner, which
+    asks Ray's State API for the default address, finds both and dies with a traceback on
+    the console of a build stopped during its fit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(b"gcs_server" in c for c in _cmdlines()):
+        time.sleep(1)
+
+
+def _cmdlines():
+    """Each running process's command line (bytes)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            yield (proc / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+
+
 @pytest.mark.engine
 @pytest.mark.parametrize("train", ["1", "0"], ids=["train_v2", "train_v1"])
 @pytest.mark.parametrize("when", ["during", "after"])
@@ -260,6 +279,7 @@ def test_ctrl_c_during_or_after_a_ray_train_fit_stops_the_build(small_catalog, t
     cfg = write_config(tmp_path / "ray.yaml", catalog, root, engine="ray", ray={"num_cpus": 2})
     env = {k: v for k, v in os.environ.items() if k != "SEMID_FAULT"}
     env["RAY_TRAIN_V2_ENABLED"] = train
+    _wait_for_no_other_ray()
     proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build", "--config",
                              str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env=env)
