@@ -39,9 +39,12 @@ def collect_garbage(store: TableStore, keep: int, *, min_age_hours: float = 24.0
                 raise StoreError(f"gc: _latest of {store.url} moved to a version planned "
                                  "for deletion while planning; nothing was deleted, run gc "
                                  "again")
-            # builds that started meanwhile: their versions and what they read stay
+            # builds that started meanwhile: their versions and what they read stay, and
+            # are reported kept as any running build's
             started = live_runs(store, [v for v in store.version_dirs() if v not in manifests])
             taken = set(started).union(*started.values())
+            kept = sorted({*kept, *(v for v in delete if v in taken), *started})
+            live = {**live, **started}
             delete = [v for v in delete if v not in taken]
             for vid in delete:  # each stops existing for readers and for a re-run
                 unlist(store, vid, committed=vid in manifests)

@@ -256,6 +256,34 @@ def test_gc_keeps_the_versions_a_running_build_reads(tmp_path):
     assert report["deleted"] == [parent] and report["kept_uncommitted"] == [vid]
 
 
+def test_gc_keeps_and_reports_what_a_build_started_while_it_waited_reads(tmp_path,
+                                                                        monkeypatch):
+    """A build that starts while gc waits for the table's lock (planned before it) keeps
+    the version it reads, which gc reports kept, with the reason, and the build's own as
+    kept uncommitted (neither was in the report: its counts did not add up)."""
+    from semid_dist.io import locks
+    from semid_dist.io.store import LATEST_LOCK
+    from semid_dist.resume import claim_version
+
+    store = TableStore(str(tmp_path / "out"), "t")
+    parent, newer = committed(store, 100, "000001"), committed(store, 90, "000002")
+    lock = tmp_path / "out" / "t" / LATEST_LOCK
+    lock.write_text("4242-alive")  # a build committing: gc has planned and waits
+    monkeypatch.setattr(locks, "WAIT_NOTICE_S", 0.05)
+    started: list[str] = []
+
+    def a_build_starts(broken: bool) -> None:
+        lock.unlink()  # the committing build lets go; an incremental one from `parent` starts
+        started.append(claim_version(store, "k", parent=parent).version)
+
+    report = store.gc(0, now=NOW, on_wait=a_build_starts)
+    assert report["deleted"] == [] and report["kept"] == [parent, newer]
+    assert report["kept_because"] == {parent: "read by a running build", newer: "_latest"}
+    assert report["kept_uncommitted"] == started and len(started) == 1
+    assert store.versions() == [parent, newer]
+    assert f"{parent} beyond --keep 0: read by a running build" in format_gc(report)
+
+
 def test_a_resumed_version_keeps_the_latest_its_first_run_started_from(tmp_path):
     """The version `latest` meant as a build started is recorded with its version, and a
     resumed run keeps its first run's: an incremental version then moves `_latest` only from
