@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
     overrides = ["engine=local", *args.overrides]
     refuse_overrides(args.overrides, "comparison", ("output.root", "output.table",
                                                     "quantizer.method", "quantizer.acrq_base"))
-    check_experiment_root(load_config(args.config, overrides), args.root)
+    check_experiment_root(load_config(args.config, [*overrides, f"output.table={METHODS[0][0]}"]),
+                          args.root)
     with tempfile.TemporaryDirectory(prefix="semid-compare-") as tmp:
         root = args.root or tmp
         configs = [(label, load_config(args.config, [*overrides, f"output.root={root}",

@@ -247,10 +247,11 @@ def leftover_staging(store: TableStore, committed: list[str]) -> list[str]:
     return out
 
 
-def check_writable(store: TableStore) -> None:
-    """For a dry run, which writes nothing: on a local file system, the nearest existing
-    folder of the table's must be a folder this process can write to, or the build's first
-    write (`claim_version`) fails, as `_unwritable` says. Object stores are left to it."""
+def check_writable(store: TableStore, key: str = "output.root") -> None:
+    """For a dry run, which writes nothing, and an experiment job's --root (`key`, the
+    setting the error names): on a local file system, the nearest existing folder of the
+    table's must be a folder this process can write to, or the build's first write
+    (`claim_version`) fails, as `_unwritable` says. Object stores are left to it."""
     if not fsio.is_local(store.fs):
         return
     path = store.base
@@ -258,16 +259,17 @@ def check_writable(store: TableStore) -> None:
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         raise _unwritable(store, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
-                                                    path))
+                                                    path), key)
     if not os.access(path, os.W_OK | os.X_OK):
-        raise _unwritable(store, PermissionError(errno.EACCES, os.strerror(errno.EACCES), path))
+        raise _unwritable(store, PermissionError(errno.EACCES, os.strerror(errno.EACCES), path),
+                          key)
 
 
-def _unwritable(store: TableStore, exc: OSError) -> StoreError:
+def _unwritable(store: TableStore, exc: OSError, key: str = "output.root") -> StoreError:
     fix = fsio.storage_advice(exc, table=True)
-    return StoreError(f"output.root {fsio.redact_url(store.root)!r}: cannot write the table "
+    return StoreError(f"{key} {fsio.redact_url(store.root)!r}: cannot write the table "
                       f"{store.table!r} there ({exc}); "
-                      f"{fix or 'point output.root at a folder or bucket this job can write to'}")
+                      f"{fix or f'point {key} at a folder or bucket this job can write to'}")
 
 
 def _write_run(store: TableStore, vid: str, key: str, reads: tuple[str, ...] = (), *,

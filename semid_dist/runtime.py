@@ -53,8 +53,11 @@ def refuse_overrides(overrides: list[str], job: str, replaced: tuple[str, ...]) 
 
 def check_experiment_root(cfg: BuildConfig, root: str | None) -> None:
     """An experiment job's builds go to --root, by default a temporary directory on this
-    machine: no place for a cluster's workers to write."""
+    machine: no place for a cluster's workers to write. A --root given is checked as a
+    dry run checks output.root, before the first build (its error names --root)."""
     from semid_dist.engines.spark_session import session_master
+    from semid_dist.io.store import TableStore
+    from semid_dist.resume import check_writable
 
     master = session_master(cfg)  # None: spark-submit's, which may be a cluster's
     cluster = ((cfg.engine == "ray" and cfg.ray.address) or
@@ -63,6 +66,8 @@ def check_experiment_root(cfg: BuildConfig, root: str | None) -> None:
         raise ConfigError(f"engine {cfg.engine} runs on a cluster here: give "
                           "--root on storage every worker can reach (s3://..., hdfs://...), "
                           "not the default temporary directory on this machine")
+    if root is not None:
+        check_writable(TableStore(root, cfg.output.table), key="--root")
 
 
 def _sets(given: str, raw: str, key: str) -> bool:

@@ -387,6 +387,25 @@ def test_job_scripts_name_a_bad_config_in_one_line(tmp_path):
         assert run.stdout == "" and not (tmp_path / "root").exists()
 
 
+def test_job_scripts_check_their_root_before_the_first_build(tmp_path):
+    """A --root the builds cannot write is said at once, naming --root (the first build
+    found it, after its plan, and named output.root, a key the job refuses)."""
+    cfg = write(tmp_path / "c.yaml", GOOD)
+    (tmp_path / "afile").write_text("x")
+    root = tmp_path / "afile" / "sub"
+    for job in ("prune_sweep.py", "compare_quantizers.py"):
+        run = subprocess.run([sys.executable, f"jobs/{job}", "--config", cfg, "--root",
+                              str(root)], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+        table = "sids" if job == "prune_sweep.py" else "rq_kmeans"  # (its first row's)
+        assert run.stderr == (f"{job}: error: --root '{root}': cannot write the table "
+                              f"'{table}' there ([Errno 20] Not a directory: "
+                              f"'{tmp_path / 'afile'}'); point --root at a folder or bucket "
+                              "this job can write to\n"), run.stderr
+        assert run.stdout == ""
+
+
 def test_the_gpu_check_on_a_machine_without_a_gpu_says_so_in_one_line(tmp_path):
     """jobs/gpu_check.sh stops at once where torch sees no CUDA GPU (none here, or a CPU build
     of torch), with one line naming why (it ended in `nvidia-smi: command not found` and
