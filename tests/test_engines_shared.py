@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -44,6 +45,7 @@ def test_embedded_ray_workers_keep_the_storage_clients_info_lines_off_the_consol
     names = ("aiobotocore.credentials", "botocore.credentials", "botocore.endpoint")
     before = {n: logging.getLogger(n).level
               for n in ("", *ray_worker_setup.STORAGE_CLIENT_LOGGERS)}
+    address = os.environ.get("RAY_ADDRESS")  # (a Ray this process runs: the set-up names it)
     try:
         logging.getLogger().setLevel(logging.INFO)  # as a Ray worker's logging is
         ray_worker_setup.set_up_worker()
@@ -52,6 +54,9 @@ def test_embedded_ray_workers_keep_the_storage_clients_info_lines_off_the_consol
     finally:
         for n, level in before.items():
             logging.getLogger(n).setLevel(level)
+        os.environ.pop("RAY_ADDRESS", None)
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
 
 
 def test_the_embedded_rays_worker_hook_names_the_set_up():

@@ -30,6 +30,7 @@ from tests.conftest import (
     corrupt_embedding_pages,
     incremental_on_engines,
     named_error,
+    ray_session_dir,
     small_config,
     write_catalog,
 )
@@ -396,11 +397,15 @@ def test_ray_settings_it_cannot_start_or_fit_with_are_one_line_errors(tmp_path):
         "ray.address: 'http://127.0.0.1:8265' is an HTTP address (the Ray dashboard's, which "
         "`ray job submit --address` takes): give the cluster's own address as `ray start "
         "--head` prints it (HOST:6379), or auto inside a job submitted to it")
-    last = named_error(cli_build(demo, *paths, "fit.num_workers=8", env=env, timeout=180))
-    assert last == ("semid build: error: fit.num_workers=8 x fit.cpus_per_worker=0.5 take 4 "
-                    "CPUs but the Ray cluster has 2: Ray Train would wait for them forever; "
-                    "lower fit.num_workers or fit.cpus_per_worker, or raise ray.num_cpus")
-    assert not out.exists()
+    session = ray_session_dir()  # the fit's CPUs are checked before Ray starts, dry or not
+    for dry in ([], ["--dry-run"]):
+        last = named_error(cli_build(demo, *paths, "fit.num_workers=8", *dry, env=env,
+                                     timeout=180))
+        assert last == ("semid build: error: fit.num_workers=8 x fit.cpus_per_worker=0.5 take "
+                        "4 CPUs but the Ray cluster has 2: Ray Train would wait for them "
+                        "forever; lower fit.num_workers or fit.cpus_per_worker, or raise "
+                        "ray.num_cpus")
+    assert ray_session_dir() == session and not out.exists()
 
 
 def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tmp_path):
@@ -436,3 +441,39 @@ def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tm
         assert a.num_rows == (1199 if kind == "data" else 1)
         assert a.sort_by("item_id").equals(b.sort_by("item_id")), kind
 
+
+
+_ANOTHER_RAY = """
+import sys
+import ray
+ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20,
+         configure_logging=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test lets go
+"""
+
+
+def test_a_ray_build_beside_another_ray_asks_its_own(small_catalog, tmp_path):
+    """Another Ray on the machine (a second build, a notebook's): Ray Train's placement-group
+    cleaner, asking Ray's State API without an address, found two and died with a
+    ConnectionError traceback on the build's console (or asked the other one, where `ray
+    start` had recorded it); each worker of the embedded Ray now names its own, and the
+    build's console holds its own lines only."""
+    other = subprocess.Popen([sys.executable, "-c", _ANOTHER_RAY], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=without_ray_address())
+    try:
+        other_address = other.stdout.readline().strip()
+        assert other_address, "the other Ray did not start"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(json.dumps({
+            "engine": "ray", "seed": 1, "input": {"path": small_catalog[0]},
+            "output": {"root": str(tmp_path / "out"), "table": "sids"},
+            "quantizer": {"layers": [8, 4], "niter": 4}, "fit": {"sample_size": 600},
+            "ray": {"num_cpus": 2}}))
+        run = cli_build(cfg, env=without_ray_address())
+    finally:
+        other.communicate(input="", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for noise in ("Traceback", "Exception in thread", "Found multiple active Ray instances",
+                  other_address):
+        assert noise not in run.stderr, (noise, run.stderr[-3000:])

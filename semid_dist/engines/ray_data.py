@@ -20,7 +20,7 @@ import numpy as np
 
 from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
-from semid_dist.engines.ray_session import quiet_datasets, ray_init
+from semid_dist.engines.ray_session import fit_cpus, quiet_datasets, ray_init, too_few_cpus
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, SemidError, wrapped_errors
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
@@ -217,28 +217,16 @@ class RayEngine:
         """Ray Train starts the fit's workers together, `fit.cpus_per_worker` CPUs each; a Ray
         with fewer CPUs than they take waits for them forever (and Ctrl-C hung in Ray Train's
         abort). On this machine's own Ray that is an error; a cluster may add nodes."""
-        fit = self.cfg.fit
         if self.cfg.encode.from_version:  # the codebooks come from a version: no fit
             return
         import ray
-        from ray.train import ScalingConfig
 
-        # its total: the workers' CPUs, and the trainer actor's where Ray Train v1 runs one
-        need = ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
-                             resources_per_worker={"CPU": fit.cpus_per_worker}
-                             ).total_resources.get("CPU", 0.0)
-        have = ray.cluster_resources().get("CPU", 0)
+        need, have = fit_cpus(self.cfg), ray.cluster_resources().get("CPU", 0)
         if need <= have:
             return
-        workers = fit.num_workers * fit.cpus_per_worker
-        trainer = " with Ray Train's trainer" if need > workers else ""
-        msg = (f"fit.num_workers={fit.num_workers} x fit.cpus_per_worker="
-               f"{fit.cpus_per_worker:g} take {need:g} CPUs{trainer} but the Ray cluster has "
-               f"{have:g}")
         if not self.cfg.ray.address:
-            raise ConfigError(f"{msg}: Ray Train would wait for them forever; lower "
-                              "fit.num_workers or fit.cpus_per_worker, or raise ray.num_cpus")
-        self.log(f"warning: {msg}: the fit waits until nodes join")
+            raise ConfigError(too_few_cpus(self.cfg, need, have))
+        self.log(f"warning: {too_few_cpus(self.cfg, need, have, cluster=True)}")
 
     def __enter__(self) -> RayEngine:
         return self

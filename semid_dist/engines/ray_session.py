@@ -79,7 +79,10 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
                 **worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages),
                 WORKER_SETUP_VAR: WORKER_SETUP}):
             try:
-                ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                # "local": a Ray of its own even where `ray start` left a cluster's address
+                # for a bare `ray.init()` to connect to (/tmp/ray/ray_current_cluster)
+                ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+                         include_dashboard=False,
                          object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
                          configure_logging=False, log_to_driver=True)
             except ValueError as exc:  # settings this machine cannot give Ray
@@ -123,11 +126,41 @@ def check_startable(cfg: BuildConfig) -> None:
     without it (Ray would join that cluster, not start one here)."""
     if cfg.ray.address:
         _check_reachable(cfg.ray.address)
-    elif os.environ.get("RAY_ADDRESS"):
+        return
+    if os.environ.get("RAY_ADDRESS"):
         raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set (as for a `ray job "
                           "submit` job) but ray.address is not: set ray.address=auto to run "
                           "on that cluster, or unset RAY_ADDRESS to run on an embedded local "
                           "Ray")
+    # the embedded Ray's CPUs are known before it starts (`RayEngine` checks a cluster's)
+    have = cfg.ray.num_cpus or os.cpu_count() or 1
+    if not cfg.encode.from_version and (need := fit_cpus(cfg)) > have:
+        raise ConfigError(too_few_cpus(cfg, need, have))
+
+
+def fit_cpus(cfg: BuildConfig) -> float:
+    """The CPUs a Ray Train fit takes at once: its workers', and the trainer actor's where
+    Ray Train v1 runs one."""
+    from ray.train import ScalingConfig
+
+    fit = cfg.fit
+    return ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
+                         resources_per_worker={"CPU": fit.cpus_per_worker}
+                         ).total_resources.get("CPU", 0.0)
+
+
+def too_few_cpus(cfg: BuildConfig, need: float, have: float, *, cluster: bool = False) -> str:
+    """A fit that takes `need` CPUs on a Ray that has `have`: an error on this machine's
+    own Ray, which would wait for them forever; a warning on a `cluster`, which nodes may
+    join."""
+    fit = cfg.fit
+    trainer = " with Ray Train's trainer" if need > fit.num_workers * fit.cpus_per_worker else ""
+    msg = (f"fit.num_workers={fit.num_workers} x fit.cpus_per_worker={fit.cpus_per_worker:g} "
+           f"take {need:g} CPUs{trainer} but the Ray cluster has {have:g}")
+    if cluster:
+        return f"{msg}: the fit waits until nodes join"
+    return (f"{msg}: Ray Train would wait for them forever; lower fit.num_workers or "
+            "fit.cpus_per_worker, or raise ray.num_cpus")
 
 
 def _check_reachable(address: str) -> None:
