@@ -251,7 +251,7 @@ def cmd_versions_show(args: argparse.Namespace, store: TableStore) -> int:
     """`semid versions show VERSION`: a version's manifest, metrics and drift (a file of
     it gone: the version is damaged, a named error)."""
     from semid_dist.diff import DRIFT_FILE
-    from semid_dist.summary import format_summary
+    from semid_dist.summary import METRICS_FORM_ERRORS, format_summary, other_form
 
     manifest = store.manifest(args.version)
     vid = manifest["version_id"]
@@ -259,8 +259,12 @@ def cmd_versions_show(args: argparse.Namespace, store: TableStore) -> int:
     metrics = store.read_json(vid, "metrics.json")
     drift = (store.read_json(vid, DRIFT_FILE)
              if any(f["path"] == DRIFT_FILE for f in manifest["files"]) else None)
-    _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json,
-           format_summary(vid, store.display_url(vid), metrics, drift))
+    try:  # (--json prints what the files hold, whatever their form)
+        text = "" if args.json else format_summary(vid, store.display_url(vid), metrics, drift)
+    except METRICS_FORM_ERRORS as exc:
+        raise other_form(vid, f"{type(exc).__name__}: {exc}", "--json prints it as it "
+                         "is") from exc
+    _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json, text)
     return 0
 
 
@@ -273,8 +277,10 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     from semid_dist.summary import format_gc
 
     if args.keep is None or args.keep < 0:
-        raise ConfigError("semid versions gc needs --keep N (N >= 0: how many of the newest "
-                          "committed versions to keep; _latest's version is always kept too)")
+        given = "" if args.keep is None else f" (not {args.keep})"
+        raise ConfigError(f"semid versions gc needs --keep N{given} (N >= 0: how many of the "
+                          "newest committed versions to keep; _latest's version is always "
+                          "kept too)")
     if math.isnan(args.min_age_hours) or args.min_age_hours < 0:
         raise ConfigError(f"--min-age-hours {args.min_age_hours:g} must be >= 0 (how many hours "
                           "old an uncommitted version directory must be before gc removes it; "
@@ -299,6 +305,10 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     if src is None:
         raise StoreError(f"version {to} has no parent; name the version to compare with: "
                          "--from VERSION")
+    if args.from_version is None and src not in store.versions():
+        raise StoreError(f"the parent of version {to}, {src} (the default --from), is no "
+                         "longer in the table (removed by semid versions gc); name the "
+                         "version to compare with: --from VERSION")
     try:
         drift = version_drift(store, src, to)
     except FileNotFoundError:  # a part of a version `versions gc` removed meanwhile?

@@ -254,9 +254,10 @@ def warm_start_codebooks(store: TableStore, parent: str | None, cfg: BuildConfig
         raise ConfigError(f"fit.warm_start=parent but version {parent} holds a learned "
                           f"{meta.get('method')} model, whose codebooks live in its latent "
                           "space; set fit.warm_start=none")
-    log(f"fit: warm start from the codebooks of version {parent}")
-    return check_warm_start(codebooks, cfg.quantizer.layers, dim,
-                            source=f"parent version {parent}")
+    checked = check_warm_start(codebooks, cfg.quantizer.layers, dim,
+                               source=f"parent version {parent}")
+    log(f"fit: warm start from the codebooks of version {parent}")  # (once they fit)
+    return checked
 
 
 def _resumed_codebooks(store: TableStore, vid: str, log: Log,

@@ -53,8 +53,14 @@ def plan_input(catalog: str, cfg: BuildConfig, store: TableStore,
     try:
         return plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
     except EmptyCatalog as exc:
-        if not (cfg.encode.incremental and cfg.encode.empty_delta == "skip"):
+        if not cfg.encode.incremental:
             raise
+        if cfg.encode.empty_delta != "skip":
+            raise EmptyCatalog(f"the delta at {exc.url!r} has no rows ({exc.files} Parquet "
+                               "file(s), all empty); export it again, or set "
+                               "encode.empty_delta=skip where a day without changes is "
+                               "expected (nothing is written then)", url=exc.url,
+                               files=exc.files, schemas=exc.schemas) from None
         check_empty_delta(CatalogPlan(catalog, (), exc.schemas[0][1], "", exc.schemas), cfg,
                           store, parent)
         raise NothingToEncode(

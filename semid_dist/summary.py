@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from semid_dist.errors import StoreError
+
+# what a summary or a report of a committed metrics.json whose form is another release's
+# (or an edit's) raises, where reading it does
+METRICS_FORM_ERRORS = (KeyError, TypeError, IndexError, AttributeError, ValueError)
+
+
+def other_form(vid: str, why: str, fix: str) -> StoreError:
+    """A committed metrics.json (its checksum passed) this release cannot read: `why`."""
+    return StoreError(f"version {vid}'s metrics.json is not in the form this semid_dist "
+                      f"reads ({why}): it was edited, or written by another release; {fix}")
+
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """`1 shard`, `2 shards` (`plural`: where it is not noun + "s")."""

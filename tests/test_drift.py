@@ -252,6 +252,12 @@ def test_build_records_drift_against_its_parent(small_catalog, tmp_path, capsys)
     assert "has no parent" in err and "--from" in err and err.count("\n") == 1
     assert main(["versions", "show", "--root", root, "--table", "sids"]) == 0
     assert "drift     vs" in capsys.readouterr().out
+    store.gc(1)  # the default --from, the parent, gone: said so (it named an id not given)
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"semid versions: error: the parent of version {other.version_id}, {same.version_id} "
+        "(the default --from), is no longer in the table (removed by semid versions gc); "
+        "name the version to compare with: --from VERSION\n")
 
 
 # -- warm start -----------------------------------------------------------------------------
@@ -305,10 +311,12 @@ def test_warm_start_in_builds(small_catalog, tmp_path):
     assert meta["warm_start"] == first.version_id
     # same data, started from the parent's codebooks: the top layer hardly moves
     assert second.drift["layers"][0]["share_changed"] < 0.01
+    lines.clear()
     with pytest.raises(ConfigError, match=rf"quantizer.layers=\[16, 8\] but parent version "
                                           rf"{second.version_id} has layers \[16, 8, 8\]"):
         build(small_config(catalog, root, fit__warm_start="parent",
-                           quantizer__layers=[16, 8]), log=quiet)
+                           quantizer__layers=[16, 8]), log=lines.append)
+    assert not any("warm start from" in m for m in lines), lines  # (said before the error)
     assert store.latest() == second.version_id
     assert store.uncommitted() == []  # checked before anything is written
 

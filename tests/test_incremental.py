@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -125,6 +126,14 @@ def test_incremental_version_carries_references_and_matches_a_full_encode(catalo
     inc = child.metrics["incremental"]
     assert inc["parts_referenced"] == len(referenced)
     assert inc["parts_rewritten"] == len(parent_data) - len(referenced) >= 1
+    # another reader reads the version by its part URLs; its data/ folder holds a part
+    urls = store.part_urls(child.version_id)
+    assert len(urls) == len(data) and all(u.startswith(root) for u in urls)
+    whole = store.read_data(child.version_id)
+    assert ds.dataset(urls).to_table().equals(whole)
+    assert ds.dataset(store.part_paths(child.version_id), filesystem=store.fs
+                      ).to_table().equals(whole)
+    assert ds.dataset(f"{store.version_dir(child.version_id)}/data").count_rows() < N
 
     t, old = by_id(store.read_data(child.version_id)), by_id(store.read_data(first.version_id))
     ids = t.column("item_id").to_numpy()
@@ -661,9 +670,9 @@ def test_an_empty_delta_is_an_error_or_under_skip_nothing_to_encode(catalogs, tm
     inc = ["encode", "--config", str(cfg), "--incremental", f"input.path={empty}"]
     assert main(inc) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("semid encode: error: catalog at ") and err.endswith(
-        "has no rows (2 Parquet file(s), all empty); export the catalog again or point "
-        "input.path at a full one")
+    assert err == (f"semid encode: error: the delta at {empty!r} has no rows (2 Parquet "
+                   "file(s), all empty); export it again, or set encode.empty_delta=skip "
+                   "where a day without changes is expected (nothing is written then)")
     for extra in ([], ["--dry-run"]):
         assert main([*inc, "encode.empty_delta=skip", *extra]) == 0
         out = capsys.readouterr().out.strip()

@@ -366,6 +366,15 @@ def test_cli_report_names_a_metrics_file_of_another_form(copied, capsys, tmp_pat
     metrics object of this release: a named error, not a KeyError or TypeError traceback."""
     store, vid = copied
     _recommit(store, vid, "metrics.json", metrics)
+    show = ["versions", "show", "--root", store.root, "--table", "sids"]  # (it was a traceback)
+    assert main(show) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"semid versions: error: version {vid}'s metrics.json is not in the "
+                          "form this semid_dist reads (")
+    assert err.endswith("): it was edited, or written by another release; --json prints it "
+                        "as it is") and len(err.splitlines()) == 1
+    assert main([*show, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == json.loads(metrics)
     (Path(store.version_dir(vid)) / REPORT_HTML).unlink()  # (a file to restore: rendered)
     for extra in ([], ["--out", str(tmp_path / "r")]):
         assert main(["report", "--root", store.root, "--table", "sids", *extra]) == 2

@@ -266,6 +266,14 @@ class TableStore:
         """Paths (inside `self.fs`) of the `kind` files of a committed version."""
         return [path for path, _ in self.part_rows(version, kind)]
 
+    def part_urls(self, version: str | None, kind: str = "data") -> list[str]:
+        """The `kind` files of a committed version, its parent's it references among them,
+        as another reader (Spark, DuckDB) reads the version by: absolute paths on this
+        machine's file system, else URLs (`s3://...`). Listing its `data/` folder misses an
+        incremental version's parts that live in its parent's."""
+        paths = self.part_paths(version, kind)
+        return paths if fsio.is_local(self.fs) else [self.fs.unstrip_protocol(p) for p in paths]
+
     def part_rows(self, version: str | None, kind: str = "data") -> list[tuple[str, int]]:
         """(path inside `self.fs`, rows) of each `kind` file of a committed version."""
         vid = self.resolve(version)

@@ -24,6 +24,7 @@ from semid_dist.io import fs as fsio
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore, removed_while_read
 from semid_dist.report import figures as F
 from semid_dist.report.html import Figure, render, residual_note
+from semid_dist.summary import METRICS_FORM_ERRORS, other_form
 
 REPORT_DIR = "report"
 REPORT_HTML = f"{REPORT_DIR}/report.html"
@@ -80,9 +81,7 @@ def _not_metrics(metrics: Any) -> str | None:
 
 
 def _other_form(vid: str, why: str) -> StoreError:
-    return StoreError(f"version {vid}'s metrics.json is not in the form this semid_dist "
-                      f"reads ({why}): it was edited, or written by another release; "
-                      "rebuild the version to get a report")
+    return other_form(vid, why, "rebuild the version to get a report")
 
 
 def load_version(store: TableStore, vid: str) -> VersionData:
@@ -194,7 +193,7 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
         return []
     try:
         files = render_report(store, version_id)
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+    except METRICS_FORM_ERRORS as exc:
         # a committed metrics.json whose sections hold another form inside them (a build's
         # own render, from the metrics it computed, is not caught: an error there is a bug)
         raise _other_form(version_id, f"{type(exc).__name__}: {exc}") from exc
