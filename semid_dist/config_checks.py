@@ -95,6 +95,14 @@ class _StrictLoader(yaml.SafeLoader):
                 self._check_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
 
 
+# YAML 1.2's floats that PyYAML (YAML 1.1) reads as strings: an exponent without a dot or
+# without a sign (`1e-3`, `1e3`, `1.0e3`); after PyYAML's own resolvers, so ints stay ints
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def load_yaml(text: str) -> Any:
     """`text` parsed as YAML by a SafeLoader that refuses duplicate keys and
     self-referencing aliases (a `yaml.YAMLError` then)."""

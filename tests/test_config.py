@@ -185,6 +185,24 @@ def test_override_values_are_validated_like_yaml():
     assert "fit.sampel_size" in str(exc.value)
 
 
+def test_an_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
+    """`quantizer.lr: 1e-3` (the README's own default) was the string '1e-3' to PyYAML
+    (YAML 1.1 wants `1.0e-3`), and the config said "expected a number"; ints stay ints and
+    what is no number stays a string."""
+    cfg = parse_config(MINIMAL, ["quantizer.lr=1e-3", "quantizer.weight_decay=1E-5",
+                                 "metrics.pd_t=5e-1", "fit.sample_size=20000"])
+    assert (cfg.quantizer.lr, cfg.quantizer.weight_decay, cfg.metrics.pd_t) == (1e-3, 1e-5, 0.5)
+    assert type(cfg.fit.sample_size) is int
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "\n")
+    with open(path, "a") as f:
+        f.write("metrics: {pd_t: 2e-1}\n")
+    assert load_config(str(path)).metrics.pd_t == 0.2
+    with pytest.raises(ConfigError, match="input.path"):  # (a number, as 1000 would be)
+        parse_config(MINIMAL, ["input.path=1e3"])
+    assert parse_config(MINIMAL, ["output.table=e1x"]).output.table == "e1x"
+
+
 def test_a_string_override_keeps_a_hash_yaml_would_read_as_a_comment():
     """`input.path=/data/my cat #2` is the path as typed (YAML cut it at ` #` and the build
     said the cut path did not exist); quoted, it is the same; other values drop a comment."""
