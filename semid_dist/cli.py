@@ -262,8 +262,13 @@ def cmd_versions_show(args: argparse.Namespace, store: TableStore) -> int:
     try:  # (--json prints what the files hold, whatever their form)
         text = "" if args.json else format_summary(vid, store.display_url(vid), metrics, drift)
     except METRICS_FORM_ERRORS as exc:
-        raise other_form(vid, f"{type(exc).__name__}: {exc}", "--json prints it as it "
-                         "is") from exc
+        try:  # which file: the summary without the drift reads the metrics alone
+            format_summary(vid, "", metrics, None)
+            file = DRIFT_FILE
+        except METRICS_FORM_ERRORS:
+            file = "metrics.json"
+        raise other_form(vid, f"{type(exc).__name__}: {exc}", "--json prints it as it is",
+                         file) from exc
     _print({"manifest": manifest, "metrics": metrics, "drift": drift}, args.json, text)
     return 0
 
@@ -277,7 +282,7 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
     from semid_dist.summary import format_gc
 
     if args.keep is None or args.keep < 0:
-        given = "" if args.keep is None else f" (not {args.keep})"
+        given = "" if args.keep is None else f", not {args.keep}"
         raise ConfigError(f"semid versions gc needs --keep N{given} (N >= 0: how many of the "
                           "newest committed versions to keep; _latest's version is always "
                           "kept too)")
@@ -297,7 +302,8 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     """`semid versions diff --from V1 --to V2`: share of items whose SID changed (--to
     defaults to latest, --from to the parent of --to)."""
     from semid_dist.diff import version_drift
-    from semid_dist.io.store import removed_while_read
+    from semid_dist.io import fs as fsio
+    from semid_dist.io.store import MANIFEST, removed_while_read
     from semid_dist.summary import format_drift
 
     to = store.resolve(args.to_version)
@@ -305,10 +311,11 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     if src is None:
         raise StoreError(f"version {to} has no parent; name the version to compare with: "
                          "--from VERSION")
-    if args.from_version is None and src not in store.versions():
+    if args.from_version is None and not store.fs.exists(
+            fsio.join(store.version_dir(src), MANIFEST)):
         raise StoreError(f"the parent of version {to}, {src} (the default --from), is no "
-                         "longer in the table (removed by semid versions gc); name the "
-                         "version to compare with: --from VERSION")
+                         "longer in the table (removed by semid versions gc, or by hand); "
+                         "name the version to compare with: --from VERSION")
     try:
         drift = version_drift(store, src, to)
     except FileNotFoundError:  # a part of a version `versions gc` removed meanwhile?

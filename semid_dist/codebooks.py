@@ -233,7 +233,29 @@ def reused_codebooks(store: TableStore, cfg: BuildConfig, dim: int) -> Reused:
         base = "rq_vae" if "model" in meta else "rq_kmeans"
         raise ConfigError(f"quantizer.acrq_base={cfg.quantizer.acrq_base} but version {src} "
                           f"holds ACRQ on {base}; set quantizer.acrq_base={base}")
+    _check_model_shape(cfg, src, meta.get("model"))
     return src, blobs, meta
+
+
+def _check_model_shape(cfg: BuildConfig, src: str, model: dict[str, Any] | None) -> None:
+    """A learned version's model is encoded as it was trained: its latent size, hidden
+    layers and (r3vae) codewords mixed per layer, which the config must give as they are
+    (the new version's manifest records the config; it recorded other values than the
+    model's). Training-only keys (epochs, lr, ...) do not matter to an encode."""
+    if model is None:
+        return
+    held = model.get("params", {})
+    keys = {"latent_dim": "latent_dim", "hidden_dims": "hidden_dims"}  # config: model's
+    if model.get("method") == "r3vae":
+        keys["r3_topk"] = "topk"
+    for key, name in keys.items():
+        given = getattr(cfg.quantizer, key)
+        given = list(given) if isinstance(given, tuple) else given
+        if name in held and held[name] != given:
+            value = str(held[name]).replace(" ", "")  # (an override's spelling: [256,128])
+            raise ConfigError(f"quantizer.{key}={str(given).replace(' ', '')} but version "
+                              f"{src}'s {model.get('method')} model has {value}; set "
+                              f"quantizer.{key}={value}")
 
 
 def warm_start_codebooks(store: TableStore, parent: str | None, cfg: BuildConfig, dim: int,

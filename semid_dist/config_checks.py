@@ -18,7 +18,7 @@ from semid_dist.io.fs import FOLDER_NAME, redact_url, url_problem
 from semid_dist.io.validate import check_distinct_columns
 
 if TYPE_CHECKING:
-    from semid_dist.config import BuildConfig, PruneConfig
+    from semid_dist.config import BuildConfig, PruneConfig, QuantizerConfig
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx takes it
@@ -359,6 +359,22 @@ def _check_learned(cfg: BuildConfig) -> None:
     if cfg.fit.warm_start != "none":
         raise ConfigError(f"fit.warm_start=parent is supported by quantizer.method=rq_kmeans "
                           f"only, not {q.method}; set fit.warm_start=none")
+    if q.method == "r3vae":
+        _check_r3vae(q)
+
+
+def _check_r3vae(q: QuantizerConfig) -> None:
+    """r3vae removes each latent's projection on its reference vector: a 1-dimensional
+    latent keeps nothing (every item one SID); it mixes its `r3_topk` best codewords of each
+    layer, of which the smallest holds min(layers)."""
+    if q.latent_dim < 2:
+        raise ConfigError(f"quantizer.latent_dim={q.latent_dim}: r3vae removes each latent's "
+                          "projection on its reference vector, so a latent of 1 dimension "
+                          "keeps nothing to code; set quantizer.latent_dim to 2 or more")
+    if q.r3_topk > min(q.layers):
+        raise ConfigError(f"quantizer.r3_topk={q.r3_topk} is more than the {min(q.layers)} "
+                          "codewords of the smallest layer; set it to at most "
+                          f"{min(q.layers)}")
 
 
 def _check_prune(prune: PruneConfig, layers: tuple[int, ...] | list[int]) -> None:

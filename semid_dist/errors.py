@@ -35,6 +35,11 @@ class ArtifactError(SemidError):
     """A codebook artifact is missing, corrupt or does not match its checksums."""
 
 
+class FitDiverged(SemidError):
+    """A learned quantizer's training diverged (a loss that is not finite, or a
+    reconstruction far worse than none); nothing is committed."""
+
+
 class StoreError(SemidError):
     """The versioned table store refused an operation (unknown version, unreconciled counts)."""
 

@@ -55,18 +55,18 @@ def plan_input(catalog: str, cfg: BuildConfig, store: TableStore,
     except EmptyCatalog as exc:
         if not cfg.encode.incremental:
             raise
+        empty = f"the delta at {exc.url!r} has no rows ({exc.files} Parquet file(s), all empty"
         if cfg.encode.empty_delta != "skip":
-            raise EmptyCatalog(f"the delta at {exc.url!r} has no rows ({exc.files} Parquet "
-                               "file(s), all empty); export it again, or set "
-                               "encode.empty_delta=skip where a day without changes is "
-                               "expected (nothing is written then)", url=exc.url,
-                               files=exc.files, schemas=exc.schemas) from None
+            raise EmptyCatalog(f"{empty}); export it again, or set encode.empty_delta=skip "
+                               "where a day without changes is expected (nothing is written "
+                               "then)", url=exc.url, files=exc.files,
+                               schemas=exc.schemas) from None
         check_empty_delta(CatalogPlan(catalog, (), exc.schemas[0][1], "", exc.schemas), cfg,
                           store, parent)
         raise NothingToEncode(
-            f"nothing to encode: the delta at {exc.url!r} has no rows ({exc.files} Parquet "
-            f"file(s), all empty; encode.empty_delta=skip); nothing was written, the table "
-            f"{redact_url(store.url)} is as it was (latest {store.head() or 'none'})") from None
+            f"nothing to encode: {empty}; encode.empty_delta=skip); nothing was written, the "
+            f"table {redact_url(store.url)} is as it was (latest {store.head() or 'none'})"
+        ) from None
 
 
 def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:

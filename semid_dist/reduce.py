@@ -33,7 +33,7 @@ from semid_dist.codes.lookups import (
     token_counts_table,
     vocabulary_table,
 )
-from semid_dist.codes.metrics import final_sid_counts, finalize_metrics
+from semid_dist.codes.metrics import final_sid_counts, finalize_metrics, quality_warnings
 from semid_dist.codes.partials import Partial
 from semid_dist.codes.pruning import (
     PruneDecision,
@@ -181,6 +181,8 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
             metrics[part] = ({"items": sub.n, **figures(sub, partials["all"])} if sub.n
                              else {"items": 0})  # collisions with any item, before moves
     log(f"reduce: {metrics['hourglass']['verdict']}")
+    for line in quality_warnings(metrics, merged["all"].n, learned=cfg.learned):
+        log(f"warning: {line}")
     if moves is not None:
         left = metrics["collisions"]["over_capacity"]
         log(f"collisions: {moved} items moved to a next-best last-layer code "

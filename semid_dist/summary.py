@@ -11,9 +11,9 @@ from semid_dist.errors import StoreError
 METRICS_FORM_ERRORS = (KeyError, TypeError, IndexError, AttributeError, ValueError)
 
 
-def other_form(vid: str, why: str, fix: str) -> StoreError:
-    """A committed metrics.json (its checksum passed) this release cannot read: `why`."""
-    return StoreError(f"version {vid}'s metrics.json is not in the form this semid_dist "
+def other_form(vid: str, why: str, fix: str, file: str = "metrics.json") -> StoreError:
+    """A committed `file` (its checksum passed) this release cannot read: `why`."""
+    return StoreError(f"version {vid}'s {file} is not in the form this semid_dist "
                       f"reads ({why}): it was edited, or written by another release; {fix}")
 
 

@@ -859,3 +859,28 @@ def test_key_range_bounds_keep_each_sid_in_one_range_of_about_equal_items(ranges
     rows = rng.choice(keys, 5000)
     assert np.array_equal(np.searchsorted(bounds, rows, side="right"),
                           which[np.searchsorted(keys, rows)])
+
+
+def test_quality_warnings_name_a_collapsed_layer_and_a_barely_learned_quantizer():
+    from semid_dist.codes.metrics import quality_warnings
+
+    def metrics(used: list[int], sizes: list[int], rel: float) -> dict:
+        return {"layers": [{"size": k, "used": u} for u, k in zip(used, sizes)],
+                "reconstruction": {"relative_error": rel}}
+
+    assert quality_warnings(metrics([250, 200], [256, 256], 0.4), 5000, learned=True) == []
+    assert quality_warnings(metrics([401, 4000], [4096, 4096], 0.95), 5000, learned=False) == [
+        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed (a smaller "
+        "layer)"]
+    assert quality_warnings(metrics([401], [4096], 0.5), 5000, learned=True) == [
+        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed (a lower "
+        "quantizer.lr, or a smaller layer)"]
+    # what a layer could use is its size or, where fewer, the items; under 10: not said
+    assert quality_warnings(metrics([2, 1], [4096, 8], 0.2), 20, learned=False) == []
+    assert quality_warnings(metrics([1, 1], [4096, 8], 0.2), 20, learned=False)[0].startswith(
+        "layer 0 uses 1 of its 4096 codes for 20 items")
+    assert quality_warnings(metrics([16], [16], 0.9), 5000, learned=True) == [
+        "relative error 0.900: the learned quantizer reconstructs the items hardly better than "
+        "zero vectors would (1.0); train it longer (quantizer.epochs, a smaller "
+        "quantizer.batch_size) or with a higher quantizer.lr"]
+    assert quality_warnings(metrics([16], [16], 0.95), 5000, learned=False) == []

@@ -256,7 +256,8 @@ def test_build_records_drift_against_its_parent(small_catalog, tmp_path, capsys)
     assert main(args) == 2
     assert capsys.readouterr().err == (
         f"semid versions: error: the parent of version {other.version_id}, {same.version_id} "
-        "(the default --from), is no longer in the table (removed by semid versions gc); "
+        "(the default --from), is no longer in the table (removed by semid versions gc, or by "
+        "hand); "
         "name the version to compare with: --from VERSION\n")
 
 

@@ -198,7 +198,7 @@ def test_cli_gc_and_errors(tmp_path, capsys):
     assert "--keep N" in err and err.count("\n") == 1
     assert main([*args, "--keep", "-1"]) == 2
     assert capsys.readouterr().err.startswith(
-        "semid versions: error: semid versions gc needs --keep N (not -1) (N >= 0: ")
+        "semid versions: error: semid versions gc needs --keep N, not -1 (N >= 0: ")
 
 
 def test_gc_with_latest_missing_keeps_the_newest_and_with_latest_damaged_deletes_nothing(root):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from semid_dist.errors import ArtifactError, ConfigError
+from semid_dist.errors import ArtifactError, ConfigError, FitDiverged
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize.acrq import fit_acrq_vae, split_sample
@@ -24,7 +25,7 @@ from semid_dist.quantize.model import (
 )
 from semid_dist.quantize.r3vae import R3VAE
 from semid_dist.quantize.rqvae import RQVAE, nearest_code
-from semid_dist.quantize.training import TrainState, deterministic, train
+from semid_dist.quantize.training import TrainState, check_diverged, deterministic, train
 from tests.conftest import clustered, small_config
 
 LAYERS = (16, 8, 8)
@@ -219,13 +220,111 @@ def test_local_build_with_rq_vae_commits_a_reconciled_version(small_catalog, tmp
     np.testing.assert_array_equal(q.encode(x, chunk_rows=cfg.encode.chunk_rows).codes, codes)
     np.testing.assert_allclose(t.column("qerr").to_numpy(),
                                q.encode(x, chunk_rows=cfg.encode.chunk_rows).qerr, rtol=1e-5)
-    # encode.from_version reuses the learned artifact
+    # encode.from_version reuses the learned artifact; its training keys do not matter
     again = build(small_config(catalog, root, quantizer__method="rq_vae",
-                               encode__from_version=res.version_id), log=quiet)
+                               quantizer__latent_dim=8, quantizer__hidden_dims=[32],
+                               quantizer__epochs=99, encode__from_version=res.version_id),
+                  log=quiet)
     assert store.read_data(again.version_id).sort_by("item_id").column("codes").equals(
         t.column("codes"))
     with pytest.raises(ConfigError, match="quantizer.method=rq_vae"):
         build(small_config(catalog, root, encode__from_version=res.version_id), log=quiet)
+    # the model's shape does (the manifest recorded a config other than the model's)
+    for key, given, held in (("latent_dim", 32, "8"), ("hidden_dims", [256, 128], "[32]")):
+        keys = {"quantizer__latent_dim": 8, "quantizer__hidden_dims": [32],
+                f"quantizer__{key}": given}
+        with pytest.raises(ConfigError, match=re.escape(
+                f"quantizer.{key}={str(given).replace(' ', '')} but version {res.version_id}'s "
+                f"rq_vae model has {held}; set quantizer.{key}={held}")):
+            build(small_config(catalog, root, quantizer__method="rq_vae",
+                               encode__from_version=res.version_id, **keys), log=quiet)
+
+
+def test_a_fit_that_diverges_is_a_named_error():
+    """A loss that is not finite in any epoch, or a last epoch's reconstruction error over
+    10 times the items' mean squared norm: the fit stops with the reason and the fix (a
+    learning rate of 10 committed a table of one SID, relative error 25,929, status 0)."""
+    params = learned_params("rq_vae", seed=0, lr=10.0)
+    record = {"epoch": 3, "loss": 1.0, "reconstruction": 5.0}
+    bound = {"items": 1.0, "untrained": 2.0}
+    check_diverged(record, params, bound, last=True)  # 5 times: poor, not diverged
+    check_diverged({**record, "reconstruction": 50.0}, params, bound, last=False)  # may recover
+    with pytest.raises(FitDiverged, match=r"^the fit diverged \(epoch 3: loss 1, "
+                       r"reconstruction error 50, 50 times the items' mean squared norm\); "
+                       r"lower quantizer.lr \(now 10\), or scale the embeddings down "
+                       r"\(items' mean squared norm 1\)$"):
+        check_diverged({**record, "reconstruction": 50.0}, params, bound, last=True)
+    # embeddings of small norm: measured against the untrained model's error too
+    check_diverged({**record, "reconstruction": 15.0}, params, bound, last=True)
+    for loss in (float("nan"), float("inf")):
+        with pytest.raises(FitDiverged, match=r"epoch 3: loss (nan|inf), reconstruction error "
+                                              r"5\); lower quantizer.lr"):
+            check_diverged({**record, "loss": loss}, params, bound, last=False)
+
+
+@pytest.mark.parametrize("method", ["rq_vae", "r3vae"])
+def test_a_learning_rate_far_too_high_stops_the_build(small_catalog, tmp_path, method):
+    catalog, _ = small_catalog
+    root = str(tmp_path / "out")
+    cfg = small_config(catalog, root, quantizer__method=method, quantizer__layers=[16, 8],
+                       quantizer__epochs=3, quantizer__lr=10.0, quantizer__latent_dim=8,
+                       quantizer__hidden_dims=[32], quantizer__batch_size=64)
+    with pytest.raises(FitDiverged, match="lower quantizer.lr"):
+        build(cfg, log=quiet)
+    assert TableStore(root, "sids").versions() == []
+
+
+def test_a_barely_trained_quantizer_is_said_in_the_build_log(small_catalog, tmp_path):
+    """Three optimizer steps (one epoch of a batch larger than the sample): the version is
+    committed, and the log says its relative error shows the quantizer hardly learned."""
+    catalog, _ = small_catalog
+    lines: list[str] = []
+    res = build(small_config(catalog, str(tmp_path / "out"), quantizer__method="rq_vae",
+                             quantizer__layers=[16, 8], quantizer__epochs=1,
+                             quantizer__batch_size=100_000, quantizer__latent_dim=8,
+                             quantizer__hidden_dims=[32]), log=lines.append)
+    rel = res.metrics["reconstruction"]["relative_error"]
+    said = [m for m in lines if m.startswith("warning: relative error")]
+    assert rel >= 0.9 and said == [f"warning: relative error {rel:.3f}: the learned quantizer "
+                                   "reconstructs the items hardly better than zero vectors "
+                                   "would (1.0); train it longer (quantizer.epochs, a smaller "
+                                   "quantizer.batch_size) or with a higher quantizer.lr"]
+
+
+def test_r3vae_settings_that_leave_nothing_to_code_are_refused():
+    """A 1-dimensional latent (r3vae removes its projection on r: every item got one SID)
+    and more codewords mixed than the smallest layer has (silently fewer)."""
+    with pytest.raises(ConfigError, match=r"^quantizer.latent_dim=1: r3vae removes .* set "
+                                          r"quantizer.latent_dim to 2 or more$"):
+        small_config("cat", "root", quantizer__method="r3vae", quantizer__latent_dim=1)
+    with pytest.raises(ConfigError, match=r"^quantizer.r3_topk=100 is more than the 8 "
+                                          r"codewords of the smallest layer; set it to at "
+                                          r"most 8$"):
+        small_config("cat", "root", quantizer__method="r3vae", quantizer__r3_topk=100,
+                     quantizer__layers=[16, 8])
+    small_config("cat", "root", quantizer__method="rq_vae", quantizer__latent_dim=1,
+                 quantizer__r3_topk=100)  # (keys rq_vae does not use)
+
+
+@pytest.mark.engine
+def test_a_diverged_ray_train_fit_is_the_same_named_error(ray_session, tmp_path):
+    """Raised in Ray Train's workers, a named error was retried fit.max_failures times and
+    ended the build with Ray Train's traceback; it reaches the driver as itself."""
+    from semid_dist.engines.ray_train import fit_on_ray_train
+
+    x = clustered(1500, 12, seed=3)
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__method="rq_vae",
+                       quantizer__layers=[16, 8], quantizer__epochs=3, quantizer__lr=10.0,
+                       quantizer__latent_dim=8, quantizer__hidden_dims=[32],
+                       quantizer__batch_size=64, fit__num_workers=2, fit__cpus_per_worker=0.5,
+                       fit__max_failures=0)  # (a worker's error would end the fit otherwise)
+    lines: list[str] = []
+    with pytest.raises(FitDiverged, match=r"^the fit diverged \(epoch 2: .*lower quantizer.lr "
+                                          r"\(now 10\)"):
+        fit_on_ray_train(x, x[:400], cfg, lines.append, f"file://{tmp_path}/staging")
+    # the epochs before it, relayed from the first worker as they end
+    assert [m.split(":")[1] for m in lines if m.startswith("fit: epoch")] == [" epoch 0",
+                                                                              " epoch 1"]
 
 
 @pytest.mark.engine
@@ -253,6 +352,24 @@ def test_ddp_two_workers_close_to_one(ray_session, tmp_path, method):
 
 
 @pytest.mark.engine
+def test_ddp_on_shards_of_unequal_size_keeps_the_workers_in_lock_step(ray_session, tmp_path):
+    """301 rows on 2 workers (151 and 150) in batches of 1: one more step on one worker than
+    on the other took DDP's collectives out of lock step (a gloo abort, Ray Train's retries,
+    then a traceback); every worker runs as many steps as the smallest shard has rows."""
+    from semid_dist.engines.ray_train import fit_on_ray_train
+
+    x = clustered(301, 10, seed=5)
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__method="rq_vae",
+                       quantizer__layers=[16, 8], quantizer__epochs=1,
+                       quantizer__latent_dim=8, quantizer__hidden_dims=[16],
+                       quantizer__batch_size=1, fit__num_workers=2, fit__cpus_per_worker=0.5,
+                       fit__max_failures=0)
+    model, stats = fit_on_ray_train(x, x[:100], cfg, quiet, f"file://{tmp_path}/staging")
+    assert [s["n"] for s in stats] == [301, 301]
+    assert np.isfinite(as_quantizer(model).encode(x).qerr).all()
+
+
+@pytest.mark.engine
 def test_ray_data_encode_of_a_learned_version_matches_local(ray_session, small_catalog, tmp_path):
     catalog, _ = small_catalog
     root = str(tmp_path / "out")
@@ -265,6 +382,11 @@ def test_ray_data_encode_of_a_learned_version_matches_local(ray_session, small_c
     a = store.read_data(local.version_id).sort_by("item_id")
     b = store.read_data(ray.version_id).sort_by("item_id")
     assert a.num_rows == 2400 and a.equals(b)
+    with pytest.raises(ConfigError, match=re.escape(  # (r3vae's codewords mixed per layer)
+            f"quantizer.r3_topk=2 but version {local.version_id}'s r3vae model has 4; set "
+            "quantizer.r3_topk=4")):
+        build(small_config(catalog, root, encode__from_version=local.version_id,
+                           **{**learned, "quantizer__r3_topk": 2}), log=quiet)
 
 
 @pytest.mark.gpu

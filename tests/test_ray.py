@@ -433,6 +433,10 @@ def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tm
                   "Failed to query Ray Train Controller actor state"):  # (the State API's)
         assert noise not in run.stderr, noise
     assert "encode: 4/4 shards" in run.stderr
+    # the fit's layers, relayed from Ray Train's first worker, then its end
+    fit = [line.split("] ", 1)[1] for line in run.stderr.splitlines() if "] fit: " in line]
+    assert [m.split(":")[1] for m in fit[1:]] == [" layer 0", " layer 1", " done on Ray Train,"
+                                                  " 2 layers"], fit
     store = TableStore(str(tmp_path / "out"), "sids")
     assert cli_build(cfg, "engine=local", "encode.from_version=latest").returncode == 0
     ray_version, local_version = store.versions()
@@ -446,8 +450,8 @@ def test_a_ray_build_prints_its_own_progress_not_ray_internals(small_catalog, tm
 _ANOTHER_RAY = """
 import sys
 import ray
-ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20,
-         configure_logging=False)
+ray.init(address="local", num_cpus=1, include_dashboard=False,
+         object_store_memory=80 * 2**20, configure_logging=False)
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # until the test lets go
 """

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from semid_dist.config import BuildConfig
+from semid_dist.engines import train_files
 from semid_dist.errors import InputError
 from semid_dist.faults import ENV as FAULT_ENV
 from semid_dist.faults import MARKER_ENV, die_once
@@ -122,7 +123,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     common = {"niter": config["niter"], "seed": config["seed"],
               "all_reduce": all_reduce if world > 1 else None,
               "chunk_rows": config["chunk_rows"], "device": device, "fitted": fitted,
-              "on_layer": checkpoint}
+              "on_layer": checkpoint,
+              "progress": train_files.ProgressFile(config["out"], rank)}
     if acrq is not None:
         codebooks, stats = fit_acrq(*worker_rows(sample, acrq.head, rank, world),
                                     config["layers"], config["anchors"], acrq, **common)
@@ -158,19 +160,25 @@ class _DistSync:
     def __init__(self, device: str) -> None:
         self.device = device
 
+    def _collective(self, t: Any, op: Callable[[Any], None]) -> Any:
+        out = t.to(self.device).contiguous()
+        op(out)
+        return out.to(t.device)
+
     def all_reduce(self, t: Any) -> Any:
         import torch.distributed as dist
 
-        out = t.to(self.device).contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.to(t.device)
+        return self._collective(t, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM))
 
     def broadcast(self, t: Any) -> Any:
         import torch.distributed as dist
 
-        out = t.to(self.device).contiguous()
-        dist.broadcast(out, src=0)
-        return out.to(t.device)
+        return self._collective(t, lambda x: dist.broadcast(x, src=0))
+
+    def all_min(self, t: Any) -> Any:
+        import torch.distributed as dist
+
+        return self._collective(t, lambda x: dist.all_reduce(x, op=dist.ReduceOp.MIN))
 
 
 def _learned_loop(config: dict[str, Any]) -> None:
@@ -179,19 +187,11 @@ def _learned_loop(config: dict[str, Any]) -> None:
     is summed and dead-code restarts are broadcast from rank 0. One `ray.train.report` per
     epoch, with a checkpoint (weights, optimizer, generator, history) from rank 0, so a
     restarted worker group resumes after the last finished epoch."""
-    import json
-
-    import ray
     import ray.train
-    import ray.train.torch
 
-    from semid_dist.quantize.model import fit_learned, quantizer_files
-    from semid_dist.quantize.training import LearnedParams, TrainState
+    from semid_dist.quantize.training import TrainState
 
     rank, world, device = _start_worker(config)
-    sample = ray.get(config["sample"])
-    init_points = ray.get(config["init_points"])
-    acrq = ray.get(config["acrq"])
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -209,10 +209,29 @@ def _learned_loop(config: dict[str, Any]) -> None:
                               "reconstruction": record["reconstruction"],
                               "min_utilization": min(record["utilization"])}, checkpoint=ckpt)
 
+    with train_files.named_error_to(config["out"], rank):
+        _fit_and_write(config, rank, world, device, report, resume)
+
+
+def _fit_and_write(config: dict[str, Any], rank: int, world: int, device: str,
+                   report: Callable[..., None], resume: Any) -> None:
+    """`_learned_loop`'s fit, and rank 0's writing of its module and statistics."""
+    import json
+
+    import ray
+    import ray.train.torch
+
+    from semid_dist.quantize.model import fit_learned, quantizer_files
+    from semid_dist.quantize.training import LearnedParams
+
+    sample = ray.get(config["sample"])
+    init_points = ray.get(config["init_points"])
+    acrq = ray.get(config["acrq"])
     method = config["method"]
     kw = {"sync": _DistSync(device) if world > 1 else None,
           "wrap": ray.train.torch.prepare_model if world > 1 else None, "device": device,
-          "on_epoch": report, "resume": resume}
+          "on_epoch": report, "resume": resume,
+          "progress": train_files.ProgressFile(config["out"], rank)}
     params = LearnedParams.from_dict(config["params"])
     if acrq is not None:
         from semid_dist.quantize.acrq import fit_acrq_vae, worker_rows
@@ -246,11 +265,9 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
 
     fit = cfg.fit
     learned = cfg.learned
-    if acrq is not None and min(int(acrq.head.sum()), int((~acrq.head).sum())) < fit.num_workers:
-        raise InputError(f"acrq: the fit sample's head or tail holds fewer rows than "
-                         f"fit.num_workers={fit.num_workers}; use fewer workers or a larger "
-                         "fit.sample_size")
+    _check_rows_per_worker(sample, fit.num_workers, acrq, learned=learned)
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
+    train_files.clear(out)  # (an earlier run's, of this version)
     loop_config = {
         "sample": ray.put(sample), "init_points": ray.put(init_points),
         "init_centroids": ray.put(init_centroids), "acrq": ray.put(acrq),
@@ -279,8 +296,26 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         )
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")
-        _fit(trainer)
-    return _fit_output(out, cfg, log)
+        with train_files.relayed_progress(out, log):
+            _fit(trainer)
+    fitted, stats = _fit_output(out, cfg, log)
+    log(f"fit: done on Ray Train, {len(stats)} layers")  # (what comes after the fit)
+    return fitted, stats
+
+
+def _check_rows_per_worker(sample: np.ndarray, workers: int, acrq: Any, *,
+                           learned: bool) -> None:
+    """Every worker needs rows of its own: ACRQ's of the head and of the tail, a learned
+    quantizer's (DDP: a worker with none ran fewer steps than the others, out of lock
+    step)."""
+    if acrq is not None and min(int(acrq.head.sum()), int((~acrq.head).sum())) < workers:
+        raise InputError(f"acrq: the fit sample's head or tail holds fewer rows than "
+                         f"fit.num_workers={workers}; use fewer workers or a larger "
+                         "fit.sample_size")
+    if learned and len(sample) < workers:
+        raise InputError(f"the fit sample holds {len(sample)} rows, fewer than "
+                         f"fit.num_workers={workers}; use fewer workers or a larger "
+                         "fit.sample_size")
 
 
 def _trainer_class() -> type:
@@ -372,9 +407,11 @@ def _abort(controller: Any) -> None:
 
 def _fit_output(out: str, cfg: BuildConfig, log: Callable[[str], None],
                 ) -> tuple[Any, list[dict[str, Any]]]:
-    """What rank 0 wrote to `out`: (the trained module or the codebooks, per-layer stats)."""
+    """What rank 0 wrote to `out`: (the trained module or the codebooks, per-layer stats),
+    or the named error that ended the fit, raised."""
     import json
 
+    train_files.raise_named_error(out)
     fs, path = fsio.resolve(out)
     if cfg.learned:
         from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
@@ -390,7 +427,4 @@ def _fit_output(out: str, cfg: BuildConfig, log: Callable[[str], None],
         return module, stats
     with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as z:
         codebooks = [z[f"layer_{i}"] for i in range(len(cfg.quantizer.layers))]
-    stats = json.loads(fs.cat_file(path + ".json"))
-    for st in stats:
-        log(f"fit: layer {st['layer']}: k={st['k']} mse={st['final_mse']:.6g}")
-    return codebooks, stats
+    return codebooks, json.loads(fs.cat_file(path + ".json"))  # (its layers: relayed)

@@ -181,7 +181,7 @@ def _extend(model: nn.Module, head_model: nn.Module, tail_seeds: np.ndarray,
     seeds' latent residuals."""
     state = {k: v for k, v in head_model.state_dict().items() if not k.startswith("codebooks.")}
     model.load_state_dict({**model.state_dict(), **state})
-    r = head_model.encoder(torch.from_numpy(np.ascontiguousarray(tail_seeds, np.float32)))
+    r = head_model.encoder(torch.from_numpy(np.array(tail_seeds, np.float32)))
     r = r.numpy().astype(np.float32)
     for layer, k in enumerate(model.layers):
         frozen = head_model.codebooks[layer].detach().numpy().astype(np.float32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+
+from semid_dist.errors import FitDiverged
 
 Progress = Callable[[str], None]
 Wrap = Callable[[nn.Module], nn.Module]
@@ -36,11 +39,17 @@ class Sync(Protocol):
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every worker."""
 
+    def all_min(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise minimum of `t` over workers."""
+
 
 class LocalSync:
-    """`Sync` for a single process: both collectives are the identity."""
+    """`Sync` for a single process: the collectives are the identity."""
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_min(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +182,7 @@ def fit_model(cls: Callable[..., nn.Module], x: np.ndarray, init_points: np.ndar
     CPU, in eval mode, per-layer stats as `train` gives them)."""
     with deterministic(params.seed):
         model = cls(x.shape[1], layers, params)
-        model.init_codebooks(torch.from_numpy(np.ascontiguousarray(init_points, np.float32)))
+        model.init_codebooks(torch.from_numpy(np.array(init_points, np.float32)))
         model.to(device)
         stats = train(model, x, params, sync=sync, wrap=wrap, device=device, progress=progress,
                       on_epoch=on_epoch, resume=resume)
@@ -191,7 +200,8 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
           frozen_rows: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Train `model` (codebooks already initialised) on the local shard x: (n_local, d)
     float32 with AdamW. Every worker runs the same number of steps per epoch
-    (ceil(n_total / batch_size), each a slice of its shard), so DDP stays in lock step.
+    (ceil(n_total / batch_size), each a slice of its shard; at most the smallest shard's
+    rows, so that no worker has an empty step), so DDP stays in lock step.
     Returns per-layer statistics: layer, k, n, final_mse (mean ||r_{l+1}||^2 in the
     latent space, last epoch), utilization, dead_restarts, epochs (per-epoch history with
     loss, reconstruction (mean ||x - x_hat||^2), utilization and restarts of this layer).
@@ -203,15 +213,13 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
     move them otherwise) and never restarted. params.precision=bf16 runs the forward pass
     under bf16 autocast (codes are chosen in fp32)."""
     sync = sync or LocalSync()
-    n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
-    steps = max(1, math.ceil(n_total / params.batch_size))
+    xt, n_total, steps, bound = _shard(model, x, params, sync, device)
     gen, idle, history = _start_state(model, params, resume, progress)
     anchors = _freeze(model, frozen_rows)
     net = wrap(model) if wrap is not None else model
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     if resume is not None:
         opt.load_state_dict(resume.optimizer)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=params.precision == "bf16")
     first = 0 if resume is None else resume.epoch + 1
@@ -237,6 +245,7 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
                 idle[layer][:rows] = 0  # anchors are never restarted
             acc.restarts += np.array(model.after_step(fwd, idle, sync, gen, window=window))
         record = acc.record(epoch, sync)
+        check_diverged(record, params, bound, last=epoch == params.epochs - 1)
         history.append(record)
         if progress is not None:
             progress(_epoch_line(record))
@@ -246,6 +255,63 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
                 optimizer=opt.state_dict(), generator=gen.get_state(),
                 idle=[t.clone() for t in idle], history=list(history)))
     return layer_stats(history, model.layers, n_total)
+
+
+def _shard(model: nn.Module, x: np.ndarray, params: LearnedParams, sync: Sync, device: str,
+           ) -> tuple[torch.Tensor, int, int, dict[str, float]]:
+    """(this worker's rows as a tensor, the rows of all workers, the steps of an epoch, the
+    errors a diverged fit is measured against: `check_diverged`'s `bound`). The steps:
+    ceil(n_total / batch_size), at most the smallest shard's rows (a worker out of steps
+    before the others left DDP's collectives out of lock step: a gloo abort). The model is
+    the untrained one (before a checkpoint's weights are loaded), so a resumed fit measures
+    against what an uninterrupted one does."""
+    n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
+    fewest = int(sync.all_min(torch.tensor([len(x)], dtype=torch.int64))[0])
+    steps = max(1, min(math.ceil(n_total / params.batch_size), fewest))
+    with warnings.catch_warnings():  # (a sample from Ray's object store is read-only; the
+        warnings.simplefilter("ignore", UserWarning)  # loop only reads it: no copy)
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    head = xt[:UNTRAINED_ROWS]
+    model.eval()
+    with torch.no_grad():
+        untrained = float(model(head.to(device)).recon.sum()) if len(head) else 0.0
+    sums = sync.all_reduce(torch.tensor([_sum_sq(x), untrained, float(len(head))],
+                                        dtype=torch.float64))
+    return xt, n_total, steps, {"items": float(sums[0]) / max(n_total, 1),
+                                "untrained": float(sums[1]) / max(float(sums[2]), 1.0)}
+
+
+UNTRAINED_ROWS = 8192  # per worker: the rows the untrained model's error is measured on
+
+
+def _sum_sq(x: np.ndarray, rows: int = 65536) -> float:
+    """Sum of squares of x's entries, in float64, a block of rows at a time."""
+    return sum(float(np.einsum("ij,ij->", b, b, dtype=np.float64))
+               for b in (x[i:i + rows] for i in range(0, len(x), rows)))
+
+
+DIVERGED_RATIO = 10.0  # a reconstruction error this many times the worse of `bound`'s
+
+
+def check_diverged(record: dict[str, Any], params: LearnedParams, bound: dict[str, float], *,
+                   last: bool) -> None:
+    """FitDiverged where an epoch's loss or reconstruction error is not finite, or the
+    last epoch's reconstruction error is over `DIVERGED_RATIO` times both the items' mean
+    squared norm (`bound["items"]`: zero vectors' error) and the untrained model's error
+    (`bound["untrained"]`: a decoder's first outputs can dwarf embeddings of small norm):
+    a learning rate too high for the data, or embeddings whose squares overflow float32.
+    Its figures are all-reduced, so every worker stops at the same epoch."""
+    loss, recon = record["loss"], record["reconstruction"]
+    finite = math.isfinite(loss) and math.isfinite(recon)
+    worst = max(bound["items"], bound["untrained"])
+    if finite and not (last and recon > DIVERGED_RATIO * worst):
+        return
+    ratio = (f", {recon / bound['items']:.3g} times the items' mean squared norm"
+             if finite and bound["items"] > 0 else "")
+    raise FitDiverged(f"the fit diverged (epoch {record['epoch']}: loss {loss:.4g}, "
+                      f"reconstruction error {recon:.4g}{ratio}); lower quantizer.lr (now "
+                      f"{params.lr:g}), or scale the embeddings down (items' mean squared "
+                      f"norm {bound['items']:.4g})")
 
 
 def _start_state(model: nn.Module, params: LearnedParams, resume: TrainState | None,
