@@ -306,6 +306,21 @@ def test_r3vae_settings_that_leave_nothing_to_code_are_refused():
                  quantizer__r3_topk=100)  # (keys rq_vae does not use)
 
 
+def test_a_learned_fit_with_fewer_sample_rows_than_workers_is_refused(tmp_path):
+    """A DDP worker with no rows runs fewer steps than the others (out of lock step): said
+    before Ray Train starts."""
+    from semid_dist.engines.ray_train import fit_on_ray_train
+    from semid_dist.errors import InputError
+
+    x = clustered(3, 4, seed=0)
+    cfg = small_config("unused", str(tmp_path), engine="ray", quantizer__method="rq_vae",
+                       quantizer__layers=[2, 2], fit__num_workers=4, fit__cpus_per_worker=0.5)
+    with pytest.raises(InputError, match=r"^the fit sample holds 3 rows, fewer than "
+                                         r"fit.num_workers=4; use fewer workers or a larger "
+                                         r"fit.sample_size$"):
+        fit_on_ray_train(x, x, cfg, quiet, f"file://{tmp_path}/staging")
+
+
 @pytest.mark.engine
 def test_a_diverged_ray_train_fit_is_the_same_named_error(ray_session, tmp_path):
     """Raised in Ray Train's workers, a named error was retried fit.max_failures times and
