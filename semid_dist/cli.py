@@ -65,7 +65,11 @@ def cmd_build(args: argparse.Namespace) -> int:
             plan = dry_run(cfg, log=log)
             _print(plan, args.json, _dry_run_text(plan))
             return 0
-        result = build(cfg, log=log)
+        # stdout holds the summary (or --json) alone: anything else printed while the build
+        # runs (Ray's relayed worker and raylet lines: an attached cluster's warnings came
+        # before the JSON) goes to stderr, with the build's progress
+        with contextlib.redirect_stdout(sys.stderr):
+            result = build(cfg, log=log)
     except NothingToEncode as exc:  # an empty delta under encode.empty_delta: skip
         _print({"version_id": None, "nothing_to_encode": str(exc)}, args.json, str(exc))
         return 0

@@ -138,8 +138,8 @@ def ray_session():
     JVM on these 2 cores was seen to abort the test process (a failed internal check in
     Ray's GCS subscriber, exit status 1, no output), and it frees its workers' memory."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
-             configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False,  # (a Ray of its own)
+             object_store_memory=256 * 2**20, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -195,10 +195,12 @@ def test_ray_encode_worker_killed_is_retried(small_catalog, tmp_path, fault):
     store = TableStore(str(tmp_path / "out"), "sids")
     local = store.read_data().sort_by("item_id")
     marker = tmp_path / "died"
-    res = run_build(cfg, "engine=ray", "encode.from_version=latest", fault=fault,
+    res = run_build(cfg, "engine=ray", "encode.from_version=latest", "--json", fault=fault,
                     marker=marker)
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker.exists()  # a worker really died
+    # stdout holds the JSON alone (Ray's line of the dead worker went there, before it)
+    assert json.loads(res.stdout)["version_id"] == store.latest(), res.stdout[:2000]
     rows = store.manifest(store.latest())["rows"]
     assert rows["input"] == rows["encoded"] == 2400 and rows["rejected"] == 0
     assert store.read_data().sort_by("item_id").equals(local)
@@ -316,8 +318,8 @@ from semid_dist.config import load_config
 from semid_dist.pipeline import build
 from tests.test_crash import _ray_train_workers
 
-ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
-         configure_logging=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False,
+         object_store_memory=128 * 2**20, configure_logging=False, log_to_driver=False)
 
 def interrupt():  # a Ctrl-C once the fit's workers run
     while not _ray_train_workers(os.getpid()):

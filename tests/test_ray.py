@@ -84,6 +84,34 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     assert not out.exists()
 
 
+def test_a_failed_attach_is_said_in_one_line_and_a_refused_token_names_the_auth_mode(
+        monkeypatch):
+    """Ray's reasons for a failed connection (as `ray.init` gives them: a ConnectionError
+    whose text holds a Python traceback) in one line; a cluster that refused this driver's
+    authentication (`ray start` enables token authentication; the engine set
+    RAY_AUTH_MODE=disabled for an attach too) names the setting, not `ray start --head`."""
+    from semid_dist.engines.ray_session import _connect_error
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    stack = ("Failed to connect to GCS. Last connection error: Traceback (most recent call "
+             "last):\n  File \"node.py\", line 996, in _init_gcs_client\n    x()\n")
+    refused = ConnectionError(stack + "ray.exceptions.AuthenticationError: Authentication "
+                              "error: InvalidAuthToken\n")
+    assert _connect_error("auto", refused) == (
+        "ray.address=auto: the Ray cluster refused this driver's authentication "
+        "(RAY_AUTH_MODE=disabled; a cluster `ray start` started asks for the token it wrote to "
+        "~/.ray/auth_token); run with RAY_AUTH_MODE unset or token and that token "
+        "(RAY_AUTH_TOKEN or ~/.ray/auth_token), or start the cluster with "
+        "RAY_AUTH_MODE=disabled")
+    timed_out = ConnectionError(stack + "TimeoutError: deadline exceeded\n")
+    line = _connect_error("10.0.0.1:6379", timed_out)
+    assert line.startswith("ray.address=10.0.0.1:6379: could not connect to a Ray cluster "
+                           "from this machine (Failed to connect to GCS. Last connection "
+                           "error: TimeoutError: deadline exceeded); start one")
+    assert "\n" not in line and "Traceback" not in line
+
+
 def _one_row_each(batch: dict[str, np.ndarray]):
     """A map task that yields one row per input row, as the encode tasks yield shard results."""
     for x in batch["x"]:
@@ -297,8 +325,13 @@ def test_train_worker_failure_resumes_from_last_layer_checkpoint(ray_session, tm
     marker = tmp_path / "worker-died"
     monkeypatch.setenv("SEMID_FAULT", "train_worker")
     monkeypatch.setenv("SEMID_FAULT_MARKER", str(marker))
-    resumed, stats = fit_on_ray_train(x, seeds, cfg, quiet, f"file://{tmp_path}/resumed")
+    lines: list[str] = []
+    resumed, stats = fit_on_ray_train(x, seeds, cfg, lines.append,
+                                      f"file://{tmp_path}/resumed")
     assert marker.exists()  # a worker really died
+    # each layer's line relayed once (the restored layer 0's is not said again)
+    assert [m.split(":")[1] for m in lines if m.startswith("fit: layer")] == [
+        " layer 0", " layer 1", " layer 2"], lines
     assert len(resumed) == len(clean)
     for a, b in zip(clean, resumed):
         assert np.array_equal(a, b)

@@ -51,7 +51,6 @@ def _sigterm_kept() -> Iterator[None]:
 
 
 def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     check_startable(cfg)
     if cfg.ray.address:
@@ -70,6 +69,9 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
                               "driver with the cluster's Ray and Python versions, or submit the "
                               "job to it (`ray job submit`)") from exc
     else:
+        # this process's own Ray asks no token of it (a cluster's is left to Ray: a token
+        # in ~/.ray, where `ray start` enables token authentication, is used)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
         # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
@@ -178,7 +180,17 @@ def _connect_error(address: str, exc: BaseException) -> str:
     one under it: Ray wraps the cause of a failed connection in its ConnectionError)."""
     env = os.environ.get("RAY_ADDRESS")  # what Ray connects to for `auto`
     named = f"RAY_ADDRESS={env}" if env and address == "auto" else f"ray.address={address}"
-    why = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
+    text = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
+    if "AuthenticationError" in text or "InvalidAuthToken" in text:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        return (f"{named}: the Ray cluster refused this driver's authentication "
+                f"(RAY_AUTH_MODE={mode}; a cluster `ray start` started asks for the token it "
+                "wrote to ~/.ray/auth_token); run with RAY_AUTH_MODE unset or token and "
+                "that token (RAY_AUTH_TOKEN or ~/.ray/auth_token), or start the cluster with "
+                "RAY_AUTH_MODE=disabled")
+    head, _, stack = text.partition("Traceback (most recent call last):")
+    last = [line.strip() for line in stack.splitlines() if line.strip()][-1:]
+    why = one_line(Exception(" ".join([head.strip(), *last]))).rstrip(":")
     return (f"{named}: could not connect to a Ray cluster from this machine ({why}); start "
             "one (`ray start --head`) or submit the job to a running one (`ray job submit`), "
             "or leave ray.address (and RAY_ADDRESS) unset to run on an embedded local Ray")

@@ -63,9 +63,10 @@ def fit_residual_kmeans(x: np.ndarray, layers: tuple[int, ...] | list[int], *, n
             seeds -= cb[seed_labels]
         codebooks.append(cb)
         stats.append(st)
-        if on_layer is not None and (fitted is None or layer >= len(fitted)):
+        restored = fitted is not None and layer < len(fitted)
+        if on_layer is not None and not restored:
             on_layer(layer, codebooks, stats)
-        if progress is not None:
+        if progress is not None and not restored:  # (a restored layer's line was said)
             progress(f"layer {layer}: k={k} init={st['init']} mse={st['final_mse']:.6g} "
                      f"empty_splits={sum(h['empty_split'] for h in st['iterations'])}")
     return codebooks, stats
