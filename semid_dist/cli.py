@@ -16,7 +16,7 @@ import math
 import os
 import posixpath
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.errors import (
@@ -65,10 +65,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             plan = dry_run(cfg, log=log)
             _print(plan, args.json, _dry_run_text(plan))
             return 0
-        # stdout holds the summary (or --json) alone: anything else printed while the build
-        # runs (Ray's relayed worker and raylet lines: an attached cluster's warnings came
-        # before the JSON) goes to stderr, with the build's progress
-        with contextlib.redirect_stdout(sys.stderr):
+        with _stdout_to_stderr():
             result = build(cfg, log=log)
     except NothingToEncode as exc:  # an empty delta under encode.empty_delta: skip
         _print({"version_id": None, "nothing_to_encode": str(exc)}, args.json, str(exc))
@@ -78,6 +75,27 @@ def cmd_build(args: argparse.Namespace) -> int:
             "drift": result.drift}, args.json,
            format_summary(result.version_id, result.path, result.metrics, result.drift))
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """stdout holds a build's summary (or --json) alone: whatever else is printed while the
+    build runs goes to stderr, with its progress: Python's writes (Ray's relayed lines of a
+    dead worker or of an attached cluster came before the JSON) and, where stdout is a
+    file descriptor, the process's own (a JVM's, a C library's)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # (no descriptor 1 to move: Python's writes only)
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _dry_run_text(plan: dict[str, Any]) -> str:

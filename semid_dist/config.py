@@ -334,6 +334,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, float) and value.is_integer():  # (1e5 and 100000.0 alike)
+            raise ConfigError(f"{key}: expected a string, got the number {value!r} (YAML reads "
+                              "an unquoted number as one: quote it as you wrote it, '1e5' or "
+                              f"'100000.0', in a file or in an override, or check the value)")
         if isinstance(value, int | float) and not isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got the number {value!r} (YAML reads "
                               f"an unquoted number as one: quote it, as '{value}' in a file or "

@@ -181,7 +181,8 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
             metrics[part] = ({"items": sub.n, **figures(sub, partials["all"])} if sub.n
                              else {"items": 0})  # collisions with any item, before moves
     log(f"reduce: {metrics['hourglass']['verdict']}")
-    for line in quality_warnings(metrics, merged["all"].n, learned=cfg.learned):
+    for line in quality_warnings(metrics, merged["all"].n, learned=cfg.learned,
+                                 reused=bool(cfg.encode.from_version)):
         log(f"warning: {line}")
     if moves is not None:
         left = metrics["collisions"]["over_capacity"]

@@ -884,3 +884,11 @@ def test_quality_warnings_name_a_collapsed_layer_and_a_barely_learned_quantizer(
         "zero vectors would (1.0); train it longer (quantizer.epochs, a smaller "
         "quantizer.batch_size) or with a higher quantizer.lr"]
     assert quality_warnings(metrics([16], [16], 0.95), 5000, learned=False) == []
+    # a re-encode's codebooks change by a new fit only
+    assert quality_warnings(metrics([401], [4096], 0.95), 5000, learned=True, reused=True) == [
+        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed (refit the "
+        "codebooks (a build without encode.from_version))",
+        "relative error 0.950: the learned quantizer reconstructs the items hardly better than "
+        "zero vectors would (1.0); refit the codebooks (a build without "
+        "encode.from_version): train it longer (quantizer.epochs, a smaller "
+        "quantizer.batch_size) or with a higher quantizer.lr"]

@@ -198,9 +198,12 @@ def test_an_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
     with open(path, "a") as f:
         f.write("metrics: {pd_t: 2e-1}\n")
     assert load_config(str(path)).metrics.pd_t == 0.2
-    with pytest.raises(ConfigError, match="input.path"):  # (a number, as 1000 would be)
-        parse_config(MINIMAL, ["input.path=1e3"])
-    assert parse_config(MINIMAL, ["output.table=e1x"]).output.table == "e1x"
+    with pytest.raises(ConfigError, match=r"^output.table: expected a string, got the number "
+                                          r"100000.0 \(YAML reads an unquoted number as one: "
+                                          r"quote it as you wrote it, '1e5' or '100000.0', in"):
+        parse_config(MINIMAL, ["output.table=1e5"])
+    assert parse_config(MINIMAL, ["output.table='1e5'"]).output.table == "1e5"
+    assert parse_config(MINIMAL, ["output.table=1e5x"]).output.table == "1e5x"
 
 
 def test_a_string_override_keeps_a_hash_yaml_would_read_as_a_comment():

@@ -14,6 +14,7 @@ from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize.acrq import fit_acrq_vae, split_sample
 from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
+from semid_dist.quantize.divergence import check_diverged
 from semid_dist.quantize.model import (
     KMeansQuantizer,
     LearnedQuantizer,
@@ -25,7 +26,7 @@ from semid_dist.quantize.model import (
 )
 from semid_dist.quantize.r3vae import R3VAE
 from semid_dist.quantize.rqvae import RQVAE, nearest_code
-from semid_dist.quantize.training import TrainState, check_diverged, deterministic, train
+from semid_dist.quantize.training import TrainState, deterministic, train
 from tests.conftest import clustered, small_config
 
 LAYERS = (16, 8, 8)
@@ -275,7 +276,7 @@ def test_a_learning_rate_far_too_high_stops_the_build(small_catalog, tmp_path, m
 
 
 def test_a_barely_trained_quantizer_is_said_in_the_build_log(small_catalog, tmp_path):
-    """Three optimizer steps (one epoch of a batch larger than the sample): the version is
+    """One optimizer step (one epoch of a batch larger than the sample): the version is
     committed, and the log says its relative error shows the quantizer hardly learned."""
     catalog, _ = small_catalog
     lines: list[str] = []
@@ -304,6 +305,8 @@ def test_r3vae_settings_that_leave_nothing_to_code_are_refused():
                      quantizer__layers=[16, 8])
     small_config("cat", "root", quantizer__method="rq_vae", quantizer__latent_dim=1,
                  quantizer__r3_topk=100)  # (keys rq_vae does not use)
+    small_config("cat", "root", quantizer__method="r3vae", quantizer__r3_topk=100,
+                 encode__from_version="latest")  # (a re-encode: the version's model rules)
 
 
 def test_a_learned_fit_with_fewer_sample_rows_than_workers_is_refused(tmp_path):

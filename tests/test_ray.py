@@ -101,9 +101,13 @@ def test_a_failed_attach_is_said_in_one_line_and_a_refused_token_names_the_auth_
     assert _connect_error("auto", refused) == (
         "ray.address=auto: the Ray cluster refused this driver's authentication "
         "(RAY_AUTH_MODE=disabled; a cluster `ray start` started asks for the token it wrote to "
-        "~/.ray/auth_token); run with RAY_AUTH_MODE unset or token and that token "
+        "~/.ray/auth_token); run with RAY_AUTH_MODE unset or token and the cluster's token "
         "(RAY_AUTH_TOKEN or ~/.ray/auth_token), or start the cluster with "
         "RAY_AUTH_MODE=disabled")
+    monkeypatch.delenv("RAY_AUTH_MODE")  # (unset: Ray found no token to use)
+    assert "(RAY_AUTH_MODE=unset; " in _connect_error("auto", refused)
+    assert "; give this driver the cluster's token (RAY_AUTH_TOKEN, or the file " in (
+        _connect_error("auto", refused))
     timed_out = ConnectionError(stack + "TimeoutError: deadline exceeded\n")
     line = _connect_error("10.0.0.1:6379", timed_out)
     assert line.startswith("ray.address=10.0.0.1:6379: could not connect to a Ray cluster "
@@ -371,7 +375,7 @@ def test_acrq_on_ray_train_matches_local_and_resumes(ray_session, tmp_path, monk
 
 
 _TRAIN_ACTORS_PROBE = """
-import numpy as np, ray, sys
+import numpy as np, os, ray, sys
 from semid_dist.config import parse_config
 from semid_dist.engines import make_engine
 root = sys.argv[1]
@@ -383,6 +387,7 @@ x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
 with make_engine(cfg, log=lambda msg: None) as engine:
     engine.fit(x, x, cfg, lambda msg: None, root + "/staging")
     print(sorted({a["ActorClassName"] for a in ray._private.state.actors().values()}))
+print(os.environ.get("RAY_AUTH_MODE"))  # (after the engine's Ray stopped)
 """
 
 
@@ -390,18 +395,23 @@ with make_engine(cfg, log=lambda msg: None) as engine:
 def test_embedded_ray_fit_starts_no_preemption_watcher(tmp_path, user_value):
     """On the engine's own Ray (one node: this machine) Ray Train starts no preemption
     watcher, whose start-up competed with the first layer for the CPUs; a user who sets
-    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER keeps their choice."""
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER keeps their choice. The RAY_AUTH_MODE the embedded
+    Ray set is taken back as it stops (a later attach in the process was refused by a
+    token cluster); one the user set stays."""
     if user_value == "1" and importlib.util.find_spec(
             "ray.train.v2._internal.callbacks.preemption_callback") is None:
         pytest.skip("this Ray's Train has no preemption watcher")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_AUTH_MODE")}
     if user_value is not None:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = user_value
+        env["RAY_AUTH_MODE"] = "disabled"
     out = subprocess.run([sys.executable, "-c", _TRAIN_ACTORS_PROBE, str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
-    actors = out.stdout.strip().splitlines()[-1]
+    actors, auth = out.stdout.strip().splitlines()[-2:]
     assert "TrainController" in actors, out.stderr[-2000:]  # the fit ran on Ray Train
     assert ("PreemptionWatcher" in actors) == (user_value == "1"), actors
+    assert auth == ("None" if user_value is None else "disabled")
 
 
 def test_ray_settings_it_cannot_start_or_fit_with_are_one_line_errors(tmp_path):

@@ -213,13 +213,17 @@ BARELY_LEARNED = 0.9  # a learned quantizer's relative error from which it is sa
 FEW_CODES = 0.1  # a share of the codes a layer could use, under which it is said
 
 
-def quality_warnings(metrics: dict[str, Any], items: int, *, learned: bool) -> list[str]:
+def quality_warnings(metrics: dict[str, Any], items: int, *, learned: bool,
+                     reused: bool = False) -> list[str]:
     """What the build's log says of figures that show the codebooks hardly code the items:
     a layer using under `FEW_CODES` of the codes it could (its size, or the items where
     fewer; from 10 on), a collapsed codebook, and a `learned` quantizer whose relative error
     is `BARELY_LEARNED` or more (zero vectors give 1.0: too few optimizer steps, or a
-    learning rate too low)."""
-    fix = "a lower quantizer.lr, or a smaller layer" if learned else "a smaller layer"
+    learning rate too low). `reused`: the codebooks are a version's (encode.from_version),
+    which only a new fit changes."""
+    refit = "refit the codebooks (a build without encode.from_version)"
+    fix = (refit if reused else "a lower quantizer.lr, or a smaller layer" if learned
+           else "a smaller layer")
     out = [f"layer {i} uses {layer['used']} of its {layer['size']} codes for {items} items: "
            f"its codebook collapsed ({fix})"
            for i, layer in enumerate(metrics["layers"])
@@ -227,8 +231,9 @@ def quality_warnings(metrics: dict[str, Any], items: int, *, learned: bool) -> l
            and layer["used"] < FEW_CODES * min(layer["size"], items)]
     rel = metrics["reconstruction"]["relative_error"]
     if learned and rel >= BARELY_LEARNED:
+        train = ("train it longer (quantizer.epochs, a smaller quantizer.batch_size) or with "
+                 "a higher quantizer.lr")
         out.append(f"relative error {rel:.3f}: the learned quantizer reconstructs the items "
-                   "hardly better than zero vectors would (1.0); train it longer "
-                   "(quantizer.epochs, a smaller quantizer.batch_size) or with a higher "
-                   "quantizer.lr")
+                   f"hardly better than zero vectors would (1.0); "
+                   f"{f'{refit}: {train}' if reused else train}")
     return out

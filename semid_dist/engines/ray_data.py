@@ -20,7 +20,13 @@ import numpy as np
 
 from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
-from semid_dist.engines.ray_session import fit_cpus, quiet_datasets, ray_init, too_few_cpus
+from semid_dist.engines.ray_session import (
+    fit_cpus,
+    quiet_datasets,
+    ray_init,
+    ray_shutdown,
+    too_few_cpus,
+)
 from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, SemidError, wrapped_errors
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
@@ -236,11 +242,9 @@ class RayEngine:
 
     def close(self) -> None:
         if self._started:
-            import ray
-
             if self._warm is not None:  # Ray is not shut down under a running warm-up
                 self._warm.join(timeout=60)
-            ray.shutdown()
+            ray_shutdown()
             self._started = False
 
     def warm_up(self) -> None:

@@ -25,14 +25,31 @@ WORKER_SETUP = "semid_dist.engines.ray_worker_setup.set_up_worker"
 WORKER_SETUP_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
+AUTH_MODE = "RAY_AUTH_MODE"
+_auth_mode_set = False  # whether this process's RAY_AUTH_MODE is the embedded Ray's
+
+
 def ray_init(cfg: BuildConfig) -> bool:
-    """Connect to / start Ray. Returns True when this call started it (so it must stop it)."""
+    """Connect to / start Ray. Returns True when this call started it (so it must stop it:
+    `ray_shutdown`)."""
     import ray
 
     if ray.is_initialized():
         return False
     with _sigterm_kept():
         return _ray_init(cfg, ray)
+
+
+def ray_shutdown() -> None:
+    """Stop the Ray `ray_init` started, and take back the RAY_AUTH_MODE the embedded one
+    set (a later build in this process attaching to a cluster leaves it to Ray)."""
+    import ray
+
+    global _auth_mode_set
+    ray.shutdown()
+    if _auth_mode_set:
+        os.environ.pop(AUTH_MODE, None)
+        _auth_mode_set = False
 
 
 @contextlib.contextmanager
@@ -71,7 +88,9 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
     else:
         # this process's own Ray asks no token of it (a cluster's is left to Ray: a token
         # in ~/.ray, where `ray start` enables token authentication, is used)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        global _auth_mode_set
+        if AUTH_MODE not in os.environ:
+            os.environ[AUTH_MODE], _auth_mode_set = "disabled", True
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
         # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
@@ -182,12 +201,15 @@ def _connect_error(address: str, exc: BaseException) -> str:
     named = f"RAY_ADDRESS={env}" if env and address == "auto" else f"ray.address={address}"
     text = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
     if "AuthenticationError" in text or "InvalidAuthToken" in text:
-        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        mode = os.environ.get(AUTH_MODE)
+        fix = ("give this driver the cluster's token (RAY_AUTH_TOKEN, or the file "
+               "~/.ray/auth_token on the cluster's head)" if mode is None else
+               f"run with {AUTH_MODE} unset or token and the cluster's token (RAY_AUTH_TOKEN "
+               "or ~/.ray/auth_token)")
         return (f"{named}: the Ray cluster refused this driver's authentication "
-                f"(RAY_AUTH_MODE={mode}; a cluster `ray start` started asks for the token it "
-                "wrote to ~/.ray/auth_token); run with RAY_AUTH_MODE unset or token and "
-                "that token (RAY_AUTH_TOKEN or ~/.ray/auth_token), or start the cluster with "
-                "RAY_AUTH_MODE=disabled")
+                f"({AUTH_MODE}={mode or 'unset'}; a cluster `ray start` started asks for the "
+                f"token it wrote to ~/.ray/auth_token); {fix}, or start the cluster with "
+                f"{AUTH_MODE}=disabled")
     head, _, stack = text.partition("Traceback (most recent call last):")
     last = [line.strip() for line in stack.splitlines() if line.strip()][-1:]
     why = one_line(Exception(" ".join([head.strip(), *last]))).rstrip(":")

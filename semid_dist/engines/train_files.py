@@ -77,16 +77,18 @@ def relayed_progress(out: str, log: Callable[[str], None]) -> Iterator[None]:
     def run() -> None:
         while not stop.wait(RELAY_S):
             relay()
+        relay()  # (the lines written since its last look)
 
     thread = threading.Thread(target=run, name="semid-fit-progress", daemon=True)
     thread.start()
     try:
         yield
-    finally:
+    except BaseException:  # (a stopped or failed fit: its last lines are not waited for)
         stop.set()
-        thread.join(timeout=10)
-    if not thread.is_alive():  # (one still in a slow read says its lines itself)
-        relay()
+        thread.join(timeout=1)
+        raise
+    stop.set()
+    thread.join(timeout=10)
 
 
 @contextlib.contextmanager
@@ -108,9 +110,10 @@ def named_error_to(out: str, rank: int) -> Iterator[None]:
 def raise_named_error(out: str) -> None:
     """The named error `named_error_to` wrote beside `out`, if any, raised here."""
     fs, path = fsio.resolve(out)
-    if not fs.exists(path + ERROR_SUFFIX):
+    try:  # (a read, not `exists`: an object store's listing cache may not hold it yet)
+        body = json.loads(fs.cat_file(path + ERROR_SUFFIX))
+    except FileNotFoundError:
         return
-    body = json.loads(fs.cat_file(path + ERROR_SUFFIX))
     message = str(body.get("message", "the fit failed"))
     kind = getattr(errors, str(body.get("error")), None)
     if not (isinstance(kind, type) and issubclass(kind, SemidError)):

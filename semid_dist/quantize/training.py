@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from semid_dist.errors import FitDiverged
+from semid_dist.quantize import divergence
 
 Progress = Callable[[str], None]
 Wrap = Callable[[nn.Module], nn.Module]
@@ -245,7 +245,7 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
                 idle[layer][:rows] = 0  # anchors are never restarted
             acc.restarts += np.array(model.after_step(fwd, idle, sync, gen, window=window))
         record = acc.record(epoch, sync)
-        check_diverged(record, params, bound, last=epoch == params.epochs - 1)
+        divergence.check_diverged(record, params, bound, last=epoch == params.epochs - 1)
         history.append(record)
         if progress is not None:
             progress(_epoch_line(record))
@@ -260,58 +260,17 @@ def train(model: nn.Module, x: np.ndarray, params: LearnedParams, *, sync: Sync 
 def _shard(model: nn.Module, x: np.ndarray, params: LearnedParams, sync: Sync, device: str,
            ) -> tuple[torch.Tensor, int, int, dict[str, float]]:
     """(this worker's rows as a tensor, the rows of all workers, the steps of an epoch, the
-    errors a diverged fit is measured against: `check_diverged`'s `bound`). The steps:
+    errors a diverged fit is measured against: `divergence.bound`). The steps:
     ceil(n_total / batch_size), at most the smallest shard's rows (a worker out of steps
-    before the others left DDP's collectives out of lock step: a gloo abort). The model is
-    the untrained one (before a checkpoint's weights are loaded), so a resumed fit measures
-    against what an uninterrupted one does."""
+    before the others left DDP's collectives out of lock step: a gloo abort)."""
     n_total = int(sync.all_reduce(torch.tensor([float(len(x))], dtype=torch.float64))[0])
     fewest = int(sync.all_min(torch.tensor([len(x)], dtype=torch.int64))[0])
     steps = max(1, min(math.ceil(n_total / params.batch_size), fewest))
     with warnings.catch_warnings():  # (a sample from Ray's object store is read-only; the
-        warnings.simplefilter("ignore", UserWarning)  # loop only reads it: no copy)
+        warnings.filterwarnings(  # loop only reads it: no copy)
+            "ignore", message="The given NumPy array is not writable", category=UserWarning)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    head = xt[:UNTRAINED_ROWS]
-    model.eval()
-    with torch.no_grad():
-        untrained = float(model(head.to(device)).recon.sum()) if len(head) else 0.0
-    sums = sync.all_reduce(torch.tensor([_sum_sq(x), untrained, float(len(head))],
-                                        dtype=torch.float64))
-    return xt, n_total, steps, {"items": float(sums[0]) / max(n_total, 1),
-                                "untrained": float(sums[1]) / max(float(sums[2]), 1.0)}
-
-
-UNTRAINED_ROWS = 8192  # per worker: the rows the untrained model's error is measured on
-
-
-def _sum_sq(x: np.ndarray, rows: int = 65536) -> float:
-    """Sum of squares of x's entries, in float64, a block of rows at a time."""
-    return sum(float(np.einsum("ij,ij->", b, b, dtype=np.float64))
-               for b in (x[i:i + rows] for i in range(0, len(x), rows)))
-
-
-DIVERGED_RATIO = 10.0  # a reconstruction error this many times the worse of `bound`'s
-
-
-def check_diverged(record: dict[str, Any], params: LearnedParams, bound: dict[str, float], *,
-                   last: bool) -> None:
-    """FitDiverged where an epoch's loss or reconstruction error is not finite, or the
-    last epoch's reconstruction error is over `DIVERGED_RATIO` times both the items' mean
-    squared norm (`bound["items"]`: zero vectors' error) and the untrained model's error
-    (`bound["untrained"]`: a decoder's first outputs can dwarf embeddings of small norm):
-    a learning rate too high for the data, or embeddings whose squares overflow float32.
-    Its figures are all-reduced, so every worker stops at the same epoch."""
-    loss, recon = record["loss"], record["reconstruction"]
-    finite = math.isfinite(loss) and math.isfinite(recon)
-    worst = max(bound["items"], bound["untrained"])
-    if finite and not (last and recon > DIVERGED_RATIO * worst):
-        return
-    ratio = (f", {recon / bound['items']:.3g} times the items' mean squared norm"
-             if finite and bound["items"] > 0 else "")
-    raise FitDiverged(f"the fit diverged (epoch {record['epoch']}: loss {loss:.4g}, "
-                      f"reconstruction error {recon:.4g}{ratio}); lower quantizer.lr (now "
-                      f"{params.lr:g}), or scale the embeddings down (items' mean squared "
-                      f"norm {bound['items']:.4g})")
+    return xt, n_total, steps, divergence.bound(model, x, xt, n_total, sync, device)
 
 
 def _start_state(model: nn.Module, params: LearnedParams, resume: TrainState | None,
