@@ -68,7 +68,7 @@ def _manifests(store: TableStore, names: list[str]) -> dict[str, dict[str, Any] 
     """{id: manifest} of the committed ones of `names` (None: unreadable or not a mapping)."""
     out: dict[str, dict[str, Any] | None] = {}
     for vid in names:
-        if store.fs.exists(fsio.join(store.version_dir(vid), MANIFEST)):
+        if store.is_committed(vid):
             try:
                 body = json.loads(store.read_bytes(vid, MANIFEST))
                 out[vid] = body if isinstance(body, dict) else None

@@ -324,8 +324,7 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     """`semid versions diff --from V1 --to V2`: share of items whose SID changed (--to
     defaults to latest, --from to the parent of --to)."""
     from semid_dist.diff import version_drift
-    from semid_dist.io import fs as fsio
-    from semid_dist.io.store import MANIFEST, removed_while_read
+    from semid_dist.io.store import removed_while_read
     from semid_dist.summary import format_drift
 
     to = store.resolve(args.to_version)
@@ -333,8 +332,7 @@ def cmd_versions_diff(args: argparse.Namespace, store: TableStore) -> int:
     if src is None:
         raise StoreError(f"version {to} has no parent; name the version to compare with: "
                          "--from VERSION")
-    if args.from_version is None and not store.fs.exists(
-            fsio.join(store.version_dir(src), MANIFEST)):
+    if args.from_version is None and not store.is_committed(src):
         raise StoreError(f"the parent of version {to}, {src} (the default --from), is no "
                          "longer in the table (removed by semid versions gc, or by hand); "
                          "name the version to compare with: --from VERSION")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.locks import lock_line
-from semid_dist.io.store import MANIFEST, RUN_FILE, STAGING, TableStore, new_version_id
+from semid_dist.io.store import RUN_FILE, STAGING, TableStore, new_version_id
 
 if TYPE_CHECKING:
     from semid_dist.config import BuildConfig
@@ -211,7 +211,7 @@ def _first_parent(store: TableStore, vid: str, parent: str | None,
     first = run.get("parent", parent)
     if first == parent or not (first is None or isinstance(first, str)):
         return parent
-    if first is None or store.fs.exists(fsio.join(store.version_dir(first), MANIFEST)):
+    if first is None or store.is_committed(first):
         if log is not None:
             log(f"plan: version {vid} keeps the parent its first run started from, "
                 f"{first or 'none'} (committed since: {parent})")

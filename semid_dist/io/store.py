@@ -173,16 +173,19 @@ class TableStore:
                              f"(newest committed: {known}; `semid versions list` lists them)")
         return named
 
+    def is_committed(self, version_id: str) -> bool:
+        """Whether the version has its manifest (is committed); one question to the store."""
+        return self.fs.exists(fsio.join(self.version_dir(version_id), MANIFEST))
+
     def versions(self) -> list[str]:
         """Committed versions (those with a manifest), oldest first."""
-        return [v for v in self.version_dirs()
-                if self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
+        return [v for v in self.version_dirs() if self.is_committed(v)]
 
     def uncommitted(self) -> list[str]:
         """Version directories without a manifest (a build running, failed or killed),
         oldest first; invisible to readers."""
         return [v for v in self.version_dirs()
-                if not self.fs.exists(fsio.join(self.version_dir(v), MANIFEST))]
+                if not self.is_committed(v)]
 
     def resolve(self, version: str | None, *, head: str | None = None) -> str:
         """'latest' / None / an id -> a committed version id, or StoreError. `head`: what

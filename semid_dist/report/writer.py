@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from semid_dist.errors import StoreError, one_line
 from semid_dist.io import fs as fsio
-from semid_dist.io.store import MANIFEST, FileEntry, TableStore, removed_while_read
+from semid_dist.io.store import FileEntry, TableStore, removed_while_read
 from semid_dist.report import figures as F
 from semid_dist.report.html import Figure, render, residual_note
 from semid_dist.summary import METRICS_FORM_ERRORS, other_form
@@ -216,7 +216,7 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
             "no report); a committed version's files are not rewritten: give --out DIR to "
             "write this render to a folder of its own")
     missing = [rel for rel, data in files.items() if not _holds(store, version_id, rel, data)]
-    if missing and not store.fs.exists(fsio.join(store.version_dir(version_id), MANIFEST)):
+    if missing and not store.is_committed(version_id):
         raise removed_while_read(version_id)  # (restoring would bring back its folder)
     with _writing(version_id, f"{store.display_url(version_id)}/{REPORT_DIR}", "run semid "
                   "report where the table can be written, or give --out a folder of its own"):
