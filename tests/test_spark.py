@@ -828,7 +828,7 @@ def test_a_session_whose_driver_jvm_is_gone_stops_and_a_new_one_starts():
     Python starts a new JVM and runs; a live session stops as before."""
     pytest.importorskip("pyspark")
     script = """
-import json, warnings
+import gc, json, time, warnings
 warnings.simplefilter("error")
 from pyspark import SparkContext
 from pyspark.sql import SparkSession
@@ -839,10 +839,18 @@ def start():
             .getOrCreate())
 
 spark = start()
+# py4j's finalizer thread deletes the JVM's objects that Python dropped; a delete in flight
+# as the JVM is killed makes py4j log the reset itself: none queued or freed from the kill
+gc.collect()
+gc.disable()
+while SparkContext._gateway._gateway_client.finalizer_deque:
+    time.sleep(0.05)
+time.sleep(0.5)
 jvm = SparkContext._gateway.proc
 jvm.kill()
 jvm.wait()
 gone = stop_session(spark)
+gc.enable()
 again = start()
 print(json.dumps({"gone_stopped": gone, "count": again.range(3).count(),
                   "new_jvm": SparkContext._gateway.proc.pid != jvm.pid,
