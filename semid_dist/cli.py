@@ -253,7 +253,7 @@ def cmd_versions_list(args: argparse.Namespace, store: TableStore) -> int:
     try:
         latest = store.head()
     except SemidError as exc:
-        print(f"semid versions: warning: {exc}", file=sys.stderr)
+        print(f"semid versions list: warning: {exc}", file=sys.stderr)
         latest = None
     rows = []
     for vid in store.versions():
@@ -305,7 +305,7 @@ def cmd_versions_gc(args: argparse.Namespace, store: TableStore) -> int:
 
     if args.keep is None or args.keep < 0:
         given = "" if args.keep is None else f", not {args.keep}"
-        raise ConfigError(f"semid versions gc needs --keep N{given} (N >= 0: how many of the "
+        raise ConfigError(f"needs --keep N{given} (N >= 0: how many of the "
                           "newest committed versions to keep; _latest's version is always "
                           "kept too)")
     if math.isnan(args.min_age_hours) or args.min_age_hours < 0:
@@ -465,7 +465,9 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     commits = args.command in ("build", "encode")  # (a line "nothing was committed" fits)
-    return _run(f"semid {args.command}", lambda: args.func(args), exiting=exiting,
+    action = getattr(args, "action", None)  # (`semid versions gc: error: ...`)
+    name = f"semid {args.command}" + (f" {action}" if action else "")
+    return _run(name, lambda: args.func(args), exiting=exiting,
                 committed=(lambda: getattr(args, "committed", None)) if commits else None,
                 table=args.command not in ("bench", "validate"))
 

@@ -333,7 +333,7 @@ def test_a_command_that_commits_nothing_says_no_word_of_a_commit_when_stopped(
     monkeypatch.setattr(cli, "cmd_versions_list", stopped)
     (tmp_path / "sids").mkdir()
     assert cli.main(["versions", "list", "--root", str(tmp_path), "--table", "sids"]) == 130
-    assert capsys.readouterr().err.strip() == "semid versions: interrupted"
+    assert capsys.readouterr().err.strip() == "semid versions list: interrupted"
 
 
 def test_an_object_store_without_credentials_is_one_line(tmp_path):
@@ -427,12 +427,13 @@ def test_versions_of_a_table_that_is_not_there_is_a_named_error(tmp_path):
     """A mistyped --root or --table: an error, not an empty list (or an empty gc), nor (for
     `semid report`) advice to build a first version."""
     for command in (["versions", "list"], ["versions", "gc", "--keep", "1"], ["report"]):
+        name = " ".join(command[:2] if command[0] == "versions" else command[:1])
         line = named_error(semid(*command, "--root", str(tmp_path), "--table", "sids"))
-        assert line == (f"semid {command[0]}: error: no table at {tmp_path}/sids: "
+        assert line == (f"semid {name}: error: no table at {tmp_path}/sids: "
                         "check --root and --table"), line
         # a root that is not there either (a bucket that does not exist: said as such)
         line = named_error(semid(*command, "--root", str(tmp_path / "nope"), "--table", "sids"))
-        assert line == (f"semid {command[0]}: error: no table at {tmp_path / 'nope'}/sids "
+        assert line == (f"semid {name}: error: no table at {tmp_path / 'nope'}/sids "
                         f"(nothing is found at --root {tmp_path / 'nope'} either: a bucket or "
                         "folder that does not exist, or one this user may not list): check "
                         "--root and --table"), line

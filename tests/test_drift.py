@@ -255,7 +255,7 @@ def test_build_records_drift_against_its_parent(small_catalog, tmp_path, capsys)
     store.gc(1)  # the default --from, the parent, gone: said so (it named an id not given)
     assert main(args) == 2
     assert capsys.readouterr().err == (
-        f"semid versions: error: the parent of version {other.version_id}, {same.version_id} "
+        f"semid versions diff: error: the parent of version {other.version_id}, {same.version_id} "
         "(the default --from), is no longer in the table (removed by semid versions gc, or by "
         "hand); "
         "name the version to compare with: --from VERSION\n")

@@ -198,7 +198,7 @@ def test_cli_gc_and_errors(tmp_path, capsys):
     assert "--keep N" in err and err.count("\n") == 1
     assert main([*args, "--keep", "-1"]) == 2
     assert capsys.readouterr().err.startswith(
-        "semid versions: error: semid versions gc needs --keep N, not -1 (N >= 0: ")
+        "semid versions gc: error: needs --keep N, not -1 (N >= 0: ")
 
 
 def test_gc_with_latest_missing_keeps_the_newest_and_with_latest_damaged_deletes_nothing(root):
@@ -428,5 +428,5 @@ def test_a_diff_whose_version_gc_removes_meanwhile_says_so(small_catalog, tmp_pa
     monkeypatch.setattr(diff, "drift_bucket", gc_first)
     assert main(["versions", "diff", "--root", root, "--table", "sids"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"semid versions: error: version {parent} was removed while it was read (by `semid "
+        f"semid versions diff: error: version {parent} was removed while it was read (by `semid "
         "versions gc`?); run the command again")

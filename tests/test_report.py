@@ -369,7 +369,7 @@ def test_cli_report_names_a_metrics_file_of_another_form(copied, capsys, tmp_pat
     show = ["versions", "show", "--root", store.root, "--table", "sids"]  # (it was a traceback)
     assert main(show) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"semid versions: error: version {vid}'s metrics.json is not in the "
+    assert err.startswith(f"semid versions show: error: version {vid}'s metrics.json is not in the "
                           "form this semid_dist reads (")
     assert err.endswith("): it was edited, or written by another release; --json prints it "
                         "as it is") and len(err.splitlines()) == 1

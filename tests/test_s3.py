@@ -355,7 +355,7 @@ def test_an_object_store_that_does_not_answer_is_one_line(bucket, tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert run.stderr.strip().splitlines()[-1].startswith(
-        "semid versions: error: the storage does not answer (EndpointConnectionError: ")
+        "semid versions list: error: the storage does not answer (EndpointConnectionError: ")
     assert "committed" not in run.stderr
     held.close()
 
@@ -377,8 +377,9 @@ def test_an_option_the_s3_client_does_not_take_is_one_line(s3, bucket, tmp_path)
                              timeout=300)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
         last = run.stderr.strip().splitlines()[-1]
+        name = " ".join(command[:2] if command[0] == "versions" else command[:1])
         assert re.fullmatch(
-            rf"semid {command[0]}: error: the s3:// file system does not take the option "
+            rf"semid {name}: error: the s3:// file system does not take the option "
             r"'retries' that fsspec's configuration gives it \(TypeError: .*'retries'\); remove "
             r"it from FSSPEC_S3 \(or FSSPEC_S3_RETRIES\), or the files in FSSPEC_CONFIG_DIR; "
             r"botocore's settings go under \"config_kwargs\", as in \{.*\}"

@@ -167,12 +167,13 @@ def test_a_table_this_user_may_not_read_is_an_error_not_an_empty_table(small_cat
         locked.chmod(0)
         try:
             for command in (["versions", "list"], ["versions", "show"], ["report"]):
+                name = " ".join(command[:2] if command[0] == "versions" else command[:1])
                 run = subprocess.run(
                     [*drop, sys.executable, "-m", "semid_dist.cli", *command, "--root", root,
                      "--table", "sids"], capture_output=True, text=True, cwd=REPO, timeout=120)
                 assert run.returncode == 2, (command, run.stdout, run.stderr[-2000:])
                 assert run.stderr.strip().splitlines() == [
-                    f"semid {command[0]}: error: [Errno 13] Permission denied: '{locked}': "
+                    f"semid {name}: error: [Errno 13] Permission denied: '{locked}': "
                     "give this user (or these credentials) access to it"], command
         finally:
             locked.chmod(0o755)

@@ -217,7 +217,7 @@ def quality_warnings(metrics: dict[str, Any], items: int, *, learned: bool,
                      reused: bool = False) -> list[str]:
     """What the build's log says of figures that show the codebooks hardly code the items:
     a layer using under `FEW_CODES` of the codes it could (its size, or the items where
-    fewer; from 10 on), a collapsed codebook, and a `learned` quantizer whose relative error
+    fewer; from 10 on): its codebook collapsed; and a `learned` quantizer whose relative error
     is `BARELY_LEARNED` or more (zero vectors give 1.0: too few optimizer steps, or a
     learning rate too low). `reused`: the codebooks are a version's (encode.from_version),
     which only a new fit changes."""

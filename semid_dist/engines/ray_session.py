@@ -212,7 +212,7 @@ def _connect_error(address: str, exc: BaseException) -> str:
                 f"{AUTH_MODE}=disabled")
     head, _, stack = text.partition("Traceback (most recent call last):")
     last = [line.strip() for line in stack.splitlines() if line.strip()][-1:]
-    why = one_line(Exception(" ".join([head.strip(), *last]))).rstrip(":")
+    why = " ".join(" ".join([head, *last]).split()).rstrip(":") or type(exc).__name__
     return (f"{named}: could not connect to a Ray cluster from this machine ({why}); start "
             "one (`ray start --head`) or submit the job to a running one (`ray job submit`), "
             "or leave ray.address (and RAY_ADDRESS) unset to run on an embedded local Ray")

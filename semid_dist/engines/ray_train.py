@@ -260,7 +260,6 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     Lloyd from them instead of k-means++). acrq: the sample's head / tail split
     (`semid_dist.quantize.acrq.AcrqSample`) for quantizer.method=acrq; every worker takes
     its stride of both, and checkpoints count the 2L layers of the two stages."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     fit = cfg.fit
@@ -268,20 +267,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     _check_rows_per_worker(sample, fit.num_workers, acrq, learned=learned)
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
     train_files.clear(out)  # (an earlier run's, of this version)
-    loop_config = {
-        "sample": ray.put(sample), "init_points": ray.put(init_points),
-        "init_centroids": ray.put(init_centroids), "acrq": ray.put(acrq),
-        "anchors": list(cfg.anchor_sizes),
-        "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
-        "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": fit.use_gpu,
-        "threads": max(1, int(fit.cpus_per_worker)), "out": out,
-        "huge_pages": cfg.encode.huge_pages,
-        "fault_env": {k: v for k, v in os.environ.items() if k in (FAULT_ENV, MARKER_ENV)},
-    }
-    if learned:
-        from semid_dist.engines.local import learned_config
-
-        loop_config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
+    loop_config = _loop_config(sample, init_points, cfg, out, init_centroids, acrq)
     # (a fit stopped by a Ctrl-C is aborted before the folder goes: `_fit`)
     with tempfile.TemporaryDirectory(prefix="semid-fit-", ignore_cleanup_errors=True) as tmp:
         trainer = _trainer_class()(
@@ -301,6 +287,29 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     fitted, stats = _fit_output(out, cfg, log)
     log(f"fit: done on Ray Train, {len(stats)} layers")  # (what comes after the fit)
     return fitted, stats
+
+
+def _loop_config(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig, out: str,
+                 init_centroids: list[np.ndarray] | None, acrq: Any) -> dict[str, Any]:
+    """What every Ray Train worker's loop is given: the sample and its starting points in
+    Ray's object store, the fit's settings, `out` (where rank 0 writes)."""
+    import ray
+
+    config = {
+        "sample": ray.put(sample), "init_points": ray.put(init_points),
+        "init_centroids": ray.put(init_centroids), "acrq": ray.put(acrq),
+        "anchors": list(cfg.anchor_sizes),
+        "layers": list(cfg.quantizer.layers), "niter": cfg.quantizer.niter,
+        "seed": cfg.seed, "chunk_rows": cfg.encode.chunk_rows, "use_gpu": cfg.fit.use_gpu,
+        "threads": max(1, int(cfg.fit.cpus_per_worker)), "out": out,
+        "huge_pages": cfg.encode.huge_pages,
+        "fault_env": {k: v for k, v in os.environ.items() if k in (FAULT_ENV, MARKER_ENV)},
+    }
+    if cfg.learned:
+        from semid_dist.engines.local import learned_config
+
+        config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
+    return config
 
 
 def _check_rows_per_worker(sample: np.ndarray, workers: int, acrq: Any, *,
