@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semid_dist import shuffle
-from semid_dist.codes.drift import bucket_count, drift_figures, merge_drift
+from semid_dist.codes.drift import bucket_count, check_id_types, drift_figures, merge_drift
 from semid_dist.errors import StoreError
 from semid_dist.io import fs as fsio
 from semid_dist.io.store import STAGING, FileEntry, TableStore
@@ -75,6 +75,9 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     if not old_parts or not new_parts:
         raise StoreError(f"cannot compare {src} and {dst} of {store.url}: one of them has no "
                          "data parts")
+    # (before either version is read: a build of another catalog's ids)
+    check_id_types(_schema(store, old_parts[0][0]).field("item_id").type,
+                   _schema(store, new_parts[0][0]).field("item_id").type)
     n = buckets or bucket_count(sum(r for _, r in old_parts + new_parts))
     mapper = engine or InProcess()
     if n == 1:
@@ -93,9 +96,14 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
 def _code_layers(store: TableStore, path: str) -> int | None:
     """The number of code layers of a version, from one data part's schema (None when its
     codes are plain lists, whose length a schema does not give)."""
-    with store.fs.open(path, "rb") as f, fsio.damaged_parquet(path):
-        codes = pq.ParquetFile(f).schema_arrow.field("codes").type
+    codes = _schema(store, path).field("codes").type
     return codes.list_size if pa.types.is_fixed_size_list(codes) else None
+
+
+def _schema(store: TableStore, path: str) -> pa.Schema:
+    """A data part's Arrow schema (from its footer)."""
+    with store.fs.open(path, "rb") as f, fsio.damaged_parquet(path):
+        return pq.ParquetFile(f).schema_arrow
 
 
 @contextlib.contextmanager

@@ -26,7 +26,13 @@ from semid_dist.codes.collisions import (
     key_range_bounds,
     needs_suffixes,
 )
-from semid_dist.codes.metrics import QUANTILES, collision_stats, finalize_metrics, gini
+from semid_dist.codes.metrics import (
+    QUANTILES,
+    collision_stats,
+    finalize_metrics,
+    gini,
+    preference_discrimination,
+)
 from semid_dist.codes.partials import (
     COUNT_SPAN,
     Partial,
@@ -341,6 +347,23 @@ def test_preference_discrimination_cluster_cap_is_deterministic_and_bounded():
     full = finalize_metrics(p, SIZES, quality_depth=2, pd_max_clusters=len(p.q_keys))
     want = brute_metrics(codes, x, sq, SIZES, depth=2)["quality"]["preference_discrimination"]
     assert full["quality"]["preference_discrimination"] == pytest.approx(want, rel=1e-6)
+
+
+def test_preference_discrimination_of_a_large_t_is_its_value_not_an_error():
+    """A t at which every pair's exp(-t (1 - cos)) is under float64's range (1e6, the
+    largest allowed): the mean's logarithm all the same, from the terms shifted by the
+    largest (it was log(0): a math domain error after the whole encode); a t whose terms
+    are in range gives the same value as before, the formula written out."""
+    rng = np.random.default_rng(5)
+    sums = rng.normal(size=(40, 6))
+    u = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    i, j = np.triu_indices(len(u), k=1)
+    for t in (2.0, 1e6):
+        x = -t * (1.0 - (u[i] * u[j]).sum(axis=1))
+        top = x.max()
+        want = top + math.log(np.exp(x - top).mean())
+        got = preference_discrimination(sums, t=t, max_clusters=100, seed=0)
+        assert got == pytest.approx(want, rel=1e-9)
 
 
 def test_zero_embeddings_do_not_distort_semantic_cohesion():

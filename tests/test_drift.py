@@ -473,3 +473,20 @@ def test_a_re_index_with_another_embedding_dimension_says_so(tmp_path):
     build(small_config(write_catalog(tmp_path / "c", clustered(1200, 8, seed=7)), root),
           log=lines.append)
     assert not [line for line in lines if "-dim embeddings" in line], lines
+
+
+def test_a_diff_of_versions_whose_ids_cannot_be_matched_is_one_line(tmp_path):
+    """Versions of integer and of string ids: one line and status 2, said from the parts'
+    schemas before either version is read (it read both, then failed)."""
+    rng = np.random.default_rng(4)
+    store = TableStore(str(tmp_path / "root"), "sids")
+    ints = random_version(rng, np.arange(3000), (16, 16, 8))
+    v1 = commit_parts(store, [ints.slice(0, 1500), ints.slice(1500)])
+    strings = ints.set_column(0, "item_id", pa.array([f"i{i}" for i in range(3000)]))
+    commit_parts(store, [strings], parent=v1)
+    run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "versions", "diff",
+                          "--root", store.root, "--table", "sids"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr.splitlines()) == (2, [
+        "semid versions diff: error: item ids of type int64 and string cannot be matched; "
+        "drift compares versions built from the same catalog"])

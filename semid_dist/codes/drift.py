@@ -151,6 +151,16 @@ def empty_drift(layers: int) -> dict[str, Any]:
             "layer_changed": [0] * layers}
 
 
+def check_id_types(old: pa.DataType, new: pa.DataType) -> None:
+    """Raise unless item ids of these types can be joined: the same type, integers of any
+    width, or strings of either width."""
+    if old == new or (pa.types.is_integer(old) and pa.types.is_integer(new)) or (
+            _is_text(old) and _is_text(new)):
+        return
+    raise StoreError(f"item ids of type {old} and {new} cannot be matched; drift compares "
+                     "versions built from the same catalog")
+
+
 def drift_counts(old: pa.Table, new: pa.Table) -> dict[str, Any]:
     """Join two versions' rows (of one id bucket) on item id and count the changes.
 
@@ -163,14 +173,9 @@ def drift_counts(old: pa.Table, new: pa.Table) -> dict[str, Any]:
     """
     ids_old, ids_new = old.column("item_id"), new.column("item_id")
     if ids_old.type != ids_new.type:
-        if pa.types.is_integer(ids_old.type) and pa.types.is_integer(ids_new.type):
-            ids_old, ids_new = pc.cast(ids_old, pa.int64()), pc.cast(ids_new, pa.int64())
-        elif _is_text(ids_old.type) and _is_text(ids_new.type):
-            ids_old, ids_new = pc.cast(ids_old, pa.large_string()), pc.cast(ids_new,
-                                                                            pa.large_string())
-        else:
-            raise StoreError(f"item ids of type {ids_old.type} and {ids_new.type} cannot be "
-                             "matched; drift compares versions built from the same catalog")
+        check_id_types(ids_old.type, ids_new.type)
+        common = pa.int64() if pa.types.is_integer(ids_old.type) else pa.large_string()
+        ids_old, ids_new = pc.cast(ids_old, common), pc.cast(ids_new, common)
     left = pa.table({"item_id": ids_old, "_from": pa.array(np.arange(old.num_rows))})
     right = pa.table({"item_id": ids_new, "_to": pa.array(np.arange(new.num_rows))})
     pairs = left.join(right, "item_id", join_type="inner", use_threads=False)

@@ -14,6 +14,7 @@ discrimination (eq. 10) is log of the mean over cluster pairs of exp(-t (1 - cos
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -110,19 +111,40 @@ def preference_discrimination(q_sums: np.ndarray, *, t: float, max_clusters: int
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_clusters, replace=False))
     u = q_sums[keep] / norms[keep, None]
     m = len(u)
-    total = 0.0
-    for start in range(0, m, 1024):
-        # exp(-t (1 - cos)) in place in the block of rows start.. and the columns from start
-        # on (the pairs above the diagonal lie there): one block, not four temporaries (at
-        # most 32 MiB at 4,096 clusters), half the products and exponentials of whole rows;
-        # the same values as the formula written out
+    total = _pair_exp_sum(u, t, shift=0.0)
+    if total == 0.0:  # every term under float64's range (a large t): summed shifted by the
+        # largest exponent, which is then added back to the log
+        shift = _largest_pair_exponent(u, t)
+        return float(shift + math.log(_pair_exp_sum(u, t, shift=shift) / (m * (m - 1) / 2)))
+    return float(math.log(total / (m * (m - 1) / 2)))
+
+
+def _pair_blocks(u: np.ndarray, t: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """-t (1 - cos) of the pairs above the diagonal, a block of rows at a time: the block
+    of rows start.. and the columns from start on (where those pairs lie), with the mask of
+    the pairs in it; one block, not four temporaries (at most 32 MiB at 4,096 clusters),
+    half the products of whole rows."""
+    for start in range(0, len(u), 1024):
         sim = u[start:start + 1024] @ u[start:].T
         sim -= 1.0
         sim *= t
-        np.exp(sim, out=sim)
-        upper = np.arange(sim.shape[1])[None, :] > np.arange(len(sim))[:, None]
+        yield sim, np.arange(sim.shape[1])[None, :] > np.arange(len(sim))[:, None]
+
+
+def _pair_exp_sum(u: np.ndarray, t: float, *, shift: float) -> float:
+    """The sum over pairs of exp(-t (1 - cos) - shift), in place in each block (the same
+    values as the formula written out)."""
+    total = 0.0
+    for sim, upper in _pair_blocks(u, t):
+        sim -= shift
+        with np.errstate(over="ignore"):  # (shifted, a term outside the mask may overflow)
+            np.exp(sim, out=sim)
         total += float(sim[upper].sum())
-    return float(math.log(total / (m * (m - 1) / 2)))
+    return total
+
+
+def _largest_pair_exponent(u: np.ndarray, t: float) -> float:
+    return max(float(sim[upper].max()) for sim, upper in _pair_blocks(u, t) if upper.any())
 
 
 def _final_sids(p: Partial, sizes: list[int], decision: PruneDecision):
