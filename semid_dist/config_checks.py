@@ -25,6 +25,7 @@ _JVM_SIZE = re.compile(r"[0-9]+[kmgt]", re.IGNORECASE)  # as the JVM's -Xmx take
 # Spark starts a driver whose JVM heap (Runtime.maxMemory) holds 1.5 x its 300 MiB reserve;
 # under the serial or parallel collector that heap is below -Xmx, so 512m is the floor
 _SPARK_DRIVER_MIN = 512 * 2**20
+_LOCAL_THREADS_MAX = 1024  # local[100000]: ~100 s, then the JVM could not create a thread
 
 
 def _jvm_bytes(size: str) -> int:
@@ -290,6 +291,16 @@ def check_consistency(cfg: BuildConfig) -> None:
         raise ConfigError(f"spark.master: {master!r} is not a Spark master URL: give local[*], "
                           "local[N], spark://HOST:PORT, k8s://https://HOST:PORT or yarn, or "
                           "leave it unset (spark-submit's master, else local[*])")
+    threads = re.match(r"local\[([0-9]+)", master or "")
+    if threads and int(threads.group(1)) > _LOCAL_THREADS_MAX:
+        raise ConfigError(f"spark.master: {master} runs {threads.group(1)} task threads in the "
+                          f"driver's JVM, more than {_LOCAL_THREADS_MAX}; give local[N] with "
+                          "N up to the machine's cores, or local[*] (as many as it has)")
+    if re.search(r"(^|\s)-Xmx", cfg.spark.java_options or ""):
+        raise ConfigError(f"spark.java_options: {cfg.spark.java_options!r} sets the JVM's heap "
+                          "(-Xmx), which Spark refuses in Java options; give the driver's "
+                          "through spark.driver_memory (an executor's: spark-submit's "
+                          "--executor-memory) and remove -Xmx")
     if not _JVM_SIZE.fullmatch(cfg.spark.driver_memory):
         raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory!r} is not a JVM "
                           "memory size: give a number and a unit, e.g. 2g or 512m")

@@ -287,6 +287,62 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
         again.stderr[-2000:])
 
 
+def _processes_naming(text: str) -> list[int]:
+    """The PIDs of this machine's processes whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_spark_session_starts_stops_the_build_and_its_jvm(tmp_path, signum):
+    """A Ctrl-C or SIGTERM while the driver JVM launches (its first line printed, the
+    session not up): the build's one line, status 130 / 143, and no JVM left behind (one
+    raised in pyspark's launch left the JVM it started running for good, out of the build's
+    process session, waiting for a connection; one inside the context's start printed Py4J's
+    traceback)."""
+    pytest.importorskip("pyspark")
+    name = f"semid-held-{os.getpid()}-{signum}"
+    proc = subprocess.Popen([*_small_build(tmp_path, "spark", 600), f"spark.app_name={name}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        err = _log_until(proc, "config:")
+        for line in proc.stderr:  # the JVM's first line: its launch under way
+            err += line
+            if not line.startswith("[semid"):
+                break
+        assert _processes_naming(name), err
+        proc.send_signal(signum)
+        lines: list[str] = []  # (read aside: a JVM left behind holds the pipe open)
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        proc.wait(timeout=120)
+        reader.join(10)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    for _ in range(100):  # (the JVM exits as its standard input closes: within seconds)
+        if not _processes_naming(name):
+            break
+        time.sleep(0.1)
+    left = _processes_naming(name)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    rest = "".join(lines)
+    assert not left, f"the driver JVM outlived the build: {rest}"
+    stop = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    assert (proc.returncode, rest.strip().splitlines()[-1:]) == (
+        128 + signum, [f"semid build: {stop}; nothing was committed"]), err + rest
+    assert "Traceback" not in rest, rest
+
+
 @pytest.mark.parametrize("engine, start", [("local", "plan:"), ("spark", "plan:"),
                                            ("local", "commit:")])
 def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path, engine, start):

@@ -515,6 +515,22 @@ def test_spark_master_is_a_master_url():
         with pytest.raises(ConfigError, match=r"spark.master: .* is not a Spark master URL: "
                                               r"give local\[\*\]"):
             parse_config({**MINIMAL, "spark": {"master": bad}})
+    assert parse_config({**MINIMAL, "spark": {"master": "local[1024, 3]"}})
+    for many in ("local[1025]", "local[100000, 2]"):  # (a JVM of that many threads: ~100 s,
+        # then its OutOfMemoryError: unable to create native thread)
+        with pytest.raises(ConfigError, match=r"spark.master: local\[.* task threads in the "
+                                              r"driver's JVM, more than 1024; give local\[N\]"):
+            parse_config({**MINIMAL, "spark": {"master": many}})
+
+
+def test_spark_java_options_leave_the_heap_to_driver_memory():
+    """-Xmx in spark.java_options: Spark refuses it (its usage text, ~96 lines, at the
+    session's start); said at once, naming spark.driver_memory. -Xms and -Xss pass."""
+    assert parse_config({**MINIMAL, "spark": {"java_options": "-Xms1g -Xss4m"}})
+    for bad in ("-Xmx100m", "-XX:TieredStopAtLevel=1 -Xmx2g"):
+        with pytest.raises(ConfigError, match=r"spark.java_options: .* sets the JVM's heap "
+                                              r"\(-Xmx\), .*spark.driver_memory"):
+            parse_config({**MINIMAL, "spark": {"java_options": bad}})
 
 
 def test_spark_driver_memory_is_a_jvm_memory_size():

@@ -502,7 +502,8 @@ SUBMITTED_SESSION = """
 import json, sys
 from semid_dist.config import parse_config
 from semid_dist.engines.spark_session import spark_session
-cfg = parse_config({"engine": "spark", "input": {"path": "x"}, "output": {"root": "y"}})
+cfg = parse_config({"engine": "spark", "input": {"path": "x"}, "output": {"root": "y"},
+                    "spark": {"master": "local[2]", "shuffle_partitions": 5}})
 session, started = spark_session(cfg)
 conf = session.sparkContext.getConf()
 print(json.dumps({name: conf.get(name) for name in sys.argv[1:]}))
@@ -512,15 +513,19 @@ session.stop()
 
 def test_spark_submit_settings_win_over_the_engines(tmp_path):
     """Under spark-submit the engine's settings give way to those `--conf` gives, as README
-    says (they were read before the JVM's gateway was open: none, and every one replaced)."""
+    says (they were read before the JVM's gateway was open: none, and every one replaced),
+    and so does the config's spark.master to its --master, the application name to its
+    --name (the config's master, name and SQL settings replaced them)."""
     pytest.importorskip("pyspark")
     script = tmp_path / "session.py"
     script.write_text(SUBMITTED_SESSION)
     names = ["spark.executorEnv.JE_ARROW_MALLOC_CONF", "spark.executor.extraJavaOptions",
-             "spark.executorEnv.NUMPY_MADVISE_HUGEPAGE"]
+             "spark.executorEnv.NUMPY_MADVISE_HUGEPAGE", "spark.master", "spark.app.name",
+             "spark.sql.shuffle.partitions", "spark.sql.execution.arrow.maxRecordsPerBatch"]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     run = subprocess.run(
         [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]",
+         "--name", "nightly-sids", "--conf", "spark.sql.shuffle.partitions=3",
          "--driver-java-options", "-XX:TieredStopAtLevel=1",
          "--conf", "spark.executorEnv.JE_ARROW_MALLOC_CONF=narenas:2",
          "--conf", "spark.executor.extraJavaOptions=-Xss4m", str(script), *names],
@@ -530,6 +535,7 @@ def test_spark_submit_settings_win_over_the_engines(tmp_path):
     assert got[names[0]] == "narenas:2"  # (Spark puts its own JVM options before ours)
     assert got[names[1]].endswith(" -Xss4m") and "TieredStopAtLevel" not in got[names[1]]
     assert got[names[2]] is not None  # what spark-submit leaves unset, the engine sets
+    assert [got[n] for n in names[3:]] == ["local[1]", "nightly-sids", "3", "10000"]
 
 
 def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(
