@@ -41,6 +41,11 @@ from semid_dist.cli import entry
 def spark_argv(argv: list[str]) -> list[str]:
     """`[build|encode] --config F [k=v ...]` -> the `semid` argv, with engine=spark added next
     to the other overrides (argparse takes them as one group) unless one names the engine."""
+    if argv[:1] and argv[0] not in ("build", "encode") and not argv[0].startswith("-") \
+            and "=" not in argv[0]:  # (`versions list` was `build`'s "--config is required")
+        print(f"spark_build.py: error: runs build or encode, not {argv[0]!r}; run "
+              f"`semid {argv[0]} ...` for that", file=sys.stderr)
+        sys.exit(2)
     command = argv[0] if argv[:1] in (["build"], ["encode"]) else "build"
     rest = argv[1:] if argv[:1] == [command] else list(argv)
     if not any(a.startswith("engine=") for a in rest):

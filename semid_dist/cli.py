@@ -163,7 +163,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """`semid validate FILE...`: every file is checked, as a build checks it before it starts
-    (its keys and values, and on local paths a table inside its own catalog); one line per
+    (its keys and values, on local paths a table inside its own catalog, and a fit that
+    takes more CPUs than the `ray.num_cpus` of an embedded Ray); one line per
     file, `ok` on stdout or the named error on stderr; status 2 when any was bad."""
     from semid_dist.config import load_config
     from semid_dist.io.store import TableStore
@@ -182,6 +183,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 if is_local_path(cfg.input.path) and is_local_path(cfg.output.root):
                     check_table_outside_catalog(cfg.input.path,
                                                 TableStore(cfg.output.root, cfg.output.table))
+                if cfg.engine == "ray" and cfg.ray.num_cpus and not cfg.ray.address:
+                    from semid_dist.engines.ray_session import check_fit_cpus
+
+                    check_fit_cpus(cfg, cfg.ray.num_cpus)  # (the embedded Ray's, as given)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
         except SemidError as exc:
@@ -386,11 +391,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(text: str) -> str:
+    """A path option's value, refused when empty (`--root ''` was the file system's root to
+    `versions`, the working directory to `report`)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="fit -> encode -> reduce -> commit a new version")
-    b.add_argument("--config", required=True)
+    b.add_argument("--config", required=True, type=_given)
     b.add_argument("--json", action="store_true")
     b.add_argument("--dry-run", action="store_true",
                    help="make the checks a build makes before it writes anything, say what "
@@ -398,7 +411,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("encode", help="encode with the codebooks of an existing version")
-    e.add_argument("--config", required=True)
+    e.add_argument("--config", required=True, type=_given)
     e.add_argument("--json", action="store_true")
     e.add_argument("--incremental", action="store_true",
                    help="the catalog holds new or changed items: carry the other items of "
@@ -415,8 +428,8 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     vs = sub.add_parser("versions", help="list / show / gc / diff versions of a table")
     vs.add_argument("action", choices=["list", "show", "gc", "diff"])
-    vs.add_argument("--root", required=True)
-    vs.add_argument("--table", required=True)
+    vs.add_argument("--root", required=True, type=_given)
+    vs.add_argument("--table", required=True, type=_given)
     vs.add_argument("--version", help="show: the version (default: latest)")
     vs.add_argument("--keep", type=int, help="gc: how many newest committed versions to keep")
     vs.add_argument("--min-age-hours", type=float,
@@ -429,23 +442,24 @@ def parser() -> argparse.ArgumentParser:
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=cmd_versions)
     r = sub.add_parser("report", help="render the HTML report of a committed version again")
-    r.add_argument("--root", required=True)
-    r.add_argument("--table", required=True)
+    r.add_argument("--root", required=True, type=_given)
+    r.add_argument("--table", required=True, type=_given)
     r.add_argument("--version", default="latest")
-    r.add_argument("--out", help="a folder to write the report into (default: the version's "
-                   "report/ folder, restoring missing or damaged files)")
+    r.add_argument("--out", type=_given, help="a folder to write the report into (default: "
+                   "the version's report/ folder, restoring missing or damaged files)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
     bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; a full "
                         "run writes docs/BENCHMARKS.md")
     bn.add_argument("--quick", action="store_true", help="small sizes (~3 min): check it works")
     bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss,gpu")
-    bn.add_argument("--out-json", help="write the results as JSON here (a full run given "
-                    "neither --out-json nor --out-md writes docs/benchmarks.json and "
+    bn.add_argument("--out-json", type=_given, help="write the results as JSON here (a full "
+                    "run given neither --out-json nor --out-md writes docs/benchmarks.json and "
                     "docs/BENCHMARKS.md; otherwise only what these options name)")
-    bn.add_argument("--out-md", help="write the Markdown page here (see --out-json)")
-    bn.add_argument("--workdir", help="keep catalogs and versions here (default: a temporary "
-                    "directory, removed afterwards)")
+    bn.add_argument("--out-md", type=_given,
+                    help="write the Markdown page here (see --out-json)")
+    bn.add_argument("--workdir", type=_given, help="keep catalogs and versions here (default: "
+                    "a temporary directory, removed afterwards)")
     bn.add_argument("--blas-as-is", action="store_true", help="load faiss's OpenBLAS with the "
                     "kernels it chooses, generic ones on a CPU it does not know (default: the "
                     "CPU's, so that faiss is measured at its best)")

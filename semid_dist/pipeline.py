@@ -37,7 +37,7 @@ from semid_dist.errors import (
 from semid_dist.faults import maybe_die
 from semid_dist.incremental import carry_parent, incremental_rows, write_stats
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import CatalogPlan
+from semid_dist.io.catalog import CatalogPlan, check_input_exists
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore
@@ -215,8 +215,9 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
     early = None  # a delta that may be empty and skipped: planned before an engine starts
     if not cfg.input.path.startswith(TABLE_PREFIX):  # (a table's location: once resolved)
         check_table_outside_catalog(cfg.input.path, store)  # before an engine starts
-        if cfg.encode.incremental and cfg.encode.empty_delta == "skip":
-            with storage_failures(store, started):
+        with storage_failures(store, started):
+            check_input_exists(cfg.input.path)
+            if cfg.encode.incremental and cfg.encode.empty_delta == "skip":
                 early = plan_input(cfg.input.path, cfg, store, parent)
     with storage_failures(store, started, committed), contextlib.ExitStack() as claimed:
         with make_engine(cfg, log=log) as engine:

@@ -137,6 +137,21 @@ def gpu_stages(cfg: BuildConfig) -> list[str]:
             and not (stage == "fit" and cfg.encode.from_version)]
 
 
+def check_worker_gpu(device: str, stage: Literal["fit", "encode"]) -> None:
+    """In a worker (a Ray Train worker, a Ray Data or Spark task) given a CUDA `device`: a
+    torch that sees no GPU there (a CPU build on that node, no driver) is a named error,
+    not torch's own assertion at the first tensor moved."""
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+        raise ConfigError(f"{stage}.use_gpu=true but torch {torch.__version__} ({build}) sees "
+                          "no CUDA device on this worker's node; install a CUDA build of torch "
+                          f"on every node that runs the {stage}, or set {stage}.use_gpu=false")
+
+
 def torch_device(cfg: BuildConfig, stage: Literal["fit", "encode"]) -> str:
     """torch device of the fit or of the encode kernel: "cuda" where `fit.use_gpu` /
     `encode.use_gpu` is on, else "cpu". Where the engine runs the stage from this process

@@ -34,6 +34,7 @@ from semid_dist.quantize.artifact import ARRAYS_FILE, META_FILE
 from semid_dist.quantize.encode import EncodeResult
 from semid_dist.quantize.model import KMeansQuantizer, Quantizer
 from semid_dist.quantize.model import load_quantizer as quantizer_from_files
+from semid_dist.runtime import check_worker_gpu
 from semid_dist.shard_results import result_counts, save_shard_result
 from semid_dist.shuffle import Split, read_bucket, split_files
 
@@ -173,6 +174,7 @@ class EncodeWorker:
             keep_freed_memory()
         if ctx.huge_pages is not None:  # worker_env's variable leaves numpy to it
             set_huge_pages(ctx.huge_pages)
+        check_worker_gpu(ctx.device, "encode")
         self.ctx = ctx
         self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()

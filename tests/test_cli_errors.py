@@ -102,6 +102,61 @@ def test_validate_checks_every_file_and_names_each_bad_one(tmp_path):
         "--config FILE, as semid build takes it)")
 
 
+def test_validate_refuses_a_fit_larger_than_the_embedded_ray_it_names(tmp_path):
+    """A fit of more CPUs than the `ray.num_cpus` an embedded Ray is given: the dry run and
+    the build refused it, validate said ok; a cluster's (`ray.address`) may grow: ok."""
+    ray = "engine: ray\nray: {num_cpus: 1}\nfit: {num_workers: 4, cpus_per_worker: 1}\n"
+    small = write(tmp_path / "small.yaml", GOOD + ray)
+    line = named_error(semid("validate", small))
+    assert line == (f"semid validate: error: {small}: fit.num_workers=4 x fit.cpus_per_worker=1 "
+                    "take 4 CPUs but the Ray cluster has 1: Ray Train would wait for them "
+                    "forever; lower fit.num_workers or fit.cpus_per_worker, or raise "
+                    "ray.num_cpus"), line
+    dry = named_error(semid("build", "--config", small, "--dry-run"))
+    assert dry.endswith(line.split(f"{small}: ")[1]), dry
+    cluster = write(tmp_path / "cluster.yaml", GOOD + ray.replace("num_cpus: 1",
+                                                                  "num_cpus: 1, address: auto"))
+    assert semid("validate", cluster).returncode == 0
+
+
+@pytest.mark.parametrize("engine", ["spark", "ray"])
+def test_a_missing_input_is_said_before_an_engine_starts(tmp_path, engine):
+    """A mistyped input.path on Spark or Ray: its one line before the engine starts (on
+    Spark it came after the JVM's start: ~5 s and its five lines)."""
+    missing = tmp_path / "nope"
+    cfg = write(tmp_path / "c.yaml", f"engine: {engine}\ninput: {{path: {missing}}}\n"
+                                     f"output: {{root: {tmp_path / 'out'}}}\n")
+    run = semid("build", "--config", cfg)
+    lines = run.stderr.strip().splitlines()
+    assert (run.returncode, lines[-1]) == (2, (
+        f"semid build: error: input.path '{missing}' does not exist; point it at a Parquet "
+        "file or a directory of Parquet files")), run.stderr
+    assert all(line.startswith("[semid") for line in lines[:-1]), run.stderr  # none started
+
+
+def test_the_spark_job_names_the_commands_it_runs():
+    """`jobs/spark_build.py versions list ...`: the job runs build or encode; it said
+    `semid build: error: ... required: --config`."""
+    run = subprocess.run([sys.executable, "jobs/spark_build.py", "versions", "list", "--root",
+                          "r", "--table", "t"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert (run.returncode, run.stderr) == (2, "spark_build.py: error: runs build or encode, "
+                                               "not 'versions'; run `semid versions ...` for "
+                                               "that\n")
+
+
+def test_an_empty_path_option_is_refused():
+    """`--root ''` read as the file system's root (`versions`) or the working directory
+    (`report`), and `report --out ''` wrote into the working directory."""
+    for command, flag in ((["versions", "list", "--root", "", "--table", "t"], "--root"),
+                          (["report", "--root", "r", "--table", "t", "--out", ""], "--out"),
+                          (["build", "--config", ""], "--config")):
+        run = semid(*command)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines()[-1].endswith(
+            f"error: argument {flag}: must not be empty"), run.stderr
+
+
 def test_gc_min_age_hours_must_not_be_negative(tmp_path):
     (tmp_path / "sids").mkdir()  # an empty table
     for hours in ("-5", "nan"):

@@ -527,6 +527,21 @@ def test_bf16_fast_path_keeps_nearly_all_codes_and_exact_errors():
         encode_batch(books, x[:10], precision="fp8")
 
 
+def test_bf16_re_rank_in_blocks_of_rows_gives_the_same_codes(monkeypatch):
+    """The fast path's re-rank gathers its candidates' codewords a block of rows at a time
+    (a whole chunk's gather, rows x rerank x d, outgrew a GPU's memory at a wide re-rank):
+    blocks of 7 rows give the codes and errors of one block."""
+    from semid_dist.quantize import torch_kernel
+
+    x = clustered(3000, 32, clusters=24, seed=8)
+    books = _residual_books(x, (64, 64), seed=8)
+    whole = encode_batch(books, x, precision="bf16", rerank=16)
+    monkeypatch.setattr(torch_kernel, "RERANK_BYTES", 4 * 16 * 32 * 7)
+    blocks = encode_batch(books, x, precision="bf16", rerank=16)
+    assert np.array_equal(blocks.codes, whole.codes)
+    assert np.array_equal(blocks.qerr, whole.qerr)
+
+
 def test_checked_argmin_restores_the_exact_codes_from_low_precision_scores():
     """Scores from bf16-rounded inputs pick another codeword than fp32 for some rows; the
     error-bound check scores exactly those rows again (and only a part of all rows), so every

@@ -260,6 +260,55 @@ def test_gpu_settings_on_a_ray_without_gpus_are_a_clear_error(ray_session, small
     assert TableStore(root, "sids").latest() is None and ray_session.is_initialized()
 
 
+_DECLARED_GPU_PROBE = """
+import ray, sys
+from semid_dist.config import parse_config
+from semid_dist.engines import make_engine
+from semid_dist.errors import SemidError
+from semid_dist.pipeline import build
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,  # (one declared)
+         object_store_memory=128 * 2**20)
+catalog, root = sys.argv[1:]
+def config(**sections):
+    return parse_config({"engine": "ray", "input": {"path": catalog}, "output": {"root": root},
+                         "quantizer": {"layers": [8, 4], "niter": 2},
+                         "fit": {"sample_size": 600, "cpus_per_worker": 0.5}, **sections})
+for workers in (2, 1):
+    try:
+        with make_engine(config(fit={"use_gpu": True, "num_workers": workers,
+                                     "cpus_per_worker": 0.5}), log=print):
+            print("started")
+    except SemidError as exc:
+        print(f"error: {exc}")
+try:
+    build(config(encode={"use_gpu": True, "shard_rows": 300}), log=lambda msg: None)
+except SemidError as exc:
+    print(f"error: {exc}")
+ray.shutdown()
+"""
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_gpu_settings_a_ray_of_one_declared_gpu_cannot_run_are_clear_errors(tmp_path):
+    """A Ray that lists one GPU (declared; this machine has none). fit.use_gpu takes a GPU a
+    Ray Train worker, all at once: two workers waited forever (the check asked for one GPU);
+    one line naming fit.num_workers. An encode task given the GPU on a node whose torch sees
+    none: one line naming encode.use_gpu and the torch build (torch's own assertion, "Torch
+    not compiled with CUDA enabled", at the first tensor moved)."""
+    catalog = write_catalog(tmp_path / "cat", clustered(600, 8, seed=3))
+    run = subprocess.run([sys.executable, "-c", _DECLARED_GPU_PROBE, catalog,
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[-3:-1] == [
+        "error: fit.use_gpu=true with fit.num_workers=2 takes 2 GPUs at once but the Ray "
+        "cluster has 1; set fit.num_workers=1 or fewer", "started"], run.stdout
+    assert re.fullmatch(r"error: encode.use_gpu=true but torch \S+ \((a CPU build|CUDA .*)\) "
+                        r"sees no CUDA device on this worker's node; install a CUDA build of "
+                        r"torch on every node that runs the encode, or set "
+                        r"encode.use_gpu=false \(raised in a Ray task\)", lines[-1]), lines[-1]
+
+
 def test_warm_up_runs_once_per_driver_and_frees_its_cpus(ray_session, tmp_path):
     """The engine's warm-up (Ray Data's helpers, encode modules imported in the workers) runs
     once per driver in the background, finishes, and hands every CPU back."""

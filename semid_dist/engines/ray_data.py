@@ -22,6 +22,7 @@ from semid_dist.config import BuildConfig
 from semid_dist.engines.local import LocalEngine
 from semid_dist.engines.ray_session import (
     fit_cpus,
+    fit_gpus,
     quiet_datasets,
     ray_init,
     ray_shutdown,
@@ -202,7 +203,8 @@ class RayEngine:
 
     def _check_gpus(self) -> None:
         """`fit.use_gpu` / `encode.use_gpu` ask Ray for a GPU per Train worker or encode task;
-        on a Ray with none those would wait for one forever. On this machine's own Ray (no
+        on a Ray with none, or with fewer than the fit's workers (they start together), those
+        would wait for them forever. On this machine's own Ray (no
         `ray.address`) that is an error; a cluster may still add GPU nodes (an autoscaler):
         there it is a warning."""
         wanted = [f"{stage}.use_gpu=true" for stage in gpu_stages(self.cfg)]
@@ -210,13 +212,21 @@ class RayEngine:
             return
         import ray
 
-        if ray.cluster_resources().get("GPU", 0) > 0:
+        have = ray.cluster_resources().get("GPU", 0)
+        need = fit_gpus(self.cfg) if "fit" in gpu_stages(self.cfg) else 1.0
+        if have >= need:
             return
-        msg = (f"{' and '.join(wanted)} but the Ray cluster has no GPU "
-               "(ray.cluster_resources() lists none)")
+        if have > 0:  # (the fit's workers start together, a GPU each)
+            msg = (f"fit.use_gpu=true with fit.num_workers={self.cfg.fit.num_workers} takes "
+                   f"{need:g} GPUs at once but the Ray cluster has {have:g}")
+            fix = f"set fit.num_workers={int(have)} or fewer"
+        else:
+            msg = (f"{' and '.join(wanted)} but the Ray cluster has no GPU "
+                   "(ray.cluster_resources() lists none)")
+            fix = ("run on a machine with a GPU Ray can see, or set "
+                   + " and ".join(w.replace("=true", "=false") for w in wanted))
         if not self.cfg.ray.address:
-            raise ConfigError(f"{msg}; run on a machine with a GPU Ray can see, or set "
-                              + " and ".join(w.replace("=true", "=false") for w in wanted))
+            raise ConfigError(f"{msg}; {fix}")
         self.log(f"warning: {msg}: its tasks wait until GPU nodes join")
 
     def _check_fit_cpus(self) -> None:

@@ -154,7 +154,12 @@ def check_startable(cfg: BuildConfig) -> None:
                           "on that cluster, or unset RAY_ADDRESS to run on an embedded local "
                           "Ray")
     # the embedded Ray's CPUs are known before it starts (`RayEngine` checks a cluster's)
-    have = cfg.ray.num_cpus or os.cpu_count() or 1
+    check_fit_cpus(cfg, cfg.ray.num_cpus or os.cpu_count() or 1)
+
+
+def check_fit_cpus(cfg: BuildConfig, have: float) -> None:
+    """A fit (none where the codebooks come from a version) that takes more CPUs than an
+    embedded Ray of `have`: a ConfigError (`too_few_cpus`)."""
     if not cfg.encode.from_version and (need := fit_cpus(cfg)) > have:
         raise ConfigError(too_few_cpus(cfg, need, have))
 
@@ -162,12 +167,20 @@ def check_startable(cfg: BuildConfig) -> None:
 def fit_cpus(cfg: BuildConfig) -> float:
     """The CPUs a Ray Train fit takes at once: its workers', and the trainer actor's where
     Ray Train v1 runs one."""
+    return _fit_resources(cfg).get("CPU", 0.0)
+
+
+def fit_gpus(cfg: BuildConfig) -> float:
+    """The GPUs a Ray Train fit takes at once with `fit.use_gpu`: one a worker."""
+    return _fit_resources(cfg).get("GPU", 0.0)
+
+
+def _fit_resources(cfg: BuildConfig) -> dict[str, float]:
     from ray.train import ScalingConfig
 
     fit = cfg.fit
     return ScalingConfig(num_workers=fit.num_workers, use_gpu=fit.use_gpu,
-                         resources_per_worker={"CPU": fit.cpus_per_worker}
-                         ).total_resources.get("CPU", 0.0)
+                         resources_per_worker={"CPU": fit.cpus_per_worker}).total_resources
 
 
 def too_few_cpus(cfg: BuildConfig, need: float, have: float, *, cluster: bool = False) -> str:

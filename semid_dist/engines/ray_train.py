@@ -30,6 +30,7 @@ from semid_dist.errors import InputError
 from semid_dist.faults import ENV as FAULT_ENV
 from semid_dist.faults import MARKER_ENV, die_once
 from semid_dist.io import fs as fsio
+from semid_dist.runtime import check_worker_gpu
 from semid_dist.signals import interrupt_raised, terminated
 
 
@@ -48,7 +49,9 @@ def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
     os.environ.update(config["fault_env"])
     _quiet_reports()
     ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size(), "cuda" if config["use_gpu"] else "cpu"
+    device = "cuda" if config["use_gpu"] else "cpu"
+    check_worker_gpu(device, "fit")
+    return ctx.get_world_rank(), ctx.get_world_size(), device
 
 
 def _train_logging() -> dict[str, Any]:

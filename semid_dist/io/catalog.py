@@ -77,19 +77,16 @@ def catalog_files(url: str) -> tuple[list[str], list[str]]:
         return _catalog_files(url)
 
 
+def check_input_exists(url: str) -> None:
+    """An InputError naming the fix where nothing is at `url` (input.path): said before an
+    engine starts (a Spark build said so after its JVM's start, ~5 s)."""
+    with _reachable(url):
+        _check_exists(url, *fsio.resolve(url))
+
+
 def _catalog_files(url: str) -> tuple[list[str], list[str]]:
     fs, path = fsio.resolve(url)
-    if not fs.exists(path):
-        _check_http_host(url)  # (fsspec's HTTP file system says "not there" for both)
-        where = (urllib.parse.urlsplit(url).path if url.lower().startswith(("http://", "https://"))
-                 else url)  # (an HTTP URL's query aside)
-        wildcard = any(c in where for c in "*?[")
-        raise _input_error(
-            f"input.path {url!r} does not exist; "
-            + ("if it is a wildcard, wildcards are not expanded: give the directory of the "
-               "Parquet files (every *.parquet below it is read; hidden and _-prefixed "
-               "files, such as Spark's _SUCCESS and .crc files, are not) or one file"
-               if wildcard else "point it at a Parquet file or a directory of Parquet files"))
+    _check_exists(url, fs, path)
     if fs.isfile(path):
         return [path], []
     visible = sorted(p for p in fs.find(path) if not hidden(p, path))
@@ -100,6 +97,21 @@ def _catalog_files(url: str) -> tuple[list[str], list[str]]:
     base = path.rstrip("/") + "/"
     return files, [p[len(base):] if p.startswith(base) else p for p in visible
                    if not p.lower().endswith(".parquet")]
+
+
+def _check_exists(url: str, fs, path: str) -> None:
+    if fs.exists(path):
+        return
+    _check_http_host(url)  # (fsspec's HTTP file system says "not there" for both)
+    where = (urllib.parse.urlsplit(url).path if url.lower().startswith(("http://", "https://"))
+             else url)  # (an HTTP URL's query aside)
+    wildcard = any(c in where for c in "*?[")
+    raise _input_error(
+        f"input.path {url!r} does not exist; "
+        + ("if it is a wildcard, wildcards are not expanded: give the directory of the "
+           "Parquet files (every *.parquet below it is read; hidden and _-prefixed "
+           "files, such as Spark's _SUCCESS and .crc files, are not) or one file"
+           if wildcard else "point it at a Parquet file or a directory of Parquet files"))
 
 
 def _check_http_host(url: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -104,7 +105,10 @@ class Forward:
 
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """torch seeded with deterministic algorithms for the block (then restored)."""
+    """torch seeded with deterministic algorithms for the block (then restored). On CUDA
+    these need cuBLAS's fixed workspace, which torch reads from `CUBLAS_WORKSPACE_CONFIG`
+    (unset, every matrix product on a GPU raised a RuntimeError): set where unset."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
