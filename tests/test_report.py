@@ -181,6 +181,9 @@ def test_page_without_head_tail_embeds_every_figure_and_escapes_text():
     assert [base64.b64decode(s) for s in IMG_SRC.findall(page)] == [f.png for f in figs]
     assert "hourglass at &lt;layer 1&gt;" in page and "caption &lt;b&gt;" in page
     assert "Head vs tail" not in page and "figuresLoaded" in page
+    one = render("v1", _metrics(layers=1), [])  # (a table of headers alone, unexplained)
+    assert "One layer: no transition from a layer to the next to route." in one
+    assert "H(l | l-1)" not in one
 
 
 def test_page_and_summary_say_what_their_figures_are_of():

@@ -144,7 +144,9 @@ def _pruning_text(pr: dict[str, Any]) -> str:
             f"length {_fmt(pr['mean_sid_length'], 3)}.</p>")
 
 
-def _conditional_html(conditional: list[dict[str, Any]]) -> str:
+def _conditional_html(conditional: list[dict[str, Any]], layers: int) -> str:
+    if layers == 1:  # (a table of headers alone, unexplained)
+        return "<p>One layer: no transition from a layer to the next to route.</p>"
     summary = table(
         ["transition", "H(l | l-1)", "H_norm", "mean top share", "children / parent",
          "max in-degree", "mean in-degree"],
@@ -250,7 +252,7 @@ def render(version_id: str, metrics: dict[str, Any], figures: Sequence[Figure], 
         f"<p>{html.escape('Mean residual after each layer' + residual_note(m))}.</p>"
         if residual_note(m) else "",
         fig("residual_norm"), "<h2>Conditional concentration (routing)</h2>",
-        _conditional_html(m.get("conditional", [])),
+        _conditional_html(m.get("conditional", []), n_layers),
     ]
     if m.get("head", {}).get("items") and m.get("tail", {}).get("items"):
         moved = ("<p>Of the codes before the capacity moves (collisions.max_per_sid="
