@@ -37,15 +37,16 @@ import sys
 
 from semid_dist.cli import entry
 
+OTHER_COMMANDS = ("versions", "report", "validate", "bench")  # semid's, not this job's
+
 
 def spark_argv(argv: list[str]) -> list[str]:
     """`[build|encode] --config F [k=v ...]` -> the `semid` argv, with engine=spark added next
     to the other overrides (argparse takes them as one group) unless one names the engine."""
-    if argv[:1] and argv[0] not in ("build", "encode") and not argv[0].startswith("-") \
-            and "=" not in argv[0]:  # (`versions list` was `build`'s "--config is required")
-        print(f"spark_build.py: error: runs build or encode, not {argv[0]!r}; run "
-              f"`semid {argv[0]} ...` for that", file=sys.stderr)
-        sys.exit(2)
+    if argv[:1] and argv[0] in OTHER_COMMANDS:  # (`versions list` was `build`'s "--config
+        # is required")
+        raise ValueError(f"runs build or encode, not {argv[0]}; run `semid {argv[0]} ...` "
+                         "for that")
     command = argv[0] if argv[:1] in (["build"], ["encode"]) else "build"
     rest = argv[1:] if argv[:1] == [command] else list(argv)
     if not any(a.startswith("engine=") for a in rest):
@@ -56,4 +57,9 @@ def spark_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    entry(spark_argv(sys.argv[1:]))
+    try:
+        argv = spark_argv(sys.argv[1:])
+    except ValueError as exc:
+        print(f"spark_build.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    entry(argv)

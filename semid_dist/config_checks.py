@@ -285,6 +285,15 @@ def check_consistency(cfg: BuildConfig) -> None:
                           "dashboard's, which `ray job submit --address` takes): give the "
                           "cluster's own address as `ray start --head` prints it "
                           "(HOST:6379), or auto inside a job submitted to it")
+    _check_spark(cfg)
+    depth = cfg.quality_depth
+    if depth > len(layers):
+        raise ConfigError(
+            f"metrics.quality_depth: {depth} > number of layers {len(layers)}; "
+            f"set it to at most {len(layers)} or leave it unset")
+
+
+def _check_spark(cfg: BuildConfig) -> None:
     master = cfg.spark.master
     if master is not None and (not _SPARK_MASTER.fullmatch(master)
                                or re.match(r"https?://", master, re.IGNORECASE)):  # its web UI
@@ -308,11 +317,6 @@ def check_consistency(cfg: BuildConfig) -> None:
         raise ConfigError(f"spark.driver_memory: {cfg.spark.driver_memory} is less than 512m: "
                           "Spark does not start a driver with less than 450 MiB of heap, and "
                           "the JVM gives it less than its -Xmx; give 512m or more (default 2g)")
-    depth = cfg.quality_depth
-    if depth > len(layers):
-        raise ConfigError(
-            f"metrics.quality_depth: {depth} > number of layers {len(layers)}; "
-            f"set it to at most {len(layers)} or leave it unset")
 
 
 def _check_acrq(cfg: BuildConfig) -> None:

@@ -75,9 +75,9 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
     if not old_parts or not new_parts:
         raise StoreError(f"cannot compare {src} and {dst} of {store.url}: one of them has no "
                          "data parts")
+    schemas = _schema(store, old_parts[0][0]), _schema(store, new_parts[0][0])
     # (before either version is read: a build of another catalog's ids)
-    check_id_types(_schema(store, old_parts[0][0]).field("item_id").type,
-                   _schema(store, new_parts[0][0]).field("item_id").type)
+    check_id_types(*(schema.field("item_id").type for schema in schemas))
     n = buckets or bucket_count(sum(r for _, r in old_parts + new_parts))
     mapper = engine or InProcess()
     if n == 1:
@@ -89,14 +89,14 @@ def version_drift(store: TableStore, from_version: str, to_version: str, *,
             old, new = _split_versions(mapper, store, old_parts, new_parts, n, folder)
             counts = merge_drift(mapper.map(drift_bucket, [(store.root, store.table, old, new, b)
                                                            for b in range(n)]))
-    layers = (_code_layers(store, old_parts[0][0]), _code_layers(store, new_parts[0][0]))
+    layers = tuple(_code_layers(schema) for schema in schemas)
     return drift_figures(counts, from_version=src, to_version=dst, buckets=n, layers=layers)
 
 
-def _code_layers(store: TableStore, path: str) -> int | None:
+def _code_layers(schema: pa.Schema) -> int | None:
     """The number of code layers of a version, from one data part's schema (None when its
     codes are plain lists, whose length a schema does not give)."""
-    codes = _schema(store, path).field("codes").type
+    codes = schema.field("codes").type
     return codes.list_size if pa.types.is_fixed_size_list(codes) else None
 
 

@@ -23,14 +23,12 @@ one after the other.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from semid_dist.io import fs as fsio
 
@@ -50,14 +48,8 @@ class Split:
 
 def read_columns(fs, path: str, columns: Sequence[str]) -> pa.Table:
     """A Parquet file's `columns` that it has (others are skipped), decoded in the calling
-    thread, a local file by Arrow's own reader: a threaded read's workers let go of its
-    page readers, which hold the bytes a Python file object gave them, after the read
-    returns, and one still doing so as the process exited aborted it (`terminate called
-    without an active exception`, status 134: 3 of 16 `semid versions diff` runs that
-    failed just after their read)."""
-    with contextlib.ExitStack() as opened, fsio.damaged_parquet(path):
-        source = path if fsio.is_local(fs) else opened.enter_context(fs.open(path, "rb"))
-        pf = pq.ParquetFile(source, page_checksum_verification=True)
+    thread (`fsio.parquet_file`: no thread of Arrow's left with its pages)."""
+    with fsio.damaged_parquet(path), fsio.parquet_file(fs, path) as pf:
         present = [c for c in columns if c in pf.schema_arrow.names]
         return pf.read(columns=present, use_threads=False)
 

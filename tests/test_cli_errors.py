@@ -141,7 +141,7 @@ def test_the_spark_job_names_the_commands_it_runs():
                           "r", "--table", "t"], capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert (run.returncode, run.stderr) == (2, "spark_build.py: error: runs build or encode, "
-                                               "not 'versions'; run `semid versions ...` for "
+                                               "not versions; run `semid versions ...` for "
                                                "that\n")
 
 
@@ -342,12 +342,14 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, en
         again.stderr[-2000:])
 
 
-def _processes_naming(text: str) -> list[int]:
-    """The PIDs of this machine's processes whose command line holds `text`."""
+def _jvms_named(app: str) -> list[int]:
+    """The PIDs of this machine's Spark driver JVMs whose command line holds `app` (the
+    build's own process names it too, in its arguments)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            line = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if app.encode() in line and b"SparkSubmit" in line:
                 found.append(int(pid))
     return found
 
@@ -372,7 +374,7 @@ def test_a_signal_as_the_spark_session_starts_stops_the_build_and_its_jvm(tmp_pa
             err += line
             if not line.startswith("[semid"):
                 break
-        assert _processes_naming(name), err
+        assert _jvms_named(name), err
         proc.send_signal(signum)
         lines: list[str] = []  # (read aside: a JVM left behind holds the pipe open)
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -383,10 +385,10 @@ def test_a_signal_as_the_spark_session_starts_stops_the_build_and_its_jvm(tmp_pa
         watchdog.cancel()
         proc.kill()
     for _ in range(100):  # (the JVM exits as its standard input closes: within seconds)
-        if not _processes_naming(name):
+        if not _jvms_named(name):
             break
         time.sleep(0.1)
-    left = _processes_naming(name)
+    left = _jvms_named(name)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -477,13 +478,20 @@ def test_a_re_index_with_another_embedding_dimension_says_so(tmp_path):
 
 def test_a_diff_of_versions_whose_ids_cannot_be_matched_is_one_line(tmp_path):
     """Versions of integer and of string ids: one line and status 2, said from the parts'
-    schemas before either version is read (it read both, then failed)."""
+    schemas before either version is read (it read both, then failed): a part whose pages
+    are damaged, footer intact, is not read."""
     rng = np.random.default_rng(4)
     store = TableStore(str(tmp_path / "root"), "sids")
     ints = random_version(rng, np.arange(3000), (16, 16, 8))
     v1 = commit_parts(store, [ints.slice(0, 1500), ints.slice(1500)])
     strings = ints.set_column(0, "item_id", pa.array([f"i{i}" for i in range(3000)]))
     commit_parts(store, [strings], parent=v1)
+    damaged = Path(store.part_rows(v1)[1][0])
+    col = pq.ParquetFile(damaged).metadata.row_group(0).column(0)
+    data = bytearray(damaged.read_bytes())
+    middle = col.data_page_offset + col.total_compressed_size // 2
+    data[middle:middle + 32] = bytes(b ^ 0xFF for b in data[middle:middle + 32])
+    damaged.write_bytes(bytes(data))
     run = subprocess.run([sys.executable, "-m", "semid_dist.cli", "versions", "diff",
                           "--root", store.root, "--table", "sids"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

@@ -280,10 +280,12 @@ for workers in (2, 1):
             print("started")
     except SemidError as exc:
         print(f"error: {exc}")
-try:
-    build(config(encode={"use_gpu": True, "shard_rows": 300}), log=lambda msg: None)
-except SemidError as exc:
-    print(f"error: {exc}")
+for stage in ({"encode": {"use_gpu": True, "shard_rows": 300}},
+              {"fit": {"use_gpu": True, "num_workers": 1, "cpus_per_worker": 0.5}}):
+    try:
+        build(config(**stage), log=lambda msg: None)
+    except SemidError as exc:
+        print(f"error: {exc}")
 ray.shutdown()
 """
 
@@ -292,21 +294,23 @@ ray.shutdown()
 def test_gpu_settings_a_ray_of_one_declared_gpu_cannot_run_are_clear_errors(tmp_path):
     """A Ray that lists one GPU (declared; this machine has none). fit.use_gpu takes a GPU a
     Ray Train worker, all at once: two workers waited forever (the check asked for one GPU);
-    one line naming fit.num_workers. An encode task given the GPU on a node whose torch sees
-    none: one line naming encode.use_gpu and the torch build (torch's own assertion, "Torch
-    not compiled with CUDA enabled", at the first tensor moved)."""
+    one line naming fit.num_workers. An encode task, or a fit, given the GPU on a node whose
+    torch sees none: one line naming the setting and the torch build (torch's own assertion,
+    "Torch not compiled with CUDA enabled", at the first tensor moved; the fit's workers
+    failed in Ray Train's set-up, retried)."""
     catalog = write_catalog(tmp_path / "cat", clustered(600, 8, seed=3))
     run = subprocess.run([sys.executable, "-c", _DECLARED_GPU_PROBE, catalog,
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert lines[-3:-1] == [
+    assert lines[-4:-2] == [
         "error: fit.use_gpu=true with fit.num_workers=2 takes 2 GPUs at once but the Ray "
         "cluster has 1; set fit.num_workers=1 or fewer", "started"], run.stdout
-    assert re.fullmatch(r"error: encode.use_gpu=true but torch \S+ \((a CPU build|CUDA .*)\) "
-                        r"sees no CUDA device on this worker's node; install a CUDA build of "
-                        r"torch on every node that runs the encode, or set "
-                        r"encode.use_gpu=false \(raised in a Ray task\)", lines[-1]), lines[-1]
+    for line, stage in zip(lines[-2:], ("encode", "fit")):
+        assert re.fullmatch(rf"error: {stage}.use_gpu=true but torch \S+ \((a CPU build|CUDA "
+                            rf".*)\) sees no CUDA device on this worker's node; install a CUDA "
+                            rf"build of torch on every node that runs the {stage}, or set "
+                            rf"{stage}.use_gpu=false \(raised in a Ray task\)", line), line
 
 
 def test_warm_up_runs_once_per_driver_and_frees_its_cpus(ray_session, tmp_path):

@@ -501,13 +501,13 @@ def test_spark_java_options_go_to_the_jvms_a_session_starts():
 SUBMITTED_SESSION = """
 import json, sys
 from semid_dist.config import parse_config
-from semid_dist.engines.spark_session import spark_session
+from semid_dist.engines import make_engine
 cfg = parse_config({"engine": "spark", "input": {"path": "x"}, "output": {"root": "y"},
                     "spark": {"master": "local[2]", "shuffle_partitions": 5}})
-session, started = spark_session(cfg)
-conf = session.sparkContext.getConf()
-print(json.dumps({name: conf.get(name) for name in sys.argv[1:]}))
-session.stop()
+lines = []
+with make_engine(cfg, log=lines.append) as engine:
+    conf = engine.spark.sparkContext.getConf()
+    print(json.dumps({"log": lines, **{name: conf.get(name) for name in sys.argv[1:]}}))
 """
 
 
@@ -536,6 +536,8 @@ def test_spark_submit_settings_win_over_the_engines(tmp_path):
     assert got[names[1]].endswith(" -Xss4m") and "TieredStopAtLevel" not in got[names[1]]
     assert got[names[2]] is not None  # what spark-submit leaves unset, the engine sets
     assert [got[n] for n in names[3:]] == ["local[1]", "nightly-sids", "3", "10000"]
+    assert got["log"][0].startswith("spark: master local[1], ") and got["log"][0].endswith(
+        " (not spark.master=local[2]: spark-submit's wins)"), got["log"]
 
 
 def test_spark_warm_up_starts_beside_the_fit_after_the_scan_and_the_sample(
@@ -826,6 +828,54 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
     finally:
         signal.signal(signal.SIGINT, pysparks)
         sc.setLogLevel("ERROR")
+
+
+def test_a_signal_while_a_session_starts_is_held_and_a_second_is_not(tmp_path):
+    """`SignalsHeld` around a session's start: a Ctrl-C is held and raised as the block
+    ends; a second one is raised where it comes (a start that blocks is not waited for); a
+    handler installed in the block (pyspark's, as its context starts) stays once the block
+    ends with nothing held; a SIGTERM after a held one ends the process at once."""
+    from semid_dist.engines.spark_interrupts import SignalsHeld
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with SignalsHeld() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # (Python runs the handler between two instructions)
+            assert signals.held == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        with SignalsHeld():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            pytest.fail("a second Ctrl-C was held")
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def pysparks(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        with SignalsHeld() as signals:
+            signal.signal(signal.SIGINT, pysparks)
+            signals.keep_pysparks()
+            assert signal.getsignal(signal.SIGINT) is not pysparks  # held over it
+        assert signal.getsignal(signal.SIGINT) is pysparks
+    finally:
+        signal.signal(signal.SIGINT, before)
+    twice = ("import os, signal, time\n"
+             "from semid_dist.engines.spark_interrupts import SignalsHeld\n"
+             "with SignalsHeld():\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "    time.sleep(0.1)\n"
+             "    print('held', flush=True)\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "    time.sleep(5)\n"
+             "print('not ended')\n")
+    run = subprocess.run([sys.executable, "-c", twice], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert (run.returncode, run.stdout) == (-signal.SIGTERM, "held\n"), run.stderr
 
 
 def test_a_session_whose_driver_jvm_is_gone_stops_and_a_new_one_starts():

@@ -216,7 +216,8 @@ class RayEngine:
         need = fit_gpus(self.cfg) if "fit" in gpu_stages(self.cfg) else 1.0
         if have >= need:
             return
-        if have > 0:  # (the fit's workers start together, a GPU each)
+        if have > 0 and "fit" in gpu_stages(self.cfg):  # (its workers start together, a GPU
+            # each)
             msg = (f"fit.use_gpu=true with fit.num_workers={self.cfg.fit.num_workers} takes "
                    f"{need:g} GPUs at once but the Ray cluster has {have:g}")
             fix = f"set fit.num_workers={int(have)} or fewer"

@@ -49,9 +49,7 @@ def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
     os.environ.update(config["fault_env"])
     _quiet_reports()
     ctx = ray.train.get_context()
-    device = "cuda" if config["use_gpu"] else "cpu"
-    check_worker_gpu(device, "fit")
-    return ctx.get_world_rank(), ctx.get_world_size(), device
+    return ctx.get_world_rank(), ctx.get_world_size(), "cuda" if config["use_gpu"] else "cpu"
 
 
 def _train_logging() -> dict[str, Any]:
@@ -268,6 +266,8 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     fit = cfg.fit
     learned = cfg.learned
     _check_rows_per_worker(sample, fit.num_workers, acrq, learned=learned)
+    if fit.use_gpu:
+        _check_gpu_torch()
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
     train_files.clear(out)  # (an earlier run's, of this version)
     loop_config = _loop_config(sample, init_points, cfg, out, init_centroids, acrq)
@@ -313,6 +313,19 @@ def _loop_config(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig, 
 
         config.update(method=cfg.quantizer.method, params=learned_config(cfg).to_dict())
     return config
+
+
+def _check_gpu_torch() -> None:
+    """With fit.use_gpu: a task given a GPU asks its node's torch whether it sees one, before
+    the fit (on a node whose torch is a CPU build the fit's workers failed in Ray Train's
+    own set-up, and were started again `fit.max_failures` times): one line naming the
+    setting and the torch build (`check_worker_gpu`)."""
+    import ray
+
+    from semid_dist.engines.ray_data import task_errors
+
+    with task_errors():
+        ray.get(ray.remote(num_gpus=1, num_cpus=0)(check_worker_gpu).remote("cuda", "fit"))
 
 
 def _check_rows_per_worker(sample: np.ndarray, workers: int, acrq: Any, *,

@@ -255,8 +255,12 @@ class SparkEngine(LocalEngine):
         sc = self.spark.sparkContext
         self._guard = interrupts.guard_interrupts(sc, before, self._started)
         self._warm: threading.Thread | None = None
+        unused = cfg.spark.master not in (None, sc.master)  # spark-submit's, or a session's
         log(f"spark: master {sc.master}, {slots_text(sc.master, sc.defaultParallelism)}, "
-            f"{'new' if self._started else 'existing'} session {sc.applicationId}")
+            f"{'new' if self._started else 'existing'} session {sc.applicationId}"
+            + (f" (not spark.master={cfg.spark.master}: "
+               f"{'spark-submit' if session.spark_submitted() else 'the session'}'s wins)"
+               if unused else ""))
         self._watch = watch_executors(sc, log)  # a line when a job waits for executors
 
     def close(self) -> None:

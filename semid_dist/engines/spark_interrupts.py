@@ -1,5 +1,6 @@
 """The Spark engine's Ctrl-C: `InterruptGuard`, the SIGINT handler while the engine runs
-(over pyspark's own), and `claim_interrupt` for the engine's error paths. py4j's records of
+(over pyspark's own), `claim_interrupt` for the engine's error paths, and `SignalsHeld`
+while a session starts. py4j's records of
 a command a Ctrl-C cut short are dropped while it stops the build.
 """
 
@@ -191,3 +192,60 @@ def claim_interrupt() -> bool:
         return False
     _GUARD.claim()
     return True
+
+
+class SignalsHeld:
+    """A Ctrl-C or SIGTERM held while the driver JVM launches and the session starts, and
+    sent again as the block ends (the caller stops the session first, where one came): one
+    raised in pyspark's launch left the JVM it had started running, out of this process's
+    session and waiting for a connection, for good; one raised inside a call to it made
+    Py4J log a traceback. A second one is not held (a start that blocks, a master that does
+    not answer, is stopped where it is): a second Ctrl-C is raised there, a SIGTERM after
+    either ends the process, as `signals.one_interrupt` has it. A SIGINT ignored stays
+    ignored. pyspark puts its own SIGINT handler in as the context starts: `keep_pysparks`
+    holds a SIGINT again over it, and puts it back as the block ends (the engine's guard
+    goes over it) where nothing was held."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self._before: dict[int, Any] = {}
+        self._pysparks: Any = None
+        self._escalated = False
+
+    def __enter__(self) -> SignalsHeld:
+        if threading.current_thread() is threading.main_thread():
+            self._before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig, handler in self._before.items():
+                if handler is not signal.SIG_IGN:
+                    signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        if not self.held:
+            self.held.append(signum)
+            return
+        self._escalated = True
+        self._put_back()
+        if signum == signal.SIGTERM:  # (its default action: the process ends)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    def keep_pysparks(self) -> None:
+        """After the session's start: pyspark's SIGINT handler noted, a SIGINT held again."""
+        handler = signal.getsignal(signal.SIGINT)
+        if self._before and handler != self._hold and not self._escalated:
+            self._pysparks = handler
+            signal.signal(signal.SIGINT, self._hold)
+
+    def _put_back(self) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._before or self._escalated:
+            return
+        self._put_back()
+        if self.held:
+            signal.raise_signal(self.held[0])
+        elif self._pysparks is not None:
+            signal.signal(signal.SIGINT, self._pysparks)

@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.config import BuildConfig
+from semid_dist.engines.spark_interrupts import SignalsHeld
 from semid_dist.errors import ConfigError, one_line
 from semid_dist.io.fs import tcp_refusal
 from semid_dist.memory import huge_pages, worker_env
@@ -43,8 +44,8 @@ def spark_submitted() -> bool:
 
 def session_master(cfg: BuildConfig) -> str | None:
     """The master a session the engine starts gets: spark.master, else local[*]; None under
-    spark-submit without spark.master (the master it was given)."""
-    return cfg.spark.master or (None if spark_submitted() else "local[*]")
+    spark-submit, whose master wins (its --master, local[*] by default)."""
+    return None if spark_submitted() else cfg.spark.master or "local[*]"
 
 
 def check_startable(cfg: BuildConfig) -> None:
@@ -69,87 +70,55 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
     submitted = spark_submitted()
     if not submitted and SparkContext._active_spark_context is None:  # a JVM to launch
         _check_java()
-    master = session_master(cfg)
-    if master is not None and master.startswith("local"):
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    # the session's settings, the JVMs' options and the workers' memory settings (Spark
-    # starts its Python workers with spark.executorEnv.* in their environment), and
-    # `ONE_DAEMON_VAR`; under spark-submit a value its settings give wins (its --master,
-    # --name, --conf: the config's local[2] ran a `--master yarn` job locally): they are the
-    # running JVM's, so its gateway is opened first (a SparkConf made before it holds
-    # nothing, and every value was replaced)
-    settings = {"spark.app.name": cfg.spark.app_name, "spark.ui.enabled": "false",
-                "spark.ui.showConsoleProgress": "false",  # the log reports progress
-                "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.spark.arrow_batch_rows),
-                "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
-                **_java_options(cfg.spark.java_options, submitted)}
-    if master is not None:
-        settings["spark.master"] = master
-    if not submitted:  # under spark-submit the driver JVM already runs with its memory
-        settings["spark.driver.memory"] = cfg.spark.driver_memory
-    for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
-        settings[f"spark.executorEnv.{name}"] = value
-    settings[f"spark.executorEnv.{ONE_DAEMON_VAR}"] = "1"
-    if submitted:
+    settings, master = _session_settings(cfg, submitted), session_master(cfg)
+    if submitted:  # its settings are the running JVM's: its gateway is opened first (a
+        # SparkConf made before it holds nothing, and every value was replaced)
         SparkContext._ensure_initialized()
         given = SparkConf()
-        master = given.get("spark.master") if given.contains("spark.master") else master
+        master = given.get("spark.master", None)
         settings = {k: v for k, v in settings.items() if not given.contains(k)}
+    if (master or "").startswith("local"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder
     for name, value in settings.items():
         builder = builder.config(name, value)
     if master is not None and master.startswith("spark://"):
         _check_master_reachable(master)
-    with huge_pages(cfg.encode.huge_pages), _signals_held() as held:  # (huge pages: inherited
-        try:  # by the JVM it starts and its workers)
+    with huge_pages(cfg.encode.huge_pages), SignalsHeld() as signals:  # (huge pages:
+        try:  # inherited by the JVM it starts and its workers)
             if not submitted and SparkContext._gateway is None:
                 _launch_jvm(builder)
             spark = builder.getOrCreate()
         except Exception as exc:  # the JVM or the master refused this session's settings
             raise ConfigError(_start_error(cfg, master, exc)) from exc
-        if held:  # a Ctrl-C or SIGTERM came as it started: stopped, then raised as it came
+        signals.keep_pysparks()
+        if signals.held:  # a Ctrl-C or SIGTERM came as it started: stopped, then raised
             stop_session(spark)
     _quiet_accumulator_server(spark.sparkContext)
     _quiet_local_task_failures(spark.sparkContext)
     return spark, True
 
 
-@contextmanager
-def _signals_held() -> Iterator[list[int]]:
-    """A Ctrl-C or SIGTERM held while the driver JVM launches and the session starts, and
-    sent again as the block ends (the caller stops the session first, where one came): one
-    raised in pyspark's launch left the JVM it had started running, out of this process's
-    session and waiting for a connection, for good; one raised inside a call to it made
-    Py4J log a traceback. A SIGINT ignored stays ignored; a second SIGTERM ends the process
-    at once, as a second one does (`signals.one_interrupt`). pyspark puts its own SIGINT
-    handler in as the context starts; it is kept (the engine's guard goes over it)."""
-    import signal
-    import threading
-
-    held: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def hold(signum: int, frame: Any) -> None:
-        if signum == signal.SIGTERM and signal.SIGTERM in held:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        held.append(signum)
-
-    for sig, handler in before.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(sig, hold)
-    try:
-        yield held
-    finally:
-        for sig, handler in before.items():
-            if signal.getsignal(sig) is hold or held:
-                signal.signal(sig, handler)
-        if held:
-            signal.raise_signal(held[0])
+def _session_settings(cfg: BuildConfig, submitted: bool) -> dict[str, str]:
+    """The settings a session the engine starts gets: its master, name and SQL settings, the
+    JVMs' options and the workers' memory settings (Spark starts its Python workers with
+    spark.executorEnv.* in their environment), and `ONE_DAEMON_VAR`. Under spark-submit a
+    value its settings give wins (its --master, --name, --conf, spark-defaults.conf: the
+    config's local[2] ran a `--master yarn` job locally)."""
+    settings = {"spark.app.name": cfg.spark.app_name, "spark.ui.enabled": "false",
+                "spark.ui.showConsoleProgress": "false",  # the log reports progress
+                "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.spark.arrow_batch_rows),
+                "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+                **_java_options(cfg.spark.java_options, submitted)}
+    if (master := session_master(cfg)) is not None:
+        settings["spark.master"] = master
+    if not submitted:  # under spark-submit the driver JVM already runs with its memory
+        settings["spark.driver.memory"] = cfg.spark.driver_memory
+    for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
+        settings[f"spark.executorEnv.{name}"] = value
+    settings[f"spark.executorEnv.{ONE_DAEMON_VAR}"] = "1"
+    return settings
 
 
 _ONE_JVM = re.compile(r"local(\[([0-9]+|\*)\])?")  # masters whose executor is the driver's JVM

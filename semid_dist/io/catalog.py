@@ -220,12 +220,9 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
     fs, _ = fsio.resolve(url)
     groups = list(shard.row_groups)
     try:
-        if fsio.is_local(fs):  # Arrow's own reader: no Python file object per page read
-            return pq.ParquetFile(shard.path, page_checksum_verification=True).read_row_groups(
-                groups, columns=columns, use_threads=READ_THREADS)
-        with fs.open(shard.path, "rb") as f:
-            return pq.ParquetFile(f, page_checksum_verification=True).read_row_groups(
-                groups, columns=columns, use_threads=READ_THREADS)
+        with fsio.parquet_file(fs, shard.path) as pf:  # (a local file: no Python file object
+            # per page read)
+            return pf.read_row_groups(groups, columns=columns, use_threads=READ_THREADS)
     except (pa.ArrowInvalid, OSError) as exc:
         raise _input_error(f"catalog file {shard.path!r}: cannot read row groups "
                          f"{groups} ({exc}); repair or remove the file") from None
