@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from semid_dist import shuffle
 from semid_dist.codes.drift import bucket_count, check_id_types, drift_figures, merge_drift
@@ -102,8 +101,8 @@ def _code_layers(schema: pa.Schema) -> int | None:
 
 def _schema(store: TableStore, path: str) -> pa.Schema:
     """A data part's Arrow schema (from its footer)."""
-    with store.fs.open(path, "rb") as f, fsio.damaged_parquet(path):
-        return pq.ParquetFile(f).schema_arrow
+    with fsio.damaged_parquet(path), fsio.parquet_file(store.fs, path) as pf:
+        return pf.schema_arrow
 
 
 @contextlib.contextmanager

@@ -97,6 +97,7 @@ def one_interrupt() -> Callable[[], None]:
             raise_interrupt()
 
     interrupt.ignores_later_interrupts = True  # (the Spark engine's guard reads it)
+    terminate.second_ends_process = True  # (and its `SignalsHeld`)
     if ours:
         signal.signal(signal.SIGINT, interrupt)
     before = signal.getsignal(signal.SIGTERM)

@@ -832,26 +832,31 @@ def test_the_spark_interrupt_guard_raises_out_of_py4j_and_after_the_session_stop
 
 def test_a_signal_while_a_session_starts_is_held_and_a_second_is_not(tmp_path):
     """`SignalsHeld` around a session's start: a Ctrl-C is held and raised as the block
-    ends; a second one is raised where it comes (a start that blocks is not waited for); a
-    handler installed in the block (pyspark's, as its context starts) stays once the block
-    ends with nothing held; a SIGTERM after a held one ends the process at once."""
+    ends; a second one is raised where it comes (a start that blocks is not waited for),
+    but while the session stops; a handler installed in the block (pyspark's, as its
+    context starts) stays once the block ends with nothing held."""
     from semid_dist.engines.spark_interrupts import SignalsHeld
 
     before = signal.getsignal(signal.SIGINT)
+    reached = []
     with pytest.raises(KeyboardInterrupt):
         with SignalsHeld() as signals:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)  # (Python runs the handler between two instructions)
-            assert signals.held == [signal.SIGINT]
-    assert signal.getsignal(signal.SIGINT) is before
+            reached.append("held")
+            signals.stopping()  # (the session stops: one more waits too)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            reached.append("stopped")
+    assert reached == ["held", "stopped"] and signal.getsignal(signal.SIGINT) is before
     with pytest.raises(KeyboardInterrupt):
         with SignalsHeld():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
-            pytest.fail("a second Ctrl-C was held")
-    assert signal.getsignal(signal.SIGINT) is before
+            reached.append("second held")
+    assert "second held" not in reached and signal.getsignal(signal.SIGINT) is before
 
     def pysparks(signum, frame):
         raise KeyboardInterrupt
@@ -864,18 +869,38 @@ def test_a_signal_while_a_session_starts_is_held_and_a_second_is_not(tmp_path):
         assert signal.getsignal(signal.SIGINT) is pysparks
     finally:
         signal.signal(signal.SIGINT, before)
-    twice = ("import os, signal, time\n"
-             "from semid_dist.engines.spark_interrupts import SignalsHeld\n"
-             "with SignalsHeld():\n"
-             "    os.kill(os.getpid(), signal.SIGTERM)\n"
-             "    time.sleep(0.1)\n"
-             "    print('held', flush=True)\n"
-             "    os.kill(os.getpid(), signal.SIGTERM)\n"
-             "    time.sleep(5)\n"
-             "print('not ended')\n")
-    run = subprocess.run([sys.executable, "-c", twice], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
-    assert (run.returncode, run.stdout) == (-signal.SIGTERM, "held\n"), run.stderr
+
+
+SIGNALS_IN_A_COMMAND = """
+import os, signal, sys, time
+from semid_dist.engines.spark_interrupts import SignalsHeld
+from semid_dist.signals import one_interrupt, terminated
+one_interrupt()  # (a command's handlers)
+first, second = (getattr(signal, name) for name in sys.argv[1:])
+try:
+    with SignalsHeld():
+        os.kill(os.getpid(), first)
+        time.sleep(0.1)
+        print("held", flush=True)
+        os.kill(os.getpid(), second)
+        time.sleep(5)
+        print("slept", flush=True)
+except KeyboardInterrupt:
+    print("terminated" if terminated() else "interrupted")
+"""
+
+
+@pytest.mark.parametrize("first, second, said", [
+    ("SIGTERM", "SIGINT", "held\nterminated\n"),  # (a Ctrl-C after: the SIGTERM's line)
+    ("SIGINT", "SIGTERM", "held\n"), ("SIGTERM", "SIGTERM", "held\n")])  # (the process ends)
+def test_a_second_signal_as_a_session_starts_is_a_commands_second(first, second, said):
+    """Under a command's handlers (`signals.one_interrupt`): a Ctrl-C after a held SIGTERM
+    stops it as the SIGTERM does (it said "interrupted"); a SIGTERM after either ends the
+    process at once, as a second SIGTERM does."""
+    run = subprocess.run([sys.executable, "-c", SIGNALS_IN_A_COMMAND, first, second],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    code = 0 if said.endswith("terminated\n") else -signal.SIGTERM
+    assert (run.returncode, run.stdout) == (code, said), run.stderr
 
 
 def test_a_session_whose_driver_jvm_is_gone_stops_and_a_new_one_starts():

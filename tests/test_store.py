@@ -228,6 +228,13 @@ def test_a_page_that_fails_its_checksum_is_a_named_error(tmp_path):
                                              r"checksum verification failed.*\): the file is "
                                              r"damaged"):
             read()
+    # a file not there, on an object store (whose client's errors have no errno): missing,
+    # not "damaged" (memory://, as an object store's client raises it)
+    memory, gone = fsio.resolve(f"memory://checksum-{tmp_path.name}/gone.parquet")
+    for read in (lambda: fsio.read_parquet(memory, gone),
+                 lambda: shuffle.read_columns(memory, gone, ["a"])):
+        with pytest.raises(FileNotFoundError):
+            read()
 
 
 def test_a_local_write_onto_a_folder_fails_and_leaves_nothing(tmp_path):

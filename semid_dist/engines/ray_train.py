@@ -267,6 +267,7 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
     learned = cfg.learned
     _check_rows_per_worker(sample, fit.num_workers, acrq, learned=learned)
     if fit.use_gpu:
+        log("fit: a GPU task asks its node's torch for the GPU (fit.use_gpu)")
         _check_gpu_torch()
     out = f"{staging_url}/fit-{'model' if learned else 'codebooks.npz'}"
     train_files.clear(out)  # (an earlier run's, of this version)

@@ -200,23 +200,25 @@ class SignalsHeld:
     raised in pyspark's launch left the JVM it had started running, out of this process's
     session and waiting for a connection, for good; one raised inside a call to it made
     Py4J log a traceback. A second one is not held (a start that blocks, a master that does
-    not answer, is stopped where it is): a second Ctrl-C is raised there, a SIGTERM after
-    either ends the process, as `signals.one_interrupt` has it. A SIGINT ignored stays
-    ignored. pyspark puts its own SIGINT handler in as the context starts: `keep_pysparks`
-    holds a SIGINT again over it, and puts it back as the block ends (the engine's guard
-    goes over it) where nothing was held."""
+    not answer, is stopped where it is; the JVM may then be left running): a second Ctrl-C
+    is raised there, as the first SIGTERM's where one came first, and a SIGTERM after
+    either ends the process, as `signals.one_interrupt` has it; while the session stops
+    (`stopping`) a Ctrl-C more waits for it. A SIGINT ignored stays ignored, and a handler
+    set from C is left alone. pyspark puts its own SIGINT handler in as the context starts:
+    `keep_pysparks` holds a SIGINT again over it, and puts it back as the block ends (the
+    engine's guard goes over it) where nothing was held."""
 
     def __init__(self) -> None:
         self.held: list[int] = []
         self._before: dict[int, Any] = {}
         self._pysparks: Any = None
-        self._escalated = False
+        self._escalated = self._stopping = False
 
     def __enter__(self) -> SignalsHeld:
         if threading.current_thread() is threading.main_thread():
             self._before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             for sig, handler in self._before.items():
-                if handler is not signal.SIG_IGN:
+                if handler not in (signal.SIG_IGN, None):
                     signal.signal(sig, self._hold)
         return self
 
@@ -224,27 +226,43 @@ class SignalsHeld:
         if not self.held:
             self.held.append(signum)
             return
+        if self._stopping and signum == signal.SIGINT:
+            return
         self._escalated = True
         self._put_back()
-        if signum == signal.SIGTERM:  # (its default action: the process ends)
+        before = self._before[signal.SIGTERM]
+        if signum == signal.SIGTERM and (before == signal.SIG_DFL or getattr(
+                before, "second_ends_process", False)):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signum)
+        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in (self.held[0], signum)
+                            else signum)
 
     def keep_pysparks(self) -> None:
-        """After the session's start: pyspark's SIGINT handler noted, a SIGINT held again."""
+        """After the session's start: pyspark's SIGINT handler noted, a SIGINT held again
+        (where one was held before the start)."""
         handler = signal.getsignal(signal.SIGINT)
-        if self._before and handler != self._hold and not self._escalated:
-            self._pysparks = handler
+        if not self._before or self._escalated or handler == self._hold:
+            return
+        self._pysparks = handler
+        if self._before[signal.SIGINT] not in (signal.SIG_IGN, None):
             signal.signal(signal.SIGINT, self._hold)
+
+    def stopping(self) -> None:
+        """The session stops (a signal was held): a Ctrl-C more waits for it."""
+        self._stopping = True
 
     def _put_back(self) -> None:
         for sig, handler in self._before.items():
-            signal.signal(sig, handler)
+            if handler is not None:
+                signal.signal(sig, handler)
 
-    def __exit__(self, *exc: object) -> None:
-        if not self._before or self._escalated:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if not self._before:
             return
-        self._put_back()
+        if not self._escalated:
+            self._put_back()
+        elif kind is not None or not self.held:  # (a handler that raised nothing: below)
+            return
         if self.held:
             signal.raise_signal(self.held[0])
         elif self._pysparks is not None:

@@ -94,6 +94,7 @@ def spark_session(cfg: BuildConfig) -> tuple[SparkSession, bool]:
             raise ConfigError(_start_error(cfg, master, exc)) from exc
         signals.keep_pysparks()
         if signals.held:  # a Ctrl-C or SIGTERM came as it started: stopped, then raised
+            signals.stopping()
             stop_session(spark)
     _quiet_accumulator_server(spark.sparkContext)
     _quiet_local_task_failures(spark.sparkContext)

@@ -297,11 +297,13 @@ def damaged_parquet(path: str) -> Iterator[None]:
     """Arrow's error on a file that is not (all) Parquet (a bad footer: ArrowInvalid; a bad
     page: an OSError of Arrow's, which has no errno), as a StoreError naming `path`; the
     file system's own errors (a missing file, no access, no connection: with an errno, or
-    a ConnectionError) pass."""
+    of those kinds, which an object store's client raises without one) pass."""
     try:
         yield
     except OSError as exc:
-        if exc.errno is not None or isinstance(exc, (ConnectionError, TimeoutError)):
+        if exc.errno is not None or isinstance(exc, (  # (an object store's have no errno)
+                ConnectionError, TimeoutError, FileNotFoundError, PermissionError,
+                IsADirectoryError, NotADirectoryError)):
             raise
         raise StoreError(f"{redact_url(path)} cannot be read as Parquet ({one_line(exc)}): "
                          "the file is damaged; restore it, or build a new version") from None
