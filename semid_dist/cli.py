@@ -245,8 +245,10 @@ def _versions_options(args: argparse.Namespace) -> None:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from semid_dist.runtime import absolute_url
+
     _versions_options(args)
-    store = _table(args.root, args.table)
+    store = _table(absolute_url(args.root), args.table)  # (an absolute root: the paths shown)
     action = {"list": cmd_versions_list, "show": cmd_versions_show, "gc": cmd_versions_gc,
               "diff": cmd_versions_diff}[args.action]
     return action(args, store)
@@ -361,6 +363,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from semid_dist.report import REPORT_HTML, rerender_report
     from semid_dist.runtime import absolute_url
 
+    if args.overwrite and args.out is None:
+        raise ConfigError("--overwrite goes with --out DIR (the version's own report files "
+                          "are restored, never written over)")
     store = _table(absolute_url(args.root), args.table)  # (an absolute root: the URLs it prints)
     vid = store.resolve(args.version)
     store.manifest(vid)  # a damaged manifest: a named error, before anything is written
@@ -370,7 +375,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if type(fs) is type(store.fs) and f"{folder}/".startswith(f"{store.base}/"):
             raise StoreError(f"--out {args.out} is inside the table {fsio.redact_url(store.url)}"
                              ", whose files only its builds write: give a folder outside it")
-    written = rerender_report(store, vid, out)
+    written = rerender_report(store, vid, out, overwrite=args.overwrite)
     page = (f"{fsio.redact_url(out.rstrip('/'))}/report.html" if out is not None
             else f"{store.display_url(vid)}/{REPORT_HTML}")
     _print({"version_id": vid, "report": page, "written": written}, args.json, page)
@@ -447,6 +452,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--version", default="latest")
     r.add_argument("--out", type=_given, help="a folder to write the report into (default: "
                    "the version's report/ folder, restoring missing or damaged files)")
+    r.add_argument("--overwrite", action="store_true", help="with --out: write over report "
+                   "files already there (refused by default where they hold other bytes)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
     bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; a full "

@@ -275,6 +275,8 @@ def test_cli_report_restores_missing_files_with_the_committed_bytes(built, capsy
     assert main(["report", "--root", root, "--table", "sids", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["report"] == f"{store.version_url(vid)}/{REPORT_HTML}"
+    assert main(["versions", "show", "--root", root, "--table", "sids"]) == 0
+    assert f"path      {store.version_url(vid)}\n" in capsys.readouterr().out  # (absolute too)
     assert sorted(out["written"]) == [f"{store.version_url(vid)}/{p}" for p in gone]
     for path, entry in _report_files(store, vid).items():  # deterministic: same bytes again
         assert hashlib.sha256((vdir / path).read_bytes()).hexdigest() == entry["sha256"]
@@ -348,6 +350,26 @@ def test_cli_report_never_rewrites_a_committed_report_with_other_bytes(copied, c
     page = (out / "report.html").read_text(encoding="utf-8")
     assert f"sids/versions/{vid}" in page and "Hourglass:" in page
     assert (vdir / REPORT_HTML).read_bytes() == older
+    assert main([*args, "--out", str(out)]) == 0  # the same render again: the same bytes
+    capsys.readouterr()
+    theirs = tmp_path / "theirs"  # a folder holding a page of the user's: not written over
+    theirs.mkdir()
+    (theirs / "report.html").write_text("mine")
+    (theirs / pngs[0]).write_bytes((out / pngs[0]).read_bytes())  # (the same bytes: no matter)
+    assert main([*args, "--out", str(theirs)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"semid report: error: --out {theirs} already holds report.html with other content "
+        "(another version's report, or files of yours); give an empty folder, or add "
+        "--overwrite to write over them")
+    assert sorted(p.name for p in theirs.iterdir()) == sorted(["report.html", pngs[0]])
+    assert (theirs / "report.html").read_text() == "mine"
+    assert main([*args, "--out", str(theirs), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert (theirs / "report.html").read_bytes() == (out / "report.html").read_bytes()
+    assert main([*args, "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "semid report: error: --overwrite goes with --out DIR (the version's own report "
+        "files are restored, never written over)")
     for inside in (vdir / "report", Path(store.root) / "sids"):
         assert main([*args, "--out", str(inside)]) == 2
         assert capsys.readouterr().err.strip() == (

@@ -178,10 +178,13 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def rerender_report(store: TableStore, version_id: str, out: str | None = None) -> list[str]:
+def rerender_report(store: TableStore, version_id: str, out: str | None = None, *,
+                    overwrite: bool = False) -> list[str]:
     """`semid report`: render the report of committed version `version_id` again; returns the
     URLs of the files written. With `out` (a folder, any fsspec URL) they go there, as
-    `report.html` and the PNG files. Without it they go into the version, but only where
+    `report.html` and the PNG files; a file of those names already there with other bytes
+    (another version's report, or a file of the user's) is a StoreError naming it, written
+    over only with `overwrite`. Without it they go into the version, but only where
     the render gives the bytes its manifest records: a missing or damaged report file is
     restored, an intact one left as it is. A render that differs (another release of the
     renderer or of matplotlib, other fonts; a version with no report in its manifest) is a
@@ -202,6 +205,8 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
         names = {rel: rel.removeprefix(f"{REPORT_DIR}/") for rel in files}
         with _writing(version_id, f"--out {fsio.redact_url(out)}", "give --out a folder that "
                       "can be written"):
+            if not overwrite:
+                _check_out_free(fs, folder, out, {names[r]: data for r, data in files.items()})
             for rel, data in files.items():
                 fsio.write_bytes(fs, fsio.join(folder, names[rel]), data)
         return [f"{fsio.redact_url(out.rstrip('/'))}/{name}" for name in names.values()]
@@ -223,6 +228,29 @@ def rerender_report(store: TableStore, version_id: str, out: str | None = None) 
         for rel in missing:
             store.write_file(version_id, rel, files[rel])
     return [f"{store.display_url(version_id)}/{rel}" for rel in missing]
+
+
+def _check_out_free(fs: Any, folder: str, out: str, files: dict[str, bytes]) -> None:
+    """Refuse to write over files in `out` (by name: the report's files) that hold other
+    bytes than this render's: `semid report --out` into a folder that holds another
+    version's report replaced it without a word. The same bytes (the same version rendered
+    again) are written again."""
+    taken = []
+    for name, data in files.items():
+        try:
+            held = fs.cat_file(fsio.join(folder, name))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except IsADirectoryError:
+            held = None
+        if held != data:
+            taken.append(name)
+    if taken:
+        shown = ", ".join(sorted(taken)[:3]) + (f" and {len(taken) - 3} more"
+                                                if len(taken) > 3 else "")
+        raise StoreError(f"--out {fsio.redact_url(out)} already holds {shown} with other "
+                         "content (another version's report, or files of yours); give an "
+                         "empty folder, or add --overwrite to write over them")
 
 
 def _report_intact(store: TableStore, version_id: str) -> bool:
