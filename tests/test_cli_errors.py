@@ -282,7 +282,11 @@ def test_a_corrupt_file_on_local_spark_is_one_line(tmp_path):
     last = run.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"semid build: error: catalog file '.*part-001\.parquet': .*checksum.*"
                         r" \(raised in a Spark task\)", last), last
-    for noise in ("Exception in task", "Lost task", "Traceback", "at org.apache"):
+    for noise in ("Exception in task", "Lost task", "Traceback", "at org.apache",
+                  # the JVM's start-up lines of Spark's default logging, and Hadoop's WARN:
+                  # the session's logging is semid's own (engines/log4j2.properties)
+                  "default log4j profile", "Setting default log level", "setLogLevel",
+                  "NativeCodeLoader"):
         assert noise not in run.stderr, run.stderr[-3000:]
 
 

@@ -498,6 +498,38 @@ def test_spark_java_options_go_to_the_jvms_a_session_starts():
     assert _java_options(None, submitted=False) == {}
 
 
+def test_a_session_the_engine_starts_logs_by_its_own_log4j_file_unless_log4j_is_configured(
+        tmp_path, monkeypatch):
+    """The driver JVM of a session the engine starts gets semid's log4j 2 file (Spark's
+    default profile printed four lines as it started, and Hadoop a WARN: checked on a real
+    JVM in test_cli_errors), where the user configures none: not with a log4j2 file in
+    Spark's configuration folder, nor with log4j named in spark.java_options, nor under
+    spark-submit (its JVM runs already)."""
+    from semid_dist.config import parse_config
+    from semid_dist.engines.spark_session import LOG4J_FILE, _session_settings
+
+    def driver_options(java_options=None, submitted=False):
+        cfg = parse_config({"engine": "spark", "input": {"path": "x"}, "output": {"root": "y"},
+                            "spark": {"java_options": java_options}})
+        return _session_settings(cfg, submitted).get("spark.driver.extraJavaOptions")
+
+    own = f"-Dlog4j2.configurationFile={LOG4J_FILE.as_uri()}"
+    assert LOG4J_FILE.read_text().count("rootLogger.level = warn") == 1
+    monkeypatch.delenv("SPARK_HOME", raising=False)
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
+    (tmp_path / "log4j2.properties.template").write_text("rootLogger.level = info\n")
+    assert driver_options() == own
+    assert driver_options("-XX:TieredStopAtLevel=1") == f"-XX:TieredStopAtLevel=1 {own}"
+    assert driver_options("-Dlog4j2.configurationFile=file:/etc/mine.xml") == (
+        "-Dlog4j2.configurationFile=file:/etc/mine.xml")
+    assert driver_options(submitted=True) is None
+    (tmp_path / "log4j2.xml").write_text("<Configuration/>")
+    assert driver_options() is None
+    monkeypatch.delenv("SPARK_CONF_DIR")
+    monkeypatch.setenv("SPARK_HOME", str(tmp_path))  # (no conf/ there)
+    assert driver_options() == own
+
+
 SUBMITTED_SESSION = """
 import json, sys
 from semid_dist.config import parse_config

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from semid_dist.config import BuildConfig
@@ -116,10 +117,39 @@ def _session_settings(cfg: BuildConfig, submitted: bool) -> dict[str, str]:
         settings["spark.master"] = master
     if not submitted:  # under spark-submit the driver JVM already runs with its memory
         settings["spark.driver.memory"] = cfg.spark.driver_memory
+        if (logging := _own_logging(cfg.spark.java_options)) is not None:
+            given = settings.get("spark.driver.extraJavaOptions")
+            settings["spark.driver.extraJavaOptions"] = f"{given} {logging}" if given else logging
     for name, value in worker_env(cfg.encode.reuse_memory, cfg.encode.huge_pages).items():
         settings[f"spark.executorEnv.{name}"] = value
     settings[f"spark.executorEnv.{ONE_DAEMON_VAR}"] = "1"
     return settings
+
+
+LOG4J_FILE = Path(__file__).with_name("log4j2.properties")
+# the files log4j 2 configures itself from (a `.template` beside them, as Spark ships, is not)
+LOG4J_EXTENSIONS = (".properties", ".xml", ".yaml", ".yml", ".json", ".jsn")
+
+
+def _own_logging(java_options: str | None) -> str | None:
+    """The driver JVM option that gives a session this job starts its logging from
+    `LOG4J_FILE` (warnings and errors; without Spark's four start-up lines of its default
+    profile and Hadoop's native-library warning), or None where the user configures log4j:
+    a log4j2 file in Spark's configuration folder (SPARK_CONF_DIR, else $SPARK_HOME/conf),
+    or `log4j` named in spark.java_options. Also None for a path Spark's option splitting
+    would cut (a space or a quote in it): Spark's defaults then, as before."""
+    if java_options is not None and "log4j" in java_options:
+        return None
+    conf_dir = os.environ.get("SPARK_CONF_DIR") or (
+        os.path.join(os.environ["SPARK_HOME"], "conf") if os.environ.get("SPARK_HOME")
+        else None)
+    if conf_dir is not None and any((Path(conf_dir) / f"log4j2{ext}").is_file()
+                                    for ext in LOG4J_EXTENSIONS):
+        return None
+    path = str(LOG4J_FILE)
+    if re.search(r"[\s'\"\\]", path) or not LOG4J_FILE.is_file():
+        return None
+    return f"-Dlog4j2.configurationFile={LOG4J_FILE.as_uri()}"
 
 
 _ONE_JVM = re.compile(r"local(\[([0-9]+|\*)\])?")  # masters whose executor is the driver's JVM
