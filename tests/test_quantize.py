@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from semid_dist.quantize.encode import (
     GPU_TILE_BYTES,
     tile_rows,
 )
-from semid_dist.quantize.group_sum import group_sum, unit_group_sum
+from semid_dist.quantize.group_sum import exact_scale, group_sum, unit_group_sum
 from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import DEMO, clustered
@@ -420,25 +421,79 @@ class ThreadAllReduce:
         return self.result.copy()
 
 
-def test_two_workers_with_all_reduce_equal_one_worker():
-    """Exact data-parallel k-means: 2 shards + summed statistics == 1 worker on everything."""
-    x = clustered(1200, 6, seed=5)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_with_all_reduce_equal_one_worker_bit_for_bit(workers):
+    """Exact data-parallel k-means: N shards + summed statistics == 1 worker on everything,
+    to the last bit (the sums are exact: `group_sum`'s scale)."""
+    x = clustered(3000, 6, seed=5) * np.float32(7.3)
     single, _ = fit_residual_kmeans(x, [12, 6], niter=6, seed=1, init_points=x)
-    collective = ThreadAllReduce(2)
+    collective = ThreadAllReduce(workers)
     out: dict[int, list[np.ndarray]] = {}
 
     def worker(rank: int) -> None:
-        out[rank], _ = fit_residual_kmeans(x[rank::2], [12, 6], niter=6, seed=1, init_points=x,
-                                           all_reduce=collective)
+        out[rank], _ = fit_residual_kmeans(x[rank::workers], [12, 6], niter=6, seed=1,
+                                           init_points=x, all_reduce=collective)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for layer in range(2):
+        for rank in range(workers):
+            assert np.array_equal(out[rank][layer], single[layer])
+
+
+def test_a_centroid_does_not_depend_on_the_workers_split_of_its_rows():
+    """Four rows of one cluster whose float64 sum depends on the order of its terms: in
+    row order 2^40 + (1 + 2^-22) drops the 2^-22 (mean 0.5), and split over two workers by
+    stride (2^40 - 2^40, then 1 + 2^-22 + 1) keeps it (mean 0.5 + 2^-24, a float32 of its
+    own): a 2-worker fit gave another centroid than one process. Now both the same."""
+    x = np.array([[2.0 ** 40], [1 + 2.0 ** -22], [-(2.0 ** 40)], [1.0]], np.float32)
+    start = np.zeros((1, 1), np.float32)
+    single, _ = kmeans(x, 1, niter=1, init_centroids=start)
+    collective = ThreadAllReduce(2)
+    out: dict[int, np.ndarray] = {}
+
+    def worker(rank: int) -> None:
+        out[rank], _ = kmeans(x[rank::2], 1, niter=1, init_centroids=start,
+                              all_reduce=collective)
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for layer in range(2):
-        assert np.array_equal(out[0][layer], out[1][layer])  # every worker, same update
-        np.testing.assert_allclose(out[0][layer], single[layer], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(out[0], single) and np.array_equal(out[1], single)
+    assert single[0, 0] == np.float32(0.5)  # (1 + 2^-22 rounds to 1 at the scale of 2^40)
+
+
+def test_scaled_group_sums_are_exact_in_any_split_and_order():
+    """With `exact_scale` the grouped sums of rows split into parts, added part by part,
+    equal the sums of all the rows at once bit for bit, whatever the split and order
+    (plain float64 sums of these values do not: checked, so the data can tell), and the
+    rounding moves a value by at most max|x| 2^(b - 53)."""
+    rng = np.random.default_rng(4)
+    n, d, k = 20_000, 5, 7
+    x = (rng.standard_normal((n, d)) * np.exp(rng.uniform(-12, 12, (n, 1)))).astype(np.float32)
+    index = rng.integers(0, k, n)
+    scale = exact_scale(float(np.abs(x).max()), n)
+    assert math.log2(scale).is_integer()
+    whole = group_sum(index, x, k, scale=scale)
+    plain_differs = False
+    for parts in (2, 3, 5):
+        cuts = np.sort(rng.choice(np.arange(1, n), parts - 1, replace=False))
+        pieces = list(zip(np.split(index, cuts), np.split(x, cuts)))[::-1]  # (last first)
+        split = sum(group_sum(i, v, k, scale=scale) for i, v in pieces)
+        assert np.array_equal(split, whole)
+        plain = sum(group_sum(i, v, k) for i, v in pieces)
+        plain_differs |= not np.array_equal(plain, group_sum(index, x, k))
+    assert plain_differs
+    assert np.abs(np.rint(x.astype(np.float64) * scale)).max() <= 2.0 ** (53 - n.bit_length())
+    exact = np.zeros((k, d))
+    np.add.at(exact, index, x.astype(np.float64))
+    assert np.abs(whole / scale - exact).max() <= (
+        n * np.abs(x).max() * 2.0 ** (n.bit_length() - 53))
 
 
 def test_empty_clusters_are_reseeded():

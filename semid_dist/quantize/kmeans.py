@@ -2,12 +2,16 @@
 
 Each Lloyd iteration computes per-centroid sums and counts on the local shard, hands them
 to `all_reduce` (element-wise sum over workers; identity when running alone), and every
-worker applies the same update. So an N-worker run is exact data-parallel k-means: it
-differs from the 1-worker run only by floating-point summation order.
+worker applies the same update. So an N-worker run is exact data-parallel k-means, and its
+centroids are the 1-worker run's bit for bit: the sums are of the values rounded to a
+common fixed point (`group_sum`'s `scale`, chosen from the whole sample's largest value
+and size), exact integers in any order (float64 sums of the values as they are differed
+with the workers' split of the rows in their last bits).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from semid_dist.quantize.encode import nearest
-from semid_dist.quantize.group_sum import group_sum
+from semid_dist.quantize.group_sum import exact_scale, group_sum
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
@@ -25,17 +29,33 @@ def _identity(a: np.ndarray) -> np.ndarray:
 
 
 def lloyd_stats(x: np.ndarray, centroids: np.ndarray, *, chunk_rows: int = 8192,
-                device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
+                device: str = "cpu", scale: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray, float]:
     """Sufficient statistics of one assignment pass.
 
     x: (n, d) float32, centroids: (k, d) float32 ->
     (sums (k, d) float64, counts (k,) float64, inertia = sum of squared distances).
+    scale: the sums are of x times `scale` rounded to integers (`group_sum`): exact.
     """
     k, d = centroids.shape
     labels, dists = nearest(x, centroids, chunk_rows=chunk_rows, device=device)
-    sums = group_sum(labels, x, k)
+    sums = group_sum(labels, x, k, scale=scale)
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     return sums, counts, float(dists.astype(np.float64).sum())
+
+
+# float64's binary exponents (`math.frexp`'s, of its finite values), for `_sample_scale`
+_EXPONENTS = np.arange(-1073, 1025)
+
+
+def _sample_scale(x: np.ndarray, reduce: AllReduce) -> float:
+    """`exact_scale` of the whole sample: its size and its largest value in size, over the
+    workers (`reduce` sums; the largest exponent is the highest bin of a summed one-hot)."""
+    top = float(np.abs(x).max()) if x.size else 0.0
+    onehot = (_EXPONENTS == math.frexp(top)[1]).astype(np.float64)
+    summed = reduce(np.concatenate([[len(x)], onehot]))
+    exponent = int(_EXPONENTS[np.flatnonzero(summed[1:])[-1]])
+    return exact_scale(math.ldexp(0.5, exponent), int(summed[0]))
 
 
 def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int,
@@ -127,13 +147,14 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
         seeds = x if init_points is None else init_points
         centroids = kmeans_plusplus(seeds, k, seed=seed).astype(np.float64)
     rng = np.random.default_rng([seed, 1])
+    scale = _sample_scale(x, reduce)
     history = []
     for it in range(niter):
         start = time.perf_counter()
         sums, counts, inertia = lloyd_stats(x, centroids.astype(np.float32),
-                                            chunk_rows=chunk_rows, device=device)
+                                            chunk_rows=chunk_rows, device=device, scale=scale)
         packed = reduce(np.concatenate([sums.ravel(), counts, [inertia, len(x)]]))
-        sums = packed[: k * x.shape[1]].reshape(k, -1)
+        sums = packed[: k * x.shape[1]].reshape(k, -1) / scale
         counts = packed[k * x.shape[1]: -2].copy()
         inertia, n_total = packed[-2], packed[-1]
         nonempty = counts > 0
