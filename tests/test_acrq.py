@@ -3,6 +3,8 @@ build path and its config checks."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,15 @@ def test_acrq_build_encodes_like_residual_kmeans(small_catalog, tmp_path):
     again = build(small_config(catalog, root, encode__from_version=res.version_id,
                                collisions__max_per_sid=4, **opts), log=quiet)
     assert again.metrics["fit"]["codebooks_from"] == res.version_id
+    per_sid = Counter(map(tuple, store.read_data(again.version_id).column("sid").to_pylist()))
+    collisions = again.metrics["collisions"]  # (2,400 items in 16 x 8 x 8 SIDs: many remain)
+    assert collisions["reassigned"] > 0 and collisions["over_capacity"] == {
+        "sids": sum(c > 4 for c in per_sid.values()),
+        "items": sum(c - 4 for c in per_sid.values() if c > 4),
+        "pruned_sids": 0, "pruned_items": 0}
+    before = Counter(map(tuple, store.read_data(res.version_id).column("sid").to_pylist()))
+    assert sum(max(c - 4, 0) for c in per_sid.values()) < sum(
+        max(c - 4, 0) for c in before.values())  # the moves took items out of over-full SIDs
     with pytest.raises(ConfigError, match="holds an? acrq quantizer"):
         build(small_config(catalog, root, encode__from_version=res.version_id), log=quiet)
     # a catalog of new items without popularity can be encoded with ACRQ codebooks

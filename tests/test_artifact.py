@@ -129,9 +129,12 @@ def test_missing_layer_is_refused():
     assert "layer_3" in str(exc.value)
 
 
+UNREADABLE = r"^artifact: unreadable codebook artifact \({}.*\); rebuild that version$"
+
+
 def test_unreadable_meta_is_refused():
     files = artifact_files(codebooks(), {})
-    with pytest.raises(ArtifactError):
+    with pytest.raises(ArtifactError, match=UNREADABLE.format("JSONDecodeError")):
         load_artifact({**files, META_FILE: b"{not json"})
 
 
@@ -139,12 +142,12 @@ def test_unreadable_meta_is_refused():
 def test_corrupt_safetensors_bytes_are_refused(cut):
     files = artifact_files(codebooks(), {})
     bad = files[ARRAYS_FILE][:-7] if cut == "truncated" else b"garbage!"
-    with pytest.raises(ArtifactError):
+    with pytest.raises(ArtifactError, match=UNREADABLE.format("SafetensorError")):
         load_artifact({**files, ARRAYS_FILE: bad})
 
 
 @pytest.mark.parametrize("meta_bytes", [b"{}", b"[1, 2]", b'{"num_layers": 3}'])
 def test_meta_without_required_fields_is_refused(meta_bytes):
     files = artifact_files(codebooks(), {})
-    with pytest.raises(ArtifactError):
+    with pytest.raises(ArtifactError, match=UNREADABLE.format("")):
         load_artifact({**files, META_FILE: meta_bytes})

@@ -28,6 +28,7 @@ from tests.conftest import (
 from tests.conftest import semid_cli as semid
 
 GOOD = "input: {path: x}\noutput: {root: y}\n"
+ENGINE = pytest.mark.engine  # (a test case that starts Ray or Spark)
 
 
 def write(path: Path, body: str | bytes) -> str:
@@ -270,6 +271,7 @@ def _small_build(tmp_path: Path, engine: str, rows: int) -> list[str]:
     return [sys.executable, "-m", "semid_dist.cli", "build", "--config", cfg]
 
 
+@pytest.mark.engine
 def test_a_corrupt_file_on_local_spark_is_one_line(tmp_path):
     """A catalog file whose embedding pages are corrupt, on a Spark session the command starts
     in local mode: its one-line error, status 2 (the executor's `Exception in task` and the
@@ -301,8 +303,10 @@ def _log_until(proc: subprocess.Popen, step: str) -> str:
 
 
 @pytest.mark.parametrize("engine, background, group", [
-    ("local", False, False), ("spark", False, False), ("spark", True, False),
-    ("spark", False, True), ("ray", True, False)])
+    ("local", False, False), pytest.param("spark", False, False, marks=ENGINE),
+    pytest.param("spark", True, False, marks=ENGINE),
+    pytest.param("spark", False, True, marks=ENGINE), pytest.param("ray", True, False,
+                                                                   marks=ENGINE)])
 def test_sigterm_stops_a_build_as_ctrl_c_does_and_the_rerun_resumes(tmp_path, engine,
                                                                     background, group):
     """`ray job stop`, `timeout` and schedulers cancel with SIGTERM: the build stops as on
@@ -358,6 +362,7 @@ def _jvms_named(app: str) -> list[int]:
     return found
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_as_the_spark_session_starts_stops_the_build_and_its_jvm(tmp_path, signum):
     """A Ctrl-C or SIGTERM while the driver JVM launches (its first line printed, the
@@ -404,8 +409,8 @@ def test_a_signal_as_the_spark_session_starts_stops_the_build_and_its_jvm(tmp_pa
     assert "Traceback" not in rest, rest
 
 
-@pytest.mark.parametrize("engine, start", [("local", "plan:"), ("spark", "plan:"),
-                                           ("local", "commit:")])
+@pytest.mark.parametrize("engine, start", [("local", "plan:"), pytest.param(
+    "spark", "plan:", marks=ENGINE), ("local", "commit:")])
 def test_ctrl_cs_until_the_command_exits_end_it_with_status_130(tmp_path, engine, start):
     """An impatient user's Ctrl-Cs, every 20 ms from the plan (or the commit) until the
     process is gone: the first stops the build, the others are ignored to the end (one

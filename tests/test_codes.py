@@ -567,9 +567,9 @@ def test_merge_places_a_then_adds_b_as_numpy_fancy_indexing_does():
 
 
 def test_merge_all_needs_at_least_one_partial():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="merge_all needs at least one partial"):
         merge_all([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no partials were merged"):
         StreamMerge().result()
 
 

@@ -88,7 +88,6 @@ def test_two_threads_committing_keep_latest_on_the_newest(tmp_path, kind, slow_l
     else:
         root, base = f"memory://conc-{uuid.uuid4().hex[:8]}", None
     rng = random.Random(0)
-    moved_total = 0
     for rnd in range(20):
         # ids a few seconds apart in random order: sometimes the newer one commits first
         ids = [vid_at(rnd * 100 + rng.uniform(0, 5)) for _ in range(2)]
@@ -100,12 +99,10 @@ def test_two_threads_committing_keep_latest_on_the_newest(tmp_path, kind, slow_l
         moved = commit_together(staged)
         newest = max(ids)
         assert moved[newest] is True  # the newest of a round always lands
-        moved_total += sum(moved.values())
         assert TableStore(root, "sids").latest() == newest
     store = TableStore(root, "sids")
     assert len(store.versions()) == 40
     assert_store_is_clean(store, base)
-    assert 20 <= moved_total <= 40
 
 
 def test_an_older_version_committing_late_leaves_latest_alone(tmp_path):
@@ -128,6 +125,7 @@ from tests.test_store import write_version
 root, ids = sys.argv[1], sys.argv[2].split(",")
 store = TableStore(root, "sids")
 staged = [(v, *write_version(store, v)) for v in ids]
+print("staged", flush=True)
 sys.stdin.readline()  # start together
 for v, files, man in staged:
     store.commit(v, man, files)
@@ -139,9 +137,10 @@ def test_two_processes_committing_share_the_lock_file(tmp_path):
     ids = sorted(vid_at(s + random.random()) for s in range(0, 200, 10))
     random.Random(1).shuffle(ids)
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, root, ",".join(ids[i::2])],
-                              cwd=REPO, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    time.sleep(2.0)  # both have staged their versions
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:  # both have staged their versions before either commits
+        assert p.stdout.readline() == "staged\n", p.stderr.read()[-2000:]
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()

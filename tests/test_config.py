@@ -156,7 +156,7 @@ def test_missing_required_keys(data, key):
 
 
 def test_top_level_must_be_a_mapping():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^config: expected a mapping, got list$"):
         parse_config(["input"])  # type: ignore[arg-type]
 
 
@@ -244,7 +244,8 @@ def test_override_without_equals_raises():
 
 
 def test_override_into_a_scalar_raises():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError,
+                       match="^override input.path.deeper: 'path' is not a section$"):
         apply_overrides(MINIMAL, ["input.path.deeper=1"])
 
 
@@ -301,7 +302,7 @@ def test_load_config_errors_name_file_and_key(tmp_path):
     assert "nope.yaml" in str(exc.value)
     broken = tmp_path / "broken.yaml"
     broken.write_text("input: [unclosed\n")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"broken\.yaml:2:1: not valid YAML: "):
         load_config(broken)
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(MINIMAL))

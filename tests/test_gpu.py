@@ -29,7 +29,7 @@ def test_encode_on_gpu_matches_cpu():
         gpu = encode_batch(books, x, chunk_rows=4096, device="cuda")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    assert (cpu.codes == gpu.codes).mean() >= 0.9999
+    assert (cpu.codes == gpu.codes).all(axis=1).mean() >= 0.9999  # (items, not tokens)
     np.testing.assert_allclose(cpu.qerr, gpu.qerr, rtol=1e-3, atol=1e-3)
 
 
@@ -61,8 +61,8 @@ def test_kmeans_fit_on_gpu_matches_cpu_quality():
     assert (labels_cpu == labels_gpu).mean() >= 0.9999
 
 
-def test_bf16_fast_path_on_gpu_keeps_nearly_all_codes():
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_bf16_fast_path_on_gpu_keeps_nearly_all_codes(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # (restored after)
     x = clustered(20000, 64, seed=3)
     books = [clustered(k, 64, seed=10 + k) for k in (256, 256, 256)]
     exact = encode_batch(books, x, chunk_rows=4096)
@@ -80,9 +80,8 @@ def test_local_build_encoding_on_gpu_writes_the_cpu_builds_sids(small_catalog, t
     a = store.read_data(cpu.version_id).sort_by("item_id")
     b = store.read_data(gpu.version_id).sort_by("item_id")
     assert a.num_rows == b.num_rows == 2400
-    same = np.asarray(a["sid"].to_pylist(), dtype=object) == np.asarray(b["sid"].to_pylist(),
-                                                                           dtype=object)
-    assert same.mean() >= 0.999  # fp32 near-ties may flip
+    same = np.array([p == q for p, q in zip(a["sid"].to_pylist(), b["sid"].to_pylist())])
+    assert same.mean() >= 0.999  # items whose whole SID is the same (fp32 near-ties may flip)
 
 
 def test_gpu_benchmark_section_on_the_card():

@@ -241,6 +241,7 @@ def _worker_settings(probe: str) -> None:
                           f"{'None' if thp == 'None' else 'True'}]"], out.stderr[-2000:]
 
 
+@pytest.mark.engine
 def test_embedded_ray_workers_start_with_worker_env(tmp_path):
     """The engine's own Ray hands the settings to its worker processes."""
     pytest.importorskip("ray")
@@ -257,6 +258,7 @@ ray.shutdown()
 """)
 
 
+@pytest.mark.engine
 def test_spark_workers_of_a_started_session_get_worker_env(tmp_path):
     """A Spark session the engine starts hands the settings to its Python workers."""
     pytest.importorskip("pyspark")

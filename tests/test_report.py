@@ -258,9 +258,9 @@ def test_build_writes_report_with_figures_equal_to_png_files(built):
 
 
 @pytest.mark.parametrize("relative", [False, True])
-def test_cli_report_restores_missing_files_with_the_committed_bytes(built, capsys, monkeypatch,
-                                                                    relative):
-    store, vid = built
+def test_cli_report_restores_missing_files_with_the_committed_bytes(copied, capsys,
+                                                                    monkeypatch, relative):
+    store, vid = copied  # (a copy: the module's built version stays whole for the others)
     vdir = Path(store.version_dir(vid))
     manifest = (vdir / "_manifest.json").read_bytes()
     listed = _report_files(store, vid)

@@ -69,11 +69,12 @@ def test_uncommitted_version_is_invisible(root):
     assert store.fs.exists(store.version_dir(vid))  # the files really are there
     assert store.versions() == []
     assert store.latest() is None
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match="has no committed version yet; run `semid build`"):
         store.resolve("latest")
-    with pytest.raises(StoreError):
+    uncommitted = f"version '{vid}' of table .* is not committed \\(a build running, failed"
+    with pytest.raises(StoreError, match=uncommitted):
         store.resolve(vid)
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=uncommitted):
         store.read_data(vid)
 
 
