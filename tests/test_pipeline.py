@@ -68,6 +68,26 @@ def test_build_commits_a_reconciled_version(small_catalog, root):
     assert store.manifest(res2.version_id)["parent"] == res.version_id
 
 
+def test_the_settings_of_parallelism_leave_the_sids_as_they_are(small_catalog, root):
+    """README's seed row: the same SIDs whatever encode.shard_rows, encode.chunk_rows,
+    driver.gather_rows (200: duplicates checked in hash buckets, the capacity moves in
+    prefix ranges and the suffixes ranked through staging) and fit.num_workers, with a
+    sampled fit (1,500 of 2,400 rows) and the capacity bound moving items."""
+    catalog, x = small_catalog
+    settings = [{}, {"encode__shard_rows": 300, "encode__chunk_rows": 128},
+                {"encode__shard_rows": 2400, "driver__gather_rows": 200,
+                 "fit__num_workers": 1}]
+    tables = []
+    for over in settings:
+        res = build(small_config(catalog, root, collisions__max_per_sid=4, **over),
+                    log=lambda msg: None)
+        assert res.metrics["collisions"]["reassigned"] > 0
+        table = TableStore(root, "sids").read_data(res.version_id).sort_by("item_id")
+        tables.append(table.select(["item_id", "codes", "sid", "sid_layers", "suffix"]))
+    assert tables[0].num_rows == len(x)
+    assert tables[1].equals(tables[0]) and tables[2].equals(tables[0])
+
+
 def test_a_one_layer_quantizer_builds(small_catalog, root):
     """One layer: SIDs of one token, no layer-to-layer flows (the build failed writing
     analytics/flows.parquet from no transitions)."""
