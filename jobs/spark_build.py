@@ -35,19 +35,19 @@ their counts are collected through Spark).
 
 import sys
 
-from semid_dist.cli import entry
+from semid_dist.cli import command_names, entry
 
-OTHER_COMMANDS = ("versions", "report", "validate", "bench")  # semid's, not this job's
+JOB_COMMANDS = ("build", "encode")  # the semid commands this job runs
 
 
 def spark_argv(argv: list[str]) -> list[str]:
     """`[build|encode] --config F [k=v ...]` -> the `semid` argv, with engine=spark added next
     to the other overrides (argparse takes them as one group) unless one names the engine."""
-    if argv[:1] and argv[0] in OTHER_COMMANDS:  # (`versions list` was `build`'s "--config
-        # is required")
+    if argv[:1] and argv[0] not in JOB_COMMANDS and argv[0] in command_names():
+        # (`versions list` was `build`'s "--config is required")
         raise ValueError(f"runs build or encode, not {argv[0]}; run `semid {argv[0]} ...` "
                          "for that")
-    command = argv[0] if argv[:1] in (["build"], ["encode"]) else "build"
+    command = argv[0] if argv[:1] and argv[0] in JOB_COMMANDS else "build"
     rest = argv[1:] if argv[:1] == [command] else list(argv)
     if not any(a.startswith("engine=") for a in rest):
         overrides = [i for i, a in enumerate(rest)

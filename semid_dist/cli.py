@@ -635,6 +635,12 @@ def _exit(run: Callable[[], int]) -> None:
     sys.exit(status)
 
 
+def command_names() -> list[str]:
+    """The `semid` commands, as its parser has them (`jobs/spark_build.py` runs two)."""
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(commands.choices)
+
+
 def entry(argv: list[str] | None = None) -> None:
     """The `semid` command (`argv`, default the process's): `main`, then exit with its
     status. The Ctrl-Cs after the first,

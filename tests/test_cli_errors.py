@@ -5,6 +5,7 @@ in a process of its own."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from semid_dist.cli import command_names
 from semid_dist.io.store import TableStore
 from tests.conftest import (
     REPO,
@@ -144,6 +146,16 @@ def test_the_spark_job_names_the_commands_it_runs():
     assert (run.returncode, run.stderr) == (2, "spark_build.py: error: runs build or encode, "
                                                "not versions; run `semid versions ...` for "
                                                "that\n")
+    spec = importlib.util.spec_from_file_location("spark_build", REPO / "jobs/spark_build.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    others = [c for c in command_names() if c not in ("build", "encode")]
+    assert {"versions", "report", "validate", "bench"} <= set(others)
+    for command in others:  # every other command of semid's parser, a new one too
+        with pytest.raises(ValueError, match=f"runs build or encode, not {command}; "):
+            job.spark_argv([command, "--help"])
+    assert job.spark_argv(["encode", "--config", "c.yaml", "x=1"]) == [
+        "encode", "--config", "c.yaml", "engine=spark", "x=1"]
 
 
 def test_an_empty_path_option_is_refused():
