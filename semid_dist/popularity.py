@@ -25,7 +25,7 @@ from semid_dist.codes.headsplit import (
 )
 from semid_dist.errors import InputError
 from semid_dist.io.catalog import CatalogPlan, Shard, read_shard
-from semid_dist.io.fs import redact_url
+from semid_dist.io.fs import shown_path
 from semid_dist.io.validate import popularity_values
 from semid_dist.stages import JobContext
 
@@ -76,7 +76,7 @@ def check_popularity(scans: Sequence[PopularityScan], plan: CatalogPlan, column:
     pos, row, value = min(s.first_bad for s in scans if s.first_bad is not None)
     shard = plan.shards[pos]
     raise InputError(f"input.popularity_column={column!r} holds {count} NaN, infinite or "
-                     f"negative values (e.g. {value!r} at {redact_url(shard.path)}:"
+                     f"negative values (e.g. {value!r} at {shown_path(plan.url, shard.path)}:"
                      f"{shard.row_offset + row}); popularity must be finite and >= 0 (nulls "
                      "count as 0): fix those rows, or unset input.popularity_column")
 

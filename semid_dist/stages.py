@@ -97,7 +97,7 @@ def _read(ctx: JobContext, shard: Shard) -> pa.Table:
 
 def _validate(ctx: JobContext, shard: Shard, raw: pa.Table) -> ValidBatch:
     return validate_batch(raw, id_column=ctx.id_column, embedding_column=ctx.embedding_column,
-                          dim=ctx.dim, source_file=fsio.redact_url(shard.path),
+                          dim=ctx.dim, source_file=fsio.shown_path(ctx.catalog_url, shard.path),
                           row_offset=shard.row_offset,
                           popularity_column=ctx.popularity_column,
                           duplicate_ids=ctx.duplicate_ids,
@@ -113,8 +113,8 @@ def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | Non
     pop = None
     if ctx.popularity_column:
         pop = popularity_values(t.column(ctx.popularity_column), name=ctx.popularity_column,
-                                source=fsio.redact_url(shard.path))
-    return normalize_ids(t.column(ctx.id_column), fsio.redact_url(shard.path),
+                                source=fsio.shown_path(ctx.catalog_url, shard.path))
+    return normalize_ids(t.column(ctx.id_column), fsio.shown_path(ctx.catalog_url, shard.path),
                          shard.row_offset), pop
 
 

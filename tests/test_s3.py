@@ -432,6 +432,23 @@ def test_storage_gone_after_the_manifest_says_the_version_stands(s3, bucket, tmp
     assert TableStore(root, "sids").versions() == [vid]
 
 
+def test_an_object_store_catalogs_files_are_named_by_their_urls(s3, bucket, tmp_path):
+    """The rejects' source_file and a catalog error name an s3:// file by its URL (they gave
+    fsspec's path, `bucket/catalog/part-000.parquet`, which names no file)."""
+    x = clustered(600, 8, seed=8)
+    x[5, 2] = float("nan")
+    url = upload_catalog(s3, write_catalog(tmp_path / "cat", x), bucket)
+    root = f"s3://{bucket}/tables"
+    cfg = small_config(url, root, quantizer__layers=[8, 4], fit__sample_size=500)
+    res = build(cfg, log=quiet)
+    rejects = TableStore(root, "sids").read_data(res.version_id, kind="rejects")
+    assert rejects.column("source_file").to_pylist() == [f"{url}/part-000.parquet"]
+    s3.fs.pipe_file(f"{bucket}/catalog/part-001.parquet", b"")
+    with pytest.raises(InputError, match=re.escape(
+            f"catalog file '{url}/part-001.parquet' is empty (0 bytes)")):
+        build(cfg, log=quiet)
+
+
 def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):
     """fsspec's HTTP filesystem takes `user:password@` from the URL: the build works, and the
     manifest, every object, the rejects' source_file and the logs show `***` instead."""

@@ -150,15 +150,17 @@ def _file_version(info: dict) -> str | None:
     return None
 
 
-def _footer(fs, path: str, size: int | None) -> pq.FileMetaData:
+def _footer(fs, url: str, path: str, size: int | None) -> pq.FileMetaData:
+    shown = fsio.shown_path(url, path)
     if size == 0:
-        raise _input_error(f"catalog file {path!r} is empty (0 bytes); remove it or re-export it")
+        raise _input_error(f"catalog file {shown!r} is empty (0 bytes); remove it or re-export "
+                           "it")
     try:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _input_error(f"catalog file {path!r} is not readable Parquet ({exc}); "
-                         "remove or repair it, then re-run") from None
+        raise _input_error(f"catalog file {shown!r} is not readable Parquet ({exc}); "
+                           "remove or repair it, then re-run") from None
 
 
 def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
@@ -174,11 +176,11 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     files, skipped = catalog_files(url)
     for path in files:
         info = fs.info(path)  # a rewritten file (same rows, same size) is another input
-        meta = _footer(fs, path, info.get("size"))
+        meta = _footer(fs, url, path, info.get("size"))
         file_schema = meta.schema.to_arrow_schema()
         schema = schema or file_schema
         if not any(file_schema.equals(s) for _, s in distinct):
-            distinct.append((path, file_schema))
+            distinct.append((fsio.shown_path(url, path), file_schema))  # (for messages)
         digest.update(json.dumps([fsio.redact_url(path), meta.num_rows, info.get("size"),
                                   _file_version(info)]).encode())
         groups: list[int] = []
@@ -224,7 +226,8 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
             # per page read)
             return pf.read_row_groups(groups, columns=columns, use_threads=READ_THREADS)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _input_error(f"catalog file {shard.path!r}: cannot read row groups "
+        raise _input_error(f"catalog file {fsio.shown_path(url, shard.path)!r}: cannot read "
+                           f"row groups "
                          f"{groups} ({exc}); repair or remove the file") from None
 
 

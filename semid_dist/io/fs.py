@@ -312,6 +312,16 @@ def damaged_parquet(path: str) -> Iterator[None]:
                          "the file is damaged; restore it, or build a new version") from None
 
 
+def shown_path(url: str, path: str) -> str:
+    """A file of `url`'s file system (`path`, as fsspec lists it) as a user names it: with
+    url's scheme where it has one (fsspec's paths drop it: `bucket/cat/part-0.parquet` for
+    s3://bucket/cat/part-0.parquet), credentials masked; a local path as it is."""
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("file", "local") or "://" in path:
+        return redact_url(path)
+    return redact_url(f"{protocol}://{path}")
+
+
 def is_local(fs: AbstractFileSystem) -> bool:
     """Whether `fs` is the machine's own file system (its paths are OS paths)."""
     protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
