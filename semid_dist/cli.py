@@ -495,7 +495,6 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
 # the object stores' "no credentials found" errors (botocore's, google-auth's): raised by
 # the first request, anywhere in a command
-_NO_CREDENTIALS = ("NoCredentialsError", "DefaultCredentialsError")
 
 
 def _run(name: str, run: Callable[[], int], *, exiting: bool,
@@ -572,11 +571,14 @@ def _object_store_line(exc: BaseException,
     (`committed`), the line says whether it did."""
     from semid_dist.io.fs import (
         NO_ANSWER,
+        NO_CREDENTIALS,
+        credentials_advice,
         named,
         no_answer,
         no_answer_advice,
         redact_url,
         refused_option,
+        remote_failure,
     )
 
     def said(names: tuple[str, ...]) -> str:  # (the innermost: not a Ray task's wrapper)
@@ -584,11 +586,9 @@ def _object_store_line(exc: BaseException,
         return f"{type(shown).__name__}: {redact_url(one_line(shown))}"
 
     errors = list(wrapped_errors(exc))
-    if any(named(e, _NO_CREDENTIALS) for e in errors):
-        line = (f"no credentials for the object store ({said(_NO_CREDENTIALS)}); give them in "
-                "the environment (s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
-                "AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) or run where the "
-                "machine's role has them")
+    if any(named(e, NO_CREDENTIALS) for e in errors):
+        line = (f"no credentials for the object store ({said(NO_CREDENTIALS)}); "
+                f"{credentials_advice(remote_failure(exc))}")
     elif no_answer(exc):
         line = (f"the storage does not answer ({said(NO_ANSWER)}); {no_answer_advice()}, then "
                 "run the command again")

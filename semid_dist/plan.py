@@ -155,15 +155,24 @@ def storage_failures(store: TableStore, started: list[str],
     except Exception as exc:
         if started and interrupt_raised():  # what the stopping broke
             raise _interrupted(started[0], committed) from exc
-        fix, doing = fsio.storage_advice(exc, table=True), "writing the table"
+        cause, remote = fsio.storage_cause(exc), fsio.remote_failure(exc)
+        fix, doing = fsio.storage_advice(cause, table=True), "writing the table"
         if fix is None and fsio.no_answer(exc):
-            fix = fsio.no_answer_advice(store.url)
+            fix = fsio.no_answer_advice(store.url) + (
+                " (as the Ray cluster's nodes see it)" if remote else "")
+            doing = "reading the catalog or writing the table"
+        elif fix is None and fsio.named(cause, fsio.NO_CREDENTIALS):
+            fix = fsio.credentials_advice(remote)
             doing = "reading the catalog or writing the table"
         elif fix is None:
             raise
-        where = ("" if getattr(exc, "filename", None)
+        where = ("" if getattr(cause, "filename", None)
                  else f" ({doing} {redact_url(store.url)}?)")
-        what = fsio.failure_text(exc)
+        what = fsio.failure_text(cause) + ("; raised in a Ray task" if remote else "")
+        if fsio.named(cause, fsio.NO_CREDENTIALS):  # (as `semid`'s line for one outside a build)
+            what = f"no credentials for the object store ({what})"
+        elif remote:
+            what = f"{fsio.failure_text(cause)} (raised in a Ray task)"
         again = f" (it resumes version {started[0]})" if started else ""
         raise StoreError(f"{what}{where}; nothing was committed (the table's versions are as "
                          f"they were): {fix}, then run the same command again{again}") from None

@@ -31,7 +31,7 @@ from semid_dist.errors import ConfigError, InputError, StoreError  # noqa: E402
 from semid_dist.io.fs import redact, redact_url  # noqa: E402
 from semid_dist.io.store import MANIFEST, STAGING, TableStore  # noqa: E402
 from semid_dist.pipeline import build  # noqa: E402
-from tests.conftest import clustered, small_config, write_catalog  # noqa: E402
+from tests.conftest import REPO, clustered, small_config, write_catalog  # noqa: E402
 
 
 def _free_port() -> int:
@@ -68,27 +68,34 @@ class Moto:
                 if p == f"/{bucket}" or p.startswith((f"/{bucket}/", f"/{bucket}?"))]
 
 
+def start_moto(port: int, log_path: Path) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:`port`, its log in `log_path`, once it accepts
+    connections."""
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"moto server exited: {log_path.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto server did not start within 60 s")
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """moto's S3 server as a subprocess on 127.0.0.1:PORT, stopped at the end of the session;
     its request log is kept to check what went over the wire."""
     log_path = tmp_path_factory.mktemp("moto") / "requests.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORT)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = start_moto(PORT, log_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited: {log_path.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("moto server did not start within 60 s")
-                time.sleep(0.2)
         s3fs.S3FileSystem.clear_instance_cache()
         yield Moto(s3fs.S3FileSystem(), log_path)
     finally:
@@ -408,6 +415,92 @@ def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
         "table's versions are as they were): check the storage's address (AWS_ENDPOINT_URL, or "
         "the bucket's region) and the network, then run the same command again (it resumes "
         "version 20261206T000000000000Z-abcdef)")
+
+
+def test_storage_failures_in_a_ray_task_are_the_tasks_own_error_in_one_line(ray_session):
+    """A no-answer or no-credentials error raised in a Ray task reaches the driver inside
+    Ray's wrapper, whose text is the task's whole traceback (ANSI colours, ~10 kB in a Ray
+    Data stage): the line names the task's own error, that a Ray task raised it (on a
+    cluster, in its nodes' environment), and the version the same command resumes."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from semid_dist.plan import storage_failures
+
+    ray = ray_session
+
+    @ray.remote(max_retries=0)
+    def task(kind: str) -> None:
+        if kind == "gone":
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
+        raise NoCredentialsError()
+
+    store, vid = TableStore("s3://b/t", "sids"), "20261206T000000000000Z-abcdef"
+    for kind in ("gone", "credentials"):
+        with pytest.raises(StoreError) as err:
+            with storage_failures(store, [vid]):
+                ray.get(task.remote(kind))
+        said = str(err.value)
+        assert "Traceback" not in said and "\x1b" not in said and len(said) < 700, said
+        assert said.endswith(f", then run the same command again (it resumes version {vid})")
+        if kind == "gone":
+            assert said.startswith(
+                'EndpointConnectionError: Could not connect to the endpoint URL: "http://'
+                '127.0.0.1:1/b" (raised in a Ray task) (reading the catalog or writing the '
+                "table s3://b/t/sids?); nothing was committed (the table's versions are as they "
+                "were): check the storage's address (AWS_ENDPOINT_URL, or the bucket's region) "
+                "and the network (as the Ray cluster's nodes see it)"), said
+        else:
+            assert said.startswith(
+                "no credentials for the object store (NoCredentialsError: Unable to locate "
+                "credentials; raised in a Ray task) (reading the catalog or writing the table "
+                "s3://b/t/sids?); nothing was committed (the table's versions are as they "
+                "were): give the Ray cluster's nodes credentials for the object store"), said
+
+
+def test_storage_gone_during_a_ray_train_fit_is_one_line(tmp_path):
+    """The object store gone while Ray Train fits (its workers write the fit's progress and
+    output there): one line naming the client's error and the version the same command
+    resumes, status 2. Ray Train hands the driver its workers' errors as text only: the
+    build ended with Ray Train's traceback, status 1 (its progress thread on the driver
+    also raised in its thread)."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = start_moto(port, tmp_path / "moto.log")
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        fs.mkdir("gone")
+        for f in sorted(Path(write_catalog(tmp_path / "cat", clustered(3000, 16, seed=9),
+                                           files=2)).glob("*.parquet")):
+            fs.pipe_file(f"gone/catalog/{f.name}", f.read_bytes())
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(json.dumps({
+            "engine": "ray", "input": {"path": "s3://gone/catalog"},
+            "output": {"root": "s3://gone/t"}, "ray": {"num_cpus": 2},
+            "quantizer": {"layers": [64, 32, 32], "niter": 400},
+            "fit": {"sample_size": 3000, "max_failures": 0}}))
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1"}
+        build_proc = subprocess.Popen([sys.executable, "-m", "semid_dist.cli", "build",
+                                       "--config", str(cfg)], env=env, stderr=subprocess.PIPE,
+                                      text=True, cwd=REPO)
+        err = ""
+        for line in build_proc.stderr:  # the fit started: the storage goes
+            err += line
+            if "fit: Ray Train" in line:
+                moto.kill()
+                break
+        err += build_proc.communicate(timeout=300)[1]
+    finally:
+        moto.kill()
+        moto.wait()
+    assert build_proc.returncode == 2 and "Traceback" not in err, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"semid build: error: EndpointConnectionError: Could not connect to the endpoint URL: "
+        r'"http://127\.0\.0\.1:\d+/gone/t/sids/versions/\S+" \(raised in a Ray task\) '
+        r"\(reading the catalog or writing the table s3://gone/t/sids\?\); nothing was "
+        r"committed \(the table's versions are as they were\): check the storage's address "
+        r".* \(as the Ray cluster's nodes see it\), then run the same command again \(it "
+        r"resumes version \S+\)", last), last
 
 
 def test_storage_gone_after_the_manifest_says_the_version_stands(s3, bucket, tmp_path,

@@ -47,7 +47,7 @@ def _start_worker(config: dict[str, Any]) -> tuple[int, int, str]:
     set_cpu_threads(config["threads"])
     set_huge_pages(config["huge_pages"])  # where the engine did not start this process
     os.environ.update(config["fault_env"])
-    _quiet_reports()
+    _quiet_worker_logs()
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), "cuda" if config["use_gpu"] else "cpu"
 
@@ -62,16 +62,22 @@ def _train_logging() -> dict[str, Any]:
     return {"logging_config": config(log_level="WARNING")} if config is not None else {}
 
 
-def _quiet_reports() -> None:
+def _quiet_worker_logs() -> None:
     """Ray Train logs every `ray.train.report` at INFO in each worker (`Reporting training
     result ...`, a line per worker and layer or epoch, sent to the driver's console); the
     fit logs its layers itself, so those lines are dropped. (Ray names that logger by its
-    module's file; a Ray without the module logs them as before.)"""
+    module's file; a Ray without the module logs them as before.) And the traceback of the
+    loop's error, which each worker logged to the console (`Error in training function`,
+    dozens of lines a worker, again at each restart) before the driver got it: the driver's
+    error holds the same tracebacks (printed with it where no line names the error), and a
+    storage that does not answer is one line (`fit_on_ray_train`)."""
     try:
+        from ray.train.v2._internal import util
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(util.__name__).setLevel(logging.CRITICAL)
 
 
 def _fault_point(step: int) -> None:
@@ -287,7 +293,13 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         log(f"fit: Ray Train, {fit.num_workers} worker(s), "
             f"{'GPU' if fit.use_gpu else 'CPU'}, sample {len(sample)} x {sample.shape[1]}")
         with train_files.relayed_progress(out, log):
-            _fit(trainer)
+            try:
+                _fit(trainer)
+            except Exception as exc:  # a worker's storage that did not answer: the driver
+                # gets its traceback as text (and the one line a build says of it)
+                if (storage := fsio.no_answer_in_text(exc)) is not None:
+                    raise storage from exc
+                raise
     fitted, stats = _fit_output(out, cfg, log)
     log(f"fit: done on Ray Train, {len(stats)} layers")  # (what comes after the fit)
     return fitted, stats

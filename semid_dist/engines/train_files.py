@@ -33,7 +33,9 @@ def clear(out: str) -> None:
 def _lines(fs: Any, path: str) -> list[str]:
     try:
         return fs.cat_file(path).decode("utf-8").splitlines()
-    except (OSError, ValueError):  # none yet, or unreadable: progress is best effort
+    except Exception as exc:  # none yet, unreadable, or the storage does not answer: progress
+        if not (isinstance(exc, ValueError) or fsio.storage_failure(exc)):  # is best effort
+            raise
         return []
 
 
@@ -53,8 +55,11 @@ class ProgressFile:
         if self.rank != 0:
             return
         self.lines.append(msg)
-        with suppress(OSError):
+        try:
             fsio.write_bytes(self.fs, self.path, ("\n".join(self.lines) + "\n").encode())
+        except Exception as exc:  # (a storage that does not answer: the fit's output, written
+            if not fsio.storage_failure(exc):  # at its end, says so)
+                raise
 
 
 @contextlib.contextmanager

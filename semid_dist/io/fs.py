@@ -150,6 +150,52 @@ NO_ANSWER = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError
               "IncompleteReadError", "ClientConnectorError", "ClientOSError",
               "ClientPayloadError", "ServerTimeoutError", "ServerDisconnectedError")
 _NOT_NO_ANSWER = ("ClientSSLError", "SSLError")  # (a certificate refused: it answered)
+# the object stores' clients' errors for credentials found nowhere (botocore's, google-auth's)
+NO_CREDENTIALS = ("NoCredentialsError", "DefaultCredentialsError")
+
+
+def storage_cause(exc: BaseException) -> BaseException:
+    """The error that says what the storage did, inside `exc`'s wrappers (a Ray task's error
+    wraps the task's own, with its traceback in its text: `wrapped_errors`): the innermost
+    one of a client's no-answer or no-credentials errors, else the innermost OSError, else
+    `exc`."""
+    chain = list(wrapped_errors(exc))
+    for names in (NO_ANSWER, NO_CREDENTIALS):
+        if found := [e for e in chain if named(e, names)]:
+            return found[-1]
+    return next((e for e in reversed(chain) if isinstance(e, OSError)), exc)
+
+
+_NO_ANSWER_TEXT = re.compile(rf"\b({'|'.join(NO_ANSWER)}): ([^\n]*)")
+
+
+def no_answer_in_text(exc: BaseException) -> BaseException | None:
+    """A client's no-answer error that `exc` holds as text only (Ray Train hands the driver
+    its workers' tracebacks as the text of a `WorkerGroupError`), rebuilt as an error of
+    that name and message, the last one named; None where none is."""
+    found = _NO_ANSWER_TEXT.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    return type(name, (Exception,), {"__module__": __name__})(message.strip())
+
+
+def remote_failure(exc: BaseException) -> bool:
+    """Whether `exc` came from a Ray task or worker (Ray's wrappers are among the errors
+    it wraps): it failed on a node of the cluster, in that node's environment."""
+    return any(type(e).__module__.split(".")[0] == "ray" for e in wrapped_errors(exc))
+
+
+def credentials_advice(remote: bool) -> str:
+    """Where to give an object store's credentials that were found nowhere: this machine's
+    environment, or (`remote`: a Ray task's) the cluster's nodes or the job's."""
+    if remote:
+        return ("give the Ray cluster's nodes credentials for the object store (an instance "
+                "role, or their environment), or pass them with the job (ray job submit "
+                "--runtime-env-json '{\"env_vars\": {...}}'): a Ray task found none")
+    return ("give them in the environment (s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) or run where the machine's "
+            "role has them")
 
 
 def no_answer(exc: BaseException) -> bool:
