@@ -135,7 +135,35 @@ def _sample(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
                          + ", or ".join(_sample_fixes(len(sample), drawn, plan.num_rows, k_max)))
     log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed}"
         + (", by item id)" if by_id else ")"))
+    if (far := far_from_origin(sample)) is not None:
+        log(f"warning: {far}")
     return sample, popularity
+
+
+FAR_RATIO = 1e5  # ||mean||^2 / spread past which float32 distances lose the codes' differences
+
+
+def far_from_origin(x: np.ndarray, *, chunk_rows: int = 65536) -> str | None:
+    """A warning where the rows (n, d) float32 sit far from the origin for their spread:
+    distances are ||x||^2 - 2 x.c + ||c||^2 in float32 (as in faiss), whose rounding, about
+    6e-8 of ||x||^2, then swamps the differences between codes (an offset of 100 on rows
+    spread by 0.01 gave 2,937 of 3,000 items a layer-0 code that was not their nearest, and
+    the fit's MSE read 0). None where the squared norm of their mean is under `FAR_RATIO`
+    times their mean squared distance from it (or they are all equal)."""
+    if not len(x):
+        return None
+    mean = x.mean(axis=0, dtype=np.float64)
+    centre = mean.astype(np.float32)
+    spread = sum(float(np.square((x[i:i + chunk_rows] - centre).astype(np.float64)).sum())
+                 for i in range(0, len(x), chunk_rows)) / len(x)
+    ratio = float(mean @ mean) / spread if spread > 0 else 0.0
+    if ratio < FAR_RATIO:
+        return None
+    return (f"the embeddings sit far from the origin for their spread (the squared norm of "
+            f"their mean is {ratio:.1e} times their mean squared distance from it): float32 "
+            "distances lose the differences between codes, so codes may not be the nearest "
+            "and the fit's MSE reads too low; centre them (subtract the catalog's mean "
+            "embedding) before the build")
 
 
 def _sample_fixes(valid: int, drawn: int, rows: int, k_max: int) -> list[str]:

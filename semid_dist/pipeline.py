@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -120,9 +121,11 @@ def _scan(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig,
     elif column:
         threshold = task_threshold(engine, ctx, plan, groups.groups, groups.popularity, column,
                                    share, log)
-    if threshold is not None:
-        log(f"scan: head = popularity >= {threshold:g} "
-            f"(items holding {share:.0%} of popularity)")
+    if threshold is not None and math.isinf(threshold):
+        log("scan: no head: every item's popularity is 0 or null (every item is in the tail)")
+    elif threshold is not None:
+        log(f"scan: head = popularity >= {threshold:g} (the most popular items holding at "
+            f"least {share:.0%} of popularity, every item at {threshold:g} included)")
     return replace(ctx, head_threshold=threshold,
                    reject_zero_vectors=cfg.input.on_zero_vector == "reject")
 

@@ -57,7 +57,13 @@ def capacity_line(col: dict[str, Any], incremental: bool = False) -> list[str]:
 
 
 def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return "n/a" if v is None else f"{v + 0.0:.4f}"  # (+ 0.0: -0.0 reads 0.0000)
+
+
+def _mse(v: float) -> str:
+    """An MSE to 6 decimals, or in e-notation where those would hide it (under 1e-4: an
+    all-but-exact fit) or run long (1e6 and over: embeddings of huge values)."""
+    return f"{v:.6f}" if v == 0 or 1e-4 <= abs(v) < 1e6 else f"{v:.4e}"
 
 
 def _pct(v: float | None) -> str:
@@ -157,7 +163,7 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
         f"SIDs      distinct {col['distinct_sids']}  unique-SID rate "
         f"{col['unique_sid_rate']:.4f}  max items/SID {col['max_items_per_sid']}",
         *capacity_line(col, incremental="incremental" in metrics),
-        f"recon     mse {rec['mse']:.6f}  relative error {rec['relative_error']:.4f}"
+        f"recon     mse {_mse(rec['mse'])}  relative error {rec['relative_error']:.4f}"
         + estimated_mark(metrics),
         f"quality   SC {_fmt(q['semantic_cohesion'])}  PD {_fmt(q['preference_discrimination'])}"
         f"  (depth {q['depth']})" + estimated_mark(metrics),
@@ -169,7 +175,7 @@ def format_summary(version_id: str, path: str, metrics: dict[str, Any],
             at = min(1, len(sub["layers"]) - 1)  # L1's, or a one-layer quantizer's L0
             lines.append(f"{part:<9} {sub['items']} items  unique-SID rate "
                          f"{sub['collisions']['unique_sid_rate']:.4f}  mse "
-                         f"{sub['reconstruction']['mse']:.6f}  L{at} gini "
+                         f"{_mse(sub['reconstruction']['mse'])}  L{at} gini "
                          f"{sub['layers'][at]['gini']:.4f}{moved}")
     if "hourglass" in metrics:
         lines.append(f"hourglass {metrics['hourglass']['verdict']}")

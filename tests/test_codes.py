@@ -893,11 +893,12 @@ def test_quality_warnings_name_a_collapsed_layer_and_a_barely_learned_quantizer(
 
     assert quality_warnings(metrics([250, 200], [256, 256], 0.4), 5000, learned=True) == []
     assert quality_warnings(metrics([401, 4000], [4096, 4096], 0.95), 5000, learned=False) == [
-        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed (a smaller "
-        "layer)"]
+        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed, or the "
+        "items hold fewer distinct values there (use a smaller layer)"]
     assert quality_warnings(metrics([401], [4096], 0.5), 5000, learned=True) == [
-        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed (a lower "
-        "quantizer.lr, or a smaller layer)"]
+        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed, or the "
+        "items hold fewer distinct values there (use a lower quantizer.lr, or a smaller "
+        "layer)"]
     # what a layer could use is its size or, where fewer, the items; under 10: not said
     assert quality_warnings(metrics([2, 1], [4096, 8], 0.2), 20, learned=False) == []
     assert quality_warnings(metrics([1, 1], [4096, 8], 0.2), 20, learned=False)[0].startswith(
@@ -907,10 +908,19 @@ def test_quality_warnings_name_a_collapsed_layer_and_a_barely_learned_quantizer(
         "zero vectors would (1.0); train it longer (quantizer.epochs, a smaller "
         "quantizer.batch_size) or with a higher quantizer.lr"]
     assert quality_warnings(metrics([16], [16], 0.95), 5000, learned=False) == []
+    tied = {**metrics([16], [16], 0.5), "head": {"items": 5000}, "tail": {"items": 0}}
+    assert quality_warnings(tied, 5000, learned=False) == [
+        "the head holds all 5000 items and the tail none: every item's popularity is at or "
+        "above the head's threshold (the items tied at it join the head), so the head / tail "
+        "figures compare nothing; a lower metrics.head_share, or finer popularity values, "
+        "split them"]
+    split = {**tied, "head": {"items": 4000}, "tail": {"items": 1000}}
+    assert quality_warnings(split, 5000, learned=False) == []
     # a re-encode's codebooks change by a new fit only
     assert quality_warnings(metrics([401], [4096], 0.95), 5000, learned=True, reused=True) == [
-        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed (refit the "
-        "codebooks (a build without encode.from_version))",
+        "layer 0 uses 401 of its 4096 codes for 5000 items: its codebook collapsed, or the "
+        "items hold fewer distinct values there (refit the codebooks (a build without "
+        "encode.from_version))",
         "relative error 0.950: the learned quantizer reconstructs the items hardly better than "
         "zero vectors would (1.0); refit the codebooks (a build without "
         "encode.from_version): train it longer (quantizer.epochs, a smaller "

@@ -29,7 +29,7 @@ from semid_dist.io.store import STAGING, TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize import decode
 from semid_dist.stages import JobContext, StepClock, load_codebooks
-from tests.conftest import REPO, clustered, small_config, write_catalog
+from tests.conftest import DEMO, REPO, clustered, small_config, write_catalog
 
 
 def quiet(msg: str) -> None:
@@ -86,6 +86,25 @@ def test_the_settings_of_parallelism_leave_the_sids_as_they_are(small_catalog, r
         tables.append(table.select(["item_id", "codes", "sid", "sid_layers", "suffix"]))
     assert tables[0].num_rows == len(x)
     assert tables[1].equals(tables[0]) and tables[2].equals(tables[0])
+
+
+def test_embeddings_far_from_the_origin_for_their_spread_are_warned_of(tmp_path, root):
+    """float32 distances (||x||^2 - 2 x.c + ||c||^2) lose the codes' differences when the
+    rows sit far from the origin for their spread: the build says so, and how to mend it."""
+    from semid_dist.codebooks import far_from_origin
+
+    base = clustered(3000, 32, seed=2)
+    far = (base * 0.01 + 100).astype(np.float32)
+    assert far_from_origin(base) is None and far_from_origin(np.ones((50, 4), np.float32)) is None
+    demo = pq.read_table(DEMO, columns=["embedding"]).column("embedding")
+    assert far_from_origin(np.array(demo.to_pylist(), np.float32)) is None
+    said = far_from_origin(far)
+    assert said is not None and said.endswith("centre them (subtract the catalog's mean "
+                                              "embedding) before the build")
+    assert far_from_origin(base * 0.01 + np.float32(0.3)) is None  # (a modest offset)
+    lines: list[str] = []
+    build(small_config(write_catalog(tmp_path / "far", far), root), log=lines.append)
+    assert [m for m in lines if m.startswith("warning: ")] == [f"warning: {said}"]
 
 
 def test_a_one_layer_quantizer_builds(small_catalog, root):

@@ -237,20 +237,26 @@ FEW_CODES = 0.1  # a share of the codes a layer could use, under which it is sai
 
 def quality_warnings(metrics: dict[str, Any], items: int, *, learned: bool,
                      reused: bool = False) -> list[str]:
-    """What the build's log says of figures that show the codebooks hardly code the items:
+    """What the build's log warns of in its figures: the codebooks hardly coding the items,
     a layer using under `FEW_CODES` of the codes it could (its size, or the items where
     fewer; from 10 on): its codebook collapsed; and a `learned` quantizer whose relative error
     is `BARELY_LEARNED` or more (zero vectors give 1.0: too few optimizer steps, or a
-    learning rate too low). `reused`: the codebooks are a version's (encode.from_version),
-    which only a new fit changes."""
+    learning rate too low); and a head holding every item (ties at its threshold).
+    `reused`: the codebooks are a version's (encode.from_version), which only a new fit
+    changes."""
     refit = "refit the codebooks (a build without encode.from_version)"
-    fix = (refit if reused else "a lower quantizer.lr, or a smaller layer" if learned
-           else "a smaller layer")
+    fix = (refit if reused else "use a lower quantizer.lr, or a smaller layer" if learned
+           else "use a smaller layer")
     out = [f"layer {i} uses {layer['used']} of its {layer['size']} codes for {items} items: "
-           f"its codebook collapsed ({fix})"
+           f"its codebook collapsed, or the items hold fewer distinct values there ({fix})"
            for i, layer in enumerate(metrics["layers"])
            if min(layer["size"], items) >= 10
            and layer["used"] < FEW_CODES * min(layer["size"], items)]
+    if metrics.get("tail", {}).get("items") == 0 and metrics.get("head", {}).get("items"):
+        out.append(f"the head holds all {items} items and the tail none: every item's "
+                   "popularity is at or above the head's threshold (the items tied at it join "
+                   "the head), so the head / tail figures compare nothing; a lower "
+                   "metrics.head_share, or finer popularity values, split them")
     rel = metrics["reconstruction"]["relative_error"]
     if learned and rel >= BARELY_LEARNED:
         train = ("train it longer (quantizer.epochs, a smaller quantizer.batch_size) or with "

@@ -72,8 +72,10 @@ def split_sample(sample: np.ndarray, head: np.ndarray, layers: tuple[int, ...] |
     if n_head == 0 or n_tail == 0:
         raise InputError(f"acrq: the fit sample's popularity puts {n_head} rows in the head "
                          f"and {n_tail} in the tail; check input.popularity_column (all null, "
-                         "zero or equal values leave nothing to split) and "
-                         "metrics.head_share (strictly between 0 and 1)")
+                         "zero or equal values leave nothing to split; every item tied at the "
+                         "head's threshold joins the head: popularity counts where most items "
+                         "hold the lowest value put them all there) and metrics.head_share "
+                         "(strictly between 0 and 1: a lower share)")
     if n_head < need_head:
         raise InputError(f"acrq: the fit sample holds {n_head} head rows, fewer than the "
                          f"largest anchor codebook ({need_head}); raise metrics.head_share "
