@@ -493,10 +493,6 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                 table=args.command not in ("bench", "validate"))
 
 
-# the object stores' "no credentials found" errors (botocore's, google-auth's): raised by
-# the first request, anywhere in a command
-
-
 def _run(name: str, run: Callable[[], int], *, exiting: bool,
          committed: Callable[[], str | None] | None = None, table: bool = True) -> int:
     """`run()` with a command's endings: its status; a named failure one line `NAME: error:

@@ -135,7 +135,7 @@ def _sample(engine: Engine, ctx: JobContext, plan: CatalogPlan, cfg: BuildConfig
                          + ", or ".join(_sample_fixes(len(sample), drawn, plan.num_rows, k_max)))
     log(f"sample: {len(sample)} valid rows of {plan.num_rows} (seed {cfg.seed}"
         + (", by item id)" if by_id else ")"))
-    if (far := far_from_origin(sample)) is not None:
+    if not cfg.learned and (far := far_from_origin(sample)) is not None:  # (k-means' codes)
         log(f"warning: {far}")
     return sample, popularity
 

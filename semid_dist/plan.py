@@ -155,7 +155,8 @@ def storage_failures(store: TableStore, started: list[str],
     except Exception as exc:
         if started and interrupt_raised():  # what the stopping broke
             raise _interrupted(started[0], committed) from exc
-        cause, remote = fsio.storage_cause(exc), fsio.remote_failure(exc)
+        remote = fsio.remote_failure(exc)  # (a Ray task's: its own error, not the wrapper's)
+        cause = fsio.storage_cause(exc) if remote else exc
         fix, doing = fsio.storage_advice(cause, table=True), "writing the table"
         if fix is None and fsio.no_answer(exc):
             fix = fsio.no_answer_advice(store.url) + (
@@ -168,13 +169,11 @@ def storage_failures(store: TableStore, started: list[str],
             raise
         where = ("" if getattr(cause, "filename", None)
                  else f" ({doing} {redact_url(store.url)}?)")
-        what = fsio.failure_text(cause) + ("; raised in a Ray task" if remote else "")
+        what, task = fsio.failure_text(cause), " (raised in a Ray task)" if remote else ""
         if fsio.named(cause, fsio.NO_CREDENTIALS):  # (as `semid`'s line for one outside a build)
-            what = f"no credentials for the object store ({what})"
-        elif remote:
-            what = f"{fsio.failure_text(cause)} (raised in a Ray task)"
+            what, task = f"no credentials for the object store ({what}){task}", ""
         again = f" (it resumes version {started[0]})" if started else ""
-        raise StoreError(f"{what}{where}; nothing was committed (the table's versions are as "
+        raise StoreError(f"{what}{task}{where}; nothing was committed (the table's versions are as "
                          f"they were): {fix}, then run the same command again{again}") from None
 
 

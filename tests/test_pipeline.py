@@ -71,12 +71,11 @@ def test_build_commits_a_reconciled_version(small_catalog, root):
 def test_the_settings_of_parallelism_leave_the_sids_as_they_are(small_catalog, root):
     """README's seed row: the same SIDs whatever encode.shard_rows, encode.chunk_rows,
     driver.gather_rows (200: duplicates checked in hash buckets, the capacity moves in
-    prefix ranges and the suffixes ranked through staging) and fit.num_workers, with a
-    sampled fit (1,500 of 2,400 rows) and the capacity bound moving items."""
+    prefix ranges and the suffixes ranked through staging), with a sampled fit (1,500 of
+    2,400 rows) and the capacity bound moving items (fit.num_workers: the Ray tests)."""
     catalog, x = small_catalog
     settings = [{}, {"encode__shard_rows": 300, "encode__chunk_rows": 128},
-                {"encode__shard_rows": 2400, "driver__gather_rows": 200,
-                 "fit__num_workers": 1}]
+                {"encode__shard_rows": 2400, "driver__gather_rows": 200}]
     tables = []
     for over in settings:
         res = build(small_config(catalog, root, collisions__max_per_sid=4, **over),

@@ -31,7 +31,7 @@ from semid_dist.quantize.encode import (
     tile_rows,
 )
 from semid_dist.quantize.group_sum import exact_scale, group_sum, unit_group_sum
-from semid_dist.quantize.kmeans import kmeans_plusplus, lloyd_stats
+from semid_dist.quantize.kmeans import _sample_scale, kmeans_plusplus, lloyd_stats
 from semid_dist.quantize.residual import init_subset
 from tests.conftest import DEMO, clustered
 
@@ -442,6 +442,35 @@ def test_workers_with_all_reduce_equal_one_worker_bit_for_bit(workers):
     for layer in range(2):
         for rank in range(workers):
             assert np.array_equal(out[rank][layer], single[layer])
+
+
+def _in_threads(n: int, fn) -> dict[int, object]:
+    """{rank: fn(rank)} for ranks 0..n-1, each in a thread of its own (as workers)."""
+    out: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, fn(r))) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_a_worker_without_rows_leaves_the_fit_as_it_is():
+    """A Ray Train worker may hold no row of a layer's sample (more workers than rows) or
+    only zero rows: it sets no exponent of the common fixed point (at exponent 0 it gave a
+    sample under 0.5 in size a coarser scale than one process's, moving centroids' last
+    bits): the fit is one process's over all the rows, bit for bit."""
+    x = (clustered(600, 6, seed=7) * np.float32(0.01)).astype(np.float32)
+    for empty in (x[:0], np.zeros((5, 6), np.float32)):
+        rows, parts = np.concatenate([x, empty]), [x[0::2], x[1::2], empty]
+        single, _ = fit_residual_kmeans(rows, [8, 4], niter=4, seed=1, init_points=x)
+        fit, fix = ThreadAllReduce(3), ThreadAllReduce(3)
+        fits = _in_threads(3, lambda r, parts=parts, c=fit: fit_residual_kmeans(
+            parts[r], [8, 4], niter=4, seed=1, init_points=x, all_reduce=c)[0])
+        for books in fits.values():
+            assert all(np.array_equal(books[i], single[i]) for i in range(2)), len(empty)
+        scales = _in_threads(3, lambda r, parts=parts, c=fix: _sample_scale(parts[r], c))
+        assert set(scales.values()) == {_sample_scale(rows, lambda a: a)}  # one process's
 
 
 def test_a_centroid_does_not_depend_on_the_workers_split_of_its_rows():

@@ -28,7 +28,7 @@ pytest.importorskip("moto.server")
 
 from semid_dist.cli import main  # noqa: E402
 from semid_dist.errors import ConfigError, InputError, StoreError  # noqa: E402
-from semid_dist.io.fs import redact, redact_url  # noqa: E402
+from semid_dist.io.fs import redact, redact_url, shown_path  # noqa: E402
 from semid_dist.io.store import MANIFEST, STAGING, TableStore  # noqa: E402
 from semid_dist.pipeline import build  # noqa: E402
 from tests.conftest import REPO, clustered, small_config, write_catalog  # noqa: E402
@@ -417,46 +417,7 @@ def test_storage_gone_under_a_build_names_the_version_it_resumes(tmp_path):
         "version 20261206T000000000000Z-abcdef)")
 
 
-def test_storage_failures_in_a_ray_task_are_the_tasks_own_error_in_one_line(ray_session):
-    """A no-answer or no-credentials error raised in a Ray task reaches the driver inside
-    Ray's wrapper, whose text is the task's whole traceback (ANSI colours, ~10 kB in a Ray
-    Data stage): the line names the task's own error, that a Ray task raised it (on a
-    cluster, in its nodes' environment), and the version the same command resumes."""
-    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
-
-    from semid_dist.plan import storage_failures
-
-    ray = ray_session
-
-    @ray.remote(max_retries=0)
-    def task(kind: str) -> None:
-        if kind == "gone":
-            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
-        raise NoCredentialsError()
-
-    store, vid = TableStore("s3://b/t", "sids"), "20261206T000000000000Z-abcdef"
-    for kind in ("gone", "credentials"):
-        with pytest.raises(StoreError) as err:
-            with storage_failures(store, [vid]):
-                ray.get(task.remote(kind))
-        said = str(err.value)
-        assert "Traceback" not in said and "\x1b" not in said and len(said) < 700, said
-        assert said.endswith(f", then run the same command again (it resumes version {vid})")
-        if kind == "gone":
-            assert said.startswith(
-                'EndpointConnectionError: Could not connect to the endpoint URL: "http://'
-                '127.0.0.1:1/b" (raised in a Ray task) (reading the catalog or writing the '
-                "table s3://b/t/sids?); nothing was committed (the table's versions are as they "
-                "were): check the storage's address (AWS_ENDPOINT_URL, or the bucket's region) "
-                "and the network (as the Ray cluster's nodes see it)"), said
-        else:
-            assert said.startswith(
-                "no credentials for the object store (NoCredentialsError: Unable to locate "
-                "credentials; raised in a Ray task) (reading the catalog or writing the table "
-                "s3://b/t/sids?); nothing was committed (the table's versions are as they "
-                "were): give the Ray cluster's nodes credentials for the object store"), said
-
-
+@pytest.mark.engine
 def test_storage_gone_during_a_ray_train_fit_is_one_line(tmp_path):
     """The object store gone while Ray Train fits (its workers write the fit's progress and
     output there): one line naming the client's error and the version the same command
@@ -503,6 +464,50 @@ def test_storage_gone_during_a_ray_train_fit_is_one_line(tmp_path):
         r"resumes version \S+\)", last), last
 
 
+@pytest.mark.engine
+def test_storage_failures_in_a_ray_task_are_the_tasks_own_error_in_one_line(ray_session):
+    """A no-answer or no-credentials error raised in a Ray task reaches the driver inside
+    Ray's wrapper, whose text is the task's whole traceback (ANSI colours, ~10 kB in a Ray
+    Data stage): the line names the task's own error, that a Ray task raised it (on a
+    cluster, in its nodes' environment), and the version the same command resumes."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from semid_dist.plan import storage_failures
+
+    ray = ray_session
+
+    @ray.remote(max_retries=0)
+    def task(kind: str) -> None:
+        if kind == "gone":
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
+        raise NoCredentialsError()
+
+    store, vid = TableStore("s3://b/t", "sids"), "20261206T000000000000Z-abcdef"
+    for kind in ("gone", "credentials"):
+        with pytest.raises(StoreError) as err:
+            with storage_failures(store, [vid]):
+                ray.get(task.remote(kind))
+        said = str(err.value)
+        assert "Traceback" not in said and "\x1b" not in said and len(said) < 700, said
+        assert said.endswith(f", then run the same command again (it resumes version {vid})")
+        if kind == "gone":
+            assert said.startswith(
+                'EndpointConnectionError: Could not connect to the endpoint URL: "http://'
+                '127.0.0.1:1/b" (raised in a Ray task) (reading the catalog or writing the '
+                "table s3://b/t/sids?); nothing was committed (the table's versions are as they "
+                "were): check the storage's address (AWS_ENDPOINT_URL, or the bucket's region) "
+                "and the network (as the Ray cluster's nodes see it)"), said
+        else:
+            assert said.startswith(
+                "no credentials for the object store (NoCredentialsError: Unable to locate "
+                "credentials) (raised in a Ray task) (reading the catalog or writing the table "
+                "s3://b/t/sids?); nothing was committed (the table's versions are as they "
+                "were): give Ray's workers credentials for the object store: a cluster's nodes "
+                "an instance role or them in their environment, or pass them with the job (ray "
+                "job submit --runtime-env-json '{\"env_vars\": {...}}'); an embedded Ray's "
+                "workers take this environment as it was when Ray started, then"), said
+
+
 def test_storage_gone_after_the_manifest_says_the_version_stands(s3, bucket, tmp_path,
                                                                  monkeypatch):
     """The server gone between the manifest and `_latest` (a fault injected in place of
@@ -540,6 +545,20 @@ def test_an_object_store_catalogs_files_are_named_by_their_urls(s3, bucket, tmp_
     with pytest.raises(InputError, match=re.escape(
             f"catalog file '{url}/part-001.parquet' is empty (0 bytes)")):
         build(cfg, log=quiet)
+
+
+@pytest.mark.parametrize("url, path, shown", [
+    ("s3://b/cat", "b/cat/p.parquet", "s3://b/cat/p.parquet"),
+    ("ftp://u:pw@host:21/dir", "/dir/p.parquet", "ftp://***@host:21/dir/p.parquet"),
+    ("hdfs://nn:8020/data", "/data/p.parquet", "hdfs://nn:8020/data/p.parquet"),
+    ("memory://cat", "/cat/p.parquet", "memory:///cat/p.parquet"),
+    ("simplecache::s3://b/c", "b/c/p.parquet", "s3://b/c/p.parquet"),
+    ("/tmp/x", "/tmp/x/p.parquet", "/tmp/x/p.parquet"),
+    ("http://u:p@h/x.parquet", "http://u:p@h/x.parquet", "http://***@h/x.parquet")])
+def test_a_catalog_file_is_shown_by_a_url_that_names_it(url, path, shown):
+    """fsspec's paths drop the scheme (and for ftp / hdfs the host): the rejects and the
+    catalog's errors name a file by a URL that opens it, credentials masked."""
+    assert shown_path(url, path) == shown
 
 
 def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):

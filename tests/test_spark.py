@@ -508,7 +508,7 @@ def test_a_session_the_engine_starts_logs_by_its_own_log4j_file_unless_log4j_is_
     from semid_dist.config import parse_config
     from semid_dist.engines.spark_session import LOG4J_FILE, _session_settings
 
-    def driver_options(java_options=None, submitted=False):
+    def driver_options(java_options="-Xss4m", submitted=False):
         cfg = parse_config({"engine": "spark", "input": {"path": "x"}, "output": {"root": "y"},
                             "spark": {"java_options": java_options}})
         return _session_settings(cfg, submitted).get("spark.driver.extraJavaOptions")
@@ -518,16 +518,17 @@ def test_a_session_the_engine_starts_logs_by_its_own_log4j_file_unless_log4j_is_
     monkeypatch.delenv("SPARK_HOME", raising=False)
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
     (tmp_path / "log4j2.properties.template").write_text("rootLogger.level = info\n")
-    assert driver_options() == own
-    assert driver_options("-XX:TieredStopAtLevel=1") == f"-XX:TieredStopAtLevel=1 {own}"
+    assert driver_options() == f"-Xss4m {own}"
+    # null: the driver's options are spark-defaults.conf's, which a value set would replace
+    assert driver_options(None) is None
     assert driver_options("-Dlog4j2.configurationFile=file:/etc/mine.xml") == (
         "-Dlog4j2.configurationFile=file:/etc/mine.xml")
     assert driver_options(submitted=True) is None
     (tmp_path / "log4j2.xml").write_text("<Configuration/>")
-    assert driver_options() is None
+    assert driver_options() == "-Xss4m"  # (the user's log4j file: Spark finds it)
     monkeypatch.delenv("SPARK_CONF_DIR")
     monkeypatch.setenv("SPARK_HOME", str(tmp_path))  # (no conf/ there)
-    assert driver_options() == own
+    assert driver_options() == f"-Xss4m {own}"
 
 
 SUBMITTED_SESSION = """

@@ -66,18 +66,24 @@ def _quiet_worker_logs() -> None:
     """Ray Train logs every `ray.train.report` at INFO in each worker (`Reporting training
     result ...`, a line per worker and layer or epoch, sent to the driver's console); the
     fit logs its layers itself, so those lines are dropped. (Ray names that logger by its
-    module's file; a Ray without the module logs them as before.) And the traceback of the
-    loop's error, which each worker logged to the console (`Error in training function`,
-    dozens of lines a worker, again at each restart) before the driver got it: the driver's
-    error holds the same tracebacks (printed with it where no line names the error), and a
-    storage that does not answer is one line (`fit_on_ray_train`)."""
+    module's file; a Ray without the module logs them as before.) And the traceback of a
+    storage that did not answer, which each worker logged (`Error in training function`,
+    dozens of lines a worker, again at each restart) before the build said it in one line
+    (`_storage_gone`); a traceback of any other error is logged as before."""
     try:
         from ray.train.v2._internal import util
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    logging.getLogger(util.__name__).setLevel(logging.CRITICAL)
+    logging.getLogger(util.__name__).addFilter(_no_storage_tracebacks)
+
+
+def _no_storage_tracebacks(record: logging.LogRecord) -> bool:
+    """A log record to keep: not a traceback whose error, on its last line, is a storage's
+    client saying its server does not answer."""
+    last = record.getMessage().rstrip().rsplit("\n", 1)[-1]
+    return not any(f"{name}:" in last for name in fsio.NO_ANSWER)
 
 
 def _fault_point(step: int) -> None:
@@ -295,14 +301,25 @@ def fit_on_ray_train(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConf
         with train_files.relayed_progress(out, log):
             try:
                 _fit(trainer)
-            except Exception as exc:  # a worker's storage that did not answer: the driver
-                # gets its traceback as text (and the one line a build says of it)
-                if (storage := fsio.no_answer_in_text(exc)) is not None:
-                    raise storage from exc
+            except Exception as exc:
+                if (storage := _storage_gone(exc)) is not None:
+                    raise storage from exc  # (the one line a build says of it)
                 raise
     fitted, stats = _fit_output(out, cfg, log)
     log(f"fit: done on Ray Train, {len(stats)} layers")  # (what comes after the fit)
     return fitted, stats
+
+
+def _storage_gone(exc: Exception) -> BaseException | None:
+    """The error of a worker whose storage did not answer (the fit's progress and output are
+    written there), where Ray Train's error holds one (`WorkerGroupError.worker_failures`:
+    each failed worker's own error; the others' may be what its going broke, gloo's closed
+    connections), the lowest rank's; else None."""
+    failures = getattr(exc, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None
+    gone = [failures[rank] for rank in sorted(failures) if fsio.no_answer(failures[rank])]
+    return gone[0] if gone else None
 
 
 def _loop_config(sample: np.ndarray, init_points: np.ndarray, cfg: BuildConfig, out: str,

@@ -136,9 +136,11 @@ def _own_logging(java_options: str | None) -> str | None:
     `LOG4J_FILE` (warnings and errors; without Spark's four start-up lines of its default
     profile and Hadoop's native-library warning), or None where the user configures log4j:
     a log4j2 file in Spark's configuration folder (SPARK_CONF_DIR, else $SPARK_HOME/conf),
-    or `log4j` named in spark.java_options. Also None for a path Spark's option splitting
-    would cut (a space or a quote in it): Spark's defaults then, as before."""
-    if java_options is not None and "log4j" in java_options:
+    or `log4j` named in spark.java_options; and where spark.java_options is null (the
+    driver's JVM options are then `spark-defaults.conf`'s, which a value set here would
+    replace). Also None for a path Spark's option splitting would cut (a quote or a
+    backslash in it; `as_uri` escapes spaces): Spark's defaults then, as before."""
+    if java_options is None or "log4j" in java_options:
         return None
     conf_dir = os.environ.get("SPARK_CONF_DIR") or (
         os.path.join(os.environ["SPARK_HOME"], "conf") if os.environ.get("SPARK_HOME")
@@ -147,7 +149,7 @@ def _own_logging(java_options: str | None) -> str | None:
                                     for ext in LOG4J_EXTENSIONS):
         return None
     path = str(LOG4J_FILE)
-    if re.search(r"[\s'\"\\]", path) or not LOG4J_FILE.is_file():
+    if re.search(r"['\"\\]", path) or not LOG4J_FILE.is_file():
         return None
     return f"-Dlog4j2.configurationFile={LOG4J_FILE.as_uri()}"
 

@@ -227,8 +227,7 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
             return pf.read_row_groups(groups, columns=columns, use_threads=READ_THREADS)
     except (pa.ArrowInvalid, OSError) as exc:
         raise _input_error(f"catalog file {fsio.shown_path(url, shard.path)!r}: cannot read "
-                           f"row groups "
-                         f"{groups} ({exc}); repair or remove the file") from None
+                           f"row groups {groups} ({exc}); repair or remove the file") from None
 
 
 def shard_to_dict(shard: Shard) -> dict:

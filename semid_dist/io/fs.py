@@ -11,6 +11,7 @@ import re
 import socket
 import ssl
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from semid_dist.errors import ConfigError, StoreError, one_line, wrapped_errors
+from semid_dist.errors import ConfigError, SemidError, StoreError, one_line, wrapped_errors
 
 # `scheme://user:secret@host...` anywhere in a string (a user without ':' is no secret, and
 # `abfs://container@account` names a container); AWS secret keys may hold '/'
@@ -158,26 +159,16 @@ def storage_cause(exc: BaseException) -> BaseException:
     """The error that says what the storage did, inside `exc`'s wrappers (a Ray task's error
     wraps the task's own, with its traceback in its text: `wrapped_errors`): the innermost
     one of a client's no-answer or no-credentials errors, else the innermost OSError, else
-    `exc`."""
-    chain = list(wrapped_errors(exc))
+    `exc`; not inside a named error (a SemidError says what failed in its own words)."""
+    chain = []
+    for node in wrapped_errors(exc):
+        if isinstance(node, SemidError):
+            break
+        chain.append(node)
     for names in (NO_ANSWER, NO_CREDENTIALS):
         if found := [e for e in chain if named(e, names)]:
             return found[-1]
     return next((e for e in reversed(chain) if isinstance(e, OSError)), exc)
-
-
-_NO_ANSWER_TEXT = re.compile(rf"\b({'|'.join(NO_ANSWER)}): ([^\n]*)")
-
-
-def no_answer_in_text(exc: BaseException) -> BaseException | None:
-    """A client's no-answer error that `exc` holds as text only (Ray Train hands the driver
-    its workers' tracebacks as the text of a `WorkerGroupError`), rebuilt as an error of
-    that name and message, the last one named; None where none is."""
-    found = _NO_ANSWER_TEXT.findall(str(exc))
-    if not found:
-        return None
-    name, message = found[-1]
-    return type(name, (Exception,), {"__module__": __name__})(message.strip())
 
 
 def remote_failure(exc: BaseException) -> bool:
@@ -188,11 +179,12 @@ def remote_failure(exc: BaseException) -> bool:
 
 def credentials_advice(remote: bool) -> str:
     """Where to give an object store's credentials that were found nowhere: this machine's
-    environment, or (`remote`: a Ray task's) the cluster's nodes or the job's."""
+    environment, or (`remote`: a Ray task's) the Ray workers'."""
     if remote:
-        return ("give the Ray cluster's nodes credentials for the object store (an instance "
-                "role, or their environment), or pass them with the job (ray job submit "
-                "--runtime-env-json '{\"env_vars\": {...}}'): a Ray task found none")
+        return ("give Ray's workers credentials for the object store: a cluster's nodes an "
+                "instance role or them in their environment, or pass them with the job (ray "
+                "job submit --runtime-env-json '{\"env_vars\": {...}}'); an embedded Ray's "
+                "workers take this environment as it was when Ray started")
     return ("give them in the environment (s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
             "AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) or run where the machine's "
             "role has them")
@@ -361,11 +353,20 @@ def damaged_parquet(path: str) -> Iterator[None]:
 def shown_path(url: str, path: str) -> str:
     """A file of `url`'s file system (`path`, as fsspec lists it) as a user names it: with
     url's scheme where it has one (fsspec's paths drop it: `bucket/cat/part-0.parquet` for
-    s3://bucket/cat/part-0.parquet), credentials masked; a local path as it is."""
-    protocol = fsspec.utils.get_protocol(url)
+    s3://bucket/cat/part-0.parquet), and its host where the file system's paths leave it
+    out (ftp://host/..., hdfs://namenode:8020/...), credentials masked; a local path as it
+    is. A chained URL's file system is its last link's."""
+    last = url.rsplit("::", 1)[-1]
+    protocol = fsspec.utils.get_protocol(last)
     if protocol in ("file", "local") or "://" in path:
         return redact_url(path)
-    return redact_url(f"{protocol}://{path}")
+    host = urllib.parse.urlsplit(last).netloc if protocol in _HOST_PATHS else ""
+    return redact_url(f"{protocol}://{host}/{path.lstrip('/')}" if host
+                      else f"{protocol}://{path}")
+
+
+# file systems whose paths leave out the URL's host (and user and port)
+_HOST_PATHS = ("ftp", "sftp", "ssh", "hdfs", "viewfs", "webhdfs", "smb")
 
 
 def is_local(fs: AbstractFileSystem) -> bool:

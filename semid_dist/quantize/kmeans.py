@@ -51,11 +51,13 @@ _EXPONENTS = np.arange(-1073, 1025)
 def _sample_scale(x: np.ndarray, reduce: AllReduce) -> float:
     """`exact_scale` of the whole sample: its size and its largest value in size, over the
     workers (`reduce` sums; the largest exponent is the highest bin of a summed one-hot)."""
-    top = float(np.abs(x).max()) if x.size else 0.0
-    onehot = (_EXPONENTS == math.frexp(top)[1]).astype(np.float64)
-    summed = reduce(np.concatenate([[len(x)], onehot]))
-    exponent = int(_EXPONENTS[np.flatnonzero(summed[1:])[-1]])
-    return exact_scale(math.ldexp(0.5, exponent), int(summed[0]))
+    top = max(float(x.max()), -float(x.min())) if x.size else 0.0  # (no copy of x)
+    # (a worker without rows, or whose rows are all 0, adds no bin: it sets no exponent)
+    onehot = (_EXPONENTS == math.frexp(top)[1]) if top > 0 else np.zeros(len(_EXPONENTS), bool)
+    summed = reduce(np.concatenate([[len(x)], onehot.astype(np.float64)]))
+    bins = np.flatnonzero(summed[1:])
+    top = math.ldexp(0.5, int(_EXPONENTS[bins[-1]])) if len(bins) else 0.0
+    return exact_scale(top, int(summed[0]))
 
 
 def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int,
