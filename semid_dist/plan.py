@@ -17,6 +17,7 @@ from semid_dist.errors import (
     InterruptedAfterCommit,
     InterruptedBuild,
     NothingToEncode,
+    SemidError,
     StoreError,
 )
 from semid_dist.io import fs as fsio
@@ -155,12 +156,14 @@ def storage_failures(store: TableStore, started: list[str],
     except Exception as exc:
         if started and interrupt_raised():  # what the stopping broke
             raise _interrupted(started[0], committed) from exc
+        if isinstance(exc, SemidError):  # (a named error says what failed, and what to do)
+            raise
         remote = fsio.remote_failure(exc)  # (a Ray task's: its own error, not the wrapper's)
         cause = fsio.storage_cause(exc) if remote else exc
         fix, doing = fsio.storage_advice(cause, table=True), "writing the table"
         if fix is None and fsio.no_answer(exc):
             fix = fsio.no_answer_advice(store.url) + (
-                " (as the Ray cluster's nodes see it)" if remote else "")
+                " (as Ray's workers see it)" if remote else "")
             doing = "reading the catalog or writing the table"
         elif fix is None and fsio.named(cause, fsio.NO_CREDENTIALS):
             fix = fsio.credentials_advice(remote)

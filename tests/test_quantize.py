@@ -406,7 +406,7 @@ class ThreadAllReduce:
     """A real in-process collective: `world` threads each contribute, all get the sum."""
 
     def __init__(self, world: int) -> None:
-        self.barrier = threading.Barrier(world)
+        self.barrier = threading.Barrier(world, timeout=120)  # (a thread that raised: fail)
         self.lock = threading.Lock()
         self.parts: list[np.ndarray] = []
         self.result: np.ndarray | None = None

@@ -28,7 +28,7 @@ pytest.importorskip("moto.server")
 
 from semid_dist.cli import main  # noqa: E402
 from semid_dist.errors import ConfigError, InputError, StoreError  # noqa: E402
-from semid_dist.io.fs import redact, redact_url, shown_path  # noqa: E402
+from semid_dist.io.fs import redact, redact_url  # noqa: E402
 from semid_dist.io.store import MANIFEST, STAGING, TableStore  # noqa: E402
 from semid_dist.pipeline import build  # noqa: E402
 from tests.conftest import REPO, clustered, small_config, write_catalog  # noqa: E402
@@ -460,7 +460,7 @@ def test_storage_gone_during_a_ray_train_fit_is_one_line(tmp_path):
         r'"http://127\.0\.0\.1:\d+/gone/t/sids/versions/\S+" \(raised in a Ray task\) '
         r"\(reading the catalog or writing the table s3://gone/t/sids\?\); nothing was "
         r"committed \(the table's versions are as they were\): check the storage's address "
-        r".* \(as the Ray cluster's nodes see it\), then run the same command again \(it "
+        r".* \(as Ray's workers see it\), then run the same command again \(it "
         r"resumes version \S+\)", last), last
 
 
@@ -496,16 +496,50 @@ def test_storage_failures_in_a_ray_task_are_the_tasks_own_error_in_one_line(ray_
                 '127.0.0.1:1/b" (raised in a Ray task) (reading the catalog or writing the '
                 "table s3://b/t/sids?); nothing was committed (the table's versions are as they "
                 "were): check the storage's address (AWS_ENDPOINT_URL, or the bucket's region) "
-                "and the network (as the Ray cluster's nodes see it)"), said
+                "and the network (as Ray's workers see it)"), said
         else:
             assert said.startswith(
                 "no credentials for the object store (NoCredentialsError: Unable to locate "
                 "credentials) (raised in a Ray task) (reading the catalog or writing the table "
                 "s3://b/t/sids?); nothing was committed (the table's versions are as they "
-                "were): give Ray's workers credentials for the object store: a cluster's nodes "
-                "an instance role or them in their environment, or pass them with the job (ray "
+                "were): give Ray's workers credentials for the object store: on a cluster, an "
+                "instance role or the nodes' environment, or env_vars passed with the job (ray "
                 "job submit --runtime-env-json '{\"env_vars\": {...}}'); an embedded Ray's "
-                "workers take this environment as it was when Ray started, then"), said
+                "workers read this environment as Ray starts: set them here (s3://: "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE), then run"), said
+
+
+def test_a_fits_storage_failure_is_found_among_its_workers_errors_and_only_it():
+    """Ray Train's error holds each failed worker's own error (`worker_failures`): the
+    lowest rank's no-answer error is the fit's (the others' may be what its going broke);
+    none where no worker's is one. The workers' log of a traceback is left out only where
+    its error, on its last line, is a storage's no-answer; a named error is not taken for
+    the storage's, even one raised from a client's error."""
+    from botocore.exceptions import EndpointConnectionError
+    from ray.train import WorkerGroupError
+
+    from semid_dist.engines.ray_train import _no_storage_tracebacks, _storage_gone
+    from semid_dist.errors import SemidError
+    from semid_dist.plan import storage_failures
+
+    gone = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
+    broken = RuntimeError("Connection closed by peer")  # (gloo's, on the other worker)
+    assert _storage_gone(WorkerGroupError("...", {1: gone, 0: broken})) is gone
+    assert _storage_gone(WorkerGroupError("...", {0: broken})) is None
+    assert _storage_gone(RuntimeError("not Ray Train's")) is None
+
+    def kept(text: str) -> bool:
+        return _no_storage_tracebacks(logging.LogRecord("ray", logging.ERROR, "f", 1, text,
+                                                        None, None))
+
+    trace = "Error in training function:\nTraceback (most recent call last):\n  ...\n"
+    assert not kept(trace + f"botocore.exceptions.EndpointConnectionError: {gone}\n")
+    assert kept(trace + "ValueError: a bug\n")
+    assert kept(f"EndpointConnectionError: {gone}\n\nDuring handling ...\nTypeError: a bug")
+    store = TableStore("s3://b/t", "sids")
+    with pytest.raises(SemidError, match="^the staged result of shard 3 cannot be read$"):
+        with storage_failures(store, ["20261206T000000000000Z-abcdef"]):
+            raise SemidError("the staged result of shard 3 cannot be read") from gone
 
 
 def test_storage_gone_after_the_manifest_says_the_version_stands(s3, bucket, tmp_path,
@@ -545,20 +579,6 @@ def test_an_object_store_catalogs_files_are_named_by_their_urls(s3, bucket, tmp_
     with pytest.raises(InputError, match=re.escape(
             f"catalog file '{url}/part-001.parquet' is empty (0 bytes)")):
         build(cfg, log=quiet)
-
-
-@pytest.mark.parametrize("url, path, shown", [
-    ("s3://b/cat", "b/cat/p.parquet", "s3://b/cat/p.parquet"),
-    ("ftp://u:pw@host:21/dir", "/dir/p.parquet", "ftp://***@host:21/dir/p.parquet"),
-    ("hdfs://nn:8020/data", "/data/p.parquet", "hdfs://nn:8020/data/p.parquet"),
-    ("memory://cat", "/cat/p.parquet", "memory:///cat/p.parquet"),
-    ("simplecache::s3://b/c", "b/c/p.parquet", "s3://b/c/p.parquet"),
-    ("/tmp/x", "/tmp/x/p.parquet", "/tmp/x/p.parquet"),
-    ("http://u:p@h/x.parquet", "http://u:p@h/x.parquet", "http://***@h/x.parquet")])
-def test_a_catalog_file_is_shown_by_a_url_that_names_it(url, path, shown):
-    """fsspec's paths drop the scheme (and for ftp / hdfs the host): the rejects and the
-    catalog's errors name a file by a URL that opens it, credentials masked."""
-    assert shown_path(url, path) == shown
 
 
 def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):

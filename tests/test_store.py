@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import StoreError
+from semid_dist.io.fs import shown_path
 from semid_dist.io.store import LATEST, MANIFEST, TableStore, new_version_id
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -407,3 +408,18 @@ def test_a_latest_that_is_a_directory_is_the_named_error(tmp_path):
     (tmp_path / "store-root" / "sids" / LATEST).mkdir()
     with pytest.raises(StoreError, match=r"_latest names '_latest/ \(a directory\)', which is not"):
         store.manifest()
+
+
+@pytest.mark.parametrize("url, path, shown", [
+    ("s3://b/cat", "b/cat/p.parquet", "s3://b/cat/p.parquet"),
+    ("ftp://u:pw@host:21/dir", "/dir/p.parquet", "ftp://***@host:21/dir/p.parquet"),
+    ("hdfs://nn:8020/data", "/data/p.parquet", "hdfs://nn:8020/data/p.parquet"),
+    ("memory://cat", "/cat/p.parquet", "memory:///cat/p.parquet"),
+    ("simplecache::s3://b/c", "b/c/p.parquet", "s3://b/c/p.parquet"),
+    ("/tmp/x", "/tmp/x/p.parquet", "/tmp/x/p.parquet"),
+    ("http://u:p@h/x.parquet", "http://u:p@h/x.parquet", "http://***@h/x.parquet"),
+    ("zip://in::s3://b/a.zip", "cat/p.parquet", "zip://cat/p.parquet::s3://b/a.zip")])
+def test_a_catalog_file_is_shown_by_a_url_that_names_it(url, path, shown):
+    """fsspec's paths drop the scheme (and for ftp / hdfs the host): the rejects and the
+    catalog's errors name a file by a URL that opens it, credentials masked."""
+    assert shown_path(url, path) == shown

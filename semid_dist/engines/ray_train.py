@@ -318,7 +318,9 @@ def _storage_gone(exc: Exception) -> BaseException | None:
     failures = getattr(exc, "worker_failures", None)
     if not isinstance(failures, dict):
         return None
-    gone = [failures[rank] for rank in sorted(failures) if fsio.no_answer(failures[rank])]
+    errors = [getattr(failures[rank], "_base_exc", failures[rank])  # (a Ray that leaves its
+              for rank in sorted(failures)]  # traceback wrapper on: the error inside)
+    gone = [e for e in errors if isinstance(e, BaseException) and fsio.no_answer(e)]
     return gone[0] if gone else None
 
 

@@ -138,8 +138,8 @@ def _own_logging(java_options: str | None) -> str | None:
     a log4j2 file in Spark's configuration folder (SPARK_CONF_DIR, else $SPARK_HOME/conf),
     or `log4j` named in spark.java_options; and where spark.java_options is null (the
     driver's JVM options are then `spark-defaults.conf`'s, which a value set here would
-    replace). Also None for a path Spark's option splitting would cut (a quote or a
-    backslash in it; `as_uri` escapes spaces): Spark's defaults then, as before."""
+    replace). The file is given as a URI (`as_uri` escapes what Spark's splitting of the
+    options would cut at: spaces, quotes)."""
     if java_options is None or "log4j" in java_options:
         return None
     conf_dir = os.environ.get("SPARK_CONF_DIR") or (
@@ -148,8 +148,7 @@ def _own_logging(java_options: str | None) -> str | None:
     if conf_dir is not None and any((Path(conf_dir) / f"log4j2{ext}").is_file()
                                     for ext in LOG4J_EXTENSIONS):
         return None
-    path = str(LOG4J_FILE)
-    if re.search(r"['\"\\]", path) or not LOG4J_FILE.is_file():
+    if not LOG4J_FILE.is_file():
         return None
     return f"-Dlog4j2.configurationFile={LOG4J_FILE.as_uri()}"
 

@@ -181,10 +181,11 @@ def credentials_advice(remote: bool) -> str:
     """Where to give an object store's credentials that were found nowhere: this machine's
     environment, or (`remote`: a Ray task's) the Ray workers'."""
     if remote:
-        return ("give Ray's workers credentials for the object store: a cluster's nodes an "
-                "instance role or them in their environment, or pass them with the job (ray "
+        return ("give Ray's workers credentials for the object store: on a cluster, an "
+                "instance role or the nodes' environment, or env_vars passed with the job (ray "
                 "job submit --runtime-env-json '{\"env_vars\": {...}}'); an embedded Ray's "
-                "workers take this environment as it was when Ray started")
+                "workers read this environment as Ray starts: set them here (s3://: "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     return ("give them in the environment (s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
             "AWS_PROFILE; gs://: GOOGLE_APPLICATION_CREDENTIALS) or run where the machine's "
             "role has them")
@@ -355,8 +356,13 @@ def shown_path(url: str, path: str) -> str:
     url's scheme where it has one (fsspec's paths drop it: `bucket/cat/part-0.parquet` for
     s3://bucket/cat/part-0.parquet), and its host where the file system's paths leave it
     out (ftp://host/..., hdfs://namenode:8020/...), credentials masked; a local path as it
-    is. A chained URL's file system is its last link's."""
-    last = url.rsplit("::", 1)[-1]
+    is. A chained URL: through a cache, its last link's file; inside an archive
+    (`zip://a.parquet::s3://b/c.zip`), the member and the archive's URL."""
+    links = url.split("::")
+    first = links[0].split("://", 1)[0]  # (`simplecache`, or `zip://member`)
+    if len(links) > 1 and first not in _CACHES:
+        return redact_url(f"{first}://{path.lstrip('/')}::" + "::".join(links[1:]))
+    last = links[-1]
     protocol = fsspec.utils.get_protocol(last)
     if protocol in ("file", "local") or "://" in path:
         return redact_url(path)
@@ -367,6 +373,7 @@ def shown_path(url: str, path: str) -> str:
 
 # file systems whose paths leave out the URL's host (and user and port)
 _HOST_PATHS = ("ftp", "sftp", "ssh", "hdfs", "viewfs", "webhdfs", "smb")
+_CACHES = ("simplecache", "filecache", "blockcache", "cached")  # (a chain's file: the last's)
 
 
 def is_local(fs: AbstractFileSystem) -> bool:

@@ -52,6 +52,9 @@ def _sample_scale(x: np.ndarray, reduce: AllReduce) -> float:
     """`exact_scale` of the whole sample: its size and its largest value in size, over the
     workers (`reduce` sums; the largest exponent is the highest bin of a summed one-hot)."""
     top = max(float(x.max()), -float(x.min())) if x.size else 0.0  # (no copy of x)
+    if not math.isfinite(top):
+        raise ValueError(f"k-means: the rows hold a non-finite value ({top}); only finite "
+                         "rows can be fitted")
     # (a worker without rows, or whose rows are all 0, adds no bin: it sets no exponent)
     onehot = (_EXPONENTS == math.frexp(top)[1]) if top > 0 else np.zeros(len(_EXPONENTS), bool)
     summed = reduce(np.concatenate([[len(x)], onehot.astype(np.float64)]))
