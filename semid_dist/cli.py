@@ -472,6 +472,7 @@ def parser() -> argparse.ArgumentParser:
                     "CPU's, so that faiss is measured at its best)")
     bn.add_argument("--json", action="store_true", help="also print the table as JSON")
     bn.set_defaults(func=cmd_bench)
+    p.set_defaults(commands=tuple(sub.choices))
     return p
 
 
@@ -633,8 +634,7 @@ def _exit(run: Callable[[], int]) -> None:
 
 def command_names() -> list[str]:
     """The `semid` commands, as its parser has them (`jobs/spark_build.py` runs two)."""
-    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return list(commands.choices)
+    return list(parser().get_default("commands"))
 
 
 def entry(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from semid_dist.errors import StoreError
@@ -60,10 +61,18 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v + 0.0:.4f}"  # (+ 0.0: -0.0 reads 0.0000)
 
 
+def decimals(value: float, digits: int, *, upper: float = math.inf, grouped: bool = False
+             ) -> str:
+    """`value` to `digits` decimals (`grouped`: with thousands separators), or in e-notation
+    where those would show a value other than 0 as 0 or, from `upper` on, run long (the MSE
+    of embeddings of huge values); -0.0 reads 0."""
+    if value != 0 and not 0.5 * 10.0 ** -digits <= abs(value) < upper:
+        return f"{value:.{digits - 1}e}"
+    return f"{value + 0.0:{',' if grouped else ''}.{digits}f}"
+
+
 def _mse(v: float) -> str:
-    """An MSE to 6 decimals, or in e-notation where those would hide it (under 1e-4: an
-    all-but-exact fit) or run long (1e6 and over: embeddings of huge values)."""
-    return f"{v:.6f}" if v == 0 or 1e-4 <= abs(v) < 1e6 else f"{v:.4e}"
+    return decimals(v, 6, upper=1e6)
 
 
 def _pct(v: float | None) -> str:

@@ -218,9 +218,9 @@ def test_page_and_summary_say_what_their_figures_are_of():
             "SIDs over it (no candidate code had room)") in text
     assert " L0 gini 0.4000 (before capacity moves)" in head
     assert "0.00% of 100000 common items changed SID (3; per layer 0.00%)" in text
-    assert "recon     mse 3.0000e-05  relative error" in text  # (0.000030: under 1e-4)
-    for mse, shown in ((0.390975, "0.390975"), (0.0, "0.000000"), (2.3e34, "2.3000e+34"),
-                       (123456.5, "123456.500000")):
+    assert "recon     mse 0.000030  relative error" in text
+    for mse, shown in ((0.390975, "0.390975"), (0.0, "0.000000"), (2.3e34, "2.30000e+34"),
+                       (123456.5, "123456.500000"), (4e-7, "4.00000e-07"), (-0.0, "0.000000")):
         m["reconstruction"]["mse"] = mse
         assert f"recon     mse {shown}  relative" in format_summary("v1", "/p", m, None)
     m["quality"].update(semantic_cohesion=1.0, preference_discrimination=-0.0)

@@ -3,7 +3,6 @@ keep credentials out of everything written or logged (`redact_url`)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import posixpath
@@ -14,7 +13,7 @@ import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any, BinaryIO
 
 import fsspec
@@ -326,7 +325,7 @@ def parquet_file(fs: AbstractFileSystem, path: str) -> Iterator[pq.ParquetFile]:
     file object gave them need the interpreter: one still doing so as the process exited
     aborted it (`terminate called without an active exception`, status 134: 3 of 16
     `semid versions diff` runs that failed just after their read)."""
-    with contextlib.ExitStack() as opened:
+    with ExitStack() as opened:
         source = path if is_local(fs) else opened.enter_context(fs.open(path, "rb"))
         yield opened.enter_context(pq.ParquetFile(source, page_checksum_verification=True))
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from semid_dist.summary import estimated_mark, quantizer_text
+from semid_dist.summary import decimals, estimated_mark, quantizer_text
 
 TOP_ROUTING_TOKENS = 10
 
@@ -76,9 +76,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        if value != 0 and abs(value) < 0.5 * 10 ** -digits:  # (not shown as 0.0000)
-            return f"{value:.{digits - 1}e}"
-        return f"{value:,.{digits}f}"
+        return decimals(value, digits, grouped=True)
     return html.escape(str(value))
 
 
