@@ -8,6 +8,7 @@ implementation's own output.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import math
 import random
@@ -427,11 +428,12 @@ def test_merge_of_any_split_equals_single_pass(seed):
     for order in orders:
         merged = merge_all([parts[i] for i in order])
         assert_partials_equal(merged, whole)
-    # left fold with the binary merge gives the same as the tree merge
-    folded = parts[0]
-    for p in parts[1:]:
-        folded = merge(folded, p)
-    assert_partials_equal(folded, whole)
+    # a tree of merges gives the statistics of merge_all's left fold
+    tree = parts
+    while len(tree) > 1:
+        tree = [merge(*tree[i:i + 2]) if i + 1 < len(tree) else tree[i]
+                for i in range(0, len(tree), 2)]
+    assert_partials_equal(tree[0], whole)
     got = finalize_metrics(merge_all(parts), SIZES, quality_depth=2)
     assert_metrics_match(got, brute_metrics(codes, x, sq, SIZES, depth=2))
 
@@ -575,7 +577,7 @@ def test_merge_all_needs_at_least_one_partial():
 
 @pytest.mark.parametrize("pieces", [1, 2, 3, 5, 7, 8, 13])
 def test_stream_merge_is_bit_identical_to_merge_all(pieces):
-    """Shard statistics folded as they arrive give the very bytes of the tree merge."""
+    """Shard statistics merged as they arrive give the very bytes of merge_all's."""
     codes, x, sq = random_batch(n=40 * pieces, seed=300 + pieces)
     parts = split_partials(codes, x, sq, np.linspace(0, len(codes), pieces + 1).astype(int))
     stream = StreamMerge()
@@ -583,6 +585,26 @@ def test_stream_merge_is_bit_identical_to_merge_all(pieces):
         stream.push(p)
         assert len(stream) == i
     assert stream.result().to_bytes() == merge_all(parts).to_bytes()
+
+
+def test_stream_merge_holds_its_running_total_alone():
+    """Whatever the number of shards, a merge in progress holds one Partial (a tree of
+    merges held a total per run: 3 after 7 shards, 4 after 15; the encode stage's peak RSS
+    grew with the catalog's shards)."""
+    codes, x, sq = random_batch(n=15 * 40, seed=77)
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, Partial) for o in gc.get_objects())
+
+    before = live()
+    stream = StreamMerge()
+    for lo in range(0, len(codes), 40):  # each shard's partial made as it arrives
+        stream.push(partial_from_batch(codes[lo:lo + 40], sq[lo:lo + 40], x[lo:lo + 40],
+                                       SIZES, quality_depth=2))
+        assert live() - before == 1
+    assert_partials_equal(stream.result(), partial_from_batch(codes, sq, x, SIZES,
+                                                              quality_depth=2))
 
 
 def test_partial_counts_match_counter():

@@ -7,6 +7,7 @@ summation order). Engines produce one per shard and merge them in shard order.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass, fields
@@ -329,41 +330,32 @@ def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
 
 
 def merge_all(parts: list[Partial]) -> Partial:
-    """Merge in the given order (pairwise tree, so long lists stay O(n log n))."""
+    """Merge in the given order, each into the running total (`StreamMerge`)."""
     if not parts:
         raise ValueError("merge_all needs at least one partial")
-    while len(parts) > 1:
-        parts = [merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
-                 for i in range(0, len(parts), 2)]
-    return parts[0]
+    return functools.reduce(merge, parts)
 
 
 class StreamMerge:
-    """`merge_all` over partials that arrive one at a time, holding O(log n) of them.
-
-    Keeps a stack of merged runs of 1, 2, 4, ... partials (a binary counter): pushing a
-    partial merges equal-sized runs on the top, and `result` folds the stack from the top
-    down. That is the same tree `merge_all` builds, so the result is bit-identical to
-    `merge_all` of the same partials in the same order.
+    """`merge_all` over partials that arrive one at a time: each is merged into the running
+    total as it arrives, so the total is all it holds, whatever the number of shards (a tree
+    of merges held log2(n) totals of runs, each up to the whole's size: the encode stage's
+    peak RSS grew with the catalog's shards, +60 MiB from 6 to 23 shards of 3 x 256 codes).
+    Bit-identical to `merge_all` of the same partials in the same order.
     """
 
     def __init__(self) -> None:
-        self._stack: list[tuple[int, Partial]] = []
+        self._total: Partial | None = None
+        self._count = 0
 
     def push(self, part: Partial) -> None:
-        size = 1
-        while self._stack and self._stack[-1][0] == size:
-            _, left = self._stack.pop()
-            part, size = merge(left, part), size * 2
-        self._stack.append((size, part))
+        self._total = part if self._total is None else merge(self._total, part)
+        self._count += 1
 
     def __len__(self) -> int:
-        return sum(size for size, _ in self._stack)
+        return self._count
 
     def result(self) -> Partial:
-        if not self._stack:
+        if self._total is None:
             raise ValueError("no partials were merged")
-        part = self._stack[-1][1]
-        for _, left in reversed(self._stack[:-1]):
-            part = merge(left, part)
-        return part
+        return self._total
