@@ -138,21 +138,22 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from semid_dist.config import apply_overrides
     from semid_dist.config_checks import read_yaml
 
-    def encode_section(data: Any, overrides: list[str]) -> dict[str, Any]:
-        """The encode section of `data` with `overrides`, as the config reads them (a bad
-        file or override: {}, the build's own reading names it)."""
+    def encode_section(data: Any, overrides: list[str]) -> dict[str, Any] | None:
+        """The encode section of `data` with `overrides`, as the config reads them (None
+        where they cannot be read: the build's own reading names the error)."""
         with contextlib.suppress(ConfigError):
             merged = apply_overrides(data if isinstance(data, dict) else {}, overrides)
-            section = merged.get("encode")
-            return section if isinstance(section, dict) else {}
-        return {}
+            section = merged.get("encode", {})
+            return section if isinstance(section, dict) else None
+        return None
 
     overrides = list(args.overrides)
     data = read_yaml(Path(args.config))  # (its errors name the file, as the build's would)
-    if not encode_section(data, overrides).get("from_version"):
+    section = encode_section(data, overrides)
+    if section is not None and section.get("from_version") is None:  # ('' is refused)
         overrides.append("encode.from_version=latest")
     if args.incremental:
-        said = encode_section({}, args.overrides).get("incremental", True)
+        said = (encode_section({}, args.overrides) or {}).get("incremental", True)
         if said is not True:
             raise ConfigError(f"--incremental and the override encode.incremental="
                               f"{json.dumps(said)} disagree; drop one")
@@ -238,8 +239,8 @@ def _versions_options(args: argparse.Namespace) -> None:
         takes = ", ".join(own.values()) or "no option but --json"
         raise ConfigError(f"{args.action} takes {takes}, not {', '.join(given)} (see "
                           "semid versions --help)")
-    args.version = args.version or "latest"
-    args.to_version = args.to_version or "latest"
+    args.version = "latest" if args.version is None else args.version  # ('' is refused)
+    args.to_version = "latest" if args.to_version is None else args.to_version
     args.min_age_hours = 24.0 if args.min_age_hours is None else args.min_age_hours
     args.dry_run = bool(args.dry_run)
 
@@ -404,27 +405,44 @@ def _given(text: str) -> str:
     return text
 
 
+_OVERRIDES_HELP = ("settings over the config file's: a dotted key and a YAML value, e.g. "
+                   "fit.sample_size=50000 quantizer.layers=[256,256,256]")
+
+
+class _Once(argparse.Action):
+    """An option that may be given once (a second `--config` replaced the first, silently:
+    a build reads one file)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, "given twice: a build reads one config file "
+                                         "(give other settings as key=value overrides)")
+        setattr(namespace, self.dest, values)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="fit -> encode -> reduce -> commit a new version")
-    b.add_argument("--config", required=True, type=_given)
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--config", required=True, type=_given, action=_Once,
+                   help="the YAML config file")
+    b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     b.add_argument("--dry-run", action="store_true",
                    help="make the checks a build makes before it writes anything, say what "
                         "it would do, and write nothing")
-    b.add_argument("overrides", nargs="*", metavar="key=value")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("encode", help="encode with the codebooks of an existing version")
-    e.add_argument("--config", required=True, type=_given)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--config", required=True, type=_given, action=_Once,
+                   help="the YAML config file")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.add_argument("--incremental", action="store_true",
                    help="the catalog holds new or changed items: carry the other items of "
                         "encode.from_version, referencing its unchanged data parts")
     e.add_argument("--dry-run", action="store_true",
                    help="make the checks the encode makes before it writes anything, say "
                         "what it would do, and write nothing")
-    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     e.set_defaults(func=cmd_encode)
     v = sub.add_parser("validate", help="check config files without running anything")
     v.add_argument("files", nargs="*", metavar="FILE")

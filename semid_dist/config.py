@@ -11,6 +11,7 @@ that each parse but do not go together are checked by `check_consistency` there.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import shlex
@@ -256,6 +257,11 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def settings_of(cfg: BuildConfig) -> dict[str, Any]:
+    """Every setting of `cfg` by its dotted key ({"fit.sample_size": 100000, ...})."""
+    return _flat(cfg.to_dict())
+
+
 def changed_settings(cfg: BuildConfig) -> str:
     """The settings of `cfg` other than their defaults, as `key=value` with dotted keys
     (input.path and output.root first; text with a space shell-quoted, other values as
@@ -300,6 +306,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _unquoted(value: Any) -> str:
+    """Where YAML made something other than text of an unquoted word: what it read, and to
+    quote it."""
+    if isinstance(value, bool):
+        return (" (YAML reads an unquoted yes / no / on / off / true / false as a boolean: "
+                "quote the word, as 'off')")
+    if isinstance(value, datetime.date):
+        return f" (YAML reads an unquoted date as one: quote it, as '{value}')"
+    return ""
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -309,9 +326,9 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, inner[0], value)
     if origin is Literal:
-        if value not in args:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
             choices = " | ".join(str(a) for a in args)
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+            raise ConfigError(f"{key}: {value!r}{_unquoted(value)} is not one of {choices}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
@@ -343,7 +360,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
                               f"an unquoted number as one: quote it, as '{value}' in a file or "
                               f"{key}=\"'{value}'\" in an override, or check the value)")
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+            raise ConfigError(f"{key}: expected a non-empty string, got "
+                              f"{value!r}{_unquoted(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
 
@@ -351,7 +369,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        got = ("nothing (a section without keys: give it some, or remove it)" if data is None
+               else f"{data!r}" if isinstance(data, bool | int | float) else
+               type(data).__name__)
+        raise ConfigError(f"{where}: expected a mapping, got {got}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)  # YAML keys need not be strings
@@ -397,7 +418,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> BuildConfig:
     """Validate a plain dict (plus overrides) into a frozen `BuildConfig`."""
-    merged = apply_overrides(data, overrides or []) if isinstance(data, dict) else data or {}
+    merged = apply_overrides(data, overrides or []) if isinstance(data, dict) else data
     cfg = _build(BuildConfig, merged, "")
     check_consistency(cfg)
     return cfg
@@ -406,7 +427,8 @@ def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> Bu
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
     """Read a YAML config file and validate it. Relative input/output paths stay as written."""
     p = Path(path)
-    data = read_yaml(p) or {}
+    data = read_yaml(p)
+    data = {} if data is None else data  # (an empty file; `false` or `[]` is no mapping)
     try:
         return parse_config(data, overrides)
     except ConfigError as exc:

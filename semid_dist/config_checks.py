@@ -39,10 +39,15 @@ _SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes (a clu
     r"|local-cluster\[\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*\]|[A-Za-z][A-Za-z0-9+.-]*://\S+")
 
 
+_RAY_ADDRESS = re.compile(  # the forms ray.init takes: auto, local, a Ray Client URL, host:port
+    r"auto|local|ray://\S+|[A-Za-z0-9_.-]+:[0-9]+|\[[0-9A-Fa-f:.]+\]:[0-9]+")
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, refusing what it would take silently: a key given twice in one
-    mapping (SafeLoader keeps the last) and an alias inside the node it names (a
-    self-referencing structure, which nothing downstream can walk)."""
+    mapping (SafeLoader keeps the last), an alias inside the node it names (a
+    self-referencing structure, which nothing downstream can walk) and a number YAML 1.1
+    reads otherwise than it reads (`010`, octal: 8; `1:30`, base 60: 90)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -96,6 +101,29 @@ class _StrictLoader(yaml.SafeLoader):
                 self._check_duplicate_keys(item, f"{path}[{i}]", seen_nodes)
 
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        digits = node.value.replace("_", "").lstrip("+-")
+        if ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXbB"):
+            base = "base 60" if ":" in digits else "octal"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} reads as {value} in YAML 1.1 ({base}); write the "
+                f"number without {'its :' if ':' in digits else 'the leading 0'}, or quote it "
+                f"('{node.value}') for text", node.start_mark)
+        return value
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        if ":" in node.value:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} reads as {super().construct_yaml_float(node)} in "
+                f"YAML 1.1 (base 60); write the number without its :, or quote it "
+                f"('{node.value}') for text", node.start_mark)
+        return super().construct_yaml_float(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+
 # YAML 1.2's floats that PyYAML (YAML 1.1) reads as strings: an exponent without a dot or
 # without a sign (`1e-3`, `1e3`, `1.0e3`); after PyYAML's own resolvers, so ints stay ints
 _StrictLoader.add_implicit_resolver(
@@ -148,8 +176,11 @@ def read_yaml(path: Path) -> Any:
         example = f", e.g. {inside[0]}" if inside else ""
         raise ConfigError(f"config file {str(path)!r} is a directory, not a file; name a YAML "
                           f"config file{example}")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():  # (read more than once: a pipe's second reading is empty)
+        raise ConfigError(f"config file {str(path)!r} is not a regular file (a pipe, a "
+                          "device or a socket); write the config to a file and name that")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -269,6 +300,11 @@ def check_consistency(cfg: BuildConfig) -> None:
         raise ConfigError(
             f"quantizer.layers={list(layers)}: the product of (layer size + 1) exceeds 2^62, "
             "so a SID no longer fits one 64-bit key; use fewer or smaller layers")
+    if cfg.encode.from_version is None and cfg.fit.sample_size < max(layers):
+        raise ConfigError(f"fit.sample_size={cfg.fit.sample_size} is below the largest "
+                          f"codebook's {max(layers)} codes (quantizer.layers={list(layers)}): "
+                          f"a fit sample needs a row per code; raise fit.sample_size (to "
+                          f"{max(layers)} or more) or use smaller layers")
     _check_prune(cfg.prune, layers)
     _check_learned(cfg)
     source = cfg.encode.from_version
@@ -285,6 +321,12 @@ def check_consistency(cfg: BuildConfig) -> None:
                           "dashboard's, which `ray job submit --address` takes): give the "
                           "cluster's own address as `ray start --head` prints it "
                           "(HOST:6379), or auto inside a job submitted to it")
+    if cfg.ray.address and not _RAY_ADDRESS.fullmatch(cfg.ray.address):
+        raise ConfigError(f"ray.address: {cfg.ray.address!r} is no Ray address: give the "
+                          "cluster's as `ray start --head` prints it (HOST:6379), "
+                          "ray://HOST:10001 for Ray Client, or auto (RAY_ADDRESS, or the "
+                          "cluster started on this machine); leave it unset for an embedded "
+                          "local Ray")
     _check_spark(cfg)
     depth = cfg.quality_depth
     if depth > len(layers):

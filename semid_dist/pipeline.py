@@ -58,6 +58,7 @@ from semid_dist.resume import (
     heartbeat,
     planned_parent,
     run_key,
+    run_settings,
 )
 from semid_dist.runtime import (
     TABLE_PREFIX,
@@ -345,7 +346,8 @@ def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, key: 
     """The version this run writes: the one a killed run of the same `run_key` left (with
     the parent that run started from), or a new one (`resume.claim_version`)."""
     from_version = (cfg.encode.from_version,) if cfg.encode.from_version else ()
-    claim = claim_version(store, key, log, parent=parent, reads=from_version, latest=latest)
+    claim = claim_version(store, key, log, parent=parent, reads=from_version, latest=latest,
+                          settings=run_settings(cfg, plan))
     log(f"plan: {counted(plan.num_rows, 'row')} in {counted(len(plan.shards), 'shard')}; "
         f"{'resuming' if claim.resuming else 'new'} version {claim.version} of "
         f"{store.url} (parent {claim.parent or 'none'}); engine {cfg.engine}")

@@ -29,10 +29,12 @@ from semid_dist.preflight import check_empty_delta, check_inputs, parent_notes
 from semid_dist.resume import (
     check_writable,
     killed_runs,
+    other_run_line,
     overtaken_line,
     planned_parent,
     read_run,
     run_key,
+    run_settings,
 )
 from semid_dist.runtime import TABLE_PREFIX, check_table_outside_catalog, with_absolute_paths
 from semid_dist.signals import interrupt_raised
@@ -104,6 +106,8 @@ def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
         resumes, overtaken = killed_runs(store, key)
         if overtaken is not None:
             log(overtaken_line(overtaken))
+        elif resumes is None and (line := other_run_line(store, key, run_settings(cfg, plan))):
+            log(line)
         parent = planned_parent(store, key, parent)
         dim, _ = check_inputs(plan, cfg, store, parent, log)
         if resumes is not None:  # the latest its first run saw, as the build reads it

@@ -62,10 +62,22 @@ def check_inputs(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,
     if cfg.encode.from_version:
         reused = reused_codebooks(store, cfg, dim)
     else:
+        check_rows_for_fit(plan.num_rows, cfg.quantizer.layers)
         warm_start_codebooks(store, parent, cfg, dim, log=log or (lambda msg: None))
     if cfg.encode.incremental and parent is not None:  # its parts, stats/ and ids
         check_extendable(store, parent, cfg, plan)
     return Checked(dim, reused)
+
+
+def check_rows_for_fit(rows: int, layers: tuple[int, ...]) -> None:
+    """A catalog of fewer rows than the largest codebook has codes: no fit sample could hold
+    a codebook's worth (the build failed at its sample step, a version started)."""
+    k_max = max(layers)
+    if rows < k_max:
+        fix = f"use smaller quantizer.layers (at most {rows} codes), or " if rows >= 2 else ""
+        raise InputError(f"the catalog holds {rows} row{'' if rows == 1 else 's'}, fewer than "
+                         f"the largest codebook's {k_max} codes (quantizer.layers="
+                         f"{list(layers)}); {fix}use a larger catalog")
 
 
 def check_empty_delta(plan: CatalogPlan, cfg: BuildConfig, store: TableStore,

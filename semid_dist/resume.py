@@ -44,10 +44,52 @@ OWNER_STALE_S = 60.0  # a heartbeat older than this is a dead build's (clocks in
 OWNER_AHEAD_S = 3600.0
 
 
+SETTINGS_FILE = "run_settings.json"  # in a version's _staging: the settings of its run
+
+
 def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
     """What makes two runs the same run: the resolved config and the input fingerprint."""
     body = json.dumps([cfg.to_dict(), plan.fingerprint], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def run_settings(cfg: BuildConfig, plan: CatalogPlan) -> dict[str, Any]:
+    """What `run_key` hashes, by setting: {"config": {dotted key: value}, "input": the input
+    fingerprint}, kept in the version's _staging so that a later run with other settings
+    can say what differs (`other_run_line`)."""
+    from semid_dist.config import settings_of
+
+    return {"config": settings_of(cfg), "input": plan.fingerprint}
+
+
+def other_run_line(store: TableStore, key: str, settings: dict[str, Any]) -> str | None:
+    """The line a build of run `key` (`settings`) says of the newest unfinished run since
+    `_latest` (stopped or failed) of other settings, which it does not continue (a re-run
+    with a lower encode.chunk_rows after a kill for memory started afresh, without a word);
+    None where there is none."""
+    latest, now = store.head() or "", time.time()
+    for vid in reversed(store.uncommitted()):
+        if vid <= latest:
+            return None
+        run = read_run(store, vid)
+        if run is None or run.get("key") == key or owner_alive(run.get("owner"), now):
+            continue
+        try:
+            theirs = json.loads(store.read_bytes(vid, f"{STAGING}/{SETTINGS_FILE}"))
+            ours, old = settings["config"], theirs["config"]
+            changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(ours.get(k))}"
+                       for k in sorted({*ours, *old}) if ours.get(k) != old.get(k)]
+            if theirs["input"] != settings["input"]:
+                changed.append("the catalog's files")
+            what = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more"
+                                             if len(changed) > 4 else "")
+        except (OSError, ValueError, KeyError, TypeError):  # (a run of an older semid_dist)
+            what = "not recorded"
+        return (f"plan: the unfinished run in version {vid} (stopped or failed) is not "
+                f"continued: its settings differ ({what}); a new version starts (that run's "
+                f"settings would continue it; gc removes {vid}'s folder after "
+                "--min-age-hours)")
+    return None
 
 
 def _machine() -> str:
@@ -160,13 +202,15 @@ class Claim(NamedTuple):
 
 def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None = None, *,
                   parent: str | None = None, reads: tuple[str, ...] = (),
-                  latest: str | None = None) -> Claim:
+                  latest: str | None = None, settings: dict[str, Any] | None = None
+                  ) -> Claim:
     """The version this build writes, chosen and recorded as this process's under the
     table's lock (a wait for it is logged), with its parent and the other committed versions
     it reads (`reads`: the codebooks' version), which `gc` keeps while it runs, and the
     version `latest` meant as the build started (`latest`). A resumed version keeps the
     parent (`_first_parent`) and the `latest` its first run recorded. A root it cannot
-    write to (the build's first write) is a StoreError naming output.root."""
+    write to (the build's first write) is a StoreError naming output.root. `settings`
+    (`run_settings`): kept beside the run file; an unfinished run of others is named."""
     def waiting(broken: bool) -> None:
         if log is not None:
             log(f"plan: {lock_line(fsio.redact_url(store.url), broken)}")
@@ -182,9 +226,15 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
                 latest = (read_run(store, vid) or {}).get("latest", latest)
             elif old is not None and log is not None:
                 log(overtaken_line(old))
+            elif settings is not None and log is not None:
+                if (line := other_run_line(store, key, settings)) is not None:
+                    log(line)
             vid = vid or new_version_id()
             reads = tuple(sorted({*reads, parent} - {None}))
             step = "write"
+            if settings is not None and not resuming:  # (before the run file names it)
+                store.write_file(vid, f"{STAGING}/{SETTINGS_FILE}",
+                                 json.dumps(settings).encode())
             _write_run(store, vid, key, reads, parent=parent, latest=latest)
     except OSError as exc:
         if step == "read" or fsio.no_answer(exc):  # not a question of writing

@@ -880,30 +880,19 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
 
 
 @pytest.mark.parametrize("rows, bad, over, match", [
-    (12, 0, {}, r"holds 12 valid rows, fewer than the largest codebook \(16\); use smaller "
-                r"quantizer\.layers \(at most 12 codes\), or use a larger catalog$"),
     # counted after validation: 20 rows of which 6 are bad leave 14 < 16; fixed, 20 would do
     (20, 6, {}, r"holds 14 valid rows, fewer than the largest codebook \(16\); 6 of the 20 "
                 rf"rows it drew are bad \(6 {re.escape(NON_FINITE)}: rows the encode rejects, "
                 r"see README's Bad input\); fix the catalog's bad rows, or use smaller "
                 r"quantizer\.layers \(at most 14 codes\)$"),
-    # 12 rows of which 2 are bad: fixing them still leaves 12 < 16, so that is not the fix
-    (12, 2, {}, r"holds 10 valid rows, .*2 of the 12 rows it drew are bad .*; use smaller "
-                r"quantizer\.layers \(at most 10 codes\), or use a larger catalog$"),
-    # a sample smaller than the codebook, from a catalog that holds enough
-    (20, 0, {"fit__sample_size": 10}, r"holds 10 valid rows, fewer than the largest codebook "
-                                      r"\(16\); use smaller quantizer\.layers \(at most 10 "
-                                      r"codes\), or raise fit\.sample_size \(to 16 or more\)$"),
-    # ... from a catalog that does not: a larger sample would not do
-    (12, 0, {"fit__sample_size": 10}, r"holds 10 valid rows, .*; use smaller quantizer\.layers "
-                                      r"\(at most 10 codes\), or use a larger catalog$"),
     # drawn enough but too many bad: a larger sample (more of the catalog) helps too
     (40, 24, {"fit__sample_size": 20}, r"holds \d+ valid rows, .*; fix the catalog's bad rows, "
                                        r"or use smaller quantizer\.layers \(at most \d+ "
                                        r"codes\), or raise fit\.sample_size$"),
     # one valid row makes no codebook (2 codes at least)
-    (12, 11, {"input__max_reject_fraction": 1.0},
-     r"holds 1 valid row, .*11 of the 12 rows it drew are bad .*; use a larger catalog$"),
+    (16, 15, {"input__max_reject_fraction": 1.0},
+     r"holds 1 valid row, .*15 of the 16 rows it drew are bad .*; fix the catalog's bad "
+     r"rows$"),
     # drawn by item id: the bad rows are never drawn, but take their share of the draw
     (40, 30, {"fit__sample_size": 20, "fit__sample_by": "id",
               "input__max_reject_fraction": 1.0},
@@ -911,7 +900,8 @@ def test_empty_catalogs_are_named_errors(tmp_path, root):
      rf"bad rows \(30 {re.escape(NON_FINITE)}: rows the encode rejects, see README's Bad "
      r"input\), which take their share of the draw by item id; fix the catalog's bad rows, "
      r"or use smaller quantizer\.layers \(at most 10 codes\)$")])
-def test_catalog_smaller_than_the_largest_codebook(tmp_path, root, rows, bad, over, match):
+def test_fit_sample_of_fewer_valid_rows_than_the_largest_codebook(tmp_path, root, rows, bad,
+                                                                 over, match):
     """The fit sample holds fewer valid rows than the largest codebook: the error names the
     fixes that would reach it (the bad rows only where fixing them would)."""
     x = base_x()[:rows]
@@ -921,6 +911,40 @@ def test_catalog_smaller_than_the_largest_codebook(tmp_path, root, rows, bad, ov
         build(cfg(cat, root, **{"quantizer__layers": [16, 4],
                                 "input__max_reject_fraction": 0.5, **over}), log=quiet)
     assert nothing_committed(root)
+
+
+@pytest.mark.parametrize("rows, match", [
+    (12, r"^the catalog holds 12 rows, fewer than the largest codebook's 16 codes "
+         r"\(quantizer\.layers=\[16, 4\]\); use smaller quantizer\.layers \(at most 12 "
+         r"codes\), or use a larger catalog$"),
+    (1, r"^the catalog holds 1 row, fewer than .*\); use a larger catalog$")])
+def test_catalog_of_fewer_rows_than_codes_is_refused_before_anything_is_written(
+        tmp_path, root, rows, match):
+    """No fit sample of a catalog of fewer rows than a codebook has codes could fit it: the
+    build and its dry run say so before a version starts (the build failed at its sample
+    step, a version's folder left; the dry run passed)."""
+    from semid_dist.plan import dry_run
+
+    cat = write_catalog(tmp_path / "tiny", base_x()[:rows])
+    config = cfg(cat, root, quantizer__layers=[16, 4])
+    with pytest.raises(InputError, match=match):
+        dry_run(config, log=quiet)
+    with pytest.raises(InputError, match=match):
+        build(config, log=quiet)
+    assert not (Path(root) / "sids" / "versions").exists() or not any(
+        (Path(root) / "sids" / "versions").iterdir())
+
+
+def test_fit_sample_size_below_the_largest_codebook_is_a_config_error(tmp_path):
+    """Knowable from the config: `semid validate` and the dry run refused nothing, the build
+    failed at its sample step; a config that reuses codebooks fits nothing."""
+    with pytest.raises(ConfigError, match=r"^fit\.sample_size=10 is below the largest "
+                                          r"codebook's 16 codes \(quantizer\.layers=\[16, 4\]\)"
+                                          r": .*raise fit\.sample_size \(to 16 or more\)"):
+        cfg(str(tmp_path / "cat"), str(tmp_path / "out"), quantizer__layers=[16, 4],
+            fit__sample_size=10)
+    cfg(str(tmp_path / "cat"), str(tmp_path / "out"), quantizer__layers=[16, 4],
+        fit__sample_size=10, encode__from_version="latest")
 
 
 @pytest.mark.parametrize("key, value, match", [

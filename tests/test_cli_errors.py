@@ -170,6 +170,30 @@ def test_an_empty_path_option_is_refused():
             f"error: argument {flag}: must not be empty"), run.stderr
 
 
+def test_an_empty_version_is_refused_not_read_as_latest(tmp_path):
+    """`encode.from_version=$VID` with VID unset encoded with latest's codebooks, and
+    `versions show --version ''` showed latest, silently: an unset shell variable is not a
+    version."""
+    (tmp_path / "sids").mkdir()  # an empty table
+    line = named_error(semid("versions", "show", "--root", str(tmp_path), "--table", "sids",
+                             "--version", ""))
+    assert "version '' is not a version id" in line, line
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {{path: {tmp_path}/cat}}\noutput: {{root: {tmp_path}}}\n")
+    for empty in ("encode.from_version=", "encode.from_version=''"):
+        line = named_error(semid("encode", "--config", str(config), empty, "--dry-run"))
+        assert "encode.from_version: expected a non-empty string, got ''" in line, line
+
+
+def test_a_second_config_file_is_refused():
+    """`semid build --config a.yaml --config b.yaml` ran on b.yaml alone, silently."""
+    for command in ("build", "encode"):
+        run = semid(command, "--config", "a.yaml", "--config", "b.yaml")
+        assert run.returncode == 2 and run.stderr.splitlines()[-1] == (
+            f"semid {command}: error: argument --config: given twice: a build reads one "
+            "config file (give other settings as key=value overrides)"), run.stderr
+
+
 def test_gc_min_age_hours_must_not_be_negative(tmp_path):
     (tmp_path / "sids").mkdir()  # an empty table
     for hours in ("-5", "nan"):

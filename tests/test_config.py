@@ -291,6 +291,65 @@ def test_shipped_config_validates(path):
         "layers", list(QuantizerConfig().layers))
 
 
+def test_numbers_yaml_1_1_reads_otherwise_are_refused_in_files_and_overrides(tmp_path):
+    """`seed: 0123` was 83 and `fit.sample_size=010` 8 (octal), `quantizer.niter=1:30` 90
+    (base 60), silently; quoted they are text, and 0, 0x10 and 1_000 still read as numbers."""
+    for raw, read, base in (("010", 8, "octal"), ("1:30", 90, "base 60"),
+                            ("1:30.5", 90.5, "base 60")):
+        with pytest.raises(ConfigError, match=rf"^override seed: cannot parse value "
+                                              rf"'{raw}': '{raw}' reads as {read} in YAML 1\.1 "
+                                              rf"\({base}\); .*or quote it \('{raw}'\) for "
+                                              "text$"):
+            parse_config(MINIMAL, [f"seed={raw}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "seed: 0123\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+:7: not valid YAML: '0123' reads as "
+                                          r"83 in YAML 1\.1 \(octal\); write the number "
+                                          r"without the leading 0"):
+        load_config(path)
+    cfg = parse_config(MINIMAL, ["seed=0", "fit.sample_size=0x1000", "encode.shard_rows=1_000",
+                                 "output.table='010'"])
+    assert (cfg.seed, cfg.fit.sample_size, cfg.encode.shard_rows, cfg.output.table) == (
+        0, 4096, 1000, "010")
+
+
+def test_yaml_that_is_no_mapping_or_no_text_says_what_it_read(tmp_path):
+    """A file of `false` or `[]` was an empty config (a build ran from it on overrides);
+    an empty section said `got NoneType`; an unquoted on / off / date where text goes says
+    that YAML read it otherwise and to quote it."""
+    for text, got in (("false", "False"), ("[]", "list"), ("0", "0")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=rf"c\.yaml: config: expected a mapping, got "
+                                              rf"{got}$"):
+            load_config(path, ["input.path=/cat", "output.root=/out"])
+    with pytest.raises(ConfigError, match=r"^fit: expected a mapping, got nothing \(a section "
+                                          r"without keys: give it some, or remove it\)$"):
+        parse_config({**MINIMAL, "fit": None})
+    with pytest.raises(ConfigError, match=r"^output\.table: expected a non-empty string, got "
+                                          r"True \(YAML reads an unquoted yes / no / on / off "
+                                          r"/ true / false as a boolean: quote the word"):
+        parse_config(MINIMAL, ["output.table=on"])
+    with pytest.raises(ConfigError, match=r"^prune\.strategy: False \(YAML reads an unquoted "
+                                          r".*\) is not one of none \| "):
+        parse_config(MINIMAL, ["prune.strategy=off"])
+    with pytest.raises(ConfigError, match=r"got datetime\.date\(2026, 1, 1\) \(YAML reads an "
+                                          r"unquoted date as one: quote it, as '2026-01-01'\)"):
+        parse_config(MINIMAL, ["output.table=2026-01-01"])
+
+
+def test_a_config_that_is_no_regular_file_is_named_so(tmp_path):
+    """A pipe (`semid validate <(cat c.yaml)`) was said not to exist; it is read more than
+    once, so it is refused as what it is."""
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"fifo\.yaml' is not a regular file \(a pipe, a "
+                                          r"device or a socket\); write the config to a file"):
+        load_config(fifo)
+
+
 def test_load_config_errors_name_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(with_keys(fit__sampel_size=3)))
@@ -498,8 +557,14 @@ def test_encode_from_version_is_a_version_id():
 
 
 def test_ray_address_is_no_http_address():
-    for good in ("auto", "10.0.0.1:6379", "ray://head:10001"):
+    for good in ("auto", "10.0.0.1:6379", "ray://head:10001", "head-node.local:6379",
+                 "[::1]:6379", "local"):
         assert parse_config({**MINIMAL, "ray": {"address": good}}).ray.address == good
+    for bad in ("none", "head", "head:", "10.0.0.1:port"):  # (Ray: Invalid address format)
+        with pytest.raises(ConfigError, match=rf"^ray\.address: '{bad}' is no Ray address: "
+                                              r"give the cluster's as `ray start --head` "
+                                              r"prints it \(HOST:6379\)"):
+            parse_config({**MINIMAL, "ray": {"address": bad}})
     for bad in ("http://head:8265", "https://head:8265", "HTTP://head:8265"):
         with pytest.raises(ConfigError, match=r"ray.address: .* is an HTTP address \(the Ray "
                                               r"dashboard's"):

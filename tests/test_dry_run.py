@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def test_a_dry_run_fails_as_the_build_would_and_writes_nothing(small_catalog, tm
     # a warm start from the parent is said; a table: input needs Spark, and Ray is not
     # started to say so; nor to find RAY_ADDRESS set without ray.address; a table under a
     # file cannot be written
+    without_ray_address = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     text = semid_cli("build", "--config", str(cfg), "--dry-run", "fit.warm_start=parent")
     assert (f"codebooks: fit new ones, starting from version {store_latest(root)}'s "
             "(fit.warm_start)") in text.stdout, text.stderr
@@ -103,13 +105,28 @@ def test_a_dry_run_fails_as_the_build_would_and_writes_nothing(small_catalog, tm
              "RAY_ADDRESS=127.0.0.1:9 is set (as for a `ray job submit` job) but ray.address "
              "is not"),
             ([f"output.root={cfg}/out"], None, f"output.root '{cfg}/out': cannot write the "
-             "table 'sids' there ([Errno 20] Not a directory")):
+             "table 'sids' there ([Errno 20] Not a directory"),
+            # auto where no cluster runs here: the build failed at once, the dry run passed
+            *([(["engine=ray", "ray.address=auto"], without_ray_address,
+                "ray.address=auto: could not connect to a Ray cluster from this machine "
+                "(Could not find any running Ray instance")] if not _gcs_running() else [])):
         session = ray_session_dir()
         run = semid_cli("build", "--config", str(cfg), "--dry-run", *args, env=env)
         assert run.returncode == 2 and said in run.stderr.splitlines()[-1], run.stderr
         assert ray_session_dir() == session  # no Ray started
     assert files(root) == before
 
+
+
+def _gcs_running() -> bool:
+    """Whether a Ray cluster's GCS server runs on this machine (Ray's `auto` finds it)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"gcs_server" in cmdline.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def store_latest(root: Path) -> str:
@@ -131,11 +148,20 @@ def test_a_dry_run_names_the_killed_run_the_build_would_resume(small_catalog, tm
     assert (f"resuming version {killed} (an unfinished run of this command: stopped or "
             "failed)") in text.stdout
     assert files(root) == before
-    # another config is another run: a new version
+    # another config is another run: a new version, and the dry run and the build say which
+    # settings differ from the unfinished run's (a re-run with a lower encode.chunk_rows
+    # after a kill for memory started afresh without a word)
     assert dry("build", "--config", str(cfg), "seed=6")["version"] == "new"
+    other = semid_cli("build", "--config", str(cfg), "--dry-run", "seed=6",
+                      "encode.chunk_rows=100")
+    said = (f"plan: the unfinished run in version {killed} (stopped or failed) is not "
+            "continued: its settings differ (encode.chunk_rows ")
+    assert re.search(re.escape(said) + r"\d+ -> 100, seed \d+ -> 6\); a new version starts",
+                     other.stderr), other.stderr
+    built = cli_build(cfg, "seed=6")
+    assert built.returncode == 0 and said[:-len("encode.chunk_rows ")] + "seed " in built.stderr
     # once a version is committed after the killed run started, it is not continued, and
     # the dry run says so as the build would
-    assert cli_build(cfg, "seed=6").returncode == 0
     run = semid_cli("build", "--config", str(cfg), "--dry-run", "--json")
     assert run.returncode == 0 and not json.loads(run.stdout)["resuming"]
     assert (f"plan: the unfinished run of this build in version {killed} is not continued"

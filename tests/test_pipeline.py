@@ -367,8 +367,9 @@ def test_failed_build_leaves_previous_version_untouched(small_catalog, tmp_path,
 
 def test_catalog_smaller_than_codebook_is_a_clear_error(tmp_path, root):
     cat = write_catalog(tmp_path / "tiny", clustered(10, 4, seed=0))
-    with pytest.raises(InputError, match=r"holds 10 valid rows, fewer than the largest "
-                                         r"codebook \(16\); use smaller quantizer\.layers"):
+    with pytest.raises(InputError, match=r"the catalog holds 10 rows, fewer than the "
+                                         r"largest codebook's 16 codes .*; use smaller "
+                                         r"quantizer\.layers"):
         build(small_config(cat, root), log=quiet)
     assert TableStore(root, "sids").latest() is None
     x = clustered(100, 4, seed=0)

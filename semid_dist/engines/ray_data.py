@@ -248,14 +248,14 @@ class RayEngine:
     def __enter__(self) -> RayEngine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
 
-    def close(self) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
         if self._started:
             if self._warm is not None:  # Ray is not shut down under a running warm-up
                 self._warm.join(timeout=60)
-            ray_shutdown()
+            ray_shutdown(interrupted=interrupted)
             self._started = False
 
     def warm_up(self) -> None:

@@ -40,12 +40,21 @@ def ray_init(cfg: BuildConfig) -> bool:
         return _ray_init(cfg, ray)
 
 
-def ray_shutdown() -> None:
+def ray_shutdown(*, interrupted: bool = False) -> None:
     """Stop the Ray `ray_init` started, and take back the RAY_AUTH_MODE the embedded one
-    set (a later build in this process attaching to a cluster leaves it to Ray)."""
+    set (a later build in this process attaching to a cluster leaves it to Ray).
+    `interrupted` (a Ctrl-C or SIGTERM stops the build): the workers' output is no longer
+    printed here first; the workers Ray stops print what their interpreters say as they die
+    (a Ray Train v1 trainer's `Exception ignored in ... Traceback`), which is not the
+    build's."""
     import ray
 
     global _auth_mode_set
+    if interrupted:
+        with contextlib.suppress(Exception):  # (Ray's own handler of its workers' lines)
+            from ray._private.worker import global_worker_stdstream_dispatcher
+
+            global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
     ray.shutdown()
     if _auth_mode_set:
         os.environ.pop(AUTH_MODE, None)
@@ -202,9 +211,30 @@ def _check_reachable(address: str) -> None:
     RAY_ADDRESS for `auto`) accepts no TCP connection: Ray itself retries such an address for
     minutes before it gives up. Other forms (`auto` alone, `ray://...`) are left to Ray."""
     env = os.environ.get("RAY_ADDRESS")
-    refusal = tcp_refusal(env if address == "auto" and env else address)
+    if address == "auto" and not env:
+        address_file = _local_cluster(address)
+        refusal = tcp_refusal(address_file) if address_file else None
+    else:
+        refusal = tcp_refusal(env if address == "auto" else address)
     if refusal is not None:
         raise ConfigError(_connect_error(address, refusal)) from refusal
+
+
+def _local_cluster(address: str) -> str | None:
+    """The `host:port` Ray finds for `auto` without RAY_ADDRESS (the cluster last started
+    on this machine, as its temporary folder records it), or None where Ray cannot say
+    without connecting; a ConfigError where no cluster runs here (Ray's words: `Could not
+    find any running Ray instance`)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # (another Ray: left to ray.init)
+        return None
+    try:
+        return canonicalize_bootstrap_address(address)
+    except ConnectionError as exc:
+        raise ConfigError(_connect_error(address, exc)) from exc
+    except Exception:  # noqa: BLE001 (anything else: left to ray.init, which says it)
+        return None
 
 
 def _connect_error(address: str, exc: BaseException) -> str:
