@@ -413,7 +413,8 @@ class _Once(argparse.Action):
     """An option that may be given once (a second `--config` replaced the first, silently:
     a build reads one file)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
         if getattr(namespace, self.dest) is not None:
             raise argparse.ArgumentError(self, "given twice: a build reads one config file "
                                          "(give other settings as key=value overrides)")

@@ -306,15 +306,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _unquoted(value: Any) -> str:
-    """Where YAML made something other than text of an unquoted word: what it read, and to
-    quote it."""
+def _unquoted(key: str, value: Any, *, quoting: bool = True) -> str:
+    """Where YAML made something other than text of an unquoted word: what it read, and
+    (`quoting`: where text would do) to quote it, in a file and in an override."""
     if isinstance(value, bool):
-        return (" (YAML reads an unquoted yes / no / on / off / true / false as a boolean: "
-                "quote the word, as 'off')")
-    if isinstance(value, datetime.date):
-        return f" (YAML reads an unquoted date as one: quote it, as '{value}')"
-    return ""
+        word = "on" if value else "off"
+        what = "an unquoted yes / no / on / off / true / false as a boolean"
+    elif isinstance(value, datetime.date):
+        word, what = f"{value}", "an unquoted date as one"
+    else:
+        return ""
+    fix = f": quote it, as '{word}' in a file or {key}=\"'{word}'\" in an override"
+    return f" (YAML reads {what}{fix if quoting else ''})"
 
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
@@ -328,7 +331,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is Literal:
         if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
             choices = " | ".join(str(a) for a in args)
-            raise ConfigError(f"{key}: {value!r}{_unquoted(value)} is not one of {choices}")
+            raise ConfigError(f"{key}: {value!r}{_unquoted(key, value, quoting=False)} is not "
+                              f"one of {choices}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
@@ -361,7 +365,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
                               f"{key}=\"'{value}'\" in an override, or check the value)")
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got "
-                              f"{value!r}{_unquoted(value)}")
+                              f"{value!r}{_unquoted(key, value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
 

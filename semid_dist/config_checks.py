@@ -39,6 +39,7 @@ _SPARK_MASTER = re.compile(  # the master URLs Spark's SparkContext takes (a clu
     r"|local-cluster\[\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*\]|[A-Za-z][A-Za-z0-9+.-]*://\S+")
 
 
+NAME_MAX = 255  # the longest file or directory name most file systems take (ext4, xfs)
 _RAY_ADDRESS = re.compile(  # the forms ray.init takes: auto, local, a Ray Client URL, host:port
     r"auto|local|ray://\S+|[A-Za-z0-9_.-]+:[0-9]+|\[[0-9A-Fa-f:.]+\]:[0-9]+")
 
@@ -76,7 +77,7 @@ class _StrictLoader(yaml.SafeLoader):
         """Raise a marked YAML error at the second of two equal keys of a mapping (merge keys
         `<<` aside: overriding merged keys is what they are for), naming its dotted key. Keys
         are compared as the values they load as, so keys spelled differently that one dict
-        would merge (`true` / `yes`, `1` / `01` / `0x1`) are duplicates too."""
+        would merge (`true` / `yes`, `1` / `0x1`) are duplicates too."""
         if id(node) in seen_nodes:  # an alias: checked where its anchor is
             return
         seen_nodes.add(id(node))
@@ -109,15 +110,17 @@ class _StrictLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"{node.value!r} reads as {value} in YAML 1.1 ({base}); write the "
                 f"number without {'its :' if ':' in digits else 'the leading 0'}, or quote it "
-                f"('{node.value}') for text", node.start_mark)
+                f"for text ('{node.value}' in a file, KEY=\"'{node.value}'\" in an override)",
+                node.start_mark)
         return value
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         if ":" in node.value:
             raise yaml.constructor.ConstructorError(
                 None, None, f"{node.value!r} reads as {super().construct_yaml_float(node)} in "
-                f"YAML 1.1 (base 60); write the number without its :, or quote it "
-                f"('{node.value}') for text", node.start_mark)
+                f"YAML 1.1 (base 60); write the number without its :, or quote it for text "
+                f"('{node.value}' in a file, KEY=\"'{node.value}'\" in an override)",
+                node.start_mark)
         return super().construct_yaml_float(node)
 
 
@@ -271,6 +274,10 @@ def check_table_name(table: str, key: str = "output.table") -> None:
                           "name of letters, digits, '.', '_' and '-' that starts with a letter "
                           "or digit (the table lives at <output.root>/<output.table>/; put "
                           "parent directories in output.root), e.g. output.table=sids")
+    if len(table) > NAME_MAX:  # (the build failed at its first write, blaming output.root)
+        raise ConfigError(f"{key}: {table[:40]!r}... is {len(table)} characters long; a "
+                          f"directory name holds at most {NAME_MAX} (the table lives at "
+                          "<output.root>/<output.table>/): give a shorter one")
 
 
 def check_consistency(cfg: BuildConfig) -> None:

@@ -42,8 +42,9 @@ def encode_shards(engine: Engine, ctx: JobContext, plan: CatalogPlan, log: Log,
     Shard statistics are merged in shard order as results arrive (results that come early
     wait for their turn), so the merge is the same on every engine whatever order its shards
     finish in. An engine carries a shard's counts only; its statistics are read from the
-    shard's staged result at its turn, so memory holds O(log shards) partials, however many
-    results wait or however many an engine collects at once. With a head / tail split a
+    shard's staged result at its turn, so memory holds the running total (and the SID
+    count tables of O(log shards) runs: `StreamMerge`), however many results wait or
+    however many an engine collects at once. With a head / tail split a
     shard stages only those two, and the whole catalog's statistics are the merge of the
     merged head and the merged tail."""
     store = ctx.store()

@@ -103,11 +103,11 @@ def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     with storage_failures(store, []):
         plan = plan_input(catalog, cfg, store, parent)
         key = run_key(cfg, plan)
-        resumes, overtaken = killed_runs(store, key)
+        resumes, overtaken, other = killed_runs(store, key)
         if overtaken is not None:
             log(overtaken_line(overtaken))
-        elif resumes is None and (line := other_run_line(store, key, run_settings(cfg, plan))):
-            log(line)
+        elif other is not None:
+            log(other_run_line(store, other, run_settings(cfg, plan)))
         parent = planned_parent(store, key, parent)
         dim, _ = check_inputs(plan, cfg, store, parent, log)
         if resumes is not None:  # the latest its first run saw, as the build reads it

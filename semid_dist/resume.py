@@ -55,41 +55,33 @@ def run_key(cfg: BuildConfig, plan: CatalogPlan) -> str:
 
 def run_settings(cfg: BuildConfig, plan: CatalogPlan) -> dict[str, Any]:
     """What `run_key` hashes, by setting: {"config": {dotted key: value}, "input": the input
-    fingerprint}, kept in the version's _staging so that a later run with other settings
-    can say what differs (`other_run_line`)."""
+    fingerprint}, kept in the version's _staging (credentials in a URL masked, as in the
+    manifest) so that a later run with other settings can say what differs
+    (`other_run_line`)."""
     from semid_dist.config import settings_of
 
-    return {"config": settings_of(cfg), "input": plan.fingerprint}
+    return {"config": fsio.redact(settings_of(cfg)), "input": plan.fingerprint}
 
 
-def other_run_line(store: TableStore, key: str, settings: dict[str, Any]) -> str | None:
-    """The line a build of run `key` (`settings`) says of the newest unfinished run since
-    `_latest` (stopped or failed) of other settings, which it does not continue (a re-run
-    with a lower encode.chunk_rows after a kill for memory started afresh, without a word);
-    None where there is none."""
-    latest, now = store.head() or "", time.time()
-    for vid in reversed(store.uncommitted()):
-        if vid <= latest:
-            return None
-        run = read_run(store, vid)
-        if run is None or run.get("key") == key or owner_alive(run.get("owner"), now):
-            continue
-        try:
-            theirs = json.loads(store.read_bytes(vid, f"{STAGING}/{SETTINGS_FILE}"))
-            ours, old = settings["config"], theirs["config"]
-            changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(ours.get(k))}"
-                       for k in sorted({*ours, *old}) if ours.get(k) != old.get(k)]
-            if theirs["input"] != settings["input"]:
-                changed.append("the catalog's files")
-            what = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more"
-                                             if len(changed) > 4 else "")
-        except (OSError, ValueError, KeyError, TypeError):  # (a run of an older semid_dist)
-            what = "not recorded"
-        return (f"plan: the unfinished run in version {vid} (stopped or failed) is not "
-                f"continued: its settings differ ({what}); a new version starts (that run's "
-                f"settings would continue it; gc removes {vid}'s folder after "
-                "--min-age-hours)")
-    return None
+def other_run_line(store: TableStore, vid: str, settings: dict[str, Any]) -> str:
+    """The line a build of `settings` (`run_settings`) says of unfinished run `vid` (stopped
+    or failed: `killed_runs`' `other`), whose settings differ and which it does not continue
+    (a re-run with a lower encode.chunk_rows after a kill for memory started afresh, without
+    a word)."""
+    try:
+        theirs = json.loads(store.read_bytes(vid, f"{STAGING}/{SETTINGS_FILE}"))
+        ours, old = settings["config"], theirs["config"]
+        changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(ours.get(k))}"
+                   for k in sorted({*ours, *old}) if ours.get(k) != old.get(k)]
+        if theirs["input"] != settings["input"]:
+            changed.append("the catalog's files")
+        what = (", ".join(changed[:4]) + (f" and {len(changed) - 4} more"
+                                          if len(changed) > 4 else "")) or "none recorded"
+    except (OSError, ValueError, KeyError, TypeError):  # (a run of an older semid_dist)
+        what = "not recorded"
+    return (f"plan: the unfinished run in version {vid} (stopped or failed) is not continued: "
+            f"its settings differ ({what}); a new version starts (that run's settings would "
+            f"continue it; gc removes {vid}'s folder after --min-age-hours)")
 
 
 def _machine() -> str:
@@ -157,7 +149,7 @@ def read_run(store: TableStore, vid: str) -> dict[str, Any] | None:
 def resumable_version(store: TableStore, key: str) -> str | None:
     """The newest uncommitted version started by the same run (same `run_key`) whose build is
     gone, when it is newer than `_latest`: re-running a killed build continues it."""
-    return killed_runs(store, key)[0]
+    return killed_runs(store, key).resumable
 
 
 # uncommitted versions before `_latest` whose run files `killed_runs` reads, at most (one
@@ -165,22 +157,36 @@ def resumable_version(store: TableStore, key: str) -> str | None:
 PASSED_LOOKBACK = 4
 
 
-def killed_runs(store: TableStore, key: str) -> tuple[str | None, str | None]:
-    """(`resumable_version`, or None; else the newest uncommitted version of run `key`
-    whose build is gone but that sorts before `_latest`, among the `PASSED_LOOKBACK` newest
-    there, or None: a version was committed after it started, so it is not continued, and
-    a re-run's log says so)."""
+class Killed(NamedTuple):
+    """The unfinished runs (stopped or failed) a build of one run key finds (`killed_runs`)."""
+
+    resumable: str | None  # its own, newer than `_latest`: continued
+    overtaken: str | None  # else its own that sorts before `_latest`: not continued, said
+    other: str | None  # else the newest of other settings since `_latest`: said (its line)
+
+
+def killed_runs(store: TableStore, key: str) -> Killed:
+    """The uncommitted versions whose builds are gone that matter to a build of run `key`:
+    its own newest one newer than `_latest` (`resumable_version`); else its own newest one
+    that sorts before `_latest`, among the `PASSED_LOOKBACK` newest there (a version was
+    committed after it started: not continued, and a re-run's log says so); and the newest
+    one of another run key newer than `_latest` (not continued; the log names what
+    differs: `other_run_line`)."""
     latest, now = store.head() or "", time.time()
-    before = 0
+    before, other = 0, None
     for vid in reversed(store.uncommitted()):
         if vid <= latest:
             if before == PASSED_LOOKBACK:
                 break
             before += 1
         run = read_run(store, vid)
-        if run is not None and run.get("key") == key and not owner_alive(run.get("owner"), now):
-            return (vid, None) if vid > latest else (None, vid)
-    return None, None
+        if run is None or owner_alive(run.get("owner"), now):
+            continue
+        if run.get("key") == key:
+            return Killed(vid, None, None) if vid > latest else Killed(None, vid, other)
+        if vid > latest and other is None:
+            other = vid
+    return Killed(None, None, other)
 
 
 def overtaken_line(old: str) -> str:
@@ -219,16 +225,15 @@ def claim_version(store: TableStore, key: str, log: Callable[[str], None] | None
     try:
         with store.table_lock(waiting):
             step = "read"
-            vid, old = killed_runs(store, key)
+            vid, old, other = killed_runs(store, key)
             resuming = vid is not None
             if vid is not None:
                 parent = _first_parent(store, vid, parent, log)
                 latest = (read_run(store, vid) or {}).get("latest", latest)
             elif old is not None and log is not None:
                 log(overtaken_line(old))
-            elif settings is not None and log is not None:
-                if (line := other_run_line(store, key, settings)) is not None:
-                    log(line)
+            elif other is not None and settings is not None and log is not None:
+                log(other_run_line(store, other, settings))
             vid = vid or new_version_id()
             reads = tuple(sorted({*reads, parent} - {None}))
             step = "write"

@@ -12,6 +12,7 @@ import gc
 import itertools
 import math
 import random
+import re
 from collections import Counter, defaultdict
 from fractions import Fraction
 
@@ -605,6 +606,22 @@ def test_stream_merge_holds_its_running_total_alone():
         assert live() - before == 1
     assert_partials_equal(stream.result(), partial_from_batch(codes, sq, x, SIZES,
                                                               quality_depth=2))
+
+
+def test_the_merge_benchmark_job_runs_and_its_two_merges_agree():
+    """jobs/merge_bench.py (README's figure of the SID tables' merge time) runs, and
+    StreamMerge's result is the one total's, byte for byte."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = subprocess.run([sys.executable, "jobs/merge_bench.py", "--shards", "5", "--dim", "4"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^5 shards of 65536 items, d = 4: \d+ SIDs; merge time: StreamMerge "
+                     r"[\d.]+ s, one total [\d.]+ s \([\d.]+x\); results identical: True$",
+                     run.stdout.strip().splitlines()[-1]), run.stdout
 
 
 def test_partial_counts_match_counter():

@@ -298,8 +298,9 @@ def test_numbers_yaml_1_1_reads_otherwise_are_refused_in_files_and_overrides(tmp
                             ("1:30.5", 90.5, "base 60")):
         with pytest.raises(ConfigError, match=rf"^override seed: cannot parse value "
                                               rf"'{raw}': '{raw}' reads as {read} in YAML 1\.1 "
-                                              rf"\({base}\); .*or quote it \('{raw}'\) for "
-                                              "text$"):
+                                              rf"\({base}\); .*or quote it for text "
+                                              rf"\('{raw}' in a file, KEY=\"'{raw}'\" in an "
+                                              r"override\)$"):
             parse_config(MINIMAL, [f"seed={raw}"])
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL) + "seed: 0123\n")
@@ -328,13 +329,18 @@ def test_yaml_that_is_no_mapping_or_no_text_says_what_it_read(tmp_path):
         parse_config({**MINIMAL, "fit": None})
     with pytest.raises(ConfigError, match=r"^output\.table: expected a non-empty string, got "
                                           r"True \(YAML reads an unquoted yes / no / on / off "
-                                          r"/ true / false as a boolean: quote the word"):
+                                          r"/ true / false as a boolean: quote it, as 'on' in a "
+                                          r"file or output\.table=\"'on'\" in an override\)$"):
         parse_config(MINIMAL, ["output.table=on"])
+    assert parse_config(MINIMAL, ["output.table='on'"]).output.table == "on"  # (as it says)
     with pytest.raises(ConfigError, match=r"^prune\.strategy: False \(YAML reads an unquoted "
-                                          r".*\) is not one of none \| "):
+                                          r"yes / no / on / off / true / false as a boolean\) is "
+                                          r"not one of none \| "):  # (no quoting: no choice)
         parse_config(MINIMAL, ["prune.strategy=off"])
     with pytest.raises(ConfigError, match=r"got datetime\.date\(2026, 1, 1\) \(YAML reads an "
-                                          r"unquoted date as one: quote it, as '2026-01-01'\)"):
+                                          r"unquoted date as one: quote it, as '2026-01-01' in "
+                                          r"a file or output\.table=\"'2026-01-01'\" in an "
+                                          r"override\)$"):
         parse_config(MINIMAL, ["output.table=2026-01-01"])
 
 
@@ -554,6 +560,15 @@ def test_encode_from_version_is_a_version_id():
     for bad in ("../versions/x", "./x", "x/"):  # (semid validate said ok)
         with pytest.raises(ConfigError, match=r"encode.from_version: .* is not a version id"):
             parse_config({**MINIMAL, "encode": {"from_version": bad}})
+
+
+def test_a_table_name_longer_than_a_directory_name_can_be_is_a_config_error():
+    """A 300-character output.table passed the checks and the dry run; the build failed at
+    its first write with ENAMETOOLONG and advice about output.root."""
+    assert parse_config(MINIMAL, [f"output.table={'t' * 255}"]).output.table == "t" * 255
+    with pytest.raises(ConfigError, match=r"^output\.table: 'tttt.*'\.\.\. is 300 characters "
+                                          r"long; a directory name holds at most 255 "):
+        parse_config(MINIMAL, [f"output.table={'t' * 300}"])
 
 
 def test_ray_address_is_no_http_address():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -266,9 +266,11 @@ def _rows_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
-def merge(a: Partial, b: Partial) -> Partial:
-    """Statistics of the union of the item sets behind `a` and `b`."""
-    sid_k, sid_c, _ = _merge_keyed(a.sid_keys, a.sid_counts, b.sid_keys, b.sid_counts)
+def merge(a: Partial, b: Partial, *, sids: bool = True) -> Partial:
+    """Statistics of the union of the item sets behind `a` and `b` (`sids=False`: without
+    the SID count tables, left empty: `StreamMerge` merges those apart)."""
+    sid_k, sid_c = (_merge_keyed(a.sid_keys, a.sid_counts, b.sid_keys, b.sid_counts)[:2]
+                    if sids else (_NO_KEYS, _NO_KEYS))
     q_k, q_c, q_s = _merge_keyed(a.q_keys, a.q_counts, b.q_keys, b.q_counts, a.q_sums, b.q_sums)
     trans = [_merge_keyed(ka, ca, kb, cb)[:2] for ka, ca, kb, cb in
              zip(a.trans_keys, a.trans_counts, b.trans_keys, b.trans_counts)]
@@ -330,32 +332,54 @@ def subtract_rows(p: Partial, codes: np.ndarray, sq_last: np.ndarray,
 
 
 def merge_all(parts: list[Partial]) -> Partial:
-    """Merge in the given order, each into the running total (`StreamMerge`)."""
+    """Merge in the given order, each into the running total."""
     if not parts:
         raise ValueError("merge_all needs at least one partial")
     return functools.reduce(merge, parts)
 
 
+_NO_KEYS = np.zeros(0, dtype=np.int64)
+
+
 class StreamMerge:
-    """`merge_all` over partials that arrive one at a time: each is merged into the running
-    total as it arrives, so the total is all it holds, whatever the number of shards (a tree
-    of merges held log2(n) totals of runs, each up to the whole's size: the encode stage's
-    peak RSS grew with the catalog's shards, +60 MiB from 6 to 23 shards of 3 x 256 codes).
-    Bit-identical to `merge_all` of the same partials in the same order.
+    """`merge_all` over partials that arrive one at a time, bit for bit, holding the running
+    total and, apart, the SID count tables in a binary counter of merged runs (1, 2, 4, ...
+    partials'; pushing a partial merges equal-sized runs on the top).
+
+    The total's other tables are bounded by the codebooks (the prefixes' unit-vector sums:
+    up to k0 x k1 rows of d floats); held once per run, as a tree of whole merges held
+    them, the encode stage's peak RSS grew with the catalog's shards (+60 MiB from 6 to 23
+    shards of 3 x 256 codes). The SID tables grow with the items: merged into the total at
+    each shard they would take time in shards x items; in runs, in items x log2(shards).
+    Integer counts: the same whatever the order of their merges.
     """
 
     def __init__(self) -> None:
         self._total: Partial | None = None
+        self._sids: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._count = 0
 
     def push(self, part: Partial) -> None:
-        self._total = part if self._total is None else merge(self._total, part)
+        self._total = (replace(part, sid_keys=_NO_KEYS, sid_counts=_NO_KEYS)
+                       if self._total is None else merge(self._total, part, sids=False))
+        size, keys, counts = 1, part.sid_keys, part.sid_counts
+        while self._sids and self._sids[-1][0] == size:
+            _, left_keys, left_counts = self._sids.pop()
+            keys, counts, _ = _merge_keyed(left_keys, left_counts, keys, counts)
+            size *= 2
+        self._sids.append((size, keys, counts))
         self._count += 1
 
     def __len__(self) -> int:
         return self._count
 
     def result(self) -> Partial:
+        """The merge of every partial pushed; it takes them: the merge is empty after."""
         if self._total is None:
             raise ValueError("no partials were merged")
-        return self._total
+        _, keys, counts = self._sids.pop()
+        while self._sids:
+            _, left_keys, left_counts = self._sids.pop()
+            keys, counts, _ = _merge_keyed(left_keys, left_counts, keys, counts)
+        total, self._total, self._count = self._total, None, 0
+        return replace(total, sid_keys=keys, sid_counts=counts)

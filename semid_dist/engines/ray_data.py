@@ -32,6 +32,7 @@ from semid_dist.engines.shared import resolve, split_shared
 from semid_dist.errors import ConfigError, SemidError, wrapped_errors
 from semid_dist.io.catalog import Shard, shard_from_dict, shard_to_dict
 from semid_dist.runtime import gpu_stages
+from semid_dist.signals import interrupt_raised
 from semid_dist.stages import JobContext, job_worker
 
 
@@ -249,7 +250,8 @@ class RayEngine:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        self.close(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
+        self.close(interrupted=kind is not None and (issubclass(kind, KeyboardInterrupt)
+                                                     or interrupt_raised()))
 
     def close(self, *, interrupted: bool = False) -> None:
         if self._started:
