@@ -176,7 +176,9 @@ def _sample_fixes(valid: int, drawn: int, rows: int, k_max: int) -> list[str]:
     fixes = ["fix the catalog's bad rows"] if drawn >= k_max else []
     if valid >= 2:
         fixes.append(f"use smaller quantizer.layers (at most {valid} codes)")
-    if drawn < k_max:
+    if drawn < k_max:  # (a build's config and catalog hold k_max rows at least, checked
+        # before it starts: `config_checks`, `preflight.check_rows_for_fit`; kept for a
+        # BuildConfig made without `parse_config`, which skips the first)
         fixes.append(f"raise fit.sample_size (to {k_max} or more)" if rows >= k_max
                      else "use a larger catalog")
     elif rows > drawn:  # (more of the catalog's rows: more valid ones)
