@@ -116,7 +116,8 @@ def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
         check_writable(store)
     ids = plan.schema.field(cfg.input.id_column).type if plan.schemas else None
     warm = parent if cfg.fit.warm_start == "parent" and not cfg.encode.from_version else None
-    return {"catalog": redact_url(plan.url), "files": len({s.path for s in plan.shards}),
+    files = {p.path for s in plan.shards for p in s.pieces}
+    return {"catalog": redact_url(plan.url), "files": len(files),
             "rows": plan.num_rows, "shards": len(plan.shards), "skipped": list(plan.skipped),
             "dim": dim, "item_id_type": str(stored_id_type(ids)) if ids is not None else None,
             "table": redact_url(store.url), "latest": store.head(),

@@ -75,9 +75,11 @@ def check_popularity(scans: Sequence[PopularityScan], plan: CatalogPlan, column:
         return
     pos, row, value = min(s.first_bad for s in scans if s.first_bad is not None)
     shard = plan.shards[pos]
+    piece, at = (int(v[0]) for v in shard.locate(np.array([row])))
+    where = f"{shown_path(plan.url, shard.pieces[piece].path)}:{at}"
     raise InputError(f"input.popularity_column={column!r} holds {count} NaN, infinite or "
-                     f"negative values (e.g. {value!r} at {shown_path(plan.url, shard.path)}:"
-                     f"{shard.row_offset + row}); popularity must be finite and >= 0 (nulls "
+                     f"negative values (e.g. {value!r} at {where}); popularity must be finite "
+                     "and >= 0 (nulls "
                      "count as 0): fix those rows, or unset input.popularity_column")
 
 
@@ -133,5 +135,6 @@ def _holds(ranges: ValueRanges, key: int) -> bool:
 
 
 def _read(ctx: JobContext, shard: Shard) -> np.ndarray:
-    return popularity_values(read_shard(ctx.catalog_url, shard, [ctx.popularity_column])
-                             .column(0))
+    values = [popularity_values(t.column(0)) for t in
+              read_shard(ctx.catalog_url, shard, [ctx.popularity_column])]
+    return values[0] if len(values) == 1 else np.concatenate(values)

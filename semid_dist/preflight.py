@@ -14,7 +14,7 @@ from semid_dist.codebooks import Reused, reused_codebooks, warm_start_codebooks
 from semid_dist.config import BuildConfig
 from semid_dist.errors import InputError, StoreError
 from semid_dist.incremental import check_extendable
-from semid_dist.io.catalog import CatalogPlan, read_shard
+from semid_dist.io.catalog import CatalogPlan, read_piece
 from semid_dist.io.store import TableStore
 from semid_dist.io.validate import check_schemas, infer_dim
 from semid_dist.runtime import gpu_stages, torch_device
@@ -24,15 +24,16 @@ Log = Callable[[str], None]
 
 def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
     """The embedding dimension: the fixed_size_list type's where every file has it, else
-    (`DIMENSION_RULE`) decided by the first shard holding an embedding, as its file's type
-    says or its most common length (`infer_dim`): a file without rows decides nothing."""
+    (`DIMENSION_RULE`) decided by the first shard's piece (file) holding an embedding, as its
+    file's type says or its most common length (`infer_dim`): a file without rows decides
+    nothing. Read a piece at a time (a shard may hold thousands of small files)."""
     col = cfg.input.embedding_column
     types = {schema.field(col).type for _, schema in plan.schemas} or {
         plan.schema.field(col).type}
     if len(types) == 1 and pa.types.is_fixed_size_list(t := next(iter(types))):
         return t.list_size
-    for shard in plan.shards:  # (a shard is of a file with rows)
-        dim = infer_dim(read_shard(plan.url, shard, [col]).column(0))
+    for piece in (p for shard in plan.shards for p in shard.pieces):  # (files with rows)
+        dim = infer_dim(read_piece(plan.url, piece, [col]).column(0))
         if dim:
             return dim
     raise InputError(f"column {col!r} holds no non-null embedding; nothing to encode")

@@ -74,7 +74,7 @@ def other_run_line(store: TableStore, vid: str, settings: dict[str, Any]) -> str
         changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(ours.get(k))}"
                    for k in sorted({*ours, *old}) if ours.get(k) != old.get(k)]
         if theirs["input"] != settings["input"]:
-            changed.append("the catalog's files")
+            changed.append("the catalog's files (or the rule cutting them into shards)")
         what = (", ".join(changed[:4]) + (f" and {len(changed) - 4} more"
                                           if len(changed) > 4 else "")) or "none recorded"
     except (OSError, ValueError, KeyError, TypeError):  # (a run of an older semid_dist)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,11 @@ from semid_dist.codes.drift import seeded_hashes
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import Shard, read_shard
+from semid_dist.io.catalog import Piece, Shard, read_shard
 from semid_dist.io.store import STAGING, TableStore
 from semid_dist.io.validate import (
     ValidBatch,
+    concat_batches,
     normalize_ids,
     popularity_values,
     reject_reasons,
@@ -88,49 +90,80 @@ def _validated(ctx: JobContext, shard: Shard) -> ValidBatch:
     return _validate(ctx, shard, _read(ctx, shard))
 
 
-def _read(ctx: JobContext, shard: Shard) -> pa.Table:
+def _read(ctx: JobContext, shard: Shard) -> list[pa.Table]:
     cols = [ctx.id_column, ctx.embedding_column]
     if ctx.popularity_column:
         cols.append(ctx.popularity_column)
     return read_shard(ctx.catalog_url, shard, cols)
 
 
-def _validate(ctx: JobContext, shard: Shard, raw: pa.Table) -> ValidBatch:
-    return validate_batch(raw, id_column=ctx.id_column, embedding_column=ctx.embedding_column,
-                          dim=ctx.dim, source_file=fsio.shown_path(ctx.catalog_url, shard.path),
-                          row_offset=shard.row_offset,
-                          popularity_column=ctx.popularity_column,
-                          duplicate_ids=ctx.duplicate_ids,
-                          duplicate_rows=(ctx.duplicate_rows or {}).get(shard.index),
-                          reject_zero=ctx.reject_zero_vectors)
+def _pieces(ctx: JobContext, shard: Shard, raw: list[pa.Table],
+            ) -> Iterator[tuple[int, Piece, ValidBatch]]:
+    """Each piece's (file's) rows validated, with the piece's first row inside the shard;
+    the batches' `rows` are rows inside their file, as the rejects'."""
+    later = (ctx.duplicate_rows or {}).get(shard.index)
+    for start, piece, table in zip(shard.starts().tolist(), shard.pieces, raw):
+        yield start, piece, validate_batch(
+            table, id_column=ctx.id_column, embedding_column=ctx.embedding_column, dim=ctx.dim,
+            source_file=fsio.shown_path(ctx.catalog_url, piece.path),
+            row_offset=piece.row_offset, popularity_column=ctx.popularity_column,
+            duplicate_ids=ctx.duplicate_ids,
+            duplicate_rows=_rows_within(later, start, piece.num_rows),
+            reject_zero=ctx.reject_zero_vectors)
+
+
+def _rows_within(later: pa.Table | None, start: int, rows: int) -> pa.Table | None:
+    """The keep_first rejects (`JobContext.duplicate_rows`' table) among a piece's rows,
+    their offsets inside the piece."""
+    if later is None or not later.num_rows:
+        return None
+    offsets = later.column("offset").to_numpy()
+    lo, hi = np.searchsorted(offsets, [start, start + rows])
+    return later.slice(lo, hi - lo).set_column(
+        0, "offset", pa.array(offsets[lo:hi] - start, pa.int64()))
+
+
+def _validate(ctx: JobContext, shard: Shard, raw: list[pa.Table]) -> ValidBatch:
+    """The shard's valid rows and rejects, in row order (a piece at a time)."""
+    if len(shard.pieces) == 1:
+        return next(_pieces(ctx, shard, raw))[2]
+    return concat_batches([batch for _, _, batch in _pieces(ctx, shard, raw)], ctx.dim)
 
 
 def scan_keys(ctx: JobContext, shard: Shard) -> tuple[pa.Array, np.ndarray | None]:
     """The shard's item ids in row order (int64 or string, nulls included; for the
     duplicate check) and popularity."""
     cols = [ctx.id_column] + ([ctx.popularity_column] if ctx.popularity_column else [])
-    t = read_shard(ctx.catalog_url, shard, cols)
-    pop = None
-    if ctx.popularity_column:
-        pop = popularity_values(t.column(ctx.popularity_column), name=ctx.popularity_column,
-                                source=fsio.shown_path(ctx.catalog_url, shard.path))
-    return normalize_ids(t.column(ctx.id_column), fsio.shown_path(ctx.catalog_url, shard.path),
-                         shard.row_offset), pop
+    ids, pops = [], []
+    for piece, t in zip(shard.pieces, read_shard(ctx.catalog_url, shard, cols)):
+        source = fsio.shown_path(ctx.catalog_url, piece.path)
+        ids.append(normalize_ids(t.column(ctx.id_column), source, piece.row_offset))
+        if ctx.popularity_column:
+            pops.append(popularity_values(t.column(ctx.popularity_column),
+                                          name=ctx.popularity_column, source=source))
+    return (ids[0] if len(ids) == 1 else pa.concat_arrays(ids),
+            np.concatenate(pops) if pops else None)
 
 
 def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray,
                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, int]]:
-    """Valid embeddings (m, d) float32 at `local_rows` (indices inside the shard), their
-    popularity (m,) (None without a popularity column), and the rows there rejected, per
-    reason."""
-    batch = _validated(ctx, shard)
-    wanted = np.isin(batch.rows - shard.row_offset, local_rows)
-    rejects = batch.rejects
-    if rejects.num_rows:
-        drawn = np.isin(rejects.column("row").to_numpy() - shard.row_offset, local_rows)
-        rejects = rejects.filter(pa.array(drawn))
-    return (batch.x[wanted], None if batch.popularity is None else batch.popularity[wanted],
-            reject_reasons(rejects))
+    """Valid embeddings (m, d) float32 at `local_rows` (sorted indices inside the shard),
+    their popularity (m,) (None without a popularity column), and the rows there rejected,
+    per reason."""
+    xs, pops, rejected = [], [], []
+    for start, piece, batch in _pieces(ctx, shard, _read(ctx, shard)):
+        lo, hi = np.searchsorted(local_rows, [start, start + piece.num_rows])
+        at = local_rows[lo:hi] - start + piece.row_offset  # the rows inside its file
+        wanted = np.isin(batch.rows, at)
+        xs.append(batch.x[wanted])
+        if batch.popularity is not None:
+            pops.append(batch.popularity[wanted])
+        rejects = batch.rejects
+        if rejects.num_rows:
+            rejects = rejects.filter(pa.array(np.isin(rejects.column("row").to_numpy(), at)))
+        rejected.append(rejects)
+    return (xs[0] if len(xs) == 1 else np.concatenate(xs),
+            np.concatenate(pops) if pops else None, reject_reasons(pa.concat_tables(rejected)))
 
 
 def sample_rows_by_id(ctx: JobContext, shard: Shard, below: int, seed: int,
@@ -178,7 +211,7 @@ class EncodeWorker:
         self.ctx = ctx
         self.quantizer = load_quantizer(ctx)
         self.store = ctx.store()
-        self._ahead: dict[int, tuple[pa.Table, float]] = {}  # shard index -> (rows, read s)
+        self._ahead: dict[int, tuple[list[pa.Table], float]] = {}  # shard index -> (rows, read s)
         self._shards = 0  # shards this worker took (for the fault point of the second)
 
     def read_ahead(self, shard: Shard) -> None:

@@ -20,7 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from semid_dist.errors import ConfigError, InputError
-from semid_dist.io.catalog import Shard, catalog_files, plan_catalog
+from semid_dist.io.catalog import (
+    Piece,
+    Shard,
+    catalog_files,
+    plan_catalog,
+    read_shard,
+    shard_from_dict,
+    shard_to_dict,
+)
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
@@ -327,6 +335,73 @@ def test_duplicates_keep_first_keeps_the_first_file_row_copy(tmp_path, root):
         assert codes_by_id(bucketed).equals(codes_by_id(data)) and rej4.equals(rej)
 
 
+def test_small_files_are_packed_whole_into_shards_and_large_ones_cut_by_row_groups(tmp_path):
+    """Shards of 100 rows over files of 30, 45 (row groups of 20), 250 (of 100), 5, 60, 0 and
+    50 rows: the small files whole, in order, at most 100 rows a shard (closed before a file
+    that would pass it, or before a large file); the large one in its row groups as ever.
+    Each shard reads its pieces' rows, and names a row inside it by file and row there."""
+    d = tmp_path / "cat"
+    sizes = {"a": 30, "b": 45, "c": 250, "d": 5, "e": 60, "f": 0, "g": 50}
+    start = 0
+    for name, n in sizes.items():
+        if n:
+            write_file(d / f"{name}.parquet", range(start, start + n), as_rows(base_x()[:n]),
+                       row_group_rows=20 if name == "b" else 100)
+        else:
+            pq.write_table(pq.read_table(d / "a.parquet").slice(0, 0), d / f"{name}.parquet")
+        start += n
+    plan = plan_catalog(str(d), target_rows=100)
+
+    def piece(name: str, groups: tuple, offset: int, rows: int) -> Piece:
+        return Piece(str(d / f"{name}.parquet"), groups, offset, rows)
+
+    assert [s.pieces for s in plan.shards] == [
+        (piece("a", (0,), 0, 30), piece("b", (0, 1, 2), 0, 45)),
+        (piece("c", (0,), 0, 100),), (piece("c", (1,), 100, 100),), (piece("c", (2,), 200, 50),),
+        (piece("d", (0,), 0, 5), piece("e", (0,), 0, 60)), (piece("g", (0,), 0, 50),)]
+    assert [s.index for s in plan.shards] == list(range(6)) and plan.num_rows == 440
+    ids = [t.column("item_id").to_pylist() for s in plan.shards
+           for t in read_shard(str(d), s, ["item_id"])]
+    assert sum(ids, []) == list(range(440))
+    at, file_rows = plan.shards[4].locate(np.array([0, 4, 5, 64]))
+    assert at.tolist() == [0, 0, 1, 1] and file_rows.tolist() == [0, 4, 0, 59]
+    assert all(shard_from_dict(json.loads(json.dumps(shard_to_dict(s)))) == s
+               for s in plan.shards)
+
+
+def test_a_catalog_of_small_files_is_encoded_in_shards_of_several_files(tmp_path, root):
+    """40 files of 15 rows, shards of 200 rows: 4 shards of whole files (13, 13, 13 and 1)
+    and 4 table parts, not 40. Rejects and the first copies of duplicates are named by their
+    file and row there; the SIDs are those of the same rows in two files."""
+    cat, x, ids, later = dup_catalog(tmp_path)
+    rows = as_rows(x)
+    rows[40][2], rows[229] = float("nan"), None  # the 3rd file's 10th row; the 16th's 4th
+    small = tmp_path / "small"
+    for f in range(40):
+        write_file(small / f"part-{f:03d}.parquet", ids[15 * f:15 * f + 15],
+                   rows[15 * f:15 * f + 15], row_group_rows=10)
+    write_file(Path(cat) / "part-0.parquet", ids[:300], rows[:300])  # the same rows
+    logs: list[str] = []
+    res = build(cfg(str(small), root, input__on_duplicate="keep_first"), log=logs.append)
+    data, rej = committed(root, res)
+    assert any(m.startswith("plan: 600 rows in 4 shards") for m in logs), logs
+    assert len(TableStore(root, "sids").part_paths(res.version_id)) == 4
+
+    def where(r: int) -> tuple[str, int]:
+        return str(small / f"part-{r // 15:03d}.parquet"), r % 15
+
+    bad = {40: NON_FINITE, 229: "null embedding"}
+    bad.update({r: f"duplicate item_id (first at {where(first)[0]}:{where(first)[1]})"
+                for r, first in later})
+    want = sorted((*where(r), reason) for r, reason in bad.items())
+    assert list(zip(rej.column("source_file").to_pylist(), rej.column("row").to_pylist(),
+                    rej.column("reason").to_pylist())) == want
+    root2 = str(tmp_path / "two_files")
+    ref, rej2 = committed(root2, build(cfg(cat, root2, input__on_duplicate="keep_first"),
+                                       log=quiet))
+    assert rej2.num_rows == len(want) and codes_by_id(data).equals(codes_by_id(ref))
+
+
 def test_duplicates_fail_policy_and_on_bad_rows_fail(tmp_path, root):
     cat, *_ = dup_catalog(tmp_path)
     with pytest.raises(InputError, match=r"4 item ids occur more than once \(11 rows; e\.g\. "
@@ -459,31 +534,36 @@ def brute_first_copies(id_lists: list[list], shards: list[Shard]) -> dict[int, l
     seen: dict = {}
     out: dict[int, list] = {}
     for shard, ids in zip(shards, id_lists):
+        where = [(p.path, p.row_offset + r) for p in shard.pieces for r in range(p.num_rows)]
         for off, v in enumerate(ids):
             if v is None:
                 continue
             if v in seen:
-                s, r = seen[v]
+                path, row = seen[v]
                 out.setdefault(shard.index, []).append(
-                    (off, f"duplicate item_id (first at {s.path}:{s.row_offset + r})"))
+                    (off, f"duplicate item_id (first at {path}:{row})"))
             else:
-                seen[v] = (shard, off)
+                seen[v] = where[off]
     return out
 
 
 @pytest.mark.parametrize("kind", ["int", "str"])
 def test_first_copy_rejects_matches_a_brute_force_scan(kind):
+    """The first copies are named by file and row there, also in shards of several files."""
     rng = np.random.default_rng(3)
-    sizes = [0, 7, 30, 1, 0, 25, 12]
-    shards, id_lists, offset = [], [], 0
-    for i, n in enumerate(sizes):
-        path = f"cat/part-{i // 3}.parquet"
-        offset = 0 if i % 3 == 0 else offset
+    layout = [[(0, 0)], [(0, 7)], [(0, 30), (1, 1)], [(2, 0)], [(2, 25), (3, 4), (4, 12)],
+              [(4, 12)]]  # a shard's pieces: (file, rows)
+    shards, id_lists, file_rows = [], [], Counter()
+    for i, pieces in enumerate(layout):
+        parts = []
+        for f, n in pieces:
+            parts.append(Piece(f"cat/part-{f}.parquet", (0,), file_rows[f], n))
+            file_rows[f] += n
+        n = sum(p.num_rows for p in parts)
         vals = rng.integers(0, 40, n).tolist()
         vals = [None if rng.random() < 0.1 else (v if kind == "int" else f"k{v}") for v in vals]
-        shards.append(Shard(i, path, (0,), offset, n))
+        shards.append(Shard(i, tuple(parts)))
         id_lists.append(vals)
-        offset += n
     arrays = [pa.array(v, pa.int64() if kind == "int" else pa.string()) for v in id_lists]
     dups, rows = find_duplicates(arrays)
     seen = Counter(v for vals in id_lists for v in vals if v is not None)

@@ -20,7 +20,7 @@ from semid_dist.codes.headsplit import (
     value_ranges,
 )
 from semid_dist.errors import InputError
-from semid_dist.io.catalog import CatalogPlan, Shard
+from semid_dist.io.catalog import CatalogPlan, Piece, Shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.popularity import check_popularity, scan_popularity
@@ -128,13 +128,18 @@ def test_bad_arguments_and_edges_are_clear():
 
 
 def test_popularity_check_counts_every_bad_value_and_names_the_first():
-    shards = tuple(Shard(i, f"/cat/part-{i}.parquet", (0,), 100 * i, 10) for i in range(3))
+    """The first bad value is named by its file and row there, also inside a shard of
+    several files (the second: 2 rows of part-1, then a small file's 8)."""
+    shards = (Shard(0, (Piece("/cat/part-0.parquet", (0,), 0, 10),)),
+              Shard(1, (Piece("/cat/part-1.parquet", (1,), 100, 2),
+                        Piece("/cat/small.parquet", (0, 1), 0, 8))),
+              Shard(2, (Piece("/cat/part-2.parquet", (0,), 200, 10),)))
     plan = CatalogPlan("/cat", shards, pa.schema([("pop", pa.float64())]), "fp")
     pop = np.arange(30, dtype=np.float64)
     per_shard = [(i, pop[10 * i:10 * i + 10]) for i in range(3)]
     check_popularity([scan_popularity(per_shard)], plan, "pop")  # all valid: nothing raised
     pop[[13, 14, 22, 29]] = [np.nan, -1.0, np.inf, -np.inf]
-    want = r"holds 4 NaN, infinite or negative values \(e\.g\. nan at /cat/part-1\.parquet:103\)"
+    want = r"holds 4 NaN, infinite or negative values \(e\.g\. nan at /cat/small\.parquet:1\)"
     for scans in ([scan_popularity(per_shard)],                       # one group
                   [scan_popularity([p]) for p in reversed(per_shard)],  # a scan per shard
                   [scan_popularity(per_shard[2:]), scan_popularity(per_shard[:2])]):

@@ -16,7 +16,7 @@ import pytest
 from semid_dist.engines.ray_data import _one_stage, task_shards
 from semid_dist.engines.ray_train import fit_on_ray_train
 from semid_dist.errors import ConfigError, InputError
-from semid_dist.io.catalog import Shard
+from semid_dist.io.catalog import Piece, Shard
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
 from semid_dist.quantize.acrq import fit_acrq, split_sample
@@ -145,7 +145,7 @@ def test_task_shards_round_robin_on_one_node_consecutive_on_a_cluster():
     """One node: a task per slot, shards dealt round-robin (results come about in shard
     order); a cluster: tasks of up to 4 consecutive shards, at least 2 tasks per slot. Each
     shard in exactly one task either way."""
-    shards = [Shard(i, "part.parquet", (i,), 100 * i, 100) for i in range(23)]
+    shards = [Shard(i, (Piece("part.parquet", (i,), 100 * i, 100),)) for i in range(23)]
     one = task_shards(shards, 2, one_node=True)
     assert [[s.index for s in g] for g in one] == [list(range(0, 23, 2)), list(range(1, 23, 2))]
     many = task_shards(shards, 2, one_node=False)
@@ -160,13 +160,14 @@ def test_task_shards_round_robin_on_one_node_consecutive_on_a_cluster():
 def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path, group_rows):
     """Same input, same codebooks: the Ray Data engine writes exactly the local engine's table
     and metrics, its duplicate check and collision suffixes run by Ray tasks. With 100-row
-    shards (24) each of the encode tasks runs its share of them one after the other, and
-    the shards' head / tail statistics (popularity column) come back per shard."""
+    shards each of the encode tasks runs its share of them one after the other, and the
+    shards' head / tail statistics (popularity column) come back per shard; there the
+    catalog is 60 files of 40 rows, so each shard holds two files (30 shards)."""
     _, x = small_catalog
     # continuous popularity at 100 rows: the head threshold takes Ray passes deeper
     pop = np.random.default_rng(2).lognormal(0, 2, len(x)) if group_rows == 100 else None
-    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=group_rows, files=2,
-                            popularity=pop)
+    catalog = write_catalog(tmp_path / "catalog", x, row_group_rows=group_rows,
+                            files={500: 2, 100: 60}[group_rows], popularity=pop)
     over = {"encode__shard_rows": group_rows}
     if group_rows == 100:
         over["input__popularity_column"] = "popularity"
@@ -192,8 +193,8 @@ def test_ray_data_encode_identical_to_local(ray_session, small_catalog, tmp_path
     mb = {k: v for k, v in ray.metrics.items() if k not in ("timings", "fit")}
     assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
     assert store.manifest(ray.version_id)["engine"] == "ray"
-    # one data part per shard: 2 files of 1,200 rows in row groups of `group_rows`
-    assert len(store.part_paths(ray.version_id)) == {500: 6, 100: 24}[group_rows]
+    # one data part per shard: 2 files of 1,200 rows in row groups of 500; 60 of 40 rows
+    assert len(store.part_paths(ray.version_id)) == {500: 6, 100: 30}[group_rows]
 
 
 def test_ray_capacity_bound_in_prefix_ranges_identical_to_local(ray_session, small_catalog,

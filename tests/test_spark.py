@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from semid_dist.errors import ConfigError, InputError, SemidError
-from semid_dist.io.catalog import Shard, read_shard
+from semid_dist.io.catalog import Piece, Shard, read_shard
 from semid_dist.io.store import STAGING, TableStore
 from semid_dist.pipeline import build
 from tests.conftest import (
@@ -86,10 +86,11 @@ def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path)
     """Same input, same codebooks: Spark's mapInArrow writes exactly the local engine's table
     and metrics; Spark tasks check the ids for duplicates in hash buckets and rank the
     collision suffixes in key ranges, and make the head threshold's passes over a
-    continuous popularity column (driver.gather_rows 700)."""
+    continuous popularity column (driver.gather_rows 700). The catalog's 16 files of 150
+    rows are read three a shard (6 shards, the last of one file)."""
     _, x = small_catalog
     pop = np.random.default_rng(2).lognormal(0, 2, len(x))
-    catalog = write_catalog(tmp_path / "catalog", x, files=2, popularity=pop)
+    catalog = write_catalog(tmp_path / "catalog", x, files=16, popularity=pop)
     root = str(tmp_path / "out")
     over = {"input__popularity_column": "popularity"}
     fitted = build(small_config(catalog, root, **over), log=quiet)
@@ -109,6 +110,7 @@ def test_spark_encode_identical_to_local(spark_session, small_catalog, tmp_path)
     assert a.num_rows == 2400 and a.equals(b)
     assert comparable(local.metrics) == comparable(spark.metrics)
     assert store.manifest(spark.version_id)["engine"] == "spark"
+    assert len(store.part_paths(spark.version_id)) == 6
     assert spark_session.range(3).count() == 3  # the engine left the test's session running
 
 
@@ -342,7 +344,7 @@ def test_spark_task_error_keeps_its_name(spark_session, tmp_path):
     prints its one-line reason), not as a Java stack trace."""
     from semid_dist.engines.spark import SparkEngine
 
-    missing = Shard(0, str(tmp_path / "gone.parquet"), (0,), 0, 10)
+    missing = Shard(0, (Piece(str(tmp_path / "gone.parquet"), (0,), 0, 10),))
     with SparkEngine(small_config(str(tmp_path), str(tmp_path), engine="spark"), log=quiet) as eng:
         assert eng.map(max, [(1, 2), (5, 3)]) == [2, 5]
         with pytest.raises(InputError, match="gone.parquet.*in a Spark task"):

@@ -203,7 +203,8 @@ def parquet_round_trip(tmp_path, table: pa.Table, name: str = "part.parquet") ->
     path = str(tmp_path / name)
     pq.write_table(table, path)
     plan = plan_catalog(path)
-    return pa.concat_tables([read_shard(path, s, table.column_names) for s in plan.shards])
+    return pa.concat_tables([t for s in plan.shards
+                             for t in read_shard(path, s, table.column_names)])
 
 
 @pytest.mark.parametrize("short_row", [False, True])
@@ -527,7 +528,7 @@ def test_all_null_embeddings_are_all_rejected():
 
 _FIRST_SHARD_PROBE = """
 import sys
-from semid_dist.io.catalog import Shard, read_shard
+from semid_dist.io.catalog import Piece, Shard, read_shard
 from semid_dist.io.validate import validate_batch
 from semid_dist.stages import warm_worker
 
@@ -535,7 +536,7 @@ if sys.argv[2] == "warm":
     warm_worker()
 before = set(sys.modules)
 path = sys.argv[1]
-raw = read_shard(path, Shard(0, path, (0,), 0, 3), ["item_id", "embedding"])
+raw, = read_shard(path, Shard(0, (Piece(path, (0,), 0, 3),)), ["item_id", "embedding"])
 batch = validate_batch(raw, id_column="item_id", embedding_column="embedding", dim=4,
                        source_file=path, row_offset=0)
 assert len(batch.ids) == 3, batch

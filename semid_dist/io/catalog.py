@@ -1,7 +1,10 @@
 """The catalog: Parquet files at an fsspec URL, split into shards of whole row groups.
 
-A shard is plain data (file, row groups, row offset), so every engine splits a catalog
-identically and every per-shard output (data part, rejects, statistics) has a stable name.
+A shard is plain data (its pieces: file, row groups, row offset), so every engine splits a
+catalog identically and every per-shard output (data part, rejects, statistics) has a stable
+name. Files of fewer rows than a shard's share one: a catalog of many small files is encoded
+in shards of ~`encode.shard_rows` rows all the same (a shard per file made as many tasks,
+staged files and table parts as files).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -22,12 +26,39 @@ from semid_dist.io import fs as fsio
 
 
 @dataclass(frozen=True)
-class Shard:
-    index: int
+class Piece:
+    """Consecutive row groups of one catalog file, inside a shard."""
+
     path: str
     row_groups: tuple[int, ...]
     row_offset: int  # first row's index inside its file
     num_rows: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Consecutive rows of the catalog, in its files' order: row groups of one file, or
+    several whole files of fewer rows than a shard's, together at most a shard's
+    (`plan_catalog`)."""
+
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.num_rows for p in self.pieces)
+
+    def starts(self) -> np.ndarray:
+        """Each piece's first row inside the shard, and the shard's rows after the last."""
+        return np.cumsum([0] + [p.num_rows for p in self.pieces])
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(piece index, row inside its file) of each row inside the shard."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.starts()
+        at = np.searchsorted(starts, rows, side="right") - 1
+        offsets = np.array([p.row_offset for p in self.pieces], dtype=np.int64)
+        return at, offsets[at] + rows - starts[at]
 
 
 @dataclass(frozen=True)
@@ -163,8 +194,16 @@ def _footer(fs, url: str, path: str, size: int | None) -> pq.FileMetaData:
                            "remove or repair it, then re-run") from None
 
 
+# How files are cut into shards, in the fingerprint: a run killed under another rule is not
+# resumed (its staged shards hold other rows).
+_LAYOUT = "small files packed"
+
+
 def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
-    """Read the Parquet footers and cut the catalog into shards of ~target_rows rows. The
+    """Read the Parquet footers and cut the catalog into shards of ~target_rows rows: a
+    file of at least target_rows rows into runs of its row groups, each closed at target_rows
+    or at the file's end; consecutive smaller files whole into shards of them, of at most
+    target_rows rows (closed before a file that would pass it, or before a larger file). The
     fingerprint covers each file's path, rows, size and version (ETag, mtime, ...), so a
     re-run over rewritten files does not resume the killed run's version."""
     with _reachable(url):
@@ -172,8 +211,10 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     shards: list[Shard] = []
     schema = None
     distinct: list[tuple[str, pa.Schema]] = []
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_LAYOUT.encode())
     files, skipped = catalog_files(url)
+    pack: list[Piece] = []  # small files' pieces, in the open shard
+    packed = 0  # their rows
     for path in files:
         info = fs.info(path)  # a rewritten file (same rows, same size) is another input
         meta = _footer(fs, url, path, info.get("size"))
@@ -183,15 +224,27 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
             distinct.append((fsio.shown_path(url, path), file_schema))  # (for messages)
         digest.update(json.dumps([fsio.redact_url(path), meta.num_rows, info.get("size"),
                                   _file_version(info)]).encode())
+        if 0 < meta.num_rows < target_rows:  # a small file: whole, beside the next ones
+            if packed + meta.num_rows > target_rows:  # (no shard of small files holds more
+                shards.append(Shard(len(shards), tuple(pack)))  # rows than a shard: the
+                pack, packed = [], 0  # memory of one is sized by it)
+            pack.append(Piece(path, tuple(range(meta.num_row_groups)), 0, meta.num_rows))
+            packed += meta.num_rows
+            continue
+        if pack and meta.num_rows:  # (the shards stay in the rows' order)
+            shards.append(Shard(len(shards), tuple(pack)))
+            pack, packed = [], 0
         groups: list[int] = []
         rows, offset = 0, 0
         for rg in range(meta.num_row_groups):
             groups.append(rg)
             rows += meta.row_group(rg).num_rows
             if rows >= target_rows or (rg == meta.num_row_groups - 1 and rows):
-                shards.append(Shard(len(shards), path, tuple(groups), offset, rows))
+                shards.append(Shard(len(shards), (Piece(path, tuple(groups), offset, rows),)))
                 offset += rows
                 groups, rows = [], 0
+    if pack:
+        shards.append(Shard(len(shards), tuple(pack)))
     if schema is None:
         raise _input_error(f"input.path {url!r} holds no Parquet files")
     if not shards:  # every file has 0 rows: nothing to sample or encode
@@ -215,18 +268,28 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
 READ_THREADS = False
 
 
-def read_shard(url: str, shard: Shard, columns: list[str]) -> pa.Table:
-    """Read the shard's row groups (only `columns`), verifying page checksums where the
-    writer recorded them (corrupt pages then fail loudly instead of decoding to garbage).
-    The columns are decoded in the calling thread (`READ_THREADS`)."""
+def read_shard(url: str, shard: Shard, columns: list[str]) -> list[pa.Table]:
+    """Read the shard's row groups (only `columns`), a table per piece (files may differ in
+    their types), verifying page checksums where the writer recorded them (corrupt pages then
+    fail loudly instead of decoding to garbage). The columns are decoded in the calling
+    thread (`READ_THREADS`)."""
     fs, _ = fsio.resolve(url)
-    groups = list(shard.row_groups)
+    return [_read_piece(url, fs, piece, columns) for piece in shard.pieces]
+
+
+def read_piece(url: str, piece: Piece, columns: list[str]) -> pa.Table:
+    """One piece of a shard, as `read_shard` reads it."""
+    return _read_piece(url, fsio.resolve(url)[0], piece, columns)
+
+
+def _read_piece(url: str, fs, piece: Piece, columns: list[str]) -> pa.Table:
+    groups = list(piece.row_groups)
     try:
-        with fsio.parquet_file(fs, shard.path) as pf:  # (a local file: no Python file object
+        with fsio.parquet_file(fs, piece.path) as pf:  # (a local file: no Python file object
             # per page read)
             return pf.read_row_groups(groups, columns=columns, use_threads=READ_THREADS)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _input_error(f"catalog file {fsio.shown_path(url, shard.path)!r}: cannot read "
+        raise _input_error(f"catalog file {fsio.shown_path(url, piece.path)!r}: cannot read "
                            f"row groups {groups} ({exc}); repair or remove the file") from None
 
 
@@ -235,5 +298,6 @@ def shard_to_dict(shard: Shard) -> dict:
 
 
 def shard_from_dict(data: dict) -> Shard:
-    return Shard(int(data["index"]), str(data["path"]), tuple(int(g) for g in data["row_groups"]),
-                 int(data["row_offset"]), int(data["num_rows"]))
+    return Shard(int(data["index"]), tuple(
+        Piece(str(p["path"]), tuple(int(g) for g in p["row_groups"]), int(p["row_offset"]),
+              int(p["num_rows"])) for p in data["pieces"]))

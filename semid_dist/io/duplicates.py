@@ -72,16 +72,31 @@ def later_copies(ids: pa.Array, dups: pa.Array) -> tuple[np.ndarray, np.ndarray]
     return later[by_pos], origin[by_pos]
 
 
+def _in_files(shards: Sequence[Shard], shard_pos: np.ndarray, rows: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(file, row inside it) of the rows at (shard_pos: position in `shards`, rows: row
+    inside that shard)."""
+    paths = np.empty(len(rows), dtype=object)
+    file_rows = np.empty(len(rows), dtype=np.int64)
+    order = np.argsort(shard_pos, kind="stable")
+    cuts = np.searchsorted(shard_pos[order], np.arange(len(shards) + 1))
+    for i in np.flatnonzero(np.diff(cuts)):
+        at = order[cuts[i]:cuts[i + 1]]
+        shard = shards[i]
+        piece, file_rows[at] = shard.locate(rows[at])
+        paths[at] = np.array([fsio.redact_url(p.path) for p in shard.pieces], dtype=object)[piece]
+    return paths, file_rows
+
+
 def copy_rejects(shards: Sequence[Shard], later_shard: np.ndarray, later_row: np.ndarray,
                  origin_shard: np.ndarray, origin_row: np.ndarray) -> dict[int, pa.Table]:
     """`first_copy_rejects`' tables from the later copies at (later_shard: position in
     `shards`, later_row: row inside that shard), in (shard, row) order, whose first copies
     lie at (origin_shard, origin_row)."""
-    paths = np.array([fsio.redact_url(s.path) for s in shards], dtype=object)
-    file_rows = np.array([s.row_offset for s in shards], dtype=np.int64)
+    paths, file_rows = _in_files(shards, origin_shard, origin_row)
     reason = pc.binary_join_element_wise(
-        "duplicate item_id (first at ", pa.array(paths[origin_shard], pa.string()), ":",
-        pa.array(file_rows[origin_shard] + origin_row).cast(pa.string()), ")", "")
+        "duplicate item_id (first at ", pa.array(paths, pa.string()), ":",
+        pa.array(file_rows).cast(pa.string()), ")", "")
     cuts = np.searchsorted(later_shard, np.arange(len(shards) + 1))
     out: dict[int, pa.Table] = {}
     for i, shard in enumerate(shards):

@@ -24,7 +24,8 @@ REJECTS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_file", pa.string(
 
 @dataclass(frozen=True)
 class ValidBatch:
-    """ids: the valid rows' ids; x: (m, d) float32; rows: (m,) int64 row index in the file."""
+    """ids: the valid rows' ids; x: (m, d) float32; rows: (m,) int64 row index in the file
+    (in a shard of several files, `concat_batches`: each row's in its own file)."""
 
     ids: pa.Array
     x: np.ndarray
@@ -178,7 +179,8 @@ def _first_non_utf8(ids: pa.Array) -> tuple[int, bytes]:
 
 # how a build decides the embedding dimension (`preflight`), for the errors it explains
 DIMENSION_RULE = ("the embedding dimension is the fixed_size_list type's, else the most common "
-                  "length in the catalog's first shard holding an embedding")
+                  "length in the catalog's first shard holding an embedding (a shard of "
+                  "several small files: its first file holding one)")
 
 
 def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
@@ -192,6 +194,25 @@ def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
     counts = pc.value_counts(lengths)  # in order of first occurrence
     best = int(np.argmax(counts.field("counts").to_numpy()))
     return int(counts.field("values")[best].as_py())
+
+
+def concat_batches(batches: list[ValidBatch], dim: int) -> ValidBatch:
+    """The batches of a shard's files as one, in order; the rows' matrix in Arrow's pool,
+    as each file's (`_pool_matrix`). Empties `batches`: each file's matrix is freed as it is
+    copied."""
+    pops = [b.popularity for b in batches]
+    ids = pa.concat_arrays([b.ids for b in batches])
+    rows = np.concatenate([b.rows for b in batches])
+    popularity = None if pops[0] is None else np.concatenate(pops)
+    rejects = pa.concat_tables([b.rejects for b in batches])
+    del pops
+    x = _pool_matrix(sum(len(b.x) for b in batches), dim)
+    start = 0
+    while batches:
+        part = batches.pop(0).x
+        x[start:start + len(part)] = part
+        start += len(part)
+    return ValidBatch(ids=ids, x=x, rows=rows, popularity=popularity, rejects=rejects)
 
 
 def _pool_matrix(rows: int, dim: int) -> np.ndarray:
