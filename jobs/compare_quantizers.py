@@ -44,7 +44,7 @@ def row(method: str, m: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--config", required=True)
     ap.add_argument("--root", help="output root of the builds (default: a temporary "
                     "directory, removed afterwards)")

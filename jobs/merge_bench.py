@@ -22,7 +22,7 @@ ROWS, SIZES = 65_536, (256, 256, 256)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--shards", type=int, default=120)
     p.add_argument("--dim", type=int, default=32)
     args = p.parse_args()

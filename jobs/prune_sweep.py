@@ -50,7 +50,7 @@ def _progress(msg: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True)
     p.add_argument("--root", help="output root of the builds (default: a temporary "
                    "directory, removed afterwards)")

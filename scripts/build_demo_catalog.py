@@ -259,7 +259,7 @@ def print_summary(table: pa.Table, size: int, embed_seconds: float) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=Path("data/demo_catalog.parquet"))
     parser.add_argument("--n", type=int, default=15000, help="number of packages to keep")
     parser.add_argument(

@@ -28,7 +28,7 @@ from semid_dist.bench.synthetic import (
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--out", required=True, help="directory (local path or fsspec URL); the "
                    "part-*.parquet files of an earlier catalog there are replaced")
     p.add_argument("--rows", type=at_least(1), required=True)

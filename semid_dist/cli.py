@@ -422,9 +422,20 @@ class _Once(argparse.Action):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs")
+    """The command line. Options are spelled out: argparse's prefixes (`--dry` for
+    `--dry-run`) are refused, as a later option sharing the prefix would change their
+    meaning."""
+    from semid_dist import __version__
+
+    p = argparse.ArgumentParser(prog="semid", description="Catalog-scale semantic IDs",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"semid {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="fit -> encode -> reduce -> commit a new version")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, allow_abbrev=False)
+
+    b = command("build", "fit -> encode -> reduce -> commit a new version")
     b.add_argument("--config", required=True, type=_given, action=_Once,
                    help="the YAML config file")
     b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -433,7 +444,7 @@ def parser() -> argparse.ArgumentParser:
                         "it would do, and write nothing")
     b.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     b.set_defaults(func=cmd_build)
-    e = sub.add_parser("encode", help="encode with the codebooks of an existing version")
+    e = command("encode", "encode with the codebooks of an existing version")
     e.add_argument("--config", required=True, type=_given, action=_Once,
                    help="the YAML config file")
     e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -445,12 +456,12 @@ def parser() -> argparse.ArgumentParser:
                         "what it would do, and write nothing")
     e.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     e.set_defaults(func=cmd_encode)
-    v = sub.add_parser("validate", help="check config files without running anything")
+    v = command("validate", "check config files without running anything")
     v.add_argument("files", nargs="*", metavar="FILE")
     v.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="a config file, as `semid build` takes it (may be given again)")
     v.set_defaults(func=cmd_validate)
-    vs = sub.add_parser("versions", help="list / show / gc / diff versions of a table")
+    vs = command("versions", "list / show / gc / diff versions of a table")
     vs.add_argument("action", choices=["list", "show", "gc", "diff"])
     vs.add_argument("--root", required=True, type=_given)
     vs.add_argument("--table", required=True, type=_given)
@@ -465,7 +476,7 @@ def parser() -> argparse.ArgumentParser:
     vs.add_argument("--to", dest="to_version", help="diff: new version (default: latest)")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=cmd_versions)
-    r = sub.add_parser("report", help="render the HTML report of a committed version again")
+    r = command("report", "render the HTML report of a committed version again")
     r.add_argument("--root", required=True, type=_given)
     r.add_argument("--table", required=True, type=_given)
     r.add_argument("--version", default="latest")
@@ -475,7 +486,7 @@ def parser() -> argparse.ArgumentParser:
                    "files already there (refused by default where they hold other bytes)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
-    bn = sub.add_parser("bench", help="benchmark kernels, engines, fit and memory; a full "
+    bn = command("bench", "benchmark kernels, engines, fit and memory; a full "
                         "run writes docs/BENCHMARKS.md")
     bn.add_argument("--quick", action="store_true", help="small sizes (~3 min): check it works")
     bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss,gpu")

@@ -194,6 +194,23 @@ def test_a_second_config_file_is_refused():
             "config file (give other settings as key=value overrides)"), run.stderr
 
 
+def test_option_prefixes_are_refused_and_the_version_is_printed(tmp_path):
+    """`semid build --dry` ran a whole build as `--dry-run`'s prefix would not: argparse
+    took it for the option; now every command and job spells its options out."""
+    from semid_dist import __version__
+
+    run = semid("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"semid {__version__}", run
+    for command in (["build", "--config", "c.yaml", "--dry"],
+                    ["versions", "list", "--root", str(tmp_path), "--table", "t", "--js"],
+                    ["bench", "--qu"]):
+        run = semid(*command)
+        assert run.returncode == 2 and "unrecognized arguments: --" in run.stderr, run.stderr
+    job = subprocess.run([sys.executable, "jobs/merge_bench.py", "--shard", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert job.returncode == 2 and "unrecognized arguments: --shard" in job.stderr, job.stderr
+
+
 def test_gc_min_age_hours_must_not_be_negative(tmp_path):
     (tmp_path / "sids").mkdir()  # an empty table
     for hours in ("-5", "nan"):

@@ -270,6 +270,7 @@ def run_scale(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="scale_run.py", description="A 20M-item build on local Ray, measured, with a "
         "projection; writes docs/SCALE.md", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Relative paths are of the current directory; the defaults are the "
