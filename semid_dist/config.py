@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from semid_dist.config_checks import (
+    DOTTED_FILE_KEY,
     check_consistency,
     override_value,
     overrides_at_fault,
@@ -383,6 +384,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         known = ", ".join(sorted(fields))
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        head, dot, rest = str(unknown[0]).partition(".")
+        if dot and head in fields:  # (only a file holds a key with a dot: overrides nest)
+            nested = f"{head}: {{{rest}: ...}}"
+            raise ConfigError(
+                f"{DOTTED_FILE_KEY}{name!r} is dotted: a file nests its keys "
+                f"({f'{prefix}: {{{nested}}}' if prefix else nested}); dotted keys are for "
+                "key=value overrides on the command line")
         raise ConfigError(f"unknown config key {name!r} (known keys here: {known})")
     kwargs = {}
     for name, f in fields.items():

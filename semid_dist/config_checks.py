@@ -225,6 +225,22 @@ def _own_override(message: str, overrides: list[str]) -> int | None:
                  if names[i] and (key == names[i] or key.startswith(names[i] + "."))), None)
 
 
+# The start of the error of a config file's dotted key (`fit.sample_size: 500`), which only a
+# file can give (an override's dotted key is nested): no override is at fault.
+DOTTED_FILE_KEY = "the config file's key "
+
+
+def _error_of(parse: Callable[[Any, list[str]], Any], data: Any,
+              overrides: list[str]) -> str | None:
+    """The config error `parse` gives for the file's data and these overrides (None: it
+    parses)."""
+    try:
+        parse(data, overrides)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overrides: list[str],
                        message: str) -> list[str]:
     """The overrides that bring about a config error `message`; none where the file alone
@@ -237,7 +253,10 @@ def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overri
     file set that key: each override without which the error is not the same (the file's
     `prune.layer: 2` against `quantizer.layers=[32,16]`). And any override of a dotted key
     the message names (`prune.tau=1.0` in "prune.strategy=sarq needs prune.tau in (0, 1)",
-    whose default gives the same error)."""
+    whose default gives the same error). None for a file's dotted key (`fit.sample_size:
+    500` beside the override `fit.sample_size=600`)."""
+    if message.startswith(DOTTED_FILE_KEY):
+        return []
     own = _own_override(message, overrides)
     key = _error_key(message)
 
@@ -251,12 +270,8 @@ def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overri
             rf"(?<![\w.]){re.escape(name(i))}(?![\w.])", message) is not None)
 
     def needed(items: list[str]) -> bool:  # (the messages hold nothing that varies)
-        try:
-            parse(data, items)
-        except ConfigError as exc:
-            got = str(exc)
-            return got != message and (own is None or _error_key(got) == key)
-        return True
+        got = _error_of(parse, data, items)
+        return got is None or (got != message and (own is None or _error_key(got) == key))
 
     kept = list(range(len(overrides)))
     for i in range(len(overrides)):

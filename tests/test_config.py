@@ -459,6 +459,33 @@ def test_keys_spelled_differently_that_load_as_one_key_are_duplicates(tmp_path):
     assert apply_overrides(MINIMAL, ["metrics={'1': 1, 1: 2}"])["metrics"] == {"1": 1, 1: 2}
 
 
+def test_a_dotted_key_in_a_file_says_to_nest_it_and_blames_no_override(tmp_path):
+    """`fit.sample_size: 500` in a file was an unknown key, and beside the override
+    `fit.sample_size=600` the error named that override, which is right."""
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: x}\noutput: {root: y}\nfit.sample_size: 500\n")
+    want = (f"{path}: the config file's key 'fit.sample_size' is dotted: a file nests its keys "
+            "(fit: {sample_size: ...}); dotted keys are for key=value overrides on the command "
+            "line")
+    for overrides in ([], ["fit.sample_size=600"], ["seed=3", "fit.sample_size=600"]):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, overrides)
+        assert str(exc.value) == want
+    path.write_text("input: {path: x, id_column.x: 3}\noutput: {root: y}\n")
+    with pytest.raises(ConfigError) as exc:  # inside a section
+        load_config(path, [])
+    assert "key 'input.id_column.x' is dotted: a file nests its keys (input: {id_column: {x: " \
+        "...}})" in str(exc.value)
+    path.write_text("input: {path: x}\noutput: {root: y}\nfit: {warm.start: none}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'fit.warm.start' \(known keys "):
+        load_config(path, [])  # (no key `warm` in fit)
+    path.write_text("input: {path: x}\noutput: {root: y}\nprune: {strategy: sarq}\n")
+    with pytest.raises(ConfigError) as exc:  # the file's error, but the override's value
+        load_config(path, ["seed=3", "prune.tau=1.0"])
+    assert str(exc.value).startswith(f"{path} with override prune.tau=1.0: prune.strategy=sarq "
+                                     "needs prune.tau"), exc.value
+
+
 def test_an_error_in_an_overridden_key_names_the_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input: {path: x}\noutput: {root: y, table: ../z}\n")
