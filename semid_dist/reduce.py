@@ -186,12 +186,16 @@ def reduce_partials(engine: Engine, ctx: JobContext, plan: CatalogPlan,
         log(f"warning: {line}")
     if moves is not None:
         left = metrics["collisions"]["over_capacity"]
+        codes = min(cfg.collisions.candidates, sizes[-1])  # (the last layer's every code)
+        fixes = (["more candidates"] if codes < sizes[-1] else []) + [
+            "a larger last layer", "a larger bound"]
         log(f"collisions: {moved} items moved to a next-best last-layer code "
             f"(capacity {cfg.collisions.max_per_sid} per SID)"
             + (f"; {left['items']} items in {left['sids']} SIDs stay over it (no room in "
-               f"their collisions.candidates={cfg.collisions.candidates} codes"
+               + (f"their collisions.candidates={codes} codes" if codes < sizes[-1] else
+                  f"any of the last layer's {codes} codes")
                + (", or carried from the parent" if cfg.encode.incremental else "")
-               + ": more candidates, a larger last layer or a larger bound place more)"
+               + f": {', '.join(fixes[:-1])} or {fixes[-1]} place more)"
                if left["sids"] else ""))
     return merged, decision, moves, metrics
 

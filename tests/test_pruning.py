@@ -41,9 +41,9 @@ def fitted(small_catalog, tmp_path_factory):
     return catalog, x, root, res.version_id
 
 
-def encode_with(fitted, **over):
+def encode_with(fitted, log=quiet, **over):
     catalog, _, root, vid = fitted
-    res = build(small_config(catalog, root, encode__from_version=vid, **over), log=quiet)
+    res = build(small_config(catalog, root, encode__from_version=vid, **over), log=log)
     table = TableStore(root, "sids").read_data(res.version_id).sort_by("item_id").to_pandas()
     return res, table
 
@@ -174,7 +174,9 @@ def test_suffixes_follow_qerr_then_item_id(fitted):
 
 def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     catalog, x, root, vid = fitted
-    res, t = encode_with(fitted, collisions__max_per_sid=1, collisions__candidates=8)
+    logs: list[str] = []
+    res, t = encode_with(fitted, logs.append, collisions__max_per_sid=1,
+                         collisions__candidates=8)
     _, free = encode_with(fitted)
     check_invariants(t, len(x))
     counts = Counter(sids(t))
@@ -190,6 +192,11 @@ def test_capacity_bound_is_respected_and_moves_are_next_best(fitted):
     assert (f"capacity  at most 1 per SID: {moved} items moved to a next-best code, "
             f"{left['items']} items in {left['sids']} SIDs over it (no candidate code had "
             "room)") in format_summary(res.version_id, res.path, res.metrics, None)
+    # candidates = the last layer's size: the advice is not "more candidates"
+    assert (f"collisions: {moved} items moved to a next-best last-layer code (capacity 1 per "
+            f"SID); {left['items']} items in {left['sids']} SIDs stay over it (no room in any "
+            "of the last layer's 8 codes: a larger last layer or a larger bound place more)"
+            ) in logs, logs
     assert res.metrics["quantizer"] == {"method": "rq_kmeans", "layers": LAYERS}
     assert "\nquantizer rq_kmeans 16 x 8 x 8\n" in format_summary(res.version_id, res.path,
                                                                  res.metrics, None)
