@@ -21,7 +21,7 @@ from semid_dist.codes.drift import seeded_hashes
 from semid_dist.codes.partials import head_tail_partials, partial_from_batch
 from semid_dist.faults import die_once
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import Piece, Shard, read_shard
+from semid_dist.io.catalog import Piece, Shard, read_pieces, read_shard
 from semid_dist.io.store import STAGING, TableStore
 from semid_dist.io.validate import (
     ValidBatch,
@@ -90,19 +90,26 @@ def _validated(ctx: JobContext, shard: Shard) -> ValidBatch:
     return _validate(ctx, shard, _read(ctx, shard))
 
 
-def _read(ctx: JobContext, shard: Shard) -> list[pa.Table]:
+def _read(ctx: JobContext, shard: Shard, wanted: list[bool] | None = None,
+          ) -> list[pa.Table | None]:
+    """The shard's tables, a piece (file) at a time; only the pieces `wanted` says (None for
+    the others) where given."""
     cols = [ctx.id_column, ctx.embedding_column]
     if ctx.popularity_column:
         cols.append(ctx.popularity_column)
-    return read_shard(ctx.catalog_url, shard, cols)
+    return read_pieces(ctx.catalog_url, shard, cols,
+                       [True] * len(shard.pieces) if wanted is None else wanted)
 
 
-def _pieces(ctx: JobContext, shard: Shard, raw: list[pa.Table],
+def _pieces(ctx: JobContext, shard: Shard, raw: list[pa.Table | None],
             ) -> Iterator[tuple[int, Piece, ValidBatch]]:
-    """Each piece's (file's) rows validated, with the piece's first row inside the shard;
-    the batches' `rows` are rows inside their file, as the rejects'."""
+    """Each piece's (file's) rows validated, with the piece's first row inside the shard,
+    but those not read (None); the batches' `rows` are rows inside their file, as the
+    rejects'."""
     later = (ctx.duplicate_rows or {}).get(shard.index)
     for start, piece, table in zip(shard.starts().tolist(), shard.pieces, raw):
+        if table is None:
+            continue
         yield start, piece, validate_batch(
             table, id_column=ctx.id_column, embedding_column=ctx.embedding_column, dim=ctx.dim,
             source_file=fsio.shown_path(ctx.catalog_url, piece.path),
@@ -149,9 +156,11 @@ def sample_rows(ctx: JobContext, shard: Shard, local_rows: np.ndarray,
                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, int]]:
     """Valid embeddings (m, d) float32 at `local_rows` (sorted indices inside the shard),
     their popularity (m,) (None without a popularity column), and the rows there rejected,
-    per reason."""
+    per reason. Reads only the pieces (files) holding a drawn row."""
+    cuts = np.searchsorted(local_rows, shard.starts())
     xs, pops, rejected = [], [], []
-    for start, piece, batch in _pieces(ctx, shard, _read(ctx, shard)):
+    for start, piece, batch in _pieces(ctx, shard, _read(ctx, shard, (cuts[1:] > cuts[:-1])
+                                                         .tolist())):
         lo, hi = np.searchsorted(local_rows, [start, start + piece.num_rows])
         at = local_rows[lo:hi] - start + piece.row_offset  # the rows inside its file
         wanted = np.isin(batch.rows, at)

@@ -32,6 +32,7 @@ from semid_dist.io.catalog import (
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
+from semid_dist.stages import JobContext, sample_rows
 from tests.conftest import REPO, cli_build, clustered, named_error, small_config, write_catalog
 
 N, D = 600, 6
@@ -367,6 +368,54 @@ def test_small_files_are_packed_whole_into_shards_and_large_ones_cut_by_row_grou
     assert at.tolist() == [0, 0, 1, 1] and file_rows.tolist() == [0, 4, 0, 59]
     assert all(shard_from_dict(json.loads(json.dumps(shard_to_dict(s)))) == s
                for s in plan.shards)
+
+
+def test_the_sample_reads_only_the_files_of_a_shard_it_draws_rows_from(tmp_path):
+    """A shard of 10 small files, rows drawn from the 2nd and 7th: the sample reads those
+    two (the others may even be unreadable) and gives their rows' embeddings; a drawn row
+    of a bad embedding is counted rejected."""
+    d = tmp_path / "cat"
+    x = base_x()[:100]
+    rows = as_rows(x)
+    rows[63][0] = float("nan")
+    for f in range(10):
+        write_file(d / f"part-{f}.parquet", range(10 * f, 10 * f + 10), rows[10 * f:10 * f + 10])
+    shard, = plan_catalog(str(d), target_rows=100).shards
+    for f in (0, 4, 9):
+        (d / f"part-{f}.parquet").write_bytes(b"PAR1 not a Parquet file PAR1")
+    ctx = JobContext(catalog_url=str(d), id_column="item_id", embedding_column="embedding",
+                     popularity_column=None, dim=D, sizes=tuple(LAYERS), root=str(tmp_path),
+                     table="sids", version_id="v", quality_depth=2)
+    got, pop, rejected = sample_rows(ctx, shard, np.array([12, 15, 61, 63, 69]))
+    np.testing.assert_array_equal(got, x[[12, 15, 61, 69]])
+    assert pop is None and rejected == {NON_FINITE: 1}
+    with pytest.raises(InputError, match=r"part-4\.parquet"):
+        sample_rows(ctx, shard, np.array([12, 45]))
+
+
+def test_the_plan_keeps_the_files_order_and_names_the_first_bad_file(tmp_path):
+    """150 files of 1 to 7 rows plan in path order, each file's rows and row groups its own;
+    of two bad files, the first in path order is the one named (on an object store the
+    footers are read 16 at once: tests/test_s3.py)."""
+    d = tmp_path / "cat"
+    sizes = [1 + (i * 5) % 7 for i in range(150)]
+    start = 0
+    for i, n in enumerate(sizes):
+        write_file(d / f"part-{i:03d}.parquet", range(start, start + n), as_rows(base_x()[:n]),
+                   row_group_rows=1 + i % 3)
+        start += n
+    plan = plan_catalog(str(d), target_rows=20)
+    pieces = [p for s in plan.shards for p in s.pieces]
+    assert [p.path for p in pieces] == [str(d / f"part-{i:03d}.parquet") for i in range(150)]
+    assert [p.num_rows for p in pieces] == sizes
+    assert [len(p.row_groups) for p in pieces] == [-(-n // (1 + i % 3))
+                                                   for i, n in enumerate(sizes)]
+    assert all(s.num_rows <= 20 for s in plan.shards) and plan.num_rows == sum(sizes)
+    (d / "part-120.parquet").write_bytes(b"not parquet")  # read first: it is small, and late
+    (d / "part-100.parquet").write_bytes(b"PAR1" + b"x" * 5000 + b"PAR1")
+    with pytest.raises(InputError, match=r"catalog file '[^']*part-100\.parquet' is not "
+                                         "readable Parquet"):
+        plan_catalog(str(d), target_rows=20)
 
 
 def test_a_catalog_of_small_files_is_encoded_in_shards_of_several_files(tmp_path, root):

@@ -21,6 +21,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 s3fs = pytest.importorskip("s3fs")
@@ -579,6 +582,55 @@ def test_an_object_store_catalogs_files_are_named_by_their_urls(s3, bucket, tmp_
     with pytest.raises(InputError, match=re.escape(
             f"catalog file '{url}/part-001.parquet' is empty (0 bytes)")):
         build(cfg, log=quiet)
+
+
+def test_an_object_stores_footers_are_read_at_once_in_the_files_order(s3, bucket, tmp_path):
+    """On an object store the plan reads 16 footers at once, 64 ahead of itself: 150 small
+    files plan in path order, each its own rows and row groups, as from a local copy; of two
+    bad files the first in path order is named, though a thread reads the later first."""
+    from semid_dist.io.catalog import plan_catalog
+
+    local = tmp_path / "cat"
+    local.mkdir()
+    sizes = [1 + (i * 5) % 7 for i in range(150)]
+    x = clustered(sum(sizes), 8, seed=3)
+    ids = np.arange(sum(sizes), dtype=np.int64)
+    start = 0
+    for i, n in enumerate(sizes):
+        pq.write_table(pa.table({"item_id": ids[start:start + n], "embedding":
+                                 pa.FixedSizeListArray.from_arrays(
+                                     pa.array(x[start:start + n].ravel()), 8)}),
+                       local / f"part-{i:03d}.parquet", row_group_size=1 + i % 3)
+        start += n
+    url = upload_catalog(s3, str(local), bucket)
+    plan, mine = plan_catalog(url, target_rows=20), plan_catalog(str(local), target_rows=20)
+    facts = [[(p.path.rsplit("/", 1)[1], p.row_groups, p.num_rows) for p in s.pieces]
+             for s in plan.shards]
+    assert facts == [[(p.path.rsplit("/", 1)[1], p.row_groups, p.num_rows) for p in s.pieces]
+                     for s in mine.shards]
+    assert [f for s in facts for f, _, _ in s] == [f"part-{i:03d}.parquet" for i in range(150)]
+    s3.fs.pipe_file(f"{bucket}/catalog/part-140.parquet", b"not parquet")
+    s3.fs.pipe_file(f"{bucket}/catalog/part-100.parquet", b"PAR1" + b"x" * 200_000 + b"PAR1")
+    with pytest.raises(InputError, match=re.escape(f"catalog file '{url}/part-100.parquet' is "
+                                                   "not readable Parquet")):
+        plan_catalog(url, target_rows=20)
+
+
+def test_the_plan_benchmark_job_times_both_ways_on_one_catalog():
+    """jobs/plan_bench.py starts its own moto server and proxy, plans the same catalog one
+    footer at a time and 16 at once, and prints both times and their ratio."""
+    run = subprocess.run([sys.executable, "jobs/plan_bench.py", "--files", "24",
+                          "--latency-ms", "5"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = run.stdout.strip().splitlines()[-1]
+    got = re.fullmatch(r"24 files \(1200 rows, 1 shard\(s\)\) on moto's S3 at 127\.0\.0\.1, "
+                       r"5 ms a request: plan ([\d.]+) s reading one footer at a time, "
+                       r"([\d.]+) s reading 16 at once \(([\d.]+)x; the best of two runs "
+                       r"each\)", line)
+    assert got, line
+    one, many, ratio = map(float, got.groups())
+    assert one > 0 and many > 0 and ratio == pytest.approx(one / many, rel=0.02)
 
 
 def test_credentials_inside_an_http_catalog_url_are_redacted(s3, bucket, tmp_path, capfd):

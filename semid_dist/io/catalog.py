@@ -10,12 +10,16 @@ staged files and table parts as files).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import socket
 import urllib.parse
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -194,6 +198,58 @@ def _footer(fs, url: str, path: str, size: int | None) -> pq.FileMetaData:
                            "remove or repair it, then re-run") from None
 
 
+class _FileFacts(NamedTuple):
+    """What the plan needs of a catalog file (its footer is not kept: a catalog of 100,000
+    files holds this, not 100,000 footers)."""
+
+    schema: pa.Schema
+    rows: int
+    groups: list[int]  # each row group's rows
+    size: int | None
+    version: str | None  # `_file_version`: a rewritten file (same rows and size) is another
+
+
+def _file_facts(fs, url: str, path: str) -> _FileFacts:
+    info = fs.info(path)
+    meta = _footer(fs, url, path, info.get("size"))
+    return _FileFacts(meta.schema.to_arrow_schema(), meta.num_rows,
+                      [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                      info.get("size"), _file_version(info))
+
+
+# Footers read at once: an object store answers each file's two or three requests in tens of
+# milliseconds, so one at a time 10,000 files took minutes before the build said a word.
+# One at a time over FTP or SFTP, whose file systems hold one connection, and from local or
+# in-memory files, which keep no one waiting: 16 threads read 3,000 local footers in
+# 1.9 s, one thread in 1.2 s (the GIL).
+FOOTER_THREADS, FOOTERS_AHEAD = 16, 64
+_ONE_AT_A_TIME = {"ftp", "sftp", "ssh", "file", "local", "memory"}
+
+
+def _in_order(read: Callable[[str], _FileFacts], files: list[str], fs,
+              ) -> Iterator[_FileFacts]:
+    """read(file) of each file, in the files' order, FOOTER_THREADS at a time and at most
+    FOOTERS_AHEAD ahead of the caller. The first file that fails, in that order, raises (the
+    files after it may be read or not)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if len(files) < 2 or protocols & _ONE_AT_A_TIME:
+        yield from map(read, files)
+        return
+    pool = ThreadPoolExecutor(min(FOOTER_THREADS, len(files)), thread_name_prefix="semid-plan")
+    try:
+        ahead: deque[Future] = deque()
+        todo = iter(files)
+        for path in itertools.islice(todo, FOOTERS_AHEAD):
+            ahead.append(pool.submit(read, path))
+        while ahead:
+            facts = ahead.popleft().result()
+            if (path := next(todo, None)) is not None:
+                ahead.append(pool.submit(read, path))
+            yield facts
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # How files are cut into shards, in the fingerprint: a run killed under another rule is not
 # resumed (its staged shards hold other rows).
 _LAYOUT = "small files packed"
@@ -215,31 +271,28 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     files, skipped = catalog_files(url)
     pack: list[Piece] = []  # small files' pieces, in the open shard
     packed = 0  # their rows
-    for path in files:
-        info = fs.info(path)  # a rewritten file (same rows, same size) is another input
-        meta = _footer(fs, url, path, info.get("size"))
-        file_schema = meta.schema.to_arrow_schema()
-        schema = schema or file_schema
-        if not any(file_schema.equals(s) for _, s in distinct):
-            distinct.append((fsio.shown_path(url, path), file_schema))  # (for messages)
-        digest.update(json.dumps([fsio.redact_url(path), meta.num_rows, info.get("size"),
-                                  _file_version(info)]).encode())
-        if 0 < meta.num_rows < target_rows:  # a small file: whole, beside the next ones
-            if packed + meta.num_rows > target_rows:  # (no shard of small files holds more
+    for path, file in zip(files, _in_order(lambda p: _file_facts(fs, url, p), files, fs)):
+        schema = schema or file.schema
+        if not any(file.schema.equals(s) for _, s in distinct):
+            distinct.append((fsio.shown_path(url, path), file.schema))  # (for messages)
+        digest.update(json.dumps([fsio.redact_url(path), file.rows, file.size,
+                                  file.version]).encode())
+        if 0 < file.rows < target_rows:  # a small file: whole, beside the next ones
+            if packed + file.rows > target_rows:  # (no shard of small files holds more
                 shards.append(Shard(len(shards), tuple(pack)))  # rows than a shard: the
                 pack, packed = [], 0  # memory of one is sized by it)
-            pack.append(Piece(path, tuple(range(meta.num_row_groups)), 0, meta.num_rows))
-            packed += meta.num_rows
+            pack.append(Piece(path, tuple(range(len(file.groups))), 0, file.rows))
+            packed += file.rows
             continue
-        if pack and meta.num_rows:  # (the shards stay in the rows' order)
+        if pack and file.rows:  # (the shards stay in the rows' order)
             shards.append(Shard(len(shards), tuple(pack)))
             pack, packed = [], 0
         groups: list[int] = []
         rows, offset = 0, 0
-        for rg in range(meta.num_row_groups):
+        for rg, rg_rows in enumerate(file.groups):
             groups.append(rg)
-            rows += meta.row_group(rg).num_rows
-            if rows >= target_rows or (rg == meta.num_row_groups - 1 and rows):
+            rows += rg_rows
+            if rows >= target_rows or (rg == len(file.groups) - 1 and rows):
                 shards.append(Shard(len(shards), (Piece(path, tuple(groups), offset, rows),)))
                 offset += rows
                 groups, rows = [], 0
@@ -275,6 +328,14 @@ def read_shard(url: str, shard: Shard, columns: list[str]) -> list[pa.Table]:
     thread (`READ_THREADS`)."""
     fs, _ = fsio.resolve(url)
     return [_read_piece(url, fs, piece, columns) for piece in shard.pieces]
+
+
+def read_pieces(url: str, shard: Shard, columns: list[str],
+                wanted: list[bool]) -> list[pa.Table | None]:
+    """`read_shard`'s tables of the pieces `wanted` says, None for the others."""
+    fs, _ = fsio.resolve(url)
+    return [_read_piece(url, fs, piece, columns) if want else None
+            for piece, want in zip(shard.pieces, wanted)]
 
 
 def read_piece(url: str, piece: Piece, columns: list[str]) -> pa.Table:
