@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -25,31 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from semid_dist.bench.moto import free_port, start_moto
 from semid_dist.io import catalog
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(port: int, log: str) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                 str(port)], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"plan_bench: moto's server exited (its log: {log})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("plan_bench: moto's server did not start within 60 s") from None
-            time.sleep(0.2)
 
 
 def start_proxy(target: int, latency_s: float) -> int:
@@ -103,7 +77,10 @@ def main() -> None:
                          ) from None
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_moto(port, os.path.join(tmp, "moto.log"))
+        try:
+            proc = start_moto(port, os.path.join(tmp, "moto.log"))
+        except RuntimeError as exc:
+            raise SystemExit(f"plan_bench: {exc}") from None
         try:
             proxy = start_proxy(port, args.latency_ms / 1000)
             os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",

@@ -16,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
+from semid_dist.bench.moto import free_port, start_moto  # noqa: E402
 from semid_dist.cli import main  # noqa: E402
 from semid_dist.errors import ConfigError, InputError, StoreError  # noqa: E402
 from semid_dist.io.fs import redact, redact_url  # noqa: E402
@@ -36,14 +36,7 @@ from semid_dist.io.store import MANIFEST, STAGING, TableStore  # noqa: E402
 from semid_dist.pipeline import build  # noqa: E402
 from tests.conftest import REPO, clustered, small_config, write_catalog  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()
+PORT = free_port()
 ENDPOINT = f"http://127.0.0.1:{PORT}"
 ACCESS_KEY = f"AKIASEMID{uuid.uuid4().hex[:11].upper()}"
 SECRET_KEY = f"semid-secret-{uuid.uuid4().hex}"
@@ -69,27 +62,6 @@ class Moto:
         text = self.log_path.read_text(errors="replace")
         return [(m, p) for m, p in REQUEST.findall(text)
                 if p == f"/{bucket}" or p.startswith((f"/{bucket}/", f"/{bucket}?"))]
-
-
-def start_moto(port: int, log_path: Path) -> subprocess.Popen:
-    """moto's S3 server on 127.0.0.1:`port`, its log in `log_path`, once it accepts
-    connections."""
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"moto server exited: {log_path.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("moto server did not start within 60 s")
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -427,7 +399,7 @@ def test_storage_gone_during_a_ray_train_fit_is_one_line(tmp_path):
     resumes, status 2. Ray Train hands the driver its workers' errors as text only: the
     build ended with Ray Train's traceback, status 1 (its progress thread on the driver
     also raised in its thread)."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     moto = start_moto(port, tmp_path / "moto.log")
     try:
