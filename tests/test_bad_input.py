@@ -418,6 +418,24 @@ def test_the_plan_keeps_the_files_order_and_names_the_first_bad_file(tmp_path):
         plan_catalog(str(d), target_rows=20)
 
 
+def test_a_tar_archives_catalog_plans_as_its_folder_does(tmp_path):
+    """A catalog inside a tar archive (`tar://cat::file:///x.tar`) is read one footer at a
+    time: the archive's one file position, shared by reads in threads, gave each other's
+    bytes ('not readable Parquet' for good files)."""
+    import tarfile
+
+    d = tmp_path / "cat"
+    for i in range(120):
+        write_file(d / f"part-{i:03d}.parquet", range(5 * i, 5 * i + 5), as_rows(base_x()[:5]))
+    with tarfile.open(tmp_path / "cat.tar", "w") as tar:
+        tar.add(d, arcname="cat")
+    plan = plan_catalog(f"tar://cat::file://{tmp_path}/cat.tar", target_rows=50)
+    mine = plan_catalog(str(d), target_rows=50)
+    assert [[(p.path.rsplit("/", 1)[1], p.num_rows) for p in s.pieces] for s in plan.shards] \
+        == [[(p.path.rsplit("/", 1)[1], p.num_rows) for p in s.pieces] for s in mine.shards]
+    assert plan.num_rows == 600
+
+
 def test_a_catalog_of_small_files_is_encoded_in_shards_of_several_files(tmp_path, root):
     """40 files of 15 rows, shards of 200 rows: 4 shards of whole files (13, 13, 13 and 1)
     and 4 table parts, not 40. Rejects and the first copies of duplicates are named by their

@@ -12,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import queue
 import socket
+import threading
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -194,6 +197,9 @@ def _footer(fs, url: str, path: str, size: int | None) -> pq.FileMetaData:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
     except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, OSError) and (exc.errno is not None or isinstance(exc, (
+                ConnectionError, TimeoutError, PermissionError)) or fsio.no_answer(exc)):
+            raise  # (the file system's own: no access, no answer; not the file's bytes)
         raise _input_error(f"catalog file {shown!r} is not readable Parquet ({exc}); "
                            "remove or repair it, then re-run") from None
 
@@ -217,37 +223,63 @@ def _file_facts(fs, url: str, path: str) -> _FileFacts:
                       info.get("size"), _file_version(info))
 
 
-# Footers read at once: an object store answers each file's two or three requests in tens of
-# milliseconds, so one at a time 10,000 files took minutes before the build said a word.
-# One at a time over FTP or SFTP, whose file systems hold one connection, and from local or
-# in-memory files, which keep no one waiting: 16 threads read 3,000 local footers in
-# 1.9 s, one thread in 1.2 s (the GIL).
+# Footers read at once from an object store or a cluster's file system: each file's two or
+# three requests take tens of milliseconds there, so one at a time 10,000 files took
+# minutes before the build said a word. Any other file system one at a time: a local or
+# in-memory one keeps no one waiting (16 threads read 3,000 local footers in 1.9 s, one
+# thread in 1.2 s: the GIL), an FTP or SFTP one holds one connection, a tar archive one
+# file position (its reads in threads got each other's bytes), and a cache in front of a
+# file system (`simplecache::`) names only itself.
 FOOTER_THREADS, FOOTERS_AHEAD = 16, 64
-_ONE_AT_A_TIME = {"ftp", "sftp", "ssh", "file", "local", "memory"}
+_AT_ONCE = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "http", "https", "hdfs",
+            "viewfs", "webhdfs"}
 
 
-def _in_order(read: Callable[[str], _FileFacts], files: list[str], fs,
-              ) -> Iterator[_FileFacts]:
-    """read(file) of each file, in the files' order, FOOTER_THREADS at a time and at most
-    FOOTERS_AHEAD ahead of the caller. The first file that fails, in that order, raises (the
-    files after it may be read or not)."""
+def _in_order(read: Callable[[str], _FileFacts], files: list[str], *,
+              fs: fsspec.AbstractFileSystem) -> Iterator[_FileFacts]:
+    """read(file) of each file, in the files' order: on the file systems of `_AT_ONCE`
+    FOOTER_THREADS at a time and at most FOOTERS_AHEAD ahead of the caller, else one at a
+    time. The first file that fails, in that order, raises (the files after it may be read
+    or not). The threads are daemons and no one waits for them: an error or a Ctrl-C does
+    not wait on the reads in flight (a store that stopped answering holds them for minutes)."""
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if len(files) < 2 or protocols & _ONE_AT_A_TIME:
+    if len(files) < 2 or not protocols & _AT_ONCE:
         yield from map(read, files)
         return
-    pool = ThreadPoolExecutor(min(FOOTER_THREADS, len(files)), thread_name_prefix="semid-plan")
+    work: queue.SimpleQueue = queue.SimpleQueue()
+
+    def worker() -> None:
+        while (job := work.get()) is not None:
+            path, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(read(path))
+                except BaseException as exc:  # (handed to the caller as it is)
+                    future.set_exception(exc)
+
+    threads = min(FOOTER_THREADS, len(files))
+    for i in range(threads):
+        threading.Thread(target=worker, name=f"semid-plan-{i}", daemon=True).start()
+
+    def submit(path: str) -> Future:
+        future: Future = Future()
+        work.put((path, future))
+        return future
+
+    ahead: deque[Future] = deque()
     try:
-        ahead: deque[Future] = deque()
         todo = iter(files)
-        for path in itertools.islice(todo, FOOTERS_AHEAD):
-            ahead.append(pool.submit(read, path))
+        ahead.extend(submit(path) for path in itertools.islice(todo, FOOTERS_AHEAD))
         while ahead:
             facts = ahead.popleft().result()
             if (path := next(todo, None)) is not None:
-                ahead.append(pool.submit(read, path))
+                ahead.append(submit(path))
             yield facts
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for future in ahead:
+            future.cancel()
+        for _ in range(threads):
+            work.put(None)
 
 
 # How files are cut into shards, in the fingerprint: a run killed under another rule is not
@@ -271,7 +303,7 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     files, skipped = catalog_files(url)
     pack: list[Piece] = []  # small files' pieces, in the open shard
     packed = 0  # their rows
-    for path, file in zip(files, _in_order(lambda p: _file_facts(fs, url, p), files, fs)):
+    for path, file in zip(files, _in_order(lambda p: _file_facts(fs, url, p), files, fs=fs)):
         schema = schema or file.schema
         if not any(file.schema.equals(s) for _, s in distinct):
             distinct.append((fsio.shown_path(url, path), file.schema))  # (for messages)
