@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from semid_dist.config_checks import (
-    DOTTED_FILE_KEY,
+    DOTTED_KEY,
     check_consistency,
     override_value,
     overrides_at_fault,
@@ -385,10 +385,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         known = ", ".join(sorted(fields))
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         head, dot, rest = str(unknown[0]).partition(".")
-        if dot and head in fields:  # (only a file holds a key with a dot: overrides nest)
+        section = hints.get(head) if dot else None
+        if dataclasses.is_dataclass(section) and rest.split(".")[0] in {
+                f.name for f in dataclasses.fields(section)}:  # `fit.sample_size: 500`
             nested = f"{head}: {{{rest}: ...}}"
             raise ConfigError(
-                f"{DOTTED_FILE_KEY}{name!r} is dotted: a file nests its keys "
+                f"{DOTTED_KEY}{name!r} is dotted: a config nests its keys "
                 f"({f'{prefix}: {{{nested}}}' if prefix else nested}); dotted keys are for "
                 "key=value overrides on the command line")
         raise ConfigError(f"unknown config key {name!r} (known keys here: {known})")

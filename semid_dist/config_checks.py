@@ -225,9 +225,9 @@ def _own_override(message: str, overrides: list[str]) -> int | None:
                  if names[i] and (key == names[i] or key.startswith(names[i] + "."))), None)
 
 
-# The start of the error of a config file's dotted key (`fit.sample_size: 500`), which only a
-# file can give (an override's dotted key is nested): no override is at fault.
-DOTTED_FILE_KEY = "the config file's key "
+# The start of the error of a dotted key inside a config's mappings (`fit.sample_size: 500`
+# in a file; an override's own key is nested, its YAML value's keys are not).
+DOTTED_KEY = "the key "
 
 
 def _error_of(parse: Callable[[Any, list[str]], Any], data: Any,
@@ -253,9 +253,9 @@ def overrides_at_fault(parse: Callable[[Any, list[str]], Any], data: Any, overri
     file set that key: each override without which the error is not the same (the file's
     `prune.layer: 2` against `quantizer.layers=[32,16]`). And any override of a dotted key
     the message names (`prune.tau=1.0` in "prune.strategy=sarq needs prune.tau in (0, 1)",
-    whose default gives the same error). None for a file's dotted key (`fit.sample_size:
-    500` beside the override `fit.sample_size=600`)."""
-    if message.startswith(DOTTED_FILE_KEY):
+    whose default gives the same error). None for a dotted key the file alone gives
+    (`fit.sample_size: 500` beside the override `fit.sample_size=600`)."""
+    if message.startswith(DOTTED_KEY) and _error_of(parse, data, []) == message:
         return []
     own = _own_override(message, overrides)
     key = _error_key(message)

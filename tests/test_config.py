@@ -464,18 +464,21 @@ def test_a_dotted_key_in_a_file_says_to_nest_it_and_blames_no_override(tmp_path)
     `fit.sample_size=600` the error named that override, which is right."""
     path = tmp_path / "c.yaml"
     path.write_text("input: {path: x}\noutput: {root: y}\nfit.sample_size: 500\n")
-    want = (f"{path}: the config file's key 'fit.sample_size' is dotted: a file nests its keys "
+    want = (f"{path}: the key 'fit.sample_size' is dotted: a config nests its keys "
             "(fit: {sample_size: ...}); dotted keys are for key=value overrides on the command "
             "line")
     for overrides in ([], ["fit.sample_size=600"], ["seed=3", "fit.sample_size=600"]):
         with pytest.raises(ConfigError) as exc:
             load_config(path, overrides)
         assert str(exc.value) == want
-    path.write_text("input: {path: x, id_column.x: 3}\noutput: {root: y}\n")
-    with pytest.raises(ConfigError) as exc:  # inside a section
-        load_config(path, [])
-    assert "key 'input.id_column.x' is dotted: a file nests its keys (input: {id_column: {x: " \
-        "...}})" in str(exc.value)
+    path.write_text("input: {path: x}\noutput: {root: y}\n")
+    with pytest.raises(ConfigError) as exc:  # a key no section holds: unknown, the override's
+        load_config(path, ["seed=3", "fit={sample_size.x: 1}"])
+    assert str(exc.value).startswith(f"{path} with override fit={{sample_size.x: 1}}: unknown "
+                                     "config key 'fit.sample_size.x'"), exc.value
+    path.write_text("input: {path: x}\noutput: {root: y}\nseed.x: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'seed\.x' \(known keys"):
+        load_config(path, [])  # (seed holds no keys)
     path.write_text("input: {path: x}\noutput: {root: y}\nfit: {warm.start: none}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'fit.warm.start' \(known keys "):
         load_config(path, [])  # (no key `warm` in fit)
