@@ -4,7 +4,8 @@ against `FOOTER_THREADS` at once, on the same catalog in one run.
 The catalog is `--files` small Parquet files in a bucket of moto's S3 server, started on
 127.0.0.1 for the run (the `dev` extra installs it), reached through a proxy that holds each
 request `--latency-ms` before passing it on, as a cloud object store's round trip takes tens
-of milliseconds (0: moto as it is, whose one process answers one request at a time).
+of milliseconds (0: moto as it is, one process bound by Python's GIL). s3fs's client keeps
+10 connections (botocore's default): 10 requests in flight at most, of the 16 footers.
 
     python jobs/plan_bench.py                   # 1,000 files, 20 ms (~1 min)
     python jobs/plan_bench.py --files 3000 --latency-ms 0
@@ -22,46 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semid_dist.bench.moto import free_port, start_moto
+from semid_dist.bench.moto import free_port, start_moto, start_proxy
 from semid_dist.io import catalog
-
-
-def start_proxy(target: int, latency_s: float) -> int:
-    """A TCP proxy on 127.0.0.1 to `target` in a thread of its own, each client's chunk held
-    latency_s before it goes on; returns its port."""
-    import asyncio
-    import threading
-
-    async def pipe(reader, writer, delay: float) -> None:
-        try:
-            while data := await reader.read(65536):
-                if delay:
-                    await asyncio.sleep(delay)
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(client_r, client_w) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
-        await asyncio.gather(pipe(client_r, server_w, latency_s), pipe(server_r, client_w, 0))
-
-    port = free_port()
-    ready = threading.Event()
-
-    def serve() -> None:
-        async def run() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", port)
-            ready.set()
-            async with server:
-                await server.serve_forever()
-        asyncio.run(run())
-
-    threading.Thread(target=serve, daemon=True, name="plan-bench-proxy").start()
-    ready.wait(10)
-    return port
 
 
 def main() -> None:
@@ -83,6 +46,9 @@ def main() -> None:
             raise SystemExit(f"plan_bench: {exc}") from None
         try:
             proxy = start_proxy(port, args.latency_ms / 1000)
+            for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                        "AWS_ENDPOINT_URL_S3"):  # (the bench's store only, whatever is set)
+                os.environ.pop(var, None)
             os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                               AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy}",
                               AWS_DEFAULT_REGION="us-east-1")

@@ -486,8 +486,8 @@ def parser() -> argparse.ArgumentParser:
                    "files already there (refused by default where they hold other bytes)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
-    bn = command("bench", "benchmark kernels, engines, fit and memory; a full "
-                        "run writes docs/BENCHMARKS.md")
+    bn = command("bench", "benchmark kernels, engines, fit and memory; a full run writes "
+                 "docs/BENCHMARKS.md")
     bn.add_argument("--quick", action="store_true", help="small sizes (~3 min): check it works")
     bn.add_argument("--only", help="comma-separated sections: kernels,e2e,fit,rss,gpu")
     bn.add_argument("--out-json", type=_given, help="write the results as JSON here (a full "

@@ -1,12 +1,15 @@
 """moto's S3 server for the benchmarks and tests that need an object store on this machine
-(the `dev` extra installs it): started as a process of its own, stopped by the caller."""
+(the `dev` extra installs it): started as a process of its own, stopped by the caller; and a
+proxy in front of it that adds a round trip's latency."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,3 +40,40 @@ def start_moto(port: int, log_path: str | Path) -> subprocess.Popen:
                 proc.kill()
                 raise RuntimeError("moto's server did not start within 60 s") from None
             time.sleep(0.2)
+
+
+def start_proxy(target: int, latency_s: float) -> int:
+    """A TCP proxy on 127.0.0.1 to `target` (moto's port) in a daemon thread, each chunk a
+    client sends held latency_s before it goes on, as a distant store's round trip; returns
+    its port."""
+    async def pipe(reader, writer, delay: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r, client_w) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        await asyncio.gather(pipe(client_r, server_w, latency_s), pipe(server_r, client_w, 0))
+
+    port = free_port()
+    ready = threading.Event()
+
+    def serve() -> None:
+        async def run() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", port)
+            ready.set()
+            async with server:
+                await server.serve_forever()
+        asyncio.run(run())
+
+    threading.Thread(target=serve, daemon=True, name="semid-latency-proxy").start()
+    if not ready.wait(10):
+        raise RuntimeError("the latency proxy did not start within 10 s")
+    return port

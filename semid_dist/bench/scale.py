@@ -270,11 +270,10 @@ def run_scale(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        allow_abbrev=False,
         prog="scale_run.py", description="A 20M-item build on local Ray, measured, with a "
         "projection; writes docs/SCALE.md", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Relative paths are of the current directory; the defaults are the "
-        "repository's.")
+        "repository's.", allow_abbrev=False)
     p.add_argument("--rows", type=at_least(1), default=DEFAULT_ROWS,
                    help="catalog items (generated, or reused from --workdir)")
     p.add_argument("--dim", type=at_least(1), default=DEFAULT_DIM, help="embedding size")
