@@ -197,9 +197,8 @@ def _footer(fs, url: str, path: str, size: int | None) -> pq.FileMetaData:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
     except (pa.ArrowInvalid, OSError) as exc:
-        if isinstance(exc, OSError) and (exc.errno is not None or isinstance(exc, (
-                ConnectionError, TimeoutError, PermissionError)) or fsio.no_answer(exc)):
-            raise  # (the file system's own: no access, no answer; not the file's bytes)
+        if isinstance(exc, PermissionError) or fsio.no_answer(exc):
+            raise  # (the storage's own, each one line: no access, no answer; not the bytes)
         raise _input_error(f"catalog file {shown!r} is not readable Parquet ({exc}); "
                            "remove or repair it, then re-run") from None
 
