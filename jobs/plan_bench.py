@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=catalog.FOOTER_THREADS)
     p.add_argument("--latency-ms", type=float, default=20.0)
     args = p.parse_args()
+    if args.threads < 2 or args.files < 1:
+        p.error("--threads must be at least 2 (it is measured against one) and --files at "
+                "least 1")
     try:
         import s3fs
     except ImportError:

@@ -130,7 +130,7 @@ def _rows_within(later: pa.Table | None, start: int, rows: int) -> pa.Table | No
         0, "offset", pa.array(offsets[lo:hi] - start, pa.int64()))
 
 
-def _validate(ctx: JobContext, shard: Shard, raw: list[pa.Table]) -> ValidBatch:
+def _validate(ctx: JobContext, shard: Shard, raw: list[pa.Table | None]) -> ValidBatch:
     """The shard's valid rows and rejects, in row order (a piece at a time)."""
     if len(shard.pieces) == 1:
         return next(_pieces(ctx, shard, raw))[2]
