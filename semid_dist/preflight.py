@@ -26,10 +26,12 @@ def _dimension(plan: CatalogPlan, cfg: BuildConfig) -> int:
     """The embedding dimension: the fixed_size_list type's where every file has it, else
     (`DIMENSION_RULE`) decided by the first shard's piece (file) holding an embedding, as its
     file's type says or its most common length (`infer_dim`): a file without rows decides
-    nothing. Read a piece at a time (a shard may hold thousands of small files)."""
+    nothing, nor does a file whose column has type null. Read a piece at a time (a shard may
+    hold thousands of small files)."""
     col = cfg.input.embedding_column
     types = {schema.field(col).type for _, schema in plan.schemas} or {
         plan.schema.field(col).type}
+    types -= {pa.null()}  # files whose every embedding is null: they decide nothing
     if len(types) == 1 and pa.types.is_fixed_size_list(t := next(iter(types))):
         return t.list_size
     for piece in (p for shard in plan.shards for p in shard.pieces):  # (files with rows)

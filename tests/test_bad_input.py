@@ -257,6 +257,33 @@ def test_null_embedding_and_null_item_id_are_rejected(tmp_path, root):
     assert data.column("item_id").null_count == 0 and data.num_rows == N - 4
 
 
+def test_a_file_whose_embedding_column_is_of_type_null_is_rejected_rows(tmp_path, root):
+    """A writer gives a column whose every value is null Arrow's type null (pandas' None,
+    say): that file's rows are null embeddings, rejected, not a stopped build; the other
+    files decide the dimension (the null-typed file comes first in the catalog's order),
+    and their rows get the SIDs of a catalog without that file. Every file null-typed:
+    an error saying there is no embedding."""
+    x = as_rows(base_x())
+    cat, ref = tmp_path / "cat", tmp_path / "ref"
+    write_file(ref / "b.parquet", range(N), x)
+    shutil.copytree(ref, cat)
+    pq.write_table(pa.table({"item_id": pa.array([N, N + 1, N + 2], I64),
+                             "embedding": pa.nulls(3)}), cat / "a.parquet")
+    data, rej = committed(root, build(cfg(str(cat), root), log=quiet))
+    assert rej.column("reason").to_pylist() == ["null embedding"] * 3
+    assert rej.column("item_id").to_pylist() == [str(N), str(N + 1), str(N + 2)]
+    assert all(f.endswith("a.parquet") for f in rej.column("source_file").to_pylist())
+    want, _ = committed(str(tmp_path / "out-ref"),
+                        build(cfg(str(ref), str(tmp_path / "out-ref")), log=quiet))
+    assert codes_by_id(data).equals(codes_by_id(want))
+    only_null = tmp_path / "only-null"
+    only_null.mkdir()
+    shutil.copy(cat / "a.parquet", only_null / "a.parquet")
+    with pytest.raises(InputError, match="holds no non-null embedding"):
+        build(cfg(str(only_null), str(tmp_path / "out-null")), log=quiet)
+    assert nothing_committed(str(tmp_path / "out-null"))
+
+
 # -- duplicate item ids: reject | keep_first | fail ---------------------------------------
 
 def dup_catalog(tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray, list[tuple[int, int]]]:

@@ -48,6 +48,8 @@ def check_columns(schema: pa.Schema, id_column: str, embedding_column: str,
             raise InputError(f"column {col!r} (set by {key}) appears {names.count(col)} times; "
                              "write the file with one column of each name")
     emb = schema.field(embedding_column).type
+    if pa.types.is_null(emb):  # a writer's type for a column of nulls: rejected rows
+        emb = pa.list_(pa.float32())
     ok_list = (pa.types.is_list(emb) or pa.types.is_large_list(emb)
                or pa.types.is_fixed_size_list(emb))
     if not ok_list or not (pa.types.is_floating(emb.value_type)
@@ -185,7 +187,11 @@ DIMENSION_RULE = ("the embedding dimension is the fixed_size_list type's, else t
 
 def infer_dim(column: pa.ChunkedArray | pa.Array) -> int | None:
     """Embedding dimension: fixed by the type, else the most common length of the non-null
-    rows (ties: the first seen), so a few wrong-length rows are rejected, not the rest."""
+    rows (ties: the first seen), so a few wrong-length rows are rejected, not the rest.
+    None for a column without one (a column of type null, the type a writer gives a column
+    whose every value is null, included)."""
+    if pa.types.is_null(column.type):
+        return None
     if pa.types.is_fixed_size_list(column.type):
         return column.type.list_size
     lengths = pc.drop_null(pc.list_value_length(column))
@@ -342,6 +348,8 @@ def validate_batch(table: pa.Table, *, id_column: str, embedding_column: str, di
     emb = table.column(embedding_column)
     # a shard of one row group is one chunk: no combined copy of it
     emb = emb.chunk(0) if emb.num_chunks == 1 else emb.combine_chunks()
+    if pa.types.is_null(emb.type):  # every embedding null (a writer's type for that)
+        emb = emb.cast(pa.list_(pa.float32()))
     x, reason = _to_matrix(emb, dim)
     if reject_zero:
         reason[(reason == 0) & ~x.any(axis=1)] = 6
