@@ -222,7 +222,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
         with storage_failures(store, started):
             check_input_exists(cfg.input.path)
             if cfg.encode.incremental and cfg.encode.empty_delta == "skip":
-                early = plan_input(cfg.input.path, cfg, store, parent)
+                early = plan_input(cfg.input.path, cfg, store, parent, log)
     with storage_failures(store, started, committed), contextlib.ExitStack() as claimed:
         with make_engine(cfg, log=log) as engine:
             if not engine.warm_up_beside_fit or cfg.encode.from_version:  # (no fit to be beside)
@@ -230,7 +230,7 @@ def _build(cfg: BuildConfig, *, log: Log | None = None) -> BuildResult:
             catalog = engine.resolve_input(cfg.input.path)
             if catalog != cfg.input.path:
                 check_table_outside_catalog(catalog, store)
-            plan = early or plan_input(catalog, cfg, store, parent)
+            plan = early or plan_input(catalog, cfg, store, parent, log)
             key = run_key(cfg, plan)  # (a resumed version's parent is its first run's)
             dim, reused = check_inputs(plan, cfg, store, planned_parent(store, key, parent))
             vid, _, parent, reads, latest = _start_version(store, cfg, plan, key, parent,

@@ -48,13 +48,13 @@ def redacting(log: Log) -> Log:
 
 
 def plan_input(catalog: str, cfg: BuildConfig, store: TableStore,
-               parent: str | None) -> CatalogPlan:
-    """The catalog's plan (`plan_catalog`). A catalog with no row is an error (InputError),
-    but for an incremental delta under `encode.empty_delta: skip`: NothingToEncode, before
-    anything is written, once its files pass the checks a delta's do
+               parent: str | None, log: Log | None = None) -> CatalogPlan:
+    """The catalog's plan (`plan_catalog`; log: its progress lines). A catalog with no row is
+    an error (InputError), but for an incremental delta under `encode.empty_delta: skip`:
+    NothingToEncode, before anything is written, once its files pass the checks a delta's do
     (`preflight.check_empty_delta`)."""
     try:
-        return plan_catalog(catalog, target_rows=cfg.encode.shard_rows)
+        return plan_catalog(catalog, target_rows=cfg.encode.shard_rows, log=log)
     except EmptyCatalog as exc:
         if not cfg.encode.incremental:
             raise
@@ -101,7 +101,7 @@ def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
         check_engine(cfg)
     check_table_outside_catalog(catalog, store)
     with storage_failures(store, []):
-        plan = plan_input(catalog, cfg, store, parent)
+        plan = plan_input(catalog, cfg, store, parent, log)
         key = run_key(cfg, plan)
         resumes, overtaken, other = killed_runs(store, key)
         if overtaken is not None:

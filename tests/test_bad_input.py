@@ -397,6 +397,24 @@ def test_small_files_are_packed_whole_into_shards_and_large_ones_cut_by_row_grou
                for s in plan.shards)
 
 
+def test_the_plan_says_how_many_footers_it_has_read_while_it_reads_them(tmp_path,
+                                                                        monkeypatch):
+    """A line every PLAN_LINE_S while the footers are read (0 here: one per file, counted in
+    order); none in a plan that takes less; the plan is the same either way."""
+    from semid_dist.io import catalog
+
+    d = tmp_path / "cat"
+    for f in range(3):
+        write_file(d / f"part-{f}.parquet", range(10 * f, 10 * f + 10), as_rows(base_x()[:10]))
+    lines: list[str] = []
+    quick = plan_catalog(str(d), target_rows=100, log=lines.append)
+    assert lines == []
+    monkeypatch.setattr(catalog, "PLAN_LINE_S", 0.0)
+    assert plan_catalog(str(d), target_rows=100, log=lines.append) == quick
+    assert [re.sub(r"\(\d+ s\)$", "(T)", line) for line in lines] == [
+        f"plan: read the footers of {i} of 3 catalog files (T)" for i in (1, 2, 3)]
+
+
 def test_the_sample_reads_only_the_files_of_a_shard_it_draws_rows_from(tmp_path):
     """A shard of 10 small files, rows drawn from the 2nd and 7th: the sample reads those
     two (the others may even be unreadable) and gives their rows' embeddings; a drawn row

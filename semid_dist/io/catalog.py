@@ -15,6 +15,7 @@ import json
 import queue
 import socket
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -286,13 +287,20 @@ def _in_order(read: Callable[[str], _FileFacts], files: list[str], *,
 _LAYOUT = "small files packed"
 
 
-def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
+# Seconds between the plan's progress lines while it reads footers (none before the first
+# PLAN_LINE_S: a catalog planned in less says nothing more).
+PLAN_LINE_S = 10.0
+
+
+def plan_catalog(url: str, *, target_rows: int = 65536,
+                 log: Callable[[str], None] | None = None) -> CatalogPlan:
     """Read the Parquet footers and cut the catalog into shards of ~target_rows rows: a
     file of at least target_rows rows into runs of its row groups, each closed at target_rows
     or at the file's end; consecutive smaller files whole into shards of them, of at most
     target_rows rows (closed before a file that would pass it, or before a larger file). The
     fingerprint covers each file's path, rows, size and version (ETag, mtime, ...), so a
-    re-run over rewritten files does not resume the killed run's version."""
+    re-run over rewritten files does not resume the killed run's version. log: a line every
+    PLAN_LINE_S while the footers are read (10,000 files on an object store take minutes)."""
     with _reachable(url):
         fs, _ = fsio.resolve(url)
     shards: list[Shard] = []
@@ -302,7 +310,13 @@ def plan_catalog(url: str, *, target_rows: int = 65536) -> CatalogPlan:
     files, skipped = catalog_files(url)
     pack: list[Piece] = []  # small files' pieces, in the open shard
     packed = 0  # their rows
-    for path, file in zip(files, _in_order(lambda p: _file_facts(fs, url, p), files, fs=fs)):
+    started = said = time.monotonic()
+    facts = _in_order(lambda p: _file_facts(fs, url, p), files, fs=fs)
+    for done, (path, file) in enumerate(zip(files, facts), 1):
+        if log is not None and (now := time.monotonic()) - said >= PLAN_LINE_S:
+            log(f"plan: read the footers of {done:,} of {len(files):,} catalog files "
+                f"({now - started:.0f} s)")
+            said = now
         schema = schema or file.schema
         if not any(file.schema.equals(s) for _, s in distinct):
             distinct.append((fsio.shown_path(url, path), file.schema))  # (for messages)
