@@ -436,6 +436,12 @@ def test_the_sample_reads_only_the_files_of_a_shard_it_draws_rows_from(tmp_path)
     assert pop is None and rejected == {NON_FINITE: 1}
     with pytest.raises(InputError, match=r"part-4\.parquet"):
         sample_rows(ctx, shard, np.array([12, 45]))
+    # files 1 to 3 read as one table: the drawn rows of each, the NaN of the 3rd rejected
+    rows[33][1] = float("nan")
+    write_file(d / "part-3.parquet", range(30, 40), rows[30:40])
+    got, _, rejected = sample_rows(ctx, shard, np.array([10, 19, 25, 33, 38]))
+    np.testing.assert_array_equal(got, x[[10, 19, 25, 38]])
+    assert rejected == {NON_FINITE: 1}
 
 
 def test_the_plan_keeps_the_files_order_and_names_the_first_bad_file(tmp_path):
@@ -825,6 +831,15 @@ def test_ids_that_are_not_utf8_or_do_not_fit_int64_name_their_file(tmp_path, roo
                                          r"UTF-8 strings$"):
         build(cfg(str(path.parent), root), log=quiet)
     assert nothing_committed(root)
+    small = tmp_path / "utf8-small"  # 20 files of 30 rows, 6 to a shard: read as one table
+    small.mkdir()
+    for f in range(20):
+        pq.write_table(pa.table({"item_id": pa.array(raw[30 * f:30 * f + 30], pa.binary())
+                                 .view(pa.string()), "embedding": emb_array(x[30 * f:30 * f + 30])
+                                 }), small / f"part-{f:02d}.parquet")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(small / 'part-10.parquet'))}: the "
+                                         r"item id at row 5 is not valid UTF-8"):
+        build(cfg(str(small), str(tmp_path / "small-out")), log=quiet)
     big = write_file(tmp_path / "u64" / "p.parquet", [2**63 + i for i in range(N)], x,
                      id_type=pa.uint64())
     with pytest.raises(InputError, match=rf"^{re.escape(str(big))}: item ids of type uint64 do "
