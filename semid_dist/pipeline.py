@@ -43,7 +43,7 @@ from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.fs import redact, redact_url
 from semid_dist.io.store import MANIFEST, FileEntry, TableStore
 from semid_dist.memory import huge_pages, release_freed_memory
-from semid_dist.plan import lineage, plan_input, redacting, storage_failures
+from semid_dist.plan import lineage, order_warning, plan_input, redacting, storage_failures
 from semid_dist.popularity import driver_threshold, task_threshold
 from semid_dist.preflight import (
     check_inputs,
@@ -356,6 +356,7 @@ def _start_version(store: TableStore, cfg: BuildConfig, plan: CatalogPlan, key: 
         log(f"warning: {len(plan.skipped)} file(s) below input.path are not named *.parquet "
             f"and are not read ({names}{', ...' if len(plan.skipped) > 3 else ''}); rename "
             "the catalog's files to *.parquet, or move the others out")
+    order_warning(plan, log)
     return claim
 
 

@@ -21,7 +21,7 @@ from semid_dist.errors import (
     StoreError,
 )
 from semid_dist.io import fs as fsio
-from semid_dist.io.catalog import CatalogPlan, plan_catalog
+from semid_dist.io.catalog import CatalogPlan, numbers_out_of_order, plan_catalog
 from semid_dist.io.fs import redact_url
 from semid_dist.io.store import TableStore
 from semid_dist.io.validate import stored_id_type
@@ -72,6 +72,20 @@ def plan_input(catalog: str, cfg: BuildConfig, store: TableStore,
         ) from None
 
 
+def order_warning(plan: CatalogPlan, log: Log) -> None:
+    """A warning where the catalog's path order puts `part-10` before `part-2`: the rows come
+    in that order, which the fit sample by position, keep_first's first copy and the table's
+    rows follow, and a user numbering files as numbers meant the other."""
+    files = dict.fromkeys(piece.path for shard in plan.shards for piece in shard.pieces)
+    if (pair := numbers_out_of_order(files)) is not None:
+        first, then = (fsio.shown_path(plan.url, path) for path in pair)
+        log(f"warning: the catalog's files are read in path order, which puts {first} before "
+            f"{then} (numbers without leading zeros); the rows follow that order (the fit "
+            "sample of fit.sample_by=position, input.on_duplicate=keep_first's first copies, "
+            "the table's rows): write the numbers with leading zeros to read the files in "
+            "number order, or set fit.sample_by=id for a sample that no order changes")
+
+
 def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     """What `build(cfg)` would do, after the checks it makes before writing anything (the
     config, the table's versions and `encode.from_version`, every catalog file's schema, the
@@ -102,6 +116,7 @@ def dry_run(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     check_table_outside_catalog(catalog, store)
     with storage_failures(store, []):
         plan = plan_input(catalog, cfg, store, parent, log)
+        order_warning(plan, log)
         key = run_key(cfg, plan)
         resumes, overtaken, other = killed_runs(store, key)
         if overtaken is not None:

@@ -32,6 +32,7 @@ from semid_dist.io.catalog import (
 from semid_dist.io.duplicates import find_duplicates, first_copy_rejects
 from semid_dist.io.store import TableStore
 from semid_dist.pipeline import build
+from semid_dist.plan import dry_run
 from semid_dist.stages import JobContext, sample_rows
 from tests.conftest import REPO, cli_build, clustered, named_error, small_config, write_catalog
 
@@ -413,6 +414,44 @@ def test_the_plan_says_how_many_footers_it_has_read_while_it_reads_them(tmp_path
     assert plan_catalog(str(d), target_rows=100, log=lines.append) == quick
     assert [re.sub(r"\(\d+ s\)$", "(T)", line) for line in lines] == [
         f"plan: read the footers of {i} of 3 catalog files (T)" for i in (1, 2, 3)]
+
+
+def test_files_numbered_without_leading_zeros_get_a_warning_naming_two_of_them(tmp_path):
+    """part-10 sorts before part-2: the rows follow the path order, which a user who numbered
+    the files did not mean; the build and its dry run say so, naming two files in that
+    order. Padded numbers, and Spark's names (one part number, other job ids), do not."""
+    from semid_dist.io.catalog import numbers_out_of_order
+
+    assert numbers_out_of_order(["/c/part-0.parquet", "/c/part-1.parquet",
+                                 "/c/part-10.parquet", "/c/part-2.parquet"]) == (
+        "/c/part-10.parquet", "/c/part-2.parquet")
+    assert numbers_out_of_order(["/c/d=2024-1-10/a.parquet", "/c/d=2024-1-9/a.parquet"]) == (
+        "/c/d=2024-1-10/a.parquet", "/c/d=2024-1-9/a.parquet")
+    assert numbers_out_of_order([f"/c/part-{i:02d}.parquet" for i in range(12)]) is None
+    spark = ["part-00000-1b6f9e0c-52d4-4a8e-9d37-0e8f4c2a7b15-c000.snappy.parquet",
+             "part-00000-9a0c3d72-e1f8-4b65-8c24-7d5e2f1a9b03-c000.snappy.parquet",
+             "part-00001-1b6f9e0c-52d4-4a8e-9d37-0e8f4c2a7b15-c000.snappy.parquet"]
+    assert numbers_out_of_order(f"/c/{name}" for name in spark) is None
+    d = tmp_path / "cat"
+    x = as_rows(base_x())
+    for f in range(12):
+        write_file(d / f"part-{f}.parquet", range(50 * f, 50 * f + 50), x[50 * f:50 * f + 50])
+    want = (f"warning: the catalog's files are read in path order, which puts "
+            f"{d / 'part-11.parquet'} before {d / 'part-2.parquet'} (numbers without leading "
+            "zeros)")
+    lines: list[str] = []
+    dry_run(cfg(str(d), str(tmp_path / "out")), log=lines.append)
+    assert sum(line.startswith(want) for line in lines) == 1, lines
+    lines.clear()
+    build(cfg(str(d), str(tmp_path / "out")), log=lines.append)
+    assert sum(line.startswith(want) for line in lines) == 1, lines
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    for f in range(12):
+        shutil.copy(d / f"part-{f}.parquet", padded / f"part-{f:02d}.parquet")
+    lines.clear()
+    dry_run(cfg(str(padded), str(tmp_path / "out-padded")), log=lines.append)
+    assert not any("leading zeros" in line for line in lines), lines
 
 
 def test_the_sample_reads_only_the_files_of_a_shard_it_draws_rows_from(tmp_path):

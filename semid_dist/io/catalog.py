@@ -13,12 +13,13 @@ import hashlib
 import itertools
 import json
 import queue
+import re
 import socket
 import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -364,6 +365,23 @@ def plan_catalog(url: str, *, target_rows: int = 65536,
 # (six runs each; medians 309k and 312k). Ray's ran at 350-386k against 342-377k (six
 # each), Spark's at 325-343k against 320-336k (two each).
 READ_THREADS = False
+
+
+_NUMBER = re.compile(r"(\d+)")
+
+
+def numbers_out_of_order(files: Iterable[str]) -> tuple[str, str] | None:
+    """The first two of `files` (in path order, the catalog's) whose paths differ only in
+    their numbers and order them the other way (`part-10` before `part-2`: numbers without
+    leading zeros), or None."""
+    last: dict[tuple[str, ...], tuple[tuple[int, ...], str]] = {}  # same text -> latest
+    for path in files:
+        parts = _NUMBER.split(path)
+        text, numbers = tuple(parts[0::2]), tuple(int(n) for n in parts[1::2])
+        if text in last and last[text][0] > numbers:
+            return last[text][1], path
+        last[text] = numbers, path
+    return None
 
 
 def read_shard(url: str, shard: Shard, columns: list[str]) -> list[pa.Table]:
