@@ -557,7 +557,8 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
         print(f"{name}: error: {one_line(exc)}: {fix}", file=sys.stderr)
         return 2
     except Exception as exc:  # (Ray's wrapper of a task's error subclasses it)
-        if (line := _object_store_line(exc, committed)) is None:
+        if (line := _object_store_line(exc, committed) or _ray_lost_line(exc, committed)
+                ) is None:
             if interrupt_raised():
                 return _stopped(name, exc, committed)
             raise
@@ -636,11 +637,49 @@ def _object_store_line(exc: BaseException,
                 "lowercase letters, digits, '.' and '-')")
     else:
         return None
+    return _said_commit(line, committed)
+
+
+def _said_commit(line: str, committed: Callable[[], str | None] | None) -> str:
+    """`line`, and where the command commits (`committed`) whether it did."""
     if committed is None:
         return line
     version = committed()
     return line + (f" (version {version} was committed)" if version
                    else "; nothing was committed")
+
+
+# Ray's errors for processes it lost: an actor's or task's worker, a node, the cluster's
+# head (its GCS) or this machine's raylet (Ray Train's controller unreachable, say)
+RAY_LOST = ("ActorUnavailableError", "ActorDiedError", "NodeDiedError", "LocalRayletDiedError",
+            "ObjectLostError", "WorkerCrashedError")
+
+
+def _ray_lost_line(exc: BaseException,
+                   committed: Callable[[], str | None] | None) -> str | None:
+    """The one line for a build whose Ray lost processes it ran on (`RAY_LOST`, or Ray's
+    memory monitor killing a task's worker), with Ray's own first line; else None. (A
+    ~60-line traceback ending in ActorUnavailableError was what a cluster stopped during
+    the fit gave.)"""
+    from semid_dist.io.fs import named
+
+    lost = [e for e in wrapped_errors(exc) if type(e).__module__.startswith("ray.")
+            and named(e, (*RAY_LOST, "OutOfMemoryError"))]
+    if not lost:
+        return None
+    shown = lost[-1]
+    first = " ".join((str(shown).strip().splitlines() or [""])[0].split())[:300]
+    ray_said = f"{type(shown).__name__}: {first}" if first else type(shown).__name__
+    again = "then run the same command (it goes on from the shards this run finished)"
+    if named(shown, ("OutOfMemoryError",)):
+        line = (f"Ray's memory monitor stopped a worker of the build ({ray_said}): the node's "
+                "memory ran short; lower encode.num_actors or encode.shard_rows (or "
+                f"fit.num_workers), or give the nodes more memory, {again}")
+    else:
+        line = (f"Ray lost processes the build ran on ({ray_said}): the cluster or one of its "
+                "nodes stopped, or a worker process died; where the cluster stopped, start it "
+                f"again (`ray status` shows it), {again}")
+    return _said_commit(line, committed)
 
 
 def job_entry(name: str, run: Callable[[list[str]], int]) -> None:

@@ -575,3 +575,37 @@ def test_a_ray_build_beside_another_ray_asks_its_own(small_catalog, tmp_path):
     for noise in ("Traceback", "Exception in thread", "Found multiple active Ray instances",
                   other_address):
         assert noise not in run.stderr, (noise, run.stderr[-3000:])
+
+
+def test_an_error_of_processes_ray_lost_is_one_line_saying_what_to_do(ray_session, capsys):
+    """A build whose Ray lost the processes it ran on (its cluster stopped during the fit: a
+    ~60-line traceback ending in Ray's ActorUnavailableError) ends in one line quoting Ray's
+    first line, saying nothing was committed and that the same command goes on: here Ray's
+    own error of an actor whose worker process was killed, raised from inside the command as
+    the fit's would be."""
+    from semid_dist.cli import _run
+
+    @ray_session.remote(num_cpus=0)
+    class Worker:
+        def pid(self) -> int:
+            return os.getpid()
+
+    worker = Worker.remote()
+    os.kill(ray_session.get(worker.pid.remote()), 9)
+
+    def command() -> int:
+        try:
+            ray_session.get(worker.pid.remote(), timeout=60)
+        except Exception as exc:
+            raise RuntimeError("the fit failed") from exc
+        return 0
+
+    assert _run("semid build", command, exiting=False, committed=lambda: None) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert re.fullmatch(r"semid build: error: Ray lost processes the build ran on \((ActorDied|"
+                        r"ActorUnavailable)Error: .+\): the cluster or one of its nodes stopped, "
+                        r"or a worker process died; .* run the same command \(it goes on from "
+                        r"the shards this run finished\); nothing was committed\n", err), err
+    with pytest.raises(ZeroDivisionError):  # an error no line names keeps its traceback
+        _run("semid build", lambda: 1 // 0, exiting=False)
