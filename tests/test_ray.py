@@ -83,6 +83,26 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     assert not out.exists()
 
 
+def test_a_ray_client_address_without_ray_client_is_refused_by_the_dry_run_too(tmp_path):
+    """`ray.address=ray://...` needs ray[client], which this project does not install: the
+    dry run passed and the build stopped on Ray's line; both now give the named error,
+    nothing written."""
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("Ray Client's package (grpcio) is installed here")
+    catalog = tmp_path / "catalog.parquet"
+    write_catalog(catalog, clustered(50, 8, seed=0))
+    out = tmp_path / "out"
+    over = (f"input.path={catalog}", f"output.root={out}", "ray.address=ray://127.0.0.1:1")
+    want = ("error: ray.address=ray://127.0.0.1:1 is a Ray Client address, and Ray Client "
+            "needs the package ray[client] (grpcio), which is not installed here: ")
+    demo = REPO / "conf" / "demo.yaml"
+    for extra in (("--dry-run",), ()):
+        run = cli_build(demo, *extra, *over, env=without_ray_address(), timeout=120)
+        assert run.returncode == 2 and named_error(run).startswith(f"semid build: {want}"), (
+            run.stderr[-2000:])
+    assert not out.exists()
+
+
 def test_a_failed_attach_is_said_in_one_line_and_a_refused_token_names_the_auth_mode(
         monkeypatch):
     """Ray's reasons for a failed connection (as `ray.init` gives them: a ConnectionError

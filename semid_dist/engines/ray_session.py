@@ -6,6 +6,7 @@ functions only; the known start-up and connection failures are one-line ConfigEr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -155,6 +156,7 @@ def check_startable(cfg: BuildConfig) -> None:
     starts nothing): a cluster's `ray.address` that accepts connections, and no RAY_ADDRESS
     without it (Ray would join that cluster, not start one here)."""
     if cfg.ray.address:
+        _check_client(cfg.ray.address)
         _check_reachable(cfg.ray.address)
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -204,6 +206,18 @@ def too_few_cpus(cfg: BuildConfig, need: float, have: float, *, cluster: bool = 
         return f"{msg}: the fit waits until nodes join"
     return (f"{msg}: Ray Train would wait for them forever; lower fit.num_workers or "
             "fit.cpus_per_worker, or raise ray.num_cpus")
+
+
+def _check_client(address: str) -> None:
+    """A `ray://` address needs Ray Client's package (ray[client]: grpcio), which this
+    project's install does not bring: a ConfigError, so that a dry run says it too (the build
+    stopped on Ray's line, after the dry run had passed)."""
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise ConfigError(f"ray.address={address} is a Ray Client address, and Ray Client "
+                          "needs the package ray[client] (grpcio), which is not installed "
+                          "here: `pip install 'ray[client]'` of the cluster's Ray version, or "
+                          "submit the build to the cluster (`ray job submit`) with "
+                          "ray.address=auto")
 
 
 def _check_reachable(address: str) -> None:
