@@ -629,3 +629,35 @@ def test_an_error_of_processes_ray_lost_is_one_line_saying_what_to_do(ray_sessio
                         r"the shards this run finished\); nothing was committed\n", err), err
     with pytest.raises(ZeroDivisionError):  # an error no line names keeps its traceback
         _run("semid build", lambda: 1 // 0, exiting=False)
+
+
+def test_auto_with_several_rays_on_the_machine_and_none_recorded_is_refused(tmp_path):
+    """`ray.address=auto` where several Rays run (two other processes' embedded ones here)
+    and no `ray start` recorded one in Ray's temporary folder: Ray joined any one of them
+    (one build ran on another process's Ray, without a word); a config error naming them,
+    in the dry run and the build, nothing written."""
+    others = [subprocess.Popen([sys.executable, "-c", _ANOTHER_RAY], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=without_ray_address())
+              for _ in range(2)]
+    try:
+        addresses = [other.stdout.readline().strip() for other in others]
+        assert all(addresses), "the other Rays did not start"
+        catalog = tmp_path / "catalog.parquet"
+        write_catalog(catalog, clustered(50, 8, seed=0))
+        out = tmp_path / "out"
+        env = without_ray_address()
+        env["RAY_TMPDIR"] = str(tmp_path / "ray")  # (no cluster recorded there)
+        for extra in (("--dry-run",), ()):
+            run = cli_build(REPO / "conf" / "demo.yaml", *extra, f"input.path={catalog}",
+                            f"output.root={out}", "ray.address=auto", env=env, timeout=120)
+            last = named_error(run)
+            assert run.returncode == 2 and last.startswith("semid build: error: ray.address=auto: "
+                                                           ), run.stderr[-2000:]
+            assert "Ray instances run on this machine" in last and all(
+                a in last for a in addresses), last
+            assert last.endswith("set ray.address to the cluster's host:port (the address "
+                                 "`ray start` printed)"), last
+        assert not out.exists()
+    finally:
+        for other in others:
+            other.communicate(input="", timeout=120)

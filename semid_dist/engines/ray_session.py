@@ -238,11 +238,26 @@ def _local_cluster(address: str) -> str | None:
     """The `host:port` Ray finds for `auto` without RAY_ADDRESS (the cluster last started
     on this machine, as its temporary folder records it), or None where Ray cannot say
     without connecting; a ConfigError where no cluster runs here (Ray's words: `Could not
-    find any running Ray instance`)."""
+    find any running Ray instance`), or where several run and none is recorded (Ray joins any
+    one of them then: another process's embedded Ray, say)."""
     try:
-        from ray._private.services import canonicalize_bootstrap_address
+        from ray._private.services import (
+            canonicalize_bootstrap_address,
+            find_bootstrap_address,
+            find_gcs_addresses,
+        )
     except ImportError:  # (another Ray: left to ray.init)
         return None
+    found: list[str] = []
+    with contextlib.suppress(Exception):  # (anything else: left to ray.init, which says it)
+        found = [] if find_bootstrap_address(None) else sorted(find_gcs_addresses())
+    if len(found) > 1:
+        raise ConfigError(
+            f"ray.address=auto: {len(found)} Ray instances run on this machine "
+            f"({', '.join(found)}) and `ray start` recorded none of them in Ray's temporary "
+            "folder (a cluster started with --temp-dir, or another process's embedded Ray), "
+            "so Ray would join any one of them; set ray.address to the cluster's host:port "
+            "(the address `ray start` printed)")
     try:
         return canonicalize_bootstrap_address(address)
     except ConnectionError as exc:
