@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +131,9 @@ def test_a_failed_attach_is_said_in_one_line_and_a_refused_token_names_the_auth_
     assert "(RAY_AUTH_MODE=unset; " in _connect_error("auto", refused)
     assert "; give this driver the cluster's token (RAY_AUTH_TOKEN, or the file " in (
         _connect_error("auto", refused))
+    # a host:port: Ray sends no token there unless told (a cluster on another machine)
+    assert "; set RAY_AUTH_MODE=token and give this driver the cluster's token " in (
+        _connect_error("10.0.0.1:6379", refused))
     timed_out = ConnectionError(stack + "TimeoutError: deadline exceeded\n")
     line = _connect_error("10.0.0.1:6379", timed_out)
     assert line.startswith("ray.address=10.0.0.1:6379: could not connect to a Ray cluster "
@@ -661,3 +668,62 @@ def test_auto_with_several_rays_on_the_machine_and_none_recorded_is_refused(tmp_
     finally:
         for other in others:
             other.communicate(input="", timeout=120)
+
+
+def _ray_start(env: dict[str, str], port: int) -> None:
+    """`ray start --head` of a cluster of 2 CPUs at `port`, with `env` (its HOME and
+    RAY_TMPDIR: its token and its record of the cluster)."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    run = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+                          "--object-store-memory=100000000", "--include-dashboard=false"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def _kill_cluster(folder: str) -> None:
+    """Kill every process whose command line names `folder` (the cluster's session folder
+    is below it): never `ray stop`, which stops every Ray of the machine."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), 9)
+
+
+@pytest.mark.parametrize("token_at", ["after_start", "before_start"])
+def test_an_attach_to_a_cluster_of_this_machine_takes_its_authentication(tmp_path, token_at):
+    """A token written after a cluster started without one (any bare `ray.init()` writes
+    ~/.ray/auth_token): Ray enabled tokens for `auto`, the cluster could not call this driver
+    back, and the fit hung ~60 s and failed with a traceback. A cluster started with a
+    token, given as the host:port `ray start` printed: Ray sends no token to an address
+    given, and the cluster refused it. With RAY_AUTH_MODE unset, the driver now takes the
+    mode of the head's process on this machine, and both builds commit."""
+    folder = tempfile.mkdtemp(prefix="/tmp/semid-rt-")  # (short: Ray's socket paths)
+    home = Path(folder, "home")
+    (home / ".ray").mkdir(parents=True)
+    env = {k: v for k, v in without_ray_address().items() if k != "RAY_AUTH_MODE"}
+    env.update(HOME=str(home), RAY_TMPDIR=f"{folder}/t")
+    token = home / ".ray" / "auth_token"
+    from semid_dist.bench.moto import free_port
+
+    port = free_port()
+    try:
+        if token_at == "before_start":
+            token.write_text("b7" * 32)
+        _ray_start(env, port)
+        if token_at == "after_start":
+            token.write_text("c3" * 32)
+        catalog = tmp_path / "catalog.parquet"
+        write_catalog(catalog, clustered(600, 8, seed=0))
+        address = "auto" if token_at == "after_start" else f"127.0.0.1:{port}"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(json.dumps({
+            "engine": "ray", "seed": 1, "input": {"path": str(catalog)},
+            "output": {"root": str(tmp_path / "out"), "table": "sids"},
+            "quantizer": {"layers": [8, 4], "niter": 4}, "fit": {"sample_size": 600},
+            "ray": {"address": address}}))
+        run = cli_build(cfg, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert TableStore(str(tmp_path / "out"), "sids").latest() is not None
+    finally:
+        _kill_cluster(folder)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -27,7 +28,23 @@ WORKER_SETUP_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
 AUTH_MODE = "RAY_AUTH_MODE"
-_auth_mode_set = False  # whether this process's RAY_AUTH_MODE is the embedded Ray's
+_auth_mode_set = False  # whether this process's RAY_AUTH_MODE is the engine's (`_auth_mode`)
+
+
+def _auth_mode(mode: str | None) -> None:
+    """Set (None: take back) this process's RAY_AUTH_MODE for the Ray the engine starts or
+    joins, refreshing Ray's cached configuration as Ray does where it enables tokens itself
+    (its C++ side reads the mode once: set after Ray's first use, it was not seen)."""
+    global _auth_mode_set
+    if mode is None:
+        os.environ.pop(AUTH_MODE, None)
+    else:
+        os.environ[AUTH_MODE] = mode
+    _auth_mode_set = mode is not None
+    with contextlib.suppress(ImportError, AttributeError):  # (another Ray: as it is)
+        from ray._raylet import Config
+
+        Config.initialize("")
 
 
 def ray_init(cfg: BuildConfig) -> bool:
@@ -50,7 +67,6 @@ def ray_shutdown(*, interrupted: bool = False) -> None:
     build's."""
     import ray
 
-    global _auth_mode_set
     if interrupted:
         with contextlib.suppress(Exception):  # (Ray's own handler of its workers' lines)
             from ray._private.worker import global_worker_stdstream_dispatcher
@@ -58,8 +74,7 @@ def ray_shutdown(*, interrupted: bool = False) -> None:
             global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
     ray.shutdown()
     if _auth_mode_set:
-        os.environ.pop(AUTH_MODE, None)
-        _auth_mode_set = False
+        _auth_mode(None)
 
 
 @contextlib.contextmanager
@@ -81,6 +96,7 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     check_startable(cfg)
     if cfg.ray.address:
+        _match_local_auth(cfg.ray.address)
         try:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
@@ -98,9 +114,8 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
     else:
         # this process's own Ray asks no token of it (a cluster's is left to Ray: a token
         # in ~/.ray, where `ray start` enables token authentication, is used)
-        global _auth_mode_set
         if AUTH_MODE not in os.environ:
-            os.environ[AUTH_MODE], _auth_mode_set = "disabled", True
+            _auth_mode("disabled")
         # Ray Train's preemption watcher polls for cluster nodes about to be preempted; this
         # Ray's one node is this machine. On 2 cores its actor's start-up (a Python process,
         # ~1 core for 2-3 s) ran beside the fit's first layer, slowing it ~1.7x
@@ -127,6 +142,51 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
                                   f"({_one_line(exc)}); mend what it names, or use engine: "
                                   "local") from exc
     return True
+
+
+def _match_local_auth(address: str) -> None:
+    """For a cluster whose head runs on this machine, with RAY_AUTH_MODE unset: this
+    driver's RAY_AUTH_MODE set to the head's, as its process runs with it (taken back as
+    the engine stops). Ray enables token authentication for `auto` wherever a token exists
+    (~/.ray/auth_token, which any bare `ray.init()` on the machine writes): a cluster
+    started before that token, without one, let the build hang ~60 s in the fit and fail
+    with a traceback. It never does for a host:port, which a cluster with a token then
+    refused (Ray sends its token only to a cluster it finds itself; this one's head is a
+    process of this machine)."""
+    if AUTH_MODE in os.environ or (address == "auto" and os.environ.get("RAY_ADDRESS")):
+        return
+    if address == "auto":
+        address = _local_cluster(address) or ""
+    host, _, port = address.rpartition(":")
+    if port.isdigit() and (mode := _local_head_auth(host.strip("[]"), int(port))) is not None:
+        _auth_mode(mode)
+
+
+def _local_head_auth(host: str, port: int) -> str | None:
+    """`token` or `disabled`: how the Ray head on this machine whose GCS serves `host:port`
+    authenticates (its process's RAY_AUTH_MODE: `ray start` sets it to token where it
+    enables tokens); None where no such process runs here, or its environment cannot be
+    read (another user's)."""
+    try:
+        ip = socket.gethostbyname(host) if host else ""
+    except OSError:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            if not (args[0].endswith("gcs_server") and f"--gcs_server_port={port}" in args):
+                continue
+            node_ip = next((a.split("=", 1)[1] for a in args
+                            if a.startswith("--node-ip-address=")), "")
+            if ip != node_ip and not ip.startswith("127."):
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        return "token" if env.get(AUTH_MODE.encode(), b"").lower() == b"token" else "disabled"
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -275,7 +335,11 @@ def _connect_error(address: str, exc: BaseException) -> str:
     if "AuthenticationError" in text or "InvalidAuthToken" in text:
         mode = os.environ.get(AUTH_MODE)
         fix = ("give this driver the cluster's token (RAY_AUTH_TOKEN, or the file "
-               "~/.ray/auth_token on the cluster's head)" if mode is None else
+               "~/.ray/auth_token on the cluster's head)" if mode is None and address == "auto"
+               else f"set {AUTH_MODE}=token and give this driver the cluster's token "
+               "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token on the cluster's head): Ray "
+               "sends a token only to a cluster it finds itself (ray.address=auto)"
+               if mode is None else
                f"run with {AUTH_MODE} unset or token and the cluster's token (RAY_AUTH_TOKEN "
                "or ~/.ray/auth_token)")
         return (f"{named}: the Ray cluster refused this driver's authentication "
