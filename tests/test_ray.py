@@ -72,6 +72,17 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
                            "cluster from this machine (")
     assert "`ray start --head`" in last and "leave ray.address (and RAY_ADDRESS) unset" in last
     assert not out.exists()
+    # Ray's record of a cluster that has stopped since: the address and the record named
+    record = tmp_path / "ray" / "ray" / "ray_current_cluster"
+    record.parent.mkdir(parents=True)
+    record.write_text("127.0.0.1:1")
+    last = named_error(cli_build(demo, "ray.address=auto", *paths, env=env, timeout=120))
+    assert re.match(r"semid build: error: ray\.address=auto: could not connect to a Ray "
+                    r"cluster from this machine \(\S+:1, which "  # (Ray names this machine)
+                    rf"{re.escape(str(record))} records as the cluster last started here: ",
+                    last), last
+    record.unlink()
+    assert not out.exists()
     # a host:port where nothing listens: said at once (Ray itself retries it for minutes)
     last = named_error(cli_build(demo, "ray.address=127.0.0.1:1", *paths, env=env, timeout=120))
     assert last.startswith(

@@ -285,13 +285,27 @@ def _check_reachable(address: str) -> None:
     RAY_ADDRESS for `auto`) accepts no TCP connection: Ray itself retries such an address for
     minutes before it gives up. Other forms (`auto` alone, `ray://...`) are left to Ray."""
     env = os.environ.get("RAY_ADDRESS")
+    recorded = None  # (auto: the address Ray's record of the last `ray start` gives)
     if address == "auto" and not env:
-        address_file = _local_cluster(address)
-        refusal = tcp_refusal(address_file) if address_file else None
+        recorded = _local_cluster(address)
+        refusal = tcp_refusal(recorded) if recorded else None
     else:
         refusal = tcp_refusal(env if address == "auto" else address)
     if refusal is not None:
+        if recorded is not None:  # (a cluster stopped since, without `ray stop`)
+            refusal = ConnectionError(f"{recorded}, which {_record_file()} records as the "
+                                      f"cluster last started here: {refusal}")
         raise ConfigError(_connect_error(address, refusal)) from refusal
+
+
+def _record_file() -> str:
+    """Where Ray records the cluster `ray start` last started on this machine, for `auto`."""
+    try:
+        from ray._private.utils import get_ray_address_file
+
+        return get_ray_address_file(None)
+    except Exception:  # noqa: BLE001 (another Ray: said in general)
+        return "Ray's temporary folder"
 
 
 def _local_cluster(address: str) -> str | None:
