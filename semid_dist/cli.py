@@ -15,6 +15,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -557,11 +558,11 @@ def _run(name: str, run: Callable[[], int], *, exiting: bool,
         print(f"{name}: error: {one_line(exc)}: {fix}", file=sys.stderr)
         return 2
     except Exception as exc:  # (Ray's wrapper of a task's error subclasses it)
-        if (line := _object_store_line(exc, committed) or _ray_lost_line(exc, committed)
-                ) is None:
-            if interrupt_raised():
+        if (line := _object_store_line(exc, committed)) is None:
+            if interrupt_raised():  # (a Ctrl-C's abort of the fit's actors: the Ctrl-C)
                 return _stopped(name, exc, committed)
-            raise
+            if (line := _ray_lost_line(exc, committed)) is None:
+                raise
         print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # (InterruptedAfterCommit: once the manifest is written)
@@ -650,28 +651,32 @@ def _said_commit(line: str, committed: Callable[[], str | None] | None) -> str:
 
 
 # Ray's errors for processes it lost: an actor's or task's worker, a node, the cluster's
-# head (its GCS) or this machine's raylet (Ray Train's controller unreachable, say)
+# head (its GCS) or this machine's raylet (Ray Train's controller unreachable, say), an
+# object's owner; and its memory monitor's killing a worker. Matched by exact name among
+# Ray's own classes: a task's error comes wrapped in `RayTaskError(<its class>)`, which
+# subclasses that class (a CUDA OutOfMemoryError of torch is no memory monitor's).
 RAY_LOST = ("ActorUnavailableError", "ActorDiedError", "NodeDiedError", "LocalRayletDiedError",
-            "ObjectLostError", "WorkerCrashedError")
+            "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _ray_lost_line(exc: BaseException,
                    committed: Callable[[], str | None] | None) -> str | None:
     """The one line for a build whose Ray lost processes it ran on (`RAY_LOST`, or Ray's
-    memory monitor killing a task's worker), with Ray's own first line; else None. (A
-    ~60-line traceback ending in ActorUnavailableError was what a cluster stopped during
-    the fit gave.)"""
-    from semid_dist.io.fs import named
-
-    lost = [e for e in wrapped_errors(exc) if type(e).__module__.startswith("ray.")
-            and named(e, (*RAY_LOST, "OutOfMemoryError"))]
-    if not lost:
+    memory monitor killing a task's worker), with Ray's own first line; else None, as for
+    an actor whose constructor raised (ActorDiedError's `actor_init_failed`: its traceback
+    names the cause). (A ~60-line traceback ending in ActorUnavailableError was what a
+    cluster stopped during the fit gave.)"""
+    lost = [e for e in wrapped_errors(exc) if type(e).__module__ == "ray.exceptions"
+            and type(e).__name__ in (*RAY_LOST, "OutOfMemoryError")]
+    if not lost or getattr(lost[-1], "actor_init_failed", False):
         return None
     shown = lost[-1]
-    first = " ".join((str(shown).strip().splitlines() or [""])[0].split())[:300]
+    text = _ANSI.sub("", str(shown)).strip()
+    first = " ".join((text.splitlines() or [""])[0].split())[:300]
     ray_said = f"{type(shown).__name__}: {first}" if first else type(shown).__name__
     again = "then run the same command (it goes on from the shards this run finished)"
-    if named(shown, ("OutOfMemoryError",)):
+    if type(shown).__name__ == "OutOfMemoryError":
         line = (f"Ray's memory monitor stopped a worker of the build ({ray_said}): the node's "
                 "memory ran short; lower encode.num_actors or encode.shard_rows (or "
                 f"fit.num_workers), or give the nodes more memory, {again}")

@@ -98,6 +98,32 @@ def test_ray_address_with_no_cluster_fails_naming_the_fix(tmp_path):
     assert not out.exists()
 
 
+def test_a_failed_start_takes_back_the_auth_mode_the_engine_set(tmp_path):
+    """The engine sets RAY_AUTH_MODE=disabled for its embedded Ray (and copies a head's of
+    this machine for an attach), taken back as it stops; a Ray that did not start (too
+    large an object store) took it back too, not leaving it to the process's next Ray. A
+    process of its own: this one's Ray may run."""
+    code = (
+        "import os\n"
+        "from semid_dist.config import BuildConfig, InputConfig, OutputConfig, RayConfig\n"
+        "from semid_dist.engines.ray_session import ray_init\n"
+        "from semid_dist.errors import ConfigError\n"
+        "cfg = BuildConfig(InputConfig('c.parquet'), OutputConfig('out'),\n"
+        "                  ray=RayConfig(num_cpus=1, object_store_memory_mb=10**7))\n"
+        "try:\n"
+        "    ray_init(cfg)\n"
+        "except ConfigError as exc:\n"
+        "    print('refused:', str(exc)[:60].strip())\n"
+        "print('mode:', os.environ.get('RAY_AUTH_MODE'))\n")
+    env = {k: v for k, v in without_ray_address().items() if k != "RAY_AUTH_MODE"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == [
+        "refused: ray.num_cpus / ray.object_store_memory_mb: Ray cannot start",
+        "mode: None"], run.stdout
+
+
 def test_a_ray_client_address_without_ray_client_is_refused_by_the_dry_run_too(tmp_path):
     """`ray.address=ray://...` needs ray[client], which this project does not install: the
     dry run passed and the build stopped on Ray's line; both now give the named error,
@@ -645,6 +671,30 @@ def test_an_error_of_processes_ray_lost_is_one_line_saying_what_to_do(ray_sessio
                         r"the shards this run finished\); nothing was committed\n", err), err
     with pytest.raises(ZeroDivisionError):  # an error no line names keeps its traceback
         _run("semid build", lambda: 1 // 0, exiting=False)
+    # no lost process: an actor whose constructor raised (its traceback names the cause),
+    # and a task's CUDA out-of-memory (Ray's wrapper subclasses torch's OutOfMemoryError)
+    import torch
+    from ray.exceptions import RayTaskError
+
+    from semid_dist.cli import _ray_lost_line
+
+    @ray_session.remote(num_cpus=0)
+    class Broken:
+        def __init__(self) -> None:
+            raise ValueError("encode.use_gpu=true but torch sees no CUDA device")
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    with pytest.raises(Exception) as died:
+        ray_session.get(Broken.remote().pid.remote(), timeout=60)
+    assert type(died.value).__name__ == "ActorDiedError" and (
+        _ray_lost_line(died.value, None) is None)
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.OutOfMemoryError as oom:
+        wrapped = RayTaskError("encode", "torch.OutOfMemoryError", oom).as_instanceof_cause()
+    assert isinstance(wrapped, torch.OutOfMemoryError) and _ray_lost_line(wrapped, None) is None
 
 
 def test_auto_with_several_rays_on_the_machine_and_none_recorded_is_refused(tmp_path):
@@ -730,6 +780,13 @@ def test_an_attach_to_a_cluster_of_this_machine_takes_its_authentication(tmp_pat
             "output": {"root": str(tmp_path / "out"), "table": "sids"},
             "quantizer": {"layers": [8, 4], "niter": 4}, "fit": {"sample_size": 600},
             "ray": {"address": address}}))
+        if token_at == "before_start":  # a driver without the token: refused in one line
+            empty = Path(folder, "empty-home")
+            empty.mkdir()
+            last = named_error(cli_build(cfg, env={**env, "HOME": str(empty)}, timeout=300))
+            assert last.startswith(f"semid build: error: ray.address={address}: the Ray "
+                                   "cluster refused this driver's authentication "), last
+            assert "set RAY_AUTH_MODE=token and give this driver the cluster's token" in last
         run = cli_build(cfg, env=env, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         assert TableStore(str(tmp_path / "out"), "sids").latest() is not None

@@ -95,12 +95,29 @@ def _sigterm_kept() -> Iterator[None]:
 def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     check_startable(cfg)
+    try:
+        _start_or_join(cfg, ray)
+    except BaseException:  # (a Ray not joined nor started: no engine to stop it)
+        if _auth_mode_set:
+            _auth_mode(None)
+        raise
+    return True
+
+
+def _start_or_join(cfg: BuildConfig, ray) -> None:  # noqa: ANN001 (the ray module)
+    """`ray.init`: join the cluster at `ray.address`, else start an embedded Ray; what Ray
+    refuses, one ConfigError line."""
+    from ray.exceptions import AuthenticationError
+
     if cfg.ray.address:
         _match_local_auth(cfg.ray.address)
         try:
             ray.init(address=cfg.ray.address, log_to_driver=True)
         except (ConnectionError, TimeoutError) as exc:
             raise ConfigError(_connect_error(cfg.ray.address, exc)) from exc
+        except AuthenticationError as exc:  # (no token to send: Ray's own check)
+            raise ConfigError(_connect_error(cfg.ray.address, ConnectionError(
+                f"AuthenticationError: {_one_line(exc)}"))) from exc
         except ValueError as exc:  # an address Ray cannot use as given
             raise ConfigError(f"ray.address={cfg.ray.address}: {_one_line(exc)}; give the "
                               "cluster's address as `ray start --head` prints it (host:port), "
@@ -141,7 +158,6 @@ def _ray_init(cfg: BuildConfig, ray) -> bool:  # noqa: ANN001 (the ray module)
                 raise ConfigError(f"engine: ray could not start a local Ray on this machine "
                                   f"({_one_line(exc)}); mend what it names, or use engine: "
                                   "local") from exc
-    return True
 
 
 def _match_local_auth(address: str) -> None:
@@ -158,8 +174,15 @@ def _match_local_auth(address: str) -> None:
     if address == "auto":
         address = _local_cluster(address) or ""
     host, _, port = address.rpartition(":")
-    if port.isdigit() and (mode := _local_head_auth(host.strip("[]"), int(port))) is not None:
-        _auth_mode(mode)
+    mode = _local_head_auth(host.strip("[]"), int(port)) if port.isdigit() else None
+    if mode == "disabled" or (mode == "token" and _has_token()):  # (else: as Ray chooses,
+        _auth_mode(mode)  # and a refusal is `_connect_error`'s line)
+
+
+def _has_token() -> bool:
+    """Whether this driver has a token to send, where Ray looks for one."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
 
 
 def _local_head_auth(host: str, port: int) -> str | None:
@@ -272,8 +295,12 @@ def _check_client(address: str) -> None:
     """A `ray://` address needs Ray Client's package (ray[client]: grpcio), which this
     project's install does not bring: a ConfigError, so that a dry run says it too (the build
     stopped on Ray's line, after the dry run had passed)."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if address == "auto" and env.startswith("ray://"):
+        address = env  # (what Ray joins for auto)
     if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
-        raise ConfigError(f"ray.address={address} is a Ray Client address, and Ray Client "
+        named = f"RAY_ADDRESS={address}" if address == env else f"ray.address={address}"
+        raise ConfigError(f"{named} is a Ray Client address, and Ray Client "
                           "needs the package ray[client] (grpcio), which is not installed "
                           "here: `pip install 'ray[client]'` of the cluster's Ray version, or "
                           "submit the build to the cluster (`ray job submit`) with "
@@ -324,6 +351,11 @@ def _local_cluster(address: str) -> str | None:
         return None
     found: list[str] = []
     with contextlib.suppress(Exception):  # (anything else: left to ray.init, which says it)
+        # (Ray keeps what it found for the process's life: a notebook's Rays come and go)
+        import ray._private.services as services
+
+        services._cached_find_gcs_addresses.cache_clear()
+    with contextlib.suppress(Exception):
         found = [] if find_bootstrap_address(None) else sorted(find_gcs_addresses())
     if len(found) > 1:
         raise ConfigError(
