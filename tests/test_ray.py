@@ -740,11 +740,13 @@ def _ray_start(env: dict[str, str], port: int) -> None:
 
 
 def _kill_cluster(folder: str) -> None:
-    """Kill every process whose command line names `folder` (the cluster's session folder
-    is below it): never `ray stop`, which stops every Ray of the machine."""
+    """Kill every process whose command line or environment names `folder` (the cluster's
+    session folder is below it, and its workers, named `ray::...`, inherit its RAY_TMPDIR):
+    never `ray stop`, which stops every Ray of the machine."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if any(folder.encode() in Path(f"/proc/{pid}/{part}").read_bytes()
+                   for part in ("cmdline", "environ")) and int(pid) != os.getpid():
                 os.kill(int(pid), 9)
 
 
