@@ -380,14 +380,16 @@ def _connect_error(address: str, exc: BaseException) -> str:
     text = f"{exc}" + (f": {exc.__cause__}" if exc.__cause__ else "")
     if "AuthenticationError" in text or "InvalidAuthToken" in text:
         mode = os.environ.get(AUTH_MODE)
-        fix = ("give this driver the cluster's token (RAY_AUTH_TOKEN, or the file "
-               "~/.ray/auth_token on the cluster's head)" if mode is None and address == "auto"
-               else f"set {AUTH_MODE}=token and give this driver the cluster's token "
-               "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token on the cluster's head): Ray "
-               "sends a token only to a cluster it finds itself (ray.address=auto)"
-               if mode is None else
-               f"run with {AUTH_MODE} unset or token and the cluster's token (RAY_AUTH_TOKEN "
-               "or ~/.ray/auth_token)")
+        token = ("the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token on the "
+                 "cluster's head)")
+        if mode is not None:
+            fix = (f"run with {AUTH_MODE} unset or token and the cluster's token "
+                   "(RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+        elif address == "auto":
+            fix = f"give this driver {token}"
+        else:  # (Ray sends no token to an address given unless told)
+            fix = (f"set {AUTH_MODE}=token and give this driver {token}: Ray sends a token "
+                   "only to a cluster it finds itself (ray.address=auto)")
         return (f"{named}: the Ray cluster refused this driver's authentication "
                 f"({AUTH_MODE}={mode or 'unset'}; a cluster `ray start` started asks for the "
                 f"token it wrote to ~/.ray/auth_token); {fix}, or start the cluster with "
